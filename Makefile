@@ -1,0 +1,31 @@
+# Thin wrapper: everything real lives in scripts/setup and CMakeLists.txt.
+#   make serve   set up, build, and run ebb on the default model
+#   make test    set up, build (plain and sanitized), and run every test
+MODEL ?= models/SmolLM2-135M-Instruct.Q4_1.gguf
+VENV  ?= $(HOME)/.cache/ebb/venv
+JOBS  ?= $(shell nproc)
+
+.PHONY: setup build build-asan serve test unit test-asan pytest clean
+
+setup:
+	@scripts/setup
+
+build: setup
+	@cmake -S . -B build -DCMAKE_BUILD_TYPE=Release >/dev/null
+	@cmake --build build -j $(JOBS)
+
+build-asan: setup
+	@cmake -S . -B build-asan -DCMAKE_BUILD_TYPE=Debug -DEBB_SANITIZE=ON >/dev/null
+	@cmake --build build-asan -j $(JOBS)
+
+# Until the HTTP daemon lands, the main job answers a chat message.
+serve: build
+	./build/ebb generate -m $(MODEL) --chat "$${PROMPT:-What is the capital of France? Answer in one sentence.}" -n 128 --temp 0
+
+test: build build-asan
+	cd build && ctest --output-on-failure
+	cd build-asan && ctest --output-on-failure
+	EBB_BIN=$(CURDIR)/build/ebb EBB_BIN_ASAN=$(CURDIR)/build-asan/ebb $(VENV)/bin/python -m pytest -q tests
+
+clean:
+	rm -rf build build-asan

@@ -1,0 +1,55 @@
+/* Tensor storage formats, described once.
+ *
+ * Every element type ebb can read or write is listed here with its block
+ * geometry: a block holds `block_elems` values in `block_bytes` bytes. The type
+ * numbers are GGUF's (ggml_type), because ebb's own packed files are GGUF too.
+ * Validation (storage/gguf.c) uses the geometry to check tensor sizes before
+ * any byte is read; the engine uses the row dequantizers to turn stored
+ * weights into f32. Nothing else in the tree should know a block layout.
+ */
+#ifndef EBB_KERNELS_FORMATS_H
+#define EBB_KERNELS_FORMATS_H
+#include <stddef.h>
+#include <stdint.h>
+
+enum ebb_type {
+    EBB_TYPE_F32 = 0,
+    EBB_TYPE_F16 = 1,
+    EBB_TYPE_Q4_0 = 2,
+    EBB_TYPE_Q4_1 = 3,
+    EBB_TYPE_Q5_0 = 6,
+    EBB_TYPE_Q5_1 = 7,
+    EBB_TYPE_Q8_0 = 8,
+    EBB_TYPE_Q2_K = 10,
+    EBB_TYPE_Q3_K = 11,
+    EBB_TYPE_Q4_K = 12,
+    EBB_TYPE_Q5_K = 13,
+    EBB_TYPE_Q6_K = 14,
+    EBB_TYPE_I8 = 24,
+    EBB_TYPE_I16 = 25,
+    EBB_TYPE_I32 = 26,
+    EBB_TYPE_F64 = 28,
+    EBB_TYPE_BF16 = 30,
+    EBB_TYPE_COUNT_ = 40      /* upper bound for table sizes, not a type */
+};
+
+struct ebb_type_info {
+    const char *name;         /* "Q4_1", as GGUF tools print it */
+    uint32_t block_elems;     /* values per block (1 for plain scalars) */
+    uint32_t block_bytes;     /* bytes per block */
+    /* Converts n values (n a multiple of block_elems) from src to f32; NULL
+     * when ebb can store the type but not compute with it. */
+    void (*to_f32)(const void *src, float *dst, size_t n);
+};
+
+/* NULL for a type number ebb does not know. */
+const struct ebb_type_info *ebb_type_info(uint32_t type);
+
+/* Bytes of a row of n values; 0 if n is not a whole number of blocks. */
+size_t ebb_row_bytes(uint32_t type, uint64_t n);
+
+/* IEEE half and bfloat16 conversions (portable; used by the scalar paths). */
+float ebb_f16_to_f32(uint16_t h);
+uint16_t ebb_f32_to_f16(float f);
+float ebb_bf16_to_f32(uint16_t h);
+#endif
