@@ -1,0 +1,463 @@
+/* Llama-family model: load and forward pass.
+ *
+ * Loading reads the architecture from GGUF metadata (keys are prefixed with
+ * general.architecture, so "llama", "mistral", "qwen2", ... share one path),
+ * checks the shape of every tensor it will use against that configuration,
+ * and dequantizes the weights to f32. Quantized compute paths come later with
+ * their own formats; this is the reference-quality path the others are
+ * measured against.
+ *
+ * The forward pass processes a batch of tokens of one sequence. Each matrix
+ * product covers the whole batch, so prefill reads each weight once per
+ * chunk. Attention is parallelised over (token, head) pairs on the worker
+ * pool; everything else is per-row work that is cheap next to the products.
+ */
+#include "engine/model.h"
+
+#include <math.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "engine/tokenizer.h"
+#include "kernels/backend.h"
+#include "kernels/formats.h"
+
+/* Prefill is split into chunks of this many tokens: large enough to amortise
+ * reading the weights, small enough that activations stay a few MB. */
+#define MODEL_BATCH 256
+
+/* Per-forward scratch, sized for MODEL_BATCH tokens; owned by the model and
+ * used only by the thread that calls model_forward. */
+struct run_state {
+    float *x;        /* [B][n_embd] residual stream */
+    float *xb;       /* [B][n_embd] normed input */
+    float *q;        /* [B][n_head*head_dim] */
+    float *k, *v;    /* [B][n_head_kv*head_dim] */
+    float *att;      /* [B][n_head*head_dim] attention output */
+    float *gate, *up;/* [B][n_ff] */
+    float *scores;   /* [n_workers][n_ctx] */
+    float *rope_cos, *rope_sin; /* [B][rope_dim/2] */
+    int scores_ctx;
+};
+
+static int load_error(char *err, size_t errlen, const char *path, const char *fmt, ...) {
+    char msg[256];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+    snprintf(err, errlen, "%s: %s", path, msg);
+    return -1;
+}
+
+/* Reads "<arch>.<suffix>" as an integer. */
+static int arch_u32(const struct model *m, const char *suffix, uint32_t *out) {
+    char key[96];
+    snprintf(key, sizeof key, "%s.%s", m->cfg.arch, suffix);
+    return gguf_get_u32(&m->file, key, out);
+}
+
+static int arch_f32(const struct model *m, const char *suffix, float *out) {
+    char key[96];
+    snprintf(key, sizeof key, "%s.%s", m->cfg.arch, suffix);
+    return gguf_get_f32(&m->file, key, out);
+}
+
+static int read_config(struct model *m, char *err, size_t errlen) {
+    struct model_config *c = &m->cfg;
+    const char *path = m->file.path;
+    struct gguf_str arch;
+    if (gguf_get_str(&m->file, "general.architecture", &arch) || arch.len == 0 ||
+        arch.len >= sizeof c->arch)
+        return load_error(err, errlen, path, "missing or bad general.architecture");
+    memcpy(c->arch, arch.ptr, arch.len);
+    c->arch[arch.len] = 0;
+    /* Architectures whose graph is the Llama one (possibly with Q/K/V biases). */
+    static const char *const supported[] = {"llama", "mistral", "qwen2", NULL};
+    int ok = 0;
+    for (int i = 0; supported[i]; i++) ok |= !strcmp(c->arch, supported[i]);
+    if (!ok) return load_error(err, errlen, path, "architecture '%s' is not supported", c->arch);
+    c->rope_style = !strcmp(c->arch, "qwen2") ? ROPE_NEOX : ROPE_NORM;
+
+    uint32_t n_layer, n_embd, n_head, n_head_kv, n_ff, n_ctx = 4096, head_dim, rope_dim;
+    if (arch_u32(m, "block_count", &n_layer) || arch_u32(m, "embedding_length", &n_embd) ||
+        arch_u32(m, "attention.head_count", &n_head) || arch_u32(m, "feed_forward_length", &n_ff))
+        return load_error(err, errlen, path, "missing %s.block_count/embedding_length/"
+                          "attention.head_count/feed_forward_length", c->arch);
+    if (arch_u32(m, "attention.head_count_kv", &n_head_kv)) n_head_kv = n_head;
+    arch_u32(m, "context_length", &n_ctx);
+    if (n_layer == 0 || n_layer > 1024 || n_embd == 0 || n_embd > 65536 || n_head == 0 ||
+        n_head > 1024 || n_head_kv == 0 || n_head % n_head_kv || n_ff == 0 || n_ff > 1 << 20)
+        return load_error(err, errlen, path, "implausible configuration (layers %u, embd %u, "
+                          "heads %u/%u, ffn %u)", n_layer, n_embd, n_head, n_head_kv, n_ff);
+    if (arch_u32(m, "attention.key_length", &head_dim)) {
+        if (n_embd % n_head) return load_error(err, errlen, path, "embedding %u not divisible by %u heads", n_embd, n_head);
+        head_dim = n_embd / n_head;
+    }
+    if (arch_u32(m, "rope.dimension_count", &rope_dim)) rope_dim = head_dim;
+    if (head_dim == 0 || head_dim > 1024 || rope_dim > head_dim || rope_dim % 2)
+        return load_error(err, errlen, path, "bad head size %u / rope dimensions %u", head_dim, rope_dim);
+    c->rope_base = 10000.0f;
+    arch_f32(m, "rope.freq_base", &c->rope_base);
+    c->rms_eps = 1e-5f;
+    arch_f32(m, "attention.layer_norm_rms_epsilon", &c->rms_eps);
+    if (!(c->rope_base > 0) || !(c->rms_eps > 0))
+        return load_error(err, errlen, path, "bad rope.freq_base or rms epsilon");
+
+    c->n_layer = (int)n_layer;
+    c->n_embd = (int)n_embd;
+    c->n_head = (int)n_head;
+    c->n_head_kv = (int)n_head_kv;
+    c->head_dim = (int)head_dim;
+    c->n_ff = (int)n_ff;
+    c->n_ctx_train = (int)n_ctx;
+    c->rope_dim = (int)rope_dim;
+    return 0;
+}
+
+/* Finds a tensor, checks its shape (ne0 = contiguous) and returns it as a
+ * freshly allocated f32 array. Optional tensors return NULL without error
+ * when absent (*missing set). */
+static float *load_tensor(struct model *m, const char *name, uint64_t ne0, uint64_t ne1,
+                          int optional, int *failed, char *err, size_t errlen) {
+    if (*failed) return NULL;
+    const struct gguf_tensor *t = gguf_find_tensor(&m->file, name);
+    if (!t) {
+        if (!optional) {
+            load_error(err, errlen, m->file.path, "tensor '%s' is missing", name);
+            *failed = 1;
+        }
+        return NULL;
+    }
+    if (t->ne[0] != ne0 || t->ne[1] != ne1 || t->ne[2] != 1 || t->ne[3] != 1) {
+        load_error(err, errlen, m->file.path, "tensor '%s' has shape [%llu, %llu, %llu], expected [%llu, %llu]",
+                   name, (unsigned long long)t->ne[0], (unsigned long long)t->ne[1],
+                   (unsigned long long)t->ne[2], (unsigned long long)ne0, (unsigned long long)ne1);
+        *failed = 1;
+        return NULL;
+    }
+    float *dst = malloc(t->n_elems * sizeof(float));
+    if (!dst) {
+        load_error(err, errlen, m->file.path, "out of memory loading '%s'", name);
+        *failed = 1;
+        return NULL;
+    }
+    if (gguf_tensor_to_f32(t, dst)) {
+        const struct ebb_type_info *ti = ebb_type_info(t->type);
+        load_error(err, errlen, m->file.path, "tensor '%s' has type %s, which ebb cannot compute with",
+                   name, ti ? ti->name : "?");
+        free(dst);
+        *failed = 1;
+        return NULL;
+    }
+    m->weight_bytes += t->n_elems * sizeof(float);
+    return dst;
+}
+
+static int load_weights(struct model *m, char *err, size_t errlen) {
+    const struct model_config *c = &m->cfg;
+    const uint64_t E = (uint64_t)c->n_embd, F = (uint64_t)c->n_ff;
+    const uint64_t QD = (uint64_t)c->n_head * c->head_dim, KD = (uint64_t)c->n_head_kv * c->head_dim;
+    int failed = 0;
+    const struct gguf_tensor *emb = gguf_find_tensor(&m->file, "token_embd.weight");
+    if (!emb) return load_error(err, errlen, m->file.path, "tensor 'token_embd.weight' is missing");
+    if (emb->ne[1] == 0 || emb->ne[1] > (1u << 22))
+        return load_error(err, errlen, m->file.path, "implausible vocabulary size %llu",
+                          (unsigned long long)emb->ne[1]);
+    m->cfg.n_vocab = (int)emb->ne[1];
+    const uint64_t V = (uint64_t)m->cfg.n_vocab;
+
+    m->tok_embd = load_tensor(m, "token_embd.weight", E, V, 0, &failed, err, errlen);
+    m->output_norm = load_tensor(m, "output_norm.weight", E, 1, 0, &failed, err, errlen);
+    m->output = load_tensor(m, "output.weight", E, V, 1, &failed, err, errlen);
+    if (!failed && !m->output) m->output = m->tok_embd;   /* tied embeddings */
+
+    m->layers = calloc((size_t)c->n_layer, sizeof *m->layers);
+    if (!m->layers) return load_error(err, errlen, m->file.path, "out of memory");
+    for (int l = 0; l < c->n_layer && !failed; l++) {
+        struct layer_weights *w = &m->layers[l];
+        char name[96];
+#define LOAD(field, suffix, ne0, ne1, opt) \
+        (snprintf(name, sizeof name, "blk.%d.%s", l, suffix), \
+         w->field = load_tensor(m, name, ne0, ne1, opt, &failed, err, errlen))
+        LOAD(attn_norm, "attn_norm.weight", E, 1, 0);
+        LOAD(wq, "attn_q.weight", E, QD, 0);
+        LOAD(wk, "attn_k.weight", E, KD, 0);
+        LOAD(wv, "attn_v.weight", E, KD, 0);
+        LOAD(wo, "attn_output.weight", QD, E, 0);
+        LOAD(bq, "attn_q.bias", QD, 1, 1);
+        LOAD(bk, "attn_k.bias", KD, 1, 1);
+        LOAD(bv, "attn_v.bias", KD, 1, 1);
+        LOAD(ffn_norm, "ffn_norm.weight", E, 1, 0);
+        LOAD(w_gate, "ffn_gate.weight", E, F, 0);
+        LOAD(w_up, "ffn_up.weight", E, F, 0);
+        LOAD(w_down, "ffn_down.weight", F, E, 0);
+#undef LOAD
+    }
+    if (failed) return -1;
+
+    /* Llama 3 style frequency factors scale the rotation per dimension. */
+    const int half = c->rope_dim / 2;
+    m->rope_inv_freq = malloc((size_t)half * sizeof(float));
+    if (!m->rope_inv_freq) return load_error(err, errlen, m->file.path, "out of memory");
+    float *factors = load_tensor(m, "rope_freqs.weight", (uint64_t)half, 1, 1, &failed, err, errlen);
+    if (failed) return -1;
+    for (int i = 0; i < half; i++) {
+        double f = pow((double)c->rope_base, -2.0 * i / c->rope_dim);
+        m->rope_inv_freq[i] = (float)(factors ? f / factors[i] : f);
+    }
+    if (factors) {
+        m->weight_bytes -= (size_t)half * sizeof(float);
+        free(factors);
+    }
+    return 0;
+}
+
+int model_load(struct model *m, const char *path, int n_threads, char *err, size_t errlen) {
+    memset(m, 0, sizeof *m);
+    if (gguf_open(&m->file, path, err, errlen)) return -1;
+    if (read_config(m, err, errlen)) goto fail;
+    m->tok = tokenizer_load(&m->file, err, errlen);
+    if (!m->tok) goto fail;
+    if (load_weights(m, err, errlen)) goto fail;
+    if (tokenizer_n_vocab(m->tok) > m->cfg.n_vocab) {
+        load_error(err, errlen, path, "tokenizer has %d tokens but the embedding only %d rows",
+                   tokenizer_n_vocab(m->tok), m->cfg.n_vocab);
+        goto fail;
+    }
+    m->be = ebb_backend_cpu();
+    m->pool = ebb_pool_create(n_threads);
+    if (!m->pool) {
+        load_error(err, errlen, path, "cannot start worker threads");
+        goto fail;
+    }
+    return 0;
+fail:
+    model_free(m);
+    return -1;
+}
+
+static void run_state_free(struct run_state *s) {
+    if (!s) return;
+    free(s->x); free(s->xb); free(s->q); free(s->k); free(s->v); free(s->att);
+    free(s->gate); free(s->up); free(s->scores); free(s->rope_cos); free(s->rope_sin);
+    free(s);
+}
+
+void model_free(struct model *m) {
+    if (!m) return;
+    if (m->layers) {
+        for (int l = 0; l < m->cfg.n_layer; l++) {
+            struct layer_weights *w = &m->layers[l];
+            free(w->attn_norm); free(w->wq); free(w->wk); free(w->wv); free(w->wo);
+            free(w->bq); free(w->bk); free(w->bv);
+            free(w->ffn_norm); free(w->w_gate); free(w->w_up); free(w->w_down);
+        }
+        free(m->layers);
+    }
+    if (m->output != m->tok_embd) free(m->output);
+    free(m->tok_embd);
+    free(m->output_norm);
+    free(m->rope_inv_freq);
+    run_state_free(m->run);
+    if (m->pool) ebb_pool_destroy(m->pool);
+    tokenizer_free(m->tok);
+    gguf_close(&m->file);
+    memset(m, 0, sizeof *m);
+}
+
+int kv_cache_init(struct kv_cache *kv, const struct model_config *cfg, int n_ctx) {
+    memset(kv, 0, sizeof *kv);
+    if (n_ctx <= 0) return -1;
+    size_t n = (size_t)cfg->n_layer * (size_t)n_ctx * (size_t)(cfg->n_head_kv * cfg->head_dim);
+    kv->k = malloc(n * sizeof(float));
+    kv->v = malloc(n * sizeof(float));
+    if (!kv->k || !kv->v) {
+        kv_cache_free(kv);
+        return -1;
+    }
+    kv->n_ctx = n_ctx;
+    return 0;
+}
+
+void kv_cache_free(struct kv_cache *kv) {
+    if (!kv) return;
+    free(kv->k);
+    free(kv->v);
+    memset(kv, 0, sizeof *kv);
+}
+
+/* Scratch grows with the largest cache it has served; batches never exceed
+ * MODEL_BATCH tokens. */
+static struct run_state *run_state_get(struct model *m, int n_ctx) {
+    const struct model_config *c = &m->cfg;
+    struct run_state *s = m->run;
+    if (s && s->scores_ctx >= n_ctx) return s;
+    if (!s) {
+        s = calloc(1, sizeof *s);
+        if (!s) return NULL;
+        const size_t B = MODEL_BATCH, QD = (size_t)c->n_head * c->head_dim;
+        const size_t KD = (size_t)c->n_head_kv * c->head_dim;
+        s->x = malloc(B * c->n_embd * sizeof(float));
+        s->xb = malloc(B * (c->n_embd > (int)QD ? (size_t)c->n_embd : QD) * sizeof(float));
+        s->q = malloc(B * QD * sizeof(float));
+        s->k = malloc(B * KD * sizeof(float));
+        s->v = malloc(B * KD * sizeof(float));
+        s->att = malloc(B * QD * sizeof(float));
+        s->gate = malloc(B * c->n_ff * sizeof(float));
+        s->up = malloc(B * c->n_ff * sizeof(float));
+        s->rope_cos = malloc(B * (c->rope_dim / 2 + 1) * sizeof(float));
+        s->rope_sin = malloc(B * (c->rope_dim / 2 + 1) * sizeof(float));
+        m->run = s;
+        if (!s->x || !s->xb || !s->q || !s->k || !s->v || !s->att || !s->gate || !s->up ||
+            !s->rope_cos || !s->rope_sin) {
+            run_state_free(s);
+            m->run = NULL;
+            return NULL;
+        }
+    }
+    free(s->scores);
+    s->scores = malloc((size_t)ebb_pool_threads(m->pool) * (size_t)n_ctx * sizeof(float));
+    s->scores_ctx = s->scores ? n_ctx : 0;
+    if (!s->scores) return NULL;
+    return s;
+}
+
+static void rope_tables(const struct model *m, struct run_state *s, int pos0, int n_tok) {
+    const int half = m->cfg.rope_dim / 2;
+    for (int t = 0; t < n_tok; t++)
+        for (int i = 0; i < half; i++) {
+            float theta = (float)(pos0 + t) * m->rope_inv_freq[i];
+            s->rope_cos[t * half + i] = cosf(theta);
+            s->rope_sin[t * half + i] = sinf(theta);
+        }
+}
+
+/* Rotates every head of one token's Q or K vector in place. */
+static void rope_apply(const struct model *m, const struct run_state *s, float *vec, int n_heads, int t) {
+    const int hd = m->cfg.head_dim, half = m->cfg.rope_dim / 2;
+    const float *cs = s->rope_cos + t * half, *sn = s->rope_sin + t * half;
+    for (int h = 0; h < n_heads; h++) {
+        float *x = vec + h * hd;
+        for (int i = 0; i < half; i++) {
+            int a = m->cfg.rope_style == ROPE_NORM ? 2 * i : i;
+            int b = m->cfg.rope_style == ROPE_NORM ? 2 * i + 1 : i + half;
+            float x0 = x[a], x1 = x[b];
+            x[a] = x0 * cs[i] - x1 * sn[i];
+            x[b] = x0 * sn[i] + x1 * cs[i];
+        }
+    }
+}
+
+struct attn_job {
+    const struct model *m;
+    struct run_state *s;
+    const float *kcache, *vcache;   /* this layer's [n_ctx][kv_dim] */
+    int pos0, n_tok;
+};
+
+/* One worker's share of the (token, head) pairs: causal softmax attention of
+ * query head h over cache positions 0..pos0+t, reading its shared KV head. */
+static void attention_task(void *arg, int part, int n_parts) {
+    const struct attn_job *j = arg;
+    const struct model_config *c = &j->m->cfg;
+    const struct ebb_backend *be = j->m->be;
+    const int hd = c->head_dim, kv_dim = c->n_head_kv * hd, group = c->n_head / c->n_head_kv;
+    const int total = j->n_tok * c->n_head;
+    const int begin = (int)((long)total * part / n_parts), end = (int)((long)total * (part + 1) / n_parts);
+    float *scores = j->s->scores + (size_t)part * j->s->scores_ctx;
+    const float scale = 1.0f / sqrtf((float)hd);
+    for (int p = begin; p < end; p++) {
+        const int t = p / c->n_head, h = p % c->n_head, kvh = h / group;
+        const int n_pos = j->pos0 + t + 1;
+        const float *q = j->s->q + (size_t)t * c->n_head * hd + h * hd;
+        for (int i = 0; i < n_pos; i++)
+            scores[i] = be->dot_f32(q, j->kcache + (size_t)i * kv_dim + kvh * hd, hd) * scale;
+        be->softmax_f32(scores, n_pos);
+        float *out = j->s->att + (size_t)t * c->n_head * hd + h * hd;
+        memset(out, 0, (size_t)hd * sizeof(float));
+        for (int i = 0; i < n_pos; i++)
+            be->axpy_f32(out, scores[i], j->vcache + (size_t)i * kv_dim + kvh * hd, hd);
+    }
+}
+
+static void add_bias(const struct ebb_backend *be, float *x, const float *bias, int n_tok, int n) {
+    if (!bias) return;
+    for (int t = 0; t < n_tok; t++) be->add_f32(x + (size_t)t * n, bias, n);
+}
+
+/* One chunk of at most MODEL_BATCH tokens; the output head runs on the last
+ * head_rows tokens of the chunk (0: none). */
+static void forward_chunk(struct model *m, struct kv_cache *kv, struct run_state *s,
+                          const int32_t *tokens, int n_tok, float *logits, int head_rows) {
+    const struct model_config *c = &m->cfg;
+    const struct ebb_backend *be = m->be;
+    const int E = c->n_embd, F = c->n_ff, hd = c->head_dim;
+    const int QD = c->n_head * hd, KD = c->n_head_kv * hd;
+    const int pos0 = kv->n_past;
+
+    for (int t = 0; t < n_tok; t++)
+        memcpy(s->x + (size_t)t * E, m->tok_embd + (size_t)tokens[t] * E, (size_t)E * sizeof(float));
+    rope_tables(m, s, pos0, n_tok);
+
+    for (int l = 0; l < c->n_layer; l++) {
+        const struct layer_weights *w = &m->layers[l];
+        float *kcache = kv->k + (size_t)l * kv->n_ctx * KD;
+        float *vcache = kv->v + (size_t)l * kv->n_ctx * KD;
+
+        /* attention block */
+        for (int t = 0; t < n_tok; t++)
+            be->rmsnorm_f32(s->xb + (size_t)t * E, s->x + (size_t)t * E, w->attn_norm, E, c->rms_eps);
+        be->matmul_f32(m->pool, s->q, s->xb, w->wq, n_tok, E, QD);
+        be->matmul_f32(m->pool, s->k, s->xb, w->wk, n_tok, E, KD);
+        be->matmul_f32(m->pool, s->v, s->xb, w->wv, n_tok, E, KD);
+        add_bias(be, s->q, w->bq, n_tok, QD);
+        add_bias(be, s->k, w->bk, n_tok, KD);
+        add_bias(be, s->v, w->bv, n_tok, KD);
+        for (int t = 0; t < n_tok; t++) {
+            rope_apply(m, s, s->q + (size_t)t * QD, c->n_head, t);
+            rope_apply(m, s, s->k + (size_t)t * KD, c->n_head_kv, t);
+        }
+        memcpy(kcache + (size_t)pos0 * KD, s->k, (size_t)n_tok * KD * sizeof(float));
+        memcpy(vcache + (size_t)pos0 * KD, s->v, (size_t)n_tok * KD * sizeof(float));
+        struct attn_job job = {m, s, kcache, vcache, pos0, n_tok};
+        ebb_pool_run(m->pool, attention_task, &job, ebb_pool_threads(m->pool));
+        be->matmul_f32(m->pool, s->xb, s->att, w->wo, n_tok, QD, E);
+        for (int t = 0; t < n_tok; t++) be->add_f32(s->x + (size_t)t * E, s->xb + (size_t)t * E, E);
+
+        /* feed-forward block */
+        for (int t = 0; t < n_tok; t++)
+            be->rmsnorm_f32(s->xb + (size_t)t * E, s->x + (size_t)t * E, w->ffn_norm, E, c->rms_eps);
+        be->matmul_f32(m->pool, s->gate, s->xb, w->w_gate, n_tok, E, F);
+        be->matmul_f32(m->pool, s->up, s->xb, w->w_up, n_tok, E, F);
+        be->swiglu_f32(s->gate, s->up, n_tok * F);
+        be->matmul_f32(m->pool, s->xb, s->gate, w->w_down, n_tok, F, E);
+        for (int t = 0; t < n_tok; t++) be->add_f32(s->x + (size_t)t * E, s->xb + (size_t)t * E, E);
+    }
+    kv->n_past += n_tok;
+
+    if (head_rows == 0) return;
+    const int first = n_tok - head_rows;
+    for (int t = first; t < n_tok; t++)
+        be->rmsnorm_f32(s->xb + (size_t)(t - first) * E, s->x + (size_t)t * E, m->output_norm, E, c->rms_eps);
+    be->matmul_f32(m->pool, logits, s->xb, m->output, head_rows, E, c->n_vocab);
+}
+
+int model_forward(struct model *m, struct kv_cache *kv, const int32_t *tokens, int n_tok,
+                  float *logits, int all_logits) {
+    if (n_tok <= 0 || n_tok > kv->n_ctx - kv->n_past) return -1;
+    for (int i = 0; i < n_tok; i++)
+        if (tokens[i] < 0 || tokens[i] >= m->cfg.n_vocab) return -1;
+    struct run_state *s = run_state_get(m, kv->n_ctx);
+    if (!s) return -1;
+    for (int done = 0; done < n_tok;) {
+        int n = n_tok - done < MODEL_BATCH ? n_tok - done : MODEL_BATCH;
+        int head_rows = all_logits ? n : (done + n == n_tok ? 1 : 0);
+        float *out = all_logits ? logits + (size_t)done * m->cfg.n_vocab : logits;
+        forward_chunk(m, kv, s, tokens + done, n, out, head_rows);
+        done += n;
+    }
+    return 0;
+}

@@ -1,0 +1,86 @@
+/* Llama-family model: configuration from GGUF metadata, f32 weights, and the
+ * forward pass over a batch of tokens of one sequence with its KV cache.
+ *
+ * The forward pass reads top to bottom like llama2.c's: embed, then per layer
+ * RMSNorm -> Q/K/V -> RoPE -> grouped-query attention over the cache -> output
+ * projection -> residual -> RMSNorm -> SwiGLU MLP -> residual, then the final
+ * norm and the output head. Prefill is the same code with n_tok > 1, so every
+ * matrix product is a matrix-matrix product and the weights are read once per
+ * batch, not once per token.
+ */
+#ifndef EBB_ENGINE_MODEL_H
+#define EBB_ENGINE_MODEL_H
+#include <stddef.h>
+#include <stdint.h>
+#include "storage/gguf.h"
+
+struct ebb_backend;
+struct ebb_pool;
+struct ebb_tokenizer;
+
+enum rope_style {
+    ROPE_NORM = 0,   /* rotate adjacent pairs (x[2i], x[2i+1]): llama as GGUF stores Q/K */
+    ROPE_NEOX = 1    /* rotate halves (x[i], x[i+d/2]): qwen2 and friends */
+};
+
+struct model_config {
+    char arch[32];
+    int n_layer;
+    int n_embd;
+    int n_head;
+    int n_head_kv;
+    int head_dim;
+    int n_ff;
+    int n_vocab;
+    int n_ctx_train;
+    int rope_dim;          /* dimensions rotated per head (<= head_dim) */
+    float rope_base;
+    float rms_eps;
+    enum rope_style rope_style;
+};
+
+struct layer_weights {
+    float *attn_norm;                 /* [n_embd] */
+    float *wq, *wk, *wv, *wo;         /* [out][in] */
+    float *bq, *bk, *bv;              /* optional biases (qwen2), else NULL */
+    float *ffn_norm;                  /* [n_embd] */
+    float *w_gate, *w_up, *w_down;
+};
+
+struct model {
+    struct model_config cfg;
+    struct gguf_file file;
+    struct ebb_tokenizer *tok;
+    float *tok_embd;                  /* [n_vocab][n_embd] */
+    float *output_norm;               /* [n_embd] */
+    float *output;                    /* [n_vocab][n_embd]; == tok_embd when tied */
+    struct layer_weights *layers;
+    size_t weight_bytes;              /* resident f32 weight bytes */
+    const struct ebb_backend *be;
+    struct ebb_pool *pool;
+    float *rope_inv_freq;             /* [rope_dim/2] */
+    struct run_state *run;            /* forward scratch (engine/model.c) */
+};
+
+/* KV cache of one sequence: k and v are [n_layer][n_ctx][n_head_kv*head_dim]. */
+struct kv_cache {
+    int n_ctx;
+    int n_past;                       /* positions filled */
+    float *k, *v;
+};
+
+/* Loads a GGUF model, its tokenizer and f32 weights. n_threads <= 0: one per
+ * core. Returns 0, or -1 with "PATH: problem" in err. */
+int model_load(struct model *m, const char *path, int n_threads, char *err, size_t errlen);
+void model_free(struct model *m);
+
+int kv_cache_init(struct kv_cache *kv, const struct model_config *cfg, int n_ctx);
+void kv_cache_free(struct kv_cache *kv);
+
+/* Runs n_tok tokens at positions kv->n_past .. n_past+n_tok-1 and appends them
+ * to the cache. Writes logits for the last token to logits[n_vocab], or for
+ * every token to logits[n_tok][n_vocab] if all_logits. Returns 0, or -1 if the
+ * batch would overflow the cache. */
+int model_forward(struct model *m, struct kv_cache *kv, const int32_t *tokens, int n_tok,
+                  float *logits, int all_logits);
+#endif

@@ -1,0 +1,56 @@
+/* Byte-level BPE tokenizer built from GGUF metadata (tokenizer.ggml.*). */
+#ifndef EBB_ENGINE_TOKENIZER_H
+#define EBB_ENGINE_TOKENIZER_H
+#include <stddef.h>
+#include <stdint.h>
+
+struct gguf_file;
+struct ebb_tokenizer;
+
+/* Builds the tokenizer from an open GGUF. NULL with a message in err if the
+ * metadata is missing, inconsistent or of an unsupported model/pre-tokenizer. */
+struct ebb_tokenizer *tokenizer_load(const struct gguf_file *f, char *err, size_t errlen);
+void tokenizer_free(struct ebb_tokenizer *t);
+
+int tokenizer_n_vocab(const struct ebb_tokenizer *t);
+int32_t tokenizer_bos(const struct ebb_tokenizer *t);   /* -1 if none */
+int32_t tokenizer_eos(const struct ebb_tokenizer *t);
+int tokenizer_add_bos(const struct ebb_tokenizer *t);   /* tokenizer.ggml.add_bos_token */
+/* 1 for control tokens (<|im_end|> ...) that end or structure a turn. */
+int tokenizer_is_control(const struct ebb_tokenizer *t, int32_t id);
+/* Id of an exact token text, or -1. */
+int32_t tokenizer_find(const struct ebb_tokenizer *t, const char *text);
+
+/* Encodes len bytes of text. If parse_special, occurrences of special/control
+ * token texts (e.g. "<|im_start|>") become their ids; otherwise they are
+ * tokenized as plain text. Never adds BOS. Returns the number of ids, or -1
+ * on invalid UTF-8 / allocation failure; *ids is malloc'd, caller frees. */
+int tokenizer_encode(const struct ebb_tokenizer *t, const char *text, size_t len,
+                     int parse_special, int32_t **ids);
+
+/* The raw bytes a token stands for (byte-level decoded); control tokens
+ * yield their text. *len receives the length; returns NULL for a bad id. */
+const char *tokenizer_piece(const struct ebb_tokenizer *t, int32_t id, size_t *len);
+
+/* Incremental detokenization: bytes are held back until they form complete
+ * UTF-8 characters, so a stream never emits a broken sequence. */
+struct detok {
+    const struct ebb_tokenizer *tok;
+    char pending[8];
+    int n_pending;
+};
+void detok_init(struct detok *d, const struct ebb_tokenizer *t);
+/* Appends the complete characters now available to out (cap bytes);
+ * returns the number of bytes written. */
+size_t detok_push(struct detok *d, int32_t id, char *out, size_t cap);
+/* At end of stream: flushes what is held (invalid leftovers become U+FFFD). */
+size_t detok_flush(struct detok *d, char *out, size_t cap);
+
+/* Chat messages rendered with the model's ChatML template. */
+struct chat_msg { const char *role; const char *content; };
+/* malloc'd NUL-terminated prompt; add_assistant appends "<|im_start|>assistant\n".
+ * When the first message is not a system message and the model's template
+ * supplies a default system prompt, it is inserted as the template does. */
+char *chat_render(const struct ebb_tokenizer *t, const struct chat_msg *msgs, int n,
+                  int add_assistant);
+#endif

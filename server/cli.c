@@ -1,0 +1,127 @@
+/* Shared helpers of the command-line subcommands; see cli.h. */
+#include "server/cli.h"
+
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "engine/model.h"
+
+int cli_int(const char *cmd, const char *flag, const char *s, long lo, long hi, int *out) {
+    char *end;
+    errno = 0;
+    long v = strtol(s, &end, 10);
+    if (errno || end == s || *end || v < lo || v > hi) {
+        fprintf(stderr, "ebb %s: %s expects an integer in [%ld, %ld], got '%s'\n", cmd, flag, lo, hi, s);
+        return -1;
+    }
+    *out = (int)v;
+    return 0;
+}
+
+int cli_float(const char *cmd, const char *flag, const char *s, double lo, double hi, float *out) {
+    char *end;
+    errno = 0;
+    double v = strtod(s, &end);
+    if (errno || end == s || *end || !(v >= lo && v <= hi)) {
+        fprintf(stderr, "ebb %s: %s expects a number in [%g, %g], got '%s'\n", cmd, flag, lo, hi, s);
+        return -1;
+    }
+    *out = (float)v;
+    return 0;
+}
+
+int cli_u64(const char *cmd, const char *flag, const char *s, uint64_t *out) {
+    char *end;
+    errno = 0;
+    unsigned long long v = strtoull(s, &end, 10);
+    if (errno || end == s || *end || s[0] == '-') {
+        fprintf(stderr, "ebb %s: %s expects a non-negative integer, got '%s'\n", cmd, flag, s);
+        return -1;
+    }
+    *out = v;
+    return 0;
+}
+
+const char *cli_value(const char *cmd, int argc, char **argv, int *i) {
+    if (*i + 1 >= argc) {
+        fprintf(stderr, "ebb %s: %s needs a value\n", cmd, argv[*i]);
+        return NULL;
+    }
+    return argv[++*i];
+}
+
+char *cli_read_file(const char *cmd, const char *path, size_t *len) {
+    FILE *f = fopen(path, "rb");
+    if (!f) {
+        fprintf(stderr, "ebb %s: cannot open %s: %s\n", cmd, path, strerror(errno));
+        return NULL;
+    }
+    size_t cap = 1 << 16, n = 0;
+    char *buf = malloc(cap);
+    for (;;) {
+        if (!buf) break;
+        n += fread(buf + n, 1, cap - n - 1, f);
+        if (n < cap - 1) break;
+        char *grown = realloc(buf, cap * 2);
+        if (!grown) { free(buf); buf = NULL; break; }
+        buf = grown;
+        cap *= 2;
+    }
+    int bad = ferror(f);
+    fclose(f);
+    if (!buf || bad) {
+        fprintf(stderr, "ebb %s: cannot read %s\n", cmd, path);
+        free(buf);
+        return NULL;
+    }
+    buf[n] = 0;
+    if (len) *len = n;
+    return buf;
+}
+
+int cli_parse_ids(const char *cmd, const char *text, int32_t **ids) {
+    size_t cap = 256, n = 0;
+    int32_t *out = malloc(cap * sizeof *out);
+    const char *p = text;
+    while (out) {
+        while (*p == ' ' || *p == '\t' || *p == '\n' || *p == '\r' || *p == ',') p++;
+        if (!*p) break;
+        char *end;
+        errno = 0;
+        long v = strtol(p, &end, 10);
+        if (end == p || errno || v < 0 || v > INT32_MAX) {
+            fprintf(stderr, "ebb %s: bad token id near '%.20s'\n", cmd, p);
+            free(out);
+            return -1;
+        }
+        if (n == cap) {
+            int32_t *grown = realloc(out, cap * 2 * sizeof *out);
+            if (!grown) { free(out); out = NULL; break; }
+            out = grown;
+            cap *= 2;
+        }
+        out[n++] = (int32_t)v;
+        p = end;
+    }
+    if (!out) {
+        fprintf(stderr, "ebb %s: out of memory\n", cmd);
+        return -1;
+    }
+    *ids = out;
+    return (int)n;
+}
+
+int cli_load_model(const char *cmd, struct model *m, const char *path, int n_threads) {
+    char err[512];
+    if (!path) {
+        fprintf(stderr, "ebb %s: -m MODEL is required\n", cmd);
+        return -1;
+    }
+    if (model_load(m, path, n_threads, err, sizeof err)) {
+        fprintf(stderr, "ebb %s: %s\n", cmd, err);
+        return -1;
+    }
+    return 0;
+}

@@ -1,0 +1,34 @@
+/* Command-line front end: one function per subcommand and the small helpers
+ * they share (strict number parsing, reading files, loading a model with a
+ * clear error). Every command returns the process exit status and reports
+ * problems on stderr as "ebb <command>: what is wrong". */
+#ifndef EBB_SERVER_CLI_H
+#define EBB_SERVER_CLI_H
+#include <stddef.h>
+#include <stdint.h>
+
+struct model;
+
+int cmd_generate(int argc, char **argv);
+int cmd_logits(int argc, char **argv);
+int cmd_tokenize(int argc, char **argv);
+int cmd_ppl(int argc, char **argv);
+int cmd_bench(int argc, char **argv);
+int cmd_inspect(int argc, char **argv);
+
+/* Strict parsers: the whole string must be a number inside [lo, hi]; on
+ * failure they print "ebb CMD: FLAG ..." and return -1. */
+int cli_int(const char *cmd, const char *flag, const char *s, long lo, long hi, int *out);
+int cli_float(const char *cmd, const char *flag, const char *s, double lo, double hi, float *out);
+int cli_u64(const char *cmd, const char *flag, const char *s, uint64_t *out);
+/* The value after a flag, or NULL (with an error) when argv ends. */
+const char *cli_value(const char *cmd, int argc, char **argv, int *i);
+
+/* Reads a whole file; malloc'd, NUL-terminated; NULL with an error printed. */
+char *cli_read_file(const char *cmd, const char *path, size_t *len);
+/* Whitespace- or comma-separated token ids from a string; malloc'd. */
+int cli_parse_ids(const char *cmd, const char *text, int32_t **ids);
+
+/* Loads a model or prints why not. */
+int cli_load_model(const char *cmd, struct model *m, const char *path, int n_threads);
+#endif

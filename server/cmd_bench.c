@@ -1,0 +1,109 @@
+/* `ebb bench`: prefill and decode speed, measured like llama-bench's pp and tg
+ * tests so the numbers can sit beside llama.cpp's:
+ *   pp N: one forward pass over N tokens from an empty cache;
+ *   tg N: N single-token forward passes from an empty cache.
+ * Token ids are drawn from a fixed-seed generator; speed does not depend on
+ * which ids they are. Each test runs once to warm up, then -r times. */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "engine/generate.h"
+#include "engine/model.h"
+#include "kernels/backend.h"
+#include "server/cli.h"
+
+static void bench_usage(FILE *out) {
+    fprintf(out,
+        "usage: ebb bench -m MODEL [-p N] [-n N] [-r REPS] [-t THREADS]\n"
+        "  -p N   prefill tokens (default 512; 0 skips)\n"
+        "  -n N   decode tokens (default 128; 0 skips)\n"
+        "  -r R   repetitions (default 3)\n");
+}
+
+/* Seconds for one run of the test; -1 on failure. */
+static double run_once(struct model *m, struct kv_cache *kv, const int32_t *ids, int n, int prefill,
+                       float *logits) {
+    kv->n_past = 0;
+    double t0 = ebb_now_seconds();
+    if (prefill) {
+        if (model_forward(m, kv, ids, n, logits, 0)) return -1;
+    } else {
+        for (int i = 0; i < n; i++)
+            if (model_forward(m, kv, ids + i, 1, logits, 0)) return -1;
+    }
+    return ebb_now_seconds() - t0;
+}
+
+static int bench_test(struct model *m, const char *label, int n, int prefill, int reps) {
+    struct kv_cache kv;
+    int32_t *ids = malloc((size_t)n * sizeof(int32_t));
+    float *logits = malloc((size_t)m->cfg.n_vocab * sizeof(float));
+    if (!ids || !logits || kv_cache_init(&kv, &m->cfg, n)) {
+        free(ids); free(logits);
+        fprintf(stderr, "ebb bench: out of memory\n");
+        return -1;
+    }
+    uint64_t x = 0x9E3779B97F4A7C15ull;
+    for (int i = 0; i < n; i++) {
+        x ^= x << 13; x ^= x >> 7; x ^= x << 17;
+        ids[i] = (int32_t)(x % (uint64_t)m->cfg.n_vocab);
+    }
+    double sum = 0, sum2 = 0;
+    int rc = run_once(m, &kv, ids, n, prefill, logits) < 0 ? -1 : 0;
+    for (int r = 0; r < reps && rc == 0; r++) {
+        double s = run_once(m, &kv, ids, n, prefill, logits);
+        if (s <= 0) { rc = -1; break; }
+        sum += n / s;
+        sum2 += (n / s) * (n / s);
+    }
+    if (rc == 0) {
+        double mean = sum / reps, sd = reps > 1 ? sqrt(fmax(0, (sum2 - reps * mean * mean) / (reps - 1))) : 0;
+        printf("| %-8s | %8.2f ± %6.2f |\n", label, mean, sd);
+    } else {
+        fprintf(stderr, "ebb bench: %s failed\n", label);
+    }
+    kv_cache_free(&kv);
+    free(ids);
+    free(logits);
+    return rc;
+}
+
+int cmd_bench(int argc, char **argv) {
+    const char *model_path = NULL;
+    int n_prefill = 512, n_decode = 128, reps = 3, n_threads = 0;
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i], *v;
+        if (!strcmp(a, "--help") || !strcmp(a, "-h")) { bench_usage(stdout); return 0; }
+        if (!(v = cli_value("bench", argc, argv, &i))) return 2;
+        if (!strcmp(a, "-m")) model_path = v;
+        else if (!strcmp(a, "-p")) { if (cli_int("bench", a, v, 0, 1 << 16, &n_prefill)) return 2; }
+        else if (!strcmp(a, "-n")) { if (cli_int("bench", a, v, 0, 1 << 16, &n_decode)) return 2; }
+        else if (!strcmp(a, "-r")) { if (cli_int("bench", a, v, 1, 1000, &reps)) return 2; }
+        else if (!strcmp(a, "-t")) { if (cli_int("bench", a, v, 1, 1024, &n_threads)) return 2; }
+        else { fprintf(stderr, "ebb bench: unknown option '%s'\n", a); bench_usage(stderr); return 2; }
+    }
+    struct model m;
+    if (cli_load_model("bench", &m, model_path, n_threads)) return 1;
+    if (n_prefill > m.cfg.n_ctx_train || n_decode > m.cfg.n_ctx_train) {
+        fprintf(stderr, "ebb bench: test longer than the model's context (%d)\n", m.cfg.n_ctx_train);
+        model_free(&m);
+        return 2;
+    }
+    printf("model: %s  arch %s  weights %.1f MiB f32  backend %s  threads %d\n", model_path,
+           m.cfg.arch, m.weight_bytes / 1048576.0, m.be->name, ebb_pool_threads(m.pool));
+    printf("| test     |            t/s    |\n|----------|-------------------|\n");
+    char label[32];
+    int rc = 0;
+    if (n_prefill) {
+        snprintf(label, sizeof label, "pp%d", n_prefill);
+        rc |= bench_test(&m, label, n_prefill, 1, reps);
+    }
+    if (n_decode) {
+        snprintf(label, sizeof label, "tg%d", n_decode);
+        rc |= bench_test(&m, label, n_decode, 0, reps);
+    }
+    model_free(&m);
+    return rc ? 1 : 0;
+}

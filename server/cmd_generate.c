@@ -1,0 +1,212 @@
+/* `ebb generate` and `ebb logits`: the model from the command line.
+ *
+ * generate streams text to stdout as it is produced and reports timing on
+ * stderr, so `ebb generate ... > out.txt` captures exactly the text. logits
+ * writes raw float32 rows for the reference checks in tests/reference. */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "engine/generate.h"
+#include "engine/model.h"
+#include "engine/tokenizer.h"
+#include "server/cli.h"
+
+#define MAX_STOPS 16
+
+static void generate_usage(FILE *out) {
+    fprintf(out,
+        "usage: ebb generate -m MODEL (-p PROMPT | --chat MESSAGE | --ids-file FILE) [options]\n"
+        "  -m MODEL            GGUF model file\n"
+        "  -p PROMPT           raw prompt text (special tokens like <|im_start|> are parsed)\n"
+        "  --chat MESSAGE      a user message, rendered with the model's chat template\n"
+        "  --system TEXT       system message for --chat (default: the template's own)\n"
+        "  --ids-file FILE     prompt as token ids (whitespace separated)\n"
+        "  -n N                tokens to generate at most (default 128)\n"
+        "  --temp T            temperature, 0 = greedy (default 0.8)\n"
+        "  --top-k K           (default 40)      --top-p P      (default 0.95)\n"
+        "  --min-p P           (default 0.05)    --repeat-penalty R (default 1.0)\n"
+        "  --seed S            sampling seed (default 0)\n"
+        "  --stop TEXT         stop string (repeatable, up to %d)\n"
+        "  -t THREADS          worker threads (default: one per core)\n"
+        "  --print-ids         print generated token ids instead of text\n", MAX_STOPS);
+}
+
+struct print_state { int print_ids; int n; };
+
+static int print_text(void *ud, int32_t id, const char *text, size_t len) {
+    struct print_state *ps = ud;
+    if (ps->print_ids) {
+        if (id >= 0) printf(ps->n++ ? " %d" : "%d", id);
+    } else {
+        fwrite(text, 1, len, stdout);
+    }
+    fflush(stdout);
+    return 0;
+}
+
+/* Builds the prompt token ids from whichever prompt option was given. */
+static int build_prompt(struct model *m, const char *prompt, const char *chat, const char *system,
+                        const char *ids_file, int32_t **ids) {
+    if (ids_file) {
+        char *text = cli_read_file("generate", ids_file, NULL);
+        if (!text) return -1;
+        int n = cli_parse_ids("generate", text, ids);
+        free(text);
+        return n;
+    }
+    char *rendered = NULL;
+    if (chat) {
+        struct chat_msg msgs[2];
+        int n_msgs = 0;
+        if (system) msgs[n_msgs++] = (struct chat_msg){"system", system};
+        msgs[n_msgs++] = (struct chat_msg){"user", chat};
+        rendered = chat_render(m->tok, msgs, n_msgs, 1);
+        if (!rendered) {
+            fprintf(stderr, "ebb generate: out of memory\n");
+            return -1;
+        }
+        prompt = rendered;
+    }
+    int32_t *body = NULL;
+    int n = tokenizer_encode(m->tok, prompt, strlen(prompt), 1, &body);
+    free(rendered);
+    if (n < 0) {
+        fprintf(stderr, "ebb generate: the prompt is not valid UTF-8\n");
+        return -1;
+    }
+    int bos = tokenizer_add_bos(m->tok) && tokenizer_bos(m->tok) >= 0;
+    *ids = malloc(((size_t)n + 1) * sizeof(int32_t));
+    if (!*ids) { free(body); return -1; }
+    if (bos) (*ids)[0] = tokenizer_bos(m->tok);
+    if (n) memcpy(*ids + bos, body, (size_t)n * sizeof(int32_t));
+    free(body);
+    return n + bos;
+}
+
+int cmd_generate(int argc, char **argv) {
+    const char *model_path = NULL, *prompt = NULL, *chat = NULL, *system = NULL, *ids_file = NULL;
+    const char *stops[MAX_STOPS];
+    struct gen_params gp = {.max_tokens = 128};
+    sampler_params_default(&gp.sampling);
+    int n_threads = 0;
+    struct print_state ps = {0, 0};
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i], *v;
+#define VALUE() do { if (!(v = cli_value("generate", argc, argv, &i))) return 2; } while (0)
+        if (!strcmp(a, "--help") || !strcmp(a, "-h")) { generate_usage(stdout); return 0; }
+        else if (!strcmp(a, "-m")) { VALUE(); model_path = v; }
+        else if (!strcmp(a, "-p")) { VALUE(); prompt = v; }
+        else if (!strcmp(a, "--chat")) { VALUE(); chat = v; }
+        else if (!strcmp(a, "--system")) { VALUE(); system = v; }
+        else if (!strcmp(a, "--ids-file")) { VALUE(); ids_file = v; }
+        else if (!strcmp(a, "-n")) { VALUE(); if (cli_int("generate", a, v, 0, 1 << 20, &gp.max_tokens)) return 2; }
+        else if (!strcmp(a, "--temp")) { VALUE(); if (cli_float("generate", a, v, 0, 100, &gp.sampling.temperature)) return 2; }
+        else if (!strcmp(a, "--top-k")) { VALUE(); if (cli_int("generate", a, v, 0, 1 << 24, &gp.sampling.top_k)) return 2; }
+        else if (!strcmp(a, "--top-p")) { VALUE(); if (cli_float("generate", a, v, 0, 1, &gp.sampling.top_p)) return 2; }
+        else if (!strcmp(a, "--min-p")) { VALUE(); if (cli_float("generate", a, v, 0, 1, &gp.sampling.min_p)) return 2; }
+        else if (!strcmp(a, "--repeat-penalty")) { VALUE(); if (cli_float("generate", a, v, 0.01, 100, &gp.sampling.repeat_penalty)) return 2; }
+        else if (!strcmp(a, "--seed")) { VALUE(); if (cli_u64("generate", a, v, &gp.sampling.seed)) return 2; }
+        else if (!strcmp(a, "-t")) { VALUE(); if (cli_int("generate", a, v, 1, 1024, &n_threads)) return 2; }
+        else if (!strcmp(a, "--stop")) {
+            VALUE();
+            if (gp.n_stops == MAX_STOPS) { fprintf(stderr, "ebb generate: at most %d --stop strings\n", MAX_STOPS); return 2; }
+            stops[gp.n_stops++] = v;
+        }
+        else if (!strcmp(a, "--print-ids")) ps.print_ids = 1;
+        else { fprintf(stderr, "ebb generate: unknown option '%s'\n", a); generate_usage(stderr); return 2; }
+#undef VALUE
+    }
+    if ((prompt != NULL) + (chat != NULL) + (ids_file != NULL) != 1) {
+        fprintf(stderr, "ebb generate: give exactly one of -p, --chat, --ids-file\n");
+        return 2;
+    }
+    gp.stops = stops;
+    struct model m;
+    if (cli_load_model("generate", &m, model_path, n_threads)) return 1;
+    int32_t *ids = NULL;
+    int n = build_prompt(&m, prompt, chat, system, ids_file, &ids);
+    int rc = 1;
+    if (n > 0) {
+        struct gen_result res;
+        if (generate(&m, ids, n, &gp, print_text, &ps, &res) == 0) {
+            printf("\n");
+            fprintf(stderr, "[prompt %d tokens, %.1f tok/s | generated %d tokens, %.1f tok/s | finish: %s]\n",
+                    res.n_prompt, res.prefill_s > 0 ? res.n_prompt / res.prefill_s : 0.0,
+                    res.n_generated, res.decode_s > 0 ? res.n_generated / res.decode_s : 0.0,
+                    finish_reason_name(res.finish));
+            rc = 0;
+        } else {
+            fprintf(stderr, "ebb generate: %s\n", res.error);
+        }
+    } else if (n == 0) {
+        fprintf(stderr, "ebb generate: the prompt is empty\n");
+    }
+    free(ids);
+    model_free(&m);
+    return rc;
+}
+
+int cmd_logits(int argc, char **argv) {
+    const char *model_path = NULL, *ids_file = NULL, *out_path = NULL;
+    int all = 0, n_threads = 0;
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i], *v;
+        if (!strcmp(a, "--help") || !strcmp(a, "-h")) {
+            printf("usage: ebb logits -m MODEL --ids-file FILE -o OUT [--all] [-t THREADS]\n"
+                   "  writes float32 logits of the last position ([n_vocab]) or, with --all,\n"
+                   "  of every position ([n_tokens][n_vocab]) to OUT\n");
+            return 0;
+        }
+        if (!strcmp(a, "-m") || !strcmp(a, "--ids-file") || !strcmp(a, "-o") || !strcmp(a, "-t")) {
+            if (!(v = cli_value("logits", argc, argv, &i))) return 2;
+            if (a[1] == 'm') model_path = v;
+            else if (a[1] == 'o') out_path = v;
+            else if (a[1] == 't') { if (cli_int("logits", a, v, 1, 1024, &n_threads)) return 2; }
+            else ids_file = v;
+        } else if (!strcmp(a, "--all")) {
+            all = 1;
+        } else {
+            fprintf(stderr, "ebb logits: unknown option '%s'\n", a);
+            return 2;
+        }
+    }
+    if (!ids_file || !out_path) {
+        fprintf(stderr, "ebb logits: --ids-file and -o are required\n");
+        return 2;
+    }
+    char *text = cli_read_file("logits", ids_file, NULL);
+    if (!text) return 1;
+    int32_t *ids = NULL;
+    int n = cli_parse_ids("logits", text, &ids);
+    free(text);
+    if (n <= 0) {
+        if (n == 0) fprintf(stderr, "ebb logits: no token ids in %s\n", ids_file);
+        free(ids);
+        return 1;
+    }
+    struct model m;
+    if (cli_load_model("logits", &m, model_path, n_threads)) { free(ids); return 1; }
+    int rc = 1;
+    struct kv_cache kv;
+    size_t rows = all ? (size_t)n : 1;
+    float *logits = malloc(rows * (size_t)m.cfg.n_vocab * sizeof(float));
+    if (!logits || kv_cache_init(&kv, &m.cfg, n)) {
+        fprintf(stderr, "ebb logits: out of memory\n");
+    } else {
+        if (model_forward(&m, &kv, ids, n, logits, all)) {
+            fprintf(stderr, "ebb logits: token id out of range (vocabulary has %d)\n", m.cfg.n_vocab);
+        } else {
+            FILE *f = fopen(out_path, "wb");
+            int ok = f && fwrite(logits, sizeof(float) * (size_t)m.cfg.n_vocab, rows, f) == rows;
+            if (f && fclose(f)) ok = 0;
+            if (ok) rc = 0;
+            else fprintf(stderr, "ebb logits: cannot write %s\n", out_path);
+        }
+        kv_cache_free(&kv);
+    }
+    free(logits);
+    free(ids);
+    model_free(&m);
+    return rc;
+}

@@ -1,0 +1,33 @@
+"""Shared pytest fixtures: where the ebb binary and the default model are.
+
+EBB_BIN points at the binary under test (the Makefile sets it to the Release
+build); EBB_MODEL at the GGUF model. Tests never build anything themselves.
+"""
+import os
+import pathlib
+import subprocess
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def ebb_bin():
+    path = pathlib.Path(os.environ.get("EBB_BIN", ROOT / "build" / "ebb"))
+    if not path.exists():
+        pytest.fail(f"ebb binary not found at {path}; build first (make build)")
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def model_path():
+    path = pathlib.Path(os.environ.get("EBB_MODEL", ROOT / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"))
+    if not path.exists():
+        pytest.fail(f"model not found at {path}; run scripts/setup")
+    return str(path)
+
+
+def run_ebb(ebb_bin, *args, input_bytes=None, timeout=600):
+    """Runs ebb and returns the CompletedProcess (bytes stdout/stderr)."""
+    return subprocess.run([ebb_bin, *args], input=input_bytes, capture_output=True, timeout=timeout)
