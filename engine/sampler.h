@@ -43,7 +43,8 @@ void stop_init(struct stop_matcher *m, const char *const *stops, int n);
 void stop_free(struct stop_matcher *m);
 /* Feeds newly decoded text. Appends to *out (malloc'd/realloc'd, NUL-terminated,
  * *out_len updated) what is safe to release; returns 1 once a stop string has
- * matched (the text before it is released, the stop string itself is not). */
+ * matched (the text before it is released, the stop string itself is not),
+ * or -1 when out of memory (callers end generation). */
 int stop_feed(struct stop_matcher *m, const char *text, size_t len, char **out, size_t *out_len);
 /* At the end of generation: releases everything still held. */
 void stop_finish(struct stop_matcher *m, char **out, size_t *out_len);
