@@ -1,21 +1,20 @@
-/* Single-sequence generation loop; see generate.h. The loop owns its KV cache
- * for the duration of the call, so concurrent sequences are the scheduler's
- * business, not this file's. */
+/* Generation state machine and the single-sequence loop; see generate.h. */
 #include "engine/generate.h"
 
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
 
 #include "engine/model.h"
-#include "engine/tokenizer.h"
 
 const char *finish_reason_name(enum finish_reason r) {
     switch (r) {
     case FINISH_STOP: return "stop";
     case FINISH_LENGTH: return "length";
     case FINISH_CANCELLED: return "cancelled";
+    case FINISH_NONE: return "none";
     default: return "error";
     }
 }
@@ -39,18 +38,98 @@ int generate_is_end_token(const struct model *m, int32_t id) {
     return 0;
 }
 
+int gen_seq_init(struct gen_seq *g, const struct model *m, const int32_t *prompt, int n_prompt,
+                 const struct gen_params *p) {
+    memset(g, 0, sizeof *g);
+    g->m = m;
+    g->max_tokens = p->max_tokens;
+    g->want_logprobs = p->logprobs;
+    g->finish = FINISH_NONE;
+    g->cap_history = n_prompt + (p->max_tokens > 0 ? p->max_tokens : 0) + 1;
+    g->history = malloc((size_t)g->cap_history * sizeof(int32_t));
+    g->sampler = sampler_create(&p->sampling, m->cfg.n_vocab);
+    g->text = malloc(1);
+    g->raw_logits = p->logprobs ? malloc((size_t)m->cfg.n_vocab * sizeof(float)) : NULL;
+    if (!g->history || !g->sampler || !g->text || (p->logprobs && !g->raw_logits)) {
+        gen_seq_free(g);
+        return -1;
+    }
+    g->text[0] = 0;
+    memcpy(g->history, prompt, (size_t)n_prompt * sizeof(int32_t));
+    g->n_history = n_prompt;
+    detok_init(&g->detok, m->tok);
+    stop_init(&g->stop, p->stops, p->n_stops);
+    if (p->max_tokens <= 0) g->finish = FINISH_LENGTH;
+    return 0;
+}
+
+void gen_seq_free(struct gen_seq *g) {
+    if (!g) return;
+    if (g->sampler) stop_free(&g->stop);
+    sampler_free(g->sampler);
+    free(g->history);
+    free(g->text);
+    free(g->raw_logits);
+    memset(g, 0, sizeof *g);
+}
+
+/* log softmax(logits)[id], before the sampler reshapes the distribution. */
+static float token_logprob(const float *logits, int n, int32_t id) {
+    float max = logits[0];
+    for (int i = 1; i < n; i++) if (logits[i] > max) max = logits[i];
+    double sum = 0;
+    for (int i = 0; i < n; i++) sum += exp((double)(logits[i] - max));
+    return (float)((double)(logits[id] - max) - log(sum));
+}
+
+/* Releases everything the detokenizer and stop matcher still hold. */
+static void flush_held(struct gen_seq *g) {
+    char piece[16];
+    if (g->stop.stopped) return;
+    size_t n = detok_flush(&g->detok, piece, sizeof piece);
+    stop_feed(&g->stop, piece, n, &g->text, &g->text_len);
+    if (!g->stop.stopped) stop_finish(&g->stop, &g->text, &g->text_len);
+}
+
+void gen_seq_finish(struct gen_seq *g, enum finish_reason why) {
+    if (g->finish == FINISH_NONE) {
+        g->finish = why;
+        if (why != FINISH_CANCELLED) flush_held(g);
+    }
+}
+
+int32_t gen_seq_step(struct gen_seq *g, float *logits) {
+    g->text_len = 0;
+    g->text[0] = 0;
+    /* The sampler reshapes logits in place, so the model's own probability
+     * of the chosen token is measured on a copy taken first. */
+    if (g->want_logprobs) memcpy(g->raw_logits, logits, (size_t)g->m->cfg.n_vocab * sizeof(float));
+    int32_t id = sampler_sample(g->sampler, logits, g->history, g->n_history);
+    if (g->want_logprobs) g->logprob = token_logprob(g->raw_logits, g->m->cfg.n_vocab, id);
+    g->n_generated++;
+    if (g->n_history < g->cap_history) g->history[g->n_history++] = id;
+    if (generate_is_end_token(g->m, id)) {
+        g->finish = FINISH_STOP;
+        flush_held(g);
+        return id;
+    }
+    char piece[64];
+    size_t n = detok_push(&g->detok, id, piece, sizeof piece);
+    if (stop_feed(&g->stop, piece, n, &g->text, &g->text_len)) {
+        g->finish = FINISH_STOP;
+        return id;
+    }
+    if (g->n_generated >= g->max_tokens) {
+        g->finish = FINISH_LENGTH;
+        flush_held(g);
+    }
+    return id;
+}
+
 static int fail(struct gen_result *res, const char *msg) {
     snprintf(res->error, sizeof res->error, "%s", msg);
     res->finish = FINISH_ERROR;
     return -1;
-}
-
-/* Emits released text through the callback; returns nonzero if cancelled. */
-static int emit(gen_text_fn on_text, void *ud, int32_t id, char **buf, size_t *len) {
-    int cancel = on_text ? on_text(ud, id, *buf ? *buf : "", *len) : 0;
-    *len = 0;
-    if (*buf) (*buf)[0] = 0;
-    return cancel;
 }
 
 int generate(struct model *m, const int32_t *prompt, int n_prompt, const struct gen_params *p,
@@ -60,62 +139,43 @@ int generate(struct model *m, const int32_t *prompt, int n_prompt, const struct 
     if (n_prompt <= 0) return fail(res, "the prompt is empty");
     int n_ctx = p->n_ctx > 0 ? p->n_ctx : n_prompt + (p->max_tokens > 0 ? p->max_tokens : 0);
     if (n_ctx > m->cfg.n_ctx_train) n_ctx = m->cfg.n_ctx_train;
-    if (n_prompt >= n_ctx) {
+    if (n_prompt >= n_ctx && p->max_tokens > 0) {
         snprintf(res->error, sizeof res->error, "the prompt has %d tokens; the context holds %d",
                  n_prompt, n_ctx);
         res->finish = FINISH_ERROR;
         return -1;
     }
     struct kv_cache kv;
+    struct gen_seq g;
     float *logits = malloc((size_t)m->cfg.n_vocab * sizeof(float));
-    int32_t *history = malloc((size_t)n_ctx * sizeof(int32_t));
-    struct sampler *smp = sampler_create(&p->sampling, m->cfg.n_vocab);
-    int kv_ok = kv_cache_init(&kv, &m->cfg, n_ctx) == 0;
-    if (!logits || !history || !smp || !kv_ok) {
-        free(logits); free(history); sampler_free(smp);
-        if (kv_ok) kv_cache_free(&kv);
+    if (!logits) return fail(res, "out of memory");
+    if (kv_cache_init(&kv, &m->cfg, n_ctx, NULL)) {
+        free(logits);
         return fail(res, "out of memory for the context");
     }
-    memcpy(history, prompt, (size_t)n_prompt * sizeof(int32_t));
-    int n_hist = n_prompt;
-
-    struct detok dt;
-    detok_init(&dt, m->tok);
-    struct stop_matcher sm;
-    stop_init(&sm, p->stops, p->n_stops);
-    char *out = NULL;
-    size_t out_len = 0;
-    char piece[64];
-
+    if (gen_seq_init(&g, m, prompt, n_prompt, p)) {
+        kv_cache_free(&kv);
+        free(logits);
+        return fail(res, "out of memory");
+    }
     double t0 = ebb_now_seconds();
-    int rc = model_forward(m, &kv, prompt, n_prompt, logits, 0);
+    int rc = g.finish == FINISH_NONE ? model_forward(m, &kv, prompt, n_prompt, logits, 0) : 0;
     double t1 = ebb_now_seconds();
     res->prefill_s = t1 - t0;
-    res->finish = FINISH_LENGTH;
-    while (rc == 0 && res->n_generated < p->max_tokens) {
-        int32_t id = sampler_sample(smp, logits, history, n_hist);
-        res->n_generated++;
-        history[n_hist++] = id;
-        if (generate_is_end_token(m, id)) { res->finish = FINISH_STOP; break; }
-        size_t n = detok_push(&dt, id, piece, sizeof piece);
-        int stopped = stop_feed(&sm, piece, n, &out, &out_len);
-        if (emit(on_text, ud, id, &out, &out_len)) { res->finish = FINISH_CANCELLED; break; }
-        if (stopped) { res->finish = FINISH_STOP; break; }
-        if (res->n_generated == p->max_tokens || kv.n_past >= n_ctx) break;
-        rc = model_forward(m, &kv, &id, 1, logits, 0);
-    }
-    if (res->finish != FINISH_CANCELLED && !sm.stopped) {
-        size_t n = detok_flush(&dt, piece, sizeof piece);
-        stop_feed(&sm, piece, n, &out, &out_len);
-        if (!sm.stopped) stop_finish(&sm, &out, &out_len);
-        if (out_len) emit(on_text, ud, -1, &out, &out_len);
+    while (rc == 0 && g.finish == FINISH_NONE) {
+        int32_t id = gen_seq_step(&g, logits);
+        if (g.finish == FINISH_NONE && kv.n_past >= n_ctx) gen_seq_finish(&g, FINISH_LENGTH);
+        if (on_text && on_text(ud, id, g.text, g.text_len)) {
+            gen_seq_finish(&g, FINISH_CANCELLED);
+            break;
+        }
+        if (g.finish == FINISH_NONE) rc = model_forward(m, &kv, &id, 1, logits, 0);
     }
     res->decode_s = ebb_now_seconds() - t1;
-    free(out);
-    stop_free(&sm);
-    sampler_free(smp);
+    res->n_generated = g.n_generated;
+    res->finish = rc ? FINISH_ERROR : g.finish;
+    gen_seq_free(&g);
     kv_cache_free(&kv);
-    free(history);
     free(logits);
     if (rc) return fail(res, "model forward failed");
     return 0;

@@ -1,30 +1,67 @@
 /* Text generation for one sequence: prompt in, streamed text out.
  *
- * This is the loop every front end shares (the CLI now, the daemon's
- * scheduler later): prefill the prompt, then sample, detokenize, filter stop
- * strings and hand complete UTF-8 text to a callback one token at a time.
+ * struct gen_seq is the per-sequence state machine every front end shares:
+ * given the logits of the next position it samples a token, decides whether
+ * generation is over (end-of-turn token, stop string, max tokens), and
+ * releases text that is complete UTF-8 and cannot be part of a stop string.
+ * generate() drives one gen_seq with model_forward (the CLI); the scheduler
+ * drives many with model_forward_batch (the daemon). Both therefore produce
+ * the same tokens and text for the same prompt, seed and settings.
  */
 #ifndef EBB_ENGINE_GENERATE_H
 #define EBB_ENGINE_GENERATE_H
 #include <stddef.h>
 #include <stdint.h>
 #include "engine/sampler.h"
+#include "engine/tokenizer.h"
 
 struct model;
 
-enum finish_reason { FINISH_STOP = 0, FINISH_LENGTH = 1, FINISH_CANCELLED = 2, FINISH_ERROR = 3 };
+enum finish_reason { FINISH_NONE = -1, FINISH_STOP = 0, FINISH_LENGTH = 1, FINISH_CANCELLED = 2, FINISH_ERROR = 3 };
 const char *finish_reason_name(enum finish_reason r);
 
 struct gen_params {
     int max_tokens;                 /* generated tokens at most */
     struct sampler_params sampling;
-    const char *const *stops;       /* stop strings (borrowed) */
+    const char *const *stops;       /* stop strings (borrowed for the call's duration) */
     int n_stops;
     int n_ctx;                      /* KV cache size; 0: prompt + max_tokens, capped by training ctx */
+    int logprobs;                   /* compute the chosen token's log-probability */
 };
 
+struct gen_seq {
+    const struct model *m;
+    struct sampler *sampler;
+    struct detok detok;
+    struct stop_matcher stop;
+    int32_t *history;               /* prompt then generated ids */
+    int n_history, cap_history;
+    int n_generated, max_tokens;
+    int want_logprobs;
+    enum finish_reason finish;      /* FINISH_NONE while running */
+    char *text;                     /* released by the last step (NUL-terminated) */
+    size_t text_len;
+    float logprob;                  /* of the last sampled token, if asked */
+    float *raw_logits;              /* copy for logprobs, [n_vocab] */
+};
+
+/* 0, or -1 when out of memory. The prompt is copied. */
+int gen_seq_init(struct gen_seq *g, const struct model *m, const int32_t *prompt, int n_prompt,
+                 const struct gen_params *p);
+/* Samples the next token from logits (modified in place) and advances; the
+ * text it releases is in g->text / g->text_len until the next call. Returns
+ * the id. Sets g->finish when generation is over (end token, stop string or
+ * max_tokens); a final step flushes held text. */
+int32_t gen_seq_step(struct gen_seq *g, float *logits);
+/* Ends generation early (cancel, context full). Except when cancelled, text
+ * still held is appended to g->text, after whatever the last step released:
+ * callers emit g->text after calling this. */
+void gen_seq_finish(struct gen_seq *g, enum finish_reason why);
+void gen_seq_free(struct gen_seq *g);
+
 /* Called with each piece of released text (may be empty when text is held
- * back) and the id that produced it. Return nonzero to cancel. */
+ * back) and the id that produced it (-1 for a final flush). Return nonzero to
+ * cancel. */
 typedef int (*gen_text_fn)(void *ud, int32_t id, const char *text, size_t len);
 
 struct gen_result {
@@ -34,8 +71,8 @@ struct gen_result {
     char error[256];
 };
 
-/* Returns 0, or -1 with res->error set (prompt too long for the context,
- * out of memory). */
+/* Prompt length that the context cannot hold, or a forward failure: -1 with
+ * res->error set. */
 int generate(struct model *m, const int32_t *prompt, int n_prompt, const struct gen_params *p,
              gen_text_fn on_text, void *ud, struct gen_result *res);
 

@@ -24,12 +24,9 @@
 #include "kernels/backend.h"
 #include "kernels/formats.h"
 
-/* Prefill is split into chunks of this many tokens: large enough to amortise
- * reading the weights, small enough that activations stay a few MB. */
-#define MODEL_BATCH 256
-
-/* Per-forward scratch, sized for MODEL_BATCH tokens; owned by the model and
- * used only by the thread that calls model_forward. */
+/* Per-forward scratch, sized for MODEL_MAX_BATCH tokens (large enough to
+ * amortise reading the weights, small enough that activations stay a few
+ * MB); owned by the model and used only by the thread that runs it. */
 struct run_state {
     float *x;        /* [B][n_embd] residual stream */
     float *xb;       /* [B][n_embd] normed input */
@@ -40,6 +37,11 @@ struct run_state {
     float *scores;   /* [n_workers][n_ctx] */
     float *rope_cos, *rope_sin; /* [B][rope_dim/2] */
     int scores_ctx;
+    struct kv_cache **tok_kv;  /* [B] the sequence each batch token belongs to */
+    int *tok_pos;              /* [B] its position */
+    int32_t *tok_id;           /* [B] its id */
+    float *logits;             /* [head_rows_cap][n_vocab], multi-sequence batches */
+    int head_rows_cap;
 };
 
 static int load_error(char *err, size_t errlen, const char *path, const char *fmt, ...) {
@@ -243,6 +245,7 @@ static void run_state_free(struct run_state *s) {
     if (!s) return;
     free(s->x); free(s->xb); free(s->q); free(s->k); free(s->v); free(s->att);
     free(s->gate); free(s->up); free(s->scores); free(s->rope_cos); free(s->rope_sin);
+    free(s->tok_kv); free(s->tok_pos); free(s->tok_id); free(s->logits);
     free(s);
 }
 
@@ -268,40 +271,20 @@ void model_free(struct model *m) {
     memset(m, 0, sizeof *m);
 }
 
-int kv_cache_init(struct kv_cache *kv, const struct model_config *cfg, int n_ctx) {
-    memset(kv, 0, sizeof *kv);
-    if (n_ctx <= 0) return -1;
-    size_t n = (size_t)cfg->n_layer * (size_t)n_ctx * (size_t)(cfg->n_head_kv * cfg->head_dim);
-    kv->k = malloc(n * sizeof(float));
-    kv->v = malloc(n * sizeof(float));
-    if (!kv->k || !kv->v) {
-        kv_cache_free(kv);
-        return -1;
-    }
-    kv->n_ctx = n_ctx;
-    return 0;
-}
-
-void kv_cache_free(struct kv_cache *kv) {
-    if (!kv) return;
-    free(kv->k);
-    free(kv->v);
-    memset(kv, 0, sizeof *kv);
-}
-
-/* Scratch grows with the largest cache it has served; batches never exceed
- * MODEL_BATCH tokens. */
-static struct run_state *run_state_get(struct model *m, int n_ctx) {
+/* Scratch grows to the largest cache it has served; batches never exceed
+ * MODEL_MAX_BATCH tokens. */
+static struct run_state *run_state_get(struct model *m, int max_ctx, int head_rows) {
     const struct model_config *c = &m->cfg;
     struct run_state *s = m->run;
-    if (s && s->scores_ctx >= n_ctx) return s;
     if (!s) {
         s = calloc(1, sizeof *s);
         if (!s) return NULL;
-        const size_t B = MODEL_BATCH, QD = (size_t)c->n_head * c->head_dim;
+        m->run = s;
+        const size_t B = MODEL_MAX_BATCH, QD = (size_t)c->n_head * c->head_dim;
         const size_t KD = (size_t)c->n_head_kv * c->head_dim;
+        const size_t widest = QD > (size_t)c->n_embd ? QD : (size_t)c->n_embd;
         s->x = malloc(B * c->n_embd * sizeof(float));
-        s->xb = malloc(B * (c->n_embd > (int)QD ? (size_t)c->n_embd : QD) * sizeof(float));
+        s->xb = malloc(B * widest * sizeof(float));
         s->q = malloc(B * QD * sizeof(float));
         s->k = malloc(B * KD * sizeof(float));
         s->v = malloc(B * KD * sizeof(float));
@@ -310,26 +293,39 @@ static struct run_state *run_state_get(struct model *m, int n_ctx) {
         s->up = malloc(B * c->n_ff * sizeof(float));
         s->rope_cos = malloc(B * (c->rope_dim / 2 + 1) * sizeof(float));
         s->rope_sin = malloc(B * (c->rope_dim / 2 + 1) * sizeof(float));
-        m->run = s;
+        s->tok_kv = malloc(B * sizeof *s->tok_kv);
+        s->tok_pos = malloc(B * sizeof *s->tok_pos);
+        s->tok_id = malloc(B * sizeof *s->tok_id);
         if (!s->x || !s->xb || !s->q || !s->k || !s->v || !s->att || !s->gate || !s->up ||
-            !s->rope_cos || !s->rope_sin) {
-            run_state_free(s);
-            m->run = NULL;
-            return NULL;
-        }
+            !s->rope_cos || !s->rope_sin || !s->tok_kv || !s->tok_pos || !s->tok_id)
+            goto fail;
     }
-    free(s->scores);
-    s->scores = malloc((size_t)ebb_pool_threads(m->pool) * (size_t)n_ctx * sizeof(float));
-    s->scores_ctx = s->scores ? n_ctx : 0;
-    if (!s->scores) return NULL;
+    if (s->scores_ctx < max_ctx) {
+        free(s->scores);
+        s->scores = malloc((size_t)ebb_pool_threads(m->pool) * (size_t)max_ctx * sizeof(float));
+        s->scores_ctx = s->scores ? max_ctx : 0;
+        if (!s->scores) goto fail;
+    }
+    if (s->head_rows_cap < head_rows) {
+        free(s->logits);
+        s->logits = malloc((size_t)head_rows * c->n_vocab * sizeof(float));
+        s->head_rows_cap = s->logits ? head_rows : 0;
+        if (!s->logits) goto fail;
+    }
     return s;
+fail:
+    run_state_free(s);
+    m->run = NULL;
+    return NULL;
 }
 
-static void rope_tables(const struct model *m, struct run_state *s, int pos0, int n_tok) {
+/* cos/sin of every token's own position (tokens of different sequences sit at
+ * different positions). */
+static void rope_tables(const struct model *m, struct run_state *s, int n_tok) {
     const int half = m->cfg.rope_dim / 2;
     for (int t = 0; t < n_tok; t++)
         for (int i = 0; i < half; i++) {
-            float theta = (float)(pos0 + t) * m->rope_inv_freq[i];
+            float theta = (float)s->tok_pos[t] * m->rope_inv_freq[i];
             s->rope_cos[t * half + i] = cosf(theta);
             s->rope_sin[t * half + i] = sinf(theta);
         }
@@ -354,32 +350,34 @@ static void rope_apply(const struct model *m, const struct run_state *s, float *
 struct attn_job {
     const struct model *m;
     struct run_state *s;
-    const float *kcache, *vcache;   /* this layer's [n_ctx][kv_dim] */
-    int pos0, n_tok;
+    int layer, n_tok;
 };
 
 /* One worker's share of the (token, head) pairs: causal softmax attention of
- * query head h over cache positions 0..pos0+t, reading its shared KV head. */
+ * query head h over its sequence's positions 0..pos, reading the KV head the
+ * query head shares. Pages are walked in order, so the sums run in position
+ * order whatever the batch. */
 static void attention_task(void *arg, int part, int n_parts) {
     const struct attn_job *j = arg;
     const struct model_config *c = &j->m->cfg;
     const struct ebb_backend *be = j->m->be;
-    const int hd = c->head_dim, kv_dim = c->n_head_kv * hd, group = c->n_head / c->n_head_kv;
+    const int hd = c->head_dim, group = c->n_head / c->n_head_kv;
     const int total = j->n_tok * c->n_head;
     const int begin = (int)((long)total * part / n_parts), end = (int)((long)total * (part + 1) / n_parts);
     float *scores = j->s->scores + (size_t)part * j->s->scores_ctx;
     const float scale = 1.0f / sqrtf((float)hd);
     for (int p = begin; p < end; p++) {
         const int t = p / c->n_head, h = p % c->n_head, kvh = h / group;
-        const int n_pos = j->pos0 + t + 1;
+        const struct kv_cache *kv = j->s->tok_kv[t];
+        const int n_pos = j->s->tok_pos[t] + 1;
         const float *q = j->s->q + (size_t)t * c->n_head * hd + h * hd;
         for (int i = 0; i < n_pos; i++)
-            scores[i] = be->dot_f32(q, j->kcache + (size_t)i * kv_dim + kvh * hd, hd) * scale;
+            scores[i] = be->dot_f32(q, kv_k(kv, j->layer, i) + kvh * hd, hd) * scale;
         be->softmax_f32(scores, n_pos);
         float *out = j->s->att + (size_t)t * c->n_head * hd + h * hd;
         memset(out, 0, (size_t)hd * sizeof(float));
         for (int i = 0; i < n_pos; i++)
-            be->axpy_f32(out, scores[i], j->vcache + (size_t)i * kv_dim + kvh * hd, hd);
+            be->axpy_f32(out, scores[i], kv_v(kv, j->layer, i) + kvh * hd, hd);
     }
 }
 
@@ -388,24 +386,20 @@ static void add_bias(const struct ebb_backend *be, float *x, const float *bias, 
     for (int t = 0; t < n_tok; t++) be->add_f32(x + (size_t)t * n, bias, n);
 }
 
-/* One chunk of at most MODEL_BATCH tokens; the output head runs on the last
- * head_rows tokens of the chunk (0: none). */
-static void forward_chunk(struct model *m, struct kv_cache *kv, struct run_state *s,
-                          const int32_t *tokens, int n_tok, float *logits, int head_rows) {
+/* The transformer over the n_tok tokens laid out in s->tok_*; leaves the
+ * final residual stream in s->x. */
+static void forward_layers(struct model *m, struct run_state *s, int n_tok) {
     const struct model_config *c = &m->cfg;
     const struct ebb_backend *be = m->be;
     const int E = c->n_embd, F = c->n_ff, hd = c->head_dim;
     const int QD = c->n_head * hd, KD = c->n_head_kv * hd;
-    const int pos0 = kv->n_past;
 
     for (int t = 0; t < n_tok; t++)
-        memcpy(s->x + (size_t)t * E, m->tok_embd + (size_t)tokens[t] * E, (size_t)E * sizeof(float));
-    rope_tables(m, s, pos0, n_tok);
+        memcpy(s->x + (size_t)t * E, m->tok_embd + (size_t)s->tok_id[t] * E, (size_t)E * sizeof(float));
+    rope_tables(m, s, n_tok);
 
     for (int l = 0; l < c->n_layer; l++) {
         const struct layer_weights *w = &m->layers[l];
-        float *kcache = kv->k + (size_t)l * kv->n_ctx * KD;
-        float *vcache = kv->v + (size_t)l * kv->n_ctx * KD;
 
         /* attention block */
         for (int t = 0; t < n_tok; t++)
@@ -419,10 +413,10 @@ static void forward_chunk(struct model *m, struct kv_cache *kv, struct run_state
         for (int t = 0; t < n_tok; t++) {
             rope_apply(m, s, s->q + (size_t)t * QD, c->n_head, t);
             rope_apply(m, s, s->k + (size_t)t * KD, c->n_head_kv, t);
+            memcpy(kv_k(s->tok_kv[t], l, s->tok_pos[t]), s->k + (size_t)t * KD, (size_t)KD * sizeof(float));
+            memcpy(kv_v(s->tok_kv[t], l, s->tok_pos[t]), s->v + (size_t)t * KD, (size_t)KD * sizeof(float));
         }
-        memcpy(kcache + (size_t)pos0 * KD, s->k, (size_t)n_tok * KD * sizeof(float));
-        memcpy(vcache + (size_t)pos0 * KD, s->v, (size_t)n_tok * KD * sizeof(float));
-        struct attn_job job = {m, s, kcache, vcache, pos0, n_tok};
+        struct attn_job job = {m, s, l, n_tok};
         ebb_pool_run(m->pool, attention_task, &job, ebb_pool_threads(m->pool));
         be->matmul_f32(m->pool, s->xb, s->att, w->wo, n_tok, QD, E);
         for (int t = 0; t < n_tok; t++) be->add_f32(s->x + (size_t)t * E, s->xb + (size_t)t * E, E);
@@ -436,27 +430,87 @@ static void forward_chunk(struct model *m, struct kv_cache *kv, struct run_state
         be->matmul_f32(m->pool, s->xb, s->gate, w->w_down, n_tok, F, E);
         for (int t = 0; t < n_tok; t++) be->add_f32(s->x + (size_t)t * E, s->xb + (size_t)t * E, E);
     }
-    kv->n_past += n_tok;
+}
 
-    if (head_rows == 0) return;
-    const int first = n_tok - head_rows;
-    for (int t = first; t < n_tok; t++)
-        be->rmsnorm_f32(s->xb + (size_t)(t - first) * E, s->x + (size_t)t * E, m->output_norm, E, c->rms_eps);
-    be->matmul_f32(m->pool, logits, s->xb, m->output, head_rows, E, c->n_vocab);
+/* Rows of the batch that need logits, in batch order. */
+static int head_row_count(const struct batch_seq *seqs, int n_seqs) {
+    int rows = 0;
+    for (int i = 0; i < n_seqs; i++)
+        if (seqs[i].logits) rows += seqs[i].all_logits ? seqs[i].n_tok : 1;
+    return rows;
+}
+
+/* Final norm and output head over the rows that want logits: gathered into
+ * one product (the head is the largest matrix; reading it once per step
+ * matters), then copied to each sequence's buffer. */
+static void forward_head(struct model *m, struct run_state *s, struct batch_seq *seqs, int n_seqs, int rows) {
+    const struct model_config *c = &m->cfg;
+    const int E = c->n_embd;
+    int r = 0, t = 0;
+    for (int i = 0; i < n_seqs; i++) {
+        const struct batch_seq *q = &seqs[i];
+        if (q->logits) {
+            int first = q->all_logits ? 0 : q->n_tok - 1;
+            for (int k = first; k < q->n_tok; k++, r++)
+                m->be->rmsnorm_f32(s->xb + (size_t)r * E, s->x + (size_t)(t + k) * E, m->output_norm, E, c->rms_eps);
+        }
+        t += q->n_tok;
+    }
+    /* A single sequence writes straight into its buffer. */
+    float *out = n_seqs == 1 ? seqs[0].logits : s->logits;
+    m->be->matmul_f32(m->pool, out, s->xb, m->output, rows, E, c->n_vocab);
+    if (n_seqs == 1) return;
+    r = 0;
+    for (int i = 0; i < n_seqs; i++) {
+        const struct batch_seq *q = &seqs[i];
+        if (!q->logits) continue;
+        int n = q->all_logits ? q->n_tok : 1;
+        memcpy(q->logits, s->logits + (size_t)r * c->n_vocab, (size_t)n * c->n_vocab * sizeof(float));
+        r += n;
+    }
+}
+
+int model_forward_batch(struct model *m, struct batch_seq *seqs, int n_seqs) {
+    int n_tok = 0, max_ctx = 1;
+    for (int i = 0; i < n_seqs; i++) {
+        const struct batch_seq *q = &seqs[i];
+        if (q->n_tok <= 0 || q->n_tok > q->kv->n_ctx - q->kv->n_past) return -1;
+        for (int k = 0; k < q->n_tok; k++)
+            if (q->tokens[k] < 0 || q->tokens[k] >= m->cfg.n_vocab) return -1;
+        for (int j = 0; j < i; j++)
+            if (seqs[j].kv == q->kv) return -1;   /* a sequence appears once per batch */
+        n_tok += q->n_tok;
+        if (q->kv->n_past + q->n_tok > max_ctx) max_ctx = q->kv->n_past + q->n_tok;
+    }
+    if (n_tok == 0 || n_tok > MODEL_MAX_BATCH) return -1;
+    const int rows = head_row_count(seqs, n_seqs);
+    struct run_state *s = run_state_get(m, max_ctx, n_seqs > 1 ? rows : 0);
+    if (!s) return -1;
+    for (int i = 0; i < n_seqs; i++)
+        if (kv_cache_ensure(seqs[i].kv, seqs[i].kv->n_past + seqs[i].n_tok)) return -1;
+
+    int t = 0;
+    for (int i = 0; i < n_seqs; i++)
+        for (int k = 0; k < seqs[i].n_tok; k++, t++) {
+            s->tok_kv[t] = seqs[i].kv;
+            s->tok_pos[t] = seqs[i].kv->n_past + k;
+            s->tok_id[t] = seqs[i].tokens[k];
+        }
+    forward_layers(m, s, n_tok);
+    for (int i = 0; i < n_seqs; i++) seqs[i].kv->n_past += seqs[i].n_tok;
+    if (rows) forward_head(m, s, seqs, n_seqs, rows);
+    return 0;
 }
 
 int model_forward(struct model *m, struct kv_cache *kv, const int32_t *tokens, int n_tok,
                   float *logits, int all_logits) {
     if (n_tok <= 0 || n_tok > kv->n_ctx - kv->n_past) return -1;
-    for (int i = 0; i < n_tok; i++)
-        if (tokens[i] < 0 || tokens[i] >= m->cfg.n_vocab) return -1;
-    struct run_state *s = run_state_get(m, kv->n_ctx);
-    if (!s) return -1;
     for (int done = 0; done < n_tok;) {
-        int n = n_tok - done < MODEL_BATCH ? n_tok - done : MODEL_BATCH;
-        int head_rows = all_logits ? n : (done + n == n_tok ? 1 : 0);
-        float *out = all_logits ? logits + (size_t)done * m->cfg.n_vocab : logits;
-        forward_chunk(m, kv, s, tokens + done, n, out, head_rows);
+        int n = n_tok - done < MODEL_MAX_BATCH ? n_tok - done : MODEL_MAX_BATCH;
+        struct batch_seq seq = {kv, tokens + done, n, NULL, all_logits};
+        if (all_logits) seq.logits = logits + (size_t)done * m->cfg.n_vocab;
+        else if (done + n == n_tok) seq.logits = logits;
+        if (model_forward_batch(m, &seq, 1)) return -1;
         done += n;
     }
     return 0;

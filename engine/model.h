@@ -12,6 +12,7 @@
 #define EBB_ENGINE_MODEL_H
 #include <stddef.h>
 #include <stdint.h>
+#include "engine/kv.h"
 #include "storage/gguf.h"
 
 struct ebb_backend;
@@ -62,25 +63,34 @@ struct model {
     struct run_state *run;            /* forward scratch (engine/model.c) */
 };
 
-/* KV cache of one sequence: k and v are [n_layer][n_ctx][n_head_kv*head_dim]. */
-struct kv_cache {
-    int n_ctx;
-    int n_past;                       /* positions filled */
-    float *k, *v;
-};
-
 /* Loads a GGUF model, its tokenizer and f32 weights. n_threads <= 0: one per
  * core. Returns 0, or -1 with "PATH: problem" in err. */
 int model_load(struct model *m, const char *path, int n_threads, char *err, size_t errlen);
 void model_free(struct model *m);
 
-int kv_cache_init(struct kv_cache *kv, const struct model_config *cfg, int n_ctx);
-void kv_cache_free(struct kv_cache *kv);
+/* Most tokens one model_forward_batch call may carry. */
+#define MODEL_MAX_BATCH 256
 
-/* Runs n_tok tokens at positions kv->n_past .. n_past+n_tok-1 and appends them
- * to the cache. Writes logits for the last token to logits[n_vocab], or for
- * every token to logits[n_tok][n_vocab] if all_logits. Returns 0, or -1 if the
- * batch would overflow the cache. */
+/* One sequence's share of a batch: n_tok tokens appended at positions
+ * kv->n_past .. n_past+n_tok-1. logits == NULL: none wanted; else the last
+ * token's row [n_vocab], or every token's [n_tok][n_vocab] if all_logits. */
+struct batch_seq {
+    struct kv_cache *kv;
+    const int32_t *tokens;
+    int n_tok;
+    float *logits;
+    int all_logits;
+};
+
+/* Runs several sequences through the model in one pass (continuous
+ * batching): matrix products cover every token of every sequence, attention
+ * reads each token's own cache. At most MODEL_MAX_BATCH tokens in total.
+ * Returns 0, or -1 (bad token id, cache full, out of memory) with no cache
+ * changed. A row's result does not depend on what else is in the batch. */
+int model_forward_batch(struct model *m, struct batch_seq *seqs, int n_seqs);
+
+/* One sequence of any length (split into batches): the common case for the
+ * command line and perplexity. */
 int model_forward(struct model *m, struct kv_cache *kv, const int32_t *tokens, int n_tok,
                   float *logits, int all_logits);
 #endif

@@ -25,7 +25,7 @@ static void bench_usage(FILE *out) {
 /* Seconds for one run of the test; -1 on failure. */
 static double run_once(struct model *m, struct kv_cache *kv, const int32_t *ids, int n, int prefill,
                        float *logits) {
-    kv->n_past = 0;
+    kv_cache_clear(kv);
     double t0 = ebb_now_seconds();
     if (prefill) {
         if (model_forward(m, kv, ids, n, logits, 0)) return -1;
@@ -40,7 +40,7 @@ static int bench_test(struct model *m, const char *label, int n, int prefill, in
     struct kv_cache kv;
     int32_t *ids = malloc((size_t)n * sizeof(int32_t));
     float *logits = malloc((size_t)m->cfg.n_vocab * sizeof(float));
-    if (!ids || !logits || kv_cache_init(&kv, &m->cfg, n)) {
+    if (!ids || !logits || kv_cache_init(&kv, &m->cfg, n, NULL)) {
         free(ids); free(logits);
         fprintf(stderr, "ebb bench: out of memory\n");
         return -1;

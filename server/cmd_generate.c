@@ -191,7 +191,7 @@ int cmd_logits(int argc, char **argv) {
     struct kv_cache kv;
     size_t rows = all ? (size_t)n : 1;
     float *logits = malloc(rows * (size_t)m.cfg.n_vocab * sizeof(float));
-    if (!logits || kv_cache_init(&kv, &m.cfg, n)) {
+    if (!logits || kv_cache_init(&kv, &m.cfg, n, NULL)) {
         fprintf(stderr, "ebb logits: out of memory\n");
     } else {
         if (model_forward(&m, &kv, ids, n, logits, all)) {

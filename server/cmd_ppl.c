@@ -90,7 +90,7 @@ int cmd_ppl(int argc, char **argv) {
         goto out;
     }
     logits = malloc((size_t)n_ctx * m.cfg.n_vocab * sizeof(float));
-    if (!logits || kv_cache_init(&kv, &m.cfg, n_ctx)) {
+    if (!logits || kv_cache_init(&kv, &m.cfg, n_ctx, NULL)) {
         fprintf(stderr, "ebb ppl: out of memory\n");
         goto out;
     }
@@ -104,7 +104,7 @@ int cmd_ppl(int argc, char **argv) {
         int32_t *win = body + (size_t)c * n_ctx;
         int32_t saved = win[0];
         if (bos >= 0) win[0] = bos;
-        kv.n_past = 0;
+        kv_cache_clear(&kv);
         int frc = model_forward(&m, &kv, win, n_ctx, logits, 1);
         win[0] = saved;
         if (frc) { fprintf(stderr, "ebb ppl: forward pass failed\n"); goto out; }

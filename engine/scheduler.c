@@ -1,0 +1,358 @@
+/* Continuous-batching scheduler; see scheduler.h for the step it runs.
+ *
+ * Ownership: a request (struct sreq) belongs to the waiting queue (guarded by
+ * s->lock) until admitted, then to the engine thread alone (the running
+ * array). The only field other threads touch after submit is `cancelled`, an
+ * atomic flag. Callbacks are never invoked with the lock held, so a callback
+ * may call sched_cancel or sched_get_stats.
+ */
+#include "engine/scheduler.h"
+
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "engine/kv.h"
+#include "engine/model.h"
+
+struct sreq {
+    uint64_t id;
+    struct sreq *next;              /* waiting queue link */
+    int32_t *prompt;
+    int n_prompt, n_prefilled;
+    struct gen_params params;
+    char **stops;                   /* owned copies behind params.stops */
+    struct sched_callbacks cb;
+    void *ud;
+    struct kv_cache kv;
+    struct gen_seq gen;
+    float *logits;                  /* [n_vocab] */
+    int32_t next_token;             /* sampled, to be fed at the next step */
+    atomic_int cancelled;
+    struct sched_timing timing;
+};
+
+struct sched {
+    struct model *m;
+    struct sched_config cfg;
+    struct kv_account account;
+    pthread_t thread;
+    pthread_mutex_t lock;
+    pthread_cond_t wake;
+    struct sreq *wait_head, *wait_tail;
+    int n_waiting;
+    struct sreq **running;          /* engine thread's; read under lock by cancel */
+    int n_running;
+    uint64_t next_id;
+    int stopping, drain;
+    uint64_t steps, batch_tokens;
+    struct batch_seq *batch;        /* [max_running] */
+    struct sreq **batch_req;
+};
+
+const char *sched_error_message(enum sched_error e) {
+    switch (e) {
+    case SCHED_OK: return "ok";
+    case SCHED_QUEUE_FULL: return "the request queue is full; try again later";
+    case SCHED_TOO_LONG: return "the prompt plus max_tokens exceed the model's context";
+    case SCHED_NEVER_FITS: return "the request needs more KV cache memory than the whole budget";
+    case SCHED_NOMEM: return "out of memory";
+    case SCHED_STOPPED: return "the server is shutting down";
+    }
+    return "unknown error";
+}
+
+static void sreq_free(struct sreq *r) {
+    if (!r) return;
+    gen_seq_free(&r->gen);
+    kv_cache_free(&r->kv);
+    for (int i = 0; r->stops && i < r->params.n_stops; i++) free(r->stops[i]);
+    free(r->stops);
+    free(r->prompt);
+    free(r->logits);
+    free(r);
+}
+
+/* Positions a request can fill: its prompt and every token it may generate. */
+static int context_for(int n_prompt, const struct gen_params *p) {
+    return n_prompt + (p->max_tokens > 0 ? p->max_tokens : 0);
+}
+
+/* Reports the end of a request and frees it. Called without the lock. */
+static void finish_request(struct sreq *r, enum finish_reason why) {
+    r->timing.finished = ebb_now_seconds();
+    if (r->gen.finish == FINISH_NONE && r->gen.history) gen_seq_finish(&r->gen, why);
+    enum finish_reason f = r->gen.history ? r->gen.finish : why;
+    if (r->cb.on_done)
+        r->cb.on_done(r->ud, f, r->n_prompt, r->gen.n_generated, &r->timing);
+    sreq_free(r);
+}
+
+static struct sreq *sreq_create(const struct sched_request_desc *d, int n_vocab) {
+    struct sreq *r = calloc(1, sizeof *r);
+    if (!r) return NULL;
+    r->prompt = malloc((size_t)d->n_prompt * sizeof(int32_t));
+    r->logits = malloc((size_t)n_vocab * sizeof(float));
+    r->params = d->params;
+    r->stops = d->params.n_stops ? calloc((size_t)d->params.n_stops, sizeof(char *)) : NULL;
+    if (!r->prompt || !r->logits || (d->params.n_stops && !r->stops)) goto fail;
+    for (int i = 0; i < d->params.n_stops; i++)
+        if (!(r->stops[i] = strdup(d->params.stops[i]))) goto fail;
+    r->params.stops = (const char *const *)r->stops;
+    memcpy(r->prompt, d->prompt, (size_t)d->n_prompt * sizeof(int32_t));
+    r->n_prompt = d->n_prompt;
+    r->cb = d->cb;
+    r->ud = d->ud;
+    r->timing.queued = ebb_now_seconds();
+    return r;
+fail:
+    sreq_free(r);
+    return NULL;
+}
+
+enum sched_error sched_submit(struct sched *s, const struct sched_request_desc *d, uint64_t *id) {
+    if (d->n_prompt <= 0 || context_for(d->n_prompt, &d->params) > s->cfg.max_ctx) return SCHED_TOO_LONG;
+    size_t need = kv_account_bytes_for(&s->account, context_for(d->n_prompt, &d->params));
+    pthread_mutex_lock(&s->account.lock);
+    size_t budget = s->account.budget_bytes;
+    pthread_mutex_unlock(&s->account.lock);
+    if (budget && need > budget) return SCHED_NEVER_FITS;
+    struct sreq *r = sreq_create(d, s->m->cfg.n_vocab);
+    if (!r) return SCHED_NOMEM;
+    pthread_mutex_lock(&s->lock);
+    enum sched_error e = SCHED_OK;
+    if (s->stopping) e = SCHED_STOPPED;
+    else if (s->n_waiting >= s->cfg.max_waiting) e = SCHED_QUEUE_FULL;
+    if (e == SCHED_OK) {
+        r->id = ++s->next_id;
+        if (s->wait_tail) s->wait_tail->next = r;
+        else s->wait_head = r;
+        s->wait_tail = r;
+        s->n_waiting++;
+        *id = r->id;
+        pthread_cond_signal(&s->wake);
+    }
+    pthread_mutex_unlock(&s->lock);
+    if (e != SCHED_OK) sreq_free(r);
+    return e;
+}
+
+int sched_cancel(struct sched *s, uint64_t id) {
+    int found = -1;
+    pthread_mutex_lock(&s->lock);
+    for (struct sreq *r = s->wait_head; r && found; r = r->next)
+        if (r->id == id) { atomic_store(&r->cancelled, 1); found = 0; }
+    for (int i = 0; i < s->n_running && found; i++)
+        if (s->running[i]->id == id) { atomic_store(&s->running[i]->cancelled, 1); found = 0; }
+    if (!found) pthread_cond_signal(&s->wake);
+    pthread_mutex_unlock(&s->lock);
+    return found;
+}
+
+void sched_get_stats(struct sched *s, struct sched_stats *st) {
+    pthread_mutex_lock(&s->lock);
+    st->running = s->n_running;
+    st->waiting = s->n_waiting;
+    st->steps = s->steps;
+    st->batch_tokens = s->batch_tokens;
+    pthread_mutex_unlock(&s->lock);
+    pthread_mutex_lock(&s->account.lock);
+    st->kv_budget_bytes = s->account.budget_bytes;
+    st->kv_reserved_bytes = s->account.reserved_bytes;
+    st->kv_allocated_bytes = s->account.allocated_bytes;
+    pthread_mutex_unlock(&s->account.lock);
+}
+
+void sched_set_kv_budget(struct sched *s, size_t bytes) {
+    kv_account_set_budget(&s->account, bytes);
+    pthread_mutex_lock(&s->lock);
+    pthread_cond_signal(&s->wake);   /* a larger budget may admit waiting work */
+    pthread_mutex_unlock(&s->lock);
+}
+
+/* Moves cancelled requests out of the waiting queue into *out (lock held). */
+static void take_cancelled_waiting(struct sched *s, struct sreq **out) {
+    struct sreq **link = &s->wait_head, *prev = NULL;
+    while (*link) {
+        struct sreq *r = *link;
+        if (atomic_load(&r->cancelled)) {
+            *link = r->next;
+            if (s->wait_tail == r) s->wait_tail = prev;
+            s->n_waiting--;
+            r->next = *out;
+            *out = r;
+        } else {
+            prev = r;
+            link = &r->next;
+        }
+    }
+}
+
+/* Admits from the head of the queue while a slot is free and the budget
+ * takes the reservation (lock held). Requests that can no longer fit at all
+ * (the budget shrank) are failed through *failed. */
+static void admit(struct sched *s, struct sreq **failed) {
+    while (s->wait_head && s->n_running < s->cfg.max_running) {
+        struct sreq *r = s->wait_head;
+        int rc = kv_cache_init(&r->kv, &s->m->cfg, context_for(r->n_prompt, &r->params), &s->account);
+        if (rc == -2) {
+            size_t need = kv_account_bytes_for(&s->account, context_for(r->n_prompt, &r->params));
+            pthread_mutex_lock(&s->account.lock);
+            int never = s->account.budget_bytes && need > s->account.budget_bytes;
+            int idle = s->account.reserved_bytes == 0;
+            pthread_mutex_unlock(&s->account.lock);
+            if (!never && !idle) break;   /* wait for running work to free memory */
+        }
+        s->wait_head = r->next;
+        if (!s->wait_head) s->wait_tail = NULL;
+        s->n_waiting--;
+        r->next = NULL;
+        if (rc != 0 || gen_seq_init(&r->gen, s->m, r->prompt, r->n_prompt, &r->params)) {
+            r->next = *failed;
+            *failed = r;
+            continue;
+        }
+        r->timing.started = ebb_now_seconds();
+        s->running[s->n_running++] = r;
+    }
+}
+
+/* Removes running[i] (engine thread; lock taken for cancel's sake). */
+static struct sreq *remove_running(struct sched *s, int i) {
+    pthread_mutex_lock(&s->lock);
+    struct sreq *r = s->running[i];
+    memmove(&s->running[i], &s->running[i + 1], (size_t)(s->n_running - i - 1) * sizeof *s->running);
+    s->n_running--;
+    pthread_mutex_unlock(&s->lock);
+    return r;
+}
+
+/* One batched forward pass and the sampling after it. */
+static void step(struct sched *s) {
+    /* Cancelled running sequences stop here, before spending compute. */
+    for (int i = 0; i < s->n_running;) {
+        if (atomic_load(&s->running[i]->cancelled)) finish_request(remove_running(s, i), FINISH_CANCELLED);
+        else i++;
+    }
+    int n = 0, tokens = 0;
+    for (int i = 0; i < s->n_running; i++) {        /* decode tokens first: latency */
+        struct sreq *r = s->running[i];
+        if (r->n_prefilled < r->n_prompt) continue;
+        s->batch[n] = (struct batch_seq){&r->kv, &r->next_token, 1, r->logits, 0};
+        s->batch_req[n++] = r;
+        tokens++;
+    }
+    for (int i = 0; i < s->n_running && tokens < MODEL_MAX_BATCH; i++) {   /* then prompt chunks */
+        struct sreq *r = s->running[i];
+        int left = r->n_prompt - r->n_prefilled;
+        if (left <= 0) continue;
+        int chunk = left < MODEL_MAX_BATCH - tokens ? left : MODEL_MAX_BATCH - tokens;
+        int last = chunk == left;
+        s->batch[n] = (struct batch_seq){&r->kv, r->prompt + r->n_prefilled, chunk, last ? r->logits : NULL, 0};
+        s->batch_req[n++] = r;
+        tokens += chunk;
+    }
+    if (n == 0) return;
+    int rc = model_forward_batch(s->m, s->batch, n);
+    pthread_mutex_lock(&s->lock);
+    s->steps++;
+    s->batch_tokens += (uint64_t)tokens;
+    pthread_mutex_unlock(&s->lock);
+    for (int b = 0; b < n; b++) {
+        struct sreq *r = s->batch_req[b];
+        if (rc) { atomic_store(&r->cancelled, 2); continue; }
+        if (r->n_prefilled < r->n_prompt) {
+            r->n_prefilled += s->batch[b].n_tok;
+            if (r->n_prefilled < r->n_prompt) continue;
+        }
+        if (r->gen.finish == FINISH_NONE) {
+            int32_t id = gen_seq_step(&r->gen, r->logits);
+            double now = ebb_now_seconds();
+            if (!r->timing.first_token) r->timing.first_token = now;
+            if (r->gen.finish == FINISH_NONE && r->kv.n_past >= r->kv.n_ctx) gen_seq_finish(&r->gen, FINISH_LENGTH);
+            r->next_token = id;
+            if (r->cb.on_token) r->cb.on_token(r->ud, id, r->gen.text, r->gen.text_len, r->gen.logprob, now);
+        }
+    }
+    for (int i = 0; i < s->n_running;) {
+        struct sreq *r = s->running[i];
+        if (atomic_load(&r->cancelled) == 2) finish_request(remove_running(s, i), FINISH_ERROR);
+        else if (r->gen.finish != FINISH_NONE) finish_request(remove_running(s, i), r->gen.finish);
+        else i++;
+    }
+}
+
+static void finish_list(struct sched *s, struct sreq *list, enum finish_reason why) {
+    while (list) {
+        struct sreq *next = list->next;
+        finish_request(list, why);
+        list = next;
+    }
+}
+
+static void *engine_main(void *arg) {
+    struct sched *s = arg;
+    pthread_mutex_lock(&s->lock);
+    for (;;) {
+        while (!s->stopping && s->n_running == 0 && (s->n_waiting == 0 || s->cfg.max_running == 0))
+            pthread_cond_wait(&s->wake, &s->lock);
+        struct sreq *cancelled = NULL, *failed = NULL;
+        if (s->stopping && !s->drain) {
+            for (struct sreq *r = s->wait_head; r; r = r->next) atomic_store(&r->cancelled, 1);
+            for (int i = 0; i < s->n_running; i++) atomic_store(&s->running[i]->cancelled, 1);
+        }
+        take_cancelled_waiting(s, &cancelled);
+        admit(s, &failed);
+        int done = s->stopping && s->n_running == 0 && s->n_waiting == 0;
+        int idle = s->n_running == 0;
+        pthread_mutex_unlock(&s->lock);
+        finish_list(s, cancelled, FINISH_CANCELLED);
+        finish_list(s, failed, FINISH_ERROR);
+        if (done) return NULL;
+        if (!idle) step(s);
+        pthread_mutex_lock(&s->lock);
+    }
+}
+
+struct sched *sched_create(struct model *m, const struct sched_config *cfg) {
+    struct sched *s = calloc(1, sizeof *s);
+    if (!s) return NULL;
+    s->m = m;
+    s->cfg = *cfg;
+    if (s->cfg.max_running <= 0) s->cfg.max_running = 1;
+    if (s->cfg.max_running > MODEL_MAX_BATCH) s->cfg.max_running = MODEL_MAX_BATCH;
+    if (s->cfg.max_ctx <= 0 || s->cfg.max_ctx > m->cfg.n_ctx_train) s->cfg.max_ctx = m->cfg.n_ctx_train;
+    kv_account_init(&s->account, &m->cfg, cfg->kv_budget_bytes);
+    s->running = calloc((size_t)s->cfg.max_running, sizeof *s->running);
+    s->batch = calloc((size_t)s->cfg.max_running, sizeof *s->batch);
+    s->batch_req = calloc((size_t)s->cfg.max_running, sizeof *s->batch_req);
+    pthread_mutex_init(&s->lock, NULL);
+    pthread_cond_init(&s->wake, NULL);
+    if (!s->running || !s->batch || !s->batch_req || pthread_create(&s->thread, NULL, engine_main, s)) {
+        pthread_cond_destroy(&s->wake);
+        pthread_mutex_destroy(&s->lock);
+        kv_account_destroy(&s->account);
+        free(s->running); free(s->batch); free(s->batch_req);
+        free(s);
+        return NULL;
+    }
+    return s;
+}
+
+void sched_destroy(struct sched *s, int drain) {
+    if (!s) return;
+    pthread_mutex_lock(&s->lock);
+    s->stopping = 1;
+    s->drain = drain;
+    pthread_cond_signal(&s->wake);
+    pthread_mutex_unlock(&s->lock);
+    pthread_join(s->thread, NULL);
+    pthread_cond_destroy(&s->wake);
+    pthread_mutex_destroy(&s->lock);
+    kv_account_destroy(&s->account);
+    free(s->running);
+    free(s->batch);
+    free(s->batch_req);
+    free(s);
+}

@@ -1,0 +1,87 @@
+/* The scheduler: continuous batching on the engine thread.
+ *
+ * One engine thread owns a model, its KV account and every running sequence.
+ * Each step it
+ *   1. drops sequences that were cancelled (the flag is read here, once a step),
+ *   2. admits waiting requests in arrival order while a batch slot is free and
+ *      the KV account accepts their reservation (prompt + max_tokens),
+ *   3. builds one batch: one decode token for every running sequence, then
+ *      prompt chunks of sequences still prefilling, up to MODEL_MAX_BATCH,
+ *   4. runs model_forward_batch, samples each sequence that reached the end of
+ *      its prompt, and reports text and completion through callbacks.
+ *
+ * Callbacks run on the engine thread and must return quickly: the daemon's
+ * callbacks copy the event into a queue and wake its libuv loop. After
+ * on_done, the scheduler never touches the request's user data again.
+ *
+ * The waiting queue is bounded; submit refuses work beyond it so that the
+ * caller can answer 429/503 at once instead of queueing without limit.
+ */
+#ifndef EBB_ENGINE_SCHEDULER_H
+#define EBB_ENGINE_SCHEDULER_H
+#include <stddef.h>
+#include <stdint.h>
+
+#include "engine/generate.h"
+
+struct model;
+struct sched;
+
+struct sched_config {
+    int max_running;          /* sequences decoded together */
+    int max_waiting;          /* queue bound */
+    int max_ctx;              /* per-sequence context cap (<= model's) */
+    size_t kv_budget_bytes;   /* KV cache budget; 0: unlimited */
+};
+
+struct sched_timing {
+    double queued, started, first_token, finished;   /* ebb_now_seconds() stamps */
+};
+
+struct sched_callbacks {
+    /* A generated token and the text it released (may be empty). */
+    void (*on_token)(void *ud, int32_t id, const char *text, size_t len, float logprob, double t);
+    /* The request is over; text still held was released by the last on_token. */
+    void (*on_done)(void *ud, enum finish_reason finish, int n_prompt, int n_generated,
+                    const struct sched_timing *timing);
+};
+
+/* Owned copy of a request's inputs. */
+struct sched_request_desc {
+    const int32_t *prompt;
+    int n_prompt;
+    struct gen_params params;  /* stop strings are copied */
+    struct sched_callbacks cb;
+    void *ud;
+};
+
+enum sched_error {
+    SCHED_OK = 0,
+    SCHED_QUEUE_FULL = -1,     /* try again later (429) */
+    SCHED_TOO_LONG = -2,       /* prompt + max_tokens exceed the context (400) */
+    SCHED_NEVER_FITS = -3,     /* KV reservation larger than the whole budget (503) */
+    SCHED_NOMEM = -4,
+    SCHED_STOPPED = -5         /* shutting down (503) */
+};
+const char *sched_error_message(enum sched_error e);
+
+struct sched_stats {
+    int running, waiting;
+    size_t kv_budget_bytes, kv_reserved_bytes, kv_allocated_bytes;
+    uint64_t steps, batch_tokens;
+};
+
+/* Starts the engine thread. The model stays owned by the caller and must
+ * outlive the scheduler. */
+struct sched *sched_create(struct model *m, const struct sched_config *cfg);
+/* Stops admitting; with drain, waits for running and waiting requests to
+ * finish, else cancels them; then joins the thread and frees. */
+void sched_destroy(struct sched *s, int drain);
+
+/* Queues a request (any thread). On success *id identifies it for cancel. */
+enum sched_error sched_submit(struct sched *s, const struct sched_request_desc *d, uint64_t *id);
+/* Cancels by id (any thread); 0 if found, -1 if unknown or already done. */
+int sched_cancel(struct sched *s, uint64_t id);
+void sched_get_stats(struct sched *s, struct sched_stats *st);
+void sched_set_kv_budget(struct sched *s, size_t bytes);
+#endif

@@ -1,0 +1,236 @@
+/* Scheduler tests on the real default model.
+ *
+ * The central property of continuous batching: a request's tokens do not
+ * depend on what else shares its batches. Greedy generations of several
+ * prompts run together (mixed prefill and decode, prompts of different
+ * lengths, staggered arrival) must equal each prompt run alone through
+ * generate(). Also: cancellation frees the KV cache, the queue bound and the
+ * memory budget refuse or defer work, and shutdown finishes every request.
+ */
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "check.h"
+#include "engine/generate.h"
+#include "engine/model.h"
+#include "engine/scheduler.h"
+#include "engine/tokenizer.h"
+
+#define MAX_OUT 256
+
+struct collected {
+    pthread_mutex_t lock;
+    int32_t ids[MAX_OUT];
+    int n_ids;
+    char text[4096];
+    size_t text_len;
+    int done;
+    enum finish_reason finish;
+    int n_prompt, n_generated;
+};
+
+static void on_token(void *ud, int32_t id, const char *text, size_t len, float logprob, double t) {
+    (void)logprob; (void)t;
+    struct collected *c = ud;
+    pthread_mutex_lock(&c->lock);
+    if (c->n_ids < MAX_OUT) c->ids[c->n_ids++] = id;
+    if (c->text_len + len < sizeof c->text) {
+        memcpy(c->text + c->text_len, text, len);
+        c->text_len += len;
+    }
+    pthread_mutex_unlock(&c->lock);
+}
+
+static void on_done(void *ud, enum finish_reason finish, int n_prompt, int n_generated,
+                    const struct sched_timing *timing) {
+    struct collected *c = ud;
+    pthread_mutex_lock(&c->lock);
+    c->finish = finish;
+    c->n_prompt = n_prompt;
+    c->n_generated = n_generated;
+    CHECK(timing->finished >= timing->queued);
+    c->done = 1;
+    pthread_mutex_unlock(&c->lock);
+}
+
+static int is_done(struct collected *c) {
+    pthread_mutex_lock(&c->lock);
+    int d = c->done;
+    pthread_mutex_unlock(&c->lock);
+    return d;
+}
+
+static void wait_done(struct collected *c) {
+    for (int i = 0; i < 60000 && !is_done(c); i++) usleep(1000);
+    CHECK_MSG(is_done(c), "request did not finish in 60 s");
+}
+
+struct alone { int32_t ids[MAX_OUT]; int n; };
+static int collect_alone(void *ud, int32_t id, const char *text, size_t len) {
+    (void)text; (void)len;
+    struct alone *a = ud;
+    if (a->n < MAX_OUT) a->ids[a->n++] = id;
+    return 0;
+}
+
+static int encode_chat(struct model *m, const char *msg, int32_t **ids) {
+    struct chat_msg cm = {"user", msg};
+    char *prompt = chat_render(m->tok, &cm, 1, 1);
+    int n = tokenizer_encode(m->tok, prompt, strlen(prompt), 1, ids);
+    free(prompt);
+    return n;
+}
+
+static struct gen_params greedy(int max_tokens) {
+    struct gen_params p = {.max_tokens = max_tokens};
+    sampler_params_default(&p.sampling);
+    p.sampling.temperature = 0;
+    return p;
+}
+
+static void test_batched_equals_alone(struct model *m) {
+    static const char *prompts[] = {
+        "What is the capital of France?",
+        "Write a haiku about the sea.",
+        "List three prime numbers and explain why each is prime. Be thorough and careful, "
+        "and write at least two sentences about each of them so that the answer is long.",
+        "Hi",
+        "Translate 'good morning' into Spanish, French and German.",
+    };
+    enum { N = sizeof prompts / sizeof prompts[0] };
+    const int max_tokens = 24;
+    struct alone alone[N];
+    int32_t *ids[N];
+    int n_ids[N];
+    struct gen_params p = greedy(max_tokens);
+    for (int i = 0; i < N; i++) {
+        n_ids[i] = encode_chat(m, prompts[i], &ids[i]);
+        CHECK(n_ids[i] > 0);
+        memset(&alone[i], 0, sizeof alone[i]);
+        struct gen_result res;
+        CHECK(generate(m, ids[i], n_ids[i], &p, collect_alone, &alone[i], &res) == 0);
+    }
+    struct sched_config cfg = {.max_running = 4, .max_waiting = 16, .max_ctx = 0, .kv_budget_bytes = 0};
+    struct sched *s = sched_create(m, &cfg);
+    CHECK(s != NULL);
+    if (!s) return;
+    struct collected out[N];
+    for (int i = 0; i < N; i++) {
+        memset(&out[i], 0, sizeof out[i]);
+        pthread_mutex_init(&out[i].lock, NULL);
+        struct sched_request_desc d = {ids[i], n_ids[i], p, {on_token, on_done}, &out[i]};
+        uint64_t id;
+        CHECK(sched_submit(s, &d, &id) == SCHED_OK);
+        if (i == 1) usleep(20000);   /* staggered arrival: joins a running batch */
+    }
+    for (int i = 0; i < N; i++) wait_done(&out[i]);
+    for (int i = 0; i < N; i++) {
+        CHECK_MSG(out[i].n_ids == alone[i].n, "prompt %d: %d tokens batched, %d alone", i, out[i].n_ids, alone[i].n);
+        int same = out[i].n_ids == alone[i].n && !memcmp(out[i].ids, alone[i].ids, (size_t)alone[i].n * sizeof(int32_t));
+        CHECK_MSG(same, "prompt %d: batched tokens differ from alone", i);
+        CHECK(out[i].n_prompt == n_ids[i]);
+        CHECK(out[i].finish == FINISH_STOP || out[i].finish == FINISH_LENGTH);
+        free(ids[i]);
+        pthread_mutex_destroy(&out[i].lock);
+    }
+    struct sched_stats st;
+    sched_get_stats(s, &st);
+    CHECK(st.running == 0 && st.waiting == 0);
+    CHECK_MSG(st.kv_allocated_bytes == 0 && st.kv_reserved_bytes == 0, "KV not returned: %zu/%zu",
+              st.kv_allocated_bytes, st.kv_reserved_bytes);
+    CHECK(st.steps > 0);
+    sched_destroy(s, 1);
+}
+
+static void test_cancel_and_limits(struct model *m) {
+    int32_t *ids;
+    int n = encode_chat(m, "Tell me a very long story about a dragon.", &ids);
+    struct gen_params p = greedy(400);
+    struct sched_config cfg = {.max_running = 1, .max_waiting = 2, .max_ctx = 1024, .kv_budget_bytes = 0};
+    struct sched *s = sched_create(m, &cfg);
+    if (!s) { CHECK(0); free(ids); return; }
+    struct collected a, b, c, d;
+    struct collected *all[] = {&a, &b, &c, &d};
+    for (int i = 0; i < 4; i++) { memset(all[i], 0, sizeof a); pthread_mutex_init(&all[i]->lock, NULL); }
+    uint64_t ida, idb, idc, idd;
+    struct sched_request_desc da = {ids, n, p, {on_token, on_done}, &a};
+    CHECK(sched_submit(s, &da, &ida) == SCHED_OK);
+    usleep(100000);
+    da.ud = &b;
+    CHECK(sched_submit(s, &da, &idb) == SCHED_OK);
+    da.ud = &c;
+    CHECK(sched_submit(s, &da, &idc) == SCHED_OK);
+    da.ud = &d;
+    CHECK_MSG(sched_submit(s, &da, &idd) == SCHED_QUEUE_FULL, "queue bound of 2 must refuse a third waiter");
+    /* a is running, b and c wait: cancel one of each. */
+    CHECK(sched_cancel(s, idb) == 0);
+    CHECK(sched_cancel(s, ida) == 0);
+    wait_done(&a);
+    wait_done(&b);
+    CHECK(a.finish == FINISH_CANCELLED && b.finish == FINISH_CANCELLED);
+    CHECK(b.n_ids == 0);
+    CHECK(a.n_generated < 400);
+    CHECK(sched_cancel(s, ida) == -1);   /* already gone */
+    CHECK(sched_cancel(s, 999999) == -1);
+    /* too long for the context */
+    struct gen_params huge = greedy(2000);
+    struct sched_request_desc dl = {ids, n, huge, {on_token, on_done}, &d};
+    uint64_t idl;
+    CHECK(sched_submit(s, &dl, &idl) == SCHED_TOO_LONG);
+    /* shutdown without draining cancels c */
+    sched_destroy(s, 0);
+    CHECK(c.done && c.finish == FINISH_CANCELLED);
+    for (int i = 0; i < 4; i++) pthread_mutex_destroy(&all[i]->lock);
+    free(ids);
+}
+
+static void test_budget(struct model *m) {
+    int32_t *ids;
+    int n = encode_chat(m, "Say hello.", &ids);
+    struct gen_params p = greedy(8);
+    struct kv_account probe;
+    kv_account_init(&probe, &m->cfg, 0);
+    size_t one = kv_account_bytes_for(&probe, n + 8);
+    kv_account_destroy(&probe);
+    /* Budget for exactly one request: the second waits, then runs. */
+    struct sched_config cfg = {.max_running = 4, .max_waiting = 4, .max_ctx = 0, .kv_budget_bytes = one};
+    struct sched *s = sched_create(m, &cfg);
+    if (!s) { CHECK(0); free(ids); return; }
+    struct collected a, b, c;
+    memset(&a, 0, sizeof a); memset(&b, 0, sizeof b); memset(&c, 0, sizeof c);
+    pthread_mutex_init(&a.lock, NULL); pthread_mutex_init(&b.lock, NULL); pthread_mutex_init(&c.lock, NULL);
+    uint64_t id;
+    struct sched_request_desc d = {ids, n, p, {on_token, on_done}, &a};
+    CHECK(sched_submit(s, &d, &id) == SCHED_OK);
+    d.ud = &b;
+    CHECK(sched_submit(s, &d, &id) == SCHED_OK);
+    wait_done(&a);
+    wait_done(&b);
+    CHECK(a.n_generated > 0 && b.n_generated == a.n_generated);
+    CHECK(!memcmp(a.ids, b.ids, (size_t)a.n_ids * sizeof(int32_t)));
+    /* A request larger than the whole budget is refused outright. */
+    struct gen_params big = greedy(1000);
+    struct sched_request_desc dbig = {ids, n, big, {on_token, on_done}, &c};
+    CHECK(sched_submit(s, &dbig, &id) == SCHED_NEVER_FITS);
+    sched_destroy(s, 1);
+    pthread_mutex_destroy(&a.lock); pthread_mutex_destroy(&b.lock); pthread_mutex_destroy(&c.lock);
+    free(ids);
+}
+
+int main(void) {
+    const char *dir = getenv("EBB_SOURCE_DIR");
+    char path[1024], err[512];
+    snprintf(path, sizeof path, "%s/models/SmolLM2-135M-Instruct.Q4_1.gguf", dir ? dir : ".");
+    struct model m;
+    if (model_load(&m, path, 2, err, sizeof err)) {
+        fprintf(stderr, "cannot load the default model: %s (run scripts/setup)\n", err);
+        return 1;
+    }
+    test_batched_equals_alone(&m);
+    test_cancel_and_limits(&m);
+    test_budget(&m);
+    model_free(&m);
+    return check_report("test_scheduler");
+}
