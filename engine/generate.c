@@ -49,8 +49,10 @@ int gen_seq_init(struct gen_seq *g, const struct model *m, const int32_t *prompt
     g->history = malloc((size_t)g->cap_history * sizeof(int32_t));
     g->sampler = sampler_create(&p->sampling, m->cfg.n_vocab);
     g->text = malloc(1);
+    g->piece_cap = tokenizer_detok_buffer(m->tok);
+    g->piece = malloc(g->piece_cap);
     g->raw_logits = p->logprobs ? malloc((size_t)m->cfg.n_vocab * sizeof(float)) : NULL;
-    if (!g->history || !g->sampler || !g->text || (p->logprobs && !g->raw_logits)) {
+    if (!g->history || !g->sampler || !g->text || !g->piece || (p->logprobs && !g->raw_logits)) {
         gen_seq_free(g);
         return -1;
     }
@@ -70,6 +72,7 @@ void gen_seq_free(struct gen_seq *g) {
     free(g->history);
     free(g->text);
     free(g->raw_logits);
+    free(g->piece);
     memset(g, 0, sizeof *g);
 }
 
@@ -84,10 +87,9 @@ static float token_logprob(const float *logits, int n, int32_t id) {
 
 /* Releases everything the detokenizer and stop matcher still hold. */
 static void flush_held(struct gen_seq *g) {
-    char piece[16];
     if (g->stop.stopped) return;
-    size_t n = detok_flush(&g->detok, piece, sizeof piece);
-    stop_feed(&g->stop, piece, n, &g->text, &g->text_len);
+    size_t n = detok_flush(&g->detok, g->piece, g->piece_cap);
+    stop_feed(&g->stop, g->piece, n, &g->text, &g->text_len);
     if (!g->stop.stopped) stop_finish(&g->stop, &g->text, &g->text_len);
 }
 
@@ -113,9 +115,8 @@ int32_t gen_seq_step(struct gen_seq *g, float *logits) {
         flush_held(g);
         return id;
     }
-    char piece[64];
-    size_t n = detok_push(&g->detok, id, piece, sizeof piece);
-    if (stop_feed(&g->stop, piece, n, &g->text, &g->text_len)) {
+    size_t n = detok_push(&g->detok, id, g->piece, g->piece_cap);
+    if (stop_feed(&g->stop, g->piece, n, &g->text, &g->text_len)) {
         g->finish = FINISH_STOP;
         return id;
     }

@@ -43,6 +43,8 @@ struct gen_seq {
     size_t text_len;
     float logprob;                  /* of the last sampled token, if asked */
     float *raw_logits;              /* copy for logprobs, [n_vocab] */
+    char *piece;                    /* detokenizer output buffer */
+    size_t piece_cap;
 };
 
 /* 0, or -1 when out of memory. The prompt is copied. */

@@ -40,8 +40,11 @@ struct detok {
     int n_pending;
 };
 void detok_init(struct detok *d, const struct ebb_tokenizer *t);
-/* Appends the complete characters now available to out (cap bytes);
- * returns the number of bytes written. */
+/* Output buffer size that detok_push and detok_flush always fit in. */
+size_t tokenizer_detok_buffer(const struct ebb_tokenizer *t);
+/* Appends the complete characters now available to out (cap bytes, at
+ * least tokenizer_detok_buffer(); less and output is dropped at a character
+ * boundary); returns the number of bytes written. */
 size_t detok_push(struct detok *d, int32_t id, char *out, size_t cap);
 /* At end of stream: flushes what is held (invalid leftovers become U+FFFD). */
 size_t detok_flush(struct detok *d, char *out, size_t cap);
