@@ -1,0 +1,407 @@
+/* Configuration loading; see config.h for the layering and docs/operations.md
+ * for what each setting means.
+ *
+ * The table `fields` is the single source of truth. Each row names a struct
+ * member by offset and size and gives its type, allowed range and default
+ * written as text; defaults are applied by parsing that text with the same
+ * code that parses environment values and flags, so a default can never be
+ * something the parser would refuse.
+ */
+#include "server/config.h"
+
+#include <ctype.h>
+#include <errno.h>
+#include <jansson.h>
+#include <stdarg.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "storage/catalog.h"
+
+enum field_type {
+    FIELD_STRING,  /* char array */
+    FIELD_INT,     /* int, in [min, max] */
+    FIELD_U64,     /* uint64_t, in [min, max] */
+    FIELD_CHOICE,  /* int, one of choices[] */
+    FIELD_LEVEL,   /* int, a log level name */
+};
+
+struct field {
+    const char *key;
+    enum field_type type;
+    size_t offset, size;
+    long long min, max;
+    int choices[4];            /* FIELD_CHOICE; 0 ends the list */
+    const char *def;           /* default, as text */
+    const char *metavar;       /* for --help */
+    const char *doc;           /* one line, for --help */
+};
+
+#define AT(member) offsetof(struct ebb_config, member), sizeof(((struct ebb_config *)0)->member)
+
+static const struct field fields[] = {
+    {"host", FIELD_STRING, AT(host), 1, 0, {0}, "127.0.0.1", "ADDR", "listen address (IPv4 or IPv6)"},
+    {"port", FIELD_INT, AT(port), 0, 65535, {0}, "8080", "N", "listen port (0: any free port)"},
+    {"admin_token", FIELD_STRING, AT(admin_token), 0, 0, {0}, "", "TOKEN",
+     "bearer token for /admin routes (empty: admin routes refused)"},
+    {"catalog", FIELD_STRING, AT(catalog), 0, 0, {0}, "", "PATH",
+     "catalog database (empty: $XDG_DATA_HOME/ebb/catalog.db)"},
+    {"default_model", FIELD_STRING, AT(default_model), 0, 0, {0}, "SmolLM2-135M-Instruct.Q4_1", "NAME",
+     "model loaded at start and used when a request names none (empty: first in the catalog)"},
+    {"default_model_path", FIELD_STRING, AT(default_model_path), 0, 0, {0},
+     "models/SmolLM2-135M-Instruct.Q4_1.gguf", "PATH",
+     "GGUF registered as default_model when the catalog is empty (empty: none)"},
+    {"threads", FIELD_INT, AT(threads), 0, 1024, {0}, "0", "N", "compute threads (0: one per CPU)"},
+    {"memory_budget_bytes", FIELD_U64, AT(memory_budget_bytes), 0, INT64_MAX, {0}, "0", "BYTES",
+     "memory budget for weights and KV cache (0: no budget)"},
+    {"max_body_bytes", FIELD_U64, AT(max_body_bytes), 1024, 1LL << 32, {0}, "8388608", "BYTES",
+     "largest request body accepted (larger: 413)"},
+    {"max_header_bytes", FIELD_INT, AT(max_header_bytes), 256, 1 << 20, {0}, "16384", "BYTES",
+     "largest request line plus headers (larger: 431)"},
+    {"max_connections", FIELD_INT, AT(max_connections), 1, 1000000, {0}, "1024", "N",
+     "open client connections at most (more: 503 and closed)"},
+    {"header_timeout_ms", FIELD_INT, AT(header_timeout_ms), 1, 3600000, {0}, "10000", "MS",
+     "time allowed to send a request's headers"},
+    {"idle_timeout_ms", FIELD_INT, AT(idle_timeout_ms), 1, 86400000, {0}, "30000", "MS",
+     "keep-alive idle and request-body inactivity limit"},
+    {"queue_length", FIELD_INT, AT(queue_length), 0, 1000000, {0}, "64", "N",
+     "requests that may wait for a slot (more: 429)"},
+    {"max_running", FIELD_INT, AT(max_running), 1, 4096, {0}, "16", "N", "sequences decoded together"},
+    {"max_context", FIELD_INT, AT(max_context), 0, 1 << 24, {0}, "0", "N",
+     "tokens per sequence, prompt included (0: the model's own)"},
+    {"kv_bits", FIELD_CHOICE, AT(kv_bits), 0, 0, {32, 16, 4, 0}, "32", "BITS", "KV cache precision: 32, 16 or 4"},
+    {"shutdown_timeout_ms", FIELD_INT, AT(shutdown_timeout_ms), 0, 3600000, {0}, "10000", "MS",
+     "on SIGTERM/SIGINT, how long running requests may finish"},
+    {"log_level", FIELD_LEVEL, AT(log_level), 0, 0, {0}, "info", "LEVEL", "error, warn, info or debug"},
+};
+#define N_FIELDS ((int)(sizeof fields / sizeof fields[0]))
+_Static_assert(sizeof fields / sizeof fields[0] == CONFIG_N_FIELDS, "CONFIG_N_FIELDS matches the table");
+
+static const char *const level_names[] = {"error", "warn", "info", "debug"};
+
+static void errf(char *err, size_t errlen, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+static void errf(char *err, size_t errlen, const char *fmt, ...) {
+    if (!err || !errlen) return;
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(err, errlen, fmt, ap);
+    va_end(ap);
+}
+
+static void *field_ptr(struct ebb_config *cfg, const struct field *f) { return (char *)cfg + f->offset; }
+
+static const struct field *find_key(const char *key) {
+    for (int i = 0; i < N_FIELDS; i++)
+        if (!strcmp(fields[i].key, key)) return &fields[i];
+    return NULL;
+}
+
+/* "what is expected" for messages, e.g. "an integer in [1, 65535]". */
+static void describe(const struct field *f, char *buf, size_t len) {
+    switch (f->type) {
+    case FIELD_STRING:
+        snprintf(buf, len, "a string of at most %zu bytes", f->size - 1);
+        break;
+    case FIELD_INT:
+    case FIELD_U64:
+        snprintf(buf, len, "an integer in [%lld, %lld]", f->min, f->max);
+        break;
+    case FIELD_CHOICE: {
+        int n = snprintf(buf, len, "one of");
+        for (int i = 0; f->choices[i] && n > 0 && (size_t)n < len; i++)
+            n += snprintf(buf + n, len - n, "%s %d", i ? "," : "", f->choices[i]);
+        break;
+    }
+    case FIELD_LEVEL:
+        snprintf(buf, len, "one of \"error\", \"warn\", \"info\", \"debug\"");
+        break;
+    }
+}
+
+/* Stores an integer after checking it against the field's range/choices.
+ * `where` prefixes the message ("EBB_PORT", "conf.json: key 'port'"). */
+static int store_int(struct ebb_config *cfg, const struct field *f, long long v, const char *where, char *err,
+                     size_t errlen) {
+    int ok;
+    if (f->type == FIELD_CHOICE) {
+        ok = 0;
+        for (int i = 0; f->choices[i]; i++) ok |= f->choices[i] == v;
+    } else {
+        ok = v >= f->min && v <= f->max;
+    }
+    if (!ok) {
+        char want[128];
+        describe(f, want, sizeof want);
+        errf(err, errlen, "%s: %lld is out of range: expected %s", where, v, want);
+        return -1;
+    }
+    if (f->type == FIELD_U64) *(uint64_t *)field_ptr(cfg, f) = (uint64_t)v;
+    else *(int *)field_ptr(cfg, f) = (int)v;
+    return 0;
+}
+
+static int store_string(struct ebb_config *cfg, const struct field *f, const char *s, size_t len, const char *where,
+                        char *err, size_t errlen) {
+    if (len >= f->size) {
+        errf(err, errlen, "%s: value is %zu bytes long; at most %zu allowed", where, len, f->size - 1);
+        return -1;
+    }
+    if (memchr(s, 0, len)) {
+        errf(err, errlen, "%s: value contains a NUL character", where);
+        return -1;
+    }
+    if (len < (size_t)f->min) {
+        errf(err, errlen, "%s: value must not be empty", where);
+        return -1;
+    }
+    char *dst = field_ptr(cfg, f);
+    memcpy(dst, s, len);
+    dst[len] = 0;
+    return 0;
+}
+
+static int store_level(struct ebb_config *cfg, const struct field *f, const char *s, const char *where, char *err,
+                       size_t errlen) {
+    for (int i = 0; i < (int)(sizeof level_names / sizeof level_names[0]); i++)
+        if (!strcmp(s, level_names[i])) {
+            *(int *)field_ptr(cfg, f) = i;
+            return 0;
+        }
+    errf(err, errlen, "%s: '%s' is not a log level: expected one of error, warn, info, debug", where, s);
+    return -1;
+}
+
+/* Parses a value given as text (defaults, environment, flags). */
+static int set_from_text(struct ebb_config *cfg, const struct field *f, const char *text, const char *where,
+                         char *err, size_t errlen) {
+    if (f->type == FIELD_STRING) return store_string(cfg, f, text, strlen(text), where, err, errlen);
+    if (f->type == FIELD_LEVEL) return store_level(cfg, f, text, where, err, errlen);
+    char *end;
+    errno = 0;
+    long long v = strtoll(text, &end, 10);
+    if (errno || end == text || *end || isspace((unsigned char)text[0])) {
+        char want[128];
+        describe(f, want, sizeof want);
+        errf(err, errlen, "%s: '%s' is not a valid value: expected %s", where, text, want);
+        return -1;
+    }
+    return store_int(cfg, f, v, where, err, errlen);
+}
+
+void config_defaults(struct ebb_config *cfg) {
+    memset(cfg, 0, sizeof *cfg);
+    for (int i = 0; i < N_FIELDS; i++) {
+        char err[256];
+        /* The defaults are constants checked by the unit tests; failing here
+         * is a programming error. */
+        if (set_from_text(cfg, &fields[i], fields[i].def, fields[i].key, err, sizeof err)) {
+            fprintf(stderr, "config: bad built-in default: %s\n", err);
+            abort();
+        }
+        cfg->source[i] = CONFIG_FROM_DEFAULT;
+    }
+}
+
+static const char *json_type_name(const json_t *v) {
+    switch (json_typeof(v)) {
+    case JSON_OBJECT: return "an object";
+    case JSON_ARRAY: return "an array";
+    case JSON_STRING: return "a string";
+    case JSON_INTEGER: return "an integer";
+    case JSON_REAL: return "a number with a fraction or exponent";
+    case JSON_TRUE:
+    case JSON_FALSE: return "a boolean";
+    case JSON_NULL: return "null";
+    }
+    return "?";
+}
+
+static int set_from_json(struct ebb_config *cfg, const struct field *f, json_t *v, const char *where, char *err,
+                         size_t errlen) {
+    int want_string = f->type == FIELD_STRING || f->type == FIELD_LEVEL;
+    if (want_string ? !json_is_string(v) : !json_is_integer(v)) {
+        char want[128];
+        describe(f, want, sizeof want);
+        errf(err, errlen, "%s: expected %s, got %s", where, want, json_type_name(v));
+        return -1;
+    }
+    if (f->type == FIELD_STRING) return store_string(cfg, f, json_string_value(v), json_string_length(v), where,
+                                                      err, errlen);
+    if (f->type == FIELD_LEVEL) return store_level(cfg, f, json_string_value(v), where, err, errlen);
+    return store_int(cfg, f, (long long)json_integer_value(v), where, err, errlen);
+}
+
+static int apply_object(struct ebb_config *cfg, json_t *root, const char *name, char *err, size_t errlen) {
+    if (!json_is_object(root)) {
+        errf(err, errlen, "%s: the configuration must be a JSON object, not %s", name, json_type_name(root));
+        return -1;
+    }
+    const char *key;
+    json_t *value;
+    json_object_foreach(root, key, value) {
+        char where[320];
+        snprintf(where, sizeof where, "%s: key '%.200s'", name, key);
+        const struct field *f = find_key(key);
+        if (!f) {
+            errf(err, errlen, "%s: unknown key '%.200s' (see docs/operations.md for the settings)", name, key);
+            return -1;
+        }
+        if (set_from_json(cfg, f, value, where, err, errlen)) return -1;
+        cfg->source[f - fields] = CONFIG_FROM_FILE;
+    }
+    return 0;
+}
+
+static int apply_parsed(struct ebb_config *cfg, json_t *root, const json_error_t *jerr, const char *name, char *err,
+                        size_t errlen) {
+    if (!root) {
+        /* jansson reports line/column of the offending character (1-based
+         * lines); for I/O failures the line is -1 and the text says why. */
+        if (jerr->line >= 1) errf(err, errlen, "%s:%d:%d: invalid JSON: %s", name, jerr->line, jerr->column,
+                                  jerr->text);
+        else errf(err, errlen, "%s: %s", name, jerr->text);
+        return -1;
+    }
+    int rc = apply_object(cfg, root, name, err, errlen);
+    json_decref(root);
+    return rc;
+}
+
+int config_load_file(struct ebb_config *cfg, const char *path, char *err, size_t errlen) {
+    json_error_t jerr;
+    json_t *root = json_load_file(path, JSON_REJECT_DUPLICATES, &jerr);
+    return apply_parsed(cfg, root, &jerr, path, err, errlen);
+}
+
+int config_load_text(struct ebb_config *cfg, const char *json, const char *name, char *err, size_t errlen) {
+    json_error_t jerr;
+    json_t *root = json_loads(json, JSON_REJECT_DUPLICATES, &jerr);
+    return apply_parsed(cfg, root, &jerr, name, err, errlen);
+}
+
+/* EBB_ + the key in upper case. */
+static void env_name(const struct field *f, char *buf, size_t len) {
+    int n = snprintf(buf, len, "EBB_");
+    for (const char *k = f->key; *k && (size_t)n + 1 < len; k++) buf[n++] = (char)toupper((unsigned char)*k);
+    buf[n] = 0;
+}
+
+int config_apply_env(struct ebb_config *cfg, char *err, size_t errlen) {
+    for (int i = 0; i < N_FIELDS; i++) {
+        char name[64];
+        env_name(&fields[i], name, sizeof name);
+        const char *value = getenv(name);
+        if (!value) continue;
+        char where[96];
+        snprintf(where, sizeof where, "environment variable %s", name);
+        if (set_from_text(cfg, &fields[i], value, where, err, errlen)) return -1;
+        cfg->source[i] = CONFIG_FROM_ENV;
+    }
+    return 0;
+}
+
+int config_apply_flag(struct ebb_config *cfg, const char *name, const char *value, char *err, size_t errlen) {
+    const char *bare = name;
+    while (*bare == '-') bare++;
+    char key[64];
+    size_t n = strlen(bare);
+    const struct field *f = NULL;
+    if (n < sizeof key) {
+        for (size_t i = 0; i <= n; i++) key[i] = bare[i] == '-' ? '_' : bare[i];
+        f = find_key(key);
+    }
+    if (!f) {
+        errf(err, errlen, "unknown option '%s'", name);
+        return 1;
+    }
+    if (!value) {
+        errf(err, errlen, "%s needs a value", name);
+        return -1;
+    }
+    char where[96];
+    snprintf(where, sizeof where, "option %s", name);
+    if (set_from_text(cfg, f, value, where, err, errlen)) return -1;
+    cfg->source[f - fields] = CONFIG_FROM_FLAG;
+    return 0;
+}
+
+int config_load(struct ebb_config *cfg, const char *path, char *err, size_t errlen) {
+    config_defaults(cfg);
+    if (!path) {
+        path = getenv("EBB_CONFIG");
+        if (path && !*path) path = NULL;
+    }
+    if (path && config_load_file(cfg, path, err, errlen)) return -1;
+    return config_apply_env(cfg, err, errlen);
+}
+
+int config_catalog_path(const struct ebb_config *cfg, char *buf, size_t len, char *err, size_t errlen) {
+    if (cfg->catalog[0]) {
+        if (strlen(cfg->catalog) >= len) {
+            errf(err, errlen, "catalog path is too long");
+            return -1;
+        }
+        strcpy(buf, cfg->catalog);
+        return 0;
+    }
+    return catalog_default_path(buf, len, err, errlen) == CATALOG_OK ? 0 : -1;
+}
+
+const char *config_log_level_name(int level) {
+    return level >= 0 && level < (int)(sizeof level_names / sizeof level_names[0]) ? level_names[level] : "?";
+}
+
+int config_source_of(const struct ebb_config *cfg, const char *key) {
+    const struct field *f = find_key(key);
+    return f ? cfg->source[f - fields] : -1;
+}
+
+const char *config_key(int i) { return i >= 0 && i < N_FIELDS ? fields[i].key : NULL; }
+
+void config_dump(const struct ebb_config *cfg, FILE *out, int with_sources) {
+    static const char *const source_names[] = {"default", "file", "env", "flag"};
+    json_t *root = json_object();
+    json_t *sources = with_sources ? json_object() : NULL;
+    if (!root || (with_sources && !sources)) {
+        json_decref(root);
+        json_decref(sources);
+        fprintf(out, "{}\n");
+        return;
+    }
+    struct ebb_config *c = (struct ebb_config *)cfg; /* field_ptr is shared with the setters */
+    for (int i = 0; i < N_FIELDS; i++) {
+        const struct field *f = &fields[i];
+        json_t *v;
+        if (f->type == FIELD_STRING) {
+            const char *s = field_ptr(c, f);
+            v = json_string(f->offset == offsetof(struct ebb_config, admin_token) && *s ? "(set)" : s);
+        } else if (f->type == FIELD_LEVEL) {
+            v = json_string(config_log_level_name(*(int *)field_ptr(c, f)));
+        } else if (f->type == FIELD_U64) {
+            v = json_integer((json_int_t) * (uint64_t *)field_ptr(c, f));
+        } else {
+            v = json_integer(*(int *)field_ptr(c, f));
+        }
+        json_object_set_new(root, f->key, v);
+        if (sources) json_object_set_new(sources, f->key, json_string(source_names[cfg->source[i]]));
+    }
+    if (sources) json_object_set_new(root, "_sources", sources);
+    char *text = json_dumps(root, JSON_INDENT(2) | JSON_PRESERVE_ORDER);
+    fprintf(out, "%s\n", text ? text : "{}");
+    free(text);
+    json_decref(root);
+}
+
+void config_flags_help(FILE *out) {
+    for (int i = 0; i < N_FIELDS; i++) {
+        const struct field *f = &fields[i];
+        char flag[64], env[64];
+        int n = snprintf(flag, sizeof flag, "--");
+        for (const char *k = f->key; *k && (size_t)n + 1 < sizeof flag; k++) flag[n++] = *k == '_' ? '-' : *k;
+        flag[n] = 0;
+        env_name(f, env, sizeof env);
+        char left[96];
+        snprintf(left, sizeof left, "%s %s", flag, f->metavar);
+        fprintf(out, "  %-30s %s (%s, default \"%s\")\n", left, f->doc, env, f->def);
+    }
+}

@@ -1,0 +1,94 @@
+/* Daemon configuration: one flat struct, filled in layers.
+ *
+ *   defaults  <  the JSON file (--config FILE, else $EBB_CONFIG)  <  EBB_*
+ *   environment variables  <  command-line flags
+ *
+ * Every setting is one row of a table in config.c (key, type, range, default,
+ * one line of documentation); the JSON loader, the environment, the flags,
+ * --help text and the effective-config dump are all driven by that table, so
+ * a setting cannot exist in one layer and be missing from another. The JSON
+ * key "some_key" is the environment variable EBB_SOME_KEY and the flag
+ * --some-key.
+ *
+ * Strictness is the point: an unknown key, a value of the wrong type or out
+ * of range, malformed JSON or an unparsable environment value is an error
+ * naming the key (and for JSON the line and column), never silently ignored,
+ * so a typo in a deployment fails at start instead of running with a default.
+ *
+ * Strings live in fixed arrays inside the struct, so a config has no heap
+ * memory and needs no free; an over-long value is an error.
+ * docs/operations.md documents every setting.
+ */
+#ifndef EBB_SERVER_CONFIG_H
+#define EBB_SERVER_CONFIG_H
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+
+enum config_log_level { CONFIG_LOG_ERROR, CONFIG_LOG_WARN, CONFIG_LOG_INFO, CONFIG_LOG_DEBUG };
+
+/* Where a setting's current value came from. */
+enum config_source { CONFIG_FROM_DEFAULT, CONFIG_FROM_FILE, CONFIG_FROM_ENV, CONFIG_FROM_FLAG };
+
+#define CONFIG_N_FIELDS 19
+
+struct ebb_config {
+    char host[256];                /* listen address (IPv4 or IPv6 literal, or a host name) */
+    int port;                      /* 0 = any free port */
+    char admin_token[256];         /* bearer token for /admin; empty = admin routes refused */
+    char catalog[4096];            /* catalog path; empty = catalog_default_path() */
+    char default_model[129];       /* model loaded at start / used when a request names none */
+    char default_model_path[4096]; /* GGUF registered when the catalog is empty; empty = none */
+    int threads;                   /* compute threads; 0 = one per online CPU */
+    uint64_t memory_budget_bytes;  /* 0 = no budget */
+    uint64_t max_body_bytes;       /* larger request bodies get 413 */
+    int max_header_bytes;          /* request line + headers; larger get 431 */
+    int max_connections;           /* open connections; more are refused with 503 */
+    int header_timeout_ms;         /* time to receive a request's headers */
+    int idle_timeout_ms;           /* keep-alive idle / body inactivity limit */
+    int queue_length;              /* requests waiting for a slot before 429/503 */
+    int max_running;               /* sequences decoded together */
+    int max_context;               /* tokens per sequence; 0 = the model's own */
+    int kv_bits;                   /* KV cache precision: 32, 16 or 4 */
+    int shutdown_timeout_ms;       /* SIGTERM: how long running requests may finish */
+    int log_level;                 /* enum config_log_level */
+    unsigned char source[CONFIG_N_FIELDS]; /* enum config_source per field, table order */
+};
+
+/* Fills every field with its default. */
+void config_defaults(struct ebb_config *cfg);
+
+/* Applies a JSON object from a file / from text (name is used in messages).
+ * 0 on success; -1 with "FILE:LINE:COL: ..." or "FILE: key 'k': ..." in err.
+ * On failure cfg may be partly updated: do not use it. */
+int config_load_file(struct ebb_config *cfg, const char *path, char *err, size_t errlen);
+int config_load_text(struct ebb_config *cfg, const char *json, const char *name, char *err, size_t errlen);
+
+/* Applies every EBB_<KEY> variable that is set. 0 or -1 naming the variable. */
+int config_apply_env(struct ebb_config *cfg, char *err, size_t errlen);
+
+/* Applies one flag: name may be "port", "--port", "admin-token" or
+ * "admin_token". 0 on success, -1 for a bad value, 1 (with a message) when
+ * name is not a config flag, so a command can handle its own flags first. */
+int config_apply_flag(struct ebb_config *cfg, const char *name, const char *value, char *err, size_t errlen);
+
+/* Defaults, then the file (path, or $EBB_CONFIG when path is NULL; no file if
+ * neither), then the environment. Flags are for the caller to apply after. */
+int config_load(struct ebb_config *cfg, const char *path, char *err, size_t errlen);
+
+/* The catalog to open: cfg->catalog, else the XDG default. 0 or -1. */
+int config_catalog_path(const struct ebb_config *cfg, char *buf, size_t len, char *err, size_t errlen);
+
+/* Writes the effective configuration as JSON (admin_token shown only as
+ * "(set)" or ""), with where each value came from when with_sources. */
+void config_dump(const struct ebb_config *cfg, FILE *out, int with_sources);
+/* One line per flag for a command's --help: "  --port N   ... (EBB_PORT, default 8080)". */
+void config_flags_help(FILE *out);
+
+const char *config_log_level_name(int level);
+/* The source of the setting named key (JSON spelling); -1 if no such key. */
+int config_source_of(const struct ebb_config *cfg, const char *key);
+/* Iteration over the table: the i-th key, its environment variable and flag
+ * (static strings); NULL past the end. Used by docs tests. */
+const char *config_key(int i);
+#endif
