@@ -23,6 +23,7 @@
 
 #include "check.h"
 #include "storage/catalog.h"
+#include "storage/sha256.h"
 
 static char tmpdir[256];
 static char err[1024];
@@ -179,7 +180,14 @@ static void test_models(void) {
     CHECK(m.params == 8);
     CHECK(m.source_bytes == (int64_t)size);
     CHECK(m.source_path && m.source_path[0] == '/' && strstr(m.source_path, "tiny.gguf"));
-    CHECK(m.source_sha256 == NULL);
+    {   /* the checksum is of the file's exact bytes (sha256 is checked against FIPS vectors in test_sha256) */
+        FILE *fp = fopen(gguf, "rb");
+        char bytes[4096], hex[65] = "";
+        size_t nb = fp ? fread(bytes, 1, sizeof bytes, fp) : 0;
+        if (fp) fclose(fp);
+        sha256_hex(bytes, nb, hex);
+        CHECK(nb == size && m.source_sha256 && !strcmp(m.source_sha256, hex));
+    }
     CHECK(m.id > 0);
     CHECK(llabs(m.created_at - (int64_t)time(NULL)) < 60);
     struct stat sb;
