@@ -15,6 +15,8 @@ int cmd_tokenize(int argc, char **argv);
 int cmd_ppl(int argc, char **argv);
 int cmd_bench(int argc, char **argv);
 int cmd_inspect(int argc, char **argv);
+int cmd_serve(int argc, char **argv);
+int cmd_models(int argc, char **argv);
 
 /* Strict parsers: the whole string must be a number inside [lo, hi]; on
  * failure they print "ebb CMD: FLAG ..." and return -1. */

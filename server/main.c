@@ -18,6 +18,8 @@ static const struct subcommand commands[] = {
     {"bench", cmd_bench, "prefill and decode speed"},
     {"inspect", cmd_inspect, "show a GGUF file's metadata and tensors"},
     {"logits", cmd_logits, "write raw logits for token ids (for reference checks)"},
+    {"serve", cmd_serve, "run the HTTP daemon"},
+    {"models", cmd_models, "list, add or remove catalog models"},
 };
 
 static void usage(FILE *out) {
