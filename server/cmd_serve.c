@@ -1,29 +1,30 @@
 /* `ebb serve`: the HTTP daemon.
  *
- * For now it serves the transport-level routes -- GET /health, GET /metrics --
- * and, when the environment has EBB_TEST_ROUTES=1, two debug routes that let
- * the integration tests drive the body-size, chunked, streaming and abort
- * paths before the engine exists:
+ * Start-up: configuration (defaults < file < EBB_* < flags), the catalog
+ * (registering the default model on first start), the saved memory budget,
+ * then the HTTP server. Models load in the background, so /health answers at
+ * once and /ready turns 200 when a model can serve.
+ *
+ * Everything runs on one libuv loop (this thread); see daemon.h for the
+ * other threads. Metrics of the transport are recorded in the http layer's
+ * on_done hook, which sees every request exactly once -- answered by a route,
+ * refused by the transport (400/408/413/431), or abandoned by its client --
+ * so the counters cannot miss a path. The route label is the matched route
+ * pattern, "unmatched" for 404s and "none" for requests the transport refused
+ * before routing, which keeps the label set bounded whatever paths clients
+ * send.
+ *
+ * With EBB_TEST_ROUTES=1 two debug routes exist for the transport tests:
  *   POST /debug/echo          answers the request body as it came
  *   GET  /debug/stream?n=K&ms=M[&late_ms=L]
  *                             K server-sent events M ms apart, then [DONE];
  *                             after a client abort, the request is completed
- *                             L ms later (as the engine will, at its next
- *                             step) instead of inside on_abort
- * The OpenAI routes and the engine's scheduler plug into the same route table
- * later.
+ *                             L ms later instead of inside on_abort
  *
- * Everything runs on one libuv loop (this thread). Metrics are recorded in
- * the http layer's on_done hook, which sees every request exactly once --
- * answered by a route, refused by the transport (400/408/413/431), or
- * abandoned by its client -- so the counters cannot miss a path. The route
- * label is the matched route pattern, "unmatched" for 404s and "none" for
- * requests the transport refused before routing, which keeps the label set
- * bounded whatever paths clients send.
- *
- * SIGTERM/SIGINT: stop accepting, let in-flight responses finish up to
- * --shutdown-timeout, close the rest, exit 0. A second signal cuts the
- * deadline to zero. */
+ * SIGTERM/SIGINT: stop accepting, let running requests finish up to
+ * shutdown_timeout_ms, cancel and close the rest, exit 0. A second signal
+ * cuts the deadline to zero. */
+#include <jansson.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -32,62 +33,67 @@
 #include <uv.h>
 
 #include "server/cli.h"
-#include "server/http.h"
+#include "server/daemon.h"
 #include "server/log.h"
-#include "server/metrics.h"
+#include "storage/catalog.h"
 
-struct serve;
-typedef void (*route_fn)(struct serve *s, struct http_request *req);
+typedef void (*route_fn)(struct daemon *d, struct http_request *req);
 
 struct route {
     const char *method;
     const char *path;
     route_fn fn;
+    bool prefix;       /* path is a prefix followed by one more segment */
     bool test_only;
 };
 
-struct serve {
-    uv_loop_t loop;
-    struct http_server *http;
-    uv_signal_t sigterm, sigint;
-    bool test_routes;
-    bool stopping;
-    unsigned shutdown_ms;
+void respond_json(struct http_request *req, int status, json_t *body) {
+    char *text = body ? json_dumps(body, JSON_COMPACT) : NULL;
+    json_decref(body);
+    if (!text) {
+        http_respond_error(req, 500, "server_error", "out of memory building the response", NULL);
+        return;
+    }
+    http_respond(req, status, "application/json", text, strlen(text));
+    free(text);
+}
 
-    struct metrics *metrics;
-    struct metric *m_requests;       /* ebb_http_requests_total{route,code} */
-    struct metric *m_duration;       /* ebb_http_request_duration_seconds{route} */
-    struct metric *m_aborted;        /* ebb_http_requests_aborted_total{route} */
-    struct metric *m_conn_open;      /* ebb_http_connections_open */
-    struct metric *m_conn_total;     /* ebb_http_connections_total */
-    struct metric *m_conn_rejected;  /* ebb_http_connections_rejected_total */
-    uint64_t seen_accepted, seen_rejected;
-};
+/* ---------------------------------------------------------------- ops routes */
 
-/* ---------------------------------------------------------------- routes */
-
-static void route_health(struct serve *s, struct http_request *req) {
-    (void)s;
+static void route_health(struct daemon *d, struct http_request *req) {
+    (void)d;
     static const char body[] = "{\"status\":\"ok\"}";
     http_respond(req, 200, "application/json", body, sizeof body - 1);
 }
 
-/* Connection figures live in the http layer; copy them into the registry
- * just before rendering (counters advance by the difference). */
-static void refresh_connection_metrics(struct serve *s) {
-    struct http_stats st;
-    http_server_stats(s->http, &st);
-    metric_set(s->m_conn_open, NULL, (double)st.connections_open);
-    metric_inc(s->m_conn_total, NULL, (double)(st.connections_accepted - s->seen_accepted));
-    metric_inc(s->m_conn_rejected, NULL, (double)(st.connections_rejected - s->seen_rejected));
-    s->seen_accepted = st.connections_accepted;
-    s->seen_rejected = st.connections_rejected;
+static void route_ready(struct daemon *d, struct http_request *req) {
+    if (served_any_ready(d) && !d->stopping) {
+        static const char body[] = "{\"status\":\"ready\"}";
+        http_respond(req, 200, "application/json", body, sizeof body - 1);
+        return;
+    }
+    http_add_header(req, "Retry-After", "1");
+    http_respond_error(req, 503, "unavailable_error",
+                       d->stopping ? "the server is shutting down" : "no model is loaded yet", NULL);
 }
 
-static void route_metrics(struct serve *s, struct http_request *req) {
-    refresh_connection_metrics(s);
+/* Connection figures live in the http layer; copy them into the registry
+ * just before rendering (counters advance by the difference). */
+static void refresh_connection_metrics(struct daemon *d) {
+    struct http_stats st;
+    http_server_stats(d->http, &st);
+    metric_set(d->m_conn_open, NULL, (double)st.connections_open);
+    metric_inc(d->m_conn_total, NULL, (double)(st.connections_accepted - d->seen_accepted));
+    metric_inc(d->m_conn_rejected, NULL, (double)(st.connections_rejected - d->seen_rejected));
+    d->seen_accepted = st.connections_accepted;
+    d->seen_rejected = st.connections_rejected;
+}
+
+static void route_metrics(struct daemon *d, struct http_request *req) {
+    refresh_connection_metrics(d);
+    served_refresh_metrics(d);
     size_t len = 0;
-    char *text = metrics_render(s->metrics, &len);
+    char *text = metrics_render(d->metrics, &len);
     if (!text) {
         http_respond_error(req, 500, "server_error", "out of memory rendering metrics", NULL);
         return;
@@ -96,7 +102,7 @@ static void route_metrics(struct serve *s, struct http_request *req) {
     free(text);
 }
 
-static void route_debug_echo(struct serve *s, struct http_request *req) {
+static void route_debug_echo(struct daemon *s, struct http_request *req) {
     (void)s;
     const char *type = http_header(req, "Content-Type");
     http_respond(req, 200, type && *type ? type : "application/octet-stream", req->body, req->body_len);
@@ -191,7 +197,7 @@ static void debug_stream_tick(uv_timer_t *t) {
     debug_stream_close(ds);
 }
 
-static void route_debug_stream(struct serve *s, struct http_request *req) {
+static void route_debug_stream(struct daemon *s, struct http_request *req) {
     long n, ms, late_ms;
     if (query_int(req->query, "late_ms", 0, 0, 60000, &late_ms)) {
         http_respond_error(req, 400, "invalid_request_error", "late_ms must be an integer in [0, 60000]", "late_ms");
@@ -227,40 +233,58 @@ static void route_debug_stream(struct serve *s, struct http_request *req) {
 }
 
 static const struct route routes[] = {
-    {"GET", "/health", route_health, false},
-    {"GET", "/metrics", route_metrics, false},
-    {"POST", "/debug/echo", route_debug_echo, true},
-    {"GET", "/debug/stream", route_debug_stream, true},
+    {"GET", "/health", route_health, false, false},
+    {"GET", "/ready", route_ready, false, false},
+    {"GET", "/metrics", route_metrics, false, false},
+    {"POST", "/v1/completions", route_completions, false, false},
+    {"POST", "/v1/chat/completions", route_chat_completions, false, false},
+    {"GET", "/v1/models", route_models, false, false},
+    {"POST", "/tokenize", route_tokenize, false, false},
+    {"POST", "/detokenize", route_detokenize, false, false},
+    {"DELETE", "/v1/requests/", route_cancel_request, true, false},
+    {"GET", "/admin/memory", route_admin_memory_get, false, false},
+    {"PUT", "/admin/memory", route_admin_memory_put, false, false},
+    {"GET", "/admin/models", route_admin_models_get, false, false},
+    {"POST", "/admin/models", route_admin_models_post, false, false},
+    {"DELETE", "/admin/models/", route_admin_models_delete, true, false},
+    {"POST", "/debug/echo", route_debug_echo, false, true},
+    {"GET", "/debug/stream", route_debug_stream, false, true},
 };
 #define N_ROUTES (sizeof routes / sizeof routes[0])
 
 /* The route label of a request, for metrics: set by on_request. */
 static const char label_unmatched[] = "unmatched";
 
+static bool path_matches(const struct route *r, const char *path) {
+    if (!r->prefix) return !strcmp(r->path, path);
+    size_t n = strlen(r->path);
+    return !strncmp(r->path, path, n) && path[n] && !strchr(path + n, '/');
+}
+
 static void on_request(struct http_request *req, void *arg) {
-    struct serve *s = arg;
+    struct daemon *d = arg;
     const char *method = !strcmp(req->method, "HEAD") ? "GET" : req->method;
     char allow[64] = "";
+    const struct route *known_path = NULL;
     for (size_t i = 0; i < N_ROUTES; i++) {
         const struct route *r = &routes[i];
-        if ((r->test_only && !s->test_routes) || strcmp(r->path, req->path)) continue;
+        if ((r->test_only && !d->test_routes) || !path_matches(r, req->path)) continue;
         if (!strcmp(r->method, method)) {
             req->data = (void *)r->path;
-            r->fn(s, req);
+            r->fn(d, req);
             return;
         }
+        known_path = r;
         if (strlen(allow) + strlen(r->method) + 3 < sizeof allow) {
             if (*allow) strcat(allow, ", ");
             strcat(allow, r->method);
         }
     }
-    char msg[256];   /* room for every %.Ns below: no truncation warnings */
+    char msg[256];
     char path_for_msg[96];
     snprintf(path_for_msg, sizeof path_for_msg, "%s", req->path);
-    if (*allow) {
-        req->data = (void *)label_unmatched;
-        for (size_t i = 0; i < N_ROUTES; i++)
-            if (!strcmp(routes[i].path, req->path)) { req->data = (void *)routes[i].path; break; }
+    if (known_path) {
+        req->data = (void *)known_path->path;
         http_add_header(req, "Allow", allow);
         snprintf(msg, sizeof msg, "method %.24s not allowed on %.95s (allowed: %.63s)", req->method, path_for_msg,
                  allow);
@@ -274,16 +298,16 @@ static void on_request(struct http_request *req, void *arg) {
 
 /* Every request ends here once: metrics and the access log. */
 static void on_done(const struct http_done_info *info, void *arg) {
-    struct serve *s = arg;
+    struct daemon *d = arg;
     const struct http_request *req = info->req;
     const char *route = req->data ? (const char *)req->data : "none";
     char code[16];
     snprintf(code, sizeof code, "%d", info->aborted && !info->status ? 499 : info->status);
     const char *labels[] = {route, code};
-    metric_inc(s->m_requests, labels, 1);
-    metric_observe(s->m_duration, labels, info->seconds);   /* the first label: route */
+    metric_inc(d->m_requests, labels, 1);
+    metric_observe(d->m_duration, labels, info->seconds);   /* the first label: route */
     if (info->aborted) {
-        metric_inc(s->m_aborted, labels, 1);
+        metric_inc(d->m_aborted, labels, 1);
         log_info("request aborted by client", "request_id=%llu route=%s status=%d seconds=%.3f",
                  (unsigned long long)req->id, route, info->status, info->seconds);
     }
@@ -303,172 +327,234 @@ static void on_done(const struct http_done_info *info, void *arg) {
 static void on_handle_closed(uv_handle_t *h) { (void)h; }
 
 static void on_server_closed(struct http_server *srv, void *arg) {
-    struct serve *s = arg;
+    struct daemon *d = arg;
     (void)srv;
     log_info("all connections closed", NULL);
-    uv_close((uv_handle_t *)&s->sigterm, on_handle_closed);
-    uv_close((uv_handle_t *)&s->sigint, on_handle_closed);
+    /* Models go after their requests: unloading cancels what is left and
+     * frees memory on the work pool; the loop ends when that is done. */
+    while (d->models) served_unload(d->models);
+    bridge_close(&d->bridge);
+    uv_close((uv_handle_t *)&d->sigterm, on_handle_closed);
+    uv_close((uv_handle_t *)&d->sigint, on_handle_closed);
 }
 
 static void on_signal(uv_signal_t *h, int signum) {
-    struct serve *s = h->data;
-    if (!s->stopping) {
-        s->stopping = true;
-        log_info("shutting down", "signal=%s deadline_ms=%u", signum == SIGTERM ? "SIGTERM" : "SIGINT",
-                 s->shutdown_ms);
-        http_server_shutdown(s->http, s->shutdown_ms, on_server_closed, s);
+    struct daemon *d = h->data;
+    if (!d->stopping) {
+        d->stopping = true;
+        log_info("shutting down", "signal=%s deadline_ms=%d", signum == SIGTERM ? "SIGTERM" : "SIGINT",
+                 d->cfg.shutdown_timeout_ms);
+        http_server_shutdown(d->http, (unsigned)d->cfg.shutdown_timeout_ms, on_server_closed, d);
     } else {
         log_warn("second signal: closing every connection now", NULL);
-        http_server_shutdown(s->http, 0, on_server_closed, s);
+        http_server_shutdown(d->http, 0, on_server_closed, d);
     }
 }
 
-static int register_metrics(struct serve *s) {
+static int register_metrics(struct daemon *d) {
     static const char *const route_code[] = {"route", "code"};
-    s->metrics = metrics_new();
-    if (!s->metrics) return -1;
-    s->m_requests = metrics_counter(s->metrics, "ebb_http_requests_total",
-                                    "HTTP requests by route and status code.", 2, route_code);
-    s->m_duration = metrics_histogram(s->metrics, "ebb_http_request_duration_seconds",
-                                      "Time from the first request byte to the end of the response.", 1,
-                                      route_code, metrics_latency_buckets, metrics_latency_buckets_n);
-    s->m_aborted = metrics_counter(s->metrics, "ebb_http_requests_aborted_total",
-                                   "Requests whose client disconnected before the response ended.", 1,
-                                   route_code);
-    s->m_conn_open = metrics_gauge(s->metrics, "ebb_http_connections_open", "Open client connections.", 0, NULL);
-    s->m_conn_total = metrics_counter(s->metrics, "ebb_http_connections_total", "Accepted client connections.",
-                                      0, NULL);
-    s->m_conn_rejected = metrics_counter(s->metrics, "ebb_http_connections_rejected_total",
+    static const char *const model[] = {"model"};
+    static const char *const model_reason[] = {"model", "reason"};
+    static const double itl_buckets[] = {0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1, 2};
+    struct metrics *m = d->metrics = metrics_new();
+    if (!m) return -1;
+    d->m_requests = metrics_counter(m, "ebb_http_requests_total", "HTTP requests by route and status code.", 2,
+                                    route_code);
+    d->m_duration = metrics_histogram(m, "ebb_http_request_duration_seconds",
+                                      "Time from the first request byte to the end of the response.", 1, route_code,
+                                      metrics_latency_buckets, metrics_latency_buckets_n);
+    d->m_aborted = metrics_counter(m, "ebb_http_requests_aborted_total",
+                                   "Requests whose client disconnected before the response ended.", 1, route_code);
+    d->m_conn_open = metrics_gauge(m, "ebb_http_connections_open", "Open client connections.", 0, NULL);
+    d->m_conn_total = metrics_counter(m, "ebb_http_connections_total", "Accepted client connections.", 0, NULL);
+    d->m_conn_rejected = metrics_counter(m, "ebb_http_connections_rejected_total",
                                          "Connections refused because the connection limit was reached.", 0, NULL);
-    return s->m_requests && s->m_duration && s->m_aborted && s->m_conn_open && s->m_conn_total &&
-                   s->m_conn_rejected ? 0 : -1;
+    d->m_running = metrics_gauge(m, "ebb_requests_running", "Sequences being generated.", 1, model);
+    d->m_waiting = metrics_gauge(m, "ebb_requests_waiting", "Sequences queued for a batch slot or memory.", 1, model);
+    d->m_finished = metrics_counter(m, "ebb_requests_finished_total",
+                                    "Finished sequences by finish reason (stop, length, cancelled, error).", 2,
+                                    model_reason);
+    d->m_prompt_tokens = metrics_counter(m, "ebb_prompt_tokens_total", "Prompt tokens processed.", 1, model);
+    d->m_gen_tokens = metrics_counter(m, "ebb_generation_tokens_total", "Tokens generated.", 1, model);
+    d->m_ttft = metrics_histogram(m, "ebb_time_to_first_token_seconds",
+                                  "From arrival to the first generated token.", 1, model, metrics_latency_buckets,
+                                  metrics_latency_buckets_n);
+    d->m_itl = metrics_histogram(m, "ebb_inter_token_latency_seconds", "Time between consecutive tokens.", 1,
+                                 model, itl_buckets, (int)(sizeof itl_buckets / sizeof itl_buckets[0]));
+    d->m_e2e = metrics_histogram(m, "ebb_request_latency_seconds", "From arrival to the last token.", 1, model,
+                                 metrics_latency_buckets, metrics_latency_buckets_n);
+    d->m_queue = metrics_histogram(m, "ebb_request_queue_seconds", "From arrival to admission into a batch.", 1,
+                                   model, metrics_latency_buckets, metrics_latency_buckets_n);
+    d->m_kv_bytes = metrics_gauge(m, "ebb_kv_cache_bytes", "KV cache bytes allocated.", 1, model);
+    d->m_kv_use = metrics_gauge(m, "ebb_kv_cache_usage_ratio", "KV cache reserved over its budget (0 without one).",
+                                1, model);
+    d->m_weights = metrics_gauge(m, "ebb_resident_weight_bytes", "Model weight bytes resident in memory.", 1, model);
+    d->m_budget = metrics_gauge(m, "ebb_memory_budget_bytes", "Memory budget (0: none).", 0, NULL);
+    return d->m_requests && d->m_duration && d->m_aborted && d->m_conn_open && d->m_conn_total &&
+                   d->m_conn_rejected && d->m_running && d->m_waiting && d->m_finished && d->m_prompt_tokens &&
+                   d->m_gen_tokens && d->m_ttft && d->m_itl && d->m_e2e && d->m_queue && d->m_kv_bytes &&
+                   d->m_kv_use && d->m_weights && d->m_budget
+               ? 0
+               : -1;
 }
 
 static void serve_usage(FILE *out) {
-    fprintf(out,
-        "usage: ebb serve [options]\n"
-        "  --host H               address to listen on (default 127.0.0.1; IPv6 literals work)\n"
-        "  --port P               TCP port (default 8080; 0 picks a free one, logged)\n"
-        "  --max-body BYTES       largest request body (default 8388608)\n"
-        "  --max-header BYTES     largest request line + headers (default 16384)\n"
-        "  --header-timeout S     seconds to receive a request's headers (default 10)\n"
-        "  --idle-timeout S       keep-alive idle and body inactivity seconds (default 30)\n"
-        "  --max-connections N    open connections at most (default 1024)\n"
-        "  --shutdown-timeout S   on SIGTERM, seconds to let responses finish (default 10)\n"
-        "  --log-level L          debug, info, warn or error (default info)\n"
-        "environment: EBB_TEST_ROUTES=1 enables POST /debug/echo and GET /debug/stream\n");
+    fprintf(out, "usage: ebb serve [--config FILE] [options]\n"
+                 "Runs the HTTP daemon. Every setting comes from, in increasing priority: its default,\n"
+                 "the JSON config file (--config, else $EBB_CONFIG), EBB_<SETTING> variables, and flags:\n");
+    config_flags_help(out);
+    fprintf(out, "environment: EBB_TEST_ROUTES=1 enables POST /debug/echo and GET /debug/stream\n"
+                 "see docs/operations.md\n");
 }
 
-/* Seconds given on the command line, as milliseconds (at least 1). */
-static int seconds_flag(const char *flag, const char *value, unsigned *ms) {
-    float sec;
-    if (cli_float("serve", flag, value, 0.001, 86400, &sec)) return -1;
-    *ms = (unsigned)(sec * 1000.0f + 0.5f);
-    if (*ms == 0) *ms = 1;
+/* Catalog start-up: register the default model on an empty catalog, queue
+ * every catalog model for loading, and restore the saved memory budget
+ * unless the operator set one explicitly for this run. */
+static int start_models(struct daemon *d) {
+    char err[512];
+    struct catalog_model *list = NULL;
+    size_t n = 0;
+    if (catalog_model_list(d->catalog, &list, &n, err, sizeof err) != CATALOG_OK) {
+        fprintf(stderr, "ebb serve: %s\n", err);
+        return -1;
+    }
+    if (n == 0 && *d->cfg.default_model_path) {
+        const char *name = *d->cfg.default_model ? d->cfg.default_model : NULL;
+        if (catalog_model_add(d->catalog, d->cfg.default_model_path, name, NULL, err, sizeof err) != CATALOG_OK) {
+            fprintf(stderr, "ebb serve: cannot register the default model: %s\n", err);
+            return -1;
+        }
+        log_info("registered the default model", "path=%s", d->cfg.default_model_path);
+        catalog_model_list_free(list, n);
+        if (catalog_model_list(d->catalog, &list, &n, err, sizeof err) != CATALOG_OK) {
+            fprintf(stderr, "ebb serve: %s\n", err);
+            return -1;
+        }
+    }
+    for (size_t i = 0; i < n; i++) served_load(d, list[i].name, list[i].source_path, list[i].created_at);
+    catalog_model_list_free(list, n);
+    if (n == 0) log_warn("the catalog has no models; add one with POST /admin/models or ebb models add", NULL);
+
+    uint64_t budget = d->cfg.memory_budget_bytes, saved;
+    int explicit_budget = config_source_of(&d->cfg, "memory_budget_bytes") >= CONFIG_FROM_ENV;
+    if (!explicit_budget &&
+        catalog_setting_get_u64(d->catalog, "memory_budget_bytes", &saved, err, sizeof err) == CATALOG_OK)
+        budget = saved;
+    d->memory_budget = budget;
+    metric_set(d->m_budget, NULL, (double)budget);
     return 0;
 }
 
-int cmd_serve(int argc, char **argv) {
-    const char *host = "127.0.0.1";
-    int port = 8080;
-    struct http_config cfg = {0};
-    unsigned shutdown_ms = 10000;
+static int parse_flags(struct daemon *d, int argc, char **argv) {
+    const char *config_path = NULL;
     for (int i = 1; i < argc; i++) {
-        const char *a = argv[i], *v = NULL;
-        if (!strcmp(a, "--help") || !strcmp(a, "-h")) { serve_usage(stdout); return 0; }
-        bool takes_value = !strcmp(a, "--host") || !strcmp(a, "--port") || !strcmp(a, "--max-body") ||
-                           !strcmp(a, "--max-header") || !strcmp(a, "--header-timeout") ||
-                           !strcmp(a, "--idle-timeout") || !strcmp(a, "--max-connections") ||
-                           !strcmp(a, "--shutdown-timeout") || !strcmp(a, "--log-level");
-        if (!takes_value) {
-            fprintf(stderr, "ebb serve: unknown option '%s'\n", a);
-            serve_usage(stderr);
+        if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h")) { serve_usage(stdout); return 1; }
+        if (!strcmp(argv[i], "--config")) {
+            if (!(config_path = cli_value("serve", argc, argv, &i))) return 2;
+        }
+    }
+    char err[512];
+    if (config_load(&d->cfg, config_path, err, sizeof err)) {
+        fprintf(stderr, "ebb serve: %s\n", err);
+        return 2;
+    }
+    for (int i = 1; i < argc; i++) {
+        if (!strcmp(argv[i], "--config")) { i++; continue; }
+        const char *value = i + 1 < argc ? argv[i + 1] : NULL;
+        int rc = config_apply_flag(&d->cfg, argv[i], value, err, sizeof err);
+        if (rc) {
+            fprintf(stderr, "ebb serve: %s\n", err);
+            if (rc == 1) serve_usage(stderr);
             return 2;
         }
-        if (!(v = cli_value("serve", argc, argv, &i))) return 2;
-        int iv;
-        uint64_t u;
-        if (!strcmp(a, "--host")) host = v;
-        else if (!strcmp(a, "--port")) { if (cli_int("serve", a, v, 0, 65535, &port)) return 2; }
-        else if (!strcmp(a, "--max-body")) {
-            if (cli_u64("serve", a, v, &u)) return 2;
-            if (u < 1 || u > (1ull << 32)) { fprintf(stderr, "ebb serve: --max-body expects 1..4294967296 bytes\n"); return 2; }
-            cfg.max_body = (size_t)u;
-        } else if (!strcmp(a, "--max-header")) {
-            if (cli_int("serve", a, v, 256, 1 << 20, &iv)) return 2;
-            cfg.max_header = (size_t)iv;
-        } else if (!strcmp(a, "--header-timeout")) { if (seconds_flag(a, v, &cfg.header_timeout_ms)) return 2; }
-        else if (!strcmp(a, "--idle-timeout")) { if (seconds_flag(a, v, &cfg.idle_timeout_ms)) return 2; }
-        else if (!strcmp(a, "--shutdown-timeout")) {
-            float sec;
-            if (cli_float("serve", a, v, 0, 86400, &sec)) return 2;
-            shutdown_ms = (unsigned)(sec * 1000.0f + 0.5f);
-        } else if (!strcmp(a, "--max-connections")) {
-            if (cli_int("serve", a, v, 1, 1000000, &iv)) return 2;
-            cfg.max_connections = (unsigned)iv;
-        } else if (!strcmp(a, "--log-level")) {
-            enum log_level lvl;
-            if (log_parse_level(v, &lvl)) {
-                fprintf(stderr, "ebb serve: --log-level expects debug, info, warn or error, got '%s'\n", v);
-                return 2;
-            }
-            log_set_level(lvl);
-        }
+        i++;
     }
+    enum log_level lvl;
+    if (!log_parse_level(config_log_level_name(d->cfg.log_level), &lvl)) log_set_level(lvl);
+    return 0;
+}
 
-    static struct serve s;   /* static: signal and timer handles point into it */
-    memset(&s, 0, sizeof s);
+static void cleanup(struct daemon *d) {
+    if (d->catalog) catalog_close(d->catalog);
+    metrics_free(d->metrics);
+}
+
+int cmd_serve(int argc, char **argv) {
+    static struct daemon d;   /* static: signal and async handles point into it */
+    memset(&d, 0, sizeof d);
+    int rc = parse_flags(&d, argc, argv);
+    if (rc) return rc == 1 ? 0 : rc;
     const char *tr = getenv("EBB_TEST_ROUTES");
-    s.test_routes = tr && !strcmp(tr, "1");
-    s.shutdown_ms = shutdown_ms;
+    d.test_routes = tr && !strcmp(tr, "1");
     signal(SIGPIPE, SIG_IGN);   /* a vanished client must be an error code, not a signal */
 
-    if (register_metrics(&s)) {
+    char path[4096], err[512];
+    if (register_metrics(&d)) {
         fprintf(stderr, "ebb serve: cannot set up metrics\n");
-        metrics_free(s.metrics);
+        cleanup(&d);
         return 1;
     }
-    if (uv_loop_init(&s.loop)) {
+    if (config_catalog_path(&d.cfg, path, sizeof path, err, sizeof err) ||
+        catalog_open(path, &d.catalog, err, sizeof err) != CATALOG_OK) {
+        fprintf(stderr, "ebb serve: %s\n", err);
+        cleanup(&d);
+        return 1;
+    }
+    if (uv_loop_init(&d.loop) || bridge_init(&d.bridge, &d.loop, routes_deliver, &d)) {
         fprintf(stderr, "ebb serve: cannot create the event loop\n");
-        metrics_free(s.metrics);
+        cleanup(&d);
         return 1;
     }
-    cfg.on_request = on_request;
-    cfg.on_done = on_done;
-    cfg.arg = &s;
-    s.http = http_server_new(&s.loop, &cfg);
-    int rc = s.http ? http_server_listen(s.http, host, port) : UV_ENOMEM;
+    struct http_config hc = {
+        .max_body = (size_t)d.cfg.max_body_bytes,
+        .max_header = (size_t)d.cfg.max_header_bytes,
+        .header_timeout_ms = (unsigned)d.cfg.header_timeout_ms,
+        .idle_timeout_ms = (unsigned)d.cfg.idle_timeout_ms,
+        .max_connections = (unsigned)d.cfg.max_connections,
+        .on_request = on_request,
+        .on_done = on_done,
+        .arg = &d,
+    };
+    d.http = http_server_new(&d.loop, &hc);
+    rc = d.http ? http_server_listen(d.http, d.cfg.host, d.cfg.port) : UV_ENOMEM;
     if (rc < 0) {
-        fprintf(stderr, "ebb serve: cannot listen on %s port %d: %s\n", host, port, uv_strerror(rc));
-        log_error("cannot listen", "host=%s port=%d error=\"%s\"", host, port, uv_strerror(rc));
-        if (s.http) {
-            http_server_shutdown(s.http, 0, NULL, NULL);
-            uv_run(&s.loop, UV_RUN_DEFAULT);
-            http_server_free(s.http);
-        }
-        uv_loop_close(&s.loop);
-        metrics_free(s.metrics);
+        fprintf(stderr, "ebb serve: cannot listen on %s port %d: %s\n", d.cfg.host, d.cfg.port, uv_strerror(rc));
+        log_error("cannot listen", "host=%s port=%d error=\"%s\"", d.cfg.host, d.cfg.port, uv_strerror(rc));
+        if (d.http) http_server_shutdown(d.http, 0, NULL, NULL);
+        bridge_close(&d.bridge);
+        uv_run(&d.loop, UV_RUN_DEFAULT);
+        if (d.http) http_server_free(d.http);
+        uv_loop_close(&d.loop);
+        cleanup(&d);
         return 1;
     }
-    uv_signal_init(&s.loop, &s.sigterm);
-    uv_signal_init(&s.loop, &s.sigint);
-    s.sigterm.data = s.sigint.data = &s;
-    uv_signal_start(&s.sigterm, on_signal, SIGTERM);
-    uv_signal_start(&s.sigint, on_signal, SIGINT);
+    if (start_models(&d)) {
+        http_server_shutdown(d.http, 0, NULL, NULL);
+        while (d.models) served_unload(d.models);
+        bridge_close(&d.bridge);
+        uv_run(&d.loop, UV_RUN_DEFAULT);
+        http_server_free(d.http);
+        uv_loop_close(&d.loop);
+        cleanup(&d);
+        return 1;
+    }
+    uv_signal_init(&d.loop, &d.sigterm);
+    uv_signal_init(&d.loop, &d.sigint);
+    d.sigterm.data = d.sigint.data = &d;
+    uv_signal_start(&d.sigterm, on_signal, SIGTERM);
+    uv_signal_start(&d.sigint, on_signal, SIGINT);
 
-    struct http_config eff = cfg;
-    http_config_defaults(&eff);
     char qhost[128];
-    log_info("listening", "host=%s port=%d max_body=%zu header_timeout_ms=%u idle_timeout_ms=%u test_routes=%d",
-             log_quote(qhost, sizeof qhost, host), http_server_port(s.http), eff.max_body,
-             eff.header_timeout_ms, eff.idle_timeout_ms, s.test_routes);
+    log_info("listening", "host=%s port=%d catalog=%s memory_budget=%llu admin=%s test_routes=%d",
+             log_quote(qhost, sizeof qhost, d.cfg.host), http_server_port(d.http), path,
+             (unsigned long long)d.memory_budget, *d.cfg.admin_token ? "enabled" : "disabled", d.test_routes);
 
-    uv_run(&s.loop, UV_RUN_DEFAULT);
+    uv_run(&d.loop, UV_RUN_DEFAULT);
 
     rc = 0;
-    if (http_server_free(s.http) != 0) { log_error("server still has open handles", NULL); rc = 1; }
-    if (uv_loop_close(&s.loop) != 0) { log_error("event loop still has open handles", NULL); rc = 1; }
-    metrics_free(s.metrics);
+    if (http_server_free(d.http) != 0) { log_error("server still has open handles", NULL); rc = 1; }
+    if (uv_loop_close(&d.loop) != 0) { log_error("event loop still has open handles", NULL); rc = 1; }
+    cleanup(&d);
     log_info("stopped", NULL);
     return rc;
 }

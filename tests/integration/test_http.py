@@ -17,6 +17,7 @@ import signal
 import socket
 import subprocess
 import threading
+import tempfile
 import time
 
 import pytest
@@ -31,8 +32,12 @@ class Server:
 
     def __init__(self, binary, *args, host="127.0.0.1"):
         self.host = host
-        env = dict(os.environ, EBB_TEST_ROUTES="1")
-        self.proc = subprocess.Popen([binary, "serve", "--host", host, "--port", "0", *args],
+        # Transport tests need no model: a private, empty catalog and no
+        # default model to register keep each server small and fast.
+        self.tmp = tempfile.TemporaryDirectory()
+        env = dict(os.environ, EBB_TEST_ROUTES="1", EBB_CATALOG=os.path.join(self.tmp.name, "catalog.db"))
+        self.proc = subprocess.Popen([binary, "serve", "--host", host, "--port", "0",
+                                      "--default-model-path", "", *args],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
         self.lines = []
         self.terminated = None
@@ -133,7 +138,7 @@ def start(binary):
 
 @pytest.fixture
 def server(start):
-    return start("--max-body", "4096", "--header-timeout", "2", "--idle-timeout", "2")
+    return start("--max-body-bytes", "4096", "--header-timeout-ms", "2000", "--idle-timeout-ms", "2000")
 
 
 # ---------------------------------------------------------------- raw HTTP helpers
@@ -383,7 +388,7 @@ def test_garbage_after_a_good_request_answers_the_good_one_first(server):
 
 
 def test_headers_too_large_get_431(start):
-    srv = start("--max-header", "1024")
+    srv = start("--max-header-bytes", "1024")
     with srv.connect() as s, s.makefile("rb") as f:
         s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 2000 + b"\r\n\r\n")
         assert_openai_error(read_response(f), 431)
@@ -676,7 +681,7 @@ def test_sigterm_exits_zero_promptly(start):
 
 
 def test_sigterm_lets_a_running_stream_finish(start):
-    srv = start("--shutdown-timeout", "10")
+    srv = start("--shutdown-timeout-ms", "10000")
     with srv.connect() as s, s.makefile("rb") as f:
         s.sendall(get("/debug/stream?n=10&ms=100"))   # about 1 s of events
         assert f.readline().startswith(b"HTTP/1.1 200")
@@ -699,7 +704,7 @@ def test_sigterm_lets_a_running_stream_finish(start):
 
 
 def test_sigterm_deadline_cuts_long_streams(start):
-    srv = start("--shutdown-timeout", "0.5")
+    srv = start("--shutdown-timeout-ms", "500")
     s = srv.connect()
     s.sendall(get("/debug/stream?n=100000&ms=10"))
     s.recv(100)
@@ -712,10 +717,10 @@ def test_sigterm_deadline_cuts_long_streams(start):
 
 
 def test_bad_flags_are_clear_errors(binary):
-    for args, needle in ([["--port", "70000"], "--port expects"],
-                         [["--max-body", "-1"], "--max-body"],
-                         [["--header-timeout", "0"], "--header-timeout expects"],
-                         [["--log-level", "loud"], "--log-level expects"],
+    for args, needle in ([["--port", "70000"], "--port: 70000 is out of range"],
+                         [["--max-body-bytes", "-1"], "--max-body-bytes: -1 is out of range"],
+                         [["--header-timeout-ms", "0"], "--header-timeout-ms: 0 is out of range"],
+                         [["--log-level", "loud"], "'loud' is not a log level"],
                          [["--bogus"], "unknown option"]):
         p = subprocess.run([binary, "serve", *args], capture_output=True, timeout=20)
         assert p.returncode == 2, (args, p.stderr)
@@ -726,6 +731,7 @@ def test_bad_flags_are_clear_errors(binary):
 
 def test_port_in_use_is_a_clear_error(binary, start):
     srv = start()
-    p = subprocess.run([binary, "serve", "--port", str(srv.port)], capture_output=True, timeout=20)
+    p = subprocess.run([binary, "serve", "--port", str(srv.port), "--default-model-path", ""],
+                       capture_output=True, timeout=20, env=dict(os.environ, EBB_CATALOG=os.path.join(srv.tmp.name, "c2.db")))
     assert p.returncode == 1
     assert b"cannot listen" in p.stderr and b"address already in use" in p.stderr

@@ -1,0 +1,89 @@
+/* Engine-to-loop event queue; see bridge.h. */
+#include "server/bridge.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+#include "server/log.h"
+
+static void drain(uv_async_t *h) {
+    struct bridge *b = h->data;
+    pthread_mutex_lock(&b->lock);
+    struct bridge_event *ev = b->head;
+    b->head = b->tail = NULL;
+    pthread_mutex_unlock(&b->lock);
+    while (ev) {
+        struct bridge_event *next = ev->next;
+        b->deliver(ev, b->arg);
+        free(ev);
+        ev = next;
+    }
+}
+
+int bridge_init(struct bridge *b, uv_loop_t *loop, bridge_deliver_fn deliver, void *arg) {
+    memset(b, 0, sizeof *b);
+    b->deliver = deliver;
+    b->arg = arg;
+    if (pthread_mutex_init(&b->lock, NULL)) return -1;
+    if (uv_async_init(loop, &b->async, drain)) {
+        pthread_mutex_destroy(&b->lock);
+        return -1;
+    }
+    b->async.data = b;
+    return 0;
+}
+
+static void closed(uv_handle_t *h) {
+    struct bridge *b = h->data;
+    pthread_mutex_destroy(&b->lock);
+}
+
+void bridge_close(struct bridge *b) {
+    drain(&b->async);
+    uv_close((uv_handle_t *)&b->async, closed);
+}
+
+static void post(struct bridge *b, struct bridge_event *ev) {
+    pthread_mutex_lock(&b->lock);
+    if (b->tail) b->tail->next = ev;
+    else b->head = ev;
+    b->tail = ev;
+    pthread_mutex_unlock(&b->lock);
+    uv_async_send(&b->async);
+}
+
+void bridge_on_token(void *ud, int32_t id, const char *text, size_t len, float logprob, double t) {
+    struct bridge_target *target = ud;
+    struct bridge_event *ev = calloc(1, sizeof *ev + len + 1);
+    if (!ev) {
+        /* Dropping a token's text would corrupt the answer silently; the
+         * request's completion event still arrives, and the loop side marks
+         * the response as failed when it sees the gap in token counts. */
+        log_error("out of memory queuing a token event", NULL);
+        return;
+    }
+    ev->kind = BRIDGE_TOKEN;
+    ev->target = ud;
+    ev->id = id;
+    ev->logprob = logprob;
+    ev->t = t;
+    ev->len = len;
+    memcpy(ev->text, text, len);
+    post(target->bridge, ev);
+}
+
+void bridge_on_done(void *ud, enum finish_reason finish, int n_prompt, int n_generated,
+                    const struct sched_timing *timing) {
+    struct bridge_target *target = ud;
+    /* The completion event must never be lost: the request's state is freed
+     * only when it arrives. Retry the small allocation until it succeeds. */
+    struct bridge_event *ev;
+    while (!(ev = calloc(1, sizeof *ev + 1))) uv_sleep(1);
+    ev->kind = BRIDGE_DONE;
+    ev->target = ud;
+    ev->finish = finish;
+    ev->n_prompt = n_prompt;
+    ev->n_generated = n_generated;
+    ev->timing = *timing;
+    post(target->bridge, ev);
+}

@@ -1,0 +1,116 @@
+/* The daemon's shared state and the pieces of `ebb serve`.
+ *
+ *   cmd_serve.c       start-up and shutdown, the route table, /health /ready /metrics
+ *   served_models.c   models being served: loading off the loop, lookup, unloading,
+ *                     the memory budget and how it is split
+ *   routes_v1.c       the OpenAI-style API (completions, chat, models, tokenize,
+ *                     detokenize, request cancellation)
+ *   routes_admin.c    token-protected administration (memory budget, catalog models)
+ *   bridge.c          engine threads -> loop thread events
+ *
+ * Threads: the libuv loop owns sockets, the route handlers and every field
+ * here except where a comment says otherwise. Each served model has its own
+ * engine thread (its scheduler). Model loading and unloading run on libuv's
+ * work pool (uv_queue_work), never on the loop.
+ */
+#ifndef EBB_SERVER_DAEMON_H
+#define EBB_SERVER_DAEMON_H
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <uv.h>
+
+#include "engine/model.h"
+#include "engine/scheduler.h"
+#include "server/bridge.h"
+#include "server/config.h"
+#include "server/http.h"
+#include "server/metrics.h"
+
+struct catalog;
+
+enum served_state { SERVED_LOADING, SERVED_READY, SERVED_FAILED, SERVED_UNLOADING };
+
+struct served_model {
+    struct served_model *next;
+    char name[129];
+    char path[4096];
+    enum served_state state;
+    char error[512];              /* why loading failed */
+    struct model model;           /* valid when READY */
+    struct sched *sched;          /* valid when READY */
+    int refs;                     /* the list's own + one per request in flight */
+    uv_work_t work;
+    struct daemon *d;
+    int64_t created;              /* unix seconds, for /v1/models */
+    /* metric series, labelled by this model */
+    struct metric_series *m_running, *m_waiting, *m_kv_bytes, *m_kv_use, *m_weights;
+    struct metric_series *m_prompt_tokens, *m_gen_tokens;
+    struct metric_series *m_ttft, *m_itl, *m_e2e, *m_queue;
+};
+
+struct daemon {
+    uv_loop_t loop;
+    struct http_server *http;
+    uv_signal_t sigterm, sigint;
+    struct ebb_config cfg;
+    struct catalog *catalog;
+    struct bridge bridge;
+    bool test_routes;
+    bool stopping;
+
+    struct served_model *models;  /* list, loop thread */
+    uint64_t memory_budget;       /* bytes; 0 = none */
+
+    struct metrics *metrics;
+    struct metric *m_requests, *m_duration, *m_aborted;
+    struct metric *m_conn_open, *m_conn_total, *m_conn_rejected;
+    uint64_t seen_accepted, seen_rejected;
+    struct metric *m_running, *m_waiting, *m_finished, *m_prompt_tokens, *m_gen_tokens;
+    struct metric *m_ttft, *m_itl, *m_e2e, *m_queue;
+    struct metric *m_kv_bytes, *m_kv_use, *m_weights, *m_budget;
+};
+
+/* ---- served_models.c ---- */
+/* Starts loading a model (from the catalog entry's path) in the background;
+ * it appears in lookups at once, in state LOADING. */
+int served_load(struct daemon *d, const char *name, const char *path, int64_t created);
+/* Finds a model by name (NULL: the default model, else the only one). */
+struct served_model *served_find(struct daemon *d, const char *name);
+void served_ref(struct served_model *sm);
+void served_unref(struct served_model *sm);
+/* Removes a model from service: new requests get 404, running ones are
+ * cancelled, memory is freed off the loop once the last request has ended. */
+void served_unload(struct served_model *sm);
+/* True once every model has left LOADING (for /ready: at least one READY). */
+bool served_any_ready(struct daemon *d);
+/* Applies a memory budget (bytes, 0 = none): checks it against resident
+ * weights and splits what is left across the models' KV caches. 0, or -1
+ * with a message when the budget cannot hold the weights. */
+int served_set_budget(struct daemon *d, uint64_t bytes, char *err, size_t errlen);
+size_t served_weight_bytes(struct daemon *d);
+/* Refreshes the per-model gauges before /metrics renders. */
+void served_refresh_metrics(struct daemon *d);
+
+/* ---- routes_v1.c / routes_admin.c ---- */
+void route_completions(struct daemon *d, struct http_request *req);
+void route_chat_completions(struct daemon *d, struct http_request *req);
+void route_models(struct daemon *d, struct http_request *req);
+void route_tokenize(struct daemon *d, struct http_request *req);
+void route_detokenize(struct daemon *d, struct http_request *req);
+void route_cancel_request(struct daemon *d, struct http_request *req);
+void route_admin_memory_get(struct daemon *d, struct http_request *req);
+void route_admin_memory_put(struct daemon *d, struct http_request *req);
+void route_admin_models_get(struct daemon *d, struct http_request *req);
+void route_admin_models_post(struct daemon *d, struct http_request *req);
+void route_admin_models_delete(struct daemon *d, struct http_request *req);
+/* 1 if the request carries the admin bearer token; otherwise it has been
+ * answered (401, or 403 when admin routes are disabled). */
+int admin_authorized(struct daemon *d, struct http_request *req);
+/* Delivers a bridge event to its request (loop thread). */
+void routes_deliver(struct bridge_event *ev, void *arg);
+
+/* Sends a JSON value built with jansson (steals the reference). */
+struct json_t;
+void respond_json(struct http_request *req, int status, struct json_t *body);
+#endif

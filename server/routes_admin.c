@@ -1,0 +1,301 @@
+/* Administration routes: the memory budget and the catalog's models.
+ *
+ * Every route here needs "Authorization: Bearer <admin_token>". With no token
+ * configured the routes are disabled (403): an open admin API on a daemon
+ * that binds beyond loopback would be a remote kill switch. Tokens are
+ * compared in constant time.
+ *
+ * Catalog writes (SQLite commits, hashing a model file) run on libuv's work
+ * pool; the loop only validates, dispatches and answers.
+ */
+#include <jansson.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "server/daemon.h"
+#include "server/log.h"
+#include "storage/catalog.h"
+
+#define BUDGET_SETTING "memory_budget_bytes"
+
+static int tokens_equal(const char *a, const char *b) {
+    size_t la = strlen(a), lb = strlen(b);
+    unsigned char diff = (unsigned char)(la != lb);
+    for (size_t i = 0; i < la; i++) diff |= (unsigned char)(a[i] ^ b[i % (lb ? lb : 1)]);
+    return diff == 0;
+}
+
+int admin_authorized(struct daemon *d, struct http_request *req) {
+    if (!*d->cfg.admin_token) {
+        http_respond_error(req, 403, "permission_error",
+                           "admin routes are disabled: set admin_token (EBB_ADMIN_TOKEN) to enable them", NULL);
+        return 0;
+    }
+    const char *auth = http_header(req, "Authorization");
+    if (!auth || strncmp(auth, "Bearer ", 7) || !tokens_equal(auth + 7, d->cfg.admin_token)) {
+        http_add_header(req, "WWW-Authenticate", "Bearer");
+        http_respond_error(req, 401, "authentication_error",
+                           auth ? "the admin token is not valid" : "an admin token is required (Authorization: Bearer ...)",
+                           NULL);
+        return 0;
+    }
+    return 1;
+}
+
+/* Parses the body as a JSON object or answers 400. */
+static json_t *body_object(struct http_request *req) {
+    json_error_t jerr;
+    json_t *root = json_loadb(req->body, req->body_len, JSON_REJECT_DUPLICATES, &jerr);
+    if (!root) {
+        char msg[300];
+        snprintf(msg, sizeof msg, "request body is not valid JSON: %s (line %d, column %d)", jerr.text, jerr.line,
+                 jerr.column);
+        http_respond_error(req, 400, "invalid_request_error", msg, NULL);
+        return NULL;
+    }
+    if (!json_is_object(root)) {
+        json_decref(root);
+        http_respond_error(req, 400, "invalid_request_error", "request body must be a JSON object", NULL);
+        return NULL;
+    }
+    return root;
+}
+
+/* ------------------------------------------------------------ background jobs */
+
+/* One catalog operation off the loop. The request stays valid until the
+ * job answers it: the application's reference is given back only by the
+ * completing http_respond* call (see server/http.h). */
+struct admin_job {
+    uv_work_t work;
+    struct daemon *d;
+    struct http_request *req;
+    char name[CATALOG_NAME_MAX + 1];
+    char path[4096];
+    uint64_t value;
+    enum catalog_status status;
+    struct catalog_model model;
+    char err[512];
+};
+
+static struct admin_job *job_new(struct daemon *d, struct http_request *req) {
+    struct admin_job *j = calloc(1, sizeof *j);
+    if (!j) {
+        http_respond_error(req, 500, "server_error", "out of memory", NULL);
+        return NULL;
+    }
+    j->d = d;
+    j->req = req;
+    j->work.data = j;
+    return j;
+}
+
+static void job_free(struct admin_job *j) {
+    catalog_model_free(&j->model);
+    free(j);
+}
+
+static int status_of(enum catalog_status s) {
+    switch (s) {
+    case CATALOG_OK: return 200;
+    case CATALOG_NOT_FOUND: return 404;
+    case CATALOG_EXISTS: return 409;
+    case CATALOG_INVALID: return 400;
+    default: return 500;
+    }
+}
+
+static const char *type_of(enum catalog_status s) {
+    return s == CATALOG_NOT_FOUND ? "not_found_error" : s == CATALOG_ERROR ? "server_error" : "invalid_request_error";
+}
+
+/* ------------------------------------------------------------ memory */
+
+static json_t *memory_state(struct daemon *d) {
+    size_t reserved = 0, allocated = 0;
+    json_t *models = json_array();
+    for (struct served_model *sm = d->models; sm; sm = sm->next) {
+        if (sm->state != SERVED_READY) continue;
+        struct sched_stats st;
+        sched_get_stats(sm->sched, &st);
+        reserved += st.kv_reserved_bytes;
+        allocated += st.kv_allocated_bytes;
+        json_array_append_new(models, json_pack("{s:s, s:I, s:I, s:I, s:I}", "model", sm->name, "weight_bytes",
+                                                (json_int_t)sm->model.weight_bytes, "kv_budget_bytes",
+                                                (json_int_t)st.kv_budget_bytes, "kv_reserved_bytes",
+                                                (json_int_t)st.kv_reserved_bytes, "kv_allocated_bytes",
+                                                (json_int_t)st.kv_allocated_bytes));
+    }
+    return json_pack("{s:I, s:I, s:I, s:I, s:o}", "budget_bytes", (json_int_t)d->memory_budget, "weight_bytes",
+                     (json_int_t)served_weight_bytes(d), "kv_reserved_bytes", (json_int_t)reserved,
+                     "kv_allocated_bytes", (json_int_t)allocated, "models", models);
+}
+
+void route_admin_memory_get(struct daemon *d, struct http_request *req) {
+    if (!admin_authorized(d, req)) return;
+    respond_json(req, 200, memory_state(d));
+}
+
+static void persist_budget_work(uv_work_t *w) {
+    struct admin_job *j = w->data;
+    j->status = catalog_setting_set_u64(j->d->catalog, BUDGET_SETTING, j->value, j->err, sizeof j->err);
+}
+
+static void persist_budget_done(uv_work_t *w, int status) {
+    (void)status;
+    struct admin_job *j = w->data;
+    if (j->status != CATALOG_OK) {
+        log_error("cannot persist the memory budget", "error=\"%s\"", j->err);
+        http_respond_error(j->req, 500, "server_error", j->err, NULL);
+    } else {
+        log_info("memory budget set", "bytes=%llu", (unsigned long long)j->value);
+        respond_json(j->req, 200, memory_state(j->d));
+    }
+    job_free(j);
+}
+
+void route_admin_memory_put(struct daemon *d, struct http_request *req) {
+    if (!admin_authorized(d, req)) return;
+    json_t *root = body_object(req);
+    if (!root) return;
+    json_t *v = json_object_get(root, "budget_bytes");
+    if (!v || !json_is_integer(v) || json_integer_value(v) < 0) {
+        json_decref(root);
+        http_respond_error(req, 400, "invalid_request_error",
+                           "'budget_bytes' must be a non-negative integer (0 removes the budget)", "budget_bytes");
+        return;
+    }
+    uint64_t bytes = (uint64_t)json_integer_value(v);
+    json_decref(root);
+    char err[256];
+    /* Apply first: an impossible budget is refused before anything is saved. */
+    if (served_set_budget(d, bytes, err, sizeof err)) {
+        http_respond_error(req, 400, "invalid_request_error", err, "budget_bytes");
+        return;
+    }
+    struct admin_job *j = job_new(d, req);
+    if (!j) return;
+    j->value = bytes;
+    if (uv_queue_work(&d->loop, &j->work, persist_budget_work, persist_budget_done)) {
+        http_respond_error(req, 500, "server_error", "cannot queue the catalog write", NULL);
+        job_free(j);
+    }
+}
+
+/* ------------------------------------------------------------ models */
+
+static const char *state_name(enum served_state s) {
+    switch (s) {
+    case SERVED_LOADING: return "loading";
+    case SERVED_READY: return "ready";
+    case SERVED_FAILED: return "failed";
+    default: return "unloading";
+    }
+}
+
+static json_t *model_json(struct daemon *d, const struct catalog_model *m) {
+    struct served_model *sm = served_find(d, m->name);
+    json_t *o = json_pack("{s:s, s:s, s:s, s:I, s:I, s:I}", "name", m->name, "architecture", m->architecture, "path",
+                          m->source_path, "bytes", (json_int_t)m->source_bytes, "params", (json_int_t)m->params,
+                          "created", (json_int_t)m->created_at);
+    json_object_set_new(o, "sha256", m->source_sha256 ? json_string(m->source_sha256) : json_null());
+    json_object_set_new(o, "state", json_string(sm ? state_name(sm->state) : "not_loaded"));
+    if (sm && sm->state == SERVED_FAILED) json_object_set_new(o, "error", json_string(sm->error));
+    return o;
+}
+
+void route_admin_models_get(struct daemon *d, struct http_request *req) {
+    if (!admin_authorized(d, req)) return;
+    struct catalog_model *list = NULL;
+    size_t n = 0;
+    char err[512];
+    if (catalog_model_list(d->catalog, &list, &n, err, sizeof err) != CATALOG_OK) {
+        http_respond_error(req, 500, "server_error", err, NULL);
+        return;
+    }
+    json_t *data = json_array();
+    for (size_t i = 0; i < n; i++) json_array_append_new(data, model_json(d, &list[i]));
+    catalog_model_list_free(list, n);
+    respond_json(req, 200, json_pack("{s:s, s:o}", "object", "list", "data", data));
+}
+
+static void add_model_work(uv_work_t *w) {
+    struct admin_job *j = w->data;
+    j->status = catalog_model_add(j->d->catalog, j->path, *j->name ? j->name : NULL, &j->model, j->err, sizeof j->err);
+}
+
+static void add_model_done(uv_work_t *w, int status) {
+    (void)status;
+    struct admin_job *j = w->data;
+    if (j->status != CATALOG_OK) {
+        http_respond_error(j->req, status_of(j->status), type_of(j->status), j->err, j->status == CATALOG_EXISTS ? "name" : "path");
+    } else {
+        log_info("model registered", "model=%s path=%s", j->model.name, j->model.source_path);
+        if (!j->d->stopping) served_load(j->d, j->model.name, j->model.source_path, j->model.created_at);
+        respond_json(j->req, 201, model_json(j->d, &j->model));
+    }
+    job_free(j);
+}
+
+void route_admin_models_post(struct daemon *d, struct http_request *req) {
+    if (!admin_authorized(d, req)) return;
+    json_t *root = body_object(req);
+    if (!root) return;
+    json_t *path = json_object_get(root, "path"), *name = json_object_get(root, "name");
+    const char *bad = NULL, *param = NULL;
+    if (!json_is_string(path) || !*json_string_value(path)) bad = "'path' must be a non-empty string", param = "path";
+    else if (name && !json_is_string(name)) bad = "'name' must be a string", param = "name";
+    char err[256];
+    if (!bad && name && catalog_name_check(json_string_value(name), err, sizeof err)) bad = err, param = "name";
+    if (bad) {
+        json_decref(root);
+        http_respond_error(req, 400, "invalid_request_error", bad, param);
+        return;
+    }
+    struct admin_job *j = job_new(d, req);
+    if (!j) { json_decref(root); return; }
+    snprintf(j->path, sizeof j->path, "%s", json_string_value(path));
+    if (name) snprintf(j->name, sizeof j->name, "%s", json_string_value(name));
+    json_decref(root);
+    if (uv_queue_work(&d->loop, &j->work, add_model_work, add_model_done)) {
+        http_respond_error(req, 500, "server_error", "cannot queue the catalog write", NULL);
+        job_free(j);
+    }
+}
+
+static void remove_model_work(uv_work_t *w) {
+    struct admin_job *j = w->data;
+    j->status = catalog_model_remove(j->d->catalog, j->name, j->err, sizeof j->err);
+}
+
+static void remove_model_done(uv_work_t *w, int status) {
+    (void)status;
+    struct admin_job *j = w->data;
+    if (j->status != CATALOG_OK) {
+        http_respond_error(j->req, status_of(j->status), type_of(j->status), j->err, NULL);
+    } else {
+        struct served_model *sm = served_find(j->d, j->name);
+        if (sm) served_unload(sm);
+        log_info("model removed", "model=%s", j->name);
+        respond_json(j->req, 200, json_pack("{s:s, s:s, s:b}", "name", j->name, "object", "model", "deleted", 1));
+    }
+    job_free(j);
+}
+
+void route_admin_models_delete(struct daemon *d, struct http_request *req) {
+    if (!admin_authorized(d, req)) return;
+    const char *name = req->path + strlen("/admin/models/");
+    char err[256];
+    if (catalog_name_check(name, err, sizeof err)) {
+        http_respond_error(req, 400, "invalid_request_error", err, "name");
+        return;
+    }
+    struct admin_job *j = job_new(d, req);
+    if (!j) return;
+    snprintf(j->name, sizeof j->name, "%s", name);
+    if (uv_queue_work(&d->loop, &j->work, remove_model_work, remove_model_done)) {
+        http_respond_error(req, 500, "server_error", "cannot queue the catalog write", NULL);
+        job_free(j);
+    }
+}

@@ -1,0 +1,194 @@
+/* Models being served.
+ *
+ * A served model goes LOADING -> READY (or FAILED) -> UNLOADING -> freed.
+ * Loading (reading and dequantizing the GGUF, starting the scheduler's
+ * engine thread) runs on libuv's work pool so the loop keeps answering
+ * /health and other models' requests meanwhile; /ready turns 200 once a model
+ * is READY.
+ *
+ * Lifetime is reference counted on the loop thread: the list holds one
+ * reference and every request in flight holds one. Unloading takes the model
+ * off the list (new requests get 404), cancels its running work, and the
+ * last reference to go schedules the teardown (joining the engine thread,
+ * freeing weights) on the work pool.
+ *
+ * The memory budget covers resident weights plus KV caches. Weights are
+ * fixed until BitStack lands, so the budget left after them is what the KV
+ * caches may reserve, split evenly across the models being served.
+ */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "server/daemon.h"
+#include "server/log.h"
+
+static void load_work(uv_work_t *w) {
+    struct served_model *sm = w->data;
+    struct daemon *d = sm->d;
+    double t0 = ebb_now_seconds();
+    if (model_load(&sm->model, sm->path, d->cfg.threads, sm->error, sizeof sm->error)) return;
+    struct sched_config sc = {
+        .max_running = d->cfg.max_running,
+        .max_waiting = d->cfg.queue_length,
+        .max_ctx = d->cfg.max_context,
+        .kv_budget_bytes = 0,   /* set by served_set_budget once on the loop */
+    };
+    sm->sched = sched_create(&sm->model, &sc);
+    if (!sm->sched) {
+        snprintf(sm->error, sizeof sm->error, "cannot start the engine thread");
+        model_free(&sm->model);
+        return;
+    }
+    log_info("model loaded", "model=%s seconds=%.2f weight_bytes=%zu", sm->name, ebb_now_seconds() - t0,
+             sm->model.weight_bytes);
+}
+
+static void load_done(uv_work_t *w, int status) {
+    struct served_model *sm = w->data;
+    struct daemon *d = sm->d;
+    if (status == 0 && sm->sched) {
+        if (sm->state == SERVED_LOADING) sm->state = SERVED_READY;
+        const char *labels[] = {sm->name};
+        metric_set(d->m_weights, labels, (double)sm->model.weight_bytes);
+        char err[256];
+        if (served_set_budget(d, d->memory_budget, err, sizeof err))
+            log_warn("memory budget no longer fits the resident weights; KV caches unbounded", "error=\"%s\"", err);
+    } else {
+        if (sm->state == SERVED_LOADING) sm->state = SERVED_FAILED;
+        log_error("model failed to load", "model=%s error=\"%s\"", sm->name, sm->error);
+    }
+    served_unref(sm);   /* the load's own reference */
+}
+
+static void series_for(struct daemon *d, struct served_model *sm) {
+    const char *m[] = {sm->name};
+    sm->m_running = metric_series(d->m_running, m);
+    sm->m_waiting = metric_series(d->m_waiting, m);
+    sm->m_kv_bytes = metric_series(d->m_kv_bytes, m);
+    sm->m_kv_use = metric_series(d->m_kv_use, m);
+    sm->m_weights = metric_series(d->m_weights, m);
+    sm->m_prompt_tokens = metric_series(d->m_prompt_tokens, m);
+    sm->m_gen_tokens = metric_series(d->m_gen_tokens, m);
+    sm->m_ttft = metric_series(d->m_ttft, m);
+    sm->m_itl = metric_series(d->m_itl, m);
+    sm->m_e2e = metric_series(d->m_e2e, m);
+    sm->m_queue = metric_series(d->m_queue, m);
+}
+
+int served_load(struct daemon *d, const char *name, const char *path, int64_t created) {
+    struct served_model *sm = calloc(1, sizeof *sm);
+    if (!sm) return -1;
+    snprintf(sm->name, sizeof sm->name, "%s", name);
+    snprintf(sm->path, sizeof sm->path, "%s", path);
+    sm->d = d;
+    sm->created = created ? created : (int64_t)time(NULL);
+    sm->state = SERVED_LOADING;
+    sm->refs = 2;   /* the list's and the load's */
+    sm->work.data = sm;
+    series_for(d, sm);
+    if (uv_queue_work(&d->loop, &sm->work, load_work, load_done)) {
+        free(sm);
+        return -1;
+    }
+    sm->next = d->models;
+    d->models = sm;
+    log_info("loading model", "model=%s path=%s", sm->name, sm->path);
+    return 0;
+}
+
+struct served_model *served_find(struct daemon *d, const char *name) {
+    if (!name || !*name) {
+        const char *def = d->cfg.default_model;
+        if (*def) return served_find(d, def);
+        return d->models && !d->models->next ? d->models : NULL;
+    }
+    for (struct served_model *sm = d->models; sm; sm = sm->next)
+        if (!strcmp(sm->name, name)) return sm;
+    return NULL;
+}
+
+void served_ref(struct served_model *sm) { sm->refs++; }
+
+static void teardown_work(uv_work_t *w) {
+    struct served_model *sm = w->data;
+    if (sm->sched) sched_destroy(sm->sched, 0);
+    sm->sched = NULL;
+    if (sm->state != SERVED_FAILED && sm->model.layers) model_free(&sm->model);
+}
+
+static void teardown_done(uv_work_t *w, int status) {
+    (void)status;
+    struct served_model *sm = w->data;
+    log_info("model unloaded", "model=%s", sm->name);
+    free(sm);
+}
+
+void served_unref(struct served_model *sm) {
+    if (--sm->refs > 0) return;
+    /* Joining the engine thread and freeing hundreds of MB of weights
+     * happens off the loop. */
+    sm->work.data = sm;
+    if (uv_queue_work(&sm->d->loop, &sm->work, teardown_work, teardown_done)) {
+        teardown_work(&sm->work);
+        teardown_done(&sm->work, 0);
+    }
+}
+
+void served_unload(struct served_model *sm) {
+    struct daemon *d = sm->d;
+    for (struct served_model **p = &d->models; *p; p = &(*p)->next)
+        if (*p == sm) { *p = sm->next; break; }
+    sm->next = NULL;
+    sm->state = SERVED_UNLOADING;
+    const char *labels[] = {sm->name};
+    metric_set(d->m_weights, labels, 0);
+    metric_set(d->m_kv_bytes, labels, 0);
+    metric_set(d->m_running, labels, 0);
+    metric_set(d->m_waiting, labels, 0);
+    served_unref(sm);   /* the list's reference; requests in flight hold theirs */
+}
+
+bool served_any_ready(struct daemon *d) {
+    for (struct served_model *sm = d->models; sm; sm = sm->next)
+        if (sm->state == SERVED_READY) return true;
+    return false;
+}
+
+size_t served_weight_bytes(struct daemon *d) {
+    size_t total = 0;
+    for (struct served_model *sm = d->models; sm; sm = sm->next)
+        if (sm->state == SERVED_READY) total += sm->model.weight_bytes;
+    return total;
+}
+
+int served_set_budget(struct daemon *d, uint64_t bytes, char *err, size_t errlen) {
+    size_t weights = served_weight_bytes(d);
+    int n_ready = 0;
+    for (struct served_model *sm = d->models; sm; sm = sm->next) n_ready += sm->state == SERVED_READY;
+    if (bytes && bytes <= weights) {
+        snprintf(err, errlen, "a budget of %llu bytes cannot hold the resident weights (%zu bytes) "
+                 "and any KV cache", (unsigned long long)bytes, weights);
+        return -1;
+    }
+    d->memory_budget = bytes;
+    metric_set(d->m_budget, NULL, (double)bytes);
+    size_t per_model = bytes && n_ready ? (size_t)((bytes - weights) / (uint64_t)n_ready) : 0;
+    for (struct served_model *sm = d->models; sm; sm = sm->next)
+        if (sm->state == SERVED_READY) sched_set_kv_budget(sm->sched, per_model);
+    return 0;
+}
+
+void served_refresh_metrics(struct daemon *d) {
+    for (struct served_model *sm = d->models; sm; sm = sm->next) {
+        if (sm->state != SERVED_READY) continue;
+        struct sched_stats st;
+        sched_get_stats(sm->sched, &st);
+        metric_series_set(sm->m_running, st.running);
+        metric_series_set(sm->m_waiting, st.waiting);
+        metric_series_set(sm->m_kv_bytes, (double)st.kv_allocated_bytes);
+        metric_series_set(sm->m_kv_use, st.kv_budget_bytes ? (double)st.kv_reserved_bytes / (double)st.kv_budget_bytes : 0);
+        metric_series_set(sm->m_weights, (double)sm->model.weight_bytes);
+    }
+}
