@@ -1,5 +1,5 @@
 # Thin wrapper: everything real lives in scripts/setup and CMakeLists.txt.
-#   make serve   set up, build, and run ebb on the default model
+#   make serve   set up, build, and run the daemon on the default model (127.0.0.1:8080)
 #   make test    set up, build (plain and sanitized), and run every test
 MODEL ?= models/SmolLM2-135M-Instruct.Q4_1.gguf
 VENV  ?= $(HOME)/.cache/ebb/venv
@@ -18,9 +18,9 @@ build-asan: setup
 	@cmake -S . -B build-asan -DCMAKE_BUILD_TYPE=Debug -DEBB_SANITIZE=ON >/dev/null
 	@cmake --build build-asan -j $(JOBS)
 
-# Until the HTTP daemon lands, the main job answers a chat message.
+# The daemon with conf/ebb.json; any EBB_* variable or extra flags in ARGS override it.
 serve: build
-	./build/ebb generate -m $(MODEL) --chat "$${PROMPT:-What is the capital of France? Answer in one sentence.}" -n 128 --temp 0
+	./build/ebb serve --config conf/ebb.json $(ARGS)
 
 test: build build-asan
 	cd build && ctest --output-on-failure

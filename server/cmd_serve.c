@@ -469,6 +469,13 @@ static int parse_flags(struct daemon *d, int argc, char **argv) {
         }
         i++;
     }
+    if (d->cfg.kv_bits != 32) {
+        /* Accepted by the configuration so files stay valid across versions,
+         * but refused here rather than silently served at full precision. */
+        fprintf(stderr, "ebb serve: kv_bits %d is not available in this build; the KV cache is stored in f32 "
+                        "(kv_bits 32)\n", d->cfg.kv_bits);
+        return 2;
+    }
     enum log_level lvl;
     if (!log_parse_level(config_log_level_name(d->cfg.log_level), &lvl)) log_set_level(lvl);
     return 0;
