@@ -127,7 +127,7 @@ static json_t *memory_state(struct daemon *d) {
                                                 (json_int_t)st.kv_reserved_bytes, "kv_allocated_bytes",
                                                 (json_int_t)st.kv_allocated_bytes));
     }
-    return json_pack("{s:I, s:I, s:I, s:I, s:o}", "budget_bytes", (json_int_t)d->memory_budget, "weight_bytes",
+    return json_pack("{s:I, s:I, s:I, s:I, s:o}", "memory_budget_bytes", (json_int_t)d->memory_budget, "weight_bytes",
                      (json_int_t)served_weight_bytes(d), "kv_reserved_bytes", (json_int_t)reserved,
                      "kv_allocated_bytes", (json_int_t)allocated, "models", models);
 }
@@ -159,11 +159,12 @@ void route_admin_memory_put(struct daemon *d, struct http_request *req) {
     if (!admin_authorized(d, req)) return;
     json_t *root = body_object(req);
     if (!root) return;
-    json_t *v = json_object_get(root, "budget_bytes");
+    json_t *v = json_object_get(root, "memory_budget_bytes");
     if (!v || !json_is_integer(v) || json_integer_value(v) < 0) {
         json_decref(root);
         http_respond_error(req, 400, "invalid_request_error",
-                           "'budget_bytes' must be a non-negative integer (0 removes the budget)", "budget_bytes");
+                           "'memory_budget_bytes' must be a non-negative integer (0 removes the budget)",
+                           "memory_budget_bytes");
         return;
     }
     uint64_t bytes = (uint64_t)json_integer_value(v);
@@ -171,7 +172,7 @@ void route_admin_memory_put(struct daemon *d, struct http_request *req) {
     char err[256];
     /* Apply first: an impossible budget is refused before anything is saved. */
     if (served_set_budget(d, bytes, err, sizeof err)) {
-        http_respond_error(req, 400, "invalid_request_error", err, "budget_bytes");
+        http_respond_error(req, 400, "invalid_request_error", err, "memory_budget_bytes");
         return;
     }
     struct admin_job *j = job_new(d, req);

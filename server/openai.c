@@ -1,0 +1,1360 @@
+/* OpenAI-compatible request parsing and response building (see openai.h for
+ * the policy).
+ *
+ * Parsing is table-driven: each route lists the top-level keys it accepts
+ * and a function per key that checks and stores the value. Keys are visited
+ * in body order (jansson keeps insertion order), so the first problem in the
+ * body is the one reported, the same one every time. Rules that involve
+ * several keys (a required field, stream_options without stream, best_of
+ * against n) run after the walk.
+ *
+ * jansson does the byte-level checks while parsing: invalid UTF-8, a NUL in
+ * a string or key (JSON_ALLOW_NUL is off), duplicate keys
+ * (JSON_REJECT_DUPLICATES), nesting deeper than its 2048-level limit, and
+ * integers beyond int64. Its error codes are mapped to messages a client can
+ * act on. Everything copied out of the tree is therefore valid UTF-8 without
+ * NULs, and the tree is freed before the parser returns.
+ *
+ * Responses are built as jansson trees and dumped compact. Text that reaches
+ * JSON goes through json_text(), which replaces invalid UTF-8 with U+FFFD
+ * instead of failing, because the engine's token bytes need not be whole
+ * characters. Out of memory anywhere makes the builder return NULL.
+ */
+#include "server/openai.h"
+
+#include <inttypes.h>
+#include <limits.h>
+#include <math.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <jansson.h>
+
+/* ------------------------------------------------------------------ UTF-8 */
+
+/* Length of the valid UTF-8 character at s (n bytes available), or 0 when
+ * the bytes there are not one (overlong forms, surrogates and code points
+ * above U+10FFFF are invalid, as jansson and RFC 3629 say). */
+static size_t utf8_char_len(const unsigned char *s, size_t n) {
+    unsigned c = s[0];
+    if (c < 0x80) return 1;
+    size_t len;
+    unsigned cp;
+    if (c >= 0xC2 && c <= 0xDF) len = 2, cp = c & 0x1F;
+    else if (c >= 0xE0 && c <= 0xEF) len = 3, cp = c & 0x0F;
+    else if (c >= 0xF0 && c <= 0xF4) len = 4, cp = c & 0x07;
+    else return 0;
+    if (n < len) return 0;
+    for (size_t i = 1; i < len; i++) {
+        if ((s[i] & 0xC0) != 0x80) return 0;
+        cp = (cp << 6) | (s[i] & 0x3F);
+    }
+    if ((len == 3 && cp < 0x800) || (len == 4 && cp < 0x10000)) return 0;   /* overlong */
+    if (cp > 0x10FFFF || (cp >= 0xD800 && cp <= 0xDFFF)) return 0;
+    return len;
+}
+
+static bool utf8_valid(const char *s, size_t n) {
+    const unsigned char *p = (const unsigned char *)s;
+    for (size_t i = 0; i < n;) {
+        size_t l = utf8_char_len(p + i, n - i);
+        if (!l) return false;
+        i += l;
+    }
+    return true;
+}
+
+/* Characters in n bytes (bytes that do not continue a character): the unit
+ * Python clients index text with, for text_offset. */
+static size_t utf8_count_chars(const char *s, size_t n) {
+    size_t chars = 0;
+    for (size_t i = 0; i < n; i++) chars += ((unsigned char)s[i] & 0xC0) != 0x80;
+    return chars;
+}
+
+/* Bytes to replace at an invalid position: the longest prefix of a valid
+ * sequence (at least one byte), so "\xE2\x82" (a cut "\u20AC") becomes one
+ * U+FFFD, as Python and browsers decode it. */
+static size_t utf8_invalid_span(const unsigned char *s, size_t n) {
+    unsigned c = s[0];
+    size_t len = c >= 0xC2 && c <= 0xDF ? 2 : c >= 0xE0 && c <= 0xEF ? 3 : c >= 0xF0 && c <= 0xF4 ? 4 : 1;
+    unsigned lo = c == 0xE0 ? 0xA0 : c == 0xF0 ? 0x90 : 0x80;   /* second-byte range that */
+    unsigned hi = c == 0xED ? 0x9F : c == 0xF4 ? 0x8F : 0xBF;   /* excludes overlongs and surrogates */
+    size_t i = 1;
+    for (; i < len && i < n; i++) {
+        unsigned b = s[i];
+        if (i == 1 ? (b < lo || b > hi) : (b & 0xC0) != 0x80) break;
+    }
+    return i;
+}
+
+/* A JSON string for any bytes: invalid sequences become U+FFFD. */
+static json_t *json_text(const char *s, size_t n) {
+    if (utf8_valid(s, n)) return json_stringn_nocheck(s, n);
+    char *fixed = malloc(n * 3 + 1);
+    if (!fixed) return NULL;
+    size_t o = 0;
+    const unsigned char *p = (const unsigned char *)s;
+    for (size_t i = 0; i < n;) {
+        size_t l = utf8_char_len(p + i, n - i);
+        if (l) {
+            memcpy(fixed + o, s + i, l);
+            o += l;
+            i += l;
+        } else {
+            memcpy(fixed + o, "\xEF\xBF\xBD", 3);
+            o += 3;
+            i += utf8_invalid_span(p + i, n - i);
+        }
+    }
+    json_t *j = json_stringn_nocheck(fixed, o);
+    free(fixed);
+    return j;
+}
+
+/* ------------------------------------------------------------------ errors */
+
+/* Replaces, in place, bytes that are not part of valid UTF-8 with '?', so a
+ * message cut by snprintf in the middle of a character still encodes. */
+static void utf8_repair(char *s) {
+    size_t n = strlen(s);
+    unsigned char *p = (unsigned char *)s;
+    for (size_t i = 0; i < n;) {
+        size_t l = utf8_char_len(p + i, n - i);
+        if (l) i += l;
+        else p[i++] = '?';
+    }
+}
+
+void oai_error_set(struct oai_error *err, int status, const char *type, const char *param, const char *fmt, ...) {
+    err->status = status;
+    snprintf(err->type, sizeof err->type, "%s", type);
+    snprintf(err->param, sizeof err->param, "%s", param ? param : "");
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(err->message, sizeof err->message, fmt, ap);
+    va_end(ap);
+    utf8_repair(err->param);
+    utf8_repair(err->message);
+}
+
+#define BAD(p, param, ...) (oai_error_set((p)->err, 400, "invalid_request_error", (param), __VA_ARGS__), -1)
+#define NOMEM(p) (oai_error_set((p)->err, 503, "server_error", NULL, "out of memory while reading the request"), -1)
+
+/* "an integer", "true", "3.5"...: what a client sent, for messages. Long
+ * strings are not echoed; the field name says where to look. */
+static const char *describe(const json_t *v, char *buf, size_t n) {
+    switch (json_typeof(v)) {
+    case JSON_OBJECT: return "an object";
+    case JSON_ARRAY: return "an array";
+    case JSON_STRING: return "a string";
+    case JSON_INTEGER: snprintf(buf, n, "%" JSON_INTEGER_FORMAT, json_integer_value(v)); return buf;
+    case JSON_REAL: snprintf(buf, n, "%g", json_real_value(v)); return buf;
+    case JSON_TRUE: return "true";
+    case JSON_FALSE: return "false";
+    default: return "null";
+    }
+}
+
+/* ------------------------------------------------------------------ parsing */
+
+enum { K_CMPL = 1 << OAI_COMPLETION, K_CHAT = 1 << OAI_CHAT, K_TOK = 1 << OAI_TOKENIZE, K_DETOK = 1 << OAI_DETOKENIZE };
+
+struct pctx {
+    struct oai_request *r;
+    struct oai_error *err;
+    /* seen, for the checks across keys */
+    bool has_prompt, has_messages, has_tokens, has_stream_options, has_add_special;
+    int64_t best_of;             /* 0: not given */
+    int64_t max_tokens, max_completion_tokens;   /* 0: not given */
+};
+
+static const char *route_name(enum oai_kind k) {
+    switch (k) {
+    case OAI_COMPLETION: return "/v1/completions";
+    case OAI_CHAT: return "/v1/chat/completions";
+    case OAI_TOKENIZE: return "/tokenize";
+    default: return "/detokenize";
+    }
+}
+
+/* A whole number held by an integer, or by a real with no fraction (some
+ * clients serialise every number as a float: 16.0). */
+static bool as_int64(const json_t *v, int64_t *out) {
+    if (json_is_integer(v)) {
+        *out = json_integer_value(v);
+        return true;
+    }
+    if (json_is_real(v)) {
+        double d = json_real_value(v);
+        if (d == floor(d) && fabs(d) <= 9007199254740992.0) {   /* 2^53: exact in a double */
+            *out = (int64_t)d;
+            return true;
+        }
+    }
+    return false;
+}
+
+/* An integer in [lo, hi]; `what` names the range in the message ("an
+ * integer >= 1"). A value above a bound the message does not mention gets
+ * its own message. */
+static int want_int(struct pctx *p, const char *key, const json_t *v, int64_t lo, int64_t hi, const char *what,
+                    int64_t *out) {
+    char got[48];
+    int64_t x;
+    if (!as_int64(v, &x) || x < lo)
+        return BAD(p, key, "'%s' must be %s, got %s", key, what, describe(v, got, sizeof got));
+    if (x > hi) return BAD(p, key, "'%s' must be at most %" PRId64 ", got %" PRId64, key, hi, x);
+    *out = x;
+    return 0;
+}
+
+/* A number in [lo, hi], or (lo, hi] when lo_open; `what` names the range. */
+static int want_number(struct pctx *p, const char *key, const json_t *v, double lo, bool lo_open, double hi,
+                       const char *what, float *out) {
+    char got[48];
+    if (!json_is_number(v)) return BAD(p, key, "'%s' must be %s, got %s", key, what, describe(v, got, sizeof got));
+    double x = json_number_value(v);
+    if (x < lo || (lo_open && x == lo) || x > hi)
+        return BAD(p, key, "'%s' must be %s, got %s", key, what, describe(v, got, sizeof got));
+    *out = (float)x;
+    return 0;
+}
+
+static int want_bool(struct pctx *p, const char *key, const json_t *v, bool *out) {
+    char got[48];
+    if (!json_is_boolean(v))
+        return BAD(p, key, "'%s' must be a boolean (true or false), got %s", key, describe(v, got, sizeof got));
+    *out = json_is_true(v);
+    return 0;
+}
+
+static int want_string(struct pctx *p, const char *key, const json_t *v) {
+    char got[48];
+    if (!json_is_string(v)) return BAD(p, key, "'%s' must be a string, got %s", key, describe(v, got, sizeof got));
+    return 0;
+}
+
+/* A field that must keep its default value, since it is not implemented. */
+static int not_supported(struct pctx *p, const char *key, const char *why) {
+    return BAD(p, key, "'%s' is not supported: %s", key, why);
+}
+
+/* A field's name for messages and `param` ("messages[3].content[0].type").
+ * Truncation is acceptable here (oai_error_set repairs a cut character), so
+ * this goes through vsnprintf, which the truncation warnings leave alone. */
+static void field_name(char *buf, size_t n, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+static void field_name(char *buf, size_t n, const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(buf, n, fmt, ap);
+    va_end(ap);
+}
+
+static char *dup_bytes(const char *s, size_t n) {
+    char *d = malloc(n + 1);
+    if (d) {
+        memcpy(d, s, n);
+        d[n] = '\0';
+    }
+    return d;
+}
+
+/* ---- per-field parsers: (context, key, non-null value) -> 0 or -1 ---- */
+
+static int f_model(struct pctx *p, const char *key, json_t *v) {
+    if (want_string(p, key, v)) return -1;
+    size_t n = json_string_length(v);
+    if (n > OAI_MAX_MODEL_NAME)
+        return BAD(p, key, "'model' is too long: %zu bytes, at most %d are allowed", n, OAI_MAX_MODEL_NAME);
+    memcpy(p->r->model, json_string_value(v), n + 1);
+    return 0;
+}
+
+static int add_text_prompt(struct pctx *p, const json_t *s) {
+    struct oai_prompt *pr = &p->r->prompts[p->r->n_prompts];
+    pr->text_len = json_string_length(s);
+    pr->text = dup_bytes(json_string_value(s), pr->text_len);
+    if (!pr->text) return NOMEM(p);
+    p->r->n_prompts++;
+    return 0;
+}
+
+/* An array of token ids into a new prompt. *budget counts the ids left. */
+static int add_token_prompt(struct pctx *p, const json_t *arr, const char *name, size_t *budget) {
+    size_t n = json_array_size(arr);
+    char param[64], got[48];
+    if (n == 0) return BAD(p, name, "'%s' must not be an empty array of token ids", name);
+    if (n > *budget)
+        return BAD(p, "prompt", "'prompt' has more than %d token ids in total; at most %d are allowed",
+                   OAI_MAX_TOKEN_IDS, OAI_MAX_TOKEN_IDS);
+    struct oai_prompt *pr = &p->r->prompts[p->r->n_prompts];
+    pr->tokens = malloc(n * sizeof *pr->tokens);
+    if (!pr->tokens) return NOMEM(p);
+    p->r->n_prompts++;   /* owned by the request from here, freed with it */
+    for (size_t i = 0; i < n; i++) {
+        const json_t *e = json_array_get(arr, i);
+        int64_t id;
+        if (!as_int64(e, &id) || id < 0 || id > INT32_MAX) {
+            field_name(param, sizeof param, "%s[%zu]", name, i);
+            return BAD(p, param, "'%s' must be a token id (an integer between 0 and %d), got %s", param, INT32_MAX,
+                       describe(e, got, sizeof got));
+        }
+        pr->tokens[i] = (int32_t)id;
+    }
+    pr->n_tokens = (int)n;
+    *budget -= n;
+    return 0;
+}
+
+static int alloc_prompts(struct pctx *p, size_t n) {
+    p->r->prompts = calloc(n, sizeof *p->r->prompts);
+    return p->r->prompts ? 0 : NOMEM(p);
+}
+
+static int f_prompt(struct pctx *p, const char *key, json_t *v) {
+    char got[48], param[64];
+    p->has_prompt = true;
+    if (json_is_string(v)) return alloc_prompts(p, 1) || add_text_prompt(p, v);
+    const char *shapes = p->r->kind == OAI_TOKENIZE
+                             ? "a string"
+                             : "a string, an array of strings, an array of token ids or an array of arrays of "
+                               "token ids";
+    if (!json_is_array(v) || p->r->kind == OAI_TOKENIZE)
+        return BAD(p, key, "'prompt' must be %s, got %s", shapes, describe(v, got, sizeof got));
+    size_t n = json_array_size(v);
+    if (n == 0) return BAD(p, key, "'prompt' must not be an empty array");
+    const json_t *first = json_array_get(v, 0);
+    size_t budget = OAI_MAX_TOKEN_IDS;
+    if (json_is_number(first)) return alloc_prompts(p, 1) || add_token_prompt(p, v, "prompt", &budget);
+    if (!json_is_string(first) && !json_is_array(first))
+        return BAD(p, "prompt[0]", "'prompt' must be %s, got an array whose first element is %s", shapes,
+                   describe(first, got, sizeof got));
+    if (n > OAI_MAX_PROMPTS)
+        return BAD(p, key, "'prompt' has %zu prompts; at most %d are allowed in one request", n, OAI_MAX_PROMPTS);
+    if (alloc_prompts(p, n)) return -1;
+    p->r->nested_token_prompts = json_is_array(first);
+    for (size_t i = 0; i < n; i++) {
+        const json_t *e = json_array_get(v, i);
+        field_name(param, sizeof param, "prompt[%zu]", i);
+        if (json_is_string(first)) {
+            if (!json_is_string(e))
+                return BAD(p, param, "'%s' must be a string like 'prompt[0]', got %s", param,
+                           describe(e, got, sizeof got));
+            if (add_text_prompt(p, e)) return -1;
+        } else {
+            if (!json_is_array(e))
+                return BAD(p, param, "'%s' must be an array of token ids like 'prompt[0]', got %s", param,
+                           describe(e, got, sizeof got));
+            if (add_token_prompt(p, e, param, &budget)) return -1;
+        }
+    }
+    return 0;
+}
+
+static int f_tokens(struct pctx *p, const char *key, json_t *v) {
+    char got[48];
+    size_t budget = OAI_MAX_TOKEN_IDS;
+    p->has_tokens = true;
+    if (!json_is_array(v))
+        return BAD(p, key, "'tokens' must be an array of token ids, got %s", describe(v, got, sizeof got));
+    if (alloc_prompts(p, 1)) return -1;
+    if (json_array_size(v) == 0) {   /* detokenizing nothing gives "" */
+        p->r->n_prompts = 1;
+        return 0;
+    }
+    if (json_array_size(v) > budget)
+        return BAD(p, key, "'tokens' has %zu token ids; at most %d are allowed", json_array_size(v), OAI_MAX_TOKEN_IDS);
+    return add_token_prompt(p, v, "tokens", &budget);
+}
+
+static bool role_from_name(const char *s, enum oai_role *out) {
+    static const struct { const char *name; enum oai_role role; } roles[] = {
+        {"system", OAI_ROLE_SYSTEM}, {"developer", OAI_ROLE_SYSTEM}, {"user", OAI_ROLE_USER},
+        {"assistant", OAI_ROLE_ASSISTANT}, {"tool", OAI_ROLE_TOOL},
+    };
+    for (size_t i = 0; i < sizeof roles / sizeof roles[0]; i++)
+        if (!strcmp(s, roles[i].name)) {
+            *out = roles[i].role;
+            return true;
+        }
+    return false;
+}
+
+/* One content part: {"type":"text","text":"..."}; returns its text. The
+ * type is checked first, so an image part is refused for being an image,
+ * not for its "image_url" key. */
+static int content_part(struct pctx *p, const json_t *part, const char *where, const json_t **text) {
+    char param[64], got[48];
+    if (!json_is_object(part))
+        return BAD(p, where, "'%s' must be an object like {\"type\": \"text\", \"text\": \"...\"}, got %s", where,
+                   describe(part, got, sizeof got));
+    const json_t *type = json_object_get(part, "type");
+    field_name(param, sizeof param, "%s.type", where);
+    if (!type) return BAD(p, param, "'%s' is required", param);
+    if (want_string(p, param, type)) return -1;
+    if (strcmp(json_string_value(type), "text"))
+        return BAD(p, param, "content part type '%.40s' is not supported; only 'text' parts are",
+                   json_string_value(type));
+    const char *k;
+    json_t *v;
+    json_object_foreach((json_t *)part, k, v) {
+        if (strcmp(k, "type") && strcmp(k, "text")) {
+            field_name(param, sizeof param, "%s.%s", where, k);
+            return BAD(p, param, "unknown field '%s' in a content part", param);
+        }
+    }
+    *text = json_object_get(part, "text");
+    field_name(param, sizeof param, "%s.text", where);
+    if (!*text) return BAD(p, param, "'%s' is required", param);
+    if (want_string(p, param, *text)) return -1;
+    return 0;
+}
+
+/* content: a string, or a non-empty array of text parts joined with "\n". */
+static int message_content(struct pctx *p, struct oai_message *m, const json_t *c, const char *where) {
+    char got[48], param[64];
+    if (json_is_string(c)) {
+        m->content_len = json_string_length(c);
+        m->content = dup_bytes(json_string_value(c), m->content_len);
+        return m->content ? 0 : NOMEM(p);
+    }
+    if (!json_is_array(c))
+        return BAD(p, where, "'%s' must be a string or an array of content parts, got %s", where,
+                   describe(c, got, sizeof got));
+    size_t n = json_array_size(c);
+    if (n == 0) return BAD(p, where, "'%s' must not be an empty array", where);
+    size_t total = 0;
+    for (size_t i = 0; i < n; i++) {
+        const json_t *text;
+        field_name(param, sizeof param, "%s[%zu]", where, i);
+        if (content_part(p, json_array_get(c, i), param, &text)) return -1;
+        total += json_string_length(text) + (i > 0);
+    }
+    m->content = malloc(total + 1);
+    if (!m->content) return NOMEM(p);
+    size_t o = 0;
+    for (size_t i = 0; i < n; i++) {
+        const json_t *text = json_object_get(json_array_get(c, i), "text");
+        if (i > 0) m->content[o++] = '\n';
+        memcpy(m->content + o, json_string_value(text), json_string_length(text));
+        o += json_string_length(text);
+    }
+    m->content[o] = '\0';
+    m->content_len = o;
+    return 0;
+}
+
+static int one_message(struct pctx *p, struct oai_message *m, const json_t *obj, size_t idx) {
+    char where[64], param[64], got[48];
+    field_name(where, sizeof where, "messages[%zu]", idx);
+    if (!json_is_object(obj))
+        return BAD(p, where, "'%s' must be an object with 'role' and 'content', got %s", where,
+                   describe(obj, got, sizeof got));
+    const char *k;
+    json_t *v;
+    json_object_foreach((json_t *)obj, k, v) {
+        field_name(param, sizeof param, "%s.%s", where, k);
+        if (!strcmp(k, "role") || !strcmp(k, "content")) continue;
+        if (!strcmp(k, "name") || !strcmp(k, "tool_call_id")) {   /* accepted, not used by the template */
+            if (!json_is_null(v) && want_string(p, param, v)) return -1;
+            continue;
+        }
+        if (!strcmp(k, "tool_calls") || !strcmp(k, "function_call") || !strcmp(k, "audio") || !strcmp(k, "refusal")) {
+            if (json_is_null(v)) continue;
+            return BAD(p, param, "'%s' is not supported: messages carry text only", param);
+        }
+        return BAD(p, param, "unknown field '%s' in a message", param);
+    }
+    const json_t *role = json_object_get(obj, "role");
+    field_name(param, sizeof param, "%s.role", where);
+    if (!role || json_is_null(role)) return BAD(p, param, "'%s' is required", param);
+    if (want_string(p, param, role)) return -1;
+    if (!role_from_name(json_string_value(role), &m->role))
+        return BAD(p, param, "'%s' must be one of 'system', 'developer', 'user', 'assistant', 'tool', got '%.32s'",
+                   param, json_string_value(role));
+    const json_t *content = json_object_get(obj, "content");
+    field_name(param, sizeof param, "%s.content", where);
+    if (!content || json_is_null(content)) {
+        if (m->role != OAI_ROLE_ASSISTANT) return BAD(p, param, "'%s' is required", param);
+        m->content = dup_bytes("", 0);   /* an assistant turn may be empty */
+        return m->content ? 0 : NOMEM(p);
+    }
+    return message_content(p, m, content, param);
+}
+
+static int f_messages(struct pctx *p, const char *key, json_t *v) {
+    char got[48];
+    p->has_messages = true;
+    if (!json_is_array(v) || json_array_size(v) == 0)
+        return BAD(p, key, "'messages' must be a non-empty array, got %s",
+                   json_is_array(v) ? "an empty array" : describe(v, got, sizeof got));
+    size_t n = json_array_size(v);
+    if (n > OAI_MAX_MESSAGES)
+        return BAD(p, key, "'messages' has %zu entries; at most %d are allowed", n, OAI_MAX_MESSAGES);
+    p->r->messages = calloc(n, sizeof *p->r->messages);
+    if (!p->r->messages) return NOMEM(p);
+    for (size_t i = 0; i < n; i++) {
+        p->r->n_messages = (int)i + 1;   /* so a failure frees what was copied */
+        if (one_message(p, &p->r->messages[i], json_array_get(v, i), i)) return -1;
+    }
+    return 0;
+}
+
+static int f_max_tokens(struct pctx *p, const char *key, json_t *v) {
+    int64_t x;
+    if (want_int(p, key, v, 1, INT_MAX, "an integer >= 1", &x)) return -1;
+    if (!strcmp(key, "max_tokens")) p->max_tokens = x;
+    else p->max_completion_tokens = x;
+    return 0;
+}
+
+static int f_temperature(struct pctx *p, const char *key, json_t *v) {
+    return want_number(p, key, v, 0, false, 2, "a number between 0 and 2", &p->r->temperature);
+}
+
+static int f_top_p(struct pctx *p, const char *key, json_t *v) {
+    return want_number(p, key, v, 0, true, 1, "a number > 0 and <= 1", &p->r->top_p);
+}
+
+static int f_min_p(struct pctx *p, const char *key, json_t *v) {
+    return want_number(p, key, v, 0, false, 1, "a number between 0 and 1", &p->r->min_p);
+}
+
+static int f_repetition_penalty(struct pctx *p, const char *key, json_t *v) {
+    return want_number(p, key, v, 0, true, 100, "a number > 0 and <= 100", &p->r->repetition_penalty);
+}
+
+static int f_top_k(struct pctx *p, const char *key, json_t *v) {
+    int64_t x;
+    if (want_int(p, key, v, -1, INT_MAX, "an integer >= -1 (-1 or 0: no top-k)", &x)) return -1;
+    p->r->top_k = (int)x;
+    return 0;
+}
+
+static int f_seed(struct pctx *p, const char *key, json_t *v) {
+    int64_t x;
+    if (want_int(p, key, v, INT64_MIN, INT64_MAX, "an integer", &x)) return -1;
+    p->r->has_seed = true;
+    p->r->seed = x;
+    return 0;
+}
+
+static int f_n(struct pctx *p, const char *key, json_t *v) {
+    int64_t x;
+    if (want_int(p, key, v, 1, OAI_MAX_N, "an integer between 1 and 16", &x)) return -1;
+    p->r->n = (int)x;
+    return 0;
+}
+
+static int add_stop(struct pctx *p, const json_t *s, const char *param) {
+    char got[48];
+    if (!json_is_string(s)) return BAD(p, param, "'%s' must be a string, got %s", param, describe(s, got, sizeof got));
+    size_t n = json_string_length(s);
+    if (n == 0) return BAD(p, param, "'%s' must not be an empty string", param);
+    if (n > OAI_MAX_STOP_BYTES)
+        return BAD(p, param, "'%s' is %zu bytes long; stop strings are at most %d bytes", param, n, OAI_MAX_STOP_BYTES);
+    char *d = dup_bytes(json_string_value(s), n);
+    if (!d) return NOMEM(p);
+    p->r->stops[p->r->n_stops++] = d;
+    return 0;
+}
+
+static int f_stop(struct pctx *p, const char *key, json_t *v) {
+    char got[48], param[64];
+    if (!json_is_string(v) && !json_is_array(v))
+        return BAD(p, key, "'stop' must be a string or an array of at most %d strings, got %s", OAI_MAX_STOPS,
+                   describe(v, got, sizeof got));
+    size_t n = json_is_string(v) ? 1 : json_array_size(v);
+    if (n > OAI_MAX_STOPS)
+        return BAD(p, key, "'stop' must be a string or an array of at most %d strings, got an array of %zu",
+                   OAI_MAX_STOPS, n);
+    if (n == 0) return 0;
+    p->r->stops = calloc(n, sizeof *p->r->stops);
+    if (!p->r->stops) return NOMEM(p);
+    if (json_is_string(v)) return add_stop(p, v, "stop");
+    for (size_t i = 0; i < n; i++) {
+        field_name(param, sizeof param, "stop[%zu]", i);
+        if (add_stop(p, json_array_get(v, i), param)) return -1;
+    }
+    return 0;
+}
+
+static int f_stream(struct pctx *p, const char *key, json_t *v) {
+    return want_bool(p, key, v, &p->r->stream);
+}
+
+static int f_stream_options(struct pctx *p, const char *key, json_t *v) {
+    char got[48], param[64];
+    if (!json_is_object(v))
+        return BAD(p, key, "'stream_options' must be an object, got %s", describe(v, got, sizeof got));
+    p->has_stream_options = true;
+    const char *k;
+    json_t *e;
+    json_object_foreach(v, k, e) {
+        field_name(param, sizeof param, "stream_options.%s", k);
+        if (strcmp(k, "include_usage")) return BAD(p, param, "unknown field '%s'", param);
+        if (!json_is_null(e) && want_bool(p, param, e, &p->r->include_usage)) return -1;
+    }
+    return 0;
+}
+
+static int f_logprobs(struct pctx *p, const char *key, json_t *v) {
+    if (p->r->kind == OAI_CHAT) return want_bool(p, key, v, &p->r->logprobs);
+    int64_t x;
+    char got[48];
+    if (!as_int64(v, &x) || x < 0)
+        return BAD(p, key, "'logprobs' must be an integer (0 or 1), got %s", describe(v, got, sizeof got));
+    if (x > 1)
+        return BAD(p, key, "'logprobs' must be 0 or 1: only the chosen token's logprob is supported, got %" PRId64, x);
+    p->r->logprobs = true;   /* 0 and 1 both return the chosen token's logprob */
+    return 0;
+}
+
+static int f_top_logprobs(struct pctx *p, const char *key, json_t *v) {
+    int64_t x;
+    char got[48];
+    if (!as_int64(v, &x) || x < 0)
+        return BAD(p, key, "'top_logprobs' must be an integer (0), got %s", describe(v, got, sizeof got));
+    if (x > 0)
+        return BAD(p, key, "'top_logprobs' must be 0: only the chosen token's logprob is supported, got %" PRId64, x);
+    return 0;
+}
+
+static int f_echo(struct pctx *p, const char *key, json_t *v) {
+    bool echo;
+    if (want_bool(p, key, v, &echo)) return -1;
+    return echo ? not_supported(p, key, "the prompt is never echoed (use false)") : 0;
+}
+
+static int f_penalty(struct pctx *p, const char *key, json_t *v) {
+    float x;
+    if (want_number(p, key, v, -2, false, 2, "a number between -2 and 2", &x)) return -1;
+    return x != 0 ? not_supported(p, key, "only 0 is accepted (use 'repetition_penalty')") : 0;
+}
+
+static int f_best_of(struct pctx *p, const char *key, json_t *v) {
+    return want_int(p, key, v, 1, OAI_MAX_N, "an integer between 1 and 16", &p->best_of);
+}
+
+static int f_suffix(struct pctx *p, const char *key, json_t *v) {
+    if (want_string(p, key, v)) return -1;
+    return json_string_length(v) ? not_supported(p, key, "insertion after a suffix is not implemented") : 0;
+}
+
+static int f_ignored_string(struct pctx *p, const char *key, json_t *v) {
+    return want_string(p, key, v);
+}
+
+static int f_ignored_bool(struct pctx *p, const char *key, json_t *v) {
+    bool b;
+    return want_bool(p, key, v, &b);
+}
+
+static int f_logit_bias(struct pctx *p, const char *key, json_t *v) {
+    char got[48];
+    if (!json_is_object(v)) return BAD(p, key, "'logit_bias' must be an object, got %s", describe(v, got, sizeof got));
+    return json_object_size(v) ? not_supported(p, key, "only an empty object is accepted") : 0;
+}
+
+static int f_metadata(struct pctx *p, const char *key, json_t *v) {
+    char got[48], param[64];
+    if (!json_is_object(v)) return BAD(p, key, "'metadata' must be an object, got %s", describe(v, got, sizeof got));
+    const char *k;
+    json_t *e;
+    json_object_foreach(v, k, e) {
+        field_name(param, sizeof param, "metadata.%s", k);
+        if (want_string(p, param, e)) return -1;
+    }
+    return 0;
+}
+
+static int f_store(struct pctx *p, const char *key, json_t *v) {
+    bool b;
+    if (want_bool(p, key, v, &b)) return -1;
+    return b ? not_supported(p, key, "completions are not stored (use false)") : 0;
+}
+
+static int f_response_format(struct pctx *p, const char *key, json_t *v) {
+    char got[48], param[64];
+    if (!json_is_object(v))
+        return BAD(p, key, "'response_format' must be an object, got %s", describe(v, got, sizeof got));
+    const char *k;
+    json_t *e;
+    json_object_foreach(v, k, e) {
+        field_name(param, sizeof param, "response_format.%s", k);
+        if (strcmp(k, "type")) return BAD(p, param, "unknown field '%s'", param);
+    }
+    const json_t *type = json_object_get(v, "type");
+    if (!type) return BAD(p, "response_format.type", "'response_format.type' is required");
+    if (!json_is_string(type))
+        return BAD(p, "response_format.type", "'response_format.type' must be a string, got %s",
+                   describe(type, got, sizeof got));
+    if (strcmp(json_string_value(type), "text"))
+        return BAD(p, "response_format.type", "'response_format' type '%.40s' is not supported; only 'text' is",
+                   json_string_value(type));
+    return 0;
+}
+
+static int f_tools(struct pctx *p, const char *key, json_t *v) {
+    char got[48];
+    if (!json_is_array(v)) return BAD(p, key, "'tools' must be an array, got %s", describe(v, got, sizeof got));
+    return json_array_size(v) ? not_supported(p, key, "tool calling is not implemented (send no tools)") : 0;
+}
+
+static int f_tool_choice(struct pctx *p, const char *key, json_t *v) {
+    if (json_is_string(v) && (!strcmp(json_string_value(v), "none") || !strcmp(json_string_value(v), "auto")))
+        return 0;
+    return not_supported(p, key, "tool calling is not implemented (only \"none\" or \"auto\")");
+}
+
+static int f_add_special_tokens(struct pctx *p, const char *key, json_t *v) {
+    p->has_add_special = true;
+    return want_bool(p, key, v, &p->r->add_special_tokens);
+}
+
+static int f_add_generation_prompt(struct pctx *p, const char *key, json_t *v) {
+    return want_bool(p, key, v, &p->r->add_generation_prompt);
+}
+
+static int f_return_token_strs(struct pctx *p, const char *key, json_t *v) {
+    return want_bool(p, key, v, &p->r->return_token_strs);
+}
+
+struct field {
+    const char *name;
+    unsigned kinds;   /* K_* routes that accept it */
+    int (*parse)(struct pctx *p, const char *key, json_t *v);
+};
+
+#define K_GEN (K_CMPL | K_CHAT)
+static const struct field fields[] = {
+    {"model", K_CMPL | K_CHAT | K_TOK | K_DETOK, f_model},
+    {"prompt", K_CMPL | K_TOK, f_prompt},
+    {"messages", K_CHAT | K_TOK, f_messages},
+    {"tokens", K_DETOK, f_tokens},
+    {"max_tokens", K_GEN, f_max_tokens},
+    {"max_completion_tokens", K_CHAT, f_max_tokens},
+    {"temperature", K_GEN, f_temperature},
+    {"top_p", K_GEN, f_top_p},
+    {"top_k", K_GEN, f_top_k},
+    {"min_p", K_GEN, f_min_p},
+    {"repetition_penalty", K_GEN, f_repetition_penalty},
+    {"seed", K_GEN, f_seed},
+    {"n", K_GEN, f_n},
+    {"stop", K_GEN, f_stop},
+    {"stream", K_GEN, f_stream},
+    {"stream_options", K_GEN, f_stream_options},
+    {"logprobs", K_GEN, f_logprobs},
+    {"top_logprobs", K_CHAT, f_top_logprobs},
+    {"echo", K_CMPL, f_echo},
+    {"best_of", K_CMPL, f_best_of},
+    {"suffix", K_CMPL, f_suffix},
+    {"presence_penalty", K_GEN, f_penalty},
+    {"frequency_penalty", K_GEN, f_penalty},
+    {"user", K_GEN, f_ignored_string},
+    {"logit_bias", K_GEN, f_logit_bias},
+    {"response_format", K_CHAT, f_response_format},
+    {"parallel_tool_calls", K_CHAT, f_ignored_bool},
+    {"metadata", K_CHAT, f_metadata},
+    {"store", K_CHAT, f_store},
+    {"service_tier", K_CHAT, f_ignored_string},
+    {"tools", K_CHAT, f_tools},
+    {"tool_choice", K_CHAT, f_tool_choice},
+    {"add_special_tokens", K_TOK, f_add_special_tokens},
+    {"add_generation_prompt", K_TOK, f_add_generation_prompt},
+    {"return_token_strs", K_TOK, f_return_token_strs},
+};
+
+static const struct field *find_field(const char *name) {
+    for (size_t i = 0; i < sizeof fields / sizeof fields[0]; i++)
+        if (!strcmp(fields[i].name, name)) return &fields[i];
+    return NULL;
+}
+
+/* jansson's parse error as a message a client can act on. */
+static void json_load_error(struct oai_error *err, const json_error_t *je) {
+    switch (json_error_code(je)) {
+    case json_error_out_of_memory:
+        oai_error_set(err, 503, "server_error", NULL, "out of memory while reading the request");
+        break;
+    case json_error_invalid_utf8:
+        oai_error_set(err, 400, "invalid_request_error", NULL,
+                      "request body is not valid UTF-8: %s at line %d column %d", je->text, je->line, je->column);
+        break;
+    case json_error_null_character:
+    case json_error_null_byte_in_key:
+        oai_error_set(err, 400, "invalid_request_error", NULL,
+                      "request body has a NUL character (\\u0000) in a string, which is not accepted: "
+                      "line %d column %d", je->line, je->column);
+        break;
+    default:
+        oai_error_set(err, 400, "invalid_request_error", NULL,
+                      "request body is not valid JSON: %s at line %d column %d", je->text, je->line, je->column);
+    }
+}
+
+static void request_defaults(struct oai_request *r, enum oai_kind kind) {
+    memset(r, 0, sizeof *r);
+    r->kind = kind;
+    r->max_tokens = kind == OAI_COMPLETION ? OAI_DEFAULT_MAX_TOKENS : kind == OAI_CHAT ? -1 : 0;
+    r->temperature = 1.0f;
+    r->top_p = 1.0f;
+    r->repetition_penalty = 1.0f;
+    r->n = 1;
+    r->add_generation_prompt = true;
+}
+
+/* Rules that involve several keys, once every key has been read. */
+static int check_request(struct pctx *p) {
+    struct oai_request *r = p->r;
+    switch (r->kind) {
+    case OAI_COMPLETION:
+        if (!p->has_prompt) return BAD(p, "prompt", "'prompt' is required");
+        if (p->best_of && p->best_of != r->n)
+            return not_supported(p, "best_of", "it must equal 'n' (every generated choice is returned)");
+        break;
+    case OAI_CHAT:
+        if (!p->has_messages) return BAD(p, "messages", "'messages' is required");
+        if (p->max_tokens && p->max_completion_tokens && p->max_tokens != p->max_completion_tokens)
+            return BAD(p, "max_completion_tokens",
+                       "'max_tokens' (%" PRId64 ") and 'max_completion_tokens' (%" PRId64 ") disagree; "
+                       "give one of them",
+                       p->max_tokens, p->max_completion_tokens);
+        break;
+    case OAI_TOKENIZE:
+        if (p->has_prompt == p->has_messages)
+            return p->has_prompt ? BAD(p, "messages", "give either 'prompt' or 'messages', not both")
+                                 : BAD(p, "prompt", "'prompt' or 'messages' is required");
+        if (!p->has_add_special) r->add_special_tokens = p->has_prompt;
+        break;
+    case OAI_DETOKENIZE:
+        if (!p->has_tokens) return BAD(p, "tokens", "'tokens' is required");
+        break;
+    }
+    if (p->max_completion_tokens) r->max_tokens = (int)p->max_completion_tokens;
+    if (p->max_tokens) r->max_tokens = (int)p->max_tokens;
+    if (p->has_stream_options && !r->stream)
+        return BAD(p, "stream_options", "'stream_options' is only allowed when 'stream' is true");
+    if (r->kind == OAI_COMPLETION) r->add_special_tokens = true;
+    return 0;
+}
+
+static int parse_request(enum oai_kind kind, const char *body, size_t len, struct oai_request *out,
+                         struct oai_error *err) {
+    request_defaults(out, kind);
+    memset(err, 0, sizeof *err);
+    struct pctx p = {.r = out, .err = err};
+    if (!body) len = 0;
+    size_t i = 0;
+    while (i < len && (body[i] == ' ' || body[i] == '\t' || body[i] == '\r' || body[i] == '\n')) i++;
+    if (i == len) return BAD(&p, NULL, "request body is empty; a JSON object is expected");
+
+    json_error_t je;
+    json_t *root = json_loadb(body, len, JSON_REJECT_DUPLICATES | JSON_DECODE_ANY, &je);
+    if (!root) {
+        json_load_error(err, &je);
+        return -1;
+    }
+    int rc = 0;
+    char got[48];
+    if (!json_is_object(root)) {
+        rc = BAD(&p, NULL, "request body must be a JSON object, got %s", describe(root, got, sizeof got));
+        goto done;
+    }
+    const char *key;
+    json_t *v;
+    json_object_foreach(root, key, v) {
+        const struct field *f = find_field(key);
+        if (!f) {
+            rc = BAD(&p, key, "unknown field '%.48s' in a %s request", key, route_name(kind));
+            goto done;
+        }
+        if (!(f->kinds & (1u << kind))) {
+            rc = BAD(&p, key, "'%s' is not a field of %s requests", key, route_name(kind));
+            goto done;
+        }
+        if (json_is_null(v)) continue;   /* null: not given */
+        if ((rc = f->parse(&p, key, v))) goto done;
+    }
+    rc = check_request(&p);
+done:
+    json_decref(root);
+    if (rc) {
+        oai_request_free(out);
+        request_defaults(out, kind);
+    }
+    return rc ? -1 : 0;
+}
+
+int openai_parse_completion(const char *body, size_t len, struct oai_request *out, struct oai_error *err) {
+    return parse_request(OAI_COMPLETION, body, len, out, err);
+}
+
+int openai_parse_chat(const char *body, size_t len, struct oai_request *out, struct oai_error *err) {
+    return parse_request(OAI_CHAT, body, len, out, err);
+}
+
+int openai_parse_tokenize(const char *body, size_t len, struct oai_request *out, struct oai_error *err) {
+    return parse_request(OAI_TOKENIZE, body, len, out, err);
+}
+
+int openai_parse_detokenize(const char *body, size_t len, struct oai_request *out, struct oai_error *err) {
+    return parse_request(OAI_DETOKENIZE, body, len, out, err);
+}
+
+void oai_request_free(struct oai_request *r) {
+    if (!r) return;
+    for (int i = 0; i < r->n_prompts; i++) {
+        free(r->prompts[i].text);
+        free(r->prompts[i].tokens);
+    }
+    free(r->prompts);
+    for (int i = 0; i < r->n_messages; i++) free(r->messages[i].content);
+    free(r->messages);
+    for (int i = 0; i < r->n_stops; i++) free(r->stops[i]);
+    free(r->stops);
+    r->prompts = NULL;
+    r->messages = NULL;
+    r->stops = NULL;
+    r->n_prompts = r->n_messages = r->n_stops = 0;
+}
+
+int oai_check_token_ids(const struct oai_request *r, int n_vocab, struct oai_error *err) {
+    for (int i = 0; i < r->n_prompts; i++) {
+        const struct oai_prompt *pr = &r->prompts[i];
+        for (int j = 0; j < pr->n_tokens; j++) {
+            if (pr->tokens[j] < n_vocab) continue;
+            char param[64];
+            if (r->kind == OAI_DETOKENIZE) field_name(param, sizeof param, "tokens[%d]", j);
+            else if (r->nested_token_prompts) field_name(param, sizeof param, "prompt[%d][%d]", i, j);
+            else field_name(param, sizeof param, "prompt[%d]", j);
+            oai_error_set(err, 400, "invalid_request_error", param,
+                          "'%s' is token id %" PRId32 ", outside the model's vocabulary of %d tokens", param,
+                          pr->tokens[j], n_vocab);
+            return -1;
+        }
+    }
+    return 0;
+}
+
+int oai_n_choices(const struct oai_request *r) {
+    return r->kind == OAI_COMPLETION ? r->n_prompts * r->n : r->n;
+}
+
+void oai_gen_params(const struct oai_request *r, int choice, uint64_t seed_if_unset, int max_tokens_if_unset,
+                    struct gen_params *out) {
+    memset(out, 0, sizeof *out);
+    sampler_params_default(&out->sampling);   /* fields the API has no say in (repeat window) */
+    out->sampling.temperature = r->temperature;
+    out->sampling.top_p = r->top_p;
+    out->sampling.top_k = r->top_k < 0 ? 0 : r->top_k;
+    out->sampling.min_p = r->min_p;
+    out->sampling.repeat_penalty = r->repetition_penalty;
+    out->sampling.seed = (r->has_seed ? (uint64_t)r->seed : seed_if_unset) + (uint64_t)choice;
+    out->max_tokens = r->max_tokens > 0 ? r->max_tokens : max_tokens_if_unset;
+    out->stops = (const char *const *)r->stops;
+    out->n_stops = r->n_stops;
+    out->logprobs = r->logprobs;
+}
+
+const char *oai_role_name(enum oai_role role) {
+    switch (role) {
+    case OAI_ROLE_SYSTEM: return "system";
+    case OAI_ROLE_USER: return "user";
+    case OAI_ROLE_ASSISTANT: return "assistant";
+    default: return "tool";
+    }
+}
+
+const char *oai_finish_reason(enum finish_reason f) {
+    switch (f) {
+    case FINISH_NONE: return NULL;
+    case FINISH_STOP: return "stop";
+    case FINISH_LENGTH: return "length";
+    case FINISH_CANCELLED: return "cancelled";
+    default: return "error";
+    }
+}
+
+void oai_format_id(char *buf, size_t size, enum oai_kind kind, uint64_t request_id) {
+    snprintf(buf, size, "%s-%" PRIu64, kind == OAI_CHAT ? "chatcmpl" : "cmpl", request_id);
+}
+
+int oai_parse_id(const char *s, uint64_t *request_id) {
+    if (!strncmp(s, "chatcmpl-", 9)) s += 9;
+    else if (!strncmp(s, "cmpl-", 5)) s += 5;
+    if (*s < '0' || *s > '9') return -1;
+    uint64_t x = 0;
+    for (; *s; s++) {
+        if (*s < '0' || *s > '9') return -1;
+        uint64_t d = (uint64_t)(*s - '0');
+        if (x > (UINT64_MAX - d) / 10) return -1;   /* would overflow */
+        x = x * 10 + d;
+    }
+    *request_id = x;
+    return 0;
+}
+
+/* ------------------------------------------------------------------ choices */
+
+void oai_choice_init(struct oai_choice *c, int index, bool logprobs, size_t max_bytes) {
+    memset(c, 0, sizeof *c);
+    c->index = index;
+    c->finish = FINISH_NONE;
+    c->logprobs = logprobs;
+    c->max_bytes = max_bytes ? max_bytes : OAI_CHOICE_MAX_BYTES;
+}
+
+void oai_choice_free(struct oai_choice *c) {
+    free(c->text);
+    free(c->pieces);
+    free(c->piece_end);
+    free(c->token_logprob);
+    memset(c, 0, sizeof *c);
+}
+
+#define TOKEN_OVERHEAD 16   /* bytes charged per recorded token (offsets, logprob) */
+
+static size_t choice_bytes(const struct oai_choice *c) {
+    return c->text_len + c->pieces_len + (size_t)c->n_tokens * TOKEN_OVERHEAD;
+}
+
+/* Makes room for `need` bytes in *buf (NUL included); 0 or -1. */
+static int grow(char **buf, size_t *cap, size_t need) {
+    if (need <= *cap) return 0;
+    size_t ncap = *cap ? *cap : 64;
+    while (ncap < need) ncap *= 2;
+    char *nb = realloc(*buf, ncap);
+    if (!nb) return -1;
+    *buf = nb;
+    *cap = ncap;
+    return 0;
+}
+
+int oai_choice_add_text(struct oai_choice *c, const char *text, size_t len) {
+    if (len == 0) return 0;
+    if (len > c->max_bytes || choice_bytes(c) > c->max_bytes - len) return -1;
+    if (grow(&c->text, &c->text_cap, c->text_len + len + 1)) return -1;
+    memcpy(c->text + c->text_len, text, len);
+    c->text_len += len;
+    c->text[c->text_len] = '\0';
+    return 0;
+}
+
+int oai_choice_add_token(struct oai_choice *c, const char *piece, size_t len, float logprob) {
+    if (!c->logprobs) return 0;
+    if (len > c->max_bytes || choice_bytes(c) + TOKEN_OVERHEAD > c->max_bytes - len) return -1;
+    if (c->n_tokens == c->cap_tokens) {
+        int ncap = c->cap_tokens ? c->cap_tokens * 2 : 64;
+        size_t *ends = realloc(c->piece_end, (size_t)ncap * sizeof *ends);
+        if (!ends) return -1;
+        c->piece_end = ends;
+        float *lps = realloc(c->token_logprob, (size_t)ncap * sizeof *lps);
+        if (!lps) return -1;
+        c->token_logprob = lps;
+        c->cap_tokens = ncap;
+    }
+    if (grow(&c->pieces, &c->pieces_cap, c->pieces_len + len + 1)) return -1;
+    if (len) memcpy(c->pieces + c->pieces_len, piece, len);
+    c->pieces_len += len;
+    c->piece_end[c->n_tokens] = c->pieces_len;
+    c->token_logprob[c->n_tokens] = logprob;
+    c->n_tokens++;
+    return 0;
+}
+
+/* ------------------------------------------------------------------ responses */
+
+/* Builders set into objects and arrays through these: a NULL value (failed
+ * allocation) or a failed insertion clears *ok, and the tree is dropped at
+ * the end, so no step needs its own error path. */
+static void put(json_t *obj, const char *key, json_t *v, bool *ok) {
+    if (json_object_set_new(obj, key, v)) *ok = false;
+}
+
+static void push(json_t *arr, json_t *v, bool *ok) {
+    if (json_array_append_new(arr, v)) *ok = false;
+}
+
+/* Compact text of root (consumed); NULL when !ok or out of memory. */
+static char *dump(json_t *root, bool ok, size_t *len) {
+    char *s = ok && root ? json_dumps(root, JSON_COMPACT | JSON_REAL_PRECISION(9)) : NULL;
+    json_decref(root);
+    if (s && len) *len = strlen(s);
+    return s;
+}
+
+/* "data: <json>\n\n" appended to a growing buffer. */
+struct sse {
+    char *buf;
+    size_t len, cap;
+    bool ok;
+};
+
+static void sse_event(struct sse *s, json_t *root, bool ok) {
+    size_t n = 0;
+    char *js = dump(root, ok, &n);
+    if (!js || grow(&s->buf, &s->cap, s->len + n + 9)) {
+        s->ok = false;
+        free(js);
+        return;
+    }
+    memcpy(s->buf + s->len, "data: ", 6);
+    memcpy(s->buf + s->len + 6, js, n);
+    memcpy(s->buf + s->len + 6 + n, "\n\n", 3);
+    s->len += n + 8;
+    free(js);
+}
+
+static char *sse_finish(struct sse *s, size_t *len) {
+    if (s->ok && !s->buf) {
+        s->buf = malloc(1);
+        if (s->buf) s->buf[0] = '\0';
+        else s->ok = false;
+    }
+    if (!s->ok) {
+        free(s->buf);
+        return NULL;
+    }
+    if (len) *len = s->len;
+    return s->buf;
+}
+
+static json_t *logprob_value(float lp) {
+    return json_real(isfinite(lp) ? lp : -9999.0);   /* OpenAI's stand-in for -inf */
+}
+
+/* A token's text for "tokens"/"token": its bytes when they are whole UTF-8
+ * characters, else "bytes:\xNN..." (OpenAI's spelling for partial ones). */
+static json_t *token_string(const char *piece, size_t n) {
+    if (utf8_valid(piece, n)) return json_stringn_nocheck(piece, n);
+    char *s = malloc(6 + 4 * n + 1);
+    if (!s) return NULL;
+    memcpy(s, "bytes:", 6);
+    for (size_t i = 0; i < n; i++) snprintf(s + 6 + 4 * i, 5, "\\x%02x", (unsigned char)piece[i]);
+    json_t *j = json_stringn_nocheck(s, 6 + 4 * n);
+    free(s);
+    return j;
+}
+
+static size_t piece_start(const struct oai_choice *c, int i) {
+    return i ? c->piece_end[i - 1] : 0;
+}
+
+/* Completions' logprobs object over the choice's recorded tokens; offsets
+ * count characters from char_base and never pass char_limit. */
+static json_t *completion_logprobs(const struct oai_choice *c, size_t char_base, size_t char_limit, bool *ok) {
+    json_t *lp = json_object(), *toks = json_array(), *lps = json_array(), *offs = json_array();
+    size_t chars = char_base;
+    for (int i = 0; i < c->n_tokens; i++) {
+        size_t a = piece_start(c, i), b = c->piece_end[i];
+        push(toks, token_string(c->pieces + a, b - a), ok);
+        push(lps, logprob_value(c->token_logprob[i]), ok);
+        push(offs, json_integer((json_int_t)(chars < char_limit ? chars : char_limit)), ok);
+        chars += utf8_count_chars(c->pieces + a, b - a);
+    }
+    put(lp, "tokens", toks, ok);
+    put(lp, "token_logprobs", lps, ok);
+    put(lp, "top_logprobs", json_null(), ok);
+    put(lp, "text_offset", offs, ok);
+    if (!lp) *ok = false;
+    return lp;
+}
+
+/* Chat's logprobs object: {"content":[{"token","logprob","bytes","top_logprobs":[]}]}. */
+static json_t *chat_logprobs(const struct oai_choice *c, bool *ok) {
+    json_t *lp = json_object(), *content = json_array();
+    for (int i = 0; i < c->n_tokens; i++) {
+        size_t a = piece_start(c, i), b = c->piece_end[i];
+        json_t *t = json_object(), *bytes = json_array();
+        for (size_t k = a; k < b; k++) push(bytes, json_integer((unsigned char)c->pieces[k]), ok);
+        put(t, "token", token_string(c->pieces + a, b - a), ok);
+        put(t, "logprob", logprob_value(c->token_logprob[i]), ok);
+        put(t, "bytes", bytes, ok);
+        put(t, "top_logprobs", json_array(), ok);
+        push(content, t, ok);
+    }
+    put(lp, "content", content, ok);
+    if (!lp) *ok = false;
+    return lp;
+}
+
+static json_t *finish_value(enum finish_reason f) {
+    const char *name = oai_finish_reason(f);
+    return name ? json_string(name) : json_null();
+}
+
+static json_t *usage_object(const struct oai_usage *u, bool *ok) {
+    json_t *o = json_object();
+    put(o, "prompt_tokens", json_integer(u->prompt_tokens), ok);
+    put(o, "completion_tokens", json_integer(u->completion_tokens), ok);
+    put(o, "total_tokens", json_integer((json_int_t)u->prompt_tokens + u->completion_tokens), ok);
+    if (!o) *ok = false;
+    return o;
+}
+
+/* The fields every response and chunk starts with. */
+static json_t *envelope(const struct oai_meta *m, const char *object, bool *ok) {
+    json_t *o = json_object();
+    put(o, "id", json_text(m->id, strlen(m->id)), ok);
+    put(o, "object", json_string(object), ok);
+    put(o, "created", json_integer(m->created), ok);
+    put(o, "model", json_text(m->model, strlen(m->model)), ok);
+    if (!o) *ok = false;
+    return o;
+}
+
+char *oai_response(const struct oai_meta *m, const struct oai_choice *choices, int n_choices,
+                   const struct oai_usage *u, size_t *len) {
+    bool ok = true, chat = m->kind == OAI_CHAT;
+    json_t *root = envelope(m, chat ? "chat.completion" : "text_completion", &ok);
+    json_t *arr = json_array();
+    for (int i = 0; i < n_choices; i++) {
+        const struct oai_choice *c = &choices[i];
+        json_t *ch = json_object();
+        json_t *text = json_text(c->text ? c->text : "", c->text_len);
+        put(ch, "index", json_integer(c->index), &ok);
+        if (chat) {
+            json_t *msg = json_object();
+            put(msg, "role", json_string("assistant"), &ok);
+            put(msg, "content", text, &ok);
+            put(ch, "message", msg, &ok);
+        } else {
+            put(ch, "text", text, &ok);
+        }
+        json_t *lp = !c->logprobs ? json_null()
+                     : chat       ? chat_logprobs(c, &ok)
+                                  : completion_logprobs(c, 0, utf8_count_chars(c->text, c->text_len), &ok);
+        put(ch, "logprobs", lp, &ok);
+        put(ch, "finish_reason", finish_value(c->finish), &ok);
+        push(arr, ch, &ok);
+    }
+    put(root, "choices", arr, &ok);
+    put(root, "usage", usage_object(u, &ok), &ok);
+    return dump(root, ok, len);
+}
+
+/* One chunk carrying one choice. delta_or_text is the chat delta object or
+ * the completion text; logprobs may be NULL (JSON null). */
+static void chunk_event(struct sse *s, const struct oai_meta *m, const struct oai_choice *c, json_t *delta_or_text,
+                        json_t *logprobs, enum finish_reason finish) {
+    bool ok = true, chat = m->kind == OAI_CHAT;
+    json_t *root = envelope(m, chat ? "chat.completion.chunk" : "text_completion", &ok);
+    json_t *arr = json_array(), *ch = json_object();
+    put(ch, "index", json_integer(c->index), &ok);
+    put(ch, chat ? "delta" : "text", delta_or_text, &ok);
+    put(ch, "logprobs", logprobs ? logprobs : json_null(), &ok);
+    put(ch, "finish_reason", finish_value(finish), &ok);
+    push(arr, ch, &ok);
+    put(root, "choices", arr, &ok);
+    if (m->include_usage) put(root, "usage", json_null(), &ok);
+    sse_event(s, root, ok);
+}
+
+/* Forgets what was streamed, keeping the character count for text_offset. */
+static void choice_consume(struct oai_choice *c) {
+    c->chars_streamed += utf8_count_chars(c->pieces, c->pieces_len);
+    c->text_len = 0;
+    c->pieces_len = 0;
+    c->n_tokens = 0;
+}
+
+char *oai_stream_chunk(const struct oai_meta *m, struct oai_choice *c, size_t *len) {
+    struct sse s = {.ok = true};
+    bool chat = m->kind == OAI_CHAT, ok = true;
+    bool has_new = c->text_len > 0 || c->n_tokens > 0;
+    bool finishing = c->finish != FINISH_NONE && !c->finish_sent;
+    if (c->finish_sent) has_new = false;
+
+    if (chat && !c->started) {
+        json_t *delta = json_object();
+        put(delta, "role", json_string("assistant"), &ok);
+        put(delta, "content", json_string(""), &ok);
+        if (!ok) s.ok = false;
+        chunk_event(&s, m, c, delta, NULL, FINISH_NONE);
+    }
+    c->started = true;
+    if (chat && has_new) {
+        json_t *delta = json_object();
+        put(delta, "content", json_text(c->text ? c->text : "", c->text_len), &ok);
+        json_t *lp = c->logprobs ? chat_logprobs(c, &ok) : NULL;
+        if (!ok) s.ok = false;
+        chunk_event(&s, m, c, delta, lp, FINISH_NONE);
+    }
+    if (chat && finishing) chunk_event(&s, m, c, json_object(), NULL, c->finish);
+    if (!chat && (has_new || finishing)) {
+        /* completions carry the last text and the finish reason together */
+        json_t *lp = c->logprobs ? completion_logprobs(c, c->chars_streamed, SIZE_MAX, &ok) : NULL;
+        if (!ok) s.ok = false;
+        chunk_event(&s, m, c, json_text(c->text ? c->text : "", c->text_len), lp,
+                    finishing ? c->finish : FINISH_NONE);
+    }
+    if (has_new) choice_consume(c);
+    if (finishing) c->finish_sent = true;
+    return sse_finish(&s, len);
+}
+
+char *oai_stream_usage(const struct oai_meta *m, const struct oai_usage *u, size_t *len) {
+    struct sse s = {.ok = true};
+    bool ok = true;
+    json_t *root = envelope(m, m->kind == OAI_CHAT ? "chat.completion.chunk" : "text_completion", &ok);
+    put(root, "choices", json_array(), &ok);
+    put(root, "usage", usage_object(u, &ok), &ok);
+    sse_event(&s, root, ok);
+    return sse_finish(&s, len);
+}
+
+char *oai_stream_error(const struct oai_error *e, size_t *len) {
+    struct sse s = {.ok = true};
+    bool ok = true;
+    json_t *root = json_object(), *err = json_object();
+    put(err, "message", json_text(e->message, strlen(e->message)), &ok);
+    put(err, "type", json_text(e->type, strlen(e->type)), &ok);
+    put(err, "param", e->param[0] ? json_text(e->param, strlen(e->param)) : json_null(), &ok);
+    put(err, "code", json_null(), &ok);
+    put(root, "error", err, &ok);
+    sse_event(&s, root, ok);
+    return sse_finish(&s, len);
+}
+
+char *oai_models_response(const char *const *names, const int64_t *created, int n, size_t *len) {
+    bool ok = true;
+    json_t *root = json_object(), *data = json_array();
+    put(root, "object", json_string("list"), &ok);
+    for (int i = 0; i < n; i++) {
+        json_t *mo = json_object();
+        put(mo, "id", json_text(names[i], strlen(names[i])), &ok);
+        put(mo, "object", json_string("model"), &ok);
+        put(mo, "created", json_integer(created ? created[i] : 0), &ok);
+        put(mo, "owned_by", json_string("ebb"), &ok);
+        push(data, mo, &ok);
+    }
+    put(root, "data", data, &ok);
+    return dump(root, ok, len);
+}
+
+char *oai_tokenize_response(const int32_t *ids, int n, int max_model_len, const char *const *pieces,
+                            const size_t *piece_lens, size_t *len) {
+    bool ok = true;
+    json_t *root = json_object(), *toks = json_array();
+    put(root, "count", json_integer(n), &ok);
+    put(root, "max_model_len", json_integer(max_model_len), &ok);
+    for (int i = 0; i < n; i++) push(toks, json_integer(ids[i]), &ok);
+    put(root, "tokens", toks, &ok);
+    if (pieces) {
+        json_t *strs = json_array();
+        for (int i = 0; i < n; i++) push(strs, token_string(pieces[i], piece_lens[i]), &ok);
+        put(root, "token_strs", strs, &ok);
+    }
+    return dump(root, ok, len);
+}
+
+char *oai_detokenize_response(const char *text, size_t text_len, size_t *len) {
+    bool ok = true;
+    json_t *root = json_object();
+    put(root, "prompt", json_text(text ? text : "", text_len), &ok);
+    return dump(root, ok, len);
+}
