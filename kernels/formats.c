@@ -1,0 +1,357 @@
+/* Tensor storage formats: the type table, half-precision conversions and the
+ * row dequantizers for the GGUF block layouts ebb reads.
+ *
+ * Design. One table indexed by the GGUF type number gives every type's name,
+ * block geometry and dequantizer; nothing else in the tree knows a layout.
+ * Block structs are never overlaid on the file bytes: each dequantizer reads
+ * the block byte by byte at documented offsets (little-endian fields read
+ * with explicit shifts), so mapped data of any alignment is safe and the code
+ * documents the layout as it goes.
+ *
+ * Trade-off: these are the clear, portable reference conversions (used when a
+ * whole tensor is turned into f32 at load time, and by `ebb inspect`); hot
+ * paths that compute directly on quantized weights belong to the kernels and
+ * are checked against these.
+ *
+ * Layout notes (QK = 32 for the legacy quants, QK_K = 256 for the K-quants;
+ * "f16" = IEEE half, little-endian; offsets in bytes):
+ *   Q4_0  18 B: d f16 | 16 B nibbles. Value j (j < 16) is the low nibble of
+ *         byte j, value j+16 its high nibble; x = d * (q - 8).
+ *   Q4_1  20 B: d f16 | m f16 | 16 B nibbles as Q4_0; x = d * q + m.
+ *   Q5_0  22 B: d f16 | qh u32 | 16 B nibbles. Bit j of qh is bit 4 of
+ *         value j; x = d * (q - 16).
+ *   Q5_1  24 B: d f16 | m f16 | qh u32 | 16 B nibbles; x = d * q + m.
+ *   Q8_0  34 B: d f16 | 32 int8; x = d * q.
+ *   Q2_K  84 B: 16 B scales (low nibble scale, high nibble min, one per 16
+ *         values) | 64 B 2-bit quants | d f16 | dmin f16.
+ *   Q3_K 110 B: 32 B high-bit mask | 64 B 2-bit low quants | 12 B of sixteen
+ *         6-bit scales (offset by 32) | d f16. A CLEAR mask bit subtracts 4.
+ *   Q4_K 144 B: d f16 | dmin f16 | 12 B of eight 6-bit scales and eight 6-bit
+ *         mins | 128 B nibbles (per 64 values: 32 low nibbles, 32 high).
+ *   Q5_K 176 B: as Q4_K with 32 B of fifth bits between scales and nibbles.
+ *   Q6_K 210 B: 128 B low nibbles | 64 B high 2-bit pairs | 16 int8 scales |
+ *         d f16; x = d * scale * (q - 32).
+ */
+#include "kernels/formats.h"
+
+#include <math.h>
+#include <string.h>
+
+#define QK 32
+#define QK_K 256
+
+/* ---------------------------------------------------------------- halves */
+
+static uint32_t f32_bits(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
+static float bits_f32(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
+
+float ebb_f16_to_f32(uint16_t h)
+{
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16;
+    uint32_t exp = (h >> 10) & 0x1f;
+    uint32_t man = h & 0x3ff;
+    if (exp == 0x1f)                                   /* inf or nan; keep payload */
+        return bits_f32(sign | 0x7f800000u | (man << 13));
+    if (exp == 0) {
+        if (man == 0) return bits_f32(sign);           /* signed zero */
+        /* Subnormal: man * 2^-24 is exact in f32. */
+        float v = (float)man * 0x1p-24f;
+        return sign ? -v : v;
+    }
+    return bits_f32(sign | ((exp + 112) << 23) | (man << 13));
+}
+
+uint16_t ebb_f32_to_f16(float f)
+{
+    uint32_t u = f32_bits(f);
+    uint16_t sign = (uint16_t)((u >> 16) & 0x8000);
+    uint32_t abs = u & 0x7fffffffu;
+    if (abs > 0x7f800000u) {                           /* nan: quiet, keep top payload bits */
+        return (uint16_t)(sign | 0x7e00 | ((abs >> 13) & 0x3ff));
+    }
+    if (abs >= 0x477ff000u)                            /* rounds to >= 65520: inf */
+        return (uint16_t)(sign | 0x7c00);
+    if (abs < 0x38800000u) {                           /* below the smallest normal half */
+        /* Subnormal half: value / 2^-24, rounded to nearest even. The
+         * float arithmetic is exact except for this one rounding, which
+         * the FPU does in round-to-nearest-even mode. */
+        float v = bits_f32(abs) * 0x1p24f;
+        float r = nearbyintf(v);
+        return (uint16_t)(sign | (uint16_t)r);         /* r <= 1024: may become the smallest normal */
+    }
+    /* Normal: rebias the exponent, round the 23-bit mantissa to 10 bits to
+     * nearest even; a carry out of the mantissa correctly bumps the exponent. */
+    uint32_t rebased = abs - ((uint32_t)(127 - 15) << 23);
+    uint32_t round = 0xfffu + ((rebased >> 13) & 1u);
+    return (uint16_t)(sign | ((rebased + round) >> 13));
+}
+
+float ebb_bf16_to_f32(uint16_t h) { return bits_f32((uint32_t)h << 16); }
+
+static float rd_f16(const uint8_t *p) { return ebb_f16_to_f32((uint16_t)(p[0] | (p[1] << 8))); }
+
+static uint32_t rd_u32(const uint8_t *p)
+{
+    return (uint32_t)p[0] | ((uint32_t)p[1] << 8) | ((uint32_t)p[2] << 16) | ((uint32_t)p[3] << 24);
+}
+
+/* ------------------------------------------------------- plain scalar rows */
+
+static void f32_to_f32(const void *src, float *dst, size_t n) { memcpy(dst, src, n * sizeof(float)); }
+
+static void f16_to_f32(const void *src, float *dst, size_t n)
+{
+    const uint8_t *p = src;
+    for (size_t i = 0; i < n; i++) dst[i] = rd_f16(p + 2 * i);
+}
+
+static void bf16_to_f32(const void *src, float *dst, size_t n)
+{
+    const uint8_t *p = src;
+    for (size_t i = 0; i < n; i++) dst[i] = ebb_bf16_to_f32((uint16_t)(p[2 * i] | (p[2 * i + 1] << 8)));
+}
+
+/* ---------------------------------------------------------- legacy quants */
+
+static void q4_0_to_f32(const void *src, float *dst, size_t n)
+{
+    const uint8_t *b = src;
+    for (size_t blk = 0; blk < n / QK; blk++, b += 18, dst += QK) {
+        float d = rd_f16(b);
+        const uint8_t *qs = b + 2;
+        for (int j = 0; j < QK / 2; j++) {
+            dst[j] = d * (float)((qs[j] & 0x0f) - 8);
+            dst[j + QK / 2] = d * (float)((qs[j] >> 4) - 8);
+        }
+    }
+}
+
+static void q4_1_to_f32(const void *src, float *dst, size_t n)
+{
+    const uint8_t *b = src;
+    for (size_t blk = 0; blk < n / QK; blk++, b += 20, dst += QK) {
+        float d = rd_f16(b), m = rd_f16(b + 2);
+        const uint8_t *qs = b + 4;
+        for (int j = 0; j < QK / 2; j++) {
+            dst[j] = d * (float)(qs[j] & 0x0f) + m;
+            dst[j + QK / 2] = d * (float)(qs[j] >> 4) + m;
+        }
+    }
+}
+
+/* The 5-bit quants of one 32-value block: nibbles plus one bit from qh. */
+static void unpack_q5(const uint8_t *qs, uint32_t qh, int q[QK])
+{
+    for (int j = 0; j < QK / 2; j++) {
+        q[j] = (qs[j] & 0x0f) | (int)(((qh >> j) & 1u) << 4);
+        q[j + QK / 2] = (qs[j] >> 4) | (int)(((qh >> (j + 16)) & 1u) << 4);
+    }
+}
+
+static void q5_0_to_f32(const void *src, float *dst, size_t n)
+{
+    const uint8_t *b = src;
+    int q[QK];
+    for (size_t blk = 0; blk < n / QK; blk++, b += 22, dst += QK) {
+        float d = rd_f16(b);
+        unpack_q5(b + 6, rd_u32(b + 2), q);
+        for (int j = 0; j < QK; j++) dst[j] = d * (float)(q[j] - 16);
+    }
+}
+
+static void q5_1_to_f32(const void *src, float *dst, size_t n)
+{
+    const uint8_t *b = src;
+    int q[QK];
+    for (size_t blk = 0; blk < n / QK; blk++, b += 24, dst += QK) {
+        float d = rd_f16(b), m = rd_f16(b + 2);
+        unpack_q5(b + 8, rd_u32(b + 4), q);
+        for (int j = 0; j < QK; j++) dst[j] = d * (float)q[j] + m;
+    }
+}
+
+static void q8_0_to_f32(const void *src, float *dst, size_t n)
+{
+    const uint8_t *b = src;
+    for (size_t blk = 0; blk < n / QK; blk++, b += 34, dst += QK) {
+        float d = rd_f16(b);
+        const int8_t *qs = (const int8_t *)(b + 2);
+        for (int j = 0; j < QK; j++) dst[j] = d * (float)qs[j];
+    }
+}
+
+/* ----------------------------------------------------------------- K-quants */
+
+/* Q2_K: each 128 values use 32 quant bytes four times (shifts 0, 2, 4, 6);
+ * each shift yields 32 values in two groups of 16 with their own scale. */
+static void q2_k_to_f32(const void *src, float *dst, size_t n)
+{
+    const uint8_t *b = src;
+    for (size_t blk = 0; blk < n / QK_K; blk++, b += 84) {
+        const uint8_t *scales = b, *qs = b + 16;
+        float d = rd_f16(b + 80), dmin = rd_f16(b + 82);
+        int group = 0;
+        for (int half = 0; half < 2; half++, qs += 32) {
+            for (int shift = 0; shift < 8; shift += 2) {
+                for (int sub = 0; sub < 2; sub++, group++) {
+                    float dl = d * (float)(scales[group] & 0x0f);
+                    float ml = dmin * (float)(scales[group] >> 4);
+                    for (int l = 0; l < 16; l++)
+                        *dst++ = dl * (float)((qs[sub * 16 + l] >> shift) & 3) - ml;
+                }
+            }
+        }
+    }
+}
+
+/* Q3_K's sixteen 6-bit scales: the low 4 bits are the nibbles of bytes 0..7
+ * (low nibbles first), the high 2 bits come from bytes 8..11, two bits per
+ * scale, scale i using byte 8 + i%4 at bit 2*(i/4). */
+static void q3_k_scales(const uint8_t *s, int out[16])
+{
+    for (int i = 0; i < 16; i++) {
+        int lo = i < 8 ? (s[i] & 0x0f) : (s[i - 8] >> 4);
+        int hi = (s[8 + i % 4] >> (2 * (i / 4))) & 3;
+        out[i] = (lo | (hi << 4)) - 32;
+    }
+}
+
+static void q3_k_to_f32(const void *src, float *dst, size_t n)
+{
+    const uint8_t *b = src;
+    int sc[16];
+    for (size_t blk = 0; blk < n / QK_K; blk++, b += 110) {
+        const uint8_t *hmask = b, *qs = b + 32;
+        q3_k_scales(b + 96, sc);
+        float d = rd_f16(b + 108);
+        int group = 0, bit = 0;                      /* bit: which hmask bit, 0..7 */
+        for (int half = 0; half < 2; half++, qs += 32) {
+            for (int shift = 0; shift < 8; shift += 2, bit++) {
+                for (int sub = 0; sub < 2; sub++, group++) {
+                    float dl = d * (float)sc[group];
+                    for (int l = sub * 16; l < sub * 16 + 16; l++) {
+                        int q = (qs[l] >> shift) & 3;
+                        if (!((hmask[l] >> bit) & 1)) q -= 4;
+                        *dst++ = dl * (float)q;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/* Q4_K/Q5_K's eight 6-bit scales and mins in 12 bytes: entries 0..3 are the
+ * low 6 bits of bytes 0..3 (scales) and 4..7 (mins); entries 4..7 take their
+ * low 4 bits from the nibbles of bytes 8..11 and their top 2 bits from the
+ * spare top bits of bytes 0..3 (scales) and 4..7 (mins). */
+static void k4_scale_min(const uint8_t *s, int j, int *scale, int *min)
+{
+    if (j < 4) {
+        *scale = s[j] & 63;
+        *min = s[j + 4] & 63;
+    } else {
+        *scale = (s[j + 4] & 0x0f) | ((s[j - 4] >> 6) << 4);
+        *min = (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
+    }
+}
+
+static void q4_k_to_f32(const void *src, float *dst, size_t n)
+{
+    const uint8_t *b = src;
+    for (size_t blk = 0; blk < n / QK_K; blk++, b += 144) {
+        float d = rd_f16(b), dmin = rd_f16(b + 2);
+        const uint8_t *scales = b + 4, *qs = b + 16;
+        for (int j = 0; j < 8; j += 2, qs += 32) {     /* 64 values per step */
+            int s0, m0, s1, m1;
+            k4_scale_min(scales, j, &s0, &m0);
+            k4_scale_min(scales, j + 1, &s1, &m1);
+            float d0 = d * (float)s0, o0 = dmin * (float)m0;
+            float d1 = d * (float)s1, o1 = dmin * (float)m1;
+            for (int l = 0; l < 32; l++) *dst++ = d0 * (float)(qs[l] & 0x0f) - o0;
+            for (int l = 0; l < 32; l++) *dst++ = d1 * (float)(qs[l] >> 4) - o1;
+        }
+    }
+}
+
+static void q5_k_to_f32(const void *src, float *dst, size_t n)
+{
+    const uint8_t *b = src;
+    for (size_t blk = 0; blk < n / QK_K; blk++, b += 176) {
+        float d = rd_f16(b), dmin = rd_f16(b + 2);
+        const uint8_t *scales = b + 4, *qh = b + 16, *qs = b + 48;
+        int bit = 0;                                 /* qh bit for the low-nibble group */
+        for (int j = 0; j < 8; j += 2, qs += 32, bit += 2) {
+            int s0, m0, s1, m1;
+            k4_scale_min(scales, j, &s0, &m0);
+            k4_scale_min(scales, j + 1, &s1, &m1);
+            float d0 = d * (float)s0, o0 = dmin * (float)m0;
+            float d1 = d * (float)s1, o1 = dmin * (float)m1;
+            for (int l = 0; l < 32; l++)
+                *dst++ = d0 * (float)((qs[l] & 0x0f) | (((qh[l] >> bit) & 1) << 4)) - o0;
+            for (int l = 0; l < 32; l++)
+                *dst++ = d1 * (float)((qs[l] >> 4) | (((qh[l] >> (bit + 1)) & 1) << 4)) - o1;
+        }
+    }
+}
+
+/* Q6_K: per 128 values, 64 low-nibble bytes and 32 high-bit bytes make four
+ * runs of 32 values; scale index = value index / 16. */
+static void q6_k_to_f32(const void *src, float *dst, size_t n)
+{
+    const uint8_t *b = src;
+    for (size_t blk = 0; blk < n / QK_K; blk++, b += 210) {
+        const uint8_t *ql = b, *qh = b + 128;
+        const int8_t *sc = (const int8_t *)(b + 192);
+        float d = rd_f16(b + 208);
+        for (int half = 0; half < 2; half++, ql += 64, qh += 32, sc += 8, dst += 128) {
+            for (int l = 0; l < 32; l++) {
+                int q0 = ((ql[l] & 0x0f) | (((qh[l] >> 0) & 3) << 4)) - 32;
+                int q1 = ((ql[l + 32] & 0x0f) | (((qh[l] >> 2) & 3) << 4)) - 32;
+                int q2 = ((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) - 32;
+                int q3 = ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) - 32;
+                int s = l / 16;
+                dst[l] = d * (float)sc[s] * (float)q0;
+                dst[l + 32] = d * (float)sc[s + 2] * (float)q1;
+                dst[l + 64] = d * (float)sc[s + 4] * (float)q2;
+                dst[l + 96] = d * (float)sc[s + 6] * (float)q3;
+            }
+        }
+    }
+}
+
+/* ------------------------------------------------------------------ table */
+
+static const struct ebb_type_info type_table[EBB_TYPE_COUNT_] = {
+    [EBB_TYPE_F32]  = { "F32",  1, 4, f32_to_f32 },
+    [EBB_TYPE_F16]  = { "F16",  1, 2, f16_to_f32 },
+    [EBB_TYPE_Q4_0] = { "Q4_0", QK, 18, q4_0_to_f32 },
+    [EBB_TYPE_Q4_1] = { "Q4_1", QK, 20, q4_1_to_f32 },
+    [EBB_TYPE_Q5_0] = { "Q5_0", QK, 22, q5_0_to_f32 },
+    [EBB_TYPE_Q5_1] = { "Q5_1", QK, 24, q5_1_to_f32 },
+    [EBB_TYPE_Q8_0] = { "Q8_0", QK, 34, q8_0_to_f32 },
+    [EBB_TYPE_Q2_K] = { "Q2_K", QK_K, 84, q2_k_to_f32 },
+    [EBB_TYPE_Q3_K] = { "Q3_K", QK_K, 110, q3_k_to_f32 },
+    [EBB_TYPE_Q4_K] = { "Q4_K", QK_K, 144, q4_k_to_f32 },
+    [EBB_TYPE_Q5_K] = { "Q5_K", QK_K, 176, q5_k_to_f32 },
+    [EBB_TYPE_Q6_K] = { "Q6_K", QK_K, 210, q6_k_to_f32 },
+    [EBB_TYPE_I8]   = { "I8",   1, 1, NULL },
+    [EBB_TYPE_I16]  = { "I16",  1, 2, NULL },
+    [EBB_TYPE_I32]  = { "I32",  1, 4, NULL },
+    [EBB_TYPE_F64]  = { "F64",  1, 8, NULL },
+    [EBB_TYPE_BF16] = { "BF16", 1, 2, bf16_to_f32 },
+};
+
+const struct ebb_type_info *ebb_type_info(uint32_t type)
+{
+    if (type >= EBB_TYPE_COUNT_ || type_table[type].name == NULL) return NULL;
+    return &type_table[type];
+}
+
+size_t ebb_row_bytes(uint32_t type, uint64_t n)
+{
+    const struct ebb_type_info *ti = ebb_type_info(type);
+    if (!ti || n % ti->block_elems) return 0;
+    uint64_t blocks = n / ti->block_elems;
+    if (blocks > SIZE_MAX / ti->block_bytes) return 0;   /* would overflow size_t */
+    return (size_t)(blocks * ti->block_bytes);
+}
