@@ -5,6 +5,7 @@
 #include <string.h>
 
 #include "engine/model.h"
+#include "kernels/backend.h"
 
 static size_t page_bytes(const struct model_config *cfg) {
     return 2 * (size_t)cfg->n_layer * KV_PAGE_TOKENS * (size_t)(cfg->n_head_kv * cfg->head_dim) * sizeof(float);
@@ -61,6 +62,7 @@ int kv_cache_init(struct kv_cache *kv, const struct model_config *cfg, int n_ctx
     kv->n_ctx = n_ctx;
     kv->n_layer = cfg->n_layer;
     kv->kv_dim = cfg->n_head_kv * cfg->head_dim;
+    kv->head_dim = cfg->head_dim;
     return 0;
 }
 
@@ -91,4 +93,26 @@ int kv_cache_ensure(struct kv_cache *kv, int n) {
         if (kv->account) account_add(kv->account, &kv->account->allocated_bytes, (long long)bytes);
     }
     return 0;
+}
+
+void kv_store(struct kv_cache *kv, const struct ebb_backend *be, int layer, int pos, const float *k,
+              const float *v) {
+    (void)be;
+    memcpy(kv_k(kv, layer, pos), k, (size_t)kv->kv_dim * sizeof(float));
+    memcpy(kv_v(kv, layer, pos), v, (size_t)kv->kv_dim * sizeof(float));
+}
+
+size_t kv_attend_scratch(const struct model_config *cfg, int n_ctx) {
+    (void)cfg;
+    return (size_t)n_ctx;
+}
+
+void kv_attend(const struct kv_cache *kv, const struct ebb_backend *be, int layer, int kvh, const float *q,
+               int n_pos, float scale, float *scratch, float *out) {
+    const int hd = kv->head_dim;
+    float *scores = scratch;
+    for (int i = 0; i < n_pos; i++) scores[i] = be->dot_f32(q, kv_k(kv, layer, i) + kvh * hd, hd) * scale;
+    be->softmax_f32(scores, n_pos);
+    memset(out, 0, (size_t)hd * sizeof(float));
+    for (int i = 0; i < n_pos; i++) be->axpy_f32(out, scores[i], kv_v(kv, layer, i) + kvh * hd, hd);
 }

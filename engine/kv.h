@@ -22,6 +22,7 @@
 #define KV_PAGE_TOKENS 64
 
 struct model_config;
+struct ebb_backend;
 
 /* Shared by every sequence of a model; thread-safe (the HTTP side reads it
  * for metrics and admin while the engine charges it). */
@@ -43,7 +44,7 @@ struct kv_cache {
     int n_ctx;                /* positions reserved */
     int n_past;               /* positions filled */
     int n_pages;              /* pages allocated */
-    int n_layer, kv_dim;
+    int n_layer, kv_dim, head_dim;
     float **pages;            /* [ceil(n_ctx / KV_PAGE_TOKENS)] */
     struct kv_account *account; /* may be NULL: unaccounted (CLI tools) */
     size_t reserved_bytes;
@@ -59,7 +60,21 @@ void kv_cache_clear(struct kv_cache *kv);
 /* Makes sure positions [0, n) have pages; -1 if n > n_ctx or out of memory. */
 int kv_cache_ensure(struct kv_cache *kv, int n);
 
-/* Row pointers for a layer and position (pages must exist). */
+/* Writes one token's keys and values (kv_dim floats each) for a layer at
+ * position pos (its page must exist: kv_cache_ensure). */
+void kv_store(struct kv_cache *kv, const struct ebb_backend *be, int layer, int pos, const float *k,
+              const float *v);
+
+/* Attention of one query head q[head_dim] over positions [0, n_pos) of KV
+ * head kvh in a layer: softmax(q.k * scale) weighted sum of v into
+ * out[head_dim]. scratch holds kv_attend_scratch() floats, private to the
+ * caller's thread. Positions are visited in order, so the result does not
+ * depend on the rest of the batch. */
+void kv_attend(const struct kv_cache *kv, const struct ebb_backend *be, int layer, int kvh, const float *q,
+               int n_pos, float scale, float *scratch, float *out);
+size_t kv_attend_scratch(const struct model_config *cfg, int n_ctx);
+
+/* Row pointers for a layer and position of the f32 store (pages must exist). */
 static inline float *kv_k(const struct kv_cache *kv, int layer, int pos) {
     return kv->pages[pos / KV_PAGE_TOKENS] +
            ((size_t)layer * KV_PAGE_TOKENS + (size_t)(pos % KV_PAGE_TOKENS)) * (size_t)kv->kv_dim;

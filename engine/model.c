@@ -302,8 +302,9 @@ static struct run_state *run_state_get(struct model *m, int max_ctx, int head_ro
     }
     if (s->scores_ctx < max_ctx) {
         free(s->scores);
-        s->scores = malloc((size_t)ebb_pool_threads(m->pool) * (size_t)max_ctx * sizeof(float));
-        s->scores_ctx = s->scores ? max_ctx : 0;
+        size_t per_worker = kv_attend_scratch(&m->cfg, max_ctx);
+        s->scores = malloc((size_t)ebb_pool_threads(m->pool) * per_worker * sizeof(float));
+        s->scores_ctx = s->scores ? (int)per_worker : 0;
         if (!s->scores) goto fail;
     }
     if (s->head_rows_cap < head_rows) {
@@ -353,31 +354,22 @@ struct attn_job {
     int layer, n_tok;
 };
 
-/* One worker's share of the (token, head) pairs: causal softmax attention of
- * query head h over its sequence's positions 0..pos, reading the KV head the
- * query head shares. Pages are walked in order, so the sums run in position
- * order whatever the batch. */
+/* One worker's share of the (token, head) pairs: each query head attends
+ * over its own sequence's positions 0..pos through the KV head it shares
+ * (engine/kv.c owns the cache layout and precision). */
 static void attention_task(void *arg, int part, int n_parts) {
     const struct attn_job *j = arg;
     const struct model_config *c = &j->m->cfg;
-    const struct ebb_backend *be = j->m->be;
     const int hd = c->head_dim, group = c->n_head / c->n_head_kv;
     const int total = j->n_tok * c->n_head;
     const int begin = (int)((long)total * part / n_parts), end = (int)((long)total * (part + 1) / n_parts);
-    float *scores = j->s->scores + (size_t)part * j->s->scores_ctx;
+    float *scratch = j->s->scores + (size_t)part * j->s->scores_ctx;
     const float scale = 1.0f / sqrtf((float)hd);
     for (int p = begin; p < end; p++) {
-        const int t = p / c->n_head, h = p % c->n_head, kvh = h / group;
-        const struct kv_cache *kv = j->s->tok_kv[t];
-        const int n_pos = j->s->tok_pos[t] + 1;
+        const int t = p / c->n_head, h = p % c->n_head;
         const float *q = j->s->q + (size_t)t * c->n_head * hd + h * hd;
-        for (int i = 0; i < n_pos; i++)
-            scores[i] = be->dot_f32(q, kv_k(kv, j->layer, i) + kvh * hd, hd) * scale;
-        be->softmax_f32(scores, n_pos);
         float *out = j->s->att + (size_t)t * c->n_head * hd + h * hd;
-        memset(out, 0, (size_t)hd * sizeof(float));
-        for (int i = 0; i < n_pos; i++)
-            be->axpy_f32(out, scores[i], kv_v(kv, j->layer, i) + kvh * hd, hd);
+        kv_attend(j->s->tok_kv[t], j->m->be, j->layer, h / group, q, j->s->tok_pos[t] + 1, scale, scratch, out);
     }
 }
 
@@ -404,6 +396,7 @@ static void forward_layers(struct model *m, struct run_state *s, int n_tok) {
         /* attention block */
         for (int t = 0; t < n_tok; t++)
             be->rmsnorm_f32(s->xb + (size_t)t * E, s->x + (size_t)t * E, w->attn_norm, E, c->rms_eps);
+        if (m->capture) m->capture(m->capture_ud, l, ACT_ATTN_IN, s->xb, n_tok, E);
         be->matmul_f32(m->pool, s->q, s->xb, w->wq, n_tok, E, QD);
         be->matmul_f32(m->pool, s->k, s->xb, w->wk, n_tok, E, KD);
         be->matmul_f32(m->pool, s->v, s->xb, w->wv, n_tok, E, KD);
@@ -413,20 +406,23 @@ static void forward_layers(struct model *m, struct run_state *s, int n_tok) {
         for (int t = 0; t < n_tok; t++) {
             rope_apply(m, s, s->q + (size_t)t * QD, c->n_head, t);
             rope_apply(m, s, s->k + (size_t)t * KD, c->n_head_kv, t);
-            memcpy(kv_k(s->tok_kv[t], l, s->tok_pos[t]), s->k + (size_t)t * KD, (size_t)KD * sizeof(float));
-            memcpy(kv_v(s->tok_kv[t], l, s->tok_pos[t]), s->v + (size_t)t * KD, (size_t)KD * sizeof(float));
+            kv_store(s->tok_kv[t], m->be, l, s->tok_pos[t], s->k + (size_t)t * KD, s->v + (size_t)t * KD);
         }
         struct attn_job job = {m, s, l, n_tok};
         ebb_pool_run(m->pool, attention_task, &job, ebb_pool_threads(m->pool));
+        if (m->capture) m->capture(m->capture_ud, l, ACT_ATTN_OUT, s->att, n_tok, QD);
         be->matmul_f32(m->pool, s->xb, s->att, w->wo, n_tok, QD, E);
         for (int t = 0; t < n_tok; t++) be->add_f32(s->x + (size_t)t * E, s->xb + (size_t)t * E, E);
 
         /* feed-forward block */
         for (int t = 0; t < n_tok; t++)
             be->rmsnorm_f32(s->xb + (size_t)t * E, s->x + (size_t)t * E, w->ffn_norm, E, c->rms_eps);
+        if (m->capture) m->capture(m->capture_ud, l, ACT_FFN_IN, s->xb, n_tok, E);
         be->matmul_f32(m->pool, s->gate, s->xb, w->w_gate, n_tok, E, F);
         be->matmul_f32(m->pool, s->up, s->xb, w->w_up, n_tok, E, F);
         be->swiglu_f32(s->gate, s->up, n_tok * F);
+        if (m->hadamard_ffn_down) be->hadamard64(s->gate, n_tok * F);
+        if (m->capture) m->capture(m->capture_ud, l, ACT_FFN_DOWN_IN, s->gate, n_tok, F);
         be->matmul_f32(m->pool, s->xb, s->gate, w->w_down, n_tok, F, E);
         for (int t = 0; t < n_tok; t++) be->add_f32(s->x + (size_t)t * E, s->xb + (size_t)t * E, E);
     }

@@ -40,6 +40,14 @@ struct model_config {
     enum rope_style rope_style;
 };
 
+/* The four activations of a layer that feed linear layers; the packer
+ * calibrates each and the quantized path quantizes each once per token. */
+enum act_point { ACT_ATTN_IN = 0, ACT_ATTN_OUT = 1, ACT_FFN_IN = 2, ACT_FFN_DOWN_IN = 3, ACT_POINTS = 4 };
+
+/* Sees the input of each activation point during model_forward (n_tok rows
+ * of n floats, after any online rotation): the packer's calibration. */
+typedef void (*act_capture_fn)(void *ud, int layer, enum act_point point, const float *x, int n_tok, int n);
+
 struct layer_weights {
     float *attn_norm;                 /* [n_embd] */
     float *wq, *wk, *wv, *wo;         /* [out][in] */
@@ -61,6 +69,9 @@ struct model {
     struct ebb_pool *pool;
     float *rope_inv_freq;             /* [rope_dim/2] */
     struct run_state *run;            /* forward scratch (engine/model.c) */
+    int hadamard_ffn_down;            /* rotated models: H64 on the down_proj input, online */
+    act_capture_fn capture;           /* calibration hook, NULL normally */
+    void *capture_ud;
 };
 
 /* Loads a GGUF model, its tokenizer and f32 weights. n_threads <= 0: one per

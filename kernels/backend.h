@@ -48,6 +48,33 @@ struct ebb_backend {
     void (*swiglu_f32)(float *gate, const float *up, int n);
     /* y[i] += x[i] */
     void (*add_f32)(float *y, const float *x, int n);
+
+    /* ---- quantized path (formats in kernels/formats.h) ---- */
+
+    /* Per-token activation quantization: n_tok rows of n floats (n a
+     * multiple of EBB_ACT_GROUP) to int8 codes q[n_tok][n] and scales
+     * s[n_tok][n/64]; groups [0, n_hi) are 8-bit, the rest 4-bit. Rounds to
+     * nearest, ties away from zero; an all-zero group gets scale 0. */
+    void (*quantize_act)(const float *x, int n_tok, int n, int n_hi, int8_t *q, float *s);
+
+    /* out[t*n_out + o] = sum over groups g of
+     *     (sum_i wq[o][64g+i] * q[t][64g+i]) * d[o][g] * s[t][g]
+     * with w rows of n_in/64 W4G64 blocks. The integer sums are exact, so
+     * every path gives the same bits as the scalar one when it adds the
+     * group terms in the same order (group 0 first). Threaded over pool. */
+    void (*matmul_w4a8)(struct ebb_pool *pool, float *out, const int8_t *q, const float *s,
+                        const void *w, int n_tok, int n_in, int n_out);
+
+    /* The same for Q8_0 weights (ggml's 8-bit format, blocks of 32 with an
+     * f16 scale): the output head and other 8-bit matrices. */
+    void (*matmul_q8a8)(struct ebb_pool *pool, float *out, const int8_t *q, const float *s,
+                        const void *w, int n_tok, int n_in, int n_out);
+
+    /* In place, every consecutive block of 64 values of n (n % 64 == 0) times
+     * the 64x64 Walsh-Hadamard matrix scaled by 1/8 (orthonormal, its own
+     * inverse): the online rotation QuaRot puts before down_proj and on
+     * each attention head's keys and queries. */
+    void (*hadamard64)(float *x, int n);
 };
 
 /* The fastest CPU path this processor supports (cpuid at first call). */

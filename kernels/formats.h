@@ -30,8 +30,37 @@ enum ebb_type {
     EBB_TYPE_I32 = 26,
     EBB_TYPE_F64 = 28,
     EBB_TYPE_BF16 = 30,
-    EBB_TYPE_COUNT_ = 40      /* upper bound for table sizes, not a type */
+    /* ebb's own types, numbered from 64 so they never collide with ggml's
+     * (ordinary GGUF tools list these tensors but cannot decode them). */
+    EBB_TYPE_W4G64 = 64,      /* see "W4G64" below */
+    EBB_TYPE_COUNT_ = 72      /* upper bound for table sizes, not a type */
 };
+
+/* W4G64: 4-bit symmetric weights in groups of 64 along the input dimension
+ * (the W of W4A4/W4A8). One block per group, 34 bytes, 4.25 bits per weight:
+ *     f16  d        scale
+ *     u8   qs[32]   value i (0..31) in the low nibble of qs[i],
+ *                   value 32+i in the high nibble of qs[i]
+ * w = (q - 8) * d with q in [0, 15], so codes span [-8, 7]; round-to-nearest
+ * uses d = absmax / 7 (code -8 unused), GPTQ may use all 16 codes.
+ * Same nibble order as ggml's Q4_0, twice the group: one group of weights
+ * meets one group of activations (below), so a dot product needs one scale
+ * per side per 64 values. */
+struct ebb_block_w4g64 {
+    uint16_t d;
+    uint8_t qs[32];
+};
+#define EBB_W4G64_GROUP 64
+
+/* Quantized activations (never stored in files; made per token at run time):
+ * int8 codes, groups of 64 channels, one f32 scale per group, symmetric:
+ * a 4-bit group uses codes [-7, 7] (scale = absmax / 7), an 8-bit group
+ * [-127, 127] (scale = absmax / 127). Keeping 4-bit codes in int8 lets one
+ * integer kernel serve A4 and A8: the saving of A4 is in accuracy terms
+ * (COMET's mixed precision), not in bytes moved, which the weights dominate.
+ * Which groups are 8-bit is fixed per activation point by calibration: after
+ * the point's channel permutation, the first n_hi groups. */
+#define EBB_ACT_GROUP 64
 
 struct ebb_type_info {
     const char *name;         /* "Q4_1", as GGUF tools print it */
