@@ -41,6 +41,10 @@ struct run_state {
     int *tok_pos;              /* [B] its position */
     int32_t *tok_id;           /* [B] its id */
     float *logits;             /* [head_rows_cap][n_vocab], multi-sequence batches */
+    const float *ax;           /* the prepared activation (act_prepare) */
+    float *xp;                 /* [B][widest] permuted activation (packed models) */
+    int8_t *aq;                /* [B][widest] its int8 codes */
+    float *as;                 /* [B][widest/64] its group scales */
     int head_rows_cap;
 };
 
@@ -158,6 +162,82 @@ static float *load_tensor(struct model *m, const char *name, uint64_t ne0, uint6
     return dst;
 }
 
+/* A quantized matrix used in place: checks type and shape, returns its bytes
+ * in the mapping. */
+static const void *load_packed(struct model *m, const char *name, uint32_t type, uint64_t ne0, uint64_t ne1,
+                               int *failed, char *err, size_t errlen) {
+    if (*failed) return NULL;
+    const struct gguf_tensor *t = gguf_find_tensor(&m->file, name);
+    const struct ebb_type_info *ti = t ? ebb_type_info(t->type) : NULL;
+    if (!t || t->type != type || t->ne[0] != ne0 || t->ne[1] != ne1 || t->ne[2] != 1) {
+        load_error(err, errlen, m->file.path, "packed tensor '%s' is %s; expected %s [%llu, %llu]", name,
+                   !t ? "missing" : ti ? ti->name : "of an unknown type", ebb_type_info(type)->name,
+                   (unsigned long long)ne0, (unsigned long long)ne1);
+        *failed = 1;
+        return NULL;
+    }
+    m->weight_bytes += t->nbytes;
+    return t->data;
+}
+
+/* A channel permutation: n distinct indices in [0, n). */
+static int32_t *load_perm(struct model *m, const char *name, int n, int *failed, char *err, size_t errlen) {
+    if (*failed) return NULL;
+    const struct gguf_tensor *t = gguf_find_tensor(&m->file, name);
+    int32_t *perm = NULL;
+    uint8_t *seen = calloc((size_t)n, 1);
+    if (t && t->type == EBB_TYPE_I32 && t->n_elems == (uint64_t)n && t->n_dims == 1 && seen &&
+        (perm = malloc((size_t)n * sizeof *perm))) {
+        memcpy(perm, t->data, (size_t)n * sizeof *perm);
+        for (int i = 0; i < n && perm; i++) {
+            if (perm[i] < 0 || perm[i] >= n || seen[perm[i]]) { free(perm); perm = NULL; }
+            else seen[perm[i]] = 1;
+        }
+    }
+    free(seen);
+    if (!perm) {
+        load_error(err, errlen, m->file.path, "tensor '%s' is missing or not a permutation of %d channels", name, n);
+        *failed = 1;
+    }
+    return perm;
+}
+
+/* ebb.* metadata of a packed file (docs/formats.md); 0 for a plain model. */
+static int read_packing(struct model *m, char *err, size_t errlen) {
+    struct gguf_str format;
+    if (gguf_get_str(&m->file, "ebb.format", &format)) return 0;
+    uint32_t group = 0, act_bits = 0;
+    if (!gguf_str_eq(format, "w4a4"))
+        return load_error(err, errlen, m->file.path, "unknown ebb.format '%.*s'", (int)format.len, format.ptr);
+    if (gguf_get_u32(&m->file, "ebb.group_size", &group) || group != EBB_W4G64_GROUP)
+        return load_error(err, errlen, m->file.path, "ebb.group_size must be %d", EBB_W4G64_GROUP);
+    if (gguf_get_u32(&m->file, "ebb.act_bits", &act_bits) || (act_bits != 4 && act_bits != 8 && act_bits != 16))
+        return load_error(err, errlen, m->file.path, "ebb.act_bits must be 4, 8 or 16");
+    const struct model_config *c = &m->cfg;
+    if (c->n_embd % 64 || c->n_ff % 64 || (c->n_head * c->head_dim) % 64)
+        return load_error(err, errlen, m->file.path, "packed models need widths that are multiples of 64");
+    m->act_bits = (int)act_bits;
+    m->hadamard_ffn_down = 1;
+    return 0;
+}
+
+/* Per layer and activation point, the leading 8-bit groups (ebb.act8_groups). */
+static int read_act8_groups(struct model *m, char *err, size_t errlen) {
+    const struct gguf_kv *kv = gguf_find(&m->file, "ebb.act8_groups");
+    const struct model_config *c = &m->cfg;
+    const int widths[ACT_POINTS] = {c->n_embd, c->n_head * c->head_dim, c->n_embd, c->n_ff};
+    if (!kv || kv->type != GGUF_ARRAY || kv->arr_type == GGUF_STRING || kv->arr_n != (uint64_t)c->n_layer * ACT_POINTS)
+        return load_error(err, errlen, m->file.path, "ebb.act8_groups must hold %d numbers", c->n_layer * ACT_POINTS);
+    for (int l = 0; l < c->n_layer; l++)
+        for (int p = 0; p < ACT_POINTS; p++) {
+            double v = gguf_arr_num(kv, (uint64_t)l * ACT_POINTS + p);
+            if (!(v >= 0 && v <= widths[p] / 64))
+                return load_error(err, errlen, m->file.path, "ebb.act8_groups[%d] = %g is out of range", l * ACT_POINTS + p, v);
+            m->layers[l].n_hi[p] = m->act_bits == 8 ? widths[p] / 64 : (int)v;
+        }
+    return 0;
+}
+
 static int load_weights(struct model *m, char *err, size_t errlen) {
     const struct model_config *c = &m->cfg;
     const uint64_t E = (uint64_t)c->n_embd, F = (uint64_t)c->n_ff;
@@ -171,10 +251,18 @@ static int load_weights(struct model *m, char *err, size_t errlen) {
     m->cfg.n_vocab = (int)emb->ne[1];
     const uint64_t V = (uint64_t)m->cfg.n_vocab;
 
-    m->tok_embd = load_tensor(m, "token_embd.weight", E, V, 0, &failed, err, errlen);
+    /* Integer-activation packed models use their 8- and 4-bit matrices in
+     * place; everything else is dequantized to f32. */
+    const int int_path = m->act_bits == 4 || m->act_bits == 8;
+    if (int_path) {
+        m->q_embd = load_packed(m, "token_embd.weight", EBB_TYPE_Q8_0, E, V, &failed, err, errlen);
+        m->q_output = load_packed(m, "output.weight", EBB_TYPE_Q8_0, E, V, &failed, err, errlen);
+    } else {
+        m->tok_embd = load_tensor(m, "token_embd.weight", E, V, 0, &failed, err, errlen);
+        m->output = load_tensor(m, "output.weight", E, V, m->act_bits == 0, &failed, err, errlen);
+        if (!failed && !m->output) m->output = m->tok_embd;   /* tied embeddings */
+    }
     m->output_norm = load_tensor(m, "output_norm.weight", E, 1, 0, &failed, err, errlen);
-    m->output = load_tensor(m, "output.weight", E, V, 1, &failed, err, errlen);
-    if (!failed && !m->output) m->output = m->tok_embd;   /* tied embeddings */
 
     m->layers = calloc((size_t)c->n_layer, sizeof *m->layers);
     if (!m->layers) return load_error(err, errlen, m->file.path, "out of memory");
@@ -184,21 +272,44 @@ static int load_weights(struct model *m, char *err, size_t errlen) {
 #define LOAD(field, suffix, ne0, ne1, opt) \
         (snprintf(name, sizeof name, "blk.%d.%s", l, suffix), \
          w->field = load_tensor(m, name, ne0, ne1, opt, &failed, err, errlen))
+#define PACKED(field, suffix, ne0, ne1) \
+        (snprintf(name, sizeof name, "blk.%d.%s", l, suffix), \
+         w->field = load_packed(m, name, EBB_TYPE_W4G64, ne0, ne1, &failed, err, errlen))
         LOAD(attn_norm, "attn_norm.weight", E, 1, 0);
-        LOAD(wq, "attn_q.weight", E, QD, 0);
-        LOAD(wk, "attn_k.weight", E, KD, 0);
-        LOAD(wv, "attn_v.weight", E, KD, 0);
-        LOAD(wo, "attn_output.weight", QD, E, 0);
+        if (int_path) {
+            PACKED(pq, "attn_q.weight", E, QD);
+            PACKED(pk, "attn_k.weight", E, KD);
+            PACKED(pv, "attn_v.weight", E, KD);
+            PACKED(po, "attn_output.weight", QD, E);
+            PACKED(pgate, "ffn_gate.weight", E, F);
+            PACKED(pup, "ffn_up.weight", E, F);
+            PACKED(pdown, "ffn_down.weight", F, E);
+        } else {
+            LOAD(wq, "attn_q.weight", E, QD, 0);
+            LOAD(wk, "attn_k.weight", E, KD, 0);
+            LOAD(wv, "attn_v.weight", E, KD, 0);
+            LOAD(wo, "attn_output.weight", QD, E, 0);
+            LOAD(w_gate, "ffn_gate.weight", E, F, 0);
+            LOAD(w_up, "ffn_up.weight", E, F, 0);
+            LOAD(w_down, "ffn_down.weight", F, E, 0);
+        }
         LOAD(bq, "attn_q.bias", QD, 1, 1);
         LOAD(bk, "attn_k.bias", KD, 1, 1);
         LOAD(bv, "attn_v.bias", KD, 1, 1);
         LOAD(ffn_norm, "ffn_norm.weight", E, 1, 0);
-        LOAD(w_gate, "ffn_gate.weight", E, F, 0);
-        LOAD(w_up, "ffn_up.weight", E, F, 0);
-        LOAD(w_down, "ffn_down.weight", F, E, 0);
+        if (m->act_bits) {
+            static const char *const point[ACT_POINTS] = {"attn_in", "attn_out", "ffn_in", "ffn_down_in"};
+            const int widths[ACT_POINTS] = {(int)E, (int)QD, (int)E, (int)F};
+            for (int p = 0; p < ACT_POINTS; p++) {
+                snprintf(name, sizeof name, "blk.%d.%s.perm", l, point[p]);
+                w->perm[p] = load_perm(m, name, widths[p], &failed, err, errlen);
+            }
+        }
+#undef PACKED
 #undef LOAD
     }
     if (failed) return -1;
+    if (m->act_bits && read_act8_groups(m, err, errlen)) return -1;
 
     /* Llama 3 style frequency factors scale the rotation per dimension. */
     const int half = c->rope_dim / 2;
@@ -220,7 +331,7 @@ static int load_weights(struct model *m, char *err, size_t errlen) {
 int model_load(struct model *m, const char *path, int n_threads, char *err, size_t errlen) {
     memset(m, 0, sizeof *m);
     if (gguf_open(&m->file, path, err, errlen)) return -1;
-    if (read_config(m, err, errlen)) goto fail;
+    if (read_config(m, err, errlen) || read_packing(m, err, errlen)) goto fail;
     m->tok = tokenizer_load(&m->file, err, errlen);
     if (!m->tok) goto fail;
     if (load_weights(m, err, errlen)) goto fail;
@@ -246,6 +357,7 @@ static void run_state_free(struct run_state *s) {
     free(s->x); free(s->xb); free(s->q); free(s->k); free(s->v); free(s->att);
     free(s->gate); free(s->up); free(s->scores); free(s->rope_cos); free(s->rope_sin);
     free(s->tok_kv); free(s->tok_pos); free(s->tok_id); free(s->logits);
+    free(s->xp); free(s->aq); free(s->as);
     free(s);
 }
 
@@ -257,6 +369,7 @@ void model_free(struct model *m) {
             free(w->attn_norm); free(w->wq); free(w->wk); free(w->wv); free(w->wo);
             free(w->bq); free(w->bk); free(w->bv);
             free(w->ffn_norm); free(w->w_gate); free(w->w_up); free(w->w_down);
+            for (int p = 0; p < ACT_POINTS; p++) free(w->perm[p]);
         }
         free(m->layers);
     }
@@ -296,7 +409,11 @@ static struct run_state *run_state_get(struct model *m, int max_ctx, int head_ro
         s->tok_kv = malloc(B * sizeof *s->tok_kv);
         s->tok_pos = malloc(B * sizeof *s->tok_pos);
         s->tok_id = malloc(B * sizeof *s->tok_id);
-        if (!s->x || !s->xb || !s->q || !s->k || !s->v || !s->att || !s->gate || !s->up ||
+        const size_t act_w = widest > (size_t)c->n_ff ? widest : (size_t)c->n_ff;
+        s->xp = malloc(B * act_w * sizeof(float));
+        s->aq = malloc(B * act_w);
+        s->as = malloc(B * (act_w / 64 + 1) * sizeof(float));
+        if (!s->xp || !s->aq || !s->as || !s->x || !s->xb || !s->q || !s->k || !s->v || !s->att || !s->gate || !s->up ||
             !s->rope_cos || !s->rope_sin || !s->tok_kv || !s->tok_pos || !s->tok_id)
             goto fail;
     }
@@ -380,14 +497,54 @@ static void add_bias(const struct ebb_backend *be, float *x, const float *bias, 
 
 /* The transformer over the n_tok tokens laid out in s->tok_*; leaves the
  * final residual stream in s->x. */
+/* Readies the input of one activation point for the linear layers that read
+ * it: a plain model uses x as it is; a packed model permutes the channels
+ * (its weights' input columns were permuted the same way) and, on the
+ * integer path, quantizes each token's groups (the first n_hi at 8 bits). */
+static void act_prepare(struct model *m, struct run_state *s, const struct layer_weights *w, enum act_point p,
+                        const float *x, int n_tok, int n) {
+    if (m->capture) m->capture(m->capture_ud, (int)(w - m->layers), p, x, n_tok, n);
+    if (!m->act_bits) {
+        s->ax = x;
+        return;
+    }
+    const int32_t *perm = w->perm[p];
+    for (int t = 0; t < n_tok; t++) {
+        const float *src = x + (size_t)t * n;
+        float *dst = s->xp + (size_t)t * n;
+        for (int i = 0; i < n; i++) dst[i] = src[perm[i]];
+    }
+    s->ax = s->xp;
+    if (m->act_bits != 16) m->be->quantize_act(s->xp, n_tok, n, w->n_hi[p], s->aq, s->as);
+}
+
+/* out = the prepared activation times one weight matrix, in whichever form
+ * the model holds it. */
+static void linear(struct model *m, struct run_state *s, float *out, const float *wf, const void *wq, int n_tok,
+                   int n_in, int n_out) {
+    if (wq) m->be->matmul_w4a8(m->pool, out, s->aq, s->as, wq, n_tok, n_in, n_out);
+    else m->be->matmul_f32(m->pool, out, s->ax, wf, n_tok, n_in, n_out);
+}
+
+static void embed(const struct model *m, float *dst, int32_t id) {
+    const int E = m->cfg.n_embd;
+    if (m->q_embd) {
+        const size_t row = ebb_row_bytes(EBB_TYPE_Q8_0, (uint64_t)E);
+        ebb_type_info(EBB_TYPE_Q8_0)->to_f32((const char *)m->q_embd + (size_t)id * row, dst, (size_t)E);
+    } else {
+        memcpy(dst, m->tok_embd + (size_t)id * E, (size_t)E * sizeof(float));
+    }
+}
+
+/* The transformer over the n_tok tokens laid out in s->tok_*; leaves the
+ * final residual stream in s->x. */
 static void forward_layers(struct model *m, struct run_state *s, int n_tok) {
     const struct model_config *c = &m->cfg;
     const struct ebb_backend *be = m->be;
     const int E = c->n_embd, F = c->n_ff, hd = c->head_dim;
     const int QD = c->n_head * hd, KD = c->n_head_kv * hd;
 
-    for (int t = 0; t < n_tok; t++)
-        memcpy(s->x + (size_t)t * E, m->tok_embd + (size_t)s->tok_id[t] * E, (size_t)E * sizeof(float));
+    for (int t = 0; t < n_tok; t++) embed(m, s->x + (size_t)t * E, s->tok_id[t]);
     rope_tables(m, s, n_tok);
 
     for (int l = 0; l < c->n_layer; l++) {
@@ -396,10 +553,10 @@ static void forward_layers(struct model *m, struct run_state *s, int n_tok) {
         /* attention block */
         for (int t = 0; t < n_tok; t++)
             be->rmsnorm_f32(s->xb + (size_t)t * E, s->x + (size_t)t * E, w->attn_norm, E, c->rms_eps);
-        if (m->capture) m->capture(m->capture_ud, l, ACT_ATTN_IN, s->xb, n_tok, E);
-        be->matmul_f32(m->pool, s->q, s->xb, w->wq, n_tok, E, QD);
-        be->matmul_f32(m->pool, s->k, s->xb, w->wk, n_tok, E, KD);
-        be->matmul_f32(m->pool, s->v, s->xb, w->wv, n_tok, E, KD);
+        act_prepare(m, s, w, ACT_ATTN_IN, s->xb, n_tok, E);
+        linear(m, s, s->q, w->wq, w->pq, n_tok, E, QD);
+        linear(m, s, s->k, w->wk, w->pk, n_tok, E, KD);
+        linear(m, s, s->v, w->wv, w->pv, n_tok, E, KD);
         add_bias(be, s->q, w->bq, n_tok, QD);
         add_bias(be, s->k, w->bk, n_tok, KD);
         add_bias(be, s->v, w->bv, n_tok, KD);
@@ -410,20 +567,20 @@ static void forward_layers(struct model *m, struct run_state *s, int n_tok) {
         }
         struct attn_job job = {m, s, l, n_tok};
         ebb_pool_run(m->pool, attention_task, &job, ebb_pool_threads(m->pool));
-        if (m->capture) m->capture(m->capture_ud, l, ACT_ATTN_OUT, s->att, n_tok, QD);
-        be->matmul_f32(m->pool, s->xb, s->att, w->wo, n_tok, QD, E);
+        act_prepare(m, s, w, ACT_ATTN_OUT, s->att, n_tok, QD);
+        linear(m, s, s->xb, w->wo, w->po, n_tok, QD, E);
         for (int t = 0; t < n_tok; t++) be->add_f32(s->x + (size_t)t * E, s->xb + (size_t)t * E, E);
 
         /* feed-forward block */
         for (int t = 0; t < n_tok; t++)
             be->rmsnorm_f32(s->xb + (size_t)t * E, s->x + (size_t)t * E, w->ffn_norm, E, c->rms_eps);
-        if (m->capture) m->capture(m->capture_ud, l, ACT_FFN_IN, s->xb, n_tok, E);
-        be->matmul_f32(m->pool, s->gate, s->xb, w->w_gate, n_tok, E, F);
-        be->matmul_f32(m->pool, s->up, s->xb, w->w_up, n_tok, E, F);
+        act_prepare(m, s, w, ACT_FFN_IN, s->xb, n_tok, E);
+        linear(m, s, s->gate, w->w_gate, w->pgate, n_tok, E, F);
+        linear(m, s, s->up, w->w_up, w->pup, n_tok, E, F);
         be->swiglu_f32(s->gate, s->up, n_tok * F);
         if (m->hadamard_ffn_down) be->hadamard64(s->gate, n_tok * F);
-        if (m->capture) m->capture(m->capture_ud, l, ACT_FFN_DOWN_IN, s->gate, n_tok, F);
-        be->matmul_f32(m->pool, s->xb, s->gate, w->w_down, n_tok, F, E);
+        act_prepare(m, s, w, ACT_FFN_DOWN_IN, s->gate, n_tok, F);
+        linear(m, s, s->xb, w->w_down, w->pdown, n_tok, F, E);
         for (int t = 0; t < n_tok; t++) be->add_f32(s->x + (size_t)t * E, s->xb + (size_t)t * E, E);
     }
 }
@@ -454,7 +611,12 @@ static void forward_head(struct model *m, struct run_state *s, struct batch_seq 
     }
     /* A single sequence writes straight into its buffer. */
     float *out = n_seqs == 1 ? seqs[0].logits : s->logits;
-    m->be->matmul_f32(m->pool, out, s->xb, m->output, rows, E, c->n_vocab);
+    if (m->q_output) {   /* 8-bit head: every activation group at 8 bits */
+        m->be->quantize_act(s->xb, rows, E, E / EBB_ACT_GROUP, s->aq, s->as);
+        m->be->matmul_q8a8(m->pool, out, s->aq, s->as, m->q_output, rows, E, c->n_vocab);
+    } else {
+        m->be->matmul_f32(m->pool, out, s->xb, m->output, rows, E, c->n_vocab);
+    }
     if (n_seqs == 1) return;
     r = 0;
     for (int i = 0; i < n_seqs; i++) {

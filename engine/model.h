@@ -48,12 +48,21 @@ enum act_point { ACT_ATTN_IN = 0, ACT_ATTN_OUT = 1, ACT_FFN_IN = 2, ACT_FFN_DOWN
  * of n floats, after any online rotation): the packer's calibration. */
 typedef void (*act_capture_fn)(void *ud, int layer, enum act_point point, const float *x, int n_tok, int n);
 
+/* Weights of a layer. A plain model has f32 matrices. A packed model
+ * (docs/formats.md) with integer activations keeps its W4G64 matrices in
+ * the file mapping instead (the p* pointers; the f32 ones are NULL), and
+ * each activation point has a channel permutation and a count of 8-bit
+ * groups. A packed model with 16-bit activations (W4A16, a quality
+ * reference) is dequantized to f32 at load but keeps its permutations. */
 struct layer_weights {
     float *attn_norm;                 /* [n_embd] */
     float *wq, *wk, *wv, *wo;         /* [out][in] */
     float *bq, *bk, *bv;              /* optional biases (qwen2), else NULL */
     float *ffn_norm;                  /* [n_embd] */
     float *w_gate, *w_up, *w_down;
+    const void *pq, *pk, *pv, *po, *pgate, *pup, *pdown;   /* W4G64 rows, in the mapping */
+    int32_t *perm[ACT_POINTS];        /* packed models: x_perm[i] = x[perm[i]] */
+    int n_hi[ACT_POINTS];             /* leading 8-bit activation groups */
 };
 
 struct model {
@@ -63,6 +72,8 @@ struct model {
     float *tok_embd;                  /* [n_vocab][n_embd] */
     float *output_norm;               /* [n_embd] */
     float *output;                    /* [n_vocab][n_embd]; == tok_embd when tied */
+    int act_bits;                     /* 0: plain f32 model; packed: 4, 8 or 16 */
+    const void *q_embd, *q_output;    /* packed, integer path: Q8_0 rows in the mapping */
     struct layer_weights *layers;
     size_t weight_bytes;              /* resident f32 weight bytes */
     const struct ebb_backend *be;
