@@ -59,9 +59,11 @@ struct ebb_backend {
 
     /* out[t*n_out + o] = sum over groups g of
      *     (sum_i wq[o][64g+i] * q[t][64g+i]) * d[o][g] * s[t][g]
-     * with w rows of n_in/64 W4G64 blocks. The integer sums are exact, so
-     * every path gives the same bits as the scalar one when it adds the
-     * group terms in the same order (group 0 first). Threaded over pool. */
+     * with w rows of n_in/64 W4G64 blocks. The integer sums are exact; the
+     * float accumulation is, for each block in order (group 0 first),
+     *     acc = fmaf((float)isum, d * s, acc)
+     * and every backend (CUDA included) must repeat exactly that expression,
+     * so all paths give the scalar path's bits. Threaded over pool. */
     void (*matmul_w4a8)(struct ebb_pool *pool, float *out, const int8_t *q, const float *s,
                         const void *w, int n_tok, int n_in, int n_out);
 
@@ -75,6 +77,29 @@ struct ebb_backend {
      * inverse): the online rotation QuaRot puts before down_proj and on
      * each attention head's keys and queries. */
     void (*hadamard64)(float *x, int n);
+
+    /* ---- KV cache rows (engine/kv.c) ----
+     * Attention reads runs of consecutive cached positions of one KV head:
+     * n_rows rows of n values, each row `stride` bytes after the previous.
+     * f16 rows are IEEE halves. q8 and q4 rows are codes plus, per group of
+     * `group` values (8, 16, 32 or 64, dividing n), an f16 pair dm = (d, m):
+     * value = m + d * code. 8-bit codes take a byte each; 4-bit codes take
+     * group/2 bytes per group, value i (< group/2) in the low nibble of byte
+     * i and value group/2 + i in its high nibble. codes and dm point at row
+     * 0 and advance together by stride. */
+
+    /* out[r] = sum_i x[i] * row_r[i] */
+    void (*kv_dot_f16)(float *out, const float *x, const uint16_t *rows, size_t stride, int n_rows, int n);
+    /* y[i] += sum_r w[r] * row_r[i] */
+    void (*kv_axpy_f16)(float *y, const float *w, const uint16_t *rows, size_t stride, int n_rows, int n);
+    void (*kv_dot_q8)(float *out, const float *x, const uint8_t *codes, const uint16_t *dm, size_t stride,
+                      int n_rows, int n, int group);
+    void (*kv_axpy_q8)(float *y, const float *w, const uint8_t *codes, const uint16_t *dm, size_t stride,
+                       int n_rows, int n, int group);
+    void (*kv_dot_q4)(float *out, const float *x, const uint8_t *codes, const uint16_t *dm, size_t stride,
+                      int n_rows, int n, int group);
+    void (*kv_axpy_q4)(float *y, const float *w, const uint8_t *codes, const uint16_t *dm, size_t stride,
+                       int n_rows, int n, int group);
 };
 
 /* The fastest CPU path this processor supports (cpuid at first call). */

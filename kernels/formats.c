@@ -31,6 +31,12 @@
  *   Q5_K 176 B: as Q4_K with 32 B of fifth bits between scales and nibbles.
  *   Q6_K 210 B: 128 B low nibbles | 64 B high 2-bit pairs | 16 int8 scales |
  *         d f16; x = d * scale * (q - 32).
+ *   W4G64 34 B (ebb's own, 64 values): d f16 | 32 B nibbles. Value j (j < 32)
+ *         is the low nibble of byte j, value j+32 its high nibble;
+ *         x = d * (q - 8).
+ *
+ * Quantizers (the other direction) exist only for the formats ebb writes:
+ * W4G64 by round-to-nearest and Q8_0; they are used by the packer and tests.
  */
 #include "kernels/formats.h"
 
@@ -177,6 +183,74 @@ static void q8_0_to_f32(const void *src, float *dst, size_t n)
         float d = rd_f16(b);
         const int8_t *qs = (const int8_t *)(b + 2);
         for (int j = 0; j < QK; j++) dst[j] = d * (float)qs[j];
+    }
+}
+
+/* ------------------------------------------------------------------ W4G64 */
+
+#define W4G64 EBB_W4G64_GROUP
+
+static void w4g64_to_f32(const void *src, float *dst, size_t n)
+{
+    const uint8_t *b = src;
+    for (size_t blk = 0; blk < n / W4G64; blk++, b += 34, dst += W4G64) {
+        float d = rd_f16(b);
+        const uint8_t *qs = b + 2;
+        for (int j = 0; j < W4G64 / 2; j++) {
+            dst[j] = d * (float)((qs[j] & 0x0f) - 8);
+            dst[j + W4G64 / 2] = d * (float)((qs[j] >> 4) - 8);
+        }
+    }
+}
+
+static void wr_f16(uint8_t *p, uint16_t h) { p[0] = (uint8_t)(h & 0xff); p[1] = (uint8_t)(h >> 8); }
+
+/* The f16 step d for a group whose largest magnitude is amax: absmax / 7,
+ * rounded, then raised while 7.5 * d < amax. Rounding to f16 can leave d up to
+ * half a step (2^-11 relative, far more for subnormal halves) below amax / 7,
+ * and then amax / d would exceed 7.5 and amax itself would be clamped to code
+ * 7 with an error above d/2. d * 7.5 is exact in float (11 + 4 bits). */
+static uint16_t w4_scale(float amax)
+{
+    if (amax == 0) return 0;
+    uint16_t h = ebb_f32_to_f16(amax / 7.0f);
+    if (h >= 0x7c00) return 0x7bff;            /* beyond f16: largest finite, codes saturate */
+    while (h < 0x7bff && ebb_f16_to_f32(h) * 7.5f < amax) h++;
+    return h;
+}
+
+void ebb_quantize_w4g64_rtn(const float *src, void *dst, size_t n)
+{
+    uint8_t *b = dst;
+    for (size_t blk = 0; blk < n / W4G64; blk++, src += W4G64, b += 34) {
+        float amax = 0;
+        for (int j = 0; j < W4G64; j++) if (fabsf(src[j]) > amax) amax = fabsf(src[j]);
+        uint16_t h = w4_scale(amax);
+        float d = ebb_f16_to_f32(h);
+        wr_f16(b, h);
+        for (int j = 0; j < W4G64 / 2; j++) {
+            int lo = 0, hi = 0;                  /* code - 8 */
+            if (d > 0) {
+                lo = (int)roundf(src[j] / d);
+                hi = (int)roundf(src[j + W4G64 / 2] / d);
+                lo = lo < -8 ? -8 : lo > 7 ? 7 : lo;
+                hi = hi < -8 ? -8 : hi > 7 ? 7 : hi;
+            }
+            b[2 + j] = (uint8_t)((lo + 8) | ((hi + 8) << 4));
+        }
+    }
+}
+
+void ebb_quantize_q8_0(const float *src, void *dst, size_t n)
+{
+    uint8_t *b = dst;
+    for (size_t blk = 0; blk < n / QK; blk++, src += QK, b += 34) {
+        float amax = 0;
+        for (int j = 0; j < QK; j++) if (fabsf(src[j]) > amax) amax = fabsf(src[j]);
+        float d = amax / 127.0f;
+        float id = d != 0 ? 1.0f / d : 0.0f;
+        wr_f16(b, ebb_f32_to_f16(d));
+        for (int j = 0; j < QK; j++) b[2 + j] = (uint8_t)(int8_t)roundf(src[j] * id);
     }
 }
 
@@ -339,6 +413,7 @@ static const struct ebb_type_info type_table[EBB_TYPE_COUNT_] = {
     [EBB_TYPE_I32]  = { "I32",  1, 4, NULL },
     [EBB_TYPE_F64]  = { "F64",  1, 8, NULL },
     [EBB_TYPE_BF16] = { "BF16", 1, 2, bf16_to_f32 },
+    [EBB_TYPE_W4G64] = { "W4G64", W4G64, 34, w4g64_to_f32 },
 };
 
 const struct ebb_type_info *ebb_type_info(uint32_t type)

@@ -52,6 +52,20 @@ struct ebb_block_w4g64 {
 };
 #define EBB_W4G64_GROUP 64
 
+/* Round-to-nearest W4G64 (the baseline GPTQ is measured against, and what
+ * tests use): n values (n a multiple of 64) to n/64 blocks at dst. Per group
+ * d = absmax / 7 rounded to f16, nudged up by one f16 step when rounding made
+ * it too small to reach absmax (so every value lands within d/2 of its code;
+ * a group beyond the f16 range, absmax > 7 * 65504, saturates instead);
+ * codes round(x / d) with ties away from zero, clamped to [-8, 7]. An all-zero
+ * group gets d = 0. Inputs must be finite. */
+void ebb_quantize_w4g64_rtn(const float *src, void *dst, size_t n);
+
+/* ggml's Q8_0 quantizer, rule for rule (so ebb's Q8_0 tensors are the bytes
+ * llama.cpp would write): blocks of 32, d = absmax / 127 stored as f16,
+ * codes roundf(x * (1/d)) computed with the unrounded d. n a multiple of 32. */
+void ebb_quantize_q8_0(const float *src, void *dst, size_t n);
+
 /* Quantized activations (never stored in files; made per token at run time):
  * int8 codes, groups of 64 channels, one f32 scale per group, symmetric:
  * a 4-bit group uses codes [-7, 7] (scale = absmax / 7), an 8-bit group

@@ -305,4 +305,8 @@ const struct ebb_backend ebb_cpu_avx2 = {
     .softmax_f32 = softmax_avx2,
     .swiglu_f32 = swiglu_avx2,
     .add_f32 = add_avx2,
+    .quantize_act = ebb_cpu_quantize_act_avx2,         /* quant_avx2.c */
+    .matmul_w4a8 = ebb_cpu_matmul_w4a8_avx2,
+    .matmul_q8a8 = ebb_cpu_matmul_q8a8_avx2,
+    .hadamard64 = ebb_cpu_hadamard64_avx2,
 };

@@ -263,4 +263,8 @@ const struct ebb_backend ebb_cpu_avx512 = {
     .softmax_f32 = softmax_avx512,
     .swiglu_f32 = swiglu_avx512,
     .add_f32 = add_avx512,
+    .quantize_act = ebb_cpu_quantize_act_avx512,         /* quant_avx512.c */
+    .matmul_w4a8 = ebb_cpu_matmul_w4a8_avx512,
+    .matmul_q8a8 = ebb_cpu_matmul_q8a8_avx512,
+    .hadamard64 = ebb_cpu_hadamard64_avx512,
 };

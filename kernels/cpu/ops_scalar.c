@@ -89,4 +89,8 @@ const struct ebb_backend ebb_cpu_scalar = {
     .softmax_f32 = softmax_scalar,
     .swiglu_f32 = swiglu_scalar,
     .add_f32 = add_scalar,
+    .quantize_act = ebb_cpu_quantize_act_scalar,         /* quant_scalar.c */
+    .matmul_w4a8 = ebb_cpu_matmul_w4a8_scalar,
+    .matmul_q8a8 = ebb_cpu_matmul_q8a8_scalar,
+    .hadamard64 = ebb_cpu_hadamard64_scalar,
 };

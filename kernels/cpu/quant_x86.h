@@ -1,0 +1,446 @@
+/* Quantized ops for x86 SIMD, written once for AVX2 and AVX-512 VNNI.
+ *
+ * Included by quant_avx2.c and quant_avx512.c (each compiled with its own ISA
+ * flags), which first define QX_ISA (the name suffix) and the integer steps,
+ * the only place the instruction sets differ:
+ *   qx_dot_w4(lo, hi, a_lo, a_hi): lanes (of the ISA's choice of width)
+ *       summing lo*a_lo + hi*a_hi, lo/hi unsigned bytes 0..15 (weight
+ *       nibbles), a signed codes;
+ *   qx_reduce8_w4(p[8]): [sum of p0's lanes, ..., sum of p7's] as int32;
+ *   qx_dot_q8(aw, sa): int32 lanes summing aw*sa, aw unsigned 0..128, sa signed.
+ * AVX2 builds them from maddubs and keeps W4 sums in int16 lanes until the
+ * reduction; VNNI does each dot step in vpdpbusd.
+ *
+ * Exactness. Every path must give the scalar path's bits (quant_scalar.c,
+ * float steps in ops.h). Integer sums are exact in any order, so the only
+ * care is in the float steps:
+ * - quantize_act: absmax is a max (exact); scale and inverse come from the
+ *   same act_inverse() as the scalar path; codes are round-half-away-from-
+ *   zero of one rounded product, done as trunc plus a correction when the
+ *   dropped fraction is >= 0.5 (exact for every float; the rounding
+ *   instructions only know ties-to-even). The product is passed through an
+ *   empty asm (opaque()) first: built as gnu11 (-ffp-contract=fast), GCC may
+ *   fuse a product and the subtraction that uses it into an FMA, skipping
+ *   the product's rounding (it happens not to here today; the barrier makes
+ *   that a guarantee rather than luck).
+ * - matmuls: per output, acc = fma((float)isum, d * s, acc) block after block
+ *   in order, with the FMA instruction; d comes from vcvtph2ps, which is exact.
+ * - hadamard64: the same butterflies in the same stage order as the scalar
+ *   path (a + b and a - b, the latter computed as a + (-b), which IEEE defines
+ *   as the same thing), then * 0.125.
+ *
+ * Matmul design. Both weight formats have 34-byte blocks (W4G64: f16 d + 32
+ * bytes of nibbles for 64 inputs; Q8_0: f16 d + 32 int8 for 32 inputs). The
+ * definition needs each block's exact integer sum before it meets the
+ * scales, so a kernel cannot keep lane-wise partial sums across blocks as
+ * ggml's dot products do: every (token, row, block) ends in a horizontal
+ * sum. Tiles are therefore sized for those sums: a tile is M tokens x N rows
+ * with M*N <= 8 "pairs"; for each block, the 8 pairs' lane vectors are summed
+ * together by one hadd tree (9-11 instructions for 8 sums), and the 8 sums
+ * meet their scales as one vector: one convert, one multiply (d*s), one FMA
+ * into a vector accumulator whose lane k belongs to pair k.
+ * Pair k = r*MS + m (row r, token m; MS = M rounded up to 1, 2 or 4), so the
+ * tokens' scales are a broadcast of MS consecutive floats and the rows' d a
+ * permute of N converted halves.
+ *   Prefill: 4 tokens x 2 rows. A row's block is unpacked once (load, and,
+ *   shift, and) for 4 tokens; activations are read straight from L1 as
+ *   memory operands.
+ *   Decode: 1 token x 8 rows; rows stream from memory, which bounds it.
+ *   Eight short rows walked side by side (306 bytes each for 576 inputs) do
+ *   not look like a stream to the hardware prefetchers, so a decode tile
+ *   prefetches the next tile's rows (contiguous with its own) as it goes, and
+ *   each row range starts by prefetching its first tile. On the 2-core
+ *   development VM this took decode from about 8 to 14-20 GB/s.
+ * W4G64 nibbles are used unsigned (0..15), as the unsigned operand both ISAs
+ * need, and the offset is taken out once per pair: sum (w-8)*a = sum w*a - 8 *
+ * sum a, with 8 * sum a per (token, group) precomputed for a block of tokens
+ * (no sign tricks in the inner loop). Q8_0 weights are signed: |w| times
+ * a with w's sign (codes from quantize_act never reach -128, so negating them
+ * is safe; the weights may).
+ * Blocking: tokens in blocks of TB (their codes stay in L2 while each pair of
+ * rows, in L1, meets all of them), the input dimension in even chunks of at
+ * most KG groups (accumulators go through out between chunks, exactly: the
+ * float sequence is unchanged). Every output's bits depend only on its own
+ * row and token, so any split over threads or tiles gives the same results
+ * (batch invariance).
+ */
+#ifndef QX_ISA
+#error "define QX_ISA and the dot steps before including quant_x86.h"
+#endif
+
+#include "kernels/cpu/ops.h"
+#include "kernels/formats.h"
+
+#include <immintrin.h>
+#include <string.h>
+
+#define QX_CAT2(a, b) a##_##b
+#define QX_CAT(a, b) QX_CAT2(a, b)
+#define QX_FN(name) QX_CAT(name, QX_ISA)
+
+#define ALWAYS_INLINE static inline __attribute__((always_inline))
+
+#define BLOCK_BYTES 34        /* W4G64 (64 inputs) and Q8_0 (32 inputs) alike */
+#define TB 32                 /* tokens per block (multiple of 4) */
+#define KG 32                 /* most groups of 64 inputs per chunk */
+#define PF_TILES 1            /* decode: prefetch distance, in tiles of rows */
+
+enum { KIND_W4 = 0, KIND_Q8 = 1 };
+
+/* v, opaque to the optimizer: stops a product from being fused into the
+ * arithmetic that follows it. */
+ALWAYS_INLINE __m256 opaque(__m256 v)
+{
+    __asm__("" : "+x"(v));
+    return v;
+}
+
+/* ------------------------------------------------------- activation quant */
+
+/* round(v), halves away from zero, for any float v. */
+ALWAYS_INLINE __m256 round_half_away(__m256 v)
+{
+    const __m256 sign_bit = _mm256_set1_ps(-0.0f);
+    __m256 t = _mm256_round_ps(v, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
+    __m256 frac = _mm256_andnot_ps(sign_bit, _mm256_sub_ps(v, t));          /* exact */
+    __m256 step = _mm256_or_ps(_mm256_set1_ps(1.0f), _mm256_and_ps(v, sign_bit));
+    __m256 up = _mm256_cmp_ps(frac, _mm256_set1_ps(0.5f), _CMP_GE_OQ);
+    return _mm256_add_ps(t, _mm256_and_ps(up, step));
+}
+
+ALWAYS_INLINE void quantize_group(const float *x, float qmax, int8_t *q, float *s)
+{
+    const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    __m256 v[8];
+    __m256 m = _mm256_setzero_ps();
+#pragma GCC unroll 8
+    for (int i = 0; i < 8; i++) {
+        v[i] = _mm256_loadu_ps(x + 8 * i);
+        m = _mm256_max_ps(m, _mm256_and_ps(v[i], abs_mask));
+    }
+    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+    float inv = act_inverse(_mm_cvtss_f32(m4), qmax, s);
+
+    const __m256 vinv = _mm256_set1_ps(inv), hi = _mm256_set1_ps(qmax), lo = _mm256_set1_ps(-qmax);
+    __m256i c[8];
+#pragma GCC unroll 8
+    for (int i = 0; i < 8; i++) {
+        __m256 r = round_half_away(opaque(_mm256_mul_ps(v[i], vinv)));
+        c[i] = _mm256_cvttps_epi32(_mm256_min_ps(_mm256_max_ps(r, lo), hi));
+    }
+    /* Packing interleaves 128-bit lanes; the permute restores the order. */
+    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+#pragma GCC unroll 2
+    for (int h = 0; h < 2; h++) {
+        __m256i w16a = _mm256_packs_epi32(c[4 * h], c[4 * h + 1]);
+        __m256i w16b = _mm256_packs_epi32(c[4 * h + 2], c[4 * h + 3]);
+        __m256i b8 = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(w16a, w16b), order);
+        _mm256_storeu_si256((__m256i *)(q + 32 * h), b8);
+    }
+}
+
+void QX_FN(ebb_cpu_quantize_act)(const float *x, int n_tok, int n, int n_hi, int8_t *q, float *s)
+{
+    int groups = n / EBB_ACT_GROUP;
+    if (n_hi < 0) n_hi = 0;
+    if (n_hi > groups) n_hi = groups;
+    for (int t = 0; t < n_tok; t++)
+        for (int g = 0; g < groups; g++) {
+            size_t at = (size_t)t * n + (size_t)g * EBB_ACT_GROUP;
+            quantize_group(x + at, g < n_hi ? 127.0f : 7.0f, q + at, s + (size_t)t * groups + g);
+        }
+}
+
+/* ---------------------------------------------------------------- matmuls */
+
+/* Per token block and input chunk: the tokens' group scales and (W4) 8 x
+ * the sum of each group's codes, token-minor so that MS consecutive tokens
+ * are one load. Padded by 4 so a broadcast of 4 never leaves the array. */
+struct qctx {
+    const struct qmatmul_args *a;
+    int groups, g0, g1, tb;
+    int32_t corr[KG][TB + 4];
+    float scale[KG][TB + 4];
+};
+
+/* Sum of 64 signed bytes: shifted to unsigned (xor 0x80) for vpsadbw. */
+ALWAYS_INLINE int32_t sum64_i8(const int8_t *p)
+{
+    const __m256i bias = _mm256_set1_epi8((char)0x80);
+    __m256i s0 = _mm256_sad_epu8(_mm256_xor_si256(_mm256_loadu_si256((const __m256i *)p), bias),
+                                 _mm256_setzero_si256());
+    __m256i s1 = _mm256_sad_epu8(_mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(p + 32)), bias),
+                                 _mm256_setzero_si256());
+    __m256i s = _mm256_add_epi64(s0, s1);
+    __m128i h = _mm_add_epi64(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+    h = _mm_add_epi64(h, _mm_unpackhi_epi64(h, h));
+    return (int32_t)_mm_cvtsi128_si32(h) - 64 * 128;
+}
+
+static void fill_ctx(struct qctx *c, int kind, int te)
+{
+    const struct qmatmul_args *a = c->a;
+    for (int g = c->g0; g < c->g1; g++) {
+        int gl = g - c->g0;
+        for (int t = c->tb; t < te; t++) {
+            c->scale[gl][t - c->tb] = a->s[(size_t)t * c->groups + g];
+            c->corr[gl][t - c->tb] =
+                kind == KIND_W4 ? 8 * sum64_i8(a->q + (size_t)t * a->n_in + (size_t)g * 64) : 0;
+        }
+        for (int t = te - c->tb; t < TB + 4; t++) {
+            c->scale[gl][t] = 0;
+            c->corr[gl][t] = 0;
+        }
+    }
+}
+
+/* The 8 sums of 8 int32 vectors, as one vector: [sum p0, ..., sum p7]. */
+ALWAYS_INLINE __m256i reduce8(const __m256i p[8])
+{
+    __m256i h01 = _mm256_hadd_epi32(p[0], p[1]), h23 = _mm256_hadd_epi32(p[2], p[3]);
+    __m256i h45 = _mm256_hadd_epi32(p[4], p[5]), h67 = _mm256_hadd_epi32(p[6], p[7]);
+    __m256i lo4 = _mm256_hadd_epi32(h01, h23), hi4 = _mm256_hadd_epi32(h45, h67);
+    /* lo4 = [p0..p3 over lanes 0-3 | p0..p3 over lanes 4-7], hi4 likewise */
+    return _mm256_add_epi32(_mm256_permute2x128_si256(lo4, hi4, 0x20),
+                            _mm256_permute2x128_si256(lo4, hi4, 0x31));
+}
+
+#ifdef QX_W4_LANES_INT32
+ALWAYS_INLINE __m256i qx_reduce8_w4(const __m256i p[8]) { return reduce8(p); }
+#endif
+
+/* MS consecutive floats / ints from p, repeated across the 8 lanes. */
+ALWAYS_INLINE __m256 bcast_ps(const int MS, const float *p)
+{
+    if (MS == 4) return _mm256_broadcast_ps((const __m128 *)p);
+    if (MS == 2) return _mm256_castpd_ps(_mm256_broadcast_sd((const double *)p));
+    return _mm256_broadcast_ss(p);
+}
+
+ALWAYS_INLINE __m256i bcast_epi32(const int MS, const int32_t *p)
+{
+    if (MS == 4) return _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)p));
+    int64_t v2;
+    if (MS == 2) { memcpy(&v2, p, 8); return _mm256_set1_epi64x(v2); }
+    return _mm256_set1_epi32(*p);
+}
+
+/* The f16 scales of N rows' blocks at byte offset off, lane k = d of row k / MS. */
+ALWAYS_INLINE __m256 row_scales(const int N, const int MS, const uint8_t *const *w, size_t off)
+{
+    uint16_t h[8] = { 0 };
+#pragma GCC unroll 8
+    for (int r = 0; r < N; r++) memcpy(&h[r], w[r] + off, 2);
+    __m256 d = _mm256_cvtph_ps(_mm_setr_epi16((short)h[0], (short)h[1], (short)h[2], (short)h[3],
+                                              (short)h[4], (short)h[5], (short)h[6], (short)h[7]));
+    if (MS == 4) return _mm256_permutevar8x32_ps(d, _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1));
+    if (MS == 2) return _mm256_permutevar8x32_ps(d, _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3));
+    return d;
+}
+
+/* One tile: tokens [t, t+M) x rows [o, o+N) over the chunk's groups. The
+ * first chunk starts each output from 0, later ones continue from out. */
+ALWAYS_INLINE void tile(const int KIND, const int M, const int N, const struct qctx *c, int t, int o)
+{
+    const int MS = M == 1 ? 1 : M == 2 ? 2 : 4;
+    const struct qmatmul_args *a = c->a;
+    const int8_t *qt[4];
+    const uint8_t *wr[8];
+#pragma GCC unroll 4
+    for (int m = 0; m < M; m++) qt[m] = a->q + (size_t)(t + m) * a->n_in;
+#pragma GCC unroll 8
+    for (int r = 0; r < N; r++) wr[r] = a->w + (size_t)(o + r) * a->row_bytes;
+
+    float lanes[8] = { 0 };
+    if (c->g0 > 0)
+        for (int r = 0; r < N; r++)
+            for (int m = 0; m < M; m++) lanes[r * MS + m] = a->out[(size_t)(t + m) * a->n_out + o + r];
+    __m256 acc = _mm256_loadu_ps(lanes);
+
+    const __m256i nib = _mm256_set1_epi8(0x0f);
+    const int tl = t - c->tb;
+    /* Decode streams its rows from memory once: fetch the rows PF_TILES
+     * tiles ahead (contiguous with these), a tile's worth per block step.
+     * (uintptr_t: the address may lie past the matrix; prefetches never fault.) */
+    const uintptr_t pf_base = (uintptr_t)wr[0] + (uintptr_t)PF_TILES * N * a->row_bytes;
+    const size_t pf_step = (size_t)N * BLOCK_BYTES * (KIND == KIND_Q8 ? 2 : 1);
+    for (int g = c->g0; g < c->g1; g++) {
+        const int gl = g - c->g0;
+        if (M == 1)
+#pragma GCC unroll 8
+            for (size_t l = 0; l < pf_step + 63; l += 64)
+                _mm_prefetch((const char *)(pf_base + (size_t)g * pf_step + l), _MM_HINT_T0);
+        const __m256 s = bcast_ps(MS, &c->scale[gl][tl]);
+        if (KIND == KIND_W4) {
+            const size_t off = (size_t)g * BLOCK_BYTES;
+            __m256i p[8];
+#pragma GCC unroll 8
+            for (int k = 0; k < 8; k++) p[k] = _mm256_setzero_si256();
+#pragma GCC unroll 8
+            for (int r = 0; r < N; r++) {
+                __m256i qs = _mm256_loadu_si256((const __m256i *)(wr[r] + off + 2));
+                __m256i lo = _mm256_and_si256(qs, nib);
+                __m256i hi = _mm256_and_si256(_mm256_srli_epi16(qs, 4), nib);
+#pragma GCC unroll 4
+                for (int m = 0; m < M; m++) {
+                    const int8_t *aq = qt[m] + (size_t)g * 64;
+                    p[r * MS + m] = qx_dot_w4(lo, hi, _mm256_loadu_si256((const __m256i *)aq),
+                                              _mm256_loadu_si256((const __m256i *)(aq + 32)));
+                }
+            }
+            __m256i sums = _mm256_sub_epi32(qx_reduce8_w4(p), bcast_epi32(MS, &c->corr[gl][tl]));
+            __m256 ds = _mm256_mul_ps(row_scales(N, MS, wr, off), s);
+            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), ds, acc);
+        } else {
+            for (int half = 0; half < 2; half++) {
+                const size_t off = (size_t)(2 * g + half) * BLOCK_BYTES;
+                __m256i p[8];
+#pragma GCC unroll 8
+                for (int k = 0; k < 8; k++) p[k] = _mm256_setzero_si256();
+#pragma GCC unroll 8
+                for (int r = 0; r < N; r++) {
+                    __m256i w = _mm256_loadu_si256((const __m256i *)(wr[r] + off + 2));
+                    __m256i aw = _mm256_abs_epi8(w);
+#pragma GCC unroll 4
+                    for (int m = 0; m < M; m++) {
+                        const int8_t *aq = qt[m] + (size_t)g * 64 + 32 * half;
+                        __m256i sa = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)aq), w);
+                        p[r * MS + m] = qx_dot_q8(aw, sa);
+                    }
+                }
+                __m256 ds = _mm256_mul_ps(row_scales(N, MS, wr, off), s);
+                acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(reduce8(p)), ds, acc);
+            }
+        }
+    }
+
+    _mm256_storeu_ps(lanes, acc);
+    for (int r = 0; r < N; r++)
+        for (int m = 0; m < M; m++) a->out[(size_t)(t + m) * a->n_out + o + r] = lanes[r * MS + m];
+}
+
+typedef void (*tile_fn)(const struct qctx *c, int t, int o);
+
+#define TILE_FN(kind, K, M, N) \
+    static void tile_##kind##_##M##x##N(const struct qctx *c, int t, int o) { tile(K, M, N, c, t, o); }
+#define TILE_SET(kind, K) \
+    TILE_FN(kind, K, 4, 2) TILE_FN(kind, K, 4, 1) TILE_FN(kind, K, 3, 2) TILE_FN(kind, K, 3, 1) \
+    TILE_FN(kind, K, 2, 4) TILE_FN(kind, K, 2, 3) TILE_FN(kind, K, 2, 2) TILE_FN(kind, K, 2, 1) \
+    TILE_FN(kind, K, 1, 8) TILE_FN(kind, K, 1, 7) TILE_FN(kind, K, 1, 6) TILE_FN(kind, K, 1, 5) \
+    TILE_FN(kind, K, 1, 4) TILE_FN(kind, K, 1, 3) TILE_FN(kind, K, 1, 2) TILE_FN(kind, K, 1, 1) \
+    /* [M][N]: the tile for M tokens and N rows (N up to 8 / MS) */ \
+    static const tile_fn tiles_##kind[5][9] = { \
+        [1] = { NULL, tile_##kind##_1x1, tile_##kind##_1x2, tile_##kind##_1x3, tile_##kind##_1x4, \
+                tile_##kind##_1x5, tile_##kind##_1x6, tile_##kind##_1x7, tile_##kind##_1x8 }, \
+        [2] = { NULL, tile_##kind##_2x1, tile_##kind##_2x2, tile_##kind##_2x3, tile_##kind##_2x4 }, \
+        [3] = { NULL, tile_##kind##_3x1, tile_##kind##_3x2 }, \
+        [4] = { NULL, tile_##kind##_4x1, tile_##kind##_4x2 }, \
+    };
+TILE_SET(w4, KIND_W4)
+TILE_SET(q8, KIND_Q8)
+
+/* Rows [o0, o1) for the M tokens at t, in tiles of the widest N. */
+static void tile_rows(const tile_fn tiles[9], int M, const struct qctx *c, int t, int o0, int o1)
+{
+    const int n_max = M == 1 ? 8 : M == 2 ? 4 : 2;
+    if (M == 1) {
+        /* Decode: the tiles fetch their successors; start the first one here. */
+        const char *p = (const char *)(c->a->w + (size_t)o0 * c->a->row_bytes);
+        size_t len = (size_t)(o1 - o0 < n_max ? o1 - o0 : n_max) * c->a->row_bytes;
+        for (size_t l = 0; l < len; l += 64) _mm_prefetch(p + l, _MM_HINT_T0);
+    }
+    int o = o0;
+    for (; o + n_max <= o1; o += n_max) tiles[n_max](c, t, o);
+    if (o < o1) tiles[o1 - o](c, t, o);
+}
+
+static void qblock(const int kind, const tile_fn tiles[5][9], const struct qmatmul_args *a,
+                   int t0, int t1, int o0, int o1)
+{
+    struct qctx c;
+    c.a = a;
+    c.groups = a->n_in / EBB_ACT_GROUP;
+    int chunks = (c.groups + KG - 1) / KG;
+    int kg = (c.groups + chunks - 1) / chunks;                  /* even chunks */
+    for (c.g0 = 0; c.g0 < c.groups; c.g0 += kg) {
+        c.g1 = c.g0 + kg < c.groups ? c.g0 + kg : c.groups;
+        for (c.tb = t0; c.tb < t1; c.tb += TB) {
+            int te = c.tb + TB < t1 ? c.tb + TB : t1;
+            fill_ctx(&c, kind, te);
+            int quads_end = c.tb + (te - c.tb) / 4 * 4;
+            /* Each pair of rows (in L1) meets every token quad of the block (in L2). */
+            if (quads_end > c.tb)
+                for (int o = o0; o < o1; o += 2) {
+                    const tile_fn f = tiles[4][o + 2 <= o1 ? 2 : 1];
+                    for (int t = c.tb; t < quads_end; t += 4) f(&c, t, o);
+                }
+            if (te > quads_end) tile_rows(tiles[te - quads_end], te - quads_end, &c, quads_end, o0, o1);
+        }
+    }
+}
+
+static void block_w4(const struct qmatmul_args *a, int t0, int t1, int o0, int o1)
+{
+    qblock(KIND_W4, tiles_w4, a, t0, t1, o0, o1);
+}
+
+static void block_q8(const struct qmatmul_args *a, int t0, int t1, int o0, int o1)
+{
+    qblock(KIND_Q8, tiles_q8, a, t0, t1, o0, o1);
+}
+
+void QX_FN(ebb_cpu_matmul_w4a8)(struct ebb_pool *pool, float *out, const int8_t *q, const float *s,
+                               const void *w, int n_tok, int n_in, int n_out)
+{
+    struct qmatmul_args a = { out, q, s, w, (size_t)(n_in / EBB_W4G64_GROUP) * BLOCK_BYTES,
+                              n_tok, n_in, n_out };
+    ebb_cpu_qmatmul_drive(pool, block_w4, 8, 4, &a);
+}
+
+void QX_FN(ebb_cpu_matmul_q8a8)(struct ebb_pool *pool, float *out, const int8_t *q, const float *s,
+                               const void *w, int n_tok, int n_in, int n_out)
+{
+    struct qmatmul_args a = { out, q, s, w, (size_t)(n_in / 32) * BLOCK_BYTES, n_tok, n_in, n_out };
+    ebb_cpu_qmatmul_drive(pool, block_q8, 8, 4, &a);
+}
+
+/* -------------------------------------------------------------- hadamard64 */
+
+/* Stage h < 8 inside one vector: lane i pairs with lane i ^ h (y); the lane
+ * with bit h clear gets x_i + x_{i^h}, the other x_{i^h} + (-x_i). */
+ALWAYS_INLINE __m256 butterfly_in(__m256 x, __m256 y, __m256 neg_upper)
+{
+    return _mm256_add_ps(y, _mm256_xor_ps(x, neg_upper));
+}
+
+void QX_FN(ebb_cpu_hadamard64)(float *x, int n)
+{
+    const __m256 neg1 = _mm256_castsi256_ps(_mm256_setr_epi32(0, INT32_MIN, 0, INT32_MIN, 0, INT32_MIN, 0, INT32_MIN));
+    const __m256 neg2 = _mm256_castsi256_ps(_mm256_setr_epi32(0, 0, INT32_MIN, INT32_MIN, 0, 0, INT32_MIN, INT32_MIN));
+    const __m256 neg4 = _mm256_castsi256_ps(_mm256_setr_epi32(0, 0, 0, 0, INT32_MIN, INT32_MIN, INT32_MIN, INT32_MIN));
+    const __m256 eighth = _mm256_set1_ps(0.125f);
+    for (int b = 0; b + 64 <= n; b += 64, x += 64) {
+        __m256 v[8];
+#pragma GCC unroll 8
+        for (int i = 0; i < 8; i++) {
+            __m256 u = _mm256_loadu_ps(x + 8 * i);
+            u = butterfly_in(u, _mm256_permute_ps(u, 0xb1), neg1);            /* h = 1 */
+            u = butterfly_in(u, _mm256_permute_ps(u, 0x4e), neg2);            /* h = 2 */
+            v[i] = butterfly_in(u, _mm256_permute2f128_ps(u, u, 0x01), neg4); /* h = 4 */
+        }
+#pragma GCC unroll 3
+        for (int h = 1; h < 8; h <<= 1)                                     /* h = 8, 16, 32 */
+#pragma GCC unroll 4
+            for (int i = 0; i < 8; i += 2 * h)
+#pragma GCC unroll 4
+                for (int j = i; j < i + h; j++) {
+                    __m256 u = v[j], w = v[j + h];
+                    v[j] = _mm256_add_ps(u, w);
+                    v[j + h] = _mm256_sub_ps(u, w);
+                }
+#pragma GCC unroll 8
+        for (int i = 0; i < 8; i++) _mm256_storeu_ps(x + 8 * i, _mm256_mul_ps(v[i], eighth));
+    }
+}
