@@ -146,16 +146,20 @@ int generate(struct model *m, const int32_t *prompt, int n_prompt, const struct 
         res->finish = FINISH_ERROR;
         return -1;
     }
+    const int kv_bits = p->kv_bits ? p->kv_bits : 32;
+    struct kv_account kv_policy;    /* the cache's precision; no budget */
+    if (kv_account_init(&kv_policy, &m->cfg, kv_bits, 0)) return fail(res, kv_bits_problem(&m->cfg, kv_bits));
     struct kv_cache kv;
     struct gen_seq g;
     float *logits = malloc((size_t)m->cfg.n_vocab * sizeof(float));
-    if (!logits) return fail(res, "out of memory");
-    if (kv_cache_init(&kv, &m->cfg, n_ctx, NULL)) {
+    if (!logits || kv_cache_init(&kv, &m->cfg, n_ctx, &kv_policy)) {
         free(logits);
+        kv_account_destroy(&kv_policy);
         return fail(res, "out of memory for the context");
     }
     if (gen_seq_init(&g, m, prompt, n_prompt, p)) {
         kv_cache_free(&kv);
+        kv_account_destroy(&kv_policy);
         free(logits);
         return fail(res, "out of memory");
     }
@@ -177,6 +181,7 @@ int generate(struct model *m, const int32_t *prompt, int n_prompt, const struct 
     res->finish = rc ? FINISH_ERROR : g.finish;
     gen_seq_free(&g);
     kv_cache_free(&kv);
+    kv_account_destroy(&kv_policy);
     free(logits);
     if (rc) return fail(res, "model forward failed");
     return 0;

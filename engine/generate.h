@@ -26,6 +26,7 @@ struct gen_params {
     const char *const *stops;       /* stop strings (borrowed for the call's duration) */
     int n_stops;
     int n_ctx;                      /* KV cache size; 0: prompt + max_tokens, capped by training ctx */
+    int kv_bits;                    /* generate()'s KV cache precision: 32 (or 0), 16, 8, 4 */
     int logprobs;                   /* compute the chosen token's log-probability */
 };
 

@@ -1,17 +1,59 @@
-/* KV cache: per-sequence keys and values in fixed-size pages, charged to a
- * shared memory account.
+/* KV cache: per-sequence keys and values in fixed-size pages, at a chosen
+ * precision, charged to a shared memory account.
  *
- * A sequence's cache is a list of pages, each holding KV_PAGE_TOKENS positions
- * of every layer's keys and values. Pages are allocated as the sequence grows,
- * never moved, and returned when the sequence ends, so memory follows the
- * tokens actually held rather than the longest context allowed.
+ * Pages. A sequence's cache is a list of pages, each holding KV_PAGE_TOKENS
+ * positions of every layer's keys and values. Pages are allocated as the
+ * sequence grows, never moved, and returned when the sequence ends, so memory
+ * follows the tokens actually held rather than the longest context allowed.
+ *
+ * Precision (kv_bits), chosen per model by its account (kv_account_init):
+ *   32  f32: exactly what the model computed;
+ *   16  IEEE half;
+ *    8  8-bit codes, asymmetric per group: value = m + d * code, with the
+ *       group's scale d and minimum m stored as an f16 pair;
+ *    4  4-bit codes likewise (KV4): 4.5 bits per value with groups of 64.
+ * A group is 64 values of one head at one position (the largest of 64, 32,
+ * 16, 8 that divides head_dim).
+ *
+ * Rotation (8 and 4 bits, head_dim a multiple of 64). Keys -- after RoPE --
+ * and values are rotated before they are quantized: every 64-value block
+ * of a head times the orthonormal 64x64 Walsh-Hadamard matrix (the backend's
+ * hadamard64), which spreads the few large channels over the whole group so
+ * that one scale fits it. kv_attend rotates the query the same way (q.k is
+ * unchanged: the rotation is orthonormal), sums the rotated values and
+ * rotates that sum back once (H64 is its own inverse), so the rotation
+ * costs two H64 per query head, not one per position. Rotating values
+ * online, not only keys, measured 0.6% lower perplexity at KV4 on
+ * SmolLM2-135M; a model whose weights are already rotated loses nothing.
+ * Other head sizes are quantized unrotated.
+ *
+ * Full-precision positions (8 and 4 bits). A query at position t reads
+ *   - the first KV_SINK_TOKENS positions (the "attention sinks" that draw
+ *     a large share of every query's attention) from an f32 copy;
+ *   - the positions of its own page and of the page before it -- 64 * (t/64
+ *     - 1) .. t, 65 to 128 positions -- from f32 window pages;
+ *   - everything in between from the quantized body.
+ * Which store a (query, key) pair uses depends on their positions alone,
+ * never on how the sequence was cut into batches or on what else shared
+ * them, so results are reproducible token for token. Storage follows:
+ * kv_store quantizes every position into the body at once, keeps its f32
+ * copy in a window page, and the first few in the sink copy too;
+ * kv_cache_ensure, called before each forward pass, hands back the window
+ * pages no later query can read (those before the page preceding n_past)
+ * and reuses them for new positions. A pass appending B positions holds at
+ * most 2 + (B + 62) / 64 window pages (6 for a MODEL_MAX_BATCH prompt chunk,
+ * 2 while decoding). The sinks cost 4 positions; the window caps the
+ * quantization error of the recent tokens, which carry most attention.
  *
  * Admission control works by reservation: a sequence reserves, up front, the
- * pages its prompt plus max_tokens can need; the account refuses a
- * reservation that would exceed its budget, and the scheduler keeps that
- * request waiting instead of failing a running one later. Growth inside a
- * reservation therefore never fails for lack of budget (only for lack of
- * system memory).
+ * bytes its prompt plus max_tokens can need -- its whole body, plus at 8 and
+ * 4 bits the sinks and the most window pages it can hold at once; the
+ * account refuses a reservation that would exceed its budget, and the
+ * scheduler keeps that request waiting instead of failing a running one
+ * later. Growth inside a reservation therefore never fails for lack of
+ * budget (only for lack of system memory). allocated_bytes counts what is
+ * held: body pages as they are filled, the sinks and window pages while they
+ * exist.
  */
 #ifndef EBB_ENGINE_KV_H
 #define EBB_ENGINE_KV_H
@@ -20,66 +62,98 @@
 #include <stdint.h>
 
 #define KV_PAGE_TOKENS 64
+#define KV_SINK_TOKENS 4      /* leading positions kept at full precision (8 and 4 bits) */
 
 struct model_config;
 struct ebb_backend;
 
-/* Shared by every sequence of a model; thread-safe (the HTTP side reads it
- * for metrics and admin while the engine charges it). */
+/* What one precision costs for one model (kv_layout_init). */
+struct kv_layout {
+    int bits;                 /* 32, 16, 8 or 4 */
+    int n_layer, kv_dim, head_dim;
+    int group;                /* values per quantization group (8 and 4 bits) */
+    int rotate;               /* keys rotated by H64 before quantization */
+    size_t code_bytes;        /* codes of one row (8 and 4 bits); the f16 (d, m) pairs follow */
+    size_t row_bytes;         /* one position's keys (or values) of one layer in the body */
+    size_t page_bytes;        /* a body page: K and V of every layer for KV_PAGE_TOKENS positions */
+    size_t window_page_bytes; /* an f32 window page (8 and 4 bits), else 0 */
+    size_t sink_bytes;        /* the f32 sink positions (8 and 4 bits), else 0 */
+};
+
+/* NULL if this model can store its cache at `bits`, else why not. */
+const char *kv_bits_problem(const struct model_config *cfg, int bits);
+/* 0, or -1 when kv_bits_problem says no. */
+int kv_layout_init(struct kv_layout *l, const struct model_config *cfg, int bits);
+/* Bytes a sequence of n_ctx positions reserves: whole body pages, plus the
+ * window pages it can hold at once. */
+size_t kv_layout_bytes_for(const struct kv_layout *l, int n_ctx);
+
+/* A model's KV policy -- the precision of its caches and their memory
+ * budget -- shared by every sequence of the model; thread-safe (the HTTP
+ * side reads it for metrics and admin while the engine charges it). */
 struct kv_account {
     pthread_mutex_t lock;
     size_t budget_bytes;      /* 0: unlimited */
     size_t reserved_bytes;    /* promised to admitted sequences */
     size_t allocated_bytes;   /* pages actually held */
-    size_t page_bytes;
+    struct kv_layout layout;  /* the precision every cache of this account uses */
 };
 
-void kv_account_init(struct kv_account *a, const struct model_config *cfg, size_t budget_bytes);
+/* 0, or -1 when the model cannot use `bits` (kv_bits_problem). */
+int kv_account_init(struct kv_account *a, const struct model_config *cfg, int bits, size_t budget_bytes);
 void kv_account_destroy(struct kv_account *a);
 void kv_account_set_budget(struct kv_account *a, size_t budget_bytes);
-/* Bytes a sequence of n_ctx positions reserves (whole pages). */
+/* Bytes a sequence of n_ctx positions reserves. */
 size_t kv_account_bytes_for(const struct kv_account *a, int n_ctx);
 
 struct kv_cache {
     int n_ctx;                /* positions reserved */
     int n_past;               /* positions filled */
-    int n_pages;              /* pages allocated */
-    int n_layer, kv_dim, head_dim;
-    float **pages;            /* [ceil(n_ctx / KV_PAGE_TOKENS)] */
+    struct kv_layout layout;
+    int n_pages;              /* body pages allocated */
+    uint8_t **pages;          /* body: [ceil(n_ctx / KV_PAGE_TOKENS)] */
+    float **window;           /* f32 window pages by page index, NULL when not held (8 and 4 bits) */
+    int window_lo, window_hi; /* every held window page lies in [lo, hi] */
+    int window_max;           /* most window pages held at once (what was reserved) */
+    float *sink;              /* f32 keys and values of the first KV_SINK_TOKENS positions (8 and 4 bits) */
     struct kv_account *account; /* may be NULL: unaccounted (CLI tools) */
     size_t reserved_bytes;
 };
 
-/* Reserves room for n_ctx positions. Returns 0, -1 when out of memory, or
- * -2 when the account's budget cannot take the reservation now. */
-int kv_cache_init(struct kv_cache *kv, const struct model_config *cfg, int n_ctx,
-                  struct kv_account *account);
+/* Reserves room for n_ctx positions, stored at the account's precision (f32
+ * without an account). A tool that wants another precision without a budget
+ * gives an account initialised with budget 0. Returns 0, -1 when out of
+ * memory, or -2 when the account's budget cannot take the reservation now. */
+int kv_cache_init(struct kv_cache *kv, const struct model_config *cfg, int n_ctx, struct kv_account *account);
 void kv_cache_free(struct kv_cache *kv);
 /* Drops every position (keeps pages for reuse). */
 void kv_cache_clear(struct kv_cache *kv);
-/* Makes sure positions [0, n) have pages; -1 if n > n_ctx or out of memory. */
+/* Makes sure positions [0, n) have pages, and that positions n_past .. n-1
+ * can be stored and attended to; -1 if n > n_ctx, out of memory, or (8 and 4
+ * bits) more than MODEL_MAX_BATCH new positions at once. */
 int kv_cache_ensure(struct kv_cache *kv, int n);
 
-/* Writes one token's keys and values (kv_dim floats each) for a layer at
- * position pos (its page must exist: kv_cache_ensure). */
+/* Writes one token's keys and values (kv_dim floats each; keys after RoPE)
+ * for a layer at position pos (kv_cache_ensure must cover it). */
 void kv_store(struct kv_cache *kv, const struct ebb_backend *be, int layer, int pos, const float *k,
               const float *v);
 
-/* Attention of one query head q[head_dim] over positions [0, n_pos) of KV
- * head kvh in a layer: softmax(q.k * scale) weighted sum of v into
- * out[head_dim]. scratch holds kv_attend_scratch() floats, private to the
- * caller's thread. Positions are visited in order, so the result does not
- * depend on the rest of the batch. */
+/* Attention of one query head q[head_dim] at position n_pos - 1 over
+ * positions [0, n_pos) of KV head kvh in a layer: softmax(q.k * scale)
+ * weighted sum of v into out[head_dim]. scratch holds kv_attend_scratch()
+ * floats, private to the caller's thread. Positions are visited in order,
+ * each from the one store that holds it for this query position, so the
+ * result does not depend on the rest of the batch. Nothing is dequantized
+ * beyond one run of a page at a time, inside the backend's row ops. */
 void kv_attend(const struct kv_cache *kv, const struct ebb_backend *be, int layer, int kvh, const float *q,
                int n_pos, float scale, float *scratch, float *out);
 size_t kv_attend_scratch(const struct model_config *cfg, int n_ctx);
 
-/* Row pointers for a layer and position of the f32 store (pages must exist). */
-static inline float *kv_k(const struct kv_cache *kv, int layer, int pos) {
-    return kv->pages[pos / KV_PAGE_TOKENS] +
-           ((size_t)layer * KV_PAGE_TOKENS + (size_t)(pos % KV_PAGE_TOKENS)) * (size_t)kv->kv_dim;
-}
-static inline float *kv_v(const struct kv_cache *kv, int layer, int pos) {
-    return kv_k(kv, layer, pos) + (size_t)kv->n_layer * KV_PAGE_TOKENS * (size_t)kv->kv_dim;
-}
+/* One row (n values, n % group == 0) to codes and per-group f16 (d, m)
+ * pairs at 8 or 4 bits, in the layout of backend.h's KV row ops; and back.
+ * Every value comes back within d/2 of itself (d of its group; values beyond
+ * f16's range, +-65504, are clamped first). kv_store's quantizer, exposed
+ * for tests. */
+void kv_quantize_row(int bits, const float *x, int n, int group, uint8_t *codes, uint16_t *dm);
+void kv_dequantize_row(int bits, const uint8_t *codes, const uint16_t *dm, int n, int group, float *out);
 #endif

@@ -84,6 +84,9 @@ static void finish_request(struct sreq *r, enum finish_reason why) {
     r->timing.finished = ebb_now_seconds();
     if (r->gen.finish == FINISH_NONE && r->gen.history) gen_seq_finish(&r->gen, why);
     enum finish_reason f = r->gen.history ? r->gen.finish : why;
+    /* Memory goes back before the request is reported done, so whoever
+     * sees the completion also sees the KV cache returned to the account. */
+    kv_cache_free(&r->kv);
     if (r->cb.on_done)
         r->cb.on_done(r->ud, f, r->n_prompt, r->gen.n_generated, &r->timing);
     sreq_free(r);
@@ -318,12 +321,15 @@ static void *engine_main(void *arg) {
 struct sched *sched_create(struct model *m, const struct sched_config *cfg) {
     struct sched *s = calloc(1, sizeof *s);
     if (!s) return NULL;
+    if (kv_account_init(&s->account, &m->cfg, cfg->kv_bits ? cfg->kv_bits : 32, cfg->kv_budget_bytes)) {
+        free(s);
+        return NULL;
+    }
     s->m = m;
     s->cfg = *cfg;
     if (s->cfg.max_running <= 0) s->cfg.max_running = 1;
     if (s->cfg.max_running > MODEL_MAX_BATCH) s->cfg.max_running = MODEL_MAX_BATCH;
     if (s->cfg.max_ctx <= 0 || s->cfg.max_ctx > m->cfg.n_ctx_train) s->cfg.max_ctx = m->cfg.n_ctx_train;
-    kv_account_init(&s->account, &m->cfg, cfg->kv_budget_bytes);
     s->running = calloc((size_t)s->cfg.max_running, sizeof *s->running);
     s->batch = calloc((size_t)s->cfg.max_running, sizeof *s->batch);
     s->batch_req = calloc((size_t)s->cfg.max_running, sizeof *s->batch_req);

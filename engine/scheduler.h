@@ -32,6 +32,7 @@ struct sched_config {
     int max_waiting;          /* queue bound */
     int max_ctx;              /* per-sequence context cap (<= model's) */
     size_t kv_budget_bytes;   /* KV cache budget; 0: unlimited */
+    int kv_bits;              /* KV cache precision: 32 (or 0), 16, 8, 4 (engine/kv.h) */
 };
 
 struct sched_timing {

@@ -90,7 +90,9 @@ static struct gen_params greedy(int max_tokens) {
     return p;
 }
 
-static void test_batched_equals_alone(struct model *m) {
+/* kv_bits 4 too: its quantized positions must not depend on the batching
+ * either (the long prompt reaches past the full-precision window). */
+static void test_batched_equals_alone(struct model *m, int kv_bits) {
     static const char *prompts[] = {
         "What is the capital of France?",
         "Write a haiku about the sea.",
@@ -98,6 +100,15 @@ static void test_batched_equals_alone(struct model *m) {
         "and write at least two sentences about each of them so that the answer is long.",
         "Hi",
         "Translate 'good morning' into Spanish, French and German.",
+        "Summarize this in one sentence. The lighthouse stood on a rock at the mouth of the bay for two "
+        "hundred years. Its keepers lived in a small stone house beside it, trimming the wick each evening "
+        "and polishing the great lens each morning. Ships coming home from the north watched for its beam, "
+        "which turned once every twelve seconds, and fishermen from the village set their clocks by it. In "
+        "winter the storms threw spray over the lantern room, and the keepers kept a log of every wind and "
+        "every wreck. When the light was finally automated, the last keeper took the log books to the "
+        "village library, where they can still be read: long columns of weather, a few names of ships, and "
+        "now and then a line about a seal on the rocks or a child who rowed out with bread. The house is a "
+        "museum now, and on clear nights the old lens still turns above it.",
     };
     enum { N = sizeof prompts / sizeof prompts[0] };
     const int max_tokens = 24;
@@ -105,6 +116,7 @@ static void test_batched_equals_alone(struct model *m) {
     int32_t *ids[N];
     int n_ids[N];
     struct gen_params p = greedy(max_tokens);
+    p.kv_bits = kv_bits;
     for (int i = 0; i < N; i++) {
         n_ids[i] = encode_chat(m, prompts[i], &ids[i]);
         CHECK(n_ids[i] > 0);
@@ -112,7 +124,8 @@ static void test_batched_equals_alone(struct model *m) {
         struct gen_result res;
         CHECK(generate(m, ids[i], n_ids[i], &p, collect_alone, &alone[i], &res) == 0);
     }
-    struct sched_config cfg = {.max_running = 4, .max_waiting = 16, .max_ctx = 0, .kv_budget_bytes = 0};
+    struct sched_config cfg = {.max_running = 4, .max_waiting = 16, .max_ctx = 0, .kv_budget_bytes = 0,
+                               .kv_bits = kv_bits};
     struct sched *s = sched_create(m, &cfg);
     CHECK(s != NULL);
     if (!s) return;
@@ -129,7 +142,7 @@ static void test_batched_equals_alone(struct model *m) {
     for (int i = 0; i < N; i++) {
         CHECK_MSG(out[i].n_ids == alone[i].n, "prompt %d: %d tokens batched, %d alone", i, out[i].n_ids, alone[i].n);
         int same = out[i].n_ids == alone[i].n && !memcmp(out[i].ids, alone[i].ids, (size_t)alone[i].n * sizeof(int32_t));
-        CHECK_MSG(same, "prompt %d: batched tokens differ from alone", i);
+        CHECK_MSG(same, "kv_bits %d, prompt %d: batched tokens differ from alone", kv_bits, i);
         CHECK(out[i].n_prompt == n_ids[i]);
         CHECK(out[i].finish == FINISH_STOP || out[i].finish == FINISH_LENGTH);
         free(ids[i]);
@@ -137,6 +150,11 @@ static void test_batched_equals_alone(struct model *m) {
     }
     struct sched_stats st;
     sched_get_stats(s, &st);
+    /* on_done comes just before the engine frees the request's cache. */
+    for (int i = 0; i < 1000 && (st.kv_allocated_bytes || st.kv_reserved_bytes || st.running); i++) {
+        usleep(1000);
+        sched_get_stats(s, &st);
+    }
     CHECK(st.running == 0 && st.waiting == 0);
     CHECK_MSG(st.kv_allocated_bytes == 0 && st.kv_reserved_bytes == 0, "KV not returned: %zu/%zu",
               st.kv_allocated_bytes, st.kv_reserved_bytes);
@@ -191,7 +209,7 @@ static void test_budget(struct model *m) {
     int n = encode_chat(m, "Say hello.", &ids);
     struct gen_params p = greedy(8);
     struct kv_account probe;
-    kv_account_init(&probe, &m->cfg, 0);
+    kv_account_init(&probe, &m->cfg, 32, 0);
     size_t one = kv_account_bytes_for(&probe, n + 8);
     kv_account_destroy(&probe);
     /* Budget for exactly one request: the second waits, then runs. */
@@ -228,7 +246,8 @@ int main(void) {
         fprintf(stderr, "cannot load the default model: %s (run scripts/setup)\n", err);
         return 1;
     }
-    test_batched_equals_alone(&m);
+    test_batched_equals_alone(&m, 32);
+    test_batched_equals_alone(&m, 4);
     test_cancel_and_limits(&m);
     test_budget(&m);
     model_free(&m);

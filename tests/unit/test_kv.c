@@ -1,0 +1,735 @@
+/* KV cache tests: precisions, the recent window, the sinks, the account.
+ *
+ * Independent references: quantization is checked against its documented
+ * bound (every value within d/2 of itself) and layout (codes decoded here
+ * from the nibble order backend.h describes); the row ops of every CPU path
+ * against double-precision sums over rows dequantized here; attention
+ * against a double-precision attention written here from the documented
+ * semantics (which positions are exact, which quantized, the rotation), and
+ * against plain f32 attention within a stated tolerance. On the real model:
+ * a greedy KV4 generation over a long prompt still answers the question,
+ * and perplexity at KV4 stays within 1% of f32's.
+ */
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "check.h"
+#include "engine/generate.h"
+#include "engine/kv.h"
+#include "engine/model.h"
+#include "engine/tokenizer.h"
+#include "kernels/backend.h"
+#include "kernels/formats.h"
+
+static uint64_t rng_state = 0x243F6A8885A308D3ull;
+static double uniform(void) {
+    rng_state ^= rng_state << 13;
+    rng_state ^= rng_state >> 7;
+    rng_state ^= rng_state << 17;
+    return (double)(rng_state >> 11) / 9007199254740992.0;
+}
+static float gauss(void) {
+    double u = uniform() + 1e-12, v = uniform();
+    return (float)(sqrt(-2 * log(u)) * cos(6.283185307179586 * v));
+}
+
+/* Code i of a group, decoded from the layout in kernels/backend.h. */
+static int code_of(const uint8_t *group_codes, int bits, int group, int i) {
+    if (bits == 8) return group_codes[i];
+    return i < group / 2 ? group_codes[i] & 0x0f : group_codes[i - group / 2] >> 4;
+}
+
+/* ---------------------------------------------------------- quantization */
+
+static void fill_row(float *x, int n, int kind) {
+    for (int i = 0; i < n; i++) {
+        switch (kind) {
+        case 0: x[i] = gauss(); break;                                  /* plain */
+        case 1: x[i] = gauss() * (i % 17 == 3 ? 40.0f : 1.0f); break;   /* outlier channels */
+        case 2: x[i] = 1000.0f + 1e-3f * gauss(); break;                /* tiny range far from 0 */
+        case 3: x[i] = -3.25f; break;                                   /* constant */
+        case 4: x[i] = 1e-6f * gauss(); break;                          /* below f16's normals */
+        default: x[i] = (float)(uniform() * 2e5 - 1e5); break;          /* beyond f16's range: clamped */
+        }
+    }
+}
+
+static void test_quantize_bounds(void) {
+    static const int groups[] = {64, 32, 16, 8};
+    float x[256], y[256];
+    uint8_t codes[256];
+    uint16_t dm[2 * 32];
+    int worst_ok = 1;
+    for (int b = 0; b < 2; b++) {
+        const int bits = b ? 4 : 8, qmax = (1 << bits) - 1;
+        for (int gi = 0; gi < 4; gi++) {
+            const int group = groups[gi], n = 256;
+            for (int kind = 0; kind < 6; kind++)
+                for (int rep = 0; rep < 20; rep++) {
+                    fill_row(x, n, kind);
+                    kv_quantize_row(bits, x, n, group, codes, dm);
+                    kv_dequantize_row(bits, codes, dm, n, group, y);
+                    for (int g = 0; g < n / group; g++) {
+                        const float d = ebb_f16_to_f32(dm[2 * g]), m = ebb_f16_to_f32(dm[2 * g + 1]);
+                        float lo = INFINITY, hi = -INFINITY;
+                        for (int i = 0; i < group; i++) {
+                            float v = fminf(fmaxf(x[g * group + i], -65504.0f), 65504.0f);
+                            lo = fminf(lo, v);
+                            hi = fmaxf(hi, v);
+                        }
+                        /* The step is the range over qmax, up to f16 rounding. */
+                        const float ideal = (hi - lo) / (float)qmax;
+                        int ok = d >= ideal * 0.999f && d <= ideal * 1.002f + fabsf(lo) * 2e-3f / (float)qmax + 1e-7f;
+                        const uint8_t *gc = codes + (size_t)g * group * bits / 8;
+                        for (int i = 0; i < group; i++) {
+                            float v = fminf(fmaxf(x[g * group + i], -65504.0f), 65504.0f);
+                            int c = code_of(gc, bits, group, i);
+                            float mine = m + d * (float)c;   /* decoded here, from the layout */
+                            ok &= c >= 0 && c <= qmax;
+                            ok &= mine == y[g * group + i];
+                            ok &= fabsf(v - mine) <= d * 0.5f * (1 + 1e-5f) + fabsf(v) * 1e-6f;
+                        }
+                        if (!ok && worst_ok) {
+                            CHECK_MSG(ok, "bits %d group %d kind %d: group %d breaks |x - q| <= d/2 (d %g, range %g)",
+                                      bits, group, kind, g, d, hi - lo);
+                            worst_ok = 0;
+                        }
+                    }
+                }
+        }
+    }
+    CHECK(worst_ok);
+}
+
+/* -------------------------------------------------------------- row ops */
+
+/* n_rows rows of n values at stride bytes: codes then dm pairs per row. */
+struct qrows {
+    uint8_t *buf;
+    size_t stride, code_bytes;
+    float *deq;   /* [n_rows][n] dequantized here */
+    float *mag;   /* [n_rows][n] |m| + qmax |d| of the value's group: the size of the terms the ops sum */
+};
+
+static void make_qrows(struct qrows *r, int bits, int n_rows, int n, int group) {
+    r->code_bytes = (size_t)n * bits / 8;
+    r->stride = r->code_bytes + (size_t)(n / group) * 4 + 12;   /* padding: rows are strided */
+    r->buf = calloc((size_t)n_rows, r->stride);
+    r->deq = malloc((size_t)n_rows * n * sizeof(float));
+    r->mag = malloc((size_t)n_rows * n * sizeof(float));
+    float x[1024];
+    for (int j = 0; j < n_rows; j++) {
+        fill_row(x, n, j % 2);
+        uint8_t *row = r->buf + (size_t)j * r->stride;
+        uint16_t dm[256];
+        kv_quantize_row(bits, x, n, group, row, dm);
+        memcpy(row + r->code_bytes, dm, (size_t)(n / group) * 4);
+        for (int g = 0; g < n / group; g++)
+            for (int i = 0; i < group; i++) {
+                r->mag[(size_t)j * n + g * group + i] =
+                    fabsf(ebb_f16_to_f32(dm[2 * g + 1])) + (float)((1 << bits) - 1) * ebb_f16_to_f32(dm[2 * g]);
+                r->deq[(size_t)j * n + g * group + i] =
+                    ebb_f16_to_f32(dm[2 * g + 1]) +
+                    ebb_f16_to_f32(dm[2 * g]) * (float)code_of(row + (size_t)g * group * bits / 8, bits, group, i);
+            }
+    }
+}
+
+static void test_row_ops(void) {
+    static const char *paths[] = {"scalar", "avx2", "avx512"};
+    static const int shapes[][2] = {{64, 64}, {128, 64}, {192, 64}, {96, 32}, {80, 16}, {64, 8}};
+    for (int pi = 0; pi < 3; pi++) {
+        const struct ebb_backend *be = ebb_backend_cpu_named(paths[pi]);
+        if (!be) continue;
+        CHECK(be->kv_dot_q4 && be->kv_axpy_q4 && be->kv_dot_q8 && be->kv_axpy_q8 && be->kv_dot_f16 && be->kv_axpy_f16);
+        for (int si = 0; si < 6; si++) {
+            const int n = shapes[si][0], group = shapes[si][1], n_rows = 37;
+            float x[256], w[64], out[64], y[256];
+            for (int i = 0; i < n; i++) x[i] = gauss();
+            for (int j = 0; j < n_rows; j++) w[j] = (float)uniform();
+            for (int bits = 4; bits <= 16; bits *= 2) {
+                struct qrows r = {0};
+                uint16_t *half_rows = NULL;
+                const float *deq;
+                if (bits == 16) {
+                    half_rows = malloc((size_t)n_rows * (n + 8) * sizeof(uint16_t));
+                    float *hd = malloc((size_t)n_rows * n * sizeof(float));
+                    for (int j = 0; j < n_rows; j++)
+                        for (int i = 0; i < n; i++) {
+                            half_rows[(size_t)j * (n + 8) + i] = ebb_f32_to_f16(gauss());
+                            hd[(size_t)j * n + i] = ebb_f16_to_f32(half_rows[(size_t)j * (n + 8) + i]);
+                        }
+                    r.deq = hd;
+                    r.mag = malloc((size_t)n_rows * n * sizeof(float));
+                    for (int i = 0; i < n_rows * n; i++) r.mag[i] = fabsf(hd[i]);
+                } else {
+                    make_qrows(&r, bits, n_rows, n, group);
+                }
+                deq = r.deq;
+                /* The ops sum d * codes and m separately, so their rounding
+                 * error scales with |m| + qmax |d|, not with the value. */
+                const float *mag = r.mag;
+                for (int i = 0; i < n; i++) y[i] = (float)i * 0.01f;
+                if (bits == 16) {
+                    be->kv_dot_f16(out, x, half_rows, (n + 8) * sizeof(uint16_t), n_rows, n);
+                    be->kv_axpy_f16(y, w, half_rows, (n + 8) * sizeof(uint16_t), n_rows, n);
+                } else {
+                    const uint16_t *dm = (const uint16_t *)(const void *)(r.buf + r.code_bytes);
+                    (bits == 8 ? be->kv_dot_q8 : be->kv_dot_q4)(out, x, r.buf, dm, r.stride, n_rows, n, group);
+                    (bits == 8 ? be->kv_axpy_q8 : be->kv_axpy_q4)(y, w, r.buf, dm, r.stride, n_rows, n, group);
+                }
+                int ok = 1;
+                for (int j = 0; j < n_rows; j++) {
+                    double ref = 0, size = 0;
+                    for (int i = 0; i < n; i++) {
+                        ref += (double)x[i] * deq[(size_t)j * n + i];
+                        size += fabs((double)x[i]) * mag[(size_t)j * n + i];
+                    }
+                    ok &= fabs(out[j] - ref) <= 1e-6 * size + 1e-6;
+                }
+                for (int i = 0; i < n; i++) {
+                    double ref = i * 0.01, size = fabs(ref);
+                    for (int j = 0; j < n_rows; j++) {
+                        ref += (double)w[j] * deq[(size_t)j * n + i];
+                        size += fabs((double)w[j]) * mag[(size_t)j * n + i];
+                    }
+                    ok &= fabs(y[i] - ref) <= 1e-6 * size + 1e-6;
+                }
+                CHECK_MSG(ok, "%s: kv row ops at %d bits, n %d group %d disagree with the reference",
+                          paths[pi], bits, n, group);
+                free(r.buf);
+                free(r.deq);
+                free(r.mag);
+                free(half_rows);
+            }
+        }
+    }
+}
+
+static void test_rotation_invariance(void) {
+    const struct ebb_backend *be = ebb_backend_cpu();
+    float q[128], k[128], qr[128], kr[128];
+    for (int rep = 0; rep < 50; rep++) {
+        for (int i = 0; i < 128; i++) {
+            q[i] = gauss();
+            k[i] = gauss() * (i == 5 ? 30.0f : 1.0f);
+        }
+        memcpy(qr, q, sizeof q);
+        memcpy(kr, k, sizeof k);
+        be->hadamard64(qr, 128);
+        be->hadamard64(kr, 128);
+        double a = 0, b = 0, mag = 0, nk = 0, nkr = 0, maxk = 0, maxkr = 0;
+        for (int i = 0; i < 128; i++) {
+            a += (double)q[i] * k[i];
+            b += (double)qr[i] * kr[i];
+            mag += fabs((double)q[i] * k[i]);
+            nk += (double)k[i] * k[i];
+            nkr += (double)kr[i] * kr[i];
+            maxk = fmax(maxk, fabs(k[i]));
+            maxkr = fmax(maxkr, fabs(kr[i]));
+        }
+        CHECK_NEAR(b, a, 1e-5 * mag + 1e-5);
+        CHECK_NEAR(nkr, nk, 1e-5 * nk);           /* orthonormal: norms kept */
+        if (rep == 0) CHECK(maxkr < 0.5 * maxk);   /* the outlier channel is spread */
+    }
+}
+
+/* ----------------------------------------------------------- attention */
+
+static struct model_config small_config(int n_layer, int n_head_kv, int head_dim) {
+    struct model_config c;
+    memset(&c, 0, sizeof c);
+    c.n_layer = n_layer;
+    c.n_head_kv = n_head_kv;
+    c.n_head = n_head_kv * 2;
+    c.head_dim = head_dim;
+    c.n_ctx_train = 4096;
+    return c;
+}
+
+/* Random keys and values for n positions of every layer: [n][layer][kv_dim]. */
+struct kv_data {
+    int n, n_layer, kv_dim;
+    float *k, *v;
+};
+
+static void make_data(struct kv_data *d, const struct model_config *c, int n) {
+    d->n = n;
+    d->n_layer = c->n_layer;
+    d->kv_dim = c->n_head_kv * c->head_dim;
+    size_t total = (size_t)n * c->n_layer * d->kv_dim;
+    d->k = malloc(total * sizeof(float));
+    d->v = malloc(total * sizeof(float));
+    for (size_t i = 0; i < total; i++) {
+        /* RoPE'd keys have a few large channels; values are tamer. */
+        d->k[i] = gauss() * ((i % (size_t)d->kv_dim) % 23 == 7 ? 6.0f : 1.0f);
+        d->v[i] = gauss();
+    }
+}
+
+static const float *data_k(const struct kv_data *d, int pos, int layer) {
+    return d->k + ((size_t)pos * d->n_layer + layer) * d->kv_dim;
+}
+static const float *data_v(const struct kv_data *d, int pos, int layer) {
+    return d->v + ((size_t)pos * d->n_layer + layer) * d->kv_dim;
+}
+
+/* Stores positions [n_past, n) passing `step` positions per ensure, as the
+ * forward pass would with batches of that size. */
+static int fill_cache(struct kv_cache *kv, const struct ebb_backend *be, const struct kv_data *d, int n, int step) {
+    for (int p0 = kv->n_past; p0 < n; p0 += step) {
+        int p1 = p0 + step < n ? p0 + step : n;
+        if (kv_cache_ensure(kv, p1)) return -1;
+        for (int l = 0; l < d->n_layer; l++)
+            for (int p = p0; p < p1; p++) kv_store(kv, be, l, p, data_k(d, p, l), data_v(d, p, l));
+        kv->n_past = p1;
+    }
+    return 0;
+}
+
+/* The documented semantics in double: a query at position n_pos - 1 sees
+ * positions < 4 and >= 64 * ((n_pos - 1) / 64 - 1) exactly, the rest as
+ * quantized (rotated by H64 when head_dim % 64 == 0, dequantized, rotated
+ * back). bits 32: every position exact; 16: every position rounded to f16. */
+static void reference_attend(const struct kv_data *d, const struct model_config *c, const struct ebb_backend *be,
+                             int bits, int layer, int kvh, const float *q, int n_pos, float scale, double *out) {
+    const int hd = c->head_dim;
+    int group = 64;
+    while (hd % group) group /= 2;
+    const int rotate = hd % 64 == 0;
+    int body_end = bits == 32 || bits == 16 ? 0 : ((n_pos - 1) / 64 - 1) * 64;
+    if (body_end < 0) body_end = 0;
+    double *s = malloc((size_t)n_pos * sizeof(double));
+    float *kq = malloc((size_t)n_pos * hd * sizeof(float)), *vq = malloc((size_t)n_pos * hd * sizeof(float));
+    for (int i = 0; i < n_pos; i++) {
+        const float *k = data_k(d, i, layer) + kvh * hd, *v = data_v(d, i, layer) + kvh * hd;
+        float *ki = kq + (size_t)i * hd, *vi = vq + (size_t)i * hd;
+        memcpy(ki, k, (size_t)hd * sizeof(float));
+        memcpy(vi, v, (size_t)hd * sizeof(float));
+        if (bits == 16) {
+            for (int j = 0; j < hd; j++) {
+                ki[j] = ebb_f16_to_f32(ebb_f32_to_f16(ki[j]));
+                vi[j] = ebb_f16_to_f32(ebb_f32_to_f16(vi[j]));
+            }
+        } else if (i >= 4 && i < body_end) {
+            uint8_t codes[1024];
+            uint16_t dm[256];
+            for (int pass = 0; pass < 2; pass++) {
+                float *x = pass ? vi : ki;
+                if (rotate) be->hadamard64(x, hd);
+                kv_quantize_row(bits, x, hd, group, codes, dm);
+                kv_dequantize_row(bits, codes, dm, hd, group, x);
+                if (rotate) be->hadamard64(x, hd);
+            }
+        }
+    }
+    double max = -INFINITY, sum = 0;
+    for (int i = 0; i < n_pos; i++) {
+        double dot = 0;
+        for (int j = 0; j < hd; j++) dot += (double)q[j] * kq[(size_t)i * hd + j];
+        s[i] = dot * scale;
+        if (s[i] > max) max = s[i];
+    }
+    for (int i = 0; i < n_pos; i++) sum += (s[i] = exp(s[i] - max));
+    for (int j = 0; j < hd; j++) out[j] = 0;
+    for (int i = 0; i < n_pos; i++)
+        for (int j = 0; j < hd; j++) out[j] += s[i] / sum * vq[(size_t)i * hd + j];
+    free(s);
+    free(kq);
+    free(vq);
+}
+
+/* Attention at several query positions of every layer and head, compared
+ * with reference_attend at `bits` (largest difference <= tol_exact) and at
+ * 32 bits (largest difference <= tol_max, mean <= tol_mean; the values are
+ * standard normal, so these are in units of the values' spread). */
+static void check_attention(int bits, int n_layer, int n_head_kv, int head_dim, int n, double tol_exact,
+                            double tol_max, double tol_mean) {
+    const struct ebb_backend *be = ebb_backend_cpu();
+    struct model_config c = small_config(n_layer, n_head_kv, head_dim);
+    struct kv_data d;
+    make_data(&d, &c, n);
+    struct kv_account acc;
+    CHECK(kv_account_init(&acc, &c, bits, 0) == 0);
+    struct kv_cache kv;
+    CHECK(kv_cache_init(&kv, &c, n, &acc) == 0);
+    float *scratch = malloc(kv_attend_scratch(&c, n) * sizeof(float));
+    float q[1024], out[1024];
+    double ref[1024], ref32[1024];
+    const float scale = 1.0f / sqrtf((float)head_dim);
+    double worst_exact = 0, worst_f32 = 0, sum_f32 = 0;
+    long count = 0;
+    static const int positions[] = {1, 5, 64, 127, 128, 129, 191, 200, 255, 256, 300, 511};
+    for (int pi = 0; pi < (int)(sizeof positions / sizeof *positions); pi++) {
+        const int n_pos = positions[pi];
+        if (n_pos > n) continue;
+        /* The cache grows to the query's position first: queries come at
+         * the end of what is stored, as in a forward pass. */
+        CHECK(fill_cache(&kv, be, &d, n_pos, 256) == 0);
+        for (int l = 0; l < n_layer; l++)
+            for (int h = 0; h < n_head_kv; h++) {
+                /* A query that prefers one earlier key, as real ones do. */
+                const float *kt = data_k(&d, (n_pos * 7 + h) % n_pos, l) + h * head_dim;
+                for (int j = 0; j < head_dim; j++) q[j] = 0.5f * kt[j] + gauss();
+                kv_attend(&kv, be, l, h, q, n_pos, scale, scratch, out);
+                reference_attend(&d, &c, be, bits, l, h, q, n_pos, scale, ref);
+                reference_attend(&d, &c, be, 32, l, h, q, n_pos, scale, ref32);
+                for (int j = 0; j < head_dim; j++) {
+                    worst_exact = fmax(worst_exact, fabs(out[j] - ref[j]));
+                    worst_f32 = fmax(worst_f32, fabs(out[j] - ref32[j]));
+                    sum_f32 += fabs(out[j] - ref32[j]);
+                    count++;
+                }
+            }
+    }
+    CHECK_MSG(worst_exact <= tol_exact, "kv_bits %d head_dim %d: attention differs from the documented semantics by %g",
+              bits, head_dim, worst_exact);
+    CHECK_MSG(worst_f32 <= tol_max && sum_f32 / count <= tol_mean,
+              "kv_bits %d head_dim %d: attention differs from f32 by up to %g, %g on average (tolerance %g, %g)",
+              bits, head_dim, worst_f32, sum_f32 / count, tol_max, tol_mean);
+    printf("kv_bits %2d head_dim %3d: vs its semantics %.2g; vs f32 %.3g at most, %.3g on average\n", bits, head_dim,
+           worst_exact, worst_f32, sum_f32 / count);
+    free(scratch);
+    kv_cache_free(&kv);
+    CHECK(acc.allocated_bytes == 0 && acc.reserved_bytes == 0);
+    kv_account_destroy(&acc);
+    free(d.k);
+    free(d.v);
+}
+
+static void test_attention(void) {
+    /* Stated tolerances against f32 attention, in units of the values'
+     * standard deviation, at most / on average: f16 0.005 / 0.001, KV8
+     * 0.03 / 0.005, KV4 0.4 / 0.06. (Keys have outlier channels and queries
+     * lean on one key, so attention is peaked, as in real models.) */
+    check_attention(32, 2, 2, 64, 300, 1e-5, 1e-5, 1e-6);
+    check_attention(16, 2, 2, 64, 300, 1e-4, 5e-3, 1e-3);
+    check_attention(8, 2, 2, 64, 300, 1e-4, 3e-2, 5e-3);
+    check_attention(4, 2, 3, 64, 520, 1e-4, 0.4, 0.06);
+    check_attention(4, 1, 2, 128, 300, 1e-4, 0.4, 0.06);
+    check_attention(4, 1, 2, 96, 300, 1e-4, 0.4, 0.06);    /* groups of 32, no rotation */
+    check_attention(8, 1, 1, 80, 200, 1e-4, 3e-2, 5e-3);  /* groups of 16 */
+}
+
+/* Positions a query reads at full precision give bit-identical results to
+ * an f32 cache: the whole context while it fits the window, and the result
+ * does not depend on how the positions were batched. */
+static void test_window_exact_and_batch_invariant(void) {
+    const struct ebb_backend *be = ebb_backend_cpu();
+    struct model_config c = small_config(2, 2, 64);
+    const int n = 400;
+    struct kv_data d;
+    make_data(&d, &c, n);
+    struct kv_account a32, a4;
+    kv_account_init(&a32, &c, 32, 0);
+    kv_account_init(&a4, &c, 4, 0);
+    struct kv_cache f32, by1, by256, by37;
+    CHECK(kv_cache_init(&f32, &c, n, &a32) == 0);
+    CHECK(kv_cache_init(&by1, &c, n, &a4) == 0);
+    CHECK(kv_cache_init(&by256, &c, n, &a4) == 0);
+    CHECK(kv_cache_init(&by37, &c, n, &a4) == 0);
+    CHECK(fill_cache(&f32, be, &d, n, 256) == 0);
+    float *scratch = malloc((size_t)n * sizeof(float));
+    float q[64], o32[64], o1[64], o256[64], o37[64];
+    int exact = 1, invariant = 1, differs = 0;
+    /* The KV4 caches grow in passes of 1, 256 and 37 positions, and each
+     * is queried at every position of a pass after the pass is stored, as
+     * a forward pass reads it (window pages before the pass are gone). */
+    for (int t = 0; t < n; t++) {
+        if (t >= by1.n_past) CHECK(fill_cache(&by1, be, &d, t + 1, 1) == 0);
+        if (t >= by256.n_past) CHECK(fill_cache(&by256, be, &d, t + 256 < n ? t + 256 : n, 256) == 0);
+        if (t >= by37.n_past) CHECK(fill_cache(&by37, be, &d, t + 37 < n ? t + 37 : n, 37) == 0);
+        for (int l = 0; l < 2; l++)
+            for (int h = 0; h < 2; h++) {
+                for (int j = 0; j < 64; j++) q[j] = gauss();
+                kv_attend(&f32, be, l, h, q, t + 1, 0.125f, scratch, o32);
+                kv_attend(&by1, be, l, h, q, t + 1, 0.125f, scratch, o1);
+                kv_attend(&by256, be, l, h, q, t + 1, 0.125f, scratch, o256);
+                kv_attend(&by37, be, l, h, q, t + 1, 0.125f, scratch, o37);
+                if (t < 128) exact &= !memcmp(o32, o1, sizeof o1) && !memcmp(o32, o256, sizeof o1);
+                else differs |= memcmp(o32, o1, sizeof o1) != 0;
+                invariant &= !memcmp(o1, o256, sizeof o1) && !memcmp(o1, o37, sizeof o1);
+            }
+    }
+    CHECK_MSG(exact, "within the recent window KV4 attention must equal f32 attention bit for bit");
+    CHECK_MSG(invariant, "KV4 attention depends on how positions were batched");
+    CHECK_MSG(differs, "beyond the window KV4 should read quantized positions");
+    /* Held: every body page, the sinks, and the window pages of the last
+     * pass: from the page before its first position's through its last's
+     * (decoding: 2; by256's last pass 256..399: 4; by37's 370..399: 3). */
+    const struct kv_layout *l4 = &a4.layout;
+    const size_t body = (size_t)((n + 63) / 64) * l4->page_bytes + l4->sink_bytes;
+    CHECK(by1.n_pages == (n + 63) / 64 && by256.n_pages == by1.n_pages && by37.n_pages == by1.n_pages);
+    CHECK_MSG(a4.allocated_bytes == 3 * body + (size_t)(2 + 4 + 3) * l4->window_page_bytes,
+              "allocated %zu, expected %zu", a4.allocated_bytes, 3 * body + (size_t)(2 + 4 + 3) * l4->window_page_bytes);
+    free(scratch);
+    kv_cache_free(&f32);
+    kv_cache_free(&by1);
+    kv_cache_free(&by256);
+    kv_cache_free(&by37);
+    CHECK(a4.allocated_bytes == 0 && a4.reserved_bytes == 0 && a32.allocated_bytes == 0);
+    kv_account_destroy(&a32);
+    kv_account_destroy(&a4);
+    free(d.k);
+    free(d.v);
+}
+
+/* ------------------------------------------------------------- account */
+
+static void test_account_bytes(void) {
+    /* SmolLM2-135M's shape: 30 layers, 3 KV heads of 64. */
+    struct model_config c = small_config(30, 3, 64);
+    const size_t L = 30, D = 192;
+    struct {
+        int bits;
+        size_t row;        /* one position's K (or V) of one layer */
+        size_t window;     /* f32 window page */
+        size_t sink;
+    } expect[] = {
+        {32, D * 4, 0, 0},
+        {16, D * 2, 0, 0},
+        {8, D + D / 64 * 4, 2 * L * 64 * D * 4, 2 * L * 4 * D * 4},
+        {4, D / 2 + D / 64 * 4, 2 * L * 64 * D * 4, 2 * L * 4 * D * 4},
+    };
+    for (int e = 0; e < 4; e++) {
+        struct kv_account a;
+        CHECK(kv_account_init(&a, &c, expect[e].bits, 0) == 0);
+        const size_t page = 2 * L * 64 * expect[e].row;
+        CHECK(a.layout.page_bytes == page);
+        CHECK(a.layout.window_page_bytes == expect[e].window);
+        static const int ctxs[] = {1, 64, 65, 100, 128, 129, 256, 300, 1000, 2048};
+        for (int i = 0; i < 10; i++) {
+            const int n = ctxs[i], pages = (n + 63) / 64;
+            /* Window pages a sequence can hold at once: a pass of up to
+             * min(n, 256) new positions spans its pages plus the one before. */
+            const int b = n < 256 ? n : 256;
+            int w = 2 + (b + 62) / 64;
+            if (w > pages) w = pages;
+            size_t want = (size_t)pages * page;
+            if (expect[e].window) want += (size_t)w * expect[e].window + expect[e].sink;
+            CHECK_MSG(kv_account_bytes_for(&a, n) == want, "kv_bits %d n_ctx %d: %zu bytes, expected %zu",
+                      expect[e].bits, n, kv_account_bytes_for(&a, n), want);
+        }
+        kv_account_destroy(&a);
+    }
+    /* KV4 holds a 2k context in about a sixth of f32's bytes. */
+    struct kv_account a32, a4;
+    kv_account_init(&a32, &c, 32, 0);
+    kv_account_init(&a4, &c, 4, 0);
+    double ratio = (double)kv_account_bytes_for(&a4, 2048) / (double)kv_account_bytes_for(&a32, 2048);
+    printf("2048 positions: f32 %zu bytes, KV4 %zu bytes reserved (%.2f)\n", kv_account_bytes_for(&a32, 2048),
+           kv_account_bytes_for(&a4, 2048), ratio);
+    CHECK(ratio < 0.35);
+    kv_account_destroy(&a32);
+    kv_account_destroy(&a4);
+    CHECK(kv_bits_problem(&c, 12) != NULL);
+    CHECK(kv_bits_problem(&c, 4) == NULL);
+    struct model_config odd = small_config(1, 1, 36);
+    CHECK(kv_bits_problem(&odd, 4) != NULL && kv_bits_problem(&odd, 16) == NULL);
+    struct kv_account bad;
+    CHECK(kv_account_init(&bad, &odd, 4, 0) == -1);
+}
+
+/* Growth never exceeds the reservation, whatever the batch sizes, and the
+ * budget refuses reservations beyond it. */
+static void test_reservations(void) {
+    const struct ebb_backend *be = ebb_backend_cpu();
+    struct model_config c = small_config(3, 2, 64);
+    const int n = 700;
+    struct kv_data d;
+    make_data(&d, &c, n);
+    struct kv_account probe;
+    kv_account_init(&probe, &c, 4, 0);
+    const size_t one = kv_account_bytes_for(&probe, n);
+    kv_account_destroy(&probe);
+
+    struct kv_account a;
+    kv_account_init(&a, &c, 4, 2 * one + one / 2);
+    struct kv_cache x, y, z;
+    CHECK(kv_cache_init(&x, &c, n, &a) == 0);
+    CHECK(kv_cache_init(&y, &c, n, &a) == 0);
+    CHECK_MSG(kv_cache_init(&z, &c, n, &a) == -2, "a third reservation must be refused past the budget");
+    CHECK(a.reserved_bytes == 2 * one);
+    /* Random pass sizes up to MODEL_MAX_BATCH, twice over (clear in between). */
+    int ok = 1;
+    for (int round = 0; round < 2; round++) {
+        kv_cache_clear(&x);
+        for (int p0 = 0; p0 < n;) {
+            int step = 1 + (int)(uniform() * (uniform() < 0.5 ? 8 : MODEL_MAX_BATCH));
+            int p1 = p0 + step < n ? p0 + step : n;
+            ok &= kv_cache_ensure(&x, p1) == 0;
+            for (int l = 0; l < 3; l++)
+                for (int p = p0; p < p1; p++) kv_store(&x, be, l, p, data_k(&d, p, l), data_v(&d, p, l));
+            x.n_past = p0 = p1;
+            ok &= a.allocated_bytes <= one;   /* y holds nothing yet */
+        }
+    }
+    CHECK_MSG(ok, "growth inside a reservation failed or exceeded it");
+    CHECK(kv_cache_ensure(&x, n + 1) == -1);
+    CHECK(kv_cache_ensure(&y, 2 * MODEL_MAX_BATCH) == -1);   /* one pass longer than reserved for */
+    kv_cache_free(&x);
+    CHECK(kv_cache_init(&z, &c, n, &a) == 0);                /* room again */
+    kv_cache_free(&y);
+    kv_cache_free(&z);
+    CHECK(a.allocated_bytes == 0 && a.reserved_bytes == 0);
+    kv_account_destroy(&a);
+    free(d.k);
+    free(d.v);
+}
+
+/* ---------------------------------------------------------- real model */
+
+struct text_out { char buf[8192]; size_t len; };
+static int collect(void *ud, int32_t id, const char *text, size_t len) {
+    (void)id;
+    struct text_out *t = ud;
+    if (t->len + len < sizeof t->buf) {
+        memcpy(t->buf + t->len, text, len);
+        t->len += len;
+        t->buf[t->len] = 0;
+    }
+    return 0;
+}
+
+static void test_model_generation(struct model *m) {
+    /* A prompt long enough that the question's context is read from the
+     * quantized body (well past 128 positions). */
+    static const char *facts =
+        "Here are some notes about European capitals. Berlin is the capital of Germany and its largest city. "
+        "Madrid is the capital of Spain, on the river Manzanares. Rome is the capital of Italy and was the centre "
+        "of the Roman Empire. Lisbon is the capital of Portugal, on the Atlantic coast. Vienna is the capital of "
+        "Austria, famous for music. Paris is the capital of France, on the river Seine, and is known for the Eiffel "
+        "Tower. Warsaw is the capital of Poland. Athens is the capital of Greece and one of the oldest cities in "
+        "the world. Dublin is the capital of Ireland. Brussels is the capital of Belgium. Amsterdam is the capital "
+        "of the Netherlands, known for its canals. Stockholm is the capital of Sweden, built on fourteen islands. "
+        "Oslo is the capital of Norway. Helsinki is the capital of Finland. Copenhagen is the capital of Denmark. "
+        "Prague is the capital of the Czech Republic, with a famous old bridge. Budapest is the capital of Hungary, "
+        "split by the Danube. Bern is the capital of Switzerland.\n\nUsing the notes, answer: what is the capital "
+        "of France, and on which river is it?";
+    struct chat_msg msg = {"user", facts};
+    char *prompt = chat_render(m->tok, &msg, 1, 1);
+    int32_t *ids = NULL;
+    int n = tokenizer_encode(m->tok, prompt, strlen(prompt), 1, &ids);
+    free(prompt);
+    CHECK(n > 200);
+    struct gen_params p = {.max_tokens = 48};
+    sampler_params_default(&p.sampling);
+    p.sampling.temperature = 0;
+    struct text_out t32 = {{0}, 0}, t4 = {{0}, 0};
+    struct gen_result res;
+    p.kv_bits = 32;
+    CHECK(generate(m, ids, n, &p, collect, &t32, &res) == 0);
+    p.kv_bits = 4;
+    CHECK(generate(m, ids, n, &p, collect, &t4, &res) == 0);
+    printf("prompt %d tokens\nkv32: %s\nkv4:  %s\n", n, t32.buf, t4.buf);
+    CHECK_MSG(strstr(t32.buf, "Paris") != NULL, "f32 answer lacks Paris: %s", t32.buf);
+    CHECK_MSG(strstr(t4.buf, "Paris") != NULL, "KV4 answer lacks Paris: %s", t4.buf);
+    CHECK_MSG(strstr(t4.buf, "Seine") != NULL, "KV4 answer lacks the Seine: %s", t4.buf);
+    p.kv_bits = 12;
+    CHECK(generate(m, ids, n, &p, collect, &t4, &res) == -1 && strstr(res.error, "kv_bits"));
+    free(ids);
+}
+
+/* Perplexity scored like `ebb ppl --ctx 512 --chunks K`: windows of 512
+ * tokens from an empty cache, the second half scored (only its logits are
+ * computed: the output head is most of the cost). */
+static double perplexity(struct model *m, const int32_t *tokens, int n_chunks, int kv_bits) {
+    const int ctx = 512, V = m->cfg.n_vocab;
+    struct kv_account acc;
+    kv_account_init(&acc, &m->cfg, kv_bits, 0);
+    struct kv_cache kv;
+    float *logits = malloc((size_t)(ctx / 2) * V * sizeof(float));
+    double nll = 0;
+    long count = 0;
+    if (!logits || kv_cache_init(&kv, &m->cfg, ctx, &acc)) {
+        free(logits);
+        kv_account_destroy(&acc);
+        return -1;
+    }
+    for (int ch = 0; ch < n_chunks; ch++) {
+        kv_cache_clear(&kv);
+        const int32_t *win = tokens + (size_t)ch * ctx;
+        if (model_forward(m, &kv, win, ctx / 2, logits, 0) ||
+            model_forward(m, &kv, win + ctx / 2, ctx / 2, logits, 1)) {
+            nll = NAN;
+            break;
+        }
+        for (int j = ctx / 2; j < ctx - 1; j++) {
+            const float *row = logits + (size_t)(j - ctx / 2) * V;
+            double max = row[0], sum = 0;
+            for (int i = 1; i < V; i++) max = fmax(max, row[i]);
+            for (int i = 0; i < V; i++) sum += exp(row[i] - max);
+            nll += log(sum) - (row[win[j + 1]] - max);
+            count++;
+        }
+    }
+    kv_cache_free(&kv);
+    kv_account_destroy(&acc);
+    free(logits);
+    return exp(nll / (double)count);
+}
+
+static char *read_text(const char *path, size_t *len) {
+    FILE *f = fopen(path, "rb");
+    if (!f) return NULL;
+    char *buf = malloc(1 << 20);
+    *len = buf ? fread(buf, 1, (1 << 20) - 1, f) : 0;
+    fclose(f);
+    if (buf) buf[*len] = 0;
+    return buf;
+}
+
+static void test_model_perplexity(struct model *m) {
+    /* The held-out text (tools/heldout.py) when it has been prepared, else
+     * the GPL's text, which Debian ships. */
+    char path[1024];
+    const char *cache = getenv("EBB_CACHE"), *home = getenv("HOME");
+    if (cache) snprintf(path, sizeof path, "%s/heldout.txt", cache);
+    else snprintf(path, sizeof path, "%s/.cache/ebb/heldout.txt", home ? home : ".");
+    size_t len = 0;
+    char *text = read_text(path, &len);
+    if (!text) text = read_text(strcpy(path, "/usr/share/common-licenses/GPL-3"), &len);
+    CHECK_MSG(text != NULL, "no English text to score");
+    if (!text) return;
+    int32_t *tokens = NULL;
+#if defined(__SANITIZE_ADDRESS__)
+    const int chunks = 1;   /* the sanitizers check memory, not the number; 4 windows take too long */
+#else
+    const int chunks = 4;
+#endif
+    int n = tokenizer_encode(m->tok, text, len, 0, &tokens);
+    free(text);
+    CHECK(n >= chunks * 512);
+    if (n < chunks * 512) { free(tokens); return; }
+    double p32 = perplexity(m, tokens, chunks, 32), p4 = perplexity(m, tokens, chunks, 4);
+    printf("perplexity on %s, %d windows of 512: kv32 %.4f, kv4 %.4f (%+.2f%%)\n", path, chunks, p32, p4,
+           100 * (p4 / p32 - 1));
+    CHECK(p32 > 1 && p4 > 1);
+    CHECK_MSG(fabs(p4 / p32 - 1) < 0.01, "KV4 perplexity %.4f is not within 1%% of f32's %.4f", p4, p32);
+    free(tokens);
+}
+
+int main(void) {
+    test_quantize_bounds();
+    test_row_ops();
+    test_rotation_invariance();
+    test_attention();
+    test_window_exact_and_batch_invariant();
+    test_account_bytes();
+    test_reservations();
+
+    const char *dir = getenv("EBB_SOURCE_DIR");
+    char path[1024], err[512];
+    snprintf(path, sizeof path, "%s/models/SmolLM2-135M-Instruct.Q4_1.gguf", dir ? dir : ".");
+    struct model m;
+    if (model_load(&m, path, 2, err, sizeof err)) {
+        fprintf(stderr, "cannot load the default model: %s (run scripts/setup)\n", err);
+        CHECK(0);
+    } else {
+        test_model_generation(&m);
+        test_model_perplexity(&m);
+        model_free(&m);
+    }
+    return check_report("test_kv");
+}
