@@ -17,6 +17,7 @@ int cmd_bench(int argc, char **argv);
 int cmd_inspect(int argc, char **argv);
 int cmd_serve(int argc, char **argv);
 int cmd_models(int argc, char **argv);
+int cmd_pack(int argc, char **argv);
 
 /* Strict parsers: the whole string must be a number inside [lo, hi]; on
  * failure they print "ebb CMD: FLAG ..." and return -1. */
@@ -30,6 +31,13 @@ const char *cli_value(const char *cmd, int argc, char **argv, int *i);
 char *cli_read_file(const char *cmd, const char *path, size_t *len);
 /* Whitespace- or comma-separated token ids from a string; malloc'd. */
 int cli_parse_ids(const char *cmd, const char *text, int32_t **ids);
+
+/* A catalog model and its variants as JSON (jansson json_t *), the one
+ * shape `ebb models list --json` and GET /admin/models share; NULL with err. */
+struct catalog;
+struct catalog_model;
+struct json_t;
+struct json_t *catalog_model_json(struct catalog *cat, const struct catalog_model *m, char *err, size_t errlen);
 
 /* Loads a model or prints why not. */
 int cli_load_model(const char *cmd, struct model *m, const char *path, int n_threads);

@@ -16,10 +16,11 @@
 
 static void bench_usage(FILE *out) {
     fprintf(out,
-        "usage: ebb bench -m MODEL [-p N] [-n N] [-r REPS] [-t THREADS]\n"
+        "usage: ebb bench -m MODEL [-p N] [-n N] [-r REPS] [--kv-bits N] [-t THREADS]\n"
         "  -p N   prefill tokens (default 512; 0 skips)\n"
         "  -n N   decode tokens (default 128; 0 skips)\n"
-        "  -r R   repetitions (default 3)\n");
+        "  -r R   repetitions (default 3)\n"
+        "  --kv-bits N   KV cache precision: 32 (default), 16, 8 or 4\n");
 }
 
 /* Seconds for one run of the test; -1 on failure. */
@@ -36,11 +37,12 @@ static double run_once(struct model *m, struct kv_cache *kv, const int32_t *ids,
     return ebb_now_seconds() - t0;
 }
 
-static int bench_test(struct model *m, const char *label, int n, int prefill, int reps) {
+static int bench_test(struct model *m, struct kv_account *kv_policy, const char *label, int n, int prefill,
+                      int reps) {
     struct kv_cache kv;
     int32_t *ids = malloc((size_t)n * sizeof(int32_t));
     float *logits = malloc((size_t)m->cfg.n_vocab * sizeof(float));
-    if (!ids || !logits || kv_cache_init(&kv, &m->cfg, n, NULL)) {
+    if (!ids || !logits || kv_cache_init(&kv, &m->cfg, n, kv_policy)) {
         free(ids); free(logits);
         fprintf(stderr, "ebb bench: out of memory\n");
         return -1;
@@ -72,7 +74,7 @@ static int bench_test(struct model *m, const char *label, int n, int prefill, in
 
 int cmd_bench(int argc, char **argv) {
     const char *model_path = NULL;
-    int n_prefill = 512, n_decode = 128, reps = 3, n_threads = 0;
+    int n_prefill = 512, n_decode = 128, reps = 3, n_threads = 0, kv_bits = 32;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v;
         if (!strcmp(a, "--help") || !strcmp(a, "-h")) { bench_usage(stdout); return 0; }
@@ -82,6 +84,7 @@ int cmd_bench(int argc, char **argv) {
         else if (!strcmp(a, "-n")) { if (cli_int("bench", a, v, 0, 1 << 16, &n_decode)) return 2; }
         else if (!strcmp(a, "-r")) { if (cli_int("bench", a, v, 1, 1000, &reps)) return 2; }
         else if (!strcmp(a, "-t")) { if (cli_int("bench", a, v, 1, 1024, &n_threads)) return 2; }
+        else if (!strcmp(a, "--kv-bits")) { if (cli_int("bench", a, v, 4, 32, &kv_bits)) return 2; }
         else { fprintf(stderr, "ebb bench: unknown option '%s'\n", a); bench_usage(stderr); return 2; }
     }
     struct model m;
@@ -91,19 +94,26 @@ int cmd_bench(int argc, char **argv) {
         model_free(&m);
         return 2;
     }
-    printf("model: %s  arch %s  weights %.1f MiB f32  backend %s  threads %d\n", model_path,
-           m.cfg.arch, m.weight_bytes / 1048576.0, m.be->name, ebb_pool_threads(m.pool));
+    struct kv_account kv_policy;    /* the caches' precision; no budget */
+    if (kv_account_init(&kv_policy, &m.cfg, kv_bits, 0)) {
+        fprintf(stderr, "ebb bench: %s\n", kv_bits_problem(&m.cfg, kv_bits));
+        model_free(&m);
+        return 2;
+    }
+    printf("model: %s  arch %s  weights %.1f MiB f32  backend %s  threads %d  kv_bits %d\n", model_path,
+           m.cfg.arch, m.weight_bytes / 1048576.0, m.be->name, ebb_pool_threads(m.pool), kv_bits);
     printf("| test     |            t/s    |\n|----------|-------------------|\n");
     char label[32];
     int rc = 0;
     if (n_prefill) {
         snprintf(label, sizeof label, "pp%d", n_prefill);
-        rc |= bench_test(&m, label, n_prefill, 1, reps);
+        rc |= bench_test(&m, &kv_policy, label, n_prefill, 1, reps);
     }
     if (n_decode) {
         snprintf(label, sizeof label, "tg%d", n_decode);
-        rc |= bench_test(&m, label, n_decode, 0, reps);
+        rc |= bench_test(&m, &kv_policy, label, n_decode, 0, reps);
     }
+    kv_account_destroy(&kv_policy);
     model_free(&m);
     return rc ? 1 : 0;
 }

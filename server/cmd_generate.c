@@ -29,6 +29,7 @@ static void generate_usage(FILE *out) {
         "  --seed S            sampling seed (default 0)\n"
         "  --stop TEXT         stop string (repeatable, up to %d)\n"
         "  -t THREADS          worker threads (default: one per core)\n"
+        "  --kv-bits N         KV cache precision: 32 (default), 16, 8 or 4\n"
         "  --print-ids         print generated token ids instead of text\n", MAX_STOPS);
 }
 
@@ -108,6 +109,7 @@ int cmd_generate(int argc, char **argv) {
         else if (!strcmp(a, "--repeat-penalty")) { VALUE(); if (cli_float("generate", a, v, 0.01, 100, &gp.sampling.repeat_penalty)) return 2; }
         else if (!strcmp(a, "--seed")) { VALUE(); if (cli_u64("generate", a, v, &gp.sampling.seed)) return 2; }
         else if (!strcmp(a, "-t")) { VALUE(); if (cli_int("generate", a, v, 1, 1024, &n_threads)) return 2; }
+        else if (!strcmp(a, "--kv-bits")) { VALUE(); if (cli_int("generate", a, v, 4, 32, &gp.kv_bits)) return 2; }
         else if (!strcmp(a, "--stop")) {
             VALUE();
             if (gp.n_stops == MAX_STOPS) { fprintf(stderr, "ebb generate: at most %d --stop strings\n", MAX_STOPS); return 2; }

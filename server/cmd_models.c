@@ -48,7 +48,7 @@ static json_t *variant_json(const struct catalog_variant *v) {
     return o;
 }
 
-static json_t *model_json(struct catalog *cat, const struct catalog_model *m, char *err, size_t errlen) {
+json_t *catalog_model_json(struct catalog *cat, const struct catalog_model *m, char *err, size_t errlen) {
     struct catalog_variant *vs;
     size_t nv;
     if (catalog_variant_list(cat, m->id, &vs, &nv, err, errlen) != CATALOG_OK) return NULL;
@@ -84,7 +84,7 @@ static int models_list(struct catalog *cat, int as_json) {
     if (as_json) {
         json_t *arr = json_array();
         for (size_t i = 0; arr && i < n && !status; i++) {
-            json_t *o = model_json(cat, &ms[i], err, sizeof err);
+            json_t *o = catalog_model_json(cat, &ms[i], err, sizeof err);
             if (!o) {
                 fprintf(stderr, "ebb models: %s\n", err);
                 status = 1;

@@ -22,9 +22,10 @@
 
 static void ppl_usage(FILE *out) {
     fprintf(out,
-        "usage: ebb ppl -m MODEL -f FILE [--ctx N] [--chunks K] [-t THREADS]\n"
+        "usage: ebb ppl -m MODEL -f FILE [--ctx N] [--chunks K] [--kv-bits N] [-t THREADS]\n"
         "  --ctx N      window size in tokens (default 512); the second half of each is scored\n"
-        "  --chunks K   evaluate at most K windows (default: all)\n");
+        "  --chunks K   evaluate at most K windows (default: all)\n"
+        "  --kv-bits N  KV cache precision: 32 (default), 16, 8 or 4\n");
 }
 
 /* -log p(target) from a row of logits, in double for a stable sum. */
@@ -38,7 +39,7 @@ static double token_nll(const float *logits, int n_vocab, int32_t target) {
 
 int cmd_ppl(int argc, char **argv) {
     const char *model_path = NULL, *file = NULL;
-    int n_ctx = 512, max_chunks = 0, n_threads = 0;
+    int n_ctx = 512, max_chunks = 0, n_threads = 0, kv_bits = 32;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v;
         if (!strcmp(a, "--help") || !strcmp(a, "-h")) { ppl_usage(stdout); return 0; }
@@ -48,6 +49,7 @@ int cmd_ppl(int argc, char **argv) {
         else if (!strcmp(a, "--ctx")) { if (cli_int("ppl", a, v, 8, 1 << 20, &n_ctx)) return 2; }
         else if (!strcmp(a, "--chunks")) { if (cli_int("ppl", a, v, 1, 1 << 30, &max_chunks)) return 2; }
         else if (!strcmp(a, "-t")) { if (cli_int("ppl", a, v, 1, 1024, &n_threads)) return 2; }
+        else if (!strcmp(a, "--kv-bits")) { if (cli_int("ppl", a, v, 4, 32, &kv_bits)) return 2; }
         else { fprintf(stderr, "ebb ppl: unknown option '%s'\n", a); ppl_usage(stderr); return 2; }
     }
     if (!file) { fprintf(stderr, "ebb ppl: -f FILE is required\n"); return 2; }
@@ -58,6 +60,13 @@ int cmd_ppl(int argc, char **argv) {
     if (cli_load_model("ppl", &m, model_path, n_threads)) { free(text); return 1; }
     if (n_ctx > m.cfg.n_ctx_train) {
         fprintf(stderr, "ebb ppl: --ctx %d exceeds the model's context of %d\n", n_ctx, m.cfg.n_ctx_train);
+        free(text);
+        model_free(&m);
+        return 2;
+    }
+    struct kv_account kv_policy;    /* the cache's precision; no budget */
+    if (kv_account_init(&kv_policy, &m.cfg, kv_bits, 0)) {
+        fprintf(stderr, "ebb ppl: %s\n", kv_bits_problem(&m.cfg, kv_bits));
         free(text);
         model_free(&m);
         return 2;
@@ -90,7 +99,7 @@ int cmd_ppl(int argc, char **argv) {
         goto out;
     }
     logits = malloc((size_t)n_ctx * m.cfg.n_vocab * sizeof(float));
-    if (!logits || kv_cache_init(&kv, &m.cfg, n_ctx, NULL)) {
+    if (!logits || kv_cache_init(&kv, &m.cfg, n_ctx, &kv_policy)) {
         fprintf(stderr, "ebb ppl: out of memory\n");
         goto out;
     }
@@ -125,6 +134,7 @@ int cmd_ppl(int argc, char **argv) {
     rc = 0;
 out:
     kv_cache_free(&kv);
+    kv_account_destroy(&kv_policy);
     free(logits);
     free(body);
     model_free(&m);

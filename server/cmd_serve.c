@@ -326,16 +326,27 @@ static void on_done(const struct http_done_info *info, void *arg) {
 
 static void on_handle_closed(uv_handle_t *h) { (void)h; }
 
+void daemon_maybe_finish(struct daemon *d) {
+    if (!d->http_closed || d->finished || !routes_idle() || d->teardowns || d->models) return;
+    /* Every engine thread has been joined: no event can be posted any more,
+     * so the bridge may close. */
+    d->finished = true;
+    bridge_close(&d->bridge);
+    uv_close((uv_handle_t *)&d->sigterm, on_handle_closed);
+    uv_close((uv_handle_t *)&d->sigint, on_handle_closed);
+}
+
 static void on_server_closed(struct http_server *srv, void *arg) {
     struct daemon *d = arg;
     (void)srv;
     log_info("all connections closed", NULL);
-    /* Models go after their requests: unloading cancels what is left and
-     * frees memory on the work pool; the loop ends when that is done. */
+    /* Models go after their requests: unloading cancels what is left; the
+     * cancelled requests' last events still arrive through the bridge, then
+     * each model is torn down on the work pool, and only then does the
+     * bridge close and the loop end (daemon_maybe_finish). */
+    d->http_closed = true;
     while (d->models) served_unload(d->models);
-    bridge_close(&d->bridge);
-    uv_close((uv_handle_t *)&d->sigterm, on_handle_closed);
-    uv_close((uv_handle_t *)&d->sigint, on_handle_closed);
+    daemon_maybe_finish(d);
 }
 
 static void on_signal(uv_signal_t *h, int signum) {
@@ -468,13 +479,6 @@ static int parse_flags(struct daemon *d, int argc, char **argv) {
             return 2;
         }
         i++;
-    }
-    if (d->cfg.kv_bits != 32) {
-        /* Accepted by the configuration so files stay valid across versions,
-         * but refused here rather than silently served at full precision. */
-        fprintf(stderr, "ebb serve: kv_bits %d is not available in this build; the KV cache is stored in f32 "
-                        "(kv_bits 32)\n", d->cfg.kv_bits);
-        return 2;
     }
     enum log_level lvl;
     if (!log_parse_level(config_log_level_name(d->cfg.log_level), &lvl)) log_set_level(lvl);

@@ -20,6 +20,7 @@ static const struct subcommand commands[] = {
     {"logits", cmd_logits, "write raw logits for token ids (for reference checks)"},
     {"serve", cmd_serve, "run the HTTP daemon"},
     {"models", cmd_models, "list, add or remove catalog models"},
+    {"pack", cmd_pack, "pack a model into a compressed variant"},
 };
 
 static void usage(FILE *out) {

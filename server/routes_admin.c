@@ -13,6 +13,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "server/cli.h"
 #include "server/daemon.h"
 #include "server/log.h"
 #include "storage/catalog.h"
@@ -43,8 +44,9 @@ int admin_authorized(struct daemon *d, struct http_request *req) {
     return 1;
 }
 
-/* Parses the body as a JSON object or answers 400. */
-static json_t *body_object(struct http_request *req) {
+/* Parses the body as a JSON object with only the allowed keys, or answers
+ * 400 (a misspelt key must not be silently ignored). */
+static json_t *body_object(struct http_request *req, const char *const *allowed) {
     json_error_t jerr;
     json_t *root = json_loadb(req->body, req->body_len, JSON_REJECT_DUPLICATES, &jerr);
     if (!root) {
@@ -58,6 +60,19 @@ static json_t *body_object(struct http_request *req) {
         json_decref(root);
         http_respond_error(req, 400, "invalid_request_error", "request body must be a JSON object", NULL);
         return NULL;
+    }
+    const char *key;
+    json_t *value;
+    json_object_foreach(root, key, value) {
+        int known = 0;
+        for (int i = 0; allowed[i]; i++) known |= !strcmp(key, allowed[i]);
+        if (!known) {
+            char msg[200];
+            snprintf(msg, sizeof msg, "unknown field '%.100s'", key);
+            http_respond_error(req, 400, "invalid_request_error", msg, key);
+            json_decref(root);
+            return NULL;
+        }
     }
     return root;
 }
@@ -157,7 +172,8 @@ static void persist_budget_done(uv_work_t *w, int status) {
 
 void route_admin_memory_put(struct daemon *d, struct http_request *req) {
     if (!admin_authorized(d, req)) return;
-    json_t *root = body_object(req);
+    static const char *const allowed[] = {"memory_budget_bytes", NULL};
+    json_t *root = body_object(req, allowed);
     if (!root) return;
     json_t *v = json_object_get(root, "memory_budget_bytes");
     if (!v || !json_is_integer(v) || json_integer_value(v) < 0) {
@@ -195,11 +211,13 @@ static const char *state_name(enum served_state s) {
     }
 }
 
+/* The catalog's description (as `ebb models list --json`) plus whether and
+ * how it is being served. */
 static json_t *model_json(struct daemon *d, const struct catalog_model *m) {
+    char err[256];
+    json_t *o = catalog_model_json(d->catalog, m, err, sizeof err);
+    if (!o) return json_pack("{s:s, s:s}", "name", m->name, "error", err);
     struct served_model *sm = served_find(d, m->name);
-    json_t *o = json_pack("{s:s, s:s, s:s, s:I, s:I, s:I}", "name", m->name, "architecture", m->architecture, "path",
-                          m->source_path, "bytes", (json_int_t)m->source_bytes, "params", (json_int_t)m->params,
-                          "created", (json_int_t)m->created_at);
     json_object_set_new(o, "sha256", m->source_sha256 ? json_string(m->source_sha256) : json_null());
     json_object_set_new(o, "state", json_string(sm ? state_name(sm->state) : "not_loaded"));
     if (sm && sm->state == SERVED_FAILED) json_object_set_new(o, "error", json_string(sm->error));
@@ -241,7 +259,8 @@ static void add_model_done(uv_work_t *w, int status) {
 
 void route_admin_models_post(struct daemon *d, struct http_request *req) {
     if (!admin_authorized(d, req)) return;
-    json_t *root = body_object(req);
+    static const char *const allowed[] = {"path", "name", NULL};
+    json_t *root = body_object(req, allowed);
     if (!root) return;
     json_t *path = json_object_get(root, "path"), *name = json_object_get(root, "name");
     const char *bad = NULL, *param = NULL;

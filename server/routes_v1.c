@@ -132,12 +132,14 @@ static int chat_ids(struct served_model *sm, const struct oai_request *r, int ad
 static void completion_free(struct completion *c) {
     for (struct completion **p = &inflight; *p; p = &(*p)->next)
         if (*p == c) { *p = c->next; break; }
+    struct daemon *d = c->d;
     for (int i = 0; i < c->n_choices; i++) oai_choice_free(&c->choices[i]);
     free(c->choices);
     free(c->slots);
     oai_request_free(&c->r);
     served_unref(c->sm);
     free(c);
+    daemon_maybe_finish(d);
 }
 
 static void maybe_free(struct completion *c) {
@@ -187,6 +189,12 @@ static void finish_response(struct completion *c) {
         }
         http_stream_write(c->req, OAI_SSE_DONE, strlen(OAI_SSE_DONE));
         http_stream_end(c->req);
+    } else if (error && usage.completion_tokens == 0 && !*c->error) {
+        /* Failed before any token: the scheduler could not admit it (the
+         * budget shrank below it, or memory ran out). Worth a retry. */
+        http_add_header(c->req, "Retry-After", "1");
+        http_respond_error(c->req, 503, "unavailable_error",
+                           "the request could not be admitted: it no longer fits the memory budget", NULL);
     } else if (error) {
         http_respond_error(c->req, 500, "server_error", *c->error ? c->error : "generation failed", NULL);
     } else {
@@ -291,7 +299,9 @@ static int submit_choices(struct completion *c, int32_t **ids, const int *n_ids)
             if (n_prompt == 0) snprintf(msg, sizeof msg, "the prompt is empty");
             else snprintf(msg, sizeof msg, "this model's maximum context length is %d tokens; the prompt has %d "
                           "tokens and max_tokens asks for %d more", max_ctx, n_prompt, gp.max_tokens);
-            http_respond_error(c->req, 400, "invalid_request_error", msg, n_prompt == 0 ? "prompt" : "max_tokens");
+            const char *param = n_prompt == 0 || n_prompt >= max_ctx ? (c->r.kind == OAI_CHAT ? "messages" : "prompt")
+                                                                     : "max_tokens";
+            http_respond_error(c->req, 400, "invalid_request_error", msg, param);
             return -1;
         }
         struct sched_request_desc desc = {ids[p], n_prompt, gp, {bridge_on_token, bridge_on_done}, &c->slots[i]};
@@ -414,18 +424,19 @@ void route_chat_completions(struct daemon *d, struct http_request *req) {
 
 void route_models(struct daemon *d, struct http_request *req) {
     int n = 0;
-    for (struct served_model *sm = d->models; sm; sm = sm->next) n++;
+    for (struct served_model *sm = d->models; sm; sm = sm->next) n++;   /* an upper bound */
     const char **names = calloc((size_t)n + 1, sizeof *names);
     int64_t *created = calloc((size_t)n + 1, sizeof *created);
     char *body = NULL;
     size_t len = 0;
     if (names && created) {
         int i = 0;
-        for (struct served_model *sm = d->models; sm; sm = sm->next, i++) {
+        for (struct served_model *sm = d->models; sm; sm = sm->next) {
+            if (sm->state != SERVED_READY) continue;   /* listed once it can answer */
             names[i] = sm->name;
-            created[i] = sm->created;
+            created[i++] = sm->created;
         }
-        body = oai_models_response(names, created, n, &len);
+        body = oai_models_response(names, created, i, &len);
     }
     if (body) http_respond(req, 200, "application/json", body, len);
     else http_respond_error(req, 500, "server_error", "out of memory", NULL);
@@ -498,6 +509,13 @@ void route_detokenize(struct daemon *d, struct http_request *req) {
     free(text);
     oai_request_free(&r);
 }
+
+void routes_cancel_model(struct served_model *sm) {
+    for (struct completion *c = inflight; c; c = c->next)
+        if (c->sm == sm) cancel_choices(c);
+}
+
+bool routes_idle(void) { return inflight == NULL; }
 
 void route_cancel_request(struct daemon *d, struct http_request *req) {
     if (!admin_authorized(d, req)) return;

@@ -34,7 +34,14 @@ static void load_work(uv_work_t *w) {
         .max_waiting = d->cfg.queue_length,
         .max_ctx = d->cfg.max_context,
         .kv_budget_bytes = 0,   /* set by served_set_budget once on the loop */
+        .kv_bits = d->cfg.kv_bits,
     };
+    const char *kv_problem = kv_bits_problem(&sm->model.cfg, sc.kv_bits);
+    if (kv_problem) {
+        snprintf(sm->error, sizeof sm->error, "%s", kv_problem);
+        model_free(&sm->model);
+        return;
+    }
     sm->sched = sched_create(&sm->model, &sc);
     if (!sm->sched) {
         snprintf(sm->error, sizeof sm->error, "cannot start the engine thread");
@@ -121,8 +128,11 @@ static void teardown_work(uv_work_t *w) {
 static void teardown_done(uv_work_t *w, int status) {
     (void)status;
     struct served_model *sm = w->data;
+    struct daemon *d = sm->d;
     log_info("model unloaded", "model=%s", sm->name);
     free(sm);
+    d->teardowns--;
+    daemon_maybe_finish(d);
 }
 
 void served_unref(struct served_model *sm) {
@@ -130,6 +140,7 @@ void served_unref(struct served_model *sm) {
     /* Joining the engine thread and freeing hundreds of MB of weights
      * happens off the loop. */
     sm->work.data = sm;
+    sm->d->teardowns++;
     if (uv_queue_work(&sm->d->loop, &sm->work, teardown_work, teardown_done)) {
         teardown_work(&sm->work);
         teardown_done(&sm->work, 0);
@@ -147,6 +158,7 @@ void served_unload(struct served_model *sm) {
     metric_set(d->m_kv_bytes, labels, 0);
     metric_set(d->m_running, labels, 0);
     metric_set(d->m_waiting, labels, 0);
+    routes_cancel_model(sm);
     served_unref(sm);   /* the list's reference; requests in flight hold theirs */
 }
 

@@ -1,0 +1,228 @@
+/* `ebb pack`: the command line of the packer (tools/pack/) plus catalog
+ * registration.
+ *
+ * The packing itself lives in libebbtools (it links LAPACK); this file only
+ * parses flags, prints the summary and, when the source model is registered
+ * in the catalog (matched by its absolute path), adds the packed file as a
+ * variant with its bytes, bits per weight and sha256. Perplexity is left
+ * empty: it is measured later by the engine path (`ebb ppl`) on the held-out
+ * text.
+ *
+ * Exit status: 0 packed (and registered, or skipped because the model is not
+ * in the catalog), 1 the packing or the registration failed, 2 bad usage.
+ */
+#include <errno.h>
+#include <limits.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "server/cli.h"
+#include "server/config.h"
+#include "storage/catalog.h"
+#include "storage/sha256.h"
+#include "tools/pack/pack.h"
+
+static void pack_usage(FILE *out) {
+    fprintf(out,
+        "usage: ebb pack -m MODEL --format w4a4|w4a16 -o FILE [options]\n"
+        "  -m MODEL              source GGUF (any type ebb loads; computed in f32)\n"
+        "  -o FILE               packed GGUF to write (atomically)\n"
+        "  --format F            w4a4 (4-bit weights, quantized activations) or w4a16\n"
+        "                        (4-bit weights, f32 activations); default w4a4\n"
+        "  --act-bits 4|8        w4a4 only: 4 = outlier groups 8-bit, the rest 4-bit;\n"
+        "                        8 = every group 8-bit (W4A8); default 4\n"
+        "  --weight-quant Q      gptq (default) or rtn (round to nearest, the baseline)\n"
+        "  --calib FILE          calibration text (default $EBB_CACHE/calibration.txt, else\n"
+        "                        ~/.cache/ebb/calibration.txt; python3 tools/calibration.py makes it)\n"
+        "  --calib-seqs N        calibration windows (default 64)\n"
+        "  --calib-len N         tokens per window (default 512)\n"
+        "  --seed S              which windows are drawn (default 1)\n"
+        "  --act8-share F        w4a4 with 4-bit activations: the share of each layer's activation\n"
+        "                        groups kept at 8 bits, given to the noisiest (default 0.2)\n"
+        "  --damp F              GPTQ damping, fraction of the Hessian's mean diagonal (default 0.01)\n"
+        "  -t THREADS            compute threads (default: one per core)\n"
+        "  --catalog PATH        catalog to register the variant in (default as `ebb models`)\n"
+        "  --config FILE         read the catalog location from this configuration\n"
+        "  --no-register         do not touch the catalog\n"
+        "  -q, --quiet           no progress bars\n");
+}
+
+static void default_calib_path(char *buf, size_t len) {
+    const char *cache = getenv("EBB_CACHE");
+    const char *home = getenv("HOME");
+    if (cache && *cache) snprintf(buf, len, "%s/calibration.txt", cache);
+    else snprintf(buf, len, "%s/.cache/ebb/calibration.txt", home && *home ? home : ".");
+}
+
+static int file_sha256(const char *path, char hex[65]) {
+    FILE *f = fopen(path, "rb");
+    if (!f) return -1;
+    struct sha256 h;
+    sha256_init(&h);
+    static unsigned char buf[1 << 16];
+    size_t n;
+    while ((n = fread(buf, 1, sizeof buf, f)) > 0) sha256_update(&h, buf, n);
+    int bad = ferror(f);
+    fclose(f);
+    if (bad) return -1;
+    uint8_t d[32];
+    sha256_final(&h, d);
+    for (int i = 0; i < 32; i++) snprintf(hex + 2 * i, 3, "%02x", d[i]);
+    return 0;
+}
+
+static const char *variant_kind(const struct pack_options *o) {
+    if (o->format == PACK_W4A16) return o->weight_quant == PACK_GPTQ ? "w4a16" : "w4a16-rtn";
+    if (o->act_bits == 8) return o->weight_quant == PACK_GPTQ ? "w4a8" : "w4a8-rtn";
+    return o->weight_quant == PACK_GPTQ ? "w4a4" : "w4a4-rtn";
+}
+
+static void print_summary(const struct pack_options *o, const struct pack_result *r) {
+    static const char *const pn[ACT_POINTS] = {"attn_in", "attn_out", "ffn_in", "ffn_down_in"};
+    printf("wrote %s: %llu bytes, %.3f bits per source parameter (W4G64 matrices %.2f bpw), %.1f s\n",
+           o->out_path, (unsigned long long)r->file_bytes, r->bits_per_weight, r->linear_bpw, r->seconds);
+    printf("format %s, weights %s, calibration %ld tokens\n", variant_kind(o),
+           o->weight_quant == PACK_GPTQ ? "gptq" : "rtn", r->calib_tokens);
+    if (o->format != PACK_W4A4 || o->act_bits != 4) return;
+    printf("8-bit activation groups per layer (%s / %s / %s / %s):\n", pn[0], pn[1], pn[2], pn[3]);
+    unsigned long hi_all = 0, all = 0;
+    for (int l = 0; l < r->n_layer; l++) {
+        unsigned long hi = 0, g = 0;
+        printf("  layer %2d:", l);
+        for (int p = 0; p < ACT_POINTS; p++) {
+            printf(" %2u/%-2u", r->act8_groups[l * ACT_POINTS + p], r->act_groups[l * ACT_POINTS + p]);
+            hi += r->act8_groups[l * ACT_POINTS + p];
+            g += r->act_groups[l * ACT_POINTS + p];
+        }
+        printf("   %5.1f%%\n", 100.0 * hi / g);
+        hi_all += hi;
+        all += g;
+    }
+    printf("  all layers: %lu of %lu groups 8-bit (%.1f%%)\n", hi_all, all, 100.0 * hi_all / all);
+}
+
+/* Adds the variant when the source model is registered. 0 done or skipped, -1 failed. */
+static int register_variant(const struct pack_options *o, const struct pack_result *r, const char *catalog_flag,
+                            const char *config_path) {
+    char err[1024], path[4096], src[PATH_MAX], out[PATH_MAX], hex[65];
+    struct ebb_config *cfg = malloc(sizeof *cfg);
+    if (!cfg) { fprintf(stderr, "ebb pack: out of memory\n"); return -1; }
+    int bad = config_load(cfg, config_path, err, sizeof err);
+    if (!bad && catalog_flag) bad = config_apply_flag(cfg, "--catalog", catalog_flag, err, sizeof err);
+    if (!bad) bad = config_catalog_path(cfg, path, sizeof path, err, sizeof err);
+    free(cfg);
+    if (bad) {
+        fprintf(stderr, "ebb pack: catalog: %s (the packed file is written)\n", err);
+        return -1;
+    }
+    if (!realpath(o->model_path, src) || !realpath(o->out_path, out)) {
+        fprintf(stderr, "ebb pack: cannot resolve paths: %s\n", strerror(errno));
+        return -1;
+    }
+    struct catalog *cat;
+    if (catalog_open(path, &cat, err, sizeof err) != CATALOG_OK) {
+        fprintf(stderr, "ebb pack: %s (the packed file is written)\n", err);
+        return -1;
+    }
+    struct catalog_model *ms;
+    size_t n;
+    int rc = -1;
+    if (catalog_model_list(cat, &ms, &n, err, sizeof err) != CATALOG_OK) {
+        fprintf(stderr, "ebb pack: %s\n", err);
+        catalog_close(cat);
+        return -1;
+    }
+    const struct catalog_model *found = NULL;
+    for (size_t i = 0; i < n && !found; i++)
+        if (!strcmp(ms[i].source_path, src)) found = &ms[i];
+    if (!found) {
+        printf("not registered: %s is not in the catalog %s (ebb models add %s)\n", src, path, o->model_path);
+        rc = 0;
+    } else if (file_sha256(out, hex)) {
+        fprintf(stderr, "ebb pack: cannot read back %s for its checksum\n", out);
+    } else {
+        struct catalog_variant v = {.model_id = found->id, .kind = (char *)variant_kind(o), .path = out,
+                                    .bytes = (int64_t)r->file_bytes, .bits_per_weight = r->bits_per_weight,
+                                    .checksum = hex};
+        enum catalog_status st = catalog_variant_add(cat, &v, NULL, err, sizeof err);
+        if (st == CATALOG_OK) {
+            printf("registered as a '%s' variant of %s in %s\n", v.kind, found->name, path);
+            rc = 0;
+        } else if (st == CATALOG_EXISTS) {
+            fprintf(stderr, "ebb pack: %s; its catalog row still holds the previous file's size and checksum\n",
+                    err);
+        } else {
+            fprintf(stderr, "ebb pack: %s\n", err);
+        }
+    }
+    catalog_model_list_free(ms, n);
+    catalog_close(cat);
+    return rc;
+}
+
+int cmd_pack(int argc, char **argv) {
+    struct pack_options o;
+    pack_options_default(&o);
+    char calib[4096];
+    const char *catalog_flag = NULL, *config_path = NULL;
+    int no_register = 0;
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i], *v;
+        if (!strcmp(a, "--help") || !strcmp(a, "-h")) { pack_usage(stdout); return 0; }
+        if (!strcmp(a, "--no-register")) { no_register = 1; continue; }
+        if (!strcmp(a, "-q") || !strcmp(a, "--quiet")) { o.progress = 0; continue; }
+        if (!(v = cli_value("pack", argc, argv, &i))) return 2;
+        int bad = 0;
+        if (!strcmp(a, "-m")) o.model_path = v;
+        else if (!strcmp(a, "-o")) o.out_path = v;
+        else if (!strcmp(a, "--calib")) o.calib_path = v;
+        else if (!strcmp(a, "--catalog")) catalog_flag = v;
+        else if (!strcmp(a, "--config")) config_path = v;
+        else if (!strcmp(a, "--format")) {
+            if (!strcmp(v, "w4a4")) o.format = PACK_W4A4;
+            else if (!strcmp(v, "w4a16")) o.format = PACK_W4A16;
+            else { fprintf(stderr, "ebb pack: --format must be w4a4 or w4a16, not '%s'\n", v); return 2; }
+        } else if (!strcmp(a, "--weight-quant")) {
+            if (!strcmp(v, "gptq")) o.weight_quant = PACK_GPTQ;
+            else if (!strcmp(v, "rtn")) o.weight_quant = PACK_RTN;
+            else { fprintf(stderr, "ebb pack: --weight-quant must be gptq or rtn, not '%s'\n", v); return 2; }
+        } else if (!strcmp(a, "--act-bits")) {
+            bad = cli_int("pack", a, v, 4, 8, &o.act_bits);
+            if (!bad && o.act_bits != 4 && o.act_bits != 8) {
+                fprintf(stderr, "ebb pack: --act-bits must be 4 or 8\n");
+                return 2;
+            }
+        } else if (!strcmp(a, "--calib-seqs")) bad = cli_int("pack", a, v, 1, 100000, &o.calib_seqs);
+        else if (!strcmp(a, "--calib-len")) bad = cli_int("pack", a, v, 2, 1 << 20, &o.calib_len);
+        else if (!strcmp(a, "--seed")) bad = cli_u64("pack", a, v, &o.seed);
+        else if (!strcmp(a, "--act8-share")) bad = cli_float("pack", a, v, 0, 1, &o.act8_share);
+        else if (!strcmp(a, "--damp")) {
+            float d;
+            bad = cli_float("pack", a, v, 1e-6, 10, &d);
+            o.damp = d;
+        } else if (!strcmp(a, "-t")) bad = cli_int("pack", a, v, 1, 1024, &o.n_threads);
+        else { fprintf(stderr, "ebb pack: unknown option '%s'\n", a); pack_usage(stderr); return 2; }
+        if (bad) return 2;
+    }
+    if (!o.model_path) { fprintf(stderr, "ebb pack: -m MODEL is required\n"); return 2; }
+    if (!o.out_path) { fprintf(stderr, "ebb pack: -o FILE is required\n"); return 2; }
+    if (o.format == PACK_W4A16 && o.act_bits != 4) {
+        fprintf(stderr, "ebb pack: --act-bits applies to --format w4a4 only\n");
+        return 2;
+    }
+    if (!o.calib_path) {
+        default_calib_path(calib, sizeof calib);
+        o.calib_path = calib;
+    }
+    struct pack_result r;
+    char err[1024];
+    if (pack_run(&o, &r, err, sizeof err)) {
+        fprintf(stderr, "ebb pack: %s\n", err);
+        return 1;
+    }
+    print_summary(&o, &r);
+    int rc = no_register ? 0 : register_variant(&o, &r, catalog_flag, config_path) ? 1 : 0;
+    pack_result_free(&r);
+    return rc;
+}

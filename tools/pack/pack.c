@@ -1,0 +1,511 @@
+/* `ebb pack`, the whole run (see pack.h for the stages).
+ *
+ *   load f32 -> rotate -> calibrate -> per layer: permutation and 8-bit
+ *   groups per activation point, GPTQ (or RTN) per matrix -> Q8_0 embedding
+ *   and head -> GGUF written atomically.
+ *
+ * The file layout is docs/formats.md's "w4a4": every metadata key of the
+ * source, the ebb.* keys, and per layer the W4G64 matrices with their input
+ * columns in the permuted order of the activation that feeds them, plus the
+ * I32 permutation of each of the four activation points. W4A8 is the same
+ * file with every group 8-bit and identity permutations (a permutation only
+ * matters for deciding which groups are 8-bit); W4A16 likewise with
+ * ebb.act_bits = 16 (activations stay f32 at run time).
+ *
+ * Cost for the default model on 2 cores: calibration dominates (one f32
+ * forward pass per window plus a float SYRK per activation point); GPTQ runs
+ * at BLAS speed. The output is checked by tests/unit/test_pack.c, which
+ * dequantizes it back into the rotated f32 model.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "engine/generate.h"
+#include "engine/tokenizer.h"
+#include "storage/gguf_write.h"
+#include "storage/sha256.h"
+#include "tools/pack/pack.h"
+
+static const char *const point_names[ACT_POINTS] = {"attn_in", "attn_out", "ffn_in", "ffn_down_in"};
+
+void pack_options_default(struct pack_options *o) {
+    memset(o, 0, sizeof *o);
+    o->format = PACK_W4A4;
+    o->act_bits = 4;
+    o->weight_quant = PACK_GPTQ;
+    o->calib_seqs = 64;
+    o->calib_len = 512;
+    o->seed = 1;
+    o->act8_share = 0.2f;
+    o->damp = 0.01;
+    o->progress = 1;
+}
+
+void pack_result_free(struct pack_result *r) {
+    free(r->act8_groups);
+    free(r->act_groups);
+    memset(r, 0, sizeof *r);
+}
+
+char *pack_calib_provenance(const char *calib_path) {
+    FILE *f = fopen(calib_path, "rb");
+    if (!f) return NULL;
+    struct sha256 h;
+    sha256_init(&h);
+    unsigned char buf[1 << 15];
+    size_t n;
+    while ((n = fread(buf, 1, sizeof buf, f)) > 0) sha256_update(&h, buf, n);
+    int bad = ferror(f);
+    fclose(f);
+    if (bad) return NULL;
+    uint8_t digest[32];
+    sha256_final(&h, digest);
+    char hex[65];
+    for (int i = 0; i < 32; i++) snprintf(hex + 2 * i, 3, "%02x", digest[i]);
+
+    char source[1024] = "";
+    size_t plen = strlen(calib_path);
+    char *side = malloc(plen + 8);
+    if (!side) return NULL;
+    memcpy(side, calib_path, plen);
+    memcpy(side + plen, ".source", 8);
+    FILE *s = fopen(side, "rb");
+    free(side);
+    if (s) {
+        size_t k = fread(source, 1, sizeof source - 1, s);
+        fclose(s);
+        source[k] = 0;
+        while (k && (source[k - 1] == '\n' || source[k - 1] == '\r')) source[--k] = 0;
+    }
+    size_t len = strlen(source) + strlen(calib_path) + 128;
+    char *out = malloc(len);
+    if (!out) return NULL;
+    if (source[0]) snprintf(out, len, "%s; text sha256 %s", source, hex);
+    else snprintf(out, len, "%s (sha256 %s)", calib_path, hex);
+    return out;
+}
+
+/* Fails early, before minutes of work, when the output cannot be created. */
+static int check_writable(const char *out_path, char *err, size_t errlen) {
+    size_t n = strlen(out_path);
+    char *tmp = malloc(n + 5);
+    if (!tmp) { snprintf(err, errlen, "out of memory"); return -1; }
+    memcpy(tmp, out_path, n);
+    memcpy(tmp + n, ".tmp", 5);
+    int fd = open(tmp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+    int e = errno;
+    if (fd >= 0) {
+        close(fd);
+        unlink(tmp);
+    }
+    free(tmp);
+    if (fd < 0 && e != EEXIST) {
+        snprintf(err, errlen, "cannot write %s: %s", out_path, strerror(e));
+        return -1;
+    }
+    return 0;
+}
+
+/* The calibration windows: the text tokenized, windows sampled by seed. */
+static int32_t *load_windows(const struct model *m, const struct pack_options *o, int *n_seqs, char *err,
+                             size_t errlen) {
+    FILE *f = fopen(o->calib_path, "rb");
+    if (!f) {
+        snprintf(err, errlen, "cannot open the calibration text %s: %s (make it with: python3 "
+                 "tools/calibration.py)", o->calib_path, strerror(errno));
+        return NULL;
+    }
+    size_t cap = 1 << 20, len = 0;
+    char *text = malloc(cap);
+    while (text) {
+        len += fread(text + len, 1, cap - len, f);
+        if (len < cap) break;
+        char *grown = realloc(text, cap * 2);
+        if (!grown) { free(text); text = NULL; break; }
+        text = grown;
+        cap *= 2;
+    }
+    int bad = ferror(f);
+    fclose(f);
+    if (!text || bad) {
+        free(text);
+        snprintf(err, errlen, "cannot read %s", o->calib_path);
+        return NULL;
+    }
+    int32_t *ids = NULL;
+    int n_ids = tokenizer_encode(m->tok, text, len, 0, &ids);
+    free(text);
+    if (n_ids < 0) {
+        snprintf(err, errlen, "%s is not valid UTF-8", o->calib_path);
+        return NULL;
+    }
+    int32_t *win = malloc((size_t)o->calib_seqs * o->calib_len * sizeof(int32_t));
+    if (!win) {
+        free(ids);
+        snprintf(err, errlen, "out of memory");
+        return NULL;
+    }
+    const int32_t bos = tokenizer_add_bos(m->tok) ? tokenizer_bos(m->tok) : -1;
+    *n_seqs = pack_sample_windows(ids, n_ids, o->calib_seqs, o->calib_len, o->seed, bos, win);
+    free(ids);
+    if (*n_seqs == 0) {
+        free(win);
+        snprintf(err, errlen, "%s has %d tokens, fewer than one window of %d", o->calib_path, n_ids, o->calib_len);
+        return NULL;
+    }
+    if (*n_seqs < o->calib_seqs && o->progress)
+        fprintf(stderr, "ebb pack: the calibration text holds only %d windows of %d tokens\n", *n_seqs,
+                o->calib_len);
+    return win;
+}
+
+/* Scratch for one layer's quantization. */
+struct layer_work {
+    double *hperm;     /* [n][n] permuted Hessian */
+    float *u;          /* [n][n] upper Cholesky of its inverse */
+    uint8_t *dead;     /* [n] */
+    float *wperm;      /* the largest matrix, permuted */
+    struct ebb_block_w4g64 *blocks;
+};
+
+/* Quantizes w[rows][cols] with its input columns permuted, adds it as name. */
+static int add_w4_matrix(struct gguf_writer *gw, const char *name, const float *w, int rows, int cols,
+                         const int32_t *perm, const struct pack_options *o, struct layer_work *lw,
+                         int have_u, struct ebb_pool *pool, size_t *w4_bytes, size_t *w4_elems) {
+    pack_permute_cols(w, rows, cols, perm, lw->wperm);
+    if (o->weight_quant == PACK_GPTQ && have_u)
+        pack_gptq_quantize(lw->wperm, rows, cols, lw->u, lw->dead, pool, lw->blocks);
+    else
+        pack_rtn_quantize(lw->wperm, rows, cols, lw->blocks);
+    const size_t nbytes = (size_t)rows * (cols / EBB_W4G64_GROUP) * sizeof(struct ebb_block_w4g64);
+    *w4_bytes += nbytes;
+    *w4_elems += (size_t)rows * cols;
+    const uint64_t ne[2] = {(uint64_t)cols, (uint64_t)rows};
+    return gguf_writer_add_tensor(gw, name, EBB_TYPE_W4G64, 2, ne, lw->blocks, nbytes);
+}
+
+static int add_f32(struct gguf_writer *gw, const char *name, const float *x, int n) {
+    const uint64_t ne[1] = {(uint64_t)n};
+    return gguf_writer_add_tensor(gw, name, EBB_TYPE_F32, 1, ne, x, (size_t)n * sizeof(float));
+}
+
+static int add_q8_0(struct gguf_writer *gw, const char *name, const float *x, int rows, int cols) {
+    const size_t nbytes = (size_t)rows * (cols / 32) * 34;
+    void *q = malloc(nbytes);
+    if (!q) return -1;
+    ebb_quantize_q8_0(x, q, (size_t)rows * cols);
+    const uint64_t ne[2] = {(uint64_t)cols, (uint64_t)rows};
+    int rc = gguf_writer_add_tensor(gw, name, EBB_TYPE_Q8_0, 2, ne, q, nbytes);
+    free(q);
+    return rc;
+}
+
+static int point_width(const struct model_config *c, int p) {
+    return p == ACT_ATTN_OUT ? c->n_head * c->head_dim : p == ACT_FFN_DOWN_IN ? c->n_ff : c->n_embd;
+}
+
+/* One layer: permutations, 8-bit groups, the seven matrices. */
+static int pack_layer(struct model *m, int l, const struct pack_calib *cal, const struct pack_options *o,
+                      struct gguf_writer *gw, struct layer_work *lw, struct pack_result *r, size_t *w4_bytes,
+                      size_t *w4_elems, char *err, size_t errlen) {
+    const struct model_config *c = &m->cfg;
+    const struct layer_weights *w = &m->layers[l];
+    const int E = c->n_embd, F = c->n_ff, QD = c->n_head * c->head_dim, KD = c->n_head_kv * c->head_dim;
+    char name[96];
+    int rc = 0, n_hi[ACT_POINTS];
+    int32_t *perm[ACT_POINTS] = {0};
+    for (int p = 0; p < ACT_POINTS; p++) {
+        const int n = point_width(c, p);
+        perm[p] = malloc((size_t)n * sizeof(int32_t));
+        if (!perm[p]) rc = -1;
+        for (int i = 0; perm[p] && i < n; i++) perm[p][i] = i;
+        n_hi[p] = n / EBB_ACT_GROUP;   /* W4A8 and W4A16: every group 8-bit or more */
+    }
+    if (!rc && o->format == PACK_W4A4 && o->act_bits == 4) rc = pack_choose_act8(cal, l, o->act8_share, perm, n_hi);
+    if (rc) {
+        for (int p = 0; p < ACT_POINTS; p++) free(perm[p]);
+        snprintf(err, errlen, "out of memory");
+        return -1;
+    }
+
+    for (int p = 0; p < ACT_POINTS && !rc; p++) {
+        const int n = point_width(c, p);
+        const struct pack_act_stats *st = cal ? &cal->pt[l * ACT_POINTS + p] : NULL;
+        r->act8_groups[l * ACT_POINTS + p] = (uint32_t)n_hi[p];
+        r->act_groups[l * ACT_POINTS + p] = (uint32_t)(n / EBB_ACT_GROUP);
+
+        int have_u = 0;
+        if (o->weight_quant == PACK_GPTQ && st && st->hess) {
+            pack_permute_hessian(st->hess, n, perm[p], lw->hperm);
+            if (pack_gptq_prepare(lw->hperm, n, o->damp, lw->u, lw->dead, err, errlen)) {
+                rc = -1;
+                break;
+            }
+            have_u = 1;
+        }
+#define W4(suffix, mat, rows, cols) \
+        (snprintf(name, sizeof name, "blk.%d.%s", l, suffix), \
+         add_w4_matrix(gw, name, mat, rows, cols, perm[p], o, lw, have_u, m->pool, w4_bytes, w4_elems))
+        switch (p) {
+        case ACT_ATTN_IN:
+            rc = W4("attn_q.weight", w->wq, QD, E) || W4("attn_k.weight", w->wk, KD, E) ||
+                 W4("attn_v.weight", w->wv, KD, E);
+            break;
+        case ACT_ATTN_OUT:
+            rc = W4("attn_output.weight", w->wo, E, QD);
+            break;
+        case ACT_FFN_IN:
+            rc = W4("ffn_gate.weight", w->w_gate, F, E) || W4("ffn_up.weight", w->w_up, F, E);
+            break;
+        default:
+            rc = W4("ffn_down.weight", w->w_down, E, F);
+            break;
+        }
+#undef W4
+        if (!rc) {
+            snprintf(name, sizeof name, "blk.%d.%s.perm", l, point_names[p]);
+            const uint64_t ne[1] = {(uint64_t)n};
+            rc = gguf_writer_add_tensor(gw, name, EBB_TYPE_I32, 1, ne, perm[p], (size_t)n * sizeof(int32_t));
+        }
+    }
+    for (int p = 0; p < ACT_POINTS; p++) free(perm[p]);
+    if (!rc) {
+        snprintf(name, sizeof name, "blk.%d.attn_norm.weight", l);
+        rc = add_f32(gw, name, w->attn_norm, E);
+        snprintf(name, sizeof name, "blk.%d.ffn_norm.weight", l);
+        rc = rc || add_f32(gw, name, w->ffn_norm, E);
+        if (w->bq) { snprintf(name, sizeof name, "blk.%d.attn_q.bias", l); rc = rc || add_f32(gw, name, w->bq, QD); }
+        if (w->bk) { snprintf(name, sizeof name, "blk.%d.attn_k.bias", l); rc = rc || add_f32(gw, name, w->bk, KD); }
+        if (w->bv) { snprintf(name, sizeof name, "blk.%d.attn_v.bias", l); rc = rc || add_f32(gw, name, w->bv, KD); }
+    }
+    if (rc && !err[0]) snprintf(err, errlen, "out of memory adding layer %d", l);
+    return rc ? -1 : 0;
+}
+
+static int layer_work_init(struct layer_work *lw, const struct model_config *c) {
+    const size_t n = (size_t)(c->n_ff > c->n_embd ? c->n_ff : c->n_embd);
+    const size_t QD = (size_t)c->n_head * c->head_dim;
+    const size_t nmax = n > QD ? n : QD;
+    const size_t big = (size_t)c->n_ff * c->n_embd > QD * c->n_embd ? (size_t)c->n_ff * c->n_embd
+                                                                     : QD * c->n_embd;
+    lw->hperm = malloc(nmax * nmax * sizeof(double));
+    lw->u = malloc(nmax * nmax * sizeof(float));
+    lw->dead = malloc(nmax);
+    lw->wperm = malloc(big * sizeof(float));
+    lw->blocks = malloc(big / EBB_W4G64_GROUP * sizeof(struct ebb_block_w4g64));
+    return lw->hperm && lw->u && lw->dead && lw->wperm && lw->blocks ? 0 : -1;
+}
+
+static void layer_work_free(struct layer_work *lw) {
+    free(lw->hperm);
+    free(lw->u);
+    free(lw->dead);
+    free(lw->wperm);
+    free(lw->blocks);
+}
+
+/* Metadata: the source's keys verbatim (less the alignment, which this
+ * writer fixes at 32), then ebb's. */
+static void write_metadata(struct gguf_writer *gw, const struct model *m, const struct pack_options *o,
+                           const char *calibration, const struct pack_result *r) {
+    for (uint64_t i = 0; i < m->file.n_kv; i++) {
+        const struct gguf_kv *kv = &m->file.kv[i];
+        if (gguf_str_eq(kv->key, "general.alignment")) continue;
+        gguf_writer_copy_kv(gw, kv);
+    }
+    gguf_writer_set_str(gw, "ebb.format", "w4a4");
+    gguf_writer_set_u32(gw, "ebb.group_size", EBB_W4G64_GROUP);
+    gguf_writer_set_u32(gw, "ebb.act_bits", o->format == PACK_W4A16 ? 16u : (uint32_t)o->act_bits);
+    gguf_writer_set_str(gw, "ebb.weight_quant", o->weight_quant == PACK_GPTQ ? "gptq" : "rtn");
+    gguf_writer_set_str(gw, "ebb.rotation", "hadamard64");
+    gguf_writer_set_str(gw, "ebb.calibration", calibration);
+    gguf_writer_set_arr_u32(gw, "ebb.act8_groups", r->act8_groups, (size_t)r->n_layer * ACT_POINTS);
+}
+
+static void free_perms(int32_t **perm_embd, int32_t ***perm_ffn, int n_layer) {
+    free(*perm_embd);
+    if (*perm_ffn)
+        for (int l = 0; l < n_layer; l++) free((*perm_ffn)[l]);
+    free(*perm_ffn);
+    *perm_embd = NULL;
+    *perm_ffn = NULL;
+}
+
+/* The pre-rotation permutations from absmax statistics of the norm-folded,
+ * unrotated model over a quarter of the calibration windows (the loud
+ * channels show at once; the Hessians come from the full second pass). */
+static int choose_prerotation_perms(struct model *m, const struct pack_options *o, const int32_t *windows,
+                                    int n_seqs, int32_t **perm_embd, int32_t ***perm_ffn, char *err, size_t errlen) {
+    const struct model_config *c = &m->cfg;
+    if (pack_fold_norms(m, err, errlen)) return -1;
+    struct pack_calib pre;
+    if (pack_calib_init(&pre, c, 0)) {
+        snprintf(err, errlen, "out of memory");
+        return -1;
+    }
+    const int n_pre = n_seqs >= 4 ? n_seqs / 4 : 1;
+    if (pack_calibrate(m, &pre, windows, n_pre, o->calib_len, o->progress ? "outlier channels" : NULL, err,
+                       errlen)) {
+        pack_calib_free(&pre);
+        return -1;
+    }
+    *perm_embd = malloc((size_t)c->n_embd * sizeof(int32_t));
+    *perm_ffn = calloc((size_t)c->n_layer, sizeof(int32_t *));
+    int bad = !*perm_embd || !*perm_ffn || pack_residual_order(&pre, c->n_embd, *perm_embd);
+    for (int l = 0; l < c->n_layer && !bad; l++) {
+        (*perm_ffn)[l] = malloc((size_t)c->n_ff * sizeof(int32_t));
+        if (!(*perm_ffn)[l]) bad = 1;
+        else bad = pack_order_by(pre.pt[l * ACT_POINTS + ACT_FFN_DOWN_IN].absmax, c->n_ff, (*perm_ffn)[l]);
+    }
+    pack_calib_free(&pre);
+    if (bad) {
+        free_perms(perm_embd, perm_ffn, c->n_layer);
+        snprintf(err, errlen, "out of memory");
+        return -1;
+    }
+    return 0;
+}
+
+static void progress_layers(int done, int total, double elapsed) {
+    char bar[31];
+    int fill = (int)((long)done * 30 / total);
+    for (int i = 0; i < 30; i++) bar[i] = i < fill ? '#' : '.';
+    bar[30] = 0;
+    fprintf(stderr, "\rquantizing  [%s] %d/%d layers  %.0f s", bar, done, total, elapsed);
+    if (done == total) fputc('\n', stderr);
+    fflush(stderr);
+}
+
+int pack_run(const struct pack_options *o, struct pack_result *r, char *err, size_t errlen) {
+    memset(r, 0, sizeof *r);
+    err[0] = 0;
+    const double t0 = ebb_now_seconds();
+    if (o->format == PACK_W4A4 && o->act_bits != 4 && o->act_bits != 8) {
+        snprintf(err, errlen, "activation bits must be 4 or 8, not %d", o->act_bits);
+        return -1;
+    }
+    if (o->calib_seqs < 1 || o->calib_len < 2) {
+        snprintf(err, errlen, "bad calibration size %d x %d", o->calib_seqs, o->calib_len);
+        return -1;
+    }
+    if (check_writable(o->out_path, err, errlen)) return -1;
+
+    struct model m;
+    char lerr[512];
+    if (model_load(&m, o->model_path, o->n_threads, lerr, sizeof lerr)) {
+        snprintf(err, errlen, "%s", lerr);
+        return -1;
+    }
+    const struct model_config *c = &m.cfg;
+    int rc = -1;
+    int32_t *windows = NULL;
+    char *calibration = NULL;
+    struct pack_calib cal = {0};
+    struct gguf_writer *gw = NULL;
+    struct layer_work lw = {0};
+    int n_seqs = 0;
+    int32_t *perm_embd = NULL, **perm_ffn = NULL;
+
+    if (gguf_find(&m.file, "ebb.format")) {
+        snprintf(err, errlen, "%s is already a packed ebb variant", o->model_path);
+        goto out;
+    }
+    if (pack_check_shapes(c, lerr, sizeof lerr)) {
+        snprintf(err, errlen, "%s: %s", o->model_path, lerr);
+        goto out;
+    }
+    const int need_hessian = o->weight_quant == PACK_GPTQ;
+    const int need_absmax = o->format == PACK_W4A4 && o->act_bits == 4;
+    const int calibrate = need_hessian || need_absmax;
+    if (calibrate) {
+        if (o->calib_len > c->n_ctx_train) {
+            snprintf(err, errlen, "calibration windows of %d tokens exceed the model's context of %d", o->calib_len,
+                     c->n_ctx_train);
+            goto out;
+        }
+        windows = load_windows(&m, o, &n_seqs, err, errlen);
+        if (!windows) goto out;
+        char *prov = pack_calib_provenance(o->calib_path);
+        size_t len = (prov ? strlen(prov) : 0) + 160;
+        calibration = malloc(len);
+        if (calibration)
+            snprintf(calibration, len, "%s; %d windows of %d tokens (%ld tokens), seed %llu",
+                     prov ? prov : o->calib_path, n_seqs, o->calib_len, (long)n_seqs * o->calib_len,
+                     (unsigned long long)o->seed);
+        free(prov);
+    } else {
+        calibration = strdup("none (round-to-nearest weights, no activation statistics needed)");
+    }
+    if (!calibration) { snprintf(err, errlen, "out of memory"); goto out; }
+
+    /* Mixed precision: a short first pass over the unrotated model finds
+     * the loud channels of the residual stream and of each SwiGLU output,
+     * which the rotation then keeps together in the leading blocks. */
+    if (need_absmax && choose_prerotation_perms(&m, o, windows, n_seqs, &perm_embd, &perm_ffn, err, errlen))
+        goto out;
+    if (o->progress) fprintf(stderr, "ebb pack: rotating (block-diagonal Hadamard 64)\n");
+    if (pack_rotate_model(&m, perm_embd, perm_ffn, err, errlen)) goto out;
+
+    r->n_layer = c->n_layer;
+    r->act8_groups = calloc((size_t)c->n_layer * ACT_POINTS, sizeof(uint32_t));
+    r->act_groups = calloc((size_t)c->n_layer * ACT_POINTS, sizeof(uint32_t));
+    if (!r->act8_groups || !r->act_groups) { snprintf(err, errlen, "out of memory"); goto out; }
+    if (calibrate) {
+        if (pack_calib_init(&cal, c, need_hessian)) {
+            snprintf(err, errlen, "out of memory for the calibration statistics");
+            goto out;
+        }
+        if (pack_calibrate(&m, &cal, windows, n_seqs, o->calib_len, o->progress ? "calibrating" : NULL, err,
+                           errlen))
+            goto out;
+        r->calib_tokens = cal.n_tokens;
+    }
+
+    gw = gguf_writer_new();
+    if (!gw || layer_work_init(&lw, c)) { snprintf(err, errlen, "out of memory"); goto out; }
+    /* Tensors first (the act8 counts are known only afterwards), metadata
+     * set at the end keeps its place in the file: the writer orders keys,
+     * not calls. */
+    size_t w4_bytes = 0, w4_elems = 0;
+    if (add_q8_0(gw, "token_embd.weight", m.tok_embd, c->n_vocab, c->n_embd) ||
+        add_f32(gw, "output_norm.weight", m.output_norm, c->n_embd) ||
+        add_q8_0(gw, "output.weight", m.output, c->n_vocab, c->n_embd)) {
+        snprintf(err, errlen, "out of memory writing the embedding");
+        goto out;
+    }
+    const struct gguf_tensor *rf = gguf_find_tensor(&m.file, "rope_freqs.weight");
+    if (rf && gguf_writer_add_tensor(gw, "rope_freqs.weight", rf->type, rf->n_dims, rf->ne, rf->data,
+                                     (size_t)rf->nbytes)) {
+        snprintf(err, errlen, "cannot copy rope_freqs.weight");
+        goto out;
+    }
+    const double tq = ebb_now_seconds();
+    for (int l = 0; l < c->n_layer; l++) {
+        if (pack_layer(&m, l, calibrate ? &cal : NULL, o, gw, &lw, r, &w4_bytes, &w4_elems, err, errlen)) goto out;
+        if (o->progress) progress_layers(l + 1, c->n_layer, ebb_now_seconds() - tq);
+    }
+    write_metadata(gw, &m, o, calibration, r);
+
+    if (gguf_writer_write(gw, o->out_path, err, errlen)) goto out;
+    r->file_bytes = gguf_writer_size(gw);
+    uint64_t params = 0;
+    for (uint64_t i = 0; i < m.file.n_tensors; i++) params += m.file.tensors[i].n_elems;
+    r->bits_per_weight = params ? 8.0 * (double)r->file_bytes / (double)params : 0;
+    r->linear_bpw = w4_elems ? 8.0 * (double)w4_bytes / (double)w4_elems : 0;
+    r->seconds = ebb_now_seconds() - t0;
+    rc = 0;
+out:
+    free_perms(&perm_embd, &perm_ffn, c->n_layer);
+    layer_work_free(&lw);
+    gguf_writer_free(gw);
+    pack_calib_free(&cal);
+    free(windows);
+    free(calibration);
+    model_free(&m);
+    if (rc) pack_result_free(r);
+    return rc;
+}

@@ -1,0 +1,204 @@
+/* `ebb pack`: turns an f32-loadable model into a W4A4 / W4A8 / W4A16 variant
+ * (QuaRot rotations, GPTQ weights, COMET's fine-grained mixed-precision
+ * activations), written as the packed GGUF that docs/formats.md describes.
+ *
+ * The pipeline, one file per stage:
+ *   rotate.c     fold the RMSNorm gains into the next linear layers, then
+ *                rotate: residual stream by R (block-diagonal 64x64
+ *                Walsh-Hadamard), V/O per head, H on down_proj's input. The
+ *                rotated f32 model computes the same function as the original.
+ *   calibrate.c  sample windows of a calibration text, run the rotated model
+ *                over them and collect, per layer and activation point, the
+ *                Hessian X^T X and each channel's absolute maximum.
+ *   outliers.c   per activation point, a channel permutation that gathers
+ *                the loudest channels into the leading groups of 64 and how
+ *                many of those groups are 8-bit.
+ *   gptq.c       4-bit weights in W4G64 blocks: GPTQ against the permuted
+ *                Hessian, or round-to-nearest as the baseline.
+ *   pack.c       the whole run: load, rotate, calibrate, quantize, write,
+ *                summarise, register in the catalog.
+ *
+ * Everything here is offline and single-model; memory is the f32 model plus
+ * one Hessian per layer and activation point (about 0.8 GB in double for the
+ * default model).
+ */
+#ifndef EBB_TOOLS_PACK_H
+#define EBB_TOOLS_PACK_H
+#include <stddef.h>
+#include <stdint.h>
+
+#include "engine/model.h"
+#include "kernels/formats.h"
+
+struct ebb_pool;
+
+/* ---------------------------------------------------------------- rotate.c */
+
+/* 0 if the model's shapes allow the rotations and groups of 64 (n_embd,
+ * n_ff and head_dim multiples of 64); -1 with the reason in err. */
+int pack_check_shapes(const struct model_config *c, char *err, size_t errlen);
+
+/* In place, each row of n values (n % 64 == 0) times the block-diagonal
+ * orthonormal Walsh-Hadamard matrix (64x64 blocks scaled by 1/8): x -> x R.
+ * R is symmetric and its own inverse. Double-precision butterflies. */
+void pack_hadamard_rows(float *x, size_t rows, int n);
+/* In place, the same transform down each column of a rows x cols row-major
+ * matrix (rows % 64 == 0): W -> R W, i.e. on the output side of a weight
+ * stored [out][in]. */
+void pack_hadamard_cols(float *w, int rows, int cols);
+
+/* Folds every RMSNorm gain into the next linear layers (the norms become all
+ * ones) and unties the output head (it takes the final norm's gain). The
+ * model still computes the same function. Idempotent. -1 with err when out
+ * of memory. */
+int pack_fold_norms(struct model *m, char *err, size_t errlen);
+
+/* Folds the norms (pack_fold_norms), then, offline, permutes and rotates:
+ * the residual stream becomes x P R, where P is perm_embd (x_p[i] =
+ * x[perm_embd[i]]; NULL: identity) and R the block-diagonal Hadamard; each
+ * layer's SwiGLU output is permuted by perm_ffn[l] (NULL: identity) before
+ * the online H that down_proj's input carries; V/O get a per-head Hadamard.
+ * Sets m->hadamard_ffn_down. The model computes the same function. It must
+ * have passed pack_check_shapes. -1 with err when out of memory (the model is
+ * then unusable) or when the backend lacks hadamard64 (nothing changed). */
+int pack_rotate_model(struct model *m, const int32_t *perm_embd, int32_t *const *perm_ffn, char *err,
+                      size_t errlen);
+
+/* ------------------------------------------------------------- calibrate.c */
+
+/* What calibration learns about one activation point of one layer. */
+struct pack_act_stats {
+    int n;              /* channels */
+    double *hess;       /* [n][n] sum over tokens of x^T x (symmetric), or NULL */
+    float *absmax;      /* [n] max |x| per channel */
+    double *gmax2;      /* [n/64] sum over tokens of (max |x| in the group)^2 */
+    double energy;      /* sum over tokens of ||x||^2 */
+};
+
+struct pack_calib {
+    int n_layer;
+    struct pack_act_stats *pt;   /* [n_layer * ACT_POINTS], index layer*ACT_POINTS + point */
+    long n_tokens;               /* tokens seen */
+    float *scratch;              /* per-call X^T X in float (the largest n squared) */
+    int scratch_n;
+};
+
+/* Allocates the statistics for a model; want_hessian = 0 keeps only absmax
+ * (round-to-nearest needs no Hessian). -1 when out of memory. */
+int pack_calib_init(struct pack_calib *c, const struct model_config *cfg, int want_hessian);
+void pack_calib_free(struct pack_calib *c);
+/* The capture hook (engine/model.h act_capture_fn) that feeds a pack_calib. */
+void pack_calib_capture(void *ud, int layer, enum act_point point, const float *x, int n_tok, int n);
+
+/* Picks n_seqs windows of len tokens out of a token stream, without
+ * replacement from its len-aligned windows, in an order fixed by seed; with
+ * bos >= 0 every window starts with it (as `ebb ppl` does). out holds
+ * n_seqs*len tokens. Returns the number of windows taken (fewer when the text
+ * is short; 0 when it holds none). */
+int pack_sample_windows(const int32_t *tokens, int n_tokens, int n_seqs, int len, uint64_t seed, int32_t bos,
+                        int32_t *out);
+
+/* Runs the model over n_seqs windows of len tokens with the capture hook set
+ * to c; a progress bar on stderr labelled with label (NULL: none). 0, or -1
+ * with err. */
+int pack_calibrate(struct model *m, struct pack_calib *c, const int32_t *windows, int n_seqs, int len,
+                   const char *label, char *err, size_t errlen);
+
+/* -------------------------------------------------------------- outliers.c */
+
+/* perm = the indices of score, largest first (ties: lower index first).
+ * -1 when out of memory. */
+int pack_order_by(const float *score, int n, int32_t *perm);
+
+/* The order of the residual stream's channels, loudest first, from
+ * statistics of the unrotated (norm-folded) model: a channel's loudness is
+ * the largest, over layers, of its absmax at attn_in and ffn_in relative to
+ * that point's median. Rotating after this permutation keeps the few
+ * massive channels of the residual stream inside the leading 64-block(s)
+ * instead of spreading them over many groups. -1 when out of memory. */
+int pack_residual_order(const struct pack_calib *c, int n_embd, int32_t *perm);
+
+/* One layer's 8-bit groups, from the statistics of the rotated model: a
+ * budget of share times the layer's groups goes to the groups whose 4-bit
+ * noise is the largest share of their activation's energy, across the four
+ * points; n_hi[p] receives each point's count and perm[p] (n of point p
+ * entries) its block permutation, noisiest blocks first. Needs gmax2 and
+ * energy in c. -1 when out of memory. */
+int pack_choose_act8(const struct pack_calib *c, int layer, double share, int32_t *const perm[ACT_POINTS],
+                     int n_hi[ACT_POINTS]);
+
+/* out[o][i] = w[o][perm[i]] (input columns of a [rows][cols] matrix). */
+void pack_permute_cols(const float *w, int rows, int cols, const int32_t *perm, float *out);
+/* out[i][j] = h[perm[i]][perm[j]]. */
+void pack_permute_hessian(const double *h, int n, const int32_t *perm, double *out);
+
+/* ------------------------------------------------------------------ gptq.c */
+
+/* GPTQ's preparation for one Hessian: damps it (damp times the mean of its
+ * diagonal added to the diagonal; dead channels, whose diagonal is 0, get 1),
+ * inverts it and returns the upper Cholesky factor U of the inverse
+ * (H^-1 = U^T U) in u[n][n] (lower triangle zero). If the damped Hessian is
+ * not positive definite the damping is raised tenfold, up to three times.
+ * dead[i] (may be NULL) is set for dead channels. 0, or -1 with err. */
+int pack_gptq_prepare(const double *hess, int n, double damp, float *u, uint8_t *dead, char *err,
+                      size_t errlen);
+
+/* Quantizes w[rows][cols] (cols % 64 == 0) into rows*cols/64 W4G64 blocks,
+ * GPTQ: columns left to right, each rounding error spread over the columns
+ * still to come through U, lazily in batches of 128 columns; a group's scale
+ * is chosen when the group starts, from its values at that point (a short
+ * search over clipping). w is overwritten (it holds the updated weights
+ * after). Rows are independent and run on pool (may be NULL). Columns marked
+ * dead are zeroed first. */
+void pack_gptq_quantize(float *w, int rows, int cols, const float *u, const uint8_t *dead,
+                        struct ebb_pool *pool, struct ebb_block_w4g64 *out);
+
+/* Round to nearest, the format's own rule (ebb_quantize_w4g64_rtn). */
+void pack_rtn_quantize(const float *w, int rows, int cols, struct ebb_block_w4g64 *out);
+
+/* One W4G64 block from a scale (an f16 bit pattern) and 64 codes in [-8, 7]. */
+void pack_w4g64_block(struct ebb_block_w4g64 *b, uint16_t d_f16, const int8_t *codes);
+
+/* ------------------------------------------------------------------ pack.c */
+
+enum pack_format { PACK_W4A4 = 0, PACK_W4A16 = 1 };
+enum pack_weight_quant { PACK_GPTQ = 0, PACK_RTN = 1 };
+
+struct pack_options {
+    const char *model_path;
+    const char *out_path;
+    const char *calib_path;       /* calibration text (UTF-8) */
+    enum pack_format format;
+    int act_bits;                 /* 4 or 8 for w4a4; ignored for w4a16 (16) */
+    enum pack_weight_quant weight_quant;
+    int calib_seqs, calib_len;    /* windows and their length in tokens */
+    uint64_t seed;
+    float act8_share;             /* 8-bit activation groups per layer (W4A4) */
+    double damp;                  /* GPTQ damping, fraction of the mean diagonal */
+    int n_threads;                /* <= 0: one per core */
+    int progress;                 /* progress bars on stderr */
+};
+
+/* The defaults `ebb pack` documents in its --help. */
+void pack_options_default(struct pack_options *o);
+
+struct pack_result {
+    uint64_t file_bytes;
+    double bits_per_weight;       /* file bits over the source model's parameters */
+    double linear_bpw;            /* bits per weight of the W4G64 matrices alone */
+    long calib_tokens;
+    int n_layer;
+    uint32_t *act8_groups;        /* [n_layer * ACT_POINTS] as written */
+    uint32_t *act_groups;         /* [n_layer * ACT_POINTS] groups of each point */
+    double seconds;
+};
+void pack_result_free(struct pack_result *r);
+
+/* Runs the whole pipeline and writes o->out_path. 0, or -1 with err. */
+int pack_run(const struct pack_options *o, struct pack_result *r, char *err, size_t errlen);
+
+/* The calibration provenance line for ebb.calibration: the text of
+ * PATH.source when it exists (written by tools/calibration.py), else the
+ * path and its sha256. Malloc'd; NULL when out of memory or unreadable. */
+char *pack_calib_provenance(const char *calib_path);
+#endif
