@@ -6,6 +6,11 @@
  * written as text; defaults are applied by parsing that text with the same
  * code that parses environment values and flags, so a default can never be
  * something the parser would refuse.
+ *
+ * model_kv_bits is a string with a grammar of its own (FIELD_KV_MAP): it is
+ * validated as a whole before it is stored, so a refused value leaves the old
+ * one, and config_kv_bits_for can then walk it without error paths. The bit
+ * widths it allows are the kv_bits row's choices, so the two cannot drift.
  */
 #include "server/config.h"
 
@@ -24,6 +29,7 @@ enum field_type {
     FIELD_U64,     /* uint64_t, in [min, max] */
     FIELD_CHOICE,  /* int, one of choices[] */
     FIELD_LEVEL,   /* int, a log level name */
+    FIELD_KV_MAP,  /* char array: "NAME=BITS,..." with BITS one of kv_bits's choices */
 };
 
 struct field {
@@ -31,7 +37,7 @@ struct field {
     enum field_type type;
     size_t offset, size;
     long long min, max;
-    int choices[4];            /* FIELD_CHOICE; 0 ends the list */
+    int choices[5];            /* FIELD_CHOICE; 0 ends the list */
     const char *def;           /* default, as text */
     const char *metavar;       /* for --help */
     const char *doc;           /* one line, for --help */
@@ -69,7 +75,10 @@ static const struct field fields[] = {
     {"max_running", FIELD_INT, AT(max_running), 1, 4096, {0}, "16", "N", "sequences decoded together"},
     {"max_context", FIELD_INT, AT(max_context), 0, 1 << 24, {0}, "0", "N",
      "tokens per sequence, prompt included (0: the model's own)"},
-    {"kv_bits", FIELD_CHOICE, AT(kv_bits), 0, 0, {32, 16, 4, 0}, "32", "BITS", "KV cache precision: 32, 16 or 4"},
+    {"kv_bits", FIELD_CHOICE, AT(kv_bits), 0, 0, {32, 16, 8, 4, 0}, "32", "BITS",
+     "KV cache precision: 32, 16, 8 or 4"},
+    {"model_kv_bits", FIELD_KV_MAP, AT(model_kv_bits), 0, 0, {0}, "", "NAME=BITS,...",
+     "kv_bits for particular models, overriding kv_bits (empty: none)"},
     {"shutdown_timeout_ms", FIELD_INT, AT(shutdown_timeout_ms), 0, 3600000, {0}, "10000", "MS",
      "on SIGTERM/SIGINT, how long running requests may finish"},
     {"log_level", FIELD_LEVEL, AT(log_level), 0, 0, {0}, "info", "LEVEL", "error, warn, info or debug"},
@@ -114,6 +123,9 @@ static void describe(const struct field *f, char *buf, size_t len) {
     }
     case FIELD_LEVEL:
         snprintf(buf, len, "one of \"error\", \"warn\", \"info\", \"debug\"");
+        break;
+    case FIELD_KV_MAP:
+        snprintf(buf, len, "a string of comma-separated NAME=BITS pairs");
         break;
     }
 }
@@ -171,10 +183,134 @@ static int store_level(struct ebb_config *cfg, const struct field *f, const char
     return -1;
 }
 
+/* ---- model_kv_bits: "NAME=BITS,NAME=BITS" ----
+ *
+ * Entries are separated by commas; blanks around an entry, a name or a bit
+ * width are ignored (model names cannot contain blanks, commas or '=', see
+ * catalog_name_check, so nothing is ambiguous). The empty string has no
+ * entries; any other value must have only well-formed ones: a trailing or
+ * doubled comma is refused rather than guessed at. */
+
+struct kv_entry {
+    const char *text; int text_len;   /* the whole entry, trimmed, for messages */
+    const char *name; int name_len;
+    const char *bits; int bits_len;   /* bits is NULL when the entry has no '=' */
+};
+
+static int is_blank(char c) { return c == ' ' || c == '\t'; }
+
+static void trim(const char **s, int *n) {
+    while (*n > 0 && is_blank(**s)) (*s)++, (*n)--;
+    while (*n > 0 && is_blank((*s)[*n - 1])) (*n)--;
+}
+
+/* Splits the next entry off [*cursor, end); 0 when there is none left. */
+static int kv_next(const char **cursor, const char *end, struct kv_entry *e) {
+    if (!*cursor) return 0;
+    const char *s = *cursor, *comma = memchr(s, ',', (size_t)(end - s));
+    const char *stop = comma ? comma : end;
+    *cursor = comma ? comma + 1 : NULL;
+    e->text = s;
+    e->text_len = (int)(stop - s);
+    trim(&e->text, &e->text_len);
+    const char *eq = memchr(e->text, '=', (size_t)e->text_len);
+    e->name = e->text;
+    e->name_len = eq ? (int)(eq - e->text) : e->text_len;
+    trim(&e->name, &e->name_len);
+    e->bits = eq ? eq + 1 : NULL;
+    e->bits_len = eq ? (int)(e->text + e->text_len - e->bits) : 0;
+    if (e->bits) trim(&e->bits, &e->bits_len);
+    return 1;
+}
+
+/* The entry's bit width if it is one of kv_bits's choices, else 0. */
+static int kv_entry_bits(const struct kv_entry *e) {
+    if (!e->bits || e->bits_len < 1 || e->bits_len > 3) return 0;
+    int v = 0;
+    for (int i = 0; i < e->bits_len; i++) {
+        if (!isdigit((unsigned char)e->bits[i])) return 0;
+        v = v * 10 + (e->bits[i] - '0');
+    }
+    const struct field *kv = find_key("kv_bits");
+    for (int i = 0; kv->choices[i]; i++)
+        if (kv->choices[i] == v) return v;
+    return 0;
+}
+
+/* Checks a whole model_kv_bits value; 0, or -1 naming the first bad entry. */
+static int kv_map_check(const char *s, size_t len, const char *where, char *err, size_t errlen) {
+    if (len == 0) return 0;
+    const char *end = s + len, *cursor = s;
+    struct kv_entry e;
+    while (kv_next(&cursor, end, &e)) {
+        /* Messages quote the entry, cut to keep them readable. */
+        int shown = e.text_len < 200 ? e.text_len : 200;
+        const char *more = shown < e.text_len ? "..." : "";
+        if (e.text_len == 0) {
+            errf(err, errlen, "%s: empty entry (a doubled or trailing comma?): expected NAME=BITS pairs "
+                 "separated by commas", where);
+            return -1;
+        }
+        if (!e.bits) {
+            errf(err, errlen, "%s: '%.*s%s': expected NAME=BITS", where, shown, e.text, more);
+            return -1;
+        }
+        char name[CATALOG_NAME_MAX + 1], why[256];
+        if (e.name_len > CATALOG_NAME_MAX) {
+            errf(err, errlen, "%s: '%.*s%s': model name is %d bytes long; at most %d allowed", where, shown, e.text,
+                 more, e.name_len, CATALOG_NAME_MAX);
+            return -1;
+        }
+        memcpy(name, e.name, (size_t)e.name_len);
+        name[e.name_len] = 0;
+        if (catalog_name_check(name, why, sizeof why)) {
+            errf(err, errlen, "%s: '%.*s%s': %s", where, shown, e.text, more, why);
+            return -1;
+        }
+        if (!kv_entry_bits(&e)) {
+            char want[128];
+            describe(find_key("kv_bits"), want, sizeof want);
+            errf(err, errlen, "%s: '%.*s%s': bits must be %s", where, shown, e.text, more, want);
+            return -1;
+        }
+        /* A name given twice is refused rather than resolved by order: the
+         * two entries say different things, or one is a leftover. */
+        const char *before = s;
+        struct kv_entry prev;
+        while (kv_next(&before, end, &prev) && prev.text != e.text)
+            if (prev.name_len == e.name_len && !memcmp(prev.name, e.name, (size_t)e.name_len)) {
+                errf(err, errlen, "%s: '%.*s%s': model '%s' is given more than once", where, shown, e.text, more,
+                     name);
+                return -1;
+            }
+    }
+    return 0;
+}
+
+static int store_kv_map(struct ebb_config *cfg, const struct field *f, const char *s, size_t len, const char *where,
+                        char *err, size_t errlen) {
+    /* Length and NULs first: the checker reads exactly len bytes. */
+    if (len >= f->size || memchr(s, 0, len)) return store_string(cfg, f, s, len, where, err, errlen);
+    if (kv_map_check(s, len, where, err, errlen)) return -1;
+    return store_string(cfg, f, s, len, where, err, errlen);
+}
+
+int config_kv_bits_for(const struct ebb_config *cfg, const char *model_name) {
+    const char *s = cfg->model_kv_bits, *end = s + strlen(s), *cursor = *s ? s : NULL;
+    size_t n = strlen(model_name);
+    struct kv_entry e;
+    while (kv_next(&cursor, end, &e)) {
+        int bits = kv_entry_bits(&e);
+        if (bits && (size_t)e.name_len == n && !memcmp(e.name, model_name, n)) return bits;
+    }
+    return cfg->kv_bits;
+}
+
 /* Parses a value given as text (defaults, environment, flags). */
 static int set_from_text(struct ebb_config *cfg, const struct field *f, const char *text, const char *where,
                          char *err, size_t errlen) {
     if (f->type == FIELD_STRING) return store_string(cfg, f, text, strlen(text), where, err, errlen);
+    if (f->type == FIELD_KV_MAP) return store_kv_map(cfg, f, text, strlen(text), where, err, errlen);
     if (f->type == FIELD_LEVEL) return store_level(cfg, f, text, where, err, errlen);
     char *end;
     errno = 0;
@@ -218,7 +354,7 @@ static const char *json_type_name(const json_t *v) {
 
 static int set_from_json(struct ebb_config *cfg, const struct field *f, json_t *v, const char *where, char *err,
                          size_t errlen) {
-    int want_string = f->type == FIELD_STRING || f->type == FIELD_LEVEL;
+    int want_string = f->type == FIELD_STRING || f->type == FIELD_LEVEL || f->type == FIELD_KV_MAP;
     if (want_string ? !json_is_string(v) : !json_is_integer(v)) {
         char want[128];
         describe(f, want, sizeof want);
@@ -227,6 +363,8 @@ static int set_from_json(struct ebb_config *cfg, const struct field *f, json_t *
     }
     if (f->type == FIELD_STRING) return store_string(cfg, f, json_string_value(v), json_string_length(v), where,
                                                       err, errlen);
+    if (f->type == FIELD_KV_MAP) return store_kv_map(cfg, f, json_string_value(v), json_string_length(v), where,
+                                                     err, errlen);
     if (f->type == FIELD_LEVEL) return store_level(cfg, f, json_string_value(v), where, err, errlen);
     return store_int(cfg, f, (long long)json_integer_value(v), where, err, errlen);
 }
@@ -372,7 +510,7 @@ void config_dump(const struct ebb_config *cfg, FILE *out, int with_sources) {
     for (int i = 0; i < N_FIELDS; i++) {
         const struct field *f = &fields[i];
         json_t *v;
-        if (f->type == FIELD_STRING) {
+        if (f->type == FIELD_STRING || f->type == FIELD_KV_MAP) {
             const char *s = field_ptr(c, f);
             v = json_string(f->offset == offsetof(struct ebb_config, admin_token) && *s ? "(set)" : s);
         } else if (f->type == FIELD_LEVEL) {

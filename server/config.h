@@ -17,6 +17,12 @@
  *
  * Strings live in fixed arrays inside the struct, so a config has no heap
  * memory and needs no free; an over-long value is an error.
+ *
+ * One setting is a small map: model_kv_bits, "NAME=BITS,NAME=BITS", overrides
+ * kv_bits per model. It is kept as the validated text and searched when a
+ * model loads (config_kv_bits_for): a handful of entries, looked up once per
+ * load, need no parsed structure, and a string travels through the file, the
+ * environment and the flags like every other setting.
  * docs/operations.md documents every setting.
  */
 #ifndef EBB_SERVER_CONFIG_H
@@ -30,7 +36,7 @@ enum config_log_level { CONFIG_LOG_ERROR, CONFIG_LOG_WARN, CONFIG_LOG_INFO, CONF
 /* Where a setting's current value came from. */
 enum config_source { CONFIG_FROM_DEFAULT, CONFIG_FROM_FILE, CONFIG_FROM_ENV, CONFIG_FROM_FLAG };
 
-#define CONFIG_N_FIELDS 19
+#define CONFIG_N_FIELDS 20
 
 struct ebb_config {
     char host[256];                /* listen address (IPv4 or IPv6 literal, or a host name) */
@@ -49,7 +55,8 @@ struct ebb_config {
     int queue_length;              /* requests waiting for a slot before 429/503 */
     int max_running;               /* sequences decoded together */
     int max_context;               /* tokens per sequence; 0 = the model's own */
-    int kv_bits;                   /* KV cache precision: 32, 16 or 4 */
+    int kv_bits;                   /* KV cache precision: 32, 16, 8 or 4 */
+    char model_kv_bits[4096];      /* per-model kv_bits: "NAME=BITS,NAME=BITS"; empty = none */
     int shutdown_timeout_ms;       /* SIGTERM: how long running requests may finish */
     int log_level;                 /* enum config_log_level */
     unsigned char source[CONFIG_N_FIELDS]; /* enum config_source per field, table order */
@@ -84,6 +91,11 @@ int config_catalog_path(const struct ebb_config *cfg, char *buf, size_t len, cha
 void config_dump(const struct ebb_config *cfg, FILE *out, int with_sources);
 /* One line per flag for a command's --help: "  --port N   ... (EBB_PORT, default 8080)". */
 void config_flags_help(FILE *out);
+
+/* The KV cache precision for the model named model_name: its model_kv_bits
+ * entry if it has one, else the global kv_bits. model_kv_bits was validated
+ * when it was set, so this cannot fail. */
+int config_kv_bits_for(const struct ebb_config *cfg, const char *model_name);
 
 const char *config_log_level_name(int level);
 /* The source of the setting named key (JSON spelling); -1 if no such key. */

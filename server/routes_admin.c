@@ -136,7 +136,11 @@ static json_t *memory_state(struct daemon *d) {
         sched_get_stats(sm->sched, &st);
         reserved += st.kv_reserved_bytes;
         allocated += st.kv_allocated_bytes;
-        json_array_append_new(models, json_pack("{s:s, s:I, s:I, s:I, s:I}", "model", sm->name, "weight_bytes",
+        /* d->cfg does not change after start, so this is the precision
+         * load_work gave the model's scheduler. */
+        int kv_bits = config_kv_bits_for(&d->cfg, sm->name);
+        json_array_append_new(models, json_pack("{s:s, s:i, s:I, s:I, s:I, s:I}", "model", sm->name, "kv_bits",
+                                                kv_bits, "weight_bytes",
                                                 (json_int_t)sm->model.weight_bytes, "kv_budget_bytes",
                                                 (json_int_t)st.kv_budget_bytes, "kv_reserved_bytes",
                                                 (json_int_t)st.kv_reserved_bytes, "kv_allocated_bytes",

@@ -34,11 +34,11 @@ static void load_work(uv_work_t *w) {
         .max_waiting = d->cfg.queue_length,
         .max_ctx = d->cfg.max_context,
         .kv_budget_bytes = 0,   /* set by served_set_budget once on the loop */
-        .kv_bits = d->cfg.kv_bits,
+        .kv_bits = config_kv_bits_for(&d->cfg, sm->name),  /* model_kv_bits, else kv_bits */
     };
     const char *kv_problem = kv_bits_problem(&sm->model.cfg, sc.kv_bits);
     if (kv_problem) {
-        snprintf(sm->error, sizeof sm->error, "%s", kv_problem);
+        snprintf(sm->error, sizeof sm->error, "kv_bits %d: %s", sc.kv_bits, kv_problem);
         model_free(&sm->model);
         return;
     }
@@ -48,8 +48,8 @@ static void load_work(uv_work_t *w) {
         model_free(&sm->model);
         return;
     }
-    log_info("model loaded", "model=%s seconds=%.2f weight_bytes=%zu", sm->name, ebb_now_seconds() - t0,
-             sm->model.weight_bytes);
+    log_info("model loaded", "model=%s seconds=%.2f weight_bytes=%zu kv_bits=%d", sm->name, ebb_now_seconds() - t0,
+             sm->model.weight_bytes, sc.kv_bits);
 }
 
 static void load_done(uv_work_t *w, int status) {

@@ -17,6 +17,9 @@ What is checked, and against what:
     restart, an environment override, a tight budget refusing big requests),
     registering and removing models;
   - /health and /ready, /tokenize and /detokenize against `ebb tokenize`;
+  - KV cache precision: --kv-bits 8 and a --model-kv-bits override of 4 are
+    reported by /admin/memory, shrink the KV reservation against a float32
+    size worked out from the model's shape, and chat still answers;
   - kill -9 during catalog writes leaves an intact catalog; SIGTERM lets
     streams finish, or cuts them at the deadline, and exits 0.
 
@@ -1318,6 +1321,80 @@ def test_sigterm_lets_streams_finish_and_cuts_long_ones(ebb_bin, model_path, tmp
     finally:
         s.stop_clean()
     assert 'msg="shutting down" signal=SIGTERM' in s.log()
+
+
+# ---------------------------------------------------------------- KV cache precision
+
+# The default model's name (server/config.c's default_model), under which the
+# daemon registers --default-model-path in a fresh catalog.
+DEFAULT_MODEL = "SmolLM2-135M-Instruct.Q4_1"
+# Float32 KV bytes per position of the default model, from its shape alone:
+# 30 layers, keys and values, 3 KV heads of 64 values, 4 bytes each.
+F32_KV_BYTES_PER_POSITION = 30 * 2 * 3 * 64 * 4
+
+
+def kv_reserved_by_a_long_request(s, max_tokens=4000):
+    """The model's KV reservation while one stream asking for max_tokens runs
+    (admission reserves prompt + max_tokens up front); the stream is then
+    dropped and the cache must go back to empty."""
+    st = Stream(s, "/v1/completions", dict(prompt="Once upon a time", max_tokens=max_tokens, stream=True))
+    try:
+        assert st.status == 200 and st.event()
+        return memory(s)["models"][0]["kv_reserved_bytes"]
+    finally:
+        st.close()
+        wait_kv_empty(s, 15)
+
+
+def check_kv_precision(s, bits):
+    """/admin/memory reports `bits` for the default model, the engine really
+    reserves a cache of that size, and chat still answers."""
+    assert s.model == DEFAULT_MODEL
+    models = memory(s)["models"]
+    assert [(m["model"], m["kv_bits"]) for m in models] == [(DEFAULT_MODEL, bits)]
+    assert f"model={DEFAULT_MODEL} " in s.log() and f"kv_bits={bits}" in s.log()
+    # At least 4000 positions at float32 would take this many bytes. KV8 and
+    # KV4 store 8.5 and 4.5 bits a value plus a few float32 pages (sinks and
+    # the recent window): about 0.36 and 0.24 of it here, where half
+    # precision is 0.5 -- so each bound below also tells 8 from 4.
+    f32_floor = 4000 * F32_KV_BYTES_PER_POSITION
+    reserved = kv_reserved_by_a_long_request(s)
+    assert 0 < reserved < {8: 0.45, 4: 0.3}[bits] * f32_floor, (bits, reserved, f32_floor)
+    doc = chat(s, messages=[{"role": "user", "content": "What is the capital of France?"}], max_tokens=8,
+               temperature=0)
+    msg = doc["choices"][0]["message"]
+    assert msg["role"] == "assistant" and msg["content"].strip(), doc
+    assert doc["usage"]["completion_tokens"] >= 1
+    return reserved
+
+
+def test_model_kv_bits_overrides_kv_bits_for_the_named_model(ebb_bin, model_path, tmpdir_module):
+    # The per-model entry wins over the global --kv-bits 16; the other entry
+    # names a model that is not in the catalog, which is allowed.
+    s = start_model_server(ebb_bin, tmpdir_module, model_path, "kvmodel", "--kv-bits", "16",
+                           "--model-kv-bits", f"{DEFAULT_MODEL}=4,not-registered=8")
+    try:
+        check_kv_precision(s, 4)
+    finally:
+        s.stop_clean()
+
+
+def test_global_kv_bits_8(ebb_bin, model_path, tmpdir_module):
+    s = start_model_server(ebb_bin, tmpdir_module, model_path, "kv8", "--kv-bits", "8",
+                           "--model-kv-bits", "some-other-model=4")
+    try:
+        check_kv_precision(s, 8)
+    finally:
+        s.stop_clean()
+
+
+def test_bad_model_kv_bits_refused_at_start(ebb_bin, tmpdir_module):
+    r = subprocess.run([ebb_bin, "serve", "--port", "0", "--catalog", str(tmpdir_module / "kvbad.db"),
+                        "--model-kv-bits", f"{DEFAULT_MODEL}=5"],
+                       cwd=ROOT, capture_output=True, timeout=30, env=clean_env())
+    assert r.returncode != 0
+    err = r.stderr.decode()
+    assert f"--model-kv-bits: '{DEFAULT_MODEL}=5': bits must be one of 32, 16, 8, 4" in err, err
 
 
 # ---------------------------------------------------------------- the sanitized binary

@@ -71,6 +71,7 @@ static void check_defaults(const struct ebb_config *c) {
     CHECK(c->max_running == 16);
     CHECK(c->max_context == 0);
     CHECK(c->kv_bits == 32);
+    CHECK(c->model_kv_bits[0] == 0);
     CHECK(c->shutdown_timeout_ms == 10000);
     CHECK(c->log_level == CONFIG_LOG_INFO);
 }
@@ -111,6 +112,8 @@ static void test_file_override(void) {
     CHECK(c.memory_budget_bytes == 6442450944ULL); /* above 32 bits */
     CHECK(c.kv_bits == 4);
     CHECK(!strcmp(c.admin_token, "s3"));
+    CHECK_MSG(config_load_text(&c, "{\"kv_bits\": 8}", "t8.json", err, sizeof err) == 0, "%s", err);
+    CHECK(c.kv_bits == 8);
     CHECK(c.queue_length == 64); /* untouched keys keep their defaults */
     CHECK(config_source_of(&c, "port") == CONFIG_FROM_FILE);
     CHECK(config_source_of(&c, "queue_length") == CONFIG_FROM_DEFAULT);
@@ -139,7 +142,7 @@ static void test_env_override(void) {
 
     const char *bad[][3] = {
         {"EBB_PORT", "abc", "EBB_PORT"},      {"EBB_PORT", "70000", "EBB_PORT"}, {"EBB_PORT", "", "EBB_PORT"},
-        {"EBB_PORT", "80x", "EBB_PORT"},      {"EBB_PORT", " 80", "EBB_PORT"},  {"EBB_KV_BITS", "8", "EBB_KV_BITS"},
+        {"EBB_PORT", "80x", "EBB_PORT"},      {"EBB_PORT", " 80", "EBB_PORT"},  {"EBB_KV_BITS", "12", "EBB_KV_BITS"},
         {"EBB_LOG_LEVEL", "loud", "EBB_LOG_LEVEL"}, {"EBB_HOST", "", "EBB_HOST"},
         {"EBB_MEMORY_BUDGET_BYTES", "-1", "EBB_MEMORY_BUDGET_BYTES"},
         {"EBB_THREADS", "99999999999999999999", "EBB_THREADS"},
@@ -163,9 +166,11 @@ static void test_flag_override(void) {
     CHECK(config_apply_flag(&c, "max_running", "4", err, sizeof err) == 0);
     CHECK(c.port == 9200 && !strcmp(c.admin_token, "flag-token") && c.kv_bits == 16 && c.max_running == 4);
     CHECK(config_source_of(&c, "kv_bits") == CONFIG_FROM_FLAG);
-    CHECK(config_apply_flag(&c, "--kv-bits", "8", err, sizeof err) == -1);
-    CHECK_MSG(strstr(err, "--kv-bits") && strstr(err, "32, 16, 4"), "%s", err);
+    CHECK(config_apply_flag(&c, "--kv-bits", "12", err, sizeof err) == -1);
+    CHECK_MSG(strstr(err, "--kv-bits") && strstr(err, "one of 32, 16, 8, 4"), "%s", err);
     CHECK(c.kv_bits == 16); /* a refused value leaves the old one */
+    CHECK_MSG(config_apply_flag(&c, "--kv-bits", "8", err, sizeof err) == 0, "%s", err);
+    CHECK(c.kv_bits == 8);
     CHECK(config_apply_flag(&c, "--max-running", "0", err, sizeof err) == -1);
     CHECK(config_apply_flag(&c, "--port", NULL, err, sizeof err) == -1);
     CHECK(config_apply_flag(&c, "--model-dir", "x", err, sizeof err) == 1);
@@ -245,7 +250,8 @@ static void test_bad_files(void) {
     /* Out of range. */
     expect_refused("{\"port\": 65536}", "'port'", "[0, 65535]");
     expect_refused("{\"port\": -1}", "'port'", NULL);
-    expect_refused("{\"kv_bits\": 8}", "'kv_bits'", "one of 32, 16, 4");
+    expect_refused("{\"kv_bits\": 12}", "'kv_bits'", "one of 32, 16, 8, 4");
+    expect_refused("{\"kv_bits\": 0}", "'kv_bits'", "one of 32, 16, 8, 4");
     expect_refused("{\"max_body_bytes\": 10}", "'max_body_bytes'", NULL);
     expect_refused("{\"memory_budget_bytes\": -5}", "'memory_budget_bytes'", NULL);
     expect_refused("{\"host\": \"\"}", "'host'", "empty");
@@ -321,8 +327,129 @@ static void test_dump(void) {
     config_flags_help(f);
     fclose(f);
     text = read_text(path);
-    CHECK(text && strstr(text, "--admin-token") && strstr(text, "EBB_ADMIN_TOKEN") && strstr(text, "--kv-bits"));
+    CHECK(text && strstr(text, "--admin-token") && strstr(text, "EBB_ADMIN_TOKEN") && strstr(text, "--kv-bits") &&
+          strstr(text, "--model-kv-bits") && strstr(text, "EBB_MODEL_KV_BITS"));
     free(text);
+}
+
+/* model_kv_bits: accepted from every layer, looked up by exact name, and
+ * every kind of malformed value refused with a message naming the key and
+ * the offending entry. */
+static void expect_kv_map_refused(const char *value, const char *needle1, const char *needle2) {
+    char json[8192];
+    snprintf(json, sizeof json, "{\"model_kv_bits\": \"%s\"}", value);
+    expect_refused(json, "key 'model_kv_bits'", needle1);
+    if (needle2) CHECK_MSG(strstr(err, needle2), "'%s' not in: %s", needle2, err);
+    /* The environment and the flag go through the same check. */
+    struct ebb_config c;
+    config_defaults(&c);
+    clear_env();
+    setenv("EBB_MODEL_KV_BITS", value, 1);
+    CHECK_MSG(config_apply_env(&c, err, sizeof err) == -1, "EBB_MODEL_KV_BITS=%s accepted", value);
+    CHECK_MSG(strstr(err, "EBB_MODEL_KV_BITS") && strstr(err, needle1), "%s", err);
+    clear_env();
+    CHECK(config_apply_flag(&c, "--model-kv-bits", "keep=16", err, sizeof err) == 0);
+    CHECK_MSG(config_apply_flag(&c, "--model-kv-bits", value, err, sizeof err) == -1, "--model-kv-bits %s accepted",
+              value);
+    CHECK_MSG(strstr(err, "--model-kv-bits") && strstr(err, needle1), "%s", err);
+    CHECK(!strcmp(c.model_kv_bits, "keep=16")); /* a refused value leaves the old one */
+}
+
+static void test_model_kv_bits(void) {
+    struct ebb_config c;
+    /* No override: every model gets the global kv_bits. */
+    config_defaults(&c);
+    CHECK(config_kv_bits_for(&c, "SmolLM2-135M-Instruct.Q4_1") == 32);
+    CHECK(config_apply_flag(&c, "--kv-bits", "16", err, sizeof err) == 0);
+    CHECK(config_kv_bits_for(&c, "anything") == 16);
+
+    /* From the file, beside a global value of 8. */
+    config_defaults(&c);
+    CHECK_MSG(config_load_text(&c, "{\"kv_bits\": 8, \"model_kv_bits\": \"SmolLM2-135M-Instruct.w4a4=4,other=16\"}",
+                               "m.json", err, sizeof err) == 0, "%s", err);
+    CHECK(config_source_of(&c, "model_kv_bits") == CONFIG_FROM_FILE);
+    CHECK(config_kv_bits_for(&c, "SmolLM2-135M-Instruct.w4a4") == 4);
+    CHECK(config_kv_bits_for(&c, "other") == 16);
+    CHECK(config_kv_bits_for(&c, "SmolLM2-135M-Instruct.Q4_1") == 8); /* not listed: the global */
+    CHECK(config_kv_bits_for(&c, "othe") == 8);                        /* names match exactly ... */
+    CHECK(config_kv_bits_for(&c, "other2") == 8);
+    CHECK(config_kv_bits_for(&c, "Other") == 8);                       /* ... case included */
+    CHECK(config_kv_bits_for(&c, "") == 8);
+
+    /* From the environment, over the file. */
+    clear_env();
+    setenv("EBB_MODEL_KV_BITS", "a=8", 1);
+    CHECK_MSG(config_apply_env(&c, err, sizeof err) == 0, "%s", err);
+    clear_env();
+    CHECK(config_source_of(&c, "model_kv_bits") == CONFIG_FROM_ENV);
+    CHECK(config_kv_bits_for(&c, "a") == 8 && config_kv_bits_for(&c, "other") == 8);
+    CHECK(config_apply_flag(&c, "--kv-bits", "32", err, sizeof err) == 0);
+    CHECK(config_kv_bits_for(&c, "a") == 8 && config_kv_bits_for(&c, "b") == 32);
+
+    /* From a flag, with blanks around entries, names and widths, all four widths. */
+    CHECK_MSG(config_apply_flag(&c, "--model-kv-bits", " m32=32, m16 = 16 ,m8=8,\tm4=4", err, sizeof err) == 0,
+              "%s", err);
+    CHECK(config_source_of(&c, "model_kv_bits") == CONFIG_FROM_FLAG);
+    CHECK(config_kv_bits_for(&c, "m32") == 32 && config_kv_bits_for(&c, "m16") == 16);
+    CHECK(config_kv_bits_for(&c, "m8") == 8 && config_kv_bits_for(&c, "m4") == 4);
+    CHECK(config_kv_bits_for(&c, "a") == 32); /* the environment's map was replaced, not merged */
+    /* Empty again means no overrides. */
+    CHECK(config_apply_flag(&c, "--model-kv-bits", "", err, sizeof err) == 0);
+    CHECK(config_kv_bits_for(&c, "m4") == 32);
+
+    /* Names at the catalog's limit: 128 bytes is fine, 129 is not. */
+    char value[4200], name[200];
+    memset(name, 'n', 128);
+    name[128] = 0;
+    snprintf(value, sizeof value, "%s=4", name);
+    CHECK_MSG(config_apply_flag(&c, "--model-kv-bits", value, err, sizeof err) == 0, "%s", err);
+    CHECK(config_kv_bits_for(&c, name) == 4);
+    snprintf(value, sizeof value, "n%s=4", name);
+    expect_kv_map_refused(value, "129 bytes long; at most 128", NULL);
+
+    /* Each kind of bad entry, named in the message. */
+    expect_kv_map_refused("foo=5", "'foo=5': bits must be one of 32, 16, 8, 4", NULL);
+    expect_kv_map_refused("a=4,foo=5", "'foo=5': bits must be one of 32, 16, 8, 4", NULL);
+    expect_kv_map_refused("foo=", "'foo=': bits must be one of", NULL);
+    expect_kv_map_refused("foo=4x", "'foo=4x': bits must be", NULL);
+    expect_kv_map_refused("foo=-4", "'foo=-4': bits must be", NULL);
+    expect_kv_map_refused("foo=4=4", "'foo=4=4': bits must be", NULL);
+    expect_kv_map_refused("foo", "'foo': expected NAME=BITS", NULL);
+    expect_kv_map_refused("a=4,b", "'b': expected NAME=BITS", NULL);
+    expect_kv_map_refused("=4", "'=4': model name is empty", NULL);
+    expect_kv_map_refused("a b=4", "'a b=4': model name 'a b' is invalid", NULL);
+    expect_kv_map_refused("a/b=4", "'a/b=4': model name", "invalid");
+    expect_kv_map_refused("a=4,,b=8", "empty entry", NULL);
+    expect_kv_map_refused("a=4,", "empty entry", NULL);
+    expect_kv_map_refused(",a=4", "empty entry", NULL);
+    expect_kv_map_refused(" ", "empty entry", NULL);
+    expect_kv_map_refused("a=4,b=8,a=16", "'a=16': model 'a' is given more than once", NULL);
+    expect_kv_map_refused("a=4, a =4", "model 'a' is given more than once", NULL);
+
+    /* Wrong JSON type, and a value longer than the field. */
+    expect_refused("{\"model_kv_bits\": 4}", "'model_kv_bits'", "expected a string of comma-separated NAME=BITS");
+    expect_refused("{\"model_kv_bits\": {\"a\": 4}}", "'model_kv_bits'", "an object");
+    char *big = malloc(6000);
+    if (!big) { CHECK(0); return; }
+    int n = snprintf(big, 6000, "{\"model_kv_bits\": \"");
+    for (int i = 0; n < 5900; i++) n += snprintf(big + n, (size_t)(6000 - n), "%smodel%d=4", i ? "," : "", i);
+    snprintf(big + n, (size_t)(6000 - n), "\"}");
+    expect_refused(big, "'model_kv_bits'", "at most 4095 allowed");
+    free(big);
+
+    /* The dump carries the map and loads back to the same lookups. */
+    config_defaults(&c);
+    CHECK(config_apply_flag(&c, "--model-kv-bits", "x=4,y=16", err, sizeof err) == 0);
+    char path[512];
+    snprintf(path, sizeof path, "%s/kvdump.json", tmpdir);
+    FILE *f = fopen(path, "w");
+    if (!f) { CHECK(0); return; }
+    config_dump(&c, f, 0);
+    fclose(f);
+    struct ebb_config d;
+    config_defaults(&d);
+    CHECK_MSG(config_load_file(&d, path, err, sizeof err) == 0, "%s", err);
+    CHECK(config_kv_bits_for(&d, "x") == 4 && config_kv_bits_for(&d, "y") == 16 && config_kv_bits_for(&d, "z") == 32);
 }
 
 /* docs/operations.md documents every setting by key, env var and flag. */
@@ -368,6 +495,7 @@ int main(void) {
     test_bad_files();
     test_malformed_json();
     test_dump();
+    test_model_kv_bits();
     test_docs_cover_every_setting();
     char cmd[512];
     snprintf(cmd, sizeof cmd, "rm -rf '%s'", tmpdir);
