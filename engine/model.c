@@ -216,7 +216,14 @@ static int read_packing(struct model *m, char *err, size_t errlen) {
     const struct model_config *c = &m->cfg;
     if (c->n_embd % 64 || c->n_ff % 64 || (c->n_head * c->head_dim) % 64)
         return load_error(err, errlen, m->file.path, "packed models need widths that are multiples of 64");
+    /* "hadamard64" (QuaRot's rotated residual stream with folded norms) was
+     * what the first packer wrote; files from it are refused, not misread. */
+    struct gguf_str rotation;
+    if (gguf_get_str(&m->file, "ebb.rotation", &rotation) || !gguf_str_eq(rotation, "hadamard64-inputs"))
+        return load_error(err, errlen, m->file.path,
+                          "ebb.rotation must be \"hadamard64-inputs\" (a file packed by an older ebb: pack it again)");
     m->act_bits = (int)act_bits;
+    m->hadamard_norm_out = 1;
     m->hadamard_ffn_down = 1;
     return 0;
 }
@@ -256,10 +263,12 @@ static int load_weights(struct model *m, char *err, size_t errlen) {
     const int int_path = m->act_bits == 4 || m->act_bits == 8;
     if (int_path) {
         m->q_embd = load_packed(m, "token_embd.weight", EBB_TYPE_Q8_0, E, V, &failed, err, errlen);
-        m->q_output = load_packed(m, "output.weight", EBB_TYPE_Q8_0, E, V, &failed, err, errlen);
+        m->q_output = gguf_find_tensor(&m->file, "output.weight")
+                          ? load_packed(m, "output.weight", EBB_TYPE_Q8_0, E, V, &failed, err, errlen)
+                          : m->q_embd;   /* tied embeddings */
     } else {
         m->tok_embd = load_tensor(m, "token_embd.weight", E, V, 0, &failed, err, errlen);
-        m->output = load_tensor(m, "output.weight", E, V, m->act_bits == 0, &failed, err, errlen);
+        m->output = load_tensor(m, "output.weight", E, V, 1, &failed, err, errlen);
         if (!failed && !m->output) m->output = m->tok_embd;   /* tied embeddings */
     }
     m->output_norm = load_tensor(m, "output_norm.weight", E, 1, 0, &failed, err, errlen);
@@ -553,6 +562,7 @@ static void forward_layers(struct model *m, struct run_state *s, int n_tok) {
         /* attention block */
         for (int t = 0; t < n_tok; t++)
             be->rmsnorm_f32(s->xb + (size_t)t * E, s->x + (size_t)t * E, w->attn_norm, E, c->rms_eps);
+        if (m->hadamard_norm_out) be->hadamard64(s->xb, n_tok * E);
         act_prepare(m, s, w, ACT_ATTN_IN, s->xb, n_tok, E);
         linear(m, s, s->q, w->wq, w->pq, n_tok, E, QD);
         linear(m, s, s->k, w->wk, w->pk, n_tok, E, KD);
@@ -574,6 +584,7 @@ static void forward_layers(struct model *m, struct run_state *s, int n_tok) {
         /* feed-forward block */
         for (int t = 0; t < n_tok; t++)
             be->rmsnorm_f32(s->xb + (size_t)t * E, s->x + (size_t)t * E, w->ffn_norm, E, c->rms_eps);
+        if (m->hadamard_norm_out) be->hadamard64(s->xb, n_tok * E);
         act_prepare(m, s, w, ACT_FFN_IN, s->xb, n_tok, E);
         linear(m, s, s->gate, w->w_gate, w->pgate, n_tok, E, F);
         linear(m, s, s->up, w->w_up, w->pup, n_tok, E, F);

@@ -80,6 +80,7 @@ struct model {
     struct ebb_pool *pool;
     float *rope_inv_freq;             /* [rope_dim/2] */
     struct run_state *run;            /* forward scratch (engine/model.c) */
+    int hadamard_norm_out;            /* rotated models: H64 on the attention and FFN norm outputs */
     int hadamard_ffn_down;            /* rotated models: H64 on the down_proj input, online */
     act_capture_fn capture;           /* calibration hook, NULL normally */
     void *capture_ud;

@@ -1,8 +1,10 @@
 /* `ebb pack`, the whole run (see pack.h for the stages).
  *
- *   load f32 -> rotate -> calibrate -> per layer: permutation and 8-bit
- *   groups per activation point, GPTQ (or RTN) per matrix -> Q8_0 embedding
- *   and head -> GGUF written atomically.
+ *   load f32 -> [W4A4: a short pass finds each layer's loud SwiGLU
+ *   channels] -> permute, rotate ->
+ *   calibrate (Hessians, group noise) -> per layer: the block permutation
+ *   and 8-bit groups of each activation point, GPTQ (or RTN) per matrix ->
+ *   Q8_0 embedding and head -> GGUF written atomically.
  *
  * The file layout is docs/formats.md's "w4a4": every metadata key of the
  * source, the ebb.* keys, and per layer the W4G64 matrices with their input
@@ -13,9 +15,10 @@
  * ebb.act_bits = 16 (activations stay f32 at run time).
  *
  * Cost for the default model on 2 cores: calibration dominates (one f32
- * forward pass per window plus a float SYRK per activation point); GPTQ runs
- * at BLAS speed. The output is checked by tests/unit/test_pack.c, which
- * dequantizes it back into the rotated f32 model.
+ * forward pass per window plus a float SYRK per activation point; 40K
+ * tokens in all with the defaults); GPTQ runs at BLAS speed (about 20 s).
+ * The output is checked by tests/unit/test_pack.c, which dequantizes it
+ * back into an f32 model and also runs it through the engine.
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -181,7 +184,7 @@ static int add_w4_matrix(struct gguf_writer *gw, const char *name, const float *
         pack_gptq_quantize(lw->wperm, rows, cols, lw->u, lw->dead, pool, lw->blocks);
     else
         pack_rtn_quantize(lw->wperm, rows, cols, lw->blocks);
-    const size_t nbytes = (size_t)rows * (cols / EBB_W4G64_GROUP) * sizeof(struct ebb_block_w4g64);
+    const size_t nbytes = (size_t)rows * ebb_row_bytes(EBB_TYPE_W4G64, (uint64_t)cols);
     *w4_bytes += nbytes;
     *w4_elems += (size_t)rows * cols;
     const uint64_t ne[2] = {(uint64_t)cols, (uint64_t)rows};
@@ -194,7 +197,7 @@ static int add_f32(struct gguf_writer *gw, const char *name, const float *x, int
 }
 
 static int add_q8_0(struct gguf_writer *gw, const char *name, const float *x, int rows, int cols) {
-    const size_t nbytes = (size_t)rows * (cols / 32) * 34;
+    const size_t nbytes = (size_t)rows * ebb_row_bytes(EBB_TYPE_Q8_0, (uint64_t)cols);
     void *q = malloc(nbytes);
     if (!q) return -1;
     ebb_quantize_q8_0(x, q, (size_t)rows * cols);
@@ -240,6 +243,12 @@ static int pack_layer(struct model *m, int l, const struct pack_calib *cal, cons
 
         int have_u = 0;
         if (o->weight_quant == PACK_GPTQ && st && st->hess) {
+            const int segment = o->format == PACK_W4A4 && o->act_bits == 4 ? EBB_ACT_GROUP : n;
+            if (pack_act_order(perm[p], n, st->hess, segment)) {
+                snprintf(err, errlen, "out of memory");
+                rc = -1;
+                break;
+            }
             pack_permute_hessian(st->hess, n, perm[p], lw->hperm);
             if (pack_gptq_prepare(lw->hperm, n, o->damp, lw->u, lw->dead, err, errlen)) {
                 rc = -1;
@@ -321,27 +330,24 @@ static void write_metadata(struct gguf_writer *gw, const struct model *m, const 
     gguf_writer_set_u32(gw, "ebb.group_size", EBB_W4G64_GROUP);
     gguf_writer_set_u32(gw, "ebb.act_bits", o->format == PACK_W4A16 ? 16u : (uint32_t)o->act_bits);
     gguf_writer_set_str(gw, "ebb.weight_quant", o->weight_quant == PACK_GPTQ ? "gptq" : "rtn");
-    gguf_writer_set_str(gw, "ebb.rotation", "hadamard64");
+    gguf_writer_set_str(gw, "ebb.rotation", "hadamard64-inputs");
     gguf_writer_set_str(gw, "ebb.calibration", calibration);
     gguf_writer_set_arr_u32(gw, "ebb.act8_groups", r->act8_groups, (size_t)r->n_layer * ACT_POINTS);
 }
 
-static void free_perms(int32_t **perm_embd, int32_t ***perm_ffn, int n_layer) {
-    free(*perm_embd);
+static void free_perms(int32_t ***perm_ffn, int n_layer) {
     if (*perm_ffn)
         for (int l = 0; l < n_layer; l++) free((*perm_ffn)[l]);
     free(*perm_ffn);
-    *perm_embd = NULL;
     *perm_ffn = NULL;
 }
 
-/* The pre-rotation permutations from absmax statistics of the norm-folded,
- * unrotated model over a quarter of the calibration windows (the loud
- * channels show at once; the Hessians come from the full second pass). */
-static int choose_prerotation_perms(struct model *m, const struct pack_options *o, const int32_t *windows,
-                                    int n_seqs, int32_t **perm_embd, int32_t ***perm_ffn, char *err, size_t errlen) {
+/* The SwiGLU permutations from absmax statistics of the unrotated model over
+ * a quarter of the calibration windows (the loud channels show at once; the
+ * Hessians come from the full second pass). */
+static int choose_ffn_perms(struct model *m, const struct pack_options *o, const int32_t *windows, int n_seqs,
+                            int32_t ***perm_ffn, char *err, size_t errlen) {
     const struct model_config *c = &m->cfg;
-    if (pack_fold_norms(m, err, errlen)) return -1;
     struct pack_calib pre;
     if (pack_calib_init(&pre, c, 0)) {
         snprintf(err, errlen, "out of memory");
@@ -353,9 +359,8 @@ static int choose_prerotation_perms(struct model *m, const struct pack_options *
         pack_calib_free(&pre);
         return -1;
     }
-    *perm_embd = malloc((size_t)c->n_embd * sizeof(int32_t));
     *perm_ffn = calloc((size_t)c->n_layer, sizeof(int32_t *));
-    int bad = !*perm_embd || !*perm_ffn || pack_residual_order(&pre, c->n_embd, *perm_embd);
+    int bad = !*perm_ffn;
     for (int l = 0; l < c->n_layer && !bad; l++) {
         (*perm_ffn)[l] = malloc((size_t)c->n_ff * sizeof(int32_t));
         if (!(*perm_ffn)[l]) bad = 1;
@@ -363,7 +368,7 @@ static int choose_prerotation_perms(struct model *m, const struct pack_options *
     }
     pack_calib_free(&pre);
     if (bad) {
-        free_perms(perm_embd, perm_ffn, c->n_layer);
+        free_perms(perm_ffn, c->n_layer);
         snprintf(err, errlen, "out of memory");
         return -1;
     }
@@ -408,7 +413,7 @@ int pack_run(const struct pack_options *o, struct pack_result *r, char *err, siz
     struct gguf_writer *gw = NULL;
     struct layer_work lw = {0};
     int n_seqs = 0;
-    int32_t *perm_embd = NULL, **perm_ffn = NULL;
+    int32_t **perm_ffn = NULL;
 
     if (gguf_find(&m.file, "ebb.format")) {
         snprintf(err, errlen, "%s is already a packed ebb variant", o->model_path);
@@ -443,12 +448,11 @@ int pack_run(const struct pack_options *o, struct pack_result *r, char *err, siz
     if (!calibration) { snprintf(err, errlen, "out of memory"); goto out; }
 
     /* Mixed precision: a short first pass over the unrotated model finds
-     * the loud channels of the residual stream and of each SwiGLU output,
-     * which the rotation then keeps together in the leading blocks. */
-    if (need_absmax && choose_prerotation_perms(&m, o, windows, n_seqs, &perm_embd, &perm_ffn, err, errlen))
-        goto out;
+     * the loud channels of each SwiGLU output, which the rotation then keeps
+     * together in the leading blocks. */
+    if (need_absmax && choose_ffn_perms(&m, o, windows, n_seqs, &perm_ffn, err, errlen)) goto out;
     if (o->progress) fprintf(stderr, "ebb pack: rotating (block-diagonal Hadamard 64)\n");
-    if (pack_rotate_model(&m, perm_embd, perm_ffn, err, errlen)) goto out;
+    if (pack_rotate_model(&m, perm_ffn, err, errlen)) goto out;
 
     r->n_layer = c->n_layer;
     r->act8_groups = calloc((size_t)c->n_layer * ACT_POINTS, sizeof(uint32_t));
@@ -473,7 +477,7 @@ int pack_run(const struct pack_options *o, struct pack_result *r, char *err, siz
     size_t w4_bytes = 0, w4_elems = 0;
     if (add_q8_0(gw, "token_embd.weight", m.tok_embd, c->n_vocab, c->n_embd) ||
         add_f32(gw, "output_norm.weight", m.output_norm, c->n_embd) ||
-        add_q8_0(gw, "output.weight", m.output, c->n_vocab, c->n_embd)) {
+        (m.output != m.tok_embd && add_q8_0(gw, "output.weight", m.output, c->n_vocab, c->n_embd))) {
         snprintf(err, errlen, "out of memory writing the embedding");
         goto out;
     }
@@ -499,7 +503,7 @@ int pack_run(const struct pack_options *o, struct pack_result *r, char *err, siz
     r->seconds = ebb_now_seconds() - t0;
     rc = 0;
 out:
-    free_perms(&perm_embd, &perm_ffn, c->n_layer);
+    free_perms(&perm_ffn, c->n_layer);
     layer_work_free(&lw);
     gguf_writer_free(gw);
     pack_calib_free(&cal);

@@ -3,10 +3,10 @@
  * activations), written as the packed GGUF that docs/formats.md describes.
  *
  * The pipeline, one file per stage:
- *   rotate.c     fold the RMSNorm gains into the next linear layers, then
- *                rotate: residual stream by R (block-diagonal 64x64
- *                Walsh-Hadamard), V/O per head, H on down_proj's input. The
- *                rotated f32 model computes the same function as the original.
+ *   rotate.c     rotate every matrix's input by H (block-diagonal 64x64
+ *                Walsh-Hadamard; the engine rotates the activations online
+ *                to match) and V/O per head. The rotated f32 model computes
+ *                the same function as the original.
  *   calibrate.c  sample windows of a calibration text, run the rotated model
  *                over them and collect, per layer and activation point, the
  *                Hessian X^T X and each channel's absolute maximum.
@@ -47,22 +47,16 @@ void pack_hadamard_rows(float *x, size_t rows, int n);
  * stored [out][in]. */
 void pack_hadamard_cols(float *w, int rows, int cols);
 
-/* Folds every RMSNorm gain into the next linear layers (the norms become all
- * ones) and unties the output head (it takes the final norm's gain). The
- * model still computes the same function. Idempotent. -1 with err when out
- * of memory. */
-int pack_fold_norms(struct model *m, char *err, size_t errlen);
-
-/* Folds the norms (pack_fold_norms), then, offline, permutes and rotates:
- * the residual stream becomes x P R, where P is perm_embd (x_p[i] =
- * x[perm_embd[i]]; NULL: identity) and R the block-diagonal Hadamard; each
- * layer's SwiGLU output is permuted by perm_ffn[l] (NULL: identity) before
- * the online H that down_proj's input carries; V/O get a per-head Hadamard.
- * Sets m->hadamard_ffn_down. The model computes the same function. It must
- * have passed pack_check_shapes. -1 with err when out of memory (the model is
- * then unusable) or when the backend lacks hadamard64 (nothing changed). */
-int pack_rotate_model(struct model *m, const int32_t *perm_embd, int32_t *const *perm_ffn, char *err,
-                      size_t errlen);
+/* Rotates, offline, every matrix's input by the block-diagonal Hadamard H:
+ * q, k, v, gate, up and down (whose inputs the engine rotates online:
+ * model->hadamard_norm_out and hadamard_ffn_down, both set here), and V/O
+ * per head. Each layer's SwiGLU output is first permuted by perm_ffn[l]
+ * (NULL: identity). Norms, embedding and head are untouched (see rotate.c
+ * for why the gains are not folded). The model computes the same function.
+ * It must have passed pack_check_shapes. -1 with err when out of memory (the
+ * model is then unusable) or when the backend lacks hadamard64 (nothing
+ * changed). */
+int pack_rotate_model(struct model *m, int32_t *const *perm_ffn, char *err, size_t errlen);
 
 /* ------------------------------------------------------------- calibrate.c */
 
@@ -110,14 +104,6 @@ int pack_calibrate(struct model *m, struct pack_calib *c, const int32_t *windows
  * -1 when out of memory. */
 int pack_order_by(const float *score, int n, int32_t *perm);
 
-/* The order of the residual stream's channels, loudest first, from
- * statistics of the unrotated (norm-folded) model: a channel's loudness is
- * the largest, over layers, of its absmax at attn_in and ffn_in relative to
- * that point's median. Rotating after this permutation keeps the few
- * massive channels of the residual stream inside the leading 64-block(s)
- * instead of spreading them over many groups. -1 when out of memory. */
-int pack_residual_order(const struct pack_calib *c, int n_embd, int32_t *perm);
-
 /* One layer's 8-bit groups, from the statistics of the rotated model: a
  * budget of share times the layer's groups goes to the groups whose 4-bit
  * noise is the largest share of their activation's energy, across the four
@@ -126,6 +112,15 @@ int pack_residual_order(const struct pack_calib *c, int n_embd, int32_t *perm);
  * energy in c. -1 when out of memory. */
 int pack_choose_act8(const struct pack_calib *c, int layer, double share, int32_t *const perm[ACT_POINTS],
                      int n_hi[ACT_POINTS]);
+
+/* GPTQ's act-order, within the freedom the activation groups leave: inside
+ * each segment of perm (n % segment == 0), channels are reordered by their
+ * Hessian diagonal, largest first, so GPTQ quantizes the columns that see
+ * the most input energy first and spreads their errors onto the rest. With
+ * segment = 64 the groups keep their channels (W4A4); with segment = n the
+ * order is the full act-order (W4A8, W4A16: the weights' groups then follow
+ * it). -1 when out of memory. */
+int pack_act_order(int32_t *perm, int n, const double *hess, int segment);
 
 /* out[o][i] = w[o][perm[i]] (input columns of a [rows][cols] matrix). */
 void pack_permute_cols(const float *w, int rows, int cols, const int32_t *perm, float *out);

@@ -15,21 +15,32 @@
  * So one routine (a row vector times A) serves both sides; only what is a
  * "row" changes.
  *
- * What is rotated:
- *   1. RMSNorm gains are folded first (W[o][i] *= g[i] on the next layers),
- *      because RMSNorm commutes with an orthogonal matrix only without its
- *      gain: ||x A|| = ||x||. The output head takes the final norm's gain,
- *      which unties it from the embedding (it becomes its own matrix).
- *   2. The residual stream by R: embedding rows; input side of q, k, v,
- *      gate, up and the head; output side of o and down.
- *   3. Per head, V's output and O's input by the same 64-block Hadamard:
- *      attention mixes value vectors linearly, so the rotation passes
- *      through it.
- *   4. down_proj's input by H, which the engine applies online to the SwiGLU
- *      output (model->hadamard_ffn_down). This one uses the backend's own
- *      hadamard64 so the offline and online halves are the same matrix by
- *      construction; everything else uses the local transform, for which any
- *      orthogonal matrix would do.
+ * Where the rotations go. Every matrix's input is rotated, each by the
+ * block-diagonal Hadamard H (64x64 blocks):
+ *   1. q, k, v, gate and up read the RMSNorm output. QuaRot rotates the
+ *      residual stream itself, which needs the norm gains folded into these
+ *      weights (RMSNorm commutes with a rotation only without its gain).
+ *      On SmolLM2-135M that is ruinous: the gains span 0 to 0.3 within a
+ *      layer and are near zero exactly on the few massive residual channels,
+ *      so after folding the 4-bit error no longer shrinks where the gain
+ *      did, and the massive channels multiply it (round-to-nearest W4A16:
+ *      perplexity 92.5 against 37.5 in f32). So here the residual stream,
+ *      the norms and the (tied) embedding stay as they are, and the engine
+ *      rotates the norm's output online (model->hadamard_norm_out, one H per
+ *      token and norm, negligible next to the products): the activation
+ *      that is quantized is (x/rms * g) H, its gain applied before any
+ *      rounding, and the weights are W H (each row times H).
+ *   2. Each SwiGLU output may first be permuted (outliers.c says why): the
+ *      gate/up output rows and down_proj's input columns (SwiGLU is
+ *      elementwise, so it commutes).
+ *   3. down_proj's input by H, which the engine applies online to the
+ *      SwiGLU output (model->hadamard_ffn_down).
+ *   4. Per head, V's output and O's input by the same H: attention mixes
+ *      value vectors linearly, so the rotation passes through it, offline.
+ * The online halves (1, 3) use the backend's own hadamard64 on the weights
+ * too, so the offline and online matrices are the same by construction; the
+ * offline-only pair (4) uses the local transform, for which any orthogonal
+ * matrix would do.
  * The block size is 64 everywhere: widths like 576 and 1536 are not powers of
  * two, and 64 is also the quantization group, so a loud channel is spread
  * exactly over one group.
@@ -91,45 +102,6 @@ void pack_hadamard_cols(float *w, int rows, int cols) {
     }
 }
 
-/* W[o][i] *= g[i], then g = 1. */
-static void fold_gain(float *w, int rows, int cols, const float *g) {
-    for (int o = 0; o < rows; o++)
-        for (int i = 0; i < cols; i++) w[(size_t)o * cols + i] *= g[i];
-}
-
-static void set_ones(float *g, int n) {
-    for (int i = 0; i < n; i++) g[i] = 1.0f;
-}
-
-int pack_fold_norms(struct model *m, char *err, size_t errlen) {
-    const struct model_config *c = &m->cfg;
-    const int E = c->n_embd, F = c->n_ff, V = c->n_vocab;
-    const int QD = c->n_head * c->head_dim, KD = c->n_head_kv * c->head_dim;
-    if (m->output == m->tok_embd) {
-        float *head = malloc((size_t)V * E * sizeof(float));
-        if (!head) {
-            snprintf(err, errlen, "out of memory untying the output head");
-            return -1;
-        }
-        memcpy(head, m->tok_embd, (size_t)V * E * sizeof(float));
-        m->output = head;
-        m->weight_bytes += (size_t)V * E * sizeof(float);
-    }
-    fold_gain(m->output, V, E, m->output_norm);
-    set_ones(m->output_norm, E);
-    for (int l = 0; l < c->n_layer; l++) {
-        struct layer_weights *w = &m->layers[l];
-        fold_gain(w->wq, QD, E, w->attn_norm);
-        fold_gain(w->wk, KD, E, w->attn_norm);
-        fold_gain(w->wv, KD, E, w->attn_norm);
-        set_ones(w->attn_norm, E);
-        fold_gain(w->w_gate, F, E, w->ffn_norm);
-        fold_gain(w->w_up, F, E, w->ffn_norm);
-        set_ones(w->ffn_norm, E);
-    }
-    return 0;
-}
-
 /* Input side of a permutation: W[o][i] <- W[o][perm[i]] for every row. */
 static int permute_in(float *w, int rows, int cols, const int32_t *perm) {
     float *tmp = malloc((size_t)cols * sizeof(float));
@@ -153,69 +125,42 @@ static int permute_out(float *w, int rows, int cols, const int32_t *perm) {
     return 0;
 }
 
-/* The residual permutation: every place the residual stream enters or
- * leaves a matrix. */
-static int permute_residual(struct model *m, const int32_t *perm) {
-    const struct model_config *c = &m->cfg;
-    const int E = c->n_embd, F = c->n_ff, V = c->n_vocab;
-    const int QD = c->n_head * c->head_dim, KD = c->n_head_kv * c->head_dim;
-    int bad = permute_in(m->tok_embd, V, E, perm) || permute_in(m->output, V, E, perm);
-    for (int l = 0; l < c->n_layer && !bad; l++) {
-        struct layer_weights *w = &m->layers[l];
-        bad = permute_in(w->wq, QD, E, perm) || permute_in(w->wk, KD, E, perm) || permute_in(w->wv, KD, E, perm) ||
-              permute_in(w->w_gate, F, E, perm) || permute_in(w->w_up, F, E, perm) ||
-              permute_out(w->wo, E, QD, perm) || permute_out(w->w_down, E, F, perm);
-    }
-    return bad ? -1 : 0;
+/* W H on the input side of every row, with the engine's own transform. */
+static void rotate_inputs(const struct ebb_backend *be, float *w, int rows, int cols) {
+    for (int o = 0; o < rows; o++) be->hadamard64(w + (size_t)o * cols, cols);
 }
 
-int pack_rotate_model(struct model *m, const int32_t *perm_embd, int32_t *const *perm_ffn, char *err,
-                      size_t errlen) {
+int pack_rotate_model(struct model *m, int32_t *const *perm_ffn, char *err, size_t errlen) {
     const struct model_config *c = &m->cfg;
-    const int E = c->n_embd, F = c->n_ff, V = c->n_vocab;
+    const int E = c->n_embd, F = c->n_ff;
     const int QD = c->n_head * c->head_dim, KD = c->n_head_kv * c->head_dim;
-    if (!m->be->hadamard64) {
-        snprintf(err, errlen, "the %s backend has no hadamard64 (needed online before down_proj)", m->be->name);
+    const struct ebb_backend *be = m->be;
+    if (!be->hadamard64) {
+        snprintf(err, errlen, "the %s backend has no hadamard64 (needed online)", be->name);
         return -1;
     }
-    /* 1. Gains folded (the head untied). */
-    if (pack_fold_norms(m, err, errlen)) return -1;
-
-    /* 2. Permutations: the loud channels of the residual stream, and of
-     * each SwiGLU output, moved into the leading blocks before rotating. */
-    if (perm_embd && permute_residual(m, perm_embd)) goto oom;
     for (int l = 0; perm_ffn && l < c->n_layer; l++) {
         struct layer_weights *w = &m->layers[l];
         if (permute_out(w->w_gate, F, E, perm_ffn[l]) || permute_out(w->w_up, F, E, perm_ffn[l]) ||
-            permute_in(w->w_down, E, F, perm_ffn[l]))
-            goto oom;
+            permute_in(w->w_down, E, F, perm_ffn[l])) {
+            snprintf(err, errlen, "out of memory permuting the model");
+            return -1;
+        }
     }
-
-    /* 3. Residual stream. */
-    pack_hadamard_rows(m->tok_embd, (size_t)V, E);
-    pack_hadamard_rows(m->output, (size_t)V, E);
     for (int l = 0; l < c->n_layer; l++) {
         struct layer_weights *w = &m->layers[l];
-        pack_hadamard_rows(w->wq, (size_t)QD, E);
-        pack_hadamard_rows(w->wk, (size_t)KD, E);
-        pack_hadamard_rows(w->wv, (size_t)KD, E);
-        pack_hadamard_rows(w->w_gate, (size_t)F, E);
-        pack_hadamard_rows(w->w_up, (size_t)F, E);
-        pack_hadamard_cols(w->wo, E, QD);
-        pack_hadamard_cols(w->w_down, E, F);
-
-        /* 4. V/O per head (head_dim is a multiple of 64, so the 64-blocks
-         * never straddle two heads). */
+        rotate_inputs(be, w->wq, QD, E);
+        rotate_inputs(be, w->wk, KD, E);
+        rotate_inputs(be, w->wv, KD, E);
+        rotate_inputs(be, w->w_gate, F, E);
+        rotate_inputs(be, w->w_up, F, E);
+        rotate_inputs(be, w->w_down, E, F);
+        /* head_dim is a multiple of 64, so the blocks never straddle heads. */
         pack_hadamard_cols(w->wv, KD, E);
         if (w->bv) pack_hadamard_rows(w->bv, 1, KD);
         pack_hadamard_rows(w->wo, (size_t)E, QD);
-
-        /* 5. down_proj's input, with the engine's own transform. */
-        for (int o = 0; o < E; o++) m->be->hadamard64(w->w_down + (size_t)o * F, F);
     }
+    m->hadamard_norm_out = 1;
     m->hadamard_ffn_down = 1;
     return 0;
-oom:
-    snprintf(err, errlen, "out of memory permuting the model");
-    return -1;
 }
