@@ -3,7 +3,16 @@
  *   pp N: one forward pass over N tokens from an empty cache;
  *   tg N: N single-token forward passes from an empty cache.
  * Token ids are drawn from a fixed-seed generator; speed does not depend on
- * which ids they are. Each test runs once to warm up, then -r times. */
+ * which ids they are. Each test runs once to warm up, then -r times.
+ *
+ * Decode on a CPU is bound by memory bandwidth: every token reads every
+ * weight matrix once. So the bench also says how close decode comes to that
+ * limit: the bytes of weights one decoded token reads (every matrix and the
+ * head; of the input embedding only one row, so it is left out when it is not
+ * also the head; the KV cache is left out too, under 3% of the reads for the
+ * default model at tg128), times tokens per second, over the bandwidth of a
+ * plain copy loop on the same threads (bytes read plus bytes written per
+ * second, as STREAM's Copy counts them). */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -12,6 +21,7 @@
 #include "engine/generate.h"
 #include "engine/model.h"
 #include "kernels/backend.h"
+#include "kernels/formats.h"
 #include "server/cli.h"
 
 static void bench_usage(FILE *out) {
@@ -38,7 +48,7 @@ static double run_once(struct model *m, struct kv_cache *kv, const int32_t *ids,
 }
 
 static int bench_test(struct model *m, struct kv_account *kv_policy, const char *label, int n, int prefill,
-                      int reps) {
+                      int reps, double *mean_tps) {
     struct kv_cache kv;
     int32_t *ids = malloc((size_t)n * sizeof(int32_t));
     float *logits = malloc((size_t)m->cfg.n_vocab * sizeof(float));
@@ -63,6 +73,7 @@ static int bench_test(struct model *m, struct kv_account *kv_policy, const char 
     if (rc == 0) {
         double mean = sum / reps, sd = reps > 1 ? sqrt(fmax(0, (sum2 - reps * mean * mean) / (reps - 1))) : 0;
         printf("| %-8s | %8.2f ± %6.2f |\n", label, mean, sd);
+        *mean_tps = mean;
     } else {
         fprintf(stderr, "ebb bench: %s failed\n", label);
     }
@@ -70,6 +81,49 @@ static int bench_test(struct model *m, struct kv_account *kv_policy, const char 
     free(ids);
     free(logits);
     return rc;
+}
+
+/* Weight bytes one decoded token reads (see the top of the file). */
+static size_t decode_weight_bytes(const struct model *m) {
+    const size_t rows = (size_t)m->cfg.n_vocab;
+    if (m->q_embd && m->q_embd != m->q_output)
+        return m->weight_bytes - rows * ebb_row_bytes(EBB_TYPE_Q8_0, (uint64_t)m->cfg.n_embd);
+    if (m->tok_embd && m->tok_embd != m->output) return m->weight_bytes - rows * m->cfg.n_embd * sizeof(float);
+    return m->weight_bytes;
+}
+
+struct copy_job {
+    char *dst;
+    const char *src;
+    size_t bytes;
+};
+
+static void copy_task(void *arg, int part, int n_parts) {
+    const struct copy_job *j = arg;
+    const size_t a = j->bytes * part / n_parts, b = j->bytes * (part + 1) / n_parts;
+    memcpy(j->dst + a, j->src + a, b - a);
+}
+
+/* Bytes read plus written per second by memcpy over 256 MiB, split across the
+ * pool's threads; the best of five passes. 0 when out of memory. */
+static double copy_bandwidth(struct ebb_pool *pool) {
+    const size_t bytes = (size_t)256 << 20;
+    char *src = malloc(bytes), *dst = malloc(bytes);
+    double best = 0;
+    if (src && dst) {
+        memset(src, 1, bytes);
+        memset(dst, 2, bytes);
+        struct copy_job job = {dst, src, bytes};
+        for (int pass = 0; pass < 5; pass++) {
+            double t0 = ebb_now_seconds();
+            ebb_pool_run(pool, copy_task, &job, ebb_pool_threads(pool));
+            double s = ebb_now_seconds() - t0;
+            if (s > 0 && 2.0 * bytes / s > best) best = 2.0 * bytes / s;
+        }
+    }
+    free(src);
+    free(dst);
+    return best;
 }
 
 int cmd_bench(int argc, char **argv) {
@@ -105,13 +159,19 @@ int cmd_bench(int argc, char **argv) {
     printf("| test     |            t/s    |\n|----------|-------------------|\n");
     char label[32];
     int rc = 0;
+    double pp_tps = 0, tg_tps = 0;
     if (n_prefill) {
         snprintf(label, sizeof label, "pp%d", n_prefill);
-        rc |= bench_test(&m, &kv_policy, label, n_prefill, 1, reps);
+        rc |= bench_test(&m, &kv_policy, label, n_prefill, 1, reps, &pp_tps);
     }
     if (n_decode) {
         snprintf(label, sizeof label, "tg%d", n_decode);
-        rc |= bench_test(&m, &kv_policy, label, n_decode, 0, reps);
+        rc |= bench_test(&m, &kv_policy, label, n_decode, 0, reps, &tg_tps);
+    }
+    if (n_decode && tg_tps > 0) {
+        const double bytes = (double)decode_weight_bytes(&m), bw = copy_bandwidth(m.pool);
+        printf("decode reads %.1f MiB of weights per token; copy loop %.2f GB/s; tg at %.1f%% of that\n",
+               bytes / 1048576.0, bw / 1e9, bw > 0 ? 100.0 * bytes * tg_tps / bw : 0.0);
     }
     kv_account_destroy(&kv_policy);
     model_free(&m);

@@ -1,0 +1,116 @@
+#!/usr/bin/env python3
+"""Greedy agreement: the share of chat answers that a variant writes exactly as the reference does.
+
+For each configuration (a model file and a KV cache precision) this starts `ebb serve` on a free
+loopback port with a private catalog, asks the 50 prompts of tools/prompts/chat50.txt as chat
+completions with temperature 0 and max_tokens 64, eight at a time, and stops the daemon. The
+first configuration is the reference (normally the f32 model with a float32 cache); every other
+one is reported as the share of prompts whose answer text is identical to the reference's, and
+the index of the first differing character, averaged, as a softer measure.
+
+Greedy decoding is deterministic in ebb (batching does not change a sequence's arithmetic; see
+docs/architecture.md), so the reference's answers are the same on every run, and a difference
+comes from the variant's precision, not from scheduling.
+
+Usage:
+    tools/agreement.py MODEL[:KV_BITS] MODEL[:KV_BITS] ...   (the first is the reference)
+Environment: EBB (default build/ebb).
+"""
+
+import concurrent.futures
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import threading
+import urllib.request
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+PROMPTS = os.path.join(HERE, "prompts", "chat50.txt")
+
+
+class Daemon:
+    def __init__(self, binary, model, kv_bits):
+        self.tmp = tempfile.TemporaryDirectory()
+        self.name = "agreement"
+        env = dict(os.environ, EBB_CATALOG=os.path.join(self.tmp.name, "catalog.db"))
+        self.proc = subprocess.Popen(
+            [binary, "serve", "--host", "127.0.0.1", "--port", "0", "--default-model", self.name,
+             "--default-model-path", model, "--kv-bits", str(kv_bits), "--max-running", "8"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+        self.port = None
+        self.ready = threading.Event()
+        self.lines = []
+        threading.Thread(target=self._read_log, daemon=True).start()
+        if not self.ready.wait(120):
+            self.stop()
+            raise SystemExit(f"ebb serve did not load {model}:\n" + "".join(self.lines[-20:]))
+
+    def _read_log(self):
+        for raw in self.proc.stderr:
+            line = raw.decode("utf-8", "replace")
+            self.lines.append(line)
+            m = re.search(r'msg="listening" .*\bport=(\d+)', line)
+            if m:
+                self.port = int(m.group(1))
+            if 'msg="model loaded"' in line:
+                self.ready.set()
+            if 'msg="model failed to load"' in line:
+                self.ready.set()
+
+    def chat(self, prompt):
+        body = json.dumps({"model": self.name, "temperature": 0, "max_tokens": 64,
+                           "messages": [{"role": "user", "content": prompt}]}).encode()
+        req = urllib.request.Request(f"http://127.0.0.1:{self.port}/v1/chat/completions", data=body,
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=600) as r:
+            return json.load(r)["choices"][0]["message"]["content"]
+
+    def stop(self):
+        self.proc.terminate()
+        self.proc.wait(30)
+        self.tmp.cleanup()
+
+
+def answers(binary, model, kv_bits, prompts):
+    d = Daemon(binary, model, kv_bits)
+    try:
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            return list(pool.map(d.chat, prompts))
+    finally:
+        d.stop()
+
+
+def common_prefix(a, b):
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def main():
+    if len(sys.argv) < 3:
+        sys.exit(__doc__)
+    binary = os.environ.get("EBB", os.path.join(HERE, "..", "build", "ebb"))
+    with open(PROMPTS, encoding="utf-8") as f:
+        prompts = [line.strip() for line in f if line.strip()]
+    configs = []
+    for arg in sys.argv[1:]:
+        model, _, kv = arg.rpartition(":") if re.search(r":\d+$", arg) else (arg, "", "32")
+        configs.append((model, int(kv)))
+    ref_model, ref_kv = configs[0]
+    ref = answers(binary, ref_model, ref_kv, prompts)
+    print(f"reference: {os.path.basename(ref_model)} kv{ref_kv}, {len(prompts)} prompts, greedy, 64 tokens")
+    print("| configuration | identical answers | mean agreeing prefix |\n|---|---|---|")
+    for model, kv in configs[1:]:
+        got = answers(binary, model, kv, prompts)
+        same = sum(a == b for a, b in zip(ref, got))
+        prefix = sum(common_prefix(a, b) / max(1, len(a)) for a, b in zip(ref, got)) / len(prompts)
+        print(f"| {os.path.basename(model)} kv{kv} | {same}/{len(prompts)} ({100 * same / len(prompts):.0f}%) "
+              f"| {100 * prefix:.0f}% of the reference answer |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
