@@ -1,0 +1,195 @@
+"""Packed variants as users make and run them: `ebb pack`, then `ebb generate`, `ebb ppl`
+and `ebb serve` on the file, and the catalog entry the packer writes.
+
+The pack here is small on purpose (round-to-nearest weights, two calibration windows of 128
+tokens: seconds, not minutes); the quality of a real pack is measured by tools/quality.sh and
+bounded by tests/unit/test_pack.c. What is checked here is the user's path: the file's
+metadata as the independent `gguf` package reads it, the variant in the catalog (read with
+sqlite3), answers from every command, the daemon serving the variant with a KV4 cache, and
+clear refusals for bad input.
+"""
+import json
+import os
+import shutil
+import sqlite3
+import subprocess
+
+import pytest
+import requests
+
+from conftest import run_ebb
+from test_api import AUTH, IO_TIMEOUT, Server
+
+CALIB_TEXT = "/usr/share/common-licenses/Apache-2.0"   # base-files: on every Debian system
+EVAL_TEXT = "/usr/share/common-licenses/GPL-3"
+
+
+def ok(proc):
+    assert proc.returncode == 0, proc.stderr.decode()
+    return proc.stdout.decode()
+
+
+def refused(proc, *needles):
+    err = proc.stderr.decode()
+    assert proc.returncode != 0, f"accepted: {proc.stdout.decode()}"
+    for n in needles:
+        assert n in err, f"{n!r} not in {err!r}"
+    assert "Sanitizer" not in err and "runtime error" not in err, err
+    return err
+
+
+@pytest.fixture(scope="module")
+def packed(ebb_bin, model_path, tmp_path_factory):
+    d = tmp_path_factory.mktemp("packed")
+    catalog = d / "catalog.db"
+    ok(run_ebb(ebb_bin, "models", "--catalog", str(catalog), "add", model_path, "--name", "smol"))
+    out = d / "smol-w4a4.gguf"
+    p = run_ebb(ebb_bin, "pack", "-m", model_path, "--format", "w4a4", "--weight-quant", "rtn",
+                "--calib", CALIB_TEXT, "--calib-seqs", "2", "--calib-len", "128", "--seed", "7",
+                "--catalog", str(catalog), "-o", str(out))
+    return {"dir": d, "catalog": catalog, "path": out, "stdout": ok(p), "stderr": p.stderr.decode()}
+
+
+def read_gguf_header(path):
+    """Metadata and tensor table of a GGUF v3 file, read here from the GGUF specification
+    (the `gguf` package refuses ebb's own tensor types, so it cannot open a packed file).
+    Returns ({key: value}, {tensor name: (type, dims)})."""
+    import struct
+
+    with open(path, "rb") as f:
+        data = f.read(32 << 20)   # the header (vocabulary and merges included) fits easily
+    pos = 0
+
+    def take(fmt):
+        nonlocal pos
+        vals = struct.unpack_from("<" + fmt, data, pos)
+        pos += struct.calcsize("<" + fmt)
+        return vals[0] if len(vals) == 1 else vals
+
+    def string():
+        nonlocal pos
+        n = take("Q")
+        pos += n
+        return data[pos - n:pos].decode("utf-8", "surrogateescape")
+
+    scalar = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+
+    def value(t):
+        if t == 8:
+            return string()
+        if t == 9:
+            et, n = take("I"), take("Q")
+            return [value(et) for _ in range(n)]
+        return take(scalar[t])
+
+    assert take("4s") == b"GGUF" and take("I") == 3
+    n_tensors, n_kv = take("Q"), take("Q")
+    kv = {}
+    for _ in range(n_kv):
+        key = string()
+        kv[key] = value(take("I"))
+    tensors = {}
+    for _ in range(n_tensors):
+        name = string()
+        dims = [take("Q") for _ in range(take("I"))]
+        tensors[name] = (take("I"), dims)
+        take("Q")   # offset
+    return kv, tensors
+
+
+def test_pack_reports_progress_and_writes_a_gguf(packed, model_path):
+    from gguf import GGUFReader
+
+    assert "calibrating" in packed["stderr"] and "quantizing" in packed["stderr"]
+    assert "all layers:" in packed["stdout"] and "8-bit" in packed["stdout"]
+    kv, tensors = read_gguf_header(packed["path"])
+    assert kv["ebb.format"] == "w4a4" and kv["ebb.weight_quant"] == "rtn"
+    assert kv["ebb.rotation"] == "hadamard64-inputs"
+    assert kv["ebb.act_bits"] == 4 and kv["ebb.group_size"] == 64
+    assert "Apache-2.0" in kv["ebb.calibration"] and "seed 7" in kv["ebb.calibration"]
+    act8 = kv["ebb.act8_groups"]
+    src = GGUFReader(model_path)
+    n_layer = next(int(f.parts[f.data[0]][0]) for k, f in src.fields.items() if k.endswith(".block_count"))
+    assert len(act8) == 4 * n_layer
+    # Matrices in ebb's W4G64 (type 64, docs/formats.md), embedding Q8_0 (8), norms F32 (0),
+    # a permutation (I32, 26) per activation point; the head stays tied (no output.weight).
+    assert tensors["blk.0.attn_q.weight"][0] == 64 and tensors["blk.29.ffn_down.weight"][0] == 64
+    assert tensors["token_embd.weight"][0] == 8 and tensors["blk.0.attn_norm.weight"][0] == 0
+    assert tensors["blk.3.ffn_down_in.perm"] == (26, [1536])
+    assert "output.weight" not in tensors
+    # At most 20% of each layer's groups (attn_in 9, attn_out 9, ffn_in 9, ffn_down_in 24).
+    for layer in range(n_layer):
+        assert sum(act8[4 * layer:4 * layer + 4]) <= 0.2 * 51
+    # The source's own keys are kept, so the file loads like any model.
+    assert kv["tokenizer.ggml.model"] == "gpt2"
+    # Smaller than the Q4_1 source: 4-bit matrices, Q8_0 embedding, no separate head.
+    assert os.path.getsize(packed["path"]) < os.path.getsize(model_path)
+
+
+def test_pack_registers_the_variant(packed):
+    db = sqlite3.connect(packed["catalog"])
+    rows = db.execute("SELECT m.name, v.kind, v.path, v.bytes, v.bits_per_weight FROM variants v "
+                      "JOIN models m ON m.id = v.model_id").fetchall()
+    db.close()
+    assert len(rows) == 1
+    name, kind, path, nbytes, bpw = rows[0]
+    assert (name, kind, path) == ("smol", "w4a4-rtn", str(packed["path"]))
+    assert nbytes == os.path.getsize(packed["path"]) and 4.0 < bpw < 8.0
+
+
+def test_generate_and_ppl_run_the_packed_file(ebb_bin, packed, model_path):
+    for kv in ("32", "4"):
+        p = run_ebb(ebb_bin, "generate", "-m", str(packed["path"]), "--chat", "Name three primary colors.",
+                    "-n", "16", "--temp", "0", "--kv-bits", kv)
+        assert len(ok(p).strip()) > 0
+    ppl = {}
+    for label, path in (("f32", model_path), ("packed", str(packed["path"]))):
+        out = run_ebb(ebb_bin, "ppl", "-m", path, "-f", EVAL_TEXT, "--ctx", "256", "--chunks", "2",
+                      "--kv-bits", "4" if label == "packed" else "32")
+        line = ok(out).strip().splitlines()[-1]
+        ppl[label] = float(line.split()[2])
+    # Round-to-nearest on two windows of calibration is the crudest pack; it is
+    # still a language model, not noise (a vocabulary of 49152 would give ~49152).
+    assert ppl["f32"] < ppl["packed"] < 4 * ppl["f32"], ppl
+
+
+def test_serve_runs_the_variant_with_a_kv4_cache(ebb_bin, packed):
+    catalog = packed["dir"] / "serve.db"
+    shutil.copy(packed["catalog"], catalog)
+    ok(run_ebb(ebb_bin, "models", "--catalog", str(catalog), "add", str(packed["path"]), "--name", "smol-w4a4"))
+    srv = Server(ebb_bin, catalog, "--default-model", "smol-w4a4", "--model-kv-bits", "smol-w4a4=4")
+    try:
+        srv.wait_ready()
+        r = requests.post(srv.url("/v1/chat/completions"), timeout=120, json={
+            "model": "smol-w4a4", "max_tokens": 16, "temperature": 0,
+            "messages": [{"role": "user", "content": "What is the capital of France?"}]})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["usage"]["completion_tokens"] > 0 and body["choices"][0]["message"]["content"]
+        mem = requests.get(srv.url("/admin/memory"), headers=AUTH, timeout=IO_TIMEOUT).json()
+        entry = next(m for m in mem["models"] if m["model"] == "smol-w4a4")
+        # Served from the mapping: the 4-bit weights, far below the f32 copy (~540 MB).
+        assert entry["kv_bits"] == 4 and entry["weight_bytes"] < 100e6, entry
+    finally:
+        srv.stop_clean()
+
+
+def test_bad_packs_are_refused_with_a_reason(ebb_bin, packed, model_path, tmp_path):
+    out = str(tmp_path / "x.gguf")
+    refused(run_ebb(ebb_bin, "pack", "-m", str(packed["path"]), "--calib", CALIB_TEXT, "--no-register",
+                    "-o", out), "already a packed")
+    refused(run_ebb(ebb_bin, "pack", "-m", model_path, "--act-bits", "5", "-o", out), "act-bits")
+    refused(run_ebb(ebb_bin, "pack", "-m", model_path, "--format", "w2", "-o", out), "w2")
+    refused(run_ebb(ebb_bin, "pack", "-m", model_path, "--calib", str(tmp_path / "missing.txt"),
+                    "--no-register", "-o", out), "missing.txt")
+    refused(run_ebb(ebb_bin, "pack", "-m", model_path, "--calib", CALIB_TEXT, "--no-register",
+                    "-o", "/nonexistent-dir/x.gguf"), "cannot write")
+    assert not os.path.exists(out)
+
+
+def test_a_truncated_packed_file_is_refused_not_crashed(ebb_bin, packed, tmp_path):
+    data = packed["path"].read_bytes()
+    for cut in (len(data) // 2, len(data) - 100):
+        bad = tmp_path / f"cut{cut}.gguf"
+        bad.write_bytes(data[:cut])
+        refused(run_ebb(ebb_bin, "generate", "-m", str(bad), "-p", "hi", "-n", "1"), str(bad))
