@@ -524,7 +524,21 @@ static void act_prepare(struct model *m, struct run_state *s, const struct layer
         for (int i = 0; i < n; i++) dst[i] = src[perm[i]];
     }
     s->ax = s->xp;
-    if (m->act_bits != 16) m->be->quantize_act(s->xp, n_tok, n, w->n_hi[p], s->aq, s->as);
+    if (m->act_bits == 16) return;
+    /* Runs of tokens share one call; a sink position (the first
+     * KV_SINK_TOKENS of a sequence) is quantized with every group at 8 bits:
+     * every later token attends to it, so the error of its keys and values
+     * would reach them all. It depends on the position only, so batching
+     * does not change results. */
+    const int groups = n / EBB_ACT_GROUP;
+    for (int t0 = 0; t0 < n_tok;) {
+        const int sink = s->tok_pos[t0] < KV_SINK_TOKENS;
+        int t1 = t0 + 1;
+        while (t1 < n_tok && (s->tok_pos[t1] < KV_SINK_TOKENS) == sink) t1++;
+        m->be->quantize_act(s->xp + (size_t)t0 * n, t1 - t0, n, sink ? groups : w->n_hi[p], s->aq + (size_t)t0 * n,
+                            s->as + (size_t)t0 * groups);
+        t0 = t1;
+    }
 }
 
 /* out = the prepared activation times one weight matrix, in whichever form
