@@ -4,9 +4,12 @@
  * The packing itself lives in libebbtools (it links LAPACK); this file only
  * parses flags, prints the summary and, when the source model is registered
  * in the catalog (matched by its absolute path), adds the packed file as a
- * variant with its bytes, bits per weight and sha256. Perplexity is left
- * empty: it is measured later by the engine path (`ebb ppl`) on the held-out
- * text.
+ * variant with its bytes, bits per weight, sha256 and perplexity. The
+ * perplexity is measured right after packing by the engine running the
+ * written file (engine/perplexity.c, as `ebb ppl` does) on the held-out
+ * text (tools/heldout.py's cache) unless another is named, over 16 windows
+ * of 512 tokens, with the KV cache the variant is meant for: 4 bits for
+ * w4a4/w4a8, 32 for w4a16. Without a text the column stays empty.
  *
  * Exit status: 0 packed (and registered, or skipped because the model is not
  * in the catalog), 1 the packing or the registration failed, 2 bad usage.
@@ -16,7 +19,10 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
+#include "engine/model.h"
+#include "engine/perplexity.h"
 #include "server/cli.h"
 #include "server/config.h"
 #include "storage/catalog.h"
@@ -45,14 +51,63 @@ static void pack_usage(FILE *out) {
         "  --catalog PATH        catalog to register the variant in (default as `ebb models`)\n"
         "  --config FILE         read the catalog location from this configuration\n"
         "  --no-register         do not touch the catalog\n"
+        "  --eval FILE           text whose perplexity under the packed file is recorded in the\n"
+        "                        catalog (default $EBB_CACHE/heldout.txt when it exists)\n"
+        "  --eval-chunks N       windows of 512 tokens scored (default 16)\n"
+        "  --eval-kv-bits N      KV cache precision for it (default 4 for w4a4, 32 for w4a16)\n"
+        "  --no-eval             skip the perplexity measurement\n"
         "  -q, --quiet           no progress bars\n");
 }
 
-static void default_calib_path(char *buf, size_t len) {
+/* $EBB_CACHE/NAME, else ~/.cache/ebb/NAME. */
+static void cache_path(const char *name, char *buf, size_t len) {
     const char *cache = getenv("EBB_CACHE");
     const char *home = getenv("HOME");
-    if (cache && *cache) snprintf(buf, len, "%s/calibration.txt", cache);
-    else snprintf(buf, len, "%s/.cache/ebb/calibration.txt", home && *home ? home : ".");
+    if (cache && *cache) snprintf(buf, len, "%s/%s", cache, name);
+    else snprintf(buf, len, "%s/.cache/ebb/%s", home && *home ? home : ".", name);
+}
+
+struct eval_options {
+    const char *path;   /* NULL: no measurement */
+    int windows, kv_bits;
+};
+
+static void eval_progress(void *ud, int done, int total, const struct ppl_result *r, double seconds) {
+    (void)ud;
+    if (done == 0) return;
+    fprintf(stderr, "\rperplexity   [%d/%d windows] %.4f  %.0f s", done, total, r->ppl, seconds);
+    if (done == total) fputc('\n', stderr);
+}
+
+/* The packed file's perplexity on the evaluation text; ppl_text receives
+ * what it was measured on. 0, or -1 with a message printed. */
+static int measure_variant(const struct pack_options *o, const struct eval_options *e, int n_threads, double *ppl,
+                           char *ppl_text, size_t text_len) {
+    size_t len;
+    char *text = cli_read_file("pack", e->path, &len);
+    if (!text) return -1;
+    struct model m;
+    char err[512];
+    if (model_load(&m, o->out_path, n_threads, err, sizeof err)) {
+        fprintf(stderr, "ebb pack: cannot load the packed file back: %s\n", err);
+        free(text);
+        return -1;
+    }
+    struct ppl_result r;
+    const int rc = perplexity_measure(&m, text, len, 512, e->windows, e->kv_bits, o->progress ? eval_progress : NULL,
+                                      NULL, &r, err, sizeof err);
+    model_free(&m);
+    free(text);
+    if (rc) {
+        fprintf(stderr, "ebb pack: perplexity on %s: %s\n", e->path, err);
+        return -1;
+    }
+    const char *base = strrchr(e->path, '/');
+    snprintf(ppl_text, text_len, "%s, %d windows of 512 (%ld tokens scored), kv_bits %d", base ? base + 1 : e->path,
+             r.windows, r.scored, e->kv_bits);
+    printf("perplexity %.4f +/- %.4f on %s\n", r.ppl, r.err, ppl_text);
+    *ppl = r.ppl;
+    return 0;
 }
 
 static int file_sha256(const char *path, char hex[65]) {
@@ -104,7 +159,7 @@ static void print_summary(const struct pack_options *o, const struct pack_result
 
 /* Adds the variant when the source model is registered. 0 done or skipped, -1 failed. */
 static int register_variant(const struct pack_options *o, const struct pack_result *r, const char *catalog_flag,
-                            const char *config_path) {
+                            const char *config_path, const double *ppl, const char *ppl_text) {
     char err[1024], path[4096], src[PATH_MAX], out[PATH_MAX], hex[65];
     struct ebb_config *cfg = malloc(sizeof *cfg);
     if (!cfg) { fprintf(stderr, "ebb pack: out of memory\n"); return -1; }
@@ -144,7 +199,8 @@ static int register_variant(const struct pack_options *o, const struct pack_resu
     } else {
         struct catalog_variant v = {.model_id = found->id, .kind = (char *)variant_kind(o), .path = out,
                                     .bytes = (int64_t)r->file_bytes, .bits_per_weight = r->bits_per_weight,
-                                    .checksum = hex};
+                                    .checksum = hex, .has_perplexity = ppl != NULL,
+                                    .perplexity = ppl ? *ppl : 0, .ppl_text = ppl ? (char *)ppl_text : NULL};
         enum catalog_status st = catalog_variant_add(cat, &v, NULL, err, sizeof err);
         if (st == CATALOG_OK) {
             printf("registered as a '%s' variant of %s in %s\n", v.kind, found->name, path);
@@ -164,19 +220,24 @@ static int register_variant(const struct pack_options *o, const struct pack_resu
 int cmd_pack(int argc, char **argv) {
     struct pack_options o;
     pack_options_default(&o);
-    char calib[4096];
+    char calib[4096], heldout[4096];
     const char *catalog_flag = NULL, *config_path = NULL;
-    int no_register = 0;
+    int no_register = 0, no_eval = 0;
+    struct eval_options e = {NULL, 16, 0};
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v;
         if (!strcmp(a, "--help") || !strcmp(a, "-h")) { pack_usage(stdout); return 0; }
         if (!strcmp(a, "--no-register")) { no_register = 1; continue; }
+        if (!strcmp(a, "--no-eval")) { no_eval = 1; continue; }
         if (!strcmp(a, "-q") || !strcmp(a, "--quiet")) { o.progress = 0; continue; }
         if (!(v = cli_value("pack", argc, argv, &i))) return 2;
         int bad = 0;
         if (!strcmp(a, "-m")) o.model_path = v;
         else if (!strcmp(a, "-o")) o.out_path = v;
         else if (!strcmp(a, "--calib")) o.calib_path = v;
+        else if (!strcmp(a, "--eval")) e.path = v;
+        else if (!strcmp(a, "--eval-chunks")) bad = cli_int("pack", a, v, 1, 1 << 20, &e.windows);
+        else if (!strcmp(a, "--eval-kv-bits")) bad = cli_int("pack", a, v, 4, 32, &e.kv_bits);
         else if (!strcmp(a, "--catalog")) catalog_flag = v;
         else if (!strcmp(a, "--config")) config_path = v;
         else if (!strcmp(a, "--format")) {
@@ -212,9 +273,18 @@ int cmd_pack(int argc, char **argv) {
         return 2;
     }
     if (!o.calib_path) {
-        default_calib_path(calib, sizeof calib);
+        cache_path("calibration.txt", calib, sizeof calib);
         o.calib_path = calib;
     }
+    if (no_eval) {
+        e.path = NULL;
+    } else if (!e.path) {
+        cache_path("heldout.txt", heldout, sizeof heldout);
+        if (access(heldout, R_OK) == 0) e.path = heldout;
+        else printf("no evaluation text (%s; python3 tools/heldout.py makes it): perplexity not measured\n",
+                    heldout);
+    }
+    if (!e.kv_bits) e.kv_bits = o.format == PACK_W4A16 ? 32 : 4;
     struct pack_result r;
     char err[1024];
     if (pack_run(&o, &r, err, sizeof err)) {
@@ -222,7 +292,15 @@ int cmd_pack(int argc, char **argv) {
         return 1;
     }
     print_summary(&o, &r);
-    int rc = no_register ? 0 : register_variant(&o, &r, catalog_flag, config_path) ? 1 : 0;
+    double ppl;
+    char ppl_text[512];
+    const int measured = e.path && measure_variant(&o, &e, o.n_threads, &ppl, ppl_text, sizeof ppl_text) == 0;
+    if (e.path && !measured) {
+        pack_result_free(&r);
+        return 1;   /* the file is written; a text that cannot be scored is the user's to fix */
+    }
+    int rc = no_register ? 0
+             : register_variant(&o, &r, catalog_flag, config_path, measured ? &ppl : NULL, ppl_text) ? 1 : 0;
     pack_result_free(&r);
     return rc;
 }

@@ -46,7 +46,7 @@ def packed(ebb_bin, model_path, tmp_path_factory):
     out = d / "smol-w4a4.gguf"
     p = run_ebb(ebb_bin, "pack", "-m", model_path, "--format", "w4a4", "--weight-quant", "rtn",
                 "--calib", CALIB_TEXT, "--calib-seqs", "2", "--calib-len", "128", "--seed", "7",
-                "--catalog", str(catalog), "-o", str(out))
+                "--eval", EVAL_TEXT, "--eval-chunks", "2", "--catalog", str(catalog), "-o", str(out))
     return {"dir": d, "catalog": catalog, "path": out, "stdout": ok(p), "stderr": p.stderr.decode()}
 
 
@@ -126,15 +126,21 @@ def test_pack_reports_progress_and_writes_a_gguf(packed, model_path):
     assert os.path.getsize(packed["path"]) < os.path.getsize(model_path)
 
 
-def test_pack_registers_the_variant(packed):
+def test_pack_registers_the_variant_with_its_perplexity(ebb_bin, packed):
     db = sqlite3.connect(packed["catalog"])
-    rows = db.execute("SELECT m.name, v.kind, v.path, v.bytes, v.bits_per_weight FROM variants v "
-                      "JOIN models m ON m.id = v.model_id").fetchall()
+    rows = db.execute("SELECT m.name, v.kind, v.path, v.bytes, v.bits_per_weight, v.perplexity, v.ppl_text "
+                      "FROM variants v JOIN models m ON m.id = v.model_id").fetchall()
     db.close()
     assert len(rows) == 1
-    name, kind, path, nbytes, bpw = rows[0]
+    name, kind, path, nbytes, bpw, ppl, ppl_text = rows[0]
     assert (name, kind, path) == ("smol", "w4a4-rtn", str(packed["path"]))
     assert nbytes == os.path.getsize(packed["path"]) and 4.0 < bpw < 8.0
+    # Measured on the packed file with a KV4 cache, as `ebb ppl` measures it.
+    assert "GPL-3" in ppl_text and "2 windows of 512" in ppl_text and "kv_bits 4" in ppl_text
+    out = ok(run_ebb(ebb_bin, "ppl", "-m", str(packed["path"]), "-f", EVAL_TEXT, "--ctx", "512", "--chunks", "2",
+                     "--kv-bits", "4"))
+    assert abs(ppl - float(out.split()[2])) < 1e-3, (ppl, out)
+    assert "perplexity" in packed["stdout"]
 
 
 def test_generate_and_ppl_run_the_packed_file(ebb_bin, packed, model_path):

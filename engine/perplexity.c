@@ -1,0 +1,111 @@
+/* Perplexity (see perplexity.h for the scoring rules). NLLs are summed in
+ * double from a max-shifted log-sum-exp over each row of logits, so a
+ * vocabulary of 50K and thousands of tokens add without drift. */
+#include "engine/perplexity.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "engine/generate.h"
+#include "engine/model.h"
+#include "engine/tokenizer.h"
+
+/* -log p(target) from a row of logits. */
+static double token_nll(const float *logits, int n_vocab, int32_t target) {
+    float max = logits[0];
+    for (int i = 1; i < n_vocab; i++) if (logits[i] > max) max = logits[i];
+    double sum = 0;
+    for (int i = 0; i < n_vocab; i++) sum += exp((double)logits[i] - max);
+    return log(sum) - ((double)logits[target] - max);
+}
+
+static void fill_result(struct ppl_result *r, double nll, double nll2, long count) {
+    const double mean = count ? nll / count : 0, var = count ? nll2 / count - mean * mean : 0;
+    r->ppl = exp(mean);
+    r->err = var > 0 && count > 1 ? r->ppl * sqrt(var / (count - 1)) : 0;
+    r->scored = count;
+}
+
+int perplexity_measure(struct model *m, const char *text, size_t len, int n_ctx, int max_windows, int kv_bits,
+                       ppl_progress_fn progress, void *ud, struct ppl_result *r, char *err, size_t errlen) {
+    memset(r, 0, sizeof *r);
+    if (n_ctx < 8 || n_ctx > m->cfg.n_ctx_train) {
+        snprintf(err, errlen, "windows of %d tokens: the model's context is %d (and at least 8 are needed)", n_ctx,
+                 m->cfg.n_ctx_train);
+        return -1;
+    }
+    struct kv_account kv_policy;   /* the cache's precision; no budget */
+    if (kv_account_init(&kv_policy, &m->cfg, kv_bits, 0)) {
+        snprintf(err, errlen, "%s", kv_bits_problem(&m->cfg, kv_bits));
+        return -1;
+    }
+    int rc = -1;
+    int32_t *body = NULL, *tokens = NULL;
+    float *logits = NULL;
+    struct kv_cache kv = {0};
+    const int n_body = tokenizer_encode(m->tok, text, len, 0, &body);
+    if (n_body < 0) {
+        snprintf(err, errlen, "the text is not valid UTF-8");
+        goto out;
+    }
+    const int bos = tokenizer_add_bos(m->tok) && tokenizer_bos(m->tok) >= 0 ? tokenizer_bos(m->tok) : -1;
+    /* With BOS the stream is [BOS, body...], like llama.cpp's tokenization. */
+    tokens = malloc(((size_t)n_body + 1) * sizeof(int32_t));
+    if (!tokens) {
+        snprintf(err, errlen, "out of memory");
+        goto out;
+    }
+    int n_tokens = 0;
+    if (bos >= 0) tokens[n_tokens++] = bos;
+    memcpy(tokens + n_tokens, body, (size_t)n_body * sizeof(int32_t));
+    n_tokens += n_body;
+    r->n_tokens = n_tokens;
+
+    int n_windows = n_tokens / n_ctx;
+    if (max_windows > 0 && n_windows > max_windows) n_windows = max_windows;
+    if (n_windows == 0) {
+        snprintf(err, errlen, "the text has %d tokens, fewer than one window of %d", n_tokens, n_ctx);
+        goto out;
+    }
+    logits = malloc((size_t)n_ctx * m->cfg.n_vocab * sizeof(float));
+    if (!logits || kv_cache_init(&kv, &m->cfg, n_ctx, &kv_policy)) {
+        snprintf(err, errlen, "out of memory");
+        goto out;
+    }
+    const int first = n_ctx / 2;
+    double nll = 0, nll2 = 0;
+    long count = 0;
+    const double t0 = ebb_now_seconds();
+    if (progress) progress(ud, 0, n_windows, r, 0);
+    for (int w = 0; w < n_windows; w++) {
+        int32_t *win = tokens + (size_t)w * n_ctx;
+        const int32_t saved = win[0];
+        if (bos >= 0) win[0] = bos;
+        kv_cache_clear(&kv);
+        const int frc = model_forward(m, &kv, win, n_ctx, logits, 1);
+        win[0] = saved;
+        if (frc) {
+            snprintf(err, errlen, "the forward pass failed");
+            goto out;
+        }
+        for (int j = first; j < n_ctx - 1; j++) {
+            const double v = token_nll(logits + (size_t)j * m->cfg.n_vocab, m->cfg.n_vocab, win[j + 1]);
+            nll += v;
+            nll2 += v * v;
+            count++;
+        }
+        r->windows = w + 1;
+        fill_result(r, nll, nll2, count);
+        if (progress) progress(ud, w + 1, n_windows, r, ebb_now_seconds() - t0);
+    }
+    rc = 0;
+out:
+    kv_cache_free(&kv);
+    kv_account_destroy(&kv_policy);
+    free(logits);
+    free(tokens);
+    free(body);
+    return rc;
+}

@@ -1,0 +1,39 @@
+/* Perplexity of a text under a model, scored the way llama.cpp's
+ * llama-perplexity scores it so the numbers are comparable:
+ *
+ *   - the whole text is tokenized once (BOS first only if the model asks for it);
+ *   - it is cut into consecutive, non-overlapping windows of n_ctx tokens
+ *     (a trailing partial window is dropped); with a BOS model the first
+ *     token of every window is replaced by BOS;
+ *   - each window is evaluated from an empty cache, and only the second half
+ *     is scored: the predictions at positions n_ctx/2 .. n_ctx-2 of the
+ *     tokens that follow them, so every scored token has at least n_ctx/2 of
+ *     context;
+ *   - PPL = exp(mean negative log-likelihood over all scored tokens).
+ *
+ * One implementation for `ebb ppl` and for `ebb pack`, which records the
+ * perplexity of the variant it wrote in the catalog. */
+#ifndef EBB_ENGINE_PERPLEXITY_H
+#define EBB_ENGINE_PERPLEXITY_H
+#include <stddef.h>
+
+struct model;
+
+struct ppl_result {
+    double ppl;           /* exp(mean NLL) */
+    double err;           /* its standard error (delta method), as llama.cpp prints it */
+    long scored;          /* tokens scored */
+    int windows;          /* windows evaluated */
+    int n_tokens;         /* tokens in the whole text */
+};
+
+/* Called before the first window (done = 0) and after each one. */
+typedef void (*ppl_progress_fn)(void *ud, int done, int total, const struct ppl_result *so_far, double seconds);
+
+/* Scores text[0..len) in windows of n_ctx (at most max_windows of them; 0:
+ * all) with a KV cache of kv_bits. 0, or -1 with the reason in err (text not
+ * UTF-8, shorter than one window, n_ctx beyond the model's context, a
+ * kv_bits the model cannot use, out of memory). */
+int perplexity_measure(struct model *m, const char *text, size_t len, int n_ctx, int max_windows, int kv_bits,
+                       ppl_progress_fn progress, void *ud, struct ppl_result *r, char *err, size_t errlen);
+#endif
