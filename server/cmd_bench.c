@@ -154,7 +154,7 @@ int cmd_bench(int argc, char **argv) {
         model_free(&m);
         return 2;
     }
-    printf("model: %s  arch %s  weights %.1f MiB f32  backend %s  threads %d  kv_bits %d\n", model_path,
+    printf("model: %s  arch %s  resident weights %.1f MiB  backend %s  threads %d  kv_bits %d\n", model_path,
            m.cfg.arch, m.weight_bytes / 1048576.0, m.be->name, ebb_pool_threads(m.pool), kv_bits);
     printf("| test     |            t/s    |\n|----------|-------------------|\n");
     char label[32];
