@@ -4,7 +4,7 @@
 # $EBB_CACHE/packed/ unless they are there already, then measures each one's perplexity on the
 # held-out text (tools/heldout.py; never seen by calibration) beside f32 with a float32 and a
 # KV4 cache, with its bytes, and finally the greedy agreement of 64-token chat answers on 50
-# prompts (tools/agreement.py). Not a test: it takes about an hour on 2 cores. Record the
+# prompts (tools/agreement.py). Not a test: it takes about 30 minutes on 2 cores. Record the
 # output in docs/benchmarks.md.
 #
 # Usage: tools/quality.sh [CHUNKS]     (windows of 512 tokens scored; default 16, 0 = all)
@@ -24,7 +24,7 @@ pack() {   # name, then ebb pack options
     local name=$1; shift
     if [ ! -f "$packed/$name.gguf" ] || [ "${REPACK:-0}" = 1 ]; then
         echo "# $ebb pack -m $source_model $* -o $packed/$name.gguf" >&2
-        "$ebb" pack -m "$source_model" "$@" --no-register -o "$packed/$name.gguf" >&2
+        "$ebb" pack -m "$source_model" "$@" --no-register --no-eval -o "$packed/$name.gguf" >&2
     fi
 }
 pack w4a16-rtn --format w4a16 --weight-quant rtn
