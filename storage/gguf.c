@@ -85,7 +85,7 @@ static int read_str(struct cursor *c, struct gguf_str *s, uint64_t max_len, cons
     return 0;
 }
 
-static size_t scalar_size(uint32_t type) {
+size_t gguf_scalar_size(uint32_t type) {
     switch (type) {
     case GGUF_UINT8: case GGUF_INT8: case GGUF_BOOL: return 1;
     case GGUF_UINT16: case GGUF_INT16: return 2;
@@ -102,7 +102,7 @@ static int skip_value(struct cursor *c, uint32_t type, const char *key) {
         struct gguf_str s;
         return read_str(c, &s, c->size, "string value");
     }
-    size_t sz = scalar_size(type);
+    size_t sz = gguf_scalar_size(type);
     if (!sz) return fail(c, "key '%s' has unknown value type %u", key, type);
     if (need(c, sz, "value")) return -1;
     if (type == GGUF_BOOL && c->base[c->pos] > 1)
@@ -123,7 +123,7 @@ static int parse_kv(struct cursor *c, struct gguf_kv *kv) {
     if (read_u32(c, &kv->arr_type, "array element type")) return -1;
     if (read_u64(c, &kv->arr_n, "array length")) return -1;
     if (kv->arr_type == GGUF_ARRAY) return fail(c, "key '%s': nested arrays are not supported", key);
-    size_t esz = kv->arr_type == GGUF_STRING ? 8 : scalar_size(kv->arr_type);
+    size_t esz = kv->arr_type == GGUF_STRING ? 8 : gguf_scalar_size(kv->arr_type);
     if (!esz) return fail(c, "key '%s' has unknown array element type %u", key, kv->arr_type);
     /* Every element occupies at least esz bytes: reject absurd counts up front. */
     if (kv->arr_n > (c->size - c->pos) / esz)
@@ -326,7 +326,7 @@ const struct gguf_tensor *gguf_find_tensor(const struct gguf_file *f, const char
 static double scalar_as_double(uint32_t type, const uint8_t *p) {
     union { uint8_t u8; int8_t i8; uint16_t u16; int16_t i16; uint32_t u32; int32_t i32;
             float f32; uint64_t u64; int64_t i64; double f64; } v;
-    memcpy(&v, p, scalar_size(type));
+    memcpy(&v, p, gguf_scalar_size(type));
     switch (type) {
     case GGUF_UINT8: return v.u8;
     case GGUF_INT8: return v.i8;
@@ -397,7 +397,7 @@ struct gguf_str gguf_arr_str(const struct gguf_kv *kv, uint64_t i) {
 }
 
 double gguf_arr_num(const struct gguf_kv *kv, uint64_t i) {
-    return scalar_as_double(kv->arr_type, kv->value + i * scalar_size(kv->arr_type));
+    return scalar_as_double(kv->arr_type, kv->value + i * gguf_scalar_size(kv->arr_type));
 }
 
 int gguf_tensor_to_f32(const struct gguf_tensor *t, float *dst) {

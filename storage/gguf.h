@@ -75,6 +75,9 @@ int gguf_get_str(const struct gguf_file *f, const char *key, struct gguf_str *ou
 /* Array element access for arrays of strings and numbers (i < arr_n). */
 struct gguf_str gguf_arr_str(const struct gguf_kv *kv, uint64_t i);
 double gguf_arr_num(const struct gguf_kv *kv, uint64_t i);
+/* Bytes of one value of a scalar GGUF type (1, 2, 4 or 8); 0 for strings,
+ * arrays and unknown types. The writer uses it too. */
+size_t gguf_scalar_size(uint32_t type);
 
 /* Dequantizes a whole tensor into dst (n_elems floats). -1 if the type has
  * no f32 conversion. */

@@ -80,16 +80,6 @@ void gguf_writer_free(struct gguf_writer *w) {
     free(w);
 }
 
-static size_t scalar_bytes(uint32_t type) {
-    switch (type) {
-    case GGUF_UINT8: case GGUF_INT8: case GGUF_BOOL: return 1;
-    case GGUF_UINT16: case GGUF_INT16: return 2;
-    case GGUF_UINT32: case GGUF_INT32: case GGUF_FLOAT32: return 4;
-    case GGUF_UINT64: case GGUF_INT64: case GGUF_FLOAT64: return 8;
-    default: return 0;
-    }
-}
-
 /* Stores key -> (type, payload), replacing an existing key's value. Takes
  * ownership of val. */
 static int put_kv(struct gguf_writer *w, const char *key, size_t key_len, uint8_t *val, size_t val_len) {
@@ -143,7 +133,7 @@ int gguf_writer_copy_kv(struct gguf_writer *w, const struct gguf_kv *kv) {
             }
             elems = (size_t)(p - kv->value);
         } else {
-            size_t esz = scalar_bytes(kv->arr_type);
+            size_t esz = gguf_scalar_size(kv->arr_type);
             if (!esz) return writer_fail(w, "key '%.*s': unsupported array type %u", (int)kv->key.len,
                                          kv->key.ptr, kv->arr_type);
             elems = (size_t)kv->arr_n * esz;
@@ -157,7 +147,7 @@ int gguf_writer_copy_kv(struct gguf_writer *w, const struct gguf_kv *kv) {
         memcpy(v + 16, kv->value, elems);
         return put_kv(w, kv->key.ptr, (size_t)kv->key.len, v, 16 + elems);
     } else {
-        len = scalar_bytes(kv->type);
+        len = gguf_scalar_size(kv->type);
         if (!len) return writer_fail(w, "key '%.*s': unsupported type %u", (int)kv->key.len, kv->key.ptr,
                                      kv->type);
     }
