@@ -34,15 +34,10 @@ Usage:
     python3 tools/calibration.py -o FILE    # write the text somewhere else
 """
 
-import argparse
-import glob
-import gzip
-import hashlib
 import os
 import re
-import subprocess
-import sys
-import tempfile
+
+from packaged_text import CACHE, PackagedText
 
 PACKAGE = "coreutils"
 SOURCE = "/usr/share/info/coreutils.info.gz"
@@ -51,48 +46,11 @@ LICENCE = "GFDL-1.3-or-later, no invariant sections (see the notice at the top o
 SKIP_NODES = {"Top", "GNU Free Documentation License", "Concept index"}
 OUTPUT_SHA256 = "50d099f881a7e5554f22994b28a7b9fd9a2a27bb7a0e9d9f9f1a3e4fba3e240c"
 
-CACHE = os.environ.get("EBB_CACHE", os.path.expanduser("~/.cache/ebb"))
 DEFAULT_OUT = os.path.join(CACHE, "calibration.txt")
 PROVENANCE = (f"GNU Coreutils 9.1 manual ({SOURCE}, Debian package {PACKAGE} 9.1-1), "
               f"licence {LICENCE}; cleaned by tools/calibration.py")
 
 MENU_ENTRY = re.compile(r"^\* [^:]+::|^\* [^:]+: [^.]+\.")
-
-
-def die(msg):
-    print(f"calibration: {msg}", file=sys.stderr)
-    sys.exit(1)
-
-
-def fetch_deb_into_cache():
-    """Return a path to coreutils.info.gz extracted from the package's .deb into the cache."""
-    dest = os.path.join(CACHE, "debs", PACKAGE)
-    extracted = dest + SOURCE
-    if os.path.exists(extracted):
-        return extracted
-    os.makedirs(dest, exist_ok=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        r = subprocess.run(["apt-get", "download", PACKAGE], cwd=tmp, capture_output=True, text=True)
-        debs = glob.glob(os.path.join(tmp, PACKAGE + "_*.deb"))
-        if r.returncode != 0 or not debs:
-            die(f"{SOURCE} is missing and 'apt-get download {PACKAGE}' failed: {r.stderr.strip()}")
-        r = subprocess.run(["dpkg-deb", "-x", debs[0], dest], capture_output=True, text=True)
-        if r.returncode != 0:
-            die(f"dpkg-deb -x {debs[0]} failed: {r.stderr.strip()}")
-    if not os.path.exists(extracted):
-        die(f"{debs[0]} does not contain {SOURCE}")
-    return extracted
-
-
-def read_source():
-    path = SOURCE if os.path.exists(SOURCE) else fetch_deb_into_cache()
-    with gzip.open(path, "rb") as f:
-        raw = f.read()
-    digest = hashlib.sha256(raw).hexdigest()
-    if digest != SOURCE_SHA256:
-        die(f"{path}: sha256 {digest} differs from the pinned {SOURCE_SHA256}; "
-            "a different manual would change every packed model")
-    return path, raw.decode("utf-8")
 
 
 def clean(text):
@@ -119,39 +77,14 @@ def clean(text):
     return "\n".join(out) + "\n"
 
 
+TEXT = PackagedText(name="calibration", package=PACKAGE, source=SOURCE, source_sha256=SOURCE_SHA256,
+                    licence=LICENCE, output_sha256=OUTPUT_SHA256, clean=clean, changes="every packed model",
+                    provenance=PROVENANCE)
+
 def ensure(out_path=DEFAULT_OUT):
-    """Write the calibration text and its provenance line; return (path, source, size, sha256)."""
-    src, text = read_source()
-    body = clean(text).encode("utf-8")
-    digest = hashlib.sha256(body).hexdigest()
-    if OUTPUT_SHA256 is not None and digest != OUTPUT_SHA256:
-        die(f"cleaned text sha256 {digest} differs from the pinned {OUTPUT_SHA256}")
-    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-    for path, data in ((out_path, body), (out_path + ".source", (PROVENANCE + "\n").encode("utf-8"))):
-        try:
-            with open(path, "rb") as f:
-                if f.read() == data:
-                    continue
-        except FileNotFoundError:
-            pass
-        tmp = path + ".part"
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    return out_path, src, len(body), digest
-
-
-def main():
-    ap = argparse.ArgumentParser(description="write ebb's calibration text and print its path")
-    ap.add_argument("-o", "--output", default=DEFAULT_OUT)
-    ap.add_argument("--info", action="store_true", help="print provenance to stderr")
-    args = ap.parse_args()
-    path, src, size, digest = ensure(args.output)
-    if args.info:
-        print(f"source: {src} (Debian package {PACKAGE}); licence: {LICENCE}\n"
-              f"text: {path}, {size} bytes, sha256 {digest}", file=sys.stderr)
-    print(path)
+    """Write the text (if not already identical); return (path, source, size, sha256)."""
+    return TEXT.ensure(out_path)
 
 
 if __name__ == "__main__":
-    main()
+    TEXT.main("write ebb's calibration text and print its path", DEFAULT_OUT)

@@ -29,14 +29,9 @@ Usage:
     python tools/heldout.py -o FILE      # write the text somewhere else
 """
 
-import argparse
-import glob
-import gzip
-import hashlib
 import os
-import subprocess
-import sys
-import tempfile
+
+from packaged_text import CACHE, PackagedText
 
 PACKAGE = "jargon-text"
 SOURCE = "/usr/share/doc/jargon-text/jargon.txt.gz"
@@ -46,46 +41,7 @@ FIRST_ENTRY = ":(TM):"
 TARGET_CHARS = 500_000
 OUTPUT_SHA256 = "4c7dde64011ace9e90082c21ec169ed5e6a690094821e3aa53b9a23602ae8e95"
 
-CACHE = os.environ.get("EBB_CACHE", os.path.expanduser("~/.cache/ebb"))
 DEFAULT_OUT = os.path.join(CACHE, "heldout.txt")
-
-
-def die(msg):
-    print(f"heldout: {msg}", file=sys.stderr)
-    sys.exit(1)
-
-
-def fetch_deb_into_cache():
-    """Return a path to jargon.txt.gz extracted from the package's .deb into the cache."""
-    dest = os.path.join(CACHE, "debs", PACKAGE)
-    extracted = dest + SOURCE
-    if os.path.exists(extracted):
-        return extracted
-    os.makedirs(dest, exist_ok=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        r = subprocess.run(["apt-get", "download", PACKAGE], cwd=tmp,
-                           capture_output=True, text=True)
-        debs = glob.glob(os.path.join(tmp, PACKAGE + "_*.deb"))
-        if r.returncode != 0 or not debs:
-            die(f"{SOURCE} is missing and 'apt-get download {PACKAGE}' failed: "
-                f"{r.stderr.strip()}\ninstall it with: apt-get install {PACKAGE}")
-        r = subprocess.run(["dpkg-deb", "-x", debs[0], dest], capture_output=True, text=True)
-        if r.returncode != 0:
-            die(f"dpkg-deb -x {debs[0]} failed: {r.stderr.strip()}")
-    if not os.path.exists(extracted):
-        die(f"{debs[0]} does not contain {SOURCE}")
-    return extracted
-
-
-def read_source():
-    path = SOURCE if os.path.exists(SOURCE) else fetch_deb_into_cache()
-    with gzip.open(path, "rb") as f:
-        raw = f.read()
-    digest = hashlib.sha256(raw).hexdigest()
-    if digest != SOURCE_SHA256:
-        die(f"{path}: sha256 {digest} differs from the pinned {SOURCE_SHA256}; "
-            "a different Jargon File would change every perplexity number")
-    return path, raw.decode("utf-8")
 
 
 def clean(text):
@@ -93,7 +49,7 @@ def clean(text):
     lines = text.split("\n")
     starts = [i for i, line in enumerate(lines) if line.strip().startswith(FIRST_ENTRY)]
     if not starts:
-        die(f"cannot find the first Lexicon entry {FIRST_ENTRY!r}")
+        TEXT.die(f"cannot find the first Lexicon entry {FIRST_ENTRY!r}")
     out, size, blank = [], 0, False
     for line in lines[starts[0]:]:
         line = line.rstrip()
@@ -114,38 +70,13 @@ def clean(text):
     return "\n".join(out) + "\n"
 
 
+TEXT = PackagedText(name="heldout", package=PACKAGE, source=SOURCE, source_sha256=SOURCE_SHA256, licence=LICENCE,
+                    output_sha256=OUTPUT_SHA256, clean=clean, changes="every perplexity number")
+
 def ensure(out_path=DEFAULT_OUT):
-    """Write the held-out text to out_path (if not already identical) and return the path."""
-    src, text = read_source()
-    body = clean(text).encode("utf-8")
-    digest = hashlib.sha256(body).hexdigest()
-    if OUTPUT_SHA256 is not None and digest != OUTPUT_SHA256:
-        die(f"cleaned text sha256 {digest} differs from the pinned {OUTPUT_SHA256}")
-    try:
-        with open(out_path, "rb") as f:
-            if f.read() == body:
-                return out_path, src, len(body), digest
-    except FileNotFoundError:
-        pass
-    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-    tmp = out_path + ".part"
-    with open(tmp, "wb") as f:
-        f.write(body)
-    os.replace(tmp, out_path)
-    return out_path, src, len(body), digest
-
-
-def main():
-    ap = argparse.ArgumentParser(description="write ebb's held-out perplexity text and print its path")
-    ap.add_argument("-o", "--output", default=DEFAULT_OUT)
-    ap.add_argument("--info", action="store_true", help="print provenance to stderr")
-    args = ap.parse_args()
-    path, src, size, digest = ensure(args.output)
-    if args.info:
-        print(f"source: {src} (Debian package {PACKAGE}); licence: {LICENCE}\n"
-              f"text: {path}, {size} bytes, sha256 {digest}", file=sys.stderr)
-    print(path)
+    """Write the text (if not already identical); return (path, source, size, sha256)."""
+    return TEXT.ensure(out_path)
 
 
 if __name__ == "__main__":
-    main()
+    TEXT.main("write ebb's held-out perplexity text and print its path", DEFAULT_OUT)
