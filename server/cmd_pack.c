@@ -285,6 +285,15 @@ int cmd_pack(int argc, char **argv) {
                     heldout);
     }
     if (!e.kv_bits) e.kv_bits = o.format == PACK_W4A16 ? 32 : 4;
+    /* Checked before the minutes of packing, not after. */
+    if (e.kv_bits != 32 && e.kv_bits != 16 && e.kv_bits != 8 && e.kv_bits != 4) {
+        fprintf(stderr, "ebb pack: --eval-kv-bits must be 32, 16, 8 or 4, not %d\n", e.kv_bits);
+        return 2;
+    }
+    if (e.path && access(e.path, R_OK) != 0) {
+        fprintf(stderr, "ebb pack: cannot read the evaluation text %s: %s\n", e.path, strerror(errno));
+        return 2;
+    }
     struct pack_result r;
     char err[1024];
     if (pack_run(&o, &r, err, sizeof err)) {

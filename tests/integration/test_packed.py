@@ -207,6 +207,11 @@ def test_bad_packs_are_refused_with_a_reason(ebb_bin, packed, model_path, tmp_pa
                     "--no-register", "-o", out), "missing.txt")
     refused(run_ebb(ebb_bin, "pack", "-m", model_path, "--calib", CALIB_TEXT, "--no-register",
                     "-o", "/nonexistent-dir/x.gguf"), "cannot write")
+    # The evaluation's settings are checked before packing starts.
+    refused(run_ebb(ebb_bin, "pack", "-m", model_path, "--calib", CALIB_TEXT, "--no-register",
+                    "--eval", str(tmp_path / "no-eval.txt"), "-o", out), "no-eval.txt")
+    refused(run_ebb(ebb_bin, "pack", "-m", model_path, "--calib", CALIB_TEXT, "--no-register",
+                    "--eval", EVAL_TEXT, "--eval-kv-bits", "5", "-o", out), "--eval-kv-bits")
     assert not os.path.exists(out)
 
 
@@ -231,3 +236,14 @@ def test_packing_is_deterministic_for_a_seed(ebb_bin, model_path, tmp_path):
     first = pack(3, "a.gguf")
     assert pack(3, "b.gguf") == first
     assert pack(4, "c.gguf") != first
+
+
+def test_a_file_from_the_first_packer_is_refused(ebb_bin, packed, tmp_path):
+    """The first packer folded the norms into a rotated residual stream (ebb.rotation
+    "hadamard64"); the engine cannot run such a file and must say so, not misread it."""
+    data = packed["path"].read_bytes()
+    assert data.count(b"hadamard64-inputs") == 1
+    old = tmp_path / "old.gguf"
+    # Same length, so every offset in the file stays valid: only the value is foreign.
+    old.write_bytes(data.replace(b"hadamard64-inputs", b"hadamard64-folded"))
+    refused(run_ebb(ebb_bin, "generate", "-m", str(old), "-p", "hi", "-n", "1"), "pack it again")
