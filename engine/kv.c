@@ -366,108 +366,140 @@ void kv_store(struct kv_cache *kv, const struct ebb_backend *be, int layer, int 
 
 /* ------------------------------------------------------------ attention */
 
-/* The scratch holds the scores; the rotated query and the rotated sum of
- * values (head_dim floats) live on the stack. */
+int kv_block_queries(const struct model_config *cfg) {
+    const int group = cfg->n_head / cfg->n_head_kv;
+    return group > KV_BLOCK_QUERIES ? group : KV_BLOCK_QUERIES;
+}
+
+int kv_block_tokens(const struct model_config *cfg) {
+    const int t = KV_BLOCK_QUERIES / (cfg->n_head / cfg->n_head_kv);
+    return t > 0 ? t : 1;
+}
+
+/* Per query: its scaled copy, the copy rotated, the two sums of values; then
+ * a key and a value page view; then the scores, n_ctx per query. */
 size_t kv_attend_scratch(const struct model_config *cfg, int n_ctx) {
-    (void)cfg;
-    return (size_t)n_ctx;
+    const size_t hd = (size_t)cfg->head_dim, nq = (size_t)kv_block_queries(cfg);
+    return nq * (4 * hd + (size_t)n_ctx) + 2 * KV_PAGE_TOKENS * hd;
 }
 
-/* The three places a position's full-precision row can be read from. */
-enum full_store { FROM_BODY32, FROM_SINK, FROM_WINDOW };
-
-static const float *full_row(const struct kv_cache *kv, enum full_store from, int layer, int kind, int pos) {
-    if (from == FROM_SINK) return sink_row(kv, layer, kind, pos);
-    if (from == FROM_WINDOW) return window_row(kv, layer, kind, pos);
-    return (const float *)(const void *)body_row(kv, layer, kind, pos);
+/* Whether a query at position pos reads page `page` from the body (as
+ * opposed to f32 rows in place: the window at 8 and 4 bits, the body
+ * itself at 32). f16 rows are always converted; at 8 and 4 bits the page
+ * before the query's own page and that page are read from the window. */
+static int reads_body(const struct kv_layout *l, int page, int pos) {
+    if (l->bits == 32) return 0;
+    if (l->bits == 16) return 1;
+    return page < pos / KV_PAGE_TOKENS - 1;
 }
 
-/* Positions [i0, i1) at full precision, one at a time. */
-static void scores_full(float *scores, const struct kv_cache *kv, const struct ebb_backend *be, enum full_store from,
-                        int layer, int kvh, const float *q, int i0, int i1, float scale) {
-    const int hd = kv->layout.head_dim;
-    for (int i = i0; i < i1; i++) scores[i] = be->dot_f32(q, full_row(kv, from, layer, 0, i) + kvh * hd, hd) * scale;
+/* f32 rows of a page read in place: the start of its first row for KV head
+ * kvh, and the distance between rows in floats. */
+static const float *page_in_place(const struct kv_cache *kv, int layer, int kind, int kvh, int page, size_t *stride) {
+    const struct kv_layout *l = &kv->layout;
+    const int pos = page * KV_PAGE_TOKENS;
+    if (l->bits == 32) {
+        *stride = l->row_bytes / sizeof(float);
+        return (const float *)(const void *)body_row(kv, layer, kind, pos) + (size_t)kvh * l->head_dim;
+    }
+    *stride = (size_t)l->kv_dim;
+    return window_row(kv, layer, kind, pos) + (size_t)kvh * l->head_dim;
 }
 
-static void values_full(float *out, const struct kv_cache *kv, const struct ebb_backend *be, enum full_store from,
-                        int layer, int kvh, const float *p, int i0, int i1) {
-    const int hd = kv->layout.head_dim;
-    for (int i = i0; i < i1; i++) be->axpy_f32(out, p[i], full_row(kv, from, layer, 1, i) + kvh * hd, hd);
-}
-
-/* Positions [i0, i1) of the f16 or quantized body, one run per page and
- * call: scores (kind 0, x = the query, into out[i]) or the weighted sum of
- * values (kind 1, x = the probabilities, accumulated into out[0, hd)). */
-static void body_runs(const struct kv_cache *kv, const struct ebb_backend *be, int layer, int kind, int kvh,
-                      const float *x, int i0, int i1, float *out) {
+/* The first n_rows body rows of a page for KV head kvh, converted to f32
+ * in view[n_rows][head_dim] (rotated when the layout rotates); at 8 and 4
+ * bits page 0 starts with the f32 sink positions, rotated to match. */
+static const float *page_view(const struct kv_cache *kv, const struct ebb_backend *be, int layer, int kind, int kvh,
+                              int page, int n_rows, float *view) {
     const struct kv_layout *l = &kv->layout;
     const int hd = l->head_dim;
-    for (int i = i0; i < i1;) {
-        const int page_end = (i / KV_PAGE_TOKENS + 1) * KV_PAGE_TOKENS;
-        const int rows = (i1 < page_end ? i1 : page_end) - i;
-        uint8_t *row = body_row(kv, layer, kind, i);
-        if (l->bits == 16) {
-            const uint16_t *h = (const uint16_t *)(void *)row + (size_t)kvh * hd;
-            if (kind == 0) be->kv_dot_f16(out + i, x, h, l->row_bytes, rows, hd);
-            else be->kv_axpy_f16(out, x + i, h, l->row_bytes, rows, hd);
-        } else {
-            const uint8_t *codes = row + (size_t)kvh * hd * l->bits / 8;
-            const uint16_t *dm = row_dm(l, row) + (size_t)kvh * (hd / l->group) * 2;
-            if (kind == 0)
-                (l->bits == 8 ? be->kv_dot_q8 : be->kv_dot_q4)(out + i, x, codes, dm, l->row_bytes, rows, hd, l->group);
-            else
-                (l->bits == 8 ? be->kv_axpy_q8 : be->kv_axpy_q4)(out, x + i, codes, dm, l->row_bytes, rows, hd, l->group);
-        }
-        i += rows;
+    uint8_t *row = body_row(kv, layer, kind, page * KV_PAGE_TOKENS);
+    if (l->bits == 16) {
+        be->kv_rows_f16(view, (const uint16_t *)(const void *)row + (size_t)kvh * hd, l->row_bytes, n_rows, hd);
+        return view;
     }
+    const uint8_t *codes = row + (size_t)kvh * hd * l->bits / 8;
+    const uint16_t *dm = row_dm(l, row) + (size_t)kvh * (hd / l->group) * 2;
+    (l->bits == 8 ? be->kv_rows_q8 : be->kv_rows_q4)(view, codes, dm, l->row_bytes, n_rows, hd, l->group);
+    for (int i = 0; page == 0 && i < KV_SINK_TOKENS && i < n_rows; i++) {
+        memcpy(view + (size_t)i * hd, sink_row(kv, layer, kind, i) + (size_t)kvh * hd, (size_t)hd * sizeof(float));
+        if (l->rotate) rotate64(be, view + (size_t)i * hd, hd);
+    }
+    return view;
 }
 
-/* Where a query at position n_pos - 1 reads each earlier position: [0,
- * sink) from the sink store, [sink, body) from the body, [body, n_pos) at
- * full precision from the window (8 and 4 bits) or the body (32 bits). */
-static void split_positions(const struct kv_layout *l, int n_pos, int *sink, int *body) {
-    *sink = 0;
-    *body = l->bits == 32 ? 0 : n_pos;
-    if (!is_quantized(l->bits)) return;
-    *body = ((n_pos - 1) / KV_PAGE_TOKENS - 1) * KV_PAGE_TOKENS;
-    if (*body < 0) *body = 0;
-    *sink = *body < KV_SINK_TOKENS ? *body : KV_SINK_TOKENS;
+void kv_attend_block(const struct kv_cache *kv, const struct ebb_backend *be, int layer, int kvh, const float *q,
+                     float *out, size_t stride, int n_tok, int n_head, int pos0, float scale, float *scratch) {
+    const struct kv_layout *l = &kv->layout;
+    const int hd = l->head_dim, nq = n_tok * n_head, last = pos0 + n_tok - 1;
+    const size_t S = (size_t)last + 1;          /* scores per query */
+    float *qs = scratch, *qr = qs + (size_t)nq * hd, *acc = qr + (size_t)nq * hd, *accr = acc + (size_t)nq * hd;
+    float *kview = accr + (size_t)nq * hd, *vview = kview + (size_t)KV_PAGE_TOKENS * hd;
+    float *s = vview + (size_t)KV_PAGE_TOKENS * hd;
+#define POS(j) (pos0 + (j) / n_head)
+
+    for (int j = 0; j < nq; j++) {
+        const float *src = q + (size_t)(j / n_head) * stride + (size_t)(j % n_head) * hd;
+        for (int i = 0; i < hd; i++) qs[(size_t)j * hd + i] = src[i] * scale;
+        if (l->rotate) {
+            memcpy(qr + (size_t)j * hd, qs + (size_t)j * hd, (size_t)hd * sizeof(float));
+            rotate64(be, qr + (size_t)j * hd, hd);
+        }
+    }
+    /* Queries are in position order, so on every page the ones that read it
+     * from the body come last: [split, nq). */
+    const int last_page = last / KV_PAGE_TOKENS;
+    for (int page = 0; page <= last_page; page++) {
+        const int r0 = page * KV_PAGE_TOKENS, rows = last + 1 - r0 < KV_PAGE_TOKENS ? last + 1 - r0 : KV_PAGE_TOKENS;
+        int split = 0;
+        while (split < nq && !reads_body(l, page, POS(split))) split++;
+        if (split > 0) {
+            size_t ks;
+            const float *k = page_in_place(kv, layer, 0, kvh, page, &ks);
+            be->attn_scores(s + r0, S, qs, (size_t)hd, split, k, ks, rows, hd);
+        }
+        if (split < nq) {
+            const float *k = page_view(kv, be, layer, 0, kvh, page, rows, kview);
+            be->attn_scores(s + (size_t)split * S + r0, S, (l->rotate ? qr : qs) + (size_t)split * hd, (size_t)hd,
+                            nq - split, k, (size_t)hd, rows, hd);
+        }
+    }
+    for (int j = 0; j < nq; j++) be->softmax_f32(s + (size_t)j * S, POS(j) + 1);
+
+    memset(acc, 0, (size_t)nq * hd * sizeof(float));
+    memset(accr, 0, (size_t)nq * hd * sizeof(float));
+    for (int page = 0; page <= last_page; page++) {
+        const int r0 = page * KV_PAGE_TOKENS, rows = last + 1 - r0 < KV_PAGE_TOKENS ? last + 1 - r0 : KV_PAGE_TOKENS;
+        int split = 0;
+        while (split < nq && !reads_body(l, page, POS(split))) split++;
+        size_t vs = 0;
+        const float *direct = split > 0 ? page_in_place(kv, layer, 1, kvh, page, &vs) : NULL;
+        const float *view = split < nq ? page_view(kv, be, layer, 1, kvh, page, rows, vview) : NULL;
+        for (int j = 0; j < nq; j++) {
+            const int n = POS(j) + 1 - r0 < rows ? POS(j) + 1 - r0 : rows;
+            if (n <= 0) continue;
+            const float *p = s + (size_t)j * S + r0;
+            if (j < split) be->attn_values(acc + (size_t)j * hd, p, direct, vs, n, hd);
+            else be->attn_values((l->rotate ? accr : acc) + (size_t)j * hd, p, view, (size_t)hd, n, hd);
+        }
+    }
+    /* Body values were summed in the rotated basis: rotate the sum back once
+     * (H64 is its own inverse) and add the window's. */
+    for (int j = 0; j < nq; j++) {
+        float *o = out + (size_t)(j / n_head) * stride + (size_t)(j % n_head) * hd;
+        const float *a = acc + (size_t)j * hd;
+        if (l->rotate && reads_body(l, 0, POS(j))) {
+            float *ar = accr + (size_t)j * hd;
+            rotate64(be, ar, hd);
+            for (int i = 0; i < hd; i++) o[i] = ar[i] + a[i];
+        } else {
+            memcpy(o, a, (size_t)hd * sizeof(float));
+        }
+    }
+#undef POS
 }
 
 void kv_attend(const struct kv_cache *kv, const struct ebb_backend *be, int layer, int kvh, const float *q,
                int n_pos, float scale, float *scratch, float *out) {
-    const struct kv_layout *l = &kv->layout;
-    const int hd = l->head_dim;
-    float qr[KV_MAX_HEAD_DIM], *scores = scratch;
-    int sink, body;
-    split_positions(l, n_pos, &sink, &body);
-    const enum full_store recent = l->bits == 32 ? FROM_BODY32 : FROM_WINDOW;
-
-    scores_full(scores, kv, be, FROM_SINK, layer, kvh, q, 0, sink, scale);
-    if (body > sink) {
-        const float *qb = q;
-        if (l->rotate) {
-            memcpy(qr, q, (size_t)hd * sizeof(float));
-            rotate64(be, qr, hd);
-            qb = qr;
-        }
-        body_runs(kv, be, layer, 0, kvh, qb, sink, body, scores);
-        for (int i = sink; i < body; i++) scores[i] *= scale;
-    }
-    scores_full(scores, kv, be, recent, layer, kvh, q, body, n_pos, scale);
-    be->softmax_f32(scores, n_pos);
-
-    memset(out, 0, (size_t)hd * sizeof(float));
-    values_full(out, kv, be, FROM_SINK, layer, kvh, scores, 0, sink);
-    if (body > sink && l->rotate) {
-        /* The body's values are rotated: sum them in the rotated basis,
-         * then rotate the sum back once (H64 is its own inverse). */
-        memset(qr, 0, (size_t)hd * sizeof(float));
-        body_runs(kv, be, layer, 1, kvh, scores, sink, body, qr);
-        rotate64(be, qr, hd);
-        be->add_f32(out, qr, hd);
-    } else if (body > sink) {
-        body_runs(kv, be, layer, 1, kvh, scores, sink, body, out);
-    }
-    values_full(out, kv, be, recent, layer, kvh, scores, body, n_pos);
+    kv_attend_block(kv, be, layer, kvh, q, out, 0, 1, 1, n_pos - 1, scale, scratch);
 }

@@ -22,7 +22,8 @@
  * that one scale fits it. kv_attend rotates the query the same way (q.k is
  * unchanged: the rotation is orthonormal), sums the rotated values and
  * rotates that sum back once (H64 is its own inverse), so the rotation
- * costs two H64 per query head, not one per position. On SmolLM2-135M (4
+ * costs two H64 per query head, not one per position (the sink copies,
+ * kept unrotated, are rotated as they join the body's first page). On SmolLM2-135M (4
  * windows of 512 held-out tokens) rotating values as well as keys took
  * KV4's perplexity excess from +1.25% to +1.05%; a model whose weights are
  * already rotated loses nothing by it.
@@ -65,6 +66,9 @@
 
 #define KV_PAGE_TOKENS 64
 #define KV_SINK_TOKENS 4      /* leading positions kept at full precision (8 and 4 bits) */
+/* Queries per attention block: enough to share each converted page among
+ * many, few enough that their scores (one row of n_ctx each) stay small. */
+#define KV_BLOCK_QUERIES 48
 
 struct model_config;
 struct ebb_backend;
@@ -140,16 +144,35 @@ int kv_cache_ensure(struct kv_cache *kv, int n);
 void kv_store(struct kv_cache *kv, const struct ebb_backend *be, int layer, int pos, const float *k,
               const float *v);
 
-/* Attention of one query head q[head_dim] at position n_pos - 1 over
- * positions [0, n_pos) of KV head kvh in a layer: softmax(q.k * scale)
- * weighted sum of v into out[head_dim]. scratch holds kv_attend_scratch()
- * floats, private to the caller's thread. Positions are visited in order,
- * each from the one store that holds it for this query position, so the
- * result does not depend on the rest of the batch. Nothing is dequantized
- * beyond one run of a page at a time, inside the backend's row ops. */
+/* Attention of a block of queries: n_tok consecutive positions pos0,
+ * pos0 + 1, ... of one sequence (already stored) times the n_head query
+ * heads that share KV head kvh of a layer. The query of token t and head h
+ * is at q + t * stride + h * head_dim, and softmax(q.k * scale) weighted sum
+ * of v goes to out at the same place. n_tok * n_head <= kv_block_queries();
+ * scratch holds kv_attend_scratch() floats, private to the caller's thread.
+ *
+ * How it runs: a page at a time, the block's queries against the page's
+ * keys, then a softmax per query, then the values a page at a time. Rows
+ * read at full precision are used in place; body rows are converted to f32
+ * one page of one head at a time (never the whole cache), once for the
+ * whole block, which is what makes a long prompt's attention cheap: every
+ * query of the block shares the conversion and the rows' trip through the
+ * cache. Each query's arithmetic depends only on its own position (which
+ * store each page comes from) and on backend.h's definitions of the score
+ * and value ops, so a query gives the same bits alone or in any block.
+ * Rotated layouts rotate the query once and sum the body's values in the
+ * rotated basis, rotating that sum back once. */
+void kv_attend_block(const struct kv_cache *kv, const struct ebb_backend *be, int layer, int kvh, const float *q,
+                     float *out, size_t stride, int n_tok, int n_head, int pos0, float scale, float *scratch);
+/* One query at position n_pos - 1: a block of one. */
 void kv_attend(const struct kv_cache *kv, const struct ebb_backend *be, int layer, int kvh, const float *q,
                int n_pos, float scale, float *scratch, float *out);
+/* Floats of scratch for blocks over contexts of up to n_ctx positions. */
 size_t kv_attend_scratch(const struct model_config *cfg, int n_ctx);
+/* Most queries in a block (KV_BLOCK_QUERIES, or one token's group of query
+ * heads if that is more), and the tokens a block takes at most. */
+int kv_block_queries(const struct model_config *cfg);
+int kv_block_tokens(const struct model_config *cfg);
 
 /* One row (n values, n % group == 0) to codes and per-group f16 (d, m)
  * pairs at 8 or 4 bits, in the layout of backend.h's KV row ops; and back.

@@ -15,6 +15,7 @@
 #include "engine/model.h"
 
 #include <math.h>
+#include <stdatomic.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -30,16 +31,19 @@
 struct run_state {
     float *x;        /* [B][n_embd] residual stream */
     float *xb;       /* [B][n_embd] normed input */
+    float *xb2;      /* [B][n_embd] a block's output, before it joins x */
     float *q;        /* [B][n_head*head_dim] */
     float *k, *v;    /* [B][n_head_kv*head_dim] */
     float *att;      /* [B][n_head*head_dim] attention output */
     float *gate, *up;/* [B][n_ff] */
-    float *scores;   /* [n_workers][n_ctx] */
+    float *scores;   /* [n_workers][scores_per_worker]: kv_attend_block's scratch */
     float *rope_cos, *rope_sin; /* [B][rope_dim/2] */
-    int scores_ctx;
+    int scores_ctx;             /* the longest context that scratch covers */
+    size_t scores_per_worker;
     struct kv_cache **tok_kv;  /* [B] the sequence each batch token belongs to */
     int *tok_pos;              /* [B] its position */
     int32_t *tok_id;           /* [B] its id */
+    int (*blocks)[2];          /* [B] attention blocks: first token, length */
     float *logits;             /* [head_rows_cap][n_vocab], multi-sequence batches */
     const float *ax;           /* the prepared activation (act_prepare) */
     float *xp;                 /* [B][widest] permuted activation (packed models) */
@@ -363,9 +367,9 @@ fail:
 
 static void run_state_free(struct run_state *s) {
     if (!s) return;
-    free(s->x); free(s->xb); free(s->q); free(s->k); free(s->v); free(s->att);
+    free(s->x); free(s->xb); free(s->xb2); free(s->q); free(s->k); free(s->v); free(s->att);
     free(s->gate); free(s->up); free(s->scores); free(s->rope_cos); free(s->rope_sin);
-    free(s->tok_kv); free(s->tok_pos); free(s->tok_id); free(s->logits);
+    free(s->tok_kv); free(s->tok_pos); free(s->tok_id); free(s->blocks); free(s->logits);
     free(s->xp); free(s->aq); free(s->as);
     free(s);
 }
@@ -407,6 +411,7 @@ static struct run_state *run_state_get(struct model *m, int max_ctx, int head_ro
         const size_t widest = QD > (size_t)c->n_embd ? QD : (size_t)c->n_embd;
         s->x = malloc(B * c->n_embd * sizeof(float));
         s->xb = malloc(B * widest * sizeof(float));
+        s->xb2 = malloc(B * c->n_embd * sizeof(float));
         s->q = malloc(B * QD * sizeof(float));
         s->k = malloc(B * KD * sizeof(float));
         s->v = malloc(B * KD * sizeof(float));
@@ -418,19 +423,20 @@ static struct run_state *run_state_get(struct model *m, int max_ctx, int head_ro
         s->tok_kv = malloc(B * sizeof *s->tok_kv);
         s->tok_pos = malloc(B * sizeof *s->tok_pos);
         s->tok_id = malloc(B * sizeof *s->tok_id);
+        s->blocks = malloc(B * sizeof *s->blocks);
         const size_t act_w = widest > (size_t)c->n_ff ? widest : (size_t)c->n_ff;
         s->xp = malloc(B * act_w * sizeof(float));
         s->aq = malloc(B * act_w);
         s->as = malloc(B * (act_w / 64 + 1) * sizeof(float));
-        if (!s->xp || !s->aq || !s->as || !s->x || !s->xb || !s->q || !s->k || !s->v || !s->att || !s->gate || !s->up ||
-            !s->rope_cos || !s->rope_sin || !s->tok_kv || !s->tok_pos || !s->tok_id)
+        if (!s->xp || !s->aq || !s->as || !s->x || !s->xb || !s->xb2 || !s->q || !s->k || !s->v || !s->att || !s->gate || !s->up ||
+            !s->rope_cos || !s->rope_sin || !s->tok_kv || !s->tok_pos || !s->tok_id || !s->blocks)
             goto fail;
     }
     if (s->scores_ctx < max_ctx) {
         free(s->scores);
-        size_t per_worker = kv_attend_scratch(&m->cfg, max_ctx);
-        s->scores = malloc((size_t)ebb_pool_threads(m->pool) * per_worker * sizeof(float));
-        s->scores_ctx = s->scores ? (int)per_worker : 0;
+        s->scores_per_worker = kv_attend_scratch(&m->cfg, max_ctx);
+        s->scores = malloc((size_t)ebb_pool_threads(m->pool) * s->scores_per_worker * sizeof(float));
+        s->scores_ctx = s->scores ? max_ctx : 0;
         if (!s->scores) goto fail;
     }
     if (s->head_rows_cap < head_rows) {
@@ -474,29 +480,48 @@ static void rope_apply(const struct model *m, const struct run_state *s, float *
     }
 }
 
+/* Attention runs in blocks: up to kv_block_tokens() consecutive tokens of
+ * one sequence with the query heads of one KV head (engine/kv.c), so a long
+ * prompt converts each cached page once per block instead of once per
+ * query. The blocks of a batch (s->blocks: first token and length) times
+ * the KV heads are the work items; workers claim them one by one, the last
+ * tokens' (longest) first. */
 struct attn_job {
     const struct model *m;
     struct run_state *s;
-    int layer, n_tok;
+    int layer, n_items;
+    atomic_int next;
 };
 
-/* One worker's share of the (token, head) pairs: each query head attends
- * over its own sequence's positions 0..pos through the KV head it shares
- * (engine/kv.c owns the cache layout and precision). */
 static void attention_task(void *arg, int part, int n_parts) {
-    const struct attn_job *j = arg;
+    (void)n_parts;
+    struct attn_job *j = arg;
     const struct model_config *c = &j->m->cfg;
-    const int hd = c->head_dim, group = c->n_head / c->n_head_kv;
-    const int total = j->n_tok * c->n_head;
-    const int begin = (int)((long)total * part / n_parts), end = (int)((long)total * (part + 1) / n_parts);
-    float *scratch = j->s->scores + (size_t)part * j->s->scores_ctx;
+    const int hd = c->head_dim, group = c->n_head / c->n_head_kv, QD = c->n_head * hd;
+    float *scratch = j->s->scores + (size_t)part * j->s->scores_per_worker;
     const float scale = 1.0f / sqrtf((float)hd);
-    for (int p = begin; p < end; p++) {
-        const int t = p / c->n_head, h = p % c->n_head;
-        const float *q = j->s->q + (size_t)t * c->n_head * hd + h * hd;
-        float *out = j->s->att + (size_t)t * c->n_head * hd + h * hd;
-        kv_attend(j->s->tok_kv[t], j->m->be, j->layer, h / group, q, j->s->tok_pos[t] + 1, scale, scratch, out);
+    for (int i; (i = atomic_fetch_add(&j->next, 1)) < j->n_items;) {
+        const int item = j->n_items - 1 - i, kvh = item % c->n_head_kv;
+        const int t0 = j->s->blocks[item / c->n_head_kv][0], n = j->s->blocks[item / c->n_head_kv][1];
+        const size_t at = (size_t)t0 * QD + (size_t)kvh * group * hd;
+        kv_attend_block(j->s->tok_kv[t0], j->m->be, j->layer, kvh, j->s->q + at, j->s->att + at, (size_t)QD, n, group,
+                        j->s->tok_pos[t0], scale, scratch);
     }
+}
+
+/* Cuts the batch's runs of tokens of one sequence into attention blocks. */
+static int attention_blocks(const struct model *m, struct run_state *s, int n_tok) {
+    const int max_len = kv_block_tokens(&m->cfg);
+    int n = 0;
+    for (int t = 0; t < n_tok;) {
+        int len = 1;
+        while (t + len < n_tok && len < max_len && s->tok_kv[t + len] == s->tok_kv[t]) len++;
+        s->blocks[n][0] = t;
+        s->blocks[n][1] = len;
+        n++;
+        t += len;
+    }
+    return n;
 }
 
 static void add_bias(const struct ebb_backend *be, float *x, const float *bias, int n_tok, int n) {
@@ -504,12 +529,102 @@ static void add_bias(const struct ebb_backend *be, float *x, const float *bias, 
     for (int t = 0; t < n_tok; t++) be->add_f32(x + (size_t)t * n, bias, n);
 }
 
-/* The transformer over the n_tok tokens laid out in s->tok_*; leaves the
- * final residual stream in s->x. */
+/* ------------------------------------------------------- per-token steps
+ *
+ * Between the matrix products a layer does per-token work: norms, the
+ * online rotations, permuting and quantizing activations, RoPE and storing
+ * keys and values. A prompt chunk has hundreds of tokens, so these steps
+ * are split over the pool by token ranges (each token's result is computed
+ * the same way whatever range it falls in); decode steps, with a handful of
+ * tokens, stay on the calling thread, where waking the workers would cost
+ * more than the work. */
+
+#define PARALLEL_MIN_TOKENS 16
+
+enum token_step {
+    STEP_NORM,        /* [x += add;] xb = rmsnorm(x) * gain [; H64] */
+    STEP_ACT,         /* permute and quantize an activation for the next products */
+    STEP_ROPE_STORE,  /* RoPE on q and k, then k and v into each token's cache */
+    STEP_SWIGLU,      /* gate = silu(gate) * up [; H64] */
+};
+
+struct token_job {
+    struct model *m;
+    struct run_state *s;
+    const struct layer_weights *w;
+    enum token_step step;
+    int layer, n_tok;
+    const float *gain, *add;   /* STEP_NORM */
+    enum act_point point;      /* STEP_ACT */
+    const float *x;
+    int n;
+};
+
+static void act_tokens(const struct token_job *j, int t0, int t1);
+
+static void token_range(void *arg, int part, int n_parts) {
+    const struct token_job *j = arg;
+    const struct model *m = j->m;
+    const struct model_config *c = &m->cfg;
+    const struct ebb_backend *be = m->be;
+    struct run_state *s = j->s;
+    const int t0 = (int)((long)j->n_tok * part / n_parts), t1 = (int)((long)j->n_tok * (part + 1) / n_parts);
+    const int E = c->n_embd, F = c->n_ff, QD = c->n_head * c->head_dim, KD = c->n_head_kv * c->head_dim;
+    for (int t = t0; t < t1; t++) {
+        switch (j->step) {
+        case STEP_NORM: {
+            float *x = s->x + (size_t)t * E, *xb = s->xb + (size_t)t * E;
+            if (j->add) be->add_f32(x, j->add + (size_t)t * E, E);
+            be->rmsnorm_f32(xb, x, j->gain, E, c->rms_eps);
+            if (m->hadamard_norm_out) be->hadamard64(xb, E);
+            break;
+        }
+        case STEP_ROPE_STORE:
+            rope_apply(m, s, s->q + (size_t)t * QD, c->n_head, t);
+            rope_apply(m, s, s->k + (size_t)t * KD, c->n_head_kv, t);
+            kv_store(s->tok_kv[t], be, j->layer, s->tok_pos[t], s->k + (size_t)t * KD, s->v + (size_t)t * KD);
+            break;
+        case STEP_SWIGLU:
+            be->swiglu_f32(s->gate + (size_t)t * F, s->up + (size_t)t * F, F);
+            if (m->hadamard_ffn_down) be->hadamard64(s->gate + (size_t)t * F, F);
+            break;
+        case STEP_ACT:
+            break;
+        }
+    }
+    if (j->step == STEP_ACT) act_tokens(j, t0, t1);
+}
+
+static void for_tokens(struct token_job *j) {
+    if (j->n_tok < PARALLEL_MIN_TOKENS) token_range(j, 0, 1);
+    else ebb_pool_run(j->m->pool, token_range, j, ebb_pool_threads(j->m->pool));
+}
+
+/* Permutes tokens [t0, t1) of an activation into s->xp (a packed model's
+ * weights had their input columns permuted the same way) and, on the
+ * integer path, quantizes each token's groups, the first n_hi at 8 bits.
+ * A sink position (the first KV_SINK_TOKENS of a sequence) is quantized
+ * with every group at 8 bits: every later token attends to it, so the
+ * error of its keys and values would reach them all. It depends on the
+ * position only, so batching does not change results. */
+static void act_tokens(const struct token_job *j, int t0, int t1) {
+    const struct model *m = j->m;
+    struct run_state *s = j->s;
+    const int n = j->n, groups = n / EBB_ACT_GROUP;
+    const int32_t *perm = j->w->perm[j->point];
+    for (int t = t0; t < t1; t++) {
+        const float *src = j->x + (size_t)t * n;
+        float *dst = s->xp + (size_t)t * n;
+        for (int i = 0; i < n; i++) dst[i] = src[perm[i]];
+        if (m->act_bits == 16) continue;
+        const int n_hi = s->tok_pos[t] < KV_SINK_TOKENS ? groups : j->w->n_hi[j->point];
+        m->be->quantize_act(dst, 1, n, n_hi, s->aq + (size_t)t * n, s->as + (size_t)t * groups);
+    }
+}
+
 /* Readies the input of one activation point for the linear layers that read
- * it: a plain model uses x as it is; a packed model permutes the channels
- * (its weights' input columns were permuted the same way) and, on the
- * integer path, quantizes each token's groups (the first n_hi at 8 bits). */
+ * it: a plain model uses x as it is; a packed model permutes and quantizes
+ * it (act_tokens). */
 static void act_prepare(struct model *m, struct run_state *s, const struct layer_weights *w, enum act_point p,
                         const float *x, int n_tok, int n) {
     if (m->capture) m->capture(m->capture_ud, (int)(w - m->layers), p, x, n_tok, n);
@@ -517,28 +632,9 @@ static void act_prepare(struct model *m, struct run_state *s, const struct layer
         s->ax = x;
         return;
     }
-    const int32_t *perm = w->perm[p];
-    for (int t = 0; t < n_tok; t++) {
-        const float *src = x + (size_t)t * n;
-        float *dst = s->xp + (size_t)t * n;
-        for (int i = 0; i < n; i++) dst[i] = src[perm[i]];
-    }
+    struct token_job j = {.m = m, .s = s, .w = w, .step = STEP_ACT, .n_tok = n_tok, .point = p, .x = x, .n = n};
+    for_tokens(&j);
     s->ax = s->xp;
-    if (m->act_bits == 16) return;
-    /* Runs of tokens share one call; a sink position (the first
-     * KV_SINK_TOKENS of a sequence) is quantized with every group at 8 bits:
-     * every later token attends to it, so the error of its keys and values
-     * would reach them all. It depends on the position only, so batching
-     * does not change results. */
-    const int groups = n / EBB_ACT_GROUP;
-    for (int t0 = 0; t0 < n_tok;) {
-        const int sink = s->tok_pos[t0] < KV_SINK_TOKENS;
-        int t1 = t0 + 1;
-        while (t1 < n_tok && (s->tok_pos[t1] < KV_SINK_TOKENS) == sink) t1++;
-        m->be->quantize_act(s->xp + (size_t)t0 * n, t1 - t0, n, sink ? groups : w->n_hi[p], s->aq + (size_t)t0 * n,
-                            s->as + (size_t)t0 * groups);
-        t0 = t1;
-    }
 }
 
 /* out = the prepared activation times one weight matrix, in whichever form
@@ -569,14 +665,18 @@ static void forward_layers(struct model *m, struct run_state *s, int n_tok) {
 
     for (int t = 0; t < n_tok; t++) embed(m, s->x + (size_t)t * E, s->tok_id[t]);
     rope_tables(m, s, n_tok);
+    const int n_blocks = attention_blocks(m, s, n_tok);
 
     for (int l = 0; l < c->n_layer; l++) {
         const struct layer_weights *w = &m->layers[l];
+        struct token_job step = {.m = m, .s = s, .w = w, .layer = l, .n_tok = n_tok};
 
-        /* attention block */
-        for (int t = 0; t < n_tok; t++)
-            be->rmsnorm_f32(s->xb + (size_t)t * E, s->x + (size_t)t * E, w->attn_norm, E, c->rms_eps);
-        if (m->hadamard_norm_out) be->hadamard64(s->xb, n_tok * E);
+        /* attention block (the previous layer's feed-forward output joins
+         * the residual stream here) */
+        step.step = STEP_NORM;
+        step.gain = w->attn_norm;
+        step.add = l > 0 ? s->xb2 : NULL;
+        for_tokens(&step);
         act_prepare(m, s, w, ACT_ATTN_IN, s->xb, n_tok, E);
         linear(m, s, s->q, w->wq, w->pq, n_tok, E, QD);
         linear(m, s, s->k, w->wk, w->pk, n_tok, E, KD);
@@ -584,30 +684,27 @@ static void forward_layers(struct model *m, struct run_state *s, int n_tok) {
         add_bias(be, s->q, w->bq, n_tok, QD);
         add_bias(be, s->k, w->bk, n_tok, KD);
         add_bias(be, s->v, w->bv, n_tok, KD);
-        for (int t = 0; t < n_tok; t++) {
-            rope_apply(m, s, s->q + (size_t)t * QD, c->n_head, t);
-            rope_apply(m, s, s->k + (size_t)t * KD, c->n_head_kv, t);
-            kv_store(s->tok_kv[t], m->be, l, s->tok_pos[t], s->k + (size_t)t * KD, s->v + (size_t)t * KD);
-        }
-        struct attn_job job = {m, s, l, n_tok};
+        step.step = STEP_ROPE_STORE;
+        for_tokens(&step);
+        struct attn_job job = {m, s, l, n_blocks * c->n_head_kv, 0};
         ebb_pool_run(m->pool, attention_task, &job, ebb_pool_threads(m->pool));
         act_prepare(m, s, w, ACT_ATTN_OUT, s->att, n_tok, QD);
-        linear(m, s, s->xb, w->wo, w->po, n_tok, QD, E);
-        for (int t = 0; t < n_tok; t++) be->add_f32(s->x + (size_t)t * E, s->xb + (size_t)t * E, E);
+        linear(m, s, s->xb2, w->wo, w->po, n_tok, QD, E);
 
         /* feed-forward block */
-        for (int t = 0; t < n_tok; t++)
-            be->rmsnorm_f32(s->xb + (size_t)t * E, s->x + (size_t)t * E, w->ffn_norm, E, c->rms_eps);
-        if (m->hadamard_norm_out) be->hadamard64(s->xb, n_tok * E);
+        step.step = STEP_NORM;
+        step.gain = w->ffn_norm;
+        step.add = s->xb2;
+        for_tokens(&step);
         act_prepare(m, s, w, ACT_FFN_IN, s->xb, n_tok, E);
         linear(m, s, s->gate, w->w_gate, w->pgate, n_tok, E, F);
         linear(m, s, s->up, w->w_up, w->pup, n_tok, E, F);
-        be->swiglu_f32(s->gate, s->up, n_tok * F);
-        if (m->hadamard_ffn_down) be->hadamard64(s->gate, n_tok * F);
+        step.step = STEP_SWIGLU;
+        for_tokens(&step);
         act_prepare(m, s, w, ACT_FFN_DOWN_IN, s->gate, n_tok, F);
-        linear(m, s, s->xb, w->w_down, w->pdown, n_tok, F, E);
-        for (int t = 0; t < n_tok; t++) be->add_f32(s->x + (size_t)t * E, s->xb + (size_t)t * E, E);
+        linear(m, s, s->xb2, w->w_down, w->pdown, n_tok, F, E);
     }
+    for (int t = 0; t < n_tok; t++) be->add_f32(s->x + (size_t)t * E, s->xb2 + (size_t)t * E, E);
 }
 
 /* Rows of the batch that need logits, in batch order. */

@@ -78,28 +78,40 @@ struct ebb_backend {
      * each attention head's keys and queries. */
     void (*hadamard64)(float *x, int n);
 
-    /* ---- KV cache rows (engine/kv.c) ----
-     * Attention reads runs of consecutive cached positions of one KV head:
-     * n_rows rows of n values, each row `stride` bytes after the previous.
-     * f16 rows are IEEE halves. q8 and q4 rows are codes plus, per group of
-     * `group` values (8, 16, 32 or 64, dividing n), an f16 pair dm = (d, m):
-     * value = m + d * code. 8-bit codes take a byte each; 4-bit codes take
-     * group/2 bytes per group, value i (< group/2) in the low nibble of byte
-     * i and value group/2 + i in its high nibble. codes and dm point at row
-     * 0 and advance together by stride. */
+    /* ---- attention over the KV cache (engine/kv.c) ----
+     * kv.c runs a block of queries (the query heads of one KV head, at one
+     * or more positions of one sequence) over the cache a page at a time:
+     * scores, then a softmax per query (softmax_f32), then the weighted sum
+     * of values. Every query's arithmetic is spelled out below and depends
+     * on nothing else in the block, so attention gives the same bits however
+     * queries are batched; the ops below give the scalar path's bits on
+     * every backend.
+     *
+     * The dot product of two rows of n floats, dot8(a, b): eight lanes, lane
+     * k = fmaf chain over i = k, k+8, k+16, ... < n in order, from 0; then
+     * ((l0 + l1) + (l2 + l3)) + ((l4 + l5) + (l6 + l7)). */
 
-    /* out[r] = sum_i x[i] * row_r[i] */
-    void (*kv_dot_f16)(float *out, const float *x, const uint16_t *rows, size_t stride, int n_rows, int n);
-    /* y[i] += sum_r w[r] * row_r[i] */
-    void (*kv_axpy_f16)(float *y, const float *w, const uint16_t *rows, size_t stride, int n_rows, int n);
-    void (*kv_dot_q8)(float *out, const float *x, const uint8_t *codes, const uint16_t *dm, size_t stride,
-                      int n_rows, int n, int group);
-    void (*kv_axpy_q8)(float *y, const float *w, const uint8_t *codes, const uint16_t *dm, size_t stride,
-                       int n_rows, int n, int group);
-    void (*kv_dot_q4)(float *out, const float *x, const uint8_t *codes, const uint16_t *dm, size_t stride,
-                      int n_rows, int n, int group);
-    void (*kv_axpy_q4)(float *y, const float *w, const uint8_t *codes, const uint16_t *dm, size_t stride,
-                       int n_rows, int n, int group);
+    /* s[j * s_stride + r] = dot8(q_j, k_r) for queries j < n_q (q_j at q +
+     * j * q_stride) and rows r < n_rows (k_r at k + r * k_stride). */
+    void (*attn_scores)(float *s, size_t s_stride, const float *q, size_t q_stride, int n_q, const float *k,
+                        size_t k_stride, int n_rows, int n);
+    /* y[i] = fmaf(p[r], v_r[i], y[i]) for r = 0, 1, ... < n_rows in order
+     * (v_r at v + r * v_stride), i < n. */
+    void (*attn_values)(float *y, const float *p, const float *v, size_t v_stride, int n_rows, int n);
+
+    /* Stored KV rows to f32, out[r * n + i]: n_rows rows of n values, each
+     * row `stride` bytes after the previous. f16 rows are IEEE halves. q8
+     * and q4 rows are codes plus, per group of `group` values (8, 16, 32 or
+     * 64, dividing n), an f16 pair dm = (d, m): value = fmaf(d, code, m).
+     * 8-bit codes take a byte each; 4-bit codes take group/2 bytes per
+     * group, value i (< group/2) in the low nibble of byte i and value
+     * group/2 + i in its high nibble. codes and dm point at row 0 and
+     * advance together by stride. Exact: every path gives the same floats. */
+    void (*kv_rows_f16)(float *out, const uint16_t *rows, size_t stride, int n_rows, int n);
+    void (*kv_rows_q8)(float *out, const uint8_t *codes, const uint16_t *dm, size_t stride, int n_rows, int n,
+                       int group);
+    void (*kv_rows_q4)(float *out, const uint8_t *codes, const uint16_t *dm, size_t stride, int n_rows, int n,
+                       int group);
 };
 
 /* The fastest CPU path this processor supports (cpuid at first call). */

@@ -1,13 +1,16 @@
-/* KV-cache row ops, AVX2 + FMA + F16C.
+/* Attention and KV-row ops, AVX2 + FMA + F16C; the same bits as
+ * kvq_ops_scalar.c (backend.h defines the arithmetic).
  *
- * Groups of 64 (every head size that is a multiple of 64) take the vector
- * path: a group's 64 codes become eight vectors of 8 floats (4-bit codes: one
- * 32-byte load split into low and high nibbles, which the layout puts in
- * value order: low nibbles are values 0..31, high nibbles 32..63). The dot
- * keeps the group of x in eight registers across every row of the run and
- * reduces each row once; the weighted sum keeps the group of y in eight
- * registers across the run and stores it once. Smaller groups use the scalar
- * code, which is correct for any group and rare in practice.
+ * Scores: a tile of 4 queries x 2 rows keeps eight accumulators, one per
+ * (query, row) pair, so each step over 8 values loads 6 vectors for 8 FMAs;
+ * the eight pairs are reduced together by one hadd tree, whose order per
+ * pair is exactly dot8's. Smaller tiles at the edges run the same code with
+ * zero vectors in the unused slots, so a pair's bits never depend on the
+ * tile it landed in. Values: a chunk of 64 outputs stays in eight registers
+ * while the rows stream past (one broadcast and eight FMAs per row).
+ * Row conversions: groups of 64 (every head size that is a multiple of 64)
+ * decode a group's codes with one 32-byte load (4-bit: low nibbles are
+ * values 0..31, high nibbles 32..63); smaller groups use the scalar code.
  */
 #include "kernels/cpu/kvq_ops.h"
 
@@ -15,156 +18,172 @@
 
 #define ALWAYS_INLINE static inline __attribute__((always_inline))
 
-ALWAYS_INLINE float hsum(__m256 a) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
+ALWAYS_INLINE __m256i tail_mask(int n) {
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
 }
 
-ALWAYS_INLINE float half(uint16_t h) { return _cvtsh_ss(h); }
+/* [dot8 sum of p0, ..., of p7] */
+ALWAYS_INLINE __m256 reduce8(const __m256 p[8]) {
+    __m256 lo4 = _mm256_hadd_ps(_mm256_hadd_ps(p[0], p[1]), _mm256_hadd_ps(p[2], p[3]));
+    __m256 hi4 = _mm256_hadd_ps(_mm256_hadd_ps(p[4], p[5]), _mm256_hadd_ps(p[6], p[7]));
+    return _mm256_add_ps(_mm256_permute2f128_ps(lo4, hi4, 0x20), _mm256_permute2f128_ps(lo4, hi4, 0x31));
+}
 
-/* The low 8 bytes of v as 8 floats. */
-ALWAYS_INLINE __m256 u8x8(__m128i v) { return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v)); }
+/* Queries [j, j+M) x rows [r, r+N) into s; pair (m, n) is accumulator m*2+n. */
+ALWAYS_INLINE void score_tile(const int M, const int N, float *s, size_t s_stride, const float *q, size_t q_stride,
+                              const float *k, size_t k_stride, int n) {
+    __m256 p[8];
+#pragma GCC unroll 8
+    for (int i = 0; i < 8; i++) p[i] = _mm256_setzero_ps();
+    int i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m256 kv[2];
+#pragma GCC unroll 2
+        for (int c = 0; c < N; c++) kv[c] = _mm256_loadu_ps(k + (size_t)c * k_stride + i);
+#pragma GCC unroll 4
+        for (int m = 0; m < M; m++) {
+            __m256 qv = _mm256_loadu_ps(q + (size_t)m * q_stride + i);
+#pragma GCC unroll 2
+            for (int c = 0; c < N; c++) p[m * 2 + c] = _mm256_fmadd_ps(qv, kv[c], p[m * 2 + c]);
+        }
+    }
+    if (i < n) {
+        const __m256i mask = tail_mask(n - i);
+        __m256 kv[2];
+#pragma GCC unroll 2
+        for (int c = 0; c < N; c++) kv[c] = _mm256_maskload_ps(k + (size_t)c * k_stride + i, mask);
+#pragma GCC unroll 4
+        for (int m = 0; m < M; m++) {
+            __m256 qv = _mm256_maskload_ps(q + (size_t)m * q_stride + i, mask);
+#pragma GCC unroll 2
+            for (int c = 0; c < N; c++) p[m * 2 + c] = _mm256_fmadd_ps(qv, kv[c], p[m * 2 + c]);
+        }
+    }
+    float out[8];
+    _mm256_storeu_ps(out, reduce8(p));
+#pragma GCC unroll 4
+    for (int m = 0; m < M; m++)
+#pragma GCC unroll 2
+        for (int c = 0; c < N; c++) s[(size_t)m * s_stride + c] = out[m * 2 + c];
+}
+
+typedef void (*score_tile_fn)(float *, size_t, const float *, size_t, const float *, size_t, int);
+#define SCORE_TILE(M, N)                                                                                  \
+    static void score_tile_##M##x##N(float *s, size_t ss, const float *q, size_t qs, const float *k, size_t ks, \
+                                     int n) { score_tile(M, N, s, ss, q, qs, k, ks, n); }
+SCORE_TILE(4, 2) SCORE_TILE(3, 2) SCORE_TILE(2, 2) SCORE_TILE(1, 2)
+SCORE_TILE(4, 1) SCORE_TILE(3, 1) SCORE_TILE(2, 1) SCORE_TILE(1, 1)
+static const score_tile_fn score_tiles[5][3] = {
+    [1] = {NULL, score_tile_1x1, score_tile_1x2}, [2] = {NULL, score_tile_2x1, score_tile_2x2},
+    [3] = {NULL, score_tile_3x1, score_tile_3x2}, [4] = {NULL, score_tile_4x1, score_tile_4x2},
+};
+
+static void scores(float *s, size_t s_stride, const float *q, size_t q_stride, int n_q, const float *k,
+                   size_t k_stride, int n_rows, int n) {
+    for (int j = 0; j < n_q; j += 4) {
+        const int M = n_q - j < 4 ? n_q - j : 4;
+        for (int r = 0; r < n_rows; r += 2) {
+            const int N = n_rows - r < 2 ? 1 : 2;
+            score_tiles[M][N](s + (size_t)j * s_stride + r, s_stride, q + (size_t)j * q_stride, q_stride,
+                              k + (size_t)r * k_stride, k_stride, n);
+        }
+    }
+}
+
+static void values(float *y, const float *p, const float *v, size_t v_stride, int n_rows, int n) {
+    int i = 0;
+    for (; i + 64 <= n; i += 64) {          /* 64 outputs in registers across the rows */
+        __m256 acc[8];
+#pragma GCC unroll 8
+        for (int c = 0; c < 8; c++) acc[c] = _mm256_loadu_ps(y + i + 8 * c);
+        for (int r = 0; r < n_rows; r++) {
+            const float *row = v + (size_t)r * v_stride + i;
+            const __m256 a = _mm256_broadcast_ss(p + r);
+#pragma GCC unroll 8
+            for (int c = 0; c < 8; c++) acc[c] = _mm256_fmadd_ps(a, _mm256_loadu_ps(row + 8 * c), acc[c]);
+        }
+#pragma GCC unroll 8
+        for (int c = 0; c < 8; c++) _mm256_storeu_ps(y + i + 8 * c, acc[c]);
+    }
+    for (; i < n; i += 8) {                 /* the rest a vector at a time, the last one masked */
+        const __m256i mask = tail_mask(n - i);
+        __m256 acc = _mm256_maskload_ps(y + i, mask);
+        for (int r = 0; r < n_rows; r++)
+            acc = _mm256_fmadd_ps(_mm256_broadcast_ss(p + r), _mm256_maskload_ps(v + (size_t)r * v_stride + i, mask), acc);
+        _mm256_maskstore_ps(y + i, mask, acc);
+    }
+}
 
 ALWAYS_INLINE const uint8_t *row_at(const void *base, size_t stride, int r) {
     return (const uint8_t *)base + (size_t)r * stride;
 }
 
-/* Codes of one group of 64: values 0..31 (lo) or 32..63 (hi) as four vectors. */
-ALWAYS_INLINE void q4_quarter(__m128i b, __m256 *v) {
-    v[0] = u8x8(b);
-    v[1] = u8x8(_mm_srli_si128(b, 8));
+static void rows_f16(float *out, const uint16_t *rows, size_t stride, int n_rows, int n) {
+    for (int r = 0; r < n_rows; r++) {
+        const uint16_t *row = (const uint16_t *)(const void *)row_at(rows, stride, r);
+        float *o = out + (size_t)r * n;
+        int i = 0;
+        for (; i + 8 <= n; i += 8)
+            _mm256_storeu_ps(o + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(const void *)(row + i))));
+        for (; i < n; i++) o[i] = _cvtsh_ss(row[i]);
+    }
 }
 
-ALWAYS_INLINE void q4_unpack(const uint8_t *c, __m256 lo[4], __m256 hi[4]) {
+/* The low 8 bytes of v as 8 floats. */
+ALWAYS_INLINE __m256 u8x8(__m128i v) { return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v)); }
+
+/* One group of 64 codes as eight vectors of values 0..7, 8..15, ... */
+ALWAYS_INLINE void q4_codes(const uint8_t *c, __m256 v[8]) {
     const __m256i b = _mm256_loadu_si256((const __m256i *)(const void *)c);
     const __m256i mask = _mm256_set1_epi8(15);
     const __m256i l = _mm256_and_si256(b, mask), h = _mm256_and_si256(_mm256_srli_epi16(b, 4), mask);
-    q4_quarter(_mm256_castsi256_si128(l), lo);
-    q4_quarter(_mm256_extracti128_si256(l, 1), lo + 2);
-    q4_quarter(_mm256_castsi256_si128(h), hi);
-    q4_quarter(_mm256_extracti128_si256(h, 1), hi + 2);
-}
-
-ALWAYS_INLINE void q8_unpack(const uint8_t *c, __m256 lo[4], __m256 hi[4]) {
+    const __m128i part[4] = {_mm256_castsi256_si128(l), _mm256_extracti128_si256(l, 1), _mm256_castsi256_si128(h),
+                             _mm256_extracti128_si256(h, 1)};
+#pragma GCC unroll 4
     for (int k = 0; k < 4; k++) {
-        lo[k] = u8x8(_mm_loadl_epi64((const __m128i *)(const void *)(c + 8 * k)));
-        hi[k] = u8x8(_mm_loadl_epi64((const __m128i *)(const void *)(c + 32 + 8 * k)));
+        v[2 * k] = u8x8(part[k]);
+        v[2 * k + 1] = u8x8(_mm_srli_si128(part[k], 8));
     }
 }
 
-ALWAYS_INLINE void dot_g64(const int bits, float *out, const float *x, const uint8_t *codes, const uint16_t *dm,
-                           size_t stride, int n_rows, int n) {
-    const int n_groups = n / 64, group_bytes = 8 * bits;
-    for (int g = 0; g < n_groups; g++) {
-        __m256 xv[8], xs = _mm256_setzero_ps();
-        for (int k = 0; k < 8; k++) {
-            xv[k] = _mm256_loadu_ps(x + 64 * g + 8 * k);
-            xs = _mm256_add_ps(xs, xv[k]);
-        }
-        const float sx = hsum(xs);
-        for (int r = 0; r < n_rows; r++) {
-            const uint8_t *c = row_at(codes, stride, r) + g * group_bytes;
-            const uint16_t *p = (const uint16_t *)(const void *)row_at(dm, stride, r) + 2 * g;
-            __m256 lo[4], hi[4];
-            if (bits == 4) q4_unpack(c, lo, hi);
-            else q8_unpack(c, lo, hi);
-            __m256 a0 = _mm256_mul_ps(xv[0], lo[0]), a1 = _mm256_mul_ps(xv[4], hi[0]);
-            for (int k = 1; k < 4; k++) {
-                a0 = _mm256_fmadd_ps(xv[k], lo[k], a0);
-                a1 = _mm256_fmadd_ps(xv[4 + k], hi[k], a1);
-            }
-            const float v = half(p[0]) * hsum(_mm256_add_ps(a0, a1)) + half(p[1]) * sx;
-            out[r] = g ? out[r] + v : v;
-        }
-    }
+ALWAYS_INLINE void q8_codes(const uint8_t *c, __m256 v[8]) {
+#pragma GCC unroll 8
+    for (int k = 0; k < 8; k++) v[k] = u8x8(_mm_loadl_epi64((const __m128i *)(const void *)(c + 8 * k)));
 }
 
-ALWAYS_INLINE void axpy_g64(const int bits, float *y, const float *w, const uint8_t *codes, const uint16_t *dm,
-                            size_t stride, int n_rows, int n) {
-    const int n_groups = n / 64, group_bytes = 8 * bits;
-    for (int g = 0; g < n_groups; g++) {
-        float *yg = y + 64 * g;
-        __m256 yv[8];
-        for (int k = 0; k < 8; k++) yv[k] = _mm256_loadu_ps(yg + 8 * k);
-        float msum = 0;
-        for (int r = 0; r < n_rows; r++) {
-            const uint8_t *c = row_at(codes, stride, r) + g * group_bytes;
-            const uint16_t *p = (const uint16_t *)(const void *)row_at(dm, stride, r) + 2 * g;
-            const __m256 a = _mm256_set1_ps(w[r] * half(p[0]));
-            msum += w[r] * half(p[1]);
-            __m256 lo[4], hi[4];
-            if (bits == 4) q4_unpack(c, lo, hi);
-            else q8_unpack(c, lo, hi);
-            for (int k = 0; k < 4; k++) {
-                yv[k] = _mm256_fmadd_ps(a, lo[k], yv[k]);
-                yv[4 + k] = _mm256_fmadd_ps(a, hi[k], yv[4 + k]);
-            }
-        }
-        const __m256 m = _mm256_set1_ps(msum);
-        for (int k = 0; k < 8; k++) _mm256_storeu_ps(yg + 8 * k, _mm256_add_ps(yv[k], m));
-    }
-}
-
-static void dot_q8(float *out, const float *x, const uint8_t *codes, const uint16_t *dm, size_t stride,
-                   int n_rows, int n, int group) {
-    if (group != 64) ebb_kv_dot_q8_scalar(out, x, codes, dm, stride, n_rows, n, group);
-    else dot_g64(8, out, x, codes, dm, stride, n_rows, n);
-}
-
-static void axpy_q8(float *y, const float *w, const uint8_t *codes, const uint16_t *dm, size_t stride,
-                    int n_rows, int n, int group) {
-    if (group != 64) ebb_kv_axpy_q8_scalar(y, w, codes, dm, stride, n_rows, n, group);
-    else axpy_g64(8, y, w, codes, dm, stride, n_rows, n);
-}
-
-static void dot_q4(float *out, const float *x, const uint8_t *codes, const uint16_t *dm, size_t stride,
-                   int n_rows, int n, int group) {
-    if (group != 64) ebb_kv_dot_q4_scalar(out, x, codes, dm, stride, n_rows, n, group);
-    else dot_g64(4, out, x, codes, dm, stride, n_rows, n);
-}
-
-static void axpy_q4(float *y, const float *w, const uint8_t *codes, const uint16_t *dm, size_t stride,
-                    int n_rows, int n, int group) {
-    if (group != 64) ebb_kv_axpy_q4_scalar(y, w, codes, dm, stride, n_rows, n, group);
-    else axpy_g64(4, y, w, codes, dm, stride, n_rows, n);
-}
-
-static void dot_f16(float *out, const float *x, const uint16_t *rows, size_t stride, int n_rows, int n) {
+ALWAYS_INLINE void rows_g64(const int bits, float *out, const uint8_t *codes, const uint16_t *dm, size_t stride,
+                            int n_rows, int n) {
     for (int r = 0; r < n_rows; r++) {
-        const uint16_t *row = (const uint16_t *)(const void *)row_at(rows, stride, r);
-        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
-        int i = 0;
-        for (; i + 16 <= n; i += 16) {
-            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + i), _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(const void *)(row + i))), a0);
-            a1 = _mm256_fmadd_ps(_mm256_loadu_ps(x + i + 8),
-                                 _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(const void *)(row + i + 8))), a1);
+        const uint8_t *c = row_at(codes, stride, r);
+        const uint16_t *p = (const uint16_t *)(const void *)row_at(dm, stride, r);
+        for (int g = 0; g < n / 64; g++) {
+            __m256 v[8];
+            if (bits == 4) q4_codes(c + g * 32, v);
+            else q8_codes(c + g * 64, v);
+            const __m256 d = _mm256_set1_ps(_cvtsh_ss(p[2 * g])), m = _mm256_set1_ps(_cvtsh_ss(p[2 * g + 1]));
+            float *o = out + (size_t)r * n + 64 * g;
+#pragma GCC unroll 8
+            for (int k = 0; k < 8; k++) _mm256_storeu_ps(o + 8 * k, _mm256_fmadd_ps(d, v[k], m));
         }
-        float s = hsum(_mm256_add_ps(a0, a1));
-        for (; i < n; i++) s += x[i] * half(row[i]);
-        out[r] = s;
     }
 }
 
-static void axpy_f16(float *y, const float *w, const uint16_t *rows, size_t stride, int n_rows, int n) {
-    for (int r = 0; r < n_rows; r++) {
-        const uint16_t *row = (const uint16_t *)(const void *)row_at(rows, stride, r);
-        const __m256 a = _mm256_set1_ps(w[r]);
-        int i = 0;
-        for (; i + 8 <= n; i += 8) {
-            __m256 v = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(const void *)(row + i)));
-            _mm256_storeu_ps(y + i, _mm256_fmadd_ps(a, v, _mm256_loadu_ps(y + i)));
-        }
-        for (; i < n; i++) y[i] += w[r] * half(row[i]);
-    }
+static void rows_q8(float *out, const uint8_t *codes, const uint16_t *dm, size_t stride, int n_rows, int n,
+                    int group) {
+    if (group != 64) ebb_kv_rows_q8_scalar(out, codes, dm, stride, n_rows, n, group);
+    else rows_g64(8, out, codes, dm, stride, n_rows, n);
+}
+
+static void rows_q4(float *out, const uint8_t *codes, const uint16_t *dm, size_t stride, int n_rows, int n,
+                    int group) {
+    if (group != 64) ebb_kv_rows_q4_scalar(out, codes, dm, stride, n_rows, n, group);
+    else rows_g64(4, out, codes, dm, stride, n_rows, n);
 }
 
 void ebb_cpu_kvq_ops_avx2(struct ebb_backend *be) {
-    be->kv_dot_f16 = dot_f16;
-    be->kv_axpy_f16 = axpy_f16;
-    be->kv_dot_q8 = dot_q8;
-    be->kv_axpy_q8 = axpy_q8;
-    be->kv_dot_q4 = dot_q4;
-    be->kv_axpy_q4 = axpy_q4;
+    be->attn_scores = scores;
+    be->attn_values = values;
+    be->kv_rows_f16 = rows_f16;
+    be->kv_rows_q8 = rows_q8;
+    be->kv_rows_q4 = rows_q4;
 }

@@ -1,12 +1,10 @@
-/* KV-cache row ops, portable C: the reference the SIMD versions are tested
- * against, and the path for groups smaller than 64.
- *
- * A quantized value is m + d * code, so a dot product with x splits into
- * d * (x . codes) + m * sum(x) per group, and a weighted sum of rows adds
- * (w * d) * codes to y plus, once per group at the end, sum_r w_r * m_r to
- * every value of the group. Both keep the inner loops on the integer codes.
+/* Attention and KV-row ops, portable C: the definition the SIMD versions
+ * repeat bit for bit (backend.h spells the arithmetic out), and the path for
+ * quantization groups smaller than 64.
  */
 #include "kernels/cpu/kvq_ops.h"
+
+#include <math.h>
 
 #include "kernels/formats.h"
 
@@ -14,23 +12,28 @@ static const uint8_t *row_bytes(const void *base, size_t stride, int r) {
     return (const uint8_t *)base + (size_t)r * stride;
 }
 
-static const uint16_t *row_dm(const uint16_t *dm, size_t stride, int r) {
-    return (const uint16_t *)(const void *)row_bytes(dm, stride, r);
+/* backend.h's dot8: eight fma chains, then a fixed pairwise tree. */
+static float dot8(const float *a, const float *b, int n) {
+    float l[8] = {0};
+    for (int i = 0; i < n; i++) l[i % 8] = fmaf(a[i], b[i], l[i % 8]);
+    return ((l[0] + l[1]) + (l[2] + l[3])) + ((l[4] + l[5]) + (l[6] + l[7]));
 }
 
-static void dot_f16(float *out, const float *x, const uint16_t *rows, size_t stride, int n_rows, int n) {
-    for (int r = 0; r < n_rows; r++) {
-        const uint16_t *row = row_dm(rows, stride, r);
-        float s = 0;
-        for (int i = 0; i < n; i++) s += x[i] * ebb_f16_to_f32(row[i]);
-        out[r] = s;
-    }
+static void scores(float *s, size_t s_stride, const float *q, size_t q_stride, int n_q, const float *k,
+                   size_t k_stride, int n_rows, int n) {
+    for (int j = 0; j < n_q; j++)
+        for (int r = 0; r < n_rows; r++) s[(size_t)j * s_stride + r] = dot8(q + (size_t)j * q_stride, k + (size_t)r * k_stride, n);
 }
 
-static void axpy_f16(float *y, const float *w, const uint16_t *rows, size_t stride, int n_rows, int n) {
+static void values(float *y, const float *p, const float *v, size_t v_stride, int n_rows, int n) {
+    for (int r = 0; r < n_rows; r++)
+        for (int i = 0; i < n; i++) y[i] = fmaf(p[r], v[(size_t)r * v_stride + i], y[i]);
+}
+
+static void rows_f16(float *out, const uint16_t *rows, size_t stride, int n_rows, int n) {
     for (int r = 0; r < n_rows; r++) {
-        const uint16_t *row = row_dm(rows, stride, r);
-        for (int i = 0; i < n; i++) y[i] += w[r] * ebb_f16_to_f32(row[i]);
+        const uint16_t *row = (const uint16_t *)(const void *)row_bytes(rows, stride, r);
+        for (int i = 0; i < n; i++) out[(size_t)r * n + i] = ebb_f16_to_f32(row[i]);
     }
 }
 
@@ -41,69 +44,34 @@ static int code_at(const uint8_t *c, int bits, int group, int i) {
     return i < half ? c[i] & 15 : c[i - half] >> 4;
 }
 
-static void dot_q(int bits, float *out, const float *x, const uint8_t *codes, const uint16_t *dm, size_t stride,
-                  int n_rows, int n, int group) {
-    const int n_groups = n / group, group_bytes = group * bits / 8;
+static void rows_q(int bits, float *out, const uint8_t *codes, const uint16_t *dm, size_t stride, int n_rows, int n,
+                   int group) {
+    const int group_bytes = group * bits / 8;
     for (int r = 0; r < n_rows; r++) {
         const uint8_t *c = row_bytes(codes, stride, r);
-        const uint16_t *p = row_dm(dm, stride, r);
-        float acc = 0;
-        for (int g = 0; g < n_groups; g++) {
-            const float *xg = x + g * group;
-            const uint8_t *cg = c + g * group_bytes;
-            float sc = 0, sx = 0;
-            for (int i = 0; i < group; i++) {
-                sc += xg[i] * (float)code_at(cg, bits, group, i);
-                sx += xg[i];
-            }
-            acc += ebb_f16_to_f32(p[2 * g]) * sc + ebb_f16_to_f32(p[2 * g + 1]) * sx;
+        const uint16_t *p = (const uint16_t *)(const void *)row_bytes(dm, stride, r);
+        for (int g = 0; g < n / group; g++) {
+            const float d = ebb_f16_to_f32(p[2 * g]), m = ebb_f16_to_f32(p[2 * g + 1]);
+            for (int i = 0; i < group; i++)
+                out[(size_t)r * n + g * group + i] = fmaf(d, (float)code_at(c + g * group_bytes, bits, group, i), m);
         }
-        out[r] = acc;
     }
 }
 
-static void axpy_q(int bits, float *y, const float *w, const uint8_t *codes, const uint16_t *dm, size_t stride,
-                   int n_rows, int n, int group) {
-    const int n_groups = n / group, group_bytes = group * bits / 8;
-    for (int g = 0; g < n_groups; g++) {
-        float *yg = y + g * group;
-        float msum = 0;
-        for (int r = 0; r < n_rows; r++) {
-            const uint8_t *cg = row_bytes(codes, stride, r) + g * group_bytes;
-            const uint16_t *p = row_dm(dm, stride, r);
-            float a = w[r] * ebb_f16_to_f32(p[2 * g]);
-            msum += w[r] * ebb_f16_to_f32(p[2 * g + 1]);
-            for (int i = 0; i < group; i++) yg[i] += a * (float)code_at(cg, bits, group, i);
-        }
-        for (int i = 0; i < group; i++) yg[i] += msum;
-    }
+void ebb_kv_rows_q8_scalar(float *out, const uint8_t *codes, const uint16_t *dm, size_t stride, int n_rows, int n,
+                           int group) {
+    rows_q(8, out, codes, dm, stride, n_rows, n, group);
 }
 
-void ebb_kv_dot_q8_scalar(float *out, const float *x, const uint8_t *codes, const uint16_t *dm, size_t stride,
-                          int n_rows, int n, int group) {
-    dot_q(8, out, x, codes, dm, stride, n_rows, n, group);
-}
-
-void ebb_kv_axpy_q8_scalar(float *y, const float *w, const uint8_t *codes, const uint16_t *dm, size_t stride,
-                           int n_rows, int n, int group) {
-    axpy_q(8, y, w, codes, dm, stride, n_rows, n, group);
-}
-
-void ebb_kv_dot_q4_scalar(float *out, const float *x, const uint8_t *codes, const uint16_t *dm, size_t stride,
-                          int n_rows, int n, int group) {
-    dot_q(4, out, x, codes, dm, stride, n_rows, n, group);
-}
-
-void ebb_kv_axpy_q4_scalar(float *y, const float *w, const uint8_t *codes, const uint16_t *dm, size_t stride,
-                           int n_rows, int n, int group) {
-    axpy_q(4, y, w, codes, dm, stride, n_rows, n, group);
+void ebb_kv_rows_q4_scalar(float *out, const uint8_t *codes, const uint16_t *dm, size_t stride, int n_rows, int n,
+                           int group) {
+    rows_q(4, out, codes, dm, stride, n_rows, n, group);
 }
 
 void ebb_cpu_kvq_ops_scalar(struct ebb_backend *be) {
-    be->kv_dot_f16 = dot_f16;
-    be->kv_axpy_f16 = axpy_f16;
-    be->kv_dot_q8 = ebb_kv_dot_q8_scalar;
-    be->kv_axpy_q8 = ebb_kv_axpy_q8_scalar;
-    be->kv_dot_q4 = ebb_kv_dot_q4_scalar;
-    be->kv_axpy_q4 = ebb_kv_axpy_q4_scalar;
+    be->attn_scores = scores;
+    be->attn_values = values;
+    be->kv_rows_f16 = rows_f16;
+    be->kv_rows_q8 = ebb_kv_rows_q8_scalar;
+    be->kv_rows_q4 = ebb_kv_rows_q4_scalar;
 }

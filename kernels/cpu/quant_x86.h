@@ -163,6 +163,7 @@ struct qctx {
     int groups, g0, g1, tb;
     int32_t corr[KG][TB + 4];
     float scale[KG][TB + 4];
+    float rowd[KG][8];    /* prefill: the current row pair's block scales as 4 x d0, 4 x d1 */
 };
 
 /* Sum of 64 signed bytes: shifted to unsigned (xor 0x80) for vpsadbw. */
@@ -291,7 +292,8 @@ ALWAYS_INLINE void tile(const int KIND, const int M, const int N, const struct q
                 }
             }
             __m256i sums = _mm256_sub_epi32(qx_reduce8_w4(p), bcast_epi32(MS, &c->corr[gl][tl]));
-            __m256 ds = _mm256_mul_ps(row_scales(N, MS, wr, off), s);
+            /* Prefill tiles share their rows' scales, converted once per row pair. */
+            __m256 ds = _mm256_mul_ps(M == 4 ? _mm256_loadu_ps(c->rowd[gl]) : row_scales(N, MS, wr, off), s);
             acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), ds, acc);
         } else {
             for (int half = 0; half < 2; half++) {
@@ -322,6 +324,17 @@ ALWAYS_INLINE void tile(const int KIND, const int M, const int N, const struct q
 }
 
 typedef void (*tile_fn)(const struct qctx *c, int t, int o);
+
+/* c->rowd for rows [o, o + n), n 1 or 2 (a missing second row scales by 0). */
+static void fill_row_scales(struct qctx *c, int o, int n)
+{
+    const uint8_t *w[2] = { c->a->w + (size_t)o * c->a->row_bytes, c->a->w + (size_t)(o + n - 1) * c->a->row_bytes };
+    for (int g = c->g0; g < c->g1; g++) {
+        __m256 d = row_scales(2, 4, w, (size_t)g * BLOCK_BYTES);
+        if (n == 1) d = _mm256_blend_ps(d, _mm256_setzero_ps(), 0xf0);
+        _mm256_storeu_ps(c->rowd[g - c->g0], d);
+    }
+}
 
 #define TILE_FN(kind, K, M, N) \
     static void tile_##kind##_##M##x##N(const struct qctx *c, int t, int o) { tile(K, M, N, c, t, o); }
@@ -373,7 +386,9 @@ static void qblock(const int kind, const tile_fn tiles[5][9], const struct qmatm
             /* Each pair of rows (in L1) meets every token quad of the block (in L2). */
             if (quads_end > c.tb)
                 for (int o = o0; o < o1; o += 2) {
-                    const tile_fn f = tiles[4][o + 2 <= o1 ? 2 : 1];
+                    const int n = o + 2 <= o1 ? 2 : 1;
+                    if (kind == KIND_W4) fill_row_scales(&c, o, n);
+                    const tile_fn f = tiles[4][n];
                     for (int t = c.tb; t < quads_end; t += 4) f(&c, t, o);
                 }
             if (te > quads_end) tile_rows(tiles[te - quads_end], te - quads_end, &c, quads_end, o0, o1);

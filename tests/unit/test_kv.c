@@ -2,8 +2,9 @@
  *
  * Independent references: quantization is checked against its documented
  * bound (every value within d/2 of itself) and layout (codes decoded here
- * from the nibble order backend.h describes); the row ops of every CPU path
- * against double-precision sums over rows dequantized here; attention
+ * from the nibble order backend.h describes); the row conversions and the
+ * score and value ops of every CPU path against the arithmetic backend.h
+ * defines, written out here; attention
  * against a double-precision attention written here from the documented
  * semantics (which positions are exact, which quantized, the rotation), and
  * against plain f32 attention within a stated tolerance. On the real model:
@@ -136,75 +137,98 @@ static void make_qrows(struct qrows *r, int bits, int n_rows, int n, int group) 
     }
 }
 
-static void test_row_ops(void) {
+/* Rows of every stored precision come back as the values the layout
+ * defines (decoded here), bit for bit, on every path. */
+static void test_row_conversions(void) {
     static const char *paths[] = {"scalar", "avx2", "avx512"};
     static const int shapes[][2] = {{64, 64}, {128, 64}, {192, 64}, {96, 32}, {80, 16}, {64, 8}};
     for (int pi = 0; pi < 3; pi++) {
         const struct ebb_backend *be = ebb_backend_cpu_named(paths[pi]);
         if (!be) continue;
-        CHECK(be->kv_dot_q4 && be->kv_axpy_q4 && be->kv_dot_q8 && be->kv_axpy_q8 && be->kv_dot_f16 && be->kv_axpy_f16);
+        CHECK(be->kv_rows_f16 && be->kv_rows_q8 && be->kv_rows_q4 && be->attn_scores && be->attn_values);
         for (int si = 0; si < 6; si++) {
             const int n = shapes[si][0], group = shapes[si][1], n_rows = 37;
-            float x[256], w[64], out[64], y[256];
-            for (int i = 0; i < n; i++) x[i] = gauss();
-            for (int j = 0; j < n_rows; j++) w[j] = (float)uniform();
+            float *out = malloc((size_t)n_rows * n * sizeof(float));
             for (int bits = 4; bits <= 16; bits *= 2) {
                 struct qrows r = {0};
                 uint16_t *half_rows = NULL;
-                const float *deq;
                 if (bits == 16) {
                     half_rows = malloc((size_t)n_rows * (n + 8) * sizeof(uint16_t));
-                    float *hd = malloc((size_t)n_rows * n * sizeof(float));
+                    r.deq = malloc((size_t)n_rows * n * sizeof(float));
                     for (int j = 0; j < n_rows; j++)
                         for (int i = 0; i < n; i++) {
                             half_rows[(size_t)j * (n + 8) + i] = ebb_f32_to_f16(gauss());
-                            hd[(size_t)j * n + i] = ebb_f16_to_f32(half_rows[(size_t)j * (n + 8) + i]);
+                            r.deq[(size_t)j * n + i] = ebb_f16_to_f32(half_rows[(size_t)j * (n + 8) + i]);
                         }
-                    r.deq = hd;
-                    r.mag = malloc((size_t)n_rows * n * sizeof(float));
-                    for (int i = 0; i < n_rows * n; i++) r.mag[i] = fabsf(hd[i]);
+                    be->kv_rows_f16(out, half_rows, (n + 8) * sizeof(uint16_t), n_rows, n);
                 } else {
                     make_qrows(&r, bits, n_rows, n, group);
-                }
-                deq = r.deq;
-                /* The ops sum d * codes and m separately, so their rounding
-                 * error scales with |m| + qmax |d|, not with the value. */
-                const float *mag = r.mag;
-                for (int i = 0; i < n; i++) y[i] = (float)i * 0.01f;
-                if (bits == 16) {
-                    be->kv_dot_f16(out, x, half_rows, (n + 8) * sizeof(uint16_t), n_rows, n);
-                    be->kv_axpy_f16(y, w, half_rows, (n + 8) * sizeof(uint16_t), n_rows, n);
-                } else {
                     const uint16_t *dm = (const uint16_t *)(const void *)(r.buf + r.code_bytes);
-                    (bits == 8 ? be->kv_dot_q8 : be->kv_dot_q4)(out, x, r.buf, dm, r.stride, n_rows, n, group);
-                    (bits == 8 ? be->kv_axpy_q8 : be->kv_axpy_q4)(y, w, r.buf, dm, r.stride, n_rows, n, group);
+                    (bits == 8 ? be->kv_rows_q8 : be->kv_rows_q4)(out, r.buf, dm, r.stride, n_rows, n, group);
                 }
-                int ok = 1;
-                for (int j = 0; j < n_rows; j++) {
-                    double ref = 0, size = 0;
-                    for (int i = 0; i < n; i++) {
-                        ref += (double)x[i] * deq[(size_t)j * n + i];
-                        size += fabs((double)x[i]) * mag[(size_t)j * n + i];
-                    }
-                    ok &= fabs(out[j] - ref) <= 1e-6 * size + 1e-6;
-                }
-                for (int i = 0; i < n; i++) {
-                    double ref = i * 0.01, size = fabs(ref);
-                    for (int j = 0; j < n_rows; j++) {
-                        ref += (double)w[j] * deq[(size_t)j * n + i];
-                        size += fabs((double)w[j]) * mag[(size_t)j * n + i];
-                    }
-                    ok &= fabs(y[i] - ref) <= 1e-6 * size + 1e-6;
-                }
-                CHECK_MSG(ok, "%s: kv row ops at %d bits, n %d group %d disagree with the reference",
-                          paths[pi], bits, n, group);
+                CHECK_MSG(!memcmp(out, r.deq, (size_t)n_rows * n * sizeof(float)),
+                          "%s: kv rows at %d bits, n %d group %d do not decode to the layout's values", paths[pi], bits,
+                          n, group);
                 free(r.buf);
                 free(r.deq);
                 free(r.mag);
                 free(half_rows);
             }
+            free(out);
         }
     }
+}
+
+/* backend.h's dot8, written out here. */
+static float dot8_here(const float *a, const float *b, int n) {
+    float l[8] = {0};
+    for (int i = 0; i < n; i++) l[i % 8] = fmaf(a[i], b[i], l[i % 8]);
+    return ((l[0] + l[1]) + (l[2] + l[3])) + ((l[4] + l[5]) + (l[6] + l[7]));
+}
+
+/* The score and value ops give exactly the arithmetic backend.h spells
+ * out, on every path, for every edge of their tiles (query and row counts
+ * that are not multiples of 4 and 2, lengths that are not multiples of 8
+ * or 64, strided operands). */
+static void test_attention_ops(void) {
+    static const char *paths[] = {"scalar", "avx2", "avx512"};
+    static const int lengths[] = {64, 128, 80, 13, 8, 1, 200};
+    const int max_q = 11, max_rows = 67, stride = 211;
+    float *q = malloc((size_t)max_q * stride * sizeof(float)), *k = malloc((size_t)max_rows * stride * sizeof(float));
+    float *sc = malloc((size_t)max_q * (max_rows + 5) * sizeof(float)), *p = malloc((size_t)max_rows * sizeof(float));
+    float y[200], want[200];
+    for (int i = 0; i < max_q * stride; i++) q[i] = gauss();
+    for (int i = 0; i < max_rows * stride; i++) k[i] = gauss() * (i % 29 == 3 ? 20.0f : 1.0f);
+    for (int r = 0; r < max_rows; r++) p[r] = (float)uniform();
+    for (int pi = 0; pi < 3; pi++) {
+        const struct ebb_backend *be = ebb_backend_cpu_named(paths[pi]);
+        if (!be) continue;
+        int scores_ok = 1, values_ok = 1;
+        for (int li = 0; li < 7; li++) {
+            const int n = lengths[li];
+            for (int n_q = 1; n_q <= max_q; n_q += 2)
+                for (int n_rows = 1; n_rows <= max_rows; n_rows += 11) {
+                    const size_t ss = (size_t)n_rows + 5;
+                    be->attn_scores(sc, ss, q, stride, n_q, k, stride, n_rows, n);
+                    for (int j = 0; j < n_q; j++)
+                        for (int r = 0; r < n_rows; r++)
+                            scores_ok &= sc[(size_t)j * ss + r] == dot8_here(q + (size_t)j * stride, k + (size_t)r * stride, n);
+                }
+            for (int n_rows = 1; n_rows <= max_rows; n_rows += 6) {
+                for (int i = 0; i < n; i++) y[i] = want[i] = (float)i * 0.25f;
+                for (int r = 0; r < n_rows; r++)
+                    for (int i = 0; i < n; i++) want[i] = fmaf(p[r], k[(size_t)r * stride + i], want[i]);
+                be->attn_values(y, p, k, stride, n_rows, n);
+                values_ok &= !memcmp(y, want, (size_t)n * sizeof(float));
+            }
+        }
+        CHECK_MSG(scores_ok, "%s: attn_scores differs from dot8", paths[pi]);
+        CHECK_MSG(values_ok, "%s: attn_values differs from its fma sequence", paths[pi]);
+    }
+    free(q);
+    free(k);
+    free(sc);
+    free(p);
 }
 
 static void test_rotation_invariance(void) {
@@ -430,7 +454,7 @@ static void test_window_exact_and_batch_invariant(void) {
     CHECK(kv_cache_init(&by256, &c, n, &a4) == 0);
     CHECK(kv_cache_init(&by37, &c, n, &a4) == 0);
     CHECK(fill_cache(&f32, be, &d, n, 256) == 0);
-    float *scratch = malloc((size_t)n * sizeof(float));
+    float *scratch = malloc(kv_attend_scratch(&c, n) * sizeof(float));
     float q[64], o32[64], o1[64], o256[64], o37[64];
     int exact = 1, invariant = 1, differs = 0;
     /* The KV4 caches grow in passes of 1, 256 and 37 positions, and each
@@ -476,6 +500,67 @@ static void test_window_exact_and_batch_invariant(void) {
 }
 
 /* ------------------------------------------------------------- account */
+
+/* A query's result does not depend on the block it is computed in: the
+ * queries of a pass, in blocks of 1, 5 and 16 tokens times two heads,
+ * equal the same queries one at a time, bit for bit, at every precision
+ * and for rotated and unrotated layouts. */
+static void test_block_invariance(void) {
+    const struct ebb_backend *be = ebb_backend_cpu();
+    static const int shapes[][2] = {{64, 4}, {96, 16}, {64, 8}, {64, 16}, {64, 32}, {96, 4}};   /* head_dim, bits */
+#if defined(__SANITIZE_ADDRESS__)
+    const int n_shapes = 2;   /* about 20 times slower there: the rotated and the plain layout */
+#else
+    const int n_shapes = 6;
+#endif
+    const int n = 300, pass = 110, n_head = 2;
+    for (int si = 0; si < n_shapes; si++) {
+        const int hd = shapes[si][0], bits = shapes[si][1];
+        struct model_config c = small_config(1, 2, hd);
+        struct kv_data d;
+        make_data(&d, &c, n);
+        struct kv_account acc;
+        CHECK(kv_account_init(&acc, &c, bits, 0) == 0);
+        struct kv_cache kv;
+        CHECK(kv_cache_init(&kv, &c, n, &acc) == 0);
+        float *scratch = malloc(kv_attend_scratch(&c, n) * sizeof(float));
+        float *q = malloc((size_t)pass * n_head * hd * sizeof(float));
+        float *blocked = malloc((size_t)pass * n_head * hd * sizeof(float)), one[128];
+        int same = 1;
+        for (int p0 = 0; p0 < n; p0 += pass) {
+            const int p1 = p0 + pass < n ? p0 + pass : n;
+            CHECK(fill_cache(&kv, be, &d, p1, p1 - p0) == 0);
+            for (int i = 0; i < (p1 - p0) * n_head * hd; i++) q[i] = gauss();
+            static const int block_tokens[] = {1, 5, 16};
+            for (int bi = 0; bi < 3; bi++) {
+                for (int t0 = 0; t0 < p1 - p0; t0 += block_tokens[bi]) {
+                    const int nt = p1 - p0 - t0 < block_tokens[bi] ? p1 - p0 - t0 : block_tokens[bi];
+                    for (int kvh = 0; kvh < 2; kvh++) {
+                        /* Heads 2*kvh and 2*kvh+1 of a 4-head token share KV head kvh; here each token
+                         * carries just its n_head heads for this KV head, at stride n_head * hd. */
+                        const size_t at = (size_t)t0 * n_head * hd;
+                        kv_attend_block(&kv, be, 0, kvh, q + at, blocked + at, (size_t)n_head * hd, nt, n_head, p0 + t0,
+                                        0.125f, scratch);
+                        for (int t = t0; t < t0 + nt; t++)
+                            for (int h = 0; h < n_head; h++) {
+                                const float *qq = q + ((size_t)t * n_head + h) * hd;
+                                kv_attend(&kv, be, 0, kvh, qq, p0 + t + 1, 0.125f, scratch, one);
+                                same &= !memcmp(one, blocked + ((size_t)t * n_head + h) * hd, (size_t)hd * sizeof(float));
+                            }
+                    }
+                }
+            }
+        }
+        CHECK_MSG(same, "kv_bits %d head_dim %d: a query's attention depends on the block it is computed in", bits, hd);
+        free(scratch);
+        free(q);
+        free(blocked);
+        kv_cache_free(&kv);
+        kv_account_destroy(&acc);
+        free(d.k);
+        free(d.v);
+    }
+}
 
 static void test_account_bytes(void) {
     /* SmolLM2-135M's shape: 30 layers, 3 KV heads of 64. */
@@ -712,10 +797,12 @@ static void test_model_perplexity(struct model *m) {
 
 int main(void) {
     test_quantize_bounds();
-    test_row_ops();
+    test_row_conversions();
+    test_attention_ops();
     test_rotation_invariance();
     test_attention();
     test_window_exact_and_batch_invariant();
+    test_block_invariance();
     test_account_bytes();
     test_reservations();
 

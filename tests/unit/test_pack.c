@@ -53,13 +53,22 @@
  * runs and the file still round-trips, but perplexity on so little text is
  * only a coarse check, so its bounds widen (a broken packer is off by orders
  * of magnitude, not by a factor of two), and so does the engine's agreement
- * with the simulation (which differ in rounding and in the 8-bit head). */
+ * with the simulation (which differ in rounding and in the 8-bit head).
+ *
+ * The engine and the simulation agree only statistically, even on full
+ * sizes: at 4 bits a rounding-level difference anywhere upstream flips some
+ * activation codes, and each flip is a full quantization step, so the two
+ * draw different quantization noise. Measured on the held-out text (2 x 512
+ * tokens, f32 cache), the same packed file gave perplexity 46.67 with the
+ * AVX2 f32 ops and 48.81 with the scalar ones: 0.045 in mean NLL from
+ * rounding alone. ENGINE_VS_SIM allows that much and a little more; a wrong
+ * permutation or scale is off by far more. */
 #if defined(__SANITIZE_ADDRESS__)
 enum { CALIB_SEQS = 1, CALIB_LEN = 64, EVAL_CTX = 64, EVAL_WINDOWS = 1 };
 static const double W4A16_BOUND = 2.5, W4A4_BOUND = 4.0, TOP1_MIN = 0.4, ENGINE_VS_SIM = 0.5;
 #else
 enum { CALIB_SEQS = 8, CALIB_LEN = 256, EVAL_CTX = 256, EVAL_WINDOWS = 4 };
-static const double W4A16_BOUND = 1.25, W4A4_BOUND = 1.60, TOP1_MIN = 0.75, ENGINE_VS_SIM = 0.01;
+static const double W4A16_BOUND = 1.25, W4A4_BOUND = 1.60, TOP1_MIN = 0.75, ENGINE_VS_SIM = 0.06;
 #endif
 
 /* Texts that every Debian system ships (base-files), used as "short
