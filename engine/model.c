@@ -267,9 +267,14 @@ static int load_weights(struct model *m, char *err, size_t errlen) {
     const int int_path = m->act_bits == 4 || m->act_bits == 8;
     if (int_path) {
         m->q_embd = load_packed(m, "token_embd.weight", EBB_TYPE_Q8_0, E, V, &failed, err, errlen);
-        m->q_output = gguf_find_tensor(&m->file, "output.weight")
-                          ? load_packed(m, "output.weight", EBB_TYPE_Q8_0, E, V, &failed, err, errlen)
-                          : m->q_embd;   /* tied embeddings */
+        /* The head: the tied Q8_0 embedding, its own Q8_0 rows, or W4G64
+         * rows whose input is the H64-rotated final norm (docs/formats.md). */
+        const struct gguf_tensor *out = gguf_find_tensor(&m->file, "output.weight");
+        if (out && out->type == EBB_TYPE_W4G64)
+            m->w4_output = load_packed(m, "output.weight", EBB_TYPE_W4G64, E, V, &failed, err, errlen);
+        else
+            m->q_output = out ? load_packed(m, "output.weight", EBB_TYPE_Q8_0, E, V, &failed, err, errlen)
+                              : m->q_embd;   /* tied embeddings */
     } else {
         m->tok_embd = load_tensor(m, "token_embd.weight", E, V, 0, &failed, err, errlen);
         m->output = load_tensor(m, "output.weight", E, V, 1, &failed, err, errlen);
@@ -707,6 +712,17 @@ static void forward_layers(struct model *m, struct run_state *s, int n_tok) {
     for (int t = 0; t < n_tok; t++) be->add_f32(s->x + (size_t)t * E, s->xb2 + (size_t)t * E, E);
 }
 
+/* Calibration: every token's head input, to the capture hook (model.h). */
+static void capture_head_input(struct model *m, struct run_state *s, int n_tok) {
+    const int E = m->cfg.n_embd;
+    for (int t = 0; t < n_tok; t++) {
+        float *xb = s->xb + (size_t)t * E;
+        m->be->rmsnorm_f32(xb, s->x + (size_t)t * E, m->output_norm, E, m->cfg.rms_eps);
+        if (m->hadamard_norm_out) m->be->hadamard64(xb, E);
+    }
+    m->capture(m->capture_ud, m->cfg.n_layer, ACT_ATTN_IN, s->xb, n_tok, E);
+}
+
 /* Rows of the batch that need logits, in batch order. */
 static int head_row_count(const struct batch_seq *seqs, int n_seqs) {
     int rows = 0;
@@ -733,7 +749,11 @@ static void forward_head(struct model *m, struct run_state *s, struct batch_seq 
     }
     /* A single sequence writes straight into its buffer. */
     float *out = n_seqs == 1 ? seqs[0].logits : s->logits;
-    if (m->q_output) {   /* 8-bit head: every activation group at 8 bits */
+    if (m->w4_output) {  /* 4-bit head: rotated input, every activation group at 8 bits */
+        m->be->hadamard64(s->xb, rows * E);
+        m->be->quantize_act(s->xb, rows, E, E / EBB_ACT_GROUP, s->aq, s->as);
+        m->be->matmul_w4a8(m->pool, out, s->aq, s->as, m->w4_output, rows, E, c->n_vocab);
+    } else if (m->q_output) {   /* 8-bit head: every activation group at 8 bits */
         m->be->quantize_act(s->xb, rows, E, E / EBB_ACT_GROUP, s->aq, s->as);
         m->be->matmul_q8a8(m->pool, out, s->aq, s->as, m->q_output, rows, E, c->n_vocab);
     } else {
@@ -777,6 +797,7 @@ int model_forward_batch(struct model *m, struct batch_seq *seqs, int n_seqs) {
             s->tok_id[t] = seqs[i].tokens[k];
         }
     forward_layers(m, s, n_tok);
+    if (m->capture) capture_head_input(m, s, n_tok);
     for (int i = 0; i < n_seqs; i++) seqs[i].kv->n_past += seqs[i].n_tok;
     if (rows) forward_head(m, s, seqs, n_seqs, rows);
     return 0;

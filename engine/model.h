@@ -46,6 +46,10 @@ enum act_point { ACT_ATTN_IN = 0, ACT_ATTN_OUT = 1, ACT_FFN_IN = 2, ACT_FFN_DOWN
 
 /* Sees the input of each activation point during model_forward (n_tok rows
  * of n floats, after any online rotation): the packer's calibration. */
+/* layer == n_layer, point ACT_ATTN_IN: the output head's input (the final
+ * norm's output, H64-rotated when the model rotates norm outputs), for
+ * every token of the pass, given to the hook only (the head itself reads
+ * only the rows that want logits). */
 typedef void (*act_capture_fn)(void *ud, int layer, enum act_point point, const float *x, int n_tok, int n);
 
 /* Weights of a layer. A plain model has f32 matrices. A packed model
@@ -74,6 +78,7 @@ struct model {
     float *output;                    /* [n_vocab][n_embd]; == tok_embd when tied */
     int act_bits;                     /* 0: plain f32 model; packed: 4, 8 or 16 */
     const void *q_embd, *q_output;    /* packed, integer path: Q8_0 rows in the mapping */
+    const void *w4_output;            /* or a W4G64 head (its input H64-rotated), else NULL */
     struct layer_weights *layers;
     size_t weight_bytes;              /* resident f32 weight bytes */
     const struct ebb_backend *be;

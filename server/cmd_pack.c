@@ -39,6 +39,9 @@ static void pack_usage(FILE *out) {
         "  --act-bits 4|8        w4a4 only: 4 = outlier groups 8-bit, the rest 4-bit;\n"
         "                        8 = every group 8-bit (W4A8); default 4\n"
         "  --weight-quant Q      gptq (default) or rtn (round to nearest, the baseline)\n"
+        "  --head-bits 8|4       output head: 8 = Q8_0 per row, tied to the embedding when the source\n"
+        "                        ties them (default); 4 = its own W4G64 copy (half the bytes a\n"
+        "                        decoded token reads for the head; costs some perplexity)\n"
         "  --calib FILE          calibration text (default $EBB_CACHE/calibration.txt, else\n"
         "                        ~/.cache/ebb/calibration.txt; python3 tools/calibration.py makes it)\n"
         "  --calib-seqs N        calibration windows (default 64)\n"
@@ -128,9 +131,13 @@ static int file_sha256(const char *path, char hex[65]) {
 }
 
 static const char *variant_kind(const struct pack_options *o) {
-    if (o->format == PACK_W4A16) return o->weight_quant == PACK_GPTQ ? "w4a16" : "w4a16-rtn";
-    if (o->act_bits == 8) return o->weight_quant == PACK_GPTQ ? "w4a8" : "w4a8-rtn";
-    return o->weight_quant == PACK_GPTQ ? "w4a4" : "w4a4-rtn";
+    static const char *const kinds[3][2][2] = {
+        {{"w4a16", "w4a16-head4"}, {"w4a16-rtn", "w4a16-rtn-head4"}},
+        {{"w4a8", "w4a8-head4"}, {"w4a8-rtn", "w4a8-rtn-head4"}},
+        {{"w4a4", "w4a4-head4"}, {"w4a4-rtn", "w4a4-rtn-head4"}},
+    };
+    const int f = o->format == PACK_W4A16 ? 0 : o->act_bits == 8 ? 1 : 2;
+    return kinds[f][o->weight_quant != PACK_GPTQ][o->head_bits == 4];
 }
 
 static void print_summary(const struct pack_options *o, const struct pack_result *r) {
@@ -252,6 +259,12 @@ int cmd_pack(int argc, char **argv) {
             bad = cli_int("pack", a, v, 4, 8, &o.act_bits);
             if (!bad && o.act_bits != 4 && o.act_bits != 8) {
                 fprintf(stderr, "ebb pack: --act-bits must be 4 or 8\n");
+                return 2;
+            }
+        } else if (!strcmp(a, "--head-bits")) {
+            bad = cli_int("pack", a, v, 4, 8, &o.head_bits);
+            if (!bad && o.head_bits != 4 && o.head_bits != 8) {
+                fprintf(stderr, "ebb pack: --head-bits must be 4 or 8\n");
                 return 2;
             }
         } else if (!strcmp(a, "--calib-seqs")) bad = cli_int("pack", a, v, 1, 100000, &o.calib_seqs);

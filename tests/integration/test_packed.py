@@ -159,6 +159,31 @@ def test_generate_and_ppl_run_the_packed_file(ebb_bin, packed, model_path):
     assert ppl["f32"] < ppl["packed"] < 4 * ppl["f32"], ppl
 
 
+def test_a_4bit_head_is_its_own_w4g64_tensor_and_still_a_language_model(ebb_bin, model_path, tmp_path):
+    # GPTQ here, so the head is quantized with the Hessian of its (rotated) input that
+    # calibration captures after the last layer; two short windows keep it to seconds.
+    out = tmp_path / "smol-w4a4-head4.gguf"
+    p = run_ebb(ebb_bin, "pack", "-m", model_path, "--format", "w4a4", "--head-bits", "4",
+                "--calib", CALIB_TEXT, "--calib-seqs", "2", "--calib-len", "128", "--seed", "7",
+                "--no-eval", "--no-register", "-t", "2", "-q", "-o", str(out))
+    assert "format w4a4-head4" in ok(p)
+    kv, tensors = read_gguf_header(out)
+    # The embedding keeps its Q8_0 rows (8) for lookups; the head is a separate W4G64 (64).
+    assert tensors["token_embd.weight"][0] == 8
+    assert tensors["output.weight"] == (64, tensors["token_embd.weight"][1])
+    ppl = {}
+    for label, path in (("f32", model_path), ("head4", str(out))):
+        line = ok(run_ebb(ebb_bin, "ppl", "-m", path, "-f", EVAL_TEXT, "--ctx", "256", "--chunks", "2",
+                          "--kv-bits", "4" if label == "head4" else "32")).strip().splitlines()[-1]
+        ppl[label] = float(line.split()[2])
+    assert ppl["f32"] < ppl["head4"] < 2 * ppl["f32"], ppl
+    answer = ok(run_ebb(ebb_bin, "generate", "-m", str(out), "--chat", "What is the capital of France?",
+                        "-n", "12", "--temp", "0", "--kv-bits", "4"))
+    assert "Paris" in answer, answer
+    refused(run_ebb(ebb_bin, "pack", "-m", model_path, "--head-bits", "6", "-o", str(tmp_path / "x.gguf")),
+            "--head-bits must be 4 or 8")
+
+
 def test_serve_runs_the_variant_with_a_kv4_cache(ebb_bin, packed):
     catalog = packed["dir"] / "serve.db"
     shutil.copy(packed["catalog"], catalog)

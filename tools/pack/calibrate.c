@@ -41,12 +41,13 @@ static int point_width(const struct model_config *cfg, int point) {
 int pack_calib_init(struct pack_calib *c, const struct model_config *cfg, int want_hessian) {
     memset(c, 0, sizeof *c);
     c->n_layer = cfg->n_layer;
-    c->pt = calloc((size_t)cfg->n_layer * ACT_POINTS, sizeof *c->pt);
+    const int slots = cfg->n_layer * ACT_POINTS + 1;   /* every layer's points, then the head's input */
+    c->pt = calloc((size_t)slots, sizeof *c->pt);
     if (!c->pt) return -1;
     int widest = 0;
-    for (int i = 0; i < cfg->n_layer * ACT_POINTS; i++) {
+    for (int i = 0; i < slots; i++) {
         struct pack_act_stats *s = &c->pt[i];
-        s->n = point_width(cfg, i % ACT_POINTS);
+        s->n = i == slots - 1 ? cfg->n_embd : point_width(cfg, i % ACT_POINTS);
         if (s->n > widest) widest = s->n;
         s->absmax = calloc((size_t)s->n, sizeof(float));
         s->gmax2 = calloc((size_t)s->n / 64 + 1, sizeof(double));
@@ -69,7 +70,7 @@ fail:
 
 void pack_calib_free(struct pack_calib *c) {
     if (c->pt)
-        for (int i = 0; i < c->n_layer * ACT_POINTS; i++) {
+        for (int i = 0; i < c->n_layer * ACT_POINTS + 1; i++) {
             free(c->pt[i].hess);
             free(c->pt[i].absmax);
             free(c->pt[i].gmax2);

@@ -46,6 +46,7 @@ void pack_options_default(struct pack_options *o) {
     o->act8_share = 0.2f;
     o->damp = 0.01;
     o->progress = 1;
+    o->head_bits = 8;
 }
 
 void pack_result_free(struct pack_result *r) {
@@ -209,6 +210,42 @@ static int add_q8_0(struct gguf_writer *gw, const char *name, const float *x, in
 
 static int point_width(const struct model_config *c, int p) {
     return p == ACT_ATTN_OUT ? c->n_head * c->head_dim : p == ACT_FFN_DOWN_IN ? c->n_ff : c->n_embd;
+}
+
+/* The output head at 4 bits (head_bits 4): its rows take H64 on their
+ * input side, as the layers' matrices do (the engine rotates the final
+ * norm's output to match), then GPTQ with the Hessian of that rotated input
+ * (calibration's head slot), or round-to-nearest. No permutation: the
+ * head's input is quantized with every group at 8 bits. The embedding keeps
+ * its Q8_0 rows for lookups, so a tied source gets a separate head. */
+static int add_w4_head(struct gguf_writer *gw, struct model *m, const struct pack_calib *cal,
+                       const struct pack_options *o, struct layer_work *lw, char *err, size_t errlen) {
+    const struct model_config *c = &m->cfg;
+    const int rows = c->n_vocab, cols = c->n_embd;
+    const size_t nbytes = (size_t)rows * ebb_row_bytes(EBB_TYPE_W4G64, (uint64_t)cols);
+    float *w = malloc((size_t)rows * cols * sizeof(float));
+    struct ebb_block_w4g64 *blocks = malloc(nbytes);
+    int rc = -1;
+    if (!w || !blocks) {
+        snprintf(err, errlen, "out of memory for the 4-bit head");
+        goto out;
+    }
+    memcpy(w, m->output, (size_t)rows * cols * sizeof(float));
+    pack_hadamard_rows(w, (size_t)rows, cols);
+    const struct pack_act_stats *st = cal ? &cal->pt[c->n_layer * ACT_POINTS] : NULL;
+    if (o->weight_quant == PACK_GPTQ && st && st->hess) {
+        if (pack_gptq_prepare(st->hess, cols, o->damp, lw->u, lw->dead, err, errlen)) goto out;
+        pack_gptq_quantize(w, rows, cols, lw->u, lw->dead, m->pool, blocks);
+    } else {
+        pack_rtn_quantize(w, rows, cols, blocks);
+    }
+    const uint64_t ne[2] = {(uint64_t)cols, (uint64_t)rows};
+    rc = gguf_writer_add_tensor(gw, "output.weight", EBB_TYPE_W4G64, 2, ne, blocks, nbytes);
+    if (rc) snprintf(err, errlen, "out of memory writing the head");
+out:
+    free(w);
+    free(blocks);
+    return rc;
 }
 
 /* One layer: permutations, 8-bit groups, the seven matrices. */
@@ -477,7 +514,8 @@ int pack_run(const struct pack_options *o, struct pack_result *r, char *err, siz
     size_t w4_bytes = 0, w4_elems = 0;
     if (add_q8_0(gw, "token_embd.weight", m.tok_embd, c->n_vocab, c->n_embd) ||
         add_f32(gw, "output_norm.weight", m.output_norm, c->n_embd) ||
-        (m.output != m.tok_embd && add_q8_0(gw, "output.weight", m.output, c->n_vocab, c->n_embd))) {
+        (o->head_bits != 4 && m.output != m.tok_embd &&
+         add_q8_0(gw, "output.weight", m.output, c->n_vocab, c->n_embd))) {
         snprintf(err, errlen, "out of memory writing the embedding");
         goto out;
     }
@@ -491,6 +529,10 @@ int pack_run(const struct pack_options *o, struct pack_result *r, char *err, siz
     for (int l = 0; l < c->n_layer; l++) {
         if (pack_layer(&m, l, calibrate ? &cal : NULL, o, gw, &lw, r, &w4_bytes, &w4_elems, err, errlen)) goto out;
         if (o->progress) progress_layers(l + 1, c->n_layer, ebb_now_seconds() - tq);
+    }
+    if (o->head_bits == 4) {
+        if (o->progress) fprintf(stderr, "ebb pack: output head at 4 bits\n");
+        if (add_w4_head(gw, &m, calibrate ? &cal : NULL, o, &lw, err, errlen)) goto out;
     }
     write_metadata(gw, &m, o, calibration, r);
 

@@ -71,7 +71,8 @@ struct pack_act_stats {
 
 struct pack_calib {
     int n_layer;
-    struct pack_act_stats *pt;   /* [n_layer * ACT_POINTS], index layer*ACT_POINTS + point */
+    struct pack_act_stats *pt;   /* [n_layer * ACT_POINTS + 1], index layer*ACT_POINTS + point; the
+                                  * last is the output head's input (model.h's capture at n_layer) */
     long n_tokens;               /* tokens seen */
     float *scratch;              /* per-call X^T X in float (the largest n squared) */
     int scratch_n;
@@ -172,6 +173,7 @@ struct pack_options {
     double damp;                  /* GPTQ damping, fraction of the mean diagonal */
     int n_threads;                /* <= 0: one per core */
     int progress;                 /* progress bars on stderr */
+    int head_bits;                /* output head: 8 (Q8_0, tied when the source is) or 4 (W4G64) */
 };
 
 /* The defaults `ebb pack` documents in its --help. */
