@@ -364,6 +364,33 @@ static void reference_attend(const struct kv_data *d, const struct model_config 
     free(vq);
 }
 
+/* A cache at `bits` filled from random data, with the account it draws on
+ * and attention scratch for n positions. */
+struct attend_fixture {
+    struct model_config c;
+    struct kv_data d;
+    struct kv_account acc;
+    struct kv_cache kv;
+    float *scratch;
+};
+
+static void fixture_init(struct attend_fixture *f, int n_layer, int n_head_kv, int head_dim, int bits, int n) {
+    f->c = small_config(n_layer, n_head_kv, head_dim);
+    make_data(&f->d, &f->c, n);
+    CHECK(kv_account_init(&f->acc, &f->c, bits, 0) == 0);
+    CHECK(kv_cache_init(&f->kv, &f->c, n, &f->acc) == 0);
+    f->scratch = malloc(kv_attend_scratch(&f->c, n) * sizeof(float));
+}
+
+static void fixture_free(struct attend_fixture *f) {
+    free(f->scratch);
+    kv_cache_free(&f->kv);
+    CHECK(f->acc.allocated_bytes == 0 && f->acc.reserved_bytes == 0);
+    kv_account_destroy(&f->acc);
+    free(f->d.k);
+    free(f->d.v);
+}
+
 /* Attention at several query positions of every layer and head, compared
  * with reference_attend at `bits` (largest difference <= tol_exact) and at
  * 32 bits (largest difference <= tol_max, mean <= tol_mean; the values are
@@ -371,14 +398,11 @@ static void reference_attend(const struct kv_data *d, const struct model_config 
 static void check_attention(int bits, int n_layer, int n_head_kv, int head_dim, int n, double tol_exact,
                             double tol_max, double tol_mean) {
     const struct ebb_backend *be = ebb_backend_cpu();
-    struct model_config c = small_config(n_layer, n_head_kv, head_dim);
-    struct kv_data d;
-    make_data(&d, &c, n);
-    struct kv_account acc;
-    CHECK(kv_account_init(&acc, &c, bits, 0) == 0);
-    struct kv_cache kv;
-    CHECK(kv_cache_init(&kv, &c, n, &acc) == 0);
-    float *scratch = malloc(kv_attend_scratch(&c, n) * sizeof(float));
+    struct attend_fixture f;
+    fixture_init(&f, n_layer, n_head_kv, head_dim, bits, n);
+    const struct model_config c = f.c;
+    const struct kv_data d = f.d;
+    struct kv_cache *kv = &f.kv;
     float q[1024], out[1024];
     double ref[1024], ref32[1024];
     const float scale = 1.0f / sqrtf((float)head_dim);
@@ -390,13 +414,13 @@ static void check_attention(int bits, int n_layer, int n_head_kv, int head_dim, 
         if (n_pos > n) continue;
         /* The cache grows to the query's position first: queries come at
          * the end of what is stored, as in a forward pass. */
-        CHECK(fill_cache(&kv, be, &d, n_pos, 256) == 0);
+        CHECK(fill_cache(kv, be, &d, n_pos, 256) == 0);
         for (int l = 0; l < n_layer; l++)
             for (int h = 0; h < n_head_kv; h++) {
                 /* A query that prefers one earlier key, as real ones do. */
                 const float *kt = data_k(&d, (n_pos * 7 + h) % n_pos, l) + h * head_dim;
                 for (int j = 0; j < head_dim; j++) q[j] = 0.5f * kt[j] + gauss();
-                kv_attend(&kv, be, l, h, q, n_pos, scale, scratch, out);
+                kv_attend(kv, be, l, h, q, n_pos, scale, f.scratch, out);
                 reference_attend(&d, &c, be, bits, l, h, q, n_pos, scale, ref);
                 reference_attend(&d, &c, be, 32, l, h, q, n_pos, scale, ref32);
                 for (int j = 0; j < head_dim; j++) {
@@ -414,12 +438,7 @@ static void check_attention(int bits, int n_layer, int n_head_kv, int head_dim, 
               bits, head_dim, worst_f32, sum_f32 / count, tol_max, tol_mean);
     printf("kv_bits %2d head_dim %3d: vs its semantics %.2g; vs f32 %.3g at most, %.3g on average\n", bits, head_dim,
            worst_exact, worst_f32, sum_f32 / count);
-    free(scratch);
-    kv_cache_free(&kv);
-    CHECK(acc.allocated_bytes == 0 && acc.reserved_bytes == 0);
-    kv_account_destroy(&acc);
-    free(d.k);
-    free(d.v);
+    fixture_free(&f);
 }
 
 static void test_attention(void) {
@@ -516,20 +535,16 @@ static void test_block_invariance(void) {
     const int n = 300, pass = 110, n_head = 2;
     for (int si = 0; si < n_shapes; si++) {
         const int hd = shapes[si][0], bits = shapes[si][1];
-        struct model_config c = small_config(1, 2, hd);
-        struct kv_data d;
-        make_data(&d, &c, n);
-        struct kv_account acc;
-        CHECK(kv_account_init(&acc, &c, bits, 0) == 0);
-        struct kv_cache kv;
-        CHECK(kv_cache_init(&kv, &c, n, &acc) == 0);
-        float *scratch = malloc(kv_attend_scratch(&c, n) * sizeof(float));
+        struct attend_fixture f;
+        fixture_init(&f, 1, 2, hd, bits, n);
+        struct kv_cache *kv = &f.kv;
+        float *scratch = f.scratch;
         float *q = malloc((size_t)pass * n_head * hd * sizeof(float));
         float *blocked = malloc((size_t)pass * n_head * hd * sizeof(float)), one[128];
         int same = 1;
         for (int p0 = 0; p0 < n; p0 += pass) {
             const int p1 = p0 + pass < n ? p0 + pass : n;
-            CHECK(fill_cache(&kv, be, &d, p1, p1 - p0) == 0);
+            CHECK(fill_cache(kv, be, &f.d, p1, p1 - p0) == 0);
             for (int i = 0; i < (p1 - p0) * n_head * hd; i++) q[i] = gauss();
             static const int block_tokens[] = {1, 5, 16};
             for (int bi = 0; bi < 3; bi++) {
@@ -539,12 +554,12 @@ static void test_block_invariance(void) {
                         /* Heads 2*kvh and 2*kvh+1 of a 4-head token share KV head kvh; here each token
                          * carries just its n_head heads for this KV head, at stride n_head * hd. */
                         const size_t at = (size_t)t0 * n_head * hd;
-                        kv_attend_block(&kv, be, 0, kvh, q + at, blocked + at, (size_t)n_head * hd, nt, n_head, p0 + t0,
+                        kv_attend_block(kv, be, 0, kvh, q + at, blocked + at, (size_t)n_head * hd, nt, n_head, p0 + t0,
                                         0.125f, scratch);
                         for (int t = t0; t < t0 + nt; t++)
                             for (int h = 0; h < n_head; h++) {
                                 const float *qq = q + ((size_t)t * n_head + h) * hd;
-                                kv_attend(&kv, be, 0, kvh, qq, p0 + t + 1, 0.125f, scratch, one);
+                                kv_attend(kv, be, 0, kvh, qq, p0 + t + 1, 0.125f, scratch, one);
                                 same &= !memcmp(one, blocked + ((size_t)t * n_head + h) * hd, (size_t)hd * sizeof(float));
                             }
                     }
@@ -552,13 +567,9 @@ static void test_block_invariance(void) {
             }
         }
         CHECK_MSG(same, "kv_bits %d head_dim %d: a query's attention depends on the block it is computed in", bits, hd);
-        free(scratch);
         free(q);
         free(blocked);
-        kv_cache_free(&kv);
-        kv_account_destroy(&acc);
-        free(d.k);
-        free(d.v);
+        fixture_free(&f);
     }
 }
 
