@@ -39,7 +39,6 @@ import pathlib
 import random
 import re
 import shutil
-import signal
 import socket
 import sqlite3
 import subprocess
@@ -50,6 +49,9 @@ import time
 import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
+
+import conftest
+from conftest import clean_env
 
 openai = pytest.importorskip("openai")
 
@@ -63,102 +65,12 @@ BUDGET = "memory_budget_bytes"
 
 # ---------------------------------------------------------------- the daemon
 
-def clean_env(**extra):
-    """The environment minus EBB_* settings the caller may have exported."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("EBB_")}
-    env.update(extra)
-    return env
-
-
-class Server:
-    """One `ebb serve` on a free loopback port, with its log captured."""
+class Server(conftest.Server):
+    """The API suite's daemon: a catalog of its own and the admin token."""
 
     def __init__(self, binary, catalog, *args, model_path=None, token=TOKEN, env=None, start_timeout=60):
-        self.catalog = catalog
-        extra = {"EBB_CATALOG": str(catalog)}
-        if token:
-            extra["EBB_ADMIN_TOKEN"] = token
-        extra.update(env or {})
-        self.proc = subprocess.Popen(
-            [binary, "serve", "--host", "127.0.0.1", "--port", "0",
-             "--default-model-path", model_path or "", *args],
-            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=clean_env(**extra))
-        self.lines = []
-        self.port = None
-        self.terminated = None
-        self.listening = threading.Event()
-        self.reader = threading.Thread(target=self._read_log, daemon=True)
-        self.reader.start()
-        # On a first start the default model is registered (validated and
-        # hashed) before the daemon logs "listening": slow in a sanitized build.
-        if not self.listening.wait(start_timeout):
-            self.proc.kill()
-            raise AssertionError("server did not log 'listening':\n" + self.log())
-        self.base = f"http://127.0.0.1:{self.port}"
-
-    def _read_log(self):
-        for raw in self.proc.stderr:
-            line = raw.decode("utf-8", "replace")
-            self.lines.append(line)
-            m = re.search(r'msg="listening" .*\bport=(\d+)', line)
-            if m:
-                self.port = int(m.group(1))
-                self.listening.set()
-
-    def log(self):
-        return "".join(self.lines)
-
-    def url(self, path):
-        return self.base + path
-
-    def connect(self):
-        s = socket.create_connection(("127.0.0.1", self.port), timeout=IO_TIMEOUT)
-        s.settimeout(IO_TIMEOUT)
-        return s
-
-    def wait_ready(self, timeout=120):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, "server exited:\n" + self.log()
-            if requests.get(self.url("/ready"), timeout=IO_TIMEOUT).status_code == 200:
-                return
-            time.sleep(0.05)
-        raise AssertionError("server never became ready:\n" + self.log())
-
-    def terminate(self):
-        if not self.terminated:
-            self.terminated = time.monotonic()
-            self.proc.send_signal(signal.SIGTERM)
-
-    def stop(self, timeout=30):
-        """SIGTERM (once) and wait; returns (exit status, seconds since SIGTERM)."""
-        if self.proc.poll() is None:
-            self.terminate()
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-                raise AssertionError(f"server did not exit within {timeout}s of SIGTERM:\n{self.log()}")
-        self.reader.join(10)
-        return self.proc.returncode, time.monotonic() - (self.terminated or time.monotonic())
-
-    def stop_clean(self, timeout=30):
-        rc, elapsed = self.stop(timeout)
-        log = self.log()
-        assert rc == 0, f"exit status {rc}:\n{log[-5000:]}"
-        assert "Sanitizer" not in log and "runtime error" not in log, log[-20000:]
-        # Every model that started loading was torn down before the exit:
-        # its requests all reported back and its engine thread was joined.
-        assert log.count('msg="loading model"') == log.count('msg="model unloaded"'), log[-5000:]
-        assert 'msg="stopped"' in log
-        return elapsed
-
-    def kill(self):
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(10)
-        self.reader.join(10)
+        super().__init__(binary, *args, catalog=catalog, model_path=model_path, token=token, env=env,
+                         start_timeout=start_timeout, io_timeout=IO_TIMEOUT)
 
 
 @pytest.fixture(scope="module")

@@ -13,102 +13,28 @@ module runs a second time against the sanitized binary.
 import json
 import os
 import re
-import signal
 import socket
 import subprocess
 import threading
-import tempfile
 import time
 
 import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
+import conftest
+
 IO_TIMEOUT = 10.0
 
 
-class Server:
-    """One `ebb serve` process and its captured log."""
+class Server(conftest.Server):
+    """Transport tests need no model: a private, empty catalog and no default model to
+    register keep each server small and fast; EBB_TEST_ROUTES adds the echo and slow
+    routes they drive."""
 
     def __init__(self, binary, *args, host="127.0.0.1"):
-        self.host = host
-        # Transport tests need no model: a private, empty catalog and no
-        # default model to register keep each server small and fast.
-        self.tmp = tempfile.TemporaryDirectory()
-        env = dict(os.environ, EBB_TEST_ROUTES="1", EBB_CATALOG=os.path.join(self.tmp.name, "catalog.db"))
-        self.proc = subprocess.Popen([binary, "serve", "--host", host, "--port", "0",
-                                      "--default-model-path", "", *args],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
-        self.lines = []
-        self.terminated = None
-        self.listening = threading.Event()
-        self.port = None
-        self.reader = threading.Thread(target=self._read_log, daemon=True)
-        self.reader.start()
-        if not self.listening.wait(20):
-            self.proc.kill()
-            raise AssertionError("server did not log 'listening': " + self.log())
-
-    def _read_log(self):
-        for raw in self.proc.stderr:
-            line = raw.decode("utf-8", "replace")
-            self.lines.append(line)
-            m = re.search(r'msg="listening" .*\bport=(\d+)', line)
-            if m:
-                self.port = int(m.group(1))
-                self.listening.set()
-
-    def log(self):
-        return "".join(self.lines)
-
-    def url(self, path):
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}{path}"
-
-    def connect(self):
-        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
-        s = socket.socket(family, socket.SOCK_STREAM)
-        s.settimeout(IO_TIMEOUT)
-        s.connect((self.host, self.port))
-        return s
-
-    def wait_log(self, needle, timeout=5.0):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if needle in self.log():
-                return True
-            time.sleep(0.02)
-        return False
-
-    def terminate(self):
-        """Sends SIGTERM once (a second one would mean "hurry": not what tests want)."""
-        if not self.terminated:
-            self.terminated = time.monotonic()
-            self.proc.send_signal(signal.SIGTERM)
-
-    def stop(self, timeout=10.0):
-        """SIGTERM; returns (exit status, seconds since the SIGTERM)."""
-        if self.proc.poll() is None or self.terminated:
-            self.terminate()
-            t0 = self.terminated
-            try:
-                rc = self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-                raise AssertionError(f"server did not exit within {timeout}s of SIGTERM:\n{self.log()}")
-            elapsed = time.monotonic() - t0
-        else:
-            rc, elapsed = self.proc.returncode, 0.0
-        self.reader.join(5)
-        return rc, elapsed
-
-    def stop_clean(self):
-        rc, elapsed = self.stop()
-        log = self.log()
-        assert rc == 0, f"exit status {rc}:\n{log}"
-        assert "Sanitizer" not in log and "runtime error" not in log, log
-        return elapsed
+        super().__init__(binary, *args, host=host, env={"EBB_TEST_ROUTES": "1"}, start_timeout=20,
+                         io_timeout=IO_TIMEOUT)
 
 
 @pytest.fixture(scope="module", params=["release", "asan"])

@@ -12,7 +12,6 @@ import concurrent.futures
 import os
 import shutil
 import sqlite3
-import subprocess
 
 import pytest
 import requests
