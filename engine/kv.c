@@ -5,13 +5,14 @@
  * KV_PAGE_TOKENS positions, one row per position: kv_dim values as f32 or
  * f16, or (8 and 4 bits) the row's codes followed by its f16 (d, m) pairs,
  * kv_dim / group of them. A head's part of a row is therefore one strided
- * run across the page, which is what the backend's KV row ops read: one call
- * scores (or sums) up to 64 positions of one head. At 8 and 4 bits a window
- * page has the same shape with f32 rows, and the sink copy is one short page
- * of KV_SINK_TOKENS f32 rows, allocated with the first page.
+ * run across the page, which is what the backend's kv_rows_* ops read: one
+ * call converts up to 64 positions of one head to f32. At 8 and 4 bits a
+ * window page has the same shape with f32 rows, and the sink copy is one
+ * short page of KV_SINK_TOKENS f32 rows, allocated with the first page.
  *
- * Only the row ops touch quantized data, a page run at a time: the cache is
- * never expanded to f32 beyond the window and sinks it keeps on purpose.
+ * Attention reads quantized data only through those conversions, one page
+ * of one head at a time into the caller's scratch: the cache is never
+ * expanded to f32 beyond the window and sinks it keeps on purpose.
  */
 #include "engine/kv.h"
 

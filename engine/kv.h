@@ -175,7 +175,7 @@ int kv_block_queries(const struct model_config *cfg);
 int kv_block_tokens(const struct model_config *cfg);
 
 /* One row (n values, n % group == 0) to codes and per-group f16 (d, m)
- * pairs at 8 or 4 bits, in the layout of backend.h's KV row ops; and back.
+ * pairs at 8 or 4 bits, in the layout of backend.h's kv_rows_* ops; and back.
  * Every value comes back within d/2 of itself (d of its group; values beyond
  * f16's range, +-65504, are clamped first). kv_store's quantizer, exposed
  * for tests. */

@@ -160,7 +160,7 @@ static int can_run(const char *name)
     return 0;
 }
 
-/* Each ISA table plus the KV-cache row ops of kvq_ops_*.c (AVX-512 uses the
+/* Each ISA table plus the attention and KV-row ops of kvq_ops_*.c (AVX-512 uses the
  * AVX2 ones), filled once. */
 static struct ebb_backend tables[3];
 static pthread_once_t tables_once = PTHREAD_ONCE_INIT;

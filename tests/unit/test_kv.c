@@ -103,7 +103,7 @@ static void test_quantize_bounds(void) {
     CHECK(worst_ok);
 }
 
-/* -------------------------------------------------------------- row ops */
+/* ------------------------------------------------ row and attention ops */
 
 /* n_rows rows of n values at stride bytes: codes then dm pairs per row. */
 struct qrows {
