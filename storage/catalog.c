@@ -99,7 +99,8 @@ static int exec_sql(struct catalog *cat, const char *sql, char *err, size_t errl
 }
 
 /* A single integer from a one-row query (PRAGMAs). */
-static int query_int(struct catalog *cat, const char *sql, int64_t *out, char *err, size_t errlen) {
+/* The first n columns of the single row a query returns. */
+static int query_ints(struct catalog *cat, const char *sql, int64_t *out, int n, char *err, size_t errlen) {
     sqlite3_stmt *st;
     if (prepare(cat, sql, &st, err, errlen)) return -1;
     int rc = sqlite3_step(st);
@@ -108,9 +109,13 @@ static int query_int(struct catalog *cat, const char *sql, int64_t *out, char *e
         sqlite3_finalize(st);
         return -1;
     }
-    *out = sqlite3_column_int64(st, 0);
+    for (int i = 0; i < n; i++) out[i] = sqlite3_column_int64(st, i);
     sqlite3_finalize(st);
     return 0;
+}
+
+static int query_int(struct catalog *cat, const char *sql, int64_t *out, char *err, size_t errlen) {
+    return query_ints(cat, sql, out, 1, err, errlen);
 }
 
 /* Write transactions take the write lock up front (IMMEDIATE): with WAL a
@@ -212,11 +217,19 @@ _Static_assert(CATALOG_APPLICATION_ID == 1700946481, "application_id literal in 
 /* Reads user_version and application_id and refuses databases that are not
  * (or not yet understood as) ebb catalogs. */
 static int check_identity(struct catalog *cat, int64_t *version, char *err, size_t errlen) {
-    int64_t app_id, n_tables;
-    if (query_int(cat, "PRAGMA user_version", version, err, errlen) ||
-        query_int(cat, "PRAGMA application_id", &app_id, err, errlen) ||
-        query_int(cat, "SELECT count(*) FROM sqlite_schema", &n_tables, err, errlen))
+    /* One statement, so one snapshot: read separately, the three could
+     * straddle another connection's first migration (version 0 and no
+     * application id read before it commits, its tables after) and a
+     * fresh catalog being created next door would look like a foreign
+     * database. */
+    int64_t id[3];
+    if (query_ints(cat,
+                   "SELECT (SELECT user_version FROM pragma_user_version), "
+                   "(SELECT application_id FROM pragma_application_id), (SELECT count(*) FROM sqlite_schema)",
+                   id, 3, err, errlen))
         return -1;
+    *version = id[0];
+    const int64_t app_id = id[1], n_tables = id[2];
     if (*version > CATALOG_SCHEMA_VERSION) {
         errf(err, errlen,
              "catalog %s: schema version %lld is newer than this ebb understands (%d); "
