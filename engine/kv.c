@@ -429,6 +429,15 @@ static const float *page_view(const struct kv_cache *kv, const struct ebb_backen
     return view;
 }
 
+/* Queries of a block are in position order (query j at pos0 + j / n_head),
+ * so on every page those that read it from the body come last: the index
+ * of the first, or nq if none does. */
+static int first_body_query(const struct kv_layout *l, int page, int pos0, int n_head, int nq) {
+    int j = 0;
+    while (j < nq && !reads_body(l, page, pos0 + j / n_head)) j++;
+    return j;
+}
+
 void kv_attend_block(const struct kv_cache *kv, const struct ebb_backend *be, int layer, int kvh, const float *q,
                      float *out, size_t stride, int n_tok, int n_head, int pos0, float scale, float *scratch) {
     const struct kv_layout *l = &kv->layout;
@@ -447,13 +456,12 @@ void kv_attend_block(const struct kv_cache *kv, const struct ebb_backend *be, in
             rotate64(be, qr + (size_t)j * hd, hd);
         }
     }
-    /* Queries are in position order, so on every page the ones that read it
-     * from the body come last: [split, nq). */
+    /* Scores, a page at a time: queries [0, split) read the page in place,
+     * [split, nq) from its converted body. */
     const int last_page = last / KV_PAGE_TOKENS;
     for (int page = 0; page <= last_page; page++) {
         const int r0 = page * KV_PAGE_TOKENS, rows = last + 1 - r0 < KV_PAGE_TOKENS ? last + 1 - r0 : KV_PAGE_TOKENS;
-        int split = 0;
-        while (split < nq && !reads_body(l, page, POS(split))) split++;
+        const int split = first_body_query(l, page, pos0, n_head, nq);
         if (split > 0) {
             size_t ks;
             const float *k = page_in_place(kv, layer, 0, kvh, page, &ks);
@@ -471,8 +479,7 @@ void kv_attend_block(const struct kv_cache *kv, const struct ebb_backend *be, in
     memset(accr, 0, (size_t)nq * hd * sizeof(float));
     for (int page = 0; page <= last_page; page++) {
         const int r0 = page * KV_PAGE_TOKENS, rows = last + 1 - r0 < KV_PAGE_TOKENS ? last + 1 - r0 : KV_PAGE_TOKENS;
-        int split = 0;
-        while (split < nq && !reads_body(l, page, POS(split))) split++;
+        const int split = first_body_query(l, page, pos0, n_head, nq);
         size_t vs = 0;
         const float *direct = split > 0 ? page_in_place(kv, layer, 1, kvh, page, &vs) : NULL;
         const float *view = split < nq ? page_view(kv, be, layer, 1, kvh, page, rows, vview) : NULL;

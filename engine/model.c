@@ -36,10 +36,9 @@ struct run_state {
     float *k, *v;    /* [B][n_head_kv*head_dim] */
     float *att;      /* [B][n_head*head_dim] attention output */
     float *gate, *up;/* [B][n_ff] */
-    float *scores;   /* [n_workers][scores_per_worker]: kv_attend_block's scratch */
+    float *scores;   /* [n_workers][kv_attend_scratch(scores_ctx)]: kv_attend_block's scratch */
     float *rope_cos, *rope_sin; /* [B][rope_dim/2] */
     int scores_ctx;             /* the longest context that scratch covers */
-    size_t scores_per_worker;
     struct kv_cache **tok_kv;  /* [B] the sequence each batch token belongs to */
     int *tok_pos;              /* [B] its position */
     int32_t *tok_id;           /* [B] its id */
@@ -439,8 +438,7 @@ static struct run_state *run_state_get(struct model *m, int max_ctx, int head_ro
     }
     if (s->scores_ctx < max_ctx) {
         free(s->scores);
-        s->scores_per_worker = kv_attend_scratch(&m->cfg, max_ctx);
-        s->scores = malloc((size_t)ebb_pool_threads(m->pool) * s->scores_per_worker * sizeof(float));
+        s->scores = malloc((size_t)ebb_pool_threads(m->pool) * kv_attend_scratch(&m->cfg, max_ctx) * sizeof(float));
         s->scores_ctx = s->scores ? max_ctx : 0;
         if (!s->scores) goto fail;
     }
@@ -503,7 +501,7 @@ static void attention_task(void *arg, int part, int n_parts) {
     struct attn_job *j = arg;
     const struct model_config *c = &j->m->cfg;
     const int hd = c->head_dim, group = c->n_head / c->n_head_kv, QD = c->n_head * hd;
-    float *scratch = j->s->scores + (size_t)part * j->s->scores_per_worker;
+    float *scratch = j->s->scores + (size_t)part * kv_attend_scratch(c, j->s->scores_ctx);
     const float scale = 1.0f / sqrtf((float)hd);
     for (int i; (i = atomic_fetch_add(&j->next, 1)) < j->n_items;) {
         const int item = j->n_items - 1 - i, kvh = item % c->n_head_kv;
@@ -565,7 +563,7 @@ struct token_job {
     int n;
 };
 
-static void act_tokens(const struct token_job *j, int t0, int t1);
+static void act_token(const struct token_job *j, int t);
 
 static void token_range(void *arg, int part, int n_parts) {
     const struct token_job *j = arg;
@@ -594,10 +592,10 @@ static void token_range(void *arg, int part, int n_parts) {
             if (m->hadamard_ffn_down) be->hadamard64(s->gate + (size_t)t * F, F);
             break;
         case STEP_ACT:
+            act_token(j, t);
             break;
         }
     }
-    if (j->step == STEP_ACT) act_tokens(j, t0, t1);
 }
 
 static void for_tokens(struct token_job *j) {
@@ -605,31 +603,29 @@ static void for_tokens(struct token_job *j) {
     else ebb_pool_run(j->m->pool, token_range, j, ebb_pool_threads(j->m->pool));
 }
 
-/* Permutes tokens [t0, t1) of an activation into s->xp (a packed model's
- * weights had their input columns permuted the same way) and, on the
- * integer path, quantizes each token's groups, the first n_hi at 8 bits.
- * A sink position (the first KV_SINK_TOKENS of a sequence) is quantized
- * with every group at 8 bits: every later token attends to it, so the
- * error of its keys and values would reach them all. It depends on the
- * position only, so batching does not change results. */
-static void act_tokens(const struct token_job *j, int t0, int t1) {
+/* Permutes token t of an activation into s->xp (a packed model's weights
+ * had their input columns permuted the same way) and, on the integer path,
+ * quantizes its groups, the first n_hi at 8 bits. A sink position (the
+ * first KV_SINK_TOKENS of a sequence) is quantized with every group at 8
+ * bits: every later token attends to it, so the error of its keys and
+ * values would reach them all. It depends on the position only, so
+ * batching does not change results. */
+static void act_token(const struct token_job *j, int t) {
     const struct model *m = j->m;
     struct run_state *s = j->s;
     const int n = j->n, groups = n / EBB_ACT_GROUP;
     const int32_t *perm = j->w->perm[j->point];
-    for (int t = t0; t < t1; t++) {
-        const float *src = j->x + (size_t)t * n;
-        float *dst = s->xp + (size_t)t * n;
-        for (int i = 0; i < n; i++) dst[i] = src[perm[i]];
-        if (m->act_bits == 16) continue;
-        const int n_hi = s->tok_pos[t] < KV_SINK_TOKENS ? groups : j->w->n_hi[j->point];
-        m->be->quantize_act(dst, 1, n, n_hi, s->aq + (size_t)t * n, s->as + (size_t)t * groups);
-    }
+    const float *src = j->x + (size_t)t * n;
+    float *dst = s->xp + (size_t)t * n;
+    for (int i = 0; i < n; i++) dst[i] = src[perm[i]];
+    if (m->act_bits == 16) return;
+    const int n_hi = s->tok_pos[t] < KV_SINK_TOKENS ? groups : j->w->n_hi[j->point];
+    m->be->quantize_act(dst, 1, n, n_hi, s->aq + (size_t)t * n, s->as + (size_t)t * groups);
 }
 
 /* Readies the input of one activation point for the linear layers that read
  * it: a plain model uses x as it is; a packed model permutes and quantizes
- * it (act_tokens). */
+ * it (act_token). */
 static void act_prepare(struct model *m, struct run_state *s, const struct layer_weights *w, enum act_point p,
                         const float *x, int n_tok, int n) {
     if (m->capture) m->capture(m->capture_ud, (int)(w - m->layers), p, x, n_tok, n);
@@ -712,15 +708,12 @@ static void forward_layers(struct model *m, struct run_state *s, int n_tok) {
     for (int t = 0; t < n_tok; t++) be->add_f32(s->x + (size_t)t * E, s->xb2 + (size_t)t * E, E);
 }
 
-/* Calibration: every token's head input, to the capture hook (model.h). */
+/* Calibration: every token's head input, to the capture hook (model.h):
+ * the final norm, rotated as the layers' norm outputs are. */
 static void capture_head_input(struct model *m, struct run_state *s, int n_tok) {
-    const int E = m->cfg.n_embd;
-    for (int t = 0; t < n_tok; t++) {
-        float *xb = s->xb + (size_t)t * E;
-        m->be->rmsnorm_f32(xb, s->x + (size_t)t * E, m->output_norm, E, m->cfg.rms_eps);
-        if (m->hadamard_norm_out) m->be->hadamard64(xb, E);
-    }
-    m->capture(m->capture_ud, m->cfg.n_layer, ACT_ATTN_IN, s->xb, n_tok, E);
+    struct token_job norm = {.m = m, .s = s, .step = STEP_NORM, .n_tok = n_tok, .gain = m->output_norm};
+    for_tokens(&norm);
+    m->capture(m->capture_ud, m->cfg.n_layer, ACT_ATTN_IN, s->xb, n_tok, m->cfg.n_embd);
 }
 
 /* Rows of the batch that need logits, in batch order. */

@@ -176,20 +176,28 @@ struct layer_work {
     struct ebb_block_w4g64 *blocks;
 };
 
-/* Quantizes w[rows][cols] with its input columns permuted, adds it as name. */
+/* Quantizes w[rows][cols] (overwritten: GPTQ updates it as it goes) into
+ * blocks, with GPTQ when lw->u holds the prepared inverse Hessian of its
+ * input (have_u), else round-to-nearest, and adds it as name. */
+static int add_w4_quantized(struct gguf_writer *gw, const char *name, float *w, int rows, int cols,
+                            const struct layer_work *lw, int have_u, struct ebb_pool *pool,
+                            struct ebb_block_w4g64 *blocks) {
+    if (have_u) pack_gptq_quantize(w, rows, cols, lw->u, lw->dead, pool, blocks);
+    else pack_rtn_quantize(w, rows, cols, blocks);
+    const size_t nbytes = (size_t)rows * ebb_row_bytes(EBB_TYPE_W4G64, (uint64_t)cols);
+    const uint64_t ne[2] = {(uint64_t)cols, (uint64_t)rows};
+    return gguf_writer_add_tensor(gw, name, EBB_TYPE_W4G64, 2, ne, blocks, nbytes);
+}
+
+/* A layer's matrix: its input columns permuted, then quantized and added. */
 static int add_w4_matrix(struct gguf_writer *gw, const char *name, const float *w, int rows, int cols,
                          const int32_t *perm, const struct pack_options *o, struct layer_work *lw,
                          int have_u, struct ebb_pool *pool, size_t *w4_bytes, size_t *w4_elems) {
     pack_permute_cols(w, rows, cols, perm, lw->wperm);
-    if (o->weight_quant == PACK_GPTQ && have_u)
-        pack_gptq_quantize(lw->wperm, rows, cols, lw->u, lw->dead, pool, lw->blocks);
-    else
-        pack_rtn_quantize(lw->wperm, rows, cols, lw->blocks);
-    const size_t nbytes = (size_t)rows * ebb_row_bytes(EBB_TYPE_W4G64, (uint64_t)cols);
-    *w4_bytes += nbytes;
+    *w4_bytes += (size_t)rows * ebb_row_bytes(EBB_TYPE_W4G64, (uint64_t)cols);
     *w4_elems += (size_t)rows * cols;
-    const uint64_t ne[2] = {(uint64_t)cols, (uint64_t)rows};
-    return gguf_writer_add_tensor(gw, name, EBB_TYPE_W4G64, 2, ne, lw->blocks, nbytes);
+    return add_w4_quantized(gw, name, lw->wperm, rows, cols, lw, o->weight_quant == PACK_GPTQ && have_u, pool,
+                            lw->blocks);
 }
 
 static int add_f32(struct gguf_writer *gw, const char *name, const float *x, int n) {
@@ -233,14 +241,9 @@ static int add_w4_head(struct gguf_writer *gw, struct model *m, const struct pac
     memcpy(w, m->output, (size_t)rows * cols * sizeof(float));
     pack_hadamard_rows(w, (size_t)rows, cols);
     const struct pack_act_stats *st = cal ? &cal->pt[c->n_layer * ACT_POINTS] : NULL;
-    if (o->weight_quant == PACK_GPTQ && st && st->hess) {
-        if (pack_gptq_prepare(st->hess, cols, o->damp, lw->u, lw->dead, err, errlen)) goto out;
-        pack_gptq_quantize(w, rows, cols, lw->u, lw->dead, m->pool, blocks);
-    } else {
-        pack_rtn_quantize(w, rows, cols, blocks);
-    }
-    const uint64_t ne[2] = {(uint64_t)cols, (uint64_t)rows};
-    rc = gguf_writer_add_tensor(gw, "output.weight", EBB_TYPE_W4G64, 2, ne, blocks, nbytes);
+    const int gptq = o->weight_quant == PACK_GPTQ && st && st->hess;
+    if (gptq && pack_gptq_prepare(st->hess, cols, o->damp, lw->u, lw->dead, err, errlen)) goto out;
+    rc = add_w4_quantized(gw, "output.weight", w, rows, cols, lw, gptq, m->pool, blocks);
     if (rc) snprintf(err, errlen, "out of memory writing the head");
 out:
     free(w);
