@@ -2,8 +2,9 @@
 """Greedy agreement: the share of chat answers that a variant writes exactly as the reference does.
 
 For each configuration (a model file and a KV cache precision) this starts `ebb serve` on a free
-loopback port with a private catalog, asks the 50 prompts of tools/prompts/chat50.txt as chat
-completions with temperature 0 and max_tokens 64, eight at a time, and stops the daemon. The
+loopback port with a private catalog (tools/daemon.py, the test suites' harness), asks the 50
+prompts of tools/prompts/chat50.txt as chat completions with temperature 0 and max_tokens 64,
+eight at a time, and stops the daemon. The
 first configuration is the reference (normally the f32 model with a float32 cache); every other
 one is reported as the share of prompts whose answer text is identical to the reference's, and
 the index of the first differing character, averaged, as a softer measure.
@@ -21,66 +22,35 @@ import concurrent.futures
 import json
 import os
 import re
-import subprocess
 import sys
-import tempfile
-import threading
 import urllib.request
+
+from daemon import Server
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PROMPTS = os.path.join(HERE, "prompts", "chat50.txt")
+MODEL_NAME = "agreement"
 
 
-class Daemon:
-    def __init__(self, binary, model, kv_bits):
-        self.tmp = tempfile.TemporaryDirectory()
-        self.name = "agreement"
-        env = dict(os.environ, EBB_CATALOG=os.path.join(self.tmp.name, "catalog.db"))
-        self.proc = subprocess.Popen(
-            [binary, "serve", "--host", "127.0.0.1", "--port", "0", "--default-model", self.name,
-             "--default-model-path", model, "--kv-bits", str(kv_bits), "--max-running", "8"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
-        self.port = None
-        self.ready = threading.Event()
-        self.lines = []
-        threading.Thread(target=self._read_log, daemon=True).start()
-        if not self.ready.wait(120):
-            self.stop()
-            raise SystemExit(f"ebb serve did not load {model}:\n" + "".join(self.lines[-20:]))
-
-    def _read_log(self):
-        for raw in self.proc.stderr:
-            line = raw.decode("utf-8", "replace")
-            self.lines.append(line)
-            m = re.search(r'msg="listening" .*\bport=(\d+)', line)
-            if m:
-                self.port = int(m.group(1))
-            if 'msg="model loaded"' in line:
-                self.ready.set()
-            if 'msg="model failed to load"' in line:
-                self.ready.set()
-
-    def chat(self, prompt):
-        body = json.dumps({"model": self.name, "temperature": 0, "max_tokens": 64,
-                           "messages": [{"role": "user", "content": prompt}]}).encode()
-        req = urllib.request.Request(f"http://127.0.0.1:{self.port}/v1/chat/completions", data=body,
-                                     headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=600) as r:
-            return json.load(r)["choices"][0]["message"]["content"]
-
-    def stop(self):
-        self.proc.terminate()
-        self.proc.wait(30)
-        self.tmp.cleanup()
+def chat(srv, prompt):
+    body = json.dumps({"model": MODEL_NAME, "temperature": 0, "max_tokens": 64,
+                       "messages": [{"role": "user", "content": prompt}]}).encode()
+    req = urllib.request.Request(srv.url("/v1/chat/completions"), data=body,
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=600) as r:
+        return json.load(r)["choices"][0]["message"]["content"]
 
 
 def answers(binary, model, kv_bits, prompts):
-    d = Daemon(binary, model, kv_bits)
+    """The greedy answers of one configuration, from a daemon of its own (private catalog)."""
+    srv = Server(binary, "--default-model", MODEL_NAME, "--kv-bits", str(kv_bits), "--max-running", "8",
+                 model_path=model, start_timeout=120)
     try:
+        srv.wait_ready(timeout=300)
         with concurrent.futures.ThreadPoolExecutor(8) as pool:
-            return list(pool.map(d.chat, prompts))
+            return list(pool.map(lambda p: chat(srv, p), prompts))
     finally:
-        d.stop()
+        srv.stop()
 
 
 def common_prefix(a, b):
