@@ -12,6 +12,7 @@ import concurrent.futures
 import os
 import shutil
 import sqlite3
+import struct
 
 import pytest
 import requests
@@ -181,6 +182,16 @@ def test_a_4bit_head_is_its_own_w4g64_tensor_and_still_a_language_model(ebb_bin,
     assert "Paris" in answer, answer
     refused(run_ebb(ebb_bin, "pack", "-m", model_path, "--head-bits", "6", "-o", str(tmp_path / "x.gguf")),
             "--head-bits must be 4 or 8")
+    # A head whose tensor record claims another type (here Q8_0, 8) is refused with the
+    # file's name, not misread: its tensor info is name, n_dims, two dims, then the type.
+    data = bytearray(out.read_bytes())
+    at = data.index(struct.pack("<Q", len(b"output.weight")) + b"output.weight") + 8 + len(b"output.weight")
+    type_at = at + 4 + 2 * 8
+    assert struct.unpack_from("<I", data, type_at)[0] == 64
+    struct.pack_into("<I", data, type_at, 8)
+    bad = tmp_path / "bad-head.gguf"
+    bad.write_bytes(bytes(data))
+    refused(run_ebb(ebb_bin, "generate", "-m", str(bad), "-p", "hi", "-n", "1"), str(bad))
 
 
 def test_serve_runs_the_variant_with_a_kv4_cache(ebb_bin, packed):
