@@ -62,10 +62,16 @@
  * tokens, f32 cache), the same packed file gave perplexity 46.67 with the
  * AVX2 f32 ops and 48.81 with the scalar ones: 0.045 in mean NLL from
  * rounding alone. ENGINE_VS_SIM allows that much and a little more; a wrong
- * permutation or scale is off by far more. */
+ * permutation or scale is off by far more.
+ *
+ * Under AddressSanitizer the pack is calibrated on 256 tokens and scored on
+ * 254, so both sides are rougher and noisier: across the scalar, AVX2 and
+ * AVX-512 paths the two differed by 0.05 to 0.42 in mean NLL (with 64
+ * tokens, up to 0.56). The bound there is 0.75, still far below what a
+ * wrong permutation or scale gives (several units). */
 #if defined(__SANITIZE_ADDRESS__)
-enum { CALIB_SEQS = 1, CALIB_LEN = 64, EVAL_CTX = 64, EVAL_WINDOWS = 1 };
-static const double W4A16_BOUND = 2.5, W4A4_BOUND = 4.0, TOP1_MIN = 0.4, ENGINE_VS_SIM = 0.5;
+enum { CALIB_SEQS = 2, CALIB_LEN = 128, EVAL_CTX = 128, EVAL_WINDOWS = 2 };
+static const double W4A16_BOUND = 2.5, W4A4_BOUND = 4.0, TOP1_MIN = 0.4, ENGINE_VS_SIM = 0.75;
 #else
 enum { CALIB_SEQS = 8, CALIB_LEN = 256, EVAL_CTX = 256, EVAL_WINDOWS = 4 };
 static const double W4A16_BOUND = 1.25, W4A4_BOUND = 1.60, TOP1_MIN = 0.75, ENGINE_VS_SIM = 0.06;
