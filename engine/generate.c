@@ -133,8 +133,9 @@ static int fail(struct gen_result *res, const char *msg) {
     return -1;
 }
 
-int generate(struct model *m, const int32_t *prompt, int n_prompt, const struct gen_params *p,
+int generate(struct model_run *r, const int32_t *prompt, int n_prompt, const struct gen_params *p,
              gen_text_fn on_text, void *ud, struct gen_result *res) {
+    const struct model *m = model_run_model(r);
     memset(res, 0, sizeof *res);
     res->n_prompt = n_prompt;
     if (n_prompt <= 0) return fail(res, "the prompt is empty");
@@ -164,7 +165,7 @@ int generate(struct model *m, const int32_t *prompt, int n_prompt, const struct 
         return fail(res, "out of memory");
     }
     double t0 = ebb_now_seconds();
-    int rc = g.finish == FINISH_NONE ? model_forward(m, &kv, prompt, n_prompt, logits, 0) : 0;
+    int rc = g.finish == FINISH_NONE ? model_forward(r, &kv, prompt, n_prompt, logits, 0) : 0;
     double t1 = ebb_now_seconds();
     res->prefill_s = t1 - t0;
     while (rc == 0 && g.finish == FINISH_NONE) {
@@ -174,7 +175,7 @@ int generate(struct model *m, const int32_t *prompt, int n_prompt, const struct 
             gen_seq_finish(&g, FINISH_CANCELLED);
             break;
         }
-        if (g.finish == FINISH_NONE) rc = model_forward(m, &kv, &id, 1, logits, 0);
+        if (g.finish == FINISH_NONE) rc = model_forward(r, &kv, &id, 1, logits, 0);
     }
     res->decode_s = ebb_now_seconds() - t1;
     res->n_generated = g.n_generated;

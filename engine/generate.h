@@ -16,6 +16,7 @@
 #include "engine/tokenizer.h"
 
 struct model;
+struct model_run;
 
 enum finish_reason { FINISH_NONE = -1, FINISH_STOP = 0, FINISH_LENGTH = 1, FINISH_CANCELLED = 2, FINISH_ERROR = 3 };
 const char *finish_reason_name(enum finish_reason r);
@@ -76,7 +77,7 @@ struct gen_result {
 
 /* Prompt length that the context cannot hold, or a forward failure: -1 with
  * res->error set. */
-int generate(struct model *m, const int32_t *prompt, int n_prompt, const struct gen_params *p,
+int generate(struct model_run *r, const int32_t *prompt, int n_prompt, const struct gen_params *p,
              gen_text_fn on_text, void *ud, struct gen_result *res);
 
 /* Token ids that end a turn for this model (EOS and end-of-turn control

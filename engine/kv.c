@@ -20,7 +20,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "engine/model.h"
 #include "kernels/backend.h"
 #include "kernels/formats.h"
 
@@ -99,6 +98,13 @@ void kv_account_set_budget(struct kv_account *a, size_t budget_bytes) {
     pthread_mutex_unlock(&a->lock);
 }
 
+struct kv_usage kv_account_usage(struct kv_account *a) {
+    pthread_mutex_lock(&a->lock);
+    struct kv_usage u = {a->budget_bytes, a->reserved_bytes, a->allocated_bytes};
+    pthread_mutex_unlock(&a->lock);
+    return u;
+}
+
 size_t kv_account_bytes_for(const struct kv_account *a, int n_ctx) {
     return kv_layout_bytes_for(&a->layout, n_ctx);
 }
@@ -116,16 +122,17 @@ static void charge(struct kv_cache *kv, long long bytes) {
 
 /* ---------------------------------------------------------- cache pages */
 
-int kv_cache_init(struct kv_cache *kv, const struct model_config *cfg, int n_ctx, struct kv_account *account) {
+enum kv_status kv_cache_init(struct kv_cache *kv, const struct model_config *cfg, int n_ctx,
+                             struct kv_account *account) {
     memset(kv, 0, sizeof *kv);
-    if (n_ctx <= 0 || kv_layout_init(&kv->layout, cfg, account ? account->layout.bits : 32)) return -1;
+    if (n_ctx <= 0 || kv_layout_init(&kv->layout, cfg, account ? account->layout.bits : 32)) return KV_FAILED;
     if (account) {
         size_t want = kv_layout_bytes_for(&kv->layout, n_ctx);
         pthread_mutex_lock(&account->lock);
         int ok = !account->budget_bytes || account->reserved_bytes + want <= account->budget_bytes;
         if (ok) account->reserved_bytes += want;
         pthread_mutex_unlock(&account->lock);
-        if (!ok) return -2;
+        if (!ok) return KV_OVER_BUDGET;
         kv->reserved_bytes = want;
     }
     kv->account = account;
@@ -138,9 +145,9 @@ int kv_cache_init(struct kv_cache *kv, const struct model_config *cfg, int n_ctx
     if (kv->window_max) kv->window = calloc(max_pages, sizeof *kv->window);
     if (!kv->pages || (kv->window_max && !kv->window)) {
         kv_cache_free(kv);
-        return -1;
+        return KV_FAILED;
     }
-    return 0;
+    return KV_OK;
 }
 
 void kv_cache_free(struct kv_cache *kv) {

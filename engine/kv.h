@@ -64,13 +64,14 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "engine/model_config.h"
+
 #define KV_PAGE_TOKENS 64
 #define KV_SINK_TOKENS 4      /* leading positions kept at full precision (8 and 4 bits) */
 /* Queries per attention block: enough to share each converted page among
  * many, few enough that their scores (one row of n_ctx each) stay small. */
 #define KV_BLOCK_QUERIES 48
 
-struct model_config;
 struct ebb_backend;
 
 /* What one precision costs for one model (kv_layout_init). */
@@ -109,6 +110,12 @@ struct kv_account {
 int kv_account_init(struct kv_account *a, const struct model_config *cfg, int bits, size_t budget_bytes);
 void kv_account_destroy(struct kv_account *a);
 void kv_account_set_budget(struct kv_account *a, size_t budget_bytes);
+
+/* The account's numbers at one instant (one lock, so they agree). */
+struct kv_usage {
+    size_t budget_bytes, reserved_bytes, allocated_bytes;
+};
+struct kv_usage kv_account_usage(struct kv_account *a);
 /* Bytes a sequence of n_ctx positions reserves. */
 size_t kv_account_bytes_for(const struct kv_account *a, int n_ctx);
 
@@ -126,11 +133,17 @@ struct kv_cache {
     size_t reserved_bytes;
 };
 
+enum kv_status {
+    KV_OK = 0,
+    KV_FAILED = -1,        /* bad arguments or out of memory */
+    KV_OVER_BUDGET = -2    /* the account's budget cannot take the reservation now */
+};
+
 /* Reserves room for n_ctx positions, stored at the account's precision (f32
  * without an account). A tool that wants another precision without a budget
- * gives an account initialised with budget 0. Returns 0, -1 when out of
- * memory, or -2 when the account's budget cannot take the reservation now. */
-int kv_cache_init(struct kv_cache *kv, const struct model_config *cfg, int n_ctx, struct kv_account *account);
+ * gives an account initialised with budget 0. */
+enum kv_status kv_cache_init(struct kv_cache *kv, const struct model_config *cfg, int n_ctx,
+                             struct kv_account *account);
 void kv_cache_free(struct kv_cache *kv);
 /* Drops every position (keeps pages for reuse). */
 void kv_cache_clear(struct kv_cache *kv);

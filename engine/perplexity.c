@@ -28,8 +28,9 @@ static void fill_result(struct ppl_result *r, double nll, double nll2, long coun
     r->scored = count;
 }
 
-int perplexity_measure(struct model *m, const char *text, size_t len, int n_ctx, int max_windows, int kv_bits,
+int perplexity_measure(struct model_run *run, const char *text, size_t len, int n_ctx, int max_windows, int kv_bits,
                        ppl_progress_fn progress, void *ud, struct ppl_result *r, char *err, size_t errlen) {
+    const struct model *m = model_run_model(run);
     memset(r, 0, sizeof *r);
     if (n_ctx < 8 || n_ctx > m->cfg.n_ctx_train) {
         snprintf(err, errlen, "windows of %d tokens: the model's context is %d (and at least 8 are needed)", n_ctx,
@@ -84,7 +85,7 @@ int perplexity_measure(struct model *m, const char *text, size_t len, int n_ctx,
         const int32_t saved = win[0];
         if (bos >= 0) win[0] = bos;
         kv_cache_clear(&kv);
-        const int frc = model_forward(m, &kv, win, n_ctx, logits, 1);
+        const int frc = model_forward(run, &kv, win, n_ctx, logits, 1);
         win[0] = saved;
         if (frc) {
             snprintf(err, errlen, "the forward pass failed");

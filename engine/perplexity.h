@@ -17,7 +17,7 @@
 #define EBB_ENGINE_PERPLEXITY_H
 #include <stddef.h>
 
-struct model;
+struct model_run;
 
 struct ppl_result {
     double ppl;           /* exp(mean NLL) */
@@ -34,6 +34,6 @@ typedef void (*ppl_progress_fn)(void *ud, int done, int total, const struct ppl_
  * all) with a KV cache of kv_bits. 0, or -1 with the reason in err (text not
  * UTF-8, shorter than one window, n_ctx beyond the model's context, a
  * kv_bits the model cannot use, out of memory). */
-int perplexity_measure(struct model *m, const char *text, size_t len, int n_ctx, int max_windows, int kv_bits,
+int perplexity_measure(struct model_run *run, const char *text, size_t len, int n_ctx, int max_windows, int kv_bits,
                        ppl_progress_fn progress, void *ud, struct ppl_result *r, char *err, size_t errlen);
 #endif

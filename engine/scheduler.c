@@ -2,8 +2,8 @@
  *
  * Ownership: a request (struct sreq) belongs to the waiting queue (guarded by
  * s->lock) until admitted, then to the engine thread alone (the running
- * array). The only field other threads touch after submit is `cancelled`, an
- * atomic flag. Callbacks are never invoked with the lock held, so a callback
+ * array). The only field other threads touch after submit is `stop`, an
+ * atomic enum sreq_stop. Callbacks are never invoked with the lock held, so a callback
  * may call sched_cancel or sched_get_stats.
  */
 #include "engine/scheduler.h"
@@ -15,6 +15,10 @@
 
 #include "engine/kv.h"
 #include "engine/model.h"
+
+/* Why a request must stop at the engine's next look: the client went away
+ * (or the server is stopping), or its forward pass failed. */
+enum sreq_stop { SREQ_GOING = 0, SREQ_CANCELLED = 1, SREQ_FAILED = 2 };
 
 struct sreq {
     uint64_t id;
@@ -29,12 +33,13 @@ struct sreq {
     struct gen_seq gen;
     float *logits;                  /* [n_vocab] */
     int32_t next_token;             /* sampled, to be fed at the next step */
-    atomic_int cancelled;
+    atomic_int stop;                /* enum sreq_stop: set by any thread, read by the engine */
     struct sched_timing timing;
 };
 
 struct sched {
-    struct model *m;
+    const struct model *m;
+    struct model_run *run;          /* the engine thread's */
     struct sched_config cfg;
     struct kv_account account;
     pthread_t thread;
@@ -117,9 +122,7 @@ fail:
 enum sched_error sched_submit(struct sched *s, const struct sched_request_desc *d, uint64_t *id) {
     if (d->n_prompt <= 0 || context_for(d->n_prompt, &d->params) > s->cfg.max_ctx) return SCHED_TOO_LONG;
     size_t need = kv_account_bytes_for(&s->account, context_for(d->n_prompt, &d->params));
-    pthread_mutex_lock(&s->account.lock);
-    size_t budget = s->account.budget_bytes;
-    pthread_mutex_unlock(&s->account.lock);
+    size_t budget = kv_account_usage(&s->account).budget_bytes;
     if (budget && need > budget) return SCHED_NEVER_FITS;
     struct sreq *r = sreq_create(d, s->m->cfg.n_vocab);
     if (!r) return SCHED_NOMEM;
@@ -145,9 +148,9 @@ int sched_cancel(struct sched *s, uint64_t id) {
     int found = -1;
     pthread_mutex_lock(&s->lock);
     for (struct sreq *r = s->wait_head; r && found; r = r->next)
-        if (r->id == id) { atomic_store(&r->cancelled, 1); found = 0; }
+        if (r->id == id) { atomic_store(&r->stop, SREQ_CANCELLED); found = 0; }
     for (int i = 0; i < s->n_running && found; i++)
-        if (s->running[i]->id == id) { atomic_store(&s->running[i]->cancelled, 1); found = 0; }
+        if (s->running[i]->id == id) { atomic_store(&s->running[i]->stop, SREQ_CANCELLED); found = 0; }
     if (!found) pthread_cond_signal(&s->wake);
     pthread_mutex_unlock(&s->lock);
     return found;
@@ -160,11 +163,10 @@ void sched_get_stats(struct sched *s, struct sched_stats *st) {
     st->steps = s->steps;
     st->batch_tokens = s->batch_tokens;
     pthread_mutex_unlock(&s->lock);
-    pthread_mutex_lock(&s->account.lock);
-    st->kv_budget_bytes = s->account.budget_bytes;
-    st->kv_reserved_bytes = s->account.reserved_bytes;
-    st->kv_allocated_bytes = s->account.allocated_bytes;
-    pthread_mutex_unlock(&s->account.lock);
+    const struct kv_usage u = kv_account_usage(&s->account);
+    st->kv_budget_bytes = u.budget_bytes;
+    st->kv_reserved_bytes = u.reserved_bytes;
+    st->kv_allocated_bytes = u.allocated_bytes;
 }
 
 void sched_set_kv_budget(struct sched *s, size_t bytes) {
@@ -179,7 +181,7 @@ static void take_cancelled_waiting(struct sched *s, struct sreq **out) {
     struct sreq **link = &s->wait_head, *prev = NULL;
     while (*link) {
         struct sreq *r = *link;
-        if (atomic_load(&r->cancelled)) {
+        if (atomic_load(&r->stop) != SREQ_GOING) {
             *link = r->next;
             if (s->wait_tail == r) s->wait_tail = prev;
             s->n_waiting--;
@@ -198,20 +200,19 @@ static void take_cancelled_waiting(struct sched *s, struct sreq **out) {
 static void admit(struct sched *s, struct sreq **failed) {
     while (s->wait_head && s->n_running < s->cfg.max_running) {
         struct sreq *r = s->wait_head;
-        int rc = kv_cache_init(&r->kv, &s->m->cfg, context_for(r->n_prompt, &r->params), &s->account);
-        if (rc == -2) {
+        enum kv_status rc = kv_cache_init(&r->kv, &s->m->cfg, context_for(r->n_prompt, &r->params), &s->account);
+        if (rc == KV_OVER_BUDGET) {
             size_t need = kv_account_bytes_for(&s->account, context_for(r->n_prompt, &r->params));
-            pthread_mutex_lock(&s->account.lock);
-            int never = s->account.budget_bytes && need > s->account.budget_bytes;
-            int idle = s->account.reserved_bytes == 0;
-            pthread_mutex_unlock(&s->account.lock);
+            const struct kv_usage u = kv_account_usage(&s->account);
+            int never = u.budget_bytes && need > u.budget_bytes;
+            int idle = u.reserved_bytes == 0;
             if (!never && !idle) break;   /* wait for running work to free memory */
         }
         s->wait_head = r->next;
         if (!s->wait_head) s->wait_tail = NULL;
         s->n_waiting--;
         r->next = NULL;
-        if (rc != 0 || gen_seq_init(&r->gen, s->m, r->prompt, r->n_prompt, &r->params)) {
+        if (rc != KV_OK || gen_seq_init(&r->gen, s->m, r->prompt, r->n_prompt, &r->params)) {
             r->next = *failed;
             *failed = r;
             continue;
@@ -235,7 +236,7 @@ static struct sreq *remove_running(struct sched *s, int i) {
 static void step(struct sched *s) {
     /* Cancelled running sequences stop here, before spending compute. */
     for (int i = 0; i < s->n_running;) {
-        if (atomic_load(&s->running[i]->cancelled)) finish_request(remove_running(s, i), FINISH_CANCELLED);
+        if (atomic_load(&s->running[i]->stop) != SREQ_GOING) finish_request(remove_running(s, i), FINISH_CANCELLED);
         else i++;
     }
     int n = 0, tokens = 0;
@@ -257,14 +258,14 @@ static void step(struct sched *s) {
         tokens += chunk;
     }
     if (n == 0) return;
-    int rc = model_forward_batch(s->m, s->batch, n);
+    int rc = model_forward_batch(s->run, s->batch, n);
     pthread_mutex_lock(&s->lock);
     s->steps++;
     s->batch_tokens += (uint64_t)tokens;
     pthread_mutex_unlock(&s->lock);
     for (int b = 0; b < n; b++) {
         struct sreq *r = s->batch_req[b];
-        if (rc) { atomic_store(&r->cancelled, 2); continue; }
+        if (rc) { atomic_store(&r->stop, SREQ_FAILED); continue; }
         if (r->n_prefilled < r->n_prompt) {
             r->n_prefilled += s->batch[b].n_tok;
             if (r->n_prefilled < r->n_prompt) continue;
@@ -280,7 +281,7 @@ static void step(struct sched *s) {
     }
     for (int i = 0; i < s->n_running;) {
         struct sreq *r = s->running[i];
-        if (atomic_load(&r->cancelled) == 2) finish_request(remove_running(s, i), FINISH_ERROR);
+        if (atomic_load(&r->stop) == SREQ_FAILED) finish_request(remove_running(s, i), FINISH_ERROR);
         else if (r->gen.finish != FINISH_NONE) finish_request(remove_running(s, i), r->gen.finish);
         else i++;
     }
@@ -302,8 +303,8 @@ static void *engine_main(void *arg) {
             pthread_cond_wait(&s->wake, &s->lock);
         struct sreq *cancelled = NULL, *failed = NULL;
         if (s->stopping && !s->drain) {
-            for (struct sreq *r = s->wait_head; r; r = r->next) atomic_store(&r->cancelled, 1);
-            for (int i = 0; i < s->n_running; i++) atomic_store(&s->running[i]->cancelled, 1);
+            for (struct sreq *r = s->wait_head; r; r = r->next) atomic_store(&r->stop, SREQ_CANCELLED);
+            for (int i = 0; i < s->n_running; i++) atomic_store(&s->running[i]->stop, SREQ_CANCELLED);
         }
         take_cancelled_waiting(s, &cancelled);
         admit(s, &failed);
@@ -318,7 +319,7 @@ static void *engine_main(void *arg) {
     }
 }
 
-struct sched *sched_create(struct model *m, const struct sched_config *cfg) {
+struct sched *sched_create(const struct model *m, const struct sched_config *cfg) {
     struct sched *s = calloc(1, sizeof *s);
     if (!s) return NULL;
     if (kv_account_init(&s->account, &m->cfg, cfg->kv_bits ? cfg->kv_bits : 32, cfg->kv_budget_bytes)) {
@@ -333,12 +334,14 @@ struct sched *sched_create(struct model *m, const struct sched_config *cfg) {
     s->running = calloc((size_t)s->cfg.max_running, sizeof *s->running);
     s->batch = calloc((size_t)s->cfg.max_running, sizeof *s->batch);
     s->batch_req = calloc((size_t)s->cfg.max_running, sizeof *s->batch_req);
+    s->run = model_run_new(m, cfg->threads);
     pthread_mutex_init(&s->lock, NULL);
     pthread_cond_init(&s->wake, NULL);
-    if (!s->running || !s->batch || !s->batch_req || pthread_create(&s->thread, NULL, engine_main, s)) {
+    if (!s->running || !s->batch || !s->batch_req || !s->run || pthread_create(&s->thread, NULL, engine_main, s)) {
         pthread_cond_destroy(&s->wake);
         pthread_mutex_destroy(&s->lock);
         kv_account_destroy(&s->account);
+        model_run_free(s->run);
         free(s->running); free(s->batch); free(s->batch_req);
         free(s);
         return NULL;
@@ -357,6 +360,7 @@ void sched_destroy(struct sched *s, int drain) {
     pthread_cond_destroy(&s->wake);
     pthread_mutex_destroy(&s->lock);
     kv_account_destroy(&s->account);
+    model_run_free(s->run);
     free(s->running);
     free(s->batch);
     free(s->batch_req);

@@ -33,6 +33,7 @@ struct sched_config {
     int max_ctx;              /* per-sequence context cap (<= model's) */
     size_t kv_budget_bytes;   /* KV cache budget; 0: unlimited */
     int kv_bits;              /* KV cache precision: 32 (or 0), 16, 8, 4 (engine/kv.h) */
+    int threads;              /* kernel workers of the engine's run; <= 0: one per core */
 };
 
 struct sched_timing {
@@ -72,9 +73,9 @@ struct sched_stats {
     uint64_t steps, batch_tokens;
 };
 
-/* Starts the engine thread. The model stays owned by the caller and must
- * outlive the scheduler. */
-struct sched *sched_create(struct model *m, const struct sched_config *cfg);
+/* Starts the engine thread with its own run of the model (engine/model.h).
+ * The model stays owned by the caller and must outlive the scheduler. */
+struct sched *sched_create(const struct model *m, const struct sched_config *cfg);
 /* Stops admitting; with drain, waits for running and waiting requests to
  * finish, else cancels them; then joins the thread and frees. */
 void sched_destroy(struct sched *s, int drain);

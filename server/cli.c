@@ -113,15 +113,20 @@ int cli_parse_ids(const char *cmd, const char *text, int32_t **ids) {
     return (int)n;
 }
 
-int cli_load_model(const char *cmd, struct model *m, const char *path, int n_threads) {
+struct model_run *cli_load_model(const char *cmd, struct model *m, const char *path, int n_threads) {
     char err[512];
     if (!path) {
         fprintf(stderr, "ebb %s: -m MODEL is required\n", cmd);
-        return -1;
+        return NULL;
     }
-    if (model_load(m, path, n_threads, err, sizeof err)) {
+    if (model_load(m, path, err, sizeof err)) {
         fprintf(stderr, "ebb %s: %s\n", cmd, err);
-        return -1;
+        return NULL;
     }
-    return 0;
+    struct model_run *r = model_run_new(m, n_threads);
+    if (!r) {
+        fprintf(stderr, "ebb %s: out of memory or threads\n", cmd);
+        model_free(m);
+    }
+    return r;
 }

@@ -39,6 +39,8 @@ struct catalog_model;
 struct json_t;
 struct json_t *catalog_model_json(struct catalog *cat, const struct catalog_model *m, char *err, size_t errlen);
 
-/* Loads a model or prints why not. */
-int cli_load_model(const char *cmd, struct model *m, const char *path, int n_threads);
+/* Loads a model and a run of it with n_threads workers (engine/model.h),
+ * or prints why not and returns NULL. The caller frees the run, then the
+ * model. */
+struct model_run *cli_load_model(const char *cmd, struct model *m, const char *path, int n_threads);
 #endif

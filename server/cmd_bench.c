@@ -34,7 +34,7 @@ static void bench_usage(FILE *out) {
 }
 
 /* Seconds for one run of the test; -1 on failure. */
-static double run_once(struct model *m, struct kv_cache *kv, const int32_t *ids, int n, int prefill,
+static double run_once(struct model_run *m, struct kv_cache *kv, const int32_t *ids, int n, int prefill,
                        float *logits) {
     kv_cache_clear(kv);
     double t0 = ebb_now_seconds();
@@ -47,8 +47,9 @@ static double run_once(struct model *m, struct kv_cache *kv, const int32_t *ids,
     return ebb_now_seconds() - t0;
 }
 
-static int bench_test(struct model *m, struct kv_account *kv_policy, const char *label, int n, int prefill,
+static int bench_test(struct model_run *run, struct kv_account *kv_policy, const char *label, int n, int prefill,
                       int reps, double *mean_tps) {
+    const struct model *m = model_run_model(run);
     struct kv_cache kv;
     int32_t *ids = malloc((size_t)n * sizeof(int32_t));
     float *logits = malloc((size_t)m->cfg.n_vocab * sizeof(float));
@@ -63,9 +64,9 @@ static int bench_test(struct model *m, struct kv_account *kv_policy, const char 
         ids[i] = (int32_t)(x % (uint64_t)m->cfg.n_vocab);
     }
     double sum = 0, sum2 = 0;
-    int rc = run_once(m, &kv, ids, n, prefill, logits) < 0 ? -1 : 0;
+    int rc = run_once(run, &kv, ids, n, prefill, logits) < 0 ? -1 : 0;
     for (int r = 0; r < reps && rc == 0; r++) {
-        double s = run_once(m, &kv, ids, n, prefill, logits);
+        double s = run_once(run, &kv, ids, n, prefill, logits);
         if (s <= 0) { rc = -1; break; }
         sum += n / s;
         sum2 += (n / s) * (n / s);
@@ -85,11 +86,9 @@ static int bench_test(struct model *m, struct kv_account *kv_policy, const char 
 
 /* Weight bytes one decoded token reads (see the top of the file). */
 static size_t decode_weight_bytes(const struct model *m) {
-    const size_t rows = (size_t)m->cfg.n_vocab;
-    if (m->q_embd && m->q_embd != m->q_output)
-        return m->weight_bytes - rows * ebb_row_bytes(EBB_TYPE_Q8_0, (uint64_t)m->cfg.n_embd);
-    if (m->tok_embd && m->tok_embd != m->output) return m->weight_bytes - rows * m->cfg.n_embd * sizeof(float);
-    return m->weight_bytes;
+    const struct matrix *e = &m->embd;
+    if (e->data == m->output.data) return m->weight_bytes;   /* tied: the head reads the embedding */
+    return m->weight_bytes - (size_t)e->n_out * ebb_row_bytes(e->type, (uint64_t)e->n_in);
 }
 
 struct copy_job {
@@ -142,38 +141,42 @@ int cmd_bench(int argc, char **argv) {
         else { fprintf(stderr, "ebb bench: unknown option '%s'\n", a); bench_usage(stderr); return 2; }
     }
     struct model m;
-    if (cli_load_model("bench", &m, model_path, n_threads)) return 1;
+    struct model_run *run = cli_load_model("bench", &m, model_path, n_threads);
+    if (!run) return 1;
     if (n_prefill > m.cfg.n_ctx_train || n_decode > m.cfg.n_ctx_train) {
         fprintf(stderr, "ebb bench: test longer than the model's context (%d)\n", m.cfg.n_ctx_train);
+        model_run_free(run);
         model_free(&m);
         return 2;
     }
     struct kv_account kv_policy;    /* the caches' precision; no budget */
     if (kv_account_init(&kv_policy, &m.cfg, kv_bits, 0)) {
         fprintf(stderr, "ebb bench: %s\n", kv_bits_problem(&m.cfg, kv_bits));
+        model_run_free(run);
         model_free(&m);
         return 2;
     }
     printf("model: %s  arch %s  resident weights %.1f MiB  backend %s  threads %d  kv_bits %d\n", model_path,
-           m.cfg.arch, m.weight_bytes / 1048576.0, m.be->name, ebb_pool_threads(m.pool), kv_bits);
+           m.cfg.arch, m.weight_bytes / 1048576.0, m.be->name, ebb_pool_threads(model_run_pool(run)), kv_bits);
     printf("| test     |            t/s    |\n|----------|-------------------|\n");
     char label[32];
     int rc = 0;
     double pp_tps = 0, tg_tps = 0;
     if (n_prefill) {
         snprintf(label, sizeof label, "pp%d", n_prefill);
-        rc |= bench_test(&m, &kv_policy, label, n_prefill, 1, reps, &pp_tps);
+        rc |= bench_test(run, &kv_policy, label, n_prefill, 1, reps, &pp_tps);
     }
     if (n_decode) {
         snprintf(label, sizeof label, "tg%d", n_decode);
-        rc |= bench_test(&m, &kv_policy, label, n_decode, 0, reps, &tg_tps);
+        rc |= bench_test(run, &kv_policy, label, n_decode, 0, reps, &tg_tps);
     }
     if (n_decode && tg_tps > 0) {
-        const double bytes = (double)decode_weight_bytes(&m), bw = copy_bandwidth(m.pool);
+        const double bytes = (double)decode_weight_bytes(&m), bw = copy_bandwidth(model_run_pool(run));
         printf("decode reads %.1f MiB of weights per token; copy loop %.2f GB/s; tg at %.1f%% of that\n",
                bytes / 1048576.0, bw / 1e9, bw > 0 ? 100.0 * bytes * tg_tps / bw : 0.0);
     }
     kv_account_destroy(&kv_policy);
+    model_run_free(run);
     model_free(&m);
     return rc ? 1 : 0;
 }

@@ -125,13 +125,14 @@ int cmd_generate(int argc, char **argv) {
     }
     gp.stops = stops;
     struct model m;
-    if (cli_load_model("generate", &m, model_path, n_threads)) return 1;
+    struct model_run *run = cli_load_model("generate", &m, model_path, n_threads);
+    if (!run) return 1;
     int32_t *ids = NULL;
     int n = build_prompt(&m, prompt, chat, system, ids_file, &ids);
     int rc = 1;
     if (n > 0) {
         struct gen_result res;
-        if (generate(&m, ids, n, &gp, print_text, &ps, &res) == 0) {
+        if (generate(run, ids, n, &gp, print_text, &ps, &res) == 0) {
             printf("\n");
             fprintf(stderr, "[prompt %d tokens, %.1f tok/s | generated %d tokens, %.1f tok/s | finish: %s]\n",
                     res.n_prompt, res.prefill_s > 0 ? res.n_prompt / res.prefill_s : 0.0,
@@ -145,6 +146,7 @@ int cmd_generate(int argc, char **argv) {
         fprintf(stderr, "ebb generate: the prompt is empty\n");
     }
     free(ids);
+    model_run_free(run);
     model_free(&m);
     return rc;
 }
@@ -188,7 +190,8 @@ int cmd_logits(int argc, char **argv) {
         return 1;
     }
     struct model m;
-    if (cli_load_model("logits", &m, model_path, n_threads)) { free(ids); return 1; }
+    struct model_run *run = cli_load_model("logits", &m, model_path, n_threads);
+    if (!run) { free(ids); return 1; }
     int rc = 1;
     struct kv_cache kv;
     size_t rows = all ? (size_t)n : 1;
@@ -196,7 +199,7 @@ int cmd_logits(int argc, char **argv) {
     if (!logits || kv_cache_init(&kv, &m.cfg, n, NULL)) {
         fprintf(stderr, "ebb logits: out of memory\n");
     } else {
-        if (model_forward(&m, &kv, ids, n, logits, all)) {
+        if (model_forward(run, &kv, ids, n, logits, all)) {
             fprintf(stderr, "ebb logits: token id out of range (vocabulary has %d)\n", m.cfg.n_vocab);
         } else {
             FILE *f = fopen(out_path, "wb");
@@ -209,6 +212,7 @@ int cmd_logits(int argc, char **argv) {
     }
     free(logits);
     free(ids);
+    model_run_free(run);
     model_free(&m);
     return rc;
 }

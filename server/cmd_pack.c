@@ -91,14 +91,22 @@ static int measure_variant(const struct pack_options *o, const struct eval_optio
     if (!text) return -1;
     struct model m;
     char err[512];
-    if (model_load(&m, o->out_path, n_threads, err, sizeof err)) {
+    if (model_load(&m, o->out_path, err, sizeof err)) {
         fprintf(stderr, "ebb pack: cannot load the packed file back: %s\n", err);
         free(text);
         return -1;
     }
+    struct model_run *run = model_run_new(&m, n_threads);
+    if (!run) {
+        fprintf(stderr, "ebb pack: out of memory or threads\n");
+        model_free(&m);
+        free(text);
+        return -1;
+    }
     struct ppl_result r;
-    const int rc = perplexity_measure(&m, text, len, 512, e->windows, e->kv_bits, o->progress ? eval_progress : NULL,
+    const int rc = perplexity_measure(run, text, len, 512, e->windows, e->kv_bits, o->progress ? eval_progress : NULL,
                                       NULL, &r, err, sizeof err);
+    model_run_free(run);
     model_free(&m);
     free(text);
     if (rc) {

@@ -53,12 +53,14 @@ int cmd_ppl(int argc, char **argv) {
     char *text = cli_read_file("ppl", file, &len);
     if (!text) return 1;
     struct model m;
-    if (cli_load_model("ppl", &m, model_path, n_threads)) { free(text); return 1; }
+    struct model_run *run = cli_load_model("ppl", &m, model_path, n_threads);
+    if (!run) { free(text); return 1; }
     struct ppl_progress_state st = {n_ctx};
     struct ppl_result r;
     char err[512];
-    int rc = perplexity_measure(&m, text, len, n_ctx, max_chunks, kv_bits, print_progress, &st, &r, err, sizeof err);
+    int rc = perplexity_measure(run, text, len, n_ctx, max_chunks, kv_bits, print_progress, &st, &r, err, sizeof err);
     free(text);
+    model_run_free(run);
     model_free(&m);
     if (rc) {
         fprintf(stderr, "ebb ppl: %s: %s\n", file, err);

@@ -28,13 +28,14 @@ static void load_work(uv_work_t *w) {
     struct served_model *sm = w->data;
     struct daemon *d = sm->d;
     double t0 = ebb_now_seconds();
-    if (model_load(&sm->model, sm->path, d->cfg.threads, sm->error, sizeof sm->error)) return;
+    if (model_load(&sm->model, sm->path, sm->error, sizeof sm->error)) return;
     struct sched_config sc = {
         .max_running = d->cfg.max_running,
         .max_waiting = d->cfg.queue_length,
         .max_ctx = d->cfg.max_context,
         .kv_budget_bytes = 0,   /* set by served_set_budget once on the loop */
         .kv_bits = config_kv_bits_for(&d->cfg, sm->name),  /* model_kv_bits, else kv_bits */
+        .threads = d->cfg.threads,
     };
     const char *kv_problem = kv_bits_problem(&sm->model.cfg, sc.kv_bits);
     if (kv_problem) {

@@ -650,7 +650,7 @@ static void test_reservations(void) {
     struct kv_cache x, y, z;
     CHECK(kv_cache_init(&x, &c, n, &a) == 0);
     CHECK(kv_cache_init(&y, &c, n, &a) == 0);
-    CHECK_MSG(kv_cache_init(&z, &c, n, &a) == -2, "a third reservation must be refused past the budget");
+    CHECK_MSG(kv_cache_init(&z, &c, n, &a) == KV_OVER_BUDGET, "a third reservation must be refused past the budget");
     CHECK(a.reserved_bytes == 2 * one);
     /* Random pass sizes up to MODEL_MAX_BATCH, twice over (clear in between). */
     int ok = 1;
@@ -693,7 +693,8 @@ static int collect(void *ud, int32_t id, const char *text, size_t len) {
     return 0;
 }
 
-static void test_model_generation(struct model *m) {
+static void test_model_generation(struct model_run *r) {
+    const struct model *m = model_run_model(r);
     /* A prompt long enough that the question's context is read from the
      * quantized body (well past 128 positions). */
     static const char *facts =
@@ -720,22 +721,23 @@ static void test_model_generation(struct model *m) {
     struct text_out t32 = {{0}, 0}, t4 = {{0}, 0};
     struct gen_result res;
     p.kv_bits = 32;
-    CHECK(generate(m, ids, n, &p, collect, &t32, &res) == 0);
+    CHECK(generate(r, ids, n, &p, collect, &t32, &res) == 0);
     p.kv_bits = 4;
-    CHECK(generate(m, ids, n, &p, collect, &t4, &res) == 0);
+    CHECK(generate(r, ids, n, &p, collect, &t4, &res) == 0);
     printf("prompt %d tokens\nkv32: %s\nkv4:  %s\n", n, t32.buf, t4.buf);
     CHECK_MSG(strstr(t32.buf, "Paris") != NULL, "f32 answer lacks Paris: %s", t32.buf);
     CHECK_MSG(strstr(t4.buf, "Paris") != NULL, "KV4 answer lacks Paris: %s", t4.buf);
     CHECK_MSG(strstr(t4.buf, "Seine") != NULL, "KV4 answer lacks the Seine: %s", t4.buf);
     p.kv_bits = 12;
-    CHECK(generate(m, ids, n, &p, collect, &t4, &res) == -1 && strstr(res.error, "kv_bits"));
+    CHECK(generate(r, ids, n, &p, collect, &t4, &res) == -1 && strstr(res.error, "kv_bits"));
     free(ids);
 }
 
 /* Perplexity scored like `ebb ppl --ctx 512 --chunks K`: windows of 512
  * tokens from an empty cache, the second half scored (only its logits are
  * computed: the output head is most of the cost). */
-static double perplexity(struct model *m, const int32_t *tokens, int n_chunks, int kv_bits) {
+static double perplexity(struct model_run *r, const int32_t *tokens, int n_chunks, int kv_bits) {
+    const struct model *m = model_run_model(r);
     const int ctx = 512, V = m->cfg.n_vocab;
     struct kv_account acc;
     kv_account_init(&acc, &m->cfg, kv_bits, 0);
@@ -751,8 +753,8 @@ static double perplexity(struct model *m, const int32_t *tokens, int n_chunks, i
     for (int ch = 0; ch < n_chunks; ch++) {
         kv_cache_clear(&kv);
         const int32_t *win = tokens + (size_t)ch * ctx;
-        if (model_forward(m, &kv, win, ctx / 2, logits, 0) ||
-            model_forward(m, &kv, win + ctx / 2, ctx / 2, logits, 1)) {
+        if (model_forward(r, &kv, win, ctx / 2, logits, 0) ||
+            model_forward(r, &kv, win + ctx / 2, ctx / 2, logits, 1)) {
             nll = NAN;
             break;
         }
@@ -781,7 +783,8 @@ static char *read_text(const char *path, size_t *len) {
     return buf;
 }
 
-static void test_model_perplexity(struct model *m) {
+static void test_model_perplexity(struct model_run *r) {
+    const struct model *m = model_run_model(r);
     /* The held-out text (tools/heldout.py) when it has been prepared, else
      * the GPL's text, which Debian ships. */
     char path[1024];
@@ -803,7 +806,7 @@ static void test_model_perplexity(struct model *m) {
     free(text);
     CHECK(n >= chunks * 512);
     if (n < chunks * 512) { free(tokens); return; }
-    double p32 = perplexity(m, tokens, chunks, 32), p4 = perplexity(m, tokens, chunks, 4);
+    double p32 = perplexity(r, tokens, chunks, 32), p4 = perplexity(r, tokens, chunks, 4);
     printf("perplexity on %s, %d windows of 512: kv32 %.4f, kv4 %.4f (%+.2f%%)\n", path, chunks, p32, p4,
            100 * (p4 / p32 - 1));
     CHECK(p32 > 1 && p4 > 1);
@@ -826,12 +829,17 @@ int main(void) {
     char path[1024], err[512];
     snprintf(path, sizeof path, "%s/models/SmolLM2-135M-Instruct.Q4_1.gguf", dir ? dir : ".");
     struct model m;
-    if (model_load(&m, path, 2, err, sizeof err)) {
+    struct model_run *run = NULL;
+    if (model_load(&m, path, err, sizeof err)) {
         fprintf(stderr, "cannot load the default model: %s (run scripts/setup)\n", err);
         CHECK(0);
+    } else if (!(run = model_run_new(&m, 2))) {
+        CHECK(0);
+        model_free(&m);
     } else {
-        test_model_generation(&m);
-        test_model_perplexity(&m);
+        test_model_generation(run);
+        test_model_perplexity(run);
+        model_run_free(run);
         model_free(&m);
     }
     return check_report("test_kv");

@@ -468,6 +468,8 @@ static void random_perm(int32_t *p, int n) {
 
 /* Logits of the original model against a rotated one, on a few prompts. */
 static void compare_logits(struct model *a, struct model *b, const char *what) {
+    struct model_run *ra = model_run_new(a, 2), *rb = model_run_new(b, 2);
+    CHECK(ra && rb);
     static const char *const prompts[] = {
         "The quick brown fox jumps over the lazy dog.",
         "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n",
@@ -483,8 +485,8 @@ static void compare_logits(struct model *a, struct model *b, const char *what) {
         float *la = malloc((size_t)n * V * sizeof(float)), *lb = malloc((size_t)n * V * sizeof(float));
         kv_cache_init(&ka, &a->cfg, n, NULL);
         kv_cache_init(&kb, &b->cfg, n, NULL);
-        CHECK(model_forward(a, &ka, ids, n, la, 1) == 0);
-        CHECK(model_forward(b, &kb, ids, n, lb, 1) == 0);
+        CHECK(model_forward(ra, &ka, ids, n, la, 1) == 0);
+        CHECK(model_forward(rb, &kb, ids, n, lb, 1) == 0);
         for (int t = 0; t < n; t++) {
             int ia = 0, ib = 0;
             for (int v = 0; v < V; v++) {
@@ -502,6 +504,8 @@ static void compare_logits(struct model *a, struct model *b, const char *what) {
         free(lb);
         free(ids);
     }
+    model_run_free(ra);
+    model_run_free(rb);
     printf("%s: max |logit difference| %.3g over logits up to %.3g (relative %.2g)\n", what, worst, scale,
            worst / scale);
     CHECK_MSG(worst < 2e-3 * scale, "%s: logits differ by %g (max |logit| %g)", what, worst, scale);
@@ -511,15 +515,15 @@ static void compare_logits(struct model *a, struct model *b, const char *what) {
 static void test_rotation_equivalence(void) {
     struct model a, b;
     char err[512];
-    if (model_load(&a, model_file, 2, err, sizeof err)) { CHECK_MSG(0, "%s", err); return; }
-    if (model_load(&b, model_file, 2, err, sizeof err)) { CHECK_MSG(0, "%s", err); model_free(&a); return; }
+    if (model_load(&a, model_file, err, sizeof err)) { CHECK_MSG(0, "%s", err); return; }
+    if (model_load(&b, model_file, err, sizeof err)) { CHECK_MSG(0, "%s", err); model_free(&a); return; }
     CHECK_MSG(pack_rotate_model(&b, NULL, err, sizeof err) == 0, "%s", err);
-    CHECK(b.output == b.tok_embd && b.hadamard_norm_out == 1 && b.hadamard_ffn_down == 1);
+    CHECK(b.output.data == b.embd.data && b.hadamard_norm_out == 1 && b.hadamard_ffn_down == 1);
     compare_logits(&a, &b, "rotation");
     model_free(&b);
 
     /* With a permutation of every SwiGLU output folded in before rotating. */
-    if (model_load(&b, model_file, 2, err, sizeof err)) { CHECK_MSG(0, "%s", err); model_free(&a); return; }
+    if (model_load(&b, model_file, err, sizeof err)) { CHECK_MSG(0, "%s", err); model_free(&a); return; }
     srand(5);
     int32_t **pf = malloc(sizeof(int32_t *) * b.cfg.n_layer);
     for (int l = 0; l < b.cfg.n_layer; l++) {
@@ -628,7 +632,7 @@ static double fake_quant(struct model *m, const struct packed *p) {
         struct layer_weights *w = &m->layers[l];
 #define UNPACK(suffix, mat, pt, rows, cols) \
         (snprintf(name, sizeof name, "blk.%d.%s", l, suffix), \
-         worst = fmax(worst, unpack_matrix(p, name, p->perm[l][pt], mat, rows, cols)))
+         worst = fmax(worst, unpack_matrix(p, name, p->perm[l][pt], mat.owned, rows, cols)))
         UNPACK("attn_q.weight", w->wq, ACT_ATTN_IN, QD, E);
         UNPACK("attn_k.weight", w->wk, ACT_ATTN_IN, KD, E);
         UNPACK("attn_v.weight", w->wv, ACT_ATTN_IN, KD, E);
@@ -643,9 +647,9 @@ static double fake_quant(struct model *m, const struct packed *p) {
         CHECK_MSG(g && g->type == EBB_TYPE_F32 && !memcmp(g->data, w->attn_norm, (size_t)E * sizeof(float)),
                   "%s differs from the source", name);
     }
-    unpack_q8(p, "token_embd.weight", m->tok_embd, (size_t)c->n_vocab * E);
+    unpack_q8(p, "token_embd.weight", m->embd.owned, (size_t)c->n_vocab * E);
     /* The source ties its head to the embedding, and so does the packed file. */
-    CHECK(m->output == m->tok_embd && !gguf_find_tensor(&p->f, "output.weight"));
+    CHECK(m->output.data == m->embd.data && !gguf_find_tensor(&p->f, "output.weight"));
     return worst;
 }
 
@@ -677,8 +681,9 @@ static void act_quant_hook(void *ud, int layer, enum act_point point, const floa
  * but the first scored) with a KV cache of kv_bits; top1 gets the share of
  * positions whose argmax matches ref_argmax (when given), argmax_out
  * receives this model's. */
-static double mean_nll(struct model *m, int kv_bits, const int32_t *ids, int n_win, int ctx, const int *ref_argmax,
+static double mean_nll(struct model_run *r, int kv_bits, const int32_t *ids, int n_win, int ctx, const int *ref_argmax,
                        int *argmax_out, double *top1) {
+    const struct model *m = model_run_model(r);
     const int V = m->cfg.n_vocab;
     float *logits = malloc((size_t)ctx * V * sizeof(float));
     struct kv_account policy;
@@ -690,7 +695,7 @@ static double mean_nll(struct model *m, int kv_bits, const int32_t *ids, int n_w
     for (int w = 0; w < n_win; w++) {
         kv_cache_clear(&kv);
         const int32_t *win = ids + (size_t)w * ctx;
-        CHECK(model_forward(m, &kv, win, ctx, logits, 1) == 0);
+        CHECK(model_forward(r, &kv, win, ctx, logits, 1) == 0);
         for (int t = 0; t < ctx - 1; t++) {
             const float *l = logits + (size_t)t * V;
             int best = 0;
@@ -712,14 +717,15 @@ static double mean_nll(struct model *m, int kv_bits, const int32_t *ids, int n_w
     return nll / count;
 }
 
-static void greedy_sample(struct model *m, const char *label) {
+static void greedy_sample(struct model_run *r, const char *label) {
+    const struct model *m = model_run_model(r);
     const char *prompt = "<|im_start|>user\nName three primary colors.<|im_end|>\n<|im_start|>assistant\n";
     int32_t *ids;
     int n = tokenizer_encode(m->tok, prompt, strlen(prompt), 1, &ids);
     struct kv_cache kv;
     kv_cache_init(&kv, &m->cfg, n + 24, NULL);
     float *logits = malloc((size_t)m->cfg.n_vocab * sizeof(float));
-    CHECK(model_forward(m, &kv, ids, n, logits, 0) == 0);
+    CHECK(model_forward(r, &kv, ids, n, logits, 0) == 0);
     printf("%s greedy: \"", label);
     for (int i = 0; i < 24; i++) {
         int best = 0;
@@ -729,7 +735,7 @@ static void greedy_sample(struct model *m, const char *label) {
         const char *piece = tokenizer_piece(m->tok, best, &len);
         for (size_t k = 0; k < len; k++) putchar(piece[k] == '\n' ? ' ' : piece[k]);
         int32_t next = best;
-        if (model_forward(m, &kv, &next, 1, logits, 0)) break;
+        if (model_forward(r, &kv, &next, 1, logits, 0)) break;
     }
     printf("\"\n");
     kv_cache_free(&kv);
@@ -765,13 +771,15 @@ static void test_pack_end_to_end(void) {
     CHECK(hi <= all / 5);
 
     struct model ref, fq;
-    if (model_load(&ref, model_file, 2, err, sizeof err) || model_load(&fq, model_file, 2, err, sizeof err)) {
+    if (model_load(&ref, model_file, err, sizeof err) || model_load(&fq, model_file, err, sizeof err)) {
         CHECK_MSG(0, "%s", err);
         pack_result_free(&r);
         return;
     }
     CHECK(pack_rotate_model(&ref, NULL, err, sizeof err) == 0);
     CHECK(pack_rotate_model(&fq, NULL, err, sizeof err) == 0);
+    struct model_run *ref_run = model_run_new(&ref, 2), *fq_run = model_run_new(&fq, 2);
+    CHECK(ref_run && fq_run);
     struct packed *p = calloc(1, sizeof *p);
     if (read_packed(p, out, &fq.cfg) == 0) {
         CHECK(p->act_bits == 4);
@@ -786,11 +794,10 @@ static void test_pack_end_to_end(void) {
         const int ctx = EVAL_CTX, n_win = ids && n_ids / ctx < EVAL_WINDOWS ? n_ids / ctx : EVAL_WINDOWS;
         int *ref_top = malloc(sizeof(int) * n_win * ctx);
         double top1_w, top1_wa;
-        double nll_ref = mean_nll(&ref, 32, ids, n_win, ctx, NULL, ref_top, NULL);
-        double nll_w = mean_nll(&fq, 32, ids, n_win, ctx, ref_top, NULL, &top1_w);
-        fq.capture = act_quant_hook;
-        fq.capture_ud = p;
-        double nll_wa = mean_nll(&fq, 32, ids, n_win, ctx, ref_top, NULL, &top1_wa);
+        double nll_ref = mean_nll(ref_run, 32, ids, n_win, ctx, NULL, ref_top, NULL);
+        double nll_w = mean_nll(fq_run, 32, ids, n_win, ctx, ref_top, NULL, &top1_w);
+        model_run_set_capture(fq_run, act_quant_hook, p);
+        double nll_wa = mean_nll(fq_run, 32, ids, n_win, ctx, ref_top, NULL, &top1_wa);
         printf("perplexity on %d x %d tokens of %s: f32 %.3f, W4A16 (fake quant) %.3f (%+.1f%%, top-1 %.1f%%), "
                "W4A4 simulated %.3f (%+.1f%%, top-1 %.1f%%)\n", n_win, ctx, EVAL_TEXT, exp(nll_ref), exp(nll_w),
                100 * (exp(nll_w - nll_ref) - 1), 100 * top1_w, exp(nll_wa), 100 * (exp(nll_wa - nll_ref) - 1),
@@ -802,15 +809,16 @@ static void test_pack_end_to_end(void) {
         CHECK_MSG(exp(nll_w - nll_ref) < W4A16_BOUND, "W4A16 perplexity %.3f vs f32 %.3f", exp(nll_w), exp(nll_ref));
         CHECK_MSG(exp(nll_wa - nll_ref) < W4A4_BOUND, "W4A4 perplexity %.3f vs f32 %.3f", exp(nll_wa), exp(nll_ref));
         CHECK(top1_w > TOP1_MIN);
-        fq.capture = NULL;
+        model_run_set_capture(fq_run, NULL, NULL);
 
         /* The engine's own packed path (integer kernels) on the same file:
          * it must agree with the simulation above. */
         struct model eng;
-        if (model_load(&eng, out, 2, err, sizeof err) == 0) {
+        struct model_run *eng_run = NULL;
+        if (model_load(&eng, out, err, sizeof err) == 0 && (eng_run = model_run_new(&eng, 2))) {
             double top1_e, top1_e4;
-            double nll_e = mean_nll(&eng, 32, ids, n_win, ctx, ref_top, NULL, &top1_e);
-            double nll_e4 = mean_nll(&eng, 4, ids, n_win, ctx, ref_top, NULL, &top1_e4);
+            double nll_e = mean_nll(eng_run, 32, ids, n_win, ctx, ref_top, NULL, &top1_e);
+            double nll_e4 = mean_nll(eng_run, 4, ids, n_win, ctx, ref_top, NULL, &top1_e4);
             printf("engine on the packed file: perplexity %.3f (simulation %.3f), top-1 %.1f%%; "
                    "W4A4KV4 %.3f (%+.1f%% vs f32), top-1 %.1f%%\n", exp(nll_e), exp(nll_wa), 100 * top1_e,
                    exp(nll_e4), 100 * (exp(nll_e4 - nll_ref) - 1), 100 * top1_e4);
@@ -819,17 +827,20 @@ static void test_pack_end_to_end(void) {
             CHECK_MSG(exp(nll_e4 - nll_ref) < W4A4_BOUND, "W4A4KV4 perplexity %.3f vs f32 %.3f", exp(nll_e4),
                       exp(nll_ref));
             CHECK_MSG(fabs(nll_e4 - nll_e) < 0.05, "KV4 moved the mean NLL from %.4f to %.4f", nll_e, nll_e4);
+            model_run_free(eng_run);
             model_free(&eng);
         } else {
             CHECK_MSG(0, "the engine cannot load the packed file: %s", err);
         }
-        greedy_sample(&ref, "f32       ");
-        greedy_sample(&fq, "fake W4A16");
+        greedy_sample(ref_run, "f32       ");
+        greedy_sample(fq_run, "fake W4A16");
         free(ref_top);
         free(ids);
     }
     if (p->f.map) gguf_close(&p->f);
     free(p);
+    model_run_free(ref_run);
+    model_run_free(fq_run);
     model_free(&ref);
     model_free(&fq);
     pack_result_free(&r);

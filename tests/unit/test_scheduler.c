@@ -117,13 +117,17 @@ static void test_batched_equals_alone(struct model *m, int kv_bits) {
     int n_ids[N];
     struct gen_params p = greedy(max_tokens);
     p.kv_bits = kv_bits;
+    struct model_run *run = model_run_new(m, 2);
+    CHECK(run != NULL);
+    if (!run) return;
     for (int i = 0; i < N; i++) {
         n_ids[i] = encode_chat(m, prompts[i], &ids[i]);
         CHECK(n_ids[i] > 0);
         memset(&alone[i], 0, sizeof alone[i]);
         struct gen_result res;
-        CHECK(generate(m, ids[i], n_ids[i], &p, collect_alone, &alone[i], &res) == 0);
+        CHECK(generate(run, ids[i], n_ids[i], &p, collect_alone, &alone[i], &res) == 0);
     }
+    model_run_free(run);
     struct sched_config cfg = {.max_running = 4, .max_waiting = 16, .max_ctx = 0, .kv_budget_bytes = 0,
                                .kv_bits = kv_bits};
     struct sched *s = sched_create(m, &cfg);
@@ -242,7 +246,7 @@ int main(void) {
     char path[1024], err[512];
     snprintf(path, sizeof path, "%s/models/SmolLM2-135M-Instruct.Q4_1.gguf", dir ? dir : ".");
     struct model m;
-    if (model_load(&m, path, 2, err, sizeof err)) {
+    if (model_load(&m, path, err, sizeof err)) {
         fprintf(stderr, "cannot load the default model: %s (run scripts/setup)\n", err);
         return 1;
     }

@@ -1,7 +1,7 @@
 /* Calibration: what the quantizers need to know about the activations.
  *
  * The rotated f32 model runs over windows of a calibration text with
- * model->capture set; for every layer and activation point the hook adds the
+ * the run's capture hook set; for every layer and activation point the hook adds the
  * batch's X^T X to that point's Hessian (GPTQ's proxy for how much each
  * weight column's error costs), updates each channel's absolute maximum and
  * sums, per group of 64, the squared per-token group maximum (what 4-bit
@@ -150,31 +150,28 @@ static void progress_bar(const char *what, int done, int total, long tokens, dou
     fflush(stderr);
 }
 
-int pack_calibrate(struct model *m, struct pack_calib *c, const int32_t *windows, int n_seqs, int len,
+int pack_calibrate(struct model_run *run, struct pack_calib *c, const int32_t *windows, int n_seqs, int len,
                    const char *label, char *err, size_t errlen) {
+    const struct model *m = model_run_model(run);
     struct kv_cache kv;
     if (kv_cache_init(&kv, &m->cfg, len, NULL)) {
         snprintf(err, errlen, "out of memory for a %d-token cache", len);
         return -1;
     }
-    act_capture_fn saved_fn = m->capture;
-    void *saved_ud = m->capture_ud;
-    m->capture = pack_calib_capture;
-    m->capture_ud = c;
+    model_run_set_capture(run, pack_calib_capture, c);
     int rc = 0;
     double t0 = ebb_now_seconds();
     if (label) progress_bar(label, 0, n_seqs, 0, 0);
     for (int s = 0; s < n_seqs && !rc; s++) {
         kv_cache_clear(&kv);
-        if (model_forward(m, &kv, windows + (size_t)s * len, len, NULL, 0)) {
+        if (model_forward(run, &kv, windows + (size_t)s * len, len, NULL, 0)) {
             snprintf(err, errlen, "forward pass failed on calibration window %d", s);
             rc = -1;
         } else if (label) {
             progress_bar(label, s + 1, n_seqs, (long)(s + 1) * len, ebb_now_seconds() - t0);
         }
     }
-    m->capture = saved_fn;
-    m->capture_ud = saved_ud;
+    model_run_set_capture(run, NULL, NULL);
     kv_cache_free(&kv);
     if (rc) return rc;
     /* Mirror the upper triangles. */

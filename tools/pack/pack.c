@@ -226,8 +226,9 @@ static int point_width(const struct model_config *c, int p) {
  * (calibration's head slot), or round-to-nearest. No permutation: the
  * head's input is quantized with every group at 8 bits. The embedding keeps
  * its Q8_0 rows for lookups, so a tied source gets a separate head. */
-static int add_w4_head(struct gguf_writer *gw, struct model *m, const struct pack_calib *cal,
-                       const struct pack_options *o, struct layer_work *lw, char *err, size_t errlen) {
+static int add_w4_head(struct gguf_writer *gw, const struct model *m, struct ebb_pool *pool,
+                       const struct pack_calib *cal, const struct pack_options *o, struct layer_work *lw, char *err,
+                       size_t errlen) {
     const struct model_config *c = &m->cfg;
     const int rows = c->n_vocab, cols = c->n_embd;
     const size_t nbytes = (size_t)rows * ebb_row_bytes(EBB_TYPE_W4G64, (uint64_t)cols);
@@ -238,12 +239,12 @@ static int add_w4_head(struct gguf_writer *gw, struct model *m, const struct pac
         snprintf(err, errlen, "out of memory for the 4-bit head");
         goto out;
     }
-    memcpy(w, m->output, (size_t)rows * cols * sizeof(float));
+    memcpy(w, m->output.data, (size_t)rows * cols * sizeof(float));
     pack_hadamard_rows(w, (size_t)rows, cols);
     const struct pack_act_stats *st = cal ? &cal->pt[c->n_layer * ACT_POINTS] : NULL;
     const int gptq = o->weight_quant == PACK_GPTQ && st && st->hess;
     if (gptq && pack_gptq_prepare(st->hess, cols, o->damp, lw->u, lw->dead, err, errlen)) goto out;
-    rc = add_w4_quantized(gw, "output.weight", w, rows, cols, lw, gptq, m->pool, blocks);
+    rc = add_w4_quantized(gw, "output.weight", w, rows, cols, lw, gptq, pool, blocks);
     if (rc) snprintf(err, errlen, "out of memory writing the head");
 out:
     free(w);
@@ -252,9 +253,9 @@ out:
 }
 
 /* One layer: permutations, 8-bit groups, the seven matrices. */
-static int pack_layer(struct model *m, int l, const struct pack_calib *cal, const struct pack_options *o,
-                      struct gguf_writer *gw, struct layer_work *lw, struct pack_result *r, size_t *w4_bytes,
-                      size_t *w4_elems, char *err, size_t errlen) {
+static int pack_layer(const struct model *m, struct ebb_pool *pool, int l, const struct pack_calib *cal,
+                      const struct pack_options *o, struct gguf_writer *gw, struct layer_work *lw,
+                      struct pack_result *r, size_t *w4_bytes, size_t *w4_elems, char *err, size_t errlen) {
     const struct model_config *c = &m->cfg;
     const struct layer_weights *w = &m->layers[l];
     const int E = c->n_embd, F = c->n_ff, QD = c->n_head * c->head_dim, KD = c->n_head_kv * c->head_dim;
@@ -298,7 +299,7 @@ static int pack_layer(struct model *m, int l, const struct pack_calib *cal, cons
         }
 #define W4(suffix, mat, rows, cols) \
         (snprintf(name, sizeof name, "blk.%d.%s", l, suffix), \
-         add_w4_matrix(gw, name, mat, rows, cols, perm[p], o, lw, have_u, m->pool, w4_bytes, w4_elems))
+         add_w4_matrix(gw, name, mat.owned, rows, cols, perm[p], o, lw, have_u, pool, w4_bytes, w4_elems))
         switch (p) {
         case ACT_ATTN_IN:
             rc = W4("attn_q.weight", w->wq, QD, E) || W4("attn_k.weight", w->wk, KD, E) ||
@@ -385,16 +386,16 @@ static void free_perms(int32_t ***perm_ffn, int n_layer) {
 /* The SwiGLU permutations from absmax statistics of the unrotated model over
  * a quarter of the calibration windows (the loud channels show at once; the
  * Hessians come from the full second pass). */
-static int choose_ffn_perms(struct model *m, const struct pack_options *o, const int32_t *windows, int n_seqs,
-                            int32_t ***perm_ffn, char *err, size_t errlen) {
-    const struct model_config *c = &m->cfg;
+static int choose_ffn_perms(struct model_run *run, const struct pack_options *o, const int32_t *windows,
+                            int n_seqs, int32_t ***perm_ffn, char *err, size_t errlen) {
+    const struct model_config *c = &model_run_model(run)->cfg;
     struct pack_calib pre;
     if (pack_calib_init(&pre, c, 0)) {
         snprintf(err, errlen, "out of memory");
         return -1;
     }
     const int n_pre = n_seqs >= 4 ? n_seqs / 4 : 1;
-    if (pack_calibrate(m, &pre, windows, n_pre, o->calib_len, o->progress ? "outlier channels" : NULL, err,
+    if (pack_calibrate(run, &pre, windows, n_pre, o->calib_len, o->progress ? "outlier channels" : NULL, err,
                        errlen)) {
         pack_calib_free(&pre);
         return -1;
@@ -441,8 +442,14 @@ int pack_run(const struct pack_options *o, struct pack_result *r, char *err, siz
 
     struct model m;
     char lerr[512];
-    if (model_load(&m, o->model_path, o->n_threads, lerr, sizeof lerr)) {
+    if (model_load(&m, o->model_path, lerr, sizeof lerr)) {
         snprintf(err, errlen, "%s", lerr);
+        return -1;
+    }
+    struct model_run *run = model_run_new(&m, o->n_threads);
+    if (!run) {
+        snprintf(err, errlen, "out of memory or threads");
+        model_free(&m);
         return -1;
     }
     const struct model_config *c = &m.cfg;
@@ -490,7 +497,7 @@ int pack_run(const struct pack_options *o, struct pack_result *r, char *err, siz
     /* Mixed precision: a short first pass over the unrotated model finds
      * the loud channels of each SwiGLU output, which the rotation then keeps
      * together in the leading blocks. */
-    if (need_absmax && choose_ffn_perms(&m, o, windows, n_seqs, &perm_ffn, err, errlen)) goto out;
+    if (need_absmax && choose_ffn_perms(run, o, windows, n_seqs, &perm_ffn, err, errlen)) goto out;
     if (o->progress) fprintf(stderr, "ebb pack: rotating (block-diagonal Hadamard 64)\n");
     if (pack_rotate_model(&m, perm_ffn, err, errlen)) goto out;
 
@@ -503,7 +510,7 @@ int pack_run(const struct pack_options *o, struct pack_result *r, char *err, siz
             snprintf(err, errlen, "out of memory for the calibration statistics");
             goto out;
         }
-        if (pack_calibrate(&m, &cal, windows, n_seqs, o->calib_len, o->progress ? "calibrating" : NULL, err,
+        if (pack_calibrate(run, &cal, windows, n_seqs, o->calib_len, o->progress ? "calibrating" : NULL, err,
                            errlen))
             goto out;
         r->calib_tokens = cal.n_tokens;
@@ -515,10 +522,10 @@ int pack_run(const struct pack_options *o, struct pack_result *r, char *err, siz
      * set at the end keeps its place in the file: the writer orders keys,
      * not calls. */
     size_t w4_bytes = 0, w4_elems = 0;
-    if (add_q8_0(gw, "token_embd.weight", m.tok_embd, c->n_vocab, c->n_embd) ||
+    if (add_q8_0(gw, "token_embd.weight", m.embd.owned, c->n_vocab, c->n_embd) ||
         add_f32(gw, "output_norm.weight", m.output_norm, c->n_embd) ||
-        (o->head_bits != 4 && m.output != m.tok_embd &&
-         add_q8_0(gw, "output.weight", m.output, c->n_vocab, c->n_embd))) {
+        (o->head_bits != 4 && m.output.data != m.embd.data &&
+         add_q8_0(gw, "output.weight", m.output.owned, c->n_vocab, c->n_embd))) {
         snprintf(err, errlen, "out of memory writing the embedding");
         goto out;
     }
@@ -530,12 +537,12 @@ int pack_run(const struct pack_options *o, struct pack_result *r, char *err, siz
     }
     const double tq = ebb_now_seconds();
     for (int l = 0; l < c->n_layer; l++) {
-        if (pack_layer(&m, l, calibrate ? &cal : NULL, o, gw, &lw, r, &w4_bytes, &w4_elems, err, errlen)) goto out;
+        if (pack_layer(&m, model_run_pool(run), l, calibrate ? &cal : NULL, o, gw, &lw, r, &w4_bytes, &w4_elems, err, errlen)) goto out;
         if (o->progress) progress_layers(l + 1, c->n_layer, ebb_now_seconds() - tq);
     }
     if (o->head_bits == 4) {
         if (o->progress) fprintf(stderr, "ebb pack: output head at 4 bits\n");
-        if (add_w4_head(gw, &m, calibrate ? &cal : NULL, o, &lw, err, errlen)) goto out;
+        if (add_w4_head(gw, &m, model_run_pool(run), calibrate ? &cal : NULL, o, &lw, err, errlen)) goto out;
     }
     write_metadata(gw, &m, o, calibration, r);
 
@@ -554,6 +561,7 @@ out:
     pack_calib_free(&cal);
     free(windows);
     free(calibration);
+    model_run_free(run);
     model_free(&m);
     if (rc) pack_result_free(r);
     return rc;

@@ -96,7 +96,7 @@ int pack_sample_windows(const int32_t *tokens, int n_tokens, int n_seqs, int len
 /* Runs the model over n_seqs windows of len tokens with the capture hook set
  * to c; a progress bar on stderr labelled with label (NULL: none). 0, or -1
  * with err. */
-int pack_calibrate(struct model *m, struct pack_calib *c, const int32_t *windows, int n_seqs, int len,
+int pack_calibrate(struct model_run *run, struct pack_calib *c, const int32_t *windows, int n_seqs, int len,
                    const char *label, char *err, size_t errlen);
 
 /* -------------------------------------------------------------- outliers.c */

@@ -141,24 +141,24 @@ int pack_rotate_model(struct model *m, int32_t *const *perm_ffn, char *err, size
     }
     for (int l = 0; perm_ffn && l < c->n_layer; l++) {
         struct layer_weights *w = &m->layers[l];
-        if (permute_out(w->w_gate, F, E, perm_ffn[l]) || permute_out(w->w_up, F, E, perm_ffn[l]) ||
-            permute_in(w->w_down, E, F, perm_ffn[l])) {
+        if (permute_out(w->w_gate.owned, F, E, perm_ffn[l]) || permute_out(w->w_up.owned, F, E, perm_ffn[l]) ||
+            permute_in(w->w_down.owned, E, F, perm_ffn[l])) {
             snprintf(err, errlen, "out of memory permuting the model");
             return -1;
         }
     }
     for (int l = 0; l < c->n_layer; l++) {
         struct layer_weights *w = &m->layers[l];
-        rotate_inputs(be, w->wq, QD, E);
-        rotate_inputs(be, w->wk, KD, E);
-        rotate_inputs(be, w->wv, KD, E);
-        rotate_inputs(be, w->w_gate, F, E);
-        rotate_inputs(be, w->w_up, F, E);
-        rotate_inputs(be, w->w_down, E, F);
+        rotate_inputs(be, w->wq.owned, QD, E);
+        rotate_inputs(be, w->wk.owned, KD, E);
+        rotate_inputs(be, w->wv.owned, KD, E);
+        rotate_inputs(be, w->w_gate.owned, F, E);
+        rotate_inputs(be, w->w_up.owned, F, E);
+        rotate_inputs(be, w->w_down.owned, E, F);
         /* head_dim is a multiple of 64, so the blocks never straddle heads. */
-        pack_hadamard_cols(w->wv, KD, E);
+        pack_hadamard_cols(w->wv.owned, KD, E);
         if (w->bv) pack_hadamard_rows(w->bv, 1, KD);
-        pack_hadamard_rows(w->wo, (size_t)E, QD);
+        pack_hadamard_rows(w->wo.owned, (size_t)E, QD);
     }
     m->hadamard_norm_out = 1;
     m->hadamard_ffn_down = 1;

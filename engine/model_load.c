@@ -1,0 +1,362 @@
+/* Loading a Llama-family model: configuration from GGUF metadata, every
+ * tensor checked against it, weights as typed matrices (engine/model.h).
+ *
+ * Keys are prefixed with general.architecture, so "llama", "mistral",
+ * "qwen2", ... share one path. A plain model's matrices are dequantized to
+ * f32 copies (the reference-quality path the others are measured against);
+ * a packed file's integer-path matrices stay in the file's mapping and are
+ * multiplied in place. Nothing here runs the model: see engine/forward.c.
+ */
+#include "engine/model.h"
+
+#include <math.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "engine/tokenizer.h"
+#include "kernels/backend.h"
+#include "kernels/formats.h"
+
+static int load_error(char *err, size_t errlen, const char *path, const char *fmt, ...) {
+    char msg[256];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+    snprintf(err, errlen, "%s: %s", path, msg);
+    return -1;
+}
+
+/* Reads "<arch>.<suffix>" as an integer. */
+static int arch_u32(const struct model *m, const char *suffix, uint32_t *out) {
+    char key[96];
+    snprintf(key, sizeof key, "%s.%s", m->cfg.arch, suffix);
+    return gguf_get_u32(&m->file, key, out);
+}
+
+static int arch_f32(const struct model *m, const char *suffix, float *out) {
+    char key[96];
+    snprintf(key, sizeof key, "%s.%s", m->cfg.arch, suffix);
+    return gguf_get_f32(&m->file, key, out);
+}
+
+static int read_config(struct model *m, char *err, size_t errlen) {
+    struct model_config *c = &m->cfg;
+    const char *path = m->file.path;
+    struct gguf_str arch;
+    if (gguf_get_str(&m->file, "general.architecture", &arch) || arch.len == 0 ||
+        arch.len >= sizeof c->arch)
+        return load_error(err, errlen, path, "missing or bad general.architecture");
+    memcpy(c->arch, arch.ptr, arch.len);
+    c->arch[arch.len] = 0;
+    /* Architectures whose graph is the Llama one (possibly with Q/K/V biases). */
+    static const char *const supported[] = {"llama", "mistral", "qwen2", NULL};
+    int ok = 0;
+    for (int i = 0; supported[i]; i++) ok |= !strcmp(c->arch, supported[i]);
+    if (!ok) return load_error(err, errlen, path, "architecture '%s' is not supported", c->arch);
+    c->rope_style = !strcmp(c->arch, "qwen2") ? ROPE_NEOX : ROPE_NORM;
+
+    uint32_t n_layer, n_embd, n_head, n_head_kv, n_ff, n_ctx = 4096, head_dim, rope_dim;
+    if (arch_u32(m, "block_count", &n_layer) || arch_u32(m, "embedding_length", &n_embd) ||
+        arch_u32(m, "attention.head_count", &n_head) || arch_u32(m, "feed_forward_length", &n_ff))
+        return load_error(err, errlen, path, "missing %s.block_count/embedding_length/"
+                          "attention.head_count/feed_forward_length", c->arch);
+    if (arch_u32(m, "attention.head_count_kv", &n_head_kv)) n_head_kv = n_head;
+    arch_u32(m, "context_length", &n_ctx);
+    if (n_layer == 0 || n_layer > 1024 || n_embd == 0 || n_embd > 65536 || n_head == 0 ||
+        n_head > 1024 || n_head_kv == 0 || n_head % n_head_kv || n_ff == 0 || n_ff > 1 << 20)
+        return load_error(err, errlen, path, "implausible configuration (layers %u, embd %u, "
+                          "heads %u/%u, ffn %u)", n_layer, n_embd, n_head, n_head_kv, n_ff);
+    if (arch_u32(m, "attention.key_length", &head_dim)) {
+        if (n_embd % n_head) return load_error(err, errlen, path, "embedding %u not divisible by %u heads", n_embd, n_head);
+        head_dim = n_embd / n_head;
+    }
+    if (arch_u32(m, "rope.dimension_count", &rope_dim)) rope_dim = head_dim;
+    if (head_dim == 0 || head_dim > 1024 || rope_dim > head_dim || rope_dim % 2)
+        return load_error(err, errlen, path, "bad head size %u / rope dimensions %u", head_dim, rope_dim);
+    c->rope_base = 10000.0f;
+    arch_f32(m, "rope.freq_base", &c->rope_base);
+    c->rms_eps = 1e-5f;
+    arch_f32(m, "attention.layer_norm_rms_epsilon", &c->rms_eps);
+    if (!(c->rope_base > 0) || !(c->rms_eps > 0))
+        return load_error(err, errlen, path, "bad rope.freq_base or rms epsilon");
+
+    c->n_layer = (int)n_layer;
+    c->n_embd = (int)n_embd;
+    c->n_head = (int)n_head;
+    c->n_head_kv = (int)n_head_kv;
+    c->head_dim = (int)head_dim;
+    c->n_ff = (int)n_ff;
+    c->n_ctx_train = (int)n_ctx;
+    c->rope_dim = (int)rope_dim;
+    return 0;
+}
+
+/* Finds a tensor, checks its shape (ne0 = contiguous) and returns it as a
+ * freshly allocated f32 array. Optional tensors return NULL without error
+ * when absent (*missing set). */
+static float *load_tensor(struct model *m, const char *name, uint64_t ne0, uint64_t ne1,
+                          int optional, int *failed, char *err, size_t errlen) {
+    if (*failed) return NULL;
+    const struct gguf_tensor *t = gguf_find_tensor(&m->file, name);
+    if (!t) {
+        if (!optional) {
+            load_error(err, errlen, m->file.path, "tensor '%s' is missing", name);
+            *failed = 1;
+        }
+        return NULL;
+    }
+    if (t->ne[0] != ne0 || t->ne[1] != ne1 || t->ne[2] != 1 || t->ne[3] != 1) {
+        load_error(err, errlen, m->file.path, "tensor '%s' has shape [%llu, %llu, %llu], expected [%llu, %llu]",
+                   name, (unsigned long long)t->ne[0], (unsigned long long)t->ne[1],
+                   (unsigned long long)t->ne[2], (unsigned long long)ne0, (unsigned long long)ne1);
+        *failed = 1;
+        return NULL;
+    }
+    float *dst = malloc(t->n_elems * sizeof(float));
+    if (!dst) {
+        load_error(err, errlen, m->file.path, "out of memory loading '%s'", name);
+        *failed = 1;
+        return NULL;
+    }
+    if (gguf_tensor_to_f32(t, dst)) {
+        const struct ebb_type_info *ti = ebb_type_info(t->type);
+        load_error(err, errlen, m->file.path, "tensor '%s' has type %s, which ebb cannot compute with",
+                   name, ti ? ti->name : "?");
+        free(dst);
+        *failed = 1;
+        return NULL;
+    }
+    m->weight_bytes += t->n_elems * sizeof(float);
+    return dst;
+}
+
+/* A matrix as an f32 copy the model owns (dequantized when stored
+ * otherwise). */
+static void load_matrix(struct model *m, struct matrix *w, const char *name, uint64_t n_in, uint64_t n_out,
+                        int *failed, char *err, size_t errlen) {
+    float *rows = load_tensor(m, name, n_in, n_out, 0, failed, err, errlen);
+    if (rows) *w = (struct matrix){EBB_TYPE_F32, rows, (int)n_in, (int)n_out, rows};
+}
+
+/* A quantized matrix used in place: checks type and shape; its rows stay
+ * in the mapping. */
+static void map_matrix(struct model *m, struct matrix *w, const char *name, enum ebb_type type, uint64_t n_in,
+                       uint64_t n_out, int *failed, char *err, size_t errlen) {
+    if (*failed) return;
+    const struct gguf_tensor *t = gguf_find_tensor(&m->file, name);
+    const struct ebb_type_info *ti = t ? ebb_type_info(t->type) : NULL;
+    if (!t || t->type != (uint32_t)type || t->ne[0] != n_in || t->ne[1] != n_out || t->ne[2] != 1) {
+        load_error(err, errlen, m->file.path, "packed tensor '%s' is %s; expected %s [%llu, %llu]", name,
+                   !t ? "missing" : ti ? ti->name : "of an unknown type", ebb_type_info(type)->name,
+                   (unsigned long long)n_in, (unsigned long long)n_out);
+        *failed = 1;
+        return;
+    }
+    m->weight_bytes += t->nbytes;
+    *w = (struct matrix){type, t->data, (int)n_in, (int)n_out, NULL};
+}
+
+/* A channel permutation: n distinct indices in [0, n). */
+static int32_t *load_perm(struct model *m, const char *name, int n, int *failed, char *err, size_t errlen) {
+    if (*failed) return NULL;
+    const struct gguf_tensor *t = gguf_find_tensor(&m->file, name);
+    int32_t *perm = NULL;
+    uint8_t *seen = calloc((size_t)n, 1);
+    if (t && t->type == EBB_TYPE_I32 && t->n_elems == (uint64_t)n && t->n_dims == 1 && seen &&
+        (perm = malloc((size_t)n * sizeof *perm))) {
+        memcpy(perm, t->data, (size_t)n * sizeof *perm);
+        for (int i = 0; i < n && perm; i++) {
+            if (perm[i] < 0 || perm[i] >= n || seen[perm[i]]) { free(perm); perm = NULL; }
+            else seen[perm[i]] = 1;
+        }
+    }
+    free(seen);
+    if (!perm) {
+        load_error(err, errlen, m->file.path, "tensor '%s' is missing or not a permutation of %d channels", name, n);
+        *failed = 1;
+    }
+    return perm;
+}
+
+/* ebb.* metadata of a packed file (docs/formats.md); 0 for a plain model. */
+static int read_packing(struct model *m, char *err, size_t errlen) {
+    struct gguf_str format;
+    if (gguf_get_str(&m->file, "ebb.format", &format)) return 0;
+    uint32_t group = 0, act_bits = 0;
+    if (!gguf_str_eq(format, "w4a4"))
+        return load_error(err, errlen, m->file.path, "unknown ebb.format '%.*s'", (int)format.len, format.ptr);
+    if (gguf_get_u32(&m->file, "ebb.group_size", &group) || group != EBB_W4G64_GROUP)
+        return load_error(err, errlen, m->file.path, "ebb.group_size must be %d", EBB_W4G64_GROUP);
+    if (gguf_get_u32(&m->file, "ebb.act_bits", &act_bits) || (act_bits != 4 && act_bits != 8 && act_bits != 16))
+        return load_error(err, errlen, m->file.path, "ebb.act_bits must be 4, 8 or 16");
+    const struct model_config *c = &m->cfg;
+    if (c->n_embd % 64 || c->n_ff % 64 || (c->n_head * c->head_dim) % 64)
+        return load_error(err, errlen, m->file.path, "packed models need widths that are multiples of 64");
+    /* "hadamard64" (QuaRot's rotated residual stream with folded norms) was
+     * what the first packer wrote; files from it are refused, not misread. */
+    struct gguf_str rotation;
+    if (gguf_get_str(&m->file, "ebb.rotation", &rotation) || !gguf_str_eq(rotation, "hadamard64-inputs"))
+        return load_error(err, errlen, m->file.path,
+                          "ebb.rotation must be \"hadamard64-inputs\" (a file packed by an older ebb: pack it again)");
+    m->act_bits = (int)act_bits;
+    m->hadamard_norm_out = 1;
+    m->hadamard_ffn_down = 1;
+    return 0;
+}
+
+/* Per layer and activation point, the leading 8-bit groups (ebb.act8_groups). */
+static int read_act8_groups(struct model *m, char *err, size_t errlen) {
+    const struct gguf_kv *kv = gguf_find(&m->file, "ebb.act8_groups");
+    const struct model_config *c = &m->cfg;
+    const int widths[ACT_POINTS] = {c->n_embd, c->n_head * c->head_dim, c->n_embd, c->n_ff};
+    if (!kv || kv->type != GGUF_ARRAY || kv->arr_type == GGUF_STRING || kv->arr_n != (uint64_t)c->n_layer * ACT_POINTS)
+        return load_error(err, errlen, m->file.path, "ebb.act8_groups must hold %d numbers", c->n_layer * ACT_POINTS);
+    for (int l = 0; l < c->n_layer; l++)
+        for (int p = 0; p < ACT_POINTS; p++) {
+            double v = gguf_arr_num(kv, (uint64_t)l * ACT_POINTS + p);
+            if (!(v >= 0 && v <= widths[p] / 64))
+                return load_error(err, errlen, m->file.path, "ebb.act8_groups[%d] = %g is out of range", l * ACT_POINTS + p, v);
+            m->layers[l].n_hi[p] = m->act_bits == 8 ? widths[p] / 64 : (int)v;
+        }
+    return 0;
+}
+
+static int load_weights(struct model *m, char *err, size_t errlen) {
+    const struct model_config *c = &m->cfg;
+    const uint64_t E = (uint64_t)c->n_embd, F = (uint64_t)c->n_ff;
+    const uint64_t QD = (uint64_t)c->n_head * c->head_dim, KD = (uint64_t)c->n_head_kv * c->head_dim;
+    int failed = 0;
+    const struct gguf_tensor *emb = gguf_find_tensor(&m->file, "token_embd.weight");
+    if (!emb) return load_error(err, errlen, m->file.path, "tensor 'token_embd.weight' is missing");
+    if (emb->ne[1] == 0 || emb->ne[1] > (1u << 22))
+        return load_error(err, errlen, m->file.path, "implausible vocabulary size %llu",
+                          (unsigned long long)emb->ne[1]);
+    m->cfg.n_vocab = (int)emb->ne[1];
+    const uint64_t V = (uint64_t)m->cfg.n_vocab;
+
+    /* Integer-activation packed models use their 8- and 4-bit matrices in
+     * place; everything else is dequantized to f32 copies. */
+    const int int_path = m->act_bits == 4 || m->act_bits == 8;
+    if (int_path) {
+        map_matrix(m, &m->embd, "token_embd.weight", EBB_TYPE_Q8_0, E, V, &failed, err, errlen);
+        /* The head: the tied Q8_0 embedding, its own Q8_0 rows, or W4G64
+         * rows whose input is the H64-rotated final norm (docs/formats.md). */
+        const struct gguf_tensor *out = gguf_find_tensor(&m->file, "output.weight");
+        if (out && out->type == EBB_TYPE_W4G64) {
+            map_matrix(m, &m->output, "output.weight", EBB_TYPE_W4G64, E, V, &failed, err, errlen);
+            m->hadamard_head = 1;
+        } else if (out) {
+            map_matrix(m, &m->output, "output.weight", EBB_TYPE_Q8_0, E, V, &failed, err, errlen);
+        }
+    } else {
+        load_matrix(m, &m->embd, "token_embd.weight", E, V, &failed, err, errlen);
+        if (gguf_find_tensor(&m->file, "output.weight"))
+            load_matrix(m, &m->output, "output.weight", E, V, &failed, err, errlen);
+    }
+    if (!failed && !m->output.data) m->output = (struct matrix){m->embd.type, m->embd.data, m->embd.n_in,
+                                                                m->embd.n_out, NULL};   /* tied embeddings */
+    m->output_norm = load_tensor(m, "output_norm.weight", E, 1, 0, &failed, err, errlen);
+
+    m->layers = calloc((size_t)c->n_layer, sizeof *m->layers);
+    if (!m->layers) return load_error(err, errlen, m->file.path, "out of memory");
+    for (int l = 0; l < c->n_layer && !failed; l++) {
+        struct layer_weights *w = &m->layers[l];
+        char name[96];
+#define LOAD(field, suffix, ne0, ne1, opt) \
+        (snprintf(name, sizeof name, "blk.%d.%s", l, suffix), \
+         w->field = load_tensor(m, name, ne0, ne1, opt, &failed, err, errlen))
+#define MATRIX(field, suffix, ne0, ne1) \
+        (snprintf(name, sizeof name, "blk.%d.%s", l, suffix), \
+         int_path ? map_matrix(m, &w->field, name, EBB_TYPE_W4G64, ne0, ne1, &failed, err, errlen) \
+                  : load_matrix(m, &w->field, name, ne0, ne1, &failed, err, errlen))
+        LOAD(attn_norm, "attn_norm.weight", E, 1, 0);
+        MATRIX(wq, "attn_q.weight", E, QD);
+        MATRIX(wk, "attn_k.weight", E, KD);
+        MATRIX(wv, "attn_v.weight", E, KD);
+        MATRIX(wo, "attn_output.weight", QD, E);
+        MATRIX(w_gate, "ffn_gate.weight", E, F);
+        MATRIX(w_up, "ffn_up.weight", E, F);
+        MATRIX(w_down, "ffn_down.weight", F, E);
+        LOAD(bq, "attn_q.bias", QD, 1, 1);
+        LOAD(bk, "attn_k.bias", KD, 1, 1);
+        LOAD(bv, "attn_v.bias", KD, 1, 1);
+        LOAD(ffn_norm, "ffn_norm.weight", E, 1, 0);
+        if (m->act_bits) {
+            static const char *const point[ACT_POINTS] = {"attn_in", "attn_out", "ffn_in", "ffn_down_in"};
+            const int widths[ACT_POINTS] = {(int)E, (int)QD, (int)E, (int)F};
+            for (int p = 0; p < ACT_POINTS; p++) {
+                snprintf(name, sizeof name, "blk.%d.%s.perm", l, point[p]);
+                w->perm[p] = load_perm(m, name, widths[p], &failed, err, errlen);
+            }
+        }
+#undef MATRIX
+#undef LOAD
+    }
+    if (failed) return -1;
+    if (m->act_bits && read_act8_groups(m, err, errlen)) return -1;
+
+    /* Llama 3 style frequency factors scale the rotation per dimension. */
+    const int half = c->rope_dim / 2;
+    m->rope_inv_freq = malloc((size_t)half * sizeof(float));
+    if (!m->rope_inv_freq) return load_error(err, errlen, m->file.path, "out of memory");
+    float *factors = load_tensor(m, "rope_freqs.weight", (uint64_t)half, 1, 1, &failed, err, errlen);
+    if (failed) return -1;
+    for (int i = 0; i < half; i++) {
+        double f = pow((double)c->rope_base, -2.0 * i / c->rope_dim);
+        m->rope_inv_freq[i] = (float)(factors ? f / factors[i] : f);
+    }
+    if (factors) {
+        m->weight_bytes -= (size_t)half * sizeof(float);
+        free(factors);
+    }
+    return 0;
+}
+
+int model_load(struct model *m, const char *path, char *err, size_t errlen) {
+    memset(m, 0, sizeof *m);
+    if (gguf_open(&m->file, path, err, errlen)) return -1;
+    if (read_config(m, err, errlen) || read_packing(m, err, errlen)) goto fail;
+    m->tok = tokenizer_load(&m->file, err, errlen);
+    if (!m->tok) goto fail;
+    if (load_weights(m, err, errlen)) goto fail;
+    if (tokenizer_n_vocab(m->tok) > m->cfg.n_vocab) {
+        load_error(err, errlen, path, "tokenizer has %d tokens but the embedding only %d rows",
+                   tokenizer_n_vocab(m->tok), m->cfg.n_vocab);
+        goto fail;
+    }
+    m->be = ebb_backend_cpu();
+    return 0;
+fail:
+    model_free(m);
+    return -1;
+}
+
+static void matrix_free(struct matrix *w) {
+    free(w->owned);
+    memset(w, 0, sizeof *w);
+}
+
+void model_free(struct model *m) {
+    if (!m) return;
+    if (m->layers) {
+        for (int l = 0; l < m->cfg.n_layer; l++) {
+            struct layer_weights *w = &m->layers[l];
+            free(w->attn_norm); free(w->bq); free(w->bk); free(w->bv); free(w->ffn_norm);
+            matrix_free(&w->wq); matrix_free(&w->wk); matrix_free(&w->wv); matrix_free(&w->wo);
+            matrix_free(&w->w_gate); matrix_free(&w->w_up); matrix_free(&w->w_down);
+            for (int p = 0; p < ACT_POINTS; p++) free(w->perm[p]);
+        }
+        free(m->layers);
+    }
+    matrix_free(&m->output);
+    matrix_free(&m->embd);
+    free(m->output_norm);
+    free(m->rope_inv_freq);
+    tokenizer_free(m->tok);
+    gguf_close(&m->file);
+    memset(m, 0, sizeof *m);
+}
+
