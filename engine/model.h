@@ -8,8 +8,10 @@
  * so every matrix product is a matrix-matrix product and the weights are read
  * once per batch, not once per token.
  *
- * Ownership and threads. model_load fills a `struct model`; after that nothing
- * changes it, so any number of threads may read it. Everything a forward pass
+ * Ownership and threads. model_load fills a `struct model`; after that the
+ * engine never changes it, so any number of threads may read it (the packer,
+ * which owns the f32 model it loaded, rewrites those copies before it runs
+ * them). Everything a forward pass
  * writes -- activations, attention scratch, the worker pool that splits its
  * products, the calibration hook -- lives in a `struct model_run`, which one
  * thread uses at a time (the scheduler's engine thread, a command's main

@@ -253,8 +253,10 @@ static int load_weights(struct model *m, char *err, size_t errlen) {
         }
     } else {
         load_matrix(m, &m->embd, "token_embd.weight", E, V, &failed, err, errlen);
-        if (gguf_find_tensor(&m->file, "output.weight"))
-            load_matrix(m, &m->output, "output.weight", E, V, &failed, err, errlen);
+        const struct gguf_tensor *out = gguf_find_tensor(&m->file, "output.weight");
+        if (out) load_matrix(m, &m->output, "output.weight", E, V, &failed, err, errlen);
+        /* A W4G64 head's rows carry H64 on their input side, dequantized or not. */
+        m->hadamard_head = out && out->type == EBB_TYPE_W4G64;
     }
     if (!failed && !m->output.data) m->output = (struct matrix){m->embd.type, m->embd.data, m->embd.n_in,
                                                                 m->embd.n_out, NULL};   /* tied embeddings */
