@@ -281,7 +281,7 @@ static void q2_k_to_f32(const void *src, float *dst, size_t n)
 /* Q3_K's sixteen 6-bit scales: the low 4 bits are the nibbles of bytes 0..7
  * (low nibbles first), the high 2 bits come from bytes 8..11, two bits per
  * scale, scale i using byte 8 + i%4 at bit 2*(i/4). */
-static void q3_k_scales(const uint8_t *s, int out[16])
+void ebb_q3_k_scales(const uint8_t *s, int out[16])
 {
     for (int i = 0; i < 16; i++) {
         int lo = i < 8 ? (s[i] & 0x0f) : (s[i - 8] >> 4);
@@ -296,7 +296,7 @@ static void q3_k_to_f32(const void *src, float *dst, size_t n)
     int sc[16];
     for (size_t blk = 0; blk < n / QK_K; blk++, b += 110) {
         const uint8_t *hmask = b, *qs = b + 32;
-        q3_k_scales(b + 96, sc);
+        ebb_q3_k_scales(b + 96, sc);
         float d = rd_f16(b + 108);
         int group = 0, bit = 0;                      /* bit: which hmask bit, 0..7 */
         for (int half = 0; half < 2; half++, qs += 32) {
@@ -318,7 +318,7 @@ static void q3_k_to_f32(const void *src, float *dst, size_t n)
  * low 6 bits of bytes 0..3 (scales) and 4..7 (mins); entries 4..7 take their
  * low 4 bits from the nibbles of bytes 8..11 and their top 2 bits from the
  * spare top bits of bytes 0..3 (scales) and 4..7 (mins). */
-static void k4_scale_min(const uint8_t *s, int j, int *scale, int *min)
+void ebb_k4_scale_min(const uint8_t *s, int j, int *scale, int *min)
 {
     if (j < 4) {
         *scale = s[j] & 63;
@@ -337,8 +337,8 @@ static void q4_k_to_f32(const void *src, float *dst, size_t n)
         const uint8_t *scales = b + 4, *qs = b + 16;
         for (int j = 0; j < 8; j += 2, qs += 32) {     /* 64 values per step */
             int s0, m0, s1, m1;
-            k4_scale_min(scales, j, &s0, &m0);
-            k4_scale_min(scales, j + 1, &s1, &m1);
+            ebb_k4_scale_min(scales, j, &s0, &m0);
+            ebb_k4_scale_min(scales, j + 1, &s1, &m1);
             float d0 = d * (float)s0, o0 = dmin * (float)m0;
             float d1 = d * (float)s1, o1 = dmin * (float)m1;
             for (int l = 0; l < 32; l++) *dst++ = d0 * (float)(qs[l] & 0x0f) - o0;
@@ -356,8 +356,8 @@ static void q5_k_to_f32(const void *src, float *dst, size_t n)
         int bit = 0;                                 /* qh bit for the low-nibble group */
         for (int j = 0; j < 8; j += 2, qs += 32, bit += 2) {
             int s0, m0, s1, m1;
-            k4_scale_min(scales, j, &s0, &m0);
-            k4_scale_min(scales, j + 1, &s1, &m1);
+            ebb_k4_scale_min(scales, j, &s0, &m0);
+            ebb_k4_scale_min(scales, j + 1, &s1, &m1);
             float d0 = d * (float)s0, o0 = dmin * (float)m0;
             float d1 = d * (float)s1, o1 = dmin * (float)m1;
             for (int l = 0; l < 32; l++)

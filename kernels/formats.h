@@ -85,6 +85,13 @@ struct ebb_type_info {
     void (*to_f32)(const void *src, float *dst, size_t n);
 };
 
+/* The K-quants' packed sub-block scales, decoded once for the dequantizers
+ * and the native products: Q4_K/Q5_K's sub-block j (0..7) scale and min
+ * from their 12 bytes, and Q3_K's sixteen scales with the offset removed
+ * (-32..31). */
+void ebb_k4_scale_min(const uint8_t *scales12, int j, int *scale, int *min);
+void ebb_q3_k_scales(const uint8_t *scales12, int out[16]);
+
 /* NULL for a type number ebb does not know. */
 const struct ebb_type_info *ebb_type_info(uint32_t type);
 

@@ -1,0 +1,58 @@
+/* Private to kernels/cpu: the native GGUF types' products (issue 10).
+ *
+ * A GGUF matrix in Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 or a K-quant is multiplied
+ * as the file stores it, against activations quantized per token to 8 bits
+ * in the form each type pairs with:
+ *   Q8B32  blocks of 32: f32 scale d = amax / 127 (0 for an all-zero block),
+ *          codes roundf(x * 127 / amax) (ops.h's act_inverse rule), and the
+ *          block's code sum; read by Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0;
+ *   Q8K    super-blocks of 256: the same scale rule per 256 values, and the
+ *          code sum of every 16; read by Q2_K .. Q6_K (n a multiple of 256).
+ *
+ * The dot of one weight row with one token, acc = 0 and then per block in
+ * order (d_w, m_w, dmin_w the block's f16 fields decoded exactly, d_a the
+ * activation scale of the block or super-block, a*b rounded to float):
+ *   Q4_0, Q5_0, Q8_0   acc = fmaf(isum, d_w * d_a, acc),
+ *                      isum = sum (code - offset) * a_code (offset 8, 16, 0)
+ *   Q4_1, Q5_1         acc = fmaf(isum, d_w * d_a, acc); acc = fmaf(asum, m_w * d_a, acc)
+ *                      isum = sum code * a_code, asum the block's activation code sum
+ *   Q4_K, Q5_K, Q2_K   acc = fmaf(sumi, d_w * d_a, acc); acc = fmaf(-summ, dmin_w * d_a, acc)
+ *                      sumi = sum over sub-blocks j of scale_j * isum_j,
+ *                      summ = sum over sub-blocks of min_j * (their activation code sums)
+ *   Q3_K, Q6_K         acc = fmaf(sumi, d_w * d_a, acc), sumi with signed scales
+ *                      and codes (Q3_K: code - 4 where the high mask bit is clear;
+ *                      Q6_K: code - 32)
+ * isum, sumi, summ are exact 32-bit integers, so every path that repeats
+ * these float steps gives the scalar path's bits.
+ */
+#ifndef EBB_KERNELS_CPU_NATIVE_H
+#define EBB_KERNELS_CPU_NATIVE_H
+#include <stddef.h>
+#include <stdint.h>
+
+#define EBB_NATIVE_QK 32      /* block of the legacy types and of Q8B32 */
+#define EBB_NATIVE_QK_K 256   /* super-block of the K-quants and of Q8K */
+
+/* One token's quantized activations: n codes, a scale per block (32 or 256)
+ * and code sums (per 32 for Q8B32, per 16 for Q8K). */
+struct ebb_native_act {
+    const int8_t *q;
+    const float *d;
+    const int16_t *sums;
+};
+
+void ebb_native_quantize_q8b32_scalar(const float *x, int n, int8_t *q, float *d, int16_t *sums);
+void ebb_native_quantize_q8k_scalar(const float *x, int n, int8_t *q, float *d, int16_t *sums);
+
+typedef float (*ebb_native_dot_fn)(const uint8_t *w_row, const struct ebb_native_act *a, int n);
+float ebb_native_dot_q4_0_scalar(const uint8_t *w, const struct ebb_native_act *a, int n);
+float ebb_native_dot_q4_1_scalar(const uint8_t *w, const struct ebb_native_act *a, int n);
+float ebb_native_dot_q5_0_scalar(const uint8_t *w, const struct ebb_native_act *a, int n);
+float ebb_native_dot_q5_1_scalar(const uint8_t *w, const struct ebb_native_act *a, int n);
+float ebb_native_dot_q8_0_scalar(const uint8_t *w, const struct ebb_native_act *a, int n);
+float ebb_native_dot_q2_k_scalar(const uint8_t *w, const struct ebb_native_act *a, int n);
+float ebb_native_dot_q3_k_scalar(const uint8_t *w, const struct ebb_native_act *a, int n);
+float ebb_native_dot_q4_k_scalar(const uint8_t *w, const struct ebb_native_act *a, int n);
+float ebb_native_dot_q5_k_scalar(const uint8_t *w, const struct ebb_native_act *a, int n);
+float ebb_native_dot_q6_k_scalar(const uint8_t *w, const struct ebb_native_act *a, int n);
+#endif
