@@ -41,6 +41,37 @@ struct ebb_native_act {
     const int16_t *sums;
 };
 
+/* A rectangle of a native matmul: out[t * n_out + o] = dot(row o, token t)
+ * for tokens [t0, t1) and rows [o0, o1). Token t's activations are q + t *
+ * n_in, d + t * (n_in / block) and sums + t * (n_in / per_sum) with block 32
+ * and per_sum 32 (Q8B32) or block 256 and per_sum 16 (Q8K). Row o is at w +
+ * o * row_bytes. Every output is computed whole by one call (never split
+ * over the input), so results do not depend on the rectangle. */
+struct ebb_native_matmul_args {
+    float *out;
+    const int8_t *q;
+    const float *d;
+    const int16_t *sums;
+    const uint8_t *w;
+    size_t row_bytes;
+    int n_tok, n_in, n_out;
+};
+typedef void (*ebb_native_block_fn)(const struct ebb_native_matmul_args *a, int t0, int t1, int o0, int o1);
+
+/* The scalar rectangle of each type (rows times tokens of the dots below). */
+#define EBB_NATIVE_BLOCKS(isa) \
+    void ebb_native_block_q4_0_##isa(const struct ebb_native_matmul_args *a, int t0, int t1, int o0, int o1); \
+    void ebb_native_block_q4_1_##isa(const struct ebb_native_matmul_args *a, int t0, int t1, int o0, int o1); \
+    void ebb_native_block_q5_0_##isa(const struct ebb_native_matmul_args *a, int t0, int t1, int o0, int o1); \
+    void ebb_native_block_q5_1_##isa(const struct ebb_native_matmul_args *a, int t0, int t1, int o0, int o1); \
+    void ebb_native_block_q8_0_##isa(const struct ebb_native_matmul_args *a, int t0, int t1, int o0, int o1); \
+    void ebb_native_block_q2_k_##isa(const struct ebb_native_matmul_args *a, int t0, int t1, int o0, int o1); \
+    void ebb_native_block_q3_k_##isa(const struct ebb_native_matmul_args *a, int t0, int t1, int o0, int o1); \
+    void ebb_native_block_q4_k_##isa(const struct ebb_native_matmul_args *a, int t0, int t1, int o0, int o1); \
+    void ebb_native_block_q5_k_##isa(const struct ebb_native_matmul_args *a, int t0, int t1, int o0, int o1); \
+    void ebb_native_block_q6_k_##isa(const struct ebb_native_matmul_args *a, int t0, int t1, int o0, int o1);
+EBB_NATIVE_BLOCKS(scalar)
+
 void ebb_native_quantize_q8b32_scalar(const float *x, int n, int8_t *q, float *d, int16_t *sums);
 void ebb_native_quantize_q8k_scalar(const float *x, int n, int8_t *q, float *d, int16_t *sums);
 

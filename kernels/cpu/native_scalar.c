@@ -267,3 +267,33 @@ float ebb_native_dot_q3_k_scalar(const uint8_t *w, const struct ebb_native_act *
     }
     return acc;
 }
+
+/* ------------------------------------------------------------ rectangles */
+
+static void block_of(ebb_native_dot_fn dot, int k_quant, const struct ebb_native_matmul_args *a, int t0, int t1,
+                     int o0, int o1)
+{
+    const int n = a->n_in, per_d = k_quant ? EBB_NATIVE_QK_K : EBB_NATIVE_QK, per_sum = k_quant ? 16 : 32;
+    for (int t = t0; t < t1; t++) {
+        const struct ebb_native_act act = {a->q + (size_t)t * n, a->d + (size_t)t * (n / per_d),
+                                           a->sums + (size_t)t * (n / per_sum)};
+        for (int o = o0; o < o1; o++)
+            a->out[(size_t)t * a->n_out + o] = dot(a->w + (size_t)o * a->row_bytes, &act, n);
+    }
+}
+
+#define NATIVE_BLOCK(type, k_quant) \
+    void ebb_native_block_##type##_scalar(const struct ebb_native_matmul_args *a, int t0, int t1, int o0, int o1) \
+    { \
+        block_of(ebb_native_dot_##type##_scalar, k_quant, a, t0, t1, o0, o1); \
+    }
+NATIVE_BLOCK(q4_0, 0)
+NATIVE_BLOCK(q4_1, 0)
+NATIVE_BLOCK(q5_0, 0)
+NATIVE_BLOCK(q5_1, 0)
+NATIVE_BLOCK(q8_0, 0)
+NATIVE_BLOCK(q2_k, 1)
+NATIVE_BLOCK(q3_k, 1)
+NATIVE_BLOCK(q4_k, 1)
+NATIVE_BLOCK(q5_k, 1)
+NATIVE_BLOCK(q6_k, 1)
