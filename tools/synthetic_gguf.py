@@ -1,0 +1,144 @@
+#!/usr/bin/env python3
+"""Writes a synthetic Llama-shaped GGUF with random quantized weights, for speed and
+memory measurements beyond the 135M default model (tools/bench.sh, docs/benchmarks.md).
+
+Speed does not depend on the weights' values, only on their shapes and storage type, so
+the blocks are random bytes with small finite f16 scales (weights of roughly the size a
+trained model's have, so activations stay finite through the layers). The tokenizer is
+copied from a real GGUF (the default model's), which makes the file loadable by ebb and by
+llama.cpp alike; the text it generates is noise.
+
+    tools/synthetic_gguf.py --type Q4_0 -o ~/.cache/ebb/synthetic-1.1B.Q4_0.gguf
+    tools/synthetic_gguf.py --type Q4_K -o ~/.cache/ebb/synthetic-1.1B.Q4_K.gguf
+
+The default shape is TinyLlama-1.1B's (22 layers, hidden 2048, 32 query heads over 4 KV
+heads, FFN 5632) with the source tokenizer's vocabulary: about 1.1 billion parameters.
+"""
+import argparse
+import os
+import sys
+
+import numpy as np
+import gguf
+
+# Bytes per block and block length of the types this tool writes, and where each block
+# keeps its f16 scale fields (which must be finite and small; every other byte is random).
+BLOCKS = {
+    "Q4_0": (gguf.GGMLQuantizationType.Q4_0, 32, 18, [0]),
+    "Q8_0": (gguf.GGMLQuantizationType.Q8_0, 32, 34, [0]),
+    "Q4_K": (gguf.GGMLQuantizationType.Q4_K, 256, 144, [0, 2]),
+    "Q6_K": (gguf.GGMLQuantizationType.Q6_K, 256, 210, [208]),
+}
+
+
+def random_blocks(rng, kind, n_elems, scale):
+    qtype, block, nbytes, f16_at = BLOCKS[kind]
+    n_blocks = n_elems // block
+    data = rng.integers(0, 256, size=(n_blocks, nbytes), dtype=np.uint8)
+    for at in f16_at:
+        halves = (rng.random(n_blocks, dtype=np.float32) * scale + scale / 4).astype(np.float16)
+        data[:, at:at + 2] = halves.view(np.uint8).reshape(n_blocks, 2)
+    return data, qtype
+
+
+def copy_tokenizer(reader, writer):
+    """Every tokenizer.* key of the source, value for value."""
+    for field in reader.fields.values():
+        if not field.name.startswith("tokenizer."):
+            continue
+        vtype = field.types[0]
+        if vtype == gguf.GGUFValueType.ARRAY:
+            sub = field.types[1]
+            if sub == gguf.GGUFValueType.STRING:
+                value = [bytes(field.parts[i]).decode("utf-8", "surrogateescape") for i in field.data]
+            else:
+                value = [field.parts[i][0].item() for i in field.data]
+            writer.add_array(field.name, value)
+        elif vtype == gguf.GGUFValueType.STRING:
+            writer.add_string(field.name, bytes(field.parts[field.data[0]]).decode("utf-8"))
+        else:
+            writer.add_key_value(field.name, field.parts[field.data[0]][0].item(), vtype)
+
+
+def main():
+    here = os.path.dirname(os.path.abspath(__file__))
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--type", choices=["Q4_0", "Q4_K"], required=True,
+                    help="storage type of every matrix (Q4_K: the output head in Q6_K, as llama.cpp does)")
+    ap.add_argument("-o", "--output", required=True)
+    ap.add_argument("--tokenizer-from", default=os.path.join(here, "..", "models",
+                                                             "SmolLM2-135M-Instruct.Q4_1.gguf"))
+    ap.add_argument("--layers", type=int, default=22)
+    ap.add_argument("--embd", type=int, default=2048)
+    ap.add_argument("--ff", type=int, default=5632)
+    ap.add_argument("--heads", type=int, default=32)
+    ap.add_argument("--kv-heads", type=int, default=4)
+    ap.add_argument("--seed", type=int, default=1)
+    a = ap.parse_args()
+
+    block = BLOCKS[a.type][1]
+    if a.embd % block or a.ff % block:
+        sys.exit(f"synthetic_gguf: hidden {a.embd} and FFN {a.ff} must be multiples of {block} for {a.type}")
+    reader = gguf.GGUFReader(a.tokenizer_from)
+    n_vocab = len(reader.fields["tokenizer.ggml.tokens"].data)
+    head_dim = a.embd // a.heads
+    kv_dim = head_dim * a.kv_heads
+    rng = np.random.default_rng(a.seed)
+
+    tmp = a.output + ".part"
+    w = gguf.GGUFWriter(tmp, "llama", use_temp_file=True)
+    w.add_name(f"synthetic {a.type} ({a.layers} layers x {a.embd}, random weights)")
+    w.add_context_length(4096)
+    w.add_embedding_length(a.embd)
+    w.add_block_count(a.layers)
+    w.add_feed_forward_length(a.ff)
+    w.add_head_count(a.heads)
+    w.add_head_count_kv(a.kv_heads)
+    w.add_rope_dimension_count(head_dim)
+    w.add_rope_freq_base(10000.0)
+    w.add_layer_norm_rms_eps(1e-5)
+    copy_tokenizer(reader, w)
+
+    params = 0
+
+    def matrix(name, n_out, n_in, kind=a.type):
+        nonlocal params
+        # weights of about 1/sqrt(n_in): a 4-bit code times d spans roughly +-8 d
+        scale = 1.0 / (8.0 * np.sqrt(n_in))
+        data, qtype = random_blocks(rng, kind, n_out * n_in, scale)
+        w.add_tensor(name, data, raw_shape=(n_out, n_in * BLOCKS[kind][2] // BLOCKS[kind][1]), raw_dtype=qtype)
+        params += n_out * n_in
+
+    def vector(name, n):
+        nonlocal params
+        w.add_tensor(name, np.ones(n, dtype=np.float32))
+        params += n
+
+    matrix("token_embd.weight", n_vocab, a.embd)
+    for layer in range(a.layers):
+        p = f"blk.{layer}."
+        vector(p + "attn_norm.weight", a.embd)
+        matrix(p + "attn_q.weight", a.embd, a.embd)
+        matrix(p + "attn_k.weight", kv_dim, a.embd)
+        matrix(p + "attn_v.weight", kv_dim, a.embd)
+        matrix(p + "attn_output.weight", a.embd, a.embd)
+        vector(p + "ffn_norm.weight", a.embd)
+        matrix(p + "ffn_gate.weight", a.ff, a.embd)
+        matrix(p + "ffn_up.weight", a.ff, a.embd)
+        matrix(p + "ffn_down.weight", a.embd, a.ff)
+        print(f"\rsynthetic_gguf: layer {layer + 1}/{a.layers}", end="", file=sys.stderr, flush=True)
+    vector("output_norm.weight", a.embd)
+    matrix("output.weight", n_vocab, a.embd, "Q6_K" if a.type == "Q4_K" else a.type)
+    print(file=sys.stderr)
+
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file(progress=True)
+    w.close()
+    os.replace(tmp, a.output)
+    print(f"synthetic_gguf: wrote {a.output}: {params / 1e9:.2f}B parameters, "
+          f"{os.path.getsize(a.output) / 2**20:.0f} MiB", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
