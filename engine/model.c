@@ -642,8 +642,8 @@ static void act_prepare(struct model *m, struct run_state *s, const struct layer
  * the model holds it. */
 static void linear(struct model *m, struct run_state *s, float *out, const float *wf, const void *wq, int n_tok,
                    int n_in, int n_out) {
-    if (wq) m->be->matmul_w4a8(m->pool, out, s->aq, s->as, wq, n_tok, n_in, n_out);
-    else m->be->matmul_f32(m->pool, out, s->ax, wf, n_tok, n_in, n_out);
+    const struct ebb_act x = {.f = s->ax, .q = s->aq, .s = s->as};
+    m->be->matmul[wq ? EBB_TYPE_W4G64 : EBB_TYPE_F32](m->pool, out, &x, wq ? wq : (const void *)wf, n_tok, n_in, n_out);
 }
 
 static void embed(const struct model *m, float *dst, int32_t id) {
@@ -742,16 +742,20 @@ static void forward_head(struct model *m, struct run_state *s, struct batch_seq 
     }
     /* A single sequence writes straight into its buffer. */
     float *out = n_seqs == 1 ? seqs[0].logits : s->logits;
+    enum ebb_type type = EBB_TYPE_F32;
+    const void *w = m->output;
     if (m->w4_output) {  /* 4-bit head: rotated input, every activation group at 8 bits */
         m->be->hadamard64(s->xb, rows * E);
-        m->be->quantize_act(s->xb, rows, E, E / EBB_ACT_GROUP, s->aq, s->as);
-        m->be->matmul_w4a8(m->pool, out, s->aq, s->as, m->w4_output, rows, E, c->n_vocab);
+        type = EBB_TYPE_W4G64;
+        w = m->w4_output;
     } else if (m->q_output) {   /* 8-bit head: every activation group at 8 bits */
-        m->be->quantize_act(s->xb, rows, E, E / EBB_ACT_GROUP, s->aq, s->as);
-        m->be->matmul_q8a8(m->pool, out, s->aq, s->as, m->q_output, rows, E, c->n_vocab);
-    } else {
-        m->be->matmul_f32(m->pool, out, s->xb, m->output, rows, E, c->n_vocab);
+        type = EBB_TYPE_Q8_0;
+        w = m->q_output;
     }
+    if (ebb_type_info(type)->act == EBB_ACT_Q8G64)
+        m->be->quantize_act(s->xb, rows, E, E / EBB_ACT_GROUP, s->aq, s->as);
+    const struct ebb_act x = {.f = s->xb, .q = s->aq, .s = s->as};
+    m->be->matmul[type](m->pool, out, &x, w, rows, E, c->n_vocab);
     if (n_seqs == 1) return;
     r = 0;
     for (int i = 0; i < n_seqs; i++) {
