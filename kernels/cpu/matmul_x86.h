@@ -1,4 +1,6 @@
-/* The f32 matmul for x86 SIMD, written once for AVX2 and AVX-512.
+/* The f32 matmul for x86 SIMD, written once for AVX2 and AVX-512, with the
+ * other f32 loops the two paths share step for step (the dot product under
+ * rmsnorm, the polynomial of exp).
  *
  * Included by ops_avx2.c and ops_avx512.c (each compiled with its own ISA
  * flags), which first define FX_ISA (the name suffix) and the vector steps,
@@ -6,7 +8,8 @@
  *   fx_vec, FX_VL           the float vector and its width;
  *   FX_MR                   tokens per register tile (what the register file
  *                           holds: 3 on AVX2's 16 registers, 4 on AVX-512's 32);
- *   fx_zero(), fx_load(p), fx_fma(a, b, c);
+ *   fx_zero(), fx_set1(f), fx_load(p), fx_add(a, b), fx_fma(a, b, c) (a*b + c),
+ *   fx_fnma(a, b, c) (c - a*b);
  *   fx_mask, fx_tail_mask(n), fx_load_tail(p, m)   lanes < n, the rest zero,
  *                           never reading past them;
  *   fx_hsum(v)              the sum of v's lanes;
@@ -163,3 +166,41 @@ static void fx_block(const struct matmul_args *a, int t0, int t1, int o0, int o1
 }
 
 EBB_CPU_MATMUL(FX_FN(ebb_cpu_matmul_f32), EBB_TYPE_F32, fx_block, 8, 3)
+
+/* ---------------------------------------------------------- shared loops */
+
+/* sum a[i] * b[i] (rmsnorm's sum of squares): four accumulators, a masked
+ * tail, one horizontal sum. */
+static float fx_dot(const float *a, const float *b, int n)
+{
+    fx_vec s0 = fx_zero(), s1 = s0, s2 = s0, s3 = s0;
+    int i = 0;
+    for (; i + 4 * FX_VL <= n; i += 4 * FX_VL) {
+        s0 = fx_fma(fx_load(a + i), fx_load(b + i), s0);
+        s1 = fx_fma(fx_load(a + i + FX_VL), fx_load(b + i + FX_VL), s1);
+        s2 = fx_fma(fx_load(a + i + 2 * FX_VL), fx_load(b + i + 2 * FX_VL), s2);
+        s3 = fx_fma(fx_load(a + i + 3 * FX_VL), fx_load(b + i + 3 * FX_VL), s3);
+    }
+    for (; i + FX_VL <= n; i += FX_VL) s0 = fx_fma(fx_load(a + i), fx_load(b + i), s0);
+    if (i < n) {
+        fx_mask m = fx_tail_mask(n - i);
+        s1 = fx_fma(fx_load_tail(a + i, m), fx_load_tail(b + i, m), s1);
+    }
+    return fx_hsum(fx_add(fx_add(s0, s1), fx_add(s2, s3)));
+}
+
+/* e^(x - n ln2) for x already clamped to [-87.33, 88.3] and n = round(x /
+ * ln2): range reduction (ln2 split in two so that n*ln2_hi is exact), then a
+ * degree-6 Taylor polynomial on [-ln2/2, ln2/2]. The caller scales by 2^n. */
+static inline __attribute__((always_inline)) fx_vec fx_exp_reduced(fx_vec x, fx_vec n)
+{
+    fx_vec r = fx_fnma(n, fx_set1(0.693359375f), x);
+    r = fx_fnma(n, fx_set1(-2.12194440e-4f), r);
+    fx_vec p = fx_set1(1.0f / 720);
+    p = fx_fma(p, r, fx_set1(1.0f / 120));
+    p = fx_fma(p, r, fx_set1(1.0f / 24));
+    p = fx_fma(p, r, fx_set1(1.0f / 6));
+    p = fx_fma(p, r, fx_set1(0.5f));
+    p = fx_fma(p, r, fx_set1(1.0f));
+    return fx_fma(p, r, fx_set1(1.0f));
+}

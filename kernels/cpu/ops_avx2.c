@@ -45,8 +45,11 @@ ALWAYS_INLINE float hsum(__m256 a)
 typedef __m256 fx_vec;
 typedef __m256i fx_mask;
 #define fx_zero() _mm256_setzero_ps()
+#define fx_set1(f) _mm256_set1_ps(f)
+#define fx_add(a, b) _mm256_add_ps(a, b)
 #define fx_load(p) _mm256_loadu_ps(p)
 #define fx_fma(a, b, c) _mm256_fmadd_ps(a, b, c)
+#define fx_fnma(a, b, c) _mm256_fnmadd_ps(a, b, c)
 #define fx_tail_mask(n) tail_mask(n)
 #define fx_load_tail(p, m) _mm256_maskload_ps(p, m)
 #define fx_hsum(v) hsum(v)
@@ -54,26 +57,6 @@ typedef __m256i fx_mask;
 #include "kernels/cpu/matmul_x86.h"
 
 /* --------------------------------------------------------------- vector ops */
-
-/* sum a[i] * b[i] (rmsnorm's sum of squares) */
-static float dot_avx2(const float *a, const float *b, int n)
-{
-    __m256 s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
-    int i = 0;
-    for (; i + 32 <= n; i += 32) {
-        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
-        s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), s1);
-        s2 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 16), _mm256_loadu_ps(b + i + 16), s2);
-        s3 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 24), _mm256_loadu_ps(b + i + 24), s3);
-    }
-    for (; i + 8 <= n; i += 8)
-        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
-    if (i < n) {
-        __m256i m = tail_mask(n - i);
-        s1 = _mm256_fmadd_ps(_mm256_maskload_ps(a + i, m), _mm256_maskload_ps(b + i, m), s1);
-    }
-    return hsum(_mm256_add_ps(_mm256_add_ps(s0, s1), _mm256_add_ps(s2, s3)));
-}
 
 void ebb_cpu_add_avx2(float *y, const float *x, int n)
 {
@@ -85,7 +68,7 @@ void ebb_cpu_add_avx2(float *y, const float *x, int n)
 
 void ebb_cpu_rmsnorm_avx2(float *out, const float *x, const float *g, int n, float eps)
 {
-    float ss = dot_avx2(x, x, n);
+    float ss = fx_dot(x, x, n);
     float scale = 1.0f / sqrtf(ss / (float)n + eps);
     __m256 vs = _mm256_set1_ps(scale);
     int i = 0;
@@ -95,9 +78,10 @@ void ebb_cpu_rmsnorm_avx2(float *out, const float *x, const float *g, int n, flo
     for (; i < n; i++) out[i] = x[i] * scale * g[i];
 }
 
-/* e^x for x in the float range; inputs below about -87.3 give 0, above about
- * 88.3 give e^88.3 (callers only need the lower end exact: softmax feeds
- * x - max <= 0, SwiGLU divides by 1 + e^-x). */
+/* e^x for x in the float range (the polynomial is matmul_x86.h's); inputs
+ * below about -87.3 give 0, above about 88.3 give e^88.3 (callers only need
+ * the lower end exact: softmax feeds x - max <= 0, SwiGLU divides by
+ * 1 + e^-x). */
 ALWAYS_INLINE __m256 exp_avx2(__m256 x)
 {
     const __m256 lo = _mm256_set1_ps(-87.33f), hi = _mm256_set1_ps(88.3f);
@@ -105,16 +89,7 @@ ALWAYS_INLINE __m256 exp_avx2(__m256 x)
     x = _mm256_min_ps(_mm256_max_ps(x, lo), hi);
     __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)),
                                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    /* r = x - n ln2, with ln2 split in two so that n*ln2_hi is exact. */
-    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-    __m256 p = _mm256_set1_ps(1.0f / 720);
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    __m256 p = fx_exp_reduced(x, n);      /* e^(x - n ln2) */
     __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
     return _mm256_andnot_ps(underflow, _mm256_mul_ps(p, _mm256_castsi256_ps(e)));
 }

@@ -43,8 +43,11 @@ ALWAYS_INLINE float hsum(__m512 a) { return _mm512_reduce_add_ps(a); }
 typedef __m512 fx_vec;
 typedef __mmask16 fx_mask;
 #define fx_zero() _mm512_setzero_ps()
+#define fx_set1(f) _mm512_set1_ps(f)
+#define fx_add(a, b) _mm512_add_ps(a, b)
 #define fx_load(p) _mm512_loadu_ps(p)
 #define fx_fma(a, b, c) _mm512_fmadd_ps(a, b, c)
+#define fx_fnma(a, b, c) _mm512_fnmadd_ps(a, b, c)
 #define fx_tail_mask(n) tail_mask16(n)
 #define fx_load_tail(p, m) _mm512_maskz_loadu_ps(m, p)
 #define fx_hsum(v) hsum(v)
@@ -52,26 +55,6 @@ typedef __mmask16 fx_mask;
 #include "kernels/cpu/matmul_x86.h"
 
 /* --------------------------------------------------------------- vector ops */
-
-/* sum a[i] * b[i] (rmsnorm's sum of squares) */
-static float dot_avx512(const float *a, const float *b, int n)
-{
-    __m512 s0 = _mm512_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
-    int i = 0;
-    for (; i + 64 <= n; i += 64) {
-        s0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), s0);
-        s1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 16), _mm512_loadu_ps(b + i + 16), s1);
-        s2 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 32), _mm512_loadu_ps(b + i + 32), s2);
-        s3 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 48), _mm512_loadu_ps(b + i + 48), s3);
-    }
-    for (; i + 16 <= n; i += 16)
-        s0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), s0);
-    if (i < n) {
-        __mmask16 m = tail_mask16(n - i);
-        s1 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + i), _mm512_maskz_loadu_ps(m, b + i), s1);
-    }
-    return hsum(_mm512_add_ps(_mm512_add_ps(s0, s1), _mm512_add_ps(s2, s3)));
-}
 
 void ebb_cpu_add_avx512(float *y, const float *x, int n)
 {
@@ -84,7 +67,7 @@ void ebb_cpu_add_avx512(float *y, const float *x, int n)
 
 void ebb_cpu_rmsnorm_avx512(float *out, const float *x, const float *g, int n, float eps)
 {
-    float ss = dot_avx512(x, x, n);
+    float ss = fx_dot(x, x, n);
     __m512 vs = _mm512_set1_ps(1.0f / sqrtf(ss / (float)n + eps));
     for (int i = 0; i < n; i += 16) {
         __mmask16 m = n - i >= 16 ? (__mmask16)0xffff : tail_mask16(n - i);
@@ -102,15 +85,7 @@ ALWAYS_INLINE __m512 exp_avx512(__m512 x)
     x = _mm512_min_ps(_mm512_max_ps(x, lo), hi);
     __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-    __m512 p = _mm512_set1_ps(1.0f / 720);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    __m512 p = fx_exp_reduced(x, n);
     /* p * 2^n: scalef does the exponent arithmetic for us. */
     return _mm512_maskz_mov_ps(ok, _mm512_scalef_ps(p, n));
 }

@@ -164,6 +164,35 @@ ALWAYS_INLINE __m256 row_scales(const int N, const int MS, const uint8_t *const 
     return d;
 }
 
+/* The lane sums of one weight block (at byte offset off in each of N rows)
+ * with M tokens' codes (at aq_off in each): p[r * MS + m] for row r, token
+ * m, the other slots zero. W4G64 nibbles are unpacked once per row for all
+ * tokens; Q8_0 weights go in as |w|, their sign moved onto the codes. */
+ALWAYS_INLINE void block_dots(const int KIND, const int M, const int N, const int MS, const uint8_t *const *wr,
+                              size_t off, const int8_t *const *qt, size_t aq_off, __m256i p[8])
+{
+    const __m256i nib = _mm256_set1_epi8(0x0f);
+#pragma GCC unroll 8
+    for (int k = 0; k < 8; k++) p[k] = _mm256_setzero_si256();
+#pragma GCC unroll 8
+    for (int r = 0; r < N; r++) {
+        const __m256i v = _mm256_loadu_si256((const __m256i *)(wr[r] + off + 2));
+        if (KIND == KIND_W4) {
+            const __m256i lo = _mm256_and_si256(v, nib), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nib);
+#pragma GCC unroll 4
+            for (int m = 0; m < M; m++)
+                p[r * MS + m] = qx_dot_w4(lo, hi, _mm256_loadu_si256((const __m256i *)(qt[m] + aq_off)),
+                                          _mm256_loadu_si256((const __m256i *)(qt[m] + aq_off + 32)));
+        } else {
+            const __m256i aw = _mm256_abs_epi8(v);
+#pragma GCC unroll 4
+            for (int m = 0; m < M; m++)
+                p[r * MS + m] =
+                    qx_dot_q8(aw, _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)(qt[m] + aq_off)), v));
+        }
+    }
+}
+
 /* One tile: tokens [t, t+M) x rows [o, o+N) over the chunk's groups. The
  * first chunk starts each output from 0, later ones continue from out. */
 ALWAYS_INLINE void tile(const int KIND, const int M, const int N, const struct qctx *c, int t, int o)
@@ -183,7 +212,6 @@ ALWAYS_INLINE void tile(const int KIND, const int M, const int N, const struct q
             for (int m = 0; m < M; m++) lanes[r * MS + m] = a->out[(size_t)(t + m) * a->n_out + o + r];
     __m256 acc = _mm256_loadu_ps(lanes);
 
-    const __m256i nib = _mm256_set1_epi8(0x0f);
     const int tl = t - c->tb;
     /* Decode streams its rows from memory once: fetch the rows PF_TILES
      * tiles ahead (contiguous with these), a tile's worth per block step.
@@ -200,20 +228,7 @@ ALWAYS_INLINE void tile(const int KIND, const int M, const int N, const struct q
         if (KIND == KIND_W4) {
             const size_t off = (size_t)g * BLOCK_BYTES;
             __m256i p[8];
-#pragma GCC unroll 8
-            for (int k = 0; k < 8; k++) p[k] = _mm256_setzero_si256();
-#pragma GCC unroll 8
-            for (int r = 0; r < N; r++) {
-                __m256i qs = _mm256_loadu_si256((const __m256i *)(wr[r] + off + 2));
-                __m256i lo = _mm256_and_si256(qs, nib);
-                __m256i hi = _mm256_and_si256(_mm256_srli_epi16(qs, 4), nib);
-#pragma GCC unroll 4
-                for (int m = 0; m < M; m++) {
-                    const int8_t *aq = qt[m] + (size_t)g * 64;
-                    p[r * MS + m] = qx_dot_w4(lo, hi, _mm256_loadu_si256((const __m256i *)aq),
-                                              _mm256_loadu_si256((const __m256i *)(aq + 32)));
-                }
-            }
+            block_dots(KIND_W4, M, N, MS, wr, off, qt, (size_t)g * 64, p);
             __m256i sums = _mm256_sub_epi32(qx_reduce8_w4(p), bcast_epi32(MS, &c->corr[gl][tl]));
             /* Prefill tiles share their rows' scales, converted once per row pair. */
             __m256 ds = _mm256_mul_ps(M == 4 ? _mm256_loadu_ps(c->rowd[gl]) : row_scales(N, MS, wr, off), s);
@@ -222,19 +237,7 @@ ALWAYS_INLINE void tile(const int KIND, const int M, const int N, const struct q
             for (int half = 0; half < 2; half++) {
                 const size_t off = (size_t)(2 * g + half) * BLOCK_BYTES;
                 __m256i p[8];
-#pragma GCC unroll 8
-                for (int k = 0; k < 8; k++) p[k] = _mm256_setzero_si256();
-#pragma GCC unroll 8
-                for (int r = 0; r < N; r++) {
-                    __m256i w = _mm256_loadu_si256((const __m256i *)(wr[r] + off + 2));
-                    __m256i aw = _mm256_abs_epi8(w);
-#pragma GCC unroll 4
-                    for (int m = 0; m < M; m++) {
-                        const int8_t *aq = qt[m] + (size_t)g * 64 + 32 * half;
-                        __m256i sa = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)aq), w);
-                        p[r * MS + m] = qx_dot_q8(aw, sa);
-                    }
-                }
+                block_dots(KIND_Q8, M, N, MS, wr, off, qt, (size_t)g * 64 + 32 * half, p);
                 __m256 ds = _mm256_mul_ps(row_scales(N, MS, wr, off), s);
                 acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(reduce8(p)), ds, acc);
             }
