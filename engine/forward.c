@@ -327,25 +327,12 @@ static void act_prepare(struct model_run *r, const struct layer_weights *w, enum
     r->ax = r->xp;
 }
 
-/* out = the prepared activation times w, by w's storage type. */
+/* out = the prepared activation times w: the op table's product for w's
+ * storage type, reading the activation form that type names
+ * (kernels/formats.h). */
 static void linear(struct model_run *r, float *out, const struct matrix *w, int n_tok) {
-    const struct ebb_backend *be = r->m->be;
-    switch (w->type) {
-    case EBB_TYPE_W4G64:
-        be->matmul_w4a8(r->pool, out, r->aq, r->as, w->data, n_tok, w->n_in, w->n_out);
-        break;
-    case EBB_TYPE_Q8_0:
-        be->matmul_q8a8(r->pool, out, r->aq, r->as, w->data, n_tok, w->n_in, w->n_out);
-        break;
-    default:
-        be->matmul_f32(r->pool, out, r->ax, w->data, n_tok, w->n_in, w->n_out);
-        break;
-    }
-}
-
-/* Whether a matrix's product reads int8 activations (groups of 64). */
-static int reads_int8(const struct matrix *w) {
-    return w->type == EBB_TYPE_W4G64 || w->type == EBB_TYPE_Q8_0;
+    const struct ebb_act x = {.f = r->ax, .q = r->aq, .s = r->as};
+    r->m->be->matmul[w->type](r->pool, out, &x, w->data, n_tok, w->n_in, w->n_out);
 }
 
 /* One token's embedding row, dequantized from whatever type it is stored in. */
@@ -433,7 +420,7 @@ static void forward_head(struct model_run *r, struct batch_seq *seqs, int n_seqs
     /* An integer head reads every activation group at 8 bits; a W4G64 head
      * reads its input rotated. */
     if (m->hadamard_head) be->hadamard64(r->xb, rows * E);
-    if (reads_int8(&m->output)) be->quantize_act(r->xb, rows, E, E / EBB_ACT_GROUP, r->aq, r->as);
+    if (ebb_type_info(m->output.type)->act == EBB_ACT_Q8G64) be->quantize_act(r->xb, rows, E, E / EBB_ACT_GROUP, r->aq, r->as);
     r->ax = r->xb;
     /* A single sequence writes straight into its buffer. */
     float *out = n_seqs == 1 ? seqs[0].logits : r->logits;

@@ -50,7 +50,7 @@ int kv_layout_init(struct kv_layout *l, const struct model_config *cfg, int bits
     l->head_dim = cfg->head_dim;
     l->kv_dim = cfg->n_head_kv * cfg->head_dim;
     if (is_quantized(bits)) {
-        l->group = 64;
+        l->group = EBB_KVQ_GROUP_MAX;
         while (l->head_dim % l->group) l->group /= 2;
         l->rotate = l->head_dim % 64 == 0;
         l->code_bytes = (size_t)l->kv_dim * (size_t)bits / 8;
@@ -250,71 +250,10 @@ static float *sink_row(const struct kv_cache *kv, int layer, int kind, int pos) 
     return kv->sink + row * (size_t)kv->layout.kv_dim;
 }
 
-/* ------------------------------------------------------- quantization */
+/* ------------------------------------------------------------- storage */
 
 static float clamp_f16_range(float v) {
     return v > F16_MAX ? F16_MAX : v < -F16_MAX ? -F16_MAX : v;
-}
-
-/* The largest half <= x and the smallest half >= x (|x| <= 65504). */
-static uint16_t f16_down(float x) {
-    uint16_t h = ebb_f32_to_f16(x);
-    if (ebb_f16_to_f32(h) <= x) return h;
-    if ((h & 0x7fff) == 0) return 0x8001;            /* +-0 -> smallest negative */
-    return (h & 0x8000) ? (uint16_t)(h + 1) : (uint16_t)(h - 1);
-}
-
-static uint16_t f16_up(float x) {
-    uint16_t h = ebb_f32_to_f16(x);
-    if (ebb_f16_to_f32(h) >= x) return h;
-    if ((h & 0x7fff) == 0) return 0x0001;
-    return (h & 0x8000) ? (uint16_t)(h - 1) : (uint16_t)(h + 1);
-}
-
-/* One group: m is the minimum rounded down to a half and d the step rounded
- * up, so [m, m + qmax * d] covers every value and rounding to the nearest
- * code is off by at most d/2, whatever f16 did to d and m. */
-static void quantize_group(int bits, const float *x, int group, uint8_t *codes, uint16_t *dm) {
-    const int qmax = (1 << bits) - 1;
-    float lo = F16_MAX, hi = -F16_MAX;
-    for (int i = 0; i < group; i++) {              /* fminf/fmaxf skip NaN */
-        lo = fminf(lo, clamp_f16_range(x[i]));
-        hi = fmaxf(hi, clamp_f16_range(x[i]));
-    }
-    if (lo > hi) lo = hi = 0;                        /* all NaN */
-    const uint16_t mh = f16_down(lo);
-    const float m = ebb_f16_to_f32(mh);
-    const uint16_t dh = f16_up((hi - m) / (float)qmax);
-    const float d = ebb_f16_to_f32(dh);
-    const float inv = d > 0 ? 1.0f / d : 0.0f;
-    dm[0] = dh;
-    dm[1] = mh;
-    const int half = group / 2;
-    if (bits == 4) memset(codes, 0, (size_t)half);
-    for (int i = 0; i < group; i++) {
-        float t = (clamp_f16_range(x[i]) - m) * inv + 0.5f;
-        int c = t >= 1.0f ? (t >= (float)qmax ? qmax : (int)t) : 0;   /* NaN -> 0 */
-        if (bits == 8) codes[i] = (uint8_t)c;
-        else if (i < half) codes[i] |= (uint8_t)c;
-        else codes[i - half] |= (uint8_t)(c << 4);
-    }
-}
-
-void kv_quantize_row(int bits, const float *x, int n, int group, uint8_t *codes, uint16_t *dm) {
-    for (int g = 0; g < n / group; g++)
-        quantize_group(bits, x + g * group, group, codes + (size_t)g * group * bits / 8, dm + 2 * g);
-}
-
-void kv_dequantize_row(int bits, const uint8_t *codes, const uint16_t *dm, int n, int group, float *out) {
-    const int half = group / 2;
-    for (int g = 0; g < n / group; g++) {
-        const uint8_t *c = codes + (size_t)g * group * bits / 8;
-        const float d = ebb_f16_to_f32(dm[2 * g]), m = ebb_f16_to_f32(dm[2 * g + 1]);
-        for (int i = 0; i < group; i++) {
-            int q = bits == 8 ? c[i] : i < half ? c[i] & 15 : c[i - half] >> 4;
-            out[g * group + i] = m + d * (float)q;
-        }
-    }
 }
 
 /* The rotation of keys, values and queries (H64 on each block of 64). */
@@ -330,14 +269,14 @@ static uint16_t *row_dm(const struct kv_layout *l, uint8_t *row) {
  * layout rotates (rotation implies groups of 64). */
 static void store_quantized(const struct kv_layout *l, const struct ebb_backend *be, uint8_t *row, const float *x) {
     if (!l->rotate) {
-        kv_quantize_row(l->bits, x, l->kv_dim, l->group, row, row_dm(l, row));
+        ebb_kvq_quantize_row(l->bits, x, l->kv_dim, l->group, row, row_dm(l, row));
         return;
     }
     float block[64];
     for (int g = 0; g < l->kv_dim / 64; g++) {
         memcpy(block, x + 64 * g, sizeof block);
         rotate64(be, block, 64);
-        quantize_group(l->bits, block, 64, row + (size_t)g * 8 * l->bits, row_dm(l, row) + 2 * g);
+        ebb_kvq_quantize_row(l->bits, block, 64, 64, row + (size_t)g * 8 * l->bits, row_dm(l, row) + 2 * g);
     }
 }
 
@@ -428,7 +367,7 @@ static const float *page_view(const struct kv_cache *kv, const struct ebb_backen
     }
     const uint8_t *codes = row + (size_t)kvh * hd * l->bits / 8;
     const uint16_t *dm = row_dm(l, row) + (size_t)kvh * (hd / l->group) * 2;
-    (l->bits == 8 ? be->kv_rows_q8 : be->kv_rows_q4)(view, codes, dm, l->row_bytes, n_rows, hd, l->group);
+    be->kv_rows_q(view, codes, dm, l->row_bytes, n_rows, hd, l->bits, l->group);
     for (int i = 0; page == 0 && i < KV_SINK_TOKENS && i < n_rows; i++) {
         memcpy(view + (size_t)i * hd, sink_row(kv, layer, kind, i) + (size_t)kvh * hd, (size_t)hd * sizeof(float));
         if (l->rotate) rotate64(be, view + (size_t)i * hd, hd);

@@ -9,9 +9,9 @@
  * Precision (kv_bits), chosen per model by its account (kv_account_init):
  *   32  f32: exactly what the model computed;
  *   16  IEEE half;
- *    8  8-bit codes, asymmetric per group: value = m + d * code, with the
- *       group's scale d and minimum m stored as an f16 pair;
- *    4  4-bit codes likewise (KV4): 4.5 bits per value with groups of 64.
+ *    8  KV8 rows: 8-bit codes with an f16 scale and minimum per group;
+ *    4  KV4 rows likewise with 4-bit codes: 4.5 bits per value with groups of
+ *       64 (the row format is described in kernels/formats.h).
  * A group is 64 values of one head at one position (the largest of 64, 32,
  * 16, 8 that divides head_dim).
  *
@@ -187,11 +187,4 @@ size_t kv_attend_scratch(const struct model_config *cfg, int n_ctx);
 int kv_block_queries(const struct model_config *cfg);
 int kv_block_tokens(const struct model_config *cfg);
 
-/* One row (n values, n % group == 0) to codes and per-group f16 (d, m)
- * pairs at 8 or 4 bits, in the layout of backend.h's kv_rows_* ops; and back.
- * Every value comes back within d/2 of itself (d of its group; values beyond
- * f16's range, +-65504, are clamped first). kv_store's quantizer, exposed
- * for tests. */
-void kv_quantize_row(int bits, const float *x, int n, int group, uint8_t *codes, uint16_t *dm);
-void kv_dequantize_row(int bits, const uint8_t *codes, const uint16_t *dm, int n, int group, float *out);
 #endif

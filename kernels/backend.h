@@ -9,11 +9,18 @@
  * Large ops (matmul) split their work across the backend's worker pool; small
  * per-row ops run on the calling thread and the engine parallelises across
  * rows itself when it matters (attention).
+ *
+ * Products are one table entry per weight type, as in ggml's type traits:
+ * formats.h says which activation form a type's product reads, and the
+ * engine calls matmul[type] for every weight, so a new weight type is a new
+ * entry, not a new branch in the engine.
  */
 #ifndef EBB_KERNELS_BACKEND_H
 #define EBB_KERNELS_BACKEND_H
 #include <stddef.h>
 #include <stdint.h>
+
+#include "kernels/formats.h"
 
 struct ebb_pool;
 
@@ -26,20 +33,54 @@ void ebb_pool_destroy(struct ebb_pool *pool);
 int ebb_pool_threads(const struct ebb_pool *pool);
 void ebb_pool_run(struct ebb_pool *pool, ebb_task_fn fn, void *arg, int n);
 
+/* The activations a matmul reads, in the form its weight type names
+ * (ebb_type_info(type)->act, kernels/formats.h); the other fields are
+ * ignored. n_tok rows of n_in channels, row-major:
+ *   EBB_ACT_F32    f: the floats;
+ *   EBB_ACT_Q8G64  q: int8 codes, s: one f32 scale per 64 channels
+ *                  (quantize_act's output; n_in % 64 == 0).
+ * A later form (8-bit codes per block of 32 with the blocks' code sums, for
+ * ggml's quantized types) adds its fields here. */
+struct ebb_act {
+    const float *f;
+    const int8_t *q;
+    const float *s;
+};
+
+/* out[t*n_out + o] = the product of token t's activations x with weight row
+ * o of w; w holds n_out rows of n_in values stored as the entry's type (GGUF's
+ * layout: the input dimension is contiguous), out n_tok rows of n_out. Split
+ * over pool (pool may be NULL: single-threaded). */
+typedef void (*ebb_matmul_fn)(struct ebb_pool *pool, float *out, const struct ebb_act *x, const void *w,
+                              int n_tok, int n_in, int n_out);
+
 struct ebb_backend {
     const char *name;        /* "scalar", "avx2", "avx512" */
 
-    /* out[t*n_out + o] = sum_i x[t*n_in + i] * w[o*n_in + i]
-     * x: n_tok rows of n_in; w: n_out rows of n_in (GGUF's layout: the input
-     * dimension is contiguous); out: n_tok rows of n_out. Threaded over pool
-     * (pool may be NULL: single-threaded). */
-    void (*matmul_f32)(struct ebb_pool *pool, float *out, const float *x, const float *w,
-                       int n_tok, int n_in, int n_out);
+    /* One product per weight type, NULL where this backend has none (a type
+     * whose act is EBB_ACT_NONE never has one). Each entry's float contract:
+     *
+     * [EBB_TYPE_F32] reads x->f: out = sum_i x[t][i] * w[o][i], summed in
+     *   lanes and tiles of the path's choosing (paths agree within float
+     *   summation error, not bit for bit).
+     *
+     * [EBB_TYPE_W4G64] reads x->q, x->s; rows of n_in/64 W4G64 blocks:
+     *   out = sum over groups g of
+     *       (sum_i wq[o][64g+i] * q[t][64g+i]) * d[o][g] * s[t][g].
+     *   The integer sums are exact; the float accumulation is, for each block
+     *   in order (group 0 first),
+     *       acc = fmaf((float)isum, d * s, acc)
+     *   from acc = 0, and every backend (CUDA included) must repeat exactly
+     *   that expression, so all paths give the scalar path's bits.
+     *
+     * [EBB_TYPE_Q8_0] the same for Q8_0 weights (ggml's 8-bit format, blocks
+     *   of 32 with an f16 scale; the output head and other 8-bit matrices):
+     *   one fmaf per 32-value block, s of the 64-channel group holding it.
+     *
+     * In every entry an output depends only on its own token and row (never
+     * on n_tok, the split or the tile it lands in): batch invariance. */
+    ebb_matmul_fn matmul[EBB_TYPE_COUNT_];
 
-    /* sum_i a[i] * b[i] */
-    float (*dot_f32)(const float *a, const float *b, int n);
-    /* y[i] += alpha * x[i] */
-    void (*axpy_f32)(float *y, float alpha, const float *x, int n);
     /* out[i] = x[i] / sqrt(mean(x^2) + eps) * g[i]   (out may alias x) */
     void (*rmsnorm_f32)(float *out, const float *x, const float *g, int n, float eps);
     /* In place: x[i] = exp(x[i] - max) / sum */
@@ -51,26 +92,12 @@ struct ebb_backend {
 
     /* ---- quantized path (formats in kernels/formats.h) ---- */
 
-    /* Per-token activation quantization: n_tok rows of n floats (n a
-     * multiple of EBB_ACT_GROUP) to int8 codes q[n_tok][n] and scales
-     * s[n_tok][n/64]; groups [0, n_hi) are 8-bit, the rest 4-bit. Rounds to
-     * nearest, ties away from zero; an all-zero group gets scale 0. */
+    /* Per-token activation quantization to EBB_ACT_Q8G64: n_tok rows of n
+     * floats (n a multiple of EBB_ACT_GROUP) to int8 codes q[n_tok][n] and
+     * scales s[n_tok][n/64]; groups [0, n_hi) are 8-bit, the rest 4-bit.
+     * Rounds to nearest, ties away from zero; an all-zero group gets scale 0.
+     * Exact: every path gives the same codes and scales. */
     void (*quantize_act)(const float *x, int n_tok, int n, int n_hi, int8_t *q, float *s);
-
-    /* out[t*n_out + o] = sum over groups g of
-     *     (sum_i wq[o][64g+i] * q[t][64g+i]) * d[o][g] * s[t][g]
-     * with w rows of n_in/64 W4G64 blocks. The integer sums are exact; the
-     * float accumulation is, for each block in order (group 0 first),
-     *     acc = fmaf((float)isum, d * s, acc)
-     * and every backend (CUDA included) must repeat exactly that expression,
-     * so all paths give the scalar path's bits. Threaded over pool. */
-    void (*matmul_w4a8)(struct ebb_pool *pool, float *out, const int8_t *q, const float *s,
-                        const void *w, int n_tok, int n_in, int n_out);
-
-    /* The same for Q8_0 weights (ggml's 8-bit format, blocks of 32 with an
-     * f16 scale): the output head and other 8-bit matrices. */
-    void (*matmul_q8a8)(struct ebb_pool *pool, float *out, const int8_t *q, const float *s,
-                        const void *w, int n_tok, int n_in, int n_out);
 
     /* In place, every consecutive block of 64 values of n (n % 64 == 0) times
      * the 64x64 Walsh-Hadamard matrix scaled by 1/8 (orthonormal, its own
@@ -100,18 +127,14 @@ struct ebb_backend {
     void (*attn_values)(float *y, const float *p, const float *v, size_t v_stride, int n_rows, int n);
 
     /* Stored KV rows to f32, out[r * n + i]: n_rows rows of n values, each
-     * row `stride` bytes after the previous. f16 rows are IEEE halves. q8
-     * and q4 rows are codes plus, per group of `group` values (8, 16, 32 or
-     * 64, dividing n), an f16 pair dm = (d, m): value = fmaf(d, code, m).
-     * 8-bit codes take a byte each; 4-bit codes take group/2 bytes per
-     * group, value i (< group/2) in the low nibble of byte i and value
-     * group/2 + i in its high nibble. codes and dm point at row 0 and
-     * advance together by stride. Exact: every path gives the same floats. */
+     * row `stride` bytes after the previous. f16 rows are IEEE halves.
+     * kv_rows_q reads KV8 (bits 8) or KV4 (bits 4) rows with groups of
+     * `group` values (kernels/formats.h describes the format): codes and dm
+     * point at row 0's codes and (d, m) pairs and advance together by stride.
+     * Exact: every path gives the same floats. */
     void (*kv_rows_f16)(float *out, const uint16_t *rows, size_t stride, int n_rows, int n);
-    void (*kv_rows_q8)(float *out, const uint8_t *codes, const uint16_t *dm, size_t stride, int n_rows, int n,
-                       int group);
-    void (*kv_rows_q4)(float *out, const uint8_t *codes, const uint16_t *dm, size_t stride, int n_rows, int n,
-                       int group);
+    void (*kv_rows_q)(float *out, const uint8_t *codes, const uint16_t *dm, size_t stride, int n_rows, int n,
+                      int bits, int group);
 };
 
 /* The fastest CPU path this processor supports (cpuid at first call). */

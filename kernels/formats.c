@@ -36,7 +36,8 @@
  *         x = d * (q - 8).
  *
  * Quantizers (the other direction) exist only for the formats ebb writes:
- * W4G64 by round-to-nearest and Q8_0; they are used by the packer and tests.
+ * W4G64 by round-to-nearest and Q8_0 (used by the packer and tests), and the
+ * KV cache's KV8/KV4 rows (described in formats.h).
  */
 #include "kernels/formats.h"
 
@@ -45,6 +46,29 @@
 
 #define QK 32
 #define QK_K 256
+
+/* Block sizes, each checked against the sum of its fields (layout notes above;
+ * 2 = one f16). */
+#define Q4_0_BYTES 18
+#define Q4_1_BYTES 20
+#define Q5_0_BYTES 22
+#define Q5_1_BYTES 24
+#define Q2_K_BYTES 84
+#define Q3_K_BYTES 110
+#define Q4_K_BYTES 144
+#define Q5_K_BYTES 176
+#define Q6_K_BYTES 210
+_Static_assert(Q4_0_BYTES == 2 + QK / 2, "Q4_0: d | nibbles");
+_Static_assert(Q4_1_BYTES == 2 + 2 + QK / 2, "Q4_1: d | m | nibbles");
+_Static_assert(Q5_0_BYTES == 2 + 4 + QK / 2, "Q5_0: d | qh | nibbles");
+_Static_assert(Q5_1_BYTES == 2 + 2 + 4 + QK / 2, "Q5_1: d | m | qh | nibbles");
+_Static_assert(EBB_Q8_0_BLOCK_BYTES == 2 + QK && EBB_Q8_0_GROUP == QK, "Q8_0: d | int8");
+_Static_assert(Q2_K_BYTES == QK_K / 16 + QK_K / 4 + 2 + 2, "Q2_K: scales | 2-bit quants | d | dmin");
+_Static_assert(Q3_K_BYTES == QK_K / 8 + QK_K / 4 + 12 + 2, "Q3_K: hmask | 2-bit quants | scales | d");
+_Static_assert(Q4_K_BYTES == 2 + 2 + 12 + QK_K / 2, "Q4_K: d | dmin | scales | nibbles");
+_Static_assert(Q5_K_BYTES == 2 + 2 + 12 + QK_K / 8 + QK_K / 2, "Q5_K: d | dmin | scales | fifth bits | nibbles");
+_Static_assert(Q6_K_BYTES == QK_K / 2 + QK_K / 4 + QK_K / 16 + 2, "Q6_K: low nibbles | high pairs | scales | d");
+_Static_assert(EBB_W4G64_BLOCK_BYTES == 2 + EBB_W4G64_GROUP / 2, "W4G64: d | nibbles");
 
 /* ---------------------------------------------------------------- halves */
 
@@ -119,23 +143,28 @@ static void bf16_to_f32(const void *src, float *dst, size_t n)
 
 /* ---------------------------------------------------------- legacy quants */
 
-static void q4_0_to_f32(const void *src, float *dst, size_t n)
+/* Blocks of `group` values as f16 d | group/2 bytes of nibbles, value j in
+ * the low nibble of byte j and value j + group/2 in its high nibble,
+ * x = d * (q - 8): Q4_0 (32 values) and W4G64 (64). */
+static void nibbles_to_f32(const uint8_t *b, float *dst, size_t n, int group)
 {
-    const uint8_t *b = src;
-    for (size_t blk = 0; blk < n / QK; blk++, b += 18, dst += QK) {
+    const int half = group / 2;
+    for (size_t blk = 0; blk < n / (size_t)group; blk++, b += 2 + half, dst += group) {
         float d = rd_f16(b);
         const uint8_t *qs = b + 2;
-        for (int j = 0; j < QK / 2; j++) {
+        for (int j = 0; j < half; j++) {
             dst[j] = d * (float)((qs[j] & 0x0f) - 8);
-            dst[j + QK / 2] = d * (float)((qs[j] >> 4) - 8);
+            dst[j + half] = d * (float)((qs[j] >> 4) - 8);
         }
     }
 }
 
+static void q4_0_to_f32(const void *src, float *dst, size_t n) { nibbles_to_f32(src, dst, n, QK); }
+
 static void q4_1_to_f32(const void *src, float *dst, size_t n)
 {
     const uint8_t *b = src;
-    for (size_t blk = 0; blk < n / QK; blk++, b += 20, dst += QK) {
+    for (size_t blk = 0; blk < n / QK; blk++, b += Q4_1_BYTES, dst += QK) {
         float d = rd_f16(b), m = rd_f16(b + 2);
         const uint8_t *qs = b + 4;
         for (int j = 0; j < QK / 2; j++) {
@@ -158,7 +187,7 @@ static void q5_0_to_f32(const void *src, float *dst, size_t n)
 {
     const uint8_t *b = src;
     int q[QK];
-    for (size_t blk = 0; blk < n / QK; blk++, b += 22, dst += QK) {
+    for (size_t blk = 0; blk < n / QK; blk++, b += Q5_0_BYTES, dst += QK) {
         float d = rd_f16(b);
         unpack_q5(b + 6, rd_u32(b + 2), q);
         for (int j = 0; j < QK; j++) dst[j] = d * (float)(q[j] - 16);
@@ -169,7 +198,7 @@ static void q5_1_to_f32(const void *src, float *dst, size_t n)
 {
     const uint8_t *b = src;
     int q[QK];
-    for (size_t blk = 0; blk < n / QK; blk++, b += 24, dst += QK) {
+    for (size_t blk = 0; blk < n / QK; blk++, b += Q5_1_BYTES, dst += QK) {
         float d = rd_f16(b), m = rd_f16(b + 2);
         unpack_q5(b + 8, rd_u32(b + 4), q);
         for (int j = 0; j < QK; j++) dst[j] = d * (float)q[j] + m;
@@ -179,7 +208,7 @@ static void q5_1_to_f32(const void *src, float *dst, size_t n)
 static void q8_0_to_f32(const void *src, float *dst, size_t n)
 {
     const uint8_t *b = src;
-    for (size_t blk = 0; blk < n / QK; blk++, b += 34, dst += QK) {
+    for (size_t blk = 0; blk < n / QK; blk++, b += EBB_Q8_0_BLOCK_BYTES, dst += QK) {
         float d = rd_f16(b);
         const int8_t *qs = (const int8_t *)(b + 2);
         for (int j = 0; j < QK; j++) dst[j] = d * (float)qs[j];
@@ -190,18 +219,7 @@ static void q8_0_to_f32(const void *src, float *dst, size_t n)
 
 #define W4G64 EBB_W4G64_GROUP
 
-static void w4g64_to_f32(const void *src, float *dst, size_t n)
-{
-    const uint8_t *b = src;
-    for (size_t blk = 0; blk < n / W4G64; blk++, b += 34, dst += W4G64) {
-        float d = rd_f16(b);
-        const uint8_t *qs = b + 2;
-        for (int j = 0; j < W4G64 / 2; j++) {
-            dst[j] = d * (float)((qs[j] & 0x0f) - 8);
-            dst[j + W4G64 / 2] = d * (float)((qs[j] >> 4) - 8);
-        }
-    }
-}
+static void w4g64_to_f32(const void *src, float *dst, size_t n) { nibbles_to_f32(src, dst, n, W4G64); }
 
 static void wr_f16(uint8_t *p, uint16_t h) { p[0] = (uint8_t)(h & 0xff); p[1] = (uint8_t)(h >> 8); }
 
@@ -222,7 +240,7 @@ static uint16_t w4_scale(float amax)
 void ebb_quantize_w4g64_rtn(const float *src, void *dst, size_t n)
 {
     uint8_t *b = dst;
-    for (size_t blk = 0; blk < n / W4G64; blk++, src += W4G64, b += 34) {
+    for (size_t blk = 0; blk < n / W4G64; blk++, src += W4G64, b += EBB_W4G64_BLOCK_BYTES) {
         float amax = 0;
         for (int j = 0; j < W4G64; j++) if (fabsf(src[j]) > amax) amax = fabsf(src[j]);
         uint16_t h = w4_scale(amax);
@@ -244,7 +262,7 @@ void ebb_quantize_w4g64_rtn(const float *src, void *dst, size_t n)
 void ebb_quantize_q8_0(const float *src, void *dst, size_t n)
 {
     uint8_t *b = dst;
-    for (size_t blk = 0; blk < n / QK; blk++, src += QK, b += 34) {
+    for (size_t blk = 0; blk < n / QK; blk++, src += QK, b += EBB_Q8_0_BLOCK_BYTES) {
         float amax = 0;
         for (int j = 0; j < QK; j++) if (fabsf(src[j]) > amax) amax = fabsf(src[j]);
         float d = amax / 127.0f;
@@ -261,7 +279,7 @@ void ebb_quantize_q8_0(const float *src, void *dst, size_t n)
 static void q2_k_to_f32(const void *src, float *dst, size_t n)
 {
     const uint8_t *b = src;
-    for (size_t blk = 0; blk < n / QK_K; blk++, b += 84) {
+    for (size_t blk = 0; blk < n / QK_K; blk++, b += Q2_K_BYTES) {
         const uint8_t *scales = b, *qs = b + 16;
         float d = rd_f16(b + 80), dmin = rd_f16(b + 82);
         int group = 0;
@@ -294,7 +312,7 @@ static void q3_k_to_f32(const void *src, float *dst, size_t n)
 {
     const uint8_t *b = src;
     int sc[16];
-    for (size_t blk = 0; blk < n / QK_K; blk++, b += 110) {
+    for (size_t blk = 0; blk < n / QK_K; blk++, b += Q3_K_BYTES) {
         const uint8_t *hmask = b, *qs = b + 32;
         ebb_q3_k_scales(b + 96, sc);
         float d = rd_f16(b + 108);
@@ -332,7 +350,7 @@ void ebb_k4_scale_min(const uint8_t *s, int j, int *scale, int *min)
 static void q4_k_to_f32(const void *src, float *dst, size_t n)
 {
     const uint8_t *b = src;
-    for (size_t blk = 0; blk < n / QK_K; blk++, b += 144) {
+    for (size_t blk = 0; blk < n / QK_K; blk++, b += Q4_K_BYTES) {
         float d = rd_f16(b), dmin = rd_f16(b + 2);
         const uint8_t *scales = b + 4, *qs = b + 16;
         for (int j = 0; j < 8; j += 2, qs += 32) {     /* 64 values per step */
@@ -350,7 +368,7 @@ static void q4_k_to_f32(const void *src, float *dst, size_t n)
 static void q5_k_to_f32(const void *src, float *dst, size_t n)
 {
     const uint8_t *b = src;
-    for (size_t blk = 0; blk < n / QK_K; blk++, b += 176) {
+    for (size_t blk = 0; blk < n / QK_K; blk++, b += Q5_K_BYTES) {
         float d = rd_f16(b), dmin = rd_f16(b + 2);
         const uint8_t *scales = b + 4, *qh = b + 16, *qs = b + 48;
         int bit = 0;                                 /* qh bit for the low-nibble group */
@@ -373,7 +391,7 @@ static void q5_k_to_f32(const void *src, float *dst, size_t n)
 static void q6_k_to_f32(const void *src, float *dst, size_t n)
 {
     const uint8_t *b = src;
-    for (size_t blk = 0; blk < n / QK_K; blk++, b += 210) {
+    for (size_t blk = 0; blk < n / QK_K; blk++, b += Q6_K_BYTES) {
         const uint8_t *ql = b, *qh = b + 128;
         const int8_t *sc = (const int8_t *)(b + 192);
         float d = rd_f16(b + 208);
@@ -393,27 +411,99 @@ static void q6_k_to_f32(const void *src, float *dst, size_t n)
     }
 }
 
+/* ---------------------------------------------------------- KV8 / KV4 rows */
+
+#define F16_MAX 65504.0f
+
+static float clamp_f16_range(float v) { return v > F16_MAX ? F16_MAX : v < -F16_MAX ? -F16_MAX : v; }
+
+/* The largest half <= x and the smallest half >= x (|x| <= 65504). */
+static uint16_t f16_down(float x)
+{
+    uint16_t h = ebb_f32_to_f16(x);
+    if (ebb_f16_to_f32(h) <= x) return h;
+    if ((h & 0x7fff) == 0) return 0x8001;            /* +-0 -> smallest negative */
+    return (h & 0x8000) ? (uint16_t)(h + 1) : (uint16_t)(h - 1);
+}
+
+static uint16_t f16_up(float x)
+{
+    uint16_t h = ebb_f32_to_f16(x);
+    if (ebb_f16_to_f32(h) >= x) return h;
+    if ((h & 0x7fff) == 0) return 0x0001;
+    return (h & 0x8000) ? (uint16_t)(h - 1) : (uint16_t)(h + 1);
+}
+
+/* One group: m is the minimum rounded down to a half and d the step rounded
+ * up, so [m, m + qmax * d] covers every value and rounding to the nearest
+ * code is off by at most d/2, whatever f16 did to d and m. */
+static void kvq_group(int bits, const float *x, int group, uint8_t *codes, uint16_t *dm)
+{
+    const int qmax = (1 << bits) - 1;
+    float lo = F16_MAX, hi = -F16_MAX;
+    for (int i = 0; i < group; i++) {              /* fminf/fmaxf skip NaN */
+        lo = fminf(lo, clamp_f16_range(x[i]));
+        hi = fmaxf(hi, clamp_f16_range(x[i]));
+    }
+    if (lo > hi) lo = hi = 0;                        /* all NaN */
+    const uint16_t mh = f16_down(lo);
+    const float m = ebb_f16_to_f32(mh);
+    const uint16_t dh = f16_up((hi - m) / (float)qmax);
+    const float d = ebb_f16_to_f32(dh);
+    const float inv = d > 0 ? 1.0f / d : 0.0f;
+    dm[0] = dh;
+    dm[1] = mh;
+    const int half = group / 2;
+    if (bits == 4) memset(codes, 0, (size_t)half);
+    for (int i = 0; i < group; i++) {
+        float t = (clamp_f16_range(x[i]) - m) * inv + 0.5f;
+        int c = t >= 1.0f ? (t >= (float)qmax ? qmax : (int)t) : 0;   /* NaN -> 0 */
+        if (bits == 8) codes[i] = (uint8_t)c;
+        else if (i < half) codes[i] |= (uint8_t)c;
+        else codes[i - half] |= (uint8_t)(c << 4);
+    }
+}
+
+void ebb_kvq_quantize_row(int bits, const float *x, int n, int group, uint8_t *codes, uint16_t *dm)
+{
+    for (int g = 0; g < n / group; g++)
+        kvq_group(bits, x + g * group, group, codes + (size_t)g * group * bits / 8, dm + 2 * g);
+}
+
+void ebb_kvq_dequantize_row(int bits, const uint8_t *codes, const uint16_t *dm, int n, int group, float *out)
+{
+    const int half = group / 2;
+    for (int g = 0; g < n / group; g++) {
+        const uint8_t *c = codes + (size_t)g * group * bits / 8;
+        const float d = ebb_f16_to_f32(dm[2 * g]), m = ebb_f16_to_f32(dm[2 * g + 1]);
+        for (int i = 0; i < group; i++) {
+            int q = bits == 8 ? c[i] : i < half ? c[i] & 15 : c[i - half] >> 4;
+            out[g * group + i] = m + d * (float)q;
+        }
+    }
+}
+
 /* ------------------------------------------------------------------ table */
 
 static const struct ebb_type_info type_table[EBB_TYPE_COUNT_] = {
-    [EBB_TYPE_F32]  = { "F32",  1, 4, f32_to_f32 },
-    [EBB_TYPE_F16]  = { "F16",  1, 2, f16_to_f32 },
-    [EBB_TYPE_Q4_0] = { "Q4_0", QK, 18, q4_0_to_f32 },
-    [EBB_TYPE_Q4_1] = { "Q4_1", QK, 20, q4_1_to_f32 },
-    [EBB_TYPE_Q5_0] = { "Q5_0", QK, 22, q5_0_to_f32 },
-    [EBB_TYPE_Q5_1] = { "Q5_1", QK, 24, q5_1_to_f32 },
-    [EBB_TYPE_Q8_0] = { "Q8_0", QK, 34, q8_0_to_f32 },
-    [EBB_TYPE_Q2_K] = { "Q2_K", QK_K, 84, q2_k_to_f32 },
-    [EBB_TYPE_Q3_K] = { "Q3_K", QK_K, 110, q3_k_to_f32 },
-    [EBB_TYPE_Q4_K] = { "Q4_K", QK_K, 144, q4_k_to_f32 },
-    [EBB_TYPE_Q5_K] = { "Q5_K", QK_K, 176, q5_k_to_f32 },
-    [EBB_TYPE_Q6_K] = { "Q6_K", QK_K, 210, q6_k_to_f32 },
-    [EBB_TYPE_I8]   = { "I8",   1, 1, NULL },
-    [EBB_TYPE_I16]  = { "I16",  1, 2, NULL },
-    [EBB_TYPE_I32]  = { "I32",  1, 4, NULL },
-    [EBB_TYPE_F64]  = { "F64",  1, 8, NULL },
-    [EBB_TYPE_BF16] = { "BF16", 1, 2, bf16_to_f32 },
-    [EBB_TYPE_W4G64] = { "W4G64", W4G64, 34, w4g64_to_f32 },
+    [EBB_TYPE_F32]  = { "F32",  1, 4, f32_to_f32, EBB_ACT_F32 },
+    [EBB_TYPE_F16]  = { "F16",  1, 2, f16_to_f32, EBB_ACT_NONE },
+    [EBB_TYPE_Q4_0] = { "Q4_0", QK, Q4_0_BYTES, q4_0_to_f32, EBB_ACT_NONE },
+    [EBB_TYPE_Q4_1] = { "Q4_1", QK, Q4_1_BYTES, q4_1_to_f32, EBB_ACT_NONE },
+    [EBB_TYPE_Q5_0] = { "Q5_0", QK, Q5_0_BYTES, q5_0_to_f32, EBB_ACT_NONE },
+    [EBB_TYPE_Q5_1] = { "Q5_1", QK, Q5_1_BYTES, q5_1_to_f32, EBB_ACT_NONE },
+    [EBB_TYPE_Q8_0] = { "Q8_0", QK, EBB_Q8_0_BLOCK_BYTES, q8_0_to_f32, EBB_ACT_Q8G64 },
+    [EBB_TYPE_Q2_K] = { "Q2_K", QK_K, Q2_K_BYTES, q2_k_to_f32, EBB_ACT_NONE },
+    [EBB_TYPE_Q3_K] = { "Q3_K", QK_K, Q3_K_BYTES, q3_k_to_f32, EBB_ACT_NONE },
+    [EBB_TYPE_Q4_K] = { "Q4_K", QK_K, Q4_K_BYTES, q4_k_to_f32, EBB_ACT_NONE },
+    [EBB_TYPE_Q5_K] = { "Q5_K", QK_K, Q5_K_BYTES, q5_k_to_f32, EBB_ACT_NONE },
+    [EBB_TYPE_Q6_K] = { "Q6_K", QK_K, Q6_K_BYTES, q6_k_to_f32, EBB_ACT_NONE },
+    [EBB_TYPE_I8]   = { "I8",   1, 1, NULL, EBB_ACT_NONE },
+    [EBB_TYPE_I16]  = { "I16",  1, 2, NULL, EBB_ACT_NONE },
+    [EBB_TYPE_I32]  = { "I32",  1, 4, NULL, EBB_ACT_NONE },
+    [EBB_TYPE_F64]  = { "F64",  1, 8, NULL, EBB_ACT_NONE },
+    [EBB_TYPE_BF16] = { "BF16", 1, 2, bf16_to_f32, EBB_ACT_NONE },
+    [EBB_TYPE_W4G64] = { "W4G64", W4G64, EBB_W4G64_BLOCK_BYTES, w4g64_to_f32, EBB_ACT_Q8G64 },
 };
 
 const struct ebb_type_info *ebb_type_info(uint32_t type)

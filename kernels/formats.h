@@ -46,11 +46,23 @@ enum ebb_type {
  * Same nibble order as ggml's Q4_0, twice the group: one group of weights
  * meets one group of activations (below), so a dot product needs one scale
  * per side per 64 values. */
+#define EBB_W4G64_GROUP 64
+#define EBB_W4G64_BLOCK_BYTES 34
 struct ebb_block_w4g64 {
     uint16_t d;
-    uint8_t qs[32];
+    uint8_t qs[EBB_W4G64_GROUP / 2];
 };
-#define EBB_W4G64_GROUP 64
+_Static_assert(sizeof(struct ebb_block_w4g64) == EBB_W4G64_BLOCK_BYTES, "W4G64 block: f16 + 32 bytes");
+
+/* Q8_0 (ggml's): blocks of 32 values, f16 d then 32 int8 codes; w = d * q.
+ * Also 34 bytes, so the integer kernels walk W4G64 and Q8_0 rows alike. */
+#define EBB_Q8_0_GROUP 32
+#define EBB_Q8_0_BLOCK_BYTES 34
+struct ebb_block_q8_0 {
+    uint16_t d;
+    int8_t qs[EBB_Q8_0_GROUP];
+};
+_Static_assert(sizeof(struct ebb_block_q8_0) == EBB_Q8_0_BLOCK_BYTES, "Q8_0 block: f16 + 32 bytes");
 
 /* Round-to-nearest W4G64 (the baseline GPTQ is measured against, and what
  * tests use): n values (n a multiple of 64) to n/64 blocks at dst. Per group
@@ -75,6 +87,18 @@ void ebb_quantize_q8_0(const float *src, void *dst, size_t n);
  * Which groups are 8-bit is fixed per activation point by calibration: after
  * the point's channel permutation, the first n_hi groups. */
 #define EBB_ACT_GROUP 64
+_Static_assert(EBB_ACT_GROUP == EBB_W4G64_GROUP && EBB_ACT_GROUP == 2 * EBB_Q8_0_GROUP,
+               "one activation group meets one W4G64 block or two Q8_0 blocks");
+
+/* The form of the activations a weight type's product reads (ggml's
+ * vec_dot_type): the backend's matmul[type] takes them in this form
+ * (struct ebb_act in kernels/backend.h). */
+enum ebb_act_form {
+    EBB_ACT_NONE = 0,         /* ebb cannot multiply this type (yet) */
+    EBB_ACT_F32,              /* the f32 activations as they are */
+    EBB_ACT_Q8G64,            /* int8 codes, one f32 scale per EBB_ACT_GROUP channels
+                                 (quantize_act's output, above) */
+};
 
 struct ebb_type_info {
     const char *name;         /* "Q4_1", as GGUF tools print it */
@@ -83,6 +107,7 @@ struct ebb_type_info {
     /* Converts n values (n a multiple of block_elems) from src to f32; NULL
      * when ebb can store the type but not compute with it. */
     void (*to_f32)(const void *src, float *dst, size_t n);
+    enum ebb_act_form act;    /* what its product reads; EBB_ACT_NONE: no product */
 };
 
 /* The K-quants' packed sub-block scales, decoded once for the dequantizers
@@ -97,6 +122,28 @@ const struct ebb_type_info *ebb_type_info(uint32_t type);
 
 /* Bytes of a row of n values; 0 if n is not a whole number of blocks. */
 size_t ebb_row_bytes(uint32_t type, uint64_t n);
+
+/* KV8 and KV4 rows: how the KV cache (engine/kv.c) stores keys and values at
+ * 8 and 4 bits, described here once; the backend's kv_rows_q op reads them.
+ * A row of n values is cut into groups of `group` values (64, 32, 16 or 8,
+ * dividing n); each group has codes and an f16 pair dm = (d, m), and
+ *     value = m + d * code
+ * (d * code is exact in float: 11 bits times at most 8, so fmaf(d, code, m)
+ * gives the same float). The codes of a row's groups are consecutive, group 0
+ * first: at 8 bits one byte per value; at 4 bits group/2 bytes per group,
+ * value i (< group/2) in the low nibble of byte i and value group/2 + i in
+ * its high nibble (W4G64's order). The pairs are consecutive too, (d, m) of
+ * group 0 first, stored apart from the codes (the cache puts a row's pairs
+ * after its codes). */
+#define EBB_KVQ_GROUP_MAX 64
+
+/* One row of n values (n % group == 0) at 8 or 4 bits: codes (n * bits / 8
+ * bytes) and n / group (d, m) pairs. Per group, m is the minimum rounded down
+ * to a half and d the step (max - m) / (2^bits - 1) rounded up, so every value
+ * comes back within d/2 of itself; values beyond f16's range (+-65504) are
+ * clamped first, NaN becomes code 0. And back to f32, by the formula above. */
+void ebb_kvq_quantize_row(int bits, const float *x, int n, int group, uint8_t *codes, uint16_t *dm);
+void ebb_kvq_dequantize_row(int bits, const uint8_t *codes, const uint16_t *dm, int n, int group, float *out);
 
 /* IEEE half and bfloat16 conversions (portable; used by the scalar paths). */
 float ebb_f16_to_f32(uint16_t h);

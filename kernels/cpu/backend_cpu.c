@@ -1,4 +1,4 @@
-/* CPU backend selection and the shared matmul driver.
+/* CPU backend: the op tables, their selection and the matmul driver.
  *
  * Selection: the instruction-set paths are separate translation units built
  * with their own flags; this file (built for baseline x86-64) asks cpuid once
@@ -7,7 +7,11 @@
  * choice can be forced for benchmarks and debugging with EBB_CPU_PATH=scalar
  * or avx2 (ignored, with a message, if this machine cannot run it).
  *
- * Driver: a matmul is cut into rectangles of (tokens x output rows) that the
+ * Tables: one const table per path, written out once (CPU_PATH below), so
+ * what each path runs, and what AVX-512 borrows from AVX2, is read in one
+ * place and nothing is patched at start.
+ *
+ * Driver: a matmul (any weight type) is cut into rectangles of (tokens x output rows) that the
  * pool's threads claim one by one. Rows are cut first, in contiguous chunks
  * (each thread then streams its own part of the weights, which is what bounds
  * decode); tokens are cut as well only when there are too few rows to give
@@ -16,7 +20,6 @@
  * the calling thread, where waking workers would cost more than it saves.
  */
 #include "kernels/cpu/ops.h"
-#include "kernels/cpu/kvq_ops.h"
 
 #include <pthread.h>
 #include <stdio.h>
@@ -85,63 +88,62 @@ static void drive_piece(void *vp, int i, int n)
         j->block(&j->args, t0, t1, o0, o1);
 }
 
-void ebb_cpu_matmul_drive(struct ebb_pool *pool, matmul_block_fn block, int row_align,
-                          float *out, const float *x, const float *w,
-                          int n_tok, int n_in, int n_out)
+void ebb_cpu_matmul_drive(struct ebb_pool *pool, enum ebb_type type, matmul_block_fn block, int row_align,
+                          int tok_align, float *out, const struct ebb_act *x, const void *w, int n_tok, int n_in,
+                          int n_out)
 {
     if (n_tok <= 0 || n_out <= 0) return;
     if (n_in <= 0) {                          /* empty sums */
         memset(out, 0, (size_t)n_tok * (size_t)n_out * sizeof *out);
         return;
     }
-    struct drive_job j = { .args = { out, x, w, n_tok, n_in, n_out }, .block = block };
+    struct drive_job j = {
+        .args = { out, *x, w, ebb_row_bytes(type, (uint64_t)n_in), n_tok, n_in, n_out },
+        .block = block,
+    };
     int threads = ebb_pool_threads(pool);
     double flops = 2.0 * n_tok * n_in * (double)n_out;
     if (threads == 1 || flops < MIN_PARALLEL_FLOPS) {
         block(&j.args, 0, n_tok, 0, n_out);
         return;
     }
-    j.split = plan_split(threads, n_tok, n_out, row_align, 3);
+    j.split = plan_split(threads, n_tok, n_out, row_align, tok_align);
     ebb_pool_run(pool, drive_piece, &j, j.split.row_pieces * j.split.tok_pieces);
 }
 
-/* The quantized sibling: same split, integer operands. Every output is
- * computed whole by one block call (or, across input chunks, by one thread),
- * so the split changes nothing in the result: batch invariance is the
- * kernels' business and holds by construction (see ops.h). */
-struct qdrive_job {
-    const struct qmatmul_args *args;
-    qmatmul_block_fn block;
-    struct split split;
-};
+/* ----------------------------------------------------------------- tables */
 
-static void qdrive_piece(void *vp, int i, int n)
-{
-    (void)n;
-    const struct qdrive_job *j = vp;
-    int t0, t1, o0, o1;
-    if (piece_bounds(&j->split, i, j->args->n_tok, j->args->n_out, &t0, &t1, &o0, &o1))
-        j->block(j->args, t0, t1, o0, o1);
+/* One complete table per path, each op named ebb_cpu_<op>_<isa> (ops.h).
+ * `own` names the path's products and vector ops, `shared` the path whose
+ * quantize_act, hadamard64, attention and KV-row ops it uses. AVX-512 takes
+ * those from AVX2: they are bound by per-group horizontal work and memory,
+ * not by vector width, and the AVX2 code (which every AVX-512 processor
+ * runs) gives the same bits; its products are its own (VNNI) and so are
+ * its f32 ops (512-bit vectors, masked tails). */
+#define CPU_PATH(own, shared) { \
+    .name = #own, \
+    .matmul = { \
+        [EBB_TYPE_F32] = ebb_cpu_matmul_f32_##own, \
+        [EBB_TYPE_W4G64] = ebb_cpu_matmul_w4g64_##own, \
+        [EBB_TYPE_Q8_0] = ebb_cpu_matmul_q8_0_##own, \
+    }, \
+    .rmsnorm_f32 = ebb_cpu_rmsnorm_##own, \
+    .softmax_f32 = ebb_cpu_softmax_##own, \
+    .swiglu_f32 = ebb_cpu_swiglu_##own, \
+    .add_f32 = ebb_cpu_add_##own, \
+    .quantize_act = ebb_cpu_quantize_act_##shared, \
+    .hadamard64 = ebb_cpu_hadamard64_##shared, \
+    .attn_scores = ebb_cpu_attn_scores_##shared, \
+    .attn_values = ebb_cpu_attn_values_##shared, \
+    .kv_rows_f16 = ebb_cpu_kv_rows_f16_##shared, \
+    .kv_rows_q = ebb_cpu_kv_rows_q_##shared, \
 }
 
-void ebb_cpu_qmatmul_drive(struct ebb_pool *pool, qmatmul_block_fn block, int row_align, int tok_align,
-                           const struct qmatmul_args *a)
-{
-    if (a->n_tok <= 0 || a->n_out <= 0) return;
-    if (a->n_in <= 0) {
-        memset(a->out, 0, (size_t)a->n_tok * (size_t)a->n_out * sizeof *a->out);
-        return;
-    }
-    int threads = ebb_pool_threads(pool);
-    double flops = 2.0 * a->n_tok * a->n_in * (double)a->n_out;
-    if (threads == 1 || flops < MIN_PARALLEL_FLOPS) {
-        block(a, 0, a->n_tok, 0, a->n_out);
-        return;
-    }
-    struct qdrive_job j = { .args = a, .block = block };
-    j.split = plan_split(threads, a->n_tok, a->n_out, row_align, tok_align);
-    ebb_pool_run(pool, qdrive_piece, &j, j.split.row_pieces * j.split.tok_pieces);
-}
+static const struct ebb_backend cpu_scalar = CPU_PATH(scalar, scalar);
+#if defined(__x86_64__) || defined(__i386__)
+static const struct ebb_backend cpu_avx2 = CPU_PATH(avx2, avx2);
+static const struct ebb_backend cpu_avx512 = CPU_PATH(avx512, avx2);
+#endif
 
 /* ----------------------------------------------------------------- choice */
 
@@ -160,30 +162,12 @@ static int can_run(const char *name)
     return 0;
 }
 
-/* Each ISA table plus the attention and KV-row ops of kvq_ops_*.c (AVX-512 uses the
- * AVX2 ones), filled once. */
-static struct ebb_backend tables[3];
-static pthread_once_t tables_once = PTHREAD_ONCE_INIT;
-
-static void fill_tables(void)
-{
-    tables[0] = ebb_cpu_scalar;
-    ebb_cpu_kvq_ops_scalar(&tables[0]);
-#if defined(__x86_64__) || defined(__i386__)
-    tables[1] = ebb_cpu_avx2;
-    ebb_cpu_kvq_ops_avx2(&tables[1]);
-    tables[2] = ebb_cpu_avx512;
-    ebb_cpu_kvq_ops_avx2(&tables[2]);
-#endif
-}
-
 static const struct ebb_backend *path_by_name(const char *name)
 {
-    pthread_once(&tables_once, fill_tables);
-    if (strcmp(name, "scalar") == 0) return &tables[0];
+    if (strcmp(name, "scalar") == 0) return &cpu_scalar;
 #if defined(__x86_64__) || defined(__i386__)
-    if (strcmp(name, "avx2") == 0) return &tables[1];
-    if (strcmp(name, "avx512") == 0) return &tables[2];
+    if (strcmp(name, "avx2") == 0) return &cpu_avx2;
+    if (strcmp(name, "avx512") == 0) return &cpu_avx512;
 #endif
     return NULL;
 }

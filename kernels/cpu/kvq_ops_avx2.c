@@ -8,11 +8,12 @@
  * zero vectors in the unused slots, so a pair's bits never depend on the
  * tile it landed in. Values: a chunk of 64 outputs stays in eight registers
  * while the rows stream past (one broadcast and eight FMAs per row).
+ * These are the AVX-512 path's too (its table takes them from here).
  * Row conversions: groups of 64 (every head size that is a multiple of 64)
  * decode a group's codes with one 32-byte load (4-bit: low nibbles are
  * values 0..31, high nibbles 32..63); smaller groups use the scalar code.
  */
-#include "kernels/cpu/kvq_ops.h"
+#include "kernels/cpu/ops.h"
 
 #include <immintrin.h>
 
@@ -78,7 +79,7 @@ static const score_tile_fn score_tiles[5][3] = {
     [3] = {NULL, score_tile_3x1, score_tile_3x2}, [4] = {NULL, score_tile_4x1, score_tile_4x2},
 };
 
-static void scores(float *s, size_t s_stride, const float *q, size_t q_stride, int n_q, const float *k,
+void ebb_cpu_attn_scores_avx2(float *s, size_t s_stride, const float *q, size_t q_stride, int n_q, const float *k,
                    size_t k_stride, int n_rows, int n) {
     for (int j = 0; j < n_q; j += 4) {
         const int M = n_q - j < 4 ? n_q - j : 4;
@@ -90,7 +91,7 @@ static void scores(float *s, size_t s_stride, const float *q, size_t q_stride, i
     }
 }
 
-static void values(float *y, const float *p, const float *v, size_t v_stride, int n_rows, int n) {
+void ebb_cpu_attn_values_avx2(float *y, const float *p, const float *v, size_t v_stride, int n_rows, int n) {
     int i = 0;
     for (; i + 64 <= n; i += 64) {          /* 64 outputs in registers across the rows */
         __m256 acc[8];
@@ -118,7 +119,7 @@ ALWAYS_INLINE const uint8_t *row_at(const void *base, size_t stride, int r) {
     return (const uint8_t *)base + (size_t)r * stride;
 }
 
-static void rows_f16(float *out, const uint16_t *rows, size_t stride, int n_rows, int n) {
+void ebb_cpu_kv_rows_f16_avx2(float *out, const uint16_t *rows, size_t stride, int n_rows, int n) {
     for (int r = 0; r < n_rows; r++) {
         const uint16_t *row = (const uint16_t *)(const void *)row_at(rows, stride, r);
         float *o = out + (size_t)r * n;
@@ -168,22 +169,9 @@ ALWAYS_INLINE void rows_g64(const int bits, float *out, const uint8_t *codes, co
     }
 }
 
-static void rows_q8(float *out, const uint8_t *codes, const uint16_t *dm, size_t stride, int n_rows, int n,
-                    int group) {
-    if (group != 64) ebb_kv_rows_q8_scalar(out, codes, dm, stride, n_rows, n, group);
-    else rows_g64(8, out, codes, dm, stride, n_rows, n);
-}
-
-static void rows_q4(float *out, const uint8_t *codes, const uint16_t *dm, size_t stride, int n_rows, int n,
-                    int group) {
-    if (group != 64) ebb_kv_rows_q4_scalar(out, codes, dm, stride, n_rows, n, group);
+void ebb_cpu_kv_rows_q_avx2(float *out, const uint8_t *codes, const uint16_t *dm, size_t stride, int n_rows, int n,
+                            int bits, int group) {
+    if (group != 64) ebb_cpu_kv_rows_q_scalar(out, codes, dm, stride, n_rows, n, bits, group);
+    else if (bits == 8) rows_g64(8, out, codes, dm, stride, n_rows, n);
     else rows_g64(4, out, codes, dm, stride, n_rows, n);
-}
-
-void ebb_cpu_kvq_ops_avx2(struct ebb_backend *be) {
-    be->attn_scores = scores;
-    be->attn_values = values;
-    be->kv_rows_f16 = rows_f16;
-    be->kv_rows_q8 = rows_q8;
-    be->kv_rows_q4 = rows_q4;
 }

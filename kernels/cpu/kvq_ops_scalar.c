@@ -1,8 +1,8 @@
 /* Attention and KV-row ops, portable C: the definition the SIMD versions
  * repeat bit for bit (backend.h spells the arithmetic out), and the path for
- * quantization groups smaller than 64.
+ * quantization groups smaller than 64. The AVX-512 path uses the AVX2 ones.
  */
-#include "kernels/cpu/kvq_ops.h"
+#include "kernels/cpu/ops.h"
 
 #include <math.h>
 
@@ -19,33 +19,33 @@ static float dot8(const float *a, const float *b, int n) {
     return ((l[0] + l[1]) + (l[2] + l[3])) + ((l[4] + l[5]) + (l[6] + l[7]));
 }
 
-static void scores(float *s, size_t s_stride, const float *q, size_t q_stride, int n_q, const float *k,
+void ebb_cpu_attn_scores_scalar(float *s, size_t s_stride, const float *q, size_t q_stride, int n_q, const float *k,
                    size_t k_stride, int n_rows, int n) {
     for (int j = 0; j < n_q; j++)
         for (int r = 0; r < n_rows; r++) s[(size_t)j * s_stride + r] = dot8(q + (size_t)j * q_stride, k + (size_t)r * k_stride, n);
 }
 
-static void values(float *y, const float *p, const float *v, size_t v_stride, int n_rows, int n) {
+void ebb_cpu_attn_values_scalar(float *y, const float *p, const float *v, size_t v_stride, int n_rows, int n) {
     for (int r = 0; r < n_rows; r++)
         for (int i = 0; i < n; i++) y[i] = fmaf(p[r], v[(size_t)r * v_stride + i], y[i]);
 }
 
-static void rows_f16(float *out, const uint16_t *rows, size_t stride, int n_rows, int n) {
+void ebb_cpu_kv_rows_f16_scalar(float *out, const uint16_t *rows, size_t stride, int n_rows, int n) {
     for (int r = 0; r < n_rows; r++) {
         const uint16_t *row = (const uint16_t *)(const void *)row_bytes(rows, stride, r);
         for (int i = 0; i < n; i++) out[(size_t)r * n + i] = ebb_f16_to_f32(row[i]);
     }
 }
 
-/* Code i of a group (bits 8 or 4, nibble layout in backend.h). */
+/* Code i of a group (bits 8 or 4; the KV8/KV4 row format, kernels/formats.h). */
 static int code_at(const uint8_t *c, int bits, int group, int i) {
     if (bits == 8) return c[i];
     int half = group / 2;
     return i < half ? c[i] & 15 : c[i - half] >> 4;
 }
 
-static void rows_q(int bits, float *out, const uint8_t *codes, const uint16_t *dm, size_t stride, int n_rows, int n,
-                   int group) {
+void ebb_cpu_kv_rows_q_scalar(float *out, const uint8_t *codes, const uint16_t *dm, size_t stride, int n_rows, int n,
+                              int bits, int group) {
     const int group_bytes = group * bits / 8;
     for (int r = 0; r < n_rows; r++) {
         const uint8_t *c = row_bytes(codes, stride, r);
@@ -56,22 +56,4 @@ static void rows_q(int bits, float *out, const uint8_t *codes, const uint16_t *d
                 out[(size_t)r * n + g * group + i] = fmaf(d, (float)code_at(c + g * group_bytes, bits, group, i), m);
         }
     }
-}
-
-void ebb_kv_rows_q8_scalar(float *out, const uint8_t *codes, const uint16_t *dm, size_t stride, int n_rows, int n,
-                           int group) {
-    rows_q(8, out, codes, dm, stride, n_rows, n, group);
-}
-
-void ebb_kv_rows_q4_scalar(float *out, const uint8_t *codes, const uint16_t *dm, size_t stride, int n_rows, int n,
-                           int group) {
-    rows_q(4, out, codes, dm, stride, n_rows, n, group);
-}
-
-void ebb_cpu_kvq_ops_scalar(struct ebb_backend *be) {
-    be->attn_scores = scores;
-    be->attn_values = values;
-    be->kv_rows_f16 = rows_f16;
-    be->kv_rows_q8 = ebb_kv_rows_q8_scalar;
-    be->kv_rows_q4 = ebb_kv_rows_q4_scalar;
 }

@@ -1,52 +1,55 @@
-/* Private to kernels/cpu: what each instruction-set file provides and the
- * shared matmul driver they plug into.
+/* Private to kernels/cpu: the ops each instruction-set file provides, the
+ * shared matmul driver they plug into, and the float steps every path of the
+ * quantized ops repeats.
  *
- * Each ISA file (ops_scalar.c, ops_avx2.c, ops_avx512.c) is compiled with its
- * own flags and exports one `struct ebb_backend`. The threading and the split
- * of a matmul into blocks live once, in backend_cpu.c (compiled without ISA
- * flags); the ISA files only supply a block kernel that computes a rectangle
- * of outputs single-threaded.
+ * Each ISA file is compiled with its own flags and exports its ops as
+ * ebb_cpu_<op>_<isa>; backend_cpu.c (compiled without ISA flags) puts them in
+ * one const table per path. The threading and the split of a matmul into
+ * blocks live once, in backend_cpu.c; the ISA files only supply a block
+ * kernel that computes a rectangle of outputs single-threaded.
  */
 #ifndef EBB_KERNELS_CPU_OPS_H
 #define EBB_KERNELS_CPU_OPS_H
 #include "kernels/backend.h"
+#include "kernels/formats.h"
 
 #include <stddef.h>
 #include <stdint.h>
 
-/* A rectangle of a matmul: tokens [t0, t1) x output rows [o0, o1), over the
- * whole input dimension. out, x and w are the full matrices of the op. */
+/* A matmul as its block kernels see it: the activations, n_out weight rows of
+ * row_bytes each (the weight type's row of n_in values), the output. */
 struct matmul_args {
     float *out;
-    const float *x;
-    const float *w;
-    int n_tok, n_in, n_out;
-};
-typedef void (*matmul_block_fn)(const struct matmul_args *a, int t0, int t1, int o0, int o1);
-
-/* Splits a matmul over the pool and calls block() on each piece.
- * row_align: output rows per piece are a multiple of this (the kernel's
- * register tile height), except at the end. */
-void ebb_cpu_matmul_drive(struct ebb_pool *pool, matmul_block_fn block, int row_align,
-                          float *out, const float *x, const float *w,
-                          int n_tok, int n_in, int n_out);
-
-/* The quantized matmuls (matmul_w4a8, matmul_q8a8) go through the same
- * splitter; their operands are int8 activation codes with one f32 scale per
- * 64 channels (kernels/formats.h) and rows of 34-byte weight blocks (W4G64:
- * 64 inputs per block, Q8_0: 32). tok_align: tokens per piece are a multiple
- * of this (the kernel's token tile), except at the end. */
-struct qmatmul_args {
-    float *out;
-    const int8_t *q;          /* n_tok x n_in codes */
-    const float *s;           /* n_tok x n_in/64 scales */
-    const uint8_t *w;         /* n_out rows of row_bytes */
+    struct ebb_act x;
+    const uint8_t *w;
     size_t row_bytes;
     int n_tok, n_in, n_out;
 };
-typedef void (*qmatmul_block_fn)(const struct qmatmul_args *a, int t0, int t1, int o0, int o1);
-void ebb_cpu_qmatmul_drive(struct ebb_pool *pool, qmatmul_block_fn block, int row_align, int tok_align,
-                           const struct qmatmul_args *args);
+
+static inline const uint8_t *weight_row(const struct matmul_args *a, int o)
+{
+    return a->w + (size_t)o * a->row_bytes;
+}
+
+/* Computes tokens [t0, t1) x output rows [o0, o1) over the whole input
+ * dimension, single-threaded. */
+typedef void (*matmul_block_fn)(const struct matmul_args *a, int t0, int t1, int o0, int o1);
+
+/* Splits a matmul of weight type `type` over the pool and calls block() on
+ * each piece. row_align: output rows per piece are a multiple of this (the
+ * kernel's register tile height), except at the end; tok_align likewise for
+ * tokens (the kernel's token tile). Every output is computed whole by one
+ * block call, so the split changes nothing in the result: batch invariance
+ * is the kernels' business. */
+void ebb_cpu_matmul_drive(struct ebb_pool *pool, enum ebb_type type, matmul_block_fn block, int row_align,
+                          int tok_align, float *out, const struct ebb_act *x, const void *w, int n_tok, int n_in,
+                          int n_out);
+
+/* Defines the table entry `name` (an ebb_matmul_fn) as the driver over block. */
+#define EBB_CPU_MATMUL(name, type, block, row_align, tok_align) \
+    void name(struct ebb_pool *pool, float *out, const struct ebb_act *x, const void *w, int n_tok, int n_in, \
+              int n_out) \
+    { ebb_cpu_matmul_drive(pool, type, block, row_align, tok_align, out, x, w, n_tok, n_in, n_out); }
 
 /* The float arithmetic every path of the quantized ops repeats exactly, so
  * that all paths agree bit for bit (integer sums are exact; what remains is
@@ -74,19 +77,49 @@ static inline float act_inverse(float amax, float qmax, float *scale)
     return inv < 3.40282347e38f ? inv : 3.40282347e38f;
 }
 
-/* Quantized ops of each path (quant_scalar.c, quant_avx2.c, quant_avx512.c). */
-#define EBB_CPU_QUANT_OPS(isa) \
-    void ebb_cpu_quantize_act_##isa(const float *x, int n_tok, int n, int n_hi, int8_t *q, float *s); \
-    void ebb_cpu_matmul_w4a8_##isa(struct ebb_pool *pool, float *out, const int8_t *q, const float *s, \
-                                   const void *w, int n_tok, int n_in, int n_out); \
-    void ebb_cpu_matmul_q8a8_##isa(struct ebb_pool *pool, float *out, const int8_t *q, const float *s, \
-                                   const void *w, int n_tok, int n_in, int n_out); \
-    void ebb_cpu_hadamard64_##isa(float *x, int n);
-EBB_CPU_QUANT_OPS(scalar)
-EBB_CPU_QUANT_OPS(avx2)
-EBB_CPU_QUANT_OPS(avx512)
+/* quantize_act's walk, the same on every path: each token's groups of
+ * EBB_ACT_GROUP, the first n_hi (clamped to [0, groups]) at 8 bits, through
+ * the path's group quantizer (inlined where the caller is). */
+typedef void (*act_group_fn)(const float *x, float qmax, int8_t *q, float *s);
+static inline __attribute__((always_inline)) void act_each_group(const float *x, int n_tok, int n, int n_hi,
+                                                                 int8_t *q, float *s, act_group_fn group)
+{
+    int groups = n / EBB_ACT_GROUP;
+    if (n_hi < 0) n_hi = 0;
+    if (n_hi > groups) n_hi = groups;
+    for (int t = 0; t < n_tok; t++)
+        for (int g = 0; g < groups; g++) {
+            size_t at = (size_t)t * n + (size_t)g * EBB_ACT_GROUP;
+            group(x + at, g < n_hi ? 127.0f : 7.0f, q + at, s + (size_t)t * groups + g);
+        }
+}
 
-extern const struct ebb_backend ebb_cpu_scalar;
-extern const struct ebb_backend ebb_cpu_avx2;
-extern const struct ebb_backend ebb_cpu_avx512;
+/* The ops every path has in its own version: products and vector ops
+ * (ops_<isa>.c, matmul_x86.h, quant_<isa>.c). */
+#define EBB_CPU_OWN_OPS(isa) \
+    void ebb_cpu_matmul_f32_##isa(struct ebb_pool *, float *, const struct ebb_act *, const void *, int, int, int); \
+    void ebb_cpu_matmul_w4g64_##isa(struct ebb_pool *, float *, const struct ebb_act *, const void *, int, int, int); \
+    void ebb_cpu_matmul_q8_0_##isa(struct ebb_pool *, float *, const struct ebb_act *, const void *, int, int, int); \
+    void ebb_cpu_rmsnorm_##isa(float *out, const float *x, const float *g, int n, float eps); \
+    void ebb_cpu_softmax_##isa(float *x, int n); \
+    void ebb_cpu_swiglu_##isa(float *gate, const float *up, int n); \
+    void ebb_cpu_add_##isa(float *y, const float *x, int n);
+EBB_CPU_OWN_OPS(scalar)
+EBB_CPU_OWN_OPS(avx2)
+EBB_CPU_OWN_OPS(avx512)
+
+/* The ops AVX-512 takes from AVX2 (backend_cpu.c says why): activation
+ * quantization and the Hadamard (quant_<isa>.c), attention and KV rows
+ * (kvq_ops_<isa>.c). */
+#define EBB_CPU_SHARED_OPS(isa) \
+    void ebb_cpu_quantize_act_##isa(const float *x, int n_tok, int n, int n_hi, int8_t *q, float *s); \
+    void ebb_cpu_hadamard64_##isa(float *x, int n); \
+    void ebb_cpu_attn_scores_##isa(float *s, size_t s_stride, const float *q, size_t q_stride, int n_q, \
+                                   const float *k, size_t k_stride, int n_rows, int n); \
+    void ebb_cpu_attn_values_##isa(float *y, const float *p, const float *v, size_t v_stride, int n_rows, int n); \
+    void ebb_cpu_kv_rows_f16_##isa(float *out, const uint16_t *rows, size_t stride, int n_rows, int n); \
+    void ebb_cpu_kv_rows_q_##isa(float *out, const uint8_t *codes, const uint16_t *dm, size_t stride, \
+                                 int n_rows, int n, int bits, int group);
+EBB_CPU_SHARED_OPS(scalar)
+EBB_CPU_SHARED_OPS(avx2)
 #endif

@@ -29,36 +29,28 @@ static float dot_scalar(const float *a, const float *b, int n)
 static void matmul_block_scalar(const struct matmul_args *a, int t0, int t1, int o0, int o1)
 {
     for (int t = t0; t < t1; t++) {
-        const float *xt = a->x + (size_t)t * a->n_in;
+        const float *xt = a->x.f + (size_t)t * a->n_in;
         float *ot = a->out + (size_t)t * a->n_out;
-        for (int o = o0; o < o1; o++) ot[o] = dot_scalar(xt, a->w + (size_t)o * a->n_in, a->n_in);
+        for (int o = o0; o < o1; o++)
+            ot[o] = dot_scalar(xt, (const float *)(const void *)weight_row(a, o), a->n_in);
     }
 }
 
-static void matmul_scalar(struct ebb_pool *pool, float *out, const float *x, const float *w,
-                          int n_tok, int n_in, int n_out)
-{
-    ebb_cpu_matmul_drive(pool, matmul_block_scalar, 1, out, x, w, n_tok, n_in, n_out);
-}
+EBB_CPU_MATMUL(ebb_cpu_matmul_f32_scalar, EBB_TYPE_F32, matmul_block_scalar, 1, 3)
 
-static void axpy_scalar(float *y, float alpha, const float *x, int n)
-{
-    for (int i = 0; i < n; i++) y[i] += alpha * x[i];
-}
-
-static void add_scalar(float *y, const float *x, int n)
+void ebb_cpu_add_scalar(float *y, const float *x, int n)
 {
     for (int i = 0; i < n; i++) y[i] += x[i];
 }
 
-static void rmsnorm_scalar(float *out, const float *x, const float *g, int n, float eps)
+void ebb_cpu_rmsnorm_scalar(float *out, const float *x, const float *g, int n, float eps)
 {
     float ss = dot_scalar(x, x, n);
     float scale = 1.0f / sqrtf(ss / (float)n + eps);
     for (int i = 0; i < n; i++) out[i] = x[i] * scale * g[i];
 }
 
-static void softmax_scalar(float *x, int n)
+void ebb_cpu_softmax_scalar(float *x, int n)
 {
     if (n <= 0) return;
     float max = x[0];
@@ -72,25 +64,10 @@ static void softmax_scalar(float *x, int n)
     for (int i = 0; i < n; i++) x[i] *= inv;
 }
 
-static void swiglu_scalar(float *gate, const float *up, int n)
+void ebb_cpu_swiglu_scalar(float *gate, const float *up, int n)
 {
     for (int i = 0; i < n; i++) {
         float g = gate[i];
         gate[i] = g / (1.0f + expf(-g)) * up[i];
     }
 }
-
-const struct ebb_backend ebb_cpu_scalar = {
-    .name = "scalar",
-    .matmul_f32 = matmul_scalar,
-    .dot_f32 = dot_scalar,
-    .axpy_f32 = axpy_scalar,
-    .rmsnorm_f32 = rmsnorm_scalar,
-    .softmax_f32 = softmax_scalar,
-    .swiglu_f32 = swiglu_scalar,
-    .add_f32 = add_scalar,
-    .quantize_act = ebb_cpu_quantize_act_scalar,         /* quant_scalar.c */
-    .matmul_w4a8 = ebb_cpu_matmul_w4a8_scalar,
-    .matmul_q8a8 = ebb_cpu_matmul_q8a8_scalar,
-    .hadamard64 = ebb_cpu_hadamard64_scalar,
-};

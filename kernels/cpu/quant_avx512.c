@@ -1,5 +1,6 @@
-/* Quantized ops, AVX-512 VNNI: the kernels are in quant_x86.h (read its
- * comment); this file supplies the VNNI integer dot steps.
+/* Quantized matmuls, AVX-512 VNNI: the kernels are in quant_x86.h (read its
+ * comment); this file supplies the VNNI integer dot steps. (The AVX-512
+ * path's quantize_act and hadamard64 are AVX2's, quant_avx2.c.)
  *
  * vpdpbusd multiplies unsigned by signed bytes and adds each four products
  * into an int32 lane, exactly (no saturation), in one instruction. It is used

@@ -18,7 +18,6 @@
 
 #include <math.h>
 
-#define BLOCK_BYTES 34        /* both W4G64 (64 values) and Q8_0 (32 values) */
 
 static float block_scale(const uint8_t *b) { return ebb_f16_to_f32((uint16_t)(b[0] | (b[1] << 8))); }
 
@@ -38,22 +37,18 @@ static void quantize_group(const float *x, float qmax, int8_t *q, float *s)
 
 void ebb_cpu_quantize_act_scalar(const float *x, int n_tok, int n, int n_hi, int8_t *q, float *s)
 {
-    int groups = n / EBB_ACT_GROUP;
-    if (n_hi < 0) n_hi = 0;
-    if (n_hi > groups) n_hi = groups;
-    for (int t = 0; t < n_tok; t++)
-        for (int g = 0; g < groups; g++) {
-            size_t at = (size_t)t * n + (size_t)g * EBB_ACT_GROUP;
-            quantize_group(x + at, g < n_hi ? 127.0f : 7.0f, q + at, s + (size_t)t * groups + g);
-        }
+    act_each_group(x, n_tok, n, n_hi, q, s, quantize_group);
 }
 
 /* ---------------------------------------------------------------- matmuls */
 
-static float row_w4a8(const uint8_t *w, const int8_t *q, const float *s, int groups)
+/* One output: weight row w against one token's codes q and group scales s. */
+typedef float (*row_dot_fn)(const uint8_t *w, const int8_t *q, const float *s, int n_in);
+
+static float row_w4g64(const uint8_t *w, const int8_t *q, const float *s, int n_in)
 {
     float acc = 0;
-    for (int g = 0; g < groups; g++, w += BLOCK_BYTES, q += EBB_W4G64_GROUP) {
+    for (int g = 0; g < n_in / EBB_W4G64_GROUP; g++, w += EBB_W4G64_BLOCK_BYTES, q += EBB_W4G64_GROUP) {
         const uint8_t *qs = w + 2;
         int32_t isum = 0;
         for (int j = 0; j < EBB_W4G64_GROUP / 2; j++)
@@ -63,52 +58,40 @@ static float row_w4a8(const uint8_t *w, const int8_t *q, const float *s, int gro
     return acc;
 }
 
-static float row_q8a8(const uint8_t *w, const int8_t *q, const float *s, int blocks)
+static float row_q8_0(const uint8_t *w, const int8_t *q, const float *s, int n_in)
 {
     float acc = 0;
-    for (int b = 0; b < blocks; b++, w += BLOCK_BYTES, q += 32) {
+    for (int b = 0; b < n_in / EBB_Q8_0_GROUP; b++, w += EBB_Q8_0_BLOCK_BYTES, q += EBB_Q8_0_GROUP) {
         const int8_t *qs = (const int8_t *)(w + 2);
         int32_t isum = 0;
-        for (int j = 0; j < 32; j++) isum += qs[j] * q[j];
-        acc = fmaf((float)isum, block_scale(w) * s[b / 2], acc);
+        for (int j = 0; j < EBB_Q8_0_GROUP; j++) isum += qs[j] * q[j];
+        acc = fmaf((float)isum, block_scale(w) * s[b * EBB_Q8_0_GROUP / EBB_ACT_GROUP], acc);
     }
     return acc;
 }
 
-static void block_w4a8_scalar(const struct qmatmul_args *a, int t0, int t1, int o0, int o1)
+/* Every output of the rectangle, one row_dot each. */
+static inline void each_output(const struct matmul_args *a, int t0, int t1, int o0, int o1, row_dot_fn dot)
 {
     int groups = a->n_in / EBB_ACT_GROUP;
     for (int t = t0; t < t1; t++)
         for (int o = o0; o < o1; o++)
-            a->out[(size_t)t * a->n_out + o] = row_w4a8(a->w + (size_t)o * a->row_bytes,
-                                                        a->q + (size_t)t * a->n_in,
-                                                        a->s + (size_t)t * groups, groups);
+            a->out[(size_t)t * a->n_out + o] = dot(weight_row(a, o), a->x.q + (size_t)t * a->n_in,
+                                                   a->x.s + (size_t)t * groups, a->n_in);
 }
 
-static void block_q8a8_scalar(const struct qmatmul_args *a, int t0, int t1, int o0, int o1)
+static void block_w4g64(const struct matmul_args *a, int t0, int t1, int o0, int o1)
 {
-    int groups = a->n_in / EBB_ACT_GROUP;
-    for (int t = t0; t < t1; t++)
-        for (int o = o0; o < o1; o++)
-            a->out[(size_t)t * a->n_out + o] = row_q8a8(a->w + (size_t)o * a->row_bytes,
-                                                        a->q + (size_t)t * a->n_in,
-                                                        a->s + (size_t)t * groups, a->n_in / 32);
+    each_output(a, t0, t1, o0, o1, row_w4g64);
 }
 
-void ebb_cpu_matmul_w4a8_scalar(struct ebb_pool *pool, float *out, const int8_t *q, const float *s,
-                                const void *w, int n_tok, int n_in, int n_out)
+static void block_q8_0(const struct matmul_args *a, int t0, int t1, int o0, int o1)
 {
-    struct qmatmul_args a = { out, q, s, w, (size_t)(n_in / EBB_W4G64_GROUP) * BLOCK_BYTES,
-                              n_tok, n_in, n_out };
-    ebb_cpu_qmatmul_drive(pool, block_w4a8_scalar, 1, 1, &a);
+    each_output(a, t0, t1, o0, o1, row_q8_0);
 }
 
-void ebb_cpu_matmul_q8a8_scalar(struct ebb_pool *pool, float *out, const int8_t *q, const float *s,
-                                const void *w, int n_tok, int n_in, int n_out)
-{
-    struct qmatmul_args a = { out, q, s, w, (size_t)(n_in / 32) * BLOCK_BYTES, n_tok, n_in, n_out };
-    ebb_cpu_qmatmul_drive(pool, block_q8a8_scalar, 1, 1, &a);
-}
+EBB_CPU_MATMUL(ebb_cpu_matmul_w4g64_scalar, EBB_TYPE_W4G64, block_w4g64, 1, 1)
+EBB_CPU_MATMUL(ebb_cpu_matmul_q8_0_scalar, EBB_TYPE_Q8_0, block_q8_0, 1, 1)
 
 /* -------------------------------------------------------------- hadamard64 */
 

@@ -1,4 +1,4 @@
-/* Quantized ops for x86 SIMD, written once for AVX2 and AVX-512 VNNI.
+/* The quantized matmuls for x86 SIMD, written once for AVX2 and AVX-512 VNNI.
  *
  * Included by quant_avx2.c and quant_avx512.c (each compiled with its own ISA
  * flags), which first define QX_ISA (the name suffix) and the integer steps,
@@ -13,21 +13,9 @@
  *
  * Exactness. Every path must give the scalar path's bits (quant_scalar.c,
  * float steps in ops.h). Integer sums are exact in any order, so the only
- * care is in the float steps:
- * - quantize_act: absmax is a max (exact); scale and inverse come from the
- *   same act_inverse() as the scalar path; codes are round-half-away-from-
- *   zero of one rounded product, done as trunc plus a correction when the
- *   dropped fraction is >= 0.5 (exact for every float; the rounding
- *   instructions only know ties-to-even). The product is passed through an
- *   empty asm (opaque()) first: built as gnu11 (-ffp-contract=fast), GCC may
- *   fuse a product and the subtraction that uses it into an FMA, skipping
- *   the product's rounding (it happens not to here today; the barrier makes
- *   that a guarantee rather than luck).
- * - matmuls: per output, acc = fma((float)isum, d * s, acc) block after block
- *   in order, with the FMA instruction; d comes from vcvtph2ps, which is exact.
- * - hadamard64: the same butterflies in the same stage order as the scalar
- *   path (a + b and a - b, the latter computed as a + (-b), which IEEE defines
- *   as the same thing), then * 0.125.
+ * care is in the float steps: per output, acc = fma((float)isum, d * s, acc)
+ * block after block in order, with the FMA instruction; d comes from
+ * vcvtph2ps, which is exact.
  *
  * Matmul design. Both weight formats have 34-byte blocks (W4G64: f16 d + 32
  * bytes of nibbles for 64 inputs; Q8_0: f16 d + 32 int8 for 32 inputs). The
@@ -80,78 +68,13 @@
 
 #define ALWAYS_INLINE static inline __attribute__((always_inline))
 
-#define BLOCK_BYTES 34        /* W4G64 (64 inputs) and Q8_0 (32 inputs) alike */
+#define BLOCK_BYTES EBB_W4G64_BLOCK_BYTES   /* W4G64 (64 inputs) and Q8_0 (32 inputs) alike */
+_Static_assert(EBB_W4G64_BLOCK_BYTES == EBB_Q8_0_BLOCK_BYTES, "one block walk for both weight types");
 #define TB 32                 /* tokens per block (multiple of 4) */
 #define KG 32                 /* most groups of 64 inputs per chunk */
 #define PF_TILES 1            /* decode: prefetch distance, in tiles of rows */
 
 enum { KIND_W4 = 0, KIND_Q8 = 1 };
-
-/* v, opaque to the optimizer: stops a product from being fused into the
- * arithmetic that follows it. */
-ALWAYS_INLINE __m256 opaque(__m256 v)
-{
-    __asm__("" : "+x"(v));
-    return v;
-}
-
-/* ------------------------------------------------------- activation quant */
-
-/* round(v), halves away from zero, for any float v. */
-ALWAYS_INLINE __m256 round_half_away(__m256 v)
-{
-    const __m256 sign_bit = _mm256_set1_ps(-0.0f);
-    __m256 t = _mm256_round_ps(v, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
-    __m256 frac = _mm256_andnot_ps(sign_bit, _mm256_sub_ps(v, t));          /* exact */
-    __m256 step = _mm256_or_ps(_mm256_set1_ps(1.0f), _mm256_and_ps(v, sign_bit));
-    __m256 up = _mm256_cmp_ps(frac, _mm256_set1_ps(0.5f), _CMP_GE_OQ);
-    return _mm256_add_ps(t, _mm256_and_ps(up, step));
-}
-
-ALWAYS_INLINE void quantize_group(const float *x, float qmax, int8_t *q, float *s)
-{
-    const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
-    __m256 v[8];
-    __m256 m = _mm256_setzero_ps();
-#pragma GCC unroll 8
-    for (int i = 0; i < 8; i++) {
-        v[i] = _mm256_loadu_ps(x + 8 * i);
-        m = _mm256_max_ps(m, _mm256_and_ps(v[i], abs_mask));
-    }
-    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
-    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
-    m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
-    float inv = act_inverse(_mm_cvtss_f32(m4), qmax, s);
-
-    const __m256 vinv = _mm256_set1_ps(inv), hi = _mm256_set1_ps(qmax), lo = _mm256_set1_ps(-qmax);
-    __m256i c[8];
-#pragma GCC unroll 8
-    for (int i = 0; i < 8; i++) {
-        __m256 r = round_half_away(opaque(_mm256_mul_ps(v[i], vinv)));
-        c[i] = _mm256_cvttps_epi32(_mm256_min_ps(_mm256_max_ps(r, lo), hi));
-    }
-    /* Packing interleaves 128-bit lanes; the permute restores the order. */
-    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
-#pragma GCC unroll 2
-    for (int h = 0; h < 2; h++) {
-        __m256i w16a = _mm256_packs_epi32(c[4 * h], c[4 * h + 1]);
-        __m256i w16b = _mm256_packs_epi32(c[4 * h + 2], c[4 * h + 3]);
-        __m256i b8 = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(w16a, w16b), order);
-        _mm256_storeu_si256((__m256i *)(q + 32 * h), b8);
-    }
-}
-
-void QX_FN(ebb_cpu_quantize_act)(const float *x, int n_tok, int n, int n_hi, int8_t *q, float *s)
-{
-    int groups = n / EBB_ACT_GROUP;
-    if (n_hi < 0) n_hi = 0;
-    if (n_hi > groups) n_hi = groups;
-    for (int t = 0; t < n_tok; t++)
-        for (int g = 0; g < groups; g++) {
-            size_t at = (size_t)t * n + (size_t)g * EBB_ACT_GROUP;
-            quantize_group(x + at, g < n_hi ? 127.0f : 7.0f, q + at, s + (size_t)t * groups + g);
-        }
-}
 
 /* ---------------------------------------------------------------- matmuls */
 
@@ -159,7 +82,7 @@ void QX_FN(ebb_cpu_quantize_act)(const float *x, int n_tok, int n, int n_hi, int
  * the sum of each group's codes, token-minor so that MS consecutive tokens
  * are one load. Padded by 4 so a broadcast of 4 never leaves the array. */
 struct qctx {
-    const struct qmatmul_args *a;
+    const struct matmul_args *a;
     int groups, g0, g1, tb;
     int32_t corr[KG][TB + 4];
     float scale[KG][TB + 4];
@@ -182,13 +105,13 @@ ALWAYS_INLINE int32_t sum64_i8(const int8_t *p)
 
 static void fill_ctx(struct qctx *c, int kind, int te)
 {
-    const struct qmatmul_args *a = c->a;
+    const struct matmul_args *a = c->a;
     for (int g = c->g0; g < c->g1; g++) {
         int gl = g - c->g0;
         for (int t = c->tb; t < te; t++) {
-            c->scale[gl][t - c->tb] = a->s[(size_t)t * c->groups + g];
+            c->scale[gl][t - c->tb] = a->x.s[(size_t)t * c->groups + g];
             c->corr[gl][t - c->tb] =
-                kind == KIND_W4 ? 8 * sum64_i8(a->q + (size_t)t * a->n_in + (size_t)g * 64) : 0;
+                kind == KIND_W4 ? 8 * sum64_i8(a->x.q + (size_t)t * a->n_in + (size_t)g * 64) : 0;
         }
         for (int t = te - c->tb; t < TB + 4; t++) {
             c->scale[gl][t] = 0;
@@ -241,18 +164,47 @@ ALWAYS_INLINE __m256 row_scales(const int N, const int MS, const uint8_t *const 
     return d;
 }
 
+/* The lane sums of one weight block (at byte offset off in each of N rows)
+ * with M tokens' codes (at aq_off in each): p[r * MS + m] for row r, token
+ * m, the other slots zero. W4G64 nibbles are unpacked once per row for all
+ * tokens; Q8_0 weights go in as |w|, their sign moved onto the codes. */
+ALWAYS_INLINE void block_dots(const int KIND, const int M, const int N, const int MS, const uint8_t *const *wr,
+                              size_t off, const int8_t *const *qt, size_t aq_off, __m256i p[8])
+{
+    const __m256i nib = _mm256_set1_epi8(0x0f);
+#pragma GCC unroll 8
+    for (int k = 0; k < 8; k++) p[k] = _mm256_setzero_si256();
+#pragma GCC unroll 8
+    for (int r = 0; r < N; r++) {
+        const __m256i v = _mm256_loadu_si256((const __m256i *)(wr[r] + off + 2));
+        if (KIND == KIND_W4) {
+            const __m256i lo = _mm256_and_si256(v, nib), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nib);
+#pragma GCC unroll 4
+            for (int m = 0; m < M; m++)
+                p[r * MS + m] = qx_dot_w4(lo, hi, _mm256_loadu_si256((const __m256i *)(qt[m] + aq_off)),
+                                          _mm256_loadu_si256((const __m256i *)(qt[m] + aq_off + 32)));
+        } else {
+            const __m256i aw = _mm256_abs_epi8(v);
+#pragma GCC unroll 4
+            for (int m = 0; m < M; m++)
+                p[r * MS + m] =
+                    qx_dot_q8(aw, _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)(qt[m] + aq_off)), v));
+        }
+    }
+}
+
 /* One tile: tokens [t, t+M) x rows [o, o+N) over the chunk's groups. The
  * first chunk starts each output from 0, later ones continue from out. */
 ALWAYS_INLINE void tile(const int KIND, const int M, const int N, const struct qctx *c, int t, int o)
 {
     const int MS = M == 1 ? 1 : M == 2 ? 2 : 4;
-    const struct qmatmul_args *a = c->a;
+    const struct matmul_args *a = c->a;
     const int8_t *qt[4];
     const uint8_t *wr[8];
 #pragma GCC unroll 4
-    for (int m = 0; m < M; m++) qt[m] = a->q + (size_t)(t + m) * a->n_in;
+    for (int m = 0; m < M; m++) qt[m] = a->x.q + (size_t)(t + m) * a->n_in;
 #pragma GCC unroll 8
-    for (int r = 0; r < N; r++) wr[r] = a->w + (size_t)(o + r) * a->row_bytes;
+    for (int r = 0; r < N; r++) wr[r] = weight_row(a, o + r);
 
     float lanes[8] = { 0 };
     if (c->g0 > 0)
@@ -260,7 +212,6 @@ ALWAYS_INLINE void tile(const int KIND, const int M, const int N, const struct q
             for (int m = 0; m < M; m++) lanes[r * MS + m] = a->out[(size_t)(t + m) * a->n_out + o + r];
     __m256 acc = _mm256_loadu_ps(lanes);
 
-    const __m256i nib = _mm256_set1_epi8(0x0f);
     const int tl = t - c->tb;
     /* Decode streams its rows from memory once: fetch the rows PF_TILES
      * tiles ahead (contiguous with these), a tile's worth per block step.
@@ -277,20 +228,7 @@ ALWAYS_INLINE void tile(const int KIND, const int M, const int N, const struct q
         if (KIND == KIND_W4) {
             const size_t off = (size_t)g * BLOCK_BYTES;
             __m256i p[8];
-#pragma GCC unroll 8
-            for (int k = 0; k < 8; k++) p[k] = _mm256_setzero_si256();
-#pragma GCC unroll 8
-            for (int r = 0; r < N; r++) {
-                __m256i qs = _mm256_loadu_si256((const __m256i *)(wr[r] + off + 2));
-                __m256i lo = _mm256_and_si256(qs, nib);
-                __m256i hi = _mm256_and_si256(_mm256_srli_epi16(qs, 4), nib);
-#pragma GCC unroll 4
-                for (int m = 0; m < M; m++) {
-                    const int8_t *aq = qt[m] + (size_t)g * 64;
-                    p[r * MS + m] = qx_dot_w4(lo, hi, _mm256_loadu_si256((const __m256i *)aq),
-                                              _mm256_loadu_si256((const __m256i *)(aq + 32)));
-                }
-            }
+            block_dots(KIND_W4, M, N, MS, wr, off, qt, (size_t)g * 64, p);
             __m256i sums = _mm256_sub_epi32(qx_reduce8_w4(p), bcast_epi32(MS, &c->corr[gl][tl]));
             /* Prefill tiles share their rows' scales, converted once per row pair. */
             __m256 ds = _mm256_mul_ps(M == 4 ? _mm256_loadu_ps(c->rowd[gl]) : row_scales(N, MS, wr, off), s);
@@ -299,19 +237,7 @@ ALWAYS_INLINE void tile(const int KIND, const int M, const int N, const struct q
             for (int half = 0; half < 2; half++) {
                 const size_t off = (size_t)(2 * g + half) * BLOCK_BYTES;
                 __m256i p[8];
-#pragma GCC unroll 8
-                for (int k = 0; k < 8; k++) p[k] = _mm256_setzero_si256();
-#pragma GCC unroll 8
-                for (int r = 0; r < N; r++) {
-                    __m256i w = _mm256_loadu_si256((const __m256i *)(wr[r] + off + 2));
-                    __m256i aw = _mm256_abs_epi8(w);
-#pragma GCC unroll 4
-                    for (int m = 0; m < M; m++) {
-                        const int8_t *aq = qt[m] + (size_t)g * 64 + 32 * half;
-                        __m256i sa = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)aq), w);
-                        p[r * MS + m] = qx_dot_q8(aw, sa);
-                    }
-                }
+                block_dots(KIND_Q8, M, N, MS, wr, off, qt, (size_t)g * 64 + 32 * half, p);
                 __m256 ds = _mm256_mul_ps(row_scales(N, MS, wr, off), s);
                 acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(reduce8(p)), ds, acc);
             }
@@ -328,7 +254,7 @@ typedef void (*tile_fn)(const struct qctx *c, int t, int o);
 /* c->rowd for rows [o, o + n), n 1 or 2 (a missing second row scales by 0). */
 static void fill_row_scales(struct qctx *c, int o, int n)
 {
-    const uint8_t *w[2] = { c->a->w + (size_t)o * c->a->row_bytes, c->a->w + (size_t)(o + n - 1) * c->a->row_bytes };
+    const uint8_t *w[2] = { weight_row(c->a, o), weight_row(c->a, o + n - 1) };
     for (int g = c->g0; g < c->g1; g++) {
         __m256 d = row_scales(2, 4, w, (size_t)g * BLOCK_BYTES);
         if (n == 1) d = _mm256_blend_ps(d, _mm256_setzero_ps(), 0xf0);
@@ -360,7 +286,7 @@ static void tile_rows(const tile_fn tiles[9], int M, const struct qctx *c, int t
     const int n_max = M == 1 ? 8 : M == 2 ? 4 : 2;
     if (M == 1) {
         /* Decode: the tiles fetch their successors; start the first one here. */
-        const char *p = (const char *)(c->a->w + (size_t)o0 * c->a->row_bytes);
+        const char *p = (const char *)weight_row(c->a, o0);
         size_t len = (size_t)(o1 - o0 < n_max ? o1 - o0 : n_max) * c->a->row_bytes;
         for (size_t l = 0; l < len; l += 64) _mm_prefetch(p + l, _MM_HINT_T0);
     }
@@ -369,7 +295,7 @@ static void tile_rows(const tile_fn tiles[9], int M, const struct qctx *c, int t
     if (o < o1) tiles[o1 - o](c, t, o);
 }
 
-static void qblock(const int kind, const tile_fn tiles[5][9], const struct qmatmul_args *a,
+static void qblock(const int kind, const tile_fn tiles[5][9], const struct matmul_args *a,
                    int t0, int t1, int o0, int o1)
 {
     struct qctx c;
@@ -396,66 +322,15 @@ static void qblock(const int kind, const tile_fn tiles[5][9], const struct qmatm
     }
 }
 
-static void block_w4(const struct qmatmul_args *a, int t0, int t1, int o0, int o1)
+static void block_w4(const struct matmul_args *a, int t0, int t1, int o0, int o1)
 {
     qblock(KIND_W4, tiles_w4, a, t0, t1, o0, o1);
 }
 
-static void block_q8(const struct qmatmul_args *a, int t0, int t1, int o0, int o1)
+static void block_q8(const struct matmul_args *a, int t0, int t1, int o0, int o1)
 {
     qblock(KIND_Q8, tiles_q8, a, t0, t1, o0, o1);
 }
 
-void QX_FN(ebb_cpu_matmul_w4a8)(struct ebb_pool *pool, float *out, const int8_t *q, const float *s,
-                               const void *w, int n_tok, int n_in, int n_out)
-{
-    struct qmatmul_args a = { out, q, s, w, (size_t)(n_in / EBB_W4G64_GROUP) * BLOCK_BYTES,
-                              n_tok, n_in, n_out };
-    ebb_cpu_qmatmul_drive(pool, block_w4, 8, 4, &a);
-}
-
-void QX_FN(ebb_cpu_matmul_q8a8)(struct ebb_pool *pool, float *out, const int8_t *q, const float *s,
-                               const void *w, int n_tok, int n_in, int n_out)
-{
-    struct qmatmul_args a = { out, q, s, w, (size_t)(n_in / 32) * BLOCK_BYTES, n_tok, n_in, n_out };
-    ebb_cpu_qmatmul_drive(pool, block_q8, 8, 4, &a);
-}
-
-/* -------------------------------------------------------------- hadamard64 */
-
-/* Stage h < 8 inside one vector: lane i pairs with lane i ^ h (y); the lane
- * with bit h clear gets x_i + x_{i^h}, the other x_{i^h} + (-x_i). */
-ALWAYS_INLINE __m256 butterfly_in(__m256 x, __m256 y, __m256 neg_upper)
-{
-    return _mm256_add_ps(y, _mm256_xor_ps(x, neg_upper));
-}
-
-void QX_FN(ebb_cpu_hadamard64)(float *x, int n)
-{
-    const __m256 neg1 = _mm256_castsi256_ps(_mm256_setr_epi32(0, INT32_MIN, 0, INT32_MIN, 0, INT32_MIN, 0, INT32_MIN));
-    const __m256 neg2 = _mm256_castsi256_ps(_mm256_setr_epi32(0, 0, INT32_MIN, INT32_MIN, 0, 0, INT32_MIN, INT32_MIN));
-    const __m256 neg4 = _mm256_castsi256_ps(_mm256_setr_epi32(0, 0, 0, 0, INT32_MIN, INT32_MIN, INT32_MIN, INT32_MIN));
-    const __m256 eighth = _mm256_set1_ps(0.125f);
-    for (int b = 0; b + 64 <= n; b += 64, x += 64) {
-        __m256 v[8];
-#pragma GCC unroll 8
-        for (int i = 0; i < 8; i++) {
-            __m256 u = _mm256_loadu_ps(x + 8 * i);
-            u = butterfly_in(u, _mm256_permute_ps(u, 0xb1), neg1);            /* h = 1 */
-            u = butterfly_in(u, _mm256_permute_ps(u, 0x4e), neg2);            /* h = 2 */
-            v[i] = butterfly_in(u, _mm256_permute2f128_ps(u, u, 0x01), neg4); /* h = 4 */
-        }
-#pragma GCC unroll 3
-        for (int h = 1; h < 8; h <<= 1)                                     /* h = 8, 16, 32 */
-#pragma GCC unroll 4
-            for (int i = 0; i < 8; i += 2 * h)
-#pragma GCC unroll 4
-                for (int j = i; j < i + h; j++) {
-                    __m256 u = v[j], w = v[j + h];
-                    v[j] = _mm256_add_ps(u, w);
-                    v[j + h] = _mm256_sub_ps(u, w);
-                }
-#pragma GCC unroll 8
-        for (int i = 0; i < 8; i++) _mm256_storeu_ps(x + 8 * i, _mm256_mul_ps(v[i], eighth));
-    }
-}
+EBB_CPU_MATMUL(QX_FN(ebb_cpu_matmul_w4g64), EBB_TYPE_W4G64, block_w4, 8, 4)
+EBB_CPU_MATMUL(QX_FN(ebb_cpu_matmul_q8_0), EBB_TYPE_Q8_0, block_q8, 8, 4)

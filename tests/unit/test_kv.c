@@ -69,8 +69,8 @@ static void test_quantize_bounds(void) {
             for (int kind = 0; kind < 6; kind++)
                 for (int rep = 0; rep < 20; rep++) {
                     fill_row(x, n, kind);
-                    kv_quantize_row(bits, x, n, group, codes, dm);
-                    kv_dequantize_row(bits, codes, dm, n, group, y);
+                    ebb_kvq_quantize_row(bits, x, n, group, codes, dm);
+                    ebb_kvq_dequantize_row(bits, codes, dm, n, group, y);
                     for (int g = 0; g < n / group; g++) {
                         const float d = ebb_f16_to_f32(dm[2 * g]), m = ebb_f16_to_f32(dm[2 * g + 1]);
                         float lo = INFINITY, hi = -INFINITY;
@@ -124,7 +124,7 @@ static void make_qrows(struct qrows *r, int bits, int n_rows, int n, int group) 
         fill_row(x, n, j % 2);
         uint8_t *row = r->buf + (size_t)j * r->stride;
         uint16_t dm[256];
-        kv_quantize_row(bits, x, n, group, row, dm);
+        ebb_kvq_quantize_row(bits, x, n, group, row, dm);
         memcpy(row + r->code_bytes, dm, (size_t)(n / group) * 4);
         for (int g = 0; g < n / group; g++)
             for (int i = 0; i < group; i++) {
@@ -145,7 +145,7 @@ static void test_row_conversions(void) {
     for (int pi = 0; pi < 3; pi++) {
         const struct ebb_backend *be = ebb_backend_cpu_named(paths[pi]);
         if (!be) continue;
-        CHECK(be->kv_rows_f16 && be->kv_rows_q8 && be->kv_rows_q4 && be->attn_scores && be->attn_values);
+        CHECK(be->kv_rows_f16 && be->kv_rows_q && be->attn_scores && be->attn_values);
         for (int si = 0; si < 6; si++) {
             const int n = shapes[si][0], group = shapes[si][1], n_rows = 37;
             float *out = malloc((size_t)n_rows * n * sizeof(float));
@@ -164,7 +164,7 @@ static void test_row_conversions(void) {
                 } else {
                     make_qrows(&r, bits, n_rows, n, group);
                     const uint16_t *dm = (const uint16_t *)(const void *)(r.buf + r.code_bytes);
-                    (bits == 8 ? be->kv_rows_q8 : be->kv_rows_q4)(out, r.buf, dm, r.stride, n_rows, n, group);
+                    be->kv_rows_q(out, r.buf, dm, r.stride, n_rows, n, bits, group);
                 }
                 CHECK_MSG(!memcmp(out, r.deq, (size_t)n_rows * n * sizeof(float)),
                           "%s: kv rows at %d bits, n %d group %d do not decode to the layout's values", paths[pi], bits,
@@ -342,8 +342,8 @@ static void reference_attend(const struct kv_data *d, const struct model_config 
             for (int pass = 0; pass < 2; pass++) {
                 float *x = pass ? vi : ki;
                 if (rotate) be->hadamard64(x, hd);
-                kv_quantize_row(bits, x, hd, group, codes, dm);
-                kv_dequantize_row(bits, codes, dm, hd, group, x);
+                ebb_kvq_quantize_row(bits, x, hd, group, codes, dm);
+                ebb_kvq_dequantize_row(bits, codes, dm, hd, group, x);
                 if (rotate) be->hadamard64(x, hd);
             }
         }

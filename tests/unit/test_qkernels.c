@@ -1,4 +1,4 @@
-/* Tests for the quantized ops (quantize_act, matmul_w4a8, matmul_q8a8,
+/* Tests for the quantized ops (quantize_act, matmul[W4G64], matmul[Q8_0],
  * hadamard64) and the W4G64 / Q8_0 quantizers in kernels/formats.c.
  *
  * Two kinds of check:
@@ -397,11 +397,12 @@ static void make_act(const struct ebb_backend *sc, int n_tok, int n_in, int8_t *
     free(x);
 }
 
-typedef void (*qmatmul_fn)(struct ebb_pool *, float *, const int8_t *, const float *, const void *, int, int,
-                           int);
-static qmatmul_fn op_of(const struct ebb_backend *b, enum wkind k)
+/* b's product for weight kind k, on codes q and scales s. */
+static void qmatmul(const struct ebb_backend *b, enum wkind k, struct ebb_pool *pool, float *out, const int8_t *q,
+                    const float *s, const void *w, int n_tok, int n_in, int n_out)
 {
-    return k == W4 ? b->matmul_w4a8 : b->matmul_q8a8;
+    const struct ebb_act a = { .q = q, .s = s };
+    b->matmul[k == W4 ? EBB_TYPE_W4G64 : EBB_TYPE_Q8_0](pool, out, &a, w, n_tok, n_in, n_out);
 }
 
 /* Double reference from the dequantized operands; mag = sum |w a|. */
@@ -446,7 +447,7 @@ static void check_qmatmul(enum wkind k, const struct qshape *sh, struct ebb_pool
     qmatmul_ref(k, w, rb, q, s, sh->n_tok, sh->n_in, sh->n_out, ref, mag);
 
     float *sc = out_f(no);
-    op_of(paths[0], k)(NULL, sc, q, s, w, sh->n_tok, sh->n_in, sh->n_out);
+    qmatmul(paths[0], k, NULL, sc, q, s, w, sh->n_tok, sh->n_in, sh->n_out);
     int blocks = k == W4 ? sh->n_in / 64 : sh->n_in / 32;
     double unit = (blocks + 2) * U32;
     size_t bad = 0;
@@ -465,7 +466,7 @@ static void check_qmatmul(enum wkind k, const struct qshape *sh, struct ebb_pool
         for (int pi = 0; pi < n_pools; pi++) {
             if (p == 0 && !pools[pi]) continue;               /* that is sc itself */
             float *out = out_f(no);
-            op_of(paths[p], k)(pools[pi], out, q, s, w, sh->n_tok, sh->n_in, sh->n_out);
+            qmatmul(paths[p], k, pools[pi], out, q, s, w, sh->n_tok, sh->n_in, sh->n_out);
             size_t d = count_diff_f(out, sc, no);
             CHECK_MSG(d == 0, "%s %s threads=%d: %zu outputs differ from scalar", paths[p]->name, what,
                       pools[pi] ? ebb_pool_threads(pools[pi]) : 0, d);
@@ -532,7 +533,7 @@ static void test_qmatmul_extremes(const struct ebb_backend *const *paths)
             for (int i = 0; i < T * (K / 64); i++)
                 s[i] = case_ == 1 ? FLT_MAX / 127 : case_ == 2 ? 1e-40f : 0.5f;
             float *sc = out_f((size_t)T * N);
-            op_of(paths[0], (enum wkind)k)(NULL, sc, q, s, w, T, K, N);
+            qmatmul(paths[0], (enum wkind)k, NULL, sc, q, s, w, T, K, N);
             if (case_ == 0) {
                 /* Exact here: codes -8 (or 7) against +-127 in a fixed pattern. */
                 int bad = 0, blocks = (int)(rb / 34);
@@ -552,7 +553,7 @@ static void test_qmatmul_extremes(const struct ebb_backend *const *paths)
             for (int p = 1; p < N_PATHS; p++) {
                 if (!paths[p]) continue;
                 float *out = out_f((size_t)T * N);
-                op_of(paths[p], (enum wkind)k)(NULL, out, q, s, w, T, K, N);
+                qmatmul(paths[p], (enum wkind)k, NULL, out, q, s, w, T, K, N);
                 CHECK_MSG(count_diff_f(out, sc, (size_t)T * N) == 0, "%s %s extremes case %d differ",
                           paths[p]->name, k == W4 ? "w4a8" : "q8a8", case_);
                 free(out);
@@ -580,10 +581,10 @@ static void test_qmatmul_batch_invariant(const struct ebb_backend *b)
                 float *s;
                 make_act(ebb_backend_cpu_named("scalar"), T, K, &q, &s);
                 float *all = out_f((size_t)T * N), *one = out_f((size_t)N);
-                op_of(b, (enum wkind)k)(T % 2 ? pool2 : pool3, all, q, s, w, T, K, N);
+                qmatmul(b, (enum wkind)k, T % 2 ? pool2 : pool3, all, q, s, w, T, K, N);
                 int differ = 0;
                 for (int t = 0; t < T; t++) {
-                    op_of(b, (enum wkind)k)(NULL, one, q + (size_t)t * K, s + (size_t)t * (K / 64), w, 1, K, N);
+                    qmatmul(b, (enum wkind)k, NULL, one, q + (size_t)t * K, s + (size_t)t * (K / 64), w, 1, K, N);
                     differ += count_diff_f(one, all + (size_t)t * N, (size_t)N) != 0;
                 }
                 CHECK_MSG(differ == 0, "%s %s: K=%d N=%d T=%d: %d rows differ from the row alone", b->name,
@@ -602,10 +603,10 @@ static void test_qmatmul_empty(const struct ebb_backend *b)
     int8_t q[1] = { 0 };
     float s[1] = { 0 };
     uint8_t w[1] = { 0 };
-    b->matmul_w4a8(NULL, out, q, s, w, 2, 0, 2);
+    qmatmul(b, W4, NULL, out, q, s, w, 2, 0, 2);
     CHECK_MSG(out[0] == 0 && out[3] == 0, "%s w4a8 with n_in = 0 must give zeros", b->name);
     out[0] = NAN;
-    b->matmul_q8a8(NULL, out, q, s, w, 0, 64, 2);
+    qmatmul(b, Q8, NULL, out, q, s, w, 0, 64, 2);
     CHECK_MSG(isnan(out[0]), "%s q8a8 with n_tok = 0 wrote", b->name);
 }
 
@@ -673,7 +674,7 @@ int main(void)
         paths[p] = ebb_backend_cpu_named(PATHS[p]);
         if (!paths[p]) printf("test_qkernels: path %s not supported by this CPU: SKIPPED (not executed)\n",
                               PATHS[p]);
-        else CHECK(paths[p]->quantize_act && paths[p]->matmul_w4a8 && paths[p]->matmul_q8a8 &&
+        else CHECK(paths[p]->quantize_act && paths[p]->matmul[EBB_TYPE_W4G64] && paths[p]->matmul[EBB_TYPE_Q8_0] &&
                    paths[p]->hadamard64);
     }
     CHECK(paths[0] != NULL);
