@@ -16,7 +16,6 @@
 
 #include <math.h>
 #include <stdatomic.h>
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -24,6 +23,7 @@
 #include "engine/tokenizer.h"
 #include "kernels/backend.h"
 #include "kernels/formats.h"
+#include "storage/error.h"
 
 /* Per-forward scratch, sized for MODEL_MAX_BATCH tokens (large enough to
  * amortise reading the weights, small enough that activations stay a few
@@ -51,15 +51,8 @@ struct run_state {
     int head_rows_cap;
 };
 
-static int load_error(char *err, size_t errlen, const char *path, const char *fmt, ...) {
-    char msg[256];
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(msg, sizeof msg, fmt, ap);
-    va_end(ap);
-    snprintf(err, errlen, "%s: %s", path, msg);
-    return -1;
-}
+/* "PATH: message" (storage/error.h); returns -1. */
+#define load_error(err, errlen, path, fmt, ...) errf(err, errlen, "%s: " fmt, path, ##__VA_ARGS__)
 
 /* Reads "<arch>.<suffix>" as an integer. */
 static int arch_u32(const struct model *m, const char *suffix, uint32_t *out) {

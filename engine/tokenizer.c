@@ -46,11 +46,11 @@
 #define PCRE2_CODE_UNIT_WIDTH 8
 #include <pcre2.h>
 
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include "storage/error.h"
 #include "storage/gguf.h"
 
 enum {
@@ -148,14 +148,6 @@ struct ebb_tokenizer {
     char *default_system;      /* from the chat template, or NULL */
     size_t max_piece;          /* longest piece in bytes */
 };
-
-static void set_err(char *err, size_t errlen, const char *fmt, ...) {
-    if (!err || !errlen) return;
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(err, errlen, fmt, ap);
-    va_end(ap);
-}
 
 /* ---------------------------------------------------------------------------
  * UTF-8 helpers.
@@ -330,11 +322,11 @@ static const struct gguf_kv *find_array(const struct gguf_file *f, const char *k
                                         int required, char *err, size_t errlen) {
     const struct gguf_kv *kv = gguf_find(f, key);
     if (!kv) {
-        if (required) set_err(err, errlen, "%s: tokenizer metadata %s is missing", f->path, key);
+        if (required) errf(err, errlen, "%s: tokenizer metadata %s is missing", f->path, key);
         return NULL;
     }
     if (kv->type != GGUF_ARRAY || (elem != (uint32_t)-1 && kv->arr_type != elem)) {
-        set_err(err, errlen, "%s: tokenizer metadata %s has the wrong type", f->path, key);
+        errf(err, errlen, "%s: tokenizer metadata %s has the wrong type", f->path, key);
         return NULL;
     }
     return kv;
@@ -344,7 +336,7 @@ static int load_tokens(struct ebb_tokenizer *t, const struct gguf_file *f, char 
     const struct gguf_kv *kv = find_array(f, "tokenizer.ggml.tokens", GGUF_STRING, 1, err, errlen);
     if (!kv) return -1;
     if (kv->arr_n == 0 || kv->arr_n > INT32_MAX / 2) {
-        set_err(err, errlen, "%s: tokenizer has %llu tokens", f->path, (unsigned long long)kv->arr_n);
+        errf(err, errlen, "%s: tokenizer has %llu tokens", f->path, (unsigned long long)kv->arr_n);
         return -1;
     }
     t->n_vocab = (int)kv->arr_n;
@@ -352,7 +344,7 @@ static int load_tokens(struct ebb_tokenizer *t, const struct gguf_file *f, char 
     const uint8_t *p = kv->value;
     for (size_t i = 0; i < n; i++) total += next_str(&p).len;
     if (total > UINT32_MAX) {
-        set_err(err, errlen, "%s: tokenizer vocabulary text is too large", f->path);
+        errf(err, errlen, "%s: tokenizer vocabulary text is too large", f->path);
         return -1;
     }
     t->texts = malloc(total + 1);
@@ -366,19 +358,19 @@ static int load_tokens(struct ebb_tokenizer *t, const struct gguf_file *f, char 
     t->text_slots = calloc((size_t)t->text_mask + 1, sizeof *t->text_slots);
     if (!t->texts || !t->pieces || !t->text_off || !t->text_len || !t->piece_off ||
         !t->piece_len || !t->type || !t->text_slots) {
-        set_err(err, errlen, "%s: out of memory loading the tokenizer", f->path);
+        errf(err, errlen, "%s: out of memory loading the tokenizer", f->path);
         return -1;
     }
     memset(t->type, TOKEN_NORMAL, n);
     const struct gguf_kv *types = find_array(f, "tokenizer.ggml.token_type", (uint32_t)-1, 0, err, errlen);
     if (!types && gguf_find(f, "tokenizer.ggml.token_type")) return -1;
     if (types && types->arr_n != n) {
-        set_err(err, errlen, "%s: tokenizer has %zu tokens but %llu token types", f->path, n,
+        errf(err, errlen, "%s: tokenizer has %zu tokens but %llu token types", f->path, n,
                 (unsigned long long)types->arr_n);
         return -1;
     }
     if (types && (types->arr_type == GGUF_STRING || types->arr_type == GGUF_ARRAY)) {
-        set_err(err, errlen, "%s: tokenizer.ggml.token_type is not numeric", f->path);
+        errf(err, errlen, "%s: tokenizer.ggml.token_type is not numeric", f->path);
         return -1;
     }
     int16_t cp_to_byte[BYTE_CP_LIMIT];
@@ -425,13 +417,13 @@ static int load_merges(struct ebb_tokenizer *t, const struct gguf_file *f, char 
     const struct gguf_kv *kv = find_array(f, "tokenizer.ggml.merges", GGUF_STRING, 1, err, errlen);
     if (!kv) return -1;
     if (kv->arr_n > INT32_MAX / 2) {
-        set_err(err, errlen, "%s: tokenizer has too many merges", f->path);
+        errf(err, errlen, "%s: tokenizer has too many merges", f->path);
         return -1;
     }
     t->merge_mask = table_size_for(kv->arr_n) - 1;
     t->merges = malloc(((size_t)t->merge_mask + 1) * sizeof *t->merges);
     if (!t->merges) {
-        set_err(err, errlen, "%s: out of memory loading the tokenizer", f->path);
+        errf(err, errlen, "%s: out of memory loading the tokenizer", f->path);
         return -1;
     }
     for (size_t i = 0; i <= t->merge_mask; i++) t->merges[i].key = MERGE_EMPTY;
@@ -445,7 +437,7 @@ static int load_merges(struct ebb_tokenizer *t, const struct gguf_file *f, char 
          * (byte-level token texts never hold a real space). */
         const char *sp = m.len > 1 ? memchr(m.ptr + 1, ' ', m.len - 1) : NULL;
         if (!sp) {
-            set_err(err, errlen, "%s: tokenizer merge %llu ('%.*s') is not \"left right\"", f->path,
+            errf(err, errlen, "%s: tokenizer merge %llu ('%.*s') is not \"left right\"", f->path,
                     (unsigned long long)i, (int)(m.len > 64 ? 64 : m.len), m.ptr);
             rc = -1;
             break;
@@ -456,7 +448,7 @@ static int load_merges(struct ebb_tokenizer *t, const struct gguf_file *f, char 
             joined_cap = (ll + rl) * 2 + 16;
             joined = malloc(joined_cap);
             if (!joined) {
-                set_err(err, errlen, "%s: out of memory loading the tokenizer", f->path);
+                errf(err, errlen, "%s: out of memory loading the tokenizer", f->path);
                 rc = -1;
                 break;
             }
@@ -466,7 +458,7 @@ static int load_merges(struct ebb_tokenizer *t, const struct gguf_file *f, char 
         int32_t a = text_lookup(t, m.ptr, ll), b = text_lookup(t, sp + 1, rl);
         int32_t r = text_lookup(t, joined, ll + rl);
         if (a < 0 || b < 0 || r < 0) {
-            set_err(err, errlen, "%s: tokenizer merge %llu ('%.*s') uses a token missing from the "
+            errf(err, errlen, "%s: tokenizer merge %llu ('%.*s') uses a token missing from the "
                     "vocabulary", f->path, (unsigned long long)i, (int)(m.len > 64 ? 64 : m.len), m.ptr);
             rc = -1;
             break;
@@ -500,7 +492,7 @@ static int load_specials(struct ebb_tokenizer *t, const struct gguf_file *f, cha
     t->specials = malloc((size_t)(n ? n : 1) * sizeof *t->specials);
     if (!keys || !t->specials) {
         free(keys);
-        set_err(err, errlen, "%s: out of memory loading the tokenizer", f->path);
+        errf(err, errlen, "%s: out of memory loading the tokenizer", f->path);
         return -1;
     }
     n = 0;
@@ -523,7 +515,7 @@ static int load_specials(struct ebb_tokenizer *t, const struct gguf_file *f, cha
 static int load_pre(struct ebb_tokenizer *t, const struct gguf_file *f, char *err, size_t errlen) {
     struct gguf_str pre = {"default", 7};
     if (gguf_find(f, "tokenizer.ggml.pre") && gguf_get_str(f, "tokenizer.ggml.pre", &pre)) {
-        set_err(err, errlen, "%s: tokenizer.ggml.pre is not a string", f->path);
+        errf(err, errlen, "%s: tokenizer.ggml.pre is not a string", f->path);
         return -1;
     }
     const struct pre_def *def = NULL;
@@ -537,7 +529,7 @@ static int load_pre(struct ebb_tokenizer *t, const struct gguf_file *f, char *er
             for (int k = 0; PRE_DEFS[i].names[k] && at < sizeof known; k++)
                 at += (size_t)snprintf(known + at, sizeof known - at, "%s%s", at ? ", " : "",
                                        PRE_DEFS[i].names[k]);
-        set_err(err, errlen, "%s: unsupported pre-tokenizer '%.*s' (tokenizer.ggml.pre); supported: %s",
+        errf(err, errlen, "%s: unsupported pre-tokenizer '%.*s' (tokenizer.ggml.pre); supported: %s",
                 f->path, (int)(pre.len > 64 ? 64 : pre.len), pre.ptr, known);
         return -1;
     }
@@ -549,7 +541,7 @@ static int load_pre(struct ebb_tokenizer *t, const struct gguf_file *f, char *er
         if (!re) {
             PCRE2_UCHAR msg[160];
             pcre2_get_error_message(ecode, msg, sizeof msg);
-            set_err(err, errlen, "%s: pre-tokenizer expression failed to compile at %zu: %s",
+            errf(err, errlen, "%s: pre-tokenizer expression failed to compile at %zu: %s",
                     f->path, (size_t)eoff, (const char *)msg);
             return -1;
         }
@@ -566,7 +558,7 @@ static int get_token_id(const struct ebb_tokenizer *t, const struct gguf_file *f
     if (!gguf_find(f, key)) return 0;
     uint32_t v;
     if (gguf_get_u32(f, key, &v) || v >= (uint32_t)t->n_vocab) {
-        set_err(err, errlen, "%s: %s is not a token id below %d", f->path, key, t->n_vocab);
+        errf(err, errlen, "%s: %s is not a token id below %d", f->path, key, t->n_vocab);
         return -1;
     }
     *out = (int32_t)v;
@@ -578,17 +570,17 @@ static int find_default_system(const char *tpl, size_t n, char **out);
 struct ebb_tokenizer *tokenizer_load(const struct gguf_file *f, char *err, size_t errlen) {
     struct gguf_str model;
     if (gguf_get_str(f, "tokenizer.ggml.model", &model)) {
-        set_err(err, errlen, "%s: tokenizer.ggml.model is missing or not a string", f->path);
+        errf(err, errlen, "%s: tokenizer.ggml.model is missing or not a string", f->path);
         return NULL;
     }
     if (!gguf_str_eq(model, "gpt2")) {
-        set_err(err, errlen, "%s: unsupported tokenizer model '%.*s' (only byte-level BPE, \"gpt2\", "
+        errf(err, errlen, "%s: unsupported tokenizer model '%.*s' (only byte-level BPE, \"gpt2\", "
                 "is supported)", f->path, (int)(model.len > 64 ? 64 : model.len), model.ptr);
         return NULL;
     }
     struct ebb_tokenizer *t = calloc(1, sizeof *t);
     if (!t) {
-        set_err(err, errlen, "%s: out of memory loading the tokenizer", f->path);
+        errf(err, errlen, "%s: out of memory loading the tokenizer", f->path);
         return NULL;
     }
     if (load_tokens(t, f, err, errlen) || load_merges(t, f, err, errlen) ||
@@ -598,13 +590,13 @@ struct ebb_tokenizer *tokenizer_load(const struct gguf_file *f, char *err, size_
         goto fail;
     if (gguf_find(f, "tokenizer.ggml.add_bos_token") &&
         gguf_get_bool(f, "tokenizer.ggml.add_bos_token", &t->add_bos)) {
-        set_err(err, errlen, "%s: tokenizer.ggml.add_bos_token is not a bool", f->path);
+        errf(err, errlen, "%s: tokenizer.ggml.add_bos_token is not a bool", f->path);
         goto fail;
     }
     struct gguf_str tpl;
     if (!gguf_get_str(f, "tokenizer.chat_template", &tpl) &&
         find_default_system(tpl.ptr, tpl.len, &t->default_system)) {
-        set_err(err, errlen, "%s: out of memory loading the tokenizer", f->path);
+        errf(err, errlen, "%s: out of memory loading the tokenizer", f->path);
         goto fail;
     }
     return t;

@@ -17,11 +17,11 @@
 #include <ctype.h>
 #include <errno.h>
 #include <jansson.h>
-#include <stdarg.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "storage/catalog.h"
+#include "storage/error.h"
 
 enum field_type {
     FIELD_STRING,  /* char array */
@@ -87,15 +87,6 @@ static const struct field fields[] = {
 _Static_assert(sizeof fields / sizeof fields[0] == CONFIG_N_FIELDS, "CONFIG_N_FIELDS matches the table");
 
 static const char *const level_names[] = {"error", "warn", "info", "debug"};
-
-static void errf(char *err, size_t errlen, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
-static void errf(char *err, size_t errlen, const char *fmt, ...) {
-    if (!err || !errlen) return;
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(err, errlen, fmt, ap);
-    va_end(ap);
-}
 
 static void *field_ptr(struct ebb_config *cfg, const struct field *f) { return (char *)cfg + f->offset; }
 
