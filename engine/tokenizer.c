@@ -50,6 +50,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "engine/utf8.h"
 #include "storage/error.h"
 #include "storage/gguf.h"
 
@@ -152,40 +153,6 @@ struct ebb_tokenizer {
 /* ---------------------------------------------------------------------------
  * UTF-8 helpers.
  * ------------------------------------------------------------------------- */
-
-/* Length of the well-formed sequence at s (n bytes left), or 0 if ill-formed
- * (bad lead, bad continuation, overlong, surrogate, above U+10FFFF, truncated). */
-static size_t utf8_seq_len(const uint8_t *s, size_t n) {
-    uint8_t b = s[0];
-    if (b < 0x80) return 1;
-    size_t need;
-    uint8_t lo = 0x80, hi = 0xBF;      /* allowed range of the second byte */
-    if (b >= 0xC2 && b <= 0xDF) need = 2;
-    else if (b >= 0xE0 && b <= 0xEF) {
-        need = 3;
-        if (b == 0xE0) lo = 0xA0;      /* overlong */
-        if (b == 0xED) hi = 0x9F;      /* surrogates */
-    } else if (b >= 0xF0 && b <= 0xF4) {
-        need = 4;
-        if (b == 0xF0) lo = 0x90;      /* overlong */
-        if (b == 0xF4) hi = 0x8F;      /* above U+10FFFF */
-    } else return 0;
-    if (n < need) return 0;
-    if (s[1] < lo || s[1] > hi) return 0;
-    for (size_t i = 2; i < need; i++)
-        if ((s[i] & 0xC0) != 0x80) return 0;
-    return need;
-}
-
-static int utf8_valid(const uint8_t *s, size_t n) {
-    for (size_t i = 0; i < n;) {
-        if (s[i] < 0x80) { i++; continue; }
-        size_t l = utf8_seq_len(s + i, n - i);
-        if (!l) return 0;
-        i += l;
-    }
-    return 1;
-}
 
 /* Decodes the code point of a well-formed sequence of length l. */
 static uint32_t utf8_cp(const uint8_t *s, size_t l) {
@@ -883,36 +850,17 @@ static void put(struct sink *k, const char *s, size_t n) {
     k->w += n;
 }
 
-/* Bytes a sequence starting with lead needs in total (0 if lead is invalid),
- * and the allowed range of its second byte. */
-static int seq_need(uint8_t lead, uint8_t *lo, uint8_t *hi) {
-    *lo = 0x80;
-    *hi = 0xBF;
-    if (lead >= 0xC2 && lead <= 0xDF) return 2;
-    if (lead >= 0xE0 && lead <= 0xEF) {
-        if (lead == 0xE0) *lo = 0xA0;
-        if (lead == 0xED) *hi = 0x9F;
-        return 3;
-    }
-    if (lead >= 0xF0 && lead <= 0xF4) {
-        if (lead == 0xF0) *lo = 0x90;
-        if (lead == 0xF4) *hi = 0x8F;
-        return 4;
-    }
-    return 0;
-}
-
 static void detok_byte(struct detok *d, uint8_t b, struct sink *k) {
     for (;;) {
         if (d->n_pending == 0) {
             uint8_t lo, hi;
             if (b < 0x80) put(k, (const char *)&b, 1);
-            else if (seq_need(b, &lo, &hi)) d->pending[d->n_pending++] = (char)b;
+            else if (utf8_lead(b, &lo, &hi)) d->pending[d->n_pending++] = (char)b;
             else put(k, REPLACEMENT, 3);
             return;
         }
         uint8_t lo, hi;
-        int need = seq_need((uint8_t)d->pending[0], &lo, &hi);
+        int need = utf8_lead((uint8_t)d->pending[0], &lo, &hi);
         if (d->n_pending > 1) { lo = 0x80; hi = 0xBF; }
         if (b >= lo && b <= hi) {
             d->pending[d->n_pending++] = (char)b;
