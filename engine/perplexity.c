@@ -42,25 +42,16 @@ int perplexity_measure(struct model *m, const char *text, size_t len, int n_ctx,
         return -1;
     }
     int rc = -1;
-    int32_t *body = NULL, *tokens = NULL;
+    int32_t *tokens = NULL;
     float *logits = NULL;
     struct kv_cache kv = {0};
-    const int n_body = tokenizer_encode(m->tok, text, len, 0, &body);
-    if (n_body < 0) {
+    /* With BOS the stream is [BOS, body...], like llama.cpp's tokenization. */
+    const int n_tokens = tokenizer_encode_with_bos(m->tok, text, len, 0, 1, &tokens);
+    if (n_tokens < 0) {
         snprintf(err, errlen, "the text is not valid UTF-8");
         goto out;
     }
-    const int bos = tokenizer_add_bos(m->tok) && tokenizer_bos(m->tok) >= 0 ? tokenizer_bos(m->tok) : -1;
-    /* With BOS the stream is [BOS, body...], like llama.cpp's tokenization. */
-    tokens = malloc(((size_t)n_body + 1) * sizeof(int32_t));
-    if (!tokens) {
-        snprintf(err, errlen, "out of memory");
-        goto out;
-    }
-    int n_tokens = 0;
-    if (bos >= 0) tokens[n_tokens++] = bos;
-    memcpy(tokens + n_tokens, body, (size_t)n_body * sizeof(int32_t));
-    n_tokens += n_body;
+    const int bos = tokenizer_bos_to_add(m->tok);
     r->n_tokens = n_tokens;
 
     int n_windows = n_tokens / n_ctx;
@@ -106,6 +97,5 @@ out:
     kv_account_destroy(&kv_policy);
     free(logits);
     free(tokens);
-    free(body);
     return rc;
 }

@@ -594,6 +594,8 @@ int32_t tokenizer_bos(const struct ebb_tokenizer *t) { return t->bos; }
 int32_t tokenizer_eos(const struct ebb_tokenizer *t) { return t->eos; }
 int tokenizer_add_bos(const struct ebb_tokenizer *t) { return t->add_bos; }
 
+int32_t tokenizer_bos_to_add(const struct ebb_tokenizer *t) { return t->add_bos && t->bos >= 0 ? t->bos : -1; }
+
 int tokenizer_is_control(const struct ebb_tokenizer *t, int32_t id) {
     return id >= 0 && id < t->n_vocab && t->type[id] == TOKEN_CONTROL;
 }
@@ -821,6 +823,25 @@ int tokenizer_encode(const struct ebb_tokenizer *t, const char *text, size_t len
     }
     *ids = e.ids;
     return (int)e.n_ids;
+}
+
+int tokenizer_encode_with_bos(const struct ebb_tokenizer *t, const char *text, size_t len,
+                              int parse_special, int add_bos, int32_t **ids) {
+    int32_t *body = NULL;
+    *ids = NULL;
+    int n = tokenizer_encode(t, text, len, parse_special, &body);
+    if (n < 0) return -1;
+    const int32_t bos = add_bos ? tokenizer_bos_to_add(t) : -1;
+    const int first = bos >= 0;
+    *ids = malloc(((size_t)n + 1) * sizeof(int32_t));
+    if (!*ids) {
+        free(body);
+        return -1;
+    }
+    if (first) (*ids)[0] = bos;
+    if (n) memcpy(*ids + first, body, (size_t)n * sizeof(int32_t));
+    free(body);
+    return n + first;
 }
 
 /* ---------------------------------------------------------------------------

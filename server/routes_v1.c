@@ -100,17 +100,7 @@ static int prompt_ids(struct served_model *sm, const struct oai_request *r, int 
         if (pr->n_tokens) memcpy(*ids, pr->tokens, (size_t)pr->n_tokens * sizeof(int32_t));
         return pr->n_tokens;
     }
-    const struct ebb_tokenizer *tok = sm->model.tok;
-    int32_t *body = NULL;
-    int n = tokenizer_encode(tok, pr->text, pr->text_len, 1, &body);
-    if (n < 0) return -1;
-    int bos = r->add_special_tokens && tokenizer_add_bos(tok) && tokenizer_bos(tok) >= 0;
-    *ids = malloc(((size_t)n + 1) * sizeof(int32_t));
-    if (!*ids) { free(body); return -1; }
-    if (bos) (*ids)[0] = tokenizer_bos(tok);
-    if (n) memcpy(*ids + bos, body, (size_t)n * sizeof(int32_t));
-    free(body);
-    return n + bos;
+    return tokenizer_encode_with_bos(sm->model.tok, pr->text, pr->text_len, 1, r->add_special_tokens, ids);
 }
 
 /* Chat messages through the model's template, then tokenized. */

@@ -153,7 +153,7 @@ static int32_t *load_windows(const struct model *m, const struct pack_options *o
         snprintf(err, errlen, "out of memory");
         return NULL;
     }
-    const int32_t bos = tokenizer_add_bos(m->tok) ? tokenizer_bos(m->tok) : -1;
+    const int32_t bos = tokenizer_bos_to_add(m->tok);
     *n_seqs = pack_sample_windows(ids, n_ids, o->calib_seqs, o->calib_len, o->seed, bos, win);
     free(ids);
     if (*n_seqs == 0) {
