@@ -113,23 +113,6 @@ static int measure_variant(const struct pack_options *o, const struct eval_optio
     return 0;
 }
 
-static int file_sha256(const char *path, char hex[65]) {
-    FILE *f = fopen(path, "rb");
-    if (!f) return -1;
-    struct sha256 h;
-    sha256_init(&h);
-    static unsigned char buf[1 << 16];
-    size_t n;
-    while ((n = fread(buf, 1, sizeof buf, f)) > 0) sha256_update(&h, buf, n);
-    int bad = ferror(f);
-    fclose(f);
-    if (bad) return -1;
-    uint8_t d[32];
-    sha256_final(&h, d);
-    for (int i = 0; i < 32; i++) snprintf(hex + 2 * i, 3, "%02x", d[i]);
-    return 0;
-}
-
 static const char *variant_kind(const struct pack_options *o) {
     static const char *const kinds[3][2][2] = {
         {{"w4a16", "w4a16-head4"}, {"w4a16-rtn", "w4a16-rtn-head4"}},
@@ -201,7 +184,7 @@ static int register_variant(const struct pack_options *o, const struct pack_resu
     if (!found) {
         printf("not registered: %s is not in the catalog %s (ebb models add %s)\n", src, path, o->model_path);
         rc = 0;
-    } else if (file_sha256(out, hex)) {
+    } else if (sha256_file(out, hex)) {
         fprintf(stderr, "ebb pack: cannot read back %s for its checksum\n", out);
     } else {
         struct catalog_variant v = {.model_id = found->id, .kind = (char *)variant_kind(o), .path = out,
