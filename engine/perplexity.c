@@ -12,15 +12,6 @@
 #include "engine/model.h"
 #include "engine/tokenizer.h"
 
-/* -log p(target) from a row of logits. */
-static double token_nll(const float *logits, int n_vocab, int32_t target) {
-    float max = logits[0];
-    for (int i = 1; i < n_vocab; i++) if (logits[i] > max) max = logits[i];
-    double sum = 0;
-    for (int i = 0; i < n_vocab; i++) sum += exp((double)logits[i] - max);
-    return log(sum) - ((double)logits[target] - max);
-}
-
 static void fill_result(struct ppl_result *r, double nll, double nll2, long count) {
     const double mean = count ? nll / count : 0, var = count ? nll2 / count - mean * mean : 0;
     r->ppl = exp(mean);
@@ -82,7 +73,7 @@ int perplexity_measure(struct model *m, const char *text, size_t len, int n_ctx,
             goto out;
         }
         for (int j = first; j < n_ctx - 1; j++) {
-            const double v = token_nll(logits + (size_t)j * m->cfg.n_vocab, m->cfg.n_vocab, win[j + 1]);
+            const double v = -log_softmax_at(logits + (size_t)j * m->cfg.n_vocab, m->cfg.n_vocab, win[j + 1]);
             nll += v;
             nll2 += v * v;
             count++;

@@ -344,6 +344,14 @@ static int32_t draw(struct sampler *s, const struct cand *c, int n) {
     return c[last].id;   /* rounding left r at the very top: the last live one */
 }
 
+double log_softmax_at(const float *logits, int n, int32_t id) {
+    float max = logits[0];
+    for (int i = 1; i < n; i++) if (logits[i] > max) max = logits[i];
+    double sum = 0;
+    for (int i = 0; i < n; i++) sum += exp((double)logits[i] - max);
+    return ((double)logits[id] - max) - log(sum);
+}
+
 int32_t sampler_sample(struct sampler *s, float *logits, const int32_t *history, int n_history) {
     const struct sampler_params *p = &s->p;
     int n = s->n_vocab;
