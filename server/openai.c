@@ -923,15 +923,7 @@ const char *oai_role_name(enum oai_role role) {
     }
 }
 
-const char *oai_finish_reason(enum finish_reason f) {
-    switch (f) {
-    case FINISH_NONE: return NULL;
-    case FINISH_STOP: return "stop";
-    case FINISH_LENGTH: return "length";
-    case FINISH_CANCELLED: return "cancelled";
-    default: return "error";
-    }
-}
+const char *oai_finish_reason(enum finish_reason f) { return f == FINISH_NONE ? NULL : finish_reason_name(f); }
 
 void oai_format_id(char *buf, size_t size, enum oai_kind kind, uint64_t request_id) {
     snprintf(buf, size, "%s-%" PRIu64, kind == OAI_CHAT ? "chatcmpl" : "cmpl", request_id);

@@ -240,7 +240,7 @@ static void deliver_done(struct choice_slot *slot, struct bridge_event *ev) {
         snprintf(c->error, sizeof c->error, "internal error: %d of %d tokens were delivered", slot->n_tokens,
                  ev->n_generated);
     }
-    const char *labels[] = {sm->name, oai_finish_reason(ch->finish) ? oai_finish_reason(ch->finish) : "none"};
+    const char *labels[] = {sm->name, finish_reason_name(ch->finish)};
     metric_inc(c->d->m_finished, labels, 1);
     metric_series_inc(sm->m_prompt_tokens, ev->n_prompt);
     const struct sched_timing *t = &ev->timing;
