@@ -151,13 +151,7 @@ static void print_summary(const struct pack_options *o, const struct pack_result
 static int register_variant(const struct pack_options *o, const struct pack_result *r, const char *catalog_flag,
                             const char *config_path, const double *ppl, const char *ppl_text) {
     char err[1024], path[4096], src[PATH_MAX], out[PATH_MAX], hex[65];
-    struct ebb_config *cfg = malloc(sizeof *cfg);
-    if (!cfg) { fprintf(stderr, "ebb pack: out of memory\n"); return -1; }
-    int bad = config_load(cfg, config_path, err, sizeof err);
-    if (!bad && catalog_flag) bad = config_apply_flag(cfg, "--catalog", catalog_flag, err, sizeof err);
-    if (!bad) bad = config_catalog_path(cfg, path, sizeof path, err, sizeof err);
-    free(cfg);
-    if (bad) {
+    if (config_resolve_catalog(config_path, catalog_flag, path, sizeof path, err, sizeof err)) {
         fprintf(stderr, "ebb pack: catalog: %s (the packed file is written)\n", err);
         return -1;
     }

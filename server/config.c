@@ -476,6 +476,17 @@ int config_catalog_path(const struct ebb_config *cfg, char *buf, size_t len, cha
     return catalog_default_path(buf, len, err, errlen) == CATALOG_OK ? 0 : -1;
 }
 
+int config_resolve_catalog(const char *config_path, const char *catalog_flag, char *buf, size_t len, char *err,
+                           size_t errlen) {
+    struct ebb_config *cfg = malloc(sizeof *cfg);   /* large: several path buffers */
+    if (!cfg) return errf(err, errlen, "out of memory");
+    int bad = config_load(cfg, config_path, err, errlen);
+    if (!bad && catalog_flag) bad = config_apply_flag(cfg, "--catalog", catalog_flag, err, errlen);
+    if (!bad) bad = config_catalog_path(cfg, buf, len, err, errlen);
+    free(cfg);
+    return bad ? -1 : 0;
+}
+
 const char *config_log_level_name(int level) {
     return level >= 0 && level < (int)(sizeof level_names / sizeof level_names[0]) ? level_names[level] : "?";
 }
