@@ -1,7 +1,6 @@
 /* Generation state machine and the single-sequence loop; see generate.h. */
 #include "engine/generate.h"
 
-#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -76,15 +75,6 @@ void gen_seq_free(struct gen_seq *g) {
     memset(g, 0, sizeof *g);
 }
 
-/* log softmax(logits)[id], before the sampler reshapes the distribution. */
-static float token_logprob(const float *logits, int n, int32_t id) {
-    float max = logits[0];
-    for (int i = 1; i < n; i++) if (logits[i] > max) max = logits[i];
-    double sum = 0;
-    for (int i = 0; i < n; i++) sum += exp((double)(logits[i] - max));
-    return (float)((double)(logits[id] - max) - log(sum));
-}
-
 /* Releases everything the detokenizer and stop matcher still hold. */
 static void flush_held(struct gen_seq *g) {
     if (g->stop.stopped) return;
@@ -107,7 +97,7 @@ int32_t gen_seq_step(struct gen_seq *g, float *logits) {
      * of the chosen token is measured on a copy taken first. */
     if (g->want_logprobs) memcpy(g->raw_logits, logits, (size_t)g->m->cfg.n_vocab * sizeof(float));
     int32_t id = sampler_sample(g->sampler, logits, g->history, g->n_history);
-    if (g->want_logprobs) g->logprob = token_logprob(g->raw_logits, g->m->cfg.n_vocab, id);
+    if (g->want_logprobs) g->logprob = (float)log_softmax_at(g->raw_logits, g->m->cfg.n_vocab, id);
     g->n_generated++;
     if (g->n_history < g->cap_history) g->history[g->n_history++] = id;
     if (generate_is_end_token(g->m, id)) {

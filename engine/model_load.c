@@ -10,7 +10,6 @@
 #include "engine/model.h"
 
 #include <math.h>
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -18,16 +17,10 @@
 #include "engine/tokenizer.h"
 #include "kernels/backend.h"
 #include "kernels/formats.h"
+#include "storage/error.h"
 
-static int load_error(char *err, size_t errlen, const char *path, const char *fmt, ...) {
-    char msg[256];
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(msg, sizeof msg, fmt, ap);
-    va_end(ap);
-    snprintf(err, errlen, "%s: %s", path, msg);
-    return -1;
-}
+/* "PATH: message" (storage/error.h); returns -1. */
+#define load_error(err, errlen, path, fmt, ...) errf(err, errlen, "%s: " fmt, path, ##__VA_ARGS__)
 
 /* Reads "<arch>.<suffix>" as an integer. */
 static int arch_u32(const struct model *m, const char *suffix, uint32_t *out) {

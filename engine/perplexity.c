@@ -12,15 +12,6 @@
 #include "engine/model.h"
 #include "engine/tokenizer.h"
 
-/* -log p(target) from a row of logits. */
-static double token_nll(const float *logits, int n_vocab, int32_t target) {
-    float max = logits[0];
-    for (int i = 1; i < n_vocab; i++) if (logits[i] > max) max = logits[i];
-    double sum = 0;
-    for (int i = 0; i < n_vocab; i++) sum += exp((double)logits[i] - max);
-    return log(sum) - ((double)logits[target] - max);
-}
-
 static void fill_result(struct ppl_result *r, double nll, double nll2, long count) {
     const double mean = count ? nll / count : 0, var = count ? nll2 / count - mean * mean : 0;
     r->ppl = exp(mean);
@@ -43,25 +34,16 @@ int perplexity_measure(struct model_run *run, const char *text, size_t len, int 
         return -1;
     }
     int rc = -1;
-    int32_t *body = NULL, *tokens = NULL;
+    int32_t *tokens = NULL;
     float *logits = NULL;
     struct kv_cache kv = {0};
-    const int n_body = tokenizer_encode(m->tok, text, len, 0, &body);
-    if (n_body < 0) {
+    /* With BOS the stream is [BOS, body...], like llama.cpp's tokenization. */
+    const int n_tokens = tokenizer_encode_with_bos(m->tok, text, len, 0, 1, &tokens);
+    if (n_tokens < 0) {
         snprintf(err, errlen, "the text is not valid UTF-8");
         goto out;
     }
-    const int bos = tokenizer_add_bos(m->tok) && tokenizer_bos(m->tok) >= 0 ? tokenizer_bos(m->tok) : -1;
-    /* With BOS the stream is [BOS, body...], like llama.cpp's tokenization. */
-    tokens = malloc(((size_t)n_body + 1) * sizeof(int32_t));
-    if (!tokens) {
-        snprintf(err, errlen, "out of memory");
-        goto out;
-    }
-    int n_tokens = 0;
-    if (bos >= 0) tokens[n_tokens++] = bos;
-    memcpy(tokens + n_tokens, body, (size_t)n_body * sizeof(int32_t));
-    n_tokens += n_body;
+    const int bos = tokenizer_bos_to_add(m->tok);
     r->n_tokens = n_tokens;
 
     int n_windows = n_tokens / n_ctx;
@@ -92,7 +74,7 @@ int perplexity_measure(struct model_run *run, const char *text, size_t len, int 
             goto out;
         }
         for (int j = first; j < n_ctx - 1; j++) {
-            const double v = token_nll(logits + (size_t)j * m->cfg.n_vocab, m->cfg.n_vocab, win[j + 1]);
+            const double v = -log_softmax_at(logits + (size_t)j * m->cfg.n_vocab, m->cfg.n_vocab, win[j + 1]);
             nll += v;
             nll2 += v * v;
             count++;
@@ -107,6 +89,5 @@ out:
     kv_account_destroy(&kv_policy);
     free(logits);
     free(tokens);
-    free(body);
     return rc;
 }

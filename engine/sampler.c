@@ -58,6 +58,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "engine/utf8.h"
+
 /* ---------------------------------------------------------------- PRNG --- */
 
 static uint64_t splitmix64(uint64_t *x) {
@@ -342,6 +344,14 @@ static int32_t draw(struct sampler *s, const struct cand *c, int n) {
     return c[last].id;   /* rounding left r at the very top: the last live one */
 }
 
+double log_softmax_at(const float *logits, int n, int32_t id) {
+    float max = logits[0];
+    for (int i = 1; i < n; i++) if (logits[i] > max) max = logits[i];
+    double sum = 0;
+    for (int i = 0; i < n; i++) sum += exp((double)logits[i] - max);
+    return ((double)logits[id] - max) - log(sum);
+}
+
 int32_t sampler_sample(struct sampler *s, float *logits, const int32_t *history, int n_history) {
     const struct sampler_params *p = &s->p;
     int n = s->n_vocab;
@@ -462,15 +472,6 @@ static size_t hold_point(const struct stop_matcher *m) {
     return m->n_held;
 }
 
-/* Bytes a UTF-8 sequence has, judged from its lead byte; 1 for anything that
- * is not a multi-byte lead (ASCII, or invalid bytes we pass through). */
-static size_t utf8_seq_len(unsigned char b) {
-    if (b >= 0xF0 && b <= 0xF7) return 4;
-    if (b >= 0xE0) return b <= 0xEF ? 3 : 1;
-    if (b >= 0xC0) return 2;
-    return 1;
-}
-
 /* Moves cut back so that buf[0..cut) does not end inside a character. Looks
  * back at most three bytes: longer runs of continuation bytes are invalid
  * UTF-8 anyway and are released as they are. */
@@ -478,7 +479,8 @@ static size_t utf8_safe_cut(const char *buf, size_t cut) {
     for (size_t back = 1; back <= 3 && back <= cut; back++) {
         unsigned char b = (unsigned char)buf[cut - back];
         if ((b & 0xC0) == 0x80) continue;          /* continuation: keep looking */
-        return utf8_seq_len(b) > back ? cut - back : cut;
+        uint8_t lo, hi;
+        return (size_t)utf8_lead(b, &lo, &hi) > back ? cut - back : cut;
     }
     return cut;
 }

@@ -30,6 +30,12 @@ void sampler_free(struct sampler *s);
  * ids seen so far (prompt and generated), for the repetition penalty. */
 int32_t sampler_sample(struct sampler *s, float *logits, const int32_t *history, int n_history);
 
+/* log softmax(logits)[id] over n logits, untouched by any sampling setting:
+ * the model's own log-probability of id (logprobs, perplexity). Computed in
+ * double from a max-shifted log-sum-exp, so a 50K vocabulary neither
+ * overflows nor loses the small terms. */
+double log_softmax_at(const float *logits, int n, int32_t id);
+
 /* Stop strings: text is held back while it could still be the start of a
  * stop string, so a client never sees part of one. */
 struct stop_matcher {

@@ -46,11 +46,12 @@
 #define PCRE2_CODE_UNIT_WIDTH 8
 #include <pcre2.h>
 
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include "engine/utf8.h"
+#include "storage/error.h"
 #include "storage/gguf.h"
 
 enum {
@@ -149,51 +150,9 @@ struct ebb_tokenizer {
     size_t max_piece;          /* longest piece in bytes */
 };
 
-static void set_err(char *err, size_t errlen, const char *fmt, ...) {
-    if (!err || !errlen) return;
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(err, errlen, fmt, ap);
-    va_end(ap);
-}
-
 /* ---------------------------------------------------------------------------
  * UTF-8 helpers.
  * ------------------------------------------------------------------------- */
-
-/* Length of the well-formed sequence at s (n bytes left), or 0 if ill-formed
- * (bad lead, bad continuation, overlong, surrogate, above U+10FFFF, truncated). */
-static size_t utf8_seq_len(const uint8_t *s, size_t n) {
-    uint8_t b = s[0];
-    if (b < 0x80) return 1;
-    size_t need;
-    uint8_t lo = 0x80, hi = 0xBF;      /* allowed range of the second byte */
-    if (b >= 0xC2 && b <= 0xDF) need = 2;
-    else if (b >= 0xE0 && b <= 0xEF) {
-        need = 3;
-        if (b == 0xE0) lo = 0xA0;      /* overlong */
-        if (b == 0xED) hi = 0x9F;      /* surrogates */
-    } else if (b >= 0xF0 && b <= 0xF4) {
-        need = 4;
-        if (b == 0xF0) lo = 0x90;      /* overlong */
-        if (b == 0xF4) hi = 0x8F;      /* above U+10FFFF */
-    } else return 0;
-    if (n < need) return 0;
-    if (s[1] < lo || s[1] > hi) return 0;
-    for (size_t i = 2; i < need; i++)
-        if ((s[i] & 0xC0) != 0x80) return 0;
-    return need;
-}
-
-static int utf8_valid(const uint8_t *s, size_t n) {
-    for (size_t i = 0; i < n;) {
-        if (s[i] < 0x80) { i++; continue; }
-        size_t l = utf8_seq_len(s + i, n - i);
-        if (!l) return 0;
-        i += l;
-    }
-    return 1;
-}
 
 /* Decodes the code point of a well-formed sequence of length l. */
 static uint32_t utf8_cp(const uint8_t *s, size_t l) {
@@ -330,11 +289,11 @@ static const struct gguf_kv *find_array(const struct gguf_file *f, const char *k
                                         int required, char *err, size_t errlen) {
     const struct gguf_kv *kv = gguf_find(f, key);
     if (!kv) {
-        if (required) set_err(err, errlen, "%s: tokenizer metadata %s is missing", f->path, key);
+        if (required) errf(err, errlen, "%s: tokenizer metadata %s is missing", f->path, key);
         return NULL;
     }
     if (kv->type != GGUF_ARRAY || (elem != (uint32_t)-1 && kv->arr_type != elem)) {
-        set_err(err, errlen, "%s: tokenizer metadata %s has the wrong type", f->path, key);
+        errf(err, errlen, "%s: tokenizer metadata %s has the wrong type", f->path, key);
         return NULL;
     }
     return kv;
@@ -344,7 +303,7 @@ static int load_tokens(struct ebb_tokenizer *t, const struct gguf_file *f, char 
     const struct gguf_kv *kv = find_array(f, "tokenizer.ggml.tokens", GGUF_STRING, 1, err, errlen);
     if (!kv) return -1;
     if (kv->arr_n == 0 || kv->arr_n > INT32_MAX / 2) {
-        set_err(err, errlen, "%s: tokenizer has %llu tokens", f->path, (unsigned long long)kv->arr_n);
+        errf(err, errlen, "%s: tokenizer has %llu tokens", f->path, (unsigned long long)kv->arr_n);
         return -1;
     }
     t->n_vocab = (int)kv->arr_n;
@@ -352,7 +311,7 @@ static int load_tokens(struct ebb_tokenizer *t, const struct gguf_file *f, char 
     const uint8_t *p = kv->value;
     for (size_t i = 0; i < n; i++) total += next_str(&p).len;
     if (total > UINT32_MAX) {
-        set_err(err, errlen, "%s: tokenizer vocabulary text is too large", f->path);
+        errf(err, errlen, "%s: tokenizer vocabulary text is too large", f->path);
         return -1;
     }
     t->texts = malloc(total + 1);
@@ -366,19 +325,19 @@ static int load_tokens(struct ebb_tokenizer *t, const struct gguf_file *f, char 
     t->text_slots = calloc((size_t)t->text_mask + 1, sizeof *t->text_slots);
     if (!t->texts || !t->pieces || !t->text_off || !t->text_len || !t->piece_off ||
         !t->piece_len || !t->type || !t->text_slots) {
-        set_err(err, errlen, "%s: out of memory loading the tokenizer", f->path);
+        errf(err, errlen, "%s: out of memory loading the tokenizer", f->path);
         return -1;
     }
     memset(t->type, TOKEN_NORMAL, n);
     const struct gguf_kv *types = find_array(f, "tokenizer.ggml.token_type", (uint32_t)-1, 0, err, errlen);
     if (!types && gguf_find(f, "tokenizer.ggml.token_type")) return -1;
     if (types && types->arr_n != n) {
-        set_err(err, errlen, "%s: tokenizer has %zu tokens but %llu token types", f->path, n,
+        errf(err, errlen, "%s: tokenizer has %zu tokens but %llu token types", f->path, n,
                 (unsigned long long)types->arr_n);
         return -1;
     }
     if (types && (types->arr_type == GGUF_STRING || types->arr_type == GGUF_ARRAY)) {
-        set_err(err, errlen, "%s: tokenizer.ggml.token_type is not numeric", f->path);
+        errf(err, errlen, "%s: tokenizer.ggml.token_type is not numeric", f->path);
         return -1;
     }
     int16_t cp_to_byte[BYTE_CP_LIMIT];
@@ -425,13 +384,13 @@ static int load_merges(struct ebb_tokenizer *t, const struct gguf_file *f, char 
     const struct gguf_kv *kv = find_array(f, "tokenizer.ggml.merges", GGUF_STRING, 1, err, errlen);
     if (!kv) return -1;
     if (kv->arr_n > INT32_MAX / 2) {
-        set_err(err, errlen, "%s: tokenizer has too many merges", f->path);
+        errf(err, errlen, "%s: tokenizer has too many merges", f->path);
         return -1;
     }
     t->merge_mask = table_size_for(kv->arr_n) - 1;
     t->merges = malloc(((size_t)t->merge_mask + 1) * sizeof *t->merges);
     if (!t->merges) {
-        set_err(err, errlen, "%s: out of memory loading the tokenizer", f->path);
+        errf(err, errlen, "%s: out of memory loading the tokenizer", f->path);
         return -1;
     }
     for (size_t i = 0; i <= t->merge_mask; i++) t->merges[i].key = MERGE_EMPTY;
@@ -445,7 +404,7 @@ static int load_merges(struct ebb_tokenizer *t, const struct gguf_file *f, char 
          * (byte-level token texts never hold a real space). */
         const char *sp = m.len > 1 ? memchr(m.ptr + 1, ' ', m.len - 1) : NULL;
         if (!sp) {
-            set_err(err, errlen, "%s: tokenizer merge %llu ('%.*s') is not \"left right\"", f->path,
+            errf(err, errlen, "%s: tokenizer merge %llu ('%.*s') is not \"left right\"", f->path,
                     (unsigned long long)i, (int)(m.len > 64 ? 64 : m.len), m.ptr);
             rc = -1;
             break;
@@ -456,7 +415,7 @@ static int load_merges(struct ebb_tokenizer *t, const struct gguf_file *f, char 
             joined_cap = (ll + rl) * 2 + 16;
             joined = malloc(joined_cap);
             if (!joined) {
-                set_err(err, errlen, "%s: out of memory loading the tokenizer", f->path);
+                errf(err, errlen, "%s: out of memory loading the tokenizer", f->path);
                 rc = -1;
                 break;
             }
@@ -466,7 +425,7 @@ static int load_merges(struct ebb_tokenizer *t, const struct gguf_file *f, char 
         int32_t a = text_lookup(t, m.ptr, ll), b = text_lookup(t, sp + 1, rl);
         int32_t r = text_lookup(t, joined, ll + rl);
         if (a < 0 || b < 0 || r < 0) {
-            set_err(err, errlen, "%s: tokenizer merge %llu ('%.*s') uses a token missing from the "
+            errf(err, errlen, "%s: tokenizer merge %llu ('%.*s') uses a token missing from the "
                     "vocabulary", f->path, (unsigned long long)i, (int)(m.len > 64 ? 64 : m.len), m.ptr);
             rc = -1;
             break;
@@ -500,7 +459,7 @@ static int load_specials(struct ebb_tokenizer *t, const struct gguf_file *f, cha
     t->specials = malloc((size_t)(n ? n : 1) * sizeof *t->specials);
     if (!keys || !t->specials) {
         free(keys);
-        set_err(err, errlen, "%s: out of memory loading the tokenizer", f->path);
+        errf(err, errlen, "%s: out of memory loading the tokenizer", f->path);
         return -1;
     }
     n = 0;
@@ -523,7 +482,7 @@ static int load_specials(struct ebb_tokenizer *t, const struct gguf_file *f, cha
 static int load_pre(struct ebb_tokenizer *t, const struct gguf_file *f, char *err, size_t errlen) {
     struct gguf_str pre = {"default", 7};
     if (gguf_find(f, "tokenizer.ggml.pre") && gguf_get_str(f, "tokenizer.ggml.pre", &pre)) {
-        set_err(err, errlen, "%s: tokenizer.ggml.pre is not a string", f->path);
+        errf(err, errlen, "%s: tokenizer.ggml.pre is not a string", f->path);
         return -1;
     }
     const struct pre_def *def = NULL;
@@ -537,7 +496,7 @@ static int load_pre(struct ebb_tokenizer *t, const struct gguf_file *f, char *er
             for (int k = 0; PRE_DEFS[i].names[k] && at < sizeof known; k++)
                 at += (size_t)snprintf(known + at, sizeof known - at, "%s%s", at ? ", " : "",
                                        PRE_DEFS[i].names[k]);
-        set_err(err, errlen, "%s: unsupported pre-tokenizer '%.*s' (tokenizer.ggml.pre); supported: %s",
+        errf(err, errlen, "%s: unsupported pre-tokenizer '%.*s' (tokenizer.ggml.pre); supported: %s",
                 f->path, (int)(pre.len > 64 ? 64 : pre.len), pre.ptr, known);
         return -1;
     }
@@ -549,7 +508,7 @@ static int load_pre(struct ebb_tokenizer *t, const struct gguf_file *f, char *er
         if (!re) {
             PCRE2_UCHAR msg[160];
             pcre2_get_error_message(ecode, msg, sizeof msg);
-            set_err(err, errlen, "%s: pre-tokenizer expression failed to compile at %zu: %s",
+            errf(err, errlen, "%s: pre-tokenizer expression failed to compile at %zu: %s",
                     f->path, (size_t)eoff, (const char *)msg);
             return -1;
         }
@@ -566,7 +525,7 @@ static int get_token_id(const struct ebb_tokenizer *t, const struct gguf_file *f
     if (!gguf_find(f, key)) return 0;
     uint32_t v;
     if (gguf_get_u32(f, key, &v) || v >= (uint32_t)t->n_vocab) {
-        set_err(err, errlen, "%s: %s is not a token id below %d", f->path, key, t->n_vocab);
+        errf(err, errlen, "%s: %s is not a token id below %d", f->path, key, t->n_vocab);
         return -1;
     }
     *out = (int32_t)v;
@@ -578,17 +537,17 @@ static int find_default_system(const char *tpl, size_t n, char **out);
 struct ebb_tokenizer *tokenizer_load(const struct gguf_file *f, char *err, size_t errlen) {
     struct gguf_str model;
     if (gguf_get_str(f, "tokenizer.ggml.model", &model)) {
-        set_err(err, errlen, "%s: tokenizer.ggml.model is missing or not a string", f->path);
+        errf(err, errlen, "%s: tokenizer.ggml.model is missing or not a string", f->path);
         return NULL;
     }
     if (!gguf_str_eq(model, "gpt2")) {
-        set_err(err, errlen, "%s: unsupported tokenizer model '%.*s' (only byte-level BPE, \"gpt2\", "
+        errf(err, errlen, "%s: unsupported tokenizer model '%.*s' (only byte-level BPE, \"gpt2\", "
                 "is supported)", f->path, (int)(model.len > 64 ? 64 : model.len), model.ptr);
         return NULL;
     }
     struct ebb_tokenizer *t = calloc(1, sizeof *t);
     if (!t) {
-        set_err(err, errlen, "%s: out of memory loading the tokenizer", f->path);
+        errf(err, errlen, "%s: out of memory loading the tokenizer", f->path);
         return NULL;
     }
     if (load_tokens(t, f, err, errlen) || load_merges(t, f, err, errlen) ||
@@ -598,13 +557,13 @@ struct ebb_tokenizer *tokenizer_load(const struct gguf_file *f, char *err, size_
         goto fail;
     if (gguf_find(f, "tokenizer.ggml.add_bos_token") &&
         gguf_get_bool(f, "tokenizer.ggml.add_bos_token", &t->add_bos)) {
-        set_err(err, errlen, "%s: tokenizer.ggml.add_bos_token is not a bool", f->path);
+        errf(err, errlen, "%s: tokenizer.ggml.add_bos_token is not a bool", f->path);
         goto fail;
     }
     struct gguf_str tpl;
     if (!gguf_get_str(f, "tokenizer.chat_template", &tpl) &&
         find_default_system(tpl.ptr, tpl.len, &t->default_system)) {
-        set_err(err, errlen, "%s: out of memory loading the tokenizer", f->path);
+        errf(err, errlen, "%s: out of memory loading the tokenizer", f->path);
         goto fail;
     }
     return t;
@@ -634,6 +593,8 @@ int tokenizer_n_vocab(const struct ebb_tokenizer *t) { return t->n_vocab; }
 int32_t tokenizer_bos(const struct ebb_tokenizer *t) { return t->bos; }
 int32_t tokenizer_eos(const struct ebb_tokenizer *t) { return t->eos; }
 int tokenizer_add_bos(const struct ebb_tokenizer *t) { return t->add_bos; }
+
+int32_t tokenizer_bos_to_add(const struct ebb_tokenizer *t) { return t->add_bos && t->bos >= 0 ? t->bos : -1; }
 
 int tokenizer_is_control(const struct ebb_tokenizer *t, int32_t id) {
     return id >= 0 && id < t->n_vocab && t->type[id] == TOKEN_CONTROL;
@@ -864,6 +825,25 @@ int tokenizer_encode(const struct ebb_tokenizer *t, const char *text, size_t len
     return (int)e.n_ids;
 }
 
+int tokenizer_encode_with_bos(const struct ebb_tokenizer *t, const char *text, size_t len,
+                              int parse_special, int add_bos, int32_t **ids) {
+    int32_t *body = NULL;
+    *ids = NULL;
+    int n = tokenizer_encode(t, text, len, parse_special, &body);
+    if (n < 0) return -1;
+    const int32_t bos = add_bos ? tokenizer_bos_to_add(t) : -1;
+    const int first = bos >= 0;
+    *ids = malloc(((size_t)n + 1) * sizeof(int32_t));
+    if (!*ids) {
+        free(body);
+        return -1;
+    }
+    if (first) (*ids)[0] = bos;
+    if (n) memcpy(*ids + first, body, (size_t)n * sizeof(int32_t));
+    free(body);
+    return n + first;
+}
+
 /* ---------------------------------------------------------------------------
  * Incremental detokenization. Bytes go through a small UTF-8 state machine:
  * a well-formed prefix of a character waits in pending; anything ill-formed
@@ -891,36 +871,17 @@ static void put(struct sink *k, const char *s, size_t n) {
     k->w += n;
 }
 
-/* Bytes a sequence starting with lead needs in total (0 if lead is invalid),
- * and the allowed range of its second byte. */
-static int seq_need(uint8_t lead, uint8_t *lo, uint8_t *hi) {
-    *lo = 0x80;
-    *hi = 0xBF;
-    if (lead >= 0xC2 && lead <= 0xDF) return 2;
-    if (lead >= 0xE0 && lead <= 0xEF) {
-        if (lead == 0xE0) *lo = 0xA0;
-        if (lead == 0xED) *hi = 0x9F;
-        return 3;
-    }
-    if (lead >= 0xF0 && lead <= 0xF4) {
-        if (lead == 0xF0) *lo = 0x90;
-        if (lead == 0xF4) *hi = 0x8F;
-        return 4;
-    }
-    return 0;
-}
-
 static void detok_byte(struct detok *d, uint8_t b, struct sink *k) {
     for (;;) {
         if (d->n_pending == 0) {
             uint8_t lo, hi;
             if (b < 0x80) put(k, (const char *)&b, 1);
-            else if (seq_need(b, &lo, &hi)) d->pending[d->n_pending++] = (char)b;
+            else if (utf8_lead(b, &lo, &hi)) d->pending[d->n_pending++] = (char)b;
             else put(k, REPLACEMENT, 3);
             return;
         }
         uint8_t lo, hi;
-        int need = seq_need((uint8_t)d->pending[0], &lo, &hi);
+        int need = utf8_lead((uint8_t)d->pending[0], &lo, &hi);
         if (d->n_pending > 1) { lo = 0x80; hi = 0xBF; }
         if (b >= lo && b <= hi) {
             d->pending[d->n_pending++] = (char)b;

@@ -16,6 +16,9 @@ int tokenizer_n_vocab(const struct ebb_tokenizer *t);
 int32_t tokenizer_bos(const struct ebb_tokenizer *t);   /* -1 if none */
 int32_t tokenizer_eos(const struct ebb_tokenizer *t);
 int tokenizer_add_bos(const struct ebb_tokenizer *t);   /* tokenizer.ggml.add_bos_token */
+/* The id a sequence starts with: BOS when the model asks for it
+ * (tokenizer_add_bos) and has one, else -1. */
+int32_t tokenizer_bos_to_add(const struct ebb_tokenizer *t);
 /* 1 for control tokens (<|im_end|> ...) that end or structure a turn. */
 int tokenizer_is_control(const struct ebb_tokenizer *t, int32_t id);
 /* Id of an exact token text, or -1. */
@@ -27,6 +30,12 @@ int32_t tokenizer_find(const struct ebb_tokenizer *t, const char *text);
  * on invalid UTF-8 / allocation failure; *ids is malloc'd, caller frees. */
 int tokenizer_encode(const struct ebb_tokenizer *t, const char *text, size_t len,
                      int parse_special, int32_t **ids);
+/* tokenizer_encode, then tokenizer_bos_to_add's id put first when add_bos is
+ * set and the model has one to add: the one way a prompt gets its BOS.
+ * Returns the number of ids or -1 as tokenizer_encode; *ids is malloc'd with
+ * room for at least one id, caller frees. */
+int tokenizer_encode_with_bos(const struct ebb_tokenizer *t, const char *text, size_t len,
+                              int parse_special, int add_bos, int32_t **ids);
 
 /* The raw bytes a token stands for (byte-level decoded); control tokens
  * yield their text. *len receives the length; returns NULL for a bad id. */

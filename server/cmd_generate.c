@@ -69,20 +69,10 @@ static int build_prompt(struct model *m, const char *prompt, const char *chat, c
         }
         prompt = rendered;
     }
-    int32_t *body = NULL;
-    int n = tokenizer_encode(m->tok, prompt, strlen(prompt), 1, &body);
+    int n = tokenizer_encode_with_bos(m->tok, prompt, strlen(prompt), 1, 1, ids);
     free(rendered);
-    if (n < 0) {
-        fprintf(stderr, "ebb generate: the prompt is not valid UTF-8\n");
-        return -1;
-    }
-    int bos = tokenizer_add_bos(m->tok) && tokenizer_bos(m->tok) >= 0;
-    *ids = malloc(((size_t)n + 1) * sizeof(int32_t));
-    if (!*ids) { free(body); return -1; }
-    if (bos) (*ids)[0] = tokenizer_bos(m->tok);
-    if (n) memcpy(*ids + bos, body, (size_t)n * sizeof(int32_t));
-    free(body);
-    return n + bos;
+    if (n < 0) fprintf(stderr, "ebb generate: the prompt is not valid UTF-8\n");
+    return n;
 }
 
 int cmd_generate(int argc, char **argv) {

@@ -181,17 +181,8 @@ int cmd_models(int argc, char **argv) {
     }
 
     /* The catalog location: flag, else the configuration layers. */
-    struct ebb_config *cfg = malloc(sizeof *cfg);
     char err[1024], path[4096];
-    if (!cfg) {
-        fprintf(stderr, "ebb models: out of memory\n");
-        return 1;
-    }
-    int bad = config_load(cfg, config_path, err, sizeof err);
-    if (!bad && catalog_flag) bad = config_apply_flag(cfg, "--catalog", catalog_flag, err, sizeof err);
-    if (!bad) bad = config_catalog_path(cfg, path, sizeof path, err, sizeof err);
-    free(cfg);
-    if (bad) {
+    if (config_resolve_catalog(config_path, catalog_flag, path, sizeof path, err, sizeof err)) {
         fprintf(stderr, "ebb models: %s\n", err);
         return 1;
     }

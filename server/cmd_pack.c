@@ -121,23 +121,6 @@ static int measure_variant(const struct pack_options *o, const struct eval_optio
     return 0;
 }
 
-static int file_sha256(const char *path, char hex[65]) {
-    FILE *f = fopen(path, "rb");
-    if (!f) return -1;
-    struct sha256 h;
-    sha256_init(&h);
-    static unsigned char buf[1 << 16];
-    size_t n;
-    while ((n = fread(buf, 1, sizeof buf, f)) > 0) sha256_update(&h, buf, n);
-    int bad = ferror(f);
-    fclose(f);
-    if (bad) return -1;
-    uint8_t d[32];
-    sha256_final(&h, d);
-    for (int i = 0; i < 32; i++) snprintf(hex + 2 * i, 3, "%02x", d[i]);
-    return 0;
-}
-
 static const char *variant_kind(const struct pack_options *o) {
     static const char *const kinds[3][2][2] = {
         {{"w4a16", "w4a16-head4"}, {"w4a16-rtn", "w4a16-rtn-head4"}},
@@ -176,13 +159,7 @@ static void print_summary(const struct pack_options *o, const struct pack_result
 static int register_variant(const struct pack_options *o, const struct pack_result *r, const char *catalog_flag,
                             const char *config_path, const double *ppl, const char *ppl_text) {
     char err[1024], path[4096], src[PATH_MAX], out[PATH_MAX], hex[65];
-    struct ebb_config *cfg = malloc(sizeof *cfg);
-    if (!cfg) { fprintf(stderr, "ebb pack: out of memory\n"); return -1; }
-    int bad = config_load(cfg, config_path, err, sizeof err);
-    if (!bad && catalog_flag) bad = config_apply_flag(cfg, "--catalog", catalog_flag, err, sizeof err);
-    if (!bad) bad = config_catalog_path(cfg, path, sizeof path, err, sizeof err);
-    free(cfg);
-    if (bad) {
+    if (config_resolve_catalog(config_path, catalog_flag, path, sizeof path, err, sizeof err)) {
         fprintf(stderr, "ebb pack: catalog: %s (the packed file is written)\n", err);
         return -1;
     }
@@ -209,7 +186,7 @@ static int register_variant(const struct pack_options *o, const struct pack_resu
     if (!found) {
         printf("not registered: %s is not in the catalog %s (ebb models add %s)\n", src, path, o->model_path);
         rc = 0;
-    } else if (file_sha256(out, hex)) {
+    } else if (sha256_file(out, hex)) {
         fprintf(stderr, "ebb pack: cannot read back %s for its checksum\n", out);
     } else {
         struct catalog_variant v = {.model_id = found->id, .kind = (char *)variant_kind(o), .path = out,

@@ -17,6 +17,7 @@
 #include <time.h>
 
 #include "engine/tokenizer.h"
+#include "engine/utf8.h"
 #include "server/cli.h"
 #include "storage/gguf.h"
 
@@ -118,13 +119,7 @@ static int parse_args(int argc, char **argv, struct tokenize_opts *o) {
 static void print_escaped(FILE *out, const char *s, size_t n) {
     for (size_t i = 0; i < n;) {
         unsigned char c = (unsigned char)s[i];
-        size_t l = 0;
-        if (c >= 0xC2 && c <= 0xF4) {
-            l = c < 0xE0 ? 2 : c < 0xF0 ? 3 : 4;
-            if (i + l > n) l = 0;
-            for (size_t k = 1; k < l; k++)
-                if (((unsigned char)s[i + k] & 0xC0) != 0x80) l = 0;
-        }
+        size_t l = c >= 0x80 ? utf8_seq_len(s + i, n - i) : 0;
         if (l) {
             fwrite(s + i, 1, l, out);
             i += l;

@@ -17,11 +17,11 @@
 #include <ctype.h>
 #include <errno.h>
 #include <jansson.h>
-#include <stdarg.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "storage/catalog.h"
+#include "storage/error.h"
 
 enum field_type {
     FIELD_STRING,  /* char array */
@@ -87,15 +87,6 @@ static const struct field fields[] = {
 _Static_assert(sizeof fields / sizeof fields[0] == CONFIG_N_FIELDS, "CONFIG_N_FIELDS matches the table");
 
 static const char *const level_names[] = {"error", "warn", "info", "debug"};
-
-static void errf(char *err, size_t errlen, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
-static void errf(char *err, size_t errlen, const char *fmt, ...) {
-    if (!err || !errlen) return;
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(err, errlen, fmt, ap);
-    va_end(ap);
-}
 
 static void *field_ptr(struct ebb_config *cfg, const struct field *f) { return (char *)cfg + f->offset; }
 
@@ -483,6 +474,17 @@ int config_catalog_path(const struct ebb_config *cfg, char *buf, size_t len, cha
         return 0;
     }
     return catalog_default_path(buf, len, err, errlen) == CATALOG_OK ? 0 : -1;
+}
+
+int config_resolve_catalog(const char *config_path, const char *catalog_flag, char *buf, size_t len, char *err,
+                           size_t errlen) {
+    struct ebb_config *cfg = malloc(sizeof *cfg);   /* large: several path buffers */
+    if (!cfg) return errf(err, errlen, "out of memory");
+    int bad = config_load(cfg, config_path, err, errlen);
+    if (!bad && catalog_flag) bad = config_apply_flag(cfg, "--catalog", catalog_flag, err, errlen);
+    if (!bad) bad = config_catalog_path(cfg, buf, len, err, errlen);
+    free(cfg);
+    return bad ? -1 : 0;
 }
 
 const char *config_log_level_name(int level) {

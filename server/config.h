@@ -85,6 +85,11 @@ int config_load(struct ebb_config *cfg, const char *path, char *err, size_t errl
 
 /* The catalog to open: cfg->catalog, else the XDG default. 0 or -1. */
 int config_catalog_path(const struct ebb_config *cfg, char *buf, size_t len, char *err, size_t errlen);
+/* The catalog a command without a loaded configuration opens: config_load
+ * (config_path as there), then the --catalog flag when catalog_flag is not
+ * NULL, then config_catalog_path. 0, or -1 with the reason in err. */
+int config_resolve_catalog(const char *config_path, const char *catalog_flag, char *buf, size_t len, char *err,
+                           size_t errlen);
 
 /* Writes the effective configuration as JSON (admin_token shown only as
  * "(set)" or ""), with where each value came from when with_sources. */

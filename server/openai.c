@@ -32,39 +32,9 @@
 
 #include <jansson.h>
 
+#include "engine/utf8.h"
+
 /* ------------------------------------------------------------------ UTF-8 */
-
-/* Length of the valid UTF-8 character at s (n bytes available), or 0 when
- * the bytes there are not one (overlong forms, surrogates and code points
- * above U+10FFFF are invalid, as jansson and RFC 3629 say). */
-static size_t utf8_char_len(const unsigned char *s, size_t n) {
-    unsigned c = s[0];
-    if (c < 0x80) return 1;
-    size_t len;
-    unsigned cp;
-    if (c >= 0xC2 && c <= 0xDF) len = 2, cp = c & 0x1F;
-    else if (c >= 0xE0 && c <= 0xEF) len = 3, cp = c & 0x0F;
-    else if (c >= 0xF0 && c <= 0xF4) len = 4, cp = c & 0x07;
-    else return 0;
-    if (n < len) return 0;
-    for (size_t i = 1; i < len; i++) {
-        if ((s[i] & 0xC0) != 0x80) return 0;
-        cp = (cp << 6) | (s[i] & 0x3F);
-    }
-    if ((len == 3 && cp < 0x800) || (len == 4 && cp < 0x10000)) return 0;   /* overlong */
-    if (cp > 0x10FFFF || (cp >= 0xD800 && cp <= 0xDFFF)) return 0;
-    return len;
-}
-
-static bool utf8_valid(const char *s, size_t n) {
-    const unsigned char *p = (const unsigned char *)s;
-    for (size_t i = 0; i < n;) {
-        size_t l = utf8_char_len(p + i, n - i);
-        if (!l) return false;
-        i += l;
-    }
-    return true;
-}
 
 /* Characters in n bytes (bytes that do not continue a character): the unit
  * Python clients index text with, for text_offset. */
@@ -72,22 +42,6 @@ static size_t utf8_count_chars(const char *s, size_t n) {
     size_t chars = 0;
     for (size_t i = 0; i < n; i++) chars += ((unsigned char)s[i] & 0xC0) != 0x80;
     return chars;
-}
-
-/* Bytes to replace at an invalid position: the longest prefix of a valid
- * sequence (at least one byte), so "\xE2\x82" (a cut "\u20AC") becomes one
- * U+FFFD, as Python and browsers decode it. */
-static size_t utf8_invalid_span(const unsigned char *s, size_t n) {
-    unsigned c = s[0];
-    size_t len = c >= 0xC2 && c <= 0xDF ? 2 : c >= 0xE0 && c <= 0xEF ? 3 : c >= 0xF0 && c <= 0xF4 ? 4 : 1;
-    unsigned lo = c == 0xE0 ? 0xA0 : c == 0xF0 ? 0x90 : 0x80;   /* second-byte range that */
-    unsigned hi = c == 0xED ? 0x9F : c == 0xF4 ? 0x8F : 0xBF;   /* excludes overlongs and surrogates */
-    size_t i = 1;
-    for (; i < len && i < n; i++) {
-        unsigned b = s[i];
-        if (i == 1 ? (b < lo || b > hi) : (b & 0xC0) != 0x80) break;
-    }
-    return i;
 }
 
 /* A JSON string for any bytes: invalid sequences become U+FFFD. */
@@ -98,7 +52,7 @@ static json_t *json_text(const char *s, size_t n) {
     size_t o = 0;
     const unsigned char *p = (const unsigned char *)s;
     for (size_t i = 0; i < n;) {
-        size_t l = utf8_char_len(p + i, n - i);
+        size_t l = utf8_seq_len(p + i, n - i);
         if (l) {
             memcpy(fixed + o, s + i, l);
             o += l;
@@ -122,7 +76,7 @@ static void utf8_repair(char *s) {
     size_t n = strlen(s);
     unsigned char *p = (unsigned char *)s;
     for (size_t i = 0; i < n;) {
-        size_t l = utf8_char_len(p + i, n - i);
+        size_t l = utf8_seq_len(p + i, n - i);
         if (l) i += l;
         else p[i++] = '?';
     }
@@ -969,15 +923,7 @@ const char *oai_role_name(enum oai_role role) {
     }
 }
 
-const char *oai_finish_reason(enum finish_reason f) {
-    switch (f) {
-    case FINISH_NONE: return NULL;
-    case FINISH_STOP: return "stop";
-    case FINISH_LENGTH: return "length";
-    case FINISH_CANCELLED: return "cancelled";
-    default: return "error";
-    }
-}
+const char *oai_finish_reason(enum finish_reason f) { return f == FINISH_NONE ? NULL : finish_reason_name(f); }
 
 void oai_format_id(char *buf, size_t size, enum oai_kind kind, uint64_t request_id) {
     snprintf(buf, size, "%s-%" PRIu64, kind == OAI_CHAT ? "chatcmpl" : "cmpl", request_id);

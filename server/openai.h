@@ -142,7 +142,7 @@ void oai_gen_params(const struct oai_request *r, int choice, uint64_t seed_if_un
 
 /* "system", "user", "assistant", "tool": what the chat template expects. */
 const char *oai_role_name(enum oai_role role);
-/* "stop", "length", "cancelled", "error"; NULL for FINISH_NONE. */
+/* finish_reason_name, but NULL for FINISH_NONE (JSON null while running). */
 const char *oai_finish_reason(enum finish_reason f);
 
 /* Fills *err (message printf-style, made valid UTF-8 if truncated). */

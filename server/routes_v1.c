@@ -100,17 +100,7 @@ static int prompt_ids(struct served_model *sm, const struct oai_request *r, int 
         if (pr->n_tokens) memcpy(*ids, pr->tokens, (size_t)pr->n_tokens * sizeof(int32_t));
         return pr->n_tokens;
     }
-    const struct ebb_tokenizer *tok = sm->model.tok;
-    int32_t *body = NULL;
-    int n = tokenizer_encode(tok, pr->text, pr->text_len, 1, &body);
-    if (n < 0) return -1;
-    int bos = r->add_special_tokens && tokenizer_add_bos(tok) && tokenizer_bos(tok) >= 0;
-    *ids = malloc(((size_t)n + 1) * sizeof(int32_t));
-    if (!*ids) { free(body); return -1; }
-    if (bos) (*ids)[0] = tokenizer_bos(tok);
-    if (n) memcpy(*ids + bos, body, (size_t)n * sizeof(int32_t));
-    free(body);
-    return n + bos;
+    return tokenizer_encode_with_bos(sm->model.tok, pr->text, pr->text_len, 1, r->add_special_tokens, ids);
 }
 
 /* Chat messages through the model's template, then tokenized. */
@@ -250,7 +240,7 @@ static void deliver_done(struct choice_slot *slot, struct bridge_event *ev) {
         snprintf(c->error, sizeof c->error, "internal error: %d of %d tokens were delivered", slot->n_tokens,
                  ev->n_generated);
     }
-    const char *labels[] = {sm->name, oai_finish_reason(ch->finish) ? oai_finish_reason(ch->finish) : "none"};
+    const char *labels[] = {sm->name, finish_reason_name(ch->finish)};
     metric_inc(c->d->m_finished, labels, 1);
     metric_series_inc(sm->m_prompt_tokens, ev->n_prompt);
     const struct sched_timing *t = &ev->timing;

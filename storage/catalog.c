@@ -18,7 +18,6 @@
 #include <math.h>
 #include <pthread.h>
 #include <sqlite3.h>
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -26,6 +25,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "storage/error.h"
 #include "storage/gguf.h"
 #include "storage/sha256.h"
 
@@ -41,15 +41,6 @@ struct catalog {
 };
 
 /* ---- small helpers ---------------------------------------------------- */
-
-static void errf(char *err, size_t errlen, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
-static void errf(char *err, size_t errlen, const char *fmt, ...) {
-    if (!err || !errlen) return;
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(err, errlen, fmt, ap);
-    va_end(ap);
-}
 
 /* "catalog PATH: WHAT: sqlite's reason" -- always CATALOG_ERROR. */
 static enum catalog_status db_fail(struct catalog *cat, const char *what, char *err, size_t errlen) {

@@ -17,7 +17,6 @@
 
 #include <errno.h>
 #include <fcntl.h>
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -26,6 +25,7 @@
 #include <unistd.h>
 
 #include "kernels/formats.h"
+#include "storage/error.h"
 
 #define GGUF_MAGIC "GGUF"
 #define GGUF_DEFAULT_ALIGNMENT 32
@@ -43,15 +43,8 @@ struct cursor {
     const char *name;
 };
 
-static int fail(struct cursor *c, const char *fmt, ...) {
-    char msg[256];
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(msg, sizeof msg, fmt, ap);
-    va_end(ap);
-    snprintf(c->err, c->errlen, "%s: %s", c->name, msg);
-    return -1;
-}
+/* "NAME: message" (storage/error.h); returns -1. */
+#define fail(c, fmt, ...) errf((c)->err, (c)->errlen, "%s: " fmt, (c)->name, ##__VA_ARGS__)
 
 static int need(struct cursor *c, uint64_t n, const char *what) {
     if (n > c->size - c->pos)

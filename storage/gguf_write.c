@@ -18,13 +18,13 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <libgen.h>
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
 
 #include "kernels/formats.h"
+#include "storage/error.h"
 
 struct wkv {
     char *key;
@@ -51,15 +51,8 @@ struct gguf_writer {
     char failure[256];     /* first error, "" if none */
 };
 
-static int writer_fail(struct gguf_writer *w, const char *fmt, ...) {
-    if (!w->failure[0]) {
-        va_list ap;
-        va_start(ap, fmt);
-        vsnprintf(w->failure, sizeof w->failure, fmt, ap);
-        va_end(ap);
-    }
-    return -1;
-}
+/* Keeps the first error (storage/error.h); returns -1. */
+#define writer_fail(w, ...) ((w)->failure[0] ? -1 : errf((w)->failure, sizeof (w)->failure, __VA_ARGS__))
 
 struct gguf_writer *gguf_writer_new(void) {
     return calloc(1, sizeof(struct gguf_writer));

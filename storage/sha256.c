@@ -1,6 +1,7 @@
 /* SHA-256 as specified in FIPS 180-4, section 6.2. */
 #include "storage/sha256.h"
 
+#include <stdio.h>
 #include <string.h>
 
 static const uint32_t K[64] = {
@@ -73,15 +74,34 @@ void sha256_final(struct sha256 *h, uint8_t digest[32]) {
     }
 }
 
-void sha256_hex(const void *data, size_t len, char hex[65]) {
-    struct sha256 h;
+static void final_hex(struct sha256 *h, char hex[65]) {
     uint8_t d[32];
-    sha256_init(&h);
-    sha256_update(&h, data, len);
-    sha256_final(&h, d);
+    sha256_final(h, d);
     for (int i = 0; i < 32; i++) {
         hex[2 * i] = "0123456789abcdef"[d[i] >> 4];
         hex[2 * i + 1] = "0123456789abcdef"[d[i] & 15];
     }
     hex[64] = 0;
+}
+
+void sha256_hex(const void *data, size_t len, char hex[65]) {
+    struct sha256 h;
+    sha256_init(&h);
+    sha256_update(&h, data, len);
+    final_hex(&h, hex);
+}
+
+int sha256_file(const char *path, char hex[65]) {
+    FILE *f = fopen(path, "rb");
+    if (!f) return -1;
+    struct sha256 h;
+    sha256_init(&h);
+    unsigned char buf[1 << 15];
+    size_t n;
+    while ((n = fread(buf, 1, sizeof buf, f)) > 0) sha256_update(&h, buf, n);
+    int bad = ferror(f);
+    fclose(f);
+    if (bad) return -1;
+    final_hex(&h, hex);
+    return 0;
 }

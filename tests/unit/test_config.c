@@ -221,6 +221,18 @@ static void test_precedence(void) {
     CHECK(config_apply_flag(&c, "--catalog", "/tmp/x.db", err, sizeof err) == 0);
     CHECK(config_catalog_path(&c, cat, sizeof cat, err, sizeof err) == 0);
     CHECK(!strcmp(cat, "/tmp/x.db"));
+    /* The same layers from a command line: flag over environment over default;
+     * a bad configuration file is the error. */
+    CHECK(config_resolve_catalog(NULL, NULL, cat, sizeof cat, err, sizeof err) == 0);
+    CHECK_MSG(!strcmp(cat, "/xdg/ebb/catalog.db"), "%s", cat);
+    setenv("EBB_CATALOG", "/env/c.db", 1);
+    CHECK(config_resolve_catalog(NULL, NULL, cat, sizeof cat, err, sizeof err) == 0);
+    CHECK_MSG(!strcmp(cat, "/env/c.db"), "%s", cat);
+    CHECK(config_resolve_catalog(NULL, "/flag/c.db", cat, sizeof cat, err, sizeof err) == 0);
+    CHECK_MSG(!strcmp(cat, "/flag/c.db"), "%s", cat);
+    unsetenv("EBB_CATALOG");
+    CHECK(config_resolve_catalog(missing, "/flag/c.db", cat, sizeof cat, err, sizeof err) == -1);
+    CHECK_MSG(strstr(err, "nope.json"), "%s", err);
     unsetenv("XDG_DATA_HOME");
 }
 

@@ -768,7 +768,23 @@ static void test_stop_random(void) {
     CHECK_MSG(failures == 0, "%d random stop cases failed", failures);
 }
 
+/* log_softmax_at: exact on small cases, no overflow on large logits, and the
+ * sum of a large vocabulary's tiny terms is not lost. */
+static void test_log_softmax(void) {
+    const float two[2] = {0.0f, logf(3.0f)};
+    CHECK_NEAR(log_softmax_at(two, 2, 0), log(0.25), 1e-7);
+    CHECK_NEAR(log_softmax_at(two, 2, 1), log(0.75), 1e-7);
+    const float big[3] = {1000.0f, 1000.0f, -1000.0f};
+    CHECK_NEAR(log_softmax_at(big, 3, 0), log(0.5), 1e-12);
+    CHECK(log_softmax_at(big, 3, 2) < -1999.0 && isfinite(log_softmax_at(big, 3, 2)));
+    enum { N = 50000 };
+    static float flat[N];
+    for (int i = 0; i < N; i++) flat[i] = -3.0f;
+    CHECK_NEAR(log_softmax_at(flat, N, 123), -log((double)N), 1e-9);
+}
+
 int main(void) {
+    test_log_softmax();
     test_defaults_and_create();
     test_greedy();
     test_top_k1_is_greedy();

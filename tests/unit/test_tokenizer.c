@@ -222,6 +222,16 @@ static void test_metadata(void) {
     CHECK(tokenizer_bos(t) == ID_IM_START);
     CHECK(tokenizer_eos(t) == ID_IM_END);
     CHECK(tokenizer_add_bos(t) == 1);
+    CHECK(tokenizer_bos_to_add(t) == ID_IM_START);
+    /* BOS first only when asked for; an empty text is BOS alone. */
+    int32_t *ids = NULL;
+    CHECK(tokenizer_encode_with_bos(t, "he", 2, 0, 1, &ids) == 2 && ids[0] == ID_IM_START && ids[1] == ID_HE);
+    free(ids);
+    CHECK(tokenizer_encode_with_bos(t, "he", 2, 0, 0, &ids) == 1 && ids[0] == ID_HE);
+    free(ids);
+    CHECK(tokenizer_encode_with_bos(t, "", 0, 0, 1, &ids) == 1 && ids[0] == ID_IM_START);
+    free(ids);
+    CHECK(tokenizer_encode_with_bos(t, "\xC0\x80", 2, 0, 1, &ids) == -1 && ids == NULL);
     CHECK(tokenizer_is_control(t, ID_IM_END));
     CHECK(!tokenizer_is_control(t, ID_A_TAG_LONG));   /* user-defined, not control */
     CHECK(!tokenizer_is_control(t, 'a'));
@@ -508,6 +518,7 @@ static void test_real_model(const char *dir) {
     printf("test_tokenizer: tokenizer_load %.1f ms\n", load_ms);
     CHECK(tokenizer_n_vocab(t) == 49152);
     CHECK(tokenizer_bos(t) == 1 && tokenizer_eos(t) == 2 && tokenizer_add_bos(t) == 0);
+    CHECK(tokenizer_bos_to_add(t) == -1);   /* SmolLM2 has a BOS but does not ask for it */
     CHECK(tokenizer_find(t, "<|im_start|>") == 1 && tokenizer_is_control(t, 1));
     /* Ids from Hugging Face `tokenizers` on a tokenizer built from this GGUF
      * (Digits(individual) + ByteLevel), see tests/reference/test_tokenizer.py. */

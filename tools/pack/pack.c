@@ -56,20 +56,8 @@ void pack_result_free(struct pack_result *r) {
 }
 
 char *pack_calib_provenance(const char *calib_path) {
-    FILE *f = fopen(calib_path, "rb");
-    if (!f) return NULL;
-    struct sha256 h;
-    sha256_init(&h);
-    unsigned char buf[1 << 15];
-    size_t n;
-    while ((n = fread(buf, 1, sizeof buf, f)) > 0) sha256_update(&h, buf, n);
-    int bad = ferror(f);
-    fclose(f);
-    if (bad) return NULL;
-    uint8_t digest[32];
-    sha256_final(&h, digest);
     char hex[65];
-    for (int i = 0; i < 32; i++) snprintf(hex + 2 * i, 3, "%02x", digest[i]);
+    if (sha256_file(calib_path, hex)) return NULL;
 
     char source[1024] = "";
     size_t plen = strlen(calib_path);
@@ -153,7 +141,7 @@ static int32_t *load_windows(const struct model *m, const struct pack_options *o
         snprintf(err, errlen, "out of memory");
         return NULL;
     }
-    const int32_t bos = tokenizer_add_bos(m->tok) ? tokenizer_bos(m->tok) : -1;
+    const int32_t bos = tokenizer_bos_to_add(m->tok);
     *n_seqs = pack_sample_windows(ids, n_ids, o->calib_seqs, o->calib_len, o->seed, bos, win);
     free(ids);
     if (*n_seqs == 0) {
