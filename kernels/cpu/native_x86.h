@@ -294,39 +294,32 @@ ALWAYS_INLINE __m256i legacy_codes(const int T, const uint8_t *blk)
     }
 }
 
-ALWAYS_INLINE void tile_legacy(const int T, const int M, const int N, const struct ebb_native_matmul_args *a,
-                               int t, int mv, int o, int nv)
+/* Block b (at byte off of each row) of a tile's pairs, added to acc. */
+ALWAYS_INLINE __m256 legacy_step(const int T, const int M, const int N, const struct tile_at *pt, int b, size_t off,
+                             __m256 acc)
 {
-    const size_t BB = block_bytes(T);
-    const int nb = a->n_in / EBB_NATIVE_QK;
-    struct tile_at p;
-    tile_pointers(T, M, N, a, t, mv, o, nv, &p);
-    __m256 acc = _mm256_setzero_ps();
-    for (int b = 0; b < nb; b++) {
-        if (M == 1) prefetch_next(N, BB, a, &p, b);
-        const size_t off = (size_t)b * BB;
-        __m256i v[8];
+    const struct tile_at p = *pt;
+    __m256i v[8];
 #pragma GCC unroll 8
-        for (int r = 0; r < N; r++) {
-            const __m256i w = legacy_codes(T, p.w[r] + off);
-            const __m256i u = T == NT_Q8_0 ? _mm256_abs_epi8(w) : w;
+    for (int r = 0; r < N; r++) {
+        const __m256i w = legacy_codes(T, p.w[r] + off);
+        const __m256i u = T == NT_Q8_0 ? _mm256_abs_epi8(w) : w;
 #pragma GCC unroll 4
-            for (int m = 0; m < M; m++) {
-                __m256i s = ld256(p.q[m] + (size_t)EBB_NATIVE_QK * b);
-                if (T == NT_Q8_0) s = _mm256_sign_epi8(s, w);
-                v[r * M + m] = nx_dot(_mm256_setzero_si256(), u, s);
-            }
+        for (int m = 0; m < M; m++) {
+            __m256i s = ld256(p.q[m] + (size_t)EBB_NATIVE_QK * b);
+            if (T == NT_Q8_0) s = _mm256_sign_epi8(s, w);
+            v[r * M + m] = nx_dot(_mm256_setzero_si256(), u, s);
         }
-        __m256i isum = reduce8(v);
-        if (T == NT_Q4_0 || T == NT_Q5_0)
-            isum = _mm256_sub_epi32(isum, _mm256_slli_epi32(tok_epi32(M, p.s, b), T == NT_Q4_0 ? 3 : 4));
-        const __m256 da = tok_ps(M, p.d, b);
-        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_mul_ps(row_f16(N, M, p.w, off), da), acc);
-        if (T == NT_Q4_1 || T == NT_Q5_1)
-            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(tok_epi32(M, p.s, b)),
-                                  _mm256_mul_ps(row_f16(N, M, p.w, off + 2), da), acc);
     }
-    store_tile(M, a, acc, t, mv, o, nv);
+    __m256i isum = reduce8(v);
+    if (T == NT_Q4_0 || T == NT_Q5_0)
+        isum = _mm256_sub_epi32(isum, _mm256_slli_epi32(tok_epi32(M, p.s, b), T == NT_Q4_0 ? 3 : 4));
+    const __m256 da = tok_ps(M, p.d, b);
+    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_mul_ps(row_f16(N, M, p.w, off), da), acc);
+    if (T == NT_Q4_1 || T == NT_Q5_1)
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(tok_epi32(M, p.s, b)),
+                              _mm256_mul_ps(row_f16(N, M, p.w, off + 2), da), acc);
+    return acc;
 }
 
 /* --------------------------------------------------------------- K-quants */
@@ -407,50 +400,59 @@ ALWAYS_INLINE __m256i k_codes(const int T, const uint8_t *blk, const int c)
     }
 }
 
-ALWAYS_INLINE void tile_k(const int T, const int M, const int N, const struct ebb_native_matmul_args *a, int t,
-                          int mv, int o, int nv)
+/* Super-block b (at byte off of each row) of a tile's pairs, added to acc. */
+ALWAYS_INLINE __m256 k_step(const int T, const int M, const int N, const struct tile_at *pt, int b, size_t off,
+                        __m256 acc)
 {
-    const size_t BB = block_bytes(T);
+    const struct tile_at p = *pt;
     const size_t d_at = T == NT_Q2_K ? 80 : T == NT_Q3_K ? 108 : T == NT_Q6_K ? 208 : 0;
     const int has_min = T == NT_Q2_K || T == NT_Q4_K || T == NT_Q5_K;
     const int offset_shift = T == NT_Q6_K ? 5 : T == NT_Q3_K ? 2 : 0;   /* offset 32 or 4 */
-    const int nb = a->n_in / EBB_NATIVE_QK_K;
+    __m256i v[8], mm[8];
+#pragma GCC unroll 8
+    for (int r = 0; r < N; r++) {
+        const uint8_t *blk = p.w[r] + off;
+        __m256i sc, mins = _mm256_setzero_si256();
+        k_scales(T, blk, &sc, &mins);
+#pragma GCC unroll 4
+        for (int m = 0; m < M; m++) v[r * M + m] = _mm256_setzero_si256();
+#pragma GCC unroll 8
+        for (int c = 0; c < 8; c++) {
+            const __m256i w = k_codes(T, blk, c), s = chunk_scale(sc, c);
+#pragma GCC unroll 4
+            for (int m = 0; m < M; m++)
+                v[r * M + m] = nx_dot_scaled(v[r * M + m], w, ld256(p.q[m] + (size_t)EBB_NATIVE_QK_K * b + 32 * c), s);
+        }
+#pragma GCC unroll 4
+        for (int m = 0; m < M; m++) {
+            const __m256i bs = ld256(p.s[m] + (size_t)16 * b);
+            if (has_min) mm[r * M + m] = _mm256_madd_epi16(mins, bs);
+            if (offset_shift)
+                v[r * M + m] = _mm256_sub_epi32(v[r * M + m], _mm256_slli_epi32(_mm256_madd_epi16(sc, bs), offset_shift));
+        }
+    }
+    const __m256 da = tok_ps(M, p.d, b);
+    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(reduce8(v)), _mm256_mul_ps(row_f16(N, M, p.w, off + d_at), da), acc);
+    if (has_min) {
+        const __m256i neg_summ = _mm256_sub_epi32(_mm256_setzero_si256(), reduce8(mm));
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(neg_summ), _mm256_mul_ps(row_f16(N, M, p.w, off + d_at + 2), da),
+                              acc);
+    }
+    return acc;
+}
+
+/* One tile: tokens [t, t + mv) x rows [o, o + nv), in an M x N shape. */
+ALWAYS_INLINE void tile(const int T, const int M, const int N, const struct ebb_native_matmul_args *a, int t, int mv,
+                        int o, int nv)
+{
+    const size_t BB = block_bytes(T);
+    const int nb = a->n_in / (is_k(T) ? EBB_NATIVE_QK_K : EBB_NATIVE_QK);
     struct tile_at p;
     tile_pointers(T, M, N, a, t, mv, o, nv, &p);
     __m256 acc = _mm256_setzero_ps();
     for (int b = 0; b < nb; b++) {
         if (M == 1) prefetch_next(N, BB, a, &p, b);
-        const size_t off = (size_t)b * BB;
-        __m256i v[8], mm[8];
-#pragma GCC unroll 8
-        for (int r = 0; r < N; r++) {
-            const uint8_t *blk = p.w[r] + off;
-            __m256i sc, mins = _mm256_setzero_si256();
-            k_scales(T, blk, &sc, &mins);
-#pragma GCC unroll 4
-            for (int m = 0; m < M; m++) v[r * M + m] = _mm256_setzero_si256();
-#pragma GCC unroll 8
-            for (int c = 0; c < 8; c++) {
-                const __m256i w = k_codes(T, blk, c), s = chunk_scale(sc, c);
-#pragma GCC unroll 4
-                for (int m = 0; m < M; m++)
-                    v[r * M + m] = nx_dot_scaled(v[r * M + m], w, ld256(p.q[m] + (size_t)EBB_NATIVE_QK_K * b + 32 * c), s);
-            }
-#pragma GCC unroll 4
-            for (int m = 0; m < M; m++) {
-                const __m256i bs = ld256(p.s[m] + (size_t)16 * b);
-                if (has_min) mm[r * M + m] = _mm256_madd_epi16(mins, bs);
-                if (offset_shift)
-                    v[r * M + m] = _mm256_sub_epi32(v[r * M + m], _mm256_slli_epi32(_mm256_madd_epi16(sc, bs), offset_shift));
-            }
-        }
-        const __m256 da = tok_ps(M, p.d, b);
-        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(reduce8(v)), _mm256_mul_ps(row_f16(N, M, p.w, off + d_at), da), acc);
-        if (has_min) {
-            const __m256i neg_summ = _mm256_sub_epi32(_mm256_setzero_si256(), reduce8(mm));
-            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(neg_summ), _mm256_mul_ps(row_f16(N, M, p.w, off + d_at + 2), da),
-                                  acc);
-        }
+        acc = is_k(T) ? k_step(T, M, N, &p, b, (size_t)b * BB, acc) : legacy_step(T, M, N, &p, b, (size_t)b * BB, acc);
     }
     store_tile(M, a, acc, t, mv, o, nv);
 }
@@ -487,15 +489,15 @@ static void rectangle(const tile_fn tiles[3], const struct ebb_native_matmul_arg
 #define NX_TYPE(name, T) \
     static void name##_1x8(const struct ebb_native_matmul_args *a, int t, int mv, int o, int nv) \
     { \
-        if (is_k(T)) tile_k(T, 1, 8, a, t, mv, o, nv); else tile_legacy(T, 1, 8, a, t, mv, o, nv); \
+        tile(T, 1, 8, a, t, mv, o, nv); \
     } \
     static void name##_2x4(const struct ebb_native_matmul_args *a, int t, int mv, int o, int nv) \
     { \
-        if (is_k(T)) tile_k(T, 2, 4, a, t, mv, o, nv); else tile_legacy(T, 2, 4, a, t, mv, o, nv); \
+        tile(T, 2, 4, a, t, mv, o, nv); \
     } \
     static void name##_4x2(const struct ebb_native_matmul_args *a, int t, int mv, int o, int nv) \
     { \
-        if (is_k(T)) tile_k(T, 4, 2, a, t, mv, o, nv); else tile_legacy(T, 4, 2, a, t, mv, o, nv); \
+        tile(T, 4, 2, a, t, mv, o, nv); \
     } \
     void NX_FN(ebb_native_block_##name)(const struct ebb_native_matmul_args *a, int t0, int t1, int o0, int o1) \
     { \
