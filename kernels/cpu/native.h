@@ -58,7 +58,8 @@ struct ebb_native_matmul_args {
 };
 typedef void (*ebb_native_block_fn)(const struct ebb_native_matmul_args *a, int t0, int t1, int o0, int o1);
 
-/* The scalar rectangle of each type (rows times tokens of the dots below). */
+/* The rectangle of each type (rows times tokens of the dots below), per path:
+ * scalar (native_scalar.c), avx2 and avx512 (native_x86.h), all bit-identical. */
 #define EBB_NATIVE_BLOCKS(isa) \
     void ebb_native_block_q4_0_##isa(const struct ebb_native_matmul_args *a, int t0, int t1, int o0, int o1); \
     void ebb_native_block_q4_1_##isa(const struct ebb_native_matmul_args *a, int t0, int t1, int o0, int o1); \
@@ -71,9 +72,16 @@ typedef void (*ebb_native_block_fn)(const struct ebb_native_matmul_args *a, int 
     void ebb_native_block_q5_k_##isa(const struct ebb_native_matmul_args *a, int t0, int t1, int o0, int o1); \
     void ebb_native_block_q6_k_##isa(const struct ebb_native_matmul_args *a, int t0, int t1, int o0, int o1);
 EBB_NATIVE_BLOCKS(scalar)
+EBB_NATIVE_BLOCKS(avx2)
+EBB_NATIVE_BLOCKS(avx512)
 
-void ebb_native_quantize_q8b32_scalar(const float *x, int n, int8_t *q, float *d, int16_t *sums);
-void ebb_native_quantize_q8k_scalar(const float *x, int n, int8_t *q, float *d, int16_t *sums);
+/* n values (a multiple of the block) to codes, block scales and code sums. */
+#define EBB_NATIVE_QUANTIZERS(isa) \
+    void ebb_native_quantize_q8b32_##isa(const float *x, int n, int8_t *q, float *d, int16_t *sums); \
+    void ebb_native_quantize_q8k_##isa(const float *x, int n, int8_t *q, float *d, int16_t *sums);
+EBB_NATIVE_QUANTIZERS(scalar)
+EBB_NATIVE_QUANTIZERS(avx2)
+EBB_NATIVE_QUANTIZERS(avx512)
 
 typedef float (*ebb_native_dot_fn)(const uint8_t *w_row, const struct ebb_native_act *a, int n);
 float ebb_native_dot_q4_0_scalar(const uint8_t *w, const struct ebb_native_act *a, int n);

@@ -8,11 +8,20 @@
  * quantization steps, far beyond that tolerance. The activation quantizers
  * are checked for their rule: codes within [-127, 127], every value within
  * d/2 of d * code, the stored sums equal to the codes' sums.
+ *
+ * The SIMD paths (native_x86.h) this CPU can run must give the scalar path's
+ * bits: quantizers' codes, scales and sums, and every rectangle's outputs on
+ * edge shapes (one block, odd block counts, rows and tokens around the tile
+ * sizes, rectangles off the origin), with outlier channels and all-zero
+ * activation blocks; a token computed alone equals it inside a rectangle.
+ *
+ * EBB_NATIVE_BENCH=1 also prints single-thread timings (not a test).
  */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "check.h"
 #include "kernels/cpu/native.h"
@@ -154,8 +163,252 @@ static void test_products(void) {
     }
 }
 
+
+/* ------------------------------------------------------------ SIMD paths */
+
+struct isa {
+    const char *name;
+    int can_run;
+    void (*q8b32)(const float *x, int n, int8_t *q, float *d, int16_t *sums);
+    void (*q8k)(const float *x, int n, int8_t *q, float *d, int16_t *sums);
+    ebb_native_block_fn blocks[10];   /* in the order of native_types */
+};
+
+#define ISA_BLOCKS(isa) \
+    { ebb_native_block_q4_0_##isa, ebb_native_block_q4_1_##isa, ebb_native_block_q5_0_##isa, \
+      ebb_native_block_q5_1_##isa, ebb_native_block_q8_0_##isa, ebb_native_block_q2_k_##isa, \
+      ebb_native_block_q3_k_##isa, ebb_native_block_q4_k_##isa, ebb_native_block_q5_k_##isa, \
+      ebb_native_block_q6_k_##isa }
+
+static const uint32_t native_types[10] = {EBB_TYPE_Q4_0, EBB_TYPE_Q4_1, EBB_TYPE_Q5_0, EBB_TYPE_Q5_1, EBB_TYPE_Q8_0,
+                                          EBB_TYPE_Q2_K, EBB_TYPE_Q3_K, EBB_TYPE_Q4_K, EBB_TYPE_Q5_K, EBB_TYPE_Q6_K};
+
+/* The paths, scalar first; can_run as backend_cpu.c decides it. */
+static struct isa isas[3] = {
+    {"scalar", 1, ebb_native_quantize_q8b32_scalar, ebb_native_quantize_q8k_scalar, ISA_BLOCKS(scalar)},
+    {"avx2", 0, ebb_native_quantize_q8b32_avx2, ebb_native_quantize_q8k_avx2, ISA_BLOCKS(avx2)},
+    {"avx512", 0, ebb_native_quantize_q8b32_avx512, ebb_native_quantize_q8k_avx512, ISA_BLOCKS(avx512)},
+};
+
+static void find_isas(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_cpu_init();
+    isas[1].can_run = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    isas[2].can_run = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+                      __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("fma");
+#endif
+    for (int i = 1; i < 3; i++)
+        if (!isas[i].can_run) printf("test_native: %s path not run (this CPU lacks it)\n", isas[i].name);
+}
+
+/* n_tok tokens of n inputs: gaussian with outlier channels and, with edges,
+ * some all-zero blocks of 32 (and so of 256 now and then), tokens of tiny
+ * values and tokens made of exact halves (ties for the rounding). */
+static void random_acts(float *x, int n_tok, int n, int edges) {
+    for (int t = 0; t < n_tok; t++) {
+        float *xt = x + (size_t)t * n;
+        const int kind = edges ? (int)(next_u32() % 8) : 0;
+        for (int i = 0; i < n; i++) {
+            xt[i] = gauss() * (i % 41 == 7 ? 50.0f : 1.0f);
+            if (kind == 1) xt[i] *= 1e-39f;                                /* inverse capped */
+            if (kind == 2) xt[i] = (float)((int)(next_u32() % 255) - 127) * 0.25f; /* quarters: ties */
+        }
+        if (kind == 2) xt[0] = 63.5f;                                      /* inv = 2: x * inv halves */
+        for (int blk = 0; blk < n / 32; blk++)
+            if ((edges && next_u32() % 5 == 0) || (kind == 3 && blk < 8)) memset(xt + 32 * blk, 0, 32 * sizeof(float));
+    }
+}
+
+static void test_simd_quantizers(void) {
+    enum { N = 2048 };
+    static float x[N];
+    static int8_t q[2][N];
+    static float d[2][N / 32];
+    static int16_t s[2][N / 16];
+    for (int i = 1; i < 3; i++) {
+        if (!isas[i].can_run) continue;
+        int same = 1;
+        for (int rep = 0; rep < 200; rep++) {
+            random_acts(x, 1, N, 1);
+            const int n = 256 * (1 + rep % 8);
+            memset(q, 0x55, sizeof q), memset(d, 0x55, sizeof d), memset(s, 0x55, sizeof s);
+            for (int k = 0; k < 2; k++) {
+                (k ? ebb_native_quantize_q8k_scalar : ebb_native_quantize_q8b32_scalar)(x, n, q[0], d[0], s[0]);
+                (k ? isas[i].q8k : isas[i].q8b32)(x, n, q[1], d[1], s[1]);
+                same &= memcmp(q[0], q[1], sizeof q[0]) == 0 && memcmp(d[0], d[1], sizeof d[0]) == 0 &&
+                        memcmp(s[0], s[1], sizeof s[0]) == 0;
+            }
+            /* Q8B32 at an odd number of blocks */
+            ebb_native_quantize_q8b32_scalar(x, 32 * (2 * rep + 1) % N, q[0], d[0], s[0]);
+            isas[i].q8b32(x, 32 * (2 * rep + 1) % N, q[1], d[1], s[1]);
+            same &= memcmp(q[0], q[1], sizeof q[0]) == 0 && memcmp(d[0], d[1], sizeof d[0]) == 0 &&
+                    memcmp(s[0], s[1], sizeof s[0]) == 0;
+        }
+        CHECK_MSG(same, "%s: an activation quantizer differs from the scalar one", isas[i].name);
+    }
+}
+
+/* One problem: weights of n_out rows, n_tok tokens' activations in the
+ * type's form (edges: random_acts' edge cases; timings go without, since
+ * subnormal scales slow every path down). */
+struct problem {
+    uint32_t type;
+    int n_tok, n_in, n_out;
+    size_t row_bytes;
+    uint8_t *w;
+    int8_t *q;
+    float *d;
+    int16_t *sums;
+};
+
+static void problem_make(struct problem *p, uint32_t type, int n_tok, int n_in, int n_out, int edges) {
+    p->type = type, p->n_tok = n_tok, p->n_in = n_in, p->n_out = n_out;
+    p->row_bytes = ebb_row_bytes(type, (uint64_t)n_in);
+    p->w = malloc(p->row_bytes * (size_t)n_out);
+    p->q = malloc((size_t)n_tok * n_in);
+    p->d = malloc((size_t)n_tok * (n_in / 32) * sizeof(float));
+    p->sums = malloc((size_t)n_tok * (n_in / 16) * sizeof(int16_t));
+    float *x = malloc((size_t)n_tok * n_in * sizeof(float));
+    if (!p->w || !p->q || !p->d || !p->sums || !x) abort();
+    for (int o = 0; o < n_out; o++) random_row(type, p->w + (size_t)o * p->row_bytes, n_in);
+    random_acts(x, n_tok, n_in, edges);
+    const int k = is_k(type), per_d = k ? 256 : 32, per_sum = k ? 16 : 32;
+    for (int t = 0; t < n_tok; t++)
+        (k ? ebb_native_quantize_q8k_scalar : ebb_native_quantize_q8b32_scalar)(
+            x + (size_t)t * n_in, n_in, p->q + (size_t)t * n_in, p->d + (size_t)t * (n_in / per_d),
+            p->sums + (size_t)t * (n_in / per_sum));
+    free(x);
+}
+
+static void problem_free(struct problem *p) {
+    free(p->w), free(p->q), free(p->d), free(p->sums);
+}
+
+static void run_block(ebb_native_block_fn f, const struct problem *p, float *out, int t0, int t1, int o0, int o1) {
+    const struct ebb_native_matmul_args a = {out, p->q, p->d, p->sums, p->w, p->row_bytes, p->n_tok, p->n_in,
+                                             p->n_out};
+    f(&a, t0, t1, o0, o1);
+}
+
+/* Every SIMD rectangle equals the scalar one bit for bit, untouched outside
+ * itself, and each token alone equals itself inside the rectangle. */
+static void test_simd_blocks(void) {
+    static const int counts[] = {1, 2, 3, 5, 7, 17};
+    const int nc = (int)(sizeof counts / sizeof *counts);
+    for (int ty = 0; ty < 10; ty++) {
+        const uint32_t type = native_types[ty];
+        const int blocks[] = {1, 3, 5, 18};   /* 18 blocks of 32: 576 */
+        int same[3] = {1, 1, 1}, alone[3] = {1, 1, 1}, outside[3] = {1, 1, 1};
+        for (int bi = 0; bi < 4; bi++) {
+            const int n_in = blocks[bi] * (is_k(type) ? 256 : 32);
+            for (int ti = 0; ti < nc; ti++)
+                for (int oi = 0; oi < nc; oi++) {
+                    const int n_tok = counts[ti], n_out = counts[oi];
+                    struct problem p;
+                    problem_make(&p, type, n_tok, n_in, n_out, 1);
+                    const size_t n_res = (size_t)n_tok * n_out;
+                    float *want = malloc(n_res * sizeof(float)), *got = malloc(n_res * sizeof(float));
+                    float *one = malloc(n_res * sizeof(float));
+                    if (!want || !got || !one) abort();
+                    run_block(isas[0].blocks[ty], &p, want, 0, n_tok, 0, n_out);
+                    /* a rectangle off the origin when there is room */
+                    const int t0 = n_tok > 2 ? 1 : 0, o0 = n_out > 2 ? 2 : 0;
+                    for (int i = 1; i < 3; i++) {
+                        if (!isas[i].can_run) continue;
+                        memset(got, 0xff, n_res * sizeof(float));   /* NaN: not written */
+                        run_block(isas[i].blocks[ty], &p, got, 0, n_tok, 0, n_out);
+                        same[i] &= memcmp(want, got, n_res * sizeof(float)) == 0;
+                        memset(got, 0xff, n_res * sizeof(float));
+                        run_block(isas[i].blocks[ty], &p, got, t0, n_tok, o0, n_out);
+                        for (int t = 0; t < n_tok; t++)
+                            for (int o = 0; o < n_out; o++) {
+                                const size_t at = (size_t)t * n_out + o;
+                                if (t >= t0 && o >= o0) same[i] &= memcmp(&want[at], &got[at], sizeof(float)) == 0;
+                                else outside[i] &= isnan(got[at]);
+                            }
+                        /* batch invariance: each token alone, in one call per token */
+                        for (int t = 0; t < n_tok; t++) run_block(isas[i].blocks[ty], &p, one, t, t + 1, 0, n_out);
+                        run_block(isas[i].blocks[ty], &p, got, 0, n_tok, 0, n_out);
+                        alone[i] &= memcmp(one, got, n_res * sizeof(float)) == 0;
+                    }
+                    free(want), free(got), free(one);
+                    problem_free(&p);
+                }
+        }
+        for (int i = 1; i < 3; i++) {
+            if (!isas[i].can_run) continue;
+            CHECK_MSG(same[i], "%s %s: a rectangle differs from the scalar path", isas[i].name,
+                      ebb_type_info(type)->name);
+            CHECK_MSG(outside[i], "%s %s: a rectangle wrote outside itself", isas[i].name, ebb_type_info(type)->name);
+            CHECK_MSG(alone[i], "%s %s: a token alone differs from it inside a rectangle", isas[i].name,
+                      ebb_type_info(type)->name);
+        }
+    }
+}
+
+/* ------------------------------------------------------------- timings */
+
+static double now_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+/* Seconds per call of a rectangle over the whole problem (best of a few). */
+static double time_block(ebb_native_block_fn f, const struct problem *p, float *out) {
+    double best = 1e30;
+    for (int rep = 0; rep < 5; rep++) {
+        int calls = 0;
+        const double t0 = now_s();
+        double t1;
+        do {
+            run_block(f, p, out, 0, p->n_tok, 0, p->n_out);
+            calls++;
+            t1 = now_s();
+        } while (t1 - t0 < 0.05);
+        if ((t1 - t0) / calls < best) best = (t1 - t0) / calls;
+    }
+    return best;
+}
+
+static void bench(void) {
+    static const struct {
+        const char *what;
+        int n_tok, n_in, n_out;
+    } shapes[] = {
+        {"decode 1x1536x576", 1, 576, 1536}, {"decode 1x4096x4096", 1, 4096, 4096}, {"prefill 64x1536x576", 64, 576, 1536},
+        {"prefill 64x4096x4096", 64, 4096, 4096},
+    };
+    printf("single thread; decode in GB/s of weights, prefill in GMAC/s\n");
+    for (size_t s = 0; s < sizeof shapes / sizeof *shapes; s++)
+        for (int ty = 0; ty < 10; ty++) {
+            const uint32_t type = native_types[ty];
+            int n_in = shapes[s].n_in;
+            if (is_k(type) && n_in % 256) n_in = 512;   /* 576 is no multiple of 256: the nearest */
+            struct problem p;
+            problem_make(&p, type, shapes[s].n_tok, n_in, shapes[s].n_out, 0);
+            float *out = malloc((size_t)p.n_tok * p.n_out * sizeof(float));
+            if (!out) abort();
+            printf("%-22s %-5s n_in %4d", shapes[s].what, ebb_type_info(type)->name, n_in);
+            for (int i = 0; i < 3; i++) {
+                if (!isas[i].can_run) continue;
+                const double sec = time_block(isas[i].blocks[ty], &p, out);
+                if (p.n_tok == 1) printf("  %s %6.2f GB/s", isas[i].name, p.row_bytes * p.n_out / sec * 1e-9);
+                else printf("  %s %6.2f GMAC/s", isas[i].name, (double)p.n_tok * n_in * p.n_out / sec * 1e-9);
+            }
+            printf("\n");
+            free(out);
+            problem_free(&p);
+        }
+}
+
 int main(void) {
+    find_isas();
     test_quantizers();
     test_products();
+    test_simd_quantizers();
+    test_simd_blocks();
+    if (getenv("EBB_NATIVE_BENCH")) bench();
     return check_report("test_native");
 }

@@ -1,0 +1,517 @@
+/* The native GGUF products (native.h) for x86 SIMD, written once for AVX2 and
+ * AVX-512 VNNI.
+ *
+ * Included by native_avx2.c and native_avx512.c (each compiled with its own
+ * ISA flags), which first define NX_ISA (the name suffix) and the two integer
+ * steps, the only place the instruction sets differ:
+ *   nx_dot(acc, u, s): acc + the int32 lanes summing 4 products u*s each,
+ *       u unsigned bytes, s signed bytes (never -128);
+ *   nx_dot_scaled(acc, u, s, sc): acc + the int32 lanes summing 2 int16
+ *       lanes of pairwise u*s products, each times its int16 lane of sc.
+ * AVX2 builds them from vpmaddubsw and vpmaddwd; VNNI has vpdpbusd and
+ * vpdpwssd. Both run at 256 bits: each (row, token, block) ends in a
+ * horizontal sum (below), and 512-bit vectors would double that work.
+ *
+ * Exactness. Every output must equal the scalar path's bits
+ * (native_scalar.c, float steps in native.h). The integer sums are exact in
+ * any order (no int16 step can saturate: a vpmaddubsw pair is at most 2 * 128
+ * * 127 for Q8_0's |w| and 2 * 63 * 127 for Q6_K's unsigned codes), so the
+ * kernels are free to regroup them:
+ * - codes with an offset (Q4_0 8, Q5_0 16, Q3_K 4, Q6_K 32) are used
+ *   unsigned, as the unsigned operand the instructions need, and the offset
+ *   comes back through the activations' stored code sums: sum (v - k) * a =
+ *   sum v * a - k * sum a (per 16 values for Q3_K and Q6_K, times their scale);
+ * - Q8_0's signed weights multiply as |w| against a carrying w's sign;
+ * - a K-quant's sub-block scales multiply the int16 pair sums in their lanes,
+ *   so a super-block needs one horizontal sum, not sixteen.
+ * The float steps are native.h's, in its order, with the FMA instruction:
+ * one lane per (row, token) pair, acc = fma((float)isum, d_w * d_a, acc) per
+ * block, d_w from vcvtph2ps (exact) and the product rounded first.
+ * Activation codes are round-half-away-from-zero of one rounded product x *
+ * inv, made opaque to the optimizer so that gnu11's -ffp-contract=fast can
+ * never fuse it into what follows.
+ *
+ * Matmul design. A tile is M tokens x N rows with M * N = 8 pairs: per block
+ * each pair's lane vector is formed, the 8 are summed by one hadd tree, and
+ * the 8 sums meet their scales as one vector. Shapes:
+ *   decode 1 x 8: rows stream from memory once; eight short rows side by
+ *   side do not look like a stream to the prefetchers, so each tile fetches
+ *   its successor's rows (contiguous with its own) as it goes;
+ *   2 x 4 and prefill 4 x 2: each row's unpacked block serves every token;
+ *   a pair of rows (in L1) meets all tokens of a block of TB (in L2).
+ * Edges reuse the same three shapes: a missing row or token repeats the
+ * tile's first one and its lanes are not stored. Lanes never mix, so every
+ * output depends only on its own row and token: any rectangle, split over
+ * threads or not, gives the same bits (batch invariance).
+ */
+#ifndef NX_ISA
+#error "define NX_ISA and the dot steps before including native_x86.h"
+#endif
+
+#include "kernels/cpu/native.h"
+
+#include <immintrin.h>
+#include <string.h>
+
+#define NX_CAT2(a, b) a##_##b
+#define NX_CAT(a, b) NX_CAT2(a, b)
+#define NX_FN(name) NX_CAT(name, NX_ISA)
+
+#define ALWAYS_INLINE static inline __attribute__((always_inline))
+
+#define TB 32   /* tokens per block of the prefill loop (multiple of 4) */
+
+enum { NT_Q4_0, NT_Q4_1, NT_Q5_0, NT_Q5_1, NT_Q8_0, NT_Q2_K, NT_Q3_K, NT_Q4_K, NT_Q5_K, NT_Q6_K };
+
+ALWAYS_INLINE int is_k(const int T) { return T >= NT_Q2_K; }
+
+ALWAYS_INLINE size_t block_bytes(const int T)
+{
+    static const unsigned short bytes[] = { 18, 20, 22, 24, 34, 84, 110, 144, 176, 210 };
+    return bytes[T];
+}
+
+ALWAYS_INLINE uint32_t ld32(const uint8_t *p)
+{
+    uint32_t v;
+    memcpy(&v, p, 4);
+    return v;
+}
+
+ALWAYS_INLINE short ld16(const uint8_t *p)
+{
+    short v;
+    memcpy(&v, p, 2);
+    return v;
+}
+
+ALWAYS_INLINE __m256i ld256(const void *p) { return _mm256_loadu_si256((const __m256i *)p); }
+
+/* v, opaque to the optimizer: stops a product from being fused into the
+ * arithmetic that follows it. */
+ALWAYS_INLINE __m256 opaque(__m256 v)
+{
+    __asm__("" : "+x"(v));
+    return v;
+}
+
+/* The 8 sums of 8 int32 vectors, as one vector: [sum p0, ..., sum p7]. */
+ALWAYS_INLINE __m256i reduce8(const __m256i p[8])
+{
+    __m256i h01 = _mm256_hadd_epi32(p[0], p[1]), h23 = _mm256_hadd_epi32(p[2], p[3]);
+    __m256i h45 = _mm256_hadd_epi32(p[4], p[5]), h67 = _mm256_hadd_epi32(p[6], p[7]);
+    __m256i lo4 = _mm256_hadd_epi32(h01, h23), hi4 = _mm256_hadd_epi32(h45, h67);
+    return _mm256_add_epi32(_mm256_permute2x128_si256(lo4, hi4, 0x20),
+                            _mm256_permute2x128_si256(lo4, hi4, 0x31));
+}
+
+/* ------------------------------------------------------- activation forms */
+
+/* round(v), halves away from zero, for any float v: trunc, plus one step
+ * where the dropped fraction (exact) is at least a half. */
+ALWAYS_INLINE __m256 round_half_away(__m256 v)
+{
+    const __m256 sign_bit = _mm256_set1_ps(-0.0f);
+    __m256 t = _mm256_round_ps(v, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
+    __m256 frac = _mm256_andnot_ps(sign_bit, _mm256_sub_ps(v, t));
+    __m256 step = _mm256_or_ps(_mm256_set1_ps(1.0f), _mm256_and_ps(v, sign_bit));
+    __m256 up = _mm256_cmp_ps(frac, _mm256_set1_ps(0.5f), _CMP_GE_OQ);
+    return _mm256_add_ps(t, _mm256_and_ps(up, step));
+}
+
+/* The scalar path's block_scale() rule from the block's absolute maximum. */
+ALWAYS_INLINE float scale_of(__m256 m, float *inv)
+{
+    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+    const float amax = _mm_cvtss_f32(m4), d = amax / 127.0f;
+    *inv = d == 0 ? 0 : (127.0f / amax < 3.40282347e38f ? 127.0f / amax : 3.40282347e38f);
+    return d;
+}
+
+ALWAYS_INLINE __m256 absmax_of(const float *x, int n)
+{
+    const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    __m256 m = _mm256_setzero_ps();
+    for (int i = 0; i < n; i += 8) m = _mm256_max_ps(m, _mm256_and_ps(_mm256_loadu_ps(x + i), abs_mask));
+    return m;
+}
+
+/* 32 codes of x as int32 lanes c[0..3], stored to q as bytes. */
+ALWAYS_INLINE void codes32(const float *x, __m256 vinv, int8_t *q, __m256i c[4])
+{
+#pragma GCC unroll 4
+    for (int i = 0; i < 4; i++)
+        c[i] = _mm256_cvttps_epi32(round_half_away(opaque(_mm256_mul_ps(_mm256_loadu_ps(x + 8 * i), vinv))));
+    /* Packing interleaves 128-bit lanes; the permute restores the order. */
+    __m256i b8 = _mm256_packs_epi16(_mm256_packs_epi32(c[0], c[1]), _mm256_packs_epi32(c[2], c[3]));
+    _mm256_storeu_si256((__m256i *)q, _mm256_permutevar8x32_epi32(b8, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+}
+
+void NX_FN(ebb_native_quantize_q8b32)(const float *x, int n, int8_t *q, float *d, int16_t *s)
+{
+    for (int b = 0; b < n / EBB_NATIVE_QK; b++, x += EBB_NATIVE_QK, q += EBB_NATIVE_QK) {
+        float inv;
+        d[b] = scale_of(absmax_of(x, EBB_NATIVE_QK), &inv);
+        __m256i c[4];
+        codes32(x, _mm256_set1_ps(inv), q, c);
+        __m256i t = _mm256_add_epi32(_mm256_add_epi32(c[0], c[1]), _mm256_add_epi32(c[2], c[3]));
+        __m128i h = _mm_add_epi32(_mm256_castsi256_si128(t), _mm256_extracti128_si256(t, 1));
+        h = _mm_add_epi32(h, _mm_unpackhi_epi64(h, h));
+        h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 1));
+        s[b] = (int16_t)_mm_cvtsi128_si32(h);
+    }
+}
+
+void NX_FN(ebb_native_quantize_q8k)(const float *x, int n, int8_t *q, float *d, int16_t *bsums)
+{
+    for (int b = 0; b < n / EBB_NATIVE_QK_K; b++, x += EBB_NATIVE_QK_K, q += EBB_NATIVE_QK_K, bsums += 16) {
+        float inv;
+        d[b] = scale_of(absmax_of(x, EBB_NATIVE_QK_K), &inv);
+        const __m256 vinv = _mm256_set1_ps(inv);
+        for (int half = 0; half < 2; half++) {      /* 128 values: eight sums of 16 */
+            __m256i g[8];
+#pragma GCC unroll 4
+            for (int k = 0; k < 4; k++) {
+                __m256i c[4];
+                const int at = 128 * half + 32 * k;
+                codes32(x + at, vinv, q + at, c);
+                g[2 * k] = _mm256_add_epi32(c[0], c[1]);
+                g[2 * k + 1] = _mm256_add_epi32(c[2], c[3]);
+            }
+            __m256i sums = reduce8(g);
+            __m128i s16 = _mm_packs_epi32(_mm256_castsi256_si128(sums), _mm256_extracti128_si256(sums, 1));
+            _mm_storeu_si128((__m128i *)(bsums + 8 * half), s16);
+        }
+    }
+}
+
+/* ------------------------------------------------------ tiles' shared parts */
+
+/* M tokens' floats / int16s at index i, repeated across the 8 lanes (lane k
+ * holds token k % M). */
+ALWAYS_INLINE __m256 tok_ps(const int M, const float *const *p, size_t i)
+{
+    if (M == 1) return _mm256_set1_ps(p[0][i]);
+    __m128 v = M == 2 ? _mm_setr_ps(p[0][i], p[1][i], p[0][i], p[1][i]) : _mm_setr_ps(p[0][i], p[1][i], p[2][i], p[3][i]);
+    return _mm256_set_m128(v, v);
+}
+
+ALWAYS_INLINE __m256i tok_epi32(const int M, const int16_t *const *p, size_t i)
+{
+    if (M == 1) return _mm256_set1_epi32(p[0][i]);
+    __m128i v = M == 2 ? _mm_setr_epi32(p[0][i], p[1][i], p[0][i], p[1][i])
+                       : _mm_setr_epi32(p[0][i], p[1][i], p[2][i], p[3][i]);
+    return _mm256_set_m128i(v, v);
+}
+
+/* The f16 at byte off of the N rows' blocks, lane k = row k / M. */
+ALWAYS_INLINE __m256 row_f16(const int N, const int M, const uint8_t *const *w, size_t off)
+{
+    __m128i h = N == 8 ? _mm_setr_epi16(ld16(w[0] + off), ld16(w[1] + off), ld16(w[2] + off), ld16(w[3] + off),
+                                        ld16(w[4] + off), ld16(w[5] + off), ld16(w[6] + off), ld16(w[7] + off))
+              : N == 4 ? _mm_setr_epi16(ld16(w[0] + off), ld16(w[1] + off), ld16(w[2] + off), ld16(w[3] + off), 0, 0, 0, 0)
+                       : _mm_setr_epi16(ld16(w[0] + off), ld16(w[1] + off), 0, 0, 0, 0, 0, 0);
+    __m256 d = _mm256_cvtph_ps(h);
+    if (M == 4) return _mm256_permutevar8x32_ps(d, _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1));
+    if (M == 2) return _mm256_permutevar8x32_ps(d, _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3));
+    return d;
+}
+
+/* The tile's row and token pointers; a missing row or token repeats the first. */
+struct tile_at {
+    const uint8_t *w[8];
+    const int8_t *q[4];
+    const float *d[4];
+    const int16_t *s[4];
+};
+
+ALWAYS_INLINE void tile_pointers(const int T, const int M, const int N, const struct ebb_native_matmul_args *a,
+                                 int t, int mv, int o, int nv, struct tile_at *p)
+{
+    const int per_d = is_k(T) ? EBB_NATIVE_QK_K : EBB_NATIVE_QK, per_sum = is_k(T) ? 16 : 32;
+#pragma GCC unroll 8
+    for (int r = 0; r < N; r++) p->w[r] = a->w + (size_t)(o + (r < nv ? r : 0)) * a->row_bytes;
+#pragma GCC unroll 4
+    for (int m = 0; m < M; m++) {
+        const size_t tm = (size_t)(t + (m < mv ? m : 0));
+        p->q[m] = a->q + tm * (size_t)a->n_in;
+        p->d[m] = a->d + tm * (size_t)(a->n_in / per_d);
+        p->s[m] = a->sums + tm * (size_t)(a->n_in / per_sum);
+    }
+}
+
+/* Decode: fetch the next tile's rows (contiguous with these), a tile's worth
+ * per block step. (uintptr_t: the address may lie past the matrix;
+ * prefetches never fault.) */
+ALWAYS_INLINE void prefetch_next(const int N, const size_t BB, const struct ebb_native_matmul_args *a,
+                                 const struct tile_at *p, int b)
+{
+    const uintptr_t base = (uintptr_t)p->w[0] + (uintptr_t)N * a->row_bytes + (uintptr_t)b * N * BB;
+#pragma GCC unroll 8
+    for (size_t l = 0; l < N * BB + 63; l += 64) _mm_prefetch((const char *)(base + l), _MM_HINT_T0);
+}
+
+ALWAYS_INLINE void store_tile(const int M, const struct ebb_native_matmul_args *a, __m256 acc, int t, int mv,
+                              int o, int nv)
+{
+    float lanes[8];
+    _mm256_storeu_ps(lanes, acc);
+    for (int r = 0; r < nv; r++)
+        for (int m = 0; m < mv; m++) a->out[(size_t)(t + m) * a->n_out + o + r] = lanes[r * M + m];
+}
+
+/* ------------------------------------------------------ legacy block types */
+
+/* 16 bytes of nibbles as 32 unsigned bytes: value j < 16 the low nibble of
+ * byte j, value 16 + j its high nibble. */
+ALWAYS_INLINE __m256i nibbles32(const uint8_t *p)
+{
+    __m128i x = _mm_loadu_si128((const __m128i *)p);
+    return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(x, 4), x), _mm256_set1_epi8(0x0f));
+}
+
+/* Bit j of qh as 16 in byte j. */
+ALWAYS_INLINE __m256i fifth_bits32(uint32_t qh)
+{
+    const __m256i byte_of = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
+                                             2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
+    const __m256i bit = _mm256_set1_epi64x((long long)0x8040201008040201ull);
+    __m256i v = _mm256_and_si256(_mm256_shuffle_epi8(_mm256_set1_epi32((int)qh), byte_of), bit);
+    return _mm256_and_si256(_mm256_cmpeq_epi8(v, bit), _mm256_set1_epi8(0x10));
+}
+
+/* A block's 32 codes: unsigned for the 4- and 5-bit types, Q8_0's signed. */
+ALWAYS_INLINE __m256i legacy_codes(const int T, const uint8_t *blk)
+{
+    switch (T) {
+    case NT_Q4_0: return nibbles32(blk + 2);
+    case NT_Q4_1: return nibbles32(blk + 4);
+    case NT_Q5_0: return _mm256_or_si256(nibbles32(blk + 6), fifth_bits32(ld32(blk + 2)));
+    case NT_Q5_1: return _mm256_or_si256(nibbles32(blk + 8), fifth_bits32(ld32(blk + 4)));
+    default: return ld256(blk + 2);
+    }
+}
+
+/* Block b (at byte off of each row) of a tile's pairs, added to acc. */
+ALWAYS_INLINE __m256 legacy_step(const int T, const int M, const int N, const struct tile_at *pt, int b, size_t off,
+                             __m256 acc)
+{
+    const struct tile_at p = *pt;
+    __m256i v[8];
+#pragma GCC unroll 8
+    for (int r = 0; r < N; r++) {
+        const __m256i w = legacy_codes(T, p.w[r] + off);
+        const __m256i u = T == NT_Q8_0 ? _mm256_abs_epi8(w) : w;
+#pragma GCC unroll 4
+        for (int m = 0; m < M; m++) {
+            __m256i s = ld256(p.q[m] + (size_t)EBB_NATIVE_QK * b);
+            if (T == NT_Q8_0) s = _mm256_sign_epi8(s, w);
+            v[r * M + m] = nx_dot(_mm256_setzero_si256(), u, s);
+        }
+    }
+    __m256i isum = reduce8(v);
+    if (T == NT_Q4_0 || T == NT_Q5_0)
+        isum = _mm256_sub_epi32(isum, _mm256_slli_epi32(tok_epi32(M, p.s, b), T == NT_Q4_0 ? 3 : 4));
+    const __m256 da = tok_ps(M, p.d, b);
+    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_mul_ps(row_f16(N, M, p.w, off), da), acc);
+    if (T == NT_Q4_1 || T == NT_Q5_1)
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(tok_epi32(M, p.s, b)),
+                              _mm256_mul_ps(row_f16(N, M, p.w, off + 2), da), acc);
+    return acc;
+}
+
+/* --------------------------------------------------------------- K-quants */
+
+/* A super-block's scales as 16 int16 lanes, lane i the scale of values 16i ..
+ * 16i + 15 (Q4_K/Q5_K: each 32-value scale twice), and likewise its minimums
+ * (types that have them). */
+ALWAYS_INLINE void k_scales(const int T, const uint8_t *blk, __m256i *sc, __m256i *mins)
+{
+    if (T == NT_Q6_K) {
+        *sc = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(blk + 192)));
+    } else if (T == NT_Q2_K) {
+        const __m128i x = _mm_loadu_si128((const __m128i *)blk), low = _mm_set1_epi8(0x0f);
+        *sc = _mm256_cvtepu8_epi16(_mm_and_si128(x, low));
+        *mins = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(x, 4), low));
+    } else if (T == NT_Q3_K) {
+        /* low 4 bits: scale i < 8 from byte i's low nibble, i >= 8 from byte
+         * i - 8's high one; top 2 bits of scale i: byte 8 + i % 4 at bit 2 * (i / 4) */
+        const __m128i x = _mm_loadl_epi64((const __m128i *)(blk + 96)), low = _mm_set1_epi8(0x0f);
+        const __m128i lo = _mm_unpacklo_epi64(_mm_and_si128(x, low), _mm_and_si128(_mm_srli_epi16(x, 4), low));
+        __m128i hi = _mm_srlv_epi32(_mm_set1_epi32((int)ld32(blk + 104)), _mm_setr_epi32(0, 2, 4, 6));
+        hi = _mm_slli_epi32(_mm_and_si128(hi, _mm_set1_epi8(3)), 4);
+        *sc = _mm256_cvtepi8_epi16(_mm_sub_epi8(_mm_or_si128(lo, hi), _mm_set1_epi8(32)));
+    } else {
+        /* Q4_K/Q5_K's 12 bytes as words s0 (bytes 0-3), s1 (4-7), s2 (8-11):
+         * scales 0-3 the low 6 bits of s0, mins 0-3 of s1; scales 4-7 the
+         * low nibbles of s2 with s0's top 2 bits above, mins 4-7 s2's high
+         * nibbles with s1's top bits (formats.c's ebb_k4_scale_min). */
+        const uint32_t s0 = ld32(blk + 4), s1 = ld32(blk + 8), s2 = ld32(blk + 12);
+        const __m128i v = _mm_setr_epi32((int)(s0 & 0x3f3f3f3f),
+                                         (int)((s2 & 0x0f0f0f0f) | ((s0 >> 2) & 0x30303030)),
+                                         (int)(s1 & 0x3f3f3f3f),
+                                         (int)(((s2 >> 4) & 0x0f0f0f0f) | ((s1 >> 2) & 0x30303030)));
+        *sc = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(v, v));
+        *mins = _mm256_cvtepu8_epi16(_mm_unpackhi_epi8(v, v));
+    }
+}
+
+/* Lanes 0-7: the scale of values 32c .. 32c + 15; lanes 8-15: of the next 16
+ * (the int16 lanes a vpmaddubsw of 32 values makes). */
+ALWAYS_INLINE __m256i chunk_scale(__m256i sc, const int c)
+{
+    const __m256i half = _mm256_permute2x128_si256(sc, sc, c < 4 ? 0x00 : 0x11);
+    const int k = c & 3;
+    const __m256i pick = _mm256_set_m128i(_mm_set1_epi16((short)(((4 * k + 3) << 8) | (4 * k + 2))),
+                                          _mm_set1_epi16((short)(((4 * k + 1) << 8) | (4 * k))));
+    return _mm256_shuffle_epi8(half, pick);
+}
+
+/* Values 32c .. 32c + 31 of a super-block as unsigned bytes (Q3_K's codes
+ * plus 4, Q6_K's plus 32: the offsets are taken out with the code sums). */
+ALWAYS_INLINE __m256i k_codes(const int T, const uint8_t *blk, const int c)
+{
+    const __m256i low4 = _mm256_set1_epi8(0x0f), low2 = _mm256_set1_epi8(3), one = _mm256_set1_epi8(1);
+    const int half = c / 4, run = c % 4;
+    switch (T) {
+    case NT_Q4_K:
+    case NT_Q5_K: {
+        const __m256i x = ld256(blk + (T == NT_Q4_K ? 16 : 48) + 32 * (c / 2));
+        __m256i v = _mm256_and_si256(c & 1 ? _mm256_srli_epi16(x, 4) : x, low4);
+        if (T == NT_Q5_K)   /* bit c of qh[l] is bit 4 */
+            v = _mm256_or_si256(v, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(ld256(blk + 16), c), one), 4));
+        return v;
+    }
+    case NT_Q6_K: {
+        const __m256i ql = ld256(blk + 64 * half + 32 * (run & 1));
+        const __m256i lo = _mm256_and_si256(run < 2 ? ql : _mm256_srli_epi16(ql, 4), low4);
+        const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(ld256(blk + 128 + 32 * half), 2 * run), low2);
+        return _mm256_or_si256(lo, _mm256_slli_epi16(hi, 4));
+    }
+    case NT_Q2_K:
+        return _mm256_and_si256(_mm256_srli_epi16(ld256(blk + 16 + 32 * half), 2 * run), low2);
+    default: {  /* Q3_K: a set bit 4 * half + run of hmask[l] adds 4 */
+        const __m256i lo = _mm256_and_si256(_mm256_srli_epi16(ld256(blk + 32 + 32 * half), 2 * run), low2);
+        const __m256i hbit = _mm256_and_si256(_mm256_srli_epi16(ld256(blk), 4 * half + run), one);
+        return _mm256_or_si256(lo, _mm256_slli_epi16(hbit, 2));
+    }
+    }
+}
+
+/* Super-block b (at byte off of each row) of a tile's pairs, added to acc. */
+ALWAYS_INLINE __m256 k_step(const int T, const int M, const int N, const struct tile_at *pt, int b, size_t off,
+                        __m256 acc)
+{
+    const struct tile_at p = *pt;
+    const size_t d_at = T == NT_Q2_K ? 80 : T == NT_Q3_K ? 108 : T == NT_Q6_K ? 208 : 0;
+    const int has_min = T == NT_Q2_K || T == NT_Q4_K || T == NT_Q5_K;
+    const int offset_shift = T == NT_Q6_K ? 5 : T == NT_Q3_K ? 2 : 0;   /* offset 32 or 4 */
+    __m256i v[8], mm[8];
+#pragma GCC unroll 8
+    for (int r = 0; r < N; r++) {
+        const uint8_t *blk = p.w[r] + off;
+        __m256i sc, mins = _mm256_setzero_si256();
+        k_scales(T, blk, &sc, &mins);
+#pragma GCC unroll 4
+        for (int m = 0; m < M; m++) v[r * M + m] = _mm256_setzero_si256();
+#pragma GCC unroll 8
+        for (int c = 0; c < 8; c++) {
+            const __m256i w = k_codes(T, blk, c), s = chunk_scale(sc, c);
+#pragma GCC unroll 4
+            for (int m = 0; m < M; m++)
+                v[r * M + m] = nx_dot_scaled(v[r * M + m], w, ld256(p.q[m] + (size_t)EBB_NATIVE_QK_K * b + 32 * c), s);
+        }
+#pragma GCC unroll 4
+        for (int m = 0; m < M; m++) {
+            const __m256i bs = ld256(p.s[m] + (size_t)16 * b);
+            if (has_min) mm[r * M + m] = _mm256_madd_epi16(mins, bs);
+            if (offset_shift)
+                v[r * M + m] = _mm256_sub_epi32(v[r * M + m], _mm256_slli_epi32(_mm256_madd_epi16(sc, bs), offset_shift));
+        }
+    }
+    const __m256 da = tok_ps(M, p.d, b);
+    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(reduce8(v)), _mm256_mul_ps(row_f16(N, M, p.w, off + d_at), da), acc);
+    if (has_min) {
+        const __m256i neg_summ = _mm256_sub_epi32(_mm256_setzero_si256(), reduce8(mm));
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(neg_summ), _mm256_mul_ps(row_f16(N, M, p.w, off + d_at + 2), da),
+                              acc);
+    }
+    return acc;
+}
+
+/* One tile: tokens [t, t + mv) x rows [o, o + nv), in an M x N shape. */
+ALWAYS_INLINE void tile(const int T, const int M, const int N, const struct ebb_native_matmul_args *a, int t, int mv,
+                        int o, int nv)
+{
+    const size_t BB = block_bytes(T);
+    const int nb = a->n_in / (is_k(T) ? EBB_NATIVE_QK_K : EBB_NATIVE_QK);
+    struct tile_at p;
+    tile_pointers(T, M, N, a, t, mv, o, nv, &p);
+    __m256 acc = _mm256_setzero_ps();
+    for (int b = 0; b < nb; b++) {
+        if (M == 1) prefetch_next(N, BB, a, &p, b);
+        acc = is_k(T) ? k_step(T, M, N, &p, b, (size_t)b * BB, acc) : legacy_step(T, M, N, &p, b, (size_t)b * BB, acc);
+    }
+    store_tile(M, a, acc, t, mv, o, nv);
+}
+
+/* ------------------------------------------------------------ rectangles */
+
+typedef void (*tile_fn)(const struct ebb_native_matmul_args *a, int t, int mv, int o, int nv);
+
+ALWAYS_INLINE int min_int(int x, int y) { return x < y ? x : y; }
+
+/* tiles: 1 x 8, 2 x 4 and 4 x 2 (tokens x rows). */
+static void rectangle(const tile_fn tiles[3], const struct ebb_native_matmul_args *a, int t0, int t1, int o0, int o1)
+{
+    for (int tb = t0; tb < t1; tb += TB) {
+        const int te = min_int(tb + TB, t1), quads_end = tb + (te - tb) / 4 * 4, rest = te - quads_end;
+        /* Each pair of rows (in L1) meets every token quad of the block (in L2). */
+        if (quads_end > tb)
+            for (int o = o0; o < o1; o += 2)
+                for (int t = tb; t < quads_end; t += 4) tiles[2](a, t, 4, o, min_int(2, o1 - o));
+        if (rest == 3)
+            for (int o = o0; o < o1; o += 2) tiles[2](a, quads_end, 3, o, min_int(2, o1 - o));
+        else if (rest == 2)
+            for (int o = o0; o < o1; o += 4) tiles[1](a, quads_end, 2, o, min_int(4, o1 - o));
+        else if (rest == 1) {
+            /* Decode: the tiles fetch their successors; start the first one here. */
+            const char *w = (const char *)(a->w + (size_t)o0 * a->row_bytes);
+            const size_t len = (size_t)min_int(o1 - o0, 8) * a->row_bytes;
+            for (size_t l = 0; l < len; l += 64) _mm_prefetch(w + l, _MM_HINT_T0);
+            for (int o = o0; o < o1; o += 8) tiles[0](a, quads_end, 1, o, min_int(8, o1 - o));
+        }
+    }
+}
+
+#define NX_TYPE(name, T) \
+    static void name##_1x8(const struct ebb_native_matmul_args *a, int t, int mv, int o, int nv) \
+    { \
+        tile(T, 1, 8, a, t, mv, o, nv); \
+    } \
+    static void name##_2x4(const struct ebb_native_matmul_args *a, int t, int mv, int o, int nv) \
+    { \
+        tile(T, 2, 4, a, t, mv, o, nv); \
+    } \
+    static void name##_4x2(const struct ebb_native_matmul_args *a, int t, int mv, int o, int nv) \
+    { \
+        tile(T, 4, 2, a, t, mv, o, nv); \
+    } \
+    void NX_FN(ebb_native_block_##name)(const struct ebb_native_matmul_args *a, int t0, int t1, int o0, int o1) \
+    { \
+        static const tile_fn tiles[3] = { name##_1x8, name##_2x4, name##_4x2 }; \
+        rectangle(tiles, a, t0, t1, o0, o1); \
+    }
+
+NX_TYPE(q4_0, NT_Q4_0)
+NX_TYPE(q4_1, NT_Q4_1)
+NX_TYPE(q5_0, NT_Q5_0)
+NX_TYPE(q5_1, NT_Q5_1)
+NX_TYPE(q8_0, NT_Q8_0)
+NX_TYPE(q2_k, NT_Q2_K)
+NX_TYPE(q3_k, NT_Q3_K)
+NX_TYPE(q4_k, NT_Q4_K)
+NX_TYPE(q5_k, NT_Q5_K)
+NX_TYPE(q6_k, NT_Q6_K)
