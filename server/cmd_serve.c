@@ -33,6 +33,7 @@
 #include <uv.h>
 
 #include "server/cli.h"
+#include "server/completion.h"
 #include "server/daemon.h"
 #include "server/log.h"
 #include "storage/catalog.h"
@@ -327,7 +328,7 @@ static void on_done(const struct http_done_info *info, void *arg) {
 static void on_handle_closed(uv_handle_t *h) { (void)h; }
 
 void daemon_maybe_finish(struct daemon *d) {
-    if (!d->http_closed || d->finished || !routes_idle() || d->teardowns || d->models) return;
+    if (!d->http_closed || d->finished || d->completions || d->teardowns || d->models) return;
     /* Every engine thread has been joined: no event can be posted any more,
      * so the bridge may close. */
     d->finished = true;
@@ -511,7 +512,7 @@ int cmd_serve(int argc, char **argv) {
         cleanup(&d);
         return 1;
     }
-    if (uv_loop_init(&d.loop) || bridge_init(&d.bridge, &d.loop, routes_deliver, &d)) {
+    if (uv_loop_init(&d.loop) || bridge_init(&d.bridge, &d.loop, completion_deliver, &d)) {
         fprintf(stderr, "ebb serve: cannot create the event loop\n");
         cleanup(&d);
         return 1;

@@ -60,6 +60,8 @@ struct daemon {
     bool stopping;
 
     struct served_model *models;  /* list, loop thread */
+    struct completion *completions;  /* in flight (completion.c) */
+    uint64_t seed_state;          /* xorshift state for requests without a seed */
     int teardowns;                /* models being torn down on the work pool */
     bool http_closed, finished;
     uint64_t memory_budget;       /* bytes; 0 = none */
@@ -91,6 +93,9 @@ bool served_any_ready(struct daemon *d);
  * with a message when the budget cannot hold the weights. */
 int served_set_budget(struct daemon *d, uint64_t bytes, char *err, size_t errlen);
 size_t served_weight_bytes(struct daemon *d);
+/* The context a request may use: the model's training context, capped by
+ * the max_context setting. */
+int served_max_context(const struct served_model *sm);
 /* Refreshes the per-model gauges before /metrics renders. */
 void served_refresh_metrics(struct daemon *d);
 
@@ -109,16 +114,10 @@ void route_admin_models_delete(struct daemon *d, struct http_request *req);
 /* 1 if the request carries the admin bearer token; otherwise it has been
  * answered (401, or 403 when admin routes are disabled). */
 int admin_authorized(struct daemon *d, struct http_request *req);
-/* Cancels every request in flight on a model (it is being unloaded). */
-void routes_cancel_model(struct served_model *sm);
-/* True when no completion is in flight. */
-bool routes_idle(void);
 /* Shutdown's last step, once the HTTP server has closed, no completion is in
  * flight and every model's teardown is over: closes the bridge and the
  * signal handles so the loop can end. Safe to call at any time. */
 void daemon_maybe_finish(struct daemon *d);
-/* Delivers a bridge event to its request (loop thread). */
-void routes_deliver(struct bridge_event *ev, void *arg);
 
 /* Sends a JSON value built with jansson (steals the reference). */
 struct json_t;
