@@ -271,7 +271,7 @@ static void on_request(struct http_request *req, void *arg) {
         const struct route *r = &routes[i];
         if ((r->test_only && !d->test_routes) || !path_matches(r, req->path)) continue;
         if (!strcmp(r->method, method)) {
-            req->data = (void *)r->path;
+            req->route = r->path;
             r->fn(d, req);
             return;
         }
@@ -285,14 +285,14 @@ static void on_request(struct http_request *req, void *arg) {
     char path_for_msg[96];
     snprintf(path_for_msg, sizeof path_for_msg, "%s", req->path);
     if (known_path) {
-        req->data = (void *)known_path->path;
+        req->route = known_path->path;
         http_add_header(req, "Allow", allow);
         snprintf(msg, sizeof msg, "method %.24s not allowed on %.95s (allowed: %.63s)", req->method, path_for_msg,
                  allow);
         http_respond_error(req, 405, "invalid_request_error", msg, NULL);
         return;
     }
-    req->data = (void *)label_unmatched;
+    req->route = label_unmatched;
     snprintf(msg, sizeof msg, "no route for %.24s %.95s", req->method, path_for_msg);
     http_respond_error(req, 404, "invalid_request_error", msg, NULL);
 }
@@ -301,7 +301,7 @@ static void on_request(struct http_request *req, void *arg) {
 static void on_done(const struct http_done_info *info, void *arg) {
     struct daemon *d = arg;
     const struct http_request *req = info->req;
-    const char *route = req->data ? (const char *)req->data : "none";
+    const char *route = req->route ? req->route : "none";
     char code[16];
     snprintf(code, sizeof code, "%d", info->aborted && !info->status ? 499 : info->status);
     const char *labels[] = {route, code};
