@@ -1,11 +1,18 @@
 /* The daemon's shared state and the pieces of `ebb serve`.
  *
- *   cmd_serve.c       start-up and shutdown, the route table, /health /ready /metrics
+ *   cmd_serve.c       the command line: configuration, then daemon_run
+ *   daemon.c          lifecycle: start-up, signals, the shutdown drain
+ *   routes.c          the route table, dispatch, the access log and request
+ *                     metrics, /health and /ready
+ *   daemon_metrics.c  every metric family the daemon exports (one table), /metrics
  *   served_models.c   models being served: loading off the loop, lookup, unloading,
  *                     the memory budget and how it is split
  *   routes_v1.c       the OpenAI-style API (completions, chat, models, tokenize,
- *                     detokenize, request cancellation)
+ *                     detokenize, request cancellation): thin handlers
+ *   completion.c      a completion's lifecycle: its HTTP request and its N engine
+ *                     choices, and the one place it is freed
  *   routes_admin.c    token-protected administration (memory budget, catalog models)
+ *   routes_debug.c    transport test routes (EBB_TEST_ROUTES=1)
  *   bridge.c          engine threads -> loop thread events
  *
  * Threads: the libuv loop owns sockets, the route handlers and every field
@@ -66,6 +73,8 @@ struct daemon {
     bool http_closed, finished;
     uint64_t memory_budget;       /* bytes; 0 = none */
 
+    /* Metric families, filled by daemon_metrics.c's table: keep
+     * DAEMON_N_METRICS equal to the number of struct metric * below. */
     struct metrics *metrics;
     struct metric *m_requests, *m_duration, *m_aborted;
     struct metric *m_conn_open, *m_conn_total, *m_conn_rejected;
@@ -74,6 +83,25 @@ struct daemon {
     struct metric *m_ttft, *m_itl, *m_e2e, *m_queue;
     struct metric *m_kv_bytes, *m_kv_use, *m_weights, *m_budget;
 };
+#define DAEMON_N_METRICS 19
+
+/* ---- daemon.c ---- */
+/* Runs the daemon with d->cfg loaded (d zeroed otherwise, and static: libuv
+ * handles point into it) until a signal's drain is over. The exit status. */
+int daemon_run(struct daemon *d);
+/* Shutdown's last step, once the HTTP server has closed, no completion is in
+ * flight and every model's teardown is over: closes the bridge and the
+ * signal handles so the loop can end. Safe to call at any time. */
+void daemon_maybe_finish(struct daemon *d);
+
+/* ---- daemon_metrics.c ---- */
+/* Creates d->metrics and every family in it: 0, or -1. */
+int daemon_metrics_register(struct daemon *d);
+
+/* ---- routes.c ---- */
+/* The http layer's on_request and on_done hooks (arg: the daemon). */
+void routes_on_request(struct http_request *req, void *arg);
+void routes_on_done(const struct http_done_info *info, void *arg);
 
 /* ---- served_models.c ---- */
 /* Starts loading a model (from the catalog entry's path) in the background;
@@ -99,7 +127,7 @@ int served_max_context(const struct served_model *sm);
 /* Refreshes the per-model gauges before /metrics renders. */
 void served_refresh_metrics(struct daemon *d);
 
-/* ---- routes_v1.c / routes_admin.c ---- */
+/* ---- route handlers: routes_v1.c, routes_admin.c, daemon_metrics.c, routes_debug.c ---- */
 void route_completions(struct daemon *d, struct http_request *req);
 void route_chat_completions(struct daemon *d, struct http_request *req);
 void route_models(struct daemon *d, struct http_request *req);
@@ -114,10 +142,9 @@ void route_admin_models_delete(struct daemon *d, struct http_request *req);
 /* 1 if the request carries the admin bearer token; otherwise it has been
  * answered (401, or 403 when admin routes are disabled). */
 int admin_authorized(struct daemon *d, struct http_request *req);
-/* Shutdown's last step, once the HTTP server has closed, no completion is in
- * flight and every model's teardown is over: closes the bridge and the
- * signal handles so the loop can end. Safe to call at any time. */
-void daemon_maybe_finish(struct daemon *d);
+void route_metrics(struct daemon *d, struct http_request *req);
+void route_debug_echo(struct daemon *d, struct http_request *req);
+void route_debug_stream(struct daemon *d, struct http_request *req);
 
 /* Sends a JSON value built with jansson (steals the reference). */
 struct json_t;
