@@ -24,6 +24,24 @@ static void respond_oai_error(struct http_request *req, const struct oai_error *
     http_respond_error(req, e->status, e->type, e->message, e->param[0] ? e->param : NULL);
 }
 
+typedef int (*parse_fn)(const char *body, size_t len, struct oai_request *out, struct oai_error *err);
+
+/* The body through one of openai.c's parsers: 0, or -1 with the 400 sent. */
+static int parse_body(struct http_request *req, parse_fn parse, struct oai_request *r) {
+    struct oai_error err;
+    if (!parse(req->body, req->body_len, r, &err)) return 0;
+    respond_oai_error(req, &err);
+    return -1;
+}
+
+/* Sends JSON built by an oai_*_response builder (NULL: it ran out of
+ * memory) and frees it. */
+static void respond_built(struct http_request *req, char *body, size_t len) {
+    if (body) http_respond(req, 200, "application/json", body, len);
+    else http_respond_error(req, 500, "server_error", "out of memory", NULL);
+    free(body);
+}
+
 /* The model a request names, ready to serve, or an error already sent. */
 static struct served_model *model_for(struct daemon *d, struct http_request *req, const char *name) {
     struct served_model *sm = served_find(d, name);
@@ -113,21 +131,13 @@ static void run_completion(struct daemon *d, struct http_request *req, struct oa
 
 void route_completions(struct daemon *d, struct http_request *req) {
     struct oai_request r;
-    struct oai_error err;
-    if (openai_parse_completion(req->body, req->body_len, &r, &err)) {
-        respond_oai_error(req, &err);
-        return;
-    }
+    if (parse_body(req, openai_parse_completion, &r)) return;
     run_completion(d, req, &r);
 }
 
 void route_chat_completions(struct daemon *d, struct http_request *req) {
     struct oai_request r;
-    struct oai_error err;
-    if (openai_parse_chat(req->body, req->body_len, &r, &err)) {
-        respond_oai_error(req, &err);
-        return;
-    }
+    if (parse_body(req, openai_parse_chat, &r)) return;
     run_completion(d, req, &r);
 }
 
@@ -149,20 +159,14 @@ void route_models(struct daemon *d, struct http_request *req) {
         }
         body = oai_models_response(names, created, i, &len);
     }
-    if (body) http_respond(req, 200, "application/json", body, len);
-    else http_respond_error(req, 500, "server_error", "out of memory", NULL);
-    free(body);
+    respond_built(req, body, len);
     free(names);
     free(created);
 }
 
 void route_tokenize(struct daemon *d, struct http_request *req) {
     struct oai_request r;
-    struct oai_error err;
-    if (openai_parse_tokenize(req->body, req->body_len, &r, &err)) {
-        respond_oai_error(req, &err);
-        return;
-    }
+    if (parse_body(req, openai_parse_tokenize, &r)) return;
     struct served_model *sm = model_for(d, req, r.model);
     if (!sm) { oai_request_free(&r); return; }
     int32_t *ids = NULL;
@@ -177,9 +181,7 @@ void route_tokenize(struct daemon *d, struct http_request *req) {
     size_t len = 0;
     char *body = n >= 0 && (!r.return_token_strs || (pieces && plens))
                      ? oai_tokenize_response(ids, n, served_max_context(sm), pieces, plens, &len) : NULL;
-    if (body) http_respond(req, 200, "application/json", body, len);
-    else http_respond_error(req, 500, "server_error", "out of memory", NULL);
-    free(body);
+    respond_built(req, body, len);
     free(pieces);
     free(plens);
     free(ids);
@@ -189,10 +191,7 @@ void route_tokenize(struct daemon *d, struct http_request *req) {
 void route_detokenize(struct daemon *d, struct http_request *req) {
     struct oai_request r;
     struct oai_error err;
-    if (openai_parse_detokenize(req->body, req->body_len, &r, &err)) {
-        respond_oai_error(req, &err);
-        return;
-    }
+    if (parse_body(req, openai_parse_detokenize, &r)) return;
     struct served_model *sm = model_for(d, req, r.model);
     if (!sm) { oai_request_free(&r); return; }
     if (oai_check_token_ids(&r, sm->model.cfg.n_vocab, &err)) {
@@ -214,9 +213,7 @@ void route_detokenize(struct daemon *d, struct http_request *req) {
         used += detok_flush(&dt, text + used, cap - used);
         body = oai_detokenize_response(text, used, &len);
     }
-    if (body) http_respond(req, 200, "application/json", body, len);
-    else http_respond_error(req, 500, "server_error", "out of memory", NULL);
-    free(body);
+    respond_built(req, body, len);
     free(text);
     oai_request_free(&r);
 }
