@@ -32,13 +32,6 @@ char *cli_read_file(const char *cmd, const char *path, size_t *len);
 /* Whitespace- or comma-separated token ids from a string; malloc'd. */
 int cli_parse_ids(const char *cmd, const char *text, int32_t **ids);
 
-/* A catalog model and its variants as JSON (jansson json_t *), the one
- * shape `ebb models list --json` and GET /admin/models share; NULL with err. */
-struct catalog;
-struct catalog_model;
-struct json_t;
-struct json_t *catalog_model_json(struct catalog *cat, const struct catalog_model *m, char *err, size_t errlen);
-
 /* Loads a model and a run of it with n_threads workers (engine/model.h),
  * or prints why not and returns NULL. The caller frees the run, then the
  * model. */

@@ -1,11 +1,18 @@
 /* The daemon's shared state and the pieces of `ebb serve`.
  *
- *   cmd_serve.c       start-up and shutdown, the route table, /health /ready /metrics
+ *   cmd_serve.c       the command line: configuration, then daemon_run
+ *   daemon.c          lifecycle: start-up, signals, the shutdown drain
+ *   routes.c          the route table, dispatch, the access log and request
+ *                     metrics, /health and /ready
+ *   daemon_metrics.c  every metric family the daemon exports (one table), /metrics
  *   served_models.c   models being served: loading off the loop, lookup, unloading,
  *                     the memory budget and how it is split
  *   routes_v1.c       the OpenAI-style API (completions, chat, models, tokenize,
- *                     detokenize, request cancellation)
+ *                     detokenize, request cancellation): thin handlers
+ *   completion.c      a completion's lifecycle: its HTTP request and its N engine
+ *                     choices, and the one place it is freed
  *   routes_admin.c    token-protected administration (memory budget, catalog models)
+ *   routes_debug.c    transport test routes (EBB_TEST_ROUTES=1)
  *   bridge.c          engine threads -> loop thread events
  *
  * Threads: the libuv loop owns sockets, the route handlers and every field
@@ -60,10 +67,14 @@ struct daemon {
     bool stopping;
 
     struct served_model *models;  /* list, loop thread */
+    struct completion *completions;  /* in flight (completion.c) */
+    uint64_t seed_state;          /* xorshift state for requests without a seed */
     int teardowns;                /* models being torn down on the work pool */
     bool http_closed, finished;
     uint64_t memory_budget;       /* bytes; 0 = none */
 
+    /* Metric families, filled by daemon_metrics.c's table: keep
+     * DAEMON_N_METRICS equal to the number of struct metric * below. */
     struct metrics *metrics;
     struct metric *m_requests, *m_duration, *m_aborted;
     struct metric *m_conn_open, *m_conn_total, *m_conn_rejected;
@@ -72,6 +83,25 @@ struct daemon {
     struct metric *m_ttft, *m_itl, *m_e2e, *m_queue;
     struct metric *m_kv_bytes, *m_kv_use, *m_weights, *m_budget;
 };
+#define DAEMON_N_METRICS 19
+
+/* ---- daemon.c ---- */
+/* Runs the daemon with d->cfg loaded (d zeroed otherwise, and static: libuv
+ * handles point into it) until a signal's drain is over. The exit status. */
+int daemon_run(struct daemon *d);
+/* Shutdown's last step, once the HTTP server has closed, no completion is in
+ * flight and every model's teardown is over: closes the bridge and the
+ * signal handles so the loop can end. Safe to call at any time. */
+void daemon_maybe_finish(struct daemon *d);
+
+/* ---- daemon_metrics.c ---- */
+/* Creates d->metrics and every family in it: 0, or -1. */
+int daemon_metrics_register(struct daemon *d);
+
+/* ---- routes.c ---- */
+/* The http layer's on_request and on_done hooks (arg: the daemon). */
+void routes_on_request(struct http_request *req, void *arg);
+void routes_on_done(const struct http_done_info *info, void *arg);
 
 /* ---- served_models.c ---- */
 /* Starts loading a model (from the catalog entry's path) in the background;
@@ -91,10 +121,13 @@ bool served_any_ready(struct daemon *d);
  * with a message when the budget cannot hold the weights. */
 int served_set_budget(struct daemon *d, uint64_t bytes, char *err, size_t errlen);
 size_t served_weight_bytes(struct daemon *d);
+/* The context a request may use: the model's training context, capped by
+ * the max_context setting. */
+int served_max_context(const struct served_model *sm);
 /* Refreshes the per-model gauges before /metrics renders. */
 void served_refresh_metrics(struct daemon *d);
 
-/* ---- routes_v1.c / routes_admin.c ---- */
+/* ---- route handlers: routes_v1.c, routes_admin.c, daemon_metrics.c, routes_debug.c ---- */
 void route_completions(struct daemon *d, struct http_request *req);
 void route_chat_completions(struct daemon *d, struct http_request *req);
 void route_models(struct daemon *d, struct http_request *req);
@@ -109,16 +142,9 @@ void route_admin_models_delete(struct daemon *d, struct http_request *req);
 /* 1 if the request carries the admin bearer token; otherwise it has been
  * answered (401, or 403 when admin routes are disabled). */
 int admin_authorized(struct daemon *d, struct http_request *req);
-/* Cancels every request in flight on a model (it is being unloaded). */
-void routes_cancel_model(struct served_model *sm);
-/* True when no completion is in flight. */
-bool routes_idle(void);
-/* Shutdown's last step, once the HTTP server has closed, no completion is in
- * flight and every model's teardown is over: closes the bridge and the
- * signal handles so the loop can end. Safe to call at any time. */
-void daemon_maybe_finish(struct daemon *d);
-/* Delivers a bridge event to its request (loop thread). */
-void routes_deliver(struct bridge_event *ev, void *arg);
+void route_metrics(struct daemon *d, struct http_request *req);
+void route_debug_echo(struct daemon *d, struct http_request *req);
+void route_debug_stream(struct daemon *d, struct http_request *req);
 
 /* Sends a JSON value built with jansson (steals the reference). */
 struct json_t;

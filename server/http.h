@@ -57,8 +57,8 @@
 struct http_server;
 
 /* The request as the application sees it. All fields are read-only for the
- * application except `data`; strings are NUL-terminated and live as long as
- * the request. */
+ * application except `route` and `data`; strings are NUL-terminated and live
+ * as long as the request. */
 struct http_request {
     const char *method;      /* "GET", "POST", ... */
     const char *path;        /* request target before '?', as sent (not percent-decoded) */
@@ -69,6 +69,9 @@ struct http_request {
     int http_minor;          /* 1 for HTTP/1.1, 0 for HTTP/1.0 */
     uint64_t start_ns;       /* uv_hrtime() when the first byte of the request arrived */
     struct http_server *server;
+    const char *route;       /* set by the application's router: the matched route's name, a
+                                string that outlives the request, for logs and metrics; NULL
+                                until routed (and for requests this layer refused) */
     void *data;              /* application slot; never touched by this layer */
 };
 

@@ -898,22 +898,6 @@ int oai_n_choices(const struct oai_request *r) {
     return r->kind == OAI_COMPLETION ? r->n_prompts * r->n : r->n;
 }
 
-void oai_gen_params(const struct oai_request *r, int choice, uint64_t seed_if_unset, int max_tokens_if_unset,
-                    struct gen_params *out) {
-    memset(out, 0, sizeof *out);
-    sampler_params_default(&out->sampling);   /* fields the API has no say in (repeat window) */
-    out->sampling.temperature = r->temperature;
-    out->sampling.top_p = r->top_p;
-    out->sampling.top_k = r->top_k < 0 ? 0 : r->top_k;
-    out->sampling.min_p = r->min_p;
-    out->sampling.repeat_penalty = r->repetition_penalty;
-    out->sampling.seed = (r->has_seed ? (uint64_t)r->seed : seed_if_unset) + (uint64_t)choice;
-    out->max_tokens = r->max_tokens > 0 ? r->max_tokens : max_tokens_if_unset;
-    out->stops = (const char *const *)r->stops;
-    out->n_stops = r->n_stops;
-    out->logprobs = r->logprobs;
-}
-
 const char *oai_role_name(enum oai_role role) {
     switch (role) {
     case OAI_ROLE_SYSTEM: return "system";

@@ -29,8 +29,12 @@
  * Strings that reach JSON are made valid UTF-8 (invalid bytes become U+FFFD)
  * so a response can never fail to encode.
  *
- * Nothing here does I/O, touches the engine, or keeps global state: every
- * function may run on any thread.
+ * Nothing here does I/O, calls the engine, or keeps global state: every
+ * function may run on any thread. Parsing yields the API's own values
+ * (temperature, stop strings...), never engine types; the route maps them to
+ * the engine's parameters (completion_gen_params, server/completion.h). The
+ * one engine type here is enum finish_reason, the value a choice ends with,
+ * which is why engine/generate.h is included.
  */
 #ifndef EBB_SERVER_OPENAI_H
 #define EBB_SERVER_OPENAI_H
@@ -131,14 +135,6 @@ int oai_check_token_ids(const struct oai_request *r, int n_vocab, struct oai_err
 /* Choices the request produces: n per prompt for completions (choice index =
  * prompt index * n + j, as OpenAI numbers them), n for chat. */
 int oai_n_choices(const struct oai_request *r);
-
-/* Generation settings for choice `choice` (0-based). The seed is the
- * request's (or seed_if_unset) plus the choice index, so n choices differ
- * and a given seed always gives the same n outputs. max_tokens_if_unset
- * replaces -1 (the server passes what the context has left). Stop strings
- * are borrowed from r: keep r alive while *out is in use. */
-void oai_gen_params(const struct oai_request *r, int choice, uint64_t seed_if_unset, int max_tokens_if_unset,
-                    struct gen_params *out);
 
 /* "system", "user", "assistant", "tool": what the chat template expects. */
 const char *oai_role_name(enum oai_role role);

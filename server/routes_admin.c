@@ -13,7 +13,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "server/cli.h"
+#include "server/catalog_json.h"
 #include "server/daemon.h"
 #include "server/log.h"
 #include "storage/catalog.h"

@@ -1,18 +1,10 @@
 /* The OpenAI-style API: completions, chat completions, models, tokenize,
  * detokenize, and cancelling a request.
  *
- * A completion request becomes one `struct completion` that lives from the
- * handler until the last of its choices has reported done. Each choice is
- * one scheduler request whose callbacks reach the loop through the bridge as
- * events addressed to that choice's slot. The HTTP side and the engine side
- * end independently:
- *   - the client may go away first (on_abort): every choice is cancelled, the
- *     HTTP request is completed at once (a no-op send that gives it back),
- *     and the completion waits for the engine's done events before freeing;
- *   - the engine may finish first: the response (or the stream's tail) is
- *     sent, and the completion frees itself.
- * So the completion is freed exactly when the HTTP request is completed AND
- * every choice is done, whichever comes last.
+ * The handlers are thin: openai.c parses and validates the body, the model
+ * is looked up, prompts are tokenized, and a completion request is handed to
+ * the completion module (completion.h), which owns it from then on -- its
+ * choices, its streaming and its one free.
  *
  * Tokenizing prompts happens on the loop: it runs at millions of tokens per
  * second, and the body limit bounds it.
@@ -21,50 +13,33 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 
 #include "engine/tokenizer.h"
+#include "server/completion.h"
 #include "server/daemon.h"
 #include "server/log.h"
 #include "server/openai.h"
 
-struct choice_slot {
-    struct bridge_target bt;      /* first: the bridge finds its queue here */
-    struct completion *c;
-    int index;
-    uint64_t sched_id;
-    bool submitted, done;
-    int n_tokens;                 /* token events received */
-    double last_token_t;
-};
-
-struct completion {
-    struct completion *next;      /* the daemon's in-flight list */
-    struct daemon *d;
-    struct served_model *sm;      /* referenced */
-    struct http_request *req;     /* NULL once completed */
-    uint64_t request_id;
-    struct oai_request r;
-    struct oai_meta meta;
-    char id[64];
-    struct oai_choice *choices;
-    struct choice_slot *slots;
-    int n_choices, n_done;
-    int prompt_tokens;            /* usage: once per prompt */
-    bool streaming, failed;
-    char error[256];
-};
-
-static struct completion *inflight;   /* loop thread; requests that can be cancelled by id */
-
-static int served_max_ctx(const struct served_model *sm) {
-    int train = sm->model.cfg.n_ctx_train;
-    int cfg = sm->d->cfg.max_context;
-    return cfg > 0 && cfg < train ? cfg : train;
-}
-
 static void respond_oai_error(struct http_request *req, const struct oai_error *e) {
     http_respond_error(req, e->status, e->type, e->message, e->param[0] ? e->param : NULL);
+}
+
+typedef int (*parse_fn)(const char *body, size_t len, struct oai_request *out, struct oai_error *err);
+
+/* The body through one of openai.c's parsers: 0, or -1 with the 400 sent. */
+static int parse_body(struct http_request *req, parse_fn parse, struct oai_request *r) {
+    struct oai_error err;
+    if (!parse(req->body, req->body_len, r, &err)) return 0;
+    respond_oai_error(req, &err);
+    return -1;
+}
+
+/* Sends JSON built by an oai_*_response builder (NULL: it ran out of
+ * memory) and frees it. */
+static void respond_built(struct http_request *req, char *body, size_t len) {
+    if (body) http_respond(req, 200, "application/json", body, len);
+    else http_respond_error(req, 500, "server_error", "out of memory", NULL);
+    free(body);
 }
 
 /* The model a request names, ready to serve, or an error already sent. */
@@ -117,227 +92,6 @@ static int chat_ids(struct served_model *sm, const struct oai_request *r, int ad
     return n;
 }
 
-/* ------------------------------------------------------------ lifetime */
-
-static void completion_free(struct completion *c) {
-    for (struct completion **p = &inflight; *p; p = &(*p)->next)
-        if (*p == c) { *p = c->next; break; }
-    struct daemon *d = c->d;
-    for (int i = 0; i < c->n_choices; i++) oai_choice_free(&c->choices[i]);
-    free(c->choices);
-    free(c->slots);
-    oai_request_free(&c->r);
-    served_unref(c->sm);
-    free(c);
-    daemon_maybe_finish(d);
-}
-
-static void maybe_free(struct completion *c) {
-    if (!c->req && c->n_done == c->n_choices) completion_free(c);
-}
-
-static void cancel_choices(struct completion *c) {
-    for (int i = 0; i < c->n_choices; i++)
-        if (c->slots[i].submitted && !c->slots[i].done && c->sm->sched) sched_cancel(c->sm->sched, c->slots[i].sched_id);
-}
-
-static void on_client_gone(struct http_request *req, void *arg) {
-    struct completion *c = arg;
-    cancel_choices(c);
-    if (c->streaming) http_stream_end(req);
-    else http_respond(req, 500, NULL, NULL, 0);   /* sends nothing: the client is gone */
-    c->req = NULL;
-    maybe_free(c);
-}
-
-/* Sends SSE text built by an oai_* builder, if the client is there, and
- * frees it. */
-static void stream_send(struct completion *c, char *events, size_t len) {
-    if (events && len && c->req) http_stream_write(c->req, events, len);
-    free(events);
-}
-
-/* Every choice is done: send what is left and complete the HTTP request. */
-static void finish_response(struct completion *c) {
-    if (!c->req) return;
-    struct oai_usage usage = {c->prompt_tokens, 0};
-    bool error = c->failed;
-    for (int i = 0; i < c->n_choices; i++) {
-        usage.completion_tokens += c->slots[i].n_tokens;
-        error |= c->choices[i].finish == FINISH_ERROR;
-    }
-    size_t len = 0;
-    if (c->streaming) {
-        if (error) {
-            struct oai_error e;
-            oai_error_set(&e, 500, "server_error", NULL, "%s", *c->error ? c->error : "generation failed");
-            char *events = oai_stream_error(&e, &len);
-            stream_send(c, events, len);
-        } else if (c->meta.include_usage) {
-            char *events = oai_stream_usage(&c->meta, &usage, &len);
-            stream_send(c, events, len);
-        }
-        http_stream_write(c->req, OAI_SSE_DONE, strlen(OAI_SSE_DONE));
-        http_stream_end(c->req);
-    } else if (error && usage.completion_tokens == 0 && !*c->error) {
-        /* Failed before any token: the scheduler could not admit it (the
-         * budget shrank below it, or memory ran out). Worth a retry. */
-        http_add_header(c->req, "Retry-After", "1");
-        http_respond_error(c->req, 503, "unavailable_error",
-                           "the request could not be admitted: it no longer fits the memory budget", NULL);
-    } else if (error) {
-        http_respond_error(c->req, 500, "server_error", *c->error ? c->error : "generation failed", NULL);
-    } else {
-        char *body = oai_response(&c->meta, c->choices, c->n_choices, &usage, &len);
-        if (body) http_respond(c->req, 200, "application/json", body, len);
-        else http_respond_error(c->req, 500, "server_error", "out of memory building the response", NULL);
-        free(body);
-    }
-    c->req = NULL;
-}
-
-/* ------------------------------------------------------------ engine events */
-
-static void deliver_token(struct choice_slot *slot, struct bridge_event *ev) {
-    struct completion *c = slot->c;
-    struct served_model *sm = c->sm;
-    struct oai_choice *ch = &c->choices[slot->index];
-    slot->n_tokens++;
-    metric_series_inc(sm->m_gen_tokens, 1);
-    if (slot->last_token_t > 0) metric_series_observe(sm->m_itl, ev->t - slot->last_token_t);
-    slot->last_token_t = ev->t;
-    if (!c->req) return;   /* client gone: nothing to build */
-    int rc = 0;
-    if (ch->logprobs) {
-        size_t plen;
-        const char *piece = tokenizer_piece(sm->model.tok, ev->id, &plen);
-        rc |= oai_choice_add_token(ch, piece ? piece : "", piece ? plen : 0, ev->logprob);
-    }
-    rc |= oai_choice_add_text(ch, ev->text, ev->len);
-    if (rc) {
-        /* The output cap: stop generating this choice; it ends as "length". */
-        if (!slot->done) sched_cancel(sm->sched, slot->sched_id);
-        ch->finish = FINISH_LENGTH;
-        return;
-    }
-    if (c->streaming) {
-        size_t len = 0;
-        char *events = oai_stream_chunk(&c->meta, ch, &len);
-        stream_send(c, events, len);
-    }
-}
-
-static void deliver_done(struct choice_slot *slot, struct bridge_event *ev) {
-    struct completion *c = slot->c;
-    struct served_model *sm = c->sm;
-    struct oai_choice *ch = &c->choices[slot->index];
-    slot->done = true;
-    c->n_done++;
-    if (ch->finish == FINISH_NONE) ch->finish = ev->finish;
-    if (slot->n_tokens != ev->n_generated && ch->finish != FINISH_CANCELLED) {
-        /* A token event was lost (out of memory on the engine thread). */
-        ch->finish = FINISH_ERROR;
-        snprintf(c->error, sizeof c->error, "internal error: %d of %d tokens were delivered", slot->n_tokens,
-                 ev->n_generated);
-    }
-    const char *labels[] = {sm->name, finish_reason_name(ch->finish)};
-    metric_inc(c->d->m_finished, labels, 1);
-    metric_series_inc(sm->m_prompt_tokens, ev->n_prompt);
-    const struct sched_timing *t = &ev->timing;
-    if (t->started > 0) metric_series_observe(sm->m_queue, t->started - t->queued);
-    if (t->first_token > 0) metric_series_observe(sm->m_ttft, t->first_token - t->queued);
-    if (ev->finish != FINISH_CANCELLED) metric_series_observe(sm->m_e2e, t->finished - t->queued);
-    if (c->req && c->streaming && ch->finish != FINISH_ERROR) {
-        size_t len = 0;
-        char *events = oai_stream_chunk(&c->meta, ch, &len);
-        stream_send(c, events, len);
-    }
-    if (c->n_done == c->n_choices) finish_response(c);
-    maybe_free(c);
-}
-
-void routes_deliver(struct bridge_event *ev, void *arg) {
-    (void)arg;
-    struct choice_slot *slot = ev->target;
-    if (ev->kind == BRIDGE_TOKEN) deliver_token(slot, ev);
-    else deliver_done(slot, ev);
-}
-
-/* ------------------------------------------------------------ completions */
-
-static uint64_t fresh_seed(void) {
-    static uint64_t state;
-    if (!state) state = (uint64_t)time(NULL) ^ ((uint64_t)uv_hrtime() << 17) ^ 0x9E3779B97F4A7C15ull;
-    state ^= state << 13; state ^= state >> 7; state ^= state << 17;
-    return state;
-}
-
-/* Submits every choice; on failure answers the error and cancels what went
- * in. Returns 0 when all choices are running. */
-static int submit_choices(struct completion *c, int32_t **ids, const int *n_ids) {
-    struct served_model *sm = c->sm;
-    int max_ctx = served_max_ctx(sm);
-    uint64_t seed = fresh_seed();
-    int per_prompt = c->r.kind == OAI_CHAT ? c->n_choices : c->r.n;
-    for (int i = 0; i < c->n_choices; i++) {
-        int p = i / per_prompt;
-        int n_prompt = n_ids[p];
-        struct gen_params gp;
-        oai_gen_params(&c->r, i, seed, max_ctx - n_prompt, &gp);
-        if (n_prompt == 0 || gp.max_tokens < 1 || n_prompt + gp.max_tokens > max_ctx) {
-            char msg[256];
-            if (n_prompt == 0) snprintf(msg, sizeof msg, "the prompt is empty");
-            else snprintf(msg, sizeof msg, "this model's maximum context length is %d tokens; the prompt has %d "
-                          "tokens and max_tokens asks for %d more", max_ctx, n_prompt, gp.max_tokens);
-            const char *param = n_prompt == 0 || n_prompt >= max_ctx ? (c->r.kind == OAI_CHAT ? "messages" : "prompt")
-                                                                     : "max_tokens";
-            http_respond_error(c->req, 400, "invalid_request_error", msg, param);
-            return -1;
-        }
-        struct sched_request_desc desc = {ids[p], n_prompt, gp, {bridge_on_token, bridge_on_done}, &c->slots[i]};
-        enum sched_error e = sched_submit(sm->sched, &desc, &c->slots[i].sched_id);
-        if (e != SCHED_OK) {
-            int status = e == SCHED_QUEUE_FULL ? 429 : e == SCHED_TOO_LONG ? 400 : 503;
-            if (status != 400) http_add_header(c->req, "Retry-After", "1");
-            http_respond_error(c->req, status, status == 400 ? "invalid_request_error" : "unavailable_error",
-                               sched_error_message(e), status == 400 ? "max_tokens" : NULL);
-            return -1;
-        }
-        c->slots[i].submitted = true;
-    }
-    return 0;
-}
-
-static struct completion *completion_new(struct daemon *d, struct http_request *req, struct served_model *sm,
-                                         struct oai_request *r) {
-    struct completion *c = calloc(1, sizeof *c);
-    if (!c) return NULL;
-    c->n_choices = oai_n_choices(r);
-    c->choices = calloc((size_t)c->n_choices, sizeof *c->choices);
-    c->slots = calloc((size_t)c->n_choices, sizeof *c->slots);
-    if (!c->choices || !c->slots) {
-        free(c->choices); free(c->slots); free(c);
-        return NULL;
-    }
-    c->d = d;
-    c->sm = sm;
-    served_ref(sm);
-    c->req = req;
-    c->request_id = req->id;
-    c->r = *r;   /* takes ownership */
-    memset(r, 0, sizeof *r);
-    c->streaming = c->r.stream;
-    oai_format_id(c->id, sizeof c->id, c->r.kind, req->id);
-    c->meta = (struct oai_meta){c->r.kind, c->id, sm->name, (int64_t)time(NULL), c->r.include_usage};
-    for (int i = 0; i < c->n_choices; i++) {
-        oai_choice_init(&c->choices[i], i, c->r.logprobs, 0);
-        c->slots[i] = (struct choice_slot){{&d->bridge}, c, i, 0, false, false, 0, 0};
-    }
-    c->next = inflight;
-    inflight = c;
-    return c;
-}
-
 /* Shared by /v1/completions and /v1/chat/completions once parsed. */
 static void run_completion(struct daemon *d, struct http_request *req, struct oai_request *r) {
     struct served_model *sm = model_for(d, req, r->model);
@@ -357,33 +111,8 @@ static void run_completion(struct daemon *d, struct http_request *req, struct oa
         ok = n_ids[p] >= 0;
     }
     struct completion *c = ok ? completion_new(d, req, sm, r) : NULL;
-    if (!c) {
-        http_respond_error(req, 500, "server_error", "out of memory preparing the prompt", NULL);
-    } else {
-        for (int p = 0; p < n_prompts; p++) c->prompt_tokens += n_ids[p];
-        if (submit_choices(c, ids, n_ids)) {
-            c->failed = true;
-            c->req = NULL;   /* answered by submit_choices */
-            cancel_choices(c);
-            /* Choices never submitted count as done. */
-            for (int i = 0; i < c->n_choices; i++)
-                if (!c->slots[i].submitted) { c->slots[i].done = true; c->n_done++; }
-            maybe_free(c);
-        } else {
-            if (c->streaming) {
-                http_add_header(req, "Cache-Control", "no-cache");
-                http_add_header(req, "X-Accel-Buffering", "no");
-                http_stream_start(req, 200, "text/event-stream");
-                if (c->r.kind == OAI_CHAT)   /* the role delta goes out at once */
-                    for (int i = 0; i < c->n_choices; i++) {
-                        size_t len = 0;
-                        char *events = oai_stream_chunk(&c->meta, &c->choices[i], &len);
-                        stream_send(c, events, len);
-                    }
-            }
-            if (http_request_on_abort(req, on_client_gone, c) == HTTP_ERR_GONE) on_client_gone(req, c);
-        }
-    }
+    if (c) completion_submit(c, ids, n_ids);   /* answers, now or later */
+    else http_respond_error(req, 500, "server_error", "out of memory preparing the prompt", NULL);
     for (int p = 0; ids && p < n_prompts; p++) free(ids[p]);
     free(ids);
     free(n_ids);
@@ -392,21 +121,13 @@ static void run_completion(struct daemon *d, struct http_request *req, struct oa
 
 void route_completions(struct daemon *d, struct http_request *req) {
     struct oai_request r;
-    struct oai_error err;
-    if (openai_parse_completion(req->body, req->body_len, &r, &err)) {
-        respond_oai_error(req, &err);
-        return;
-    }
+    if (parse_body(req, openai_parse_completion, &r)) return;
     run_completion(d, req, &r);
 }
 
 void route_chat_completions(struct daemon *d, struct http_request *req) {
     struct oai_request r;
-    struct oai_error err;
-    if (openai_parse_chat(req->body, req->body_len, &r, &err)) {
-        respond_oai_error(req, &err);
-        return;
-    }
+    if (parse_body(req, openai_parse_chat, &r)) return;
     run_completion(d, req, &r);
 }
 
@@ -428,20 +149,14 @@ void route_models(struct daemon *d, struct http_request *req) {
         }
         body = oai_models_response(names, created, i, &len);
     }
-    if (body) http_respond(req, 200, "application/json", body, len);
-    else http_respond_error(req, 500, "server_error", "out of memory", NULL);
-    free(body);
+    respond_built(req, body, len);
     free(names);
     free(created);
 }
 
 void route_tokenize(struct daemon *d, struct http_request *req) {
     struct oai_request r;
-    struct oai_error err;
-    if (openai_parse_tokenize(req->body, req->body_len, &r, &err)) {
-        respond_oai_error(req, &err);
-        return;
-    }
+    if (parse_body(req, openai_parse_tokenize, &r)) return;
     struct served_model *sm = model_for(d, req, r.model);
     if (!sm) { oai_request_free(&r); return; }
     int32_t *ids = NULL;
@@ -455,10 +170,8 @@ void route_tokenize(struct daemon *d, struct http_request *req) {
     }
     size_t len = 0;
     char *body = n >= 0 && (!r.return_token_strs || (pieces && plens))
-                     ? oai_tokenize_response(ids, n, served_max_ctx(sm), pieces, plens, &len) : NULL;
-    if (body) http_respond(req, 200, "application/json", body, len);
-    else http_respond_error(req, 500, "server_error", "out of memory", NULL);
-    free(body);
+                     ? oai_tokenize_response(ids, n, served_max_context(sm), pieces, plens, &len) : NULL;
+    respond_built(req, body, len);
     free(pieces);
     free(plens);
     free(ids);
@@ -468,10 +181,7 @@ void route_tokenize(struct daemon *d, struct http_request *req) {
 void route_detokenize(struct daemon *d, struct http_request *req) {
     struct oai_request r;
     struct oai_error err;
-    if (openai_parse_detokenize(req->body, req->body_len, &r, &err)) {
-        respond_oai_error(req, &err);
-        return;
-    }
+    if (parse_body(req, openai_parse_detokenize, &r)) return;
     struct served_model *sm = model_for(d, req, r.model);
     if (!sm) { oai_request_free(&r); return; }
     if (oai_check_token_ids(&r, sm->model.cfg.n_vocab, &err)) {
@@ -493,19 +203,10 @@ void route_detokenize(struct daemon *d, struct http_request *req) {
         used += detok_flush(&dt, text + used, cap - used);
         body = oai_detokenize_response(text, used, &len);
     }
-    if (body) http_respond(req, 200, "application/json", body, len);
-    else http_respond_error(req, 500, "server_error", "out of memory", NULL);
-    free(body);
+    respond_built(req, body, len);
     free(text);
     oai_request_free(&r);
 }
-
-void routes_cancel_model(struct served_model *sm) {
-    for (struct completion *c = inflight; c; c = c->next)
-        if (c->sm == sm) cancel_choices(c);
-}
-
-bool routes_idle(void) { return inflight == NULL; }
 
 void route_cancel_request(struct daemon *d, struct http_request *req) {
     if (!admin_authorized(d, req)) return;
@@ -516,10 +217,11 @@ void route_cancel_request(struct daemon *d, struct http_request *req) {
                            "a request id looks like cmpl-42, chatcmpl-42 or 42", "id");
         return;
     }
-    for (struct completion *c = inflight; c; c = c->next) {
-        if (c->request_id != id) continue;
-        cancel_choices(c);
-        respond_json(req, 200, json_pack("{s:s, s:s, s:b}", "id", c->id, "object", "request", "cancelled", 1));
+    struct completion *c = completion_find(d, id);
+    if (c) {
+        completion_cancel(c);
+        respond_json(req, 200,
+                     json_pack("{s:s, s:s, s:b}", "id", completion_id(c), "object", "request", "cancelled", 1));
         log_info("request cancelled by an operator", "request_id=%llu", (unsigned long long)id);
         return;
     }

@@ -21,6 +21,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "server/completion.h"
 #include "server/daemon.h"
 #include "server/log.h"
 
@@ -159,7 +160,7 @@ void served_unload(struct served_model *sm) {
     metric_set(d->m_kv_bytes, labels, 0);
     metric_set(d->m_running, labels, 0);
     metric_set(d->m_waiting, labels, 0);
-    routes_cancel_model(sm);
+    completion_cancel_model(sm);
     served_unref(sm);   /* the list's reference; requests in flight hold theirs */
 }
 
@@ -167,6 +168,12 @@ bool served_any_ready(struct daemon *d) {
     for (struct served_model *sm = d->models; sm; sm = sm->next)
         if (sm->state == SERVED_READY) return true;
     return false;
+}
+
+int served_max_context(const struct served_model *sm) {
+    int train = sm->model.cfg.n_ctx_train;
+    int cfg = sm->d->cfg.max_context;
+    return cfg > 0 && cfg < train ? cfg : train;
 }
 
 size_t served_weight_bytes(struct daemon *d) {

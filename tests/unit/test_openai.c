@@ -23,6 +23,7 @@
 
 #include <jansson.h>
 
+#include "server/completion.h"
 #include "server/openai.h"
 #include "tests/unit/check.h"
 
@@ -196,7 +197,7 @@ static void test_completion_full(void) {
     CHECK(r.stream && r.include_usage && r.logprobs);
 
     struct gen_params g;
-    oai_gen_params(&r, 2, 777, 99, &g);
+    completion_gen_params(&r, 2, 777, 99, &g);
     CHECK(g.max_tokens == 200);
     CHECK(g.sampling.temperature == 0.0f && g.sampling.top_p == 0.5f && g.sampling.top_k == 40);
     CHECK(g.sampling.min_p == 0.05f && g.sampling.repeat_penalty == 1.1f);
@@ -210,7 +211,7 @@ static void test_completion_full(void) {
            " \"seed\": null, \"stream_options\": null, \"logprobs\": null, \"n\": null, \"user\": null}", &r))
         return;
     CHECK(r.max_tokens == 7 && r.temperature == 1.0f && r.n_stops == 0 && !r.has_seed && r.n == 1 && !r.logprobs);
-    oai_gen_params(&r, 1, 777, 99, &g);
+    completion_gen_params(&r, 1, 777, 99, &g);
     CHECK(g.sampling.seed == 778);   /* no seed: the server's, plus the choice */
     oai_request_free(&r);
 
@@ -220,7 +221,7 @@ static void test_completion_full(void) {
     oai_request_free(&r);
     if (OK(OAI_COMPLETION, "{\"prompt\": \"x\", \"stop\": [], \"top_k\": -1}", &r)) return;
     CHECK(r.n_stops == 0 && r.top_k == -1);
-    oai_gen_params(&r, 0, 1, 1, &g);
+    completion_gen_params(&r, 0, 1, 1, &g);
     CHECK(g.sampling.top_k == 0);   /* -1 is the sampler's "off" (0) */
     oai_request_free(&r);
 }
@@ -414,7 +415,7 @@ static void test_chat_accepts(void) {
     CHECK(r.max_tokens == -1 && r.n == 1 && !r.logprobs && r.n_prompts == 0);
     CHECK(!r.add_special_tokens);
     struct gen_params g;
-    oai_gen_params(&r, 0, 5, 1234, &g);
+    completion_gen_params(&r, 0, 5, 1234, &g);
     CHECK(g.max_tokens == 1234 && g.sampling.seed == 5 && g.sampling.temperature == 1.0f && g.logprobs == 0);
     oai_request_free(&r);
 

@@ -1,0 +1,372 @@
+/* A completion's lifecycle; the contract and the ownership rule are in
+ * completion.h.
+ *
+ * Each choice is one scheduler request; its callbacks reach the loop through
+ * the bridge as events addressed to the choice's slot (struct choice_slot,
+ * whose first member is the bridge target). The HTTP side is c->req while the
+ * request is open, NULL once it has been completed.
+ *
+ * What each event does in each state (-- : cannot happen):
+ *
+ *   event                 NEW                 RUNNING                      DRAINING
+ *   --------------------  ------------------  ---------------------------  -------------------
+ *   submit: all in        start the stream,   --                           --
+ *                         watch for abort;
+ *                         -> RUNNING
+ *   submit: one refused   answer the error,   --                           --
+ *                         cancel those in,
+ *                         the rest count as
+ *                         done; -> DRAINING
+ *   token                 --                  metrics, append, stream it   metrics only
+ *   choice done (not      --                  metrics, stream its finish   metrics
+ *     the last)
+ *   last choice done      --                  send the response or the     metrics; free
+ *                                             stream's tail; free
+ *   client gone           --                  cancel the choices, give     --
+ *                                             the request back;
+ *                                             -> DRAINING
+ *   cancel (operator,     --                  ask the engine to stop the   same (harmless)
+ *     model unloaded)                         choices still running
+ *
+ * A completion is freed in one place, settle(), on reaching DRAINING with
+ * every choice done; "last choice done" in RUNNING first completes the
+ * request (-> DRAINING) and then settles. Every completion is on the
+ * daemon's in-flight list (d->completions) from completion_new to its free,
+ * which is how an operator's cancel finds it by id and how shutdown knows
+ * when the last one is gone (daemon_maybe_finish).
+ *
+ * Seeds: a request without one gets a fresh xorshift value from the daemon's
+ * seed state, seeded from the clock on first use.
+ */
+#include "server/completion.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "engine/tokenizer.h"
+#include "server/daemon.h"
+#include "server/openai.h"
+
+enum completion_state { COMPLETION_NEW, COMPLETION_RUNNING, COMPLETION_DRAINING };
+
+struct choice_slot {
+    struct bridge_target bt;      /* first: the bridge finds its queue here */
+    struct completion *c;
+    int index;
+    uint64_t sched_id;
+    bool submitted, done;
+    int n_tokens;                 /* token events received */
+    double last_token_t;
+};
+
+struct completion {
+    struct completion *next;      /* the daemon's in-flight list */
+    enum completion_state state;
+    struct daemon *d;
+    struct served_model *sm;      /* referenced */
+    struct http_request *req;     /* NULL once completed (DRAINING) */
+    uint64_t request_id;
+    struct oai_request r;
+    struct oai_meta meta;
+    char id[64];
+    struct oai_choice *choices;
+    struct choice_slot *slots;
+    int n_choices, n_done;
+    int prompt_tokens;            /* usage: once per prompt */
+    bool streaming;
+    char error[256];
+};
+
+/* ------------------------------------------------------------ lifetime */
+
+static void completion_free(struct completion *c) {
+    struct daemon *d = c->d;
+    for (struct completion **p = &d->completions; *p; p = &(*p)->next)
+        if (*p == c) { *p = c->next; break; }
+    for (int i = 0; i < c->n_choices; i++) oai_choice_free(&c->choices[i]);
+    free(c->choices);
+    free(c->slots);
+    oai_request_free(&c->r);
+    served_unref(c->sm);
+    free(c);
+    daemon_maybe_finish(d);
+}
+
+/* The one place a completion is freed: the request is completed and every
+ * choice has reported done. */
+static void settle(struct completion *c) {
+    if (c->state == COMPLETION_DRAINING && c->n_done == c->n_choices) completion_free(c);
+}
+
+/* The request has been completed (answered, or given back after the client
+ * left): from now on nothing is sent. */
+static void request_completed(struct completion *c) {
+    c->req = NULL;
+    c->state = COMPLETION_DRAINING;
+}
+
+void completion_cancel(struct completion *c) {
+    for (int i = 0; i < c->n_choices; i++)
+        if (c->slots[i].submitted && !c->slots[i].done && c->sm->sched) sched_cancel(c->sm->sched, c->slots[i].sched_id);
+}
+
+void completion_cancel_model(struct served_model *sm) {
+    for (struct completion *c = sm->d->completions; c; c = c->next)
+        if (c->sm == sm) completion_cancel(c);
+}
+
+struct completion *completion_find(struct daemon *d, uint64_t request_id) {
+    for (struct completion *c = d->completions; c; c = c->next)
+        if (c->request_id == request_id) return c;
+    return NULL;
+}
+
+const char *completion_id(const struct completion *c) { return c->id; }
+
+static void on_client_gone(struct http_request *req, void *arg) {
+    struct completion *c = arg;
+    completion_cancel(c);
+    if (c->streaming) http_stream_end(req);
+    else http_respond(req, 500, NULL, NULL, 0);   /* sends nothing: the client is gone */
+    request_completed(c);
+    settle(c);
+}
+
+/* ------------------------------------------------------------ responses */
+
+/* Sends SSE text built by an oai_* builder, if the client is there, and
+ * frees it. */
+static void stream_send(struct completion *c, char *events, size_t len) {
+    if (events && len && c->req) http_stream_write(c->req, events, len);
+    free(events);
+}
+
+/* Every choice is done: send what is left and complete the HTTP request. */
+static void finish_response(struct completion *c) {
+    struct oai_usage usage = {c->prompt_tokens, 0};
+    bool error = false;
+    for (int i = 0; i < c->n_choices; i++) {
+        usage.completion_tokens += c->slots[i].n_tokens;
+        error |= c->choices[i].finish == FINISH_ERROR;
+    }
+    size_t len = 0;
+    if (c->streaming) {
+        if (error) {
+            struct oai_error e;
+            oai_error_set(&e, 500, "server_error", NULL, "%s", *c->error ? c->error : "generation failed");
+            char *events = oai_stream_error(&e, &len);
+            stream_send(c, events, len);
+        } else if (c->meta.include_usage) {
+            char *events = oai_stream_usage(&c->meta, &usage, &len);
+            stream_send(c, events, len);
+        }
+        http_stream_write(c->req, OAI_SSE_DONE, strlen(OAI_SSE_DONE));
+        http_stream_end(c->req);
+    } else if (error && usage.completion_tokens == 0 && !*c->error) {
+        /* Failed before any token: the scheduler could not admit it (the
+         * budget shrank below it, or memory ran out). Worth a retry. */
+        http_add_header(c->req, "Retry-After", "1");
+        http_respond_error(c->req, 503, "unavailable_error",
+                           "the request could not be admitted: it no longer fits the memory budget", NULL);
+    } else if (error) {
+        http_respond_error(c->req, 500, "server_error", *c->error ? c->error : "generation failed", NULL);
+    } else {
+        char *body = oai_response(&c->meta, c->choices, c->n_choices, &usage, &len);
+        if (body) http_respond(c->req, 200, "application/json", body, len);
+        else http_respond_error(c->req, 500, "server_error", "out of memory building the response", NULL);
+        free(body);
+    }
+    request_completed(c);
+}
+
+/* ------------------------------------------------------------ engine events */
+
+static void deliver_token(struct choice_slot *slot, struct bridge_event *ev) {
+    struct completion *c = slot->c;
+    struct served_model *sm = c->sm;
+    struct oai_choice *ch = &c->choices[slot->index];
+    slot->n_tokens++;
+    metric_series_inc(sm->m_gen_tokens, 1);
+    if (slot->last_token_t > 0) metric_series_observe(sm->m_itl, ev->t - slot->last_token_t);
+    slot->last_token_t = ev->t;
+    if (c->state != COMPLETION_RUNNING) return;   /* client gone: nothing to build */
+    int rc = 0;
+    if (ch->logprobs) {
+        size_t plen;
+        const char *piece = tokenizer_piece(sm->model.tok, ev->id, &plen);
+        rc |= oai_choice_add_token(ch, piece ? piece : "", piece ? plen : 0, ev->logprob);
+    }
+    rc |= oai_choice_add_text(ch, ev->text, ev->len);
+    if (rc) {
+        /* The output cap: stop generating this choice; it ends as "length". */
+        if (!slot->done) sched_cancel(sm->sched, slot->sched_id);
+        ch->finish = FINISH_LENGTH;
+        return;
+    }
+    if (c->streaming) {
+        size_t len = 0;
+        char *events = oai_stream_chunk(&c->meta, ch, &len);
+        stream_send(c, events, len);
+    }
+}
+
+static void deliver_done(struct choice_slot *slot, struct bridge_event *ev) {
+    struct completion *c = slot->c;
+    struct served_model *sm = c->sm;
+    struct oai_choice *ch = &c->choices[slot->index];
+    slot->done = true;
+    c->n_done++;
+    if (ch->finish == FINISH_NONE) ch->finish = ev->finish;
+    if (slot->n_tokens != ev->n_generated && ch->finish != FINISH_CANCELLED) {
+        /* A token event was lost (out of memory on the engine thread). */
+        ch->finish = FINISH_ERROR;
+        snprintf(c->error, sizeof c->error, "internal error: %d of %d tokens were delivered", slot->n_tokens,
+                 ev->n_generated);
+    }
+    const char *labels[] = {sm->name, finish_reason_name(ch->finish)};
+    metric_inc(c->d->m_finished, labels, 1);
+    metric_series_inc(sm->m_prompt_tokens, ev->n_prompt);
+    const struct sched_timing *t = &ev->timing;
+    if (t->started > 0) metric_series_observe(sm->m_queue, t->started - t->queued);
+    if (t->first_token > 0) metric_series_observe(sm->m_ttft, t->first_token - t->queued);
+    if (ev->finish != FINISH_CANCELLED) metric_series_observe(sm->m_e2e, t->finished - t->queued);
+    if (c->state == COMPLETION_RUNNING && c->streaming && ch->finish != FINISH_ERROR) {
+        size_t len = 0;
+        char *events = oai_stream_chunk(&c->meta, ch, &len);
+        stream_send(c, events, len);
+    }
+    if (c->state == COMPLETION_RUNNING && c->n_done == c->n_choices) finish_response(c);
+    settle(c);
+}
+
+void completion_deliver(struct bridge_event *ev, void *arg) {
+    (void)arg;
+    struct choice_slot *slot = ev->target;
+    if (ev->kind == BRIDGE_TOKEN) deliver_token(slot, ev);
+    else deliver_done(slot, ev);
+}
+
+/* ------------------------------------------------------------ starting */
+
+void completion_gen_params(const struct oai_request *r, int choice, uint64_t seed_if_unset, int max_tokens_if_unset,
+                           struct gen_params *out) {
+    memset(out, 0, sizeof *out);
+    sampler_params_default(&out->sampling);   /* fields the API has no say in (repeat window) */
+    out->sampling.temperature = r->temperature;
+    out->sampling.top_p = r->top_p;
+    out->sampling.top_k = r->top_k < 0 ? 0 : r->top_k;
+    out->sampling.min_p = r->min_p;
+    out->sampling.repeat_penalty = r->repetition_penalty;
+    out->sampling.seed = (r->has_seed ? (uint64_t)r->seed : seed_if_unset) + (uint64_t)choice;
+    out->max_tokens = r->max_tokens > 0 ? r->max_tokens : max_tokens_if_unset;
+    out->stops = (const char *const *)r->stops;
+    out->n_stops = r->n_stops;
+    out->logprobs = r->logprobs;
+}
+
+static uint64_t fresh_seed(struct daemon *d) {
+    uint64_t *state = &d->seed_state;
+    if (!*state) *state = (uint64_t)time(NULL) ^ ((uint64_t)uv_hrtime() << 17) ^ 0x9E3779B97F4A7C15ull;
+    *state ^= *state << 13; *state ^= *state >> 7; *state ^= *state << 17;
+    return *state;
+}
+
+struct completion *completion_new(struct daemon *d, struct http_request *req, struct served_model *sm,
+                                  struct oai_request *r) {
+    struct completion *c = calloc(1, sizeof *c);
+    if (!c) return NULL;
+    c->n_choices = oai_n_choices(r);
+    c->choices = calloc((size_t)c->n_choices, sizeof *c->choices);
+    c->slots = calloc((size_t)c->n_choices, sizeof *c->slots);
+    if (!c->choices || !c->slots) {
+        free(c->choices); free(c->slots); free(c);
+        return NULL;
+    }
+    c->state = COMPLETION_NEW;
+    c->d = d;
+    c->sm = sm;
+    served_ref(sm);
+    c->req = req;
+    c->request_id = req->id;
+    c->r = *r;   /* takes ownership */
+    memset(r, 0, sizeof *r);
+    c->streaming = c->r.stream;
+    oai_format_id(c->id, sizeof c->id, c->r.kind, req->id);
+    c->meta = (struct oai_meta){c->r.kind, c->id, sm->name, (int64_t)time(NULL), c->r.include_usage};
+    for (int i = 0; i < c->n_choices; i++) {
+        oai_choice_init(&c->choices[i], i, c->r.logprobs, 0);
+        c->slots[i] = (struct choice_slot){{&d->bridge}, c, i, 0, false, false, 0, 0};
+    }
+    c->next = d->completions;
+    d->completions = c;
+    return c;
+}
+
+/* Submits every choice; on a refusal answers the error and returns -1
+ * (choices already in keep running until cancelled). */
+static int submit_choices(struct completion *c, int32_t *const *ids, const int *n_ids) {
+    struct served_model *sm = c->sm;
+    int max_ctx = served_max_context(sm);
+    uint64_t seed = fresh_seed(c->d);
+    int per_prompt = c->r.kind == OAI_CHAT ? c->n_choices : c->r.n;
+    for (int i = 0; i < c->n_choices; i++) {
+        int p = i / per_prompt;
+        int n_prompt = n_ids[p];
+        struct gen_params gp;
+        completion_gen_params(&c->r, i, seed, max_ctx - n_prompt, &gp);
+        if (n_prompt == 0 || gp.max_tokens < 1 || n_prompt + gp.max_tokens > max_ctx) {
+            char msg[256];
+            if (n_prompt == 0) snprintf(msg, sizeof msg, "the prompt is empty");
+            else snprintf(msg, sizeof msg, "this model's maximum context length is %d tokens; the prompt has %d "
+                          "tokens and max_tokens asks for %d more", max_ctx, n_prompt, gp.max_tokens);
+            const char *param = n_prompt == 0 || n_prompt >= max_ctx ? (c->r.kind == OAI_CHAT ? "messages" : "prompt")
+                                                                     : "max_tokens";
+            http_respond_error(c->req, 400, "invalid_request_error", msg, param);
+            return -1;
+        }
+        struct sched_request_desc desc = {ids[p], n_prompt, gp, {bridge_on_token, bridge_on_done}, &c->slots[i]};
+        enum sched_error e = sched_submit(sm->sched, &desc, &c->slots[i].sched_id);
+        if (e != SCHED_OK) {
+            int status = e == SCHED_QUEUE_FULL ? 429 : e == SCHED_TOO_LONG ? 400 : 503;
+            if (status != 400) http_add_header(c->req, "Retry-After", "1");
+            http_respond_error(c->req, status, status == 400 ? "invalid_request_error" : "unavailable_error",
+                               sched_error_message(e), status == 400 ? "max_tokens" : NULL);
+            return -1;
+        }
+        c->slots[i].submitted = true;
+    }
+    return 0;
+}
+
+/* Streaming: the head goes out at once, and for chat the role delta too. */
+static void start_stream(struct completion *c) {
+    http_add_header(c->req, "Cache-Control", "no-cache");
+    http_add_header(c->req, "X-Accel-Buffering", "no");
+    http_stream_start(c->req, 200, "text/event-stream");
+    if (c->r.kind != OAI_CHAT) return;
+    for (int i = 0; i < c->n_choices; i++) {
+        size_t len = 0;
+        char *events = oai_stream_chunk(&c->meta, &c->choices[i], &len);
+        stream_send(c, events, len);
+    }
+}
+
+void completion_submit(struct completion *c, int32_t *const *ids, const int *n_ids) {
+    int n_prompts = c->r.kind == OAI_CHAT ? 1 : c->r.n_prompts;
+    for (int p = 0; p < n_prompts; p++) c->prompt_tokens += n_ids[p];
+    if (submit_choices(c, ids, n_ids)) {
+        request_completed(c);   /* answered by submit_choices */
+        completion_cancel(c);
+        /* Choices never submitted count as done. */
+        for (int i = 0; i < c->n_choices; i++)
+            if (!c->slots[i].submitted) { c->slots[i].done = true; c->n_done++; }
+        settle(c);
+        return;
+    }
+    c->state = COMPLETION_RUNNING;
+    struct http_request *req = c->req;
+    if (c->streaming) start_stream(c);
+    if (http_request_on_abort(req, on_client_gone, c) == HTTP_ERR_GONE) on_client_gone(req, c);
+}
