@@ -49,6 +49,12 @@ struct model_run {
     float *xp;                 /* [B][widest] permuted activation (packed models) */
     int8_t *aq;                /* [B][widest] its int8 codes */
     float *as;                 /* [B][widest/64] its group scales */
+    unsigned forms_ready;      /* 1 << enum ebb_act_form: the forms r->ax is in now */
+    struct native_form {       /* r->ax quantized for the GGUF types (EBB_ACT_Q8B32, Q8K) */
+        int8_t *q;             /* [B][widest] codes */
+        float *d;              /* [B][widest/32] scales */
+        int16_t *sums;         /* [B][widest/16] code sums */
+    } b32, k256;
     int head_rows_cap;
 };
 
@@ -58,6 +64,7 @@ void model_run_free(struct model_run *r) {
     free(r->gate); free(r->up); free(r->scores); free(r->rope_cos); free(r->rope_sin);
     free(r->tok_kv); free(r->tok_pos); free(r->tok_id); free(r->blocks); free(r->logits);
     free(r->xp); free(r->aq); free(r->as);
+    free(r->b32.q); free(r->b32.d); free(r->b32.sums); free(r->k256.q); free(r->k256.d); free(r->k256.sums);
     if (r->pool) ebb_pool_destroy(r->pool);
     free(r);
 }
@@ -90,7 +97,15 @@ struct model_run *model_run_new(const struct model *m, int n_threads) {
     r->xp = malloc(B * act_w * sizeof(float));
     r->aq = malloc(B * act_w);
     r->as = malloc(B * (act_w / 64 + 1) * sizeof(float));
-    if (!r->pool || !r->xp || !r->aq || !r->as || !r->x || !r->xb || !r->xb2 || !r->q || !r->k || !r->v ||
+    struct native_form *forms[2] = {&r->b32, &r->k256};
+    int forms_ok = 1;
+    for (int f = 0; f < 2; f++) {
+        forms[f]->q = malloc(B * act_w);
+        forms[f]->d = malloc(B * (act_w / 32 + 1) * sizeof(float));
+        forms[f]->sums = malloc(B * (act_w / 16 + 1) * sizeof(int16_t));
+        forms_ok &= forms[f]->q && forms[f]->d && forms[f]->sums;
+    }
+    if (!forms_ok || !r->pool || !r->xp || !r->aq || !r->as || !r->x || !r->xb || !r->xb2 || !r->q || !r->k || !r->v ||
         !r->att || !r->gate || !r->up || !r->rope_cos || !r->rope_sin || !r->tok_kv || !r->tok_pos || !r->tok_id ||
         !r->blocks) {
         model_run_free(r);
@@ -318,6 +333,7 @@ static void act_prepare(struct model_run *r, const struct layer_weights *w, enum
                         int n_tok, int n) {
     const struct model *m = r->m;
     if (r->capture) r->capture(r->capture_ud, (int)(w - m->layers), p, x, n_tok, n);
+    r->forms_ready = 1u << EBB_ACT_F32;
     if (!m->act_bits) {
         r->ax = x;
         return;
@@ -325,13 +341,41 @@ static void act_prepare(struct model_run *r, const struct layer_weights *w, enum
     struct token_job j = {.r = r, .w = w, .step = STEP_ACT, .n_tok = n_tok, .point = p, .x = x, .n = n};
     for_tokens(&j);
     r->ax = r->xp;
+    if (m->act_bits != 16) r->forms_ready |= 1u << EBB_ACT_Q8G64;
+}
+
+/* Quantizes the prepared activation (n_tok rows of n) into a GGUF type's
+ * form, once per activation point whatever the number of matrices that
+ * read it. */
+static void native_form(struct model_run *r, enum ebb_act_form form, int n_tok, int n) {
+    const struct ebb_backend *be = r->m->be;
+    struct native_form *f = form == EBB_ACT_Q8K ? &r->k256 : &r->b32;
+    const int per_d = form == EBB_ACT_Q8K ? 256 : 32, per_sum = form == EBB_ACT_Q8K ? 16 : 32;
+    for (int t = 0; t < n_tok; t++) {
+        const size_t at = (size_t)t * n;
+        if (form == EBB_ACT_Q8K) be->quantize_q8k(r->ax + at, n, f->q + at, f->d + at / per_d, f->sums + at / per_sum);
+        else be->quantize_q8b32(r->ax + at, n, f->q + at, f->d + at / per_d, f->sums + at / per_sum);
+    }
+    r->forms_ready |= 1u << form;
 }
 
 /* out = the prepared activation times w: the op table's product for w's
  * storage type, reading the activation form that type names
  * (kernels/formats.h). */
 static void linear(struct model_run *r, float *out, const struct matrix *w, int n_tok) {
-    const struct ebb_act x = {.f = r->ax, .q = r->aq, .s = r->as};
+    const enum ebb_act_form form = ebb_type_info(w->type)->act;
+    struct ebb_act x = {.f = r->ax, .q = r->aq, .s = r->as};
+    if (form == EBB_ACT_Q8G64 && !(r->forms_ready & 1u << form)) {
+        /* a plain file's Q8_0 matrix: every group at 8 bits (packed files
+         * quantize their points eagerly, with their 8-bit group counts) */
+        r->m->be->quantize_act(r->ax, n_tok, w->n_in, w->n_in / EBB_ACT_GROUP, r->aq, r->as);
+        r->forms_ready |= 1u << form;
+    }
+    if (form == EBB_ACT_Q8B32 || form == EBB_ACT_Q8K) {
+        if (!(r->forms_ready & 1u << form)) native_form(r, form, n_tok, w->n_in);
+        const struct native_form *f = form == EBB_ACT_Q8K ? &r->k256 : &r->b32;
+        x = (struct ebb_act){.q = f->q, .s = f->d, .sums = f->sums};
+    }
     r->m->be->matmul[w->type](r->pool, out, &x, w->data, n_tok, w->n_in, w->n_out);
 }
 
@@ -420,8 +464,12 @@ static void forward_head(struct model_run *r, struct batch_seq *seqs, int n_seqs
     /* An integer head reads every activation group at 8 bits; a W4G64 head
      * reads its input rotated. */
     if (m->hadamard_head) be->hadamard64(r->xb, rows * E);
-    if (ebb_type_info(m->output.type)->act == EBB_ACT_Q8G64) be->quantize_act(r->xb, rows, E, E / EBB_ACT_GROUP, r->aq, r->as);
     r->ax = r->xb;
+    r->forms_ready = 1u << EBB_ACT_F32;
+    if (ebb_type_info(m->output.type)->act == EBB_ACT_Q8G64) {
+        be->quantize_act(r->xb, rows, E, E / EBB_ACT_GROUP, r->aq, r->as);
+        r->forms_ready |= 1u << EBB_ACT_Q8G64;
+    }
     /* A single sequence writes straight into its buffer. */
     float *out = n_seqs == 1 ? seqs[0].logits : r->logits;
     linear(r, out, &m->output, rows);

@@ -69,8 +69,16 @@ struct layer_weights {
     int n_hi[ACT_POINTS];             /* leading 8-bit activation groups */
 };
 
+/* How a plain GGUF's matrices are held: in the file's own types, used in
+ * place (the default: resident weights are the file's bytes), or
+ * dequantized to f32 copies (the reference the native path is measured
+ * against, and what the packer transforms). Packed files are the same
+ * either way. */
+enum model_weights { MODEL_WEIGHTS_NATIVE = 0, MODEL_WEIGHTS_F32 = 1 };
+
 struct model {
     struct model_config cfg;
+    enum model_weights weights;
     struct gguf_file file;
     struct ebb_tokenizer *tok;
     struct matrix embd;               /* token_embd: one row dequantized per lookup */
@@ -88,7 +96,7 @@ struct model {
 
 /* Loads a GGUF model, its tokenizer and weights. Returns 0, or -1 with
  * "PATH: problem" in err. */
-int model_load(struct model *m, const char *path, char *err, size_t errlen);
+int model_load(struct model *m, const char *path, enum model_weights weights, char *err, size_t errlen);
 void model_free(struct model *m);
 
 /* A caller's state for running a model: its worker pool (n_threads <= 0:

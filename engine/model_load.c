@@ -126,10 +126,20 @@ static float *load_tensor(struct model *m, const char *name, uint64_t ne0, uint6
     return dst;
 }
 
-/* A matrix as an f32 copy the model owns (dequantized when stored
- * otherwise). */
+/* A plain file's matrix: with native weights, used in place in the type
+ * the file stores it in when the backend has a product for that type;
+ * otherwise (MODEL_WEIGHTS_F32, or F16/BF16 which have no product) an f32
+ * copy the model owns. */
 static void load_matrix(struct model *m, struct matrix *w, const char *name, uint64_t n_in, uint64_t n_out,
                         int *failed, char *err, size_t errlen) {
+    const struct gguf_tensor *t = *failed ? NULL : gguf_find_tensor(&m->file, name);
+    if (t && m->weights == MODEL_WEIGHTS_NATIVE && !m->act_bits && t->type < EBB_TYPE_COUNT_ &&
+        m->be->matmul[t->type] && (ebb_type_info(t->type)->act != EBB_ACT_Q8G64 || n_in % EBB_ACT_GROUP == 0) &&
+        t->ne[0] == n_in && t->ne[1] == n_out && t->ne[2] == 1 && t->ne[3] == 1) {
+        m->weight_bytes += t->nbytes;
+        *w = (struct matrix){(enum ebb_type)t->type, t->data, (int)n_in, (int)n_out, NULL};
+        return;
+    }
     float *rows = load_tensor(m, name, n_in, n_out, 0, failed, err, errlen);
     if (rows) *w = (struct matrix){EBB_TYPE_F32, rows, (int)n_in, (int)n_out, rows};
 }
@@ -310,8 +320,10 @@ static int load_weights(struct model *m, char *err, size_t errlen) {
     return 0;
 }
 
-int model_load(struct model *m, const char *path, char *err, size_t errlen) {
+int model_load(struct model *m, const char *path, enum model_weights weights, char *err, size_t errlen) {
     memset(m, 0, sizeof *m);
+    m->weights = weights;
+    m->be = ebb_backend_cpu();
     if (gguf_open(&m->file, path, err, errlen)) return -1;
     if (read_config(m, err, errlen) || read_packing(m, err, errlen)) goto fail;
     m->tok = tokenizer_load(&m->file, err, errlen);
@@ -322,7 +334,6 @@ int model_load(struct model *m, const char *path, char *err, size_t errlen) {
                    tokenizer_n_vocab(m->tok), m->cfg.n_vocab);
         goto fail;
     }
-    m->be = ebb_backend_cpu();
     return 0;
 fail:
     model_free(m);

@@ -38,13 +38,16 @@ void ebb_pool_run(struct ebb_pool *pool, ebb_task_fn fn, void *arg, int n);
  * ignored. n_tok rows of n_in channels, row-major:
  *   EBB_ACT_F32    f: the floats;
  *   EBB_ACT_Q8G64  q: int8 codes, s: one f32 scale per 64 channels
- *                  (quantize_act's output; n_in % 64 == 0).
- * A later form (8-bit codes per block of 32 with the blocks' code sums, for
- * ggml's quantized types) adds its fields here. */
+ *                  (quantize_act's output; n_in % 64 == 0);
+ *   EBB_ACT_Q8B32  q: int8 codes, s: one f32 scale per 32 channels, sums: the
+ *                  code sum of each 32 (quantize_q8b32's output);
+ *   EBB_ACT_Q8K    q: int8 codes, s: one f32 scale per 256 channels, sums: the
+ *                  code sum of each 16 (quantize_q8k's output). */
 struct ebb_act {
     const float *f;
     const int8_t *q;
     const float *s;
+    const int16_t *sums;
 };
 
 /* out[t*n_out + o] = the product of token t's activations x with weight row
@@ -77,6 +80,10 @@ struct ebb_backend {
      *   of 32 with an f16 scale; the output head and other 8-bit matrices):
      *   one fmaf per 32-value block, s of the 64-channel group holding it.
      *
+     * [EBB_TYPE_Q4_0, Q4_1, Q5_0, Q5_1] read EBB_ACT_Q8B32 and [EBB_TYPE_Q2_K
+     *   .. Q6_K] EBB_ACT_Q8K: GGUF's own blocks as the file stores them, with
+     *   the float steps of kernels/cpu/native.h (exact on every path).
+     *
      * In every entry an output depends only on its own token and row (never
      * on n_tok, the split or the tile it lands in): batch invariance. */
     ebb_matmul_fn matmul[EBB_TYPE_COUNT_];
@@ -98,6 +105,12 @@ struct ebb_backend {
      * Rounds to nearest, ties away from zero; an all-zero group gets scale 0.
      * Exact: every path gives the same codes and scales. */
     void (*quantize_act)(const float *x, int n_tok, int n, int n_hi, int8_t *q, float *s);
+    /* One token's n floats to EBB_ACT_Q8B32 (n % 32 == 0) or EBB_ACT_Q8K
+     * (n % 256 == 0): codes q[n], scales d[n/32 or n/256], sums[n/32 or
+     * n/16]; scale amax / 127, codes roundf(x * 127 / amax). Exact on every
+     * path. */
+    void (*quantize_q8b32)(const float *x, int n, int8_t *q, float *d, int16_t *sums);
+    void (*quantize_q8k)(const float *x, int n, int8_t *q, float *d, int16_t *sums);
 
     /* In place, every consecutive block of 64 values of n (n % 64 == 0) times
      * the 64x64 Walsh-Hadamard matrix scaled by 1/8 (orthonormal, its own

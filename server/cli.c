@@ -113,13 +113,24 @@ int cli_parse_ids(const char *cmd, const char *text, int32_t **ids) {
     return (int)n;
 }
 
-struct model_run *cli_load_model(const char *cmd, struct model *m, const char *path, int n_threads) {
+int cli_weights(const char *cmd, const char *value, enum model_weights *out) {
+    if (!strcmp(value, "native")) *out = MODEL_WEIGHTS_NATIVE;
+    else if (!strcmp(value, "f32")) *out = MODEL_WEIGHTS_F32;
+    else {
+        fprintf(stderr, "ebb %s: --weights must be native or f32, not '%s'\n", cmd, value);
+        return 2;
+    }
+    return 0;
+}
+
+struct model_run *cli_load_model(const char *cmd, struct model *m, const char *path, enum model_weights weights,
+                                 int n_threads) {
     char err[512];
     if (!path) {
         fprintf(stderr, "ebb %s: -m MODEL is required\n", cmd);
         return NULL;
     }
-    if (model_load(m, path, err, sizeof err)) {
+    if (model_load(m, path, weights, err, sizeof err)) {
         fprintf(stderr, "ebb %s: %s\n", cmd, err);
         return NULL;
     }

@@ -7,6 +7,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "engine/model.h"
+
 struct model;
 
 int cmd_generate(int argc, char **argv);
@@ -35,5 +37,9 @@ int cli_parse_ids(const char *cmd, const char *text, int32_t **ids);
 /* Loads a model and a run of it with n_threads workers (engine/model.h),
  * or prints why not and returns NULL. The caller frees the run, then the
  * model. */
-struct model_run *cli_load_model(const char *cmd, struct model *m, const char *path, int n_threads);
+struct model_run *cli_load_model(const char *cmd, struct model *m, const char *path, enum model_weights weights,
+                                 int n_threads);
+
+/* --weights native|f32 (engine/model.h); 0, or 2 after printing why not. */
+int cli_weights(const char *cmd, const char *value, enum model_weights *out);
 #endif

@@ -30,7 +30,8 @@ static void bench_usage(FILE *out) {
         "  -p N   prefill tokens (default 512; 0 skips)\n"
         "  -n N   decode tokens (default 128; 0 skips)\n"
         "  -r R   repetitions (default 3)\n"
-        "  --kv-bits N   KV cache precision: 32 (default), 16, 8 or 4\n");
+        "  --kv-bits N   KV cache precision: 32 (default), 16, 8 or 4\n"
+        "  --weights W   native (default: the file's quantized types, used in place) or f32\n");
 }
 
 /* Seconds for one run of the test; -1 on failure. */
@@ -128,6 +129,7 @@ static double copy_bandwidth(struct ebb_pool *pool) {
 int cmd_bench(int argc, char **argv) {
     const char *model_path = NULL;
     int n_prefill = 512, n_decode = 128, reps = 3, n_threads = 0, kv_bits = 32;
+    enum model_weights weights = MODEL_WEIGHTS_NATIVE;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v;
         if (!strcmp(a, "--help") || !strcmp(a, "-h")) { bench_usage(stdout); return 0; }
@@ -137,11 +139,12 @@ int cmd_bench(int argc, char **argv) {
         else if (!strcmp(a, "-n")) { if (cli_int("bench", a, v, 0, 1 << 16, &n_decode)) return 2; }
         else if (!strcmp(a, "-r")) { if (cli_int("bench", a, v, 1, 1000, &reps)) return 2; }
         else if (!strcmp(a, "-t")) { if (cli_int("bench", a, v, 1, 1024, &n_threads)) return 2; }
+        else if (!strcmp(a, "--weights")) { if (cli_weights("bench", v, &weights)) return 2; }
         else if (!strcmp(a, "--kv-bits")) { if (cli_int("bench", a, v, 4, 32, &kv_bits)) return 2; }
         else { fprintf(stderr, "ebb bench: unknown option '%s'\n", a); bench_usage(stderr); return 2; }
     }
     struct model m;
-    struct model_run *run = cli_load_model("bench", &m, model_path, n_threads);
+    struct model_run *run = cli_load_model("bench", &m, model_path, weights, n_threads);
     if (!run) return 1;
     if (n_prefill > m.cfg.n_ctx_train || n_decode > m.cfg.n_ctx_train) {
         fprintf(stderr, "ebb bench: test longer than the model's context (%d)\n", m.cfg.n_ctx_train);

@@ -30,6 +30,7 @@ static void generate_usage(FILE *out) {
         "  --stop TEXT         stop string (repeatable, up to %d)\n"
         "  -t THREADS          worker threads (default: one per core)\n"
         "  --kv-bits N         KV cache precision: 32 (default), 16, 8 or 4\n"
+        "  --weights W         native (default: the file's types, used in place) or f32\n"
         "  --print-ids         print generated token ids instead of text\n", MAX_STOPS);
 }
 
@@ -81,6 +82,7 @@ int cmd_generate(int argc, char **argv) {
     struct gen_params gp = {.max_tokens = 128};
     sampler_params_default(&gp.sampling);
     int n_threads = 0;
+    enum model_weights weights = MODEL_WEIGHTS_NATIVE;
     struct print_state ps = {0, 0};
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v;
@@ -99,6 +101,7 @@ int cmd_generate(int argc, char **argv) {
         else if (!strcmp(a, "--repeat-penalty")) { VALUE(); if (cli_float("generate", a, v, 0.01, 100, &gp.sampling.repeat_penalty)) return 2; }
         else if (!strcmp(a, "--seed")) { VALUE(); if (cli_u64("generate", a, v, &gp.sampling.seed)) return 2; }
         else if (!strcmp(a, "-t")) { VALUE(); if (cli_int("generate", a, v, 1, 1024, &n_threads)) return 2; }
+        else if (!strcmp(a, "--weights")) { VALUE(); if (cli_weights("generate", v, &weights)) return 2; }
         else if (!strcmp(a, "--kv-bits")) { VALUE(); if (cli_int("generate", a, v, 4, 32, &gp.kv_bits)) return 2; }
         else if (!strcmp(a, "--stop")) {
             VALUE();
@@ -115,7 +118,7 @@ int cmd_generate(int argc, char **argv) {
     }
     gp.stops = stops;
     struct model m;
-    struct model_run *run = cli_load_model("generate", &m, model_path, n_threads);
+    struct model_run *run = cli_load_model("generate", &m, model_path, weights, n_threads);
     if (!run) return 1;
     int32_t *ids = NULL;
     int n = build_prompt(&m, prompt, chat, system, ids_file, &ids);
@@ -144,16 +147,19 @@ int cmd_generate(int argc, char **argv) {
 int cmd_logits(int argc, char **argv) {
     const char *model_path = NULL, *ids_file = NULL, *out_path = NULL;
     int all = 0, n_threads = 0;
+    enum model_weights weights = MODEL_WEIGHTS_NATIVE;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v;
         if (!strcmp(a, "--help") || !strcmp(a, "-h")) {
-            printf("usage: ebb logits -m MODEL --ids-file FILE -o OUT [--all] [-t THREADS]\n"
+            printf("usage: ebb logits -m MODEL --ids-file FILE -o OUT [--all] [-t THREADS] [--weights native|f32]\n"
                    "  writes float32 logits of the last position ([n_vocab]) or, with --all,\n"
                    "  of every position ([n_tokens][n_vocab]) to OUT\n");
             return 0;
         }
-        if (!strcmp(a, "-m") || !strcmp(a, "--ids-file") || !strcmp(a, "-o") || !strcmp(a, "-t")) {
+        if (!strcmp(a, "-m") || !strcmp(a, "--ids-file") || !strcmp(a, "-o") || !strcmp(a, "-t") ||
+            !strcmp(a, "--weights")) {
             if (!(v = cli_value("logits", argc, argv, &i))) return 2;
+            if (!strcmp(a, "--weights")) { if (cli_weights("logits", v, &weights)) return 2; continue; }
             if (a[1] == 'm') model_path = v;
             else if (a[1] == 'o') out_path = v;
             else if (a[1] == 't') { if (cli_int("logits", a, v, 1, 1024, &n_threads)) return 2; }
@@ -180,7 +186,7 @@ int cmd_logits(int argc, char **argv) {
         return 1;
     }
     struct model m;
-    struct model_run *run = cli_load_model("logits", &m, model_path, n_threads);
+    struct model_run *run = cli_load_model("logits", &m, model_path, weights, n_threads);
     if (!run) { free(ids); return 1; }
     int rc = 1;
     struct kv_cache kv;

@@ -91,7 +91,7 @@ static int measure_variant(const struct pack_options *o, const struct eval_optio
     if (!text) return -1;
     struct model m;
     char err[512];
-    if (model_load(&m, o->out_path, err, sizeof err)) {
+    if (model_load(&m, o->out_path, MODEL_WEIGHTS_NATIVE, err, sizeof err)) {
         fprintf(stderr, "ebb pack: cannot load the packed file back: %s\n", err);
         free(text);
         return -1;

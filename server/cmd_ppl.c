@@ -14,7 +14,8 @@ static void ppl_usage(FILE *out) {
         "usage: ebb ppl -m MODEL -f FILE [--ctx N] [--chunks K] [--kv-bits N] [-t THREADS]\n"
         "  --ctx N      window size in tokens (default 512); the second half of each is scored\n"
         "  --chunks K   evaluate at most K windows (default: all)\n"
-        "  --kv-bits N  KV cache precision: 32 (default), 16, 8 or 4\n");
+        "  --kv-bits N  KV cache precision: 32 (default), 16, 8 or 4\n"
+        "  --weights W  native (default: the file's quantized types, used in place) or f32\n");
 }
 
 struct ppl_progress_state {
@@ -36,6 +37,7 @@ static void print_progress(void *ud, int done, int total, const struct ppl_resul
 int cmd_ppl(int argc, char **argv) {
     const char *model_path = NULL, *file = NULL;
     int n_ctx = 512, max_chunks = 0, n_threads = 0, kv_bits = 32;
+    enum model_weights weights = MODEL_WEIGHTS_NATIVE;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v;
         if (!strcmp(a, "--help") || !strcmp(a, "-h")) { ppl_usage(stdout); return 0; }
@@ -45,6 +47,7 @@ int cmd_ppl(int argc, char **argv) {
         else if (!strcmp(a, "--ctx")) { if (cli_int("ppl", a, v, 8, 1 << 20, &n_ctx)) return 2; }
         else if (!strcmp(a, "--chunks")) { if (cli_int("ppl", a, v, 1, 1 << 30, &max_chunks)) return 2; }
         else if (!strcmp(a, "-t")) { if (cli_int("ppl", a, v, 1, 1024, &n_threads)) return 2; }
+        else if (!strcmp(a, "--weights")) { if (cli_weights("ppl", v, &weights)) return 2; }
         else if (!strcmp(a, "--kv-bits")) { if (cli_int("ppl", a, v, 4, 32, &kv_bits)) return 2; }
         else { fprintf(stderr, "ebb ppl: unknown option '%s'\n", a); ppl_usage(stderr); return 2; }
     }
@@ -53,7 +56,7 @@ int cmd_ppl(int argc, char **argv) {
     char *text = cli_read_file("ppl", file, &len);
     if (!text) return 1;
     struct model m;
-    struct model_run *run = cli_load_model("ppl", &m, model_path, n_threads);
+    struct model_run *run = cli_load_model("ppl", &m, model_path, weights, n_threads);
     if (!run) { free(text); return 1; }
     struct ppl_progress_state st = {n_ctx};
     struct ppl_result r;

@@ -20,6 +20,7 @@
  * the calling thread, where waking workers would cost more than it saves.
  */
 #include "kernels/cpu/ops.h"
+#include "kernels/cpu/native.h"
 
 #include <pthread.h>
 #include <stdio.h>
@@ -126,7 +127,18 @@ void ebb_cpu_matmul_drive(struct ebb_pool *pool, enum ebb_type type, matmul_bloc
         [EBB_TYPE_F32] = ebb_cpu_matmul_f32_##own, \
         [EBB_TYPE_W4G64] = ebb_cpu_matmul_w4g64_##own, \
         [EBB_TYPE_Q8_0] = ebb_cpu_matmul_q8_0_##own, \
+        [EBB_TYPE_Q4_0] = ebb_cpu_matmul_q4_0_##own, \
+        [EBB_TYPE_Q4_1] = ebb_cpu_matmul_q4_1_##own, \
+        [EBB_TYPE_Q5_0] = ebb_cpu_matmul_q5_0_##own, \
+        [EBB_TYPE_Q5_1] = ebb_cpu_matmul_q5_1_##own, \
+        [EBB_TYPE_Q2_K] = ebb_cpu_matmul_q2_k_##own, \
+        [EBB_TYPE_Q3_K] = ebb_cpu_matmul_q3_k_##own, \
+        [EBB_TYPE_Q4_K] = ebb_cpu_matmul_q4_k_##own, \
+        [EBB_TYPE_Q5_K] = ebb_cpu_matmul_q5_k_##own, \
+        [EBB_TYPE_Q6_K] = ebb_cpu_matmul_q6_k_##own, \
     }, \
+    .quantize_q8b32 = ebb_native_quantize_q8b32_##own, \
+    .quantize_q8k = ebb_native_quantize_q8k_##own, \
     .rmsnorm_f32 = ebb_cpu_rmsnorm_##own, \
     .softmax_f32 = ebb_cpu_softmax_##own, \
     .swiglu_f32 = ebb_cpu_swiglu_##own, \

@@ -108,6 +108,22 @@ EBB_CPU_OWN_OPS(scalar)
 EBB_CPU_OWN_OPS(avx2)
 EBB_CPU_OWN_OPS(avx512)
 
+/* The native GGUF types' table entries of each path (native_table.c, over
+ * the rectangles of native_<isa>.c). */
+#define EBB_CPU_NATIVE_OPS(isa) \
+    void ebb_cpu_matmul_q4_0_##isa(struct ebb_pool *, float *, const struct ebb_act *, const void *, int, int, int); \
+    void ebb_cpu_matmul_q4_1_##isa(struct ebb_pool *, float *, const struct ebb_act *, const void *, int, int, int); \
+    void ebb_cpu_matmul_q5_0_##isa(struct ebb_pool *, float *, const struct ebb_act *, const void *, int, int, int); \
+    void ebb_cpu_matmul_q5_1_##isa(struct ebb_pool *, float *, const struct ebb_act *, const void *, int, int, int); \
+    void ebb_cpu_matmul_q2_k_##isa(struct ebb_pool *, float *, const struct ebb_act *, const void *, int, int, int); \
+    void ebb_cpu_matmul_q3_k_##isa(struct ebb_pool *, float *, const struct ebb_act *, const void *, int, int, int); \
+    void ebb_cpu_matmul_q4_k_##isa(struct ebb_pool *, float *, const struct ebb_act *, const void *, int, int, int); \
+    void ebb_cpu_matmul_q5_k_##isa(struct ebb_pool *, float *, const struct ebb_act *, const void *, int, int, int); \
+    void ebb_cpu_matmul_q6_k_##isa(struct ebb_pool *, float *, const struct ebb_act *, const void *, int, int, int);
+EBB_CPU_NATIVE_OPS(scalar)
+EBB_CPU_NATIVE_OPS(avx2)
+EBB_CPU_NATIVE_OPS(avx512)
+
 /* The ops AVX-512 takes from AVX2 (backend_cpu.c says why): activation
  * quantization and the Hadamard (quant_<isa>.c), attention and KV rows
  * (kvq_ops_<isa>.c). */

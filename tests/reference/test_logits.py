@@ -93,10 +93,13 @@ def run_ebb(args, timeout=300):
     return r.stdout
 
 
-def ebb_logits(ebb, tmp_path, ids, n_vocab, all_positions=True):
+def ebb_logits(ebb, tmp_path, ids, n_vocab, all_positions=True, weights="f32"):
+    """ebb's logits; by default with the weights dequantized to f32, the computation the
+    reference does (the native path, 8-bit activations against the file's blocks, has its
+    own looser check below)."""
     out = tmp_path / "logits.f32"
     args = [ebb, "logits", "-m", EBB_MODEL, "--ids-file", str(write_ids(tmp_path, ids)),
-            "-o", str(out)]
+            "-o", str(out), "--weights", weights]
     if all_positions:
         args.append("--all")
     run_ebb(args)
@@ -178,6 +181,23 @@ def test_long_prose(model, tok, ebb, tmp_path):
     compare("long", got, reference.logits(model, ids))
 
 
+def test_native_weights_track_the_reference(model, tok, ebb, tmp_path):
+    """The default path uses the Q4_1 blocks in place and quantizes activations to 8 bits per
+    block of 32, so its logits differ from the f32 reference by that rounding: a few percent
+    of the logits' range, and the best token almost always the same. A misread block layout
+    or scale is off by the whole range (checked: a wrong nibble order gives noise)."""
+    text = Path(LONG_TEXT_FILE).read_text()
+    ids = tok.encode(text).ids[:LONG_TOKENS]
+    got = ebb_logits(ebb, tmp_path, ids, model.n_vocab, weights="native")
+    want = reference.logits(model, ids)
+    assert np.all(np.isfinite(got))
+    rel = np.abs(got - want).max(axis=1) / np.abs(want).max(axis=1)
+    top1 = float(np.mean(got.argmax(axis=1) == want.argmax(axis=1)))
+    print(f"\n[native] positions={len(ids)} max_rel={rel.max():.3f} mean_rel={rel.mean():.3f} top1={top1:.3f}")
+    assert rel.mean() < 0.05 and rel.max() < 0.15, f"native logits: relative error {rel.mean():.3f} / {rel.max():.3f}"
+    assert top1 >= 0.95, f"native logits: top-1 agrees at {top1:.1%} of positions"
+
+
 # --------------------------------------------------------------------------------------------
 # Greedy generation
 # --------------------------------------------------------------------------------------------
@@ -207,7 +227,7 @@ def test_greedy_generation(model, tok, ebb, tmp_path, name, prompt):
     stop = control_ids(model)
     want, gaps = reference_greedy(model, ids, GREEDY_TOKENS, stop)
     out = run_ebb([ebb, "generate", "-m", EBB_MODEL, "--ids-file", str(write_ids(tmp_path, ids)),
-                   "-n", str(GREEDY_TOKENS), "--temp", "0", "--print-ids"])
+                   "-n", str(GREEDY_TOKENS), "--temp", "0", "--print-ids", "--weights", "f32"])
     got = [int(s) for s in out.split()]
     # ebb may leave out the end-of-turn token it stopped at; the reference includes it.
     if len(got) == len(want) - 1 and want[-1] in stop:

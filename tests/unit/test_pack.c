@@ -515,15 +515,15 @@ static void compare_logits(struct model *a, struct model *b, const char *what) {
 static void test_rotation_equivalence(void) {
     struct model a, b;
     char err[512];
-    if (model_load(&a, model_file, err, sizeof err)) { CHECK_MSG(0, "%s", err); return; }
-    if (model_load(&b, model_file, err, sizeof err)) { CHECK_MSG(0, "%s", err); model_free(&a); return; }
+    if (model_load(&a, model_file, MODEL_WEIGHTS_F32, err, sizeof err)) { CHECK_MSG(0, "%s", err); return; }
+    if (model_load(&b, model_file, MODEL_WEIGHTS_F32, err, sizeof err)) { CHECK_MSG(0, "%s", err); model_free(&a); return; }
     CHECK_MSG(pack_rotate_model(&b, NULL, err, sizeof err) == 0, "%s", err);
     CHECK(b.output.data == b.embd.data && b.hadamard_norm_out == 1 && b.hadamard_ffn_down == 1);
     compare_logits(&a, &b, "rotation");
     model_free(&b);
 
     /* With a permutation of every SwiGLU output folded in before rotating. */
-    if (model_load(&b, model_file, err, sizeof err)) { CHECK_MSG(0, "%s", err); model_free(&a); return; }
+    if (model_load(&b, model_file, MODEL_WEIGHTS_F32, err, sizeof err)) { CHECK_MSG(0, "%s", err); model_free(&a); return; }
     srand(5);
     int32_t **pf = malloc(sizeof(int32_t *) * b.cfg.n_layer);
     for (int l = 0; l < b.cfg.n_layer; l++) {
@@ -771,7 +771,7 @@ static void test_pack_end_to_end(void) {
     CHECK(hi <= all / 5);
 
     struct model ref, fq;
-    if (model_load(&ref, model_file, err, sizeof err) || model_load(&fq, model_file, err, sizeof err)) {
+    if (model_load(&ref, model_file, MODEL_WEIGHTS_F32, err, sizeof err) || model_load(&fq, model_file, MODEL_WEIGHTS_F32, err, sizeof err)) {
         CHECK_MSG(0, "%s", err);
         pack_result_free(&r);
         return;
@@ -815,7 +815,7 @@ static void test_pack_end_to_end(void) {
          * it must agree with the simulation above. */
         struct model eng;
         struct model_run *eng_run = NULL;
-        if (model_load(&eng, out, err, sizeof err) == 0 && (eng_run = model_run_new(&eng, 2))) {
+        if (model_load(&eng, out, MODEL_WEIGHTS_NATIVE, err, sizeof err) == 0 && (eng_run = model_run_new(&eng, 2))) {
             double top1_e, top1_e4;
             double nll_e = mean_nll(eng_run, 32, ids, n_win, ctx, ref_top, NULL, &top1_e);
             double nll_e4 = mean_nll(eng_run, 4, ids, n_win, ctx, ref_top, NULL, &top1_e4);
@@ -880,7 +880,7 @@ static void test_w4a16_head4(void) {
     if (pack_run(&o, &r4, err, sizeof err)) { CHECK_MSG(0, "pack_run: %s", err); unlink(out8); return; }
     pack_result_free(&r4);
     struct model m8, m4;
-    if (model_load(&m8, out8, err, sizeof err) || model_load(&m4, out4, err, sizeof err)) {
+    if (model_load(&m8, out8, MODEL_WEIGHTS_NATIVE, err, sizeof err) || model_load(&m4, out4, MODEL_WEIGHTS_NATIVE, err, sizeof err)) {
         CHECK_MSG(0, "%s", err);
         return;
     }

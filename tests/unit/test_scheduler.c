@@ -246,7 +246,7 @@ int main(void) {
     char path[1024], err[512];
     snprintf(path, sizeof path, "%s/models/SmolLM2-135M-Instruct.Q4_1.gguf", dir ? dir : ".");
     struct model m;
-    if (model_load(&m, path, err, sizeof err)) {
+    if (model_load(&m, path, MODEL_WEIGHTS_NATIVE, err, sizeof err)) {
         fprintf(stderr, "cannot load the default model: %s (run scripts/setup)\n", err);
         return 1;
     }

@@ -430,7 +430,7 @@ int pack_run(const struct pack_options *o, struct pack_result *r, char *err, siz
 
     struct model m;
     char lerr[512];
-    if (model_load(&m, o->model_path, lerr, sizeof lerr)) {
+    if (model_load(&m, o->model_path, MODEL_WEIGHTS_F32, lerr, sizeof lerr)) {
         snprintf(err, errlen, "%s", lerr);
         return -1;
     }

@@ -1,0 +1,38 @@
+/* The native GGUF types as op-table entries: each path's rectangles
+ * (native_scalar.c, native_avx2.c, native_avx512.c) behind the one matmul
+ * driver of backend_cpu.c.
+ *
+ * Built without instruction-set flags: it only adapts the driver's
+ * rectangle arguments to native.h's and calls the path's rectangle, which
+ * lives in its own translation unit. Rows are handed out in multiples of 8
+ * (the decode tile's height, so no tile computes rows it then drops) and
+ * tokens in multiples of 4 (the prefill tiles' widths).
+ */
+#include "kernels/cpu/native.h"
+#include "kernels/cpu/ops.h"
+
+#define NATIVE_ENTRY(type, TYPE, isa) \
+    static void block_##type##_##isa(const struct matmul_args *a, int t0, int t1, int o0, int o1) \
+    { \
+        const struct ebb_native_matmul_args n = {a->out, a->x.q, a->x.s, a->x.sums, a->w, a->row_bytes, \
+                                                 a->n_tok, a->n_in, a->n_out}; \
+        ebb_native_block_##type##_##isa(&n, t0, t1, o0, o1); \
+    } \
+    EBB_CPU_MATMUL(ebb_cpu_matmul_##type##_##isa, TYPE, block_##type##_##isa, 8, 4)
+
+#define NATIVE_PATH(isa) \
+    NATIVE_ENTRY(q4_0, EBB_TYPE_Q4_0, isa) \
+    NATIVE_ENTRY(q4_1, EBB_TYPE_Q4_1, isa) \
+    NATIVE_ENTRY(q5_0, EBB_TYPE_Q5_0, isa) \
+    NATIVE_ENTRY(q5_1, EBB_TYPE_Q5_1, isa) \
+    NATIVE_ENTRY(q2_k, EBB_TYPE_Q2_K, isa) \
+    NATIVE_ENTRY(q3_k, EBB_TYPE_Q3_K, isa) \
+    NATIVE_ENTRY(q4_k, EBB_TYPE_Q4_K, isa) \
+    NATIVE_ENTRY(q5_k, EBB_TYPE_Q5_K, isa) \
+    NATIVE_ENTRY(q6_k, EBB_TYPE_Q6_K, isa)
+
+NATIVE_PATH(scalar)
+#if defined(__x86_64__) || defined(__i386__)
+NATIVE_PATH(avx2)
+NATIVE_PATH(avx512)
+#endif
