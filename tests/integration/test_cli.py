@@ -54,6 +54,10 @@ def test_unknown_command(ebb_bin):
     (["ppl", "-m", "x.gguf"], "-f FILE is required"),
     (["ppl", "-m", "x.gguf", "-f", "t", "--ctx", "4"], "--ctx expects"),
     (["bench", "-m", "x.gguf", "-r", "0"], "-r expects"),
+    (["generate", "-m", "x.gguf", "-p", "a", "--weights", "q4"], "--weights must be native or f32, not 'q4'"),
+    (["ppl", "-m", "x.gguf", "-f", "t", "--weights", ""], "--weights must be native or f32"),
+    (["bench", "-m", "x.gguf", "--weights", "F32"], "--weights must be native or f32"),
+    (["logits", "-m", "x.gguf", "--ids-file", "i", "-o", "o", "--weights", "int8"], "--weights must be native"),
 ])
 def test_bad_arguments(ebb_bin, args, needle):
     assert_clean_error(run_ebb(ebb_bin, *args), needle)
