@@ -55,25 +55,6 @@ static inline __attribute__((always_inline)) __m256i qx_dot_q8(__m256i aw, __m25
 
 /* ------------------------------------------------------- activation quant */
 
-/* v, opaque to the optimizer: stops a product from being fused into the
- * arithmetic that follows it. */
-ALWAYS_INLINE __m256 opaque(__m256 v)
-{
-    __asm__("" : "+x"(v));
-    return v;
-}
-
-/* round(v), halves away from zero, for any float v. */
-ALWAYS_INLINE __m256 round_half_away(__m256 v)
-{
-    const __m256 sign_bit = _mm256_set1_ps(-0.0f);
-    __m256 t = _mm256_round_ps(v, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
-    __m256 frac = _mm256_andnot_ps(sign_bit, _mm256_sub_ps(v, t));          /* exact */
-    __m256 step = _mm256_or_ps(_mm256_set1_ps(1.0f), _mm256_and_ps(v, sign_bit));
-    __m256 up = _mm256_cmp_ps(frac, _mm256_set1_ps(0.5f), _CMP_GE_OQ);
-    return _mm256_add_ps(t, _mm256_and_ps(up, step));
-}
-
 ALWAYS_INLINE void quantize_group(const float *x, float qmax, int8_t *q, float *s)
 {
     const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));

@@ -66,7 +66,7 @@
 #define QX_CAT(a, b) QX_CAT2(a, b)
 #define QX_FN(name) QX_CAT(name, QX_ISA)
 
-#define ALWAYS_INLINE static inline __attribute__((always_inline))
+#include "kernels/cpu/simd_x86.h"
 
 #define BLOCK_BYTES EBB_W4G64_BLOCK_BYTES   /* W4G64 (64 inputs) and Q8_0 (32 inputs) alike */
 _Static_assert(EBB_W4G64_BLOCK_BYTES == EBB_Q8_0_BLOCK_BYTES, "one block walk for both weight types");
@@ -118,17 +118,6 @@ static void fill_ctx(struct qctx *c, int kind, int te)
             c->corr[gl][t] = 0;
         }
     }
-}
-
-/* The 8 sums of 8 int32 vectors, as one vector: [sum p0, ..., sum p7]. */
-ALWAYS_INLINE __m256i reduce8(const __m256i p[8])
-{
-    __m256i h01 = _mm256_hadd_epi32(p[0], p[1]), h23 = _mm256_hadd_epi32(p[2], p[3]);
-    __m256i h45 = _mm256_hadd_epi32(p[4], p[5]), h67 = _mm256_hadd_epi32(p[6], p[7]);
-    __m256i lo4 = _mm256_hadd_epi32(h01, h23), hi4 = _mm256_hadd_epi32(h45, h67);
-    /* lo4 = [p0..p3 over lanes 0-3 | p0..p3 over lanes 4-7], hi4 likewise */
-    return _mm256_add_epi32(_mm256_permute2x128_si256(lo4, hi4, 0x20),
-                            _mm256_permute2x128_si256(lo4, hi4, 0x31));
 }
 
 #ifdef QX_W4_LANES_INT32
