@@ -512,6 +512,21 @@ const struct ebb_type_info *ebb_type_info(uint32_t type)
     return &type_table[type];
 }
 
+/* Types other GGUF writers use that ebb has no block layout or product for.
+ * Knowing their names costs a table; guessing their sizes would be a lie. */
+static const char *const foreign_type_names[] = {
+    [4] = "Q4_2", [5] = "Q4_3", [9] = "Q8_1", [15] = "Q8_K", [16] = "IQ2_XXS", [17] = "IQ2_XS",
+    [18] = "IQ3_XXS", [19] = "IQ1_S", [20] = "IQ4_NL", [21] = "IQ3_S", [22] = "IQ2_S", [23] = "IQ4_XS",
+    [27] = "I64", [29] = "IQ1_M", [31] = "Q4_0_4_4", [32] = "Q4_0_4_8", [33] = "Q4_0_8_8",
+    [34] = "TQ1_0", [35] = "TQ2_0", [36] = "IQ4_NL_4_4", [37] = "IQ4_NL_4_8", [38] = "IQ4_NL_8_8",
+    [39] = "MXFP4",
+};
+
+const char *ebb_foreign_type_name(uint32_t type)
+{
+    return type < sizeof foreign_type_names / sizeof *foreign_type_names ? foreign_type_names[type] : NULL;
+}
+
 size_t ebb_row_bytes(uint32_t type, uint64_t n)
 {
     const struct ebb_type_info *ti = ebb_type_info(type);

@@ -123,6 +123,9 @@ void ebb_q3_k_scales(const uint8_t *scales12, int out[16]);
 
 /* NULL for a type number ebb does not know. */
 const struct ebb_type_info *ebb_type_info(uint32_t type);
+/* The ggml name of a GGUF tensor type ebb does not read (IQ4_NL, TQ1_0, ...),
+ * so a refusal can name it; NULL for numbers no ggml release has used. */
+const char *ebb_foreign_type_name(uint32_t type);
 
 /* Bytes of a row of n values; 0 if n is not a whole number of blocks. */
 size_t ebb_row_bytes(uint32_t type, uint64_t n);

@@ -156,7 +156,14 @@ static int parse_tensor_info(struct cursor *c, struct gguf_tensor *t, uint64_t *
     }
     if (read_u32(c, &t->type, "tensor type")) return -1;
     const struct ebb_type_info *ti = ebb_type_info(t->type);
-    if (!ti) return fail(c, "tensor '%s' has unknown type %u", name, t->type);
+    if (!ti) {
+        const char *foreign = ebb_foreign_type_name(t->type);
+        if (foreign)
+            return fail(c, "tensor '%s' has type %s (%u), which ebb cannot compute with; it reads F32, F16, "
+                        "BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K and its own W4G64",
+                        name, foreign, t->type);
+        return fail(c, "tensor '%s' has unknown type %u", name, t->type);
+    }
     if (t->ne[0] % ti->block_elems)
         return fail(c, "tensor '%s': row of %llu values is not a whole number of %s blocks", name,
                     (unsigned long long)t->ne[0], ti->name);

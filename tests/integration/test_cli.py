@@ -7,6 +7,8 @@ against the Release binary and, when EBB_BIN_ASAN is set, the sanitized one.
 import os
 import random
 
+import numpy as np
+
 import pytest
 
 from conftest import run_ebb
@@ -81,6 +83,26 @@ def test_truncated_model(any_bin, model_path, tmp_path, fraction):
     p.write_bytes(data[: int(len(data) * fraction)])
     assert_clean_error(run_ebb(any_bin, "generate", "-m", str(p), "-p", "hi", "-n", "1"),
                        str(p), "truncated")
+
+
+@pytest.mark.parametrize("type_name", ["IQ4_NL", "TQ2_0", "IQ2_XXS"])
+def test_tensor_type_ebb_cannot_compute(any_bin, tmp_path, type_name):
+    """A GGUF whose tensor is in a type ebb has no product for is refused at load,
+    naming the file, the tensor and the type -- never dequantized by a guess."""
+    gguf = pytest.importorskip("gguf")
+    qtype = gguf.GGMLQuantizationType[type_name]
+    block, nbytes = gguf.GGML_QUANT_SIZES[qtype]
+    p = tmp_path / f"{type_name}.gguf"
+    w = gguf.GGUFWriter(str(p), "llama")
+    w.add_tensor("blk.0.attn_q.weight", np.zeros((4, 256 // block * nbytes), dtype=np.uint8),
+                 raw_dtype=qtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    assert_clean_error(run_ebb(any_bin, "generate", "-m", str(p), "-p", "hi"),
+                       str(p), "blk.0.attn_q.weight", f"type {type_name} ({int(qtype)})",
+                       "cannot compute")
 
 
 def test_corrupted_metadata(any_bin, model_path, tmp_path):
