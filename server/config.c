@@ -20,6 +20,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "engine/model.h"
 #include "storage/catalog.h"
 #include "storage/error.h"
 
@@ -28,7 +29,7 @@ enum field_type {
     FIELD_INT,     /* int, in [min, max] */
     FIELD_U64,     /* uint64_t, in [min, max] */
     FIELD_CHOICE,  /* int, one of choices[] */
-    FIELD_LEVEL,   /* int, a log level name */
+    FIELD_NAME,    /* int, the index of one of names[] */
     FIELD_KV_MAP,  /* char array: "NAME=BITS,..." with BITS one of kv_bits's choices */
 };
 
@@ -38,6 +39,7 @@ struct field {
     size_t offset, size;
     long long min, max;
     int choices[5];            /* FIELD_CHOICE; 0 ends the list */
+    const char *const *names;  /* FIELD_NAME; NULL ends the list */
     const char *def;           /* default, as text */
     const char *metavar;       /* for --help */
     const char *doc;           /* one line, for --help */
@@ -45,48 +47,52 @@ struct field {
 
 #define AT(member) offsetof(struct ebb_config, member), sizeof(((struct ebb_config *)0)->member)
 
+/* In enum order: the stored int is the index. */
+static const char *const level_names[] = {"error", "warn", "info", "debug", NULL};
+static const char *const weights_names[] = {[MODEL_WEIGHTS_NATIVE] = "native", [MODEL_WEIGHTS_F32] = "f32", NULL};
+
 static const struct field fields[] = {
-    {"host", FIELD_STRING, AT(host), 1, 0, {0}, "127.0.0.1", "ADDR", "listen address (IPv4 or IPv6)"},
-    {"port", FIELD_INT, AT(port), 0, 65535, {0}, "8080", "N", "listen port (0: any free port)"},
-    {"admin_token", FIELD_STRING, AT(admin_token), 0, 0, {0}, "", "TOKEN",
+    {"host", FIELD_STRING, AT(host), 1, 0, {0}, NULL, "127.0.0.1", "ADDR", "listen address (IPv4 or IPv6)"},
+    {"port", FIELD_INT, AT(port), 0, 65535, {0}, NULL, "8080", "N", "listen port (0: any free port)"},
+    {"admin_token", FIELD_STRING, AT(admin_token), 0, 0, {0}, NULL, "", "TOKEN",
      "bearer token for /admin routes (empty: admin routes refused)"},
-    {"catalog", FIELD_STRING, AT(catalog), 0, 0, {0}, "", "PATH",
+    {"catalog", FIELD_STRING, AT(catalog), 0, 0, {0}, NULL, "", "PATH",
      "catalog database (empty: $XDG_DATA_HOME/ebb/catalog.db)"},
-    {"default_model", FIELD_STRING, AT(default_model), 0, 0, {0}, "SmolLM2-135M-Instruct.Q4_1", "NAME",
+    {"default_model", FIELD_STRING, AT(default_model), 0, 0, {0}, NULL, "SmolLM2-135M-Instruct.Q4_1", "NAME",
      "model loaded at start and used when a request names none (empty: first in the catalog)"},
-    {"default_model_path", FIELD_STRING, AT(default_model_path), 0, 0, {0},
+    {"default_model_path", FIELD_STRING, AT(default_model_path), 0, 0, {0}, NULL,
      "models/SmolLM2-135M-Instruct.Q4_1.gguf", "PATH",
      "GGUF registered as default_model when the catalog is empty (empty: none)"},
-    {"threads", FIELD_INT, AT(threads), 0, 1024, {0}, "0", "N", "compute threads (0: one per CPU)"},
-    {"memory_budget_bytes", FIELD_U64, AT(memory_budget_bytes), 0, INT64_MAX, {0}, "0", "BYTES",
+    {"threads", FIELD_INT, AT(threads), 0, 1024, {0}, NULL, "0", "N", "compute threads (0: one per CPU)"},
+    {"memory_budget_bytes", FIELD_U64, AT(memory_budget_bytes), 0, INT64_MAX, {0}, NULL, "0", "BYTES",
      "memory budget for weights and KV cache (0: no budget)"},
-    {"max_body_bytes", FIELD_U64, AT(max_body_bytes), 1024, 1LL << 32, {0}, "8388608", "BYTES",
+    {"max_body_bytes", FIELD_U64, AT(max_body_bytes), 1024, 1LL << 32, {0}, NULL, "8388608", "BYTES",
      "largest request body accepted (larger: 413)"},
-    {"max_header_bytes", FIELD_INT, AT(max_header_bytes), 256, 1 << 20, {0}, "16384", "BYTES",
+    {"max_header_bytes", FIELD_INT, AT(max_header_bytes), 256, 1 << 20, {0}, NULL, "16384", "BYTES",
      "largest request line plus headers (larger: 431)"},
-    {"max_connections", FIELD_INT, AT(max_connections), 1, 1000000, {0}, "1024", "N",
+    {"max_connections", FIELD_INT, AT(max_connections), 1, 1000000, {0}, NULL, "1024", "N",
      "open client connections at most (more: 503 and closed)"},
-    {"header_timeout_ms", FIELD_INT, AT(header_timeout_ms), 1, 3600000, {0}, "10000", "MS",
+    {"header_timeout_ms", FIELD_INT, AT(header_timeout_ms), 1, 3600000, {0}, NULL, "10000", "MS",
      "time allowed to send a request's headers"},
-    {"idle_timeout_ms", FIELD_INT, AT(idle_timeout_ms), 1, 86400000, {0}, "30000", "MS",
+    {"idle_timeout_ms", FIELD_INT, AT(idle_timeout_ms), 1, 86400000, {0}, NULL, "30000", "MS",
      "keep-alive idle and request-body inactivity limit"},
-    {"queue_length", FIELD_INT, AT(queue_length), 0, 1000000, {0}, "64", "N",
+    {"queue_length", FIELD_INT, AT(queue_length), 0, 1000000, {0}, NULL, "64", "N",
      "requests that may wait for a slot (more: 429)"},
-    {"max_running", FIELD_INT, AT(max_running), 1, 4096, {0}, "16", "N", "sequences decoded together"},
-    {"max_context", FIELD_INT, AT(max_context), 0, 1 << 24, {0}, "0", "N",
+    {"max_running", FIELD_INT, AT(max_running), 1, 4096, {0}, NULL, "16", "N", "sequences decoded together"},
+    {"max_context", FIELD_INT, AT(max_context), 0, 1 << 24, {0}, NULL, "0", "N",
      "tokens per sequence, prompt included (0: the model's own)"},
-    {"kv_bits", FIELD_CHOICE, AT(kv_bits), 0, 0, {32, 16, 8, 4, 0}, "32", "BITS",
+    {"kv_bits", FIELD_CHOICE, AT(kv_bits), 0, 0, {32, 16, 8, 4, 0}, NULL, "32", "BITS",
      "KV cache precision: 32, 16, 8 or 4"},
-    {"model_kv_bits", FIELD_KV_MAP, AT(model_kv_bits), 0, 0, {0}, "", "NAME=BITS,...",
+    {"model_kv_bits", FIELD_KV_MAP, AT(model_kv_bits), 0, 0, {0}, NULL, "", "NAME=BITS,...",
      "kv_bits for particular models, overriding kv_bits (empty: none)"},
-    {"shutdown_timeout_ms", FIELD_INT, AT(shutdown_timeout_ms), 0, 3600000, {0}, "10000", "MS",
+    {"weights", FIELD_NAME, AT(weights), 0, 0, {0}, weights_names, "native", "FORM",
+     "plain GGUF weights computed in their own types (native) or dequantized to float32 (f32)"},
+    {"shutdown_timeout_ms", FIELD_INT, AT(shutdown_timeout_ms), 0, 3600000, {0}, NULL, "10000", "MS",
      "on SIGTERM/SIGINT, how long running requests may finish"},
-    {"log_level", FIELD_LEVEL, AT(log_level), 0, 0, {0}, "info", "LEVEL", "error, warn, info or debug"},
+    {"log_level", FIELD_NAME, AT(log_level), 0, 0, {0}, level_names, "info", "LEVEL", "error, warn, info or debug"},
 };
 #define N_FIELDS ((int)(sizeof fields / sizeof fields[0]))
 _Static_assert(sizeof fields / sizeof fields[0] == CONFIG_N_FIELDS, "CONFIG_N_FIELDS matches the table");
-
-static const char *const level_names[] = {"error", "warn", "info", "debug"};
 
 static void *field_ptr(struct ebb_config *cfg, const struct field *f) { return (char *)cfg + f->offset; }
 
@@ -112,9 +118,12 @@ static void describe(const struct field *f, char *buf, size_t len) {
             n += snprintf(buf + n, len - n, "%s %d", i ? "," : "", f->choices[i]);
         break;
     }
-    case FIELD_LEVEL:
-        snprintf(buf, len, "one of \"error\", \"warn\", \"info\", \"debug\"");
+    case FIELD_NAME: {
+        int n = snprintf(buf, len, "one of");
+        for (int i = 0; f->names[i] && n > 0 && (size_t)n < len; i++)
+            n += snprintf(buf + n, len - n, "%s \"%s\"", i ? "," : "", f->names[i]);
         break;
+    }
     case FIELD_KV_MAP:
         snprintf(buf, len, "a string of comma-separated NAME=BITS pairs");
         break;
@@ -163,14 +172,16 @@ static int store_string(struct ebb_config *cfg, const struct field *f, const cha
     return 0;
 }
 
-static int store_level(struct ebb_config *cfg, const struct field *f, const char *s, const char *where, char *err,
-                       size_t errlen) {
-    for (int i = 0; i < (int)(sizeof level_names / sizeof level_names[0]); i++)
-        if (!strcmp(s, level_names[i])) {
+static int store_name(struct ebb_config *cfg, const struct field *f, const char *s, const char *where, char *err,
+                      size_t errlen) {
+    for (int i = 0; f->names[i]; i++)
+        if (!strcmp(s, f->names[i])) {
             *(int *)field_ptr(cfg, f) = i;
             return 0;
         }
-    errf(err, errlen, "%s: '%s' is not a log level: expected one of error, warn, info, debug", where, s);
+    char want[128];
+    describe(f, want, sizeof want);
+    errf(err, errlen, "%s: '%s' is not a valid value: expected %s", where, s, want);
     return -1;
 }
 
@@ -302,7 +313,7 @@ static int set_from_text(struct ebb_config *cfg, const struct field *f, const ch
                          char *err, size_t errlen) {
     if (f->type == FIELD_STRING) return store_string(cfg, f, text, strlen(text), where, err, errlen);
     if (f->type == FIELD_KV_MAP) return store_kv_map(cfg, f, text, strlen(text), where, err, errlen);
-    if (f->type == FIELD_LEVEL) return store_level(cfg, f, text, where, err, errlen);
+    if (f->type == FIELD_NAME) return store_name(cfg, f, text, where, err, errlen);
     char *end;
     errno = 0;
     long long v = strtoll(text, &end, 10);
@@ -345,7 +356,7 @@ static const char *json_type_name(const json_t *v) {
 
 static int set_from_json(struct ebb_config *cfg, const struct field *f, json_t *v, const char *where, char *err,
                          size_t errlen) {
-    int want_string = f->type == FIELD_STRING || f->type == FIELD_LEVEL || f->type == FIELD_KV_MAP;
+    int want_string = f->type == FIELD_STRING || f->type == FIELD_NAME || f->type == FIELD_KV_MAP;
     if (want_string ? !json_is_string(v) : !json_is_integer(v)) {
         char want[128];
         describe(f, want, sizeof want);
@@ -356,7 +367,7 @@ static int set_from_json(struct ebb_config *cfg, const struct field *f, json_t *
                                                       err, errlen);
     if (f->type == FIELD_KV_MAP) return store_kv_map(cfg, f, json_string_value(v), json_string_length(v), where,
                                                      err, errlen);
-    if (f->type == FIELD_LEVEL) return store_level(cfg, f, json_string_value(v), where, err, errlen);
+    if (f->type == FIELD_NAME) return store_name(cfg, f, json_string_value(v), where, err, errlen);
     return store_int(cfg, f, (long long)json_integer_value(v), where, err, errlen);
 }
 
@@ -488,7 +499,7 @@ int config_resolve_catalog(const char *config_path, const char *catalog_flag, ch
 }
 
 const char *config_log_level_name(int level) {
-    return level >= 0 && level < (int)(sizeof level_names / sizeof level_names[0]) ? level_names[level] : "?";
+    return level >= 0 && level < (int)(sizeof level_names / sizeof level_names[0]) - 1 ? level_names[level] : "?";
 }
 
 int config_source_of(const struct ebb_config *cfg, const char *key) {
@@ -515,8 +526,8 @@ void config_dump(const struct ebb_config *cfg, FILE *out, int with_sources) {
         if (f->type == FIELD_STRING || f->type == FIELD_KV_MAP) {
             const char *s = field_ptr(c, f);
             v = json_string(f->offset == offsetof(struct ebb_config, admin_token) && *s ? "(set)" : s);
-        } else if (f->type == FIELD_LEVEL) {
-            v = json_string(config_log_level_name(*(int *)field_ptr(c, f)));
+        } else if (f->type == FIELD_NAME) {
+            v = json_string(f->names[*(int *)field_ptr(c, f)]);
         } else if (f->type == FIELD_U64) {
             v = json_integer((json_int_t) * (uint64_t *)field_ptr(c, f));
         } else {

@@ -29,7 +29,7 @@ static void load_work(uv_work_t *w) {
     struct served_model *sm = w->data;
     struct daemon *d = sm->d;
     double t0 = ebb_now_seconds();
-    if (model_load(&sm->model, sm->path, MODEL_WEIGHTS_NATIVE, sm->error, sizeof sm->error)) return;
+    if (model_load(&sm->model, sm->path, (enum model_weights)d->cfg.weights, sm->error, sizeof sm->error)) return;
     struct sched_config sc = {
         .max_running = d->cfg.max_running,
         .max_waiting = d->cfg.queue_length,

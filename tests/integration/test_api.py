@@ -804,6 +804,23 @@ def resident_is_file_sized(weights, model_path):
     return 0.9 * size < weights <= size
 
 
+def test_weights_f32_setting_serves_the_dequantized_path(ebb_bin, model_path, tmpdir_module):
+    """`weights: f32` (here as its flag) keeps the dequantized path for comparison: the
+    resident weights are float32 (four bytes per parameter, well over the file's size) and
+    the greedy answer is `ebb generate --weights f32`'s."""
+    s = start_model_server(ebb_bin, tmpdir_module, model_path, "f32", "--weights", "f32")
+    try:
+        weights = memory(s)["weight_bytes"]
+        assert weights > 4 * os.path.getsize(model_path), weights
+        assert sample(metrics(s)[0], "ebb_resident_weight_bytes", model=s.model) == weights
+        r = chat(s, model=s.model, messages=[{"role": "user", "content": CHAT_MSG}], max_tokens=12,
+                 temperature=0)
+        want = ebb_generate(ebb_bin, model_path, "--weights", "f32", "--chat", CHAT_MSG, "-n", "12", "--temp", "0")
+        assert r["choices"][0]["message"]["content"] == want
+    finally:
+        s.stop_clean()
+
+
 def test_metrics_parse_and_move(srv, model_path):
     before, text = metrics(srv)
     for fam in ("ebb_time_to_first_token_seconds", "ebb_inter_token_latency_seconds",

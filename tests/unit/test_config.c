@@ -14,6 +14,7 @@
 #include <unistd.h>
 
 #include "check.h"
+#include "engine/model.h"
 #include "server/config.h"
 
 static char err[1024];
@@ -72,6 +73,7 @@ static void check_defaults(const struct ebb_config *c) {
     CHECK(c->max_context == 0);
     CHECK(c->kv_bits == 32);
     CHECK(c->model_kv_bits[0] == 0);
+    CHECK(c->weights == MODEL_WEIGHTS_NATIVE);
     CHECK(c->shutdown_timeout_ms == 10000);
     CHECK(c->log_level == CONFIG_LOG_INFO);
 }
@@ -113,6 +115,8 @@ static void test_file_override(void) {
     CHECK(c.kv_bits == 4);
     CHECK(!strcmp(c.admin_token, "s3"));
     CHECK_MSG(config_load_text(&c, "{\"kv_bits\": 8}", "t8.json", err, sizeof err) == 0, "%s", err);
+    CHECK_MSG(config_load_text(&c, "{\"weights\": \"f32\"}", "tw.json", err, sizeof err) == 0, "%s", err);
+    CHECK(c.weights == MODEL_WEIGHTS_F32);
     CHECK(c.kv_bits == 8);
     CHECK(c.queue_length == 64); /* untouched keys keep their defaults */
     CHECK(config_source_of(&c, "port") == CONFIG_FROM_FILE);
@@ -259,6 +263,8 @@ static void test_bad_files(void) {
     expect_refused("{\"admin_token\": [\"a\"]}", "'admin_token'", "an array");
     expect_refused("{\"log_level\": 2}", "'log_level'", "one of");
     expect_refused("{\"log_level\": \"loud\"}", "log_level", "loud");
+    expect_refused("{\"weights\": \"q4\"}", "'weights'", "'q4' is not a valid value: expected one of \"native\", \"f32\"");
+    expect_refused("{\"weights\": 32}", "'weights'", "expected one of");
     /* Out of range. */
     expect_refused("{\"port\": 65536}", "'port'", "[0, 65535]");
     expect_refused("{\"port\": -1}", "'port'", NULL);
