@@ -365,12 +365,6 @@ static void native_form(struct model_run *r, enum ebb_act_form form, int n_tok, 
 static void linear(struct model_run *r, float *out, const struct matrix *w, int n_tok) {
     const enum ebb_act_form form = ebb_type_info(w->type)->act;
     struct ebb_act x = {.f = r->ax, .q = r->aq, .s = r->as};
-    if (form == EBB_ACT_Q8G64 && !(r->forms_ready & 1u << form)) {
-        /* a plain file's Q8_0 matrix: every group at 8 bits (packed files
-         * quantize their points eagerly, with their 8-bit group counts) */
-        r->m->be->quantize_act(r->ax, n_tok, w->n_in, w->n_in / EBB_ACT_GROUP, r->aq, r->as);
-        r->forms_ready |= 1u << form;
-    }
     if (form == EBB_ACT_Q8B32 || form == EBB_ACT_Q8K) {
         if (!(r->forms_ready & 1u << form)) native_form(r, form, n_tok, w->n_in);
         const struct native_form *f = form == EBB_ACT_Q8K ? &r->k256 : &r->b32;

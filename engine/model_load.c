@@ -128,13 +128,14 @@ static float *load_tensor(struct model *m, const char *name, uint64_t ne0, uint6
 
 /* A plain file's matrix: with native weights, used in place in the type
  * the file stores it in when the backend has a product for that type;
- * otherwise (MODEL_WEIGHTS_F32, or F16/BF16 which have no product) an f32
- * copy the model owns. */
+ * otherwise (MODEL_WEIGHTS_F32, F16/BF16 which have no product, or W4G64,
+ * whose Q8G64 activations only a packed file's calibrated points provide)
+ * an f32 copy the model owns. */
 static void load_matrix(struct model *m, struct matrix *w, const char *name, uint64_t n_in, uint64_t n_out,
                         int *failed, char *err, size_t errlen) {
     const struct gguf_tensor *t = *failed ? NULL : gguf_find_tensor(&m->file, name);
     if (t && m->weights == MODEL_WEIGHTS_NATIVE && !m->act_bits && t->type < EBB_TYPE_COUNT_ &&
-        m->be->matmul[t->type] && (ebb_type_info(t->type)->act != EBB_ACT_Q8G64 || n_in % EBB_ACT_GROUP == 0) &&
+        m->be->matmul[t->type] && ebb_type_info(t->type)->act != EBB_ACT_Q8G64 &&
         t->ne[0] == n_in && t->ne[1] == n_out && t->ne[2] == 1 && t->ne[3] == 1) {
         m->weight_bytes += t->nbytes;
         *w = (struct matrix){(enum ebb_type)t->type, t->data, (int)n_in, (int)n_out, NULL};

@@ -76,11 +76,7 @@ struct ebb_backend {
      *   from acc = 0, and every backend (CUDA included) must repeat exactly
      *   that expression, so all paths give the scalar path's bits.
      *
-     * [EBB_TYPE_Q8_0] the same for Q8_0 weights (ggml's 8-bit format, blocks
-     *   of 32 with an f16 scale; the output head and other 8-bit matrices):
-     *   one fmaf per 32-value block, s of the 64-channel group holding it.
-     *
-     * [EBB_TYPE_Q4_0, Q4_1, Q5_0, Q5_1] read EBB_ACT_Q8B32 and [EBB_TYPE_Q2_K
+     * [EBB_TYPE_Q4_0, Q4_1, Q5_0, Q5_1, Q8_0] read EBB_ACT_Q8B32 and [EBB_TYPE_Q2_K
      *   .. Q6_K] EBB_ACT_Q8K: GGUF's own blocks as the file stores them, with
      *   the float steps of kernels/cpu/native.h (exact on every path).
      *

@@ -99,7 +99,7 @@ enum ebb_act_form {
     EBB_ACT_Q8G64,            /* int8 codes, one f32 scale per EBB_ACT_GROUP channels
                                  (quantize_act's output, above) */
     EBB_ACT_Q8B32,            /* 8-bit codes per block of 32 with an f32 scale and the
-                                 block's code sum (kernels/cpu/native.h): Q4_0 .. Q5_1 */
+                                 block's code sum (kernels/cpu/native.h): Q4_0 .. Q5_1, Q8_0 */
     EBB_ACT_Q8K,              /* 8-bit codes per super-block of 256 with an f32 scale and
                                  the code sum of every 16: the K-quants */
 };

@@ -25,6 +25,7 @@
     NATIVE_ENTRY(q4_1, EBB_TYPE_Q4_1, isa) \
     NATIVE_ENTRY(q5_0, EBB_TYPE_Q5_0, isa) \
     NATIVE_ENTRY(q5_1, EBB_TYPE_Q5_1, isa) \
+    NATIVE_ENTRY(q8_0, EBB_TYPE_Q8_0, isa) \
     NATIVE_ENTRY(q2_k, EBB_TYPE_Q2_K, isa) \
     NATIVE_ENTRY(q3_k, EBB_TYPE_Q3_K, isa) \
     NATIVE_ENTRY(q4_k, EBB_TYPE_Q4_K, isa) \

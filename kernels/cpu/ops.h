@@ -99,7 +99,6 @@ static inline __attribute__((always_inline)) void act_each_group(const float *x,
 #define EBB_CPU_OWN_OPS(isa) \
     void ebb_cpu_matmul_f32_##isa(struct ebb_pool *, float *, const struct ebb_act *, const void *, int, int, int); \
     void ebb_cpu_matmul_w4g64_##isa(struct ebb_pool *, float *, const struct ebb_act *, const void *, int, int, int); \
-    void ebb_cpu_matmul_q8_0_##isa(struct ebb_pool *, float *, const struct ebb_act *, const void *, int, int, int); \
     void ebb_cpu_rmsnorm_##isa(float *out, const float *x, const float *g, int n, float eps); \
     void ebb_cpu_softmax_##isa(float *x, int n); \
     void ebb_cpu_swiglu_##isa(float *gate, const float *up, int n); \
@@ -115,6 +114,7 @@ EBB_CPU_OWN_OPS(avx512)
     void ebb_cpu_matmul_q4_1_##isa(struct ebb_pool *, float *, const struct ebb_act *, const void *, int, int, int); \
     void ebb_cpu_matmul_q5_0_##isa(struct ebb_pool *, float *, const struct ebb_act *, const void *, int, int, int); \
     void ebb_cpu_matmul_q5_1_##isa(struct ebb_pool *, float *, const struct ebb_act *, const void *, int, int, int); \
+    void ebb_cpu_matmul_q8_0_##isa(struct ebb_pool *, float *, const struct ebb_act *, const void *, int, int, int); \
     void ebb_cpu_matmul_q2_k_##isa(struct ebb_pool *, float *, const struct ebb_act *, const void *, int, int, int); \
     void ebb_cpu_matmul_q3_k_##isa(struct ebb_pool *, float *, const struct ebb_act *, const void *, int, int, int); \
     void ebb_cpu_matmul_q4_k_##isa(struct ebb_pool *, float *, const struct ebb_act *, const void *, int, int, int); \

@@ -46,11 +46,6 @@ static inline __attribute__((always_inline)) __m256i qx_reduce8_w4(const __m256i
     return _mm256_add_epi32(_mm256_permute2x128_si256(a, b, 0x20), _mm256_permute2x128_si256(a, b, 0x31));
 }
 
-static inline __attribute__((always_inline)) __m256i qx_dot_q8(__m256i aw, __m256i sa)
-{
-    return _mm256_madd_epi16(_mm256_maddubs_epi16(aw, sa), _mm256_set1_epi16(1));
-}
-
 #include "kernels/cpu/quant_x86.h"
 
 /* ------------------------------------------------------- activation quant */

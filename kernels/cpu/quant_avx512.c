@@ -20,9 +20,4 @@ static inline __attribute__((always_inline)) __m256i qx_dot_w4(__m256i lo, __m25
     return _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(_mm256_setzero_si256(), lo, a_lo), hi, a_hi);
 }
 
-static inline __attribute__((always_inline)) __m256i qx_dot_q8(__m256i aw, __m256i sa)
-{
-    return _mm256_dpbusd_epi32(_mm256_setzero_si256(), aw, sa);
-}
-
 #include "kernels/cpu/quant_x86.h"

@@ -4,8 +4,7 @@
  * Each function is the definition of its op written out plainly (the float
  * steps are the ones ops.h spells out); speed is not a goal here beyond
  * keeping the tests quick. Integer dot products are exact in int32: a W4G64
- * group sums at most 64 * 8 * 127 = 65024 in magnitude, a Q8_0 block at most
- * 32 * 128 * 127 = 520192.
+ * group sums at most 64 * 8 * 127 = 65024 in magnitude.
  *
  * The output accumulation uses fmaf() explicitly rather than `acc += a * b`:
  * the SIMD paths fuse that multiply-add into one instruction, and spelling the
@@ -58,18 +57,6 @@ static float row_w4g64(const uint8_t *w, const int8_t *q, const float *s, int n_
     return acc;
 }
 
-static float row_q8_0(const uint8_t *w, const int8_t *q, const float *s, int n_in)
-{
-    float acc = 0;
-    for (int b = 0; b < n_in / EBB_Q8_0_GROUP; b++, w += EBB_Q8_0_BLOCK_BYTES, q += EBB_Q8_0_GROUP) {
-        const int8_t *qs = (const int8_t *)(w + 2);
-        int32_t isum = 0;
-        for (int j = 0; j < EBB_Q8_0_GROUP; j++) isum += qs[j] * q[j];
-        acc = fmaf((float)isum, block_scale(w) * s[b * EBB_Q8_0_GROUP / EBB_ACT_GROUP], acc);
-    }
-    return acc;
-}
-
 /* Every output of the rectangle, one row_dot each. */
 static inline void each_output(const struct matmul_args *a, int t0, int t1, int o0, int o1, row_dot_fn dot)
 {
@@ -85,13 +72,7 @@ static void block_w4g64(const struct matmul_args *a, int t0, int t1, int o0, int
     each_output(a, t0, t1, o0, o1, row_w4g64);
 }
 
-static void block_q8_0(const struct matmul_args *a, int t0, int t1, int o0, int o1)
-{
-    each_output(a, t0, t1, o0, o1, row_q8_0);
-}
-
 EBB_CPU_MATMUL(ebb_cpu_matmul_w4g64_scalar, EBB_TYPE_W4G64, block_w4g64, 1, 1)
-EBB_CPU_MATMUL(ebb_cpu_matmul_q8_0_scalar, EBB_TYPE_Q8_0, block_q8_0, 1, 1)
 
 /* -------------------------------------------------------------- hadamard64 */
 

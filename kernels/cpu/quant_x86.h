@@ -1,4 +1,4 @@
-/* The quantized matmuls for x86 SIMD, written once for AVX2 and AVX-512 VNNI.
+/* The W4G64 matmul for x86 SIMD, written once for AVX2 and AVX-512 VNNI.
  *
  * Included by quant_avx2.c and quant_avx512.c (each compiled with its own ISA
  * flags), which first define QX_ISA (the name suffix) and the integer steps,
@@ -6,8 +6,7 @@
  *   qx_dot_w4(lo, hi, a_lo, a_hi): lanes (of the ISA's choice of width)
  *       summing lo*a_lo + hi*a_hi, lo/hi unsigned bytes 0..15 (weight
  *       nibbles), a signed codes;
- *   qx_reduce8_w4(p[8]): [sum of p0's lanes, ..., sum of p7's] as int32;
- *   qx_dot_q8(aw, sa): int32 lanes summing aw*sa, aw unsigned 0..128, sa signed.
+ *   qx_reduce8_w4(p[8]): [sum of p0's lanes, ..., sum of p7's] as int32.
  * AVX2 builds them from maddubs and keeps W4 sums in int16 lanes until the
  * reduction; VNNI does each dot step in vpdpbusd.
  *
@@ -17,9 +16,8 @@
  * block after block in order, with the FMA instruction; d comes from
  * vcvtph2ps, which is exact.
  *
- * Matmul design. Both weight formats have 34-byte blocks (W4G64: f16 d + 32
- * bytes of nibbles for 64 inputs; Q8_0: f16 d + 32 int8 for 32 inputs). The
- * definition needs each block's exact integer sum before it meets the
+ * Matmul design. A W4G64 block is 34 bytes: f16 d and 32 bytes of nibbles
+ * for 64 inputs. The definition needs each block's exact integer sum before it meets the
  * scales, so a kernel cannot keep lane-wise partial sums across blocks as
  * ggml's dot products do: every (token, row, block) ends in a horizontal
  * sum. Tiles are therefore sized for those sums: a tile is M tokens x N rows
@@ -42,9 +40,7 @@
  * W4G64 nibbles are used unsigned (0..15), as the unsigned operand both ISAs
  * need, and the offset is taken out once per pair: sum (w-8)*a = sum w*a - 8 *
  * sum a, with 8 * sum a per (token, group) precomputed for a block of tokens
- * (no sign tricks in the inner loop). Q8_0 weights are signed: |w| times
- * a with w's sign (codes from quantize_act never reach -128, so negating them
- * is safe; the weights may).
+ * (no sign tricks in the inner loop).
  * Blocking: tokens in blocks of TB (their codes stay in L2 while each pair of
  * rows, in L1, meets all of them), the input dimension in even chunks of at
  * most KG groups (accumulators go through out between chunks, exactly: the
@@ -68,17 +64,14 @@
 
 #include "kernels/cpu/simd_x86.h"
 
-#define BLOCK_BYTES EBB_W4G64_BLOCK_BYTES   /* W4G64 (64 inputs) and Q8_0 (32 inputs) alike */
-_Static_assert(EBB_W4G64_BLOCK_BYTES == EBB_Q8_0_BLOCK_BYTES, "one block walk for both weight types");
+#define BLOCK_BYTES EBB_W4G64_BLOCK_BYTES
 #define TB 32                 /* tokens per block (multiple of 4) */
 #define KG 32                 /* most groups of 64 inputs per chunk */
 #define PF_TILES 1            /* decode: prefetch distance, in tiles of rows */
 
-enum { KIND_W4 = 0, KIND_Q8 = 1 };
-
 /* ---------------------------------------------------------------- matmuls */
 
-/* Per token block and input chunk: the tokens' group scales and (W4) 8 x
+/* Per token block and input chunk: the tokens' group scales and 8 x
  * the sum of each group's codes, token-minor so that MS consecutive tokens
  * are one load. Padded by 4 so a broadcast of 4 never leaves the array. */
 struct qctx {
@@ -103,15 +96,14 @@ ALWAYS_INLINE int32_t sum64_i8(const int8_t *p)
     return (int32_t)_mm_cvtsi128_si32(h) - 64 * 128;
 }
 
-static void fill_ctx(struct qctx *c, int kind, int te)
+static void fill_ctx(struct qctx *c, int te)
 {
     const struct matmul_args *a = c->a;
     for (int g = c->g0; g < c->g1; g++) {
         int gl = g - c->g0;
         for (int t = c->tb; t < te; t++) {
             c->scale[gl][t - c->tb] = a->x.s[(size_t)t * c->groups + g];
-            c->corr[gl][t - c->tb] =
-                kind == KIND_W4 ? 8 * sum64_i8(a->x.q + (size_t)t * a->n_in + (size_t)g * 64) : 0;
+            c->corr[gl][t - c->tb] = 8 * sum64_i8(a->x.q + (size_t)t * a->n_in + (size_t)g * 64);
         }
         for (int t = te - c->tb; t < TB + 4; t++) {
             c->scale[gl][t] = 0;
@@ -155,10 +147,9 @@ ALWAYS_INLINE __m256 row_scales(const int N, const int MS, const uint8_t *const 
 
 /* The lane sums of one weight block (at byte offset off in each of N rows)
  * with M tokens' codes (at aq_off in each): p[r * MS + m] for row r, token
- * m, the other slots zero. W4G64 nibbles are unpacked once per row for all
- * tokens; Q8_0 weights go in as |w|, their sign moved onto the codes. */
-ALWAYS_INLINE void block_dots(const int KIND, const int M, const int N, const int MS, const uint8_t *const *wr,
-                              size_t off, const int8_t *const *qt, size_t aq_off, __m256i p[8])
+ * m, the other slots zero. Nibbles are unpacked once per row for all tokens. */
+ALWAYS_INLINE void block_dots(const int M, const int N, const int MS, const uint8_t *const *wr, size_t off,
+                              const int8_t *const *qt, size_t aq_off, __m256i p[8])
 {
     const __m256i nib = _mm256_set1_epi8(0x0f);
 #pragma GCC unroll 8
@@ -166,25 +157,17 @@ ALWAYS_INLINE void block_dots(const int KIND, const int M, const int N, const in
 #pragma GCC unroll 8
     for (int r = 0; r < N; r++) {
         const __m256i v = _mm256_loadu_si256((const __m256i *)(wr[r] + off + 2));
-        if (KIND == KIND_W4) {
-            const __m256i lo = _mm256_and_si256(v, nib), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nib);
+        const __m256i lo = _mm256_and_si256(v, nib), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nib);
 #pragma GCC unroll 4
-            for (int m = 0; m < M; m++)
-                p[r * MS + m] = qx_dot_w4(lo, hi, _mm256_loadu_si256((const __m256i *)(qt[m] + aq_off)),
-                                          _mm256_loadu_si256((const __m256i *)(qt[m] + aq_off + 32)));
-        } else {
-            const __m256i aw = _mm256_abs_epi8(v);
-#pragma GCC unroll 4
-            for (int m = 0; m < M; m++)
-                p[r * MS + m] =
-                    qx_dot_q8(aw, _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)(qt[m] + aq_off)), v));
-        }
+        for (int m = 0; m < M; m++)
+            p[r * MS + m] = qx_dot_w4(lo, hi, _mm256_loadu_si256((const __m256i *)(qt[m] + aq_off)),
+                                      _mm256_loadu_si256((const __m256i *)(qt[m] + aq_off + 32)));
     }
 }
 
 /* One tile: tokens [t, t+M) x rows [o, o+N) over the chunk's groups. The
  * first chunk starts each output from 0, later ones continue from out. */
-ALWAYS_INLINE void tile(const int KIND, const int M, const int N, const struct qctx *c, int t, int o)
+ALWAYS_INLINE void tile(const int M, const int N, const struct qctx *c, int t, int o)
 {
     const int MS = M == 1 ? 1 : M == 2 ? 2 : 4;
     const struct matmul_args *a = c->a;
@@ -206,7 +189,7 @@ ALWAYS_INLINE void tile(const int KIND, const int M, const int N, const struct q
      * tiles ahead (contiguous with these), a tile's worth per block step.
      * (uintptr_t: the address may lie past the matrix; prefetches never fault.) */
     const uintptr_t pf_base = (uintptr_t)wr[0] + (uintptr_t)PF_TILES * N * a->row_bytes;
-    const size_t pf_step = (size_t)N * BLOCK_BYTES * (KIND == KIND_Q8 ? 2 : 1);
+    const size_t pf_step = (size_t)N * BLOCK_BYTES;
     for (int g = c->g0; g < c->g1; g++) {
         const int gl = g - c->g0;
         if (M == 1)
@@ -214,23 +197,13 @@ ALWAYS_INLINE void tile(const int KIND, const int M, const int N, const struct q
             for (size_t l = 0; l < pf_step + 63; l += 64)
                 _mm_prefetch((const char *)(pf_base + (size_t)g * pf_step + l), _MM_HINT_T0);
         const __m256 s = bcast_ps(MS, &c->scale[gl][tl]);
-        if (KIND == KIND_W4) {
-            const size_t off = (size_t)g * BLOCK_BYTES;
-            __m256i p[8];
-            block_dots(KIND_W4, M, N, MS, wr, off, qt, (size_t)g * 64, p);
-            __m256i sums = _mm256_sub_epi32(qx_reduce8_w4(p), bcast_epi32(MS, &c->corr[gl][tl]));
-            /* Prefill tiles share their rows' scales, converted once per row pair. */
-            __m256 ds = _mm256_mul_ps(M == 4 ? _mm256_loadu_ps(c->rowd[gl]) : row_scales(N, MS, wr, off), s);
-            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), ds, acc);
-        } else {
-            for (int half = 0; half < 2; half++) {
-                const size_t off = (size_t)(2 * g + half) * BLOCK_BYTES;
-                __m256i p[8];
-                block_dots(KIND_Q8, M, N, MS, wr, off, qt, (size_t)g * 64 + 32 * half, p);
-                __m256 ds = _mm256_mul_ps(row_scales(N, MS, wr, off), s);
-                acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(reduce8(p)), ds, acc);
-            }
-        }
+        const size_t off = (size_t)g * BLOCK_BYTES;
+        __m256i p[8];
+        block_dots(M, N, MS, wr, off, qt, (size_t)g * 64, p);
+        __m256i sums = _mm256_sub_epi32(qx_reduce8_w4(p), bcast_epi32(MS, &c->corr[gl][tl]));
+        /* Prefill tiles share their rows' scales, converted once per row pair. */
+        __m256 ds = _mm256_mul_ps(M == 4 ? _mm256_loadu_ps(c->rowd[gl]) : row_scales(N, MS, wr, off), s);
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), ds, acc);
     }
 
     _mm256_storeu_ps(lanes, acc);
@@ -251,26 +224,22 @@ static void fill_row_scales(struct qctx *c, int o, int n)
     }
 }
 
-#define TILE_FN(kind, K, M, N) \
-    static void tile_##kind##_##M##x##N(const struct qctx *c, int t, int o) { tile(K, M, N, c, t, o); }
-#define TILE_SET(kind, K) \
-    TILE_FN(kind, K, 4, 2) TILE_FN(kind, K, 4, 1) TILE_FN(kind, K, 3, 2) TILE_FN(kind, K, 3, 1) \
-    TILE_FN(kind, K, 2, 4) TILE_FN(kind, K, 2, 3) TILE_FN(kind, K, 2, 2) TILE_FN(kind, K, 2, 1) \
-    TILE_FN(kind, K, 1, 8) TILE_FN(kind, K, 1, 7) TILE_FN(kind, K, 1, 6) TILE_FN(kind, K, 1, 5) \
-    TILE_FN(kind, K, 1, 4) TILE_FN(kind, K, 1, 3) TILE_FN(kind, K, 1, 2) TILE_FN(kind, K, 1, 1) \
-    /* [M][N]: the tile for M tokens and N rows (N up to 8 / MS) */ \
-    static const tile_fn tiles_##kind[5][9] = { \
-        [1] = { NULL, tile_##kind##_1x1, tile_##kind##_1x2, tile_##kind##_1x3, tile_##kind##_1x4, \
-                tile_##kind##_1x5, tile_##kind##_1x6, tile_##kind##_1x7, tile_##kind##_1x8 }, \
-        [2] = { NULL, tile_##kind##_2x1, tile_##kind##_2x2, tile_##kind##_2x3, tile_##kind##_2x4 }, \
-        [3] = { NULL, tile_##kind##_3x1, tile_##kind##_3x2 }, \
-        [4] = { NULL, tile_##kind##_4x1, tile_##kind##_4x2 }, \
-    };
-TILE_SET(w4, KIND_W4)
-TILE_SET(q8, KIND_Q8)
+#define TILE_FN(M, N) \
+    static void tile_##M##x##N(const struct qctx *c, int t, int o) { tile(M, N, c, t, o); }
+TILE_FN(4, 2) TILE_FN(4, 1) TILE_FN(3, 2) TILE_FN(3, 1)
+TILE_FN(2, 4) TILE_FN(2, 3) TILE_FN(2, 2) TILE_FN(2, 1)
+TILE_FN(1, 8) TILE_FN(1, 7) TILE_FN(1, 6) TILE_FN(1, 5)
+TILE_FN(1, 4) TILE_FN(1, 3) TILE_FN(1, 2) TILE_FN(1, 1)
+/* [M][N]: the tile for M tokens and N rows (N up to 8 / MS) */
+static const tile_fn tiles[5][9] = {
+    [1] = { NULL, tile_1x1, tile_1x2, tile_1x3, tile_1x4, tile_1x5, tile_1x6, tile_1x7, tile_1x8 },
+    [2] = { NULL, tile_2x1, tile_2x2, tile_2x3, tile_2x4 },
+    [3] = { NULL, tile_3x1, tile_3x2 },
+    [4] = { NULL, tile_4x1, tile_4x2 },
+};
 
 /* Rows [o0, o1) for the M tokens at t, in tiles of the widest N. */
-static void tile_rows(const tile_fn tiles[9], int M, const struct qctx *c, int t, int o0, int o1)
+static void tile_rows(const tile_fn row_tiles[9], int M, const struct qctx *c, int t, int o0, int o1)
 {
     const int n_max = M == 1 ? 8 : M == 2 ? 4 : 2;
     if (M == 1) {
@@ -280,12 +249,11 @@ static void tile_rows(const tile_fn tiles[9], int M, const struct qctx *c, int t
         for (size_t l = 0; l < len; l += 64) _mm_prefetch(p + l, _MM_HINT_T0);
     }
     int o = o0;
-    for (; o + n_max <= o1; o += n_max) tiles[n_max](c, t, o);
-    if (o < o1) tiles[o1 - o](c, t, o);
+    for (; o + n_max <= o1; o += n_max) row_tiles[n_max](c, t, o);
+    if (o < o1) row_tiles[o1 - o](c, t, o);
 }
 
-static void qblock(const int kind, const tile_fn tiles[5][9], const struct matmul_args *a,
-                   int t0, int t1, int o0, int o1)
+static void block_w4(const struct matmul_args *a, int t0, int t1, int o0, int o1)
 {
     struct qctx c;
     c.a = a;
@@ -296,13 +264,13 @@ static void qblock(const int kind, const tile_fn tiles[5][9], const struct matmu
         c.g1 = c.g0 + kg < c.groups ? c.g0 + kg : c.groups;
         for (c.tb = t0; c.tb < t1; c.tb += TB) {
             int te = c.tb + TB < t1 ? c.tb + TB : t1;
-            fill_ctx(&c, kind, te);
+            fill_ctx(&c, te);
             int quads_end = c.tb + (te - c.tb) / 4 * 4;
             /* Each pair of rows (in L1) meets every token quad of the block (in L2). */
             if (quads_end > c.tb)
                 for (int o = o0; o < o1; o += 2) {
                     const int n = o + 2 <= o1 ? 2 : 1;
-                    if (kind == KIND_W4) fill_row_scales(&c, o, n);
+                    fill_row_scales(&c, o, n);
                     const tile_fn f = tiles[4][n];
                     for (int t = c.tb; t < quads_end; t += 4) f(&c, t, o);
                 }
@@ -311,15 +279,4 @@ static void qblock(const int kind, const tile_fn tiles[5][9], const struct matmu
     }
 }
 
-static void block_w4(const struct matmul_args *a, int t0, int t1, int o0, int o1)
-{
-    qblock(KIND_W4, tiles_w4, a, t0, t1, o0, o1);
-}
-
-static void block_q8(const struct matmul_args *a, int t0, int t1, int o0, int o1)
-{
-    qblock(KIND_Q8, tiles_q8, a, t0, t1, o0, o1);
-}
-
 EBB_CPU_MATMUL(QX_FN(ebb_cpu_matmul_w4g64), EBB_TYPE_W4G64, block_w4, 8, 4)
-EBB_CPU_MATMUL(QX_FN(ebb_cpu_matmul_q8_0), EBB_TYPE_Q8_0, block_q8, 8, 4)

@@ -24,6 +24,7 @@
 #include <time.h>
 
 #include "check.h"
+#include "kernels/backend.h"
 #include "kernels/cpu/native.h"
 #include "kernels/formats.h"
 
@@ -347,6 +348,45 @@ static void test_simd_blocks(void) {
     }
 }
 
+/* The op table: each path's matmul[type] for every native type names the
+ * activation form the type pairs with, and through the driver (threads
+ * splitting rows and tokens) gives the scalar rectangle's bits. */
+static void test_op_table(void) {
+    struct ebb_pool *pools[2] = {ebb_pool_create(2), ebb_pool_create(3)};
+    CHECK(pools[0] && pools[1]);
+    for (int i = 0; i < 3; i++) {
+        const struct ebb_backend *be = ebb_backend_cpu_named(isas[i].name);
+        if (!isas[i].can_run) continue;
+        CHECK_MSG(be != NULL, "no %s backend", isas[i].name);
+        if (!be) continue;
+        for (int ty = 0; ty < 10; ty++) {
+            const uint32_t type = native_types[ty];
+            const char *name = ebb_type_info(type)->name;
+            CHECK_MSG(ebb_type_info(type)->act == (is_k(type) ? EBB_ACT_Q8K : EBB_ACT_Q8B32),
+                      "%s pairs with the wrong activation form", name);
+            CHECK_MSG(be->matmul[type] != NULL, "%s has no %s product", be->name, name);
+            if (!be->matmul[type]) continue;
+            struct problem p;
+            problem_make(&p, type, 37, is_k(type) ? 512 : 576, 45, 1);
+            const size_t n_res = (size_t)p.n_tok * p.n_out;
+            float *want = malloc(n_res * sizeof(float)), *got = malloc(n_res * sizeof(float));
+            if (!want || !got) abort();
+            run_block(isas[0].blocks[ty], &p, want, 0, p.n_tok, 0, p.n_out);
+            const struct ebb_act x = {.q = p.q, .s = p.d, .sums = p.sums};
+            for (int k = 0; k < 2; k++) {
+                memset(got, 0xff, n_res * sizeof(float));
+                be->matmul[type](pools[k], got, &x, p.w, p.n_tok, p.n_in, p.n_out);
+                CHECK_MSG(memcmp(want, got, n_res * sizeof(float)) == 0, "%s matmul[%s] with %d threads differs",
+                          be->name, name, ebb_pool_threads(pools[k]));
+            }
+            free(want), free(got);
+            problem_free(&p);
+        }
+    }
+    ebb_pool_destroy(pools[0]);
+    ebb_pool_destroy(pools[1]);
+}
+
 /* ------------------------------------------------------------- timings */
 
 static double now_s(void) {
@@ -409,6 +449,7 @@ int main(void) {
     test_products();
     test_simd_quantizers();
     test_simd_blocks();
+    test_op_table();
     if (getenv("EBB_NATIVE_BENCH")) bench();
     return check_report("test_native");
 }

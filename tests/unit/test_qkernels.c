@@ -1,5 +1,6 @@
-/* Tests for the quantized ops (quantize_act, matmul[W4G64], matmul[Q8_0],
- * hadamard64) and the W4G64 / Q8_0 quantizers in kernels/formats.c.
+/* Tests for the quantized ops (quantize_act, matmul[W4G64], hadamard64) and
+ * the W4G64 / Q8_0 quantizers in kernels/formats.c (the native GGUF
+ * products, Q8_0's included, are test_native.c's).
  *
  * Two kinds of check:
  * - every SIMD path against the scalar path, bit for bit (the ops are
@@ -354,14 +355,12 @@ static void test_quantize_act(const struct ebb_backend *const *paths)
 
 /* ----------------------------------------------------------------- matmuls */
 
-enum wkind { W4, Q8 };
-
-/* Weight rows of kind k: mostly RTN/ggml-quantized random rows at varied
- * magnitudes, some rows of raw random blocks (every code, incl. W4's -8 and
- * Q8's -128, and random positive f16 scales). */
-static uint8_t *make_weights(enum wkind k, int n_in, int n_out, size_t *row_bytes)
+/* W4G64 weight rows: mostly RTN-quantized random rows at varied magnitudes,
+ * some rows of raw random blocks (every code, incl. -8, and random positive
+ * f16 scales). */
+static uint8_t *make_weights(int n_in, int n_out, size_t *row_bytes)
 {
-    size_t rb = k == W4 ? (size_t)(n_in / 64) * 34 : (size_t)(n_in / 32) * 34;
+    size_t rb = (size_t)(n_in / 64) * 34;
     uint8_t *w = xmalloc(rb * (size_t)n_out + 64);
     float *row = xmalloc((size_t)n_in * sizeof *row);
     for (int o = 0; o < n_out; o++) {
@@ -377,8 +376,7 @@ static uint8_t *make_weights(enum wkind k, int n_in, int n_out, size_t *row_byte
         }
         float mag = 0.05f * (float)(1 + o % 5);
         for (int i = 0; i < n_in; i++) row[i] = frand() * mag * (i % 64 == 5 ? 8.0f : 1.0f);
-        if (k == W4) ebb_quantize_w4g64_rtn(row, dst, (size_t)n_in);
-        else ebb_quantize_q8_0(row, dst, (size_t)n_in);
+        ebb_quantize_w4g64_rtn(row, dst, (size_t)n_in);
     }
     free(row);
     *row_bytes = rb;
@@ -397,16 +395,16 @@ static void make_act(const struct ebb_backend *sc, int n_tok, int n_in, int8_t *
     free(x);
 }
 
-/* b's product for weight kind k, on codes q and scales s. */
-static void qmatmul(const struct ebb_backend *b, enum wkind k, struct ebb_pool *pool, float *out, const int8_t *q,
+/* b's W4G64 product on codes q and scales s. */
+static void qmatmul(const struct ebb_backend *b, struct ebb_pool *pool, float *out, const int8_t *q,
                     const float *s, const void *w, int n_tok, int n_in, int n_out)
 {
     const struct ebb_act a = { .q = q, .s = s };
-    b->matmul[k == W4 ? EBB_TYPE_W4G64 : EBB_TYPE_Q8_0](pool, out, &a, w, n_tok, n_in, n_out);
+    b->matmul[EBB_TYPE_W4G64](pool, out, &a, w, n_tok, n_in, n_out);
 }
 
 /* Double reference from the dequantized operands; mag = sum |w a|. */
-static void qmatmul_ref(enum wkind k, const uint8_t *w, size_t rb, const int8_t *q, const float *s,
+static void qmatmul_ref(const uint8_t *w, size_t rb, const int8_t *q, const float *s,
                         int n_tok, int n_in, int n_out, double *ref, double *mag)
 {
     float *wd = xmalloc((size_t)n_in * sizeof *wd);
@@ -414,7 +412,7 @@ static void qmatmul_ref(enum wkind k, const uint8_t *w, size_t rb, const int8_t 
     for (int t = 0; t < n_tok; t++)
         for (int i = 0; i < n_in; i++)
             ad[(size_t)t * n_in + i] = (double)q[(size_t)t * n_in + i] * s[(size_t)t * (n_in / 64) + i / 64];
-    const struct ebb_type_info *ti = ebb_type_info(k == W4 ? EBB_TYPE_W4G64 : EBB_TYPE_Q8_0);
+    const struct ebb_type_info *ti = ebb_type_info(EBB_TYPE_W4G64);
     for (int o = 0; o < n_out; o++) {
         ti->to_f32(w + (size_t)o * rb, wd, (size_t)n_in);
         for (int t = 0; t < n_tok; t++) {
@@ -434,21 +432,21 @@ static void qmatmul_ref(enum wkind k, const uint8_t *w, size_t rb, const int8_t 
 
 struct qshape { int n_tok, n_in, n_out; };
 
-static void check_qmatmul(enum wkind k, const struct qshape *sh, struct ebb_pool **pools, int n_pools,
+static void check_qmatmul(const struct qshape *sh, struct ebb_pool **pools, int n_pools,
                           const struct ebb_backend *const *paths)
 {
-    const char *kn = k == W4 ? "w4a8" : "q8a8";
+    const char *kn = "w4a8";
     size_t rb, no = (size_t)sh->n_tok * sh->n_out;
-    uint8_t *w = make_weights(k, sh->n_in, sh->n_out, &rb);
+    uint8_t *w = make_weights(sh->n_in, sh->n_out, &rb);
     int8_t *q;
     float *s;
     make_act(paths[0], sh->n_tok, sh->n_in, &q, &s);
     double *ref = xmalloc(no * sizeof *ref), *mag = xmalloc(no * sizeof *mag);
-    qmatmul_ref(k, w, rb, q, s, sh->n_tok, sh->n_in, sh->n_out, ref, mag);
+    qmatmul_ref(w, rb, q, s, sh->n_tok, sh->n_in, sh->n_out, ref, mag);
 
     float *sc = out_f(no);
-    qmatmul(paths[0], k, NULL, sc, q, s, w, sh->n_tok, sh->n_in, sh->n_out);
-    int blocks = k == W4 ? sh->n_in / 64 : sh->n_in / 32;
+    qmatmul(paths[0], NULL, sc, q, s, w, sh->n_tok, sh->n_in, sh->n_out);
+    int blocks = sh->n_in / 64;
     double unit = (blocks + 2) * U32;
     size_t bad = 0;
     for (size_t i = 0; i < no; i++)
@@ -466,7 +464,7 @@ static void check_qmatmul(enum wkind k, const struct qshape *sh, struct ebb_pool
         for (int pi = 0; pi < n_pools; pi++) {
             if (p == 0 && !pools[pi]) continue;               /* that is sc itself */
             float *out = out_f(no);
-            qmatmul(paths[p], k, pools[pi], out, q, s, w, sh->n_tok, sh->n_in, sh->n_out);
+            qmatmul(paths[p], pools[pi], out, q, s, w, sh->n_tok, sh->n_in, sh->n_out);
             size_t d = count_diff_f(out, sc, no);
             CHECK_MSG(d == 0, "%s %s threads=%d: %zu outputs differ from scalar", paths[p]->name, what,
                       pools[pi] ? ebb_pool_threads(pools[pi]) : 0, d);
@@ -486,25 +484,23 @@ static void test_qmatmul(const struct ebb_backend *const *paths)
         pools[t] = ebb_pool_create(t);
         CHECK(pools[t] != NULL);
     }
-    for (int k = W4; k <= Q8; k++) {
-        /* Every input width 64..1536 once, paired with varied tokens and rows. */
-        for (int n_in = 64; n_in <= 1536; n_in += 64) {
-            int i = n_in / 64;
-            struct qshape sh = { toks[i % 7], n_in, outs[(i * 5) % 16] };
-            check_qmatmul((enum wkind)k, &sh, pools, 5, paths);
-        }
-        /* Every token count with a few widths. */
-        for (int ti = 0; ti < 7; ti++) {
-            struct qshape a = { toks[ti], 576, 37 }, b = { toks[ti], 192, 9 + ti };
-            check_qmatmul((enum wkind)k, &a, pools, 5, paths);
-            check_qmatmul((enum wkind)k, &b, pools, 5, paths);
-        }
-        /* The model's shapes and the largest required ones, 2 threads. */
-        static const struct qshape big[] = { { 1, 576, 1536 }, { 1, 1536, 576 }, { 1, 576, 1537 },
-                                             { 100, 1536, 1537 }, { 64, 576, 576 }, { 5, 4096, 70 } };
-        struct ebb_pool *two[2] = { NULL, pools[2] };
-        for (size_t i = 0; i < sizeof big / sizeof *big; i++) check_qmatmul((enum wkind)k, &big[i], two, 2, paths);
+    /* Every input width 64..1536 once, paired with varied tokens and rows. */
+    for (int n_in = 64; n_in <= 1536; n_in += 64) {
+        int i = n_in / 64;
+        struct qshape sh = { toks[i % 7], n_in, outs[(i * 5) % 16] };
+        check_qmatmul(&sh, pools, 5, paths);
     }
+    /* Every token count with a few widths. */
+    for (int ti = 0; ti < 7; ti++) {
+        struct qshape a = { toks[ti], 576, 37 }, b = { toks[ti], 192, 9 + ti };
+        check_qmatmul(&a, pools, 5, paths);
+        check_qmatmul(&b, pools, 5, paths);
+    }
+    /* The model's shapes and the largest required ones, 2 threads. */
+    static const struct qshape big[] = { { 1, 576, 1536 }, { 1, 1536, 576 }, { 1, 576, 1537 },
+                                         { 100, 1536, 1537 }, { 64, 576, 576 }, { 5, 4096, 70 } };
+    struct ebb_pool *two[2] = { NULL, pools[2] };
+    for (size_t i = 0; i < sizeof big / sizeof *big; i++) check_qmatmul(&big[i], two, 2, paths);
     for (int t = 1; t <= 4; t++) ebb_pool_destroy(pools[t]);
 }
 
@@ -514,8 +510,8 @@ static void test_qmatmul(const struct ebb_backend *const *paths)
 static void test_qmatmul_extremes(const struct ebb_backend *const *paths)
 {
     const int T = 5, K = 640, N = 19;
-    for (int k = W4; k <= Q8; k++) {
-        size_t rb = k == W4 ? (size_t)(K / 64) * 34 : (size_t)(K / 32) * 34;
+    {
+        size_t rb = (size_t)(K / 64) * 34;
         uint8_t *w = xmalloc(rb * N);
         int8_t *q = xmalloc((size_t)T * K);
         float *s = xmalloc((size_t)T * (K / 64) * sizeof *s);
@@ -527,13 +523,13 @@ static void test_qmatmul_extremes(const struct ebb_backend *const *paths)
                     blk[0] = (uint8_t)h;
                     blk[1] = (uint8_t)(h >> 8);
                     for (int j = 0; j < 32; j++)
-                        blk[2 + j] = k == W4 ? (o % 2 ? 0x00 : 0xff) : (uint8_t)(o % 2 ? 0x80 : 0x7f);
+                        blk[2 + j] = o % 2 ? 0x00 : 0xff;
                 }
             for (int i = 0; i < T * K; i++) q[i] = (int8_t)((i / 3) % 2 ? 127 : -127);
             for (int i = 0; i < T * (K / 64); i++)
                 s[i] = case_ == 1 ? FLT_MAX / 127 : case_ == 2 ? 1e-40f : 0.5f;
             float *sc = out_f((size_t)T * N);
-            qmatmul(paths[0], (enum wkind)k, NULL, sc, q, s, w, T, K, N);
+            qmatmul(paths[0], NULL, sc, q, s, w, T, K, N);
             if (case_ == 0) {
                 /* Exact here: codes -8 (or 7) against +-127 in a fixed pattern. */
                 int bad = 0, blocks = (int)(rb / 34);
@@ -541,21 +537,21 @@ static void test_qmatmul_extremes(const struct ebb_backend *const *paths)
                     for (int o = 0; o < N; o++) {
                         double want = 0, mag = 0;
                         for (int i = 0; i < K; i++) {
-                            int wc = k == W4 ? (o % 2 ? -8 : 7) : (o % 2 ? -128 : 127);
+                            int wc = o % 2 ? -8 : 7;
                             double term = (double)wc * q[t * K + i] * 0.5 * f16_at(w);
                             want += term;
                             mag += fabs(term);
                         }
                         bad += !(fabs(sc[t * N + o] - want) <= (blocks + 2) * U32 * mag);
                     }
-                CHECK_MSG(bad == 0, "scalar %s extremes: %d wrong", k == W4 ? "w4a8" : "q8a8", bad);
+                CHECK_MSG(bad == 0, "scalar w4a8 extremes: %d wrong", bad);
             }
             for (int p = 1; p < N_PATHS; p++) {
                 if (!paths[p]) continue;
                 float *out = out_f((size_t)T * N);
-                qmatmul(paths[p], (enum wkind)k, NULL, out, q, s, w, T, K, N);
-                CHECK_MSG(count_diff_f(out, sc, (size_t)T * N) == 0, "%s %s extremes case %d differ",
-                          paths[p]->name, k == W4 ? "w4a8" : "q8a8", case_);
+                qmatmul(paths[p], NULL, out, q, s, w, T, K, N);
+                CHECK_MSG(count_diff_f(out, sc, (size_t)T * N) == 0, "%s w4a8 extremes case %d differ",
+                          paths[p]->name, case_);
                 free(out);
             }
             free(sc);
@@ -571,24 +567,23 @@ static void test_qmatmul_batch_invariant(const struct ebb_backend *b)
 {
     static const int shapes[][2] = { { 576, 576 }, { 576, 192 }, { 1536, 576 }, { 320, 129 }, { 2560, 40 } };
     struct ebb_pool *pool2 = ebb_pool_create(2), *pool3 = ebb_pool_create(3);
-    for (int k = W4; k <= Q8; k++)
-        for (size_t si = 0; si < sizeof shapes / sizeof *shapes; si++) {
+    for (size_t si = 0; si < sizeof shapes / sizeof *shapes; si++) {
             const int K = shapes[si][0], N = shapes[si][1];
             size_t rb;
-            uint8_t *w = make_weights((enum wkind)k, K, N, &rb);
+            uint8_t *w = make_weights(K, N, &rb);
             for (int T = 2; T <= 50; T += 7) {
                 int8_t *q;
                 float *s;
                 make_act(ebb_backend_cpu_named("scalar"), T, K, &q, &s);
                 float *all = out_f((size_t)T * N), *one = out_f((size_t)N);
-                qmatmul(b, (enum wkind)k, T % 2 ? pool2 : pool3, all, q, s, w, T, K, N);
+                qmatmul(b, T % 2 ? pool2 : pool3, all, q, s, w, T, K, N);
                 int differ = 0;
                 for (int t = 0; t < T; t++) {
-                    qmatmul(b, (enum wkind)k, NULL, one, q + (size_t)t * K, s + (size_t)t * (K / 64), w, 1, K, N);
+                    qmatmul(b, NULL, one, q + (size_t)t * K, s + (size_t)t * (K / 64), w, 1, K, N);
                     differ += count_diff_f(one, all + (size_t)t * N, (size_t)N) != 0;
                 }
-                CHECK_MSG(differ == 0, "%s %s: K=%d N=%d T=%d: %d rows differ from the row alone", b->name,
-                          k == W4 ? "w4a8" : "q8a8", K, N, T, differ);
+                CHECK_MSG(differ == 0, "%s w4a8: K=%d N=%d T=%d: %d rows differ from the row alone", b->name,
+                          K, N, T, differ);
                 free(q); free(s); free(all); free(one);
             }
             free(w);
@@ -603,11 +598,11 @@ static void test_qmatmul_empty(const struct ebb_backend *b)
     int8_t q[1] = { 0 };
     float s[1] = { 0 };
     uint8_t w[1] = { 0 };
-    qmatmul(b, W4, NULL, out, q, s, w, 2, 0, 2);
+    qmatmul(b, NULL, out, q, s, w, 2, 0, 2);
     CHECK_MSG(out[0] == 0 && out[3] == 0, "%s w4a8 with n_in = 0 must give zeros", b->name);
     out[0] = NAN;
-    qmatmul(b, Q8, NULL, out, q, s, w, 0, 64, 2);
-    CHECK_MSG(isnan(out[0]), "%s q8a8 with n_tok = 0 wrote", b->name);
+    qmatmul(b, NULL, out, q, s, w, 0, 64, 2);
+    CHECK_MSG(isnan(out[0]), "%s w4a8 with n_tok = 0 wrote", b->name);
 }
 
 /* -------------------------------------------------------------- hadamard64 */
