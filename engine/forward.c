@@ -354,7 +354,7 @@ static void native_form(struct model_run *r, enum ebb_act_form form, int n_tok, 
     for (int t = 0; t < n_tok; t++) {
         const size_t at = (size_t)t * n;
         if (form == EBB_ACT_Q8K) be->quantize_q8k(r->ax + at, n, f->q + at, f->d + at / per_d, f->sums + at / per_sum);
-        else be->quantize_q8b32(r->ax + at, n, f->q + at, f->d + at / per_d, f->sums + at / per_sum);
+        else be->quantize_q8b32(r->ax + at, n, n / per_d, f->q + at, f->d + at / per_d, f->sums + at / per_sum);
     }
     r->forms_ready |= 1u << form;
 }

@@ -103,9 +103,10 @@ struct ebb_backend {
     void (*quantize_act)(const float *x, int n_tok, int n, int n_hi, int8_t *q, float *s);
     /* One token's n floats to EBB_ACT_Q8B32 (n % 32 == 0) or EBB_ACT_Q8K
      * (n % 256 == 0): codes q[n], scales d[n/32 or n/256], sums[n/32 or
-     * n/16]; scale amax / 127, codes roundf(x * 127 / amax). Exact on every
+     * n/16]; scale amax / qmax, codes roundf(x * qmax / amax), qmax 127 (for
+     * Q8B32 only blocks [0, n_hi); the rest 7, 4-bit codes). Exact on every
      * path. */
-    void (*quantize_q8b32)(const float *x, int n, int8_t *q, float *d, int16_t *sums);
+    void (*quantize_q8b32)(const float *x, int n, int n_hi, int8_t *q, float *d, int16_t *sums);
     void (*quantize_q8k)(const float *x, int n, int8_t *q, float *d, int16_t *sums);
 
     /* In place, every consecutive block of 64 values of n (n % 64 == 0) times

@@ -5,7 +5,9 @@
  * in the form each type pairs with:
  *   Q8B32  blocks of 32: f32 scale d = amax / 127 (0 for an all-zero block),
  *          codes roundf(x * 127 / amax) (ops.h's act_inverse rule), and the
- *          block's code sum; read by Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0;
+ *          block's code sum; read by Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0. A
+ *          source-exact W4A4 file (docs/formats.md) quantizes its ordinary
+ *          blocks with qmax 7 instead of 127: the same form, 4-bit codes;
  *   Q8K    super-blocks of 256: the same scale rule per 256 values, and the
  *          code sum of every 16; read by Q2_K .. Q6_K (n a multiple of 256).
  *
@@ -75,9 +77,10 @@ EBB_NATIVE_BLOCKS(scalar)
 EBB_NATIVE_BLOCKS(avx2)
 EBB_NATIVE_BLOCKS(avx512)
 
-/* n values (a multiple of the block) to codes, block scales and code sums. */
+/* n values (a multiple of the block) to codes, block scales and code sums;
+ * Q8B32's blocks [0, n_hi) with qmax 127, the rest with qmax 7. */
 #define EBB_NATIVE_QUANTIZERS(isa) \
-    void ebb_native_quantize_q8b32_##isa(const float *x, int n, int8_t *q, float *d, int16_t *sums); \
+    void ebb_native_quantize_q8b32_##isa(const float *x, int n, int n_hi, int8_t *q, float *d, int16_t *sums); \
     void ebb_native_quantize_q8k_##isa(const float *x, int n, int8_t *q, float *d, int16_t *sums);
 EBB_NATIVE_QUANTIZERS(scalar)
 EBB_NATIVE_QUANTIZERS(avx2)

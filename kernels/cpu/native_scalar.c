@@ -11,6 +11,7 @@
  * never by overlaying structs on mapped bytes, so any alignment is safe.
  */
 #include "kernels/cpu/native.h"
+#include "kernels/cpu/ops.h"
 
 #include <math.h>
 #include <string.h>
@@ -25,21 +26,20 @@ static uint32_t u32(const uint8_t *p)
 
 /* ------------------------------------------------------- activation forms */
 
-/* The act_inverse() rule of ops.h for qmax 127, over n values. */
-static float block_scale(const float *x, int n, float *inv)
+/* The act_inverse() rule of ops.h over n values. */
+static float block_scale(const float *x, int n, float qmax, float *inv)
 {
-    float amax = 0;
+    float amax = 0, d;
     for (int i = 0; i < n; i++) amax = fmaxf(amax, fabsf(x[i]));
-    float d = amax / 127.0f;
-    *inv = d == 0 ? 0 : (127.0f / amax < 3.40282347e38f ? 127.0f / amax : 3.40282347e38f);
+    *inv = act_inverse(amax, qmax, &d);
     return d;
 }
 
-void ebb_native_quantize_q8b32_scalar(const float *x, int n, int8_t *q, float *d, int16_t *s)
+void ebb_native_quantize_q8b32_scalar(const float *x, int n, int n_hi, int8_t *q, float *d, int16_t *s)
 {
     for (int b = 0; b < n / EBB_NATIVE_QK; b++, x += EBB_NATIVE_QK, q += EBB_NATIVE_QK) {
         float inv;
-        d[b] = block_scale(x, EBB_NATIVE_QK, &inv);
+        d[b] = block_scale(x, EBB_NATIVE_QK, b < n_hi ? 127.0f : 7.0f, &inv);
         int sum = 0;
         for (int i = 0; i < EBB_NATIVE_QK; i++) sum += q[i] = (int8_t)roundf(x[i] * inv);
         s[b] = (int16_t)sum;
@@ -50,7 +50,7 @@ void ebb_native_quantize_q8k_scalar(const float *x, int n, int8_t *q, float *d, 
 {
     for (int b = 0; b < n / EBB_NATIVE_QK_K; b++, x += EBB_NATIVE_QK_K, q += EBB_NATIVE_QK_K) {
         float inv;
-        d[b] = block_scale(x, EBB_NATIVE_QK_K, &inv);
+        d[b] = block_scale(x, EBB_NATIVE_QK_K, 127.0f, &inv);
         for (int g = 0; g < EBB_NATIVE_QK_K / 16; g++) {
             int sum = 0;
             for (int i = 16 * g; i < 16 * g + 16; i++) sum += q[i] = (int8_t)roundf(x[i] * inv);

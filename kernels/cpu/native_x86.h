@@ -49,6 +49,7 @@
 #endif
 
 #include "kernels/cpu/native.h"
+#include "kernels/cpu/ops.h"
 
 #include <immintrin.h>
 #include <string.h>
@@ -90,13 +91,13 @@ ALWAYS_INLINE __m256i ld256(const void *p) { return _mm256_loadu_si256((const __
 /* ------------------------------------------------------- activation forms */
 
 /* The scalar path's block_scale() rule from the block's absolute maximum. */
-ALWAYS_INLINE float scale_of(__m256 m, float *inv)
+ALWAYS_INLINE float scale_of(__m256 m, float qmax, float *inv)
 {
     __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
     m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
     m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
-    const float amax = _mm_cvtss_f32(m4), d = amax / 127.0f;
-    *inv = d == 0 ? 0 : (127.0f / amax < 3.40282347e38f ? 127.0f / amax : 3.40282347e38f);
+    float d;
+    *inv = act_inverse(_mm_cvtss_f32(m4), qmax, &d);
     return d;
 }
 
@@ -119,11 +120,11 @@ ALWAYS_INLINE void codes32(const float *x, __m256 vinv, int8_t *q, __m256i c[4])
     _mm256_storeu_si256((__m256i *)q, _mm256_permutevar8x32_epi32(b8, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
 }
 
-void NX_FN(ebb_native_quantize_q8b32)(const float *x, int n, int8_t *q, float *d, int16_t *s)
+void NX_FN(ebb_native_quantize_q8b32)(const float *x, int n, int n_hi, int8_t *q, float *d, int16_t *s)
 {
     for (int b = 0; b < n / EBB_NATIVE_QK; b++, x += EBB_NATIVE_QK, q += EBB_NATIVE_QK) {
         float inv;
-        d[b] = scale_of(absmax_of(x, EBB_NATIVE_QK), &inv);
+        d[b] = scale_of(absmax_of(x, EBB_NATIVE_QK), b < n_hi ? 127.0f : 7.0f, &inv);
         __m256i c[4];
         codes32(x, _mm256_set1_ps(inv), q, c);
         __m256i t = _mm256_add_epi32(_mm256_add_epi32(c[0], c[1]), _mm256_add_epi32(c[2], c[3]));
@@ -138,7 +139,7 @@ void NX_FN(ebb_native_quantize_q8k)(const float *x, int n, int8_t *q, float *d, 
 {
     for (int b = 0; b < n / EBB_NATIVE_QK_K; b++, x += EBB_NATIVE_QK_K, q += EBB_NATIVE_QK_K, bsums += 16) {
         float inv;
-        d[b] = scale_of(absmax_of(x, EBB_NATIVE_QK_K), &inv);
+        d[b] = scale_of(absmax_of(x, EBB_NATIVE_QK_K), 127.0f, &inv);
         const __m256 vinv = _mm256_set1_ps(inv);
         for (int half = 0; half < 2; half++) {      /* 128 values: eight sums of 16 */
             __m256i g[8];

@@ -82,7 +82,7 @@ static int is_k(uint32_t type) {
 static void quantize(uint32_t type, const float *x, int n, struct act_buf *a) {
     const int block = is_k(type) ? EBB_NATIVE_QK_K : EBB_NATIVE_QK;
     if (is_k(type)) ebb_native_quantize_q8k_scalar(x, n, a->q, a->d, a->sums);
-    else ebb_native_quantize_q8b32_scalar(x, n, a->q, a->d, a->sums);
+    else ebb_native_quantize_q8b32_scalar(x, n, n / EBB_NATIVE_QK, a->q, a->d, a->sums);
     for (int i = 0; i < n; i++) a->deq[i] = a->d[i / block] * (float)a->q[i];
 }
 
@@ -94,12 +94,21 @@ static void test_quantizers(void) {
         for (int i = 0; i < 1024; i++) x[i] = gauss() * (i % 37 == 5 ? 30.0f : 1.0f);
         for (int k = 0; k < 2; k++) {
             const int block = k ? EBB_NATIVE_QK_K : EBB_NATIVE_QK, per_sum = k ? 16 : 32;
+            /* Q8B32 with its leading n_hi blocks at 8 bits, the rest at 4 */
+            const int n_hi = rep % 3 == 0 ? 1024 / 32 : rep % 33;
             if (k) ebb_native_quantize_q8k_scalar(x, 1024, a.q, a.d, a.sums);
-            else ebb_native_quantize_q8b32_scalar(x, 1024, a.q, a.d, a.sums);
+            else ebb_native_quantize_q8b32_scalar(x, 1024, n_hi, a.q, a.d, a.sums);
             for (int i = 0; i < 1024; i++) {
                 const float d = a.d[i / block];
-                worst_ok &= a.q[i] >= -127;   /* int8 holds 127 at most; -128 must never appear */
+                const int qmax = k || i / 32 < n_hi ? 127 : 7;
+                worst_ok &= a.q[i] >= -qmax && a.q[i] <= qmax;   /* -128 must never appear */
                 worst_ok &= fabsf(x[i] - d * (float)a.q[i]) <= d * 0.5f * (1 + 1e-6f) + 1e-30f;
+            }
+            /* the block's largest value takes qmax itself */
+            if (!k) {
+                int hits_max = 0;
+                for (int i = 0; i < 32; i++) hits_max |= abs(a.q[32 * (n_hi < 32 ? n_hi : 0) + i]) == (n_hi < 32 ? 7 : 127);
+                worst_ok &= hits_max;
             }
             for (int s = 0; s < 1024 / per_sum; s++) {
                 int sum = 0;
@@ -113,7 +122,7 @@ static void test_quantizers(void) {
     /* An all-zero block gets scale 0 and codes 0 (its neighbour is unaffected). */
     memset(x, 0, 32 * sizeof(float));
     x[40] = 3.0f;
-    ebb_native_quantize_q8b32_scalar(x, 64, a.q, a.d, a.sums);
+    ebb_native_quantize_q8b32_scalar(x, 64, 2, a.q, a.d, a.sums);
     CHECK(a.d[0] == 0 && a.q[0] == 0 && a.sums[0] == 0 && a.d[1] > 0 && a.q[40] != 0);
 }
 
@@ -170,7 +179,7 @@ static void test_products(void) {
 struct isa {
     const char *name;
     int can_run;
-    void (*q8b32)(const float *x, int n, int8_t *q, float *d, int16_t *sums);
+    void (*q8b32)(const float *x, int n, int n_hi, int8_t *q, float *d, int16_t *sums);
     void (*q8k)(const float *x, int n, int8_t *q, float *d, int16_t *sums);
     ebb_native_block_fn blocks[10];   /* in the order of native_types */
 };
@@ -234,15 +243,18 @@ static void test_simd_quantizers(void) {
             random_acts(x, 1, N, 1);
             const int n = 256 * (1 + rep % 8);
             memset(q, 0x55, sizeof q), memset(d, 0x55, sizeof d), memset(s, 0x55, sizeof s);
-            for (int k = 0; k < 2; k++) {
-                (k ? ebb_native_quantize_q8k_scalar : ebb_native_quantize_q8b32_scalar)(x, n, q[0], d[0], s[0]);
-                (k ? isas[i].q8k : isas[i].q8b32)(x, n, q[1], d[1], s[1]);
-                same &= memcmp(q[0], q[1], sizeof q[0]) == 0 && memcmp(d[0], d[1], sizeof d[0]) == 0 &&
-                        memcmp(s[0], s[1], sizeof s[0]) == 0;
-            }
-            /* Q8B32 at an odd number of blocks */
-            ebb_native_quantize_q8b32_scalar(x, 32 * (2 * rep + 1) % N, q[0], d[0], s[0]);
-            isas[i].q8b32(x, 32 * (2 * rep + 1) % N, q[1], d[1], s[1]);
+            ebb_native_quantize_q8k_scalar(x, n, q[0], d[0], s[0]);
+            isas[i].q8k(x, n, q[1], d[1], s[1]);
+            same &= memcmp(q[0], q[1], sizeof q[0]) == 0 && memcmp(d[0], d[1], sizeof d[0]) == 0 &&
+                    memcmp(s[0], s[1], sizeof s[0]) == 0;
+            ebb_native_quantize_q8b32_scalar(x, n, n / 32, q[0], d[0], s[0]);
+            isas[i].q8b32(x, n, n / 32, q[1], d[1], s[1]);
+            same &= memcmp(q[0], q[1], sizeof q[0]) == 0 && memcmp(d[0], d[1], sizeof d[0]) == 0 &&
+                    memcmp(s[0], s[1], sizeof s[0]) == 0;
+            /* Q8B32 at an odd number of blocks, some of them 4-bit */
+            const int odd = 32 * (2 * rep + 1) % N, n_hi = rep % 5 == 0 ? 0 : (rep * 7) % 40;
+            ebb_native_quantize_q8b32_scalar(x, odd, n_hi, q[0], d[0], s[0]);
+            isas[i].q8b32(x, odd, n_hi, q[1], d[1], s[1]);
             same &= memcmp(q[0], q[1], sizeof q[0]) == 0 && memcmp(d[0], d[1], sizeof d[0]) == 0 &&
                     memcmp(s[0], s[1], sizeof s[0]) == 0;
         }
@@ -275,10 +287,15 @@ static void problem_make(struct problem *p, uint32_t type, int n_tok, int n_in, 
     for (int o = 0; o < n_out; o++) random_row(type, p->w + (size_t)o * p->row_bytes, n_in);
     random_acts(x, n_tok, n_in, edges);
     const int k = is_k(type), per_d = k ? 256 : 32, per_sum = k ? 16 : 32;
-    for (int t = 0; t < n_tok; t++)
-        (k ? ebb_native_quantize_q8k_scalar : ebb_native_quantize_q8b32_scalar)(
-            x + (size_t)t * n_in, n_in, p->q + (size_t)t * n_in, p->d + (size_t)t * (n_in / per_d),
-            p->sums + (size_t)t * (n_in / per_sum));
+    for (int t = 0; t < n_tok; t++) {
+        const float *xt = x + (size_t)t * n_in;
+        int8_t *q = p->q + (size_t)t * n_in;
+        float *d = p->d + (size_t)t * (n_in / per_d);
+        int16_t *sums = p->sums + (size_t)t * (n_in / per_sum);
+        /* every other token as a source-exact W4A4 file has it: half its blocks 4-bit */
+        if (k) ebb_native_quantize_q8k_scalar(xt, n_in, q, d, sums);
+        else ebb_native_quantize_q8b32_scalar(xt, n_in, t % 2 ? n_in / 64 : n_in / 32, q, d, sums);
+    }
     free(x);
 }
 
