@@ -316,14 +316,19 @@ static void run_step(struct model_run *r, const struct layer_weights *w, int lay
 static void act_token(const struct token_job *j, int t) {
     struct model_run *r = j->r;
     const struct model *m = r->m;
-    const int n = j->n, groups = n / EBB_ACT_GROUP;
+    const int n = j->n, groups = n / m->act_group;
     const int32_t *perm = j->w->perm[j->point];
     const float *src = j->x + (size_t)t * n;
     float *dst = r->xp + (size_t)t * n;
     for (int i = 0; i < n; i++) dst[i] = src[perm[i]];
     if (m->act_bits == 16) return;
     const int n_hi = r->tok_pos[t] < KV_SINK_TOKENS ? groups : j->w->n_hi[j->point];
-    m->be->quantize_act(dst, 1, n, n_hi, r->aq + (size_t)t * n, r->as + (size_t)t * groups);
+    if (m->act_form == EBB_ACT_Q8B32) {
+        const size_t blocks = (size_t)t * (n / EBB_ACT_BLOCK);
+        m->be->quantize_q8b32(dst, n, n_hi, r->b32.q + (size_t)t * n, r->b32.d + blocks, r->b32.sums + blocks);
+    } else {
+        m->be->quantize_act(dst, 1, n, n_hi, r->aq + (size_t)t * n, r->as + (size_t)t * groups);
+    }
 }
 
 /* Readies the input of one activation point for the linear layers that read
@@ -341,7 +346,7 @@ static void act_prepare(struct model_run *r, const struct layer_weights *w, enum
     struct token_job j = {.r = r, .w = w, .step = STEP_ACT, .n_tok = n_tok, .point = p, .x = x, .n = n};
     for_tokens(&j);
     r->ax = r->xp;
-    if (m->act_bits != 16) r->forms_ready |= 1u << EBB_ACT_Q8G64;
+    if (m->act_bits != 16) r->forms_ready |= 1u << m->act_form;
 }
 
 /* Quantizes the prepared activation (n_tok rows of n) into a GGUF type's

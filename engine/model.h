@@ -85,6 +85,9 @@ struct model {
     struct matrix output;             /* the head; tied: the embedding's rows (not owned) */
     float *output_norm;               /* [n_embd] */
     int act_bits;                     /* 0: plain f32 model; packed: 4, 8 or 16 */
+    enum ebb_act_form act_form;       /* packed, 4 or 8 bits: what its points quantize into:
+                                         Q8G64 (w4a4 files) or Q8B32 (source-exact files) */
+    int act_group;                    /* packed: channels per activation group (64 or 32) */
     int hadamard_norm_out;            /* rotated models: H64 on the attention and FFN norm outputs */
     int hadamard_ffn_down;            /* rotated models: H64 on the down_proj input, online */
     int hadamard_head;                /* a W4G64 head: H64 on its input, online */

@@ -130,11 +130,14 @@ static float *load_tensor(struct model *m, const char *name, uint64_t ne0, uint6
  * the file stores it in when the backend has a product for that type;
  * otherwise (MODEL_WEIGHTS_F32, F16/BF16 which have no product, or W4G64,
  * whose Q8G64 activations only a packed file's calibrated points provide)
- * an f32 copy the model owns. */
+ * an f32 copy the model owns. A source-exact file's embedding and head are
+ * the source's, native whatever the weights setting (packed files are
+ * computed one way). */
 static void load_matrix(struct model *m, struct matrix *w, const char *name, uint64_t n_in, uint64_t n_out,
                         int *failed, char *err, size_t errlen) {
     const struct gguf_tensor *t = *failed ? NULL : gguf_find_tensor(&m->file, name);
-    if (t && m->weights == MODEL_WEIGHTS_NATIVE && !m->act_bits && t->type < EBB_TYPE_COUNT_ &&
+    const int native = m->act_form == EBB_ACT_Q8B32 || (m->weights == MODEL_WEIGHTS_NATIVE && !m->act_bits);
+    if (t && native && t->type < EBB_TYPE_COUNT_ &&
         m->be->matmul[t->type] && ebb_type_info(t->type)->act != EBB_ACT_Q8G64 &&
         t->ne[0] == n_in && t->ne[1] == n_out && t->ne[2] == 1 && t->ne[3] == 1) {
         m->weight_bytes += t->nbytes;
@@ -145,22 +148,29 @@ static void load_matrix(struct model *m, struct matrix *w, const char *name, uin
     if (rows) *w = (struct matrix){EBB_TYPE_F32, rows, (int)n_in, (int)n_out, rows};
 }
 
-/* A quantized matrix used in place: checks type and shape; its rows stay
- * in the mapping. */
-static void map_matrix(struct model *m, struct matrix *w, const char *name, enum ebb_type type, uint64_t n_in,
+/* A packed file's quantized matrix, used in place: its type must be one
+ * whose product reads the activation form the file quantizes into (W4G64
+ * for Q8G64; Q4_0 .. Q5_1 and Q8_0 for Q8B32), its shape [n_in, n_out]. */
+static void map_matrix(struct model *m, struct matrix *w, const char *name, enum ebb_act_form form, uint64_t n_in,
                        uint64_t n_out, int *failed, char *err, size_t errlen) {
     if (*failed) return;
     const struct gguf_tensor *t = gguf_find_tensor(&m->file, name);
     const struct ebb_type_info *ti = t ? ebb_type_info(t->type) : NULL;
-    if (!t || t->type != (uint32_t)type || t->ne[0] != n_in || t->ne[1] != n_out || t->ne[2] != 1) {
+    if (!t || !ti || ti->act != form || !m->be->matmul[t->type] || t->ne[0] != n_in || t->ne[1] != n_out ||
+        t->ne[2] != 1) {
+        char want[128] = "";
+        for (uint32_t k = 0, n = 0; k < EBB_TYPE_COUNT_; k++)
+            if (ebb_type_info(k) && ebb_type_info(k)->act == form && m->be->matmul[k])
+                n += snprintf(want + n, n < sizeof want ? sizeof want - n : 0, "%s%s", n ? " or " : "",
+                              ebb_type_info(k)->name);
         load_error(err, errlen, m->file.path, "packed tensor '%s' is %s; expected %s [%llu, %llu]", name,
-                   !t ? "missing" : ti ? ti->name : "of an unknown type", ebb_type_info(type)->name,
-                   (unsigned long long)n_in, (unsigned long long)n_out);
+                   !t ? "missing" : ti ? ti->name : "of an unknown type", want, (unsigned long long)n_in,
+                   (unsigned long long)n_out);
         *failed = 1;
         return;
     }
     m->weight_bytes += t->nbytes;
-    *w = (struct matrix){type, t->data, (int)n_in, (int)n_out, NULL};
+    *w = (struct matrix){(enum ebb_type)t->type, t->data, (int)n_in, (int)n_out, NULL};
 }
 
 /* A channel permutation: n distinct indices in [0, n). */
@@ -190,13 +200,28 @@ static int read_packing(struct model *m, char *err, size_t errlen) {
     struct gguf_str format;
     if (gguf_get_str(&m->file, "ebb.format", &format)) return 0;
     uint32_t group = 0, act_bits = 0;
-    if (!gguf_str_eq(format, "w4a4"))
+    const int source = gguf_str_eq(format, "source");
+    if (!gguf_str_eq(format, "w4a4") && !source)
         return load_error(err, errlen, m->file.path, "unknown ebb.format '%.*s'", (int)format.len, format.ptr);
-    if (gguf_get_u32(&m->file, "ebb.group_size", &group) || group != EBB_W4G64_GROUP)
-        return load_error(err, errlen, m->file.path, "ebb.group_size must be %d", EBB_W4G64_GROUP);
-    if (gguf_get_u32(&m->file, "ebb.act_bits", &act_bits) || (act_bits != 4 && act_bits != 8 && act_bits != 16))
-        return load_error(err, errlen, m->file.path, "ebb.act_bits must be 4, 8 or 16");
+    const uint32_t want_group = source ? EBB_ACT_BLOCK : EBB_W4G64_GROUP;
+    if (gguf_get_u32(&m->file, "ebb.group_size", &group) || group != want_group)
+        return load_error(err, errlen, m->file.path, "ebb.group_size must be %u", want_group);
+    if (gguf_get_u32(&m->file, "ebb.act_bits", &act_bits) || (act_bits != 4 && act_bits != 8 && (act_bits != 16 || source)))
+        return load_error(err, errlen, m->file.path, "ebb.act_bits must be 4 or 8%s", source ? "" : " or 16");
     const struct model_config *c = &m->cfg;
+    if (source) {
+        /* The source's own blocks, permuted, against activations in blocks
+         * of 32: no rotation, nothing folded (docs/formats.md). */
+        struct gguf_str rotation;
+        if (gguf_get_str(&m->file, "ebb.rotation", &rotation) || !gguf_str_eq(rotation, "none"))
+            return load_error(err, errlen, m->file.path, "ebb.rotation must be \"none\" in a source-exact file");
+        if (c->n_embd % 32 || c->n_ff % 32 || (c->n_head * c->head_dim) % 32)
+            return load_error(err, errlen, m->file.path, "source-exact files need widths that are multiples of 32");
+        m->act_bits = (int)act_bits;
+        m->act_form = EBB_ACT_Q8B32;
+        m->act_group = (int)group;
+        return 0;
+    }
     if (c->n_embd % 64 || c->n_ff % 64 || (c->n_head * c->head_dim) % 64)
         return load_error(err, errlen, m->file.path, "packed models need widths that are multiples of 64");
     /* "hadamard64" (QuaRot's rotated residual stream with folded norms) was
@@ -206,6 +231,8 @@ static int read_packing(struct model *m, char *err, size_t errlen) {
         return load_error(err, errlen, m->file.path,
                           "ebb.rotation must be \"hadamard64-inputs\" (a file packed by an older ebb: pack it again)");
     m->act_bits = (int)act_bits;
+    m->act_form = EBB_ACT_Q8G64;
+    m->act_group = EBB_ACT_GROUP;
     m->hadamard_norm_out = 1;
     m->hadamard_ffn_down = 1;
     return 0;
@@ -221,9 +248,10 @@ static int read_act8_groups(struct model *m, char *err, size_t errlen) {
     for (int l = 0; l < c->n_layer; l++)
         for (int p = 0; p < ACT_POINTS; p++) {
             double v = gguf_arr_num(kv, (uint64_t)l * ACT_POINTS + p);
-            if (!(v >= 0 && v <= widths[p] / 64))
+            const int groups = widths[p] / m->act_group;
+            if (!(v >= 0 && v <= groups))
                 return load_error(err, errlen, m->file.path, "ebb.act8_groups[%d] = %g is out of range", l * ACT_POINTS + p, v);
-            m->layers[l].n_hi[p] = m->act_bits == 8 ? widths[p] / 64 : (int)v;
+            m->layers[l].n_hi[p] = m->act_bits == 8 ? groups : (int)v;
         }
     return 0;
 }
@@ -241,19 +269,19 @@ static int load_weights(struct model *m, char *err, size_t errlen) {
     m->cfg.n_vocab = (int)emb->ne[1];
     const uint64_t V = (uint64_t)m->cfg.n_vocab;
 
-    /* Integer-activation packed models use their 8- and 4-bit matrices in
-     * place; everything else is dequantized to f32 copies. */
+    /* Integer-activation packed models use their quantized matrices in
+     * place; a plain model's are native or f32 (load_matrix). */
     const int int_path = m->act_bits == 4 || m->act_bits == 8;
-    if (int_path) {
-        map_matrix(m, &m->embd, "token_embd.weight", EBB_TYPE_Q8_0, E, V, &failed, err, errlen);
+    if (int_path && m->act_form == EBB_ACT_Q8G64) {
+        map_matrix(m, &m->embd, "token_embd.weight", EBB_ACT_Q8B32, E, V, &failed, err, errlen);
         /* The head: the tied Q8_0 embedding, its own Q8_0 rows, or W4G64
          * rows whose input is the H64-rotated final norm (docs/formats.md). */
         const struct gguf_tensor *out = gguf_find_tensor(&m->file, "output.weight");
         if (out && out->type == EBB_TYPE_W4G64) {
-            map_matrix(m, &m->output, "output.weight", EBB_TYPE_W4G64, E, V, &failed, err, errlen);
+            map_matrix(m, &m->output, "output.weight", EBB_ACT_Q8G64, E, V, &failed, err, errlen);
             m->hadamard_head = 1;
         } else if (out) {
-            map_matrix(m, &m->output, "output.weight", EBB_TYPE_Q8_0, E, V, &failed, err, errlen);
+            map_matrix(m, &m->output, "output.weight", EBB_ACT_Q8B32, E, V, &failed, err, errlen);
         }
     } else {
         load_matrix(m, &m->embd, "token_embd.weight", E, V, &failed, err, errlen);
@@ -276,7 +304,7 @@ static int load_weights(struct model *m, char *err, size_t errlen) {
          w->field = load_tensor(m, name, ne0, ne1, opt, &failed, err, errlen))
 #define MATRIX(field, suffix, ne0, ne1) \
         (snprintf(name, sizeof name, "blk.%d.%s", l, suffix), \
-         int_path ? map_matrix(m, &w->field, name, EBB_TYPE_W4G64, ne0, ne1, &failed, err, errlen) \
+         int_path ? map_matrix(m, &w->field, name, m->act_form, ne0, ne1, &failed, err, errlen) \
                   : load_matrix(m, &w->field, name, ne0, ne1, &failed, err, errlen))
         LOAD(attn_norm, "attn_norm.weight", E, 1, 0);
         MATRIX(wq, "attn_q.weight", E, QD);

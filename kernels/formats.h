@@ -87,8 +87,12 @@ void ebb_quantize_q8_0(const float *src, void *dst, size_t n);
  * Which groups are 8-bit is fixed per activation point by calibration: after
  * the point's channel permutation, the first n_hi groups. */
 #define EBB_ACT_GROUP 64
-_Static_assert(EBB_ACT_GROUP == EBB_W4G64_GROUP && EBB_ACT_GROUP == 2 * EBB_Q8_0_GROUP,
-               "one activation group meets one W4G64 block or two Q8_0 blocks");
+_Static_assert(EBB_ACT_GROUP == EBB_W4G64_GROUP, "one activation group meets one W4G64 block");
+/* The block of EBB_ACT_Q8B32 (below): one block of the legacy GGUF types. A
+ * source-exact file's activation points are quantized in these blocks, the
+ * first n_hi at 8 bits and the rest at 4, the same way. */
+#define EBB_ACT_BLOCK 32
+_Static_assert(EBB_ACT_BLOCK == EBB_Q8_0_GROUP, "one activation block meets one legacy-type block");
 
 /* The form of the activations a weight type's product reads (ggml's
  * vec_dot_type): the backend's matmul[type] takes them in this form

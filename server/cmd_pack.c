@@ -31,12 +31,14 @@
 
 static void pack_usage(FILE *out) {
     fprintf(out,
-        "usage: ebb pack -m MODEL --format w4a4|w4a16 -o FILE [options]\n"
+        "usage: ebb pack -m MODEL --format w4a4|w4a16|source -o FILE [options]\n"
         "  -m MODEL              source GGUF (any type ebb loads; computed in f32)\n"
         "  -o FILE               packed GGUF to write (atomically)\n"
-        "  --format F            w4a4 (4-bit weights, quantized activations) or w4a16\n"
-        "                        (4-bit weights, f32 activations); default w4a4\n"
-        "  --act-bits 4|8        w4a4 only: 4 = outlier groups 8-bit, the rest 4-bit;\n"
+        "  --format F            w4a4 (rotated 4-bit weights requantized, quantized activations),\n"
+        "                        w4a16 (the same weights, f32 activations) or source (the source's\n"
+        "                        own Q4_0/Q4_1/Q5_x/Q8_0 blocks bit for bit, only activations\n"
+        "                        quantized, in blocks of 32); default w4a4\n"
+        "  --act-bits 4|8        w4a4 and source: 4 = outlier groups 8-bit, the rest 4-bit;\n"
         "                        8 = every group 8-bit (W4A8); default 4\n"
         "  --weight-quant Q      gptq (default) or rtn (round to nearest, the baseline)\n"
         "  --head-bits 8|4       output head: 8 = Q8_0 per row, tied to the embedding when the source\n"
@@ -122,6 +124,7 @@ static int measure_variant(const struct pack_options *o, const struct eval_optio
 }
 
 static const char *variant_kind(const struct pack_options *o) {
+    if (o->format == PACK_SOURCE) return o->act_bits == 8 ? "source-w4a8" : "source-w4a4";
     static const char *const kinds[3][2][2] = {
         {{"w4a16", "w4a16-head4"}, {"w4a16-rtn", "w4a16-rtn-head4"}},
         {{"w4a8", "w4a8-head4"}, {"w4a8-rtn", "w4a8-rtn-head4"}},
@@ -133,11 +136,13 @@ static const char *variant_kind(const struct pack_options *o) {
 
 static void print_summary(const struct pack_options *o, const struct pack_result *r) {
     static const char *const pn[ACT_POINTS] = {"attn_in", "attn_out", "ffn_in", "ffn_down_in"};
-    printf("wrote %s: %llu bytes, %.3f bits per source parameter (W4G64 matrices %.2f bpw), %.1f s\n",
-           o->out_path, (unsigned long long)r->file_bytes, r->bits_per_weight, r->linear_bpw, r->seconds);
+    const int source = o->format == PACK_SOURCE;
+    printf("wrote %s: %llu bytes, %.3f bits per source parameter (%s matrices %.2f bpw), %.1f s\n",
+           o->out_path, (unsigned long long)r->file_bytes, r->bits_per_weight, source ? "layer" : "W4G64",
+           r->linear_bpw, r->seconds);
     printf("format %s, weights %s, calibration %ld tokens\n", variant_kind(o),
-           o->weight_quant == PACK_GPTQ ? "gptq" : "rtn", r->calib_tokens);
-    if (o->format != PACK_W4A4 || o->act_bits != 4) return;
+           source ? "the source's blocks, permuted" : o->weight_quant == PACK_GPTQ ? "gptq" : "rtn", r->calib_tokens);
+    if (o->format == PACK_W4A16 || o->act_bits != 4) return;
     printf("8-bit activation groups per layer (%s / %s / %s / %s):\n", pn[0], pn[1], pn[2], pn[3]);
     unsigned long hi_all = 0, all = 0;
     for (int l = 0; l < r->n_layer; l++) {
@@ -235,7 +240,8 @@ int cmd_pack(int argc, char **argv) {
         else if (!strcmp(a, "--format")) {
             if (!strcmp(v, "w4a4")) o.format = PACK_W4A4;
             else if (!strcmp(v, "w4a16")) o.format = PACK_W4A16;
-            else { fprintf(stderr, "ebb pack: --format must be w4a4 or w4a16, not '%s'\n", v); return 2; }
+            else if (!strcmp(v, "source")) o.format = PACK_SOURCE;
+            else { fprintf(stderr, "ebb pack: --format must be w4a4, w4a16 or source, not '%s'\n", v); return 2; }
         } else if (!strcmp(a, "--weight-quant")) {
             if (!strcmp(v, "gptq")) o.weight_quant = PACK_GPTQ;
             else if (!strcmp(v, "rtn")) o.weight_quant = PACK_RTN;
@@ -267,7 +273,12 @@ int cmd_pack(int argc, char **argv) {
     if (!o.model_path) { fprintf(stderr, "ebb pack: -m MODEL is required\n"); return 2; }
     if (!o.out_path) { fprintf(stderr, "ebb pack: -o FILE is required\n"); return 2; }
     if (o.format == PACK_W4A16 && o.act_bits != 4) {
-        fprintf(stderr, "ebb pack: --act-bits applies to --format w4a4 only\n");
+        fprintf(stderr, "ebb pack: --act-bits applies to --format w4a4 and source only\n");
+        return 2;
+    }
+    if (o.format == PACK_SOURCE && (o.head_bits != 8 || o.weight_quant != PACK_GPTQ)) {
+        fprintf(stderr, "ebb pack: --head-bits and --weight-quant do not apply to --format source, which keeps "
+                        "the source's weights as they are\n");
         return 2;
     }
     if (!o.calib_path) {

@@ -282,3 +282,99 @@ def test_a_file_from_the_first_packer_is_refused(ebb_bin, packed, tmp_path):
     # Same length, so every offset in the file stays valid: only the value is foreign.
     old.write_bytes(data.replace(b"hadamard64-inputs", b"hadamard64-folded"))
     refused(run_ebb(ebb_bin, "generate", "-m", str(old), "-p", "hi", "-n", "1"), "pack it again")
+
+
+# ------------------------------------------------------------ source-exact variants
+
+SOURCE_MATRICES = {"attn_q": "attn_in", "attn_k": "attn_in", "attn_v": "attn_in", "attn_output": "attn_out",
+                   "ffn_gate": "ffn_in", "ffn_up": "ffn_in", "ffn_down": "ffn_down_in"}
+
+
+@pytest.fixture(scope="module")
+def source_exact(ebb_bin, model_path, tmp_path_factory):
+    d = tmp_path_factory.mktemp("source")
+    files = {}
+    for bits in (8, 4):
+        out = d / f"smol-source-w4a{bits}.gguf"
+        p = run_ebb(ebb_bin, "pack", "-m", model_path, "--format", "source", "--act-bits", str(bits),
+                    "--calib", CALIB_TEXT, "--calib-seqs", "2", "--calib-len", "128", "--no-register", "--no-eval",
+                    "-q", "-o", str(out))
+        assert f"format source-w4a{bits}" in ok(p)
+        files[bits] = out
+    return files
+
+
+def field(reader, key):
+    f = reader.fields[key]
+    vals = [f.parts[i] for i in f.data]
+    if len(vals) == 1 and f.types[0] != 9:   # 9: GGUF array
+        v = vals[0]
+        return bytes(v).decode() if v.dtype.kind == "u" and f.types[0] == 8 else v.tolist()[0]
+    return [v.tolist()[0] for v in vals]
+
+
+def test_source_exact_files_hold_the_sources_blocks_permuted(source_exact, model_path):
+    """Read with the independent `gguf` package: every tensor of the source is there in its
+    own type; a layer matrix's rows hold exactly the source row's blocks (scales, minimums
+    and codes), in the order of its activation point's permutation, which moves whole
+    blocks of 32; everything else is byte for byte the source's."""
+    gguf = pytest.importorskip("gguf")
+    np = pytest.importorskip("numpy")
+    src = {t.name: t for t in gguf.GGUFReader(model_path).tensors}
+    n_layer = 1 + max(int(n.split(".")[1]) for n in src if n.startswith("blk."))
+    for bits, path in source_exact.items():
+        r = gguf.GGUFReader(str(path))
+        assert field(r, "ebb.format") == "source" and field(r, "ebb.rotation") == "none"
+        assert field(r, "ebb.group_size") == 32 and field(r, "ebb.act_bits") == bits
+        got = {t.name: t for t in r.tensors}
+        assert set(got) == set(src) | {f"blk.{l}.{p}.perm" for l in range(n_layer)
+                                       for p in ("attn_in", "attn_out", "ffn_in", "ffn_down_in")}
+        moved = 0
+        for name, t in src.items():
+            g = got[name]
+            assert g.tensor_type == t.tensor_type and list(g.shape) == list(t.shape), name
+            parts = name.split(".")
+            if len(parts) != 4 or parts[2] not in SOURCE_MATRICES:
+                assert np.array_equal(np.asarray(g.data), np.asarray(t.data)), name
+                continue
+            perm = np.asarray(got[f"blk.{parts[1]}.{SOURCE_MATRICES[parts[2]]}.perm"].data)
+            blocks = perm[::32] // 32
+            assert np.array_equal(perm.reshape(-1, 32), blocks[:, None] * 32 + np.arange(32)), "whole blocks move"
+            a, b = np.asarray(t.data), np.asarray(g.data)
+            rows = a.reshape(a.shape[0], len(blocks), -1)
+            assert np.array_equal(b.reshape(rows.shape), rows[:, blocks, :]), name
+            moved += not np.array_equal(blocks, np.arange(len(blocks)))
+        act8 = field(r, "ebb.act8_groups")
+        total = n_layer * (576 + 576 + 576 + 1536) // 32
+        if bits == 8:
+            assert moved == 0   # W4A8 needs no order: every block is 8-bit
+        else:
+            assert moved > 0 and 0.15 * total < sum(act8) <= 0.2 * total, (moved, sum(act8))
+
+
+def test_source_exact_w4a8_is_the_source_served_natively(ebb_bin, source_exact, model_path, tmp_path):
+    """The source served natively reads its activations as 8-bit blocks of 32 already: the
+    W4A8 source-exact file must give its logits bit for bit. The W4A4 file's 4-bit blocks
+    cost some perplexity, not the model."""
+    ids = tmp_path / "ids.txt"
+    ids.write_text(" ".join(str(i) for i in [1, 504, 3458, 314, 4456, 28, 282, 1860, 30, 216, 198, 2070, 253]))
+    out = {}
+    for label, path in (("native", model_path), ("w4a8", source_exact[8])):
+        dst = tmp_path / f"{label}.bin"
+        ok(run_ebb(ebb_bin, "logits", "-m", str(path), "--ids-file", str(ids), "-o", str(dst), "--all"))
+        out[label] = dst.read_bytes()
+    assert len(out["native"]) == 13 * 49152 * 4 and out["native"] == out["w4a8"]
+    ppl = {}
+    for label, path in (("native", model_path), ("w4a4", source_exact[4])):
+        line = ok(run_ebb(ebb_bin, "ppl", "-m", str(path), "-f", EVAL_TEXT, "--ctx", "256", "--chunks", "2"))
+        ppl[label] = float(line.strip().splitlines()[-1].split()[2])
+    assert ppl["native"] < ppl["w4a4"] < 1.4 * ppl["native"], ppl
+
+
+def test_source_exact_refuses_what_it_cannot_keep(ebb_bin, packed, model_path, tmp_path):
+    out = str(tmp_path / "x.gguf")
+    refused(run_ebb(ebb_bin, "pack", "-m", model_path, "--format", "source", "--head-bits", "4", "-o", out),
+            "do not apply to --format source")
+    refused(run_ebb(ebb_bin, "pack", "-m", str(packed["path"]), "--format", "source", "--calib", CALIB_TEXT,
+                    "--no-register", "-o", out), "already a packed")
+    assert not os.path.exists(out)

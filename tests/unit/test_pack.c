@@ -166,6 +166,7 @@ static void test_outliers(void) {
     struct pack_calib c = {0};
     struct pack_act_stats st[ACT_POINTS];
     c.n_layer = 1;
+    c.group = 64;
     c.pt = st;
     static double g0[4] = {1, 1, 9, 1}, g1[4] = {8, 1, 1, 7}, g2[4] = {1, 2, 1, 1},
                   g3[8] = {1, 11, 1, 1, 1, 12, 1, 10};

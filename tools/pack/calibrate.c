@@ -4,7 +4,7 @@
  * the run's capture hook set; for every layer and activation point the hook adds the
  * batch's X^T X to that point's Hessian (GPTQ's proxy for how much each
  * weight column's error costs), updates each channel's absolute maximum and
- * sums, per group of 64, the squared per-token group maximum (what 4-bit
+ * sums, per activation group (64 or 32 channels), the squared per-token group maximum (what 4-bit
  * noise is proportional to) and the activation's energy (outliers.c).
  *
  * Precision and speed: the Hessian of a batch (up to MODEL_MAX_BATCH tokens)
@@ -38,9 +38,10 @@ static int point_width(const struct model_config *cfg, int point) {
     }
 }
 
-int pack_calib_init(struct pack_calib *c, const struct model_config *cfg, int want_hessian) {
+int pack_calib_init(struct pack_calib *c, const struct model_config *cfg, int group, int want_hessian) {
     memset(c, 0, sizeof *c);
     c->n_layer = cfg->n_layer;
+    c->group = group;
     const int slots = cfg->n_layer * ACT_POINTS + 1;   /* every layer's points, then the head's input */
     c->pt = calloc((size_t)slots, sizeof *c->pt);
     if (!c->pt) return -1;
@@ -50,7 +51,7 @@ int pack_calib_init(struct pack_calib *c, const struct model_config *cfg, int wa
         s->n = i == slots - 1 ? cfg->n_embd : point_width(cfg, i % ACT_POINTS);
         if (s->n > widest) widest = s->n;
         s->absmax = calloc((size_t)s->n, sizeof(float));
-        s->gmax2 = calloc((size_t)s->n / 64 + 1, sizeof(double));
+        s->gmax2 = calloc((size_t)s->n / group + 1, sizeof(double));
         if (!s->absmax || !s->gmax2) goto fail;
         if (want_hessian) {
             s->hess = calloc((size_t)s->n * s->n, sizeof(double));
@@ -87,9 +88,9 @@ void pack_calib_capture(void *ud, int layer, enum act_point point, const float *
     if (layer == 0 && point == ACT_ATTN_IN) c->n_tokens += n_tok;
     for (int t = 0; t < n_tok; t++) {
         const float *row = x + (size_t)t * n;
-        for (int g = 0; g < n / 64; g++) {
+        for (int g = 0; g < n / c->group; g++) {
             float gmax = 0;
-            for (int i = g * 64; i < g * 64 + 64; i++) {
+            for (int i = g * c->group; i < (g + 1) * c->group; i++) {
                 const float a = fabsf(row[i]);
                 if (a > s->absmax[i]) s->absmax[i] = a;
                 if (a > gmax) gmax = a;

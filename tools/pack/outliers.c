@@ -63,14 +63,15 @@ static double noise_share(const struct pack_act_stats *s, int g) {
 int pack_choose_act8(const struct pack_calib *c, int layer, double share, int32_t *const perm[ACT_POINTS],
                      int n_hi[ACT_POINTS]) {
     int total = 0;
-    for (int p = 0; p < ACT_POINTS; p++) total += c->pt[layer * ACT_POINTS + p].n / EBB_ACT_GROUP;
+    const int group = c->group;
+    for (int p = 0; p < ACT_POINTS; p++) total += c->pt[layer * ACT_POINTS + p].n / group;
     struct ranked *all = malloc((size_t)total * sizeof *all);
     if (!all) return -1;
     /* Every group of the layer, ranked; i encodes (point, group). */
     int k = 0;
     for (int p = 0; p < ACT_POINTS; p++) {
         const struct pack_act_stats *s = &c->pt[layer * ACT_POINTS + p];
-        for (int g = 0; g < s->n / EBB_ACT_GROUP; g++) all[k++] = (struct ranked){noise_share(s, g), p * 65536 + g};
+        for (int g = 0; g < s->n / group; g++) all[k++] = (struct ranked){noise_share(s, g), p * 65536 + g};
     }
     qsort(all, (size_t)total, sizeof *all, by_rank);
     const int budget = (int)(share * total + 1e-9);
@@ -81,13 +82,13 @@ int pack_choose_act8(const struct pack_calib *c, int layer, double share, int32_
     /* Per point: blocks noisiest first, so the promoted ones lead. */
     for (int p = 0; p < ACT_POINTS; p++) {
         const struct pack_act_stats *s = &c->pt[layer * ACT_POINTS + p];
-        const int groups = s->n / EBB_ACT_GROUP;
+        const int groups = s->n / group;
         struct ranked *r = malloc((size_t)groups * sizeof *r);
         if (!r) return -1;
         for (int g = 0; g < groups; g++) r[g] = (struct ranked){noise_share(s, g), g};
         qsort(r, (size_t)groups, sizeof *r, by_rank);
         for (int g = 0; g < groups; g++)
-            for (int i = 0; i < EBB_ACT_GROUP; i++) perm[p][g * EBB_ACT_GROUP + i] = r[g].i * EBB_ACT_GROUP + i;
+            for (int i = 0; i < group; i++) perm[p][g * group + i] = r[g].i * group + i;
         free(r);
     }
     return 0;

@@ -355,11 +355,12 @@ static void write_metadata(struct gguf_writer *gw, const struct model *m, const 
         if (gguf_str_eq(kv->key, "general.alignment")) continue;
         gguf_writer_copy_kv(gw, kv);
     }
-    gguf_writer_set_str(gw, "ebb.format", "w4a4");
-    gguf_writer_set_u32(gw, "ebb.group_size", EBB_W4G64_GROUP);
+    const int source = o->format == PACK_SOURCE;
+    gguf_writer_set_str(gw, "ebb.format", source ? "source" : "w4a4");
+    gguf_writer_set_u32(gw, "ebb.group_size", source ? EBB_ACT_BLOCK : EBB_W4G64_GROUP);
     gguf_writer_set_u32(gw, "ebb.act_bits", o->format == PACK_W4A16 ? 16u : (uint32_t)o->act_bits);
-    gguf_writer_set_str(gw, "ebb.weight_quant", o->weight_quant == PACK_GPTQ ? "gptq" : "rtn");
-    gguf_writer_set_str(gw, "ebb.rotation", "hadamard64-inputs");
+    gguf_writer_set_str(gw, "ebb.weight_quant", source ? "source" : o->weight_quant == PACK_GPTQ ? "gptq" : "rtn");
+    gguf_writer_set_str(gw, "ebb.rotation", source ? "none" : "hadamard64-inputs");
     gguf_writer_set_str(gw, "ebb.calibration", calibration);
     gguf_writer_set_arr_u32(gw, "ebb.act8_groups", r->act8_groups, (size_t)r->n_layer * ACT_POINTS);
 }
@@ -378,7 +379,7 @@ static int choose_ffn_perms(struct model_run *run, const struct pack_options *o,
                             int n_seqs, int32_t ***perm_ffn, char *err, size_t errlen) {
     const struct model_config *c = &model_run_model(run)->cfg;
     struct pack_calib pre;
-    if (pack_calib_init(&pre, c, 0)) {
+    if (pack_calib_init(&pre, c, EBB_ACT_GROUP, 0)) {
         snprintf(err, errlen, "out of memory");
         return -1;
     }
@@ -414,11 +415,49 @@ static void progress_layers(int done, int total, double elapsed) {
     fflush(stderr);
 }
 
+/* The rotated model's weights requantized into gw: Q8_0 embedding (and
+ * head), the layers' W4G64 matrices, a 4-bit head when asked. */
+static int pack_requantize(struct gguf_writer *gw, const struct model *m, struct model_run *run,
+                           const struct pack_calib *cal, const struct pack_options *o, struct layer_work *lw,
+                           struct pack_result *r, char *err, size_t errlen) {
+    const struct model_config *c = &m->cfg;
+    if (layer_work_init(lw, c)) { snprintf(err, errlen, "out of memory"); return -1; }
+    /* Tensors first (the act8 counts are known only afterwards), metadata
+     * set at the end keeps its place in the file: the writer orders keys,
+     * not calls. */
+    size_t w4_bytes = 0, w4_elems = 0;
+    if (add_q8_0(gw, "token_embd.weight", m->embd.owned, c->n_vocab, c->n_embd) ||
+        add_f32(gw, "output_norm.weight", m->output_norm, c->n_embd) ||
+        (o->head_bits != 4 && m->output.data != m->embd.data &&
+         add_q8_0(gw, "output.weight", m->output.owned, c->n_vocab, c->n_embd))) {
+        snprintf(err, errlen, "out of memory writing the embedding");
+        return -1;
+    }
+    const struct gguf_tensor *rf = gguf_find_tensor(&m->file, "rope_freqs.weight");
+    if (rf && gguf_writer_add_tensor(gw, "rope_freqs.weight", rf->type, rf->n_dims, rf->ne, rf->data,
+                                     (size_t)rf->nbytes)) {
+        snprintf(err, errlen, "cannot copy rope_freqs.weight");
+        return -1;
+    }
+    const double tq = ebb_now_seconds();
+    for (int l = 0; l < c->n_layer; l++) {
+        if (pack_layer(m, model_run_pool(run), l, cal, o, gw, lw, r, &w4_bytes, &w4_elems, err, errlen)) return -1;
+        if (o->progress) progress_layers(l + 1, c->n_layer, ebb_now_seconds() - tq);
+    }
+    if (o->head_bits == 4) {
+        if (o->progress) fprintf(stderr, "ebb pack: output head at 4 bits\n");
+        if (add_w4_head(gw, m, model_run_pool(run), cal, o, lw, err, errlen)) return -1;
+    }
+    r->linear_bpw = w4_elems ? 8.0 * (double)w4_bytes / (double)w4_elems : 0;
+    return 0;
+}
+
 int pack_run(const struct pack_options *o, struct pack_result *r, char *err, size_t errlen) {
     memset(r, 0, sizeof *r);
     err[0] = 0;
     const double t0 = ebb_now_seconds();
-    if (o->format == PACK_W4A4 && o->act_bits != 4 && o->act_bits != 8) {
+    const int source = o->format == PACK_SOURCE;
+    if (o->format != PACK_W4A16 && o->act_bits != 4 && o->act_bits != 8) {
         snprintf(err, errlen, "activation bits must be 4 or 8, not %d", o->act_bits);
         return -1;
     }
@@ -454,12 +493,12 @@ int pack_run(const struct pack_options *o, struct pack_result *r, char *err, siz
         snprintf(err, errlen, "%s is already a packed ebb variant", o->model_path);
         goto out;
     }
-    if (pack_check_shapes(c, lerr, sizeof lerr)) {
-        snprintf(err, errlen, "%s: %s", o->model_path, lerr);
+    if (source ? pack_check_source(&m, err, errlen) : pack_check_shapes(c, lerr, sizeof lerr)) {
+        if (!source) snprintf(err, errlen, "%s: %s", o->model_path, lerr);
         goto out;
     }
-    const int need_hessian = o->weight_quant == PACK_GPTQ;
-    const int need_absmax = o->format == PACK_W4A4 && o->act_bits == 4;
+    const int need_hessian = !source && o->weight_quant == PACK_GPTQ;
+    const int need_absmax = o->format != PACK_W4A16 && o->act_bits == 4;
     const int calibrate = need_hessian || need_absmax;
     if (calibrate) {
         if (o->calib_len > c->n_ctx_train) {
@@ -485,16 +524,18 @@ int pack_run(const struct pack_options *o, struct pack_result *r, char *err, siz
     /* Mixed precision: a short first pass over the unrotated model finds
      * the loud channels of each SwiGLU output, which the rotation then keeps
      * together in the leading blocks. */
-    if (need_absmax && choose_ffn_perms(run, o, windows, n_seqs, &perm_ffn, err, errlen)) goto out;
-    if (o->progress) fprintf(stderr, "ebb pack: rotating (block-diagonal Hadamard 64)\n");
-    if (pack_rotate_model(&m, perm_ffn, err, errlen)) goto out;
+    if (!source) {
+        if (need_absmax && choose_ffn_perms(run, o, windows, n_seqs, &perm_ffn, err, errlen)) goto out;
+        if (o->progress) fprintf(stderr, "ebb pack: rotating (block-diagonal Hadamard 64)\n");
+        if (pack_rotate_model(&m, perm_ffn, err, errlen)) goto out;
+    }
 
     r->n_layer = c->n_layer;
     r->act8_groups = calloc((size_t)c->n_layer * ACT_POINTS, sizeof(uint32_t));
     r->act_groups = calloc((size_t)c->n_layer * ACT_POINTS, sizeof(uint32_t));
     if (!r->act8_groups || !r->act_groups) { snprintf(err, errlen, "out of memory"); goto out; }
     if (calibrate) {
-        if (pack_calib_init(&cal, c, need_hessian)) {
+        if (pack_calib_init(&cal, c, source ? EBB_ACT_BLOCK : EBB_ACT_GROUP, need_hessian)) {
             snprintf(err, errlen, "out of memory for the calibration statistics");
             goto out;
         }
@@ -505,32 +546,11 @@ int pack_run(const struct pack_options *o, struct pack_result *r, char *err, siz
     }
 
     gw = gguf_writer_new();
-    if (!gw || layer_work_init(&lw, c)) { snprintf(err, errlen, "out of memory"); goto out; }
-    /* Tensors first (the act8 counts are known only afterwards), metadata
-     * set at the end keeps its place in the file: the writer orders keys,
-     * not calls. */
-    size_t w4_bytes = 0, w4_elems = 0;
-    if (add_q8_0(gw, "token_embd.weight", m.embd.owned, c->n_vocab, c->n_embd) ||
-        add_f32(gw, "output_norm.weight", m.output_norm, c->n_embd) ||
-        (o->head_bits != 4 && m.output.data != m.embd.data &&
-         add_q8_0(gw, "output.weight", m.output.owned, c->n_vocab, c->n_embd))) {
-        snprintf(err, errlen, "out of memory writing the embedding");
+    if (!gw) { snprintf(err, errlen, "out of memory"); goto out; }
+    if (source) {
+        if (pack_write_source(gw, &m, calibrate ? &cal : NULL, o, r, err, errlen)) goto out;
+    } else if (pack_requantize(gw, &m, run, calibrate ? &cal : NULL, o, &lw, r, err, errlen)) {
         goto out;
-    }
-    const struct gguf_tensor *rf = gguf_find_tensor(&m.file, "rope_freqs.weight");
-    if (rf && gguf_writer_add_tensor(gw, "rope_freqs.weight", rf->type, rf->n_dims, rf->ne, rf->data,
-                                     (size_t)rf->nbytes)) {
-        snprintf(err, errlen, "cannot copy rope_freqs.weight");
-        goto out;
-    }
-    const double tq = ebb_now_seconds();
-    for (int l = 0; l < c->n_layer; l++) {
-        if (pack_layer(&m, model_run_pool(run), l, calibrate ? &cal : NULL, o, gw, &lw, r, &w4_bytes, &w4_elems, err, errlen)) goto out;
-        if (o->progress) progress_layers(l + 1, c->n_layer, ebb_now_seconds() - tq);
-    }
-    if (o->head_bits == 4) {
-        if (o->progress) fprintf(stderr, "ebb pack: output head at 4 bits\n");
-        if (add_w4_head(gw, &m, model_run_pool(run), calibrate ? &cal : NULL, o, &lw, err, errlen)) goto out;
     }
     write_metadata(gw, &m, o, calibration, r);
 
@@ -539,7 +559,6 @@ int pack_run(const struct pack_options *o, struct pack_result *r, char *err, siz
     uint64_t params = 0;
     for (uint64_t i = 0; i < m.file.n_tensors; i++) params += m.file.tensors[i].n_elems;
     r->bits_per_weight = params ? 8.0 * (double)r->file_bytes / (double)params : 0;
-    r->linear_bpw = w4_elems ? 8.0 * (double)w4_bytes / (double)w4_elems : 0;
     r->seconds = ebb_now_seconds() - t0;
     rc = 0;
 out:

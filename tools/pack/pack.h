@@ -65,12 +65,13 @@ struct pack_act_stats {
     int n;              /* channels */
     double *hess;       /* [n][n] sum over tokens of x^T x (symmetric), or NULL */
     float *absmax;      /* [n] max |x| per channel */
-    double *gmax2;      /* [n/64] sum over tokens of (max |x| in the group)^2 */
+    double *gmax2;      /* [n/group] sum over tokens of (max |x| in the group)^2 */
     double energy;      /* sum over tokens of ||x||^2 */
 };
 
 struct pack_calib {
     int n_layer;
+    int group;                   /* channels per activation group: 64 (w4a4), 32 (source-exact) */
     struct pack_act_stats *pt;   /* [n_layer * ACT_POINTS + 1], index layer*ACT_POINTS + point; the
                                   * last is the output head's input (model.h's capture at n_layer) */
     long n_tokens;               /* tokens seen */
@@ -78,9 +79,10 @@ struct pack_calib {
     int scratch_n;
 };
 
-/* Allocates the statistics for a model; want_hessian = 0 keeps only absmax
+/* Allocates the statistics for a model, group noise per group of `group`
+ * channels; want_hessian = 0 keeps only absmax and group noise
  * (round-to-nearest needs no Hessian). -1 when out of memory. */
-int pack_calib_init(struct pack_calib *c, const struct model_config *cfg, int want_hessian);
+int pack_calib_init(struct pack_calib *c, const struct model_config *cfg, int group, int want_hessian);
 void pack_calib_free(struct pack_calib *c);
 /* The capture hook (engine/model.h act_capture_fn) that feeds a pack_calib. */
 void pack_calib_capture(void *ud, int layer, enum act_point point, const float *x, int n_tok, int n);
@@ -105,7 +107,7 @@ int pack_calibrate(struct model_run *run, struct pack_calib *c, const int32_t *w
  * -1 when out of memory. */
 int pack_order_by(const float *score, int n, int32_t *perm);
 
-/* One layer's 8-bit groups, from the statistics of the rotated model: a
+/* One layer's 8-bit groups (of c->group channels), from the statistics of the rotated model: a
  * budget of share times the layer's groups goes to the groups whose 4-bit
  * noise is the largest share of their activation's energy, across the four
  * points; n_hi[p] receives each point's count and perm[p] (n of point p
@@ -155,9 +157,27 @@ void pack_rtn_quantize(const float *w, int rows, int cols, struct ebb_block_w4g6
 /* One W4G64 block from a scale (an f16 bit pattern) and 64 codes in [-8, 7]. */
 void pack_w4g64_block(struct ebb_block_w4g64 *b, uint16_t d_f16, const int8_t *codes);
 
+/* ---------------------------------------------------------------- source.c */
+
+struct gguf_writer;
+struct pack_options;
+struct pack_result;
+
+/* 0 when m (loaded from a plain GGUF) can give a source-exact variant: its
+ * seven matrices per layer all in types that read blocks of 32 (Q4_0, Q4_1,
+ * Q5_0, Q5_1, Q8_0); -1 naming the first tensor that is not. */
+int pack_check_source(const struct model *m, char *err, size_t errlen);
+/* Adds the source's tensors to gw, each layer matrix with its blocks of 32
+ * reordered by its activation point's block order (the noisiest first when
+ * o->act_bits is 4, from cal's groups of 32; identity at 8), and the order
+ * of every point as an I32 `.perm` tensor; fills r's group counts and
+ * linear_bpw. 0, or -1 with err. */
+int pack_write_source(struct gguf_writer *gw, const struct model *m, const struct pack_calib *cal,
+                      const struct pack_options *o, struct pack_result *r, char *err, size_t errlen);
+
 /* ------------------------------------------------------------------ pack.c */
 
-enum pack_format { PACK_W4A4 = 0, PACK_W4A16 = 1 };
+enum pack_format { PACK_W4A4 = 0, PACK_W4A16 = 1, PACK_SOURCE = 2 };
 enum pack_weight_quant { PACK_GPTQ = 0, PACK_RTN = 1 };
 
 struct pack_options {
@@ -165,7 +185,7 @@ struct pack_options {
     const char *out_path;
     const char *calib_path;       /* calibration text (UTF-8) */
     enum pack_format format;
-    int act_bits;                 /* 4 or 8 for w4a4; ignored for w4a16 (16) */
+    int act_bits;                 /* 4 or 8 for w4a4 and source; ignored for w4a16 (16) */
     enum pack_weight_quant weight_quant;
     int calib_seqs, calib_len;    /* windows and their length in tokens */
     uint64_t seed;
@@ -182,7 +202,7 @@ void pack_options_default(struct pack_options *o);
 struct pack_result {
     uint64_t file_bytes;
     double bits_per_weight;       /* file bits over the source model's parameters */
-    double linear_bpw;            /* bits per weight of the W4G64 matrices alone */
+    double linear_bpw;            /* bits per weight of the layer matrices alone */
     long calib_tokens;
     int n_layer;
     uint32_t *act8_groups;        /* [n_layer * ACT_POINTS] as written */
