@@ -17,12 +17,27 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 
 #include "engine/generate.h"
 #include "engine/model.h"
 #include "kernels/backend.h"
 #include "kernels/formats.h"
 #include "server/cli.h"
+
+/* A "Key:   N kB" line of /proc/self/status in MiB; -1 where there is none. */
+static double status_mib(const char *key) {
+    FILE *f = fopen("/proc/self/status", "r");
+    char line[256];
+    double mib = -1;
+    while (f && fgets(line, sizeof line, f))
+        if (!strncmp(line, key, strlen(key))) {
+            mib = strtod(line + strlen(key), NULL) / 1024.0;
+            break;
+        }
+    if (f) fclose(f);
+    return mib;
+}
 
 static void bench_usage(FILE *out) {
     fprintf(out,
@@ -159,6 +174,7 @@ int cmd_bench(int argc, char **argv) {
         model_free(&m);
         return 2;
     }
+    const double rss_loaded = status_mib("VmRSS:");
     printf("model: %s  arch %s  resident weights %.1f MiB  backend %s  threads %d  kv_bits %d\n", model_path,
            m.cfg.arch, m.weight_bytes / 1048576.0, m.be->name, ebb_pool_threads(model_run_pool(run)), kv_bits);
     printf("| test     |            t/s    |\n|----------|-------------------|\n");
@@ -173,11 +189,18 @@ int cmd_bench(int argc, char **argv) {
         snprintf(label, sizeof label, "tg%d", n_decode);
         rc |= bench_test(run, &kv_policy, label, n_decode, 0, reps, &tg_tps);
     }
+    /* Mapped weights count once their pages are read, so RSS after the
+     * tests (every weight read) is the figure to hold against the file;
+     * taken before the copy loop's buffers. */
+    const double rss_tests = status_mib("VmRSS:"), rss_peak = status_mib("VmHWM:");
     if (n_decode && tg_tps > 0) {
         const double bytes = (double)decode_weight_bytes(&m), bw = copy_bandwidth(model_run_pool(run));
         printf("decode reads %.1f MiB of weights per token; copy loop %.2f GB/s; tg at %.1f%% of that\n",
                bytes / 1048576.0, bw / 1e9, bw > 0 ? 100.0 * bytes * tg_tps / bw : 0.0);
     }
+    struct stat st;
+    printf("rss after load %.1f MiB, after the tests %.1f MiB (peak %.1f MiB); file %.1f MiB\n", rss_loaded,
+           rss_tests, rss_peak, stat(model_path, &st) ? 0.0 : st.st_size / 1048576.0);
     kv_account_destroy(&kv_policy);
     model_run_free(run);
     model_free(&m);

@@ -14,7 +14,8 @@ docs/architecture.md), so the reference's answers are the same on every run, and
 comes from the variant's precision, not from scheduling.
 
 Usage:
-    tools/agreement.py MODEL[:KV_BITS] MODEL[:KV_BITS] ...   (the first is the reference)
+    tools/agreement.py [f32:]MODEL[:KV_BITS] ...   (the first is the reference; f32: serves a plain
+                                                     GGUF on the dequantized path, `weights: f32`)
 Environment: EBB (default build/ebb).
 """
 
@@ -41,10 +42,10 @@ def chat(srv, prompt):
         return json.load(r)["choices"][0]["message"]["content"]
 
 
-def answers(binary, model, kv_bits, prompts):
+def answers(binary, model, kv_bits, weights, prompts):
     """The greedy answers of one configuration, from a daemon of its own (private catalog)."""
     srv = Server(binary, "--default-model", MODEL_NAME, "--kv-bits", str(kv_bits), "--max-running", "8",
-                 model_path=model, start_timeout=120)
+                 "--weights", weights, model_path=model, start_timeout=120)
     try:
         srv.wait_ready(timeout=300)
         with concurrent.futures.ThreadPoolExecutor(8) as pool:
@@ -68,17 +69,20 @@ def main():
         prompts = [line.strip() for line in f if line.strip()]
     configs = []
     for arg in sys.argv[1:]:
+        weights = "f32" if arg.startswith("f32:") else "native"
+        arg = arg[4:] if weights == "f32" else arg
         model, _, kv = arg.rpartition(":") if re.search(r":\d+$", arg) else (arg, "", "32")
-        configs.append((model, int(kv)))
-    ref_model, ref_kv = configs[0]
-    ref = answers(binary, ref_model, ref_kv, prompts)
-    print(f"reference: {os.path.basename(ref_model)} kv{ref_kv}, {len(prompts)} prompts, greedy, 64 tokens")
+        configs.append((model, int(kv), weights))
+    ref_model, ref_kv, ref_weights = configs[0]
+    ref = answers(binary, ref_model, ref_kv, ref_weights, prompts)
+    print(f"reference: {os.path.basename(ref_model)} ({ref_weights}) kv{ref_kv}, {len(prompts)} prompts, greedy, "
+          "64 tokens")
     print("| configuration | identical answers | mean agreeing prefix |\n|---|---|---|")
-    for model, kv in configs[1:]:
-        got = answers(binary, model, kv, prompts)
+    for model, kv, weights in configs[1:]:
+        got = answers(binary, model, kv, weights, prompts)
         same = sum(a == b for a, b in zip(ref, got))
         prefix = sum(common_prefix(a, b) / max(1, len(a)) for a, b in zip(ref, got)) / len(prompts)
-        print(f"| {os.path.basename(model)} kv{kv} | {same}/{len(prompts)} ({100 * same / len(prompts):.0f}%) "
+        print(f"| {os.path.basename(model)} ({weights}) kv{kv} | {same}/{len(prompts)} ({100 * same / len(prompts):.0f}%) "
               f"| {100 * prefix:.0f}% of the reference answer |", flush=True)
 
 
