@@ -88,6 +88,8 @@ struct model {
     enum ebb_act_form act_form;       /* packed, 4 or 8 bits: what its points quantize into:
                                          Q8G64 (w4a4 files) or Q8B32 (source-exact files) */
     int act_group;                    /* packed: channels per activation group (64 or 32) */
+    int act8_per_token;               /* source-exact files: each token's n_hi loudest blocks are
+                                         8-bit (else the first n_hi after the permutation) */
     int hadamard_norm_out;            /* rotated models: H64 on the attention and FFN norm outputs */
     int hadamard_ffn_down;            /* rotated models: H64 on the down_proj input, online */
     int hadamard_head;                /* a W4G64 head: H64 on its input, online */

@@ -220,6 +220,14 @@ static int read_packing(struct model *m, char *err, size_t errlen) {
         m->act_bits = (int)act_bits;
         m->act_form = EBB_ACT_Q8B32;
         m->act_group = (int)group;
+        /* Which blocks are 8-bit: fixed per point (the leading ones after
+         * the permutation, "static", the default) or per token ("token"). */
+        struct gguf_str choice;
+        if (!gguf_get_str(&m->file, "ebb.act8_choice", &choice)) {
+            if (!gguf_str_eq(choice, "token") && !gguf_str_eq(choice, "static"))
+                return load_error(err, errlen, m->file.path, "ebb.act8_choice must be \"static\" or \"token\"");
+            m->act8_per_token = gguf_str_eq(choice, "token");
+        }
         return 0;
     }
     if (c->n_embd % 64 || c->n_ff % 64 || (c->n_head * c->head_dim) % 64)

@@ -49,8 +49,10 @@ static void pack_usage(FILE *out) {
         "  --calib-seqs N        calibration windows (default 64)\n"
         "  --calib-len N         tokens per window (default 512)\n"
         "  --seed S              which windows are drawn (default 1)\n"
-        "  --act8-share F        w4a4 with 4-bit activations: the share of each layer's activation\n"
-        "                        groups kept at 8 bits, given to the noisiest (default 0.2)\n"
+        "  --act8-share F        4-bit activations: the share of each layer's activation groups kept\n"
+        "                        at 8 bits, given to the noisiest (default 0.2)\n"
+        "  --act8-choice C       source at 4 bits: token (each token's loudest blocks, default) or\n"
+        "                        static (the blocks calibration ranks noisiest, the same for all tokens)\n"
         "  --damp F              GPTQ damping, fraction of the Hessian's mean diagonal (default 0.01)\n"
         "  -t THREADS            compute threads (default: one per core)\n"
         "  --catalog PATH        catalog to register the variant in (default as `ebb models`)\n"
@@ -219,7 +221,7 @@ int cmd_pack(int argc, char **argv) {
     pack_options_default(&o);
     char calib[4096], heldout[4096];
     const char *catalog_flag = NULL, *config_path = NULL;
-    int no_register = 0, no_eval = 0;
+    int no_register = 0, no_eval = 0, act8_choice_given = 0;
     struct eval_options e = {NULL, 16, 0};
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v;
@@ -242,6 +244,11 @@ int cmd_pack(int argc, char **argv) {
             else if (!strcmp(v, "w4a16")) o.format = PACK_W4A16;
             else if (!strcmp(v, "source")) o.format = PACK_SOURCE;
             else { fprintf(stderr, "ebb pack: --format must be w4a4, w4a16 or source, not '%s'\n", v); return 2; }
+        } else if (!strcmp(a, "--act8-choice")) {
+            if (!strcmp(v, "token")) o.act8_per_token = 1;
+            else if (!strcmp(v, "static")) o.act8_per_token = 0;
+            else { fprintf(stderr, "ebb pack: --act8-choice must be token or static, not '%s'\n", v); return 2; }
+            act8_choice_given = 1;
         } else if (!strcmp(a, "--weight-quant")) {
             if (!strcmp(v, "gptq")) o.weight_quant = PACK_GPTQ;
             else if (!strcmp(v, "rtn")) o.weight_quant = PACK_RTN;
@@ -274,6 +281,10 @@ int cmd_pack(int argc, char **argv) {
     if (!o.out_path) { fprintf(stderr, "ebb pack: -o FILE is required\n"); return 2; }
     if (o.format == PACK_W4A16 && o.act_bits != 4) {
         fprintf(stderr, "ebb pack: --act-bits applies to --format w4a4 and source only\n");
+        return 2;
+    }
+    if (act8_choice_given && (o.format != PACK_SOURCE || o.act_bits != 4)) {
+        fprintf(stderr, "ebb pack: --act8-choice applies to --format source --act-bits 4 only\n");
         return 2;
     }
     if (o.format == PACK_SOURCE && (o.head_bits != 8 || o.weight_quant != PACK_GPTQ)) {

@@ -294,13 +294,13 @@ SOURCE_MATRICES = {"attn_q": "attn_in", "attn_k": "attn_in", "attn_v": "attn_in"
 def source_exact(ebb_bin, model_path, tmp_path_factory):
     d = tmp_path_factory.mktemp("source")
     files = {}
-    for bits in (8, 4):
-        out = d / f"smol-source-w4a{bits}.gguf"
-        p = run_ebb(ebb_bin, "pack", "-m", model_path, "--format", "source", "--act-bits", str(bits),
+    for key, bits, extra in ((8, 8, []), (4, 4, []), ("4s", 4, ["--act8-choice", "static"])):
+        out = d / f"smol-source-{key}.gguf"
+        p = run_ebb(ebb_bin, "pack", "-m", model_path, "--format", "source", "--act-bits", str(bits), *extra,
                     "--calib", CALIB_TEXT, "--calib-seqs", "2", "--calib-len", "128", "--no-register", "--no-eval",
                     "-q", "-o", str(out))
         assert f"format source-w4a{bits}" in ok(p)
-        files[bits] = out
+        files[key] = out
     return files
 
 
@@ -322,10 +322,13 @@ def test_source_exact_files_hold_the_sources_blocks_permuted(source_exact, model
     np = pytest.importorskip("numpy")
     src = {t.name: t for t in gguf.GGUFReader(model_path).tensors}
     n_layer = 1 + max(int(n.split(".")[1]) for n in src if n.startswith("blk."))
-    for bits, path in source_exact.items():
+    for key, path in source_exact.items():
+        bits = 4 if key == "4s" else key
         r = gguf.GGUFReader(str(path))
         assert field(r, "ebb.format") == "source" and field(r, "ebb.rotation") == "none"
         assert field(r, "ebb.group_size") == 32 and field(r, "ebb.act_bits") == bits
+        if bits == 4:
+            assert field(r, "ebb.act8_choice") == ("static" if key == "4s" else "token")
         got = {t.name: t for t in r.tensors}
         assert set(got) == set(src) | {f"blk.{l}.{p}.perm" for l in range(n_layer)
                                        for p in ("attn_in", "attn_out", "ffn_in", "ffn_down_in")}
@@ -346,10 +349,14 @@ def test_source_exact_files_hold_the_sources_blocks_permuted(source_exact, model
             moved += not np.array_equal(blocks, np.arange(len(blocks)))
         act8 = field(r, "ebb.act8_groups")
         total = n_layer * (576 + 576 + 576 + 1536) // 32
-        if bits == 8:
-            assert moved == 0   # W4A8 needs no order: every block is 8-bit
+        if key == "4s":
+            assert moved > 0   # the blocks calibration ranks noisiest lead
         else:
-            assert moved > 0 and 0.15 * total < sum(act8) <= 0.2 * total, (moved, sum(act8))
+            assert moved == 0   # W4A8 needs no order, nor do 8-bit blocks chosen per token
+        if bits == 8:
+            assert act8 == [g // 32 for _ in range(n_layer) for g in (576, 576, 576, 1536)]
+        else:
+            assert 0.15 * total < sum(act8) <= 0.2 * total, sum(act8)
 
 
 def test_source_exact_w4a8_is_the_source_served_natively(ebb_bin, source_exact, model_path, tmp_path):
@@ -365,16 +372,21 @@ def test_source_exact_w4a8_is_the_source_served_natively(ebb_bin, source_exact, 
         out[label] = dst.read_bytes()
     assert len(out["native"]) == 13 * 49152 * 4 and out["native"] == out["w4a8"]
     ppl = {}
-    for label, path in (("native", model_path), ("w4a4", source_exact[4])):
+    for label, path in (("native", model_path), ("token", source_exact[4]), ("static", source_exact["4s"])):
         line = ok(run_ebb(ebb_bin, "ppl", "-m", str(path), "-f", EVAL_TEXT, "--ctx", "256", "--chunks", "2"))
         ppl[label] = float(line.strip().splitlines()[-1].split()[2])
-    assert ppl["native"] < ppl["w4a4"] < 1.4 * ppl["native"], ppl
+    assert ppl["native"] < ppl["token"] < 1.4 * ppl["native"], ppl
+    assert ppl["native"] < ppl["static"] < 1.4 * ppl["native"], ppl
 
 
 def test_source_exact_refuses_what_it_cannot_keep(ebb_bin, packed, model_path, tmp_path):
     out = str(tmp_path / "x.gguf")
     refused(run_ebb(ebb_bin, "pack", "-m", model_path, "--format", "source", "--head-bits", "4", "-o", out),
             "do not apply to --format source")
+    refused(run_ebb(ebb_bin, "pack", "-m", model_path, "--format", "w4a4", "--act8-choice", "token", "-o", out),
+            "--act8-choice applies to --format source --act-bits 4 only")
+    refused(run_ebb(ebb_bin, "pack", "-m", model_path, "--format", "source", "--act8-choice", "loud", "-o", out),
+            "token or static")
     refused(run_ebb(ebb_bin, "pack", "-m", str(packed["path"]), "--format", "source", "--calib", CALIB_TEXT,
                     "--no-register", "-o", out), "already a packed")
     assert not os.path.exists(out)

@@ -47,6 +47,7 @@ void pack_options_default(struct pack_options *o) {
     o->damp = 0.01;
     o->progress = 1;
     o->head_bits = 8;
+    o->act8_per_token = 1;
 }
 
 void pack_result_free(struct pack_result *r) {
@@ -361,6 +362,7 @@ static void write_metadata(struct gguf_writer *gw, const struct model *m, const 
     gguf_writer_set_u32(gw, "ebb.act_bits", o->format == PACK_W4A16 ? 16u : (uint32_t)o->act_bits);
     gguf_writer_set_str(gw, "ebb.weight_quant", source ? "source" : o->weight_quant == PACK_GPTQ ? "gptq" : "rtn");
     gguf_writer_set_str(gw, "ebb.rotation", source ? "none" : "hadamard64-inputs");
+    if (source && o->act_bits == 4) gguf_writer_set_str(gw, "ebb.act8_choice", o->act8_per_token ? "token" : "static");
     gguf_writer_set_str(gw, "ebb.calibration", calibration);
     gguf_writer_set_arr_u32(gw, "ebb.act8_groups", r->act8_groups, (size_t)r->n_layer * ACT_POINTS);
 }

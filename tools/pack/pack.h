@@ -169,7 +169,8 @@ struct pack_result;
 int pack_check_source(const struct model *m, char *err, size_t errlen);
 /* Adds the source's tensors to gw, each layer matrix with its blocks of 32
  * reordered by its activation point's block order (the noisiest first when
- * o->act_bits is 4, from cal's groups of 32; identity at 8), and the order
+ * o->act_bits is 4 and the 8-bit blocks are fixed per point, from cal's
+ * groups of 32; identity at 8 or when they are chosen per token), and the order
  * of every point as an I32 `.perm` tensor; fills r's group counts and
  * linear_bpw. 0, or -1 with err. */
 int pack_write_source(struct gguf_writer *gw, const struct model *m, const struct pack_calib *cal,
@@ -194,6 +195,8 @@ struct pack_options {
     int n_threads;                /* <= 0: one per core */
     int progress;                 /* progress bars on stderr */
     int head_bits;                /* output head: 8 (Q8_0, tied when the source is) or 4 (W4G64) */
+    int act8_per_token;           /* source at 4 bits: each token's loudest blocks are 8-bit (the
+                                   * default), else the blocks ranked first by calibration */
 };
 
 /* The defaults `ebb pack` documents in its --help. */

@@ -20,6 +20,11 @@
  *     the rest at 4 (W4A4; the layer's 8-bit budget as for w4a4 files), or
  *     all at 8 (W4A8, with identity orders: exactly the source served
  *     natively, which reads its activations in the same 8-bit blocks).
+ *   - or (`ebb.act8_choice = "token"`, the default) the engine gives 8 bits
+ *     to each token's own n_hi loudest blocks: outliers move from token to
+ *     token, and on the held-out text this beat the fixed choice at every
+ *     budget (docs/benchmarks.md). Calibration then only splits each
+ *     layer's budget among its four points, and the orders stay identity.
  *
  * Everything else (embedding, head, norms, tokenizer, metadata) is the
  * source's, copied. On a CPU the permutation only decides which blocks are
@@ -128,6 +133,10 @@ int pack_write_source(struct gguf_writer *gw, const struct model *m, const struc
             n_hi[p] = n / EBB_ACT_BLOCK;
         }
         if (o->act_bits == 4 && pack_choose_act8(cal, l, o->act8_share, perm + l * ACT_POINTS, n_hi)) goto oom;
+        /* Chosen per token, the 8-bit blocks need no place of their own:
+         * the calibration only splits the layer's budget among its points. */
+        for (int p = 0; p < ACT_POINTS && o->act8_per_token; p++)
+            for (int i = 0; i < point_width(c, p); i++) perm[l * ACT_POINTS + p][i] = i;
         for (int p = 0; p < ACT_POINTS; p++) {
             r->act8_groups[l * ACT_POINTS + p] = (uint32_t)n_hi[p];
             r->act_groups[l * ACT_POINTS + p] = (uint32_t)(point_width(c, p) / EBB_ACT_BLOCK);
