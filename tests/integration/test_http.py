@@ -646,7 +646,7 @@ def test_bad_flags_are_clear_errors(binary):
     for args, needle in ([["--port", "70000"], "--port: 70000 is out of range"],
                          [["--max-body-bytes", "-1"], "--max-body-bytes: -1 is out of range"],
                          [["--header-timeout-ms", "0"], "--header-timeout-ms: 0 is out of range"],
-                         [["--log-level", "loud"], "'loud' is not a log level"],
+                         [["--log-level", "loud"], "'loud' is not a valid value: expected one of \"error\""],
                          [["--bogus"], "unknown option"]):
         p = subprocess.run([binary, "serve", *args], capture_output=True, timeout=20)
         assert p.returncode == 2, (args, p.stderr)
