@@ -443,6 +443,7 @@ ALWAYS_INLINE void tile(const int T, const int M, const int N, const struct ebb_
  * The float steps are native.h's per (row, token), in its order, so the
  * results are the 4x2 tiles' bits. */
 #define WIDE_ROWS 16
+#define WIDE_CHUNK 32   /* blocks packed at a time: 22 KiB, in L1 with the tokens' bytes */
 
 struct wide_block {              /* one block of 32 inputs of 16 rows */
     __m512i codes[8];            /* [k][row]: codes 4k .. 4k + 3 of each row, signed */
@@ -450,14 +451,14 @@ struct wide_block {              /* one block of 32 inputs of 16 rows */
     __m512 d, m;                 /* each row's scale, and minimum (Q4_1, Q5_1) */
 };
 
-ALWAYS_INLINE void wide_pack(const int T, const struct ebb_native_matmul_args *a, int o, struct wide_block *wb)
+ALWAYS_INLINE void wide_pack(const int T, const struct ebb_native_matmul_args *a, int o, int b0, int b1,
+                             struct wide_block *wb)
 {
-    const int nb = a->n_in / EBB_NATIVE_QK;
     const size_t BB = block_bytes(T);
     const __m256i offset = _mm256_set1_epi8((char)(T == NT_Q4_0 ? 8 : T == NT_Q5_0 ? 16 : 0));
     /* word k of row r at lane r of codes[k]: a transpose of 16 rows x 8 words */
     const __m512i column = _mm512_setr_epi32(0, 8, 16, 24, 32, 40, 48, 56, 64, 72, 80, 88, 96, 104, 112, 120);
-    for (int b = 0; b < nb; b++) {
+    for (int b = b0; b < b1; b++, wb++) {
         int32_t words[WIDE_ROWS][8];
         uint16_t d[WIDE_ROWS], m[WIDE_ROWS];
         for (int r = 0; r < WIDE_ROWS; r++) {
@@ -469,26 +470,30 @@ ALWAYS_INLINE void wide_pack(const int T, const struct ebb_native_matmul_args *a
         }
         __m512i sum = _mm512_setzero_si512();
         for (int k = 0; k < 8; k++) {
-            wb[b].codes[k] = _mm512_i32gather_epi32(_mm512_add_epi32(column, _mm512_set1_epi32(k)), words, 4);
-            sum = _mm512_dpbusd_epi32(sum, _mm512_set1_epi8(1), wb[b].codes[k]);
+            wb->codes[k] = _mm512_i32gather_epi32(_mm512_add_epi32(column, _mm512_set1_epi32(k)), words, 4);
+            sum = _mm512_dpbusd_epi32(sum, _mm512_set1_epi8(1), wb->codes[k]);
         }
-        wb[b].code_sum = _mm512_slli_epi32(sum, 7);
-        wb[b].d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)d));
-        wb[b].m = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)m));
+        wb->code_sum = _mm512_slli_epi32(sum, 7);
+        wb->d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)d));
+        wb->m = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)m));
     }
 }
 
-/* Tokens [t0, t1) against the packed 16 rows at o. */
-ALWAYS_INLINE void wide_tokens(const int T, const struct ebb_native_matmul_args *a, const struct wide_block *wb,
-                               int t0, int t1, int o)
+/* Tokens [t0, t1) against blocks [b0, b1) of the 16 rows at o, packed in wb:
+ * the first chunk starts each output from 0, later ones continue from out
+ * (exactly: the float steps stay in order). */
+ALWAYS_INLINE void wide_tokens(const int T, const struct ebb_native_matmul_args *a, const struct wide_block *wb0,
+                               int t0, int t1, int o, int b0, int b1)
 {
     const int nb = a->n_in / EBB_NATIVE_QK;
+    const struct wide_block *wb = wb0 - b0;
     for (int t = t0; t < t1; t++) {
         const uint8_t *q = (const uint8_t *)(a->q + (size_t)t * a->n_in);
         const float *da = a->d + (size_t)t * nb;
         const int16_t *asum = a->sums + (size_t)t * nb;
-        __m512 acc = _mm512_setzero_ps();
-        for (int b = 0; b < nb; b++) {
+        float *out = a->out + (size_t)t * a->n_out + o;
+        __m512 acc = b0 ? _mm512_loadu_ps(out) : _mm512_setzero_ps();
+        for (int b = b0; b < b1; b++) {
             __m512i isum = _mm512_setzero_si512();
 #pragma GCC unroll 8
             for (int k = 0; k < 8; k++)
@@ -500,7 +505,7 @@ ALWAYS_INLINE void wide_tokens(const int T, const struct ebb_native_matmul_args 
             if (T == NT_Q4_1 || T == NT_Q5_1)
                 acc = _mm512_fmadd_ps(_mm512_set1_ps((float)asum[b]), _mm512_mul_ps(wb[b].m, vda), acc);
         }
-        _mm512_storeu_ps(a->out + (size_t)t * a->n_out + o, acc);
+        _mm512_storeu_ps(out, acc);
     }
 }
 #endif
@@ -523,7 +528,7 @@ static void rectangle(const tile_fn tiles[3], wide_fn wide, const struct ebb_nat
      * rows left over take the tiles below. */
     if (wide && t1 - t0 >= 4 && o1 - o0 >= WIDE_ROWS) {
         const int rows_end = o0 + (o1 - o0) / WIDE_ROWS * WIDE_ROWS;
-        struct wide_block *wb = aligned_alloc(64, (size_t)(a->n_in / EBB_NATIVE_QK) * sizeof *wb);
+        struct wide_block *wb = aligned_alloc(64, WIDE_CHUNK * sizeof *wb);
         if (wb) {
             for (int o = o0; o < rows_end; o += WIDE_ROWS) wide(a, wb, t0, t1, o);
             free(wb);
@@ -556,8 +561,12 @@ static void rectangle(const tile_fn tiles[3], wide_fn wide, const struct ebb_nat
 #define NX_WIDE(name, T) \
     static void name##_wide(const struct ebb_native_matmul_args *a, struct wide_block *wb, int t0, int t1, int o) \
     { \
-        wide_pack(T, a, o, wb); \
-        wide_tokens(T, a, wb, t0, t1, o); \
+        const int nb = a->n_in / EBB_NATIVE_QK; \
+        for (int b0 = 0; b0 < nb; b0 += WIDE_CHUNK) { \
+            const int b1 = b0 + WIDE_CHUNK < nb ? b0 + WIDE_CHUNK : nb; \
+            wide_pack(T, a, o, b0, b1, wb); \
+            wide_tokens(T, a, wb, t0, t1, o, b0, b1); \
+        } \
     }
 #define NX_WIDE_FN(name, T) (is_k(T) ? NULL : name##_wide)
 #else
