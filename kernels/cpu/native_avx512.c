@@ -21,4 +21,5 @@ static inline __attribute__((always_inline)) __m256i nx_dot_scaled(__m256i acc, 
     return _mm256_dpwssd_epi32(acc, _mm256_maddubs_epi16(u, s), sc);
 }
 
+#define NX_WIDE_PREFILL   /* 512-bit prefill of the legacy types (native_x86.h) */
 #include "kernels/cpu/native_x86.h"

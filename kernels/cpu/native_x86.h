@@ -52,6 +52,7 @@
 #include "kernels/cpu/ops.h"
 
 #include <immintrin.h>
+#include <stdlib.h>
 #include <string.h>
 
 #define NX_CAT2(a, b) a##_##b
@@ -428,6 +429,87 @@ ALWAYS_INLINE void tile(const int T, const int M, const int N, const struct ebb_
     store_tile(M, a, acc, t, mv, o, nv);
 }
 
+/* ------------------------------------------- wide prefill (AVX-512 VNNI) */
+
+#ifdef NX_WIDE_PREFILL
+/* Prefill of the legacy types, 16 rows at a time. The 4x2 tiles above end
+ * every (row, token) block in a horizontal sum; here the 16 rows' blocks are
+ * first rewritten, once per row tile, into interleaved signed codes (lane r
+ * of a 512-bit vector holds 4 consecutive codes of row r, Q4_0/Q5_0's offset
+ * already taken out), so each token's block is 8 vpdpbusd against its
+ * broadcast activation bytes and every lane is one row's exact integer sum:
+ * no horizontal work. vpdpbusd wants the activation unsigned: a + 128 (the
+ * sign bit flipped), and 128 times the row block's code sum comes back out.
+ * The float steps are native.h's per (row, token), in its order, so the
+ * results are the 4x2 tiles' bits. */
+#define WIDE_ROWS 16
+#define WIDE_CHUNK 32   /* blocks packed at a time: 22 KiB, in L1 with the tokens' bytes */
+
+struct wide_block {              /* one block of 32 inputs of 16 rows */
+    __m512i codes[8];            /* [k][row]: codes 4k .. 4k + 3 of each row, signed */
+    __m512i code_sum;            /* 128 * each row's code sum (the activation's +128) */
+    __m512 d, m;                 /* each row's scale, and minimum (Q4_1, Q5_1) */
+};
+
+ALWAYS_INLINE void wide_pack(const int T, const struct ebb_native_matmul_args *a, int o, int b0, int b1,
+                             struct wide_block *wb)
+{
+    const size_t BB = block_bytes(T);
+    const __m256i offset = _mm256_set1_epi8((char)(T == NT_Q4_0 ? 8 : T == NT_Q5_0 ? 16 : 0));
+    /* word k of row r at lane r of codes[k]: a transpose of 16 rows x 8 words */
+    const __m512i column = _mm512_setr_epi32(0, 8, 16, 24, 32, 40, 48, 56, 64, 72, 80, 88, 96, 104, 112, 120);
+    for (int b = b0; b < b1; b++, wb++) {
+        int32_t words[WIDE_ROWS][8];
+        uint16_t d[WIDE_ROWS], m[WIDE_ROWS];
+        for (int r = 0; r < WIDE_ROWS; r++) {
+            const uint8_t *blk = a->w + (size_t)(o + r) * a->row_bytes + (size_t)b * BB;
+            /* Q8_0's codes are signed already (offset 0) */
+            _mm256_storeu_si256((__m256i *)words[r], _mm256_sub_epi8(legacy_codes(T, blk), offset));
+            d[r] = (uint16_t)ld16(blk);
+            m[r] = T == NT_Q4_1 || T == NT_Q5_1 ? (uint16_t)ld16(blk + 2) : 0;
+        }
+        __m512i sum = _mm512_setzero_si512();
+        for (int k = 0; k < 8; k++) {
+            wb->codes[k] = _mm512_i32gather_epi32(_mm512_add_epi32(column, _mm512_set1_epi32(k)), words, 4);
+            sum = _mm512_dpbusd_epi32(sum, _mm512_set1_epi8(1), wb->codes[k]);
+        }
+        wb->code_sum = _mm512_slli_epi32(sum, 7);
+        wb->d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)d));
+        wb->m = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)m));
+    }
+}
+
+/* Tokens [t0, t1) against blocks [b0, b1) of the 16 rows at o, packed in wb:
+ * the first chunk starts each output from 0, later ones continue from out
+ * (exactly: the float steps stay in order). */
+ALWAYS_INLINE void wide_tokens(const int T, const struct ebb_native_matmul_args *a, const struct wide_block *wb0,
+                               int t0, int t1, int o, int b0, int b1)
+{
+    const int nb = a->n_in / EBB_NATIVE_QK;
+    const struct wide_block *wb = wb0 - b0;
+    for (int t = t0; t < t1; t++) {
+        const uint8_t *q = (const uint8_t *)(a->q + (size_t)t * a->n_in);
+        const float *da = a->d + (size_t)t * nb;
+        const int16_t *asum = a->sums + (size_t)t * nb;
+        float *out = a->out + (size_t)t * a->n_out + o;
+        __m512 acc = b0 ? _mm512_loadu_ps(out) : _mm512_setzero_ps();
+        for (int b = b0; b < b1; b++) {
+            __m512i isum = _mm512_setzero_si512();
+#pragma GCC unroll 8
+            for (int k = 0; k < 8; k++)
+                isum = _mm512_dpbusd_epi32(isum, _mm512_set1_epi32((int)(ld32(q + 32 * b + 4 * k) ^ 0x80808080u)),
+                                           wb[b].codes[k]);
+            isum = _mm512_sub_epi32(isum, wb[b].code_sum);
+            const __m512 vda = _mm512_set1_ps(da[b]);
+            acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_mul_ps(wb[b].d, vda), acc);
+            if (T == NT_Q4_1 || T == NT_Q5_1)
+                acc = _mm512_fmadd_ps(_mm512_set1_ps((float)asum[b]), _mm512_mul_ps(wb[b].m, vda), acc);
+        }
+        _mm512_storeu_ps(out, acc);
+    }
+}
+#endif
+
 /* ------------------------------------------------------------ rectangles */
 
 typedef void (*tile_fn)(const struct ebb_native_matmul_args *a, int t, int mv, int o, int nv);
@@ -435,8 +517,26 @@ typedef void (*tile_fn)(const struct ebb_native_matmul_args *a, int t, int mv, i
 ALWAYS_INLINE int min_int(int x, int y) { return x < y ? x : y; }
 
 /* tiles: 1 x 8, 2 x 4 and 4 x 2 (tokens x rows). */
-static void rectangle(const tile_fn tiles[3], const struct ebb_native_matmul_args *a, int t0, int t1, int o0, int o1)
+struct wide_block;
+typedef void (*wide_fn)(const struct ebb_native_matmul_args *a, struct wide_block *wb, int t0, int t1, int o);
+
+static void rectangle(const tile_fn tiles[3], wide_fn wide, const struct ebb_native_matmul_args *a, int t0, int t1,
+                      int o0, int o1)
 {
+#ifdef NX_WIDE_PREFILL
+    /* Legacy types with 4 tokens or more: whole 16-row tiles go wide, the
+     * rows left over take the tiles below. */
+    if (wide && t1 - t0 >= 4 && o1 - o0 >= WIDE_ROWS) {
+        const int rows_end = o0 + (o1 - o0) / WIDE_ROWS * WIDE_ROWS;
+        struct wide_block *wb = aligned_alloc(64, WIDE_CHUNK * sizeof *wb);
+        if (wb) {
+            for (int o = o0; o < rows_end; o += WIDE_ROWS) wide(a, wb, t0, t1, o);
+            free(wb);
+            o0 = rows_end;
+            if (o0 == o1) return;
+        }
+    }
+#endif
     for (int tb = t0; tb < t1; tb += TB) {
         const int te = min_int(tb + TB, t1), quads_end = tb + (te - tb) / 4 * 4, rest = te - quads_end;
         /* Each pair of rows (in L1) meets every token quad of the block (in L2). */
@@ -457,6 +557,23 @@ static void rectangle(const tile_fn tiles[3], const struct ebb_native_matmul_arg
     }
 }
 
+#ifdef NX_WIDE_PREFILL
+#define NX_WIDE(name, T) \
+    static void name##_wide(const struct ebb_native_matmul_args *a, struct wide_block *wb, int t0, int t1, int o) \
+    { \
+        const int nb = a->n_in / EBB_NATIVE_QK; \
+        for (int b0 = 0; b0 < nb; b0 += WIDE_CHUNK) { \
+            const int b1 = b0 + WIDE_CHUNK < nb ? b0 + WIDE_CHUNK : nb; \
+            wide_pack(T, a, o, b0, b1, wb); \
+            wide_tokens(T, a, wb, t0, t1, o, b0, b1); \
+        } \
+    }
+#define NX_WIDE_FN(name, T) (is_k(T) ? NULL : name##_wide)
+#else
+#define NX_WIDE(name, T)
+#define NX_WIDE_FN(name, T) NULL
+#endif
+
 #define NX_TYPE(name, T) \
     static void name##_1x8(const struct ebb_native_matmul_args *a, int t, int mv, int o, int nv) \
     { \
@@ -470,10 +587,11 @@ static void rectangle(const tile_fn tiles[3], const struct ebb_native_matmul_arg
     { \
         tile(T, 4, 2, a, t, mv, o, nv); \
     } \
+    NX_WIDE(name, T) \
     void NX_FN(ebb_native_block_##name)(const struct ebb_native_matmul_args *a, int t0, int t1, int o0, int o1) \
     { \
         static const tile_fn tiles[3] = { name##_1x8, name##_2x4, name##_4x2 }; \
-        rectangle(tiles, a, t0, t1, o0, o1); \
+        rectangle(tiles, NX_WIDE_FN(name, T), a, t0, t1, o0, o1); \
     }
 
 NX_TYPE(q4_0, NT_Q4_0)

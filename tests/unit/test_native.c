@@ -367,7 +367,8 @@ static void test_simd_blocks(void) {
 
 /* The op table: each path's matmul[type] for every native type names the
  * activation form the type pairs with, and through the driver (threads
- * splitting rows and tokens) gives the scalar rectangle's bits. */
+ * splitting rows and tokens) gives the scalar rectangle's bits, at a width
+ * within one chunk of the AVX-512 prefill's packed blocks and one past two. */
 static void test_op_table(void) {
     struct ebb_pool *pools[2] = {ebb_pool_create(2), ebb_pool_create(3)};
     CHECK(pools[0] && pools[1]);
@@ -383,8 +384,10 @@ static void test_op_table(void) {
                       "%s pairs with the wrong activation form", name);
             CHECK_MSG(be->matmul[type] != NULL, "%s has no %s product", be->name, name);
             if (!be->matmul[type]) continue;
+            /* widths past one 32-block chunk of the AVX-512 prefill (65 blocks: 32 + 32 + 1) */
+            for (int wi = 0; wi < 2; wi++) {
             struct problem p;
-            problem_make(&p, type, 37, is_k(type) ? 512 : 576, 45, 1);
+            problem_make(&p, type, 37, is_k(type) ? 512 * (1 + 3 * wi) : wi ? 2080 : 576, 45, 1);
             const size_t n_res = (size_t)p.n_tok * p.n_out;
             float *want = malloc(n_res * sizeof(float)), *got = malloc(n_res * sizeof(float));
             if (!want || !got) abort();
@@ -398,6 +401,7 @@ static void test_op_table(void) {
             }
             free(want), free(got);
             problem_free(&p);
+            }
         }
     }
     ebb_pool_destroy(pools[0]);
