@@ -444,6 +444,8 @@ ALWAYS_INLINE void tile(const int T, const int M, const int N, const struct ebb_
  * results are the 4x2 tiles' bits. */
 #define WIDE_ROWS 16
 #define WIDE_CHUNK 32   /* blocks packed at a time: 22 KiB, in L1 with the tokens' bytes */
+#define WIDE_K_CHUNK 4  /* super-blocks packed at a time: 25 KiB */
+#define WIDE_SCRATCH (32 * 1024)
 
 struct wide_block {              /* one block of 32 inputs of 16 rows */
     __m512i codes[8];            /* [k][row]: codes 4k .. 4k + 3 of each row, signed */
@@ -508,6 +510,105 @@ ALWAYS_INLINE void wide_tokens(const int T, const struct ebb_native_matmul_args 
         _mm512_storeu_ps(out, acc);
     }
 }
+
+/* The K-quants the same way, 16 rows per super-block of 256: the codes
+ * (unsigned, as k_codes gives them) interleaved four at a time, and per row
+ * its 16 sub-block scales, both as int32 lanes (to scale each sub-block's
+ * sum) and as int16 pairs with the minimums (for the sums against the
+ * token's 16 code sums: the minimums' term and, for Q3_K and Q6_K, the
+ * codes' offset). */
+struct wide_kblock {
+    __m512i codes[8][8];         /* [chunk of 32][k]: codes 32c + 4k .. + 3 of each row */
+    __m512i scale[16];           /* [sub-block]: each row's scale */
+    __m512i scale_pairs[8];      /* [i]: each row's scales 2i, 2i + 1 as int16 */
+    __m512i min_pairs[8];        /* the same for the minimums (Q2_K, Q4_K, Q5_K) */
+    __m512 d, dmin;
+};
+_Static_assert(WIDE_K_CHUNK * sizeof(struct wide_kblock) <= WIDE_SCRATCH, "K chunk fits the scratch");
+_Static_assert(WIDE_CHUNK * sizeof(struct wide_block) <= WIDE_SCRATCH, "legacy chunk fits the scratch");
+
+/* lanes r: word k of row r, from words[16][8] */
+ALWAYS_INLINE __m512i wide_column(const int32_t (*words)[8], int k)
+{
+    const __m512i column = _mm512_setr_epi32(0, 8, 16, 24, 32, 40, 48, 56, 64, 72, 80, 88, 96, 104, 112, 120);
+    return _mm512_i32gather_epi32(_mm512_add_epi32(column, _mm512_set1_epi32(k)), words, 4);
+}
+
+ALWAYS_INLINE void wide_k_pack(const int T, const struct ebb_native_matmul_args *a, int o, int b0, int b1,
+                               struct wide_kblock *wb)
+{
+    const size_t BB = block_bytes(T), d_at = T == NT_Q2_K ? 80 : T == NT_Q3_K ? 108 : T == NT_Q6_K ? 208 : 0;
+    const int has_min = T == NT_Q2_K || T == NT_Q4_K || T == NT_Q5_K;
+    for (int b = b0; b < b1; b++, wb++) {
+        int32_t words[8][WIDE_ROWS][8], sc_words[WIDE_ROWS][8], min_words[WIDE_ROWS][8];
+        int32_t scale[16][WIDE_ROWS];
+        uint16_t d[WIDE_ROWS], dmin[WIDE_ROWS];
+        for (int r = 0; r < WIDE_ROWS; r++) {
+            const uint8_t *blk = a->w + (size_t)(o + r) * a->row_bytes + (size_t)b * BB;
+            __m256i sc, mins = _mm256_setzero_si256();
+            k_scales(T, blk, &sc, &mins);
+            _mm256_storeu_si256((__m256i *)sc_words[r], sc);
+            _mm256_storeu_si256((__m256i *)min_words[r], mins);
+            const int16_t *s16 = (const int16_t *)sc_words[r];
+            for (int j = 0; j < 16; j++) scale[j][r] = s16[j];
+            for (int c = 0; c < 8; c++) _mm256_storeu_si256((__m256i *)words[c][r], k_codes(T, blk, c));
+            d[r] = (uint16_t)ld16(blk + d_at);
+            dmin[r] = has_min ? (uint16_t)ld16(blk + d_at + 2) : 0;
+        }
+        for (int c = 0; c < 8; c++)
+            for (int k = 0; k < 8; k++) wb->codes[c][k] = wide_column((const int32_t (*)[8])words[c], k);
+        for (int j = 0; j < 16; j++) wb->scale[j] = _mm512_loadu_si512(scale[j]);
+        for (int i = 0; i < 8; i++) {
+            wb->scale_pairs[i] = wide_column((const int32_t (*)[8])sc_words, i);
+            wb->min_pairs[i] = wide_column((const int32_t (*)[8])min_words, i);
+        }
+        wb->d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)d));
+        wb->dmin = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)dmin));
+    }
+}
+
+ALWAYS_INLINE void wide_k_tokens(const int T, const struct ebb_native_matmul_args *a, const struct wide_kblock *wb0,
+                                 int t0, int t1, int o, int b0, int b1)
+{
+    const int nb = a->n_in / EBB_NATIVE_QK_K;
+    const int has_min = T == NT_Q2_K || T == NT_Q4_K || T == NT_Q5_K;
+    const int offset_shift = T == NT_Q6_K ? 5 : T == NT_Q3_K ? 2 : 0;   /* offset 32 or 4 */
+    const struct wide_kblock *wb = wb0 - b0;
+    for (int t = t0; t < t1; t++) {
+        const uint8_t *q = (const uint8_t *)(a->q + (size_t)t * a->n_in);
+        const float *da = a->d + (size_t)t * nb;
+        const uint8_t *bsums = (const uint8_t *)(a->sums + (size_t)t * (a->n_in / 16));
+        float *out = a->out + (size_t)t * a->n_out + o;
+        __m512 acc = b0 ? _mm512_loadu_ps(out) : _mm512_setzero_ps();
+        for (int b = b0; b < b1; b++) {
+            const uint8_t *qb = q + (size_t)EBB_NATIVE_QK_K * b, *bs = bsums + 32 * (size_t)b;
+            __m512i sumi = _mm512_setzero_si512();
+#pragma GCC unroll 16
+            for (int j = 0; j < 16; j++) {   /* sub-block j: values 16j .. 16j + 15, words 4j .. 4j + 3 */
+                __m512i isum = _mm512_setzero_si512();
+#pragma GCC unroll 4
+                for (int w = 0; w < 4; w++)
+                    isum = _mm512_dpbusd_epi32(isum, wb[b].codes[j / 2][4 * (j % 2) + w],
+                                               _mm512_set1_epi32((int)ld32(qb + 16 * j + 4 * w)));
+                sumi = _mm512_add_epi32(sumi, _mm512_mullo_epi32(isum, wb[b].scale[j]));
+            }
+            __m512i summ = _mm512_setzero_si512(), corr = _mm512_setzero_si512();
+#pragma GCC unroll 8
+            for (int i = 0; i < 8; i++) {
+                const __m512i pair = _mm512_set1_epi32((int)ld32(bs + 4 * i));
+                if (has_min) summ = _mm512_dpwssd_epi32(summ, wb[b].min_pairs[i], pair);
+                if (offset_shift) corr = _mm512_dpwssd_epi32(corr, wb[b].scale_pairs[i], pair);
+            }
+            if (offset_shift) sumi = _mm512_sub_epi32(sumi, _mm512_slli_epi32(corr, offset_shift));
+            const __m512 vda = _mm512_set1_ps(da[b]);
+            acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sumi), _mm512_mul_ps(wb[b].d, vda), acc);
+            if (has_min)
+                acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_setzero_si512(), summ)),
+                                      _mm512_mul_ps(wb[b].dmin, vda), acc);
+        }
+        _mm512_storeu_ps(out, acc);
+    }
+}
 #endif
 
 /* ------------------------------------------------------------ rectangles */
@@ -517,8 +618,7 @@ typedef void (*tile_fn)(const struct ebb_native_matmul_args *a, int t, int mv, i
 ALWAYS_INLINE int min_int(int x, int y) { return x < y ? x : y; }
 
 /* tiles: 1 x 8, 2 x 4 and 4 x 2 (tokens x rows). */
-struct wide_block;
-typedef void (*wide_fn)(const struct ebb_native_matmul_args *a, struct wide_block *wb, int t0, int t1, int o);
+typedef void (*wide_fn)(const struct ebb_native_matmul_args *a, void *scratch, int t0, int t1, int o);
 
 static void rectangle(const tile_fn tiles[3], wide_fn wide, const struct ebb_native_matmul_args *a, int t0, int t1,
                       int o0, int o1)
@@ -528,10 +628,10 @@ static void rectangle(const tile_fn tiles[3], wide_fn wide, const struct ebb_nat
      * rows left over take the tiles below. */
     if (wide && t1 - t0 >= 4 && o1 - o0 >= WIDE_ROWS) {
         const int rows_end = o0 + (o1 - o0) / WIDE_ROWS * WIDE_ROWS;
-        struct wide_block *wb = aligned_alloc(64, WIDE_CHUNK * sizeof *wb);
-        if (wb) {
-            for (int o = o0; o < rows_end; o += WIDE_ROWS) wide(a, wb, t0, t1, o);
-            free(wb);
+        void *scratch = aligned_alloc(64, WIDE_SCRATCH);
+        if (scratch) {
+            for (int o = o0; o < rows_end; o += WIDE_ROWS) wide(a, scratch, t0, t1, o);
+            free(scratch);
             o0 = rows_end;
             if (o0 == o1) return;
         }
@@ -559,16 +659,22 @@ static void rectangle(const tile_fn tiles[3], wide_fn wide, const struct ebb_nat
 
 #ifdef NX_WIDE_PREFILL
 #define NX_WIDE(name, T) \
-    static void name##_wide(const struct ebb_native_matmul_args *a, struct wide_block *wb, int t0, int t1, int o) \
+    static void name##_wide(const struct ebb_native_matmul_args *a, void *scratch, int t0, int t1, int o) \
     { \
-        const int nb = a->n_in / EBB_NATIVE_QK; \
-        for (int b0 = 0; b0 < nb; b0 += WIDE_CHUNK) { \
-            const int b1 = b0 + WIDE_CHUNK < nb ? b0 + WIDE_CHUNK : nb; \
-            wide_pack(T, a, o, b0, b1, wb); \
-            wide_tokens(T, a, wb, t0, t1, o, b0, b1); \
+        const int k = is_k(T), nb = a->n_in / (k ? EBB_NATIVE_QK_K : EBB_NATIVE_QK); \
+        const int chunk = k ? WIDE_K_CHUNK : WIDE_CHUNK; \
+        for (int b0 = 0; b0 < nb; b0 += chunk) { \
+            const int b1 = b0 + chunk < nb ? b0 + chunk : nb; \
+            if (k) { \
+                wide_k_pack(T, a, o, b0, b1, scratch); \
+                wide_k_tokens(T, a, scratch, t0, t1, o, b0, b1); \
+            } else { \
+                wide_pack(T, a, o, b0, b1, scratch); \
+                wide_tokens(T, a, scratch, t0, t1, o, b0, b1); \
+            } \
         } \
     }
-#define NX_WIDE_FN(name, T) (is_k(T) ? NULL : name##_wide)
+#define NX_WIDE_FN(name, T) name##_wide
 #else
 #define NX_WIDE(name, T)
 #define NX_WIDE_FN(name, T) NULL
