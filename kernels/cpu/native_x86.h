@@ -39,6 +39,9 @@
  *   its successor's rows (contiguous with its own) as it goes;
  *   2 x 4 and prefill 4 x 2: each row's unpacked block serves every token;
  *   a pair of rows (in L1) meets all tokens of a block of TB (in L2).
+ * On the AVX-512 path (NX_WIDE_PREFILL) prefill of 4 tokens or more takes
+ * whole tiles of 16 rows another way: their blocks are rewritten into
+ * interleaved codes so each lane is one row's sum (see "wide prefill").
  * Edges reuse the same three shapes: a missing row or token repeats the
  * tile's first one and its lanes are not stored. Lanes never mix, so every
  * output depends only on its own row and token: any rectangle, split over
