@@ -317,13 +317,21 @@ static int submit_choices(struct completion *c, int32_t *const *ids, const int *
         struct gen_params gp;
         completion_gen_params(&c->r, i, seed, max_ctx - n_prompt, &gp);
         if (n_prompt == 0 || gp.max_tokens < 1 || n_prompt + gp.max_tokens > max_ctx) {
+            /* Never a negative count: a prompt that fills the context is
+             * too long whatever max_tokens says. */
             char msg[256];
+            const int prompt_too_long = n_prompt >= max_ctx;
             if (n_prompt == 0) snprintf(msg, sizeof msg, "the prompt is empty");
+            else if (prompt_too_long)
+                snprintf(msg, sizeof msg, "this model's maximum context length is %d tokens and the prompt alone has "
+                         "%d, leaving no room for a completion; shorten the prompt", max_ctx, n_prompt);
             else snprintf(msg, sizeof msg, "this model's maximum context length is %d tokens; the prompt has %d "
-                          "tokens and max_tokens asks for %d more", max_ctx, n_prompt, gp.max_tokens);
-            const char *param = n_prompt == 0 || n_prompt >= max_ctx ? (c->r.kind == OAI_CHAT ? "messages" : "prompt")
-                                                                     : "max_tokens";
-            http_respond_error(c->req, 400, "invalid_request_error", msg, param);
+                          "tokens, leaving %d for the completion, and max_tokens asks for %d", max_ctx, n_prompt,
+                          max_ctx - n_prompt, gp.max_tokens);
+            const char *param = n_prompt == 0 || prompt_too_long ? (c->r.kind == OAI_CHAT ? "messages" : "prompt")
+                                                                 : "max_tokens";
+            http_respond_error_code(c->req, 400, "invalid_request_error",
+                                    n_prompt == 0 ? NULL : "context_length_exceeded", msg, param);
             return -1;
         }
         struct sched_request_desc desc = {ids[p], n_prompt, gp, {bridge_on_token, bridge_on_done}, &c->slots[i]};

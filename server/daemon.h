@@ -131,6 +131,7 @@ void served_refresh_metrics(struct daemon *d);
 void route_completions(struct daemon *d, struct http_request *req);
 void route_chat_completions(struct daemon *d, struct http_request *req);
 void route_models(struct daemon *d, struct http_request *req);
+void route_model(struct daemon *d, struct http_request *req);
 void route_tokenize(struct daemon *d, struct http_request *req);
 void route_detokenize(struct daemon *d, struct http_request *req);
 void route_cancel_request(struct daemon *d, struct http_request *req);

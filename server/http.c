@@ -507,8 +507,37 @@ char *http_error_json(const char *type, const char *message, const char *param, 
 
 int http_respond_error(struct http_request *req, int status, const char *type, const char *message,
                        const char *param) {
+    return http_respond_error_code(req, status, type, NULL, message, param);
+}
+
+static int hex_digit(char c) {
+    return c >= '0' && c <= '9' ? c - '0' : c >= 'a' && c <= 'f' ? c - 'a' + 10 : c >= 'A' && c <= 'F' ? c - 'A' + 10 : -1;
+}
+
+int http_path_segment(const struct http_request *req, const char *prefix, char *out, size_t cap) {
+    const size_t n = strlen(prefix);
+    if (strncmp(req->path, prefix, n)) return -1;
+    size_t k = 0;
+    for (const char *p = req->path + n; *p; p++) {
+        int c = (unsigned char)*p;
+        if (c == '/') return -1;
+        if (c == '%') {
+            const int hi = hex_digit(p[1]), lo = hi < 0 ? -1 : hex_digit(p[2]);
+            if (lo < 0 || (hi | lo) == 0) return -1;   /* a bad escape, or %00 */
+            c = hi * 16 + lo;
+            p += 2;
+        }
+        if (k + 1 >= cap) return -1;
+        out[k++] = (char)c;
+    }
+    out[k] = 0;
+    return 0;
+}
+
+int http_respond_error_code(struct http_request *req, int status, const char *type, const char *code,
+                            const char *message, const char *param) {
     size_t len = 0;
-    char *body = http_error_json(type, message, param, NULL, &len);
+    char *body = http_error_json(type, message, param, code, &len);
     if (!body) {
         static const char fallback[] = "{\"error\":{\"message\":\"out of memory\",\"type\":\"server_error\",\"param\":null,\"code\":null}}";
         return http_respond(req, status, "application/json", fallback, sizeof fallback - 1);

@@ -184,6 +184,13 @@ int http_respond(struct http_request *req, int status, const char *content_type,
  * UTF-8 become '?'. Completes the request. */
 int http_respond_error(struct http_request *req, int status, const char *type,
                        const char *message, const char *param);
+/* The same with an OpenAI error code ("model_not_found",
+ * "context_length_exceeded", ...) that clients branch on; NULL: null. */
+int http_respond_error_code(struct http_request *req, int status, const char *type, const char *code,
+                            const char *message, const char *param);
+/* The path after `prefix` as one segment, percent-decoded into out: 0, or
+ * -1 when it holds a '/', a bad or NUL escape, or does not fit. */
+int http_path_segment(const struct http_request *req, const char *prefix, char *out, size_t cap);
 
 /* OpenAI-shaped error JSON text (malloc'd, caller frees), for routes that
  * must send an error inside a stream. `param` and `code` may be NULL. */

@@ -1250,20 +1250,27 @@ char *oai_stream_error(const struct oai_error *e, size_t *len) {
     return sse_finish(&s, len);
 }
 
+static json_t *model_object(const char *name, int64_t created, bool *ok) {
+    json_t *mo = json_object();
+    put(mo, "id", json_text(name, strlen(name)), ok);
+    put(mo, "object", json_string("model"), ok);
+    put(mo, "created", json_integer(created), ok);
+    put(mo, "owned_by", json_string("ebb"), ok);
+    return mo;
+}
+
 char *oai_models_response(const char *const *names, const int64_t *created, int n, size_t *len) {
     bool ok = true;
     json_t *root = json_object(), *data = json_array();
     put(root, "object", json_string("list"), &ok);
-    for (int i = 0; i < n; i++) {
-        json_t *mo = json_object();
-        put(mo, "id", json_text(names[i], strlen(names[i])), &ok);
-        put(mo, "object", json_string("model"), &ok);
-        put(mo, "created", json_integer(created ? created[i] : 0), &ok);
-        put(mo, "owned_by", json_string("ebb"), &ok);
-        push(data, mo, &ok);
-    }
+    for (int i = 0; i < n; i++) push(data, model_object(names[i], created ? created[i] : 0, &ok), &ok);
     put(root, "data", data, &ok);
     return dump(root, ok, len);
+}
+
+char *oai_model_response(const char *name, int64_t created, size_t *len) {
+    bool ok = true;
+    return dump(model_object(name, created, &ok), ok, len);
 }
 
 char *oai_tokenize_response(const int32_t *ids, int n, int max_model_len, const char *const *pieces,

@@ -219,6 +219,8 @@ char *oai_stream_error(const struct oai_error *e, size_t *len);
 
 /* GET /v1/models: {"object":"list","data":[{"id","object":"model","created","owned_by":"ebb"}]} */
 char *oai_models_response(const char *const *names, const int64_t *created, int n, size_t *len);
+/* One model object, as GET /v1/models/{id} answers it. */
+char *oai_model_response(const char *name, int64_t created, size_t *len);
 /* POST /tokenize: {"count","max_model_len","tokens"[,"token_strs"]} as vLLM;
  * pieces/piece_lens (the raw bytes of each token) may be NULL, else the
  * request asked for return_token_strs. */

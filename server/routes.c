@@ -72,6 +72,7 @@ static const struct route routes[] = {
     {"POST", "/v1/completions", route_completions, false, false},
     {"POST", "/v1/chat/completions", route_chat_completions, false, false},
     {"GET", "/v1/models", route_models, false, false},
+    {"GET", "/v1/models/", route_model, true, false},
     {"POST", "/tokenize", route_tokenize, false, false},
     {"POST", "/detokenize", route_detokenize, false, false},
     {"DELETE", "/v1/requests/", route_cancel_request, true, false},

@@ -309,15 +309,20 @@ static void remove_model_done(uv_work_t *w, int status) {
 
 void route_admin_models_delete(struct daemon *d, struct http_request *req) {
     if (!admin_authorized(d, req)) return;
-    const char *name = req->path + strlen("/admin/models/");
-    char err[256];
+    char name[256], err[256];
+    if (http_path_segment(req, "/admin/models/", name, sizeof name)) {
+        http_respond_error(req, 400, "invalid_request_error",
+                           "the model name in the path is not one path segment of at most 255 bytes "
+                           "(percent-escapes must be valid and not %00)", "name");
+        return;
+    }
     if (catalog_name_check(name, err, sizeof err)) {
         http_respond_error(req, 400, "invalid_request_error", err, "name");
         return;
     }
     struct admin_job *j = job_new(d, req);
     if (!j) return;
-    snprintf(j->name, sizeof j->name, "%s", name);
+    memcpy(j->name, name, strlen(name) + 1);   /* catalog_name_check bounds it to fit */
     if (uv_queue_work(&d->loop, &j->work, remove_model_work, remove_model_done)) {
         http_respond_error(req, 500, "server_error", "cannot queue the catalog write", NULL);
         job_free(j);

@@ -49,7 +49,7 @@ static struct served_model *model_for(struct daemon *d, struct http_request *req
     if (!sm) {
         if (*name) snprintf(msg, sizeof msg, "the model '%.256s' does not exist", name);
         else snprintf(msg, sizeof msg, "no model named in the request and no default model is configured");
-        http_respond_error(req, 404, "invalid_request_error", msg, "model");
+        http_respond_error_code(req, 404, "invalid_request_error", "model_not_found", msg, "model");
         return NULL;
     }
     if (sm->state != SERVED_READY) {
@@ -152,6 +152,27 @@ void route_models(struct daemon *d, struct http_request *req) {
     respond_built(req, body, len);
     free(names);
     free(created);
+}
+
+/* GET /v1/models/{id}: the model as the list shows it (client.models.retrieve). */
+void route_model(struct daemon *d, struct http_request *req) {
+    char name[256];
+    if (http_path_segment(req, "/v1/models/", name, sizeof name)) {
+        http_respond_error(req, 400, "invalid_request_error",
+                           "the model id in the path is not one path segment of at most 255 bytes "
+                           "(percent-escapes must be valid and not %00)", "model");
+        return;
+    }
+    struct served_model *sm = served_find(d, name);
+    if (!sm || sm->state != SERVED_READY) {
+        char msg[512];
+        snprintf(msg, sizeof msg, "the model '%.256s' does not exist", name);
+        http_respond_error_code(req, 404, "invalid_request_error", "model_not_found", msg, "model");
+        return;
+    }
+    size_t len = 0;
+    char *body = oai_model_response(sm->name, sm->created, &len);
+    respond_built(req, body, len);
 }
 
 void route_tokenize(struct daemon *d, struct http_request *req) {

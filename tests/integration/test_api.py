@@ -730,12 +730,58 @@ def send_bad(srv, path, body):
                          timeout=IO_TIMEOUT)
 
 
+# The OpenAI error codes clients branch on; every other refusal's code is null.
+BAD_CODES = {
+    "unknown model": "model_not_found", "unknown model in chat": "model_not_found",
+    "tokenize unknown model": "model_not_found",
+    "max_tokens beyond the context": "context_length_exceeded",
+    "chat max_tokens beyond the context": "context_length_exceeded",
+    "prompt longer than the context": "context_length_exceeded",
+}
+
+
 @pytest.mark.parametrize("name,path,body,status,param,needle", BAD, ids=[b[0] for b in BAD])
 def test_bad_input_gets_an_openai_error(srv, name, path, body, status, param, needle):
     r = send_bad(srv, path, body)
     err = assert_error(r, status, param=param, needle=needle)
     assert err["type"] == "invalid_request_error"
-    assert err["code"] is None
+    assert err["code"] == BAD_CODES.get(name)
+    if err["code"] == "context_length_exceeded":
+        assert not re.search(r"-\d", err["message"]), err["message"]   # no negative counts
+
+
+def test_a_prompt_that_fills_the_context_is_named_as_the_problem(srv):
+    """Whatever max_tokens says (here none, as OpenAI clients send), a prompt as long as the
+    context is the prompt's fault: the message says so, with the numbers, none negative."""
+    for body in ({"prompt": LONG_PROMPT_IDS}, {"prompt": LONG_PROMPT_IDS, "max_tokens": 4}):
+        err = assert_error(send_bad(srv, "/v1/completions", body), 400, param="prompt")
+        assert "the prompt alone has" in err["message"] and str(len(LONG_PROMPT_IDS)) in err["message"]
+        assert err["code"] == "context_length_exceeded"
+        assert not re.search(r"-\d", err["message"]), err["message"]
+
+
+def test_retrieve_a_model_by_id(client, srv):
+    """GET /v1/models/{id} (the official client's models.retrieve); the id is one
+    percent-decoded path segment."""
+    m = client.models.retrieve(srv.model)
+    assert m.id == srv.model and m.object == "model" and m.owned_by == "ebb"
+    listed = {x.id: x.created for x in client.models.list().data}
+    assert m.created == listed[srv.model]
+    quoted = "".join(f"%{b:02X}" for b in srv.model.encode())
+    r = requests.get(srv.url("/v1/models/" + quoted), timeout=IO_TIMEOUT)
+    assert r.status_code == 200 and r.json()["id"] == srv.model
+    with pytest.raises(openai.NotFoundError) as e:
+        client.models.retrieve("no-such-model")
+    assert e.value.code == "model_not_found"
+    for bad in ("%zz", "a%00b", "%4"):   # sent as they are (requests would re-quote them)
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=IO_TIMEOUT) as sock:
+            sock.sendall(f"GET /v1/models/{bad} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+            reply = b""
+            while chunk := sock.recv(65536):
+                reply += chunk
+        head, _, body = reply.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 400 "), reply
+        assert json.loads(body)["error"]["param"] == "model"
 
 
 def test_body_over_the_limit_is_413(srv):
