@@ -97,6 +97,9 @@ struct conn {
 
     /* Parser bookkeeping for the current request. */
     size_t header_bytes;           /* request line + headers, for max_header */
+    size_t chunk_ext_bytes;        /* chunk extensions of the body, for MAX_CHUNK_EXTENSIONS */
+    const char *parse_start;       /* the buffer llhttp_execute is reading */
+    char last_solid;               /* the last byte before it that is not a space or tab */
     bool in_field, in_value, headers_done;
     int error_status;              /* set by a callback that refused the request */
     const char *error_message;
@@ -759,7 +762,7 @@ static int on_message_begin(llhttp_t *p) {
     c->cur = req_new(c);
     if (!c->cur) return refuse(c, 503, "out of memory");
     c->phase = PHASE_HEADERS;
-    c->header_bytes = 0;
+    c->header_bytes = c->chunk_ext_bytes = 0;
     c->in_field = c->in_value = c->headers_done = false;
     uv_timer_start(&c->timer, on_conn_timer, c->srv->cfg.header_timeout_ms, 0);
     return 0;
@@ -822,8 +825,21 @@ static int on_header_field_complete(llhttp_t *p) {
     return raw_terminate(c->cur) ? refuse(c, 503, "out of memory") : 0;
 }
 
+/* Whether a header value span starts a line: only blanks between it and the
+ * previous newline. That is obs-fold, a value continued on the next line;
+ * llhttp unfolds it, and a proxy that does not reads another Content-Length
+ * (smuggling), so it is refused (RFC 9112 §5.2 allows either). */
+static bool value_starts_a_line(const struct conn *c, const char *at) {
+    const char *p = at;
+    while (p > c->parse_start && (p[-1] == ' ' || p[-1] == '\t')) p--;
+    return (p > c->parse_start ? p[-1] : c->last_solid) == '\n';
+}
+
 static int on_header_value(llhttp_t *p, const char *at, size_t n) {
     struct conn *c = conn_of(p);
+    if (!c->headers_done && value_starts_a_line(c, at))
+        return refuse(c, 400, "malformed request: a header value continued on the next line (obs-fold) "
+                              "is not accepted");
     if (!header_bytes_ok(c, n)) return refuse(c, 431, "request headers too large");
     if (c->headers_done) return 0;
     struct req *r = c->cur;
@@ -844,6 +860,34 @@ static int on_header_value_complete(llhttp_t *p) {
     return 0;
 }
 
+/* Chunk extensions are parsed and ignored; their bytes are bounded (as
+ * Node.js does) so a client cannot keep one request busy with them. */
+#define MAX_CHUNK_EXTENSIONS (16 * 1024)
+
+static int on_chunk_extension(llhttp_t *p, const char *at, size_t n) {
+    (void)at;
+    struct conn *c = conn_of(p);
+    c->chunk_ext_bytes += n;
+    return c->chunk_ext_bytes > MAX_CHUNK_EXTENSIONS
+               ? refuse(c, 400, "malformed request: chunk extensions over 16 KiB")
+               : 0;
+}
+
+/* The origin-form path of a request target: absolute-form
+ * ("http://host/path", which a server must accept, RFC 9112 §3.2.2) loses
+ * its scheme and authority. */
+static char *origin_path(char *url) {
+    const char *colon = strstr(url, "://");
+    if (url[0] == '/' || !colon || (strncasecmp(url, "http://", 7) && strncasecmp(url, "https://", 8))) return url;
+    char *slash = strchr(colon + 3, '/');
+    if (slash) return slash;
+    /* "http://host" or "http://host?q": the path is "/"; keep the query */
+    char *q = strchr(colon + 3, '?');
+    if (!q) return (char *)"/";
+    q[-1] = '/';   /* the last authority byte becomes the path: "...host/?q" -> "/?q" */
+    return q - 1;
+}
+
 static int on_headers_complete(llhttp_t *p) {
     struct conn *c = conn_of(p);
     struct req *r = c->cur;
@@ -851,10 +895,16 @@ static int on_headers_complete(llhttp_t *p) {
     c->headers_done = true;
     if (r->raw_len == 0 && raw_terminate(r)) return refuse(c, 503, "out of memory");
     /* The buffer no longer grows (trailers are not kept): pointers are stable. */
-    char *url = r->raw;
+    char *url = origin_path(r->raw);
     char *q = strchr(url, '?');
     if (q) { *q = '\0'; r->pub.query = q + 1; }
     r->pub.path = url;
+    /* HTTP/1.1 names its host exactly once (RFC 9112 §3.2). */
+    int hosts = 0;
+    for (size_t i = 0; i < r->n_hdrs; i++) hosts += !strcasecmp(r->raw + r->hdrs[i].name_off, "Host");
+    if (llhttp_get_http_major(p) == 1 && llhttp_get_http_minor(p) >= 1 && hosts != 1)
+        return refuse(c, 400, hosts ? "malformed request: more than one Host header"
+                                    : "malformed request: an HTTP/1.1 request needs a Host header");
     r->pub.method = llhttp_method_name((llhttp_method_t)llhttp_get_method(p));
     r->pub.http_minor = llhttp_get_http_major(p) == 1 ? llhttp_get_http_minor(p) : 0;
     r->head_only = !strcmp(r->pub.method, "HEAD");
@@ -899,6 +949,8 @@ static void parser_settings_init(void) {
     parser_settings.on_header_field = on_header_field;
     parser_settings.on_header_field_complete = on_header_field_complete;
     parser_settings.on_header_value = on_header_value;
+    parser_settings.on_chunk_extension_name = on_chunk_extension;
+    parser_settings.on_chunk_extension_value = on_chunk_extension;
     parser_settings.on_header_value_complete = on_header_value_complete;
     parser_settings.on_headers_complete = on_headers_complete;
     parser_settings.on_body = on_body;
@@ -934,7 +986,12 @@ static void conn_compact_input(struct conn *c) {
 static void conn_process(struct conn *c) {
     while (!c->closing && c->phase != PHASE_HANDLING && c->in_off < c->in_len) {
         const char *start = c->in + c->in_off;
+        c->parse_start = start;
         llhttp_errno_t e = llhttp_execute(&c->parser, start, c->in_len - c->in_off);
+        /* what the next buffer's first span looks back to (value_starts_a_line) */
+        const char *end = e == HPE_OK ? c->in + c->in_len : llhttp_get_error_pos(&c->parser);
+        for (const char *b = end; b > start; b--)
+            if (b[-1] != ' ' && b[-1] != '\t') { c->last_solid = b[-1]; break; }
         if (e == HPE_OK) {
             c->in_off = c->in_len;
             break;

@@ -12,6 +12,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 
 #include "server/catalog_json.h"
 #include "server/daemon.h"
@@ -34,7 +35,10 @@ int admin_authorized(struct daemon *d, struct http_request *req) {
         return 0;
     }
     const char *auth = http_header(req, "Authorization");
-    if (!auth || strncmp(auth, "Bearer ", 7) || !tokens_equal(auth + 7, d->cfg.admin_token)) {
+    /* The scheme is case-insensitive (RFC 9110 §11.1), one or more spaces follow it. */
+    const char *token = auth && !strncasecmp(auth, "Bearer ", 7) ? auth + 7 : NULL;
+    while (token && *token == ' ') token++;
+    if (!token || !tokens_equal(token, d->cfg.admin_token)) {
         http_add_header(req, "WWW-Authenticate", "Bearer");
         http_respond_error(req, 401, "authentication_error",
                            auth ? "the admin token is not valid" : "an admin token is required (Authorization: Bearer ...)",

@@ -932,6 +932,16 @@ def test_admin_routes_refuse_without_the_token(srv):
     assert memory(srv)[BUDGET] == before[BUDGET]
 
 
+def test_the_bearer_scheme_is_case_insensitive(srv):
+    """RFC 9110 §11.1: auth schemes are case-insensitive; extra spaces before the token are
+    allowed."""
+    for header in (f"bearer {TOKEN}", f"BEARER {TOKEN}", f"Bearer   {TOKEN}"):
+        r = requests.get(srv.url("/admin/memory"), headers={"Authorization": header}, timeout=IO_TIMEOUT)
+        assert r.status_code == 200, (header, r.text)
+    r = requests.get(srv.url("/admin/memory"), headers={"Authorization": f"bearer {TOKEN}x"}, timeout=IO_TIMEOUT)
+    assert r.status_code in (401, 403)
+
+
 def test_admin_routes_disabled_without_a_configured_token(ebb_bin, tmpdir_module):
     s = Server(ebb_bin, tmpdir_module / "notoken.db", token=None)
     try:

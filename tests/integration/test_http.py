@@ -378,6 +378,66 @@ def test_unknown_route_is_404_in_openai_shape(server):
     assert "/v1/nothing-here" in doc["error"]["message"]
 
 
+def test_absolute_form_targets_are_served(server):
+    """RFC 9112 §3.2.2: a server must accept a request target in absolute form (what a client
+    talking through a proxy sends)."""
+    with server.connect() as s, s.makefile("rb") as f:
+        for target in (b"http://127.0.0.1/health", b"HTTP://x:1/health?probe=1", b"https://x/health"):
+            s.sendall(b"GET " + target + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+            r = read_response(f)
+            assert r.status == 200 and r.json() == {"status": "ok"}, (target, r.body)
+        s.sendall(b"GET http://x HTTP/1.1\r\nHost: x\r\n\r\n")   # no path: "/", no route
+        assert read_response(f).status == 404
+
+
+@pytest.mark.parametrize("request_bytes,needle", [
+    (b"GET /health HTTP/1.1\r\n\r\n", "needs a Host header"),
+    (b"GET /health HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", "more than one Host"),
+    (b"POST /debug/echo HTTP/1.1\r\nHost: x\r\nX-Pad: a\r\n b\r\nContent-Length: 2\r\n\r\nhi", "obs-fold"),
+    (b"POST /debug/echo HTTP/1.1\r\nHost: x\r\nContent-Length:\r\n 2\r\n\r\nhi", None),
+])
+def test_host_and_folded_headers_are_refused(server, request_bytes, needle):
+    """HTTP/1.1 without exactly one Host is a 400 (RFC 9112 §3.2); so is a header value
+    folded onto a second line: unfolding it is how a folded Content-Length smuggles a
+    request past a proxy."""
+    with server.connect() as s, s.makefile("rb") as f:
+        s.sendall(request_bytes)
+        err = assert_openai_error(read_response(f), 400)
+        assert "malformed" in err["message"]
+        if needle:
+            assert needle in err["message"], err
+        assert_closed(s)
+    # HTTP/1.0 needs no Host.
+    with server.connect() as s, s.makefile("rb") as f:
+        s.sendall(b"GET /health HTTP/1.0\r\n\r\n")
+        assert read_response(f).status == 200
+
+
+def test_a_fold_split_across_reads_is_still_refused(server):
+    """The continuation line arrives in a later read than the line it continues."""
+    with server.connect() as s, s.makefile("rb") as f:
+        s.sendall(b"POST /debug/echo HTTP/1.1\r\nHost: x\r\nContent-Length:\r\n")
+        time.sleep(0.2)
+        s.sendall(b"  2\r\n\r\nhi")
+        err = assert_openai_error(read_response(f), 400)
+        assert "obs-fold" in err["message"]
+
+
+def test_chunk_extensions_are_bounded(server):
+    """Extensions are ignored but not read forever: past 16 KiB the request is a 400 and
+    the connection closes, while the client is still sending."""
+    with server.connect() as s, s.makefile("rb") as f:
+        s.sendall(b"POST /debug/echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+                  b"2;name=" + b"v" * 20000 + b"\r\nhi\r\n0\r\n\r\n")
+        err = assert_openai_error(read_response(f), 400)
+        assert "chunk extensions" in err["message"]
+    with server.connect() as s, s.makefile("rb") as f:   # small extensions are fine
+        s.sendall(b"POST /debug/echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+                  b"2;name=value\r\nhi\r\n0\r\n\r\n")
+        r = read_response(f)
+        assert r.status == 200 and r.body == b"hi"
+
+
 def test_error_message_with_invalid_utf8_path_stays_json(server):
     with server.connect() as s, s.makefile("rb") as f:
         s.sendall(b"GET /caf\xe9\xff HTTP/1.1\r\nHost: x\r\n\r\n")
