@@ -169,6 +169,8 @@ void sched_get_stats(struct sched *s, struct sched_stats *st) {
     st->kv_allocated_bytes = u.allocated_bytes;
 }
 
+size_t sched_kv_bytes_for(const struct sched *s, int n_ctx) { return kv_account_bytes_for(&s->account, n_ctx); }
+
 void sched_set_kv_budget(struct sched *s, size_t bytes) {
     kv_account_set_budget(&s->account, bytes);
     pthread_mutex_lock(&s->lock);

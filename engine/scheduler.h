@@ -86,4 +86,7 @@ enum sched_error sched_submit(struct sched *s, const struct sched_request_desc *
 int sched_cancel(struct sched *s, uint64_t id);
 void sched_get_stats(struct sched *s, struct sched_stats *st);
 void sched_set_kv_budget(struct sched *s, size_t bytes);
+/* KV cache bytes a request of n_ctx positions reserves (any thread: the
+ * layout never changes). */
+size_t sched_kv_bytes_for(const struct sched *s, int n_ctx);
 #endif

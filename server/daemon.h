@@ -120,6 +120,10 @@ bool served_any_ready(struct daemon *d);
  * weights and splits what is left across the models' KV caches. 0, or -1
  * with a message when the budget cannot hold the weights. */
 int served_set_budget(struct daemon *d, uint64_t bytes, char *err, size_t errlen);
+/* 0 when every loaded model's share of a budget of `bytes` (0: none) holds
+ * its smallest request (one prompt token and one generated); -1 with the
+ * numbers and the least budget that would, in err. */
+int served_budget_holds_a_request(struct daemon *d, uint64_t bytes, char *err, size_t errlen);
 size_t served_weight_bytes(struct daemon *d);
 /* The context a request may use: the model's training context, capped by
  * the max_context setting. */

@@ -195,7 +195,8 @@ void route_admin_memory_put(struct daemon *d, struct http_request *req) {
     json_decref(root);
     char err[256];
     /* Apply first: an impossible budget is refused before anything is saved. */
-    if (served_set_budget(d, bytes, err, sizeof err)) {
+    /* A budget every request would be refused under is a mistake, not a setting. */
+    if (served_budget_holds_a_request(d, bytes, err, sizeof err) || served_set_budget(d, bytes, err, sizeof err)) {
         http_respond_error(req, 400, "invalid_request_error", err, "memory_budget_bytes");
         return;
     }

@@ -64,6 +64,9 @@ static void load_done(uv_work_t *w, int status) {
         char err[256];
         if (served_set_budget(d, d->memory_budget, err, sizeof err))
             log_warn("memory budget no longer fits the resident weights; KV caches unbounded", "error=\"%s\"", err);
+        else if (served_budget_holds_a_request(d, d->memory_budget, err, sizeof err))
+            log_warn("memory budget holds no request; every request will be refused until it is raised",
+                     "error=\"%s\"", err);
     } else {
         if (sm->state == SERVED_LOADING) sm->state = SERVED_FAILED;
         log_error("model failed to load", "model=%s error=\"%s\"", sm->name, sm->error);
@@ -192,12 +195,34 @@ int served_set_budget(struct daemon *d, uint64_t bytes, char *err, size_t errlen
                  "and any KV cache", (unsigned long long)bytes, weights);
         return -1;
     }
+    size_t per_model = bytes && n_ready ? (size_t)((bytes - weights) / (uint64_t)n_ready) : 0;
     d->memory_budget = bytes;
     metric_set(d->m_budget, NULL, (double)bytes);
-    size_t per_model = bytes && n_ready ? (size_t)((bytes - weights) / (uint64_t)n_ready) : 0;
     for (struct served_model *sm = d->models; sm; sm = sm->next)
         if (sm->state == SERVED_READY) sched_set_kv_budget(sm->sched, per_model);
     return 0;
+}
+
+int served_budget_holds_a_request(struct daemon *d, uint64_t bytes, char *err, size_t errlen) {
+    const size_t weights = served_weight_bytes(d);
+    int n_ready = 0;
+    size_t need_most = 0;
+    for (struct served_model *sm = d->models; sm; sm = sm->next)
+        if (sm->state == SERVED_READY) {
+            n_ready++;
+            const size_t need = sched_kv_bytes_for(sm->sched, 2);
+            if (need > need_most) need_most = need;
+        }
+    if (!bytes || !n_ready) return 0;
+    const uint64_t least = (uint64_t)weights + (uint64_t)need_most * (uint64_t)n_ready;
+    if (bytes >= least) return 0;
+    snprintf(err, errlen, "a budget of %llu bytes leaves %llu bytes of KV cache per model after the resident weights "
+             "(%zu bytes%s), and the smallest request (one prompt token and one generated) needs %zu: give at "
+             "least %llu bytes", (unsigned long long)bytes,
+             (unsigned long long)(bytes > weights ? (bytes - weights) / (uint64_t)n_ready : 0), weights,
+             n_ready > 1 ? ", the rest split evenly among the loaded models" : "", need_most,
+             (unsigned long long)least);
+    return -1;
 }
 
 void served_refresh_metrics(struct daemon *d) {

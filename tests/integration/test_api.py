@@ -977,13 +977,21 @@ def test_memory_budget_put_get_and_impossible_values(srv, model_path):
         assert [m["kv_budget_bytes"] for m in got["models"]] == [value - weights]
         assert sample(metrics(srv)[0], "ebb_memory_budget_bytes") == value
         # Impossible or malformed budgets change nothing.
-        for bad in (weights // 2, weights, -1, "lots", 1.5, None):
+        for bad in (weights // 2, weights, weights + 1, -1, "lots", 1.5, None):
             r = put_budget(srv, bad)
             assert_error(r, 400, param=BUDGET)
             assert memory(srv)[BUDGET] == value, bad
         r = requests.put(srv.url("/admin/memory"), data=b"{oops", headers=AUTH, timeout=IO_TIMEOUT)
         assert_error(r, 400, param=None)
         assert sample(metrics(srv)[0], "ebb_memory_budget_bytes") == value
+        # One byte over the weights cannot hold any request: refused, naming what would.
+        err = put_budget(srv, weights + 1).json()["error"]["message"]
+        least = int(re.search(r"give at least (\d+) bytes", err).group(1))
+        assert "smallest request" in err and least > weights + 1, err
+        assert put_budget(srv, least).status_code == 200
+        r = complete(srv, prompt="Hi", max_tokens=1, temperature=0)   # and it does hold one
+        assert r["usage"]["completion_tokens"] == 1
+        assert_error(put_budget(srv, least - 1), 400, param=BUDGET)
     finally:
         assert put_budget(srv, 0).status_code == 200
     assert memory(srv)[BUDGET] == 0
