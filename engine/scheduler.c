@@ -47,6 +47,7 @@ struct sched {
     pthread_cond_t wake;
     struct sreq *wait_head, *wait_tail;
     int n_waiting;
+    struct sreq *cancelled_waiting; /* taken off the queue by sched_cancel, for the engine to finish */
     struct sreq **running;          /* engine thread's; read under lock by cancel */
     int n_running;
     uint64_t next_id;
@@ -147,8 +148,21 @@ enum sched_error sched_submit(struct sched *s, const struct sched_request_desc *
 int sched_cancel(struct sched *s, uint64_t id) {
     int found = -1;
     pthread_mutex_lock(&s->lock);
-    for (struct sreq *r = s->wait_head; r && found; r = r->next)
-        if (r->id == id) { atomic_store(&r->stop, SREQ_CANCELLED); found = 0; }
+    /* A waiting request leaves the queue at once, so its slot is free for
+     * the next submit (a refused burst must not hold slots until the engine's
+     * next step); the engine finishes it. */
+    for (struct sreq **link = &s->wait_head, *prev = NULL; *link && found; prev = *link, link = &(*link)->next) {
+        struct sreq *r = *link;
+        if (r->id != id) continue;
+        atomic_store(&r->stop, SREQ_CANCELLED);
+        *link = r->next;
+        if (s->wait_tail == r) s->wait_tail = prev;
+        s->n_waiting--;
+        r->next = s->cancelled_waiting;
+        s->cancelled_waiting = r;
+        found = 0;
+        break;
+    }
     for (int i = 0; i < s->n_running && found; i++)
         if (s->running[i]->id == id) { atomic_store(&s->running[i]->stop, SREQ_CANCELLED); found = 0; }
     if (!found) pthread_cond_signal(&s->wake);
@@ -180,6 +194,12 @@ void sched_set_kv_budget(struct sched *s, size_t bytes) {
 
 /* Moves cancelled requests out of the waiting queue into *out (lock held). */
 static void take_cancelled_waiting(struct sched *s, struct sreq **out) {
+    while (s->cancelled_waiting) {
+        struct sreq *r = s->cancelled_waiting;
+        s->cancelled_waiting = r->next;
+        r->next = *out;
+        *out = r;
+    }
     struct sreq **link = &s->wait_head, *prev = NULL;
     while (*link) {
         struct sreq *r = *link;
@@ -301,7 +321,8 @@ static void *engine_main(void *arg) {
     struct sched *s = arg;
     pthread_mutex_lock(&s->lock);
     for (;;) {
-        while (!s->stopping && s->n_running == 0 && (s->n_waiting == 0 || s->cfg.max_running == 0))
+        while (!s->stopping && s->n_running == 0 && !s->cancelled_waiting &&
+               (s->n_waiting == 0 || s->cfg.max_running == 0))
             pthread_cond_wait(&s->wake, &s->lock);
         struct sreq *cancelled = NULL, *failed = NULL;
         if (s->stopping && !s->drain) {

@@ -309,6 +309,16 @@ struct completion *completion_new(struct daemon *d, struct http_request *req, st
 static int submit_choices(struct completion *c, int32_t *const *ids, const int *n_ids) {
     struct served_model *sm = c->sm;
     int max_ctx = served_max_context(sm);
+    /* Every choice waits in the queue first: more than it holds would be
+     * refused with 429 however long the client waited. */
+    const int queue = c->d->cfg.queue_length;
+    if (queue > 0 && c->n_choices > queue) {
+        char msg[256];
+        snprintf(msg, sizeof msg, "this request asks for %d completions (prompts times n) and the server queues at "
+                 "most %d at a time (queue_length): ask for fewer per request", c->n_choices, queue);
+        http_respond_error(c->req, 400, "invalid_request_error", msg, c->r.n_prompts > 1 ? "prompt" : "n");
+        return -1;
+    }
     uint64_t seed = fresh_seed(c->d);
     int per_prompt = c->r.kind == OAI_CHAT ? c->n_choices : c->r.n;
     for (int i = 0; i < c->n_choices; i++) {

@@ -721,6 +721,8 @@ BAD = [
     ("detokenize outside the vocabulary", "/detokenize", {"tokens": [5, 10 ** 6]}, 400, "tokens[1]", None),
     ("detokenize wrong type", "/detokenize", {"tokens": "abc"}, 400, "tokens", None),
     ("tokenize unknown model", "/tokenize", {"model": "nope", "prompt": "a"}, 404, "model", None),
+    ("more completions than the queue holds", "/v1/completions",
+     {"prompt": ["a", "b", "c", "d", "e"], "n": 16, "max_tokens": 1}, 400, "prompt", "queues at most 64"),
 ]
 
 

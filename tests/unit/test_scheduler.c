@@ -186,8 +186,10 @@ static void test_cancel_and_limits(struct model *m) {
     CHECK(sched_submit(s, &da, &idc) == SCHED_OK);
     da.ud = &d;
     CHECK_MSG(sched_submit(s, &da, &idd) == SCHED_QUEUE_FULL, "queue bound of 2 must refuse a third waiter");
-    /* a is running, b and c wait: cancel one of each. */
+    /* a is running, b and c wait: cancel one of each. A cancelled waiter
+     * frees its queue slot at once, not at the engine's next step. */
     CHECK(sched_cancel(s, idb) == 0);
+    CHECK_MSG(sched_submit(s, &da, &idd) == SCHED_OK, "a cancelled waiter must free its slot at once");
     CHECK(sched_cancel(s, ida) == 0);
     wait_done(&a);
     wait_done(&b);
@@ -201,9 +203,10 @@ static void test_cancel_and_limits(struct model *m) {
     struct sched_request_desc dl = {ids, n, huge, {on_token, on_done}, &d};
     uint64_t idl;
     CHECK(sched_submit(s, &dl, &idl) == SCHED_TOO_LONG);
-    /* shutdown without draining cancels c */
+    /* shutdown without draining cancels c and d */
     sched_destroy(s, 0);
     CHECK(c.done && c.finish == FINISH_CANCELLED);
+    CHECK(d.done && d.finish == FINISH_CANCELLED);
     for (int i = 0; i < 4; i++) pthread_mutex_destroy(&all[i]->lock);
     free(ids);
 }
