@@ -152,10 +152,15 @@ static void finish_response(struct completion *c) {
         error |= c->choices[i].finish == FINISH_ERROR;
     }
     size_t len = 0;
+    /* Failed before any token: the scheduler could not admit it (the budget
+     * shrank below it, or memory ran out). Worth a retry, and not a bug. */
+    const bool not_admitted = error && usage.completion_tokens == 0 && !*c->error;
+    static const char not_admitted_msg[] = "the request could not be admitted: it no longer fits the memory budget";
     if (c->streaming) {
         if (error) {
             struct oai_error e;
-            oai_error_set(&e, 500, "server_error", NULL, "%s", *c->error ? c->error : "generation failed");
+            if (not_admitted) oai_error_set(&e, 503, "unavailable_error", NULL, "%s", not_admitted_msg);
+            else oai_error_set(&e, 500, "server_error", NULL, "%s", *c->error ? c->error : "generation failed");
             char *events = oai_stream_error(&e, &len);
             stream_send(c, events, len);
         } else if (c->meta.include_usage) {
@@ -164,12 +169,9 @@ static void finish_response(struct completion *c) {
         }
         http_stream_write(c->req, OAI_SSE_DONE, strlen(OAI_SSE_DONE));
         http_stream_end(c->req);
-    } else if (error && usage.completion_tokens == 0 && !*c->error) {
-        /* Failed before any token: the scheduler could not admit it (the
-         * budget shrank below it, or memory ran out). Worth a retry. */
+    } else if (not_admitted) {
         http_add_header(c->req, "Retry-After", "1");
-        http_respond_error(c->req, 503, "unavailable_error",
-                           "the request could not be admitted: it no longer fits the memory budget", NULL);
+        http_respond_error(c->req, 503, "unavailable_error", not_admitted_msg, NULL);
     } else if (error) {
         http_respond_error(c->req, 500, "server_error", *c->error ? c->error : "generation failed", NULL);
     } else {

@@ -1028,9 +1028,11 @@ def test_tight_budget_refuses_big_requests_and_serves_small_ones(srv):
     wait_kv_empty(srv, 10)
 
 
-def test_budget_shrunk_below_a_waiting_request_is_not_a_500(srv):
+@pytest.mark.parametrize("stream", [False, True])
+def test_budget_shrunk_below_a_waiting_request_is_not_a_500(srv, stream):
     """A request waiting for memory that the new budget can never hold gets
-    503 (docs/api.md: the memory budget cannot admit the request), not 500."""
+    503 (docs/api.md: the memory budget cannot admit the request), not 500; a
+    stream gets the same reason as its error event, not "generation failed"."""
     weights = memory(srv)["weight_bytes"]
     running = None
     try:
@@ -1040,7 +1042,7 @@ def test_budget_shrunk_below_a_waiting_request_is_not_a_500(srv):
         assert running.status == 200 and running.event()
         out = {}
         waiter = threading.Thread(target=lambda: out.setdefault("r", requests.post(
-            srv.url("/v1/completions"), json={"prompt": "Hello", "max_tokens": 900}, timeout=120)))
+            srv.url("/v1/completions"), json={"prompt": "Hello", "max_tokens": 900, "stream": stream}, timeout=120)))
         waiter.start()
         deadline = time.monotonic() + 20
         while sample(metrics(srv)[0], "ebb_requests_waiting", model=srv.model) != 1:
@@ -1050,8 +1052,14 @@ def test_budget_shrunk_below_a_waiting_request_is_not_a_500(srv):
         waiter.join(60)
         r = out["r"]
         assert r.status_code != 500, r.text
-        assert_error(r, 503)
-        assert r.headers.get("Retry-After")
+        if stream:
+            events = [line[6:] for line in r.text.splitlines() if line.startswith("data: ")]
+            assert events[-1] == "[DONE]", events
+            err = json.loads(events[-2])["error"]
+            assert "no longer fits the memory budget" in err["message"] and err["type"] == "unavailable_error", err
+        else:
+            assert_error(r, 503)
+            assert r.headers.get("Retry-After")
     finally:
         if running:
             running.close()
