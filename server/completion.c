@@ -183,6 +183,40 @@ static void finish_response(struct completion *c) {
     request_completed(c);
 }
 
+static void shutdown_one(struct completion *c) {
+    static const char why[] = "the server is shutting down: the completion was cut off before it finished";
+    struct http_request *req = c->req;
+    completion_cancel(c);
+    if (c->streaming) {
+        size_t len = 0;
+        for (int i = 0; i < c->n_choices; i++) {
+            if (c->slots[i].done) continue;
+            c->choices[i].finish = FINISH_CANCELLED;
+            char *chunk = oai_stream_chunk(&c->meta, &c->choices[i], &len);
+            stream_send(c, chunk, len);
+        }
+        struct oai_error e;
+        oai_error_set(&e, 503, "unavailable_error", NULL, "%s", why);
+        char *event = oai_stream_error(&e, &len);
+        stream_send(c, event, len);
+        http_stream_write(req, OAI_SSE_DONE, strlen(OAI_SSE_DONE));
+        http_stream_end(req);
+    } else {
+        http_add_header(req, "Retry-After", "1");
+        http_respond_error(req, 503, "unavailable_error", why, NULL);
+    }
+    request_completed(c);
+}
+
+void completion_shutdown_all(struct daemon *d) {
+    for (struct completion *c = d->completions, *next; c; c = next) {
+        next = c->next;
+        if (c->state == COMPLETION_RUNNING) shutdown_one(c);
+    }
+    /* settle() frees a completion once its choices report done: that comes
+     * through the bridge, after the cancellations above. */
+}
+
 /* ------------------------------------------------------------ engine events */
 
 static void deliver_token(struct choice_slot *slot, struct bridge_event *ev) {

@@ -60,6 +60,10 @@ void completion_deliver(struct bridge_event *ev, void *arg);
 void completion_cancel(struct completion *c);
 /* completion_cancel() on every completion served by `sm` (being unloaded). */
 void completion_cancel_model(struct served_model *sm);
+/* The shutdown deadline: every response still running is ended with the
+ * reason (a stream: each unfinished choice's last chunk, an error event and
+ * [DONE]; otherwise a 503) and its work cancelled. */
+void completion_shutdown_all(struct daemon *d);
 
 /* The in-flight completion answering HTTP request `request_id`, or NULL;
  * its response id ("cmpl-42", "chatcmpl-42"). */

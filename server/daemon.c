@@ -45,6 +45,10 @@ void daemon_maybe_finish(struct daemon *d) {
     bridge_close(&d->bridge);
     uv_close((uv_handle_t *)&d->sigterm, on_handle_closed);
     uv_close((uv_handle_t *)&d->sigint, on_handle_closed);
+    if (d->deadline_live) {
+        d->deadline_live = false;
+        uv_close((uv_handle_t *)&d->deadline, on_handle_closed);
+    }
 }
 
 static void on_server_closed(struct http_server *srv, void *arg) {
@@ -60,17 +64,35 @@ static void on_server_closed(struct http_server *srv, void *arg) {
     daemon_maybe_finish(d);
 }
 
+/* The connections close this long after the shutdown deadline, so the
+ * last events written at the deadline reach the clients. */
+#define SHUTDOWN_FLUSH_MS 300
+
+/* The deadline: responses still running are ended with the reason (a stream
+ * gets its last chunks, an error event and [DONE], never a cut body). */
+static void on_deadline(uv_timer_t *t) {
+    struct daemon *d = t->data;
+    log_warn("shutdown deadline: ending the responses still running", NULL);
+    completion_shutdown_all(d);
+}
+
 static void on_signal(uv_signal_t *h, int signum) {
     struct daemon *d = h->data;
+    unsigned deadline_ms = (unsigned)d->cfg.shutdown_timeout_ms;
     if (!d->stopping) {
         d->stopping = true;
         log_info("shutting down", "signal=%s deadline_ms=%d", signum == SIGTERM ? "SIGTERM" : "SIGINT",
                  d->cfg.shutdown_timeout_ms);
-        http_server_shutdown(d->http, (unsigned)d->cfg.shutdown_timeout_ms, on_server_closed, d);
     } else {
-        log_warn("second signal: closing every connection now", NULL);
-        http_server_shutdown(d->http, 0, on_server_closed, d);
+        log_warn("second signal: ending every response now", NULL);
+        deadline_ms = 0;
     }
+    if (!d->deadline_live && uv_timer_init(&d->loop, &d->deadline) == 0) {
+        d->deadline_live = true;
+        d->deadline.data = d;
+    }
+    if (d->deadline_live) uv_timer_start(&d->deadline, on_deadline, deadline_ms, 0);
+    http_server_shutdown(d->http, deadline_ms + SHUTDOWN_FLUSH_MS, on_server_closed, d);
 }
 
 /* Catalog start-up: register the default model on an empty catalog, queue

@@ -60,6 +60,8 @@ struct daemon {
     uv_loop_t loop;
     struct http_server *http;
     uv_signal_t sigterm, sigint;
+    uv_timer_t deadline;          /* shutdown: when unfinished responses are ended */
+    bool deadline_live;
     struct ebb_config cfg;
     struct catalog *catalog;
     struct bridge bridge;

@@ -1297,7 +1297,7 @@ def test_kill9_during_catalog_writes_leaves_it_intact(ebb_bin, model_path, tmpdi
         s2.stop_clean()
 
 
-def test_sigterm_lets_streams_finish_and_cuts_long_ones(ebb_bin, model_path, tmpdir_module):
+def test_sigterm_lets_streams_finish_and_ends_long_ones_with_the_reason(ebb_bin, model_path, tmpdir_module):
     s = start_model_server(ebb_bin, tmpdir_module, model_path, "sigterm", "--shutdown-timeout-ms", "6000")
     try:
         short = [Stream(s, "/v1/completions", dict(prompt=f"Fact number {i}:", max_tokens=8, temperature=0,
@@ -1317,15 +1317,17 @@ def test_sigterm_lets_streams_finish_and_cuts_long_ones(ebb_bin, model_path, tmp
             assert events[-1] == "[DONE]", events[-3:]
             assert json.loads(events[-2])["usage"]["completion_tokens"] == 8
             st.close()
-        # The long one is cut at the deadline: no [DONE], the connection ends.
+        # The long one is ended at the deadline, not cut: its last chunk says it
+        # stopped, an error event says why, then [DONE] and the chunked body's end.
         rest = []
-        try:
-            while (e := long.event()) is not None:
-                rest.append(e)
-        except (EOFError, ConnectionError, ValueError):
-            pass
+        while (e := long.event()) is not None:
+            rest.append(e)
         long.close()
-        assert "[DONE]" not in rest
+        assert rest[-1] == "[DONE]", rest[-3:]
+        err = json.loads(rest[-2])["error"]
+        assert "shutting down" in err["message"] and err["type"] == "unavailable_error", err
+        last = json.loads(rest[-3])["choices"][0]
+        assert last["finish_reason"] is not None, last
         assert s.proc.wait(30) == 0
         assert time.monotonic() - t0 < 6 + 10
     finally:
