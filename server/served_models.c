@@ -164,6 +164,10 @@ void served_unload(struct served_model *sm) {
     metric_set(d->m_running, labels, 0);
     metric_set(d->m_waiting, labels, 0);
     completion_cancel_model(sm);
+    /* Its share of the KV budget goes back to the models that remain. */
+    char err[256];
+    if (d->memory_budget && !d->stopping && served_set_budget(d, d->memory_budget, err, sizeof err))
+        log_warn("memory budget not re-split after a model was removed", "error=\"%s\"", err);
     served_unref(sm);   /* the list's reference; requests in flight hold theirs */
 }
 

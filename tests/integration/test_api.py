@@ -1180,6 +1180,11 @@ def test_register_use_and_remove_a_model(srv, model_path, tmpdir_module):
         assert_error(requests.post(admin, json={"name": "x"}, headers=AUTH, timeout=120), 400, param="path")
         names = [m["name"] for m in requests.get(admin, headers=AUTH, timeout=IO_TIMEOUT).json()["data"]]
         assert sorted(names) == sorted([srv.model, "copy"])
+        # Under a budget the two split the KV cache evenly...
+        both = memory(srv)["weight_bytes"]
+        budget = both + 256 * 2 ** 20
+        assert put_budget(srv, budget).status_code == 200
+        assert [m["kv_budget_bytes"] for m in memory(srv)["models"]] == [(budget - both) // 2] * 2
         # A stream on the model is running when it is removed.
         running = Stream(srv, "/v1/completions", dict(model="copy", prompt="Once upon a time", max_tokens=20,
                                                       temperature=0, stream=True))
@@ -1187,6 +1192,10 @@ def test_register_use_and_remove_a_model(srv, model_path, tmpdir_module):
     finally:
         r = requests.delete(srv.url("/admin/models/copy"), headers=AUTH, timeout=120)
     assert r.status_code == 200, r.text
+    # ...and the one that remains takes the removed one's share.
+    left = memory(srv)
+    assert [m["kv_budget_bytes"] for m in left["models"]] == [budget - left["weight_bytes"]], left
+    assert put_budget(srv, 0).status_code == 200
     # The running stream still ends properly (cancelled, or run to its end).
     events = running.events()
     running.close()
