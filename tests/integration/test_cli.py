@@ -6,6 +6,7 @@ against the Release binary and, when EBB_BIN_ASAN is set, the sanitized one.
 """
 import os
 import random
+import subprocess
 
 import numpy as np
 
@@ -177,3 +178,16 @@ def test_max_tokens_length(ebb_bin, model_path):
     assert proc.returncode == 0
     assert len(proc.stdout.split()) == 5
     assert b"finish: length" in proc.stderr
+
+
+@pytest.mark.parametrize("unit", ["test_scheduler", "test_kv", "test_tokenizer"])
+def test_unit_tests_without_the_model_say_skipped(ebb_bin, unit, tmp_path):
+    """One skip policy (tests/unit/check.h): without the default model a unit test runs what
+    it can and exits 77, ctest's SKIP_RETURN_CODE, naming what it skipped -- never a pass."""
+    binary = os.path.join(os.path.dirname(ebb_bin), unit)
+    if not os.path.exists(binary):
+        pytest.skip(f"{binary} not built")
+    p = subprocess.run([binary], capture_output=True, timeout=300,
+                       env=dict(os.environ, EBB_SOURCE_DIR=str(tmp_path)))
+    assert p.returncode == 77, (p.returncode, p.stdout[-500:], p.stderr[-500:])
+    assert b"were skipped" in p.stdout and str(tmp_path).encode() in p.stdout

@@ -833,9 +833,8 @@ int main(void) {
     test_account_bytes();
     test_reservations();
 
-    const char *dir = getenv("EBB_SOURCE_DIR");
     char path[1024], err[512];
-    snprintf(path, sizeof path, "%s/models/SmolLM2-135M-Instruct.Q4_1.gguf", dir ? dir : ".");
+    if (check_model_path(path, sizeof path)) return check_report_skipped("test_kv", path);
     struct model m;
     struct model m32;
     struct model_run *run = NULL, *run32 = NULL;

@@ -926,16 +926,14 @@ int main(void) {
     test_gguf_writer();
     test_shapes();
 
-    const char *dir = getenv("EBB_SOURCE_DIR");
-    snprintf(model_file, sizeof model_file, "%s/models/SmolLM2-135M-Instruct.Q4_1.gguf", dir ? dir : ".");
-    if (access(model_file, R_OK) == 0) {
-        test_rotation_equivalence();
-        test_w4a16_head4();
-        if (access(CALIB_TEXT, R_OK) == 0 && access(EVAL_TEXT, R_OK) == 0) test_pack_end_to_end();
-        else printf("skipped the pack run: %s or %s missing\n", CALIB_TEXT, EVAL_TEXT);
-    } else {
-        printf("skipped the real-model checks: %s not found\n", model_file);
+    if (check_model_path(model_file, sizeof model_file)) {
+        rmdir(tmp_dir);
+        return check_report_skipped("test_pack", model_file);
     }
+    test_rotation_equivalence();
+    test_w4a16_head4();
+    if (access(CALIB_TEXT, R_OK) == 0 && access(EVAL_TEXT, R_OK) == 0) test_pack_end_to_end();
+    else printf("skipped the pack run: %s or %s missing\n", CALIB_TEXT, EVAL_TEXT);
     rmdir(tmp_dir);
     return check_report("test_pack");
 }

@@ -245,9 +245,8 @@ static void test_budget(struct model *m) {
 }
 
 int main(void) {
-    const char *dir = getenv("EBB_SOURCE_DIR");
     char path[1024], err[512];
-    snprintf(path, sizeof path, "%s/models/SmolLM2-135M-Instruct.Q4_1.gguf", dir ? dir : ".");
+    if (check_model_path(path, sizeof path)) return check_report_skipped("test_scheduler", path);
     struct model m;
     if (model_load(&m, path, MODEL_WEIGHTS_NATIVE, err, sizeof err)) {
         fprintf(stderr, "cannot load the default model: %s (run scripts/setup)\n", err);

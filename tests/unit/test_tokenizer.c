@@ -501,12 +501,11 @@ static char *make_text(size_t size, size_t *len) {
     return s;
 }
 
-static void test_real_model(const char *dir) {
-    char path[4096], err[512];
-    snprintf(path, sizeof path, "%s/models/SmolLM2-135M-Instruct.Q4_1.gguf", dir);
+static void test_real_model(const char *path) {
+    char err[512];
     struct gguf_file f;
     if (gguf_open(&f, path, err, sizeof err)) {
-        printf("test_tokenizer: %s not available, real-model checks skipped\n", path);
+        CHECK_MSG(0, "%s", err);
         return;
     }
     double t0 = now_s();
@@ -604,7 +603,8 @@ int main(void) {
     test_pre_tokenizers();
     test_detok();
     test_chat_render();
-    const char *dir = getenv("EBB_SOURCE_DIR");
-    test_real_model(dir ? dir : ".");
+    char path[4096];
+    if (check_model_path(path, sizeof path)) return check_report_skipped("test_tokenizer", path);
+    test_real_model(path);
     return check_report("test_tokenizer");
 }
