@@ -55,7 +55,6 @@
 #include "kernels/cpu/ops.h"
 
 #include <immintrin.h>
-#include <stdlib.h>
 #include <string.h>
 
 #define NX_CAT2(a, b) a##_##b
@@ -630,14 +629,12 @@ static void rectangle(const tile_fn tiles[3], wide_fn wide, const struct ebb_nat
     /* Legacy types with 4 tokens or more: whole 16-row tiles go wide, the
      * rows left over take the tiles below. */
     if (wide && t1 - t0 >= 4 && o1 - o0 >= WIDE_ROWS) {
+        /* Each worker's own packed chunk: no allocation per product. */
+        static _Thread_local _Alignas(64) unsigned char scratch[WIDE_SCRATCH];
         const int rows_end = o0 + (o1 - o0) / WIDE_ROWS * WIDE_ROWS;
-        void *scratch = aligned_alloc(64, WIDE_SCRATCH);
-        if (scratch) {
-            for (int o = o0; o < rows_end; o += WIDE_ROWS) wide(a, scratch, t0, t1, o);
-            free(scratch);
-            o0 = rows_end;
-            if (o0 == o1) return;
-        }
+        for (int o = o0; o < rows_end; o += WIDE_ROWS) wide(a, scratch, t0, t1, o);
+        o0 = rows_end;
+        if (o0 == o1) return;
     }
 #endif
     for (int tb = t0; tb < t1; tb += TB) {
