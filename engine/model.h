@@ -33,6 +33,10 @@ struct ebb_tokenizer;
 /* The four activations of a layer that feed linear layers; the packer
  * calibrates each and the quantized path quantizes each once per token. */
 enum act_point { ACT_ATTN_IN = 0, ACT_ATTN_OUT = 1, ACT_FFN_IN = 2, ACT_FFN_DOWN_IN = 3, ACT_POINTS = 4 };
+/* A point's name in packed files ("attn_in", ... as in blk.N.attn_in.perm)
+ * and its width (channels) for a model's shapes. */
+const char *act_point_name(enum act_point p);
+int act_point_width(const struct model_config *c, enum act_point p);
 
 /* Sees the input of each activation point during a forward pass (n_tok rows
  * of n floats, after any online rotation): the packer's calibration. */

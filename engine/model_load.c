@@ -246,17 +246,25 @@ static int read_packing(struct model *m, char *err, size_t errlen) {
     return 0;
 }
 
+const char *act_point_name(enum act_point p) {
+    static const char *const names[ACT_POINTS] = {"attn_in", "attn_out", "ffn_in", "ffn_down_in"};
+    return p < ACT_POINTS ? names[p] : "?";
+}
+
+int act_point_width(const struct model_config *c, enum act_point p) {
+    return p == ACT_ATTN_OUT ? c->n_head * c->head_dim : p == ACT_FFN_DOWN_IN ? c->n_ff : c->n_embd;
+}
+
 /* Per layer and activation point, the leading 8-bit groups (ebb.act8_groups). */
 static int read_act8_groups(struct model *m, char *err, size_t errlen) {
     const struct gguf_kv *kv = gguf_find(&m->file, "ebb.act8_groups");
     const struct model_config *c = &m->cfg;
-    const int widths[ACT_POINTS] = {c->n_embd, c->n_head * c->head_dim, c->n_embd, c->n_ff};
     if (!kv || kv->type != GGUF_ARRAY || kv->arr_type == GGUF_STRING || kv->arr_n != (uint64_t)c->n_layer * ACT_POINTS)
         return load_error(err, errlen, m->file.path, "ebb.act8_groups must hold %d numbers", c->n_layer * ACT_POINTS);
     for (int l = 0; l < c->n_layer; l++)
         for (int p = 0; p < ACT_POINTS; p++) {
             double v = gguf_arr_num(kv, (uint64_t)l * ACT_POINTS + p);
-            const int groups = widths[p] / m->act_group;
+            const int groups = act_point_width(c, (enum act_point)p) / m->act_group;
             if (!(v >= 0 && v <= groups))
                 return load_error(err, errlen, m->file.path, "ebb.act8_groups[%d] = %g is out of range", l * ACT_POINTS + p, v);
             m->layers[l].n_hi[p] = m->act_bits == 8 ? groups : (int)v;
@@ -327,11 +335,9 @@ static int load_weights(struct model *m, char *err, size_t errlen) {
         LOAD(bv, "attn_v.bias", KD, 1, 1);
         LOAD(ffn_norm, "ffn_norm.weight", E, 1, 0);
         if (m->act_bits) {
-            static const char *const point[ACT_POINTS] = {"attn_in", "attn_out", "ffn_in", "ffn_down_in"};
-            const int widths[ACT_POINTS] = {(int)E, (int)QD, (int)E, (int)F};
             for (int p = 0; p < ACT_POINTS; p++) {
-                snprintf(name, sizeof name, "blk.%d.%s.perm", l, point[p]);
-                w->perm[p] = load_perm(m, name, widths[p], &failed, err, errlen);
+                snprintf(name, sizeof name, "blk.%d.%s.perm", l, act_point_name((enum act_point)p));
+                w->perm[p] = load_perm(m, name, act_point_width(c, (enum act_point)p), &failed, err, errlen);
             }
         }
 #undef MATRIX

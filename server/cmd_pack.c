@@ -137,7 +137,6 @@ static const char *variant_kind(const struct pack_options *o) {
 }
 
 static void print_summary(const struct pack_options *o, const struct pack_result *r) {
-    static const char *const pn[ACT_POINTS] = {"attn_in", "attn_out", "ffn_in", "ffn_down_in"};
     const int source = o->format == PACK_SOURCE;
     printf("wrote %s: %llu bytes, %.3f bits per source parameter (%s matrices %.2f bpw), %.1f s\n",
            o->out_path, (unsigned long long)r->file_bytes, r->bits_per_weight, source ? "layer" : "W4G64",
@@ -145,7 +144,8 @@ static void print_summary(const struct pack_options *o, const struct pack_result
     printf("format %s, weights %s, calibration %ld tokens\n", variant_kind(o),
            source ? "the source's blocks, permuted" : o->weight_quant == PACK_GPTQ ? "gptq" : "rtn", r->calib_tokens);
     if (o->format == PACK_W4A16 || o->act_bits != 4) return;
-    printf("8-bit activation groups per layer (%s / %s / %s / %s):\n", pn[0], pn[1], pn[2], pn[3]);
+    printf("8-bit activation groups per layer (%s / %s / %s / %s):\n", act_point_name(ACT_ATTN_IN), act_point_name(ACT_ATTN_OUT), act_point_name(ACT_FFN_IN),
+           act_point_name(ACT_FFN_DOWN_IN));
     unsigned long hi_all = 0, all = 0;
     for (int l = 0; l < r->n_layer; l++) {
         unsigned long hi = 0, g = 0;

@@ -30,14 +30,6 @@
 #include "engine/generate.h"
 #include "tools/pack/pack.h"
 
-static int point_width(const struct model_config *cfg, int point) {
-    switch (point) {
-    case ACT_ATTN_OUT: return cfg->n_head * cfg->head_dim;
-    case ACT_FFN_DOWN_IN: return cfg->n_ff;
-    default: return cfg->n_embd;
-    }
-}
-
 int pack_calib_init(struct pack_calib *c, const struct model_config *cfg, int group, int want_hessian) {
     memset(c, 0, sizeof *c);
     c->n_layer = cfg->n_layer;
@@ -48,7 +40,7 @@ int pack_calib_init(struct pack_calib *c, const struct model_config *cfg, int gr
     int widest = 0;
     for (int i = 0; i < slots; i++) {
         struct pack_act_stats *s = &c->pt[i];
-        s->n = i == slots - 1 ? cfg->n_embd : point_width(cfg, i % ACT_POINTS);
+        s->n = i == slots - 1 ? cfg->n_embd : act_point_width(cfg, (enum act_point)(i % ACT_POINTS));
         if (s->n > widest) widest = s->n;
         s->absmax = calloc((size_t)s->n, sizeof(float));
         s->gmax2 = calloc((size_t)s->n / group + 1, sizeof(double));

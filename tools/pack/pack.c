@@ -33,7 +33,6 @@
 #include "storage/sha256.h"
 #include "tools/pack/pack.h"
 
-static const char *const point_names[ACT_POINTS] = {"attn_in", "attn_out", "ffn_in", "ffn_down_in"};
 
 void pack_options_default(struct pack_options *o) {
     memset(o, 0, sizeof *o);
@@ -205,10 +204,6 @@ static int add_q8_0(struct gguf_writer *gw, const char *name, const float *x, in
     return rc;
 }
 
-static int point_width(const struct model_config *c, int p) {
-    return p == ACT_ATTN_OUT ? c->n_head * c->head_dim : p == ACT_FFN_DOWN_IN ? c->n_ff : c->n_embd;
-}
-
 /* The output head at 4 bits (head_bits 4): its rows take H64 on their
  * input side, as the layers' matrices do (the engine rotates the final
  * norm's output to match), then GPTQ with the Hessian of that rotated input
@@ -252,7 +247,7 @@ static int pack_layer(const struct model *m, struct ebb_pool *pool, int l, const
     int rc = 0, n_hi[ACT_POINTS];
     int32_t *perm[ACT_POINTS] = {0};
     for (int p = 0; p < ACT_POINTS; p++) {
-        const int n = point_width(c, p);
+        const int n = act_point_width(c, (enum act_point)p);
         perm[p] = malloc((size_t)n * sizeof(int32_t));
         if (!perm[p]) rc = -1;
         for (int i = 0; perm[p] && i < n; i++) perm[p][i] = i;
@@ -266,7 +261,7 @@ static int pack_layer(const struct model *m, struct ebb_pool *pool, int l, const
     }
 
     for (int p = 0; p < ACT_POINTS && !rc; p++) {
-        const int n = point_width(c, p);
+        const int n = act_point_width(c, (enum act_point)p);
         const struct pack_act_stats *st = cal ? &cal->pt[l * ACT_POINTS + p] : NULL;
         r->act8_groups[l * ACT_POINTS + p] = (uint32_t)n_hi[p];
         r->act_groups[l * ACT_POINTS + p] = (uint32_t)(n / EBB_ACT_GROUP);
@@ -306,7 +301,7 @@ static int pack_layer(const struct model *m, struct ebb_pool *pool, int l, const
         }
 #undef W4
         if (!rc) {
-            snprintf(name, sizeof name, "blk.%d.%s.perm", l, point_names[p]);
+            snprintf(name, sizeof name, "blk.%d.%s.perm", l, act_point_name((enum act_point)p));
             const uint64_t ne[1] = {(uint64_t)n};
             rc = gguf_writer_add_tensor(gw, name, EBB_TYPE_I32, 1, ne, perm[p], (size_t)n * sizeof(int32_t));
         }

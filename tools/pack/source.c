@@ -38,7 +38,6 @@
 #include "storage/gguf_write.h"
 #include "tools/pack/pack.h"
 
-static const char *const point_names[ACT_POINTS] = {"attn_in", "attn_out", "ffn_in", "ffn_down_in"};
 
 /* The activation point a layer tensor's suffix reads, or -1 for tensors
  * that are not one of the seven matrices. */
@@ -108,10 +107,6 @@ static void permute_blocks(const uint8_t *src, uint8_t *dst, size_t rows, int n_
                    src + o * row_bytes + (size_t)(perm[b * EBB_ACT_BLOCK] / EBB_ACT_BLOCK) * block_bytes, block_bytes);
 }
 
-static int point_width(const struct model_config *c, int p) {
-    return p == ACT_ATTN_OUT ? c->n_head * c->head_dim : p == ACT_FFN_DOWN_IN ? c->n_ff : c->n_embd;
-}
-
 int pack_write_source(struct gguf_writer *gw, const struct model *m, const struct pack_calib *cal,
                       const struct pack_options *o, struct pack_result *r, char *err, size_t errlen) {
     const struct model_config *c = &m->cfg;
@@ -126,7 +121,7 @@ int pack_write_source(struct gguf_writer *gw, const struct model *m, const struc
     for (int l = 0; l < L; l++) {
         int n_hi[ACT_POINTS];
         for (int p = 0; p < ACT_POINTS; p++) {
-            const int n = point_width(c, p);
+            const int n = act_point_width(c, (enum act_point)p);
             int32_t *q = perm[l * ACT_POINTS + p] = malloc((size_t)n * sizeof(int32_t));
             if (!q) goto oom;
             for (int i = 0; i < n; i++) q[i] = i;
@@ -136,10 +131,10 @@ int pack_write_source(struct gguf_writer *gw, const struct model *m, const struc
         /* Chosen per token, the 8-bit blocks need no place of their own:
          * the calibration only splits the layer's budget among its points. */
         for (int p = 0; p < ACT_POINTS && o->act8_per_token; p++)
-            for (int i = 0; i < point_width(c, p); i++) perm[l * ACT_POINTS + p][i] = i;
+            for (int i = 0; i < act_point_width(c, (enum act_point)p); i++) perm[l * ACT_POINTS + p][i] = i;
         for (int p = 0; p < ACT_POINTS; p++) {
             r->act8_groups[l * ACT_POINTS + p] = (uint32_t)n_hi[p];
-            r->act_groups[l * ACT_POINTS + p] = (uint32_t)(point_width(c, p) / EBB_ACT_BLOCK);
+            r->act_groups[l * ACT_POINTS + p] = (uint32_t)(act_point_width(c, (enum act_point)p) / EBB_ACT_BLOCK);
         }
     }
     /* The source's tensors in its order, layer matrices with their blocks
@@ -169,8 +164,8 @@ int pack_write_source(struct gguf_writer *gw, const struct model *m, const struc
     for (int l = 0; l < L; l++)
         for (int p = 0; p < ACT_POINTS; p++) {
             char name[96];
-            snprintf(name, sizeof name, "blk.%d.%s.perm", l, point_names[p]);
-            const uint64_t ne[1] = {(uint64_t)point_width(c, p)};
+            snprintf(name, sizeof name, "blk.%d.%s.perm", l, act_point_name((enum act_point)p));
+            const uint64_t ne[1] = {(uint64_t)act_point_width(c, (enum act_point)p)};
             if (gguf_writer_add_tensor(gw, name, EBB_TYPE_I32, 1, ne, perm[l * ACT_POINTS + p],
                                        (size_t)ne[0] * sizeof(int32_t)))
                 goto oom;
