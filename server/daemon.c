@@ -9,8 +9,10 @@
  * Shutdown is a drain in four steps, each waiting for the one before:
  *
  *   SIGTERM/SIGINT ──▶ HTTP stops accepting; running requests may finish until
- *                      shutdown_timeout_ms, then their connections are closed
- *                      (a second signal cuts the deadline to zero)
+ *                      shutdown_timeout_ms; then each is ended with the reason
+ *                      (a stream: last chunks, an error event, [DONE]; else a
+ *                      503) and the connections close SHUTDOWN_FLUSH_MS later
+ *                      (a second signal moves the deadline to now)
  *   all connections closed (on_server_closed) ──▶ every model is unloaded:
  *                      completions still running are cancelled
  *   last completion freed and last model torn down (daemon_maybe_finish)

@@ -390,3 +390,17 @@ def test_source_exact_refuses_what_it_cannot_keep(ebb_bin, packed, model_path, t
     refused(run_ebb(ebb_bin, "pack", "-m", str(packed["path"]), "--format", "source", "--calib", CALIB_TEXT,
                     "--no-register", "-o", out), "already a packed")
     assert not os.path.exists(out)
+
+
+def test_a_source_exact_file_with_bad_metadata_is_refused(ebb_bin, source_exact, tmp_path):
+    """The loader checks what it reads: an unknown ebb.act8_choice or a rotation a
+    source-exact file cannot have is refused naming the key, not guessed."""
+    data = source_exact[4].read_bytes()
+    for key, good, bad, needle in ((b"ebb.act8_choice", b"token", b"tokes", "ebb.act8_choice must be"),
+                                   (b"ebb.rotation", b"none", b"nope", "ebb.rotation must be \"none\"")):
+        at = data.index(key) + len(key)
+        value = data.index(good, at)
+        assert value - at == 12   # u32 type + u64 length, then the string
+        damaged = tmp_path / "damaged.gguf"
+        damaged.write_bytes(data[:value] + bad + data[value + len(good):])
+        refused(run_ebb(ebb_bin, "generate", "-m", str(damaged), "-p", "hi", "-n", "1"), str(damaged), needle)
