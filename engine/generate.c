@@ -14,6 +14,7 @@ const char *finish_reason_name(enum finish_reason r) {
     case FINISH_LENGTH: return "length";
     case FINISH_CANCELLED: return "cancelled";
     case FINISH_NONE: return "none";
+    case FINISH_EVICTED: return "evicted";
     default: return "error";
     }
 }

@@ -18,9 +18,15 @@
 struct model;
 struct model_run;
 
-enum finish_reason { FINISH_NONE = -1, FINISH_STOP = 0, FINISH_LENGTH = 1, FINISH_CANCELLED = 2, FINISH_ERROR = 3 };
-/* "stop", "length", "cancelled", "error", or "none" for FINISH_NONE: the one
- * place these names are spelt (the API, metrics labels and the CLI use them). */
+/* FINISH_EVICTED: the scheduler gave up on a request whose cache no longer
+ * fits a memory budget that shrank after it started (retryable, unlike an
+ * error). */
+enum finish_reason {
+    FINISH_NONE = -1, FINISH_STOP = 0, FINISH_LENGTH = 1, FINISH_CANCELLED = 2, FINISH_ERROR = 3, FINISH_EVICTED = 4
+};
+/* "stop", "length", "cancelled", "error", "evicted", or "none" for
+ * FINISH_NONE: the one place these names are spelt (the API, metrics labels
+ * and the CLI use them). */
 const char *finish_reason_name(enum finish_reason r);
 
 struct gen_params {

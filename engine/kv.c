@@ -16,6 +16,7 @@
  */
 #include "engine/kv.h"
 
+#include <assert.h>
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -64,18 +65,28 @@ int kv_layout_init(struct kv_layout *l, const struct model_config *cfg, int bits
     return 0;
 }
 
-/* Most window pages a cache of n_ctx positions holds at once. */
-static int window_pages_for(const struct kv_layout *l, int n_ctx) {
+/* Most window pages a cache of n_ctx positions holds at once when no pass
+ * appends more than max_pass positions. */
+static int window_pages_for(const struct kv_layout *l, int n_ctx, int max_pass) {
     if (!is_quantized(l->bits) || n_ctx <= 0) return 0;
-    int batch = n_ctx < MODEL_MAX_BATCH ? n_ctx : MODEL_MAX_BATCH;
-    int w = WINDOW_PAGES_FOR(batch), pages = pages_for(n_ctx);
+    if (max_pass > n_ctx) max_pass = n_ctx;
+    if (max_pass > MODEL_MAX_BATCH) max_pass = MODEL_MAX_BATCH;
+    if (max_pass < 1) max_pass = 1;
+    int w = WINDOW_PAGES_FOR(max_pass), pages = pages_for(n_ctx);
     return w < pages ? w : pages;
 }
 
+/* What a cache holding n positions can have allocated: its body pages, as
+ * many window pages as it can hold at once (never more than it has body
+ * pages), and the sinks. */
+static size_t bytes_held_at_most(const struct kv_layout *l, int n, int window_max) {
+    if (n <= 0) return 0;
+    const int pages = pages_for(n), windows = window_max < pages ? window_max : pages;
+    return (size_t)pages * l->page_bytes + (size_t)windows * l->window_page_bytes + l->sink_bytes;
+}
+
 size_t kv_layout_bytes_for(const struct kv_layout *l, int n_ctx) {
-    if (n_ctx <= 0) return 0;
-    return (size_t)pages_for(n_ctx) * l->page_bytes + (size_t)window_pages_for(l, n_ctx) * l->window_page_bytes +
-           l->sink_bytes;
+    return bytes_held_at_most(l, n_ctx, window_pages_for(l, n_ctx, n_ctx));
 }
 
 /* ------------------------------------------------------------- account */
@@ -109,6 +120,22 @@ size_t kv_account_bytes_for(const struct kv_account *a, int n_ctx) {
     return kv_layout_bytes_for(&a->layout, n_ctx);
 }
 
+size_t kv_account_bytes_for_pass(const struct kv_account *a, int n, int max_pass) {
+    return bytes_held_at_most(&a->layout, n, window_pages_for(&a->layout, n, max_pass));
+}
+
+int kv_account_capacity(struct kv_account *a, int n_max) {
+    const size_t budget = kv_account_usage(a).budget_bytes;
+    if (!budget || kv_account_bytes_for(a, n_max) <= budget) return n_max;
+    int lo = 0, hi = n_max;   /* bytes_for(lo) fits, bytes_for(hi) does not */
+    while (hi - lo > 1) {
+        const int mid = lo + (hi - lo) / 2;
+        if (kv_account_bytes_for(a, mid) <= budget) lo = mid;
+        else hi = mid;
+    }
+    return lo;
+}
+
 static void account_add(struct kv_account *a, size_t *field, long long delta) {
     if (!a) return;
     pthread_mutex_lock(&a->lock);
@@ -122,24 +149,43 @@ static void charge(struct kv_cache *kv, long long bytes) {
 
 /* ---------------------------------------------------------- cache pages */
 
-enum kv_status kv_cache_init(struct kv_cache *kv, const struct model_config *cfg, int n_ctx,
-                             struct kv_account *account) {
-    memset(kv, 0, sizeof *kv);
-    if (n_ctx <= 0 || kv_layout_init(&kv->layout, cfg, account ? account->layout.bits : 32)) return KV_FAILED;
-    if (account) {
-        size_t want = kv_layout_bytes_for(&kv->layout, n_ctx);
-        pthread_mutex_lock(&account->lock);
-        int ok = !account->budget_bytes || account->reserved_bytes + want <= account->budget_bytes;
-        if (ok) account->reserved_bytes += want;
-        pthread_mutex_unlock(&account->lock);
+/* Grows the reservation to cover positions [0, n): the bytes a cache of n
+ * positions can hold at most (kv_layout_bytes_for is nondecreasing in n). */
+enum kv_status kv_cache_reserve(struct kv_cache *kv, int n) {
+    if (n > kv->n_ctx) return KV_FAILED;
+    if (n <= kv->n_reserved) return KV_OK;
+    if (kv->account) {
+        const size_t want = bytes_held_at_most(&kv->layout, n, kv->window_max);
+        assert(want >= kv->reserved_bytes);
+        const size_t more = want - kv->reserved_bytes;
+        struct kv_account *a = kv->account;
+        pthread_mutex_lock(&a->lock);
+        const int ok = !a->budget_bytes || a->reserved_bytes + more <= a->budget_bytes;
+        if (ok) a->reserved_bytes += more;
+        pthread_mutex_unlock(&a->lock);
         if (!ok) return KV_OVER_BUDGET;
         kv->reserved_bytes = want;
     }
+    kv->n_reserved = n;
+    return KV_OK;
+}
+
+enum kv_status kv_cache_init_reserving(struct kv_cache *kv, const struct model_config *cfg, int n_ctx, int n_reserve,
+                                       int max_pass, struct kv_account *account) {
+    memset(kv, 0, sizeof *kv);
+    if (n_ctx <= 0 || n_reserve < 0 || n_reserve > n_ctx || max_pass < 1 ||
+        kv_layout_init(&kv->layout, cfg, account ? account->layout.bits : 32))
+        return KV_FAILED;
     kv->account = account;
     kv->n_ctx = n_ctx;
+    kv->window_max = window_pages_for(&kv->layout, n_ctx, max_pass);
+    enum kv_status rc = kv_cache_reserve(kv, n_reserve);
+    if (rc != KV_OK) {
+        memset(kv, 0, sizeof *kv);
+        return rc;
+    }
     kv->window_lo = 0;
     kv->window_hi = -1;
-    kv->window_max = window_pages_for(&kv->layout, n_ctx);
     const size_t max_pages = (size_t)pages_for(n_ctx);
     kv->pages = calloc(max_pages, sizeof *kv->pages);
     if (kv->window_max) kv->window = calloc(max_pages, sizeof *kv->window);
@@ -148,6 +194,11 @@ enum kv_status kv_cache_init(struct kv_cache *kv, const struct model_config *cfg
         return KV_FAILED;
     }
     return KV_OK;
+}
+
+enum kv_status kv_cache_init(struct kv_cache *kv, const struct model_config *cfg, int n_ctx,
+                             struct kv_account *account) {
+    return kv_cache_init_reserving(kv, cfg, n_ctx, n_ctx, n_ctx, account);
 }
 
 void kv_cache_free(struct kv_cache *kv) {
@@ -217,7 +268,7 @@ static int window_ensure(struct kv_cache *kv, int from, int n) {
 }
 
 int kv_cache_ensure(struct kv_cache *kv, int n) {
-    if (n > kv->n_ctx) return -1;
+    if (n > kv->n_ctx || kv_cache_reserve(kv, n) != KV_OK) return -1;
     const struct kv_layout *l = &kv->layout;
     int need = pages_for(n);
     while (kv->n_pages < need) {

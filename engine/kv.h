@@ -48,15 +48,18 @@
  * of the attention, exact; the sinks cost 4 positions and took the excess
  * above from +1.05% to +0.45% (kv_bits 8: -0.02%).
  *
- * Admission control works by reservation: a sequence reserves, up front, the
- * bytes its prompt plus max_tokens can need -- its whole body, plus at 8 and
- * 4 bits the sinks and the most window pages it can hold at once; the
- * account refuses a reservation that would exceed its budget, and the
- * scheduler keeps that request waiting instead of failing a running one
- * later. Growth inside a reservation therefore never fails for lack of
- * budget (only for lack of system memory). allocated_bytes counts what is
- * held: body pages as they are filled, the sinks and window pages while they
- * exist.
+ * Admission control works by reservation, grown as a sequence grows: a
+ * sequence reserves the bytes its first positions can need (the scheduler
+ * asks for its prompt and one more) and grows the reservation, a page at a
+ * time, as it decodes (kv_cache_reserve). At 8 and 4 bits the reservation
+ * also covers the sinks and the most window pages a cache of that many
+ * positions holds at once. The account refuses a reservation that would
+ * exceed its budget; the scheduler then preempts (vLLM's policy: the newest
+ * running sequence gives its pages back and is recomputed later) instead of
+ * failing anyone. Growth inside a reservation never fails for lack of budget
+ * (only for lack of system memory), so what a forward pass stores was
+ * reserved before it started. allocated_bytes counts what is held: body
+ * pages as they are filled, the sinks and window pages while they exist.
  */
 #ifndef EBB_ENGINE_KV_H
 #define EBB_ENGINE_KV_H
@@ -91,8 +94,8 @@ struct kv_layout {
 const char *kv_bits_problem(const struct model_config *cfg, int bits);
 /* 0, or -1 when kv_bits_problem says no. */
 int kv_layout_init(struct kv_layout *l, const struct model_config *cfg, int bits);
-/* Bytes a sequence of n_ctx positions reserves: whole body pages, plus the
- * window pages it can hold at once. */
+/* Bytes a sequence of n_ctx positions reserves at most: whole body pages,
+ * plus the window pages it can hold at once with passes of any length. */
 size_t kv_layout_bytes_for(const struct kv_layout *l, int n_ctx);
 
 /* A model's KV policy -- the precision of its caches and their memory
@@ -116,8 +119,13 @@ struct kv_usage {
     size_t budget_bytes, reserved_bytes, allocated_bytes;
 };
 struct kv_usage kv_account_usage(struct kv_account *a);
-/* Bytes a sequence of n_ctx positions reserves. */
+/* Bytes a sequence of n_ctx positions reserves (with passes of any length),
+ * and with passes of at most max_pass positions (kv_cache_init_reserving). */
 size_t kv_account_bytes_for(const struct kv_account *a, int n_ctx);
+size_t kv_account_bytes_for_pass(const struct kv_account *a, int n, int max_pass);
+/* The most positions, up to n_max, that one sequence alone can hold under
+ * the budget as it is now (n_max when unlimited; 0 when not even one). */
+int kv_account_capacity(struct kv_account *a, int n_max);
 
 struct kv_cache {
     int n_ctx;                /* positions reserved */
@@ -130,7 +138,8 @@ struct kv_cache {
     int window_max;           /* most window pages held at once (what was reserved) */
     float *sink;              /* f32 keys and values of the first KV_SINK_TOKENS positions (8 and 4 bits) */
     struct kv_account *account; /* may be NULL: unaccounted (CLI tools) */
-    size_t reserved_bytes;
+    int n_reserved;           /* positions the reservation covers (<= n_ctx) */
+    size_t reserved_bytes;    /* what the reservation holds of the account */
 };
 
 enum kv_status {
@@ -139,17 +148,29 @@ enum kv_status {
     KV_OVER_BUDGET = -2    /* the account's budget cannot take the reservation now */
 };
 
-/* Reserves room for n_ctx positions, stored at the account's precision (f32
- * without an account). A tool that wants another precision without a budget
- * gives an account initialised with budget 0. */
+/* A cache of at most n_ctx positions, stored at the account's precision (f32
+ * without an account), reserving room for the first n_reserve of them; no
+ * forward pass will append more than max_pass positions at once (8 and 4
+ * bits: that bounds the f32 window pages held, so a decoding sequence
+ * reserves two, not one per prompt chunk). A tool that wants another
+ * precision without a budget gives an account initialised with budget 0.
+ * KV_OVER_BUDGET leaves nothing to free. */
+enum kv_status kv_cache_init_reserving(struct kv_cache *kv, const struct model_config *cfg, int n_ctx, int n_reserve,
+                                       int max_pass, struct kv_account *account);
+/* The same reserving all n_ctx positions at once (tools that know their length). */
 enum kv_status kv_cache_init(struct kv_cache *kv, const struct model_config *cfg, int n_ctx,
                              struct kv_account *account);
+/* Grows the reservation to cover positions [0, n), n <= n_ctx: KV_OK (also
+ * when it already does), KV_OVER_BUDGET (nothing changed), KV_FAILED when
+ * n > n_ctx. Never shrinks; kv_cache_free returns all of it. */
+enum kv_status kv_cache_reserve(struct kv_cache *kv, int n);
 void kv_cache_free(struct kv_cache *kv);
 /* Drops every position (keeps pages for reuse). */
 void kv_cache_clear(struct kv_cache *kv);
 /* Makes sure positions [0, n) have pages, and that positions n_past .. n-1
- * can be stored and attended to; -1 if n > n_ctx, out of memory, or (8 and 4
- * bits) more than MODEL_MAX_BATCH new positions at once. */
+ * can be stored and attended to, growing the reservation if it must; -1 if
+ * n > n_ctx, the budget refuses the growth, out of memory, or (8 and 4 bits)
+ * more than MODEL_MAX_BATCH new positions at once. */
 int kv_cache_ensure(struct kv_cache *kv, int n);
 
 /* Writes one token's keys and values (kv_dim floats each; keys after RoPE)

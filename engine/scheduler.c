@@ -10,6 +10,9 @@
 
 #include <pthread.h>
 #include <stdatomic.h>
+#ifdef __GLIBC__
+#include <malloc.h>
+#endif
 #include <stdlib.h>
 #include <string.h>
 
@@ -24,7 +27,9 @@ struct sreq {
     uint64_t id;
     struct sreq *next;              /* waiting queue link */
     int32_t *prompt;
-    int n_prompt, n_prefilled;
+    int n_prompt;
+    int n_replay;                   /* positions of gen.history to compute before decoding */
+    int n_prefilled;                /* of those, computed so far */
     struct gen_params params;
     char **stops;                   /* owned copies behind params.stops */
     struct sched_callbacks cb;
@@ -52,7 +57,7 @@ struct sched {
     int n_running;
     uint64_t next_id;
     int stopping, drain;
-    uint64_t steps, batch_tokens;
+    uint64_t steps, batch_tokens, preemptions;
     struct batch_seq *batch;        /* [max_running] */
     struct sreq **batch_req;
 };
@@ -62,7 +67,8 @@ const char *sched_error_message(enum sched_error e) {
     case SCHED_OK: return "ok";
     case SCHED_QUEUE_FULL: return "the request queue is full; try again later";
     case SCHED_TOO_LONG: return "the prompt plus max_tokens exceed the model's context";
-    case SCHED_NEVER_FITS: return "the request needs more KV cache memory than the whole budget";
+    case SCHED_NEVER_FITS: return "the prompt plus max_tokens need more KV cache memory than the model's whole "
+                                  "budget holds, even alone";
     case SCHED_NOMEM: return "out of memory";
     case SCHED_STOPPED: return "the server is shutting down";
     }
@@ -111,6 +117,7 @@ static struct sreq *sreq_create(const struct sched_request_desc *d, int n_vocab)
     r->params.stops = (const char *const *)r->stops;
     memcpy(r->prompt, d->prompt, (size_t)d->n_prompt * sizeof(int32_t));
     r->n_prompt = d->n_prompt;
+    r->n_replay = d->n_prompt;
     r->cb = d->cb;
     r->ud = d->ud;
     r->timing.queued = ebb_now_seconds();
@@ -176,6 +183,7 @@ void sched_get_stats(struct sched *s, struct sched_stats *st) {
     st->waiting = s->n_waiting;
     st->steps = s->steps;
     st->batch_tokens = s->batch_tokens;
+    st->preemptions = s->preemptions;
     pthread_mutex_unlock(&s->lock);
     const struct kv_usage u = kv_account_usage(&s->account);
     st->kv_budget_bytes = u.budget_bytes;
@@ -184,6 +192,8 @@ void sched_get_stats(struct sched *s, struct sched_stats *st) {
 }
 
 size_t sched_kv_bytes_for(const struct sched *s, int n_ctx) { return kv_account_bytes_for(&s->account, n_ctx); }
+
+int sched_context_capacity(struct sched *s) { return kv_account_capacity(&s->account, s->cfg.max_ctx); }
 
 void sched_set_kv_budget(struct sched *s, size_t bytes) {
     kv_account_set_budget(&s->account, bytes);
@@ -216,15 +226,27 @@ static void take_cancelled_waiting(struct sched *s, struct sreq **out) {
     }
 }
 
+/* Positions a request reserves when admitted: what it must compute before
+ * it decodes, and the position its first decoded token takes. Later
+ * positions are reserved as it reaches them (reserve_for_decode). */
+static int first_reservation(const struct sreq *r) {
+    const int cap = context_for(r->n_prompt, &r->params);
+    return r->n_replay + 1 < cap ? r->n_replay + 1 : cap;
+}
+
 /* Admits from the head of the queue while a slot is free and the budget
- * takes the reservation (lock held). Requests that can no longer fit at all
- * (the budget shrank) are failed through *failed. */
-static void admit(struct sched *s, struct sreq **failed) {
+ * takes the first reservation (lock held). Requests that can no longer fit
+ * at all (the budget shrank) go to *evicted, those that cannot start (out
+ * of memory) to *failed. A request admitted again after preemption keeps
+ * its generation state. */
+static void admit(struct sched *s, struct sreq **evicted, struct sreq **failed) {
     while (s->wait_head && s->n_running < s->cfg.max_running) {
         struct sreq *r = s->wait_head;
-        enum kv_status rc = kv_cache_init(&r->kv, &s->m->cfg, context_for(r->n_prompt, &r->params), &s->account);
+        /* Its longest pass is a chunk of what it computes first. */
+        enum kv_status rc = kv_cache_init_reserving(&r->kv, &s->m->cfg, context_for(r->n_prompt, &r->params),
+                                                    first_reservation(r), r->n_replay, &s->account);
         if (rc == KV_OVER_BUDGET) {
-            size_t need = kv_account_bytes_for(&s->account, context_for(r->n_prompt, &r->params));
+            size_t need = kv_account_bytes_for_pass(&s->account, first_reservation(r), r->n_replay);
             const struct kv_usage u = kv_account_usage(&s->account);
             int never = u.budget_bytes && need > u.budget_bytes;
             int idle = u.reserved_bytes == 0;
@@ -234,12 +256,17 @@ static void admit(struct sched *s, struct sreq **failed) {
         if (!s->wait_head) s->wait_tail = NULL;
         s->n_waiting--;
         r->next = NULL;
-        if (rc != KV_OK || gen_seq_init(&r->gen, s->m, r->prompt, r->n_prompt, &r->params)) {
+        if (rc == KV_OVER_BUDGET) {
+            r->next = *evicted;
+            *evicted = r;
+            continue;
+        }
+        if (rc != KV_OK || (!r->gen.history && gen_seq_init(&r->gen, s->m, r->prompt, r->n_prompt, &r->params))) {
             r->next = *failed;
             *failed = r;
             continue;
         }
-        r->timing.started = ebb_now_seconds();
+        if (!r->timing.started) r->timing.started = ebb_now_seconds();
         s->running[s->n_running++] = r;
     }
 }
@@ -254,6 +281,43 @@ static struct sreq *remove_running(struct sched *s, int i) {
     return r;
 }
 
+/* Gives running[i]'s pages back and puts it at the head of the queue, to be
+ * admitted again first: its prompt and the tokens it has fed are computed
+ * again then (bit for bit the same cache: a position's values do not depend
+ * on how the batches were cut), and decoding goes on from the token it had
+ * sampled. Its client only sees a pause. */
+static void preempt(struct sched *s, int i) {
+    struct sreq *r = remove_running(s, i);
+    const int decoding = r->n_prefilled >= r->n_replay && r->gen.n_generated > 0;
+    if (decoding) r->n_replay = r->kv.n_past;   /* every fed token; next_token is still to feed */
+    r->n_prefilled = 0;
+    kv_cache_free(&r->kv);
+    pthread_mutex_lock(&s->lock);
+    r->next = s->wait_head;
+    s->wait_head = r;
+    if (!s->wait_tail) s->wait_tail = r;
+    s->n_waiting++;
+    s->preemptions++;
+    pthread_mutex_unlock(&s->lock);
+}
+
+/* Every decoding sequence reserves the position its next token takes. When
+ * the budget cannot grow, the newest running sequence is preempted -- the
+ * oldest always make progress -- until the growth fits or the sequence
+ * that needed it was itself the newest. */
+static void reserve_for_decode(struct sched *s) {
+    for (int i = 0; i < s->n_running; i++) {
+        struct sreq *r = s->running[i];
+        if (r->n_prefilled < r->n_replay) continue;   /* its chunks are inside the first reservation */
+        const int n = r->kv.n_past + 1 < r->kv.n_ctx ? r->kv.n_past + 1 : r->kv.n_ctx;
+        while (kv_cache_reserve(&r->kv, n) == KV_OVER_BUDGET) {
+            const int newest = s->n_running - 1;
+            preempt(s, newest);
+            if (newest == i) break;
+        }
+    }
+}
+
 /* One batched forward pass and the sampling after it. */
 static void step(struct sched *s) {
     /* Cancelled running sequences stop here, before spending compute. */
@@ -261,21 +325,23 @@ static void step(struct sched *s) {
         if (atomic_load(&s->running[i]->stop) != SREQ_GOING) finish_request(remove_running(s, i), FINISH_CANCELLED);
         else i++;
     }
+    reserve_for_decode(s);
     int n = 0, tokens = 0;
     for (int i = 0; i < s->n_running; i++) {        /* decode tokens first: latency */
         struct sreq *r = s->running[i];
-        if (r->n_prefilled < r->n_prompt) continue;
+        if (r->n_prefilled < r->n_replay) continue;
         s->batch[n] = (struct batch_seq){&r->kv, &r->next_token, 1, r->logits, 0};
         s->batch_req[n++] = r;
         tokens++;
     }
     for (int i = 0; i < s->n_running && tokens < MODEL_MAX_BATCH; i++) {   /* then prompt chunks */
         struct sreq *r = s->running[i];
-        int left = r->n_prompt - r->n_prefilled;
+        int left = r->n_replay - r->n_prefilled;
         if (left <= 0) continue;
         int chunk = left < MODEL_MAX_BATCH - tokens ? left : MODEL_MAX_BATCH - tokens;
-        int last = chunk == left;
-        s->batch[n] = (struct batch_seq){&r->kv, r->prompt + r->n_prefilled, chunk, last ? r->logits : NULL, 0};
+        /* A recomputed sequence already sampled the token that follows. */
+        int sample = chunk == left && r->gen.n_generated == 0;
+        s->batch[n] = (struct batch_seq){&r->kv, r->gen.history + r->n_prefilled, chunk, sample ? r->logits : NULL, 0};
         s->batch_req[n++] = r;
         tokens += chunk;
     }
@@ -288,9 +354,9 @@ static void step(struct sched *s) {
     for (int b = 0; b < n; b++) {
         struct sreq *r = s->batch_req[b];
         if (rc) { atomic_store(&r->stop, SREQ_FAILED); continue; }
-        if (r->n_prefilled < r->n_prompt) {
+        if (r->n_prefilled < r->n_replay) {
             r->n_prefilled += s->batch[b].n_tok;
-            if (r->n_prefilled < r->n_prompt) continue;
+            if (r->n_prefilled < r->n_replay || r->gen.n_generated > 0) continue;
         }
         if (r->gen.finish == FINISH_NONE) {
             int32_t id = gen_seq_step(&r->gen, r->logits);
@@ -317,27 +383,49 @@ static void finish_list(struct sched *s, struct sreq *list, enum finish_reason w
     }
 }
 
+/* Hands freed memory back to the system when the engine goes idle. KV pages
+ * are large blocks freed by the hundred at the end of a busy period, and
+ * glibc keeps them (its mmap threshold rises after the first large free, so
+ * later pages come from arenas it trims only at the top): without this a
+ * daemon's RSS stays at its busiest long after the load is gone. */
+static void return_freed_memory(void) {
+#ifdef __GLIBC__
+    malloc_trim(0);
+#endif
+}
+
 static void *engine_main(void *arg) {
     struct sched *s = arg;
+    int busy = 0;   /* work ran since memory was last returned */
     pthread_mutex_lock(&s->lock);
     for (;;) {
+        if (busy && !s->stopping && s->n_running == 0 && s->n_waiting == 0 && !s->cancelled_waiting) {
+            pthread_mutex_unlock(&s->lock);
+            return_freed_memory();
+            busy = 0;
+            pthread_mutex_lock(&s->lock);
+        }
         while (!s->stopping && s->n_running == 0 && !s->cancelled_waiting &&
                (s->n_waiting == 0 || s->cfg.max_running == 0))
             pthread_cond_wait(&s->wake, &s->lock);
-        struct sreq *cancelled = NULL, *failed = NULL;
+        struct sreq *cancelled = NULL, *evicted = NULL, *failed = NULL;
         if (s->stopping && !s->drain) {
             for (struct sreq *r = s->wait_head; r; r = r->next) atomic_store(&r->stop, SREQ_CANCELLED);
             for (int i = 0; i < s->n_running; i++) atomic_store(&s->running[i]->stop, SREQ_CANCELLED);
         }
         take_cancelled_waiting(s, &cancelled);
-        admit(s, &failed);
+        admit(s, &evicted, &failed);
         int done = s->stopping && s->n_running == 0 && s->n_waiting == 0;
         int idle = s->n_running == 0;
         pthread_mutex_unlock(&s->lock);
         finish_list(s, cancelled, FINISH_CANCELLED);
+        finish_list(s, evicted, FINISH_EVICTED);
         finish_list(s, failed, FINISH_ERROR);
         if (done) return NULL;
-        if (!idle) step(s);
+        if (!idle) {
+            step(s);
+            busy = 1;
+        }
         pthread_mutex_lock(&s->lock);
     }
 }

@@ -4,7 +4,12 @@
  * Each step it
  *   1. drops sequences that were cancelled (the flag is read here, once a step),
  *   2. admits waiting requests in arrival order while a batch slot is free and
- *      the KV account accepts their reservation (prompt + max_tokens),
+ *      the KV account accepts their first reservation (the prompt and one
+ *      more position), then grows each decoding sequence's reservation to
+ *      its next position; when the budget is spent the newest running
+ *      sequence is preempted: its pages go back, it returns to the head of
+ *      the queue and is recomputed when memory frees (its client sees a
+ *      pause, never an error),
  *   3. builds one batch: one decode token for every running sequence, then
  *      prompt chunks of sequences still prefilling, up to MODEL_MAX_BATCH,
  *   4. runs model_forward_batch, samples each sequence that reached the end of
@@ -61,7 +66,7 @@ enum sched_error {
     SCHED_OK = 0,
     SCHED_QUEUE_FULL = -1,     /* try again later (429) */
     SCHED_TOO_LONG = -2,       /* prompt + max_tokens exceed the context (400) */
-    SCHED_NEVER_FITS = -3,     /* KV reservation larger than the whole budget (503) */
+    SCHED_NEVER_FITS = -3,     /* prompt + max_tokens need more KV than the whole budget (400) */
     SCHED_NOMEM = -4,
     SCHED_STOPPED = -5         /* shutting down (503) */
 };
@@ -71,6 +76,7 @@ struct sched_stats {
     int running, waiting;
     size_t kv_budget_bytes, kv_reserved_bytes, kv_allocated_bytes;
     uint64_t steps, batch_tokens;
+    uint64_t preemptions;      /* running sequences sent back to the queue for memory */
 };
 
 /* Starts the engine thread with its own run of the model (engine/model.h).
@@ -89,4 +95,7 @@ void sched_set_kv_budget(struct sched *s, size_t bytes);
 /* KV cache bytes a request of n_ctx positions reserves (any thread: the
  * layout never changes). */
 size_t sched_kv_bytes_for(const struct sched *s, int n_ctx);
+/* The longest context one request can use now: the scheduler's max_ctx, or
+ * less when the KV budget holds fewer positions for a request alone. */
+int sched_context_capacity(struct sched *s);
 #endif

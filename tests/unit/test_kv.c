@@ -679,6 +679,67 @@ static void test_reservations(void) {
     free(d.v);
 }
 
+/* A reservation that starts small and grows as positions are stored (the
+ * scheduler's way): it always covers what is held, grows only a page at a
+ * time, is refused past the budget without changing anything, and a
+ * decoding cache (passes of one) reserves two window pages, not one per
+ * prompt chunk. */
+static void test_growing_reservations(void) {
+    const struct ebb_backend *be = ebb_backend_cpu();
+    struct model_config c = small_config(3, 2, 64);
+    const int n = 700, first = 10;
+    struct kv_data d;
+    make_data(&d, &c, n);
+    struct kv_account a;
+    kv_account_init(&a, &c, 4, 0);
+    CHECK_MSG(kv_account_bytes_for_pass(&a, n, 1) < kv_account_bytes_for(&a, n),
+              "a decoding cache must reserve fewer window pages than one fed long passes");
+    const size_t whole = kv_account_bytes_for_pass(&a, n, first);
+    kv_account_set_budget(&a, whole + whole / 3);
+    CHECK(kv_account_bytes_for(&a, kv_account_capacity(&a, 100000)) <= whole + whole / 3);
+    CHECK(kv_account_bytes_for(&a, kv_account_capacity(&a, 100000) + 1) > whole + whole / 3);
+    struct kv_cache x, y;
+    CHECK(kv_cache_init_reserving(&x, &c, n, first, first, &a) == KV_OK);
+    CHECK(a.reserved_bytes == kv_account_bytes_for_pass(&a, first, first));
+    int ok = 1, grew = 0;
+    size_t last = a.reserved_bytes;
+    for (int p = 0; p < n; p++) {
+        const int pass = p == 0 ? first : 1;   /* a prompt, then one token at a time */
+        if (p > 0 && p < first) continue;
+        ok &= kv_cache_ensure(&x, p + pass) == 0;
+        for (int l = 0; l < 3; l++)
+            for (int q = p; q < p + pass; q++) kv_store(&x, be, l, q, data_k(&d, q, l), data_v(&d, q, l));
+        x.n_past = p + pass;
+        ok &= a.allocated_bytes <= a.reserved_bytes && a.reserved_bytes == kv_account_bytes_for_pass(&a, p + pass, first);
+        if (a.reserved_bytes != last) {
+            grew++;
+            ok &= (p + pass - 1) % KV_PAGE_TOKENS == 0;   /* a new page, nothing in between */
+            last = a.reserved_bytes;
+        }
+    }
+    CHECK_MSG(ok, "a growing reservation must cover what is held and grow only at page boundaries");
+    CHECK(grew == (n - 1) / KV_PAGE_TOKENS);
+    kv_cache_free(&x);
+    /* Another cache takes most of the budget: growth past it is refused and
+     * changes nothing; once the other goes, it succeeds. */
+    CHECK(kv_cache_init_reserving(&x, &c, n, first, first, &a) == KV_OK);
+    CHECK(kv_cache_init_reserving(&y, &c, n, n - 64, 1, &a) == KV_OK);
+    const size_t before = a.reserved_bytes;
+    CHECK(kv_cache_reserve(&x, 400) == KV_OVER_BUDGET);
+    CHECK(a.reserved_bytes == before && x.n_reserved == first);
+    CHECK(kv_cache_ensure(&x, 400) == -1);
+    CHECK(kv_cache_reserve(&x, n + 1) == KV_FAILED);
+    kv_cache_free(&y);
+    CHECK(kv_cache_reserve(&x, 400) == KV_OK && x.n_reserved == 400);
+    CHECK(kv_cache_init_reserving(&y, &c, n, n, n, &a) == KV_OVER_BUDGET);
+    CHECK(y.account == NULL && y.pages == NULL);   /* nothing to free */
+    kv_cache_free(&x);
+    CHECK(a.allocated_bytes == 0 && a.reserved_bytes == 0);
+    kv_account_destroy(&a);
+    free(d.k);
+    free(d.v);
+}
+
 /* ---------------------------------------------------------- real model */
 
 struct text_out { char buf[8192]; size_t len; };
@@ -832,6 +893,7 @@ int main(void) {
     test_block_invariance();
     test_account_bytes();
     test_reservations();
+    test_growing_reservations();
 
     char path[1024], err[512];
     if (check_model_path(path, sizeof path)) return check_report_skipped("test_kv", path);

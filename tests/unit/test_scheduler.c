@@ -244,6 +244,106 @@ static void test_budget(struct model *m) {
     free(ids);
 }
 
+/* A budget smaller than what the requests will grow to: every request is
+ * admitted on its prompt, grows a page at a time, and when the budget runs
+ * out the newest is preempted and recomputed later. Nobody fails, and each
+ * request's tokens are exactly those it gets alone (the recomputed cache is
+ * the same bits). At 4 bits the replay crosses the sinks and window pages. */
+static void test_preemption(struct model *m, int kv_bits) {
+    static const char *prompts[] = {
+        "Tell me a long story about a dragon who learns to read.",
+        "Explain how a bicycle works, part by part.",
+        "Describe a walk through a forest in autumn.",
+    };
+    enum { N = sizeof prompts / sizeof prompts[0] };
+    const int max_tokens = 160;   /* past two page boundaries after the prompt */
+    struct gen_params p = greedy(max_tokens);
+    p.kv_bits = kv_bits;
+    int32_t *ids[N];
+    int n_ids[N], longest = 0;
+    struct alone alone[N];
+    struct model_run *run = model_run_new(m, 2);
+    CHECK(run != NULL);
+    if (!run) return;
+    for (int i = 0; i < N; i++) {
+        n_ids[i] = encode_chat(m, prompts[i], &ids[i]);
+        if (n_ids[i] > longest) longest = n_ids[i];
+        memset(&alone[i], 0, sizeof alone[i]);
+        struct gen_result res;
+        CHECK(generate(run, ids[i], n_ids[i], &p, collect_alone, &alone[i], &res) == 0);
+    }
+    model_run_free(run);
+    struct kv_account probe;
+    CHECK(kv_account_init(&probe, &m->cfg, kv_bits, 0) == 0);
+    /* Room for one request at its longest and half of another: all three
+     * start, and growth must preempt. */
+    const size_t one = kv_account_bytes_for(&probe, longest + max_tokens);
+    kv_account_destroy(&probe);
+    struct sched_config cfg = {.max_running = 4, .max_waiting = 8, .max_ctx = 0, .kv_budget_bytes = one + one / 2,
+                               .kv_bits = kv_bits};
+    struct sched *s = sched_create(m, &cfg);
+    CHECK(s != NULL);
+    if (!s) return;
+    struct collected out[N];
+    for (int i = 0; i < N; i++) {
+        memset(&out[i], 0, sizeof out[i]);
+        pthread_mutex_init(&out[i].lock, NULL);
+        struct sched_request_desc d = {ids[i], n_ids[i], p, {on_token, on_done}, &out[i]};
+        uint64_t id;
+        CHECK(sched_submit(s, &d, &id) == SCHED_OK);
+    }
+    size_t most_reserved = 0;
+    for (int i = 0; i < N; i++) {
+        while (!is_done(&out[i])) {
+            struct sched_stats st;
+            sched_get_stats(s, &st);
+            if (st.kv_reserved_bytes > most_reserved) most_reserved = st.kv_reserved_bytes;
+            usleep(500);
+        }
+    }
+    struct sched_stats st;
+    sched_get_stats(s, &st);
+    CHECK_MSG(st.preemptions > 0, "kv_bits %d: a budget of 1.5 requests for 3 must preempt", kv_bits);
+    CHECK_MSG(most_reserved <= cfg.kv_budget_bytes, "reserved %zu past the budget %zu", most_reserved,
+              cfg.kv_budget_bytes);
+    for (int i = 0; i < N; i++) {
+        CHECK_MSG(out[i].finish == FINISH_STOP || out[i].finish == FINISH_LENGTH, "request %d finished with %s", i,
+                  finish_reason_name(out[i].finish));
+        int same = out[i].n_ids == alone[i].n && !memcmp(out[i].ids, alone[i].ids, (size_t)alone[i].n * sizeof(int32_t));
+        CHECK_MSG(same, "kv_bits %d, request %d: %d tokens after preemption, %d alone, or different tokens", kv_bits,
+                  i, out[i].n_ids, alone[i].n);
+        CHECK(out[i].n_prompt == n_ids[i]);
+        free(ids[i]);
+        pthread_mutex_destroy(&out[i].lock);
+    }
+    for (int i = 0; i < 1000 && (st.kv_allocated_bytes || st.kv_reserved_bytes || st.running); i++) {
+        usleep(1000);
+        sched_get_stats(s, &st);
+    }
+    CHECK_MSG(st.kv_allocated_bytes == 0 && st.kv_reserved_bytes == 0 && st.waiting == 0,
+              "KV not returned after preemption: %zu/%zu", st.kv_allocated_bytes, st.kv_reserved_bytes);
+    sched_destroy(s, 1);
+}
+
+/* The context one request can use follows the budget: the whole context
+ * when unlimited, what the budget holds for one request alone below that,
+ * and it moves when the budget does. */
+static void test_context_capacity(struct model *m) {
+    struct sched_config cfg = {.max_running = 1, .max_waiting = 1, .max_ctx = 2048, .kv_budget_bytes = 0, .kv_bits = 4};
+    struct sched *s = sched_create(m, &cfg);
+    CHECK(s != NULL);
+    if (!s) return;
+    CHECK(sched_context_capacity(s) == 2048);
+    const size_t b300 = sched_kv_bytes_for(s, 300);
+    sched_set_kv_budget(s, b300);
+    const int cap = sched_context_capacity(s);
+    CHECK_MSG(cap >= 300 && cap < 2048, "capacity %d for a budget of 300 positions", cap);
+    CHECK(sched_kv_bytes_for(s, cap) <= b300 && sched_kv_bytes_for(s, cap + 1) > b300);
+    sched_set_kv_budget(s, sched_kv_bytes_for(s, 1) - 1);
+    CHECK(sched_context_capacity(s) == 0);
+    sched_destroy(s, 1);
+}
+
 int main(void) {
     char path[1024], err[512];
     if (check_model_path(path, sizeof path)) return check_report_skipped("test_scheduler", path);
@@ -256,6 +356,9 @@ int main(void) {
     test_batched_equals_alone(&m, 4);
     test_cancel_and_limits(&m);
     test_budget(&m);
+    test_preemption(&m, 32);
+    test_preemption(&m, 4);
+    test_context_capacity(&m);
     model_free(&m);
     return check_report("test_scheduler");
 }
