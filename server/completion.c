@@ -146,16 +146,18 @@ static void stream_send(struct completion *c, char *events, size_t len) {
 /* Every choice is done: send what is left and complete the HTTP request. */
 static void finish_response(struct completion *c) {
     struct oai_usage usage = {c->prompt_tokens, 0};
-    bool error = false;
+    bool error = false, evicted = false;
     for (int i = 0; i < c->n_choices; i++) {
         usage.completion_tokens += c->slots[i].n_tokens;
-        error |= c->choices[i].finish == FINISH_ERROR;
+        error |= c->choices[i].finish == FINISH_ERROR || c->choices[i].finish == FINISH_EVICTED;
+        evicted |= c->choices[i].finish == FINISH_EVICTED;
     }
     size_t len = 0;
-    /* Failed before any token: the scheduler could not admit it (the budget
-     * shrank below it, or memory ran out). Worth a retry, and not a bug. */
-    const bool not_admitted = error && usage.completion_tokens == 0 && !*c->error;
-    static const char not_admitted_msg[] = "the request could not be admitted: it no longer fits the memory budget";
+    /* The budget shrank below what a choice needs: worth a retry (a new
+     * request gets a context that fits), and not a bug. */
+    const bool not_admitted = evicted && !*c->error;
+    static const char not_admitted_msg[] = "the request no longer fits the memory budget, which shrank after it "
+                                           "started; a new request gets a context that fits";
     if (c->streaming) {
         if (error) {
             struct oai_error e;
@@ -268,7 +270,7 @@ static void deliver_done(struct choice_slot *slot, struct bridge_event *ev) {
     if (t->started > 0) metric_series_observe(sm->m_queue, t->started - t->queued);
     if (t->first_token > 0) metric_series_observe(sm->m_ttft, t->first_token - t->queued);
     if (ev->finish != FINISH_CANCELLED) metric_series_observe(sm->m_e2e, t->finished - t->queued);
-    if (c->state == COMPLETION_RUNNING && c->streaming && ch->finish != FINISH_ERROR) {
+    if (c->state == COMPLETION_RUNNING && c->streaming && ch->finish != FINISH_ERROR && ch->finish != FINISH_EVICTED) {
         size_t len = 0;
         char *events = oai_stream_chunk(&c->meta, ch, &len);
         stream_send(c, events, len);
@@ -344,7 +346,13 @@ struct completion *completion_new(struct daemon *d, struct http_request *req, st
  * (choices already in keep running until cancelled). */
 static int submit_choices(struct completion *c, int32_t *const *ids, const int *n_ids) {
     struct served_model *sm = c->sm;
-    int max_ctx = served_max_context(sm);
+    /* The context a request may use: the model's, or less when the memory
+     * budget holds fewer positions for one request alone. Without
+     * max_tokens a request gets what is left of that, so it always fits. */
+    const int model_ctx = served_max_context(sm);
+    const int budget_ctx = sched_context_capacity(sm->sched);
+    const int max_ctx = budget_ctx < model_ctx ? budget_ctx : model_ctx;
+    const char *limit = budget_ctx < model_ctx ? "the memory budget holds" : "this model's maximum context length is";
     /* Every choice waits in the queue first: more than it holds would be
      * refused with 429 however long the client waited. */
     const int queue = c->d->cfg.queue_length;
@@ -369,10 +377,10 @@ static int submit_choices(struct completion *c, int32_t *const *ids, const int *
             const int prompt_too_long = n_prompt >= max_ctx;
             if (n_prompt == 0) snprintf(msg, sizeof msg, "the prompt is empty");
             else if (prompt_too_long)
-                snprintf(msg, sizeof msg, "this model's maximum context length is %d tokens and the prompt alone has "
-                         "%d, leaving no room for a completion; shorten the prompt", max_ctx, n_prompt);
-            else snprintf(msg, sizeof msg, "this model's maximum context length is %d tokens; the prompt has %d "
-                          "tokens, leaving %d for the completion, and max_tokens asks for %d", max_ctx, n_prompt,
+                snprintf(msg, sizeof msg, "%s %d tokens of context for one request and the prompt alone has %d, "
+                         "leaving no room for a completion; shorten the prompt", limit, max_ctx, n_prompt);
+            else snprintf(msg, sizeof msg, "%s %d tokens of context for one request; the prompt has %d tokens, "
+                          "leaving %d for the completion, and max_tokens asks for %d", limit, max_ctx, n_prompt,
                           max_ctx - n_prompt, gp.max_tokens);
             const char *param = n_prompt == 0 || prompt_too_long ? (c->r.kind == OAI_CHAT ? "messages" : "prompt")
                                                                  : "max_tokens";
@@ -383,10 +391,14 @@ static int submit_choices(struct completion *c, int32_t *const *ids, const int *
         struct sched_request_desc desc = {ids[p], n_prompt, gp, {bridge_on_token, bridge_on_done}, &c->slots[i]};
         enum sched_error e = sched_submit(sm->sched, &desc, &c->slots[i].sched_id);
         if (e != SCHED_OK) {
-            int status = e == SCHED_QUEUE_FULL ? 429 : e == SCHED_TOO_LONG ? 400 : 503;
+            /* Never 503 for what no retry can fix (OpenAI clients retry
+             * 503s): a request larger than the context or the whole budget. */
+            const int invalid = e == SCHED_TOO_LONG || e == SCHED_NEVER_FITS;
+            int status = e == SCHED_QUEUE_FULL ? 429 : invalid ? 400 : 503;
             if (status != 400) http_add_header(c->req, "Retry-After", "1");
-            http_respond_error(c->req, status, status == 400 ? "invalid_request_error" : "unavailable_error",
-                               sched_error_message(e), status == 400 ? "max_tokens" : NULL);
+            http_respond_error_code(c->req, status, invalid ? "invalid_request_error" : "unavailable_error",
+                                    invalid ? "context_length_exceeded" : NULL, sched_error_message(e),
+                                    invalid ? "max_tokens" : NULL);
             return -1;
         }
         c->slots[i].submitted = true;

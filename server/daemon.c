@@ -121,7 +121,7 @@ static int start_models(struct daemon *d) {
             return -1;
         }
     }
-    for (size_t i = 0; i < n; i++) served_load(d, list[i].name, list[i].source_path, list[i].created_at);
+    for (size_t i = 0; i < n; i++) served_load(d, list[i].name, list[i].source_path, list[i].created_at, NULL, NULL);
     catalog_model_list_free(list, n);
     if (n == 0) log_warn("the catalog has no models; add one with POST /admin/models or ebb models add", NULL);
 

@@ -43,17 +43,20 @@ struct served_model {
     char name[129];
     char path[4096];
     enum served_state state;
-    char error[512];              /* why loading failed */
+    char error[1024];             /* why loading failed */
     struct model model;           /* valid when READY */
     struct sched *sched;          /* valid when READY */
     int refs;                     /* the list's own + one per request in flight */
+    bool over_budget;             /* FAILED because its weights do not fit the memory budget */
+    void (*on_loaded)(struct served_model *sm, void *arg);   /* once it is READY or FAILED */
+    void *on_loaded_arg;
     uv_work_t work;
     struct daemon *d;
     int64_t created;              /* unix seconds, for /v1/models */
     /* metric series, labelled by this model */
     struct metric_series *m_running, *m_waiting, *m_kv_bytes, *m_kv_use, *m_weights;
     struct metric_series *m_prompt_tokens, *m_gen_tokens;
-    struct metric_series *m_ttft, *m_itl, *m_e2e, *m_queue;
+    struct metric_series *m_ttft, *m_itl, *m_e2e, *m_queue, *m_preemptions;
 };
 
 struct daemon {
@@ -83,9 +86,9 @@ struct daemon {
     uint64_t seen_accepted, seen_rejected;
     struct metric *m_running, *m_waiting, *m_finished, *m_prompt_tokens, *m_gen_tokens;
     struct metric *m_ttft, *m_itl, *m_e2e, *m_queue;
-    struct metric *m_kv_bytes, *m_kv_use, *m_weights, *m_budget;
+    struct metric *m_kv_bytes, *m_kv_use, *m_weights, *m_budget, *m_preemptions;
 };
-#define DAEMON_N_METRICS 19
+#define DAEMON_N_METRICS 20
 
 /* ---- daemon.c ---- */
 /* Runs the daemon with d->cfg loaded (d zeroed otherwise, and static: libuv
@@ -107,8 +110,12 @@ void routes_on_done(const struct http_done_info *info, void *arg);
 
 /* ---- served_models.c ---- */
 /* Starts loading a model (from the catalog entry's path) in the background;
- * it appears in lookups at once, in state LOADING. */
-int served_load(struct daemon *d, const char *name, const char *path, int64_t created);
+ * it appears in lookups at once, in state LOADING. A model whose weights
+ * would leave the memory budget unable to hold one request for every model
+ * is refused: FAILED with over_budget set and the numbers in error. on_loaded
+ * (may be NULL) is called on the loop once the state is READY or FAILED. */
+int served_load(struct daemon *d, const char *name, const char *path, int64_t created,
+                void (*on_loaded)(struct served_model *sm, void *arg), void *on_loaded_arg);
 /* Finds a model by name (NULL: the default model, else the only one). */
 struct served_model *served_find(struct daemon *d, const char *name);
 void served_ref(struct served_model *sm);

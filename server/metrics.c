@@ -257,6 +257,32 @@ struct metric_series *metric_series(struct metric *m, const char *const *values)
     return found;
 }
 
+int metrics_drop_series(struct metrics *reg, const char *label, const char *value) {
+    int dropped = 0;
+    pthread_mutex_lock(&reg->lock);
+    for (size_t f = 0; f < reg->n; f++) {
+        struct metric *m = reg->families[f];
+        int at = -1;
+        for (int l = 0; l < m->n_labels && at < 0; l++)
+            if (!strcmp(m->labels[l], label)) at = l;
+        if (at < 0) continue;
+        pthread_mutex_lock(&m->lock);
+        size_t kept = 0;
+        for (size_t i = 0; i < m->n_series; i++) {
+            if (!strcmp(m->series[i]->values[at], value)) {
+                series_free(m->series[i], m->n_labels);
+                dropped++;
+            } else {
+                m->series[kept++] = m->series[i];
+            }
+        }
+        m->n_series = kept;
+        pthread_mutex_unlock(&m->lock);
+    }
+    pthread_mutex_unlock(&reg->lock);
+    return dropped;
+}
+
 void metric_series_inc(struct metric_series *s, double v) {
     if (!s || isnan(v)) return;
     struct metric *m = s->family;

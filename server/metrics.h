@@ -3,7 +3,7 @@
  * A registry holds metric families (counter, gauge, histogram). A family has
  * a fixed list of label names chosen at registration; each distinct tuple of
  * label values is a series, created on first use and kept until the registry
- * is freed, so a series pointer stays valid and hot paths can look it up once
+ * is freed or metrics_drop_series removes it, so a series pointer stays valid and hot paths can look it up once
  * and then update it without any string work.
  *
  * Threads: any thread may update, any thread may render. Each family has a
@@ -49,6 +49,13 @@ struct metric *metrics_histogram(struct metrics *reg, const char *name, const ch
 /* The series for `values` (one string per label name; NULL when the family
  * has no labels), created on first use. NULL only when out of memory. */
 struct metric_series *metric_series(struct metric *m, const char *const *values);
+
+/* Removes every series, of every family with a label `label`, whose value
+ * for it is `value` (a model that is gone: its series would otherwise stay
+ * forever, and the exposition grow with every model ever loaded). Series
+ * pointers to them become invalid: call it once nothing holds one. Returns
+ * how many went. */
+int metrics_drop_series(struct metrics *reg, const char *label, const char *value);
 
 /* Updates on a series. Counters only go up: a negative or NaN increment is
  * ignored. set/add apply to gauges, observe to histograms; applying one to

@@ -635,12 +635,8 @@ static int f_response_format(struct pctx *p, const char *key, json_t *v) {
     char got[48], param[64];
     if (!json_is_object(v))
         return BAD(p, key, "'response_format' must be an object, got %s", describe(v, got, sizeof got));
-    const char *k;
-    json_t *e;
-    json_object_foreach(v, k, e) {
-        field_name(param, sizeof param, "response_format.%s", k);
-        if (strcmp(k, "type")) return BAD(p, param, "unknown field '%s'", param);
-    }
+    /* The type first: {"type": "json_schema", "json_schema": {...}} is a
+     * type ebb does not support, not a body with an unknown field. */
     const json_t *type = json_object_get(v, "type");
     if (!type) return BAD(p, "response_format.type", "'response_format.type' is required");
     if (!json_is_string(type))
@@ -649,6 +645,12 @@ static int f_response_format(struct pctx *p, const char *key, json_t *v) {
     if (strcmp(json_string_value(type), "text"))
         return BAD(p, "response_format.type", "'response_format' type '%.40s' is not supported; only 'text' is",
                    json_string_value(type));
+    const char *k;
+    json_t *e;
+    json_object_foreach(v, k, e) {
+        field_name(param, sizeof param, "response_format.%s", k);
+        if (strcmp(k, "type")) return BAD(p, param, "unknown field '%s'", param);
+    }
     return 0;
 }
 

@@ -95,7 +95,7 @@ struct admin_job {
     uint64_t value;
     enum catalog_status status;
     struct catalog_model model;
-    char err[512];
+    char err[1024];
 };
 
 static struct admin_job *job_new(struct daemon *d, struct http_request *req) {
@@ -253,6 +253,37 @@ static void add_model_work(uv_work_t *w) {
     j->status = catalog_model_add(j->d->catalog, j->path, *j->name ? j->name : NULL, &j->model, j->err, sizeof j->err);
 }
 
+static void unregister_work(uv_work_t *w) {
+    struct admin_job *j = w->data;
+    char err[512];
+    j->status = catalog_model_remove(j->d->catalog, j->model.name, err, sizeof err);
+    if (j->status != CATALOG_OK)
+        snprintf(j->err + strlen(j->err), sizeof j->err - strlen(j->err), " (and removing its registration failed: %s)",
+                 err);
+}
+
+static void unregister_done(uv_work_t *w, int status) {
+    (void)status;
+    struct admin_job *j = w->data;
+    http_respond_error_code(j->req, 409, "invalid_request_error", "memory_budget_exceeded", j->err, "path");
+    job_free(j);
+}
+
+/* The answer to POST /admin/models waits for the load, so the client learns
+ * whether the model serves. One the memory budget cannot take is refused
+ * with 409 and left out of the catalog: nothing changed. */
+static void model_loaded(struct served_model *sm, void *arg) {
+    struct admin_job *j = arg;
+    if (!sm->over_budget) {
+        respond_json(j->req, 201, model_json(j->d, &j->model));
+        job_free(j);
+        return;
+    }
+    snprintf(j->err, sizeof j->err, "%s", sm->error);
+    served_unload(sm);
+    if (uv_queue_work(&j->d->loop, &j->work, unregister_work, unregister_done)) unregister_done(&j->work, 0);
+}
+
 static void add_model_done(uv_work_t *w, int status) {
     (void)status;
     struct admin_job *j = w->data;
@@ -260,7 +291,9 @@ static void add_model_done(uv_work_t *w, int status) {
         http_respond_error(j->req, status_of(j->status), type_of(j->status), j->err, j->status == CATALOG_EXISTS ? "name" : "path");
     } else {
         log_info("model registered", "model=%s path=%s", j->model.name, j->model.source_path);
-        if (!j->d->stopping) served_load(j->d, j->model.name, j->model.source_path, j->model.created_at);
+        if (!j->d->stopping &&
+            !served_load(j->d, j->model.name, j->model.source_path, j->model.created_at, model_loaded, j))
+            return;   /* model_loaded answers */
         respond_json(j->req, 201, model_json(j->d, &j->model));
     }
     job_free(j);

@@ -57,20 +57,35 @@ static void load_work(uv_work_t *w) {
 static void load_done(uv_work_t *w, int status) {
     struct served_model *sm = w->data;
     struct daemon *d = sm->d;
-    if (status == 0 && sm->sched) {
-        if (sm->state == SERVED_LOADING) sm->state = SERVED_READY;
-        const char *labels[] = {sm->name};
-        metric_set(d->m_weights, labels, (double)sm->model.weight_bytes);
-        char err[256];
-        if (served_set_budget(d, d->memory_budget, err, sizeof err))
-            log_warn("memory budget no longer fits the resident weights; KV caches unbounded", "error=\"%s\"", err);
-        else if (served_budget_holds_a_request(d, d->memory_budget, err, sizeof err))
-            log_warn("memory budget holds no request; every request will be refused until it is raised",
-                     "error=\"%s\"", err);
-    } else {
+    if (status == 0 && sm->sched && sm->state == SERVED_LOADING) {
+        /* Counted as resident to check the budget with it; refused, it
+         * leaves the budget as it was (its memory goes at teardown). */
+        sm->state = SERVED_READY;
+        char err[400];
+        if (served_budget_holds_a_request(d, d->memory_budget, err, sizeof err)) {
+            sm->state = SERVED_FAILED;
+            sm->over_budget = true;
+            snprintf(sm->error, sizeof sm->error, "loading '%.128s' (%zu bytes of weights) would exceed the memory "
+                     "budget: %s", sm->name, sm->model.weight_bytes, err);
+            log_error("model refused", "model=%s error=\"%s\"", sm->name, sm->error);
+            /* Its memory goes now, not when it is removed: an idle engine
+             * thread joins at once and the weights are a mapping or a few
+             * large blocks. */
+            sched_destroy(sm->sched, 0);
+            sm->sched = NULL;
+            model_free(&sm->model);
+        } else {
+            const char *labels[] = {sm->name};
+            metric_set(d->m_weights, labels, (double)sm->model.weight_bytes);
+            if (served_set_budget(d, d->memory_budget, err, sizeof err))   /* re-split with the new model */
+                log_warn("memory budget not re-split after a model was loaded", "error=\"%s\"", err);
+        }
+    } else if (!sm->sched) {
         if (sm->state == SERVED_LOADING) sm->state = SERVED_FAILED;
         log_error("model failed to load", "model=%s error=\"%s\"", sm->name, sm->error);
     }
+    if (sm->on_loaded) sm->on_loaded(sm, sm->on_loaded_arg);
+    sm->on_loaded = NULL;
     served_unref(sm);   /* the load's own reference */
 }
 
@@ -87,9 +102,11 @@ static void series_for(struct daemon *d, struct served_model *sm) {
     sm->m_itl = metric_series(d->m_itl, m);
     sm->m_e2e = metric_series(d->m_e2e, m);
     sm->m_queue = metric_series(d->m_queue, m);
+    sm->m_preemptions = metric_series(d->m_preemptions, m);
 }
 
-int served_load(struct daemon *d, const char *name, const char *path, int64_t created) {
+int served_load(struct daemon *d, const char *name, const char *path, int64_t created,
+                void (*on_loaded)(struct served_model *sm, void *arg), void *on_loaded_arg) {
     struct served_model *sm = calloc(1, sizeof *sm);
     if (!sm) return -1;
     snprintf(sm->name, sizeof sm->name, "%s", name);
@@ -98,6 +115,8 @@ int served_load(struct daemon *d, const char *name, const char *path, int64_t cr
     sm->created = created ? created : (int64_t)time(NULL);
     sm->state = SERVED_LOADING;
     sm->refs = 2;   /* the list's and the load's */
+    sm->on_loaded = on_loaded;
+    sm->on_loaded_arg = on_loaded_arg;
     sm->work.data = sm;
     series_for(d, sm);
     if (uv_queue_work(&d->loop, &sm->work, load_work, load_done)) {
@@ -135,6 +154,12 @@ static void teardown_done(uv_work_t *w, int status) {
     struct served_model *sm = w->data;
     struct daemon *d = sm->d;
     log_info("model unloaded", "model=%s", sm->name);
+    /* Its metric series go with it, unless a model of the same name was
+     * added meanwhile (it shares them). Nothing holds them now: the last
+     * request ended before this teardown was scheduled. */
+    int name_reused = 0;
+    for (struct served_model *o = d->models; o; o = o->next) name_reused |= !strcmp(o->name, sm->name);
+    if (!name_reused) metrics_drop_series(d->metrics, "model", sm->name);
     free(sm);
     d->teardowns--;
     daemon_maybe_finish(d);
@@ -239,5 +264,6 @@ void served_refresh_metrics(struct daemon *d) {
         metric_series_set(sm->m_kv_bytes, (double)st.kv_allocated_bytes);
         metric_series_set(sm->m_kv_use, st.kv_budget_bytes ? (double)st.kv_reserved_bytes / (double)st.kv_budget_bytes : 0);
         metric_series_set(sm->m_weights, (double)sm->model.weight_bytes);
+        metric_series_inc(sm->m_preemptions, (double)st.preemptions - metric_series_value(sm->m_preemptions));
     }
 }

@@ -999,67 +999,111 @@ def test_memory_budget_put_get_and_impossible_values(srv, model_path):
     assert memory(srv)[BUDGET] == 0
 
 
-def test_tight_budget_refuses_big_requests_and_serves_small_ones(srv):
+def test_a_tight_budget_bounds_the_context_and_requests_without_max_tokens_fit(srv):
+    """Under a budget that holds fewer positions than the model's context, the
+    budget is the context a request may use: asking for more is a 400 that
+    names it (never a 503 that OpenAI clients retry forever), and a request
+    without max_tokens -- every OpenAI client's default -- gets the rest of
+    it and is served."""
     weights = memory(srv)["weight_bytes"]
     try:
         assert put_budget(srv, weights + 16 * 2 ** 20).status_code == 200
         r = requests.post(srv.url("/v1/completions"), json={"prompt": "Hi", "max_tokens": 4000}, timeout=IO_TIMEOUT)
-        assert_error(r, 503)
-        assert r.headers.get("Retry-After")
+        err = assert_error(r, 400, param="max_tokens", needle="the memory budget holds")
+        assert err["code"] == "context_length_exceeded" and not r.headers.get("Retry-After"), err
+        holds = int(re.search(r"holds (\d+) tokens", err["message"]).group(1))
+        assert 0 < holds < 16 * 2 ** 20 // F32_KV_BYTES_PER_POSITION + 1, err
+        r = requests.post(srv.url("/v1/completions"), json={"prompt": "word " * (holds + 10)}, timeout=IO_TIMEOUT)
+        assert_error(r, 400, param="prompt", needle="the prompt alone has")
+        doc = chat(srv, messages=[{"role": "user", "content": "Say hello."}], temperature=0)
+        assert doc["choices"][0]["finish_reason"] in ("stop", "length"), doc
+        assert doc["usage"]["prompt_tokens"] + doc["usage"]["completion_tokens"] <= holds, doc
         doc = complete(srv, prompt="Hi", max_tokens=4, temperature=0)
         assert doc["usage"]["completion_tokens"] == 4
-        # Two requests that each fit but not together: the second waits, both succeed.
-        assert put_budget(srv, weights + 40 * 2 ** 20).status_code == 200
-        out = [None, None]
-
-        def run(i):
-            out[i] = requests.post(srv.url("/v1/chat/completions"), timeout=120, json={
-                "messages": [{"role": "user", "content": f"Say OK number {i}."}], "max_tokens": 600,
-                "temperature": 0, "stop": ["\n", "."]})
-
-        ts = [threading.Thread(target=run, args=(i,)) for i in range(2)]
-        for t in ts:
-            t.start()
-        for t in ts:
-            t.join(150)
-        assert [o.status_code for o in out] == [200, 200], [o.text for o in out]
     finally:
         assert put_budget(srv, 0).status_code == 200
     wait_kv_empty(srv, 10)
 
 
-@pytest.mark.parametrize("stream", [False, True])
-def test_budget_shrunk_below_a_waiting_request_is_not_a_500(srv, stream):
-    """A request waiting for memory that the new budget can never hold gets
-    503 (docs/api.md: the memory budget cannot admit the request), not 500; a
-    stream gets the same reason as its error event, not "generation failed"."""
+def test_requests_past_the_budget_are_preempted_and_finish_as_if_alone(srv):
+    """Three requests that together outgrow the budget all start (each
+    reserves its prompt), grow a page at a time, and the newest is preempted
+    when the budget runs out: its pages go back and it is recomputed later.
+    Nobody fails, a stream only pauses, and every text equals the same
+    request run alone without a budget."""
+    prompts = ["Once upon a time, in a village by the sea,", "The history of the bicycle begins",
+               "Here is a long list of fruits and their colours:"]
+    body = dict(max_tokens=250, temperature=0)
+    alone = [complete(srv, prompt=p, **body)["choices"][0]["text"] for p in prompts]
     weights = memory(srv)["weight_bytes"]
-    running = None
+    page = 64 * F32_KV_BYTES_PER_POSITION
+    before = sample(metrics(srv)[0], "ebb_preemptions_total", model=srv.model)
+    out = {}
     try:
-        assert put_budget(srv, weights + 60 * 2 ** 20).status_code == 200
-        running = Stream(srv, "/v1/completions", dict(prompt="Once upon a time", max_tokens=900, temperature=0,
-                                                      stream=True))
-        assert running.status == 200 and running.event()
-        out = {}
-        waiter = threading.Thread(target=lambda: out.setdefault("r", requests.post(
-            srv.url("/v1/completions"), json={"prompt": "Hello", "max_tokens": 900, "stream": stream}, timeout=120)))
-        waiter.start()
-        deadline = time.monotonic() + 20
-        while sample(metrics(srv)[0], "ebb_requests_waiting", model=srv.model) != 1:
-            assert time.monotonic() < deadline, "the second request never waited"
-            time.sleep(0.05)
-        assert put_budget(srv, weights + 20 * 2 ** 20).status_code == 200
-        waiter.join(60)
-        r = out["r"]
-        assert r.status_code != 500, r.text
+        # Each grows to 5 pages; the budget holds 7.
+        assert put_budget(srv, weights + 7 * page).status_code == 200
+
+        def run(i):
+            out[i] = requests.post(srv.url("/v1/completions"), json=dict(prompt=prompts[i], **body), timeout=300)
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in (0, 1)]
+        for t in threads:
+            t.start()
+        streamed = Stream(srv, "/v1/completions", dict(prompt=prompts[2], stream=True, **body))
+        assert streamed.status == 200
+        events = streamed.events()
+        streamed.close()
+        for t in threads:
+            t.join(300)
+        assert events[-1] == "[DONE]" and not any('"error"' in e for e in events), events[-3:]
+        assert stream_text(events, chat=False) == alone[2]
+        for i in (0, 1):
+            assert out[i].status_code == 200, out[i].text
+            assert out[i].json()["choices"][0]["text"] == alone[i], i
+        assert sample(metrics(srv)[0], "ebb_preemptions_total", model=srv.model) > before
+    finally:
+        assert put_budget(srv, 0).status_code == 200
+    wait_kv_empty(srv, 15)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_budget_shrunk_below_a_running_request_evicts_it_with_the_reason(srv, stream):
+    """A request whose cache no longer fits a budget that shrank under it
+    ends with 503 and Retry-After (a new request gets a context that fits),
+    or for a stream an error event saying so, then [DONE]: not a 500, not
+    "generation failed". The daemon then serves requests that fit."""
+    weights = memory(srv)["weight_bytes"]
+    page = 64 * F32_KV_BYTES_PER_POSITION
+    body = dict(prompt="Once upon a time", max_tokens=900, temperature=0)
+    out, running = {}, None
+    try:
         if stream:
-            events = [line[6:] for line in r.text.splitlines() if line.startswith("data: ")]
+            running = Stream(srv, "/v1/completions", dict(stream=True, **body))
+            assert running.status == 200 and running.event()
+        else:
+            waiter = threading.Thread(target=lambda: out.setdefault("r", requests.post(
+                srv.url("/v1/completions"), json=body, timeout=120)))
+            waiter.start()
+        deadline = time.monotonic() + 60
+        while memory(srv)["kv_reserved_bytes"] < 4 * page:
+            assert time.monotonic() < deadline, "the request never grew to 4 pages"
+            time.sleep(0.05)
+        assert put_budget(srv, weights + 2 * page).status_code == 200
+        if stream:
+            events = running.events()
             assert events[-1] == "[DONE]", events
             err = json.loads(events[-2])["error"]
             assert "no longer fits the memory budget" in err["message"] and err["type"] == "unavailable_error", err
+            assert stream_text(events[:-2], chat=False), "tokens streamed before the eviction"
         else:
-            assert_error(r, 503)
-            assert r.headers.get("Retry-After")
+            waiter.join(60)
+            r = out["r"]
+            err = assert_error(r, 503, needle="no longer fits the memory budget")
+            assert r.headers.get("Retry-After"), err
+        doc = complete(srv, prompt="Hi", max_tokens=4, temperature=0)
+        assert doc["usage"]["completion_tokens"] == 4
+        finished = metrics(srv)[0]
+        assert sample(finished, "ebb_requests_finished_total", model=srv.model, reason="evicted") >= 1
     finally:
         if running:
             running.close()
@@ -1214,6 +1258,83 @@ def test_register_use_and_remove_a_model(srv, model_path, tmpdir_module):
         time.sleep(0.1)
 
 
+def test_a_model_the_budget_cannot_take_is_refused_with_409_and_its_series_go(ebb_bin, model_path, tmpdir_module):
+    """Registering a second model whose weights would leave the budget unable
+    to hold a request for each model is refused with 409 and the numbers,
+    and nothing changes (not served, not in the catalog). Under a budget that
+    holds both, it loads (the answer waits for the load), the KV budget is
+    split, and once removed its metric series are gone from /metrics."""
+    s = start_model_server(ebb_bin, tmpdir_module, model_path, "load409")
+    copy = tmpdir_module / "copy409.gguf"
+    shutil.copyfile(model_path, copy)
+    admin = s.url("/admin/models")
+    try:
+        weights = memory(s)["weight_bytes"]
+        assert put_budget(s, weights + 40 * 2 ** 20).status_code == 200
+        r = requests.post(admin, json={"path": str(copy), "name": "second"}, headers=AUTH, timeout=120)
+        err = assert_error(r, 409, needle="would exceed the memory budget")
+        assert err["code"] == "memory_budget_exceeded" and str(weights) in err["message"], err
+        names = [m["name"] for m in requests.get(admin, headers=AUTH, timeout=IO_TIMEOUT).json()["data"]]
+        assert names == [s.model]
+        assert [m["id"] for m in requests.get(s.url("/v1/models"), timeout=IO_TIMEOUT).json()["data"]] == [s.model]
+        assert memory(s)["weight_bytes"] == weights
+        assert "refused" in s.log() and "second" in s.log()
+
+        budget = 2 * weights + 80 * 2 ** 20
+        assert put_budget(s, budget).status_code == 200
+        r = requests.post(admin, json={"path": str(copy), "name": "second"}, headers=AUTH, timeout=120)
+        assert r.status_code == 201 and r.json()["state"] == "ready", r.text
+        assert [m["kv_budget_bytes"] for m in memory(s)["models"]] == [(budget - 2 * weights) // 2] * 2
+        complete(s, model="second", prompt="Hi", max_tokens=2, temperature=0)
+        assert 'model="second"' in metrics(s)[1]
+        assert requests.delete(s.url("/admin/models/second"), headers=AUTH, timeout=120).status_code == 200
+        deadline = time.monotonic() + 20
+        while 'model="second"' in metrics(s)[1]:
+            assert time.monotonic() < deadline, "the removed model's metric series stayed"
+            time.sleep(0.1)
+        assert f'model="{s.model}"' in metrics(s)[1]
+    finally:
+        s.stop_clean()
+
+
+def rss_bytes(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+def test_memory_goes_back_to_the_system_when_the_load_ends(ebb_bin, model_path, tmpdir_module):
+    """Eight long requests at once take a few hundred MB of KV cache; once
+    they are done the daemon's resident size returns to what it was before
+    them (the allocator used to keep the freed pages)."""
+    s = start_model_server(ebb_bin, tmpdir_module, model_path, "rss", "--max-running", "8")
+    try:
+        complete(s, prompt="Hi", max_tokens=8, temperature=0)   # the weights are paged in
+        time.sleep(0.5)
+        base = rss_bytes(s.proc.pid)
+        peak = base
+
+        def run(i):
+            requests.post(s.url("/v1/completions"), timeout=300, json={
+                "prompt": "Once upon a time " * (40 + 10 * i), "max_tokens": 300, "temperature": 0.8, "seed": i})
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        while any(t.is_alive() for t in threads):
+            peak = max(peak, rss_bytes(s.proc.pid))
+            time.sleep(0.1)
+        wait_kv_empty(s, 15)
+        time.sleep(1.0)
+        after = rss_bytes(s.proc.pid)
+        assert peak - base > 100 * 2 ** 20, (base, peak)
+        assert after - base < 0.15 * (peak - base) + 8 * 2 ** 20, (base, peak, after)
+    finally:
+        s.stop_clean()
+
+
 # ---------------------------------------------------------------- tokenize
 
 TEXTS = ["Hello world", "  leading spaces and trailing  ", "ünïcödé — “quotes” 日本語 🎉🚀",
@@ -1354,14 +1475,16 @@ DEFAULT_MODEL = "SmolLM2-135M-Instruct.Q4_1"
 F32_KV_BYTES_PER_POSITION = 30 * 2 * 3 * 64 * 4
 
 
-def kv_reserved_by_a_long_request(s, max_tokens=4000):
-    """The model's KV reservation while one stream asking for max_tokens runs
-    (admission reserves prompt + max_tokens up front); the stream is then
-    dropped and the cache must go back to empty."""
-    st = Stream(s, "/v1/completions", dict(prompt="Once upon a time", max_tokens=max_tokens, stream=True))
+def kv_reserved_while_prefilled(s, prompt):
+    """The model's KV reservation (bytes) while a stream of `prompt` runs,
+    and the prompt's length in tokens. A request reserves its prompt and one
+    more position when admitted; the stream is then dropped and the cache
+    must go back to empty."""
+    n = requests.post(s.url("/tokenize"), json={"prompt": prompt}, timeout=IO_TIMEOUT).json()["count"]
+    st = Stream(s, "/v1/completions", dict(prompt=prompt, max_tokens=2000, stream=True))
     try:
         assert st.status == 200 and st.event()
-        return memory(s)["models"][0]["kv_reserved_bytes"]
+        return memory(s)["models"][0]["kv_reserved_bytes"], n
     finally:
         st.close()
         wait_kv_empty(s, 15)
@@ -1369,24 +1492,28 @@ def kv_reserved_by_a_long_request(s, max_tokens=4000):
 
 def check_kv_precision(s, bits):
     """/admin/memory reports `bits` for the default model, the engine really
-    reserves a cache of that size, and chat still answers."""
+    reserves pages of that size, and chat still answers."""
     assert s.model == DEFAULT_MODEL
     models = memory(s)["models"]
     assert [(m["model"], m["kv_bits"]) for m in models] == [(DEFAULT_MODEL, bits)]
     assert f"model={DEFAULT_MODEL} " in s.log() and f"kv_bits={bits}" in s.log()
-    # At least 4000 positions at float32 would take this many bytes. KV8 and
-    # KV4 store 8.5 and 4.5 bits a value plus a few float32 pages (sinks and
-    # the recent window): about 0.36 and 0.24 of it here, where half
-    # precision is 0.5 -- so each bound below also tells 8 from 4.
-    f32_floor = 4000 * F32_KV_BYTES_PER_POSITION
-    reserved = kv_reserved_by_a_long_request(s)
-    assert 0 < reserved < {8: 0.45, 4: 0.3}[bits] * f32_floor, (bits, reserved, f32_floor)
+    # Two prompts past one prefill chunk hold the same full-precision window
+    # and sink pages; what their reservations differ by is body pages alone.
+    # Per float32 page (64 positions of the model's shape) KV8 and KV4 store
+    # 8.5 and 4.5 bits a value: 0.27 and 0.14 of it, where half precision
+    # is 0.5 -- so each bound below also tells 8 from 4.
+    short, n_short = kv_reserved_while_prefilled(s, "The tide came in. " * 60)
+    long, n_long = kv_reserved_while_prefilled(s, "The tide came in. " * 300)
+    pages = (n_long + 1 + 63) // 64 - (n_short + 1 + 63) // 64
+    assert n_short > 256 and pages >= 10, (n_short, n_long)
+    per_page = (long - short) / pages / (64 * F32_KV_BYTES_PER_POSITION)
+    assert {8: 0.2 < per_page < 0.35, 4: 0.1 < per_page < 0.2}[bits], (bits, per_page)
     doc = chat(s, messages=[{"role": "user", "content": "What is the capital of France?"}], max_tokens=8,
                temperature=0)
     msg = doc["choices"][0]["message"]
     assert msg["role"] == "assistant" and msg["content"].strip(), doc
     assert doc["usage"]["completion_tokens"] >= 1
-    return reserved
+    return per_page
 
 
 def test_model_kv_bits_overrides_kv_bits_for_the_named_model(ebb_bin, model_path, tmpdir_module):

@@ -502,6 +502,10 @@ static void test_chat_refuses(void) {
         "'json_object' is not supported");
     ERR(C, "{" MSG ", \"response_format\": {\"type\": \"text\", \"schema\": {}}}", "response_format.schema",
         "unknown field");
+    /* What the official client sends for structured output: the type is
+     * the problem, not its companion field. */
+    ERR(C, "{" MSG ", \"response_format\": {\"type\": \"json_schema\", \"json_schema\": {\"name\": \"x\", "
+        "\"schema\": {}, \"strict\": true}}}", "response_format.type", "'json_schema' is not supported");
     ERR(C, "{" MSG ", \"response_format\": {}}", "response_format.type", "is required");
     ERR(C, "{" MSG ", \"store\": true}", "store", "not supported");
     ERR(C, "{" MSG ", \"metadata\": {\"k\": 1}}", "metadata.k", "must be a string");
