@@ -15,6 +15,8 @@
  *                many of those groups are 8-bit.
  *   gptq.c       4-bit weights in W4G64 blocks: GPTQ against the permuted
  *                Hessian, or round-to-nearest as the baseline.
+ *   bitstack.c   BitStack: a matrix as a stack of residual blocks, each a
+ *                sign matrix times a low-rank magnitude.
  *   pack.c       the whole run: load, rotate, calibrate, quantize, write,
  *                summarise, register in the catalog.
  *
@@ -221,4 +223,32 @@ int pack_run(const struct pack_options *o, struct pack_result *r, char *err, siz
  * PATH.source when it exists (written by tools/calibration.py), else the
  * path and its sha256. Malloc'd; NULL when out of memory or unreadable. */
 char *pack_calib_provenance(const char *calib_path);
+/* -------------------------------------------------------------- bitstack.c */
+
+/* One level of one matrix: W_k = sign .* (u v^T), W stored [rows][cols]. */
+struct bitstack_block {
+    int rows, cols, rank;
+    uint8_t *signs;   /* rows * cols bits, row-major, bit k of byte k/8 set: negative */
+    uint16_t *u;      /* f16 [rows][rank] */
+    uint16_t *v;      /* f16 [cols][rank] */
+};
+
+/* The rank that makes the factors cost about 1/8 bit a weight (BitStack's
+ * r = 16 for 4096 x 4096), at least 1. */
+int bitstack_rank_for(int rows, int cols);
+/* Bytes of one block: the packed signs and both factors. */
+size_t bitstack_block_bytes(int rows, int cols, int rank);
+/* Peels `levels` blocks of rank `rank` off W diag(scale) (scale NULL: ones)
+ * into blocks[0..levels); residual[l] (may be NULL) gets the Frobenius norm
+ * of what is left after level l. 0, or -1 with err (nothing to free). */
+int bitstack_decompose(const float *w, int rows, int cols, const float *scale, int levels, int rank,
+                       struct bitstack_block *blocks, double *residual, char *err, size_t errlen);
+void bitstack_block_free(struct bitstack_block *b);
+/* The block as a dense rows x cols matrix (the reference). */
+void bitstack_block_dense(const struct bitstack_block *b, float *w);
+/* y[rows] += W_k x[cols] without a dense copy: per rank, a sign-masked sum
+ * of v_j .* x. t is scratch of rank * cols floats. The scalar reference the
+ * runtime kernels are tested against. */
+void bitstack_block_apply(const struct bitstack_block *b, const float *x, float *t, float *y);
+
 #endif

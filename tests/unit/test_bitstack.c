@@ -1,0 +1,142 @@
+/* BitStack's decomposition (tools/pack/bitstack.c) on small synthetic
+ * matrices: every block takes error away, the stack converges on the
+ * matrix, the sign-masked product equals the dense reconstruction times the
+ * input, activation-aware scaling is undone by dividing the input, and the
+ * rank rule gives the paper's r = 16 for 4096 x 4096.
+ */
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "check.h"
+#include "tools/pack/pack.h"
+
+static uint64_t rng_state = 0x9E3779B97F4A7C15ull;
+static double uniform(void) {
+    rng_state ^= rng_state << 13; rng_state ^= rng_state >> 7; rng_state ^= rng_state << 17;
+    return (double)(rng_state >> 11) / 9007199254740992.0;
+}
+static float gaussian(void) {
+    const double u = uniform() + 1e-12, v = uniform();
+    return (float)(sqrt(-2 * log(u)) * cos(6.283185307179586 * v));
+}
+
+/* A weight-like matrix: gaussian entries, a few loud input channels and a
+ * low-rank part, as trained matrices have. */
+static float *weight_like(int rows, int cols) {
+    float *w = malloc((size_t)rows * cols * sizeof *w);
+    float a[8], b[8];
+    for (int i = 0; i < 8; i++) { a[i] = gaussian(); b[i] = gaussian(); }
+    for (int o = 0; o < rows; o++)
+        for (int i = 0; i < cols; i++) {
+            float loud = i % 17 == 3 ? 6.0f : 1.0f;
+            w[(size_t)o * cols + i] = 0.02f * (gaussian() * loud + 0.5f * a[o % 8] * b[i % 8]);
+        }
+    return w;
+}
+
+static double norm(const float *x, size_t n) {
+    double s = 0;
+    for (size_t k = 0; k < n; k++) s += (double)x[k] * x[k];
+    return sqrt(s);
+}
+
+static void test_rank_rule(void) {
+    CHECK(bitstack_rank_for(4096, 4096) == 16);
+    CHECK(bitstack_rank_for(576, 576) == 2);
+    CHECK(bitstack_rank_for(1536, 576) == 3);
+    CHECK(bitstack_rank_for(8, 8) == 1);
+    /* A block costs about 1 + 1/8 bits a weight at that rank. */
+    const double bits = 8.0 * (double)bitstack_block_bytes(4096, 4096, 16) / (4096.0 * 4096.0);
+    CHECK_MSG(fabs(bits - 1.125) < 0.001, "%.4f bits a weight", bits);
+}
+
+static void test_decomposition(int rows, int cols, int rank, int levels) {
+    const size_t n = (size_t)rows * cols;
+    float *w = weight_like(rows, cols);
+    float *scale = malloc((size_t)cols * sizeof *scale);
+    for (int i = 0; i < cols; i++) scale[i] = 0.5f + (float)uniform() * (i % 17 == 3 ? 4.0f : 1.0f);
+    struct bitstack_block *blocks = calloc((size_t)levels, sizeof *blocks);
+    double *residual = calloc((size_t)levels, sizeof *residual);
+    char err[256];
+    CHECK_MSG(bitstack_decompose(w, rows, cols, scale, levels, rank, blocks, residual, err, sizeof err) == 0, "%s",
+              err);
+    /* Every block takes error away, and the stack converges. */
+    float *scaled = malloc(n * sizeof *scaled);
+    for (int o = 0; o < rows; o++)
+        for (int i = 0; i < cols; i++) scaled[(size_t)o * cols + i] = w[(size_t)o * cols + i] * scale[i];
+    const double start = norm(scaled, n);
+    int falls = residual[0] < start;
+    for (int l = 1; l < levels; l++) falls &= residual[l] < residual[l - 1];
+    CHECK_MSG(falls, "%dx%d rank %d: the residual must fall with every block", rows, cols, rank);
+    CHECK_MSG(residual[levels - 1] < 0.1 * start, "%d levels leave %.3f of the matrix", levels,
+              residual[levels - 1] / start);
+    /* The residual reported is what the dense blocks leave. */
+    float *sum = calloc(n, sizeof *sum), *dense = malloc(n * sizeof *dense);
+    for (int l = 0; l < levels; l++) {
+        bitstack_block_dense(&blocks[l], dense);
+        for (size_t k = 0; k < n; k++) sum[k] += dense[k];
+    }
+    for (size_t k = 0; k < n; k++) dense[k] = scaled[k] - sum[k];
+    CHECK(fabs(norm(dense, n) - residual[levels - 1]) < 1e-3 * start);
+    /* The sign-masked product equals the dense block times x, and W x is
+     * recovered from W' (x / s). */
+    float *x = malloc((size_t)cols * sizeof *x), *xs = malloc((size_t)cols * sizeof *xs);
+    float *t = malloc((size_t)rank * cols * sizeof *t);
+    float *y = calloc((size_t)rows, sizeof *y), *want = calloc((size_t)rows, sizeof *want);
+    float *exact = calloc((size_t)rows, sizeof *exact);
+    for (int i = 0; i < cols; i++) { x[i] = gaussian(); xs[i] = x[i] / scale[i]; }
+    int same = 1;
+    for (int l = 0; l < levels; l++) {
+        float *yl = calloc((size_t)rows, sizeof *yl);
+        bitstack_block_apply(&blocks[l], xs, t, yl);
+        bitstack_block_dense(&blocks[l], dense);
+        for (int o = 0; o < rows; o++) {
+            double d = 0, mag = 0;
+            for (int i = 0; i < cols; i++) {
+                d += (double)dense[(size_t)o * cols + i] * xs[i];
+                mag += fabs((double)dense[(size_t)o * cols + i] * xs[i]);
+            }
+            same &= fabs(yl[o] - d) <= 1e-5 * mag + 1e-7;
+            y[o] += yl[o];
+            want[o] += (float)d;
+        }
+        free(yl);
+    }
+    CHECK_MSG(same, "%dx%d: the sign product must equal the dense block times x", rows, cols);
+    for (int o = 0; o < rows; o++)
+        for (int i = 0; i < cols; i++) exact[o] += w[(size_t)o * cols + i] * x[i];
+    double diff = 0, ref = 0;
+    for (int o = 0; o < rows; o++) { diff += (y[o] - exact[o]) * (y[o] - exact[o]); ref += exact[o] * exact[o]; }
+    CHECK_MSG(sqrt(diff / ref) < 0.15, "W x from the stack off by %.3f", sqrt(diff / ref));
+    for (int l = 0; l < levels; l++) bitstack_block_free(&blocks[l]);
+    free(blocks); free(residual); free(w); free(scale); free(scaled); free(sum); free(dense);
+    free(x); free(xs); free(t); free(y); free(want); free(exact);
+}
+
+/* A matrix that is exactly sign .* (a rank-1 magnitude) is one block, up to
+ * the f16 rounding of its factors. */
+static void test_exact_rank_one(void) {
+    enum { R = 24, C = 40 };
+    float w[R * C], a[R], b[C];
+    for (int o = 0; o < R; o++) a[o] = 0.5f + (float)uniform();
+    for (int i = 0; i < C; i++) b[i] = 0.5f + (float)uniform();
+    for (int o = 0; o < R; o++)
+        for (int i = 0; i < C; i++) w[o * C + i] = (uniform() < 0.5 ? -1.0f : 1.0f) * a[o] * b[i];
+    struct bitstack_block blk;
+    double residual;
+    char err[256];
+    CHECK(bitstack_decompose(w, R, C, NULL, 1, 1, &blk, &residual, err, sizeof err) == 0);
+    CHECK_MSG(residual < 2e-3 * norm(w, R * C), "rank-1 magnitude left %.2e", residual);
+    bitstack_block_free(&blk);
+    CHECK(bitstack_decompose(w, R, C, NULL, 1, C + 1, &blk, &residual, err, sizeof err) == -1);
+    CHECK(strstr(err, "rank") != NULL);
+}
+
+int main(void) {
+    test_rank_rule();
+    test_exact_rank_one();
+    test_decomposition(64, 96, 1, 10);
+    test_decomposition(96, 160, 2, 10);
+    return check_report("test_bitstack");
+}
