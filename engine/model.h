@@ -29,6 +29,7 @@
 struct ebb_backend;
 struct ebb_pool;
 struct ebb_tokenizer;
+struct bitstack;
 
 /* The four activations of a layer that feed linear layers; the packer
  * calibrates each and the quantized path quantizes each once per token. */
@@ -98,6 +99,7 @@ struct model {
     int hadamard_ffn_down;            /* rotated models: H64 on the down_proj input, online */
     int hadamard_head;                /* a W4G64 head: H64 on its input, online */
     struct layer_weights *layers;
+    struct bitstack *stack;           /* a "bitstack" file's blocks (engine/bitstack.h), else NULL */
     size_t weight_bytes;              /* resident weight bytes (f32 copies and mapped matrices) */
     const struct ebb_backend *be;
     float *rope_inv_freq;             /* [rope_dim/2] */

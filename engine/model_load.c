@@ -10,10 +10,12 @@
 #include "engine/model.h"
 
 #include <math.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include "engine/bitstack.h"
 #include "engine/tokenizer.h"
 #include "kernels/backend.h"
 #include "kernels/formats.h"
@@ -200,6 +202,9 @@ static int read_packing(struct model *m, char *err, size_t errlen) {
     struct gguf_str format;
     if (gguf_get_str(&m->file, "ebb.format", &format)) return 0;
     uint32_t group = 0, act_bits = 0;
+    /* A stack of residual blocks: f32 activations, matrices rebuilt from
+     * the blocks by bitstack_load and bitstack_fit. */
+    if (gguf_str_eq(format, "bitstack")) return bitstack_load(m, err, errlen);
     const int source = gguf_str_eq(format, "source");
     if (!gguf_str_eq(format, "w4a4") && !source)
         return load_error(err, errlen, m->file.path, "unknown ebb.format '%.*s'", (int)format.len, format.ptr);
@@ -320,7 +325,7 @@ static int load_weights(struct model *m, char *err, size_t errlen) {
          w->field = load_tensor(m, name, ne0, ne1, opt, &failed, err, errlen))
 #define MATRIX(field, suffix, ne0, ne1) \
         (snprintf(name, sizeof name, "blk.%d.%s", l, suffix), \
-         int_path ? map_matrix(m, &w->field, name, m->act_form, ne0, ne1, &failed, err, errlen) \
+         m->stack ? (void)0 : int_path ? map_matrix(m, &w->field, name, m->act_form, ne0, ne1, &failed, err, errlen) \
                   : load_matrix(m, &w->field, name, ne0, ne1, &failed, err, errlen))
         LOAD(attn_norm, "attn_norm.weight", E, 1, 0);
         MATRIX(wq, "attn_q.weight", E, QD);
@@ -345,6 +350,7 @@ static int load_weights(struct model *m, char *err, size_t errlen) {
     }
     if (failed) return -1;
     if (m->act_bits && read_act8_groups(m, err, errlen)) return -1;
+    if (m->stack && bitstack_fit(m, SIZE_MAX, err, errlen)) return -1;
 
     /* Llama 3 style frequency factors scale the rotation per dimension. */
     const int half = c->rope_dim / 2;
@@ -404,6 +410,7 @@ void model_free(struct model *m) {
     matrix_free(&m->embd);
     free(m->output_norm);
     free(m->rope_inv_freq);
+    bitstack_free(m->stack);
     tokenizer_free(m->tok);
     gguf_close(&m->file);
     memset(m, 0, sizeof *m);

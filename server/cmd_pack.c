@@ -31,13 +31,17 @@
 
 static void pack_usage(FILE *out) {
     fprintf(out,
-        "usage: ebb pack -m MODEL --format w4a4|w4a16|source -o FILE [options]\n"
+        "usage: ebb pack -m MODEL --format w4a4|w4a16|source|bitstack -o FILE [options]\n"
         "  -m MODEL              source GGUF (any type ebb loads; computed in f32)\n"
         "  -o FILE               packed GGUF to write (atomically)\n"
         "  --format F            w4a4 (rotated 4-bit weights requantized, quantized activations),\n"
         "                        w4a16 (the same weights, f32 activations) or source (the source's\n"
         "                        own Q4_0/Q4_1/Q5_x/Q8_0 blocks bit for bit, only activations\n"
-        "                        quantized, in blocks of 32); default w4a4\n"
+        "                        quantized, in blocks of 32) or bitstack (every layer matrix as a\n"
+        "                        stack of residual blocks, sign times low rank, that a memory budget\n"
+        "                        keeps a prefix of; f32 activations); default w4a4\n"
+        "  --levels L            bitstack: blocks per matrix (default: enough to pass the source's size)\n"
+        "  --rank-bits B         bitstack: bits per weight the low-rank factors cost (default 0.125)\n"
         "  --act-bits 4|8        w4a4 and source: 4 = outlier groups 8-bit, the rest 4-bit;\n"
         "                        8 = every group 8-bit (W4A8); default 4\n"
         "  --weight-quant Q      gptq (default) or rtn (round to nearest, the baseline)\n"
@@ -127,6 +131,7 @@ static int measure_variant(const struct pack_options *o, const struct eval_optio
 
 static const char *variant_kind(const struct pack_options *o) {
     if (o->format == PACK_SOURCE) return o->act_bits == 8 ? "source-w4a8" : "source-w4a4";
+    if (o->format == PACK_BITSTACK) return "bitstack";
     static const char *const kinds[3][2][2] = {
         {{"w4a16", "w4a16-head4"}, {"w4a16-rtn", "w4a16-rtn-head4"}},
         {{"w4a8", "w4a8-head4"}, {"w4a8-rtn", "w4a8-rtn-head4"}},
@@ -139,11 +144,13 @@ static const char *variant_kind(const struct pack_options *o) {
 static void print_summary(const struct pack_options *o, const struct pack_result *r) {
     const int source = o->format == PACK_SOURCE;
     printf("wrote %s: %llu bytes, %.3f bits per source parameter (%s matrices %.2f bpw), %.1f s\n",
-           o->out_path, (unsigned long long)r->file_bytes, r->bits_per_weight, source ? "layer" : "W4G64",
+           o->out_path, (unsigned long long)r->file_bytes, r->bits_per_weight,
+           source ? "layer" : o->format == PACK_BITSTACK ? "stack" : "W4G64",
            r->linear_bpw, r->seconds);
     printf("format %s, weights %s, calibration %ld tokens\n", variant_kind(o),
-           source ? "the source's blocks, permuted" : o->weight_quant == PACK_GPTQ ? "gptq" : "rtn", r->calib_tokens);
-    if (o->format == PACK_W4A16 || o->act_bits != 4) return;
+           source ? "the source's blocks, permuted" : o->format == PACK_BITSTACK ? "residual blocks"
+           : o->weight_quant == PACK_GPTQ ? "gptq" : "rtn", r->calib_tokens);
+    if (o->format == PACK_W4A16 || o->format == PACK_BITSTACK || o->act_bits != 4) return;
     printf("8-bit activation groups per layer (%s / %s / %s / %s):\n", act_point_name(ACT_ATTN_IN), act_point_name(ACT_ATTN_OUT), act_point_name(ACT_FFN_IN),
            act_point_name(ACT_FFN_DOWN_IN));
     unsigned long hi_all = 0, all = 0;
@@ -243,7 +250,17 @@ int cmd_pack(int argc, char **argv) {
             if (!strcmp(v, "w4a4")) o.format = PACK_W4A4;
             else if (!strcmp(v, "w4a16")) o.format = PACK_W4A16;
             else if (!strcmp(v, "source")) o.format = PACK_SOURCE;
-            else { fprintf(stderr, "ebb pack: --format must be w4a4, w4a16 or source, not '%s'\n", v); return 2; }
+            else if (!strcmp(v, "bitstack")) o.format = PACK_BITSTACK;
+            else {
+                fprintf(stderr, "ebb pack: --format must be w4a4, w4a16, source or bitstack, not '%s'\n", v);
+                return 2;
+            }
+        } else if (!strcmp(a, "--levels")) {
+            bad = cli_int("pack", a, v, 1, 64, &o.bitstack_levels);
+        } else if (!strcmp(a, "--rank-bits")) {
+            float b;
+            bad = cli_float("pack", a, v, 1e-3, 4, &b);
+            o.bitstack_rank_bits = b;
         } else if (!strcmp(a, "--act8-choice")) {
             if (!strcmp(v, "token")) o.act8_per_token = 1;
             else if (!strcmp(v, "static")) o.act8_per_token = 0;
@@ -279,7 +296,7 @@ int cmd_pack(int argc, char **argv) {
     }
     if (!o.model_path) { fprintf(stderr, "ebb pack: -m MODEL is required\n"); return 2; }
     if (!o.out_path) { fprintf(stderr, "ebb pack: -o FILE is required\n"); return 2; }
-    if (o.format == PACK_W4A16 && o.act_bits != 4) {
+    if ((o.format == PACK_W4A16 || o.format == PACK_BITSTACK) && o.act_bits != 4) {
         fprintf(stderr, "ebb pack: --act-bits applies to --format w4a4 and source only\n");
         return 2;
     }
@@ -304,7 +321,7 @@ int cmd_pack(int argc, char **argv) {
         else printf("no evaluation text (%s; python3 tools/heldout.py makes it): perplexity not measured\n",
                     heldout);
     }
-    if (!e.kv_bits) e.kv_bits = o.format == PACK_W4A16 ? 32 : 4;
+    if (!e.kv_bits) e.kv_bits = o.format == PACK_W4A16 || o.format == PACK_BITSTACK ? 32 : 4;
     /* Checked before the minutes of packing, not after. */
     if (e.kv_bits != 32 && e.kv_bits != 16 && e.kv_bits != 8 && e.kv_bits != 4) {
         fprintf(stderr, "ebb pack: --eval-kv-bits must be 32, 16, 8 or 4, not %d\n", e.kv_bits);

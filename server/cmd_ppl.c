@@ -1,10 +1,12 @@
 /* `ebb ppl`: perplexity over a text file, scored the way llama.cpp's
  * llama-perplexity scores it (engine/perplexity.h has the rules), with a
  * progress line on stderr and the result on stdout. */
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include "engine/bitstack.h"
 #include "engine/model.h"
 #include "engine/perplexity.h"
 #include "server/cli.h"
@@ -15,7 +17,9 @@ static void ppl_usage(FILE *out) {
         "  --ctx N      window size in tokens (default 512); the second half of each is scored\n"
         "  --chunks K   evaluate at most K windows (default: all)\n"
         "  --kv-bits N  KV cache precision: 32 (default), 16, 8 or 4\n"
-        "  --weights W  native (default: the file's quantized types, used in place) or f32\n");
+        "  --weights W  native (default: the file's quantized types, used in place) or f32\n"
+        "  --stack-bytes N  a bitstack file: keep the prefix of its stack that fits in N bytes\n"
+        "               (default: all of it)\n");
 }
 
 struct ppl_progress_state {
@@ -38,6 +42,7 @@ int cmd_ppl(int argc, char **argv) {
     const char *model_path = NULL, *file = NULL;
     int n_ctx = 512, max_chunks = 0, n_threads = 0, kv_bits = 32;
     enum model_weights weights = MODEL_WEIGHTS_NATIVE;
+    uint64_t stack_bytes = UINT64_MAX;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v;
         if (!strcmp(a, "--help") || !strcmp(a, "-h")) { ppl_usage(stdout); return 0; }
@@ -49,6 +54,7 @@ int cmd_ppl(int argc, char **argv) {
         else if (!strcmp(a, "-t")) { if (cli_int("ppl", a, v, 1, 1024, &n_threads)) return 2; }
         else if (!strcmp(a, "--weights")) { if (cli_weights("ppl", v, &weights)) return 2; }
         else if (!strcmp(a, "--kv-bits")) { if (cli_int("ppl", a, v, 4, 32, &kv_bits)) return 2; }
+        else if (!strcmp(a, "--stack-bytes")) { if (cli_u64("ppl", a, v, &stack_bytes)) return 2; }
         else { fprintf(stderr, "ebb ppl: unknown option '%s'\n", a); ppl_usage(stderr); return 2; }
     }
     if (!file) { fprintf(stderr, "ebb ppl: -f FILE is required\n"); return 2; }
@@ -61,6 +67,27 @@ int cmd_ppl(int argc, char **argv) {
     struct ppl_progress_state st = {n_ctx};
     struct ppl_result r;
     char err[512];
+    if (stack_bytes != UINT64_MAX && !m.stack) {
+        fprintf(stderr, "ebb ppl: --stack-bytes applies to bitstack files only\n");
+        free(text); model_run_free(run); model_free(&m);
+        return 2;
+    }
+    if (m.stack) {
+        if (bitstack_fit(&m, stack_bytes > SIZE_MAX ? SIZE_MAX : (size_t)stack_bytes, err, sizeof err)) {
+            fprintf(stderr, "ebb ppl: %s\n", err);
+            free(text); model_run_free(run); model_free(&m);
+            return 1;
+        }
+        const struct bitstack *s = m.stack;
+        const size_t all = s->cum_bytes[(size_t)s->n_matrices * s->levels];
+        int lo = s->levels, hi = 0;
+        for (int i = 0; i < s->n_matrices; i++) {
+            lo = s->depth[i] < lo ? s->depth[i] : lo;
+            hi = s->depth[i] > hi ? s->depth[i] : hi;
+        }
+        printf("stack: %zu of %zu bytes resident, %d to %d of %d levels per matrix\n", s->resident_bytes, all, lo,
+               hi, s->levels);
+    }
     int rc = perplexity_measure(run, text, len, n_ctx, max_chunks, kv_bits, print_progress, &st, &r, err, sizeof err);
     free(text);
     model_run_free(run);

@@ -9,6 +9,7 @@
 #include <string.h>
 
 #include "check.h"
+#include "engine/bitstack.h"
 #include "tools/pack/pack.h"
 
 static uint64_t rng_state = 0x9E3779B97F4A7C15ull;
@@ -42,10 +43,11 @@ static double norm(const float *x, size_t n) {
 }
 
 static void test_rank_rule(void) {
-    CHECK(bitstack_rank_for(4096, 4096) == 16);
-    CHECK(bitstack_rank_for(576, 576) == 2);
-    CHECK(bitstack_rank_for(1536, 576) == 3);
-    CHECK(bitstack_rank_for(8, 8) == 1);
+    CHECK(bitstack_rank_for(4096, 4096, 0.125) == 16);
+    CHECK(bitstack_rank_for(576, 576, 0.125) == 2);
+    CHECK(bitstack_rank_for(1536, 576, 0.125) == 3);
+    CHECK(bitstack_rank_for(8, 8, 0.125) == 1);
+    CHECK(bitstack_rank_for(4096, 4096, 0.25) == 32);
     /* A block costs about 1 + 1/8 bits a weight at that rank. */
     const double bits = 8.0 * (double)bitstack_block_bytes(4096, 4096, 16) / (4096.0 * 4096.0);
     CHECK_MSG(fabs(bits - 1.125) < 0.001, "%.4f bits a weight", bits);
@@ -56,7 +58,7 @@ static void test_decomposition(int rows, int cols, int rank, int levels) {
     float *w = weight_like(rows, cols);
     float *scale = malloc((size_t)cols * sizeof *scale);
     for (int i = 0; i < cols; i++) scale[i] = 0.5f + (float)uniform() * (i % 17 == 3 ? 4.0f : 1.0f);
-    struct bitstack_block *blocks = calloc((size_t)levels, sizeof *blocks);
+    struct bitstack_level *blocks = calloc((size_t)levels, sizeof *blocks);
     double *residual = calloc((size_t)levels, sizeof *residual);
     char err[256];
     CHECK_MSG(bitstack_decompose(w, rows, cols, scale, levels, rank, blocks, residual, err, sizeof err) == 0, "%s",
@@ -74,8 +76,7 @@ static void test_decomposition(int rows, int cols, int rank, int levels) {
     /* The residual reported is what the dense blocks leave. */
     float *sum = calloc(n, sizeof *sum), *dense = malloc(n * sizeof *dense);
     for (int l = 0; l < levels; l++) {
-        bitstack_block_dense(&blocks[l], dense);
-        for (size_t k = 0; k < n; k++) sum[k] += dense[k];
+        bitstack_block_add_dense(&blocks[l].b, sum);
     }
     for (size_t k = 0; k < n; k++) dense[k] = scaled[k] - sum[k];
     CHECK(fabs(norm(dense, n) - residual[levels - 1]) < 1e-3 * start);
@@ -89,8 +90,9 @@ static void test_decomposition(int rows, int cols, int rank, int levels) {
     int same = 1;
     for (int l = 0; l < levels; l++) {
         float *yl = calloc((size_t)rows, sizeof *yl);
-        bitstack_block_apply(&blocks[l], xs, t, yl);
-        bitstack_block_dense(&blocks[l], dense);
+        bitstack_block_apply(&blocks[l].b, xs, t, yl);
+        memset(dense, 0, n * sizeof *dense);
+        bitstack_block_add_dense(&blocks[l].b, dense);
         for (int o = 0; o < rows; o++) {
             double d = 0, mag = 0;
             for (int i = 0; i < cols; i++) {
@@ -109,7 +111,7 @@ static void test_decomposition(int rows, int cols, int rank, int levels) {
     double diff = 0, ref = 0;
     for (int o = 0; o < rows; o++) { diff += (y[o] - exact[o]) * (y[o] - exact[o]); ref += exact[o] * exact[o]; }
     CHECK_MSG(sqrt(diff / ref) < 0.15, "W x from the stack off by %.3f", sqrt(diff / ref));
-    for (int l = 0; l < levels; l++) bitstack_block_free(&blocks[l]);
+    for (int l = 0; l < levels; l++) bitstack_level_free(&blocks[l]);
     free(blocks); free(residual); free(w); free(scale); free(scaled); free(sum); free(dense);
     free(x); free(xs); free(t); free(y); free(want); free(exact);
 }
@@ -123,12 +125,12 @@ static void test_exact_rank_one(void) {
     for (int i = 0; i < C; i++) b[i] = 0.5f + (float)uniform();
     for (int o = 0; o < R; o++)
         for (int i = 0; i < C; i++) w[o * C + i] = (uniform() < 0.5 ? -1.0f : 1.0f) * a[o] * b[i];
-    struct bitstack_block blk;
+    struct bitstack_level blk;
     double residual;
     char err[256];
     CHECK(bitstack_decompose(w, R, C, NULL, 1, 1, &blk, &residual, err, sizeof err) == 0);
     CHECK_MSG(residual < 2e-3 * norm(w, R * C), "rank-1 magnitude left %.2e", residual);
-    bitstack_block_free(&blk);
+    bitstack_level_free(&blk);
     CHECK(bitstack_decompose(w, R, C, NULL, 1, C + 1, &blk, &residual, err, sizeof err) == -1);
     CHECK(strstr(err, "rank") != NULL);
 }

@@ -27,11 +27,13 @@
  * SVD: LAPACK's sgesvdx computes only the r leading triplets; single
  * precision is enough for factors that end in f16.
  *
- * This file is the decomposition and the reference product; the packer's
- * ordering of blocks across matrices, the file's block directory and the
- * runtime kernels build on it.
+ * The block and its products at run time are engine/bitstack.h's.
  */
 #include "tools/pack/pack.h"
+
+#include "engine/bitstack.h"
+#include "engine/generate.h"
+#include "storage/gguf_write.h"
 
 #include <lapacke.h>
 #include <math.h>
@@ -39,58 +41,22 @@
 #include <stdlib.h>
 #include <string.h>
 
-int bitstack_rank_for(int rows, int cols) {
-    /* r (rows + cols) * 16 bits = rows * cols / 8 bits. */
-    const double r = (double)rows * (double)cols / (128.0 * ((double)rows + (double)cols));
+int bitstack_rank_for(int rows, int cols, double rank_bits) {
+    /* r (rows + cols) * 16 bits = rows * cols * rank_bits. */
+    const double r = rank_bits * (double)rows * (double)cols / (16.0 * ((double)rows + (double)cols));
     return r < 1 ? 1 : (int)lround(r);
 }
 
-size_t bitstack_block_bytes(int rows, int cols, int rank) {
-    return ((size_t)rows * (size_t)cols + 7) / 8 + (size_t)rank * ((size_t)rows + (size_t)cols) * sizeof(uint16_t);
-}
-
-void bitstack_block_free(struct bitstack_block *b) {
-    if (!b) return;
-    free(b->signs);
-    free(b->u);
-    free(b->v);
-    memset(b, 0, sizeof *b);
-}
-
-static int sign_negative(const struct bitstack_block *b, size_t at) { return (b->signs[at >> 3] >> (at & 7)) & 1; }
-
-void bitstack_block_dense(const struct bitstack_block *b, float *w) {
-    for (int o = 0; o < b->rows; o++)
-        for (int i = 0; i < b->cols; i++) {
-            float m = 0;
-            for (int j = 0; j < b->rank; j++)
-                m += ebb_f16_to_f32(b->u[(size_t)o * b->rank + j]) * ebb_f16_to_f32(b->v[(size_t)i * b->rank + j]);
-            const size_t at = (size_t)o * b->cols + i;
-            w[at] = sign_negative(b, at) ? -m : m;
-        }
-}
-
-void bitstack_block_apply(const struct bitstack_block *b, const float *x, float *t, float *y) {
-    /* y_o += sum_j u_oj sum_i s_oi (v_ij x_i): the inner sum is a masked
-     * add of t_j = v_.j .* x over the row's signs, r of them a row. */
-    for (int j = 0; j < b->rank; j++)
-        for (int i = 0; i < b->cols; i++) t[(size_t)j * b->cols + i] = ebb_f16_to_f32(b->v[(size_t)i * b->rank + j]) * x[i];
-    for (int o = 0; o < b->rows; o++) {
-        float acc = 0;
-        for (int j = 0; j < b->rank; j++) {
-            const float *tj = t + (size_t)j * b->cols;
-            float sum = 0;
-            for (int i = 0; i < b->cols; i++) sum += sign_negative(b, (size_t)o * b->cols + i) ? -tj[i] : tj[i];
-            acc += ebb_f16_to_f32(b->u[(size_t)o * b->rank + j]) * sum;
-        }
-        y[o] += acc;
-    }
+void bitstack_level_free(struct bitstack_level *l) {
+    if (!l) return;
+    free(l->mem);
+    memset(l, 0, sizeof *l);
 }
 
 /* One level: B = sign(R) .* rank-r SVD of |R|, written to *b, and R -= B.
  * mag and the SVD outputs are the caller's scratch. */
 static int peel_level(float *r_res, int rows, int cols, int rank, float *mag, float *s, float *u, float *vt,
-                      lapack_int *iwork, struct bitstack_block *b, char *err, size_t errlen) {
+                      lapack_int *iwork, struct bitstack_level *level, char *err, size_t errlen) {
     const size_t n = (size_t)rows * cols;
     for (size_t k = 0; k < n; k++) mag[k] = fabsf(r_res[k]);
     lapack_int found = 0;
@@ -101,32 +67,33 @@ static int peel_level(float *r_res, int rows, int cols, int rank, float *mag, fl
                  (int)info, (int)found, rank);
         return -1;
     }
-    b->rows = rows;
-    b->cols = cols;
-    b->rank = rank;
-    b->signs = calloc((n + 7) / 8, 1);
-    b->u = malloc((size_t)rows * rank * sizeof *b->u);
-    b->v = malloc((size_t)cols * rank * sizeof *b->v);
-    if (!b->signs || !b->u || !b->v) {
-        bitstack_block_free(b);
+    /* One allocation: the signs, then u and v (2-byte aligned: the sign
+     * bytes are padded to an even count). */
+    const size_t sign_bytes = ((n + 7) / 8 + 1) & ~(size_t)1;
+    level->mem = calloc(1, sign_bytes + (size_t)rank * ((size_t)rows + cols) * sizeof(uint16_t));
+    if (!level->mem) {
         snprintf(err, errlen, "out of memory for a %dx%d block", rows, cols);
         return -1;
     }
+    uint8_t *signs = level->mem;
+    uint16_t *fu = (uint16_t *)(signs + sign_bytes), *fv = fu + (size_t)rows * rank;
     for (int j = 0; j < rank; j++) {
         const float root = sqrtf(s[j] > 0 ? s[j] : 0);
-        for (int o = 0; o < rows; o++) b->u[(size_t)o * rank + j] = ebb_f32_to_f16(u[(size_t)o * rank + j] * root);
-        for (int i = 0; i < cols; i++) b->v[(size_t)i * rank + j] = ebb_f32_to_f16(vt[(size_t)j * cols + i] * root);
+        for (int o = 0; o < rows; o++) fu[(size_t)o * rank + j] = ebb_f32_to_f16(u[(size_t)o * rank + j] * root);
+        for (int i = 0; i < cols; i++) fv[(size_t)i * rank + j] = ebb_f32_to_f16(vt[(size_t)j * cols + i] * root);
     }
     for (size_t k = 0; k < n; k++)
-        if (r_res[k] < 0) b->signs[k >> 3] |= (uint8_t)(1u << (k & 7));
+        if (r_res[k] < 0) signs[k >> 3] |= (uint8_t)(1u << (k & 7));
+    level->b = (struct bitstack_block){rows, cols, rank, signs, fu, fv};
     /* The residual loses exactly what the runtime will add back. */
-    bitstack_block_dense(b, mag);
+    memset(mag, 0, n * sizeof *mag);
+    bitstack_block_add_dense(&level->b, mag);
     for (size_t k = 0; k < n; k++) r_res[k] -= mag[k];
     return 0;
 }
 
 int bitstack_decompose(const float *w, int rows, int cols, const float *scale, int levels, int rank,
-                       struct bitstack_block *blocks, double *residual, char *err, size_t errlen) {
+                       struct bitstack_level *blocks, double *residual, char *err, size_t errlen) {
     if (rows <= 0 || cols <= 0 || levels <= 0 || rank <= 0 || rank > rows || rank > cols) {
         snprintf(err, errlen, "bad decomposition shape: %dx%d, %d levels of rank %d", rows, cols, levels, rank);
         return -1;
@@ -146,7 +113,7 @@ int bitstack_decompose(const float *w, int rows, int cols, const float *scale, i
         for (int i = 0; i < cols; i++) res[(size_t)o * cols + i] = w[(size_t)o * cols + i] * (scale ? scale[i] : 1.0f);
     for (int l = 0; l < levels; l++) {
         if (peel_level(res, rows, cols, rank, mag, s, u, vt, iwork, &blocks[l], err, errlen)) {
-            for (int k = 0; k < l; k++) bitstack_block_free(&blocks[k]);
+            for (int k = 0; k < l; k++) bitstack_level_free(&blocks[k]);
             goto done;
         }
         if (residual) {
@@ -158,5 +125,203 @@ int bitstack_decompose(const float *w, int rows, int cols, const float *scale, i
     rc = 0;
 done:
     free(res); free(mag); free(s); free(u); free(vt); free(iwork);
+    return rc;
+}
+
+/* ------------------------------------------------------------ the whole model */
+
+/* Mean |x| per channel of an activation point, floored so that no scale is
+ * zero (a dead channel's column then keeps its weights unscaled). */
+static int point_scale(const struct pack_calib *cal, int layer, int point, float *s, int n) {
+    const struct pack_act_stats *st = &cal->pt[layer * ACT_POINTS + point];
+    if (st->n != n || cal->n_tokens <= 0) return -1;
+    double top = 0;
+    for (int i = 0; i < n; i++) top = st->abssum[i] > top ? st->abssum[i] : top;
+    for (int i = 0; i < n; i++) {
+        const double mean = (st->abssum[i] > 1e-6 * top ? st->abssum[i] : (top > 0 ? 1e-6 * top : 1.0)) /
+                            (double)cal->n_tokens;
+        s[i] = (float)mean;
+    }
+    return 0;
+}
+
+static const float *kind_weights(const struct layer_weights *w, enum bitstack_kind k) {
+    const struct matrix *const all[BITSTACK_KINDS] = {&w->wq, &w->wk, &w->wv, &w->wo, &w->w_gate, &w->w_up,
+                                                      &w->w_down};
+    return all[k]->owned;
+}
+
+/* One matrix's levels as its three tensors: signs [levels][rows][cols/8],
+ * u [levels][rows][rank], v [levels][cols][rank]. */
+static int add_matrix_tensors(struct gguf_writer *gw, int layer, enum bitstack_kind k,
+                              const struct bitstack_level *lv, int levels) {
+    const struct bitstack_block *b0 = &lv[0].b;
+    const size_t sign_bytes = (size_t)b0->rows * b0->cols / 8;
+    const size_t u_n = (size_t)b0->rows * b0->rank, v_n = (size_t)b0->cols * b0->rank;
+    uint8_t *signs = malloc(sign_bytes * levels);
+    uint16_t *u = malloc(u_n * levels * sizeof *u), *v = malloc(v_n * levels * sizeof *v);
+    int rc = -1;
+    if (signs && u && v) {
+        for (int l = 0; l < levels; l++) {
+            memcpy(signs + l * sign_bytes, lv[l].b.signs, sign_bytes);
+            memcpy(u + l * u_n, lv[l].b.u, u_n * sizeof *u);
+            memcpy(v + l * v_n, lv[l].b.v, v_n * sizeof *v);
+        }
+        char name[96];
+        const uint64_t ne_s[3] = {(uint64_t)b0->cols / 8, (uint64_t)b0->rows, (uint64_t)levels};
+        const uint64_t ne_u[3] = {(uint64_t)b0->rank, (uint64_t)b0->rows, (uint64_t)levels};
+        const uint64_t ne_v[3] = {(uint64_t)b0->rank, (uint64_t)b0->cols, (uint64_t)levels};
+        snprintf(name, sizeof name, "blk.%d.%s.bs_signs", layer, bitstack_kind_name(k));
+        rc = gguf_writer_add_tensor(gw, name, EBB_TYPE_I8, 3, ne_s, signs, sign_bytes * levels);
+        snprintf(name, sizeof name, "blk.%d.%s.bs_u", layer, bitstack_kind_name(k));
+        rc |= gguf_writer_add_tensor(gw, name, EBB_TYPE_F16, 3, ne_u, u, u_n * levels * sizeof *u);
+        snprintf(name, sizeof name, "blk.%d.%s.bs_v", layer, bitstack_kind_name(k));
+        rc |= gguf_writer_add_tensor(gw, name, EBB_TYPE_F16, 3, ne_v, v, v_n * levels * sizeof *v);
+    }
+    free(signs);
+    free(u);
+    free(v);
+    return rc;
+}
+
+/* Stack order: level by level; within a level the blocks that take the
+ * most activation-weighted error away first. */
+struct ranked { uint32_t block; int level; double gain; };
+static int by_level_then_gain(const void *a, const void *b) {
+    const struct ranked *x = a, *y = b;
+    if (x->level != y->level) return x->level - y->level;
+    if (x->gain != y->gain) return x->gain > y->gain ? -1 : 1;
+    return x->block < y->block ? -1 : x->block > y->block;
+}
+
+static void progress_matrices(int done, int total, double elapsed) {
+    char bar[31];
+    const int fill = (int)((long)done * 30 / total);
+    for (int i = 0; i < 30; i++) bar[i] = i < fill ? '#' : '.';
+    bar[30] = 0;
+    fprintf(stderr, "\rdecomposing [%s] %d/%d matrices  %.0f s", bar, done, total, elapsed);
+    if (done == total) fputc('\n', stderr);
+    fflush(stderr);
+}
+
+static int add_f32_vector(struct gguf_writer *gw, const char *name, const float *x, int n) {
+    const uint64_t ne[1] = {(uint64_t)n};
+    return gguf_writer_add_tensor(gw, name, EBB_TYPE_F32, 1, ne, x, (size_t)n * sizeof(float));
+}
+
+static int add_q8_0_matrix(struct gguf_writer *gw, const char *name, const float *x, int rows, int cols) {
+    const size_t nbytes = (size_t)rows * ebb_row_bytes(EBB_TYPE_Q8_0, (uint64_t)cols);
+    void *q = malloc(nbytes);
+    if (!q) return -1;
+    ebb_quantize_q8_0(x, q, (size_t)rows * cols);
+    const uint64_t ne[2] = {(uint64_t)cols, (uint64_t)rows};
+    const int rc = gguf_writer_add_tensor(gw, name, EBB_TYPE_Q8_0, 2, ne, q, nbytes);
+    free(q);
+    return rc;
+}
+
+int pack_write_bitstack(struct gguf_writer *gw, const struct model *m, const struct pack_calib *cal,
+                        const struct pack_options *o, struct pack_result *r, char *err, size_t errlen) {
+    const struct model_config *c = &m->cfg;
+    const int levels = o->bitstack_levels, n_matrices = c->n_layer * BITSTACK_KINDS;
+    const size_t n_blocks = (size_t)n_matrices * levels;
+    int widest = c->n_ff > c->n_embd ? c->n_ff : c->n_embd;
+    struct ranked *rank_of = malloc(n_blocks * sizeof *rank_of);
+    uint32_t *order = malloc(n_blocks * sizeof *order);
+    struct bitstack_level *lv = calloc((size_t)levels, sizeof *lv);
+    double *residual = malloc((size_t)levels * sizeof *residual);
+    float *scale = malloc((size_t)widest * sizeof *scale);
+    size_t stack_bytes = 0, stack_elems = 0;
+    int rc = -1;
+    if (!rank_of || !order || !lv || !residual || !scale) {
+        snprintf(err, errlen, "out of memory");
+        goto out;
+    }
+    if (add_q8_0_matrix(gw, "token_embd.weight", m->embd.owned, c->n_vocab, c->n_embd) ||
+        add_f32_vector(gw, "output_norm.weight", m->output_norm, c->n_embd) ||
+        (m->output.data != m->embd.data &&
+         add_q8_0_matrix(gw, "output.weight", m->output.owned, c->n_vocab, c->n_embd))) {
+        snprintf(err, errlen, "out of memory writing the embedding");
+        goto out;
+    }
+    const struct gguf_tensor *rf = gguf_find_tensor(&m->file, "rope_freqs.weight");
+    if (rf && gguf_writer_add_tensor(gw, "rope_freqs.weight", rf->type, rf->n_dims, rf->ne, rf->data,
+                                     (size_t)rf->nbytes)) {
+        snprintf(err, errlen, "cannot copy rope_freqs.weight");
+        goto out;
+    }
+    const double t0 = ebb_now_seconds();
+    for (int l = 0; l < c->n_layer; l++) {
+        const struct layer_weights *w = &m->layers[l];
+        char name[96];
+        snprintf(name, sizeof name, "blk.%d.attn_norm.weight", l);
+        int bad = add_f32_vector(gw, name, w->attn_norm, c->n_embd);
+        snprintf(name, sizeof name, "blk.%d.ffn_norm.weight", l);
+        bad |= add_f32_vector(gw, name, w->ffn_norm, c->n_embd);
+        for (int p = 0; p < ACT_POINTS && !bad; p++) {
+            const int width = act_point_width(c, (enum act_point)p);
+            if (point_scale(cal, l, p, scale, width)) {
+                snprintf(err, errlen, "no calibration statistics for layer %d", l);
+                goto out;
+            }
+            snprintf(name, sizeof name, "blk.%d.%s.bs_scale", l, act_point_name((enum act_point)p));
+            bad |= add_f32_vector(gw, name, scale, width);
+        }
+        if (bad || w->bq) {
+            snprintf(err, errlen, w->bq ? "models with attention biases are not supported by the bitstack format yet"
+                                        : "out of memory writing layer %d", l);
+            goto out;
+        }
+        for (int k = 0; k < BITSTACK_KINDS; k++) {
+            const int point = bitstack_kind_point((enum bitstack_kind)k);
+            const int cols = act_point_width(c, (enum act_point)point);
+            const int rows = k == BS_Q ? c->n_head * c->head_dim : (k == BS_K || k == BS_V) ? c->n_head_kv * c->head_dim
+                       : (k == BS_GATE || k == BS_UP) ? c->n_ff : c->n_embd;
+            point_scale(cal, l, point, scale, cols);
+            const int rank = bitstack_rank_for(rows, cols, o->bitstack_rank_bits);
+            const float *wm = kind_weights(w, (enum bitstack_kind)k);
+            if (!wm) {
+                snprintf(err, errlen, "layer %d %s is not an f32 matrix", l, bitstack_kind_name((enum bitstack_kind)k));
+                goto out;
+            }
+            double start = 0;
+            for (int ro = 0; ro < rows; ro++)
+                for (int i = 0; i < cols; i++) {
+                    const double x = (double)wm[(size_t)ro * cols + i] * scale[i];
+                    start += x * x;
+                }
+            if (bitstack_decompose(wm, rows, cols, scale, levels, rank, lv, residual, err, errlen)) goto out;
+            const int mi = l * BITSTACK_KINDS + k;
+            double before = start;
+            for (int lev = 0; lev < levels; lev++) {
+                const double after = residual[lev] * residual[lev];
+                rank_of[(size_t)mi * levels + lev] = (struct ranked){(uint32_t)((size_t)mi * levels + lev), lev,
+                                                                     before - after};
+                before = after;
+            }
+            stack_bytes += (size_t)levels * bitstack_block_bytes(rows, cols, rank);
+            stack_elems += (size_t)rows * cols;
+            const int wrote = add_matrix_tensors(gw, l, (enum bitstack_kind)k, lv, levels);
+            for (int lev = 0; lev < levels; lev++) bitstack_level_free(&lv[lev]);
+            if (wrote) {
+                snprintf(err, errlen, "out of memory writing layer %d", l);
+                goto out;
+            }
+            if (o->progress) progress_matrices(mi + 1, n_matrices, ebb_now_seconds() - t0);
+        }
+    }
+    qsort(rank_of, n_blocks, sizeof *rank_of, by_level_then_gain);
+    for (size_t i = 0; i < n_blocks; i++) order[i] = rank_of[i].block;
+    gguf_writer_set_str(gw, "ebb.format", "bitstack");
+    gguf_writer_set_u32(gw, "ebb.bitstack.levels", (uint32_t)levels);
+    gguf_writer_set_arr_u32(gw, "ebb.bitstack.order", order, n_blocks);
+    r->linear_bpw = stack_elems ? 8.0 * (double)stack_bytes / (double)stack_elems : 0;
+    rc = 0;
+out:
+    free(rank_of);
+    free(order);
+    free(lv);
+    free(residual);
+    free(scale);
     return rc;
 }

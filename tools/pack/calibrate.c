@@ -43,8 +43,9 @@ int pack_calib_init(struct pack_calib *c, const struct model_config *cfg, int gr
         s->n = i == slots - 1 ? cfg->n_embd : act_point_width(cfg, (enum act_point)(i % ACT_POINTS));
         if (s->n > widest) widest = s->n;
         s->absmax = calloc((size_t)s->n, sizeof(float));
+        s->abssum = calloc((size_t)s->n, sizeof(double));
         s->gmax2 = calloc((size_t)s->n / group + 1, sizeof(double));
-        if (!s->absmax || !s->gmax2) goto fail;
+        if (!s->absmax || !s->abssum || !s->gmax2) goto fail;
         if (want_hessian) {
             s->hess = calloc((size_t)s->n * s->n, sizeof(double));
             if (!s->hess) goto fail;
@@ -66,6 +67,7 @@ void pack_calib_free(struct pack_calib *c) {
         for (int i = 0; i < c->n_layer * ACT_POINTS + 1; i++) {
             free(c->pt[i].hess);
             free(c->pt[i].absmax);
+            free(c->pt[i].abssum);
             free(c->pt[i].gmax2);
         }
     free(c->pt);
@@ -85,6 +87,7 @@ void pack_calib_capture(void *ud, int layer, enum act_point point, const float *
             for (int i = g * c->group; i < (g + 1) * c->group; i++) {
                 const float a = fabsf(row[i]);
                 if (a > s->absmax[i]) s->absmax[i] = a;
+                s->abssum[i] += a;
                 if (a > gmax) gmax = a;
                 s->energy += (double)row[i] * row[i];
             }

@@ -47,6 +47,7 @@ void pack_options_default(struct pack_options *o) {
     o->progress = 1;
     o->head_bits = 8;
     o->act8_per_token = 1;
+    o->bitstack_rank_bits = 0.125;
 }
 
 void pack_result_free(struct pack_result *r) {
@@ -351,6 +352,10 @@ static void write_metadata(struct gguf_writer *gw, const struct model *m, const 
         if (gguf_str_eq(kv->key, "general.alignment")) continue;
         gguf_writer_copy_kv(gw, kv);
     }
+    if (o->format == PACK_BITSTACK) {   /* its own keys are pack_write_bitstack's */
+        gguf_writer_set_str(gw, "ebb.calibration", calibration);
+        return;
+    }
     const int source = o->format == PACK_SOURCE;
     gguf_writer_set_str(gw, "ebb.format", source ? "source" : "w4a4");
     gguf_writer_set_u32(gw, "ebb.group_size", source ? EBB_ACT_BLOCK : EBB_W4G64_GROUP);
@@ -453,7 +458,12 @@ int pack_run(const struct pack_options *o, struct pack_result *r, char *err, siz
     memset(r, 0, sizeof *r);
     err[0] = 0;
     const double t0 = ebb_now_seconds();
-    const int source = o->format == PACK_SOURCE;
+    const int source = o->format == PACK_SOURCE, bitstack = o->format == PACK_BITSTACK;
+    if (bitstack && (o->bitstack_levels < 0 || o->bitstack_levels > 64 || !(o->bitstack_rank_bits > 0) ||
+                     o->bitstack_rank_bits > 4)) {
+        snprintf(err, errlen, "bitstack levels must be 1 to 64 and rank bits in (0, 4]");
+        return -1;
+    }
     if (o->format != PACK_W4A16 && o->act_bits != 4 && o->act_bits != 8) {
         snprintf(err, errlen, "activation bits must be 4 or 8, not %d", o->act_bits);
         return -1;
@@ -494,8 +504,24 @@ int pack_run(const struct pack_options *o, struct pack_result *r, char *err, siz
         if (!source) snprintf(err, errlen, "%s: %s", o->model_path, lerr);
         goto out;
     }
-    const int need_hessian = !source && o->weight_quant == PACK_GPTQ;
-    const int need_absmax = o->format != PACK_W4A16 && o->act_bits == 4;
+    struct pack_options bo;   /* bitstack: the levels, once the source's size is known */
+    if (bitstack) {
+        bo = *o;
+        if (!bo.bitstack_levels) {
+            /* Enough levels to pass the source's bits per weight (BitStack's
+             * own range ends there; the native file serves beyond it). */
+            uint64_t bytes = 0, elems = 0;
+            for (uint64_t i = 0; i < m.file.n_tensors; i++) {
+                const struct gguf_tensor *t = &m.file.tensors[i];
+                if (t->n_dims == 2 && !strncmp(t->name.ptr, "blk.", 4)) { bytes += t->nbytes; elems += t->n_elems; }
+            }
+            const double src_bpw = elems ? 8.0 * (double)bytes / (double)elems : 4.5;
+            bo.bitstack_levels = (int)(src_bpw / (1.0 + bo.bitstack_rank_bits)) + 1;
+        }
+        o = &bo;
+    }
+    const int need_hessian = !source && !bitstack && o->weight_quant == PACK_GPTQ;
+    const int need_absmax = bitstack || (o->format != PACK_W4A16 && o->act_bits == 4);
     const int calibrate = need_hessian || need_absmax;
     if (calibrate) {
         if (o->calib_len > c->n_ctx_train) {
@@ -521,7 +547,7 @@ int pack_run(const struct pack_options *o, struct pack_result *r, char *err, siz
     /* Mixed precision: a short first pass over the unrotated model finds
      * the loud channels of each SwiGLU output, which the rotation then keeps
      * together in the leading blocks. */
-    if (!source) {
+    if (!source && !bitstack) {
         if (need_absmax && choose_ffn_perms(run, o, windows, n_seqs, &perm_ffn, err, errlen)) goto out;
         if (o->progress) fprintf(stderr, "ebb pack: rotating (block-diagonal Hadamard 64)\n");
         if (pack_rotate_model(&m, perm_ffn, err, errlen)) goto out;
@@ -544,7 +570,9 @@ int pack_run(const struct pack_options *o, struct pack_result *r, char *err, siz
 
     gw = gguf_writer_new();
     if (!gw) { snprintf(err, errlen, "out of memory"); goto out; }
-    if (source) {
+    if (bitstack) {
+        if (pack_write_bitstack(gw, &m, &cal, o, r, err, errlen)) goto out;
+    } else if (source) {
         if (pack_write_source(gw, &m, calibrate ? &cal : NULL, o, r, err, errlen)) goto out;
     } else if (pack_requantize(gw, &m, run, calibrate ? &cal : NULL, o, &lw, r, err, errlen)) {
         goto out;

@@ -29,6 +29,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "engine/bitstack.h"
 #include "engine/model.h"
 #include "kernels/formats.h"
 
@@ -67,6 +68,7 @@ struct pack_act_stats {
     int n;              /* channels */
     double *hess;       /* [n][n] sum over tokens of x^T x (symmetric), or NULL */
     float *absmax;      /* [n] max |x| per channel */
+    double *abssum;     /* [n] sum over tokens of |x| per channel (BitStack's scales) */
     double *gmax2;      /* [n/group] sum over tokens of (max |x| in the group)^2 */
     double energy;      /* sum over tokens of ||x||^2 */
 };
@@ -180,7 +182,7 @@ int pack_write_source(struct gguf_writer *gw, const struct model *m, const struc
 
 /* ------------------------------------------------------------------ pack.c */
 
-enum pack_format { PACK_W4A4 = 0, PACK_W4A16 = 1, PACK_SOURCE = 2 };
+enum pack_format { PACK_W4A4 = 0, PACK_W4A16 = 1, PACK_SOURCE = 2, PACK_BITSTACK = 3 };
 enum pack_weight_quant { PACK_GPTQ = 0, PACK_RTN = 1 };
 
 struct pack_options {
@@ -199,6 +201,8 @@ struct pack_options {
     int head_bits;                /* output head: 8 (Q8_0, tied when the source is) or 4 (W4G64) */
     int act8_per_token;           /* source at 4 bits: each token's loudest blocks are 8-bit (the
                                    * default), else the blocks ranked first by calibration */
+    int bitstack_levels;          /* bitstack: levels per matrix; 0: enough to pass the source's size */
+    double bitstack_rank_bits;    /* bitstack: bits per weight the low-rank factors may cost */
 };
 
 /* The defaults `ebb pack` documents in its --help. */
@@ -225,30 +229,28 @@ int pack_run(const struct pack_options *o, struct pack_result *r, char *err, siz
 char *pack_calib_provenance(const char *calib_path);
 /* -------------------------------------------------------------- bitstack.c */
 
-/* One level of one matrix: W_k = sign .* (u v^T), W stored [rows][cols]. */
-struct bitstack_block {
-    int rows, cols, rank;
-    uint8_t *signs;   /* rows * cols bits, row-major, bit k of byte k/8 set: negative */
-    uint16_t *u;      /* f16 [rows][rank] */
-    uint16_t *v;      /* f16 [cols][rank] */
+/* One level of one matrix as the packer makes it: the block (engine/
+ * bitstack.h) and the one allocation behind its signs and factors. */
+struct bitstack_level {
+    struct bitstack_block b;
+    void *mem;
 };
 
-/* The rank that makes the factors cost about 1/8 bit a weight (BitStack's
- * r = 16 for 4096 x 4096), at least 1. */
-int bitstack_rank_for(int rows, int cols);
-/* Bytes of one block: the packed signs and both factors. */
-size_t bitstack_block_bytes(int rows, int cols, int rank);
+/* The rank that makes the factors cost about rank_bits a weight (BitStack's
+ * r = 16 for 4096 x 4096 at 1/8 bit), at least 1. */
+int bitstack_rank_for(int rows, int cols, double rank_bits);
 /* Peels `levels` blocks of rank `rank` off W diag(scale) (scale NULL: ones)
  * into blocks[0..levels); residual[l] (may be NULL) gets the Frobenius norm
  * of what is left after level l. 0, or -1 with err (nothing to free). */
 int bitstack_decompose(const float *w, int rows, int cols, const float *scale, int levels, int rank,
-                       struct bitstack_block *blocks, double *residual, char *err, size_t errlen);
-void bitstack_block_free(struct bitstack_block *b);
-/* The block as a dense rows x cols matrix (the reference). */
-void bitstack_block_dense(const struct bitstack_block *b, float *w);
-/* y[rows] += W_k x[cols] without a dense copy: per rank, a sign-masked sum
- * of v_j .* x. t is scratch of rank * cols floats. The scalar reference the
- * runtime kernels are tested against. */
-void bitstack_block_apply(const struct bitstack_block *b, const float *x, float *t, float *y);
+                       struct bitstack_level *blocks, double *residual, char *err, size_t errlen);
+void bitstack_level_free(struct bitstack_level *l);
+/* The stack of every layer matrix of m (an f32 model) into gw: activation
+ * scales from cal (abssum), o->bitstack_levels levels of each matrix, the
+ * blocks ordered level by level and by importance within a level (see
+ * bitstack.c), the Q8_0 embedding and head and the f32 norms; fills r's
+ * linear_bpw (of the whole stack). 0, or -1 with err. */
+int pack_write_bitstack(struct gguf_writer *gw, const struct model *m, const struct pack_calib *cal,
+                        const struct pack_options *o, struct pack_result *r, char *err, size_t errlen);
 
 #endif
