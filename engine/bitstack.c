@@ -1,12 +1,16 @@
 /* BitStack weights at run time; see bitstack.h for the design. */
 #include "engine/bitstack.h"
 
+#include <math.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
 
 #include "engine/model.h"
+#include "kernels/backend.h"
 #include "kernels/formats.h"
 #include "storage/error.h"
 
@@ -62,6 +66,7 @@ void bitstack_block_apply(const struct bitstack_block *b, const float *x, float 
 
 void bitstack_free(struct bitstack *s) {
     if (!s) return;
+    free(s->matrices);
     free(s->blocks);
     free(s->order);
     free(s->cum_bytes);
@@ -166,8 +171,9 @@ int bitstack_load(struct model *m, char *err, size_t errlen) {
     s->cum_bytes = malloc((n + 1) * sizeof *s->cum_bytes);
     s->scale = calloc((size_t)c->n_layer * ACT_POINTS, sizeof *s->scale);
     s->depth = calloc((size_t)s->n_matrices, sizeof *s->depth);
+    s->matrices = calloc((size_t)s->n_matrices, sizeof *s->matrices);
     m->stack = s;
-    if (!s->blocks || !s->order || !s->cum_bytes || !s->scale || !s->depth)
+    if (!s->blocks || !s->order || !s->cum_bytes || !s->scale || !s->depth || !s->matrices)
         return load_error(err, errlen, m->file.path, "out of memory");
     for (int l = 0; l < c->n_layer; l++) {
         for (int k = 0; k < BITSTACK_KINDS; k++)
@@ -186,36 +192,195 @@ int bitstack_load(struct model *m, char *err, size_t errlen) {
             s->scale[l * ACT_POINTS + p] = sc;
         }
     }
+    for (int mi = 0; mi < s->n_matrices; mi++)
+        s->matrices[mi] = (struct bitstack_matrix){&s->blocks[(size_t)mi * s->levels], 0,
+                                                   s->scale[(mi / BITSTACK_KINDS) * ACT_POINTS +
+                                                            bitstack_kind_point((enum bitstack_kind)(mi % BITSTACK_KINDS))]};
     return load_order(m, s, err, errlen);
+}
+
+/* The pages of [p, p + n) that lie wholly inside it go back to the kernel
+ * (a read-only file mapping: they are read again from the file if used). */
+static void release_range(const void *p, size_t n) {
+    const uintptr_t page = (uintptr_t)sysconf(_SC_PAGESIZE);
+    const uintptr_t lo = ((uintptr_t)p + page - 1) & ~(page - 1), hi = ((uintptr_t)p + n) & ~(page - 1);
+    if (hi > lo) madvise((void *)lo, hi - lo, MADV_DONTNEED);
+}
+
+/* Levels depth.. of a matrix: in each of its three tensors they are the
+ * tail, one contiguous run. */
+static void release_levels(const struct bitstack_matrix *bm, int levels) {
+    if (bm->depth >= levels) return;
+    const struct bitstack_block *b = &bm->levels[bm->depth];
+    const size_t k = (size_t)(levels - bm->depth);
+    release_range(b->signs, k * (size_t)b->rows * b->cols / 8);
+    release_range(b->u, k * (size_t)b->rows * b->rank * sizeof *b->u);
+    release_range(b->v, k * (size_t)b->cols * b->rank * sizeof *b->v);
 }
 
 int bitstack_fit(struct model *m, size_t stack_bytes, char *err, size_t errlen) {
     struct bitstack *s = m->stack;
     const size_t n = (size_t)s->n_matrices * s->levels;
+    const int dense = m->weights == MODEL_WEIGHTS_F32;
     size_t k = 0;
     while (k < n && s->cum_bytes[k + 1] <= stack_bytes) k++;
     memset(s->depth, 0, (size_t)s->n_matrices * sizeof *s->depth);
     for (size_t i = 0; i < k; i++) s->depth[s->order[i] / (uint32_t)s->levels]++;
     s->resident_bytes = s->cum_bytes[k];
+    if (!s->base_weight_bytes) s->base_weight_bytes = m->weight_bytes;
+    size_t dense_bytes = 0;
     for (int mi = 0; mi < s->n_matrices; mi++) {
         const int layer = mi / BITSTACK_KINDS;
         const enum bitstack_kind kind = (enum bitstack_kind)(mi % BITSTACK_KINDS);
         struct matrix *w = kind_matrix(&m->layers[layer], kind);
-        const struct bitstack_block *first = &s->blocks[(size_t)mi * s->levels];
+        struct bitstack_matrix *bm = &s->matrices[mi];
+        const struct bitstack_block *first = bm->levels;
+        bm->depth = s->depth[mi];
+        if (!dense) {
+            /* In place: the matrix is its blocks; what is beyond the prefix
+             * leaves memory. */
+            *w = (struct matrix){EBB_TYPE_F32, NULL, first->cols, first->rows, NULL, bm};
+            release_levels(bm, s->levels);
+            continue;
+        }
         const size_t elems = (size_t)first->rows * first->cols;
         if (!w->owned) {
-            float *dense = malloc(elems * sizeof *dense);
-            if (!dense) return load_error(err, errlen, m->file.path, "out of memory rebuilding the stack");
-            *w = (struct matrix){EBB_TYPE_F32, dense, first->cols, first->rows, dense};
-            m->weight_bytes += elems * sizeof *dense;
+            float *copy = malloc(elems * sizeof *copy);
+            if (!copy) return load_error(err, errlen, m->file.path, "out of memory rebuilding the stack");
+            *w = (struct matrix){EBB_TYPE_F32, copy, first->cols, first->rows, copy, NULL};
         }
+        dense_bytes += elems * sizeof *w->owned;
         memset(w->owned, 0, elems * sizeof *w->owned);
         /* Levels in the order they were peeled: every prefix the order
          * keeps is a matrix's first depth levels. */
-        for (int l = 0; l < s->depth[mi]; l++) bitstack_block_add_dense(&first[l], w->owned);
-        const float *sc = s->scale[layer * ACT_POINTS + bitstack_kind_point(kind)];
+        for (int l = 0; l < bm->depth; l++) bitstack_block_add_dense(&first[l], w->owned);
         for (int o = 0; o < first->rows; o++)
-            for (int i = 0; i < first->cols; i++) w->owned[(size_t)o * first->cols + i] /= sc[i];
+            for (int i = 0; i < first->cols; i++) w->owned[(size_t)o * first->cols + i] /= bm->scale[i];
     }
+    m->weight_bytes = s->base_weight_bytes + (dense ? dense_bytes : s->resident_bytes);
+    return 0;
+}
+
+/* --------------------------------------------------------- the sign product */
+
+struct bitstack_scratch {
+    float *xs;         /* [cols]: x / s */
+    float *vf;         /* [levels][cols][rank]: v in f32, for this pass */
+    int8_t *t;         /* [n_tok][levels][rank][cols] */
+    float *ts;         /* [n_tok][levels][rank] */
+    size_t cap_xs, cap_vf, cap_t, cap_ts;
+};
+
+void bitstack_scratch_free(struct bitstack_scratch *s) {
+    if (!s) return;
+    free(s->xs);
+    free(s->vf);
+    free(s->t);
+    free(s->ts);
+    free(s);
+}
+
+static int grow(void **p, size_t *cap, size_t need, size_t elem) {
+    if (need <= *cap) return 0;
+    void *q = realloc(*p, need * elem);
+    if (!q) return -1;
+    *p = q;
+    *cap = need;
+    return 0;
+}
+
+/* t_j = v_j .* xs as int8 codes, one scale per rank: scale = amax / 127,
+ * codes roundf(y * (127 / amax)) (ops.h's act_inverse steps), all zero when
+ * amax is; vf is v in f32, [cols][rank]. */
+static void quantize_level(int cols, int rank, const float *vf, const float *xs, int8_t *t, float *ts) {
+    for (int j = 0; j < rank; j++) {
+        int8_t *tj = t + (size_t)j * cols;
+        float amax = 0;
+        for (int i = 0; i < cols; i++) {
+            const float y = fabsf(vf[(size_t)i * rank + j] * xs[i]);
+            amax = y > amax ? y : amax;
+        }
+        ts[j] = amax / 127.0f;
+        const float inv = ts[j] == 0 ? 0 : (127.0f / amax < 3.40282347e38f ? 127.0f / amax : 3.40282347e38f);
+        for (int i = 0; i < cols; i++) tj[i] = (int8_t)roundf(vf[(size_t)i * rank + j] * xs[i] * inv);
+    }
+}
+
+struct rows_job {
+    const struct ebb_backend *be;
+    const struct bitstack_matrix *bm;
+    const struct bitstack_scratch *sc;
+    float *out;
+    int n_tok;
+    size_t t_per_tok, ts_per_tok;
+    int rows_per_piece;
+};
+
+/* Rows [r0, r1) of every token: the row's signs stay in cache while the
+ * tokens pass over them. */
+static void rows_piece(void *arg, int i, int n) {
+    (void)n;
+    const struct rows_job *j = arg;
+    const struct bitstack_block *b0 = j->bm->levels;
+    const int r0 = i * j->rows_per_piece;
+    const int r1 = r0 + j->rows_per_piece < b0->rows ? r0 + j->rows_per_piece : b0->rows;
+    if (r0 >= r1) return;
+    for (int tok = 0; tok < j->n_tok; tok++) {
+        size_t t_at = (size_t)tok * j->t_per_tok, ts_at = (size_t)tok * j->ts_per_tok;
+        for (int l = 0; l < j->bm->depth; l++) {
+            const struct bitstack_block *b = &j->bm->levels[l];
+            j->be->bitstack_signs(j->out + (size_t)tok * b0->rows + r0, b->signs + (size_t)r0 * (b->cols / 8),
+                                  b->u + (size_t)r0 * b->rank, b->rank, j->sc->t + t_at, j->sc->ts + ts_at, b->cols,
+                                  r1 - r0);
+            t_at += (size_t)b->rank * b->cols;
+            ts_at += (size_t)b->rank;
+        }
+    }
+}
+
+int bitstack_linear(const struct ebb_backend *be, struct ebb_pool *pool, struct bitstack_scratch **scratch,
+                    const struct bitstack_matrix *bm, const float *x, int n_tok, float *out) {
+    const struct bitstack_block *b0 = bm->levels;
+    const int rows = b0->rows, cols = b0->cols;
+    memset(out, 0, (size_t)n_tok * rows * sizeof *out);
+    if (!bm->depth) return 0;
+    if (!*scratch && !(*scratch = calloc(1, sizeof **scratch))) return -1;
+    struct bitstack_scratch *sc = *scratch;
+    size_t t_per_tok = 0, ts_per_tok = 0;
+    for (int l = 0; l < bm->depth; l++) {
+        t_per_tok += (size_t)bm->levels[l].rank * cols;
+        ts_per_tok += (size_t)bm->levels[l].rank;
+    }
+    if (grow((void **)&sc->xs, &sc->cap_xs, (size_t)cols, sizeof *sc->xs) ||
+        grow((void **)&sc->vf, &sc->cap_vf, t_per_tok, sizeof *sc->vf) ||
+        grow((void **)&sc->t, &sc->cap_t, t_per_tok * n_tok, 1) ||
+        grow((void **)&sc->ts, &sc->cap_ts, ts_per_tok * n_tok, sizeof *sc->ts))
+        return -1;
+    size_t at = 0;
+    for (int l = 0; l < bm->depth; l++) {   /* v to f32 once per pass */
+        const struct bitstack_block *b = &bm->levels[l];
+        be->kv_rows_f16(sc->vf + at, b->v, 0, 1, cols * b->rank);
+        at += (size_t)b->rank * cols;
+    }
+    for (int t = 0; t < n_tok; t++) {
+        const float *xt = x + (size_t)t * cols;
+        for (int i = 0; i < cols; i++) sc->xs[i] = xt[i] / bm->scale[i];
+        size_t v_at = 0, t_at = (size_t)t * t_per_tok, ts_at = (size_t)t * ts_per_tok;
+        for (int l = 0; l < bm->depth; l++) {
+            const int rank = bm->levels[l].rank;
+            quantize_level(cols, rank, sc->vf + v_at, sc->xs, sc->t + t_at, sc->ts + ts_at);
+            v_at += (size_t)rank * cols;
+            t_at += (size_t)rank * cols;
+            ts_at += (size_t)rank;
+        }
+    }
+    const int threads = pool ? ebb_pool_threads(pool) : 1;
+    /* Pieces of whole 8-row groups, a few per worker for balance. */
+    int per = (rows + 4 * threads - 1) / (4 * threads);
+    per = (per + 7) & ~7;
+    const int pieces = (rows + per - 1) / per;
+    struct rows_job job = {be, bm, sc, out, n_tok, t_per_tok, ts_per_tok, per};
+    if (pool && pieces > 1) ebb_pool_run(pool, rows_piece, &job, pieces);
+    else for (int i = 0; i < pieces; i++) rows_piece(&job, i, pieces);
     return 0;
 }

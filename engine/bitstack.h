@@ -16,11 +16,18 @@
  * first within a level; a memory budget keeps the longest prefix that fits,
  * so quality follows the budget megabyte by megabyte.
  *
- * This first runtime reconstructs each matrix's prefix as a dense f32 copy
- * (bitstack_fit): the reference the sign-product kernels will be tested
- * against, and what measures perplexity against bytes (`ebb ppl
- * --stack-bytes`). Its resident memory is therefore the f32 model's, not
- * the prefix's bytes; the stack bytes are reported on their own.
+ * Two ways to compute with the prefix (bitstack_fit), as the model's
+ * weights setting says:
+ *   native (the default): the blocks are used in place from the file
+ *     mapping by the backend's sign product (bitstack_linear): per token and
+ *     level, t_j = v_j .* (x / s) quantized to int8 with one scale per rank,
+ *     then every row's sign-masked sums of t_j weighted by u (backend.h's
+ *     exact contract). Nothing is copied, so resident weights are the
+ *     prefix's bytes; blocks beyond it are handed back to the kernel
+ *     (madvise) when the prefix shrinks and read again from the file when
+ *     it grows.
+ *   f32: each matrix's prefix rebuilt as a dense f32 copy, the reference
+ *     the sign product is measured against.
  * The file layout is docs/formats.md's "bitstack".
  */
 #ifndef EBB_ENGINE_BITSTACK_H
@@ -54,8 +61,17 @@ void bitstack_block_add_dense(const struct bitstack_block *b, float *w);
  * of v_j .* x weighted by u_j. t is scratch of rank * cols floats. */
 void bitstack_block_apply(const struct bitstack_block *b, const float *x, float *t, float *y);
 
+/* One matrix's blocks and how many are in use (struct matrix points here). */
+struct bitstack_matrix {
+    const struct bitstack_block *levels;   /* [levels] */
+    int depth;
+    const float *scale;                    /* its input channels' s */
+};
+
 /* A model's stack (model->stack; NULL for other files). */
 struct bitstack {
+    struct bitstack_matrix *matrices;      /* [n_matrices] */
+    size_t base_weight_bytes;              /* the model's weights outside the stack */
     int levels, n_matrices;
     struct bitstack_block *blocks;   /* [n_matrices][levels] */
     uint32_t *order;                 /* [n_matrices * levels]: block index (matrix * levels + level), stack order */
@@ -70,8 +86,19 @@ struct bitstack {
 int bitstack_load(struct model *m, char *err, size_t errlen);
 void bitstack_free(struct bitstack *s);
 /* Keeps the longest prefix of the order whose blocks fit in stack_bytes
- * (SIZE_MAX: all) and rebuilds every layer matrix as its dense f32 copy.
- * Not while a forward pass runs. 0, or -1 with err (out of memory: the
- * matrices are then unusable). */
+ * (SIZE_MAX: all): in place (native weights) or as dense f32 copies (f32
+ * weights), and sets m->weight_bytes. Not while a forward pass runs. 0, or
+ * -1 with err (out of memory: the matrices are then unusable). */
 int bitstack_fit(struct model *m, size_t stack_bytes, char *err, size_t errlen);
+
+/* Per-run scratch of bitstack_linear (NULL until first used). */
+struct bitstack_scratch;
+void bitstack_scratch_free(struct bitstack_scratch *s);
+struct ebb_backend;
+struct ebb_pool;
+/* out[t][rows] = W x[t][cols] for n_tok tokens with the matrix's resident
+ * levels, each token on its own (batch invariant), rows split over pool.
+ * 0, or -1 when out of memory. */
+int bitstack_linear(const struct ebb_backend *be, struct ebb_pool *pool, struct bitstack_scratch **scratch,
+                    const struct bitstack_matrix *bm, const float *x, int n_tok, float *out);
 #endif

@@ -15,6 +15,8 @@
  */
 #include "engine/model.h"
 
+#include "engine/bitstack.h"
+
 #include <math.h>
 #include <stdatomic.h>
 #include <stdlib.h>
@@ -57,6 +59,8 @@ struct model_run {
     } b32, k256;
     float *blk_max;            /* [B][2][widest/32]: per-token 8-bit block choice (loudest_blocks) */
     int head_rows_cap;
+    struct bitstack_scratch *stack_scratch;   /* BitStack models' sign-product scratch */
+    int failed;                /* out of memory inside a pass */
 };
 
 void model_run_free(struct model_run *r) {
@@ -67,6 +71,7 @@ void model_run_free(struct model_run *r) {
     free(r->xp); free(r->aq); free(r->as);
     free(r->b32.q); free(r->b32.d); free(r->b32.sums); free(r->k256.q); free(r->k256.d); free(r->k256.sums);
     free(r->blk_max);
+    bitstack_scratch_free(r->stack_scratch);
     if (r->pool) ebb_pool_destroy(r->pool);
     free(r);
 }
@@ -424,6 +429,10 @@ static void native_form(struct model_run *r, enum ebb_act_form form, int n_tok, 
  * storage type, reading the activation form that type names
  * (kernels/formats.h). */
 static void linear(struct model_run *r, float *out, const struct matrix *w, int n_tok) {
+    if (w->stack) {   /* BitStack blocks in place: f32 activations (engine/bitstack.h) */
+        if (bitstack_linear(r->m->be, r->pool, &r->stack_scratch, w->stack, r->ax, n_tok, out)) r->failed = 1;
+        return;
+    }
     const enum ebb_act_form form = ebb_type_info(w->type)->act;
     struct ebb_act x = {.f = r->ax, .q = r->aq, .s = r->as};
     if (form == EBB_ACT_Q8B32 || form == EBB_ACT_Q8K) {
@@ -565,7 +574,9 @@ int model_forward_batch(struct model_run *r, struct batch_seq *seqs, int n_seqs)
             r->tok_pos[t] = seqs[i].kv->n_past + k;
             r->tok_id[t] = seqs[i].tokens[k];
         }
+    r->failed = 0;
     forward_layers(r, n_tok);
+    if (r->failed) return -1;   /* scratch could not grow: nothing stored counts */
     if (r->capture) capture_head_input(r, n_tok);
     for (int i = 0; i < n_seqs; i++) seqs[i].kv->n_past += seqs[i].n_tok;
     if (rows) forward_head(r, seqs, n_seqs, rows);

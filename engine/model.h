@@ -30,6 +30,7 @@ struct ebb_backend;
 struct ebb_pool;
 struct ebb_tokenizer;
 struct bitstack;
+struct bitstack_matrix;
 
 /* The four activations of a layer that feed linear layers; the packer
  * calibrates each and the quantized path quantizes each once per token. */
@@ -56,6 +57,7 @@ struct matrix {
     const void *data;     /* rows in the file mapping, or an f32 copy */
     int n_in, n_out;
     float *owned;         /* the f32 copy this matrix owns (freed with the model), or NULL */
+    const struct bitstack_matrix *stack;   /* a BitStack matrix used in place (data NULL), else NULL */
 };
 
 /* Weights of a layer. A plain model's matrices are f32 copies. A packed

@@ -143,11 +143,11 @@ static void load_matrix(struct model *m, struct matrix *w, const char *name, uin
         m->be->matmul[t->type] && ebb_type_info(t->type)->act != EBB_ACT_Q8G64 &&
         t->ne[0] == n_in && t->ne[1] == n_out && t->ne[2] == 1 && t->ne[3] == 1) {
         m->weight_bytes += t->nbytes;
-        *w = (struct matrix){(enum ebb_type)t->type, t->data, (int)n_in, (int)n_out, NULL};
+        *w = (struct matrix){(enum ebb_type)t->type, t->data, (int)n_in, (int)n_out, NULL, NULL};
         return;
     }
     float *rows = load_tensor(m, name, n_in, n_out, 0, failed, err, errlen);
-    if (rows) *w = (struct matrix){EBB_TYPE_F32, rows, (int)n_in, (int)n_out, rows};
+    if (rows) *w = (struct matrix){EBB_TYPE_F32, rows, (int)n_in, (int)n_out, rows, NULL};
 }
 
 /* A packed file's quantized matrix, used in place: its type must be one
@@ -172,7 +172,7 @@ static void map_matrix(struct model *m, struct matrix *w, const char *name, enum
         return;
     }
     m->weight_bytes += t->nbytes;
-    *w = (struct matrix){(enum ebb_type)t->type, t->data, (int)n_in, (int)n_out, NULL};
+    *w = (struct matrix){(enum ebb_type)t->type, t->data, (int)n_in, (int)n_out, NULL, NULL};
 }
 
 /* A channel permutation: n distinct indices in [0, n). */
@@ -312,7 +312,7 @@ static int load_weights(struct model *m, char *err, size_t errlen) {
         m->hadamard_head = out && out->type == EBB_TYPE_W4G64;
     }
     if (!failed && !m->output.data) m->output = (struct matrix){m->embd.type, m->embd.data, m->embd.n_in,
-                                                                m->embd.n_out, NULL};   /* tied embeddings */
+                                                                m->embd.n_out, NULL, NULL};   /* tied embeddings */
     m->output_norm = load_tensor(m, "output_norm.weight", E, 1, 0, &failed, err, errlen);
 
     m->layers = calloc((size_t)c->n_layer, sizeof *m->layers);

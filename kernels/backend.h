@@ -145,6 +145,19 @@ struct ebb_backend {
     void (*kv_rows_f16)(float *out, const uint16_t *rows, size_t stride, int n_rows, int n);
     void (*kv_rows_q)(float *out, const uint8_t *codes, const uint16_t *dm, size_t stride, int n_rows, int n,
                       int bits, int group);
+
+    /* ---- BitStack blocks (engine/bitstack.h) ----
+     * The sign product of rows o < n_rows of one block: row o's n signs at
+     * signs + o * n/8 (bit i of byte i/8 set: negative), u[o * rank + j]
+     * its f16 factors, and rank activation vectors t_j of n int8 codes in
+     * [-127, 127] at t + j * n with scales ts[j]:
+     *     isum(o, j) = sum_i (sign_oi ? -t_j[i] : t_j[i])      (exact)
+     *     acc = 0; for j = 0, 1, ... < rank in order:
+     *         acc = fmaf((float)isum(o, j), f16(u[o * rank + j]) * ts[j], acc)
+     *     out[o] += acc
+     * n % 32 == 0. Exact: every path gives the scalar path's bits. */
+    void (*bitstack_signs)(float *out, const uint8_t *signs, const uint16_t *u, int rank, const int8_t *t,
+                           const float *ts, int n, int n_rows);
 };
 
 /* The fastest CPU path this processor supports (cpuid at first call). */

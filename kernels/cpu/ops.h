@@ -138,4 +138,12 @@ EBB_CPU_NATIVE_OPS(avx512)
                                  int n_rows, int n, int bits, int group);
 EBB_CPU_SHARED_OPS(scalar)
 EBB_CPU_SHARED_OPS(avx2)
+
+/* BitStack's sign product (bitstack_<isa>.c). */
+#define EBB_CPU_BITSTACK_OPS(isa) \
+    void ebb_cpu_bitstack_signs_##isa(float *out, const uint8_t *signs, const uint16_t *u, int rank, \
+                                      const int8_t *t, const float *ts, int n, int n_rows);
+EBB_CPU_BITSTACK_OPS(scalar)
+EBB_CPU_BITSTACK_OPS(avx2)
+EBB_CPU_BITSTACK_OPS(avx512)
 #endif

@@ -10,6 +10,8 @@
 
 #include "check.h"
 #include "engine/bitstack.h"
+#include "kernels/backend.h"
+#include "kernels/formats.h"
 #include "tools/pack/pack.h"
 
 static uint64_t rng_state = 0x9E3779B97F4A7C15ull;
@@ -135,10 +137,98 @@ static void test_exact_rank_one(void) {
     CHECK(strstr(err, "rank") != NULL);
 }
 
+/* The backend's sign product: every path gives the scalar path's bits, on
+ * widths with and without a 32-input tail, ranks 1 to 5, and the scalar
+ * path equals the integer sums it is defined by. */
+static void test_sign_product_paths(void) {
+    static const int widths[] = {32, 64, 96, 576, 1536, 4128};
+    const struct ebb_backend *scalar = ebb_backend_cpu_named("scalar");
+    const char *paths[] = {"avx2", "avx512"};
+    for (size_t wi = 0; wi < sizeof widths / sizeof widths[0]; wi++)
+        for (int rank = 1; rank <= 5; rank += 2) {
+            const int n = widths[wi], rows = 19;
+            uint8_t *signs = malloc((size_t)rows * n / 8);
+            uint16_t *u = malloc((size_t)rows * rank * sizeof *u);
+            int8_t *t = malloc((size_t)rank * n);
+            float ts[5], want[19], got[19];
+            for (size_t k = 0; k < (size_t)rows * n / 8; k++) signs[k] = (uint8_t)(uniform() * 256);
+            for (int k = 0; k < rows * rank; k++) u[k] = ebb_f32_to_f16(gaussian());
+            for (int k = 0; k < rank * n; k++) t[k] = (int8_t)(k % 97 == 0 ? (k % 2 ? 127 : -127) : (int)(uniform() * 255) - 127);
+            for (int j = 0; j < rank; j++) ts[j] = 0.01f * (1 + j);
+            for (int o = 0; o < rows; o++) want[o] = got[o] = 0.5f;
+            scalar->bitstack_signs(want, signs, u, rank, t, ts, n, rows);
+            int exact = 1;
+            for (int o = 0; o < rows; o++) {
+                float acc = 0;
+                for (int j = 0; j < rank; j++) {
+                    long isum = 0;
+                    for (int i = 0; i < n; i++)
+                        isum += (signs[(size_t)o * n / 8 + i / 8] >> (i % 8)) & 1 ? -t[j * n + i] : t[j * n + i];
+                    acc = fmaf((float)isum, ebb_f16_to_f32(u[o * rank + j]) * ts[j], acc);
+                }
+                exact &= want[o] == 0.5f + acc;
+            }
+            CHECK_MSG(exact, "scalar sign product, n %d rank %d", n, rank);
+            for (int p = 0; p < 2; p++) {
+                const struct ebb_backend *be = ebb_backend_cpu_named(paths[p]);
+                if (!be) continue;
+                for (int o = 0; o < rows; o++) got[o] = 0.5f;
+                be->bitstack_signs(got, signs, u, rank, t, ts, n, rows);
+                CHECK_MSG(!memcmp(got, want, sizeof want), "%s sign product differs from scalar: n %d rank %d",
+                          paths[p], n, rank);
+            }
+            free(signs); free(u); free(t);
+        }
+}
+
+/* bitstack_linear (int8 products through the sign kernel, rows split over a
+ * pool) against the dense prefix in double precision: within the int8
+ * rounding of v .* x, and the same bits alone as inside a batch. */
+static void test_linear_matches_dense(void) {
+    const int rows = 80, cols = 192, levels = 3, rank = 2;
+    float *w = weight_like(rows, cols);
+    float scale[192];
+    for (int i = 0; i < cols; i++) scale[i] = 0.5f + (float)uniform();
+    struct bitstack_level lv[3];
+    struct bitstack_block blocks[3];
+    char err[256];
+    CHECK(bitstack_decompose(w, rows, cols, scale, levels, rank, lv, NULL, err, sizeof err) == 0);
+    for (int l = 0; l < levels; l++) blocks[l] = lv[l].b;
+    struct bitstack_matrix bm = {blocks, levels, scale};
+    float *dense = calloc((size_t)rows * cols, sizeof *dense);
+    for (int l = 0; l < levels; l++) bitstack_block_add_dense(&blocks[l], dense);
+    enum { T = 3 };
+    float x[T * 192], y[T * 80], y1[80];
+    for (int i = 0; i < T * cols; i++) x[i] = gaussian();
+    struct bitstack_scratch *sc = NULL;
+    const struct ebb_backend *be = ebb_backend_cpu();
+    CHECK(bitstack_linear(be, NULL, &sc, &bm, x, T, y) == 0);
+    double diff = 0, ref = 0;
+    for (int t = 0; t < T; t++)
+        for (int o = 0; o < rows; o++) {
+            double d = 0;
+            for (int i = 0; i < cols; i++) d += (double)dense[(size_t)o * cols + i] * x[t * cols + i] / scale[i];
+            diff += (y[t * rows + o] - d) * (y[t * rows + o] - d);
+            ref += d * d;
+        }
+    CHECK_MSG(sqrt(diff / ref) < 0.02, "sign product off the dense prefix by %.4f", sqrt(diff / ref));
+    CHECK(bitstack_linear(be, NULL, &sc, &bm, x + cols, 1, y1) == 0);
+    CHECK_MSG(!memcmp(y1, y + rows, sizeof y1), "a token alone and inside a batch must give the same bits");
+    bm.depth = 0;
+    CHECK(bitstack_linear(be, NULL, &sc, &bm, x, 1, y1) == 0);
+    CHECK(y1[0] == 0 && y1[rows - 1] == 0);
+    bitstack_scratch_free(sc);
+    for (int l = 0; l < levels; l++) bitstack_level_free(&lv[l]);
+    free(w);
+    free(dense);
+}
+
 int main(void) {
     test_rank_rule();
     test_exact_rank_one();
     test_decomposition(64, 96, 1, 10);
     test_decomposition(96, 160, 2, 10);
+    test_sign_product_paths();
+    test_linear_matches_dense();
     return check_report("test_bitstack");
 }
