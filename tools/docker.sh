@@ -92,7 +92,7 @@ if ! "$docker" image inspect "$base" >/dev/null 2>&1; then
 fi
 
 # --- The image ---------------------------------------------------------------
-build_args=(--build-arg "BASE=$base")
+build_args=(--force-rm --build-arg "BASE=$base")   # --force-rm: no containers left by a failed step
 server_pid=
 cleanup() {
   [ -n "$server_pid" ] && kill "$server_pid" 2>/dev/null || true
