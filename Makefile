@@ -1,11 +1,12 @@
 # Thin wrapper: everything real lives in scripts/setup and CMakeLists.txt.
 #   make serve   set up, build, and run the daemon on the default model (127.0.0.1:8080)
 #   make test    set up, build (plain and sanitized), and run every test
+#   make docker  build the container image and check that it answers /ready (tools/docker.sh)
 MODEL ?= models/SmolLM2-135M-Instruct.Q4_1.gguf
 VENV  ?= $(HOME)/.cache/ebb/venv
 JOBS  ?= $(shell nproc)
 
-.PHONY: setup build build-asan serve test unit test-asan pytest clean
+.PHONY: setup build build-asan serve test unit test-asan pytest docker clean
 
 setup:
 	@scripts/setup
@@ -26,6 +27,9 @@ test: build build-asan
 	cd build && ctest --output-on-failure
 	cd build-asan && ctest --output-on-failure
 	EBB_BIN=$(CURDIR)/build/ebb EBB_BIN_ASAN=$(CURDIR)/build-asan/ebb $(VENV)/bin/python -m pytest -q tests
+
+docker:
+	tools/docker.sh
 
 clean:
 	rm -rf build build-asan

@@ -1,7 +1,9 @@
 /* `ebb pack`: the command line of the packer (tools/pack/) plus catalog
  * registration.
  *
- * The packing itself lives in libebbtools (it links LAPACK); this file only
+ * The packing itself lives in libebbtools (it links LAPACK), and this file
+ * is linked only into the ebb-pack program (server/main_pack.c), which
+ * `ebb pack` executes: the daemon's binary never carries either. It only
  * parses flags, prints the summary and, when the source model is registered
  * in the catalog (matched by its absolute path), adds the packed file as a
  * variant with its bytes, bits per weight, sha256 and perplexity. The
