@@ -13,6 +13,7 @@
  */
 #include "storage/catalog.h"
 
+#include <assert.h>
 #include <errno.h>
 #include <limits.h>
 #include <math.h>
@@ -33,6 +34,9 @@
  * mistaken for a catalog (and a catalog is recognisable with `file`). */
 #define CATALOG_APPLICATION_ID 0x65626231
 
+#define STR_(x) #x
+#define STR(x) STR_(x)
+
 struct catalog {
     sqlite3 *db;
     char *path;
@@ -42,9 +46,19 @@ struct catalog {
 
 /* ---- small helpers ---------------------------------------------------- */
 
+/* What a person should know when SQLite gave up waiting for a lock: "database
+ * is locked" alone reads like a bug in ebb. Empty for other results. */
+static const char *busy_hint(int rc) {
+    return (rc & 0xff) == SQLITE_BUSY
+               ? " (another process has held the catalog locked for over " STR(CATALOG_BUSY_TIMEOUT_MS) " ms; "
+                 "nothing was changed: retry when it lets go)"
+               : "";
+}
+
 /* "catalog PATH: WHAT: sqlite's reason" -- always CATALOG_ERROR. */
 static enum catalog_status db_fail(struct catalog *cat, const char *what, char *err, size_t errlen) {
-    errf(err, errlen, "catalog %s: %s: %s", cat->path, what, sqlite3_errmsg(cat->db));
+    errf(err, errlen, "catalog %s: %s: %s%s", cat->path, what, sqlite3_errmsg(cat->db),
+         busy_hint(sqlite3_extended_errcode(cat->db)));
     return CATALOG_ERROR;
 }
 
@@ -81,8 +95,9 @@ static int column_dup(sqlite3_stmt *st, int i, char **out) {
 /* Runs SQL without parameters or result rows (BEGIN, COMMIT, DDL). */
 static int exec_sql(struct catalog *cat, const char *sql, char *err, size_t errlen) {
     char *msg = NULL;
-    if (sqlite3_exec(cat->db, sql, NULL, NULL, &msg) != SQLITE_OK) {
-        errf(err, errlen, "catalog %s: %s", cat->path, msg ? msg : sqlite3_errmsg(cat->db));
+    int rc = sqlite3_exec(cat->db, sql, NULL, NULL, &msg);
+    if (rc != SQLITE_OK) {
+        errf(err, errlen, "catalog %s: %s%s", cat->path, msg ? msg : sqlite3_errmsg(cat->db), busy_hint(rc));
         sqlite3_free(msg);
         return -1;
     }
@@ -111,9 +126,29 @@ static int query_int(struct catalog *cat, const char *sql, int64_t *out, char *e
 
 /* Write transactions take the write lock up front (IMMEDIATE): with WAL a
  * deferred transaction that reads first and then writes can fail with
- * SQLITE_BUSY_SNAPSHOT without ever consulting the busy handler. */
+ * SQLITE_BUSY_SNAPSHOT without ever consulting the busy handler.
+ *
+ * Waiting for another process's write lock is done here, not by SQLite's
+ * busy handler: the handler would sleep holding cat->mu, and every other
+ * call on the handle (the daemon's loop reads the catalog for GET
+ * /admin/models) would wait behind it for the whole busy timeout. Here each
+ * try is immediate and cat->mu is let go between tries, so reads, which WAL
+ * never blocks, go on. The caller holds cat->mu and no transaction. */
 static int begin_write(struct catalog *cat, char *err, size_t errlen) {
-    return exec_sql(cat, "BEGIN IMMEDIATE", err, errlen);
+    assert(sqlite3_get_autocommit(cat->db));
+    sqlite3_busy_timeout(cat->db, 0);
+    int rc;
+    for (int waited_ms = 0, step = 1;; waited_ms += step, step = step < 32 ? 2 * step : step) {
+        rc = sqlite3_exec(cat->db, "BEGIN IMMEDIATE", NULL, NULL, NULL);
+        if ((rc & 0xff) != SQLITE_BUSY || waited_ms >= CATALOG_BUSY_TIMEOUT_MS) break;
+        pthread_mutex_unlock(&cat->mu);
+        usleep((useconds_t)step * 1000);
+        pthread_mutex_lock(&cat->mu);
+    }
+    sqlite3_busy_timeout(cat->db, CATALOG_BUSY_TIMEOUT_MS);
+    if (rc == SQLITE_OK) return 0;
+    errf(err, errlen, "catalog %s: %s%s", cat->path, sqlite3_errstr(rc), busy_hint(rc));
+    return -1;
 }
 
 static int commit(struct catalog *cat, char *err, size_t errlen) {
@@ -328,7 +363,10 @@ enum catalog_status catalog_open(const char *path, struct catalog **out, char *e
         errf(err, errlen, "catalog %s: this SQLite cannot enforce foreign keys", path);
         goto fail;
     }
-    if (migrate(cat, err, errlen)) goto fail;
+    pthread_mutex_lock(&cat->mu);   /* begin_write lets go of it while it waits */
+    int migrated = migrate(cat, err, errlen);
+    pthread_mutex_unlock(&cat->mu);
+    if (migrated) goto fail;
     *out = cat;
     return CATALOG_OK;
 fail:
