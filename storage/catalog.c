@@ -660,6 +660,52 @@ enum catalog_status catalog_model_get(struct catalog *cat, const char *name, str
     return status;
 }
 
+enum catalog_status catalog_model_check_file(const struct catalog_model *m, enum catalog_check how, char *err,
+                                             size_t errlen) {
+    assert(m && m->source_path && m->name);
+    const char *path = m->source_path;
+    struct stat sb;
+    if (stat(path, &sb)) {
+        errf(err, errlen, "%s: %s (registered as model '%s')", path, strerror(errno), m->name);
+        return CATALOG_INVALID;
+    }
+    if (!S_ISREG(sb.st_mode)) {
+        errf(err, errlen, "%s: not a regular file (registered as model '%s')", path, m->name);
+        return CATALOG_INVALID;
+    }
+    /* The same advice for every difference: the file is not the one whose
+     * facts (and perplexity) the catalog holds. */
+    char redo[2 * CATALOG_NAME_MAX + PATH_MAX + 96];
+    snprintf(redo, sizeof redo, "if the change is intended, register it again: ebb models rm %s && ebb models add %s "
+             "--name %s", m->name, path, m->name);
+    if ((int64_t)sb.st_size != m->source_bytes) {
+        errf(err, errlen, "%s: is %lld bytes but was %lld when registered as model '%s': the file was changed or "
+             "truncated after registration; %s", path, (long long)sb.st_size, (long long)m->source_bytes, m->name,
+             redo);
+        return CATALOG_INVALID;
+    }
+    if (how == CATALOG_CHECK_SHA256 && m->source_sha256) {
+        char hex[65];
+        if (sha256_file(path, hex)) {
+            errf(err, errlen, "%s: cannot read it to check its sha256: %s", path, strerror(errno));
+            return CATALOG_INVALID;
+        }
+        if (strcmp(hex, m->source_sha256)) {
+            errf(err, errlen, "%s: sha256 %.16s... differs from the %.16s... registered for model '%s': the file "
+                 "was changed or damaged after registration; %s", path, hex, m->source_sha256, m->name, redo);
+            return CATALOG_INVALID;
+        }
+        return CATALOG_OK;
+    }
+    const int64_t mtime_ns = (int64_t)sb.st_mtim.tv_sec * 1000000000 + sb.st_mtim.tv_nsec;
+    if (mtime_ns != m->source_mtime_ns) {
+        errf(err, errlen, "%s: modified after it was registered as model '%s' (same size, new modification "
+             "time); %s", path, m->name, redo);
+        return CATALOG_INVALID;
+    }
+    return CATALOG_OK;
+}
+
 enum catalog_status catalog_model_list(struct catalog *cat, struct catalog_model **models, size_t *n,
                                        char *err, size_t errlen) {
     *models = NULL;
