@@ -58,6 +58,7 @@ static void post(struct bridge *b, struct bridge_event *ev) {
 
 void bridge_on_token(void *ud, int32_t id, const char *text, size_t len, float logprob, double t) {
     struct bridge_target *target = ud;
+    assert(target && target->bridge);
     struct bridge_event *ev = calloc(1, sizeof *ev + len + 1);
     if (!ev) {
         /* Dropping a token's text would corrupt the answer silently; the
@@ -81,6 +82,7 @@ void bridge_on_done(void *ud, enum finish_reason finish, int n_prompt, int n_gen
                     const struct sched_timing *timing) {
     struct bridge_target *target = ud;
     /* No allocation: the done event must never be lost (bridge.h). */
+    assert(target && target->bridge);
     struct bridge_event *ev = &target->done;
     assert(!ev->in_target);   /* one done event per target */
     memset(ev, 0, sizeof *ev);

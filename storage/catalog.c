@@ -46,6 +46,16 @@ struct catalog {
 
 /* ---- small helpers ---------------------------------------------------- */
 
+#ifndef NDEBUG
+/* For asserts: whether cat->mu is held (by this thread, as far as a
+ * non-recursive mutex can tell). */
+static int held(struct catalog *cat) {
+    if (pthread_mutex_trylock(&cat->mu)) return 1;
+    pthread_mutex_unlock(&cat->mu);
+    return 0;
+}
+#endif
+
 /* What a person should know when SQLite gave up waiting for a lock: "database
  * is locked" alone reads like a bug in ebb. Empty for other results. */
 static const char *busy_hint(int rc) {
@@ -135,7 +145,7 @@ static int query_int(struct catalog *cat, const char *sql, int64_t *out, char *e
  * try is immediate and cat->mu is let go between tries, so reads, which WAL
  * never blocks, go on. The caller holds cat->mu and no transaction. */
 static int begin_write(struct catalog *cat, char *err, size_t errlen) {
-    assert(sqlite3_get_autocommit(cat->db));
+    assert(held(cat) && sqlite3_get_autocommit(cat->db));
     sqlite3_busy_timeout(cat->db, 0);
     int rc;
     for (int waited_ms = 0, step = 1;; waited_ms += step, step = step < 32 ? 2 * step : step) {
@@ -545,6 +555,7 @@ invalid:
 /* Looks a model up by name or id (name NULL); caller holds the lock. */
 static enum catalog_status model_lookup(struct catalog *cat, const char *name, int64_t id, struct catalog_model *out,
                                         char *err, size_t errlen) {
+    assert(held(cat));
     sqlite3_stmt *st;
     const char *sql = name ? "SELECT " MODEL_COLUMNS " FROM models WHERE name = ?"
                            : "SELECT " MODEL_COLUMNS " FROM models WHERE id = ?";
