@@ -76,12 +76,15 @@ void gen_seq_free(struct gen_seq *g) {
     memset(g, 0, sizeof *g);
 }
 
-/* Releases everything the detokenizer and stop matcher still hold. */
+/* Releases everything the detokenizer and stop matcher still hold. Text
+ * that cannot be held (out of memory) fails the sequence: an answer with a
+ * hole in it must not pass for a finished one. */
 static void flush_held(struct gen_seq *g) {
     if (g->stop.stopped) return;
     size_t n = detok_flush(&g->detok, g->piece, g->piece_cap);
-    stop_feed(&g->stop, g->piece, n, &g->text, &g->text_len);
-    if (!g->stop.stopped) stop_finish(&g->stop, &g->text, &g->text_len);
+    if (stop_feed(&g->stop, g->piece, n, &g->text, &g->text_len) < 0 ||
+        (!g->stop.stopped && stop_finish(&g->stop, &g->text, &g->text_len) < 0))
+        g->finish = FINISH_ERROR;
 }
 
 void gen_seq_finish(struct gen_seq *g, enum finish_reason why) {
@@ -107,8 +110,9 @@ int32_t gen_seq_step(struct gen_seq *g, float *logits) {
         return id;
     }
     size_t n = detok_push(&g->detok, id, g->piece, g->piece_cap);
-    if (stop_feed(&g->stop, g->piece, n, &g->text, &g->text_len)) {
-        g->finish = FINISH_STOP;
+    const int stopped = stop_feed(&g->stop, g->piece, n, &g->text, &g->text_len);
+    if (stopped) {   /* < 0: out of memory holding the text, not a stop string */
+        g->finish = stopped < 0 ? FINISH_ERROR : FINISH_STOP;
         return id;
     }
     if (g->n_generated >= g->max_tokens) {
@@ -171,6 +175,7 @@ int generate(struct model_run *r, const int32_t *prompt, int n_prompt, const str
     res->decode_s = ebb_now_seconds() - t1;
     res->n_generated = g.n_generated;
     res->finish = rc ? FINISH_ERROR : g.finish;
+    if (!rc && g.finish == FINISH_ERROR) snprintf(res->error, sizeof res->error, "out of memory for the generated text");
     gen_seq_free(&g);
     kv_cache_free(&kv);
     kv_account_destroy(&kv_policy);

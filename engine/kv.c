@@ -334,6 +334,7 @@ static void store_quantized(const struct kv_layout *l, const struct ebb_backend 
 void kv_store(struct kv_cache *kv, const struct ebb_backend *be, int layer, int pos, const float *k,
               const float *v) {
     const struct kv_layout *l = &kv->layout;
+    assert(layer >= 0 && layer < l->n_layer && pos >= 0 && pos / KV_PAGE_TOKENS < kv->n_pages);   /* ensured */
     const size_t n = (size_t)l->kv_dim;
     uint8_t *krow = body_row(kv, layer, 0, pos), *vrow = body_row(kv, layer, 1, pos);
     switch (l->bits) {
@@ -439,6 +440,7 @@ void kv_attend_block(const struct kv_cache *kv, const struct ebb_backend *be, in
                      float *out, size_t stride, int n_tok, int n_head, int pos0, float scale, float *scratch) {
     const struct kv_layout *l = &kv->layout;
     const int hd = l->head_dim, nq = n_tok * n_head, last = pos0 + n_tok - 1;
+    assert(n_tok >= 1 && n_head >= 1 && pos0 >= 0 && last / KV_PAGE_TOKENS < kv->n_pages);   /* stored */
     const size_t S = (size_t)last + 1;          /* scores per query */
     float *qs = scratch, *qr = qs + (size_t)nq * hd, *acc = qr + (size_t)nq * hd, *accr = acc + (size_t)nq * hd;
     float *kview = accr + (size_t)nq * hd, *vview = kview + (size_t)KV_PAGE_TOKENS * hd;

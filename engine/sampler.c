@@ -504,6 +504,8 @@ int stop_feed(struct stop_matcher *m, const char *text, size_t len, char **out, 
     return 0;
 }
 
-void stop_finish(struct stop_matcher *m, char **out, size_t *out_len) {
-    if (out_append(out, out_len, m->held, m->stopped ? 0 : m->n_held) == 0) m->n_held = 0;
+int stop_finish(struct stop_matcher *m, char **out, size_t *out_len) {
+    if (out_append(out, out_len, m->held, m->stopped ? 0 : m->n_held) < 0) return -1;
+    m->n_held = 0;
+    return 0;
 }

@@ -52,6 +52,7 @@ void stop_free(struct stop_matcher *m);
  * matched (the text before it is released, the stop string itself is not),
  * or -1 when out of memory (callers end generation). */
 int stop_feed(struct stop_matcher *m, const char *text, size_t len, char **out, size_t *out_len);
-/* At the end of generation: releases everything still held. */
-void stop_finish(struct stop_matcher *m, char **out, size_t *out_len);
+/* At the end of generation: releases everything still held. 0, or -1 when
+ * out of memory (the held text is then still held, not released). */
+int stop_finish(struct stop_matcher *m, char **out, size_t *out_len);
 #endif

@@ -1,6 +1,7 @@
 /* Engine-to-loop event queue; see bridge.h. */
 #include "server/bridge.h"
 
+#include <assert.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -14,8 +15,11 @@ static void drain(uv_async_t *h) {
     pthread_mutex_unlock(&b->lock);
     while (ev) {
         struct bridge_event *next = ev->next;
+        /* Read before delivering: delivering the done event may free its
+         * target, and with it the event. */
+        const bool owned = !ev->in_target;
         b->deliver(ev, b->arg);
-        free(ev);
+        if (owned) free(ev);
         ev = next;
     }
 }
@@ -54,6 +58,7 @@ static void post(struct bridge *b, struct bridge_event *ev) {
 
 void bridge_on_token(void *ud, int32_t id, const char *text, size_t len, float logprob, double t) {
     struct bridge_target *target = ud;
+    assert(target && target->bridge);
     struct bridge_event *ev = calloc(1, sizeof *ev + len + 1);
     if (!ev) {
         /* Dropping a token's text would corrupt the answer silently; the
@@ -63,6 +68,7 @@ void bridge_on_token(void *ud, int32_t id, const char *text, size_t len, float l
         return;
     }
     ev->kind = BRIDGE_TOKEN;
+    ev->text = (char *)(ev + 1);
     ev->target = ud;
     ev->id = id;
     ev->logprob = logprob;
@@ -75,10 +81,12 @@ void bridge_on_token(void *ud, int32_t id, const char *text, size_t len, float l
 void bridge_on_done(void *ud, enum finish_reason finish, int n_prompt, int n_generated,
                     const struct sched_timing *timing) {
     struct bridge_target *target = ud;
-    /* The completion event must never be lost: the request's state is freed
-     * only when it arrives. Retry the small allocation until it succeeds. */
-    struct bridge_event *ev;
-    while (!(ev = calloc(1, sizeof *ev + 1))) uv_sleep(1);
+    /* No allocation: the done event must never be lost (bridge.h). */
+    assert(target && target->bridge);
+    struct bridge_event *ev = &target->done;
+    assert(!ev->in_target);   /* one done event per target */
+    memset(ev, 0, sizeof *ev);
+    ev->in_target = true;
     ev->kind = BRIDGE_DONE;
     ev->target = ud;
     ev->finish = finish;

@@ -11,10 +11,18 @@
  * never interprets it; the loop side guarantees the target outlives every
  * event addressed to it (a request's state is freed only after its on_done
  * event has been delivered).
+ *
+ * The done event must never be lost (the request's state is freed only when
+ * it arrives), so it is not allocated when the engine finishes: it lives in
+ * the target itself (struct bridge_target), which the loop side allocated
+ * with the request. A token event is allocated; when that fails its text is
+ * dropped, logged, and the loop side fails the response on the gap in the
+ * token count.
  */
 #ifndef EBB_SERVER_BRIDGE_H
 #define EBB_SERVER_BRIDGE_H
 #include <pthread.h>
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <uv.h>
@@ -36,7 +44,8 @@ struct bridge_event {
     enum finish_reason finish;
     int n_prompt, n_generated;
     struct sched_timing timing;
-    char text[];      /* len bytes + NUL (tokens) */
+    bool in_target;   /* the target's own done event: the bridge does not free it */
+    char *text;       /* tokens: len bytes + NUL, allocated with the event */
 };
 
 typedef void (*bridge_deliver_fn)(struct bridge_event *ev, void *arg);
@@ -59,6 +68,9 @@ void bridge_on_done(void *ud, enum finish_reason finish, int n_prompt, int n_gen
                     const struct sched_timing *timing);
 
 /* Each target must know its bridge: the first member of every target is a
- * pointer to it. */
-struct bridge_target { struct bridge *bridge; };
+ * struct bridge_target. Zero-initialise `done`; it belongs to the bridge. */
+struct bridge_target {
+    struct bridge *bridge;
+    struct bridge_event done;   /* filled and posted by bridge_on_done */
+};
 #endif

@@ -335,7 +335,7 @@ struct completion *completion_new(struct daemon *d, struct http_request *req, st
     c->meta = (struct oai_meta){c->r.kind, c->id, sm->name, (int64_t)time(NULL), c->r.include_usage};
     for (int i = 0; i < c->n_choices; i++) {
         oai_choice_init(&c->choices[i], i, c->r.logprobs, 0);
-        c->slots[i] = (struct choice_slot){{&d->bridge}, c, i, 0, false, false, 0, 0};
+        c->slots[i] = (struct choice_slot){{.bridge = &d->bridge}, c, i, 0, false, false, 0, 0};
     }
     c->next = d->completions;
     d->completions = c;

@@ -50,6 +50,7 @@ struct field {
 /* In enum order: the stored int is the index. */
 static const char *const level_names[] = {"error", "warn", "info", "debug", NULL};
 static const char *const weights_names[] = {[MODEL_WEIGHTS_NATIVE] = "native", [MODEL_WEIGHTS_F32] = "f32", NULL};
+static const char *const verify_names[] = {[CATALOG_CHECK_SHA256] = "sha256", [CATALOG_CHECK_STAT] = "stat", NULL};
 
 static const struct field fields[] = {
     {"host", FIELD_STRING, AT(host), 1, 0, {0}, NULL, "127.0.0.1", "ADDR", "listen address (IPv4 or IPv6)"},
@@ -87,6 +88,8 @@ static const struct field fields[] = {
      "kv_bits for particular models, overriding kv_bits (empty: none)"},
     {"weights", FIELD_NAME, AT(weights), 0, 0, {0}, weights_names, "native", "FORM",
      "plain GGUF weights computed in their own types (native) or dequantized to float32 (f32)"},
+    {"verify_models", FIELD_NAME, AT(verify_models), 0, 0, {0}, verify_names, "sha256", "HOW",
+     "before loading a model, compare its file with the catalog by sha256 or by size and time (stat)"},
     {"shutdown_timeout_ms", FIELD_INT, AT(shutdown_timeout_ms), 0, 3600000, {0}, NULL, "10000", "MS",
      "on SIGTERM/SIGINT, how long running requests may finish"},
     {"log_level", FIELD_NAME, AT(log_level), 0, 0, {0}, level_names, "info", "LEVEL", "error, warn, info or debug"},

@@ -36,7 +36,7 @@ enum config_log_level { CONFIG_LOG_ERROR, CONFIG_LOG_WARN, CONFIG_LOG_INFO, CONF
 /* Where a setting's current value came from. */
 enum config_source { CONFIG_FROM_DEFAULT, CONFIG_FROM_FILE, CONFIG_FROM_ENV, CONFIG_FROM_FLAG };
 
-#define CONFIG_N_FIELDS 21
+#define CONFIG_N_FIELDS 22
 
 struct ebb_config {
     char host[256];                /* listen address (IPv4 or IPv6 literal, or a host name) */
@@ -58,6 +58,7 @@ struct ebb_config {
     int kv_bits;                   /* KV cache precision: 32, 16, 8 or 4 */
     char model_kv_bits[4096];      /* per-model kv_bits: "NAME=BITS,NAME=BITS"; empty = none */
     int weights;                   /* enum model_weights: native types, or dequantized to f32 */
+    int verify_models;             /* enum catalog_check: how a model's file is checked at load */
     int shutdown_timeout_ms;       /* SIGTERM: how long running requests may finish */
     int log_level;                 /* enum config_log_level */
     unsigned char source[CONFIG_N_FIELDS]; /* enum config_source per field, table order */

@@ -135,6 +135,25 @@ static int start_models(struct daemon *d) {
     return 0;
 }
 
+/* SIGTERM and SIGINT start the drain. 0, or a libuv error with every
+ * handle that was opened closing (start_failed's uv_run finishes them). */
+static int start_signals(struct daemon *d) {
+    int rc = uv_signal_init(&d->loop, &d->sigterm);
+    if (rc < 0) return rc;
+    if ((rc = uv_signal_init(&d->loop, &d->sigint)) < 0) {
+        uv_close((uv_handle_t *)&d->sigterm, on_handle_closed);
+        return rc;
+    }
+    d->sigterm.data = d->sigint.data = d;
+    if ((rc = uv_signal_start(&d->sigterm, on_signal, SIGTERM)) < 0 ||
+        (rc = uv_signal_start(&d->sigint, on_signal, SIGINT)) < 0) {
+        uv_close((uv_handle_t *)&d->sigterm, on_handle_closed);
+        uv_close((uv_handle_t *)&d->sigint, on_handle_closed);
+        return rc;
+    }
+    return 0;
+}
+
 static void cleanup(struct daemon *d) {
     if (d->catalog) catalog_close(d->catalog);
     metrics_free(d->metrics);
@@ -192,11 +211,12 @@ int daemon_run(struct daemon *d) {
         return start_failed(d);
     }
     if (start_models(d)) return start_failed(d);
-    uv_signal_init(&d->loop, &d->sigterm);
-    uv_signal_init(&d->loop, &d->sigint);
-    d->sigterm.data = d->sigint.data = d;
-    uv_signal_start(&d->sigterm, on_signal, SIGTERM);
-    uv_signal_start(&d->sigint, on_signal, SIGINT);
+    if ((rc = start_signals(d)) < 0) {
+        /* A daemon that cannot hear SIGTERM could only be stopped with SIGKILL. */
+        fprintf(stderr, "ebb serve: cannot handle SIGTERM and SIGINT: %s\n", uv_strerror(rc));
+        log_error("cannot handle signals", "error=\"%s\"", uv_strerror(rc));
+        return start_failed(d);
+    }
 
     char qhost[128];
     log_info("listening", "host=%s port=%d catalog=%s memory_budget=%llu admin=%s test_routes=%d",

@@ -412,6 +412,10 @@ static void conn_after_response(struct conn *c) {
     if (!c->reading) {
         /* Reading stopped because pipelined input filled the buffer. */
         c->reading = uv_read_start((uv_stream_t *)&c->tcp, on_alloc, on_read) == 0;
+        if (!c->reading) {   /* the next request could never arrive */
+            conn_finish(c, false);
+            return;
+        }
     }
     if (c->in_off < c->in_len && !c->in_dispatch) {
         /* Parse the pipelined request from the loop, not from inside the
@@ -1104,8 +1108,10 @@ static void on_connection(uv_stream_t *listener, int status) {
     c->keep_alive = true;
     c->phase = PHASE_IDLE;
     if (srv->n_conns > srv->cfg.max_connections) {
-        c->reading = true;
-        uv_read_start((uv_stream_t *)&c->tcp, on_alloc, on_read);
+        /* Reading lets the 503 go out after the request arrives; a socket
+         * that cannot be read is closed without one. */
+        c->reading = uv_read_start((uv_stream_t *)&c->tcp, on_alloc, on_read) == 0;
+        if (!c->reading) { conn_close_now(c); return; }
         reject_connection(c);
         return;
     }

@@ -93,6 +93,7 @@ struct admin_job {
     char name[CATALOG_NAME_MAX + 1];
     char path[4096];
     uint64_t value;
+    uint64_t old_value;   /* PUT /admin/memory: the budget to go back to if saving fails */
     enum catalog_status status;
     struct catalog_model model;
     char err[1024];
@@ -165,12 +166,25 @@ static void persist_budget_work(uv_work_t *w) {
     j->status = catalog_setting_set_u64(j->d->catalog, BUDGET_SETTING, j->value, j->err, sizeof j->err);
 }
 
+/* A budget that could not be saved is not kept: an error answer means
+ * nothing changed. Back to old_value, unless another PUT has set one since. */
+static void restore_budget(struct daemon *d, uint64_t value, uint64_t old_value) {
+    char why[256];
+    if (d->memory_budget == value && value != old_value && served_set_budget(d, old_value, why, sizeof why))
+        log_warn("cannot restore the previous memory budget", "error=\"%s\"", why);
+}
+
 static void persist_budget_done(uv_work_t *w, int status) {
     (void)status;
     struct admin_job *j = w->data;
     if (j->status != CATALOG_OK) {
+        struct daemon *d = j->d;
+        restore_budget(d, j->value, j->old_value);
         log_error("cannot persist the memory budget", "error=\"%s\"", j->err);
-        http_respond_error(j->req, 500, "server_error", j->err, NULL);
+        char msg[sizeof j->err + 96];
+        snprintf(msg, sizeof msg, "the memory budget was not changed (it stays %llu bytes): %s",
+                 (unsigned long long)d->memory_budget, j->err);
+        http_respond_error(j->req, 500, "server_error", msg, NULL);
     } else {
         log_info("memory budget set", "bytes=%llu", (unsigned long long)j->value);
         respond_json(j->req, 200, memory_state(j->d));
@@ -196,14 +210,17 @@ void route_admin_memory_put(struct daemon *d, struct http_request *req) {
     char err[256];
     /* Apply first: an impossible budget is refused before anything is saved. */
     /* A budget every request would be refused under is a mistake, not a setting. */
+    const uint64_t old_value = d->memory_budget;
     if (served_budget_holds_a_request(d, bytes, err, sizeof err) || served_set_budget(d, bytes, err, sizeof err)) {
         http_respond_error(req, 400, "invalid_request_error", err, "memory_budget_bytes");
         return;
     }
     struct admin_job *j = job_new(d, req);
-    if (!j) return;
+    if (!j) { restore_budget(d, bytes, old_value); return; }
     j->value = bytes;
+    j->old_value = old_value;
     if (uv_queue_work(&d->loop, &j->work, persist_budget_work, persist_budget_done)) {
+        restore_budget(d, bytes, old_value);
         http_respond_error(req, 500, "server_error", "cannot queue the catalog write", NULL);
         job_free(j);
     }

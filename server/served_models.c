@@ -24,11 +24,26 @@
 #include "server/completion.h"
 #include "server/daemon.h"
 #include "server/log.h"
+#include "storage/catalog.h"
+
+/* The file must still be the one the catalog registered (verify_models):
+ * a damaged or replaced file is refused, never served. Runs on the work
+ * pool, so hashing does not hold up the loop. */
+static int served_check_file(struct daemon *d, struct served_model *sm) {
+    struct catalog_model row;
+    enum catalog_status st = catalog_model_get(d->catalog, sm->name, &row, sm->error, sizeof sm->error);
+    if (st == CATALOG_OK) {
+        st = catalog_model_check_file(&row, (enum catalog_check)d->cfg.verify_models, sm->error, sizeof sm->error);
+        catalog_model_free(&row);
+    }
+    return st == CATALOG_OK ? 0 : -1;
+}
 
 static void load_work(uv_work_t *w) {
     struct served_model *sm = w->data;
     struct daemon *d = sm->d;
     double t0 = ebb_now_seconds();
+    if (served_check_file(d, sm)) return;
     if (model_load(&sm->model, sm->path, (enum model_weights)d->cfg.weights, sm->error, sizeof sm->error)) return;
     struct sched_config sc = {
         .max_running = d->cfg.max_running,

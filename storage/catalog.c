@@ -13,6 +13,7 @@
  */
 #include "storage/catalog.h"
 
+#include <assert.h>
 #include <errno.h>
 #include <limits.h>
 #include <math.h>
@@ -33,6 +34,9 @@
  * mistaken for a catalog (and a catalog is recognisable with `file`). */
 #define CATALOG_APPLICATION_ID 0x65626231
 
+#define STR_(x) #x
+#define STR(x) STR_(x)
+
 struct catalog {
     sqlite3 *db;
     char *path;
@@ -42,9 +46,29 @@ struct catalog {
 
 /* ---- small helpers ---------------------------------------------------- */
 
+#ifndef NDEBUG
+/* For asserts: whether cat->mu is held (by this thread, as far as a
+ * non-recursive mutex can tell). */
+static int held(struct catalog *cat) {
+    if (pthread_mutex_trylock(&cat->mu)) return 1;
+    pthread_mutex_unlock(&cat->mu);
+    return 0;
+}
+#endif
+
+/* What a person should know when SQLite gave up waiting for a lock: "database
+ * is locked" alone reads like a bug in ebb. Empty for other results. */
+static const char *busy_hint(int rc) {
+    return (rc & 0xff) == SQLITE_BUSY
+               ? " (another process has held the catalog locked for over " STR(CATALOG_BUSY_TIMEOUT_MS) " ms; "
+                 "nothing was changed: retry when it lets go)"
+               : "";
+}
+
 /* "catalog PATH: WHAT: sqlite's reason" -- always CATALOG_ERROR. */
 static enum catalog_status db_fail(struct catalog *cat, const char *what, char *err, size_t errlen) {
-    errf(err, errlen, "catalog %s: %s: %s", cat->path, what, sqlite3_errmsg(cat->db));
+    errf(err, errlen, "catalog %s: %s: %s%s", cat->path, what, sqlite3_errmsg(cat->db),
+         busy_hint(sqlite3_extended_errcode(cat->db)));
     return CATALOG_ERROR;
 }
 
@@ -81,8 +105,9 @@ static int column_dup(sqlite3_stmt *st, int i, char **out) {
 /* Runs SQL without parameters or result rows (BEGIN, COMMIT, DDL). */
 static int exec_sql(struct catalog *cat, const char *sql, char *err, size_t errlen) {
     char *msg = NULL;
-    if (sqlite3_exec(cat->db, sql, NULL, NULL, &msg) != SQLITE_OK) {
-        errf(err, errlen, "catalog %s: %s", cat->path, msg ? msg : sqlite3_errmsg(cat->db));
+    int rc = sqlite3_exec(cat->db, sql, NULL, NULL, &msg);
+    if (rc != SQLITE_OK) {
+        errf(err, errlen, "catalog %s: %s%s", cat->path, msg ? msg : sqlite3_errmsg(cat->db), busy_hint(rc));
         sqlite3_free(msg);
         return -1;
     }
@@ -111,9 +136,29 @@ static int query_int(struct catalog *cat, const char *sql, int64_t *out, char *e
 
 /* Write transactions take the write lock up front (IMMEDIATE): with WAL a
  * deferred transaction that reads first and then writes can fail with
- * SQLITE_BUSY_SNAPSHOT without ever consulting the busy handler. */
+ * SQLITE_BUSY_SNAPSHOT without ever consulting the busy handler.
+ *
+ * Waiting for another process's write lock is done here, not by SQLite's
+ * busy handler: the handler would sleep holding cat->mu, and every other
+ * call on the handle (the daemon's loop reads the catalog for GET
+ * /admin/models) would wait behind it for the whole busy timeout. Here each
+ * try is immediate and cat->mu is let go between tries, so reads, which WAL
+ * never blocks, go on. The caller holds cat->mu and no transaction. */
 static int begin_write(struct catalog *cat, char *err, size_t errlen) {
-    return exec_sql(cat, "BEGIN IMMEDIATE", err, errlen);
+    assert(held(cat) && sqlite3_get_autocommit(cat->db));
+    sqlite3_busy_timeout(cat->db, 0);
+    int rc;
+    for (int waited_ms = 0, step = 1;; waited_ms += step, step = step < 32 ? 2 * step : step) {
+        rc = sqlite3_exec(cat->db, "BEGIN IMMEDIATE", NULL, NULL, NULL);
+        if ((rc & 0xff) != SQLITE_BUSY || waited_ms >= CATALOG_BUSY_TIMEOUT_MS) break;
+        pthread_mutex_unlock(&cat->mu);
+        usleep((useconds_t)step * 1000);
+        pthread_mutex_lock(&cat->mu);
+    }
+    sqlite3_busy_timeout(cat->db, CATALOG_BUSY_TIMEOUT_MS);
+    if (rc == SQLITE_OK) return 0;
+    errf(err, errlen, "catalog %s: %s%s", cat->path, sqlite3_errstr(rc), busy_hint(rc));
+    return -1;
 }
 
 static int commit(struct catalog *cat, char *err, size_t errlen) {
@@ -328,7 +373,10 @@ enum catalog_status catalog_open(const char *path, struct catalog **out, char *e
         errf(err, errlen, "catalog %s: this SQLite cannot enforce foreign keys", path);
         goto fail;
     }
-    if (migrate(cat, err, errlen)) goto fail;
+    pthread_mutex_lock(&cat->mu);   /* begin_write lets go of it while it waits */
+    int migrated = migrate(cat, err, errlen);
+    pthread_mutex_unlock(&cat->mu);
+    if (migrated) goto fail;
     *out = cat;
     return CATALOG_OK;
 fail:
@@ -507,6 +555,7 @@ invalid:
 /* Looks a model up by name or id (name NULL); caller holds the lock. */
 static enum catalog_status model_lookup(struct catalog *cat, const char *name, int64_t id, struct catalog_model *out,
                                         char *err, size_t errlen) {
+    assert(held(cat));
     sqlite3_stmt *st;
     const char *sql = name ? "SELECT " MODEL_COLUMNS " FROM models WHERE name = ?"
                            : "SELECT " MODEL_COLUMNS " FROM models WHERE id = ?";
@@ -620,6 +669,52 @@ enum catalog_status catalog_model_get(struct catalog *cat, const char *name, str
     enum catalog_status status = model_lookup(cat, name, 0, out, err, errlen);
     pthread_mutex_unlock(&cat->mu);
     return status;
+}
+
+enum catalog_status catalog_model_check_file(const struct catalog_model *m, enum catalog_check how, char *err,
+                                             size_t errlen) {
+    assert(m && m->source_path && m->name);
+    const char *path = m->source_path;
+    struct stat sb;
+    if (stat(path, &sb)) {
+        errf(err, errlen, "%s: %s (registered as model '%s')", path, strerror(errno), m->name);
+        return CATALOG_INVALID;
+    }
+    if (!S_ISREG(sb.st_mode)) {
+        errf(err, errlen, "%s: not a regular file (registered as model '%s')", path, m->name);
+        return CATALOG_INVALID;
+    }
+    /* The same advice for every difference: the file is not the one whose
+     * facts (and perplexity) the catalog holds. */
+    char redo[2 * CATALOG_NAME_MAX + PATH_MAX + 96];
+    snprintf(redo, sizeof redo, "if the change is intended, register it again: ebb models rm %s && ebb models add %s "
+             "--name %s", m->name, path, m->name);
+    if ((int64_t)sb.st_size != m->source_bytes) {
+        errf(err, errlen, "%s: is %lld bytes but was %lld when registered as model '%s': the file was changed or "
+             "truncated after registration; %s", path, (long long)sb.st_size, (long long)m->source_bytes, m->name,
+             redo);
+        return CATALOG_INVALID;
+    }
+    if (how == CATALOG_CHECK_SHA256 && m->source_sha256) {
+        char hex[65];
+        if (sha256_file(path, hex)) {
+            errf(err, errlen, "%s: cannot read it to check its sha256: %s", path, strerror(errno));
+            return CATALOG_INVALID;
+        }
+        if (strcmp(hex, m->source_sha256)) {
+            errf(err, errlen, "%s: sha256 %.16s... differs from the %.16s... registered for model '%s': the file "
+                 "was changed or damaged after registration; %s", path, hex, m->source_sha256, m->name, redo);
+            return CATALOG_INVALID;
+        }
+        return CATALOG_OK;
+    }
+    const int64_t mtime_ns = (int64_t)sb.st_mtim.tv_sec * 1000000000 + sb.st_mtim.tv_nsec;
+    if (mtime_ns != m->source_mtime_ns) {
+        errf(err, errlen, "%s: modified after it was registered as model '%s' (same size, new modification "
+             "time); %s", path, m->name, redo);
+        return CATALOG_INVALID;
+    }
+    return CATALOG_OK;
 }
 
 enum catalog_status catalog_model_list(struct catalog *cat, struct catalog_model **models, size_t *n,

@@ -101,6 +101,18 @@ enum catalog_status catalog_model_get(struct catalog *cat, const char *name, str
 /* Every model, ordered by name. *models is NULL when *n is 0. */
 enum catalog_status catalog_model_list(struct catalog *cat, struct catalog_model **models, size_t *n,
                                        char *err, size_t errlen);
+/* How catalog_model_check_file compares a model's file with its row. */
+enum catalog_check {
+    CATALOG_CHECK_SHA256 = 0,   /* size, then the whole file's sha256 (reads it all) */
+    CATALOG_CHECK_STAT = 1,     /* size and modification time: one stat() */
+};
+/* Whether the file a model row names is still the file that was registered:
+ * a regular file of the registered size and, by `how`, the same sha256 or
+ * modification time (a row without a sha256 is compared by time). Touches
+ * no database, so it needs no handle and may take long (hashing runs about
+ * 250 MB/s here). CATALOG_OK, or CATALOG_INVALID with "PATH: what differs". */
+enum catalog_status catalog_model_check_file(const struct catalog_model *m, enum catalog_check how, char *err,
+                                             size_t errlen);
 /* Removes the model and, through the foreign keys, its variants and blocks.
  * Files on disk are left alone. */
 enum catalog_status catalog_model_remove(struct catalog *cat, const char *name, char *err, size_t errlen);

@@ -329,7 +329,9 @@ int gguf_writer_write(struct gguf_writer *w, const char *path, char *err, size_t
     if (fclose(o.f) && !o.bad) o.bad = errno ? errno : EIO;
     if (!o.bad && rename(tmp, path)) o.bad = errno ? errno : EIO;
     if (o.bad) {
-        snprintf(err, errlen, "%s: write failed: %s", path, strerror(o.bad));
+        /* The temporary file goes: a failed write leaves PATH as it was. */
+        snprintf(err, errlen, "%s: write failed: %s (the file needs %llu bytes; %s was left as it was)", path,
+                 strerror(o.bad), (unsigned long long)gguf_writer_size(w), path);
         unlink(tmp);
         free(tmp);
         return -1;

@@ -11,6 +11,7 @@
  * while a third connection holds the write lock for a while; every write must
  * succeed (that is what the busy timeout and BEGIN IMMEDIATE are for).
  */
+#include <fcntl.h>
 #include <pthread.h>
 #include <sqlite3.h>
 #include <stdint.h>
@@ -561,6 +562,94 @@ static void test_concurrent_writers(void) {
     sqlite3_close(db);
 }
 
+struct set_job { struct catalog *cat; enum catalog_status status; char err[1024]; };
+
+static void *set_main(void *arg) {
+    struct set_job *j = arg;
+    j->status = catalog_setting_set(j->cat, "behind-the-lock", "1", j->err, sizeof j->err);
+    return NULL;
+}
+
+/* A write waiting for another process's lock must not hold up reads through
+ * the same handle: the daemon's loop reads the catalog while a work-pool
+ * thread writes (begin_write lets go of the handle between tries). */
+static void test_reads_go_on_while_a_write_waits(void) {
+    char path[512];
+    path_in(path, sizeof path, "waiting.db");
+    struct catalog *cat;
+    CHECK_MSG(catalog_open(path, &cat, err, sizeof err) == CATALOG_OK, "%s", err);
+    if (!cat) return;
+    CHECK(catalog_setting_set(cat, "before", "1", err, sizeof err) == CATALOG_OK);
+    struct holder h = {path, 1500};
+    pthread_t ht, wt;
+    pthread_create(&ht, NULL, holder_main, &h);
+    usleep(100 * 1000);                     /* the holder has the lock */
+    struct set_job j = {cat, CATALOG_ERROR, ""};
+    pthread_create(&wt, NULL, set_main, &j);
+    usleep(100 * 1000);                     /* the write is waiting */
+    double t0 = now_s();
+    char *value = NULL;
+    CHECK_MSG(catalog_setting_get(cat, "before", &value, err, sizeof err) == CATALOG_OK, "%s", err);
+    const double read_s = now_s() - t0;
+    CHECK_MSG(read_s < 0.5, "a read waited %.2f s behind a write waiting for the lock", read_s);
+    free(value);
+    pthread_join(wt, NULL);
+    pthread_join(ht, NULL);
+    CHECK_MSG(j.status == CATALOG_OK, "the waiting write failed: %s", j.err);
+    catalog_close(cat);
+}
+
+/* catalog_model_check_file: which changes to a registered file each way sees. */
+static void test_check_file(void) {
+    char path[512], gguf[512];
+    path_in(path, sizeof path, "check.db");
+    path_in(gguf, sizeof gguf, "check.gguf");
+    size_t size = write_tiny_gguf(gguf, 1, 64);
+    struct catalog *cat;
+    CHECK_MSG(catalog_open(path, &cat, err, sizeof err) == CATALOG_OK, "%s", err);
+    if (!cat) return;
+    struct catalog_model m;
+    CHECK_MSG(catalog_model_add(cat, gguf, "check", &m, err, sizeof err) == CATALOG_OK, "%s", err);
+    catalog_close(cat);
+    CHECK(catalog_model_check_file(&m, CATALOG_CHECK_SHA256, err, sizeof err) == CATALOG_OK);
+    CHECK(catalog_model_check_file(&m, CATALOG_CHECK_STAT, err, sizeof err) == CATALOG_OK);
+
+    /* One bit of tensor data, size and time kept (bit rot): only the hash sees it. */
+    struct stat sb;
+    CHECK(stat(gguf, &sb) == 0);
+    FILE *f = fopen(gguf, "r+b");
+    CHECK(f && fseek(f, (long)size - 8, SEEK_SET) == 0);
+    if (!f) return;
+    int c = fgetc(f);
+    fseek(f, (long)size - 8, SEEK_SET);
+    fputc(c ^ 1, f);
+    fclose(f);
+    const struct timespec times[2] = {sb.st_atim, sb.st_mtim};
+    CHECK(utimensat(AT_FDCWD, gguf, times, 0) == 0);
+    CHECK(catalog_model_check_file(&m, CATALOG_CHECK_SHA256, err, sizeof err) == CATALOG_INVALID);
+    CHECK_MSG(strstr(err, gguf) && strstr(err, "sha256") && strstr(err, "'check'"), "%s", err);
+    CHECK(catalog_model_check_file(&m, CATALOG_CHECK_STAT, err, sizeof err) == CATALOG_OK);
+
+    /* The registered bytes back, with a new time: only the time differs. */
+    write_tiny_gguf(gguf, 1, 64);
+    const struct timespec later[2] = {sb.st_atim, {sb.st_mtim.tv_sec + 5, sb.st_mtim.tv_nsec}};
+    CHECK(utimensat(AT_FDCWD, gguf, later, 0) == 0);
+    CHECK(catalog_model_check_file(&m, CATALOG_CHECK_SHA256, err, sizeof err) == CATALOG_OK);
+    CHECK(catalog_model_check_file(&m, CATALOG_CHECK_STAT, err, sizeof err) == CATALOG_INVALID);
+    CHECK_MSG(strstr(err, "modified"), "%s", err);
+
+    /* Truncated, then gone: both ways refuse. */
+    CHECK(truncate(gguf, (off_t)size - 4) == 0);
+    for (int how = CATALOG_CHECK_SHA256; how <= CATALOG_CHECK_STAT; how++) {
+        CHECK(catalog_model_check_file(&m, (enum catalog_check)how, err, sizeof err) == CATALOG_INVALID);
+        CHECK_MSG(strstr(err, "bytes") && strstr(err, "truncated"), "%s", err);
+    }
+    unlink(gguf);
+    CHECK(catalog_model_check_file(&m, CATALOG_CHECK_SHA256, err, sizeof err) == CATALOG_INVALID);
+    CHECK_MSG(strstr(err, gguf) && strstr(err, "No such file"), "%s", err);
+    catalog_model_free(&m);
+}
+
 static void remove_tree(const char *dir) {
     char cmd[600];
     snprintf(cmd, sizeof cmd, "rm -rf '%s'", dir);
@@ -581,6 +670,8 @@ int main(void) {
     test_refusals();
     test_default_path();
     test_concurrent_writers();
+    test_reads_go_on_while_a_write_waits();
+    test_check_file();
     remove_tree(tmpdir);
     return check_report("test_catalog");
 }
