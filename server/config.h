@@ -36,7 +36,7 @@ enum config_log_level { CONFIG_LOG_ERROR, CONFIG_LOG_WARN, CONFIG_LOG_INFO, CONF
 /* Where a setting's current value came from. */
 enum config_source { CONFIG_FROM_DEFAULT, CONFIG_FROM_FILE, CONFIG_FROM_ENV, CONFIG_FROM_FLAG };
 
-#define CONFIG_N_FIELDS 21
+#define CONFIG_N_FIELDS 22
 
 struct ebb_config {
     char host[256];                /* listen address (IPv4 or IPv6 literal, or a host name) */
@@ -52,6 +52,7 @@ struct ebb_config {
     int max_connections;           /* open connections; more are refused with 503 */
     int header_timeout_ms;         /* time to receive a request's headers */
     int idle_timeout_ms;           /* keep-alive idle / body inactivity limit */
+    int request_timeout_ms;        /* a whole request, first byte to end of body */
     int queue_length;              /* requests waiting for a slot before 429/503 */
     int max_running;               /* sequences decoded together */
     int max_context;               /* tokens per sequence; 0 = the model's own */

@@ -180,6 +180,7 @@ int daemon_run(struct daemon *d) {
         .max_header = (size_t)d->cfg.max_header_bytes,
         .header_timeout_ms = (unsigned)d->cfg.header_timeout_ms,
         .idle_timeout_ms = (unsigned)d->cfg.idle_timeout_ms,
+        .request_timeout_ms = (unsigned)d->cfg.request_timeout_ms,
         .max_connections = (unsigned)d->cfg.max_connections,
         .on_request = routes_on_request,
         .on_done = routes_on_done,
