@@ -20,6 +20,8 @@
  *      (left id, right id) -> (rank, merged id) in an open-addressing hash. A
  *      binary heap ordered by (rank, position) picks the next merge, so a word
  *      of n bytes costs O(n log n) instead of the classic O(n^2) rescans.
+ *      A piece longer than TOKENIZER_MAX_PIECE bytes runs BPE in chunks of
+ *      that size (bpe_piece), which bounds the work and scratch per byte.
  *
  * Token strings are copied out of the GGUF mapping at load time (one arena for
  * all texts and one for the decoded byte pieces), so the tokenizer does not
@@ -740,11 +742,28 @@ static int bpe_word(struct encoder *e, const uint8_t *s, size_t n) {
     return 0;
 }
 
+/* BPE over one pre-tokenized piece, in chunks of at most
+ * TOKENIZER_MAX_PIECE bytes cut before a character (the contract is in
+ * tokenizer.h). Why: the merge loop costs O(n log n) in the piece's length
+ * with a heap of 3n candidates, so one 8 MiB word took 3 s and 600 MB of
+ * scratch; chunked, the cost per byte and the scratch are bounded by the
+ * cap, and ordinary text, whose pieces are words, never reaches it. */
+static int bpe_piece(struct encoder *e, const uint8_t *s, size_t n) {
+    while (n > TOKENIZER_MAX_PIECE) {
+        size_t cut = TOKENIZER_MAX_PIECE;
+        while ((s[cut] & 0xC0) == 0x80) cut--;   /* valid UTF-8: at most 3 steps back */
+        if (bpe_word(e, s, cut)) return -1;
+        s += cut;
+        n -= cut;
+    }
+    return bpe_word(e, s, n);
+}
+
 /* Applies pre-tokenizer expression `level` to s and recurses on every match
  * and every gap between matches; below the last expression, runs BPE. */
 static int split_words(struct encoder *e, int level, const char *s, size_t n) {
     if (n == 0) return 0;
-    if (level == e->t->n_re) return bpe_word(e, (const uint8_t *)s, n);
+    if (level == e->t->n_re) return bpe_piece(e, (const uint8_t *)s, n);
     pcre2_code *re = e->t->re[level];
     pcre2_match_data *md = e->md[level];
     size_t pos = 0, gap = 0;

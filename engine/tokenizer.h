@@ -24,6 +24,17 @@ int tokenizer_is_control(const struct ebb_tokenizer *t, int32_t id);
 /* Id of an exact token text, or -1. */
 int32_t tokenizer_find(const struct ebb_tokenizer *t, const char *text);
 
+/* The longest pre-tokenized piece BPE runs over in one go, in bytes. A longer
+ * piece (a run of one character class: one "word" of 8 MiB, a long run of
+ * spaces) is encoded as consecutive chunks of at most this many bytes, each
+ * cut before a UTF-8 character starts; merges never cross a cut. This bounds
+ * the work per input byte (O(log TOKENIZER_MAX_PIECE)) and the scratch of an
+ * encode. The ids then may differ from the reference tokenizer (Hugging Face
+ * `tokenizers`, which has no such bound) around each cut -- the text still
+ * decodes back exactly. Words of natural text are far shorter; a piece this
+ * long is machine-made. */
+#define TOKENIZER_MAX_PIECE 4096
+
 /* Encodes len bytes of text. If parse_special, occurrences of special/control
  * token texts (e.g. "<|im_start|>") become their ids; otherwise they are
  * tokenized as plain text. Never adds BOS. Returns the number of ids, or -1

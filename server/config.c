@@ -77,6 +77,8 @@ static const struct field fields[] = {
      "time allowed to send a request's headers"},
     {"idle_timeout_ms", FIELD_INT, AT(idle_timeout_ms), 1, 86400000, {0}, NULL, "30000", "MS",
      "keep-alive idle and request-body inactivity limit"},
+    {"request_timeout_ms", FIELD_INT, AT(request_timeout_ms), 1, 86400000, {0}, NULL, "60000", "MS",
+     "time allowed to send a whole request, headers and body (slower: 408)"},
     {"queue_length", FIELD_INT, AT(queue_length), 0, 1000000, {0}, NULL, "64", "N",
      "requests that may wait for a slot (more: 429)"},
     {"max_running", FIELD_INT, AT(max_running), 1, 4096, {0}, NULL, "16", "N", "sequences decoded together"},

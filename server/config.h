@@ -52,6 +52,7 @@ struct ebb_config {
     int max_connections;           /* open connections; more are refused with 503 */
     int header_timeout_ms;         /* time to receive a request's headers */
     int idle_timeout_ms;           /* keep-alive idle / body inactivity limit */
+    int request_timeout_ms;        /* a whole request, first byte to end of body */
     int queue_length;              /* requests waiting for a slot before 429/503 */
     int max_running;               /* sequences decoded together */
     int max_context;               /* tokens per sequence; 0 = the model's own */

@@ -15,7 +15,8 @@
  *                      (a second signal moves the deadline to now)
  *   all connections closed (on_server_closed) ──▶ every model is unloaded:
  *                      completions still running are cancelled
- *   last completion freed and last model torn down (daemon_maybe_finish)
+ *   last completion freed, last prompt tokenized on the work pool and last
+ *   model torn down (daemon_maybe_finish)
  *                 ──▶ the bridge and the signal handles close
  *   nothing left open ──▶ uv_run returns; the server and the loop are freed;
  *                      exit 0
@@ -40,7 +41,7 @@
 static void on_handle_closed(uv_handle_t *h) { (void)h; }
 
 void daemon_maybe_finish(struct daemon *d) {
-    if (!d->http_closed || d->finished || d->completions || d->teardowns || d->models) return;
+    if (!d->http_closed || d->finished || d->completions || d->teardowns || d->tokenizing || d->models) return;
     /* Every engine thread has been joined: no event can be posted any more,
      * so the bridge may close. */
     d->finished = true;
@@ -198,6 +199,7 @@ int daemon_run(struct daemon *d) {
         .max_header = (size_t)d->cfg.max_header_bytes,
         .header_timeout_ms = (unsigned)d->cfg.header_timeout_ms,
         .idle_timeout_ms = (unsigned)d->cfg.idle_timeout_ms,
+        .request_timeout_ms = (unsigned)d->cfg.request_timeout_ms,
         .max_connections = (unsigned)d->cfg.max_connections,
         .on_request = routes_on_request,
         .on_done = routes_on_done,

@@ -18,7 +18,8 @@
  * Threads: the libuv loop owns sockets, the route handlers and every field
  * here except where a comment says otherwise. Each served model has its own
  * engine thread (its scheduler). Model loading and unloading run on libuv's
- * work pool (uv_queue_work), never on the loop.
+ * work pool (uv_queue_work), never on the loop, and so does tokenizing a
+ * long prompt (routes_v1.c).
  */
 #ifndef EBB_SERVER_DAEMON_H
 #define EBB_SERVER_DAEMON_H
@@ -75,6 +76,7 @@ struct daemon {
     struct completion *completions;  /* in flight (completion.c) */
     uint64_t seed_state;          /* xorshift state for requests without a seed */
     int teardowns;                /* models being torn down on the work pool */
+    int tokenizing;               /* prompts being tokenized on the work pool (routes_v1.c) */
     bool http_closed, finished;
     uint64_t memory_budget;       /* bytes; 0 = none */
 

@@ -13,7 +13,11 @@
  * between keep-alive requests; either way it closes quietly), HEADERS is the
  * slow-loris guard (not re-armed by trickling bytes: 408), BODY is an
  * inactivity timer re-armed by each read (408), HANDLING has none (the
- * application decides), CLOSING bounds the lingering drain. The same timer,
+ * application decides), CLOSING bounds the lingering drain. Over HEADERS and
+ * BODY together runs the request deadline (request_timeout_ms from the
+ * request's first byte, c->deadline): the timer is never armed past it, so a
+ * client that trickles a byte now and then, which re-arms the body timer
+ * forever, still gets its 408 when the deadline comes. The same timer,
  * armed with 0 ms, also defers parsing of pipelined input after an
  * asynchronous completion, so the next request's handler never runs inside
  * the application's http_respond() call.
@@ -104,6 +108,7 @@ struct conn {
     int error_status;              /* set by a callback that refused the request */
     const char *error_message;
 
+    uint64_t deadline;             /* loop time (ms) by which the request must be in */
     bool keep_alive;               /* decided at the end of the headers */
     bool reading, eof, closing, in_dispatch, resume_pending;
     bool linger;                   /* after shutdown, drain input before closing */
@@ -725,6 +730,14 @@ static void transport_error(struct conn *c, int status, const char *message) {
 
 /* ---------------------------------------------------------------- timers */
 
+/* Arms the connection's timer for a phase of receiving a request: `ms`, or
+ * less when the request deadline comes first. */
+static void arm_receive_timer(struct conn *c, unsigned ms) {
+    const uint64_t now = uv_now(c->srv->loop);
+    const uint64_t left = c->deadline > now ? c->deadline - now : 0;
+    uv_timer_start(&c->timer, on_conn_timer, ms < left ? ms : left, 0);
+}
+
 static void on_conn_timer(uv_timer_t *t) {
     struct conn *c = t->data;
     if (c->resume_pending) {
@@ -733,15 +746,23 @@ static void on_conn_timer(uv_timer_t *t) {
         conn_process(c);   /* a request's first byte re-arms the timer for headers */
         return;
     }
+    const bool past_deadline = uv_now(c->srv->loop) >= c->deadline;
+    char msg[160];
     switch (c->phase) {
     case PHASE_IDLE:
         conn_finish(c, false);   /* nothing was asked: close quietly */
         break;
     case PHASE_HEADERS:
-        transport_error(c, 408, "request headers not received in time");
-        break;
     case PHASE_BODY:
-        transport_error(c, 408, "request body stalled");
+        if (past_deadline) {
+            snprintf(msg, sizeof msg, "the request was not received in full within %g s of its first byte "
+                     "(request_timeout_ms): its %s arrived too slowly", c->srv->cfg.request_timeout_ms / 1000.0,
+                     c->phase == PHASE_HEADERS ? "headers" : "body");
+            transport_error(c, 408, msg);
+        } else {
+            transport_error(c, 408, c->phase == PHASE_HEADERS ? "request headers not received in time"
+                                                              : "request body stalled");
+        }
         break;
     case PHASE_CLOSING:
         conn_close_now(c);
@@ -768,7 +789,8 @@ static int on_message_begin(llhttp_t *p) {
     c->phase = PHASE_HEADERS;
     c->header_bytes = c->chunk_ext_bytes = 0;
     c->in_field = c->in_value = c->headers_done = false;
-    uv_timer_start(&c->timer, on_conn_timer, c->srv->cfg.header_timeout_ms, 0);
+    c->deadline = uv_now(c->srv->loop) + c->srv->cfg.request_timeout_ms;
+    arm_receive_timer(c, c->srv->cfg.header_timeout_ms);
     return 0;
 }
 
@@ -922,7 +944,7 @@ static int on_headers_complete(llhttp_t *p) {
         conn_write3(c, "HTTP/1.1 100 Continue\r\n\r\n", 25, NULL, 0, NULL, 0);
 
     c->phase = PHASE_BODY;
-    uv_timer_start(&c->timer, on_conn_timer, srv->cfg.idle_timeout_ms, 0);
+    arm_receive_timer(c, srv->cfg.idle_timeout_ms);
     return 0;
 }
 
@@ -1067,8 +1089,7 @@ static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf) {
         }
         return;
     }
-    if (c->phase == PHASE_BODY)
-        uv_timer_start(&c->timer, on_conn_timer, c->srv->cfg.idle_timeout_ms, 0);
+    if (c->phase == PHASE_BODY) arm_receive_timer(c, c->srv->cfg.idle_timeout_ms);
     conn_process(c);
 }
 
@@ -1127,6 +1148,7 @@ void http_config_defaults(struct http_config *cfg) {
     if (!cfg->max_header) cfg->max_header = 16u << 10;
     if (!cfg->header_timeout_ms) cfg->header_timeout_ms = 10000;
     if (!cfg->idle_timeout_ms) cfg->idle_timeout_ms = 30000;
+    if (!cfg->request_timeout_ms) cfg->request_timeout_ms = 60000;
     if (!cfg->max_connections) cfg->max_connections = 1024;
     if (!cfg->max_write_queue) cfg->max_write_queue = 16u << 20;
 }

@@ -13,7 +13,8 @@
  * HTTP/1.1 rules (Connection: close, HTTP/1.0 without keep-alive).
  * Transport problems are answered by this layer, in OpenAI's JSON error
  * shape, and the connection is then closed: 400 malformed bytes, 408 headers
- * too slow (slow-loris) or body stalled, 413 body over the limit (as soon as
+ * too slow (slow-loris), body stalled, or the whole request not in by its
+ * deadline (a body trickled forever), 413 body over the limit (as soon as
  * Content-Length or the chunks received exceed it), 431 headers too large,
  * 503 too many connections. Closing is "lingering": the write side is shut
  * down first and unread input drained briefly, so the client reads the error
@@ -102,6 +103,8 @@ struct http_config {
     size_t max_header;            /* request line + headers, bytes; default 16 KiB */
     unsigned header_timeout_ms;   /* from the first byte to the end of the headers; default 10 s */
     unsigned idle_timeout_ms;     /* keep-alive idle, and body inactivity; default 30 s */
+    unsigned request_timeout_ms;  /* from the first byte to the end of the body, however
+                                     steadily it arrives; default 60 s */
     unsigned max_connections;     /* default 1024; more are answered 503 and closed */
     size_t max_write_queue;       /* bytes queued to a client that does not read; over it the
                                      client is treated as gone; default 16 MiB */

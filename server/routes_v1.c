@@ -6,8 +6,34 @@
  * the completion module (completion.h), which owns it from then on -- its
  * choices, its streaming and its one free.
  *
- * Tokenizing prompts happens on the loop: it runs at millions of tokens per
- * second, and the body limit bounds it.
+ * Tokenizing a prompt is work proportional to its bytes (10-20 MB/s of
+ * ordinary text, 3-8 MB/s at worst: the tokenizer bounds the cost per
+ * pre-tokenized piece, TOKENIZER_MAX_PIECE), so an 8 MiB prompt would hold
+ * the loop for a second or more. It leaves the loop once the prompts' text exceeds
+ * INLINE_TOKENIZE_BYTES: a job (struct prompt_job) goes to libuv's work
+ * pool, and the request continues on the loop in its after-work callback.
+ * Shorter prompts are tokenized inline (a few milliseconds at most, less
+ * than the hop to the pool costs in latency). Either way one job carries
+ * the request through, so both paths end in the same code:
+ *
+ *   route ──parse, model ready──▶ job_start ──short──▶ job_run ─┐
+ *                                   │                           ▼
+ *                                   └──long: work pool──▶ job_after ──▶ job_finish ──▶ job_free
+ *
+ * OWNERSHIP of a job -- the rule to remember:
+ *   1. The job owns the parsed request, one reference on the served model
+ *      (so the model's tokenizer outlives the work even if the model is
+ *      removed meanwhile) and, while it is queued, the HTTP request.
+ *   2. The work callback reads only the job's parsed request and the
+ *      model's read-only tokenizer, and writes only the job's results.
+ *   3. A client that leaves while the work is queued or running gives the
+ *      HTTP request back at once (on_abort: job->req becomes NULL and the
+ *      work is cancelled if it has not started); the job itself is freed
+ *      only in the after-work callback, the one place that knows the work
+ *      is over. d->tokenizing counts queued jobs, so the daemon's shutdown
+ *      waits for them (daemon_maybe_finish).
+ *   4. A model removed while its job was queued answers 404, as a request
+ *      arriving after the removal would.
  */
 #include <jansson.h>
 #include <stdio.h>
@@ -92,6 +118,161 @@ static int chat_ids(struct served_model *sm, const struct oai_request *r, int ad
     return n;
 }
 
+/* ------------------------------------------------------------ prompt jobs */
+
+/* Prompt text up to this many bytes is tokenized on the loop. */
+#define INLINE_TOKENIZE_BYTES (8 * 1024)
+
+enum job_kind { JOB_COMPLETION, JOB_TOKENIZE };
+
+struct prompt_job {
+    uv_work_t work;               /* work.data: the job */
+    enum job_kind kind;
+    struct daemon *d;
+    struct http_request *req;     /* NULL once completed or given back */
+    struct served_model *sm;      /* referenced */
+    struct oai_request r;         /* owned */
+    bool queued;                  /* on the work pool: counted in d->tokenizing */
+    /* results, written by job_run */
+    int ok;                       /* 0: out of memory or invalid text */
+    int n_prompts;
+    int32_t **ids;
+    int *n_ids;
+    int max_model_len;            /* JOB_TOKENIZE: read on the loop before the work */
+    char *body;                   /* JOB_TOKENIZE: the response */
+    size_t body_len;
+};
+
+static size_t prompt_text_bytes(const struct oai_request *r) {
+    size_t n = 0;
+    for (int i = 0; i < r->n_prompts; i++) n += r->prompts[i].text ? r->prompts[i].text_len : 0;
+    for (int i = 0; i < r->n_messages; i++) n += r->messages[i].content_len;
+    return n;
+}
+
+/* The job's prompts to ids (and, for /tokenize, the response). Runs on the
+ * loop or on a work-pool thread: touches only the job and the tokenizer. */
+static void job_run(struct prompt_job *j) {
+    struct served_model *sm = j->sm;
+    const struct oai_request *r = &j->r;
+    if (j->kind == JOB_TOKENIZE) {
+        int32_t *ids = NULL;
+        int n = r->n_messages ? chat_ids(sm, r, r->add_generation_prompt, &ids) : prompt_ids(sm, r, 0, &ids);
+        const char **pieces = NULL;
+        size_t *plens = NULL;
+        if (n >= 0 && r->return_token_strs) {
+            pieces = calloc((size_t)n + 1, sizeof *pieces);
+            plens = calloc((size_t)n + 1, sizeof *plens);
+            for (int i = 0; pieces && plens && i < n; i++) pieces[i] = tokenizer_piece(sm->model.tok, ids[i], &plens[i]);
+        }
+        if (n >= 0 && (!r->return_token_strs || (pieces && plens)))
+            j->body = oai_tokenize_response(ids, n, j->max_model_len, pieces, plens, &j->body_len);
+        j->ok = j->body != NULL;
+        free(pieces);
+        free(plens);
+        free(ids);
+        return;
+    }
+    j->n_prompts = r->kind == OAI_CHAT ? 1 : r->n_prompts;
+    j->ids = calloc((size_t)j->n_prompts, sizeof *j->ids);
+    j->n_ids = calloc((size_t)j->n_prompts, sizeof *j->n_ids);
+    j->ok = j->ids && j->n_ids;
+    for (int p = 0; j->ok && p < j->n_prompts; p++) {
+        j->n_ids[p] = r->kind == OAI_CHAT ? chat_ids(sm, r, 1, &j->ids[p]) : prompt_ids(sm, r, p, &j->ids[p]);
+        j->ok = j->n_ids[p] >= 0;
+    }
+}
+
+static void job_free(struct prompt_job *j) {
+    struct daemon *d = j->d;
+    for (int p = 0; j->ids && p < j->n_prompts; p++) free(j->ids[p]);
+    free(j->ids);
+    free(j->n_ids);
+    free(j->body);
+    oai_request_free(&j->r);
+    served_unref(j->sm);
+    const bool queued = j->queued;
+    free(j);
+    if (queued) {
+        d->tokenizing--;
+        daemon_maybe_finish(d);
+    }
+}
+
+/* Back on the loop with the results: answer or hand over, then free. */
+static void job_finish(struct prompt_job *j) {
+    struct http_request *req = j->req;
+    if (!req) { job_free(j); return; }   /* the client left */
+    http_request_on_abort(req, NULL, NULL);
+    j->req = NULL;
+    struct served_model *sm = j->sm;
+    if (sm->state != SERVED_READY) {
+        char msg[512];
+        snprintf(msg, sizeof msg, "the model '%s' was removed while the prompt was being tokenized", sm->name);
+        http_respond_error_code(req, 404, "invalid_request_error", "model_not_found", msg, "model");
+    } else if (j->kind == JOB_TOKENIZE) {
+        respond_built(req, j->body, j->body_len);
+        j->body = NULL;   /* respond_built freed it */
+    } else {
+        struct completion *c = j->ok ? completion_new(j->d, req, sm, &j->r) : NULL;
+        if (c) completion_submit(c, j->ids, j->n_ids);   /* answers, now or later */
+        else http_respond_error(req, 500, "server_error", "out of memory preparing the prompt", NULL);
+    }
+    job_free(j);
+}
+
+static void job_work(uv_work_t *w) { job_run(w->data); }
+
+static void job_after(uv_work_t *w, int status) {
+    struct prompt_job *j = w->data;
+    if (status == UV_ECANCELED) j->ok = 0;   /* only on_abort cancels: req is NULL */
+    job_finish(j);
+}
+
+/* The client left while the job was queued: give the request back now (it
+ * sends nothing); the job ends in job_after. */
+static void job_on_abort(struct http_request *req, void *arg) {
+    struct prompt_job *j = arg;
+    j->req = NULL;
+    http_respond(req, 499, NULL, NULL, 0);
+    uv_cancel((uv_req_t *)&j->work);   /* harmless when the work already runs */
+}
+
+/* Takes *r over (left empty) and answers req, now or from the work pool. */
+static void job_start(struct daemon *d, struct http_request *req, struct served_model *sm, struct oai_request *r,
+                      enum job_kind kind) {
+    struct prompt_job *j = calloc(1, sizeof *j);
+    if (!j) {
+        http_respond_error(req, 500, "server_error", "out of memory preparing the prompt", NULL);
+        oai_request_free(r);
+        return;
+    }
+    j->kind = kind;
+    j->d = d;
+    j->req = req;
+    j->sm = sm;
+    served_ref(sm);
+    j->r = *r;
+    memset(r, 0, sizeof *r);
+    j->max_model_len = served_max_context(sm);
+    j->work.data = j;
+    if (prompt_text_bytes(&j->r) > INLINE_TOKENIZE_BYTES) {
+        if (http_request_on_abort(req, job_on_abort, j) == HTTP_ERR_GONE) {
+            j->req = NULL;
+            http_respond(req, 499, NULL, NULL, 0);   /* gives it back; sends nothing */
+            job_free(j);
+            return;
+        }
+        if (uv_queue_work(&d->loop, &j->work, job_work, job_after) == 0) {
+            j->queued = true;
+            d->tokenizing++;
+            return;
+        }
+    }
+    job_run(j);   /* short, or the pool refused the work */
+    job_finish(j);
+}
+
 /* Shared by /v1/completions and /v1/chat/completions once parsed. */
 static void run_completion(struct daemon *d, struct http_request *req, struct oai_request *r) {
     struct served_model *sm = model_for(d, req, r->model);
@@ -102,21 +283,7 @@ static void run_completion(struct daemon *d, struct http_request *req, struct oa
         oai_request_free(r);
         return;
     }
-    int n_prompts = r->kind == OAI_CHAT ? 1 : r->n_prompts;
-    int32_t **ids = calloc((size_t)n_prompts, sizeof *ids);
-    int *n_ids = calloc((size_t)n_prompts, sizeof *n_ids);
-    int ok = ids && n_ids;
-    for (int p = 0; ok && p < n_prompts; p++) {
-        n_ids[p] = r->kind == OAI_CHAT ? chat_ids(sm, r, 1, &ids[p]) : prompt_ids(sm, r, p, &ids[p]);
-        ok = n_ids[p] >= 0;
-    }
-    struct completion *c = ok ? completion_new(d, req, sm, r) : NULL;
-    if (c) completion_submit(c, ids, n_ids);   /* answers, now or later */
-    else http_respond_error(req, 500, "server_error", "out of memory preparing the prompt", NULL);
-    for (int p = 0; ids && p < n_prompts; p++) free(ids[p]);
-    free(ids);
-    free(n_ids);
-    oai_request_free(r);
+    job_start(d, req, sm, r, JOB_COMPLETION);
 }
 
 void route_completions(struct daemon *d, struct http_request *req) {
@@ -180,23 +347,7 @@ void route_tokenize(struct daemon *d, struct http_request *req) {
     if (parse_body(req, openai_parse_tokenize, &r)) return;
     struct served_model *sm = model_for(d, req, r.model);
     if (!sm) { oai_request_free(&r); return; }
-    int32_t *ids = NULL;
-    int n = r.n_messages ? chat_ids(sm, &r, r.add_generation_prompt, &ids) : prompt_ids(sm, &r, 0, &ids);
-    const char **pieces = NULL;
-    size_t *plens = NULL;
-    if (n >= 0 && r.return_token_strs) {
-        pieces = calloc((size_t)n + 1, sizeof *pieces);
-        plens = calloc((size_t)n + 1, sizeof *plens);
-        for (int i = 0; pieces && plens && i < n; i++) pieces[i] = tokenizer_piece(sm->model.tok, ids[i], &plens[i]);
-    }
-    size_t len = 0;
-    char *body = n >= 0 && (!r.return_token_strs || (pieces && plens))
-                     ? oai_tokenize_response(ids, n, served_max_context(sm), pieces, plens, &len) : NULL;
-    respond_built(req, body, len);
-    free(pieces);
-    free(plens);
-    free(ids);
-    oai_request_free(&r);
+    job_start(d, req, sm, &r, JOB_TOKENIZE);
 }
 
 void route_detokenize(struct daemon *d, struct http_request *req) {

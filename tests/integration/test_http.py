@@ -352,6 +352,79 @@ def test_slow_loris_headers_are_cut_off(server):
     assert requests.get(server.url("/health"), timeout=IO_TIMEOUT).status_code == 200
 
 
+def trickle(sock, pieces, every):
+    """Sends pieces one by one, `every` seconds apart, until the server answers (or
+    closes); returns the seconds from the first piece to that answer, or None if it
+    never came."""
+    t0 = time.monotonic()
+    for piece in pieces:
+        try:
+            sock.sendall(piece)
+        except (BrokenPipeError, ConnectionResetError):
+            break
+        sock.settimeout(every)
+        try:
+            if sock.recv(1, socket.MSG_PEEK) is not None:
+                break
+        except socket.timeout:
+            continue
+    else:
+        return None
+    return time.monotonic() - t0
+
+
+def test_trickled_body_hits_the_request_deadline(start):
+    # One body byte every 0.3 s keeps the 2 s inactivity timer from ever firing;
+    # the 3 s request deadline (from the first byte) still ends it with a 408.
+    srv = start("--request-timeout-ms", "3000", "--idle-timeout-ms", "2000", "--header-timeout-ms", "2000")
+    with srv.connect() as s, s.makefile("rb") as f:
+        head = b"POST /debug/echo HTTP/1.1\r\nHost: x\r\nContent-Type: text/plain\r\nContent-Length: 1000\r\n\r\n"
+        done = {}
+
+        def probe():   # another client is served all the while
+            done["health"] = [requests.get(srv.url("/health"), timeout=IO_TIMEOUT).status_code for _ in range(5)]
+
+        other = threading.Thread(target=probe)
+        other.start()
+        elapsed = trickle(s, [head] + [b"x"] * 40, 0.3)   # 12 s of trickle if nothing stops it
+        other.join(IO_TIMEOUT)
+        assert elapsed is not None, "the trickled body was never cut off"
+        s.settimeout(IO_TIMEOUT)
+        err = assert_openai_error(read_response(f), 408)
+        assert "request_timeout_ms" in err["message"] and "body" in err["message"], err
+        assert 2.5 <= elapsed <= 4.5, elapsed
+        assert_closed(s, within=5)
+    assert done["health"] == [200] * 5
+    # The deadline is per request, not per connection: a keep-alive connection
+    # older than it still gets its next request in.
+    with srv.connect() as s, s.makefile("rb") as f:
+        s.sendall(post("/debug/echo", b"first"))
+        assert read_response(f).body == b"first"
+        time.sleep(1.5)
+        s.sendall(post("/debug/echo", b"second")[:40])
+        time.sleep(1.0)
+        s.sendall(post("/debug/echo", b"second")[40:])
+        time.sleep(1.0)   # 3.5 s since the connection opened, 2 s into this request
+        s.sendall(post("/debug/echo", b"third"))
+        assert read_response(f).body == b"second"
+        assert read_response(f).body == b"third"
+
+
+def test_trickled_headers_hit_the_request_deadline(start):
+    # A header timeout longer than the request deadline: the deadline cuts first.
+    srv = start("--request-timeout-ms", "2000", "--header-timeout-ms", "10000", "--idle-timeout-ms", "10000")
+    with srv.connect() as s, s.makefile("rb") as f:
+        lines = [b"GET /health HTTP/1.1\r\n"] + [f"X-Slow-{i}: y\r\n".encode() for i in range(60)]
+        elapsed = trickle(s, lines, 0.25)
+        assert elapsed is not None, "the trickled headers were never cut off"
+        s.settimeout(IO_TIMEOUT)
+        err = assert_openai_error(read_response(f), 408)
+        assert "request_timeout_ms" in err["message"] and "headers" in err["message"], err
+        assert 1.5 <= elapsed <= 3.5, elapsed
+        assert_closed(s, within=5)
+    assert requests.get(srv.url("/health"), timeout=IO_TIMEOUT).status_code == 200
+
+
 def test_silent_connection_is_closed_without_a_response(server):
     with server.connect() as s:
         t0 = time.monotonic()

@@ -68,6 +68,7 @@ static void check_defaults(const struct ebb_config *c) {
     CHECK(c->max_connections == 1024);
     CHECK(c->header_timeout_ms == 10000);
     CHECK(c->idle_timeout_ms == 30000);
+    CHECK(c->request_timeout_ms == 60000);
     CHECK(c->queue_length == 64);
     CHECK(c->max_running == 16);
     CHECK(c->max_context == 0);

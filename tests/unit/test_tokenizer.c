@@ -307,6 +307,56 @@ static void test_encode_rules(void) {
     tokenizer_free(t);
 }
 
+/* A piece longer than TOKENIZER_MAX_PIECE runs BPE in chunks of that many
+ * bytes, cut before a character: merges stop at the cut, and nowhere else. */
+static void test_long_pieces(void) {
+    char err[256];
+    struct test_model m = {"gpt2", "smollm", NULL, 1};
+    struct ebb_tokenizer *t = load_test(&m, err, sizeof err);
+    CHECK_MSG(t != NULL, "%s", err);
+    if (!t) return;
+    _Static_assert(TOKENIZER_MAX_PIECE % 2 == 0 && TOKENIZER_MAX_PIECE % 3 == 1,
+                   "the offsets below assume an even cap one past a multiple of 3");
+    /* "x" + "he" x PAIRS: one word, cut once */
+    enum { PAIRS = TOKENIZER_MAX_PIECE * 3 / 4, LEN = 1 + 2 * PAIRS };
+    char *text = malloc(LEN + 1);
+    CHECK(text != NULL);
+    if (!text) { tokenizer_free(t); return; }
+    text[0] = 'x';
+    for (int i = 0; i < PAIRS; i++) memcpy(text + 1 + 2 * i, "he", 2);
+    int32_t *ids = NULL;
+    int n = tokenizer_encode(t, text, LEN, 0, &ids);
+    /* First chunk: x, he ..., and its last byte 'h' alone; the second starts
+     * with that pair's 'e' and merges again after it. */
+    const int first_pairs = (TOKENIZER_MAX_PIECE - 2) / 2;
+    CHECK_MSG(n == 1 + first_pairs + 2 + (PAIRS - first_pairs - 1), "%d ids", n);
+    if (n > first_pairs + 3) {
+        CHECK(ids[0] == 'x' && ids[1] == ID_HE && ids[first_pairs] == ID_HE);
+        CHECK(ids[first_pairs + 1] == 'h' && ids[first_pairs + 2] == 'e' && ids[first_pairs + 3] == ID_HE);
+        CHECK(ids[n - 1] == ID_HE);
+    }
+    free(ids);
+    /* The same word just under the cap is one chunk: no split pair. */
+    CHECK(tokenizer_encode(t, text, TOKENIZER_MAX_PIECE - 1, 0, &ids) == 1 + (TOKENIZER_MAX_PIECE - 2) / 2);
+    free(ids);
+    free(text);
+    /* The cap falls inside a character (the euro sign is 3 bytes): the cut
+     * moves back to the character's start, so "\xE2\x82" still merges in
+     * every character. */
+    enum { EUROS = TOKENIZER_MAX_PIECE };
+    text = malloc(3 * EUROS + 1);
+    CHECK(text != NULL);
+    if (!text) { tokenizer_free(t); return; }
+    for (int i = 0; i < EUROS; i++) memcpy(text + 3 * i, "\xE2\x82\xAC", 3);
+    n = tokenizer_encode(t, text, 3 * EUROS, 0, &ids);
+    int ok = n == 2 * EUROS;
+    for (int i = 0; ok && i < EUROS; i++) ok = ids[2 * i] == ID_EURO2 && ids[2 * i + 1] == 0xAC;
+    CHECK_MSG(ok, "a character was cut: %d ids", n);
+    free(ids);
+    free(text);
+    tokenizer_free(t);
+}
+
 static void test_load_errors(void) {
     char err[256];
     struct test_model m = {"llama", "smollm", NULL, 1};
@@ -599,6 +649,7 @@ static void test_real_model(const char *path) {
 int main(void) {
     test_metadata();
     test_encode_rules();
+    test_long_pieces();
     test_load_errors();
     test_pre_tokenizers();
     test_detok();
