@@ -256,7 +256,7 @@ static void test_preemption(struct model *m, int kv_bits) {
         "Describe a walk through a forest in autumn.",
     };
     enum { N = sizeof prompts / sizeof prompts[0] };
-    const int max_tokens = 160;   /* past two page boundaries after the prompt */
+    const int max_tokens = 130;   /* past two page boundaries after the prompt */
     struct gen_params p = greedy(max_tokens);
     p.kv_bits = kv_bits;
     int32_t *ids[N];
