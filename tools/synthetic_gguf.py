@@ -41,10 +41,11 @@ def random_blocks(rng, kind, n_elems, scale):
     return data, qtype
 
 
-def copy_tokenizer(reader, writer):
-    """Every tokenizer.* key of the source, value for value."""
+def copy_fields(reader, writer, wanted):
+    """Every metadata key of the source for which wanted(name) holds, value for value
+    (GGUF's own header fields never)."""
     for field in reader.fields.values():
-        if not field.name.startswith("tokenizer."):
+        if field.name.startswith("GGUF.") or not wanted(field.name):
             continue
         vtype = field.types[0]
         if vtype == gguf.GGUFValueType.ARRAY:
@@ -97,7 +98,7 @@ def main():
     w.add_rope_dimension_count(head_dim)
     w.add_rope_freq_base(10000.0)
     w.add_layer_norm_rms_eps(1e-5)
-    copy_tokenizer(reader, w)
+    copy_fields(reader, w, lambda name: name.startswith("tokenizer."))
 
     params = 0
 

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from conftest import run_ebb
+from synthetic_gguf import copy_fields  # noqa: E402  (tools/, on the path through conftest)
 
 gguf = pytest.importorskip("gguf")
 from gguf import quants  # noqa: E402
@@ -27,29 +28,12 @@ CALIB = pathlib.Path.home() / ".cache" / "ebb" / "calibration.txt"
 LEVELS = 4
 
 
-def copy_field(field, writer, skip):
-    if field.name.startswith("GGUF.") or field.name in skip:
-        return
-    vtype = field.types[0]
-    if vtype == gguf.GGUFValueType.ARRAY:
-        if field.types[1] == gguf.GGUFValueType.STRING:
-            value = [bytes(field.parts[i]).decode("utf-8", "surrogateescape") for i in field.data]
-        else:
-            value = [field.parts[i][0].item() for i in field.data]
-        writer.add_array(field.name, value)
-    elif vtype == gguf.GGUFValueType.STRING:
-        writer.add_string(field.name, bytes(field.parts[field.data[0]]).decode("utf-8"))
-    else:
-        writer.add_key_value(field.name, field.parts[field.data[0]][0].item(), vtype)
-
-
 def cut_model(src, dst, n_layers):
     """The first n_layers of src with every tensor in f32."""
     r = gguf.GGUFReader(src)
     arch = bytes(r.fields["general.architecture"].parts[-1]).decode()
     w = gguf.GGUFWriter(str(dst), arch)
-    for field in r.fields.values():
-        copy_field(field, w, {"general.architecture", f"{arch}.block_count", "general.file_type"})
+    copy_fields(r, w, lambda name: name not in {"general.architecture", f"{arch}.block_count", "general.file_type"})
     w.add_block_count(n_layers)
     for t in r.tensors:
         m = re.match(r"blk\.(\d+)\.", t.name)

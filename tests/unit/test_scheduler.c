@@ -90,6 +90,34 @@ static struct gen_params greedy(int max_tokens) {
     return p;
 }
 
+/* Each prompt's greedy tokens through generate() alone: the reference. */
+static void run_alone(struct model *m, int32_t *const *ids, const int *n_ids, int n, const struct gen_params *p,
+                      struct alone *alone) {
+    struct model_run *run = model_run_new(m, 2);
+    CHECK(run != NULL);
+    if (!run) return;
+    for (int i = 0; i < n; i++) {
+        memset(&alone[i], 0, sizeof alone[i]);
+        struct gen_result res;
+        CHECK(generate(run, ids[i], n_ids[i], p, collect_alone, &alone[i], &res) == 0);
+    }
+    model_run_free(run);
+}
+
+/* Submits every prompt into out[i]; the one after `stagger` arrives late
+ * (joins a running batch; -1: none). */
+static void submit_all(struct sched *s, int32_t *const *ids, const int *n_ids, int n, const struct gen_params *p,
+                       struct collected *out, int stagger) {
+    for (int i = 0; i < n; i++) {
+        memset(&out[i], 0, sizeof out[i]);
+        pthread_mutex_init(&out[i].lock, NULL);
+        struct sched_request_desc d = {ids[i], n_ids[i], *p, {on_token, on_done}, &out[i]};
+        uint64_t id;
+        CHECK(sched_submit(s, &d, &id) == SCHED_OK);
+        if (i == stagger) usleep(20000);
+    }
+}
+
 /* kv_bits 4 too: its quantized positions must not depend on the batching
  * either (the long prompt reaches past the full-precision window). */
 static void test_batched_equals_alone(struct model *m, int kv_bits) {
@@ -117,31 +145,18 @@ static void test_batched_equals_alone(struct model *m, int kv_bits) {
     int n_ids[N];
     struct gen_params p = greedy(max_tokens);
     p.kv_bits = kv_bits;
-    struct model_run *run = model_run_new(m, 2);
-    CHECK(run != NULL);
-    if (!run) return;
     for (int i = 0; i < N; i++) {
         n_ids[i] = encode_chat(m, prompts[i], &ids[i]);
         CHECK(n_ids[i] > 0);
-        memset(&alone[i], 0, sizeof alone[i]);
-        struct gen_result res;
-        CHECK(generate(run, ids[i], n_ids[i], &p, collect_alone, &alone[i], &res) == 0);
     }
-    model_run_free(run);
+    run_alone(m, ids, n_ids, N, &p, alone);
     struct sched_config cfg = {.max_running = 4, .max_waiting = 16, .max_ctx = 0, .kv_budget_bytes = 0,
                                .kv_bits = kv_bits};
     struct sched *s = sched_create(m, &cfg);
     CHECK(s != NULL);
     if (!s) return;
     struct collected out[N];
-    for (int i = 0; i < N; i++) {
-        memset(&out[i], 0, sizeof out[i]);
-        pthread_mutex_init(&out[i].lock, NULL);
-        struct sched_request_desc d = {ids[i], n_ids[i], p, {on_token, on_done}, &out[i]};
-        uint64_t id;
-        CHECK(sched_submit(s, &d, &id) == SCHED_OK);
-        if (i == 1) usleep(20000);   /* staggered arrival: joins a running batch */
-    }
+    submit_all(s, ids, n_ids, N, &p, out, 1);
     for (int i = 0; i < N; i++) wait_done(&out[i]);
     for (int i = 0; i < N; i++) {
         CHECK_MSG(out[i].n_ids == alone[i].n, "prompt %d: %d tokens batched, %d alone", i, out[i].n_ids, alone[i].n);
@@ -262,17 +277,11 @@ static void test_preemption(struct model *m, int kv_bits) {
     int32_t *ids[N];
     int n_ids[N], longest = 0;
     struct alone alone[N];
-    struct model_run *run = model_run_new(m, 2);
-    CHECK(run != NULL);
-    if (!run) return;
     for (int i = 0; i < N; i++) {
         n_ids[i] = encode_chat(m, prompts[i], &ids[i]);
         if (n_ids[i] > longest) longest = n_ids[i];
-        memset(&alone[i], 0, sizeof alone[i]);
-        struct gen_result res;
-        CHECK(generate(run, ids[i], n_ids[i], &p, collect_alone, &alone[i], &res) == 0);
     }
-    model_run_free(run);
+    run_alone(m, ids, n_ids, N, &p, alone);
     struct kv_account probe;
     CHECK(kv_account_init(&probe, &m->cfg, kv_bits, 0) == 0);
     /* Room for one request at its longest and half of another: all three
@@ -285,13 +294,7 @@ static void test_preemption(struct model *m, int kv_bits) {
     CHECK(s != NULL);
     if (!s) return;
     struct collected out[N];
-    for (int i = 0; i < N; i++) {
-        memset(&out[i], 0, sizeof out[i]);
-        pthread_mutex_init(&out[i].lock, NULL);
-        struct sched_request_desc d = {ids[i], n_ids[i], p, {on_token, on_done}, &out[i]};
-        uint64_t id;
-        CHECK(sched_submit(s, &d, &id) == SCHED_OK);
-    }
+    submit_all(s, ids, n_ids, N, &p, out, -1);
     size_t most_reserved = 0;
     for (int i = 0; i < N; i++) {
         while (!is_done(&out[i])) {

@@ -204,22 +204,6 @@ static void progress_matrices(int done, int total, double elapsed) {
     fflush(stderr);
 }
 
-static int add_f32_vector(struct gguf_writer *gw, const char *name, const float *x, int n) {
-    const uint64_t ne[1] = {(uint64_t)n};
-    return gguf_writer_add_tensor(gw, name, EBB_TYPE_F32, 1, ne, x, (size_t)n * sizeof(float));
-}
-
-static int add_q8_0_matrix(struct gguf_writer *gw, const char *name, const float *x, int rows, int cols) {
-    const size_t nbytes = (size_t)rows * ebb_row_bytes(EBB_TYPE_Q8_0, (uint64_t)cols);
-    void *q = malloc(nbytes);
-    if (!q) return -1;
-    ebb_quantize_q8_0(x, q, (size_t)rows * cols);
-    const uint64_t ne[2] = {(uint64_t)cols, (uint64_t)rows};
-    const int rc = gguf_writer_add_tensor(gw, name, EBB_TYPE_Q8_0, 2, ne, q, nbytes);
-    free(q);
-    return rc;
-}
-
 int pack_write_bitstack(struct gguf_writer *gw, const struct model *m, const struct pack_calib *cal,
                         const struct pack_options *o, struct pack_result *r, char *err, size_t errlen) {
     const struct model_config *c = &m->cfg;
@@ -237,27 +221,15 @@ int pack_write_bitstack(struct gguf_writer *gw, const struct model *m, const str
         snprintf(err, errlen, "out of memory");
         goto out;
     }
-    if (add_q8_0_matrix(gw, "token_embd.weight", m->embd.owned, c->n_vocab, c->n_embd) ||
-        add_f32_vector(gw, "output_norm.weight", m->output_norm, c->n_embd) ||
-        (m->output.data != m->embd.data &&
-         add_q8_0_matrix(gw, "output.weight", m->output.owned, c->n_vocab, c->n_embd))) {
-        snprintf(err, errlen, "out of memory writing the embedding");
-        goto out;
-    }
-    const struct gguf_tensor *rf = gguf_find_tensor(&m->file, "rope_freqs.weight");
-    if (rf && gguf_writer_add_tensor(gw, "rope_freqs.weight", rf->type, rf->n_dims, rf->ne, rf->data,
-                                     (size_t)rf->nbytes)) {
-        snprintf(err, errlen, "cannot copy rope_freqs.weight");
-        goto out;
-    }
+    if (pack_add_outer(gw, m, 1, err, errlen)) goto out;
     const double t0 = ebb_now_seconds();
     for (int l = 0; l < c->n_layer; l++) {
         const struct layer_weights *w = &m->layers[l];
         char name[96];
         snprintf(name, sizeof name, "blk.%d.attn_norm.weight", l);
-        int bad = add_f32_vector(gw, name, w->attn_norm, c->n_embd);
+        int bad = pack_add_f32(gw, name, w->attn_norm, c->n_embd);
         snprintf(name, sizeof name, "blk.%d.ffn_norm.weight", l);
-        bad |= add_f32_vector(gw, name, w->ffn_norm, c->n_embd);
+        bad |= pack_add_f32(gw, name, w->ffn_norm, c->n_embd);
         for (int p = 0; p < ACT_POINTS && !bad; p++) {
             const int width = act_point_width(c, (enum act_point)p);
             if (point_scale(cal, l, p, scale, width)) {
@@ -265,7 +237,7 @@ int pack_write_bitstack(struct gguf_writer *gw, const struct model *m, const str
                 goto out;
             }
             snprintf(name, sizeof name, "blk.%d.%s.bs_scale", l, act_point_name((enum act_point)p));
-            bad |= add_f32_vector(gw, name, scale, width);
+            bad |= pack_add_f32(gw, name, scale, width);
         }
         if (bad || w->bq) {
             snprintf(err, errlen, w->bq ? "models with attention biases are not supported by the bitstack format yet"

@@ -189,12 +189,30 @@ static int add_w4_matrix(struct gguf_writer *gw, const char *name, const float *
                             lw->blocks);
 }
 
-static int add_f32(struct gguf_writer *gw, const char *name, const float *x, int n) {
+int pack_add_f32(struct gguf_writer *gw, const char *name, const float *x, int n) {
     const uint64_t ne[1] = {(uint64_t)n};
     return gguf_writer_add_tensor(gw, name, EBB_TYPE_F32, 1, ne, x, (size_t)n * sizeof(float));
 }
 
-static int add_q8_0(struct gguf_writer *gw, const char *name, const float *x, int rows, int cols) {
+int pack_add_outer(struct gguf_writer *gw, const struct model *m, int q8_head, char *err, size_t errlen) {
+    const struct model_config *c = &m->cfg;
+    if (pack_add_q8_0(gw, "token_embd.weight", m->embd.owned, c->n_vocab, c->n_embd) ||
+        pack_add_f32(gw, "output_norm.weight", m->output_norm, c->n_embd) ||
+        (q8_head && m->output.data != m->embd.data &&
+         pack_add_q8_0(gw, "output.weight", m->output.owned, c->n_vocab, c->n_embd))) {
+        snprintf(err, errlen, "out of memory writing the embedding");
+        return -1;
+    }
+    const struct gguf_tensor *rf = gguf_find_tensor(&m->file, "rope_freqs.weight");
+    if (rf && gguf_writer_add_tensor(gw, "rope_freqs.weight", rf->type, rf->n_dims, rf->ne, rf->data,
+                                     (size_t)rf->nbytes)) {
+        snprintf(err, errlen, "cannot copy rope_freqs.weight");
+        return -1;
+    }
+    return 0;
+}
+
+int pack_add_q8_0(struct gguf_writer *gw, const char *name, const float *x, int rows, int cols) {
     const size_t nbytes = (size_t)rows * ebb_row_bytes(EBB_TYPE_Q8_0, (uint64_t)cols);
     void *q = malloc(nbytes);
     if (!q) return -1;
@@ -310,12 +328,12 @@ static int pack_layer(const struct model *m, struct ebb_pool *pool, int l, const
     for (int p = 0; p < ACT_POINTS; p++) free(perm[p]);
     if (!rc) {
         snprintf(name, sizeof name, "blk.%d.attn_norm.weight", l);
-        rc = add_f32(gw, name, w->attn_norm, E);
+        rc = pack_add_f32(gw, name, w->attn_norm, E);
         snprintf(name, sizeof name, "blk.%d.ffn_norm.weight", l);
-        rc = rc || add_f32(gw, name, w->ffn_norm, E);
-        if (w->bq) { snprintf(name, sizeof name, "blk.%d.attn_q.bias", l); rc = rc || add_f32(gw, name, w->bq, QD); }
-        if (w->bk) { snprintf(name, sizeof name, "blk.%d.attn_k.bias", l); rc = rc || add_f32(gw, name, w->bk, KD); }
-        if (w->bv) { snprintf(name, sizeof name, "blk.%d.attn_v.bias", l); rc = rc || add_f32(gw, name, w->bv, KD); }
+        rc = rc || pack_add_f32(gw, name, w->ffn_norm, E);
+        if (w->bq) { snprintf(name, sizeof name, "blk.%d.attn_q.bias", l); rc = rc || pack_add_f32(gw, name, w->bq, QD); }
+        if (w->bk) { snprintf(name, sizeof name, "blk.%d.attn_k.bias", l); rc = rc || pack_add_f32(gw, name, w->bk, KD); }
+        if (w->bv) { snprintf(name, sizeof name, "blk.%d.attn_v.bias", l); rc = rc || pack_add_f32(gw, name, w->bv, KD); }
     }
     if (rc && !err[0]) snprintf(err, errlen, "out of memory adding layer %d", l);
     return rc ? -1 : 0;
@@ -428,19 +446,7 @@ static int pack_requantize(struct gguf_writer *gw, const struct model *m, struct
      * set at the end keeps its place in the file: the writer orders keys,
      * not calls. */
     size_t w4_bytes = 0, w4_elems = 0;
-    if (add_q8_0(gw, "token_embd.weight", m->embd.owned, c->n_vocab, c->n_embd) ||
-        add_f32(gw, "output_norm.weight", m->output_norm, c->n_embd) ||
-        (o->head_bits != 4 && m->output.data != m->embd.data &&
-         add_q8_0(gw, "output.weight", m->output.owned, c->n_vocab, c->n_embd))) {
-        snprintf(err, errlen, "out of memory writing the embedding");
-        return -1;
-    }
-    const struct gguf_tensor *rf = gguf_find_tensor(&m->file, "rope_freqs.weight");
-    if (rf && gguf_writer_add_tensor(gw, "rope_freqs.weight", rf->type, rf->n_dims, rf->ne, rf->data,
-                                     (size_t)rf->nbytes)) {
-        snprintf(err, errlen, "cannot copy rope_freqs.weight");
-        return -1;
-    }
+    if (pack_add_outer(gw, m, o->head_bits != 4, err, errlen)) return -1;
     const double tq = ebb_now_seconds();
     for (int l = 0; l < c->n_layer; l++) {
         if (pack_layer(m, model_run_pool(run), l, cal, o, gw, lw, r, &w4_bytes, &w4_elems, err, errlen)) return -1;

@@ -205,6 +205,16 @@ struct pack_options {
     double bitstack_rank_bits;    /* bitstack: bits per weight the low-rank factors may cost */
 };
 
+/* A vector of n floats (F32) and a [rows][cols] matrix quantized to Q8_0,
+ * added to gw as name. 0, or -1 when out of memory. */
+int pack_add_f32(struct gguf_writer *gw, const char *name, const float *x, int n);
+int pack_add_q8_0(struct gguf_writer *gw, const char *name, const float *x, int rows, int cols);
+/* What every packed variant carries outside its layers: the Q8_0 embedding,
+ * the f32 output norm, the head as its own Q8_0 rows when the source does
+ * not tie it and q8_head is set, and rope_freqs as the source has it. 0, or
+ * -1 with err. */
+int pack_add_outer(struct gguf_writer *gw, const struct model *m, int q8_head, char *err, size_t errlen);
+
 /* The defaults `ebb pack` documents in its --help. */
 void pack_options_default(struct pack_options *o);
 
