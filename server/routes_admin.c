@@ -14,6 +14,7 @@
 #include <string.h>
 #include <strings.h>
 
+#include "server/admin_body.h"
 #include "server/catalog_json.h"
 #include "server/daemon.h"
 #include "server/log.h"
@@ -46,39 +47,6 @@ int admin_authorized(struct daemon *d, struct http_request *req) {
         return 0;
     }
     return 1;
-}
-
-/* Parses the body as a JSON object with only the allowed keys, or answers
- * 400 (a misspelt key must not be silently ignored). */
-static json_t *body_object(struct http_request *req, const char *const *allowed) {
-    json_error_t jerr;
-    json_t *root = json_loadb(req->body, req->body_len, JSON_REJECT_DUPLICATES, &jerr);
-    if (!root) {
-        char msg[300];
-        snprintf(msg, sizeof msg, "request body is not valid JSON: %s (line %d, column %d)", jerr.text, jerr.line,
-                 jerr.column);
-        http_respond_error(req, 400, "invalid_request_error", msg, NULL);
-        return NULL;
-    }
-    if (!json_is_object(root)) {
-        json_decref(root);
-        http_respond_error(req, 400, "invalid_request_error", "request body must be a JSON object", NULL);
-        return NULL;
-    }
-    const char *key;
-    json_t *value;
-    json_object_foreach(root, key, value) {
-        int known = 0;
-        for (int i = 0; allowed[i]; i++) known |= !strcmp(key, allowed[i]);
-        if (!known) {
-            char msg[200];
-            snprintf(msg, sizeof msg, "unknown field '%.100s'", key);
-            http_respond_error(req, 400, "invalid_request_error", msg, key);
-            json_decref(root);
-            return NULL;
-        }
-    }
-    return root;
 }
 
 /* ------------------------------------------------------------ background jobs */
@@ -194,19 +162,12 @@ static void persist_budget_done(uv_work_t *w, int status) {
 
 void route_admin_memory_put(struct daemon *d, struct http_request *req) {
     if (!admin_authorized(d, req)) return;
-    static const char *const allowed[] = {"memory_budget_bytes", NULL};
-    json_t *root = body_object(req, allowed);
-    if (!root) return;
-    json_t *v = json_object_get(root, "memory_budget_bytes");
-    if (!v || !json_is_integer(v) || json_integer_value(v) < 0) {
-        json_decref(root);
-        http_respond_error(req, 400, "invalid_request_error",
-                           "'memory_budget_bytes' must be a non-negative integer (0 removes the budget)",
-                           "memory_budget_bytes");
+    uint64_t bytes;
+    struct admin_body_error e;
+    if (admin_parse_memory(req->body, req->body_len, &bytes, &e)) {
+        http_respond_error(req, 400, "invalid_request_error", e.message, *e.param ? e.param : NULL);
         return;
     }
-    uint64_t bytes = (uint64_t)json_integer_value(v);
-    json_decref(root);
     char err[256];
     /* Apply first: an impossible budget is refused before anything is saved. */
     /* A budget every request would be refused under is a mistake, not a setting. */
@@ -318,25 +279,16 @@ static void add_model_done(uv_work_t *w, int status) {
 
 void route_admin_models_post(struct daemon *d, struct http_request *req) {
     if (!admin_authorized(d, req)) return;
-    static const char *const allowed[] = {"path", "name", NULL};
-    json_t *root = body_object(req, allowed);
-    if (!root) return;
-    json_t *path = json_object_get(root, "path"), *name = json_object_get(root, "name");
-    const char *bad = NULL, *param = NULL;
-    if (!json_is_string(path) || !*json_string_value(path)) bad = "'path' must be a non-empty string", param = "path";
-    else if (name && !json_is_string(name)) bad = "'name' must be a string", param = "name";
-    char err[256];
-    if (!bad && name && catalog_name_check(json_string_value(name), err, sizeof err)) bad = err, param = "name";
-    if (bad) {
-        json_decref(root);
-        http_respond_error(req, 400, "invalid_request_error", bad, param);
+    char path[sizeof ((struct admin_job *)0)->path], name[CATALOG_NAME_MAX + 1];
+    struct admin_body_error e;
+    if (admin_parse_model_add(req->body, req->body_len, path, sizeof path, name, sizeof name, &e)) {
+        http_respond_error(req, 400, "invalid_request_error", e.message, *e.param ? e.param : NULL);
         return;
     }
     struct admin_job *j = job_new(d, req);
-    if (!j) { json_decref(root); return; }
-    snprintf(j->path, sizeof j->path, "%s", json_string_value(path));
-    if (name) snprintf(j->name, sizeof j->name, "%s", json_string_value(name));
-    json_decref(root);
+    if (!j) return;
+    memcpy(j->path, path, strlen(path) + 1);
+    memcpy(j->name, name, strlen(name) + 1);
     if (uv_queue_work(&d->loop, &j->work, add_model_work, add_model_done)) {
         http_respond_error(req, 500, "server_error", "cannot queue the catalog write", NULL);
         job_free(j);

@@ -336,7 +336,8 @@ ALWAYS_INLINE void k_scales(const int T, const uint8_t *blk, __m256i *sc, __m256
  * (the int16 lanes a vpmaddubsw of 32 values makes). */
 ALWAYS_INLINE __m256i chunk_scale(__m256i sc, const int c)
 {
-    const __m256i half = _mm256_permute2x128_si256(sc, sc, c < 4 ? 0x00 : 0x11);
+    /* Two literal immediates: clang wants one at the call, before inlining. */
+    const __m256i half = c < 4 ? _mm256_permute2x128_si256(sc, sc, 0x00) : _mm256_permute2x128_si256(sc, sc, 0x11);
     const int k = c & 3;
     const __m256i pick = _mm256_set_m128i(_mm_set1_epi16((short)(((4 * k + 3) << 8) | (4 * k + 2))),
                                           _mm_set1_epi16((short)(((4 * k + 1) << 8) | (4 * k))));
