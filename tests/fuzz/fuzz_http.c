@@ -23,6 +23,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <netinet/in.h>
+#include <poll.h>
 #include <string.h>
 #include <sys/socket.h>
 #include <unistd.h>
@@ -189,9 +190,22 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     setsockopt(fd, SOL_SOCKET, SO_LINGER, &lg, sizeof lg);
     struct sockaddr_in sa = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port)};
     sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    if (connect(fd, (struct sockaddr *)&sa, sizeof sa)) {
-        fprintf(stderr, "fuzz_http: connect: %s\n", strerror(errno));
+    /* A signal (libFuzzer's timers) may interrupt connect; it then goes on
+     * by itself, and poll says when it is done. */
+    const int interrupted = connect(fd, (struct sockaddr *)&sa, sizeof sa) ? errno : 0;
+    if (interrupted && interrupted != EINTR) {
+        fprintf(stderr, "fuzz_http: connect: %s\n", strerror(interrupted));
         abort();
+    }
+    if (interrupted) {
+        struct pollfd pfd = {.fd = fd, .events = POLLOUT};
+        int err = 0;
+        socklen_t len = sizeof err;
+        while (poll(&pfd, 1, -1) < 0 && errno == EINTR) {}
+        if (getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len) || err) {
+            fprintf(stderr, "fuzz_http: connect: %s\n", strerror(err ? err : errno));
+            abort();
+        }
     }
     do {
         uv_run(&loop, UV_RUN_ONCE);
