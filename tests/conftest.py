@@ -33,6 +33,18 @@ def model_path():
     return str(path)
 
 
+@pytest.fixture(scope="module", params=["release", "asan"])
+def binary(request, ebb_bin):
+    """Each binary under test in turn: the release build, then the sanitized one
+    (EBB_BIN_ASAN; skipped when unset)."""
+    if request.param == "asan":
+        path = os.environ.get("EBB_BIN_ASAN")
+        if not path:
+            pytest.skip("EBB_BIN_ASAN not set (make test sets it)")
+        return path
+    return ebb_bin
+
+
 def run_ebb(ebb_bin, *args, input_bytes=None, timeout=600):
     """Runs ebb and returns the CompletedProcess (bytes stdout/stderr)."""
     return subprocess.run([ebb_bin, *args], input=input_bytes, capture_output=True, timeout=timeout)

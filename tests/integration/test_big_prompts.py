@@ -39,16 +39,6 @@ BIG = 8 << 20                 # bytes of the single-word prompt
 HEALTH_BOUND_S = 0.5          # what /health may take while it is being tokenized
 
 
-@pytest.fixture(scope="module", params=["release", "asan"])
-def binary(request, ebb_bin):
-    if request.param == "asan":
-        path = os.environ.get("EBB_BIN_ASAN")
-        if not path:
-            pytest.skip("EBB_BIN_ASAN not set (make test sets it)")
-        return path
-    return ebb_bin
-
-
 @pytest.fixture
 def start(binary, model_path):
     """start(*args) -> a ready Server with the default model and a body limit that

@@ -37,16 +37,6 @@ class Server(conftest.Server):
                          io_timeout=IO_TIMEOUT)
 
 
-@pytest.fixture(scope="module", params=["release", "asan"])
-def binary(request, ebb_bin):
-    if request.param == "asan":
-        path = os.environ.get("EBB_BIN_ASAN")
-        if not path:
-            pytest.skip("EBB_BIN_ASAN not set (make test sets it)")
-        return path
-    return ebb_bin
-
-
 @pytest.fixture
 def start(binary):
     """start(*args) -> Server; every server is stopped cleanly at the end."""
