@@ -76,12 +76,12 @@ void bitstack_free(struct bitstack *s) {
 }
 
 /* The matrix a kind fills, with its shape (rows = outputs). */
-static struct matrix *kind_matrix(struct layer_weights *w, enum bitstack_kind k) {
+struct matrix *bitstack_kind_matrix(struct layer_weights *w, enum bitstack_kind k) {
     struct matrix *const all[BITSTACK_KINDS] = {&w->wq, &w->wk, &w->wv, &w->wo, &w->w_gate, &w->w_up, &w->w_down};
     return all[k];
 }
 
-static void kind_shape(const struct model_config *c, enum bitstack_kind k, int *rows, int *cols) {
+void bitstack_kind_shape(const struct model_config *c, enum bitstack_kind k, int *rows, int *cols) {
     const int q = c->n_head * c->head_dim, kv = c->n_head_kv * c->head_dim;
     const int r[BITSTACK_KINDS] = {q, kv, kv, c->n_embd, c->n_ff, c->n_ff, c->n_embd};
     *rows = r[k];
@@ -105,7 +105,7 @@ static const struct gguf_tensor *want_tensor(struct model *m, const char *name, 
 static int load_matrix_blocks(struct model *m, struct bitstack *s, int layer, enum bitstack_kind k, char *err,
                               size_t errlen) {
     int rows, cols;
-    kind_shape(&m->cfg, k, &rows, &cols);
+    bitstack_kind_shape(&m->cfg, k, &rows, &cols);
     if (cols % 8) return load_error(err, errlen, m->file.path, "stack matrices need inputs in multiples of 8");
     char name[96];
     snprintf(name, sizeof name, "blk.%d.%s.bs_u", layer, bitstack_kind_name(k));
@@ -232,7 +232,7 @@ int bitstack_fit(struct model *m, size_t stack_bytes, char *err, size_t errlen) 
     for (int mi = 0; mi < s->n_matrices; mi++) {
         const int layer = mi / BITSTACK_KINDS;
         const enum bitstack_kind kind = (enum bitstack_kind)(mi % BITSTACK_KINDS);
-        struct matrix *w = kind_matrix(&m->layers[layer], kind);
+        struct matrix *w = bitstack_kind_matrix(&m->layers[layer], kind);
         struct bitstack_matrix *bm = &s->matrices[mi];
         const struct bitstack_block *first = bm->levels;
         bm->depth = s->depth[mi];

@@ -52,6 +52,12 @@ enum bitstack_kind { BS_Q, BS_K, BS_V, BS_O, BS_GATE, BS_UP, BS_DOWN, BITSTACK_K
 /* Its tensor name stem ("attn_q", ...) and the activation point feeding it. */
 const char *bitstack_kind_name(enum bitstack_kind k);
 int bitstack_kind_point(enum bitstack_kind k);
+struct layer_weights;
+struct model_config;
+struct matrix;
+/* The layer matrix a kind is, and its shape (rows = outputs, cols = inputs). */
+struct matrix *bitstack_kind_matrix(struct layer_weights *w, enum bitstack_kind k);
+void bitstack_kind_shape(const struct model_config *c, enum bitstack_kind k, int *rows, int *cols);
 
 /* Bytes of one block in the file: the packed signs and both factors. */
 size_t bitstack_block_bytes(int rows, int cols, int rank);

@@ -145,12 +145,6 @@ static int point_scale(const struct pack_calib *cal, int layer, int point, float
     return 0;
 }
 
-static const float *kind_weights(const struct layer_weights *w, enum bitstack_kind k) {
-    const struct matrix *const all[BITSTACK_KINDS] = {&w->wq, &w->wk, &w->wv, &w->wo, &w->w_gate, &w->w_up,
-                                                      &w->w_down};
-    return all[k]->owned;
-}
-
 /* One matrix's levels as its three tensors: signs [levels][rows][cols/8],
  * u [levels][rows][rank], v [levels][cols][rank]. */
 static int add_matrix_tensors(struct gguf_writer *gw, int layer, enum bitstack_kind k,
@@ -246,12 +240,11 @@ int pack_write_bitstack(struct gguf_writer *gw, const struct model *m, const str
         }
         for (int k = 0; k < BITSTACK_KINDS; k++) {
             const int point = bitstack_kind_point((enum bitstack_kind)k);
-            const int cols = act_point_width(c, (enum act_point)point);
-            const int rows = k == BS_Q ? c->n_head * c->head_dim : (k == BS_K || k == BS_V) ? c->n_head_kv * c->head_dim
-                       : (k == BS_GATE || k == BS_UP) ? c->n_ff : c->n_embd;
+            int rows, cols;
+            bitstack_kind_shape(c, (enum bitstack_kind)k, &rows, &cols);
             point_scale(cal, l, point, scale, cols);
             const int rank = bitstack_rank_for(rows, cols, o->bitstack_rank_bits);
-            const float *wm = kind_weights(w, (enum bitstack_kind)k);
+            const float *wm = bitstack_kind_matrix(&m->layers[l], (enum bitstack_kind)k)->owned;
             if (!wm) {
                 snprintf(err, errlen, "layer %d %s is not an f32 matrix", l, bitstack_kind_name((enum bitstack_kind)k));
                 goto out;
