@@ -207,23 +207,46 @@ static void release_range(const void *p, size_t n) {
     if (hi > lo) madvise((void *)lo, hi - lo, MADV_DONTNEED);
 }
 
-/* Levels depth.. of a matrix: in each of its three tensors they are the
- * tail, one contiguous run. */
-static void release_levels(const struct bitstack_matrix *bm, int levels) {
-    if (bm->depth >= levels) return;
-    const struct bitstack_block *b = &bm->levels[bm->depth];
-    const size_t k = (size_t)(levels - bm->depth);
-    release_range(b->signs, k * (size_t)b->rows * b->cols / 8);
-    release_range(b->u, k * (size_t)b->rows * b->rank * sizeof *b->u);
-    release_range(b->v, k * (size_t)b->cols * b->rank * sizeof *b->v);
+/* Asks the kernel to start reading [p, p + n) from the file now, so the
+ * first pass that uses blocks just added does not wait on page faults. */
+static void prefetch_range(const void *p, size_t n) {
+    const uintptr_t page = (uintptr_t)sysconf(_SC_PAGESIZE);
+    const uintptr_t lo = (uintptr_t)p & ~(page - 1), hi = (uintptr_t)p + n;
+    if (hi > lo) madvise((void *)lo, hi - lo, MADV_WILLNEED);
 }
+
+/* Levels [from, to) of a matrix: in each of its three tensors they are one
+ * contiguous run. */
+static void levels_advise(const struct bitstack_matrix *bm, int from, int to,
+                          void (*advise)(const void *p, size_t n)) {
+    if (to <= from) return;
+    const struct bitstack_block *b = &bm->levels[from];
+    const size_t k = (size_t)(to - from);
+    advise(b->signs, k * (size_t)b->rows * b->cols / 8);
+    advise(b->u, k * (size_t)b->rows * b->rank * sizeof *b->u);
+    advise(b->v, k * (size_t)b->cols * b->rank * sizeof *b->v);
+}
+
+size_t bitstack_min_bytes(const struct bitstack *s) { return s->cum_bytes[s->n_matrices]; }
+
+size_t bitstack_full_bytes(const struct bitstack *s) { return s->cum_bytes[(size_t)s->n_matrices * s->levels]; }
+
+size_t bitstack_prefix_blocks(const struct bitstack *s, size_t bytes) {
+    size_t lo = 0, hi = (size_t)s->n_matrices * s->levels;   /* cum_bytes rises: bisect */
+    while (lo < hi) {
+        const size_t mid = lo + (hi - lo + 1) / 2;
+        if (s->cum_bytes[mid] <= bytes) lo = mid;
+        else hi = mid - 1;
+    }
+    return lo;
+}
+
+size_t bitstack_prefix_bytes(const struct bitstack *s, size_t bytes) { return s->cum_bytes[bitstack_prefix_blocks(s, bytes)]; }
 
 int bitstack_fit(struct model *m, size_t stack_bytes, char *err, size_t errlen) {
     struct bitstack *s = m->stack;
-    const size_t n = (size_t)s->n_matrices * s->levels;
     const int dense = m->weights == MODEL_WEIGHTS_F32;
-    size_t k = 0;
-    while (k < n && s->cum_bytes[k + 1] <= stack_bytes) k++;
+    const size_t k = bitstack_prefix_blocks(s, stack_bytes);
     memset(s->depth, 0, (size_t)s->n_matrices * sizeof *s->depth);
     for (size_t i = 0; i < k; i++) s->depth[s->order[i] / (uint32_t)s->levels]++;
     s->resident_bytes = s->cum_bytes[k];
@@ -235,12 +258,17 @@ int bitstack_fit(struct model *m, size_t stack_bytes, char *err, size_t errlen) 
         struct matrix *w = bitstack_kind_matrix(&m->layers[layer], kind);
         struct bitstack_matrix *bm = &s->matrices[mi];
         const struct bitstack_block *first = bm->levels;
+        const int was = bm->depth;
         bm->depth = s->depth[mi];
         if (!dense) {
-            /* In place: the matrix is its blocks; what is beyond the prefix
-             * leaves memory. */
+            /* In place: the matrix is its blocks. Levels leaving the prefix
+             * leave memory; levels joining it are read ahead. The first fit
+             * (was == 0: nothing touched yet) releases every level past the
+             * prefix, whatever the mapping holds. */
             *w = (struct matrix){EBB_TYPE_F32, NULL, first->cols, first->rows, NULL, bm};
-            release_levels(bm, s->levels);
+            if (!s->fitted) levels_advise(bm, bm->depth, s->levels, release_range);
+            else if (bm->depth < was) levels_advise(bm, bm->depth, was, release_range);
+            else levels_advise(bm, was, bm->depth, prefetch_range);
             continue;
         }
         const size_t elems = (size_t)first->rows * first->cols;
@@ -258,6 +286,7 @@ int bitstack_fit(struct model *m, size_t stack_bytes, char *err, size_t errlen) 
             for (int i = 0; i < first->cols; i++) w->owned[(size_t)o * first->cols + i] /= bm->scale[i];
     }
     m->weight_bytes = s->base_weight_bytes + (dense ? dense_bytes : s->resident_bytes);
+    s->fitted = 1;
     return 0;
 }
 

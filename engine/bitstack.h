@@ -85,6 +85,7 @@ struct bitstack {
     const float **scale;             /* [n_layer][ACT_POINTS]: input scales, s */
     int *depth;                      /* [n_matrices]: blocks resident */
     size_t resident_bytes;           /* cum_bytes of the prefix in use */
+    int fitted;                      /* bitstack_fit has run */
 };
 
 /* Reads the stack of a "bitstack" file (docs/formats.md) into m->stack,
@@ -96,6 +97,15 @@ void bitstack_free(struct bitstack *s);
  * weights), and sets m->weight_bytes. Not while a forward pass runs. 0, or
  * -1 with err (out of memory: the matrices are then unusable). */
 int bitstack_fit(struct model *m, size_t stack_bytes, char *err, size_t errlen);
+
+/* Stack bytes: the least servable prefix (one level of every matrix: the
+ * order is level-major), the whole stack, and the longest prefix that fits
+ * in bytes (0 when not even one block does). */
+size_t bitstack_min_bytes(const struct bitstack *s);
+size_t bitstack_full_bytes(const struct bitstack *s);
+size_t bitstack_prefix_bytes(const struct bitstack *s, size_t bytes);
+/* The number of blocks in that prefix. */
+size_t bitstack_prefix_blocks(const struct bitstack *s, size_t bytes);
 
 /* Per-run scratch of bitstack_linear (NULL until first used). */
 struct bitstack_scratch;

@@ -8,6 +8,7 @@
  */
 #include "engine/scheduler.h"
 
+#include <assert.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #ifdef __GLIBC__
@@ -16,6 +17,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "engine/bitstack.h"
+#include "engine/governor.h"
 #include "engine/kv.h"
 #include "engine/model.h"
 
@@ -42,8 +45,11 @@ struct sreq {
     struct sched_timing timing;
 };
 
+/* Swap durations kept for the daemon's histogram until it takes them. */
+#define SWAP_RING 64
+
 struct sched {
-    const struct model *m;
+    struct model *m;                /* the engine thread changes only its BitStack prefix (fit_stack) */
     struct model_run *run;          /* the engine thread's */
     struct sched_config cfg;
     struct kv_account account;
@@ -60,6 +66,17 @@ struct sched {
     uint64_t steps, batch_tokens, preemptions;
     struct batch_seq *batch;        /* [max_running] */
     struct sreq **batch_req;
+    /* The governor's part (engine/governor.h). memory_share, refit and the
+     * numbers below are under lock; the engine thread alone fits the stack. */
+    struct governor_model gm;       /* kv_held_bytes unused: read from the account */
+    int elastic;                    /* a BitStack used in place: its prefix follows the share */
+    uint64_t memory_share;          /* weights + KV this model may hold; 0: unlimited */
+    int refit;                      /* the share changed since the stack was last fitted */
+    size_t weight_bytes;            /* m->weight_bytes as last fitted */
+    size_t stack_bytes;             /* m->stack->resident_bytes as last fitted */
+    uint64_t stack_grows, stack_shrinks, stack_bytes_loaded, stack_bytes_freed;
+    double swaps[SWAP_RING];
+    int n_swaps;
 };
 
 const char *sched_error_message(enum sched_error e) {
@@ -184,6 +201,13 @@ void sched_get_stats(struct sched *s, struct sched_stats *st) {
     st->steps = s->steps;
     st->batch_tokens = s->batch_tokens;
     st->preemptions = s->preemptions;
+    st->weight_bytes = s->weight_bytes;
+    st->stack_bytes = s->stack_bytes;
+    st->memory_share = s->memory_share;
+    st->stack_grows = s->stack_grows;
+    st->stack_shrinks = s->stack_shrinks;
+    st->stack_bytes_loaded = s->stack_bytes_loaded;
+    st->stack_bytes_freed = s->stack_bytes_freed;
     pthread_mutex_unlock(&s->lock);
     const struct kv_usage u = kv_account_usage(&s->account);
     st->kv_budget_bytes = u.budget_bytes;
@@ -199,6 +223,61 @@ void sched_set_kv_budget(struct sched *s, size_t bytes) {
     kv_account_set_budget(&s->account, bytes);
     pthread_mutex_lock(&s->lock);
     pthread_cond_signal(&s->wake);   /* a larger budget may admit waiting work */
+    pthread_mutex_unlock(&s->lock);
+}
+
+void sched_set_memory(struct sched *s, uint64_t share) {
+    kv_account_set_budget(&s->account, governor_kv_budget(&s->gm, share));
+    pthread_mutex_lock(&s->lock);
+    s->memory_share = share;
+    s->refit = 1;
+    pthread_cond_signal(&s->wake);   /* an idle engine fits its stack now; more memory may admit work */
+    pthread_mutex_unlock(&s->lock);
+}
+
+void sched_governor_model(struct sched *s, struct governor_model *gm) {
+    *gm = s->gm;
+    gm->kv_held_bytes = kv_account_usage(&s->account).reserved_bytes;
+}
+
+int sched_take_swap_times(struct sched *s, double *out, int cap) {
+    pthread_mutex_lock(&s->lock);
+    const int n = s->n_swaps < cap ? s->n_swaps : cap;
+    memcpy(out, s->swaps, (size_t)n * sizeof *out);
+    s->n_swaps = 0;
+    pthread_mutex_unlock(&s->lock);
+    return n;
+}
+
+/* Keeps the longest prefix of the stack that fits beside the KV reserved
+ * now (engine thread, between passes: no pass reads the matrices). Called
+ * after every change to the reservations and when the share changes, so the
+ * model's weights and KV stay within its share at every pass. */
+static void fit_stack(struct sched *s) {
+    if (!s->elastic) return;
+    pthread_mutex_lock(&s->lock);
+    const uint64_t share = s->memory_share;
+    s->refit = 0;
+    pthread_mutex_unlock(&s->lock);
+    struct bitstack *st = s->m->stack;
+    const size_t kv_held = kv_account_usage(&s->account).reserved_bytes;
+    const size_t want = bitstack_prefix_bytes(st, governor_stack_target(&s->gm, share, kv_held));
+    const size_t was = st->resident_bytes;
+    if (want == was) return;
+    const double t0 = ebb_now_seconds();
+    char err[256];
+    /* In place, fitting only sets depths and advises the kernel: it cannot
+     * fail (the dense path, which allocates, is never elastic). */
+    const int rc = bitstack_fit(s->m, want, err, sizeof err);
+    assert(rc == 0);
+    (void)rc;
+    const double took = ebb_now_seconds() - t0;
+    pthread_mutex_lock(&s->lock);
+    s->weight_bytes = s->m->weight_bytes;
+    s->stack_bytes = want;
+    if (want > was) { s->stack_grows++; s->stack_bytes_loaded += want - was; }
+    else { s->stack_shrinks++; s->stack_bytes_freed += was - want; }
+    if (s->n_swaps < SWAP_RING) s->swaps[s->n_swaps++] = took;
     pthread_mutex_unlock(&s->lock);
 }
 
@@ -326,6 +405,7 @@ static void step(struct sched *s) {
         else i++;
     }
     reserve_for_decode(s);
+    fit_stack(s);
     int n = 0, tokens = 0;
     for (int i = 0; i < s->n_running; i++) {        /* decode tokens first: latency */
         struct sreq *r = s->running[i];
@@ -405,7 +485,7 @@ static void *engine_main(void *arg) {
             busy = 0;
             pthread_mutex_lock(&s->lock);
         }
-        while (!s->stopping && s->n_running == 0 && !s->cancelled_waiting &&
+        while (!s->stopping && s->n_running == 0 && !s->cancelled_waiting && !s->refit &&
                (s->n_waiting == 0 || s->cfg.max_running == 0))
             pthread_cond_wait(&s->wake, &s->lock);
         struct sreq *cancelled = NULL, *evicted = NULL, *failed = NULL;
@@ -422,6 +502,7 @@ static void *engine_main(void *arg) {
         finish_list(s, evicted, FINISH_EVICTED);
         finish_list(s, failed, FINISH_ERROR);
         if (done) return NULL;
+        fit_stack(s);   /* a new share, or the memory of requests that ended */
         if (!idle) {
             step(s);
             busy = 1;
@@ -430,7 +511,7 @@ static void *engine_main(void *arg) {
     }
 }
 
-struct sched *sched_create(const struct model *m, const struct sched_config *cfg) {
+struct sched *sched_create(struct model *m, const struct sched_config *cfg) {
     struct sched *s = calloc(1, sizeof *s);
     if (!s) return NULL;
     if (kv_account_init(&s->account, &m->cfg, cfg->kv_bits ? cfg->kv_bits : 32, cfg->kv_budget_bytes)) {
@@ -439,6 +520,16 @@ struct sched *sched_create(const struct model *m, const struct sched_config *cfg
     }
     s->m = m;
     s->cfg = *cfg;
+    s->weight_bytes = m->weight_bytes;
+    s->stack_bytes = m->stack ? m->stack->resident_bytes : 0;
+    s->gm.kv_min_bytes = kv_account_bytes_for(&s->account, 2);   /* one prompt token and one generated */
+    s->gm.fixed_bytes = m->weight_bytes;
+    s->elastic = m->stack && m->weights != MODEL_WEIGHTS_F32;
+    if (s->elastic) {
+        s->gm.stack_min_bytes = bitstack_min_bytes(m->stack);
+        s->gm.stack_full_bytes = bitstack_full_bytes(m->stack);
+        s->gm.fixed_bytes = m->weight_bytes - m->stack->resident_bytes;
+    }
     if (s->cfg.max_running <= 0) s->cfg.max_running = 1;
     if (s->cfg.max_running > MODEL_MAX_BATCH) s->cfg.max_running = MODEL_MAX_BATCH;
     if (s->cfg.max_ctx <= 0 || s->cfg.max_ctx > m->cfg.n_ctx_train) s->cfg.max_ctx = m->cfg.n_ctx_train;

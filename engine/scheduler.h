@@ -77,11 +77,18 @@ struct sched_stats {
     size_t kv_budget_bytes, kv_reserved_bytes, kv_allocated_bytes;
     uint64_t steps, batch_tokens;
     uint64_t preemptions;      /* running sequences sent back to the queue for memory */
+    size_t weight_bytes;       /* resident weights: fixed ones and the stack prefix */
+    size_t stack_bytes;        /* the BitStack prefix resident (0: no stack) */
+    uint64_t memory_share;     /* sched_set_memory's share (0: none) */
+    uint64_t stack_grows, stack_shrinks;            /* prefix changes, by direction */
+    uint64_t stack_bytes_loaded, stack_bytes_freed; /* bytes they added and released */
 };
 
 /* Starts the engine thread with its own run of the model (engine/model.h).
- * The model stays owned by the caller and must outlive the scheduler. */
-struct sched *sched_create(const struct model *m, const struct sched_config *cfg);
+ * The model stays owned by the caller and must outlive the scheduler; the
+ * engine thread changes nothing in it but the resident prefix of a BitStack
+ * used in place (sched_set_memory). */
+struct sched *sched_create(struct model *m, const struct sched_config *cfg);
 /* Stops admitting; with drain, waits for running and waiting requests to
  * finish, else cancels them; then joins the thread and frees. */
 void sched_destroy(struct sched *s, int drain);
@@ -92,6 +99,19 @@ enum sched_error sched_submit(struct sched *s, const struct sched_request_desc *
 int sched_cancel(struct sched *s, uint64_t id);
 void sched_get_stats(struct sched *s, struct sched_stats *st);
 void sched_set_kv_budget(struct sched *s, size_t bytes);
+/* The memory governor's share for this model (engine/governor.h): weights
+ * and KV together, 0 for no limit. Sets the KV budget the share leaves and,
+ * for a BitStack used in place, makes the engine keep the longest prefix of
+ * the stack that fits beside the KV its requests reserve: applied before
+ * the next pass, or at once when idle, and again whenever reservations
+ * change. Any thread. */
+struct governor_model;
+void sched_set_memory(struct sched *s, uint64_t share);
+/* What the governor needs of this model, with the KV reserved now. */
+void sched_governor_model(struct sched *s, struct governor_model *gm);
+/* The durations (seconds) of the stack changes since the last call, at
+ * most cap of them (older ones beyond the engine's ring are dropped). */
+int sched_take_swap_times(struct sched *s, double *out, int cap);
 /* KV cache bytes a request of n_ctx positions reserves (any thread: the
  * layout never changes). */
 size_t sched_kv_bytes_for(const struct sched *s, int n_ctx);

@@ -43,17 +43,42 @@ static json_t *body_object(const char *body, size_t len, const char *const *allo
     return root;
 }
 
-int admin_parse_memory(const char *body, size_t len, uint64_t *bytes, struct admin_body_error *e) {
-    static const char *const allowed[] = {"memory_budget_bytes", NULL};
+static int non_negative(const json_t *v, uint64_t *out) {
+    if (!json_is_integer(v) || json_integer_value(v) < 0) return 0;
+    *out = (uint64_t)json_integer_value(v);
+    return 1;
+}
+
+int admin_parse_memory(const char *body, size_t len, struct memory_policy *p, const char **key,
+                       struct admin_body_error *e) {
+    static const char *const allowed[] = {"memory_budget_bytes", "budget", "reserve_bytes", NULL};
     json_t *root = body_object(body, len, allowed, e);
     if (!root) return -1;
-    json_t *v = json_object_get(root, "memory_budget_bytes");
-    int ok = v && json_is_integer(v) && json_integer_value(v) >= 0;
-    if (ok) *bytes = (uint64_t)json_integer_value(v);
+    json_t *legacy = json_object_get(root, "memory_budget_bytes"), *budget = json_object_get(root, "budget");
+    json_t *reserve = json_object_get(root, "reserve_bytes");
+    const char *name = budget ? "budget" : "memory_budget_bytes";
+    *key = name;
+    json_t *v = budget ? budget : legacy;
+    *p = (struct memory_policy){.reserve_bytes = MEMORY_DEFAULT_RESERVE};
+    int rc = 0;
+    if (legacy && budget)
+        rc = fail(e, "budget", "give either 'budget' or 'memory_budget_bytes', not both");
+    else if (!v)
+        rc = fail(e, "budget", "'budget' is required: a number of bytes, 0 for none, or \"auto\"");
+    else if (budget && json_is_string(budget) && !strcmp(json_string_value(budget), "auto"))
+        p->automatic = 1;
+    else if (!non_negative(v, &p->bytes)) {
+        char msg[160];
+        snprintf(msg, sizeof msg, "'%s' must be a non-negative integer (0 removes the budget)%s", name,
+                 budget ? " or \"auto\"" : "");
+        rc = fail(e, name, msg);
+    }
+    if (rc == 0 && reserve && !p->automatic)
+        rc = fail(e, "reserve_bytes", "'reserve_bytes' applies only with \"budget\": \"auto\"");
+    else if (rc == 0 && reserve && !non_negative(reserve, &p->reserve_bytes))
+        rc = fail(e, "reserve_bytes", "'reserve_bytes' must be a non-negative integer");
     json_decref(root);
-    return ok ? 0
-              : fail(e, "memory_budget_bytes",
-                     "'memory_budget_bytes' must be a non-negative integer (0 removes the budget)");
+    return rc;
 }
 
 int admin_parse_model_add(const char *body, size_t len, char *path, size_t path_cap, char *name, size_t name_cap,

@@ -48,6 +48,7 @@ void daemon_maybe_finish(struct daemon *d) {
     bridge_close(&d->bridge);
     uv_close((uv_handle_t *)&d->sigterm, on_handle_closed);
     uv_close((uv_handle_t *)&d->sigint, on_handle_closed);
+    memory_stop(d);
     if (d->deadline_live) {
         d->deadline_live = false;
         uv_close((uv_handle_t *)&d->deadline, on_handle_closed);
@@ -126,13 +127,10 @@ static int start_models(struct daemon *d) {
     catalog_model_list_free(list, n);
     if (n == 0) log_warn("the catalog has no models; add one with POST /admin/models or ebb models add", NULL);
 
-    uint64_t budget = d->cfg.memory_budget_bytes, saved;
-    int explicit_budget = config_source_of(&d->cfg, "memory_budget_bytes") >= CONFIG_FROM_ENV;
-    if (!explicit_budget &&
-        catalog_setting_get_u64(d->catalog, "memory_budget_bytes", &saved, err, sizeof err) == CATALOG_OK)
-        budget = saved;
-    d->memory_budget = budget;
-    metric_set(d->m_budget, NULL, (double)budget);
+    if (memory_start(d)) {
+        fprintf(stderr, "ebb serve: cannot start the memory budget's timer\n");
+        return -1;
+    }
     return 0;
 }
 
@@ -166,6 +164,7 @@ static void cleanup(struct daemon *d) {
 static int start_failed(struct daemon *d) {
     if (d->http) http_server_shutdown(d->http, 0, NULL, NULL);
     while (d->models) served_unload(d->models);
+    memory_stop(d);
     bridge_close(&d->bridge);
     uv_run(&d->loop, UV_RUN_DEFAULT);
     if (d->http) http_server_free(d->http);
@@ -220,10 +219,11 @@ int daemon_run(struct daemon *d) {
         return start_failed(d);
     }
 
-    char qhost[128];
-    log_info("listening", "host=%s port=%d catalog=%s memory_budget=%llu admin=%s test_routes=%d",
-             log_quote(qhost, sizeof qhost, d->cfg.host), http_server_port(d->http), path,
-             (unsigned long long)d->memory_budget, *d->cfg.admin_token ? "enabled" : "disabled", d->test_routes);
+    char qhost[128], budget[48];
+    memory_policy_format(&d->memory, budget, sizeof budget);
+    log_info("listening", "host=%s port=%d catalog=%s memory_budget=%s admin=%s test_routes=%d",
+             log_quote(qhost, sizeof qhost, d->cfg.host), http_server_port(d->http), path, budget,
+             *d->cfg.admin_token ? "enabled" : "disabled", d->test_routes);
 
     uv_run(&d->loop, UV_RUN_DEFAULT);
 

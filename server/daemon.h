@@ -29,6 +29,7 @@
 #include <uv.h>
 
 #include "engine/model.h"
+#include "server/admin_body.h"
 #include "engine/scheduler.h"
 #include "server/bridge.h"
 #include "server/config.h"
@@ -58,6 +59,7 @@ struct served_model {
     struct metric_series *m_running, *m_waiting, *m_kv_bytes, *m_kv_use, *m_weights;
     struct metric_series *m_prompt_tokens, *m_gen_tokens;
     struct metric_series *m_ttft, *m_itl, *m_e2e, *m_queue, *m_preemptions;
+    struct metric_series *m_stack_blocks, *m_bpw, *m_grows, *m_shrinks, *m_bytes_loaded, *m_bytes_freed, *m_swap;
 };
 
 struct daemon {
@@ -78,7 +80,12 @@ struct daemon {
     int teardowns;                /* models being torn down on the work pool */
     int tokenizing;               /* prompts being tokenized on the work pool (routes_v1.c) */
     bool http_closed, finished;
-    uint64_t memory_budget;       /* bytes; 0 = none */
+    uint64_t memory_budget;       /* bytes; 0 = none: the budget applied now */
+    struct memory_policy memory;  /* how it is set (memory.c) */
+    uv_timer_t memory_timer;      /* "auto"'s readings */
+    bool memory_timer_live, memory_clamped;
+    uint64_t memory_free_bytes;   /* auto: the last reading */
+    const char *memory_free_source;
 
     /* Metric families, filled by daemon_metrics.c's table: keep
      * DAEMON_N_METRICS equal to the number of struct metric * below. */
@@ -89,8 +96,10 @@ struct daemon {
     struct metric *m_running, *m_waiting, *m_finished, *m_prompt_tokens, *m_gen_tokens;
     struct metric *m_ttft, *m_itl, *m_e2e, *m_queue;
     struct metric *m_kv_bytes, *m_kv_use, *m_weights, *m_budget, *m_preemptions;
+    struct metric *m_minimum, *m_resident, *m_stack_blocks, *m_bpw, *m_weight_changes, *m_bytes_loaded,
+        *m_bytes_freed, *m_swap;
 };
-#define DAEMON_N_METRICS 20
+#define DAEMON_N_METRICS 28
 
 /* ---- daemon.c ---- */
 /* Runs the daemon with d->cfg loaded (d zeroed otherwise, and static: libuv
@@ -100,6 +109,21 @@ int daemon_run(struct daemon *d);
  * flight and every model's teardown is over: closes the bridge and the
  * signal handles so the loop can end. Safe to call at any time. */
 void daemon_maybe_finish(struct daemon *d);
+
+/* ---- memory.c ---- */
+/* Restores the saved budget policy (unless the configuration sets one for
+ * this run) and starts the auto timer. 0, or -1. */
+int memory_start(struct daemon *d);
+void memory_stop(struct daemon *d);
+/* Applies a policy now: a fixed budget, or auto's first reading. 0, or -1
+ * with why in err (the budget below the served models' minimum, or the
+ * free memory unreadable); nothing changes then. */
+int memory_apply(struct daemon *d, const struct memory_policy *p, char *err, size_t errlen);
+/* The catalog setting's text for a policy, and back (0, or -1). */
+int memory_policy_parse(const char *text, struct memory_policy *p);
+/* The process's resident set (/proc/self/statm; 0 when unreadable). */
+uint64_t memory_process_rss(void);
+void memory_policy_format(const struct memory_policy *p, char *buf, size_t cap);
 
 /* ---- daemon_metrics.c ---- */
 /* Creates d->metrics and every family in it: 0, or -1. */
@@ -127,18 +151,23 @@ void served_unref(struct served_model *sm);
 void served_unload(struct served_model *sm);
 /* True once every model has left LOADING (for /ready: at least one READY). */
 bool served_any_ready(struct daemon *d);
-/* Applies a memory budget (bytes, 0 = none): checks it against resident
- * weights and splits what is left across the models' KV caches. 0, or -1
- * with a message when the budget cannot hold the weights. */
+/* Applies a memory budget (bytes, 0 = none): checks it (served_budget_check)
+ * and gives every model its share (engine/governor.h). 0, or -1 with the
+ * check's message. */
 int served_set_budget(struct daemon *d, uint64_t bytes, char *err, size_t errlen);
-/* 0 when every loaded model's share of a budget of `bytes` (0: none) holds
- * its smallest request (one prompt token and one generated); -1 with the
- * numbers and the least budget that would, in err. */
-int served_budget_holds_a_request(struct daemon *d, uint64_t bytes, char *err, size_t errlen);
+/* 0 when a budget of `bytes` (0: none) serves every loaded model without
+ * ending a request; -1 with the parts of the least budget that would, and
+ * that number ("give at least N bytes"), in err. */
+int served_budget_check(struct daemon *d, uint64_t bytes, char *err, size_t errlen);
+uint64_t served_memory_minimum(struct daemon *d);
+/* Resident weights of the loaded models, as their engines last fitted them. */
 size_t served_weight_bytes(struct daemon *d);
 /* The context a request may use: the model's training context, capped by
  * the max_context setting. */
 int served_max_context(const struct served_model *sm);
+/* The model's parameters: in its layer matrices, and in all (the embedding
+ * and an untied head too), for bits per weight. */
+void served_param_counts(const struct served_model *sm, uint64_t *layer, uint64_t *all);
 /* Refreshes the per-model gauges before /metrics renders. */
 void served_refresh_metrics(struct daemon *d);
 

@@ -32,6 +32,10 @@ struct family {
 static const char *const route_code[] = {"route", "code"};
 static const char *const model[] = {"model"};
 static const char *const model_reason[] = {"model", "reason"};
+static const char *const model_direction[] = {"model", "direction"};
+static const char *const kind[] = {"kind"};
+static const double swap_buckets[] = {1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 0.01, 0.03, 0.1, 0.3, 1};
+#define SWAP_BUCKETS swap_buckets, (int)(sizeof swap_buckets / sizeof swap_buckets[0])
 static const double itl_buckets[] = {0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1, 2};
 #define ITL_BUCKETS itl_buckets, (int)(sizeof itl_buckets / sizeof itl_buckets[0])
 #define LATENCY NULL, 0
@@ -73,6 +77,23 @@ static const struct family families[] = {
     {METRIC_GAUGE, "ebb_resident_weight_bytes", "Model weight bytes resident in memory.", 1, model, NULL, 0,
      AT(m_weights)},
     {METRIC_GAUGE, "ebb_memory_budget_bytes", "Memory budget (0: none).", 0, NULL, NULL, 0, AT(m_budget)},
+    {METRIC_GAUGE, "ebb_memory_minimum_bytes",
+     "The least budget the served models accept now (fixed weights, one BitStack level, the KV held).", 0, NULL,
+     NULL, 0, AT(m_minimum)},
+    {METRIC_GAUGE, "ebb_resident_bytes",
+     "Resident memory by kind: weights, kv (allocated pages), scratch_and_other (the rest of the process's RSS).", 1,
+     kind, NULL, 0, AT(m_resident)},
+    {METRIC_GAUGE, "ebb_stack_blocks_resident", "BitStack blocks resident (a prefix of the file's order).", 1, model,
+     NULL, 0, AT(m_stack_blocks)},
+    {METRIC_GAUGE, "ebb_weight_bits_per_weight", "Resident weight bits per parameter.", 1, model, NULL, 0, AT(m_bpw)},
+    {METRIC_COUNTER, "ebb_weight_changes_total", "Changes of the resident BitStack prefix by direction (grow, shrink).",
+     2, model_direction, NULL, 0, AT(m_weight_changes)},
+    {METRIC_COUNTER, "ebb_weight_bytes_loaded_total", "Bytes of BitStack blocks brought into the resident prefix.", 1,
+     model, NULL, 0, AT(m_bytes_loaded)},
+    {METRIC_COUNTER, "ebb_weight_bytes_freed_total", "Bytes of BitStack blocks released from the resident prefix.", 1,
+     model, NULL, 0, AT(m_bytes_freed)},
+    {METRIC_HISTOGRAM, "ebb_weight_swap_seconds", "Time the engine spent changing the resident prefix (between steps).",
+     1, model, SWAP_BUCKETS, AT(m_swap)},
 };
 #define N_FAMILIES ((int)(sizeof families / sizeof families[0]))
 _Static_assert(sizeof families / sizeof families[0] == DAEMON_N_METRICS, "DAEMON_N_METRICS matches the table");

@@ -14,6 +14,8 @@
 #include <string.h>
 #include <strings.h>
 
+#include "engine/bitstack.h"
+#include "engine/governor.h"
 #include "server/admin_body.h"
 #include "server/catalog_json.h"
 #include "server/daemon.h"
@@ -60,8 +62,7 @@ struct admin_job {
     struct http_request *req;
     char name[CATALOG_NAME_MAX + 1];
     char path[4096];
-    uint64_t value;
-    uint64_t old_value;   /* PUT /admin/memory: the budget to go back to if saving fails */
+    struct memory_policy policy, old_policy;   /* PUT /admin/memory: applied, and to go back to if saving fails */
     enum catalog_status status;
     struct catalog_model model;
     char err[1024];
@@ -100,8 +101,29 @@ static const char *type_of(enum catalog_status s) {
 
 /* ------------------------------------------------------------ memory */
 
+/* A model's weights as the governor has them now: their kind, bits per
+ * weight and, for a BitStack, the resident part of the stack and the
+ * perplexity the packer measured there. */
+static json_t *weights_state(const struct served_model *sm, const struct sched_stats *st) {
+    const struct model *m = &sm->model;
+    uint64_t layer_params, all_params;
+    served_param_counts(sm, &layer_params, &all_params);
+    json_t *w = json_pack("{s:s, s:f}", "kind", m->stack ? "bitstack" : "file", "bits_per_weight",
+                          (double)st->weight_bytes * 8.0 / (double)all_params);
+    if (m->stack) {
+        const struct bitstack *s = m->stack;   /* only the immutable parts are read here */
+        const size_t blocks = bitstack_prefix_blocks(s, st->stack_bytes), n = (size_t)s->n_matrices * s->levels;
+        json_object_set_new(w, "stack", json_pack("{s:i, s:I, s:I, s:I, s:I, s:I, s:f, s:f}",
+            "levels", s->levels, "blocks_resident", (json_int_t)blocks, "blocks_total", (json_int_t)n,
+            "resident_bytes", (json_int_t)st->stack_bytes, "min_bytes", (json_int_t)bitstack_min_bytes(s),
+            "full_bytes", (json_int_t)bitstack_full_bytes(s), "depth", (double)blocks / (double)s->n_matrices,
+            "bits_per_weight", (double)st->stack_bytes * 8.0 / (double)layer_params));
+    }
+    return w;
+}
+
 static json_t *memory_state(struct daemon *d) {
-    size_t reserved = 0, allocated = 0;
+    size_t reserved = 0, allocated = 0, weights = 0;
     json_t *models = json_array();
     for (struct served_model *sm = d->models; sm; sm = sm->next) {
         if (sm->state != SERVED_READY) continue;
@@ -109,19 +131,32 @@ static json_t *memory_state(struct daemon *d) {
         sched_get_stats(sm->sched, &st);
         reserved += st.kv_reserved_bytes;
         allocated += st.kv_allocated_bytes;
+        weights += st.weight_bytes;
         /* d->cfg does not change after start, so this is the precision
          * load_work gave the model's scheduler. */
         int kv_bits = config_kv_bits_for(&d->cfg, sm->name);
-        json_array_append_new(models, json_pack("{s:s, s:i, s:I, s:I, s:I, s:I}", "model", sm->name, "kv_bits",
-                                                kv_bits, "weight_bytes",
-                                                (json_int_t)sm->model.weight_bytes, "kv_budget_bytes",
+        json_array_append_new(models, json_pack("{s:s, s:i, s:I, s:I, s:I, s:I, s:I, s:o}", "model", sm->name,
+                                                "kv_bits", kv_bits, "weight_bytes", (json_int_t)st.weight_bytes,
+                                                "share_bytes", (json_int_t)st.memory_share, "kv_budget_bytes",
                                                 (json_int_t)st.kv_budget_bytes, "kv_reserved_bytes",
                                                 (json_int_t)st.kv_reserved_bytes, "kv_allocated_bytes",
-                                                (json_int_t)st.kv_allocated_bytes));
+                                                (json_int_t)st.kv_allocated_bytes, "weights", weights_state(sm, &st)));
     }
-    return json_pack("{s:I, s:I, s:I, s:I, s:o}", "memory_budget_bytes", (json_int_t)d->memory_budget, "weight_bytes",
-                     (json_int_t)served_weight_bytes(d), "kv_reserved_bytes", (json_int_t)reserved,
-                     "kv_allocated_bytes", (json_int_t)allocated, "models", models);
+    const uint64_t rss = memory_process_rss();
+    const uint64_t governed = (uint64_t)weights + allocated;
+    json_t *state = json_pack("{s:I, s:s, s:I, s:I, s:I, s:I, s:{s:I, s:I, s:I}, s:o}", "memory_budget_bytes",
+                              (json_int_t)d->memory_budget, "mode",
+                              d->memory.automatic ? "auto" : d->memory_budget ? "fixed" : "none", "minimum_bytes",
+                              (json_int_t)served_memory_minimum(d), "weight_bytes", (json_int_t)weights,
+                              "kv_reserved_bytes", (json_int_t)reserved, "kv_allocated_bytes", (json_int_t)allocated,
+                              "resident", "weights", (json_int_t)weights, "kv", (json_int_t)allocated,
+                              "scratch_and_other", (json_int_t)(rss > governed ? rss - governed : 0), "models", models);
+    if (d->memory.automatic)
+        json_object_set_new(state, "auto", json_pack("{s:I, s:I, s:s?}", "reserve_bytes",
+                                                     (json_int_t)d->memory.reserve_bytes, "free_bytes",
+                                                     (json_int_t)d->memory_free_bytes, "free_source",
+                                                     d->memory_free_source));
+    return state;
 }
 
 void route_admin_memory_get(struct daemon *d, struct http_request *req) {
@@ -131,57 +166,76 @@ void route_admin_memory_get(struct daemon *d, struct http_request *req) {
 
 static void persist_budget_work(uv_work_t *w) {
     struct admin_job *j = w->data;
-    j->status = catalog_setting_set_u64(j->d->catalog, BUDGET_SETTING, j->value, j->err, sizeof j->err);
+    char text[48];
+    memory_policy_format(&j->policy, text, sizeof text);
+    j->status = catalog_setting_set(j->d->catalog, BUDGET_SETTING, text, j->err, sizeof j->err);
 }
 
 /* A budget that could not be saved is not kept: an error answer means
- * nothing changed. Back to old_value, unless another PUT has set one since. */
-static void restore_budget(struct daemon *d, uint64_t value, uint64_t old_value) {
-    char why[256];
-    if (d->memory_budget == value && value != old_value && served_set_budget(d, old_value, why, sizeof why))
+ * nothing changed. Back to the old policy, unless another PUT has set one
+ * since. */
+static void restore_budget(struct daemon *d, const struct memory_policy *applied, const struct memory_policy *old) {
+    char why[512];
+    if (!memcmp(&d->memory, applied, sizeof *applied) && memory_apply(d, old, why, sizeof why))
         log_warn("cannot restore the previous memory budget", "error=\"%s\"", why);
 }
 
 static void persist_budget_done(uv_work_t *w, int status) {
     (void)status;
     struct admin_job *j = w->data;
+    struct daemon *d = j->d;
+    char text[48];
+    memory_policy_format(&j->policy, text, sizeof text);
     if (j->status != CATALOG_OK) {
-        struct daemon *d = j->d;
-        restore_budget(d, j->value, j->old_value);
+        restore_budget(d, &j->policy, &j->old_policy);
         log_error("cannot persist the memory budget", "error=\"%s\"", j->err);
         char msg[sizeof j->err + 96];
         snprintf(msg, sizeof msg, "the memory budget was not changed (it stays %llu bytes): %s",
                  (unsigned long long)d->memory_budget, j->err);
         http_respond_error(j->req, 500, "server_error", msg, NULL);
     } else {
-        log_info("memory budget set", "bytes=%llu", (unsigned long long)j->value);
-        respond_json(j->req, 200, memory_state(j->d));
+        log_info("memory budget set", "budget=%s bytes=%llu", text, (unsigned long long)d->memory_budget);
+        respond_json(j->req, 200, memory_state(d));
     }
     job_free(j);
 }
 
 void route_admin_memory_put(struct daemon *d, struct http_request *req) {
     if (!admin_authorized(d, req)) return;
-    uint64_t bytes;
+    struct memory_policy p;
     struct admin_body_error e;
-    if (admin_parse_memory(req->body, req->body_len, &bytes, &e)) {
+    const char *key;
+    if (admin_parse_memory(req->body, req->body_len, &p, &key, &e)) {
         http_respond_error(req, 400, "invalid_request_error", e.message, *e.param ? e.param : NULL);
         return;
     }
-    char err[256];
-    /* Apply first: an impossible budget is refused before anything is saved. */
-    /* A budget every request would be refused under is a mistake, not a setting. */
-    const uint64_t old_value = d->memory_budget;
-    if (served_budget_holds_a_request(d, bytes, err, sizeof err) || served_set_budget(d, bytes, err, sizeof err)) {
-        http_respond_error(req, 400, "invalid_request_error", err, "memory_budget_bytes");
+    const char *param = p.automatic ? "reserve_bytes" : key;
+    char err[768];
+    /* More than the process can ever have is a typo, not a budget: the
+     * kernel would end the daemon before the governor shrank anything. */
+    uint64_t total;
+    if (!governor_total_memory("", &total) && (p.automatic ? p.reserve_bytes >= total : p.bytes > total)) {
+        snprintf(err, sizeof err, p.automatic ? "a reserve of %llu bytes leaves nothing of the %llu bytes this "
+                                                "process can have (MemTotal, or its cgroup's memory.max)"
+                                              : "a budget of %llu bytes is more than the %llu bytes this process can "
+                                                "have (MemTotal, or its cgroup's memory.max)",
+                 (unsigned long long)(p.automatic ? p.reserve_bytes : p.bytes), (unsigned long long)total);
+        http_respond_error(req, 400, "invalid_request_error", err, param);
+        return;
+    }
+    /* Apply first: a budget the models cannot live with is refused before
+     * anything is saved, and changes nothing. */
+    const struct memory_policy old = d->memory;
+    if (memory_apply(d, &p, err, sizeof err)) {
+        http_respond_error_code(req, 409, "invalid_request_error", "memory_budget_too_small", err, param);
         return;
     }
     struct admin_job *j = job_new(d, req);
-    if (!j) { restore_budget(d, bytes, old_value); return; }
-    j->value = bytes;
-    j->old_value = old_value;
+    if (!j) { restore_budget(d, &p, &old); return; }
+    j->policy = p;
+    j->old_policy = old;
     if (uv_queue_work(&d->loop, &j->work, persist_budget_work, persist_budget_done)) {
-        restore_budget(d, bytes, old_value);
+        restore_budget(d, &p, &old);
         http_respond_error(req, 500, "server_error", "cannot queue the catalog write", NULL);
         job_free(j);
     }

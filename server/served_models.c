@@ -12,15 +12,19 @@
  * last reference to go schedules the teardown (joining the engine thread,
  * freeing weights) on the work pool.
  *
- * The memory budget covers resident weights plus KV caches. Weights are
- * fixed until BitStack lands, so the budget left after them is what the KV
- * caches may reserve, split evenly across the models being served.
+ * The memory budget covers resident weights plus KV caches. The governor's
+ * arithmetic (engine/governor.h) splits it into a share per model; each
+ * model's scheduler keeps its KV and, for a BitStack file, its stack prefix
+ * inside its share. Shares are recomputed whenever the budget or the set of
+ * models changes, and on every "auto" reading (routes_admin.c).
  */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
 
+#include "engine/bitstack.h"
+#include "engine/governor.h"
 #include "server/completion.h"
 #include "server/daemon.h"
 #include "server/log.h"
@@ -77,7 +81,7 @@ static void load_done(uv_work_t *w, int status) {
          * leaves the budget as it was (its memory goes at teardown). */
         sm->state = SERVED_READY;
         char err[400];
-        if (served_budget_holds_a_request(d, d->memory_budget, err, sizeof err)) {
+        if (served_budget_check(d, d->memory_budget, err, sizeof err)) {
             sm->state = SERVED_FAILED;
             sm->over_budget = true;
             snprintf(sm->error, sizeof sm->error, "loading '%.128s' (%zu bytes of weights) would exceed the memory "
@@ -91,7 +95,7 @@ static void load_done(uv_work_t *w, int status) {
             model_free(&sm->model);
         } else {
             const char *labels[] = {sm->name};
-            metric_set(d->m_weights, labels, (double)sm->model.weight_bytes);
+            metric_set(d->m_weights, labels, (double)sm->model.weight_bytes);   /* the engine has not fitted yet */
             if (served_set_budget(d, d->memory_budget, err, sizeof err))   /* re-split with the new model */
                 log_warn("memory budget not re-split after a model was loaded", "error=\"%s\"", err);
         }
@@ -118,6 +122,14 @@ static void series_for(struct daemon *d, struct served_model *sm) {
     sm->m_e2e = metric_series(d->m_e2e, m);
     sm->m_queue = metric_series(d->m_queue, m);
     sm->m_preemptions = metric_series(d->m_preemptions, m);
+    sm->m_stack_blocks = metric_series(d->m_stack_blocks, m);
+    sm->m_bpw = metric_series(d->m_bpw, m);
+    const char *grow[] = {sm->name, "grow"}, *shrink[] = {sm->name, "shrink"};
+    sm->m_grows = metric_series(d->m_weight_changes, grow);
+    sm->m_shrinks = metric_series(d->m_weight_changes, shrink);
+    sm->m_bytes_loaded = metric_series(d->m_bytes_loaded, m);
+    sm->m_bytes_freed = metric_series(d->m_bytes_freed, m);
+    sm->m_swap = metric_series(d->m_swap, m);
 }
 
 int served_load(struct daemon *d, const char *name, const char *path, int64_t created,
@@ -226,59 +238,126 @@ int served_max_context(const struct served_model *sm) {
 size_t served_weight_bytes(struct daemon *d) {
     size_t total = 0;
     for (struct served_model *sm = d->models; sm; sm = sm->next)
-        if (sm->state == SERVED_READY) total += sm->model.weight_bytes;
+        if (sm->state == SERVED_READY) {
+            struct sched_stats st;
+            sched_get_stats(sm->sched, &st);
+            total += st.weight_bytes;
+        }
     return total;
 }
 
-int served_set_budget(struct daemon *d, uint64_t bytes, char *err, size_t errlen) {
-    size_t weights = served_weight_bytes(d);
-    int n_ready = 0;
-    for (struct served_model *sm = d->models; sm; sm = sm->next) n_ready += sm->state == SERVED_READY;
-    if (bytes && bytes <= weights) {
-        snprintf(err, errlen, "a budget of %llu bytes cannot hold the resident weights (%zu bytes) "
-                 "and any KV cache", (unsigned long long)bytes, weights);
-        return -1;
-    }
-    size_t per_model = bytes && n_ready ? (size_t)((bytes - weights) / (uint64_t)n_ready) : 0;
-    d->memory_budget = bytes;
-    metric_set(d->m_budget, NULL, (double)bytes);
+/* The governor's view of the READY models, in list order: a new array
+ * (count in *n; NULL with *n = 0 when there are none or memory is short). */
+static struct governor_model *governed(struct daemon *d, int *n) {
+    *n = 0;
+    for (struct served_model *sm = d->models; sm; sm = sm->next) *n += sm->state == SERVED_READY;
+    struct governor_model *gm = *n ? calloc((size_t)*n, sizeof *gm) : NULL;
+    if (!gm) { *n = 0; return NULL; }
+    int i = 0;
     for (struct served_model *sm = d->models; sm; sm = sm->next)
-        if (sm->state == SERVED_READY) sched_set_kv_budget(sm->sched, per_model);
-    return 0;
+        if (sm->state == SERVED_READY) sched_governor_model(sm->sched, &gm[i++]);
+    return gm;
 }
 
-int served_budget_holds_a_request(struct daemon *d, uint64_t bytes, char *err, size_t errlen) {
-    const size_t weights = served_weight_bytes(d);
-    int n_ready = 0;
-    size_t need_most = 0;
-    for (struct served_model *sm = d->models; sm; sm = sm->next)
-        if (sm->state == SERVED_READY) {
-            n_ready++;
-            const size_t need = sched_kv_bytes_for(sm->sched, 2);
-            if (need > need_most) need_most = need;
-        }
-    if (!bytes || !n_ready) return 0;
-    const uint64_t least = (uint64_t)weights + (uint64_t)need_most * (uint64_t)n_ready;
-    if (bytes >= least) return 0;
-    snprintf(err, errlen, "a budget of %llu bytes leaves %llu bytes of KV cache per model after the resident weights "
-             "(%zu bytes%s), and the smallest request (one prompt token and one generated) needs %zu: give at "
-             "least %llu bytes", (unsigned long long)bytes,
-             (unsigned long long)(bytes > weights ? (bytes - weights) / (uint64_t)n_ready : 0), weights,
-             n_ready > 1 ? ", the rest split evenly among the loaded models" : "", need_most,
-             (unsigned long long)least);
+uint64_t served_memory_minimum(struct daemon *d) {
+    int n;
+    struct governor_model *gm = governed(d, &n);
+    const uint64_t least = governor_minimum(gm, n);
+    free(gm);
+    return least;
+}
+
+int served_budget_check(struct daemon *d, uint64_t bytes, char *err, size_t errlen) {
+    int n;
+    struct governor_model *gm = governed(d, &n);
+    const uint64_t least = governor_minimum(gm, n);
+    uint64_t fixed = 0, stack = 0, kv = 0;
+    for (int i = 0; i < n; i++) {
+        fixed += gm[i].fixed_bytes;
+        stack += gm[i].stack_min_bytes;
+        kv += gm[i].kv_held_bytes > gm[i].kv_min_bytes ? gm[i].kv_held_bytes : gm[i].kv_min_bytes;
+    }
+    free(gm);
+    if (!bytes || bytes >= least) return 0;
+    snprintf(err, errlen, "a budget of %llu bytes is below the least the served models need: %llu bytes of weights "
+             "that cannot shrink, %llu bytes for one level of every BitStack matrix, and %llu bytes of KV cache (what "
+             "running requests hold, or at least the smallest request: one prompt token and one generated); give at "
+             "least %llu bytes", (unsigned long long)bytes, (unsigned long long)fixed, (unsigned long long)stack,
+             (unsigned long long)kv, (unsigned long long)least);
     return -1;
 }
 
+int served_set_budget(struct daemon *d, uint64_t bytes, char *err, size_t errlen) {
+    if (served_budget_check(d, bytes, err, errlen)) return -1;
+    int n;
+    struct governor_model *gm = governed(d, &n);
+    uint64_t *share = n ? calloc((size_t)n, sizeof *share) : NULL;
+    if (n && !share) {
+        free(gm);
+        snprintf(err, errlen, "out of memory");
+        return -1;
+    }
+    governor_split(bytes, gm, n, share);
+    d->memory_budget = bytes;
+    metric_set(d->m_budget, NULL, (double)bytes);
+    int i = 0;
+    for (struct served_model *sm = d->models; sm; sm = sm->next)
+        if (sm->state == SERVED_READY) sched_set_memory(sm->sched, share[i++]);
+    free(share);
+    free(gm);
+    return 0;
+}
+
+void served_param_counts(const struct served_model *sm, uint64_t *layer, uint64_t *all) {
+    const struct model *m = &sm->model;
+    const struct model_config *c = &m->cfg;
+    *layer = 0;
+    for (int k = 0; k < BITSTACK_KINDS; k++) {
+        int rows, cols;
+        bitstack_kind_shape(c, (enum bitstack_kind)k, &rows, &cols);
+        *layer += (uint64_t)rows * (uint64_t)cols * (uint64_t)c->n_layer;
+    }
+    /* The embedding, and the head unless it is the embedding's rows. */
+    const int tied = m->output.data == m->embd.data && !m->output.stack;
+    *all = *layer + (uint64_t)c->n_vocab * (uint64_t)c->n_embd * (tied ? 1u : 2u);
+}
+
+/* Counters kept by the engine advance by the difference since the last
+ * scrape. */
+static void advance(struct metric_series *s, uint64_t total) {
+    metric_series_inc(s, (double)total - metric_series_value(s));
+}
+
 void served_refresh_metrics(struct daemon *d) {
+    uint64_t weights = 0, kv = 0;
     for (struct served_model *sm = d->models; sm; sm = sm->next) {
         if (sm->state != SERVED_READY) continue;
         struct sched_stats st;
         sched_get_stats(sm->sched, &st);
+        weights += st.weight_bytes;
+        kv += st.kv_allocated_bytes;
+        uint64_t layer, all;
+        served_param_counts(sm, &layer, &all);
+        metric_series_set(sm->m_bpw, (double)st.weight_bytes * 8.0 / (double)all);
+        if (sm->model.stack) metric_series_set(sm->m_stack_blocks, (double)bitstack_prefix_blocks(sm->model.stack, st.stack_bytes));
+        advance(sm->m_grows, st.stack_grows);
+        advance(sm->m_shrinks, st.stack_shrinks);
+        advance(sm->m_bytes_loaded, st.stack_bytes_loaded);
+        advance(sm->m_bytes_freed, st.stack_bytes_freed);
+        double swaps[64];
+        const int n = sched_take_swap_times(sm->sched, swaps, 64);
+        for (int i = 0; i < n; i++) metric_series_observe(sm->m_swap, swaps[i]);
         metric_series_set(sm->m_running, st.running);
         metric_series_set(sm->m_waiting, st.waiting);
         metric_series_set(sm->m_kv_bytes, (double)st.kv_allocated_bytes);
         metric_series_set(sm->m_kv_use, st.kv_budget_bytes ? (double)st.kv_reserved_bytes / (double)st.kv_budget_bytes : 0);
-        metric_series_set(sm->m_weights, (double)sm->model.weight_bytes);
-        metric_series_inc(sm->m_preemptions, (double)st.preemptions - metric_series_value(sm->m_preemptions));
+        metric_series_set(sm->m_weights, (double)st.weight_bytes);
+        advance(sm->m_preemptions, st.preemptions);
     }
+    const uint64_t rss = memory_process_rss();
+    const char *w[] = {"weights"}, *k[] = {"kv"}, *o[] = {"scratch_and_other"};
+    metric_set(d->m_resident, w, (double)weights);
+    metric_set(d->m_resident, k, (double)kv);
+    metric_set(d->m_resident, o, rss > weights + kv ? (double)(rss - weights - kv) : 0);
+    metric_set(d->m_minimum, NULL, (double)served_memory_minimum(d));
 }

@@ -251,10 +251,16 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
         openai_route(parsers[route], body, len);
         break;
     case 4: {
-        uint64_t bytes;
+        struct memory_policy p;
+        const char *key;
         struct admin_body_error e;
-        if (admin_parse_memory(body, len, &bytes, &e)) check_admin_error(&e);
-        else FUZZ_ASSERT(bytes <= (uint64_t)INT64_MAX);
+        if (admin_parse_memory(body, len, &p, &key, &e)) {
+            check_admin_error(&e);
+        } else {
+            FUZZ_ASSERT(p.bytes <= (uint64_t)INT64_MAX && p.reserve_bytes <= (uint64_t)INT64_MAX);
+            FUZZ_ASSERT(!p.automatic || p.bytes == 0);
+            FUZZ_ASSERT(!strcmp(key, "budget") || !strcmp(key, "memory_budget_bytes"));
+        }
         break;
     }
     case 5: {
