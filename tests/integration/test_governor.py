@@ -1,0 +1,277 @@
+"""The memory governor, end to end: a daemon serving a BitStack file follows PUT /admin/memory
+live while requests stream, refuses impossible budgets, keeps its policy across a restart, and
+follows the free memory in "auto".
+
+The model is a two-layer cut of the default model packed as a stack (test_bitstack.py's cut:
+real weights, packed in seconds). What is checked, and against what:
+  - after every budget change the resident weights plus the KV the requests reserve fit the
+    budget (GET /admin/memory), the depth falls and rises with it, and every stream that ran
+    through six changes finishes without an error;
+  - the stack really changes and really comes back: greedy answers at the smallest budget
+    differ from those at no budget, and after a shrink/grow cycle equal those before it
+    (a stale depth or a page released but still in use would show here, and in the ASan run);
+  - bad budgets change nothing and say what is wrong; 409 names the least budget, which is
+    then accepted;
+  - the policy is one catalog setting, read back after a restart;
+  - metrics count the changes in each direction, the bytes, and time the swaps.
+"""
+import concurrent.futures
+import json
+import re
+import time
+
+import pytest
+import requests
+
+from conftest import Server, run_ebb
+from test_bitstack import cut_model
+
+TOKEN = "governor-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+IO = 30
+LEVELS = 4
+PROMPTS = ["The capital of France is", "Once upon a time", "def fibonacci(n):", "Water boils at",
+           "The best way to learn", "In 1969 the first", "My favourite colour is", "Bees make honey by"]
+
+
+@pytest.fixture(scope="module")
+def stack_file(ebb_bin, model_path, tmp_path_factory):
+    d = tmp_path_factory.mktemp("governor")
+    src, out = d / "cut2.gguf", d / "cut2.bitstack.gguf"
+    cut_model(model_path, src, 2)
+    p = run_ebb(ebb_bin, "pack", "-m", str(src), "--format", "bitstack", "--levels", str(LEVELS),
+                "--calib-seqs", "4", "--calib-len", "128", "--no-register", "--no-eval", "-o", str(out),
+                timeout=600)
+    assert p.returncode == 0, p.stderr.decode()
+    return out
+
+
+def start(binary, stack_file, catalog, *args):
+    s = Server(binary, "--default-model", "stack", "--verify-models", "stat", "--max-running", "8", *args,
+               catalog=catalog, model_path=str(stack_file), token=TOKEN, start_timeout=120)
+    s.wait_ready()
+    return s
+
+
+@pytest.fixture(scope="module")
+def srv(binary, stack_file, tmp_path_factory):
+    s = start(binary, stack_file, tmp_path_factory.mktemp("governor-catalog") / "catalog.db")
+    yield s
+    s.stop_clean()
+
+
+def memory(s):
+    r = requests.get(s.url("/admin/memory"), headers=AUTH, timeout=IO)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def put(s, body):
+    return requests.put(s.url("/admin/memory"), json=body, headers=AUTH, timeout=IO)
+
+
+def model_of(state):
+    (m,) = state["models"]
+    return m
+
+
+def fits(state):
+    """Weights resident plus KV reserved within the budget (none: always)."""
+    m = model_of(state)
+    return not state["memory_budget_bytes"] or m["weight_bytes"] + m["kv_reserved_bytes"] <= state["memory_budget_bytes"]
+
+
+def settle(s, predicate, timeout=10):
+    deadline = time.monotonic() + timeout
+    while True:
+        state = memory(s)
+        if predicate(state) or time.monotonic() > deadline:
+            return state
+        time.sleep(0.01)
+
+
+def put_at_least(s, budget):
+    """PUT budget, or the least the models accept at that moment if it is less (the KV the
+    running requests hold grows between a GET and a PUT): the budget applied."""
+    for _ in range(20):
+        r = put(s, {"budget": budget})
+        if r.status_code == 200:
+            return budget
+        assert r.status_code == 409, r.text
+        err = r.json()["error"]
+        assert err["code"] == "memory_budget_too_small" and err["param"] == "budget", err
+        budget = int(re.search(r"give at least (\d+) bytes", err["message"]).group(1))
+    raise AssertionError("the minimum kept moving")
+
+
+def stream(s, prompt, seed):
+    r = requests.post(s.url("/v1/completions"), stream=True, timeout=300, json={
+        "prompt": prompt, "max_tokens": 96, "temperature": 0.8, "seed": seed, "stream": True})
+    assert r.status_code == 200, r.text
+    text, finish, errors = "", None, []
+    for line in r.iter_lines():
+        if not line.startswith(b"data: ") or line == b"data: [DONE]":
+            continue
+        ev = json.loads(line[6:])
+        if "error" in ev:
+            errors.append(ev["error"])
+            continue
+        choice = ev["choices"][0]
+        text += choice["text"]
+        finish = choice["finish_reason"] or finish
+    return text, finish, errors
+
+
+def greedy(s, prompts):
+    out = []
+    for p in prompts:
+        r = requests.post(s.url("/v1/completions"), timeout=120,
+                          json={"prompt": p, "max_tokens": 24, "temperature": 0})
+        assert r.status_code == 200, r.text
+        out.append(r.json()["choices"][0]["text"])
+    return out
+
+
+def metric(s, name, **labels):
+    text = requests.get(s.url("/metrics"), timeout=IO).text
+    want = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    for line in text.splitlines():
+        m = re.match(r"([a-z_]+)(\{[^}]*\})? (\S+)$", line)
+        if m and m.group(1) == name and want in (m.group(2) or ""):
+            return float(m.group(3))
+    raise AssertionError(f"{name}{{{want}}} not in /metrics")
+
+
+def test_the_stack_follows_the_budget_while_streams_run(srv):
+    idle = memory(srv)
+    assert idle["mode"] == "none"
+    m = model_of(idle)
+    st = m["weights"]["stack"]
+    assert m["weights"]["kind"] == "bitstack" and st["levels"] == LEVELS
+    assert st["resident_bytes"] == st["full_bytes"] and st["blocks_resident"] == st["blocks_total"]
+    fixed = m["weight_bytes"] - st["resident_bytes"]
+    assert idle["minimum_bytes"] > fixed + st["min_bytes"]   # and the smallest request's KV
+    full = fixed + st["full_bytes"]
+    changes = metric(srv, "ebb_weight_changes_total", direction="shrink")
+
+    with concurrent.futures.ThreadPoolExecutor(len(PROMPTS)) as pool:
+        runs = [pool.submit(stream, srv, p, i) for i, p in enumerate(PROMPTS)]
+        time.sleep(0.3)
+        depths = []
+        # Down to the least the running requests allow and back up, seven changes.
+        for frac in (0.7, 0.3, 0.0, 0.5, 0.05, 0.9, 2.0):
+            least = memory(srv)["minimum_bytes"]
+            budget = put_at_least(srv, least + int(frac * (full + 8 * (least - fixed - st["min_bytes"]) - least)))
+            state = settle(srv, fits)
+            assert fits(state), state
+            assert state["memory_budget_bytes"] >= budget
+            s = model_of(state)["weights"]["stack"]
+            assert st["min_bytes"] <= s["resident_bytes"] <= st["full_bytes"], s
+            depths.append(s["depth"])
+        results = [r.result() for r in runs]
+    for text, finish, errors in results:
+        assert not errors and finish in ("length", "stop"), (text, finish, errors)
+    assert min(depths) < LEVELS and depths[-1] > min(depths), depths
+    # Idle under a budget of more than everything: the whole stack again.
+    state = settle(srv, lambda st_: model_of(st_)["weights"]["stack"]["resident_bytes"] == st["full_bytes"])
+    assert model_of(state)["weights"]["stack"]["blocks_resident"] == st["blocks_total"], state
+    assert metric(srv, "ebb_weight_changes_total", direction="shrink") > changes
+    assert metric(srv, "ebb_weight_changes_total", direction="grow") > 0
+    assert metric(srv, "ebb_weight_bytes_loaded_total") > 0 and metric(srv, "ebb_weight_bytes_freed_total") > 0
+    assert metric(srv, "ebb_weight_swap_seconds_count") > 0
+    assert metric(srv, "ebb_stack_blocks_resident") == st["blocks_total"]
+    assert metric(srv, "ebb_memory_minimum_bytes") == memory(srv)["minimum_bytes"]
+    assert put(srv, {"budget": 0}).status_code == 200
+
+
+def test_a_shrink_grow_cycle_gives_the_same_answers_back(srv):
+    prompts = PROMPTS[:3]
+    assert put(srv, {"budget": 0}).status_code == 200
+    before = greedy(srv, prompts)
+    least = memory(srv)["minimum_bytes"]
+    assert put(srv, {"budget": least}).status_code == 200
+    state = memory(srv)
+    # One level, and (idle) the smallest request's KV in blocks of the next.
+    assert 1.0 <= model_of(state)["weights"]["stack"]["depth"] < 2.0, state
+    small = greedy(srv, prompts)
+    assert put(srv, {"budget": 0}).status_code == 200
+    assert greedy(srv, prompts) == before
+    assert small != before   # one level of four is another model
+
+
+def test_bad_budgets_change_nothing(srv):
+    assert put(srv, {"budget": 0}).status_code == 200
+    before = memory(srv)
+    for body, param in (({"budget": -1}, "budget"), ({"budget": "lots"}, "budget"), ({"budget": 1.5}, "budget"),
+                        ({"memory_budget_bytes": -5}, "memory_budget_bytes"), ({"budget": None}, "budget"),
+                        ({"budget": 1 << 62}, "budget"),                       # more than the machine has
+                        ({"budget": "auto", "reserve_bytes": -1}, "reserve_bytes"),
+                        ({"budget": "auto", "reserve_bytes": "x"}, "reserve_bytes"),
+                        ({"budget": "auto", "reserve_bytes": 1 << 62}, "reserve_bytes"),   # leaves nothing
+                        ({"budget": 1 << 30, "reserve_bytes": 5}, "reserve_bytes"),
+                        ({"budget": 1 << 30, "memory_budget_bytes": 1 << 30}, "budget"),
+                        ({}, "budget")):
+        r = put(srv, body)
+        assert r.status_code == 400, (body, r.text)
+        assert r.json()["error"]["param"] == param, (body, r.text)
+    # Below the minimum: 409 naming it, and that minimum is accepted.
+    r = put(srv, {"budget": before["minimum_bytes"] - 1})
+    assert r.status_code == 409, r.text
+    msg = r.json()["error"]["message"]
+    assert f"give at least {before['minimum_bytes']} bytes" in msg and "one level" in msg, msg
+    after = memory(srv)
+    assert after["memory_budget_bytes"] == before["memory_budget_bytes"] and after["mode"] == "none"
+    assert put(srv, {"budget": before["minimum_bytes"]}).status_code == 200
+    assert put(srv, {"budget": 0}).status_code == 200
+
+
+def test_auto_follows_the_free_memory_and_refuses_a_reserve_that_leaves_too_little(srv):
+    r = put(srv, {"budget": "auto", "reserve_bytes": 64 << 20})
+    assert r.status_code == 200, r.text
+    state = r.json()
+    auto = state["auto"]
+    assert state["mode"] == "auto" and auto["reserve_bytes"] == 64 << 20 and auto["free_source"] in ("cgroup", "meminfo")
+    held = state["weight_bytes"] + state["kv_allocated_bytes"]
+    # held + free - reserve, read a moment apart
+    assert abs(state["memory_budget_bytes"] - (held + auto["free_bytes"] - (64 << 20))) < 0.05 * auto["free_bytes"]
+    # A reserve that leaves less than the models need: 409, and auto stays as it was.
+    r = put(srv, {"budget": "auto", "reserve_bytes": held + auto["free_bytes"]})
+    assert r.status_code in (400, 409), r.text
+    assert r.json()["error"]["param"] == "reserve_bytes"
+    assert memory(srv)["auto"]["reserve_bytes"] == 64 << 20
+    assert put(srv, {"budget": 0}).status_code == 200
+    assert "auto" not in memory(srv)
+
+
+def test_the_policy_survives_a_restart(binary, stack_file, tmp_path):
+    catalog = tmp_path / "catalog.db"
+    s = start(binary, stack_file, catalog)
+    try:
+        least = memory(s)["minimum_bytes"]
+        assert put(s, {"budget": least + (1 << 20)}).status_code == 200
+    finally:
+        s.stop_clean()
+    s = start(binary, stack_file, catalog)
+    try:
+        state = settle(s, lambda st: st["memory_budget_bytes"] == least + (1 << 20) and st["models"])
+        assert state["mode"] == "fixed" and state["memory_budget_bytes"] == least + (1 << 20), state
+        assert model_of(state)["weights"]["stack"]["resident_bytes"] < model_of(state)["weights"]["stack"]["full_bytes"]
+        assert put(s, {"budget": "auto", "reserve_bytes": 1 << 20}).status_code == 200
+    finally:
+        s.stop_clean()
+    s = start(binary, stack_file, catalog)
+    try:
+        state = settle(s, lambda st: st["mode"] == "auto")
+        assert state["mode"] == "auto" and state["auto"]["reserve_bytes"] == 1 << 20, state
+    finally:
+        s.stop_clean()
+
+
+def test_a_truncated_stack_is_refused_naming_the_file(srv, stack_file, tmp_path):
+    cut = tmp_path / "truncated.bitstack.gguf"
+    with open(stack_file, "rb") as f, open(cut, "wb") as g:
+        g.write(f.read(stack_file.stat().st_size * 2 // 3))
+    r = requests.post(srv.url("/admin/models"), json={"path": str(cut), "name": "cut"}, headers=AUTH, timeout=120)
+    assert r.status_code in (400, 422), r.text
+    assert str(cut) in r.json()["error"]["message"], r.text
+    assert requests.get(srv.url("/v1/models/stack"), timeout=IO).status_code == 200   # the served one is unharmed
