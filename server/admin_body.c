@@ -49,8 +49,8 @@ static int non_negative(const json_t *v, uint64_t *out) {
     return 1;
 }
 
-int admin_parse_memory(const char *body, size_t len, struct memory_policy *p, const char **key,
-                       struct admin_body_error *e) {
+int admin_parse_memory(const char *body, size_t len, uint64_t default_reserve, struct memory_policy *p,
+                       const char **key, struct admin_body_error *e) {
     static const char *const allowed[] = {"memory_budget_bytes", "budget", "reserve_bytes", NULL};
     json_t *root = body_object(body, len, allowed, e);
     if (!root) return -1;
@@ -59,7 +59,7 @@ int admin_parse_memory(const char *body, size_t len, struct memory_policy *p, co
     const char *name = budget ? "budget" : "memory_budget_bytes";
     *key = name;
     json_t *v = budget ? budget : legacy;
-    *p = (struct memory_policy){.reserve_bytes = MEMORY_DEFAULT_RESERVE};
+    *p = (struct memory_policy){.reserve_bytes = default_reserve};
     int rc = 0;
     if (legacy && budget)
         rc = fail(e, "budget", "give either 'budget' or 'memory_budget_bytes', not both");

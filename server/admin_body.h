@@ -21,15 +21,14 @@ struct memory_policy {
     uint64_t bytes;           /* fixed: the budget, 0 = none */
     uint64_t reserve_bytes;   /* auto: memory left to the rest of the machine */
 };
-#define MEMORY_DEFAULT_RESERVE (512ull << 20)
 
 /* PUT /admin/memory: {"memory_budget_bytes": N} or {"budget": N}, N a
  * non-negative integer (0 removes the budget), or {"budget": "auto"} with
- * an optional "reserve_bytes": N (default MEMORY_DEFAULT_RESERVE). Types
+ * an optional "reserve_bytes": N (default_reserve when absent). Types
  * only: whether the machine can give the bytes is the route's to check.
  * *key: the budget's key as given ("budget" or "memory_budget_bytes"). */
-int admin_parse_memory(const char *body, size_t len, struct memory_policy *p, const char **key,
-                       struct admin_body_error *e);
+int admin_parse_memory(const char *body, size_t len, uint64_t default_reserve, struct memory_policy *p,
+                       const char **key, struct admin_body_error *e);
 
 /* POST /admin/models: {"path": "...", "name": "..."}. path is a non-empty
  * string that fits path_cap with its NUL (never truncated: a shortened path

@@ -50,6 +50,7 @@ struct field {
 /* In enum order: the stored int is the index. */
 static const char *const level_names[] = {"error", "warn", "info", "debug", NULL};
 static const char *const weights_names[] = {[MODEL_WEIGHTS_NATIVE] = "native", [MODEL_WEIGHTS_F32] = "f32", NULL};
+static const char *const budget_mode_names[] = {"fixed", "auto", NULL};
 static const char *const verify_names[] = {[CATALOG_CHECK_SHA256] = "sha256", [CATALOG_CHECK_STAT] = "stat", NULL};
 
 static const struct field fields[] = {
@@ -67,6 +68,10 @@ static const struct field fields[] = {
     {"threads", FIELD_INT, AT(threads), 0, 1024, {0}, NULL, "0", "N", "compute threads (0: one per CPU)"},
     {"memory_budget_bytes", FIELD_U64, AT(memory_budget_bytes), 0, INT64_MAX, {0}, NULL, "0", "BYTES",
      "memory budget for weights and KV cache (0: no budget)"},
+    {"memory_budget_mode", FIELD_NAME, AT(memory_budget_mode), 0, 0, {0}, budget_mode_names, "fixed", "MODE",
+     "fixed (memory_budget_bytes) or auto (the free memory, cgroup v2 or MemAvailable, less memory_reserve_bytes)"},
+    {"memory_reserve_bytes", FIELD_U64, AT(memory_reserve_bytes), 0, INT64_MAX, {0}, NULL, "536870912", "BYTES",
+     "auto budget: memory left to the rest of the machine"},
     {"max_body_bytes", FIELD_U64, AT(max_body_bytes), 1024, 1LL << 32, {0}, NULL, "8388608", "BYTES",
      "largest request body accepted (larger: 413)"},
     {"max_header_bytes", FIELD_INT, AT(max_header_bytes), 256, 1 << 20, {0}, NULL, "16384", "BYTES",

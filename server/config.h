@@ -36,7 +36,7 @@ enum config_log_level { CONFIG_LOG_ERROR, CONFIG_LOG_WARN, CONFIG_LOG_INFO, CONF
 /* Where a setting's current value came from. */
 enum config_source { CONFIG_FROM_DEFAULT, CONFIG_FROM_FILE, CONFIG_FROM_ENV, CONFIG_FROM_FLAG };
 
-#define CONFIG_N_FIELDS 23
+#define CONFIG_N_FIELDS 25
 
 struct ebb_config {
     char host[256];                /* listen address (IPv4 or IPv6 literal, or a host name) */
@@ -47,6 +47,8 @@ struct ebb_config {
     char default_model_path[4096]; /* GGUF registered when the catalog is empty; empty = none */
     int threads;                   /* compute threads; 0 = one per online CPU */
     uint64_t memory_budget_bytes;  /* 0 = no budget */
+    int memory_budget_mode;        /* 0: fixed (memory_budget_bytes), 1: auto */
+    uint64_t memory_reserve_bytes; /* auto: left to the rest of the machine */
     uint64_t max_body_bytes;       /* larger request bodies get 413 */
     int max_header_bytes;          /* request line + headers; larger get 431 */
     int max_connections;           /* open connections; more are refused with 503 */

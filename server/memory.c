@@ -145,8 +145,13 @@ static void on_auto_tick(uv_timer_t *t) {
 
 int memory_start(struct daemon *d) {
     char err[512];
-    struct memory_policy p = {.bytes = d->cfg.memory_budget_bytes};
-    const int explicit_budget = config_source_of(&d->cfg, "memory_budget_bytes") >= CONFIG_FROM_ENV;
+    struct memory_policy p = {.automatic = d->cfg.memory_budget_mode == 1, .bytes = d->cfg.memory_budget_bytes,
+                              .reserve_bytes = d->cfg.memory_reserve_bytes};
+    if (p.automatic) p.bytes = 0;
+    /* Set for this run (environment or flag): that, not what was saved. */
+    const int explicit_budget = config_source_of(&d->cfg, "memory_budget_bytes") >= CONFIG_FROM_ENV ||
+                                config_source_of(&d->cfg, "memory_budget_mode") >= CONFIG_FROM_ENV ||
+                                config_source_of(&d->cfg, "memory_reserve_bytes") >= CONFIG_FROM_ENV;
     char *saved = NULL;
     if (!explicit_budget && catalog_setting_get(d->catalog, "memory_budget_bytes", &saved, err, sizeof err) == CATALOG_OK) {
         if (memory_policy_parse(saved, &p))

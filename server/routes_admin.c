@@ -205,7 +205,7 @@ void route_admin_memory_put(struct daemon *d, struct http_request *req) {
     struct memory_policy p;
     struct admin_body_error e;
     const char *key;
-    if (admin_parse_memory(req->body, req->body_len, &p, &key, &e)) {
+    if (admin_parse_memory(req->body, req->body_len, d->cfg.memory_reserve_bytes, &p, &key, &e)) {
         http_respond_error(req, 400, "invalid_request_error", e.message, *e.param ? e.param : NULL);
         return;
     }

@@ -254,7 +254,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
         struct memory_policy p;
         const char *key;
         struct admin_body_error e;
-        if (admin_parse_memory(body, len, &p, &key, &e)) {
+        if (admin_parse_memory(body, len, 1u << 20, &p, &key, &e)) {
             check_admin_error(&e);
         } else {
             FUZZ_ASSERT(p.bytes <= (uint64_t)INT64_MAX && p.reserve_bytes <= (uint64_t)INT64_MAX);

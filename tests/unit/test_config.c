@@ -63,6 +63,7 @@ static void check_defaults(const struct ebb_config *c) {
     CHECK(!strcmp(c->default_model_path, "models/SmolLM2-135M-Instruct.Q4_1.gguf"));
     CHECK(c->threads == 0);
     CHECK(c->memory_budget_bytes == 0);
+    CHECK(c->memory_budget_mode == 0 && c->memory_reserve_bytes == 512ull << 20);
     CHECK(c->max_body_bytes == 8388608);
     CHECK(c->max_header_bytes == 16384);
     CHECK(c->max_connections == 1024);
@@ -273,6 +274,8 @@ static void test_bad_files(void) {
     expect_refused("{\"kv_bits\": 0}", "'kv_bits'", "one of 32, 16, 8, 4");
     expect_refused("{\"max_body_bytes\": 10}", "'max_body_bytes'", NULL);
     expect_refused("{\"memory_budget_bytes\": -5}", "'memory_budget_bytes'", NULL);
+    expect_refused("{\"memory_budget_mode\": \"automatic\"}", "'memory_budget_mode'", NULL);
+    expect_refused("{\"memory_reserve_bytes\": -1}", "'memory_reserve_bytes'", NULL);
     expect_refused("{\"host\": \"\"}", "'host'", "empty");
     /* Structure. */
     expect_refused("[1, 2]", "JSON object", NULL);
