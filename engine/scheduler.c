@@ -45,6 +45,13 @@ struct sreq {
     struct sched_timing timing;
 };
 
+/* A step's tokens for a model whose stack follows the budget. The stack
+ * changes only between steps, so a step's length is how long a smaller
+ * budget can wait to take effect; in-place sign products cost about the
+ * same per token in a batch of 32 as of 256 (their work is per token), and
+ * a 256-token prefill step of the default model's stack took ten seconds. */
+#define ELASTIC_STEP_TOKENS 32
+
 /* Swap durations kept for the daemon's histogram until it takes them. */
 #define SWAP_RING 64
 
@@ -414,11 +421,12 @@ static void step(struct sched *s) {
         s->batch_req[n++] = r;
         tokens++;
     }
-    for (int i = 0; i < s->n_running && tokens < MODEL_MAX_BATCH; i++) {   /* then prompt chunks */
+    const int max_tokens = s->elastic ? ELASTIC_STEP_TOKENS : MODEL_MAX_BATCH;
+    for (int i = 0; i < s->n_running && tokens < max_tokens; i++) {   /* then prompt chunks */
         struct sreq *r = s->running[i];
         int left = r->n_replay - r->n_prefilled;
         if (left <= 0) continue;
-        int chunk = left < MODEL_MAX_BATCH - tokens ? left : MODEL_MAX_BATCH - tokens;
+        int chunk = left < max_tokens - tokens ? left : max_tokens - tokens;
         /* A recomputed sequence already sampled the token that follows. */
         int sample = chunk == left && r->gen.n_generated == 0;
         s->batch[n] = (struct batch_seq){&r->kv, r->gen.history + r->n_prefilled, chunk, sample ? r->logits : NULL, 0};
@@ -481,6 +489,7 @@ static void *engine_main(void *arg) {
     for (;;) {
         if (busy && !s->stopping && s->n_running == 0 && s->n_waiting == 0 && !s->cancelled_waiting) {
             pthread_mutex_unlock(&s->lock);
+            fit_stack(s);   /* the memory of the requests that ended goes back to the stack */
             return_freed_memory();
             busy = 0;
             pthread_mutex_lock(&s->lock);

@@ -45,6 +45,19 @@ def rss(pid):
     return 0
 
 
+def mapped_rss(pid, suffix=".gguf"):
+    """Resident bytes of the process's mappings of model files."""
+    total, current = 0, ""
+    with open(f"/proc/{pid}/smaps") as f:
+        for line in f:
+            parts = line.split()
+            if parts and "-" in parts[0] and len(parts) >= 5 and ":" in parts[3]:
+                current = parts[5] if len(parts) > 5 else ""
+            elif line.startswith("Rss:") and current.endswith(suffix):
+                total += int(parts[1]) * 1024
+    return total
+
+
 def memory(s):
     return requests.get(s.url("/admin/memory"), headers=AUTH, timeout=30).json()
 
@@ -104,41 +117,48 @@ def sweep(s, points):
         (mm,) = state["models"]
         rows.append({"budget": b, "stack_bytes": mm["weights"]["stack"]["resident_bytes"],
                      "depth": mm["weights"]["stack"]["depth"], "bpw": mm["weights"]["stack"]["bits_per_weight"],
-                     "weights": mm["weight_bytes"], "rss": rss(s.proc.pid),
+                     "weights": mm["weight_bytes"], "rss": rss(s.proc.pid), "mapped": mapped_rss(s.proc.pid),
                      "prefill": n_prompt / ttft, "decode": (n_gen - 1) / rest if n_gen > 1 else 0})
-    print("| budget (MB) | stack resident (MB) | depth | stack bits/weight | weights (MB) | RSS after (MB) "
-          "| prefill tok/s | decode tok/s |")
-    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| budget (MB) | stack resident (MB) | depth | stack bits/weight | weights (MB) | file pages resident (MB) "
+          "| RSS (MB) | prefill tok/s | decode tok/s |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
         print(f"| {r['budget'] / 1e6:.1f} | {r['stack_bytes'] / 1e6:.1f} | {r['depth']:.2f} | {r['bpw']:.2f} "
-              f"| {r['weights'] / 1e6:.1f} | {r['rss'] / 1e6:.1f} | {r['prefill']:.1f} | {r['decode']:.1f} |")
+              f"| {r['weights'] / 1e6:.1f} | {r['mapped'] / 1e6:.1f} | {r['rss'] / 1e6:.1f} | {r['prefill']:.1f} "
+              f"| {r['decode']:.1f} |")
     return least, most
 
 
-def cycle(s, least, most, seconds, csv):
+def cycle(s, most, seconds, csv):
+    """Four streams run while the budget steps between the least the running requests
+    allow and the whole stack, once a second."""
     put(s, 0)
-    steps = [most, least + (most - least) // 2, least + (most - least) // 8, least + (most - least) // 2, most,
-             least + (most - least) // 8, most]
+    fracs = [1.0, 0.5, 0.0, 0.5, 1.0, 0.1, 0.7, 0.0, 1.0]
     samples, stop = [], threading.Event()
-    budget_now = [most]
+    budget_now = [0]
 
     def sample():
         while not stop.is_set():
-            samples.append((time.monotonic(), budget_now[0], rss(s.proc.pid)))
+            state = memory(s)
+            samples.append((time.monotonic(), budget_now[0], rss(s.proc.pid), mapped_rss(s.proc.pid),
+                            state["weight_bytes"] + state["kv_allocated_bytes"]))
             time.sleep(0.05)
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
+    changes = 0
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
         runs = [pool.submit(timed_stream, s, PROMPT, 400) for _ in range(4)]
         t_end = time.monotonic() + seconds
         i = 0
         while time.monotonic() < t_end and not all(r.done() for r in runs):
-            b = steps[i % len(steps)]
+            least = memory(s)["minimum_bytes"] + (1 << 20)   # a page or two of growth between GET and PUT
+            b = least + int(fracs[i % len(fracs)] * max(0, most - least))
             try:
                 put(s, b)
                 budget_now[0] = b
-            except SystemExit as e:   # below what the running requests hold: the 409 is the point
+                changes += 1
+            except SystemExit as e:
                 print(f"  (refused: {e})", file=sys.stderr)
             i += 1
             time.sleep(1.0)
@@ -146,22 +166,26 @@ def cycle(s, least, most, seconds, csv):
             r.result()
     stop.set()
     sampler.join()
-    state = memory(s)
-    print()
-    print("| budget step (MB) | samples | RSS max (MB) | RSS max − budget (MB) |")
-    print("| ---: | ---: | ---: | ---: |")
+    print(f"\n{changes} budget changes under 4 streams; per budget step:\n")
+    print("| budget (MB) | samples | weights + KV max (MB) | file pages max (MB) | RSS max (MB) | RSS max − budget (MB) |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: |")
     by = {}
-    for _, b, r in samples:
-        by.setdefault(b, []).append(r)
+    for _, b, r, mapped, governed in samples:
+        by.setdefault(b, []).append((r, mapped, governed))
     for b in sorted(by):
-        print(f"| {b / 1e6:.1f} | {len(by[b])} | {max(by[b]) / 1e6:.1f} | {(max(by[b]) - b) / 1e6:+.1f} |")
+        if not b:
+            continue
+        v = by[b]
+        print(f"| {b / 1e6:.1f} | {len(v)} | {max(x[2] for x in v) / 1e6:.1f} | {max(x[1] for x in v) / 1e6:.1f} "
+              f"| {max(x[0] for x in v) / 1e6:.1f} | {(max(x[0] for x in v) - b) / 1e6:+.1f} |")
+    state = memory(s)
     print(f"\nafter the cycle: {json.dumps({k: state[k] for k in ('memory_budget_bytes', 'resident')})}")
     if csv:
         with open(csv, "w") as f:
-            f.write("t,budget,rss\n")
+            f.write("t,budget,rss,file_rss,weights_kv\n")
             t0 = samples[0][0] if samples else 0
-            for t, b, r in samples:
-                f.write(f"{t - t0:.3f},{b},{r}\n")
+            for t, b, r, mapped, governed in samples:
+                f.write(f"{t - t0:.3f},{b},{r},{mapped},{governed}\n")
 
 
 def main():
@@ -172,16 +196,17 @@ def main():
     ap.add_argument("--cycle-seconds", type=float, default=20)
     ap.add_argument("--csv")
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--kv-bits", type=int, default=4)
     a = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        s = Server(a.ebb, "--default-model", "stack", "--verify-models", "stat", "--threads", str(a.threads),
+        s = Server(a.ebb, "--default-model", "stack", "--verify-models", "stat", "--threads", str(a.threads), "--kv-bits", str(a.kv_bits),
                    catalog=os.path.join(tmp, "catalog.db"), model_path=os.path.abspath(a.stack), token=TOKEN,
                    start_timeout=300)
         try:
             s.wait_ready(600)
             print(f"load average {os.getloadavg()[0]:.1f}\n")
-            least, most = sweep(s, a.points)
-            cycle(s, least, most, a.cycle_seconds, a.csv)
+            _, most = sweep(s, a.points)
+            cycle(s, most, a.cycle_seconds, a.csv)
             print(f"\nload average {os.getloadavg()[0]:.1f}")
         finally:
             s.stop()
