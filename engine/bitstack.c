@@ -72,6 +72,8 @@ void bitstack_free(struct bitstack *s) {
     free(s->cum_bytes);
     free(s->scale);
     free(s->depth);
+    free(s->checkpoint_bytes);
+    free(s->checkpoint_ppl);
     free(s);
 }
 
@@ -156,6 +158,50 @@ static int load_order(struct model *m, struct bitstack *s, char *err, size_t err
     return 0;
 }
 
+/* The optional perplexity checkpoints: both keys or neither, of one length,
+ * bytes increasing and within the stack, every perplexity finite and at
+ * least 1 (exp of a mean of non-negative losses). */
+static int load_checkpoints(struct model *m, struct bitstack *s, char *err, size_t errlen) {
+    static const char kb[] = "ebb.bitstack.checkpoint_bytes", kp[] = "ebb.bitstack.checkpoint_ppl";
+    const struct gguf_kv *b = gguf_find(&m->file, kb), *p = gguf_find(&m->file, kp);
+    if (!b && !p) return 0;
+    if (!b || b->type != GGUF_ARRAY || b->arr_type != GGUF_UINT64 || b->arr_n < 1 || b->arr_n > 4096)
+        return load_error(err, errlen, m->file.path, "%s must be 1 to 4096 u64 byte counts", kb);
+    if (!p || p->type != GGUF_ARRAY || p->arr_type != GGUF_FLOAT32 || p->arr_n != b->arr_n)
+        return load_error(err, errlen, m->file.path, "%s must be %llu f32 perplexities, one per checkpoint", kp,
+                          (unsigned long long)b->arr_n);
+    const int n = (int)b->arr_n;
+    s->checkpoint_bytes = malloc((size_t)n * sizeof *s->checkpoint_bytes);
+    s->checkpoint_ppl = malloc((size_t)n * sizeof *s->checkpoint_ppl);
+    if (!s->checkpoint_bytes || !s->checkpoint_ppl) return load_error(err, errlen, m->file.path, "out of memory");
+    const uint64_t total = s->cum_bytes[(size_t)s->n_matrices * s->levels];
+    for (int i = 0; i < n; i++) {
+        memcpy(&s->checkpoint_bytes[i], b->value + (size_t)i * 8, 8);
+        memcpy(&s->checkpoint_ppl[i], p->value + (size_t)i * 4, 4);
+        const uint64_t at = s->checkpoint_bytes[i];
+        if ((i > 0 && at <= s->checkpoint_bytes[i - 1]) || at > total)
+            return load_error(err, errlen, m->file.path, "%s[%d] = %llu is not increasing within the stack's %llu",
+                              kb, i, (unsigned long long)at, (unsigned long long)total);
+        if (!isfinite(s->checkpoint_ppl[i]) || s->checkpoint_ppl[i] < 1)
+            return load_error(err, errlen, m->file.path, "%s[%d] = %g is not a perplexity", kp, i,
+                              (double)s->checkpoint_ppl[i]);
+    }
+    s->n_checkpoints = n;
+    return 0;
+}
+
+float bitstack_ppl_at(const struct bitstack *s, size_t stack_bytes) {
+    const int n = s ? s->n_checkpoints : 0;
+    if (n == 0 || stack_bytes < s->checkpoint_bytes[0]) return NAN;
+    int i = 1;
+    while (i < n && s->checkpoint_bytes[i] <= stack_bytes) i++;
+    if (i == n) return s->checkpoint_ppl[n - 1];
+    /* checkpoint i-1 <= stack_bytes < checkpoint i */
+    const double x0 = (double)s->checkpoint_bytes[i - 1], x1 = (double)s->checkpoint_bytes[i];
+    const double t = ((double)stack_bytes - x0) / (x1 - x0);
+    return (float)((1 - t) * s->checkpoint_ppl[i - 1] + t * s->checkpoint_ppl[i]);
+}
+
 int bitstack_load(struct model *m, char *err, size_t errlen) {
     const struct model_config *c = &m->cfg;
     uint32_t levels = 0;
@@ -196,7 +242,8 @@ int bitstack_load(struct model *m, char *err, size_t errlen) {
         s->matrices[mi] = (struct bitstack_matrix){&s->blocks[(size_t)mi * s->levels], 0,
                                                    s->scale[(mi / BITSTACK_KINDS) * ACT_POINTS +
                                                             bitstack_kind_point((enum bitstack_kind)(mi % BITSTACK_KINDS))]};
-    return load_order(m, s, err, errlen);
+    if (load_order(m, s, err, errlen)) return -1;
+    return load_checkpoints(m, s, err, errlen);
 }
 
 /* The pages of [p, p + n) that lie wholly inside it go back to the kernel

@@ -16,6 +16,11 @@
  * first within a level; a memory budget keeps the longest prefix that fits,
  * so quality follows the budget megabyte by megabyte.
  *
+ * The packer may also record the perplexity it measured at a few prefix
+ * sizes (checkpoints, on calibration windows), so that the runtime can say
+ * what quality a budget buys without measuring: bitstack_ppl_at
+ * interpolates them.
+ *
  * Two ways to compute with the prefix (bitstack_fit), as the model's
  * weights setting says:
  *   native (the default): the blocks are used in place from the file
@@ -86,12 +91,20 @@ struct bitstack {
     int *depth;                      /* [n_matrices]: blocks resident */
     size_t resident_bytes;           /* cum_bytes of the prefix in use */
     int fitted;                      /* bitstack_fit has run */
+    int n_checkpoints;               /* 0 when the file has none */
+    uint64_t *checkpoint_bytes;      /* [n_checkpoints]: prefix bytes (as cum_bytes counts), increasing */
+    float *checkpoint_ppl;           /* [n_checkpoints]: perplexity the packer measured with that prefix */
 };
 
 /* Reads the stack of a "bitstack" file (docs/formats.md) into m->stack,
  * every tensor and the order checked. 0, or -1 with "PATH: problem". */
 int bitstack_load(struct model *m, char *err, size_t errlen);
 void bitstack_free(struct bitstack *s);
+/* The perplexity the file's checkpoints give for a prefix of stack_bytes:
+ * linear in bytes between the two checkpoints around it, the last one's at
+ * or beyond it; NaN when the file has no checkpoints or stack_bytes is below
+ * the first. */
+float bitstack_ppl_at(const struct bitstack *s, size_t stack_bytes);
 /* Keeps the longest prefix of the order whose blocks fit in stack_bytes
  * (SIZE_MAX: all): in place (native weights) or as dense f32 copies (f32
  * weights), and sets m->weight_bytes. Not while a forward pass runs. 0, or

@@ -19,8 +19,9 @@ static void fill_result(struct ppl_result *r, double nll, double nll2, long coun
     r->scored = count;
 }
 
-int perplexity_measure(struct model_run *run, const char *text, size_t len, int n_ctx, int max_windows, int kv_bits,
-                       ppl_progress_fn progress, void *ud, struct ppl_result *r, char *err, size_t errlen) {
+int perplexity_windows(struct model_run *run, const int32_t *tokens, int n_windows, int n_ctx, int32_t bos,
+                       int kv_bits, ppl_progress_fn progress, void *ud, struct ppl_result *r, char *err,
+                       size_t errlen) {
     const struct model *m = model_run_model(run);
     memset(r, 0, sizeof *r);
     if (n_ctx < 8 || n_ctx > m->cfg.n_ctx_train) {
@@ -34,26 +35,10 @@ int perplexity_measure(struct model_run *run, const char *text, size_t len, int 
         return -1;
     }
     int rc = -1;
-    int32_t *tokens = NULL;
-    float *logits = NULL;
     struct kv_cache kv = {0};
-    /* With BOS the stream is [BOS, body...], like llama.cpp's tokenization. */
-    const int n_tokens = tokenizer_encode_with_bos(m->tok, text, len, 0, 1, &tokens);
-    if (n_tokens < 0) {
-        snprintf(err, errlen, "the text is not valid UTF-8");
-        goto out;
-    }
-    const int bos = tokenizer_bos_to_add(m->tok);
-    r->n_tokens = n_tokens;
-
-    int n_windows = n_tokens / n_ctx;
-    if (max_windows > 0 && n_windows > max_windows) n_windows = max_windows;
-    if (n_windows == 0) {
-        snprintf(err, errlen, "the text has %d tokens, fewer than one window of %d", n_tokens, n_ctx);
-        goto out;
-    }
-    logits = malloc((size_t)n_ctx * m->cfg.n_vocab * sizeof(float));
-    if (!logits || kv_cache_init(&kv, &m->cfg, n_ctx, &kv_policy)) {
+    float *logits = malloc((size_t)n_ctx * m->cfg.n_vocab * sizeof(float));
+    int32_t *win = malloc((size_t)n_ctx * sizeof *win);
+    if (!logits || !win || kv_cache_init(&kv, &m->cfg, n_ctx, &kv_policy)) {
         snprintf(err, errlen, "out of memory");
         goto out;
     }
@@ -63,13 +48,10 @@ int perplexity_measure(struct model_run *run, const char *text, size_t len, int 
     const double t0 = ebb_now_seconds();
     if (progress) progress(ud, 0, n_windows, r, 0);
     for (int w = 0; w < n_windows; w++) {
-        int32_t *win = tokens + (size_t)w * n_ctx;
-        const int32_t saved = win[0];
+        memcpy(win, tokens + (size_t)w * n_ctx, (size_t)n_ctx * sizeof *win);
         if (bos >= 0) win[0] = bos;
         kv_cache_clear(&kv);
-        const int frc = model_forward(run, &kv, win, n_ctx, logits, 1);
-        win[0] = saved;
-        if (frc) {
+        if (model_forward(run, &kv, win, n_ctx, logits, 1)) {
             snprintf(err, errlen, "the forward pass failed");
             goto out;
         }
@@ -88,6 +70,30 @@ out:
     kv_cache_free(&kv);
     kv_account_destroy(&kv_policy);
     free(logits);
+    free(win);
+    return rc;
+}
+
+int perplexity_measure(struct model_run *run, const char *text, size_t len, int n_ctx, int max_windows, int kv_bits,
+                       ppl_progress_fn progress, void *ud, struct ppl_result *r, char *err, size_t errlen) {
+    const struct model *m = model_run_model(run);
+    memset(r, 0, sizeof *r);
+    int32_t *tokens = NULL;
+    /* With BOS the stream is [BOS, body...], like llama.cpp's tokenization. */
+    const int n_tokens = tokenizer_encode_with_bos(m->tok, text, len, 0, 1, &tokens);
+    if (n_tokens < 0) {
+        snprintf(err, errlen, "the text is not valid UTF-8");
+        return -1;
+    }
+    int n_windows = n_ctx > 0 ? n_tokens / n_ctx : 0;
+    if (max_windows > 0 && n_windows > max_windows) n_windows = max_windows;
+    int rc = -1;
+    if (n_ctx >= 8 && n_ctx <= m->cfg.n_ctx_train && n_windows == 0)
+        snprintf(err, errlen, "the text has %d tokens, fewer than one window of %d", n_tokens, n_ctx);
+    else
+        rc = perplexity_windows(run, tokens, n_windows, n_ctx, tokenizer_bos_to_add(m->tok), kv_bits, progress, ud,
+                                r, err, errlen);
+    r->n_tokens = n_tokens;
     free(tokens);
     return rc;
 }

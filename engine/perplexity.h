@@ -16,6 +16,7 @@
 #ifndef EBB_ENGINE_PERPLEXITY_H
 #define EBB_ENGINE_PERPLEXITY_H
 #include <stddef.h>
+#include <stdint.h>
 
 struct model_run;
 
@@ -36,4 +37,12 @@ typedef void (*ppl_progress_fn)(void *ud, int done, int total, const struct ppl_
  * kv_bits the model cannot use, out of memory). */
 int perplexity_measure(struct model_run *run, const char *text, size_t len, int n_ctx, int max_windows, int kv_bits,
                        ppl_progress_fn progress, void *ud, struct ppl_result *r, char *err, size_t errlen);
+/* The same scoring over n_windows windows of n_ctx tokens already cut:
+ * tokens holds them one after another, and the first token of each is
+ * replaced by bos when bos >= 0 (the caller's tokens are not changed). What
+ * the packer uses for its checkpoints (tools/pack/bitstack.c), whose windows
+ * are the calibration's. 0, or -1 with err. */
+int perplexity_windows(struct model_run *run, const int32_t *tokens, int n_windows, int n_ctx, int32_t bos,
+                       int kv_bits, ppl_progress_fn progress, void *ud, struct ppl_result *r, char *err,
+                       size_t errlen);
 #endif

@@ -14,11 +14,13 @@
  * plain copy loop on the same threads (bytes read plus bytes written per
  * second, as STREAM's Copy counts them). */
 #include <math.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
 
+#include "engine/bitstack.h"
 #include "engine/generate.h"
 #include "engine/model.h"
 #include "kernels/backend.h"
@@ -46,7 +48,9 @@ static void bench_usage(FILE *out) {
         "  -n N   decode tokens (default 128; 0 skips)\n"
         "  -r R   repetitions (default 3)\n"
         "  --kv-bits N   KV cache precision: 32 (default), 16, 8 or 4\n"
-        "  --weights W   native (default: the file's quantized types, used in place) or f32\n");
+        "  --weights W   native (default: the file's quantized types, used in place) or f32\n"
+        "  --stack-bytes N   a bitstack file: keep the prefix of its stack that fits in N bytes\n"
+        "                (default: all of it)\n");
 }
 
 /* Seconds for one run of the test; -1 on failure. */
@@ -141,10 +145,29 @@ static double copy_bandwidth(struct ebb_pool *pool) {
     return best;
 }
 
+/* --stack-bytes: the prefix of a bitstack file's stack that fits, as `ebb
+ * ppl` keeps it (the bench then reads only those blocks). 0, or the exit
+ * status: 2 for a file without a stack, 1 when the fit fails. */
+static int fit_stack(struct model *m, uint64_t stack_bytes) {
+    char err[512];
+    if (!m->stack) {
+        fprintf(stderr, "ebb bench: --stack-bytes applies to bitstack files only\n");
+        return 2;
+    }
+    if (bitstack_fit(m, stack_bytes > SIZE_MAX ? SIZE_MAX : (size_t)stack_bytes, err, sizeof err)) {
+        fprintf(stderr, "ebb bench: %s\n", err);
+        return 1;
+    }
+    const struct bitstack *s = m->stack;
+    printf("stack: %zu of %zu bytes resident\n", s->resident_bytes, s->cum_bytes[(size_t)s->n_matrices * s->levels]);
+    return 0;
+}
+
 int cmd_bench(int argc, char **argv) {
     const char *model_path = NULL;
     int n_prefill = 512, n_decode = 128, reps = 3, n_threads = 0, kv_bits = 32;
     enum model_weights weights = MODEL_WEIGHTS_NATIVE;
+    uint64_t stack_bytes = UINT64_MAX;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v;
         if (!strcmp(a, "--help") || !strcmp(a, "-h")) { bench_usage(stdout); return 0; }
@@ -156,11 +179,18 @@ int cmd_bench(int argc, char **argv) {
         else if (!strcmp(a, "-t")) { if (cli_int("bench", a, v, 1, 1024, &n_threads)) return 2; }
         else if (!strcmp(a, "--weights")) { if (cli_weights("bench", v, &weights)) return 2; }
         else if (!strcmp(a, "--kv-bits")) { if (cli_int("bench", a, v, 4, 32, &kv_bits)) return 2; }
+        else if (!strcmp(a, "--stack-bytes")) { if (cli_u64("bench", a, v, &stack_bytes)) return 2; }
         else { fprintf(stderr, "ebb bench: unknown option '%s'\n", a); bench_usage(stderr); return 2; }
     }
     struct model m;
     struct model_run *run = cli_load_model("bench", &m, model_path, weights, n_threads);
     if (!run) return 1;
+    const int stack_rc = stack_bytes == UINT64_MAX ? 0 : fit_stack(&m, stack_bytes);
+    if (stack_rc) {
+        model_run_free(run);
+        model_free(&m);
+        return stack_rc;
+    }
     if (n_prefill > m.cfg.n_ctx_train || n_decode > m.cfg.n_ctx_train) {
         fprintf(stderr, "ebb bench: test longer than the model's context (%d)\n", m.cfg.n_ctx_train);
         model_run_free(run);

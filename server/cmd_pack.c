@@ -44,6 +44,12 @@ static void pack_usage(FILE *out) {
         "                        keeps a prefix of; f32 activations); default w4a4\n"
         "  --levels L            bitstack: blocks per matrix (default: enough to pass the source's size)\n"
         "  --rank-bits B         bitstack: bits per weight the low-rank factors cost (default 0.125)\n"
+        "  --bitstack-order O    bitstack: order of the blocks within a level: importance (the largest\n"
+        "                        calibration-weighted error reduction first, default), random (a\n"
+        "                        shuffle drawn from --seed) or uniform (matrix index order)\n"
+        "  --checkpoints N       bitstack: perplexity measured at N prefix sizes from one level to all\n"
+        "                        and stored in the file (default 8; 0: none)\n"
+        "  --checkpoint-windows N  bitstack: calibration windows each checkpoint scores (default 2)\n"
         "  --act-bits 4|8        w4a4 and source: 4 = outlier groups 8-bit, the rest 4-bit;\n"
         "                        8 = every group 8-bit (W4A8); default 4\n"
         "  --weight-quant Q      gptq (default) or rtn (round to nearest, the baseline)\n"
@@ -152,6 +158,9 @@ static void print_summary(const struct pack_options *o, const struct pack_result
     printf("format %s, weights %s, calibration %ld tokens\n", variant_kind(o),
            source ? "the source's blocks, permuted" : o->format == PACK_BITSTACK ? "residual blocks"
            : o->weight_quant == PACK_GPTQ ? "gptq" : "rtn", r->calib_tokens);
+    for (int i = 0; i < r->n_checkpoints; i++)
+        printf("%s %.1f MB of stack: perplexity %.3f on calibration windows\n", i ? "          " : "checkpoint",
+               (double)r->checkpoint_bytes[i] / 1e6, (double)r->checkpoint_ppl[i]);
     if (o->format == PACK_W4A16 || o->format == PACK_BITSTACK || o->act_bits != 4) return;
     printf("8-bit activation groups per layer (%s / %s / %s / %s):\n", act_point_name(ACT_ATTN_IN), act_point_name(ACT_ATTN_OUT), act_point_name(ACT_FFN_IN),
            act_point_name(ACT_FFN_DOWN_IN));
@@ -230,7 +239,7 @@ int cmd_pack(int argc, char **argv) {
     pack_options_default(&o);
     char calib[4096], heldout[4096];
     const char *catalog_flag = NULL, *config_path = NULL;
-    int no_register = 0, no_eval = 0, act8_choice_given = 0;
+    int no_register = 0, no_eval = 0, act8_choice_given = 0, bitstack_flag = 0;
     struct eval_options e = {NULL, 16, 0};
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v;
@@ -263,6 +272,21 @@ int cmd_pack(int argc, char **argv) {
             float b;
             bad = cli_float("pack", a, v, 1e-3, 4, &b);
             o.bitstack_rank_bits = b;
+        } else if (!strcmp(a, "--bitstack-order")) {
+            if (!strcmp(v, "importance")) o.bitstack_order = PACK_ORDER_IMPORTANCE;
+            else if (!strcmp(v, "random")) o.bitstack_order = PACK_ORDER_RANDOM;
+            else if (!strcmp(v, "uniform")) o.bitstack_order = PACK_ORDER_UNIFORM;
+            else {
+                fprintf(stderr, "ebb pack: --bitstack-order must be importance, random or uniform, not '%s'\n", v);
+                return 2;
+            }
+            bitstack_flag = 1;
+        } else if (!strcmp(a, "--checkpoints")) {
+            bad = cli_int("pack", a, v, 0, 4096, &o.bitstack_checkpoints);
+            bitstack_flag = 1;
+        } else if (!strcmp(a, "--checkpoint-windows")) {
+            bad = cli_int("pack", a, v, 1, 1 << 20, &o.bitstack_checkpoint_windows);
+            bitstack_flag = 1;
         } else if (!strcmp(a, "--act8-choice")) {
             if (!strcmp(v, "token")) o.act8_per_token = 1;
             else if (!strcmp(v, "static")) o.act8_per_token = 0;
@@ -300,6 +324,11 @@ int cmd_pack(int argc, char **argv) {
     if (!o.out_path) { fprintf(stderr, "ebb pack: -o FILE is required\n"); return 2; }
     if ((o.format == PACK_W4A16 || o.format == PACK_BITSTACK) && o.act_bits != 4) {
         fprintf(stderr, "ebb pack: --act-bits applies to --format w4a4 and source only\n");
+        return 2;
+    }
+    if (bitstack_flag && o.format != PACK_BITSTACK) {
+        fprintf(stderr, "ebb pack: --bitstack-order, --checkpoints and --checkpoint-windows apply to --format "
+                        "bitstack only\n");
         return 2;
     }
     if (act8_choice_given && (o.format != PACK_SOURCE || o.act_bits != 4)) {

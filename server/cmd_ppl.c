@@ -87,6 +87,10 @@ int cmd_ppl(int argc, char **argv) {
         }
         printf("stack: %zu of %zu bytes resident, %d to %d of %d levels per matrix\n", s->resident_bytes, all, lo,
                hi, s->levels);
+        const float expect = bitstack_ppl_at(s, s->resident_bytes);
+        if (expect == expect)   /* the file's checkpoints cover this prefix */
+            printf("stack: the packer's checkpoints give perplexity %.4f on its calibration windows here\n",
+                   (double)expect);
     }
     int rc = perplexity_measure(run, text, len, n_ctx, max_chunks, kv_bits, print_progress, &st, &r, err, sizeof err);
     free(text);

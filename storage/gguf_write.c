@@ -169,16 +169,30 @@ int gguf_writer_set_f32(struct gguf_writer *w, const char *key, float value) {
     return v ? put_kv(w, key, strlen(key), v, 8) : -1;
 }
 
-int gguf_writer_set_arr_u32(struct gguf_writer *w, const char *key, const uint32_t *values, size_t n) {
-    uint8_t *v = malloc(16 + n * 4);
+/* An array of n fixed-size elements of GGUF type et, stored as given
+ * (little-endian, as the machine's). */
+static int set_arr(struct gguf_writer *w, const char *key, uint32_t et, const void *values, size_t elem, size_t n) {
+    uint8_t *v = malloc(16 + n * elem);
     if (!v) return writer_fail(w, "out of memory");
-    uint32_t t = GGUF_ARRAY, et = GGUF_UINT32;
+    uint32_t t = GGUF_ARRAY;
     uint64_t n64 = n;
     memcpy(v, &t, 4);
     memcpy(v + 4, &et, 4);
     memcpy(v + 8, &n64, 8);
-    if (n) memcpy(v + 16, values, n * 4);
-    return put_kv(w, key, strlen(key), v, 16 + n * 4);
+    if (n) memcpy(v + 16, values, n * elem);
+    return put_kv(w, key, strlen(key), v, 16 + n * elem);
+}
+
+int gguf_writer_set_arr_u32(struct gguf_writer *w, const char *key, const uint32_t *values, size_t n) {
+    return set_arr(w, key, GGUF_UINT32, values, 4, n);
+}
+
+int gguf_writer_set_arr_u64(struct gguf_writer *w, const char *key, const uint64_t *values, size_t n) {
+    return set_arr(w, key, GGUF_UINT64, values, 8, n);
+}
+
+int gguf_writer_set_arr_f32(struct gguf_writer *w, const char *key, const float *values, size_t n) {
+    return set_arr(w, key, GGUF_FLOAT32, values, 4, n);
 }
 
 static uint64_t align_up(uint64_t x) {

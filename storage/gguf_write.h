@@ -38,6 +38,8 @@ int gguf_writer_set_str(struct gguf_writer *w, const char *key, const char *valu
 int gguf_writer_set_u32(struct gguf_writer *w, const char *key, uint32_t value);
 int gguf_writer_set_f32(struct gguf_writer *w, const char *key, float value);
 int gguf_writer_set_arr_u32(struct gguf_writer *w, const char *key, const uint32_t *values, size_t n);
+int gguf_writer_set_arr_u64(struct gguf_writer *w, const char *key, const uint64_t *values, size_t n);
+int gguf_writer_set_arr_f32(struct gguf_writer *w, const char *key, const float *values, size_t n);
 
 /* Adds a tensor of n_dims dimensions (ne[0] contiguous, as GGUF writes them)
  * of an ebb type; nbytes must be exactly the size the type's block geometry

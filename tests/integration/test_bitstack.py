@@ -8,7 +8,12 @@ What is checked, and against what:
   - `ebb ppl --stack-bytes`: the prefix kept is the longest that fits (no bytes: no
     blocks; one level's bytes: one level everywhere; all: every level), and perplexity
     falls as blocks are added, towards the f32 source's;
-  - a damaged directory is refused at load, naming the file and the key.
+  - a damaged directory is refused at load, naming the file and the key;
+  - the perplexity checkpoints the packer measures into the file: from one level to all,
+    bytes increasing, read back by `ebb ppl` (interpolated as bitstack_ppl_at says), the
+    same bytes when packed again, and malformed ones refused naming the key;
+  - `--bitstack-order random` draws the order tools/bitstack_reorder.py draws for the
+    same seed (the ablation's files are what the packer would write).
 """
 import pathlib
 import re
@@ -18,6 +23,7 @@ import pytest
 
 from conftest import run_ebb
 from synthetic_gguf import copy_fields  # noqa: E402  (tools/, on the path through conftest)
+from bitstack_reorder import stack_order  # noqa: E402
 
 gguf = pytest.importorskip("gguf")
 from gguf import quants  # noqa: E402
@@ -46,6 +52,14 @@ def cut_model(src, dst, n_layers):
     w.close()
 
 
+def pack(ebb_bin, src, out, *args):
+    p = run_ebb(ebb_bin, "pack", "-m", str(src), "--format", "bitstack", "--levels", str(LEVELS),
+                "--calib-seqs", "4", "--calib-len", "128", "--no-register", "--no-eval", "-o", str(out), *args,
+                timeout=600)
+    assert p.returncode == 0, p.stderr.decode()
+    return p
+
+
 @pytest.fixture(scope="module")
 def stack(ebb_bin, model_path, tmp_path_factory):
     if not CALIB.exists() or not HELDOUT.exists():
@@ -53,14 +67,21 @@ def stack(ebb_bin, model_path, tmp_path_factory):
     d = tmp_path_factory.mktemp("bitstack")
     src, out = d / "cut2.gguf", d / "cut2.bitstack.gguf"
     cut_model(model_path, src, 2)
-    p = run_ebb(ebb_bin, "pack", "-m", str(src), "--format", "bitstack", "--levels", str(LEVELS),
-                "--calib-seqs", "4", "--calib-len", "128", "--no-register", "--no-eval", "-o", str(out),
-                timeout=600)
-    assert p.returncode == 0, p.stderr.decode()
+    p = pack(ebb_bin, src, out)
     err = p.stderr.decode()
     assert "decomposing" in err and "14/14 matrices" in err, err   # progress, every matrix
+    assert "checkpoints  [8/8]" in err, err
     assert "format bitstack" in p.stdout.decode()
     return src, out
+
+
+def array(fields, key):
+    return [fields[key].parts[i][0].item() for i in fields[key].data]
+
+
+def checkpoints(path):
+    f = gguf.GGUFReader(str(path)).fields
+    return array(f, "ebb.bitstack.checkpoint_bytes"), array(f, "ebb.bitstack.checkpoint_ppl")
 
 
 def ppl(ebb_bin, model, *args):
@@ -119,3 +140,133 @@ def test_a_damaged_directory_is_refused(ebb_bin, stack, tmp_path):
     assert p.returncode != 0 and str(bad) in err and "ebb.bitstack.order is not every block once" in err, err
     p = run_ebb(ebb_bin, "ppl", "-m", str(stack[0]), "-f", str(HELDOUT), "--chunks", "1", "--stack-bytes", "5")
     assert p.returncode == 2 and "bitstack files only" in p.stderr.decode()
+
+
+def stack_bytes(path):
+    r = gguf.GGUFReader(str(path))
+    return sum(int(t.n_bytes) for t in r.tensors if t.name.split(".")[-1] in ("bs_signs", "bs_u", "bs_v"))
+
+
+def test_checkpoints_span_the_stack_and_quality_follows(ebb_bin, stack):
+    _, out = stack
+    f = gguf.GGUFReader(str(out)).fields
+    assert f["ebb.bitstack.checkpoint_bytes"].types == [gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.UINT64]
+    assert f["ebb.bitstack.checkpoint_ppl"].types == [gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.FLOAT32]
+    at, ppl = checkpoints(out)
+    total = stack_bytes(out)
+    assert len(at) == len(ppl) == 8
+    assert at[0] == total // LEVELS and at[-1] == total   # one full level to all
+    assert all(b > a for a, b in zip(at, at[1:]))
+    assert all(np.isfinite(ppl)) and min(ppl) >= 1
+    assert ppl[-1] < ppl[0], ppl   # the whole stack beats one level
+    # `ebb ppl` quotes them, interpolated in bytes between the two around its prefix.
+    mid = (at[2] + at[3]) // 2
+    _, (resident, _), quoted = ppl_run(ebb_bin, out, "--stack-bytes", str(mid))
+    assert at[2] <= resident < at[3]
+    t = (resident - at[2]) / (at[3] - at[2])
+    assert quoted == pytest.approx((1 - t) * ppl[2] + t * ppl[3], rel=1e-4)
+    assert ppl_run(ebb_bin, out, "--stack-bytes", str(at[0] - 1))[2] is None   # below the first: none
+
+
+def ppl_run(ebb_bin, model, *args):
+    p = run_ebb(ebb_bin, "ppl", "-m", str(model), "-f", str(HELDOUT), "--chunks", "1", "--ctx", "64", *args,
+                timeout=600)
+    assert p.returncode == 0, p.stderr.decode()
+    out = p.stdout.decode()
+    m = re.search(r"stack: (\d+) of (\d+) bytes resident", out)
+    q = re.search(r"checkpoints give perplexity ([0-9.]+)", out)
+    return float(re.search(r"PPL = ([0-9.]+)", out).group(1)), tuple(int(x) for x in m.groups()), \
+        float(q.group(1)) if q else None
+
+
+def test_packing_again_writes_the_same_bytes(ebb_bin, stack, tmp_path):
+    src, out = stack
+    again = tmp_path / "again.gguf"
+    pack(ebb_bin, src, again)
+    assert again.read_bytes() == out.read_bytes()
+
+
+def test_random_order_is_the_seeded_shuffle_of_the_reorder_tool(ebb_bin, stack, tmp_path):
+    src, out = stack
+    shuffled = tmp_path / "random.gguf"
+    pack(ebb_bin, src, shuffled, "--bitstack-order", "random", "--seed", "7", "--checkpoints", "0")
+    f = gguf.GGUFReader(str(shuffled)).fields
+    assert "ebb.bitstack.checkpoint_bytes" not in f
+    order = array(f, "ebb.bitstack.order")
+    assert order == stack_order("random", 14, LEVELS, 7)
+    assert order != stack_order("random", 14, LEVELS, 1) != array(gguf.GGUFReader(str(out)).fields,
+                                                                  "ebb.bitstack.order")
+    # A file without checkpoints loads, and quotes none.
+    assert ppl_run(ebb_bin, shuffled)[2] is None
+    p = run_ebb(ebb_bin, "pack", "-m", str(src), "--format", "w4a16", "--checkpoints", "4", "-o",
+                str(tmp_path / "x.gguf"))
+    assert p.returncode == 2 and "bitstack only" in p.stderr.decode()
+
+
+def patched(out, tmp_path, edit):
+    data = bytearray(out.read_bytes())
+    edit(data)
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(bytes(data))
+    return bad
+
+
+def first_element(data, key):
+    return data.index(key) + len(key) + 4 + 4 + 8   # value type, element type, count
+
+
+def rewritten(out, dst, at, ppl):
+    """out with the checkpoint arrays replaced (a length mismatch cannot be patched in place)."""
+    r = gguf.GGUFReader(str(out))
+    w = gguf.GGUFWriter(str(dst), bytes(r.fields["general.architecture"].parts[-1]).decode())
+    copy_fields(r, w, lambda name: not name.startswith("ebb.bitstack.") and name != "general.architecture")
+    # copy_fields lets the gguf package choose an array's element type; the stack's are fixed.
+    w.add_key_value("ebb.bitstack.levels", LEVELS, gguf.GGUFValueType.UINT32)
+    w.add_key_value("ebb.bitstack.order", array(r.fields, "ebb.bitstack.order"), gguf.GGUFValueType.ARRAY,
+                    gguf.GGUFValueType.UINT32)
+    w.add_key_value("ebb.bitstack.checkpoint_bytes", at, gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.UINT64)
+    w.add_key_value("ebb.bitstack.checkpoint_ppl", ppl, gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.FLOAT32)
+    for t in r.tensors:
+        w.add_tensor(t.name, t.data, raw_dtype=t.tensor_type)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return dst
+
+
+def refused(ebb_bin, path):
+    p = run_ebb(ebb_bin, "ppl", "-m", str(path), "-f", str(HELDOUT), "--chunks", "1")
+    assert p.returncode != 0
+    err = p.stderr.decode()
+    assert str(path) in err, err
+    return err
+
+
+def test_malformed_checkpoints_are_refused(ebb_bin, stack, tmp_path):
+    _, out = stack
+    at, ppl = checkpoints(out)
+    kb, kp = b"ebb.bitstack.checkpoint_bytes", b"ebb.bitstack.checkpoint_ppl"
+
+    def swap_bytes(data):
+        i = first_element(data, kb)
+        data[i:i + 16] = data[i + 8:i + 16] + data[i:i + 8]
+    assert "checkpoint_bytes[1]" in refused(ebb_bin, patched(out, tmp_path, swap_bytes))
+
+    def nan_ppl(data):
+        i = first_element(data, kp) + 4 * 3
+        data[i:i + 4] = np.array([np.nan], dtype="<f4").tobytes()
+    assert "checkpoint_ppl[3] = nan is not a perplexity" in refused(ebb_bin, patched(out, tmp_path, nan_ppl))
+
+    def only_ppl(data):   # the bytes key renamed away: the perplexities alone
+        i = data.index(kb)
+        data[i:i + len(kb)] = b"ebb.bitstack.checkpoint_bytez"
+    assert "ebb.bitstack.checkpoint_bytes must be" in refused(ebb_bin, patched(out, tmp_path, only_ppl))
+
+    short = rewritten(out, tmp_path / "short.gguf", at, ppl[:-1])
+    assert "ebb.bitstack.checkpoint_ppl must be 8 f32" in refused(ebb_bin, short)
+    beyond = rewritten(out, tmp_path / "beyond.gguf", at[:-1] + [at[-1] + 1], ppl)
+    assert "not increasing within the stack" in refused(ebb_bin, beyond)
+    # The same rewrite with the file's own values loads and quotes them.
+    same = rewritten(out, tmp_path / "same.gguf", at, ppl)
+    assert ppl_run(ebb_bin, same, "--stack-bytes", str(at[-1]))[2] == pytest.approx(ppl[-1], rel=1e-4)

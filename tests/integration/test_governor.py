@@ -162,6 +162,8 @@ def test_the_stack_follows_the_budget_while_streams_run(srv, ebb_bin, source_fil
     st = m["weights"]["stack"]
     assert m["weights"]["kind"] == "bitstack" and st["levels"] == LEVELS
     assert st["resident_bytes"] == st["full_bytes"] and st["blocks_resident"] == st["blocks_total"]
+    # The packer's checkpoints: the perplexity it measured at this prefix (the whole stack).
+    assert st["perplexity"] is not None and st["perplexity"] > 1, st
     fixed = m["weight_bytes"] - st["resident_bytes"]
     assert idle["minimum_bytes"] > fixed + st["min_bytes"]   # and the smallest request's KV
     full = fixed + st["full_bytes"]
@@ -218,12 +220,15 @@ def test_the_stack_follows_the_budget_while_streams_run(srv, ebb_bin, source_fil
 def test_a_shrink_grow_cycle_gives_the_same_answers_back(srv):
     prompts = PROMPTS[:3]
     assert put(srv, {"budget": 0}).status_code == 200
+    full_ppl = model_of(memory(srv))["weights"]["stack"]["perplexity"]
     before = greedy(srv, prompts)
     least = memory(srv)["minimum_bytes"]
     assert put(srv, {"budget": least}).status_code == 200
     state = memory(srv)
-    # One level, and (idle) the smallest request's KV in blocks of the next.
+    # One level, and (idle) the smallest request's KV in blocks of the next; what the
+    # packer measured there is worse than with the whole stack.
     assert 1.0 <= model_of(state)["weights"]["stack"]["depth"] < 2.0, state
+    assert model_of(state)["weights"]["stack"]["perplexity"] > full_ppl, state
     small = greedy(srv, prompts)
     assert put(srv, {"budget": 0}).status_code == 200
     assert greedy(srv, prompts) == before

@@ -223,7 +223,69 @@ static void test_linear_matches_dense(void) {
     free(dense);
 }
 
+/* Level by level, every block once: what bitstack_load demands of any order. */
+static int level_major(const uint32_t *order, int n_matrices, int levels) {
+    const int n = n_matrices * levels;
+    int *seen = calloc((size_t)n, sizeof *seen), ok = 1;
+    for (int i = 0; i < n; i++) {
+        ok &= order[i] < (uint32_t)n && !seen[order[i]] && (int)(order[i] % (uint32_t)levels) == i / n_matrices;
+        if (order[i] < (uint32_t)n) seen[order[i]] = 1;
+    }
+    free(seen);
+    return ok;
+}
+
+static void test_orders(void) {
+    enum { M = 12, L = 3, N = M * L };
+    double gain[N];
+    for (int b = 0; b < N; b++) gain[b] = (double)((b * 7) % 11) + 0.5 * (b % L == 0);   /* ties on purpose */
+    uint32_t imp[N], uni[N], r1[N], r1b[N], r2[N];
+    CHECK(pack_bitstack_order(PACK_ORDER_IMPORTANCE, M, L, gain, 1, imp) == 0);
+    CHECK(pack_bitstack_order(PACK_ORDER_UNIFORM, M, L, gain, 1, uni) == 0);
+    CHECK(pack_bitstack_order(PACK_ORDER_RANDOM, M, L, gain, 1, r1) == 0);
+    CHECK(pack_bitstack_order(PACK_ORDER_RANDOM, M, L, gain, 1, r1b) == 0);
+    CHECK(pack_bitstack_order(PACK_ORDER_RANDOM, M, L, gain, 2, r2) == 0);
+    CHECK(level_major(imp, M, L) && level_major(uni, M, L) && level_major(r1, M, L) && level_major(r2, M, L));
+    /* Importance: within a level, gains never rise; equal gains keep block order. */
+    int sorted = 1, plain = 1;
+    for (int i = 1; i < N; i++)
+        if (i % M) {
+            sorted &= gain[imp[i - 1]] > gain[imp[i]] || (gain[imp[i - 1]] == gain[imp[i]] && imp[i - 1] < imp[i]);
+        }
+    for (int i = 0; i < N; i++) plain &= uni[i] == (uint32_t)((i % M) * L + i / M);
+    CHECK_MSG(sorted, "importance order must sort each level by gain");
+    CHECK_MSG(plain, "uniform order must be matrix index order within each level");
+    /* Random: the seed names the order; another seed gives another, and
+     * neither is the plain order. */
+    CHECK(memcmp(r1, r1b, sizeof r1) == 0);
+    CHECK(memcmp(r1, r2, sizeof r1) != 0);
+    CHECK(memcmp(r1, uni, sizeof r1) != 0 && memcmp(r2, uni, sizeof r2) != 0);
+}
+
+static void test_ppl_at(void) {
+    struct bitstack s = {0};
+    CHECK(isnan(bitstack_ppl_at(&s, 100)));   /* no checkpoints */
+    CHECK(isnan(bitstack_ppl_at(NULL, 100)));
+    uint64_t bytes[3] = {100, 200, 400};
+    float ppl[3] = {50.0f, 30.0f, 20.0f};
+    s.n_checkpoints = 3;
+    s.checkpoint_bytes = bytes;
+    s.checkpoint_ppl = ppl;
+    CHECK(isnan(bitstack_ppl_at(&s, 99)));    /* below the first */
+    CHECK(bitstack_ppl_at(&s, 100) == 50.0f);
+    CHECK(fabsf(bitstack_ppl_at(&s, 150) - 40.0f) < 1e-4f);
+    CHECK(bitstack_ppl_at(&s, 200) == 30.0f);
+    CHECK(fabsf(bitstack_ppl_at(&s, 300) - 25.0f) < 1e-4f);
+    CHECK(fabsf(bitstack_ppl_at(&s, 399) - 20.05f) < 1e-3f);
+    CHECK(bitstack_ppl_at(&s, 400) == 20.0f);
+    CHECK(bitstack_ppl_at(&s, 1u << 30) == 20.0f);   /* beyond the stack: all of it */
+    s.n_checkpoints = 1;
+    CHECK(bitstack_ppl_at(&s, 100) == 50.0f && bitstack_ppl_at(&s, 5000) == 50.0f && isnan(bitstack_ppl_at(&s, 0)));
+}
+
 int main(void) {
+    test_orders();
+    test_ppl_at();
     test_rank_rule();
     test_exact_rank_one();
     test_decomposition(64, 96, 1, 10);

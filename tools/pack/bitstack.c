@@ -24,6 +24,17 @@
  * is far better approximated at low rank than R, whose signs look like
  * noise; the one bit a weight buys the noise back.
  *
+ * Stack order: level by level always (no matrix gets its k+1-th block before
+ * every matrix has its k-th); within a level by importance (the error each
+ * block takes away, weighted by the activation scales), or for the order
+ * ablation a seeded shuffle or plain matrix order (pack_bitstack_order).
+ *
+ * Checkpoints: once the file is written, the packer loads it back as the
+ * runtime would (in place) and measures perplexity on a few calibration
+ * windows at prefix sizes from one level to all (pack_bitstack_checkpoints);
+ * pack.c then writes the file again with them (the writer still holds
+ * everything), so the runtime can quote quality at any budget.
+ *
  * SVD: LAPACK's sgesvdx computes only the r leading triplets; single
  * precision is enough for factors that end in f16.
  *
@@ -33,6 +44,7 @@
 
 #include "engine/bitstack.h"
 #include "engine/generate.h"
+#include "engine/perplexity.h"
 #include "storage/gguf_write.h"
 
 #include <lapacke.h>
@@ -178,14 +190,44 @@ static int add_matrix_tensors(struct gguf_writer *gw, int layer, enum bitstack_k
     return rc;
 }
 
-/* Stack order: level by level; within a level the blocks that take the
- * most activation-weighted error away first. */
+/* Importance order: level by level; within a level the blocks that take the
+ * most activation-weighted error away first (ties: lower block first). */
 struct ranked { uint32_t block; int level; double gain; };
 static int by_level_then_gain(const void *a, const void *b) {
     const struct ranked *x = a, *y = b;
     if (x->level != y->level) return x->level - y->level;
     if (x->gain != y->gain) return x->gain > y->gain ? -1 : 1;
     return x->block < y->block ? -1 : x->block > y->block;
+}
+
+int pack_bitstack_order(enum pack_bitstack_order kind, int n_matrices, int levels, const double *gain, uint64_t seed,
+                        uint32_t *order) {
+    const size_t n = (size_t)n_matrices * levels;
+    if (kind == PACK_ORDER_IMPORTANCE) {
+        struct ranked *r = malloc(n * sizeof *r);
+        if (!r) return -1;
+        for (size_t b = 0; b < n; b++) r[b] = (struct ranked){(uint32_t)b, (int)(b % (size_t)levels), gain[b]};
+        qsort(r, n, sizeof *r, by_level_then_gain);
+        for (size_t i = 0; i < n; i++) order[i] = r[i].block;
+        free(r);
+        return 0;
+    }
+    /* Uniform: matrix index order within each level; random: each level's
+     * list shuffled (Fisher-Yates from the end), one generator for all
+     * levels, so tools/bitstack_reorder.py can draw the same. */
+    uint64_t state = seed;
+    for (int l = 0; l < levels; l++) {
+        uint32_t *lv = order + (size_t)l * n_matrices;
+        for (int mi = 0; mi < n_matrices; mi++) lv[mi] = (uint32_t)((size_t)mi * levels + l);
+        if (kind != PACK_ORDER_RANDOM) continue;
+        for (int i = n_matrices - 1; i > 0; i--) {
+            const int j = (int)(pack_splitmix64(&state) % (uint64_t)(i + 1));
+            const uint32_t t = lv[i];
+            lv[i] = lv[j];
+            lv[j] = t;
+        }
+    }
+    return 0;
 }
 
 static void progress_matrices(int done, int total, double elapsed) {
@@ -204,14 +246,14 @@ int pack_write_bitstack(struct gguf_writer *gw, const struct model *m, const str
     const int levels = o->bitstack_levels, n_matrices = c->n_layer * BITSTACK_KINDS;
     const size_t n_blocks = (size_t)n_matrices * levels;
     int widest = c->n_ff > c->n_embd ? c->n_ff : c->n_embd;
-    struct ranked *rank_of = malloc(n_blocks * sizeof *rank_of);
+    double *gain = calloc(n_blocks, sizeof *gain);
     uint32_t *order = malloc(n_blocks * sizeof *order);
     struct bitstack_level *lv = calloc((size_t)levels, sizeof *lv);
     double *residual = malloc((size_t)levels * sizeof *residual);
     float *scale = malloc((size_t)widest * sizeof *scale);
     size_t stack_bytes = 0, stack_elems = 0;
     int rc = -1;
-    if (!rank_of || !order || !lv || !residual || !scale) {
+    if (!gain || !order || !lv || !residual || !scale) {
         snprintf(err, errlen, "out of memory");
         goto out;
     }
@@ -260,8 +302,7 @@ int pack_write_bitstack(struct gguf_writer *gw, const struct model *m, const str
             double before = start;
             for (int lev = 0; lev < levels; lev++) {
                 const double after = residual[lev] * residual[lev];
-                rank_of[(size_t)mi * levels + lev] = (struct ranked){(uint32_t)((size_t)mi * levels + lev), lev,
-                                                                     before - after};
+                gain[(size_t)mi * levels + lev] = before - after;
                 before = after;
             }
             stack_bytes += (size_t)levels * bitstack_block_bytes(rows, cols, rank);
@@ -275,18 +316,84 @@ int pack_write_bitstack(struct gguf_writer *gw, const struct model *m, const str
             if (o->progress) progress_matrices(mi + 1, n_matrices, ebb_now_seconds() - t0);
         }
     }
-    qsort(rank_of, n_blocks, sizeof *rank_of, by_level_then_gain);
-    for (size_t i = 0; i < n_blocks; i++) order[i] = rank_of[i].block;
+    if (pack_bitstack_order(o->bitstack_order, n_matrices, levels, gain, o->seed, order)) {
+        snprintf(err, errlen, "out of memory");
+        goto out;
+    }
     gguf_writer_set_str(gw, "ebb.format", "bitstack");
     gguf_writer_set_u32(gw, "ebb.bitstack.levels", (uint32_t)levels);
     gguf_writer_set_arr_u32(gw, "ebb.bitstack.order", order, n_blocks);
     r->linear_bpw = stack_elems ? 8.0 * (double)stack_bytes / (double)stack_elems : 0;
     rc = 0;
 out:
-    free(rank_of);
+    free(gain);
     free(order);
     free(lv);
     free(residual);
     free(scale);
+    return rc;
+}
+
+/* ------------------------------------------------------------- checkpoints */
+
+/* The prefix sizes to measure: n targets evenly spaced in bytes from one
+ * full level (the order's first n_matrices blocks) to the whole stack, each
+ * taken down to the longest prefix that fits (what bitstack_fit keeps);
+ * targets that land on the same prefix are measured once. Returns how many. */
+static int checkpoint_targets(const struct bitstack *s, int n, uint64_t *bytes) {
+    const size_t blocks = (size_t)s->n_matrices * s->levels;
+    const double lo = (double)s->cum_bytes[s->n_matrices], hi = (double)s->cum_bytes[blocks];
+    int k = 0;
+    size_t at = 0;
+    for (int i = 0; i < n; i++) {
+        const double want = n > 1 ? lo + (hi - lo) * i / (n - 1) : hi;
+        while (at < blocks && (double)s->cum_bytes[at + 1] <= want + 0.5) at++;
+        if (k == 0 || s->cum_bytes[at] > bytes[k - 1]) bytes[k++] = s->cum_bytes[at];
+    }
+    return k;
+}
+
+int pack_bitstack_checkpoints(const char *path, const int32_t *windows, int n_windows, int len, int32_t bos,
+                              int n_checkpoints, int n_threads, int progress, uint64_t **bytes_out, float **ppl_out,
+                              int *n_out, char *err, size_t errlen) {
+    struct model m;
+    *bytes_out = NULL;
+    *ppl_out = NULL;
+    *n_out = 0;
+    if (model_load(&m, path, MODEL_WEIGHTS_NATIVE, err, errlen)) return -1;
+    struct model_run *run = model_run_new(&m, n_threads);
+    uint64_t *bytes = malloc((size_t)n_checkpoints * sizeof *bytes);
+    float *ppl = malloc((size_t)n_checkpoints * sizeof *ppl);
+    int rc = -1;
+    if (!run || !bytes || !ppl || !m.stack) {
+        snprintf(err, errlen, m.stack ? "out of memory or threads" : "%s holds no stack", path);
+        goto out;
+    }
+    const int n = checkpoint_targets(m.stack, n_checkpoints, bytes);
+    const double t0 = ebb_now_seconds();
+    for (int i = 0; i < n; i++) {
+        struct ppl_result r;
+        /* Increasing prefixes: each fit only adds blocks. */
+        if (bitstack_fit(&m, (size_t)bytes[i], err, errlen) ||
+            perplexity_windows(run, windows, n_windows, len, bos, 32, NULL, NULL, &r, err, errlen))
+            goto out;
+        ppl[i] = (float)r.ppl;
+        if (progress) {
+            fprintf(stderr, "\rcheckpoints  [%d/%d] %.1f MB: perplexity %.3f  %.0f s", i + 1, n, bytes[i] / 1e6,
+                    r.ppl, ebb_now_seconds() - t0);
+            if (i + 1 == n) fputc('\n', stderr);
+        }
+    }
+    *bytes_out = bytes;
+    *ppl_out = ppl;
+    *n_out = n;
+    bytes = NULL;
+    ppl = NULL;
+    rc = 0;
+out:
+    free(bytes);
+    free(ppl);
+    model_run_free(run);
+    model_free(&m);
     return rc;
 }

@@ -103,7 +103,7 @@ void pack_calib_capture(void *ud, int layer, enum act_point point, const float *
     }
 }
 
-static uint64_t splitmix64(uint64_t *state) {
+uint64_t pack_splitmix64(uint64_t *state) {
     uint64_t z = (*state += 0x9e3779b97f4a7c15ull);
     z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
     z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
@@ -120,7 +120,7 @@ int pack_sample_windows(const int32_t *tokens, int n_tokens, int n_seqs, int len
     const int take = n_seqs < n_win ? n_seqs : n_win;
     uint64_t state = seed;
     for (int i = 0; i < take; i++) {   /* partial Fisher-Yates */
-        int j = i + (int)(splitmix64(&state) % (uint64_t)(n_win - i));
+        int j = i + (int)(pack_splitmix64(&state) % (uint64_t)(n_win - i));
         int tmp = order[i];
         order[i] = order[j];
         order[j] = tmp;

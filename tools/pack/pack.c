@@ -48,11 +48,16 @@ void pack_options_default(struct pack_options *o) {
     o->head_bits = 8;
     o->act8_per_token = 1;
     o->bitstack_rank_bits = 0.125;
+    o->bitstack_order = PACK_ORDER_IMPORTANCE;
+    o->bitstack_checkpoints = 8;
+    o->bitstack_checkpoint_windows = 2;
 }
 
 void pack_result_free(struct pack_result *r) {
     free(r->act8_groups);
     free(r->act_groups);
+    free(r->checkpoint_bytes);
+    free(r->checkpoint_ppl);
     memset(r, 0, sizeof *r);
 }
 
@@ -460,14 +465,32 @@ static int pack_requantize(struct gguf_writer *gw, const struct model *m, struct
     return 0;
 }
 
+/* A stack's perplexity checkpoints, measured on the file just written (the
+ * first calibration windows), then the file written again with them: the
+ * metadata precedes the tensors, and the writer still holds both. The
+ * measurement is deterministic, so the same inputs give the same bytes. */
+static int add_checkpoints(struct gguf_writer *gw, const struct model *m, const struct pack_options *o,
+                           const int32_t *windows, int n_seqs, struct pack_result *r, char *err, size_t errlen) {
+    const int n_win = o->bitstack_checkpoint_windows < n_seqs ? o->bitstack_checkpoint_windows : n_seqs;
+    if (pack_bitstack_checkpoints(o->out_path, windows, n_win, o->calib_len, tokenizer_bos_to_add(m->tok),
+                                  o->bitstack_checkpoints, o->n_threads, o->progress, &r->checkpoint_bytes,
+                                  &r->checkpoint_ppl, &r->n_checkpoints, err, errlen))
+        return -1;
+    gguf_writer_set_arr_u64(gw, "ebb.bitstack.checkpoint_bytes", r->checkpoint_bytes, (size_t)r->n_checkpoints);
+    gguf_writer_set_arr_f32(gw, "ebb.bitstack.checkpoint_ppl", r->checkpoint_ppl, (size_t)r->n_checkpoints);
+    return gguf_writer_write(gw, o->out_path, err, errlen);
+}
+
 int pack_run(const struct pack_options *o, struct pack_result *r, char *err, size_t errlen) {
     memset(r, 0, sizeof *r);
     err[0] = 0;
     const double t0 = ebb_now_seconds();
     const int source = o->format == PACK_SOURCE, bitstack = o->format == PACK_BITSTACK;
     if (bitstack && (o->bitstack_levels < 0 || o->bitstack_levels > 64 || !(o->bitstack_rank_bits > 0) ||
-                     o->bitstack_rank_bits > 4)) {
-        snprintf(err, errlen, "bitstack levels must be 1 to 64 and rank bits in (0, 4]");
+                     o->bitstack_rank_bits > 4 || o->bitstack_checkpoints < 0 || o->bitstack_checkpoints > 4096 ||
+                     o->bitstack_checkpoint_windows < 1)) {
+        snprintf(err, errlen, "bitstack levels must be 1 to 64, rank bits in (0, 4], checkpoints 0 to 4096 over at "
+                              "least one window");
         return -1;
     }
     if (o->format != PACK_W4A16 && o->act_bits != 4 && o->act_bits != 8) {
@@ -586,6 +609,9 @@ int pack_run(const struct pack_options *o, struct pack_result *r, char *err, siz
     write_metadata(gw, &m, o, calibration, r);
 
     if (gguf_writer_write(gw, o->out_path, err, errlen)) goto out;
+    if (bitstack && o->bitstack_checkpoints > 0 &&
+        add_checkpoints(gw, &m, o, windows, n_seqs, r, err, errlen))
+        goto out;
     r->file_bytes = gguf_writer_size(gw);
     uint64_t params = 0;
     for (uint64_t i = 0; i < m.file.n_tensors; i++) params += m.file.tensors[i].n_elems;

@@ -91,6 +91,10 @@ void pack_calib_free(struct pack_calib *c);
 /* The capture hook (engine/model.h act_capture_fn) that feeds a pack_calib. */
 void pack_calib_capture(void *ud, int layer, enum act_point point, const float *x, int n_tok, int n);
 
+/* The packer's deterministic generator (splitmix64): the next 64 bits of
+ * the stream *state names. */
+uint64_t pack_splitmix64(uint64_t *state);
+
 /* Picks n_seqs windows of len tokens out of a token stream, without
  * replacement from its len-aligned windows, in an order fixed by seed; with
  * bos >= 0 every window starts with it (as `ebb ppl` does). out holds
@@ -184,6 +188,10 @@ int pack_write_source(struct gguf_writer *gw, const struct model *m, const struc
 
 enum pack_format { PACK_W4A4 = 0, PACK_W4A16 = 1, PACK_SOURCE = 2, PACK_BITSTACK = 3 };
 enum pack_weight_quant { PACK_GPTQ = 0, PACK_RTN = 1 };
+/* Order of the blocks within a level of a stack (bitstack.c): the largest
+ * calibration-weighted error reduction first, a shuffle seeded by the
+ * options' seed, or matrix index order. */
+enum pack_bitstack_order { PACK_ORDER_IMPORTANCE = 0, PACK_ORDER_RANDOM = 1, PACK_ORDER_UNIFORM = 2 };
 
 struct pack_options {
     const char *model_path;
@@ -203,6 +211,9 @@ struct pack_options {
                                    * default), else the blocks ranked first by calibration */
     int bitstack_levels;          /* bitstack: levels per matrix; 0: enough to pass the source's size */
     double bitstack_rank_bits;    /* bitstack: bits per weight the low-rank factors may cost */
+    enum pack_bitstack_order bitstack_order;
+    int bitstack_checkpoints;     /* bitstack: perplexity checkpoints measured into the file (0: none) */
+    int bitstack_checkpoint_windows;   /* calibration windows each checkpoint scores */
 };
 
 /* A vector of n floats (F32) and a [rows][cols] matrix quantized to Q8_0,
@@ -226,6 +237,9 @@ struct pack_result {
     int n_layer;
     uint32_t *act8_groups;        /* [n_layer * ACT_POINTS] as written */
     uint32_t *act_groups;         /* [n_layer * ACT_POINTS] groups of each point */
+    int n_checkpoints;            /* bitstack: the checkpoints written (0: none) */
+    uint64_t *checkpoint_bytes;
+    float *checkpoint_ppl;
     double seconds;
 };
 void pack_result_free(struct pack_result *r);
@@ -260,6 +274,22 @@ void bitstack_level_free(struct bitstack_level *l);
  * blocks ordered level by level and by importance within a level (see
  * bitstack.c), the Q8_0 embedding and head and the f32 norms; fills r's
  * linear_bpw (of the whole stack). 0, or -1 with err. */
+/* The stack order (enum pack_bitstack_order) of n_matrices * levels blocks
+ * into order: gain[block] is what each block takes away (importance only;
+ * block = matrix * levels + level), seed draws the random order. Always
+ * level by level. 0, or -1 when out of memory. */
+int pack_bitstack_order(enum pack_bitstack_order kind, int n_matrices, int levels, const double *gain, uint64_t seed,
+                        uint32_t *order);
+/* Loads the stack file at path (native weights) and measures perplexity
+ * over n_windows windows of len tokens (one after another in windows; first
+ * token replaced by bos when >= 0) at up to n_checkpoints prefix sizes,
+ * evenly spaced in bytes from one full level to all of the stack (fewer when
+ * two land on the same prefix). *bytes_out (prefix bytes, increasing, the
+ * last the whole stack) and *ppl_out are malloc'd, *n_out their length. 0,
+ * or -1 with err. */
+int pack_bitstack_checkpoints(const char *path, const int32_t *windows, int n_windows, int len, int32_t bos,
+                              int n_checkpoints, int n_threads, int progress, uint64_t **bytes_out, float **ppl_out,
+                              int *n_out, char *err, size_t errlen);
 int pack_write_bitstack(struct gguf_writer *gw, const struct model *m, const struct pack_calib *cal,
                         const struct pack_options *o, struct pack_result *r, char *err, size_t errlen);
 

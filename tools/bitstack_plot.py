@@ -1,0 +1,81 @@
+#!/usr/bin/env python3
+"""Plots tools/bitstack_sweep.sh's CSVs: held-out perplexity against the bits a weight the
+layer matrices cost, a stack at its budgets (one line per order) beside the baselines, for
+docs/benchmarks.md.
+
+The x axis is the layer matrices' bytes over their weights, so a stack prefix and a
+quantized copy sit where they cost the same: a prefix's resident bytes times 8 over the
+weights of the stack's matrices (counted from its sign tensors: one bit a weight a level);
+round-to-nearest at b bits in groups of 64 costs b + 0.5 (two f16 a group), a Q4_1 source
+5 (20 bytes a block of 32). f32 is drawn as a line: 32 bits a weight is off the scale.
+Perplexity is on a log axis: the stack's one-level prefix is orders of magnitude worse
+than its last.
+
+    tools/bitstack_plot.py ablation.csv budgets.csv baselines.csv -o docs/bitstack_sweep.png
+"""
+import argparse
+import csv
+
+import gguf
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+BASELINE_BPW = {"source": 5.0, "rtn2": 2.5, "rtn3": 3.5, "rtn4": 4.5}
+
+
+def stack_weights(path):
+    """Weights of the stack's matrices: each level's sign tensor holds one bit of each."""
+    r = gguf.GGUFReader(path)
+    levels = int(r.fields["ebb.bitstack.levels"].parts[-1][0])
+    return sum(int(t.n_bytes) * 8 for t in r.tensors if t.name.endswith(".bs_signs")) // levels
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("csv", nargs="+")
+    ap.add_argument("-o", "--output", required=True)
+    a = ap.parse_args()
+    rows = []
+    for path in a.csv:
+        with open(path) as f:
+            rows += list(csv.DictReader(f))
+    weights = {}
+    series = {}
+    for r in rows:
+        if r["resident_bytes"]:
+            if r["file"] not in weights:
+                weights[r["file"]] = stack_weights(r["file"])
+            bpw = 8 * int(r["resident_bytes"]) / weights[r["file"]]
+        else:
+            bpw = BASELINE_BPW.get(r["kind"])
+        key = r["kind"] if r["resident_bytes"] else ("rtn" if r["kind"].startswith("rtn") else r["kind"])
+        series.setdefault(key, {})[bpw] = float(r["ppl"])   # a repeated point: the last run counts
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    styles = {"importance": ("o-", "stack, importance order"), "random": ("s--", "stack, random order"),
+              "uniform": ("^:", "stack, matrix order (uniform)"), "rtn": ("D-", "round to nearest, g64"),
+              "source": ("*", "Q4_1 source")}
+    for key, (style, label) in styles.items():
+        if key in series:
+            pts = sorted(series[key].items())
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=label, markersize=7)
+            if key == "rtn":
+                for x, y in pts:
+                    ax.annotate(f"{x - 0.5:.0f} bits", (x, y),
+                                textcoords="offset points", xytext=(4, 4), fontsize=8)
+    if "f32" in series:
+        ax.axhline(next(iter(series["f32"].values())), color="gray", lw=1, ls="-.", label="f32 source")
+    ax.set_yscale("log")
+    ax.set_xlabel("bits a weight of the layer matrices")
+    ax.set_ylabel("perplexity, held-out text (log)")
+    ax.set_title("SmolLM2-135M: BitStack prefixes against round to nearest")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(a.output, dpi=110)
+    print(f"wrote {a.output}")
+
+
+if __name__ == "__main__":
+    main()
