@@ -15,6 +15,10 @@
  *   - Above that, each model gets its minimum plus an equal part of the
  *     rest (its share). Equal parts keep the rule one line long; a model
  *     whose stack is whole leaves its part to its KV cache.
+ *   - A served file that has a stack packed from it (its variant) is the
+ *     top of a two-rung ladder: it computes with its own weights while they
+ *     fit beside the KV, with the stack otherwise (governor_use_source); its
+ *     least is the stack's.
  *   - Inside a share the KV cache comes first: admitted requests keep every
  *     position they reserve, up to all the share but fixed weights and one
  *     level; the stack keeps the longest prefix of what the KV leaves. So a
@@ -40,6 +44,7 @@ struct governor_model {
     size_t stack_full_bytes;   /* the whole stack (0: no stack) */
     size_t kv_min_bytes;       /* the KV of its smallest request */
     size_t kv_held_bytes;      /* the KV its admitted requests reserve now */
+    size_t source_bytes;       /* a served file with a BitStack variant: its own weights (0: none) */
 };
 
 /* The least budget that serves every model without ending a request. */
@@ -52,6 +57,14 @@ void governor_split(uint64_t budget, const struct governor_model *m, int n, uint
  * rounds down to a prefix of the order). */
 size_t governor_kv_budget(const struct governor_model *m, uint64_t share);
 size_t governor_stack_target(const struct governor_model *m, uint64_t share, size_t kv_held);
+
+/* A served file with a stack packed from it computes with its own weights
+ * whenever they fit the share beside the KV held -- the stack only
+ * approximates them -- and with the stack otherwise. on_source: what it
+ * computes with now; going back to the file takes a margin (1/16 of its
+ * weights) so that the KV of one more request does not flip it back and
+ * forth. */
+int governor_use_source(const struct governor_model *m, uint64_t share, size_t kv_held, int on_source);
 
 /* Memory this process could still take: the least headroom (memory.max
  * minus memory.current) of its cgroup v2 and the cgroup's ancestors that set

@@ -111,6 +111,10 @@ struct model {
  * "PATH: problem" in err. */
 int model_load(struct model *m, const char *path, enum model_weights weights, char *err, size_t errlen);
 void model_free(struct model *m);
+/* Hands the pages of the model's file mapping back to the kernel (they are
+ * read again from the file when used): for a model that stops computing
+ * while it stays loaded. Safe at any time no pass of it runs. */
+void model_release_pages(const struct model *m);
 
 /* A caller's state for running a model: its worker pool (n_threads <= 0:
  * one per core), the scratch of a forward pass, and the calibration hook.

@@ -13,6 +13,7 @@
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <sys/mman.h>
 #include <string.h>
 
 #include "engine/bitstack.h"
@@ -392,6 +393,10 @@ fail:
 static void matrix_free(struct matrix *w) {
     free(w->owned);
     memset(w, 0, sizeof *w);
+}
+
+void model_release_pages(const struct model *m) {
+    if (m->file.map && m->file.size) madvise((void *)m->file.map, m->file.size, MADV_DONTNEED);
 }
 
 void model_free(struct model *m) {

@@ -56,7 +56,7 @@ struct sreq {
 #define SWAP_RING 64
 
 struct sched {
-    struct model *m;                /* the engine thread changes only its BitStack prefix (fit_stack) */
+    struct model *m;                /* the engine thread changes only its BitStack prefix (fit_weights) */
     struct model_run *run;          /* the engine thread's */
     struct sched_config cfg;
     struct kv_account account;
@@ -77,6 +77,9 @@ struct sched {
      * numbers below are under lock; the engine thread alone fits the stack. */
     struct governor_model gm;       /* kv_held_bytes unused: read from the account */
     int elastic;                    /* a BitStack used in place: its prefix follows the share */
+    struct model *stack_m;          /* whose stack follows the share: m, m's variant, or NULL */
+    struct model_run *stack_run;    /* the variant's run (NULL without one) */
+    int on_source;                  /* with a variant: computing with m itself */
     uint64_t memory_share;          /* weights + KV this model may hold; 0: unlimited */
     int refit;                      /* the share changed since the stack was last fitted */
     size_t weight_bytes;            /* m->weight_bytes as last fitted */
@@ -210,6 +213,7 @@ void sched_get_stats(struct sched *s, struct sched_stats *st) {
     st->preemptions = s->preemptions;
     st->weight_bytes = s->weight_bytes;
     st->stack_bytes = s->stack_bytes;
+    st->on_stack = s->elastic && !s->on_source;
     st->memory_share = s->memory_share;
     st->stack_grows = s->stack_grows;
     st->stack_shrinks = s->stack_shrinks;
@@ -256,34 +260,51 @@ int sched_take_swap_times(struct sched *s, double *out, int cap) {
     return n;
 }
 
-/* Keeps the longest prefix of the stack that fits beside the KV reserved
- * now (engine thread, between passes: no pass reads the matrices). Called
- * after every change to the reservations and when the share changes, so the
- * model's weights and KV stay within its share at every pass. */
-static void fit_stack(struct sched *s) {
+/* In place, fitting only sets depths and advises the kernel: it cannot
+ * fail (the dense path, which allocates, is never elastic). */
+static void fit_in_place(struct model *m, size_t bytes) {
+    char err[256];
+    const int rc = bitstack_fit(m, bytes, err, sizeof err);
+    assert(rc == 0);
+    (void)rc;
+}
+
+/* The run a pass uses: the variant's while the stack stands in for m. */
+static struct model_run *compute_run(const struct sched *s) {
+    return s->stack_run && !s->on_source ? s->stack_run : s->run;
+}
+
+/* Keeps the weights that fit beside the KV reserved now (engine thread,
+ * between passes: no pass reads the matrices): the longest prefix of the
+ * stack, or, for a model with a stack variant, the model's own weights
+ * while they fit. Called after every change to the reservations and when
+ * the share changes, so weights and KV stay within the share at every
+ * pass. A model left aside gives its pages back; the one taken up reads
+ * them again from the page cache as the next pass touches them. */
+static void fit_weights(struct sched *s) {
     if (!s->elastic) return;
     pthread_mutex_lock(&s->lock);
     const uint64_t share = s->memory_share;
     s->refit = 0;
     pthread_mutex_unlock(&s->lock);
-    struct bitstack *st = s->m->stack;
+    struct model *sm = s->stack_m;
     const size_t kv_held = kv_account_usage(&s->account).reserved_bytes;
-    const size_t want = bitstack_prefix_bytes(st, governor_stack_target(&s->gm, share, kv_held));
-    const size_t was = st->resident_bytes;
-    if (want == was) return;
+    const int source = governor_use_source(&s->gm, share, kv_held, s->on_source);
+    const size_t want = source ? 0 : bitstack_prefix_bytes(sm->stack, governor_stack_target(&s->gm, share, kv_held));
+    if (source == s->on_source && want == sm->stack->resident_bytes) return;
     const double t0 = ebb_now_seconds();
-    char err[256];
-    /* In place, fitting only sets depths and advises the kernel: it cannot
-     * fail (the dense path, which allocates, is never elastic). */
-    const int rc = bitstack_fit(s->m, want, err, sizeof err);
-    assert(rc == 0);
-    (void)rc;
+    const size_t was = s->weight_bytes;
+    fit_in_place(sm, want);
+    if (source && !s->on_source) model_release_pages(sm);
+    if (!source && s->on_source) model_release_pages(s->m);
+    const size_t now = source ? s->m->weight_bytes : sm->weight_bytes;
     const double took = ebb_now_seconds() - t0;
     pthread_mutex_lock(&s->lock);
-    s->weight_bytes = s->m->weight_bytes;
+    s->on_source = source;
+    s->weight_bytes = now;
     s->stack_bytes = want;
-    if (want > was) { s->stack_grows++; s->stack_bytes_loaded += want - was; }
-    else { s->stack_shrinks++; s->stack_bytes_freed += was - want; }
+    if (now > was) { s->stack_grows++; s->stack_bytes_loaded += now - was; }
+    else { s->stack_shrinks++; s->stack_bytes_freed += was - now; }
     if (s->n_swaps < SWAP_RING) s->swaps[s->n_swaps++] = took;
     pthread_mutex_unlock(&s->lock);
 }
@@ -412,7 +433,7 @@ static void step(struct sched *s) {
         else i++;
     }
     reserve_for_decode(s);
-    fit_stack(s);
+    fit_weights(s);
     int n = 0, tokens = 0;
     for (int i = 0; i < s->n_running; i++) {        /* decode tokens first: latency */
         struct sreq *r = s->running[i];
@@ -421,7 +442,7 @@ static void step(struct sched *s) {
         s->batch_req[n++] = r;
         tokens++;
     }
-    const int max_tokens = s->elastic ? ELASTIC_STEP_TOKENS : MODEL_MAX_BATCH;
+    const int max_tokens = s->elastic && !s->on_source ? ELASTIC_STEP_TOKENS : MODEL_MAX_BATCH;
     for (int i = 0; i < s->n_running && tokens < max_tokens; i++) {   /* then prompt chunks */
         struct sreq *r = s->running[i];
         int left = r->n_replay - r->n_prefilled;
@@ -434,7 +455,7 @@ static void step(struct sched *s) {
         tokens += chunk;
     }
     if (n == 0) return;
-    int rc = model_forward_batch(s->run, s->batch, n);
+    int rc = model_forward_batch(compute_run(s), s->batch, n);
     pthread_mutex_lock(&s->lock);
     s->steps++;
     s->batch_tokens += (uint64_t)tokens;
@@ -489,7 +510,7 @@ static void *engine_main(void *arg) {
     for (;;) {
         if (busy && !s->stopping && s->n_running == 0 && s->n_waiting == 0 && !s->cancelled_waiting) {
             pthread_mutex_unlock(&s->lock);
-            fit_stack(s);   /* the memory of the requests that ended goes back to the stack */
+            fit_weights(s);   /* the memory of the requests that ended goes back to the weights */
             return_freed_memory();
             busy = 0;
             pthread_mutex_lock(&s->lock);
@@ -511,7 +532,7 @@ static void *engine_main(void *arg) {
         finish_list(s, evicted, FINISH_EVICTED);
         finish_list(s, failed, FINISH_ERROR);
         if (done) return NULL;
-        fit_stack(s);   /* a new share, or the memory of requests that ended */
+        fit_weights(s);   /* a new share, or the memory of requests that ended */
         if (!idle) {
             step(s);
             busy = 1;
@@ -533,11 +554,24 @@ struct sched *sched_create(struct model *m, const struct sched_config *cfg) {
     s->stack_bytes = m->stack ? m->stack->resident_bytes : 0;
     s->gm.kv_min_bytes = kv_account_bytes_for(&s->account, 2);   /* one prompt token and one generated */
     s->gm.fixed_bytes = m->weight_bytes;
-    s->elastic = m->stack && m->weights != MODEL_WEIGHTS_F32;
+    s->stack_m = m->stack ? m : cfg->stack_variant;
+    s->elastic = s->stack_m && s->stack_m->stack && s->stack_m->weights != MODEL_WEIGHTS_F32 &&
+                 (s->stack_m == m || m->weights != MODEL_WEIGHTS_F32);
     if (s->elastic) {
-        s->gm.stack_min_bytes = bitstack_min_bytes(m->stack);
-        s->gm.stack_full_bytes = bitstack_full_bytes(m->stack);
-        s->gm.fixed_bytes = m->weight_bytes - m->stack->resident_bytes;
+        struct model *sm = s->stack_m;
+        s->gm.stack_min_bytes = bitstack_min_bytes(sm->stack);
+        s->gm.stack_full_bytes = bitstack_full_bytes(sm->stack);
+        s->gm.fixed_bytes = sm->weight_bytes - sm->stack->resident_bytes;
+        if (sm != m) {
+            /* Until a budget says otherwise the model computes with its own
+             * weights; the variant's stack holds nothing. */
+            s->gm.source_bytes = m->weight_bytes;
+            s->on_source = 1;
+            fit_in_place(sm, 0);
+            s->stack_bytes = 0;
+        }
+    } else {
+        s->stack_m = NULL;
     }
     if (s->cfg.max_running <= 0) s->cfg.max_running = 1;
     if (s->cfg.max_running > MODEL_MAX_BATCH) s->cfg.max_running = MODEL_MAX_BATCH;
@@ -546,13 +580,16 @@ struct sched *sched_create(struct model *m, const struct sched_config *cfg) {
     s->batch = calloc((size_t)s->cfg.max_running, sizeof *s->batch);
     s->batch_req = calloc((size_t)s->cfg.max_running, sizeof *s->batch_req);
     s->run = model_run_new(m, cfg->threads);
+    if (s->stack_m && s->stack_m != m) s->stack_run = model_run_new(s->stack_m, cfg->threads);
     pthread_mutex_init(&s->lock, NULL);
     pthread_cond_init(&s->wake, NULL);
-    if (!s->running || !s->batch || !s->batch_req || !s->run || pthread_create(&s->thread, NULL, engine_main, s)) {
+    if (!s->running || !s->batch || !s->batch_req || !s->run || (s->stack_m && s->stack_m != m && !s->stack_run) ||
+        pthread_create(&s->thread, NULL, engine_main, s)) {
         pthread_cond_destroy(&s->wake);
         pthread_mutex_destroy(&s->lock);
         kv_account_destroy(&s->account);
         model_run_free(s->run);
+        model_run_free(s->stack_run);
         free(s->running); free(s->batch); free(s->batch_req);
         free(s);
         return NULL;
@@ -572,6 +609,7 @@ void sched_destroy(struct sched *s, int drain) {
     pthread_mutex_destroy(&s->lock);
     kv_account_destroy(&s->account);
     model_run_free(s->run);
+    model_run_free(s->stack_run);
     free(s->running);
     free(s->batch);
     free(s->batch_req);

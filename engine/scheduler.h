@@ -39,6 +39,11 @@ struct sched_config {
     size_t kv_budget_bytes;   /* KV cache budget; 0: unlimited */
     int kv_bits;              /* KV cache precision: 32 (or 0), 16, 8, 4 (engine/kv.h) */
     int threads;              /* kernel workers of the engine's run; <= 0: one per core */
+    /* A BitStack file packed from this model (its shape), or NULL: computed
+     * with instead of the model when the model's own weights do not fit its
+     * memory share (engine/governor.h's ladder). Owned by the caller, like
+     * the model; both native. */
+    struct model *stack_variant;
 };
 
 struct sched_timing {
@@ -78,7 +83,8 @@ struct sched_stats {
     uint64_t steps, batch_tokens;
     uint64_t preemptions;      /* running sequences sent back to the queue for memory */
     size_t weight_bytes;       /* resident weights: fixed ones and the stack prefix */
-    size_t stack_bytes;        /* the BitStack prefix resident (0: no stack) */
+    size_t stack_bytes;        /* the BitStack prefix resident (0: no stack, or computing with the model itself) */
+    int on_stack;              /* computing with a stack (the model's own, or its variant's) */
     uint64_t memory_share;     /* sched_set_memory's share (0: none) */
     uint64_t stack_grows, stack_shrinks;            /* prefix changes, by direction */
     uint64_t stack_bytes_loaded, stack_bytes_freed; /* bytes they added and released */

@@ -47,6 +47,7 @@ struct served_model {
     enum served_state state;
     char error[1024];             /* why loading failed */
     struct model model;           /* valid when READY */
+    struct model *variant;        /* a BitStack variant standing in when the model does not fit, or NULL */
     struct sched *sched;          /* valid when READY */
     int refs;                     /* the list's own + one per request in flight */
     bool over_budget;             /* FAILED because its weights do not fit the memory budget */

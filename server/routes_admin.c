@@ -106,13 +106,14 @@ static const char *type_of(enum catalog_status s) {
  * weight and, for a BitStack, the resident part of the stack and the
  * perplexity the packer measured there. */
 static json_t *weights_state(const struct served_model *sm, const struct sched_stats *st) {
-    const struct model *m = &sm->model;
+    /* The stack: the served file's own, or its variant standing in for it. */
+    const struct bitstack *s = sm->model.stack ? sm->model.stack : sm->variant ? sm->variant->stack : NULL;
     uint64_t layer_params, all_params;
     served_param_counts(sm, &layer_params, &all_params);
-    json_t *w = json_pack("{s:s, s:f}", "kind", m->stack ? "bitstack" : "file", "bits_per_weight",
-                          (double)st->weight_bytes * 8.0 / (double)all_params);
-    if (m->stack) {
-        const struct bitstack *s = m->stack;   /* only the immutable parts are read here */
+    json_t *w = json_pack("{s:s, s:f}", "kind", st->on_stack || sm->model.stack ? "bitstack" : "file",
+                          "bits_per_weight", (double)st->weight_bytes * 8.0 / (double)all_params);
+    if (sm->variant) json_object_set_new(w, "variant", json_string(sm->variant->file.path));
+    if (s) {   /* only the immutable parts of the stack are read here */
         const size_t blocks = bitstack_prefix_blocks(s, st->stack_bytes), n = (size_t)s->n_matrices * s->levels;
         const float ppl = bitstack_ppl_at(s, st->stack_bytes);
         json_object_set_new(w, "stack", json_pack("{s:i, s:I, s:I, s:I, s:I, s:I, s:f, s:f, s:o}",

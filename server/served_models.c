@@ -43,6 +43,59 @@ static int served_check_file(struct daemon *d, struct served_model *sm) {
     return st == CATALOG_OK ? 0 : -1;
 }
 
+static int same_shape(const struct model_config *a, const struct model_config *b) {
+    return !strcmp(a->arch, b->arch) && a->n_layer == b->n_layer && a->n_embd == b->n_embd &&
+           a->n_head == b->n_head && a->n_head_kv == b->n_head_kv && a->head_dim == b->head_dim &&
+           a->n_ff == b->n_ff && a->n_vocab == b->n_vocab && a->rope_dim == b->rope_dim &&
+           a->rope_base == b->rope_base && a->rope_style == b->rope_style;
+}
+
+/* The newest "bitstack" variant the catalog has of the model (ebb pack
+ * registers it), loaded to stand in for the model when its own weights do
+ * not fit its memory share (engine/governor.h's ladder); NULL when there is
+ * none, when weights are f32 (dense copies cannot give memory back), or
+ * when it cannot be used -- then the model is served alone, with a
+ * warning. */
+static struct model *load_stack_variant(struct daemon *d, struct served_model *sm) {
+    if (d->cfg.weights != MODEL_WEIGHTS_NATIVE || sm->model.stack) return NULL;
+    char err[1024];
+    struct catalog_model row;
+    if (catalog_model_get(d->catalog, sm->name, &row, err, sizeof err) != CATALOG_OK) return NULL;
+    struct catalog_variant *v = NULL;
+    size_t n = 0;
+    const enum catalog_status st = catalog_variant_list(d->catalog, row.id, &v, &n, err, sizeof err);
+    catalog_model_free(&row);
+    if (st != CATALOG_OK) return NULL;
+    const struct catalog_variant *pick = NULL;
+    for (size_t i = 0; i < n; i++)   /* ordered by id: the last is the newest */
+        if (!strcmp(v[i].kind, "bitstack")) pick = &v[i];
+    struct model *m = pick ? calloc(1, sizeof *m) : NULL;
+    if (pick && !m) log_warn("stack variant not loaded", "model=%s error=\"out of memory\"", sm->name);
+    if (m && model_load(m, pick->path, MODEL_WEIGHTS_NATIVE, err, sizeof err)) {
+        log_warn("stack variant not loaded", "model=%s error=\"%s\"", sm->name, err);
+        free(m);
+        m = NULL;
+    } else if (m && (!m->stack || !same_shape(&m->cfg, &sm->model.cfg))) {
+        log_warn("stack variant not used", "model=%s path=%s error=\"%s\"", sm->name, pick->path,
+                 m->stack ? "its shape is not the model's" : "it is not a bitstack file");
+        model_free(m);
+        free(m);
+        m = NULL;
+    } else if (m) {
+        log_info("stack variant loaded", "model=%s path=%s stack_bytes=%zu", sm->name, pick->path,
+                 bitstack_full_bytes(m->stack));
+    }
+    catalog_variant_list_free(v, n);
+    return m;
+}
+
+static void free_variant(struct served_model *sm) {
+    if (!sm->variant) return;
+    model_free(sm->variant);
+    free(sm->variant);
+    sm->variant = NULL;
+}
+
 static void load_work(uv_work_t *w) {
     struct served_model *sm = w->data;
     struct daemon *d = sm->d;
@@ -63,9 +116,12 @@ static void load_work(uv_work_t *w) {
         model_free(&sm->model);
         return;
     }
+    sm->variant = load_stack_variant(d, sm);
+    sc.stack_variant = sm->variant;
     sm->sched = sched_create(&sm->model, &sc);
     if (!sm->sched) {
         snprintf(sm->error, sizeof sm->error, "cannot start the engine thread");
+        free_variant(sm);
         model_free(&sm->model);
         return;
     }
@@ -92,6 +148,7 @@ static void load_done(uv_work_t *w, int status) {
              * large blocks. */
             sched_destroy(sm->sched, 0);
             sm->sched = NULL;
+            free_variant(sm);
             model_free(&sm->model);
         } else {
             const char *labels[] = {sm->name};
@@ -173,6 +230,7 @@ static void teardown_work(uv_work_t *w) {
     struct served_model *sm = w->data;
     if (sm->sched) sched_destroy(sm->sched, 0);
     sm->sched = NULL;
+    free_variant(sm);
     if (sm->state != SERVED_FAILED && sm->model.layers) model_free(&sm->model);
 }
 
@@ -339,7 +397,8 @@ void served_refresh_metrics(struct daemon *d) {
         uint64_t layer, all;
         served_param_counts(sm, &layer, &all);
         metric_series_set(sm->m_bpw, (double)st.weight_bytes * 8.0 / (double)all);
-        if (sm->model.stack) metric_series_set(sm->m_stack_blocks, (double)bitstack_prefix_blocks(sm->model.stack, st.stack_bytes));
+        const struct bitstack *stack = sm->model.stack ? sm->model.stack : sm->variant ? sm->variant->stack : NULL;
+        if (stack) metric_series_set(sm->m_stack_blocks, (double)bitstack_prefix_blocks(stack, st.stack_bytes));
         advance(sm->m_grows, st.stack_grows);
         advance(sm->m_shrinks, st.stack_shrinks);
         advance(sm->m_bytes_loaded, st.stack_bytes_loaded);

@@ -49,6 +49,17 @@ static void test_inside_a_share(void) {
     const struct governor_model plain = {.fixed_bytes = 90 * MB, .kv_min_bytes = 2 * MB};
     CHECK(governor_stack_target(&plain, 100 * MB, 0) == 0);
     CHECK(governor_kv_budget(&plain, 100 * MB) == 10 * MB);
+    /* The ladder: the file's own weights while they fit beside the KV, with
+     * a margin of 1/16 of them to come back; no budget: always the file. */
+    const struct governor_model lad = {.fixed_bytes = 30 * MB, .stack_min_bytes = 15 * MB,
+                                       .stack_full_bytes = 74 * MB, .kv_min_bytes = 3 * MB, .source_bytes = 96 * MB};
+    CHECK(governor_use_source(&lad, 0, 50 * MB, 0) == 1);
+    CHECK(governor_use_source(&lad, 100 * MB, 4 * MB, 1) == 1);      /* 96 + 4 = 100: fits */
+    CHECK(governor_use_source(&lad, 100 * MB, 5 * MB, 1) == 0);      /* one more MB of KV: the stack */
+    CHECK(governor_use_source(&lad, 100 * MB, 4 * MB, 0) == 0);      /* from the stack, 6 MB margin first */
+    CHECK(governor_use_source(&lad, 106 * MB, 4 * MB, 0) == 1);
+    CHECK(governor_use_source(&s, 0, 0, 0) == 0);                     /* no file below a stack */
+    CHECK(governor_minimum(&lad, 1) == 48 * MB);                      /* the stack's least, not the file's */
     /* auto: held plus free, less the reserve, never below zero. */
     CHECK(governor_auto_budget(100, 900, 200) == 800);
     CHECK(governor_auto_budget(100, 50, 200) == 0);
