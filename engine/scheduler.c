@@ -282,11 +282,11 @@ static struct model_run *compute_run(const struct sched *s) {
  * pass. A model left aside gives its pages back; the one taken up reads
  * them again from the page cache as the next pass touches them. */
 static void fit_weights(struct sched *s) {
-    if (!s->elastic) return;
     pthread_mutex_lock(&s->lock);
     const uint64_t share = s->memory_share;
-    s->refit = 0;
+    s->refit = 0;   /* for every model: the idle wait loops on it */
     pthread_mutex_unlock(&s->lock);
+    if (!s->elastic) return;
     struct model *sm = s->stack_m;
     const size_t kv_held = kv_account_usage(&s->account).reserved_bytes;
     const int source = governor_use_source(&s->gm, share, kv_held, s->on_source);

@@ -965,6 +965,26 @@ def test_admin_bodies_are_strict(srv):
     assert_error(r, 400, param="nmae")
 
 
+def cpu_seconds(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_an_idle_daemon_sleeps_after_a_budget_change(srv):
+    """An engine woken to apply a new budget goes back to waiting: an early governor left a
+    plain model's engine spinning at a full core once a budget was set."""
+    before = memory(srv)[BUDGET]
+    try:
+        assert put_budget(srv, memory(srv)["weight_bytes"] + (256 << 20)).status_code == 200
+        time.sleep(0.5)
+        t0 = cpu_seconds(srv.proc.pid)
+        time.sleep(2)
+        assert cpu_seconds(srv.proc.pid) - t0 < 0.3
+    finally:
+        assert put_budget(srv, before).status_code == 200
+
+
 def test_memory_budget_put_get_and_impossible_values(srv, model_path):
     state = memory(srv)
     weights = state["weight_bytes"]

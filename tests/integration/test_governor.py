@@ -54,7 +54,11 @@ def source_file(stack_file):
 def start(binary, stack_file, catalog, *args):
     s = Server(binary, "--default-model", "stack", "--verify-models", "stat", "--max-running", "8", *args,
                catalog=catalog, model_path=str(stack_file), token=TOKEN, start_timeout=120)
-    s.wait_ready()
+    try:
+        s.wait_ready()
+    except BaseException:
+        s.kill()
+        raise
     return s
 
 
@@ -327,8 +331,12 @@ def ladder(binary, ebb_bin, stack_file, source_file, tmp_path_factory):
     assert p.returncode == 0 and "registered as a 'bitstack' variant" in p.stdout.decode(), p.stdout + p.stderr
     s = Server(binary, "--default-model", "cut", "--verify-models", "stat", "--max-running", "8", catalog=catalog,
                token=TOKEN, start_timeout=120)
-    s.wait_ready()
-    assert "stack variant loaded" in s.log()
+    try:
+        s.wait_ready()
+        assert "stack variant loaded" in s.log()
+    except BaseException:
+        s.kill()
+        raise
     yield s, out
     s.stop_clean()
 
