@@ -325,18 +325,16 @@ uint64_t served_memory_minimum(struct daemon *d) {
     return least;
 }
 
-int served_budget_check(struct daemon *d, uint64_t bytes, char *err, size_t errlen) {
-    int n;
-    struct governor_model *gm = governed(d, &n);
+/* served_budget_check on the governor's view of the models. */
+static int budget_problem(const struct governor_model *gm, int n, uint64_t bytes, char *err, size_t errlen) {
     const uint64_t least = governor_minimum(gm, n);
-    uint64_t fixed = 0, stack = 0, kv = 0;
+    if (!bytes || bytes >= least) return 0;
+    uint64_t fixed = 0, stack = 0;
     for (int i = 0; i < n; i++) {
         fixed += gm[i].fixed_bytes;
         stack += gm[i].stack_min_bytes;
-        kv += gm[i].kv_held_bytes > gm[i].kv_min_bytes ? gm[i].kv_held_bytes : gm[i].kv_min_bytes;
     }
-    free(gm);
-    if (!bytes || bytes >= least) return 0;
+    const uint64_t kv = least - fixed - stack;
     snprintf(err, errlen, "a budget of %llu bytes is below the least the served models need: %llu bytes of weights "
              "that cannot shrink, %llu bytes for one level of every BitStack matrix, and %llu bytes of KV cache (what "
              "running requests hold, or at least the smallest request: one prompt token and one generated); give at "
@@ -345,10 +343,21 @@ int served_budget_check(struct daemon *d, uint64_t bytes, char *err, size_t errl
     return -1;
 }
 
-int served_set_budget(struct daemon *d, uint64_t bytes, char *err, size_t errlen) {
-    if (served_budget_check(d, bytes, err, errlen)) return -1;
+int served_budget_check(struct daemon *d, uint64_t bytes, char *err, size_t errlen) {
     int n;
     struct governor_model *gm = governed(d, &n);
+    const int rc = budget_problem(gm, n, bytes, err, errlen);
+    free(gm);
+    return rc;
+}
+
+int served_set_budget(struct daemon *d, uint64_t bytes, char *err, size_t errlen) {
+    int n;
+    struct governor_model *gm = governed(d, &n);
+    if (budget_problem(gm, n, bytes, err, errlen)) {
+        free(gm);
+        return -1;
+    }
     uint64_t *share = n ? calloc((size_t)n, sizeof *share) : NULL;
     if (n && !share) {
         free(gm);
