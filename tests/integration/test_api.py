@@ -1501,12 +1501,18 @@ def kv_reserved_while_prefilled(s, prompt):
     """The model's KV reservation (bytes) while a stream of `prompt` runs,
     and the prompt's length in tokens. A request reserves its prompt and one
     more position when admitted; the stream is then dropped and the cache
-    must go back to empty."""
+    must go back to empty. Greedy, so that the request cannot have sampled
+    an end of text and released its pages before the reading (it did, once
+    in a while, when sampled)."""
     n = requests.post(s.url("/tokenize"), json={"prompt": prompt}, timeout=IO_TIMEOUT).json()["count"]
-    st = Stream(s, "/v1/completions", dict(prompt=prompt, max_tokens=2000, stream=True))
+    st = Stream(s, "/v1/completions", dict(prompt=prompt, max_tokens=2000, temperature=0, stream=True))
     try:
-        assert st.status == 200 and st.event()
-        return memory(s)["models"][0]["kv_reserved_bytes"], n
+        assert st.status == 200
+        first = json.loads(st.event())
+        assert first["choices"][0]["finish_reason"] is None, first
+        reserved = memory(s)["models"][0]["kv_reserved_bytes"]
+        assert reserved > 0
+        return reserved, n
     finally:
         st.close()
         wait_kv_empty(s, 15)
@@ -1519,15 +1525,16 @@ def check_kv_precision(s, bits):
     models = memory(s)["models"]
     assert [(m["model"], m["kv_bits"]) for m in models] == [(DEFAULT_MODEL, bits)]
     assert f"model={DEFAULT_MODEL} " in s.log() and f"kv_bits={bits}" in s.log()
-    # Two prompts past one prefill chunk hold the same full-precision window
-    # and sink pages; what their reservations differ by is body pages alone.
+    # Two prompts past one prefill chunk, each longer than the window (a
+    # 301-token prompt, five pages, held one window page fewer), hold the
+    # same full-precision window and sinks; they differ by body pages alone.
     # Per float32 page (64 positions of the model's shape) KV8 and KV4 store
     # 8.5 and 4.5 bits a value: 0.27 and 0.14 of it, where half precision
     # is 0.5 -- so each bound below also tells 8 from 4.
-    short, n_short = kv_reserved_while_prefilled(s, "The tide came in. " * 60)
+    short, n_short = kv_reserved_while_prefilled(s, "The tide came in. " * 100)
     long, n_long = kv_reserved_while_prefilled(s, "The tide came in. " * 300)
     pages = (n_long + 1 + 63) // 64 - (n_short + 1 + 63) // 64
-    assert n_short > 256 and pages >= 10, (n_short, n_long)
+    assert n_short > 448 and pages >= 10, (n_short, n_long)
     per_page = (long - short) / pages / (64 * F32_KV_BYTES_PER_POSITION)
     assert {8: 0.2 < per_page < 0.35, 4: 0.1 < per_page < 0.2}[bits], (bits, per_page)
     doc = chat(s, messages=[{"role": "user", "content": "What is the capital of France?"}], max_tokens=8,
