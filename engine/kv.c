@@ -226,6 +226,15 @@ void kv_cache_clear(struct kv_cache *kv) {
     kv->n_past = 0;
 }
 
+int kv_cache_truncate(struct kv_cache *kv, int n) {
+    if (n < 0 || n > kv->n_past) return -1;
+    /* Queries from position n on read window pages from n's page before. */
+    const int lo = n / KV_PAGE_TOKENS > 0 ? n / KV_PAGE_TOKENS - 1 : 0;
+    if (kv->window && n < kv->n_past && lo < kv->window_lo) return -1;
+    kv->n_past = n;
+    return 0;
+}
+
 /* Holds exactly the window pages that queries at positions from .. n-1 can
  * read: from the page before from's page through n-1's. Pages no longer
  * needed are reused for new ones before anything is allocated or freed, so

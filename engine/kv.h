@@ -167,6 +167,15 @@ enum kv_status kv_cache_reserve(struct kv_cache *kv, int n);
 void kv_cache_free(struct kv_cache *kv);
 /* Drops every position (keeps pages for reuse). */
 void kv_cache_clear(struct kv_cache *kv);
+/* Forgets positions n .. n_past-1 (speculative decoding's rollback of the
+ * drafted tokens a verification pass rejected): the next pass writes over
+ * them, and until then nothing reads them, so the cache is exactly what it
+ * was before they were written. Rows are quantized one position at a time
+ * and window pages are kept from the page before the last pass's first
+ * position, so n must not lie before the start of the last pass: 0, or -1
+ * (nothing changed) when n is negative, beyond n_past, or before the window
+ * still held. Pages and the reservation are kept for the positions to come. */
+int kv_cache_truncate(struct kv_cache *kv, int n);
 /* Makes sure positions [0, n) have pages, and that positions n_past .. n-1
  * can be stored and attended to, growing the reservation if it must; -1 if
  * n > n_ctx, the budget refuses the growth, out of memory, or (8 and 4 bits)

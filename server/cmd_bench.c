@@ -50,7 +50,9 @@ static void bench_usage(FILE *out) {
         "  --kv-bits N   KV cache precision: 32 (default), 16, 8 or 4\n"
         "  --weights W   native (default: the file's quantized types, used in place) or f32\n"
         "  --stack-bytes N   a bitstack file: keep the prefix of its stack that fits in N bytes\n"
-        "                (default: all of it)\n");
+        "                (default: all of it)\n"
+        "  --verify K   speculative decoding's cost curve: after a context of --depth tokens\n"
+        "               (default 128), the time of one pass over 1 .. K+1 tokens, each rolled back\n");
 }
 
 /* Seconds for one run of the test; -1 on failure. */
@@ -101,6 +103,51 @@ static int bench_test(struct model_run *run, struct kv_account *kv_policy, const
     kv_cache_free(&kv);
     free(ids);
     free(logits);
+    return rc;
+}
+
+/* What verifying k drafted tokens costs: one pass over k + 1 tokens at a
+ * context of `depth`, against one pass over one token, c(k) = t(k+1) / t(1).
+ * Each pass is rolled back (kv_cache_truncate) so every one starts from the
+ * same cache; the passes of all lengths are interleaved, rep by rep, so
+ * that a noisy machine slows them alike, and each length keeps its best
+ * time (the least disturbed). */
+static int bench_verify(struct model_run *run, struct kv_account *kv_policy, int max_draft, int depth, int reps) {
+    const struct model *m = model_run_model(run);
+    const int n = depth + max_draft + 1;
+    struct kv_cache kv;
+    int32_t *ids = malloc((size_t)n * sizeof(int32_t));
+    float *logits = malloc((size_t)(max_draft + 1) * m->cfg.n_vocab * sizeof(float));
+    double *best = malloc((size_t)(max_draft + 2) * sizeof(double));
+    int rc = !ids || !logits || !best || kv_cache_init(&kv, &m->cfg, n, kv_policy) ? -1 : 0;
+    if (rc) {
+        free(ids); free(logits); free(best);
+        fprintf(stderr, "ebb bench: out of memory\n");
+        return -1;
+    }
+    for (int i = 0; i < n; i++) ids[i] = (int32_t)((uint64_t)(i + 1) * 2654435761u % (uint64_t)m->cfg.n_vocab);
+    if (model_forward(run, &kv, ids, depth, logits, 0)) rc = -1;
+    for (int len = 1; len <= max_draft + 1; len++) best[len] = INFINITY;
+    for (int r = 0; r <= reps && rc == 0; r++)   /* the first round warms up */
+        for (int len = 1; len <= max_draft + 1 && rc == 0; len++) {
+            const double t0 = ebb_now_seconds();
+            /* every row's logits, as a verification pass wants them */
+            if (model_forward(run, &kv, ids + depth, len, logits, 1) || kv_cache_truncate(&kv, depth)) rc = -1;
+            const double s = ebb_now_seconds() - t0;
+            if (r > 0 && s < best[len]) best[len] = s;
+        }
+    if (rc == 0) {
+        printf("verification at a context of %d tokens (best of %d):\n| k | pass tokens | ms | c(k) |\n"
+               "|---|---|---|---|\n", depth, reps);
+        for (int len = 1; len <= max_draft + 1; len++)
+            printf("| %d | %d | %.2f | %.2f |\n", len - 1, len, best[len] * 1e3, best[len] / best[1]);
+    } else {
+        fprintf(stderr, "ebb bench: the verification passes failed\n");
+    }
+    kv_cache_free(&kv);
+    free(ids);
+    free(logits);
+    free(best);
     return rc;
 }
 
@@ -165,7 +212,7 @@ static int fit_stack(struct model *m, uint64_t stack_bytes) {
 
 int cmd_bench(int argc, char **argv) {
     const char *model_path = NULL;
-    int n_prefill = 512, n_decode = 128, reps = 3, n_threads = 0, kv_bits = 32;
+    int n_prefill = 512, n_decode = 128, reps = 3, n_threads = 0, kv_bits = 32, verify = 0, depth = 128;
     enum model_weights weights = MODEL_WEIGHTS_NATIVE;
     uint64_t stack_bytes = UINT64_MAX;
     for (int i = 1; i < argc; i++) {
@@ -180,6 +227,8 @@ int cmd_bench(int argc, char **argv) {
         else if (!strcmp(a, "--weights")) { if (cli_weights("bench", v, &weights)) return 2; }
         else if (!strcmp(a, "--kv-bits")) { if (cli_int("bench", a, v, 4, 32, &kv_bits)) return 2; }
         else if (!strcmp(a, "--stack-bytes")) { if (cli_u64("bench", a, v, &stack_bytes)) return 2; }
+        else if (!strcmp(a, "--verify")) { if (cli_int("bench", a, v, 1, 64, &verify)) return 2; }
+        else if (!strcmp(a, "--depth")) { if (cli_int("bench", a, v, 1, 1 << 16, &depth)) return 2; }
         else { fprintf(stderr, "ebb bench: unknown option '%s'\n", a); bench_usage(stderr); return 2; }
     }
     struct model m;
@@ -191,7 +240,7 @@ int cmd_bench(int argc, char **argv) {
         model_free(&m);
         return stack_rc;
     }
-    if (n_prefill > m.cfg.n_ctx_train || n_decode > m.cfg.n_ctx_train) {
+    if (n_prefill > m.cfg.n_ctx_train || n_decode > m.cfg.n_ctx_train || depth + verify + 1 > m.cfg.n_ctx_train) {
         fprintf(stderr, "ebb bench: test longer than the model's context (%d)\n", m.cfg.n_ctx_train);
         model_run_free(run);
         model_free(&m);
@@ -219,6 +268,7 @@ int cmd_bench(int argc, char **argv) {
         snprintf(label, sizeof label, "tg%d", n_decode);
         rc |= bench_test(run, &kv_policy, label, n_decode, 0, reps, &tg_tps);
     }
+    if (verify) rc |= bench_verify(run, &kv_policy, verify, depth, reps);
     /* Mapped weights count once their pages are read, so RSS after the
      * tests (every weight read) is the figure to hold against the file;
      * taken before the copy loop's buffers. */

@@ -794,6 +794,57 @@ static void test_model_generation(struct model_run *r) {
     free(ids);
 }
 
+/* Speculative decoding's verification and rollback at one precision: a
+ * pass over [x0, d1 .. d8] gives, for the drafted tokens that match what
+ * one-token decoding feeds, the very logits one-token decoding gives; and
+ * after kv_cache_truncate drops the rejected drafts, the next passes give
+ * exactly what a cache that never saw them gives. The prompt puts the pass
+ * across a page boundary (positions 188 .. 196), so the window pages the
+ * truncated cache needs are the ones the pass started from. */
+static void check_rollback(struct model_run *r, int bits) {
+    const struct model *m = model_run_model(r);
+    const int V = m->cfg.n_vocab, n_prompt = 188, kept = 4, drafts = 8;
+    struct kv_account acc;
+    CHECK(kv_account_init(&acc, &m->cfg, bits, 0) == 0);
+    struct kv_cache ref, spec;
+    CHECK(kv_cache_init(&ref, &m->cfg, 512, &acc) == KV_OK && kv_cache_init(&spec, &m->cfg, 512, &acc) == KV_OK);
+    int32_t ids[188 + 16];
+    for (int i = 0; i < (int)(sizeof ids / sizeof *ids); i++) ids[i] = (int32_t)((i * 7919 + 13) % V);
+    float *want = malloc((size_t)(kept + 3) * V * sizeof(float)), *got = malloc((size_t)(drafts + 1) * V * sizeof(float));
+    CHECK(want && got);
+    CHECK(model_forward(r, &ref, ids, n_prompt, want, 0) == 0 && model_forward(r, &spec, ids, n_prompt, got, 0) == 0);
+    /* One token at a time: x0 .. x3, then y0, y1 (ids 188 .. 193). */
+    for (int t = 0; t < kept + 2; t++)
+        CHECK(model_forward(r, &ref, ids + n_prompt + t, 1, want + (size_t)t * V, 0) == 0);
+    /* The pass: x0 .. x3 as drafted, then five drafts the target rejects. */
+    int32_t pass[9];
+    memcpy(pass, ids + n_prompt, (size_t)kept * sizeof(int32_t));
+    for (int i = kept; i < drafts + 1; i++) pass[i] = (int32_t)((i * 104729 + 5) % V);
+    CHECK(model_forward(r, &spec, pass, drafts + 1, got, 1) == 0);
+    CHECK_MSG(memcmp(got, want, (size_t)kept * V * sizeof(float)) == 0,
+              "kv_bits %d: verified logits differ from one-token decoding", bits);
+    CHECK(spec.n_past == n_prompt + drafts + 1);
+    /* Before the window the pass kept (pages 1 ..) at 4 bits; never beyond n_past. */
+    if (bits == 4) CHECK(kv_cache_truncate(&spec, 60) == -1 && spec.n_past == n_prompt + drafts + 1);
+    CHECK(kv_cache_truncate(&spec, n_prompt + drafts + 2) == -1 && spec.n_past == n_prompt + drafts + 1);
+    CHECK(kv_cache_truncate(&spec, n_prompt + kept) == 0 && spec.n_past == n_prompt + kept);
+    for (int t = kept; t < kept + 2; t++) {
+        CHECK(model_forward(r, &spec, ids + n_prompt + t, 1, got, 0) == 0);
+        CHECK_MSG(memcmp(got, want + (size_t)t * V, (size_t)V * sizeof(float)) == 0,
+                  "kv_bits %d: after rollback, position %d's logits differ", bits, n_prompt + t);
+    }
+    kv_cache_free(&ref);
+    kv_cache_free(&spec);
+    kv_account_destroy(&acc);
+    free(want);
+    free(got);
+}
+
+static void test_model_rollback(struct model_run *r) {
+    check_rollback(r, 32);
+    check_rollback(r, 4);
+}
+
 /* Perplexity scored like `ebb ppl --ctx 512 --chunks K`: windows of 512
  * tokens from an empty cache, the second half scored (only its logits are
  * computed: the output head is most of the cost). */
@@ -913,6 +964,7 @@ int main(void) {
         CHECK(run && run32);
         if (run && run32) {
             test_model_generation(run);
+            test_model_rollback(run);
             test_model_perplexity(run, run32);
         }
         model_run_free(run);
