@@ -37,6 +37,7 @@ struct gen_params {
     int n_ctx;                      /* KV cache size; 0: prompt + max_tokens, capped by training ctx */
     int kv_bits;                    /* generate()'s KV cache precision: 32 (or 0), 16, 8, 4 */
     int logprobs;                   /* compute the chosen token's log-probability */
+    int speculative;                /* enum draft_source (engine/draft.h): the scheduler's drafts; 0 none */
 };
 
 struct gen_seq {

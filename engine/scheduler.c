@@ -41,6 +41,13 @@ struct sreq {
     struct gen_seq gen;
     float *logits;                  /* [n_vocab] */
     int32_t next_token;             /* sampled, to be fed at the next step */
+    /* Speculative decoding: the step's pass (next_token, then the drafts),
+     * the logits of each of its rows (allocated at the first draft) and the
+     * request's acceptance so far. */
+    int32_t pass[DRAFT_MAX + 1];
+    int n_drafted;                  /* drafts in this step's pass */
+    float *pass_logits;             /* [DRAFT_MAX + 1][n_vocab] */
+    struct draft_stats draft;
     atomic_int stop;                /* enum sreq_stop: set by any thread, read by the engine */
     struct sched_timing timing;
 };
@@ -87,6 +94,8 @@ struct sched {
     uint64_t stack_grows, stack_shrinks, stack_bytes_loaded, stack_bytes_freed;
     double swaps[SWAP_RING];
     int n_swaps;
+    struct draft_costs costs;       /* engine thread's: step times by token count */
+    uint64_t drafts, draft_tokens, accepted_tokens, accepted_at[DRAFT_MAX];   /* under lock */
 };
 
 const char *sched_error_message(enum sched_error e) {
@@ -110,6 +119,7 @@ static void sreq_free(struct sreq *r) {
     free(r->stops);
     free(r->prompt);
     free(r->logits);
+    free(r->pass_logits);
     free(r);
 }
 
@@ -219,6 +229,10 @@ void sched_get_stats(struct sched *s, struct sched_stats *st) {
     st->stack_shrinks = s->stack_shrinks;
     st->stack_bytes_loaded = s->stack_bytes_loaded;
     st->stack_bytes_freed = s->stack_bytes_freed;
+    st->drafts = s->drafts;
+    st->draft_tokens = s->draft_tokens;
+    st->accepted_tokens = s->accepted_tokens;
+    memcpy(st->accepted_at, s->accepted_at, sizeof st->accepted_at);
     pthread_mutex_unlock(&s->lock);
     const struct kv_usage u = kv_account_usage(&s->account);
     st->kv_budget_bytes = u.budget_bytes;
@@ -349,11 +363,13 @@ static int first_reservation(const struct sreq *r) {
 static void admit(struct sched *s, struct sreq **evicted, struct sreq **failed) {
     while (s->wait_head && s->n_running < s->cfg.max_running) {
         struct sreq *r = s->wait_head;
-        /* Its longest pass is a chunk of what it computes first. */
+        /* Its longest pass is a chunk of what it computes first, or a
+         * verification pass of drafts. */
+        const int max_pass = r->params.speculative && r->n_replay < DRAFT_MAX + 1 ? DRAFT_MAX + 1 : r->n_replay;
         enum kv_status rc = kv_cache_init_reserving(&r->kv, &s->m->cfg, context_for(r->n_prompt, &r->params),
-                                                    first_reservation(r), r->n_replay, &s->account);
+                                                    first_reservation(r), max_pass, &s->account);
         if (rc == KV_OVER_BUDGET) {
-            size_t need = kv_account_bytes_for_pass(&s->account, first_reservation(r), r->n_replay);
+            size_t need = kv_account_bytes_for_pass(&s->account, first_reservation(r), max_pass);
             const struct kv_usage u = kv_account_usage(&s->account);
             int never = u.budget_bytes && need > u.budget_bytes;
             int idle = u.reserved_bytes == 0;
@@ -425,6 +441,76 @@ static void reserve_for_decode(struct sched *s) {
     }
 }
 
+/* Drafts for the decoding sequences that speculate (engine/draft.h): each
+ * gets as many as its acceptance and the measured step times say pay, as
+ * far as the step's tokens and its own reservation can grow without
+ * preempting anyone (a draft is never worth another request's pause).
+ * `decoding` sequences decode this step; at most max_tokens in all. */
+static void plan_drafts(struct sched *s, int decoding, int max_tokens) {
+    const size_t pass_logits = (size_t)(DRAFT_MAX + 1) * (size_t)s->m->cfg.n_vocab * sizeof(float);
+    int tokens = decoding;
+    for (int i = 0; i < s->n_running; i++) {
+        struct sreq *r = s->running[i];
+        r->n_drafted = 0;
+        if (!r->params.speculative || r->n_prefilled < r->n_replay || r->gen.finish != FINISH_NONE) continue;
+        /* The context and max_tokens after this step's certain token. */
+        int room = r->kv.n_ctx - r->kv.n_past - 1;
+        if (r->params.max_tokens - r->gen.n_generated - 1 < room) room = r->params.max_tokens - r->gen.n_generated - 1;
+        if (max_tokens - tokens < room) room = max_tokens - tokens;
+        if (room > DRAFT_MAX) room = DRAFT_MAX;
+        if (room <= 0) continue;
+        /* The history ends with next_token: the draft is what follows it. */
+        int k = draft_ngram(r->gen.history, r->gen.n_history, room, r->pass + 1);
+        if (k && !s->cfg.draft_always) k = draft_choose(&s->costs, &r->draft, tokens - 1, k, room);
+        if (k && !r->pass_logits && !(r->pass_logits = malloc(pass_logits))) k = 0;
+        if (k && kv_cache_reserve(&r->kv, r->kv.n_past + 1 + k) != KV_OK) k = 0;
+        r->pass[0] = r->next_token;
+        r->n_drafted = k;
+        tokens += k;
+    }
+}
+
+/* Samples r's next token from the logits of the position that left its
+ * cache at n_filled positions, and reports it. */
+static int32_t sample_next(struct sreq *r, float *logits, int n_filled) {
+    int32_t id = gen_seq_step(&r->gen, logits);
+    double now = ebb_now_seconds();
+    if (!r->timing.first_token) r->timing.first_token = now;
+    if (r->gen.finish == FINISH_NONE && n_filled >= r->kv.n_ctx) gen_seq_finish(&r->gen, FINISH_LENGTH);
+    r->next_token = id;
+    if (r->cb.on_token) r->cb.on_token(r->ud, id, r->gen.text, r->gen.text_len, r->gen.logprob, now);
+    return id;
+}
+
+/* After a pass over next_token and k drafts: samples from each row in turn,
+ * as decoding one token at a time would, and keeps going while the token
+ * sampled is the one drafted next (so the text is exactly what it would be
+ * without drafts, greedy or sampled: each token kept was drawn from the
+ * model's own distribution at its position, with the same sampler state).
+ * The cache keeps the positions whose rows were used; the rest, fed with
+ * drafts the model did not choose, are rolled back. */
+static void verify_drafts(struct sched *s, struct sreq *r) {
+    const int k = r->n_drafted, start = r->kv.n_past - (k + 1);
+    const size_t V = (size_t)s->m->cfg.n_vocab;
+    int i = 0;
+    for (;; i++) {
+        const int32_t id = sample_next(r, r->pass_logits + (size_t)i * V, start + i + 1);
+        if (r->gen.finish != FINISH_NONE || i == k || id != r->pass[i + 1]) break;
+    }
+    const int rc = kv_cache_truncate(&r->kv, start + i + 1);   /* inside the pass: cannot fail */
+    assert(rc == 0);
+    (void)rc;
+    draft_stats_record(&r->draft, k, i);
+    r->timing.drafted += k;
+    r->timing.accepted += i;
+    pthread_mutex_lock(&s->lock);
+    s->drafts++;
+    s->draft_tokens += (uint64_t)k;
+    s->accepted_tokens += (uint64_t)i;
+    for (int j = 0; j < i; j++) s->accepted_at[j]++;
+    pthread_mutex_unlock(&s->lock);
+}
+
 /* One batched forward pass and the sampling after it. */
 static void step(struct sched *s) {
     /* Cancelled running sequences stop here, before spending compute. */
@@ -433,16 +519,20 @@ static void step(struct sched *s) {
         else i++;
     }
     reserve_for_decode(s);
+    const int max_tokens = s->elastic && !s->on_source ? ELASTIC_STEP_TOKENS : MODEL_MAX_BATCH;
+    int decoding = 0;
+    for (int i = 0; i < s->n_running; i++) decoding += s->running[i]->n_prefilled >= s->running[i]->n_replay;
+    plan_drafts(s, decoding, max_tokens);
     fit_weights(s);
     int n = 0, tokens = 0;
     for (int i = 0; i < s->n_running; i++) {        /* decode tokens first: latency */
         struct sreq *r = s->running[i];
         if (r->n_prefilled < r->n_replay) continue;
-        s->batch[n] = (struct batch_seq){&r->kv, &r->next_token, 1, r->logits, 0};
+        if (r->n_drafted) s->batch[n] = (struct batch_seq){&r->kv, r->pass, 1 + r->n_drafted, r->pass_logits, 1};
+        else s->batch[n] = (struct batch_seq){&r->kv, &r->next_token, 1, r->logits, 0};
         s->batch_req[n++] = r;
-        tokens++;
+        tokens += 1 + r->n_drafted;
     }
-    const int max_tokens = s->elastic && !s->on_source ? ELASTIC_STEP_TOKENS : MODEL_MAX_BATCH;
     for (int i = 0; i < s->n_running && tokens < max_tokens; i++) {   /* then prompt chunks */
         struct sreq *r = s->running[i];
         int left = r->n_replay - r->n_prefilled;
@@ -455,7 +545,9 @@ static void step(struct sched *s) {
         tokens += chunk;
     }
     if (n == 0) return;
+    const double t0 = ebb_now_seconds();
     int rc = model_forward_batch(compute_run(s), s->batch, n);
+    if (rc == 0) draft_costs_record(&s->costs, tokens, ebb_now_seconds() - t0);
     pthread_mutex_lock(&s->lock);
     s->steps++;
     s->batch_tokens += (uint64_t)tokens;
@@ -467,14 +559,9 @@ static void step(struct sched *s) {
             r->n_prefilled += s->batch[b].n_tok;
             if (r->n_prefilled < r->n_replay || r->gen.n_generated > 0) continue;
         }
-        if (r->gen.finish == FINISH_NONE) {
-            int32_t id = gen_seq_step(&r->gen, r->logits);
-            double now = ebb_now_seconds();
-            if (!r->timing.first_token) r->timing.first_token = now;
-            if (r->gen.finish == FINISH_NONE && r->kv.n_past >= r->kv.n_ctx) gen_seq_finish(&r->gen, FINISH_LENGTH);
-            r->next_token = id;
-            if (r->cb.on_token) r->cb.on_token(r->ud, id, r->gen.text, r->gen.text_len, r->gen.logprob, now);
-        }
+        if (r->gen.finish != FINISH_NONE) continue;
+        if (s->batch[b].all_logits) verify_drafts(s, r);
+        else sample_next(r, r->logits, r->kv.n_past);
     }
     for (int i = 0; i < s->n_running;) {
         struct sreq *r = s->running[i];

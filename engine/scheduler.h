@@ -27,6 +27,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "engine/draft.h"
 #include "engine/generate.h"
 
 struct model;
@@ -44,10 +45,15 @@ struct sched_config {
      * memory share (engine/governor.h's ladder). Owned by the caller, like
      * the model; both native. */
     struct model *stack_variant;
+    /* Speculating requests verify every draft they find (up to DRAFT_MAX),
+     * whether or not the measured costs say it pays: for tests and for
+     * measuring a draft source's acceptance. */
+    int draft_always;
 };
 
 struct sched_timing {
     double queued, started, first_token, finished;   /* ebb_now_seconds() stamps */
+    int drafted, accepted;          /* speculative decoding: tokens drafted, and kept */
 };
 
 struct sched_callbacks {
@@ -88,6 +94,9 @@ struct sched_stats {
     uint64_t memory_share;     /* sched_set_memory's share (0: none) */
     uint64_t stack_grows, stack_shrinks;            /* prefix changes, by direction */
     uint64_t stack_bytes_loaded, stack_bytes_freed; /* bytes they added and released */
+    /* Speculative decoding (engine/draft.h), n-gram drafts: verification
+     * passes with drafts, tokens drafted, kept, and kept at each position. */
+    uint64_t drafts, draft_tokens, accepted_tokens, accepted_at[DRAFT_MAX];
 };
 
 /* Starts the engine thread with its own run of the model (engine/model.h).

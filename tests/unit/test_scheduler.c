@@ -120,7 +120,7 @@ static void submit_all(struct sched *s, int32_t *const *ids, const int *n_ids, i
 
 /* kv_bits 4 too: its quantized positions must not depend on the batching
  * either (the long prompt reaches past the full-precision window). */
-static void test_batched_equals_alone(struct model *m, int kv_bits) {
+static void test_batched_equals_alone(struct model *m, int kv_bits, int speculative, float temperature) {
     static const char *prompts[] = {
         "What is the capital of France?",
         "Write a haiku about the sea.",
@@ -145,13 +145,18 @@ static void test_batched_equals_alone(struct model *m, int kv_bits) {
     int n_ids[N];
     struct gen_params p = greedy(max_tokens);
     p.kv_bits = kv_bits;
+    p.sampling.temperature = temperature;   /* sampled: a fixed seed draws the same tokens too */
+    p.sampling.seed = 20261205;
     for (int i = 0; i < N; i++) {
         n_ids[i] = encode_chat(m, prompts[i], &ids[i]);
         CHECK(n_ids[i] > 0);
     }
     run_alone(m, ids, n_ids, N, &p, alone);
+    /* Speculating, every n-gram draft is verified: the tokens must still be
+     * the ones decoded one at a time alone. */
+    p.speculative = speculative;
     struct sched_config cfg = {.max_running = 4, .max_waiting = 16, .max_ctx = 0, .kv_budget_bytes = 0,
-                               .kv_bits = kv_bits};
+                               .kv_bits = kv_bits, .draft_always = speculative};
     struct sched *s = sched_create(m, &cfg);
     CHECK(s != NULL);
     if (!s) return;
@@ -161,7 +166,8 @@ static void test_batched_equals_alone(struct model *m, int kv_bits) {
     for (int i = 0; i < N; i++) {
         CHECK_MSG(out[i].n_ids == alone[i].n, "prompt %d: %d tokens batched, %d alone", i, out[i].n_ids, alone[i].n);
         int same = out[i].n_ids == alone[i].n && !memcmp(out[i].ids, alone[i].ids, (size_t)alone[i].n * sizeof(int32_t));
-        CHECK_MSG(same, "kv_bits %d, prompt %d: batched tokens differ from alone", kv_bits, i);
+        CHECK_MSG(same, "kv_bits %d%s, prompt %d: batched tokens differ from alone", kv_bits,
+                  speculative ? ", speculative" : "", i);
         CHECK(out[i].n_prompt == n_ids[i]);
         CHECK(out[i].finish == FINISH_STOP || out[i].finish == FINISH_LENGTH);
         free(ids[i]);
@@ -178,6 +184,16 @@ static void test_batched_equals_alone(struct model *m, int kv_bits) {
     CHECK_MSG(st.kv_allocated_bytes == 0 && st.kv_reserved_bytes == 0, "KV not returned: %zu/%zu",
               st.kv_allocated_bytes, st.kv_reserved_bytes);
     CHECK(st.steps > 0);
+    if (speculative) {
+        printf("kv_bits %d, temperature %.1f, speculative: %llu passes with drafts, %llu drafted, %llu accepted\n", kv_bits, temperature,
+               (unsigned long long)st.drafts, (unsigned long long)st.draft_tokens,
+               (unsigned long long)st.accepted_tokens);
+        CHECK(st.drafts > 0 && st.accepted_tokens < st.draft_tokens);
+        CHECK(st.accepted_tokens > 0 || temperature > 0);
+        CHECK(st.accepted_at[0] >= st.accepted_at[1]);
+    } else {
+        CHECK(st.drafts == 0);
+    }
     sched_destroy(s, 1);
 }
 
@@ -355,8 +371,11 @@ int main(void) {
         fprintf(stderr, "cannot load the default model: %s (run scripts/setup)\n", err);
         return 1;
     }
-    test_batched_equals_alone(&m, 32);
-    test_batched_equals_alone(&m, 4);
+    test_batched_equals_alone(&m, 32, DRAFT_NONE, 0);
+    test_batched_equals_alone(&m, 4, DRAFT_NONE, 0);
+    test_batched_equals_alone(&m, 32, DRAFT_NGRAM, 0);
+    test_batched_equals_alone(&m, 4, DRAFT_NGRAM, 0);
+    test_batched_equals_alone(&m, 4, DRAFT_NGRAM, 0.9f);
     test_cancel_and_limits(&m);
     test_budget(&m);
     test_preemption(&m, 32);
