@@ -59,6 +59,7 @@ struct choice_slot {
     bool submitted, done;
     int n_tokens;                 /* token events received */
     double last_token_t;
+    int drafted, accepted;        /* speculative decoding, from the engine's done event */
 };
 
 struct completion {
@@ -145,10 +146,12 @@ static void stream_send(struct completion *c, char *events, size_t len) {
 
 /* Every choice is done: send what is left and complete the HTTP request. */
 static void finish_response(struct completion *c) {
-    struct oai_usage usage = {c->prompt_tokens, 0};
+    struct oai_usage usage = {c->prompt_tokens, 0, 0, 0};
     bool error = false, evicted = false;
     for (int i = 0; i < c->n_choices; i++) {
         usage.completion_tokens += c->slots[i].n_tokens;
+        usage.draft_tokens += c->slots[i].drafted;
+        usage.accepted_draft_tokens += c->slots[i].accepted;
         error |= c->choices[i].finish == FINISH_ERROR || c->choices[i].finish == FINISH_EVICTED;
         evicted |= c->choices[i].finish == FINISH_EVICTED;
     }
@@ -267,6 +270,8 @@ static void deliver_done(struct choice_slot *slot, struct bridge_event *ev) {
     metric_inc(c->d->m_finished, labels, 1);
     metric_series_inc(sm->m_prompt_tokens, ev->n_prompt);
     const struct sched_timing *t = &ev->timing;
+    slot->drafted = t->drafted;
+    slot->accepted = t->accepted;
     if (t->started > 0) metric_series_observe(sm->m_queue, t->started - t->queued);
     if (t->first_token > 0) metric_series_observe(sm->m_ttft, t->first_token - t->queued);
     if (ev->finish != FINISH_CANCELLED) metric_series_observe(sm->m_e2e, t->finished - t->queued);
@@ -289,7 +294,7 @@ void completion_deliver(struct bridge_event *ev, void *arg) {
 /* ------------------------------------------------------------ starting */
 
 void completion_gen_params(const struct oai_request *r, int choice, uint64_t seed_if_unset, int max_tokens_if_unset,
-                           struct gen_params *out) {
+                           int speculative_if_unset, struct gen_params *out) {
     memset(out, 0, sizeof *out);
     sampler_params_default(&out->sampling);   /* fields the API has no say in (repeat window) */
     out->sampling.temperature = r->temperature;
@@ -302,6 +307,7 @@ void completion_gen_params(const struct oai_request *r, int choice, uint64_t see
     out->stops = (const char *const *)r->stops;
     out->n_stops = r->n_stops;
     out->logprobs = r->logprobs;
+    out->speculative = r->speculative >= 0 ? r->speculative : speculative_if_unset;
 }
 
 static uint64_t fresh_seed(struct daemon *d) {
@@ -335,7 +341,7 @@ struct completion *completion_new(struct daemon *d, struct http_request *req, st
     c->meta = (struct oai_meta){c->r.kind, c->id, sm->name, (int64_t)time(NULL), c->r.include_usage};
     for (int i = 0; i < c->n_choices; i++) {
         oai_choice_init(&c->choices[i], i, c->r.logprobs, 0);
-        c->slots[i] = (struct choice_slot){{.bridge = &d->bridge}, c, i, 0, false, false, 0, 0};
+        c->slots[i] = (struct choice_slot){.bt = {.bridge = &d->bridge}, .c = c, .index = i};
     }
     c->next = d->completions;
     d->completions = c;
@@ -369,7 +375,7 @@ static int submit_choices(struct completion *c, int32_t *const *ids, const int *
         int p = i / per_prompt;
         int n_prompt = n_ids[p];
         struct gen_params gp;
-        completion_gen_params(&c->r, i, seed, max_ctx - n_prompt, &gp);
+        completion_gen_params(&c->r, i, seed, max_ctx - n_prompt, c->d->cfg.speculative, &gp);
         if (n_prompt == 0 || gp.max_tokens < 1 || n_prompt + gp.max_tokens > max_ctx) {
             /* Never a negative count: a prompt that fills the context is
              * too long whatever max_tokens says. */

@@ -73,8 +73,9 @@ const char *completion_id(const struct completion *c);
 /* The engine's settings for choice `choice` (0-based) of a parsed request:
  * the seed is the request's (or seed_if_unset) plus the choice index, so n
  * choices differ and a given seed always gives the same n outputs;
- * max_tokens_if_unset replaces -1 (what the context has left). Stop strings
- * are borrowed from r: keep r alive while *out is in use. */
+ * max_tokens_if_unset replaces -1 (what the context has left), and
+ * speculative_if_unset a request's silence on drafts (config `speculative`).
+ * Stop strings are borrowed from r: keep r alive while *out is in use. */
 void completion_gen_params(const struct oai_request *r, int choice, uint64_t seed_if_unset, int max_tokens_if_unset,
-                           struct gen_params *out);
+                           int speculative_if_unset, struct gen_params *out);
 #endif

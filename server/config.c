@@ -20,6 +20,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "engine/draft.h"
 #include "engine/model.h"
 #include "storage/catalog.h"
 #include "storage/error.h"
@@ -51,6 +52,8 @@ struct field {
 static const char *const level_names[] = {"error", "warn", "info", "debug", NULL};
 static const char *const weights_names[] = {[MODEL_WEIGHTS_NATIVE] = "native", [MODEL_WEIGHTS_F32] = "f32", NULL};
 static const char *const budget_mode_names[] = {"fixed", "auto", NULL};
+static const char *const draft_names[] = {[DRAFT_NONE] = "none", [DRAFT_NGRAM] = "ngram", NULL};
+static const char *const draft_policy_names[] = {"adaptive", "always", NULL};
 static const char *const verify_names[] = {[CATALOG_CHECK_SHA256] = "sha256", [CATALOG_CHECK_STAT] = "stat", NULL};
 
 static const struct field fields[] = {
@@ -100,6 +103,10 @@ static const struct field fields[] = {
     {"shutdown_timeout_ms", FIELD_INT, AT(shutdown_timeout_ms), 0, 3600000, {0}, NULL, "10000", "MS",
      "on SIGTERM/SIGINT, how long running requests may finish"},
     {"log_level", FIELD_NAME, AT(log_level), 0, 0, {0}, level_names, "info", "LEVEL", "error, warn, info or debug"},
+    {"speculative", FIELD_NAME, AT(speculative), 0, 0, {0}, draft_names, "ngram", "SOURCE",
+     "speculative decoding for requests that do not say: ngram (drafts where they measure to pay) or none"},
+    {"draft_policy", FIELD_NAME, AT(draft_policy), 0, 0, {0}, draft_policy_names, "adaptive", "POLICY",
+     "adaptive (verify drafts while step times and acceptance say they pay) or always (every draft found)"},
 };
 #define N_FIELDS ((int)(sizeof fields / sizeof fields[0]))
 _Static_assert(sizeof fields / sizeof fields[0] == CONFIG_N_FIELDS, "CONFIG_N_FIELDS matches the table");

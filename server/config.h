@@ -36,7 +36,7 @@ enum config_log_level { CONFIG_LOG_ERROR, CONFIG_LOG_WARN, CONFIG_LOG_INFO, CONF
 /* Where a setting's current value came from. */
 enum config_source { CONFIG_FROM_DEFAULT, CONFIG_FROM_FILE, CONFIG_FROM_ENV, CONFIG_FROM_FLAG };
 
-#define CONFIG_N_FIELDS 25
+#define CONFIG_N_FIELDS 27
 
 struct ebb_config {
     char host[256];                /* listen address (IPv4 or IPv6 literal, or a host name) */
@@ -64,6 +64,8 @@ struct ebb_config {
     int verify_models;             /* enum catalog_check: how a model's file is checked at load */
     int shutdown_timeout_ms;       /* SIGTERM: how long running requests may finish */
     int log_level;                 /* enum config_log_level */
+    int speculative;               /* enum draft_source: requests' drafts unless they say (engine/draft.h) */
+    int draft_policy;              /* 0: adaptive (drafts where they measure to pay), 1: always */
     unsigned char source[CONFIG_N_FIELDS]; /* enum config_source per field, table order */
 };
 

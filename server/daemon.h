@@ -61,6 +61,7 @@ struct served_model {
     struct metric_series *m_prompt_tokens, *m_gen_tokens;
     struct metric_series *m_ttft, *m_itl, *m_e2e, *m_queue, *m_preemptions;
     struct metric_series *m_stack_blocks, *m_bpw, *m_grows, *m_shrinks, *m_bytes_loaded, *m_bytes_freed, *m_swap;
+    struct metric_series *m_drafts, *m_draft_tokens, *m_accepted, *m_accepted_at[DRAFT_MAX], *m_accepted_mean;
 };
 
 struct daemon {
@@ -99,8 +100,9 @@ struct daemon {
     struct metric *m_kv_bytes, *m_kv_use, *m_weights, *m_budget, *m_preemptions;
     struct metric *m_minimum, *m_resident, *m_stack_blocks, *m_bpw, *m_weight_changes, *m_bytes_loaded,
         *m_bytes_freed, *m_swap;
+    struct metric *m_drafts, *m_draft_tokens, *m_accepted, *m_accepted_at, *m_accepted_mean;
 };
-#define DAEMON_N_METRICS 28
+#define DAEMON_N_METRICS 33
 
 /* ---- daemon.c ---- */
 /* Runs the daemon with d->cfg loaded (d zeroed otherwise, and static: libuv

@@ -34,6 +34,8 @@ static const char *const model[] = {"model"};
 static const char *const model_reason[] = {"model", "reason"};
 static const char *const model_direction[] = {"model", "direction"};
 static const char *const kind[] = {"kind"};
+static const char *const model_source[] = {"model", "source"};
+static const char *const model_source_position[] = {"model", "source", "position"};
 static const double swap_buckets[] = {1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 0.01, 0.03, 0.1, 0.3, 1};
 #define SWAP_BUCKETS swap_buckets, (int)(sizeof swap_buckets / sizeof swap_buckets[0])
 static const double itl_buckets[] = {0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1, 2};
@@ -94,6 +96,19 @@ static const struct family families[] = {
      model, NULL, 0, AT(m_bytes_freed)},
     {METRIC_HISTOGRAM, "ebb_weight_swap_seconds", "Time the engine spent changing the resident prefix (between steps).",
      1, model, SWAP_BUCKETS, AT(m_swap)},
+    /* Speculative decoding, with vLLM's names for its counters. */
+    {METRIC_COUNTER, "ebb_spec_decode_num_drafts_total", "Verification passes that carried drafted tokens.", 2,
+     model_source, NULL, 0, AT(m_drafts)},
+    {METRIC_COUNTER, "ebb_spec_decode_num_draft_tokens_total", "Drafted tokens verified.", 2, model_source, NULL, 0,
+     AT(m_draft_tokens)},
+    {METRIC_COUNTER, "ebb_spec_decode_num_accepted_tokens_total", "Drafted tokens the model accepted.", 2,
+     model_source, NULL, 0, AT(m_accepted)},
+    {METRIC_COUNTER, "ebb_spec_decode_num_accepted_tokens_per_pos_total",
+     "Drafted tokens accepted at each position of a draft (0: the first).", 3, model_source_position, NULL, 0,
+     AT(m_accepted_at)},
+    {METRIC_GAUGE, "ebb_spec_decode_mean_accepted_length",
+     "Drafted tokens accepted per verification pass with drafts, since start.", 2, model_source, NULL, 0,
+     AT(m_accepted_mean)},
 };
 #define N_FAMILIES ((int)(sizeof families / sizeof families[0]))
 _Static_assert(sizeof families / sizeof families[0] == DAEMON_N_METRICS, "DAEMON_N_METRICS matches the table");

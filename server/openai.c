@@ -32,6 +32,7 @@
 
 #include <jansson.h>
 
+#include "engine/draft.h"
 #include "engine/utf8.h"
 
 /* ------------------------------------------------------------------ UTF-8 */
@@ -496,6 +497,22 @@ static int f_seed(struct pctx *p, const char *key, json_t *v) {
     return 0;
 }
 
+/* ebb's extension: false (no drafts), true (n-gram drafts) or a source's
+ * name. Drafts change speed only, never the text (engine/draft.h). */
+static int f_speculative(struct pctx *p, const char *key, json_t *v) {
+    char got[48];
+    if (json_is_boolean(v)) {
+        p->r->speculative = json_is_true(v) ? DRAFT_NGRAM : DRAFT_NONE;
+        return 0;
+    }
+    const int source = json_is_string(v) ? draft_source_parse(json_string_value(v)) : -1;
+    if (source < 0)
+        return BAD(p, key, "'%s' must be true, false or a draft source (\"ngram\" or \"none\"), got %s", key,
+                   describe(v, got, sizeof got));
+    p->r->speculative = source;
+    return 0;
+}
+
 static int f_n(struct pctx *p, const char *key, json_t *v) {
     int64_t x;
     if (want_int(p, key, v, 1, OAI_MAX_N, "an integer between 1 and 16", &x)) return -1;
@@ -699,6 +716,7 @@ static const struct field fields[] = {
     {"min_p", K_GEN, f_min_p},
     {"repetition_penalty", K_GEN, f_repetition_penalty},
     {"seed", K_GEN, f_seed},
+    {"speculative", K_GEN, f_speculative},
     {"n", K_GEN, f_n},
     {"stop", K_GEN, f_stop},
     {"stream", K_GEN, f_stream},
@@ -759,6 +777,7 @@ static void request_defaults(struct oai_request *r, enum oai_kind kind) {
     r->temperature = 1.0f;
     r->top_p = 1.0f;
     r->repetition_penalty = 1.0f;
+    r->speculative = -1;
     r->n = 1;
     r->add_generation_prompt = true;
 }
@@ -1124,6 +1143,10 @@ static json_t *usage_object(const struct oai_usage *u, bool *ok) {
     put(o, "prompt_tokens", json_integer(u->prompt_tokens), ok);
     put(o, "completion_tokens", json_integer(u->completion_tokens), ok);
     put(o, "total_tokens", json_integer((json_int_t)u->prompt_tokens + u->completion_tokens), ok);
+    if (u->draft_tokens) {
+        put(o, "draft_tokens", json_integer(u->draft_tokens), ok);
+        put(o, "accepted_draft_tokens", json_integer(u->accepted_draft_tokens), ok);
+    }
     if (!o) *ok = false;
     return o;
 }

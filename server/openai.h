@@ -110,6 +110,7 @@ struct oai_request {
     bool stream;
     bool include_usage;          /* stream_options.include_usage */
     bool logprobs;               /* the chosen token's log-probability per token */
+    int speculative;             /* ebb's extension: enum draft_source (engine/draft.h); -1: the server's default */
 
     /* tokenize / completions */
     bool add_special_tokens;     /* add BOS when the model wants one. Default: true
@@ -193,6 +194,9 @@ struct oai_meta {
 struct oai_usage {
     int prompt_tokens;           /* counted once per prompt, not per choice */
     int completion_tokens;       /* over every choice */
+    /* ebb's extension, in usage only when drafts were verified: tokens
+     * drafted for speculative decoding and the ones kept (engine/draft.h). */
+    int draft_tokens, accepted_draft_tokens;
 };
 
 /* The whole non-streamed response: "text_completion" or "chat.completion".

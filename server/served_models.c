@@ -109,6 +109,7 @@ static void load_work(uv_work_t *w) {
         .kv_budget_bytes = 0,   /* set by served_set_budget once on the loop */
         .kv_bits = config_kv_bits_for(&d->cfg, sm->name),  /* model_kv_bits, else kv_bits */
         .threads = d->cfg.threads,
+        .draft_always = d->cfg.draft_policy == 1,
     };
     const char *kv_problem = kv_bits_problem(&sm->model.cfg, sc.kv_bits);
     if (kv_problem) {
@@ -187,6 +188,17 @@ static void series_for(struct daemon *d, struct served_model *sm) {
     sm->m_bytes_loaded = metric_series(d->m_bytes_loaded, m);
     sm->m_bytes_freed = metric_series(d->m_bytes_freed, m);
     sm->m_swap = metric_series(d->m_swap, m);
+    const char *spec[] = {sm->name, draft_source_name(DRAFT_NGRAM)};
+    sm->m_drafts = metric_series(d->m_drafts, spec);
+    sm->m_draft_tokens = metric_series(d->m_draft_tokens, spec);
+    sm->m_accepted = metric_series(d->m_accepted, spec);
+    sm->m_accepted_mean = metric_series(d->m_accepted_mean, spec);
+    for (int i = 0; i < DRAFT_MAX; i++) {
+        char pos[16];
+        snprintf(pos, sizeof pos, "%d", i);
+        const char *at[] = {sm->name, draft_source_name(DRAFT_NGRAM), pos};
+        sm->m_accepted_at[i] = metric_series(d->m_accepted_at, at);
+    }
 }
 
 int served_load(struct daemon *d, const char *name, const char *path, int64_t created,
@@ -421,6 +433,11 @@ void served_refresh_metrics(struct daemon *d) {
         metric_series_set(sm->m_kv_use, st.kv_budget_bytes ? (double)st.kv_reserved_bytes / (double)st.kv_budget_bytes : 0);
         metric_series_set(sm->m_weights, (double)st.weight_bytes);
         advance(sm->m_preemptions, st.preemptions);
+        advance(sm->m_drafts, st.drafts);
+        advance(sm->m_draft_tokens, st.draft_tokens);
+        advance(sm->m_accepted, st.accepted_tokens);
+        for (int i = 0; i < DRAFT_MAX; i++) advance(sm->m_accepted_at[i], st.accepted_at[i]);
+        metric_series_set(sm->m_accepted_mean, st.drafts ? (double)st.accepted_tokens / (double)st.drafts : 0);
     }
     const uint64_t rss = memory_process_rss();
     const char *w[] = {"weights"}, *k[] = {"kv"}, *o[] = {"scratch_and_other"};

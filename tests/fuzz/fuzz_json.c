@@ -94,7 +94,7 @@ static void respond_with(const struct oai_request *r, const char *text, size_t l
     ev = oai_stream_chunk(&meta, &c, &n);
     check_sse(ev, n);
     free(ev);
-    struct oai_usage u = {3, 4};
+    struct oai_usage u = {.prompt_tokens = 3, .completion_tokens = 4};
     ev = oai_stream_usage(&meta, &u, &n);
     check_sse(ev, n);
     free(ev);

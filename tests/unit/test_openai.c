@@ -23,6 +23,7 @@
 
 #include <jansson.h>
 
+#include "engine/draft.h"
 #include "server/completion.h"
 #include "server/openai.h"
 #include "tests/unit/check.h"
@@ -197,8 +198,8 @@ static void test_completion_full(void) {
     CHECK(r.stream && r.include_usage && r.logprobs);
 
     struct gen_params g;
-    completion_gen_params(&r, 2, 777, 99, &g);
-    CHECK(g.max_tokens == 200);
+    completion_gen_params(&r, 2, 777, 99, DRAFT_NGRAM, &g);
+    CHECK(g.max_tokens == 200 && g.speculative == DRAFT_NGRAM);   /* not given: the server's default */
     CHECK(g.sampling.temperature == 0.0f && g.sampling.top_p == 0.5f && g.sampling.top_k == 40);
     CHECK(g.sampling.min_p == 0.05f && g.sampling.repeat_penalty == 1.1f);
     CHECK(g.sampling.seed == (uint64_t)INT64_MIN + 2);   /* the request's seed, plus the choice */
@@ -211,8 +212,22 @@ static void test_completion_full(void) {
            " \"seed\": null, \"stream_options\": null, \"logprobs\": null, \"n\": null, \"user\": null}", &r))
         return;
     CHECK(r.max_tokens == 7 && r.temperature == 1.0f && r.n_stops == 0 && !r.has_seed && r.n == 1 && !r.logprobs);
-    completion_gen_params(&r, 1, 777, 99, &g);
+    completion_gen_params(&r, 1, 777, 99, DRAFT_NONE, &g);
     CHECK(g.sampling.seed == 778);   /* no seed: the server's, plus the choice */
+    oai_request_free(&r);
+
+    /* ebb's extension: speculative decoding per request */
+    if (OK(OAI_COMPLETION, "{\"prompt\": \"x\", \"speculative\": false}", &r)) return;
+    completion_gen_params(&r, 0, 1, 1, DRAFT_NGRAM, &g);
+    CHECK(r.speculative == DRAFT_NONE && g.speculative == DRAFT_NONE);
+    oai_request_free(&r);
+    if (OK(OAI_CHAT, "{\"messages\": [{\"role\": \"user\", \"content\": \"x\"}], \"speculative\": \"ngram\"}", &r))
+        return;
+    completion_gen_params(&r, 0, 1, 1, DRAFT_NONE, &g);
+    CHECK(g.speculative == DRAFT_NGRAM);
+    oai_request_free(&r);
+    if (OK(OAI_COMPLETION, "{\"prompt\": \"x\", \"speculative\": true}", &r)) return;
+    CHECK(r.speculative == DRAFT_NGRAM);
     oai_request_free(&r);
 
     /* logprobs 0 also means "the chosen token's"; a single stop string */
@@ -221,7 +236,7 @@ static void test_completion_full(void) {
     oai_request_free(&r);
     if (OK(OAI_COMPLETION, "{\"prompt\": \"x\", \"stop\": [], \"top_k\": -1}", &r)) return;
     CHECK(r.n_stops == 0 && r.top_k == -1);
-    completion_gen_params(&r, 0, 1, 1, &g);
+    completion_gen_params(&r, 0, 1, 1, DRAFT_NONE, &g);
     CHECK(g.sampling.top_k == 0);   /* -1 is the sampler's "off" (0) */
     oai_request_free(&r);
 }
@@ -348,6 +363,9 @@ static void test_completion_fields(void) {
     ERR(C, "{\"prompt\": \"a\", \"logprobs\": true}", "logprobs", "must be an integer (0 or 1), got true");
     ERR(C, "{\"prompt\": \"a\", \"echo\": true}", "echo", "'echo' is not supported");
     ERR(C, "{\"prompt\": \"a\", \"echo\": \"no\"}", "echo", "must be a boolean");
+    ERR(C, "{\"prompt\": \"a\", \"speculative\": \"eagle\"}", "speculative",
+        "'speculative' must be true, false or a draft source (\"ngram\" or \"none\"), got a string");
+    ERR(C, "{\"prompt\": \"a\", \"speculative\": 1}", "speculative", "must be true, false or a draft source");
     ERR(C, "{\"prompt\": \"a\", \"presence_penalty\": 0.5}", "presence_penalty", "'presence_penalty' is not supported");
     ERR(C, "{\"prompt\": \"a\", \"frequency_penalty\": -1}", "frequency_penalty", "not supported");
     ERR(C, "{\"prompt\": \"a\", \"frequency_penalty\": 3}", "frequency_penalty", "between -2 and 2");
@@ -415,7 +433,7 @@ static void test_chat_accepts(void) {
     CHECK(r.max_tokens == -1 && r.n == 1 && !r.logprobs && r.n_prompts == 0);
     CHECK(!r.add_special_tokens);
     struct gen_params g;
-    completion_gen_params(&r, 0, 5, 1234, &g);
+    completion_gen_params(&r, 0, 5, 1234, DRAFT_NONE, &g);
     CHECK(g.max_tokens == 1234 && g.sampling.seed == 5 && g.sampling.temperature == 1.0f && g.logprobs == 0);
     oai_request_free(&r);
 
