@@ -39,7 +39,7 @@
  *   its successor's rows (contiguous with its own) as it goes;
  *   2 x 4 and prefill 4 x 2: each row's unpacked block serves every token;
  *   a pair of rows (in L1) meets all tokens of a block of TB (in L2).
- * On the AVX-512 path (NX_WIDE_PREFILL) prefill of 4 tokens or more takes
+ * On the AVX-512 path (NX_WIDE_PREFILL) prefill of 9 tokens or more takes
  * whole tiles of 16 rows another way: their blocks are rewritten into
  * interleaved codes so each lane is one row's sum (see "wide prefill").
  * Edges reuse the same three shapes: a missing row or token repeats the
@@ -64,6 +64,13 @@
 #include "kernels/cpu/simd_x86.h"
 
 #define TB 32   /* tokens per block of the prefill loop (multiple of 4) */
+/* Products of fewer tokens stream each row once, so their tiles prefetch
+ * as decode's do, and on the AVX-512 path they take the tiles, not the wide
+ * prefill: packing a row tile costs more than it saves below about 9 tokens
+ * (a verification pass of speculative decoding has 2 to 9; `ebb bench
+ * --verify 16`: 4 tokens took 1.9 one-token passes on the tiles, 2.7 wide;
+ * 9 took 4.1 on the tiles, 3.7 wide). */
+#define WIDE_MIN_TOKENS 9
 
 enum { NT_Q4_0, NT_Q4_1, NT_Q5_0, NT_Q5_1, NT_Q8_0, NT_Q2_K, NT_Q3_K, NT_Q4_K, NT_Q5_K, NT_Q6_K };
 
@@ -426,7 +433,7 @@ ALWAYS_INLINE void tile(const int T, const int M, const int N, const struct ebb_
     tile_pointers(T, M, N, a, t, mv, o, nv, &p);
     __m256 acc = _mm256_setzero_ps();
     for (int b = 0; b < nb; b++) {
-        if (M == 1) prefetch_next(N, BB, a, &p, b);
+        if (M <= 2 || a->n_tok < WIDE_MIN_TOKENS) prefetch_next(N, BB, a, &p, b);
         acc = is_k(T) ? k_step(T, M, N, &p, b, (size_t)b * BB, acc) : legacy_step(T, M, N, &p, b, (size_t)b * BB, acc);
     }
     store_tile(M, a, acc, t, mv, o, nv);
@@ -629,7 +636,7 @@ static void rectangle(const tile_fn tiles[3], wide_fn wide, const struct ebb_nat
 #ifdef NX_WIDE_PREFILL
     /* Legacy types with 4 tokens or more: whole 16-row tiles go wide, the
      * rows left over take the tiles below. */
-    if (wide && t1 - t0 >= 4 && o1 - o0 >= WIDE_ROWS) {
+    if (wide && t1 - t0 >= WIDE_MIN_TOKENS && o1 - o0 >= WIDE_ROWS) {
         /* Each worker's own packed chunk: no allocation per product. */
         static _Thread_local _Alignas(64) unsigned char scratch[WIDE_SCRATCH];
         const int rows_end = o0 + (o1 - o0) / WIDE_ROWS * WIDE_ROWS;
