@@ -7,7 +7,8 @@
 #define STATS_DECAY 0.8          /* of the past acceptance at each verification */
 #define PRIOR_CHECKED 2.0        /* a new request's acceptance: 1 of 2, until it has its own */
 #define PRIOR_ACCEPTED 1.0
-#define EXTRA_TOKEN_GUESS 0.25   /* an unmeasured extra token: a quarter of the step (optimistic) */
+#define EXTRA_TOKEN_GUESS 0.25   /* an unmeasured extra token: a quarter of a token's share of the
+                                    largest step measured below (optimistic) */
 
 const char *draft_source_name(enum draft_source s) {
     return s == DRAFT_NGRAM ? "ngram" : "none";
@@ -51,7 +52,7 @@ double draft_costs_estimate(const struct draft_costs *c, int n) {
     while (hi <= MODEL_MAX_BATCH && !(c->seconds[hi] > 0)) hi++;
     if (lo >= 1 && hi <= MODEL_MAX_BATCH)   /* between two measured counts */
         return c->seconds[lo] + (c->seconds[hi] - c->seconds[lo]) * (n - lo) / (hi - lo);
-    if (lo >= 1) return c->seconds[lo] * (1 + EXTRA_TOKEN_GUESS * (n - lo));
+    if (lo >= 1) return c->seconds[lo] * (1 + EXTRA_TOKEN_GUESS * (n - lo) / lo);
     if (hi <= MODEL_MAX_BATCH) return c->seconds[hi];   /* fewer tokens cost no more */
     return 0;
 }
@@ -86,9 +87,13 @@ int draft_choose(const struct draft_costs *c, struct draft_stats *s, int others,
             best = k;
         }
     }
-    if (best_gain >= DRAFT_MIN_GAIN || ++s->steps_since_draft >= DRAFT_RETRY_STEPS) {
+    if (best_gain >= DRAFT_MIN_GAIN) {
         s->steps_since_draft = 0;
         return best;
+    }
+    if (++s->steps_since_draft >= DRAFT_RETRY_STEPS) {   /* measure the longest again */
+        s->steps_since_draft = 0;
+        return max_k;
     }
     return 0;
 }

@@ -23,9 +23,16 @@
  * t(B + k) against 1 / t(B) without a draft (B: the step's other tokens),
  * and none when nothing beats not drafting. Counts not yet measured are
  * estimated from the nearest measured ones, optimistically, so that the
- * curve gets measured; and a request that stopped drafting tries again
- * every DRAFT_RETRY_STEPS steps, so that a noisy measurement cannot turn
- * drafting off for good.
+ * curve gets measured; and a request that stopped drafting verifies a whole
+ * draft every DRAFT_RETRY_STEPS steps, so that a noisy measurement cannot
+ * turn drafting off for good.
+ *
+ * Acceptance is also measured without verifying: a step that does not
+ * draft still looks its draft up, and the token the model then emits tells
+ * whether the draft's first token would have been kept (the scheduler
+ * records it as one checked position). So a request that starts copying
+ * its prompt is seen to, and starts drafting, within a few tokens, at the
+ * cost of a lookup.
  */
 #ifndef EBB_ENGINE_DRAFT_H
 #define EBB_ENGINE_DRAFT_H
@@ -66,7 +73,8 @@ struct draft_stats {
     double checked, accepted;
     int steps_since_draft;
 };
-/* After a verification of k drafts of which `accepted` were kept. */
+/* After a verification of k drafts of which `accepted` were kept (k = 1
+ * for a draft looked up but not verified: was its first token emitted?). */
 void draft_stats_record(struct draft_stats *s, int k, int accepted);
 double draft_acceptance(const struct draft_stats *s);
 

@@ -46,6 +46,7 @@ struct sreq {
      * request's acceptance so far. */
     int32_t pass[DRAFT_MAX + 1];
     int n_drafted;                  /* drafts in this step's pass */
+    int32_t unverified;             /* a draft's first token looked up but not verified, or -1 */
     float *pass_logits;             /* [DRAFT_MAX + 1][n_vocab] */
     struct draft_stats draft;
     atomic_int stop;                /* enum sreq_stop: set by any thread, read by the engine */
@@ -155,6 +156,7 @@ static struct sreq *sreq_create(const struct sched_request_desc *d, int n_vocab)
     memcpy(r->prompt, d->prompt, (size_t)d->n_prompt * sizeof(int32_t));
     r->n_prompt = d->n_prompt;
     r->n_replay = d->n_prompt;
+    r->unverified = -1;
     r->cb = d->cb;
     r->ud = d->ud;
     r->timing.queued = ebb_now_seconds();
@@ -452,6 +454,7 @@ static void plan_drafts(struct sched *s, int decoding, int max_tokens) {
     for (int i = 0; i < s->n_running; i++) {
         struct sreq *r = s->running[i];
         r->n_drafted = 0;
+        r->unverified = -1;
         if (!r->params.speculative || r->n_prefilled < r->n_replay || r->gen.finish != FINISH_NONE) continue;
         /* The context and max_tokens after this step's certain token. */
         int room = r->kv.n_ctx - r->kv.n_past - 1;
@@ -460,10 +463,12 @@ static void plan_drafts(struct sched *s, int decoding, int max_tokens) {
         if (room > DRAFT_MAX) room = DRAFT_MAX;
         if (room <= 0) continue;
         /* The history ends with next_token: the draft is what follows it. */
+        r->pass[1] = -1;
         int k = draft_ngram(r->gen.history, r->gen.n_history, room, r->pass + 1);
         if (k && !s->cfg.draft_always) k = draft_choose(&s->costs, &r->draft, tokens - 1, k, room);
         if (k && !r->pass_logits && !(r->pass_logits = malloc(pass_logits))) k = 0;
         if (k && kv_cache_reserve(&r->kv, r->kv.n_past + 1 + k) != KV_OK) k = 0;
+        if (!k && r->pass[1] >= 0) r->unverified = r->pass[1];   /* found, not verified: see what comes */
         r->pass[0] = r->next_token;
         r->n_drafted = k;
         tokens += k;
@@ -560,8 +565,12 @@ static void step(struct sched *s) {
             if (r->n_prefilled < r->n_replay || r->gen.n_generated > 0) continue;
         }
         if (r->gen.finish != FINISH_NONE) continue;
-        if (s->batch[b].all_logits) verify_drafts(s, r);
-        else sample_next(r, r->logits, r->kv.n_past);
+        if (s->batch[b].all_logits) {
+            verify_drafts(s, r);
+        } else {
+            const int32_t id = sample_next(r, r->logits, r->kv.n_past);
+            if (r->unverified >= 0) draft_stats_record(&r->draft, 1, id == r->unverified);
+        }
     }
     for (int i = 0; i < s->n_running;) {
         struct sreq *r = s->running[i];
