@@ -5,6 +5,7 @@ The daemon picks its own port (--port 0) and logs it with msg="listening"; this 
 log on a thread, so tests can also wait for any other line and check the whole log after a
 clean stop (exit status 0, no sanitizer report, every loaded model unloaded).
 """
+import json
 import os
 import pathlib
 import re
@@ -138,3 +139,23 @@ class Server:
             self.proc.kill()
         self.proc.wait(10)
         self.reader.join(10)
+
+
+def start_ready(binary, *args, ready_timeout=120, **kwargs):
+    """A Server that is ready to serve; one that never gets ready is killed (its log is in
+    the error), so that a failed fixture leaves no daemon behind."""
+    s = Server(binary, *args, **kwargs)
+    try:
+        s.wait_ready(ready_timeout)
+    except BaseException:
+        s.kill()
+        raise
+    return s
+
+
+def stream_events(resp):
+    """The JSON documents of a server-sent event stream, until [DONE]."""
+    for line in resp.iter_lines():
+        if not line.startswith(b"data: ") or line == b"data: [DONE]":
+            continue
+        yield json.loads(line[6:])

@@ -30,7 +30,7 @@ import time
 import requests
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from daemon import Server  # noqa: E402
+from daemon import Server, stream_events  # noqa: E402
 
 TOKEN = "governor-cycle"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -78,10 +78,7 @@ def timed_stream(s, prompt, max_tokens):
     r.raise_for_status()
     first = last = None
     usage = None
-    for line in r.iter_lines():
-        if not line.startswith(b"data: ") or line == b"data: [DONE]":
-            continue
-        ev = json.loads(line[6:])
+    for ev in stream_events(r):
         if ev.get("usage"):
             usage = ev["usage"]
         if ev.get("choices"):

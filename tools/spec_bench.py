@@ -26,7 +26,6 @@ accepted/drafted) and, with --csv, writes every request's row.
 """
 import argparse
 import csv
-import json
 import os
 import re
 import statistics
@@ -38,7 +37,7 @@ import time
 import requests
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from daemon import Server  # noqa: E402
+from daemon import Server, stream_events  # noqa: E402
 
 TEXTS = [
     "The lighthouse stood on a rock at the mouth of the bay for two hundred years. Its keepers lived in a small "
@@ -80,10 +79,7 @@ def stream_chat(srv, prompt, max_tokens, speculative):
     text = []
     with requests.post(srv.url("/v1/chat/completions"), json=body, stream=True, timeout=600) as r:
         r.raise_for_status()
-        for line in r.iter_lines():
-            if not line.startswith(b"data: ") or line == b"data: [DONE]":
-                continue
-            doc = json.loads(line[6:])
+        for doc in stream_events(r):
             if doc.get("usage"):
                 usage = doc["usage"]
             for ch in doc.get("choices", []):

@@ -24,6 +24,7 @@ import pytest
 import requests
 
 from conftest import Server, run_ebb
+from daemon import start_ready
 from test_bitstack import cut_model
 
 TOKEN = "governor-token"
@@ -52,14 +53,8 @@ def source_file(stack_file):
 
 
 def start(binary, stack_file, catalog, *args):
-    s = Server(binary, "--default-model", "stack", "--verify-models", "stat", "--max-running", "8", *args,
-               catalog=catalog, model_path=str(stack_file), token=TOKEN, start_timeout=120)
-    try:
-        s.wait_ready()
-    except BaseException:
-        s.kill()
-        raise
-    return s
+    return start_ready(binary, "--default-model", "stack", "--verify-models", "stat", "--max-running", "8", *args,
+                       catalog=catalog, model_path=str(stack_file), token=TOKEN, start_timeout=120)
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,7 @@ import concurrent.futures
 import pytest
 import requests
 
-from conftest import Server
+from daemon import start_ready
 
 IO = 120
 MAX_TOKENS = 32
@@ -60,21 +60,12 @@ PROMPTS = [task.format(t=text) for text in TEXTS for task in TASKS]
 assert len(PROMPTS) == 50
 
 
-def start(binary, model_path, tmp_path, kv_bits):
-    s = Server(binary, "--max-running", "16", "--queue-length", "256", "--kv-bits", str(kv_bits),
-               "--draft-policy", "always", catalog=tmp_path / f"spec{kv_bits}.db", model_path=model_path,
-               start_timeout=120)
-    try:
-        s.wait_ready()
-    except BaseException:
-        s.kill()
-        raise
-    return s
-
-
 @pytest.fixture(scope="module", params=[32, 4])
 def srv(request, ebb_bin, model_path, tmp_path_factory):
-    s = start(ebb_bin, model_path, tmp_path_factory.mktemp("spec"), request.param)
+    kv_bits = request.param
+    s = start_ready(ebb_bin, "--max-running", "16", "--queue-length", "256", "--kv-bits", str(kv_bits),
+                    "--draft-policy", "always", catalog=tmp_path_factory.mktemp("spec") / f"spec{kv_bits}.db",
+                    model_path=model_path, start_timeout=120)
     s.kv_bits = request.param
     yield s
     s.stop_clean()
