@@ -27,7 +27,8 @@ int draft_ngram(const int32_t *hist, int n_hist, int max_draft, int32_t *out) {
         /* The most recent occurrence that has at least one token after it
          * (the suffix itself has none). */
         for (int at = n_hist - n - 1; at >= 0; at--) {
-            if (memcmp(hist + at, suffix, (size_t)n * sizeof *hist)) continue;
+            /* The last token first: most positions fail there, without a call. */
+            if (hist[at + n - 1] != suffix[n - 1] || memcmp(hist + at, suffix, (size_t)n * sizeof *hist)) continue;
             int k = n_hist - (at + n);
             if (k > max_draft) k = max_draft;
             memcpy(out, hist + at + n, (size_t)k * sizeof *out);
