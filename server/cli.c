@@ -6,6 +6,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "engine/bitstack.h"
 #include "engine/model.h"
 
 int cli_int(const char *cmd, const char *flag, const char *s, long lo, long hi, int *out) {
@@ -140,4 +141,26 @@ struct model_run *cli_load_model(const char *cmd, struct model *m, const char *p
         model_free(m);
     }
     return r;
+}
+
+int cli_fit_stack(const char *cmd, struct model *m, uint64_t stack_bytes) {
+    if (!m->stack) {
+        if (stack_bytes == UINT64_MAX) return 0;
+        fprintf(stderr, "ebb %s: --stack-bytes applies to bitstack files only\n", cmd);
+        return 2;
+    }
+    char err[512];
+    if (bitstack_fit(m, stack_bytes > SIZE_MAX ? SIZE_MAX : (size_t)stack_bytes, err, sizeof err)) {
+        fprintf(stderr, "ebb %s: %s\n", cmd, err);
+        return 1;
+    }
+    const struct bitstack *s = m->stack;
+    int lo = s->levels, hi = 0;
+    for (int i = 0; i < s->n_matrices; i++) {
+        lo = s->depth[i] < lo ? s->depth[i] : lo;
+        hi = s->depth[i] > hi ? s->depth[i] : hi;
+    }
+    printf("stack: %zu of %zu bytes resident, %d to %d of %d levels per matrix\n", s->resident_bytes,
+           s->cum_bytes[(size_t)s->n_matrices * s->levels], lo, hi, s->levels);
+    return 0;
 }

@@ -39,6 +39,11 @@ int cli_parse_ids(const char *cmd, const char *text, int32_t **ids);
  * model. */
 struct model_run *cli_load_model(const char *cmd, struct model *m, const char *path, enum model_weights weights,
                                  int n_threads);
+/* --stack-bytes: keeps the prefix of a bitstack file's stack that fits in
+ * stack_bytes (UINT64_MAX: all of it) and prints "stack: R of A bytes
+ * resident, ..." on stdout. 0, or the command's exit status: 2 when
+ * --stack-bytes was given for a file without a stack, 1 when the fit fails. */
+int cli_fit_stack(const char *cmd, struct model *m, uint64_t stack_bytes);
 
 /* --weights native|f32 (engine/model.h); 0, or 2 after printing why not. */
 int cli_weights(const char *cmd, const char *value, enum model_weights *out);

@@ -192,24 +192,6 @@ static double copy_bandwidth(struct ebb_pool *pool) {
     return best;
 }
 
-/* --stack-bytes: the prefix of a bitstack file's stack that fits, as `ebb
- * ppl` keeps it (the bench then reads only those blocks). 0, or the exit
- * status: 2 for a file without a stack, 1 when the fit fails. */
-static int fit_stack(struct model *m, uint64_t stack_bytes) {
-    char err[512];
-    if (!m->stack) {
-        fprintf(stderr, "ebb bench: --stack-bytes applies to bitstack files only\n");
-        return 2;
-    }
-    if (bitstack_fit(m, stack_bytes > SIZE_MAX ? SIZE_MAX : (size_t)stack_bytes, err, sizeof err)) {
-        fprintf(stderr, "ebb bench: %s\n", err);
-        return 1;
-    }
-    const struct bitstack *s = m->stack;
-    printf("stack: %zu of %zu bytes resident\n", s->resident_bytes, s->cum_bytes[(size_t)s->n_matrices * s->levels]);
-    return 0;
-}
-
 int cmd_bench(int argc, char **argv) {
     const char *model_path = NULL;
     int n_prefill = 512, n_decode = 128, reps = 3, n_threads = 0, kv_bits = 32, verify = 0, depth = 128;
@@ -234,7 +216,7 @@ int cmd_bench(int argc, char **argv) {
     struct model m;
     struct model_run *run = cli_load_model("bench", &m, model_path, weights, n_threads);
     if (!run) return 1;
-    const int stack_rc = stack_bytes == UINT64_MAX ? 0 : fit_stack(&m, stack_bytes);
+    const int stack_rc = cli_fit_stack("bench", &m, stack_bytes);
     if (stack_rc) {
         model_run_free(run);
         model_free(&m);

@@ -148,18 +148,22 @@ int cmd_logits(int argc, char **argv) {
     const char *model_path = NULL, *ids_file = NULL, *out_path = NULL;
     int all = 0, n_threads = 0;
     enum model_weights weights = MODEL_WEIGHTS_NATIVE;
+    uint64_t stack_bytes = UINT64_MAX;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v;
         if (!strcmp(a, "--help") || !strcmp(a, "-h")) {
             printf("usage: ebb logits -m MODEL --ids-file FILE -o OUT [--all] [-t THREADS] [--weights native|f32]\n"
+                   "                  [--stack-bytes N]\n"
                    "  writes float32 logits of the last position ([n_vocab]) or, with --all,\n"
-                   "  of every position ([n_tokens][n_vocab]) to OUT\n");
+                   "  of every position ([n_tokens][n_vocab]) to OUT; --stack-bytes: a bitstack\n"
+                   "  file computes with the prefix of its stack that fits in N bytes\n");
             return 0;
         }
         if (!strcmp(a, "-m") || !strcmp(a, "--ids-file") || !strcmp(a, "-o") || !strcmp(a, "-t") ||
-            !strcmp(a, "--weights")) {
+            !strcmp(a, "--weights") || !strcmp(a, "--stack-bytes")) {
             if (!(v = cli_value("logits", argc, argv, &i))) return 2;
             if (!strcmp(a, "--weights")) { if (cli_weights("logits", v, &weights)) return 2; continue; }
+            if (!strcmp(a, "--stack-bytes")) { if (cli_u64("logits", a, v, &stack_bytes)) return 2; continue; }
             if (a[1] == 'm') model_path = v;
             else if (a[1] == 'o') out_path = v;
             else if (a[1] == 't') { if (cli_int("logits", a, v, 1, 1024, &n_threads)) return 2; }
@@ -188,6 +192,11 @@ int cmd_logits(int argc, char **argv) {
     struct model m;
     struct model_run *run = cli_load_model("logits", &m, model_path, weights, n_threads);
     if (!run) { free(ids); return 1; }
+    const int stack_rc = cli_fit_stack("logits", &m, stack_bytes);
+    if (stack_rc) {
+        free(ids); model_run_free(run); model_free(&m);
+        return stack_rc;
+    }
     int rc = 1;
     struct kv_cache kv;
     size_t rows = all ? (size_t)n : 1;

@@ -67,27 +67,13 @@ int cmd_ppl(int argc, char **argv) {
     struct ppl_progress_state st = {n_ctx};
     struct ppl_result r;
     char err[512];
-    if (stack_bytes != UINT64_MAX && !m.stack) {
-        fprintf(stderr, "ebb ppl: --stack-bytes applies to bitstack files only\n");
+    const int stack_rc = cli_fit_stack("ppl", &m, stack_bytes);
+    if (stack_rc) {
         free(text); model_run_free(run); model_free(&m);
-        return 2;
+        return stack_rc;
     }
     if (m.stack) {
-        if (bitstack_fit(&m, stack_bytes > SIZE_MAX ? SIZE_MAX : (size_t)stack_bytes, err, sizeof err)) {
-            fprintf(stderr, "ebb ppl: %s\n", err);
-            free(text); model_run_free(run); model_free(&m);
-            return 1;
-        }
-        const struct bitstack *s = m.stack;
-        const size_t all = s->cum_bytes[(size_t)s->n_matrices * s->levels];
-        int lo = s->levels, hi = 0;
-        for (int i = 0; i < s->n_matrices; i++) {
-            lo = s->depth[i] < lo ? s->depth[i] : lo;
-            hi = s->depth[i] > hi ? s->depth[i] : hi;
-        }
-        printf("stack: %zu of %zu bytes resident, %d to %d of %d levels per matrix\n", s->resident_bytes, all, lo,
-               hi, s->levels);
-        const float expect = bitstack_ppl_at(s, s->resident_bytes);
+        const float expect = bitstack_ppl_at(m.stack, m.stack->resident_bytes);
         if (expect == expect)   /* the file's checkpoints cover this prefix */
             printf("stack: the packer's checkpoints give perplexity %.4f on its calibration windows here\n",
                    (double)expect);

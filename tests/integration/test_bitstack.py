@@ -127,6 +127,28 @@ def test_a_budget_keeps_the_longest_prefix_and_quality_follows_it(ebb_bin, stack
     assert reference < full < one, (reference, full, one)
 
 
+def test_logits_at_a_budget(ebb_bin, stack, tmp_path):
+    # `ebb logits --stack-bytes` computes with the prefix that fits (what a
+    # measurement of a shallow stack as a draft reads): one level's logits
+    # differ from the whole stack's, and the file without a stack refuses it.
+    src, out = stack
+    ids = tmp_path / "ids.txt"
+    ids.write_text("1 504 3458 282 1345 30 216 3386")
+    total = stack_bytes(out)
+    rows = {}
+    for name, extra in [("full", []), ("one", ["--stack-bytes", str(total // LEVELS)])]:
+        dst = tmp_path / f"{name}.f32"
+        p = run_ebb(ebb_bin, "logits", "-m", str(out), "--ids-file", str(ids), "-o", str(dst), "--all", *extra)
+        assert p.returncode == 0, p.stderr.decode()
+        assert re.search(r"stack: (\d+) of (\d+) bytes resident", p.stdout.decode())
+        rows[name] = np.fromfile(dst, dtype=np.float32).reshape(8, -1)
+    assert np.isfinite(rows["full"]).all() and np.isfinite(rows["one"]).all()
+    assert not np.array_equal(rows["full"], rows["one"])
+    p = run_ebb(ebb_bin, "logits", "-m", str(src), "--ids-file", str(ids), "-o", str(tmp_path / "x.f32"),
+                "--stack-bytes", "5")
+    assert p.returncode == 2 and "bitstack files only" in p.stderr.decode()
+
+
 def test_a_damaged_directory_is_refused(ebb_bin, stack, tmp_path):
     _, out = stack
     data = bytearray(out.read_bytes())
