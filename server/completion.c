@@ -60,6 +60,7 @@ struct choice_slot {
     int n_tokens;                 /* token events received */
     double last_token_t;
     int drafted, accepted;        /* speculative decoding, from the engine's done event */
+    double prefill_s, decode_s;   /* admission to the first token, and to the last */
 };
 
 struct completion {
@@ -146,12 +147,15 @@ static void stream_send(struct completion *c, char *events, size_t len) {
 
 /* Every choice is done: send what is left and complete the HTTP request. */
 static void finish_response(struct completion *c) {
-    struct oai_usage usage = {c->prompt_tokens, 0, 0, 0};
+    struct oai_usage usage = {.prompt_tokens = c->prompt_tokens};
     bool error = false, evicted = false;
     for (int i = 0; i < c->n_choices; i++) {
-        usage.completion_tokens += c->slots[i].n_tokens;
-        usage.draft_tokens += c->slots[i].drafted;
-        usage.accepted_draft_tokens += c->slots[i].accepted;
+        const struct choice_slot *s = &c->slots[i];
+        usage.completion_tokens += s->n_tokens;
+        usage.draft_tokens += s->drafted;
+        usage.accepted_draft_tokens += s->accepted;
+        if (s->prefill_s * 1e3 > usage.prompt_ms) usage.prompt_ms = s->prefill_s * 1e3;
+        if (s->decode_s * 1e3 > usage.predicted_ms) usage.predicted_ms = s->decode_s * 1e3;
         error |= c->choices[i].finish == FINISH_ERROR || c->choices[i].finish == FINISH_EVICTED;
         evicted |= c->choices[i].finish == FINISH_EVICTED;
     }
@@ -272,6 +276,10 @@ static void deliver_done(struct choice_slot *slot, struct bridge_event *ev) {
     const struct sched_timing *t = &ev->timing;
     slot->drafted = t->drafted;
     slot->accepted = t->accepted;
+    if (t->started > 0 && t->first_token >= t->started) {
+        slot->prefill_s = t->first_token - t->started;
+        slot->decode_s = t->finished - t->first_token;
+    }
     if (t->started > 0) metric_series_observe(sm->m_queue, t->started - t->queued);
     if (t->first_token > 0) metric_series_observe(sm->m_ttft, t->first_token - t->queued);
     if (ev->finish != FINISH_CANCELLED) metric_series_observe(sm->m_e2e, t->finished - t->queued);

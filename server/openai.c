@@ -1151,6 +1151,23 @@ static json_t *usage_object(const struct oai_usage *u, bool *ok) {
     return o;
 }
 
+/* llama.cpp's "timings": what benchmark clients of llama-server read. */
+static json_t *timings_object(const struct oai_usage *u, bool *ok) {
+    json_t *o = json_object();
+    put(o, "prompt_n", json_integer(u->prompt_tokens), ok);
+    put(o, "prompt_ms", json_real(u->prompt_ms), ok);
+    put(o, "prompt_per_second", json_real(u->prompt_ms > 0 ? u->prompt_tokens * 1000.0 / u->prompt_ms : 0), ok);
+    put(o, "predicted_n", json_integer(u->completion_tokens), ok);
+    put(o, "predicted_ms", json_real(u->predicted_ms), ok);
+    put(o, "predicted_per_second",
+        json_real(u->predicted_ms > 0 && u->completion_tokens > 1 ? (u->completion_tokens - 1) * 1000.0 / u->predicted_ms
+                                                                   : 0), ok);
+    put(o, "draft_n", json_integer(u->draft_tokens), ok);
+    put(o, "draft_n_accepted", json_integer(u->accepted_draft_tokens), ok);
+    if (!o) *ok = false;
+    return o;
+}
+
 /* The fields every response and chunk starts with. */
 static json_t *envelope(const struct oai_meta *m, const char *object, bool *ok) {
     json_t *o = json_object();
@@ -1189,6 +1206,7 @@ char *oai_response(const struct oai_meta *m, const struct oai_choice *choices, i
     }
     put(root, "choices", arr, &ok);
     put(root, "usage", usage_object(u, &ok), &ok);
+    put(root, "timings", timings_object(u, &ok), &ok);
     return dump(root, ok, len);
 }
 
@@ -1258,6 +1276,7 @@ char *oai_stream_usage(const struct oai_meta *m, const struct oai_usage *u, size
     json_t *root = envelope(m, m->kind == OAI_CHAT ? "chat.completion.chunk" : "text_completion", &ok);
     put(root, "choices", json_array(), &ok);
     put(root, "usage", usage_object(u, &ok), &ok);
+    put(root, "timings", timings_object(u, &ok), &ok);
     sse_event(&s, root, ok);
     return sse_finish(&s, len);
 }

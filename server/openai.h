@@ -197,6 +197,10 @@ struct oai_usage {
     /* ebb's extension, in usage only when drafts were verified: tokens
      * drafted for speculative decoding and the ones kept (engine/draft.h). */
     int draft_tokens, accepted_draft_tokens;
+    /* The response's "timings" object, as llama.cpp's server returns it:
+     * prefill (admission to the first token) and decode (first token to the
+     * last) wall time, the longest over the choices; 0 when unknown. */
+    double prompt_ms, predicted_ms;
 };
 
 /* The whole non-streamed response: "text_completion" or "chat.completion".

@@ -16,6 +16,7 @@ then the test would check little). What is checked, and against what:
   - drafts were verified and some accepted (usage's draft_tokens and
     accepted_draft_tokens, the spec_decode counters), so the equality above
     is not vacuous; a request without drafts reports none;
+  - a response's "timings" (llama.cpp's names) agree with its usage;
   - a bad "speculative" value is a 400 naming the field.
 """
 import concurrent.futures
@@ -137,6 +138,18 @@ def test_sampled_same_seed_identical(srv):
             accepted += r.json()["usage"].get("accepted_draft_tokens", 0)
         assert texts[0] == texts[1], (srv.kv_bits, seed, texts)
     assert accepted > 0
+
+
+def test_timings_as_llama_cpp_returns_them(srv):
+    body = dict(messages=[{"role": "user", "content": PROMPTS[0]}], max_tokens=MAX_TOKENS, temperature=0,
+                speculative="ngram")
+    doc = requests.post(srv.url("/v1/chat/completions"), json=body, timeout=IO).json()
+    u, t = doc["usage"], doc["timings"]
+    assert t["prompt_n"] == u["prompt_tokens"] and t["predicted_n"] == u["completion_tokens"]
+    assert t["draft_n"] == u["draft_tokens"] > 0 and t["draft_n_accepted"] == u["accepted_draft_tokens"]
+    assert t["prompt_ms"] > 0 and t["predicted_ms"] > 0 and t["predicted_per_second"] > 0
+    doc = requests.post(srv.url("/v1/chat/completions"), json=dict(body, speculative=False), timeout=IO).json()
+    assert doc["timings"]["draft_n"] == 0 and "draft_tokens" not in doc["usage"]
 
 
 def test_bad_speculative_value(srv):

@@ -825,7 +825,9 @@ static void test_chat_stream(void) {
     struct oai_usage u = {.prompt_tokens = 12, .completion_tokens = 1};
     s = oai_stream_usage(&m, &u, &len);
     SSE(s, len,
-        HEAD "\"choices\":[],\"usage\":{\"prompt_tokens\":12,\"completion_tokens\":1,\"total_tokens\":13}}\n\n");
+        HEAD "\"choices\":[],\"usage\":{\"prompt_tokens\":12,\"completion_tokens\":1,\"total_tokens\":13},"
+             "\"timings\":{\"prompt_n\":12,\"prompt_ms\":0.0,\"prompt_per_second\":0.0,\"predicted_n\":1,"
+             "\"predicted_ms\":0.0,\"predicted_per_second\":0.0,\"draft_n\":0,\"draft_n_accepted\":0}}\n\n");
     oai_choice_free(&c);
 #undef HEAD
     CHECK(!strcmp(OAI_SSE_DONE, "data: [DONE]\n\n"));
@@ -866,9 +868,14 @@ static void test_completion_stream(void) {
     s = oai_stream_chunk(&m, &c, &len);
     SSE(s, len, HEAD "\"choices\":[{\"index\":0,\"text\":\"\",\"logprobs\":null,\"finish_reason\":\"length\"}]}\n\n");
     oai_choice_free(&c);
-    struct oai_usage u = {.prompt_tokens = 1, .completion_tokens = 2};
+    /* With drafts and times: usage's extension and llama.cpp's timings. */
+    struct oai_usage u = {.prompt_tokens = 1, .completion_tokens = 3, .draft_tokens = 4, .accepted_draft_tokens = 1,
+                          .prompt_ms = 250, .predicted_ms = 50};
     s = oai_stream_usage(&m, &u, &len);
-    SSE(s, len, HEAD "\"choices\":[],\"usage\":{\"prompt_tokens\":1,\"completion_tokens\":2,\"total_tokens\":3}}\n\n");
+    SSE(s, len, HEAD "\"choices\":[],\"usage\":{\"prompt_tokens\":1,\"completion_tokens\":3,\"total_tokens\":4,"
+                     "\"draft_tokens\":4,\"accepted_draft_tokens\":1},\"timings\":{\"prompt_n\":1,\"prompt_ms\":250.0,"
+                     "\"prompt_per_second\":4.0,\"predicted_n\":3,\"predicted_ms\":50.0,\"predicted_per_second\":40.0,"
+                     "\"draft_n\":4,\"draft_n_accepted\":1}}\n\n");
 #undef HEAD
 
     struct oai_error e;
