@@ -38,6 +38,7 @@ class Server:
     def __init__(self, binary, *args, host="127.0.0.1", catalog=None, model_path=None, token=None, env=None,
                  start_timeout=60, io_timeout=30.0):
         self.host = host
+        self.token = token
         self.io_timeout = io_timeout
         self.tmp = None
         if catalog is None:
@@ -103,6 +104,22 @@ class Server:
                 return
             time.sleep(0.05)
         raise AssertionError("server never became ready:\n" + self.log())
+
+    def wait_model(self, name, timeout=120):
+        """Waits until the named model is being served (GET /admin/models; needs the admin
+        token): /ready says only that some model is, and a catalog's other models may load
+        first."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            r = requests.get(self.url("/admin/models"), timeout=self.io_timeout,
+                             headers={"Authorization": f"Bearer {self.token}"})
+            r.raise_for_status()
+            state = {m["name"]: m.get("state") for m in r.json()["data"]}.get(name)
+            assert state in ("loading", "ready", "not_loaded"), f"model {name}: {state}\n" + self.log()
+            if state == "ready":
+                return
+            time.sleep(0.05)
+        raise AssertionError(f"model {name} never became ready:\n" + self.log())
 
     def terminate(self):
         """Sends SIGTERM once (a second one would mean "hurry": not what tests want)."""

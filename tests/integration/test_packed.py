@@ -201,6 +201,7 @@ def test_serve_runs_the_variant_with_a_kv4_cache(ebb_bin, packed):
     srv = Server(ebb_bin, catalog, "--default-model", "smol-w4a4", "--model-kv-bits", "smol-w4a4=4")
     try:
         srv.wait_ready()
+        srv.wait_model("smol-w4a4")   # the catalog's source may be the first one ready
         r = requests.post(srv.url("/v1/chat/completions"), timeout=120, json={
             "model": "smol-w4a4", "max_tokens": 16, "temperature": 0,
             "messages": [{"role": "user", "content": "What is the capital of France?"}]})
