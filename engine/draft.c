@@ -81,8 +81,10 @@ int draft_choose(const struct draft_costs *c, struct draft_stats *s, int others,
     for (int k = 1; k <= max_k; k++) {
         term *= a;
         expect += term;
+        /* The step's tokens per second, every request's: the drafts slow
+         * the others' tokens too, and only this request's gain. */
         const double t = draft_costs_estimate(c, others + 1 + k);
-        const double gain = t > 0 ? expect * base / t : 0;
+        const double gain = t > 0 ? (others + expect) * base / ((others + 1) * t) : 0;
         if (gain > best_gain) {
             best_gain = gain;
             best = k;

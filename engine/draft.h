@@ -19,8 +19,9 @@
  * 3.9x: `ebb bench --verify 8`). So the engine keeps the measured wall time
  * of its steps by their token count (struct draft_costs, a moving average)
  * and each request its running acceptance rate a; a step drafts the k that
- * maximizes the expected tokens per second, (1 + a + a^2 + ... + a^k) /
- * t(B + k) against 1 / t(B) without a draft (B: the step's other tokens),
+ * maximizes the step's expected tokens per second, (B + a + a^2 + ... +
+ * a^k) / t(B + 1 + k) against (B + 1) / t(B + 1) without a draft (B: the
+ * step's other tokens, which the drafts slow down and do not speed up),
  * and none when nothing beats not drafting. Counts not yet measured are
  * estimated from the nearest measured ones, optimistically, so that the
  * curve gets measured; and a request that stopped drafting verifies a whole

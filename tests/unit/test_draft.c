@@ -91,6 +91,13 @@ static void test_choose(void) {
     CHECK(drafted == 4);
     CHECK(draft_choose(&fifth, &good, 0, 8, 8) == 8);
     CHECK(draft_choose(&cheap, &bad, 0, 8, 8) == 1);
+    /* In a step of 16, a draft slows 15 other tokens: at 5% a token, a
+     * middling acceptance no longer pays, a high one still does. */
+    struct draft_stats half = {0};
+    for (int i = 0; i < 20; i++) draft_stats_record(&half, 2, 1);
+    CHECK(draft_choose(&cheap, &half, 0, 8, 8) > 0);
+    CHECK(draft_choose(&cheap, &half, 15, 8, 8) == 0);
+    CHECK(draft_choose(&cheap, &good, 15, 8, 8) > 0);
     /* Nothing measured: one draft, to start the curve. */
     struct draft_costs none;
     memset(&none, 0, sizeof none);
