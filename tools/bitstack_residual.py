@@ -75,7 +75,7 @@ def main():
             x = base + peel(res, rank, a.levels) / s
             rows, cols = x.shape
             weights += rows * cols
-            bits += rows * cols * (a.bits + 0.5) + a.levels * (rows * cols + 32 * rank * (rows + cols))
+            bits += rows * cols * (a.bits + 0.5) + a.levels * (rows * cols + 16 * rank * (rows + cols))
             print(f"\r{t.name}", end="", file=sys.stderr)
         w.add_tensor(t.name, x)
     print(file=sys.stderr)
