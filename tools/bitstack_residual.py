@@ -69,7 +69,7 @@ def main():
         if m:
             layer = t.name.split(".")[1]
             s = np.asarray(st[f"blk.{layer}.{POINT[m.group(1)]}.bs_scale"].data, dtype=np.float32)
-            rank = int(st[f"blk.{layer}.{m.group(1)]}.bs_u"].shape[0])
+            rank = int(st[f"blk.{layer}.{m.group(1)}.bs_u"].shape[0])
             base = rtn(x, a.bits)
             res = (x - base) * s
             x = base + peel(res, rank, a.levels) / s
