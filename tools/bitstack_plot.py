@@ -12,6 +12,8 @@ Perplexity is on a log axis: the stack's one-level prefix is orders of magnitude
 than its last.
 
     tools/bitstack_plot.py ablation.csv budgets.csv baselines.csv -o docs/bitstack_sweep.png
+    tools/bitstack_plot.py docs/data/bitstack_{budgets,halves,baselines}_32.csv \
+        --windows 32 -o docs/bitstack_sweep_32.png
 """
 import argparse
 import csv
@@ -36,6 +38,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("csv", nargs="+")
     ap.add_argument("-o", "--output", required=True)
+    ap.add_argument("--windows", type=int, help="windows the CSVs' runs scored, named in the title")
     a = ap.parse_args()
     rows = []
     for path in a.csv:
@@ -69,7 +72,8 @@ def main():
     ax.set_yscale("log")
     ax.set_xlabel("bits a weight of the layer matrices")
     ax.set_ylabel("perplexity, held-out text (log)")
-    ax.set_title("SmolLM2-135M: BitStack prefixes against round to nearest")
+    title = "SmolLM2-135M: BitStack prefixes against round to nearest"
+    ax.set_title(title + (f" ({a.windows} windows)" if a.windows else ""))
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

@@ -69,13 +69,13 @@ def main():
         if m:
             layer = t.name.split(".")[1]
             s = np.asarray(st[f"blk.{layer}.{POINT[m.group(1)]}.bs_scale"].data, dtype=np.float32)
-            rank = int(st[f"blk.{layer}.{m.group(1)]}.bs_u"].shape[0])
+            rank = int(st[f"blk.{layer}.{m.group(1)}.bs_u"].shape[0])
             base = rtn(x, a.bits)
             res = (x - base) * s
             x = base + peel(res, rank, a.levels) / s
             rows, cols = x.shape
             weights += rows * cols
-            bits += rows * cols * (a.bits + 0.5) + a.levels * (rows * cols + 32 * rank * (rows + cols))
+            bits += rows * cols * (a.bits + 0.5) + a.levels * (rows * cols + 16 * rank * (rows + cols))
             print(f"\r{t.name}", end="", file=sys.stderr)
         w.add_tensor(t.name, x)
     print(file=sys.stderr)
