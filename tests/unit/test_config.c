@@ -267,6 +267,10 @@ static void test_bad_files(void) {
     expect_refused("{\"log_level\": \"loud\"}", "log_level", "loud");
     expect_refused("{\"weights\": \"q4\"}", "'weights'", "'q4' is not a valid value: expected one of \"native\", \"f32\"");
     expect_refused("{\"weights\": 32}", "'weights'", "expected one of");
+    expect_refused("{\"speculative\": \"eagle\"}", "'speculative'",
+                   "'eagle' is not a valid value: expected one of \"none\", \"ngram\"");
+    expect_refused("{\"draft_policy\": true}", "'draft_policy'", "expected one of");
+    expect_refused("{\"draft_policy\": \"sometimes\"}", "'draft_policy'", "\"adaptive\", \"always\"");
     /* Out of range. */
     expect_refused("{\"port\": 65536}", "'port'", "[0, 65535]");
     expect_refused("{\"port\": -1}", "'port'", NULL);
