@@ -463,12 +463,11 @@ static void plan_drafts(struct sched *s, int decoding, int max_tokens) {
         if (room > DRAFT_MAX) room = DRAFT_MAX;
         if (room <= 0) continue;
         /* The history ends with next_token: the draft is what follows it. */
-        r->pass[1] = -1;
-        int k = draft_ngram(r->gen.history, r->gen.n_history, room, r->pass + 1);
-        if (k && !s->cfg.draft_always) k = draft_choose(&s->costs, &r->draft, tokens - 1, k, room);
+        const int found = draft_ngram(r->gen.history, r->gen.n_history, room, r->pass + 1);
+        int k = found && !s->cfg.draft_always ? draft_choose(&s->costs, &r->draft, tokens - 1, found, room) : found;
         if (k && !r->pass_logits && !(r->pass_logits = malloc(pass_logits))) k = 0;
         if (k && kv_cache_reserve(&r->kv, r->kv.n_past + 1 + k) != KV_OK) k = 0;
-        if (!k && r->pass[1] >= 0) r->unverified = r->pass[1];   /* found, not verified: see what comes */
+        if (found && !k) r->unverified = r->pass[1];   /* found, not verified: see what comes */
         r->pass[0] = r->next_token;
         r->n_drafted = k;
         tokens += k;

@@ -52,7 +52,8 @@ static void bench_usage(FILE *out) {
         "  --stack-bytes N   a bitstack file: keep the prefix of its stack that fits in N bytes\n"
         "                (default: all of it)\n"
         "  --verify K   speculative decoding's cost curve: after a context of --depth tokens\n"
-        "               (default 128), the time of one pass over 1 .. K+1 tokens, each rolled back\n");
+        "               (default 128), the time of one pass over 1 .. K+1 tokens, each rolled back\n"
+        "  --depth D    the context --verify measures at (default 128)\n");
 }
 
 /* Seconds for one run of the test; -1 on failure. */

@@ -53,7 +53,8 @@ static const char *const level_names[] = {"error", "warn", "info", "debug", NULL
 static const char *const weights_names[] = {[MODEL_WEIGHTS_NATIVE] = "native", [MODEL_WEIGHTS_F32] = "f32", NULL};
 static const char *const budget_mode_names[] = {"fixed", "auto", NULL};
 static const char *const draft_names[] = {[DRAFT_NONE] = "none", [DRAFT_NGRAM] = "ngram", NULL};
-static const char *const draft_policy_names[] = {"adaptive", "always", NULL};
+static const char *const draft_policy_names[] = {[CONFIG_DRAFT_ADAPTIVE] = "adaptive",
+                                                  [CONFIG_DRAFT_ALWAYS] = "always", NULL};
 static const char *const verify_names[] = {[CATALOG_CHECK_SHA256] = "sha256", [CATALOG_CHECK_STAT] = "stat", NULL};
 
 static const struct field fields[] = {

@@ -32,6 +32,8 @@
 #include <stdio.h>
 
 enum config_log_level { CONFIG_LOG_ERROR, CONFIG_LOG_WARN, CONFIG_LOG_INFO, CONFIG_LOG_DEBUG };
+/* draft_policy: drafts verified where they measure to pay, or every one (engine/draft.h). */
+enum config_draft_policy { CONFIG_DRAFT_ADAPTIVE, CONFIG_DRAFT_ALWAYS };
 
 /* Where a setting's current value came from. */
 enum config_source { CONFIG_FROM_DEFAULT, CONFIG_FROM_FILE, CONFIG_FROM_ENV, CONFIG_FROM_FLAG };
@@ -65,7 +67,7 @@ struct ebb_config {
     int shutdown_timeout_ms;       /* SIGTERM: how long running requests may finish */
     int log_level;                 /* enum config_log_level */
     int speculative;               /* enum draft_source: requests' drafts unless they say (engine/draft.h) */
-    int draft_policy;              /* 0: adaptive (drafts where they measure to pay), 1: always */
+    int draft_policy;              /* enum config_draft_policy */
     unsigned char source[CONFIG_N_FIELDS]; /* enum config_source per field, table order */
 };
 

@@ -109,7 +109,7 @@ static void load_work(uv_work_t *w) {
         .kv_budget_bytes = 0,   /* set by served_set_budget once on the loop */
         .kv_bits = config_kv_bits_for(&d->cfg, sm->name),  /* model_kv_bits, else kv_bits */
         .threads = d->cfg.threads,
-        .draft_always = d->cfg.draft_policy == 1,
+        .draft_always = d->cfg.draft_policy == CONFIG_DRAFT_ALWAYS,
     };
     const char *kv_problem = kv_bits_problem(&sm->model.cfg, sc.kv_bits);
     if (kv_problem) {
