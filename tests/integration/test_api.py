@@ -384,7 +384,10 @@ def test_streamed_chat_equals_plain_and_reports_usage(client, srv):
     assert with_choices[-1].choices[0].finish_reason is not None
     # The usage chunk comes last, with no choices.
     assert chunks[-1].choices == [] and chunks[-1].usage is not None
-    assert chunks[-1].usage.model_dump() == plain.usage.model_dump()
+    # The same counts; the draft counts ebb adds when it speculated depend on
+    # the step times the engine measured, so they may differ between runs.
+    counts = ("prompt_tokens", "completion_tokens", "total_tokens")
+    assert [getattr(chunks[-1].usage, k) for k in counts] == [getattr(plain.usage, k) for k in counts]
 
 
 def test_streamed_completion_n2_matches_generate(client, srv, ebb_bin, model_path):
