@@ -138,13 +138,19 @@ struct ebb_backend {
 
     /* Stored KV rows to f32, out[r * n + i]: n_rows rows of n values, each
      * row `stride` bytes after the previous. f16 rows are IEEE halves.
-     * kv_rows_q reads KV8 (bits 8) or KV4 (bits 4) rows with groups of
+     * kv_rows_q reads KV8, KV4 or KV2 rows (bits 8, 4 or 2) with groups of
      * `group` values (kernels/formats.h describes the format): codes and dm
-     * point at row 0's codes and (d, m) pairs and advance together by stride.
+     * point at row 0's codes and (d, m) pairs and advance together by stride;
+     *     out[r * n + g * group + i] = fmaf(f16(dm_r[2g]), code_r(g, i), f16(dm_r[2g + 1])).
+     * kv_rows_qc reads per-channel codes (formats.h): row r's codes at
+     * codes + r * stride, one (d, m) pair per channel shared by every row;
+     *     out[r * n + i] = fmaf(f16(dm[2i]), code(r, i), f16(dm[2i + 1])).
      * Exact: every path gives the same floats. */
     void (*kv_rows_f16)(float *out, const uint16_t *rows, size_t stride, int n_rows, int n);
     void (*kv_rows_q)(float *out, const uint8_t *codes, const uint16_t *dm, size_t stride, int n_rows, int n,
                       int bits, int group);
+    void (*kv_rows_qc)(float *out, const uint8_t *codes, size_t stride, const uint16_t *dm, int n_rows, int n,
+                       int bits, int group);
 
     /* ---- BitStack blocks (engine/bitstack.h) ----
      * The sign product of rows o < n_rows of one block: row o's n signs at

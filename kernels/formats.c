@@ -411,7 +411,7 @@ static void q6_k_to_f32(const void *src, float *dst, size_t n)
     }
 }
 
-/* ---------------------------------------------------------- KV8 / KV4 rows */
+/* ----------------------------------------------------- KV8 / KV4 / KV2 rows */
 
 #define F16_MAX 65504.0f
 
@@ -434,34 +434,60 @@ static uint16_t f16_up(float x)
     return (h & 0x8000) ? (uint16_t)(h - 1) : (uint16_t)(h + 1);
 }
 
-/* One group: m is the minimum rounded down to a half and d the step rounded
- * up, so [m, m + qmax * d] covers every value and rounding to the nearest
- * code is off by at most d/2, whatever f16 did to d and m. */
-static void kvq_group(int bits, const float *x, int group, uint8_t *codes, uint16_t *dm)
+/* The pair for values in [lo, hi] (clamped, lo <= hi): m is lo rounded down
+ * to a half and d the step rounded up, so [m, m + qmax * d] covers every
+ * value and rounding to the nearest code is off by at most d/2, whatever f16
+ * did to d and m. Sets dm[0] = d, dm[1] = m and returns m and 1/d (0 when
+ * d is 0, a constant group) for kvq_code. */
+static void kvq_pair(int bits, float lo, float hi, uint16_t dm[2], float *m, float *inv)
 {
-    const int qmax = (1 << bits) - 1;
-    float lo = F16_MAX, hi = -F16_MAX;
-    for (int i = 0; i < group; i++) {              /* fminf/fmaxf skip NaN */
-        lo = fminf(lo, clamp_f16_range(x[i]));
-        hi = fmaxf(hi, clamp_f16_range(x[i]));
-    }
-    if (lo > hi) lo = hi = 0;                        /* all NaN */
     const uint16_t mh = f16_down(lo);
-    const float m = ebb_f16_to_f32(mh);
-    const uint16_t dh = f16_up((hi - m) / (float)qmax);
+    *m = ebb_f16_to_f32(mh);
+    const uint16_t dh = f16_up((hi - *m) / (float)((1 << bits) - 1));
     const float d = ebb_f16_to_f32(dh);
-    const float inv = d > 0 ? 1.0f / d : 0.0f;
+    *inv = d > 0 ? 1.0f / d : 0.0f;
     dm[0] = dh;
     dm[1] = mh;
-    const int half = group / 2;
-    if (bits == 4) memset(codes, 0, (size_t)half);
-    for (int i = 0; i < group; i++) {
-        float t = (clamp_f16_range(x[i]) - m) * inv + 0.5f;
-        int c = t >= 1.0f ? (t >= (float)qmax ? qmax : (int)t) : 0;   /* NaN -> 0 */
-        if (bits == 8) codes[i] = (uint8_t)c;
-        else if (i < half) codes[i] |= (uint8_t)c;
-        else codes[i - half] |= (uint8_t)(c << 4);
-    }
+}
+
+/* x's nearest code under the pair kvq_pair made. */
+static int kvq_code(int bits, float x, float m, float inv)
+{
+    const int qmax = (1 << bits) - 1;
+    const float t = (clamp_f16_range(x) - m) * inv + 0.5f;
+    return t >= 1.0f ? (t >= (float)qmax ? qmax : (int)t) : 0;   /* NaN -> 0 */
+}
+
+/* Code i of a group at c, by the packing rule (formats.h): byte i % B, shift
+ * bits * (i / B). Putting clears the code's bits first, so the bytes need
+ * no zeroing and codes can be written in any order. */
+static void kvq_put(uint8_t *c, int bits, int group, int i, int code)
+{
+    const int B = group * bits / 8, shift = bits * (i / B), mask = (1 << bits) - 1;
+    c[i % B] = (uint8_t)((c[i % B] & ~(mask << shift)) | (code << shift));
+}
+
+static int kvq_get(const uint8_t *c, int bits, int group, int i)
+{
+    const int B = group * bits / 8;
+    return (c[i % B] >> (bits * (i / B))) & ((1 << bits) - 1);
+}
+
+/* The span of values a pair must cover, clamped to f16's range; fminf and
+ * fmaxf skip NaN, and an all-NaN set gets [0, 0]. */
+static void kvq_span(float *lo, float *hi, float v)
+{
+    *lo = fminf(*lo, clamp_f16_range(v));
+    *hi = fmaxf(*hi, clamp_f16_range(v));
+}
+
+static void kvq_group(int bits, const float *x, int group, uint8_t *codes, uint16_t *dm)
+{
+    float lo = F16_MAX, hi = -F16_MAX, m, inv;
+    for (int i = 0; i < group; i++) kvq_span(&lo, &hi, x[i]);
+    if (lo > hi) lo = hi = 0;
+    kvq_pair(bits, lo, hi, dm, &m, &inv);
+    for (int i = 0; i < group; i++) kvq_put(codes, bits, group, i, kvq_code(bits, x[i], m, inv));
 }
 
 void ebb_kvq_quantize_row(int bits, const float *x, int n, int group, uint8_t *codes, uint16_t *dm)
@@ -472,15 +498,39 @@ void ebb_kvq_quantize_row(int bits, const float *x, int n, int group, uint8_t *c
 
 void ebb_kvq_dequantize_row(int bits, const uint8_t *codes, const uint16_t *dm, int n, int group, float *out)
 {
-    const int half = group / 2;
     for (int g = 0; g < n / group; g++) {
         const uint8_t *c = codes + (size_t)g * group * bits / 8;
         const float d = ebb_f16_to_f32(dm[2 * g]), m = ebb_f16_to_f32(dm[2 * g + 1]);
-        for (int i = 0; i < group; i++) {
-            int q = bits == 8 ? c[i] : i < half ? c[i] & 15 : c[i - half] >> 4;
-            out[g * group + i] = m + d * (float)q;
-        }
+        for (int i = 0; i < group; i++) out[g * group + i] = m + d * (float)kvq_get(c, bits, group, i);
     }
+}
+
+/* Channel i's codes live in group i / group of each row, at index i % group. */
+void ebb_kvq_quantize_channels(int bits, const float *x, int n_rows, int n, int group, uint8_t *codes, size_t stride,
+                               uint16_t *dm)
+{
+    const size_t group_bytes = (size_t)group * bits / 8;
+    for (int i = 0; i < n; i++) {
+        float lo = F16_MAX, hi = -F16_MAX, m, inv;
+        for (int r = 0; r < n_rows; r++) kvq_span(&lo, &hi, x[(size_t)r * n + i]);
+        if (lo > hi) lo = hi = 0;
+        kvq_pair(bits, lo, hi, dm + 2 * i, &m, &inv);
+        for (int r = 0; r < n_rows; r++)
+            kvq_put(codes + (size_t)r * stride + (size_t)(i / group) * group_bytes, bits, group, i % group,
+                    kvq_code(bits, x[(size_t)r * n + i], m, inv));
+    }
+}
+
+void ebb_kvq_dequantize_channels(int bits, const uint8_t *codes, size_t stride, const uint16_t *dm, int n_rows, int n,
+                                 int group, float *out)
+{
+    const size_t group_bytes = (size_t)group * bits / 8;
+    for (int r = 0; r < n_rows; r++)
+        for (int i = 0; i < n; i++) {
+            const uint8_t *c = codes + (size_t)r * stride + (size_t)(i / group) * group_bytes;
+            out[(size_t)r * n + i] =
+                fmaf(ebb_f16_to_f32(dm[2 * i]), (float)kvq_get(c, bits, group, i % group), ebb_f16_to_f32(dm[2 * i + 1]));
+        }
 }
 
 /* ------------------------------------------------------------------ table */

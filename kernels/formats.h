@@ -134,27 +134,49 @@ const char *ebb_foreign_type_name(uint32_t type);
 /* Bytes of a row of n values; 0 if n is not a whole number of blocks. */
 size_t ebb_row_bytes(uint32_t type, uint64_t n);
 
-/* KV8 and KV4 rows: how the KV cache (engine/kv.c) stores keys and values at
- * 8 and 4 bits, described here once; the backend's kv_rows_q op reads them.
+/* KV8, KV4 and KV2 rows: how the KV cache (engine/kv.c) stores keys and
+ * values at 8, 4 and 2 bits, described here once; the backend's kv_rows_q
+ * and kv_rows_qc ops read them.
  * A row of n values is cut into groups of `group` values (64, 32, 16 or 8,
  * dividing n); each group has codes and an f16 pair dm = (d, m), and
- *     value = m + d * code
+ *     value = m + d * code,   code in 0 .. 2^bits - 1
  * (d * code is exact in float: 11 bits times at most 8, so fmaf(d, code, m)
  * gives the same float). The codes of a row's groups are consecutive, group 0
- * first: at 8 bits one byte per value; at 4 bits group/2 bytes per group,
- * value i (< group/2) in the low nibble of byte i and value group/2 + i in
- * its high nibble (W4G64's order). The pairs are consecutive too, (d, m) of
- * group 0 first, stored apart from the codes (the cache puts a row's pairs
- * after its codes). */
+ * first. One packing rule covers every width: a group has B = group * bits / 8
+ * code bytes, and value i of the group sits in byte i % B at bit shift
+ * bits * (i / B). So at 8 bits one byte per value; at 4 bits value i (< B) in
+ * the low nibble of byte i and value B + i in its high nibble (W4G64's order);
+ * at 2 bits byte j holds values j, B + j, 2B + j, 3B + j from its low bits up.
+ * A SIMD decoder thus gets consecutive values from one shift and mask of
+ * consecutive bytes. The pairs are consecutive too, (d, m) of group 0 first,
+ * stored apart from the codes (the cache puts a row's pairs after its codes).
+ *
+ * Per-channel codes (the 2-bit tier's keys, KIVI's layout): a pack of n_rows
+ * rows of n values shares one pair per channel (column) i, dm[2i] = d_i and
+ * dm[2i + 1] = m_i, chosen over that column's n_rows values, because keys'
+ * outliers sit in fixed channels and a per-token group would spend its range
+ * on them. Row r's codes are still a row of n codes packed in groups of
+ * `group` by the rule above (group only decides the packing), at codes +
+ * r * stride; value(r, i) = fmaf(d_i, code(r, i), m_i). */
 #define EBB_KVQ_GROUP_MAX 64
 
-/* One row of n values (n % group == 0) at 8 or 4 bits: codes (n * bits / 8
+/* One row of n values (n % group == 0) at 8, 4 or 2 bits: codes (n * bits / 8
  * bytes) and n / group (d, m) pairs. Per group, m is the minimum rounded down
  * to a half and d the step (max - m) / (2^bits - 1) rounded up, so every value
  * comes back within d/2 of itself; values beyond f16's range (+-65504) are
  * clamped first, NaN becomes code 0. And back to f32, by the formula above. */
 void ebb_kvq_quantize_row(int bits, const float *x, int n, int group, uint8_t *codes, uint16_t *dm);
 void ebb_kvq_dequantize_row(int bits, const uint8_t *codes, const uint16_t *dm, int n, int group, float *out);
+
+/* A pack of n_rows rows of n values (x[r * n + i], n % group == 0) with one
+ * (d, m) per channel, the same rule as a row's group applied to each column:
+ * n pairs in dm, row r's n * bits / 8 code bytes at codes + r * stride (the
+ * bytes between rows are not touched). Bits 8, 4 or 2. And back to f32,
+ * out[r * n + i]. */
+void ebb_kvq_quantize_channels(int bits, const float *x, int n_rows, int n, int group, uint8_t *codes, size_t stride,
+                               uint16_t *dm);
+void ebb_kvq_dequantize_channels(int bits, const uint8_t *codes, size_t stride, const uint16_t *dm, int n_rows, int n,
+                                 int group, float *out);
 
 /* IEEE half and bfloat16 conversions (portable; used by the scalar paths). */
 float ebb_f16_to_f32(uint16_t h);

@@ -149,6 +149,7 @@ void ebb_cpu_matmul_drive(struct ebb_pool *pool, enum ebb_type type, matmul_bloc
     .attn_values = ebb_cpu_attn_values_##shared, \
     .kv_rows_f16 = ebb_cpu_kv_rows_f16_##shared, \
     .kv_rows_q = ebb_cpu_kv_rows_q_##shared, \
+    .kv_rows_qc = ebb_cpu_kv_rows_qc_##shared, \
     .bitstack_signs = ebb_cpu_bitstack_signs_##own, \
 }
 

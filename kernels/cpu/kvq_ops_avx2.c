@@ -10,8 +10,11 @@
  * while the rows stream past (one broadcast and eight FMAs per row).
  * These are the AVX-512 path's too (its table takes them from here).
  * Row conversions: groups of 64 (every head size that is a multiple of 64)
- * decode a group's codes with one 32-byte load (4-bit: low nibbles are
- * values 0..31, high nibbles 32..63); smaller groups use the scalar code.
+ * decode a group's codes with one load (4-bit: 32 bytes, low nibbles are
+ * values 0..31, high nibbles 32..63; 2-bit: 16 bytes, shifts 0, 2, 4, 6 are
+ * values 0..15, 16..31, 32..47, 48..63); smaller groups use the scalar code.
+ * Per-channel rows (kv_rows_qc) decode the same way; a group's 64 (d, m)
+ * pairs are turned into floats once, into a stack buffer the rows then read.
  */
 #include "kernels/cpu/ops.h"
 
@@ -147,9 +150,30 @@ ALWAYS_INLINE void q4_codes(const uint8_t *c, __m256 v[8]) {
     }
 }
 
+/* 16 bytes of 2-bit codes: shift 2k then mask gives values 16k .. 16k + 15
+ * (a 16-bit shift lets bits of the next byte in at the top, which the mask
+ * drops: 2k + 1 <= 7). */
+ALWAYS_INLINE void q2_codes(const uint8_t *c, __m256 v[8]) {
+    const __m128i b = _mm_loadu_si128((const __m128i *)(const void *)c), mask = _mm_set1_epi8(3);
+    const __m128i part[4] = {_mm_and_si128(b, mask), _mm_and_si128(_mm_srli_epi16(b, 2), mask),
+                             _mm_and_si128(_mm_srli_epi16(b, 4), mask), _mm_and_si128(_mm_srli_epi16(b, 6), mask)};
+#pragma GCC unroll 4
+    for (int k = 0; k < 4; k++) {
+        v[2 * k] = u8x8(part[k]);
+        v[2 * k + 1] = u8x8(_mm_srli_si128(part[k], 8));
+    }
+}
+
 ALWAYS_INLINE void q8_codes(const uint8_t *c, __m256 v[8]) {
 #pragma GCC unroll 8
     for (int k = 0; k < 8; k++) v[k] = u8x8(_mm_loadl_epi64((const __m128i *)(const void *)(c + 8 * k)));
+}
+
+/* Group g's 64 codes of a row at c (8 * bits bytes per group). */
+ALWAYS_INLINE void g64_codes(const int bits, const uint8_t *c, int g, __m256 v[8]) {
+    if (bits == 2) q2_codes(c + g * 16, v);
+    else if (bits == 4) q4_codes(c + g * 32, v);
+    else q8_codes(c + g * 64, v);
 }
 
 ALWAYS_INLINE void rows_g64(const int bits, float *out, const uint8_t *codes, const uint16_t *dm, size_t stride,
@@ -159,8 +183,7 @@ ALWAYS_INLINE void rows_g64(const int bits, float *out, const uint8_t *codes, co
         const uint16_t *p = (const uint16_t *)(const void *)row_at(dm, stride, r);
         for (int g = 0; g < n / 64; g++) {
             __m256 v[8];
-            if (bits == 4) q4_codes(c + g * 32, v);
-            else q8_codes(c + g * 64, v);
+            g64_codes(bits, c, g, v);
             const __m256 d = _mm256_set1_ps(_cvtsh_ss(p[2 * g])), m = _mm256_set1_ps(_cvtsh_ss(p[2 * g + 1]));
             float *o = out + (size_t)r * n + 64 * g;
 #pragma GCC unroll 8
@@ -173,5 +196,48 @@ void ebb_cpu_kv_rows_q_avx2(float *out, const uint8_t *codes, const uint16_t *dm
                             int bits, int group) {
     if (group != 64) ebb_cpu_kv_rows_q_scalar(out, codes, dm, stride, n_rows, n, bits, group);
     else if (bits == 8) rows_g64(8, out, codes, dm, stride, n_rows, n);
-    else rows_g64(4, out, codes, dm, stride, n_rows, n);
+    else if (bits == 4) rows_g64(4, out, codes, dm, stride, n_rows, n);
+    else rows_g64(2, out, codes, dm, stride, n_rows, n);
+}
+
+/* Channels 64g .. 64g + 63: eight (d, m) pairs at a time, as halves
+ * [d0 m0 d1 m1 ...], widened and split: shuffle gives [d0 d1 d4 d5 | d2 d3
+ * d6 d7], the 64-bit permute puts them in order. f16 -> f32 is exact, so
+ * this gives the scalar path's d and m. */
+ALWAYS_INLINE void channel_pairs(const uint16_t *dm, int g, float d[64], float m[64]) {
+#pragma GCC unroll 8
+    for (int k = 0; k < 8; k++) {
+        const uint16_t *p = dm + 2 * (64 * g + 8 * k);
+        const __m256 a = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(const void *)p));
+        const __m256 b = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(const void *)(p + 8)));
+        const __m256 dv = _mm256_shuffle_ps(a, b, _MM_SHUFFLE(2, 0, 2, 0));
+        const __m256 mv = _mm256_shuffle_ps(a, b, _MM_SHUFFLE(3, 1, 3, 1));
+        _mm256_storeu_ps(d + 8 * k, _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(dv), 0xd8)));
+        _mm256_storeu_ps(m + 8 * k, _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(mv), 0xd8)));
+    }
+}
+
+/* Group by group, so a group's pairs are converted once for all the rows. */
+ALWAYS_INLINE void rows_qc_g64(const int bits, float *out, const uint8_t *codes, size_t stride, const uint16_t *dm,
+                               int n_rows, int n) {
+    for (int g = 0; g < n / 64; g++) {
+        float d[64], m[64];
+        channel_pairs(dm, g, d, m);
+        for (int r = 0; r < n_rows; r++) {
+            __m256 v[8];
+            g64_codes(bits, row_at(codes, stride, r), g, v);
+            float *o = out + (size_t)r * n + 64 * g;
+#pragma GCC unroll 8
+            for (int k = 0; k < 8; k++)
+                _mm256_storeu_ps(o + 8 * k, _mm256_fmadd_ps(_mm256_loadu_ps(d + 8 * k), v[k], _mm256_loadu_ps(m + 8 * k)));
+        }
+    }
+}
+
+void ebb_cpu_kv_rows_qc_avx2(float *out, const uint8_t *codes, size_t stride, const uint16_t *dm, int n_rows, int n,
+                             int bits, int group) {
+    if (group != 64) ebb_cpu_kv_rows_qc_scalar(out, codes, stride, dm, n_rows, n, bits, group);
+    else if (bits == 2) rows_qc_g64(2, out, codes, stride, dm, n_rows, n);
+    else if (bits == 4) rows_qc_g64(4, out, codes, stride, dm, n_rows, n);
+    else rows_qc_g64(8, out, codes, stride, dm, n_rows, n);
 }

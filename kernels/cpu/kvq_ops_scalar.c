@@ -37,11 +37,11 @@ void ebb_cpu_kv_rows_f16_scalar(float *out, const uint16_t *rows, size_t stride,
     }
 }
 
-/* Code i of a group (bits 8 or 4; the KV8/KV4 row format, kernels/formats.h). */
+/* Code i of a group (bits 8, 4 or 2; the packing rule of kernels/formats.h:
+ * byte i % B at shift bits * (i / B), B = group * bits / 8). */
 static int code_at(const uint8_t *c, int bits, int group, int i) {
-    if (bits == 8) return c[i];
-    int half = group / 2;
-    return i < half ? c[i] & 15 : c[i - half] >> 4;
+    const int B = group * bits / 8;
+    return (c[i % B] >> (bits * (i / B))) & ((1 << bits) - 1);
 }
 
 void ebb_cpu_kv_rows_q_scalar(float *out, const uint8_t *codes, const uint16_t *dm, size_t stride, int n_rows, int n,
@@ -55,5 +55,17 @@ void ebb_cpu_kv_rows_q_scalar(float *out, const uint8_t *codes, const uint16_t *
             for (int i = 0; i < group; i++)
                 out[(size_t)r * n + g * group + i] = fmaf(d, (float)code_at(c + g * group_bytes, bits, group, i), m);
         }
+    }
+}
+
+void ebb_cpu_kv_rows_qc_scalar(float *out, const uint8_t *codes, size_t stride, const uint16_t *dm, int n_rows, int n,
+                               int bits, int group) {
+    const int group_bytes = group * bits / 8;
+    for (int r = 0; r < n_rows; r++) {
+        const uint8_t *c = row_bytes(codes, stride, r);
+        for (int i = 0; i < n; i++)
+            out[(size_t)r * n + i] = fmaf(ebb_f16_to_f32(dm[2 * i]),
+                                          (float)code_at(c + (i / group) * group_bytes, bits, group, i % group),
+                                          ebb_f16_to_f32(dm[2 * i + 1]));
     }
 }

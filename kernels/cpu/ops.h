@@ -135,7 +135,9 @@ EBB_CPU_NATIVE_OPS(avx512)
     void ebb_cpu_attn_values_##isa(float *y, const float *p, const float *v, size_t v_stride, int n_rows, int n); \
     void ebb_cpu_kv_rows_f16_##isa(float *out, const uint16_t *rows, size_t stride, int n_rows, int n); \
     void ebb_cpu_kv_rows_q_##isa(float *out, const uint8_t *codes, const uint16_t *dm, size_t stride, \
-                                 int n_rows, int n, int bits, int group);
+                                 int n_rows, int n, int bits, int group); \
+    void ebb_cpu_kv_rows_qc_##isa(float *out, const uint8_t *codes, size_t stride, const uint16_t *dm, \
+                                  int n_rows, int n, int bits, int group);
 EBB_CPU_SHARED_OPS(scalar)
 EBB_CPU_SHARED_OPS(avx2)
 

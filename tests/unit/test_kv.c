@@ -2,7 +2,8 @@
  *
  * Independent references: quantization is checked against its documented
  * bound (every value within d/2 of itself) and layout (codes decoded here
- * from the nibble order backend.h describes); the row conversions and the
+ * from the packing formats.h describes), per row and per channel; the row
+ * conversions (per-row and per-channel codes) and the
  * score and value ops of every CPU path against the arithmetic backend.h
  * defines, written out here; attention
  * against a double-precision attention written here from the documented
@@ -35,10 +36,14 @@ static float gauss(void) {
     return (float)(sqrt(-2 * log(u)) * cos(6.283185307179586 * v));
 }
 
-/* Code i of a group, decoded from the layout in kernels/backend.h. */
+/* Code i of a group, decoded from the layout in kernels/formats.h, written
+ * out per width: 8 bits a byte each; 4 bits low nibbles first, then high;
+ * 2 bits a quarter of the group per bit pair, low pair first. */
 static int code_of(const uint8_t *group_codes, int bits, int group, int i) {
     if (bits == 8) return group_codes[i];
-    return i < group / 2 ? group_codes[i] & 0x0f : group_codes[i - group / 2] >> 4;
+    if (bits == 4) return i < group / 2 ? group_codes[i] & 0x0f : group_codes[i - group / 2] >> 4;
+    const int quarter = group / 4;
+    return (group_codes[i % quarter] >> (2 * (i / quarter))) & 3;
 }
 
 /* ---------------------------------------------------------- quantization */
@@ -62,8 +67,8 @@ static void test_quantize_bounds(void) {
     uint8_t codes[256];
     uint16_t dm[2 * 32];
     int worst_ok = 1;
-    for (int b = 0; b < 2; b++) {
-        const int bits = b ? 4 : 8, qmax = (1 << bits) - 1;
+    for (int bits = 8; bits >= 2; bits /= 2) {
+        const int qmax = (1 << bits) - 1;
         for (int gi = 0; gi < 4; gi++) {
             const int group = groups[gi], n = 256;
             for (int kind = 0; kind < 6; kind++)
@@ -149,7 +154,7 @@ static void test_row_conversions(void) {
         for (int si = 0; si < 6; si++) {
             const int n = shapes[si][0], group = shapes[si][1], n_rows = 37;
             float *out = malloc((size_t)n_rows * n * sizeof(float));
-            for (int bits = 4; bits <= 16; bits *= 2) {
+            for (int bits = 2; bits <= 16; bits *= 2) {
                 struct qrows r = {0};
                 uint16_t *half_rows = NULL;
                 if (bits == 16) {
@@ -177,6 +182,81 @@ static void test_row_conversions(void) {
             free(out);
         }
     }
+}
+
+/* Per-channel codes (the 2-bit tier's keys): every channel's values within
+ * d/2 of themselves, NaN as code 0, the bytes between rows untouched, the
+ * codes where the packing puts them; and kv_rows_qc on every path gives
+ * ebb_kvq_dequantize_channels' floats bit for bit. */
+static void test_channels(void) {
+    static const char *paths[] = {"scalar", "avx2", "avx512"};
+    static const int shapes[][2] = {{64, 64}, {128, 64}, {40, 8}};
+    static const int row_counts[] = {1, 7, 64};
+    const int max_rows = 64, max_n = 128, pad = 12;
+    float *x = malloc((size_t)max_rows * max_n * sizeof(float)), *y = malloc((size_t)max_rows * max_n * sizeof(float));
+    float *out = malloc((size_t)max_rows * max_n * sizeof(float));
+    uint8_t *codes = malloc((size_t)max_rows * (max_n + pad));
+    uint16_t dm[2 * 128];
+    int bound_ok = 1, layout_ok = 1, pad_ok = 1, paths_ok = 1;
+    for (int bits = 8; bits >= 2; bits /= 2) {
+        const int qmax = (1 << bits) - 1;
+        for (int si = 0; si < 3; si++)
+            for (int ri = 0; ri < 3; ri++)
+                for (int kind = 0; kind < 7; kind++) {
+                    const int n = shapes[si][0], group = shapes[si][1], n_rows = row_counts[ri];
+                    const size_t stride = (size_t)n * bits / 8 + pad;
+                    for (int r = 0; r < n_rows; r++) fill_row(x + (size_t)r * n, n, kind < 6 ? kind : r % 6);
+                    if (kind == 6)   /* some NaN, and channel 1 all NaN */
+                        for (int r = 0; r < n_rows; r++) {
+                            x[(size_t)r * n + 1] = NAN;
+                            if (r % 3 == 0) x[(size_t)r * n + 5] = NAN;
+                        }
+                    memset(codes, 0xa5, (size_t)n_rows * stride);
+                    ebb_kvq_quantize_channels(bits, x, n_rows, n, group, codes, stride, dm);
+                    ebb_kvq_dequantize_channels(bits, codes, stride, dm, n_rows, n, group, y);
+                    for (int r = 0; r < n_rows; r++)
+                        for (size_t b = (size_t)n * bits / 8; b < stride; b++) pad_ok &= codes[(size_t)r * stride + b] == 0xa5;
+                    for (int i = 0; i < n; i++) {
+                        const float d = ebb_f16_to_f32(dm[2 * i]), m = ebb_f16_to_f32(dm[2 * i + 1]);
+                        int ok = d >= 0;
+                        for (int r = 0; r < n_rows; r++) {
+                            const float xv = x[(size_t)r * n + i], v = fminf(fmaxf(xv, -65504.0f), 65504.0f);
+                            const uint8_t *gc = codes + (size_t)r * stride + (size_t)(i / group) * group * bits / 8;
+                            const int c = code_of(gc, bits, group, i % group);
+                            layout_ok &= c >= 0 && c <= qmax && fmaf(d, (float)c, m) == y[(size_t)r * n + i];
+                            if (xv != xv) ok &= c == 0;
+                            else   /* up to float rounding of x - m and of m + d * c, which scales with |m| */
+                                ok &= fabsf(v - y[(size_t)r * n + i]) <=
+                                      d * 0.5f * (1 + 1e-5f) + (fabsf(v) + fabsf(m)) * 1e-6f;
+                        }
+                        if (!ok && bound_ok) {
+                            CHECK_MSG(ok, "bits %d n %d rows %d kind %d: channel %d breaks |x - q| <= d/2 (d %g)", bits,
+                                      n, n_rows, kind, i, d);
+                            bound_ok = 0;
+                        }
+                    }
+                    for (int pi = 0; pi < 3; pi++) {
+                        const struct ebb_backend *be = ebb_backend_cpu_named(paths[pi]);
+                        if (!be) continue;
+                        CHECK(be->kv_rows_qc != NULL);
+                        memset(out, 0xff, (size_t)n_rows * n * sizeof(float));
+                        be->kv_rows_qc(out, codes, stride, dm, n_rows, n, bits, group);
+                        const int same = !memcmp(out, y, (size_t)n_rows * n * sizeof(float));
+                        if (!same && paths_ok)
+                            CHECK_MSG(same, "%s: kv_rows_qc at %d bits, n %d group %d rows %d differs from "
+                                            "ebb_kvq_dequantize_channels", paths[pi], bits, n, group, n_rows);
+                        paths_ok &= same;
+                    }
+                }
+    }
+    CHECK(bound_ok);
+    CHECK_MSG(layout_ok, "per-channel codes are not where the packing rule puts them");
+    CHECK_MSG(pad_ok, "per-channel quantization wrote between rows");
+    CHECK(paths_ok);
+    free(x);
+    free(y);
+    free(out);
+    free(codes);
 }
 
 /* backend.h's dot8, written out here. */
@@ -937,6 +1017,7 @@ static void test_model_perplexity(struct model_run *r, struct model_run *r32) {
 int main(void) {
     test_quantize_bounds();
     test_row_conversions();
+    test_channels();
     test_attention_ops();
     test_rotation_invariance();
     test_attention();
