@@ -291,6 +291,7 @@ static void token_range(void *arg, int part, int n_parts) {
             rope_apply(r, r->q + (size_t)t * QD, c->n_head, t);
             rope_apply(r, r->k + (size_t)t * KD, c->n_head_kv, t);
             kv_store(r->tok_kv[t], be, j->layer, r->tok_pos[t], r->k + (size_t)t * KD, r->v + (size_t)t * KD);
+            kv_observe_query(r->tok_kv[t], j->layer, r->tok_pos[t], r->q + (size_t)t * QD);   /* compression */
             break;
         case STEP_SWIGLU:
             be->swiglu_f32(r->gate + (size_t)t * F, r->up + (size_t)t * F, F);

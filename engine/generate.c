@@ -160,7 +160,11 @@ int generate(struct model_run *r, const int32_t *prompt, int n_prompt, const str
         return fail(res, "out of memory");
     }
     double t0 = ebb_now_seconds();
-    int rc = g.finish == FINISH_NONE ? model_forward(r, &kv, prompt, n_prompt, logits, 0) : 0;
+    int rc = 0;
+    if (g.finish == FINISH_NONE) {
+        rc = compress_prepare(&kv, &m->cfg, &p->compress, n_prompt) || model_forward(r, &kv, prompt, n_prompt, logits, 0) ||
+             compress_apply(&kv, &m->cfg, m->be, &p->compress, &res->compress);
+    }
     double t1 = ebb_now_seconds();
     res->prefill_s = t1 - t0;
     while (rc == 0 && g.finish == FINISH_NONE) {

@@ -12,6 +12,7 @@
 #define EBB_ENGINE_GENERATE_H
 #include <stddef.h>
 #include <stdint.h>
+#include "engine/compress.h"
 #include "engine/sampler.h"
 #include "engine/tokenizer.h"
 
@@ -38,6 +39,7 @@ struct gen_params {
     int kv_bits;                    /* generate()'s KV cache precision: 32 (or 0), 16, 8, 4 */
     int logprobs;                   /* compute the chosen token's log-probability */
     int speculative;                /* enum draft_source (engine/draft.h): the scheduler's drafts; 0 none */
+    struct compress_params compress;/* context compression after the prefill (mode 0: off) */
 };
 
 struct gen_seq {
@@ -81,6 +83,7 @@ struct gen_result {
     enum finish_reason finish;
     int n_prompt, n_generated;
     double prefill_s, decode_s;     /* wall time of each phase */
+    struct compress_report compress;/* what context compression did (applied 0: nothing) */
     char error[256];
 };
 

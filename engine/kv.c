@@ -155,16 +155,16 @@ enum kv_status kv_cache_reserve(struct kv_cache *kv, int n) {
     if (n > kv->n_ctx) return KV_FAILED;
     if (n <= kv->n_reserved) return KV_OK;
     if (kv->account) {
-        const size_t want = bytes_held_at_most(&kv->layout, n, kv->window_max);
-        assert(want >= kv->reserved_bytes);
-        const size_t more = want - kv->reserved_bytes;
+        /* A compact cache holds its store instead of the pages it replaced. */
+        const size_t want = bytes_held_at_most(&kv->layout, n, kv->window_max) - kv->compact_saved;
+        const size_t more = want > kv->reserved_bytes ? want - kv->reserved_bytes : 0;
         struct kv_account *a = kv->account;
         pthread_mutex_lock(&a->lock);
         const int ok = !a->budget_bytes || a->reserved_bytes + more <= a->budget_bytes;
         if (ok) a->reserved_bytes += more;
         pthread_mutex_unlock(&a->lock);
         if (!ok) return KV_OVER_BUDGET;
-        kv->reserved_bytes = want;
+        kv->reserved_bytes += more;
     }
     kv->n_reserved = n;
     return KV_OK;
@@ -201,11 +201,19 @@ enum kv_status kv_cache_init(struct kv_cache *kv, const struct model_config *cfg
     return kv_cache_init_reserving(kv, cfg, n_ctx, n_ctx, n_ctx, account);
 }
 
+static void compact_free(struct kv_cache *kv);
+
 void kv_cache_free(struct kv_cache *kv) {
     if (!kv) return;
     const struct kv_layout *l = &kv->layout;
-    for (int p = 0; p < kv->n_pages; p++) free(kv->pages[p]);
-    long long held = (long long)(l->page_bytes * (size_t)kv->n_pages);
+    compact_free(kv);
+    kv_cache_forget_observation(kv);
+    long long held = 0;
+    for (int p = 0; p < kv->n_pages; p++)
+        if (kv->pages[p]) {
+            free(kv->pages[p]);
+            held += (long long)l->page_bytes;
+        }
     if (kv->sink) held += (long long)l->sink_bytes;
     free(kv->sink);
     for (int p = kv->window_lo; kv->window && p <= kv->window_hi; p++)
@@ -222,7 +230,12 @@ void kv_cache_free(struct kv_cache *kv) {
     memset(kv, 0, sizeof *kv);
 }
 
+/* A compact cache forgets its store too: the pages it replaced come back
+ * with the next kv_cache_ensure, inside the reservation, which grows again
+ * by what the store saved once positions need them. */
 void kv_cache_clear(struct kv_cache *kv) {
+    compact_free(kv);
+    kv_cache_forget_observation(kv);
     kv->n_past = 0;
 }
 
@@ -231,6 +244,7 @@ int kv_cache_truncate(struct kv_cache *kv, int n) {
     /* Queries from position n on read window pages from n's page before. */
     const int lo = n / KV_PAGE_TOKENS > 0 ? n / KV_PAGE_TOKENS - 1 : 0;
     if (kv->window && n < kv->n_past && lo < kv->window_lo) return -1;
+    if (kv->compact && n < kv->compact_boundary + KV_PAGE_TOKENS) return -1;
     kv->n_past = n;
     return 0;
 }
@@ -279,12 +293,14 @@ static int window_ensure(struct kv_cache *kv, int from, int n) {
 int kv_cache_ensure(struct kv_cache *kv, int n) {
     if (n > kv->n_ctx || kv_cache_reserve(kv, n) != KV_OK) return -1;
     const struct kv_layout *l = &kv->layout;
-    int need = pages_for(n);
-    while (kv->n_pages < need) {
-        uint8_t *page = malloc(l->page_bytes);
-        if (!page) return -1;
-        kv->pages[kv->n_pages++] = page;
+    /* Pages before a compact store's boundary stay away; after a clear
+     * they come back. */
+    const int need = pages_for(n);
+    for (int p = kv->compact ? kv->compact_boundary / KV_PAGE_TOKENS : 0; p < need; p++) {
+        if (kv->pages[p]) continue;
+        if (!(kv->pages[p] = malloc(l->page_bytes))) return -1;
         charge(kv, (long long)l->page_bytes);
+        if (kv->n_pages <= p) kv->n_pages = p + 1;
     }
     if (!kv->window || n <= kv->n_past) return 0;
     if (!kv->sink) {
@@ -372,6 +388,263 @@ void kv_store(struct kv_cache *kv, const struct ebb_backend *be, int layer, int 
     }
 }
 
+/* ---------------------------------------------------- the compact store */
+
+/* Positions [0, boundary) of a compressed cache (kv.h). Kept rows are one
+ * head's part of a body row, copied as they were (codes then (d, m) pairs
+ * at 8 and 4 bits); a chunk of the 2-bit tier holds KV_PAGE_TOKENS key code
+ * rows, the keys' per-channel pairs, then KV_PAGE_TOKENS value rows (codes
+ * then pairs), whether or not the last chunk is full. */
+struct kv_compact {
+    int n_keep, n_low, n_head_kv, head_dim;
+    int low_group;          /* values per group of a 2-bit value row */
+    int low_rotate;         /* the 2-bit tier is stored rotated by H64 */
+    size_t keep_row;        /* one head's keys (or values) at one position, at the cache's precision */
+    size_t low_codes;       /* codes of one head's row at 2 bits */
+    size_t low_v_row;       /* a 2-bit value row: codes then pairs */
+    size_t low_chunk;
+    uint8_t *keep;          /* [n_layer][n_head_kv][2][n_keep] rows */
+    uint8_t *low;           /* [n_layer][n_head_kv][low chunks] */
+    size_t bytes;
+};
+
+static int low_group_for(int head_dim) {
+    int g = EBB_KVQ_GROUP_MAX;
+    while (head_dim % g) g /= 2;
+    return g;
+}
+
+static size_t keep_row_bytes(const struct kv_layout *l) {
+    const size_t hd = (size_t)l->head_dim;
+    if (!is_quantized(l->bits)) return hd * (size_t)l->bits / 8;
+    return hd * (size_t)l->bits / 8 + (hd / (size_t)l->group) * 2 * sizeof(uint16_t);
+}
+
+static void compact_shape(struct kv_compact *c, const struct kv_layout *l, int n_keep, int n_low) {
+    const size_t hd = (size_t)l->head_dim;
+    c->n_keep = n_keep;
+    c->n_low = n_low;
+    c->n_head_kv = l->kv_dim / l->head_dim;
+    c->head_dim = l->head_dim;
+    c->low_group = low_group_for(l->head_dim);
+    c->low_rotate = l->head_dim % 64 == 0;
+    c->keep_row = keep_row_bytes(l);
+    c->low_codes = hd * KV_LOW_BITS / 8;
+    c->low_v_row = c->low_codes + (hd / (size_t)c->low_group) * 2 * sizeof(uint16_t);
+    c->low_chunk = KV_PAGE_TOKENS * c->low_codes + hd * 2 * sizeof(uint16_t) + KV_PAGE_TOKENS * c->low_v_row;
+    const size_t heads = (size_t)l->n_layer * (size_t)c->n_head_kv;
+    c->bytes = heads * (2 * (size_t)n_keep * c->keep_row + (size_t)pages_for(n_low) * c->low_chunk);
+}
+
+size_t kv_compact_bytes(const struct kv_layout *l, int n_keep, int n_low) {
+    struct kv_compact c;
+    compact_shape(&c, l, n_keep, n_low);
+    return c.bytes;
+}
+
+static uint8_t *keep_rows(const struct kv_compact *c, int layer, int kind, int kvh) {
+    return c->keep + ((((size_t)layer * c->n_head_kv + (size_t)kvh) * 2 + (size_t)kind) * (size_t)c->n_keep) * c->keep_row;
+}
+
+static uint8_t *low_chunk(const struct kv_compact *c, int layer, int kvh, int chunk) {
+    return c->low + (((size_t)layer * c->n_head_kv + (size_t)kvh) * (size_t)pages_for(c->n_low) + (size_t)chunk) *
+                        c->low_chunk;
+}
+
+/* Where a chunk's key pairs and value rows start. */
+static uint16_t *low_key_dm(const struct kv_compact *c, uint8_t *chunk) {
+    return (uint16_t *)(void *)(chunk + KV_PAGE_TOKENS * c->low_codes);
+}
+
+static uint8_t *low_values(const struct kv_compact *c, uint8_t *chunk) {
+    return (uint8_t *)(low_key_dm(c, chunk) + 2 * (size_t)c->head_dim);
+}
+
+/* Head kvh's part of a body row, copied into a kept row. */
+static void copy_head_row(const struct kv_cache *kv, int layer, int kind, int kvh, int pos, uint8_t *dst) {
+    const struct kv_layout *l = &kv->layout;
+    uint8_t *row = body_row(kv, layer, kind, pos);
+    const size_t hd = (size_t)l->head_dim;
+    if (!is_quantized(l->bits)) {
+        const size_t n = hd * (size_t)l->bits / 8;
+        memcpy(dst, row + (size_t)kvh * n, n);
+        return;
+    }
+    const size_t codes = hd * (size_t)l->bits / 8, pairs = hd / (size_t)l->group;
+    memcpy(dst, row + (size_t)kvh * codes, codes);
+    memcpy(dst + codes, row_dm(l, row) + (size_t)kvh * pairs * 2, pairs * 2 * sizeof(uint16_t));
+}
+
+/* Head kvh of a body row as f32, in the 2-bit tier's basis. */
+static void head_row_f32(const struct kv_cache *kv, const struct ebb_backend *be, const struct kv_compact *c,
+                         int layer, int kind, int kvh, int pos, float *out) {
+    const struct kv_layout *l = &kv->layout;
+    uint8_t *row = body_row(kv, layer, kind, pos);
+    const int hd = l->head_dim;
+    if (l->bits == 32) {
+        memcpy(out, (const float *)(const void *)row + (size_t)kvh * hd, (size_t)hd * sizeof(float));
+    } else if (l->bits == 16) {
+        const uint16_t *h = (const uint16_t *)(const void *)row + (size_t)kvh * hd;
+        for (int i = 0; i < hd; i++) out[i] = ebb_f16_to_f32(h[i]);
+    } else {
+        ebb_kvq_dequantize_row(l->bits, row + (size_t)kvh * hd * l->bits / 8,
+                               row_dm(l, row) + (size_t)kvh * (hd / l->group) * 2, hd, l->group, out);
+    }
+    if (c->low_rotate && !l->rotate) rotate64(be, out, hd);
+}
+
+/* One chunk of the 2-bit tier from the f32 rows x[n][head_dim] of keys and
+ * of values. */
+static void store_low_chunk(const struct kv_compact *c, int hd, uint8_t *chunk, const float *k, const float *v,
+                            int n) {
+    ebb_kvq_quantize_channels(KV_LOW_BITS, k, n, hd, c->low_group, chunk, c->low_codes, low_key_dm(c, chunk));
+    uint8_t *vrow = low_values(c, chunk);
+    for (int r = 0; r < n; r++, vrow += c->low_v_row)
+        ebb_kvq_quantize_row(KV_LOW_BITS, v + (size_t)r * hd, hd, c->low_group, vrow,
+                             (uint16_t *)(void *)(vrow + c->low_codes));
+}
+
+static void compact_free(struct kv_cache *kv) {
+    struct kv_compact *c = kv->compact;
+    if (!c) return;
+    charge(kv, -(long long)c->bytes);
+    free(c->keep);
+    free(c->low);
+    free(c);
+    kv->compact = NULL;
+    kv->compact_boundary = 0;
+    kv->compact_saved = 0;
+    kv->n_reserved = 0;   /* the next kv_cache_reserve counts the pages again */
+}
+
+int kv_cache_compact_limit(const struct kv_cache *kv) {
+    const int pages = kv->n_past / KV_PAGE_TOKENS - 1;
+    return pages > 0 ? pages * KV_PAGE_TOKENS : 0;
+}
+
+/* The tiers' counts, the same for every (layer, head), or -1. */
+static int tier_counts(const struct kv_layout *l, int boundary, const uint8_t *tiers, int *n_keep, int *n_low) {
+    const int heads = l->n_layer * (l->kv_dim / l->head_dim);
+    for (int h = 0; h < heads; h++) {
+        const uint8_t *t = tiers + (size_t)h * boundary;
+        int keep = 0, low = 0;
+        for (int p = 0; p < boundary; p++) {
+            if (t[p] > KV_TIER_KEEP || (p < KV_SINK_TOKENS && t[p] != KV_TIER_KEEP)) return -1;
+            keep += t[p] == KV_TIER_KEEP;
+            low += t[p] == KV_TIER_LOW;
+        }
+        if (h == 0) {
+            *n_keep = keep;
+            *n_low = low;
+        } else if (keep != *n_keep || low != *n_low) {
+            return -1;
+        }
+    }
+    return 0;
+}
+
+int kv_cache_compact(struct kv_cache *kv, const struct ebb_backend *be, int boundary, const uint8_t *tiers) {
+    const struct kv_layout *l = &kv->layout;
+    int n_keep = 0, n_low = 0;
+    if (kv->compact || boundary <= 0 || boundary % KV_PAGE_TOKENS || boundary > kv_cache_compact_limit(kv) ||
+        tier_counts(l, boundary, tiers, &n_keep, &n_low))
+        return -1;
+    struct kv_compact *c = calloc(1, sizeof *c);
+    if (!c) return -1;
+    compact_shape(c, l, n_keep, n_low);
+    const int hd = l->head_dim;
+    const size_t heads = (size_t)l->n_layer * (size_t)c->n_head_kv;
+    c->keep = malloc(heads * 2 * (size_t)n_keep * c->keep_row + 1);
+    c->low = malloc(heads * (size_t)pages_for(n_low) * c->low_chunk + 1);
+    float *k = malloc(2 * KV_PAGE_TOKENS * (size_t)hd * sizeof(float)), *v = k ? k + KV_PAGE_TOKENS * hd : NULL;
+    if (!c->keep || !c->low || !k) {
+        free(c->keep);
+        free(c->low);
+        free(c);
+        free(k);
+        return -1;
+    }
+    for (int layer = 0; layer < l->n_layer; layer++)
+        for (int kvh = 0; kvh < c->n_head_kv; kvh++) {
+            const uint8_t *t = tiers + ((size_t)layer * c->n_head_kv + (size_t)kvh) * boundary;
+            uint8_t *kept_k = keep_rows(c, layer, 0, kvh), *kept_v = keep_rows(c, layer, 1, kvh);
+            int n = 0, chunk = 0;
+            for (int p = 0; p < boundary; p++) {
+                if (t[p] == KV_TIER_KEEP) {
+                    copy_head_row(kv, layer, 0, kvh, p, kept_k);
+                    copy_head_row(kv, layer, 1, kvh, p, kept_v);
+                    kept_k += c->keep_row;
+                    kept_v += c->keep_row;
+                } else if (t[p] == KV_TIER_LOW) {
+                    head_row_f32(kv, be, c, layer, 0, kvh, p, k + (size_t)n * hd);
+                    head_row_f32(kv, be, c, layer, 1, kvh, p, v + (size_t)n * hd);
+                    if (++n == KV_PAGE_TOKENS) {
+                        store_low_chunk(c, hd, low_chunk(c, layer, kvh, chunk++), k, v, n);
+                        n = 0;
+                    }
+                }
+            }
+            if (n) store_low_chunk(c, hd, low_chunk(c, layer, kvh, chunk), k, v, n);
+        }
+    free(k);
+    /* The pages go; the store and the saving are charged in their place. */
+    const int pages = boundary / KV_PAGE_TOKENS;
+    for (int p = 0; p < pages; p++) {
+        free(kv->pages[p]);
+        kv->pages[p] = NULL;
+    }
+    const size_t freed = (size_t)pages * l->page_bytes;
+    charge(kv, (long long)c->bytes - (long long)freed);
+    kv->compact = c;
+    kv->compact_boundary = boundary;
+    kv->compact_saved = freed > c->bytes ? freed - c->bytes : 0;
+    if (kv->account) {
+        const size_t give = kv->compact_saved < kv->reserved_bytes ? kv->compact_saved : kv->reserved_bytes;
+        kv->reserved_bytes -= give;
+        account_add(kv->account, &kv->account->reserved_bytes, -(long long)give);
+    }
+    kv_cache_forget_observation(kv);
+    return 0;
+}
+
+struct kv_compact_info kv_cache_compact_info(const struct kv_cache *kv) {
+    const struct kv_compact *c = kv->compact;
+    if (!c) return (struct kv_compact_info){0, 0, 0, 0};
+    return (struct kv_compact_info){kv->compact_boundary, c->n_keep, c->n_low, c->bytes};
+}
+
+/* ------------------------------------------------------- observation */
+
+int kv_cache_observe(struct kv_cache *kv, int from, int n, int q_dim) {
+    kv_cache_forget_observation(kv);
+    if (from < 0 || n <= 0 || q_dim <= 0) return -1;
+    struct kv_observation *o = calloc(1, sizeof *o);
+    if (!o) return -1;
+    o->q = calloc((size_t)kv->layout.n_layer * (size_t)n * (size_t)q_dim, sizeof(float));
+    if (!o->q) {
+        free(o);
+        return -1;
+    }
+    o->from = from;
+    o->n = n;
+    o->q_dim = q_dim;
+    kv->obs = o;
+    return 0;
+}
+
+void kv_observe_query(struct kv_cache *kv, int layer, int pos, const float *q) {
+    struct kv_observation *o = kv->obs;
+    if (!o || pos < o->from || pos >= o->from + o->n) return;
+    memcpy(o->q + ((size_t)layer * o->n + (size_t)(pos - o->from)) * o->q_dim, q, (size_t)o->q_dim * sizeof(float));
+}
+
+void kv_cache_forget_observation(struct kv_cache *kv) {
+    if (!kv->obs) return;
+    free(kv->obs->q);
+    free(kv->obs);
+    kv->obs = NULL;
+}
+
 /* ------------------------------------------------------------ attention */
 
 int kv_block_queries(const struct model_config *cfg) {
@@ -445,67 +718,175 @@ static int first_body_query(const struct kv_layout *l, int page, int pos0, int n
     return j;
 }
 
-void kv_attend_block(const struct kv_cache *kv, const struct ebb_backend *be, int layer, int kvh, const float *q,
-                     float *out, size_t stride, int n_tok, int n_head, int pos0, float scale, float *scratch) {
+/* A compact store's rows as attention reads them, a segment of up to
+ * KV_PAGE_TOKENS at a time: the kept rows' segments, then the 2-bit tier's
+ * chunks. Every query of a block reads every segment whole. */
+struct segment {
+    const float *rows;
+    size_t stride;      /* floats between rows */
+    int n, slot;        /* rows, and the first one's score slot */
+    int rotated;        /* in the H64 basis */
+};
+
+static int segment_count(const struct kv_compact *c) {
+    return c ? pages_for(c->n_keep) + pages_for(c->n_low) : 0;
+}
+
+static struct segment compact_segment(const struct kv_cache *kv, const struct ebb_backend *be, int layer, int kind,
+                                      int kvh, int seg, float *view) {
     const struct kv_layout *l = &kv->layout;
+    const struct kv_compact *c = kv->compact;
+    const int hd = l->head_dim, keep_segs = pages_for(c->n_keep);
+    struct segment s = {view, (size_t)hd, 0, 0, 0};
+    if (seg >= keep_segs) {
+        const int chunk = seg - keep_segs;
+        uint8_t *at = low_chunk(c, layer, kvh, chunk);
+        s.slot = c->n_keep + chunk * KV_PAGE_TOKENS;
+        s.n = c->n_low - chunk * KV_PAGE_TOKENS < KV_PAGE_TOKENS ? c->n_low - chunk * KV_PAGE_TOKENS : KV_PAGE_TOKENS;
+        s.rotated = c->low_rotate;
+        if (kind == 0) {
+            be->kv_rows_qc(view, at, c->low_codes, low_key_dm(c, at), s.n, hd, KV_LOW_BITS, c->low_group);
+        } else {
+            const uint8_t *v = low_values(c, at);
+            be->kv_rows_q(view, v, (const uint16_t *)(const void *)(v + c->low_codes), c->low_v_row, s.n, hd,
+                          KV_LOW_BITS, c->low_group);
+        }
+        return s;
+    }
+    const uint8_t *rows = keep_rows(c, layer, kind, kvh) + (size_t)seg * KV_PAGE_TOKENS * c->keep_row;
+    s.slot = seg * KV_PAGE_TOKENS;
+    s.n = c->n_keep - s.slot < KV_PAGE_TOKENS ? c->n_keep - s.slot : KV_PAGE_TOKENS;
+    s.rotated = l->rotate;
+    if (l->bits == 32) {
+        s.rows = (const float *)(const void *)rows;
+        s.stride = c->keep_row / sizeof(float);
+    } else if (l->bits == 16) {
+        be->kv_rows_f16(view, (const uint16_t *)(const void *)rows, c->keep_row, s.n, hd);
+    } else {
+        const size_t codes = (size_t)hd * l->bits / 8;
+        be->kv_rows_q(view, rows, (const uint16_t *)(const void *)(rows + codes), c->keep_row, s.n, hd, l->bits,
+                      l->group);
+        /* The sinks, kept first, are read from their f32 copies. */
+        for (int i = 0; seg == 0 && i < KV_SINK_TOKENS && i < s.n; i++) {
+            memcpy(view + (size_t)i * hd, sink_row(kv, layer, kind, i) + (size_t)kvh * hd, (size_t)hd * sizeof(float));
+            if (l->rotate) rotate64(be, view + (size_t)i * hd, hd);
+        }
+    }
+    return s;
+}
+
+/* A block's scratch: per query its scaled copy, the copy rotated, the two
+ * sums of values; a key and a value view; then the scores. */
+struct block {
+    int hd, nq, last, n_head, pos0;
+    int first_page;     /* the first page read (a compact store replaces those before) */
+    int off;            /* position p >= the boundary has score slot p - off */
+    size_t S;           /* score slots per query */
+    float *qs, *qr, *acc, *accr, *kview, *vview, *s;
+};
+
+/* The scores of a block's queries, softmaxed: the part of attention that
+ * kv_attend_weights shares. */
+static void block_scores(struct block *b, const struct kv_cache *kv, const struct ebb_backend *be, int layer, int kvh,
+                         const float *q, size_t stride, int n_tok, int n_head, int pos0, float scale, float *scratch) {
+    const struct kv_layout *l = &kv->layout;
+    const struct kv_compact *c = kv->compact;
     const int hd = l->head_dim, nq = n_tok * n_head, last = pos0 + n_tok - 1;
-    assert(n_tok >= 1 && n_head >= 1 && pos0 >= 0 && last / KV_PAGE_TOKENS < kv->n_pages);   /* stored */
-    const size_t S = (size_t)last + 1;          /* scores per query */
-    float *qs = scratch, *qr = qs + (size_t)nq * hd, *acc = qr + (size_t)nq * hd, *accr = acc + (size_t)nq * hd;
-    float *kview = accr + (size_t)nq * hd, *vview = kview + (size_t)KV_PAGE_TOKENS * hd;
-    float *s = vview + (size_t)KV_PAGE_TOKENS * hd;
+    assert(n_tok >= 1 && n_head >= 1 && pos0 >= kv->compact_boundary && last / KV_PAGE_TOKENS < kv->n_pages);
+    b->hd = hd;
+    b->nq = nq;
+    b->last = last;
+    b->n_head = n_head;
+    b->pos0 = pos0;
+    b->first_page = kv->compact_boundary / KV_PAGE_TOKENS;
+    b->off = c ? kv->compact_boundary - (c->n_keep + c->n_low) : 0;
+    b->S = (size_t)(last + 1 - b->off);
+    b->qs = scratch;
+    b->qr = b->qs + (size_t)nq * hd;
+    b->acc = b->qr + (size_t)nq * hd;
+    b->accr = b->acc + (size_t)nq * hd;
+    b->kview = b->accr + (size_t)nq * hd;
+    b->vview = b->kview + (size_t)KV_PAGE_TOKENS * hd;
+    b->s = b->vview + (size_t)KV_PAGE_TOKENS * hd;
+    const int rotate = l->rotate || (c && c->low_rotate);
 #define POS(j) (pos0 + (j) / n_head)
 
     for (int j = 0; j < nq; j++) {
         const float *src = q + (size_t)(j / n_head) * stride + (size_t)(j % n_head) * hd;
-        for (int i = 0; i < hd; i++) qs[(size_t)j * hd + i] = src[i] * scale;
-        if (l->rotate) {
-            memcpy(qr + (size_t)j * hd, qs + (size_t)j * hd, (size_t)hd * sizeof(float));
-            rotate64(be, qr + (size_t)j * hd, hd);
+        for (int i = 0; i < hd; i++) b->qs[(size_t)j * hd + i] = src[i] * scale;
+        if (rotate) {
+            memcpy(b->qr + (size_t)j * hd, b->qs + (size_t)j * hd, (size_t)hd * sizeof(float));
+            rotate64(be, b->qr + (size_t)j * hd, hd);
         }
+    }
+    const size_t S = b->S;
+    for (int g = 0; g < segment_count(c); g++) {
+        const struct segment sg = compact_segment(kv, be, layer, 0, kvh, g, b->kview);
+        be->attn_scores(b->s + sg.slot, S, sg.rotated ? b->qr : b->qs, (size_t)hd, nq, sg.rows, sg.stride, sg.n, hd);
     }
     /* Scores, a page at a time: queries [0, split) read the page in place,
      * [split, nq) from its converted body. */
     const int last_page = last / KV_PAGE_TOKENS;
-    for (int page = 0; page <= last_page; page++) {
+    for (int page = b->first_page; page <= last_page; page++) {
         const int r0 = page * KV_PAGE_TOKENS, rows = last + 1 - r0 < KV_PAGE_TOKENS ? last + 1 - r0 : KV_PAGE_TOKENS;
         const int split = first_body_query(l, page, pos0, n_head, nq);
+        float *s = b->s + (r0 - b->off);
         if (split > 0) {
             size_t ks;
             const float *k = page_in_place(kv, layer, 0, kvh, page, &ks);
-            be->attn_scores(s + r0, S, qs, (size_t)hd, split, k, ks, rows, hd);
+            be->attn_scores(s, S, b->qs, (size_t)hd, split, k, ks, rows, hd);
         }
         if (split < nq) {
-            const float *k = page_view(kv, be, layer, 0, kvh, page, rows, kview);
-            be->attn_scores(s + (size_t)split * S + r0, S, (l->rotate ? qr : qs) + (size_t)split * hd, (size_t)hd,
+            const float *k = page_view(kv, be, layer, 0, kvh, page, rows, b->kview);
+            be->attn_scores(s + (size_t)split * S, S, (l->rotate ? b->qr : b->qs) + (size_t)split * hd, (size_t)hd,
                             nq - split, k, (size_t)hd, rows, hd);
         }
     }
-    for (int j = 0; j < nq; j++) be->softmax_f32(s + (size_t)j * S, POS(j) + 1);
+    for (int j = 0; j < nq; j++) be->softmax_f32(b->s + (size_t)j * S, POS(j) + 1 - b->off);
+#undef POS
+}
 
-    memset(acc, 0, (size_t)nq * hd * sizeof(float));
-    memset(accr, 0, (size_t)nq * hd * sizeof(float));
-    for (int page = 0; page <= last_page; page++) {
+void kv_attend_block(const struct kv_cache *kv, const struct ebb_backend *be, int layer, int kvh, const float *q,
+                     float *out, size_t stride, int n_tok, int n_head, int pos0, float scale, float *scratch) {
+    const struct kv_layout *l = &kv->layout;
+    const struct kv_compact *c = kv->compact;
+    struct block b;
+    block_scores(&b, kv, be, layer, kvh, q, stride, n_tok, n_head, pos0, scale, scratch);
+    const int hd = b.hd, nq = b.nq, last = b.last;
+    const size_t S = b.S;
+#define POS(j) (pos0 + (j) / n_head)
+    memset(b.acc, 0, (size_t)nq * hd * sizeof(float));
+    memset(b.accr, 0, (size_t)nq * hd * sizeof(float));
+    int compact_rotated = 0;
+    for (int g = 0; g < segment_count(c); g++) {
+        const struct segment sg = compact_segment(kv, be, layer, 1, kvh, g, b.vview);
+        compact_rotated |= sg.rotated;
+        for (int j = 0; j < nq; j++)
+            be->attn_values((sg.rotated ? b.accr : b.acc) + (size_t)j * hd, b.s + (size_t)j * S + sg.slot, sg.rows,
+                            sg.stride, sg.n, hd);
+    }
+    const int last_page = last / KV_PAGE_TOKENS;
+    for (int page = b.first_page; page <= last_page; page++) {
         const int r0 = page * KV_PAGE_TOKENS, rows = last + 1 - r0 < KV_PAGE_TOKENS ? last + 1 - r0 : KV_PAGE_TOKENS;
         const int split = first_body_query(l, page, pos0, n_head, nq);
         size_t vs = 0;
         const float *direct = split > 0 ? page_in_place(kv, layer, 1, kvh, page, &vs) : NULL;
-        const float *view = split < nq ? page_view(kv, be, layer, 1, kvh, page, rows, vview) : NULL;
+        const float *view = split < nq ? page_view(kv, be, layer, 1, kvh, page, rows, b.vview) : NULL;
         for (int j = 0; j < nq; j++) {
             const int n = POS(j) + 1 - r0 < rows ? POS(j) + 1 - r0 : rows;
             if (n <= 0) continue;
-            const float *p = s + (size_t)j * S + r0;
-            if (j < split) be->attn_values(acc + (size_t)j * hd, p, direct, vs, n, hd);
-            else be->attn_values((l->rotate ? accr : acc) + (size_t)j * hd, p, view, (size_t)hd, n, hd);
+            const float *p = b.s + (size_t)j * S + (r0 - b.off);
+            if (j < split) be->attn_values(b.acc + (size_t)j * hd, p, direct, vs, n, hd);
+            else be->attn_values((l->rotate ? b.accr : b.acc) + (size_t)j * hd, p, view, (size_t)hd, n, hd);
         }
     }
-    /* Body values were summed in the rotated basis: rotate the sum back once
-     * (H64 is its own inverse) and add the window's. */
+    /* Values read rotated were summed in the rotated basis: rotate the sum
+     * back once (H64 is its own inverse) and add the rest. */
     for (int j = 0; j < nq; j++) {
         float *o = out + (size_t)(j / n_head) * stride + (size_t)(j % n_head) * hd;
-        const float *a = acc + (size_t)j * hd;
-        if (l->rotate && reads_body(l, 0, POS(j))) {
-            float *ar = accr + (size_t)j * hd;
+        const float *a = b.acc + (size_t)j * hd;
+        if (compact_rotated || (l->rotate && reads_body(l, b.first_page, POS(j)))) {
+            float *ar = b.accr + (size_t)j * hd;
             rotate64(be, ar, hd);
             for (int i = 0; i < hd; i++) o[i] = ar[i] + a[i];
         } else {
@@ -513,6 +894,16 @@ void kv_attend_block(const struct kv_cache *kv, const struct ebb_backend *be, in
         }
     }
 #undef POS
+}
+
+void kv_attend_weights(const struct kv_cache *kv, const struct ebb_backend *be, int layer, int kvh, const float *q,
+                       size_t stride, int n_tok, int n_head, int pos0, float scale, float *scratch, float *w,
+                       size_t w_stride) {
+    assert(!kv->compact);
+    struct block b;
+    block_scores(&b, kv, be, layer, kvh, q, stride, n_tok, n_head, pos0, scale, scratch);
+    for (int j = 0; j < b.nq; j++)
+        memcpy(w + (size_t)j * w_stride, b.s + (size_t)j * b.S, (size_t)(pos0 + j / n_head + 1) * sizeof(float));
 }
 
 void kv_attend(const struct kv_cache *kv, const struct ebb_backend *be, int layer, int kvh, const float *q,

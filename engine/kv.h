@@ -140,6 +140,10 @@ struct kv_cache {
     struct kv_account *account; /* may be NULL: unaccounted (CLI tools) */
     int n_reserved;           /* positions the reservation covers (<= n_ctx) */
     size_t reserved_bytes;    /* what the reservation holds of the account */
+    struct kv_compact *compact;     /* positions [0, compact_boundary) after compression, NULL before */
+    int compact_boundary;
+    size_t compact_saved;     /* body bytes the compact store saves (its pages less its size) */
+    struct kv_observation *obs;     /* queries recorded for compression's scoring, NULL when none */
 };
 
 enum kv_status {
@@ -216,5 +220,79 @@ size_t kv_attend_scratch(const struct model_config *cfg, int n_ctx);
  * heads if that is more), and the tokens a block takes at most. */
 int kv_block_queries(const struct model_config *cfg);
 int kv_block_tokens(const struct model_config *cfg);
+
+
+/* ------------------------------------------------ context compression
+ *
+ * The mechanism; engine/compress.h decides what goes where. Compression
+ * moves positions [0, boundary) of a cache out of its pages into a compact
+ * store, per layer and KV head: each position is kept at the cache's
+ * precision (KV_TIER_KEEP), demoted to 2 bits (KV_TIER_LOW) or dropped.
+ * Every (layer, KV head) keeps and demotes the same number of positions, so
+ * the store is dense arrays, and its pages are freed: the account's
+ * allocation and this cache's reservation shrink by what it saves.
+ *
+ * The 2-bit tier (KIVI's split): values per position in groups like the
+ * body's rows; keys per channel over chunks of up to KV_PAGE_TOKENS
+ * positions, one (d, m) pair per channel per chunk, because a key's
+ * channels differ in scale far more than its positions do. Both are stored
+ * rotated by H64 when head_dim is a multiple of 64 (whatever the cache's
+ * precision), so one scale fits each group. A demoted row is quantized from
+ * what the cache held: the body's 4 or 8 bits, or f32/f16.
+ *
+ * Attention after compression: every query comes after the boundary (it
+ * lies at least a page before the first position still being decoded), so
+ * each reads the whole store -- kept rows, then demoted rows, a chunk of
+ * KV_PAGE_TOKENS at a time -- and then the pages from the boundary on as
+ * before. Order within the store does not matter to softmax; the rows'
+ * RoPE was applied at their original positions when they were stored.
+ * The sinks (positions < KV_SINK_TOKENS) must be kept. */
+enum kv_tier { KV_TIER_DROP = 0, KV_TIER_LOW = 1, KV_TIER_KEEP = 2 };
+#define KV_LOW_BITS 2
+
+/* Queries of positions [from, from + n) of every layer, recorded as the
+ * forward pass computes them (after RoPE): q[(layer * n + i) * q_dim]. */
+struct kv_observation {
+    int from, n, q_dim;
+    float *q;
+};
+
+/* Starts recording the queries of positions [from, from + n) (q_dim floats
+ * each); replaces a previous recording. -1 when out of memory. The
+ * recording is not charged to the account: it lives from prefill to
+ * compression and costs n * q_dim * n_layer floats. */
+int kv_cache_observe(struct kv_cache *kv, int from, int n, int q_dim);
+/* The forward pass's hook: keeps position pos's query if it is recorded. */
+void kv_observe_query(struct kv_cache *kv, int layer, int pos, const float *q);
+void kv_cache_forget_observation(struct kv_cache *kv);
+
+/* The largest boundary compression may use now: a multiple of
+ * KV_PAGE_TOKENS at least a page before n_past's page (so no query to come
+ * reads those positions from the window), 0 when none. */
+int kv_cache_compact_limit(const struct kv_cache *kv);
+/* Moves positions [0, boundary) into the compact store as tiers says:
+ * tiers[(layer * n_head_kv + head) * boundary + pos]. 0, or -1 (nothing
+ * changed) when the cache is already compact, boundary is not a positive
+ * multiple of KV_PAGE_TOKENS within kv_cache_compact_limit, a sink is not
+ * kept, the heads' counts differ, or out of memory. */
+int kv_cache_compact(struct kv_cache *kv, const struct ebb_backend *be, int boundary, const uint8_t *tiers);
+/* The compact store's boundary, its rows per (layer, KV head) at each tier,
+ * and its bytes; all 0 before compression. */
+struct kv_compact_info {
+    int boundary, n_keep, n_low;
+    size_t bytes;
+};
+struct kv_compact_info kv_cache_compact_info(const struct kv_cache *kv);
+/* Bytes of a compact store with these counts (what kv_cache_compact would
+ * hold), so a policy can size its tiers to a byte budget. */
+size_t kv_compact_bytes(const struct kv_layout *l, int n_keep, int n_low);
+
+/* The softmax weights kv_attend_block computes for a block of queries (an
+ * uncompressed cache): w[j * w_stride + p] for query j (token j / n_head,
+ * head j % n_head, as kv_attend_block numbers them) and positions p <= its
+ * own. Context compression scores positions with them. */
+void kv_attend_weights(const struct kv_cache *kv, const struct ebb_backend *be, int layer, int kvh, const float *q,
+                       size_t stride, int n_tok, int n_head, int pos0, float scale, float *scratch, float *w,
+                       size_t w_stride);
 
 #endif

@@ -8,6 +8,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "engine/compress.h"
 #include "engine/generate.h"
 #include "engine/model.h"
 #include "engine/tokenizer.h"
@@ -19,9 +20,28 @@ static void fill_result(struct ppl_result *r, double nll, double nll2, long coun
     r->scored = count;
 }
 
+/* One window into logits: in one go, or (compressing) its first half, the
+ * compression, then the rest. */
+static int window_logits(struct model_run *run, struct kv_cache *kv, const int32_t *win, int n_ctx, int first,
+                         const struct compress_params *compress, float *logits, struct ppl_result *r) {
+    const struct model *m = model_run_model(run);
+    if (!compress || compress->mode == COMPRESS_OFF) return model_forward(run, kv, win, n_ctx, logits, 1);
+    const size_t V = (size_t)m->cfg.n_vocab;
+    struct compress_report rep;
+    if (compress_prepare(kv, &m->cfg, compress, first + 1) ||
+        model_forward(run, kv, win, first + 1, logits + (size_t)first * V, 0) ||
+        compress_apply(kv, &m->cfg, m->be, compress, &rep) ||
+        model_forward(run, kv, win + first + 1, n_ctx - first - 1, logits + (size_t)(first + 1) * V, 1))
+        return -1;
+    r->compressed += rep.applied;
+    r->kv_full_bytes += rep.bytes_before;
+    r->kv_compressed_bytes += rep.bytes_after;
+    return 0;
+}
+
 int perplexity_windows(struct model_run *run, const int32_t *tokens, int n_windows, int n_ctx, int32_t bos,
-                       int kv_bits, ppl_progress_fn progress, void *ud, struct ppl_result *r, char *err,
-                       size_t errlen) {
+                       int kv_bits, const struct compress_params *compress, ppl_progress_fn progress, void *ud,
+                       struct ppl_result *r, char *err, size_t errlen) {
     const struct model *m = model_run_model(run);
     memset(r, 0, sizeof *r);
     if (n_ctx < 8 || n_ctx > m->cfg.n_ctx_train) {
@@ -51,7 +71,7 @@ int perplexity_windows(struct model_run *run, const int32_t *tokens, int n_windo
         memcpy(win, tokens + (size_t)w * n_ctx, (size_t)n_ctx * sizeof *win);
         if (bos >= 0) win[0] = bos;
         kv_cache_clear(&kv);
-        if (model_forward(run, &kv, win, n_ctx, logits, 1)) {
+        if (window_logits(run, &kv, win, n_ctx, first, compress, logits, r)) {
             snprintf(err, errlen, "the forward pass failed");
             goto out;
         }
@@ -75,7 +95,8 @@ out:
 }
 
 int perplexity_measure(struct model_run *run, const char *text, size_t len, int n_ctx, int max_windows, int kv_bits,
-                       ppl_progress_fn progress, void *ud, struct ppl_result *r, char *err, size_t errlen) {
+                       const struct compress_params *compress, ppl_progress_fn progress, void *ud,
+                       struct ppl_result *r, char *err, size_t errlen) {
     const struct model *m = model_run_model(run);
     memset(r, 0, sizeof *r);
     int32_t *tokens = NULL;
@@ -91,8 +112,8 @@ int perplexity_measure(struct model_run *run, const char *text, size_t len, int 
     if (n_ctx >= 8 && n_ctx <= m->cfg.n_ctx_train && n_windows == 0)
         snprintf(err, errlen, "the text has %d tokens, fewer than one window of %d", n_tokens, n_ctx);
     else
-        rc = perplexity_windows(run, tokens, n_windows, n_ctx, tokenizer_bos_to_add(m->tok), kv_bits, progress, ud,
-                                r, err, errlen);
+        rc = perplexity_windows(run, tokens, n_windows, n_ctx, tokenizer_bos_to_add(m->tok), kv_bits, compress,
+                                progress, ud, r, err, errlen);
     r->n_tokens = n_tokens;
     free(tokens);
     return rc;

@@ -11,6 +11,12 @@
  *     context;
  *   - PPL = exp(mean negative log-likelihood over all scored tokens).
  *
+ * With context compression (compress not NULL and not off) a window's first
+ * half -- positions 0 .. n_ctx/2, the context of the first scored token --
+ * is prefilled and compressed before the rest is fed, so every scored
+ * token sees the compressed context (the kvpress protocol: compress, then
+ * continue). Without it the bits are the same as one pass over the window.
+ *
  * One implementation for `ebb ppl` and for `ebb pack`, which records the
  * perplexity of the variant it wrote in the catalog. */
 #ifndef EBB_ENGINE_PERPLEXITY_H
@@ -19,6 +25,7 @@
 #include <stdint.h>
 
 struct model_run;
+struct compress_params;
 
 struct ppl_result {
     double ppl;           /* exp(mean NLL) */
@@ -26,6 +33,8 @@ struct ppl_result {
     long scored;          /* tokens scored */
     int windows;          /* windows evaluated */
     int n_tokens;         /* tokens in the whole text */
+    int compressed;       /* windows whose context was compressed */
+    size_t kv_full_bytes, kv_compressed_bytes;   /* their caches before and after, summed */
 };
 
 /* Called before the first window (done = 0) and after each one. */
@@ -36,13 +45,14 @@ typedef void (*ppl_progress_fn)(void *ud, int done, int total, const struct ppl_
  * UTF-8, shorter than one window, n_ctx beyond the model's context, a
  * kv_bits the model cannot use, out of memory). */
 int perplexity_measure(struct model_run *run, const char *text, size_t len, int n_ctx, int max_windows, int kv_bits,
-                       ppl_progress_fn progress, void *ud, struct ppl_result *r, char *err, size_t errlen);
+                       const struct compress_params *compress, ppl_progress_fn progress, void *ud,
+                       struct ppl_result *r, char *err, size_t errlen);
 /* The same scoring over n_windows windows of n_ctx tokens already cut:
  * tokens holds them one after another, and the first token of each is
  * replaced by bos when bos >= 0 (the caller's tokens are not changed). What
  * the packer uses for its checkpoints (tools/pack/bitstack.c), whose windows
  * are the calibration's. 0, or -1 with err. */
 int perplexity_windows(struct model_run *run, const int32_t *tokens, int n_windows, int n_ctx, int32_t bos,
-                       int kv_bits, ppl_progress_fn progress, void *ud, struct ppl_result *r, char *err,
-                       size_t errlen);
+                       int kv_bits, const struct compress_params *compress, ppl_progress_fn progress, void *ud,
+                       struct ppl_result *r, char *err, size_t errlen);
 #endif

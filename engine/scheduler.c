@@ -97,6 +97,7 @@ struct sched {
     int n_swaps;
     struct draft_costs costs;       /* engine thread's: step times by token count */
     uint64_t drafts, draft_tokens, accepted_tokens, accepted_at[DRAFT_MAX];   /* under lock */
+    struct sched_compress_stats compress[3];   /* under lock */
 };
 
 const char *sched_error_message(enum sched_error e) {
@@ -235,6 +236,7 @@ void sched_get_stats(struct sched *s, struct sched_stats *st) {
     st->draft_tokens = s->draft_tokens;
     st->accepted_tokens = s->accepted_tokens;
     memcpy(st->accepted_at, s->accepted_at, sizeof st->accepted_at);
+    memcpy(st->compress, s->compress, sizeof st->compress);
     pthread_mutex_unlock(&s->lock);
     const struct kv_usage u = kv_account_usage(&s->account);
     st->kv_budget_bytes = u.budget_bytes;
@@ -391,6 +393,14 @@ static void admit(struct sched *s, struct sreq **evicted, struct sreq **failed) 
             *failed = r;
             continue;
         }
+        /* Compression follows the prompt's prefill, on a first admission
+         * and again when a preempted request computes its prompt anew. */
+        if (compress_prepare(&r->kv, &s->m->cfg, &r->params.compress, r->n_prompt)) {
+            kv_cache_free(&r->kv);
+            r->next = *failed;
+            *failed = r;
+            continue;
+        }
         if (!r->timing.started) r->timing.started = ebb_now_seconds();
         s->running[s->n_running++] = r;
     }
@@ -516,6 +526,8 @@ static void verify_drafts(struct sched *s, struct sreq *r) {
 }
 
 /* One batched forward pass and the sampling after it. */
+static void compress_prompt(struct sched *s, struct sreq *r);
+
 static void step(struct sched *s) {
     /* Cancelled running sequences stop here, before spending compute. */
     for (int i = 0; i < s->n_running;) {
@@ -542,6 +554,9 @@ static void step(struct sched *s) {
         int left = r->n_replay - r->n_prefilled;
         if (left <= 0) continue;
         int chunk = left < max_tokens - tokens ? left : max_tokens - tokens;
+        /* A prompt to compress stops at its end, where compression comes. */
+        if (r->kv.obs && r->n_prefilled < r->n_prompt && r->n_prefilled + chunk > r->n_prompt)
+            chunk = r->n_prompt - r->n_prefilled;
         /* A recomputed sequence already sampled the token that follows. */
         int sample = chunk == left && r->gen.n_generated == 0;
         s->batch[n] = (struct batch_seq){&r->kv, r->gen.history + r->n_prefilled, chunk, sample ? r->logits : NULL, 0};
@@ -561,6 +576,7 @@ static void step(struct sched *s) {
         if (rc) { atomic_store(&r->stop, SREQ_FAILED); continue; }
         if (r->n_prefilled < r->n_replay) {
             r->n_prefilled += s->batch[b].n_tok;
+            if (r->n_prefilled == r->n_prompt && r->kv.obs) compress_prompt(s, r);
             if (r->n_prefilled < r->n_replay || r->gen.n_generated > 0) continue;
         }
         if (r->gen.finish != FINISH_NONE) continue;
@@ -577,6 +593,26 @@ static void step(struct sched *s) {
         else if (r->gen.finish != FINISH_NONE) finish_request(remove_running(s, i), r->gen.finish);
         else i++;
     }
+}
+
+/* Compresses a request's cache at the end of its prompt (engine thread).
+ * Out of memory leaves the cache whole: the request goes on uncompressed. */
+static void compress_prompt(struct sched *s, struct sreq *r) {
+    struct compress_report rep;
+    if (compress_apply(&r->kv, &s->m->cfg, s->m->be, &r->params.compress, &rep) || !rep.applied) {
+        kv_cache_forget_observation(&r->kv);
+        return;
+    }
+    r->timing.compress = rep;
+    pthread_mutex_lock(&s->lock);
+    struct sched_compress_stats *c = &s->compress[r->params.compress.mode];
+    c->requests++;
+    c->kept += (uint64_t)rep.kept;
+    c->demoted += (uint64_t)rep.demoted;
+    c->dropped += (uint64_t)rep.dropped;
+    c->bytes_saved += rep.bytes_before > rep.bytes_after ? rep.bytes_before - rep.bytes_after : 0;
+    c->seconds += rep.ms / 1e3;
+    pthread_mutex_unlock(&s->lock);
 }
 
 static void finish_list(struct sched *s, struct sreq *list, enum finish_reason why) {

@@ -54,6 +54,7 @@ struct sched_config {
 struct sched_timing {
     double queued, started, first_token, finished;   /* ebb_now_seconds() stamps */
     int drafted, accepted;          /* speculative decoding: tokens drafted, and kept */
+    struct compress_report compress;/* context compression (applied 0: none) */
 };
 
 struct sched_callbacks {
@@ -97,6 +98,14 @@ struct sched_stats {
     /* Speculative decoding (engine/draft.h), n-gram drafts: verification
      * passes with drafts, tokens drafted, kept, and kept at each position. */
     uint64_t drafts, draft_tokens, accepted_tokens, accepted_at[DRAFT_MAX];
+    /* Context compression (engine/compress.h), by mode (index enum
+     * compress_mode; OFF unused): requests compressed, positions kept,
+     * demoted and dropped (per layer and KV head: a position counts once),
+     * KV bytes saved, and the stage's seconds. */
+    struct sched_compress_stats {
+        uint64_t requests, kept, demoted, dropped, bytes_saved;
+        double seconds;
+    } compress[3];
 };
 
 /* Starts the engine thread with its own run of the model (engine/model.h).

@@ -114,6 +114,33 @@ int cli_parse_ids(const char *cmd, const char *text, int32_t **ids) {
     return (int)n;
 }
 
+int cli_compress_flag(const char *cmd, const char *a, const char *v, struct compress_params *p) {
+    int n;
+    if (!strcmp(a, "--compress")) {
+        if ((n = compress_mode_parse(v)) < 0) {
+            fprintf(stderr, "ebb %s: --compress must be off, demote or drop, not '%s'\n", cmd, v);
+            return 2;
+        }
+        p->mode = (enum compress_mode)n;
+    } else if (!strcmp(a, "--compress-select")) {
+        if ((n = compress_select_parse(v)) < 0) {
+            fprintf(stderr, "ebb %s: --compress-select must be snapkv, random or recent, not '%s'\n", cmd, v);
+            return 2;
+        }
+        p->select = (enum compress_select)n;
+    } else if (!strcmp(a, "--compress-budget")) {
+        if (cli_float(cmd, a, v, 0, 1, &p->budget)) return 2;
+        p->budget_tokens = 0;
+    } else if (!strcmp(a, "--compress-tokens")) {
+        if (cli_int(cmd, a, v, 1, 1 << 30, &p->budget_tokens)) return 2;
+    } else if (!strcmp(a, "--compress-min")) {
+        if (cli_int(cmd, a, v, 0, 1 << 30, &p->min_prompt)) return 2;
+    } else {
+        return 0;
+    }
+    return 1;
+}
+
 int cli_weights(const char *cmd, const char *value, enum model_weights *out) {
     if (!strcmp(value, "native")) *out = MODEL_WEIGHTS_NATIVE;
     else if (!strcmp(value, "f32")) *out = MODEL_WEIGHTS_F32;

@@ -7,6 +7,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "engine/compress.h"
 #include "engine/model.h"
 
 struct model;
@@ -44,6 +45,18 @@ struct model_run *cli_load_model(const char *cmd, struct model *m, const char *p
  * resident, ..." on stdout. 0, or the command's exit status: 2 when
  * --stack-bytes was given for a file without a stack, 1 when the fit fails. */
 int cli_fit_stack(const char *cmd, struct model *m, uint64_t stack_bytes);
+
+/* The context-compression flags shared by generate and ppl, flag a with
+ * value v: 1 when it is one of them (parsed into p), 0 when it is not, 2
+ * after printing why its value is wrong. COMPRESS_FLAGS_USAGE lists them. */
+int cli_compress_flag(const char *cmd, const char *a, const char *v, struct compress_params *p);
+#define COMPRESS_FLAGS_USAGE \
+    "  --compress MODE     context compression after the prompt's prefill: off (default),\n" \
+    "                      demote (the rest to 2 bits) or drop (the rest evicted)\n" \
+    "  --compress-budget F share of the prompt kept at the cache's precision (default 0.25)\n" \
+    "  --compress-tokens N that many tokens instead of a share\n" \
+    "  --compress-select S snapkv (default), random or recent (ablations)\n" \
+    "  --compress-min N    prompts shorter than N tokens are not compressed (default 1024)\n"
 
 /* --weights native|f32 (engine/model.h); 0, or 2 after printing why not. */
 int cli_weights(const char *cmd, const char *value, enum model_weights *out);

@@ -30,6 +30,7 @@ static void generate_usage(FILE *out) {
         "  --stop TEXT         stop string (repeatable, up to %d)\n"
         "  -t THREADS          worker threads (default: one per core)\n"
         "  --kv-bits N         KV cache precision: 32 (default), 16, 8 or 4\n"
+        COMPRESS_FLAGS_USAGE
         "  --weights W         native (default: the file's types, used in place) or f32\n"
         "  --print-ids         print generated token ids instead of text\n", MAX_STOPS);
 }
@@ -79,7 +80,7 @@ static int build_prompt(struct model *m, const char *prompt, const char *chat, c
 int cmd_generate(int argc, char **argv) {
     const char *model_path = NULL, *prompt = NULL, *chat = NULL, *system = NULL, *ids_file = NULL;
     const char *stops[MAX_STOPS];
-    struct gen_params gp = {.max_tokens = 128};
+    struct gen_params gp = {.max_tokens = 128, .compress = compress_defaults()};
     sampler_params_default(&gp.sampling);
     int n_threads = 0;
     enum model_weights weights = MODEL_WEIGHTS_NATIVE;
@@ -109,6 +110,14 @@ int cmd_generate(int argc, char **argv) {
             stops[gp.n_stops++] = v;
         }
         else if (!strcmp(a, "--print-ids")) ps.print_ids = 1;
+        else if (!strncmp(a, "--compress", 10)) {
+            VALUE();
+            const int known = cli_compress_flag("generate", a, v, &gp.compress);
+            if (known != 1) {
+                if (known == 0) fprintf(stderr, "ebb generate: unknown option '%s'\n", a);
+                return 2;
+            }
+        }
         else { fprintf(stderr, "ebb generate: unknown option '%s'\n", a); generate_usage(stderr); return 2; }
 #undef VALUE
     }
@@ -131,6 +140,10 @@ int cmd_generate(int argc, char **argv) {
                     res.n_prompt, res.prefill_s > 0 ? res.n_prompt / res.prefill_s : 0.0,
                     res.n_generated, res.decode_s > 0 ? res.n_generated / res.decode_s : 0.0,
                     finish_reason_name(res.finish));
+            const struct compress_report *c = &res.compress;
+            if (c->applied)
+                fprintf(stderr, "[compressed: kept %d, demoted %d, dropped %d of %d positions; KV %zu -> %zu bytes; %.0f ms]\n",
+                        c->kept, c->demoted, c->dropped, c->n_prompt, c->bytes_before, c->bytes_after, c->ms);
             rc = 0;
         } else {
             fprintf(stderr, "ebb generate: %s\n", res.error);

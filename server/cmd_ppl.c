@@ -19,7 +19,9 @@ static void ppl_usage(FILE *out) {
         "  --kv-bits N  KV cache precision: 32 (default), 16, 8 or 4\n"
         "  --weights W  native (default: the file's quantized types, used in place) or f32\n"
         "  --stack-bytes N  a bitstack file: keep the prefix of its stack that fits in N bytes\n"
-        "               (default: all of it)\n");
+        "               (default: all of it)\n"
+        "context compression of each window's first half before the second is scored:\n"
+        COMPRESS_FLAGS_USAGE);
 }
 
 struct ppl_progress_state {
@@ -43,10 +45,15 @@ int cmd_ppl(int argc, char **argv) {
     int n_ctx = 512, max_chunks = 0, n_threads = 0, kv_bits = 32;
     enum model_weights weights = MODEL_WEIGHTS_NATIVE;
     uint64_t stack_bytes = UINT64_MAX;
+    struct compress_params compress = compress_defaults();
+    compress.min_prompt = 0;   /* the windows are what the flags are given for */
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v;
         if (!strcmp(a, "--help") || !strcmp(a, "-h")) { ppl_usage(stdout); return 0; }
         if (!(v = cli_value("ppl", argc, argv, &i))) return 2;
+        const int known = cli_compress_flag("ppl", a, v, &compress);
+        if (known == 2) return 2;
+        if (known) continue;
         if (!strcmp(a, "-m")) model_path = v;
         else if (!strcmp(a, "-f")) file = v;
         else if (!strcmp(a, "--ctx")) { if (cli_int("ppl", a, v, 8, 1 << 20, &n_ctx)) return 2; }
@@ -78,7 +85,8 @@ int cmd_ppl(int argc, char **argv) {
             printf("stack: the packer's checkpoints give perplexity %.4f on its calibration windows here\n",
                    (double)expect);
     }
-    int rc = perplexity_measure(run, text, len, n_ctx, max_chunks, kv_bits, print_progress, &st, &r, err, sizeof err);
+    int rc = perplexity_measure(run, text, len, n_ctx, max_chunks, kv_bits, &compress, print_progress, &st, &r, err,
+                                sizeof err);
     free(text);
     model_run_free(run);
     model_free(&m);
@@ -87,5 +95,9 @@ int cmd_ppl(int argc, char **argv) {
         return 1;
     }
     printf("PPL = %.4f +/- %.4f  (%ld tokens scored, ctx %d)\n", r.ppl, r.err, r.scored, n_ctx);
+    if (compress.mode != COMPRESS_OFF)
+        printf("compressed %d of %d windows (%s): KV %zu -> %zu bytes (%.1f%%)\n", r.compressed, r.windows,
+               compress_mode_name(compress.mode), r.kv_full_bytes, r.kv_compressed_bytes,
+               r.kv_full_bytes ? 100.0 * (double)r.kv_compressed_bytes / (double)r.kv_full_bytes : 0.0);
     return 0;
 }

@@ -60,6 +60,7 @@ struct choice_slot {
     int n_tokens;                 /* token events received */
     double last_token_t;
     int drafted, accepted;        /* speculative decoding, from the engine's done event */
+    struct compress_report compress;  /* context compression, likewise */
     double prefill_s, decode_s;   /* admission to the first token, and to the last */
 };
 
@@ -154,6 +155,14 @@ static void finish_response(struct completion *c) {
         usage.completion_tokens += s->n_tokens;
         usage.draft_tokens += s->drafted;
         usage.accepted_draft_tokens += s->accepted;
+        if (s->compress.applied) {
+            usage.compressed++;
+            usage.kept_tokens += s->compress.kept;
+            usage.demoted_tokens += s->compress.demoted;
+            usage.dropped_tokens += s->compress.dropped;
+            usage.kv_bytes_full += (double)s->compress.bytes_before;
+            usage.kv_bytes_compressed += (double)s->compress.bytes_after;
+        }
         if (s->prefill_s * 1e3 > usage.prompt_ms) usage.prompt_ms = s->prefill_s * 1e3;
         if (s->decode_s * 1e3 > usage.predicted_ms) usage.predicted_ms = s->decode_s * 1e3;
         error |= c->choices[i].finish == FINISH_ERROR || c->choices[i].finish == FINISH_EVICTED;
@@ -276,6 +285,7 @@ static void deliver_done(struct choice_slot *slot, struct bridge_event *ev) {
     const struct sched_timing *t = &ev->timing;
     slot->drafted = t->drafted;
     slot->accepted = t->accepted;
+    slot->compress = t->compress;
     if (t->started > 0 && t->first_token >= t->started) {
         slot->prefill_s = t->first_token - t->started;
         slot->decode_s = t->finished - t->first_token;
@@ -316,6 +326,16 @@ void completion_gen_params(const struct oai_request *r, int choice, uint64_t see
     out->n_stops = r->n_stops;
     out->logprobs = r->logprobs;
     out->speculative = r->speculative >= 0 ? r->speculative : speculative_if_unset;
+}
+
+void completion_compress_params(const struct oai_request *r, const struct ebb_config *cfg,
+                                struct compress_params *out) {
+    *out = compress_defaults();
+    out->mode = (enum compress_mode)(r->compress_mode >= 0 ? r->compress_mode : cfg->context_compression);
+    out->budget = r->compress_budget >= 0 ? r->compress_budget : (float)cfg->compression_budget_percent / 100.0f;
+    if (r->compress_tokens > 0) out->budget_tokens = r->compress_tokens;
+    out->min_prompt = r->compress_min_prompt >= 0 ? r->compress_min_prompt : cfg->compression_min_prompt;
+    if (r->compress_select >= 0) out->select = (enum compress_select)r->compress_select;
 }
 
 static uint64_t fresh_seed(struct daemon *d) {
@@ -384,6 +404,7 @@ static int submit_choices(struct completion *c, int32_t *const *ids, const int *
         int n_prompt = n_ids[p];
         struct gen_params gp;
         completion_gen_params(&c->r, i, seed, max_ctx - n_prompt, c->d->cfg.speculative, &gp);
+        completion_compress_params(&c->r, &c->d->cfg, &gp.compress);
         if (n_prompt == 0 || gp.max_tokens < 1 || n_prompt + gp.max_tokens > max_ctx) {
             /* Never a negative count: a prompt that fills the context is
              * too long whatever max_tokens says. */

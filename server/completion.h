@@ -76,6 +76,13 @@ const char *completion_id(const struct completion *c);
  * max_tokens_if_unset replaces -1 (what the context has left), and
  * speculative_if_unset a request's silence on drafts (config `speculative`).
  * Stop strings are borrowed from r: keep r alive while *out is in use. */
+/* The request's context compression over the server's configured one
+ * (config context_compression, compression_budget_percent,
+ * compression_min_prompt). */
+struct ebb_config;
+struct compress_params;
+void completion_compress_params(const struct oai_request *r, const struct ebb_config *cfg,
+                                struct compress_params *out);
 void completion_gen_params(const struct oai_request *r, int choice, uint64_t seed_if_unset, int max_tokens_if_unset,
                            int speculative_if_unset, struct gen_params *out);
 #endif

@@ -20,6 +20,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "engine/compress.h"
 #include "engine/draft.h"
 #include "engine/model.h"
 #include "storage/catalog.h"
@@ -52,6 +53,8 @@ struct field {
 static const char *const level_names[] = {"error", "warn", "info", "debug", NULL};
 static const char *const weights_names[] = {[MODEL_WEIGHTS_NATIVE] = "native", [MODEL_WEIGHTS_F32] = "f32", NULL};
 static const char *const budget_mode_names[] = {"fixed", "auto", NULL};
+static const char *const compress_names[] = {[COMPRESS_OFF] = "off", [COMPRESS_DEMOTE] = "demote",
+                                             [COMPRESS_DROP] = "drop", NULL};
 static const char *const draft_names[] = {[DRAFT_NONE] = "none", [DRAFT_NGRAM] = "ngram", NULL};
 static const char *const draft_policy_names[] = {[CONFIG_DRAFT_ADAPTIVE] = "adaptive",
                                                   [CONFIG_DRAFT_ALWAYS] = "always", NULL};
@@ -108,6 +111,13 @@ static const struct field fields[] = {
      "speculative decoding for requests that do not say: ngram (drafts where they measure to pay) or none"},
     {"draft_policy", FIELD_NAME, AT(draft_policy), 0, 0, {0}, draft_policy_names, "adaptive", "POLICY",
      "adaptive (verify drafts while step times and acceptance say they pay) or always (every draft found)"},
+    {"context_compression", FIELD_NAME, AT(context_compression), 0, 0, {0}, compress_names, "off", "MODE",
+     "after a long prompt's prefill, keep its most attended tokens and demote the rest to 2 bits (demote), "
+     "evict them (drop), or neither (off), for requests that do not say"},
+    {"compression_budget_percent", FIELD_INT, AT(compression_budget_percent), 0, 100, {0}, NULL, "25", "PCT",
+     "share of a compressed prompt kept at the KV cache's precision"},
+    {"compression_min_prompt", FIELD_INT, AT(compression_min_prompt), 0, 1 << 24, {0}, NULL, "1024", "N",
+     "prompts shorter than this are not compressed"},
 };
 #define N_FIELDS ((int)(sizeof fields / sizeof fields[0]))
 _Static_assert(sizeof fields / sizeof fields[0] == CONFIG_N_FIELDS, "CONFIG_N_FIELDS matches the table");

@@ -32,6 +32,7 @@
 
 #include <jansson.h>
 
+#include "engine/compress.h"
 #include "engine/draft.h"
 #include "engine/utf8.h"
 
@@ -513,6 +514,55 @@ static int f_speculative(struct pctx *p, const char *key, json_t *v) {
     return 0;
 }
 
+/* ebb's extension: false (off), true (demote, the server's budget) or
+ * {"mode": "demote"|"drop"|"off", "budget": share in [0, 1] or a token
+ * count > 1, "select": "snapkv"|"random"|"recent", "min_prompt": N}. */
+static int f_context_compression(struct pctx *p, const char *key, json_t *v) {
+    char got[48], param[64];
+    struct oai_request *r = p->r;
+    if (json_is_boolean(v)) {
+        r->compress_mode = json_is_true(v) ? COMPRESS_DEMOTE : COMPRESS_OFF;
+        return 0;
+    }
+    if (!json_is_object(v))
+        return BAD(p, key, "'%s' must be a boolean or an object (mode, budget, select, min_prompt), got %s", key,
+                   describe(v, got, sizeof got));
+    r->compress_mode = COMPRESS_DEMOTE;
+    const char *k;
+    json_t *e;
+    json_object_foreach(v, k, e) {
+        field_name(param, sizeof param, "%s.%s", key, k);
+        if (!strcmp(k, "mode") || !strcmp(k, "select")) {
+            const int mode = !strcmp(k, "mode");
+            const int x = !json_is_string(e) ? -1
+                          : mode             ? compress_mode_parse(json_string_value(e))
+                                             : compress_select_parse(json_string_value(e));
+            if (x < 0)
+                return BAD(p, param, "'%s' must be %s, got %s", param,
+                           mode ? "\"demote\", \"drop\" or \"off\"" : "\"snapkv\", \"random\" or \"recent\"",
+                           describe(e, got, sizeof got));
+            if (mode) r->compress_mode = x;
+            else r->compress_select = x;
+        } else if (!strcmp(k, "budget")) {
+            int64_t n;
+            if (as_int64(e, &n) && n > 1) {
+                if (n > INT_MAX) return BAD(p, param, "'%s' is too large: %" PRId64 " tokens", param, n);
+                r->compress_tokens = (int)n;
+            } else if (want_number(p, param, e, 0, false, 1,
+                                   "a share of the prompt in [0, 1] or a whole number of tokens", &r->compress_budget)) {
+                return -1;
+            }
+        } else if (!strcmp(k, "min_prompt")) {
+            int64_t n;
+            if (want_int(p, param, e, 0, INT_MAX, "an integer >= 0", &n)) return -1;
+            r->compress_min_prompt = (int)n;
+        } else {
+            return BAD(p, param, "unknown field '%s' (mode, budget, select and min_prompt are)", param);
+        }
+    }
+    return 0;
+}
+
 static int f_n(struct pctx *p, const char *key, json_t *v) {
     int64_t x;
     if (want_int(p, key, v, 1, OAI_MAX_N, "an integer between 1 and 16", &x)) return -1;
@@ -717,6 +767,7 @@ static const struct field fields[] = {
     {"repetition_penalty", K_GEN, f_repetition_penalty},
     {"seed", K_GEN, f_seed},
     {"speculative", K_GEN, f_speculative},
+    {"context_compression", K_GEN, f_context_compression},
     {"n", K_GEN, f_n},
     {"stop", K_GEN, f_stop},
     {"stream", K_GEN, f_stream},
@@ -778,6 +829,8 @@ static void request_defaults(struct oai_request *r, enum oai_kind kind) {
     r->top_p = 1.0f;
     r->repetition_penalty = 1.0f;
     r->speculative = -1;
+    r->compress_mode = r->compress_select = r->compress_tokens = r->compress_min_prompt = -1;
+    r->compress_budget = -1;
     r->n = 1;
     r->add_generation_prompt = true;
 }
@@ -1146,6 +1199,15 @@ static json_t *usage_object(const struct oai_usage *u, bool *ok) {
     if (u->draft_tokens) {
         put(o, "draft_tokens", json_integer(u->draft_tokens), ok);
         put(o, "accepted_draft_tokens", json_integer(u->accepted_draft_tokens), ok);
+    }
+    if (u->compressed) {
+        json_t *c = json_object();
+        put(c, "kept_tokens", json_integer(u->kept_tokens), ok);
+        put(c, "demoted_tokens", json_integer(u->demoted_tokens), ok);
+        put(c, "dropped_tokens", json_integer(u->dropped_tokens), ok);
+        put(c, "kv_bytes", json_integer((json_int_t)u->kv_bytes_full), ok);
+        put(c, "kv_bytes_compressed", json_integer((json_int_t)u->kv_bytes_compressed), ok);
+        put(o, "context_compression", c, ok);
     }
     if (!o) *ok = false;
     return o;

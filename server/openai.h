@@ -111,6 +111,12 @@ struct oai_request {
     bool include_usage;          /* stream_options.include_usage */
     bool logprobs;               /* the chosen token's log-probability per token */
     int speculative;             /* ebb's extension: enum draft_source (engine/draft.h); -1: the server's default */
+    /* ebb's extension "context_compression" (engine/compress.h): enum
+     * compress_mode and compress_select, the kept budget as a share or a
+     * token count, the shortest prompt compressed; each < 0 when the
+     * request leaves it to the server. */
+    int compress_mode, compress_select, compress_tokens, compress_min_prompt;
+    float compress_budget;
 
     /* tokenize / completions */
     bool add_special_tokens;     /* add BOS when the model wants one. Default: true
@@ -197,6 +203,11 @@ struct oai_usage {
     /* ebb's extension, in usage only when drafts were verified: tokens
      * drafted for speculative decoding and the ones kept (engine/draft.h). */
     int draft_tokens, accepted_draft_tokens;
+    /* ebb's extension, in usage only when a prompt was compressed
+     * (engine/compress.h), summed over choices: prompt tokens kept at full
+     * precision, demoted, dropped, and the KV bytes before and after. */
+    int compressed, kept_tokens, demoted_tokens, dropped_tokens;
+    double kv_bytes_full, kv_bytes_compressed;
     /* The response's "timings" object, as llama.cpp's server returns it:
      * prefill (admission to the first token) and decode (first token to the
      * last) wall time, the longest over the choices; 0 when unknown. */

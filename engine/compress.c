@@ -1,0 +1,206 @@
+/* Context compression: SnapKV scores, the selection, and the call into the
+ * cache's compaction; see compress.h for the design. */
+#include "engine/compress.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "kernels/backend.h"
+
+struct compress_params compress_defaults(void) {
+    return (struct compress_params){
+        .mode = COMPRESS_OFF, .select = COMPRESS_SNAPKV, .budget = 0.25f, .min_prompt = COMPRESS_MIN_PROMPT};
+}
+
+static const char *const mode_names[] = {"off", "demote", "drop"};
+static const char *const select_names[] = {"snapkv", "random", "recent"};
+
+int compress_mode_parse(const char *s) {
+    for (int i = 0; s && i < 3; i++)
+        if (strcmp(s, mode_names[i]) == 0) return i;
+    return -1;
+}
+
+int compress_select_parse(const char *s) {
+    for (int i = 0; s && i < 3; i++)
+        if (strcmp(s, select_names[i]) == 0) return i;
+    return -1;
+}
+
+const char *compress_mode_name(enum compress_mode m) {
+    return (unsigned)m < 3 ? mode_names[m] : "?";
+}
+
+int compress_wanted(const struct compress_params *p, int n_prompt) {
+    return p->mode != COMPRESS_OFF && n_prompt >= p->min_prompt && n_prompt >= 2 * KV_PAGE_TOKENS + COMPRESS_WINDOW;
+}
+
+int compress_prepare(struct kv_cache *kv, const struct model_config *cfg, const struct compress_params *p,
+                     int n_prompt) {
+    if (!compress_wanted(p, n_prompt)) {
+        kv_cache_forget_observation(kv);
+        return 0;
+    }
+    return kv_cache_observe(kv, n_prompt - COMPRESS_WINDOW, COMPRESS_WINDOW, cfg->n_head * cfg->head_dim);
+}
+
+/* Positions [0, boundary) kept per head: the budget less what the recent
+ * window already keeps, never fewer than the sinks. */
+static int keep_count(const struct compress_params *p, int n_prompt, int boundary) {
+    const long want = p->budget_tokens > 0 ? p->budget_tokens : lroundf(p->budget * (float)n_prompt);
+    long keep = want - (n_prompt - boundary);
+    if (keep < KV_SINK_TOKENS) keep = KV_SINK_TOKENS;
+    return keep > boundary ? boundary : (int)keep;
+}
+
+/* ------------------------------------------------------------ scoring */
+
+/* scores[h * boundary + p]: the window's attention to position p, summed
+ * over its queries, averaged over the query heads of KV head h, then
+ * max-pooled. -1 when out of memory. */
+static int snapkv_scores(const struct kv_cache *kv, const struct model_config *cfg, const struct ebb_backend *be,
+                         int boundary, float *scores) {
+    const struct kv_observation *o = kv->obs;
+    const int hd = cfg->head_dim, group = cfg->n_head / cfg->n_head_kv, n_kvh = cfg->n_head_kv;
+    const int block = kv_block_tokens(cfg), n_ctx = kv->n_past;
+    float *scratch = malloc(kv_attend_scratch(cfg, n_ctx) * sizeof(float));
+    float *w = malloc((size_t)block * group * (size_t)n_ctx * sizeof(float));
+    float *sum = malloc((size_t)boundary * sizeof(float));
+    if (!scratch || !w || !sum) {
+        free(scratch);
+        free(w);
+        free(sum);
+        return -1;
+    }
+    const float scale = 1.0f / sqrtf((float)hd);
+    for (int layer = 0; layer < cfg->n_layer; layer++)
+        for (int h = 0; h < n_kvh; h++) {
+            memset(sum, 0, (size_t)boundary * sizeof(float));
+            for (int t0 = 0; t0 < o->n; t0 += block) {
+                const int n = o->n - t0 < block ? o->n - t0 : block;
+                const float *q = o->q + ((size_t)layer * o->n + (size_t)t0) * o->q_dim + (size_t)h * group * hd;
+                kv_attend_weights(kv, be, layer, h, q, (size_t)o->q_dim, n, group, o->from + t0, scale, scratch, w,
+                                  (size_t)n_ctx);
+                for (int j = 0; j < n * group; j++)
+                    for (int p = 0; p < boundary; p++) sum[p] += w[(size_t)j * n_ctx + p];
+            }
+            float *out = scores + ((size_t)layer * n_kvh + (size_t)h) * boundary;
+            for (int p = 0; p < boundary; p++) {
+                float m = 0;
+                for (int d = -COMPRESS_POOL / 2; d <= COMPRESS_POOL / 2; d++)
+                    if (p + d >= 0 && p + d < boundary && sum[p + d] > m) m = sum[p + d];
+                out[p] = m / (float)group;
+            }
+        }
+    free(scratch);
+    free(w);
+    free(sum);
+    return 0;
+}
+
+/* ---------------------------------------------------------- selection */
+
+static uint64_t next_random(uint64_t *s) {   /* splitmix64 */
+    uint64_t z = (*s += 0x9e3779b97f4a7c15ull);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+}
+
+/* A candidate position and its score; sorted highest first, ties to the
+ * earlier position. */
+struct candidate {
+    float score;
+    int pos;
+};
+
+static int by_score(const void *a, const void *b) {
+    const struct candidate *x = a, *y = b;
+    if (x->score != y->score) return x->score < y->score ? 1 : -1;
+    return x->pos - y->pos;
+}
+
+void compress_select_tiers(const struct compress_params *p, const float *scores, int n_heads, int boundary,
+                           int n_keep, uint8_t *tiers) {
+    const uint8_t rest = p->mode == COMPRESS_DROP ? KV_TIER_DROP : KV_TIER_LOW;
+    struct candidate *order = malloc((size_t)boundary * sizeof *order);
+    uint64_t rng = p->seed;
+    for (int h = 0; h < n_heads; h++) {
+        uint8_t *t = tiers + (size_t)h * boundary;
+        const int free_slots = n_keep - KV_SINK_TOKENS, n_cand = boundary - KV_SINK_TOKENS;
+        for (int i = 0; i < boundary; i++) t[i] = i < KV_SINK_TOKENS ? KV_TIER_KEEP : rest;
+        if (free_slots <= 0) continue;
+        if (p->select == COMPRESS_RECENT || !order) {   /* (out of memory: the recent ones) */
+            for (int i = boundary - free_slots; i < boundary; i++) t[i] = KV_TIER_KEEP;
+            continue;
+        }
+        for (int i = 0; i < n_cand; i++)
+            order[i] = (struct candidate){scores ? scores[(size_t)h * boundary + KV_SINK_TOKENS + i] : 0,
+                                          KV_SINK_TOKENS + i};
+        if (p->select == COMPRESS_RANDOM) {
+            for (int i = 0; i < free_slots; i++) {   /* a partial Fisher-Yates shuffle */
+                const int j = i + (int)(next_random(&rng) % (uint64_t)(n_cand - i));
+                const struct candidate x = order[i];
+                order[i] = order[j];
+                order[j] = x;
+            }
+        } else {
+            qsort(order, (size_t)n_cand, sizeof *order, by_score);
+        }
+        for (int i = 0; i < free_slots; i++) t[order[i].pos] = KV_TIER_KEEP;
+    }
+    free(order);
+}
+
+/* ------------------------------------------------------------- stage */
+
+static double now_ms(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec * 1e3 + (double)ts.tv_nsec / 1e6;
+}
+
+static size_t cache_bytes(const struct kv_cache *kv) {
+    const struct kv_compact_info ci = kv_cache_compact_info(kv);
+    size_t pages = 0;
+    for (int p = 0; p < kv->n_pages; p++) pages += kv->pages[p] != NULL;
+    return pages * kv->layout.page_bytes + ci.bytes;
+}
+
+int compress_apply(struct kv_cache *kv, const struct model_config *cfg, const struct ebb_backend *be,
+                   const struct compress_params *p, struct compress_report *report) {
+    const double t0 = now_ms();
+    memset(report, 0, sizeof *report);
+    const int n_prompt = kv->n_past, boundary = kv_cache_compact_limit(kv);
+    report->n_prompt = n_prompt;
+    report->kept = n_prompt;
+    report->bytes_before = report->bytes_after = cache_bytes(kv);
+    const int n_keep = boundary > 0 ? keep_count(p, n_prompt, boundary) : 0;
+    if (!compress_wanted(p, n_prompt) || kv->compact || boundary <= 0 || n_keep >= boundary ||
+        (p->select == COMPRESS_SNAPKV && (!kv->obs || kv->obs->from + kv->obs->n != n_prompt))) {
+        kv_cache_forget_observation(kv);
+        return 0;
+    }
+    const int n_heads = cfg->n_layer * cfg->n_head_kv;
+    float *scores = p->select == COMPRESS_SNAPKV ? malloc((size_t)n_heads * boundary * sizeof(float)) : NULL;
+    uint8_t *tiers = malloc((size_t)n_heads * boundary);
+    int rc = -1;
+    if (tiers && (p->select != COMPRESS_SNAPKV || (scores && snapkv_scores(kv, cfg, be, boundary, scores) == 0))) {
+        compress_select_tiers(p, scores, n_heads, boundary, n_keep, tiers);
+        rc = kv_cache_compact(kv, be, boundary, tiers);
+    }
+    free(scores);
+    free(tiers);
+    if (rc) return -1;
+    const struct kv_compact_info ci = kv_cache_compact_info(kv);
+    report->applied = 1;
+    report->boundary = boundary;
+    report->kept = ci.n_keep + (n_prompt - boundary);
+    report->demoted = ci.n_low;
+    report->dropped = boundary - ci.n_keep - ci.n_low;
+    report->bytes_after = cache_bytes(kv);
+    report->ms = now_ms() - t0;
+    return 0;
+}

@@ -1,0 +1,88 @@
+/* Context compression: after the prefill of a long prompt, decide for every
+ * layer and KV head which past positions keep the cache's precision, which
+ * are demoted to 2 bits and which are dropped, then compact the cache
+ * (engine/kv.h holds the mechanism and the 2-bit tier).
+ *
+ * Scoring is SnapKV's: the queries of the prompt's last COMPRESS_WINDOW
+ * positions (the observation window, recorded by the forward pass) attend
+ * to every earlier position; a position's score for a KV head is the
+ * softmax weight those queries give it, summed over the window and averaged
+ * over the query heads that share the KV head, then max-pooled over
+ * COMPRESS_POOL neighbours so that a kept token keeps its neighbours (an
+ * answer is rarely one token). The first KV_SINK_TOKENS positions (the
+ * attention sinks) and the recent window -- everything from the boundary
+ * on, 64 to 127 positions, which include the observation window -- are
+ * always kept; the boundary is the last whole page that no query to come
+ * reads from the cache's f32 window.
+ *
+ * The budget counts positions kept at the cache's precision as a share of
+ * the prompt (or a number of tokens), sinks and recent window included. The
+ * rest are demoted (MiKV: a demoted token still answers a retrieval that a
+ * dropped one cannot) or, in drop mode, evicted. Selection "random" and
+ * "recent" (StreamingLLM: sinks plus the positions just before the window)
+ * replace the scores, for the ablations.
+ *
+ * The scores read keys at the cache's precision, as attention does, and
+ * cost the window's queries against the whole prompt once per layer: a few
+ * percent of the prefill they follow. */
+#ifndef EBB_ENGINE_COMPRESS_H
+#define EBB_ENGINE_COMPRESS_H
+#include <stddef.h>
+#include <stdint.h>
+
+#include "engine/kv.h"
+#include "engine/model_config.h"
+
+#define COMPRESS_WINDOW 32          /* observation window: the prompt's last positions */
+#define COMPRESS_POOL 7             /* max-pooling width over neighbouring positions */
+#define COMPRESS_MIN_PROMPT 1024    /* shorter prompts are left alone unless told */
+
+enum compress_mode { COMPRESS_OFF = 0, COMPRESS_DEMOTE, COMPRESS_DROP };
+enum compress_select { COMPRESS_SNAPKV = 0, COMPRESS_RANDOM, COMPRESS_RECENT };
+
+struct compress_params {
+    enum compress_mode mode;
+    enum compress_select select;
+    float budget;          /* share of the prompt kept at full precision, [0, 1] (budget_tokens 0) */
+    int budget_tokens;     /* a count instead, when > 0 */
+    int min_prompt;        /* prompts shorter than this are not compressed */
+    uint64_t seed;         /* COMPRESS_RANDOM */
+};
+
+/* Defaults: off, SnapKV, budget 0.25, min_prompt COMPRESS_MIN_PROMPT. */
+struct compress_params compress_defaults(void);
+/* Names for config, the API and flags: "demote" "drop" "off"; "snapkv"
+ * "random" "recent". -1 / NULL when unknown. */
+int compress_mode_parse(const char *s);
+int compress_select_parse(const char *s);
+const char *compress_mode_name(enum compress_mode m);
+
+/* What one compression did, per (layer, KV head): positions of the prompt
+ * kept at full precision (sinks and recent window included), demoted and
+ * dropped; the cache's bytes before and after; the stage's time. */
+struct compress_report {
+    int applied;
+    int n_prompt, boundary, kept, demoted, dropped;
+    size_t bytes_before, bytes_after;
+    double ms;
+};
+
+/* Whether a prompt of n_prompt tokens would be compressed under p. */
+int compress_wanted(const struct compress_params *p, int n_prompt);
+/* Before the prefill of n_prompt tokens: records the observation window's
+ * queries if compress_wanted. 0, or -1 when out of memory. */
+int compress_prepare(struct kv_cache *kv, const struct model_config *cfg, const struct compress_params *p,
+                     int n_prompt);
+/* After the prefill (kv->n_past is the prompt's length): scores, selects
+ * and compacts. 0 (report filled; applied 0 when there was nothing to do),
+ * or -1 when out of memory (the cache is unchanged and still usable). */
+int compress_apply(struct kv_cache *kv, const struct model_config *cfg, const struct ebb_backend *be,
+                   const struct compress_params *p, struct compress_report *report);
+
+/* The selection alone, for tests and tools: fills tiers[(layer * n_head_kv
+ * + head) * boundary + pos] from scores[same index] (ignored by "random"
+ * and "recent") keeping n_keep positions of [0, boundary) per head. */
+void compress_select_tiers(const struct compress_params *p, const float *scores, int n_heads, int boundary,
+                           int n_keep, uint8_t *tiers);
+
+#endif
