@@ -11,7 +11,8 @@
 
 struct compress_params compress_defaults(void) {
     return (struct compress_params){
-        .mode = COMPRESS_OFF, .select = COMPRESS_SNAPKV, .budget = 0.25f, .min_prompt = COMPRESS_MIN_PROMPT};
+        .mode = COMPRESS_OFF, .select = COMPRESS_SNAPKV, .budget = 0.25f, .low_budget = -1,
+        .min_prompt = COMPRESS_MIN_PROMPT};
 }
 
 static const char *const mode_names[] = {"off", "demote", "drop"};
@@ -31,6 +32,10 @@ int compress_select_parse(const char *s) {
 
 const char *compress_mode_name(enum compress_mode m) {
     return (unsigned)m < 3 ? mode_names[m] : "?";
+}
+
+int compress_point(const struct compress_params *p, int n_prompt) {
+    return p->at > 0 && p->at < n_prompt ? p->at : n_prompt;
 }
 
 int compress_wanted(const struct compress_params *p, int n_prompt) {
@@ -53,6 +58,16 @@ static int keep_count(const struct compress_params *p, int n_prompt, int boundar
     long keep = want - (n_prompt - boundary);
     if (keep < KV_SINK_TOKENS) keep = KV_SINK_TOKENS;
     return keep > boundary ? boundary : (int)keep;
+}
+
+/* Positions of [0, boundary) demoted per head: none when dropping, all
+ * that are not kept by default, else the low budget's share. */
+static int low_count(const struct compress_params *p, int n_prompt, int boundary, int n_keep) {
+    if (p->mode == COMPRESS_DROP) return 0;
+    const int rest = boundary - n_keep;
+    if (p->low_budget < 0) return rest;
+    const long n = lroundf(p->low_budget * (float)n_prompt);
+    return n < rest ? (int)n : rest;
 }
 
 /* ------------------------------------------------------------ scoring */
@@ -123,33 +138,35 @@ static int by_score(const void *a, const void *b) {
 }
 
 void compress_select_tiers(const struct compress_params *p, const float *scores, int n_heads, int boundary,
-                           int n_keep, uint8_t *tiers) {
-    const uint8_t rest = p->mode == COMPRESS_DROP ? KV_TIER_DROP : KV_TIER_LOW;
+                           int n_keep, int n_low, uint8_t *tiers) {
     struct candidate *order = malloc((size_t)boundary * sizeof *order);
     uint64_t rng = p->seed;
+    const int n_cand = boundary - KV_SINK_TOKENS;
+    int free_slots = n_keep - KV_SINK_TOKENS;
+    if (free_slots < 0) free_slots = 0;
+    if (n_low > n_cand - free_slots) n_low = n_cand - free_slots;
     for (int h = 0; h < n_heads; h++) {
         uint8_t *t = tiers + (size_t)h * boundary;
-        const int free_slots = n_keep - KV_SINK_TOKENS, n_cand = boundary - KV_SINK_TOKENS;
-        for (int i = 0; i < boundary; i++) t[i] = i < KV_SINK_TOKENS ? KV_TIER_KEEP : rest;
-        if (free_slots <= 0) continue;
-        if (p->select == COMPRESS_RECENT || !order) {   /* (out of memory: the recent ones) */
-            for (int i = boundary - free_slots; i < boundary; i++) t[i] = KV_TIER_KEEP;
-            continue;
+        for (int i = 0; i < boundary; i++) t[i] = i < KV_SINK_TOKENS ? KV_TIER_KEEP : KV_TIER_DROP;
+        /* Candidates in order of preference; out of memory, the recent ones. */
+        for (int i = 0; i < n_cand; i++) {
+            const int pos = p->select == COMPRESS_RECENT || !order ? boundary - 1 - i : KV_SINK_TOKENS + i;
+            const float score = scores ? scores[(size_t)h * boundary + pos] : 0;
+            if (order) order[i] = (struct candidate){score, pos};
+            else t[pos] = i < free_slots ? KV_TIER_KEEP : i < free_slots + n_low ? KV_TIER_LOW : KV_TIER_DROP;
         }
-        for (int i = 0; i < n_cand; i++)
-            order[i] = (struct candidate){scores ? scores[(size_t)h * boundary + KV_SINK_TOKENS + i] : 0,
-                                          KV_SINK_TOKENS + i};
+        if (!order) continue;
         if (p->select == COMPRESS_RANDOM) {
-            for (int i = 0; i < free_slots; i++) {   /* a partial Fisher-Yates shuffle */
+            for (int i = 0; i < n_cand - 1; i++) {   /* Fisher-Yates */
                 const int j = i + (int)(next_random(&rng) % (uint64_t)(n_cand - i));
                 const struct candidate x = order[i];
                 order[i] = order[j];
                 order[j] = x;
             }
-        } else {
+        } else if (p->select == COMPRESS_SNAPKV) {
             qsort(order, (size_t)n_cand, sizeof *order, by_score);
         }
-        for (int i = 0; i < free_slots; i++) t[order[i].pos] = KV_TIER_KEEP;
+        for (int i = 0; i < free_slots + n_low; i++) t[order[i].pos] = i < free_slots ? KV_TIER_KEEP : KV_TIER_LOW;
     }
     free(order);
 }
@@ -188,7 +205,7 @@ int compress_apply(struct kv_cache *kv, const struct model_config *cfg, const st
     uint8_t *tiers = malloc((size_t)n_heads * boundary);
     int rc = -1;
     if (tiers && (p->select != COMPRESS_SNAPKV || (scores && snapkv_scores(kv, cfg, be, boundary, scores) == 0))) {
-        compress_select_tiers(p, scores, n_heads, boundary, n_keep, tiers);
+        compress_select_tiers(p, scores, n_heads, boundary, n_keep, low_count(p, n_prompt, boundary, n_keep), tiers);
         rc = kv_cache_compact(kv, be, boundary, tiers);
     }
     free(scores);

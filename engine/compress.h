@@ -18,7 +18,9 @@
  * The budget counts positions kept at the cache's precision as a share of
  * the prompt (or a number of tokens), sinks and recent window included. The
  * rest are demoted (MiKV: a demoted token still answers a retrieval that a
- * dropped one cannot) or, in drop mode, evicted. Selection "random" and
+ * dropped one cannot) or, in drop mode, evicted; low_budget demotes only
+ * the next best share and drops the rest, which is how a byte budget below
+ * what 2 bits for everything costs is met. Selection "random" and
  * "recent" (StreamingLLM: sinks plus the positions just before the window)
  * replace the scores, for the ablations.
  *
@@ -45,11 +47,16 @@ struct compress_params {
     enum compress_select select;
     float budget;          /* share of the prompt kept at full precision, [0, 1] (budget_tokens 0) */
     int budget_tokens;     /* a count instead, when > 0 */
+    float low_budget;      /* demote mode: share of the prompt demoted, the next best after the kept
+                            * ones, the rest dropped (a byte budget's mix); < 0: all the rest */
     int min_prompt;        /* prompts shorter than this are not compressed */
+    int at;                /* compress after this many prompt tokens, the rest fed after (the
+                            * question-agnostic evaluation); 0: after the whole prompt */
     uint64_t seed;         /* COMPRESS_RANDOM */
 };
 
-/* Defaults: off, SnapKV, budget 0.25, min_prompt COMPRESS_MIN_PROMPT. */
+/* Defaults: off, SnapKV, budget 0.25, low_budget -1, min_prompt
+ * COMPRESS_MIN_PROMPT. */
 struct compress_params compress_defaults(void);
 /* Names for config, the API and flags: "demote" "drop" "off"; "snapkv"
  * "random" "recent". -1 / NULL when unknown. */
@@ -67,22 +74,27 @@ struct compress_report {
     double ms;
 };
 
+/* Where compression comes in a prompt of n_prompt tokens: p->at, or its end. */
+int compress_point(const struct compress_params *p, int n_prompt);
 /* Whether a prompt of n_prompt tokens would be compressed under p. */
 int compress_wanted(const struct compress_params *p, int n_prompt);
-/* Before the prefill of n_prompt tokens: records the observation window's
- * queries if compress_wanted. 0, or -1 when out of memory. */
+/* Before the prefill of a prompt whose first n_prompt tokens are to be
+ * compressed (compress_point): records the observation window's queries
+ * if compress_wanted. 0, or -1 when out of memory. */
 int compress_prepare(struct kv_cache *kv, const struct model_config *cfg, const struct compress_params *p,
                      int n_prompt);
-/* After the prefill (kv->n_past is the prompt's length): scores, selects
- * and compacts. 0 (report filled; applied 0 when there was nothing to do),
+/* After the prefill of those tokens (kv->n_past is their count): scores,
+ * selects and compacts. 0 (report filled; applied 0 when there was nothing to do),
  * or -1 when out of memory (the cache is unchanged and still usable). */
 int compress_apply(struct kv_cache *kv, const struct model_config *cfg, const struct ebb_backend *be,
                    const struct compress_params *p, struct compress_report *report);
 
 /* The selection alone, for tests and tools: fills tiers[(layer * n_head_kv
  * + head) * boundary + pos] from scores[same index] (ignored by "random"
- * and "recent") keeping n_keep positions of [0, boundary) per head. */
+ * and "recent"): per head the sinks and the n_keep - KV_SINK_TOKENS best
+ * other positions of [0, boundary) kept, the next n_low demoted, the rest
+ * dropped. */
 void compress_select_tiers(const struct compress_params *p, const float *scores, int n_heads, int boundary,
-                           int n_keep, uint8_t *tiers);
+                           int n_keep, int n_low, uint8_t *tiers);
 
 #endif

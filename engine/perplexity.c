@@ -40,8 +40,8 @@ static int window_logits(struct model_run *run, struct kv_cache *kv, const int32
 }
 
 int perplexity_windows(struct model_run *run, const int32_t *tokens, int n_windows, int n_ctx, int32_t bos,
-                       int kv_bits, const struct compress_params *compress, ppl_progress_fn progress, void *ud,
-                       struct ppl_result *r, char *err, size_t errlen) {
+                       int kv_bits, const struct compress_params *compress, int32_t *top1, ppl_progress_fn progress,
+                       void *ud, struct ppl_result *r, char *err, size_t errlen) {
     const struct model *m = model_run_model(run);
     memset(r, 0, sizeof *r);
     if (n_ctx < 8 || n_ctx > m->cfg.n_ctx_train) {
@@ -76,7 +76,14 @@ int perplexity_windows(struct model_run *run, const int32_t *tokens, int n_windo
             goto out;
         }
         for (int j = first; j < n_ctx - 1; j++) {
-            const double v = -log_softmax_at(logits + (size_t)j * m->cfg.n_vocab, m->cfg.n_vocab, win[j + 1]);
+            const float *row = logits + (size_t)j * m->cfg.n_vocab;
+            const double v = -log_softmax_at(row, m->cfg.n_vocab, win[j + 1]);
+            if (top1) {
+                int best = 0;
+                for (int t = 1; t < m->cfg.n_vocab; t++)
+                    if (row[t] > row[best]) best = t;
+                top1[count] = best;
+            }
             nll += v;
             nll2 += v * v;
             count++;
@@ -95,7 +102,7 @@ out:
 }
 
 int perplexity_measure(struct model_run *run, const char *text, size_t len, int n_ctx, int max_windows, int kv_bits,
-                       const struct compress_params *compress, ppl_progress_fn progress, void *ud,
+                       const struct compress_params *compress, int32_t *top1, ppl_progress_fn progress, void *ud,
                        struct ppl_result *r, char *err, size_t errlen) {
     const struct model *m = model_run_model(run);
     memset(r, 0, sizeof *r);
@@ -112,7 +119,7 @@ int perplexity_measure(struct model_run *run, const char *text, size_t len, int 
     if (n_ctx >= 8 && n_ctx <= m->cfg.n_ctx_train && n_windows == 0)
         snprintf(err, errlen, "the text has %d tokens, fewer than one window of %d", n_tokens, n_ctx);
     else
-        rc = perplexity_windows(run, tokens, n_windows, n_ctx, tokenizer_bos_to_add(m->tok), kv_bits, compress,
+        rc = perplexity_windows(run, tokens, n_windows, n_ctx, tokenizer_bos_to_add(m->tok), kv_bits, compress, top1,
                                 progress, ud, r, err, errlen);
     r->n_tokens = n_tokens;
     free(tokens);

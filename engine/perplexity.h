@@ -17,6 +17,10 @@
  * token sees the compressed context (the kvpress protocol: compress, then
  * continue). Without it the bits are the same as one pass over the window.
  *
+ * top1, when not NULL, receives the model's most likely token at every
+ * scored position, in order (room for max_windows * (n_ctx - n_ctx/2 - 1)):
+ * how top-1 agreement between two configurations is measured.
+ *
  * One implementation for `ebb ppl` and for `ebb pack`, which records the
  * perplexity of the variant it wrote in the catalog. */
 #ifndef EBB_ENGINE_PERPLEXITY_H
@@ -45,7 +49,7 @@ typedef void (*ppl_progress_fn)(void *ud, int done, int total, const struct ppl_
  * UTF-8, shorter than one window, n_ctx beyond the model's context, a
  * kv_bits the model cannot use, out of memory). */
 int perplexity_measure(struct model_run *run, const char *text, size_t len, int n_ctx, int max_windows, int kv_bits,
-                       const struct compress_params *compress, ppl_progress_fn progress, void *ud,
+                       const struct compress_params *compress, int32_t *top1, ppl_progress_fn progress, void *ud,
                        struct ppl_result *r, char *err, size_t errlen);
 /* The same scoring over n_windows windows of n_ctx tokens already cut:
  * tokens holds them one after another, and the first token of each is
@@ -53,6 +57,6 @@ int perplexity_measure(struct model_run *run, const char *text, size_t len, int 
  * the packer uses for its checkpoints (tools/pack/bitstack.c), whose windows
  * are the calibration's. 0, or -1 with err. */
 int perplexity_windows(struct model_run *run, const int32_t *tokens, int n_windows, int n_ctx, int32_t bos,
-                       int kv_bits, const struct compress_params *compress, ppl_progress_fn progress, void *ud,
-                       struct ppl_result *r, char *err, size_t errlen);
+                       int kv_bits, const struct compress_params *compress, int32_t *top1, ppl_progress_fn progress,
+                       void *ud, struct ppl_result *r, char *err, size_t errlen);
 #endif

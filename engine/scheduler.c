@@ -395,7 +395,8 @@ static void admit(struct sched *s, struct sreq **evicted, struct sreq **failed) 
         }
         /* Compression follows the prompt's prefill, on a first admission
          * and again when a preempted request computes its prompt anew. */
-        if (compress_prepare(&r->kv, &s->m->cfg, &r->params.compress, r->n_prompt)) {
+        if (compress_prepare(&r->kv, &s->m->cfg, &r->params.compress,
+                             compress_point(&r->params.compress, r->n_prompt))) {
             kv_cache_free(&r->kv);
             r->next = *failed;
             *failed = r;
@@ -554,9 +555,9 @@ static void step(struct sched *s) {
         int left = r->n_replay - r->n_prefilled;
         if (left <= 0) continue;
         int chunk = left < max_tokens - tokens ? left : max_tokens - tokens;
-        /* A prompt to compress stops at its end, where compression comes. */
-        if (r->kv.obs && r->n_prefilled < r->n_prompt && r->n_prefilled + chunk > r->n_prompt)
-            chunk = r->n_prompt - r->n_prefilled;
+        /* A prompt to compress stops where compression comes. */
+        const int at = compress_point(&r->params.compress, r->n_prompt);
+        if (r->kv.obs && r->n_prefilled < at && r->n_prefilled + chunk > at) chunk = at - r->n_prefilled;
         /* A recomputed sequence already sampled the token that follows. */
         int sample = chunk == left && r->gen.n_generated == 0;
         s->batch[n] = (struct batch_seq){&r->kv, r->gen.history + r->n_prefilled, chunk, sample ? r->logits : NULL, 0};
@@ -576,7 +577,7 @@ static void step(struct sched *s) {
         if (rc) { atomic_store(&r->stop, SREQ_FAILED); continue; }
         if (r->n_prefilled < r->n_replay) {
             r->n_prefilled += s->batch[b].n_tok;
-            if (r->n_prefilled == r->n_prompt && r->kv.obs) compress_prompt(s, r);
+            if (r->kv.obs && r->n_prefilled == compress_point(&r->params.compress, r->n_prompt)) compress_prompt(s, r);
             if (r->n_prefilled < r->n_replay || r->gen.n_generated > 0) continue;
         }
         if (r->gen.finish != FINISH_NONE) continue;

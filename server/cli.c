@@ -131,6 +131,8 @@ int cli_compress_flag(const char *cmd, const char *a, const char *v, struct comp
     } else if (!strcmp(a, "--compress-budget")) {
         if (cli_float(cmd, a, v, 0, 1, &p->budget)) return 2;
         p->budget_tokens = 0;
+    } else if (!strcmp(a, "--compress-low")) {
+        if (cli_float(cmd, a, v, 0, 1, &p->low_budget)) return 2;
     } else if (!strcmp(a, "--compress-tokens")) {
         if (cli_int(cmd, a, v, 1, 1 << 30, &p->budget_tokens)) return 2;
     } else if (!strcmp(a, "--compress-min")) {

@@ -55,6 +55,7 @@ int cli_compress_flag(const char *cmd, const char *a, const char *v, struct comp
     "                      demote (the rest to 2 bits) or drop (the rest evicted)\n" \
     "  --compress-budget F share of the prompt kept at the cache's precision (default 0.25)\n" \
     "  --compress-tokens N that many tokens instead of a share\n" \
+    "  --compress-low F    demote only this share (the next best), drop the rest\n" \
     "  --compress-select S snapkv (default), random or recent (ablations)\n" \
     "  --compress-min N    prompts shorter than N tokens are not compressed (default 1024)\n"
 

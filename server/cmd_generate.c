@@ -32,6 +32,8 @@ static void generate_usage(FILE *out) {
         "  --kv-bits N         KV cache precision: 32 (default), 16, 8 or 4\n"
         COMPRESS_FLAGS_USAGE
         "  --weights W         native (default: the file's types, used in place) or f32\n"
+        "  --then TEXT         more prompt after the first: with --compress, the first part is\n"
+        "                      compressed before TEXT is read (question-agnostic)\n"
         "  --print-ids         print generated token ids instead of text\n", MAX_STOPS);
 }
 
@@ -46,6 +48,26 @@ static int print_text(void *ud, int32_t id, const char *text, size_t len) {
     }
     fflush(stdout);
     return 0;
+}
+
+/* --then: TEXT's tokens after the prompt's, compression (if any) coming
+ * between them, so the prompt is compressed without seeing TEXT (the
+ * question-agnostic evaluation of context compression). The new length,
+ * or -1. */
+static int append_then(struct model *m, const char *text, int32_t **ids, int n, struct compress_params *cp) {
+    int32_t *more = NULL;
+    const int k = tokenizer_encode_with_bos(m->tok, text, strlen(text), 1, 0, &more);
+    int32_t *all = k >= 0 ? realloc(*ids, (size_t)(n + k + 1) * sizeof *all) : NULL;
+    if (!all) {
+        fprintf(stderr, k < 0 ? "ebb generate: --then is not valid UTF-8\n" : "ebb generate: out of memory\n");
+        free(more);
+        return -1;
+    }
+    memcpy(all + n, more, (size_t)k * sizeof *all);
+    free(more);
+    *ids = all;
+    cp->at = n;
+    return n + k;
 }
 
 /* Builds the prompt token ids from whichever prompt option was given. */
@@ -78,7 +100,7 @@ static int build_prompt(struct model *m, const char *prompt, const char *chat, c
 }
 
 int cmd_generate(int argc, char **argv) {
-    const char *model_path = NULL, *prompt = NULL, *chat = NULL, *system = NULL, *ids_file = NULL;
+    const char *model_path = NULL, *prompt = NULL, *chat = NULL, *system = NULL, *ids_file = NULL, *then = NULL;
     const char *stops[MAX_STOPS];
     struct gen_params gp = {.max_tokens = 128, .compress = compress_defaults()};
     sampler_params_default(&gp.sampling);
@@ -109,6 +131,7 @@ int cmd_generate(int argc, char **argv) {
             if (gp.n_stops == MAX_STOPS) { fprintf(stderr, "ebb generate: at most %d --stop strings\n", MAX_STOPS); return 2; }
             stops[gp.n_stops++] = v;
         }
+        else if (!strcmp(a, "--then")) { VALUE(); then = v; }
         else if (!strcmp(a, "--print-ids")) ps.print_ids = 1;
         else if (!strncmp(a, "--compress", 10)) {
             VALUE();
@@ -131,6 +154,7 @@ int cmd_generate(int argc, char **argv) {
     if (!run) return 1;
     int32_t *ids = NULL;
     int n = build_prompt(&m, prompt, chat, system, ids_file, &ids);
+    if (n > 0 && then && (n = append_then(&m, then, &ids, n, &gp.compress)) < 0) n = -1;
     int rc = 1;
     if (n > 0) {
         struct gen_result res;

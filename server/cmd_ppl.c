@@ -20,6 +20,8 @@ static void ppl_usage(FILE *out) {
         "  --weights W  native (default: the file's quantized types, used in place) or f32\n"
         "  --stack-bytes N  a bitstack file: keep the prefix of its stack that fits in N bytes\n"
         "               (default: all of it)\n"
+        "  --top1-out F write the most likely token at each scored position to F (int32,\n"
+        "               little-endian): top-1 agreement between two runs\n"
         "context compression of each window's first half before the second is scored:\n"
         COMPRESS_FLAGS_USAGE);
 }
@@ -40,8 +42,18 @@ static void print_progress(void *ud, int done, int total, const struct ppl_resul
     if (done == total) fputc('\n', stderr);
 }
 
+static int write_top1(const char *path, const int32_t *ids, long n, char *err, size_t errlen) {
+    FILE *f = fopen(path, "wb");
+    const int ok = f && fwrite(ids, sizeof *ids, (size_t)n, f) == (size_t)n;
+    if ((f && fclose(f)) || !ok) {
+        snprintf(err, errlen, "cannot write %s", path);
+        return -1;
+    }
+    return 0;
+}
+
 int cmd_ppl(int argc, char **argv) {
-    const char *model_path = NULL, *file = NULL;
+    const char *model_path = NULL, *file = NULL, *top1_path = NULL;
     int n_ctx = 512, max_chunks = 0, n_threads = 0, kv_bits = 32;
     enum model_weights weights = MODEL_WEIGHTS_NATIVE;
     uint64_t stack_bytes = UINT64_MAX;
@@ -61,6 +73,7 @@ int cmd_ppl(int argc, char **argv) {
         else if (!strcmp(a, "-t")) { if (cli_int("ppl", a, v, 1, 1024, &n_threads)) return 2; }
         else if (!strcmp(a, "--weights")) { if (cli_weights("ppl", v, &weights)) return 2; }
         else if (!strcmp(a, "--kv-bits")) { if (cli_int("ppl", a, v, 4, 32, &kv_bits)) return 2; }
+        else if (!strcmp(a, "--top1-out")) top1_path = v;
         else if (!strcmp(a, "--stack-bytes")) { if (cli_u64("ppl", a, v, &stack_bytes)) return 2; }
         else { fprintf(stderr, "ebb ppl: unknown option '%s'\n", a); ppl_usage(stderr); return 2; }
     }
@@ -85,8 +98,17 @@ int cmd_ppl(int argc, char **argv) {
             printf("stack: the packer's checkpoints give perplexity %.4f on its calibration windows here\n",
                    (double)expect);
     }
-    int rc = perplexity_measure(run, text, len, n_ctx, max_chunks, kv_bits, &compress, print_progress, &st, &r, err,
-                                sizeof err);
+    int32_t *top1 = NULL;
+    if (top1_path && !(top1 = malloc((size_t)(max_chunks ? max_chunks : (int)(len / (size_t)n_ctx + 1)) *
+                                     (size_t)n_ctx * sizeof *top1))) {
+        fprintf(stderr, "ebb ppl: out of memory\n");
+        free(text); model_run_free(run); model_free(&m);
+        return 1;
+    }
+    int rc = perplexity_measure(run, text, len, n_ctx, max_chunks, kv_bits, &compress, top1, print_progress, &st, &r,
+                                err, sizeof err);
+    if (rc == 0 && top1) rc = write_top1(top1_path, top1, r.scored, err, sizeof err);
+    free(top1);
     free(text);
     model_run_free(run);
     model_free(&m);

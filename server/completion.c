@@ -334,6 +334,7 @@ void completion_compress_params(const struct oai_request *r, const struct ebb_co
     out->mode = (enum compress_mode)(r->compress_mode >= 0 ? r->compress_mode : cfg->context_compression);
     out->budget = r->compress_budget >= 0 ? r->compress_budget : (float)cfg->compression_budget_percent / 100.0f;
     if (r->compress_tokens > 0) out->budget_tokens = r->compress_tokens;
+    if (r->compress_low >= 0) out->low_budget = r->compress_low;
     out->min_prompt = r->compress_min_prompt >= 0 ? r->compress_min_prompt : cfg->compression_min_prompt;
     if (r->compress_select >= 0) out->select = (enum compress_select)r->compress_select;
 }

@@ -116,7 +116,7 @@ struct oai_request {
      * token count, the shortest prompt compressed; each < 0 when the
      * request leaves it to the server. */
     int compress_mode, compress_select, compress_tokens, compress_min_prompt;
-    float compress_budget;
+    float compress_budget, compress_low;
 
     /* tokenize / completions */
     bool add_special_tokens;     /* add BOS when the model wants one. Default: true
