@@ -17,6 +17,7 @@
 #include <string.h>
 
 #include "check.h"
+#include "engine/compress.h"
 #include "engine/generate.h"
 #include "engine/kv.h"
 #include "engine/model.h"
@@ -823,6 +824,284 @@ static void test_growing_reservations(void) {
 /* ---------------------------------------------------------- real model */
 
 struct text_out { char buf[8192]; size_t len; };
+/* ------------------------------------------------- context compression */
+
+/* Every (layer, head) of a cache of c's shape with the same tier rule:
+ * positions < 4 kept, then keep/low/drop from a per-head shuffle with
+ * n_keep kept and n_low demoted. */
+static uint8_t *make_tiers(const struct model_config *c, int boundary, int n_keep, int n_low) {
+    const int heads = c->n_layer * c->n_head_kv;
+    uint8_t *t = malloc((size_t)heads * boundary);
+    int *order = malloc((size_t)boundary * sizeof(int));
+    for (int h = 0; h < heads; h++) {
+        uint8_t *th = t + (size_t)h * boundary;
+        for (int i = 0; i < boundary - 4; i++) order[i] = 4 + i;
+        for (int i = boundary - 5; i > 0; i--) {
+            const int j = (int)(uniform() * (i + 1)) % (i + 1), x = order[i];
+            order[i] = order[j];
+            order[j] = x;
+        }
+        for (int i = 0; i < boundary; i++) th[i] = i < 4 ? KV_TIER_KEEP : KV_TIER_DROP;
+        for (int i = 0; i < boundary - 4; i++)
+            th[order[i]] = i < n_keep - 4 ? KV_TIER_KEEP : i < n_keep - 4 + n_low ? KV_TIER_LOW : KV_TIER_DROP;
+    }
+    free(order);
+    return t;
+}
+
+/* Attention of a block of 4 tokens x 2 heads at the end of the cache for
+ * every layer and KV head, into out[layer][kvh][4 * 2 * head_dim]. */
+static void attend_tail(const struct kv_cache *kv, const struct model_config *c, const float *q, float *scratch,
+                        float *out) {
+    const struct ebb_backend *be = ebb_backend_cpu();
+    const int hd = c->head_dim, QD = 2 * hd, n = kv->n_past;
+    for (int l = 0; l < c->n_layer; l++)
+        for (int h = 0; h < c->n_head_kv; h++)
+            kv_attend_block(kv, be, l, h, q, out + ((size_t)l * c->n_head_kv + h) * 4 * QD, (size_t)QD, 4, 2, n - 4,
+                            0.125f, scratch);
+}
+
+/* Keeping every position is lossless: attention over the compact store is
+ * the same, bit for bit, as over the pages it replaced, at every precision
+ * (the store holds the same rows and they are read the same way). */
+static void test_compact_lossless(void) {
+    const struct ebb_backend *be = ebb_backend_cpu();
+    static const int bits_list[] = {32, 16, 8, 4};
+    for (int b = 0; b < 4; b++)
+        for (int hdi = 0; hdi < 2; hdi++) {
+            const int hd = hdi ? 40 : 64, n = 300;
+            struct attend_fixture f;
+            fixture_init(&f, 2, 2, hd, bits_list[b], n);
+            CHECK(fill_cache(&f.kv, be, &f.d, n, 100) == 0);
+            const int boundary = kv_cache_compact_limit(&f.kv);
+            CHECK(boundary == 192);
+            uint8_t *tiers = make_tiers(&f.c, boundary, boundary, 0);
+            const size_t per = (size_t)4 * 2 * hd, total = per * 2 * 2;
+            float *q = malloc(per * sizeof(float)), *before = malloc(total * sizeof(float)),
+                  *after = malloc(total * sizeof(float));
+            for (size_t i = 0; i < per; i++) q[i] = gauss();
+            attend_tail(&f.kv, &f.c, q, f.scratch, before);
+            CHECK(kv_cache_compact(&f.kv, be, boundary, tiers) == 0);
+            attend_tail(&f.kv, &f.c, q, f.scratch, after);
+            CHECK_MSG(!memcmp(before, after, total * sizeof(float)),
+                      "bits %d head_dim %d: keeping every position changed attention", bits_list[b], hd);
+            free(q);
+            free(before);
+            free(after);
+            free(tiers);
+            fixture_free(&f);
+        }
+}
+
+/* One head's rows of the 2-bit tier as the documented formats give them
+ * back: in order of position, chunks of 64, keys per channel and values
+ * per row, in the H64 basis when head_dim is a multiple of 64. */
+static void demote_reference(const struct ebb_backend *be, float *k, float *v, int n_rows, int hd) {
+    int group = 64;
+    while (hd % group) group /= 2;
+    const int rotate = hd % 64 == 0;
+    uint8_t codes[64 * 1024 / 4];
+    uint16_t dm[2 * 1024];
+    for (int r = 0; r < n_rows && rotate; r++) {
+        be->hadamard64(k + (size_t)r * hd, hd);
+        be->hadamard64(v + (size_t)r * hd, hd);
+    }
+    for (int c0 = 0; c0 < n_rows; c0 += 64) {
+        const int rows = n_rows - c0 < 64 ? n_rows - c0 : 64;
+        ebb_kvq_quantize_channels(2, k + (size_t)c0 * hd, rows, hd, group, codes, (size_t)hd / 4, dm);
+        ebb_kvq_dequantize_channels(2, codes, (size_t)hd / 4, dm, rows, hd, group, k + (size_t)c0 * hd);
+    }
+    for (int r = 0; r < n_rows; r++) {
+        ebb_kvq_quantize_row(2, v + (size_t)r * hd, hd, group, codes, dm);
+        ebb_kvq_dequantize_row(2, codes, dm, hd, group, v + (size_t)r * hd);
+    }
+    for (int r = 0; r < n_rows && rotate; r++) {
+        be->hadamard64(k + (size_t)r * hd, hd);
+        be->hadamard64(v + (size_t)r * hd, hd);
+    }
+}
+
+/* A compacted f32 cache against attention in double over what the tiers
+ * say remains: kept positions exact, dropped ones absent, demoted ones as
+ * the 2-bit formats return them (demote_reference), the positions from the
+ * boundary on exact. Also: blocks give the same bits as single queries. */
+static void check_compact_semantics(int hd, int n_keep, int n_low) {
+    const struct ebb_backend *be = ebb_backend_cpu();
+    const int n = 330;
+    struct attend_fixture f;
+    fixture_init(&f, 2, 2, hd, 32, n);
+    CHECK(fill_cache(&f.kv, be, &f.d, n, 64) == 0);
+    const int boundary = kv_cache_compact_limit(&f.kv);
+    uint8_t *tiers = make_tiers(&f.c, boundary, n_keep, n_low);
+    CHECK(kv_cache_compact(&f.kv, be, boundary, tiers) == 0);
+    const struct kv_compact_info ci = kv_cache_compact_info(&f.kv);
+    CHECK(ci.boundary == boundary && ci.n_keep == n_keep && ci.n_low == n_low);
+    float *k = malloc((size_t)n * hd * sizeof(float)), *v = malloc((size_t)n * hd * sizeof(float));
+    float *lk = malloc((size_t)n * hd * sizeof(float)), *lv = malloc((size_t)n * hd * sizeof(float));
+    double worst = 0;
+    int invariant = 1;
+    for (int l = 0; l < 2; l++)
+        for (int h = 0; h < 2; h++) {
+            const uint8_t *t = tiers + ((size_t)l * 2 + h) * boundary;
+            int m = 0, nl = 0;
+            for (int p = 0; p < boundary; p++)   /* the demoted rows, in position order */
+                if (t[p] == KV_TIER_LOW) {
+                    memcpy(lk + (size_t)nl * hd, data_k(&f.d, p, l) + h * hd, (size_t)hd * sizeof(float));
+                    memcpy(lv + (size_t)nl * hd, data_v(&f.d, p, l) + h * hd, (size_t)hd * sizeof(float));
+                    nl++;
+                }
+            demote_reference(be, lk, lv, nl, hd);
+            nl = 0;
+            for (int p = 0; p < n; p++) {
+                const float *src_k = data_k(&f.d, p, l) + h * hd, *src_v = data_v(&f.d, p, l) + h * hd;
+                if (p < boundary && t[p] == KV_TIER_DROP) continue;
+                if (p < boundary && t[p] == KV_TIER_LOW) {
+                    src_k = lk + (size_t)nl * hd;
+                    src_v = lv + (size_t)nl++ * hd;
+                }
+                memcpy(k + (size_t)m * hd, src_k, (size_t)hd * sizeof(float));
+                memcpy(v + (size_t)m * hd, src_v, (size_t)hd * sizeof(float));
+                m++;
+            }
+            float q[4 * 2 * 64], block[4 * 2 * 64], one[64];
+            for (int i = 0; i < 4 * 2 * hd; i++) q[i] = gauss();
+            kv_attend_block(&f.kv, be, l, h, q, block, (size_t)2 * hd, 4, 2, n - 4, 0.125f, f.scratch);
+            for (int j = 0; j < 8; j++) {
+                const int tok = j / 2, pos = n - 4 + tok, rows = m - (n - 1 - pos);
+                kv_attend_block(&f.kv, be, l, h, q + (size_t)j * hd, one, 0, 1, 1, pos, 0.125f, f.scratch);
+                invariant &= !memcmp(one, block + (size_t)j * hd, (size_t)hd * sizeof(float));
+                double s[512], mx = -INFINITY, sum = 0;
+                for (int r = 0; r < rows; r++) {
+                    double dot = 0;
+                    for (int i = 0; i < hd; i++) dot += (double)q[j * hd + i] * k[(size_t)r * hd + i];
+                    s[r] = dot * 0.125;
+                    if (s[r] > mx) mx = s[r];
+                }
+                for (int r = 0; r < rows; r++) sum += (s[r] = exp(s[r] - mx));
+                for (int i = 0; i < hd; i++) {
+                    double o = 0;
+                    for (int r = 0; r < rows; r++) o += s[r] / sum * v[(size_t)r * hd + i];
+                    if (fabs(o - block[(size_t)j * hd + i]) > worst) worst = fabs(o - block[(size_t)j * hd + i]);
+                }
+            }
+        }
+    CHECK_MSG(worst < 2e-5, "head_dim %d keep %d low %d: compact attention differs from the reference by %g", hd,
+              n_keep, n_low, worst);
+    CHECK_MSG(invariant, "head_dim %d: compact attention depends on the block", hd);
+    free(k);
+    free(v);
+    free(lk);
+    free(lv);
+    free(tiers);
+    fixture_free(&f);
+}
+
+static void test_compact_semantics(void) {
+    check_compact_semantics(64, 50, 0);      /* drop */
+    check_compact_semantics(64, 40, 100);    /* keep, demote (two chunks), drop */
+    check_compact_semantics(64, 4, 188);     /* everything demoted but the sinks */
+    check_compact_semantics(40, 70, 60);     /* unrotated, groups of 8 */
+}
+
+/* The account follows compaction: the pages before the boundary go, the
+ * store's bytes (kv_compact_bytes) come, the reservation shrinks by the
+ * difference; rollback cannot reach into the store; a cleared cache gets
+ * its pages back and computes as a fresh one; freeing returns everything
+ * (fixture_free checks). Refusals change nothing. */
+static void test_compact_account(void) {
+    const struct ebb_backend *be = ebb_backend_cpu();
+    for (int bits = 4; bits <= 32; bits *= 2) {
+        if (bits == 16) continue;
+        const int n = 400;
+        struct attend_fixture f;
+        fixture_init(&f, 2, 2, 64, bits, n);
+        CHECK(fill_cache(&f.kv, be, &f.d, 330, 64) == 0);
+        const struct kv_layout *lay = &f.acc.layout;
+        const int boundary = kv_cache_compact_limit(&f.kv);
+        CHECK(boundary == 256);
+        uint8_t *bad = make_tiers(&f.c, boundary, 60, 50);
+        const size_t alloc0 = f.acc.allocated_bytes, res0 = f.acc.reserved_bytes;
+        CHECK(kv_cache_compact(&f.kv, be, 320, bad) == -1);   /* beyond the limit */
+        CHECK(kv_cache_compact(&f.kv, be, 100, bad) == -1);   /* not a page boundary */
+        bad[2] = KV_TIER_LOW;                                 /* a sink not kept */
+        CHECK(kv_cache_compact(&f.kv, be, boundary, bad) == -1);
+        bad[2] = KV_TIER_KEEP;
+        bad[10 + boundary] = bad[10 + boundary] == KV_TIER_DROP ? KV_TIER_KEEP : KV_TIER_DROP;   /* counts differ */
+        CHECK(kv_cache_compact(&f.kv, be, boundary, bad) == -1);
+        CHECK(f.acc.allocated_bytes == alloc0 && f.acc.reserved_bytes == res0 && !f.kv.compact);
+        free(bad);
+
+        uint8_t *tiers = make_tiers(&f.c, boundary, 60, 50);
+        CHECK(kv_cache_compact(&f.kv, be, boundary, tiers) == 0);
+        CHECK(kv_cache_compact(&f.kv, be, boundary, tiers) == -1);   /* already compact */
+        const size_t store = kv_compact_bytes(lay, 60, 50), pages = (size_t)(boundary / 64) * lay->page_bytes;
+        CHECK(kv_cache_compact_info(&f.kv).bytes == store && store < pages);
+        CHECK_MSG(f.acc.allocated_bytes == alloc0 - pages + store, "bits %d: allocated %zu, expected %zu", bits,
+                  f.acc.allocated_bytes, alloc0 - pages + store);
+        CHECK(f.acc.reserved_bytes == res0 - (pages - store));
+        /* Growth after compaction reserves pages only for what lies beyond. */
+        CHECK(fill_cache(&f.kv, be, &f.d, n, 1) == 0);
+        CHECK(f.acc.reserved_bytes == kv_layout_bytes_for(lay, n) - (pages - store));
+        CHECK(kv_cache_truncate(&f.kv, boundary + 63) == -1 && f.kv.n_past == n);
+        /* Cleared, the cache is whole again: same bits as a fresh one. */
+        kv_cache_clear(&f.kv);
+        CHECK(!f.kv.compact && f.kv.n_past == 0);
+        CHECK(fill_cache(&f.kv, be, &f.d, n, 64) == 0);
+        struct kv_cache fresh;
+        CHECK(kv_cache_init(&fresh, &f.c, n, &f.acc) == 0);
+        CHECK(fill_cache(&fresh, be, &f.d, n, 64) == 0);
+        float q[64], a[64], b[64];
+        for (int i = 0; i < 64; i++) q[i] = gauss();
+        kv_attend(&f.kv, be, 1, 1, q, n, 0.125f, f.scratch, a);
+        kv_attend(&fresh, be, 1, 1, q, n, 0.125f, f.scratch, b);
+        CHECK_MSG(!memcmp(a, b, sizeof a), "bits %d: a cleared compact cache computes differently", bits);
+        kv_cache_free(&fresh);
+        free(tiers);
+        fixture_free(&f);
+    }
+}
+
+/* The selection: sinks always kept; SnapKV keeps the best scores and
+ * demotes the next best; "recent" keeps the last positions; "random" is
+ * the seed's; every head gets the counts asked for. */
+static void test_compress_selection(void) {
+    enum { B = 256, H = 3 };
+    float scores[H * B];
+    uint8_t tiers[H * B];
+    for (int i = 0; i < H * B; i++) scores[i] = (float)uniform();
+    struct compress_params p = compress_defaults();
+    p.mode = COMPRESS_DEMOTE;
+    compress_select_tiers(&p, scores, H, B, 20, 30, tiers);
+    int ok = 1;
+    for (int h = 0; h < H; h++) {
+        const float *s = scores + h * B;
+        const uint8_t *t = tiers + h * B;
+        float worst_kept = INFINITY, best_low = -INFINITY, worst_low = INFINITY, best_dropped = -INFINITY;
+        int keep = 0, low = 0;
+        for (int i = 0; i < B; i++) {
+            if (i < 4) { ok &= t[i] == KV_TIER_KEEP; continue; }
+            if (t[i] == KV_TIER_KEEP) { keep++; worst_kept = fminf(worst_kept, s[i]); }
+            else if (t[i] == KV_TIER_LOW) { low++; best_low = fmaxf(best_low, s[i]); worst_low = fminf(worst_low, s[i]); }
+            else best_dropped = fmaxf(best_dropped, s[i]);
+        }
+        ok &= keep == 16 && low == 30 && worst_kept >= best_low && worst_low >= best_dropped;
+    }
+    CHECK_MSG(ok, "SnapKV selection: sinks, counts and score order");
+    p.select = COMPRESS_RECENT;
+    compress_select_tiers(&p, scores, H, B, 20, 0, tiers);
+    ok = 1;
+    for (int i = 0; i < B; i++) ok &= tiers[i] == (i < 4 || i >= B - 16 ? KV_TIER_KEEP : KV_TIER_DROP);
+    CHECK_MSG(ok, "recent: the sinks and the last 16");
+    p.select = COMPRESS_RANDOM;
+    p.seed = 7;
+    uint8_t again[H * B];
+    compress_select_tiers(&p, NULL, H, B, 20, 30, tiers);
+    compress_select_tiers(&p, NULL, H, B, 20, 30, again);
+    int kept = 0;
+    for (int i = 0; i < B; i++) kept += tiers[i] == KV_TIER_KEEP;
+    CHECK(!memcmp(tiers, again, sizeof tiers) && kept == 20 && memcmp(tiers, tiers + B, B) != 0);
+}
+
 static int collect(void *ud, int32_t id, const char *text, size_t len) {
     (void)id;
     struct text_out *t = ud;
@@ -979,17 +1258,70 @@ static char *read_text(const char *path, size_t *len) {
  * activations), r32 the same file dequantized to f32, the path the numpy
  * reference checks: the native path must score the text within 1% of it
  * (llama.cpp's own Q4_1 kernels are 0.3% above its F32 on this text). */
+/* The held-out text (tools/heldout.py) when it has been prepared, else the
+ * GPL's text, which Debian ships; its path in path. */
+static char *english_text(char *path, size_t size, size_t *len) {
+    const char *cache = getenv("EBB_CACHE"), *home = getenv("HOME");
+    if (cache) snprintf(path, size, "%s/heldout.txt", cache);
+    else snprintf(path, size, "%s/.cache/ebb/heldout.txt", home ? home : ".");
+    char *text = read_text(path, len);
+    if (!text) text = read_text(strcpy(path, "/usr/share/common-licenses/GPL-3"), len);
+    return text;
+}
+
+/* Context compression on the model, question-agnostic (the context is
+ * compressed before the question is read): a pass key hidden halfway into
+ * about 1,500 tokens of filler (the classic passkey test) is still found
+ * with 25% of the prompt kept at 4 bits and the rest demoted to 2 bits, as
+ * with the whole cache; the stage reports what it did, and the cache
+ * shrank. */
+static void test_model_passkey(struct model_run *r) {
+    const struct model *m = model_run_model(r);
+    static const char filler[] = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. ";
+    const size_t cap = 64 * sizeof filler + 512;
+    char *context = malloc(cap);
+    int at = snprintf(context, cap, "There is an important info hidden inside a lot of irrelevant text. Find it and "
+                      "memorize it. I will quiz you about the important information there.\n");
+    for (int i = 0; i < 60; i++) {
+        if (i == 30) at += snprintf(context + at, cap - (size_t)at, "The pass key is 68231. Remember it. 68231 is the pass key. ");
+        at += snprintf(context + at, cap - (size_t)at, "%s", filler);
+    }
+    static const char question[] = "\nWhat is the pass key? The pass key is";
+    int32_t *ids = NULL, *q = NULL;
+    const int n = tokenizer_encode_with_bos(m->tok, context, strlen(context), 1, 1, &ids);
+    const int nq = tokenizer_encode_with_bos(m->tok, question, strlen(question), 1, 0, &q);
+    CHECK(n > 1200 && nq > 5);
+    int32_t *all = malloc((size_t)(n + nq) * sizeof *all);
+    memcpy(all, ids, (size_t)n * sizeof *all);
+    memcpy(all + n, q, (size_t)nq * sizeof *all);
+    struct gen_params p = {.max_tokens = 6, .kv_bits = 4, .compress = compress_defaults()};
+    sampler_params_default(&p.sampling);
+    p.sampling.temperature = 0;
+    p.compress.at = n;
+    struct text_out full = {{0}, 0}, demoted = {{0}, 0};
+    struct gen_result res;
+    CHECK(generate(r, all, n + nq, &p, collect, &full, &res) == 0 && !res.compress.applied);
+    p.compress.mode = COMPRESS_DEMOTE;
+    p.compress.min_prompt = 0;
+    CHECK(generate(r, all, n + nq, &p, collect, &demoted, &res) == 0);
+    const struct compress_report *c = &res.compress;
+    printf("passkey in %d tokens: full cache '%s', demoted '%s' (kept %d, demoted %d, dropped %d; %zu -> %zu bytes)\n",
+           n, full.buf, demoted.buf, c->kept, c->demoted, c->dropped, c->bytes_before, c->bytes_after);
+    CHECK_MSG(strstr(full.buf, "68231"), "the whole cache does not find the key: %s", full.buf);
+    CHECK_MSG(strstr(demoted.buf, "68231"), "the demoted cache does not find the key: %s", demoted.buf);
+    CHECK(c->applied && c->n_prompt == n && c->kept + c->demoted + c->dropped == n && c->dropped == 0);
+    CHECK(abs(c->kept - n / 4) <= 1 && c->bytes_after < c->bytes_before * 3 / 4);
+    free(all);
+    free(ids);
+    free(q);
+    free(context);
+}
+
 static void test_model_perplexity(struct model_run *r, struct model_run *r32) {
     const struct model *m = model_run_model(r);
-    /* The held-out text (tools/heldout.py) when it has been prepared, else
-     * the GPL's text, which Debian ships. */
     char path[1024];
-    const char *cache = getenv("EBB_CACHE"), *home = getenv("HOME");
-    if (cache) snprintf(path, sizeof path, "%s/heldout.txt", cache);
-    else snprintf(path, sizeof path, "%s/.cache/ebb/heldout.txt", home ? home : ".");
     size_t len = 0;
-    char *text = read_text(path, &len);
-    if (!text) text = read_text(strcpy(path, "/usr/share/common-licenses/GPL-3"), &len);
+    char *text = english_text(path, sizeof path, &len);
     CHECK_MSG(text != NULL, "no English text to score");
     if (!text) return;
     int32_t *tokens = NULL;
@@ -1026,6 +1358,10 @@ int main(void) {
     test_account_bytes();
     test_reservations();
     test_growing_reservations();
+    test_compact_lossless();
+    test_compact_semantics();
+    test_compact_account();
+    test_compress_selection();
 
     char path[1024], err[512];
     if (check_model_path(path, sizeof path)) return check_report_skipped("test_kv", path);
@@ -1046,6 +1382,7 @@ int main(void) {
         if (run && run32) {
             test_model_generation(run);
             test_model_rollback(run);
+            test_model_passkey(run);
             test_model_perplexity(run, run32);
         }
         model_run_free(run);
