@@ -213,6 +213,7 @@ int compress_apply(struct kv_cache *kv, const struct model_config *cfg, const st
     if (rc) return -1;
     const struct kv_compact_info ci = kv_cache_compact_info(kv);
     report->applied = 1;
+    report->mode = p->mode;
     report->boundary = boundary;
     report->kept = ci.n_keep + (n_prompt - boundary);
     report->demoted = ci.n_low;

@@ -69,6 +69,7 @@ const char *compress_mode_name(enum compress_mode m);
  * dropped; the cache's bytes before and after; the stage's time. */
 struct compress_report {
     int applied;
+    enum compress_mode mode;
     int n_prompt, boundary, kept, demoted, dropped;
     size_t bytes_before, bytes_after;
     double ms;

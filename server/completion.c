@@ -292,6 +292,8 @@ static void deliver_done(struct choice_slot *slot, struct bridge_event *ev) {
     }
     if (t->started > 0) metric_series_observe(sm->m_queue, t->started - t->queued);
     if (t->first_token > 0) metric_series_observe(sm->m_ttft, t->first_token - t->queued);
+    if (t->compress.applied && t->compress.mode != COMPRESS_OFF)
+        metric_series_observe(sm->m_cmp_seconds[t->compress.mode], t->compress.ms / 1e3);
     if (ev->finish != FINISH_CANCELLED) metric_series_observe(sm->m_e2e, t->finished - t->queued);
     if (c->state == COMPLETION_RUNNING && c->streaming && ch->finish != FINISH_ERROR && ch->finish != FINISH_EVICTED) {
         size_t len = 0;

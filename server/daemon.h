@@ -62,6 +62,8 @@ struct served_model {
     struct metric_series *m_ttft, *m_itl, *m_e2e, *m_queue, *m_preemptions;
     struct metric_series *m_stack_blocks, *m_bpw, *m_grows, *m_shrinks, *m_bytes_loaded, *m_bytes_freed, *m_swap;
     struct metric_series *m_drafts, *m_draft_tokens, *m_accepted, *m_accepted_at[DRAFT_MAX], *m_accepted_mean;
+    /* context compression by mode (enum compress_mode: demote and drop) and tier (kept, demoted, dropped) */
+    struct metric_series *m_cmp_requests[3], *m_cmp_tokens[3][3], *m_cmp_saved[3], *m_cmp_seconds[3];
 };
 
 struct daemon {
@@ -101,8 +103,9 @@ struct daemon {
     struct metric *m_minimum, *m_resident, *m_stack_blocks, *m_bpw, *m_weight_changes, *m_bytes_loaded,
         *m_bytes_freed, *m_swap;
     struct metric *m_drafts, *m_draft_tokens, *m_accepted, *m_accepted_at, *m_accepted_mean;
+    struct metric *m_cmp_requests, *m_cmp_tokens, *m_cmp_saved, *m_cmp_seconds;
 };
-#define DAEMON_N_METRICS 33
+#define DAEMON_N_METRICS 37
 
 /* ---- daemon.c ---- */
 /* Runs the daemon with d->cfg loaded (d zeroed otherwise, and static: libuv

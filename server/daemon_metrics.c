@@ -36,6 +36,8 @@ static const char *const model_direction[] = {"model", "direction"};
 static const char *const kind[] = {"kind"};
 static const char *const model_source[] = {"model", "source"};
 static const char *const model_source_position[] = {"model", "source", "position"};
+static const char *const model_mode[] = {"model", "mode"};
+static const char *const model_mode_tier[] = {"model", "mode", "tier"};
 static const double swap_buckets[] = {1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 0.01, 0.03, 0.1, 0.3, 1};
 #define SWAP_BUCKETS swap_buckets, (int)(sizeof swap_buckets / sizeof swap_buckets[0])
 static const double itl_buckets[] = {0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1, 2};
@@ -109,6 +111,16 @@ static const struct family families[] = {
     {METRIC_GAUGE, "ebb_spec_decode_mean_accepted_length",
      "Drafted tokens accepted per verification pass with drafts, since start.", 2, model_source, NULL, 0,
      AT(m_accepted_mean)},
+    /* Context compression (engine/compress.h), by mode. */
+    {METRIC_COUNTER, "ebb_context_compression_requests_total", "Prompts whose KV cache was compressed.", 2,
+     model_mode, NULL, 0, AT(m_cmp_requests)},
+    {METRIC_COUNTER, "ebb_context_compression_tokens_total",
+     "Compressed prompts' tokens by tier: kept at the cache's precision, demoted to 2 bits, dropped.", 3,
+     model_mode_tier, NULL, 0, AT(m_cmp_tokens)},
+    {METRIC_COUNTER, "ebb_context_compression_kv_bytes_saved_total", "KV cache bytes compression released.", 2,
+     model_mode, NULL, 0, AT(m_cmp_saved)},
+    {METRIC_HISTOGRAM, "ebb_context_compression_seconds", "Time of the compression stage (scoring and compaction).",
+     2, model_mode, SWAP_BUCKETS, AT(m_cmp_seconds)},
 };
 #define N_FAMILIES ((int)(sizeof families / sizeof families[0]))
 _Static_assert(sizeof families / sizeof families[0] == DAEMON_N_METRICS, "DAEMON_N_METRICS matches the table");

@@ -188,6 +188,17 @@ static void series_for(struct daemon *d, struct served_model *sm) {
     sm->m_bytes_loaded = metric_series(d->m_bytes_loaded, m);
     sm->m_bytes_freed = metric_series(d->m_bytes_freed, m);
     sm->m_swap = metric_series(d->m_swap, m);
+    static const char *const tiers[3] = {"kept", "demoted", "dropped"};
+    for (int mode = COMPRESS_DEMOTE; mode <= COMPRESS_DROP; mode++) {
+        const char *mm[] = {sm->name, compress_mode_name((enum compress_mode)mode)};
+        sm->m_cmp_requests[mode] = metric_series(d->m_cmp_requests, mm);
+        sm->m_cmp_saved[mode] = metric_series(d->m_cmp_saved, mm);
+        sm->m_cmp_seconds[mode] = metric_series(d->m_cmp_seconds, mm);
+        for (int t = 0; t < 3; t++) {
+            const char *mt[] = {sm->name, compress_mode_name((enum compress_mode)mode), tiers[t]};
+            sm->m_cmp_tokens[mode][t] = metric_series(d->m_cmp_tokens, mt);
+        }
+    }
     const char *spec[] = {sm->name, draft_source_name(DRAFT_NGRAM)};
     sm->m_drafts = metric_series(d->m_drafts, spec);
     sm->m_draft_tokens = metric_series(d->m_draft_tokens, spec);
@@ -438,6 +449,14 @@ void served_refresh_metrics(struct daemon *d) {
         advance(sm->m_accepted, st.accepted_tokens);
         for (int i = 0; i < DRAFT_MAX; i++) advance(sm->m_accepted_at[i], st.accepted_at[i]);
         metric_series_set(sm->m_accepted_mean, st.drafts ? (double)st.accepted_tokens / (double)st.drafts : 0);
+        for (int mode = COMPRESS_DEMOTE; mode <= COMPRESS_DROP; mode++) {
+            const struct sched_compress_stats *c = &st.compress[mode];
+            advance(sm->m_cmp_requests[mode], c->requests);
+            advance(sm->m_cmp_saved[mode], c->bytes_saved);
+            advance(sm->m_cmp_tokens[mode][0], c->kept);
+            advance(sm->m_cmp_tokens[mode][1], c->demoted);
+            advance(sm->m_cmp_tokens[mode][2], c->dropped);
+        }
     }
     const uint64_t rss = memory_process_rss();
     const char *w[] = {"weights"}, *k[] = {"kv"}, *o[] = {"scratch_and_other"};
