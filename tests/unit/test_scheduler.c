@@ -29,6 +29,7 @@ struct collected {
     int done;
     enum finish_reason finish;
     int n_prompt, n_generated;
+    struct sched_timing timing;
 };
 
 static void on_token(void *ud, int32_t id, const char *text, size_t len, float logprob, double t) {
@@ -50,6 +51,7 @@ static void on_done(void *ud, enum finish_reason finish, int n_prompt, int n_gen
     c->finish = finish;
     c->n_prompt = n_prompt;
     c->n_generated = n_generated;
+    c->timing = *timing;
     CHECK(timing->finished >= timing->queued);
     c->done = 1;
     pthread_mutex_unlock(&c->lock);
@@ -344,6 +346,68 @@ static void test_preemption(struct model *m, int kv_bits) {
     sched_destroy(s, 1);
 }
 
+/* Compression gives memory back at once: under a budget that holds one
+ * whole prompt, a second request waits for the first to finish -- unless
+ * the first compresses its prompt, and then the second starts while the
+ * first still decodes. Each compressed request's tokens are those
+ * generate() gives alone with the same compression (the stage depends on
+ * the request alone, not on its batch). */
+static void test_compressed_admission(struct model *m) {
+    char text[8192];
+    int at = snprintf(text, sizeof text, "Read the notes and remember the number.\n");
+    for (int i = 0; i < 40; i++)
+        at += snprintf(text + at, sizeof text - (size_t)at, i == 20 ? "The number is 4711. " :
+                       "The river runs to the sea and the hills stand over the town. ");
+    snprintf(text + at, sizeof text - (size_t)at, "\nWhat is the number?");
+    int32_t *ids[2];
+    int n_ids[2];
+    n_ids[0] = n_ids[1] = encode_chat(m, text, &ids[0]);
+    ids[1] = ids[0];
+    CHECK(n_ids[0] > 500);
+    for (int compress = 0; compress < 2; compress++) {
+        struct gen_params p = greedy(48);
+        p.kv_bits = 32;   /* at 4 bits a prompt this short is mostly its f32 window pages' reservation */
+        p.compress = compress_defaults();
+        if (compress) {
+            p.compress.mode = COMPRESS_DROP;
+            p.compress.budget = 0.1f;
+            p.compress.min_prompt = 0;
+        }
+        struct alone alone[1];
+        run_alone(m, ids, n_ids, 1, &p, alone);
+        struct kv_account probe;
+        kv_account_init(&probe, &m->cfg, 32, 0);
+        const size_t one = kv_account_bytes_for(&probe, n_ids[0] + 48);
+        kv_account_destroy(&probe);
+        struct sched_config cfg = {.max_running = 4, .max_waiting = 4, .kv_budget_bytes = one + one / 3, .kv_bits = 32};
+        struct sched *s = sched_create(m, &cfg);
+        CHECK(s != NULL);
+        if (!s) break;
+        struct collected out[2];
+        submit_all(s, ids, n_ids, 2, &p, out, -1);
+        wait_done(&out[0]);
+        wait_done(&out[1]);
+        struct sched_stats st;
+        sched_get_stats(s, &st);
+        const int overlapped = out[1].timing.started < out[0].timing.finished;
+        if (compress) {
+            CHECK_MSG(overlapped, "the second request waited for the first although the first compressed");
+            CHECK(st.compress[COMPRESS_DROP].requests == 2 && st.compress[COMPRESS_DROP].dropped > 0);
+            CHECK(out[0].timing.compress.applied && out[0].timing.compress.dropped > 0);
+        } else {
+            CHECK_MSG(!overlapped, "two whole prompts ran together under a budget for one");
+            CHECK(st.compress[COMPRESS_DROP].requests == 0 && !out[0].timing.compress.applied);
+        }
+        for (int i = 0; i < 2; i++) {
+            const int same = out[i].n_ids == alone[0].n && !memcmp(out[i].ids, alone[0].ids, (size_t)alone[0].n * 4);
+            CHECK_MSG(same, "compress %d, request %d: scheduled tokens differ from generate()'s", compress, i);
+            pthread_mutex_destroy(&out[i].lock);
+        }
+        sched_destroy(s, 1);
+    }
+    free(ids[0]);
+}
+
 /* The context one request can use follows the budget: the whole context
  * when unlimited, what the budget holds for one request alone below that,
  * and it moves when the budget does. */
@@ -381,6 +445,7 @@ int main(void) {
     test_preemption(&m, 32);
     test_preemption(&m, 4);
     test_context_capacity(&m);
+    test_compressed_admission(&m);
     model_free(&m);
     return check_report("test_scheduler");
 }
