@@ -364,8 +364,12 @@ static void test_compressed_admission(struct model *m) {
     n_ids[0] = n_ids[1] = encode_chat(m, text, &ids[0]);
     ids[1] = ids[0];
     CHECK(n_ids[0] > 500);
-    for (int compress = 0; compress < 2; compress++) {
+    /* 0: whole prompts; 1: compressed; 2: compressed and speculating on
+     * every draft found, so rejected drafts are rolled back in a compact
+     * cache (the same tokens still). */
+    for (int compress = 0; compress < 3; compress++) {
         struct gen_params p = greedy(48);
+        p.speculative = compress == 2 ? DRAFT_NGRAM : DRAFT_NONE;
         p.kv_bits = 32;   /* at 4 bits a prompt this short is mostly its f32 window pages' reservation */
         p.compress = compress_defaults();
         if (compress) {
@@ -379,7 +383,8 @@ static void test_compressed_admission(struct model *m) {
         kv_account_init(&probe, &m->cfg, 32, 0);
         const size_t one = kv_account_bytes_for(&probe, n_ids[0] + 48);
         kv_account_destroy(&probe);
-        struct sched_config cfg = {.max_running = 4, .max_waiting = 4, .kv_budget_bytes = one + one / 3, .kv_bits = 32};
+        struct sched_config cfg = {.max_running = 4, .max_waiting = 4, .kv_budget_bytes = one + one / 3, .kv_bits = 32,
+                                   .draft_always = compress == 2};
         struct sched *s = sched_create(m, &cfg);
         CHECK(s != NULL);
         if (!s) break;
@@ -393,6 +398,7 @@ static void test_compressed_admission(struct model *m) {
         if (compress) {
             CHECK_MSG(overlapped, "the second request waited for the first although the first compressed");
             CHECK(st.compress[COMPRESS_DROP].requests == 2 && st.compress[COMPRESS_DROP].dropped > 0);
+            if (compress == 2) CHECK_MSG(st.draft_tokens > st.accepted_tokens, "no draft was rejected: nothing rolled back");
             CHECK(out[0].timing.compress.applied && out[0].timing.compress.dropped > 0);
         } else {
             CHECK_MSG(!overlapped, "two whole prompts ran together under a budget for one");
