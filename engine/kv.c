@@ -290,6 +290,22 @@ static int window_ensure(struct kv_cache *kv, int from, int n) {
     return rc;
 }
 
+void kv_cache_limit_pass(struct kv_cache *kv, int max_pass) {
+    const int w = window_pages_for(&kv->layout, kv->n_ctx, max_pass);
+    if (!kv->window || w >= kv->window_max) return;
+    /* Keep only what the next query reads: the pages of n_past - 1 and
+     * n_past's page before (all held: the last pass wrote or read them). */
+    if (kv->n_past > 0) window_ensure(kv, kv->n_past, kv->n_past);
+    kv->window_max = w;
+    if (kv->account && kv->n_reserved > 0) {
+        const size_t want = bytes_held_at_most(&kv->layout, kv->n_reserved, w) - kv->compact_saved;
+        if (want < kv->reserved_bytes) {
+            account_add(kv->account, &kv->account->reserved_bytes, -(long long)(kv->reserved_bytes - want));
+            kv->reserved_bytes = want;
+        }
+    }
+}
+
 int kv_cache_ensure(struct kv_cache *kv, int n) {
     if (n > kv->n_ctx || kv_cache_reserve(kv, n) != KV_OK) return -1;
     const struct kv_layout *l = &kv->layout;

@@ -171,6 +171,12 @@ enum kv_status kv_cache_reserve(struct kv_cache *kv, int n);
 void kv_cache_free(struct kv_cache *kv);
 /* Drops every position (keeps pages for reuse). */
 void kv_cache_clear(struct kv_cache *kv);
+/* From now on no pass appends more than max_pass positions (a sequence
+ * whose prompt is done decodes a token, or a verification pass, at a time):
+ * at 8 and 4 bits the f32 window pages beyond what such passes hold are
+ * freed now and leave the reservation, which a prompt's longest chunk set.
+ * Never raises the limit. */
+void kv_cache_limit_pass(struct kv_cache *kv, int max_pass);
 /* Forgets positions n .. n_past-1 (speculative decoding's rollback of the
  * drafted tokens a verification pass rejected): the next pass writes over
  * them, and until then nothing reads them, so the cache is exactly what it

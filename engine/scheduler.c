@@ -578,6 +578,8 @@ static void step(struct sched *s) {
         if (r->n_prefilled < r->n_replay) {
             r->n_prefilled += s->batch[b].n_tok;
             if (r->kv.obs && r->n_prefilled == compress_point(&r->params.compress, r->n_prompt)) compress_prompt(s, r);
+            /* Decoding passes are short: the prompt chunks' window pages go. */
+            if (r->n_prefilled == r->n_replay) kv_cache_limit_pass(&r->kv, r->params.speculative ? DRAFT_MAX + 1 : 1);
             if (r->n_prefilled < r->n_replay || r->gen.n_generated > 0) continue;
         }
         if (r->gen.finish != FINISH_NONE) continue;

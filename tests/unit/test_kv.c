@@ -1061,6 +1061,43 @@ static void test_compact_account(void) {
     }
 }
 
+/* A prompt prefilled in long passes holds (and reserved) the window pages
+ * its longest pass needs; once it only decodes, kv_cache_limit_pass gives
+ * back all but the two a one-token pass reads, and decoding goes on with
+ * the same bits as a cache that kept them. */
+static void test_limit_pass(void) {
+    const struct ebb_backend *be = ebb_backend_cpu();
+    struct attend_fixture f;
+    fixture_init(&f, 2, 2, 64, 4, 600);
+    struct kv_cache keep;
+    CHECK(kv_cache_init(&keep, &f.c, 600, &f.acc) == 0);
+    CHECK(fill_cache(&f.kv, be, &f.d, 300, 256) == 0 && fill_cache(&keep, be, &f.d, 300, 256) == 0);
+    const struct kv_layout *lay = &f.acc.layout;
+    const size_t alloc0 = f.acc.allocated_bytes, res0 = f.acc.reserved_bytes;
+    const int held0 = f.kv.window_hi - f.kv.window_lo + 1, max0 = f.kv.window_max;
+    CHECK(held0 == 2 && max0 == 6);   /* the pass 256..299 holds pages 3 and 4 */
+    kv_cache_limit_pass(&f.kv, 1);
+    CHECK(f.kv.window_max == 2);
+    CHECK(f.acc.allocated_bytes == alloc0);   /* nothing held beyond the two */
+    CHECK_MSG(f.acc.reserved_bytes == res0 - (size_t)(max0 - 2) * lay->window_page_bytes, "reserved %zu of %zu",
+              f.acc.reserved_bytes, res0);
+    kv_cache_limit_pass(&f.kv, 64);   /* never raised */
+    CHECK(f.kv.window_max == 2);
+    float q[64], a[64], b[64];
+    int same = 1;
+    for (int n = 301; n <= 420; n++) {
+        CHECK(fill_cache(&f.kv, be, &f.d, n, 1) == 0 && fill_cache(&keep, be, &f.d, n, 1) == 0);
+        for (int i = 0; i < 64; i++) q[i] = gauss();
+        kv_attend(&f.kv, be, 1, 0, q, n, 0.125f, f.scratch, a);
+        kv_attend(&keep, be, 1, 0, q, n, 0.125f, f.scratch, b);
+        same &= !memcmp(a, b, sizeof a);
+    }
+    CHECK_MSG(same, "decoding after kv_cache_limit_pass changed attention");
+    CHECK(fill_cache(&f.kv, be, &f.d, 520, 100) == -1);   /* a pass over four pages is refused */
+    kv_cache_free(&keep);
+    fixture_free(&f);
+}
+
 /* The selection: sinks always kept; SnapKV keeps the best scores and
  * demotes the next best; "recent" keeps the last positions; "random" is
  * the seed's; every head gets the counts asked for. */
@@ -1362,6 +1399,7 @@ int main(void) {
     test_compact_semantics();
     test_compact_account();
     test_compress_selection();
+    test_limit_pass();
 
     char path[1024], err[512];
     if (check_model_path(path, sizeof path)) return check_report_skipped("test_kv", path);
