@@ -206,7 +206,7 @@ int compress_apply(struct kv_cache *kv, const struct model_config *cfg, const st
     int rc = -1;
     if (tiers && (p->select != COMPRESS_SNAPKV || (scores && snapkv_scores(kv, cfg, be, boundary, scores) == 0))) {
         compress_select_tiers(p, scores, n_heads, boundary, n_keep, low_count(p, n_prompt, boundary, n_keep), tiers);
-        rc = kv_cache_compact(kv, be, boundary, tiers);
+        rc = kv_cache_compact(kv, be, boundary, tiers, p->low_key_bits == 4 ? 4 : KV_LOW_BITS);
     }
     free(scores);
     free(tiers);

@@ -50,6 +50,7 @@ struct compress_params {
     float low_budget;      /* demote mode: share of the prompt demoted, the next best after the kept
                             * ones, the rest dropped (a byte budget's mix); < 0: all the rest */
     int min_prompt;        /* prompts shorter than this are not compressed */
+    int low_key_bits;      /* demoted keys: 2 (per channel, the default) or 4 (per position); 0: 2 */
     int at;                /* compress after this many prompt tokens, the rest fed after (the
                             * question-agnostic evaluation); 0: after the whole prompt */
     uint64_t seed;         /* COMPRESS_RANDOM */

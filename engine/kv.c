@@ -416,7 +416,9 @@ struct kv_compact {
     int low_group;          /* values per group of a 2-bit value row */
     int low_rotate;         /* the 2-bit tier is stored rotated by H64 */
     size_t keep_row;        /* one head's keys (or values) at one position, at the cache's precision */
+    int low_key_bits;       /* 2: per-channel packs; 4: KV4 rows per position */
     size_t low_codes;       /* codes of one head's row at 2 bits */
+    size_t low_k_bytes;     /* a chunk's keys: code rows and per-channel pairs, or KV4 rows */
     size_t low_v_row;       /* a 2-bit value row: codes then pairs */
     size_t low_chunk;
     uint8_t *keep;          /* [n_layer][n_head_kv][2][n_keep] rows */
@@ -436,7 +438,7 @@ static size_t keep_row_bytes(const struct kv_layout *l) {
     return hd * (size_t)l->bits / 8 + (hd / (size_t)l->group) * 2 * sizeof(uint16_t);
 }
 
-static void compact_shape(struct kv_compact *c, const struct kv_layout *l, int n_keep, int n_low) {
+static void compact_shape(struct kv_compact *c, const struct kv_layout *l, int n_keep, int n_low, int low_key_bits) {
     const size_t hd = (size_t)l->head_dim;
     c->n_keep = n_keep;
     c->n_low = n_low;
@@ -447,14 +449,18 @@ static void compact_shape(struct kv_compact *c, const struct kv_layout *l, int n
     c->keep_row = keep_row_bytes(l);
     c->low_codes = hd * KV_LOW_BITS / 8;
     c->low_v_row = c->low_codes + (hd / (size_t)c->low_group) * 2 * sizeof(uint16_t);
-    c->low_chunk = KV_PAGE_TOKENS * c->low_codes + hd * 2 * sizeof(uint16_t) + KV_PAGE_TOKENS * c->low_v_row;
+    c->low_key_bits = low_key_bits;
+    c->low_k_bytes = low_key_bits == KV_LOW_BITS
+                         ? KV_PAGE_TOKENS * c->low_codes + hd * 2 * sizeof(uint16_t)
+                         : KV_PAGE_TOKENS * (hd * 4 / 8 + (hd / (size_t)c->low_group) * 2 * sizeof(uint16_t));
+    c->low_chunk = c->low_k_bytes + KV_PAGE_TOKENS * c->low_v_row;
     const size_t heads = (size_t)l->n_layer * (size_t)c->n_head_kv;
     c->bytes = heads * (2 * (size_t)n_keep * c->keep_row + (size_t)pages_for(n_low) * c->low_chunk);
 }
 
-size_t kv_compact_bytes(const struct kv_layout *l, int n_keep, int n_low) {
+size_t kv_compact_bytes(const struct kv_layout *l, int n_keep, int n_low, int low_key_bits) {
     struct kv_compact c;
-    compact_shape(&c, l, n_keep, n_low);
+    compact_shape(&c, l, n_keep, n_low, low_key_bits);
     return c.bytes;
 }
 
@@ -473,7 +479,12 @@ static uint16_t *low_key_dm(const struct kv_compact *c, uint8_t *chunk) {
 }
 
 static uint8_t *low_values(const struct kv_compact *c, uint8_t *chunk) {
-    return (uint8_t *)(low_key_dm(c, chunk) + 2 * (size_t)c->head_dim);
+    return chunk + c->low_k_bytes;
+}
+
+/* A 4-bit key row of a chunk (low_key_bits 4): codes then pairs. */
+static size_t low_k_row(const struct kv_compact *c) {
+    return (size_t)c->head_dim / 2 + (size_t)(c->head_dim / c->low_group) * 2 * sizeof(uint16_t);
 }
 
 /* Head kvh's part of a body row, copied into a kept row. */
@@ -513,7 +524,13 @@ static void head_row_f32(const struct kv_cache *kv, const struct ebb_backend *be
  * of values. */
 static void store_low_chunk(const struct kv_compact *c, int hd, uint8_t *chunk, const float *k, const float *v,
                             int n) {
-    ebb_kvq_quantize_channels(KV_LOW_BITS, k, n, hd, c->low_group, chunk, c->low_codes, low_key_dm(c, chunk));
+    if (c->low_key_bits == KV_LOW_BITS) {
+        ebb_kvq_quantize_channels(KV_LOW_BITS, k, n, hd, c->low_group, chunk, c->low_codes, low_key_dm(c, chunk));
+    } else {
+        uint8_t *krow = chunk;
+        for (int r = 0; r < n; r++, krow += low_k_row(c))
+            ebb_kvq_quantize_row(4, k + (size_t)r * hd, hd, c->low_group, krow, (uint16_t *)(void *)(krow + hd / 2));
+    }
     uint8_t *vrow = low_values(c, chunk);
     for (int r = 0; r < n; r++, vrow += c->low_v_row)
         ebb_kvq_quantize_row(KV_LOW_BITS, v + (size_t)r * hd, hd, c->low_group, vrow,
@@ -559,15 +576,17 @@ static int tier_counts(const struct kv_layout *l, int boundary, const uint8_t *t
     return 0;
 }
 
-int kv_cache_compact(struct kv_cache *kv, const struct ebb_backend *be, int boundary, const uint8_t *tiers) {
+int kv_cache_compact(struct kv_cache *kv, const struct ebb_backend *be, int boundary, const uint8_t *tiers,
+                     int low_key_bits) {
     const struct kv_layout *l = &kv->layout;
     int n_keep = 0, n_low = 0;
     if (kv->compact || boundary <= 0 || boundary % KV_PAGE_TOKENS || boundary > kv_cache_compact_limit(kv) ||
+        (low_key_bits != KV_LOW_BITS && low_key_bits != 4) ||
         tier_counts(l, boundary, tiers, &n_keep, &n_low))
         return -1;
     struct kv_compact *c = calloc(1, sizeof *c);
     if (!c) return -1;
-    compact_shape(c, l, n_keep, n_low);
+    compact_shape(c, l, n_keep, n_low, low_key_bits);
     const int hd = l->head_dim;
     const size_t heads = (size_t)l->n_layer * (size_t)c->n_head_kv;
     c->keep = malloc(heads * 2 * (size_t)n_keep * c->keep_row + 1);
@@ -761,7 +780,11 @@ static struct segment compact_segment(const struct kv_cache *kv, const struct eb
         s.n = c->n_low - chunk * KV_PAGE_TOKENS < KV_PAGE_TOKENS ? c->n_low - chunk * KV_PAGE_TOKENS : KV_PAGE_TOKENS;
         s.rotated = c->low_rotate;
         if (kind == 0) {
-            be->kv_rows_qc(view, at, c->low_codes, low_key_dm(c, at), s.n, hd, KV_LOW_BITS, c->low_group);
+            if (c->low_key_bits == KV_LOW_BITS)
+                be->kv_rows_qc(view, at, c->low_codes, low_key_dm(c, at), s.n, hd, KV_LOW_BITS, c->low_group);
+            else
+                be->kv_rows_q(view, at, (const uint16_t *)(const void *)(at + hd / 2), low_k_row(c), s.n, hd, 4,
+                              c->low_group);
         } else {
             const uint8_t *v = low_values(c, at);
             be->kv_rows_q(view, v, (const uint16_t *)(const void *)(v + c->low_codes), c->low_v_row, s.n, hd,

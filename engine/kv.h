@@ -241,7 +241,8 @@ int kv_block_tokens(const struct model_config *cfg);
  * The 2-bit tier (KIVI's split): values per position in groups like the
  * body's rows; keys per channel over chunks of up to KV_PAGE_TOKENS
  * positions, one (d, m) pair per channel per chunk, because a key's
- * channels differ in scale far more than its positions do. Both are stored
+ * channels differ in scale far more than its positions do (or, by choice,
+ * keys at 4 bits per position like the body's rows). Both are stored
  * rotated by H64 when head_dim is a multiple of 64 (whatever the cache's
  * precision), so one scale fits each group. A demoted row is quantized from
  * what the cache held: the body's 4 or 8 bits, or f32/f16.
@@ -277,11 +278,14 @@ void kv_cache_forget_observation(struct kv_cache *kv);
  * reads those positions from the window), 0 when none. */
 int kv_cache_compact_limit(const struct kv_cache *kv);
 /* Moves positions [0, boundary) into the compact store as tiers says:
- * tiers[(layer * n_head_kv + head) * boundary + pos]. 0, or -1 (nothing
+ * tiers[(layer * n_head_kv + head) * boundary + pos], demoted keys at
+ * low_key_bits: KV_LOW_BITS (per-channel packs), or 4 (KV4 rows, for
+ * models whose keys 2 bits hurt; values are 2 bits either way). 0, or -1 (nothing
  * changed) when the cache is already compact, boundary is not a positive
  * multiple of KV_PAGE_TOKENS within kv_cache_compact_limit, a sink is not
  * kept, the heads' counts differ, or out of memory. */
-int kv_cache_compact(struct kv_cache *kv, const struct ebb_backend *be, int boundary, const uint8_t *tiers);
+int kv_cache_compact(struct kv_cache *kv, const struct ebb_backend *be, int boundary, const uint8_t *tiers,
+                     int low_key_bits);
 /* The compact store's boundary, its rows per (layer, KV head) at each tier,
  * and its bytes; all 0 before compression. */
 struct kv_compact_info {
@@ -291,7 +295,7 @@ struct kv_compact_info {
 struct kv_compact_info kv_cache_compact_info(const struct kv_cache *kv);
 /* Bytes of a compact store with these counts (what kv_cache_compact would
  * hold), so a policy can size its tiers to a byte budget. */
-size_t kv_compact_bytes(const struct kv_layout *l, int n_keep, int n_low);
+size_t kv_compact_bytes(const struct kv_layout *l, int n_keep, int n_low, int low_key_bits);
 
 /* The softmax weights kv_attend_block computes for a block of queries (an
  * uncompressed cache): w[j * w_stride + p] for query j (token j / n_head,

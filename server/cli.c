@@ -135,6 +135,11 @@ int cli_compress_flag(const char *cmd, const char *a, const char *v, struct comp
         if (cli_float(cmd, a, v, 0, 1, &p->low_budget)) return 2;
     } else if (!strcmp(a, "--compress-tokens")) {
         if (cli_int(cmd, a, v, 1, 1 << 30, &p->budget_tokens)) return 2;
+    } else if (!strcmp(a, "--compress-keys")) {
+        if (cli_int(cmd, a, v, 2, 4, &p->low_key_bits) || p->low_key_bits == 3) {
+            fprintf(stderr, "ebb %s: --compress-keys must be 2 or 4\n", cmd);
+            return 2;
+        }
     } else if (!strcmp(a, "--compress-min")) {
         if (cli_int(cmd, a, v, 0, 1 << 30, &p->min_prompt)) return 2;
     } else {

@@ -517,7 +517,7 @@ static int f_speculative(struct pctx *p, const char *key, json_t *v) {
 /* ebb's extension: false (off), true (demote, the server's budget) or
  * {"mode": "demote"|"drop"|"off", "budget": share in [0, 1] or a token
  * count > 1, "low_budget": share demoted (the rest dropped), "select":
- * "snapkv"|"random"|"recent", "min_prompt": N}. */
+ * "snapkv"|"random"|"recent", "key_bits": 2|4 (demoted keys), "min_prompt": N}. */
 static int f_context_compression(struct pctx *p, const char *key, json_t *v) {
     char got[48], param[64];
     struct oai_request *r = p->r;
@@ -555,12 +555,18 @@ static int f_context_compression(struct pctx *p, const char *key, json_t *v) {
             }
         } else if (!strcmp(k, "low_budget")) {
             if (want_number(p, param, e, 0, false, 1, "a share of the prompt in [0, 1]", &r->compress_low)) return -1;
+        } else if (!strcmp(k, "key_bits")) {
+            int64_t n;
+            if (want_int(p, param, e, 2, 4, "2 or 4", &n) || (n == 3 && BAD(p, param, "'%s' must be 2 or 4, got 3", param)))
+                return -1;
+            r->compress_key_bits = (int)n;
         } else if (!strcmp(k, "min_prompt")) {
             int64_t n;
             if (want_int(p, param, e, 0, INT_MAX, "an integer >= 0", &n)) return -1;
             r->compress_min_prompt = (int)n;
         } else {
-            return BAD(p, param, "unknown field '%s' (mode, budget, low_budget, select and min_prompt are)", param);
+            return BAD(p, param, "unknown field '%s' (mode, budget, low_budget, select, key_bits and min_prompt are)",
+                       param);
         }
     }
     return 0;
@@ -832,7 +838,7 @@ static void request_defaults(struct oai_request *r, enum oai_kind kind) {
     r->top_p = 1.0f;
     r->repetition_penalty = 1.0f;
     r->speculative = -1;
-    r->compress_mode = r->compress_select = r->compress_tokens = r->compress_min_prompt = -1;
+    r->compress_mode = r->compress_select = r->compress_tokens = r->compress_min_prompt = r->compress_key_bits = -1;
     r->compress_budget = r->compress_low = -1;
     r->n = 1;
     r->add_generation_prompt = true;

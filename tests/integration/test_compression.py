@@ -72,6 +72,9 @@ def test_drop_and_token_budget(srv):
     assert c["kept_tokens"] == 300 and c["demoted_tokens"] == 0, c
     assert c["kept_tokens"] + c["dropped_tokens"] == doc["usage"]["prompt_tokens"], c
     mixed = complete(srv, PASSKEY, context_compression={"budget": 0.1, "low_budget": 0.2})
+    keys4 = complete(srv, PASSKEY, context_compression={"budget": 0.1, "low_budget": 0.2, "key_bits": 4})
+    assert keys4["usage"]["context_compression"]["kv_bytes_compressed"] > \
+        mixed["usage"]["context_compression"]["kv_bytes_compressed"]
     m = mixed["usage"]["context_compression"]
     n = mixed["usage"]["prompt_tokens"]
     assert abs(m["demoted_tokens"] - round(0.2 * n)) <= 1 and m["dropped_tokens"] > 0, m
@@ -136,6 +139,8 @@ def test_metrics_count_compressions(srv):
     ({"budget": "half"}, "context_compression.budget"),
     ({"low_budget": 2}, "context_compression.low_budget"),
     ({"select": "best"}, "context_compression.select"),
+    ({"key_bits": 3}, "context_compression.key_bits"),
+    ({"key_bits": 8}, "context_compression.key_bits"),
     ({"min_prompt": -3}, "context_compression.min_prompt"),
     ({"window": 32}, "context_compression.window"),
 ])

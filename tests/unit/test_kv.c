@@ -881,7 +881,7 @@ static void test_compact_lossless(void) {
                   *after = malloc(total * sizeof(float));
             for (size_t i = 0; i < per; i++) q[i] = gauss();
             attend_tail(&f.kv, &f.c, q, f.scratch, before);
-            CHECK(kv_cache_compact(&f.kv, be, boundary, tiers) == 0);
+            CHECK(kv_cache_compact(&f.kv, be, boundary, tiers, 2) == 0);
             attend_tail(&f.kv, &f.c, q, f.scratch, after);
             CHECK_MSG(!memcmp(before, after, total * sizeof(float)),
                       "bits %d head_dim %d: keeping every position changed attention", bits_list[b], hd);
@@ -896,7 +896,7 @@ static void test_compact_lossless(void) {
 /* One head's rows of the 2-bit tier as the documented formats give them
  * back: in order of position, chunks of 64, keys per channel and values
  * per row, in the H64 basis when head_dim is a multiple of 64. */
-static void demote_reference(const struct ebb_backend *be, float *k, float *v, int n_rows, int hd) {
+static void demote_reference(const struct ebb_backend *be, float *k, float *v, int n_rows, int hd, int key_bits) {
     int group = 64;
     while (hd % group) group /= 2;
     const int rotate = hd % 64 == 0;
@@ -906,7 +906,11 @@ static void demote_reference(const struct ebb_backend *be, float *k, float *v, i
         be->hadamard64(k + (size_t)r * hd, hd);
         be->hadamard64(v + (size_t)r * hd, hd);
     }
-    for (int c0 = 0; c0 < n_rows; c0 += 64) {
+    for (int r = 0; r < n_rows && key_bits == 4; r++) {
+        ebb_kvq_quantize_row(4, k + (size_t)r * hd, hd, group, codes, dm);
+        ebb_kvq_dequantize_row(4, codes, dm, hd, group, k + (size_t)r * hd);
+    }
+    for (int c0 = 0; c0 < n_rows && key_bits == 2; c0 += 64) {
         const int rows = n_rows - c0 < 64 ? n_rows - c0 : 64;
         ebb_kvq_quantize_channels(2, k + (size_t)c0 * hd, rows, hd, group, codes, (size_t)hd / 4, dm);
         ebb_kvq_dequantize_channels(2, codes, (size_t)hd / 4, dm, rows, hd, group, k + (size_t)c0 * hd);
@@ -925,7 +929,7 @@ static void demote_reference(const struct ebb_backend *be, float *k, float *v, i
  * say remains: kept positions exact, dropped ones absent, demoted ones as
  * the 2-bit formats return them (demote_reference), the positions from the
  * boundary on exact. Also: blocks give the same bits as single queries. */
-static void check_compact_semantics(int hd, int n_keep, int n_low) {
+static void check_compact_semantics(int hd, int n_keep, int n_low, int key_bits) {
     const struct ebb_backend *be = ebb_backend_cpu();
     const int n = 330;
     struct attend_fixture f;
@@ -933,7 +937,7 @@ static void check_compact_semantics(int hd, int n_keep, int n_low) {
     CHECK(fill_cache(&f.kv, be, &f.d, n, 64) == 0);
     const int boundary = kv_cache_compact_limit(&f.kv);
     uint8_t *tiers = make_tiers(&f.c, boundary, n_keep, n_low);
-    CHECK(kv_cache_compact(&f.kv, be, boundary, tiers) == 0);
+    CHECK(kv_cache_compact(&f.kv, be, boundary, tiers, key_bits) == 0);
     const struct kv_compact_info ci = kv_cache_compact_info(&f.kv);
     CHECK(ci.boundary == boundary && ci.n_keep == n_keep && ci.n_low == n_low);
     float *k = malloc((size_t)n * hd * sizeof(float)), *v = malloc((size_t)n * hd * sizeof(float));
@@ -950,7 +954,7 @@ static void check_compact_semantics(int hd, int n_keep, int n_low) {
                     memcpy(lv + (size_t)nl * hd, data_v(&f.d, p, l) + h * hd, (size_t)hd * sizeof(float));
                     nl++;
                 }
-            demote_reference(be, lk, lv, nl, hd);
+            demote_reference(be, lk, lv, nl, hd, key_bits);
             nl = 0;
             for (int p = 0; p < n; p++) {
                 const float *src_k = data_k(&f.d, p, l) + h * hd, *src_v = data_v(&f.d, p, l) + h * hd;
@@ -985,8 +989,8 @@ static void check_compact_semantics(int hd, int n_keep, int n_low) {
                 }
             }
         }
-    CHECK_MSG(worst < 2e-5, "head_dim %d keep %d low %d: compact attention differs from the reference by %g", hd,
-              n_keep, n_low, worst);
+    CHECK_MSG(worst < 2e-5, "head_dim %d keep %d low %d keys %d: compact attention differs from the reference by %g",
+              hd, n_keep, n_low, key_bits, worst);
     CHECK_MSG(invariant, "head_dim %d: compact attention depends on the block", hd);
     free(k);
     free(v);
@@ -997,10 +1001,12 @@ static void check_compact_semantics(int hd, int n_keep, int n_low) {
 }
 
 static void test_compact_semantics(void) {
-    check_compact_semantics(64, 50, 0);      /* drop */
-    check_compact_semantics(64, 40, 100);    /* keep, demote (two chunks), drop */
-    check_compact_semantics(64, 4, 188);     /* everything demoted but the sinks */
-    check_compact_semantics(40, 70, 60);     /* unrotated, groups of 8 */
+    check_compact_semantics(64, 50, 0, 2);      /* drop */
+    check_compact_semantics(64, 40, 100, 2);    /* keep, demote (two chunks), drop */
+    check_compact_semantics(64, 4, 188, 2);     /* everything demoted but the sinks */
+    check_compact_semantics(40, 70, 60, 2);     /* unrotated, groups of 8 */
+    check_compact_semantics(64, 40, 100, 4);    /* demoted keys at 4 bits */
+    check_compact_semantics(40, 70, 60, 4);
 }
 
 /* The account follows compaction: the pages before the boundary go, the
@@ -1021,20 +1027,22 @@ static void test_compact_account(void) {
         CHECK(boundary == 256);
         uint8_t *bad = make_tiers(&f.c, boundary, 60, 50);
         const size_t alloc0 = f.acc.allocated_bytes, res0 = f.acc.reserved_bytes;
-        CHECK(kv_cache_compact(&f.kv, be, 320, bad) == -1);   /* beyond the limit */
-        CHECK(kv_cache_compact(&f.kv, be, 100, bad) == -1);   /* not a page boundary */
+        CHECK(kv_cache_compact(&f.kv, be, 320, bad, 2) == -1);   /* beyond the limit */
+        CHECK(kv_cache_compact(&f.kv, be, 100, bad, 2) == -1);   /* not a page boundary */
+        CHECK(kv_cache_compact(&f.kv, be, boundary, bad, 3) == -1);   /* no such key format */
         bad[2] = KV_TIER_LOW;                                 /* a sink not kept */
-        CHECK(kv_cache_compact(&f.kv, be, boundary, bad) == -1);
+        CHECK(kv_cache_compact(&f.kv, be, boundary, bad, 2) == -1);
         bad[2] = KV_TIER_KEEP;
         bad[10 + boundary] = bad[10 + boundary] == KV_TIER_DROP ? KV_TIER_KEEP : KV_TIER_DROP;   /* counts differ */
-        CHECK(kv_cache_compact(&f.kv, be, boundary, bad) == -1);
+        CHECK(kv_cache_compact(&f.kv, be, boundary, bad, 2) == -1);
         CHECK(f.acc.allocated_bytes == alloc0 && f.acc.reserved_bytes == res0 && !f.kv.compact);
         free(bad);
 
         uint8_t *tiers = make_tiers(&f.c, boundary, 60, 50);
-        CHECK(kv_cache_compact(&f.kv, be, boundary, tiers) == 0);
-        CHECK(kv_cache_compact(&f.kv, be, boundary, tiers) == -1);   /* already compact */
-        const size_t store = kv_compact_bytes(lay, 60, 50), pages = (size_t)(boundary / 64) * lay->page_bytes;
+        CHECK(kv_cache_compact(&f.kv, be, boundary, tiers, 2) == 0);
+        CHECK(kv_cache_compact(&f.kv, be, boundary, tiers, 2) == -1);   /* already compact */
+        CHECK(kv_compact_bytes(lay, 60, 50, 4) > kv_compact_bytes(lay, 60, 50, 2));
+        const size_t store = kv_compact_bytes(lay, 60, 50, 2), pages = (size_t)(boundary / 64) * lay->page_bytes;
         CHECK(kv_cache_compact_info(&f.kv).bytes == store && store < pages);
         CHECK_MSG(f.acc.allocated_bytes == alloc0 - pages + store, "bits %d: allocated %zu, expected %zu", bits,
                   f.acc.allocated_bytes, alloc0 - pages + store);
