@@ -744,6 +744,10 @@ static const float *page_view(const struct kv_cache *kv, const struct ebb_backen
     return view;
 }
 
+static int window_held(const struct kv_cache *kv, int page) {
+    return page >= kv->window_lo && page <= kv->window_hi && kv->window[page];
+}
+
 /* Queries of a block are in position order (query j at pos0 + j / n_head),
  * so on every page those that read it from the body come last: the index
  * of the first, or nq if none does. */
@@ -868,7 +872,11 @@ static void block_scores(struct block *b, const struct kv_cache *kv, const struc
     const int last_page = last / KV_PAGE_TOKENS;
     for (int page = b->first_page; page <= last_page; page++) {
         const int r0 = page * KV_PAGE_TOKENS, rows = last + 1 - r0 < KV_PAGE_TOKENS ? last + 1 - r0 : KV_PAGE_TOKENS;
-        const int split = first_body_query(l, page, pos0, n_head, nq);
+        int split = first_body_query(l, page, pos0, n_head, nq);
+        /* Scoring reads earlier queries than the last pass: a window page
+         * already given back is read from the body (attention never lacks
+         * one). */
+        if (split > 0 && kv->window && !window_held(kv, page)) split = 0;
         float *s = b->s + (r0 - b->off);
         if (split > 0) {
             size_t ks;

@@ -300,7 +300,9 @@ size_t kv_compact_bytes(const struct kv_layout *l, int n_keep, int n_low, int lo
 /* The softmax weights kv_attend_block computes for a block of queries (an
  * uncompressed cache): w[j * w_stride + p] for query j (token j / n_head,
  * head j % n_head, as kv_attend_block numbers them) and positions p <= its
- * own. Context compression scores positions with them. */
+ * own. Context compression scores positions with them, after the pass that
+ * computed the queries: a window page given back since is read from the
+ * body instead. */
 void kv_attend_weights(const struct kv_cache *kv, const struct ebb_backend *be, int layer, int kvh, const float *q,
                        size_t stride, int n_tok, int n_head, int pos0, float scale, float *scratch, float *w,
                        size_t w_stride);

@@ -1069,6 +1069,40 @@ static void test_compact_account(void) {
     }
 }
 
+/* Compression scores a prompt after its last pass, with the queries of its
+ * last 32 positions; when that pass was short, the window pages those
+ * queries read have been given back, and the weights come from the body:
+ * each query's weights still sum to 1 and agree with an f32 cache's. */
+static void test_weights_after_short_pass(void) {
+    const struct ebb_backend *be = ebb_backend_cpu();
+    struct attend_fixture f, f32;
+    fixture_init(&f, 1, 2, 64, 4, 513);
+    fixture_init(&f32, 1, 2, 64, 32, 513);
+    CHECK(fill_cache(&f.kv, be, &f.d, 512, 256) == 0 && fill_cache(&f.kv, be, &f.d, 513, 1) == 0);
+    CHECK(fill_cache(&f32.kv, be, &f.d, 513, 256) == 0);
+    CHECK(f.kv.window_lo == 7);   /* the last pass (position 512) holds pages 7 and 8 */
+    enum { T = 8, POS0 = 513 - 32 };
+    float q[T * 2 * 64], *w = malloc((size_t)T * 2 * 513 * sizeof(float)), *w32 = malloc((size_t)T * 2 * 513 * sizeof(float));
+    for (int i = 0; i < T * 2 * 64; i++) q[i] = gauss();
+    kv_attend_weights(&f.kv, be, 0, 1, q, 128, T, 2, POS0, 0.125f, f.scratch, w, 513);
+    kv_attend_weights(&f32.kv, be, 0, 1, q, 128, T, 2, POS0, 0.125f, f32.scratch, w32, 513);
+    double worst_sum = 0, worst = 0;
+    for (int j = 0; j < T * 2; j++) {
+        double sum = 0;
+        for (int p = 0; p <= POS0 + j / 2; p++) {
+            sum += w[(size_t)j * 513 + p];
+            worst = fmax(worst, fabs(w[(size_t)j * 513 + p] - w32[(size_t)j * 513 + p]));
+        }
+        worst_sum = fmax(worst_sum, fabs(sum - 1));
+    }
+    CHECK_MSG(worst_sum < 1e-5 && worst < 0.1, "weights after a short pass: sum off by %g, %g from f32", worst_sum,
+              worst);
+    free(w);
+    free(w32);
+    fixture_free(&f);
+    fixture_free(&f32);
+}
+
 /* A prompt prefilled in long passes holds (and reserved) the window pages
  * its longest pass needs; once it only decodes, kv_cache_limit_pass gives
  * back all but the two a one-token pass reads, and decoding goes on with
@@ -1408,6 +1442,7 @@ int main(void) {
     test_compact_account();
     test_compress_selection();
     test_limit_pass();
+    test_weights_after_short_pass();
 
     char path[1024], err[512];
     if (check_model_path(path, sizeof path)) return check_report_skipped("test_kv", path);
