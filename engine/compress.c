@@ -179,10 +179,12 @@ static double now_ms(void) {
     return (double)ts.tv_sec * 1e3 + (double)ts.tv_nsec / 1e6;
 }
 
+/* The body bytes the positions held need: the store and the pages that
+ * hold positions (a reused cache may keep pages beyond them for later). */
 static size_t cache_bytes(const struct kv_cache *kv) {
     const struct kv_compact_info ci = kv_cache_compact_info(kv);
     size_t pages = 0;
-    for (int p = 0; p < kv->n_pages; p++) pages += kv->pages[p] != NULL;
+    for (int p = 0; p < kv->n_pages && p * KV_PAGE_TOKENS < kv->n_past; p++) pages += kv->pages[p] != NULL;
     return pages * kv->layout.page_bytes + ci.bytes;
 }
 
