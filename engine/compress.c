@@ -12,7 +12,7 @@
 struct compress_params compress_defaults(void) {
     return (struct compress_params){
         .mode = COMPRESS_OFF, .select = COMPRESS_SNAPKV, .budget = 0.25f, .low_budget = -1,
-        .min_prompt = COMPRESS_MIN_PROMPT};
+        .min_prompt = COMPRESS_MIN_PROMPT, .low_key_bits = 4};
 }
 
 static const char *const mode_names[] = {"off", "demote", "drop"};
@@ -208,7 +208,7 @@ int compress_apply(struct kv_cache *kv, const struct model_config *cfg, const st
     int rc = -1;
     if (tiers && (p->select != COMPRESS_SNAPKV || (scores && snapkv_scores(kv, cfg, be, boundary, scores) == 0))) {
         compress_select_tiers(p, scores, n_heads, boundary, n_keep, low_count(p, n_prompt, boundary, n_keep), tiers);
-        rc = kv_cache_compact(kv, be, boundary, tiers, p->low_key_bits == 4 ? 4 : KV_LOW_BITS);
+        rc = kv_cache_compact(kv, be, boundary, tiers, p->low_key_bits == KV_LOW_BITS ? KV_LOW_BITS : 4);
     }
     free(scores);
     free(tiers);

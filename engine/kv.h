@@ -233,7 +233,8 @@ int kv_block_tokens(const struct model_config *cfg);
  * The mechanism; engine/compress.h decides what goes where. Compression
  * moves positions [0, boundary) of a cache out of its pages into a compact
  * store, per layer and KV head: each position is kept at the cache's
- * precision (KV_TIER_KEEP), demoted to 2 bits (KV_TIER_LOW) or dropped.
+ * precision (KV_TIER_KEEP), demoted (KV_TIER_LOW: values at 2 bits, keys
+ * at 2 or 4) or dropped.
  * Every (layer, KV head) keeps and demotes the same number of positions, so
  * the store is dense arrays, and its pages are freed: the account's
  * allocation and this cache's reservation shrink by what it saves.
@@ -241,8 +242,9 @@ int kv_block_tokens(const struct model_config *cfg);
  * The 2-bit tier (KIVI's split): values per position in groups like the
  * body's rows; keys per channel over chunks of up to KV_PAGE_TOKENS
  * positions, one (d, m) pair per channel per chunk, because a key's
- * channels differ in scale far more than its positions do (or, by choice,
- * keys at 4 bits per position like the body's rows). Both are stored
+ * channels differ in scale far more than its positions do -- or keys at 4
+ * bits per position like the body's rows, which engine/compress.h chooses
+ * by default (2-bit keys cost the default model too much). Both are stored
  * rotated by H64 when head_dim is a multiple of 64 (whatever the cache's
  * precision), so one scale fits each group. A demoted row is quantized from
  * what the cache held: the body's 4 or 8 bits, or f32/f16.

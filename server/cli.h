@@ -58,7 +58,7 @@ int cli_compress_flag(const char *cmd, const char *a, const char *v, struct comp
     "  --compress-low F    demote only this share (the next best), drop the rest\n" \
     "  --compress-select S snapkv (default), random or recent (ablations)\n" \
     "  --compress-min N    prompts shorter than N tokens are not compressed (default 1024)\n" \
-    "  --compress-keys B   demoted keys at 2 bits per channel (default) or 4 bits per token\n"
+    "  --compress-keys B   demoted keys at 4 bits per token (default) or 2 bits per channel\n"
 
 /* --weights native|f32 (engine/model.h); 0, or 2 after printing why not. */
 int cli_weights(const char *cmd, const char *value, enum model_weights *out);

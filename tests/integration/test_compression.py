@@ -5,7 +5,8 @@ The daemon runs at KV4 with `--context-compression demote` and
 compressed and short ones are not. What is checked, and against what:
   - a pass key hidden in ~1,500 tokens of filler is found with the whole
     cache, and still found with 25% of the prompt kept at 4 bits and the rest
-    demoted to 2 bits (the classic passkey test: the answer is known);
+    demoted (the classic passkey test: the answer is known); 2-bit keys
+    take less memory than the default 4-bit ones;
   - usage.context_compression reports what the stage did and agrees with the
     request: kept is the budget's share, demoted + kept (+ dropped) is the
     prompt, the cache shrank; drop mode drops instead of demoting; a request
@@ -63,7 +64,10 @@ def test_passkey_survives_demotion(srv):
     n = u["prompt_tokens"]
     assert abs(c["kept_tokens"] - n // 4) <= 1, c
     assert c["kept_tokens"] + c["demoted_tokens"] == n and c["dropped_tokens"] == 0, c
-    assert 0 < c["kv_bytes_compressed"] < c["kv_bytes"] * 3 // 4, c
+    assert 0 < c["kv_bytes_compressed"] < c["kv_bytes"] * 9 // 10, c
+    keys2 = complete(srv, PASSKEY, context_compression={"mode": "demote", "budget": 0.25, "key_bits": 2})
+    c2 = keys2["usage"]["context_compression"]
+    assert c2["kv_bytes_compressed"] < c["kv_bytes_compressed"] * 0.85, (c2, c)
 
 
 def test_drop_and_token_budget(srv):
@@ -72,9 +76,6 @@ def test_drop_and_token_budget(srv):
     assert c["kept_tokens"] == 300 and c["demoted_tokens"] == 0, c
     assert c["kept_tokens"] + c["dropped_tokens"] == doc["usage"]["prompt_tokens"], c
     mixed = complete(srv, PASSKEY, context_compression={"budget": 0.1, "low_budget": 0.2})
-    keys4 = complete(srv, PASSKEY, context_compression={"budget": 0.1, "low_budget": 0.2, "key_bits": 4})
-    assert keys4["usage"]["context_compression"]["kv_bytes_compressed"] > \
-        mixed["usage"]["context_compression"]["kv_bytes_compressed"]
     m = mixed["usage"]["context_compression"]
     n = mixed["usage"]["prompt_tokens"]
     assert abs(m["demoted_tokens"] - round(0.2 * n)) <= 1 and m["dropped_tokens"] > 0, m

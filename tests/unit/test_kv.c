@@ -1351,7 +1351,7 @@ static char *english_text(char *path, size_t size, size_t *len) {
 /* Context compression on the model, question-agnostic (the context is
  * compressed before the question is read): a pass key hidden halfway into
  * about 1,500 tokens of filler (the classic passkey test) is still found
- * with 25% of the prompt kept at 4 bits and the rest demoted to 2 bits, as
+ * with 25% of the prompt kept at 4 bits and the rest demoted, as
  * with the whole cache; the stage reports what it did, and the cache
  * shrank. */
 static void test_model_passkey(struct model_run *r) {
@@ -1389,7 +1389,7 @@ static void test_model_passkey(struct model_run *r) {
     CHECK_MSG(strstr(full.buf, "68231"), "the whole cache does not find the key: %s", full.buf);
     CHECK_MSG(strstr(demoted.buf, "68231"), "the demoted cache does not find the key: %s", demoted.buf);
     CHECK(c->applied && c->n_prompt == n && c->kept + c->demoted + c->dropped == n && c->dropped == 0);
-    CHECK(abs(c->kept - n / 4) <= 1 && c->bytes_after < c->bytes_before * 3 / 4);
+    CHECK(abs(c->kept - n / 4) <= 1 && c->bytes_after < c->bytes_before * 9 / 10);
     free(all);
     free(ids);
     free(q);
