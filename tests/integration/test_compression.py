@@ -79,7 +79,7 @@ def test_drop_and_token_budget(srv):
     m = mixed["usage"]["context_compression"]
     n = mixed["usage"]["prompt_tokens"]
     assert abs(m["demoted_tokens"] - round(0.2 * n)) <= 1 and m["dropped_tokens"] > 0, m
-    assert m["kv_bytes_compressed"] < c["kv_bytes_compressed"] * 1.2, (m, c)
+    assert m["kv_bytes_compressed"] < m["kv_bytes"] * 0.4, m
 
 
 def test_server_default_and_threshold(srv):
