@@ -168,6 +168,9 @@ int cmd_generate(int argc, char **argv) {
             if (c->applied)
                 fprintf(stderr, "[compressed: kept %d, demoted %d, dropped %d of %d positions; KV %zu -> %zu bytes; %.0f ms]\n",
                         c->kept, c->demoted, c->dropped, c->n_prompt, c->bytes_before, c->bytes_after, c->ms);
+            else if (gp.compress.mode != COMPRESS_OFF)
+                fprintf(stderr, "[not compressed: %d tokens to compress; --compress-min is %d, and the budget must "
+                        "leave something out]\n", compress_point(&gp.compress, n), gp.compress.min_prompt);
             rc = 0;
         } else {
             fprintf(stderr, "ebb generate: %s\n", res.error);
