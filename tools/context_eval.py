@@ -1,0 +1,814 @@
+#!/usr/bin/env python3
+"""Evaluation of ebb's context-compression stage (engine/compress.h): what compressing a long
+prompt's KV cache costs in retrieval and in perplexity, against how many bytes it saves.
+
+What it measures
+  passkey  A 5-digit pass key (seeded RNG) hidden in a haystack at a depth (0..100% of the
+           haystack before it), then a question; correct = the key's digits appear in the greedy
+           output of `ebb generate -n 8 --temp 0`. Haystacks: `filler` (the grass is green ...
+           repeated), `natural` (held-out English, ~/.cache/ebb/heldout.txt, an offset per seed),
+           `multikey` (filler with three labelled keys, red/green/blue door; the blue one is asked
+           for and sits at the depth, the other two at seeded random depths). Configurations: the
+           full 4-bit cache (`off`), and `demote` / `drop` at budgets 0.5 / 0.25 / 0.1, each
+           question-agnostic (the context is prefilled and compressed before the question is read:
+           `-p CONTEXT --then QUESTION`, kvpress's protocol) and question-aware (the question ends
+           the prompt, so it is in SnapKV's observation window). Compressed configurations run only
+           at lengths where the full cache finds >= 90% (--min-full) of the canonical (filler,
+           single-key) keys; the harder haystacks run there too, their own full-cache score beside.
+  ppl      `ebb ppl` on the held-out text: each window's first half is prefilled and compressed,
+           the second half scored. Full cache vs each mode and budget: PPL, its change in %, top-1
+           agreement with the full cache (argmax per scored token, --top1-out), KV bytes ratio.
+  ablate   At about equal KV bytes (--target, default 25% of the full 4-bit cache's body bytes):
+           SnapKV drop, SnapKV demote with a low-tier budget (keep share + demoted share, the rest
+           dropped), uniform 2-bit (demote, budget 0, --compress-keys 2: everything but the sinks and
+           recent window at 2 bits; it cannot reach 25%, its real ratio is reported), the same with
+           the default 4-bit demoted keys (uniform-k4v2), random selection drop and StreamingLLM
+           (`recent` selection, drop). Budgets are chosen by calibration runs (a kept position costs
+           ~4.5 bits/value, a demoted one ~3.5 with 4-bit keys; the reported bytes decide), stored in
+           context_calib.csv. Passkey accuracy on a small grid (question-agnostic, and question-aware
+           for the selecting methods; budgets calibrated at the agnostic compression point), and PPL.
+  plot     docs/context_compression.png: passkey accuracy vs budget per mode, PPL change vs KV
+           bytes ratio, passkey accuracy vs bits per value (ablation methods included).
+
+Bytes: ebb reports the cache's body bytes before and after compression (whole 64-position pages
+before, the compact store plus the pages from the boundary on after). bits/value =
+bytes_after * 8 / (positions * values per position), values per position = layers * 2 (K, V) *
+KV heads * head_dim = 30 * 2 * 3 * 64 = 11520 for SmolLM2-135M (--values-per-pos).
+
+How to run (one ebb process at a time, always -t 1; every step appends to CSVs under --out and skips
+rows already there, so an interrupted run resumes):
+    PY=~/.cache/ebb/venv/bin/python
+    $PY tools/context_eval.py passkey            # docs/data/context_passkey.csv
+    $PY tools/context_eval.py ppl                # docs/data/context_ppl.csv
+    $PY tools/context_eval.py ablate             # docs/data/context_ablate*.csv, context_calib.csv
+    $PY tools/context_eval.py plot               # docs/context_compression.png + tables on stdout
+    options: --ebb BIN (default $EBB or /work/main/build-dev/ebb), --model GGUF, --out DIR,
+             --dry-run (list the runs and an estimate of their time, run nothing)
+
+Protocol notes
+  * Lengths are prompt tokens (context + question), approximate: the haystack is sized by a
+    chars/token ratio measured once with `ebb tokenize`, then the exact count is taken.
+  * Binaries before b0d805a crash (segfault in the SnapKV scoring, a window page already given
+    back) when the compression point is 1..31 tokens past a multiple of 256 -- e.g. every
+    `ppl --ctx 4096` (point 2049); --avoid-short-pass sizes prompts around it for such binaries.
+  * Every row records the ebb binary's sha256 prefix (`binary`); rows of another binary are not
+    reused, and `plot` reads only the rows of the --ebb given. Pin a copy of the binary for a run
+    (a rebuild of a moving checkout under a running sweep mixes versions).
+  * `demote` stores demoted positions with 4-bit keys (per position) and 2-bit values, the engine's
+    default since b99cc28 (--compress-keys 4, column `keys`); ablate's uniform-2bit uses
+    --compress-keys 2 (2-bit keys per channel).
+  * `off` is run once per prompt (question appended); agnostic and aware share it.
+"""
+
+import argparse
+import csv
+import os
+import random
+import re
+import struct
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+DEFAULT_EBB = os.environ.get("EBB", "/work/main/build-dev/ebb")
+DEFAULT_MODEL = os.path.join(ROOT, "models", "SmolLM2-135M-Instruct.Q4_1.gguf")
+DEFAULT_HELDOUT = os.path.expanduser("~/.cache/ebb/heldout.txt")
+
+FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
+INTRO = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
+         "I will quiz you about the important information there.\n\n")
+QUESTION = "\nWhat is the pass key? The pass key is"
+QUESTION_MK = "\nWhat is the pass key for the blue door? The pass key for the blue door is"
+COLORS = ("red", "green", "blue")   # multikey: blue is asked for
+BUDGETS = (0.5, 0.25, 0.1)
+MODES = ("demote", "drop")
+BATCH = 256          # MODEL_MAX_BATCH: the prefill's batches
+OBS_WINDOW = 32      # COMPRESS_WINDOW
+
+# Passkey grid: (length, haystacks, depths, seeds, compressed?). Sized for ~30 minutes on one
+# thread (a 1k prompt prefills in ~2.6 s, 2k in ~6 s, 4k in ~19 s, 7.5k in ~60 s with -t 1).
+PASSKEY_GRID = [
+    (1000, ("filler", "natural"), (0, 25, 50, 75), (0, 1), True),
+    (1000, ("multikey",), (0, 25, 50, 75), (0,), True),
+    (2000, ("filler", "natural"), (25, 50, 75), (0,), True),
+    (2000, ("multikey",), (50,), (0,), True),
+    (4000, ("filler",), (25, 50), (0,), True),   # natural at 4k: the full cache finds 1 of 3
+    (4000, ("natural",), (50,), (0,), False),
+    # Depth 100 (the needle ends the context: it is inside the recent window that compression always
+    # keeps) and the longest lengths: the full cache only.
+    (1000, ("filler", "natural"), (100,), (0, 1), False),
+    (1000, ("multikey",), (100,), (0,), False),
+    (2000, ("filler", "natural"), (0, 100), (0,), False),
+    (4000, ("filler", "natural"), (0, 100), (0,), False),
+    (7500, ("filler", "natural"), (50,), (0,), False),
+]
+ABLATE_GRID = [
+    (1000, ("filler", "natural"), (25, 50, 75), (0,), True),
+    (2000, ("filler", "natural"), (25, 50, 75), (0,), True),
+]
+EST_SECONDS = {1000: 2.7, 2000: 6.3, 4000: 19.0, 7500: 62.0}
+
+
+def log(*a):
+    print(*a, file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------ ebb
+
+class Ebb:
+    def __init__(self, args):
+        self.bin, self.model, self.vpp = args.ebb, args.model, args.values_per_pos
+        self.dry = args.dry_run
+        self.avoid = args.avoid_short_pass
+        self._tok = {}
+        import hashlib
+        with open(self.bin, "rb") as f:
+            self.binary = hashlib.sha256(f.read()).hexdigest()[:12]   # rows of another binary are redone
+
+    def tokens(self, text):
+        if text not in self._tok:
+            out = subprocess.run([self.bin, "tokenize", "-m", self.model, "--", text], capture_output=True,
+                                 text=True, check=True).stdout
+            self._tok[text] = len(out.split())
+        return self._tok[text]
+
+    def run(self, argv, timeout=900):
+        t0 = time.time()
+        p = subprocess.run([self.bin] + argv + ["-t", "1"], capture_output=True, text=True, timeout=timeout,
+                           errors="replace")
+        return p.returncode, p.stdout, p.stderr, time.time() - t0
+
+
+RE_COMP = re.compile(r"\[compressed: kept (\d+), demoted (\d+), dropped (\d+) of (\d+) positions; "
+                     r"KV (\d+) -> (\d+) bytes; ([\d.]+) ms\]")
+RE_PROMPT = re.compile(r"\[prompt (\d+) tokens")
+RE_PPL = re.compile(r"PPL = ([\d.]+) \+/- ([\d.]+)\s+\((\d+) tokens scored")
+RE_PPL_COMP = re.compile(r"compressed (\d+) of (\d+) windows \((\w+)\): KV (\d+) -> (\d+) bytes")
+
+
+def compress_args(mode, budget, low=None, select="snapkv", keys=4):
+    if mode == "off":
+        return ["--compress", "off"]
+    a = ["--compress", mode, "--compress-budget", repr(budget), "--compress-min", "0",
+         "--compress-select", select, "--compress-keys", str(keys)]
+    if low is not None and low >= 0:
+        a += ["--compress-low", repr(low)]
+    return a
+
+
+def parse_compressed(err, vpp):
+    m = RE_COMP.search(err)
+    if not m:
+        return {}
+    kept, dem, drop, n, b0, b1 = (int(x) for x in m.groups()[:6])
+    return {"kept": kept, "demoted": dem, "dropped": drop, "positions": n, "bytes_before": b0,
+            "bytes_after": b1, "bytes_ratio": round(b1 / b0, 5), "bits_per_value": round(b1 * 8 / (n * vpp), 4),
+            "compress_ms": float(m.group(7))}
+
+
+# ------------------------------------------------------------------ CSV (resumable)
+
+class Table:
+    def __init__(self, path, fields, key):
+        self.path, self.fields, self.key = path, fields, key
+        self.rows = []
+        if os.path.exists(path):
+            with open(path, newline="") as f:
+                self.rows = list(csv.DictReader(f))
+        self.done = {self.k(r) for r in self.rows}
+
+    def k(self, r):
+        return tuple(str(r.get(f, "")) for f in self.key)
+
+    def has(self, r):
+        return self.k(r) in self.done
+
+    def get(self, **kw):
+        want = {k: str(v) for k, v in kw.items()}
+        return [r for r in self.rows if all(str(r.get(k, "")) == v for k, v in want.items())]
+
+    def add(self, r):
+        r = {f: r.get(f, "") for f in self.fields}
+        new = not os.path.exists(self.path)
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        with open(self.path, "a", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=self.fields)
+            if new:
+                w.writeheader()
+            w.writerow(r)
+        self.rows.append({k: str(v) for k, v in r.items()})
+        self.done.add(self.k(r))
+
+
+# ------------------------------------------------------------------ passkey prompts
+
+def crash_prone(n):
+    """The compression point's counts that crash the current engine (see the docstring)."""
+    return 1 <= n % BATCH < OBS_WINDOW
+
+
+class Prompts:
+    def __init__(self, ebb, heldout):
+        self.ebb = ebb
+        with open(heldout, encoding="utf-8") as f:
+            self.heldout = f.read()
+        self._ratio = {}
+
+    def chars_per_token(self, kind):
+        if kind not in self._ratio:
+            sample = self.filler(20000) if kind != "natural" else self.heldout[100000:120000]
+            self._ratio[kind] = len(sample) / self.ebb.tokens(sample)
+        return self._ratio[kind]
+
+    @staticmethod
+    def filler(nchars):
+        n = nchars // (len(FILLER) + 1) + 1
+        return Prompts.cut(" ".join([FILLER] * n)[:max(0, nchars)])
+
+    @staticmethod
+    def cut(text, sentence=True):
+        """text up to its last sentence end, or word end (natural text: finer steps for the sizing)."""
+        i = max(text.rfind(". "), text.rfind(".\n")) if sentence else -1
+        if i < len(text) // 2:
+            i = max(text.rfind(" "), text.rfind("\n")) - 1
+        return text[:i + 1] if i > 0 else text
+
+    def natural(self, seed, nchars):
+        rng = random.Random(1000 + seed)
+        off = rng.randrange(0, len(self.heldout) - 80000)
+        off = self.heldout.index("\n", off) + 1
+        return self.cut(self.heldout[off:off + nchars], sentence=False)
+
+    @staticmethod
+    def boundary(text, frac):
+        """The sentence or line boundary nearest frac * len(text)."""
+        if frac <= 0:
+            return 0
+        if frac >= 1:
+            return len(text)
+        target = int(frac * len(text))
+        cands = [m.end() for m in re.finditer(r"(?<=[.!?])[ \n]+|\n\n+", text)]
+        return min(cands, key=lambda c: abs(c - target)) if cands else target
+
+    def build(self, hay, length, depth, seed):
+        """(context, question, key): about `length` prompt tokens in all."""
+        rng = random.Random(f"{hay}-{length}-{depth}-{seed}")
+        key = rng.randrange(10000, 100000)
+        if hay == "multikey":
+            keys = {"blue": key}
+            for c in ("red", "green"):
+                keys[c] = rng.randrange(10000, 100000)
+            depths = {"blue": depth / 100}
+            for c in ("red", "green"):
+                while True:
+                    d = rng.random()
+                    if all(abs(d - x) > 0.1 for x in depths.values()):
+                        depths[c] = d
+                        break
+            needles = [(depths[c], f"The pass key for the {c} door is {keys[c]}. Remember it. {keys[c]} is the "
+                        f"pass key for the {c} door.") for c in COLORS]
+            question = QUESTION_MK
+        else:
+            needles = [(depth / 100, f"The pass key is {key}. Remember it. {key} is the pass key.")]
+            question = QUESTION
+        kind = "natural" if hay == "natural" else "filler"
+        fixed = self.ebb.tokens(INTRO + " ".join(n for _, n in needles) + question) + 2 * len(needles)
+        nchars = int((length - fixed) * self.chars_per_token(kind))
+        for _ in range(16):
+            text = self.natural(seed, nchars) if kind == "natural" else self.filler(nchars)
+            context = self._insert(text, needles)
+            n_ctx = self.ebb.tokens(context)
+            n_all = self.ebb.tokens(context + question)
+            cpt = len(text) / max(1, n_all - fixed)   # this text's own ratio
+            if abs(n_all - length) > 0.03 * length:
+                nchars += int((length - n_all) * cpt)
+                continue
+            if self.ebb.avoid and (crash_prone(n_ctx) or crash_prone(n_all)):   # below the multiple of 256, both of them
+                nchars -= int((n_all % BATCH + 14) * cpt)
+                continue
+            return context, question, key, n_ctx, n_all
+        raise RuntimeError(f"could not size a {hay} prompt of {length} tokens")
+
+    def _insert(self, text, needles):
+        cuts = sorted(((self.boundary(text, d), n) for d, n in needles), key=lambda x: x[0])
+        out, prev = [INTRO], 0
+        for pos, needle in cuts:   # pos: the start of a sentence (after its whitespace) or the end
+            seg = text[prev:pos]
+            out.append(seg)
+            if seg and not seg[-1].isspace():
+                out.append(" ")
+            out.append(needle + (" " if pos < len(text) else ""))
+            prev = pos
+        out.append(text[prev:])
+        return "".join(out).rstrip()
+
+
+PASSKEY_FIELDS = ["binary", "haystack", "length", "depth", "seed", "question", "mode", "budget", "low", "select",
+                  "keys", "key",
+                  "n_context", "n_prompt", "correct", "output", "kept", "demoted", "dropped", "positions",
+                  "bytes_before", "bytes_after", "bytes_ratio", "bits_per_value", "compress_ms", "wall_s", "rc"]
+PASSKEY_KEY = ["binary", "haystack", "length", "depth", "seed", "question", "mode", "budget", "low", "select",
+               "keys"]
+
+
+def passkey_run(ebb, prompts, table, hay, length, depth, seed, question, mode, budget, low=None,
+                select="snapkv", keys=4):
+    row = {"binary": ebb.binary, "keys": keys if mode == "demote" else "", "haystack": hay, "length": length, "depth": depth, "seed": seed, "question": question, "mode": mode,
+           "budget": budget if mode != "off" else "", "low": low if low is not None else "",
+           "select": select if mode != "off" else ""}
+    if table.has(row):
+        return None
+    if ebb.dry:
+        return row
+    context, q, key, n_ctx, n_all = prompts.build(hay, length, depth, seed)
+    argv = ["generate", "-m", ebb.model, "-n", "8", "--temp", "0", "--kv-bits", "4"]
+    argv += ["-p", context, "--then", q] if question == "agnostic" else ["-p", context + q]
+    argv += compress_args(mode, budget, low, select, keys)
+    rc, out, err, wall = ebb.run(argv)
+    m = RE_PROMPT.search(err)
+    row.update(key=key, n_context=n_ctx, n_prompt=int(m.group(1)) if m else n_all, rc=rc, wall_s=round(wall, 2),
+               output=out.strip().replace("\n", "\\n")[:80], correct=int(rc == 0 and str(key) in out))
+    row.update(parse_compressed(err, ebb.vpp))
+    if rc != 0:
+        log(f"  rc={rc}: {err.strip()[-200:]}")
+    table.add(row)
+    return row
+
+
+def grid_prompts(grid):
+    for length, hays, depths, seeds, compressed in grid:
+        for seed in seeds:
+            for hay in hays:
+                for depth in depths:
+                    yield length, hay, depth, seed, compressed
+
+
+def cmd_passkey(args, ebb):
+    prompts = Prompts(ebb, args.heldout)
+    table = Table(os.path.join(args.out, "context_passkey.csv"), PASSKEY_FIELDS, PASSKEY_KEY)
+    grid = [g for g in PASSKEY_GRID if not args.lengths or g[0] in args.lengths]
+    items = list(grid_prompts(grid))
+    todo_s, n = 0.0, 0
+    t0 = time.time()
+    # Phase 1: the full cache everywhere.
+    for i, (length, hay, depth, seed, _) in enumerate(items):
+        r = passkey_run(ebb, prompts, table, hay, length, depth, seed, "full", "off", None)
+        if r is not None:
+            n += 1
+            todo_s += EST_SECONDS.get(length, 10)
+            if not ebb.dry:
+                log(f"[full {i + 1}/{len(items)}] {hay} L={length} d={depth} s={seed}: "
+                    f"{'ok ' if r['correct'] else 'MISS'} {r['output']!r} ({r['wall_s']} s, "
+                    f"{time.time() - t0:.0f} s in)")
+    # Phase 2: compressed configurations where the full cache is good enough.
+    # A length qualifies when the full cache finds the key in >= min_full of its canonical (filler,
+    # single key) prompts; the harder haystacks then run at that length whatever their own score
+    # (reported next to them, with the compressed runs' accuracy on the prompts the full cache got).
+    def full_acc(length, hays):
+        rows = [r for h in hays for r in table.get(binary=ebb.binary, haystack=h, length=length, question="full",
+                                                   mode="off")]
+        return (sum(int(r["correct"]) for r in rows) / len(rows) if rows else None), len(rows)
+    eligible = {}
+    for length in sorted({it[0] for it in items}):
+        hays = sorted({it[1] for it in items if it[0] == length})
+        a, n_rows = full_acc(length, ["filler"] if "filler" in hays else hays)
+        eligible[length] = ebb.dry or (a is not None and a >= args.min_full)
+        if not ebb.dry:
+            log(f"full cache L={length}: " + ", ".join(f"{h} {full_acc(length, [h])[0]:.2f} (n={full_acc(length, [h])[1]})"
+                                                       for h in hays)
+                + ("" if eligible[length] else "  -> below --min-full on filler: compressed runs skipped"))
+    configs = [(q, m, b) for b in BUDGETS for m in MODES for q in ("agnostic", "aware")]
+    work = [(it, c) for it in items if it[4] and eligible[it[0]] for c in configs]
+    for j, ((length, hay, depth, seed, _), (q, mode, budget)) in enumerate(work):
+        r = passkey_run(ebb, prompts, table, hay, length, depth, seed, q, mode, budget)
+        if r is not None:
+            n += 1
+            todo_s += EST_SECONDS.get(length, 10)
+            if not ebb.dry:
+                log(f"[{j + 1}/{len(work)}] {hay} L={length} d={depth} s={seed} {q} {mode} {budget}: "
+                    f"{'ok ' if r['correct'] else 'MISS'} {r['output']!r} ratio={r.get('bytes_ratio')} "
+                    f"({r['wall_s']} s, {time.time() - t0:.0f} s in)")
+    if ebb.dry:
+        log(f"passkey: {n} runs to do, about {todo_s / 60:.1f} min")
+    else:
+        log(f"passkey: {n} runs in {time.time() - t0:.0f} s")
+
+
+# ------------------------------------------------------------------ ppl
+
+PPL_FIELDS = ["binary", "ctx", "chunks", "method", "mode", "budget", "low", "select", "keys", "ppl", "ppl_err", "delta_pct",
+              "top1_agree", "scored", "positions", "bytes_before", "bytes_after", "bytes_ratio", "bits_per_value",
+              "wall_s", "rc"]
+PPL_KEY = ["binary", "ctx", "chunks", "mode", "budget", "low", "select", "keys"]
+
+
+def read_top1(path):
+    with open(path, "rb") as f:
+        b = f.read()
+    return struct.unpack(f"<{len(b) // 4}i", b)
+
+
+def ppl_run(ebb, args, table, ctx, chunks, method, mode, budget=None, low=None, select="snapkv", keys=4):
+    row = {"binary": ebb.binary, "keys": keys if mode == "demote" else "", "ctx": ctx, "chunks": chunks, "method": method, "mode": mode,
+           "budget": budget if mode != "off" else "", "low": low if low is not None else "",
+           "select": select if mode != "off" else ""}
+    work = args.work
+    os.makedirs(work, exist_ok=True)
+    tag = f"{ebb.binary}-{ctx}-{chunks}-{mode}-{budget}-{low}-{select}-{keys}"
+    top1 = os.path.join(work, f"top1-{tag}.bin")
+    ref_top1 = os.path.join(work, f"top1-{ebb.binary}-{ctx}-{chunks}-off-None-None-snapkv-4.bin")
+    if table.has(row) and (mode != "off" or os.path.exists(top1)):
+        return None
+    if ebb.dry:
+        return row
+    if mode != "off" and not os.path.exists(ref_top1):
+        raise RuntimeError("the full-cache run (off) must come first")
+    argv = ["ppl", "-m", ebb.model, "-f", args.heldout, "--ctx", str(ctx), "--chunks", str(chunks),
+            "--kv-bits", "4", "--top1-out", top1] + compress_args(mode, budget, low, select, keys)
+    rc, out, err, wall = ebb.run(argv, timeout=3600)
+    text = out + err
+    m = RE_PPL.search(text)
+    row.update(rc=rc, wall_s=round(wall, 1))
+    if m:
+        row.update(ppl=float(m.group(1)), ppl_err=float(m.group(2)), scored=int(m.group(3)))
+    mc = RE_PPL_COMP.search(text)
+    if mc:
+        windows, b0, b1 = int(mc.group(2)), int(mc.group(4)), int(mc.group(5))
+        positions = (ctx // 2 + 1) * windows
+        row.update(positions=positions, bytes_before=b0, bytes_after=b1, bytes_ratio=round(b1 / b0, 5),
+                   bits_per_value=round(b1 * 8 / (positions * ebb.vpp), 4))
+    if rc != 0:
+        log(f"  rc={rc}: {err.strip()[-300:]}")
+    if mode == "off":
+        row.update(delta_pct=0.0, top1_agree=1.0)
+        if table.has(row):
+            return None   # the row was there, only the top-1 file was missing
+    elif m:
+        ref = table.get(binary=ebb.binary, ctx=ctx, chunks=chunks, mode="off")
+        base = float(ref[0]["ppl"])
+        a, b = read_top1(ref_top1), read_top1(top1)
+        row.update(delta_pct=round(100 * (row["ppl"] / base - 1), 3),
+                   top1_agree=round(sum(x == y for x, y in zip(a, b)) / min(len(a), len(b)), 5))
+    table.add(row)
+    log(f"  ppl ctx={ctx} {method} {mode} b={budget} low={low} {select}: ppl={row.get('ppl')} "
+        f"delta={row.get('delta_pct')}% top1={row.get('top1_agree')} ratio={row.get('bytes_ratio')} "
+        f"({row['wall_s']} s)")
+    return row
+
+
+def cmd_ppl(args, ebb):
+    table = Table(os.path.join(args.out, "context_ppl.csv"), PPL_FIELDS, PPL_KEY)
+    t0 = time.time()
+    n = 0
+    for ctx, chunks in args.ctx:
+        runs = [("full", "off", None)] + [(f"snapkv-{m}", m, b) for m in MODES for b in BUDGETS]
+        for method, mode, budget in runs:
+            n += ppl_run(ebb, args, table, ctx, chunks, method, mode, budget) is not None
+    if ebb.dry:
+        log(f"ppl: {n} runs to do")
+    else:
+        log(f"ppl: {n} runs in {time.time() - t0:.0f} s")
+
+
+# ------------------------------------------------------------------ ablate
+
+CALIB_FIELDS = ["binary", "n_prompt", "mode", "budget", "low", "select", "keys", "kept", "demoted", "dropped", "positions",
+                "bytes_before", "bytes_after", "bytes_ratio", "bits_per_value"]
+CALIB_KEY = ["binary", "n_prompt", "mode", "budget", "low", "keys"]
+# bits/value: a kept position (4-bit codes + a (d, m) pair per 64), a demoted one with 4-bit keys (the
+# default) and 2-bit values, and one with 2-bit keys (--compress-keys 2).
+KEPT_BITS, LOW_BITS = 4.5, {4: 3.5, 2: 2.5}
+
+
+def calib_ratio(ebb, prompts, calib, n_prompt, mode, budget, low=None):
+    """The bytes ratio of a configuration for an n_prompt-token prompt (filler; bytes do not depend on
+    the text), measured once and kept in context_calib.csv."""
+    row = {"binary": ebb.binary, "n_prompt": n_prompt, "mode": mode, "budget": budget,
+           "low": low if low is not None else "", "keys": 4 if mode == "demote" else ""}
+    got = calib.get(**row)
+    if got:
+        return float(got[0]["bytes_ratio"])
+    if ebb.dry:
+        return None
+    cpt = prompts.chars_per_token("filler")
+    text = prompts.filler(int(n_prompt * cpt))
+    while ebb.tokens(text) > n_prompt:
+        text = text[:-3]
+    while ebb.tokens(text) < n_prompt:
+        text += " a"
+    if ebb.tokens(text) != n_prompt:
+        log(f"  calibration prompt has {ebb.tokens(text)} tokens, not {n_prompt}")
+    rc, out, err, wall = ebb.run(["generate", "-m", ebb.model, "-p", text, "-n", "1", "--temp", "0", "--kv-bits",
+                                  "4"] + compress_args(mode, budget, low))
+    c = parse_compressed(err, ebb.vpp)
+    if rc != 0 or not c:
+        raise RuntimeError(f"calibration run failed (rc {rc}): {err[-300:]}")
+    row.update(c, select="snapkv")
+    calib.add(row)
+    log(f"  calib N={n_prompt} {mode} b={budget} low={low}: ratio {c['bytes_ratio']} "
+        f"({c['bits_per_value']} bits/value)")
+    return c["bytes_ratio"]
+
+
+def solve_budgets(ebb, prompts, calib, n_prompt, target):
+    """(drop budget, (keep, low) for demote+low) whose bytes ratio is within 0.01 of target: a formula's
+    guess, then secant steps on measured ratios."""
+    def solve(f, x0, slope):
+        x, r = x0, f(x0)
+        if r is None:
+            return x0
+        for _ in range(3):
+            if abs(r - target) <= 0.01:
+                break
+            x1 = round(min(max(x + (target - r) / slope, 0.0), 1.0), 4)
+            r1 = f(x1)
+            if x1 != x:
+                slope = (r1 - r) / (x1 - x) if r1 != r else slope
+            x, r = x1, r1
+        return x
+    # A kept position costs as much as in the full cache (4.5 bits/value); the sinks and recent window
+    # (and page granularity) cost the rest, so start a little below target.
+    kd = solve(lambda b: calib_ratio(ebb, prompts, calib, n_prompt, "drop", round(b, 4)), round(target - 0.03, 4),
+               1.0)
+    keep = round(kd / 2, 4)
+    low0 = round((kd - keep) * KEPT_BITS / LOW_BITS[4], 4)
+    low = solve(lambda l: calib_ratio(ebb, prompts, calib, n_prompt, "demote", keep, round(l, 4)), low0,
+                LOW_BITS[4] / KEPT_BITS)
+    return kd, keep, low
+
+
+def ablate_methods(kd, keep, low):
+    """(name, mode, budget, low, select, demoted keys' bits)."""
+    return [("snapkv-drop", "drop", kd, None, "snapkv", 4),
+            ("snapkv-demote+low", "demote", keep, low, "snapkv", 4),
+            ("uniform-2bit", "demote", 0.0, None, "snapkv", 2),
+            ("uniform-k4v2", "demote", 0.0, None, "snapkv", 4),
+            ("random-drop", "drop", kd, None, "random", 4),
+            ("streamingllm", "drop", kd, None, "recent", 4)]
+
+
+def cmd_ablate(args, ebb):
+    prompts = Prompts(ebb, args.heldout)
+    calib = Table(os.path.join(args.out, "context_calib.csv"), CALIB_FIELDS, CALIB_KEY)
+    pk = Table(os.path.join(args.out, "context_ablate_passkey.csv"), ["method"] + PASSKEY_FIELDS,
+               PASSKEY_KEY)
+    full = Table(os.path.join(args.out, "context_passkey.csv"), PASSKEY_FIELDS, PASSKEY_KEY)
+    pp = Table(os.path.join(args.out, "context_ppl.csv"), PPL_FIELDS, PPL_KEY)
+    t0 = time.time()
+    n = 0
+    # Passkey, question-agnostic, at each length's nominal compression point.
+    grid = [g for g in ABLATE_GRID if not args.lengths or g[0] in args.lengths]
+    for length in sorted({g[0] for g in grid}):
+        n_point = length - prompts.ebb.tokens(QUESTION)
+        kd, keep, low = solve_budgets(ebb, prompts, calib, n_point, args.target)
+        log(f"ablate L={length}: drop budget {kd}, demote keep {keep} + low {low}")
+        items = [it for it in grid_prompts(g for g in grid if g[0] == length)]
+        for length_, hay, depth, seed, _ in items:
+            passkey_run(ebb, prompts, full, hay, length_, depth, seed, "full", "off", None)
+            # Question-aware too for the methods that select (uniform ones do not read the question).
+            runs = [(q, m) for q in ("agnostic", "aware") for m in ablate_methods(kd, keep, low)
+                    if q == "agnostic" or not m[0].startswith("uniform")]
+            for q, (method, mode, budget, lo, sel, kb) in runs:
+                row = passkey_run(ebb, prompts, _Tagged(pk, method), hay, length_, depth, seed, q, mode,
+                                  budget, lo, sel, kb)
+                if row is not None:
+                    n += 1
+                    if not ebb.dry:
+                        log(f"  {method} {q} {hay} L={length_} d={depth}: {'ok ' if row['correct'] else 'MISS'} "
+                            f"{row['output']!r} bits/value={row.get('bits_per_value')} ({time.time() - t0:.0f} s in)")
+    # Perplexity at the ppl step's windows (the compression point is ctx/2 + 1).
+    for ctx, chunks in args.ctx[:1]:
+        n_point = ctx // 2 + 1
+        kd, keep, low = solve_budgets(ebb, prompts, calib, n_point, args.target)
+        log(f"ablate ppl ctx={ctx}: drop budget {kd}, demote keep {keep} + low {low}")
+        ppl_run(ebb, args, pp, ctx, chunks, "full", "off")
+        for method, mode, budget, lo, sel, kb in ablate_methods(kd, keep, low):
+            n += ppl_run(ebb, args, pp, ctx, chunks, method, mode, budget, lo, sel, kb) is not None
+    log(f"ablate: {n} runs {'to do' if ebb.dry else f'in {time.time() - t0:.0f} s'}")
+
+
+class _Tagged:
+    """A Table whose added rows carry the ablation method's name."""
+    def __init__(self, table, method):
+        self.t, self.method = table, method
+
+    def has(self, r):
+        return self.t.has(r)
+
+    def add(self, r):
+        self.t.add(dict(r, method=self.method))
+
+
+# ------------------------------------------------------------------ plot and tables
+
+def load(path):
+    if not os.path.exists(path):
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def acc(rows):
+    return sum(int(r["correct"]) for r in rows) / len(rows) if rows else float("nan")
+
+
+MARKERS = {"snapkv-drop": "s", "snapkv-demote+low": "D", "uniform-2bit": "^", "uniform-k4v2": "<",
+           "random-drop": "x", "streamingllm": "v"}
+
+
+def cmd_plot(args, ebb):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    allpk = load(os.path.join(args.out, "context_passkey.csv"))
+    binary = ebb.binary
+    if allpk and not any(r["binary"] == binary for r in allpk):   # the CSVs' own binary, the commonest
+        binary = max(set(r["binary"] for r in allpk), key=[r["binary"] for r in allpk].count)
+        log(f"no rows of {ebb.bin} ({ebb.binary}): plotting those of binary {binary}")
+    mine = lambda r: r["rc"] == "0" and r["binary"] == binary
+    pk = [r for r in load(os.path.join(args.out, "context_passkey.csv")) if mine(r)]
+    pp = [r for r in load(os.path.join(args.out, "context_ppl.csv")) if mine(r)]
+    ab = [r for r in load(os.path.join(args.out, "context_ablate_passkey.csv")) if mine(r)]
+    full = {(r["haystack"], r["length"], r["depth"], r["seed"]): int(r["correct"]) for r in pk if r["mode"] == "off"}
+    comp_cells = {(r["haystack"], r["length"], r["depth"], r["seed"]) for r in pk if r["mode"] != "off"}
+
+    # Tables (markdown) on stdout.
+    lengths = sorted({int(r["length"]) for r in pk})
+    pid = lambda r: (r["haystack"], r["length"], r["depth"], r["seed"])
+    print("### Passkey, full 4-bit cache (correct/prompts)")
+    for L in lengths:
+        cells = sorted({r["haystack"] for r in pk if int(r["length"]) == L})
+        print(f"- L={L}: " + ", ".join(
+            f"{h} {sum(v for k, v in full.items() if k[0] == h and int(k[1]) == L)}/"
+            f"{sum(1 for k in full if k[0] == h and int(k[1]) == L)}" for h in cells))
+    cols = [(m, b, q) for m in MODES for b in BUDGETS for q in ("agnostic", "aware")]
+    head = "| " + " | ".join(f"{m} {int(b * 100)}% {q[:2]}" for m, b, q in cols) + " |"
+
+    def table(title, groups):
+        print(f"\n### {title}: accuracy (retained = among prompts the full cache gets)")
+        print("| cell | n | full | " + head[2:])
+        print("|---" * (3 + len(cols)) + "|")
+        for name, sel in groups:
+            keys = {pid(r) for r in sel if r["mode"] != "off"}
+            if not keys:
+                continue
+            fa_ = acc([r for r in sel if r["mode"] == "off" and pid(r) in keys])
+            out = []
+            for m, b, q in cols:
+                rr = [r for r in sel if r["mode"] == m and float(r["budget"]) == b and r["question"] == q]
+                ok = [r for r in rr if full.get(pid(r))]
+                out.append(f"{acc(rr):.2f} ({acc(ok):.2f})")
+            print(f"| {name} | {len(keys)} | {fa_:.2f} | " + " | ".join(out) + " |")
+
+    table("Passkey by length (haystacks pooled)", [(f"L={L}", [r for r in pk if int(r["length"]) == L])
+                                                   for L in lengths])
+    table("Passkey by haystack (lengths pooled)", [(h, [r for r in pk if r["haystack"] == h])
+                                                   for h in ("filler", "natural", "multikey")])
+    print("\n### Perplexity")
+    print("| ctx | method | ppl | delta % | top-1 agree | KV ratio | bits/value |")
+    print("|---|---|---|---|---|---|---|")
+    for r in pp:
+        name = r["method"] + (f" b={r['budget']}" if r["budget"] else "") + (f" low={r['low']}" if r["low"] else "")
+        print(f"| {r['ctx']} | {name} | {float(r['ppl']):.3f} | {float(r['delta_pct']):+.2f} | "
+              f"{float(r['top1_agree']):.3f} | {r['bytes_ratio'] or '1'} | {r['bits_per_value'] or '4.5'} |")
+    if ab:
+        print("\n### Ablation at ~equal KV bytes: passkey (correct/prompts), KV ratio, bits/value")
+        ids = {pid(r) for r in ab}
+        fr = [r for r in pk if r["mode"] == "off" and pid(r) in ids]
+        print(f"full cache on these prompts: {sum(int(r['correct']) for r in fr)}/{len(fr)}")
+        print("| method | budget (low) | agnostic | aware | KV ratio | bits/value | PPL delta % (ctx 4096) |")
+        print("|---|---|---|---|---|---|---|")
+        for m in dict.fromkeys(r["method"] for r in ab):
+            rr = [r for r in ab if r["method"] == m]
+            ag = [r for r in rr if r["question"] == "agnostic"]
+            aw = [r for r in rr if r["question"] == "aware"]
+            ratio = sum(float(r["bytes_ratio"]) for r in ag) / len(ag)
+            bpv = sum(float(r["bits_per_value"]) for r in ag) / len(ag)
+            budgets = sorted({(r["budget"], r["low"]) for r in rr})
+            # (the ppl step names its SnapKV rows the same way: take the ablation's budget, not 0.5/0.25/0.1)
+            p = [r for r in pp if r["method"] == m and not (r["budget"] and float(r["budget"]) in BUDGETS)]
+            print(f"| {m} | {', '.join(f'{b}' + (f' ({l})' if l else '') for b, l in budgets)} | "
+                  f"{sum(int(r['correct']) for r in ag)}/{len(ag)} | "
+                  + (f"{sum(int(r['correct']) for r in aw)}/{len(aw)}" if aw else "-") +
+                  f" | {ratio:.3f} | {bpv:.2f} | "
+                  + (f"{float(p[0]['delta_pct']):+.2f} (ratio {float(p[0]['bytes_ratio']):.3f}, top-1 "
+                     f"{float(p[0]['top1_agree']):.3f})" if p else "-") + " |")
+
+    # Figure.
+    fig, axes = plt.subplots(1, 3, figsize=(19, 4.8))
+    ax = axes[0]
+    styles = {("demote", "agnostic"): ("tab:blue", "-"), ("demote", "aware"): ("tab:blue", "--"),
+              ("drop", "agnostic"): ("tab:red", "-"), ("drop", "aware"): ("tab:red", "--")}
+    keys_all = comp_cells
+    fa = acc([r for r in pk if r["mode"] == "off" and (r["haystack"], r["length"], r["depth"], r["seed"]) in keys_all])
+    for (m, q), (c, ls) in styles.items():
+        xs, ys = [], []
+        for b in sorted(BUDGETS):
+            rr = [r for r in pk if r["mode"] == m and r["question"] == q and float(r["budget"]) == b]
+            if rr:
+                xs.append(b)
+                ys.append(acc(rr))
+        if xs:
+            ax.plot(xs + [1.0], ys + [fa], color=c, ls=ls, marker="o", label=f"{m}, question-{q}")
+    ax.set_xlabel("budget (share of prompt kept at 4 bits)")
+    ax.set_ylabel("passkey accuracy")
+    comp_lengths = sorted({int(k[1]) for k in comp_cells})
+    ax.set_title(f"Passkey, lengths {', '.join(str(L) for L in comp_lengths)}, all haystacks (n={len(comp_cells)})",
+                 fontsize=10)
+    ax.set_ylim(-0.03, 1.03)
+    ax.set_xscale("log")
+    ax.set_xticks([0.1, 0.25, 0.5, 1.0])
+    ax.set_xticklabels(["0.1", "0.25", "0.5", "full"])
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+
+    ax = axes[1]
+    for ctx in sorted({r["ctx"] for r in pp}, key=int):
+        for m, c in (("demote", "tab:blue"), ("drop", "tab:red")):
+            rr = sorted([r for r in pp if r["ctx"] == ctx and r["method"] == f"snapkv-{m}"],
+                        key=lambda r: float(r["bytes_ratio"]))
+            if rr:
+                ax.plot([float(r["bytes_ratio"]) for r in rr], [float(r["delta_pct"]) for r in rr], color=c,
+                        marker="o", ls="-" if ctx == "4096" else ":", label=f"SnapKV {m} (ctx {ctx})")
+                for r in rr:
+                    ax.annotate(r["budget"], (float(r["bytes_ratio"]), float(r["delta_pct"])), fontsize=7,
+                                textcoords="offset points", xytext=(3, 3))
+        markers = MARKERS
+        for meth, mk in markers.items():
+            rr = [r for r in pp if r["ctx"] == ctx and r["method"] == meth
+                  and not (r["budget"] and float(r["budget"]) in BUDGETS)]   # not the ppl step's own
+            for r in rr:
+                ax.scatter(float(r["bytes_ratio"]), float(r["delta_pct"]), marker=mk, s=50, color="k",
+                           label=f"{meth} (ablation)")
+    ax.set_xlabel("KV bytes after / full 4-bit cache")
+    ax.set_ylabel("PPL change vs full cache (%)")
+    ax.set_title("Perplexity of the second half (held-out text)")
+    ax.grid(alpha=0.3)
+    h, l = ax.get_legend_handles_labels()
+    u = dict(zip(l, h))
+    ax.legend(u.values(), u.keys(), fontsize=7)
+
+    ax = axes[2]
+    for (m, q), (c, ls) in styles.items():
+        pts = []
+        for b in sorted(BUDGETS):
+            rr = [r for r in pk if r["mode"] == m and r["question"] == q and float(r["budget"]) == b]
+            if rr:
+                pts.append((sum(float(r["bits_per_value"]) for r in rr) / len(rr), acc(rr)))
+        if pts:
+            ax.plot(*zip(*pts), color=c, ls=ls, marker="o", label=f"SnapKV {m}, {q}")
+    markers = MARKERS
+    for meth, mk in markers.items():
+        for q, fc in (("agnostic", "k"), ("aware", "none")):
+            rr = [r for r in ab if r["method"] == meth and r["question"] == q]
+            if rr:
+                style = {"c": "k" if q == "agnostic" else "gray"} if mk == "x" else {"facecolors": fc,
+                                                                                      "edgecolors": "k"}
+                ax.scatter(sum(float(r["bits_per_value"]) for r in rr) / len(rr), acc(rr), marker=mk, s=60,
+                           zorder=3, label=f"{meth} (ablation, {q})", **style)
+    ax.axhline(fa, color="gray", ls=":", label="full 4-bit cache (4.5 bits/value)")
+    ax.set_xlabel("bits per value (KV bytes * 8 / positions / values)")
+    ax.set_ylabel("passkey accuracy")
+    ax.set_title("Passkey vs bits per value (ablation: 1k/2k, filler+natural)", fontsize=10)
+    ax.set_ylim(-0.03, 1.03)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6.5, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig.suptitle("ebb context compression, SmolLM2-135M Q4_1, 4-bit KV cache", fontsize=11)
+    fig.tight_layout()
+    out = os.path.join(ROOT, "docs", "context_compression.png")
+    fig.savefig(out, dpi=110)
+    log(f"wrote {out}")
+
+
+# ------------------------------------------------------------------ main
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("command", choices=["passkey", "ppl", "ablate", "plot"])
+    ap.add_argument("--ebb", default=DEFAULT_EBB)
+    ap.add_argument("--model", default=DEFAULT_MODEL)
+    ap.add_argument("--heldout", default=DEFAULT_HELDOUT)
+    ap.add_argument("--out", default=os.path.join(ROOT, "docs", "data"))
+    ap.add_argument("--work", default="/tmp/ebb_context_eval", help="top-1 files of the ppl runs")
+    ap.add_argument("--lengths", type=lambda s: [int(x) for x in s.split(",")], default=None,
+                    help="only these grid lengths (passkey, ablate)")
+    ap.add_argument("--ctx", type=lambda s: [tuple(int(y) for y in x.split(":")) for x in s.split(",")],
+                    default=[(4096, 2)], help="ppl windows CTX:CHUNKS,... (default 4096:2)")
+    ap.add_argument("--min-full", type=float, default=0.9)
+    ap.add_argument("--target", type=float, default=0.25, help="ablate: KV bytes ratio")
+    ap.add_argument("--values-per-pos", type=int, default=30 * 2 * 3 * 64)
+    ap.add_argument("--dry-run", action="store_true")
+    ap.add_argument("--avoid-short-pass", action="store_true",
+                    help="size prompts so the compression point is not 1..31 past a multiple of 256 (binaries "
+                         "before b0d805a crash there)")
+    args = ap.parse_args()
+    ebb = Ebb(args)
+    {"passkey": cmd_passkey, "ppl": cmd_ppl, "ablate": cmd_ablate, "plot": cmd_plot}[args.command](args, ebb)
+
+
+if __name__ == "__main__":
+    main()
