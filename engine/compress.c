@@ -16,7 +16,7 @@ struct compress_params compress_defaults(void) {
 }
 
 static const char *const mode_names[] = {"off", "demote", "drop"};
-static const char *const select_names[] = {"snapkv", "random", "recent"};
+static const char *const select_names[] = {"snapkv", "snapkv_head", "random", "recent"};
 
 int compress_mode_parse(const char *s) {
     for (int i = 0; s && i < 3; i++)
@@ -25,7 +25,7 @@ int compress_mode_parse(const char *s) {
 }
 
 int compress_select_parse(const char *s) {
-    for (int i = 0; s && i < 3; i++)
+    for (int i = 0; s && i < 4; i++)
         if (strcmp(s, select_names[i]) == 0) return i;
     return -1;
 }
@@ -74,9 +74,19 @@ static int low_count(const struct compress_params *p, int n_prompt, int boundary
 
 /* scores[h * boundary + p]: the window's attention to position p, summed
  * over its queries, averaged over the query heads of KV head h, then
- * max-pooled. -1 when out of memory. */
+ * max-pooled; per_layer: summed over the layer's KV heads. -1 when out of
+ * memory. */
+/* Every head of a layer gets the layer's summed scores. */
+static void share_layer(float *scores, int n_kvh, int boundary) {
+    for (int p = 0; p < boundary; p++) {
+        float total = 0;
+        for (int h = 0; h < n_kvh; h++) total += scores[(size_t)h * boundary + p];
+        for (int h = 0; h < n_kvh; h++) scores[(size_t)h * boundary + p] = total;
+    }
+}
+
 static int snapkv_scores(const struct kv_cache *kv, const struct model_config *cfg, const struct ebb_backend *be,
-                         int boundary, float *scores) {
+                         int boundary, int per_layer, float *scores) {
     const struct kv_observation *o = kv->obs;
     const int hd = cfg->head_dim, group = cfg->n_head / cfg->n_head_kv, n_kvh = cfg->n_head_kv;
     const int block = kv_block_tokens(cfg), n_ctx = kv->n_past;
@@ -90,7 +100,7 @@ static int snapkv_scores(const struct kv_cache *kv, const struct model_config *c
         return -1;
     }
     const float scale = 1.0f / sqrtf((float)hd);
-    for (int layer = 0; layer < cfg->n_layer; layer++)
+    for (int layer = 0; layer < cfg->n_layer; layer++) {
         for (int h = 0; h < n_kvh; h++) {
             memset(sum, 0, (size_t)boundary * sizeof(float));
             for (int t0 = 0; t0 < o->n; t0 += block) {
@@ -109,6 +119,8 @@ static int snapkv_scores(const struct kv_cache *kv, const struct model_config *c
                 out[p] = m / (float)group;
             }
         }
+        if (per_layer) share_layer(scores + (size_t)layer * n_kvh * boundary, n_kvh, boundary);
+    }
     free(scratch);
     free(w);
     free(sum);
@@ -163,7 +175,7 @@ void compress_select_tiers(const struct compress_params *p, const float *scores,
                 order[i] = order[j];
                 order[j] = x;
             }
-        } else if (p->select == COMPRESS_SNAPKV) {
+        } else if (p->select == COMPRESS_SNAPKV || p->select == COMPRESS_SNAPKV_HEAD) {
             qsort(order, (size_t)n_cand, sizeof *order, by_score);
         }
         for (int i = 0; i < free_slots + n_low; i++) t[order[i].pos] = i < free_slots ? KV_TIER_KEEP : KV_TIER_LOW;
@@ -198,15 +210,18 @@ int compress_apply(struct kv_cache *kv, const struct model_config *cfg, const st
     report->bytes_before = report->bytes_after = cache_bytes(kv);
     const int n_keep = boundary > 0 ? keep_count(p, n_prompt, boundary) : 0;
     if (!compress_wanted(p, n_prompt) || kv->compact || boundary <= 0 || n_keep >= boundary ||
-        (p->select == COMPRESS_SNAPKV && (!kv->obs || kv->obs->from + kv->obs->n != n_prompt))) {
+        ((p->select == COMPRESS_SNAPKV || p->select == COMPRESS_SNAPKV_HEAD) &&
+         (!kv->obs || kv->obs->from + kv->obs->n != n_prompt))) {
         kv_cache_forget_observation(kv);
         return 0;
     }
     const int n_heads = cfg->n_layer * cfg->n_head_kv;
-    float *scores = p->select == COMPRESS_SNAPKV ? malloc((size_t)n_heads * boundary * sizeof(float)) : NULL;
+    const int scored = p->select == COMPRESS_SNAPKV || p->select == COMPRESS_SNAPKV_HEAD;
+    float *scores = scored ? malloc((size_t)n_heads * boundary * sizeof(float)) : NULL;
     uint8_t *tiers = malloc((size_t)n_heads * boundary);
     int rc = -1;
-    if (tiers && (p->select != COMPRESS_SNAPKV || (scores && snapkv_scores(kv, cfg, be, boundary, scores) == 0))) {
+    if (tiers &&
+        (!scored || (scores && snapkv_scores(kv, cfg, be, boundary, p->select == COMPRESS_SNAPKV, scores) == 0))) {
         compress_select_tiers(p, scores, n_heads, boundary, n_keep, low_count(p, n_prompt, boundary, n_keep), tiers);
         rc = kv_cache_compact(kv, be, boundary, tiers, p->low_key_bits == KV_LOW_BITS ? KV_LOW_BITS : 4);
     }

@@ -517,7 +517,7 @@ static int f_speculative(struct pctx *p, const char *key, json_t *v) {
 /* ebb's extension: false (off), true (demote, the server's budget) or
  * {"mode": "demote"|"drop"|"off", "budget": share in [0, 1] or a token
  * count > 1, "low_budget": share demoted (the rest dropped), "select":
- * "snapkv"|"random"|"recent", "key_bits": 2|4 (demoted keys), "min_prompt": N}. */
+ * "snapkv"|"snapkv_head"|"random"|"recent", "key_bits": 2|4 (demoted keys), "min_prompt": N}. */
 static int f_context_compression(struct pctx *p, const char *key, json_t *v) {
     char got[48], param[64];
     struct oai_request *r = p->r;
@@ -540,7 +540,7 @@ static int f_context_compression(struct pctx *p, const char *key, json_t *v) {
                                              : compress_select_parse(json_string_value(e));
             if (x < 0)
                 return BAD(p, param, "'%s' must be %s, got %s", param,
-                           mode ? "\"demote\", \"drop\" or \"off\"" : "\"snapkv\", \"random\" or \"recent\"",
+                           mode ? "\"demote\", \"drop\" or \"off\"" : "\"snapkv\", \"snapkv_head\", \"random\" or \"recent\"",
                            describe(e, got, sizeof got));
             if (mode) r->compress_mode = x;
             else r->compress_select = x;

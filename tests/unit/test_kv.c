@@ -1179,6 +1179,8 @@ static void test_compress_selection(void) {
     int kept = 0;
     for (int i = 0; i < B; i++) kept += tiers[i] == KV_TIER_KEEP;
     CHECK(!memcmp(tiers, again, sizeof tiers) && kept == 20 && memcmp(tiers, tiers + B, B) != 0);
+    CHECK(compress_select_parse("snapkv") == COMPRESS_SNAPKV && compress_select_parse("snapkv_head") ==
+          COMPRESS_SNAPKV_HEAD && compress_select_parse("best") == -1);
 }
 
 static int collect(void *ud, int32_t id, const char *text, size_t len) {
