@@ -43,7 +43,9 @@ int perplexity_windows(struct model_run *run, const int32_t *tokens, int n_windo
                        int kv_bits, const struct compress_params *compress, int32_t *top1, ppl_progress_fn progress,
                        void *ud, struct ppl_result *r, char *err, size_t errlen) {
     const struct model *m = model_run_model(run);
+    const int n_tokens = r->n_tokens;   /* perplexity_measure's count, for the progress line */
     memset(r, 0, sizeof *r);
+    r->n_tokens = n_tokens;
     if (n_ctx < 8 || n_ctx > m->cfg.n_ctx_train) {
         snprintf(err, errlen, "windows of %d tokens: the model's context is %d (and at least 8 are needed)", n_ctx,
                  m->cfg.n_ctx_train);
@@ -113,6 +115,7 @@ int perplexity_measure(struct model_run *run, const char *text, size_t len, int 
         snprintf(err, errlen, "the text is not valid UTF-8");
         return -1;
     }
+    r->n_tokens = n_tokens;
     int n_windows = n_ctx > 0 ? n_tokens / n_ctx : 0;
     if (max_windows > 0 && n_windows > max_windows) n_windows = max_windows;
     int rc = -1;

@@ -55,7 +55,8 @@ int perplexity_measure(struct model_run *run, const char *text, size_t len, int 
  * tokens holds them one after another, and the first token of each is
  * replaced by bos when bos >= 0 (the caller's tokens are not changed). What
  * the packer uses for its checkpoints (tools/pack/bitstack.c), whose windows
- * are the calibration's. 0, or -1 with err. */
+ * are the calibration's. r->n_tokens, as the caller set it, is kept for
+ * the progress callback. 0, or -1 with err. */
 int perplexity_windows(struct model_run *run, const int32_t *tokens, int n_windows, int n_ctx, int32_t bos,
                        int kv_bits, const struct compress_params *compress, int32_t *top1, ppl_progress_fn progress,
                        void *ud, struct ppl_result *r, char *err, size_t errlen);

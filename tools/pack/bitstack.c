@@ -372,7 +372,7 @@ int pack_bitstack_checkpoints(const char *path, const int32_t *windows, int n_wi
     const int n = checkpoint_targets(m.stack, n_checkpoints, bytes);
     const double t0 = ebb_now_seconds();
     for (int i = 0; i < n; i++) {
-        struct ppl_result r;
+        struct ppl_result r = {0};
         /* Increasing prefixes: each fit only adds blocks. */
         if (bitstack_fit(&m, (size_t)bytes[i], err, errlen) ||
             perplexity_windows(run, windows, n_windows, len, bos, 32, NULL, NULL, NULL, NULL, &r, err, errlen))
