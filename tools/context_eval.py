@@ -27,6 +27,11 @@ What it measures
            ~4.5 bits/value, a demoted one ~3.5 with 4-bit keys; the reported bytes decide), stored in
            context_calib.csv. Passkey accuracy on a small grid (question-agnostic, and question-aware
            for the selecting methods; budgets calibrated at the agnostic compression point), and PPL.
+  ruler    RULER-style tasks at 1k and 2k tokens, 3 seeds: variable tracking (a value passed along a
+           chain of 4 variables in filler, with a decoy chain; score = share of the chain named) and
+           common words (a numbered list where 10 words are ten times as frequent as 20 others; score =
+           share of the 10 named), at 0/25/50/75/90% of the prompt compressed away, demote and drop,
+           question-agnostic and aware (docs/data/context_ruler.csv).
   plot     docs/context_compression.png: passkey accuracy vs budget per mode, PPL change vs KV
            bytes ratio, passkey accuracy vs bits per value (ablation methods included).
 
@@ -41,6 +46,7 @@ rows already there, so an interrupted run resumes):
     $PY tools/context_eval.py passkey            # docs/data/context_passkey.csv
     $PY tools/context_eval.py ppl                # docs/data/context_ppl.csv
     $PY tools/context_eval.py ablate             # docs/data/context_ablate*.csv, context_calib.csv
+    $PY tools/context_eval.py ruler              # docs/data/context_ruler.csv, a table on stdout
     $PY tools/context_eval.py plot               # docs/context_compression.png + tables on stdout
     options: --ebb BIN (default $EBB or /work/main/build-dev/ebb), --model GGUF, --out DIR,
              --dry-run (list the runs and an estimate of their time, run nothing)
@@ -785,10 +791,142 @@ def cmd_plot(args, ebb):
 
 # ------------------------------------------------------------------ main
 
+
+# ------------------------------------------------------------------ RULER-style tasks
+
+RULER_FIELDS = ["binary", "task", "length", "seed", "question", "mode", "budget", "select", "keys", "n_prompt",
+                "score", "want", "output", "kept", "demoted", "dropped", "positions", "bytes_before", "bytes_after",
+                "bytes_ratio", "bits_per_value", "wall_s", "rc"]
+RULER_KEY = ["binary", "task", "length", "seed", "question", "mode", "budget", "select", "keys"]
+RULER_RATIOS = (0.0, 0.25, 0.5, 0.75, 0.9)    # share of the prompt compressed away (kept budget = 1 - ratio)
+RULER_LENGTHS = (1000, 2000)
+RULER_SEEDS = (0, 1, 2)
+WORDS = ("apple", "river", "candle", "pencil", "garden", "window", "silver", "basket", "thunder", "meadow", "lantern",
+         "pillow", "harbor", "violin", "marble", "feather", "blanket", "orchard", "compass", "saddle", "kettle",
+         "ladder", "mirror", "puzzle", "rocket", "tunnel", "walnut", "wizard", "yogurt", "zipper")
+
+
+def ruler_vt(rng, n_chars):
+    """Variable tracking: one value passed along a chain of 4 variables, hidden in filler with decoy
+    chains; the answer is every variable of the chain."""
+    def name():
+        return "".join(rng.choice("ABCDEFGHIJKLMNOPQRSTUVWXYZ") for _ in range(5))
+    value = rng.randrange(10000, 100000)
+    chain = [name() for _ in range(4)]
+    lines = [f"VAR {chain[0]} = {value}."] + [f"VAR {chain[i]} = VAR {chain[i - 1]}." for i in range(1, 4)]
+    decoy = [name() for _ in range(4)]
+    dv = rng.randrange(10000, 100000)
+    lines += [f"VAR {decoy[0]} = {dv}."] + [f"VAR {decoy[i]} = VAR {decoy[i - 1]}." for i in range(1, 4)]
+    n_fill = max(8, n_chars // len(FILLER))
+    slots = sorted(rng.sample(range(n_fill), len(lines)))
+    order = lines[:4]
+    order2 = lines[4:]
+    merged, i, j = [], 0, 0
+    for k in range(len(lines)):   # keep each chain in order, interleave the two
+        if j >= len(order2) or (i < len(order) and rng.random() < 0.5):
+            merged.append(order[i]); i += 1
+        else:
+            merged.append(order2[j]); j += 1
+    text, at = [], 0
+    for k in range(n_fill):
+        if at < len(slots) and slots[at] == k:
+            text.append(merged[at]); at += 1
+        text.append(FILLER)
+    context = ("Memorize and track the chain(s) of variable assignment hidden in the following text.\n\n" +
+               " ".join(text))
+    question = (f"\nQuestion: Find all variables that are assigned the value {value} in the text above. "
+                f"Answer: According to the chain(s) of variable assignment in the text above, {len(chain)} "
+                "variables are assigned the value " + str(value) + ", they are:")
+    return context, question, chain
+
+
+def ruler_cwe(rng, n_chars):
+    """Common words: a numbered list in which 10 words are ten times as frequent as the other 20
+    (the list cut to the length wanted); the answer is the 10."""
+    words = list(WORDS)
+    rng.shuffle(words)
+    common, rare = words[:10], words[10:]
+    bag = []
+    while len(bag) * 10 < n_chars:   # ~10 characters an item
+        part = [w for w in common for _ in range(30)] + [w for w in rare for _ in range(3)]
+        rng.shuffle(part)
+        bag += part
+    items, size = [], 0
+    for i, w in enumerate(bag):
+        item = f"{i + 1}. {w}"
+        if size + len(item) + 1 > n_chars:
+            break
+        items.append(item)
+        size += len(item) + 1
+    context = ("Below is a numbered list of words. In these words, some appear more often than others. "
+               "Memorize the ones that appear most often.\n" + " ".join(items))
+    question = ("\nQuestion: What are the 10 most common words in the above list? Answer: The top 10 words "
+                "that appear most often in the list are:")
+    return context, question, common
+
+
+def ruler_prompt(ebb, task, length, seed):
+    """(context, question, answers, tokens) of about `length` tokens, sized by measuring."""
+    make = ruler_vt if task == "vt" else ruler_cwe
+    n_chars = length * 4
+    for _ in range(12):
+        context, question, want = make(random.Random(f"{task}-{length}-{seed}"), n_chars)
+        n = ebb.tokens(context + question)
+        if abs(n - length) <= 0.05 * length:
+            break
+        n_chars = int(n_chars * length / max(n, 1))
+    return context, question, want, n
+
+
+def cmd_ruler(args, ebb):
+    table = Table(os.path.join(args.out, "context_ruler.csv"), RULER_FIELDS, RULER_KEY)
+    t0 = time.time()
+    for length in RULER_LENGTHS:
+        for seed in RULER_SEEDS:
+            for task in ("vt", "cwe"):
+                context, question, want, n_all = ruler_prompt(ebb, task, length, seed)
+                for ratio in RULER_RATIOS:
+                    for mode in (("off",) if ratio == 0 else MODES):
+                        for q in (("full",) if ratio == 0 else ("agnostic", "aware")):
+                            row = {"binary": ebb.binary, "task": task, "length": length, "seed": seed, "question": q,
+                                   "mode": mode, "budget": "" if mode == "off" else round(1 - ratio, 2),
+                                   "select": "" if mode == "off" else "snapkv", "keys": 4 if mode == "demote" else ""}
+                            if table.has(row) or ebb.dry:
+                                continue
+                            argv = ["generate", "-m", ebb.model, "-n", "40", "--temp", "0", "--kv-bits", "4"]
+                            argv += ["-p", context, "--then", question] if q == "agnostic" else ["-p", context + question]
+                            argv += compress_args(mode, 1 - ratio) if mode != "off" else ["--compress", "off"]
+                            rc, out, err, wall = ebb.run(argv)
+                            got = sum(w.lower() in out.lower() for w in want)
+                            row.update(n_prompt=n_all, score=round(got / len(want), 3), want=" ".join(want),
+                                       output=out.strip().replace("\n", "\\n")[:120], rc=rc, wall_s=round(wall, 2))
+                            row.update(parse_compressed(err, ebb.vpp))
+                            table.add(row)
+                            log(f"[ruler] {task} L={length} s={seed} {q} {mode} ratio={ratio}: score {row['score']} "
+                                f"({wall:.1f} s, {time.time() - t0:.0f} s in)")
+    rows = table.get(binary=ebb.binary)
+    for task in ("vt", "cwe"):
+        for length in RULER_LENGTHS:
+            full = [float(r["score"]) for r in rows if r["task"] == task and r["length"] == str(length)
+                    and r["mode"] == "off"]
+            print(f"{task} L={length}: whole cache {sum(full) / max(1, len(full)):.2f} (n={len(full)})")
+            for mode in MODES:
+                for q in ("agnostic", "aware"):
+                    cells = []
+                    for ratio in RULER_RATIOS[1:]:
+                        sc = [float(r["score"]) for r in rows if r["task"] == task and r["length"] == str(length)
+                              and r["mode"] == mode and r["question"] == q and r["budget"] == str(round(1 - ratio, 2))]
+                        cells.append(f"{sum(sc) / max(1, len(sc)):.2f}")
+                    print(f"  {mode:6s} {q:8s} at {', '.join(str(int(x * 100)) for x in RULER_RATIOS[1:])}% "
+                          f"compressed: {' '.join(cells)}")
+
+
+# ------------------------------------------------------------------ main
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("command", choices=["passkey", "ppl", "ablate", "plot"])
+    ap.add_argument("command", choices=["passkey", "ppl", "ablate", "ruler", "plot"])
     ap.add_argument("--ebb", default=DEFAULT_EBB)
     ap.add_argument("--model", default=DEFAULT_MODEL)
     ap.add_argument("--heldout", default=DEFAULT_HELDOUT)
@@ -807,7 +945,8 @@ def main():
                          "before b0d805a crash there)")
     args = ap.parse_args()
     ebb = Ebb(args)
-    {"passkey": cmd_passkey, "ppl": cmd_ppl, "ablate": cmd_ablate, "plot": cmd_plot}[args.command](args, ebb)
+    {"passkey": cmd_passkey, "ppl": cmd_ppl, "ablate": cmd_ablate, "ruler": cmd_ruler,
+     "plot": cmd_plot}[args.command](args, ebb)
 
 
 if __name__ == "__main__":
