@@ -65,6 +65,17 @@ def test_unknown_command(ebb_bin):
     (["ppl", "-m", "x.gguf", "-f", "t", "--weights", ""], "--weights must be native or f32"),
     (["bench", "-m", "x.gguf", "--weights", "F32"], "--weights must be native or f32"),
     (["logits", "-m", "x.gguf", "--ids-file", "i", "-o", "o", "--weights", "int8"], "--weights must be native"),
+    (["generate", "-m", "x.gguf", "-p", "a", "--compress", "squash"], "--compress must be off, demote or drop"),
+    (["generate", "-m", "x.gguf", "-p", "a", "--compress-budget", "1.5"], "--compress-budget expects"),
+    (["generate", "-m", "x.gguf", "-p", "a", "--compress-low", "-0.1"], "--compress-low expects"),
+    (["generate", "-m", "x.gguf", "-p", "a", "--compress-tokens", "0"], "--compress-tokens expects"),
+    (["generate", "-m", "x.gguf", "-p", "a", "--compress-select", "best"], "--compress-select must be snapkv"),
+    (["generate", "-m", "x.gguf", "-p", "a", "--compress-keys", "3"], "--compress-keys must be 2 or 4"),
+    (["generate", "-m", "x.gguf", "-p", "a", "--compress-min", "-1"], "--compress-min expects"),
+    (["generate", "-m", "x.gguf", "-p", "a", "--compress-bogus", "1"], "unknown option"),
+    (["generate", "-m", "x.gguf", "-p", "a", "--then"], "needs a value"),
+    (["ppl", "-m", "x.gguf", "-f", "t", "--compress", "half"], "--compress must be off, demote or drop"),
+    (["ppl", "-m", "x.gguf", "-f", "t", "--compress-keys", "8"], "--compress-keys"),
 ])
 def test_bad_arguments(ebb_bin, args, needle):
     assert_clean_error(run_ebb(ebb_bin, *args), needle)
@@ -195,3 +206,10 @@ def test_unit_tests_without_the_model_say_skipped(ebb_bin, unit, tmp_path):
                        env=dict(os.environ, EBB_SOURCE_DIR=str(tmp_path)))
     assert p.returncode == 77, (p.returncode, p.stdout[-500:], p.stderr[-500:])
     assert b"were skipped" in p.stdout and str(tmp_path).encode() in p.stdout
+
+
+def test_then_not_utf8(any_bin, model_path):
+    """--then's text is tokenized after the model loads; bytes that are not UTF-8 are refused."""
+    proc = subprocess.run([any_bin, "generate", "-m", model_path, "-p", "hello", "--then", b"caf\xc3(".decode(
+        "utf-8", "surrogateescape"), "-n", "1"], capture_output=True, timeout=120)
+    assert_clean_error(proc, "--then is not valid UTF-8")

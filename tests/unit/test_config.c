@@ -271,6 +271,10 @@ static void test_bad_files(void) {
                    "'eagle' is not a valid value: expected one of \"none\", \"ngram\"");
     expect_refused("{\"draft_policy\": true}", "'draft_policy'", "expected one of");
     expect_refused("{\"draft_policy\": \"sometimes\"}", "'draft_policy'", "\"adaptive\", \"always\"");
+    expect_refused("{\"context_compression\": \"squash\"}", "'context_compression'",
+                   "expected one of \"off\", \"demote\", \"drop\"");
+    expect_refused("{\"compression_budget_percent\": 101}", "'compression_budget_percent'", "[0, 100]");
+    expect_refused("{\"compression_min_prompt\": -5}", "'compression_min_prompt'", NULL);
     /* Out of range. */
     expect_refused("{\"port\": 65536}", "'port'", "[0, 65535]");
     expect_refused("{\"port\": -1}", "'port'", NULL);
