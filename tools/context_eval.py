@@ -358,16 +358,23 @@ def cmd_passkey(args, ebb):
     items = list(grid_prompts(grid))
     todo_s, n = 0.0, 0
     t0 = time.time()
-    # Phase 1: the full cache everywhere.
-    for i, (length, hay, depth, seed, _) in enumerate(items):
-        r = passkey_run(ebb, prompts, table, hay, length, depth, seed, "full", "off", None)
-        if r is not None:
+
+    def run_each(runs, tag):
+        """Runs (item, question, mode, budget) not yet in the table, logging each."""
+        nonlocal todo_s, n
+        for j, ((length, hay, depth, seed, _), q, mode, budget) in enumerate(runs):
+            r = passkey_run(ebb, prompts, table, hay, length, depth, seed, q, mode, budget)
+            if r is None:
+                continue
             n += 1
             todo_s += EST_SECONDS.get(length, 10)
             if not ebb.dry:
-                log(f"[full {i + 1}/{len(items)}] {hay} L={length} d={depth} s={seed}: "
-                    f"{'ok ' if r['correct'] else 'MISS'} {r['output']!r} ({r['wall_s']} s, "
-                    f"{time.time() - t0:.0f} s in)")
+                log(f"[{tag}{j + 1}/{len(runs)}] {hay} L={length} d={depth} s={seed} {q} {mode} {budget}: "
+                    f"{'ok ' if r['correct'] else 'MISS'} {r['output']!r} ratio={r.get('bytes_ratio')} "
+                    f"({r['wall_s']} s, {time.time() - t0:.0f} s in)")
+
+    # Phase 1: the full cache everywhere.
+    run_each([(it, "full", "off", None) for it in items], "full ")
     # Phase 2: compressed configurations where the full cache is good enough.
     # A length qualifies when the full cache finds the key in >= min_full of its canonical (filler,
     # single key) prompts; the harder haystacks then run at that length whatever their own score
@@ -386,16 +393,7 @@ def cmd_passkey(args, ebb):
                                                        for h in hays)
                 + ("" if eligible[length] else "  -> below --min-full on filler: compressed runs skipped"))
     configs = [(q, m, b) for b in BUDGETS for m in MODES for q in ("agnostic", "aware")]
-    work = [(it, c) for it in items if it[4] and eligible[it[0]] for c in configs]
-    for j, ((length, hay, depth, seed, _), (q, mode, budget)) in enumerate(work):
-        r = passkey_run(ebb, prompts, table, hay, length, depth, seed, q, mode, budget)
-        if r is not None:
-            n += 1
-            todo_s += EST_SECONDS.get(length, 10)
-            if not ebb.dry:
-                log(f"[{j + 1}/{len(work)}] {hay} L={length} d={depth} s={seed} {q} {mode} {budget}: "
-                    f"{'ok ' if r['correct'] else 'MISS'} {r['output']!r} ratio={r.get('bytes_ratio')} "
-                    f"({r['wall_s']} s, {time.time() - t0:.0f} s in)")
+    run_each([(it, q, m, b) for it in items if it[4] and eligible[it[0]] for q, m, b in configs], "")
     if ebb.dry:
         log(f"passkey: {n} runs to do, about {todo_s / 60:.1f} min")
     else:
