@@ -191,15 +191,6 @@ static double now_ms(void) {
     return (double)ts.tv_sec * 1e3 + (double)ts.tv_nsec / 1e6;
 }
 
-/* The body bytes the positions held need: the store and the pages that
- * hold positions (a reused cache may keep pages beyond them for later). */
-static size_t cache_bytes(const struct kv_cache *kv) {
-    const struct kv_compact_info ci = kv_cache_compact_info(kv);
-    size_t pages = 0;
-    for (int p = 0; p < kv->n_pages && p * KV_PAGE_TOKENS < kv->n_past; p++) pages += kv->pages[p] != NULL;
-    return pages * kv->layout.page_bytes + ci.bytes;
-}
-
 int compress_apply(struct kv_cache *kv, const struct model_config *cfg, const struct ebb_backend *be,
                    const struct compress_params *p, struct compress_report *report) {
     const double t0 = now_ms();
@@ -207,7 +198,7 @@ int compress_apply(struct kv_cache *kv, const struct model_config *cfg, const st
     const int n_prompt = kv->n_past, boundary = kv_cache_compact_limit(kv);
     report->n_prompt = n_prompt;
     report->kept = n_prompt;
-    report->bytes_before = report->bytes_after = cache_bytes(kv);
+    report->bytes_before = report->bytes_after = kv_cache_body_bytes(kv);
     const int n_keep = boundary > 0 ? keep_count(p, n_prompt, boundary) : 0;
     if (!compress_wanted(p, n_prompt) || kv->compact || boundary <= 0 || n_keep >= boundary ||
         ((p->select == COMPRESS_SNAPKV || p->select == COMPRESS_SNAPKV_HEAD) &&
@@ -235,7 +226,7 @@ int compress_apply(struct kv_cache *kv, const struct model_config *cfg, const st
     report->kept = ci.n_keep + (n_prompt - boundary);
     report->demoted = ci.n_low;
     report->dropped = boundary - ci.n_keep - ci.n_low;
-    report->bytes_after = cache_bytes(kv);
+    report->bytes_after = kv_cache_body_bytes(kv);
     report->ms = now_ms() - t0;
     return 0;
 }

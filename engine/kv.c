@@ -36,6 +36,14 @@ static int is_quantized(int bits) { return bits == 8 || bits == 4; }
 
 /* ------------------------------------------------------------- layouts */
 
+/* Values per quantization group for a head: the largest of 64, 32, 16, 8
+ * that divides it. */
+static int group_for(int head_dim) {
+    int g = EBB_KVQ_GROUP_MAX;
+    while (head_dim % g) g /= 2;
+    return g;
+}
+
 const char *kv_bits_problem(const struct model_config *cfg, int bits) {
     if (bits != 32 && bits != 16 && bits != 8 && bits != 4) return "kv_bits must be 32, 16, 8 or 4";
     if (is_quantized(bits) && (cfg->head_dim % 8 || cfg->head_dim > KV_MAX_HEAD_DIM))
@@ -51,8 +59,7 @@ int kv_layout_init(struct kv_layout *l, const struct model_config *cfg, int bits
     l->head_dim = cfg->head_dim;
     l->kv_dim = cfg->n_head_kv * cfg->head_dim;
     if (is_quantized(bits)) {
-        l->group = EBB_KVQ_GROUP_MAX;
-        while (l->head_dim % l->group) l->group /= 2;
+        l->group = group_for(l->head_dim);
         l->rotate = l->head_dim % 64 == 0;
         l->code_bytes = (size_t)l->kv_dim * (size_t)bits / 8;
         l->row_bytes = l->code_bytes + (size_t)(l->kv_dim / l->group) * 2 * sizeof(uint16_t);
@@ -418,6 +425,7 @@ struct kv_compact {
     size_t keep_row;        /* one head's keys (or values) at one position, at the cache's precision */
     int low_key_bits;       /* 2: per-channel packs; 4: KV4 rows per position */
     size_t low_codes;       /* codes of one head's row at 2 bits */
+    size_t low_k_row;       /* a 4-bit key row (low_key_bits 4): codes then pairs */
     size_t low_k_bytes;     /* a chunk's keys: code rows and per-channel pairs, or KV4 rows */
     size_t low_v_row;       /* a 2-bit value row: codes then pairs */
     size_t low_chunk;
@@ -425,12 +433,6 @@ struct kv_compact {
     uint8_t *low;           /* [n_layer][n_head_kv][low chunks] */
     size_t bytes;
 };
-
-static int low_group_for(int head_dim) {
-    int g = EBB_KVQ_GROUP_MAX;
-    while (head_dim % g) g /= 2;
-    return g;
-}
 
 static size_t keep_row_bytes(const struct kv_layout *l) {
     const size_t hd = (size_t)l->head_dim;
@@ -444,15 +446,15 @@ static void compact_shape(struct kv_compact *c, const struct kv_layout *l, int n
     c->n_low = n_low;
     c->n_head_kv = l->kv_dim / l->head_dim;
     c->head_dim = l->head_dim;
-    c->low_group = low_group_for(l->head_dim);
+    c->low_group = group_for(l->head_dim);
     c->low_rotate = l->head_dim % 64 == 0;
     c->keep_row = keep_row_bytes(l);
     c->low_codes = hd * KV_LOW_BITS / 8;
     c->low_v_row = c->low_codes + (hd / (size_t)c->low_group) * 2 * sizeof(uint16_t);
     c->low_key_bits = low_key_bits;
-    c->low_k_bytes = low_key_bits == KV_LOW_BITS
-                         ? KV_PAGE_TOKENS * c->low_codes + hd * 2 * sizeof(uint16_t)
-                         : KV_PAGE_TOKENS * (hd * 4 / 8 + (hd / (size_t)c->low_group) * 2 * sizeof(uint16_t));
+    c->low_k_row = hd / 2 + (hd / (size_t)c->low_group) * 2 * sizeof(uint16_t);
+    if (low_key_bits == KV_LOW_BITS) c->low_k_bytes = KV_PAGE_TOKENS * c->low_codes + hd * 2 * sizeof(uint16_t);
+    else c->low_k_bytes = KV_PAGE_TOKENS * c->low_k_row;
     c->low_chunk = c->low_k_bytes + KV_PAGE_TOKENS * c->low_v_row;
     const size_t heads = (size_t)l->n_layer * (size_t)c->n_head_kv;
     c->bytes = heads * (2 * (size_t)n_keep * c->keep_row + (size_t)pages_for(n_low) * c->low_chunk);
@@ -480,11 +482,6 @@ static uint16_t *low_key_dm(const struct kv_compact *c, uint8_t *chunk) {
 
 static uint8_t *low_values(const struct kv_compact *c, uint8_t *chunk) {
     return chunk + c->low_k_bytes;
-}
-
-/* A 4-bit key row of a chunk (low_key_bits 4): codes then pairs. */
-static size_t low_k_row(const struct kv_compact *c) {
-    return (size_t)c->head_dim / 2 + (size_t)(c->head_dim / c->low_group) * 2 * sizeof(uint16_t);
 }
 
 /* Head kvh's part of a body row, copied into a kept row. */
@@ -528,7 +525,7 @@ static void store_low_chunk(const struct kv_compact *c, int hd, uint8_t *chunk, 
         ebb_kvq_quantize_channels(KV_LOW_BITS, k, n, hd, c->low_group, chunk, c->low_codes, low_key_dm(c, chunk));
     } else {
         uint8_t *krow = chunk;
-        for (int r = 0; r < n; r++, krow += low_k_row(c))
+        for (int r = 0; r < n; r++, krow += c->low_k_row)
             ebb_kvq_quantize_row(4, k + (size_t)r * hd, hd, c->low_group, krow, (uint16_t *)(void *)(krow + hd / 2));
     }
     uint8_t *vrow = low_values(c, chunk);
@@ -640,6 +637,12 @@ int kv_cache_compact(struct kv_cache *kv, const struct ebb_backend *be, int boun
     }
     kv_cache_forget_observation(kv);
     return 0;
+}
+
+size_t kv_cache_body_bytes(const struct kv_cache *kv) {
+    size_t pages = 0;
+    for (int p = 0; p < kv->n_pages && p * KV_PAGE_TOKENS < kv->n_past; p++) pages += kv->pages[p] != NULL;
+    return pages * kv->layout.page_bytes + (kv->compact ? kv->compact->bytes : 0);
 }
 
 struct kv_compact_info kv_cache_compact_info(const struct kv_cache *kv) {
@@ -787,7 +790,7 @@ static struct segment compact_segment(const struct kv_cache *kv, const struct eb
             if (c->low_key_bits == KV_LOW_BITS)
                 be->kv_rows_qc(view, at, c->low_codes, low_key_dm(c, at), s.n, hd, KV_LOW_BITS, c->low_group);
             else
-                be->kv_rows_q(view, at, (const uint16_t *)(const void *)(at + hd / 2), low_k_row(c), s.n, hd, 4,
+                be->kv_rows_q(view, at, (const uint16_t *)(const void *)(at + hd / 2), c->low_k_row, s.n, hd, 4,
                               c->low_group);
         } else {
             const uint8_t *v = low_values(c, at);

@@ -295,6 +295,10 @@ struct kv_compact_info {
     size_t bytes;
 };
 struct kv_compact_info kv_cache_compact_info(const struct kv_cache *kv);
+/* The body bytes its positions need now: the compact store and the pages
+ * that hold positions (a cleared cache keeps later pages for reuse; they
+ * do not count). Window pages and sinks are not body. */
+size_t kv_cache_body_bytes(const struct kv_cache *kv);
 /* Bytes of a compact store with these counts (what kv_cache_compact would
  * hold), so a policy can size its tiers to a byte budget. */
 size_t kv_compact_bytes(const struct kv_layout *l, int n_keep, int n_low, int low_key_bits);

@@ -614,7 +614,6 @@ static void compress_prompt(struct sched *s, struct sreq *r) {
     c->demoted += (uint64_t)rep.demoted;
     c->dropped += (uint64_t)rep.dropped;
     c->bytes_saved += rep.bytes_before > rep.bytes_after ? rep.bytes_before - rep.bytes_after : 0;
-    c->seconds += rep.ms / 1e3;
     pthread_mutex_unlock(&s->lock);
 }
 

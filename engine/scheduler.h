@@ -100,11 +100,10 @@ struct sched_stats {
     uint64_t drafts, draft_tokens, accepted_tokens, accepted_at[DRAFT_MAX];
     /* Context compression (engine/compress.h), by mode (index enum
      * compress_mode; OFF unused): requests compressed, positions kept,
-     * demoted and dropped (per layer and KV head: a position counts once),
-     * KV bytes saved, and the stage's seconds. */
+     * demoted and dropped (per layer and KV head: a position counts once)
+     * and KV bytes saved; each request's stage time is in its timing. */
     struct sched_compress_stats {
         uint64_t requests, kept, demoted, dropped, bytes_saved;
-        double seconds;
     } compress[3];
 };
 
