@@ -1,6 +1,7 @@
 /* Generation state machine and the single-sequence loop; see generate.h. */
 #include "engine/generate.h"
 
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -38,12 +39,44 @@ int generate_is_end_token(const struct model *m, int32_t id) {
     return 0;
 }
 
+/* The vocabulary's end tokens, once per sequence that must avoid them
+ * (control tokens are few, so the scan is one cheap test per id). */
+static int collect_end_ids(struct gen_seq *g) {
+    const int n = g->m->cfg.n_vocab;
+    for (int pass = 0; pass < 2; pass++) {
+        g->n_end_ids = 0;
+        for (int32_t id = 0; id < n; id++)
+            if (generate_is_end_token(g->m, id)) {
+                if (pass) g->end_ids[g->n_end_ids] = id;
+                g->n_end_ids++;
+            }
+        if (!pass && !(g->end_ids = malloc((size_t)(g->n_end_ids + 1) * sizeof(int32_t)))) return -1;
+    }
+    return 0;
+}
+
+static int is_stop_id(const struct gen_seq *g, int32_t id) {
+    for (int i = 0; i < g->params->n_stop_ids; i++)
+        if (g->params->stop_ids[i] == id) return 1;
+    return 0;
+}
+
+/* Tokens that may not be sampled now: end tokens under ignore_eos, and end
+ * tokens and stop ids before min_tokens. */
+static void ban_ending_tokens(struct gen_seq *g, float *logits) {
+    const int early = g->n_generated < g->params->min_tokens;
+    if (g->params->ignore_eos || early)
+        for (int i = 0; i < g->n_end_ids; i++) logits[g->end_ids[i]] = -INFINITY;
+    if (early)
+        for (int i = 0; i < g->params->n_stop_ids; i++) logits[g->params->stop_ids[i]] = -INFINITY;
+}
+
 int gen_seq_init(struct gen_seq *g, const struct model *m, const int32_t *prompt, int n_prompt,
                  const struct gen_params *p) {
     memset(g, 0, sizeof *g);
     g->m = m;
     g->max_tokens = p->max_tokens;
-    g->want_logprobs = p->logprobs;
+    g->want_logprobs = p->logprobs || p->top_logprobs > 0;
     g->finish = FINISH_NONE;
     g->cap_history = n_prompt + (p->max_tokens > 0 ? p->max_tokens : 0) + 1;
     g->history = malloc((size_t)g->cap_history * sizeof(int32_t));
@@ -51,8 +84,11 @@ int gen_seq_init(struct gen_seq *g, const struct model *m, const int32_t *prompt
     g->text = malloc(1);
     g->piece_cap = tokenizer_detok_buffer(m->tok);
     g->piece = malloc(g->piece_cap);
-    g->raw_logits = p->logprobs ? malloc((size_t)m->cfg.n_vocab * sizeof(float)) : NULL;
-    if (!g->history || !g->sampler || !g->text || !g->piece || (p->logprobs && !g->raw_logits)) {
+    const int want_raw = p->logprobs || p->top_logprobs > 0;
+    g->raw_logits = want_raw ? malloc((size_t)m->cfg.n_vocab * sizeof(float)) : NULL;
+    g->params = p;
+    if (!g->history || !g->sampler || !g->text || !g->piece || (want_raw && !g->raw_logits) ||
+        ((p->ignore_eos || p->min_tokens > 0) && collect_end_ids(g) < 0)) {
         gen_seq_free(g);
         return -1;
     }
@@ -72,6 +108,7 @@ void gen_seq_free(struct gen_seq *g) {
     free(g->history);
     free(g->text);
     free(g->raw_logits);
+    free(g->end_ids);
     free(g->piece);
     memset(g, 0, sizeof *g);
 }
@@ -99,12 +136,17 @@ int32_t gen_seq_step(struct gen_seq *g, float *logits) {
     g->text[0] = 0;
     /* The sampler reshapes logits in place, so the model's own probability
      * of the chosen token is measured on a copy taken first. */
-    if (g->want_logprobs) memcpy(g->raw_logits, logits, (size_t)g->m->cfg.n_vocab * sizeof(float));
+    const int n_vocab = g->m->cfg.n_vocab;
+    if (g->want_logprobs) memcpy(g->raw_logits, logits, (size_t)n_vocab * sizeof(float));
+    ban_ending_tokens(g, logits);
     int32_t id = sampler_sample(g->sampler, logits, g->history, g->n_history);
-    if (g->want_logprobs) g->logprob = (float)log_softmax_at(g->raw_logits, g->m->cfg.n_vocab, id);
+    if (g->want_logprobs) {
+        g->logprob = (float)log_softmax_at(g->raw_logits, n_vocab, id);
+        g->n_top = log_softmax_top(g->raw_logits, n_vocab, g->params->top_logprobs, g->top_id, g->top_logprob);
+    }
     g->n_generated++;
     if (g->n_history < g->cap_history) g->history[g->n_history++] = id;
-    if (generate_is_end_token(g->m, id)) {
+    if (generate_is_end_token(g->m, id) || is_stop_id(g, id)) {
         g->finish = FINISH_STOP;
         flush_held(g);
         return id;

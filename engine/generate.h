@@ -38,6 +38,11 @@ struct gen_params {
     int n_ctx;                      /* KV cache size; 0: prompt + max_tokens, capped by training ctx */
     int kv_bits;                    /* generate()'s KV cache precision: 32 (or 0), 16, 8, 4 */
     int logprobs;                   /* compute the chosen token's log-probability */
+    int top_logprobs;               /* and the best N ids' (N <= SAMPLER_MAX_TOP), alternatives included */
+    int ignore_eos;                 /* never sample an end token: run to max_tokens (or a stop) */
+    int min_tokens;                 /* no end token or stop id before this many tokens */
+    const int32_t *stop_ids;        /* ids that end generation as an end token does (their */
+    int n_stop_ids;                 /*   text is not released); copied by the scheduler */
     int speculative;                /* enum draft_source (engine/draft.h): the scheduler's drafts; 0 none */
     struct compress_params compress;/* context compression after the prefill (mode 0: off) */
 };
@@ -55,12 +60,32 @@ struct gen_seq {
     char *text;                     /* released by the last step (NUL-terminated) */
     size_t text_len;
     float logprob;                  /* of the last sampled token, if asked */
+    int n_top;                      /* its best alternatives, if asked (top_logprobs) */
+    int32_t top_id[SAMPLER_MAX_TOP];
+    float top_logprob[SAMPLER_MAX_TOP];
     float *raw_logits;              /* copy for logprobs, [n_vocab] */
+    const struct gen_params *params;/* the settings (borrowed: the caller keeps them alive) */
+    int32_t *end_ids;               /* end tokens, to ban (ignore_eos, min_tokens) */
+    int n_end_ids;
     char *piece;                    /* detokenizer output buffer */
     size_t piece_cap;
 };
 
-/* 0, or -1 when out of memory. The prompt is copied. */
+/* A sampled token as reported to a front end: its id, the text it released
+ * (may be empty: held back), and when logprobs were asked for its own
+ * log-probability and its best alternatives' (n_top of them, best first). */
+struct gen_token {
+    int32_t id;
+    const char *text;
+    size_t len;
+    float logprob;
+    int n_top;
+    const int32_t *top_id;
+    const float *top_logprob;
+};
+
+/* 0, or -1 when out of memory. The prompt is copied; p is borrowed and must
+ * outlive g (its stop strings and stop ids are read at every step). */
 int gen_seq_init(struct gen_seq *g, const struct model *m, const int32_t *prompt, int n_prompt,
                  const struct gen_params *p);
 /* Samples the next token from logits (modified in place) and advances; the

@@ -4,11 +4,17 @@
  * as the whole vocabulary in id order and shrinks stage by stage, in the
  * order fixed by sampler.h:
  *
+ *   logit bias          adds each entry's bias to the caller's logits.
  *   repetition penalty  edits the caller's logits in place, once per distinct
  *                       id in the window (CTRL / llama.cpp rule: a positive
  *                       logit is divided by the penalty, a negative one
  *                       multiplied), deduplicated with a stamp array so the
  *                       call needs no clearing pass and no allocation.
+ *   presence/frequency  OpenAI's rule, logit -= frequency * count + presence,
+ *                       over the ids this sampler returned: their counts and
+ *                       the list of distinct ids are kept as they are drawn,
+ *                       so a call costs the distinct ids generated, not a
+ *                       scan of the vocabulary or of the history.
  *   greedy              temperature <= 0 or top_k == 1: plain argmax, lowest
  *                       id on ties, no PRNG draw consumed.
  *   top-k               a bounded min-heap of k entries keeps the best k in
@@ -110,6 +116,10 @@ struct sampler {
     struct cand *top;      /* n_vocab: output of top-k / top-p */
     uint32_t *seen;        /* n_vocab: stamp of the call that last penalised an id */
     uint32_t stamp;
+    struct logit_bias *bias;   /* p.bias, owned copy */
+    uint32_t *count;       /* n_vocab, when presence/frequency is on: times returned */
+    int32_t *counted;      /* the distinct ids with count > 0, n_counted of them */
+    int n_counted;
     double bucket_mass[N_PROB_BUCKETS];
     int bucket_count[N_PROB_BUCKETS];
 };
@@ -121,6 +131,10 @@ void sampler_params_default(struct sampler_params *p) {
     p->min_p = 0.05f;
     p->repeat_penalty = 1.0f;
     p->repeat_last_n = 64;
+    p->presence_penalty = 0.0f;
+    p->frequency_penalty = 0.0f;
+    p->bias = NULL;
+    p->n_bias = 0;
     p->seed = 0;
 }
 
@@ -136,7 +150,21 @@ struct sampler *sampler_create(const struct sampler_params *p, int n_vocab) {
     s->all = malloc((size_t)n_vocab * sizeof(*s->all));
     s->top = malloc((size_t)n_vocab * sizeof(*s->top));
     s->seen = calloc((size_t)n_vocab, sizeof(*s->seen));
-    if (!s->all || !s->top || !s->seen) {
+    int fail = !s->all || !s->top || !s->seen;
+    if (s->p.n_bias > 0 && s->p.bias) {
+        s->bias = malloc((size_t)s->p.n_bias * sizeof(*s->bias));
+        if (s->bias) memcpy(s->bias, s->p.bias, (size_t)s->p.n_bias * sizeof(*s->bias));
+        fail |= !s->bias;
+    } else {
+        s->p.n_bias = 0;
+    }
+    s->p.bias = s->bias;
+    if (s->p.presence_penalty != 0.0f || s->p.frequency_penalty != 0.0f) {
+        s->count = calloc((size_t)n_vocab, sizeof(*s->count));
+        s->counted = malloc((size_t)n_vocab * sizeof(*s->counted));
+        fail |= !s->count || !s->counted;
+    }
+    if (fail) {
         sampler_free(s);
         return NULL;
     }
@@ -148,7 +176,30 @@ void sampler_free(struct sampler *s) {
     free(s->all);
     free(s->top);
     free(s->seen);
+    free(s->bias);
+    free(s->count);
+    free(s->counted);
     free(s);
+}
+
+static void apply_bias(const struct sampler *s, float *logits) {
+    for (int i = 0; i < s->p.n_bias; i++) {
+        const int32_t id = s->bias[i].id;
+        if (id >= 0 && id < s->n_vocab) logits[id] += s->bias[i].bias;
+    }
+}
+
+static void apply_presence_frequency(const struct sampler *s, float *logits) {
+    for (int i = 0; s->count && i < s->n_counted; i++) {
+        const int32_t id = s->counted[i];
+        logits[id] -= s->p.frequency_penalty * (float)s->count[id] + s->p.presence_penalty;
+    }
+}
+
+/* The id the sampler returns: counted for the presence/frequency penalties. */
+static int32_t returned(struct sampler *s, int32_t id) {
+    if (s->count && id >= 0 && id < s->n_vocab && s->count[id]++ == 0) s->counted[s->n_counted++] = id;
+    return id;
 }
 
 static void apply_repeat_penalty(struct sampler *s, float *logits, const int32_t *history,
@@ -352,12 +403,32 @@ double log_softmax_at(const float *logits, int n, int32_t id) {
     return ((double)logits[id] - max) - log(sum);
 }
 
+int log_softmax_top(const float *logits, int n, int k, int32_t *ids, float *logprobs) {
+    if (k > n) k = n;
+    if (k <= 0) return 0;
+    struct cand best[SAMPLER_MAX_TOP];
+    if (k > SAMPLER_MAX_TOP) k = SAMPLER_MAX_TOP;
+    select_top_k(logits, n, best, k);
+    float max = sane(logits[0]);
+    for (int i = 1; i < n; i++) if (sane(logits[i]) > max) max = sane(logits[i]);
+    double sum = 0;
+    for (int i = 0; i < n; i++) sum += exp((double)sane(logits[i]) - max);
+    const double lse = log(sum);
+    for (int i = 0; i < k; i++) {
+        ids[i] = best[i].id;
+        logprobs[i] = (float)(((double)best[i].v - max) - lse);
+    }
+    return k;
+}
+
 int32_t sampler_sample(struct sampler *s, float *logits, const int32_t *history, int n_history) {
     const struct sampler_params *p = &s->p;
     int n = s->n_vocab;
 
+    apply_bias(s, logits);
     apply_repeat_penalty(s, logits, history, n_history);
-    if (!(p->temperature > 0.0f) || p->top_k == 1) return argmax(logits, n);
+    apply_presence_frequency(s, logits);
+    if (!(p->temperature > 0.0f) || p->top_k == 1) return returned(s, argmax(logits, n));
 
     struct cand *list;
     int sorted = p->top_k > 0 && p->top_k < n;
@@ -373,7 +444,7 @@ int32_t sampler_sample(struct sampler *s, float *logits, const int32_t *history,
         }
     }
     if (!softmax_with_temperature(list, n, p->temperature))
-        return argmax(logits, s->n_vocab);   /* no finite logit: nothing to weigh */
+        return returned(s, argmax(logits, s->n_vocab));   /* no finite logit: nothing to weigh */
     if (p->min_p > 0.0f) n = filter_min_p(list, n, p->min_p);
     if (p->top_p < 1.0f && n > 1) {
         if (sorted) {
@@ -383,7 +454,7 @@ int32_t sampler_sample(struct sampler *s, float *logits, const int32_t *history,
             list = s->top;
         }
     }
-    return draw(s, list, n);
+    return returned(s, draw(s, list, n));
 }
 
 /* -------------------------------------------------------- stop matcher --- */

@@ -2,13 +2,24 @@
  *
  * The pipeline is fixed and applied in this order, like llama.cpp's default
  * chain, so that the same seed and settings always give the same tokens:
- *   repetition penalty -> greedy shortcut (temperature <= 0) -> top-k ->
- *   temperature -> softmax -> top-p -> min-p -> draw from a seeded PRNG.
+ *   logit bias -> repetition penalty -> presence and frequency penalties ->
+ *   greedy shortcut (temperature <= 0) -> top-k -> temperature -> softmax ->
+ *   top-p -> min-p -> draw from a seeded PRNG.
+ * The presence and frequency penalties count the ids this sampler has
+ * returned, so they see exactly the generated tokens (OpenAI's rule; the
+ * repetition penalty looks at the prompt too, through the history).
  */
 #ifndef EBB_ENGINE_SAMPLER_H
 #define EBB_ENGINE_SAMPLER_H
 #include <stddef.h>
 #include <stdint.h>
+
+/* One entry of a logit bias: added to the logit of id before anything else
+ * (OpenAI's logit_bias; -100 bans a token in practice, +100 forces it). */
+struct logit_bias {
+    int32_t id;
+    float bias;
+};
 
 struct sampler_params {
     float temperature;     /* <= 0: greedy */
@@ -17,17 +28,22 @@ struct sampler_params {
     float min_p;           /* <= 0: off */
     float repeat_penalty;  /* 1: off */
     int repeat_last_n;     /* window of recent tokens the penalty looks at */
+    float presence_penalty;  /* 0: off; subtracted once from each id already returned */
+    float frequency_penalty; /* 0: off; subtracted once per time an id was returned */
+    const struct logit_bias *bias;  /* n_bias entries, ids in range; copied by sampler_create */
+    int n_bias;
     uint64_t seed;
 };
 /* Defaults: temperature 0.8, top_k 40, top_p 0.95, min_p 0.05, penalty 1.0
- * over the last 64 tokens, seed 0. */
+ * over the last 64 tokens, no presence/frequency penalty, no bias, seed 0. */
 void sampler_params_default(struct sampler_params *p);
 
 struct sampler;
 struct sampler *sampler_create(const struct sampler_params *p, int n_vocab);
 void sampler_free(struct sampler *s);
 /* Samples one id. logits (n_vocab floats) are modified. history holds the
- * ids seen so far (prompt and generated), for the repetition penalty. */
+ * ids seen so far (prompt and generated), for the repetition penalty. The id
+ * returned counts as generated for the presence and frequency penalties. */
 int32_t sampler_sample(struct sampler *s, float *logits, const int32_t *history, int n_history);
 
 /* log softmax(logits)[id] over n logits, untouched by any sampling setting:
@@ -35,6 +51,11 @@ int32_t sampler_sample(struct sampler *s, float *logits, const int32_t *history,
  * double from a max-shifted log-sum-exp, so a 50K vocabulary neither
  * overflows nor loses the small terms. */
 double log_softmax_at(const float *logits, int n, int32_t id);
+/* The k (at most SAMPLER_MAX_TOP, at most n) ids with the largest logits,
+ * best first (lower id on ties, NaN as -inf), and their log softmax over
+ * all n: the alternatives reported as top_logprobs. Returns k. */
+#define SAMPLER_MAX_TOP 20
+int log_softmax_top(const float *logits, int n, int k, int32_t *ids, float *logprobs);
 
 /* Stop strings: text is held back while it could still be the start of a
  * stop string, so a client never sees part of one. */

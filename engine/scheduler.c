@@ -35,6 +35,8 @@ struct sreq {
     int n_prefilled;                /* of those, computed so far */
     struct gen_params params;
     char **stops;                   /* owned copies behind params.stops */
+    int32_t *stop_ids;              /* owned copy behind params.stop_ids */
+    struct logit_bias *bias;        /* owned copy behind params.sampling.bias */
     struct sched_callbacks cb;
     void *ud;
     struct kv_cache kv;
@@ -119,6 +121,8 @@ static void sreq_free(struct sreq *r) {
     kv_cache_free(&r->kv);
     for (int i = 0; r->stops && i < r->params.n_stops; i++) free(r->stops[i]);
     free(r->stops);
+    free(r->stop_ids);
+    free(r->bias);
     free(r->prompt);
     free(r->logits);
     free(r->pass_logits);
@@ -154,6 +158,17 @@ static struct sreq *sreq_create(const struct sched_request_desc *d, int n_vocab)
     for (int i = 0; i < d->params.n_stops; i++)
         if (!(r->stops[i] = strdup(d->params.stops[i]))) goto fail;
     r->params.stops = (const char *const *)r->stops;
+    const struct gen_params *p = &d->params;
+    if (p->n_stop_ids > 0) {
+        if (!(r->stop_ids = malloc((size_t)p->n_stop_ids * sizeof(int32_t)))) goto fail;
+        memcpy(r->stop_ids, p->stop_ids, (size_t)p->n_stop_ids * sizeof(int32_t));
+    }
+    r->params.stop_ids = r->stop_ids;
+    if (p->sampling.n_bias > 0) {
+        if (!(r->bias = malloc((size_t)p->sampling.n_bias * sizeof(*r->bias)))) goto fail;
+        memcpy(r->bias, p->sampling.bias, (size_t)p->sampling.n_bias * sizeof(*r->bias));
+    }
+    r->params.sampling.bias = r->bias;
     memcpy(r->prompt, d->prompt, (size_t)d->n_prompt * sizeof(int32_t));
     r->n_prompt = d->n_prompt;
     r->n_replay = d->n_prompt;
@@ -493,7 +508,11 @@ static int32_t sample_next(struct sreq *r, float *logits, int n_filled) {
     if (!r->timing.first_token) r->timing.first_token = now;
     if (r->gen.finish == FINISH_NONE && n_filled >= r->kv.n_ctx) gen_seq_finish(&r->gen, FINISH_LENGTH);
     r->next_token = id;
-    if (r->cb.on_token) r->cb.on_token(r->ud, id, r->gen.text, r->gen.text_len, r->gen.logprob, now);
+    if (r->cb.on_token) {
+        const struct gen_token tok = {id, r->gen.text, r->gen.text_len, r->gen.logprob,
+                                      r->gen.n_top, r->gen.top_id, r->gen.top_logprob};
+        r->cb.on_token(r->ud, &tok, now);
+    }
     return id;
 }
 

@@ -58,8 +58,9 @@ struct sched_timing {
 };
 
 struct sched_callbacks {
-    /* A generated token and the text it released (may be empty). */
-    void (*on_token)(void *ud, int32_t id, const char *text, size_t len, float logprob, double t);
+    /* A generated token and the text it released (may be empty); the
+     * token's fields are valid for the call only. */
+    void (*on_token)(void *ud, const struct gen_token *tok, double t);
     /* The request is over; text still held was released by the last on_token. */
     void (*on_done)(void *ud, enum finish_reason finish, int n_prompt, int n_generated,
                     const struct sched_timing *timing);

@@ -56,9 +56,10 @@ static void post(struct bridge *b, struct bridge_event *ev) {
     uv_async_send(&b->async);
 }
 
-void bridge_on_token(void *ud, int32_t id, const char *text, size_t len, float logprob, double t) {
+void bridge_on_token(void *ud, const struct gen_token *tok, double t) {
     struct bridge_target *target = ud;
     assert(target && target->bridge);
+    const size_t len = tok->len;
     struct bridge_event *ev = calloc(1, sizeof *ev + len + 1);
     if (!ev) {
         /* Dropping a token's text would corrupt the answer silently; the
@@ -70,11 +71,16 @@ void bridge_on_token(void *ud, int32_t id, const char *text, size_t len, float l
     ev->kind = BRIDGE_TOKEN;
     ev->text = (char *)(ev + 1);
     ev->target = ud;
-    ev->id = id;
-    ev->logprob = logprob;
+    ev->id = tok->id;
+    ev->logprob = tok->logprob;
+    ev->n_top = tok->n_top < 0 ? 0 : tok->n_top > SAMPLER_MAX_TOP ? SAMPLER_MAX_TOP : tok->n_top;
+    for (int i = 0; i < ev->n_top; i++) {
+        ev->top_id[i] = tok->top_id[i];
+        ev->top_logprob[i] = tok->top_logprob[i];
+    }
     ev->t = t;
     ev->len = len;
-    memcpy(ev->text, text, len);
+    if (len) memcpy(ev->text, tok->text, len);
     post(target->bridge, ev);
 }
 

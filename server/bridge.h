@@ -38,6 +38,9 @@ struct bridge_event {
     /* BRIDGE_TOKEN */
     int32_t id;
     float logprob;
+    int n_top;                        /* the token's best alternatives, if asked */
+    int32_t top_id[SAMPLER_MAX_TOP];
+    float top_logprob[SAMPLER_MAX_TOP];
     double t;
     size_t len;
     /* BRIDGE_DONE */
@@ -63,7 +66,7 @@ int bridge_init(struct bridge *b, uv_loop_t *loop, bridge_deliver_fn deliver, vo
 void bridge_close(struct bridge *b);
 
 /* Scheduler callbacks (engine thread); ud is the target. */
-void bridge_on_token(void *ud, int32_t id, const char *text, size_t len, float logprob, double t);
+void bridge_on_token(void *ud, const struct gen_token *tok, double t);
 void bridge_on_done(void *ud, enum finish_reason finish, int n_prompt, int n_generated,
                     const struct sched_timing *timing);
 

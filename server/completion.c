@@ -248,9 +248,15 @@ static void deliver_token(struct choice_slot *slot, struct bridge_event *ev) {
     if (c->state != COMPLETION_RUNNING) return;   /* client gone: nothing to build */
     int rc = 0;
     if (ch->logprobs) {
+        struct oai_alt alts[SAMPLER_MAX_TOP];
+        for (int i = 0; i < ev->n_top; i++) {
+            alts[i].piece = tokenizer_piece(sm->model.tok, ev->top_id[i], &alts[i].len);
+            if (!alts[i].piece) alts[i].piece = "", alts[i].len = 0;
+            alts[i].logprob = ev->top_logprob[i];
+        }
         size_t plen;
         const char *piece = tokenizer_piece(sm->model.tok, ev->id, &plen);
-        rc |= oai_choice_add_token(ch, piece ? piece : "", piece ? plen : 0, ev->logprob);
+        rc |= oai_choice_add_token(ch, piece ? piece : "", piece ? plen : 0, ev->logprob, alts, ev->n_top);
     }
     rc |= oai_choice_add_text(ch, ev->text, ev->len);
     if (rc) {
@@ -322,11 +328,20 @@ void completion_gen_params(const struct oai_request *r, int choice, uint64_t see
     out->sampling.top_k = r->top_k < 0 ? 0 : r->top_k;
     out->sampling.min_p = r->min_p;
     out->sampling.repeat_penalty = r->repetition_penalty;
+    out->sampling.presence_penalty = r->presence_penalty;
+    out->sampling.frequency_penalty = r->frequency_penalty;
+    out->sampling.bias = r->logit_bias;
+    out->sampling.n_bias = r->n_logit_bias;
     out->sampling.seed = (r->has_seed ? (uint64_t)r->seed : seed_if_unset) + (uint64_t)choice;
     out->max_tokens = r->max_tokens > 0 ? r->max_tokens : max_tokens_if_unset;
     out->stops = (const char *const *)r->stops;
     out->n_stops = r->n_stops;
     out->logprobs = r->logprobs;
+    out->top_logprobs = r->logprobs ? r->top_logprobs : 0;
+    out->ignore_eos = r->ignore_eos;
+    out->min_tokens = r->min_tokens;
+    out->stop_ids = r->stop_ids;
+    out->n_stop_ids = r->n_stop_ids;
     out->speculative = r->speculative >= 0 ? r->speculative : speculative_if_unset;
 }
 
@@ -372,7 +387,7 @@ struct completion *completion_new(struct daemon *d, struct http_request *req, st
     oai_format_id(c->id, sizeof c->id, c->r.kind, req->id);
     c->meta = (struct oai_meta){c->r.kind, c->id, sm->name, (int64_t)time(NULL), c->r.include_usage};
     for (int i = 0; i < c->n_choices; i++) {
-        oai_choice_init(&c->choices[i], i, c->r.logprobs, 0);
+        oai_choice_init(&c->choices[i], i, c->r.logprobs, c->r.top_logprobs, 0);
         c->slots[i] = (struct choice_slot){.bt = {.bridge = &d->bridge}, .c = c, .index = i};
     }
     c->next = d->completions;
@@ -436,7 +451,8 @@ static int submit_choices(struct completion *c, int32_t *const *ids, const int *
             int status = e == SCHED_QUEUE_FULL ? 429 : invalid ? 400 : 503;
             if (status != 400) http_add_header(c->req, "Retry-After", "1");
             http_respond_error_code(c->req, status, invalid ? "invalid_request_error" : "unavailable_error",
-                                    invalid ? "context_length_exceeded" : NULL, sched_error_message(e),
+                                    invalid ? "context_length_exceeded"
+                                    : e == SCHED_QUEUE_FULL ? "rate_limit_exceeded" : NULL, sched_error_message(e),
                                     invalid ? "max_tokens" : NULL);
             return -1;
         }
@@ -458,9 +474,44 @@ static void start_stream(struct completion *c) {
     }
 }
 
+/* echo: each choice's text starts with its prompt, as the client sent it
+ * (token prompts spelt out by the detokenizer). 0, or -1 when out of memory. */
+static int echo_prompts(struct completion *c, int32_t *const *ids, const int *n_ids) {
+    const struct ebb_tokenizer *tok = c->sm->model.tok;
+    const size_t step = tokenizer_detok_buffer(tok);
+    char *buf = malloc(step);
+    if (!buf) return -1;
+    int rc = 0;
+    for (int i = 0; i < c->n_choices && !rc; i++) {
+        const struct oai_prompt *pr = &c->r.prompts[i / c->r.n];
+        struct oai_choice *ch = &c->choices[i];
+        if (pr->text) {
+            rc = oai_choice_add_text(ch, pr->text, pr->text_len);
+            continue;
+        }
+        struct detok dt;
+        detok_init(&dt, tok);
+        const int p = i / c->r.n;
+        for (int j = 0; j < n_ids[p] && !rc; j++) {
+            const size_t n = detok_push(&dt, ids[p][j], buf, step);
+            rc = oai_choice_add_text(ch, buf, n);
+        }
+        if (!rc) rc = oai_choice_add_text(ch, buf, detok_flush(&dt, buf, step));
+    }
+    free(buf);
+    return rc;
+}
+
 void completion_submit(struct completion *c, int32_t *const *ids, const int *n_ids) {
     int n_prompts = c->r.kind == OAI_CHAT ? 1 : c->r.n_prompts;
     for (int p = 0; p < n_prompts; p++) c->prompt_tokens += n_ids[p];
+    if (c->r.echo && c->r.kind == OAI_COMPLETION && echo_prompts(c, ids, n_ids)) {
+        http_respond_error(c->req, 503, "server_error", "could not echo the prompt: out of memory, or the prompt is beyond the response size limit", NULL);
+        request_completed(c);
+        for (int i = 0; i < c->n_choices; i++) { c->slots[i].done = true; c->n_done++; }
+        settle(c);
+        return;
+    }
     if (submit_choices(c, ids, n_ids)) {
         request_completed(c);   /* answered by submit_choices */
         completion_cancel(c);

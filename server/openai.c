@@ -22,6 +22,7 @@
  */
 #include "server/openai.h"
 
+#include <errno.h>
 #include <inttypes.h>
 #include <limits.h>
 #include <math.h>
@@ -122,7 +123,7 @@ struct pctx {
     struct oai_request *r;
     struct oai_error *err;
     /* seen, for the checks across keys */
-    bool has_prompt, has_messages, has_tokens, has_stream_options, has_add_special;
+    bool has_prompt, has_messages, has_tokens, has_stream_options, has_add_special, has_top_logprobs;
     int64_t best_of;             /* 0: not given */
     int64_t max_tokens, max_completion_tokens;   /* 0: not given */
 };
@@ -633,36 +634,58 @@ static int f_stream_options(struct pctx *p, const char *key, json_t *v) {
 
 static int f_logprobs(struct pctx *p, const char *key, json_t *v) {
     if (p->r->kind == OAI_CHAT) return want_bool(p, key, v, &p->r->logprobs);
+    /* Completions: an integer, the alternatives wanted per token (0 still
+     * returns the chosen token's logprob, as OpenAI's legacy API does). */
     int64_t x;
-    char got[48];
-    if (!as_int64(v, &x) || x < 0)
-        return BAD(p, key, "'logprobs' must be an integer (0 or 1), got %s", describe(v, got, sizeof got));
-    if (x > 1)
-        return BAD(p, key, "'logprobs' must be 0 or 1: only the chosen token's logprob is supported, got %" PRId64, x);
-    p->r->logprobs = true;   /* 0 and 1 both return the chosen token's logprob */
+    if (want_int(p, key, v, 0, OAI_MAX_CMPL_LOGPROBS, "an integer between 0 and 5", &x)) return -1;
+    p->r->logprobs = true;
+    p->r->top_logprobs = (int)x;
     return 0;
 }
 
 static int f_top_logprobs(struct pctx *p, const char *key, json_t *v) {
     int64_t x;
-    char got[48];
-    if (!as_int64(v, &x) || x < 0)
-        return BAD(p, key, "'top_logprobs' must be an integer (0), got %s", describe(v, got, sizeof got));
-    if (x > 0)
-        return BAD(p, key, "'top_logprobs' must be 0: only the chosen token's logprob is supported, got %" PRId64, x);
+    if (want_int(p, key, v, 0, OAI_MAX_TOP_LOGPROBS, "an integer between 0 and 20", &x)) return -1;
+    p->r->top_logprobs = (int)x;
+    p->has_top_logprobs = true;
     return 0;
 }
 
 static int f_echo(struct pctx *p, const char *key, json_t *v) {
-    bool echo;
-    if (want_bool(p, key, v, &echo)) return -1;
-    return echo ? not_supported(p, key, "the prompt is never echoed (use false)") : 0;
+    return want_bool(p, key, v, &p->r->echo);
 }
 
 static int f_penalty(struct pctx *p, const char *key, json_t *v) {
-    float x;
-    if (want_number(p, key, v, -2, false, 2, "a number between -2 and 2", &x)) return -1;
-    return x != 0 ? not_supported(p, key, "only 0 is accepted (use 'repetition_penalty')") : 0;
+    float *x = !strcmp(key, "presence_penalty") ? &p->r->presence_penalty : &p->r->frequency_penalty;
+    return want_number(p, key, v, -2, false, 2, "a number between -2 and 2", x);
+}
+
+static int f_ignore_eos(struct pctx *p, const char *key, json_t *v) {
+    return want_bool(p, key, v, &p->r->ignore_eos);
+}
+
+static int f_min_tokens(struct pctx *p, const char *key, json_t *v) {
+    int64_t x;
+    if (want_int(p, key, v, 0, INT32_MAX, "an integer >= 0", &x)) return -1;
+    p->r->min_tokens = (int)x;
+    return 0;
+}
+
+static int f_stop_token_ids(struct pctx *p, const char *key, json_t *v) {
+    char got[48], param[64];
+    if (!json_is_array(v))
+        return BAD(p, key, "'stop_token_ids' must be an array of token ids, got %s", describe(v, got, sizeof got));
+    const size_t n = json_array_size(v);
+    if (n > OAI_MAX_STOP_IDS)
+        return BAD(p, key, "'stop_token_ids' may hold at most %d ids, got %zu", OAI_MAX_STOP_IDS, n);
+    if (n && !(p->r->stop_ids = malloc(n * sizeof *p->r->stop_ids))) return NOMEM(p);
+    for (size_t i = 0; i < n; i++) {
+        int64_t x;
+        field_name(param, sizeof param, "stop_token_ids[%zu]", i);
+        if (want_int(p, param, json_array_get(v, i), 0, INT32_MAX, "a token id (an integer >= 0)", &x)) return -1;
+        p->r->stop_ids[p->r->n_stop_ids++] = (int32_t)x;
+    }
+    return 0;
 }
 
 static int f_best_of(struct pctx *p, const char *key, json_t *v) {
@@ -683,10 +706,28 @@ static int f_ignored_bool(struct pctx *p, const char *key, json_t *v) {
     return want_bool(p, key, v, &b);
 }
 
+/* {"token id as a string": bias in [-100, 100]}, as OpenAI. */
 static int f_logit_bias(struct pctx *p, const char *key, json_t *v) {
-    char got[48];
+    char got[48], param[64];
     if (!json_is_object(v)) return BAD(p, key, "'logit_bias' must be an object, got %s", describe(v, got, sizeof got));
-    return json_object_size(v) ? not_supported(p, key, "only an empty object is accepted") : 0;
+    const size_t n = json_object_size(v);
+    if (n > OAI_MAX_LOGIT_BIAS)
+        return BAD(p, key, "'logit_bias' may hold at most %d entries, got %zu", OAI_MAX_LOGIT_BIAS, n);
+    if (n && !(p->r->logit_bias = malloc(n * sizeof *p->r->logit_bias))) return NOMEM(p);
+    const char *k;
+    json_t *e;
+    json_object_foreach(v, k, e) {
+        field_name(param, sizeof param, "logit_bias.%s", k);
+        char *end;
+        errno = 0;
+        long long id = strtoll(k, &end, 10);
+        if (!*k || *end || errno || id < 0 || id > INT32_MAX || !(k[0] >= '0' && k[0] <= '9'))
+            return BAD(p, param, "'logit_bias' keys must be token ids written as decimal strings, got '%.40s'", k);
+        float bias;
+        if (want_number(p, param, e, -100, false, 100, "a number between -100 and 100", &bias)) return -1;
+        p->r->logit_bias[p->r->n_logit_bias++] = (struct logit_bias){(int32_t)id, bias};
+    }
+    return 0;
 }
 
 static int f_metadata(struct pctx *p, const char *key, json_t *v) {
@@ -784,6 +825,9 @@ static const struct field fields[] = {
     {"logprobs", K_GEN, f_logprobs},
     {"top_logprobs", K_CHAT, f_top_logprobs},
     {"echo", K_CMPL, f_echo},
+    {"ignore_eos", K_GEN, f_ignore_eos},
+    {"min_tokens", K_GEN, f_min_tokens},
+    {"stop_token_ids", K_GEN, f_stop_token_ids},
     {"best_of", K_CMPL, f_best_of},
     {"suffix", K_CMPL, f_suffix},
     {"presence_penalty", K_GEN, f_penalty},
@@ -852,9 +896,14 @@ static int check_request(struct pctx *p) {
         if (!p->has_prompt) return BAD(p, "prompt", "'prompt' is required");
         if (p->best_of && p->best_of != r->n)
             return not_supported(p, "best_of", "it must equal 'n' (every generated choice is returned)");
+        if (r->echo && r->logprobs)
+            return not_supported(p, "echo", "with 'logprobs' (the prompt's log-probabilities are not computed): "
+                                             "use one or the other");
         break;
     case OAI_CHAT:
         if (!p->has_messages) return BAD(p, "messages", "'messages' is required");
+        if (p->has_top_logprobs && r->top_logprobs > 0 && !r->logprobs)
+            return BAD(p, "top_logprobs", "'top_logprobs' needs 'logprobs': true");
         if (p->max_tokens && p->max_completion_tokens && p->max_tokens != p->max_completion_tokens)
             return BAD(p, "max_completion_tokens",
                        "'max_tokens' (%" PRId64 ") and 'max_completion_tokens' (%" PRId64 ") disagree; "
@@ -953,10 +1002,14 @@ void oai_request_free(struct oai_request *r) {
     free(r->messages);
     for (int i = 0; i < r->n_stops; i++) free(r->stops[i]);
     free(r->stops);
+    free(r->stop_ids);
+    free(r->logit_bias);
     r->prompts = NULL;
     r->messages = NULL;
     r->stops = NULL;
-    r->n_prompts = r->n_messages = r->n_stops = 0;
+    r->stop_ids = NULL;
+    r->logit_bias = NULL;
+    r->n_prompts = r->n_messages = r->n_stops = r->n_stop_ids = r->n_logit_bias = 0;
 }
 
 int oai_check_token_ids(const struct oai_request *r, int n_vocab, struct oai_error *err) {
@@ -973,6 +1026,23 @@ int oai_check_token_ids(const struct oai_request *r, int n_vocab, struct oai_err
                           pr->tokens[j], n_vocab);
             return -1;
         }
+    }
+    char param[64];
+    for (int i = 0; i < r->n_stop_ids; i++) {
+        if (r->stop_ids[i] < n_vocab) continue;
+        field_name(param, sizeof param, "stop_token_ids[%d]", i);
+        oai_error_set(err, 400, "invalid_request_error", param,
+                      "'%s' is token id %" PRId32 ", outside the model's vocabulary of %d tokens", param,
+                      r->stop_ids[i], n_vocab);
+        return -1;
+    }
+    for (int i = 0; i < r->n_logit_bias; i++) {
+        if (r->logit_bias[i].id < n_vocab) continue;
+        field_name(param, sizeof param, "logit_bias.%" PRId32, r->logit_bias[i].id);
+        oai_error_set(err, 400, "invalid_request_error", param,
+                      "'logit_bias' names token id %" PRId32 ", outside the model's vocabulary of %d tokens",
+                      r->logit_bias[i].id, n_vocab);
+        return -1;
     }
     return 0;
 }
@@ -1013,11 +1083,12 @@ int oai_parse_id(const char *s, uint64_t *request_id) {
 
 /* ------------------------------------------------------------------ choices */
 
-void oai_choice_init(struct oai_choice *c, int index, bool logprobs, size_t max_bytes) {
+void oai_choice_init(struct oai_choice *c, int index, bool logprobs, int top_logprobs, size_t max_bytes) {
     memset(c, 0, sizeof *c);
     c->index = index;
     c->finish = FINISH_NONE;
     c->logprobs = logprobs;
+    c->top_logprobs = logprobs ? top_logprobs : 0;
     c->max_bytes = max_bytes ? max_bytes : OAI_CHOICE_MAX_BYTES;
 }
 
@@ -1026,13 +1097,17 @@ void oai_choice_free(struct oai_choice *c) {
     free(c->pieces);
     free(c->piece_end);
     free(c->token_logprob);
+    free(c->alts_end);
+    free(c->alt_pieces);
+    free(c->alt_piece_end);
+    free(c->alt_logprob);
     memset(c, 0, sizeof *c);
 }
 
 #define TOKEN_OVERHEAD 16   /* bytes charged per recorded token (offsets, logprob) */
 
 static size_t choice_bytes(const struct oai_choice *c) {
-    return c->text_len + c->pieces_len + (size_t)c->n_tokens * TOKEN_OVERHEAD;
+    return c->text_len + c->pieces_len + c->alt_pieces_len + (size_t)(c->n_tokens + c->n_alts) * TOKEN_OVERHEAD;
 }
 
 /* Makes room for `need` bytes in *buf (NUL included); 0 or -1. */
@@ -1057,24 +1132,52 @@ int oai_choice_add_text(struct oai_choice *c, const char *text, size_t len) {
     return 0;
 }
 
-int oai_choice_add_token(struct oai_choice *c, const char *piece, size_t len, float logprob) {
+/* Room for one more entry in a pair of parallel arrays (ends, logprobs). */
+static int grow_entries(size_t **ends, float **lps, int *cap, int need) {
+    if (need <= *cap) return 0;
+    int ncap = *cap ? *cap : 64;
+    while (ncap < need) ncap *= 2;
+    size_t *e = realloc(*ends, (size_t)ncap * sizeof *e);
+    if (!e) return -1;
+    *ends = e;
+    float *l = realloc(*lps, (size_t)ncap * sizeof *l);
+    if (!l) return -1;
+    *lps = l;
+    *cap = ncap;
+    return 0;
+}
+
+int oai_choice_add_token(struct oai_choice *c, const char *piece, size_t len, float logprob,
+                         const struct oai_alt *alts, int n_alts) {
     if (!c->logprobs) return 0;
-    if (len > c->max_bytes || choice_bytes(c) + TOKEN_OVERHEAD > c->max_bytes - len) return -1;
-    if (c->n_tokens == c->cap_tokens) {
-        int ncap = c->cap_tokens ? c->cap_tokens * 2 : 64;
-        size_t *ends = realloc(c->piece_end, (size_t)ncap * sizeof *ends);
-        if (!ends) return -1;
-        c->piece_end = ends;
-        float *lps = realloc(c->token_logprob, (size_t)ncap * sizeof *lps);
-        if (!lps) return -1;
-        c->token_logprob = lps;
-        c->cap_tokens = ncap;
+    if (n_alts > c->top_logprobs) n_alts = c->top_logprobs;
+    size_t add = len + (size_t)(1 + n_alts) * TOKEN_OVERHEAD;
+    for (int i = 0; i < n_alts; i++) add += alts[i].len;
+    if (add > c->max_bytes || choice_bytes(c) > c->max_bytes - add) return -1;
+    const int cap_before = c->cap_tokens;
+    if (grow_entries(&c->piece_end, &c->token_logprob, &c->cap_tokens, c->n_tokens + 1)) return -1;
+    if (c->cap_tokens != cap_before) {
+        int *ae = realloc(c->alts_end, (size_t)c->cap_tokens * sizeof *ae);
+        if (!ae) return -1;
+        c->alts_end = ae;
     }
+    if (grow_entries(&c->alt_piece_end, &c->alt_logprob, &c->cap_alts, c->n_alts + n_alts)) return -1;
     if (grow(&c->pieces, &c->pieces_cap, c->pieces_len + len + 1)) return -1;
+    size_t alt_bytes = 0;
+    for (int i = 0; i < n_alts; i++) alt_bytes += alts[i].len;
+    if (grow(&c->alt_pieces, &c->alt_pieces_cap, c->alt_pieces_len + alt_bytes + 1)) return -1;
     if (len) memcpy(c->pieces + c->pieces_len, piece, len);
     c->pieces_len += len;
     c->piece_end[c->n_tokens] = c->pieces_len;
     c->token_logprob[c->n_tokens] = logprob;
+    for (int i = 0; i < n_alts; i++) {
+        if (alts[i].len) memcpy(c->alt_pieces + c->alt_pieces_len, alts[i].piece, alts[i].len);
+        c->alt_pieces_len += alts[i].len;
+        c->alt_piece_end[c->n_alts] = c->alt_pieces_len;
+        c->alt_logprob[c->n_alts] = alts[i].logprob;
+        c->n_alts++;
+    }
+    c->alts_end[c->n_tokens] = c->n_alts;
     c->n_tokens++;
     return 0;
 }
@@ -1157,6 +1260,43 @@ static size_t piece_start(const struct oai_choice *c, int i) {
     return i ? c->piece_end[i - 1] : 0;
 }
 
+/* Token i's alternatives are entries [alts_begin(i), alts_end[i]). */
+static int alts_begin(const struct oai_choice *c, int i) {
+    return i ? c->alts_end[i - 1] : 0;
+}
+
+static size_t alt_start(const struct oai_choice *c, int a) {
+    return a ? c->alt_piece_end[a - 1] : 0;
+}
+
+/* Completions' top_logprobs entry for token i: {"text": logprob, ...}. */
+static json_t *completion_alts(const struct oai_choice *c, int i, bool *ok) {
+    json_t *o = json_object();
+    for (int a = alts_begin(c, i); a < c->alts_end[i]; a++) {
+        size_t x = alt_start(c, a), y = c->alt_piece_end[a];
+        json_t *key = token_string(c->alt_pieces + x, y - x);
+        if (!key) {
+            *ok = false;
+            continue;
+        }
+        put(o, json_string_value(key), logprob_value(c->alt_logprob[a]), ok);
+        json_decref(key);
+    }
+    if (!o) *ok = false;
+    return o;
+}
+
+/* Chat's entry for one token or alternative: {"token","logprob","bytes"}. */
+static json_t *chat_token(const char *piece, size_t n, float logprob, bool *ok) {
+    json_t *t = json_object(), *bytes = json_array();
+    for (size_t k = 0; k < n; k++) push(bytes, json_integer((unsigned char)piece[k]), ok);
+    put(t, "token", token_string(piece, n), ok);
+    put(t, "logprob", logprob_value(logprob), ok);
+    put(t, "bytes", bytes, ok);
+    if (!t) *ok = false;
+    return t;
+}
+
 /* Completions' logprobs object over the choice's recorded tokens; offsets
  * count characters from char_base and never pass char_limit. */
 static json_t *completion_logprobs(const struct oai_choice *c, size_t char_base, size_t char_limit, bool *ok) {
@@ -1171,7 +1311,13 @@ static json_t *completion_logprobs(const struct oai_choice *c, size_t char_base,
     }
     put(lp, "tokens", toks, ok);
     put(lp, "token_logprobs", lps, ok);
-    put(lp, "top_logprobs", json_null(), ok);
+    if (c->top_logprobs > 0) {
+        json_t *tops = json_array();
+        for (int i = 0; i < c->n_tokens; i++) push(tops, completion_alts(c, i, ok), ok);
+        put(lp, "top_logprobs", tops, ok);
+    } else {
+        put(lp, "top_logprobs", json_null(), ok);
+    }
     put(lp, "text_offset", offs, ok);
     if (!lp) *ok = false;
     return lp;
@@ -1182,12 +1328,12 @@ static json_t *chat_logprobs(const struct oai_choice *c, bool *ok) {
     json_t *lp = json_object(), *content = json_array();
     for (int i = 0; i < c->n_tokens; i++) {
         size_t a = piece_start(c, i), b = c->piece_end[i];
-        json_t *t = json_object(), *bytes = json_array();
-        for (size_t k = a; k < b; k++) push(bytes, json_integer((unsigned char)c->pieces[k]), ok);
-        put(t, "token", token_string(c->pieces + a, b - a), ok);
-        put(t, "logprob", logprob_value(c->token_logprob[i]), ok);
-        put(t, "bytes", bytes, ok);
-        put(t, "top_logprobs", json_array(), ok);
+        json_t *t = chat_token(c->pieces + a, b - a, c->token_logprob[i], ok), *tops = json_array();
+        for (int k = alts_begin(c, i); k < c->alts_end[i]; k++) {
+            size_t x = alt_start(c, k), y = c->alt_piece_end[k];
+            push(tops, chat_token(c->alt_pieces + x, y - x, c->alt_logprob[k], ok), ok);
+        }
+        put(t, "top_logprobs", tops, ok);
         push(content, t, ok);
     }
     put(lp, "content", content, ok);
@@ -1304,6 +1450,8 @@ static void choice_consume(struct oai_choice *c) {
     c->text_len = 0;
     c->pieces_len = 0;
     c->n_tokens = 0;
+    c->alt_pieces_len = 0;
+    c->n_alts = 0;
 }
 
 char *oai_stream_chunk(const struct oai_meta *m, struct oai_choice *c, size_t *len) {

@@ -33,7 +33,8 @@
  * function may run on any thread. Parsing yields the API's own values
  * (temperature, stop strings...), never engine types; the route maps them to
  * the engine's parameters (completion_gen_params, server/completion.h). The
- * one engine type here is enum finish_reason, the value a choice ends with,
+ * engine types here are enum finish_reason, the value a choice ends with,
+ * and struct logit_bias, an (id, bias) pair the sampler takes as it is,
  * which is why engine/generate.h is included.
  */
 #ifndef EBB_SERVER_OPENAI_H
@@ -49,6 +50,10 @@
 #define OAI_MAX_PROMPTS 1024           /* completion prompts in one request */
 #define OAI_MAX_TOKEN_IDS (1 << 20)    /* token ids in one request, all prompts together */
 #define OAI_MAX_N 16                   /* choices per prompt */
+#define OAI_MAX_TOP_LOGPROBS 20        /* chat's top_logprobs (completions' logprobs: 5, as OpenAI) */
+#define OAI_MAX_CMPL_LOGPROBS 5
+#define OAI_MAX_LOGIT_BIAS 1024        /* entries in logit_bias */
+#define OAI_MAX_STOP_IDS 64            /* ids in stop_token_ids */
 #define OAI_MAX_STOPS 4                /* stop strings */
 #define OAI_MAX_STOP_BYTES 256         /* bytes in one stop string */
 #define OAI_MAX_MODEL_NAME 256         /* bytes in the model name */
@@ -110,6 +115,15 @@ struct oai_request {
     bool stream;
     bool include_usage;          /* stream_options.include_usage */
     bool logprobs;               /* the chosen token's log-probability per token */
+    int top_logprobs;            /* and this many alternatives' (0..OAI_MAX_TOP_LOGPROBS) */
+    float presence_penalty, frequency_penalty;   /* [-2, 2], 0 off */
+    struct logit_bias *logit_bias;               /* ids not yet range-checked: oai_check_token_ids */
+    int n_logit_bias;
+    bool echo;                   /* completions: the prompt's text comes before the output */
+    bool ignore_eos;             /* extensions: never end on the end-of-turn token, */
+    int min_tokens;              /*   nor before this many tokens */
+    int32_t *stop_ids;           /* extension stop_token_ids: ids that end the output */
+    int n_stop_ids;
     int speculative;             /* ebb's extension: enum draft_source (engine/draft.h); -1: the server's default */
     /* ebb's extension "context_compression" (engine/compress.h): enum
      * compress_mode and compress_select, the kept budget as a share or a
@@ -135,8 +149,9 @@ int openai_parse_tokenize(const char *body, size_t len, struct oai_request *out,
 int openai_parse_detokenize(const char *body, size_t len, struct oai_request *out, struct oai_error *err);
 void oai_request_free(struct oai_request *r);
 
-/* Checks every client-given token id against the model's vocabulary:
- * 0, or -1 with a 400 naming the first bad id ("prompt[0][7]"). */
+/* Checks every client-given token id (prompts, stop_token_ids, logit_bias)
+ * against the model's vocabulary: 0, or -1 with a 400 naming the first bad
+ * id ("prompt[0][7]"). */
 int oai_check_token_ids(const struct oai_request *r, int n_vocab, struct oai_error *err);
 
 /* Choices the request produces: n per prompt for completions (choice index =
@@ -163,6 +178,7 @@ struct oai_choice {
     int index;                   /* position in "choices" */
     enum finish_reason finish;   /* FINISH_NONE while running; the server sets it */
     bool logprobs;               /* record tokens (else add_token does nothing) */
+    int top_logprobs;            /* alternatives reported per token (recorded as given) */
 
     /* The rest is private to openai.c. */
     char *text;                  /* text not yet streamed (all of it if not streaming) */
@@ -172,19 +188,33 @@ struct oai_choice {
     size_t *piece_end;           /* end of token i in pieces */
     float *token_logprob;
     int n_tokens, cap_tokens;
+    int *alts_end;               /* end of token i's alternatives in the alt_ arrays */
+    char *alt_pieces;            /* the alternatives' bytes, back to back */
+    size_t alt_pieces_len, alt_pieces_cap;
+    size_t *alt_piece_end;
+    float *alt_logprob;
+    int n_alts, cap_alts;
     size_t max_bytes;
     size_t chars_streamed;       /* characters of tokens already streamed (text_offset base) */
     bool started, finish_sent;   /* stream state */
 };
 
 /* max_bytes bounds what the choice holds at once (text, token bytes and 16
- * bytes per token); 0 means OAI_CHOICE_MAX_BYTES. */
-void oai_choice_init(struct oai_choice *c, int index, bool logprobs, size_t max_bytes);
+ * bytes per token or alternative); 0 means OAI_CHOICE_MAX_BYTES.
+ * top_logprobs: chat's per-token "top_logprobs" lists are given as arrays
+ * (empty when 0) and completions' as objects (JSON null when 0). */
+void oai_choice_init(struct oai_choice *c, int index, bool logprobs, int top_logprobs, size_t max_bytes);
 /* Appends released text / one generated token (its raw bytes, which may be
  * part of a UTF-8 character, and its log-probability). 0, or -1 when the cap
  * is reached or memory runs out: the server should end the request. */
 int oai_choice_add_text(struct oai_choice *c, const char *text, size_t len);
-int oai_choice_add_token(struct oai_choice *c, const char *piece, size_t len, float logprob);
+struct oai_alt {
+    const char *piece;           /* raw bytes of an alternative token */
+    size_t len;
+    float logprob;
+};
+int oai_choice_add_token(struct oai_choice *c, const char *piece, size_t len, float logprob,
+                         const struct oai_alt *alts, int n_alts);
 void oai_choice_free(struct oai_choice *c);
 
 /* ---- responses ---- */

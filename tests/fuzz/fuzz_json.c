@@ -74,14 +74,14 @@ static void respond_with(const struct oai_request *r, const char *text, size_t l
     struct oai_meta meta = {.kind = kind, .id = "cmpl-1", .model = r->model, .created = 1,
                             .include_usage = r->include_usage};
     struct oai_choice c;
-    oai_choice_init(&c, 0, r->logprobs, 1 << 16);
+    oai_choice_init(&c, 0, r->logprobs, 0, 1 << 16);
     size_t n;
     char *ev = oai_stream_chunk(&meta, &c, &n);   /* the first event, before any text */
     check_sse(ev, n);
     free(ev);
     for (size_t off = 0; off < len;) {
         size_t piece = len - off < 3 ? len - off : 3;   /* splits UTF-8 characters on purpose */
-        if (oai_choice_add_token(&c, text + off, piece, -0.5f)) break;
+        if (oai_choice_add_token(&c, text + off, piece, -0.5f, NULL, 0)) break;
         if (oai_choice_add_text(&c, text + off, piece)) break;
         off += piece;
         if ((off / 3) % 4 == 0) {
@@ -100,9 +100,9 @@ static void respond_with(const struct oai_request *r, const char *text, size_t l
     free(ev);
 
     struct oai_choice whole;
-    oai_choice_init(&whole, 0, r->logprobs, 1 << 16);
+    oai_choice_init(&whole, 0, r->logprobs, 0, 1 << 16);
     oai_choice_add_text(&whole, text, len);
-    oai_choice_add_token(&whole, text, len, -1.0f);
+    oai_choice_add_token(&whole, text, len, -1.0f, NULL, 0);
     whole.finish = FINISH_LENGTH;
     char *body = oai_response(&meta, &whole, 1, &u, &n);
     check_json(body, n);

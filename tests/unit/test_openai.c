@@ -358,20 +358,43 @@ static void test_completion_fields(void) {
     ERR(C, "{\"prompt\": \"a\", \"stream\": true, \"stream_options\": {\"continuous\": true}}",
         "stream_options.continuous", "unknown field");
     ERR(C, "{\"prompt\": \"a\", \"stream\": true, \"stream_options\": true}", "stream_options", "must be an object");
-    ERR(C, "{\"prompt\": \"a\", \"logprobs\": 5}", "logprobs", "only the chosen token's logprob is supported");
+    ERR(C, "{\"prompt\": \"a\", \"logprobs\": 6}", "logprobs", "'logprobs' must be at most 5, got 6");
     ERR(C, "{\"prompt\": \"a\", \"logprobs\": -1}", "logprobs", "must be an integer");
-    ERR(C, "{\"prompt\": \"a\", \"logprobs\": true}", "logprobs", "must be an integer (0 or 1), got true");
-    ERR(C, "{\"prompt\": \"a\", \"echo\": true}", "echo", "'echo' is not supported");
+    ERR(C, "{\"prompt\": \"a\", \"logprobs\": true}", "logprobs", "must be an integer between 0 and 5, got true");
+    ERR(C, "{\"prompt\": \"a\", \"echo\": true, \"logprobs\": 1}", "echo", "'echo' is not supported: with 'logprobs'");
+    ERR(C, "{\"prompt\": \"a\", \"stop_token_ids\": [1, -2]}", "stop_token_ids[1]", "a token id");
+    ERR(C, "{\"prompt\": \"a\", \"stop_token_ids\": 5}", "stop_token_ids", "must be an array");
+    ERR(C, "{\"prompt\": \"a\", \"min_tokens\": -1}", "min_tokens", "an integer >= 0");
+    ERR(C, "{\"prompt\": \"a\", \"ignore_eos\": 1}", "ignore_eos", "must be a boolean");
+    ERR(C, "{\"prompt\": \"a\", \"logit_bias\": {\"x1\": 1}}", "logit_bias.x1", "decimal strings");
+    ERR(C, "{\"prompt\": \"a\", \"logit_bias\": {\"-3\": 1}}", "logit_bias.-3", "decimal strings");
+    ERR(C, "{\"prompt\": \"a\", \"logit_bias\": {\"3\": 101}}", "logit_bias.3", "between -100 and 100");
+    ERR(C, "{\"prompt\": \"a\", \"logit_bias\": {\"3\": \"1\"}}", "logit_bias.3", "between -100 and 100");
+    {
+        struct oai_request r;
+        if (!OK(C, "{\"prompt\": \"a\", \"logprobs\": 3, \"presence_penalty\": 0.5,"
+                   " \"frequency_penalty\": -1, \"logit_bias\": {\"50256\": -100, \"7\": 2.5},"
+                   " \"stop_token_ids\": [2, 9], \"min_tokens\": 4, \"ignore_eos\": true}", &r)) {
+            CHECK(r.logprobs && r.top_logprobs == 3 && !r.echo && r.ignore_eos && r.min_tokens == 4);
+            CHECK(r.presence_penalty == 0.5f && r.frequency_penalty == -1.0f);
+            CHECK(r.n_logit_bias == 2 && r.logit_bias[0].id == 50256 && r.logit_bias[0].bias == -100.0f &&
+                  r.logit_bias[1].id == 7 && r.logit_bias[1].bias == 2.5f);
+            CHECK(r.n_stop_ids == 2 && r.stop_ids[0] == 2 && r.stop_ids[1] == 9);
+            struct oai_error e;
+            CHECK(oai_check_token_ids(&r, 50257, &e) == 0);
+            CHECK(oai_check_token_ids(&r, 50000, &e) == -1 && !strcmp(e.param, "logit_bias.50256"));
+            CHECK(oai_check_token_ids(&r, 9, &e) == -1 && !strcmp(e.param, "stop_token_ids[1]"));
+            oai_request_free(&r);
+        }
+    }
+    ERR(C, "{\"prompt\": \"a\", \"echo\": 1}", "echo", "must be a boolean");
     ERR(C, "{\"prompt\": \"a\", \"echo\": \"no\"}", "echo", "must be a boolean");
     ERR(C, "{\"prompt\": \"a\", \"speculative\": \"eagle\"}", "speculative",
         "'speculative' must be true, false or a draft source (\"ngram\" or \"none\"), got a string");
     ERR(C, "{\"prompt\": \"a\", \"speculative\": 1}", "speculative", "must be true, false or a draft source");
-    ERR(C, "{\"prompt\": \"a\", \"presence_penalty\": 0.5}", "presence_penalty", "'presence_penalty' is not supported");
-    ERR(C, "{\"prompt\": \"a\", \"frequency_penalty\": -1}", "frequency_penalty", "not supported");
     ERR(C, "{\"prompt\": \"a\", \"frequency_penalty\": 3}", "frequency_penalty", "between -2 and 2");
     ERR(C, "{\"prompt\": \"a\", \"best_of\": 2}", "best_of", "must equal 'n'");
     ERR(C, "{\"prompt\": \"a\", \"suffix\": \"end\"}", "suffix", "not supported");
-    ERR(C, "{\"prompt\": \"a\", \"logit_bias\": {\"50256\": -100}}", "logit_bias", "only an empty object");
     ERR(C, "{\"prompt\": \"a\", \"logit_bias\": []}", "logit_bias", "must be an object");
     ERR(C, "{\"prompt\": \"a\", \"user\": 5}", "user", "'user' must be a string");
     ERR(C, "{\"prompt\": \"a\", \"model\": 5}", "model", "'model' must be a string, got 5");
@@ -513,8 +536,8 @@ static void test_chat_refuses(void) {
     ERR(C, "{" MSG ", \"max_completion_tokens\": -5}", "max_completion_tokens",
         "'max_completion_tokens' must be an integer >= 1, got -5");
     ERR(C, "{" MSG ", \"logprobs\": 1}", "logprobs", "'logprobs' must be a boolean");
-    ERR(C, "{" MSG ", \"logprobs\": true, \"top_logprobs\": 2}", "top_logprobs",
-        "only the chosen token's logprob is supported");
+    ERR(C, "{" MSG ", \"logprobs\": true, \"top_logprobs\": 21}", "top_logprobs", "at most 20, got 21");
+    ERR(C, "{" MSG ", \"top_logprobs\": 2}", "top_logprobs", "needs 'logprobs': true");
     ERR(C, "{" MSG ", \"top_logprobs\": \"2\"}", "top_logprobs", "must be an integer");
     ERR(C, "{" MSG ", \"response_format\": {\"type\": \"json_object\"}}", "response_format.type",
         "'json_object' is not supported");
@@ -632,22 +655,22 @@ static json_int_t iget(json_t *o, const char *k) {
 /* Fills a choice with tokens: pieces, logprobs, and the released text. */
 static void feed(struct oai_choice *c, const char *const *pieces, const float *lps, int n) {
     for (int i = 0; i < n; i++) {
-        CHECK(oai_choice_add_token(c, pieces[i], strlen(pieces[i]), lps[i]) == 0);
+        CHECK(oai_choice_add_token(c, pieces[i], strlen(pieces[i]), lps[i], NULL, 0) == 0);
         CHECK(oai_choice_add_text(c, pieces[i], strlen(pieces[i])) == 0);
     }
 }
 
 static void test_completion_response(void) {
     struct oai_choice c[2];
-    oai_choice_init(&c[0], 0, true, 0);
-    oai_choice_init(&c[1], 1, false, 0);
+    oai_choice_init(&c[0], 0, true, 0, 0);
+    oai_choice_init(&c[1], 1, false, 0, 0);
     /* " w\xc3\xb6r" is 4 characters in 5 bytes: offsets 0, 3, 5, 9 */
     const char *pieces[] = {"Hel", "lo", " w\xc3\xb6r", "ld"};
     const float lps[] = {-0.5f, -1.25f, -INFINITY, 0.0f};
     feed(&c[0], pieces, lps, 4);
     c[0].finish = FINISH_LENGTH;
     CHECK(oai_choice_add_text(&c[1], "Bye", 3) == 0);
-    CHECK(oai_choice_add_token(&c[1], "Bye", 3, -1.0f) == 0);   /* ignored: no logprobs asked */
+    CHECK(oai_choice_add_token(&c[1], "Bye", 3, -1.0f, NULL, 0) == 0);   /* ignored: no logprobs asked */
     c[1].finish = FINISH_STOP;
     struct oai_meta m = {.kind = OAI_COMPLETION, .id = "cmpl-9", .model = "smol", .created = 1700000000};
     struct oai_usage u = {.prompt_tokens = 5, .completion_tokens = 6};
@@ -689,11 +712,11 @@ static void test_completion_response(void) {
     /* tokens that split a character, and a stop string cut from the text:
      * offsets never point past the text */
     struct oai_choice d;
-    oai_choice_init(&d, 0, true, 0);
-    CHECK(oai_choice_add_token(&d, "ab", 2, -0.1f) == 0);
-    CHECK(oai_choice_add_token(&d, "\xe2\x80", 2, -0.2f) == 0);
-    CHECK(oai_choice_add_token(&d, "\x9c", 1, -0.3f) == 0);
-    CHECK(oai_choice_add_token(&d, "STOP", 4, -0.4f) == 0);
+    oai_choice_init(&d, 0, true, 0, 0);
+    CHECK(oai_choice_add_token(&d, "ab", 2, -0.1f, NULL, 0) == 0);
+    CHECK(oai_choice_add_token(&d, "\xe2\x80", 2, -0.2f, NULL, 0) == 0);
+    CHECK(oai_choice_add_token(&d, "\x9c", 1, -0.3f, NULL, 0) == 0);
+    CHECK(oai_choice_add_token(&d, "STOP", 4, -0.4f, NULL, 0) == 0);
     CHECK(oai_choice_add_text(&d, "ab\xe2\x80\x9c", 5) == 0);
     d.finish = FINISH_STOP;
     s = oai_response(&m, &d, 1, &u, NULL);
@@ -714,10 +737,10 @@ static void test_completion_response(void) {
 
 static void test_chat_response(void) {
     struct oai_choice c;
-    oai_choice_init(&c, 0, true, 0);
-    CHECK(oai_choice_add_token(&c, "Hi", 2, -0.75f) == 0);
-    CHECK(oai_choice_add_token(&c, "\xe2\x80", 2, -2.0f) == 0);
-    CHECK(oai_choice_add_token(&c, "\x94", 1, -0.125f) == 0);
+    oai_choice_init(&c, 0, true, 0, 0);
+    CHECK(oai_choice_add_token(&c, "Hi", 2, -0.75f, NULL, 0) == 0);
+    CHECK(oai_choice_add_token(&c, "\xe2\x80", 2, -2.0f, NULL, 0) == 0);
+    CHECK(oai_choice_add_token(&c, "\x94", 1, -0.125f, NULL, 0) == 0);
     CHECK(oai_choice_add_text(&c, "Hi\xe2\x80\x94", 5) == 0);
     c.finish = FINISH_STOP;
     struct oai_meta m = {.kind = OAI_CHAT, .id = "chatcmpl-3", .model = "smol", .created = 1};
@@ -751,7 +774,7 @@ static void test_chat_response(void) {
     oai_choice_free(&c);
 
     /* text that is not UTF-8 (a bug upstream) still yields valid JSON */
-    oai_choice_init(&c, 0, false, 0);
+    oai_choice_init(&c, 0, false, 0, 0);
     CHECK(oai_choice_add_text(&c, "a\xff" "b\xc3", 4) == 0);
     c.finish = FINISH_LENGTH;
     s = oai_response(&m, &c, 1, &u, NULL);
@@ -777,7 +800,7 @@ static void expect_sse(int line, char *got, size_t len, const char *want) {
 static void test_chat_stream(void) {
     struct oai_meta m = {.kind = OAI_CHAT, .id = "chatcmpl-7", .model = "smol", .created = 1700000000};
     struct oai_choice c;
-    oai_choice_init(&c, 1, false, 64);
+    oai_choice_init(&c, 1, false, 0, 64);
     size_t len = 99;
 #define HEAD "data: {\"id\":\"chatcmpl-7\",\"object\":\"chat.completion.chunk\",\"created\":1700000000," \
              "\"model\":\"smol\","
@@ -810,8 +833,8 @@ static void test_chat_stream(void) {
 
     /* include_usage: every chunk says "usage":null, then the usage chunk */
     m.include_usage = true;
-    oai_choice_init(&c, 0, true, 0);
-    CHECK(oai_choice_add_token(&c, "A", 1, -0.5f) == 0);
+    oai_choice_init(&c, 0, true, 0, 0);
+    CHECK(oai_choice_add_token(&c, "A", 1, -0.5f, NULL, 0) == 0);
     CHECK(oai_choice_add_text(&c, "A", 1) == 0);
     c.finish = FINISH_STOP;
     s = oai_stream_chunk(&m, &c, &len);
@@ -836,7 +859,7 @@ static void test_chat_stream(void) {
 static void test_completion_stream(void) {
     struct oai_meta m = {.kind = OAI_COMPLETION, .id = "cmpl-1", .model = "smol", .created = 5};
     struct oai_choice c;
-    oai_choice_init(&c, 2, true, 0);
+    oai_choice_init(&c, 2, true, 0, 0);
     size_t len;
 #define HEAD "data: {\"id\":\"cmpl-1\",\"object\":\"text_completion\",\"created\":5,\"model\":\"smol\","
     char *s = oai_stream_chunk(&m, &c, &len);   /* completions have no role chunk */
@@ -861,7 +884,7 @@ static void test_completion_stream(void) {
     oai_choice_free(&c);
 
     /* finish with nothing new: one chunk with "" and the reason */
-    oai_choice_init(&c, 0, false, 0);
+    oai_choice_init(&c, 0, false, 0, 0);
     CHECK(oai_choice_add_text(&c, "x", 1) == 0);
     free(oai_stream_chunk(&m, &c, &len));
     c.finish = FINISH_LENGTH;
@@ -893,19 +916,19 @@ static void test_completion_stream(void) {
 
 static void test_choice_cap(void) {
     struct oai_choice c;
-    oai_choice_init(&c, 0, true, 100);
+    oai_choice_init(&c, 0, true, 0, 100);
     CHECK(oai_choice_add_text(&c, "", 0) == 0);
     char blob[64];
     memset(blob, 'z', sizeof blob);
     CHECK(oai_choice_add_text(&c, blob, 60) == 0);
-    CHECK(oai_choice_add_token(&c, blob, 20, -1.0f) == 0);   /* 60 + 20 + 16 = 96 */
+    CHECK(oai_choice_add_token(&c, blob, 20, -1.0f, NULL, 0) == 0);   /* 60 + 20 + 16 = 96 */
     CHECK(oai_choice_add_text(&c, blob, 4) == 0);            /* 100 */
     CHECK(oai_choice_add_text(&c, blob, 1) == -1);
-    CHECK(oai_choice_add_token(&c, "", 0, -1.0f) == -1);     /* the 16 per token count too */
+    CHECK(oai_choice_add_token(&c, "", 0, -1.0f, NULL, 0) == -1);     /* the 16 per token count too */
     CHECK(oai_choice_add_text(&c, blob, SIZE_MAX) == -1);    /* no overflow in the check */
     CHECK(c.text_len == 64 && c.n_tokens == 1);
     oai_choice_free(&c);
-    oai_choice_init(&c, 0, false, 0);
+    oai_choice_init(&c, 0, false, 0, 0);
     CHECK(c.max_bytes == OAI_CHOICE_MAX_BYTES);
     oai_choice_free(&c);
 }

@@ -461,6 +461,95 @@ static void test_repeat_penalty(void) {
     sampler_free(s);
 }
 
+/* Presence and frequency penalties, and the logit bias, against a
+ * reference that keeps its own counts of the ids returned: greedy over
+ * random rows, each step's argmax of (row + bias - fp * count - pp * seen). */
+static void test_presence_frequency_bias(void) {
+    enum { V = 300, STEPS = 200 };
+    const struct logit_bias bias[] = {{5, 2.5f}, {17, -100.0f}, {299, 1.0f}};
+    struct sampler_params p = params_plain(0.0f, 0);
+    p.presence_penalty = 0.7f;
+    p.frequency_penalty = 0.3f;
+    p.bias = bias;
+    p.n_bias = 3;
+    struct sampler *s = sampler_create(&p, V);
+    CHECK(s != NULL);
+    if (!s) return;
+    int count[V] = {0};
+    float row[V], ref[V];
+    for (int step = 0; step < STEPS; step++) {
+        random_logits(row, V, 1.0);
+        for (int i = 0; i < V; i++) ref[i] = row[i];
+        for (size_t b = 0; b < sizeof bias / sizeof bias[0]; b++) ref[bias[b].id] += bias[b].bias;
+        for (int i = 0; i < V; i++) ref[i] -= p.frequency_penalty * (float)count[i] + (count[i] ? p.presence_penalty : 0.0f);
+        const int want = ref_argmax(ref, V);
+        const int32_t got = sampler_sample(s, row, NULL, 0);
+        CHECK_MSG(got == want, "step %d: got %d, want %d", step, (int)got, want);
+        CHECK(got != 17);
+        count[want]++;
+    }
+    sampler_free(s);
+
+    /* The bias is the sampler's own copy: changing the caller's array after
+     * sampler_create changes nothing. Negative penalties encourage repeats. */
+    struct logit_bias mine[1] = {{3, 50.0f}};
+    p = params_plain(0.0f, 0);
+    p.bias = mine;
+    p.n_bias = 1;
+    p.frequency_penalty = -1.0f;
+    s = sampler_create(&p, 8);
+    mine[0].id = 4;
+    float a[8] = {0};
+    if (s) CHECK(sampler_sample(s, a, NULL, 0) == 3);
+    float b[8] = {0, 0, 0, -50.5f, 0, 0, 0, 0};   /* 3's +50 bias and +1 for its repeat win again */
+    if (s) CHECK(sampler_sample(s, b, NULL, 0) == 3);
+    sampler_free(s);
+
+    /* Sampled (not greedy) draws are counted too: with a huge presence
+     * penalty, no id is drawn twice while unseen ones remain. */
+    p = params_plain(1.0f, 42);
+    p.presence_penalty = 2.0f;
+    p.frequency_penalty = 2.0f;   /* together: 4 per repeat, enough to matter on flat rows */
+    s = sampler_create(&p, 4);
+    int seen[4] = {0}, repeats = 0;
+    for (int i = 0; s && i < 4; i++) {
+        float flat[4] = {0, 0, 0, 0};
+        int32_t id = sampler_sample(s, flat, NULL, 0);
+        repeats += seen[id]++ > 0;
+    }
+    CHECK(repeats <= 1);   /* exp(-4) odds per draw of a repeat; seed 42 draws none or one */
+    sampler_free(s);
+}
+
+/* top_logprobs: the k best ids of a reference sort (value desc, id asc) and
+ * their log softmax from a double-precision reference. */
+static void test_log_softmax_top(void) {
+    enum { V = 1000 };
+    float row[V];
+    random_logits(row, V, 2.0);
+    row[10] = row[11] = 9.0f;   /* a tie: lower id first */
+    double ref[V], maxv = -INFINITY, sum = 0;
+    for (int i = 0; i < V; i++) if (row[i] > maxv) maxv = row[i];
+    for (int i = 0; i < V; i++) sum += exp(row[i] - maxv);
+    for (int i = 0; i < V; i++) ref[i] = row[i] - maxv - log(sum);
+    int32_t ids[SAMPLER_MAX_TOP];
+    float lps[SAMPLER_MAX_TOP];
+    CHECK(log_softmax_top(row, V, 25, ids, lps) == SAMPLER_MAX_TOP);   /* capped at 20 */
+    CHECK(ids[0] == 10 && ids[1] == 11);
+    int used[V] = {0};
+    for (int k = 0; k < SAMPLER_MAX_TOP; k++) {
+        /* the k-th best by the reference order, among ids not yet taken */
+        int best = -1;
+        for (int i = 0; i < V; i++)
+            if (!used[i] && (best < 0 || row[i] > row[best])) best = i;
+        used[best] = 1;
+        CHECK_MSG(ids[k] == best, "rank %d: got %d, want %d", k, (int)ids[k], best);
+        CHECK_NEAR(lps[k], ref[best], 1e-5);
+    }
+    CHECK(log_softmax_top(row, 3, 5, ids, lps) == 3);
+    CHECK(log_softmax_top(row, V, 0, ids, lps) == 0);
+}
+
 static void test_non_finite(void) {
     struct sampler_params p = params_plain(1.0f, 11);
     struct sampler *s = sampler_create(&p, 8);
@@ -792,6 +881,8 @@ int main(void) {
     test_frequencies();
     test_top_p_min_p_exclusion();
     test_repeat_penalty();
+    test_presence_frequency_bias();
+    test_log_softmax_top();
     test_non_finite();
     test_stop_basic();
     test_stop_overlaps();

@@ -32,9 +32,12 @@ struct collected {
     struct sched_timing timing;
 };
 
-static void on_token(void *ud, int32_t id, const char *text, size_t len, float logprob, double t) {
-    (void)logprob; (void)t;
+static void on_token(void *ud, const struct gen_token *tok, double t) {
+    (void)t;
     struct collected *c = ud;
+    const int32_t id = tok->id;
+    const char *text = tok->text;
+    const size_t len = tok->len;
     pthread_mutex_lock(&c->lock);
     if (c->n_ids < MAX_OUT) c->ids[c->n_ids++] = id;
     if (c->text_len + len < sizeof c->text) {

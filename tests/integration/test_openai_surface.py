@@ -1,0 +1,186 @@
+"""The OpenAI options applications send every day, end to end (issue 15).
+
+Each sampling option is checked against a computation made here from the
+model's own logits, written by `ebb logits` (a separate process that runs
+the forward pass and nothing else): greedy decoding with the option applied
+by numpy to those rows must pick exactly the tokens the daemon returned.
+  - top_logprobs (chat) and logprobs=N (completions): the alternatives are
+    the N best ids of the row, with their log-softmax values;
+  - logit_bias, presence_penalty and frequency_penalty: numpy's argmax of
+    the row with the bias added and the penalties (OpenAI's formula, over
+    the generated tokens) subtracted;
+  - ignore_eos / min_tokens / stop_token_ids: against the same request
+    without them;
+  - echo: the prompt comes back before the completion, text or token ids.
+"""
+import json
+
+import numpy as np
+import pytest
+import requests
+
+from daemon import start_ready
+
+IO = 180
+
+
+@pytest.fixture(scope="module")
+def srv(ebb_bin, model_path, tmp_path_factory):
+    s = start_ready(ebb_bin, "--max-running", "4", catalog=tmp_path_factory.mktemp("oai") / "oai.db",
+                    model_path=model_path, start_timeout=120)
+    yield s
+    s.stop_clean()
+
+
+def post(srv, path, **body):
+    r = requests.post(srv.url(path), json=body, timeout=IO)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def tokenize(srv, text):
+    return post(srv, "/tokenize", prompt=text)["tokens"]
+
+
+def model_rows(ebb_bin, model_path, ids, tmp_path):
+    """Logits after each prefix of ids (row i predicts ids[i + 1])."""
+    import subprocess
+    f = tmp_path / "ids.txt"
+    f.write_text(" ".join(map(str, ids)))
+    out = tmp_path / "logits.bin"
+    p = subprocess.run([str(ebb_bin), "logits", "-m", str(model_path), "--ids-file", str(f), "-o", str(out), "--all"],
+                       capture_output=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    return np.fromfile(out, dtype=np.float32).reshape(len(ids), -1).astype(np.float64)
+
+
+def log_softmax(row):
+    m = row.max()
+    return row - (m + np.log(np.exp(row - m).sum()))
+
+
+def reference(srv, ebb_bin, model_path, tmp_path, prompt, n, bias=None, presence=0.0, frequency=0.0):
+    """Greedy decoding done here: ebb logits gives the row after the ids so far, numpy applies
+    the options (OpenAI's formulas, the penalties over the generated ids) and picks the argmax.
+    Returns the generated ids and the raw rows each was picked from."""
+    ids = tokenize(srv, prompt)
+    counts, picked, rows = {}, [], []
+    for _ in range(n):
+        raw = model_rows(ebb_bin, model_path, ids, tmp_path)[-1]
+        row = raw.copy()
+        for i, b in (bias or {}).items():
+            row[i] += b
+        for i, c in counts.items():
+            row[i] -= frequency * c + presence
+        tok = int(np.argmax(row))
+        picked.append(tok)
+        rows.append(raw)
+        counts[tok] = counts.get(tok, 0) + 1
+        ids = ids + [tok]
+    return picked, rows
+
+
+def detokenize(srv, ids):
+    return post(srv, "/detokenize", tokens=ids)["prompt"]
+
+
+PROMPT = "The capital of France is"
+REPEAT = "red blue red blue red blue red blue red blue red"
+
+
+def test_top_logprobs_are_the_rows_best(srv, ebb_bin, model_path, tmp_path):
+    n = 4
+    doc = post(srv, "/v1/completions", prompt=PROMPT, max_tokens=n, temperature=0, logprobs=5)
+    lp = doc["choices"][0]["logprobs"]
+    picked, rows = reference(srv, ebb_bin, model_path, tmp_path, PROMPT, n)
+    assert detokenize(srv, picked) == doc["choices"][0]["text"]
+    for k in range(n):
+        row = log_softmax(rows[k])
+        best = [int(i) for i in np.argsort(-row, kind="stable")[:5]]
+        tops = lp["top_logprobs"][k]
+        # Keys are token texts (spelt through /detokenize here), values the row's log-softmax.
+        want = {detokenize(srv, [i]): row[i] for i in best}
+        assert set(tops) == set(want), (k, tops, want)
+        for t, v in tops.items():
+            assert abs(v - want[t]) < 2e-3, (k, t, v, want[t])
+        assert abs(lp["token_logprobs"][k] - row[picked[k]]) < 2e-3
+    # Chat: top_logprobs entries in order, best first, with the token's bytes.
+    doc = post(srv, "/v1/chat/completions", messages=[{"role": "user", "content": "Hi"}], max_tokens=3,
+               temperature=0, logprobs=True, top_logprobs=3)
+    for c in doc["choices"][0]["logprobs"]["content"]:
+        tops = c["top_logprobs"]
+        assert len(tops) == 3
+        assert [t["logprob"] for t in tops] == sorted((t["logprob"] for t in tops), reverse=True)
+        assert tops[0]["token"] == c["token"] and abs(tops[0]["logprob"] - c["logprob"]) < 1e-6   # greedy
+        assert all(bytes(t["bytes"]).decode("utf-8", "replace") == t["token"] or t["token"].startswith("bytes:")
+                   for t in tops)
+
+
+@pytest.mark.parametrize("opts", [
+    {"presence_penalty": 1.5},
+    {"frequency_penalty": 0.8},
+    {"presence_penalty": 0.5, "frequency_penalty": 0.5},
+    {"presence_penalty": -1.0},
+])
+def test_penalties_match_the_rows(srv, ebb_bin, model_path, tmp_path, opts):
+    n = 8
+    plain = post(srv, "/v1/completions", prompt=REPEAT, max_tokens=n, temperature=0)["choices"][0]["text"]
+    doc = post(srv, "/v1/completions", prompt=REPEAT, max_tokens=n, temperature=0, ignore_eos=True, **opts)
+    text = doc["choices"][0]["text"]
+    picked, _ = reference(srv, ebb_bin, model_path, tmp_path, REPEAT, n, presence=opts.get("presence_penalty", 0),
+                          frequency=opts.get("frequency_penalty", 0))
+    assert detokenize(srv, picked) == text
+    if opts.get("presence_penalty", 0) > 0 or opts.get("frequency_penalty", 0) > 0:
+        assert text != plain, "a penalty on a repeating prompt changed nothing"
+
+
+def test_logit_bias_matches_the_rows(srv, ebb_bin, model_path, tmp_path):
+    n = 5
+    first_row = model_rows(ebb_bin, model_path, tokenize(srv, PROMPT), tmp_path)[-1]
+    order = np.argsort(-first_row, kind="stable")
+    first, second = int(order[0]), int(order[1])
+    bias = {first: -100.0, second: 3.0}
+    doc = post(srv, "/v1/completions", prompt=PROMPT, max_tokens=n, temperature=0,
+               logit_bias={str(k): v for k, v in bias.items()})
+    picked, _ = reference(srv, ebb_bin, model_path, tmp_path, PROMPT, n, bias=bias)
+    assert picked[0] == second and first not in picked
+    assert detokenize(srv, picked) == doc["choices"][0]["text"]
+    # An id outside the vocabulary is named.
+    r = requests.post(srv.url("/v1/completions"), json={"prompt": "a", "logit_bias": {"99999999": 1}}, timeout=IO)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "logit_bias.99999999"
+
+
+def test_ignore_eos_min_tokens_and_stop_ids(srv, ebb_bin, model_path, tmp_path):
+    msgs = [{"role": "user", "content": "Hi"}]
+    base = post(srv, "/v1/chat/completions", messages=msgs, max_tokens=60, temperature=0)
+    n_base = base["usage"]["completion_tokens"]
+    assert base["choices"][0]["finish_reason"] == "stop", base
+    doc = post(srv, "/v1/chat/completions", messages=msgs, max_tokens=n_base + 8, temperature=0, ignore_eos=True)
+    assert doc["usage"]["completion_tokens"] == n_base + 8 and doc["choices"][0]["finish_reason"] == "length"
+    doc = post(srv, "/v1/chat/completions", messages=msgs, max_tokens=n_base + 20, temperature=0,
+               min_tokens=n_base + 5)
+    assert doc["usage"]["completion_tokens"] >= n_base + 5
+    assert doc["choices"][0]["message"]["content"].startswith(base["choices"][0]["message"]["content"])
+    # stop_token_ids: the third generated token ends the output, not included.
+    gen, _ = reference(srv, ebb_bin, model_path, tmp_path, PROMPT, 6)
+    stop = gen[2]
+    k = gen.index(stop)
+    doc = post(srv, "/v1/completions", prompt=PROMPT, max_tokens=6, temperature=0, stop_token_ids=[stop])
+    assert doc["choices"][0]["finish_reason"] == "stop"
+    assert doc["usage"]["completion_tokens"] == k + 1
+    assert doc["choices"][0]["text"] == post(srv, "/detokenize", tokens=gen[:k])["prompt"]
+
+
+def test_echo(srv):
+    doc = post(srv, "/v1/completions", prompt=PROMPT, max_tokens=3, temperature=0)
+    echoed = post(srv, "/v1/completions", prompt=PROMPT, max_tokens=3, temperature=0, echo=True)
+    assert echoed["choices"][0]["text"] == PROMPT + doc["choices"][0]["text"]
+    ids = tokenize(srv, PROMPT)
+    echoed = post(srv, "/v1/completions", prompt=[ids, ids], max_tokens=3, temperature=0, echo=True)
+    assert [c["text"] for c in echoed["choices"]] == [PROMPT + doc["choices"][0]["text"]] * 2
+    # Streamed: the prompt arrives in the first event.
+    r = requests.post(srv.url("/v1/completions"), json={"prompt": PROMPT, "max_tokens": 3, "temperature": 0,
+                                                         "echo": True, "stream": True}, stream=True, timeout=IO)
+    texts = [json.loads(line[6:])["choices"][0]["text"] for line in r.iter_lines()
+             if line.startswith(b"data: {") and json.loads(line[6:])["choices"]]
+    assert texts[0].startswith(PROMPT) and "".join(texts) == PROMPT + doc["choices"][0]["text"]
