@@ -38,6 +38,7 @@ static int parse_flags(struct daemon *d, int argc, char **argv) {
         if (!strcmp(argv[i], "--config")) { i++; continue; }
         const char *value = i + 1 < argc ? argv[i + 1] : NULL;
         int rc = config_apply_flag(&d->cfg, argv[i], value, err, sizeof err);
+        if (rc == 2) continue;   /* a boolean flag given alone: no value taken */
         if (rc) {
             fprintf(stderr, "ebb serve: %s\n", err);
             if (rc == 1) serve_usage(stderr);

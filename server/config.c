@@ -53,6 +53,8 @@ struct field {
 static const char *const level_names[] = {"error", "warn", "info", "debug", NULL};
 static const char *const weights_names[] = {[MODEL_WEIGHTS_NATIVE] = "native", [MODEL_WEIGHTS_F32] = "f32", NULL};
 static const char *const budget_mode_names[] = {"fixed", "auto", NULL};
+/* A boolean setting: JSON true/false, or these words in the environment and flags. */
+static const char *const bool_names[] = {"false", "true", NULL};
 static const char *const compress_names[] = {[COMPRESS_OFF] = "off", [COMPRESS_DEMOTE] = "demote",
                                              [COMPRESS_DROP] = "drop", NULL};
 static const char *const draft_names[] = {[DRAFT_NONE] = "none", [DRAFT_NGRAM] = "ngram", NULL};
@@ -65,6 +67,14 @@ static const struct field fields[] = {
     {"port", FIELD_INT, AT(port), 0, 65535, {0}, NULL, "8080", "N", "listen port (0: any free port)"},
     {"admin_token", FIELD_STRING, AT(admin_token), 0, 0, {0}, NULL, "", "TOKEN",
      "bearer token for /admin routes (empty: admin routes refused)"},
+    {"api_keys", FIELD_STRING, AT(api_keys), 0, 0, {0}, NULL, "", "KEYS",
+     "comma-separated keys the API routes require as 'Authorization: Bearer KEY' (empty: none)"},
+    {"api_key_file", FIELD_STRING, AT(api_key_file), 0, 0, {0}, NULL, "", "PATH",
+     "a file of API keys, one per line, '#' comments, read at start (empty: none)"},
+    {"insecure_no_auth", FIELD_NAME, AT(insecure_no_auth), 0, 0, {0}, bool_names, "false", "[BOOL]",
+     "serve the API on a non-loopback address without API keys (otherwise refused at start)"},
+    {"cors_origins", FIELD_STRING, AT(cors_origins), 0, 0, {0}, NULL, "", "ORIGINS",
+     "comma-separated origins browsers may call the API from (https://app.example), * for any (empty: none)"},
     {"catalog", FIELD_STRING, AT(catalog), 0, 0, {0}, NULL, "", "PATH",
      "catalog database (empty: $XDG_DATA_HOME/ebb/catalog.db)"},
     {"default_model", FIELD_STRING, AT(default_model), 0, 0, {0}, NULL, "SmolLM2-135M-Instruct.Q4_1", "NAME",
@@ -384,6 +394,8 @@ static const char *json_type_name(const json_t *v) {
 
 static int set_from_json(struct ebb_config *cfg, const struct field *f, json_t *v, const char *where, char *err,
                          size_t errlen) {
+    if (f->type == FIELD_NAME && f->names == bool_names && json_is_boolean(v))
+        return store_name(cfg, f, json_is_true(v) ? "true" : "false", where, err, errlen);
     int want_string = f->type == FIELD_STRING || f->type == FIELD_NAME || f->type == FIELD_KV_MAP;
     if (want_string ? !json_is_string(v) : !json_is_integer(v)) {
         char want[128];
@@ -482,6 +494,9 @@ int config_apply_flag(struct ebb_config *cfg, const char *name, const char *valu
         errf(err, errlen, "unknown option '%s'", name);
         return 1;
     }
+    const int boolean = f->type == FIELD_NAME && f->names == bool_names;
+    const int alone = boolean && (!value || (strcmp(value, "true") && strcmp(value, "false")));
+    if (alone) value = "true";
     if (!value) {
         errf(err, errlen, "%s needs a value", name);
         return -1;
@@ -490,7 +505,7 @@ int config_apply_flag(struct ebb_config *cfg, const char *name, const char *valu
     snprintf(where, sizeof where, "option %s", name);
     if (set_from_text(cfg, f, value, where, err, errlen)) return -1;
     cfg->source[f - fields] = CONFIG_FROM_FLAG;
-    return 0;
+    return alone ? 2 : 0;
 }
 
 int config_load(struct ebb_config *cfg, const char *path, char *err, size_t errlen) {
@@ -553,7 +568,11 @@ void config_dump(const struct ebb_config *cfg, FILE *out, int with_sources) {
         json_t *v;
         if (f->type == FIELD_STRING || f->type == FIELD_KV_MAP) {
             const char *s = field_ptr(c, f);
-            v = json_string(f->offset == offsetof(struct ebb_config, admin_token) && *s ? "(set)" : s);
+            const int secret = f->offset == offsetof(struct ebb_config, admin_token) ||
+                               f->offset == offsetof(struct ebb_config, api_keys);
+            v = json_string(secret && *s ? "(set)" : s);
+        } else if (f->type == FIELD_NAME && f->names == bool_names) {
+            v = json_boolean(*(int *)field_ptr(c, f));
         } else if (f->type == FIELD_NAME) {
             v = json_string(f->names[*(int *)field_ptr(c, f)]);
         } else if (f->type == FIELD_U64) {

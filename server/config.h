@@ -38,12 +38,16 @@ enum config_draft_policy { CONFIG_DRAFT_ADAPTIVE, CONFIG_DRAFT_ALWAYS };
 /* Where a setting's current value came from. */
 enum config_source { CONFIG_FROM_DEFAULT, CONFIG_FROM_FILE, CONFIG_FROM_ENV, CONFIG_FROM_FLAG };
 
-#define CONFIG_N_FIELDS 30
+#define CONFIG_N_FIELDS 34
 
 struct ebb_config {
     char host[256];                /* listen address (IPv4 or IPv6 literal, or a host name) */
     int port;                      /* 0 = any free port */
     char admin_token[256];         /* bearer token for /admin; empty = admin routes refused */
+    char api_keys[4096];           /* comma-separated keys for the API routes; empty = none (server/auth.h) */
+    char api_key_file[4096];       /* a file of keys, one per line; empty = none */
+    int insecure_no_auth;          /* 1: serve a non-loopback address with no keys */
+    char cors_origins[4096];       /* comma-separated origins browsers may call from, or "*"; empty = none */
     char catalog[4096];            /* catalog path; empty = catalog_default_path() */
     char default_model[129];       /* model loaded at start / used when a request names none */
     char default_model_path[4096]; /* GGUF registered when the catalog is empty; empty = none */
@@ -87,8 +91,10 @@ int config_load_text(struct ebb_config *cfg, const char *json, const char *name,
 int config_apply_env(struct ebb_config *cfg, char *err, size_t errlen);
 
 /* Applies one flag: name may be "port", "--port", "admin-token" or
- * "admin_token". 0 on success, -1 for a bad value, 1 (with a message) when
- * name is not a config flag, so a command can handle its own flags first. */
+ * "admin_token". 0 on success (value used), -1 for a bad value, 1 (with a
+ * message) when name is not a config flag, so a command can handle its own
+ * flags first, 2 when a boolean flag was given alone ("--insecure-no-auth":
+ * true; value, when it is not "true" or "false", is the next argument). */
 int config_apply_flag(struct ebb_config *cfg, const char *name, const char *value, char *err, size_t errlen);
 
 /* Defaults, then the file (path, or $EBB_CONFIG when path is NULL; no file if
@@ -103,8 +109,9 @@ int config_catalog_path(const struct ebb_config *cfg, char *buf, size_t len, cha
 int config_resolve_catalog(const char *config_path, const char *catalog_flag, char *buf, size_t len, char *err,
                            size_t errlen);
 
-/* Writes the effective configuration as JSON (admin_token shown only as
- * "(set)" or ""), with where each value came from when with_sources. */
+/* Writes the effective configuration as JSON (admin_token and api_keys
+ * shown only as "(set)" or ""), with where each value came from when
+ * with_sources. */
 void config_dump(const struct ebb_config *cfg, FILE *out, int with_sources);
 /* One line per flag for a command's --help: "  --port N   ... (EBB_PORT, default 8080)". */
 void config_flags_help(FILE *out);

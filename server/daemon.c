@@ -154,6 +154,7 @@ static int start_signals(struct daemon *d) {
 }
 
 static void cleanup(struct daemon *d) {
+    auth_free(&d->api_keys);
     if (d->catalog) catalog_close(d->catalog);
     metrics_free(d->metrics);
 }
@@ -177,6 +178,13 @@ int daemon_run(struct daemon *d) {
     signal(SIGPIPE, SIG_IGN);   /* a vanished client must be an error code, not a signal */
 
     char path[4096], err[512];
+    if (auth_load(&d->api_keys, &d->cfg, err, sizeof err) ||
+        auth_check_listen(&d->cfg, d->api_keys.n, err, sizeof err)) {
+        fprintf(stderr, "ebb serve: %s\n", err);
+        log_error("refusing to start", "reason=\"%s\"", err);
+        cleanup(d);
+        return 1;
+    }
     if (daemon_metrics_register(d)) {
         fprintf(stderr, "ebb serve: cannot set up metrics\n");
         cleanup(d);
@@ -221,9 +229,10 @@ int daemon_run(struct daemon *d) {
 
     char qhost[128], budget[48];
     memory_policy_format(&d->memory, budget, sizeof budget);
-    log_info("listening", "host=%s port=%d catalog=%s memory_budget=%s admin=%s test_routes=%d",
+    log_info("listening", "host=%s port=%d catalog=%s memory_budget=%s admin=%s api_keys=%d cors=%s test_routes=%d",
              log_quote(qhost, sizeof qhost, d->cfg.host), http_server_port(d->http), path, budget,
-             *d->cfg.admin_token ? "enabled" : "disabled", d->test_routes);
+             *d->cfg.admin_token ? "enabled" : "disabled", d->api_keys.n, *d->cfg.cors_origins ? "on" : "off",
+             d->test_routes);
 
     uv_run(&d->loop, UV_RUN_DEFAULT);
 

@@ -30,6 +30,7 @@
 
 #include "engine/model.h"
 #include "server/admin_body.h"
+#include "server/auth.h"
 #include "engine/scheduler.h"
 #include "server/bridge.h"
 #include "server/config.h"
@@ -73,6 +74,7 @@ struct daemon {
     uv_timer_t deadline;          /* shutdown: when unfinished responses are ended */
     bool deadline_live;
     struct ebb_config cfg;
+    struct api_keys api_keys;     /* auth.h: read at start */
     struct catalog *catalog;
     struct bridge bridge;
     bool test_routes;

@@ -5,7 +5,10 @@
  * Routing is one table of (method, path, handler); a path ending in '/' with
  * `prefix` set matches one more segment (/v1/requests/{id}). A known path
  * with another method is answered 405 with Allow, anything else 404. HEAD is
- * routed as GET (http.c drops the body).
+ * routed as GET (http.c drops the body). Before any of that, every request
+ * gets its CORS headers and a CORS preflight is answered (server/auth.h);
+ * routes marked `api` then require an API key when keys are configured (the
+ * admin routes check their own token in their handlers).
  *
  * Metrics of the transport are recorded in the http layer's on_done hook,
  * which sees every request exactly once -- answered by a route, refused by
@@ -31,6 +34,7 @@ struct route {
     route_fn fn;
     bool prefix;       /* path is a prefix followed by one more segment */
     bool test_only;
+    bool api;          /* needs an API key when keys are configured */
 };
 
 void respond_json(struct http_request *req, int status, json_t *body) {
@@ -66,23 +70,23 @@ static void route_ready(struct daemon *d, struct http_request *req) {
 /* ---------------------------------------------------------------- dispatch */
 
 static const struct route routes[] = {
-    {"GET", "/health", route_health, false, false},
-    {"GET", "/ready", route_ready, false, false},
-    {"GET", "/metrics", route_metrics, false, false},
-    {"POST", "/v1/completions", route_completions, false, false},
-    {"POST", "/v1/chat/completions", route_chat_completions, false, false},
-    {"GET", "/v1/models", route_models, false, false},
-    {"GET", "/v1/models/", route_model, true, false},
-    {"POST", "/tokenize", route_tokenize, false, false},
-    {"POST", "/detokenize", route_detokenize, false, false},
-    {"DELETE", "/v1/requests/", route_cancel_request, true, false},
-    {"GET", "/admin/memory", route_admin_memory_get, false, false},
-    {"PUT", "/admin/memory", route_admin_memory_put, false, false},
-    {"GET", "/admin/models", route_admin_models_get, false, false},
-    {"POST", "/admin/models", route_admin_models_post, false, false},
-    {"DELETE", "/admin/models/", route_admin_models_delete, true, false},
-    {"POST", "/debug/echo", route_debug_echo, false, true},
-    {"GET", "/debug/stream", route_debug_stream, false, true},
+    {"GET", "/health", route_health, false, false, false},
+    {"GET", "/ready", route_ready, false, false, false},
+    {"GET", "/metrics", route_metrics, false, false, false},
+    {"POST", "/v1/completions", route_completions, false, false, true},
+    {"POST", "/v1/chat/completions", route_chat_completions, false, false, true},
+    {"GET", "/v1/models", route_models, false, false, true},
+    {"GET", "/v1/models/", route_model, true, false, true},
+    {"POST", "/tokenize", route_tokenize, false, false, true},
+    {"POST", "/detokenize", route_detokenize, false, false, true},
+    {"DELETE", "/v1/requests/", route_cancel_request, true, false, false},
+    {"GET", "/admin/memory", route_admin_memory_get, false, false, false},
+    {"PUT", "/admin/memory", route_admin_memory_put, false, false, false},
+    {"GET", "/admin/models", route_admin_models_get, false, false, false},
+    {"POST", "/admin/models", route_admin_models_post, false, false, false},
+    {"DELETE", "/admin/models/", route_admin_models_delete, true, false, false},
+    {"POST", "/debug/echo", route_debug_echo, false, true, false},
+    {"GET", "/debug/stream", route_debug_stream, false, true, false},
 };
 #define N_ROUTES (sizeof routes / sizeof routes[0])
 
@@ -97,6 +101,11 @@ static bool path_matches(const struct route *r, const char *path) {
 
 void routes_on_request(struct http_request *req, void *arg) {
     struct daemon *d = arg;
+    if (cors_preflight(d, req)) {
+        req->route = "preflight";
+        return;
+    }
+    cors_add_headers(d, req);
     const char *method = !strcmp(req->method, "HEAD") ? "GET" : req->method;
     char allow[64] = "";
     const struct route *known_path = NULL;
@@ -105,7 +114,7 @@ void routes_on_request(struct http_request *req, void *arg) {
         if ((r->test_only && !d->test_routes) || !path_matches(r, req->path)) continue;
         if (!strcmp(r->method, method)) {
             req->route = r->path;
-            r->fn(d, req);
+            if (!r->api || auth_api_key_ok(d, req)) r->fn(d, req);
             return;
         }
         known_path = r;

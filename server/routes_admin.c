@@ -25,13 +25,6 @@
 
 #define BUDGET_SETTING "memory_budget_bytes"
 
-static int tokens_equal(const char *a, const char *b) {
-    size_t la = strlen(a), lb = strlen(b);
-    unsigned char diff = (unsigned char)(la != lb);
-    for (size_t i = 0; i < la; i++) diff |= (unsigned char)(a[i] ^ b[i % (lb ? lb : 1)]);
-    return diff == 0;
-}
-
 int admin_authorized(struct daemon *d, struct http_request *req) {
     if (!*d->cfg.admin_token) {
         http_respond_error(req, 403, "permission_error",
@@ -42,7 +35,7 @@ int admin_authorized(struct daemon *d, struct http_request *req) {
     /* The scheme is case-insensitive (RFC 9110 §11.1), one or more spaces follow it. */
     const char *token = auth && !strncasecmp(auth, "Bearer ", 7) ? auth + 7 : NULL;
     while (token && *token == ' ') token++;
-    if (!token || !tokens_equal(token, d->cfg.admin_token)) {
+    if (!token || !secret_equal(token, d->cfg.admin_token)) {
         http_add_header(req, "WWW-Authenticate", "Bearer");
         http_respond_error(req, 401, "authentication_error",
                            auth ? "the admin token is not valid" : "an admin token is required (Authorization: Bearer ...)",

@@ -123,7 +123,9 @@ log "built $image in $(( $(now) - t0 )) s ($("$docker" image inspect -f '{{.Size
 # --- Run it and ask /ready -----------------------------------------------------
 container=ebb-check-$$
 t0=$(now)
-"$docker" run -d --name "$container" -p "127.0.0.1:$port:8080" "$image" >/dev/null
+# The image listens beyond loopback, so it starts only with API keys (docs/operations.md, Access).
+key=docker-check-key-$$
+"$docker" run -d --name "$container" -p "127.0.0.1:$port:8080" -e "EBB_API_KEYS=$key" "$image" >/dev/null
 log "started $container, port 8080 published on 127.0.0.1:$port; waiting up to $timeout s for /ready"
 code=000
 while (( $(now) - t0 < timeout )); do
@@ -138,7 +140,9 @@ if [ "$code" != 200 ]; then
   exit 1
 fi
 log "/ready answered 200 after $(( $(now) - t0 )) s: $(curl -s "http://127.0.0.1:$port/ready")"
-body=$(curl -s --max-time 60 -H 'Content-Type: application/json' \
+code=$(curl -s -o /dev/null -w '%{http_code}' --max-time 10 "http://127.0.0.1:$port/v1/models")
+[ "$code" = 401 ] || die "GET /v1/models without the API key answered $code, not 401"
+body=$(curl -s --max-time 60 -H 'Content-Type: application/json' -H "Authorization: Bearer $key" \
   -d '{"prompt": "The capital of France is", "max_tokens": 8, "temperature": 0}' \
   "http://127.0.0.1:$port/v1/completions")
 printf '%s' "$body" | grep -q '"text"' || die "POST /v1/completions did not complete: $body"

@@ -184,3 +184,110 @@ def test_echo(srv):
     texts = [json.loads(line[6:])["choices"][0]["text"] for line in r.iter_lines()
              if line.startswith(b"data: {") and json.loads(line[6:])["choices"]]
     assert texts[0].startswith(PROMPT) and "".join(texts) == PROMPT + doc["choices"][0]["text"]
+
+
+# ---------------------------------------------------------------- access
+
+def test_api_keys(ebb_bin, model_path, tmp_path):
+    openai = pytest.importorskip("openai")
+    keyfile = tmp_path / "keys"
+    keyfile.write_text("# rotated monthly\n\n  file-key-3  \n")
+    s = start_ready(ebb_bin, "--api-keys", "key-one, key-two", "--api-key-file", str(keyfile),
+                    catalog=tmp_path / "k.db", model_path=model_path, start_timeout=120)
+    try:
+        for path in ["/v1/models", "/tokenize"]:
+            method = requests.get if path == "/v1/models" else requests.post
+            r = method(s.url(path), json={"prompt": "x"}, timeout=IO)
+            assert r.status_code == 401 and r.headers["WWW-Authenticate"] == "Bearer", (path, r.text)
+            err = r.json()["error"]
+            assert err["code"] == "invalid_api_key" and "provide an API key" in err["message"]
+            r = method(s.url(path), json={"prompt": "x"}, timeout=IO, headers={"Authorization": "Bearer key-on"})
+            assert r.status_code == 401 and r.json()["error"]["message"] == "Incorrect API key provided."
+        for key in ["key-one", "key-two", "file-key-3"]:
+            r = requests.get(s.url("/v1/models"), headers={"Authorization": f"bearer  {key}"}, timeout=IO)
+            assert r.status_code == 200, (key, r.text)
+        # Probes and scrapers need no key.
+        for path in ["/health", "/ready", "/metrics"]:
+            assert requests.get(s.url(path), timeout=IO).status_code == 200
+        # The official client: its api_key is the bearer token.
+        good = openai.OpenAI(base_url=s.url("/v1"), api_key="file-key-3", max_retries=0, timeout=IO)
+        r = good.chat.completions.create(model=good.models.list().data[0].id, max_tokens=2,
+                                         messages=[{"role": "user", "content": "Hi"}])
+        assert r.choices[0].message.content
+        bad = openai.OpenAI(base_url=s.url("/v1"), api_key="nope", max_retries=0, timeout=IO)
+        with pytest.raises(openai.AuthenticationError) as e:
+            bad.models.list()
+        assert e.value.code == "invalid_api_key"
+        # The effective configuration never shows the keys.
+        assert "key-one" not in s.log()
+    finally:
+        s.stop_clean()
+
+
+def run_refused(ebb_bin, tmp_path, *args):
+    import subprocess
+    from daemon import clean_env
+    return subprocess.run([str(ebb_bin), "serve", "--port", "0", "--catalog", str(tmp_path / "r.db"),
+                           "--default-model-path", "", *args], capture_output=True, timeout=60,
+                          env=clean_env(), stdin=subprocess.DEVNULL)
+
+
+def test_non_loopback_needs_keys_or_a_decision(ebb_bin, tmp_path):
+    p = run_refused(ebb_bin, tmp_path, "--host", "0.0.0.0")
+    assert p.returncode == 1 and b"refusing to serve the API on 0.0.0.0 without API keys" in p.stderr, p.stderr
+    assert b"--insecure-no-auth" in p.stderr
+    # A key file that cannot be used stops the start, naming the line, never the key.
+    bad = tmp_path / "bad-keys"
+    bad.write_text("good-key\nhas space\n")
+    p = run_refused(ebb_bin, tmp_path, "--api-key-file", str(bad))
+    assert p.returncode == 1 and b"line 2: the key has a character other than visible ASCII" in p.stderr, p.stderr
+    assert b"has space" not in p.stderr
+    p = run_refused(ebb_bin, tmp_path, "--api-key-file", str(tmp_path / "missing"))
+    assert p.returncode == 1 and b"No such file" in p.stderr
+    p = run_refused(ebb_bin, tmp_path, "--api-keys", "a,,b")
+    assert p.returncode == 1 and b"api_keys: key 2 (counting from 1) is empty" in p.stderr
+    # Deliberately open, or with keys: it starts (no model needed to listen).
+    from daemon import Server
+    for args in (["--insecure-no-auth"], ["--insecure-no-auth", "true"], ["--api-keys", "k"]):
+        s = Server(str(ebb_bin), *args, host="0.0.0.0", catalog=tmp_path / f"o{len(args)}.db", model_path="")
+        try:
+            assert requests.get(f"http://127.0.0.1:{s.port}/health", timeout=IO).status_code == 200
+        finally:
+            s.stop_clean()
+
+
+def test_cors(ebb_bin, tmp_path):
+    from daemon import Server
+    s = Server(str(ebb_bin), "--cors-origins", "https://app.example, http://localhost:3000",
+               catalog=tmp_path / "c.db", model_path="")
+    try:
+        pre = {"Origin": "https://app.example", "Access-Control-Request-Method": "POST",
+               "Access-Control-Request-Headers": "authorization, content-type"}
+        r = requests.options(s.url("/v1/chat/completions"), headers=pre, timeout=IO)
+        assert r.status_code == 204, r.text
+        assert r.headers["Access-Control-Allow-Origin"] == "https://app.example"
+        assert "POST" in r.headers["Access-Control-Allow-Methods"]
+        assert r.headers["Access-Control-Allow-Headers"] == "authorization, content-type"
+        assert int(r.headers["Access-Control-Max-Age"]) > 0 and r.headers["Vary"] == "Origin"
+        r = requests.options(s.url("/v1/chat/completions"), headers={**pre, "Origin": "https://evil.example"},
+                             timeout=IO)
+        assert r.status_code == 403 and "cors_origins" in r.json()["error"]["message"]
+        assert "Access-Control-Allow-Origin" not in r.headers
+        # Ordinary responses, errors included, carry the header for an allowed origin only.
+        r = requests.get(s.url("/v1/models"), headers={"Origin": "http://localhost:3000"}, timeout=IO)
+        assert r.headers["Access-Control-Allow-Origin"] == "http://localhost:3000"
+        assert "X-Request-Id" in r.headers["Access-Control-Expose-Headers"]
+        r = requests.get(s.url("/nowhere"), headers={"Origin": "https://app.example"}, timeout=IO)
+        assert r.status_code == 404 and r.headers["Access-Control-Allow-Origin"] == "https://app.example"
+        r = requests.get(s.url("/health"), headers={"Origin": "https://evil.example"}, timeout=IO)
+        assert "Access-Control-Allow-Origin" not in r.headers
+        # OPTIONS that is not a preflight is still a method the route does not have.
+        assert requests.options(s.url("/v1/models"), timeout=IO).status_code == 405
+    finally:
+        s.stop_clean()
+    s = Server(str(ebb_bin), "--cors-origins", "*", catalog=tmp_path / "c2.db", model_path="")
+    try:
+        r = requests.get(s.url("/health"), headers={"Origin": "https://any.example"}, timeout=IO)
+        assert r.headers["Access-Control-Allow-Origin"] == "https://any.example"
+    finally:
+        s.stop_clean()
