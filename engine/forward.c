@@ -500,6 +500,22 @@ static void capture_head_input(struct model_run *r, int n_tok) {
     r->capture(r->capture_ud, r->m->cfg.n_layer, ACT_ATTN_IN, r->xb, n_tok, r->m->cfg.n_embd);
 }
 
+/* Embeddings: each token's final norm added to its sequence's sum. Runs
+ * before the head, which reuses xb; xb holds at least one row. */
+static void sum_final_hidden(struct model_run *r, const struct batch_seq *seqs, int n_seqs) {
+    const struct model *m = r->m;
+    const int E = m->cfg.n_embd;
+    int t = 0;
+    for (int i = 0; i < n_seqs; i++) {
+        const struct batch_seq *q = &seqs[i];
+        for (int k = 0; q->embed_sum && k < q->n_tok; k++) {
+            m->be->rmsnorm_f32(r->xb, r->x + (size_t)(t + k) * E, m->output_norm, E, m->cfg.rms_eps);
+            for (int e = 0; e < E; e++) q->embed_sum[e] += r->xb[e];
+        }
+        t += q->n_tok;
+    }
+}
+
 /* Rows of the batch that need logits, in batch order. */
 static int head_row_count(const struct batch_seq *seqs, int n_seqs) {
     int rows = 0;
@@ -580,6 +596,7 @@ int model_forward_batch(struct model_run *r, struct batch_seq *seqs, int n_seqs)
     if (r->failed) return -1;   /* scratch could not grow: nothing stored counts */
     if (r->capture) capture_head_input(r, n_tok);
     for (int i = 0; i < n_seqs; i++) seqs[i].kv->n_past += seqs[i].n_tok;
+    sum_final_hidden(r, seqs, n_seqs);
     if (rows) forward_head(r, seqs, n_seqs, rows);
     return 0;
 }
@@ -590,7 +607,7 @@ int model_forward(struct model_run *r, struct kv_cache *kv, const int32_t *token
     const int n_vocab = r->m->cfg.n_vocab;
     for (int done = 0; done < n_tok;) {
         int n = n_tok - done < MODEL_MAX_BATCH ? n_tok - done : MODEL_MAX_BATCH;
-        struct batch_seq seq = {kv, tokens + done, n, NULL, all_logits};
+        struct batch_seq seq = {kv, tokens + done, n, NULL, all_logits, NULL};
         if (all_logits) seq.logits = logits + (size_t)done * n_vocab;
         else if (done + n == n_tok) seq.logits = logits;
         if (model_forward_batch(r, &seq, 1)) return -1;

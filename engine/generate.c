@@ -97,7 +97,7 @@ int gen_seq_init(struct gen_seq *g, const struct model *m, const int32_t *prompt
     g->n_history = n_prompt;
     detok_init(&g->detok, m->tok);
     stop_init(&g->stop, p->stops, p->n_stops);
-    if (p->max_tokens <= 0) g->finish = FINISH_LENGTH;
+    if (p->max_tokens <= 0 && !p->embedding) g->finish = FINISH_LENGTH;
     return 0;
 }
 

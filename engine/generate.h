@@ -45,6 +45,11 @@ struct gen_params {
     int n_stop_ids;                 /*   text is not released); copied by the scheduler */
     int speculative;                /* enum draft_source (engine/draft.h): the scheduler's drafts; 0 none */
     struct compress_params compress;/* context compression after the prefill (mode 0: off) */
+    /* An embedding request (the scheduler's): no token is generated; once
+     * the prompt is in, the mean of its tokens' final hidden states,
+     * L2-normalized, is written here [n_embd] and the request ends with
+     * FINISH_STOP. Borrowed: it must outlive the request's on_done. */
+    float *embedding;
 };
 
 struct gen_seq {

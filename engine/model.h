@@ -130,13 +130,16 @@ void model_run_set_capture(struct model_run *r, act_capture_fn fn, void *ud);
 
 /* One sequence's share of a batch: n_tok tokens appended at positions
  * kv->n_past .. n_past+n_tok-1. logits == NULL: none wanted; else the last
- * token's row [n_vocab], or every token's [n_tok][n_vocab] if all_logits. */
+ * token's row [n_vocab], or every token's [n_tok][n_vocab] if all_logits.
+ * embed_sum, when set, gets every token's final hidden state (the output
+ * norm's result, the head's input) added to it [n_embd]: embeddings. */
 struct batch_seq {
     struct kv_cache *kv;
     const int32_t *tokens;
     int n_tok;
     float *logits;
     int all_logits;
+    float *embed_sum;
 };
 
 /* Runs several sequences through the model in one pass (continuous

@@ -14,6 +14,7 @@
 #ifdef __GLIBC__
 #include <malloc.h>
 #endif
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -545,6 +546,19 @@ static void verify_drafts(struct sched *s, struct sreq *r) {
     pthread_mutex_unlock(&s->lock);
 }
 
+/* An embedding request's prompt is in: its sum becomes the mean, scaled
+ * to unit length (in double: 576 terms of mixed sign). */
+static void finish_embedding(struct sched *s, struct sreq *r) {
+    const int E = s->m->cfg.n_embd;
+    float *v = r->params.embedding;
+    double norm = 0;
+    for (int e = 0; e < E; e++) norm += (double)v[e] * v[e];
+    const double scale = norm > 0 ? 1.0 / sqrt(norm) : 0.0;   /* the mean's 1/n cancels in the scaling */
+    for (int e = 0; e < E; e++) v[e] = (float)(v[e] * scale);
+    r->timing.first_token = ebb_now_seconds();
+    r->gen.finish = FINISH_STOP;
+}
+
 /* One batched forward pass and the sampling after it. */
 static void compress_prompt(struct sched *s, struct sreq *r);
 
@@ -564,8 +578,8 @@ static void step(struct sched *s) {
     for (int i = 0; i < s->n_running; i++) {        /* decode tokens first: latency */
         struct sreq *r = s->running[i];
         if (r->n_prefilled < r->n_replay) continue;
-        if (r->n_drafted) s->batch[n] = (struct batch_seq){&r->kv, r->pass, 1 + r->n_drafted, r->pass_logits, 1};
-        else s->batch[n] = (struct batch_seq){&r->kv, &r->next_token, 1, r->logits, 0};
+        if (r->n_drafted) s->batch[n] = (struct batch_seq){&r->kv, r->pass, 1 + r->n_drafted, r->pass_logits, 1, NULL};
+        else s->batch[n] = (struct batch_seq){&r->kv, &r->next_token, 1, r->logits, 0, NULL};
         s->batch_req[n++] = r;
         tokens += 1 + r->n_drafted;
     }
@@ -578,8 +592,12 @@ static void step(struct sched *s) {
         const int at = compress_point(&r->params.compress, r->n_prompt);
         if (r->kv.obs && r->n_prefilled < at && r->n_prefilled + chunk > at) chunk = at - r->n_prefilled;
         /* A recomputed sequence already sampled the token that follows. */
-        int sample = chunk == left && r->gen.n_generated == 0;
-        s->batch[n] = (struct batch_seq){&r->kv, r->gen.history + r->n_prefilled, chunk, sample ? r->logits : NULL, 0};
+        int sample = chunk == left && r->gen.n_generated == 0 && !r->params.embedding;
+        /* An embedding sums from the first chunk (again after a preemption). */
+        if (r->params.embedding && r->n_prefilled == 0)
+            memset(r->params.embedding, 0, (size_t)s->m->cfg.n_embd * sizeof(float));
+        s->batch[n] = (struct batch_seq){&r->kv, r->gen.history + r->n_prefilled, chunk, sample ? r->logits : NULL, 0,
+                                         r->params.embedding};
         s->batch_req[n++] = r;
         tokens += chunk;
     }
@@ -602,6 +620,10 @@ static void step(struct sched *s) {
             if (r->n_prefilled < r->n_replay || r->gen.n_generated > 0) continue;
         }
         if (r->gen.finish != FINISH_NONE) continue;
+        if (r->params.embedding) {
+            finish_embedding(s, r);
+            continue;
+        }
         if (s->batch[b].all_logits) {
             verify_drafts(s, r);
         } else {

@@ -78,6 +78,8 @@ struct completion {
     struct choice_slot *slots;
     int n_choices, n_done;
     int prompt_tokens;            /* usage: once per prompt */
+    float *embeddings;            /* embeddings: one row of n_embd per choice, written by the engine */
+    int n_embd;
     bool streaming;
     char error[256];
 };
@@ -91,6 +93,7 @@ static void completion_free(struct completion *c) {
     for (int i = 0; i < c->n_choices; i++) oai_choice_free(&c->choices[i]);
     free(c->choices);
     free(c->slots);
+    free(c->embeddings);
     oai_request_free(&c->r);
     served_unref(c->sm);
     free(c);
@@ -193,7 +196,9 @@ static void finish_response(struct completion *c) {
     } else if (error) {
         http_respond_error(c->req, 500, "server_error", *c->error ? c->error : "generation failed", NULL);
     } else {
-        char *body = oai_response(&c->meta, c->choices, c->n_choices, &usage, &len);
+        char *body = c->embeddings ? oai_embedding_response(c->sm->name, c->embeddings, c->n_choices, c->n_embd,
+                                                            c->r.base64, c->prompt_tokens, &len)
+                                   : oai_response(&c->meta, c->choices, c->n_choices, &usage, &len);
         if (body) http_respond(c->req, 200, "application/json", body, len);
         else http_respond_error(c->req, 500, "server_error", "out of memory building the response", NULL);
         free(body);
@@ -375,6 +380,13 @@ struct completion *completion_new(struct daemon *d, struct http_request *req, st
         free(c->choices); free(c->slots); free(c);
         return NULL;
     }
+    if (r->kind == OAI_EMBEDDING) {
+        c->n_embd = sm->model.cfg.n_embd;
+        if (!(c->embeddings = calloc((size_t)c->n_choices * (size_t)c->n_embd, sizeof(float)))) {
+            free(c->choices); free(c->slots); free(c);
+            return NULL;
+        }
+    }
     c->state = COMPLETION_NEW;
     c->d = d;
     c->sm = sm;
@@ -424,7 +436,13 @@ static int submit_choices(struct completion *c, int32_t *const *ids, const int *
         struct gen_params gp;
         completion_gen_params(&c->r, i, seed, max_ctx - n_prompt, c->d->cfg.speculative, &gp);
         completion_compress_params(&c->r, &c->d->cfg, &gp.compress);
-        if (n_prompt == 0 || gp.max_tokens < 1 || n_prompt + gp.max_tokens > max_ctx) {
+        if (c->embeddings) {   /* the prompt only: no token, no drafts, no compression */
+            gp.max_tokens = 0;
+            gp.speculative = 0;
+            gp.compress.mode = COMPRESS_OFF;
+            gp.embedding = c->embeddings + (size_t)i * (size_t)c->n_embd;
+        }
+        if (n_prompt == 0 || (gp.max_tokens < 1 && !c->embeddings) || n_prompt + gp.max_tokens > max_ctx) {
             /* Never a negative count: a prompt that fills the context is
              * too long whatever max_tokens says. */
             char msg[256];
@@ -436,8 +454,12 @@ static int submit_choices(struct completion *c, int32_t *const *ids, const int *
             else snprintf(msg, sizeof msg, "%s %d tokens of context for one request; the prompt has %d tokens, "
                           "leaving %d for the completion, and max_tokens asks for %d", limit, max_ctx, n_prompt,
                           max_ctx - n_prompt, gp.max_tokens);
-            const char *param = n_prompt == 0 || prompt_too_long ? (c->r.kind == OAI_CHAT ? "messages" : "prompt")
-                                                                 : "max_tokens";
+            if (c->embeddings && prompt_too_long)
+                snprintf(msg, sizeof msg, "%s %d tokens of context for one request and input %d has %d", limit,
+                         max_ctx, p, n_prompt);
+            const char *param = n_prompt == 0 || prompt_too_long
+                                    ? (c->r.kind == OAI_CHAT ? "messages" : oai_prompt_field(c->r.kind))
+                                    : "max_tokens";
             http_respond_error_code(c->req, 400, "invalid_request_error",
                                     n_prompt == 0 ? NULL : "context_length_exceeded", msg, param);
             return -1;

@@ -182,6 +182,7 @@ void served_refresh_metrics(struct daemon *d);
 /* ---- route handlers: routes_v1.c, routes_admin.c, daemon_metrics.c, routes_debug.c ---- */
 void route_completions(struct daemon *d, struct http_request *req);
 void route_chat_completions(struct daemon *d, struct http_request *req);
+void route_embeddings(struct daemon *d, struct http_request *req);
 void route_models(struct daemon *d, struct http_request *req);
 void route_model(struct daemon *d, struct http_request *req);
 void route_tokenize(struct daemon *d, struct http_request *req);

@@ -117,7 +117,10 @@ static const char *describe(const json_t *v, char *buf, size_t n) {
 
 /* ------------------------------------------------------------------ parsing */
 
-enum { K_CMPL = 1 << OAI_COMPLETION, K_CHAT = 1 << OAI_CHAT, K_TOK = 1 << OAI_TOKENIZE, K_DETOK = 1 << OAI_DETOKENIZE };
+enum {
+    K_CMPL = 1 << OAI_COMPLETION, K_CHAT = 1 << OAI_CHAT, K_TOK = 1 << OAI_TOKENIZE, K_DETOK = 1 << OAI_DETOKENIZE,
+    K_EMB = 1 << OAI_EMBEDDING
+};
 
 struct pctx {
     struct oai_request *r;
@@ -133,6 +136,7 @@ static const char *route_name(enum oai_kind k) {
     case OAI_COMPLETION: return "/v1/completions";
     case OAI_CHAT: return "/v1/chat/completions";
     case OAI_TOKENIZE: return "/tokenize";
+    case OAI_EMBEDDING: return "/v1/embeddings";
     default: return "/detokenize";
     }
 }
@@ -244,8 +248,9 @@ static int add_token_prompt(struct pctx *p, const json_t *arr, const char *name,
     size_t n = json_array_size(arr);
     char param[64], got[48];
     if (n == 0) return BAD(p, name, "'%s' must not be an empty array of token ids", name);
+    const char *field = oai_prompt_field(p->r->kind);
     if (n > *budget)
-        return BAD(p, "prompt", "'prompt' has more than %d token ids in total; at most %d are allowed",
+        return BAD(p, field, "'%s' has more than %d token ids in total; at most %d are allowed", field,
                    OAI_MAX_TOKEN_IDS, OAI_MAX_TOKEN_IDS);
     struct oai_prompt *pr = &p->r->prompts[p->r->n_prompts];
     pr->tokens = malloc(n * sizeof *pr->tokens);
@@ -275,39 +280,62 @@ static int f_prompt(struct pctx *p, const char *key, json_t *v) {
     char got[48], param[64];
     p->has_prompt = true;
     if (json_is_string(v)) return alloc_prompts(p, 1) || add_text_prompt(p, v);
+    const char *field = oai_prompt_field(p->r->kind);
     const char *shapes = p->r->kind == OAI_TOKENIZE
                              ? "a string"
                              : "a string, an array of strings, an array of token ids or an array of arrays of "
                                "token ids";
     if (!json_is_array(v) || p->r->kind == OAI_TOKENIZE)
-        return BAD(p, key, "'prompt' must be %s, got %s", shapes, describe(v, got, sizeof got));
+        return BAD(p, key, "'%s' must be %s, got %s", field, shapes, describe(v, got, sizeof got));
     size_t n = json_array_size(v);
-    if (n == 0) return BAD(p, key, "'prompt' must not be an empty array");
+    if (n == 0) return BAD(p, key, "'%s' must not be an empty array", field);
     const json_t *first = json_array_get(v, 0);
     size_t budget = OAI_MAX_TOKEN_IDS;
-    if (json_is_number(first)) return alloc_prompts(p, 1) || add_token_prompt(p, v, "prompt", &budget);
-    if (!json_is_string(first) && !json_is_array(first))
-        return BAD(p, "prompt[0]", "'prompt' must be %s, got an array whose first element is %s", shapes,
+    if (json_is_number(first)) return alloc_prompts(p, 1) || add_token_prompt(p, v, field, &budget);
+    if (!json_is_string(first) && !json_is_array(first)) {
+        field_name(param, sizeof param, "%s[0]", field);
+        return BAD(p, param, "'%s' must be %s, got an array whose first element is %s", field, shapes,
                    describe(first, got, sizeof got));
+    }
     if (n > OAI_MAX_PROMPTS)
-        return BAD(p, key, "'prompt' has %zu prompts; at most %d are allowed in one request", n, OAI_MAX_PROMPTS);
+        return BAD(p, key, "'%s' has %zu prompts; at most %d are allowed in one request", field, n, OAI_MAX_PROMPTS);
     if (alloc_prompts(p, n)) return -1;
     p->r->nested_token_prompts = json_is_array(first);
     for (size_t i = 0; i < n; i++) {
         const json_t *e = json_array_get(v, i);
-        field_name(param, sizeof param, "prompt[%zu]", i);
+        field_name(param, sizeof param, "%s[%zu]", field, i);
         if (json_is_string(first)) {
             if (!json_is_string(e))
-                return BAD(p, param, "'%s' must be a string like 'prompt[0]', got %s", param,
+                return BAD(p, param, "'%s' must be a string like '%s[0]', got %s", param, field,
                            describe(e, got, sizeof got));
             if (add_text_prompt(p, e)) return -1;
         } else {
             if (!json_is_array(e))
-                return BAD(p, param, "'%s' must be an array of token ids like 'prompt[0]', got %s", param,
+                return BAD(p, param, "'%s' must be an array of token ids like '%s[0]', got %s", param, field,
                            describe(e, got, sizeof got));
             if (add_token_prompt(p, e, param, &budget)) return -1;
         }
     }
+    return 0;
+}
+
+const char *oai_prompt_field(enum oai_kind kind) { return kind == OAI_EMBEDDING ? "input" : "prompt"; }
+
+static int f_encoding_format(struct pctx *p, const char *key, json_t *v) {
+    char got[48];
+    if (json_is_string(v) && !strcmp(json_string_value(v), "float")) return 0;
+    if (json_is_string(v) && !strcmp(json_string_value(v), "base64")) {
+        p->r->base64 = true;
+        return 0;
+    }
+    return BAD(p, key, "'encoding_format' must be \"float\" or \"base64\", got %s",
+               json_is_string(v) ? "another string" : describe(v, got, sizeof got));
+}
+
+static int f_dimensions(struct pctx *p, const char *key, json_t *v) {
+    int64_t x;
+    if (want_int(p, key, v, 1, INT32_MAX, "an integer >= 1", &x)) return -1;
+    p->r->dimensions = (int)x;   /* checked against the model's width by the route */
     return 0;
 }
 
@@ -804,8 +832,11 @@ struct field {
 
 #define K_GEN (K_CMPL | K_CHAT)
 static const struct field fields[] = {
-    {"model", K_CMPL | K_CHAT | K_TOK | K_DETOK, f_model},
+    {"model", K_CMPL | K_CHAT | K_TOK | K_DETOK | K_EMB, f_model},
     {"prompt", K_CMPL | K_TOK, f_prompt},
+    {"input", K_EMB, f_prompt},
+    {"encoding_format", K_EMB, f_encoding_format},
+    {"dimensions", K_EMB, f_dimensions},
     {"messages", K_CHAT | K_TOK, f_messages},
     {"tokens", K_DETOK, f_tokens},
     {"max_tokens", K_GEN, f_max_tokens},
@@ -832,7 +863,7 @@ static const struct field fields[] = {
     {"suffix", K_CMPL, f_suffix},
     {"presence_penalty", K_GEN, f_penalty},
     {"frequency_penalty", K_GEN, f_penalty},
-    {"user", K_GEN, f_ignored_string},
+    {"user", K_GEN | K_EMB, f_ignored_string},
     {"logit_bias", K_GEN, f_logit_bias},
     {"response_format", K_CHAT, f_response_format},
     {"parallel_tool_calls", K_CHAT, f_ignored_bool},
@@ -919,6 +950,10 @@ static int check_request(struct pctx *p) {
     case OAI_DETOKENIZE:
         if (!p->has_tokens) return BAD(p, "tokens", "'tokens' is required");
         break;
+    case OAI_EMBEDDING:
+        if (!p->has_prompt) return BAD(p, "input", "'input' is required");
+        r->add_special_tokens = true;
+        break;
     }
     if (p->max_completion_tokens) r->max_tokens = (int)p->max_completion_tokens;
     if (p->max_tokens) r->max_tokens = (int)p->max_tokens;
@@ -991,6 +1026,10 @@ int openai_parse_detokenize(const char *body, size_t len, struct oai_request *ou
     return parse_request(OAI_DETOKENIZE, body, len, out, err);
 }
 
+int openai_parse_embedding(const char *body, size_t len, struct oai_request *out, struct oai_error *err) {
+    return parse_request(OAI_EMBEDDING, body, len, out, err);
+}
+
 void oai_request_free(struct oai_request *r) {
     if (!r) return;
     for (int i = 0; i < r->n_prompts; i++) {
@@ -1019,8 +1058,9 @@ int oai_check_token_ids(const struct oai_request *r, int n_vocab, struct oai_err
             if (pr->tokens[j] < n_vocab) continue;
             char param[64];
             if (r->kind == OAI_DETOKENIZE) field_name(param, sizeof param, "tokens[%d]", j);
-            else if (r->nested_token_prompts) field_name(param, sizeof param, "prompt[%d][%d]", i, j);
-            else field_name(param, sizeof param, "prompt[%d]", j);
+            else if (r->nested_token_prompts)
+                field_name(param, sizeof param, "%s[%d][%d]", oai_prompt_field(r->kind), i, j);
+            else field_name(param, sizeof param, "%s[%d]", oai_prompt_field(r->kind), j);
             oai_error_set(err, 400, "invalid_request_error", param,
                           "'%s' is token id %" PRId32 ", outside the model's vocabulary of %d tokens", param,
                           pr->tokens[j], n_vocab);
@@ -1048,6 +1088,7 @@ int oai_check_token_ids(const struct oai_request *r, int n_vocab, struct oai_err
 }
 
 int oai_n_choices(const struct oai_request *r) {
+    if (r->kind == OAI_EMBEDDING) return r->n_prompts;   /* one vector per input */
     return r->kind == OAI_COMPLETION ? r->n_prompts * r->n : r->n;
 }
 
@@ -1549,6 +1590,68 @@ char *oai_tokenize_response(const int32_t *ids, int n, int max_model_len, const 
         for (int i = 0; i < n; i++) push(strs, token_string(pieces[i], piece_lens[i]), &ok);
         put(root, "token_strs", strs, &ok);
     }
+    return dump(root, ok, len);
+}
+
+/* Standard base64 (RFC 4648, with padding) of n bytes; malloc'd. */
+static char *base64_encode(const unsigned char *in, size_t n) {
+    static const char abc[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    char *out = malloc((n + 2) / 3 * 4 + 1), *o = out;
+    if (!out) return NULL;
+    for (size_t i = 0; i < n; i += 3) {
+        const uint32_t v = (uint32_t)in[i] << 16 | (i + 1 < n ? (uint32_t)in[i + 1] << 8 : 0) |
+                           (i + 2 < n ? in[i + 2] : 0);
+        *o++ = abc[v >> 18 & 63];
+        *o++ = abc[v >> 12 & 63];
+        *o++ = i + 1 < n ? abc[v >> 6 & 63] : '=';
+        *o++ = i + 2 < n ? abc[v & 63] : '=';
+    }
+    *o = '\0';
+    return out;
+}
+
+/* One vector as OpenAI sends it: numbers, or base64 of little-endian float32. */
+static json_t *embedding_value(const float *v, int dim, bool base64, bool *ok) {
+    if (!base64) {
+        json_t *a = json_array();
+        for (int i = 0; i < dim; i++) push(a, json_real(v[i]), ok);
+        if (!a) *ok = false;
+        return a;
+    }
+    unsigned char *bytes = malloc((size_t)dim * 4);
+    char *text = NULL;
+    if (bytes) {
+        for (int i = 0; i < dim; i++) {
+            uint32_t u;
+            memcpy(&u, &v[i], 4);
+            for (int b = 0; b < 4; b++) bytes[4 * i + b] = (unsigned char)(u >> (8 * b));
+        }
+        text = base64_encode(bytes, (size_t)dim * 4);
+    }
+    free(bytes);
+    json_t *j = text ? json_string_nocheck(text) : NULL;
+    free(text);
+    if (!j) *ok = false;
+    return j;
+}
+
+char *oai_embedding_response(const char *model, const float *vectors, int n, int dim, bool base64,
+                             int prompt_tokens, size_t *len) {
+    bool ok = true;
+    json_t *root = json_object(), *data = json_array(), *usage = json_object();
+    put(root, "object", json_string("list"), &ok);
+    for (int i = 0; i < n; i++) {
+        json_t *e = json_object();
+        put(e, "object", json_string("embedding"), &ok);
+        put(e, "index", json_integer(i), &ok);
+        put(e, "embedding", embedding_value(vectors + (size_t)i * dim, dim, base64, &ok), &ok);
+        push(data, e, &ok);
+    }
+    put(root, "data", data, &ok);
+    put(root, "model", json_text(model, strlen(model)), &ok);
+    put(usage, "prompt_tokens", json_integer(prompt_tokens), &ok);
+    put(usage, "total_tokens", json_integer(prompt_tokens), &ok);
+    put(root, "usage", usage, &ok);
     return dump(root, ok, len);
 }
 

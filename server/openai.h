@@ -68,7 +68,7 @@ struct oai_error {
     char param[64];      /* the offending field ("messages[2].content"); "" when none */
 };
 
-enum oai_kind { OAI_COMPLETION, OAI_CHAT, OAI_TOKENIZE, OAI_DETOKENIZE };
+enum oai_kind { OAI_COMPLETION, OAI_CHAT, OAI_TOKENIZE, OAI_DETOKENIZE, OAI_EMBEDDING };
 
 /* "developer" is accepted and stored as SYSTEM (it is OpenAI's new name). */
 enum oai_role { OAI_ROLE_SYSTEM, OAI_ROLE_USER, OAI_ROLE_ASSISTANT, OAI_ROLE_TOOL };
@@ -132,6 +132,10 @@ struct oai_request {
     int compress_mode, compress_select, compress_tokens, compress_min_prompt, compress_key_bits;
     float compress_budget, compress_low;
 
+    /* embeddings ("input" is parsed into prompts) */
+    bool base64;                 /* encoding_format "base64": little-endian float32, base64 */
+    int dimensions;              /* 0: not given; else must be the model's width */
+
     /* tokenize / completions */
     bool add_special_tokens;     /* add BOS when the model wants one. Default: true
                                     for text prompts, false for messages (the chat
@@ -147,6 +151,9 @@ int openai_parse_completion(const char *body, size_t len, struct oai_request *ou
 int openai_parse_chat(const char *body, size_t len, struct oai_request *out, struct oai_error *err);
 int openai_parse_tokenize(const char *body, size_t len, struct oai_request *out, struct oai_error *err);
 int openai_parse_detokenize(const char *body, size_t len, struct oai_request *out, struct oai_error *err);
+int openai_parse_embedding(const char *body, size_t len, struct oai_request *out, struct oai_error *err);
+/* The field prompts come from: "input" for embeddings, else "prompt". */
+const char *oai_prompt_field(enum oai_kind kind);
 void oai_request_free(struct oai_request *r);
 
 /* Checks every client-given token id (prompts, stop_token_ids, logit_bias)
@@ -275,6 +282,12 @@ char *oai_model_response(const char *name, int64_t created, size_t *len);
  * request asked for return_token_strs. */
 char *oai_tokenize_response(const int32_t *ids, int n, int max_model_len, const char *const *pieces,
                             const size_t *piece_lens, size_t *len);
+/* POST /v1/embeddings: {"object":"list","data":[{"object":"embedding",
+ * "index","embedding"}],"model","usage":{"prompt_tokens","total_tokens"}};
+ * vectors holds n rows of dim floats; base64: each row as the base64 of its
+ * little-endian float32 bytes (what the official clients ask for). */
+char *oai_embedding_response(const char *model, const float *vectors, int n, int dim, bool base64,
+                             int prompt_tokens, size_t *len);
 /* POST /detokenize: {"prompt": text}. */
 char *oai_detokenize_response(const char *text, size_t text_len, size_t *len);
 #endif

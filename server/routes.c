@@ -75,6 +75,7 @@ static const struct route routes[] = {
     {"GET", "/metrics", route_metrics, false, false, false},
     {"POST", "/v1/completions", route_completions, false, false, true},
     {"POST", "/v1/chat/completions", route_chat_completions, false, false, true},
+    {"POST", "/v1/embeddings", route_embeddings, false, false, true},
     {"GET", "/v1/models", route_models, false, false, true},
     {"GET", "/v1/models/", route_model, true, false, true},
     {"POST", "/tokenize", route_tokenize, false, false, true},

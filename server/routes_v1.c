@@ -1,5 +1,5 @@
-/* The OpenAI-style API: completions, chat completions, models, tokenize,
- * detokenize, and cancelling a request.
+/* The OpenAI-style API: completions, chat completions, embeddings, models,
+ * tokenize, detokenize, and cancelling a request.
  *
  * The handlers are thin: openai.c parses and validates the body, the model
  * is looked up, prompts are tokenized, and a completion request is handed to
@@ -273,11 +273,20 @@ static void job_start(struct daemon *d, struct http_request *req, struct served_
     job_finish(j);
 }
 
-/* Shared by /v1/completions and /v1/chat/completions once parsed. */
+/* Shared by /v1/completions, /v1/chat/completions and /v1/embeddings once
+ * parsed. */
 static void run_completion(struct daemon *d, struct http_request *req, struct oai_request *r) {
     struct served_model *sm = model_for(d, req, r->model);
     struct oai_error err;
     if (!sm) { oai_request_free(r); return; }
+    if (r->kind == OAI_EMBEDDING && r->dimensions && r->dimensions != sm->model.cfg.n_embd) {
+        char msg[256];
+        snprintf(msg, sizeof msg, "'dimensions' must be this model's width, %d, got %d: its embeddings are not "
+                 "trained to be shortened", sm->model.cfg.n_embd, r->dimensions);
+        http_respond_error(req, 400, "invalid_request_error", msg, "dimensions");
+        oai_request_free(r);
+        return;
+    }
     if (oai_check_token_ids(r, sm->model.cfg.n_vocab, &err)) {
         respond_oai_error(req, &err);
         oai_request_free(r);
@@ -295,6 +304,15 @@ void route_completions(struct daemon *d, struct http_request *req) {
 void route_chat_completions(struct daemon *d, struct http_request *req) {
     struct oai_request r;
     if (parse_body(req, openai_parse_chat, &r)) return;
+    run_completion(d, req, &r);
+}
+
+/* Each input's embedding: the mean of its tokens' final hidden states,
+ * normalized, computed by the scheduler like a prompt with nothing to
+ * generate (it shares batches with completions). */
+void route_embeddings(struct daemon *d, struct http_request *req) {
+    struct oai_request r;
+    if (parse_body(req, openai_parse_embedding, &r)) return;
     run_completion(d, req, &r);
 }
 

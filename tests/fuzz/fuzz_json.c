@@ -9,7 +9,8 @@
  *   6 path parameters: the rest is a request path; http_path_segment under
  *     /admin/models/ and /v1/models/, catalog_name_check on the segment, and
  *     oai_parse_id on what follows /v1/requests/
- *   7 the OpenAI parsers in turn on the same body
+ *   7 the OpenAI parsers in turn on the same body (POST /v1/embeddings,
+ *     openai_parse_embedding, among them)
  * A parsed request is checked against what openai.h promises (ranges,
  * NUL-terminated texts of the stated length, bounded counts), and its texts
  * are fed through the response builders as if generated: every response
@@ -135,6 +136,7 @@ static void check_request(const struct oai_request *r) {
     case OAI_CHAT: FUZZ_ASSERT(r->n_messages >= 1 && r->n_prompts == 0); break;
     case OAI_TOKENIZE: FUZZ_ASSERT((r->n_prompts == 1) != (r->n_messages > 0)); break;
     case OAI_DETOKENIZE: FUZZ_ASSERT(r->n_prompts == 1 && !r->prompts[0].text); break;
+    case OAI_EMBEDDING: FUZZ_ASSERT(r->n_prompts >= 1); break;
     }
     long total_ids = 0;
     for (int i = 0; i < r->n_prompts; i++) {
@@ -245,7 +247,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     if (!body) return 0;
     memcpy(body, data + 1, len);
     static const parse_fn parsers[] = {openai_parse_completion, openai_parse_chat, openai_parse_tokenize,
-                                       openai_parse_detokenize};
+                                       openai_parse_detokenize, openai_parse_embedding};
     switch (route) {
     case 0: case 1: case 2: case 3:
         openai_route(parsers[route], body, len);
@@ -285,7 +287,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
         break;
     }
     default:
-        for (int i = 0; i < 4; i++) openai_route(parsers[i], body, len);
+        for (size_t i = 0; i < sizeof parsers / sizeof parsers[0]; i++) openai_route(parsers[i], body, len);
         break;
     }
     free(body);

@@ -240,7 +240,8 @@ def attention(q, k, v, first_pos, cfg):
 def forward(model, ids, cache=None, logits_for="all"):
     """Run new tokens `ids` after what `cache` holds. Returns float64 logits.
 
-    logits_for: "all" -> [n_tok, n_vocab]; "last" -> [1, n_vocab] (saves the big projection)."""
+    logits_for: "all" -> [n_tok, n_vocab]; "last" -> [1, n_vocab] (saves the big projection);
+    "hidden" -> the head's input for every token, rmsnorm(x) * output_norm [n_tok, n_embd]."""
     cfg = model.cfg
     ids = np.asarray(ids, dtype=np.int64)
     if ids.ndim != 1 or ids.size == 0:
@@ -272,7 +273,15 @@ def forward(model, ids, cache=None, logits_for="all"):
 
     if logits_for == "last":
         x = x[-1:]
-    return rmsnorm(x, model.out_norm, cfg.rms_eps) @ model.output.T
+    h = rmsnorm(x, model.out_norm, cfg.rms_eps)
+    return h if logits_for == "hidden" else h @ model.output.T
+
+
+def embedding(model, ids):
+    """The mean of the tokens' final hidden states, scaled to unit length (what /v1/embeddings
+    documents)."""
+    m = forward(model, ids, logits_for="hidden").mean(axis=0)
+    return m / np.linalg.norm(m)
 
 
 def logits(model, ids):
