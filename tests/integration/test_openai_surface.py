@@ -291,3 +291,14 @@ def test_cors(ebb_bin, tmp_path):
         assert r.headers["Access-Control-Allow-Origin"] == "https://any.example"
     finally:
         s.stop_clean()
+
+
+def test_embeddings_with_the_official_client(srv):
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=srv.url("/v1"), api_key="unused", max_retries=0, timeout=IO)
+    r = client.embeddings.create(model=client.models.list().data[0].id,
+                                 input=["The cat sat on the mat.", "A kitten rested on the rug.", "Taxes rose."])
+    v = np.array([d.embedding for d in r.data])
+    assert v.shape[0] == 3 and np.allclose(np.linalg.norm(v, axis=1), 1, atol=1e-5)
+    assert v[0] @ v[1] > v[0] @ v[2], "two sentences about a cat are no closer than one about taxes"
+    assert r.usage.prompt_tokens == r.usage.total_tokens > 0
