@@ -7,6 +7,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "engine/grammar.h"
 #include "engine/model.h"
 
 const char *finish_reason_name(enum finish_reason r) {
@@ -71,6 +72,17 @@ static void ban_ending_tokens(struct gen_seq *g, float *logits) {
         for (int i = 0; i < g->params->n_stop_ids; i++) logits[g->params->stop_ids[i]] = -INFINITY;
 }
 
+/* The grammar's mask over the logits: what it does not allow cannot be
+ * sampled. Returns how many tokens it allows (0: stuck; -1: out of memory). */
+static int apply_grammar(struct gen_seq *g, float *logits) {
+    const double t0 = ebb_now_seconds();
+    const int n = grammar_mask(g->matcher, g->params->grammar_vocab, g->allowed);
+    for (int id = 0; n > 0 && id < g->m->cfg.n_vocab; id++)
+        if (!g->allowed[id]) logits[id] = -INFINITY;
+    g->mask_s += ebb_now_seconds() - t0;
+    return n;
+}
+
 int gen_seq_init(struct gen_seq *g, const struct model *m, const int32_t *prompt, int n_prompt,
                  const struct gen_params *p) {
     memset(g, 0, sizeof *g);
@@ -87,8 +99,13 @@ int gen_seq_init(struct gen_seq *g, const struct model *m, const int32_t *prompt
     const int want_raw = p->logprobs || p->top_logprobs > 0;
     g->raw_logits = want_raw ? malloc((size_t)m->cfg.n_vocab * sizeof(float)) : NULL;
     g->params = p;
+    if (p->grammar && p->grammar_vocab) {
+        g->matcher = grammar_matcher_new(p->grammar);
+        g->allowed = malloc((size_t)m->cfg.n_vocab);
+    }
     if (!g->history || !g->sampler || !g->text || !g->piece || (want_raw && !g->raw_logits) ||
-        ((p->ignore_eos || p->min_tokens > 0) && collect_end_ids(g) < 0)) {
+        ((p->ignore_eos || p->min_tokens > 0) && collect_end_ids(g) < 0) ||
+        (p->grammar && p->grammar_vocab && (!g->matcher || !g->allowed))) {
         gen_seq_free(g);
         return -1;
     }
@@ -109,6 +126,8 @@ void gen_seq_free(struct gen_seq *g) {
     free(g->text);
     free(g->raw_logits);
     free(g->end_ids);
+    grammar_matcher_free(g->matcher);
+    free(g->allowed);
     free(g->piece);
     memset(g, 0, sizeof *g);
 }
@@ -139,6 +158,16 @@ int32_t gen_seq_step(struct gen_seq *g, float *logits) {
     const int n_vocab = g->m->cfg.n_vocab;
     if (g->want_logprobs) memcpy(g->raw_logits, logits, (size_t)n_vocab * sizeof(float));
     ban_ending_tokens(g, logits);
+    if (g->matcher) {
+        const int allowed = apply_grammar(g, logits);
+        if (allowed <= 0) {
+            /* Out of memory, or stuck: a complete text allows the end tokens
+             * and one that can take nothing more ended with its last token,
+             * so only a grammar the vocabulary cannot spell gets here. */
+            gen_seq_finish(g, FINISH_ERROR);
+            return -1;
+        }
+    }
     int32_t id = sampler_sample(g->sampler, logits, g->history, g->n_history);
     if (g->want_logprobs) {
         g->logprob = (float)log_softmax_at(g->raw_logits, n_vocab, id);
@@ -151,13 +180,26 @@ int32_t gen_seq_step(struct gen_seq *g, float *logits) {
         flush_held(g);
         return id;
     }
+    if (g->matcher) {
+        size_t plen;
+        const char *piece = tokenizer_piece(g->m->tok, id, &plen);
+        /* The mask allowed it, so this cannot fail but for memory. */
+        if (grammar_matcher_accept(g->matcher, piece ? piece : "", piece ? plen : 0)) {
+            g->finish = FINISH_ERROR;
+            return id;
+        }
+    }
     size_t n = detok_push(&g->detok, id, g->piece, g->piece_cap);
     const int stopped = stop_feed(&g->stop, g->piece, n, &g->text, &g->text_len);
     if (stopped) {   /* < 0: out of memory holding the text, not a stop string */
         g->finish = stopped < 0 ? FINISH_ERROR : FINISH_STOP;
         return id;
     }
-    if (g->n_generated >= g->max_tokens) {
+    if (g->matcher && grammar_matcher_must_end(g->matcher)) {
+        /* Complete, and nothing may follow: done without waiting for an end token. */
+        g->finish = FINISH_STOP;
+        flush_held(g);
+    } else if (g->n_generated >= g->max_tokens) {
         g->finish = FINISH_LENGTH;
         flush_held(g);
     }

@@ -16,6 +16,9 @@
 #include "engine/sampler.h"
 #include "engine/tokenizer.h"
 
+struct grammar;
+struct grammar_matcher;
+struct grammar_vocab;
 struct model;
 struct model_run;
 
@@ -50,6 +53,12 @@ struct gen_params {
      * L2-normalized, is written here [n_embd] and the request ends with
      * FINISH_STOP. Borrowed: it must outlive the request's on_done. */
     float *embedding;
+    /* Constrained decoding (engine/grammar.h): only tokens the grammar
+     * allows are sampled, and generation stops once it allows nothing more.
+     * Both borrowed: the grammar from the request, the vocabulary from the
+     * model; NULL: unconstrained. */
+    const struct grammar *grammar;
+    const struct grammar_vocab *grammar_vocab;
 };
 
 struct gen_seq {
@@ -72,6 +81,9 @@ struct gen_seq {
     const struct gen_params *params;/* the settings (borrowed: the caller keeps them alive) */
     int32_t *end_ids;               /* end tokens, to ban (ignore_eos, min_tokens) */
     int n_end_ids;
+    struct grammar_matcher *matcher;/* params->grammar's state, or NULL */
+    uint8_t *allowed;               /* [n_vocab]: the grammar's mask for this step */
+    double mask_s;                  /* time spent masking (the cost of constrained decoding) */
     char *piece;                    /* detokenizer output buffer */
     size_t piece_cap;
 };
@@ -95,8 +107,10 @@ int gen_seq_init(struct gen_seq *g, const struct model *m, const int32_t *prompt
                  const struct gen_params *p);
 /* Samples the next token from logits (modified in place) and advances; the
  * text it releases is in g->text / g->text_len until the next call. Returns
- * the id. Sets g->finish when generation is over (end token, stop string or
- * max_tokens); a final step flushes held text. */
+ * the id. Sets g->finish when generation is over (end token, stop string,
+ * max_tokens, or a grammar that allows nothing more); a final step flushes
+ * held text. Returns -1 with FINISH_ERROR, sampling nothing, when a grammar
+ * allows no token at all (or its mask runs out of memory). */
 int32_t gen_seq_step(struct gen_seq *g, float *logits);
 /* Ends generation early (cancel, context full). Except when cancelled, text
  * still held is appended to g->text, after whatever the last step released:

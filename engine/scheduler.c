@@ -138,6 +138,7 @@ static int context_for(int n_prompt, const struct gen_params *p) {
 /* Reports the end of a request and frees it. Called without the lock. */
 static void finish_request(struct sreq *r, enum finish_reason why) {
     r->timing.finished = ebb_now_seconds();
+    r->timing.grammar_s = r->gen.mask_s;
     if (r->gen.finish == FINISH_NONE && r->gen.history) gen_seq_finish(&r->gen, why);
     enum finish_reason f = r->gen.history ? r->gen.finish : why;
     /* Memory goes back before the request is reported done, so whoever
@@ -506,6 +507,7 @@ static void plan_drafts(struct sched *s, int decoding, int max_tokens) {
 static int32_t sample_next(struct sreq *r, float *logits, int n_filled) {
     int32_t id = gen_seq_step(&r->gen, logits);
     double now = ebb_now_seconds();
+    if (id < 0) return id;   /* a grammar allowed nothing: finished, no token */
     if (!r->timing.first_token) r->timing.first_token = now;
     if (r->gen.finish == FINISH_NONE && n_filled >= r->kv.n_ctx) gen_seq_finish(&r->gen, FINISH_LENGTH);
     r->next_token = id;

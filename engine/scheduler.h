@@ -55,6 +55,7 @@ struct sched_timing {
     double queued, started, first_token, finished;   /* ebb_now_seconds() stamps */
     int drafted, accepted;          /* speculative decoding: tokens drafted, and kept */
     struct compress_report compress;/* context compression (applied 0: none) */
+    double grammar_s;               /* constrained decoding: time spent masking the vocabulary */
 };
 
 struct sched_callbacks {

@@ -62,6 +62,7 @@ struct choice_slot {
     int drafted, accepted;        /* speculative decoding, from the engine's done event */
     struct compress_report compress;  /* context compression, likewise */
     double prefill_s, decode_s;   /* admission to the first token, and to the last */
+    double grammar_s;             /* constrained decoding's masking */
 };
 
 struct completion {
@@ -166,6 +167,7 @@ static void finish_response(struct completion *c) {
             usage.kv_bytes_full += (double)s->compress.bytes_before;
             usage.kv_bytes_compressed += (double)s->compress.bytes_after;
         }
+        usage.grammar_ms += s->grammar_s * 1e3;
         if (s->prefill_s * 1e3 > usage.prompt_ms) usage.prompt_ms = s->prefill_s * 1e3;
         if (s->decode_s * 1e3 > usage.predicted_ms) usage.predicted_ms = s->decode_s * 1e3;
         error |= c->choices[i].finish == FINISH_ERROR || c->choices[i].finish == FINISH_EVICTED;
@@ -297,6 +299,7 @@ static void deliver_done(struct choice_slot *slot, struct bridge_event *ev) {
     slot->drafted = t->drafted;
     slot->accepted = t->accepted;
     slot->compress = t->compress;
+    slot->grammar_s = t->grammar_s;
     if (t->started > 0 && t->first_token >= t->started) {
         slot->prefill_s = t->first_token - t->started;
         slot->decode_s = t->finished - t->first_token;
@@ -436,6 +439,12 @@ static int submit_choices(struct completion *c, int32_t *const *ids, const int *
         struct gen_params gp;
         completion_gen_params(&c->r, i, seed, max_ctx - n_prompt, c->d->cfg.speculative, &gp);
         completion_compress_params(&c->r, &c->d->cfg, &gp.compress);
+        gp.grammar = c->r.grammar;
+        gp.grammar_vocab = c->r.grammar ? served_grammar_vocab(sm) : NULL;
+        if (c->r.grammar && !gp.grammar_vocab) {
+            http_respond_error(c->req, 503, "server_error", "out of memory preparing the grammar's vocabulary", NULL);
+            return -1;
+        }
         if (c->embeddings) {   /* the prompt only: no token, no drafts, no compression */
             gp.max_tokens = 0;
             gp.speculative = 0;

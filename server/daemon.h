@@ -57,6 +57,7 @@ struct served_model {
     uv_work_t work;
     struct daemon *d;
     int64_t created;              /* unix seconds, for /v1/models */
+    struct grammar_vocab *grammar_vocab;   /* built at the first structured-output request */
     /* metric series, labelled by this model */
     struct metric_series *m_running, *m_waiting, *m_kv_bytes, *m_kv_use, *m_weights;
     struct metric_series *m_prompt_tokens, *m_gen_tokens;
@@ -173,6 +174,10 @@ size_t served_weight_bytes(struct daemon *d);
 /* The context a request may use: the model's training context, capped by
  * the max_context setting. */
 int served_max_context(const struct served_model *sm);
+/* The model's vocabulary as grammars see it (engine/grammar.h), built on
+ * first use (tens of milliseconds on the loop, once) and kept until the
+ * model is unloaded; NULL when out of memory. */
+const struct grammar_vocab *served_grammar_vocab(struct served_model *sm);
 /* The model's parameters: in its layer matrices, and in all (the embedding
  * and an untied head too), for bits per weight. */
 void served_param_counts(const struct served_model *sm, uint64_t *layer, uint64_t *all);

@@ -22,6 +22,7 @@
  */
 #include "server/openai.h"
 
+#include <ctype.h>
 #include <errno.h>
 #include <inttypes.h>
 #include <limits.h>
@@ -35,7 +36,9 @@
 
 #include "engine/compress.h"
 #include "engine/draft.h"
+#include "engine/grammar.h"
 #include "engine/utf8.h"
+#include "server/json_schema.h"
 
 /* ------------------------------------------------------------------ UTF-8 */
 
@@ -776,27 +779,94 @@ static int f_store(struct pctx *p, const char *key, json_t *v) {
     return b ? not_supported(p, key, "completions are not stored (use false)") : 0;
 }
 
+/* Structured output: the grammar the request's text must follow, compiled
+ * here so that a bad one is a 400 naming the field. */
+static int set_grammar(struct pctx *p, const char *param, const char *gbnf) {
+    if (p->r->grammar)
+        return BAD(p, param, "give one of 'response_format' (json_object, json_schema) and 'grammar', not both");
+    char err[256];
+    p->r->grammar = grammar_parse(gbnf, strlen(gbnf), err, sizeof err);
+    if (!p->r->grammar) return BAD(p, param, "'%s' is not a grammar this server can use: %s", param, err);
+    return 0;
+}
+
+static int f_json_schema(struct pctx *p, json_t *v) {
+    char got[48], param[320];
+    if (!json_is_object(v))
+        return BAD(p, "response_format.json_schema", "'response_format.json_schema' must be an object, got %s",
+                   describe(v, got, sizeof got));
+    const char *k;
+    json_t *e, *schema = NULL;
+    json_object_foreach(v, k, e) {
+        field_name(param, sizeof param, "response_format.json_schema.%s", k);
+        if (!strcmp(k, "name")) {
+            const char *n = json_is_string(e) ? json_string_value(e) : NULL;
+            size_t len = n ? strlen(n) : 0;
+            bool ok = len >= 1 && len <= 64;
+            for (size_t i = 0; ok && i < len; i++) ok = isalnum((unsigned char)n[i]) || n[i] == '_' || n[i] == '-';
+            if (!ok) return BAD(p, param, "'%s' must be 1 to 64 letters, digits, '_' or '-'", param);
+        } else if (!strcmp(k, "description")) {
+            if (want_string(p, param, e)) return -1;
+        } else if (!strcmp(k, "strict")) {
+            bool strict;
+            if (!json_is_null(e) && want_bool(p, param, e, &strict)) return -1;
+        } else if (!strcmp(k, "schema")) {
+            if (!json_is_object(e) && !json_is_boolean(e))
+                return BAD(p, param, "'%s' must be a JSON Schema (an object), got %s", param,
+                           describe(e, got, sizeof got));
+            schema = e;
+        } else {
+            return BAD(p, param, "unknown field '%s'", param);
+        }
+    }
+    /* No schema: any JSON value (OpenAI makes it optional). */
+    json_t *any = schema ? NULL : json_object();
+    char err[256], where[200];
+    char *gbnf = json_schema_to_gbnf(schema ? schema : any, err, sizeof err, where, sizeof where);
+    json_decref(any);
+    if (!gbnf) {
+        field_name(param, sizeof param, "response_format.json_schema.schema%s%s", *where ? "." : "", where);
+        return BAD(p, param, "the schema cannot be used for structured output: %s", err);
+    }
+    int rc = set_grammar(p, "response_format", gbnf);
+    free(gbnf);
+    return rc;
+}
+
 static int f_response_format(struct pctx *p, const char *key, json_t *v) {
     char got[48], param[64];
     if (!json_is_object(v))
         return BAD(p, key, "'response_format' must be an object, got %s", describe(v, got, sizeof got));
-    /* The type first: {"type": "json_schema", "json_schema": {...}} is a
-     * type ebb does not support, not a body with an unknown field. */
+    /* The type first: it says which other keys belong. */
     const json_t *type = json_object_get(v, "type");
     if (!type) return BAD(p, "response_format.type", "'response_format.type' is required");
     if (!json_is_string(type))
         return BAD(p, "response_format.type", "'response_format.type' must be a string, got %s",
                    describe(type, got, sizeof got));
-    if (strcmp(json_string_value(type), "text"))
-        return BAD(p, "response_format.type", "'response_format' type '%.40s' is not supported; only 'text' is",
-                   json_string_value(type));
+    const char *t = json_string_value(type);
+    const bool schema = !strcmp(t, "json_schema");
+    if (strcmp(t, "text") && strcmp(t, "json_object") && !schema)
+        return BAD(p, "response_format.type",
+                   "'response_format.type' must be \"text\", \"json_object\" or \"json_schema\", got '%.40s'", t);
     const char *k;
     json_t *e;
     json_object_foreach(v, k, e) {
         field_name(param, sizeof param, "response_format.%s", k);
-        if (strcmp(k, "type")) return BAD(p, param, "unknown field '%s'", param);
+        if (strcmp(k, "type") && !(schema && !strcmp(k, "json_schema")))
+            return BAD(p, param, "unknown field '%s'", param);
     }
-    return 0;
+    if (schema) {
+        const json_t *js = json_object_get(v, "json_schema");
+        if (!js) return BAD(p, "response_format.json_schema", "'response_format.json_schema' is required");
+        return f_json_schema(p, (json_t *)js);
+    }
+    return strcmp(t, "json_object") ? 0 : set_grammar(p, "response_format", json_schema_any_object_gbnf());
+}
+
+/* ebb's extension (llama.cpp's name): GBNF text the output must follow. */
+static int f_grammar(struct pctx *p, const char *key, json_t *v) {
+    if (want_string(p, key, v)) return -1;
+    return set_grammar(p, key, json_string_value(v));
 }
 
 static int f_tools(struct pctx *p, const char *key, json_t *v) {
@@ -865,7 +935,8 @@ static const struct field fields[] = {
     {"frequency_penalty", K_GEN, f_penalty},
     {"user", K_GEN | K_EMB, f_ignored_string},
     {"logit_bias", K_GEN, f_logit_bias},
-    {"response_format", K_CHAT, f_response_format},
+    {"response_format", K_GEN, f_response_format},
+    {"grammar", K_GEN, f_grammar},
     {"parallel_tool_calls", K_CHAT, f_ignored_bool},
     {"metadata", K_CHAT, f_metadata},
     {"store", K_CHAT, f_store},
@@ -1043,6 +1114,8 @@ void oai_request_free(struct oai_request *r) {
     free(r->stops);
     free(r->stop_ids);
     free(r->logit_bias);
+    grammar_free(r->grammar);
+    r->grammar = NULL;
     r->prompts = NULL;
     r->messages = NULL;
     r->stops = NULL;
@@ -1422,6 +1495,7 @@ static json_t *timings_object(const struct oai_usage *u, bool *ok) {
                                                                    : 0), ok);
     put(o, "draft_n", json_integer(u->draft_tokens), ok);
     put(o, "draft_n_accepted", json_integer(u->accepted_draft_tokens), ok);
+    if (u->grammar_ms > 0) put(o, "grammar_ms", json_real(u->grammar_ms), ok);
     if (!o) *ok = false;
     return o;
 }

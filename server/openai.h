@@ -34,8 +34,9 @@
  * (temperature, stop strings...), never engine types; the route maps them to
  * the engine's parameters (completion_gen_params, server/completion.h). The
  * engine types here are enum finish_reason, the value a choice ends with,
- * and struct logit_bias, an (id, bias) pair the sampler takes as it is,
- * which is why engine/generate.h is included.
+ * struct logit_bias, an (id, bias) pair the sampler takes as it is, and a
+ * compiled struct grammar: compiling a request's grammar or JSON schema is
+ * part of validating it (engine/grammar.c is pure: no I/O, no globals).
  */
 #ifndef EBB_SERVER_OPENAI_H
 #define EBB_SERVER_OPENAI_H
@@ -61,6 +62,8 @@
 #define OAI_CHOICE_MAX_BYTES (8u << 20) /* default cap on one choice's accumulated output */
 
 /* An error ready for http_respond_error(status, type, message, param). */
+struct grammar;
+
 struct oai_error {
     int status;          /* 400 for bad input; 503 when out of memory */
     char type[32];       /* "invalid_request_error", "server_error" */
@@ -124,6 +127,10 @@ struct oai_request {
     int min_tokens;              /*   nor before this many tokens */
     int32_t *stop_ids;           /* extension stop_token_ids: ids that end the output */
     int n_stop_ids;
+    /* Structured output: response_format json_object / json_schema (the
+     * schema compiled by server/json_schema.h) or the "grammar" extension,
+     * compiled (engine/grammar.h); NULL: unconstrained. Owned. */
+    struct grammar *grammar;
     int speculative;             /* ebb's extension: enum draft_source (engine/draft.h); -1: the server's default */
     /* ebb's extension "context_compression" (engine/compress.h): enum
      * compress_mode and compress_select, the kept budget as a share or a
@@ -249,6 +256,7 @@ struct oai_usage {
      * prefill (admission to the first token) and decode (first token to the
      * last) wall time, the longest over the choices; 0 when unknown. */
     double prompt_ms, predicted_ms;
+    double grammar_ms;           /* constrained decoding's masking, summed over choices (in timings when > 0) */
 };
 
 /* The whole non-streamed response: "text_completion" or "chat.completion".

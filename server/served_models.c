@@ -25,6 +25,7 @@
 
 #include "engine/bitstack.h"
 #include "engine/governor.h"
+#include "engine/grammar.h"
 #include "server/completion.h"
 #include "server/daemon.h"
 #include "server/log.h"
@@ -254,6 +255,8 @@ static void teardown_work(uv_work_t *w) {
     if (sm->sched) sched_destroy(sm->sched, 0);
     sm->sched = NULL;
     free_variant(sm);
+    grammar_vocab_free(sm->grammar_vocab);
+    sm->grammar_vocab = NULL;
     if (sm->state != SERVED_FAILED && sm->model.layers) model_free(&sm->model);
 }
 
@@ -308,6 +311,23 @@ bool served_any_ready(struct daemon *d) {
     for (struct served_model *sm = d->models; sm; sm = sm->next)
         if (sm->state == SERVED_READY) return true;
     return false;
+}
+
+static const char *vocab_piece(void *ud, int32_t id, size_t *len) {
+    return tokenizer_piece(((const struct model *)ud)->tok, id, len);
+}
+static int vocab_is_end(void *ud, int32_t id) { return generate_is_end_token(ud, id); }
+static int vocab_is_special(void *ud, int32_t id) { return tokenizer_is_control(((const struct model *)ud)->tok, id); }
+
+const struct grammar_vocab *served_grammar_vocab(struct served_model *sm) {
+    if (!sm->grammar_vocab) {
+        const double t0 = ebb_now_seconds();
+        sm->grammar_vocab = grammar_vocab_new(sm->model.cfg.n_vocab, vocab_piece, vocab_is_end, vocab_is_special,
+                                              &sm->model);
+        if (sm->grammar_vocab)
+            log_info("grammar vocabulary built", "model=%s ms=%.1f", sm->name, (ebb_now_seconds() - t0) * 1e3);
+    }
+    return sm->grammar_vocab;
 }
 
 int served_max_context(const struct served_model *sm) {

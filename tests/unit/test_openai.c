@@ -405,7 +405,9 @@ static void test_completion_fields(void) {
     ERR(C, longmodel, "model", "too long");
     ERR(C, "{\"prompt\": \"a\", \"temprature\": 0.5}", "temprature", "unknown field 'temprature'");
     ERR(C, "{\"prompt\": \"a\", \"messages\": []}", "messages", "'messages' is not a field of /v1/completions");
-    ERR(C, "{\"prompt\": \"a\", \"response_format\": {\"type\": \"text\"}}", "response_format", "not a field");
+    ERR(C, "{\"prompt\": \"a\", \"grammar\": 5}", "grammar", "must be a string");
+    ERR(C, "{\"prompt\": \"a\", \"grammar\": \"root ::= (\"}", "grammar", "'grammar' is not a grammar");
+    ERR(C, "{\"prompt\": \"a\", \"grammar\": \"x ::= \\\"a\\\"\"}", "grammar", "root");
     ERR(C, "{\"prompt\": \"a\", \"max_completion_tokens\": 5}", "max_completion_tokens", "not a field");
     /* the first problem in body order is the one reported */
     ERR(C, "{\"n\": 99, \"prompt\": 1, \"top_p\": 7}", "n", "'n'");
@@ -539,14 +541,32 @@ static void test_chat_refuses(void) {
     ERR(C, "{" MSG ", \"logprobs\": true, \"top_logprobs\": 21}", "top_logprobs", "at most 20, got 21");
     ERR(C, "{" MSG ", \"top_logprobs\": 2}", "top_logprobs", "needs 'logprobs': true");
     ERR(C, "{" MSG ", \"top_logprobs\": \"2\"}", "top_logprobs", "must be an integer");
-    ERR(C, "{" MSG ", \"response_format\": {\"type\": \"json_object\"}}", "response_format.type",
-        "'json_object' is not supported");
+    ERR(C, "{" MSG ", \"response_format\": {\"type\": \"yaml\"}}", "response_format.type",
+        "must be \"text\", \"json_object\" or \"json_schema\", got 'yaml'");
     ERR(C, "{" MSG ", \"response_format\": {\"type\": \"text\", \"schema\": {}}}", "response_format.schema",
         "unknown field");
-    /* What the official client sends for structured output: the type is
-     * the problem, not its companion field. */
+    /* What the official client sends for structured output: compiled here. */
+    {
+        struct oai_request r;
+        if (!OK(C, "{" MSG ", \"response_format\": {\"type\": \"json_schema\", \"json_schema\": {\"name\": \"x\", "
+                   "\"schema\": {\"type\": \"object\", \"properties\": {\"a\": {\"type\": \"integer\"}}}, \"strict\": true}}}", &r)) {
+            CHECK(r.grammar != NULL);
+            oai_request_free(&r);
+        }
+        if (!OK(C, "{" MSG ", \"response_format\": {\"type\": \"json_object\"}}", &r)) {
+            CHECK(r.grammar != NULL);
+            oai_request_free(&r);
+        }
+        if (!OK(C, "{" MSG ", \"response_format\": {\"type\": \"text\"}}", &r)) {
+            CHECK(r.grammar == NULL);
+            oai_request_free(&r);
+        }
+    }
     ERR(C, "{" MSG ", \"response_format\": {\"type\": \"json_schema\", \"json_schema\": {\"name\": \"x\", "
-        "\"schema\": {}, \"strict\": true}}}", "response_format.type", "'json_schema' is not supported");
+        "\"schema\": {\"type\": \"string\", \"pattern\": \"a\"}}}}", "response_format.json_schema.schema.pattern",
+        "pattern");
+    ERR(C, "{" MSG ", \"response_format\": {\"type\": \"json_schema\", \"json_schema\": {\"schema\": {}, "
+        "\"extra\": 1}}}", "response_format.json_schema.extra", "unknown field");
     ERR(C, "{" MSG ", \"response_format\": {}}", "response_format.type", "is required");
     ERR(C, "{" MSG ", \"store\": true}", "store", "not supported");
     ERR(C, "{" MSG ", \"metadata\": {\"k\": 1}}", "metadata.k", "must be a string");
