@@ -403,6 +403,8 @@ struct completion *completion_new(struct daemon *d, struct http_request *req, st
     c->meta = (struct oai_meta){c->r.kind, c->id, sm->name, (int64_t)time(NULL), c->r.include_usage};
     for (int i = 0; i < c->n_choices; i++) {
         oai_choice_init(&c->choices[i], i, c->r.logprobs, c->r.top_logprobs, 0);
+        if (c->r.kind == OAI_CHAT && c->r.n_tools && c->r.tool_choice != TOOL_CHOICE_NONE)
+            oai_choice_expect_tools(&c->choices[i]);
         c->slots[i] = (struct choice_slot){.bt = {.bridge = &d->bridge}, .c = c, .index = i};
     }
     c->next = d->completions;

@@ -706,6 +706,11 @@ static int compile(struct ctx *c, const json_t *s) {
 }
 
 char *json_schema_to_gbnf(const json_t *schema, char *err, size_t errlen, char *err_path, size_t pathlen) {
+    return json_schema_to_gbnf_under(schema, "root ::= s0\n", err, errlen, err_path, pathlen);
+}
+
+char *json_schema_to_gbnf_under(const json_t *schema, const char *root_rules, char *err, size_t errlen,
+                                char *err_path, size_t pathlen) {
     struct ctx c = {.root = schema, .err = err, .errlen = errlen, .err_path = err_path, .pathlen = pathlen};
     if (err && errlen) err[0] = '\0';
     if (err_path && pathlen) err_path[0] = '\0';
@@ -715,7 +720,7 @@ char *json_schema_to_gbnf(const json_t *schema, char *err, size_t errlen, char *
     c.n_memo = c.cap_memo = 1;
     c.memo[0] = (struct ref_memo){strdup("#"), 0};   /* the root is rule s0 */
     if (!c.memo[0].ref) { fail_memory(&c); goto done; }
-    sb_puts(&c.out, "root ::= s0\n");
+    sb_puts(&c.out, root_rules);
     if (compile(&c, schema) < 0) goto done;
     sb_puts(&c.out, PRIMITIVES);
     if (c.out.failed) { fail_memory(&c); goto done; }

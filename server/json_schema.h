@@ -63,6 +63,12 @@
 char *json_schema_to_gbnf(const json_t *schema, char *err, size_t errlen, char *err_path,
                           size_t pathlen);
 
+/* The same, with the caller's rules in place of "root ::= s0": the schema's
+ * documents are rule s0, the primitives (string, value, ws...) are defined
+ * too, and root_rules must define root (tool calls wrap documents in tags). */
+char *json_schema_to_gbnf_under(const json_t *schema, const char *root_rules, char *err, size_t errlen,
+                                char *err_path, size_t pathlen);
+
 /* GBNF for any JSON object (response_format json_object), with the same
  * whitespace bounds. A static string. */
 const char *json_schema_any_object_gbnf(void);

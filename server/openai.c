@@ -130,6 +130,8 @@ struct pctx {
     struct oai_error *err;
     /* seen, for the checks across keys */
     bool has_prompt, has_messages, has_tokens, has_stream_options, has_add_special, has_top_logprobs;
+    bool has_tool_choice;
+    char named_tool[65];         /* tool_choice's function, resolved once tools are read */
     int64_t best_of;             /* 0: not given */
     int64_t max_tokens, max_completion_tokens;   /* 0: not given */
 };
@@ -435,6 +437,39 @@ static int message_content(struct pctx *p, struct oai_message *m, const json_t *
     return 0;
 }
 
+/* An assistant message's tool_calls, appended to its content in the call
+ * format (server/tools.h), so the history reads as the model would write it. */
+static int message_tool_calls(struct pctx *p, struct oai_message *m, const json_t *calls, const char *where) {
+    char param[128], got[48];
+    field_name(param, sizeof param, "%s.tool_calls", where);
+    if (m->role != OAI_ROLE_ASSISTANT) return BAD(p, param, "'%s' is only allowed on assistant messages", param);
+    if (!json_is_array(calls)) return BAD(p, param, "'%s' must be an array, got %s", param, describe(calls, got, sizeof got));
+    for (size_t i = 0; i < json_array_size(calls); i++) {
+        const json_t *c = json_array_get(calls, i);
+        const json_t *fn = json_is_object(c) ? json_object_get(c, "function") : NULL;
+        const json_t *name = json_is_object(fn) ? json_object_get(fn, "name") : NULL;
+        const json_t *args = json_is_object(fn) ? json_object_get(fn, "arguments") : NULL;
+        field_name(param, sizeof param, "%s.tool_calls[%zu]", where, i);
+        if (!json_is_string(name) || (args && !json_is_string(args)))
+            return BAD(p, param, "'%s' must be {\"id\", \"type\": \"function\", \"function\": {\"name\": string, "
+                                 "\"arguments\": string}}", param);
+        char *call = tools_render_call(json_string_value(name), args ? json_string_value(args) : "{}");
+        if (!call) return NOMEM(p);
+        const size_t add = strlen(call) + (m->content_len ? 1 : 0);
+        char *grown = realloc(m->content, m->content_len + add + 1);
+        if (!grown) {
+            free(call);
+            return NOMEM(p);
+        }
+        m->content = grown;
+        if (m->content_len) m->content[m->content_len++] = '\n';
+        memcpy(m->content + m->content_len, call, strlen(call) + 1);
+        m->content_len += strlen(call);
+        free(call);
+    }
+    return 0;
+}
+
 static int one_message(struct pctx *p, struct oai_message *m, const json_t *obj, size_t idx) {
     char where[64], param[64], got[48];
     field_name(where, sizeof where, "messages[%zu]", idx);
@@ -450,9 +485,10 @@ static int one_message(struct pctx *p, struct oai_message *m, const json_t *obj,
             if (!json_is_null(v) && want_string(p, param, v)) return -1;
             continue;
         }
-        if (!strcmp(k, "tool_calls") || !strcmp(k, "function_call") || !strcmp(k, "audio") || !strcmp(k, "refusal")) {
+        if (!strcmp(k, "tool_calls")) continue;   /* read below, once the role is known */
+        if (!strcmp(k, "function_call") || !strcmp(k, "audio") || !strcmp(k, "refusal")) {
             if (json_is_null(v)) continue;
-            return BAD(p, param, "'%s' is not supported: messages carry text only", param);
+            return BAD(p, param, "'%s' is not supported: messages carry text and tool calls only", param);
         }
         return BAD(p, param, "unknown field '%s' in a message", param);
     }
@@ -468,9 +504,19 @@ static int one_message(struct pctx *p, struct oai_message *m, const json_t *obj,
     if (!content || json_is_null(content)) {
         if (m->role != OAI_ROLE_ASSISTANT) return BAD(p, param, "'%s' is required", param);
         m->content = dup_bytes("", 0);   /* an assistant turn may be empty */
-        return m->content ? 0 : NOMEM(p);
+        if (!m->content) return NOMEM(p);
+    } else if (message_content(p, m, content, param)) {
+        return -1;
     }
-    return message_content(p, m, content, param);
+    if (m->role == OAI_ROLE_TOOL) {   /* a result, in the tags the model was told about (server/tools.h) */
+        char *wrapped = tools_render_response(m->content, m->content_len);
+        if (!wrapped) return NOMEM(p);
+        free(m->content);
+        m->content = wrapped;
+        m->content_len = strlen(wrapped);
+    }
+    const json_t *calls = json_object_get(obj, "tool_calls");
+    return calls && !json_is_null(calls) ? message_tool_calls(p, m, calls, where) : 0;
 }
 
 static int f_messages(struct pctx *p, const char *key, json_t *v) {
@@ -732,11 +778,6 @@ static int f_ignored_string(struct pctx *p, const char *key, json_t *v) {
     return want_string(p, key, v);
 }
 
-static int f_ignored_bool(struct pctx *p, const char *key, json_t *v) {
-    bool b;
-    return want_bool(p, key, v, &b);
-}
-
 /* {"token id as a string": bias in [-100, 100]}, as OpenAI. */
 static int f_logit_bias(struct pctx *p, const char *key, json_t *v) {
     char got[48], param[64];
@@ -869,16 +910,139 @@ static int f_grammar(struct pctx *p, const char *key, json_t *v) {
     return set_grammar(p, key, json_string_value(v));
 }
 
+/* A function name as OpenAI allows it: [a-zA-Z0-9_-]{1,64}. */
+static bool valid_function_name(const json_t *v) {
+    const char *n = json_is_string(v) ? json_string_value(v) : NULL;
+    size_t len = n ? strlen(n) : 0;
+    bool ok = len >= 1 && len <= 64;
+    for (size_t i = 0; ok && i < len; i++) ok = isalnum((unsigned char)n[i]) || n[i] == '_' || n[i] == '-';
+    return ok;
+}
+
+static int one_tool(struct pctx *p, struct oai_tool *t, const json_t *v, size_t i) {
+    char got[48], where[64], param[96];
+    field_name(where, sizeof where, "tools[%zu]", i);
+    if (!json_is_object(v)) return BAD(p, where, "'%s' must be an object, got %s", where, describe(v, got, sizeof got));
+    const char *k;
+    json_t *e, *fn = NULL;
+    json_object_foreach((json_t *)v, k, e) {
+        field_name(param, sizeof param, "%s.%s", where, k);
+        if (!strcmp(k, "type")) {
+            if (!json_is_string(e) || strcmp(json_string_value(e), "function"))
+                return BAD(p, param, "'%s' must be \"function\" (the only kind of tool)", param);
+        } else if (!strcmp(k, "function")) {
+            fn = e;
+        } else {
+            return BAD(p, param, "unknown field '%s'", param);
+        }
+    }
+    field_name(param, sizeof param, "%s.function", where);
+    if (!fn) return BAD(p, param, "'%s' is required", param);
+    if (!json_is_object(fn)) return BAD(p, param, "'%s' must be an object, got %s", param, describe(fn, got, sizeof got));
+    json_t *name = NULL, *params = NULL;
+    const char *desc = "";
+    json_object_foreach(fn, k, e) {
+        field_name(param, sizeof param, "%s.function.%s", where, k);
+        if (!strcmp(k, "name")) {
+            if (!valid_function_name(e)) return BAD(p, param, "'%s' must be 1 to 64 letters, digits, '_' or '-'", param);
+            name = e;
+        } else if (!strcmp(k, "description")) {
+            if (!json_is_null(e) && want_string(p, param, e)) return -1;
+            if (json_is_string(e)) desc = json_string_value(e);
+        } else if (!strcmp(k, "parameters")) {
+            if (!json_is_object(e) && !json_is_null(e))
+                return BAD(p, param, "'%s' must be a JSON Schema (an object), got %s", param, describe(e, got, sizeof got));
+            params = json_is_object(e) ? e : NULL;
+        } else if (!strcmp(k, "strict")) {
+            bool strict;
+            if (!json_is_null(e) && want_bool(p, param, e, &strict)) return -1;
+        } else {
+            return BAD(p, param, "unknown field '%s'", param);
+        }
+    }
+    field_name(param, sizeof param, "%s.function.name", where);
+    if (!name) return BAD(p, param, "'%s' is required", param);
+    for (int j = 0; j < p->r->n_tools; j++)
+        if (!strcmp(p->r->tools[j].name, json_string_value(name)))
+            return BAD(p, param, "'%s' repeats the name '%s'", param, json_string_value(name));
+    t->name = strdup(json_string_value(name));
+    t->description = strdup(desc);
+    /* No parameters: a function of no arguments, {}. */
+    t->parameters = params ? json_dumps(params, JSON_COMPACT | JSON_PRESERVE_ORDER)
+                           : strdup("{\"type\":\"object\",\"properties\":{}}");
+    return t->name && t->description && t->parameters ? 0 : NOMEM(p);
+}
+
 static int f_tools(struct pctx *p, const char *key, json_t *v) {
     char got[48];
     if (!json_is_array(v)) return BAD(p, key, "'tools' must be an array, got %s", describe(v, got, sizeof got));
-    return json_array_size(v) ? not_supported(p, key, "tool calling is not implemented (send no tools)") : 0;
+    const size_t n = json_array_size(v);
+    if (n > TOOLS_MAX) return BAD(p, key, "'tools' may hold at most %d tools, got %zu", TOOLS_MAX, n);
+    if (n && !(p->r->tools = calloc(n, sizeof *p->r->tools))) return NOMEM(p);
+    for (size_t i = 0; i < n; i++) {
+        int rc = one_tool(p, &p->r->tools[i], json_array_get(v, i), i);
+        p->r->n_tools++;   /* owned from here, even half filled */
+        if (rc) return -1;
+    }
+    return 0;
 }
 
 static int f_tool_choice(struct pctx *p, const char *key, json_t *v) {
-    if (json_is_string(v) && (!strcmp(json_string_value(v), "none") || !strcmp(json_string_value(v), "auto")))
+    char param[64];
+    p->has_tool_choice = true;
+    if (json_is_string(v)) {
+        const char *c = json_string_value(v);
+        if (!strcmp(c, "auto")) p->r->tool_choice = TOOL_CHOICE_AUTO;
+        else if (!strcmp(c, "none")) p->r->tool_choice = TOOL_CHOICE_NONE;
+        else if (!strcmp(c, "required")) p->r->tool_choice = TOOL_CHOICE_REQUIRED;
+        else return BAD(p, key, "'tool_choice' must be \"auto\", \"none\", \"required\" or "
+                                "{\"type\": \"function\", \"function\": {\"name\": ...}}, got '%.40s'", c);
         return 0;
-    return not_supported(p, key, "tool calling is not implemented (only \"none\" or \"auto\")");
+    }
+    const json_t *fn = json_is_object(v) ? json_object_get(v, "function") : NULL;
+    const json_t *type = json_is_object(v) ? json_object_get(v, "type") : NULL;
+    if (!fn || !json_is_object(fn) || !type || !json_is_string(type) || strcmp(json_string_value(type), "function") ||
+        json_object_size(v) != 2)
+        return BAD(p, key, "'tool_choice' must be \"auto\", \"none\", \"required\" or "
+                           "{\"type\": \"function\", \"function\": {\"name\": ...}}");
+    field_name(param, sizeof param, "tool_choice.function.name");
+    const json_t *name = json_object_get(fn, "name");
+    if (!valid_function_name(name) || json_object_size(fn) != 1)
+        return BAD(p, param, "'%s' must name one of the tools", param);
+    snprintf(p->named_tool, sizeof p->named_tool, "%s", json_string_value(name));
+    p->r->tool_choice = TOOL_CHOICE_NAMED;
+    return 0;
+}
+
+static int f_parallel_tool_calls(struct pctx *p, const char *key, json_t *v) {
+    return want_bool(p, key, v, &p->r->parallel_tool_calls);
+}
+
+/* Once every key is read: the tool choice named, and the grammar of what
+ * the model may write. */
+static int check_tools(struct pctx *p) {
+    struct oai_request *r = p->r;
+    if (r->tool_choice == TOOL_CHOICE_NAMED || r->tool_choice == TOOL_CHOICE_REQUIRED) {
+        if (!r->n_tools) return BAD(p, "tool_choice", "'tool_choice' asks for a tool call, and 'tools' is empty");
+    }
+    if (r->tool_choice == TOOL_CHOICE_NAMED) {
+        r->tool_named = -1;
+        for (int i = 0; i < r->n_tools; i++)
+            if (!strcmp(r->tools[i].name, p->named_tool)) r->tool_named = i;
+        if (r->tool_named < 0)
+            return BAD(p, "tool_choice.function.name", "'tool_choice.function.name' is '%s', which is not in 'tools'",
+                       p->named_tool);
+    }
+    if (!r->n_tools) return 0;
+    if (r->grammar)
+        return BAD(p, "tools", "give one of 'tools' and 'response_format' (json_object, json_schema) or 'grammar'");
+    char err[256], path[256];
+    char *gbnf = tools_gbnf(r->tools, r->n_tools, (enum tool_choice)r->tool_choice, r->tool_named,
+                            r->parallel_tool_calls, err, sizeof err, path, sizeof path);
+    if (!gbnf) return BAD(p, *path ? path : "tools", "the tool's parameters cannot be used: %s", err);
+    int rc = set_grammar(p, "tools", gbnf);
+    free(gbnf);
+    return rc;
 }
 
 static int f_add_special_tokens(struct pctx *p, const char *key, json_t *v) {
@@ -937,7 +1101,7 @@ static const struct field fields[] = {
     {"logit_bias", K_GEN, f_logit_bias},
     {"response_format", K_GEN, f_response_format},
     {"grammar", K_GEN, f_grammar},
-    {"parallel_tool_calls", K_CHAT, f_ignored_bool},
+    {"parallel_tool_calls", K_CHAT, f_parallel_tool_calls},
     {"metadata", K_CHAT, f_metadata},
     {"store", K_CHAT, f_store},
     {"service_tier", K_CHAT, f_ignored_string},
@@ -988,6 +1152,8 @@ static void request_defaults(struct oai_request *r, enum oai_kind kind) {
     r->compress_budget = r->compress_low = -1;
     r->n = 1;
     r->add_generation_prompt = true;
+    r->parallel_tool_calls = true;   /* OpenAI's default */
+    r->tool_named = -1;
 }
 
 /* Rules that involve several keys, once every key has been read. */
@@ -1006,6 +1172,7 @@ static int check_request(struct pctx *p) {
         if (!p->has_messages) return BAD(p, "messages", "'messages' is required");
         if (p->has_top_logprobs && r->top_logprobs > 0 && !r->logprobs)
             return BAD(p, "top_logprobs", "'top_logprobs' needs 'logprobs': true");
+        if (check_tools(p)) return -1;
         if (p->max_tokens && p->max_completion_tokens && p->max_tokens != p->max_completion_tokens)
             return BAD(p, "max_completion_tokens",
                        "'max_tokens' (%" PRId64 ") and 'max_completion_tokens' (%" PRId64 ") disagree; "
@@ -1116,6 +1283,14 @@ void oai_request_free(struct oai_request *r) {
     free(r->logit_bias);
     grammar_free(r->grammar);
     r->grammar = NULL;
+    for (int i = 0; i < r->n_tools; i++) {
+        free(r->tools[i].name);
+        free(r->tools[i].description);
+        free(r->tools[i].parameters);
+    }
+    free(r->tools);
+    r->tools = NULL;
+    r->n_tools = 0;
     r->prompts = NULL;
     r->messages = NULL;
     r->stops = NULL;
@@ -1206,7 +1381,10 @@ void oai_choice_init(struct oai_choice *c, int index, bool logprobs, int top_log
     c->max_bytes = max_bytes ? max_bytes : OAI_CHOICE_MAX_BYTES;
 }
 
+void oai_choice_expect_tools(struct oai_choice *c) { c->tools = true; }
+
 void oai_choice_free(struct oai_choice *c) {
+    free(c->call_text);
     free(c->text);
     free(c->pieces);
     free(c->piece_end);
@@ -1455,7 +1633,12 @@ static json_t *chat_logprobs(const struct oai_choice *c, bool *ok) {
     return lp;
 }
 
+/* A chat choice that ended by calling tools: its finish_reason here only
+ * ("tool_calls"), never an engine value. */
+#define FINISH_TOOL_CALLS ((enum finish_reason)100)
+
 static json_t *finish_value(enum finish_reason f) {
+    if (f == FINISH_TOOL_CALLS) return json_string("tool_calls");
     const char *name = oai_finish_reason(f);
     return name ? json_string(name) : json_null();
 }
@@ -1511,6 +1694,31 @@ static json_t *envelope(const struct oai_meta *m, const char *object, bool *ok) 
     return o;
 }
 
+/* "call_<request number>_<i>": unique within the server's life, like the response id. */
+static json_t *call_id(const struct oai_meta *m, int i) {
+    const char *dash = strrchr(m->id, '-');
+    char id[96];
+    snprintf(id, sizeof id, "call_%s_%d", dash ? dash + 1 : m->id, i);
+    return json_string(id);
+}
+
+/* message.tool_calls: [{"id","type":"function","function":{"name","arguments"}}]. */
+static json_t *tool_calls_value(const struct oai_meta *m, const char *text, const struct tool_call *calls, int n,
+                                bool *ok) {
+    json_t *arr = json_array();
+    for (int i = 0; i < n; i++) {
+        json_t *call = json_object(), *fn = json_object();
+        put(fn, "name", json_string(calls[i].name), ok);
+        put(fn, "arguments", json_text(text + calls[i].args_start, calls[i].args_end - calls[i].args_start), ok);
+        put(call, "id", call_id(m, i), ok);
+        put(call, "type", json_string("function"), ok);
+        put(call, "function", fn, ok);
+        push(arr, call, ok);
+    }
+    if (!arr) *ok = false;
+    return arr;
+}
+
 char *oai_response(const struct oai_meta *m, const struct oai_choice *choices, int n_choices,
                    const struct oai_usage *u, size_t *len) {
     bool ok = true, chat = m->kind == OAI_CHAT;
@@ -1521,10 +1729,20 @@ char *oai_response(const struct oai_meta *m, const struct oai_choice *choices, i
         json_t *ch = json_object();
         json_t *text = json_text(c->text ? c->text : "", c->text_len);
         put(ch, "index", json_integer(c->index), &ok);
+        struct tool_call calls[TOOLS_MAX_CALLS];
+        const int n_calls = chat && c->tools && c->text && tools_text_is_call(c->text, c->text_len)
+                                ? tools_parse_calls(c->text, c->text_len, calls, TOOLS_MAX_CALLS)
+                                : -1;
         if (chat) {
             json_t *msg = json_object();
             put(msg, "role", json_string("assistant"), &ok);
-            put(msg, "content", text, &ok);
+            if (n_calls > 0) {
+                json_decref(text);
+                put(msg, "content", json_null(), &ok);
+                put(msg, "tool_calls", tool_calls_value(m, c->text, calls, n_calls, &ok), &ok);
+            } else {
+                put(msg, "content", text, &ok);
+            }
             put(ch, "message", msg, &ok);
         } else {
             put(ch, "text", text, &ok);
@@ -1533,7 +1751,8 @@ char *oai_response(const struct oai_meta *m, const struct oai_choice *choices, i
                      : chat       ? chat_logprobs(c, &ok)
                                   : completion_logprobs(c, 0, utf8_count_chars(c->text, c->text_len), &ok);
         put(ch, "logprobs", lp, &ok);
-        put(ch, "finish_reason", finish_value(c->finish), &ok);
+        put(ch, "finish_reason", finish_value(n_calls > 0 && c->finish == FINISH_STOP ? FINISH_TOOL_CALLS : c->finish),
+            &ok);
         push(arr, ch, &ok);
     }
     put(root, "choices", arr, &ok);
@@ -1569,6 +1788,59 @@ static void choice_consume(struct oai_choice *c) {
     c->n_alts = 0;
 }
 
+enum { TOOL_MODE_UNDECIDED, TOOL_MODE_TEXT, TOOL_MODE_CALLS };
+
+struct tool_events {
+    struct sse *s;
+    const struct oai_meta *m;
+    const struct oai_choice *c;
+};
+
+/* delta {"tool_calls": [{"index", ("id", "type", "function": {"name", "arguments": ""}) | ("function": {"arguments"})}]} */
+static void tool_delta(struct tool_events *e, int index, const char *name, const char *args, size_t len) {
+    bool ok = true;
+    json_t *delta = json_object(), *calls = json_array(), *call = json_object(), *fn = json_object();
+    put(call, "index", json_integer(index), &ok);
+    if (name) {
+        put(call, "id", call_id(e->m, index), &ok);
+        put(call, "type", json_string("function"), &ok);
+        put(fn, "name", json_string(name), &ok);
+    }
+    put(fn, "arguments", json_text(args, len), &ok);
+    put(call, "function", fn, &ok);
+    push(calls, call, &ok);
+    put(delta, "tool_calls", calls, &ok);
+    if (!ok) e->s->ok = false;
+    chunk_event(e->s, e->m, e->c, delta, NULL, FINISH_NONE);
+}
+
+static int on_tool_name(void *ud, int index, const char *name) {
+    tool_delta(ud, index, name, "", 0);
+    return 0;
+}
+
+static int on_tool_args(void *ud, int index, const char *bytes, size_t len) {
+    tool_delta(ud, index, NULL, bytes, len);
+    return 0;
+}
+
+/* A call list streams as deltas: the text is kept whole (the parser looks
+ * back at it) and only what tool_stream_feed releases is sent. */
+static void stream_tool_calls(struct sse *s, const struct oai_meta *m, struct oai_choice *c, bool has_new,
+                              bool finishing) {
+    if (has_new && c->text_len) {
+        if (grow(&c->call_text, &c->call_cap, c->call_len + c->text_len + 1)) {
+            s->ok = false;
+            return;
+        }
+        memcpy(c->call_text + c->call_len, c->text, c->text_len);
+        c->call_len += c->text_len;
+        c->call_text[c->call_len] = '\0';
+    }
+    struct tool_events e = {s, m, c};
+    tool_stream_feed(&c->tool_stream, c->call_text, c->call_len, finishing, on_tool_name, on_tool_args, &e);
+}
+
 char *oai_stream_chunk(const struct oai_meta *m, struct oai_choice *c, size_t *len) {
     struct sse s = {.ok = true};
     bool chat = m->kind == OAI_CHAT, ok = true;
@@ -1584,14 +1856,21 @@ char *oai_stream_chunk(const struct oai_meta *m, struct oai_choice *c, size_t *l
         chunk_event(&s, m, c, delta, NULL, FINISH_NONE);
     }
     c->started = true;
-    if (chat && has_new) {
+    if (chat && c->tools && !c->tool_mode && c->text_len)
+        c->tool_mode = tools_text_is_call(c->text, c->text_len) ? TOOL_MODE_CALLS : TOOL_MODE_TEXT;
+    if (chat && c->tool_mode == TOOL_MODE_CALLS) {
+        if (has_new || finishing) stream_tool_calls(&s, m, c, has_new, finishing);
+    } else if (chat && has_new) {
         json_t *delta = json_object();
         put(delta, "content", json_text(c->text ? c->text : "", c->text_len), &ok);
         json_t *lp = c->logprobs ? chat_logprobs(c, &ok) : NULL;
         if (!ok) s.ok = false;
         chunk_event(&s, m, c, delta, lp, FINISH_NONE);
     }
-    if (chat && finishing) chunk_event(&s, m, c, json_object(), NULL, c->finish);
+    if (chat && finishing)
+        chunk_event(&s, m, c, json_object(), NULL,
+                    c->tool_mode == TOOL_MODE_CALLS && c->finish == FINISH_STOP && c->tool_stream.calls > 0
+                        ? FINISH_TOOL_CALLS : c->finish);
     if (!chat && (has_new || finishing)) {
         /* completions carry the last text and the finish reason together */
         json_t *lp = c->logprobs ? completion_logprobs(c, c->chars_streamed, SIZE_MAX, &ok) : NULL;

@@ -45,6 +45,7 @@
 #include <stdint.h>
 
 #include "engine/generate.h"
+#include "server/tools.h"
 
 /* Limits on a request (beyond them: 400 naming the field). */
 #define OAI_MAX_MESSAGES 1024          /* chat messages */
@@ -131,6 +132,12 @@ struct oai_request {
      * schema compiled by server/json_schema.h) or the "grammar" extension,
      * compiled (engine/grammar.h); NULL: unconstrained. Owned. */
     struct grammar *grammar;
+    /* Tool calling (server/tools.h): the tools, enum tool_choice, the named
+     * tool's index (TOOL_CHOICE_NAMED) and parallel_tool_calls (default
+     * true). With tools, grammar holds tools_gbnf's grammar. */
+    struct oai_tool *tools;
+    int n_tools, tool_choice, tool_named;
+    bool parallel_tool_calls;
     int speculative;             /* ebb's extension: enum draft_source (engine/draft.h); -1: the server's default */
     /* ebb's extension "context_compression" (engine/compress.h): enum
      * compress_mode and compress_select, the kept budget as a share or a
@@ -193,6 +200,7 @@ struct oai_choice {
     enum finish_reason finish;   /* FINISH_NONE while running; the server sets it */
     bool logprobs;               /* record tokens (else add_token does nothing) */
     int top_logprobs;            /* alternatives reported per token (recorded as given) */
+    bool tools;                  /* chat with tools: text starting "<tool_call>" is a call list */
 
     /* The rest is private to openai.c. */
     char *text;                  /* text not yet streamed (all of it if not streaming) */
@@ -210,6 +218,10 @@ struct oai_choice {
     int n_alts, cap_alts;
     size_t max_bytes;
     size_t chars_streamed;       /* characters of tokens already streamed (text_offset base) */
+    int tool_mode;               /* streams with tools: 0 undecided, 1 text, 2 calls */
+    char *call_text;             /* calls: everything generated (streams consume text) */
+    size_t call_len, call_cap;
+    struct tool_stream tool_stream;
     bool started, finish_sent;   /* stream state */
 };
 
@@ -218,6 +230,10 @@ struct oai_choice {
  * top_logprobs: chat's per-token "top_logprobs" lists are given as arrays
  * (empty when 0) and completions' as objects (JSON null when 0). */
 void oai_choice_init(struct oai_choice *c, int index, bool logprobs, int top_logprobs, size_t max_bytes);
+/* The choice answers a chat request with tools (server/tools.h): a text
+ * that is a call list becomes message.tool_calls, finish_reason
+ * "tool_calls", and streams as tool-call deltas. */
+void oai_choice_expect_tools(struct oai_choice *c);
 /* Appends released text / one generated token (its raw bytes, which may be
  * part of a UTF-8 character, and its log-probability). 0, or -1 when the cap
  * is reached or memory runs out: the server should end the request. */

@@ -104,18 +104,37 @@ static int prompt_ids(struct served_model *sm, const struct oai_request *r, int 
     return tokenizer_encode_with_bos(sm->model.tok, pr->text, pr->text_len, 1, r->add_special_tokens, ids);
 }
 
-/* Chat messages through the model's template, then tokenized. */
+/* Chat messages through the model's template, then tokenized. With tools,
+ * their description (server/tools.h) joins the system message, or becomes
+ * one ahead of the conversation. */
 static int chat_ids(struct served_model *sm, const struct oai_request *r, int add_generation_prompt, int32_t **ids) {
-    struct chat_msg *msgs = calloc((size_t)r->n_messages, sizeof *msgs);
-    if (!msgs) return -1;
-    for (int i = 0; i < r->n_messages; i++)
-        msgs[i] = (struct chat_msg){oai_role_name(r->messages[i].role), r->messages[i].content};
-    char *text = chat_render(sm->model.tok, msgs, r->n_messages, add_generation_prompt);
+    struct chat_msg *msgs = calloc((size_t)r->n_messages + 1, sizeof *msgs);
+    char *block = r->n_tools ? tools_system_block(r->tools, r->n_tools) : NULL, *system = NULL;
+    int n = 0;
+    if (!msgs || (r->n_tools && !block)) goto fail;
+    const bool has_system = r->n_messages > 0 && r->messages[0].role == OAI_ROLE_SYSTEM;
+    if (block) {
+        const char *before = has_system ? r->messages[0].content : "";
+        const size_t len = strlen(before) + strlen(block) + 3;
+        if (!(system = malloc(len))) goto fail;
+        snprintf(system, len, "%s%s%s", before, *before ? "\n\n" : "", block);
+        msgs[n++] = (struct chat_msg){"system", system};
+    }
+    for (int i = block && has_system ? 1 : 0; i < r->n_messages; i++)
+        msgs[n++] = (struct chat_msg){oai_role_name(r->messages[i].role), r->messages[i].content};
+    char *text = chat_render(sm->model.tok, msgs, n, add_generation_prompt);
     free(msgs);
+    free(block);
+    free(system);
     if (!text) return -1;
-    int n = tokenizer_encode(sm->model.tok, text, strlen(text), 1, ids);
+    int n_ids = tokenizer_encode(sm->model.tok, text, strlen(text), 1, ids);
     free(text);
-    return n;
+    return n_ids;
+fail:
+    free(msgs);
+    free(block);
+    free(system);
+    return -1;
 }
 
 /* ------------------------------------------------------------ prompt jobs */

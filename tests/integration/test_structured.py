@@ -205,3 +205,95 @@ def test_refusals_name_the_keyword(srv, body, param, needle):
     if param:
         assert err["param"] == param, err
     assert needle in err["message"], err
+
+
+# ---------------------------------------------------------------- tools
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "Current weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 40},
+                                                    "unit": {"enum": ["celsius", "fahrenheit"]}},
+                   "required": ["city", "unit"]}}}
+TIME = {"type": "function", "function": {
+    "name": "get_time", "description": "The local time in a time zone",
+    "parameters": {"$defs": {"zone": {"type": "string", "maxLength": 32}},
+                   "type": "object", "properties": {"zone": {"$ref": "#/$defs/zone"}}, "required": ["zone"]}}}
+ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+
+def test_tool_call_round_trip_with_the_official_client(srv):
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=srv.url("/v1"), api_key="unused", max_retries=0, timeout=IO)
+    model = client.models.list().data[0].id
+    r = client.chat.completions.create(model=model, messages=ASK, tools=[WEATHER, TIME], tool_choice="required",
+                                       parallel_tool_calls=False, temperature=0, max_tokens=120)
+    ch = r.choices[0]
+    assert ch.finish_reason == "tool_calls" and ch.message.content is None, ch
+    (call,) = ch.message.tool_calls
+    schema = {t["function"]["name"]: t["function"]["parameters"] for t in (WEATHER, TIME)}[call.function.name]
+    jsonschema.validate(json.loads(call.function.arguments), schema)
+    assert call.type == "function" and call.id.startswith("call_")
+    # Streamed: the deltas add up to the same call (the client's helper accumulates them).
+    name, args, finish = None, "", None
+    for chunk in client.chat.completions.create(model=model, messages=ASK, tools=[WEATHER, TIME], stream=True,
+                                                tool_choice="required", parallel_tool_calls=False, temperature=0,
+                                                max_tokens=120):
+        if not chunk.choices:
+            continue
+        d = chunk.choices[0].delta
+        for tc in d.tool_calls or []:
+            assert tc.index == 0
+            name = tc.function.name or name
+            args += tc.function.arguments or ""
+        finish = chunk.choices[0].finish_reason or finish
+    assert (name, args, finish) == (call.function.name, call.function.arguments, "tool_calls")
+    # The result goes back as a tool message; with tool_choice "none" the answer is text.
+    history = ASK + [ch.message.model_dump(exclude_none=True),
+                     {"role": "tool", "tool_call_id": call.id, "content": '{"temperature": 22, "sky": "clear"}'}]
+    r = client.chat.completions.create(model=model, messages=history, tools=[WEATHER, TIME], tool_choice="none",
+                                       temperature=0, max_tokens=40)
+    assert r.choices[0].message.tool_calls is None and r.choices[0].message.content
+    assert not r.choices[0].message.content.startswith("<")
+    # The history's call and result reached the prompt: it is longer than the question's.
+    alone = client.chat.completions.create(model=model, messages=ASK, tools=[WEATHER, TIME], tool_choice="none",
+                                           temperature=0, max_tokens=1)
+    assert r.usage.prompt_tokens > alone.usage.prompt_tokens + 20
+
+
+def test_named_tool_and_auto(srv):
+    for _ in range(1):
+        r = requests.post(srv.url("/v1/chat/completions"), timeout=IO, json={
+            "messages": ASK, "tools": [WEATHER, TIME], "temperature": 0, "max_tokens": 120,
+            "tool_choice": {"type": "function", "function": {"name": "get_time"}}, "parallel_tool_calls": False})
+        ch = r.json()["choices"][0]
+        (call,) = ch["message"]["tool_calls"]
+        assert call["function"]["name"] == "get_time" and ch["finish_reason"] == "tool_calls"
+        jsonschema.validate(json.loads(call["function"]["arguments"]), TIME["function"]["parameters"])
+    # auto: text or calls, each reported as what it is.
+    for seed in range(4):
+        r = requests.post(srv.url("/v1/chat/completions"), timeout=IO, json={
+            "messages": ASK, "tools": [WEATHER], "temperature": 1.0, "seed": seed, "max_tokens": 60})
+        ch = r.json()["choices"][0]
+        if ch["message"].get("tool_calls"):
+            assert ch["message"]["content"] is None and ch["finish_reason"] in ("tool_calls", "length")
+        else:
+            assert not ch["message"]["content"].startswith("<")
+
+
+@pytest.mark.parametrize("body,param,needle", [
+    ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}},
+     "tool_choice.function.name", "not in 'tools'"),
+    ({"tool_choice": "required"}, "tool_choice", "'tools' is empty"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"x": {"type": "string", "pattern": "a"}}}}}]},
+     "tools[0].function.parameters.properties.x.pattern", "pattern"),
+    ({"tools": [{"type": "function", "function": {"name": "bad name"}}]}, "tools[0].function.name", "letters"),
+    ({"tools": [WEATHER, WEATHER]}, "tools[1].function.name", "repeats"),
+    ({"tools": [{"type": "retrieval"}]}, "tools[0].type", "function"),
+    ({"messages": [{"role": "user", "content": "x", "tool_calls": []}]}, "messages[0].tool_calls", "assistant"),
+])
+def test_tool_refusals(srv, body, param, needle):
+    r = requests.post(srv.url("/v1/chat/completions"), timeout=IO, json={"messages": ASK, **body})
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == param and needle in err["message"], err
