@@ -42,6 +42,7 @@ struct gen_params {
     int kv_bits;                    /* generate()'s KV cache precision: 32 (or 0), 16, 8, 4 */
     int logprobs;                   /* compute the chosen token's log-probability */
     int top_logprobs;               /* and the best N ids' (N <= SAMPLER_MAX_TOP), alternatives included */
+    int prompt_logprobs;            /* the scheduler's: also each prompt token's, as the prompt is computed */
     int ignore_eos;                 /* never sample an end token: run to max_tokens (or a stop) */
     int min_tokens;                 /* no end token or stop id before this many tokens */
     const int32_t *stop_ids;        /* ids that end generation as an end token does (their */
@@ -90,8 +91,11 @@ struct gen_seq {
 
 /* A sampled token as reported to a front end: its id, the text it released
  * (may be empty: held back), and when logprobs were asked for its own
- * log-probability and its best alternatives' (n_top of them, best first). */
+ * log-probability and its best alternatives' (n_top of them, best first).
+ * With prompt_logprobs, each prompt token is reported first the same way
+ * (prompt set, no text; the first one's logprob is NaN: nothing predicts it). */
 struct gen_token {
+    int prompt;                     /* a prompt token (prompt_logprobs), not a generated one */
     int32_t id;
     const char *text;
     size_t len;

@@ -34,6 +34,8 @@ struct sreq {
     int n_prompt;
     int n_replay;                   /* positions of gen.history to compute before decoding */
     int n_prefilled;                /* of those, computed so far */
+    int prompt_reported;            /* prompt_logprobs: prompt tokens reported (not again after a preemption) */
+    float *prompt_rows;             /* prompt_logprobs: a chunk's logits, [PROMPT_LOGPROB_CHUNK][n_vocab] */
     struct gen_params params;
     char **stops;                   /* owned copies behind params.stops */
     int32_t *stop_ids;              /* owned copy behind params.stop_ids */
@@ -55,6 +57,12 @@ struct sreq {
     atomic_int stop;                /* enum sreq_stop: set by any thread, read by the engine */
     struct sched_timing timing;
 };
+
+/* Prompt rows computed at once for a request that wants the prompt's
+ * log-probabilities: 32 rows of logits (6 MB for a 49K vocabulary), held
+ * while its prompt is computed; like the other logits buffers, outside the
+ * KV budget. */
+#define PROMPT_LOGPROB_CHUNK 32
 
 /* A step's tokens for a model whose stack follows the budget. The stack
  * changes only between steps, so a step's length is how long a smaller
@@ -127,6 +135,7 @@ static void sreq_free(struct sreq *r) {
     free(r->prompt);
     free(r->logits);
     free(r->pass_logits);
+    free(r->prompt_rows);
     free(r);
 }
 
@@ -502,6 +511,24 @@ static void plan_drafts(struct sched *s, int decoding, int max_tokens) {
     }
 }
 
+/* Reports prompt tokens [from, to) with their log-probabilities: token p
+ * from the row of position p - 1, which rows[p - 1 - first] holds (the
+ * chunk's rows start at position `first`); token 0 has none. */
+static void report_prompt(struct sched *s, struct sreq *r, const float *rows, int first, int to) {
+    const int V = s->m->cfg.n_vocab;
+    double now = ebb_now_seconds();
+    for (int p = r->prompt_reported; p < to; p++) {
+        struct gen_token tok = {1, r->prompt[p], "", 0, NAN, 0, r->gen.top_id, r->gen.top_logprob};
+        if (p > 0) {
+            const float *row = rows + (size_t)(p - 1 - first) * V;
+            tok.logprob = (float)log_softmax_at(row, V, r->prompt[p]);
+            tok.n_top = log_softmax_top(row, V, r->params.top_logprobs, r->gen.top_id, r->gen.top_logprob);
+        }
+        if (r->cb.on_token) r->cb.on_token(r->ud, &tok, now);
+    }
+    if (to > r->prompt_reported) r->prompt_reported = to;
+}
+
 /* Samples r's next token from the logits of the position that left its
  * cache at n_filled positions, and reports it. */
 static int32_t sample_next(struct sreq *r, float *logits, int n_filled) {
@@ -512,7 +539,7 @@ static int32_t sample_next(struct sreq *r, float *logits, int n_filled) {
     if (r->gen.finish == FINISH_NONE && n_filled >= r->kv.n_ctx) gen_seq_finish(&r->gen, FINISH_LENGTH);
     r->next_token = id;
     if (r->cb.on_token) {
-        const struct gen_token tok = {id, r->gen.text, r->gen.text_len, r->gen.logprob,
+        const struct gen_token tok = {0, id, r->gen.text, r->gen.text_len, r->gen.logprob,
                                       r->gen.n_top, r->gen.top_id, r->gen.top_logprob};
         r->cb.on_token(r->ud, &tok, now);
     }
@@ -593,6 +620,14 @@ static void step(struct sched *s) {
         /* A prompt to compress stops where compression comes. */
         const int at = compress_point(&r->params.compress, r->n_prompt);
         if (r->kv.obs && r->n_prefilled < at && r->n_prefilled + chunk > at) chunk = at - r->n_prefilled;
+        /* Prompt log-probabilities need every row: a chunk at a time. */
+        const int want_rows = r->params.prompt_logprobs && r->prompt_reported < r->n_prompt;
+        if (want_rows && chunk > PROMPT_LOGPROB_CHUNK) chunk = PROMPT_LOGPROB_CHUNK;
+        if (want_rows && !r->prompt_rows &&   /* held only while the prompt is computed */
+            !(r->prompt_rows = malloc((size_t)PROMPT_LOGPROB_CHUNK * s->m->cfg.n_vocab * sizeof(float)))) {
+            atomic_store(&r->stop, SREQ_FAILED);
+            continue;
+        }
         /* A recomputed sequence already sampled the token that follows. */
         int sample = chunk == left && r->gen.n_generated == 0 && !r->params.embedding;
         /* An embedding sums from the first chunk (again after a preemption). */
@@ -600,6 +635,10 @@ static void step(struct sched *s) {
             memset(r->params.embedding, 0, (size_t)s->m->cfg.n_embd * sizeof(float));
         s->batch[n] = (struct batch_seq){&r->kv, r->gen.history + r->n_prefilled, chunk, sample ? r->logits : NULL, 0,
                                          r->params.embedding};
+        if (want_rows) {
+            s->batch[n].logits = r->prompt_rows;
+            s->batch[n].all_logits = 1;
+        }
         s->batch_req[n++] = r;
         tokens += chunk;
     }
@@ -615,6 +654,17 @@ static void step(struct sched *s) {
         struct sreq *r = s->batch_req[b];
         if (rc) { atomic_store(&r->stop, SREQ_FAILED); continue; }
         if (r->n_prefilled < r->n_replay) {
+            if (s->batch[b].all_logits) {   /* prompt rows: report, and keep the last for sampling */
+                const int first = r->n_prefilled, n_tok = s->batch[b].n_tok, V = s->m->cfg.n_vocab;
+                const int to = first + n_tok < r->n_prompt ? first + n_tok + 1 : r->n_prompt;
+                report_prompt(s, r, r->prompt_rows, first, to);
+                memcpy(r->logits, r->prompt_rows + (size_t)(n_tok - 1) * V, (size_t)V * sizeof(float));
+                s->batch[b].all_logits = 0;   /* sampled from r->logits below, not a verification */
+                if (r->prompt_reported >= r->n_prompt) {
+                    free(r->prompt_rows);
+                    r->prompt_rows = NULL;
+                }
+            }
             r->n_prefilled += s->batch[b].n_tok;
             if (r->kv.obs && r->n_prefilled == compress_point(&r->params.compress, r->n_prompt)) compress_prompt(s, r);
             /* Decoding passes are short: the prompt chunks' window pages go. */

@@ -72,6 +72,7 @@ void bridge_on_token(void *ud, const struct gen_token *tok, double t) {
     ev->text = (char *)(ev + 1);
     ev->target = ud;
     ev->id = tok->id;
+    ev->prompt = tok->prompt != 0;
     ev->logprob = tok->logprob;
     ev->n_top = tok->n_top < 0 ? 0 : tok->n_top > SAMPLER_MAX_TOP ? SAMPLER_MAX_TOP : tok->n_top;
     for (int i = 0; i < ev->n_top; i++) {

@@ -37,6 +37,7 @@ struct bridge_event {
     void *target;
     /* BRIDGE_TOKEN */
     int32_t id;
+    bool prompt;                      /* a prompt token's log-probability (echo with logprobs) */
     float logprob;
     int n_top;                        /* the token's best alternatives, if asked */
     int32_t top_id[SAMPLER_MAX_TOP];

@@ -244,10 +244,36 @@ void completion_shutdown_all(struct daemon *d) {
 
 /* ------------------------------------------------------------ engine events */
 
+/* A token's alternatives as the choice records them. */
+static int alts_of(const struct served_model *sm, const struct bridge_event *ev, struct oai_alt *alts) {
+    for (int i = 0; i < ev->n_top; i++) {
+        alts[i].piece = tokenizer_piece(sm->model.tok, ev->top_id[i], &alts[i].len);
+        if (!alts[i].piece) alts[i].piece = "", alts[i].len = 0;
+        alts[i].logprob = ev->top_logprob[i];
+    }
+    return ev->n_top;
+}
+
+static void deliver_prompt_token(struct completion *c, struct oai_choice *ch, const struct bridge_event *ev) {
+    if (c->state != COMPLETION_RUNNING) return;
+    struct oai_alt alts[SAMPLER_MAX_TOP];
+    const int n = alts_of(c->sm, ev, alts);
+    size_t plen;
+    const char *piece = tokenizer_piece(c->sm->model.tok, ev->id, &plen);
+    if (oai_choice_add_token(ch, piece ? piece : "", piece ? plen : 0, ev->logprob, alts, n)) {
+        snprintf(c->error, sizeof c->error, "the prompt's log-probabilities exceed the response size limit");
+        ch->finish = FINISH_ERROR;
+    }
+}
+
 static void deliver_token(struct choice_slot *slot, struct bridge_event *ev) {
     struct completion *c = slot->c;
     struct served_model *sm = c->sm;
     struct oai_choice *ch = &c->choices[slot->index];
+    if (ev->prompt) {   /* echo with logprobs: the prompt's tokens, ahead of the generated ones */
+        deliver_prompt_token(c, ch, ev);
+        return;
+    }
     slot->n_tokens++;
     metric_series_inc(sm->m_gen_tokens, 1);
     if (slot->last_token_t > 0) metric_series_observe(sm->m_itl, ev->t - slot->last_token_t);
@@ -256,14 +282,10 @@ static void deliver_token(struct choice_slot *slot, struct bridge_event *ev) {
     int rc = 0;
     if (ch->logprobs) {
         struct oai_alt alts[SAMPLER_MAX_TOP];
-        for (int i = 0; i < ev->n_top; i++) {
-            alts[i].piece = tokenizer_piece(sm->model.tok, ev->top_id[i], &alts[i].len);
-            if (!alts[i].piece) alts[i].piece = "", alts[i].len = 0;
-            alts[i].logprob = ev->top_logprob[i];
-        }
+        const int n = alts_of(sm, ev, alts);
         size_t plen;
         const char *piece = tokenizer_piece(sm->model.tok, ev->id, &plen);
-        rc |= oai_choice_add_token(ch, piece ? piece : "", piece ? plen : 0, ev->logprob, alts, ev->n_top);
+        rc |= oai_choice_add_token(ch, piece ? piece : "", piece ? plen : 0, ev->logprob, alts, n);
     }
     rc |= oai_choice_add_text(ch, ev->text, ev->len);
     if (rc) {
@@ -346,6 +368,7 @@ void completion_gen_params(const struct oai_request *r, int choice, uint64_t see
     out->n_stops = r->n_stops;
     out->logprobs = r->logprobs;
     out->top_logprobs = r->logprobs ? r->top_logprobs : 0;
+    out->prompt_logprobs = r->echo && r->logprobs && r->kind == OAI_COMPLETION;
     out->ignore_eos = r->ignore_eos;
     out->min_tokens = r->min_tokens;
     out->stop_ids = r->stop_ids;

@@ -1164,9 +1164,7 @@ static int check_request(struct pctx *p) {
         if (!p->has_prompt) return BAD(p, "prompt", "'prompt' is required");
         if (p->best_of && p->best_of != r->n)
             return not_supported(p, "best_of", "it must equal 'n' (every generated choice is returned)");
-        if (r->echo && r->logprobs)
-            return not_supported(p, "echo", "with 'logprobs' (the prompt's log-probabilities are not computed): "
-                                             "use one or the other");
+
         break;
     case OAI_CHAT:
         if (!p->has_messages) return BAD(p, "messages", "'messages' is required");
@@ -1532,6 +1530,7 @@ static char *sse_finish(struct sse *s, size_t *len) {
 }
 
 static json_t *logprob_value(float lp) {
+    if (isnan(lp)) return json_null();   /* an echoed prompt's first token: nothing predicts it */
     return json_real(isfinite(lp) ? lp : -9999.0);   /* OpenAI's stand-in for -inf */
 }
 
@@ -1561,8 +1560,10 @@ static size_t alt_start(const struct oai_choice *c, int a) {
     return a ? c->alt_piece_end[a - 1] : 0;
 }
 
-/* Completions' top_logprobs entry for token i: {"text": logprob, ...}. */
+/* Completions' top_logprobs entry for token i: {"text": logprob, ...};
+ * null for an echoed prompt's first token, which nothing predicts. */
 static json_t *completion_alts(const struct oai_choice *c, int i, bool *ok) {
+    if (isnan(c->token_logprob[i])) return json_null();
     json_t *o = json_object();
     for (int a = alts_begin(c, i); a < c->alts_end[i]; a++) {
         size_t x = alt_start(c, a), y = c->alt_piece_end[a];

@@ -22,13 +22,13 @@ set -eu
 root=$(cd "$(dirname "$0")/.." && pwd)
 seconds=${1:-60}
 [ $# -gt 0 ] && shift
-targets=${*:-http json gguf tokenizer catalog}
+targets=${*:-http json gguf tokenizer catalog grammar}
 out=${EBB_FUZZ_DIR:-$HOME/.cache/ebb/fuzz}
 build=$root/build-fuzz
 
 case $seconds in *[!0-9]*|'') echo "usage: tools/fuzz.sh [SECONDS] [TARGET...]" >&2; exit 2 ;; esac
 for t in $targets; do
-    case $t in http|json|gguf|tokenizer|catalog) ;; *) echo "fuzz.sh: no target '$t'" >&2; exit 2 ;; esac
+    case $t in http|json|gguf|tokenizer|catalog|grammar) ;; *) echo "fuzz.sh: no target '$t'" >&2; exit 2 ;; esac
 done
 command -v clang >/dev/null || { echo "fuzz.sh: clang is needed (apt-get install clang)" >&2; exit 2; }
 

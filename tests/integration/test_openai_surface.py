@@ -171,6 +171,34 @@ def test_ignore_eos_min_tokens_and_stop_ids(srv, ebb_bin, model_path, tmp_path):
     assert doc["choices"][0]["text"] == post(srv, "/detokenize", tokens=gen[:k])["prompt"]
 
 
+def test_echo_with_prompt_logprobs(srv, ebb_bin, model_path, tmp_path):
+    prompt = "The capital of France is Paris, and the capital of Italy is"
+    n = 3
+    doc = post(srv, "/v1/completions", prompt=prompt, max_tokens=n, temperature=0, echo=True, logprobs=2)
+    ch = doc["choices"][0]
+    lp = ch["logprobs"]
+    p_ids = tokenize(srv, prompt)
+    assert ch["text"].startswith(prompt) and "".join(lp["tokens"]) == ch["text"]
+    assert len(lp["tokens"]) == len(p_ids) + n and lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    assert lp["text_offset"] == [sum(len(t) for t in lp["tokens"][:i]) for i in range(len(lp["tokens"]))]
+    picked, _ = reference(srv, ebb_bin, model_path, tmp_path, prompt, n)
+    rows = model_rows(ebb_bin, model_path, p_ids + picked, tmp_path)
+    for k in range(1, len(p_ids) + n):
+        row = log_softmax(rows[k - 1])
+        assert abs(lp["token_logprobs"][k] - row[(p_ids + picked)[k]]) < 2e-3, k
+        best = [int(i) for i in np.argsort(-row, kind="stable")[:2]]
+        want = {detokenize(srv, [i]): row[i] for i in best}
+        assert set(lp["top_logprobs"][k]) == set(want), (k, lp["top_logprobs"][k], want)
+    # The usage counts generated tokens only; a stream carries the same logprobs.
+    assert doc["usage"]["completion_tokens"] == n
+    r = requests.post(srv.url("/v1/completions"), json={"prompt": prompt, "max_tokens": n, "temperature": 0,
+                                                         "echo": True, "logprobs": 2, "stream": True},
+                      stream=True, timeout=IO)
+    events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith(b"data: {")]
+    streamed = [v for e in events if e["choices"] for v in e["choices"][0]["logprobs"]["token_logprobs"]]
+    assert streamed == lp["token_logprobs"]
+
+
 def test_echo(srv):
     doc = post(srv, "/v1/completions", prompt=PROMPT, max_tokens=3, temperature=0)
     echoed = post(srv, "/v1/completions", prompt=PROMPT, max_tokens=3, temperature=0, echo=True)

@@ -361,7 +361,13 @@ static void test_completion_fields(void) {
     ERR(C, "{\"prompt\": \"a\", \"logprobs\": 6}", "logprobs", "'logprobs' must be at most 5, got 6");
     ERR(C, "{\"prompt\": \"a\", \"logprobs\": -1}", "logprobs", "must be an integer");
     ERR(C, "{\"prompt\": \"a\", \"logprobs\": true}", "logprobs", "must be an integer between 0 and 5, got true");
-    ERR(C, "{\"prompt\": \"a\", \"echo\": true, \"logprobs\": 1}", "echo", "'echo' is not supported: with 'logprobs'");
+    {
+        struct oai_request r;
+        if (!OK(C, "{\"prompt\": \"a\", \"echo\": true, \"logprobs\": 1}", &r)) {
+            CHECK(r.echo && r.logprobs && r.top_logprobs == 1);
+            oai_request_free(&r);
+        }
+    }
     ERR(C, "{\"prompt\": \"a\", \"stop_token_ids\": [1, -2]}", "stop_token_ids[1]", "a token id");
     ERR(C, "{\"prompt\": \"a\", \"stop_token_ids\": 5}", "stop_token_ids", "must be an array");
     ERR(C, "{\"prompt\": \"a\", \"min_tokens\": -1}", "min_tokens", "an integer >= 0");
@@ -452,7 +458,9 @@ static void test_chat_accepts(void) {
     CHECK(r.messages[2].role == OAI_ROLE_USER && !strcmp(r.messages[2].content, "Hi\nthere \xc3\xa9"));
     CHECK(r.messages[2].content_len == 11);
     CHECK(r.messages[3].role == OAI_ROLE_ASSISTANT && !strcmp(r.messages[3].content, ""));
-    CHECK(r.messages[4].role == OAI_ROLE_TOOL && !strcmp(r.messages[4].content, "42"));
+    /* a tool result, wrapped as server/tools.h renders it */
+    CHECK(r.messages[4].role == OAI_ROLE_TOOL &&
+          !strcmp(r.messages[4].content, "<tool_response>\n42\n</tool_response>"));
     CHECK(!strcmp(oai_role_name(r.messages[0].role), "system") && !strcmp(oai_role_name(OAI_ROLE_TOOL), "tool"));
     CHECK(!strcmp(oai_role_name(r.messages[3].role), "assistant") && !strcmp(oai_role_name(OAI_ROLE_USER), "user"));
     CHECK(r.max_tokens == -1 && r.n == 1 && !r.logprobs && r.n_prompts == 0);
@@ -533,7 +541,15 @@ static void test_chat_refuses(void) {
     ERR(C, "{\"messages\": [{\"role\": \"user\", \"content\": \"x\", \"name\": 3}]}", "messages[0].name",
         "must be a string");
     ERR(C, "{\"messages\": [{\"role\": \"assistant\", \"content\": null, \"tool_calls\": [{}]}]}",
-        "messages[0].tool_calls", "not supported");
+        "messages[0].tool_calls[0]", "must be {\"id\"");
+    {   /* an assistant's calls join its content in the call format */
+        struct oai_request r;
+        if (!OK(C, "{\"messages\": [{\"role\": \"assistant\", \"content\": null, \"tool_calls\": [{\"id\": \"c1\", "
+                   "\"type\": \"function\", \"function\": {\"name\": \"f\", \"arguments\": \"{\\\"x\\\": 1}\"}}]}]}", &r)) {
+            CHECK(!strcmp(r.messages[0].content, "<tool_call>\n{\"name\":\"f\",\"arguments\":{\"x\":1}}\n</tool_call>"));
+            oai_request_free(&r);
+        }
+    }
     ERR(C, "{" MSG ", \"max_tokens\": 5, \"max_completion_tokens\": 6}", "max_completion_tokens", "disagree");
     ERR(C, "{" MSG ", \"max_completion_tokens\": -5}", "max_completion_tokens",
         "'max_completion_tokens' must be an integer >= 1, got -5");
@@ -570,9 +586,10 @@ static void test_chat_refuses(void) {
     ERR(C, "{" MSG ", \"response_format\": {}}", "response_format.type", "is required");
     ERR(C, "{" MSG ", \"store\": true}", "store", "not supported");
     ERR(C, "{" MSG ", \"metadata\": {\"k\": 1}}", "metadata.k", "must be a string");
-    ERR(C, "{" MSG ", \"tools\": [{\"type\": \"function\"}]}", "tools", "tool calling is not implemented");
-    ERR(C, "{" MSG ", \"tool_choice\": \"required\"}", "tool_choice", "not supported");
-    ERR(C, "{" MSG ", \"tool_choice\": {\"type\": \"function\"}}", "tool_choice", "not supported");
+    ERR(C, "{" MSG ", \"tools\": [{\"type\": \"function\"}]}", "tools[0].function", "is required");
+    ERR(C, "{" MSG ", \"tool_choice\": \"required\"}", "tool_choice", "'tools' is empty");
+    ERR(C, "{" MSG ", \"tool_choice\": {\"type\": \"function\"}}", "tool_choice", "must be \"auto\"");
+    ERR(C, "{" MSG ", \"tool_choice\": \"sometimes\"}", "tool_choice", "got 'sometimes'");
     ERR(C, "{" MSG ", \"parallel_tool_calls\": \"yes\"}", "parallel_tool_calls", "must be a boolean");
     ERR(C, "{" MSG ", \"prompt\": \"x\"}", "prompt", "'prompt' is not a field of /v1/chat/completions");
     ERR(C, "{" MSG ", \"echo\": false}", "echo", "not a field");
