@@ -392,6 +392,20 @@ static int compile_ref(struct ctx *c, const json_t *s) {
 }
 
 /* anyOf / oneOf / allOf members. */
+/* Each schema of list compiled (its index on the path), its rule written
+ * to body as [sep]lead s<N>after, sep before all but the first. */
+static int compile_each(struct ctx *c, const json_t *list, struct sbuf *body, const char *sep, const char *lead,
+                        const char *after) {
+    for (size_t i = 0; i < json_array_size(list); i++) {
+        size_t old_i = path_push_index(c, i);
+        int r = compile(c, json_array_get(list, i));
+        path_pop(c, old_i);
+        if (r < 0) return -1;
+        sb_printf(body, "%s%ss%d%s", i ? sep : "", lead, r, after);
+    }
+    return 0;
+}
+
 static int compile_union(struct ctx *c, const json_t *s, const char *k, struct sbuf *body) {
     const json_t *list = json_object_get(s, k);
     if (!json_is_array(list) || !json_array_size(list))
@@ -400,13 +414,7 @@ static int compile_union(struct ctx *c, const json_t *s, const char *k, struct s
         return fail(c, k, "'allOf' with more than one schema is not supported");
     size_t old = path_push(c, k);
     sb_puts(body, "( ");
-    for (size_t i = 0; i < json_array_size(list); i++) {
-        size_t old_i = path_push_index(c, i);
-        int r = compile(c, json_array_get(list, i));
-        path_pop(c, old_i);
-        if (r < 0) return -1;
-        sb_printf(body, "%ss%d", i ? " | " : "", r);
-    }
+    if (compile_each(c, list, body, " | ", "", "") < 0) return -1;
     sb_puts(body, " )");
     path_pop(c, old);
     return 0;
@@ -505,13 +513,7 @@ static int compile_array(struct ctx *c, const json_t *s, struct sbuf *body) {
                         "other than false, no 'minItems' or 'maxItems')");
         size_t old = path_push(c, "prefixItems");
         sb_puts(body, "\"[\" ws");
-        for (size_t i = 0; i < json_array_size(prefix); i++) {
-            size_t old_i = path_push_index(c, i);
-            int r = compile(c, json_array_get(prefix, i));
-            path_pop(c, old_i);
-            if (r < 0) return -1;
-            sb_printf(body, "%s s%d ws", i ? " \",\" ws" : "", r);
-        }
+        if (compile_each(c, prefix, body, " \",\" ws", " ", " ws") < 0) return -1;
         sb_puts(body, " \"]\"");
         path_pop(c, old);
         return 0;
