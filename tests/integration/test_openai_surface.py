@@ -59,9 +59,11 @@ def log_softmax(row):
     return row - (m + np.log(np.exp(row - m).sum()))
 
 
-def reference(srv, ebb_bin, model_path, tmp_path, prompt, n, bias=None, presence=0.0, frequency=0.0):
+def reference(srv, ebb_bin, model_path, tmp_path, prompt, n, bias=None, presence=0.0, frequency=0.0,
+              repetition=1.0):
     """Greedy decoding done here: ebb logits gives the row after the ids so far, numpy applies
-    the options (OpenAI's formulas, the penalties over the generated ids) and picks the argmax.
+    the options (OpenAI's formulas, the penalties over the generated ids; the repetition penalty
+    as CTRL and llama.cpp define it, over the last 64 ids, prompt included) and picks the argmax.
     Returns the generated ids and the raw rows each was picked from."""
     ids = tokenize(srv, prompt)
     counts, picked, rows = {}, [], []
@@ -70,6 +72,8 @@ def reference(srv, ebb_bin, model_path, tmp_path, prompt, n, bias=None, presence
         row = raw.copy()
         for i, b in (bias or {}).items():
             row[i] += b
+        for i in set(ids[-64:]) if repetition != 1.0 else ():
+            row[i] = row[i] / repetition if row[i] > 0 else row[i] * repetition
         for i, c in counts.items():
             row[i] -= frequency * c + presence
         tok = int(np.argmax(row))
@@ -121,6 +125,7 @@ def test_top_logprobs_are_the_rows_best(srv, ebb_bin, model_path, tmp_path):
     {"frequency_penalty": 0.8},
     {"presence_penalty": 0.5, "frequency_penalty": 0.5},
     {"presence_penalty": -1.0},
+    {"repetition_penalty": 1.5},
 ])
 def test_penalties_match_the_rows(srv, ebb_bin, model_path, tmp_path, opts):
     n = 8
@@ -128,10 +133,33 @@ def test_penalties_match_the_rows(srv, ebb_bin, model_path, tmp_path, opts):
     doc = post(srv, "/v1/completions", prompt=REPEAT, max_tokens=n, temperature=0, ignore_eos=True, **opts)
     text = doc["choices"][0]["text"]
     picked, _ = reference(srv, ebb_bin, model_path, tmp_path, REPEAT, n, presence=opts.get("presence_penalty", 0),
-                          frequency=opts.get("frequency_penalty", 0))
+                          frequency=opts.get("frequency_penalty", 0), repetition=opts.get("repetition_penalty", 1.0))
     assert detokenize(srv, picked) == text
-    if opts.get("presence_penalty", 0) > 0 or opts.get("frequency_penalty", 0) > 0:
+    if opts.get("presence_penalty", 0) > 0 or opts.get("frequency_penalty", 0) > 0 or "repetition_penalty" in opts:
         assert text != plain, "a penalty on a repeating prompt changed nothing"
+
+
+@pytest.mark.parametrize("opts", [{"top_k": 5}, {"top_p": 0.5}, {"min_p": 0.2}])
+def test_sampled_tokens_stay_in_the_allowed_set(srv, ebb_bin, model_path, tmp_path, opts):
+    """top_k, top_p and min_p: every first token sampled (20 seeds, temperature 1.5 to spread
+    the draws) lies in the set the option allows on the model's row at that temperature (as
+    docs/api.md orders them: temperature before top_p and min_p): the k best, the smallest
+    prefix by probability reaching top_p, the tokens with at least min_p times the best's."""
+    ids = tokenize(srv, PROMPT)
+    p = np.exp(log_softmax(model_rows(ebb_bin, model_path, ids, tmp_path)[-1] / 1.5))
+    order = np.argsort(-p, kind="stable")
+    if "top_k" in opts:
+        allowed = set(order[:opts["top_k"]].tolist())
+    elif "top_p" in opts:
+        allowed = set(order[:int(np.searchsorted(np.cumsum(p[order]), opts["top_p"])) + 1].tolist())
+    else:
+        allowed = set(np.nonzero(p >= opts["min_p"] * p.max())[0].tolist())
+    seen = set()
+    for seed in range(20):
+        doc = post(srv, "/v1/completions", prompt=ids, max_tokens=1, temperature=1.5, seed=seed, **opts)
+        seen.add(doc["choices"][0]["text"])
+        assert any(detokenize(srv, [t]) == doc["choices"][0]["text"] for t in allowed), (opts, doc["choices"][0])
+    assert len(seen) > 1 or len(allowed) == 1, "20 seeds drew one token"
 
 
 def test_logit_bias_matches_the_rows(srv, ebb_bin, model_path, tmp_path):
