@@ -451,7 +451,7 @@ def test_seed_makes_sampling_reproducible(client, srv):
 def test_logprobs_match_ebb_logits(srv, ebb_bin, model_path, tmp_path):
     np = pytest.importorskip("numpy")
     prompt = "The capital of France is"
-    doc = complete(srv, prompt=prompt, max_tokens=3, temperature=0, logprobs=1)
+    doc = complete(srv, prompt=prompt, max_tokens=3, temperature=0, logprobs=0)   # 0: no alternatives
     ch = doc["choices"][0]
     lp = ch["logprobs"]
     assert "".join(lp["tokens"]) == ch["text"]
@@ -714,8 +714,10 @@ BAD = [
     ("prompt sent to chat", "/v1/chat/completions", {"prompt": "a"}, 400, "prompt", None),
     ("stream_options without stream", "/v1/completions",
      {"prompt": "a", "stream_options": {"include_usage": True}}, 400, "stream_options", None),
-    ("logprobs 5", "/v1/completions", {"prompt": "a", "logprobs": 5}, 400, "logprobs", None),
-    ("echo", "/v1/completions", {"prompt": "a", "echo": True}, 400, "echo", None),
+    ("logprobs 6", "/v1/completions", {"prompt": "a", "logprobs": 6}, 400, "logprobs", None),
+    ("echo not a boolean", "/v1/completions", {"prompt": "a", "echo": "yes"}, 400, "echo", None),
+    ("logit_bias outside the vocabulary", "/v1/completions", {"prompt": "a", "logit_bias": {"1000000": 1}}, 400,
+     "logit_bias.1000000", None),
     ("image content", "/v1/chat/completions",
      {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, 400,
      "messages[0].content[0].type", None),
