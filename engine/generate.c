@@ -75,11 +75,9 @@ static void ban_ending_tokens(struct gen_seq *g, float *logits) {
 /* The grammar's mask over the logits: what it does not allow cannot be
  * sampled. Returns how many tokens it allows (0: stuck; -1: out of memory). */
 static int apply_grammar(struct gen_seq *g, float *logits) {
-    const double t0 = ebb_now_seconds();
     const int n = grammar_mask(g->matcher, g->params->grammar_vocab, g->allowed);
     for (int id = 0; n > 0 && id < g->m->cfg.n_vocab; id++)
         if (!g->allowed[id]) logits[id] = -INFINITY;
-    g->mask_s += ebb_now_seconds() - t0;
     return n;
 }
 
@@ -158,8 +156,16 @@ int32_t gen_seq_step(struct gen_seq *g, float *logits) {
     const int n_vocab = g->m->cfg.n_vocab;
     if (g->want_logprobs) memcpy(g->raw_logits, logits, (size_t)n_vocab * sizeof(float));
     ban_ending_tokens(g, logits);
+    sampler_adjust(g->sampler, logits, g->history, g->n_history);
     if (g->matcher) {
-        const int allowed = apply_grammar(g, logits);
+        /* Greedy under a grammar: the mask is needed only when the best
+         * token is refused (one check, under a microsecond, against up to
+         * a millisecond for the whole vocabulary). */
+        const double t0 = ebb_now_seconds();
+        const int fits = sampler_is_greedy(g->sampler) &&
+                         grammar_token_allowed(g->matcher, g->params->grammar_vocab, sampler_argmax(logits, n_vocab));
+        const int allowed = fits ? 1 : apply_grammar(g, logits);
+        g->mask_s += ebb_now_seconds() - t0;
         if (allowed <= 0) {
             /* Out of memory, or stuck: a complete text allows the end tokens
              * and one that can take nothing more ended with its last token,
@@ -168,7 +174,7 @@ int32_t gen_seq_step(struct gen_seq *g, float *logits) {
             return -1;
         }
     }
-    int32_t id = sampler_sample(g->sampler, logits, g->history, g->n_history);
+    int32_t id = sampler_pick(g->sampler, logits);
     if (g->want_logprobs) {
         g->logprob = (float)log_softmax_at(g->raw_logits, n_vocab, id);
         g->n_top = log_softmax_top(g->raw_logits, n_vocab, g->params->top_logprobs, g->top_id, g->top_logprob);

@@ -421,14 +421,25 @@ int log_softmax_top(const float *logits, int n, int k, int32_t *ids, float *logp
     return k;
 }
 
-int32_t sampler_sample(struct sampler *s, float *logits, const int32_t *history, int n_history) {
-    const struct sampler_params *p = &s->p;
-    int n = s->n_vocab;
-
+void sampler_adjust(struct sampler *s, float *logits, const int32_t *history, int n_history) {
     apply_bias(s, logits);
     apply_repeat_penalty(s, logits, history, n_history);
     apply_presence_frequency(s, logits);
-    if (!(p->temperature > 0.0f) || p->top_k == 1) return returned(s, argmax(logits, n));
+}
+
+int sampler_is_greedy(const struct sampler *s) { return !(s->p.temperature > 0.0f) || s->p.top_k == 1; }
+
+int32_t sampler_argmax(const float *logits, int n) { return argmax(logits, n); }
+
+int32_t sampler_sample(struct sampler *s, float *logits, const int32_t *history, int n_history) {
+    sampler_adjust(s, logits, history, n_history);
+    return sampler_pick(s, logits);
+}
+
+int32_t sampler_pick(struct sampler *s, float *logits) {
+    const struct sampler_params *p = &s->p;
+    int n = s->n_vocab;
+    if (sampler_is_greedy(s)) return returned(s, argmax(logits, n));
 
     struct cand *list;
     int sorted = p->top_k > 0 && p->top_k < n;

@@ -45,6 +45,16 @@ void sampler_free(struct sampler *s);
  * ids seen so far (prompt and generated), for the repetition penalty. The id
  * returned counts as generated for the presence and frequency penalties. */
 int32_t sampler_sample(struct sampler *s, float *logits, const int32_t *history, int n_history);
+/* sampler_sample in two halves, for callers that look at the logits in
+ * between (a grammar's mask): sampler_adjust applies the bias and the
+ * penalties in place; sampler_pick draws from what is left (and counts the
+ * id as returned). sampler_sample(s, l, h, n) is adjust then pick. */
+void sampler_adjust(struct sampler *s, float *logits, const int32_t *history, int n_history);
+int32_t sampler_pick(struct sampler *s, float *logits);
+/* Greedy settings (temperature <= 0 or top_k 1): pick is the argmax. */
+int sampler_is_greedy(const struct sampler *s);
+/* The lowest id among the largest logits (NaNs skipped): greedy's choice. */
+int32_t sampler_argmax(const float *logits, int n);
 
 /* log softmax(logits)[id] over n logits, untouched by any sampling setting:
  * the model's own log-probability of id (logprobs, perplexity). Computed in

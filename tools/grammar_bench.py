@@ -11,8 +11,11 @@ the masking itself. The pairs take turns, so a noisy machine slows both alike; -
 repeats the round.
 
     tools/grammar_bench.py --ebb build/ebb --model models/SmolLM2-135M-Instruct.Q4_1.gguf [--reps 3]
+        [--temperature 0.8]
 
-Prints per-schema means and the overall ratio.
+Greedy by default: there the mask is computed only when the best token is refused; with
+--temperature (seeded), every step masks the whole vocabulary. Prints per-schema means and
+the overall ratio.
 """
 import argparse
 import os
@@ -57,6 +60,7 @@ def main():
     ap.add_argument("--ebb", default="build/ebb")
     ap.add_argument("--model", default="models/SmolLM2-135M-Instruct.Q4_1.gguf")
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--temperature", type=float, default=0.0)
     a = ap.parse_args()
     srv = start_ready(a.ebb, "--max-running", "1", "--speculative", "none", model_path=a.model)
     rows = {name: {"with": [], "without": [], "mask": [], "tokens": []} for name, _, _ in CASES}
@@ -66,10 +70,11 @@ def main():
                 msgs = [{"role": "user", "content": prompt}]
                 fmt = ({"type": "json_schema", "json_schema": {"name": name, "schema": schema}} if schema
                        else {"type": "json_object"})
-                doc = chat(srv.base, {"messages": msgs, "max_tokens": 200, "temperature": 0, "response_format": fmt})
+                sampling = {"temperature": a.temperature, "seed": 1}
+                doc = chat(srv.base, {"messages": msgs, "max_tokens": 200, "response_format": fmt, **sampling})
                 n = doc["usage"]["completion_tokens"]
                 plain = chat(srv.base, {"messages": msgs, "max_tokens": n, "min_tokens": n, "ignore_eos": True,
-                                        "temperature": 0})
+                                        **sampling})
                 row = rows[name]
                 row["with"].append(per_token_ms(doc))
                 row["without"].append(per_token_ms(plain))
