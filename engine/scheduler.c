@@ -511,9 +511,10 @@ static void plan_drafts(struct sched *s, int decoding, int max_tokens) {
     }
 }
 
-/* Reports prompt tokens [from, to) with their log-probabilities: token p
- * from the row of position p - 1, which rows[p - 1 - first] holds (the
- * chunk's rows start at position `first`); token 0 has none. */
+/* Reports the prompt tokens not yet reported, up to `to` (exclusive), with
+ * their log-probabilities: token p from the row of position p - 1, which
+ * rows[p - 1 - first] holds (the chunk's rows start at position `first`;
+ * earlier tokens went with the previous chunk); token 0 has none. */
 static void report_prompt(struct sched *s, struct sreq *r, const float *rows, int first, int to) {
     const int V = s->m->cfg.n_vocab;
     double now = ebb_now_seconds();
