@@ -57,6 +57,13 @@
 #define MAX_EXPAND 65536         /* expansion steps per code point (exponential ambiguity) */
 #define MAX_WORK_NODES (1u << 22) /* stack cells one call may create (48 MiB) */
 #define MAX_ROWS 4096            /* cached transition rows per call (4 MiB) */
+/* Expansion steps one call may take in all. MAX_EXPAND bounds one code
+ * point, but a mask steps through up to one code point per trie node, so a
+ * very ambiguous grammar (x*{100}: every repetition may take each
+ * character) could otherwise hold the engine thread for seconds per token.
+ * Past this a mask stops allowing more tokens: it stays sound (nothing it
+ * allows is invalid) and only narrows the choice; a few tens of ms here. */
+#define MAX_CALL_WORK (1u << 22)
 
 enum { EL_END, EL_ALT, EL_REF, EL_CHAR, EL_CLASS };
 
@@ -787,6 +794,7 @@ struct work {
     uint32_t *todo;         /* (parent, position) pairs still to expand */
     uint32_t n_todo, cap_todo;
     uint32_t budget;        /* expansion work left for this code point */
+    uint32_t call_left;     /* and for the whole call (MAX_CALL_WORK) */
     int failed;             /* out of memory */
     int overflow;           /* a limit was hit */
 };
@@ -804,6 +812,7 @@ static void work_free(struct work *w) {
 static int work_init(struct work *w, const struct grammar *g) {
     memset(w, 0, sizeof *w);
     w->g = g;
+    w->call_left = MAX_CALL_WORK;
     w->node_tab_cap = 256;
     w->state_tab_cap = 64;
     w->node_tab = malloc(w->node_tab_cap * sizeof *w->node_tab);
@@ -882,8 +891,9 @@ static int expand(struct work *w, uint32_t parent, uint32_t pos) {
         return -1;
     while (w->n_todo) {
         uint32_t p = w->todo[--w->n_todo], par = w->todo[--w->n_todo];
-        if (!w->budget) { w->overflow = 1; return -1; }
+        if (!w->budget || !w->call_left) { w->overflow = 1; return -1; }
         w->budget--;
+        w->call_left--;
         for (;;) {
             const struct gel *e = &g->el[p];
             if (e->type == EL_END || e->type == EL_ALT) {

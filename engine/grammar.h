@@ -86,7 +86,9 @@ int grammar_vocab_size(const struct grammar_vocab *v);
  * and 0 for the rest: a token is allowed when its whole byte string is a
  * valid continuation; an end token when grammar_matcher_can_end; an empty
  * or special token never. Returns how many are allowed (0: the grammar is
- * stuck, the caller ends the sequence), or -1 when out of memory. */
+ * stuck, the caller ends the sequence), or -1 when out of memory. The work
+ * of one call is bounded: a grammar so ambiguous that the bound is reached
+ * gets a mask that allows fewer tokens than it could, never an invalid one. */
 int grammar_mask(const struct grammar_matcher *m, const struct grammar_vocab *v, uint8_t *allowed);
 /* The same test for one token (1 allowed, 0 not): the fast path for a
  * decoder that checks its choice first and masks only when it is refused. */
