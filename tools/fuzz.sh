@@ -44,6 +44,7 @@ max_len() {
         json) echo 4096 ;;
         gguf|catalog) echo 65536 ;;  # the tiny models of the seed corpus are < 64 KiB
         tokenizer) echo 2048 ;;
+        grammar) echo 4096 ;;    # grammars, schemas and tool lists of a few KiB say it all
     esac
 }
 dict() {
