@@ -54,7 +54,8 @@
 #define MAX_CP 0x10FFFFu
 #define MAX_NESTING 256          /* ( ... ) depth in the text: bounds recursion */
 #define MAX_REPEAT 65535         /* the m and n of {m,n} */
-#define MAX_EXPAND 65536         /* expansion steps per code point (exponential ambiguity) */
+#define MAX_EXPAND 8192          /* expansion steps per code point (exponential ambiguity);
+                                    JSON schemas' grammars take tens */
 #define MAX_WORK_NODES (1u << 22) /* stack cells one call may create (48 MiB) */
 #define MAX_ROWS 4096            /* cached transition rows per call (4 MiB) */
 /* Expansion steps one call may take in all. MAX_EXPAND bounds one code
@@ -63,7 +64,7 @@
  * character) could otherwise hold the engine thread for seconds per token.
  * Past this a mask stops allowing more tokens: it stays sound (nothing it
  * allows is invalid) and only narrows the choice; a few tens of ms here. */
-#define MAX_CALL_WORK (1u << 22)
+#define MAX_CALL_WORK (1u << 20)
 
 enum { EL_END, EL_ALT, EL_REF, EL_CHAR, EL_CLASS };
 
