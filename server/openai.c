@@ -831,6 +831,15 @@ static int set_grammar(struct pctx *p, const char *param, const char *gbnf) {
     return 0;
 }
 
+/* A function or schema name as OpenAI allows it: [a-zA-Z0-9_-]{1,64}. */
+static bool valid_function_name(const json_t *v) {
+    const char *n = json_is_string(v) ? json_string_value(v) : NULL;
+    size_t len = n ? strlen(n) : 0;
+    bool ok = len >= 1 && len <= 64;
+    for (size_t i = 0; ok && i < len; i++) ok = isalnum((unsigned char)n[i]) || n[i] == '_' || n[i] == '-';
+    return ok;
+}
+
 static int f_json_schema(struct pctx *p, json_t *v) {
     char got[48], param[320];
     if (!json_is_object(v))
@@ -841,11 +850,7 @@ static int f_json_schema(struct pctx *p, json_t *v) {
     json_object_foreach(v, k, e) {
         field_name(param, sizeof param, "response_format.json_schema.%s", k);
         if (!strcmp(k, "name")) {
-            const char *n = json_is_string(e) ? json_string_value(e) : NULL;
-            size_t len = n ? strlen(n) : 0;
-            bool ok = len >= 1 && len <= 64;
-            for (size_t i = 0; ok && i < len; i++) ok = isalnum((unsigned char)n[i]) || n[i] == '_' || n[i] == '-';
-            if (!ok) return BAD(p, param, "'%s' must be 1 to 64 letters, digits, '_' or '-'", param);
+            if (!valid_function_name(e)) return BAD(p, param, "'%s' must be 1 to 64 letters, digits, '_' or '-'", param);
         } else if (!strcmp(k, "description")) {
             if (want_string(p, param, e)) return -1;
         } else if (!strcmp(k, "strict")) {
@@ -908,15 +913,6 @@ static int f_response_format(struct pctx *p, const char *key, json_t *v) {
 static int f_grammar(struct pctx *p, const char *key, json_t *v) {
     if (want_string(p, key, v)) return -1;
     return set_grammar(p, key, json_string_value(v));
-}
-
-/* A function name as OpenAI allows it: [a-zA-Z0-9_-]{1,64}. */
-static bool valid_function_name(const json_t *v) {
-    const char *n = json_is_string(v) ? json_string_value(v) : NULL;
-    size_t len = n ? strlen(n) : 0;
-    bool ok = len >= 1 && len <= 64;
-    for (size_t i = 0; ok && i < len; i++) ok = isalnum((unsigned char)n[i]) || n[i] == '_' || n[i] == '-';
-    return ok;
 }
 
 static int one_tool(struct pctx *p, struct oai_tool *t, const json_t *v, size_t i) {

@@ -508,6 +508,45 @@ static void test_docs_cover_every_setting(void) {
     free(doc);
 }
 
+/* The boolean setting insecure_no_auth: JSON true/false (or its words), a
+ * flag that may stand alone, and clear refusals of anything else. The
+ * access settings' secrets never show in the dump. */
+static void test_access_settings(void) {
+    struct ebb_config c;
+    config_defaults(&c);
+    CHECK(c.insecure_no_auth == 0 && !*c.api_keys && !*c.api_key_file && !*c.cors_origins);
+    CHECK_MSG(config_load_text(&c, "{\"insecure_no_auth\": true}", "b.json", err, sizeof err) == 0, "%s", err);
+    CHECK(c.insecure_no_auth == 1);
+    CHECK(config_load_text(&c, "{\"insecure_no_auth\": \"false\"}", "b.json", err, sizeof err) == 0 &&
+          c.insecure_no_auth == 0);
+    CHECK(config_load_text(&c, "{\"insecure_no_auth\": 1}", "b.json", err, sizeof err) == -1);
+    CHECK_MSG(strstr(err, "insecure_no_auth"), "%s", err);
+    CHECK(config_load_text(&c, "{\"insecure_no_auth\": \"yes\"}", "b.json", err, sizeof err) == -1);
+    /* Alone (no value, or the next argument is not true/false): 2, nothing taken. */
+    CHECK(config_apply_flag(&c, "--insecure-no-auth", NULL, err, sizeof err) == 2 && c.insecure_no_auth == 1);
+    CHECK(config_apply_flag(&c, "--insecure-no-auth", "false", err, sizeof err) == 0 && c.insecure_no_auth == 0);
+    CHECK(config_apply_flag(&c, "--insecure-no-auth", "--port", err, sizeof err) == 2 && c.insecure_no_auth == 1);
+    setenv("EBB_INSECURE_NO_AUTH", "maybe", 1);
+    CHECK(config_apply_env(&c, err, sizeof err) == -1);
+    CHECK_MSG(strstr(err, "EBB_INSECURE_NO_AUTH"), "%s", err);
+    clear_env();
+    char big[5000];
+    memset(big, 'k', sizeof big - 1);
+    big[sizeof big - 1] = 0;
+    CHECK(config_apply_flag(&c, "--api-keys", big, err, sizeof err) == -1);
+    CHECK(config_apply_flag(&c, "--api-keys", "secret-one", err, sizeof err) == 0);
+    char *dump = NULL;
+    size_t len = 0;
+    FILE *f = open_memstream(&dump, &len);
+    if (f) {
+        config_dump(&c, f, 0);
+        fclose(f);
+        CHECK(dump && !strstr(dump, "secret-one") && strstr(dump, "\"api_keys\": \"(set)\""));
+        CHECK(dump && strstr(dump, "\"insecure_no_auth\": true"));
+    }
+    free(dump);
+}
+
 int main(void) {
     const char *base = getenv("TMPDIR");
     snprintf(tmpdir, sizeof tmpdir, "%s/ebb-test-config-XXXXXX", base && *base ? base : "/tmp");
@@ -526,6 +565,7 @@ int main(void) {
     test_malformed_json();
     test_dump();
     test_model_kv_bits();
+    test_access_settings();
     test_docs_cover_every_setting();
     char cmd[512];
     snprintf(cmd, sizeof cmd, "rm -rf '%s'", tmpdir);
