@@ -39,11 +39,13 @@ size_t governor_stack_target(const struct governor_model *m, uint64_t share, siz
     return left < m->stack_full_bytes ? (size_t)left : m->stack_full_bytes;
 }
 
-int governor_use_source(const struct governor_model *m, uint64_t share, size_t kv_held, int on_source) {
-    if (!m->source_bytes) return 0;
-    if (!share) return 1;
-    const uint64_t margin = on_source ? 0 : m->source_bytes / 16;
-    return (uint64_t)m->source_bytes + kv_held + margin <= share;
+int governor_rung(const struct governor_model *m, uint64_t share, size_t kv_held, int current) {
+    if (!share) return 0;
+    for (int i = 0; i < m->n_rungs; i++) {
+        const uint64_t margin = i < current ? m->rung_bytes[i] / 16 : 0;
+        if ((uint64_t)m->rung_bytes[i] + kv_held + margin <= share) return i;
+    }
+    return m->n_rungs;
 }
 
 uint64_t governor_auto_budget(uint64_t held_bytes, uint64_t free_bytes, uint64_t reserve_bytes) {

@@ -3,22 +3,27 @@
  * its KV cache; and, for the "auto" budget, how much memory the machine or
  * the container still has.
  *
- * A model's memory is its fixed weights (all of a plain file's weights; a
- * BitStack file's embedding, head and norms), its stack prefix (BitStack
- * files: any prefix from one level of every matrix to the whole stack, in
- * the file's order) and the KV its admitted requests reserve. The policy:
+ * A model's configurations, best first: whole files above (rungs: the
+ * served file, then the variants packed from it, each smaller than the one
+ * before), and at the bottom its fixed weights (a plain file's, the
+ * smallest variant's, or a BitStack file's embedding, head and norms) with
+ * any prefix of its stack, from one level of every matrix to all. Beside
+ * its weights a model holds the KV its admitted requests reserve. The
+ * policy:
  *
- *   - The least budget that serves is every model's fixed weights, one
- *     level of its stack, and the larger of the KV its requests hold now
- *     and the KV of its smallest request. Less is refused (409), so a
- *     budget change never ends a request.
+ *   - The least budget that serves is every model's bottom configuration
+ *     at its least (fixed weights and one level of the stack) and the
+ *     larger of the KV its requests hold now and the KV of its smallest
+ *     request. Less is refused (409), so a budget change never ends a
+ *     request.
  *   - Above that, each model gets its minimum plus an equal part of the
  *     rest (its share). Equal parts keep the rule one line long; a model
  *     whose stack is whole leaves its part to its KV cache.
- *   - A served file that has a stack packed from it (its variant) is the
- *     top of a two-rung ladder: it computes with its own weights while they
- *     fit beside the KV, with the stack otherwise (governor_use_source); its
- *     least is the stack's.
+ *   - A model computes with the largest rung that fits its share beside the
+ *     KV held (governor_rung): the source before its packed variants, a
+ *     packed variant before the stack -- the order the ladder measured
+ *     (docs/benchmarks.md: the stack only approximates the file it was
+ *     packed from, and loses to a 4-bit variant at the same bytes).
  *   - Inside a share the KV cache comes first: admitted requests keep every
  *     position they reserve, up to all the share but fixed weights and one
  *     level; the stack keeps the longest prefix of what the KV leaves. So a
@@ -37,14 +42,18 @@
 #include <stddef.h>
 #include <stdint.h>
 
+/* Whole-file configurations above the bottom one, at most. */
+#define GOVERNOR_MAX_RUNGS 8
+
 /* What the governor knows of one served model. */
 struct governor_model {
-    size_t fixed_bytes;        /* weights that do not change with the budget */
+    size_t rung_bytes[GOVERNOR_MAX_RUNGS];   /* the rungs' weights, largest first */
+    int n_rungs;               /* 0: the bottom configuration only */
+    size_t fixed_bytes;        /* the bottom's weights that do not change with the budget */
     size_t stack_min_bytes;    /* one level of every stack matrix (0: no stack) */
     size_t stack_full_bytes;   /* the whole stack (0: no stack) */
     size_t kv_min_bytes;       /* the KV of its smallest request */
     size_t kv_held_bytes;      /* the KV its admitted requests reserve now */
-    size_t source_bytes;       /* a served file with a BitStack variant: its own weights (0: none) */
 };
 
 /* The least budget that serves every model without ending a request. */
@@ -58,13 +67,12 @@ void governor_split(uint64_t budget, const struct governor_model *m, int n, uint
 size_t governor_kv_budget(const struct governor_model *m, uint64_t share);
 size_t governor_stack_target(const struct governor_model *m, uint64_t share, size_t kv_held);
 
-/* A served file with a stack packed from it computes with its own weights
- * whenever they fit the share beside the KV held -- the stack only
- * approximates them -- and with the stack otherwise. on_source: what it
- * computes with now; going back to the file takes a margin (1/16 of its
- * weights) so that the KV of one more request does not flip it back and
- * forth. */
-int governor_use_source(const struct governor_model *m, uint64_t share, size_t kv_held, int on_source);
+/* The configuration to compute with: the first rung whose weights fit the
+ * share beside the KV held, or n_rungs for the bottom one; no budget: the
+ * first rung. current: the one in use now; moving up a rung takes a margin
+ * (1/16 of its weights) so that the KV of one more request does not flip
+ * it back and forth. */
+int governor_rung(const struct governor_model *m, uint64_t share, size_t kv_held, int current);
 
 /* Memory this process could still take: the least headroom (memory.max
  * minus memory.current) of its cgroup v2 and the cgroup's ancestors that set

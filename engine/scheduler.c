@@ -95,10 +95,14 @@ struct sched {
     /* The governor's part (engine/governor.h). memory_share, refit and the
      * numbers below are under lock; the engine thread alone fits the stack. */
     struct governor_model gm;       /* kv_held_bytes unused: read from the account */
-    int elastic;                    /* a BitStack used in place: its prefix follows the share */
-    struct model *stack_m;          /* whose stack follows the share: m, m's variant, or NULL */
-    struct model_run *stack_run;    /* the variant's run (NULL without one) */
-    int on_source;                  /* with a variant: computing with m itself */
+    /* The configurations, best first: m, then its variants; the last is
+     * the bottom (engine/governor.h). Each has its own run (config_run[0]
+     * is run). */
+    struct model *config_m[SCHED_MAX_VARIANTS + 1];
+    struct model_run *config_run[SCHED_MAX_VARIANTS + 1];
+    int n_configs;
+    int config;                     /* the one computed with */
+    int elastic;                    /* the bottom is a BitStack used in place: its prefix follows the share */
     uint64_t memory_share;          /* weights + KV this model may hold; 0: unlimited */
     int refit;                      /* the share changed since the stack was last fitted */
     size_t weight_bytes;            /* m->weight_bytes as last fitted */
@@ -252,7 +256,8 @@ void sched_get_stats(struct sched *s, struct sched_stats *st) {
     st->preemptions = s->preemptions;
     st->weight_bytes = s->weight_bytes;
     st->stack_bytes = s->stack_bytes;
-    st->on_stack = s->elastic && !s->on_source;
+    st->on_stack = s->elastic && s->config == s->n_configs - 1;
+    st->config = s->config;
     st->memory_share = s->memory_share;
     st->stack_grows = s->stack_grows;
     st->stack_shrinks = s->stack_shrinks;
@@ -313,38 +318,41 @@ static void fit_in_place(struct model *m, size_t bytes) {
     (void)rc;
 }
 
-/* The run a pass uses: the variant's while the stack stands in for m. */
-static struct model_run *compute_run(const struct sched *s) {
-    return s->stack_run && !s->on_source ? s->stack_run : s->run;
-}
+/* The run a pass uses: the configuration's in use. */
+static struct model_run *compute_run(const struct sched *s) { return s->config_run[s->config]; }
+
+static int on_stack(const struct sched *s) { return s->elastic && s->config == s->n_configs - 1; }
 
 /* Keeps the weights that fit beside the KV reserved now (engine thread,
- * between passes: no pass reads the matrices): the longest prefix of the
- * stack, or, for a model with a stack variant, the model's own weights
- * while they fit. Called after every change to the reservations and when
- * the share changes, so weights and KV stay within the share at every
- * pass. A model left aside gives its pages back; the one taken up reads
- * them again from the page cache as the next pass touches them. */
+ * between passes: no pass reads the matrices): the largest whole file
+ * that fits (the model, then its packed variants), else the bottom
+ * configuration with the longest prefix of its stack that fits. Called
+ * after every change to the reservations and when the share changes, so
+ * weights and KV stay within the share at every pass. A model left aside
+ * gives its pages back; the one taken up reads them again from the page
+ * cache as the next pass touches them. */
 static void fit_weights(struct sched *s) {
     pthread_mutex_lock(&s->lock);
     const uint64_t share = s->memory_share;
     s->refit = 0;   /* for every model: the idle wait loops on it */
     pthread_mutex_unlock(&s->lock);
-    if (!s->elastic) return;
-    struct model *sm = s->stack_m;
+    if (s->n_configs < 2 && !s->elastic) return;
+    const int bottom = s->n_configs - 1;
     const size_t kv_held = kv_account_usage(&s->account).reserved_bytes;
-    const int source = governor_use_source(&s->gm, share, kv_held, s->on_source);
-    const size_t want = source ? 0 : bitstack_prefix_bytes(sm->stack, governor_stack_target(&s->gm, share, kv_held));
-    if (source == s->on_source && want == sm->stack->resident_bytes) return;
+    const int to = governor_rung(&s->gm, share, kv_held, s->config);
+    struct model *bm = s->config_m[bottom];
+    const size_t want = to == bottom && s->elastic
+                            ? bitstack_prefix_bytes(bm->stack, governor_stack_target(&s->gm, share, kv_held))
+                            : 0;
+    if (to == s->config && (!s->elastic || want == bm->stack->resident_bytes)) return;
     const double t0 = ebb_now_seconds();
     const size_t was = s->weight_bytes;
-    fit_in_place(sm, want);
-    if (source && !s->on_source) model_release_pages(sm);
-    if (!source && s->on_source) model_release_pages(s->m);
-    const size_t now = source ? s->m->weight_bytes : sm->weight_bytes;
+    if (s->elastic) fit_in_place(bm, want);
+    if (to != s->config) model_release_pages(s->config_m[s->config]);
+    const size_t now = s->config_m[to]->weight_bytes;
     const double took = ebb_now_seconds() - t0;
     pthread_mutex_lock(&s->lock);
-    s->on_source = source;
+    s->config = to;
     s->weight_bytes = now;
     s->stack_bytes = want;
     if (now > was) { s->stack_grows++; s->stack_bytes_loaded += now - was; }
@@ -599,7 +607,7 @@ static void step(struct sched *s) {
         else i++;
     }
     reserve_for_decode(s);
-    const int max_tokens = s->elastic && !s->on_source ? ELASTIC_STEP_TOKENS : MODEL_MAX_BATCH;
+    const int max_tokens = on_stack(s) ? ELASTIC_STEP_TOKENS : MODEL_MAX_BATCH;
     int decoding = 0;
     for (int i = 0; i < s->n_running; i++) decoding += s->running[i]->n_prefilled >= s->running[i]->n_replay;
     plan_drafts(s, decoding, max_tokens);
@@ -780,25 +788,27 @@ struct sched *sched_create(struct model *m, const struct sched_config *cfg) {
     s->weight_bytes = m->weight_bytes;
     s->stack_bytes = m->stack ? m->stack->resident_bytes : 0;
     s->gm.kv_min_bytes = kv_account_bytes_for(&s->account, 2);   /* one prompt token and one generated */
-    s->gm.fixed_bytes = m->weight_bytes;
-    s->stack_m = m->stack ? m : cfg->stack_variant;
-    s->elastic = s->stack_m && s->stack_m->stack && s->stack_m->weights != MODEL_WEIGHTS_F32 &&
-                 (s->stack_m == m || m->weights != MODEL_WEIGHTS_F32);
+    /* The configurations: m and its variants, all native (a dense copy
+     * cannot give its memory back); the bottom one's stack, used in place,
+     * follows the share. */
+    s->config_m[s->n_configs++] = m;
+    for (int i = 0; i < cfg->n_variants && i < SCHED_MAX_VARIANTS && m->weights != MODEL_WEIGHTS_F32; i++)
+        if (cfg->variants[i]->weights != MODEL_WEIGHTS_F32 && !m->stack) s->config_m[s->n_configs++] = cfg->variants[i];
+    struct model *bm = s->config_m[s->n_configs - 1];
+    s->elastic = bm->stack && bm->weights != MODEL_WEIGHTS_F32;
+    s->gm.fixed_bytes = bm->weight_bytes;
     if (s->elastic) {
-        struct model *sm = s->stack_m;
-        s->gm.stack_min_bytes = bitstack_min_bytes(sm->stack);
-        s->gm.stack_full_bytes = bitstack_full_bytes(sm->stack);
-        s->gm.fixed_bytes = sm->weight_bytes - sm->stack->resident_bytes;
-        if (sm != m) {
-            /* Until a budget says otherwise the model computes with its own
-             * weights; the variant's stack holds nothing. */
-            s->gm.source_bytes = m->weight_bytes;
-            s->on_source = 1;
-            fit_in_place(sm, 0);
-            s->stack_bytes = 0;
-        }
-    } else {
-        s->stack_m = NULL;
+        s->gm.stack_min_bytes = bitstack_min_bytes(bm->stack);
+        s->gm.stack_full_bytes = bitstack_full_bytes(bm->stack);
+        s->gm.fixed_bytes = bm->weight_bytes - bm->stack->resident_bytes;
+    }
+    s->gm.n_rungs = s->n_configs - 1;
+    for (int i = 0; i < s->gm.n_rungs; i++) s->gm.rung_bytes[i] = s->config_m[i]->weight_bytes;
+    if (s->n_configs > 1 && s->elastic) {
+        /* Until a budget says otherwise the model computes with its own
+         * weights; the variant's stack holds nothing. */
+        fit_in_place(bm, 0);
+        s->stack_bytes = 0;
     }
     if (s->cfg.max_running <= 0) s->cfg.max_running = 1;
     if (s->cfg.max_running > MODEL_MAX_BATCH) s->cfg.max_running = MODEL_MAX_BATCH;
@@ -806,17 +816,16 @@ struct sched *sched_create(struct model *m, const struct sched_config *cfg) {
     s->running = calloc((size_t)s->cfg.max_running, sizeof *s->running);
     s->batch = calloc((size_t)s->cfg.max_running, sizeof *s->batch);
     s->batch_req = calloc((size_t)s->cfg.max_running, sizeof *s->batch_req);
-    s->run = model_run_new(m, cfg->threads);
-    if (s->stack_m && s->stack_m != m) s->stack_run = model_run_new(s->stack_m, cfg->threads);
+    int runs_ok = 1;
+    for (int i = 0; i < s->n_configs; i++) runs_ok &= (s->config_run[i] = model_run_new(s->config_m[i], cfg->threads)) != NULL;
+    s->run = s->config_run[0];
     pthread_mutex_init(&s->lock, NULL);
     pthread_cond_init(&s->wake, NULL);
-    if (!s->running || !s->batch || !s->batch_req || !s->run || (s->stack_m && s->stack_m != m && !s->stack_run) ||
-        pthread_create(&s->thread, NULL, engine_main, s)) {
+    if (!s->running || !s->batch || !s->batch_req || !runs_ok || pthread_create(&s->thread, NULL, engine_main, s)) {
         pthread_cond_destroy(&s->wake);
         pthread_mutex_destroy(&s->lock);
         kv_account_destroy(&s->account);
-        model_run_free(s->run);
-        model_run_free(s->stack_run);
+        for (int i = 0; i < s->n_configs; i++) model_run_free(s->config_run[i]);
         free(s->running); free(s->batch); free(s->batch_req);
         free(s);
         return NULL;
@@ -835,8 +844,7 @@ void sched_destroy(struct sched *s, int drain) {
     pthread_cond_destroy(&s->wake);
     pthread_mutex_destroy(&s->lock);
     kv_account_destroy(&s->account);
-    model_run_free(s->run);
-    model_run_free(s->stack_run);
+    for (int i = 0; i < s->n_configs; i++) model_run_free(s->config_run[i]);
     free(s->running);
     free(s->batch);
     free(s->batch_req);

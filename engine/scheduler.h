@@ -33,6 +33,8 @@
 struct model;
 struct sched;
 
+#define SCHED_MAX_VARIANTS 7   /* packed files one model can stand in for it (sched_config) */
+
 struct sched_config {
     int max_running;          /* sequences decoded together */
     int max_waiting;          /* queue bound */
@@ -40,11 +42,13 @@ struct sched_config {
     size_t kv_budget_bytes;   /* KV cache budget; 0: unlimited */
     int kv_bits;              /* KV cache precision: 32 (or 0), 16, 8, 4 (engine/kv.h) */
     int threads;              /* kernel workers of the engine's run; <= 0: one per core */
-    /* A BitStack file packed from this model (its shape), or NULL: computed
-     * with instead of the model when the model's own weights do not fit its
-     * memory share (engine/governor.h's ladder). Owned by the caller, like
-     * the model; both native. */
-    struct model *stack_variant;
+    /* Files packed from this model (its shape), each smaller than the one
+     * before, the last possibly a BitStack file: computed with instead of
+     * the model when its own weights do not fit its memory share
+     * (engine/governor.h's ladder). Owned by the caller, like the model;
+     * all native. */
+    struct model *variants[SCHED_MAX_VARIANTS];
+    int n_variants;
     /* Speculating requests verify every draft they find (up to DRAFT_MAX),
      * whether or not the measured costs say it pays: for tests and for
      * measuring a draft source's acceptance. */
@@ -92,8 +96,9 @@ struct sched_stats {
     uint64_t steps, batch_tokens;
     uint64_t preemptions;      /* running sequences sent back to the queue for memory */
     size_t weight_bytes;       /* resident weights: fixed ones and the stack prefix */
-    size_t stack_bytes;        /* the BitStack prefix resident (0: no stack, or computing with the model itself) */
+    size_t stack_bytes;        /* the BitStack prefix resident (0: no stack, or computing with a whole file) */
     int on_stack;              /* computing with a stack (the model's own, or its variant's) */
+    int config;                /* computing with: 0 the model, i its variants[i - 1] */
     uint64_t memory_share;     /* sched_set_memory's share (0: none) */
     uint64_t stack_grows, stack_shrinks;            /* prefix changes, by direction */
     uint64_t stack_bytes_loaded, stack_bytes_freed; /* bytes they added and released */

@@ -48,7 +48,15 @@ struct served_model {
     enum served_state state;
     char error[1024];             /* why loading failed */
     struct model model;           /* valid when READY */
-    struct model *variant;        /* a BitStack variant standing in when the model does not fit, or NULL */
+    /* Files packed from the model that stand in for it when its own
+     * weights do not fit its memory share (engine/governor.h's ladder):
+     * whole packed files, largest first, then perhaps a BitStack. */
+    struct served_variant {
+        struct model *model;
+        char kind[32];            /* the catalog's: "w4a4", "source-w4a8", "bitstack", ... */
+        double perplexity;        /* the catalog's measurement, NaN when it has none */
+    } variants[SCHED_MAX_VARIANTS];
+    int n_variants;
     struct sched *sched;          /* valid when READY */
     int refs;                     /* the list's own + one per request in flight */
     bool over_budget;             /* FAILED because its weights do not fit the memory budget */
@@ -181,6 +189,9 @@ const struct grammar_vocab *served_grammar_vocab(struct served_model *sm);
 /* The model's parameters: in its layer matrices, and in all (the embedding
  * and an untied head too), for bits per weight. */
 void served_param_counts(const struct served_model *sm, uint64_t *layer, uint64_t *all);
+/* The stack whose prefix follows the model's share: the served file's own,
+ * or its BitStack variant's; NULL without one. */
+const struct bitstack *served_stack(const struct served_model *sm);
 /* Refreshes the per-model gauges before /metrics renders. */
 void served_refresh_metrics(struct daemon *d);
 

@@ -95,17 +95,32 @@ static const char *type_of(enum catalog_status s) {
 
 /* ------------------------------------------------------------ memory */
 
-/* A model's weights as the governor has them now: their kind, bits per
- * weight and, for a BitStack, the resident part of the stack and the
- * perplexity the packer measured there. */
+/* A model's weights as the governor has them now: the configuration it
+ * computes with (its own file, a packed variant, or a stack) with its bits
+ * per weight and, for a BitStack, the resident part of the stack and the
+ * perplexity the packer measured there; and the ladder it chooses from. */
 static json_t *weights_state(const struct served_model *sm, const struct sched_stats *st) {
-    /* The stack: the served file's own, or its variant standing in for it. */
-    const struct bitstack *s = sm->model.stack ? sm->model.stack : sm->variant ? sm->variant->stack : NULL;
+    const struct bitstack *s = served_stack(sm);
     uint64_t layer_params, all_params;
     served_param_counts(sm, &layer_params, &all_params);
-    json_t *w = json_pack("{s:s, s:f}", "kind", st->on_stack || sm->model.stack ? "bitstack" : "file",
+    const struct served_variant *in_use = st->config > 0 ? &sm->variants[st->config - 1] : NULL;
+    const char *kind = st->on_stack || sm->model.stack ? "bitstack" : in_use ? "packed" : "file";
+    json_t *w = json_pack("{s:s, s:s, s:f}", "kind", kind, "path", in_use ? in_use->model->file.path : sm->path,
                           "bits_per_weight", (double)st->weight_bytes * 8.0 / (double)all_params);
-    if (sm->variant) json_object_set_new(w, "variant", json_string(sm->variant->file.path));
+    if (in_use) json_object_set_new(w, "variant_kind", json_string(in_use->kind));
+    json_t *ladder = json_array();
+    json_array_append_new(ladder, json_pack("{s:s, s:s, s:I}", "kind", sm->model.stack ? "bitstack" : "file",
+                                            "path", sm->path, "weight_bytes",
+                                            (json_int_t)sm->model.weight_bytes));
+    for (int i = 0; i < sm->n_variants; i++) {
+        const struct served_variant *v = &sm->variants[i];
+        const struct bitstack *vs = v->model->stack;
+        json_array_append_new(ladder, json_pack("{s:s, s:s, s:I, s:o}", "kind", v->kind, "path", v->model->file.path,
+            /* a stack's weights at its least; it grows from there */
+            "weight_bytes", (json_int_t)(vs ? vs->base_weight_bytes + bitstack_min_bytes(vs) : v->model->weight_bytes),
+            "perplexity", isnan(v->perplexity) ? json_null() : json_real(v->perplexity)));
+    }
+    json_object_set_new(w, "ladder", ladder);
     if (s) {   /* only the immutable parts of the stack are read here */
         const size_t blocks = bitstack_prefix_blocks(s, st->stack_bytes), n = (size_t)s->n_matrices * s->levels;
         const float ppl = bitstack_ppl_at(s, st->stack_bytes);

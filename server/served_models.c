@@ -18,6 +18,7 @@
  * inside its share. Shares are recomputed whenever the budget or the set of
  * models changes, and on every "auto" reading (routes_admin.c).
  */
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -51,50 +52,117 @@ static int same_shape(const struct model_config *a, const struct model_config *b
            a->rope_base == b->rope_base && a->rope_style == b->rope_style;
 }
 
-/* The newest "bitstack" variant the catalog has of the model (ebb pack
- * registers it), loaded to stand in for the model when its own weights do
- * not fit its memory share (engine/governor.h's ladder); NULL when there is
- * none, when weights are f32 (dense copies cannot give memory back), or
- * when it cannot be used -- then the model is served alone, with a
- * warning. */
-static struct model *load_stack_variant(struct daemon *d, struct served_model *sm) {
-    if (d->cfg.weights != MODEL_WEIGHTS_NATIVE || sm->model.stack) return NULL;
+/* A variant that can stand in for its model: its weights used in place
+ * from the file (a w4a16 file is dequantized to f32 copies at load, which
+ * could not give their memory back). */
+static int ladder_kind(const char *kind) { return strncmp(kind, "w4a16", 5) != 0; }
+
+static void free_variants(struct served_model *sm) {
+    for (int i = 0; i < sm->n_variants; i++) {
+        model_free(sm->variants[i].model);
+        free(sm->variants[i].model);
+    }
+    sm->n_variants = 0;
+}
+
+/* Why a loaded variant cannot stand in for the model, or NULL. */
+static const char *variant_problem(const struct model *v, const struct model *m, int is_stack) {
+    if (!same_shape(&v->cfg, &m->cfg)) return "its shape is not the model's";
+    if (!v->stack != !is_stack) return is_stack ? "it is not a bitstack file" : "it is a bitstack file";
+    if (!is_stack && v->weight_bytes >= m->weight_bytes) return "it is not smaller than the model";
+    return NULL;
+}
+
+static size_t least_weight_bytes(const struct model *m) {
+    return m->stack ? m->stack->base_weight_bytes + bitstack_min_bytes(m->stack) : m->weight_bytes;
+}
+
+static int by_weight_bytes_down(const void *a, const void *b) {
+    const struct served_variant *x = a, *y = b;
+    const size_t p = x->model->weight_bytes, q = y->model->weight_bytes;
+    return p > q ? -1 : p < q;
+}
+
+/* The model's ladder (engine/governor.h): the variants the catalog has of
+ * it (ebb pack registers them) that can stand in for it, loaded (mapped;
+ * their pages are read when first used). A packed file is a rung when it
+ * is smaller than the rung above it and no smaller rung measured a
+ * perplexity as good; a BitStack is the bottom (the newest, when there are
+ * several) when its least is below the smallest packed rung. A variant
+ * that cannot be used is left out with a warning; the model is served
+ * either way. None when weights are f32 (dense copies cannot give memory
+ * back) or the model is a stack itself. */
+static void load_variants(struct daemon *d, struct served_model *sm) {
+    sm->n_variants = 0;
+    if (d->cfg.weights != MODEL_WEIGHTS_NATIVE || sm->model.stack) return;
     char err[1024];
     struct catalog_model row;
-    if (catalog_model_get(d->catalog, sm->name, &row, err, sizeof err) != CATALOG_OK) return NULL;
+    if (catalog_model_get(d->catalog, sm->name, &row, err, sizeof err) != CATALOG_OK) return;
     struct catalog_variant *v = NULL;
     size_t n = 0;
     const enum catalog_status st = catalog_variant_list(d->catalog, row.id, &v, &n, err, sizeof err);
     catalog_model_free(&row);
-    if (st != CATALOG_OK) return NULL;
-    const struct catalog_variant *pick = NULL;
-    for (size_t i = 0; i < n; i++)   /* ordered by id: the last is the newest */
-        if (!strcmp(v[i].kind, "bitstack")) pick = &v[i];
-    struct model *m = pick ? calloc(1, sizeof *m) : NULL;
-    if (pick && !m) log_warn("stack variant not loaded", "model=%s error=\"out of memory\"", sm->name);
-    if (m && model_load(m, pick->path, MODEL_WEIGHTS_NATIVE, err, sizeof err)) {
-        log_warn("stack variant not loaded", "model=%s error=\"%s\"", sm->name, err);
-        free(m);
-        m = NULL;
-    } else if (m && (!m->stack || !same_shape(&m->cfg, &sm->model.cfg))) {
-        log_warn("stack variant not used", "model=%s path=%s error=\"%s\"", sm->name, pick->path,
-                 m->stack ? "its shape is not the model's" : "it is not a bitstack file");
-        model_free(m);
-        free(m);
-        m = NULL;
-    } else if (m) {
-        log_info("stack variant loaded", "model=%s path=%s stack_bytes=%zu", sm->name, pick->path,
-                 bitstack_full_bytes(m->stack));
+    if (st != CATALOG_OK) return;
+    struct served_variant packed[SCHED_MAX_VARIANTS], stack = {0};
+    int n_packed = 0;
+    for (size_t i = n; i-- > 0;) {   /* ordered by id: newest first */
+        const int is_stack = !strcmp(v[i].kind, "bitstack");
+        if (!ladder_kind(v[i].kind) || (is_stack && stack.model) || (!is_stack && n_packed == SCHED_MAX_VARIANTS - 1))
+            continue;
+        struct model *m = calloc(1, sizeof *m);
+        const char *problem = !m ? "out of memory"
+                              : model_load(m, v[i].path, MODEL_WEIGHTS_NATIVE, err, sizeof err) ? err : NULL;
+        const int loaded = m && !problem;
+        if (loaded) problem = variant_problem(m, &sm->model, is_stack);
+        if (problem) {
+            log_warn("variant not used", "model=%s kind=%s path=%s error=\"%s\"", sm->name, v[i].kind, v[i].path,
+                     problem);
+            if (loaded) model_free(m);
+            free(m);
+            continue;
+        }
+        struct served_variant sv = {.model = m, .perplexity = v[i].has_perplexity ? v[i].perplexity : NAN};
+        snprintf(sv.kind, sizeof sv.kind, "%s", v[i].kind);
+        if (is_stack) stack = sv;
+        else packed[n_packed++] = sv;
     }
     catalog_variant_list_free(v, n);
-    return m;
-}
-
-static void free_variant(struct served_model *sm) {
-    if (!sm->variant) return;
-    model_free(sm->variant);
-    free(sm->variant);
-    sm->variant = NULL;
+    /* Largest first; a rung must be smaller than the one above it and
+     * better measured than every smaller one. */
+    qsort(packed, (size_t)n_packed, sizeof *packed, by_weight_bytes_down);
+    double best_below = INFINITY;
+    for (int i = n_packed; i-- > 0;) {
+        struct served_variant *pv = &packed[i];
+        const int same_size = i > 0 && packed[i - 1].model->weight_bytes == pv->model->weight_bytes;
+        const int dominated = !isnan(pv->perplexity) && pv->perplexity >= best_below;
+        if (dominated || same_size) {
+            log_warn("variant not used", "model=%s kind=%s path=%s error=\"%s\"", sm->name, pv->kind,
+                     pv->model->file.path, dominated ? "a smaller variant measured as well" : "another is the same size");
+            model_free(pv->model);
+            free(pv->model);
+            pv->model = NULL;
+        } else if (!isnan(pv->perplexity)) {
+            best_below = pv->perplexity;
+        }
+    }
+    for (int i = 0; i < n_packed; i++)
+        if (packed[i].model) sm->variants[sm->n_variants++] = packed[i];
+    if (stack.model) {
+        const size_t above = sm->n_variants ? sm->variants[sm->n_variants - 1].model->weight_bytes
+                                            : sm->model.weight_bytes;
+        if (least_weight_bytes(stack.model) < above) {
+            sm->variants[sm->n_variants++] = stack;
+        } else {
+            log_warn("variant not used", "model=%s kind=bitstack path=%s error=\"its least is not below a packed "
+                     "variant\"", sm->name, stack.model->file.path);
+            model_free(stack.model);
+            free(stack.model);
+        }
+    }
+    for (int i = 0; i < sm->n_variants; i++)
+        log_info("variant loaded", "model=%s kind=%s path=%s weight_bytes=%zu least_bytes=%zu", sm->name,
+                 sm->variants[i].kind, sm->variants[i].model->file.path, sm->variants[i].model->weight_bytes,
+                 least_weight_bytes(sm->variants[i].model));
 }
 
 static void load_work(uv_work_t *w) {
@@ -118,12 +186,13 @@ static void load_work(uv_work_t *w) {
         model_free(&sm->model);
         return;
     }
-    sm->variant = load_stack_variant(d, sm);
-    sc.stack_variant = sm->variant;
+    load_variants(d, sm);
+    for (int i = 0; i < sm->n_variants; i++) sc.variants[i] = sm->variants[i].model;
+    sc.n_variants = sm->n_variants;
     sm->sched = sched_create(&sm->model, &sc);
     if (!sm->sched) {
         snprintf(sm->error, sizeof sm->error, "cannot start the engine thread");
-        free_variant(sm);
+        free_variants(sm);
         model_free(&sm->model);
         return;
     }
@@ -150,7 +219,7 @@ static void load_done(uv_work_t *w, int status) {
              * large blocks. */
             sched_destroy(sm->sched, 0);
             sm->sched = NULL;
-            free_variant(sm);
+            free_variants(sm);
             model_free(&sm->model);
         } else {
             const char *labels[] = {sm->name};
@@ -254,7 +323,7 @@ static void teardown_work(uv_work_t *w) {
     struct served_model *sm = w->data;
     if (sm->sched) sched_destroy(sm->sched, 0);
     sm->sched = NULL;
-    free_variant(sm);
+    free_variants(sm);
     grammar_vocab_free(sm->grammar_vocab);
     sm->grammar_vocab = NULL;
     if (sm->state != SERVED_FAILED && sm->model.layers) model_free(&sm->model);
@@ -418,6 +487,11 @@ int served_set_budget(struct daemon *d, uint64_t bytes, char *err, size_t errlen
     return 0;
 }
 
+const struct bitstack *served_stack(const struct served_model *sm) {
+    if (sm->model.stack) return sm->model.stack;
+    return sm->n_variants ? sm->variants[sm->n_variants - 1].model->stack : NULL;
+}
+
 void served_param_counts(const struct served_model *sm, uint64_t *layer, uint64_t *all) {
     const struct model *m = &sm->model;
     const struct model_config *c = &m->cfg;
@@ -449,7 +523,7 @@ void served_refresh_metrics(struct daemon *d) {
         uint64_t layer, all;
         served_param_counts(sm, &layer, &all);
         metric_series_set(sm->m_bpw, (double)st.weight_bytes * 8.0 / (double)all);
-        const struct bitstack *stack = sm->model.stack ? sm->model.stack : sm->variant ? sm->variant->stack : NULL;
+        const struct bitstack *stack = served_stack(sm);
         if (stack) metric_series_set(sm->m_stack_blocks, (double)bitstack_prefix_blocks(stack, st.stack_bytes));
         advance(sm->m_grows, st.stack_grows);
         advance(sm->m_shrinks, st.stack_shrinks);

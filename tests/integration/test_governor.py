@@ -313,70 +313,84 @@ def test_a_truncated_stack_is_refused_naming_the_file(srv, stack_file, tmp_path)
 
 
 @pytest.fixture(scope="module")
-def ladder(binary, ebb_bin, stack_file, source_file, tmp_path_factory):
-    """The f32 cut served with its stack registered as a variant (ebb pack registers it)."""
+def ladder(binary, ebb_bin, source_file, tmp_path_factory):
+    """The f32 cut served with two variants packed from it and registered (ebb pack registers
+    them): a w4a4 file and a stack."""
     d = tmp_path_factory.mktemp("ladder")
     catalog = d / "catalog.db"
     p = run_ebb(ebb_bin, "models", "--catalog", str(catalog), "add", str(source_file), "--name", "cut")
     assert p.returncode == 0, p.stderr.decode()
-    out = d / "cut.bitstack.gguf"
-    p = run_ebb(ebb_bin, "pack", "-m", str(source_file), "--format", "bitstack", "--levels", str(LEVELS),
-                "--calib-seqs", "4", "--calib-len", "128", "--no-eval", "--checkpoints", "0",
-                "--catalog", str(catalog), "-o", str(out), timeout=600)
-    assert p.returncode == 0 and "registered as a 'bitstack' variant" in p.stdout.decode(), p.stdout + p.stderr
+    packed, stack = d / "cut.w4a4.gguf", d / "cut.bitstack.gguf"
+    for out, fmt, extra in ((packed, "w4a4", ()), (stack, "bitstack", ("--levels", str(LEVELS), "--checkpoints", "0"))):
+        p = run_ebb(ebb_bin, "pack", "-m", str(source_file), "--format", fmt, *extra, "--calib-seqs", "4",
+                    "--calib-len", "128", "--no-eval", "--catalog", str(catalog), "-o", str(out), timeout=600)
+        assert p.returncode == 0 and f"registered as a '{fmt}' variant" in p.stdout.decode(), p.stdout + p.stderr
     s = Server(binary, "--default-model", "cut", "--verify-models", "stat", "--max-running", "8", catalog=catalog,
                token=TOKEN, start_timeout=120)
     try:
         s.wait_ready()
-        assert "stack variant loaded" in s.log()
+        assert "kind=w4a4" in s.log() and "kind=bitstack" in s.log(), s.log()
     except BaseException:
         s.kill()
         raise
-    yield s, out
+    yield s, packed, stack
     s.stop_clean()
 
 
-def test_a_model_with_a_stack_variant_computes_with_its_own_weights_when_they_fit(ladder, source_file):
-    srv, variant = ladder
+def test_a_model_computes_with_the_largest_rung_of_its_ladder_that_fits(ladder):
+    srv, packed, stack = ladder
     state = memory(srv)
     m = model_of(state)
     w = m["weights"]
-    assert w["kind"] == "file" and w["variant"] == str(variant) and w["stack"]["resident_bytes"] == 0, w
-    own = m["weight_bytes"]
-    # Served in less than its own weights: the stack's least is the floor.
-    assert state["minimum_bytes"] < own, state
+    assert w["kind"] == "file" and w["stack"]["resident_bytes"] == 0, w
+    assert [(r["kind"], r["path"]) for r in w["ladder"][1:]] == [("w4a4", str(packed)), ("bitstack", str(stack))], w
+    own, packed_bytes, stack_least = (r["weight_bytes"] for r in w["ladder"])
+    assert own == m["weight_bytes"] and own > packed_bytes > stack_least, w
+    # Served in less than any whole file: the stack's least is the floor.
+    assert state["minimum_bytes"] < packed_bytes, state
     prompts = PROMPTS[:3]
     before = greedy(srv, prompts)
-    assert put(srv, {"budget": state["minimum_bytes"] + (8 << 20)}).status_code == 200
-    small = settle(srv, lambda st: model_of(st)["weights"]["kind"] == "bitstack")
-    sm = model_of(small)
-    assert sm["weights"]["kind"] == "bitstack" and 1 <= sm["weights"]["stack"]["depth"] <= LEVELS, sm
-    assert sm["weight_bytes"] + sm["kv_reserved_bytes"] <= small["memory_budget_bytes"], small
-    on_stack = greedy(srv, prompts)
-    assert on_stack != before
-    # Streams run through changes between the file and its stack, both ways.
+
+    def go(kind):
+        """The budget that makes the model take `kind`, applied; the state once it has."""
+        if kind == "file":
+            assert put(srv, {"budget": own * 4}).status_code == 200
+        elif kind == "packed":   # the w4a4 file and the KV of every stream, with room to spare
+            assert put(srv, {"budget": packed_bytes + (16 << 20)}).status_code == 200
+        else:
+            put_at_least(srv, memory(srv)["minimum_bytes"] + (1 << 20))
+        # The engine changes weights at its next step (slow in the ASan build).
+        return settle(srv, lambda st: fits(st) and model_of(st)["weights"]["kind"] == kind, timeout=30)
+
+    pm = model_of(go("packed"))
+    assert pm["weights"]["kind"] == "packed" and pm["weights"]["variant_kind"] == "w4a4", pm
+    assert pm["weights"]["path"] == str(packed) and pm["weight_bytes"] == packed_bytes, pm
+    assert pm["weights"]["stack"]["resident_bytes"] == 0, pm
+    on_packed = greedy(srv, prompts)
+    assert on_packed != before
+    sm = model_of(go("bitstack"))
+    assert sm["weights"]["kind"] == "bitstack" and sm["weights"]["path"] == str(stack), sm
+    assert 1 <= sm["weights"]["stack"]["depth"] <= LEVELS, sm
+    assert greedy(srv, prompts) not in (before, on_packed)
+    # Streams run through changes between every pair of rungs, both ways.
     with concurrent.futures.ThreadPoolExecutor(len(PROMPTS)) as pool:
         runs = [pool.submit(stream, srv, p, i) for i, p in enumerate(PROMPTS)]
         kinds = []
-        for budget in (own * 4, None, own * 4, None, 0):
-            if budget is None:
-                budget = put_at_least(srv, memory(srv)["minimum_bytes"] + (4 << 20))
-                want = "bitstack"
-            else:
-                assert put(srv, {"budget": budget}).status_code == 200
-                want = "file"
-            # The engine changes weights at its next step (slow in the ASan build).
-            state = settle(srv, lambda st: fits(st) and model_of(st)["weights"]["kind"] == want, timeout=30)
+        for want in ("file", "packed", "bitstack", "file", "bitstack", "packed", "file"):
+            state = go(want)
             assert fits(state), state
             kinds.append(model_of(state)["weights"]["kind"])
             time.sleep(0.2)
         results = [r.result() for r in runs]
-    assert "bitstack" in kinds and "file" in kinds, kinds
+    assert kinds == ["file", "packed", "bitstack", "file", "bitstack", "packed", "file"], kinds
     for text, finish, errors in results:
         assert not errors and finish in ("length", "stop"), (text, finish, errors)
-    # Back to its own weights: the same answers as before, exactly.
+    # Back on each whole file: the same answers as before, exactly.
     state = settle(srv, lambda st: model_of(st)["weights"]["kind"] == "file")
     assert model_of(state)["weight_bytes"] == own and model_of(state)["weights"]["stack"]["resident_bytes"] == 0
     assert greedy(srv, prompts) == before
+    go("packed")
+    assert greedy(srv, prompts) == on_packed
+    go("file")
     assert metric(srv, "ebb_weight_changes_total", direction="shrink") >= 2
     assert metric(srv, "ebb_weight_changes_total", direction="grow") >= 2

@@ -51,15 +51,38 @@ static void test_inside_a_share(void) {
     CHECK(governor_kv_budget(&plain, 100 * MB) == 10 * MB);
     /* The ladder: the file's own weights while they fit beside the KV, with
      * a margin of 1/16 of them to come back; no budget: always the file. */
-    const struct governor_model lad = {.fixed_bytes = 30 * MB, .stack_min_bytes = 15 * MB,
-                                       .stack_full_bytes = 74 * MB, .kv_min_bytes = 3 * MB, .source_bytes = 96 * MB};
-    CHECK(governor_use_source(&lad, 0, 50 * MB, 0) == 1);
-    CHECK(governor_use_source(&lad, 100 * MB, 4 * MB, 1) == 1);      /* 96 + 4 = 100: fits */
-    CHECK(governor_use_source(&lad, 100 * MB, 5 * MB, 1) == 0);      /* one more MB of KV: the stack */
-    CHECK(governor_use_source(&lad, 100 * MB, 4 * MB, 0) == 0);      /* from the stack, 6 MB margin first */
-    CHECK(governor_use_source(&lad, 106 * MB, 4 * MB, 0) == 1);
-    CHECK(governor_use_source(&s, 0, 0, 0) == 0);                     /* no file below a stack */
-    CHECK(governor_minimum(&lad, 1) == 48 * MB);                      /* the stack's least, not the file's */
+    const struct governor_model lad = {.rung_bytes = {96 * MB}, .n_rungs = 1, .fixed_bytes = 30 * MB,
+                                       .stack_min_bytes = 15 * MB, .stack_full_bytes = 74 * MB,
+                                       .kv_min_bytes = 3 * MB};
+    CHECK(governor_rung(&lad, 0, 50 * MB, 1) == 0);
+    CHECK(governor_rung(&lad, 100 * MB, 4 * MB, 0) == 0);      /* 96 + 4 = 100: fits */
+    CHECK(governor_rung(&lad, 100 * MB, 5 * MB, 0) == 1);      /* one more MB of KV: the stack */
+    CHECK(governor_rung(&lad, 100 * MB, 4 * MB, 1) == 1);      /* from the stack, 6 MB margin first */
+    CHECK(governor_rung(&lad, 106 * MB, 4 * MB, 1) == 0);
+    CHECK(governor_rung(&s, 0, 0, 0) == 0);                     /* no rung above a stack: its bottom */
+    CHECK(governor_rung(&s, 50 * MB, 0, 0) == 0);
+    CHECK(governor_minimum(&lad, 1) == 48 * MB);                /* the stack's least, not the file's */
+    /* Three rungs (a file, two packed variants) over a stack: the largest
+     * that fits; each step up takes its own margin. */
+    const struct governor_model three = {.rung_bytes = {320 * MB, 96 * MB, 64 * MB}, .n_rungs = 3,
+                                         .fixed_bytes = 30 * MB, .stack_min_bytes = 15 * MB,
+                                         .stack_full_bytes = 74 * MB, .kv_min_bytes = 3 * MB};
+    CHECK(governor_rung(&three, 0, 0, 3) == 0);
+    CHECK(governor_rung(&three, 400 * MB, 10 * MB, 0) == 0);
+    CHECK(governor_rung(&three, 200 * MB, 10 * MB, 0) == 1);   /* the file no longer fits: the larger variant */
+    CHECK(governor_rung(&three, 100 * MB, 10 * MB, 1) == 2);
+    CHECK(governor_rung(&three, 70 * MB, 10 * MB, 2) == 3);    /* the stack */
+    CHECK(governor_rung(&three, 74 * MB, 10 * MB, 3) == 3);    /* 64 + 10 fits, but not with its 4 MB margin */
+    CHECK(governor_rung(&three, 78 * MB, 10 * MB, 3) == 2);
+    CHECK(governor_rung(&three, 111 * MB, 10 * MB, 2) == 2);   /* 96 + 10 + its 6 MB margin > 111: stays */
+    CHECK(governor_rung(&three, 113 * MB, 10 * MB, 3) == 1);   /* two steps up at once when both fit */
+    CHECK(governor_minimum(&three, 1) == 48 * MB);
+    /* Packed variants without a stack: the smallest is the bottom. */
+    const struct governor_model packed = {.rung_bytes = {320 * MB}, .n_rungs = 1, .fixed_bytes = 96 * MB,
+                                          .kv_min_bytes = 3 * MB};
+    CHECK(governor_minimum(&packed, 1) == 99 * MB);
+    CHECK(governor_rung(&packed, 200 * MB, 0, 0) == 1);
+    CHECK(governor_stack_target(&packed, 200 * MB, 0) == 0);
     /* auto: held plus free, less the reserve, never below zero. */
     CHECK(governor_auto_budget(100, 900, 200) == 800);
     CHECK(governor_auto_budget(100, 50, 200) == 0);
