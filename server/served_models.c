@@ -107,8 +107,12 @@ static void load_variants(struct daemon *d, struct served_model *sm) {
     int n_packed = 0;
     for (size_t i = n; i-- > 0;) {   /* ordered by id: newest first */
         const int is_stack = !strcmp(v[i].kind, "bitstack");
-        if (!ladder_kind(v[i].kind) || (is_stack && stack.model) || (!is_stack && n_packed == SCHED_MAX_VARIANTS - 1))
+        if (!ladder_kind(v[i].kind)) {
+            log_info("variant not used", "model=%s kind=%s path=%s error=\"its weights are dequantized at load\"",
+                     sm->name, v[i].kind, v[i].path);
             continue;
+        }
+        if ((is_stack && stack.model) || (!is_stack && n_packed == SCHED_MAX_VARIANTS - 1)) continue;
         struct model *m = calloc(1, sizeof *m);
         const char *problem = !m ? "out of memory"
                               : model_load(m, v[i].path, MODEL_WEIGHTS_NATIVE, err, sizeof err) ? err : NULL;

@@ -314,14 +314,16 @@ def test_a_truncated_stack_is_refused_naming_the_file(srv, stack_file, tmp_path)
 
 @pytest.fixture(scope="module")
 def ladder(binary, ebb_bin, source_file, tmp_path_factory):
-    """The f32 cut served with two variants packed from it and registered (ebb pack registers
-    them): a w4a4 file and a stack."""
+    """The f32 cut served with variants packed from it and registered (ebb pack registers
+    them): a w4a4 file and a stack, and a w4a16 file, which cannot be a rung (dequantized at
+    load)."""
     d = tmp_path_factory.mktemp("ladder")
     catalog = d / "catalog.db"
     p = run_ebb(ebb_bin, "models", "--catalog", str(catalog), "add", str(source_file), "--name", "cut")
     assert p.returncode == 0, p.stderr.decode()
     packed, stack = d / "cut.w4a4.gguf", d / "cut.bitstack.gguf"
-    for out, fmt, extra in ((packed, "w4a4", ()), (stack, "bitstack", ("--levels", str(LEVELS), "--checkpoints", "0"))):
+    for out, fmt, extra in ((packed, "w4a4", ()), (d / "cut.w4a16.gguf", "w4a16", ()),
+                            (stack, "bitstack", ("--levels", str(LEVELS), "--checkpoints", "0"))):
         p = run_ebb(ebb_bin, "pack", "-m", str(source_file), "--format", fmt, *extra, "--calib-seqs", "4",
                     "--calib-len", "128", "--no-eval", "--catalog", str(catalog), "-o", str(out), timeout=600)
         assert p.returncode == 0 and f"registered as a '{fmt}' variant" in p.stdout.decode(), p.stdout + p.stderr
@@ -329,7 +331,10 @@ def ladder(binary, ebb_bin, source_file, tmp_path_factory):
                token=TOKEN, start_timeout=120)
     try:
         s.wait_ready()
-        assert "kind=w4a4" in s.log() and "kind=bitstack" in s.log(), s.log()
+        log = s.log()
+        assert re.search(r'msg="variant loaded" model=cut kind=w4a4 ', log), log
+        assert re.search(r'msg="variant loaded" model=cut kind=bitstack ', log), log
+        assert re.search(r'msg="variant not used" model=cut kind=w4a16 .*dequantized at load', log), log
     except BaseException:
         s.kill()
         raise
