@@ -10,6 +10,7 @@
 #include "server/catalog_json.h"
 
 #include <stdio.h>
+#include <string.h>
 
 #include "storage/catalog.h"
 
@@ -25,6 +26,24 @@ static json_t *variant_json(const struct catalog_variant *v) {
     json_object_set_new(o, "checksum", v->checksum ? json_string(v->checksum) : json_null());
     json_object_set_new(o, "created_at", json_integer(v->created_at));
     return o;
+}
+
+/* A stack variant's directory in brief: its blocks and the quality the
+ * packer measured along it, so an operator can pick a budget before
+ * serving. */
+static int add_stack_json(struct catalog *cat, const struct catalog_variant *v, json_t *o, char *err, size_t errlen) {
+    struct catalog_block *b;
+    size_t n;
+    if (catalog_variant_blocks(cat, v->id, &b, &n, err, errlen) != CATALOG_OK) return -1;
+    json_t *points = json_array();
+    for (size_t i = 0; i < n; i++)
+        if (b[i].has_perplexity)
+            json_array_append_new(points, json_pack("{s:I, s:f}", "bytes", (json_int_t)b[i].cumulative_bytes,
+                                                    "perplexity", b[i].perplexity));
+    json_object_set_new(o, "stack", json_pack("{s:I, s:I, s:o}", "blocks", (json_int_t)n, "bytes",
+                                              (json_int_t)(n ? b[n - 1].cumulative_bytes : 0), "checkpoints", points));
+    catalog_blocks_free(b, n);
+    return 0;
 }
 
 json_t *catalog_model_json(struct catalog *cat, const struct catalog_model *m, char *err, size_t errlen) {
@@ -45,8 +64,17 @@ json_t *catalog_model_json(struct catalog *cat, const struct catalog_model *m, c
     json_object_set_new(o, "bytes", json_integer(m->source_bytes));
     json_object_set_new(o, "params", json_integer(m->params));
     json_object_set_new(o, "created_at", json_integer(m->created_at));
-    for (size_t i = 0; i < nv; i++) json_array_append_new(arr, variant_json(&vs[i]));
+    int bad = 0;
+    for (size_t i = 0; i < nv && !bad; i++) {
+        json_t *v = variant_json(&vs[i]);
+        if (v && !strcmp(vs[i].kind, "bitstack")) bad = add_stack_json(cat, &vs[i], v, err, errlen);
+        json_array_append_new(arr, v);
+    }
     json_object_set_new(o, "variants", arr);
     catalog_variant_list_free(vs, nv);
+    if (bad) {
+        json_decref(o);
+        return NULL;
+    }
     return o;
 }

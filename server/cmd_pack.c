@@ -23,6 +23,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "engine/bitstack.h"
 #include "engine/model.h"
 #include "engine/perplexity.h"
 #include "server/cli.h"
@@ -180,6 +181,53 @@ static void print_summary(const struct pack_options *o, const struct pack_result
     printf("  all layers: %lu of %lu groups 8-bit (%.1f%%)\n", hi_all, all, 100.0 * hi_all / all);
 }
 
+/* A BitStack file's block directory as the catalog keeps it (docs/formats.md
+ * "bitstack"), read back from the written file: each block of the stack's
+ * order with its place in the file and the prefix bytes through it, and the
+ * packer's checkpoint perplexities on the prefixes they measured. 0, or -1
+ * with a message printed. */
+static int stack_directory(const char *path, struct catalog_block **out, size_t *n_out) {
+    struct model m;
+    char err[512];
+    *out = NULL;
+    *n_out = 0;
+    if (model_load(&m, path, MODEL_WEIGHTS_NATIVE, err, sizeof err)) {
+        fprintf(stderr, "ebb pack: cannot load the packed file back: %s\n", err);
+        return -1;
+    }
+    const struct bitstack *s = m.stack;
+    const size_t n = s ? (size_t)s->n_matrices * s->levels : 0;
+    struct catalog_block *b = calloc(n ? n : 1, sizeof *b);
+    int rc = b ? 0 : -1;
+    for (size_t i = 0; i < n && !rc; i++) {
+        const uint32_t k = s->order[i];
+        const int matrix = (int)(k / (uint32_t)s->levels), level = (int)(k % (uint32_t)s->levels);
+        const struct bitstack_block *blk = &s->blocks[k];
+        char name[64];
+        snprintf(name, sizeof name, "blk.%d.%s", matrix / BITSTACK_KINDS,
+                 bitstack_kind_name((enum bitstack_kind)(matrix % BITSTACK_KINDS)));
+        b[i] = (struct catalog_block){.ord = (int64_t)i, .layer = matrix / BITSTACK_KINDS, .level = level,
+                                      .tensor = strdup(name), .offset = (int64_t)(blk->signs - m.file.map),
+                                      .bytes = (int64_t)(s->cum_bytes[i + 1] - s->cum_bytes[i]),
+                                      .cumulative_bytes = (int64_t)s->cum_bytes[i + 1]};
+        for (int c = 0; c < s->n_checkpoints; c++)
+            if (s->checkpoint_bytes[c] == s->cum_bytes[i + 1]) {
+                b[i].has_perplexity = 1;
+                b[i].perplexity = s->checkpoint_ppl[c];
+            }
+        if (!b[i].tensor) rc = -1;
+    }
+    model_free(&m);
+    if (rc) {
+        fprintf(stderr, "ebb pack: out of memory for the block directory\n");
+        catalog_blocks_free(b, n);
+        return -1;
+    }
+    *out = b;
+    *n_out = n;
+    return 0;
+}
+
 /* Adds the variant when the source model is registered. 0 done or skipped, -1 failed. */
 static int register_variant(const struct pack_options *o, const struct pack_result *r, const char *catalog_flag,
                             const char *config_path, const double *ppl, const char *ppl_text) {
@@ -198,7 +246,8 @@ static int register_variant(const struct pack_options *o, const struct pack_resu
         return -1;
     }
     struct catalog_model *ms;
-    size_t n;
+    size_t n, n_dir = 0;
+    struct catalog_block *dir = NULL;
     int rc = -1;
     if (catalog_model_list(cat, &ms, &n, err, sizeof err) != CATALOG_OK) {
         fprintf(stderr, "ebb pack: %s\n", err);
@@ -213,14 +262,18 @@ static int register_variant(const struct pack_options *o, const struct pack_resu
         rc = 0;
     } else if (sha256_file(out, hex)) {
         fprintf(stderr, "ebb pack: cannot read back %s for its checksum\n", out);
+    } else if (o->format == PACK_BITSTACK && stack_directory(out, &dir, &n_dir)) {
+        /* printed */
     } else {
         struct catalog_variant v = {.model_id = found->id, .kind = (char *)variant_kind(o), .path = out,
                                     .bytes = (int64_t)r->file_bytes, .bits_per_weight = r->bits_per_weight,
                                     .checksum = hex, .has_perplexity = ppl != NULL,
                                     .perplexity = ppl ? *ppl : 0, .ppl_text = ppl ? (char *)ppl_text : NULL};
-        enum catalog_status st = catalog_variant_add(cat, &v, NULL, err, sizeof err);
+        enum catalog_status st = catalog_variant_add_stack(cat, &v, dir, n_dir, NULL, err, sizeof err);
         if (st == CATALOG_OK) {
-            printf("registered as a '%s' variant of %s in %s\n", v.kind, found->name, path);
+            printf("registered as a '%s' variant of %s in %s", v.kind, found->name, path);
+            if (n_dir) printf(" with its directory of %zu blocks", n_dir);
+            printf("\n");
             rc = 0;
         } else if (st == CATALOG_EXISTS) {
             fprintf(stderr, "ebb pack: %s; its catalog row still holds the previous file's size and checksum\n",
@@ -229,6 +282,7 @@ static int register_variant(const struct pack_options *o, const struct pack_resu
             fprintf(stderr, "ebb pack: %s\n", err);
         }
     }
+    catalog_blocks_free(dir, n_dir);
     catalog_model_list_free(ms, n);
     catalog_close(cat);
     return rc;

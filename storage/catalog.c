@@ -245,6 +245,9 @@ static const char *const migrations[] = {
     "  value      TEXT NOT NULL,\n"
     "  updated_at INTEGER NOT NULL\n"
     ") STRICT, WITHOUT ROWID;\n",
+    /* 2: a block's level in its matrix (the directory names order, layer,
+     * tensor, level, offset, bytes). */
+    "ALTER TABLE bitstack_blocks ADD COLUMN level INTEGER NOT NULL DEFAULT 0 CHECK (level >= 0);\n",
 };
 #define N_MIGRATIONS ((int)(sizeof migrations / sizeof migrations[0]))
 _Static_assert(N_MIGRATIONS == CATALOG_SCHEMA_VERSION, "one migration per schema version");
@@ -814,6 +817,65 @@ static int variant_from_row(sqlite3_stmt *st, struct catalog_variant *v) {
     return 0;
 }
 
+enum catalog_status catalog_variant_blocks(struct catalog *cat, int64_t variant_id, struct catalog_block **blocks,
+                                           size_t *n, char *err, size_t errlen) {
+    *blocks = NULL;
+    *n = 0;
+    pthread_mutex_lock(&cat->mu);
+    sqlite3_stmt *st;
+    if (prepare(cat, "SELECT ord, layer, level, tensor, offset, bytes, cumulative_bytes, ppl_at_checkpoint "
+                     "FROM bitstack_blocks WHERE variant_id = ? ORDER BY ord", &st, err, errlen)) {
+        pthread_mutex_unlock(&cat->mu);
+        return CATALOG_ERROR;
+    }
+    enum catalog_status status = CATALOG_OK;
+    struct catalog_block *arr = NULL;
+    size_t count = 0, cap = 0;
+    int rc = sqlite3_bind_int64(st, 1, variant_id);
+    if (rc != SQLITE_OK) status = db_fail(cat, "binding a variant id", err, errlen);
+    while (status == CATALOG_OK && (rc = sqlite3_step(st)) == SQLITE_ROW) {
+        if (count == cap) {
+            const size_t ncap = cap ? 2 * cap : 64;
+            struct catalog_block *grown = realloc(arr, ncap * sizeof *grown);
+            if (!grown) {
+                errf(err, errlen, "out of memory reading a block directory");
+                status = CATALOG_ERROR;
+                break;
+            }
+            arr = grown;
+            cap = ncap;
+        }
+        struct catalog_block *b = &arr[count];
+        *b = (struct catalog_block){
+            .ord = sqlite3_column_int64(st, 0), .layer = sqlite3_column_int(st, 1), .level = sqlite3_column_int(st, 2),
+            .offset = sqlite3_column_int64(st, 4), .bytes = sqlite3_column_int64(st, 5),
+            .cumulative_bytes = sqlite3_column_int64(st, 6),
+            .has_perplexity = sqlite3_column_type(st, 7) != SQLITE_NULL,
+            .perplexity = sqlite3_column_double(st, 7)};
+        if (column_dup(st, 3, &b->tensor)) {
+            errf(err, errlen, "out of memory reading a block directory");
+            status = CATALOG_ERROR;
+            break;
+        }
+        count++;
+    }
+    if (status == CATALOG_OK && rc != SQLITE_DONE) status = db_fail(cat, "reading a block directory", err, errlen);
+    sqlite3_finalize(st);
+    pthread_mutex_unlock(&cat->mu);
+    if (status != CATALOG_OK) {
+        catalog_blocks_free(arr, count);
+        return status;
+    }
+    *blocks = arr;
+    *n = count;
+    return CATALOG_OK;
+}
+
+void catalog_blocks_free(struct catalog_block *blocks, size_t n) {
+    for (size_t i = 0; i < n; i++) free(blocks[i].tensor);
+    free(blocks);
+}
+
 void catalog_variant_list_free(struct catalog_variant *variants, size_t n) {
     for (size_t i = 0; i < n; i++) {
         free(variants[i].kind);
@@ -842,9 +904,54 @@ static int variant_check(const struct catalog_variant *v, char *err, size_t errl
     return 0;
 }
 
+static int blocks_check(const struct catalog_block *b, size_t n, char *err, size_t errlen) {
+    int64_t total = 0;
+    for (size_t i = 0; i < n; i++) {
+        total += b[i].bytes;
+        if (b[i].ord != (int64_t)i || b[i].layer < 0 || b[i].level < 0 || !b[i].tensor || b[i].offset < 0 ||
+            b[i].bytes < 0 || b[i].cumulative_bytes != total || (b[i].has_perplexity && !(b[i].perplexity > 0))) {
+            errf(err, errlen, "block %zu of the directory is malformed", i);
+            return -1;
+        }
+    }
+    return 0;
+}
+
+/* The directory's rows for variant id (inside the caller's transaction). */
+static enum catalog_status insert_blocks(struct catalog *cat, int64_t id, const struct catalog_block *b, size_t n,
+                                         char *err, size_t errlen) {
+    if (!n) return CATALOG_OK;
+    sqlite3_stmt *st;
+    if (prepare(cat, "INSERT INTO bitstack_blocks (variant_id, ord, layer, tensor, level, offset, bytes, "
+                     "cumulative_bytes, ppl_at_checkpoint) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", &st, err, errlen))
+        return CATALOG_ERROR;
+    enum catalog_status status = CATALOG_OK;
+    for (size_t i = 0; i < n && status == CATALOG_OK; i++) {
+        if (sqlite3_bind_int64(st, 1, id) != SQLITE_OK || sqlite3_bind_int64(st, 2, b[i].ord) != SQLITE_OK ||
+            sqlite3_bind_int(st, 3, b[i].layer) != SQLITE_OK || bind_text(st, 4, b[i].tensor) != SQLITE_OK ||
+            sqlite3_bind_int(st, 5, b[i].level) != SQLITE_OK || sqlite3_bind_int64(st, 6, b[i].offset) != SQLITE_OK ||
+            sqlite3_bind_int64(st, 7, b[i].bytes) != SQLITE_OK ||
+            sqlite3_bind_int64(st, 8, b[i].cumulative_bytes) != SQLITE_OK ||
+            (b[i].has_perplexity ? sqlite3_bind_double(st, 9, b[i].perplexity) : sqlite3_bind_null(st, 9)) !=
+                SQLITE_OK)
+            status = db_fail(cat, "binding a block", err, errlen);
+        else if (sqlite3_step(st) != SQLITE_DONE)
+            status = db_fail(cat, "adding a block", err, errlen);
+        sqlite3_reset(st);
+    }
+    sqlite3_finalize(st);
+    return status;
+}
+
 enum catalog_status catalog_variant_add(struct catalog *cat, const struct catalog_variant *v, int64_t *id_out,
                                         char *err, size_t errlen) {
-    if (variant_check(v, err, errlen)) return CATALOG_INVALID;
+    return catalog_variant_add_stack(cat, v, NULL, 0, id_out, err, errlen);
+}
+
+enum catalog_status catalog_variant_add_stack(struct catalog *cat, const struct catalog_variant *v,
+                                              const struct catalog_block *blocks, size_t n, int64_t *id_out,
+                                              char *err, size_t errlen) {
+    if (variant_check(v, err, errlen) || blocks_check(blocks, n, err, errlen)) return CATALOG_INVALID;
     pthread_mutex_lock(&cat->mu);
     enum catalog_status status = CATALOG_OK;
     sqlite3_stmt *st = NULL;
@@ -874,8 +981,10 @@ enum catalog_status catalog_variant_add(struct catalog *cat, const struct catalo
             status = CATALOG_EXISTS;
         } else if (rc != SQLITE_DONE) {
             status = db_fail(cat, "adding a variant", err, errlen);
-        } else if (id_out) {
-            *id_out = sqlite3_last_insert_rowid(cat->db);
+        } else {
+            const int64_t id = sqlite3_last_insert_rowid(cat->db);
+            status = insert_blocks(cat, id, blocks, n, err, errlen);
+            if (id_out) *id_out = id;
         }
     }
     sqlite3_finalize(st);

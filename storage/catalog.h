@@ -33,7 +33,7 @@
 #include <stdint.h>
 
 /* The schema version this build writes and understands. */
-#define CATALOG_SCHEMA_VERSION 1
+#define CATALOG_SCHEMA_VERSION 2
 /* Longest model name; names are [A-Za-z0-9._:+-] and start with a letter or digit. */
 #define CATALOG_NAME_MAX 128
 /* How long a connection waits for another process's write lock. */
@@ -126,6 +126,30 @@ int catalog_name_check(const char *name, char *err, size_t errlen);
  * *id_out (may be NULL) receives its id. */
 enum catalog_status catalog_variant_add(struct catalog *cat, const struct catalog_variant *v, int64_t *id_out,
                                         char *err, size_t errlen);
+
+/* One block of a BitStack variant's directory, in stack order: where the
+ * block lies in the file, and what a budget that keeps the blocks up to
+ * this one holds and (at the packer's checkpoints) measured. */
+struct catalog_block {
+    int64_t ord;              /* position in the stack's order, from 0 */
+    int layer, level;
+    char *tensor;             /* its matrix's tensor stem, e.g. "blk.3.ffn_up" */
+    int64_t offset;           /* its signs' byte offset in the file */
+    int64_t bytes;            /* signs and factors */
+    int64_t cumulative_bytes; /* the blocks up to and including this one */
+    int has_perplexity;       /* a checkpoint: perplexity measured with exactly that prefix */
+    double perplexity;
+};
+/* catalog_variant_add and the variant's block directory, in one
+ * transaction: both or neither. ords must run 0..n-1 and cumulative bytes
+ * must grow by each block's bytes. */
+enum catalog_status catalog_variant_add_stack(struct catalog *cat, const struct catalog_variant *v,
+                                              const struct catalog_block *blocks, size_t n, int64_t *id_out,
+                                              char *err, size_t errlen);
+/* A variant's directory, ordered by ord (none: *n = 0). */
+enum catalog_status catalog_variant_blocks(struct catalog *cat, int64_t variant_id, struct catalog_block **blocks,
+                                           size_t *n, char *err, size_t errlen);
+void catalog_blocks_free(struct catalog_block *blocks, size_t n);
 /* The variants of one model, ordered by id. */
 enum catalog_status catalog_variant_list(struct catalog *cat, int64_t model_id, struct catalog_variant **variants,
                                          size_t *n, char *err, size_t errlen);

@@ -323,10 +323,25 @@ def ladder(binary, ebb_bin, source_file, tmp_path_factory):
     assert p.returncode == 0, p.stderr.decode()
     packed, stack = d / "cut.w4a4.gguf", d / "cut.bitstack.gguf"
     for out, fmt, extra in ((packed, "w4a4", ()), (d / "cut.w4a16.gguf", "w4a16", ()),
-                            (stack, "bitstack", ("--levels", str(LEVELS), "--checkpoints", "0"))):
+                            (stack, "bitstack", ("--levels", str(LEVELS), "--checkpoints", "3",
+                                                 "--checkpoint-windows", "1"))):
         p = run_ebb(ebb_bin, "pack", "-m", str(source_file), "--format", fmt, *extra, "--calib-seqs", "4",
                     "--calib-len", "128", "--no-eval", "--catalog", str(catalog), "-o", str(out), timeout=600)
         assert p.returncode == 0 and f"registered as a '{fmt}' variant" in p.stdout.decode(), p.stdout + p.stderr
+    # The stack's directory is in the catalog: every block, and the checkpoints the packer
+    # measured (as it printed them while packing).
+    blocks = 2 * 7 * LEVELS
+    assert f"with its directory of {blocks} blocks" in p.stdout.decode(), p.stdout
+    printed = [(float(mb), float(ppl)) for mb, ppl in
+               re.findall(r"([0-9.]+) MB: perplexity ([0-9.]+)", p.stderr.decode().replace("\r", "\n"))]
+    listed = json.loads(run_ebb(ebb_bin, "models", "--catalog", str(catalog), "list", "--json").stdout)
+    (entry,) = [v for v in listed[0]["variants"] if v["kind"] == "bitstack"]
+    st = entry["stack"]
+    assert st["blocks"] == blocks and 0 < st["bytes"] < entry["bytes"], st
+    got = [(round(c["bytes"] / 1e6, 1), c["perplexity"]) for c in st["checkpoints"]]
+    assert len(got) == len(printed) == 3 and st["checkpoints"][-1]["bytes"] == st["bytes"], (got, printed)
+    for (mb, ppl), (want_mb, want_ppl) in zip(got, printed):
+        assert mb == want_mb and abs(ppl - want_ppl) <= 1e-3 * want_ppl + 1e-3, (got, printed)
     s = Server(binary, "--default-model", "cut", "--verify-models", "stat", "--max-running", "8", catalog=catalog,
                token=TOKEN, start_timeout=120)
     try:

@@ -135,10 +135,10 @@ static void test_fresh_catalog_schema(void) {
                  tables[i]);
         CHECK_MSG(raw_int(db, sql) == 1, "table %s missing", tables[i]);
     }
-    /* The bitstack directory has the columns later work will fill. */
-    const char *cols[] = {"variant_id", "ord", "layer", "tensor", "offset", "bytes", "cumulative_bytes",
+    /* The bitstack directory's columns (level: migration 2). */
+    const char *cols[] = {"variant_id", "ord", "layer", "tensor", "level", "offset", "bytes", "cumulative_bytes",
                           "ppl_at_checkpoint"};
-    for (int i = 0; i < 8; i++) {
+    for (int i = 0; i < 9; i++) {
         char sql[160];
         snprintf(sql, sizeof sql, "SELECT count(*) FROM pragma_table_info('bitstack_blocks') WHERE name = '%s'",
                  cols[i]);
@@ -155,6 +155,18 @@ static void test_fresh_catalog_schema(void) {
     CHECK_MSG(catalog_open(empty, &cat, err, sizeof err) == CATALOG_OK, "%s", err);
     if (cat) CHECK(catalog_schema_version(cat) == CATALOG_SCHEMA_VERSION);
     catalog_close(cat);
+
+    /* A version 1 catalog (no bitstack_blocks.level) is migrated in place. */
+    db = raw_open(path);
+    raw_exec(db, "ALTER TABLE bitstack_blocks DROP COLUMN level");
+    raw_exec(db, "PRAGMA user_version = 1");
+    sqlite3_close(db);
+    CHECK_MSG(catalog_open(path, &cat, err, sizeof err) == CATALOG_OK, "%s", err);
+    if (cat) CHECK(catalog_schema_version(cat) == 2);
+    catalog_close(cat);
+    db = raw_open(path);
+    CHECK(raw_int(db, "SELECT count(*) FROM pragma_table_info('bitstack_blocks') WHERE name = 'level'") == 1);
+    sqlite3_close(db);
 }
 
 static void test_models(void) {
@@ -319,16 +331,40 @@ static void test_variants_and_cascade(void) {
     }
     catalog_variant_list_free(vs, n);
 
-    /* Blocks for the bitstack variant, written the way later work will. */
+    /* A stack variant with its directory, in one transaction; a malformed
+     * directory adds neither. */
+    struct catalog_block dir[3];
+    char names[3][32];
+    for (int i = 0; i < 3; i++) {
+        snprintf(names[i], sizeof names[i], "blk.%d.attn_q", i);
+        dir[i] = (struct catalog_block){.ord = i, .layer = i, .level = i / 2, .tensor = names[i],
+                                        .offset = 4096 + i * 100, .bytes = 100, .cumulative_bytes = (i + 1) * 100,
+                                        .has_perplexity = i != 1, .perplexity = 50.0 - i};
+    }
+    struct catalog_variant st = {.model_id = a.id, .kind = "bitstack", .path = "/x/a.bs2.gguf", .bytes = 4400,
+                                 .bits_per_weight = 2.5};
+    dir[2].cumulative_bytes = 250;   /* does not add up */
+    CHECK(catalog_variant_add_stack(cat, &st, dir, 3, NULL, err, sizeof err) == CATALOG_INVALID);
+    CHECK_MSG(strstr(err, "block 2"), "%s", err);
+    dir[2].cumulative_bytes = 300;
+    int64_t v4 = 0;
+    CHECK_MSG(catalog_variant_add_stack(cat, &st, dir, 3, &v4, err, sizeof err) == CATALOG_OK, "%s", err);
+    struct catalog_block *got;
+    size_t n_got;
+    CHECK(catalog_variant_blocks(cat, v4, &got, &n_got, err, sizeof err) == CATALOG_OK);
+    CHECK(n_got == 3);
+    for (size_t i = 0; i < n_got && n_got == 3; i++)
+        CHECK(got[i].ord == (int64_t)i && got[i].layer == (int)i && got[i].level == (int)i / 2 &&
+              !strcmp(got[i].tensor, names[i]) && got[i].offset == 4096 + (int64_t)i * 100 && got[i].bytes == 100 &&
+              got[i].cumulative_bytes == (int64_t)(i + 1) * 100 && got[i].has_perplexity == (i != 1) &&
+              (i == 1 || got[i].perplexity == 50.0 - (double)i));
+    catalog_blocks_free(got, n_got);
+    CHECK(catalog_variant_blocks(cat, v1, &got, &n_got, err, sizeof err) == CATALOG_OK && n_got == 0 && !got);
+    /* The same stack again: refused, and its directory is not doubled. */
+    CHECK(catalog_variant_add_stack(cat, &st, dir, 3, NULL, err, sizeof err) == CATALOG_EXISTS);
     sqlite3 *db = raw_open(path);
     raw_exec(db, "PRAGMA foreign_keys = ON");
     char sql[256];
-    for (int i = 0; i < 3; i++) {
-        snprintf(sql, sizeof sql, "INSERT INTO bitstack_blocks (variant_id, ord, layer, tensor, offset, bytes, "
-                 "cumulative_bytes) VALUES (%lld, %d, %d, 'blk.%d.attn_q', %d, 100, %d)",
-                 (long long)v2, i, i, i, i * 100, (i + 1) * 100);
-        raw_exec(db, sql);
-    }
     CHECK(raw_int(db, "SELECT count(*) FROM bitstack_blocks") == 3);
 
     CHECK_MSG(catalog_model_remove(cat, "a", err, sizeof err) == CATALOG_OK, "%s", err);
