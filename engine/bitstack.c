@@ -205,7 +205,7 @@ float bitstack_ppl_at(const struct bitstack *s, size_t stack_bytes) {
 int bitstack_load(struct model *m, char *err, size_t errlen) {
     const struct model_config *c = &m->cfg;
     uint32_t levels = 0;
-    if (gguf_get_u32(&m->file, "ebb.bitstack.levels", &levels) || levels < 1 || levels > 64)
+    if (gguf_get_u32(&m->file, "ebb.bitstack.levels", &levels) || levels < 1 || levels > BITSTACK_MAX_LEVELS)
         return load_error(err, errlen, m->file.path, "ebb.bitstack.levels must be 1 to 64");
     struct bitstack *s = calloc(1, sizeof *s);
     if (!s) return load_error(err, errlen, m->file.path, "out of memory");
@@ -352,20 +352,32 @@ int bitstack_fit(struct model *m, size_t stack_bytes, char *err, size_t errlen) 
 
 /* --------------------------------------------------------- the sign product */
 
+/* Rows and tokens a worker takes at a time: a block of rows' signs (a few
+ * KiB a level) and a block of tokens' codes (rank * cols bytes a token and
+ * level) stay in cache while every level passes over them. */
+#define ROW_BLOCK 16
+#define TOK_BLOCK 8
+
 struct bitstack_scratch {
-    float *xs;         /* [cols]: x / s */
-    float *vf;         /* [levels][cols][rank]: v in f32, for this pass */
-    int8_t *t;         /* [n_tok][levels][rank][cols] */
-    float *ts;         /* [n_tok][levels][rank] */
-    size_t cap_xs, cap_vf, cap_t, cap_ts;
+    float *xs;         /* [n_tok][cols]: x / s */
+    float *vf;         /* level by level: [rank][cols], v in f32, for this pass */
+    float *uf;         /* level by level: [rows][rank], u in f32, for this pass */
+    float *tmp;        /* [cols][rank]: a level's v before it is transposed */
+    int8_t *t;         /* level by level: [n_tok][rank][cols] */
+    float *ts;         /* level by level: [n_tok][rank] */
+    int32_t *isum;     /* per piece: [ROW_BLOCK][TOK_BLOCK * rank] */
+    size_t cap_xs, cap_vf, cap_uf, cap_tmp, cap_t, cap_ts, cap_isum;
 };
 
 void bitstack_scratch_free(struct bitstack_scratch *s) {
     if (!s) return;
     free(s->xs);
     free(s->vf);
+    free(s->uf);
+    free(s->tmp);
     free(s->t);
     free(s->ts);
+    free(s->isum);
     free(s);
 }
 
@@ -378,51 +390,65 @@ static int grow(void **p, size_t *cap, size_t need, size_t elem) {
     return 0;
 }
 
-/* t_j = v_j .* xs as int8 codes, one scale per rank: scale = amax / 127,
- * codes roundf(y * (127 / amax)) (ops.h's act_inverse steps), all zero when
- * amax is; vf is v in f32, [cols][rank]. */
-static void quantize_level(int cols, int rank, const float *vf, const float *xs, int8_t *t, float *ts) {
-    for (int j = 0; j < rank; j++) {
-        int8_t *tj = t + (size_t)j * cols;
-        float amax = 0;
-        for (int i = 0; i < cols; i++) {
-            const float y = fabsf(vf[(size_t)i * rank + j] * xs[i]);
-            amax = y > amax ? y : amax;
-        }
-        ts[j] = amax / 127.0f;
-        const float inv = ts[j] == 0 ? 0 : (127.0f / amax < 3.40282347e38f ? 127.0f / amax : 3.40282347e38f);
-        for (int i = 0; i < cols; i++) tj[i] = (int8_t)roundf(vf[(size_t)i * rank + j] * xs[i] * inv);
-    }
-}
-
 struct rows_job {
     const struct ebb_backend *be;
     const struct bitstack_matrix *bm;
     const struct bitstack_scratch *sc;
+    const float *x;
     float *out;
     int n_tok;
-    size_t t_per_tok, ts_per_tok;
-    int rows_per_piece;
+    const size_t *t_at, *ts_at, *u_at;   /* [depth]: where each level's codes, scales and u start */
+    size_t isum_per_piece;
+    int rows_per_piece, tok_per_piece;
 };
 
-/* Rows [r0, r1) of every token: the row's signs stay in cache while the
- * tokens pass over them. */
+/* The codes of tokens [t0, t1) (bitstack.h: t_j = v_j .* (x / s), one
+ * scale per rank). */
+static void codes_piece(void *arg, int i, int n) {
+    (void)n;
+    const struct rows_job *j = arg;
+    const struct bitstack_matrix *bm = j->bm;
+    const int cols = bm->levels[0].cols;
+    const int t0 = i * j->tok_per_piece, t1 = t0 + j->tok_per_piece < j->n_tok ? t0 + j->tok_per_piece : j->n_tok;
+    for (int tok = t0; tok < t1; tok++) {
+        const float *xt = j->x + (size_t)tok * cols;
+        float *xs = j->sc->xs + (size_t)tok * cols;
+        for (int c = 0; c < cols; c++) xs[c] = xt[c] / bm->scale[c];
+        for (int l = 0; l < bm->depth; l++) {
+            const int rank = bm->levels[l].rank;
+            int8_t *t = j->sc->t + j->t_at[l] * j->n_tok + (size_t)tok * rank * cols;
+            float *ts = j->sc->ts + j->ts_at[l] * j->n_tok + (size_t)tok * rank;
+            for (int q = 0; q < rank; q++)
+                j->be->bitstack_codes(xs, j->sc->vf + j->t_at[l] + (size_t)q * cols, cols, t + (size_t)q * cols, ts + q);
+        }
+    }
+}
+
+/* Rows [r0, r1) of every token, a block of rows and tokens at a time: the
+ * backend's integer sums for every level, scaled into the outputs level
+ * after level (backend.h's exact steps), so a token's outputs do not depend
+ * on the tokens beside it or the path that summed (batch invariance). */
 static void rows_piece(void *arg, int i, int n) {
     (void)n;
     const struct rows_job *j = arg;
-    const struct bitstack_block *b0 = j->bm->levels;
+    const struct bitstack_matrix *bm = j->bm;
+    const int rows = bm->levels[0].rows, cols = bm->levels[0].cols;
     const int r0 = i * j->rows_per_piece;
-    const int r1 = r0 + j->rows_per_piece < b0->rows ? r0 + j->rows_per_piece : b0->rows;
-    if (r0 >= r1) return;
-    for (int tok = 0; tok < j->n_tok; tok++) {
-        size_t t_at = (size_t)tok * j->t_per_tok, ts_at = (size_t)tok * j->ts_per_tok;
-        for (int l = 0; l < j->bm->depth; l++) {
-            const struct bitstack_block *b = &j->bm->levels[l];
-            j->be->bitstack_signs(j->out + (size_t)tok * b0->rows + r0, b->signs + (size_t)r0 * (b->cols / 8),
-                                  b->u + (size_t)r0 * b->rank, b->rank, j->sc->t + t_at, j->sc->ts + ts_at, b->cols,
-                                  r1 - r0);
-            t_at += (size_t)b->rank * b->cols;
-            ts_at += (size_t)b->rank;
+    const int r1 = r0 + j->rows_per_piece < rows ? r0 + j->rows_per_piece : rows;
+    int32_t *isum = j->sc->isum + (size_t)i * j->isum_per_piece;
+    for (int t0 = 0; t0 < j->n_tok; t0 += TOK_BLOCK) {
+        const int nt = j->n_tok - t0 < TOK_BLOCK ? j->n_tok - t0 : TOK_BLOCK;
+        for (int ro = r0; ro < r1; ro += ROW_BLOCK) {
+            const int nr = r1 - ro < ROW_BLOCK ? r1 - ro : ROW_BLOCK;
+            for (int l = 0; l < bm->depth; l++) {
+                const struct bitstack_block *b = &bm->levels[l];
+                const int rank = b->rank, nv = nt * rank;
+                const int8_t *t = j->sc->t + j->t_at[l] * j->n_tok + (size_t)t0 * rank * cols;
+                const float *ts = j->sc->ts + j->ts_at[l] * j->n_tok + (size_t)t0 * rank;
+                j->be->bitstack_isums(isum, b->signs + (size_t)ro * (cols / 8), nr, t, nv, cols);
+                j->be->bitstack_scale_add(j->out + (size_t)t0 * rows + ro, (size_t)rows, isum, nr, nt, rank,
+                                          j->sc->uf + j->u_at[l] + (size_t)ro * rank, ts);
+            }
         }
     }
 }
@@ -435,40 +461,44 @@ int bitstack_linear(const struct ebb_backend *be, struct ebb_pool *pool, struct 
     if (!bm->depth) return 0;
     if (!*scratch && !(*scratch = calloc(1, sizeof **scratch))) return -1;
     struct bitstack_scratch *sc = *scratch;
-    size_t t_per_tok = 0, ts_per_tok = 0;
+    /* Where each level's codes (per token), scales (per token) and u start. */
+    size_t t_at[BITSTACK_MAX_LEVELS + 1] = {0}, ts_at[BITSTACK_MAX_LEVELS + 1] = {0};
+    size_t u_at[BITSTACK_MAX_LEVELS + 1] = {0};
+    int max_rank = 0;
     for (int l = 0; l < bm->depth; l++) {
-        t_per_tok += (size_t)bm->levels[l].rank * cols;
-        ts_per_tok += (size_t)bm->levels[l].rank;
+        const int rank = bm->levels[l].rank;
+        t_at[l + 1] = t_at[l] + (size_t)rank * cols;
+        ts_at[l + 1] = ts_at[l] + (size_t)rank;
+        u_at[l + 1] = u_at[l] + (size_t)rank * rows;
+        if (rank > max_rank) max_rank = rank;
     }
-    if (grow((void **)&sc->xs, &sc->cap_xs, (size_t)cols, sizeof *sc->xs) ||
-        grow((void **)&sc->vf, &sc->cap_vf, t_per_tok, sizeof *sc->vf) ||
-        grow((void **)&sc->t, &sc->cap_t, t_per_tok * n_tok, 1) ||
-        grow((void **)&sc->ts, &sc->cap_ts, ts_per_tok * n_tok, sizeof *sc->ts))
-        return -1;
-    size_t at = 0;
-    for (int l = 0; l < bm->depth; l++) {   /* v to f32 once per pass */
-        const struct bitstack_block *b = &bm->levels[l];
-        be->kv_rows_f16(sc->vf + at, b->v, 0, 1, cols * b->rank);
-        at += (size_t)b->rank * cols;
-    }
-    for (int t = 0; t < n_tok; t++) {
-        const float *xt = x + (size_t)t * cols;
-        for (int i = 0; i < cols; i++) sc->xs[i] = xt[i] / bm->scale[i];
-        size_t v_at = 0, t_at = (size_t)t * t_per_tok, ts_at = (size_t)t * ts_per_tok;
-        for (int l = 0; l < bm->depth; l++) {
-            const int rank = bm->levels[l].rank;
-            quantize_level(cols, rank, sc->vf + v_at, sc->xs, sc->t + t_at, sc->ts + ts_at);
-            v_at += (size_t)rank * cols;
-            t_at += (size_t)rank * cols;
-            ts_at += (size_t)rank;
-        }
-    }
+    const size_t t_per_tok = t_at[bm->depth], ts_per_tok = ts_at[bm->depth];
     const int threads = pool ? ebb_pool_threads(pool) : 1;
     /* Pieces of whole 8-row groups, a few per worker for balance. */
     int per = (rows + 4 * threads - 1) / (4 * threads);
     per = (per + 7) & ~7;
     const int pieces = (rows + per - 1) / per;
-    struct rows_job job = {be, bm, sc, out, n_tok, t_per_tok, ts_per_tok, per};
+    const size_t isum_per_piece = (size_t)ROW_BLOCK * TOK_BLOCK * max_rank;
+    if (grow((void **)&sc->xs, &sc->cap_xs, (size_t)n_tok * cols, sizeof *sc->xs) ||
+        grow((void **)&sc->vf, &sc->cap_vf, t_per_tok, sizeof *sc->vf) ||
+        grow((void **)&sc->uf, &sc->cap_uf, u_at[bm->depth], sizeof *sc->uf) ||
+        grow((void **)&sc->tmp, &sc->cap_tmp, (size_t)max_rank * cols, sizeof *sc->tmp) ||
+        grow((void **)&sc->t, &sc->cap_t, t_per_tok * n_tok, 1) ||
+        grow((void **)&sc->ts, &sc->cap_ts, ts_per_tok * n_tok, sizeof *sc->ts) ||
+        grow((void **)&sc->isum, &sc->cap_isum, isum_per_piece * pieces, sizeof *sc->isum))
+        return -1;
+    for (int l = 0; l < bm->depth; l++) {   /* the factors in f32 once per pass, v by rank */
+        const struct bitstack_block *b = &bm->levels[l];
+        be->kv_rows_f16(sc->uf + u_at[l], b->u, 0, 1, rows * b->rank);
+        be->kv_rows_f16(sc->tmp, b->v, 0, 1, cols * b->rank);
+        for (int q = 0; q < b->rank; q++)
+            for (int c = 0; c < cols; c++) sc->vf[t_at[l] + (size_t)q * cols + c] = sc->tmp[(size_t)c * b->rank + q];
+    }
+    const int tok_per_piece = (n_tok + 2 * threads - 1) / (2 * threads);
+    const int tok_pieces = (n_tok + tok_per_piece - 1) / tok_per_piece;
+    struct rows_job job = {be, bm, sc, x, out, n_tok, t_at, ts_at, u_at, isum_per_piece, per, tok_per_piece};
+    if (pool && tok_pieces > 1) ebb_pool_run(pool, codes_piece, &job, tok_pieces);
+    else for (int i = 0; i < tok_pieces; i++) codes_piece(&job, i, tok_pieces);
     if (pool && pieces > 1) ebb_pool_run(pool, rows_piece, &job, pieces);
     else for (int i = 0; i < pieces; i++) rows_piece(&job, i, pieces);
     return 0;

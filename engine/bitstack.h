@@ -42,6 +42,9 @@
 
 struct model;
 
+/* Blocks per matrix a file may have. */
+#define BITSTACK_MAX_LEVELS 64
+
 /* One block as the file holds it (views into the mapping, or the packer's
  * buffers). */
 struct bitstack_block {

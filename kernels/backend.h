@@ -153,17 +153,29 @@ struct ebb_backend {
                        int bits, int group);
 
     /* ---- BitStack blocks (engine/bitstack.h) ----
-     * The sign product of rows o < n_rows of one block: row o's n signs at
-     * signs + o * n/8 (bit i of byte i/8 set: negative), u[o * rank + j]
-     * its f16 factors, and rank activation vectors t_j of n int8 codes in
-     * [-127, 127] at t + j * n with scales ts[j]:
-     *     isum(o, j) = sum_i (sign_oi ? -t_j[i] : t_j[i])      (exact)
-     *     acc = 0; for j = 0, 1, ... < rank in order:
-     *         acc = fmaf((float)isum(o, j), f16(u[o * rank + j]) * ts[j], acc)
-     *     out[o] += acc
-     * n % 32 == 0. Exact: every path gives the scalar path's bits. */
-    void (*bitstack_signs)(float *out, const uint8_t *signs, const uint16_t *u, int rank, const int8_t *t,
-                           const float *ts, int n, int n_rows);
+     * The sign products of rows o < n_rows of one block against n_vec
+     * activation vectors: row o's n signs at signs + o * n/8 (bit i of byte
+     * i/8 set: negative), vector v's n int8 codes in [-127, 127] at
+     * t + v * n:
+     *     isum[o * n_vec + v] = sum_i (sign_oi ? -t_v[i] : t_v[i])
+     * n % 32 == 0. Integers: every path gives the same sums; the float
+     * steps that scale them are engine/bitstack.c's, one for all paths. */
+    void (*bitstack_isums)(int32_t *isum, const uint8_t *signs, int n_rows, const int8_t *t, int n_vec, int n);
+    /* The activation vector of one rank of a block: y[i] = v[i] * x[i]
+     * (one rounded product) as int8 codes with one scale, n % 32 == 0:
+     *     *scale = absmax(y) / 127,  q[i] = round(y[i] * inv)
+     * with inv and round as kernels/cpu/ops.h's activation steps
+     * (act_inverse; halves away from zero). Exact on every path. */
+    void (*bitstack_codes)(const float *x, const float *v, int n, int8_t *q, float *scale);
+    /* The sums scaled into the outputs: isum as bitstack_isums leaves it
+     * for n_tok tokens of rank vectors each (vector v = token * rank + j),
+     * u [n_rows][rank] the block's factors in f32, ts [n_tok][rank] the
+     * codes' scales; for each row o and token t, from acc = 0,
+     *     acc = fmaf((float)isum[o][t * rank + j], u[o][j] * ts[t][j], acc)
+     * for j = 0, 1, ... < rank, then out[t * out_stride + o] += acc. Exact:
+     * every path gives the same bits. */
+    void (*bitstack_scale_add)(float *out, size_t out_stride, const int32_t *isum, int n_rows, int n_tok, int rank,
+                               const float *u, const float *ts);
 };
 
 /* The fastest CPU path this processor supports (cpuid at first call). */

@@ -321,7 +321,7 @@ int cmd_pack(int argc, char **argv) {
                 return 2;
             }
         } else if (!strcmp(a, "--levels")) {
-            bad = cli_int("pack", a, v, 1, 64, &o.bitstack_levels);
+            bad = cli_int("pack", a, v, 1, BITSTACK_MAX_LEVELS, &o.bitstack_levels);
         } else if (!strcmp(a, "--rank-bits")) {
             float b;
             bad = cli_float("pack", a, v, 1e-3, 4, &b);

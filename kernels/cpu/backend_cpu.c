@@ -150,7 +150,9 @@ void ebb_cpu_matmul_drive(struct ebb_pool *pool, enum ebb_type type, matmul_bloc
     .kv_rows_f16 = ebb_cpu_kv_rows_f16_##shared, \
     .kv_rows_q = ebb_cpu_kv_rows_q_##shared, \
     .kv_rows_qc = ebb_cpu_kv_rows_qc_##shared, \
-    .bitstack_signs = ebb_cpu_bitstack_signs_##own, \
+    .bitstack_codes = ebb_cpu_bitstack_codes_##shared, \
+    .bitstack_scale_add = ebb_cpu_bitstack_scale_add_##shared, \
+    .bitstack_isums = ebb_cpu_bitstack_isums_##own, \
 }
 
 static const struct ebb_backend cpu_scalar = CPU_PATH(scalar, scalar);

@@ -1,70 +1,137 @@
-/* BitStack's sign product, AVX2; the same bits as bitstack_scalar.c (the
- * integer sums are exact, the float steps are backend.h's).
+/* BitStack's sign products, AVX2; the same sums as bitstack_scalar.c
+ * (integers: exact).
  *
- * Per 32 inputs: the row's four sign bytes become a vector of -1 / +1 bytes
- * (each byte replicated to its eight lanes by a shuffle, one bit selected
- * per lane, compared), shared by every rank; vpsignb applies it to the
- * activation codes (in [-127, 127], so negation never overflows) and
- * vpmaddubsw against ones adds neighbouring pairs into int16 lanes. Those
- * lanes grow by at most 254 a step, so they are widened to int32 every 128
- * steps (4096 inputs) and at the end.
+ * A row's sum against a vector is its total less twice the sum over the
+ * inputs whose sign bit is set: isum = T_v - 2 S. Per 32 inputs a row's
+ * four sign bytes become 0/1 bytes (each byte replicated to its eight lanes
+ * by a shuffle, one bit selected per lane, clamped to 1), and vpmaddubsw
+ * multiplies them with a vector's codes, adding neighbouring pairs into
+ * int16 lanes. Those grow by at most 254 a step, so they are widened to
+ * int32 every 128 steps (4096 inputs) and at the end. Tiles of 2 rows x 4
+ * vectors (every int16 accumulator and the codes of a step in registers):
+ * each row's bytes serve four vectors and each vector's codes two rows.
+ * Missing rows or vectors at the edges repeat the tile's last one and are
+ * not stored.
  */
 #include "kernels/cpu/ops.h"
+#include "kernels/cpu/simd_x86.h"
 
 #include <immintrin.h>
-#include <math.h>
 
-#define MAX_RANK 64
 #define STEPS_PER_WIDEN 128
+#define VG 64   /* vectors whose totals are taken at a time */
 
-static inline __m256i sign_bytes(const uint8_t *s) {
-    int32_t bits;
-    __builtin_memcpy(&bits, s, 4);
-    const __m256i rep = _mm256_shuffle_epi8(_mm256_set1_epi32(bits),
+static inline __m256i bits01(const uint8_t *s) {
+    int32_t b;
+    __builtin_memcpy(&b, s, 4);
+    const __m256i rep = _mm256_shuffle_epi8(_mm256_set1_epi32(b),
                                             _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
                                                              2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3));
     const __m256i sel = _mm256_set1_epi64x((long long)0x8040201008040201ull);
-    const __m256i set = _mm256_cmpeq_epi8(_mm256_and_si256(rep, sel), sel);   /* 0xFF: negative */
-    return _mm256_or_si256(set, _mm256_set1_epi8(1));                          /* -1 or +1 */
+    return _mm256_min_epu8(_mm256_and_si256(rep, sel), _mm256_set1_epi8(1));
 }
 
-static inline int32_t hsum32(__m256i v) {
-    __m128i x = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-    x = _mm_add_epi32(x, _mm_shuffle_epi32(x, 0x4E));
-    x = _mm_add_epi32(x, _mm_shuffle_epi32(x, 0xB1));
-    return _mm_cvtsi128_si32(x);
-}
-
-void ebb_cpu_bitstack_signs_avx2(float *out, const uint8_t *signs, const uint16_t *u, int rank, const int8_t *t,
-                                 const float *ts, int n, int n_rows) {
-    if (rank > MAX_RANK) {
-        ebb_cpu_bitstack_signs_scalar(out, signs, u, rank, t, ts, n, n_rows);
-        return;
-    }
-    const size_t row_bytes = (size_t)n / 8;
+static int32_t total(const int8_t *x, int n) {
     const __m256i ones8 = _mm256_set1_epi8(1), ones16 = _mm256_set1_epi16(1);
-    for (int o = 0; o < n_rows; o++) {
-        const uint8_t *s = signs + (size_t)o * row_bytes;
-        __m256i acc32[MAX_RANK], acc16[MAX_RANK];
-        for (int j = 0; j < rank; j++) acc32[j] = acc16[j] = _mm256_setzero_si256();
-        int steps = 0;
-        for (int i = 0; i < n; i += 32) {
-            const __m256i sg = sign_bytes(s + i / 8);
-            for (int j = 0; j < rank; j++) {
-                const __m256i x = _mm256_loadu_si256((const __m256i *)(t + (size_t)j * n + i));
-                acc16[j] = _mm256_add_epi16(acc16[j], _mm256_maddubs_epi16(ones8, _mm256_sign_epi8(x, sg)));
-            }
-            if (++steps == STEPS_PER_WIDEN || i + 32 >= n) {
-                for (int j = 0; j < rank; j++) {
-                    acc32[j] = _mm256_add_epi32(acc32[j], _mm256_madd_epi16(acc16[j], ones16));
-                    acc16[j] = _mm256_setzero_si256();
-                }
-                steps = 0;
-            }
-        }
-        float acc = 0;
-        for (int j = 0; j < rank; j++)
-            acc = fmaf((float)hsum32(acc32[j]), ebb_f16_to_f32(u[(size_t)o * rank + j]) * ts[j], acc);
-        out[o] += acc;
+    __m256i acc = _mm256_setzero_si256();
+    for (int i = 0; i < n; i += 32) {
+        const __m256i p = _mm256_maddubs_epi16(ones8, _mm256_loadu_si256((const __m256i *)(x + i)));
+        acc = _mm256_add_epi32(acc, _mm256_madd_epi16(p, ones16));
     }
+    __m128i h = _mm_add_epi32(_mm256_castsi256_si128(acc), _mm256_extracti128_si256(acc, 1));
+    h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0x4E));
+    h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0xB1));
+    return _mm_cvtsi128_si32(h);
+}
+
+/* The four accumulators of one row, summed: lane c = the sum of a[c]. */
+static inline __m128i fold4(__m256i a0, __m256i a1, __m256i a2, __m256i a3) {
+    const __m256i h = _mm256_hadd_epi32(_mm256_hadd_epi32(a0, a1), _mm256_hadd_epi32(a2, a3));
+    return _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
+}
+
+void ebb_cpu_bitstack_isums_avx2(int32_t *isum, const uint8_t *signs, int n_rows, const int8_t *t, int n_vec,
+                                 int n) {
+    const size_t row_bytes = (size_t)n / 8;
+    const __m256i ones16 = _mm256_set1_epi16(1);
+    int32_t tot[VG + 4];
+    for (int vg = 0; vg < n_vec; vg += VG) {
+        const int nv = n_vec - vg < VG ? n_vec - vg : VG;
+        for (int v = 0; v < nv; v++) tot[v] = total(t + (size_t)(vg + v) * n, n);
+        for (int v = nv; v < VG + 4; v++) tot[v] = 0;
+        for (int o = 0; o < n_rows; o += 2)
+            for (int v = 0; v < nv; v += 4) {
+                const uint8_t *s0 = signs + (size_t)o * row_bytes;
+                const uint8_t *s1 = signs + (size_t)(o + 1 < n_rows ? o + 1 : o) * row_bytes;
+                const int8_t *x[4];
+                for (int c = 0; c < 4; c++) x[c] = t + (size_t)(vg + (v + c < nv ? v + c : nv - 1)) * n;
+                __m256i acc16[2][4], acc32[2][4];
+                for (int c = 0; c < 4; c++)
+                    acc16[0][c] = acc16[1][c] = acc32[0][c] = acc32[1][c] = _mm256_setzero_si256();
+                int steps = 0;
+                for (int i = 0; i < n; i += 32) {
+                    __m256i xv[4];
+                    for (int c = 0; c < 4; c++) xv[c] = _mm256_loadu_si256((const __m256i *)(x[c] + i));
+                    const __m256i b0 = bits01(s0 + i / 8), b1 = bits01(s1 + i / 8);
+                    for (int c = 0; c < 4; c++) {
+                        acc16[0][c] = _mm256_add_epi16(acc16[0][c], _mm256_maddubs_epi16(b0, xv[c]));
+                        acc16[1][c] = _mm256_add_epi16(acc16[1][c], _mm256_maddubs_epi16(b1, xv[c]));
+                    }
+                    if (++steps == STEPS_PER_WIDEN || i + 32 >= n) {
+                        for (int r = 0; r < 2; r++)
+                            for (int c = 0; c < 4; c++) {
+                                acc32[r][c] = _mm256_add_epi32(acc32[r][c], _mm256_madd_epi16(acc16[r][c], ones16));
+                                acc16[r][c] = _mm256_setzero_si256();
+                            }
+                        steps = 0;
+                    }
+                }
+                const __m128i tv = _mm_loadu_si128((const __m128i *)(tot + v));
+                for (int r = 0; r < 2 && o + r < n_rows; r++) {
+                    const __m128i sum = _mm_sub_epi32(tv, _mm_slli_epi32(fold4(acc32[r][0], acc32[r][1], acc32[r][2],
+                                                                                acc32[r][3]), 1));
+                    int32_t *dst = isum + (size_t)(o + r) * n_vec + vg + v;
+                    if (v + 4 <= nv) {
+                        _mm_storeu_si128((__m128i *)dst, sum);
+                    } else {
+                        int32_t lanes[4];
+                        _mm_storeu_si128((__m128i *)lanes, sum);
+                        for (int c = 0; v + c < nv; c++) dst[c] = lanes[c];
+                    }
+                }
+            }
+    }
+}
+
+/* BitStack's activation codes (backend.h): the products once for the
+ * absolute maximum and again for the codes, each kept from fusing into the
+ * multiply that follows, so every lane repeats the scalar path's steps. */
+void ebb_cpu_bitstack_codes_avx2(const float *x, const float *v, int n, int8_t *q, float *scale) {
+    const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    __m256 m = _mm256_setzero_ps();
+    for (int i = 0; i < n; i += 8) {
+        const __m256 y = opaque(_mm256_mul_ps(_mm256_loadu_ps(v + i), _mm256_loadu_ps(x + i)));
+        m = _mm256_max_ps(m, _mm256_and_ps(y, abs_mask));
+    }
+    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+    const __m256 vinv = _mm256_set1_ps(act_inverse(_mm_cvtss_f32(m4), 127.0f, scale));
+    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    for (int i = 0; i < n; i += 32) {
+        __m256i c[4];
+        for (int k = 0; k < 4; k++) {
+            const __m256 y = opaque(_mm256_mul_ps(_mm256_loadu_ps(v + i + 8 * k), _mm256_loadu_ps(x + i + 8 * k)));
+            c[k] = _mm256_cvttps_epi32(round_half_away(opaque(_mm256_mul_ps(y, vinv))));
+        }
+        /* Packing interleaves 128-bit lanes; the permute restores the order. */
+        const __m256i b8 = _mm256_permutevar8x32_epi32(
+            _mm256_packs_epi16(_mm256_packs_epi32(c[0], c[1]), _mm256_packs_epi32(c[2], c[3])), order);
+        _mm256_storeu_si256((__m256i *)(q + i), b8);
+    }
+}
+
+void ebb_cpu_bitstack_scale_add_avx2(float *out, size_t out_stride, const int32_t *isum, int n_rows, int n_tok,
+                                   int rank, const float *u, const float *ts) {
+    bitstack_scale_add_body(out, out_stride, isum, n_rows, n_tok, rank, u, ts);
 }

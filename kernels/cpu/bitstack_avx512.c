@@ -1,46 +1,137 @@
-/* BitStack's sign product, AVX-512 (BW, VNNI); the same bits as
- * bitstack_scalar.c. The row's sign bits are a mask register as they are:
- * eight bytes negate 64 activation codes in one masked subtract, and VNNI's
- * vpdpbusd against ones adds them four at a time into int32 lanes, which
- * cannot overflow (at most 4 * 127 a step). A 32-input tail runs at 256 bits.
+/* BitStack's sign products, AVX-512 (BW, VL, VNNI); the same sums as
+ * bitstack_scalar.c (integers: exact).
+ *
+ * A row's sum against a vector is its total less twice the sum over the
+ * inputs whose sign bit is set: isum = T_v - 2 S. S is what VNNI does in
+ * one instruction: the row's sign bits, a mask register as they lie in
+ * memory, become 0/1 bytes (one masked move), and vpdpbusd multiplies them
+ * with the vector's codes four at a time into int32 lanes (at most 4 * 127 a
+ * lane a step: no overflow). Tiles of 4 rows x 4 vectors: each row's bytes
+ * serve four vectors and each vector's codes four rows, so a step is one
+ * instruction a pair (the single-vector loop needed three: a load, a masked
+ * negation and the add). The 16 accumulators are folded into four sums a row
+ * by unpacking against each other (no horizontal add per pair). A tile
+ * takes as many vectors as are left, up to four (decoding one token, a
+ * level's rank: 1 to 3 here); missing rows at the edge repeat the last
+ * one and are not stored. A 32-input tail runs on the low half with
+ * masked loads. The tile is written out by hand so that its 16
+ * accumulators stay in registers (a loop over an array of them was left
+ * in memory by the compiler, at a third of the speed).
  */
 #include "kernels/cpu/ops.h"
 
 #include <immintrin.h>
-#include <math.h>
+#include <string.h>
 
-void ebb_cpu_bitstack_signs_avx512(float *out, const uint8_t *signs, const uint16_t *u, int rank, const int8_t *t,
-                                   const float *ts, int n, int n_rows) {
-    const size_t row_bytes = (size_t)n / 8;
+#define VG 64   /* vectors whose totals are taken at a time */
+
+/* The four accumulators of one row, summed: lane c = the sum of a[c]. */
+static inline __m128i fold4(__m512i a0, __m512i a1, __m512i a2, __m512i a3) {
+    const __m512i s01 = _mm512_add_epi32(_mm512_unpacklo_epi32(a0, a1), _mm512_unpackhi_epi32(a0, a1));
+    const __m512i s23 = _mm512_add_epi32(_mm512_unpacklo_epi32(a2, a3), _mm512_unpackhi_epi32(a2, a3));
+    const __m512i s = _mm512_add_epi32(_mm512_unpacklo_epi64(s01, s23), _mm512_unpackhi_epi64(s01, s23));
+    const __m256i h = _mm256_add_epi32(_mm512_castsi512_si256(s), _mm512_extracti64x4_epi64(s, 1));
+    return _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
+}
+
+static int32_t total(const int8_t *x, int n) {
     const __m512i ones = _mm512_set1_epi8(1);
-    const __m256i ones256 = _mm256_set1_epi8(1);
-    for (int o = 0; o < n_rows; o++) {
-        const uint8_t *s = signs + (size_t)o * row_bytes;
-        float acc = 0;
-        for (int j = 0; j < rank; j++) {
-            const int8_t *tj = t + (size_t)j * n;
-            __m512i sum = _mm512_setzero_si512();
-            int i = 0;
-            for (; i + 64 <= n; i += 64) {
-                __mmask64 neg;
-                __builtin_memcpy(&neg, s + i / 8, 8);
-                const __m512i x = _mm512_loadu_si512((const void *)(tj + i));
-                sum = _mm512_dpbusd_epi32(sum, ones, _mm512_mask_sub_epi8(x, neg, _mm512_setzero_si512(), x));
+    __m512i acc = _mm512_setzero_si512();
+    int i = 0;
+    for (; i + 64 <= n; i += 64) acc = _mm512_dpbusd_epi32(acc, ones, _mm512_loadu_si512((const void *)(x + i)));
+    if (i < n) acc = _mm512_dpbusd_epi32(acc, ones, _mm512_maskz_loadu_epi8(0xFFFFFFFFull, x + i));
+    return _mm512_reduce_add_epi32(acc);
+}
+
+/* A row's sign bits for inputs [i, i + 64), or [i, i + 32) at the tail. */
+static inline __mmask64 sign_mask(const uint8_t *s, int i, int tail) {
+    if (tail) {
+        uint32_t m;
+        memcpy(&m, s + i / 8, 4);
+        return m;
+    }
+    uint64_t m;
+    memcpy(&m, s + i / 8, 8);
+    return m;
+}
+
+/* One tile: rows s0..s3 against the first nv (1 to 4, a constant where it
+ * is inlined) of vectors x0..x3, written out so the accumulators stay in
+ * registers. Stores rows < n_rows_left and vectors < nv_left. */
+#define ROW(r) do { \
+        const __m512i b = _mm512_maskz_mov_epi8(sign_mask(s##r, i, tail), ones); \
+        a##r##0 = _mm512_dpbusd_epi32(a##r##0, b, v0); \
+        if (nv > 1) a##r##1 = _mm512_dpbusd_epi32(a##r##1, b, v1); \
+        if (nv > 2) a##r##2 = _mm512_dpbusd_epi32(a##r##2, b, v2); \
+        if (nv > 3) a##r##3 = _mm512_dpbusd_epi32(a##r##3, b, v3); \
+    } while (0)
+#define STORE(r) store_row(isum + (size_t)(r) * n_vec, tv, fold4(a##r##0, a##r##1, a##r##2, a##r##3), nv_left)
+
+static inline void store_row(int32_t *dst, __m128i tot, __m128i s, int nv_left) {
+    const __m128i sum = _mm_sub_epi32(tot, _mm_slli_epi32(s, 1));
+    if (nv_left >= 4) {
+        _mm_storeu_si128((__m128i *)dst, sum);
+        return;
+    }
+    int32_t lanes[4];
+    _mm_storeu_si128((__m128i *)lanes, sum);
+    for (int c = 0; c < nv_left; c++) dst[c] = lanes[c];
+}
+
+static inline __attribute__((always_inline)) void tile(const int nv, int32_t *isum, int n_vec, const uint8_t *s0,
+                                                       const uint8_t *s1, const uint8_t *s2, const uint8_t *s3,
+                                                       const int8_t *x0, const int8_t *x1, const int8_t *x2,
+                                                       const int8_t *x3, const int32_t *tot, int n, int n_rows_left,
+                                                       int nv_left) {
+    const __m512i ones = _mm512_set1_epi8(1), z = _mm512_setzero_si512();
+    __m512i a00 = z, a01 = z, a02 = z, a03 = z, a10 = z, a11 = z, a12 = z, a13 = z;
+    __m512i a20 = z, a21 = z, a22 = z, a23 = z, a30 = z, a31 = z, a32 = z, a33 = z;
+    for (int i = 0; i < n; i += 64) {
+        const int tail = i + 64 > n;   /* n % 64 == 32: the low half */
+        const __mmask64 lm = tail ? 0xFFFFFFFFull : ~0ull;
+        const __m512i v0 = _mm512_maskz_loadu_epi8(lm, x0 + i);
+        const __m512i v1 = nv > 1 ? _mm512_maskz_loadu_epi8(lm, x1 + i) : z;
+        const __m512i v2 = nv > 2 ? _mm512_maskz_loadu_epi8(lm, x2 + i) : z;
+        const __m512i v3 = nv > 3 ? _mm512_maskz_loadu_epi8(lm, x3 + i) : z;
+        ROW(0);
+        ROW(1);
+        ROW(2);
+        ROW(3);
+    }
+    const __m128i tv = _mm_loadu_si128((const __m128i *)tot);
+    STORE(0);
+    if (n_rows_left > 1) STORE(1);
+    if (n_rows_left > 2) STORE(2);
+    if (n_rows_left > 3) STORE(3);
+}
+
+void ebb_cpu_bitstack_isums_avx512(int32_t *isum, const uint8_t *signs, int n_rows, const int8_t *t, int n_vec,
+                                   int n) {
+    const size_t row_bytes = (size_t)n / 8;
+    int32_t tot[VG + 4];
+    for (int vg = 0; vg < n_vec; vg += VG) {
+        const int nv = n_vec - vg < VG ? n_vec - vg : VG;
+        for (int v = 0; v < nv; v++) tot[v] = total(t + (size_t)(vg + v) * n, n);
+        for (int v = nv; v < VG + 4; v++) tot[v] = 0;
+        for (int o = 0; o < n_rows; o += 4) {
+            const uint8_t *s[4];
+            for (int r = 0; r < 4; r++) s[r] = signs + (size_t)(o + r < n_rows ? o + r : n_rows - 1) * row_bytes;
+            for (int v = 0; v < nv; v += 4) {
+                const int8_t *x = t + (size_t)(vg + v) * n;
+                const int left = nv - v;
+                int32_t *dst = isum + (size_t)o * n_vec + vg + v;
+                switch (left < 4 ? left : 4) {   /* a tile of as many vectors as are left, up to four */
+                case 1: tile(1, dst, n_vec, s[0], s[1], s[2], s[3], x, x, x, x, tot + v, n, n_rows - o, left); break;
+                case 2: tile(2, dst, n_vec, s[0], s[1], s[2], s[3], x, x + n, x, x, tot + v, n, n_rows - o, left); break;
+                case 3:
+                    tile(3, dst, n_vec, s[0], s[1], s[2], s[3], x, x + n, x + 2 * (size_t)n, x, tot + v, n, n_rows - o,
+                         left);
+                    break;
+                default:
+                    tile(4, dst, n_vec, s[0], s[1], s[2], s[3], x, x + n, x + 2 * (size_t)n, x + 3 * (size_t)n,
+                         tot + v, n, n_rows - o, left);
+                }
             }
-            int32_t isum = _mm512_reduce_add_epi32(sum);
-            if (i < n) {   /* n % 64 == 32 */
-                __mmask32 neg;
-                __builtin_memcpy(&neg, s + i / 8, 4);
-                const __m256i x = _mm256_loadu_si256((const __m256i *)(tj + i));
-                const __m256i tail = _mm256_dpbusd_epi32(_mm256_setzero_si256(), ones256,
-                                                         _mm256_mask_sub_epi8(x, neg, _mm256_setzero_si256(), x));
-                __m128i h = _mm_add_epi32(_mm256_castsi256_si128(tail), _mm256_extracti128_si256(tail, 1));
-                h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0x4E));
-                h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0xB1));
-                isum += _mm_cvtsi128_si32(h);
-            }
-            acc = fmaf((float)isum, ebb_f16_to_f32(u[(size_t)o * rank + j]) * ts[j], acc);
         }
-        out[o] += acc;
     }
 }

@@ -1,21 +1,37 @@
-/* BitStack's sign product, the scalar reference (backend.h defines it):
- * every other path gives these bits. */
+/* BitStack's sign products, the scalar reference (backend.h defines them):
+ * integer sums, so every other path gives exactly these. */
 #include "kernels/cpu/ops.h"
 
 #include <math.h>
 
-void ebb_cpu_bitstack_signs_scalar(float *out, const uint8_t *signs, const uint16_t *u, int rank, const int8_t *t,
-                                   const float *ts, int n, int n_rows) {
+void ebb_cpu_bitstack_isums_scalar(int32_t *isum, const uint8_t *signs, int n_rows, const int8_t *t, int n_vec,
+                                   int n) {
     const size_t row_bytes = (size_t)n / 8;
     for (int o = 0; o < n_rows; o++) {
         const uint8_t *s = signs + (size_t)o * row_bytes;
-        float acc = 0;
-        for (int j = 0; j < rank; j++) {
-            const int8_t *tj = t + (size_t)j * n;
-            int32_t isum = 0;
-            for (int i = 0; i < n; i++) isum += (s[i >> 3] >> (i & 7)) & 1 ? -tj[i] : tj[i];
-            acc = fmaf((float)isum, ebb_f16_to_f32(u[(size_t)o * rank + j]) * ts[j], acc);
+        for (int v = 0; v < n_vec; v++) {
+            const int8_t *tv = t + (size_t)v * n;
+            int32_t sum = 0;
+            for (int i = 0; i < n; i++) sum += (s[i >> 3] >> (i & 7)) & 1 ? -tv[i] : tv[i];
+            isum[(size_t)o * n_vec + v] = sum;
         }
-        out[o] += acc;
     }
+}
+
+void ebb_cpu_bitstack_codes_scalar(const float *x, const float *v, int n, int8_t *q, float *scale) {
+    float amax = 0;
+    for (int i = 0; i < n; i++) {
+        const float y = fabsf(v[i] * x[i]);
+        amax = y > amax ? y : amax;
+    }
+    const float inv = act_inverse(amax, 127.0f, scale);
+    for (int i = 0; i < n; i++) {
+        const float y = v[i] * x[i];
+        q[i] = (int8_t)roundf(y * inv);
+    }
+}
+
+void ebb_cpu_bitstack_scale_add_scalar(float *out, size_t out_stride, const int32_t *isum, int n_rows, int n_tok,
+                                   int rank, const float *u, const float *ts) {
+    bitstack_scale_add_body(out, out_stride, isum, n_rows, n_tok, rank, u, ts);
 }

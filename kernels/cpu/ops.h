@@ -13,6 +13,7 @@
 #include "kernels/backend.h"
 #include "kernels/formats.h"
 
+#include <math.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -126,7 +127,7 @@ EBB_CPU_NATIVE_OPS(avx512)
 
 /* The ops AVX-512 takes from AVX2 (backend_cpu.c says why): activation
  * quantization and the Hadamard (quant_<isa>.c), attention and KV rows
- * (kvq_ops_<isa>.c). */
+ * (kvq_ops_<isa>.c), BitStack's activation codes (bitstack_<isa>.c). */
 #define EBB_CPU_SHARED_OPS(isa) \
     void ebb_cpu_quantize_act_##isa(const float *x, int n_tok, int n, int n_hi, int8_t *q, float *s); \
     void ebb_cpu_hadamard64_##isa(float *x, int n); \
@@ -137,14 +138,35 @@ EBB_CPU_NATIVE_OPS(avx512)
     void ebb_cpu_kv_rows_q_##isa(float *out, const uint8_t *codes, const uint16_t *dm, size_t stride, \
                                  int n_rows, int n, int bits, int group); \
     void ebb_cpu_kv_rows_qc_##isa(float *out, const uint8_t *codes, size_t stride, const uint16_t *dm, \
-                                  int n_rows, int n, int bits, int group);
+                                  int n_rows, int n, int bits, int group); \
+    void ebb_cpu_bitstack_codes_##isa(const float *x, const float *v, int n, int8_t *q, float *scale); \
+    void ebb_cpu_bitstack_scale_add_##isa(float *out, size_t out_stride, const int32_t *isum, int n_rows, \
+                                          int n_tok, int rank, const float *u, const float *ts);
 EBB_CPU_SHARED_OPS(scalar)
 EBB_CPU_SHARED_OPS(avx2)
 
-/* BitStack's sign product (bitstack_<isa>.c). */
+/* BitStack's scaling of its sign sums (backend.h's bitstack_scale_add),
+ * the same C on every path: each ISA file instantiates it with its own
+ * flags, so fmaf is the FMA instruction where there is one (and libm's
+ * correctly rounded fmaf on the scalar path: the same bits). */
+static inline __attribute__((always_inline)) void bitstack_scale_add_body(float *out, size_t out_stride,
+                                                                         const int32_t *isum, int n_rows, int n_tok,
+                                                                         int rank, const float *u, const float *ts)
+{
+    const size_t per_row = (size_t)n_tok * rank;
+    for (int o = 0; o < n_rows; o++)
+        for (int t = 0; t < n_tok; t++) {
+            const int32_t *is = isum + (size_t)o * per_row + (size_t)t * rank;
+            float acc = 0;
+            for (int q = 0; q < rank; q++) acc = fmaf((float)is[q], u[(size_t)o * rank + q] * ts[(size_t)t * rank + q], acc);
+            out[(size_t)t * out_stride + o] += acc;
+        }
+}
+
+/* BitStack's sign products (bitstack_<isa>.c). */
 #define EBB_CPU_BITSTACK_OPS(isa) \
-    void ebb_cpu_bitstack_signs_##isa(float *out, const uint8_t *signs, const uint16_t *u, int rank, \
-                                      const int8_t *t, const float *ts, int n, int n_rows);
+    void ebb_cpu_bitstack_isums_##isa(int32_t *isum, const uint8_t *signs, int n_rows, const int8_t *t, int n_vec, \
+                                      int n);
 EBB_CPU_BITSTACK_OPS(scalar)
 EBB_CPU_BITSTACK_OPS(avx2)
 EBB_CPU_BITSTACK_OPS(avx512)

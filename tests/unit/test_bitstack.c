@@ -137,48 +137,108 @@ static void test_exact_rank_one(void) {
     CHECK(strstr(err, "rank") != NULL);
 }
 
-/* The backend's sign product: every path gives the scalar path's bits, on
- * widths with and without a 32-input tail, ranks 1 to 5, and the scalar
- * path equals the integer sums it is defined by. */
+/* The backend's sign products: the scalar path equals the sums it is
+ * defined by, and every path gives the scalar path's sums, on widths with
+ * and without a 32-input tail, row and vector counts on and off the tiles
+ * (1 to 19 rows; 1 to 70 vectors, past a group of 64), codes at +-127. */
 static void test_sign_product_paths(void) {
-    static const int widths[] = {32, 64, 96, 576, 1536, 4128};
+    static const int widths[] = {32, 64, 96, 576, 1536, 4128, 8224};
+    static const int shapes[][2] = {{1, 1}, {19, 3}, {4, 4}, {5, 9}, {16, 24}, {3, 70}};
     const struct ebb_backend *scalar = ebb_backend_cpu_named("scalar");
     const char *paths[] = {"avx2", "avx512"};
     for (size_t wi = 0; wi < sizeof widths / sizeof widths[0]; wi++)
-        for (int rank = 1; rank <= 5; rank += 2) {
-            const int n = widths[wi], rows = 19;
+        for (size_t si = 0; si < sizeof shapes / sizeof shapes[0]; si++) {
+            const int n = widths[wi], rows = shapes[si][0], nv = shapes[si][1];
             uint8_t *signs = malloc((size_t)rows * n / 8);
-            uint16_t *u = malloc((size_t)rows * rank * sizeof *u);
-            int8_t *t = malloc((size_t)rank * n);
-            float ts[5], want[19], got[19];
+            int8_t *t = malloc((size_t)nv * n);
+            int32_t *want = malloc((size_t)rows * nv * sizeof *want), *got = malloc((size_t)rows * nv * sizeof *got);
             for (size_t k = 0; k < (size_t)rows * n / 8; k++) signs[k] = (uint8_t)(uniform() * 256);
-            for (int k = 0; k < rows * rank; k++) u[k] = ebb_f32_to_f16(gaussian());
-            for (int k = 0; k < rank * n; k++) t[k] = (int8_t)(k % 97 == 0 ? (k % 2 ? 127 : -127) : (int)(uniform() * 255) - 127);
-            for (int j = 0; j < rank; j++) ts[j] = 0.01f * (1 + j);
-            for (int o = 0; o < rows; o++) want[o] = got[o] = 0.5f;
-            scalar->bitstack_signs(want, signs, u, rank, t, ts, n, rows);
+            if (si == 0) memset(signs, 0xFF, (size_t)rows * n / 8);   /* all negative: the widest sums */
+            for (size_t k = 0; k < (size_t)nv * n; k++)
+                t[k] = (int8_t)(si == 0 ? -127 : k % 97 == 0 ? (k % 2 ? 127 : -127) : (int)(uniform() * 255) - 127);
+            scalar->bitstack_isums(want, signs, rows, t, nv, n);
             int exact = 1;
-            for (int o = 0; o < rows; o++) {
-                float acc = 0;
-                for (int j = 0; j < rank; j++) {
-                    long isum = 0;
+            for (int o = 0; o < rows; o++)
+                for (int v = 0; v < nv; v++) {
+                    long sum = 0;
                     for (int i = 0; i < n; i++)
-                        isum += (signs[(size_t)o * n / 8 + i / 8] >> (i % 8)) & 1 ? -t[j * n + i] : t[j * n + i];
-                    acc = fmaf((float)isum, ebb_f16_to_f32(u[o * rank + j]) * ts[j], acc);
+                        sum += (signs[(size_t)o * n / 8 + i / 8] >> (i % 8)) & 1 ? -t[(size_t)v * n + i]
+                                                                                   : t[(size_t)v * n + i];
+                    exact &= want[(size_t)o * nv + v] == sum;
                 }
-                exact &= want[o] == 0.5f + acc;
-            }
-            CHECK_MSG(exact, "scalar sign product, n %d rank %d", n, rank);
+            CHECK_MSG(exact, "scalar sign sums, n %d, %d rows, %d vectors", n, rows, nv);
+            if (si == 0) CHECK(want[0] == 127 * n);
             for (int p = 0; p < 2; p++) {
                 const struct ebb_backend *be = ebb_backend_cpu_named(paths[p]);
                 if (!be) continue;
-                for (int o = 0; o < rows; o++) got[o] = 0.5f;
-                be->bitstack_signs(got, signs, u, rank, t, ts, n, rows);
-                CHECK_MSG(!memcmp(got, want, sizeof want), "%s sign product differs from scalar: n %d rank %d",
-                          paths[p], n, rank);
+                memset(got, 0x55, (size_t)rows * nv * sizeof *got);
+                be->bitstack_isums(got, signs, rows, t, nv, n);
+                CHECK_MSG(!memcmp(got, want, (size_t)rows * nv * sizeof *got),
+                          "%s sign sums differ from scalar: n %d, %d rows, %d vectors", paths[p], n, rows, nv);
             }
-            free(signs); free(u); free(t);
+            free(signs); free(t); free(want); free(got);
         }
+}
+
+/* The activation codes and the scaling of the sums: the scalar path is
+ * the definition (roundf, fmaf), every path gives its bits; codes land on
+ * halves (ties away from zero), a zero vector has scale 0 and codes 0. */
+static void test_codes_and_scaling_paths(void) {
+    const struct ebb_backend *scalar = ebb_backend_cpu_named("scalar");
+    const char *paths[] = {"avx2", "avx512"};
+    enum { N = 576 };
+    float x[N], v[N];
+    int8_t want[N], got[N];
+    for (int round = 0; round < 3; round++) {
+        for (int i = 0; i < N; i++) {
+            x[i] = round == 2 ? 0 : gaussian();
+            v[i] = gaussian();
+        }
+        if (round == 1) {   /* amax 127 exactly: inv 1, so odd y land on halves */
+            for (int i = 0; i < N; i++) { x[i] = 1; v[i] = (float)(i % 253 - 126) + (i % 2 ? 0.5f : 0); }
+            v[0] = 127;
+        }
+        float ws, gs;
+        scalar->bitstack_codes(x, v, N, want, &ws);
+        float amax = 0;
+        for (int i = 0; i < N; i++) amax = fabsf(v[i] * x[i]) > amax ? fabsf(v[i] * x[i]) : amax;
+        CHECK(ws == amax / 127.0f);
+        int ok = 1;
+        for (int i = 0; i < N; i++) ok &= want[i] == (ws ? (int8_t)roundf(v[i] * x[i] * (127.0f / amax)) : 0);
+        CHECK_MSG(ok, "scalar codes, round %d", round);
+        if (round == 1) CHECK(ws == 1 && want[1] == -125 && want[253] == -126 && want[3] == -123 && want[0] == 127);
+        for (int p = 0; p < 2; p++) {
+            const struct ebb_backend *be = ebb_backend_cpu_named(paths[p]);
+            if (!be) continue;
+            be->bitstack_codes(x, v, N, got, &gs);
+            CHECK_MSG(gs == ws && !memcmp(got, want, N), "%s codes differ from scalar, round %d", paths[p], round);
+        }
+    }
+    enum { R = 5, T = 3, K = 3 };
+    int32_t isum[R * T * K];
+    float u[R * K], ts[T * K], want_out[T * 7];
+    for (int i = 0; i < R * T * K; i++) isum[i] = (int32_t)(gaussian() * 70000);
+    for (int i = 0; i < R * K; i++) u[i] = gaussian();
+    for (int i = 0; i < T * K; i++) ts[i] = (float)uniform() * 0.01f;
+    for (int i = 0; i < T * 7; i++) want_out[i] = 0.25f * (float)i;
+    scalar->bitstack_scale_add(want_out, 7, isum, R, T, K, u, ts);
+    int ok = 1;
+    for (int o = 0; o < R; o++)
+        for (int t = 0; t < T; t++) {
+            float acc = 0;
+            for (int q = 0; q < K; q++) acc = fmaf((float)isum[(o * T + t) * K + q], u[o * K + q] * ts[t * K + q], acc);
+            ok &= want_out[t * 7 + o] == 0.25f * (float)(t * 7 + o) + acc;
+        }
+    CHECK_MSG(ok, "scalar scaling is not its definition");
+    CHECK(want_out[6] == 1.5f && want_out[13] == 3.25f);   /* rows past n_rows untouched */
+    for (int p = 0; p < 2; p++) {
+        const struct ebb_backend *be = ebb_backend_cpu_named(paths[p]);
+        if (!be) continue;
+        float o2[T * 7];
+        for (int i = 0; i < T * 7; i++) o2[i] = 0.25f * (float)i;
+        be->bitstack_scale_add(o2, 7, isum, R, T, K, u, ts);
+        CHECK_MSG(!memcmp(o2, want_out, sizeof o2), "%s scaling differs from scalar", paths[p]);
+    }
 }
 
 /* bitstack_linear (int8 products through the sign kernel, rows split over a
@@ -197,7 +257,7 @@ static void test_linear_matches_dense(void) {
     struct bitstack_matrix bm = {blocks, levels, scale};
     float *dense = calloc((size_t)rows * cols, sizeof *dense);
     for (int l = 0; l < levels; l++) bitstack_block_add_dense(&blocks[l], dense);
-    enum { T = 3 };
+    enum { T = 11 };   /* past one block of tokens */
     float x[T * 192], y[T * 80], y1[80];
     for (int i = 0; i < T * cols; i++) x[i] = gaussian();
     struct bitstack_scratch *sc = NULL;
@@ -212,8 +272,22 @@ static void test_linear_matches_dense(void) {
             ref += d * d;
         }
     CHECK_MSG(sqrt(diff / ref) < 0.02, "sign product off the dense prefix by %.4f", sqrt(diff / ref));
-    CHECK(bitstack_linear(be, NULL, &sc, &bm, x + cols, 1, y1) == 0);
-    CHECK_MSG(!memcmp(y1, y + rows, sizeof y1), "a token alone and inside a batch must give the same bits");
+    for (int t = 0; t < T; t += 9) {
+        CHECK(bitstack_linear(be, NULL, &sc, &bm, x + (size_t)t * cols, 1, y1) == 0);
+        CHECK_MSG(!memcmp(y1, y + (size_t)t * rows, sizeof y1),
+                  "token %d alone and inside a batch must give the same bits", t);
+    }
+    /* Every path, alone and split over workers: the same bits. */
+    struct ebb_pool *pool = ebb_pool_create(2);
+    const char *paths[] = {"scalar", "avx2", "avx512"};
+    for (int p = 0; p < 3; p++) {
+        const struct ebb_backend *pb = ebb_backend_cpu_named(paths[p]);
+        if (!pb) continue;
+        float yp[T * 80];
+        CHECK(bitstack_linear(pb, pool, &sc, &bm, x, T, yp) == 0);
+        CHECK_MSG(!memcmp(yp, y, sizeof yp), "%s over a pool differs", paths[p]);
+    }
+    ebb_pool_destroy(pool);
     bm.depth = 0;
     CHECK(bitstack_linear(be, NULL, &sc, &bm, x, 1, y1) == 0);
     CHECK(y1[0] == 0 && y1[rows - 1] == 0);
@@ -291,6 +365,7 @@ int main(void) {
     test_decomposition(64, 96, 1, 10);
     test_decomposition(96, 160, 2, 10);
     test_sign_product_paths();
+    test_codes_and_scaling_paths();
     test_linear_matches_dense();
     return check_report("test_bitstack");
 }
