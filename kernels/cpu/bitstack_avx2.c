@@ -7,11 +7,12 @@
  * by a shuffle, one bit selected per lane, clamped to 1), and vpmaddubsw
  * multiplies them with a vector's codes, adding neighbouring pairs into
  * int16 lanes. Those grow by at most 254 a step, so they are widened to
- * int32 every 128 steps (4096 inputs) and at the end. Tiles of 2 rows x 4
- * vectors (every int16 accumulator and the codes of a step in registers):
- * each row's bytes serve four vectors and each vector's codes two rows.
- * Missing rows or vectors at the edges repeat the tile's last one and are
- * not stored.
+ * int32 every 128 steps (4096 inputs) and at the end. Tiles of 2 rows x up
+ * to 4 vectors (as many as are left: decoding one token, a level's rank),
+ * written out by hand so every int16 accumulator and the codes of a step
+ * stay in registers: each row's bytes serve the tile's vectors and each
+ * vector's codes both rows. A missing second row at the edge repeats the
+ * first and is not stored.
  */
 #include "kernels/cpu/ops.h"
 #include "kernels/cpu/simd_x86.h"
@@ -50,56 +51,79 @@ static inline __m128i fold4(__m256i a0, __m256i a1, __m256i a2, __m256i a3) {
     return _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
 }
 
+static inline void store_row(int32_t *dst, const int32_t *tot, __m128i s, int nv_left) {
+    const __m128i sum = _mm_sub_epi32(_mm_loadu_si128((const __m128i *)tot), _mm_slli_epi32(s, 1));
+    if (nv_left >= 4) {
+        _mm_storeu_si128((__m128i *)dst, sum);
+        return;
+    }
+    int32_t lanes[4];
+    _mm_storeu_si128((__m128i *)lanes, sum);
+    for (int c = 0; c < nv_left; c++) dst[c] = lanes[c];
+}
+
+/* One tile: rows s0, s1 against the first nv (1 to 4, a constant where it
+ * is inlined) of vectors x0..x3, written out so the int16 accumulators stay
+ * in registers. */
+#define STEP(r, c) a##r##c = _mm256_add_epi16(a##r##c, _mm256_maddubs_epi16(b##r, v##c))
+#define WIDEN(r, c) do { \
+        w##r##c = _mm256_add_epi32(w##r##c, _mm256_madd_epi16(a##r##c, ones16)); \
+        a##r##c = z; \
+    } while (0)
+static inline __attribute__((always_inline)) void tile(const int nv, int32_t *isum, int n_vec, const uint8_t *s0,
+                                                       const uint8_t *s1, const int8_t *x0, const int8_t *x1,
+                                                       const int8_t *x2, const int8_t *x3, const int32_t *tot, int n,
+                                                       int two_rows, int nv_left) {
+    const __m256i z = _mm256_setzero_si256(), ones16 = _mm256_set1_epi16(1);
+    __m256i a00 = z, a01 = z, a02 = z, a03 = z, a10 = z, a11 = z, a12 = z, a13 = z;
+    __m256i w00 = z, w01 = z, w02 = z, w03 = z, w10 = z, w11 = z, w12 = z, w13 = z;
+    int steps = 0;
+    for (int i = 0; i < n; i += 32) {
+        const __m256i v0 = _mm256_loadu_si256((const __m256i *)(x0 + i));
+        const __m256i v1 = nv > 1 ? _mm256_loadu_si256((const __m256i *)(x1 + i)) : z;
+        const __m256i v2 = nv > 2 ? _mm256_loadu_si256((const __m256i *)(x2 + i)) : z;
+        const __m256i v3 = nv > 3 ? _mm256_loadu_si256((const __m256i *)(x3 + i)) : z;
+        const __m256i b0 = bits01(s0 + i / 8), b1 = bits01(s1 + i / 8);
+        STEP(0, 0);
+        STEP(1, 0);
+        if (nv > 1) { STEP(0, 1); STEP(1, 1); }
+        if (nv > 2) { STEP(0, 2); STEP(1, 2); }
+        if (nv > 3) { STEP(0, 3); STEP(1, 3); }
+        if (++steps == STEPS_PER_WIDEN || i + 32 >= n) {
+            WIDEN(0, 0); WIDEN(0, 1); WIDEN(0, 2); WIDEN(0, 3);
+            WIDEN(1, 0); WIDEN(1, 1); WIDEN(1, 2); WIDEN(1, 3);
+            steps = 0;
+        }
+    }
+    store_row(isum, tot, fold4(w00, w01, w02, w03), nv_left);
+    if (two_rows) store_row(isum + n_vec, tot, fold4(w10, w11, w12, w13), nv_left);
+}
+
 void ebb_cpu_bitstack_isums_avx2(int32_t *isum, const uint8_t *signs, int n_rows, const int8_t *t, int n_vec,
                                  int n) {
     const size_t row_bytes = (size_t)n / 8;
-    const __m256i ones16 = _mm256_set1_epi16(1);
     int32_t tot[VG + 4];
     for (int vg = 0; vg < n_vec; vg += VG) {
         const int nv = n_vec - vg < VG ? n_vec - vg : VG;
         for (int v = 0; v < nv; v++) tot[v] = total(t + (size_t)(vg + v) * n, n);
         for (int v = nv; v < VG + 4; v++) tot[v] = 0;
-        for (int o = 0; o < n_rows; o += 2)
+        for (int o = 0; o < n_rows; o += 2) {
+            const uint8_t *s0 = signs + (size_t)o * row_bytes;
+            const uint8_t *s1 = o + 1 < n_rows ? s0 + row_bytes : s0;
             for (int v = 0; v < nv; v += 4) {
-                const uint8_t *s0 = signs + (size_t)o * row_bytes;
-                const uint8_t *s1 = signs + (size_t)(o + 1 < n_rows ? o + 1 : o) * row_bytes;
-                const int8_t *x[4];
-                for (int c = 0; c < 4; c++) x[c] = t + (size_t)(vg + (v + c < nv ? v + c : nv - 1)) * n;
-                __m256i acc16[2][4], acc32[2][4];
-                for (int c = 0; c < 4; c++)
-                    acc16[0][c] = acc16[1][c] = acc32[0][c] = acc32[1][c] = _mm256_setzero_si256();
-                int steps = 0;
-                for (int i = 0; i < n; i += 32) {
-                    __m256i xv[4];
-                    for (int c = 0; c < 4; c++) xv[c] = _mm256_loadu_si256((const __m256i *)(x[c] + i));
-                    const __m256i b0 = bits01(s0 + i / 8), b1 = bits01(s1 + i / 8);
-                    for (int c = 0; c < 4; c++) {
-                        acc16[0][c] = _mm256_add_epi16(acc16[0][c], _mm256_maddubs_epi16(b0, xv[c]));
-                        acc16[1][c] = _mm256_add_epi16(acc16[1][c], _mm256_maddubs_epi16(b1, xv[c]));
-                    }
-                    if (++steps == STEPS_PER_WIDEN || i + 32 >= n) {
-                        for (int r = 0; r < 2; r++)
-                            for (int c = 0; c < 4; c++) {
-                                acc32[r][c] = _mm256_add_epi32(acc32[r][c], _mm256_madd_epi16(acc16[r][c], ones16));
-                                acc16[r][c] = _mm256_setzero_si256();
-                            }
-                        steps = 0;
-                    }
-                }
-                const __m128i tv = _mm_loadu_si128((const __m128i *)(tot + v));
-                for (int r = 0; r < 2 && o + r < n_rows; r++) {
-                    const __m128i sum = _mm_sub_epi32(tv, _mm_slli_epi32(fold4(acc32[r][0], acc32[r][1], acc32[r][2],
-                                                                                acc32[r][3]), 1));
-                    int32_t *dst = isum + (size_t)(o + r) * n_vec + vg + v;
-                    if (v + 4 <= nv) {
-                        _mm_storeu_si128((__m128i *)dst, sum);
-                    } else {
-                        int32_t lanes[4];
-                        _mm_storeu_si128((__m128i *)lanes, sum);
-                        for (int c = 0; v + c < nv; c++) dst[c] = lanes[c];
-                    }
+                const int8_t *x = t + (size_t)(vg + v) * n;
+                const int left = nv - v, two = o + 1 < n_rows;
+                int32_t *dst = isum + (size_t)o * n_vec + vg + v;
+                switch (left < 4 ? left : 4) {   /* a tile of as many vectors as are left, up to four */
+                case 1: tile(1, dst, n_vec, s0, s1, x, x, x, x, tot + v, n, two, left); break;
+                case 2: tile(2, dst, n_vec, s0, s1, x, x + n, x, x, tot + v, n, two, left); break;
+                case 3: tile(3, dst, n_vec, s0, s1, x, x + n, x + 2 * (size_t)n, x, tot + v, n, two, left); break;
+                default:
+                    tile(4, dst, n_vec, s0, s1, x, x + n, x + 2 * (size_t)n, x + 3 * (size_t)n, tot + v, n, two,
+                         left);
                 }
             }
+        }
     }
 }
 
