@@ -24,10 +24,11 @@
  * Two ways to compute with the prefix (bitstack_fit), as the model's
  * weights setting says:
  *   native (the default): the blocks are used in place from the file
- *     mapping by the backend's sign product (bitstack_linear): per token and
- *     level, t_j = v_j .* (x / s) quantized to int8 with one scale per rank,
- *     then every row's sign-masked sums of t_j weighted by u (backend.h's
- *     exact contract). Nothing is copied, so resident weights are the
+ *     mapping by the backend's sign products (bitstack_linear): per token
+ *     and level, t_j = v_j .* (x / s) quantized to int8 with one scale per
+ *     rank, then every row's sign-masked sums of t_j (integers, a tile of
+ *     rows against a block of tokens at once) weighted by u (backend.h's
+ *     exact contracts). Nothing is copied, so resident weights are the
  *     prefix's bytes; blocks beyond it are handed back to the kernel
  *     (madvise) when the prefix shrinks and read again from the file when
  *     it grows.
