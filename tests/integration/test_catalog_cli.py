@@ -18,6 +18,8 @@ import pytest
 
 from conftest import run_ebb
 
+SCHEMA_VERSION = 2   # storage/catalog.h CATALOG_SCHEMA_VERSION
+
 
 @pytest.fixture(scope="module")
 def model_facts(model_path):
@@ -107,7 +109,7 @@ def test_add_list_rm(ebb_bin, catalog, model_path, model_facts):
 
     # What the CLI says matches what is in the file.
     version, rows = integrity(catalog)
-    assert version == 1
+    assert version == SCHEMA_VERSION
     assert sorted(r[0] for r in rows) == ["SmolLM2-135M-Instruct.Q4_1", "smol"]
 
     # Duplicates, unknown names and bad names fail cleanly and change nothing.
@@ -232,7 +234,7 @@ def test_concurrent_adds(ebb_bin, catalog, model_path):
     for status, err in same:
         assert status == 0 or (status == 1 and "already" in err), (status, err)
     version, rows = integrity(catalog)
-    assert version == 1
+    assert version == SCHEMA_VERSION
     assert sorted(r[0] for r in rows) == sorted([f"m{i}" for i in range(n_distinct)] + ["same"])
 
 
@@ -321,7 +323,7 @@ def test_kill9_during_writes(ebb_bin, catalog, model_path, model_facts, fresh, t
         # The next user (here the CLI) opens it and finishes any migration.
         listed = json.loads(ok(models(ebb_bin, catalog, "list", "--json")))
         version, rows = integrity(catalog)
-        assert version == 1
+        assert version == SCHEMA_VERSION
         check_rows_whole(rows, model_path, model_facts)
         assert sorted(m["name"] for m in listed) == sorted(r[0] for r in rows)
         # And it still takes writes.
