@@ -39,7 +39,7 @@ static int window_logits(struct model_run *run, struct kv_cache *kv, const int32
     return 0;
 }
 
-int perplexity_windows(struct model_run *run, const int32_t *tokens, int n_windows, int n_ctx, int32_t bos,
+int perplexity_windows(struct model_run *run, const int32_t *tokens, int n_windows, int n_ctx, int n_score, int32_t bos,
                        int kv_bits, const struct compress_params *compress, int32_t *top1, ppl_progress_fn progress,
                        void *ud, struct ppl_result *r, char *err, size_t errlen) {
     const struct model *m = model_run_model(run);
@@ -49,6 +49,11 @@ int perplexity_windows(struct model_run *run, const int32_t *tokens, int n_windo
     if (n_ctx < 8 || n_ctx > m->cfg.n_ctx_train) {
         snprintf(err, errlen, "windows of %d tokens: the model's context is %d (and at least 8 are needed)", n_ctx,
                  m->cfg.n_ctx_train);
+        return -1;
+    }
+    if (n_score < 0 || n_score > n_ctx - 2) {
+        snprintf(err, errlen, "scoring %d predictions of windows of %d tokens: at most %d (one token of context)",
+                 n_score, n_ctx, n_ctx - 2);
         return -1;
     }
     struct kv_account kv_policy;   /* the cache's precision; no budget */
@@ -64,7 +69,7 @@ int perplexity_windows(struct model_run *run, const int32_t *tokens, int n_windo
         snprintf(err, errlen, "out of memory");
         goto out;
     }
-    const int first = n_ctx / 2;
+    const int first = n_score ? n_ctx - 1 - n_score : n_ctx / 2;
     double nll = 0, nll2 = 0;
     long count = 0;
     const double t0 = ebb_now_seconds();
@@ -103,7 +108,8 @@ out:
     return rc;
 }
 
-int perplexity_measure(struct model_run *run, const char *text, size_t len, int n_ctx, int max_windows, int kv_bits,
+int perplexity_measure(struct model_run *run, const char *text, size_t len, int n_ctx, int n_score, int max_windows,
+                       int kv_bits,
                        const struct compress_params *compress, int32_t *top1, ppl_progress_fn progress, void *ud,
                        struct ppl_result *r, char *err, size_t errlen) {
     const struct model *m = model_run_model(run);
@@ -122,7 +128,7 @@ int perplexity_measure(struct model_run *run, const char *text, size_t len, int 
     if (n_ctx >= 8 && n_ctx <= m->cfg.n_ctx_train && n_windows == 0)
         snprintf(err, errlen, "the text has %d tokens, fewer than one window of %d", n_tokens, n_ctx);
     else
-        rc = perplexity_windows(run, tokens, n_windows, n_ctx, tokenizer_bos_to_add(m->tok), kv_bits, compress, top1,
+        rc = perplexity_windows(run, tokens, n_windows, n_ctx, n_score, tokenizer_bos_to_add(m->tok), kv_bits, compress, top1,
                                 progress, ud, r, err, errlen);
     r->n_tokens = n_tokens;
     free(tokens);

@@ -8,17 +8,18 @@
  *   - each window is evaluated from an empty cache, and only the second half
  *     is scored: the predictions at positions n_ctx/2 .. n_ctx-2 of the
  *     tokens that follow them, so every scored token has at least n_ctx/2 of
- *     context;
+ *     context (n_score, when not 0, scores the last n_score predictions
+ *     instead: positions n_ctx-1-n_score .. n_ctx-2);
  *   - PPL = exp(mean negative log-likelihood over all scored tokens).
  *
- * With context compression (compress not NULL and not off) a window's first
- * half -- positions 0 .. n_ctx/2, the context of the first scored token --
+ * With context compression (compress not NULL and not off) a window's
+ * context -- positions 0 .. first, first being the first scored position --
  * is prefilled and compressed before the rest is fed, so every scored
  * token sees the compressed context (the kvpress protocol: compress, then
  * continue). Without it the bits are the same as one pass over the window.
  *
  * top1, when not NULL, receives the model's most likely token at every
- * scored position, in order (room for max_windows * (n_ctx - n_ctx/2 - 1)):
+ * scored position, in order (room for max_windows * the predictions scored):
  * how top-1 agreement between two configurations is measured.
  *
  * One implementation for `ebb ppl` and for `ebb pack`, which records the
@@ -45,10 +46,12 @@ struct ppl_result {
 typedef void (*ppl_progress_fn)(void *ud, int done, int total, const struct ppl_result *so_far, double seconds);
 
 /* Scores text[0..len) in windows of n_ctx (at most max_windows of them; 0:
- * all) with a KV cache of kv_bits. 0, or -1 with the reason in err (text not
- * UTF-8, shorter than one window, n_ctx beyond the model's context, a
- * kv_bits the model cannot use, out of memory). */
-int perplexity_measure(struct model_run *run, const char *text, size_t len, int n_ctx, int max_windows, int kv_bits,
+ * all), the last n_score predictions of each (0: the second half), with a
+ * KV cache of kv_bits. 0, or -1 with the reason in err (text not UTF-8,
+ * shorter than one window, n_ctx beyond the model's context, n_score not
+ * below n_ctx, a kv_bits the model cannot use, out of memory). */
+int perplexity_measure(struct model_run *run, const char *text, size_t len, int n_ctx, int n_score, int max_windows,
+                       int kv_bits,
                        const struct compress_params *compress, int32_t *top1, ppl_progress_fn progress, void *ud,
                        struct ppl_result *r, char *err, size_t errlen);
 /* The same scoring over n_windows windows of n_ctx tokens already cut:
@@ -57,7 +60,7 @@ int perplexity_measure(struct model_run *run, const char *text, size_t len, int 
  * the packer uses for its checkpoints (tools/pack/bitstack.c), whose windows
  * are the calibration's. r->n_tokens, as the caller set it, is kept for
  * the progress callback. 0, or -1 with err. */
-int perplexity_windows(struct model_run *run, const int32_t *tokens, int n_windows, int n_ctx, int32_t bos,
+int perplexity_windows(struct model_run *run, const int32_t *tokens, int n_windows, int n_ctx, int n_score, int32_t bos,
                        int kv_bits, const struct compress_params *compress, int32_t *top1, ppl_progress_fn progress,
                        void *ud, struct ppl_result *r, char *err, size_t errlen);
 #endif

@@ -121,7 +121,7 @@ static int measure_variant(const struct pack_options *o, const struct eval_optio
         return -1;
     }
     struct ppl_result r;
-    const int rc = perplexity_measure(run, text, len, 512, e->windows, e->kv_bits, NULL, NULL, o->progress ? eval_progress : NULL,
+    const int rc = perplexity_measure(run, text, len, 512, 0, e->windows, e->kv_bits, NULL, NULL, o->progress ? eval_progress : NULL,
                                       NULL, &r, err, sizeof err);
     model_run_free(run);
     model_free(&m);

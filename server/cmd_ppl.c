@@ -15,6 +15,8 @@ static void ppl_usage(FILE *out) {
     fprintf(out,
         "usage: ebb ppl -m MODEL -f FILE [--ctx N] [--chunks K] [--kv-bits N] [-t THREADS]\n"
         "  --ctx N      window size in tokens (default 512); the second half of each is scored\n"
+        "  --score N    score the last N predictions of each window instead (the rest is its\n"
+        "               context, and what compression compresses)\n"
         "  --chunks K   evaluate at most K windows (default: all)\n"
         "  --kv-bits N  KV cache precision: 32 (default), 16, 8 or 4\n"
         "  --weights W  native (default: the file's quantized types, used in place) or f32\n"
@@ -22,19 +24,19 @@ static void ppl_usage(FILE *out) {
         "               (default: all of it)\n"
         "  --top1-out F write the most likely token at each scored position to F (int32,\n"
         "               little-endian): top-1 agreement between two runs\n"
-        "context compression of each window's first half before the second is scored:\n"
+        "context compression of each window's context before the rest is scored:\n"
         COMPRESS_FLAGS_USAGE);
 }
 
 struct ppl_progress_state {
-    int n_ctx;
+    int n_ctx, n_score;
 };
 
 static void print_progress(void *ud, int done, int total, const struct ppl_result *r, double seconds) {
     const struct ppl_progress_state *st = ud;
     if (done == 0) {
         fprintf(stderr, "ebb ppl: %d tokens, %d windows of %d, scoring %d tokens each\n", r->n_tokens, total,
-                st->n_ctx, st->n_ctx - st->n_ctx / 2 - 1);
+                st->n_ctx, st->n_score ? st->n_score : st->n_ctx - st->n_ctx / 2 - 1);
         return;
     }
     fprintf(stderr, "\r[%d/%d] ppl %.4f  (%.1f s, %.0f tok/s)", done, total, r->ppl, seconds,
@@ -54,7 +56,7 @@ static int write_top1(const char *path, const int32_t *ids, long n, char *err, s
 
 int cmd_ppl(int argc, char **argv) {
     const char *model_path = NULL, *file = NULL, *top1_path = NULL;
-    int n_ctx = 512, max_chunks = 0, n_threads = 0, kv_bits = 32;
+    int n_ctx = 512, n_score = 0, max_chunks = 0, n_threads = 0, kv_bits = 32;
     enum model_weights weights = MODEL_WEIGHTS_NATIVE;
     uint64_t stack_bytes = UINT64_MAX;
     struct compress_params compress = compress_defaults();
@@ -69,6 +71,7 @@ int cmd_ppl(int argc, char **argv) {
         if (!strcmp(a, "-m")) model_path = v;
         else if (!strcmp(a, "-f")) file = v;
         else if (!strcmp(a, "--ctx")) { if (cli_int("ppl", a, v, 8, 1 << 20, &n_ctx)) return 2; }
+        else if (!strcmp(a, "--score")) { if (cli_int("ppl", a, v, 1, 1 << 20, &n_score)) return 2; }
         else if (!strcmp(a, "--chunks")) { if (cli_int("ppl", a, v, 1, 1 << 30, &max_chunks)) return 2; }
         else if (!strcmp(a, "-t")) { if (cli_int("ppl", a, v, 1, 1024, &n_threads)) return 2; }
         else if (!strcmp(a, "--weights")) { if (cli_weights("ppl", v, &weights)) return 2; }
@@ -78,13 +81,18 @@ int cmd_ppl(int argc, char **argv) {
         else { fprintf(stderr, "ebb ppl: unknown option '%s'\n", a); ppl_usage(stderr); return 2; }
     }
     if (!file) { fprintf(stderr, "ebb ppl: -f FILE is required\n"); return 2; }
+    if (n_score > n_ctx - 2) {
+        fprintf(stderr, "ebb ppl: --score %d leaves no context in windows of %d tokens (at most %d)\n", n_score, n_ctx,
+                n_ctx - 2);
+        return 2;
+    }
     size_t len;
     char *text = cli_read_file("ppl", file, &len);
     if (!text) return 1;
     struct model m;
     struct model_run *run = cli_load_model("ppl", &m, model_path, weights, n_threads);
     if (!run) { free(text); return 1; }
-    struct ppl_progress_state st = {n_ctx};
+    struct ppl_progress_state st = {n_ctx, n_score};
     struct ppl_result r;
     char err[512];
     const int stack_rc = cli_fit_stack("ppl", &m, stack_bytes);
@@ -105,7 +113,7 @@ int cmd_ppl(int argc, char **argv) {
         free(text); model_run_free(run); model_free(&m);
         return 1;
     }
-    int rc = perplexity_measure(run, text, len, n_ctx, max_chunks, kv_bits, &compress, top1, print_progress, &st, &r,
+    int rc = perplexity_measure(run, text, len, n_ctx, n_score, max_chunks, kv_bits, &compress, top1, print_progress, &st, &r,
                                 err, sizeof err);
     if (rc == 0 && top1) rc = write_top1(top1_path, top1, r.scored, err, sizeof err);
     free(top1);

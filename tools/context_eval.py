@@ -402,10 +402,10 @@ def cmd_passkey(args, ebb):
 
 # ------------------------------------------------------------------ ppl
 
-PPL_FIELDS = ["binary", "ctx", "chunks", "method", "mode", "budget", "low", "select", "keys", "ppl", "ppl_err", "delta_pct",
+PPL_FIELDS = ["binary", "ctx", "chunks", "score", "method", "mode", "budget", "low", "select", "keys", "ppl", "ppl_err", "delta_pct",
               "top1_agree", "scored", "positions", "bytes_before", "bytes_after", "bytes_ratio", "bits_per_value",
               "wall_s", "rc"]
-PPL_KEY = ["binary", "ctx", "chunks", "mode", "budget", "low", "select", "keys"]
+PPL_KEY = ["binary", "ctx", "chunks", "score", "mode", "budget", "low", "select", "keys"]
 
 
 def read_top1(path):
@@ -414,15 +414,17 @@ def read_top1(path):
     return struct.unpack(f"<{len(b) // 4}i", b)
 
 
-def ppl_run(ebb, args, table, ctx, chunks, method, mode, budget=None, low=None, select="snapkv", keys=4):
-    row = {"binary": ebb.binary, "keys": keys if mode == "demote" else "", "ctx": ctx, "chunks": chunks, "method": method, "mode": mode,
+def ppl_run(ebb, args, table, ctx, chunks, method, mode, budget=None, low=None, select="snapkv", keys=4, score=0):
+    row = {"binary": ebb.binary, "keys": keys if mode == "demote" else "", "ctx": ctx, "chunks": chunks,
+           "score": score or "", "method": method, "mode": mode,
            "budget": budget if mode != "off" else "", "low": low if low is not None else "",
            "select": select if mode != "off" else ""}
     work = args.work
     os.makedirs(work, exist_ok=True)
-    tag = f"{ebb.binary}-{ctx}-{chunks}-{mode}-{budget}-{low}-{select}-{keys}"
+    at = f"{ctx}-{chunks}" + (f"-s{score}" if score else "")
+    tag = f"{ebb.binary}-{at}-{mode}-{budget}-{low}-{select}-{keys}"
     top1 = os.path.join(work, f"top1-{tag}.bin")
-    ref_top1 = os.path.join(work, f"top1-{ebb.binary}-{ctx}-{chunks}-off-None-None-snapkv-4.bin")
+    ref_top1 = os.path.join(work, f"top1-{ebb.binary}-{at}-off-None-None-snapkv-4.bin")
     if table.has(row) and (mode != "off" or os.path.exists(top1)):
         return None
     if ebb.dry:
@@ -430,7 +432,8 @@ def ppl_run(ebb, args, table, ctx, chunks, method, mode, budget=None, low=None, 
     if mode != "off" and not os.path.exists(ref_top1):
         raise RuntimeError("the full-cache run (off) must come first")
     argv = ["ppl", "-m", ebb.model, "-f", args.heldout, "--ctx", str(ctx), "--chunks", str(chunks),
-            "--kv-bits", "4", "--top1-out", top1] + compress_args(mode, budget, low, select, keys)
+            "--kv-bits", "4", "--top1-out", top1] + (["--score", str(score)] if score else []) + \
+        compress_args(mode, budget, low, select, keys)
     rc, out, err, wall = ebb.run(argv, timeout=3600)
     text = out + err
     m = RE_PPL.search(text)
@@ -440,7 +443,7 @@ def ppl_run(ebb, args, table, ctx, chunks, method, mode, budget=None, low=None, 
     mc = RE_PPL_COMP.search(text)
     if mc:
         windows, b0, b1 = int(mc.group(2)), int(mc.group(4)), int(mc.group(5))
-        positions = (ctx // 2 + 1) * windows
+        positions = (ctx - score if score else ctx // 2 + 1) * windows   # the context compressed
         row.update(positions=positions, bytes_before=b0, bytes_after=b1, bytes_ratio=round(b1 / b0, 5),
                    bits_per_value=round(b1 * 8 / (positions * ebb.vpp), 4))
     if rc != 0:
@@ -450,7 +453,7 @@ def ppl_run(ebb, args, table, ctx, chunks, method, mode, budget=None, low=None, 
         if table.has(row):
             return None   # the row was there, only the top-1 file was missing
     elif m:
-        ref = table.get(binary=ebb.binary, ctx=ctx, chunks=chunks, mode="off")
+        ref = table.get(binary=ebb.binary, ctx=ctx, chunks=chunks, score=score or "", mode="off")
         base = float(ref[0]["ppl"])
         a, b = read_top1(ref_top1), read_top1(top1)
         row.update(delta_pct=round(100 * (row["ppl"] / base - 1), 3),
@@ -466,10 +469,11 @@ def cmd_ppl(args, ebb):
     table = Table(os.path.join(args.out, "context_ppl.csv"), PPL_FIELDS, PPL_KEY)
     t0 = time.time()
     n = 0
-    for ctx, chunks in args.ctx:
+    for spec in args.ctx:
+        ctx, chunks, score = spec[0], spec[1], spec[2] if len(spec) > 2 else 0
         runs = [("full", "off", None)] + [(f"snapkv-{m}", m, b) for m in MODES for b in BUDGETS]
         for method, mode, budget in runs:
-            n += ppl_run(ebb, args, table, ctx, chunks, method, mode, budget) is not None
+            n += ppl_run(ebb, args, table, ctx, chunks, method, mode, budget, score=score) is not None
     if ebb.dry:
         log(f"ppl: {n} runs to do")
     else:
@@ -583,7 +587,7 @@ def cmd_ablate(args, ebb):
                         log(f"  {method} {q} {hay} L={length_} d={depth}: {'ok ' if row['correct'] else 'MISS'} "
                             f"{row['output']!r} bits/value={row.get('bits_per_value')} ({time.time() - t0:.0f} s in)")
     # Perplexity at the ppl step's windows (the compression point is ctx/2 + 1).
-    for ctx, chunks in args.ctx[:1]:
+    for ctx, chunks, *_ in args.ctx[:1]:
         n_point = ctx // 2 + 1
         kd, keep, low = solve_budgets(ebb, prompts, calib, n_point, args.target)
         log(f"ablate ppl ctx={ctx}: drop budget {kd}, demote keep {keep} + low {low}")
@@ -933,7 +937,8 @@ def main():
     ap.add_argument("--lengths", type=lambda s: [int(x) for x in s.split(",")], default=None,
                     help="only these grid lengths (passkey, ablate)")
     ap.add_argument("--ctx", type=lambda s: [tuple(int(y) for y in x.split(":")) for x in s.split(",")],
-                    default=[(4096, 2)], help="ppl windows CTX:CHUNKS,... (default 4096:2)")
+                    default=[(4096, 2)], help="ppl windows CTX:CHUNKS[:SCORE],... (default 4096:2; SCORE: the last "
+                    "SCORE predictions of each window are scored, the rest is the context compressed)")
     ap.add_argument("--min-full", type=float, default=0.9)
     ap.add_argument("--target", type=float, default=0.25, help="ablate: KV bytes ratio")
     ap.add_argument("--values-per-pos", type=int, default=30 * 2 * 3 * 64)

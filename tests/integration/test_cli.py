@@ -74,6 +74,8 @@ def test_unknown_command(ebb_bin):
     (["generate", "-m", "x.gguf", "-p", "a", "--compress-min", "-1"], "--compress-min expects"),
     (["generate", "-m", "x.gguf", "-p", "a", "--compress-bogus", "1"], "unknown option"),
     (["generate", "-m", "x.gguf", "-p", "a", "--then"], "needs a value"),
+    (["ppl", "-m", "x.gguf", "-f", "t", "--score", "0"], "--score expects"),
+    (["ppl", "-m", "x.gguf", "-f", "t", "--ctx", "64", "--score", "63"], "--score 63 leaves no context"),
     (["ppl", "-m", "x.gguf", "-f", "t", "--compress", "half"], "--compress must be off, demote or drop"),
     (["ppl", "-m", "x.gguf", "-f", "t", "--compress-keys", "8"], "--compress-keys"),
 ])
@@ -213,3 +215,43 @@ def test_then_not_utf8(any_bin, model_path):
     proc = subprocess.run([any_bin, "generate", "-m", model_path, "-p", "hello", "--then", b"caf\xc3(".decode(
         "utf-8", "surrogateescape"), "-n", "1"], capture_output=True, timeout=120)
     assert_clean_error(proc, "--then is not valid UTF-8")
+
+
+def test_ppl_scores_the_last_n_predictions(ebb_bin, model_path, tmp_path):
+    """--score N: the perplexity of each window's last N predictions, recomputed here from the
+    logits of whole windows (ebb logits --all, log-softmax in float64); the default scores the
+    second half, the same as --score n_ctx - 1 - n_ctx/2."""
+    import math
+    import re
+    text = tmp_path / "text.txt"
+    text.write_text("The river rose in the spring and the town moved its market to the hill. " * 12 +
+                    "Traders came from the coast with salt, and from the north with furs and amber. " * 10)
+    ids = [int(x) for x in run_ebb(ebb_bin, "tokenize", "-m", model_path, "--file", str(text)).stdout.split()]
+    n_ctx, score, windows = 64, 20, 2
+
+    def ppl(*extra):
+        p = run_ebb(ebb_bin, "ppl", "-m", model_path, "-f", str(text), "--ctx", str(n_ctx), "--chunks",
+                    str(windows), *extra)
+        assert p.returncode == 0, p.stderr.decode()
+        assert f"{len(ids)} tokens" in p.stderr.decode(), (len(ids), p.stderr)   # no BOS added: ids are the windows
+        m = re.search(r"PPL = ([0-9.]+) \+/- [0-9.]+  \((\d+) tokens scored", p.stdout.decode())
+        return float(m.group(1)), int(m.group(2))
+
+    nll = []
+    for w in range(windows):
+        win = ids[w * n_ctx:(w + 1) * n_ctx]
+        (tmp_path / "ids.txt").write_text(" ".join(map(str, win)))
+        out = tmp_path / "logits.bin"
+        p = run_ebb(ebb_bin, "logits", "-m", model_path, "--ids-file", str(tmp_path / "ids.txt"), "--all", "-o",
+                    str(out))
+        assert p.returncode == 0, p.stderr.decode()
+        logits = np.fromfile(out, dtype=np.float32).reshape(n_ctx, -1).astype(np.float64)
+        for j in range(n_ctx - 1 - score, n_ctx - 1):
+            row = logits[j]
+            top = row.max()
+            nll.append(top + math.log(np.exp(row - top).sum()) - row[win[j + 1]])
+    want = math.exp(sum(nll) / len(nll))
+    got, scored = ppl("--score", str(score))
+    assert scored == windows * score
+    assert abs(got - want) <= 1e-4 * want + 1e-4, (got, want)
+    assert ppl() == ppl("--score", str(n_ctx - 1 - n_ctx // 2))

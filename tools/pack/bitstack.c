@@ -375,7 +375,7 @@ int pack_bitstack_checkpoints(const char *path, const int32_t *windows, int n_wi
         struct ppl_result r = {0};
         /* Increasing prefixes: each fit only adds blocks. */
         if (bitstack_fit(&m, (size_t)bytes[i], err, errlen) ||
-            perplexity_windows(run, windows, n_windows, len, bos, 32, NULL, NULL, NULL, NULL, &r, err, errlen))
+            perplexity_windows(run, windows, n_windows, len, 0, bos, 32, NULL, NULL, NULL, NULL, &r, err, errlen))
             goto out;
         ppl[i] = (float)r.ppl;
         if (progress) {
