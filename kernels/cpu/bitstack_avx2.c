@@ -20,7 +20,8 @@
 #include <immintrin.h>
 
 #define STEPS_PER_WIDEN 128
-#define VG 64   /* vectors whose totals are taken at a time */
+#define BX_ROWS 2
+#include "kernels/cpu/bitstack_x86.h"
 
 static inline __m256i bits01(const uint8_t *s) {
     int32_t b;
@@ -32,7 +33,7 @@ static inline __m256i bits01(const uint8_t *s) {
     return _mm256_min_epu8(_mm256_and_si256(rep, sel), _mm256_set1_epi8(1));
 }
 
-static int32_t total(const int8_t *x, int n) {
+static int32_t bx_total(const int8_t *x, int n) {
     const __m256i ones8 = _mm256_set1_epi8(1), ones16 = _mm256_set1_epi16(1);
     __m256i acc = _mm256_setzero_si256();
     for (int i = 0; i < n; i += 32) {
@@ -51,17 +52,6 @@ static inline __m128i fold4(__m256i a0, __m256i a1, __m256i a2, __m256i a3) {
     return _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
 }
 
-static inline void store_row(int32_t *dst, const int32_t *tot, __m128i s, int nv_left) {
-    const __m128i sum = _mm_sub_epi32(_mm_loadu_si128((const __m128i *)tot), _mm_slli_epi32(s, 1));
-    if (nv_left >= 4) {
-        _mm_storeu_si128((__m128i *)dst, sum);
-        return;
-    }
-    int32_t lanes[4];
-    _mm_storeu_si128((__m128i *)lanes, sum);
-    for (int c = 0; c < nv_left; c++) dst[c] = lanes[c];
-}
-
 /* One tile: rows s0, s1 against the first nv (1 to 4, a constant where it
  * is inlined) of vectors x0..x3, written out so the int16 accumulators stay
  * in registers. */
@@ -70,10 +60,11 @@ static inline void store_row(int32_t *dst, const int32_t *tot, __m128i s, int nv
         w##r##c = _mm256_add_epi32(w##r##c, _mm256_madd_epi16(a##r##c, ones16)); \
         a##r##c = z; \
     } while (0)
-static inline __attribute__((always_inline)) void tile(const int nv, int32_t *isum, int n_vec, const uint8_t *s0,
-                                                       const uint8_t *s1, const int8_t *x0, const int8_t *x1,
-                                                       const int8_t *x2, const int8_t *x3, const int32_t *tot, int n,
-                                                       int two_rows, int nv_left) {
+static inline __attribute__((always_inline)) void bx_tile(const int nv, int32_t *isum, int n_vec,
+                                                          const uint8_t *const *s, const int8_t *x0,
+                                                          const int8_t *x1, const int8_t *x2, const int8_t *x3,
+                                                          const int32_t *tot, int n, int n_rows_left, int nv_left) {
+    const uint8_t *s0 = s[0], *s1 = s[1];
     const __m256i z = _mm256_setzero_si256(), ones16 = _mm256_set1_epi16(1);
     __m256i a00 = z, a01 = z, a02 = z, a03 = z, a10 = z, a11 = z, a12 = z, a13 = z;
     __m256i w00 = z, w01 = z, w02 = z, w03 = z, w10 = z, w11 = z, w12 = z, w13 = z;
@@ -95,36 +86,13 @@ static inline __attribute__((always_inline)) void tile(const int nv, int32_t *is
             steps = 0;
         }
     }
-    store_row(isum, tot, fold4(w00, w01, w02, w03), nv_left);
-    if (two_rows) store_row(isum + n_vec, tot, fold4(w10, w11, w12, w13), nv_left);
+    bx_store_row(isum, tot, fold4(w00, w01, w02, w03), nv_left);
+    if (n_rows_left > 1) bx_store_row(isum + n_vec, tot, fold4(w10, w11, w12, w13), nv_left);
 }
 
 void ebb_cpu_bitstack_isums_avx2(int32_t *isum, const uint8_t *signs, int n_rows, const int8_t *t, int n_vec,
                                  int n) {
-    const size_t row_bytes = (size_t)n / 8;
-    int32_t tot[VG + 4];
-    for (int vg = 0; vg < n_vec; vg += VG) {
-        const int nv = n_vec - vg < VG ? n_vec - vg : VG;
-        for (int v = 0; v < nv; v++) tot[v] = total(t + (size_t)(vg + v) * n, n);
-        for (int v = nv; v < VG + 4; v++) tot[v] = 0;
-        for (int o = 0; o < n_rows; o += 2) {
-            const uint8_t *s0 = signs + (size_t)o * row_bytes;
-            const uint8_t *s1 = o + 1 < n_rows ? s0 + row_bytes : s0;
-            for (int v = 0; v < nv; v += 4) {
-                const int8_t *x = t + (size_t)(vg + v) * n;
-                const int left = nv - v, two = o + 1 < n_rows;
-                int32_t *dst = isum + (size_t)o * n_vec + vg + v;
-                switch (left < 4 ? left : 4) {   /* a tile of as many vectors as are left, up to four */
-                case 1: tile(1, dst, n_vec, s0, s1, x, x, x, x, tot + v, n, two, left); break;
-                case 2: tile(2, dst, n_vec, s0, s1, x, x + n, x, x, tot + v, n, two, left); break;
-                case 3: tile(3, dst, n_vec, s0, s1, x, x + n, x + 2 * (size_t)n, x, tot + v, n, two, left); break;
-                default:
-                    tile(4, dst, n_vec, s0, s1, x, x + n, x + 2 * (size_t)n, x + 3 * (size_t)n, tot + v, n, two,
-                         left);
-                }
-            }
-        }
-    }
+    bx_isums(isum, signs, n_rows, t, n_vec, n);
 }
 
 /* BitStack's activation codes (backend.h): the products once for the

@@ -23,7 +23,8 @@
 #include <immintrin.h>
 #include <string.h>
 
-#define VG 64   /* vectors whose totals are taken at a time */
+#define BX_ROWS 4
+#include "kernels/cpu/bitstack_x86.h"
 
 /* The four accumulators of one row, summed: lane c = the sum of a[c]. */
 static inline __m128i fold4(__m512i a0, __m512i a1, __m512i a2, __m512i a3) {
@@ -34,7 +35,7 @@ static inline __m128i fold4(__m512i a0, __m512i a1, __m512i a2, __m512i a3) {
     return _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
 }
 
-static int32_t total(const int8_t *x, int n) {
+static int32_t bx_total(const int8_t *x, int n) {
     const __m512i ones = _mm512_set1_epi8(1);
     __m512i acc = _mm512_setzero_si512();
     int i = 0;
@@ -65,24 +66,13 @@ static inline __mmask64 sign_mask(const uint8_t *s, int i, int tail) {
         if (nv > 2) a##r##2 = _mm512_dpbusd_epi32(a##r##2, b, v2); \
         if (nv > 3) a##r##3 = _mm512_dpbusd_epi32(a##r##3, b, v3); \
     } while (0)
-#define STORE(r) store_row(isum + (size_t)(r) * n_vec, tv, fold4(a##r##0, a##r##1, a##r##2, a##r##3), nv_left)
+#define STORE(r) bx_store_row(isum + (size_t)(r) * n_vec, tot, fold4(a##r##0, a##r##1, a##r##2, a##r##3), nv_left)
 
-static inline void store_row(int32_t *dst, __m128i tot, __m128i s, int nv_left) {
-    const __m128i sum = _mm_sub_epi32(tot, _mm_slli_epi32(s, 1));
-    if (nv_left >= 4) {
-        _mm_storeu_si128((__m128i *)dst, sum);
-        return;
-    }
-    int32_t lanes[4];
-    _mm_storeu_si128((__m128i *)lanes, sum);
-    for (int c = 0; c < nv_left; c++) dst[c] = lanes[c];
-}
-
-static inline __attribute__((always_inline)) void tile(const int nv, int32_t *isum, int n_vec, const uint8_t *s0,
-                                                       const uint8_t *s1, const uint8_t *s2, const uint8_t *s3,
-                                                       const int8_t *x0, const int8_t *x1, const int8_t *x2,
-                                                       const int8_t *x3, const int32_t *tot, int n, int n_rows_left,
-                                                       int nv_left) {
+static inline __attribute__((always_inline)) void bx_tile(const int nv, int32_t *isum, int n_vec,
+                                                          const uint8_t *const *s, const int8_t *x0,
+                                                          const int8_t *x1, const int8_t *x2, const int8_t *x3,
+                                                          const int32_t *tot, int n, int n_rows_left, int nv_left) {
+    const uint8_t *s0 = s[0], *s1 = s[1], *s2 = s[2], *s3 = s[3];
     const __m512i ones = _mm512_set1_epi8(1), z = _mm512_setzero_si512();
     __m512i a00 = z, a01 = z, a02 = z, a03 = z, a10 = z, a11 = z, a12 = z, a13 = z;
     __m512i a20 = z, a21 = z, a22 = z, a23 = z, a30 = z, a31 = z, a32 = z, a33 = z;
@@ -98,7 +88,6 @@ static inline __attribute__((always_inline)) void tile(const int nv, int32_t *is
         ROW(2);
         ROW(3);
     }
-    const __m128i tv = _mm_loadu_si128((const __m128i *)tot);
     STORE(0);
     if (n_rows_left > 1) STORE(1);
     if (n_rows_left > 2) STORE(2);
@@ -107,31 +96,5 @@ static inline __attribute__((always_inline)) void tile(const int nv, int32_t *is
 
 void ebb_cpu_bitstack_isums_avx512(int32_t *isum, const uint8_t *signs, int n_rows, const int8_t *t, int n_vec,
                                    int n) {
-    const size_t row_bytes = (size_t)n / 8;
-    int32_t tot[VG + 4];
-    for (int vg = 0; vg < n_vec; vg += VG) {
-        const int nv = n_vec - vg < VG ? n_vec - vg : VG;
-        for (int v = 0; v < nv; v++) tot[v] = total(t + (size_t)(vg + v) * n, n);
-        for (int v = nv; v < VG + 4; v++) tot[v] = 0;
-        for (int o = 0; o < n_rows; o += 4) {
-            const uint8_t *s[4];
-            for (int r = 0; r < 4; r++) s[r] = signs + (size_t)(o + r < n_rows ? o + r : n_rows - 1) * row_bytes;
-            for (int v = 0; v < nv; v += 4) {
-                const int8_t *x = t + (size_t)(vg + v) * n;
-                const int left = nv - v;
-                int32_t *dst = isum + (size_t)o * n_vec + vg + v;
-                switch (left < 4 ? left : 4) {   /* a tile of as many vectors as are left, up to four */
-                case 1: tile(1, dst, n_vec, s[0], s[1], s[2], s[3], x, x, x, x, tot + v, n, n_rows - o, left); break;
-                case 2: tile(2, dst, n_vec, s[0], s[1], s[2], s[3], x, x + n, x, x, tot + v, n, n_rows - o, left); break;
-                case 3:
-                    tile(3, dst, n_vec, s[0], s[1], s[2], s[3], x, x + n, x + 2 * (size_t)n, x, tot + v, n, n_rows - o,
-                         left);
-                    break;
-                default:
-                    tile(4, dst, n_vec, s[0], s[1], s[2], s[3], x, x + n, x + 2 * (size_t)n, x + 3 * (size_t)n,
-                         tot + v, n, n_rows - o, left);
-                }
-            }
-        }
-    }
+    bx_isums(isum, signs, n_rows, t, n_vec, n);
 }

@@ -134,13 +134,16 @@ def test_variants_show_in_json_and_go_with_rm(ebb_bin, catalog, model_path):
                "checksum, created_at) VALUES (?, 'bitstack', '/x/m.bs', 1234, 3.5, 21.25, 'wiki', NULL, 0)",
                (mid,))
     (vid,) = db.execute("SELECT id FROM variants").fetchone()
-    db.execute("INSERT INTO bitstack_blocks (variant_id, ord, layer, tensor, offset, bytes, cumulative_bytes) "
-               "VALUES (?, 0, 0, 'blk.0.attn_q.weight', 0, 10, 10)", (vid,))
+    for ord_, ppl in ((0, None), (1, 9.5)):   # a checkpoint after the second block
+        db.execute("INSERT INTO bitstack_blocks (variant_id, ord, layer, tensor, level, offset, bytes, "
+                   "cumulative_bytes, ppl_at_checkpoint) VALUES (?, ?, 0, 'blk.0.attn_q', ?, ?, 10, ?, ?)",
+                   (vid, ord_, ord_, 64 * ord_, 10 * (ord_ + 1), ppl))
     db.commit()
     db.close()
     (m,) = json.loads(ok(models(ebb_bin, catalog, "list", "--json")))
     assert m["variants"] == [{"kind": "bitstack", "path": "/x/m.bs", "bytes": 1234, "bits_per_weight": 3.5,
-                              "perplexity": 21.25, "ppl_text": "wiki", "checksum": None, "created_at": 0}]
+                              "perplexity": 21.25, "ppl_text": "wiki", "checksum": None, "created_at": 0,
+                              "stack": {"blocks": 2, "bytes": 20, "checkpoints": [{"bytes": 20, "perplexity": 9.5}]}}]
     ok(models(ebb_bin, catalog, "rm", "m"))
     db = sqlite3.connect(catalog)
     assert db.execute("SELECT count(*) FROM variants").fetchone() == (0,)
