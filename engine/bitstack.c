@@ -206,7 +206,7 @@ int bitstack_load(struct model *m, char *err, size_t errlen) {
     const struct model_config *c = &m->cfg;
     uint32_t levels = 0;
     if (gguf_get_u32(&m->file, "ebb.bitstack.levels", &levels) || levels < 1 || levels > BITSTACK_MAX_LEVELS)
-        return load_error(err, errlen, m->file.path, "ebb.bitstack.levels must be 1 to 64");
+        return load_error(err, errlen, m->file.path, "ebb.bitstack.levels must be 1 to %d", BITSTACK_MAX_LEVELS);
     struct bitstack *s = calloc(1, sizeof *s);
     if (!s) return load_error(err, errlen, m->file.path, "out of memory");
     s->levels = (int)levels;
@@ -285,6 +285,10 @@ static void levels_advise(const struct bitstack_matrix *bm, int from, int to,
 }
 
 size_t bitstack_min_bytes(const struct bitstack *s) { return s->cum_bytes[s->n_matrices]; }
+
+size_t bitstack_least_weight_bytes(const struct model *m) {
+    return m->stack ? m->stack->base_weight_bytes + bitstack_min_bytes(m->stack) : m->weight_bytes;
+}
 
 size_t bitstack_full_bytes(const struct bitstack *s) { return s->cum_bytes[(size_t)s->n_matrices * s->levels]; }
 

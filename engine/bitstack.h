@@ -121,6 +121,9 @@ int bitstack_fit(struct model *m, size_t stack_bytes, char *err, size_t errlen);
 size_t bitstack_min_bytes(const struct bitstack *s);
 size_t bitstack_full_bytes(const struct bitstack *s);
 size_t bitstack_prefix_bytes(const struct bitstack *s, size_t bytes);
+/* The weights a model holds at its least: a stack file's weights outside
+ * the stack and one level of every matrix; any other file's all. */
+size_t bitstack_least_weight_bytes(const struct model *m);
 /* The number of blocks in that prefix. */
 size_t bitstack_prefix_blocks(const struct bitstack *s, size_t bytes);
 

@@ -114,10 +114,9 @@ static json_t *weights_state(const struct served_model *sm, const struct sched_s
                                             (json_int_t)sm->model.weight_bytes));
     for (int i = 0; i < sm->n_variants; i++) {
         const struct served_variant *v = &sm->variants[i];
-        const struct bitstack *vs = v->model->stack;
         json_array_append_new(ladder, json_pack("{s:s, s:s, s:I, s:o}", "kind", v->kind, "path", v->model->file.path,
             /* a stack's weights at its least; it grows from there */
-            "weight_bytes", (json_int_t)(vs ? vs->base_weight_bytes + bitstack_min_bytes(vs) : v->model->weight_bytes),
+            "weight_bytes", (json_int_t)bitstack_least_weight_bytes(v->model),
             "perplexity", isnan(v->perplexity) ? json_null() : json_real(v->perplexity)));
     }
     json_object_set_new(w, "ladder", ladder);

@@ -73,10 +73,6 @@ static const char *variant_problem(const struct model *v, const struct model *m,
     return NULL;
 }
 
-static size_t least_weight_bytes(const struct model *m) {
-    return m->stack ? m->stack->base_weight_bytes + bitstack_min_bytes(m->stack) : m->weight_bytes;
-}
-
 static int by_weight_bytes_down(const void *a, const void *b) {
     const struct served_variant *x = a, *y = b;
     const size_t p = x->model->weight_bytes, q = y->model->weight_bytes;
@@ -112,7 +108,12 @@ static void load_variants(struct daemon *d, struct served_model *sm) {
                      sm->name, v[i].kind, v[i].path);
             continue;
         }
-        if ((is_stack && stack.model) || (!is_stack && n_packed == SCHED_MAX_VARIANTS - 1)) continue;
+        if (is_stack && stack.model) continue;   /* an older stack: the newest is used */
+        if (!is_stack && n_packed == SCHED_MAX_VARIANTS - 1) {
+            log_warn("variant not used", "model=%s kind=%s path=%s error=\"more than %d packed variants\"", sm->name,
+                     v[i].kind, v[i].path, SCHED_MAX_VARIANTS - 1);
+            continue;
+        }
         struct model *m = calloc(1, sizeof *m);
         const char *problem = !m ? "out of memory"
                               : model_load(m, v[i].path, MODEL_WEIGHTS_NATIVE, err, sizeof err) ? err : NULL;
@@ -154,7 +155,7 @@ static void load_variants(struct daemon *d, struct served_model *sm) {
     if (stack.model) {
         const size_t above = sm->n_variants ? sm->variants[sm->n_variants - 1].model->weight_bytes
                                             : sm->model.weight_bytes;
-        if (least_weight_bytes(stack.model) < above) {
+        if (bitstack_least_weight_bytes(stack.model) < above) {
             sm->variants[sm->n_variants++] = stack;
         } else {
             log_warn("variant not used", "model=%s kind=bitstack path=%s error=\"its least is not below a packed "
@@ -166,7 +167,7 @@ static void load_variants(struct daemon *d, struct served_model *sm) {
     for (int i = 0; i < sm->n_variants; i++)
         log_info("variant loaded", "model=%s kind=%s path=%s weight_bytes=%zu least_bytes=%zu", sm->name,
                  sm->variants[i].kind, sm->variants[i].model->file.path, sm->variants[i].model->weight_bytes,
-                 least_weight_bytes(sm->variants[i].model));
+                 bitstack_least_weight_bytes(sm->variants[i].model));
 }
 
 static void load_work(uv_work_t *w) {

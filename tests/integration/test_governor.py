@@ -18,6 +18,7 @@ real weights, packed in seconds). What is checked, and against what:
 import concurrent.futures
 import json
 import re
+import sqlite3
 import time
 
 import pytest
@@ -313,7 +314,7 @@ def test_a_truncated_stack_is_refused_naming_the_file(srv, stack_file, tmp_path)
 
 
 @pytest.fixture(scope="module")
-def ladder(binary, ebb_bin, source_file, tmp_path_factory):
+def ladder(binary, ebb_bin, source_file, model_path, tmp_path_factory):
     """The f32 cut served with variants packed from it and registered (ebb pack registers
     them): a w4a4 file and a stack, and a w4a16 file, which cannot be a rung (dequantized at
     load)."""
@@ -342,11 +343,25 @@ def ladder(binary, ebb_bin, source_file, tmp_path_factory):
     assert len(got) == len(printed) == 3 and st["checkpoints"][-1]["bytes"] == st["bytes"], (got, printed)
     for (mb, ppl), (want_mb, want_ppl) in zip(got, printed):
         assert mb == want_mb and abs(ppl - want_ppl) <= 1e-3 * want_ppl + 1e-3, (got, printed)
+    # Variants that cannot be rungs, registered by hand: the source itself (not smaller), the
+    # whole default model (another shape) and, newest of all, a "bitstack" that is not one (the
+    # packed stack is used instead).
+    db = sqlite3.connect(catalog)
+    (mid,) = db.execute("SELECT id FROM models WHERE name = 'cut'").fetchone()
+    for kind, path in (("w4a8", source_file), ("w4a4", model_path), ("bitstack", packed)):
+        db.execute("INSERT INTO variants (model_id, kind, path, bytes, bits_per_weight, created_at) "
+                   "VALUES (?, ?, ?, 1, 4.0, 0)", (mid, kind, str(path)))
+    db.commit()
+    db.close()
     s = Server(binary, "--default-model", "cut", "--verify-models", "stat", "--max-running", "8", catalog=catalog,
                token=TOKEN, start_timeout=120)
     try:
         s.wait_ready()
         log = s.log()
+        for kind, path, why in (("w4a8", source_file, "it is not smaller than the model"),
+                                ("w4a4", model_path, "its shape is not the model's"),
+                                ("bitstack", packed, "it is not a bitstack file")):
+            assert f'msg="variant not used" model=cut kind={kind} path={path} error="{why}"' in log, log
         assert re.search(r'msg="variant loaded" model=cut kind=w4a4 ', log), log
         assert re.search(r'msg="variant loaded" model=cut kind=bitstack ', log), log
         assert re.search(r'msg="variant not used" model=cut kind=w4a16 .*dequantized at load', log), log
