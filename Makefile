@@ -16,7 +16,7 @@ build: setup
 	@cmake --build build -j $(JOBS)
 
 build-asan: setup
-	@cmake -S . -B build-asan -DCMAKE_BUILD_TYPE=RelWithDebInfo -DEBB_SANITIZE=ON >/dev/null
+	@cmake -S . -B build-asan -DCMAKE_BUILD_TYPE=RelWithDebInfo -DEBB_SANITIZE=ON -DEBB_CUDA=OFF >/dev/null
 	@cmake --build build-asan -j $(JOBS)
 
 # The daemon with conf/ebb.json; any EBB_* variable or extra flags in ARGS override it.

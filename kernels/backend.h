@@ -2,9 +2,11 @@
  *
  * The engine never calls a kernel directly; it calls through a `struct
  * ebb_backend`, so that a CPU path chosen at run time (scalar, AVX2, AVX-512)
- * and, later, a CUDA backend are interchangeable. All tensors are plain
- * row-major f32 arrays owned by the caller; a backend allocates nothing that
- * outlives a call.
+ * and the CUDA backend (kernels/cuda/) are interchangeable. All tensors are
+ * plain row-major arrays owned by the caller, in the backend's memory: host
+ * memory for the CPU paths, device memory for a backend with a `memory`
+ * table (allocated, filled and read back through it). A backend allocates
+ * nothing that outlives a call.
  *
  * Large ops (matmul) split their work across the backend's worker pool; small
  * per-row ops run on the calling thread and the engine parallelises across
@@ -21,6 +23,10 @@
 #include <stdint.h>
 
 #include "kernels/formats.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
 
 struct ebb_pool;
 
@@ -57,8 +63,24 @@ struct ebb_act {
 typedef void (*ebb_matmul_fn)(struct ebb_pool *pool, float *out, const struct ebb_act *x, const void *w,
                               int n_tok, int n_in, int n_out);
 
+/* The memory of a backend whose ops run apart from the host (CUDA): every
+ * pointer its ops take comes from alloc. Ops are queued in order and may
+ * return before they finish; download and sync wait for them. Failures (out
+ * of device memory, a kernel that could not start or faulted) return NULL or
+ * -1 and leave the reason, in words, for error(). */
+struct ebb_backend_memory {
+    void *(*alloc)(size_t bytes);
+    void (*release)(void *p);
+    int (*upload)(void *dst, const void *src, size_t bytes);
+    int (*download)(void *dst, const void *src, size_t bytes);
+    int (*sync)(void);
+    const char *(*error)(void);
+};
+
 struct ebb_backend {
-    const char *name;        /* "scalar", "avx2", "avx512" */
+    const char *name;        /* "scalar", "avx2", "avx512", "cuda" */
+    /* NULL: the ops take host pointers. Otherwise where their tensors live. */
+    const struct ebb_backend_memory *memory;
 
     /* One product per weight type, NULL where this backend has none (a type
      * whose act is EBB_ACT_NONE never has one). Each entry's float contract:
@@ -178,9 +200,29 @@ struct ebb_backend {
                                const float *u, const float *ts);
 };
 
+/* The CUDA backend on device `index` (0 for the first), or NULL with the
+ * reason in why: this build has no CUDA (configured without the toolkit, or
+ * -DEBB_CUDA=OFF), no driver, no such device. The first call picks the
+ * device for the process; a later call for another index is refused. */
+const struct ebb_backend *ebb_backend_cuda(int index, char *why, size_t why_len);
+
+/* The CUDA devices this process sees, for `ebb devices` and the logs: up
+ * to max of them into out, their number returned; -1 with the reason in why
+ * when none can be counted (no CUDA in this build, no driver). */
+struct ebb_device_info {
+    char name[256];
+    size_t total_bytes, free_bytes;
+    int cc_major, cc_minor;     /* compute capability */
+    int multiprocessors;
+};
+int ebb_cuda_devices(struct ebb_device_info *out, int max, char *why, size_t why_len);
+
 /* The fastest CPU path this processor supports (cpuid at first call). */
 const struct ebb_backend *ebb_backend_cpu(void);
 /* A named CPU path ("scalar", "avx2", "avx512"), or NULL if this processor
  * cannot run it. Tests use this to compare every path with the scalar one. */
 const struct ebb_backend *ebb_backend_cpu_named(const char *name);
+#ifdef __cplusplus
+}
+#endif
 #endif

@@ -12,6 +12,14 @@
 #include <stddef.h>
 #include <stdint.h>
 
+/* The CUDA sources (C++) read this header and kernels/backend.h too. */
+#ifdef __cplusplus
+#define EBB_STATIC_ASSERT(cond, why) static_assert(cond, why)
+extern "C" {
+#else
+#define EBB_STATIC_ASSERT(cond, why) _Static_assert(cond, why)
+#endif
+
 enum ebb_type {
     EBB_TYPE_F32 = 0,
     EBB_TYPE_F16 = 1,
@@ -52,7 +60,7 @@ struct ebb_block_w4g64 {
     uint16_t d;
     uint8_t qs[EBB_W4G64_GROUP / 2];
 };
-_Static_assert(sizeof(struct ebb_block_w4g64) == EBB_W4G64_BLOCK_BYTES, "W4G64 block: f16 + 32 bytes");
+EBB_STATIC_ASSERT(sizeof(struct ebb_block_w4g64) == EBB_W4G64_BLOCK_BYTES, "W4G64 block: f16 + 32 bytes");
 
 /* Q8_0 (ggml's): blocks of 32 values, f16 d then 32 int8 codes; w = d * q.
  * Also 34 bytes, so the integer kernels walk W4G64 and Q8_0 rows alike. */
@@ -62,7 +70,7 @@ struct ebb_block_q8_0 {
     uint16_t d;
     int8_t qs[EBB_Q8_0_GROUP];
 };
-_Static_assert(sizeof(struct ebb_block_q8_0) == EBB_Q8_0_BLOCK_BYTES, "Q8_0 block: f16 + 32 bytes");
+EBB_STATIC_ASSERT(sizeof(struct ebb_block_q8_0) == EBB_Q8_0_BLOCK_BYTES, "Q8_0 block: f16 + 32 bytes");
 
 /* Round-to-nearest W4G64 (the baseline GPTQ is measured against, and what
  * tests use): n values (n a multiple of 64) to n/64 blocks at dst. Per group
@@ -87,12 +95,12 @@ void ebb_quantize_q8_0(const float *src, void *dst, size_t n);
  * Which groups are 8-bit is fixed per activation point by calibration: after
  * the point's channel permutation, the first n_hi groups. */
 #define EBB_ACT_GROUP 64
-_Static_assert(EBB_ACT_GROUP == EBB_W4G64_GROUP, "one activation group meets one W4G64 block");
+EBB_STATIC_ASSERT(EBB_ACT_GROUP == EBB_W4G64_GROUP, "one activation group meets one W4G64 block");
 /* The block of EBB_ACT_Q8B32 (below): one block of the legacy GGUF types. A
  * source-exact file's activation points are quantized in these blocks, the
  * first n_hi at 8 bits and the rest at 4, the same way. */
 #define EBB_ACT_BLOCK 32
-_Static_assert(EBB_ACT_BLOCK == EBB_Q8_0_GROUP, "one activation block meets one legacy-type block");
+EBB_STATIC_ASSERT(EBB_ACT_BLOCK == EBB_Q8_0_GROUP, "one activation block meets one legacy-type block");
 
 /* The form of the activations a weight type's product reads (ggml's
  * vec_dot_type): the backend's matmul[type] takes them in this form
@@ -182,4 +190,7 @@ void ebb_kvq_dequantize_channels(int bits, const uint8_t *codes, size_t stride, 
 float ebb_f16_to_f32(uint16_t h);
 uint16_t ebb_f32_to_f16(float f);
 float ebb_bf16_to_f32(uint16_t h);
+#ifdef __cplusplus
+}
+#endif
 #endif

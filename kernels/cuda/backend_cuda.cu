@@ -1,0 +1,616 @@
+/* The CUDA backend: kernels/backend.h's op table on an NVIDIA GPU.
+ *
+ * Every op takes device pointers (allocated through the table's `memory`),
+ * is queued on one stream in call order, and returns before it finishes;
+ * download() and sync() wait. The arithmetic of each element, block and row
+ * is kernels/cuda/hostdev.h's, the functions the CPU suite holds against the
+ * scalar path (tests/unit/test_cuda_math.c), so what a kernel here adds is
+ * only its thread layout:
+ *
+ *   quantized products   one warp per (token, output row): lanes compute the
+ *                        exact integer sums of 32 blocks at once, then every
+ *                        lane folds them in block order (the same steps on
+ *                        the same values, so all lanes agree; lane 0 writes).
+ *                        Bit-identical to the CPU paths, and batch invariant:
+ *                        an output depends on its own token and row only.
+ *   f32 product          one warp per output, lane partial sums reduced by
+ *                        shuffles (the contract allows the path's own order).
+ *   quantizers           one thread per activation group or block.
+ *   rmsnorm, softmax     one thread block over the vector (its own summation
+ *                        order and expf: within float error of the CPU).
+ *   attention, KV rows   one thread per score, channel or element.
+ *   BitStack             one thread per (row, vector) sign sum and per
+ *                        (row, token) scaled output; one block per code vector.
+ *
+ * These are the reference kernels of the GPU path, built for being right
+ * first: the warp product reads its blocks byte by byte and makes no use of
+ * tensor cores. The tuned kernels the issue names (int8 MMA prefill, dp4a
+ * split-K decode, cuBLASLt f16 for dequantized tiles) are to be measured
+ * against these on a GPU and must give the same bits (the quantized ones) or
+ * stay within the f32 tolerance.
+ *
+ * Errors: every failure leaves its reason, in words, for memory->error().
+ * Running out of device memory is an answer (alloc returns NULL) and the
+ * device stays usable; a launch that fails, or a kernel that faults, breaks
+ * the backend (CUDA keeps a fault in the context for good), and every later
+ * sync() and download() returns -1, so the caller treats the device as lost
+ * instead of reading garbage.
+ */
+#include <cuda_runtime.h>
+
+#include <stdarg.h>
+#include <stdio.h>
+#include <string.h>
+
+#include "kernels/backend.h"
+#include "kernels/cuda/hostdev.h"
+
+/* ------------------------------------------------------------- the device */
+
+static cudaStream_t stream;
+static int chosen_device = -1;
+static char last_failure[256];     /* the latest failure's reason */
+static int broken;                 /* a launch or a kernel failed: the device is lost */
+
+/* A CUDA call's status: 0, or -1 with its reason kept. */
+static int ok(cudaError_t e, const char *what)
+{
+    if (e == cudaSuccess) return 0;
+    snprintf(last_failure, sizeof last_failure, "%s: %s (%s)", what, cudaGetErrorString(e), cudaGetErrorName(e));
+    return -1;
+}
+
+/* After a launch: a bad configuration shows at once, a fault at the next sync. */
+static void launched(const char *kernel)
+{
+    if (ok(cudaGetLastError(), kernel)) broken = 1;
+}
+
+static unsigned blocks_for(size_t threads, unsigned per_block)
+{
+    return (unsigned)((threads + per_block - 1) / per_block);
+}
+
+/* ------------------------------------------------------------------ memory */
+
+static void *mem_alloc(size_t bytes)
+{
+    void *p = NULL;
+    if (ok(cudaMalloc(&p, bytes ? bytes : 1), "cudaMalloc")) {
+        cudaGetLastError();                  /* not sticky: the next launch must not see it */
+        return NULL;
+    }
+    return p;
+}
+
+static void mem_release(void *p)
+{
+    if (p) ok(cudaFree(p), "cudaFree");
+}
+
+/* Waits for the stream; a failure there is a kernel's: the device is lost. */
+static int drained(const char *what)
+{
+    if (ok(cudaStreamSynchronize(stream), what)) broken = 1;
+    return broken ? -1 : 0;
+}
+
+static int mem_upload(void *dst, const void *src, size_t bytes)
+{
+    if (ok(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, stream), "upload")) return -1;
+    return drained("upload");
+}
+
+static int mem_download(void *dst, const void *src, size_t bytes)
+{
+    if (ok(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, stream), "download")) return -1;
+    return drained("download");
+}
+
+static int mem_sync(void) { return drained("sync"); }
+
+static const char *mem_error(void) { return last_failure[0] ? last_failure : "no error"; }
+
+static const struct ebb_backend_memory cuda_memory = {
+    mem_alloc, mem_release, mem_upload, mem_download, mem_sync, mem_error,
+};
+
+/* ---------------------------------------------------------------- products */
+
+#define WARP 32
+#define FULL_MASK 0xffffffffu
+#define WARPS_PER_BLOCK 4
+
+__global__ void k_matmul_quant(int type, float *out, const int8_t *q, const float *d, const int16_t *sums,
+                               const uint8_t *w, size_t row_bytes, int n_tok, int n_in, int n_out)
+{
+    const size_t warp = ((size_t)blockIdx.x * blockDim.x + threadIdx.x) / WARP;
+    const int lane = threadIdx.x % WARP;
+    if (warp >= (size_t)n_tok * n_out) return;            /* whole warps leave together */
+    const int t = (int)(warp / n_out), o = (int)(warp % n_out);
+    const struct ebb_hd_act a = ebb_hd_act_of(type, q, d, sums, n_in, t);
+    const uint8_t *row = w + (size_t)o * row_bytes;
+    const int blocks = n_in / ebb_hd_block_elems(type);
+    float acc = 0;
+    for (int base = 0; base < blocks; base += WARP) {
+        struct ebb_hd_ints mine = {0, 0};
+        if (base + lane < blocks) mine = ebb_hd_block_ints(type, row, &a, base + lane);
+        const int here = blocks - base < WARP ? blocks - base : WARP;
+        for (int j = 0; j < here; j++) {
+            struct ebb_hd_ints r;
+            r.a = __shfl_sync(FULL_MASK, mine.a, j);
+            r.b = __shfl_sync(FULL_MASK, mine.b, j);
+            acc = ebb_hd_block_step(type, acc, row, &a, base + j, r);
+        }
+    }
+    if (lane == 0) out[(size_t)t * n_out + o] = acc;
+}
+
+__global__ void k_matmul_f32(float *out, const float *x, const float *w, int n_tok, int n_in, int n_out)
+{
+    const size_t warp = ((size_t)blockIdx.x * blockDim.x + threadIdx.x) / WARP;
+    const int lane = threadIdx.x % WARP;
+    if (warp >= (size_t)n_tok * n_out) return;
+    const int t = (int)(warp / n_out), o = (int)(warp % n_out);
+    const float *xt = x + (size_t)t * n_in, *wo = w + (size_t)o * n_in;
+    float sum = 0;
+    for (int i = lane; i < n_in; i += WARP) sum = fmaf(xt[i], wo[i], sum);
+    for (int off = WARP / 2; off > 0; off /= 2) sum += __shfl_xor_sync(FULL_MASK, sum, off);
+    if (lane == 0) out[(size_t)t * n_out + o] = sum;
+}
+
+static void launch_matmul(int type, float *out, const struct ebb_act *x, const void *w, int n_tok, int n_in,
+                          int n_out)
+{
+    if (n_tok <= 0 || n_out <= 0) return;
+    const size_t threads = (size_t)n_tok * n_out * WARP;
+    const unsigned per_block = WARPS_PER_BLOCK * WARP;
+    if (n_in <= 0) {                                     /* empty sums, as the CPU driver */
+        ok(cudaMemsetAsync(out, 0, (size_t)n_tok * n_out * sizeof(float), stream), "matmul");
+        return;
+    }
+    if (type == EBB_TYPE_F32) {
+        k_matmul_f32<<<blocks_for(threads, per_block), per_block, 0, stream>>>(out, x->f, (const float *)w, n_tok,
+                                                                             n_in, n_out);
+        launched("matmul f32");
+        return;
+    }
+    const size_t row_bytes = ebb_row_bytes((uint32_t)type, (uint64_t)n_in);
+    k_matmul_quant<<<blocks_for(threads, per_block), per_block, 0, stream>>>(
+        type, out, x->q, x->s, x->sums, (const uint8_t *)w, row_bytes, n_tok, n_in, n_out);
+    launched("matmul");
+}
+
+#define MATMUL_ENTRY(name, type) \
+    static void matmul_##name(struct ebb_pool *pool, float *out, const struct ebb_act *x, const void *w, int n_tok, \
+                              int n_in, int n_out) \
+    { launch_matmul(type, out, x, w, n_tok, n_in, n_out); }
+MATMUL_ENTRY(f32, EBB_TYPE_F32)
+MATMUL_ENTRY(w4g64, EBB_TYPE_W4G64)
+MATMUL_ENTRY(q4_0, EBB_TYPE_Q4_0)
+MATMUL_ENTRY(q4_1, EBB_TYPE_Q4_1)
+MATMUL_ENTRY(q5_0, EBB_TYPE_Q5_0)
+MATMUL_ENTRY(q5_1, EBB_TYPE_Q5_1)
+MATMUL_ENTRY(q8_0, EBB_TYPE_Q8_0)
+MATMUL_ENTRY(q2_k, EBB_TYPE_Q2_K)
+MATMUL_ENTRY(q3_k, EBB_TYPE_Q3_K)
+MATMUL_ENTRY(q4_k, EBB_TYPE_Q4_K)
+MATMUL_ENTRY(q5_k, EBB_TYPE_Q5_K)
+MATMUL_ENTRY(q6_k, EBB_TYPE_Q6_K)
+
+/* ------------------------------------------------------------- quantizers */
+
+__global__ void k_quantize_act(const float *x, int n_tok, int n, int n_hi, int8_t *q, float *s)
+{
+    const int groups = n / EBB_ACT_GROUP;
+    const size_t g = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (g >= (size_t)n_tok * groups) return;
+    ebb_hd_quantize_run(x + g * 64, 64, ebb_hd_act_qmax((int)(g % groups), groups, n_hi), q + g * 64, s + g);
+}
+
+static void quantize_act(const float *x, int n_tok, int n, int n_hi, int8_t *q, float *s)
+{
+    const size_t groups = (size_t)n_tok * (n / EBB_ACT_GROUP);
+    if (!groups) return;
+    k_quantize_act<<<blocks_for(groups, 128), 128, 0, stream>>>(x, n_tok, n, n_hi, q, s);
+    launched("quantize_act");
+}
+
+__global__ void k_quantize_q8b32(const float *x, int n, int n_hi, int8_t *q, float *d, int16_t *sums)
+{
+    const int b = blockIdx.x * blockDim.x + threadIdx.x;
+    if (b >= n / 32) return;
+    sums[b] = (int16_t)ebb_hd_quantize_run(x + 32 * b, 32, b < n_hi ? 127.0f : 7.0f, q + 32 * b, d + b);
+}
+
+static void quantize_q8b32(const float *x, int n, int n_hi, int8_t *q, float *d, int16_t *sums)
+{
+    if (n < 32) return;
+    k_quantize_q8b32<<<blocks_for((size_t)n / 32, 64), 64, 0, stream>>>(x, n, n_hi, q, d, sums);
+    launched("quantize_q8b32");
+}
+
+__global__ void k_quantize_q8k(const float *x, int n, int8_t *q, float *d, int16_t *sums)
+{
+    const int b = blockIdx.x * blockDim.x + threadIdx.x;
+    if (b >= n / 256) return;
+    ebb_hd_quantize_q8k_block(x + 256 * b, q + 256 * b, d + b, sums + 16 * b);
+}
+
+static void quantize_q8k(const float *x, int n, int8_t *q, float *d, int16_t *sums)
+{
+    if (n < 256) return;
+    k_quantize_q8k<<<blocks_for((size_t)n / 256, 32), 32, 0, stream>>>(x, n, q, d, sums);
+    launched("quantize_q8k");
+}
+
+__global__ void k_hadamard64(float *x, int blocks)
+{
+    const int b = blockIdx.x * blockDim.x + threadIdx.x;
+    if (b >= blocks) return;
+    float v[64];
+    for (int i = 0; i < 64; i++) v[i] = x[64 * (size_t)b + i];
+    ebb_hd_hadamard64(v);
+    for (int i = 0; i < 64; i++) x[64 * (size_t)b + i] = v[i];
+}
+
+static void hadamard64(float *x, int n)
+{
+    if (n < 64) return;
+    k_hadamard64<<<blocks_for((size_t)n / 64, 64), 64, 0, stream>>>(x, n / 64);
+    launched("hadamard64");
+}
+
+/* ------------------------------------------------------------ vector ops */
+
+#define VEC_THREADS 256
+
+/* The sum (or max) of one value per thread over the block; every thread gets it. */
+__device__ float block_reduce(float v, int is_max)
+{
+    __shared__ float part[VEC_THREADS / WARP];
+    for (int off = WARP / 2; off > 0; off /= 2) {
+        const float u = __shfl_xor_sync(FULL_MASK, v, off);
+        v = is_max ? fmaxf(v, u) : v + u;
+    }
+    if (threadIdx.x % WARP == 0) part[threadIdx.x / WARP] = v;
+    __syncthreads();
+    v = part[0];
+    for (int i = 1; i < VEC_THREADS / WARP; i++) v = is_max ? fmaxf(v, part[i]) : v + part[i];
+    __syncthreads();                                   /* part is reused by the next reduction */
+    return v;
+}
+
+__global__ void k_rmsnorm(float *out, const float *x, const float *g, int n, float eps)
+{
+    float ss = 0;
+    for (int i = threadIdx.x; i < n; i += VEC_THREADS) ss = fmaf(x[i], x[i], ss);
+    ss = block_reduce(ss, 0);
+    const float scale = 1.0f / sqrtf(ss / (float)n + eps);
+    for (int i = threadIdx.x; i < n; i += VEC_THREADS) out[i] = x[i] * scale * g[i];
+}
+
+static void rmsnorm(float *out, const float *x, const float *g, int n, float eps)
+{
+    if (n <= 0) return;
+    k_rmsnorm<<<1, VEC_THREADS, 0, stream>>>(out, x, g, n, eps);
+    launched("rmsnorm");
+}
+
+__global__ void k_softmax(float *x, int n)
+{
+    float m = -INFINITY;
+    for (int i = threadIdx.x; i < n; i += VEC_THREADS) m = fmaxf(m, x[i]);
+    m = block_reduce(m, 1);
+    float sum = 0;
+    for (int i = threadIdx.x; i < n; i += VEC_THREADS) {
+        x[i] = expf(x[i] - m);
+        sum += x[i];
+    }
+    sum = block_reduce(sum, 0);
+    const float inv = 1.0f / sum;
+    for (int i = threadIdx.x; i < n; i += VEC_THREADS) x[i] *= inv;
+}
+
+static void softmax(float *x, int n)
+{
+    if (n <= 0) return;
+    k_softmax<<<1, VEC_THREADS, 0, stream>>>(x, n);
+    launched("softmax");
+}
+
+__global__ void k_swiglu(float *gate, const float *up, int n)
+{
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    const float g = gate[i];
+    gate[i] = g / (1.0f + expf(-g)) * up[i];
+}
+
+static void swiglu(float *gate, const float *up, int n)
+{
+    if (n <= 0) return;
+    k_swiglu<<<blocks_for((size_t)n, VEC_THREADS), VEC_THREADS, 0, stream>>>(gate, up, n);
+    launched("swiglu");
+}
+
+__global__ void k_add(float *y, const float *x, int n)
+{
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) y[i] += x[i];
+}
+
+static void add(float *y, const float *x, int n)
+{
+    if (n <= 0) return;
+    k_add<<<blocks_for((size_t)n, VEC_THREADS), VEC_THREADS, 0, stream>>>(y, x, n);
+    launched("add");
+}
+
+/* -------------------------------------------------------------- attention */
+
+__global__ void k_attn_scores(float *s, size_t s_stride, const float *q, size_t q_stride, int n_q, const float *k,
+                              size_t k_stride, int n_rows, int n)
+{
+    const size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (size_t)n_q * n_rows) return;
+    const int j = (int)(i / n_rows), r = (int)(i % n_rows);
+    s[(size_t)j * s_stride + r] = ebb_hd_dot8(q + (size_t)j * q_stride, k + (size_t)r * k_stride, n);
+}
+
+static void attn_scores(float *s, size_t s_stride, const float *q, size_t q_stride, int n_q, const float *k,
+                        size_t k_stride, int n_rows, int n)
+{
+    if (n_q <= 0 || n_rows <= 0) return;
+    k_attn_scores<<<blocks_for((size_t)n_q * n_rows, 128), 128, 0, stream>>>(s, s_stride, q, q_stride, n_q, k,
+                                                                            k_stride, n_rows, n);
+    launched("attn_scores");
+}
+
+__global__ void k_attn_values(float *y, const float *p, const float *v, size_t v_stride, int n_rows, int n)
+{
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    float acc = y[i];
+    for (int r = 0; r < n_rows; r++) acc = fmaf(p[r], v[(size_t)r * v_stride + i], acc);
+    y[i] = acc;
+}
+
+static void attn_values(float *y, const float *p, const float *v, size_t v_stride, int n_rows, int n)
+{
+    if (n <= 0 || n_rows <= 0) return;
+    k_attn_values<<<blocks_for((size_t)n, 128), 128, 0, stream>>>(y, p, v, v_stride, n_rows, n);
+    launched("attn_values");
+}
+
+__global__ void k_kv_rows_f16(float *out, const uint8_t *rows, size_t stride, int n_rows, int n)
+{
+    const size_t e = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (e >= (size_t)n_rows * n) return;
+    const size_t r = e / n, i = e % n;
+    out[e] = ebb_hd_f16_at(rows + r * stride + 2 * i);
+}
+
+static void kv_rows_f16(float *out, const uint16_t *rows, size_t stride, int n_rows, int n)
+{
+    if (n_rows <= 0 || n <= 0) return;
+    k_kv_rows_f16<<<blocks_for((size_t)n_rows * n, 256), 256, 0, stream>>>(out, (const uint8_t *)rows, stride,
+                                                                          n_rows, n);
+    launched("kv_rows_f16");
+}
+
+__global__ void k_kv_rows_q(float *out, const uint8_t *codes, const uint8_t *dm, size_t stride, int n_rows, int n,
+                            int bits, int group)
+{
+    const size_t e = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (e >= (size_t)n_rows * n) return;
+    const size_t r = e / n;
+    out[e] = ebb_hd_kv_value(codes + r * stride, (const uint16_t *)(dm + r * stride), bits, group, (int)(e % n));
+}
+
+static void kv_rows_q(float *out, const uint8_t *codes, const uint16_t *dm, size_t stride, int n_rows, int n,
+                      int bits, int group)
+{
+    if (n_rows <= 0 || n <= 0) return;
+    k_kv_rows_q<<<blocks_for((size_t)n_rows * n, 256), 256, 0, stream>>>(out, codes, (const uint8_t *)dm, stride,
+                                                                        n_rows, n, bits, group);
+    launched("kv_rows_q");
+}
+
+__global__ void k_kv_rows_qc(float *out, const uint8_t *codes, size_t stride, const uint16_t *dm, int n_rows, int n,
+                             int bits, int group)
+{
+    const size_t e = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (e >= (size_t)n_rows * n) return;
+    out[e] = ebb_hd_kv_value_channel(codes + (e / n) * stride, dm, bits, group, (int)(e % n));
+}
+
+static void kv_rows_qc(float *out, const uint8_t *codes, size_t stride, const uint16_t *dm, int n_rows, int n,
+                       int bits, int group)
+{
+    if (n_rows <= 0 || n <= 0) return;
+    k_kv_rows_qc<<<blocks_for((size_t)n_rows * n, 256), 256, 0, stream>>>(out, codes, stride, dm, n_rows, n, bits,
+                                                                         group);
+    launched("kv_rows_qc");
+}
+
+/* ---------------------------------------------------------------- BitStack */
+
+__global__ void k_bitstack_isums(int32_t *isum, const uint8_t *signs, int n_rows, const int8_t *t, int n_vec, int n)
+{
+    const size_t e = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (e >= (size_t)n_rows * n_vec) return;
+    const size_t o = e / n_vec, v = e % n_vec;
+    isum[e] = ebb_hd_sign_isum(signs + o * (n / 8), t + v * n, n);
+}
+
+static void bitstack_isums(int32_t *isum, const uint8_t *signs, int n_rows, const int8_t *t, int n_vec, int n)
+{
+    if (n_rows <= 0 || n_vec <= 0) return;
+    k_bitstack_isums<<<blocks_for((size_t)n_rows * n_vec, 128), 128, 0, stream>>>(isum, signs, n_rows, t, n_vec, n);
+    launched("bitstack_isums");
+}
+
+__global__ void k_bitstack_codes(const float *x, const float *v, int n, int8_t *q, float *scale)
+{
+    float amax = 0;
+    for (int i = threadIdx.x; i < n; i += VEC_THREADS) amax = fmaxf(amax, fabsf(v[i] * x[i]));
+    amax = block_reduce(amax, 1);                      /* a max: exact in any order */
+    float s;
+    const float inv = ebb_hd_act_inverse(amax, 127.0f, &s);
+    if (threadIdx.x == 0) *scale = s;
+    for (int i = threadIdx.x; i < n; i += VEC_THREADS) q[i] = (int8_t)ebb_hd_code(v[i] * x[i], inv);
+}
+
+static void bitstack_codes(const float *x, const float *v, int n, int8_t *q, float *scale)
+{
+    if (n <= 0) return;
+    k_bitstack_codes<<<1, VEC_THREADS, 0, stream>>>(x, v, n, q, scale);
+    launched("bitstack_codes");
+}
+
+__global__ void k_bitstack_scale_add(float *out, size_t out_stride, const int32_t *isum, int n_rows, int n_tok,
+                                     int rank, const float *u, const float *ts)
+{
+    const size_t e = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (e >= (size_t)n_rows * n_tok) return;
+    const size_t o = e / n_tok, t = e % n_tok;
+    out[t * out_stride + o] += ebb_hd_bitstack_scaled(isum + (o * n_tok + t) * rank, u + o * rank, ts + t * rank, rank);
+}
+
+static void bitstack_scale_add(float *out, size_t out_stride, const int32_t *isum, int n_rows, int n_tok, int rank,
+                               const float *u, const float *ts)
+{
+    if (n_rows <= 0 || n_tok <= 0) return;
+    k_bitstack_scale_add<<<blocks_for((size_t)n_rows * n_tok, 128), 128, 0, stream>>>(out, out_stride, isum, n_rows,
+                                                                                     n_tok, rank, u, ts);
+    launched("bitstack_scale_add");
+}
+
+/* ------------------------------------------------------------------- table */
+
+static struct ebb_backend make_table(void)
+{
+    struct ebb_backend b;
+    memset(&b, 0, sizeof b);
+    b.name = "cuda";
+    b.memory = &cuda_memory;
+    b.matmul[EBB_TYPE_F32] = matmul_f32;
+    b.matmul[EBB_TYPE_W4G64] = matmul_w4g64;
+    b.matmul[EBB_TYPE_Q4_0] = matmul_q4_0;
+    b.matmul[EBB_TYPE_Q4_1] = matmul_q4_1;
+    b.matmul[EBB_TYPE_Q5_0] = matmul_q5_0;
+    b.matmul[EBB_TYPE_Q5_1] = matmul_q5_1;
+    b.matmul[EBB_TYPE_Q8_0] = matmul_q8_0;
+    b.matmul[EBB_TYPE_Q2_K] = matmul_q2_k;
+    b.matmul[EBB_TYPE_Q3_K] = matmul_q3_k;
+    b.matmul[EBB_TYPE_Q4_K] = matmul_q4_k;
+    b.matmul[EBB_TYPE_Q5_K] = matmul_q5_k;
+    b.matmul[EBB_TYPE_Q6_K] = matmul_q6_k;
+    b.rmsnorm_f32 = rmsnorm;
+    b.softmax_f32 = softmax;
+    b.swiglu_f32 = swiglu;
+    b.add_f32 = add;
+    b.quantize_act = quantize_act;
+    b.quantize_q8b32 = quantize_q8b32;
+    b.quantize_q8k = quantize_q8k;
+    b.hadamard64 = hadamard64;
+    b.attn_scores = attn_scores;
+    b.attn_values = attn_values;
+    b.kv_rows_f16 = kv_rows_f16;
+    b.kv_rows_q = kv_rows_q;
+    b.kv_rows_qc = kv_rows_qc;
+    b.bitstack_isums = bitstack_isums;
+    b.bitstack_codes = bitstack_codes;
+    b.bitstack_scale_add = bitstack_scale_add;
+    return b;
+}
+
+static struct ebb_backend cuda_table;
+
+static void say(char *why, size_t why_len, const char *fmt, ...)
+{
+    if (!why || !why_len) return;
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(why, why_len, fmt, ap);
+    va_end(ap);
+}
+
+/* The device count, or -1 with the reason (no driver, no device, a driver
+ * older than this toolkit). */
+static int count_devices(char *why, size_t why_len)
+{
+    int count = 0;
+    const cudaError_t e = cudaGetDeviceCount(&count);
+    if (e == cudaErrorNoDevice || (e == cudaSuccess && count == 0)) {
+        say(why, why_len, "no CUDA device: the driver reports none");
+        return -1;
+    }
+    if (e == cudaErrorInsufficientDriver) {
+        int driver = 0, runtime = 0;
+        cudaDriverGetVersion(&driver);
+        cudaRuntimeGetVersion(&runtime);
+        if (driver == 0) say(why, why_len, "no CUDA device: no NVIDIA driver is installed (libcuda.so.1 not found)");
+        else
+            say(why, why_len, "no CUDA device: the NVIDIA driver supports CUDA %d.%d, this ebb needs %d.%d or newer",
+                driver / 1000, driver % 1000 / 10, runtime / 1000, runtime % 1000 / 10);
+        return -1;
+    }
+    if (e != cudaSuccess) {
+        say(why, why_len, "no CUDA device: %s (%s)", cudaGetErrorString(e), cudaGetErrorName(e));
+        return -1;
+    }
+    return count;
+}
+
+extern "C" int ebb_cuda_devices(struct ebb_device_info *out, int max, char *why, size_t why_len)
+{
+    const int count = count_devices(why, why_len);
+    if (count < 0) return -1;
+    for (int i = 0; i < count && i < max; i++) {
+        cudaDeviceProp p;
+        if (ok(cudaGetDeviceProperties(&p, i), "cudaGetDeviceProperties")) {
+            say(why, why_len, "%s", last_failure);
+            return -1;
+        }
+        memset(&out[i], 0, sizeof out[i]);
+        snprintf(out[i].name, sizeof out[i].name, "%s", p.name);
+        out[i].total_bytes = p.totalGlobalMem;
+        out[i].cc_major = p.major;
+        out[i].cc_minor = p.minor;
+        out[i].multiprocessors = p.multiProcessorCount;
+        /* free memory needs a context on the device; cudaMemGetInfo makes one */
+        int was = -1;
+        size_t free_b = 0, total_b = 0;
+        if (cudaGetDevice(&was) == cudaSuccess && cudaSetDevice(i) == cudaSuccess &&
+            cudaMemGetInfo(&free_b, &total_b) == cudaSuccess)
+            out[i].free_bytes = free_b;
+        if (was >= 0) cudaSetDevice(was);
+    }
+    return count;
+}
+
+extern "C" const struct ebb_backend *ebb_backend_cuda(int index, char *why, size_t why_len)
+{
+    if (chosen_device >= 0) {
+        if (index == chosen_device) return &cuda_table;
+        say(why, why_len, "CUDA device %d is in use by this process; one device per process", chosen_device);
+        return NULL;
+    }
+    const int count = count_devices(why, why_len);
+    if (count < 0) return NULL;
+    if (index < 0 || index >= count) {
+        say(why, why_len, "no CUDA device %d: this machine has %d (0 to %d)", index, count, count - 1);
+        return NULL;
+    }
+    cudaError_t e = cudaSetDevice(index);
+    if (e == cudaSuccess) e = cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking);
+    if (e != cudaSuccess) {
+        say(why, why_len, "CUDA device %d: %s (%s)", index, cudaGetErrorString(e), cudaGetErrorName(e));
+        return NULL;
+    }
+    cuda_table = make_table();
+    chosen_device = index;
+    return &cuda_table;
+}

@@ -1,0 +1,440 @@
+/* The CUDA kernels' arithmetic, written once for both sides of the bus.
+ *
+ * Every function here is `__host__ __device__` under nvcc and a plain static
+ * inline function under the C compiler, so the same source lines run inside
+ * the GPU kernels (kernels/cuda/backend_cuda.cu) and in the CPU test suite
+ * (tests/unit/test_cuda_math.c), which holds them bit for bit against the
+ * scalar CPU path on every build, with or without a GPU. A GPU kernel then
+ * adds only the thread layout: which thread computes which element, block
+ * or row, never a new formula. That is how the CUDA path keeps the op table's
+ * contracts (kernels/backend.h) on machines that have never seen a GPU.
+ *
+ * What is written here is the definition in kernels/backend.h and
+ * kernels/cpu/native.h, restated per element: the integer sums of a block
+ * (exact in any order, so lanes may split them) and the float steps that fold
+ * them into a row's output (one chain, in block order, which a kernel runs on
+ * one lane). Nothing here reads a struct overlaid on weight bytes: fields are
+ * read at their documented offsets (kernels/formats.h), so any alignment works.
+ *
+ * nvcc must not contract a * b + c into an FMA where the CPU path rounds
+ * twice: the CUDA sources are compiled with --fmad=false, and every fused
+ * step the contracts name is spelled fmaf() here.
+ */
+#ifndef EBB_KERNELS_CUDA_HOSTDEV_H
+#define EBB_KERNELS_CUDA_HOSTDEV_H
+#include <stddef.h>
+#include <stdint.h>
+#ifndef __CUDACC__
+#include <math.h>
+#endif
+
+#include "kernels/formats.h"
+
+#ifdef __CUDACC__
+#define EBB_HD static __host__ __device__ __forceinline__
+#else
+#define EBB_HD static inline
+#endif
+
+/* ------------------------------------------------------------ scalars */
+
+EBB_HD uint32_t ebb_hd_u16(const uint8_t *p) { return (uint32_t)p[0] | ((uint32_t)p[1] << 8); }
+EBB_HD uint32_t ebb_hd_u32(const uint8_t *p)
+{
+    return (uint32_t)p[0] | ((uint32_t)p[1] << 8) | ((uint32_t)p[2] << 16) | ((uint32_t)p[3] << 24);
+}
+
+EBB_HD float ebb_hd_bits_f32(uint32_t u)
+{
+    union { uint32_t u; float f; } v;
+    v.u = u;
+    return v.f;
+}
+
+/* IEEE half to float, exactly (ebb_f16_to_f32's rule: subnormals scaled,
+ * infinities and NaN payloads kept). */
+EBB_HD float ebb_hd_f16(uint32_t h)
+{
+    const uint32_t sign = (h & 0x8000u) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff;
+    if (exp == 0x1f) return ebb_hd_bits_f32(sign | 0x7f800000u | (man << 13));
+    if (exp == 0) {
+        if (man == 0) return ebb_hd_bits_f32(sign);
+        const float v = (float)man * 0x1p-24f;
+        return sign ? -v : v;
+    }
+    return ebb_hd_bits_f32(sign | ((exp + 112) << 23) | (man << 13));
+}
+
+EBB_HD float ebb_hd_f16_at(const uint8_t *p) { return ebb_hd_f16(ebb_hd_u16(p)); }
+
+/* ---------------------------------------------------- activation codes */
+
+/* kernels/cpu/ops.h's act_inverse: scale = amax / qmax; the inverse qmax /
+ * amax, 0 for a zero scale, capped at FLT_MAX. */
+EBB_HD float ebb_hd_act_inverse(float amax, float qmax, float *scale)
+{
+    *scale = amax / qmax;
+    if (*scale == 0) return 0;
+    const float inv = qmax / amax;
+    return inv < 3.40282347e38f ? inv : 3.40282347e38f;
+}
+
+/* One value's code: round(x * inv), halves away from zero. */
+EBB_HD int ebb_hd_code(float x, float inv) { return (int)roundf(x * inv); }
+
+/* A run of len values to codes under one scale (qmax 7 or 127): the scale
+ * into *scale, the code sum returned (the Q8B32 block sum; ignored where the
+ * form has none). */
+EBB_HD int ebb_hd_quantize_run(const float *x, int len, float qmax, int8_t *q, float *scale)
+{
+    float amax = 0;
+    for (int i = 0; i < len; i++) amax = fmaxf(amax, fabsf(x[i]));
+    const float inv = ebb_hd_act_inverse(amax, qmax, scale);
+    int sum = 0;
+    for (int i = 0; i < len; i++) sum += q[i] = (int8_t)ebb_hd_code(x[i], inv);
+    return sum;
+}
+
+/* Q8K's super-block of 256: one scale (qmax 127), codes, the sum of every 16. */
+EBB_HD void ebb_hd_quantize_q8k_block(const float *x, int8_t *q, float *scale, int16_t *sums16)
+{
+    float amax = 0;
+    for (int i = 0; i < 256; i++) amax = fmaxf(amax, fabsf(x[i]));
+    const float inv = ebb_hd_act_inverse(amax, 127.0f, scale);
+    for (int g = 0; g < 16; g++) {
+        int sum = 0;
+        for (int i = 16 * g; i < 16 * g + 16; i++) sum += q[i] = (int8_t)ebb_hd_code(x[i], inv);
+        sums16[g] = (int16_t)sum;
+    }
+}
+
+/* quantize_act's group g of a token with `groups` groups: the first n_hi
+ * (clamped to [0, groups]) at 8 bits, the rest at 4. */
+EBB_HD float ebb_hd_act_qmax(int g, int groups, int n_hi)
+{
+    if (n_hi < 0) n_hi = 0;
+    if (n_hi > groups) n_hi = groups;
+    return g < n_hi ? 127.0f : 7.0f;
+}
+
+/* ---------------------------------------------------------- the rotation */
+
+/* backend.h's hadamard64 on one block of 64, in place: stages h = 1 .. 32,
+ * pairs (j, j + h) to (a + b, a - b), then the 1/8. */
+EBB_HD void ebb_hd_hadamard64(float *x)
+{
+    for (int h = 1; h < 64; h <<= 1)
+        for (int i = 0; i < 64; i += 2 * h)
+            for (int j = i; j < i + h; j++) {
+                const float u = x[j], v = x[j + h];
+                x[j] = u + v;
+                x[j + h] = u - v;
+            }
+    for (int j = 0; j < 64; j++) x[j] *= 0.125f;
+}
+
+/* ---------------------------------------------------- weight products
+ *
+ * A row of a weight type is a sequence of blocks; block b's contribution is
+ * a pair of exact integers (ints) and a float step that folds them into the
+ * running output (step). A row's output is
+ *     acc = 0; for b in order: acc = step(acc, ints(b))
+ * and a kernel may compute the ints of many blocks at once on many lanes,
+ * as long as one lane applies the steps in order. */
+
+/* One token's activations in the form of the weight type (backend.h's
+ * struct ebb_act, cut to one token): codes, the scale of each block (64 for
+ * W4G64, 32 for the legacy types, 256 for the K-quants), code sums (per 32 or
+ * per 16) where the form has them. */
+struct ebb_hd_act {
+    const int8_t *q;
+    const float *d;
+    const int16_t *sums;
+};
+
+struct ebb_hd_ints {
+    int32_t a, b;
+};
+
+/* The types these functions multiply, and their blocks. */
+EBB_HD int ebb_hd_type_has_product(int type)
+{
+    switch (type) {
+    case EBB_TYPE_W4G64: case EBB_TYPE_Q4_0: case EBB_TYPE_Q4_1: case EBB_TYPE_Q5_0: case EBB_TYPE_Q5_1:
+    case EBB_TYPE_Q8_0: case EBB_TYPE_Q2_K: case EBB_TYPE_Q3_K: case EBB_TYPE_Q4_K: case EBB_TYPE_Q5_K:
+    case EBB_TYPE_Q6_K:
+        return 1;
+    default:
+        return 0;
+    }
+}
+
+EBB_HD int ebb_hd_block_elems(int type)
+{
+    switch (type) {
+    case EBB_TYPE_W4G64: return 64;
+    case EBB_TYPE_Q2_K: case EBB_TYPE_Q3_K: case EBB_TYPE_Q4_K: case EBB_TYPE_Q5_K: case EBB_TYPE_Q6_K: return 256;
+    default: return 32;
+    }
+}
+
+EBB_HD int ebb_hd_block_bytes(int type)
+{
+    switch (type) {
+    case EBB_TYPE_W4G64: return 34;
+    case EBB_TYPE_Q4_0: return 18;
+    case EBB_TYPE_Q4_1: return 20;
+    case EBB_TYPE_Q5_0: return 22;
+    case EBB_TYPE_Q5_1: return 24;
+    case EBB_TYPE_Q8_0: return 34;
+    case EBB_TYPE_Q2_K: return 84;
+    case EBB_TYPE_Q3_K: return 110;
+    case EBB_TYPE_Q4_K: return 144;
+    case EBB_TYPE_Q5_K: return 176;
+    case EBB_TYPE_Q6_K: return 210;
+    default: return 0;
+    }
+}
+
+/* Activations per code sum in the type's form: 32 (Q8B32), 16 (Q8K), none
+ * (W4G64: 0). */
+EBB_HD int ebb_hd_sum_elems(int type)
+{
+    if (type == EBB_TYPE_W4G64) return 0;
+    return ebb_hd_block_elems(type) == 256 ? 16 : 32;
+}
+
+/* Token t's activations of an n-channel matmul of this type, from the
+ * n_tok-row arrays backend.h's struct ebb_act holds. */
+EBB_HD struct ebb_hd_act ebb_hd_act_of(int type, const int8_t *q, const float *d, const int16_t *sums, int n, int t)
+{
+    struct ebb_hd_act a;
+    const int per_sum = ebb_hd_sum_elems(type);
+    a.q = q + (size_t)t * n;
+    a.d = d + (size_t)t * (size_t)(n / ebb_hd_block_elems(type));
+    a.sums = per_sum ? sums + (size_t)t * (size_t)(n / per_sum) : sums;
+    return a;
+}
+
+/* 32 codes of a legacy block against 32 activation codes: value j < 16 in the
+ * low nibble of byte j, value 16 + j in its high nibble, bit j of qh the
+ * fifth bit where there is one (qh5 nonzero), minus the type's offset. */
+EBB_HD int32_t ebb_hd_isum32_nibbles(const uint8_t *qs, uint32_t qh, int five, int offset, const int8_t *a)
+{
+    int32_t sum = 0;
+    for (int j = 0; j < 16; j++) {
+        int lo = qs[j] & 0x0f, hi = qs[j] >> 4;
+        if (five) {
+            lo |= (int)((qh >> j) & 1u) << 4;
+            hi |= (int)((qh >> (j + 16)) & 1u) << 4;
+        }
+        sum += (lo - offset) * a[j] + (hi - offset) * a[j + 16];
+    }
+    return sum;
+}
+
+/* Q4_K and Q5_K: block b's sumi (scales times sub-block sums) and summ (mins
+ * times activation sums of the sub-block's two 16s). */
+EBB_HD struct ebb_hd_ints ebb_hd_ints_q45_k(const uint8_t *w, const struct ebb_hd_act *x, int five)
+{
+    const uint8_t *scales = w + 4, *qh = w + 16, *qs = w + (five ? 48 : 16);
+    struct ebb_hd_ints r = {0, 0};
+    for (int j = 0; j < 8; j++) {
+        int sc, m;
+        if (j < 4) {
+            sc = scales[j] & 63;
+            m = scales[j + 4] & 63;
+        } else {
+            sc = (scales[j + 4] & 0x0f) | ((scales[j - 4] >> 6) << 4);
+            m = (scales[j + 4] >> 4) | ((scales[j] >> 6) << 4);
+        }
+        const uint8_t *nib = qs + 32 * (j / 2);
+        const int shift = (j & 1) * 4;
+        int32_t isum = 0;
+        for (int l = 0; l < 32; l++) {
+            int v = (nib[l] >> shift) & 0x0f;
+            if (five) v |= ((qh[l] >> j) & 1) << 4;
+            isum += v * x->q[32 * j + l];
+        }
+        r.a += sc * isum;
+        r.b += m * (x->sums[2 * j] + x->sums[2 * j + 1]);
+    }
+    return r;
+}
+
+EBB_HD int32_t ebb_hd_sumi_q6_k(const uint8_t *w, const int8_t *q)
+{
+    const int8_t *sc = (const int8_t *)(w + 192);
+    int32_t sumi = 0;
+    for (int half = 0; half < 2; half++) {
+        const uint8_t *ql = w + 64 * half, *qh = w + 128 + 32 * half;
+        for (int run = 0; run < 4; run++) {
+            int32_t isum0 = 0, isum1 = 0;
+            for (int l = 0; l < 32; l++) {
+                const int low = run & 1 ? ql[l + 32] : ql[l];
+                const int v = ((run < 2 ? low & 0x0f : low >> 4) | (((qh[l] >> (2 * run)) & 3) << 4)) - 32;
+                if (l < 16) isum0 += v * q[128 * half + 32 * run + l];
+                else isum1 += v * q[128 * half + 32 * run + l];
+            }
+            const int j = 8 * half + 2 * run;
+            sumi += sc[j] * isum0 + sc[j + 1] * isum1;
+        }
+    }
+    return sumi;
+}
+
+/* Q2_K (hmask NULL) and Q3_K: 2-bit codes, 32 bytes per 128 values at shifts
+ * 0, 2, 4, 6; Q3_K subtracts 4 where the high mask bit is clear. scale[j] is
+ * the sub-block's scale (Q2_K: low nibble; Q3_K: decoded, signed). */
+EBB_HD int32_t ebb_hd_sumi_2bit(const uint8_t *qs, const uint8_t *hmask, const int *scale, const int8_t *q)
+{
+    int32_t sumi = 0;
+    for (int half = 0; half < 2; half++)
+        for (int run = 0; run < 4; run++)
+            for (int sub = 0; sub < 2; sub++) {
+                const int j = 8 * half + 2 * run + sub, bit = 4 * half + run;
+                int32_t isum = 0;
+                for (int l = 16 * sub; l < 16 * sub + 16; l++) {
+                    int v = (qs[32 * half + l] >> (2 * run)) & 3;
+                    if (hmask && !((hmask[l] >> bit) & 1)) v -= 4;
+                    isum += v * q[128 * half + 32 * run + l];
+                }
+                sumi += scale[j] * isum;
+            }
+    return sumi;
+}
+
+/* The integers of block b of a row (w_row: the row's first byte). */
+EBB_HD struct ebb_hd_ints ebb_hd_block_ints(int type, const uint8_t *w_row, const struct ebb_hd_act *x, int b)
+{
+    const uint8_t *w = w_row + (size_t)b * (size_t)ebb_hd_block_bytes(type);
+    const int8_t *q = x->q + (size_t)b * (size_t)ebb_hd_block_elems(type);
+    struct ebb_hd_ints r = {0, 0};
+    switch (type) {
+    case EBB_TYPE_W4G64:
+        for (int j = 0; j < 32; j++) r.a += ((w[2 + j] & 0x0f) - 8) * q[j] + ((w[2 + j] >> 4) - 8) * q[j + 32];
+        break;
+    case EBB_TYPE_Q4_0: r.a = ebb_hd_isum32_nibbles(w + 2, 0, 0, 8, q); break;
+    case EBB_TYPE_Q4_1: r.a = ebb_hd_isum32_nibbles(w + 4, 0, 0, 0, q); break;
+    case EBB_TYPE_Q5_0: r.a = ebb_hd_isum32_nibbles(w + 6, ebb_hd_u32(w + 2), 1, 16, q); break;
+    case EBB_TYPE_Q5_1: r.a = ebb_hd_isum32_nibbles(w + 8, ebb_hd_u32(w + 4), 1, 0, q); break;
+    case EBB_TYPE_Q8_0:
+        for (int j = 0; j < 32; j++) r.a += (int8_t)w[2 + j] * q[j];
+        break;
+    case EBB_TYPE_Q2_K: {
+        int scale[16];
+        for (int j = 0; j < 16; j++) {
+            scale[j] = w[j] & 0x0f;
+            r.b += (w[j] >> 4) * x->sums[16 * b + j];
+        }
+        r.a = ebb_hd_sumi_2bit(w + 16, NULL, scale, q);
+        break;
+    }
+    case EBB_TYPE_Q3_K: {
+        int scale[16];
+        const uint8_t *s = w + 96;
+        for (int i = 0; i < 16; i++) {
+            const int lo = i < 8 ? (s[i] & 0x0f) : (s[i - 8] >> 4);
+            const int hi = (s[8 + i % 4] >> (2 * (i / 4))) & 3;
+            scale[i] = (lo | (hi << 4)) - 32;
+        }
+        r.a = ebb_hd_sumi_2bit(w + 32, w, scale, q);
+        break;
+    }
+    case EBB_TYPE_Q4_K: case EBB_TYPE_Q5_K: {
+        struct ebb_hd_act sub = *x;
+        sub.q = q;
+        sub.sums = x->sums + 16 * (size_t)b;
+        r = ebb_hd_ints_q45_k(w, &sub, type == EBB_TYPE_Q5_K);
+        break;
+    }
+    case EBB_TYPE_Q6_K: r.a = ebb_hd_sumi_q6_k(w, q); break;
+    default: break;
+    }
+    return r;
+}
+
+/* Folds block b's integers into acc: native.h's float steps (W4G64: ops.h's). */
+EBB_HD float ebb_hd_block_step(int type, float acc, const uint8_t *w_row, const struct ebb_hd_act *x, int b,
+                               struct ebb_hd_ints r)
+{
+    const uint8_t *w = w_row + (size_t)b * (size_t)ebb_hd_block_bytes(type);
+    const float da = x->d[b];
+    switch (type) {
+    case EBB_TYPE_W4G64: case EBB_TYPE_Q4_0: case EBB_TYPE_Q5_0: case EBB_TYPE_Q8_0:
+        return fmaf((float)r.a, ebb_hd_f16_at(w) * da, acc);
+    case EBB_TYPE_Q4_1: case EBB_TYPE_Q5_1:
+        acc = fmaf((float)r.a, ebb_hd_f16_at(w) * da, acc);
+        return fmaf((float)x->sums[b], ebb_hd_f16_at(w + 2) * da, acc);
+    case EBB_TYPE_Q2_K:
+        acc = fmaf((float)r.a, ebb_hd_f16_at(w + 80) * da, acc);
+        return fmaf(-(float)r.b, ebb_hd_f16_at(w + 82) * da, acc);
+    case EBB_TYPE_Q3_K: return fmaf((float)r.a, ebb_hd_f16_at(w + 108) * da, acc);
+    case EBB_TYPE_Q4_K: case EBB_TYPE_Q5_K:
+        acc = fmaf((float)r.a, ebb_hd_f16_at(w) * da, acc);
+        return fmaf(-(float)r.b, ebb_hd_f16_at(w + 2) * da, acc);
+    case EBB_TYPE_Q6_K: return fmaf((float)r.a, ebb_hd_f16_at(w + 208) * da, acc);
+    default: return acc;
+    }
+}
+
+/* One output: a weight row of n values against one token, whole. */
+EBB_HD float ebb_hd_row_dot(int type, const uint8_t *w_row, const struct ebb_hd_act *x, int n)
+{
+    float acc = 0;
+    const int blocks = n / ebb_hd_block_elems(type);
+    for (int b = 0; b < blocks; b++) acc = ebb_hd_block_step(type, acc, w_row, x, b, ebb_hd_block_ints(type, w_row, x, b));
+    return acc;
+}
+
+/* -------------------------------------------------------------- attention */
+
+/* backend.h's dot8: eight fma chains over i = k, k + 8, ..., then a fixed tree. */
+EBB_HD float ebb_hd_dot8(const float *a, const float *b, int n)
+{
+    float l[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    for (int i = 0; i < n; i++) l[i % 8] = fmaf(a[i], b[i], l[i % 8]);
+    return ((l[0] + l[1]) + (l[2] + l[3])) + ((l[4] + l[5]) + (l[6] + l[7]));
+}
+
+/* Code i of a KV group (bits 8, 4 or 2; formats.h's packing: byte i % B at
+ * shift bits * (i / B), B = group * bits / 8). */
+EBB_HD int ebb_hd_kv_code(const uint8_t *group_codes, int bits, int group, int i)
+{
+    const int B = group * bits / 8;
+    return (group_codes[i % B] >> (bits * (i / B))) & ((1 << bits) - 1);
+}
+
+/* Value i of a KV8/KV4/KV2 row: codes and (d, m) pairs of the row. */
+EBB_HD float ebb_hd_kv_value(const uint8_t *codes, const uint16_t *dm, int bits, int group, int i)
+{
+    const int g = i / group;
+    const int code = ebb_hd_kv_code(codes + (size_t)g * (size_t)(group * bits / 8), bits, group, i % group);
+    return fmaf(ebb_hd_f16(dm[2 * g]), (float)code, ebb_hd_f16(dm[2 * g + 1]));
+}
+
+/* Value i of a row of per-channel codes: the channel's own (d, m). */
+EBB_HD float ebb_hd_kv_value_channel(const uint8_t *codes, const uint16_t *dm, int bits, int group, int i)
+{
+    const int code = ebb_hd_kv_code(codes + (size_t)(i / group) * (size_t)(group * bits / 8), bits, group, i % group);
+    return fmaf(ebb_hd_f16(dm[2 * i]), (float)code, ebb_hd_f16(dm[2 * i + 1]));
+}
+
+/* ------------------------------------------------------------- BitStack */
+
+/* One sign row of n (bit i of byte i/8 set: negative) against n codes. */
+EBB_HD int32_t ebb_hd_sign_isum(const uint8_t *signs, const int8_t *t, int n)
+{
+    int32_t sum = 0;
+    for (int i = 0; i < n; i++) sum += (signs[i >> 3] >> (i & 7)) & 1 ? -t[i] : t[i];
+    return sum;
+}
+
+/* bitstack_scale_add's chain for row o and token t, from acc = 0. */
+EBB_HD float ebb_hd_bitstack_scaled(const int32_t *isum_row_tok, const float *u_row, const float *ts_tok, int rank)
+{
+    float acc = 0;
+    for (int j = 0; j < rank; j++) acc = fmaf((float)isum_row_tok[j], u_row[j] * ts_tok[j], acc);
+    return acc;
+}
+#endif

@@ -1,0 +1,500 @@
+/* One backend's op table held against another's, op by op, on random cases
+ * and edge shapes: the harness of test_cuda_math (the CUDA arithmetic run on
+ * the CPU) and of the GPU suite (tests/gpu: the CUDA backend itself).
+ *
+ * `ref` is a CPU path (the scalar one). `test` may keep its tensors in its
+ * own memory (backend.h's struct ebb_backend_memory): inputs are copied in
+ * through it, outputs read back, and every failure of that memory is a
+ * failed check naming the reason. Ops whose contract is bit-exact (the
+ * quantized products, quantizers, Hadamard, attention and KV-row ops,
+ * BitStack's) are compared bit for bit; the f32 ops whose contract allows
+ * the path's own summation order and exp (f32 matmul, rmsnorm, softmax,
+ * SwiGLU) within a relative tolerance. An entry `test` leaves NULL is
+ * reported as not compared, never as passed.
+ */
+#ifndef EBB_TEST_OPCOMPARE_H
+#define EBB_TEST_OPCOMPARE_H
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "check.h"
+#include "kernels/backend.h"
+#include "kernels/formats.h"
+#include "testdata.h"
+
+static const struct ebb_backend *oc_test;
+static int oc_not_compared;
+
+static void *oc_xmalloc(size_t n)
+{
+    void *p = malloc(n ? n : 1);
+    if (!p) abort();
+    return p;
+}
+
+/* A copy of host bytes in the test backend's memory. */
+static void *oc_put(const void *host, size_t bytes)
+{
+    const struct ebb_backend_memory *m = oc_test->memory;
+    if (!m) {
+        void *p = oc_xmalloc(bytes);
+        memcpy(p, host, bytes);
+        return p;
+    }
+    void *p = m->alloc(bytes ? bytes : 1);
+    CHECK_MSG(p != NULL, "%s: alloc(%zu): %s", oc_test->name, bytes, m->error());
+    if (!p) abort();
+    CHECK_MSG(m->upload(p, host, bytes) == 0, "%s: upload: %s", oc_test->name, m->error());
+    return p;
+}
+
+static void oc_get(void *host, const void *dev, size_t bytes)
+{
+    const struct ebb_backend_memory *m = oc_test->memory;
+    if (!m) {
+        memcpy(host, dev, bytes);
+        return;
+    }
+    CHECK_MSG(m->download(host, dev, bytes) == 0, "%s: download: %s", oc_test->name, m->error());
+}
+
+static void oc_free(void *p)
+{
+    if (oc_test->memory) oc_test->memory->release(p);
+    else free(p);
+}
+
+static int oc_same_bits(const void *a, const void *b, size_t bytes, const char *what)
+{
+    if (memcmp(a, b, bytes) == 0) return 1;
+    const uint8_t *x = a, *y = b;
+    size_t i = 0;
+    while (x[i] == y[i]) i++;
+    fprintf(stderr, "%s: %s differs from the scalar path first at byte %zu\n", oc_test->name, what, i);
+    return 0;
+}
+
+/* |a - b| <= tol * (|a| + |b|) + tiny, elementwise. */
+static int oc_close(const float *a, const float *b, size_t n, float tol, const char *what)
+{
+    for (size_t i = 0; i < n; i++) {
+        const float d = fabsf(a[i] - b[i]), s = fabsf(a[i]) + fabsf(b[i]);
+        if (!(d <= tol * s + 1e-30f)) {
+            fprintf(stderr, "%s: %s differs at %zu: %.9g vs the scalar path's %.9g\n", oc_test->name, what, i,
+                    (double)b[i], (double)a[i]);
+            return 0;
+        }
+    }
+    return 1;
+}
+
+static int oc_has(const void *entry, const char *what)
+{
+    if (entry) return 1;
+    printf("%s: %s not compared (no such entry)\n", oc_test->name, what);
+    oc_not_compared++;
+    return 0;
+}
+
+static float *oc_floats(size_t n, float scale)
+{
+    float *v = oc_xmalloc(n * sizeof *v);
+    for (size_t i = 0; i < n; i++) v[i] = gauss() * scale;
+    return v;
+}
+
+/* ------------------------------------------------------------- products */
+
+static int oc_is_k(uint32_t type)
+{
+    return type == EBB_TYPE_Q2_K || type == EBB_TYPE_Q3_K || type == EBB_TYPE_Q4_K || type == EBB_TYPE_Q5_K ||
+           type == EBB_TYPE_Q6_K;
+}
+
+/* One matmul of `type`: n_out random rows, n_tok tokens quantized by ref in
+ * the type's activation form (W4G64: n_hi varied; the legacy types: every
+ * other token with 4-bit blocks, as a source-exact file). */
+static void oc_matmul(const struct ebb_backend *ref, uint32_t type, int n_tok, int n_in, int n_out)
+{
+    const struct ebb_type_info *ti = ebb_type_info(type);
+    const size_t rb = ebb_row_bytes(type, (uint64_t)n_in), wbytes = rb * (size_t)n_out;
+    uint8_t *w = oc_xmalloc(wbytes);
+    float *x = oc_xmalloc((size_t)n_tok * n_in * sizeof *x);
+    int8_t *q = oc_xmalloc((size_t)n_tok * n_in);
+    const int blocks = n_in / 32;
+    float *d = oc_xmalloc((size_t)n_tok * blocks * sizeof *d);
+    int16_t *sums = oc_xmalloc((size_t)n_tok * (n_in / 16) * sizeof *sums);
+    size_t d_bytes = 0, sum_bytes = 0;
+    struct ebb_act a = {0};
+    if (type == EBB_TYPE_F32) {
+        for (int i = 0; i < n_out * n_in; i++) ((float *)(void *)w)[i] = gauss();
+        random_acts(x, n_tok, n_in, 0);
+    } else {
+        for (int o = 0; o < n_out; o++) random_row(type, w + (size_t)o * rb, n_in);
+        random_acts(x, n_tok, n_in, 1);
+    }
+    if (ti->act == EBB_ACT_Q8G64) {
+        const int groups = n_in / 64;
+        ref->quantize_act(x, n_tok, n_in, (n_tok + n_out) % (groups + 2) - 1, q, d);
+        d_bytes = (size_t)n_tok * groups * sizeof *d;
+    } else if (ti->act == EBB_ACT_Q8B32) {
+        for (int t = 0; t < n_tok; t++)
+            ref->quantize_q8b32(x + (size_t)t * n_in, n_in, t % 2 ? blocks / 2 : blocks, q + (size_t)t * n_in,
+                                d + (size_t)t * blocks, sums + (size_t)t * blocks);
+        d_bytes = (size_t)n_tok * blocks * sizeof *d;
+        sum_bytes = (size_t)n_tok * blocks * sizeof *sums;
+    } else if (ti->act == EBB_ACT_Q8K) {
+        for (int t = 0; t < n_tok; t++)
+            ref->quantize_q8k(x + (size_t)t * n_in, n_in, q + (size_t)t * n_in, d + (size_t)t * (n_in / 256),
+                              sums + (size_t)t * (n_in / 16));
+        d_bytes = (size_t)n_tok * (n_in / 256) * sizeof *d;
+        sum_bytes = (size_t)n_tok * (n_in / 16) * sizeof *sums;
+    }
+    if (type == EBB_TYPE_F32) a.f = x;
+    else a.q = q, a.s = d, a.sums = sum_bytes ? sums : NULL;
+
+    const size_t out_bytes = (size_t)n_tok * n_out * sizeof(float);
+    float *want = oc_xmalloc(out_bytes), *got = oc_xmalloc(out_bytes);
+    ref->matmul[type](NULL, want, &a, w, n_tok, n_in, n_out);
+
+    struct ebb_act da = {0};
+    void *dw = oc_put(w, wbytes), *dout = oc_put(got, out_bytes);
+    if (type == EBB_TYPE_F32) {
+        da.f = oc_put(x, (size_t)n_tok * n_in * sizeof *x);
+    } else {
+        da.q = oc_put(q, (size_t)n_tok * n_in);
+        da.s = oc_put(d, d_bytes);
+        da.sums = sum_bytes ? oc_put(sums, sum_bytes) : NULL;
+    }
+    oc_test->matmul[type](NULL, dout, &da, dw, n_tok, n_in, n_out);
+    oc_get(got, dout, out_bytes);
+    char what[96];
+    snprintf(what, sizeof what, "matmul %s (%d tokens x %d x %d)", ti->name, n_tok, n_in, n_out);
+    if (type == EBB_TYPE_F32) CHECK_MSG(oc_close(want, got, (size_t)n_tok * n_out, 2e-5f, what), "%s", what);
+    else CHECK_MSG(oc_same_bits(want, got, out_bytes, what), "%s", what);
+
+    oc_free(dw), oc_free(dout);
+    if (da.f) oc_free((void *)da.f);
+    if (da.q) oc_free((void *)da.q), oc_free((void *)da.s);
+    if (da.sums) oc_free((void *)da.sums);
+    free(w), free(x), free(q), free(d), free(sums), free(want), free(got);
+}
+
+static void oc_products(const struct ebb_backend *ref)
+{
+    static const uint32_t types[] = {EBB_TYPE_F32, EBB_TYPE_W4G64, EBB_TYPE_Q4_0, EBB_TYPE_Q4_1, EBB_TYPE_Q5_0,
+                                     EBB_TYPE_Q5_1, EBB_TYPE_Q8_0, EBB_TYPE_Q2_K, EBB_TYPE_Q3_K, EBB_TYPE_Q4_K,
+                                     EBB_TYPE_Q5_K, EBB_TYPE_Q6_K};
+    /* one token (decode), a few, more than a warp's worth; one row, odd rows;
+     * inputs of one block up to the default model's 576 and 1536 */
+    static const int toks[] = {1, 3, 37}, outs[] = {1, 7, 70};
+    static const int ins_legacy[] = {64, 576, 1536}, ins_k[] = {256, 768, 1536};
+    for (size_t k = 0; k < sizeof types / sizeof *types; k++) {
+        const uint32_t type = types[k];
+        char what[64];
+        snprintf(what, sizeof what, "matmul %s", ebb_type_info(type)->name);
+        if (!oc_has(oc_test->matmul[type], what)) continue;
+        for (int i = 0; i < 3; i++)
+            for (int j = 0; j < 3; j++) {
+                const int n_in = oc_is_k(type) ? ins_k[(i + j) % 3] : ins_legacy[(i + j) % 3];
+                oc_matmul(ref, type, toks[i], n_in, outs[j]);
+            }
+    }
+}
+
+/* ----------------------------------------------------------- quantizers */
+
+static void oc_quantizers(const struct ebb_backend *ref)
+{
+    enum { T = 5, N = 1536 };
+    float *x = oc_xmalloc(T * N * sizeof *x);
+    int8_t q[2][T * N];
+    float s[2][T * N / 32];
+    int16_t sums[2][T * N / 16];
+    if (oc_has(oc_test->quantize_act, "quantize_act")) {
+        for (int rep = 0; rep < 12; rep++) {
+            random_acts(x, T, N, 1);
+            const int n = 64 * (1 + rep % 24), n_hi = rep * 5 % 30 - 3;   /* below 0 and past the end too */
+            ref->quantize_act(x, T, n, n_hi, q[0], s[0]);
+            float *dx = oc_put(x, (size_t)T * n * sizeof *x);
+            int8_t *dq = oc_put(q[1], (size_t)T * n);
+            float *ds = oc_put(s[1], (size_t)T * (n / 64) * sizeof(float));
+            oc_test->quantize_act(dx, T, n, n_hi, dq, ds);
+            oc_get(q[1], dq, (size_t)T * n), oc_get(s[1], ds, (size_t)T * (n / 64) * sizeof(float));
+            CHECK(oc_same_bits(q[0], q[1], (size_t)T * n, "quantize_act codes"));
+            CHECK(oc_same_bits(s[0], s[1], (size_t)T * (n / 64) * sizeof(float), "quantize_act scales"));
+            oc_free(dx), oc_free(dq), oc_free(ds);
+        }
+    }
+    for (int k = 0; k < 2; k++) {
+        if (!oc_has(k ? (const void *)oc_test->quantize_q8k : (const void *)oc_test->quantize_q8b32,
+                    k ? "quantize_q8k" : "quantize_q8b32"))
+            continue;
+        for (int rep = 0; rep < 12; rep++) {
+            random_acts(x, 1, N, 1);
+            const int n = k ? 256 * (1 + rep % 6) : 32 * (1 + rep * 7 % 48), n_hi = rep * 3 % 50 - 2;
+            const int nd = n / (k ? 256 : 32), ns = n / (k ? 16 : 32);
+            if (k) ref->quantize_q8k(x, n, q[0], s[0], sums[0]);
+            else ref->quantize_q8b32(x, n, n_hi, q[0], s[0], sums[0]);
+            float *dx = oc_put(x, (size_t)n * sizeof *x), *ds = oc_put(s[1], (size_t)nd * sizeof(float));
+            int8_t *dq = oc_put(q[1], (size_t)n);
+            int16_t *dsum = oc_put(sums[1], (size_t)ns * sizeof(int16_t));
+            if (k) oc_test->quantize_q8k(dx, n, dq, ds, dsum);
+            else oc_test->quantize_q8b32(dx, n, n_hi, dq, ds, dsum);
+            oc_get(q[1], dq, (size_t)n), oc_get(s[1], ds, (size_t)nd * sizeof(float));
+            oc_get(sums[1], dsum, (size_t)ns * sizeof(int16_t));
+            CHECK(oc_same_bits(q[0], q[1], (size_t)n, k ? "quantize_q8k codes" : "quantize_q8b32 codes"));
+            CHECK(oc_same_bits(s[0], s[1], (size_t)nd * sizeof(float), "activation scales"));
+            CHECK(oc_same_bits(sums[0], sums[1], (size_t)ns * sizeof(int16_t), "code sums"));
+            oc_free(dx), oc_free(ds), oc_free(dq), oc_free(dsum);
+        }
+    }
+    if (oc_has(oc_test->hadamard64, "hadamard64")) {
+        for (int rep = 0; rep < 6; rep++) {
+            const int n = 64 * (1 + rep * 5 % 24);
+            random_acts(x, 1, n, 1);
+            float *want = oc_xmalloc((size_t)n * sizeof *want), *got = oc_xmalloc((size_t)n * sizeof *got);
+            memcpy(want, x, (size_t)n * sizeof *x);
+            ref->hadamard64(want, n);
+            float *dx = oc_put(x, (size_t)n * sizeof *x);
+            oc_test->hadamard64(dx, n);
+            oc_get(got, dx, (size_t)n * sizeof *got);
+            CHECK(oc_same_bits(want, got, (size_t)n * sizeof *got, "hadamard64"));
+            oc_free(dx), free(want), free(got);
+        }
+    }
+    free(x);
+}
+
+/* -------------------------------------------------------- vector ops (f32) */
+
+static void oc_vector_ops(const struct ebb_backend *ref)
+{
+    static const int sizes[] = {1, 31, 576, 1536, 49152};
+    const int rms = oc_has(oc_test->rmsnorm_f32, "rmsnorm_f32"), soft = oc_has(oc_test->softmax_f32, "softmax_f32"),
+              swi = oc_has(oc_test->swiglu_f32, "swiglu_f32"), add = oc_has(oc_test->add_f32, "add_f32");
+    for (size_t k = 0; k < sizeof sizes / sizeof *sizes; k++) {
+        const int n = sizes[k];
+        const size_t bytes = (size_t)n * sizeof(float);
+        float *x = oc_floats((size_t)n, 3), *g = oc_floats((size_t)n, 1), *want = oc_xmalloc(bytes),
+              *got = oc_xmalloc(bytes);
+        if (rms) {
+            ref->rmsnorm_f32(want, x, g, n, 1e-5f);
+            float *dx = oc_put(x, bytes), *dg = oc_put(g, bytes);
+            oc_test->rmsnorm_f32(dx, dx, dg, n, 1e-5f);             /* in place, as the engine calls it */
+            oc_get(got, dx, bytes);
+            CHECK(oc_close(want, got, (size_t)n, 1e-5f, "rmsnorm_f32"));
+            oc_free(dx), oc_free(dg);
+        }
+        if (soft) {
+            memcpy(want, x, bytes);
+            ref->softmax_f32(want, n);
+            float *dx = oc_put(x, bytes);
+            oc_test->softmax_f32(dx, n);
+            oc_get(got, dx, bytes);
+            CHECK(oc_close(want, got, (size_t)n, 1e-5f, "softmax_f32"));
+            oc_free(dx);
+        }
+        if (swi) {
+            memcpy(want, x, bytes);
+            ref->swiglu_f32(want, g, n);
+            float *dx = oc_put(x, bytes), *dg = oc_put(g, bytes);
+            oc_test->swiglu_f32(dx, dg, n);
+            oc_get(got, dx, bytes);
+            CHECK(oc_close(want, got, (size_t)n, 1e-5f, "swiglu_f32"));
+            oc_free(dx), oc_free(dg);
+        }
+        if (add) {
+            memcpy(want, x, bytes);
+            ref->add_f32(want, g, n);
+            float *dx = oc_put(x, bytes), *dg = oc_put(g, bytes);
+            oc_test->add_f32(dx, dg, n);
+            oc_get(got, dx, bytes);
+            CHECK(oc_same_bits(want, got, bytes, "add_f32"));
+            oc_free(dx), oc_free(dg);
+        }
+        free(x), free(g), free(want), free(got);
+    }
+}
+
+/* ------------------------------------------------------ attention, KV rows */
+
+static void oc_attention(const struct ebb_backend *ref)
+{
+    /* queries of a head (64 wide) over strided rows; odd widths for the lanes */
+    static const int widths[] = {64, 13, 128};
+    const int scores = oc_has(oc_test->attn_scores, "attn_scores"), values = oc_has(oc_test->attn_values, "attn_values");
+    for (size_t k = 0; k < sizeof widths / sizeof *widths; k++) {
+        const int n = widths[k], n_q = 3 + (int)k, n_rows = 1 + 45 * (int)k;
+        const size_t q_stride = (size_t)n + 5, k_stride = (size_t)n + 3, s_stride = (size_t)n_rows + 2;
+        float *q = oc_floats(q_stride * n_q, 1), *kk = oc_floats(k_stride * n_rows, 1);
+        const size_t s_bytes = s_stride * n_q * sizeof(float);
+        float *want = oc_floats(s_stride * n_q, 1), *got = oc_xmalloc(s_bytes);
+        if (scores) {
+            float *dq = oc_put(q, q_stride * n_q * sizeof *q), *dk = oc_put(kk, k_stride * n_rows * sizeof *kk);
+            float *ds = oc_put(want, s_bytes);                      /* the gaps between rows kept */
+            ref->attn_scores(want, s_stride, q, q_stride, n_q, kk, k_stride, n_rows, n);
+            oc_test->attn_scores(ds, s_stride, dq, q_stride, n_q, dk, k_stride, n_rows, n);
+            oc_get(got, ds, s_bytes);
+            CHECK(oc_same_bits(want, got, s_bytes, "attn_scores"));
+            oc_free(dq), oc_free(dk), oc_free(ds);
+        }
+        if (values) {
+            float *p = oc_floats((size_t)n_rows, 0.3f), *y = oc_floats((size_t)n, 1);
+            float *wy = oc_xmalloc((size_t)n * sizeof *wy), *gy = oc_xmalloc((size_t)n * sizeof *gy);
+            memcpy(wy, y, (size_t)n * sizeof *y);
+            ref->attn_values(wy, p, kk, k_stride, n_rows, n);
+            float *dy = oc_put(y, (size_t)n * sizeof *y), *dp = oc_put(p, (size_t)n_rows * sizeof *p);
+            float *dv = oc_put(kk, k_stride * n_rows * sizeof *kk);
+            oc_test->attn_values(dy, dp, dv, k_stride, n_rows, n);
+            oc_get(gy, dy, (size_t)n * sizeof *gy);
+            CHECK(oc_same_bits(wy, gy, (size_t)n * sizeof *gy, "attn_values"));
+            oc_free(dy), oc_free(dp), oc_free(dv), free(p), free(y), free(wy), free(gy);
+        }
+        free(q), free(kk), free(want), free(got);
+    }
+}
+
+/* n_rows stored rows of `stride` bytes, every byte random except the f16
+ * fields, which are finite halves. */
+static uint8_t *oc_kv_rows(int n_rows, size_t stride, size_t dm_at, int n_pairs)
+{
+    uint8_t *rows = oc_xmalloc((size_t)n_rows * stride);
+    for (size_t i = 0; i < (size_t)n_rows * stride; i++) rows[i] = (uint8_t)next_u32();
+    for (int r = 0; r < n_rows; r++)
+        for (int p = 0; p < n_pairs; p++) {
+            const uint16_t h = ebb_f32_to_f16(gauss() * (p % 2 ? 1.0f : 0.05f));
+            memcpy(rows + (size_t)r * stride + dm_at + 2 * (size_t)p, &h, 2);
+        }
+    return rows;
+}
+
+static void oc_kv_rows_ops(const struct ebb_backend *ref)
+{
+    const int n = 128, n_rows = 37;
+    const size_t out_bytes = (size_t)n * n_rows * sizeof(float);
+    float *want = oc_xmalloc(out_bytes), *got = oc_xmalloc(out_bytes);
+    if (oc_has(oc_test->kv_rows_f16, "kv_rows_f16")) {
+        const size_t stride = 2 * (size_t)n + 6;
+        uint8_t *rows = oc_kv_rows(n_rows, stride, 0, n);
+        ref->kv_rows_f16(want, (const uint16_t *)(const void *)rows, stride, n_rows, n);
+        uint8_t *dr = oc_put(rows, (size_t)n_rows * stride);
+        float *dout = oc_put(got, out_bytes);
+        oc_test->kv_rows_f16(dout, (const uint16_t *)(const void *)dr, stride, n_rows, n);
+        oc_get(got, dout, out_bytes);
+        CHECK(oc_same_bits(want, got, out_bytes, "kv_rows_f16"));
+        oc_free(dr), oc_free(dout), free(rows);
+    }
+    static const int bits_of[] = {8, 4, 2}, groups[] = {64, 32, 16, 8};
+    const int per_group = oc_has(oc_test->kv_rows_q, "kv_rows_q"), per_channel = oc_has(oc_test->kv_rows_qc, "kv_rows_qc");
+    for (int b = 0; b < 3; b++)
+        for (int gi = 0; gi < 4; gi++) {
+            const int bits = bits_of[b], group = groups[gi];
+            const size_t code_bytes = (size_t)n * bits / 8, stride = code_bytes + 4 * (size_t)(n / group) + 4;
+            char what[64];
+            if (per_group) {
+                uint8_t *rows = oc_kv_rows(n_rows, stride, code_bytes, 2 * (n / group));
+                ref->kv_rows_q(want, rows, (const uint16_t *)(const void *)(rows + code_bytes), stride, n_rows, n,
+                               bits, group);
+                uint8_t *dr = oc_put(rows, (size_t)n_rows * stride);
+                float *dout = oc_put(got, out_bytes);
+                oc_test->kv_rows_q(dout, dr, (const uint16_t *)(const void *)(dr + code_bytes), stride, n_rows, n,
+                                   bits, group);
+                oc_get(got, dout, out_bytes);
+                snprintf(what, sizeof what, "kv_rows_q (%d bits, groups of %d)", bits, group);
+                CHECK_MSG(oc_same_bits(want, got, out_bytes, what), "%s", what);
+                oc_free(dr), oc_free(dout), free(rows);
+            }
+            if (per_channel) {
+                uint8_t *rows = oc_kv_rows(n_rows, stride, 0, 0);
+                uint8_t *dm = oc_kv_rows(1, 4 * (size_t)n, 0, 2 * n);
+                ref->kv_rows_qc(want, rows, stride, (const uint16_t *)(const void *)dm, n_rows, n, bits, group);
+                uint8_t *dr = oc_put(rows, (size_t)n_rows * stride), *ddm = oc_put(dm, 4 * (size_t)n);
+                float *dout = oc_put(got, out_bytes);
+                oc_test->kv_rows_qc(dout, dr, stride, (const uint16_t *)(const void *)ddm, n_rows, n, bits, group);
+                oc_get(got, dout, out_bytes);
+                snprintf(what, sizeof what, "kv_rows_qc (%d bits, groups of %d)", bits, group);
+                CHECK_MSG(oc_same_bits(want, got, out_bytes, what), "%s", what);
+                oc_free(dr), oc_free(ddm), oc_free(dout), free(rows), free(dm);
+            }
+        }
+    free(want), free(got);
+}
+
+/* ------------------------------------------------------------- BitStack */
+
+static void oc_bitstack(const struct ebb_backend *ref)
+{
+    static const int shapes[][3] = {{576, 5, 3}, {1536, 40, 8}, {32, 1, 1}};   /* n, rows, vectors */
+    const int isums = oc_has(oc_test->bitstack_isums, "bitstack_isums"),
+              codes = oc_has(oc_test->bitstack_codes, "bitstack_codes"),
+              scale_add = oc_has(oc_test->bitstack_scale_add, "bitstack_scale_add");
+    for (size_t k = 0; k < sizeof shapes / sizeof *shapes; k++) {
+        const int n = shapes[k][0], n_rows = shapes[k][1], n_vec = shapes[k][2];
+        uint8_t *signs = oc_xmalloc((size_t)n_rows * n / 8);
+        int8_t *t = oc_xmalloc((size_t)n_vec * n);
+        for (size_t i = 0; i < (size_t)n_rows * n / 8; i++) signs[i] = (uint8_t)next_u32();
+        for (size_t i = 0; i < (size_t)n_vec * n; i++) t[i] = (int8_t)((int)(next_u32() % 255) - 127);
+        const size_t ibytes = (size_t)n_rows * n_vec * sizeof(int32_t);
+        int32_t *want = oc_xmalloc(ibytes), *got = oc_xmalloc(ibytes);
+        ref->bitstack_isums(want, signs, n_rows, t, n_vec, n);
+        if (isums) {
+            uint8_t *ds = oc_put(signs, (size_t)n_rows * n / 8);
+            int8_t *dt = oc_put(t, (size_t)n_vec * n);
+            int32_t *di = oc_put(got, ibytes);
+            oc_test->bitstack_isums(di, ds, n_rows, dt, n_vec, n);
+            oc_get(got, di, ibytes);
+            CHECK(oc_same_bits(want, got, ibytes, "bitstack_isums"));
+            oc_free(ds), oc_free(dt), oc_free(di);
+        }
+        if (codes) {
+            float *x = oc_xmalloc((size_t)n * sizeof *x), *v = oc_floats((size_t)n, 0.1f);
+            random_acts(x, 1, n, 1);
+            int8_t *wq = oc_xmalloc((size_t)n), *gq = oc_xmalloc((size_t)n);
+            float ws, gs;
+            ref->bitstack_codes(x, v, n, wq, &ws);
+            float *dx = oc_put(x, (size_t)n * sizeof *x), *dv = oc_put(v, (size_t)n * sizeof *v);
+            float *dscale = oc_put(&gs, sizeof gs);
+            int8_t *dq = oc_put(gq, (size_t)n);
+            oc_test->bitstack_codes(dx, dv, n, dq, dscale);
+            oc_get(gq, dq, (size_t)n), oc_get(&gs, dscale, sizeof gs);
+            CHECK(oc_same_bits(wq, gq, (size_t)n, "bitstack_codes codes"));
+            CHECK(oc_same_bits(&ws, &gs, sizeof gs, "bitstack_codes scale"));
+            oc_free(dx), oc_free(dv), oc_free(dscale), oc_free(dq), free(x), free(v), free(wq), free(gq);
+        }
+        if (scale_add && n_vec > 1) {
+            /* n_vec vectors as n_tok tokens of `rank` each */
+            const int rank = n_vec % 2 ? 1 : 2, n_tok = n_vec / rank;
+            const size_t stride = (size_t)n_rows + 3, out_n = stride * n_tok;
+            float *u = oc_floats((size_t)n_rows * rank, 0.01f), *ts = oc_floats((size_t)n_tok * rank, 0.01f);
+            float *wout = oc_floats(out_n, 1), *gout = oc_xmalloc(out_n * sizeof *gout);
+            float *dout = oc_put(wout, out_n * sizeof *wout);
+            ref->bitstack_scale_add(wout, stride, want, n_rows, n_tok, rank, u, ts);
+            int32_t *di = oc_put(want, ibytes);
+            float *du = oc_put(u, (size_t)n_rows * rank * sizeof *u), *dts = oc_put(ts, (size_t)n_tok * rank * sizeof *ts);
+            oc_test->bitstack_scale_add(dout, stride, di, n_rows, n_tok, rank, du, dts);
+            oc_get(gout, dout, out_n * sizeof *gout);
+            CHECK(oc_same_bits(wout, gout, out_n * sizeof *gout, "bitstack_scale_add"));
+            oc_free(dout), oc_free(di), oc_free(du), oc_free(dts), free(u), free(ts), free(wout), free(gout);
+        }
+        free(signs), free(t), free(want), free(got);
+    }
+}
+
+/* Every op of test against ref. Returns how many entries were not compared. */
+static int opcompare_all(const struct ebb_backend *ref, const struct ebb_backend *test)
+{
+    oc_test = test;
+    oc_not_compared = 0;
+    oc_products(ref);
+    oc_quantizers(ref);
+    oc_vector_ops(ref);
+    oc_attention(ref);
+    oc_kv_rows_ops(ref);
+    oc_bitstack(ref);
+    if (test->memory) CHECK_MSG(test->memory->sync() == 0, "%s: %s", test->name, test->memory->error());
+    return oc_not_compared;
+}
+#endif

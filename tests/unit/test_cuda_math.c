@@ -1,0 +1,231 @@
+/* The CUDA kernels' arithmetic (kernels/cuda/hostdev.h), run on the CPU.
+ *
+ * The GPU kernels call the functions of hostdev.h for every element, block
+ * and row they compute; only the thread layout is theirs. Here the same
+ * functions are put together into an op table with the thread layouts'
+ * orders written as plain loops -- a product's block integers computed last
+ * block first, as lanes finish in any order, and folded in block order --
+ * and tests/unit/opcompare.h holds that table against the scalar CPU path bit
+ * for bit on random cases and edge shapes. So every build, with or without a
+ * GPU or even nvcc, checks the math the CUDA path runs; tests/gpu checks the
+ * kernels themselves where a device exists.
+ *
+ * Also checked: hostdev.h's half decoder against formats.c's on every one of
+ * the 65,536 halves.
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "check.h"
+#include "kernels/backend.h"
+#include "kernels/cuda/hostdev.h"
+#include "kernels/formats.h"
+#include "opcompare.h"
+
+/* ---------------------------------------------------- the table, on the CPU */
+
+static void hd_matmul(int type, float *out, const struct ebb_act *x, const void *w, int n_tok, int n_in, int n_out)
+{
+    const size_t rb = ebb_row_bytes((uint32_t)type, (uint64_t)n_in);
+    const int blocks = n_in / ebb_hd_block_elems(type);
+    struct ebb_hd_ints *ints = malloc((size_t)blocks * sizeof *ints);
+    if (!ints) abort();
+    for (int t = 0; t < n_tok; t++) {
+        const struct ebb_hd_act a = ebb_hd_act_of(type, x->q, x->s, x->sums, n_in, t);
+        for (int o = 0; o < n_out; o++) {
+            const uint8_t *row = (const uint8_t *)w + (size_t)o * rb;
+            for (int b = blocks - 1; b >= 0; b--) ints[b] = ebb_hd_block_ints(type, row, &a, b);
+            float acc = 0;
+            for (int b = 0; b < blocks; b++) acc = ebb_hd_block_step(type, acc, row, &a, b, ints[b]);
+            out[(size_t)t * n_out + o] = acc;
+        }
+    }
+    free(ints);
+}
+
+#define HD_MATMUL(name, type) \
+    static void hd_matmul_##name(struct ebb_pool *pool, float *out, const struct ebb_act *x, const void *w, \
+                                 int n_tok, int n_in, int n_out) \
+    { hd_matmul(type, out, x, w, n_tok, n_in, n_out); }
+HD_MATMUL(w4g64, EBB_TYPE_W4G64)
+HD_MATMUL(q4_0, EBB_TYPE_Q4_0)
+HD_MATMUL(q4_1, EBB_TYPE_Q4_1)
+HD_MATMUL(q5_0, EBB_TYPE_Q5_0)
+HD_MATMUL(q5_1, EBB_TYPE_Q5_1)
+HD_MATMUL(q8_0, EBB_TYPE_Q8_0)
+HD_MATMUL(q2_k, EBB_TYPE_Q2_K)
+HD_MATMUL(q3_k, EBB_TYPE_Q3_K)
+HD_MATMUL(q4_k, EBB_TYPE_Q4_K)
+HD_MATMUL(q5_k, EBB_TYPE_Q5_K)
+HD_MATMUL(q6_k, EBB_TYPE_Q6_K)
+
+static void hd_quantize_act(const float *x, int n_tok, int n, int n_hi, int8_t *q, float *s)
+{
+    const int groups = n / EBB_ACT_GROUP;
+    for (int g = groups * n_tok - 1; g >= 0; g--)      /* one thread per group: any order */
+        ebb_hd_quantize_run(x + (size_t)g * 64, 64, ebb_hd_act_qmax(g % groups, groups, n_hi), q + (size_t)g * 64,
+                            s + g);
+}
+
+static void hd_quantize_q8b32(const float *x, int n, int n_hi, int8_t *q, float *d, int16_t *sums)
+{
+    for (int b = n / 32 - 1; b >= 0; b--)
+        sums[b] = (int16_t)ebb_hd_quantize_run(x + 32 * b, 32, b < n_hi ? 127.0f : 7.0f, q + 32 * b, d + b);
+}
+
+static void hd_quantize_q8k(const float *x, int n, int8_t *q, float *d, int16_t *sums)
+{
+    for (int b = n / 256 - 1; b >= 0; b--) ebb_hd_quantize_q8k_block(x + 256 * b, q + 256 * b, d + b, sums + 16 * b);
+}
+
+static void hd_hadamard64(float *x, int n)
+{
+    for (int b = 0; b < n / 64; b++) ebb_hd_hadamard64(x + 64 * b);
+}
+
+static void hd_attn_scores(float *s, size_t s_stride, const float *q, size_t q_stride, int n_q, const float *k,
+                           size_t k_stride, int n_rows, int n)
+{
+    for (int j = 0; j < n_q; j++)
+        for (int r = 0; r < n_rows; r++)
+            s[(size_t)j * s_stride + r] = ebb_hd_dot8(q + (size_t)j * q_stride, k + (size_t)r * k_stride, n);
+}
+
+static void hd_attn_values(float *y, const float *p, const float *v, size_t v_stride, int n_rows, int n)
+{
+    for (int i = 0; i < n; i++)                          /* one thread per channel, rows in order */
+        for (int r = 0; r < n_rows; r++) y[i] = fmaf(p[r], v[(size_t)r * v_stride + i], y[i]);
+}
+
+static void hd_kv_rows_f16(float *out, const uint16_t *rows, size_t stride, int n_rows, int n)
+{
+    for (int r = 0; r < n_rows; r++)
+        for (int i = 0; i < n; i++)
+            out[(size_t)r * n + i] = ebb_hd_f16_at((const uint8_t *)rows + (size_t)r * stride + 2 * (size_t)i);
+}
+
+static void hd_kv_rows_q(float *out, const uint8_t *codes, const uint16_t *dm, size_t stride, int n_rows, int n,
+                         int bits, int group)
+{
+    for (int r = 0; r < n_rows; r++)
+        for (int i = 0; i < n; i++)
+            out[(size_t)r * n + i] = ebb_hd_kv_value(codes + (size_t)r * stride,
+                                                     (const uint16_t *)(const void *)((const uint8_t *)dm + (size_t)r * stride),
+                                                     bits, group, i);
+}
+
+static void hd_kv_rows_qc(float *out, const uint8_t *codes, size_t stride, const uint16_t *dm, int n_rows, int n,
+                          int bits, int group)
+{
+    for (int r = 0; r < n_rows; r++)
+        for (int i = 0; i < n; i++)
+            out[(size_t)r * n + i] = ebb_hd_kv_value_channel(codes + (size_t)r * stride, dm, bits, group, i);
+}
+
+static void hd_bitstack_isums(int32_t *isum, const uint8_t *signs, int n_rows, const int8_t *t, int n_vec, int n)
+{
+    for (int o = 0; o < n_rows; o++)
+        for (int v = 0; v < n_vec; v++)
+            isum[(size_t)o * n_vec + v] = ebb_hd_sign_isum(signs + (size_t)o * (n / 8), t + (size_t)v * n, n);
+}
+
+static void hd_bitstack_codes(const float *x, const float *v, int n, int8_t *q, float *scale)
+{
+    float amax = 0;
+    for (int i = n - 1; i >= 0; i--) amax = fmaxf(amax, fabsf(v[i] * x[i]));   /* a max: any order */
+    const float inv = ebb_hd_act_inverse(amax, 127.0f, scale);
+    for (int i = 0; i < n; i++) q[i] = (int8_t)ebb_hd_code(v[i] * x[i], inv);
+}
+
+static void hd_bitstack_scale_add(float *out, size_t out_stride, const int32_t *isum, int n_rows, int n_tok, int rank,
+                                  const float *u, const float *ts)
+{
+    for (int o = 0; o < n_rows; o++)
+        for (int t = 0; t < n_tok; t++)
+            out[(size_t)t * out_stride + o] += ebb_hd_bitstack_scaled(isum + ((size_t)o * n_tok + t) * rank,
+                                                                      u + (size_t)o * rank, ts + (size_t)t * rank, rank);
+}
+
+static const struct ebb_backend hd_table = {
+    .name = "hostdev (CUDA arithmetic on the CPU)",
+    .matmul = {
+        [EBB_TYPE_W4G64] = hd_matmul_w4g64, [EBB_TYPE_Q4_0] = hd_matmul_q4_0, [EBB_TYPE_Q4_1] = hd_matmul_q4_1,
+        [EBB_TYPE_Q5_0] = hd_matmul_q5_0, [EBB_TYPE_Q5_1] = hd_matmul_q5_1, [EBB_TYPE_Q8_0] = hd_matmul_q8_0,
+        [EBB_TYPE_Q2_K] = hd_matmul_q2_k, [EBB_TYPE_Q3_K] = hd_matmul_q3_k, [EBB_TYPE_Q4_K] = hd_matmul_q4_k,
+        [EBB_TYPE_Q5_K] = hd_matmul_q5_k, [EBB_TYPE_Q6_K] = hd_matmul_q6_k,
+    },
+    .quantize_act = hd_quantize_act,
+    .quantize_q8b32 = hd_quantize_q8b32,
+    .quantize_q8k = hd_quantize_q8k,
+    .hadamard64 = hd_hadamard64,
+    .attn_scores = hd_attn_scores,
+    .attn_values = hd_attn_values,
+    .kv_rows_f16 = hd_kv_rows_f16,
+    .kv_rows_q = hd_kv_rows_q,
+    .kv_rows_qc = hd_kv_rows_qc,
+    .bitstack_isums = hd_bitstack_isums,
+    .bitstack_codes = hd_bitstack_codes,
+    .bitstack_scale_add = hd_bitstack_scale_add,
+};
+
+static void test_halves(void)
+{
+    int same = 1;
+    for (uint32_t h = 0; h < 65536; h++) {
+        const float a = ebb_hd_f16(h), b = ebb_f16_to_f32((uint16_t)h);
+        same &= memcmp(&a, &b, sizeof a) == 0;
+    }
+    CHECK_MSG(same, "hostdev.h's half decoder differs from formats.c's");
+}
+
+/* The table's own entries must be the ones a kernel needs: a product for
+ * every type the CPU has one for except f32 (cuBLASLt's), and each block
+ * geometry equal to formats.c's. */
+static void test_geometry(void)
+{
+    const struct ebb_backend *ref = ebb_backend_cpu_named("scalar");
+    for (int type = 0; type < EBB_TYPE_COUNT_; type++) {
+        if (!ref->matmul[type] || type == EBB_TYPE_F32) continue;
+        const struct ebb_type_info *ti = ebb_type_info((uint32_t)type);
+        CHECK_MSG(ebb_hd_type_has_product(type) && hd_table.matmul[type], "%s has no CUDA product", ti->name);
+        CHECK_MSG((uint32_t)ebb_hd_block_elems(type) == ti->block_elems, "%s block elems", ti->name);
+        CHECK_MSG((uint32_t)ebb_hd_block_bytes(type) == ti->block_bytes, "%s block bytes", ti->name);
+    }
+}
+
+/* Asking for a GPU where there is none (this build without CUDA, or no
+ * device or driver) is refused with the reason, the same from both entry
+ * points; where a device exists, tests/gpu checks the rest. */
+static void test_refusal(void)
+{
+    struct ebb_device_info dev[4];
+    char why_devices[256] = "", why[256] = "";
+    const int count = ebb_cuda_devices(dev, 4, why_devices, sizeof why_devices);
+    const struct ebb_backend *cuda = ebb_backend_cuda(0, why, sizeof why);
+    if (count > 0) {
+        CHECK_MSG(cuda != NULL && cuda->memory != NULL, "device 0 listed, refused: %s", why);
+        return;
+    }
+    CHECK(count == -1);
+    CHECK(cuda == NULL);
+#ifdef EBB_WITH_CUDA
+    CHECK_MSG(strstr(why, "no CUDA device") != NULL, "refusal: \"%s\"", why);
+#else
+    CHECK_MSG(strstr(why, "built without CUDA") != NULL, "refusal: \"%s\"", why);
+#endif
+    CHECK_MSG(strcmp(why, why_devices) == 0, "\"%s\" vs \"%s\"", why, why_devices);
+    printf("test_cuda_math: no GPU here: %s\n", why);
+}
+
+int main(void)
+{
+    test_refusal();
+    test_halves();
+    test_geometry();
+    const int skipped = opcompare_all(ebb_backend_cpu_named("scalar"), &hd_table);
+    /* f32 products and the f32 vector ops are the kernels' own (reductions
+     * in the GPU's order, its expf): the GPU suite compares those. */
+    CHECK_MSG(skipped == 5, "expected exactly the five f32 entries uncompared, got %d", skipped);
+    return check_report("test_cuda_math");
+}
