@@ -21,6 +21,7 @@ int cmd_inspect(int argc, char **argv);
 int cmd_serve(int argc, char **argv);
 int cmd_models(int argc, char **argv);
 int cmd_pack(int argc, char **argv);
+int cmd_devices(int argc, char **argv);
 
 /* Strict parsers: the whole string must be a number inside [lo, hi]; on
  * failure they print "ebb CMD: FLAG ..." and return -1. */

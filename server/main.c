@@ -57,6 +57,7 @@ static const struct subcommand commands[] = {
     {"logits", cmd_logits, "write raw logits for token ids (for reference checks)"},
     {"serve", cmd_serve, "run the HTTP daemon"},
     {"models", cmd_models, "list, add or remove catalog models"},
+    {"devices", cmd_devices, "the CPU path and the CUDA devices this build can use"},
     {"pack", run_pack, "pack a model into a compressed variant (runs ebb-pack)"},
 };
 

@@ -34,11 +34,37 @@ def assert_clean_error(proc, *needles):
     assert "AddressSanitizer" not in err and "runtime error" not in err, err
 
 
-@pytest.mark.parametrize("cmd", ["generate", "tokenize", "ppl", "bench", "inspect", "logits"])
+@pytest.mark.parametrize("cmd", ["generate", "tokenize", "ppl", "bench", "inspect", "logits", "devices"])
 def test_help(ebb_bin, cmd):
     proc = run_ebb(ebb_bin, cmd, "--help")
     assert proc.returncode == 0
     assert b"usage: ebb " + cmd.encode() in proc.stdout
+
+
+def test_devices(any_bin):
+    """`ebb devices` names the CPU path and every CUDA device, or why there is
+    none (a build without CUDA, no driver): an answer, exit 0, in text and
+    JSON that agree; a bad option is refused."""
+    import json
+    text = run_ebb(any_bin, "devices")
+    assert text.returncode == 0, text.stderr
+    lines = text.stdout.decode().splitlines()
+    proc = run_ebb(any_bin, "devices", "--json")
+    assert proc.returncode == 0, proc.stderr
+    got = json.loads(proc.stdout)
+    assert got["cpu"]["path"] in ("scalar", "avx2", "avx512") and got["cpu"]["cores"] >= 1
+    assert lines[0] == f"cpu: {got['cpu']['path']} path, {got['cpu']['cores']} cores"
+    cuda = got["cuda"]
+    if cuda["devices"]:
+        assert "unavailable" not in cuda
+        for i, d in enumerate(cuda["devices"]):
+            assert d["index"] == i and d["total_bytes"] > 0 and d["name"]
+            assert lines[1 + i].startswith(f"cuda:{i}: {d['name']}, compute {d['compute_capability']}")
+    else:
+        why = cuda["unavailable"]
+        assert "built without CUDA" in why or "no CUDA device" in why, why
+        assert lines[1] == "cuda: none: " + why
+    assert_clean_error(run_ebb(any_bin, "devices", "--gpu"), "unknown option")
 
 
 def test_unknown_command(ebb_bin):
