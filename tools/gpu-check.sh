@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# The GPU checks, prepared here and run once on a lent GPU machine (whose
+# time is short, and which has CUDA but none of ebb's Debian libraries).
+#
+#   tools/gpu-check.sh bundle [DIR]     here: build the GPU suite and the
+#                                       product benchmark (CUDA on) and copy
+#                                       them into DIR (gpu-bundle/, ignored by
+#                                       git) with this checkout's revision
+#   tools/gpu-check.sh run DIR OUT      there: the device, the GPU suite
+#                                       (every op against the scalar CPU path)
+#                                       and the benchmark, each under its own
+#                                       time limit, results written to OUT
+#
+# `run` exits 0 only when the suite ran and passed: a skip (no device) is a
+# failure here, since this script exists to run on one. OUT gets
+# nvidia-smi.txt, suite.txt, bench.csv and summary.txt; the end of the
+# output is the summary. Environment: EBB_GPU_SUITE_TIMEOUT (120 s),
+# EBB_GPU_BENCH_TIMEOUT (300 s), EBB_GPU_BENCH_ARGS (e.g. --quick).
+set -uo pipefail
+
+here=$(cd "$(dirname "$0")/.." && pwd)
+
+bundle() {
+    local dir=${1:-$here/gpu-bundle}
+    set -e
+    cmake -S "$here" -B "$here/build" -DCMAKE_BUILD_TYPE=Release -DEBB_CUDA=ON >/dev/null
+    cmake --build "$here/build" -j "$(nproc)" --target test_cuda_ops bench_cuda_ops
+    mkdir -p "$dir"
+    cp "$here/build/test_cuda_ops" "$here/build/bench_cuda_ops" "$dir/"
+    git -C "$here" rev-parse HEAD > "$dir/revision"
+    git -C "$here" diff --quiet HEAD || echo "(with uncommitted changes)" >> "$dir/revision"
+    du -sh "$dir"
+    echo "gpu-check: bundle in $dir; on the GPU machine: tools/gpu-check.sh run $(basename "$dir") \$OUT"
+}
+
+run() {
+    local dir=${1:?run DIR OUT} out=${2:?run DIR OUT}
+    mkdir -p "$out"
+    # cuBLAS for the benchmark: the toolkit's, or the one PyTorch's wheels bring
+    local libs=/usr/local/cuda/lib64:/usr/local/cuda/lib
+    for d in /opt/torch/.venv/lib/python3*/site-packages/nvidia/cu*/lib \
+             /opt/torch/.venv/lib/python3*/site-packages/nvidia/cublas/lib; do
+        [ -d "$d" ] && libs=$libs:$d
+    done
+    export LD_LIBRARY_PATH=$libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+    {
+        echo "revision: $(cat "$dir/revision" 2>/dev/null | tr '\n' ' ')"
+        nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv 2>&1
+    } > "$out/summary.txt"
+    { nvidia-smi || echo "nvidia-smi: not found or failed"; } > "$out/nvidia-smi.txt" 2>&1
+
+    timeout "${EBB_GPU_SUITE_TIMEOUT:-120}" "$dir/test_cuda_ops" > "$out/suite.txt" 2>&1
+    local suite=$?
+    case $suite in
+        0) echo "suite: passed" ;;
+        77) echo "suite: SKIPPED (no device seen): $(tail -1 "$out/suite.txt")" ;;
+        124) echo "suite: TIMED OUT after ${EBB_GPU_SUITE_TIMEOUT:-120} s" ;;
+        *) echo "suite: FAILED (exit $suite)"; grep -m 20 "CHECK\|differs" "$out/suite.txt" ;;
+    esac >> "$out/summary.txt"
+    grep "checks" "$out/suite.txt" >> "$out/summary.txt"
+
+    # shellcheck disable=SC2086
+    timeout "${EBB_GPU_BENCH_TIMEOUT:-300}" "$dir/bench_cuda_ops" ${EBB_GPU_BENCH_ARGS:-} > "$out/bench.csv" 2> "$out/bench.err"
+    local bench=$?
+    local rows
+    rows=$(awk -F, 'NR > 1' "$out/bench.csv" | wc -l)
+    echo "benchmark: exit $bench, $rows rows$( [ -s "$out/bench.err" ] && echo ": $(head -c 300 "$out/bench.err")")" >> "$out/summary.txt"
+    # the decode rows (M = 1) as a short table: weight GB/s per kernel and shape
+    awk -F, 'NR > 1 && $4 == 1 { printf "  %-16s %-6s %-5s %9.1f us %8.1f GB/s\n", $1, $2, $3, $7, $8 }' \
+        "$out/bench.csv" >> "$out/summary.txt"
+    cat "$out/summary.txt"
+    [ "$suite" -eq 0 ]
+}
+
+case ${1:-} in
+    bundle) shift; bundle "$@" ;;
+    run) shift; run "$@" ;;
+    *) sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+esac
