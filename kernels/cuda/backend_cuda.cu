@@ -121,7 +121,10 @@ static const struct ebb_backend_memory cuda_memory = {
 #define FULL_MASK 0xffffffffu
 #define WARPS_PER_BLOCK 4
 
-__global__ void k_matmul_quant(int type, float *out, const int8_t *q, const float *d, const int16_t *sums,
+/* One instance per weight type: the type a constant, so hostdev.h's
+ * switches fold away and each kernel holds only its own block's code. */
+template <int type>
+__global__ void k_matmul_quant(float *out, const int8_t *q, const float *d, const int16_t *sums,
                                const uint8_t *w, size_t row_bytes, int n_tok, int n_in, int n_out)
 {
     const size_t warp = ((size_t)blockIdx.x * blockDim.x + threadIdx.x) / WARP;
@@ -176,8 +179,27 @@ static void launch_matmul(int type, float *out, const struct ebb_act *x, const v
         return;
     }
     const size_t row_bytes = ebb_row_bytes((uint32_t)type, (uint64_t)n_in);
-    k_matmul_quant<<<blocks_for(threads, per_block), per_block, 0, stream>>>(
-        type, out, x->q, x->s, x->sums, (const uint8_t *)w, row_bytes, n_tok, n_in, n_out);
+    const unsigned grid = blocks_for(threads, per_block);
+#define QUANT_CASE(t) \
+    case t: \
+        k_matmul_quant<t><<<grid, per_block, 0, stream>>>(out, x->q, x->s, x->sums, (const uint8_t *)w, row_bytes, \
+                                                          n_tok, n_in, n_out); \
+        break;
+    switch (type) {
+    QUANT_CASE(EBB_TYPE_W4G64)
+    QUANT_CASE(EBB_TYPE_Q4_0)
+    QUANT_CASE(EBB_TYPE_Q4_1)
+    QUANT_CASE(EBB_TYPE_Q5_0)
+    QUANT_CASE(EBB_TYPE_Q5_1)
+    QUANT_CASE(EBB_TYPE_Q8_0)
+    QUANT_CASE(EBB_TYPE_Q2_K)
+    QUANT_CASE(EBB_TYPE_Q3_K)
+    QUANT_CASE(EBB_TYPE_Q4_K)
+    QUANT_CASE(EBB_TYPE_Q5_K)
+    QUANT_CASE(EBB_TYPE_Q6_K)
+    default: return;
+    }
+#undef QUANT_CASE
     launched("matmul");
 }
 

@@ -392,8 +392,13 @@ EBB_HD float ebb_hd_row_dot(int type, const uint8_t *w_row, const struct ebb_hd_
 /* backend.h's dot8: eight fma chains over i = k, k + 8, ..., then a fixed tree. */
 EBB_HD float ebb_hd_dot8(const float *a, const float *b, int n)
 {
+    /* lane indices constant after unrolling, so the lanes stay in registers */
     float l[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-    for (int i = 0; i < n; i++) l[i % 8] = fmaf(a[i], b[i], l[i % 8]);
+    int i = 0;
+    for (; i + 8 <= n; i += 8)
+        for (int k = 0; k < 8; k++) l[k] = fmaf(a[i + k], b[i + k], l[k]);
+    for (int k = 0; k < 8; k++)
+        if (i + k < n) l[k] = fmaf(a[i + k], b[i + k], l[k]);
     return ((l[0] + l[1]) + (l[2] + l[3])) + ((l[4] + l[5]) + (l[6] + l[7]));
 }
 
