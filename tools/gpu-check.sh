@@ -7,9 +7,11 @@
 #                                       them into DIR (gpu-bundle/, ignored by
 #                                       git) with this checkout's revision
 #   tools/gpu-check.sh run DIR OUT      there: the device, the GPU suite
-#                                       (every op against the scalar CPU path)
-#                                       and the benchmark, each under its own
-#                                       time limit, results written to OUT
+#                                       (every op against the scalar CPU path,
+#                                       with the tuned kernels and again with
+#                                       EBB_CUDA_KERNELS=reference) and the
+#                                       benchmark (both kernels' rows), each
+#                                       under its own time limit, into OUT
 #
 # `run` exits 0 only when the suite ran and passed: a skip (no device) is a
 # failure here, since this script exists to run on one. OUT gets
@@ -49,7 +51,10 @@ run() {
     } > "$out/summary.txt"
     { nvidia-smi || echo "nvidia-smi: not found or failed"; } > "$out/nvidia-smi.txt" 2>&1
 
-    timeout "${EBB_GPU_SUITE_TIMEOUT:-120}" "$dir/test_cuda_ops" > "$out/suite.txt" 2>&1
+    # the tuned kernels, then every product through the reference kernels
+    { timeout "${EBB_GPU_SUITE_TIMEOUT:-120}" "$dir/test_cuda_ops" &&
+      echo "--- EBB_CUDA_KERNELS=reference" &&
+      EBB_CUDA_KERNELS=reference timeout "${EBB_GPU_SUITE_TIMEOUT:-120}" "$dir/test_cuda_ops"; } > "$out/suite.txt" 2>&1
     local suite=$?
     case $suite in
         0) echo "suite: passed" ;;
@@ -62,6 +67,10 @@ run() {
     # shellcheck disable=SC2086
     timeout "${EBB_GPU_BENCH_TIMEOUT:-300}" "$dir/bench_cuda_ops" ${EBB_GPU_BENCH_ARGS:-} > "$out/bench.csv" 2> "$out/bench.err"
     local bench=$?
+    # the reference kernels at decode and a small batch, for the tuned ones' gain
+    # shellcheck disable=SC2086
+    EBB_CUDA_KERNELS=reference timeout "${EBB_GPU_BENCH_TIMEOUT:-300}" "$dir/bench_cuda_ops" --quick 2>> "$out/bench.err" |
+        awk -F, 'NR > 1 && $2 == "ebb-reference"' >> "$out/bench.csv"
     local rows
     rows=$(awk -F, 'NR > 1' "$out/bench.csv" | wc -l)
     echo "benchmark: exit $bench, $rows rows$( [ -s "$out/bench.err" ] && echo ": $(head -c 300 "$out/bench.err")")" >> "$out/summary.txt"

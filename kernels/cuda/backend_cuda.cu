@@ -7,6 +7,9 @@
  * scalar path (tests/unit/test_cuda_math.c), so what a kernel here adds is
  * only its thread layout:
  *
+ *   W4G64 decode         up to 8 tokens: one warp per output row for all of
+ *                        them, a block's 32 code bytes read side by side and
+ *                        each block's integer sum reduced across the warp.
  *   quantized products   one warp per (token, output row): lanes compute the
  *                        exact integer sums of 32 blocks at once, then every
  *                        lane folds them in block order (the same steps on
@@ -40,6 +43,7 @@
 
 #include <stdarg.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "kernels/backend.h"
@@ -49,6 +53,10 @@
 
 static cudaStream_t stream;
 static int chosen_device = -1;
+/* EBB_CUDA_KERNELS=reference: every product through the one-warp-per-output
+ * reference kernel, so tools/gpu-check.sh can check and time the tuned
+ * kernels against it in one run. */
+static int reference_kernels;
 static char last_failure[256];     /* the latest failure's reason */
 static int broken;                 /* a launch or a kernel failed: the device is lost */
 
@@ -149,6 +157,45 @@ __global__ void k_matmul_quant(float *out, const int8_t *q, const float *d, cons
     if (lane == 0) out[(size_t)t * n_out + o] = acc;
 }
 
+/* W4G64 at a few tokens (decode): one warp per output row for every token
+ * of the batch, so the row is read once. Per block the 32 lanes read its 32
+ * code bytes side by side (one coalesced load), each lane's two products are
+ * summed across the warp (exact integers), and every lane folds the sum in
+ * block order: the same steps as the CPU, so the same bits. */
+#define GEMV_MAX_TOK 8
+
+__global__ void k_gemv_w4g64(float *out, const int8_t *q, const float *s, const uint8_t *w, size_t row_bytes,
+                             int n_tok, int n_in, int n_out)
+{
+    const size_t o = ((size_t)blockIdx.x * blockDim.x + threadIdx.x) / WARP;
+    const int lane = threadIdx.x % WARP;
+    if (o >= (size_t)n_out) return;
+    const uint8_t *row = w + o * row_bytes;
+    const int groups = n_in / EBB_W4G64_GROUP;
+    float acc[GEMV_MAX_TOK];
+    struct ebb_hd_act a[GEMV_MAX_TOK];
+#pragma unroll
+    for (int t = 0; t < GEMV_MAX_TOK; t++) {
+        acc[t] = 0;
+        a[t] = ebb_hd_act_of(EBB_TYPE_W4G64, q, s, NULL, n_in, t < n_tok ? t : 0);
+    }
+    for (int g = 0; g < groups; g++) {
+        const int byte = row[(size_t)g * EBB_W4G64_BLOCK_BYTES + 2 + lane];
+#pragma unroll
+        for (int t = 0; t < GEMV_MAX_TOK; t++) {
+            if (t >= n_tok) break;
+            const int8_t *qt = a[t].q + (size_t)g * EBB_W4G64_GROUP;
+            struct ebb_hd_ints r;
+            r.a = __reduce_add_sync(FULL_MASK, ebb_hd_w4g64_byte(byte, qt[lane], qt[lane + 32]));
+            r.b = 0;
+            acc[t] = ebb_hd_block_step(EBB_TYPE_W4G64, acc[t], row, &a[t], g, r);
+        }
+    }
+#pragma unroll
+    for (int t = 0; t < GEMV_MAX_TOK; t++)
+        if (t < n_tok && lane == 0) out[(size_t)t * n_out + o] = acc[t];
+}
+
 __global__ void k_matmul_f32(float *out, const float *x, const float *w, int n_tok, int n_in, int n_out)
 {
     const size_t warp = ((size_t)blockIdx.x * blockDim.x + threadIdx.x) / WARP;
@@ -179,6 +226,12 @@ static void launch_matmul(int type, float *out, const struct ebb_act *x, const v
         return;
     }
     const size_t row_bytes = ebb_row_bytes((uint32_t)type, (uint64_t)n_in);
+    if (type == EBB_TYPE_W4G64 && n_tok <= GEMV_MAX_TOK && !reference_kernels) {
+        k_gemv_w4g64<<<blocks_for((size_t)n_out * WARP, per_block), per_block, 0, stream>>>(
+            out, x->q, x->s, (const uint8_t *)w, row_bytes, n_tok, n_in, n_out);
+        launched("matmul W4G64 (decode)");
+        return;
+    }
     const unsigned grid = blocks_for(threads, per_block);
 #define QUANT_CASE(t) \
     case t: \
@@ -632,6 +685,8 @@ extern "C" const struct ebb_backend *ebb_backend_cuda(int index, char *why, size
         say(why, why_len, "CUDA device %d: %s (%s)", index, cudaGetErrorString(e), cudaGetErrorName(e));
         return NULL;
     }
+    const char *kernels = getenv("EBB_CUDA_KERNELS");
+    reference_kernels = kernels && !strcmp(kernels, "reference");
     cuda_table = make_table();
     chosen_device = index;
     return &cuda_table;

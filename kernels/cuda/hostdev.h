@@ -216,6 +216,13 @@ EBB_HD struct ebb_hd_act ebb_hd_act_of(int type, const int8_t *q, const float *d
     return a;
 }
 
+/* One byte of a W4G64 block's codes against its two activation codes: the
+ * low nibble is value j (against a_lo = q[j]), the high one value 32 + j. */
+EBB_HD int32_t ebb_hd_w4g64_byte(int byte, int a_lo, int a_hi)
+{
+    return ((byte & 0x0f) - 8) * a_lo + ((byte >> 4) - 8) * a_hi;
+}
+
 /* 32 codes of a legacy block against 32 activation codes: value j < 16 in the
  * low nibble of byte j, value 16 + j in its high nibble, bit j of qh the
  * fifth bit where there is one (qh5 nonzero), minus the type's offset. */
@@ -312,7 +319,7 @@ EBB_HD struct ebb_hd_ints ebb_hd_block_ints(int type, const uint8_t *w_row, cons
     struct ebb_hd_ints r = {0, 0};
     switch (type) {
     case EBB_TYPE_W4G64:
-        for (int j = 0; j < 32; j++) r.a += ((w[2 + j] & 0x0f) - 8) * q[j] + ((w[2 + j] >> 4) - 8) * q[j + 32];
+        for (int j = 0; j < 32; j++) r.a += ebb_hd_w4g64_byte(w[2 + j], q[j], q[j + 32]);
         break;
     case EBB_TYPE_Q4_0: r.a = ebb_hd_isum32_nibbles(w + 2, 0, 0, 8, q); break;
     case EBB_TYPE_Q4_1: r.a = ebb_hd_isum32_nibbles(w + 4, 0, 0, 0, q); break;

@@ -17,7 +17,8 @@
  * synchronised before the clock is read; the launch cost is included, as
  * the engine pays it. Inputs are random (never zeros), rotated over 4 copies
  * of the activations for M = 1 so the cache does not serve them. --quick:
- * M = 1 and 64 only.
+ * M = 1 and 64 only. With EBB_CUDA_KERNELS=reference the ebb rows are the
+ * reference kernels' (labelled ebb-reference), the baseline of the tuned ones.
  */
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
@@ -51,11 +52,15 @@ static void *dev_alloc(const struct ebb_backend *b, size_t bytes)
     return p;
 }
 
-static void *dev_random(const struct ebb_backend *b, size_t bytes)
+/* Random bytes, or (floats) random numbers in [-1, 1]: never NaN or zeros. */
+static void *dev_random(const struct ebb_backend *b, size_t bytes, int floats)
 {
     uint8_t *h = malloc(bytes);
     if (!h) die("malloc", "out of host memory");
-    for (size_t i = 0; i < bytes; i++) h[i] = (uint8_t)next_u32();
+    if (floats)
+        for (size_t i = 0; i < bytes / 4; i++) ((float *)(void *)h)[i] = (float)((int)(next_u32() % 2001) - 1000) * 1e-3f;
+    else
+        for (size_t i = 0; i < bytes; i++) h[i] = (uint8_t)next_u32();
     void *d = dev_alloc(b, bytes);
     if (b->memory->upload(d, h, bytes)) die("upload", b->memory->error());
     free(h);
@@ -99,7 +104,7 @@ struct ebb_run {
 static void run_ebb(void *vp)
 {
     struct ebb_run *r = vp;
-    r->b->matmul[r->type](NULL, r->out, &r->act[r->rot++ % 4], r->w, r->m, r->k, r->n);
+    r->b->matmul[r->type](NULL, r->out, &r->act[r->m == 1 ? r->rot++ % 4 : 0], r->w, r->m, r->k, r->n);
 }
 
 struct blas_run {
@@ -123,6 +128,8 @@ static void run_blas(void *vp)
     }
     if (s != CUBLAS_STATUS_SUCCESS) die("cublasGemmEx", cublasGetStatusString(s));
 }
+
+static const char *ebb_label = "ebb";
 
 static void report(const struct shape *s, const char *kernel, const char *type, int m, double us, double weight_bytes)
 {
@@ -153,9 +160,9 @@ static void bench_shape(const struct ebb_backend *b, cublasHandle_t h, const str
             struct ebb_run r = {b, (int)type, m, s->k, s->n, 0, out, {{0}}, dev_alloc(b, wbytes)};
             if (b->memory->upload(r.w, hw, wbytes)) die("upload", b->memory->error());
             free(hw);
-            for (int c = 0; c < 4; c++) {
+            for (int c = 0; c < (m == 1 ? 4 : 1); c++) {
                 if (type == EBB_TYPE_F32) {
-                    r.act[c].f = dev_random(b, (size_t)m * s->k * sizeof(float));
+                    r.act[c].f = dev_random(b, (size_t)m * s->k * sizeof(float), 1);
                     continue;
                 }
                 /* codes in [-127, 127] and finite scales: random bytes would do for
@@ -176,7 +183,7 @@ static void bench_shape(const struct ebb_backend *b, cublasHandle_t h, const str
                     die("upload", b->memory->error());
                 free(q), free(sc), free(sums);
             }
-            report(s, "ebb", info->name, m, time_calls(b, run_ebb, &r), (double)wbytes);
+            report(s, ebb_label, info->name, m, time_calls(b, run_ebb, &r), (double)wbytes);
             b->memory->release(r.w);
             for (int c = 0; c < 4; c++) {
                 b->memory->release((void *)r.act[c].f);
@@ -187,8 +194,8 @@ static void bench_shape(const struct ebb_backend *b, cublasHandle_t h, const str
         }
         for (int int8 = 0; int8 < 2; int8++) {
             const size_t el = int8 ? 1 : 2;
-            struct blas_run r = {h, m, s->k, s->n, int8, dev_random(b, (size_t)s->n * s->k * el),
-                                 dev_random(b, (size_t)m * s->k * el), out};
+            struct blas_run r = {h, m, s->k, s->n, int8, dev_random(b, (size_t)s->n * s->k * el, 0),
+                                 dev_random(b, (size_t)m * s->k * el, 0), out};
             if (!int8) {   /* f16 from random bytes may be NaN or Inf: make them small numbers */
                 const size_t rows = (size_t)(s->n > m ? s->n : m);
                 uint16_t *hw = malloc(rows * s->k * 2);
@@ -211,6 +218,8 @@ static void bench_shape(const struct ebb_backend *b, cublasHandle_t h, const str
 int main(int argc, char **argv)
 {
     const int quick = argc > 1 && !strcmp(argv[1], "--quick");
+    const char *kernels = getenv("EBB_CUDA_KERNELS");
+    if (kernels && !strcmp(kernels, "reference")) ebb_label = "ebb-reference";
     char why[256];
     const struct ebb_backend *b = ebb_backend_cuda(0, why, sizeof why);
     if (!b) die("no CUDA backend", why);
