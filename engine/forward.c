@@ -163,21 +163,13 @@ static void rope_tables(struct model_run *r, int n_tok) {
         }
 }
 
-/* Rotates every head of one token's Q or K vector in place. */
+/* Rotates every head of token t's Q or K vector in place (the op table's
+ * RoPE, with the angles rope_tables made). */
 static void rope_apply(const struct model_run *r, float *vec, int n_heads, int t) {
     const struct model_config *c = &r->m->cfg;
-    const int hd = c->head_dim, half = c->rope_dim / 2;
-    const float *cs = r->rope_cos + t * half, *sn = r->rope_sin + t * half;
-    for (int h = 0; h < n_heads; h++) {
-        float *x = vec + h * hd;
-        for (int i = 0; i < half; i++) {
-            int a = c->rope_style == ROPE_NORM ? 2 * i : i;
-            int b = c->rope_style == ROPE_NORM ? 2 * i + 1 : i + half;
-            float x0 = x[a], x1 = x[b];
-            x[a] = x0 * cs[i] - x1 * sn[i];
-            x[b] = x0 * sn[i] + x1 * cs[i];
-        }
-    }
+    const int half = c->rope_dim / 2;
+    r->m->be->rope_f32(vec, 0, 1, n_heads, c->head_dim, c->rope_dim, c->rope_style == ROPE_NEOX,
+                       r->rope_cos + (size_t)t * half, r->rope_sin + (size_t)t * half);
 }
 
 /* Attention runs in blocks: up to kv_block_tokens() consecutive tokens of
@@ -378,7 +370,7 @@ static void act_token(const struct token_job *j, int t) {
     const int32_t *perm = j->w->perm[j->point];
     const float *src = j->x + (size_t)t * n;
     float *dst = r->xp + (size_t)t * n;
-    for (int i = 0; i < n; i++) dst[i] = src[perm[i]];
+    m->be->permute_f32(dst, src, perm, 1, n);
     if (m->act_bits == 16) return;
     const int n_hi = r->tok_pos[t] < KV_SINK_TOKENS ? groups : j->w->n_hi[j->point];
     if (m->act_form == EBB_ACT_Q8B32) {
@@ -444,13 +436,6 @@ static void linear(struct model_run *r, float *out, const struct matrix *w, int 
     r->m->be->matmul[w->type](r->pool, out, &x, w->data, n_tok, w->n_in, w->n_out);
 }
 
-/* One token's embedding row, dequantized from whatever type it is stored in. */
-static void embed(const struct model *m, float *dst, int32_t id) {
-    const struct matrix *e = &m->embd;
-    const size_t row = ebb_row_bytes(e->type, (uint64_t)e->n_in);
-    ebb_type_info(e->type)->to_f32((const char *)e->data + (size_t)id * row, dst, (size_t)e->n_in);
-}
-
 /* The transformer over the n_tok tokens laid out in r->tok_*; leaves the
  * final residual stream in r->x. */
 static void forward_layers(struct model_run *r, int n_tok) {
@@ -459,7 +444,7 @@ static void forward_layers(struct model_run *r, int n_tok) {
     const struct ebb_backend *be = m->be;
     const int E = c->n_embd, F = c->n_ff, QD = c->n_head * c->head_dim, KD = c->n_head_kv * c->head_dim;
 
-    for (int t = 0; t < n_tok; t++) embed(m, r->x + (size_t)t * E, r->tok_id[t]);
+    be->get_rows(r->x, m->embd.data, m->embd.type, r->tok_id, n_tok, E);   /* the embeddings */
     rope_tables(r, n_tok);
     const int n_blocks = attention_blocks(r, n_tok);
 

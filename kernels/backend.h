@@ -137,6 +137,26 @@ struct ebb_backend {
      * each attention head's keys and queries. */
     void (*hadamard64)(float *x, int n);
 
+    /* ---- the steps between the products (engine/forward.c) ----
+     * Exact: every path gives the same bits. */
+
+    /* Rows of a table by id, dequantized: out[r * n + i] = value i of row
+     * ids[r] of `table`, rows of n values stored as `type` (any type with
+     * a to_f32 in kernels/formats.h; the same floats). The embedding. */
+    void (*get_rows)(float *out, const void *table, uint32_t type, const int32_t *ids, int n_rows, int n);
+    /* out[t * n + i] = x[t * n + perm[i]], t < n_tok: a packed model's
+     * channel permutation (out and x do not overlap). */
+    void (*permute_f32)(float *out, const float *x, const int32_t *perm, int n_tok, int n);
+    /* RoPE in place on n_tok rows (row t at x + t * stride) of n_heads
+     * heads of head_dim values: in each head the pairs (2i, 2i + 1) (neox
+     * 0) or (i, i + rope_dim / 2) (neox 1), i < rope_dim / 2, turned by
+     * token t's c = cos[t * rope_dim / 2 + i] and s = sin[...]:
+     *     a' = a * c - b * s,   b' = a * s + b * c
+     * each product rounded on its own (no fused steps). The angles come
+     * from the caller, so the op never evaluates a sine. */
+    void (*rope_f32)(float *x, size_t stride, int n_tok, int n_heads, int head_dim, int rope_dim, int neox,
+                     const float *cos, const float *sin);
+
     /* ---- attention over the KV cache (engine/kv.c) ----
      * kv.c runs a block of queries (the query heads of one KV head, at one
      * or more positions of one sequence) over the cache a page at a time:

@@ -153,6 +153,9 @@ void ebb_cpu_matmul_drive(struct ebb_pool *pool, enum ebb_type type, matmul_bloc
     .bitstack_codes = ebb_cpu_bitstack_codes_##shared, \
     .bitstack_scale_add = ebb_cpu_bitstack_scale_add_##shared, \
     .bitstack_isums = ebb_cpu_bitstack_isums_##own, \
+    .get_rows = ebb_cpu_get_rows, \
+    .permute_f32 = ebb_cpu_permute, \
+    .rope_f32 = ebb_cpu_rope, \
 }
 
 static const struct ebb_backend cpu_scalar = CPU_PATH(scalar, scalar);

@@ -163,6 +163,12 @@ static inline __attribute__((always_inline)) void bitstack_scale_add_body(float 
         }
 }
 
+/* The steps between the products, one version for every path (steps.c). */
+void ebb_cpu_get_rows(float *out, const void *table, uint32_t type, const int32_t *ids, int n_rows, int n);
+void ebb_cpu_permute(float *out, const float *x, const int32_t *perm, int n_tok, int n);
+void ebb_cpu_rope(float *x, size_t stride, int n_tok, int n_heads, int head_dim, int rope_dim, int neox,
+                  const float *cos, const float *sin);
+
 /* BitStack's sign products (bitstack_<isa>.c). */
 #define EBB_CPU_BITSTACK_OPS(isa) \
     void ebb_cpu_bitstack_isums_##isa(int32_t *isum, const uint8_t *signs, int n_rows, const int8_t *t, int n_vec, \

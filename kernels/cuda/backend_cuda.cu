@@ -22,6 +22,7 @@
  *   rmsnorm, softmax     one thread block over the vector (its own summation
  *                        order and expf: within float error of the CPU).
  *   attention, KV rows   one thread per score, channel or element.
+ *   rows, permute, RoPE  one thread per value (a RoPE pair).
  *   BitStack             one thread per (row, vector) sign sum and per
  *                        (row, token) scaled output; one block per code vector.
  *
@@ -422,6 +423,61 @@ static void add(float *y, const float *x, int n)
     launched("add");
 }
 
+/* --------------------------------------------- steps between the products */
+
+__global__ void k_get_rows(float *out, const uint8_t *table, int type, size_t row_bytes, const int32_t *ids,
+                           int n_rows, int n)
+{
+    const size_t e = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (e >= (size_t)n_rows * n) return;
+    const size_t r = e / n;
+    out[e] = ebb_hd_row_value(type, table + (size_t)ids[r] * row_bytes, (int)(e % n));
+}
+
+static void get_rows(float *out, const void *table, uint32_t type, const int32_t *ids, int n_rows, int n)
+{
+    if (n_rows <= 0 || n <= 0) return;
+    const size_t row_bytes = ebb_row_bytes(type, (uint64_t)n);
+    k_get_rows<<<blocks_for((size_t)n_rows * n, 256), 256, 0, stream>>>(out, (const uint8_t *)table, (int)type,
+                                                                       row_bytes, ids, n_rows, n);
+    launched("get_rows");
+}
+
+__global__ void k_permute(float *out, const float *x, const int32_t *perm, int n_tok, int n)
+{
+    const size_t e = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (e >= (size_t)n_tok * n) return;
+    out[e] = x[(e / n) * n + perm[e % n]];
+}
+
+static void permute(float *out, const float *x, const int32_t *perm, int n_tok, int n)
+{
+    if (n_tok <= 0 || n <= 0) return;
+    k_permute<<<blocks_for((size_t)n_tok * n, 256), 256, 0, stream>>>(out, x, perm, n_tok, n);
+    launched("permute");
+}
+
+__global__ void k_rope(float *x, size_t stride, int n_tok, int n_heads, int head_dim, int half, int neox,
+                       const float *cos, const float *sin)
+{
+    const size_t e = (size_t)blockIdx.x * blockDim.x + threadIdx.x;   /* one pair */
+    if (e >= (size_t)n_tok * n_heads * half) return;
+    const int i = (int)(e % half);
+    const size_t th = e / half, t = th / n_heads, h = th % n_heads;
+    ebb_hd_rope_pair(x + t * stride + h * head_dim, i, half, neox, cos[t * half + i], sin[t * half + i]);
+}
+
+static void rope(float *x, size_t stride, int n_tok, int n_heads, int head_dim, int rope_dim, int neox,
+                 const float *cos, const float *sin)
+{
+    const int half = rope_dim / 2;
+    if (n_tok <= 0 || n_heads <= 0 || half <= 0) return;
+    if (stride == 0) stride = (size_t)n_heads * head_dim;   /* one row: any stride */
+    k_rope<<<blocks_for((size_t)n_tok * n_heads * half, 256), 256, 0, stream>>>(x, stride, n_tok, n_heads, head_dim,
+                                                                               half, neox, cos, sin);
+    launched("rope");
+}
+
 /* -------------------------------------------------------------- attention */
 
 __global__ void k_attn_scores(float *s, size_t s_stride, const float *q, size_t q_stride, int n_q, const float *k,
@@ -598,6 +654,9 @@ static struct ebb_backend make_table(void)
     b.bitstack_isums = bitstack_isums;
     b.bitstack_codes = bitstack_codes;
     b.bitstack_scale_add = bitstack_scale_add;
+    b.get_rows = get_rows;
+    b.permute_f32 = permute;
+    b.rope_f32 = rope;
     return b;
 }
 

@@ -172,6 +172,7 @@ EBB_HD int ebb_hd_type_has_product(int type)
 EBB_HD int ebb_hd_block_elems(int type)
 {
     switch (type) {
+    case EBB_TYPE_F32: case EBB_TYPE_F16: case EBB_TYPE_BF16: return 1;
     case EBB_TYPE_W4G64: return 64;
     case EBB_TYPE_Q2_K: case EBB_TYPE_Q3_K: case EBB_TYPE_Q4_K: case EBB_TYPE_Q5_K: case EBB_TYPE_Q6_K: return 256;
     default: return 32;
@@ -181,6 +182,8 @@ EBB_HD int ebb_hd_block_elems(int type)
 EBB_HD int ebb_hd_block_bytes(int type)
 {
     switch (type) {
+    case EBB_TYPE_F32: return 4;
+    case EBB_TYPE_F16: case EBB_TYPE_BF16: return 2;
     case EBB_TYPE_W4G64: return 34;
     case EBB_TYPE_Q4_0: return 18;
     case EBB_TYPE_Q4_1: return 20;
@@ -240,6 +243,28 @@ EBB_HD int32_t ebb_hd_isum32_nibbles(const uint8_t *qs, uint32_t qh, int five, i
     return sum;
 }
 
+/* Q4_K/Q5_K's sub-block j scale and min from their 12 bytes (formats.c's
+ * ebb_k4_scale_min). */
+EBB_HD void ebb_hd_k4_scale_min(const uint8_t *s, int j, int *scale, int *min)
+{
+    if (j < 4) {
+        *scale = s[j] & 63;
+        *min = s[j + 4] & 63;
+    } else {
+        *scale = (s[j + 4] & 0x0f) | ((s[j - 4] >> 6) << 4);
+        *min = (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
+    }
+}
+
+/* Q3_K's sub-block i scale (-32 .. 31) from its 12 bytes (formats.c's
+ * ebb_q3_k_scales). */
+EBB_HD int ebb_hd_q3_k_scale(const uint8_t *s, int i)
+{
+    const int lo = i < 8 ? (s[i] & 0x0f) : (s[i - 8] >> 4);
+    const int hi = (s[8 + i % 4] >> (2 * (i / 4))) & 3;
+    return (lo | (hi << 4)) - 32;
+}
+
 /* Q4_K and Q5_K: block b's sumi (scales times sub-block sums) and summ (mins
  * times activation sums of the sub-block's two 16s). */
 EBB_HD struct ebb_hd_ints ebb_hd_ints_q45_k(const uint8_t *w, const struct ebb_hd_act *x, int five)
@@ -248,13 +273,7 @@ EBB_HD struct ebb_hd_ints ebb_hd_ints_q45_k(const uint8_t *w, const struct ebb_h
     struct ebb_hd_ints r = {0, 0};
     for (int j = 0; j < 8; j++) {
         int sc, m;
-        if (j < 4) {
-            sc = scales[j] & 63;
-            m = scales[j + 4] & 63;
-        } else {
-            sc = (scales[j + 4] & 0x0f) | ((scales[j - 4] >> 6) << 4);
-            m = (scales[j + 4] >> 4) | ((scales[j] >> 6) << 4);
-        }
+        ebb_hd_k4_scale_min(scales, j, &sc, &m);
         const uint8_t *nib = qs + 32 * (j / 2);
         const int shift = (j & 1) * 4;
         int32_t isum = 0;
@@ -339,12 +358,7 @@ EBB_HD struct ebb_hd_ints ebb_hd_block_ints(int type, const uint8_t *w_row, cons
     }
     case EBB_TYPE_Q3_K: {
         int scale[16];
-        const uint8_t *s = w + 96;
-        for (int i = 0; i < 16; i++) {
-            const int lo = i < 8 ? (s[i] & 0x0f) : (s[i - 8] >> 4);
-            const int hi = (s[8 + i % 4] >> (2 * (i / 4))) & 3;
-            scale[i] = (lo | (hi << 4)) - 32;
-        }
+        for (int i = 0; i < 16; i++) scale[i] = ebb_hd_q3_k_scale(w + 96, i);
         r.a = ebb_hd_sumi_2bit(w + 32, w, scale, q);
         break;
     }
@@ -392,6 +406,88 @@ EBB_HD float ebb_hd_row_dot(int type, const uint8_t *w_row, const struct ebb_hd_
     const int blocks = n / ebb_hd_block_elems(type);
     for (int b = 0; b < blocks; b++) acc = ebb_hd_block_step(type, acc, w_row, x, b, ebb_hd_block_ints(type, w_row, x, b));
     return acc;
+}
+
+/* ------------------------------------------------------- dequantization */
+
+/* Value i of one block of a type (i < ebb_hd_block_elems), the float
+ * formats.c's to_f32 gives: the same products in the same order. */
+EBB_HD float ebb_hd_dequant(int type, const uint8_t *b, int i)
+{
+    switch (type) {
+    case EBB_TYPE_F32: return ebb_hd_bits_f32(ebb_hd_u32(b));
+    case EBB_TYPE_F16: return ebb_hd_f16_at(b);
+    case EBB_TYPE_BF16: return ebb_hd_bits_f32(ebb_hd_u16(b) << 16);
+    case EBB_TYPE_Q4_0: case EBB_TYPE_W4G64: {
+        const int half = type == EBB_TYPE_Q4_0 ? 16 : 32;
+        const int q = i < half ? b[2 + i] & 0x0f : b[2 + i - half] >> 4;
+        return ebb_hd_f16_at(b) * (float)(q - 8);
+    }
+    case EBB_TYPE_Q4_1: {
+        const int q = i < 16 ? b[4 + i] & 0x0f : b[4 + i - 16] >> 4;
+        return ebb_hd_f16_at(b) * (float)q + ebb_hd_f16_at(b + 2);
+    }
+    case EBB_TYPE_Q5_0: case EBB_TYPE_Q5_1: {
+        const int one = type == EBB_TYPE_Q5_1;
+        const uint8_t *qs = b + (one ? 8 : 6);
+        const uint32_t qh = ebb_hd_u32(b + (one ? 4 : 2));
+        const int q = (i < 16 ? qs[i] & 0x0f : qs[i - 16] >> 4) | (int)(((qh >> i) & 1u) << 4);
+        return one ? ebb_hd_f16_at(b) * (float)q + ebb_hd_f16_at(b + 2) : ebb_hd_f16_at(b) * (float)(q - 16);
+    }
+    case EBB_TYPE_Q8_0: return ebb_hd_f16_at(b) * (float)(int8_t)b[2 + i];
+    case EBB_TYPE_Q2_K: {
+        const int half = i / 128, r = i % 128, run = r / 32, sub = (r % 32) / 16, l = r % 16;
+        const int group = 8 * half + 2 * run + sub;
+        const float dl = ebb_hd_f16_at(b + 80) * (float)(b[group] & 0x0f);
+        const float ml = ebb_hd_f16_at(b + 82) * (float)(b[group] >> 4);
+        return dl * (float)((b[16 + 32 * half + 16 * sub + l] >> (2 * run)) & 3) - ml;
+    }
+    case EBB_TYPE_Q3_K: {
+        const int half = i / 128, r = i % 128, run = r / 32, sub = (r % 32) / 16, l = 16 * sub + r % 16;
+        const int group = 8 * half + 2 * run + sub, bit = 4 * half + run;
+        int q = (b[32 + 32 * half + l] >> (2 * run)) & 3;
+        if (!((b[l] >> bit) & 1)) q -= 4;
+        return ebb_hd_f16_at(b + 108) * (float)ebb_hd_q3_k_scale(b + 96, group) * (float)q;
+    }
+    case EBB_TYPE_Q4_K: case EBB_TYPE_Q5_K: {
+        const int five = type == EBB_TYPE_Q5_K, step = i / 64, high = (i % 64) >= 32, l = i % 32;
+        const int j = 2 * step + high;
+        int sc, m;
+        ebb_hd_k4_scale_min(b + 4, j, &sc, &m);
+        const uint8_t *qs = b + (five ? 48 : 16) + 32 * step;
+        int q = high ? qs[l] >> 4 : qs[l] & 0x0f;
+        if (five) q |= ((b[16 + l] >> j) & 1) << 4;
+        const float d = ebb_hd_f16_at(b) * (float)sc, o = ebb_hd_f16_at(b + 2) * (float)m;
+        return d * (float)q - o;
+    }
+    case EBB_TYPE_Q6_K: {
+        const int half = i / 128, r = i % 128, run = r / 32, l = r % 32;
+        const uint8_t *ql = b + 64 * half, *qh = b + 128 + 32 * half;
+        const int8_t *sc = (const int8_t *)(b + 192 + 8 * half);
+        const int low = run & 1 ? ql[l + 32] : ql[l];
+        const int q = ((run < 2 ? low & 0x0f : low >> 4) | (((qh[l] >> (2 * run)) & 3) << 4)) - 32;
+        return ebb_hd_f16_at(b + 208) * (float)sc[l / 16 + 2 * run] * (float)q;
+    }
+    default: return 0;
+    }
+}
+
+/* Value i of a row of a type. */
+EBB_HD float ebb_hd_row_value(int type, const uint8_t *row, int i)
+{
+    const int elems = ebb_hd_block_elems(type);
+    return ebb_hd_dequant(type, row + (size_t)(i / elems) * (size_t)ebb_hd_block_bytes(type), i % elems);
+}
+
+/* ------------------------------------------------------------------- RoPE */
+
+/* Pair i of a head turned by (c, s): backend.h's rope_f32, one pair. */
+EBB_HD void ebb_hd_rope_pair(float *head, int i, int half, int neox, float c, float s)
+{
+    const int a = neox ? i : 2 * i, b = neox ? i + half : 2 * i + 1;
+    const float x0 = head[a], x1 = head[b];
+    head[a] = x0 * c - x1 * s;
+    head[b] = x0 * s + x1 * c;
 }
 
 /* -------------------------------------------------------------- attention */

@@ -484,6 +484,89 @@ static void oc_bitstack(const struct ebb_backend *ref)
     }
 }
 
+/* ----------------------------------------------- steps between the products */
+
+static void oc_steps(const struct ebb_backend *ref)
+{
+    /* rows of every type that has a to_f32, picked by id (repeats, the last row) */
+    static const uint32_t types[] = {EBB_TYPE_F32, EBB_TYPE_F16, EBB_TYPE_BF16, EBB_TYPE_W4G64, EBB_TYPE_Q4_0,
+                                     EBB_TYPE_Q4_1, EBB_TYPE_Q5_0, EBB_TYPE_Q5_1, EBB_TYPE_Q8_0, EBB_TYPE_Q2_K,
+                                     EBB_TYPE_Q3_K, EBB_TYPE_Q4_K, EBB_TYPE_Q5_K, EBB_TYPE_Q6_K};
+    if (oc_has(oc_test->get_rows, "get_rows")) {
+        for (size_t k = 0; k < sizeof types / sizeof *types; k++) {
+            const uint32_t type = types[k];
+            const int n = ebb_type_info(type)->block_elems == 256 ? 512 : 576, n_table = 9, n_rows = 6;
+            const size_t rb = ebb_row_bytes(type, (uint64_t)n);
+            uint8_t *table = oc_xmalloc(rb * n_table);
+            if (type == EBB_TYPE_F32 || type == EBB_TYPE_F16 || type == EBB_TYPE_BF16)
+                for (size_t i = 0; i < rb * n_table; i += 2) {      /* finite values of every size */
+                    const float v = gauss() * (float)(1 << (next_u32() % 16)) * 1e-3f;
+                    uint16_t h = type == EBB_TYPE_F16 ? ebb_f32_to_f16(v) : 0;
+                    if (type != EBB_TYPE_F16) {
+                        uint32_t u;
+                        memcpy(&u, &v, 4);
+                        h = (uint16_t)(type == EBB_TYPE_BF16 ? u >> 16 : (i / 2) % 2 ? u >> 16 : u);
+                    }
+                    memcpy(table + i, &h, 2);
+                }
+            else
+                for (int r = 0; r < n_table; r++) random_row(type, table + (size_t)r * rb, n);
+            const int32_t ids[6] = {0, 8, 3, 3, 7, 1};
+            const size_t out_bytes = (size_t)n_rows * n * sizeof(float);
+            float *want = oc_xmalloc(out_bytes), *got = oc_xmalloc(out_bytes);
+            ref->get_rows(want, table, type, ids, n_rows, n);
+            uint8_t *dt = oc_put(table, rb * n_table);
+            int32_t *dids = oc_put(ids, sizeof ids);
+            float *dout = oc_put(got, out_bytes);
+            oc_test->get_rows(dout, dt, type, dids, n_rows, n);
+            oc_get(got, dout, out_bytes);
+            char what[64];
+            snprintf(what, sizeof what, "get_rows %s", ebb_type_info(type)->name);
+            CHECK_MSG(oc_same_bits(want, got, out_bytes, what), "%s", what);
+            oc_free(dt), oc_free(dids), oc_free(dout), free(table), free(want), free(got);
+        }
+    }
+    if (oc_has(oc_test->permute_f32, "permute_f32")) {
+        const int n = 576, n_tok = 5;
+        int32_t *perm = oc_xmalloc((size_t)n * sizeof *perm);
+        for (int i = 0; i < n; i++) perm[i] = i;
+        for (int i = n - 1; i > 0; i--) {
+            const int j = (int)(next_u32() % (uint32_t)(i + 1)), t = perm[i];
+            perm[i] = perm[j], perm[j] = t;
+        }
+        float *x = oc_floats((size_t)n * n_tok, 1), *want = oc_xmalloc((size_t)n * n_tok * sizeof(float));
+        float *got = oc_xmalloc((size_t)n * n_tok * sizeof(float));
+        ref->permute_f32(want, x, perm, n_tok, n);
+        float *dx = oc_put(x, (size_t)n * n_tok * sizeof *x), *dout = oc_put(got, (size_t)n * n_tok * sizeof *got);
+        int32_t *dp = oc_put(perm, (size_t)n * sizeof *perm);
+        oc_test->permute_f32(dout, dx, dp, n_tok, n);
+        oc_get(got, dout, (size_t)n * n_tok * sizeof *got);
+        CHECK(oc_same_bits(want, got, (size_t)n * n_tok * sizeof *got, "permute_f32"));
+        oc_free(dx), oc_free(dout), oc_free(dp), free(perm), free(x), free(want), free(got);
+    }
+    if (oc_has(oc_test->rope_f32, "rope_f32")) {
+        /* both pairings; the whole head and a part of it (rope_dim < head_dim); rows with gaps */
+        static const int cases[][5] = {{64, 64, 0, 9, 4}, {64, 64, 1, 3, 7}, {128, 32, 1, 2, 1}, {64, 16, 0, 1, 3}};
+        for (size_t k = 0; k < sizeof cases / sizeof *cases; k++) {
+            const int hd = cases[k][0], rd = cases[k][1], neox = cases[k][2], heads = cases[k][3], n_tok = cases[k][4];
+            const size_t stride = (size_t)heads * hd + 3, n_val = stride * n_tok, half = (size_t)rd / 2;
+            float *x = oc_floats(n_val, 2), *c = oc_xmalloc(half * n_tok * sizeof(float));
+            float *sn = oc_xmalloc(half * n_tok * sizeof(float)), *got = oc_xmalloc(n_val * sizeof(float));
+            for (size_t i = 0; i < half * n_tok; i++) {
+                const double theta = (double)(i / half * 37 + 1) * pow(10000.0, -2.0 * (double)(i % half) / rd);
+                c[i] = (float)cos(theta), sn[i] = (float)sin(theta);
+            }
+            float *dx = oc_put(x, n_val * sizeof *x), *dc = oc_put(c, half * n_tok * sizeof *c);
+            float *ds = oc_put(sn, half * n_tok * sizeof *sn);
+            ref->rope_f32(x, stride, n_tok, heads, hd, rd, neox, c, sn);
+            oc_test->rope_f32(dx, stride, n_tok, heads, hd, rd, neox, dc, ds);
+            oc_get(got, dx, n_val * sizeof *got);
+            CHECK_MSG(oc_same_bits(x, got, n_val * sizeof *got, "rope_f32"), "rope case %zu", k);
+            oc_free(dx), oc_free(dc), oc_free(ds), free(x), free(c), free(sn), free(got);
+        }
+    }
+}
+
 /* Every op of test against ref. Returns how many entries were not compared. */
 static int opcompare_all(const struct ebb_backend *ref, const struct ebb_backend *test)
 {
@@ -495,6 +578,7 @@ static int opcompare_all(const struct ebb_backend *ref, const struct ebb_backend
     oc_attention(ref);
     oc_kv_rows_ops(ref);
     oc_bitstack(ref);
+    oc_steps(ref);
     if (test->memory) CHECK_MSG(test->memory->sync() == 0, "%s: %s", test->name, test->memory->error());
     return oc_not_compared;
 }

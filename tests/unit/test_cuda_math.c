@@ -147,6 +147,31 @@ static void hd_bitstack_scale_add(float *out, size_t out_stride, const int32_t *
                                                                       u + (size_t)o * rank, ts + (size_t)t * rank, rank);
 }
 
+static void hd_get_rows(float *out, const void *table, uint32_t type, const int32_t *ids, int n_rows, int n)
+{
+    const size_t rb = ebb_row_bytes(type, (uint64_t)n);
+    for (int r = 0; r < n_rows; r++)
+        for (int i = n - 1; i >= 0; i--)
+            out[(size_t)r * n + i] = ebb_hd_row_value((int)type, (const uint8_t *)table + (size_t)ids[r] * rb, i);
+}
+
+static void hd_permute(float *out, const float *x, const int32_t *perm, int n_tok, int n)
+{
+    for (int t = 0; t < n_tok; t++)
+        for (int i = 0; i < n; i++) out[(size_t)t * n + i] = x[(size_t)t * n + perm[i]];
+}
+
+static void hd_rope(float *x, size_t stride, int n_tok, int n_heads, int head_dim, int rope_dim, int neox,
+                    const float *cos, const float *sin)
+{
+    const int half = rope_dim / 2;
+    for (int t = 0; t < n_tok; t++)
+        for (int h = n_heads - 1; h >= 0; h--)
+            for (int i = half - 1; i >= 0; i--)     /* one thread per pair: any order */
+                ebb_hd_rope_pair(x + (size_t)t * stride + (size_t)h * head_dim, i, half, neox, cos[(size_t)t * half + i],
+                                 sin[(size_t)t * half + i]);
+}
+
 static const struct ebb_backend hd_table = {
     .name = "hostdev (CUDA arithmetic on the CPU)",
     .matmul = {
@@ -167,6 +192,9 @@ static const struct ebb_backend hd_table = {
     .bitstack_isums = hd_bitstack_isums,
     .bitstack_codes = hd_bitstack_codes,
     .bitstack_scale_add = hd_bitstack_scale_add,
+    .get_rows = hd_get_rows,
+    .permute_f32 = hd_permute,
+    .rope_f32 = hd_rope,
 };
 
 static void test_halves(void)
@@ -191,6 +219,13 @@ static void test_geometry(void)
         CHECK_MSG(ebb_hd_type_has_product(type) && hd_table.matmul[type], "%s has no CUDA product", ti->name);
         CHECK_MSG((uint32_t)ebb_hd_block_elems(type) == ti->block_elems, "%s block elems", ti->name);
         CHECK_MSG((uint32_t)ebb_hd_block_bytes(type) == ti->block_bytes, "%s block bytes", ti->name);
+    }
+    /* every type the CPU can dequantize, the GPU can (the embedding's rows) */
+    for (int type = 0; type < EBB_TYPE_COUNT_; type++) {
+        const struct ebb_type_info *ti = ebb_type_info((uint32_t)type);
+        if (!ti || !ti->to_f32) continue;
+        CHECK_MSG((uint32_t)ebb_hd_block_elems(type) == ti->block_elems &&
+                  (uint32_t)ebb_hd_block_bytes(type) == ti->block_bytes, "%s: no dequantizer for the GPU", ti->name);
     }
 }
 
