@@ -61,6 +61,18 @@ static int reference_kernels;
 static char last_failure[256];     /* the latest failure's reason */
 static int broken;                 /* a launch or a kernel failed: the device is lost */
 
+/* The runtime's current device is per thread: a worker thread that calls
+ * an op first makes the chosen device its own. */
+static __thread int bound_device = -1;
+
+static void bind_thread(void)
+{
+    if (bound_device != chosen_device) {
+        cudaSetDevice(chosen_device);
+        bound_device = chosen_device;
+    }
+}
+
 /* A CUDA call's status: 0, or -1 with its reason kept. */
 static int ok(cudaError_t e, const char *what)
 {
@@ -84,6 +96,7 @@ static unsigned blocks_for(size_t threads, unsigned per_block)
 
 static void *mem_alloc(size_t bytes)
 {
+    bind_thread();
     void *p = NULL;
     if (ok(cudaMalloc(&p, bytes ? bytes : 1), "cudaMalloc")) {
         cudaGetLastError();                  /* not sticky: the next launch must not see it */
@@ -94,6 +107,7 @@ static void *mem_alloc(size_t bytes)
 
 static void mem_release(void *p)
 {
+    bind_thread();
     if (p) ok(cudaFree(p), "cudaFree");
 }
 
@@ -106,17 +120,23 @@ static int drained(const char *what)
 
 static int mem_upload(void *dst, const void *src, size_t bytes)
 {
+    bind_thread();
     if (ok(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, stream), "upload")) return -1;
     return drained("upload");
 }
 
 static int mem_download(void *dst, const void *src, size_t bytes)
 {
+    bind_thread();
     if (ok(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, stream), "download")) return -1;
     return drained("download");
 }
 
-static int mem_sync(void) { return drained("sync"); }
+static int mem_sync(void)
+{
+    bind_thread();
+    return drained("sync");
+}
 
 static const char *mem_error(void) { return last_failure[0] ? last_failure : "no error"; }
 
@@ -217,10 +237,12 @@ static void launch_matmul(int type, float *out, const struct ebb_act *x, const v
     const size_t threads = (size_t)n_tok * n_out * WARP;
     const unsigned per_block = WARPS_PER_BLOCK * WARP;
     if (n_in <= 0) {                                     /* empty sums, as the CPU driver */
+        bind_thread();
         ok(cudaMemsetAsync(out, 0, (size_t)n_tok * n_out * sizeof(float), stream), "matmul");
         return;
     }
     if (type == EBB_TYPE_F32) {
+        bind_thread();
         k_matmul_f32<<<blocks_for(threads, per_block), per_block, 0, stream>>>(out, x->f, (const float *)w, n_tok,
                                                                              n_in, n_out);
         launched("matmul f32");
@@ -228,12 +250,14 @@ static void launch_matmul(int type, float *out, const struct ebb_act *x, const v
     }
     const size_t row_bytes = ebb_row_bytes((uint32_t)type, (uint64_t)n_in);
     if (type == EBB_TYPE_W4G64 && n_tok <= GEMV_MAX_TOK && !reference_kernels) {
+        bind_thread();
         k_gemv_w4g64<<<blocks_for((size_t)n_out * WARP, per_block), per_block, 0, stream>>>(
             out, x->q, x->s, (const uint8_t *)w, row_bytes, n_tok, n_in, n_out);
         launched("matmul W4G64 (decode)");
         return;
     }
     const unsigned grid = blocks_for(threads, per_block);
+    bind_thread();
 #define QUANT_CASE(t) \
     case t: \
         k_matmul_quant<t><<<grid, per_block, 0, stream>>>(out, x->q, x->s, x->sums, (const uint8_t *)w, row_bytes, \
@@ -288,6 +312,7 @@ static void quantize_act(const float *x, int n_tok, int n, int n_hi, int8_t *q, 
 {
     const size_t groups = (size_t)n_tok * (n / EBB_ACT_GROUP);
     if (!groups) return;
+    bind_thread();
     k_quantize_act<<<blocks_for(groups, 128), 128, 0, stream>>>(x, n_tok, n, n_hi, q, s);
     launched("quantize_act");
 }
@@ -302,6 +327,7 @@ __global__ void k_quantize_q8b32(const float *x, int n, int n_hi, int8_t *q, flo
 static void quantize_q8b32(const float *x, int n, int n_hi, int8_t *q, float *d, int16_t *sums)
 {
     if (n < 32) return;
+    bind_thread();
     k_quantize_q8b32<<<blocks_for((size_t)n / 32, 64), 64, 0, stream>>>(x, n, n_hi, q, d, sums);
     launched("quantize_q8b32");
 }
@@ -316,6 +342,7 @@ __global__ void k_quantize_q8k(const float *x, int n, int8_t *q, float *d, int16
 static void quantize_q8k(const float *x, int n, int8_t *q, float *d, int16_t *sums)
 {
     if (n < 256) return;
+    bind_thread();
     k_quantize_q8k<<<blocks_for((size_t)n / 256, 32), 32, 0, stream>>>(x, n, q, d, sums);
     launched("quantize_q8k");
 }
@@ -333,6 +360,7 @@ __global__ void k_hadamard64(float *x, int blocks)
 static void hadamard64(float *x, int n)
 {
     if (n < 64) return;
+    bind_thread();
     k_hadamard64<<<blocks_for((size_t)n / 64, 64), 64, 0, stream>>>(x, n / 64);
     launched("hadamard64");
 }
@@ -369,6 +397,7 @@ __global__ void k_rmsnorm(float *out, const float *x, const float *g, int n, flo
 static void rmsnorm(float *out, const float *x, const float *g, int n, float eps)
 {
     if (n <= 0) return;
+    bind_thread();
     k_rmsnorm<<<1, VEC_THREADS, 0, stream>>>(out, x, g, n, eps);
     launched("rmsnorm");
 }
@@ -391,6 +420,7 @@ __global__ void k_softmax(float *x, int n)
 static void softmax(float *x, int n)
 {
     if (n <= 0) return;
+    bind_thread();
     k_softmax<<<1, VEC_THREADS, 0, stream>>>(x, n);
     launched("softmax");
 }
@@ -406,6 +436,7 @@ __global__ void k_swiglu(float *gate, const float *up, int n)
 static void swiglu(float *gate, const float *up, int n)
 {
     if (n <= 0) return;
+    bind_thread();
     k_swiglu<<<blocks_for((size_t)n, VEC_THREADS), VEC_THREADS, 0, stream>>>(gate, up, n);
     launched("swiglu");
 }
@@ -419,6 +450,7 @@ __global__ void k_add(float *y, const float *x, int n)
 static void add(float *y, const float *x, int n)
 {
     if (n <= 0) return;
+    bind_thread();
     k_add<<<blocks_for((size_t)n, VEC_THREADS), VEC_THREADS, 0, stream>>>(y, x, n);
     launched("add");
 }
@@ -438,6 +470,7 @@ static void get_rows(float *out, const void *table, uint32_t type, const int32_t
 {
     if (n_rows <= 0 || n <= 0) return;
     const size_t row_bytes = ebb_row_bytes(type, (uint64_t)n);
+    bind_thread();
     k_get_rows<<<blocks_for((size_t)n_rows * n, 256), 256, 0, stream>>>(out, (const uint8_t *)table, (int)type,
                                                                        row_bytes, ids, n_rows, n);
     launched("get_rows");
@@ -453,6 +486,7 @@ __global__ void k_permute(float *out, const float *x, const int32_t *perm, int n
 static void permute(float *out, const float *x, const int32_t *perm, int n_tok, int n)
 {
     if (n_tok <= 0 || n <= 0) return;
+    bind_thread();
     k_permute<<<blocks_for((size_t)n_tok * n, 256), 256, 0, stream>>>(out, x, perm, n_tok, n);
     launched("permute");
 }
@@ -473,6 +507,7 @@ static void rope(float *x, size_t stride, int n_tok, int n_heads, int head_dim, 
     const int half = rope_dim / 2;
     if (n_tok <= 0 || n_heads <= 0 || half <= 0) return;
     if (stride == 0) stride = (size_t)n_heads * head_dim;   /* one row: any stride */
+    bind_thread();
     k_rope<<<blocks_for((size_t)n_tok * n_heads * half, 256), 256, 0, stream>>>(x, stride, n_tok, n_heads, head_dim,
                                                                                half, neox, cos, sin);
     launched("rope");
@@ -493,6 +528,7 @@ static void attn_scores(float *s, size_t s_stride, const float *q, size_t q_stri
                         size_t k_stride, int n_rows, int n)
 {
     if (n_q <= 0 || n_rows <= 0) return;
+    bind_thread();
     k_attn_scores<<<blocks_for((size_t)n_q * n_rows, 128), 128, 0, stream>>>(s, s_stride, q, q_stride, n_q, k,
                                                                             k_stride, n_rows, n);
     launched("attn_scores");
@@ -510,6 +546,7 @@ __global__ void k_attn_values(float *y, const float *p, const float *v, size_t v
 static void attn_values(float *y, const float *p, const float *v, size_t v_stride, int n_rows, int n)
 {
     if (n <= 0 || n_rows <= 0) return;
+    bind_thread();
     k_attn_values<<<blocks_for((size_t)n, 128), 128, 0, stream>>>(y, p, v, v_stride, n_rows, n);
     launched("attn_values");
 }
@@ -525,6 +562,7 @@ __global__ void k_kv_rows_f16(float *out, const uint8_t *rows, size_t stride, in
 static void kv_rows_f16(float *out, const uint16_t *rows, size_t stride, int n_rows, int n)
 {
     if (n_rows <= 0 || n <= 0) return;
+    bind_thread();
     k_kv_rows_f16<<<blocks_for((size_t)n_rows * n, 256), 256, 0, stream>>>(out, (const uint8_t *)rows, stride,
                                                                           n_rows, n);
     launched("kv_rows_f16");
@@ -536,13 +574,14 @@ __global__ void k_kv_rows_q(float *out, const uint8_t *codes, const uint8_t *dm,
     const size_t e = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (e >= (size_t)n_rows * n) return;
     const size_t r = e / n;
-    out[e] = ebb_hd_kv_value(codes + r * stride, (const uint16_t *)(dm + r * stride), bits, group, (int)(e % n));
+    out[e] = ebb_hd_kv_value(codes + r * stride, dm + r * stride, bits, group, (int)(e % n));
 }
 
 static void kv_rows_q(float *out, const uint8_t *codes, const uint16_t *dm, size_t stride, int n_rows, int n,
                       int bits, int group)
 {
     if (n_rows <= 0 || n <= 0) return;
+    bind_thread();
     k_kv_rows_q<<<blocks_for((size_t)n_rows * n, 256), 256, 0, stream>>>(out, codes, (const uint8_t *)dm, stride,
                                                                         n_rows, n, bits, group);
     launched("kv_rows_q");
@@ -560,6 +599,7 @@ static void kv_rows_qc(float *out, const uint8_t *codes, size_t stride, const ui
                        int bits, int group)
 {
     if (n_rows <= 0 || n <= 0) return;
+    bind_thread();
     k_kv_rows_qc<<<blocks_for((size_t)n_rows * n, 256), 256, 0, stream>>>(out, codes, stride, dm, n_rows, n, bits,
                                                                          group);
     launched("kv_rows_qc");
@@ -578,6 +618,7 @@ __global__ void k_bitstack_isums(int32_t *isum, const uint8_t *signs, int n_rows
 static void bitstack_isums(int32_t *isum, const uint8_t *signs, int n_rows, const int8_t *t, int n_vec, int n)
 {
     if (n_rows <= 0 || n_vec <= 0) return;
+    bind_thread();
     k_bitstack_isums<<<blocks_for((size_t)n_rows * n_vec, 128), 128, 0, stream>>>(isum, signs, n_rows, t, n_vec, n);
     launched("bitstack_isums");
 }
@@ -596,6 +637,7 @@ __global__ void k_bitstack_codes(const float *x, const float *v, int n, int8_t *
 static void bitstack_codes(const float *x, const float *v, int n, int8_t *q, float *scale)
 {
     if (n <= 0) return;
+    bind_thread();
     k_bitstack_codes<<<1, VEC_THREADS, 0, stream>>>(x, v, n, q, scale);
     launched("bitstack_codes");
 }
@@ -613,6 +655,7 @@ static void bitstack_scale_add(float *out, size_t out_stride, const int32_t *isu
                                const float *u, const float *ts)
 {
     if (n_rows <= 0 || n_tok <= 0) return;
+    bind_thread();
     k_bitstack_scale_add<<<blocks_for((size_t)n_rows * n_tok, 128), 128, 0, stream>>>(out, out_stride, isum, n_rows,
                                                                                      n_tok, rank, u, ts);
     launched("bitstack_scale_add");

@@ -513,19 +513,22 @@ EBB_HD int ebb_hd_kv_code(const uint8_t *group_codes, int bits, int group, int i
     return (group_codes[i % B] >> (bits * (i / B))) & ((1 << bits) - 1);
 }
 
-/* Value i of a KV8/KV4/KV2 row: codes and (d, m) pairs of the row. */
-EBB_HD float ebb_hd_kv_value(const uint8_t *codes, const uint16_t *dm, int bits, int group, int i)
+/* Value i of a KV8/KV4/KV2 row: codes and (d, m) pairs of the row (read
+ * byte by byte: a row's pairs need not be 2-byte aligned). */
+EBB_HD float ebb_hd_kv_value(const uint8_t *codes, const void *dm, int bits, int group, int i)
 {
     const int g = i / group;
     const int code = ebb_hd_kv_code(codes + (size_t)g * (size_t)(group * bits / 8), bits, group, i % group);
-    return fmaf(ebb_hd_f16(dm[2 * g]), (float)code, ebb_hd_f16(dm[2 * g + 1]));
+    const uint8_t *pair = (const uint8_t *)dm + 4 * (size_t)g;
+    return fmaf(ebb_hd_f16_at(pair), (float)code, ebb_hd_f16_at(pair + 2));
 }
 
 /* Value i of a row of per-channel codes: the channel's own (d, m). */
-EBB_HD float ebb_hd_kv_value_channel(const uint8_t *codes, const uint16_t *dm, int bits, int group, int i)
+EBB_HD float ebb_hd_kv_value_channel(const uint8_t *codes, const void *dm, int bits, int group, int i)
 {
     const int code = ebb_hd_kv_code(codes + (size_t)(i / group) * (size_t)(group * bits / 8), bits, group, i % group);
-    return fmaf(ebb_hd_f16(dm[2 * i]), (float)code, ebb_hd_f16(dm[2 * i + 1]));
+    const uint8_t *pair = (const uint8_t *)dm + 4 * (size_t)i;
+    return fmaf(ebb_hd_f16_at(pair), (float)code, ebb_hd_f16_at(pair + 2));
 }
 
 /* ------------------------------------------------------------- BitStack */

@@ -110,8 +110,7 @@ static void hd_kv_rows_q(float *out, const uint8_t *codes, const uint16_t *dm, s
 {
     for (int r = 0; r < n_rows; r++)
         for (int i = 0; i < n; i++)
-            out[(size_t)r * n + i] = ebb_hd_kv_value(codes + (size_t)r * stride,
-                                                     (const uint16_t *)(const void *)((const uint8_t *)dm + (size_t)r * stride),
+            out[(size_t)r * n + i] = ebb_hd_kv_value(codes + (size_t)r * stride, (const uint8_t *)dm + (size_t)r * stride,
                                                      bits, group, i);
 }
 
