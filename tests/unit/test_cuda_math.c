@@ -21,7 +21,12 @@
 #include "kernels/backend.h"
 #include "kernels/cuda/hostdev.h"
 #include "kernels/formats.h"
+#include "emulated_device.h"
 #include "opcompare.h"
+
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
 /* ---------------------------------------------------- the table, on the CPU */
 
@@ -252,8 +257,44 @@ static void test_refusal(void)
     printf("test_cuda_math: no GPU here: %s\n", why);
 }
 
+static void on_fault(int sig)
+{
+    (void)sig;
+    _exit(42);
+}
+
+/* The emulated device (emulated_device.h): opcompare's device-memory paths --
+ * the ones the GPU suite takes -- on every op, and a host write through one
+ * of its pointers must fault (in a child process), or the emulator would not
+ * catch what it is for. */
+static void test_emulated_device(void)
+{
+    const struct ebb_backend *emu = emulated_device();
+    if (!emu) {
+        printf("test_cuda_math: this machine's pointers use bit 62; the emulated device is not checked\n");
+        return;
+    }
+    CHECK_MSG(opcompare_all(ebb_backend_cpu_named("scalar"), emu) == 0, "the emulated device lacks an entry");
+    fflush(stdout), fflush(stderr);
+    const pid_t child = fork();
+    if (child == 0) {
+        struct sigaction sa;
+        memset(&sa, 0, sizeof sa);
+        sa.sa_handler = on_fault;
+        sigaction(SIGSEGV, &sa, NULL);
+        sigaction(SIGBUS, &sa, NULL);
+        volatile float *p = emu->memory->alloc(sizeof(float));
+        *p = 1.0f;                                         /* must not work */
+        _exit(0);
+    }
+    int status = 0;
+    CHECK(child > 0 && waitpid(child, &status, 0) == child);
+    CHECK_MSG(!(WIFEXITED(status) && WEXITSTATUS(status) == 0), "a host write to a device pointer did not fault");
+}
+
 int main(void)
 {
+    test_emulated_device();
     test_refusal();
     test_halves();
     test_geometry();
