@@ -13,7 +13,17 @@ llama.cpp alike; the text it generates is noise.
 
 The default shape is TinyLlama-1.1B's (22 layers, hidden 2048, 32 query heads over 4 KV
 heads, FFN 5632) with the source tokenizer's vocabulary: about 1.1 billion parameters.
+`--shape llama3-8b` gives Llama-3-8B's layers (32 of hidden 4096, 32 query heads over 8 KV
+heads, FFN 14336; the vocabulary stays the source tokenizer's 49,152, not Llama 3's 128,256,
+so the head is smaller): the GPU benchmark's large model (issue 16).
+
+    tools/synthetic_gguf.py --type Q4_K --shape llama3-8b -o ~/.cache/ebb/synthetic-llama3-8b.Q4_K.gguf
 """
+
+SHAPES = {   # layers, hidden, FFN, query heads, KV heads
+    "tinyllama-1.1b": (22, 2048, 5632, 32, 4),
+    "llama3-8b": (32, 4096, 14336, 32, 8),
+}
 import argparse
 import os
 import sys
@@ -69,13 +79,18 @@ def main():
     ap.add_argument("-o", "--output", required=True)
     ap.add_argument("--tokenizer-from", default=os.path.join(here, "..", "models",
                                                              "SmolLM2-135M-Instruct.Q4_1.gguf"))
-    ap.add_argument("--layers", type=int, default=22)
-    ap.add_argument("--embd", type=int, default=2048)
-    ap.add_argument("--ff", type=int, default=5632)
-    ap.add_argument("--heads", type=int, default=32)
-    ap.add_argument("--kv-heads", type=int, default=4)
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="tinyllama-1.1b",
+                    help="a model's layer shapes; the flags below override its numbers")
+    ap.add_argument("--layers", type=int)
+    ap.add_argument("--embd", type=int)
+    ap.add_argument("--ff", type=int)
+    ap.add_argument("--heads", type=int)
+    ap.add_argument("--kv-heads", type=int)
     ap.add_argument("--seed", type=int, default=1)
     a = ap.parse_args()
+    for key, value in zip(("layers", "embd", "ff", "heads", "kv_heads"), SHAPES[a.shape]):
+        if getattr(a, key) is None:
+            setattr(a, key, value)
 
     block = BLOCKS[a.type][1]
     if a.embd % block or a.ff % block:
