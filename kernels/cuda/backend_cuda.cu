@@ -7,9 +7,10 @@
  * scalar path (tests/unit/test_cuda_math.c), so what a kernel here adds is
  * only its thread layout:
  *
- *   W4G64 decode         up to 8 tokens: one warp per output row for all of
- *                        them, a block's 32 code bytes read side by side and
- *                        each block's integer sum reduced across the warp.
+ *   decode products      W4G64, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 at up to 8
+ *                        tokens: one warp per output row for all of them, a
+ *                        block's code bytes read side by side by its lanes
+ *                        and its integer sum reduced across them.
  *   quantized products   one warp per (token, output row): lanes compute the
  *                        exact integer sums of 32 blocks at once, then every
  *                        lane folds them in block order (the same steps on
@@ -178,38 +179,43 @@ __global__ void k_matmul_quant(float *out, const int8_t *q, const float *d, cons
     if (lane == 0) out[(size_t)t * n_out + o] = acc;
 }
 
-/* W4G64 at a few tokens (decode): one warp per output row for every token
- * of the batch, so the row is read once. Per block the 32 lanes read its 32
- * code bytes side by side (one coalesced load), each lane's two products are
- * summed across the warp (exact integers), and every lane folds the sum in
- * block order: the same steps as the CPU, so the same bits. */
+/* Decode: W4G64 and the legacy types at up to GEMV_MAX_TOK tokens. One warp
+ * per output row for every token of the batch, so the row is read once; a
+ * step's lanes read their blocks' code bytes side by side (hostdev.h's
+ * ebb_hd_gemv_part says which lane reads what), each block's integer sum is
+ * reduced across its lanes by shuffles, and every lane folds the block sums
+ * in order: the CPU's steps, so the CPU's bits. */
 #define GEMV_MAX_TOK 8
 
-__global__ void k_gemv_w4g64(float *out, const int8_t *q, const float *s, const uint8_t *w, size_t row_bytes,
-                             int n_tok, int n_in, int n_out)
+template <int type>
+__global__ void k_gemv(float *out, const int8_t *q, const float *d, const int16_t *sums, const uint8_t *w,
+                       size_t row_bytes, int n_tok, int n_in, int n_out)
 {
     const size_t o = ((size_t)blockIdx.x * blockDim.x + threadIdx.x) / WARP;
     const int lane = threadIdx.x % WARP;
     if (o >= (size_t)n_out) return;
+    constexpr int lanes = type == EBB_TYPE_W4G64 || type == EBB_TYPE_Q8_0 ? 32 : 16, per_step = WARP / lanes;
     const uint8_t *row = w + o * row_bytes;
-    const int groups = n_in / EBB_W4G64_GROUP;
+    const int blocks = n_in / ebb_hd_block_elems(type);
     float acc[GEMV_MAX_TOK];
     struct ebb_hd_act a[GEMV_MAX_TOK];
 #pragma unroll
     for (int t = 0; t < GEMV_MAX_TOK; t++) {
         acc[t] = 0;
-        a[t] = ebb_hd_act_of(EBB_TYPE_W4G64, q, s, NULL, n_in, t < n_tok ? t : 0);
+        a[t] = ebb_hd_act_of(type, q, d, sums, n_in, t < n_tok ? t : 0);
     }
-    for (int g = 0; g < groups; g++) {
-        const int byte = row[(size_t)g * EBB_W4G64_BLOCK_BYTES + 2 + lane];
+    for (int base = 0; base < blocks; base += per_step) {
 #pragma unroll
         for (int t = 0; t < GEMV_MAX_TOK; t++) {
             if (t >= n_tok) break;
-            const int8_t *qt = a[t].q + (size_t)g * EBB_W4G64_GROUP;
-            struct ebb_hd_ints r;
-            r.a = __reduce_add_sync(FULL_MASK, ebb_hd_w4g64_byte(byte, qt[lane], qt[lane + 32]));
-            r.b = 0;
-            acc[t] = ebb_hd_block_step(EBB_TYPE_W4G64, acc[t], row, &a[t], g, r);
+            int part = ebb_hd_gemv_part(type, row, a[t].q, blocks, base, lane);
+            for (int off = lanes / 2; off > 0; off /= 2) part += __shfl_xor_sync(FULL_MASK, part, off);
+            for (int k = 0; k < per_step && base + k < blocks; k++) {
+                struct ebb_hd_ints r;
+                r.a = __shfl_sync(FULL_MASK, part, k * lanes);
+                r.b = 0;
+                acc[t] = ebb_hd_block_step(type, acc[t], row, &a[t], base + k, r);
+            }
         }
     }
 #pragma unroll
@@ -249,11 +255,25 @@ static void launch_matmul(int type, float *out, const struct ebb_act *x, const v
         return;
     }
     const size_t row_bytes = ebb_row_bytes((uint32_t)type, (uint64_t)n_in);
-    if (type == EBB_TYPE_W4G64 && n_tok <= GEMV_MAX_TOK && !reference_kernels) {
+    if (n_tok <= GEMV_MAX_TOK && !reference_kernels && ebb_hd_gemv_type(type)) {
+        const unsigned rows_grid = blocks_for((size_t)n_out * WARP, per_block);
         bind_thread();
-        k_gemv_w4g64<<<blocks_for((size_t)n_out * WARP, per_block), per_block, 0, stream>>>(
-            out, x->q, x->s, (const uint8_t *)w, row_bytes, n_tok, n_in, n_out);
-        launched("matmul W4G64 (decode)");
+#define GEMV_CASE(t) \
+    case t: \
+        k_gemv<t><<<rows_grid, per_block, 0, stream>>>(out, x->q, x->s, x->sums, (const uint8_t *)w, row_bytes, \
+                                                       n_tok, n_in, n_out); \
+        break;
+        switch (type) {
+        GEMV_CASE(EBB_TYPE_W4G64)
+        GEMV_CASE(EBB_TYPE_Q4_0)
+        GEMV_CASE(EBB_TYPE_Q4_1)
+        GEMV_CASE(EBB_TYPE_Q5_0)
+        GEMV_CASE(EBB_TYPE_Q5_1)
+        GEMV_CASE(EBB_TYPE_Q8_0)
+        default: break;
+        }
+#undef GEMV_CASE
+        launched("matmul (decode)");
         return;
     }
     const unsigned grid = blocks_for(threads, per_block);

@@ -226,21 +226,37 @@ EBB_HD int32_t ebb_hd_w4g64_byte(int byte, int a_lo, int a_hi)
     return ((byte & 0x0f) - 8) * a_lo + ((byte >> 4) - 8) * a_hi;
 }
 
-/* 32 codes of a legacy block against 32 activation codes: value j < 16 in the
- * low nibble of byte j, value 16 + j in its high nibble, bit j of qh the
- * fifth bit where there is one (qh5 nonzero), minus the type's offset. */
-EBB_HD int32_t ebb_hd_isum32_nibbles(const uint8_t *qs, uint32_t qh, int five, int offset, const int8_t *a)
+/* The 4- and 5-bit legacy blocks (Q4_0, Q4_1, Q5_0, Q5_1): where the 16
+ * code bytes start, the fifth bits, the offset subtracted. Byte j holds
+ * value j in its low nibble and value 16 + j in its high one; bits j and
+ * 16 + j of qh are their fifth bits. */
+struct ebb_hd_nibbles {
+    const uint8_t *qs;
+    uint32_t qh;
+    int five, offset;
+};
+
+EBB_HD struct ebb_hd_nibbles ebb_hd_nibbles_of(int type, const uint8_t *block)
 {
-    int32_t sum = 0;
-    for (int j = 0; j < 16; j++) {
-        int lo = qs[j] & 0x0f, hi = qs[j] >> 4;
-        if (five) {
-            lo |= (int)((qh >> j) & 1u) << 4;
-            hi |= (int)((qh >> (j + 16)) & 1u) << 4;
-        }
-        sum += (lo - offset) * a[j] + (hi - offset) * a[j + 16];
+    struct ebb_hd_nibbles n;
+    n.five = type == EBB_TYPE_Q5_0 || type == EBB_TYPE_Q5_1;
+    n.offset = type == EBB_TYPE_Q4_0 ? 8 : type == EBB_TYPE_Q5_0 ? 16 : 0;
+    const int qh_at = type == EBB_TYPE_Q5_1 ? 4 : 2, has_min = type == EBB_TYPE_Q4_1 || type == EBB_TYPE_Q5_1;
+    n.qh = n.five ? ebb_hd_u32(block + qh_at) : 0;
+    n.qs = block + 2 + 2 * has_min + 4 * n.five;
+    return n;
+}
+
+/* Code byte j (< 16) of such a block against its two activation codes,
+ * a[j] and a[16 + j] of the block's 32. */
+EBB_HD int32_t ebb_hd_nibbles_byte(const struct ebb_hd_nibbles *n, int j, const int8_t *a)
+{
+    int lo = n->qs[j] & 0x0f, hi = n->qs[j] >> 4;
+    if (n->five) {
+        lo |= (int)((n->qh >> j) & 1u) << 4;
+        hi |= (int)((n->qh >> (j + 16)) & 1u) << 4;
     }
-    return sum;
+    return (lo - n->offset) * a[j] + (hi - n->offset) * a[j + 16];
 }
 
 /* Q4_K/Q5_K's sub-block j scale and min from their 12 bytes (formats.c's
@@ -340,10 +356,11 @@ EBB_HD struct ebb_hd_ints ebb_hd_block_ints(int type, const uint8_t *w_row, cons
     case EBB_TYPE_W4G64:
         for (int j = 0; j < 32; j++) r.a += ebb_hd_w4g64_byte(w[2 + j], q[j], q[j + 32]);
         break;
-    case EBB_TYPE_Q4_0: r.a = ebb_hd_isum32_nibbles(w + 2, 0, 0, 8, q); break;
-    case EBB_TYPE_Q4_1: r.a = ebb_hd_isum32_nibbles(w + 4, 0, 0, 0, q); break;
-    case EBB_TYPE_Q5_0: r.a = ebb_hd_isum32_nibbles(w + 6, ebb_hd_u32(w + 2), 1, 16, q); break;
-    case EBB_TYPE_Q5_1: r.a = ebb_hd_isum32_nibbles(w + 8, ebb_hd_u32(w + 4), 1, 0, q); break;
+    case EBB_TYPE_Q4_0: case EBB_TYPE_Q4_1: case EBB_TYPE_Q5_0: case EBB_TYPE_Q5_1: {
+        const struct ebb_hd_nibbles n = ebb_hd_nibbles_of(type, w);
+        for (int j = 0; j < 16; j++) r.a += ebb_hd_nibbles_byte(&n, j, q);
+        break;
+    }
     case EBB_TYPE_Q8_0:
         for (int j = 0; j < 32; j++) r.a += (int8_t)w[2 + j] * q[j];
         break;
@@ -397,6 +414,31 @@ EBB_HD float ebb_hd_block_step(int type, float acc, const uint8_t *w_row, const 
     case EBB_TYPE_Q6_K: return fmaf((float)r.a, ebb_hd_f16_at(w + 208) * da, acc);
     default: return acc;
     }
+}
+
+/* Decode (a few tokens): a warp reads a row's blocks side by side, each
+ * block's code bytes spread over `lanes` lanes (W4G64 and Q8_0: 32, so one
+ * block a step; the 4/5-bit legacy types: 16, two blocks a step). Lane
+ * `lane` of the step starting at block `base` computes its part of its
+ * block's integer sum: the parts of a block's lanes add up to its ints.a. */
+EBB_HD int ebb_hd_gemv_type(int type)
+{
+    return type == EBB_TYPE_W4G64 || type == EBB_TYPE_Q8_0 || type == EBB_TYPE_Q4_0 || type == EBB_TYPE_Q4_1 ||
+           type == EBB_TYPE_Q5_0 || type == EBB_TYPE_Q5_1;
+}
+
+EBB_HD int ebb_hd_gemv_lanes(int type) { return type == EBB_TYPE_W4G64 || type == EBB_TYPE_Q8_0 ? 32 : 16; }
+
+EBB_HD int32_t ebb_hd_gemv_part(int type, const uint8_t *row, const int8_t *q, int blocks, int base, int lane)
+{
+    const int lanes = ebb_hd_gemv_lanes(type), b = base + lane / lanes, j = lane % lanes;
+    if (b >= blocks) return 0;
+    const uint8_t *blk = row + (size_t)b * (size_t)ebb_hd_block_bytes(type);
+    const int8_t *a = q + (size_t)b * (size_t)ebb_hd_block_elems(type);
+    if (type == EBB_TYPE_W4G64) return ebb_hd_w4g64_byte(blk[2 + j], a[j], a[j + 32]);
+    if (type == EBB_TYPE_Q8_0) return (int8_t)blk[2 + j] * a[j];
+    const struct ebb_hd_nibbles n = ebb_hd_nibbles_of(type, blk);
+    return ebb_hd_nibbles_byte(&n, j, a);
 }
 
 /* One output: a weight row of n values against one token, whole. */

@@ -30,12 +30,43 @@
 
 /* ---------------------------------------------------- the table, on the CPU */
 
+/* backend_cuda.cu's decode kernel, its warp written out: per step, each
+ * lane's part (hostdev.h), a block's parts summed over its lanes (the
+ * shuffle reduction), the sums folded in order. */
+static float hd_gemv_row(int type, const uint8_t *row, const struct ebb_hd_act *a, int n_in)
+{
+    const int lanes = ebb_hd_gemv_lanes(type), per_step = 32 / lanes, blocks = n_in / ebb_hd_block_elems(type);
+    float acc = 0;
+    for (int base = 0; base < blocks; base += per_step) {
+        int32_t part[32];
+        for (int lane = 31; lane >= 0; lane--) part[lane] = ebb_hd_gemv_part(type, row, a->q, blocks, base, lane);
+        for (int k = 0; k < per_step && base + k < blocks; k++) {
+            struct ebb_hd_ints r = {0, 0};
+            for (int lane = k * lanes; lane < (k + 1) * lanes; lane++) r.a += part[lane];
+            acc = ebb_hd_block_step(type, acc, row, a, base + k, r);
+        }
+    }
+    return acc;
+}
+
+/* The products as the CUDA table runs them: the decode kernel's layout for
+ * its types at up to 8 tokens, else the reference kernel's (a block's
+ * integers in any order, folded in order). */
 static void hd_matmul(int type, float *out, const struct ebb_act *x, const void *w, int n_tok, int n_in, int n_out)
 {
     const size_t rb = ebb_row_bytes((uint32_t)type, (uint64_t)n_in);
     const int blocks = n_in / ebb_hd_block_elems(type);
     struct ebb_hd_ints *ints = malloc((size_t)blocks * sizeof *ints);
     if (!ints) abort();
+    if (n_tok <= 8 && ebb_hd_gemv_type(type)) {
+        for (int t = 0; t < n_tok; t++) {
+            const struct ebb_hd_act a = ebb_hd_act_of(type, x->q, x->s, x->sums, n_in, t);
+            for (int o = 0; o < n_out; o++)
+                out[(size_t)t * n_out + o] = hd_gemv_row(type, (const uint8_t *)w + (size_t)o * rb, &a, n_in);
+        }
+        free(ints);
+        return;
+    }
     for (int t = 0; t < n_tok; t++) {
         const struct ebb_hd_act a = ebb_hd_act_of(type, x->q, x->s, x->sums, n_in, t);
         for (int o = 0; o < n_out; o++) {
