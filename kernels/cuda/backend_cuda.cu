@@ -74,11 +74,15 @@ static void bind_thread(void)
     }
 }
 
-/* A CUDA call's status: 0, or -1 with its reason kept. */
+/* A CUDA call's status: 0, or -1 with its reason kept. The runtime's
+ * last-error state is cleared, so a failed call (a refused allocation or
+ * copy) is not reported again by the next launch's check; a fault that
+ * broke the context stays, as CUDA keeps it. */
 static int ok(cudaError_t e, const char *what)
 {
     if (e == cudaSuccess) return 0;
     snprintf(last_failure, sizeof last_failure, "%s: %s (%s)", what, cudaGetErrorString(e), cudaGetErrorName(e));
+    cudaGetLastError();
     return -1;
 }
 
@@ -99,10 +103,7 @@ static void *mem_alloc(size_t bytes)
 {
     bind_thread();
     void *p = NULL;
-    if (ok(cudaMalloc(&p, bytes ? bytes : 1), "cudaMalloc")) {
-        cudaGetLastError();                  /* not sticky: the next launch must not see it */
-        return NULL;
-    }
+    if (ok(cudaMalloc(&p, bytes ? bytes : 1), "cudaMalloc")) return NULL;   /* an answer: the device is fine */
     return p;
 }
 
