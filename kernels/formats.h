@@ -116,6 +116,18 @@ enum ebb_act_form {
                                  the code sum of every 16: the K-quants */
 };
 
+/* The weight types ebb multiplies, each as X(name, TYPE), name the lower-
+ * case spelling op-table entries use (matmul_q4_0, ...): the GGUF types a
+ * product reads as the file stores them (kernels/cpu/native.h), ebb's W4G64
+ * (both read integer activations), and f32. A table with an entry per
+ * product type expands the list instead of writing it out again. */
+#define EBB_NATIVE_PRODUCT_TYPES(X) \
+    X(q4_0, EBB_TYPE_Q4_0) X(q4_1, EBB_TYPE_Q4_1) X(q5_0, EBB_TYPE_Q5_0) X(q5_1, EBB_TYPE_Q5_1) \
+    X(q8_0, EBB_TYPE_Q8_0) X(q2_k, EBB_TYPE_Q2_K) X(q3_k, EBB_TYPE_Q3_K) X(q4_k, EBB_TYPE_Q4_K) \
+    X(q5_k, EBB_TYPE_Q5_K) X(q6_k, EBB_TYPE_Q6_K)
+#define EBB_INT_PRODUCT_TYPES(X) X(w4g64, EBB_TYPE_W4G64) EBB_NATIVE_PRODUCT_TYPES(X)
+#define EBB_PRODUCT_TYPES(X) X(f32, EBB_TYPE_F32) EBB_INT_PRODUCT_TYPES(X)
+
 struct ebb_type_info {
     const char *name;         /* "Q4_1", as GGUF tools print it */
     uint32_t block_elems;     /* values per block (1 for plain scalars) */

@@ -121,22 +121,12 @@ void ebb_cpu_matmul_drive(struct ebb_pool *pool, enum ebb_type type, matmul_bloc
  * not by vector width, and the AVX2 code (which every AVX-512 processor
  * runs) gives the same bits; its products are its own (VNNI) and so are
  * its f32 ops (512-bit vectors, masked tails). */
+#define CPU_MATMUL_scalar(name, TYPE) [TYPE] = ebb_cpu_matmul_##name##_scalar,
+#define CPU_MATMUL_avx2(name, TYPE) [TYPE] = ebb_cpu_matmul_##name##_avx2,
+#define CPU_MATMUL_avx512(name, TYPE) [TYPE] = ebb_cpu_matmul_##name##_avx512,
 #define CPU_PATH(own, shared) { \
     .name = #own, \
-    .matmul = { \
-        [EBB_TYPE_F32] = ebb_cpu_matmul_f32_##own, \
-        [EBB_TYPE_W4G64] = ebb_cpu_matmul_w4g64_##own, \
-        [EBB_TYPE_Q8_0] = ebb_cpu_matmul_q8_0_##own, \
-        [EBB_TYPE_Q4_0] = ebb_cpu_matmul_q4_0_##own, \
-        [EBB_TYPE_Q4_1] = ebb_cpu_matmul_q4_1_##own, \
-        [EBB_TYPE_Q5_0] = ebb_cpu_matmul_q5_0_##own, \
-        [EBB_TYPE_Q5_1] = ebb_cpu_matmul_q5_1_##own, \
-        [EBB_TYPE_Q2_K] = ebb_cpu_matmul_q2_k_##own, \
-        [EBB_TYPE_Q3_K] = ebb_cpu_matmul_q3_k_##own, \
-        [EBB_TYPE_Q4_K] = ebb_cpu_matmul_q4_k_##own, \
-        [EBB_TYPE_Q5_K] = ebb_cpu_matmul_q5_k_##own, \
-        [EBB_TYPE_Q6_K] = ebb_cpu_matmul_q6_k_##own, \
-    }, \
+    .matmul = { EBB_PRODUCT_TYPES(CPU_MATMUL_##own) }, \
     .quantize_q8b32 = ebb_native_quantize_q8b32_##own, \
     .quantize_q8k = ebb_native_quantize_q8k_##own, \
     .rmsnorm_f32 = ebb_cpu_rmsnorm_##own, \

@@ -32,6 +32,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "kernels/formats.h"
+
 #define EBB_NATIVE_QK 32      /* block of the legacy types and of Q8B32 */
 #define EBB_NATIVE_QK_K 256   /* super-block of the K-quants and of Q8K */
 
@@ -62,17 +64,12 @@ typedef void (*ebb_native_block_fn)(const struct ebb_native_matmul_args *a, int 
 
 /* The rectangle of each type (rows times tokens of the dots below), per path:
  * scalar (native_scalar.c), avx2 and avx512 (native_x86.h), all bit-identical. */
-#define EBB_NATIVE_BLOCKS(isa) \
-    void ebb_native_block_q4_0_##isa(const struct ebb_native_matmul_args *a, int t0, int t1, int o0, int o1); \
-    void ebb_native_block_q4_1_##isa(const struct ebb_native_matmul_args *a, int t0, int t1, int o0, int o1); \
-    void ebb_native_block_q5_0_##isa(const struct ebb_native_matmul_args *a, int t0, int t1, int o0, int o1); \
-    void ebb_native_block_q5_1_##isa(const struct ebb_native_matmul_args *a, int t0, int t1, int o0, int o1); \
-    void ebb_native_block_q8_0_##isa(const struct ebb_native_matmul_args *a, int t0, int t1, int o0, int o1); \
-    void ebb_native_block_q2_k_##isa(const struct ebb_native_matmul_args *a, int t0, int t1, int o0, int o1); \
-    void ebb_native_block_q3_k_##isa(const struct ebb_native_matmul_args *a, int t0, int t1, int o0, int o1); \
-    void ebb_native_block_q4_k_##isa(const struct ebb_native_matmul_args *a, int t0, int t1, int o0, int o1); \
-    void ebb_native_block_q5_k_##isa(const struct ebb_native_matmul_args *a, int t0, int t1, int o0, int o1); \
-    void ebb_native_block_q6_k_##isa(const struct ebb_native_matmul_args *a, int t0, int t1, int o0, int o1);
+#define EBB_NATIVE_BLOCK(type, isa) \
+    void ebb_native_block_##type##_##isa(const struct ebb_native_matmul_args *a, int t0, int t1, int o0, int o1);
+#define EBB_NATIVE_BLOCK_scalar(type, TYPE) EBB_NATIVE_BLOCK(type, scalar)
+#define EBB_NATIVE_BLOCK_avx2(type, TYPE) EBB_NATIVE_BLOCK(type, avx2)
+#define EBB_NATIVE_BLOCK_avx512(type, TYPE) EBB_NATIVE_BLOCK(type, avx512)
+#define EBB_NATIVE_BLOCKS(isa) EBB_NATIVE_PRODUCT_TYPES(EBB_NATIVE_BLOCK_##isa)
 EBB_NATIVE_BLOCKS(scalar)
 EBB_NATIVE_BLOCKS(avx2)
 EBB_NATIVE_BLOCKS(avx512)

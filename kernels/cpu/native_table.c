@@ -20,17 +20,10 @@
     } \
     EBB_CPU_MATMUL(ebb_cpu_matmul_##type##_##isa, TYPE, block_##type##_##isa, 8, 4)
 
-#define NATIVE_PATH(isa) \
-    NATIVE_ENTRY(q4_0, EBB_TYPE_Q4_0, isa) \
-    NATIVE_ENTRY(q4_1, EBB_TYPE_Q4_1, isa) \
-    NATIVE_ENTRY(q5_0, EBB_TYPE_Q5_0, isa) \
-    NATIVE_ENTRY(q5_1, EBB_TYPE_Q5_1, isa) \
-    NATIVE_ENTRY(q8_0, EBB_TYPE_Q8_0, isa) \
-    NATIVE_ENTRY(q2_k, EBB_TYPE_Q2_K, isa) \
-    NATIVE_ENTRY(q3_k, EBB_TYPE_Q3_K, isa) \
-    NATIVE_ENTRY(q4_k, EBB_TYPE_Q4_K, isa) \
-    NATIVE_ENTRY(q5_k, EBB_TYPE_Q5_K, isa) \
-    NATIVE_ENTRY(q6_k, EBB_TYPE_Q6_K, isa)
+#define NATIVE_ENTRY_scalar(type, TYPE) NATIVE_ENTRY(type, TYPE, scalar)
+#define NATIVE_ENTRY_avx2(type, TYPE) NATIVE_ENTRY(type, TYPE, avx2)
+#define NATIVE_ENTRY_avx512(type, TYPE) NATIVE_ENTRY(type, TYPE, avx512)
+#define NATIVE_PATH(isa) EBB_NATIVE_PRODUCT_TYPES(NATIVE_ENTRY_##isa)
 
 NATIVE_PATH(scalar)
 #if defined(__x86_64__) || defined(__i386__)

@@ -110,17 +110,12 @@ EBB_CPU_OWN_OPS(avx512)
 
 /* The native GGUF types' table entries of each path (native_table.c, over
  * the rectangles of native_<isa>.c). */
-#define EBB_CPU_NATIVE_OPS(isa) \
-    void ebb_cpu_matmul_q4_0_##isa(struct ebb_pool *, float *, const struct ebb_act *, const void *, int, int, int); \
-    void ebb_cpu_matmul_q4_1_##isa(struct ebb_pool *, float *, const struct ebb_act *, const void *, int, int, int); \
-    void ebb_cpu_matmul_q5_0_##isa(struct ebb_pool *, float *, const struct ebb_act *, const void *, int, int, int); \
-    void ebb_cpu_matmul_q5_1_##isa(struct ebb_pool *, float *, const struct ebb_act *, const void *, int, int, int); \
-    void ebb_cpu_matmul_q8_0_##isa(struct ebb_pool *, float *, const struct ebb_act *, const void *, int, int, int); \
-    void ebb_cpu_matmul_q2_k_##isa(struct ebb_pool *, float *, const struct ebb_act *, const void *, int, int, int); \
-    void ebb_cpu_matmul_q3_k_##isa(struct ebb_pool *, float *, const struct ebb_act *, const void *, int, int, int); \
-    void ebb_cpu_matmul_q4_k_##isa(struct ebb_pool *, float *, const struct ebb_act *, const void *, int, int, int); \
-    void ebb_cpu_matmul_q5_k_##isa(struct ebb_pool *, float *, const struct ebb_act *, const void *, int, int, int); \
-    void ebb_cpu_matmul_q6_k_##isa(struct ebb_pool *, float *, const struct ebb_act *, const void *, int, int, int);
+#define EBB_CPU_NATIVE_OP(name, isa) \
+    void ebb_cpu_matmul_##name##_##isa(struct ebb_pool *, float *, const struct ebb_act *, const void *, int, int, int);
+#define EBB_CPU_NATIVE_OP_scalar(name, TYPE) EBB_CPU_NATIVE_OP(name, scalar)
+#define EBB_CPU_NATIVE_OP_avx2(name, TYPE) EBB_CPU_NATIVE_OP(name, avx2)
+#define EBB_CPU_NATIVE_OP_avx512(name, TYPE) EBB_CPU_NATIVE_OP(name, avx512)
+#define EBB_CPU_NATIVE_OPS(isa) EBB_NATIVE_PRODUCT_TYPES(EBB_CPU_NATIVE_OP_##isa)
 EBB_CPU_NATIVE_OPS(scalar)
 EBB_CPU_NATIVE_OPS(avx2)
 EBB_CPU_NATIVE_OPS(avx512)

@@ -279,23 +279,13 @@ static void launch_matmul(int type, float *out, const struct ebb_act *x, const v
     }
     const unsigned grid = blocks_for(threads, per_block);
     bind_thread();
-#define QUANT_CASE(t) \
+#define QUANT_CASE(name, t) \
     case t: \
         k_matmul_quant<t><<<grid, per_block, 0, stream>>>(out, x->q, x->s, x->sums, (const uint8_t *)w, row_bytes, \
                                                           n_tok, n_in, n_out); \
         break;
     switch (type) {
-    QUANT_CASE(EBB_TYPE_W4G64)
-    QUANT_CASE(EBB_TYPE_Q4_0)
-    QUANT_CASE(EBB_TYPE_Q4_1)
-    QUANT_CASE(EBB_TYPE_Q5_0)
-    QUANT_CASE(EBB_TYPE_Q5_1)
-    QUANT_CASE(EBB_TYPE_Q8_0)
-    QUANT_CASE(EBB_TYPE_Q2_K)
-    QUANT_CASE(EBB_TYPE_Q3_K)
-    QUANT_CASE(EBB_TYPE_Q4_K)
-    QUANT_CASE(EBB_TYPE_Q5_K)
-    QUANT_CASE(EBB_TYPE_Q6_K)
+    EBB_INT_PRODUCT_TYPES(QUANT_CASE)
     default: return;
     }
 #undef QUANT_CASE
@@ -306,18 +296,7 @@ static void launch_matmul(int type, float *out, const struct ebb_act *x, const v
     static void matmul_##name(struct ebb_pool *pool, float *out, const struct ebb_act *x, const void *w, int n_tok, \
                               int n_in, int n_out) \
     { launch_matmul(type, out, x, w, n_tok, n_in, n_out); }
-MATMUL_ENTRY(f32, EBB_TYPE_F32)
-MATMUL_ENTRY(w4g64, EBB_TYPE_W4G64)
-MATMUL_ENTRY(q4_0, EBB_TYPE_Q4_0)
-MATMUL_ENTRY(q4_1, EBB_TYPE_Q4_1)
-MATMUL_ENTRY(q5_0, EBB_TYPE_Q5_0)
-MATMUL_ENTRY(q5_1, EBB_TYPE_Q5_1)
-MATMUL_ENTRY(q8_0, EBB_TYPE_Q8_0)
-MATMUL_ENTRY(q2_k, EBB_TYPE_Q2_K)
-MATMUL_ENTRY(q3_k, EBB_TYPE_Q3_K)
-MATMUL_ENTRY(q4_k, EBB_TYPE_Q4_K)
-MATMUL_ENTRY(q5_k, EBB_TYPE_Q5_K)
-MATMUL_ENTRY(q6_k, EBB_TYPE_Q6_K)
+EBB_PRODUCT_TYPES(MATMUL_ENTRY)
 
 /* ------------------------------------------------------------- quantizers */
 
@@ -690,18 +669,9 @@ static struct ebb_backend make_table(void)
     memset(&b, 0, sizeof b);
     b.name = "cuda";
     b.memory = &cuda_memory;
-    b.matmul[EBB_TYPE_F32] = matmul_f32;
-    b.matmul[EBB_TYPE_W4G64] = matmul_w4g64;
-    b.matmul[EBB_TYPE_Q4_0] = matmul_q4_0;
-    b.matmul[EBB_TYPE_Q4_1] = matmul_q4_1;
-    b.matmul[EBB_TYPE_Q5_0] = matmul_q5_0;
-    b.matmul[EBB_TYPE_Q5_1] = matmul_q5_1;
-    b.matmul[EBB_TYPE_Q8_0] = matmul_q8_0;
-    b.matmul[EBB_TYPE_Q2_K] = matmul_q2_k;
-    b.matmul[EBB_TYPE_Q3_K] = matmul_q3_k;
-    b.matmul[EBB_TYPE_Q4_K] = matmul_q4_k;
-    b.matmul[EBB_TYPE_Q5_K] = matmul_q5_k;
-    b.matmul[EBB_TYPE_Q6_K] = matmul_q6_k;
+#define SET_MATMUL(name, type) b.matmul[type] = matmul_##name;
+    EBB_PRODUCT_TYPES(SET_MATMUL)
+#undef SET_MATMUL
     b.rmsnorm_f32 = rmsnorm;
     b.softmax_f32 = softmax;
     b.swiglu_f32 = swiglu;

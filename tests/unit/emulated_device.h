@@ -71,18 +71,7 @@ static void emu_matmul(int type, float *out, const struct ebb_act *x, const void
     static void emu_matmul_##name(struct ebb_pool *pool, float *out, const struct ebb_act *x, const void *w, \
                                   int n_tok, int n_in, int n_out) \
     { emu_matmul(type, out, x, w, n_tok, n_in, n_out); }
-EMU_MATMUL(f32, EBB_TYPE_F32)
-EMU_MATMUL(w4g64, EBB_TYPE_W4G64)
-EMU_MATMUL(q4_0, EBB_TYPE_Q4_0)
-EMU_MATMUL(q4_1, EBB_TYPE_Q4_1)
-EMU_MATMUL(q5_0, EBB_TYPE_Q5_0)
-EMU_MATMUL(q5_1, EBB_TYPE_Q5_1)
-EMU_MATMUL(q8_0, EBB_TYPE_Q8_0)
-EMU_MATMUL(q2_k, EBB_TYPE_Q2_K)
-EMU_MATMUL(q3_k, EBB_TYPE_Q3_K)
-EMU_MATMUL(q4_k, EBB_TYPE_Q4_K)
-EMU_MATMUL(q5_k, EBB_TYPE_Q5_K)
-EMU_MATMUL(q6_k, EBB_TYPE_Q6_K)
+EBB_PRODUCT_TYPES(EMU_MATMUL)
 
 static void emu_rmsnorm(float *out, const float *x, const float *g, int n, float eps)
 { emu_cpu->rmsnorm_f32(H(out), H(x), H(g), n, eps); }
@@ -137,18 +126,9 @@ static const struct ebb_backend *emulated_device(void)
     memset(&b, 0, sizeof b);
     b.name = "emulated device (scalar ops on tagged pointers)";
     b.memory = &emu_memory;
-    b.matmul[EBB_TYPE_F32] = emu_matmul_f32;
-    b.matmul[EBB_TYPE_W4G64] = emu_matmul_w4g64;
-    b.matmul[EBB_TYPE_Q4_0] = emu_matmul_q4_0;
-    b.matmul[EBB_TYPE_Q4_1] = emu_matmul_q4_1;
-    b.matmul[EBB_TYPE_Q5_0] = emu_matmul_q5_0;
-    b.matmul[EBB_TYPE_Q5_1] = emu_matmul_q5_1;
-    b.matmul[EBB_TYPE_Q8_0] = emu_matmul_q8_0;
-    b.matmul[EBB_TYPE_Q2_K] = emu_matmul_q2_k;
-    b.matmul[EBB_TYPE_Q3_K] = emu_matmul_q3_k;
-    b.matmul[EBB_TYPE_Q4_K] = emu_matmul_q4_k;
-    b.matmul[EBB_TYPE_Q5_K] = emu_matmul_q5_k;
-    b.matmul[EBB_TYPE_Q6_K] = emu_matmul_q6_k;
+#define SET_MATMUL(name, type) b.matmul[type] = emu_matmul_##name;
+    EBB_PRODUCT_TYPES(SET_MATMUL)
+#undef SET_MATMUL
     b.rmsnorm_f32 = emu_rmsnorm;
     b.softmax_f32 = emu_softmax;
     b.swiglu_f32 = emu_swiglu;

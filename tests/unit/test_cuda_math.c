@@ -84,17 +84,7 @@ static void hd_matmul(int type, float *out, const struct ebb_act *x, const void 
     static void hd_matmul_##name(struct ebb_pool *pool, float *out, const struct ebb_act *x, const void *w, \
                                  int n_tok, int n_in, int n_out) \
     { hd_matmul(type, out, x, w, n_tok, n_in, n_out); }
-HD_MATMUL(w4g64, EBB_TYPE_W4G64)
-HD_MATMUL(q4_0, EBB_TYPE_Q4_0)
-HD_MATMUL(q4_1, EBB_TYPE_Q4_1)
-HD_MATMUL(q5_0, EBB_TYPE_Q5_0)
-HD_MATMUL(q5_1, EBB_TYPE_Q5_1)
-HD_MATMUL(q8_0, EBB_TYPE_Q8_0)
-HD_MATMUL(q2_k, EBB_TYPE_Q2_K)
-HD_MATMUL(q3_k, EBB_TYPE_Q3_K)
-HD_MATMUL(q4_k, EBB_TYPE_Q4_K)
-HD_MATMUL(q5_k, EBB_TYPE_Q5_K)
-HD_MATMUL(q6_k, EBB_TYPE_Q6_K)
+EBB_INT_PRODUCT_TYPES(HD_MATMUL)
 
 static void hd_quantize_act(const float *x, int n_tok, int n, int n_hi, int8_t *q, float *s)
 {
@@ -209,12 +199,9 @@ static void hd_rope(float *x, size_t stride, int n_tok, int n_heads, int head_di
 
 static const struct ebb_backend hd_table = {
     .name = "hostdev (CUDA arithmetic on the CPU)",
-    .matmul = {
-        [EBB_TYPE_W4G64] = hd_matmul_w4g64, [EBB_TYPE_Q4_0] = hd_matmul_q4_0, [EBB_TYPE_Q4_1] = hd_matmul_q4_1,
-        [EBB_TYPE_Q5_0] = hd_matmul_q5_0, [EBB_TYPE_Q5_1] = hd_matmul_q5_1, [EBB_TYPE_Q8_0] = hd_matmul_q8_0,
-        [EBB_TYPE_Q2_K] = hd_matmul_q2_k, [EBB_TYPE_Q3_K] = hd_matmul_q3_k, [EBB_TYPE_Q4_K] = hd_matmul_q4_k,
-        [EBB_TYPE_Q5_K] = hd_matmul_q5_k, [EBB_TYPE_Q6_K] = hd_matmul_q6_k,
-    },
+#define HD_ENTRY(name, type) [type] = hd_matmul_##name,
+    .matmul = {EBB_INT_PRODUCT_TYPES(HD_ENTRY)},
+#undef HD_ENTRY
     .quantize_act = hd_quantize_act,
     .quantize_q8b32 = hd_quantize_q8b32,
     .quantize_q8k = hd_quantize_q8k,
