@@ -189,9 +189,11 @@ static void oc_products(const struct ebb_backend *ref)
                                      EBB_TYPE_Q5_K, EBB_TYPE_Q6_K};
     /* one token (decode), a few, the most the decode kernels take (8), more
      * than a warp's worth; one row, odd rows;
-     * inputs of one block up to the default model's 576 and 1536 */
+     * inputs of one block (W4G64), odd block counts (legacy types) up to
+     * the default model's 576 and 1536 */
     static const int toks[] = {1, 3, 8, 37}, outs[] = {1, 7, 70};
-    static const int ins_legacy[] = {64, 576, 1536}, ins_k[] = {256, 768, 1536};
+    static const int ins_w4[] = {64, 576, 1536}, ins_k[] = {256, 768, 1536};
+    static const int ins_legacy[] = {96, 576, 1504};   /* odd block counts too: a decode step's lone block */
     for (size_t k = 0; k < sizeof types / sizeof *types; k++) {
         const uint32_t type = types[k];
         char what[64];
@@ -199,7 +201,9 @@ static void oc_products(const struct ebb_backend *ref)
         if (!oc_has(oc_test->matmul[type], what)) continue;
         for (int i = 0; i < 4; i++)
             for (int j = 0; j < 3; j++) {
-                const int n_in = oc_is_k(type) ? ins_k[(i + j) % 3] : ins_legacy[(i + j) % 3];
+                const int n_in = oc_is_k(type) ? ins_k[(i + j) % 3]
+                                 : ebb_type_info(type)->block_elems == 32 ? ins_legacy[(i + j) % 3]
+                                                                          : ins_w4[(i + j) % 3];
                 oc_matmul(ref, type, toks[i], n_in, outs[j]);
             }
     }
