@@ -441,15 +441,6 @@ EBB_HD int32_t ebb_hd_gemv_part(int type, const uint8_t *row, const int8_t *q, i
     return ebb_hd_nibbles_byte(&n, j, a);
 }
 
-/* One output: a weight row of n values against one token, whole. */
-EBB_HD float ebb_hd_row_dot(int type, const uint8_t *w_row, const struct ebb_hd_act *x, int n)
-{
-    float acc = 0;
-    const int blocks = n / ebb_hd_block_elems(type);
-    for (int b = 0; b < blocks; b++) acc = ebb_hd_block_step(type, acc, w_row, x, b, ebb_hd_block_ints(type, w_row, x, b));
-    return acc;
-}
-
 /* ------------------------------------------------------- dequantization */
 
 /* Value i of one block of a type (i < ebb_hd_block_elems), the float
