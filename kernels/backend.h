@@ -21,6 +21,8 @@
 #define EBB_KERNELS_BACKEND_H
 #include <stddef.h>
 #include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
 
 #include "kernels/formats.h"
 
@@ -75,6 +77,10 @@ struct ebb_backend_memory {
     int (*download)(void *dst, const void *src, size_t bytes);
     int (*sync)(void);
     const char *(*error)(void);
+    /* bytes from src to dst, both alloc'd, and bytes zeros at dst: queued
+     * in order with the ops (a failure shows at the next sync). */
+    void (*copy)(void *dst, const void *src, size_t bytes);
+    void (*zero)(void *dst, size_t bytes);
 };
 
 struct ebb_backend {
@@ -156,6 +162,17 @@ struct ebb_backend {
      * from the caller, so the op never evaluates a sine. */
     void (*rope_f32)(float *x, size_t stride, int n_tok, int n_heads, int head_dim, int rope_dim, int neox,
                      const float *cos, const float *sin);
+    /* out[i] = x[i] * s, one rounded product (out may alias x): attention's
+     * query scaling. */
+    void (*scale_f32)(float *out, const float *x, float s, int n);
+    /* One position's keys or values (n floats, one layer) into a KV cache
+     * body row (engine/kv.h) at `bits`: 32 the floats; 16 IEEE halves of
+     * the values clamped to +-65504; 8 and 4 a KV8/KV4 row of `group`
+     * values per group (kernels/formats.h's ebb_kvq_quantize_row), codes
+     * at row and the (d, m) pairs right after them, n * bits / 8 bytes on.
+     * rotate (group 64): each block of 64 values is multiplied by H64 (as
+     * hadamard64) before it is quantized. Exact on every path. */
+    void (*kv_store_row)(uint8_t *row, const float *x, int n, int bits, int group, int rotate);
 
     /* ---- attention over the KV cache (engine/kv.c) ----
      * kv.c runs a block of queries (the query heads of one KV head, at one
@@ -219,6 +236,45 @@ struct ebb_backend {
     void (*bitstack_scale_add)(float *out, size_t out_stride, const int32_t *isum, int n_rows, int n_tok, int rank,
                                const float *u, const float *ts);
 };
+
+/* The same calls for host memory (a backend without `memory`) and for a
+ * backend's own: what the engine uses wherever a buffer may live on either
+ * side. On the host, upload and download are copies and the queue is the
+ * call itself. */
+static inline void *ebb_alloc(const struct ebb_backend *be, size_t bytes)
+{
+    return be->memory ? be->memory->alloc(bytes) : malloc(bytes ? bytes : 1);
+}
+static inline void ebb_release(const struct ebb_backend *be, void *p)
+{
+    if (be->memory) {
+        if (p) be->memory->release(p);
+    } else {
+        free(p);
+    }
+}
+static inline int ebb_upload(const struct ebb_backend *be, void *dst, const void *src, size_t bytes)
+{
+    if (be->memory) return be->memory->upload(dst, src, bytes);
+    memcpy(dst, src, bytes);
+    return 0;
+}
+static inline int ebb_download(const struct ebb_backend *be, void *dst, const void *src, size_t bytes)
+{
+    if (be->memory) return be->memory->download(dst, src, bytes);
+    memcpy(dst, src, bytes);
+    return 0;
+}
+static inline void ebb_copy(const struct ebb_backend *be, void *dst, const void *src, size_t bytes)
+{
+    if (be->memory) be->memory->copy(dst, src, bytes);
+    else memcpy(dst, src, bytes);
+}
+static inline void ebb_zero(const struct ebb_backend *be, void *dst, size_t bytes)
+{
+    if (be->memory) be->memory->zero(dst, bytes);
+    else memset(dst, 0, bytes);
+}
 
 /* The CUDA backend on device `index` (0 for the first), or NULL with the
  * reason in why: this build has no CUDA (configured without the toolkit, or

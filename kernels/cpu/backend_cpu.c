@@ -146,6 +146,8 @@ void ebb_cpu_matmul_drive(struct ebb_pool *pool, enum ebb_type type, matmul_bloc
     .get_rows = ebb_cpu_get_rows, \
     .permute_f32 = ebb_cpu_permute, \
     .rope_f32 = ebb_cpu_rope, \
+    .scale_f32 = ebb_cpu_scale, \
+    .kv_store_row = ebb_cpu_kv_store_row, \
 }
 
 static const struct ebb_backend cpu_scalar = CPU_PATH(scalar, scalar);

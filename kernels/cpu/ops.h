@@ -163,6 +163,8 @@ void ebb_cpu_get_rows(float *out, const void *table, uint32_t type, const int32_
 void ebb_cpu_permute(float *out, const float *x, const int32_t *perm, int n_tok, int n);
 void ebb_cpu_rope(float *x, size_t stride, int n_tok, int n_heads, int head_dim, int rope_dim, int neox,
                   const float *cos, const float *sin);
+void ebb_cpu_scale(float *out, const float *x, float s, int n);
+void ebb_cpu_kv_store_row(uint8_t *row, const float *x, int n, int bits, int group, int rotate);
 
 /* BitStack's sign products (bitstack_<isa>.c). */
 #define EBB_CPU_BITSTACK_OPS(isa) \

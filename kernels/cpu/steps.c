@@ -5,6 +5,8 @@
  * backend repeats the same arithmetic (kernels/cuda/hostdev.h). */
 #include "kernels/cpu/ops.h"
 
+#include <string.h>
+
 #include "kernels/formats.h"
 
 void ebb_cpu_get_rows(float *out, const void *table, uint32_t type, const int32_t *ids, int n_rows, int n)
@@ -39,5 +41,36 @@ void ebb_cpu_rope(float *x, size_t stride, int n_tok, int n_heads, int head_dim,
                 v[b] = x0 * s[i] + x1 * c[i];
             }
         }
+    }
+}
+
+void ebb_cpu_scale(float *out, const float *x, float s, int n)
+{
+    for (int i = 0; i < n; i++) out[i] = x[i] * s;
+}
+
+#define F16_MAX 65504.0f
+
+void ebb_cpu_kv_store_row(uint8_t *row, const float *x, int n, int bits, int group, int rotate)
+{
+    if (bits == 32) {
+        memcpy(row, x, (size_t)n * sizeof(float));
+        return;
+    }
+    if (bits == 16) {
+        uint16_t *h = (uint16_t *)(void *)row;
+        for (int i = 0; i < n; i++) h[i] = ebb_f32_to_f16(x[i] > F16_MAX ? F16_MAX : x[i] < -F16_MAX ? -F16_MAX : x[i]);
+        return;
+    }
+    uint16_t *dm = (uint16_t *)(void *)(row + (size_t)n * bits / 8);
+    if (!rotate) {
+        ebb_kvq_quantize_row(bits, x, n, group, row, dm);
+        return;
+    }
+    float block[64];   /* rotation implies groups of 64 */
+    for (int g = 0; g < n / 64; g++) {
+        memcpy(block, x + 64 * g, sizeof block);
+        ebb_cpu_hadamard64_scalar(block, 64);
+        ebb_kvq_quantize_row(bits, block, 64, 64, row + (size_t)g * 8 * bits, dm + 2 * g);
     }
 }

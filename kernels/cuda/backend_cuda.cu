@@ -142,8 +142,22 @@ static int mem_sync(void)
 
 static const char *mem_error(void) { return last_failure[0] ? last_failure : "no error"; }
 
+static void mem_copy(void *dst, const void *src, size_t bytes)
+{
+    if (!bytes) return;
+    bind_thread();
+    if (ok(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, stream), "copy")) broken = 1;
+}
+
+static void mem_zero(void *dst, size_t bytes)
+{
+    if (!bytes) return;
+    bind_thread();
+    if (ok(cudaMemsetAsync(dst, 0, bytes, stream), "zero")) broken = 1;
+}
+
 static const struct ebb_backend_memory cuda_memory = {
-    mem_alloc, mem_release, mem_upload, mem_download, mem_sync, mem_error,
+    mem_alloc, mem_release, mem_upload, mem_download, mem_sync, mem_error, mem_copy, mem_zero,
 };
 
 /* ---------------------------------------------------------------- products */
@@ -513,6 +527,42 @@ static void rope(float *x, size_t stride, int n_tok, int n_heads, int head_dim, 
     launched("rope");
 }
 
+__global__ void k_scale(float *out, const float *x, float s, int n)
+{
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) out[i] = x[i] * s;
+}
+
+static void scale(float *out, const float *x, float s, int n)
+{
+    if (n <= 0) return;
+    bind_thread();
+    k_scale<<<blocks_for((size_t)n, VEC_THREADS), VEC_THREADS, 0, stream>>>(out, x, s, n);
+    launched("scale");
+}
+
+/* kv_store_row: a thread per value (32 and 16 bits) or per group (8, 4). */
+__global__ void k_kv_store_row(uint8_t *row, const float *x, int n, int bits, int group, int rotate)
+{
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (bits == 32) {
+        if (i < n) ((float *)row)[i] = x[i];
+    } else if (bits == 16) {
+        if (i < n) ((uint16_t *)row)[i] = ebb_hd_to_f16(ebb_hd_clamp_f16_range(x[i]));
+    } else if (i < n / group) {
+        ebb_hd_kv_store_group(row, x, n, bits, group, rotate, i);
+    }
+}
+
+static void kv_store_row(uint8_t *row, const float *x, int n, int bits, int group, int rotate)
+{
+    if (n <= 0) return;
+    const int threads = bits >= 16 ? n : n / group;
+    bind_thread();
+    k_kv_store_row<<<blocks_for((size_t)threads, 64), 64, 0, stream>>>(row, x, n, bits, group, rotate);
+    launched("kv_store_row");
+}
+
 /* -------------------------------------------------------------- attention */
 
 __global__ void k_attn_scores(float *s, size_t s_stride, const float *q, size_t q_stride, int n_q, const float *k,
@@ -691,6 +741,8 @@ static struct ebb_backend make_table(void)
     b.get_rows = get_rows;
     b.permute_f32 = permute;
     b.rope_f32 = rope;
+    b.scale_f32 = scale;
+    b.kv_store_row = kv_store_row;
     return b;
 }
 

@@ -564,6 +564,86 @@ EBB_HD float ebb_hd_kv_value_channel(const uint8_t *codes, const void *dm, int b
     return fmaf(ebb_hd_f16_at(pair), (float)code, ebb_hd_f16_at(pair + 2));
 }
 
+/* ebb_f32_to_f16's rule: round to nearest even, overflow to infinity,
+ * subnormal halves rounded by the FPU (its default mode is nearest even). */
+EBB_HD uint32_t ebb_hd_f32_bits(float f)
+{
+    union { float f; uint32_t u; } v;
+    v.f = f;
+    return v.u;
+}
+
+EBB_HD uint16_t ebb_hd_to_f16(float f)
+{
+    const uint32_t u = ebb_hd_f32_bits(f), abs = u & 0x7fffffffu;
+    const uint16_t sign = (uint16_t)((u >> 16) & 0x8000);
+    if (abs > 0x7f800000u) return (uint16_t)(sign | 0x7e00 | ((abs >> 13) & 0x3ff));
+    if (abs >= 0x477ff000u) return (uint16_t)(sign | 0x7c00);
+    if (abs < 0x38800000u) return (uint16_t)(sign | (uint16_t)nearbyintf(ebb_hd_bits_f32(abs) * 0x1p24f));
+    const uint32_t rebased = abs - ((uint32_t)(127 - 15) << 23);
+    return (uint16_t)(sign | ((rebased + 0xfffu + ((rebased >> 13) & 1u)) >> 13));
+}
+
+EBB_HD float ebb_hd_clamp_f16_range(float v) { return v > 65504.0f ? 65504.0f : v < -65504.0f ? -65504.0f : v; }
+
+/* The largest half <= x and the smallest half >= x (formats.c's f16_down
+ * and f16_up). */
+EBB_HD uint16_t ebb_hd_f16_down(float x)
+{
+    const uint16_t h = ebb_hd_to_f16(x);
+    if (ebb_hd_f16(h) <= x) return h;
+    if ((h & 0x7fff) == 0) return 0x8001;
+    return (h & 0x8000) ? (uint16_t)(h + 1) : (uint16_t)(h - 1);
+}
+
+EBB_HD uint16_t ebb_hd_f16_up(float x)
+{
+    const uint16_t h = ebb_hd_to_f16(x);
+    if (ebb_hd_f16(h) >= x) return h;
+    if ((h & 0x7fff) == 0) return 0x0001;
+    return (h & 0x8000) ? (uint16_t)(h - 1) : (uint16_t)(h + 1);
+}
+
+/* One KV8/KV4 group of a row as ebb_kvq_quantize_row makes it: the span
+ * (clamped, NaN skipped), m rounded down and d rounded up to halves, each
+ * value's nearest code; the pair written byte by byte (a row's pairs need
+ * not be 2-byte aligned). */
+EBB_HD void ebb_hd_kv_quantize_group(int bits, const float *x, int group, uint8_t *codes, uint8_t *pair)
+{
+    float lo = 65504.0f, hi = -65504.0f;
+    for (int i = 0; i < group; i++) {
+        lo = fminf(lo, ebb_hd_clamp_f16_range(x[i]));
+        hi = fmaxf(hi, ebb_hd_clamp_f16_range(x[i]));
+    }
+    if (lo > hi) lo = hi = 0;
+    const int qmax = (1 << bits) - 1, B = group * bits / 8;
+    const uint16_t mh = ebb_hd_f16_down(lo);
+    const float m = ebb_hd_f16(mh);
+    const uint16_t dh = ebb_hd_f16_up((hi - m) / (float)qmax);
+    const float d = ebb_hd_f16(dh), inv = d > 0 ? 1.0f / d : 0.0f;
+    for (int i = 0; i < B; i++) codes[i] = 0;
+    for (int i = 0; i < group; i++) {
+        const float t = (ebb_hd_clamp_f16_range(x[i]) - m) * inv + 0.5f;
+        const int code = t >= 1.0f ? (t >= (float)qmax ? qmax : (int)t) : 0;
+        codes[i % B] = (uint8_t)(codes[i % B] | (code << (bits * (i / B))));
+    }
+    pair[0] = (uint8_t)dh;
+    pair[1] = (uint8_t)(dh >> 8);
+    pair[2] = (uint8_t)mh;
+    pair[3] = (uint8_t)(mh >> 8);
+}
+
+/* Group g of kv_store_row at 8 or 4 bits: its values (rotated by H64 first
+ * when the row is), quantized into its codes and pair. */
+EBB_HD void ebb_hd_kv_store_group(uint8_t *row, const float *x, int n, int bits, int group, int rotate, int g)
+{
+    float block[64];
+    for (int i = 0; i < group; i++) block[i] = x[(size_t)g * group + i];
+    if (rotate) ebb_hd_hadamard64(block);
+    ebb_hd_kv_quantize_group(bits, block, group, row + (size_t)g * (size_t)(group * bits / 8),
+                             row + (size_t)n * bits / 8 + 4 * (size_t)g);
+}
+
 /* ------------------------------------------------------------- BitStack */
 
 /* One sign row of n (bit i of byte i/8 set: negative) against n codes. */

@@ -58,8 +58,11 @@ static int emu_download(void *dst, const void *src, size_t bytes)
 static int emu_sync(void) { return 0; }
 static const char *emu_error(void) { return "no error"; }
 
+static void emu_copy(void *dst, const void *src, size_t bytes) { memcpy(H(dst), H(src), bytes); }
+static void emu_zero(void *dst, size_t bytes) { memset(H(dst), 0, bytes); }
+
 static const struct ebb_backend_memory emu_memory = {emu_alloc, emu_release, emu_upload, emu_download, emu_sync,
-                                                      emu_error};
+                                                      emu_error, emu_copy, emu_zero};
 
 static void emu_matmul(int type, float *out, const struct ebb_act *x, const void *w, int n_tok, int n_in, int n_out)
 {
@@ -92,6 +95,9 @@ static void emu_permute(float *out, const float *x, const int32_t *perm, int n_t
 static void emu_rope(float *x, size_t stride, int n_tok, int n_heads, int head_dim, int rope_dim, int neox,
                      const float *cos, const float *sin)
 { emu_cpu->rope_f32(H(x), stride, n_tok, n_heads, head_dim, rope_dim, neox, H(cos), H(sin)); }
+static void emu_scale(float *out, const float *x, float s, int n) { emu_cpu->scale_f32(H(out), H(x), s, n); }
+static void emu_kv_store_row(uint8_t *row, const float *x, int n, int bits, int group, int rotate)
+{ emu_cpu->kv_store_row(H(row), H(x), n, bits, group, rotate); }
 static void emu_attn_scores(float *s, size_t s_stride, const float *q, size_t q_stride, int n_q, const float *k,
                             size_t k_stride, int n_rows, int n)
 { emu_cpu->attn_scores(H(s), s_stride, H(q), q_stride, n_q, H(k), k_stride, n_rows, n); }
@@ -140,6 +146,8 @@ static const struct ebb_backend *emulated_device(void)
     b.get_rows = emu_get_rows;
     b.permute_f32 = emu_permute;
     b.rope_f32 = emu_rope;
+    b.scale_f32 = emu_scale;
+    b.kv_store_row = emu_kv_store_row;
     b.attn_scores = emu_attn_scores;
     b.attn_values = emu_attn_values;
     b.kv_rows_f16 = emu_kv_rows_f16;

@@ -569,6 +569,58 @@ static void oc_steps(const struct ebb_backend *ref)
             oc_free(dx), oc_free(dc), oc_free(ds), free(x), free(c), free(sn), free(got);
         }
     }
+    if (oc_has(oc_test->scale_f32, "scale_f32")) {
+        const int n = 333;
+        float *x = oc_floats((size_t)n, 3), *want = oc_xmalloc((size_t)n * sizeof(float));
+        float *got = oc_xmalloc((size_t)n * sizeof(float));
+        ref->scale_f32(want, x, 0.125f * 1.1f, n);
+        float *dx = oc_put(x, (size_t)n * sizeof *x);
+        oc_test->scale_f32(dx, dx, 0.125f * 1.1f, n);     /* in place, as attention uses it */
+        oc_get(got, dx, (size_t)n * sizeof *got);
+        CHECK(oc_same_bits(want, got, (size_t)n * sizeof *got, "scale_f32"));
+        oc_free(dx), free(x), free(want), free(got);
+    }
+    if (oc_has(oc_test->kv_store_row, "kv_store_row")) {
+        /* every precision; groups of 64 rotated and not, narrower groups;
+         * rows with values beyond f16's range, a constant group, NaN */
+        static const int cases[][4] = {{32, 576, 64, 0}, {16, 576, 64, 0}, {8, 576, 64, 1}, {4, 576, 64, 1},
+                                       {4, 192, 64, 0},  {8, 96, 32, 0},   {4, 48, 16, 0},  {4, 40, 8, 0}};
+        for (size_t k = 0; k < sizeof cases / sizeof *cases; k++) {
+            const int bits = cases[k][0], n = cases[k][1], group = cases[k][2], rotate = cases[k][3];
+            const size_t bytes = bits >= 16 ? (size_t)n * bits / 8 : (size_t)n * bits / 8 + (size_t)n / group * 4;
+            float *x = oc_floats((size_t)n, 4);
+            x[1] = 7e4f, x[2] = -9e4f;
+            for (int i = n - group; i < n; i++) x[i] = 0.75f;    /* a constant group */
+            if (bits < 16) x[5] = NAN;
+            uint8_t *want = oc_xmalloc(bytes), *got = oc_xmalloc(bytes);
+            memset(want, 0x5a, bytes);
+            ref->kv_store_row(want, x, n, bits, group, rotate);
+            float *dx = oc_put(x, (size_t)n * sizeof *x);
+            memset(got, 0xa5, bytes);                  /* other stale bytes than the reference's */
+            uint8_t *drow = oc_put(got, bytes);
+            oc_test->kv_store_row(drow, dx, n, bits, group, rotate);
+            oc_get(got, drow, bytes);
+            CHECK_MSG(oc_same_bits(want, got, bytes, "kv_store_row"), "kv_store_row case %zu (%d bits)", k, bits);
+            oc_free(dx), oc_free(drow), free(x), free(want), free(got);
+        }
+    }
+}
+
+/* The memory's queued copy and zero (what the engine uses between ops). */
+static void oc_memory(void)
+{
+    const struct ebb_backend_memory *m = oc_test->memory;
+    if (!m) return;
+    uint8_t host[1000], got[1000];
+    for (size_t i = 0; i < sizeof host; i++) host[i] = (uint8_t)(next_u32() | 1);
+    uint8_t *d = oc_put(host, sizeof host);
+    m->copy(d + 500, d + 3, 400);
+    m->zero(d + 7, 13);
+    oc_get(got, d, sizeof got);
+    memcpy(host + 500, host + 3, 400);
+    memset(host + 7, 0, 13);
+    CHECK(oc_same_bits(host, got, sizeof got, "memory copy and zero"));
+    oc_free(d);
 }
 
 /* Every op of test against ref. Returns how many entries were not compared. */
@@ -583,6 +635,7 @@ static int opcompare_all(const struct ebb_backend *ref, const struct ebb_backend
     oc_kv_rows_ops(ref);
     oc_bitstack(ref);
     oc_steps(ref);
+    oc_memory();
     if (test->memory) CHECK_MSG(test->memory->sync() == 0, "%s: %s", test->name, test->memory->error());
     return oc_not_compared;
 }

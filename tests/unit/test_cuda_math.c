@@ -197,6 +197,26 @@ static void hd_rope(float *x, size_t stride, int n_tok, int n_heads, int head_di
                                  sin[(size_t)t * half + i]);
 }
 
+static void hd_scale(float *out, const float *x, float s, int n)
+{
+    for (int i = n - 1; i >= 0; i--) out[i] = x[i] * s;
+}
+
+static void hd_kv_store_row(uint8_t *row, const float *x, int n, int bits, int group, int rotate)
+{
+    if (bits == 32) {
+        memcpy(row, x, (size_t)n * sizeof(float));
+    } else if (bits == 16) {
+        for (int i = n - 1; i >= 0; i--) {
+            const uint16_t h = ebb_hd_to_f16(ebb_hd_clamp_f16_range(x[i]));
+            memcpy(row + 2 * (size_t)i, &h, 2);
+        }
+    } else {
+        for (int g = n / group - 1; g >= 0; g--)     /* one thread per group: any order */
+            ebb_hd_kv_store_group(row, x, n, bits, group, rotate, g);
+    }
+}
+
 static const struct ebb_backend hd_table = {
     .name = "hostdev (CUDA arithmetic on the CPU)",
 #define HD_ENTRY(name, type) [type] = hd_matmul_##name,
@@ -217,6 +237,8 @@ static const struct ebb_backend hd_table = {
     .get_rows = hd_get_rows,
     .permute_f32 = hd_permute,
     .rope_f32 = hd_rope,
+    .scale_f32 = hd_scale,
+    .kv_store_row = hd_kv_store_row,
 };
 
 static void test_halves(void)
@@ -227,6 +249,19 @@ static void test_halves(void)
         same &= memcmp(&a, &b, sizeof a) == 0;
     }
     CHECK_MSG(same, "hostdev.h's half decoder differs from formats.c's");
+    /* and the encoder, over floats of every exponent (a stride through the
+     * bit patterns) and the edges: subnormal halves, ties, overflow, NaN */
+    int enc_same = 1;
+    for (uint64_t u = 0; u <= 0xffffffffu; u += 4099) {
+        float f;
+        const uint32_t b = (uint32_t)u;
+        memcpy(&f, &b, 4);
+        enc_same &= ebb_hd_to_f16(f) == ebb_f32_to_f16(f);
+    }
+    static const float edges[] = {0.0f, -0.0f, 65504.0f, 65519.99f, 65520.0f, -65520.0f, 5.96e-8f, 2.98e-8f,
+                                  2.9802322e-8f, 6.1035156e-5f, 6.1e-5f, 1.0009766f, 1.00048828125f, INFINITY, NAN};
+    for (size_t i = 0; i < sizeof edges / sizeof *edges; i++) enc_same &= ebb_hd_to_f16(edges[i]) == ebb_f32_to_f16(edges[i]);
+    CHECK_MSG(enc_same, "hostdev.h's half encoder differs from formats.c's");
 }
 
 /* The table's own entries must be the ones a kernel needs: a product for
