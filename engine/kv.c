@@ -28,7 +28,6 @@
  * writes plus the one before its first (see kv_cache_ensure). */
 #define WINDOW_PAGES_FOR(b) (2 + ((b) + KV_PAGE_TOKENS - 2) / KV_PAGE_TOKENS)
 #define WINDOW_PAGES_MAX WINDOW_PAGES_FOR(MODEL_MAX_BATCH)
-#define F16_MAX 65504.0f
 #define KV_MAX_HEAD_DIM 1024  /* kv_attend's stack buffers (model.c allows no more) */
 
 static int pages_for(int n) { return (n + KV_PAGE_TOKENS - 1) / KV_PAGE_TOKENS; }
@@ -184,6 +183,7 @@ enum kv_status kv_cache_init_reserving(struct kv_cache *kv, const struct model_c
         kv_layout_init(&kv->layout, cfg, account ? account->layout.bits : 32))
         return KV_FAILED;
     kv->account = account;
+    kv->be = account && account->be ? account->be : ebb_backend_cpu();
     kv->n_ctx = n_ctx;
     kv->window_max = window_pages_for(&kv->layout, n_ctx, max_pass);
     enum kv_status rc = kv_cache_reserve(kv, n_reserve);
@@ -218,14 +218,16 @@ void kv_cache_free(struct kv_cache *kv) {
     long long held = 0;
     for (int p = 0; p < kv->n_pages; p++)
         if (kv->pages[p]) {
-            free(kv->pages[p]);
+            ebb_release(kv->be, kv->pages[p]);
             held += (long long)l->page_bytes;
         }
-    if (kv->sink) held += (long long)l->sink_bytes;
-    free(kv->sink);
+    if (kv->sink) {
+        ebb_release(kv->be, kv->sink);
+        held += (long long)l->sink_bytes;
+    }
     for (int p = kv->window_lo; kv->window && p <= kv->window_hi; p++)
         if (kv->window[p]) {
-            free(kv->window[p]);
+            ebb_release(kv->be, kv->window[p]);
             held += (long long)l->window_page_bytes;
         }
     if (kv->account) {
@@ -272,7 +274,7 @@ static int window_ensure(struct kv_cache *kv, int from, int n) {
         if (n_spare < WINDOW_PAGES_MAX) {
             spare[n_spare++] = kv->window[p];
         } else {
-            free(kv->window[p]);
+            ebb_release(kv->be, kv->window[p]);
             charge(kv, -(long long)l->window_page_bytes);
         }
         kv->window[p] = NULL;
@@ -282,14 +284,14 @@ static int window_ensure(struct kv_cache *kv, int from, int n) {
         if (kv->window[p]) continue;
         if (n_spare) {
             kv->window[p] = spare[--n_spare];
-        } else if ((kv->window[p] = malloc(l->window_page_bytes))) {
+        } else if ((kv->window[p] = ebb_alloc(kv->be, l->window_page_bytes))) {
             charge(kv, (long long)l->window_page_bytes);
         } else {
             rc = -1;
         }
     }
     while (n_spare) {
-        free(spare[--n_spare]);
+        ebb_release(kv->be, spare[--n_spare]);
         charge(kv, -(long long)l->window_page_bytes);
     }
     kv->window_lo = lo;
@@ -321,13 +323,13 @@ int kv_cache_ensure(struct kv_cache *kv, int n) {
     const int need = pages_for(n);
     for (int p = kv->compact ? kv->compact_boundary / KV_PAGE_TOKENS : 0; p < need; p++) {
         if (kv->pages[p]) continue;
-        if (!(kv->pages[p] = malloc(l->page_bytes))) return -1;
+        if (!(kv->pages[p] = ebb_alloc(kv->be, l->page_bytes))) return -1;
         charge(kv, (long long)l->page_bytes);
         if (kv->n_pages <= p) kv->n_pages = p + 1;
     }
     if (!kv->window || n <= kv->n_past) return 0;
     if (!kv->sink) {
-        if (!(kv->sink = malloc(l->sink_bytes))) return -1;
+        if (!(kv->sink = ebb_alloc(kv->be, l->sink_bytes))) return -1;
         charge(kv, (long long)l->sink_bytes);
     }
     return window_ensure(kv, kv->n_past, n);
@@ -351,10 +353,6 @@ static float *sink_row(const struct kv_cache *kv, int layer, int kind, int pos) 
 
 /* ------------------------------------------------------------- storage */
 
-static float clamp_f16_range(float v) {
-    return v > F16_MAX ? F16_MAX : v < -F16_MAX ? -F16_MAX : v;
-}
-
 /* The rotation of keys, values and queries (H64 on each block of 64). */
 static void rotate64(const struct ebb_backend *be, float *x, int n) {
     be->hadamard64(x, n);
@@ -364,51 +362,24 @@ static uint16_t *row_dm(const struct kv_layout *l, uint8_t *row) {
     return (uint16_t *)(void *)(row + l->code_bytes);
 }
 
-/* Keys or values into a quantized row, rotated a group at a time when the
- * layout rotates (rotation implies groups of 64). */
-static void store_quantized(const struct kv_layout *l, const struct ebb_backend *be, uint8_t *row, const float *x) {
-    if (!l->rotate) {
-        ebb_kvq_quantize_row(l->bits, x, l->kv_dim, l->group, row, row_dm(l, row));
-        return;
-    }
-    float block[64];
-    for (int g = 0; g < l->kv_dim / 64; g++) {
-        memcpy(block, x + 64 * g, sizeof block);
-        rotate64(be, block, 64);
-        ebb_kvq_quantize_row(l->bits, block, 64, 64, row + (size_t)g * 8 * l->bits, row_dm(l, row) + 2 * g);
-    }
-}
-
+/* Every store goes through the backend (kv_store_row and its memory's
+ * copies), so the cache may live in a device's memory. */
 void kv_store(struct kv_cache *kv, const struct ebb_backend *be, int layer, int pos, const float *k,
               const float *v) {
     const struct kv_layout *l = &kv->layout;
     assert(layer >= 0 && layer < l->n_layer && pos >= 0 && pos / KV_PAGE_TOKENS < kv->n_pages);   /* ensured */
     const size_t n = (size_t)l->kv_dim;
     uint8_t *krow = body_row(kv, layer, 0, pos), *vrow = body_row(kv, layer, 1, pos);
-    switch (l->bits) {
-    case 32:
-        memcpy(krow, k, n * sizeof(float));
-        memcpy(vrow, v, n * sizeof(float));
-        break;
-    case 16: {
-        uint16_t *kh = (uint16_t *)(void *)krow, *vh = (uint16_t *)(void *)vrow;
-        for (size_t i = 0; i < n; i++) {
-            kh[i] = ebb_f32_to_f16(clamp_f16_range(k[i]));
-            vh[i] = ebb_f32_to_f16(clamp_f16_range(v[i]));
-        }
-        break;
-    }
-    default:
-        memcpy(window_row(kv, layer, 0, pos), k, n * sizeof(float));
-        memcpy(window_row(kv, layer, 1, pos), v, n * sizeof(float));
+    if (is_quantized(l->bits)) {
+        ebb_copy(be, window_row(kv, layer, 0, pos), k, n * sizeof(float));
+        ebb_copy(be, window_row(kv, layer, 1, pos), v, n * sizeof(float));
         if (pos < KV_SINK_TOKENS) {
-            memcpy(sink_row(kv, layer, 0, pos), k, n * sizeof(float));
-            memcpy(sink_row(kv, layer, 1, pos), v, n * sizeof(float));
+            ebb_copy(be, sink_row(kv, layer, 0, pos), k, n * sizeof(float));
+            ebb_copy(be, sink_row(kv, layer, 1, pos), v, n * sizeof(float));
         }
-        store_quantized(l, be, krow, k);
-        store_quantized(l, be, vrow, v);
-        break;
     }
+    be->kv_store_row(krow, k, l->kv_dim, l->bits, l->group, l->rotate);
+    be->kv_store_row(vrow, v, l->kv_dim, l->bits, l->group, l->rotate);
 }
 
 /* ---------------------------------------------------- the compact store */
@@ -577,7 +548,7 @@ int kv_cache_compact(struct kv_cache *kv, const struct ebb_backend *be, int boun
                      int low_key_bits) {
     const struct kv_layout *l = &kv->layout;
     int n_keep = 0, n_low = 0;
-    if (kv->compact || boundary <= 0 || boundary % KV_PAGE_TOKENS || boundary > kv_cache_compact_limit(kv) ||
+    if (kv->be->memory || kv->compact || boundary <= 0 || boundary % KV_PAGE_TOKENS || boundary > kv_cache_compact_limit(kv) ||
         (low_key_bits != KV_LOW_BITS && low_key_bits != 4) ||
         tier_counts(l, boundary, tiers, &n_keep, &n_low))
         return -1;
@@ -622,7 +593,7 @@ int kv_cache_compact(struct kv_cache *kv, const struct ebb_backend *be, int boun
     /* The pages go; the store and the saving are charged in their place. */
     const int pages = boundary / KV_PAGE_TOKENS;
     for (int p = 0; p < pages; p++) {
-        free(kv->pages[p]);
+        ebb_release(kv->be, kv->pages[p]);
         kv->pages[p] = NULL;
     }
     const size_t freed = (size_t)pages * l->page_bytes;
@@ -655,7 +626,7 @@ struct kv_compact_info kv_cache_compact_info(const struct kv_cache *kv) {
 
 int kv_cache_observe(struct kv_cache *kv, int from, int n, int q_dim) {
     kv_cache_forget_observation(kv);
-    if (from < 0 || n <= 0 || q_dim <= 0) return -1;
+    if (kv->be->memory || from < 0 || n <= 0 || q_dim <= 0) return -1;
     struct kv_observation *o = calloc(1, sizeof *o);
     if (!o) return -1;
     o->q = calloc((size_t)kv->layout.n_layer * (size_t)n * (size_t)q_dim, sizeof(float));
@@ -741,7 +712,7 @@ static const float *page_view(const struct kv_cache *kv, const struct ebb_backen
     const uint16_t *dm = row_dm(l, row) + (size_t)kvh * (hd / l->group) * 2;
     be->kv_rows_q(view, codes, dm, l->row_bytes, n_rows, hd, l->bits, l->group);
     for (int i = 0; page == 0 && i < KV_SINK_TOKENS && i < n_rows; i++) {
-        memcpy(view + (size_t)i * hd, sink_row(kv, layer, kind, i) + (size_t)kvh * hd, (size_t)hd * sizeof(float));
+        ebb_copy(be, view + (size_t)i * hd, sink_row(kv, layer, kind, i) + (size_t)kvh * hd, (size_t)hd * sizeof(float));
         if (l->rotate) rotate64(be, view + (size_t)i * hd, hd);
     }
     return view;
@@ -814,7 +785,8 @@ static struct segment compact_segment(const struct kv_cache *kv, const struct eb
                       l->group);
         /* The sinks, kept first, are read from their f32 copies. */
         for (int i = 0; seg == 0 && i < KV_SINK_TOKENS && i < s.n; i++) {
-            memcpy(view + (size_t)i * hd, sink_row(kv, layer, kind, i) + (size_t)kvh * hd, (size_t)hd * sizeof(float));
+            ebb_copy(be, view + (size_t)i * hd, sink_row(kv, layer, kind, i) + (size_t)kvh * hd,
+                     (size_t)hd * sizeof(float));
             if (l->rotate) rotate64(be, view + (size_t)i * hd, hd);
         }
     }
@@ -859,9 +831,9 @@ static void block_scores(struct block *b, const struct kv_cache *kv, const struc
 
     for (int j = 0; j < nq; j++) {
         const float *src = q + (size_t)(j / n_head) * stride + (size_t)(j % n_head) * hd;
-        for (int i = 0; i < hd; i++) b->qs[(size_t)j * hd + i] = src[i] * scale;
+        be->scale_f32(b->qs + (size_t)j * hd, src, scale, hd);
         if (rotate) {
-            memcpy(b->qr + (size_t)j * hd, b->qs + (size_t)j * hd, (size_t)hd * sizeof(float));
+            ebb_copy(be, b->qr + (size_t)j * hd, b->qs + (size_t)j * hd, (size_t)hd * sizeof(float));
             rotate64(be, b->qr + (size_t)j * hd, hd);
         }
     }
@@ -905,8 +877,8 @@ void kv_attend_block(const struct kv_cache *kv, const struct ebb_backend *be, in
     const int hd = b.hd, nq = b.nq, last = b.last;
     const size_t S = b.S;
 #define POS(j) (pos0 + (j) / n_head)
-    memset(b.acc, 0, (size_t)nq * hd * sizeof(float));
-    memset(b.accr, 0, (size_t)nq * hd * sizeof(float));
+    ebb_zero(be, b.acc, (size_t)nq * hd * sizeof(float));
+    ebb_zero(be, b.accr, (size_t)nq * hd * sizeof(float));
     int compact_rotated = 0;
     for (int g = 0; g < segment_count(c); g++) {
         const struct segment sg = compact_segment(kv, be, layer, 1, kvh, g, b.vview);
@@ -931,16 +903,15 @@ void kv_attend_block(const struct kv_cache *kv, const struct ebb_backend *be, in
         }
     }
     /* Values read rotated were summed in the rotated basis: rotate the sum
-     * back once (H64 is its own inverse) and add the rest. */
+     * back once (H64 is its own inverse) and add the rest (a + ar: the
+     * same float as ar + a). */
     for (int j = 0; j < nq; j++) {
         float *o = out + (size_t)(j / n_head) * stride + (size_t)(j % n_head) * hd;
-        const float *a = b.acc + (size_t)j * hd;
+        ebb_copy(be, o, b.acc + (size_t)j * hd, (size_t)hd * sizeof(float));
         if (compact_rotated || (l->rotate && reads_body(l, b.first_page, POS(j)))) {
             float *ar = b.accr + (size_t)j * hd;
             rotate64(be, ar, hd);
-            for (int i = 0; i < hd; i++) o[i] = ar[i] + a[i];
-        } else {
-            memcpy(o, a, (size_t)hd * sizeof(float));
+            be->add_f32(o, ar, hd);
         }
     }
 #undef POS
@@ -949,7 +920,7 @@ void kv_attend_block(const struct kv_cache *kv, const struct ebb_backend *be, in
 void kv_attend_weights(const struct kv_cache *kv, const struct ebb_backend *be, int layer, int kvh, const float *q,
                        size_t stride, int n_tok, int n_head, int pos0, float scale, float *scratch, float *w,
                        size_t w_stride) {
-    assert(!kv->compact);
+    assert(!kv->compact && !kv->be->memory);   /* compression's: host caches only */
     struct block b;
     block_scores(&b, kv, be, layer, kvh, q, stride, n_tok, n_head, pos0, scale, scratch);
     for (int j = 0; j < b.nq; j++)

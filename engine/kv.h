@@ -107,6 +107,9 @@ struct kv_account {
     size_t reserved_bytes;    /* promised to admitted sequences */
     size_t allocated_bytes;   /* pages actually held */
     struct kv_layout layout;  /* the precision every cache of this account uses */
+    /* Whose memory its caches' pages live in: the model's backend, set by
+     * whoever serves it (a device's, engine/model.h); NULL: the host's. */
+    const struct ebb_backend *be;
 };
 
 /* 0, or -1 when the model cannot use `bits` (kv_bits_problem). */
@@ -144,6 +147,8 @@ struct kv_cache {
     int compact_boundary;
     size_t compact_saved;     /* body bytes the compact store saves (its pages less its size) */
     struct kv_observation *obs;     /* queries recorded for compression's scoring, NULL when none */
+    const struct ebb_backend *be;   /* whose memory holds the pages, window and sinks (the
+                                       account's; the host's CPU table without one) */
 };
 
 enum kv_status {
@@ -267,7 +272,8 @@ struct kv_observation {
 };
 
 /* Starts recording the queries of positions [from, from + n) (q_dim floats
- * each); replaces a previous recording. -1 when out of memory. The
+ * each); replaces a previous recording. -1 when out of memory, or when the
+ * cache lives in a device's memory (compression runs on host caches only). The
  * recording is not charged to the account: it lives from prefill to
  * compression and costs n * q_dim * n_layer floats. */
 int kv_cache_observe(struct kv_cache *kv, int from, int n, int q_dim);
@@ -285,7 +291,8 @@ int kv_cache_compact_limit(const struct kv_cache *kv);
  * models whose keys 2 bits hurt; values are 2 bits either way). 0, or -1 (nothing
  * changed) when the cache is already compact, boundary is not a positive
  * multiple of KV_PAGE_TOKENS within kv_cache_compact_limit, a sink is not
- * kept, the heads' counts differ, or out of memory. */
+ * kept, the heads' counts differ, the cache is in a device's memory, or out
+ * of memory. */
 int kv_cache_compact(struct kv_cache *kv, const struct ebb_backend *be, int boundary, const uint8_t *tiers,
                      int low_key_bits);
 /* The compact store's boundary, its rows per (layer, KV head) at each tier,
