@@ -12,6 +12,15 @@
  *
  * Everything a pass writes lives in the caller's `struct model_run`; the
  * model is only read, so one model can serve several runs (model.h).
+ *
+ * A model placed on a device (model_place) runs the same code: every
+ * buffer an op touches is allocated from the backend (ebb_alloc), and the
+ * host touches none of them. What the host computes -- the batch's token
+ * ids, positions and RoPE angles -- goes up once per pass (ebb_upload), and
+ * what it needs back -- logits, an embedding's rows -- comes down
+ * (ebb_download); on the CPU those are plain copies. Ops queue in call
+ * order, so a device run uses one thread: its workers would only contend
+ * for the queue.
  */
 #include "engine/model.h"
 
@@ -41,6 +50,9 @@ struct model_run {
     float *gate, *up;/* [B][n_ff] */
     float *scores;   /* [n_workers][kv_attend_scratch(scores_ctx)]: kv_attend_block's scratch */
     float *rope_cos, *rope_sin; /* [B][rope_dim/2] */
+    float *rope_host;           /* [2][B][rope_dim/2]: the angles' cos and sin, made on the host */
+    int32_t *ids;               /* [B] the batch's token ids, in the backend's memory (get_rows) */
+    float *host_row;            /* [n_embd] a row brought back (embeddings) */
     int scores_ctx;             /* the longest context that scratch covers */
     struct kv_cache **tok_kv;  /* [B] the sequence each batch token belongs to */
     int *tok_pos;              /* [B] its position */
@@ -57,19 +69,23 @@ struct model_run {
         float *d;              /* [B][widest/32] scales */
         int16_t *sums;         /* [B][widest/16] code sums */
     } b32, k256;
-    float *blk_max;            /* [B][2][widest/32]: per-token 8-bit block choice (loudest_blocks) */
+    float *blk_max;            /* [B][2][widest/32]: per-token 8-bit block choice (loudest_blocks; host) */
     int head_rows_cap;
     struct bitstack_scratch *stack_scratch;   /* BitStack models' sign-product scratch */
     int failed;                /* out of memory inside a pass */
 };
 
+/* The buffers the ops touch, in the backend's memory. */
+#define RUN_OP_BUFFERS(X) X(x) X(xb) X(xb2) X(q) X(k) X(v) X(att) X(gate) X(up) X(scores) X(rope_cos) X(rope_sin) \
+    X(ids) X(logits) X(xp) X(aq) X(as) X(b32.q) X(b32.d) X(b32.sums) X(k256.q) X(k256.d) X(k256.sums)
+
 void model_run_free(struct model_run *r) {
     if (!r) return;
-    free(r->x); free(r->xb); free(r->xb2); free(r->q); free(r->k); free(r->v); free(r->att);
-    free(r->gate); free(r->up); free(r->scores); free(r->rope_cos); free(r->rope_sin);
-    free(r->tok_kv); free(r->tok_pos); free(r->tok_id); free(r->blocks); free(r->logits);
-    free(r->xp); free(r->aq); free(r->as);
-    free(r->b32.q); free(r->b32.d); free(r->b32.sums); free(r->k256.q); free(r->k256.d); free(r->k256.sums);
+    const struct ebb_backend *be = r->m->be;
+#define RELEASE(f) ebb_release(be, r->f);
+    RUN_OP_BUFFERS(RELEASE)
+#undef RELEASE
+    free(r->rope_host); free(r->host_row); free(r->tok_kv); free(r->tok_pos); free(r->tok_id); free(r->blocks);
     free(r->blk_max);
     bitstack_scratch_free(r->stack_scratch);
     if (r->pool) ebb_pool_destroy(r->pool);
@@ -78,44 +94,49 @@ void model_run_free(struct model_run *r) {
 
 struct model_run *model_run_new(const struct model *m, int n_threads) {
     const struct model_config *c = &m->cfg;
+    const struct ebb_backend *be = m->be;
     struct model_run *r = calloc(1, sizeof *r);
     if (!r) return NULL;
     r->m = m;
-    r->pool = ebb_pool_create(n_threads);
+    r->pool = ebb_pool_create(be->memory ? 1 : n_threads);
     const size_t B = MODEL_MAX_BATCH, QD = (size_t)c->n_head * c->head_dim;
     const size_t KD = (size_t)c->n_head_kv * c->head_dim;
     const size_t widest = QD > (size_t)c->n_embd ? QD : (size_t)c->n_embd;
-    r->x = malloc(B * c->n_embd * sizeof(float));
-    r->xb = malloc(B * widest * sizeof(float));
-    r->xb2 = malloc(B * c->n_embd * sizeof(float));
-    r->q = malloc(B * QD * sizeof(float));
-    r->k = malloc(B * KD * sizeof(float));
-    r->v = malloc(B * KD * sizeof(float));
-    r->att = malloc(B * QD * sizeof(float));
-    r->gate = malloc(B * c->n_ff * sizeof(float));
-    r->up = malloc(B * c->n_ff * sizeof(float));
-    r->rope_cos = malloc(B * (c->rope_dim / 2 + 1) * sizeof(float));
-    r->rope_sin = malloc(B * (c->rope_dim / 2 + 1) * sizeof(float));
+    const size_t half = (size_t)c->rope_dim / 2 + 1;
+    r->x = ebb_alloc(be, B * c->n_embd * sizeof(float));
+    r->xb = ebb_alloc(be, B * widest * sizeof(float));
+    r->xb2 = ebb_alloc(be, B * c->n_embd * sizeof(float));
+    r->q = ebb_alloc(be, B * QD * sizeof(float));
+    r->k = ebb_alloc(be, B * KD * sizeof(float));
+    r->v = ebb_alloc(be, B * KD * sizeof(float));
+    r->att = ebb_alloc(be, B * QD * sizeof(float));
+    r->gate = ebb_alloc(be, B * c->n_ff * sizeof(float));
+    r->up = ebb_alloc(be, B * c->n_ff * sizeof(float));
+    r->rope_cos = ebb_alloc(be, B * half * sizeof(float));
+    r->rope_sin = ebb_alloc(be, B * half * sizeof(float));
+    r->ids = ebb_alloc(be, B * sizeof *r->ids);
+    r->rope_host = malloc(2 * B * half * sizeof(float));
+    r->host_row = malloc((size_t)c->n_embd * sizeof(float));
     r->tok_kv = malloc(B * sizeof *r->tok_kv);
     r->tok_pos = malloc(B * sizeof *r->tok_pos);
     r->tok_id = malloc(B * sizeof *r->tok_id);
     r->blocks = malloc(B * sizeof *r->blocks);
     const size_t act_w = widest > (size_t)c->n_ff ? widest : (size_t)c->n_ff;
-    r->xp = malloc(B * act_w * sizeof(float));
-    r->aq = malloc(B * act_w);
-    r->as = malloc(B * (act_w / 64 + 1) * sizeof(float));
+    r->xp = ebb_alloc(be, B * act_w * sizeof(float));
+    r->aq = ebb_alloc(be, B * act_w);
+    r->as = ebb_alloc(be, B * (act_w / 64 + 1) * sizeof(float));
     r->blk_max = malloc(B * 2 * (act_w / EBB_ACT_BLOCK + 1) * sizeof(float));
     struct native_form *forms[2] = {&r->b32, &r->k256};
     int forms_ok = 1;
     for (int f = 0; f < 2; f++) {
-        forms[f]->q = malloc(B * act_w);
-        forms[f]->d = malloc(B * (act_w / 32 + 1) * sizeof(float));
-        forms[f]->sums = malloc(B * (act_w / 16 + 1) * sizeof(int16_t));
+        forms[f]->q = ebb_alloc(be, B * act_w);
+        forms[f]->d = ebb_alloc(be, B * (act_w / 32 + 1) * sizeof(float));
+        forms[f]->sums = ebb_alloc(be, B * (act_w / 16 + 1) * sizeof(int16_t));
         forms_ok &= forms[f]->q && forms[f]->d && forms[f]->sums;
     }
     if (!forms_ok || !r->blk_max || !r->pool || !r->xp || !r->aq || !r->as || !r->x || !r->xb || !r->xb2 || !r->q || !r->k || !r->v ||
-        !r->att || !r->gate || !r->up || !r->rope_cos || !r->rope_sin || !r->tok_kv || !r->tok_pos || !r->tok_id ||
-        !r->blocks) {
+        !r->att || !r->gate || !r->up || !r->rope_cos || !r->rope_sin || !r->ids || !r->rope_host || !r->host_row ||
+        !r->tok_kv || !r->tok_pos || !r->tok_id || !r->blocks) {
         model_run_free(r);
         return NULL;
     }
@@ -135,15 +156,16 @@ void model_run_set_capture(struct model_run *r, act_capture_fn fn, void *ud) {
  * logits buffer to the most head rows of a multi-sequence batch. */
 static int run_reserve(struct model_run *r, int max_ctx, int head_rows) {
     const struct model_config *c = &r->m->cfg;
+    const struct ebb_backend *be = r->m->be;
     if (r->scores_ctx < max_ctx) {
-        free(r->scores);
-        r->scores = malloc((size_t)ebb_pool_threads(r->pool) * kv_attend_scratch(c, max_ctx) * sizeof(float));
+        ebb_release(be, r->scores);
+        r->scores = ebb_alloc(be, (size_t)ebb_pool_threads(r->pool) * kv_attend_scratch(c, max_ctx) * sizeof(float));
         r->scores_ctx = r->scores ? max_ctx : 0;
         if (!r->scores) return -1;
     }
     if (r->head_rows_cap < head_rows) {
-        free(r->logits);
-        r->logits = malloc((size_t)head_rows * c->n_vocab * sizeof(float));
+        ebb_release(be, r->logits);
+        r->logits = ebb_alloc(be, (size_t)head_rows * c->n_vocab * sizeof(float));
         r->head_rows_cap = r->logits ? head_rows : 0;
         if (!r->logits) return -1;
     }
@@ -151,16 +173,21 @@ static int run_reserve(struct model_run *r, int max_ctx, int head_rows) {
 }
 
 /* cos/sin of every token's own position (tokens of different sequences sit at
- * different positions). */
-static void rope_tables(struct model_run *r, int n_tok) {
+ * different positions), made on the host and sent to the backend with the
+ * batch's token ids. */
+static int send_batch(struct model_run *r, int n_tok) {
     const struct model *m = r->m;
     const int half = m->cfg.rope_dim / 2;
+    float *cos_h = r->rope_host, *sin_h = r->rope_host + (size_t)n_tok * half;
     for (int t = 0; t < n_tok; t++)
         for (int i = 0; i < half; i++) {
             float theta = (float)r->tok_pos[t] * m->rope_inv_freq[i];
-            r->rope_cos[t * half + i] = cosf(theta);
-            r->rope_sin[t * half + i] = sinf(theta);
+            cos_h[t * half + i] = cosf(theta);
+            sin_h[t * half + i] = sinf(theta);
         }
+    const size_t angles = (size_t)n_tok * half * sizeof(float);
+    return ebb_upload(m->be, r->rope_cos, cos_h, angles) || ebb_upload(m->be, r->rope_sin, sin_h, angles) ||
+           ebb_upload(m->be, r->ids, r->tok_id, (size_t)n_tok * sizeof *r->ids);
 }
 
 /* Rotates every head of token t's Q or K vector in place (the op table's
@@ -444,8 +471,7 @@ static void forward_layers(struct model_run *r, int n_tok) {
     const struct ebb_backend *be = m->be;
     const int E = c->n_embd, F = c->n_ff, QD = c->n_head * c->head_dim, KD = c->n_head_kv * c->head_dim;
 
-    be->get_rows(r->x, m->embd.data, m->embd.type, r->tok_id, n_tok, E);   /* the embeddings */
-    rope_tables(r, n_tok);
+    be->get_rows(r->x, m->embd.data, m->embd.type, r->ids, n_tok, E);   /* the embeddings */
     const int n_blocks = attention_blocks(r, n_tok);
 
     for (int l = 0; l < c->n_layer; l++) {
@@ -485,9 +511,9 @@ static void capture_head_input(struct model_run *r, int n_tok) {
     r->capture(r->capture_ud, r->m->cfg.n_layer, ACT_ATTN_IN, r->xb, n_tok, r->m->cfg.n_embd);
 }
 
-/* Embeddings: each token's final norm added to its sequence's sum. Runs
- * before the head, which reuses xb; xb holds at least one row. */
-static void sum_final_hidden(struct model_run *r, const struct batch_seq *seqs, int n_seqs) {
+/* Embeddings: each token's final norm, brought back and added to its
+ * sequence's sum. Runs before the head, which reuses xb. */
+static int sum_final_hidden(struct model_run *r, const struct batch_seq *seqs, int n_seqs) {
     const struct model *m = r->m;
     const int E = m->cfg.n_embd;
     int t = 0;
@@ -495,10 +521,12 @@ static void sum_final_hidden(struct model_run *r, const struct batch_seq *seqs, 
         const struct batch_seq *q = &seqs[i];
         for (int k = 0; q->embed_sum && k < q->n_tok; k++) {
             m->be->rmsnorm_f32(r->xb, r->x + (size_t)(t + k) * E, m->output_norm, E, m->cfg.rms_eps);
-            for (int e = 0; e < E; e++) q->embed_sum[e] += r->xb[e];
+            if (ebb_download(m->be, r->host_row, r->xb, (size_t)E * sizeof(float))) return -1;
+            for (int e = 0; e < E; e++) q->embed_sum[e] += r->host_row[e];
         }
         t += q->n_tok;
     }
+    return 0;
 }
 
 /* Rows of the batch that need logits, in batch order. */
@@ -512,7 +540,7 @@ static int head_row_count(const struct batch_seq *seqs, int n_seqs) {
 /* Final norm and output head over the rows that want logits: gathered into
  * one product (the head is the largest matrix; reading it once per step
  * matters), then copied to each sequence's buffer. */
-static void forward_head(struct model_run *r, struct batch_seq *seqs, int n_seqs, int rows) {
+static int forward_head(struct model_run *r, struct batch_seq *seqs, int n_seqs, int rows) {
     const struct model *m = r->m;
     const struct model_config *c = &m->cfg;
     const struct ebb_backend *be = m->be;
@@ -536,18 +564,20 @@ static void forward_head(struct model_run *r, struct batch_seq *seqs, int n_seqs
         be->quantize_act(r->xb, rows, E, E / EBB_ACT_GROUP, r->aq, r->as);
         r->forms_ready |= 1u << EBB_ACT_Q8G64;
     }
-    /* A single sequence writes straight into its buffer. */
-    float *out = n_seqs == 1 ? seqs[0].logits : r->logits;
-    linear(r, out, &m->output, rows);
-    if (n_seqs == 1) return;
+    /* A single sequence on the host writes straight into its buffer. */
+    const int direct = n_seqs == 1 && !be->memory;
+    linear(r, direct ? seqs[0].logits : r->logits, &m->output, rows);
+    if (direct) return 0;
     row = 0;
     for (int i = 0; i < n_seqs; i++) {
         const struct batch_seq *q = &seqs[i];
         if (!q->logits) continue;
         int n = q->all_logits ? q->n_tok : 1;
-        memcpy(q->logits, r->logits + (size_t)row * c->n_vocab, (size_t)n * c->n_vocab * sizeof(float));
+        if (ebb_download(be, q->logits, r->logits + (size_t)row * c->n_vocab, (size_t)n * c->n_vocab * sizeof(float)))
+            return -1;
         row += n;
     }
+    return 0;
 }
 
 int model_forward_batch(struct model_run *r, struct batch_seq *seqs, int n_seqs) {
@@ -560,12 +590,13 @@ int model_forward_batch(struct model_run *r, struct batch_seq *seqs, int n_seqs)
             if (q->tokens[k] < 0 || q->tokens[k] >= m->cfg.n_vocab) return -1;
         for (int j = 0; j < i; j++)
             if (seqs[j].kv == q->kv) return -1;   /* a sequence appears once per batch */
+        if (q->kv->be->memory != m->be->memory) return -1;   /* its cache is where the model is */
         n_tok += q->n_tok;
         if (q->kv->n_past + q->n_tok > max_ctx) max_ctx = q->kv->n_past + q->n_tok;
     }
     if (n_tok == 0 || n_tok > MODEL_MAX_BATCH) return -1;
     const int rows = head_row_count(seqs, n_seqs);
-    if (run_reserve(r, max_ctx, n_seqs > 1 ? rows : 0)) return -1;
+    if (run_reserve(r, max_ctx, n_seqs > 1 || m->be->memory ? rows : 0)) return -1;
     for (int i = 0; i < n_seqs; i++)
         if (kv_cache_ensure(seqs[i].kv, seqs[i].kv->n_past + seqs[i].n_tok)) return -1;
 
@@ -576,13 +607,16 @@ int model_forward_batch(struct model_run *r, struct batch_seq *seqs, int n_seqs)
             r->tok_pos[t] = seqs[i].kv->n_past + k;
             r->tok_id[t] = seqs[i].tokens[k];
         }
+    if (send_batch(r, n_tok)) return -1;
     r->failed = 0;
     forward_layers(r, n_tok);
     if (r->failed) return -1;   /* scratch could not grow: nothing stored counts */
     if (r->capture) capture_head_input(r, n_tok);
     for (int i = 0; i < n_seqs; i++) seqs[i].kv->n_past += seqs[i].n_tok;
-    sum_final_hidden(r, seqs, n_seqs);
-    if (rows) forward_head(r, seqs, n_seqs, rows);
+    /* A device that fails here has lost its state; the caller sees -1. */
+    if (sum_final_hidden(r, seqs, n_seqs)) return -1;
+    if (rows && forward_head(r, seqs, n_seqs, rows)) return -1;
+    if (m->be->memory && m->be->memory->sync()) return -1;
     return 0;
 }
 

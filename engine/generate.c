@@ -235,6 +235,7 @@ int generate(struct model_run *r, const int32_t *prompt, int n_prompt, const str
     const int kv_bits = p->kv_bits ? p->kv_bits : 32;
     struct kv_account kv_policy;    /* the cache's precision; no budget */
     if (kv_account_init(&kv_policy, &m->cfg, kv_bits, 0)) return fail(res, kv_bits_problem(&m->cfg, kv_bits));
+    kv_policy.be = m->be;           /* the cache lives where the model computes */
     struct kv_cache kv;
     struct gen_seq g;
     float *logits = malloc((size_t)m->cfg.n_vocab * sizeof(float));

@@ -103,7 +103,8 @@ struct model {
     struct layer_weights *layers;
     struct bitstack *stack;           /* a "bitstack" file's blocks (engine/bitstack.h), else NULL */
     size_t weight_bytes;              /* resident weight bytes (f32 copies and mapped matrices) */
-    const struct ebb_backend *be;
+    const struct ebb_backend *be;     /* the op table passes run on (whose memory the weights are in) */
+    void **placed;                    /* placed on a device: its allocations, NULL-terminated; else NULL */
     float *rope_inv_freq;             /* [rope_dim/2] */
 };
 
@@ -111,6 +112,16 @@ struct model {
  * "PATH: problem" in err. */
 int model_load(struct model *m, const char *path, enum model_weights weights, char *err, size_t errlen);
 void model_free(struct model *m);
+/* Moves a loaded model onto a device backend (one with its own memory,
+ * kernels/backend.h): every tensor a pass reads is uploaded, the host
+ * copies are freed and the file's pages handed back, and from then on
+ * m->be is that backend, so passes and KV caches (whose account's `be` is
+ * m->be) run there; the tokenizer and the RoPE frequencies stay on the
+ * host. 0, or -1 with the reason in why and the model unchanged: not a
+ * device backend, already placed, out of device memory, a kind of file the
+ * device path does not run (BitStack stacks, per-token 8-bit choice), a
+ * matrix type the backend has no product for. */
+int model_place(struct model *m, const struct ebb_backend *be, char *why, size_t why_len);
 /* Hands the pages of the model's file mapping back to the kernel (they are
  * read again from the file when used): for a model that stops computing
  * while it stays loaded. Safe at any time no pass of it runs. */
@@ -125,7 +136,9 @@ void model_run_free(struct model_run *r);
 const struct model *model_run_model(const struct model_run *r);
 /* The run's workers, for a caller's own parallel work between passes. */
 struct ebb_pool *model_run_pool(struct model_run *r);
-/* Calls fn at every activation point of later passes (NULL: none). */
+/* Calls fn at every activation point of later passes (NULL: none). The
+ * hook reads the activations in place: host-memory models only (the
+ * packer's). */
 void model_run_set_capture(struct model_run *r, act_capture_fn fn, void *ud);
 
 /* One sequence's share of a batch: n_tok tokens appended at positions

@@ -390,6 +390,140 @@ fail:
     return -1;
 }
 
+/* ------------------------------------------------------------ placement
+ *
+ * Every tensor a pass reads, visited as a slot (where the model keeps its
+ * pointer), its bytes and the host copy the model owns (a vector's own
+ * pointer, a matrix's f32 copy; a matrix in the file mapping owns none):
+ * what model_place sends to a device and model_free gives back. A tied
+ * head is the embedding's slot. The RoPE frequencies stay on the host,
+ * which makes the angles. */
+typedef void (*tensor_fn)(void *ctx, void **slot, size_t bytes, void **host_copy);
+
+static void visit_matrix(struct matrix *w, tensor_fn fn, void *ctx) {
+    if (w->data)
+        fn(ctx, (void **)(void *)&w->data, ebb_row_bytes(w->type, (uint64_t)w->n_in) * (size_t)w->n_out,
+           (void **)(void *)&w->owned);
+}
+
+static void visit_vector(void *slot, size_t bytes, tensor_fn fn, void *ctx) {
+    if (*(void **)slot) fn(ctx, (void **)slot, bytes, (void **)slot);
+}
+
+static void visit_tensors(struct model *m, tensor_fn fn, void *ctx) {
+    const struct model_config *c = &m->cfg;
+    const size_t E = (size_t)c->n_embd * sizeof(float), QD = (size_t)c->n_head * c->head_dim * sizeof(float);
+    const size_t KD = (size_t)c->n_head_kv * c->head_dim * sizeof(float);
+    const int tied = m->output.data == m->embd.data;   /* before fn may change the embedding's slot */
+    visit_matrix(&m->embd, fn, ctx);
+    if (!tied) visit_matrix(&m->output, fn, ctx);
+    visit_vector(&m->output_norm, E, fn, ctx);
+    for (int l = 0; m->layers && l < c->n_layer; l++) {
+        struct layer_weights *w = &m->layers[l];
+        visit_vector(&w->attn_norm, E, fn, ctx);
+        visit_vector(&w->ffn_norm, E, fn, ctx);
+        visit_vector(&w->bq, QD, fn, ctx);
+        visit_vector(&w->bk, KD, fn, ctx);
+        visit_vector(&w->bv, KD, fn, ctx);
+        struct matrix *mats[] = {&w->wq, &w->wk, &w->wv, &w->wo, &w->w_gate, &w->w_up, &w->w_down};
+        for (size_t i = 0; i < sizeof mats / sizeof *mats; i++) visit_matrix(mats[i], fn, ctx);
+        for (int p = 0; p < ACT_POINTS; p++)
+            visit_vector(&w->perm[p], (size_t)act_point_width(c, (enum act_point)p) * sizeof(int32_t), fn, ctx);
+    }
+}
+
+/* Why a loaded model cannot run on this backend, or NULL. */
+static const char *place_problem(const struct model *m, const struct ebb_backend *be) {
+    if (!be->memory) return "the backend computes in host memory: nothing to place";
+    if (m->placed) return "the model is already placed on a device";
+    if (m->stack) return "a BitStack file runs on the CPU only (its blocks are not placed on devices)";
+    if (m->act8_per_token)
+        return "a source-exact file that picks 8-bit blocks per token (ebb.act8_choice = token) runs on the CPU only";
+    if (!be->matmul[m->output.type]) return "the backend has no product for the output head's type";
+    for (int l = 0; l < m->cfg.n_layer; l++) {
+        const struct layer_weights *w = &m->layers[l];
+        const struct matrix *mats[] = {&w->wq, &w->wk, &w->wv, &w->wo, &w->w_gate, &w->w_up, &w->w_down};
+        for (size_t i = 0; i < sizeof mats / sizeof *mats; i++)
+            if (!be->matmul[mats[i]->type]) return "the backend has no product for a matrix's type";
+    }
+    return NULL;
+}
+
+/* Sending the tensors: each uploaded into its own allocation, recorded in
+ * order; the first failure stops the rest. */
+struct placing {
+    const struct ebb_backend *be;
+    void **placed;
+    int n, failed;
+    char *why;
+    size_t why_len;
+};
+
+static void place_tensor(void *ctx, void **slot, size_t bytes, void **host_copy) {
+    (void)host_copy;
+    struct placing *p = ctx;
+    if (p->failed) return;
+    void *d = p->be->memory->alloc(bytes);
+    if (d) p->placed[p->n++] = d;
+    if (!d || p->be->memory->upload(d, *slot, bytes)) {
+        snprintf(p->why, p->why_len, "placing %zu bytes of weights on %s: %s", bytes, p->be->name,
+                 p->be->memory->error());
+        p->failed = 1;
+    }
+}
+
+static void count_tensor(void *ctx, void **slot, size_t bytes, void **host_copy) {
+    (void)slot, (void)bytes, (void)host_copy;
+    ++*(int *)ctx;
+}
+
+/* The device has every tensor: each slot takes its device copy, in the
+ * order place_tensor made them, and the host copies go. */
+static void swap_tensor(void *ctx, void **slot, size_t bytes, void **host_copy) {
+    (void)bytes;
+    struct placing *p = ctx;
+    free(*host_copy);
+    *host_copy = NULL;
+    *slot = p->placed[p->n++];
+}
+
+/* model_free's: the device copies were released; the slots forget them. */
+static void forget_tensor(void *ctx, void **slot, size_t bytes, void **host_copy) {
+    (void)ctx, (void)bytes;
+    *slot = NULL;
+    *host_copy = NULL;
+}
+
+int model_place(struct model *m, const struct ebb_backend *be, char *why, size_t why_len) {
+    const char *problem = place_problem(m, be);
+    if (problem) {
+        snprintf(why, why_len, "%s", problem);
+        return -1;
+    }
+    int count = 0;
+    visit_tensors(m, count_tensor, &count);
+    struct placing p = {be, calloc((size_t)count + 1, sizeof(void *)), 0, 0, why, why_len};   /* NULL-terminated */
+    if (!p.placed) {
+        snprintf(why, why_len, "out of host memory");
+        return -1;
+    }
+    visit_tensors(m, place_tensor, &p);
+    if (!p.failed) p.failed = be->memory->sync() ? (snprintf(why, why_len, "%s", be->memory->error()), 1) : 0;
+    if (p.failed) {   /* nothing changed on the host: give back what was sent */
+        for (int i = 0; i < p.n; i++) be->memory->release(p.placed[i]);
+        free(p.placed);
+        return -1;
+    }
+    const int tied = m->output.data == m->embd.data;
+    p.n = 0;
+    visit_tensors(m, swap_tensor, &p);
+    if (tied) m->output.data = m->embd.data;
+    m->placed = p.placed;
+    m->be = be;
+    model_release_pages(m);   /* the file's pages: the device holds the weights now */
+    return 0;
+}
+
 static void matrix_free(struct matrix *w) {
     free(w->owned);
     memset(w, 0, sizeof *w);
@@ -401,6 +535,13 @@ void model_release_pages(const struct model *m) {
 
 void model_free(struct model *m) {
     if (!m) return;
+    if (m->placed) {
+        for (void **d = m->placed; *d; d++) m->be->memory->release(*d);
+        free(m->placed);
+        const int tied = m->output.data == m->embd.data;
+        visit_tensors(m, forget_tensor, NULL);
+        if (tied) m->output.data = NULL;
+    }
     if (m->layers) {
         for (int l = 0; l < m->cfg.n_layer; l++) {
             struct layer_weights *w = &m->layers[l];

@@ -61,6 +61,7 @@ int perplexity_windows(struct model_run *run, const int32_t *tokens, int n_windo
         snprintf(err, errlen, "%s", kv_bits_problem(&m->cfg, kv_bits));
         return -1;
     }
+    kv_policy.be = m->be;          /* the caches live where the model computes */
     int rc = -1;
     struct kv_cache kv = {0};
     float *logits = malloc((size_t)n_ctx * m->cfg.n_vocab * sizeof(float));

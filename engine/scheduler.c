@@ -783,6 +783,7 @@ struct sched *sched_create(struct model *m, const struct sched_config *cfg) {
         free(s);
         return NULL;
     }
+    s->account.be = m->be;   /* the caches live where the model computes */
     s->m = m;
     s->cfg = *cfg;
     s->weight_bytes = m->weight_bytes;

@@ -236,6 +236,7 @@ int cmd_bench(int argc, char **argv) {
         model_free(&m);
         return 2;
     }
+    kv_policy.be = m.be;            /* the caches live where the model computes */
     const double rss_loaded = status_mib("VmRSS:");
     printf("model: %s  arch %s  resident weights %.1f MiB  backend %s  threads %d  kv_bits %d\n", model_path,
            m.cfg.arch, m.weight_bytes / 1048576.0, m.be->name, ebb_pool_threads(model_run_pool(run)), kv_bits);
