@@ -44,7 +44,9 @@ int compress_wanted(const struct compress_params *p, int n_prompt) {
 
 int compress_prepare(struct kv_cache *kv, const struct model_config *cfg, const struct compress_params *p,
                      int n_prompt) {
-    if (!compress_wanted(p, n_prompt)) {
+    /* A cache in a device's memory is not compressed (the scoring and the
+     * compact store are host code): the request runs with its whole cache. */
+    if (!compress_wanted(p, n_prompt) || kv->be->memory) {
         kv_cache_forget_observation(kv);
         return 0;
     }

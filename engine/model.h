@@ -122,6 +122,11 @@ void model_free(struct model *m);
  * device path does not run (BitStack stacks, per-token 8-bit choice), a
  * matrix type the backend has no product for. */
 int model_place(struct model *m, const struct ebb_backend *be, char *why, size_t why_len);
+/* The model on a named device (kernels/backend.h's ebb_backend_for_device):
+ * "cpu" (or NULL) leaves it where it is; "cuda[:N]" places it there. 0, or
+ * -1 with the reason (no such device, no CUDA in this build, model_place's
+ * refusals). */
+int model_use_device(struct model *m, const char *device, char *why, size_t why_len);
 /* Hands the pages of the model's file mapping back to the kernel (they are
  * read again from the file when used): for a model that stops computing
  * while it stays loaded. Safe at any time no pass of it runs. */

@@ -293,6 +293,13 @@ struct ebb_device_info {
 };
 int ebb_cuda_devices(struct ebb_device_info *out, int max, char *why, size_t why_len);
 
+/* The backend a device name chooses: "cpu" (ebb_backend_cpu), "cuda" or
+ * "cuda:N" (ebb_backend_cuda(N)); NULL with the reason in why (a name of
+ * neither form, or the device's refusal). ebb_device_name_problem checks
+ * the form alone (configuration): NULL, or what a name must look like. */
+const struct ebb_backend *ebb_backend_for_device(const char *device, char *why, size_t why_len);
+const char *ebb_device_name_problem(const char *device);
+
 /* The fastest CPU path this processor supports (cpuid at first call). */
 const struct ebb_backend *ebb_backend_cpu(void);
 /* A named CPU path ("scalar", "avx2", "avx512"), or NULL if this processor

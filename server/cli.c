@@ -159,7 +159,7 @@ int cli_weights(const char *cmd, const char *value, enum model_weights *out) {
 }
 
 struct model_run *cli_load_model(const char *cmd, struct model *m, const char *path, enum model_weights weights,
-                                 int n_threads) {
+                                 const char *device, int n_threads) {
     char err[512];
     if (!path) {
         fprintf(stderr, "ebb %s: -m MODEL is required\n", cmd);
@@ -167,6 +167,11 @@ struct model_run *cli_load_model(const char *cmd, struct model *m, const char *p
     }
     if (model_load(m, path, weights, err, sizeof err)) {
         fprintf(stderr, "ebb %s: %s\n", cmd, err);
+        return NULL;
+    }
+    if (model_use_device(m, device, err, sizeof err)) {
+        fprintf(stderr, "ebb %s: --device %s: %s\n", cmd, device, err);
+        model_free(m);
         return NULL;
     }
     struct model_run *r = model_run_new(m, n_threads);

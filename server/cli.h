@@ -36,11 +36,11 @@ char *cli_read_file(const char *cmd, const char *path, size_t *len);
 /* Whitespace- or comma-separated token ids from a string; malloc'd. */
 int cli_parse_ids(const char *cmd, const char *text, int32_t **ids);
 
-/* Loads a model and a run of it with n_threads workers (engine/model.h),
- * or prints why not and returns NULL. The caller frees the run, then the
- * model. */
+/* Loads a model onto device ("cpu", "cuda[:N]"; NULL: the CPU) and a run
+ * of it with n_threads workers (engine/model.h), or prints why not and
+ * returns NULL. The caller frees the run, then the model. */
 struct model_run *cli_load_model(const char *cmd, struct model *m, const char *path, enum model_weights weights,
-                                 int n_threads);
+                                 const char *device, int n_threads);
 /* --stack-bytes: keeps the prefix of a bitstack file's stack that fits in
  * stack_bytes (UINT64_MAX: all of it) and prints "stack: R of A bytes
  * resident, ..." on stdout. 0, or the command's exit status: 2 when

@@ -49,6 +49,7 @@ static void bench_usage(FILE *out) {
         "  -r R   repetitions (default 3)\n"
         "  --kv-bits N   KV cache precision: 32 (default), 16, 8 or 4\n"
         "  --weights W   native (default: the file's quantized types, used in place) or f32\n"
+        "  --device D    cpu (default) or cuda[:N]: weights and KV cache on that GPU\n"
         "  --stack-bytes N   a bitstack file: keep the prefix of its stack that fits in N bytes\n"
         "                (default: all of it)\n"
         "  --verify K   speculative decoding's cost curve: after a context of --depth tokens\n"
@@ -197,6 +198,7 @@ int cmd_bench(int argc, char **argv) {
     const char *model_path = NULL;
     int n_prefill = 512, n_decode = 128, reps = 3, n_threads = 0, kv_bits = 32, verify = 0, depth = 128;
     enum model_weights weights = MODEL_WEIGHTS_NATIVE;
+    const char *device = "cpu";
     uint64_t stack_bytes = UINT64_MAX;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v;
@@ -208,6 +210,7 @@ int cmd_bench(int argc, char **argv) {
         else if (!strcmp(a, "-r")) { if (cli_int("bench", a, v, 1, 1000, &reps)) return 2; }
         else if (!strcmp(a, "-t")) { if (cli_int("bench", a, v, 1, 1024, &n_threads)) return 2; }
         else if (!strcmp(a, "--weights")) { if (cli_weights("bench", v, &weights)) return 2; }
+        else if (!strcmp(a, "--device")) device = v;
         else if (!strcmp(a, "--kv-bits")) { if (cli_int("bench", a, v, 4, 32, &kv_bits)) return 2; }
         else if (!strcmp(a, "--stack-bytes")) { if (cli_u64("bench", a, v, &stack_bytes)) return 2; }
         else if (!strcmp(a, "--verify")) { if (cli_int("bench", a, v, 1, 64, &verify)) return 2; }
@@ -215,7 +218,7 @@ int cmd_bench(int argc, char **argv) {
         else { fprintf(stderr, "ebb bench: unknown option '%s'\n", a); bench_usage(stderr); return 2; }
     }
     struct model m;
-    struct model_run *run = cli_load_model("bench", &m, model_path, weights, n_threads);
+    struct model_run *run = cli_load_model("bench", &m, model_path, weights, device, n_threads);
     if (!run) return 1;
     const int stack_rc = cli_fit_stack("bench", &m, stack_bytes);
     if (stack_rc) {

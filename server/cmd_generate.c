@@ -32,6 +32,7 @@ static void generate_usage(FILE *out) {
         "  --kv-bits N         KV cache precision: 32 (default), 16, 8 or 4\n"
         COMPRESS_FLAGS_USAGE
         "  --weights W         native (default: the file's types, used in place) or f32\n"
+        "  --device D          cpu (default) or cuda[:N]: weights and KV cache on that GPU\n"
         "  --then TEXT         more prompt after the first: with --compress, the first part is\n"
         "                      compressed before TEXT is read (question-agnostic)\n"
         "  --print-ids         print generated token ids instead of text\n", MAX_STOPS);
@@ -106,6 +107,7 @@ int cmd_generate(int argc, char **argv) {
     sampler_params_default(&gp.sampling);
     int n_threads = 0;
     enum model_weights weights = MODEL_WEIGHTS_NATIVE;
+    const char *device = "cpu";
     struct print_state ps = {0, 0};
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v;
@@ -125,6 +127,7 @@ int cmd_generate(int argc, char **argv) {
         else if (!strcmp(a, "--seed")) { VALUE(); if (cli_u64("generate", a, v, &gp.sampling.seed)) return 2; }
         else if (!strcmp(a, "-t")) { VALUE(); if (cli_int("generate", a, v, 1, 1024, &n_threads)) return 2; }
         else if (!strcmp(a, "--weights")) { VALUE(); if (cli_weights("generate", v, &weights)) return 2; }
+        else if (!strcmp(a, "--device")) { VALUE(); device = v; }
         else if (!strcmp(a, "--kv-bits")) { VALUE(); if (cli_int("generate", a, v, 4, 32, &gp.kv_bits)) return 2; }
         else if (!strcmp(a, "--stop")) {
             VALUE();
@@ -150,7 +153,7 @@ int cmd_generate(int argc, char **argv) {
     }
     gp.stops = stops;
     struct model m;
-    struct model_run *run = cli_load_model("generate", &m, model_path, weights, n_threads);
+    struct model_run *run = cli_load_model("generate", &m, model_path, weights, device, n_threads);
     if (!run) return 1;
     int32_t *ids = NULL;
     int n = build_prompt(&m, prompt, chat, system, ids_file, &ids);
@@ -188,20 +191,22 @@ int cmd_logits(int argc, char **argv) {
     const char *model_path = NULL, *ids_file = NULL, *out_path = NULL;
     int all = 0, n_threads = 0;
     enum model_weights weights = MODEL_WEIGHTS_NATIVE;
+    const char *device = "cpu";
     uint64_t stack_bytes = UINT64_MAX;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v;
         if (!strcmp(a, "--help") || !strcmp(a, "-h")) {
             printf("usage: ebb logits -m MODEL --ids-file FILE -o OUT [--all] [-t THREADS] [--weights native|f32]\n"
-                   "                  [--stack-bytes N]\n"
+                   "                  [--stack-bytes N] [--device cpu|cuda[:N]]\n"
                    "  writes float32 logits of the last position ([n_vocab]) or, with --all,\n"
                    "  of every position ([n_tokens][n_vocab]) to OUT; --stack-bytes: a bitstack\n"
                    "  file computes with the prefix of its stack that fits in N bytes\n");
             return 0;
         }
         if (!strcmp(a, "-m") || !strcmp(a, "--ids-file") || !strcmp(a, "-o") || !strcmp(a, "-t") ||
-            !strcmp(a, "--weights") || !strcmp(a, "--stack-bytes")) {
+            !strcmp(a, "--weights") || !strcmp(a, "--stack-bytes") || !strcmp(a, "--device")) {
             if (!(v = cli_value("logits", argc, argv, &i))) return 2;
+            if (!strcmp(a, "--device")) { device = v; continue; }
             if (!strcmp(a, "--weights")) { if (cli_weights("logits", v, &weights)) return 2; continue; }
             if (!strcmp(a, "--stack-bytes")) { if (cli_u64("logits", a, v, &stack_bytes)) return 2; continue; }
             if (a[1] == 'm') model_path = v;
@@ -230,7 +235,7 @@ int cmd_logits(int argc, char **argv) {
         return 1;
     }
     struct model m;
-    struct model_run *run = cli_load_model("logits", &m, model_path, weights, n_threads);
+    struct model_run *run = cli_load_model("logits", &m, model_path, weights, device, n_threads);
     if (!run) { free(ids); return 1; }
     const int stack_rc = cli_fit_stack("logits", &m, stack_bytes);
     if (stack_rc) {

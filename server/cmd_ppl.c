@@ -20,6 +20,7 @@ static void ppl_usage(FILE *out) {
         "  --chunks K   evaluate at most K windows (default: all)\n"
         "  --kv-bits N  KV cache precision: 32 (default), 16, 8 or 4\n"
         "  --weights W  native (default: the file's quantized types, used in place) or f32\n"
+        "  --device D   cpu (default) or cuda[:N]: weights and KV cache on that GPU\n"
         "  --stack-bytes N  a bitstack file: keep the prefix of its stack that fits in N bytes\n"
         "               (default: all of it)\n"
         "  --top1-out F write the most likely token at each scored position to F (int32,\n"
@@ -58,6 +59,7 @@ int cmd_ppl(int argc, char **argv) {
     const char *model_path = NULL, *file = NULL, *top1_path = NULL;
     int n_ctx = 512, n_score = 0, max_chunks = 0, n_threads = 0, kv_bits = 32;
     enum model_weights weights = MODEL_WEIGHTS_NATIVE;
+    const char *device = "cpu";
     uint64_t stack_bytes = UINT64_MAX;
     struct compress_params compress = compress_defaults();
     compress.min_prompt = 0;   /* the windows are what the flags are given for */
@@ -75,6 +77,7 @@ int cmd_ppl(int argc, char **argv) {
         else if (!strcmp(a, "--chunks")) { if (cli_int("ppl", a, v, 1, 1 << 30, &max_chunks)) return 2; }
         else if (!strcmp(a, "-t")) { if (cli_int("ppl", a, v, 1, 1024, &n_threads)) return 2; }
         else if (!strcmp(a, "--weights")) { if (cli_weights("ppl", v, &weights)) return 2; }
+        else if (!strcmp(a, "--device")) device = v;
         else if (!strcmp(a, "--kv-bits")) { if (cli_int("ppl", a, v, 4, 32, &kv_bits)) return 2; }
         else if (!strcmp(a, "--top1-out")) top1_path = v;
         else if (!strcmp(a, "--stack-bytes")) { if (cli_u64("ppl", a, v, &stack_bytes)) return 2; }
@@ -90,7 +93,7 @@ int cmd_ppl(int argc, char **argv) {
     char *text = cli_read_file("ppl", file, &len);
     if (!text) return 1;
     struct model m;
-    struct model_run *run = cli_load_model("ppl", &m, model_path, weights, n_threads);
+    struct model_run *run = cli_load_model("ppl", &m, model_path, weights, device, n_threads);
     if (!run) { free(text); return 1; }
     struct ppl_progress_state st = {n_ctx, n_score};
     struct ppl_result r;

@@ -23,6 +23,7 @@
 #include "engine/compress.h"
 #include "engine/draft.h"
 #include "engine/model.h"
+#include "kernels/backend.h"
 #include "storage/catalog.h"
 #include "storage/error.h"
 
@@ -112,6 +113,8 @@ static const struct field fields[] = {
      "kv_bits for particular models, overriding kv_bits (empty: none)"},
     {"weights", FIELD_NAME, AT(weights), 0, 0, {0}, weights_names, "native", "FORM",
      "plain GGUF weights computed in their own types (native) or dequantized to float32 (f32)"},
+    {"device", FIELD_STRING, AT(device), 1, 0, {0}, NULL, "cpu", "DEVICE",
+     "where models compute: cpu, or cuda[:N] (an NVIDIA GPU holding the weights and KV caches)"},
     {"verify_models", FIELD_NAME, AT(verify_models), 0, 0, {0}, verify_names, "sha256", "HOW",
      "before loading a model, compare its file with the catalog by sha256 or by size and time (stat)"},
     {"shutdown_timeout_ms", FIELD_INT, AT(shutdown_timeout_ms), 0, 3600000, {0}, NULL, "10000", "MS",
@@ -203,6 +206,16 @@ static int store_string(struct ebb_config *cfg, const struct field *f, const cha
     if (len < (size_t)f->min) {
         errf(err, errlen, "%s: value must not be empty", where);
         return -1;
+    }
+    /* A string with a form of its own (the table's types say nothing more). */
+    if (f->offset == offsetof(struct ebb_config, device)) {
+        char value[sizeof cfg->device];
+        snprintf(value, sizeof value, "%.*s", (int)len, s);
+        const char *problem = ebb_device_name_problem(value);
+        if (problem) {
+            errf(err, errlen, "%s: '%s' is not a valid value: %s", where, value, problem);
+            return -1;
+        }
     }
     char *dst = field_ptr(cfg, f);
     memcpy(dst, s, len);

@@ -38,7 +38,7 @@ enum config_draft_policy { CONFIG_DRAFT_ADAPTIVE, CONFIG_DRAFT_ALWAYS };
 /* Where a setting's current value came from. */
 enum config_source { CONFIG_FROM_DEFAULT, CONFIG_FROM_FILE, CONFIG_FROM_ENV, CONFIG_FROM_FLAG };
 
-#define CONFIG_N_FIELDS 34
+#define CONFIG_N_FIELDS 35
 
 struct ebb_config {
     char host[256];                /* listen address (IPv4 or IPv6 literal, or a host name) */
@@ -67,6 +67,7 @@ struct ebb_config {
     int kv_bits;                   /* KV cache precision: 32, 16, 8 or 4 */
     char model_kv_bits[4096];      /* per-model kv_bits: "NAME=BITS,NAME=BITS"; empty = none */
     int weights;                   /* enum model_weights: native types, or dequantized to f32 */
+    char device[32];               /* "cpu", "cuda" or "cuda:N" (kernels/backend.h) */
     int verify_models;             /* enum catalog_check: how a model's file is checked at load */
     int shutdown_timeout_ms;       /* SIGTERM: how long running requests may finish */
     int log_level;                 /* enum config_log_level */

@@ -27,6 +27,7 @@
 #include "engine/bitstack.h"
 #include "engine/governor.h"
 #include "engine/grammar.h"
+#include "kernels/backend.h"
 #include "server/completion.h"
 #include "server/daemon.h"
 #include "server/log.h"
@@ -191,7 +192,19 @@ static void load_work(uv_work_t *w) {
         model_free(&sm->model);
         return;
     }
-    load_variants(d, sm);
+    char why[400];
+    if (model_use_device(&sm->model, d->cfg.device, why, sizeof why)) {
+        snprintf(sm->error, sizeof sm->error, "device %s: %s", d->cfg.device, why);
+        model_free(&sm->model);
+        return;
+    }
+    /* The governor's ladder (packed variants, a BitStack stack) is host
+     * memory; a model on a device keeps the file it was loaded from. */
+    if (sm->model.placed)
+        log_info("model placed", "model=%s device=%s backend=\"%s\" variants=\"not used on a device\" "
+                 "context_compression=\"not on a device\"", sm->name, d->cfg.device, sm->model.be->name);
+    else
+        load_variants(d, sm);
     for (int i = 0; i < sm->n_variants; i++) sc.variants[i] = sm->variants[i].model;
     sc.n_variants = sm->n_variants;
     sm->sched = sched_create(&sm->model, &sc);

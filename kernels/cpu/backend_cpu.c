@@ -211,3 +211,38 @@ const struct ebb_backend *ebb_backend_cpu(void)
     pthread_once(&choose_once, choose);
     return chosen;
 }
+
+/* ------------------------------------------------------------ device names */
+
+/* "cuda" or "cuda:N" (N a decimal index below 1024): 0 with the index. */
+static int cuda_index(const char *device, int *index)
+{
+    if (strncmp(device, "cuda", 4) != 0) return -1;
+    if (device[4] == 0) {
+        *index = 0;
+        return 0;
+    }
+    if (device[4] != ':' || device[5] < '0' || device[5] > '9') return -1;
+    long v = 0;
+    for (const char *p = device + 5; *p; p++) {
+        if (*p < '0' || *p > '9' || (v = v * 10 + (*p - '0')) >= 1024) return -1;
+    }
+    *index = (int)v;
+    return 0;
+}
+
+const char *ebb_device_name_problem(const char *device)
+{
+    int index;
+    if (!strcmp(device, "cpu") || cuda_index(device, &index) == 0) return NULL;
+    return "a device is cpu, cuda or cuda:N (N the device's index, from `ebb devices`)";
+}
+
+const struct ebb_backend *ebb_backend_for_device(const char *device, char *why, size_t why_len)
+{
+    int index;
+    if (!strcmp(device, "cpu")) return ebb_backend_cpu();
+    if (cuda_index(device, &index) == 0) return ebb_backend_cuda(index, why, why_len);
+    snprintf(why, why_len, "'%s': %s", device, ebb_device_name_problem(device));
+    return NULL;
+}

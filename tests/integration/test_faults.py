@@ -390,3 +390,41 @@ def test_sigkill_during_budget_writes_keeps_old_or_new(ebb_bin, tmp_path):
         s.stop_clean()
     print(f"kills: the budget was the old value after {outcomes['old']}, the new after {outcomes['new']}",
           file=sys.stderr)
+
+
+# ---------------------------------------------------------------- a device that is not there
+
+def cuda_device_count(ebb_bin):
+    p = run(ebb_bin, "devices", "--json")
+    return len(json.loads(p.stdout)["cuda"]["devices"]) if p.returncode == 0 else 0
+
+
+def test_model_on_a_missing_gpu_is_refused_with_the_reason(ebb_bin, model_path, tmp_path):
+    """`--device cuda:N` where there is no such GPU (no driver, a CPU-only
+    build, an index past the last device): the model fails to load with the
+    device's own reason, and the daemon stays up and says so."""
+    index = cuda_device_count(ebb_bin)   # one past the last: never a device
+    catalog = tmp_path / "catalog.db"
+    s = conftest.Server(ebb_bin, "--device", f"cuda:{index}", catalog=str(catalog), model_path=str(model_path),
+                        token=TOKEN, io_timeout=IO, start_timeout=120)
+    try:
+        deadline = time.monotonic() + 60
+        name = "SmolLM2-135M-Instruct.Q4_1"
+        while (state := admin_models(s)[name]["state"]) == "loading" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        m = admin_models(s)[name]
+        assert m["state"] == "failed", m
+        assert m["error"].startswith(f"device cuda:{index}: "), m["error"]
+        assert "CUDA" in m["error"] or "device" in m["error"].split(": ", 1)[1], m["error"]
+        assert s.wait_log(f'msg="model failed to load" model={name}')
+        assert requests.get(s.url("/health"), timeout=IO).status_code == 200
+        r = requests.post(s.url("/v1/completions"), json={"model": name, "prompt": "x", "max_tokens": 1}, timeout=IO)
+        assert r.status_code in (404, 503), r.text
+    finally:
+        s.stop_clean()
+
+
+def test_malformed_device_is_refused_at_start(ebb_bin):
+    p = run(ebb_bin, "serve", "--device", "gpu0")
+    assert p.returncode == 2, p.stderr.decode()
+    assert "'gpu0' is not a valid value: a device is cpu, cuda or cuda:N" in p.stderr.decode()
