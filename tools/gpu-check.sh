@@ -5,17 +5,23 @@
 #   tools/gpu-check.sh bundle [DIR]     here: build the GPU suite and the
 #                                       product benchmark (CUDA on) and copy
 #                                       them into DIR (gpu-bundle/, ignored by
-#                                       git) with this checkout's revision
+#                                       git) with this checkout's revision, the
+#                                       default model's first 4 layers (the
+#                                       whole file is over the 64 MiB a run
+#                                       carries; tools/gguf_first_layers.py)
+#                                       and the PCRE2 library the tokenizer
+#                                       links
 #   tools/gpu-check.sh run DIR OUT      there: the device, the GPU suite
 #                                       (every op against the scalar CPU path,
 #                                       with the tuned kernels and again with
-#                                       EBB_CUDA_KERNELS=reference) and the
-#                                       benchmark (both kernels' rows), each
-#                                       under its own time limit, into OUT
+#                                       EBB_CUDA_KERNELS=reference; then that
+#                                       model on the device against the CPU)
+#                                       and the benchmark (both kernels' rows),
+#                                       each under its own time limit, into OUT
 #
 # `run` exits 0 only when the suite ran and passed: a skip (no device) is a
 # failure here, since this script exists to run on one. OUT gets
-# nvidia-smi.txt, suite.txt, bench.csv and summary.txt; the end of the
+# nvidia-smi.txt, suite.txt, engine.txt, bench.csv and summary.txt; the end of the
 # output is the summary. Environment: EBB_GPU_SUITE_TIMEOUT (120 s),
 # EBB_GPU_BENCH_TIMEOUT (300 s), EBB_GPU_BENCH_ARGS (e.g. --quick).
 set -uo pipefail
@@ -26,9 +32,12 @@ bundle() {
     local dir=${1:-$here/gpu-bundle}
     set -e
     cmake -S "$here" -B "$here/build" -DCMAKE_BUILD_TYPE=Release -DEBB_CUDA=ON >/dev/null
-    cmake --build "$here/build" -j "$(nproc)" --target test_cuda_ops bench_cuda_ops
-    mkdir -p "$dir"
-    cp "$here/build/test_cuda_ops" "$here/build/bench_cuda_ops" "$dir/"
+    cmake --build "$here/build" -j "$(nproc)" --target test_cuda_ops test_cuda_engine bench_cuda_ops
+    mkdir -p "$dir/lib"
+    cp "$here/build/test_cuda_ops" "$here/build/test_cuda_engine" "$here/build/bench_cuda_ops" "$dir/"
+    cp -L "$(ldd "$here/build/test_cuda_engine" | awk '/libpcre2-8/ { print $3 }')" "$dir/lib/"
+    "${EBB_PYTHON:-$HOME/.cache/ebb/venv/bin/python}" "$here/tools/gguf_first_layers.py" \
+        "$here/models/SmolLM2-135M-Instruct.Q4_1.gguf" --layers 4 -o "$dir/first4.gguf"
     git -C "$here" rev-parse HEAD > "$dir/revision"
     git -C "$here" diff --quiet HEAD || echo "(with uncommitted changes)" >> "$dir/revision"
     du -sh "$dir"
@@ -44,7 +53,7 @@ run() {
              /opt/torch/.venv/lib/python3*/site-packages/nvidia/cublas/lib; do
         [ -d "$d" ] && libs=$libs:$d
     done
-    export LD_LIBRARY_PATH=$libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+    export LD_LIBRARY_PATH=$dir/lib:$libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
     {
         echo "revision: $(cat "$dir/revision" 2>/dev/null | tr '\n' ' ')"
         nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv 2>&1
@@ -64,6 +73,12 @@ run() {
     esac >> "$out/summary.txt"
     grep "checks" "$out/suite.txt" >> "$out/summary.txt"
 
+    # the model on the device against the scalar CPU path and the fastest CPU path
+    timeout "${EBB_GPU_SUITE_TIMEOUT:-120}" "$dir/test_cuda_engine" "$dir/first4.gguf" > "$out/engine.txt" 2>&1
+    local engine=$?
+    echo "engine: exit $engine" >> "$out/summary.txt"
+    grep "vs scalar\|checks\|CHECK" "$out/engine.txt" | head -30 >> "$out/summary.txt"
+
     # shellcheck disable=SC2086
     timeout "${EBB_GPU_BENCH_TIMEOUT:-300}" "$dir/bench_cuda_ops" ${EBB_GPU_BENCH_ARGS:-} > "$out/bench.csv" 2> "$out/bench.err"
     local bench=$?
@@ -78,7 +93,7 @@ run() {
     awk -F, 'NR > 1 && $4 == 1 { printf "  %-16s %-6s %-5s %9.1f us %8.1f GB/s\n", $1, $2, $3, $7, $8 }' \
         "$out/bench.csv" >> "$out/summary.txt"
     cat "$out/summary.txt"
-    [ "$suite" -eq 0 ]
+    [ "$suite" -eq 0 ] && [ "$engine" -eq 0 ]
 }
 
 case ${1:-} in
