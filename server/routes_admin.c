@@ -17,6 +17,7 @@
 
 #include "engine/bitstack.h"
 #include "engine/governor.h"
+#include "kernels/backend.h"
 #include "server/admin_body.h"
 #include "server/catalog_json.h"
 #include "server/daemon.h"
@@ -134,8 +135,27 @@ static json_t *weights_state(const struct served_model *sm, const struct sched_s
     return w;
 }
 
+/* The device models compute on (config `device`), with what ebb holds there
+ * and what the device has free; NULL on the CPU. */
+static json_t *device_state(struct daemon *d, size_t weights, size_t kv) {
+    if (!strcmp(d->cfg.device, "cpu")) return NULL;
+    struct ebb_device_info info[16];
+    char why[256] = "";
+    const int index = strchr(d->cfg.device, ':') ? atoi(strchr(d->cfg.device, ':') + 1) : 0;
+    const int n = ebb_cuda_devices(info, 16, why, sizeof why);
+    json_t *dev = json_pack("{s:s, s:I, s:I}", "device", d->cfg.device, "weight_bytes", (json_int_t)weights,
+                            "kv_allocated_bytes", (json_int_t)kv);
+    if (index < n && index < 16)
+        json_object_update_new(dev, json_pack("{s:s, s:I, s:I}", "name", info[index].name, "total_bytes",
+                                              (json_int_t)info[index].total_bytes, "free_bytes",
+                                              (json_int_t)info[index].free_bytes));
+    else
+        json_object_set_new(dev, "unavailable", json_string(n < 0 ? why : "no such device"));
+    return dev;
+}
+
 static json_t *memory_state(struct daemon *d) {
-    size_t reserved = 0, allocated = 0, weights = 0;
+    size_t reserved = 0, allocated = 0, weights = 0, device_weights = 0, device_kv = 0;
     json_t *models = json_array();
     for (struct served_model *sm = d->models; sm; sm = sm->next) {
         if (sm->state != SERVED_READY) continue;
@@ -144,25 +164,34 @@ static json_t *memory_state(struct daemon *d) {
         reserved += st.kv_reserved_bytes;
         allocated += st.kv_allocated_bytes;
         weights += st.weight_bytes;
+        if (sm->model.placed) {
+            device_weights += st.weight_bytes;
+            device_kv += st.kv_allocated_bytes;
+        }
         /* d->cfg does not change after start, so this is the precision
          * load_work gave the model's scheduler. */
         int kv_bits = config_kv_bits_for(&d->cfg, sm->name);
-        json_array_append_new(models, json_pack("{s:s, s:i, s:I, s:I, s:I, s:I, s:I, s:o}", "model", sm->name,
+        json_array_append_new(models, json_pack("{s:s, s:s, s:i, s:I, s:I, s:I, s:I, s:I, s:o}", "model", sm->name,
+                                                "device", sm->model.placed ? d->cfg.device : "cpu",
                                                 "kv_bits", kv_bits, "weight_bytes", (json_int_t)st.weight_bytes,
                                                 "share_bytes", (json_int_t)st.memory_share, "kv_budget_bytes",
                                                 (json_int_t)st.kv_budget_bytes, "kv_reserved_bytes",
                                                 (json_int_t)st.kv_reserved_bytes, "kv_allocated_bytes",
                                                 (json_int_t)st.kv_allocated_bytes, "weights", weights_state(sm, &st)));
     }
+    /* The host's share of what is governed: device memory is not in the RSS. */
     const uint64_t rss = memory_process_rss();
-    const uint64_t governed = (uint64_t)weights + allocated;
+    const uint64_t governed = (uint64_t)(weights - device_weights) + (allocated - device_kv);
     json_t *state = json_pack("{s:I, s:s, s:I, s:I, s:I, s:I, s:{s:I, s:I, s:I}, s:o}", "memory_budget_bytes",
                               (json_int_t)d->memory_budget, "mode",
                               d->memory.automatic ? "auto" : d->memory_budget ? "fixed" : "none", "minimum_bytes",
                               (json_int_t)served_memory_minimum(d), "weight_bytes", (json_int_t)weights,
                               "kv_reserved_bytes", (json_int_t)reserved, "kv_allocated_bytes", (json_int_t)allocated,
-                              "resident", "weights", (json_int_t)weights, "kv", (json_int_t)allocated,
+                              "resident", "weights", (json_int_t)(weights - device_weights), "kv",
+                              (json_int_t)(allocated - device_kv),
                               "scratch_and_other", (json_int_t)(rss > governed ? rss - governed : 0), "models", models);
+    json_t *device = device_state(d, device_weights, device_kv);
+    if (device) json_object_set_new(state, "device", device);
     if (d->memory.automatic)
         json_object_set_new(state, "auto", json_pack("{s:I, s:I, s:s?}", "reserve_bytes",
                                                      (json_int_t)d->memory.reserve_bytes, "free_bytes",

@@ -420,6 +420,10 @@ def test_model_on_a_missing_gpu_is_refused_with_the_reason(ebb_bin, model_path, 
         assert requests.get(s.url("/health"), timeout=IO).status_code == 200
         r = requests.post(s.url("/v1/completions"), json={"model": name, "prompt": "x", "max_tokens": 1}, timeout=IO)
         assert r.status_code in (404, 503), r.text
+        # /admin/memory names the device and why it has nothing there
+        mem = requests.get(s.url("/admin/memory"), headers=AUTH, timeout=IO).json()
+        assert mem["device"]["device"] == f"cuda:{index}", mem
+        assert mem["device"]["weight_bytes"] == 0 and mem["device"]["unavailable"], mem
     finally:
         s.stop_clean()
 
