@@ -299,6 +299,9 @@ int ebb_cuda_devices(struct ebb_device_info *out, int max, char *why, size_t why
  * the form alone (configuration): NULL, or what a name must look like. */
 const struct ebb_backend *ebb_backend_for_device(const char *device, char *why, size_t why_len);
 const char *ebb_device_name_problem(const char *device);
+/* What a GPU named like that has (its free memory now): 0, or -1 with the
+ * reason (not a GPU's name, no such device, no CUDA). */
+int ebb_device_memory(const char *device, struct ebb_device_info *info, char *why, size_t why_len);
 
 /* The fastest CPU path this processor supports (cpuid at first call). */
 const struct ebb_backend *ebb_backend_cpu(void);

@@ -5,7 +5,8 @@
  * "auto" makes the budget what the daemon holds now plus what the machine
  * (or the container: cgroup v2) could still give it, less a reserve the
  * operator leaves to everything else; engine/governor.c reads the free
- * memory. It is re-read every AUTO_INTERVAL_MS, and a new budget is applied
+ * memory, or, where models compute on a GPU (config `device`), the device
+ * reports its own. It is re-read every AUTO_INTERVAL_MS, and a new budget is applied
  * only when it moves by more than AUTO_HYSTERESIS of itself: each change
  * refits stacks and re-splits KV budgets, and memory readings wobble by a
  * few pages all the time. A reading below what the served models need
@@ -24,6 +25,7 @@
 #include <unistd.h>
 
 #include "engine/governor.h"
+#include "kernels/backend.h"
 #include "server/daemon.h"
 #include "server/log.h"
 #include "storage/catalog.h"
@@ -74,8 +76,20 @@ static uint64_t held_bytes(struct daemon *d) {
  * was held there). 0, or -1 with err when the free memory cannot be read. */
 static int auto_budget(struct daemon *d, uint64_t *budget, int *clamped, char *err, size_t errlen) {
     uint64_t free_bytes;
-    const char *source;
-    if (governor_free_memory("", &free_bytes, &source, err, errlen)) return -1;
+    const char *source = "cuda";
+    /* Models on a GPU hold their weights and KV there: its free memory is
+     * what an automatic budget follows. */
+    if (strcmp(d->cfg.device, "cpu")) {
+        struct ebb_device_info info;
+        char why[256];
+        if (ebb_device_memory(d->cfg.device, &info, why, sizeof why)) {
+            snprintf(err, errlen, "cannot read %s's free memory: %s", d->cfg.device, why);
+            return -1;
+        }
+        free_bytes = info.free_bytes;
+    } else if (governor_free_memory("", &free_bytes, &source, err, errlen)) {
+        return -1;
+    }
     d->memory_free_bytes = free_bytes;
     d->memory_free_source = source;
     const uint64_t want = governor_auto_budget(held_bytes(d), free_bytes, d->memory.reserve_bytes);

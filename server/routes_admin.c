@@ -139,18 +139,15 @@ static json_t *weights_state(const struct served_model *sm, const struct sched_s
  * and what the device has free; NULL on the CPU. */
 static json_t *device_state(struct daemon *d, size_t weights, size_t kv) {
     if (!strcmp(d->cfg.device, "cpu")) return NULL;
-    struct ebb_device_info info[16];
+    struct ebb_device_info info;
     char why[256] = "";
-    const int index = strchr(d->cfg.device, ':') ? atoi(strchr(d->cfg.device, ':') + 1) : 0;
-    const int n = ebb_cuda_devices(info, 16, why, sizeof why);
     json_t *dev = json_pack("{s:s, s:I, s:I}", "device", d->cfg.device, "weight_bytes", (json_int_t)weights,
                             "kv_allocated_bytes", (json_int_t)kv);
-    if (index < n && index < 16)
-        json_object_update_new(dev, json_pack("{s:s, s:I, s:I}", "name", info[index].name, "total_bytes",
-                                              (json_int_t)info[index].total_bytes, "free_bytes",
-                                              (json_int_t)info[index].free_bytes));
+    if (ebb_device_memory(d->cfg.device, &info, why, sizeof why) == 0)
+        json_object_update_new(dev, json_pack("{s:s, s:I, s:I}", "name", info.name, "total_bytes",
+                                              (json_int_t)info.total_bytes, "free_bytes", (json_int_t)info.free_bytes));
     else
-        json_object_set_new(dev, "unavailable", json_string(n < 0 ? why : "no such device"));
+        json_object_set_new(dev, "unavailable", json_string(why));
     return dev;
 }
 

@@ -238,6 +238,24 @@ const char *ebb_device_name_problem(const char *device)
     return "a device is cpu, cuda or cuda:N (N the device's index, from `ebb devices`)";
 }
 
+int ebb_device_memory(const char *device, struct ebb_device_info *info, char *why, size_t why_len)
+{
+    int index;
+    if (cuda_index(device, &index)) {
+        snprintf(why, why_len, "'%s' is not a GPU", device);
+        return -1;
+    }
+    struct ebb_device_info all[16];
+    const int n = ebb_cuda_devices(all, 16, why, why_len);
+    if (n < 0) return -1;
+    if (index >= n || index >= 16) {
+        snprintf(why, why_len, "no CUDA device %d (this machine has %d)", index, n);
+        return -1;
+    }
+    *info = all[index];
+    return 0;
+}
+
 const struct ebb_backend *ebb_backend_for_device(const char *device, char *why, size_t why_len)
 {
     int index;

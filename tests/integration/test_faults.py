@@ -432,3 +432,20 @@ def test_malformed_device_is_refused_at_start(ebb_bin):
     p = run(ebb_bin, "serve", "--device", "gpu0")
     assert p.returncode == 2, p.stderr.decode()
     assert "'gpu0' is not a valid value: a device is cpu, cuda or cuda:N" in p.stderr.decode()
+
+
+def test_auto_budget_on_a_missing_gpu_says_why(ebb_bin, tmp_path):
+    """With models on a GPU the automatic budget follows the GPU's free memory;
+    where it cannot be read the change is refused with the reason and nothing moves."""
+    index = cuda_device_count(ebb_bin)
+    s = conftest.Server(ebb_bin, "--device", f"cuda:{index}", catalog=str(tmp_path / "catalog.db"), token=TOKEN,
+                        io_timeout=IO)
+    try:
+        before = requests.get(s.url("/admin/memory"), headers=AUTH, timeout=IO).json()
+        r = requests.put(s.url("/admin/memory"), headers=AUTH, json={"budget": "auto", "reserve_bytes": 0}, timeout=IO)
+        assert r.status_code >= 400, r.text
+        assert f"cannot read cuda:{index}'s free memory" in r.text, r.text
+        after = requests.get(s.url("/admin/memory"), headers=AUTH, timeout=IO).json()
+        assert after["mode"] == before["mode"] and after["memory_budget_bytes"] == before["memory_budget_bytes"]
+    finally:
+        s.stop_clean()
