@@ -13,6 +13,7 @@
 #include <unistd.h>
 
 #include "check.h"
+#include "emulated_device.h"
 #include "engine/generate.h"
 #include "engine/model.h"
 #include "engine/scheduler.h"
@@ -456,5 +457,16 @@ int main(void) {
     test_context_capacity(&m);
     test_compressed_admission(&m);
     model_free(&m);
+    /* The scheduler over a model on a device (the emulated one: scalar ops
+     * behind pointers the host cannot touch; test_device_engine holds its
+     * passes to the CPU's bits): continuous batching, n-gram verification
+     * and KV4 caches in the device's memory, every stream as alone. */
+    const struct ebb_backend *emu = emulated_device();
+    char why[256] = "";
+    if (emu && model_load(&m, path, MODEL_WEIGHTS_NATIVE, err, sizeof err) == 0) {
+        CHECK_MSG(model_place(&m, emu, why, sizeof why) == 0, "%s", why);
+        if (m.placed) test_batched_equals_alone(&m, 4, DRAFT_NGRAM, 0);
+        model_free(&m);
+    }
     return check_report("test_scheduler");
 }
