@@ -196,7 +196,11 @@ enum kv_status kv_cache_init_reserving(struct kv_cache *kv, const struct model_c
     const size_t max_pages = (size_t)pages_for(n_ctx);
     kv->pages = calloc(max_pages, sizeof *kv->pages);
     if (kv->window_max) kv->window = calloc(max_pages, sizeof *kv->window);
-    if (!kv->pages || (kv->window_max && !kv->window)) {
+    /* A backend with a fused attention reads the page tables in its memory. */
+    if (kv->be->attend && (kv->table = ebb_alloc(kv->be, 2 * max_pages * sizeof *kv->table)))
+        ebb_zero(kv->be, kv->table, 2 * max_pages * sizeof *kv->table);
+    kv->table_stale = 1;
+    if (!kv->pages || (kv->window_max && !kv->window) || (kv->be->attend && !kv->table)) {
         kv_cache_free(kv);
         return KV_FAILED;
     }
@@ -236,6 +240,7 @@ void kv_cache_free(struct kv_cache *kv) {
     }
     free(kv->pages);
     free(kv->window);
+    if (kv->table) ebb_release(kv->be, (void *)kv->table);
     memset(kv, 0, sizeof *kv);
 }
 
@@ -278,10 +283,12 @@ static int window_ensure(struct kv_cache *kv, int from, int n) {
             charge(kv, -(long long)l->window_page_bytes);
         }
         kv->window[p] = NULL;
+        kv->table_stale = 1;
     }
     int rc = 0;
     for (int p = lo; p <= hi && rc == 0; p++) {
         if (kv->window[p]) continue;
+        kv->table_stale = 1;
         if (n_spare) {
             kv->window[p] = spare[--n_spare];
         } else if ((kv->window[p] = ebb_alloc(kv->be, l->window_page_bytes))) {
@@ -315,6 +322,19 @@ void kv_cache_limit_pass(struct kv_cache *kv, int max_pass) {
     }
 }
 
+/* The page tables a fused attention reads (kv_attend_block), in the
+ * backend's memory: body page pointers, then window page pointers, sent
+ * again after a pass's pages changed. */
+static int table_send(struct kv_cache *kv) {
+    if (!kv->table || !kv->table_stale) return 0;
+    const size_t n = (size_t)pages_for(kv->n_ctx);
+    if (ebb_upload(kv->be, kv->table, kv->pages, n * sizeof *kv->pages) ||
+        (kv->window && ebb_upload(kv->be, kv->table + n, kv->window, n * sizeof *kv->window)))
+        return -1;
+    kv->table_stale = 0;
+    return 0;
+}
+
 int kv_cache_ensure(struct kv_cache *kv, int n) {
     if (n > kv->n_ctx || kv_cache_reserve(kv, n) != KV_OK) return -1;
     const struct kv_layout *l = &kv->layout;
@@ -326,13 +346,14 @@ int kv_cache_ensure(struct kv_cache *kv, int n) {
         if (!(kv->pages[p] = ebb_alloc(kv->be, l->page_bytes))) return -1;
         charge(kv, (long long)l->page_bytes);
         if (kv->n_pages <= p) kv->n_pages = p + 1;
+        kv->table_stale = 1;
     }
-    if (!kv->window || n <= kv->n_past) return 0;
+    if (!kv->window || n <= kv->n_past) return table_send(kv);
     if (!kv->sink) {
         if (!(kv->sink = ebb_alloc(kv->be, l->sink_bytes))) return -1;
         charge(kv, (long long)l->sink_bytes);
     }
-    return window_ensure(kv, kv->n_past, n);
+    return window_ensure(kv, kv->n_past, n) || table_send(kv) ? -1 : 0;
 }
 
 /* Row of a layer, kind (0 keys, 1 values) and position in the body. */
@@ -871,6 +892,16 @@ static void block_scores(struct block *b, const struct kv_cache *kv, const struc
 void kv_attend_block(const struct kv_cache *kv, const struct ebb_backend *be, int layer, int kvh, const float *q,
                      float *out, size_t stride, int n_tok, int n_head, int pos0, float scale, float *scratch) {
     const struct kv_layout *l = &kv->layout;
+    if (be->attend && kv->table && !kv->compact) {   /* the same arithmetic in one call (backend.h) */
+        const int n = pages_for(kv->n_ctx);
+        const struct ebb_kv_pages view = {
+            .bits = l->bits, .group = l->group, .rotate = l->rotate, .kv_dim = l->kv_dim, .head_dim = l->head_dim,
+            .n_pages = n, .row_bytes = l->row_bytes, .code_bytes = l->code_bytes,
+            .body = (const uint8_t *const *)kv->table,
+            .window = kv->window ? (const float *const *)(kv->table + n) : NULL, .sink = kv->sink};
+        be->attend(&view, layer, kvh, q, out, stride, n_tok, n_head, pos0, scale, scratch);
+        return;
+    }
     const struct kv_compact *c = kv->compact;
     struct block b;
     block_scores(&b, kv, be, layer, kvh, q, stride, n_tok, n_head, pos0, scale, scratch);

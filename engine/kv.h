@@ -68,9 +68,10 @@
 #include <stdint.h>
 
 #include "engine/model_config.h"
+#include "kernels/formats.h"
 
-#define KV_PAGE_TOKENS 64
-#define KV_SINK_TOKENS 4      /* leading positions kept at full precision (8 and 4 bits) */
+#define KV_PAGE_TOKENS EBB_KV_PAGE_TOKENS
+#define KV_SINK_TOKENS EBB_KV_SINK_TOKENS   /* leading positions kept at full precision (8 and 4 bits) */
 /* Queries per attention block: enough to share each converted page among
  * many, few enough that their scores (one row of n_ctx each) stay small. */
 #define KV_BLOCK_QUERIES 48
@@ -149,6 +150,9 @@ struct kv_cache {
     struct kv_observation *obs;     /* queries recorded for compression's scoring, NULL when none */
     const struct ebb_backend *be;   /* whose memory holds the pages, window and sinks (the
                                        account's; the host's CPU table without one) */
+    void **table;             /* a backend with a fused attention: the page tables in its memory,
+                                 [2][ceil(n_ctx / KV_PAGE_TOKENS)] (body, window), else NULL */
+    int table_stale;          /* pages changed since the tables were sent */
 };
 
 enum kv_status {

@@ -83,6 +83,24 @@ struct ebb_backend_memory {
     void (*zero)(void *dst, size_t bytes);
 };
 
+/* A KV cache as the fused attention op reads it (engine/kv.h's layout, in
+ * the backend's memory): body page p at body[p] holds, for each layer, the
+ * keys then the values of EBB_KV_PAGE_TOKENS positions, one row_bytes row
+ * each (f32 or f16 values, or at 8 and 4 bits the row's codes, code_bytes
+ * of them, then its f16 (d, m) pairs); at 8 and 4 bits window page p (f32
+ * rows of kv_dim values, the same shape) where a query reads its own page
+ * and the one before, and the f32 sink rows, ((layer * 2 + kind) *
+ * EBB_KV_SINK_TOKENS + position) * kv_dim floats in. */
+struct ebb_kv_pages {
+    int bits, group, rotate;          /* rotate: rows stored in the H64 basis (8 and 4 bits) */
+    int kv_dim, head_dim;
+    int n_pages;                      /* entries of body and window */
+    size_t row_bytes, code_bytes;
+    const uint8_t *const *body;
+    const float *const *window;
+    const float *sink;
+};
+
 struct ebb_backend {
     const char *name;        /* "scalar", "avx2", "avx512", "cuda" */
     /* NULL: the ops take host pointers. Otherwise where their tensors live. */
@@ -194,6 +212,24 @@ struct ebb_backend {
     /* y[i] = fmaf(p[r], v_r[i], y[i]) for r = 0, 1, ... < n_rows in order
      * (v_r at v + r * v_stride), i < n. */
     void (*attn_values)(float *y, const float *p, const float *v, size_t v_stride, int n_rows, int n);
+    /* Optional (NULL: kv.c composes the ops above): kv.c's attention of a
+     * block of queries over an uncompressed cache in one call, with the
+     * same arithmetic query by query. Query j < n_tok * n_head (token j /
+     * n_head at position pos = pos0 + j / n_head, head j % n_head, at q +
+     * (j / n_head) * stride + (j % n_head) * head_dim) is scaled, qs[i] =
+     * q[i] * scale, and rotated, qr = H64(qs) when the cache rotates; each
+     * position p <= pos is read as kv.h says: from the window (8 and 4
+     * bits) or in place (32 bits) when p's page is pos's or the one
+     * before, else converted from the body (kv_rows_f16 / kv_rows_q; the
+     * sinks, p < EBB_KV_SINK_TOKENS, from their f32 rows times H64 when
+     * rotating), and scored s_p = dot8(body ? qr : qs (qs unrotated), k_p);
+     * softmax over s_0 .. s_pos (as softmax_f32); then two chains in
+     * position order, acc = fmaf(s_p, v_p[i], acc) for rows in place and,
+     * rotating, accr for body rows; out = acc, or acc + H64(accr) when any
+     * body row was read rotated. scratch holds n_tok * n_head * (pos0 +
+     * n_tok) floats. */
+    void (*attend)(const struct ebb_kv_pages *kv, int layer, int kvh, const float *q, float *out, size_t stride,
+                   int n_tok, int n_head, int pos0, float scale, float *scratch);
 
     /* Stored KV rows to f32, out[r * n + i]: n_rows rows of n values, each
      * row `stride` bytes after the previous. f16 rows are IEEE halves.

@@ -180,6 +180,12 @@ size_t ebb_row_bytes(uint32_t type, uint64_t n);
  * r * stride; value(r, i) = fmaf(d_i, code(r, i), m_i). */
 #define EBB_KVQ_GROUP_MAX 64
 
+/* The KV cache's pages (engine/kv.h; backend.h's struct ebb_kv_pages): a
+ * page holds this many positions, and at 8 and 4 bits the first
+ * EBB_KV_SINK_TOKENS positions are kept at f32 besides. */
+#define EBB_KV_PAGE_TOKENS 64
+#define EBB_KV_SINK_TOKENS 4
+
 /* One row of n values (n % group == 0) at 8, 4 or 2 bits: codes (n * bits / 8
  * bytes) and n / group (d, m) pairs. Per group, m is the minimum rounded down
  * to a half and d the step (max - m) / (2^bits - 1) rounded up, so every value

@@ -601,6 +601,80 @@ static void attn_values(float *y, const float *p, const float *v, size_t v_strid
     launched("attn_values");
 }
 
+/* The fused attention: one block of VEC_THREADS per query. The query,
+ * its rotation and the rotated sinks in shared memory; scores one thread
+ * per position into the caller's scratch; softmax as k_softmax (the
+ * block's order: within float error of the CPU's); then one thread per
+ * channel running both value chains in position order, as kv.c does. */
+__global__ void k_attend(struct ebb_kv_pages v, int layer, int kvh, const float *q, float *out, size_t stride,
+                         int n_head, int pos0, float scale, float *scratch, int S)
+{
+    extern __shared__ float sh[];
+    const int j = blockIdx.x, hd = v.head_dim, pos = pos0 + j / n_head, blocks64 = hd / 64;
+    const size_t at = (size_t)(j / n_head) * stride + (size_t)(j % n_head) * hd;
+    float *qs = sh, *qr = qs + hd, *sink_k = qr + hd, *sink_v = sink_k + EBB_KV_SINK_TOKENS * hd;
+    float *rot = sink_v + EBB_KV_SINK_TOKENS * hd;
+    const int body_rotated = v.rotate && ebb_hd_kv_reads_body(v.bits, 0, pos);
+    for (int i = threadIdx.x; i < hd; i += blockDim.x) qr[i] = qs[i] = q[at + i] * scale;
+    __syncthreads();
+    if (v.rotate) {
+        for (int b = threadIdx.x; b < blocks64; b += blockDim.x) ebb_hd_hadamard64(qr + 64 * b);
+        for (int t = threadIdx.x; body_rotated && t < 2 * EBB_KV_SINK_TOKENS * blocks64; t += blockDim.x) {
+            const int kind = t / (EBB_KV_SINK_TOKENS * blocks64), p = t / blocks64 % EBB_KV_SINK_TOKENS;
+            const int b = t % blocks64;
+            const float *src = v.sink + (((size_t)layer * 2 + kind) * EBB_KV_SINK_TOKENS + p) * v.kv_dim +
+                               (size_t)kvh * hd + 64 * b;
+            float *dst = (kind ? sink_v : sink_k) + (size_t)p * hd + 64 * b;
+            for (int i = 0; i < 64; i++) dst[i] = src[i];
+            ebb_hd_hadamard64(dst);
+        }
+    }
+    __syncthreads();
+    float *s = scratch + (size_t)j * S;
+    float m = -INFINITY;
+    for (int p = threadIdx.x; p <= pos; p += blockDim.x) {
+        s[p] = ebb_hd_attend_score(&v, layer, kvh, qs, qr, p, pos, sink_k);
+        m = fmaxf(m, s[p]);
+    }
+    m = block_reduce(m, 1);
+    float sum = 0;
+    for (int p = threadIdx.x; p <= pos; p += blockDim.x) {
+        s[p] = expf(s[p] - m);
+        sum += s[p];
+    }
+    sum = block_reduce(sum, 0);
+    const float inv = 1.0f / sum;
+    for (int p = threadIdx.x; p <= pos; p += blockDim.x) s[p] *= inv;
+    __syncthreads();
+    for (int i = threadIdx.x; i < hd; i += blockDim.x) {
+        float acc = 0, accr = 0;
+        for (int p = 0; p <= pos; p++) {
+            const float e = ebb_hd_kv_elem(&v, layer, 1, kvh, p, pos, i, sink_v);
+            if (v.rotate && ebb_hd_kv_reads_body(v.bits, p / EBB_KV_PAGE_TOKENS, pos)) accr = fmaf(s[p], e, accr);
+            else acc = fmaf(s[p], e, acc);
+        }
+        out[at + i] = acc;
+        rot[i] = accr;
+    }
+    if (!body_rotated) return;   /* the same for the whole block */
+    __syncthreads();
+    for (int b = threadIdx.x; b < blocks64; b += blockDim.x) ebb_hd_hadamard64(rot + 64 * b);
+    __syncthreads();
+    for (int i = threadIdx.x; i < hd; i += blockDim.x) out[at + i] = out[at + i] + rot[i];
+}
+
+static void attend(const struct ebb_kv_pages *kv, int layer, int kvh, const float *q, float *out, size_t stride,
+                   int n_tok, int n_head, int pos0, float scale, float *scratch)
+{
+    const int nq = n_tok * n_head;
+    if (nq <= 0) return;
+    const size_t shared = (size_t)(3 + 2 * EBB_KV_SINK_TOKENS) * kv->head_dim * sizeof(float);
+    bind_thread();
+    k_attend<<<nq, VEC_THREADS, shared, stream>>>(*kv, layer, kvh, q, out, stride, n_head, pos0, scale, scratch,
+                                                   pos0 + n_tok);
+    launched("attend");
+}
+
 __global__ void k_kv_rows_f16(float *out, const uint8_t *rows, size_t stride, int n_rows, int n)
 {
     const size_t e = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
@@ -743,6 +817,7 @@ static struct ebb_backend make_table(void)
     b.rope_f32 = rope;
     b.scale_f32 = scale;
     b.kv_store_row = kv_store_row;
+    b.attend = attend;
     return b;
 }
 

@@ -28,6 +28,7 @@
 #include <math.h>
 #endif
 
+#include "kernels/backend.h"
 #include "kernels/formats.h"
 
 #ifdef __CUDACC__
@@ -642,6 +643,128 @@ EBB_HD void ebb_hd_kv_store_group(uint8_t *row, const float *x, int n, int bits,
     if (rotate) ebb_hd_hadamard64(block);
     ebb_hd_kv_quantize_group(bits, block, group, row + (size_t)g * (size_t)(group * bits / 8),
                              row + (size_t)n * bits / 8 + 4 * (size_t)g);
+}
+
+/* ------------------------------------------------------ fused attention
+ *
+ * backend.h's `attend`, element by element, over struct ebb_kv_pages. The
+ * sinks' rotated rows (4 positions, keys and values) are made once per
+ * query by the caller (ebb_hd_attend_sinks), since H64's butterfly must
+ * see a whole block. */
+
+/* Whether a query at pos reads page `page` converted from the body. */
+EBB_HD int ebb_hd_kv_reads_body(int bits, int page, int pos)
+{
+    if (bits == 32) return 0;
+    if (bits == 16) return 1;
+    return page < pos / EBB_KV_PAGE_TOKENS - 1;
+}
+
+EBB_HD const uint8_t *ebb_hd_kv_body_row(const struct ebb_kv_pages *v, int layer, int kind, int p)
+{
+    const size_t row = ((size_t)layer * 2 + (size_t)kind) * EBB_KV_PAGE_TOKENS + (size_t)(p % EBB_KV_PAGE_TOKENS);
+    return v->body[p / EBB_KV_PAGE_TOKENS] + row * v->row_bytes;
+}
+
+/* Value i of KV head kvh's row at position p, as a query at pos reads it;
+ * sink_rot: the rotated sink rows [EBB_KV_SINK_TOKENS][head_dim] of this
+ * layer, kind and head (rotating caches). */
+EBB_HD float ebb_hd_kv_elem(const struct ebb_kv_pages *v, int layer, int kind, int kvh, int p, int pos, int i,
+                            const float *sink_rot)
+{
+    const int hd = v->head_dim, page = p / EBB_KV_PAGE_TOKENS;
+    const size_t at = (size_t)kvh * hd + (size_t)i;
+    const size_t row = ((size_t)layer * 2 + (size_t)kind) * EBB_KV_PAGE_TOKENS + (size_t)(p % EBB_KV_PAGE_TOKENS);
+    if (!ebb_hd_kv_reads_body(v->bits, page, pos)) {
+        if (v->bits == 32) return ((const float *)(const void *)(v->body[page] + row * v->row_bytes))[at];
+        return v->window[page][row * (size_t)v->kv_dim + at];
+    }
+    const uint8_t *r = v->body[page] + row * v->row_bytes;
+    if (v->bits == 16) return ebb_hd_f16_at(r + 2 * at);
+    if (p < EBB_KV_SINK_TOKENS) {
+        if (v->rotate) return sink_rot[(size_t)p * hd + i];
+        return v->sink[(((size_t)layer * 2 + (size_t)kind) * EBB_KV_SINK_TOKENS + (size_t)p) * (size_t)v->kv_dim + at];
+    }
+    return ebb_hd_kv_value(r + (size_t)kvh * hd * v->bits / 8, r + v->code_bytes + (size_t)kvh * (hd / v->group) * 4,
+                           v->bits, v->group, i);
+}
+
+/* A position's score: dot8 of the query (rotated for rotated body rows)
+ * with its key, in backend.h's lane order. */
+EBB_HD float ebb_hd_attend_score(const struct ebb_kv_pages *v, int layer, int kvh, const float *qs, const float *qr,
+                                 int p, int pos, const float *sink_rot_k)
+{
+    const int n = v->head_dim;
+    const float *a = v->rotate && ebb_hd_kv_reads_body(v->bits, p / EBB_KV_PAGE_TOKENS, pos) ? qr : qs;
+    float l[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    int i = 0;
+    for (; i + 8 <= n; i += 8)
+        for (int k = 0; k < 8; k++) l[k] = fmaf(a[i + k], ebb_hd_kv_elem(v, layer, 0, kvh, p, pos, i + k, sink_rot_k), l[k]);
+    for (int k = 0; k < 8; k++)
+        if (i + k < n) l[k] = fmaf(a[i + k], ebb_hd_kv_elem(v, layer, 0, kvh, p, pos, i + k, sink_rot_k), l[k]);
+    return ((l[0] + l[1]) + (l[2] + l[3])) + ((l[4] + l[5]) + (l[6] + l[7]));
+}
+
+/* The sinks of a layer's head, keys (kind 0) or values, times H64: what a
+ * rotating cache's body view holds for positions < EBB_KV_SINK_TOKENS. */
+EBB_HD void ebb_hd_attend_sinks(const struct ebb_kv_pages *v, int layer, int kind, int kvh, float *out)
+{
+    const int hd = v->head_dim;
+    for (int p = 0; p < EBB_KV_SINK_TOKENS; p++) {
+        const float *src = v->sink + (((size_t)layer * 2 + (size_t)kind) * EBB_KV_SINK_TOKENS + (size_t)p) *
+                                         (size_t)v->kv_dim + (size_t)kvh * hd;
+        for (int i = 0; i < hd; i++) out[(size_t)p * hd + i] = src[i];
+        for (int b = 0; b < hd / 64; b++) ebb_hd_hadamard64(out + (size_t)p * hd + 64 * b);
+    }
+}
+
+/* backend.h's softmax_f32 as the scalar path computes it, in order. */
+EBB_HD void ebb_hd_softmax_serial(float *x, int n)
+{
+    if (n <= 0) return;
+    float max = x[0];
+    for (int i = 1; i < n; i++)
+        if (x[i] > max) max = x[i];
+    float sum = 0;
+    for (int i = 0; i < n; i++) {
+        x[i] = expf(x[i] - max);
+        sum += x[i];
+    }
+    const float inv = 1.0f / sum;
+    for (int i = 0; i < n; i++) x[i] *= inv;
+}
+
+/* One query of `attend`, serially (the CPU's and the emulated device's):
+ * q and out its head's head_dim values, s its pos + 1 scores, work 4 *
+ * head_dim + 2 * EBB_KV_SINK_TOKENS * head_dim floats. */
+EBB_HD void ebb_hd_attend_query(const struct ebb_kv_pages *v, int layer, int kvh, const float *q, float *out, int pos,
+                                float scale, float *s, float *work)
+{
+    const int hd = v->head_dim;
+    float *qs = work, *qr = qs + hd, *acc = qr + hd, *accr = acc + hd;
+    float *sink_k = accr + hd, *sink_v = sink_k + (size_t)EBB_KV_SINK_TOKENS * hd;
+    for (int i = 0; i < hd; i++) {
+        qs[i] = q[i] * scale;
+        qr[i] = qs[i];
+        acc[i] = accr[i] = 0;
+    }
+    const int body_rotated = v->rotate && ebb_hd_kv_reads_body(v->bits, 0, pos);
+    if (v->rotate) {
+        for (int b = 0; b < hd / 64; b++) ebb_hd_hadamard64(qr + 64 * b);
+        if (body_rotated) {
+            ebb_hd_attend_sinks(v, layer, 0, kvh, sink_k);
+            ebb_hd_attend_sinks(v, layer, 1, kvh, sink_v);
+        }
+    }
+    for (int p = 0; p <= pos; p++) s[p] = ebb_hd_attend_score(v, layer, kvh, qs, qr, p, pos, sink_k);
+    ebb_hd_softmax_serial(s, pos + 1);
+    for (int p = 0; p <= pos; p++) {
+        float *to = v->rotate && ebb_hd_kv_reads_body(v->bits, p / EBB_KV_PAGE_TOKENS, pos) ? accr : acc;
+        for (int i = 0; i < hd; i++) to[i] = fmaf(s[p], ebb_hd_kv_elem(v, layer, 1, kvh, p, pos, i, sink_v), to[i]);
+    }
+    if (body_rotated)
+        for (int b = 0; b < hd / 64; b++) ebb_hd_hadamard64(accr + 64 * b);
+    for (int i = 0; i < hd; i++) out[i] = body_rotated ? acc[i] + accr[i] : acc[i];
 }
 
 /* ------------------------------------------------------------- BitStack */

@@ -21,6 +21,7 @@
 #include <string.h>
 
 #include "kernels/backend.h"
+#include "kernels/cuda/hostdev.h"
 
 #define EMU_TAG ((uintptr_t)1 << 62)
 
@@ -118,6 +119,33 @@ static void emu_bitstack_codes(const float *x, const float *v, int n, int8_t *q,
 static void emu_bitstack_scale_add(float *out, size_t out_stride, const int32_t *isum, int n_rows, int n_tok,
                                    int rank, const float *u, const float *ts)
 { emu_cpu->bitstack_scale_add(H(out), out_stride, H(isum), n_rows, n_tok, rank, H(u), H(ts)); }
+/* The fused attention: hostdev.h's, query by query, over the cache with
+ * every page pointer in its tables cleared of the tag. */
+static void emu_attend(const struct ebb_kv_pages *kv, int layer, int kvh, const float *q, float *out, size_t stride,
+                       int n_tok, int n_head, int pos0, float scale, float *scratch)
+{
+    struct ebb_kv_pages v = *kv;
+    const uint8_t **body = malloc((size_t)kv->n_pages * sizeof *body + 1);
+    const float **window = malloc((size_t)kv->n_pages * sizeof *window + 1);
+    float *work = malloc((4 + 2 * EBB_KV_SINK_TOKENS) * (size_t)kv->head_dim * sizeof(float));
+    if (!body || !window || !work) abort();
+    const uint8_t *const *tb = H(kv->body);
+    const float *const *tw = H(kv->window);
+    for (int p = 0; p < kv->n_pages; p++) {
+        body[p] = H(tb[p]);
+        window[p] = tw ? H(tw[p]) : NULL;
+    }
+    v.body = body;
+    v.window = window;
+    v.sink = H(kv->sink);
+    const int hd = kv->head_dim, S = pos0 + n_tok;
+    for (int j = 0; j < n_tok * n_head; j++) {
+        const size_t at = (size_t)(j / n_head) * stride + (size_t)(j % n_head) * hd;
+        ebb_hd_attend_query(&v, layer, kvh, (const float *)H(q) + at, (float *)H(out) + at, pos0 + j / n_head, scale,
+                            (float *)H(scratch) + (size_t)j * S, work);
+    }
+    free(body), free(window), free(work);
+}
 #undef H
 
 /* The table; NULL if this machine's pointers already use bit 62. */
@@ -148,6 +176,7 @@ static const struct ebb_backend *emulated_device(void)
     b.rope_f32 = emu_rope;
     b.scale_f32 = emu_scale;
     b.kv_store_row = emu_kv_store_row;
+    b.attend = emu_attend;
     b.attn_scores = emu_attn_scores;
     b.attn_values = emu_attn_values;
     b.kv_rows_f16 = emu_kv_rows_f16;

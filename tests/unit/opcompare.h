@@ -20,12 +20,17 @@
 #include <string.h>
 
 #include "check.h"
+#include "engine/kv.h"
 #include "kernels/backend.h"
 #include "kernels/formats.h"
 #include "testdata.h"
 
 static const struct ebb_backend *oc_test;
 static int oc_not_compared;
+/* Set by harnesses whose backend exponentiates and sums softmax in the
+ * scalar path's order (the CPU-side ones): the fused attention must then
+ * give its bits, not only agree within float error. */
+static int oc_exact_softmax;
 
 static void *oc_xmalloc(size_t n)
 {
@@ -606,6 +611,77 @@ static void oc_steps(const struct ebb_backend *ref)
     }
 }
 
+/* The fused attention op against kv.c's composition of the scalar ops: a
+ * cache filled through kv.c on the host at every precision (rotated and
+ * not), its pages copied into the test backend's memory with their page
+ * tables, and blocks of queries that read the window, the body, the sinks,
+ * or all of them. */
+static void oc_attend(const struct ebb_backend *ref)
+{
+    if (!oc_has(oc_test->attend, "attend")) return;
+    static const int cases[][2] = {{32, 64}, {16, 64}, {8, 64}, {4, 64}, {4, 48}, {8, 48}};
+    static const int blocks[][4] = {{1, 1, 150, 3}, {0, 0, 5, 2}, {1, 0, 130, 1}, {0, 1, 199, 1}};   /* layer, kvh, pos0, n_tok */
+    for (size_t c = 0; c < sizeof cases / sizeof *cases; c++) {
+        const int bits = cases[c][0], hd = cases[c][1], n = 200, n_head = 2;
+        struct model_config cfg = {.n_layer = 2, .n_head = 4, .n_head_kv = 2, .head_dim = hd};
+        struct kv_account acct;
+        struct kv_cache kv;
+        CHECK(kv_account_init(&acct, &cfg, bits, 0) == 0 && kv_cache_init(&kv, &cfg, n, &acct) == KV_OK &&
+              kv_cache_ensure(&kv, n) == 0);
+        const int kvd = cfg.n_head_kv * hd;
+        for (int l = 0; l < cfg.n_layer; l++)
+            for (int p = 0; p < n; p++) {
+                float *k = oc_floats((size_t)kvd, 1.5f), *v = oc_floats((size_t)kvd, 1);
+                k[3] = 40.0f * (float)(p % 3);                       /* an outlier channel */
+                kv_store(&kv, ref, l, p, k, v);
+                free(k), free(v);
+            }
+        kv.n_past = n;
+        const struct kv_layout *L = &kv.layout;
+        const int pages = kv.n_pages;
+        uint8_t **dbody = oc_xmalloc((size_t)pages * sizeof *dbody);
+        float **dwin = oc_xmalloc((size_t)pages * sizeof *dwin);
+        for (int p = 0; p < pages; p++) {
+            dbody[p] = oc_put(kv.pages[p], L->page_bytes);
+            const int held = kv.window && p >= kv.window_lo && p <= kv.window_hi && kv.window[p];
+            dwin[p] = held ? oc_put(kv.window[p], L->window_page_bytes) : NULL;
+        }
+        float *dsink = kv.sink ? oc_put(kv.sink, L->sink_bytes) : NULL;
+        const struct ebb_kv_pages view = {
+            .bits = bits, .group = L->group, .rotate = L->rotate, .kv_dim = L->kv_dim, .head_dim = hd,
+            .n_pages = pages, .row_bytes = L->row_bytes, .code_bytes = L->code_bytes,
+            .body = oc_put(dbody, (size_t)pages * sizeof *dbody), .window = oc_put(dwin, (size_t)pages * sizeof *dwin),
+            .sink = dsink};
+        for (size_t b = 0; b < sizeof blocks / sizeof *blocks; b++) {
+            const int layer = blocks[b][0], kvh = blocks[b][1], pos0 = blocks[b][2], n_tok = blocks[b][3];
+            const size_t stride = (size_t)cfg.n_head * hd, q_n = (size_t)n_tok * stride;
+            float *q = oc_floats(q_n, 1), *want = oc_xmalloc(q_n * sizeof(float)), *got = oc_xmalloc(q_n * sizeof(float));
+            memcpy(want, q, q_n * sizeof(float));
+            memcpy(got, q, q_n * sizeof(float));
+            float *scratch = oc_xmalloc(kv_attend_scratch(&cfg, n) * sizeof(float));
+            const size_t at = (size_t)kvh * n_head * hd;    /* the query heads of KV head kvh */
+            kv_attend_block(&kv, ref, layer, kvh, q + at, want + at, stride, n_tok, n_head, pos0, 0.125f, scratch);
+            float *dq = oc_put(q, q_n * sizeof(float)), *dout = oc_put(got, q_n * sizeof(float));
+            float *dscratch = oc_put(scratch, (size_t)n_tok * n_head * (pos0 + n_tok) * sizeof(float));
+            oc_test->attend(&view, layer, kvh, dq + at, dout + at, stride, n_tok, n_head, pos0, 0.125f, dscratch);
+            oc_get(got, dout, q_n * sizeof(float));
+            char what[96];
+            snprintf(what, sizeof what, "attend KV%d head_dim %d, block %zu", bits, hd, b);
+            if (oc_exact_softmax) CHECK_MSG(oc_same_bits(want, got, q_n * sizeof(float), what), "%s", what);
+            else CHECK_MSG(oc_close(want, got, q_n, 1e-5f, what), "%s", what);
+            oc_free(dq), oc_free(dout), oc_free(dscratch), free(q), free(want), free(got), free(scratch);
+        }
+        for (int p = 0; p < pages; p++) {
+            oc_free(dbody[p]);
+            if (dwin[p]) oc_free(dwin[p]);
+        }
+        if (dsink) oc_free(dsink);
+        oc_free((void *)view.body), oc_free((void *)view.window), free(dbody), free(dwin);
+        kv_cache_free(&kv);
+        kv_account_destroy(&acct);
+    }
+}
+
 /* The memory's queued copy and zero (what the engine uses between ops). */
 static void oc_memory(void)
 {
@@ -635,6 +711,7 @@ static int opcompare_all(const struct ebb_backend *ref, const struct ebb_backend
     oc_kv_rows_ops(ref);
     oc_bitstack(ref);
     oc_steps(ref);
+    oc_attend(ref);
     oc_memory();
     if (test->memory) CHECK_MSG(test->memory->sync() == 0, "%s: %s", test->name, test->memory->error());
     return oc_not_compared;
