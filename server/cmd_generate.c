@@ -10,6 +10,7 @@
 #include "engine/generate.h"
 #include "engine/model.h"
 #include "engine/tokenizer.h"
+#include "kernels/backend.h"
 #include "server/cli.h"
 
 #define MAX_STOPS 16
@@ -244,13 +245,23 @@ int cmd_logits(int argc, char **argv) {
     }
     int rc = 1;
     struct kv_cache kv;
+    struct kv_account f32_cache;   /* an f32 cache where the model computes; no budget (32 bits: never refused) */
+    kv_account_init(&f32_cache, &m.cfg, 32, 0);
+    f32_cache.be = m.be;
     size_t rows = all ? (size_t)n : 1;
     float *logits = malloc(rows * (size_t)m.cfg.n_vocab * sizeof(float));
-    if (!logits || kv_cache_init(&kv, &m.cfg, n, NULL)) {
+    int bad_id = -1;
+    for (int i = 0; i < n && bad_id < 0; i++)
+        if (ids[i] < 0 || ids[i] >= m.cfg.n_vocab) bad_id = i;
+    if (bad_id >= 0) {
+        fprintf(stderr, "ebb logits: token id %d (at %d) is out of range (vocabulary has %d)\n", ids[bad_id], bad_id,
+                m.cfg.n_vocab);
+    } else if (!logits || kv_cache_init(&kv, &m.cfg, n, &f32_cache)) {
         fprintf(stderr, "ebb logits: out of memory\n");
     } else {
         if (model_forward(run, &kv, ids, n, logits, all)) {
-            fprintf(stderr, "ebb logits: token id out of range (vocabulary has %d)\n", m.cfg.n_vocab);
+            fprintf(stderr, "ebb logits: the forward pass failed (%s)\n",
+                    m.be->memory ? m.be->memory->error() : "out of memory");
         } else {
             FILE *f = fopen(out_path, "wb");
             int ok = f && fwrite(logits, sizeof(float) * (size_t)m.cfg.n_vocab, rows, f) == rows;
@@ -260,6 +271,7 @@ int cmd_logits(int argc, char **argv) {
         }
         kv_cache_free(&kv);
     }
+    kv_account_destroy(&f32_cache);
     free(logits);
     free(ids);
     model_run_free(run);

@@ -9,19 +9,21 @@
 #                                       default model's first 4 layers (the
 #                                       whole file is over the 64 MiB a run
 #                                       carries; tools/gguf_first_layers.py)
-#                                       and the PCRE2 library the tokenizer
-#                                       links
+#                                       and `ebb` with the Debian libraries
+#                                       it and the tokenizer link
 #   tools/gpu-check.sh run DIR OUT      there: the device, the GPU suite
 #                                       (every op against the scalar CPU path,
 #                                       with the tuned kernels and again with
 #                                       EBB_CUDA_KERNELS=reference; then that
 #                                       model on the device against the CPU)
-#                                       and the benchmark (both kernels' rows),
+#                                       and the benchmarks (the products with
+#                                       both kernels' rows; `ebb bench` of that
+#                                       model on the device and on the CPU),
 #                                       each under its own time limit, into OUT
 #
 # `run` exits 0 only when the suite ran and passed: a skip (no device) is a
 # failure here, since this script exists to run on one. OUT gets
-# nvidia-smi.txt, suite.txt, engine.txt, bench.csv and summary.txt; the end of the
+# nvidia-smi.txt, suite.txt, engine.txt, bench.csv, e2e.txt and summary.txt; the end of the
 # output is the summary. Environment: EBB_GPU_SUITE_TIMEOUT (120 s),
 # EBB_GPU_BENCH_TIMEOUT (300 s), EBB_GPU_BENCH_ARGS (e.g. --quick).
 set -uo pipefail
@@ -32,10 +34,12 @@ bundle() {
     local dir=${1:-$here/gpu-bundle}
     set -e
     cmake -S "$here" -B "$here/build" -DCMAKE_BUILD_TYPE=Release -DEBB_CUDA=ON >/dev/null
-    cmake --build "$here/build" -j "$(nproc)" --target test_cuda_ops test_cuda_engine bench_cuda_ops
+    cmake --build "$here/build" -j "$(nproc)" --target test_cuda_ops test_cuda_engine bench_cuda_ops ebb
     mkdir -p "$dir/lib"
-    cp "$here/build/test_cuda_ops" "$here/build/test_cuda_engine" "$here/build/bench_cuda_ops" "$dir/"
-    cp -L "$(ldd "$here/build/test_cuda_engine" | awk '/libpcre2-8/ { print $3 }')" "$dir/lib/"
+    cp "$here/build/test_cuda_ops" "$here/build/test_cuda_engine" "$here/build/bench_cuda_ops" "$here/build/ebb" "$dir/"
+    for lib in libpcre2-8 libsqlite3 libuv libjansson; do
+        cp -L "$(ldd "$here/build/ebb" | awk -v l="$lib" 'index($1, l) == 1 { print $3 }')" "$dir/lib/"
+    done
     "${EBB_PYTHON:-$HOME/.cache/ebb/venv/bin/python}" "$here/tools/gguf_first_layers.py" \
         "$here/models/SmolLM2-135M-Instruct.Q4_1.gguf" --layers 4 -o "$dir/first4.gguf"
     git -C "$here" rev-parse HEAD > "$dir/revision"
@@ -92,6 +96,16 @@ run() {
     # the decode rows (M = 1) as a short table: weight GB/s per kernel and shape
     awk -F, 'NR > 1 && $4 == 1 { printf "  %-16s %-6s %-5s %9.1f us %8.1f GB/s\n", $1, $2, $3, $7, $8 }' \
         "$out/bench.csv" >> "$out/summary.txt"
+
+    # end to end: ebb bench of the carried model, on the device and on the host's CPUs
+    for device in cuda cpu; do
+        for kv in 32 4; do
+            echo "--- --device $device --kv-bits $kv"
+            timeout "${EBB_GPU_BENCH_TIMEOUT:-300}" "$dir/ebb" bench -m "$dir/first4.gguf" --device "$device" \
+                --kv-bits "$kv" -p 512 -n 128 -r 3 2>&1
+        done
+    done > "$out/e2e.txt"
+    grep -- "---\|^| pp\|^| tg\|backend\|ebb bench" "$out/e2e.txt" >> "$out/summary.txt"
     cat "$out/summary.txt"
     [ "$suite" -eq 0 ] && [ "$engine" -eq 0 ]
 }
