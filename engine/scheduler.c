@@ -15,6 +15,7 @@
 #include <malloc.h>
 #endif
 #include <math.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -22,6 +23,7 @@
 #include "engine/governor.h"
 #include "engine/kv.h"
 #include "engine/model.h"
+#include "kernels/backend.h"
 
 /* Why a request must stop at the engine's next look: the client went away
  * (or the server is stopping), or its forward pass failed. */
@@ -655,13 +657,21 @@ static void step(struct sched *s) {
     const double t0 = ebb_now_seconds();
     int rc = model_forward_batch(compute_run(s), s->batch, n);
     if (rc == 0) draft_costs_record(&s->costs, tokens, ebb_now_seconds() - t0);
+    /* A device that failed (a kernel, its memory) says why; on the host a
+     * pass fails only for memory. */
+    const struct ebb_backend_memory *mem = model_run_model(compute_run(s))->be->memory;
     pthread_mutex_lock(&s->lock);
     s->steps++;
     s->batch_tokens += (uint64_t)tokens;
     pthread_mutex_unlock(&s->lock);
     for (int b = 0; b < n; b++) {
         struct sreq *r = s->batch_req[b];
-        if (rc) { atomic_store(&r->stop, SREQ_FAILED); continue; }
+        if (rc) {
+            snprintf(r->timing.error, sizeof r->timing.error, "the forward pass failed: %s",
+                     mem ? mem->error() : "out of memory");
+            atomic_store(&r->stop, SREQ_FAILED);
+            continue;
+        }
         if (r->n_prefilled < r->n_replay) {
             if (s->batch[b].all_logits) {   /* prompt rows: report, and keep the last for sampling */
                 const int first = r->n_prefilled, n_tok = s->batch[b].n_tok, V = s->m->cfg.n_vocab;

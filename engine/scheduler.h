@@ -60,6 +60,7 @@ struct sched_timing {
     int drafted, accepted;          /* speculative decoding: tokens drafted, and kept */
     struct compress_report compress;/* context compression (applied 0: none) */
     double grammar_s;               /* constrained decoding: time spent masking the vocabulary */
+    char error[192];                /* finished in error: why, when the engine knows (else empty) */
 };
 
 struct sched_callbacks {

@@ -314,6 +314,8 @@ static void deliver_done(struct choice_slot *slot, struct bridge_event *ev) {
         snprintf(c->error, sizeof c->error, "internal error: %d of %d tokens were delivered", slot->n_tokens,
                  ev->n_generated);
     }
+    if (ch->finish == FINISH_ERROR && ev->timing.error[0] && !c->error[0])
+        snprintf(c->error, sizeof c->error, "%s", ev->timing.error);
     const char *labels[] = {sm->name, finish_reason_name(ch->finish)};
     metric_inc(c->d->m_finished, labels, 1);
     metric_series_inc(sm->m_prompt_tokens, ev->n_prompt);

@@ -46,18 +46,24 @@ static void *emu_alloc(size_t bytes)
     return p ? emu_dev(p) : NULL;
 }
 static void emu_release(void *p) { free(emu_host(p)); }
+/* A device lost for good (a kernel that faulted, as CUDA reports it): every
+ * later sync, upload and download fails with the reason. Tests set it. */
+static int emu_lost;
+
 static int emu_upload(void *dst, const void *src, size_t bytes)
 {
+    if (emu_lost) return -1;
     memcpy(H(dst), src, bytes);
     return 0;
 }
 static int emu_download(void *dst, const void *src, size_t bytes)
 {
+    if (emu_lost) return -1;
     memcpy(dst, H(src), bytes);
     return 0;
 }
-static int emu_sync(void) { return 0; }
-static const char *emu_error(void) { return "no error"; }
+static int emu_sync(void) { return emu_lost ? -1 : 0; }
+static const char *emu_error(void) { return emu_lost ? "emulated device lost (a test broke it)" : "no error"; }
 
 static void emu_copy(void *dst, const void *src, size_t bytes) { memcpy(H(dst), H(src), bytes); }
 static void emu_zero(void *dst, size_t bytes) { memset(H(dst), 0, bytes); }

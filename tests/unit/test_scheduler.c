@@ -437,6 +437,32 @@ static void test_context_capacity(struct model *m) {
     sched_destroy(s, 1);
 }
 
+/* A device that fails under a running request (a kernel fault): the
+ * request ends in error with the device's reason, the scheduler goes on,
+ * and a request after the device recovers (here: the test mends it) runs. */
+static void test_device_lost(struct model *m) {
+    struct sched_config cfg = {.max_running = 4, .max_waiting = 16, .kv_bits = 4};
+    struct sched *s = sched_create(m, &cfg);
+    CHECK(s != NULL);
+    if (!s) return;
+    int32_t *ids = NULL;
+    const int n = encode_chat(m, "Name three rivers.", &ids);
+    struct gen_params p = greedy(8);
+    struct collected out[2];
+    emu_lost = 1;
+    submit_all(s, &ids, &n, 1, &p, &out[0], -1);
+    wait_done(&out[0]);
+    CHECK_MSG(out[0].finish == FINISH_ERROR, "finish %d", out[0].finish);
+    CHECK_MSG(strstr(out[0].timing.error, "the forward pass failed: emulated device lost") != NULL, "error: '%s'",
+              out[0].timing.error);
+    emu_lost = 0;
+    submit_all(s, &ids, &n, 1, &p, &out[1], -1);
+    wait_done(&out[1]);
+    CHECK(out[1].finish == FINISH_LENGTH && out[1].n_ids == 8 && !out[1].timing.error[0]);
+    sched_destroy(s, 1);
+    free(ids);
+}
+
 int main(void) {
     char path[1024], err[512];
     if (check_model_path(path, sizeof path)) return check_report_skipped("test_scheduler", path);
@@ -466,6 +492,7 @@ int main(void) {
     if (emu && model_load(&m, path, MODEL_WEIGHTS_NATIVE, err, sizeof err) == 0) {
         CHECK_MSG(model_place(&m, emu, why, sizeof why) == 0, "%s", why);
         if (m.placed) test_batched_equals_alone(&m, 4, DRAFT_NGRAM, 0);
+        if (m.placed) test_device_lost(&m);
         model_free(&m);
     }
     return check_report("test_scheduler");
