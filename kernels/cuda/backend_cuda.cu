@@ -251,6 +251,57 @@ __global__ void k_matmul_f32(float *out, const float *x, const float *w, int n_t
     if (lane == 0) out[(size_t)t * n_out + o] = sum;
 }
 
+/* Prefill of W4G64 (W4A8 and the W4A4 files, whose 4-bit groups are
+ * exact at 8): int8 tensor cores. A warp computes 16 tokens x 32 rows --
+ * four m16n8k32 tiles per half group, its A registers shared by the four --
+ * and folds each group's exact sums into its outputs in group order
+ * (hostdev.h's loads and fold, which test_cuda_math runs through an
+ * emulated MMA); four warps to a block. */
+#define MMA_TOKENS 16
+#define MMA_ROWS_PER_WARP 32
+#define MMA_WARPS 4
+
+__device__ __forceinline__ void mma_s8(int32_t c[4], const uint32_t a[4], const uint32_t b[2])
+{
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm volatile("mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+                 "{%0, %1, %2, %3};\n"
+                 : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#endif
+}
+
+__global__ void k_w4a8_mma(float *out, const int8_t *q, const float *s, const uint8_t *w, size_t row_bytes, int n_tok,
+                           int n_in, int n_out)
+{
+    const int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP;
+    const int t0 = blockIdx.y * MMA_TOKENS, o_base = (blockIdx.x * MMA_WARPS + warp) * MMA_ROWS_PER_WARP;
+    if (o_base >= n_out) return;   /* a whole warp: the MMAs need every lane */
+    float acc[MMA_ROWS_PER_WARP / 8][4];
+    for (int nt = 0; nt < MMA_ROWS_PER_WARP / 8; nt++)
+        for (int e = 0; e < 4; e++) acc[nt][e] = 0;
+    for (int g = 0; g < n_in / EBB_W4G64_GROUP; g++) {
+        uint32_t a[2][4];
+        ebb_hd_mma_load_a(a[0], q, n_in, n_tok, t0, EBB_W4G64_GROUP * g, lane);
+        ebb_hd_mma_load_a(a[1], q, n_in, n_tok, t0, EBB_W4G64_GROUP * g + 32, lane);
+        for (int nt = 0; nt < MMA_ROWS_PER_WARP / 8; nt++) {
+            const int o0 = o_base + 8 * nt;
+            int32_t c[4] = {0, 0, 0, 0};
+            for (int kh = 0; kh < 2; kh++) {
+                uint32_t b[2];
+                ebb_hd_mma_load_b(b, w, row_bytes, n_out, o0, g, kh, lane);
+                mma_s8(c, a[kh], b);
+            }
+            ebb_hd_mma_fold(acc[nt], c, w, row_bytes, q, s, n_tok, n_in, n_out, t0, o0, g, lane);
+        }
+    }
+    for (int nt = 0; nt < MMA_ROWS_PER_WARP / 8; nt++)
+        for (int e = 0; e < 4; e++) {
+            const int t = t0 + ebb_hd_mma_c_tok(lane, e), o = o_base + 8 * nt + ebb_hd_mma_c_row(lane, e);
+            if (t < n_tok && o < n_out) out[(size_t)t * n_out + o] = acc[nt][e];
+        }
+}
+
 static void launch_matmul(int type, float *out, const struct ebb_act *x, const void *w, int n_tok, int n_in,
                           int n_out)
 {
@@ -270,6 +321,14 @@ static void launch_matmul(int type, float *out, const struct ebb_act *x, const v
         return;
     }
     const size_t row_bytes = ebb_row_bytes((uint32_t)type, (uint64_t)n_in);
+    if (type == EBB_TYPE_W4G64 && n_tok > GEMV_MAX_TOK && !reference_kernels) {
+        const dim3 grid(blocks_for((size_t)n_out, MMA_WARPS * MMA_ROWS_PER_WARP), blocks_for((size_t)n_tok, MMA_TOKENS));
+        bind_thread();
+        k_w4a8_mma<<<grid, MMA_WARPS * WARP, 0, stream>>>(out, x->q, x->s, (const uint8_t *)w, row_bytes, n_tok, n_in,
+                                                          n_out);
+        launched("matmul W4G64 (tensor cores)");
+        return;
+    }
     if (n_tok <= GEMV_MAX_TOK && !reference_kernels && ebb_hd_gemv_type(type)) {
         const unsigned rows_grid = blocks_for((size_t)n_out * WARP, per_block);
         bind_thread();

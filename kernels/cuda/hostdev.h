@@ -645,6 +645,104 @@ EBB_HD void ebb_hd_kv_store_group(uint8_t *row, const float *x, int n, int bits,
                              row + (size_t)n * bits / 8 + 4 * (size_t)g);
 }
 
+/* ------------------------------------------------- int8 tensor-core tiles
+ *
+ * W4G64 x Q8G64 at prefill on tensor cores (sm_80 and later): per 64-input
+ * group, two m16n8k32 int8 MMAs give a 16-token x 8-row tile of the exact
+ * integer sums, which ebb_hd_block_step then folds into each output in
+ * group order, as every path does. The MMA's operand layout is the PTX
+ * ISA's (mma.m16n8k32 with .s8 operands); lane l has group g = l >> 2 and
+ * t = l & 3:
+ *   A (16 tokens x 32 inputs): register r holds the 4 inputs from 4t + 16 *
+ *     (r >> 1) of token g + 8 * (r & 1);
+ *   B (32 inputs x 8 rows): register r holds the 4 inputs from 4t + 16r of
+ *     row g;
+ *   C (16 x 8 sums): element e is token g + 8 * (e >> 1), row 2t + (e & 1).
+ * Four int8 values go in a register lowest byte first. test_cuda_math
+ * runs a warp's loads through an emulated MMA built from this table. */
+EBB_HD int ebb_hd_mma_a_tok(int lane, int r) { return (lane >> 2) + 8 * (r & 1); }
+EBB_HD int ebb_hd_mma_a_in(int lane, int r) { return 4 * (lane & 3) + 16 * (r >> 1); }
+EBB_HD int ebb_hd_mma_b_row(int lane) { return lane >> 2; }
+EBB_HD int ebb_hd_mma_b_in(int lane, int r) { return 4 * (lane & 3) + 16 * r; }
+EBB_HD int ebb_hd_mma_c_tok(int lane, int e) { return (lane >> 2) + 8 * (e >> 1); }
+EBB_HD int ebb_hd_mma_c_row(int lane, int e) { return 2 * (lane & 3) + (e & 1); }
+
+EBB_HD uint32_t ebb_hd_pack4(int v0, int v1, int v2, int v3)
+{
+    return (uint32_t)(uint8_t)v0 | (uint32_t)(uint8_t)v1 << 8 | (uint32_t)(uint8_t)v2 << 16 | (uint32_t)(uint8_t)v3 << 24;
+}
+
+/* Four activation codes from input i (a multiple of 4) of a token's row. */
+EBB_HD uint32_t ebb_hd_codes4(const int8_t *row, int i) { return ebb_hd_pack4(row[i], row[i + 1], row[i + 2], row[i + 3]); }
+
+/* Four weights (codes - 8) from input k (a multiple of 4, < 64) of a
+ * W4G64 block: k < 32 the low nibbles of qs[k..], else the high ones of
+ * qs[k - 32 ..]. */
+EBB_HD uint32_t ebb_hd_w4g64_weights4(const uint8_t *block, int k)
+{
+    const uint8_t *qs = block + 2 + (k & 31);
+    const int shift = k < 32 ? 0 : 4;
+    return ebb_hd_pack4(((qs[0] >> shift) & 15) - 8, ((qs[1] >> shift) & 15) - 8, ((qs[2] >> shift) & 15) - 8,
+                        ((qs[3] >> shift) & 15) - 8);
+}
+
+/* D = A * B + C of one warp-wide m16n8k32 int8 MMA, on the CPU, from the
+ * lanes' registers as the layout above places them. */
+EBB_HD void ebb_hd_mma_emulate(const uint32_t a[32][4], const uint32_t b[32][2], int32_t c[32][4])
+{
+    int8_t A[16][32], B[32][8];
+    for (int lane = 0; lane < 32; lane++) {
+        for (int r = 0; r < 4; r++)
+            for (int k = 0; k < 4; k++)
+                A[ebb_hd_mma_a_tok(lane, r)][ebb_hd_mma_a_in(lane, r) + k] = (int8_t)(a[lane][r] >> (8 * k));
+        for (int r = 0; r < 2; r++)
+            for (int k = 0; k < 4; k++)
+                B[ebb_hd_mma_b_in(lane, r) + k][ebb_hd_mma_b_row(lane)] = (int8_t)(b[lane][r] >> (8 * k));
+    }
+    for (int lane = 0; lane < 32; lane++)
+        for (int e = 0; e < 4; e++) {
+            int32_t sum = c[lane][e];
+            for (int k = 0; k < 32; k++) sum += (int32_t)A[ebb_hd_mma_c_tok(lane, e)][k] * B[k][ebb_hd_mma_c_row(lane, e)];
+            c[lane][e] = sum;
+        }
+}
+
+/* A warp's work on a tile of 16 tokens (from t0) x 8 rows (from o0), per
+ * lane: its A registers for inputs [k0, k0 + 32) of the Q8G64 codes (zero
+ * past the last token), its B registers for half kh of group g's W4G64
+ * blocks (zero past the last row), and the fold of its four sums of group g
+ * into its four outputs (backend.h's W4G64 step). */
+EBB_HD void ebb_hd_mma_load_a(uint32_t a[4], const int8_t *q, int n_in, int n_tok, int t0, int k0, int lane)
+{
+    for (int r = 0; r < 4; r++) {
+        const int t = t0 + ebb_hd_mma_a_tok(lane, r);
+        a[r] = t < n_tok ? ebb_hd_codes4(q + (size_t)t * n_in, k0 + ebb_hd_mma_a_in(lane, r)) : 0;
+    }
+}
+
+EBB_HD void ebb_hd_mma_load_b(uint32_t b[2], const uint8_t *w, size_t row_bytes, int n_out, int o0, int g, int kh,
+                              int lane)
+{
+    const int o = o0 + ebb_hd_mma_b_row(lane);
+    for (int r = 0; r < 2; r++)
+        b[r] = o < n_out ? ebb_hd_w4g64_weights4(w + (size_t)o * row_bytes + (size_t)g * 34, 32 * kh +
+                                                 ebb_hd_mma_b_in(lane, r)) : 0;
+}
+
+EBB_HD void ebb_hd_mma_fold(float acc[4], const int32_t c[4], const uint8_t *w, size_t row_bytes, const int8_t *q,
+                            const float *s, int n_tok, int n_in, int n_out, int t0, int o0, int g, int lane)
+{
+    for (int e = 0; e < 4; e++) {
+        const int t = t0 + ebb_hd_mma_c_tok(lane, e), o = o0 + ebb_hd_mma_c_row(lane, e);
+        if (t >= n_tok || o >= n_out) continue;
+        const struct ebb_hd_act x = ebb_hd_act_of(EBB_TYPE_W4G64, q, s, 0, n_in, t);
+        struct ebb_hd_ints r;
+        r.a = c[e];
+        r.b = 0;
+        acc[e] = ebb_hd_block_step(EBB_TYPE_W4G64, acc[e], w + (size_t)o * row_bytes, &x, g, r);
+    }
+}
+
 /* ------------------------------------------------------ fused attention
  *
  * backend.h's `attend`, element by element, over struct ebb_kv_pages. The

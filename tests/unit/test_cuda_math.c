@@ -359,8 +359,76 @@ static void test_emulated_device(void)
     CHECK_MSG(!(WIFEXITED(status) && WEXITSTATUS(status) == 0), "a host write to a device pointer did not fault");
 }
 
+/* The tensor-core W4G64 kernel's warp program on the CPU: every lane's
+ * loads, an MMA emulated from hostdev.h's operand layout, every lane's
+ * fold -- held against the scalar product bit for bit, on shapes with
+ * partial token and row tiles. (Whether the layout is the hardware's, the
+ * GPU suite says.) */
+static void test_mma_tiles(void)
+{
+    const struct ebb_backend *ref = ebb_backend_cpu_named("scalar");
+    static const int shapes[][3] = {{16, 64, 8}, {37, 576, 192}, {9, 128, 100}, {33, 1536, 40}};
+    for (size_t k = 0; k < sizeof shapes / sizeof *shapes; k++) {
+        const int n_tok = shapes[k][0], n_in = shapes[k][1], n_out = shapes[k][2], groups = n_in / 64;
+        const size_t row_bytes = ebb_row_bytes(EBB_TYPE_W4G64, (uint64_t)n_in);
+        uint8_t *w = malloc(row_bytes * n_out);
+        for (int o = 0; o < n_out; o++) random_row(EBB_TYPE_W4G64, w + o * row_bytes, n_in);
+        float *x = malloc((size_t)n_tok * n_in * sizeof(float)), *sc = malloc((size_t)n_tok * groups * sizeof(float));
+        int8_t *q = malloc((size_t)n_tok * n_in);
+        for (int i = 0; i < n_tok * n_in; i++) x[i] = gauss() * (i % 97 == 0 ? 30.0f : 1.0f);
+        ref->quantize_act(x, n_tok, n_in, groups / 2, q, sc);
+        float *want = malloc((size_t)n_tok * n_out * sizeof(float)), *got = calloc((size_t)n_tok * n_out, sizeof(float));
+        const struct ebb_act act = {.q = q, .s = sc};
+        ref->matmul[EBB_TYPE_W4G64](NULL, want, &act, w, n_tok, n_in, n_out);
+        for (int t0 = 0; t0 < n_tok; t0 += 16)
+            for (int o_base = 0; o_base < n_out; o_base += 32)
+                for (int nt = 0; nt < 4; nt++) {
+                    const int o0 = o_base + 8 * nt;
+                    float acc[32][4] = {{0}};
+                    for (int g = 0; g < groups; g++) {
+                        uint32_t a[2][32][4], b[32][2];
+                        int32_t c[32][4] = {{0}};
+                        for (int lane = 0; lane < 32; lane++) {
+                            ebb_hd_mma_load_a(a[0][lane], q, n_in, n_tok, t0, 64 * g, lane);
+                            ebb_hd_mma_load_a(a[1][lane], q, n_in, n_tok, t0, 64 * g + 32, lane);
+                        }
+                        for (int kh = 0; kh < 2; kh++) {
+                            for (int lane = 0; lane < 32; lane++)
+                                ebb_hd_mma_load_b(b[lane], w, row_bytes, n_out, o0, g, kh, lane);
+                            ebb_hd_mma_emulate((const uint32_t(*)[4])a[kh], (const uint32_t(*)[2])b, c);
+                        }
+                        for (int lane = 0; lane < 32; lane++)
+                            ebb_hd_mma_fold(acc[lane], c[lane], w, row_bytes, q, sc, n_tok, n_in, n_out, t0, o0, g, lane);
+                    }
+                    for (int lane = 0; lane < 32; lane++)
+                        for (int e = 0; e < 4; e++) {
+                            const int t = t0 + ebb_hd_mma_c_tok(lane, e), o = o0 + ebb_hd_mma_c_row(lane, e);
+                            if (t < n_tok && o < n_out) got[(size_t)t * n_out + o] = acc[lane][e];
+                        }
+                }
+        CHECK_MSG(memcmp(want, got, (size_t)n_tok * n_out * sizeof(float)) == 0, "MMA tiles, %d x %d x %d", n_tok,
+                  n_in, n_out);
+        free(w), free(x), free(sc), free(q), free(want), free(got);
+    }
+    /* every (token, input) and (input, row) of a tile has exactly one lane and register */
+    int a_seen[16][32] = {{0}}, b_seen[32][8] = {{0}}, c_seen[16][8] = {{0}};
+    for (int lane = 0; lane < 32; lane++) {
+        for (int r = 0; r < 4; r++)
+            for (int k = 0; k < 4; k++) a_seen[ebb_hd_mma_a_tok(lane, r)][ebb_hd_mma_a_in(lane, r) + k]++;
+        for (int r = 0; r < 2; r++)
+            for (int k = 0; k < 4; k++) b_seen[ebb_hd_mma_b_in(lane, r) + k][ebb_hd_mma_b_row(lane)]++;
+        for (int e = 0; e < 4; e++) c_seen[ebb_hd_mma_c_tok(lane, e)][ebb_hd_mma_c_row(lane, e)]++;
+    }
+    int once = 1;
+    for (int i = 0; i < 16 * 32; i++) once &= (&a_seen[0][0])[i] == 1;
+    for (int i = 0; i < 32 * 8; i++) once &= (&b_seen[0][0])[i] == 1;
+    for (int i = 0; i < 16 * 8; i++) once &= (&c_seen[0][0])[i] == 1;
+    CHECK_MSG(once, "the MMA operand layout covers a tile once");
+}
+
 int main(void)
 {
+    test_mma_tiles();
     test_emulated_device();
     test_refusal();
     test_halves();
