@@ -111,12 +111,12 @@ struct daemon {
     struct metric *m_running, *m_waiting, *m_finished, *m_prompt_tokens, *m_gen_tokens;
     struct metric *m_ttft, *m_itl, *m_e2e, *m_queue;
     struct metric *m_kv_bytes, *m_kv_use, *m_weights, *m_budget, *m_preemptions;
-    struct metric *m_minimum, *m_resident, *m_stack_blocks, *m_bpw, *m_weight_changes, *m_bytes_loaded,
+    struct metric *m_minimum, *m_resident, *m_device, *m_stack_blocks, *m_bpw, *m_weight_changes, *m_bytes_loaded,
         *m_bytes_freed, *m_swap;
     struct metric *m_drafts, *m_draft_tokens, *m_accepted, *m_accepted_at, *m_accepted_mean;
     struct metric *m_cmp_requests, *m_cmp_tokens, *m_cmp_saved, *m_cmp_seconds;
 };
-#define DAEMON_N_METRICS 37
+#define DAEMON_N_METRICS 38
 
 /* ---- daemon.c ---- */
 /* Runs the daemon with d->cfg loaded (d zeroed otherwise, and static: libuv

@@ -87,6 +87,9 @@ static const struct family families[] = {
     {METRIC_GAUGE, "ebb_resident_bytes",
      "Resident memory by kind: weights, kv (allocated pages), scratch_and_other (the rest of the process's RSS).", 1,
      kind, NULL, 0, AT(m_resident)},
+    {METRIC_GAUGE, "ebb_device_memory_bytes",
+     "On the GPU models compute on (config device): weights and kv that ebb holds there, free and total as the "
+     "device reports them.", 1, kind, NULL, 0, AT(m_device)},
     {METRIC_GAUGE, "ebb_stack_blocks_resident", "BitStack blocks resident (a prefix of the file's order).", 1, model,
      NULL, 0, AT(m_stack_blocks)},
     {METRIC_GAUGE, "ebb_weight_bits_per_weight", "Resident weight bits per parameter.", 1, model, NULL, 0, AT(m_bpw)},

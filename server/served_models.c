@@ -531,13 +531,13 @@ static void advance(struct metric_series *s, uint64_t total) {
 }
 
 void served_refresh_metrics(struct daemon *d) {
-    uint64_t weights = 0, kv = 0;
+    uint64_t weights = 0, kv = 0, device_weights = 0, device_kv = 0;   /* host's and GPU's */
     for (struct served_model *sm = d->models; sm; sm = sm->next) {
         if (sm->state != SERVED_READY) continue;
         struct sched_stats st;
         sched_get_stats(sm->sched, &st);
-        weights += st.weight_bytes;
-        kv += st.kv_allocated_bytes;
+        *(sm->model.placed ? &device_weights : &weights) += st.weight_bytes;
+        *(sm->model.placed ? &device_kv : &kv) += st.kv_allocated_bytes;
         uint64_t layer, all;
         served_param_counts(sm, &layer, &all);
         metric_series_set(sm->m_bpw, (double)st.weight_bytes * 8.0 / (double)all);
@@ -576,4 +576,13 @@ void served_refresh_metrics(struct daemon *d) {
     metric_set(d->m_resident, k, (double)kv);
     metric_set(d->m_resident, o, rss > weights + kv ? (double)(rss - weights - kv) : 0);
     metric_set(d->m_minimum, NULL, (double)served_memory_minimum(d));
+    struct ebb_device_info info;
+    char why[256];
+    if (strcmp(d->cfg.device, "cpu") && ebb_device_memory(d->cfg.device, &info, why, sizeof why) == 0) {
+        const char *dw[] = {"weights"}, *dk[] = {"kv"}, *df[] = {"free"}, *dt[] = {"total"};
+        metric_set(d->m_device, dw, (double)device_weights);
+        metric_set(d->m_device, dk, (double)device_kv);
+        metric_set(d->m_device, df, (double)info.free_bytes);
+        metric_set(d->m_device, dt, (double)info.total_bytes);
+    }
 }
