@@ -8,6 +8,7 @@
 
 #include "engine/bitstack.h"
 #include "engine/model.h"
+#include "kernels/backend.h"
 
 int cli_int(const char *cmd, const char *flag, const char *s, long lo, long hi, int *out) {
     char *end;
@@ -146,6 +147,16 @@ int cli_compress_flag(const char *cmd, const char *a, const char *v, struct comp
         return 0;
     }
     return 1;
+}
+
+int cli_device(const char *cmd, const char *value, const char **out) {
+    const char *problem = ebb_device_name_problem(value);
+    if (problem) {
+        fprintf(stderr, "ebb %s: --device '%s': %s\n", cmd, value, problem);
+        return 2;
+    }
+    *out = value;
+    return 0;
 }
 
 int cli_weights(const char *cmd, const char *value, enum model_weights *out) {

@@ -36,6 +36,9 @@ char *cli_read_file(const char *cmd, const char *path, size_t *len);
 /* Whitespace- or comma-separated token ids from a string; malloc'd. */
 int cli_parse_ids(const char *cmd, const char *text, int32_t **ids);
 
+/* --device: a name of the form kernels/backend.h accepts ("cpu", "cuda",
+ * "cuda:N") into *out, or prints why not and returns 2. */
+int cli_device(const char *cmd, const char *value, const char **out);
 /* Loads a model onto device ("cpu", "cuda[:N]"; NULL: the CPU) and a run
  * of it with n_threads workers (engine/model.h), or prints why not and
  * returns NULL. The caller frees the run, then the model. */

@@ -1,7 +1,9 @@
 /* `ebb bench`: prefill and decode speed, measured like llama-bench's pp and tg
  * tests so the numbers can sit beside llama.cpp's:
  *   pp N: one forward pass over N tokens from an empty cache;
- *   tg N: N single-token forward passes from an empty cache.
+ *   tg N: N single-token forward passes from an empty cache;
+ *   tg N bB (-b B): B sequences decoding together, one token each per pass
+ *   (continuous batching's decode step), N passes; t/s counts all B.
  * Token ids are drawn from a fixed-seed generator; speed does not depend on
  * which ids they are. Each test runs once to warm up, then -r times.
  *
@@ -47,6 +49,7 @@ static void bench_usage(FILE *out) {
         "  -p N   prefill tokens (default 512; 0 skips)\n"
         "  -n N   decode tokens (default 128; 0 skips)\n"
         "  -r R   repetitions (default 3)\n"
+        "  -b B   also decode B sequences together (tg N bB; default 1: only tg N)\n"
         "  --kv-bits N   KV cache precision: 32 (default), 16, 8 or 4\n"
         "  --weights W   native (default: the file's quantized types, used in place) or f32\n"
         "  --device D    cpu (default) or cuda[:N]: weights and KV cache on that GPU\n"
@@ -105,6 +108,46 @@ static int bench_test(struct model_run *run, struct kv_account *kv_policy, const
     kv_cache_free(&kv);
     free(ids);
     free(logits);
+    return rc;
+}
+
+/* B sequences decoding together: n passes of B tokens, one per sequence,
+ * each from its own cache (ids differ per sequence); tokens per second
+ * over all B. Warmed up once, then reps times. */
+static int bench_batch(struct model_run *run, struct kv_account *kv_policy, const char *label, int n, int batch,
+                       int reps) {
+    const struct model *m = model_run_model(run);
+    struct kv_cache *kv = calloc((size_t)batch, sizeof *kv);
+    struct batch_seq *seqs = calloc((size_t)batch, sizeof *seqs);
+    int32_t *ids = malloc((size_t)batch * n * sizeof(int32_t));
+    float *logits = malloc((size_t)batch * m->cfg.n_vocab * sizeof(float));
+    int made = 0, rc = !kv || !seqs || !ids || !logits ? -1 : 0;
+    for (; rc == 0 && made < batch; made++)
+        if (kv_cache_init(&kv[made], &m->cfg, n, kv_policy)) rc = -1;
+    for (int i = 0; rc == 0 && i < batch * n; i++) ids[i] = (int32_t)((uint64_t)(i + 7) * 2654435761u % (uint64_t)m->cfg.n_vocab);
+    double sum = 0, sum2 = 0;
+    for (int r = 0; r <= reps && rc == 0; r++) {   /* the first round warms up */
+        for (int b = 0; b < batch; b++) kv_cache_clear(&kv[b]);
+        const double t0 = ebb_now_seconds();
+        for (int i = 0; i < n && rc == 0; i++) {
+            for (int b = 0; b < batch; b++)
+                seqs[b] = (struct batch_seq){&kv[b], ids + (size_t)b * n + i, 1, logits + (size_t)b * m->cfg.n_vocab, 0, NULL};
+            if (model_forward_batch(run, seqs, batch)) rc = -1;
+        }
+        const double s = ebb_now_seconds() - t0;
+        if (r > 0 && rc == 0) {
+            sum += (double)batch * n / s;
+            sum2 += ((double)batch * n / s) * ((double)batch * n / s);
+        }
+    }
+    if (rc == 0) {
+        const double mean = sum / reps, sd = reps > 1 ? sqrt(fmax(0, (sum2 - reps * mean * mean) / (reps - 1))) : 0;
+        printf("| %-8s | %8.2f ± %6.2f |\n", label, mean, sd);
+    } else {
+        fprintf(stderr, "ebb bench: %s failed\n", label);
+    }
+    for (int b = 0; b < made; b++) kv_cache_free(&kv[b]);
+    free(kv), free(seqs), free(ids), free(logits);
     return rc;
 }
 
@@ -196,7 +239,7 @@ static double copy_bandwidth(struct ebb_pool *pool) {
 
 int cmd_bench(int argc, char **argv) {
     const char *model_path = NULL;
-    int n_prefill = 512, n_decode = 128, reps = 3, n_threads = 0, kv_bits = 32, verify = 0, depth = 128;
+    int n_prefill = 512, n_decode = 128, reps = 3, n_threads = 0, kv_bits = 32, verify = 0, depth = 128, batch = 1;
     enum model_weights weights = MODEL_WEIGHTS_NATIVE;
     const char *device = "cpu";
     uint64_t stack_bytes = UINT64_MAX;
@@ -208,9 +251,10 @@ int cmd_bench(int argc, char **argv) {
         else if (!strcmp(a, "-p")) { if (cli_int("bench", a, v, 0, 1 << 16, &n_prefill)) return 2; }
         else if (!strcmp(a, "-n")) { if (cli_int("bench", a, v, 0, 1 << 16, &n_decode)) return 2; }
         else if (!strcmp(a, "-r")) { if (cli_int("bench", a, v, 1, 1000, &reps)) return 2; }
+        else if (!strcmp(a, "-b")) { if (cli_int("bench", a, v, 1, MODEL_MAX_BATCH, &batch)) return 2; }
         else if (!strcmp(a, "-t")) { if (cli_int("bench", a, v, 1, 1024, &n_threads)) return 2; }
         else if (!strcmp(a, "--weights")) { if (cli_weights("bench", v, &weights)) return 2; }
-        else if (!strcmp(a, "--device")) device = v;
+        else if (!strcmp(a, "--device")) { if (cli_device("bench", v, &device)) return 2; }
         else if (!strcmp(a, "--kv-bits")) { if (cli_int("bench", a, v, 4, 32, &kv_bits)) return 2; }
         else if (!strcmp(a, "--stack-bytes")) { if (cli_u64("bench", a, v, &stack_bytes)) return 2; }
         else if (!strcmp(a, "--verify")) { if (cli_int("bench", a, v, 1, 64, &verify)) return 2; }
@@ -255,12 +299,20 @@ int cmd_bench(int argc, char **argv) {
         snprintf(label, sizeof label, "tg%d", n_decode);
         rc |= bench_test(run, &kv_policy, label, n_decode, 0, reps, &tg_tps);
     }
+    if (n_decode && batch > 1) {
+        snprintf(label, sizeof label, "tg%d b%d", n_decode, batch);
+        rc |= bench_batch(run, &kv_policy, label, n_decode, batch, reps);
+    }
     if (verify) rc |= bench_verify(run, &kv_policy, verify, depth, reps);
     /* Mapped weights count once their pages are read, so RSS after the
      * tests (every weight read) is the figure to hold against the file;
      * taken before the copy loop's buffers. */
     const double rss_tests = status_mib("VmRSS:"), rss_peak = status_mib("VmHWM:");
-    if (n_decode && tg_tps > 0) {
+    if (n_decode && tg_tps > 0 && m.placed) {   /* the host's copy loop says nothing of a GPU's memory */
+        const double bytes = (double)decode_weight_bytes(&m);
+        printf("decode reads %.1f MiB of weights per token: %.1f GB/s of weights at tg\n", bytes / 1048576.0,
+               bytes * tg_tps / 1e9);
+    } else if (n_decode && tg_tps > 0) {
         const double bytes = (double)decode_weight_bytes(&m), bw = copy_bandwidth(model_run_pool(run));
         printf("decode reads %.1f MiB of weights per token; copy loop %.2f GB/s; tg at %.1f%% of that\n",
                bytes / 1048576.0, bw / 1e9, bw > 0 ? 100.0 * bytes * tg_tps / bw : 0.0);

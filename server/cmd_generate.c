@@ -128,7 +128,7 @@ int cmd_generate(int argc, char **argv) {
         else if (!strcmp(a, "--seed")) { VALUE(); if (cli_u64("generate", a, v, &gp.sampling.seed)) return 2; }
         else if (!strcmp(a, "-t")) { VALUE(); if (cli_int("generate", a, v, 1, 1024, &n_threads)) return 2; }
         else if (!strcmp(a, "--weights")) { VALUE(); if (cli_weights("generate", v, &weights)) return 2; }
-        else if (!strcmp(a, "--device")) { VALUE(); device = v; }
+        else if (!strcmp(a, "--device")) { VALUE(); if (cli_device("generate", v, &device)) return 2; }
         else if (!strcmp(a, "--kv-bits")) { VALUE(); if (cli_int("generate", a, v, 4, 32, &gp.kv_bits)) return 2; }
         else if (!strcmp(a, "--stop")) {
             VALUE();
@@ -207,7 +207,7 @@ int cmd_logits(int argc, char **argv) {
         if (!strcmp(a, "-m") || !strcmp(a, "--ids-file") || !strcmp(a, "-o") || !strcmp(a, "-t") ||
             !strcmp(a, "--weights") || !strcmp(a, "--stack-bytes") || !strcmp(a, "--device")) {
             if (!(v = cli_value("logits", argc, argv, &i))) return 2;
-            if (!strcmp(a, "--device")) { device = v; continue; }
+            if (!strcmp(a, "--device")) { if (cli_device("logits", v, &device)) return 2; continue; }
             if (!strcmp(a, "--weights")) { if (cli_weights("logits", v, &weights)) return 2; continue; }
             if (!strcmp(a, "--stack-bytes")) { if (cli_u64("logits", a, v, &stack_bytes)) return 2; continue; }
             if (a[1] == 'm') model_path = v;

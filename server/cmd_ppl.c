@@ -77,7 +77,7 @@ int cmd_ppl(int argc, char **argv) {
         else if (!strcmp(a, "--chunks")) { if (cli_int("ppl", a, v, 1, 1 << 30, &max_chunks)) return 2; }
         else if (!strcmp(a, "-t")) { if (cli_int("ppl", a, v, 1, 1024, &n_threads)) return 2; }
         else if (!strcmp(a, "--weights")) { if (cli_weights("ppl", v, &weights)) return 2; }
-        else if (!strcmp(a, "--device")) device = v;
+        else if (!strcmp(a, "--device")) { if (cli_device("ppl", v, &device)) return 2; }
         else if (!strcmp(a, "--kv-bits")) { if (cli_int("ppl", a, v, 4, 32, &kv_bits)) return 2; }
         else if (!strcmp(a, "--top1-out")) top1_path = v;
         else if (!strcmp(a, "--stack-bytes")) { if (cli_u64("ppl", a, v, &stack_bytes)) return 2; }

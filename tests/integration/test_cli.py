@@ -86,6 +86,9 @@ def test_unknown_command(ebb_bin):
     (["bench", "-m", "x.gguf", "--verify", "0"], "--verify expects"),
     (["bench", "-m", "x.gguf", "--verify", "65"], "--verify expects"),
     (["bench", "-m", "x.gguf", "--depth", "-1"], "--depth expects"),
+    (["bench", "-m", "x.gguf", "-b", "0"], "-b expects"),
+    (["bench", "-m", "x.gguf", "-b", "257"], "-b expects"),
+    (["generate", "-m", "x.gguf", "-p", "a", "--device", "tpu"], "a device is cpu, cuda or cuda:N"),
     (["logits", "-m", "x.gguf", "--ids-file", "i", "-o", "o", "--stack-bytes", "-3"], "--stack-bytes"),
     (["generate", "-m", "x.gguf", "-p", "a", "--weights", "q4"], "--weights must be native or f32, not 'q4'"),
     (["ppl", "-m", "x.gguf", "-f", "t", "--weights", ""], "--weights must be native or f32"),
@@ -286,3 +289,13 @@ def test_ppl_scores_the_last_n_predictions(ebb_bin, model_path, tmp_path):
     assert scored == windows * score
     assert abs(got - want) <= 1e-4 * want + 1e-4, (got, want)
     assert ppl() == ppl("--score", str(n_ctx - 1 - n_ctx // 2))
+
+
+def test_bench_decodes_a_batch(ebb_bin, model_path):
+    """`ebb bench -b B`: B sequences decoding together, a row of its own beside tg."""
+    p = run_ebb(ebb_bin, "bench", "-m", model_path, "-p", "8", "-n", "4", "-r", "1", "-b", "3", "--kv-bits", "4")
+    assert p.returncode == 0, p.stderr.decode()
+    out = p.stdout.decode()
+    rows = {line.split("|")[1].strip(): float(line.split("|")[2].split()[0]) for line in out.splitlines()
+            if line.startswith("| pp") or line.startswith("| tg")}
+    assert set(rows) == {"pp8", "tg4", "tg4 b3"} and all(v > 0 for v in rows.values()), out
