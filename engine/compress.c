@@ -3,6 +3,7 @@
 #include "engine/compress.h"
 
 #include <math.h>
+#include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -87,45 +88,75 @@ static void share_layer(float *scores, int n_kvh, int boundary) {
     }
 }
 
-static int snapkv_scores(const struct kv_cache *kv, const struct model_config *cfg, const struct ebb_backend *be,
-                         int boundary, int per_layer, float *scores) {
+/* The scoring's work items, one per (layer, KV head), claimed by the
+ * pool's workers; each worker has its own attention scratch, weights and
+ * sums, and each item's scores are computed the same way whoever runs it,
+ * so the result does not depend on the number of threads. */
+struct score_job {
+    const struct kv_cache *kv;
+    const struct model_config *cfg;
+    const struct ebb_backend *be;
+    int boundary, n_items;
+    float *scores;
+    float *buffers;            /* per worker: scratch, weights, sums */
+    size_t per_worker;
+    atomic_int next;
+};
+
+static void score_item(const struct score_job *j, int item, float *scratch, float *w, float *sum) {
+    const struct kv_cache *kv = j->kv;
     const struct kv_observation *o = kv->obs;
+    const struct model_config *cfg = j->cfg;
     const int hd = cfg->head_dim, group = cfg->n_head / cfg->n_head_kv, n_kvh = cfg->n_head_kv;
-    const int block = kv_block_tokens(cfg), n_ctx = kv->n_past;
-    float *scratch = malloc(kv_attend_scratch(cfg, n_ctx) * sizeof(float));
-    float *w = malloc((size_t)block * group * (size_t)n_ctx * sizeof(float));
-    float *sum = malloc((size_t)boundary * sizeof(float));
-    if (!scratch || !w || !sum) {
-        free(scratch);
-        free(w);
-        free(sum);
-        return -1;
-    }
+    const int block = kv_block_tokens(cfg), n_ctx = kv->n_past, boundary = j->boundary;
+    const int layer = item / n_kvh, h = item % n_kvh;
     const float scale = 1.0f / sqrtf((float)hd);
-    for (int layer = 0; layer < cfg->n_layer; layer++) {
-        for (int h = 0; h < n_kvh; h++) {
-            memset(sum, 0, (size_t)boundary * sizeof(float));
-            for (int t0 = 0; t0 < o->n; t0 += block) {
-                const int n = o->n - t0 < block ? o->n - t0 : block;
-                const float *q = o->q + ((size_t)layer * o->n + (size_t)t0) * o->q_dim + (size_t)h * group * hd;
-                kv_attend_weights(kv, be, layer, h, q, (size_t)o->q_dim, n, group, o->from + t0, scale, scratch, w,
-                                  (size_t)n_ctx);
-                for (int j = 0; j < n * group; j++)
-                    for (int p = 0; p < boundary; p++) sum[p] += w[(size_t)j * n_ctx + p];
-            }
-            float *out = scores + ((size_t)layer * n_kvh + (size_t)h) * boundary;
-            for (int p = 0; p < boundary; p++) {
-                float m = 0;
-                for (int d = -COMPRESS_POOL / 2; d <= COMPRESS_POOL / 2; d++)
-                    if (p + d >= 0 && p + d < boundary && sum[p + d] > m) m = sum[p + d];
-                out[p] = m / (float)group;
-            }
-        }
-        if (per_layer) share_layer(scores + (size_t)layer * n_kvh * boundary, n_kvh, boundary);
+    memset(sum, 0, (size_t)boundary * sizeof(float));
+    for (int t0 = 0; t0 < o->n; t0 += block) {
+        const int n = o->n - t0 < block ? o->n - t0 : block;
+        const float *q = o->q + ((size_t)layer * o->n + (size_t)t0) * o->q_dim + (size_t)h * group * hd;
+        kv_attend_weights(kv, j->be, layer, h, q, (size_t)o->q_dim, n, group, o->from + t0, scale, scratch, w,
+                          (size_t)n_ctx);
+        for (int k = 0; k < n * group; k++)
+            for (int p = 0; p < boundary; p++) sum[p] += w[(size_t)k * n_ctx + p];
     }
-    free(scratch);
-    free(w);
-    free(sum);
+    float *out = j->scores + (size_t)item * boundary;
+    for (int p = 0; p < boundary; p++) {
+        float m = 0;
+        for (int d = -COMPRESS_POOL / 2; d <= COMPRESS_POOL / 2; d++)
+            if (p + d >= 0 && p + d < boundary && sum[p + d] > m) m = sum[p + d];
+        out[p] = m / (float)group;
+    }
+}
+
+static void score_task(void *arg, int part, int n_parts) {
+    (void)n_parts;
+    struct score_job *j = arg;
+    const struct model_config *cfg = j->cfg;
+    float *scratch = j->buffers + (size_t)part * j->per_worker;
+    float *w = scratch + kv_attend_scratch(cfg, j->kv->n_past);
+    float *sum = w + (size_t)kv_block_tokens(cfg) * (cfg->n_head / cfg->n_head_kv) * (size_t)j->kv->n_past;
+    for (int item; (item = atomic_fetch_add(&j->next, 1)) < j->n_items;) score_item(j, item, scratch, w, sum);
+}
+
+/* scores[(layer * n_head_kv + h) * boundary + p]: the window's attention to
+ * position p, summed over its queries, averaged over the query heads of KV
+ * head h, then max-pooled; per_layer: summed over the layer's KV heads.
+ * Split over pool (NULL: the calling thread). -1 when out of memory. */
+static int snapkv_scores(const struct kv_cache *kv, const struct model_config *cfg, const struct ebb_backend *be,
+                         struct ebb_pool *pool, int boundary, int per_layer, float *scores) {
+    const int group = cfg->n_head / cfg->n_head_kv, n_kvh = cfg->n_head_kv, n_ctx = kv->n_past;
+    const int workers = pool ? ebb_pool_threads(pool) : 1;
+    struct score_job job = {kv, cfg, be, boundary, cfg->n_layer * n_kvh, scores, NULL, 0, 0};
+    job.per_worker = kv_attend_scratch(cfg, n_ctx) + (size_t)kv_block_tokens(cfg) * group * (size_t)n_ctx +
+                     (size_t)boundary;
+    if (!(job.buffers = malloc((size_t)workers * job.per_worker * sizeof(float)))) return -1;
+    if (pool) ebb_pool_run(pool, score_task, &job, workers);
+    else score_task(&job, 0, 1);
+    free(job.buffers);
+    if (per_layer)
+        for (int layer = 0; layer < cfg->n_layer; layer++)
+            share_layer(scores + (size_t)layer * n_kvh * boundary, n_kvh, boundary);
     return 0;
 }
 
@@ -194,7 +225,7 @@ static double now_ms(void) {
 }
 
 int compress_apply(struct kv_cache *kv, const struct model_config *cfg, const struct ebb_backend *be,
-                   const struct compress_params *p, struct compress_report *report) {
+                   struct ebb_pool *pool, const struct compress_params *p, struct compress_report *report) {
     const double t0 = now_ms();
     memset(report, 0, sizeof *report);
     const int n_prompt = kv->n_past, boundary = kv_cache_compact_limit(kv);
@@ -214,7 +245,7 @@ int compress_apply(struct kv_cache *kv, const struct model_config *cfg, const st
     uint8_t *tiers = malloc((size_t)n_heads * boundary);
     int rc = -1;
     if (tiers &&
-        (!scored || (scores && snapkv_scores(kv, cfg, be, boundary, p->select == COMPRESS_SNAPKV, scores) == 0))) {
+        (!scored || (scores && snapkv_scores(kv, cfg, be, pool, boundary, p->select == COMPRESS_SNAPKV, scores) == 0))) {
         compress_select_tiers(p, scores, n_heads, boundary, n_keep, low_count(p, n_prompt, boundary, n_keep), tiers);
         rc = kv_cache_compact(kv, be, boundary, tiers, p->low_key_bits == KV_LOW_BITS ? KV_LOW_BITS : 4);
     }

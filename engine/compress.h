@@ -53,6 +53,8 @@
 #include "engine/kv.h"
 #include "engine/model_config.h"
 
+struct ebb_pool;
+
 #define COMPRESS_WINDOW 32          /* observation window: the prompt's last positions */
 #define COMPRESS_POOL 7             /* max-pooling width over neighbouring positions */
 #define COMPRESS_MIN_PROMPT 1024    /* shorter prompts are left alone unless told */
@@ -104,10 +106,12 @@ int compress_wanted(const struct compress_params *p, int n_prompt);
 int compress_prepare(struct kv_cache *kv, const struct model_config *cfg, const struct compress_params *p,
                      int n_prompt);
 /* After the prefill of those tokens (kv->n_past is their count): scores,
- * selects and compacts. 0 (report filled; applied 0 when there was nothing to do),
- * or -1 when out of memory (the cache is unchanged and still usable). */
+ * selects and compacts; the scoring (one item per layer and KV head) is
+ * split over pool (NULL: the calling thread), with the same result. 0
+ * (report filled; applied 0 when there was nothing to do), or -1 when out
+ * of memory (the cache is unchanged and still usable). */
 int compress_apply(struct kv_cache *kv, const struct model_config *cfg, const struct ebb_backend *be,
-                   const struct compress_params *p, struct compress_report *report);
+                   struct ebb_pool *pool, const struct compress_params *p, struct compress_report *report);
 
 /* The selection alone, for tests and tools: fills tiers[(layer * n_head_kv
  * + head) * boundary + pos] from scores[same index] (ignored by "random"

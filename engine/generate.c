@@ -255,7 +255,7 @@ int generate(struct model_run *r, const int32_t *prompt, int n_prompt, const str
     if (g.finish == FINISH_NONE) {   /* the prompt up to the compression point, compression, the rest */
         const int at = compress_point(&p->compress, n_prompt);
         rc = compress_prepare(&kv, &m->cfg, &p->compress, at) || model_forward(r, &kv, prompt, at, logits, 0) ||
-             compress_apply(&kv, &m->cfg, m->be, &p->compress, &res->compress) ||
+             compress_apply(&kv, &m->cfg, m->be, model_run_pool(r), &p->compress, &res->compress) ||
              (at < n_prompt && model_forward(r, &kv, prompt + at, n_prompt - at, logits, 0));
     }
     double t1 = ebb_now_seconds();

@@ -30,7 +30,7 @@ static int window_logits(struct model_run *run, struct kv_cache *kv, const int32
     struct compress_report rep;
     if (compress_prepare(kv, &m->cfg, compress, first + 1) ||
         model_forward(run, kv, win, first + 1, logits + (size_t)first * V, 0) ||
-        compress_apply(kv, &m->cfg, m->be, compress, &rep) ||
+        compress_apply(kv, &m->cfg, m->be, model_run_pool(run), compress, &rep) ||
         model_forward(run, kv, win + first + 1, n_ctx - first - 1, logits + (size_t)(first + 1) * V, 1))
         return -1;
     r->compressed += rep.applied;

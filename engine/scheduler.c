@@ -714,7 +714,7 @@ static void step(struct sched *s) {
  * Out of memory leaves the cache whole: the request goes on uncompressed. */
 static void compress_prompt(struct sched *s, struct sreq *r) {
     struct compress_report rep;
-    if (compress_apply(&r->kv, &s->m->cfg, s->m->be, &r->params.compress, &rep) || !rep.applied) {
+    if (compress_apply(&r->kv, &s->m->cfg, s->m->be, model_run_pool(compute_run(s)), &r->params.compress, &rep) || !rep.applied) {
         kv_cache_forget_observation(&r->kv);
         return;
     }

@@ -1392,6 +1392,16 @@ static void test_model_passkey(struct model_run *r) {
     CHECK_MSG(strstr(demoted.buf, "68231"), "the demoted cache does not find the key: %s", demoted.buf);
     CHECK(c->applied && c->n_prompt == n && c->kept + c->demoted + c->dropped == n && c->dropped == 0);
     CHECK(abs(c->kept - n / 4) <= 1 && c->bytes_after < c->bytes_before * 9 / 10);
+    /* The scoring split over the run's workers chooses what one thread does. */
+    struct model_run *one = model_run_new(m, 1);
+    struct text_out alone = {{0}, 0};
+    struct gen_result res1;
+    CHECK(one && generate(one, all, n + nq, &p, collect, &alone, &res1) == 0);
+    CHECK_MSG(!strcmp(alone.buf, demoted.buf) && res1.compress.kept == c->kept &&
+              res1.compress.demoted == c->demoted && res1.compress.bytes_after == c->bytes_after,
+              "compression on one thread: '%s' (kept %d) vs '%s' (kept %d)", alone.buf, res1.compress.kept,
+              demoted.buf, c->kept);
+    model_run_free(one);
     free(all);
     free(ids);
     free(q);
