@@ -19,6 +19,22 @@
 #include "engine/kv.h"
 #include "engine/model.h"
 
+/* The model cut to its first n layers (before it is placed): the layers
+ * past them are freed and forgotten. Every op of a pass runs in each layer
+ * alike, so the comparisons lose nothing but time -- which matters when
+ * the reference is the scalar path, the more so under the sanitizers. */
+static inline void ec_keep_layers(struct model *m, int n) {
+    for (int l = n; l < m->cfg.n_layer; l++) {
+        struct layer_weights *w = &m->layers[l];
+        free(w->attn_norm), free(w->ffn_norm), free(w->bq), free(w->bk), free(w->bv);
+        struct matrix *mats[] = {&w->wq, &w->wk, &w->wv, &w->wo, &w->w_gate, &w->w_up, &w->w_down};
+        for (size_t i = 0; i < sizeof mats / sizeof *mats; i++) free(mats[i]->owned);
+        for (int p = 0; p < ACT_POINTS; p++) free(w->perm[p]);
+        memset(w, 0, sizeof *w);
+    }
+    if (n < m->cfg.n_layer) m->cfg.n_layer = n;
+}
+
 /* What the comparisons saw, over every logits row they compared. */
 struct ec_stats {
     long rows, rows_differing;     /* rows compared; rows not bit-identical */
@@ -28,19 +44,19 @@ struct ec_stats {
     double min_margin_at_differ;   /* the reference's top-2 gap at such a row (a near-tie is forgivable) */
 };
 
-static void ec_stats_init(struct ec_stats *s) {
+static inline void ec_stats_init(struct ec_stats *s) {
     memset(s, 0, sizeof *s);
     s->min_margin_at_differ = INFINITY;
 }
 
-static int ec_argmax(const float *v, int n) {
+static inline int ec_argmax(const float *v, int n) {
     int best = 0;
     for (int i = 1; i < n; i++)
         if (v[i] > v[best]) best = i;
     return best;
 }
 
-static void ec_rows(struct ec_stats *s, const float *ref, const float *dev, int n_rows, int V) {
+static inline void ec_rows(struct ec_stats *s, const float *ref, const float *dev, int n_rows, int V) {
     for (int r = 0; r < n_rows; r++) {
         const float *a = ref + (size_t)r * V, *b = dev + (size_t)r * V;
         s->rows++;
@@ -72,14 +88,14 @@ struct ec_side {
     struct kv_account account;
 };
 
-static int ec_side_init(struct ec_side *s, struct model *m, int kv_bits) {
+static inline int ec_side_init(struct ec_side *s, struct model *m, int kv_bits) {
     s->run = model_run_new(m, 2);
     if (!s->run || kv_account_init(&s->account, &m->cfg, kv_bits, 0)) return -1;
     s->account.be = m->be;
     return 0;
 }
 
-static void ec_side_free(struct ec_side *s) {
+static inline void ec_side_free(struct ec_side *s) {
     model_run_free(s->run);
     kv_account_destroy(&s->account);
 }
@@ -87,7 +103,7 @@ static void ec_side_free(struct ec_side *s) {
 /* The prompt with every position's logits, then `steps` tokens one at a
  * time, then a rollback of the last (speculative decoding's) and that token
  * again. */
-static void ec_prompt_and_decode(struct model *ref, struct model *dev, const int32_t *prompt, int n_prompt,
+static inline void ec_prompt_and_decode(struct model *ref, struct model *dev, const int32_t *prompt, int n_prompt,
                                  int kv_bits, int steps, struct ec_stats *st) {
     struct ec_side a, b;
     const int ok = ec_side_init(&a, ref, kv_bits) == 0 && ec_side_init(&b, dev, kv_bits) == 0;
@@ -122,7 +138,7 @@ static void ec_prompt_and_decode(struct model *ref, struct model *dev, const int
 /* Three sequences in one pass on the device -- a prompt chunk, a decode
  * token after a prompt, an embedding -- against each alone on the CPU. The
  * embedding sums' largest difference joins max_abs. */
-static void ec_batch(struct model *ref, struct model *dev, const int32_t *prompt, int n_prompt, struct ec_stats *st) {
+static inline void ec_batch(struct model *ref, struct model *dev, const int32_t *prompt, int n_prompt, struct ec_stats *st) {
     struct ec_side a, b;
     const int ok = ec_side_init(&a, ref, 4) == 0 && ec_side_init(&b, dev, 4) == 0 && n_prompt > 41;
     CHECK(ok);
