@@ -102,7 +102,7 @@ run() {
         for kv in 32 4; do
             echo "--- --device $device --kv-bits $kv"
             timeout "${EBB_GPU_BENCH_TIMEOUT:-300}" "$dir/ebb" bench -m "$dir/first4.gguf" --device "$device" \
-                --kv-bits "$kv" -p 512 -n 128 -r 3 2>&1
+                --kv-bits "$kv" -p 512 -n 128 -b 16 -r 3 2>&1
         done
     done > "$out/e2e.txt"
     grep -- "---\|^| pp\|^| tg\|backend\|ebb bench" "$out/e2e.txt" >> "$out/summary.txt"
