@@ -69,7 +69,6 @@ struct model_run {
         float *d;              /* [B][widest/32] scales */
         int16_t *sums;         /* [B][widest/16] code sums */
     } b32, k256;
-    float *blk_max;            /* [B][2][widest/32]: per-token 8-bit block choice (loudest_blocks; host) */
     int head_rows_cap;
     struct bitstack_scratch *stack_scratch;   /* BitStack models' sign-product scratch */
     int failed;                /* out of memory inside a pass */
@@ -86,7 +85,6 @@ void model_run_free(struct model_run *r) {
     RUN_OP_BUFFERS(RELEASE)
 #undef RELEASE
     free(r->rope_host); free(r->host_row); free(r->tok_kv); free(r->tok_pos); free(r->tok_id); free(r->blocks);
-    free(r->blk_max);
     bitstack_scratch_free(r->stack_scratch);
     if (r->pool) ebb_pool_destroy(r->pool);
     free(r);
@@ -125,7 +123,6 @@ struct model_run *model_run_new(const struct model *m, int n_threads) {
     r->xp = ebb_alloc(be, B * act_w * sizeof(float));
     r->aq = ebb_alloc(be, B * act_w);
     r->as = ebb_alloc(be, B * (act_w / 64 + 1) * sizeof(float));
-    r->blk_max = malloc(B * 2 * (act_w / EBB_ACT_BLOCK + 1) * sizeof(float));
     struct native_form *forms[2] = {&r->b32, &r->k256};
     int forms_ok = 1;
     for (int f = 0; f < 2; f++) {
@@ -134,7 +131,7 @@ struct model_run *model_run_new(const struct model *m, int n_threads) {
         forms[f]->sums = ebb_alloc(be, B * (act_w / 16 + 1) * sizeof(int16_t));
         forms_ok &= forms[f]->q && forms[f]->d && forms[f]->sums;
     }
-    if (!forms_ok || !r->blk_max || !r->pool || !r->xp || !r->aq || !r->as || !r->x || !r->xb || !r->xb2 || !r->q || !r->k || !r->v ||
+    if (!forms_ok || !r->pool || !r->xp || !r->aq || !r->as || !r->x || !r->xb || !r->xb2 || !r->q || !r->k || !r->v ||
         !r->att || !r->gate || !r->up || !r->rope_cos || !r->rope_sin || !r->ids || !r->rope_host || !r->host_row ||
         !r->tok_kv || !r->tok_pos || !r->tok_id || !r->blocks) {
         model_run_free(r);
@@ -341,55 +338,6 @@ static void run_step(struct model_run *r, const struct layer_weights *w, int lay
  * bits: every later token attends to it, so the error of its keys and
  * values would reach them all. It depends on the position only, so
  * batching does not change results. */
-/* The k-th largest of v[0..n) (k in [1, n]), reordering v (quickselect). */
-static float kth_largest(float *v, int n, int k) {
-    int lo = 0, hi = n - 1;
-    const int want = k - 1;
-    while (lo < hi) {
-        const float pivot = v[lo + (hi - lo) / 2];
-        int i = lo, j = hi;
-        while (i <= j) {
-            while (v[i] > pivot) i++;
-            while (v[j] < pivot) j--;
-            if (i <= j) {
-                const float t = v[i];
-                v[i++] = v[j];
-                v[j--] = t;
-            }
-        }
-        if (want <= j) hi = j;
-        else if (want >= i) lo = i;
-        else break;
-    }
-    return v[want];
-}
-
-/* A token's activation in blocks of 32, its n_hi loudest blocks (largest
- * absolute value; ties to the lower index) at 8 bits and the rest at 4: a
- * source-exact file's per-token choice (ebb.act8_choice = "token"). Outliers
- * move from token to token; a fixed choice per point spends 8 bits on blocks
- * that are loud on average. Decided by the token alone, so batching does not
- * change it. scratch holds 2 * n / 32 floats. */
-static void quantize_loudest_blocks(const struct ebb_backend *be, const float *x, int n, int n_hi, int8_t *q,
-                                    float *d, int16_t *sums, float *scratch) {
-    const int blocks = n / EBB_ACT_BLOCK;
-    float *amax = scratch, *sorted = scratch + blocks;
-    for (int b = 0; b < blocks; b++) {
-        float m = 0;
-        for (int i = 0; i < EBB_ACT_BLOCK; i++) m = fmaxf(m, fabsf(x[b * EBB_ACT_BLOCK + i]));
-        amax[b] = sorted[b] = m;
-    }
-    if (n_hi > blocks) n_hi = blocks;
-    const float threshold = n_hi > 0 ? kth_largest(sorted, blocks, n_hi) : INFINITY;
-    int above = 0;
-    for (int b = 0; b < blocks; b++) above += amax[b] > threshold;
-    int ties = n_hi - above;   /* blocks equal to the threshold that still get 8 bits, lowest index first */
-    for (int b = 0; b < blocks; b++) {
-        const int hi = amax[b] > threshold || (amax[b] == threshold && ties-- > 0);
-        be->quantize_q8b32(x + b * EBB_ACT_BLOCK, EBB_ACT_BLOCK, hi, q + b * EBB_ACT_BLOCK, d + b, sums + b);
-    }
-}
-
 static void act_token(const struct token_job *j, int t) {
     struct model_run *r = j->r;
     const struct model *m = r->m;
@@ -402,9 +350,9 @@ static void act_token(const struct token_job *j, int t) {
     const int n_hi = r->tok_pos[t] < KV_SINK_TOKENS ? groups : j->w->n_hi[j->point];
     if (m->act_form == EBB_ACT_Q8B32) {
         const size_t blocks = (size_t)t * (n / EBB_ACT_BLOCK);
-        if (m->act8_per_token)
-            quantize_loudest_blocks(m->be, dst, n, n_hi, r->b32.q + (size_t)t * n, r->b32.d + blocks,
-                                    r->b32.sums + blocks, r->blk_max + 2 * blocks);
+        if (m->act8_per_token)   /* a source-exact file: each token's loudest blocks at 8 bits */
+            m->be->quantize_q8b32_loudest(dst, n, n_hi, r->b32.q + (size_t)t * n, r->b32.d + blocks,
+                                          r->b32.sums + blocks);
         else
             m->be->quantize_q8b32(dst, n, n_hi, r->b32.q + (size_t)t * n, r->b32.d + blocks, r->b32.sums + blocks);
     } else {

@@ -118,9 +118,9 @@ void model_free(struct model *m);
  * m->be is that backend, so passes and KV caches (whose account's `be` is
  * m->be) run there; the tokenizer and the RoPE frequencies stay on the
  * host. 0, or -1 with the reason in why and the model unchanged: not a
- * device backend, already placed, out of device memory, a kind of file the
- * device path does not run (BitStack stacks, per-token 8-bit choice), a
- * matrix type the backend has no product for. */
+ * device backend, already placed, out of device memory, a BitStack file
+ * (the device path does not run its stack), a matrix type the backend has
+ * no product for. */
 int model_place(struct model *m, const struct ebb_backend *be, char *why, size_t why_len);
 /* The model on a named device (kernels/backend.h's ebb_backend_for_device):
  * "cpu" (or NULL) leaves it where it is; "cuda[:N]" places it there. 0, or

@@ -437,8 +437,6 @@ static const char *place_problem(const struct model *m, const struct ebb_backend
     if (!be->memory) return "the backend computes in host memory: nothing to place";
     if (m->placed) return "the model is already placed on a device";
     if (m->stack) return "a BitStack file runs on the CPU only (its blocks are not placed on devices)";
-    if (m->act8_per_token)
-        return "a source-exact file that picks 8-bit blocks per token (ebb.act8_choice = token) runs on the CPU only";
     if (!be->matmul[m->output.type]) return "the backend has no product for the output head's type";
     for (int l = 0; l < m->cfg.n_layer; l++) {
         const struct layer_weights *w = &m->layers[l];

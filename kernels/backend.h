@@ -154,6 +154,12 @@ struct ebb_backend {
      * path. */
     void (*quantize_q8b32)(const float *x, int n, int n_hi, int8_t *q, float *d, int16_t *sums);
     void (*quantize_q8k)(const float *x, int n, int8_t *q, float *d, int16_t *sums);
+    /* quantize_q8b32 with the 8-bit blocks chosen by the token itself (a
+     * source-exact file's ebb.act8_choice = "token"): its n_hi blocks of 32
+     * with the largest absolute value at 8 bits, ties to the lower index
+     * -- block b is 8-bit when fewer than n_hi blocks are louder than b or
+     * as loud and before it -- and the rest at 4. Exact on every path. */
+    void (*quantize_q8b32_loudest)(const float *x, int n, int n_hi, int8_t *q, float *d, int16_t *sums);
 
     /* In place, every consecutive block of 64 values of n (n % 64 == 0) times
      * the 64x64 Walsh-Hadamard matrix scaled by 1/8 (orthonormal, its own

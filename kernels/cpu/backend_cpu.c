@@ -147,6 +147,7 @@ void ebb_cpu_matmul_drive(struct ebb_pool *pool, enum ebb_type type, matmul_bloc
     .permute_f32 = ebb_cpu_permute, \
     .rope_f32 = ebb_cpu_rope, \
     .scale_f32 = ebb_cpu_scale, \
+    .quantize_q8b32_loudest = ebb_cpu_quantize_q8b32_loudest, \
     .kv_store_row = ebb_cpu_kv_store_row, \
 }
 

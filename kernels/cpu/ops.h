@@ -164,6 +164,7 @@ void ebb_cpu_permute(float *out, const float *x, const int32_t *perm, int n_tok,
 void ebb_cpu_rope(float *x, size_t stride, int n_tok, int n_heads, int head_dim, int rope_dim, int neox,
                   const float *cos, const float *sin);
 void ebb_cpu_scale(float *out, const float *x, float s, int n);
+void ebb_cpu_quantize_q8b32_loudest(const float *x, int n, int n_hi, int8_t *q, float *d, int16_t *sums);
 void ebb_cpu_kv_store_row(uint8_t *row, const float *x, int n, int bits, int group, int rotate);
 
 /* BitStack's sign products (bitstack_<isa>.c). */

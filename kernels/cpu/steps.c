@@ -5,8 +5,10 @@
  * backend repeats the same arithmetic (kernels/cuda/hostdev.h). */
 #include "kernels/cpu/ops.h"
 
+#include <math.h>
 #include <string.h>
 
+#include "kernels/cpu/native.h"
 #include "kernels/formats.h"
 
 void ebb_cpu_get_rows(float *out, const void *table, uint32_t type, const int32_t *ids, int n_rows, int n)
@@ -72,5 +74,73 @@ void ebb_cpu_kv_store_row(uint8_t *row, const float *x, int n, int bits, int gro
         memcpy(block, x + 64 * g, sizeof block);
         ebb_cpu_hadamard64_scalar(block, 64);
         ebb_kvq_quantize_row(bits, block, 64, 64, row + (size_t)g * 8 * bits, dm + 2 * g);
+    }
+}
+
+/* The k-th largest of v[0..n) (k in [1, n]), reordering v (quickselect). */
+static float kth_largest(float *v, int n, int k)
+{
+    int lo = 0, hi = n - 1;
+    const int want = k - 1;
+    while (lo < hi) {
+        const float pivot = v[lo + (hi - lo) / 2];
+        int i = lo, j = hi;
+        while (i <= j) {
+            while (v[i] > pivot) i++;
+            while (v[j] < pivot) j--;
+            if (i <= j) {
+                const float t = v[i];
+                v[i++] = v[j];
+                v[j--] = t;
+            }
+        }
+        if (want <= j) hi = j;
+        else if (want >= i) lo = i;
+        else break;
+    }
+    return v[want];
+}
+
+static float block_amax(const float *x)
+{
+    float m = 0;
+    for (int i = 0; i < EBB_ACT_BLOCK; i++) m = fmaxf(m, fabsf(x[i]));
+    return m;
+}
+
+/* backend.h's rule by a threshold: the n_hi-th largest block amplitude,
+ * every block above it and the first ties at it 8-bit. Outliers move from
+ * token to token; a choice fixed per activation point spends 8 bits on
+ * blocks that are loud on average. Rows of more than LOUDEST_BLOCKS blocks
+ * (no model has one) take the rule's definition instead, block by block. */
+#define LOUDEST_BLOCKS 2048
+
+void ebb_cpu_quantize_q8b32_loudest(const float *x, int n, int n_hi, int8_t *q, float *d, int16_t *sums)
+{
+    const int blocks = n / EBB_ACT_BLOCK;
+    float amax[LOUDEST_BLOCKS], sorted[LOUDEST_BLOCKS];
+    if (blocks > LOUDEST_BLOCKS) {
+        for (int b = 0; b < blocks; b++) {
+            const float mine = block_amax(x + b * EBB_ACT_BLOCK);
+            int rank = 0;
+            for (int i = 0; i < blocks && rank < n_hi; i++) {
+                const float other = block_amax(x + i * EBB_ACT_BLOCK);
+                rank += other > mine || (other == mine && i < b);
+            }
+            ebb_native_quantize_q8b32_scalar(x + b * EBB_ACT_BLOCK, EBB_ACT_BLOCK, rank < n_hi,
+                                             q + b * EBB_ACT_BLOCK, d + b, sums + b);
+        }
+        return;
+    }
+    for (int b = 0; b < blocks; b++) amax[b] = sorted[b] = block_amax(x + b * EBB_ACT_BLOCK);
+    if (n_hi > blocks) n_hi = blocks;
+    const float threshold = n_hi > 0 ? kth_largest(sorted, blocks, n_hi) : INFINITY;
+    int above = 0;
+    for (int b = 0; b < blocks; b++) above += amax[b] > threshold;
+    int ties = n_hi - above;   /* blocks equal to the threshold that still get 8 bits, lowest index first */
+    for (int b = 0; b < blocks; b++) {
+        const int hi = amax[b] > threshold || (amax[b] == threshold && ties-- > 0);
+        ebb_native_quantize_q8b32_scalar(x + b * EBB_ACT_BLOCK, EBB_ACT_BLOCK, hi, q + b * EBB_ACT_BLOCK, d + b,
+                                         sums + b);
     }
 }

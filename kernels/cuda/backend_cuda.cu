@@ -405,6 +405,27 @@ static void quantize_q8b32(const float *x, int n, int n_hi, int8_t *q, float *d,
     launched("quantize_q8b32");
 }
 
+/* One block per token row: the blocks' loudness in shared memory, then a
+ * thread per block finds its rank (hostdev.h) and quantizes it. */
+__global__ void k_quantize_q8b32_loudest(const float *x, int n, int n_hi, int8_t *q, float *d, int16_t *sums)
+{
+    extern __shared__ float amax[];
+    const int blocks = n / 32;
+    for (int b = threadIdx.x; b < blocks; b += blockDim.x) amax[b] = ebb_hd_block_amax(x + 32 * b, 32);
+    __syncthreads();
+    for (int b = threadIdx.x; b < blocks; b += blockDim.x)
+        sums[b] = (int16_t)ebb_hd_quantize_run(x + 32 * b, 32, ebb_hd_is_loud(amax, blocks, n_hi, b) ? 127.0f : 7.0f,
+                                               q + 32 * b, d + b);
+}
+
+static void quantize_q8b32_loudest(const float *x, int n, int n_hi, int8_t *q, float *d, int16_t *sums)
+{
+    if (n < 32) return;
+    bind_thread();
+    k_quantize_q8b32_loudest<<<1, 256, (size_t)(n / 32) * sizeof(float), stream>>>(x, n, n_hi, q, d, sums);
+    launched("quantize_q8b32_loudest");
+}
+
 __global__ void k_quantize_q8k(const float *x, int n, int8_t *q, float *d, int16_t *sums)
 {
     const int b = blockIdx.x * blockDim.x + threadIdx.x;
@@ -861,6 +882,7 @@ static struct ebb_backend make_table(void)
     b.add_f32 = add;
     b.quantize_act = quantize_act;
     b.quantize_q8b32 = quantize_q8b32;
+    b.quantize_q8b32_loudest = quantize_q8b32_loudest;
     b.quantize_q8k = quantize_q8k;
     b.hadamard64 = hadamard64;
     b.attn_scores = attn_scores;

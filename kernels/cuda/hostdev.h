@@ -118,6 +118,23 @@ EBB_HD float ebb_hd_act_qmax(int g, int groups, int n_hi)
     return g < n_hi ? 127.0f : 7.0f;
 }
 
+/* A block's loudness (the largest |x|; NaN ignored) and whether block b of
+ * `blocks` is among the n_hi loudest, ties to the lower index (backend.h's
+ * quantize_q8b32_loudest): its rank below n_hi. */
+EBB_HD float ebb_hd_block_amax(const float *x, int n)
+{
+    float m = 0;
+    for (int i = 0; i < n; i++) m = fmaxf(m, fabsf(x[i]));
+    return m;
+}
+
+EBB_HD int ebb_hd_is_loud(const float *amax, int blocks, int n_hi, int b)
+{
+    int rank = 0;
+    for (int i = 0; i < blocks; i++) rank += amax[i] > amax[b] || (amax[i] == amax[b] && i < b);
+    return rank < n_hi;
+}
+
 /* ---------------------------------------------------------- the rotation */
 
 /* backend.h's hadamard64 on one block of 64, in place: stages h = 1 .. 32,

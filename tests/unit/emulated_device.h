@@ -92,6 +92,8 @@ static void emu_quantize_act(const float *x, int n_tok, int n, int n_hi, int8_t 
 { emu_cpu->quantize_act(H(x), n_tok, n, n_hi, H(q), H(s)); }
 static void emu_quantize_q8b32(const float *x, int n, int n_hi, int8_t *q, float *d, int16_t *sums)
 { emu_cpu->quantize_q8b32(H(x), n, n_hi, H(q), H(d), H(sums)); }
+static void emu_quantize_q8b32_loudest(const float *x, int n, int n_hi, int8_t *q, float *d, int16_t *sums)
+{ emu_cpu->quantize_q8b32_loudest(H(x), n, n_hi, H(q), H(d), H(sums)); }
 static void emu_quantize_q8k(const float *x, int n, int8_t *q, float *d, int16_t *sums)
 { emu_cpu->quantize_q8k(H(x), n, H(q), H(d), H(sums)); }
 static void emu_hadamard64(float *x, int n) { emu_cpu->hadamard64(H(x), n); }
@@ -175,6 +177,7 @@ static const struct ebb_backend *emulated_device(void)
     b.add_f32 = emu_add;
     b.quantize_act = emu_quantize_act;
     b.quantize_q8b32 = emu_quantize_q8b32;
+    b.quantize_q8b32_loudest = emu_quantize_q8b32_loudest;
     b.quantize_q8k = emu_quantize_q8k;
     b.hadamard64 = emu_hadamard64;
     b.get_rows = emu_get_rows;

@@ -261,6 +261,27 @@ static void oc_quantizers(const struct ebb_backend *ref)
             oc_free(dx), oc_free(ds), oc_free(dq), oc_free(dsum);
         }
     }
+    if (oc_has(oc_test->quantize_q8b32_loudest, "quantize_q8b32_loudest")) {
+        /* the choice per token: ties among the loudest blocks (copied
+         * blocks), n_hi of none, some, all and more than all */
+        for (int rep = 0; rep < 12; rep++) {
+            const int n = 32 * (1 + rep * 11 % 48), blocks = n / 32, n_hi = rep % 4 == 3 ? blocks + 2 : rep * 5 % (blocks + 1);
+            random_acts(x, 1, n, 1);
+            for (int b = 2; b < blocks; b += 3) memcpy(x + 32 * b, x + 32 * (b - 2), 32 * sizeof(float));
+            if (rep % 2) x[7] = 50.0f;
+            ref->quantize_q8b32_loudest(x, n, n_hi, q[0], s[0], sums[0]);
+            float *dx = oc_put(x, (size_t)n * sizeof *x), *ds = oc_put(s[1], (size_t)blocks * sizeof(float));
+            int8_t *dq = oc_put(q[1], (size_t)n);
+            int16_t *dsum = oc_put(sums[1], (size_t)blocks * sizeof(int16_t));
+            oc_test->quantize_q8b32_loudest(dx, n, n_hi, dq, ds, dsum);
+            oc_get(q[1], dq, (size_t)n), oc_get(s[1], ds, (size_t)blocks * sizeof(float));
+            oc_get(sums[1], dsum, (size_t)blocks * sizeof(int16_t));
+            CHECK_MSG(oc_same_bits(q[0], q[1], (size_t)n, "loudest-block codes"), "n %d, n_hi %d", n, n_hi);
+            CHECK(oc_same_bits(s[0], s[1], (size_t)blocks * sizeof(float), "loudest-block scales"));
+            CHECK(oc_same_bits(sums[0], sums[1], (size_t)blocks * sizeof(int16_t), "loudest-block sums"));
+            oc_free(dx), oc_free(ds), oc_free(dq), oc_free(dsum);
+        }
+    }
     if (oc_has(oc_test->hadamard64, "hadamard64")) {
         for (int rep = 0; rep < 6; rep++) {
             const int n = 64 * (1 + rep * 5 % 24);

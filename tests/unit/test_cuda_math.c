@@ -100,6 +100,16 @@ static void hd_quantize_q8b32(const float *x, int n, int n_hi, int8_t *q, float 
         sums[b] = (int16_t)ebb_hd_quantize_run(x + 32 * b, 32, b < n_hi ? 127.0f : 7.0f, q + 32 * b, d + b);
 }
 
+static void hd_quantize_q8b32_loudest(const float *x, int n, int n_hi, int8_t *q, float *d, int16_t *sums)
+{
+    const int blocks = n / 32;
+    float amax[4096];
+    for (int b = 0; b < blocks; b++) amax[b] = ebb_hd_block_amax(x + 32 * b, 32);
+    for (int b = blocks - 1; b >= 0; b--)       /* one thread per block: any order */
+        sums[b] = (int16_t)ebb_hd_quantize_run(x + 32 * b, 32, ebb_hd_is_loud(amax, blocks, n_hi, b) ? 127.0f : 7.0f,
+                                               q + 32 * b, d + b);
+}
+
 static void hd_quantize_q8k(const float *x, int n, int8_t *q, float *d, int16_t *sums)
 {
     for (int b = n / 256 - 1; b >= 0; b--) ebb_hd_quantize_q8k_block(x + 256 * b, q + 256 * b, d + b, sums + 16 * b);
@@ -236,6 +246,7 @@ static const struct ebb_backend hd_table = {
 #undef HD_ENTRY
     .quantize_act = hd_quantize_act,
     .quantize_q8b32 = hd_quantize_q8b32,
+    .quantize_q8b32_loudest = hd_quantize_q8b32_loudest,
     .quantize_q8k = hd_quantize_q8k,
     .hadamard64 = hd_hadamard64,
     .attn_scores = hd_attn_scores,
