@@ -413,9 +413,6 @@ static void q6_k_to_f32(const void *src, float *dst, size_t n)
 
 /* ----------------------------------------------------- KV8 / KV4 / KV2 rows */
 
-#define F16_MAX 65504.0f
-
-static float clamp_f16_range(float v) { return v > F16_MAX ? F16_MAX : v < -F16_MAX ? -F16_MAX : v; }
 
 /* The largest half <= x and the smallest half >= x (|x| <= 65504). */
 static uint16_t f16_down(float x)
@@ -454,7 +451,7 @@ static void kvq_pair(int bits, float lo, float hi, uint16_t dm[2], float *m, flo
 static int kvq_code(int bits, float x, float m, float inv)
 {
     const int qmax = (1 << bits) - 1;
-    const float t = (clamp_f16_range(x) - m) * inv + 0.5f;
+    const float t = (ebb_f16_saturate(x) - m) * inv + 0.5f;
     return t >= 1.0f ? (t >= (float)qmax ? qmax : (int)t) : 0;   /* NaN -> 0 */
 }
 
@@ -477,13 +474,13 @@ static int kvq_get(const uint8_t *c, int bits, int group, int i)
  * fmaxf skip NaN, and an all-NaN set gets [0, 0]. */
 static void kvq_span(float *lo, float *hi, float v)
 {
-    *lo = fminf(*lo, clamp_f16_range(v));
-    *hi = fmaxf(*hi, clamp_f16_range(v));
+    *lo = fminf(*lo, ebb_f16_saturate(v));
+    *hi = fmaxf(*hi, ebb_f16_saturate(v));
 }
 
 static void kvq_group(int bits, const float *x, int group, uint8_t *codes, uint16_t *dm)
 {
-    float lo = F16_MAX, hi = -F16_MAX, m, inv;
+    float lo = EBB_F16_MAX, hi = -EBB_F16_MAX, m, inv;
     for (int i = 0; i < group; i++) kvq_span(&lo, &hi, x[i]);
     if (lo > hi) lo = hi = 0;
     kvq_pair(bits, lo, hi, dm, &m, &inv);
@@ -511,7 +508,7 @@ void ebb_kvq_quantize_channels(int bits, const float *x, int n_rows, int n, int 
 {
     const size_t group_bytes = (size_t)group * bits / 8;
     for (int i = 0; i < n; i++) {
-        float lo = F16_MAX, hi = -F16_MAX, m, inv;
+        float lo = EBB_F16_MAX, hi = -EBB_F16_MAX, m, inv;
         for (int r = 0; r < n_rows; r++) kvq_span(&lo, &hi, x[(size_t)r * n + i]);
         if (lo > hi) lo = hi = 0;
         kvq_pair(bits, lo, hi, dm + 2 * i, &m, &inv);

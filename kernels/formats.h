@@ -204,6 +204,11 @@ void ebb_kvq_quantize_channels(int bits, const float *x, int n_rows, int n, int 
 void ebb_kvq_dequantize_channels(int bits, const uint8_t *codes, size_t stride, const uint16_t *dm, int n_rows, int n,
                                  int group, float *out);
 
+/* The largest finite half, and a float clamped to +-that: what the KV
+ * cache's f16 rows and (d, m) pairs do to values beyond f16's range. */
+#define EBB_F16_MAX 65504.0f
+static inline float ebb_f16_saturate(float v) { return v > EBB_F16_MAX ? EBB_F16_MAX : v < -EBB_F16_MAX ? -EBB_F16_MAX : v; }
+
 /* IEEE half and bfloat16 conversions (portable; used by the scalar paths). */
 float ebb_f16_to_f32(uint16_t h);
 uint16_t ebb_f32_to_f16(float f);

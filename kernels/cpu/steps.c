@@ -51,8 +51,6 @@ void ebb_cpu_scale(float *out, const float *x, float s, int n)
     for (int i = 0; i < n; i++) out[i] = x[i] * s;
 }
 
-#define F16_MAX 65504.0f
-
 void ebb_cpu_kv_store_row(uint8_t *row, const float *x, int n, int bits, int group, int rotate)
 {
     if (bits == 32) {
@@ -61,7 +59,7 @@ void ebb_cpu_kv_store_row(uint8_t *row, const float *x, int n, int bits, int gro
     }
     if (bits == 16) {
         uint16_t *h = (uint16_t *)(void *)row;
-        for (int i = 0; i < n; i++) h[i] = ebb_f32_to_f16(x[i] > F16_MAX ? F16_MAX : x[i] < -F16_MAX ? -F16_MAX : x[i]);
+        for (int i = 0; i < n; i++) h[i] = ebb_f32_to_f16(ebb_f16_saturate(x[i]));
         return;
     }
     uint16_t *dm = (uint16_t *)(void *)(row + (size_t)n * bits / 8);

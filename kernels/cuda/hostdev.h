@@ -602,7 +602,8 @@ EBB_HD uint16_t ebb_hd_to_f16(float f)
     return (uint16_t)(sign | ((rebased + 0xfffu + ((rebased >> 13) & 1u)) >> 13));
 }
 
-EBB_HD float ebb_hd_clamp_f16_range(float v) { return v > 65504.0f ? 65504.0f : v < -65504.0f ? -65504.0f : v; }
+/* formats.h's ebb_f16_saturate, for device code. */
+EBB_HD float ebb_hd_clamp_f16_range(float v) { return v > EBB_F16_MAX ? EBB_F16_MAX : v < -EBB_F16_MAX ? -EBB_F16_MAX : v; }
 
 /* The largest half <= x and the smallest half >= x (formats.c's f16_down
  * and f16_up). */
@@ -628,7 +629,7 @@ EBB_HD uint16_t ebb_hd_f16_up(float x)
  * not be 2-byte aligned). */
 EBB_HD void ebb_hd_kv_quantize_group(int bits, const float *x, int group, uint8_t *codes, uint8_t *pair)
 {
-    float lo = 65504.0f, hi = -65504.0f;
+    float lo = EBB_F16_MAX, hi = -EBB_F16_MAX;
     for (int i = 0; i < group; i++) {
         lo = fminf(lo, ebb_hd_clamp_f16_range(x[i]));
         hi = fmaxf(hi, ebb_hd_clamp_f16_range(x[i]));
