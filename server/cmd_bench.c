@@ -60,6 +60,25 @@ static void bench_usage(FILE *out) {
         "  --depth D    the context --verify measures at (default 128)\n");
 }
 
+/* A test's row: the mean and standard deviation of its reps' rates. */
+struct rates {
+    double sum, sum2;
+    int n;
+};
+
+static void rates_add(struct rates *r, double tps) {
+    r->sum += tps;
+    r->sum2 += tps * tps;
+    r->n++;
+}
+
+static double rates_print(const char *label, const struct rates *r) {
+    const double mean = r->sum / r->n;
+    const double sd = r->n > 1 ? sqrt(fmax(0, (r->sum2 - r->n * mean * mean) / (r->n - 1))) : 0;
+    printf("| %-8s | %8.2f ± %6.2f |\n", label, mean, sd);
+    return mean;
+}
+
 /* Seconds for one run of the test; -1 on failure. */
 static double run_once(struct model_run *m, struct kv_cache *kv, const int32_t *ids, int n, int prefill,
                        float *logits) {
@@ -90,18 +109,15 @@ static int bench_test(struct model_run *run, struct kv_account *kv_policy, const
         x ^= x << 13; x ^= x >> 7; x ^= x << 17;
         ids[i] = (int32_t)(x % (uint64_t)m->cfg.n_vocab);
     }
-    double sum = 0, sum2 = 0;
+    struct rates rates = {0, 0, 0};
     int rc = run_once(run, &kv, ids, n, prefill, logits) < 0 ? -1 : 0;
     for (int r = 0; r < reps && rc == 0; r++) {
         double s = run_once(run, &kv, ids, n, prefill, logits);
         if (s <= 0) { rc = -1; break; }
-        sum += n / s;
-        sum2 += (n / s) * (n / s);
+        rates_add(&rates, n / s);
     }
     if (rc == 0) {
-        double mean = sum / reps, sd = reps > 1 ? sqrt(fmax(0, (sum2 - reps * mean * mean) / (reps - 1))) : 0;
-        printf("| %-8s | %8.2f ± %6.2f |\n", label, mean, sd);
-        *mean_tps = mean;
+        *mean_tps = rates_print(label, &rates);
     } else {
         fprintf(stderr, "ebb bench: %s failed\n", label);
     }
@@ -125,7 +141,7 @@ static int bench_batch(struct model_run *run, struct kv_account *kv_policy, cons
     for (; rc == 0 && made < batch; made++)
         if (kv_cache_init(&kv[made], &m->cfg, n, kv_policy)) rc = -1;
     for (int i = 0; rc == 0 && i < batch * n; i++) ids[i] = (int32_t)((uint64_t)(i + 7) * 2654435761u % (uint64_t)m->cfg.n_vocab);
-    double sum = 0, sum2 = 0;
+    struct rates rates = {0, 0, 0};
     for (int r = 0; r <= reps && rc == 0; r++) {   /* the first round warms up */
         for (int b = 0; b < batch; b++) kv_cache_clear(&kv[b]);
         const double t0 = ebb_now_seconds();
@@ -135,14 +151,10 @@ static int bench_batch(struct model_run *run, struct kv_account *kv_policy, cons
             if (model_forward_batch(run, seqs, batch)) rc = -1;
         }
         const double s = ebb_now_seconds() - t0;
-        if (r > 0 && rc == 0) {
-            sum += (double)batch * n / s;
-            sum2 += ((double)batch * n / s) * ((double)batch * n / s);
-        }
+        if (r > 0 && rc == 0) rates_add(&rates, (double)batch * n / s);
     }
     if (rc == 0) {
-        const double mean = sum / reps, sd = reps > 1 ? sqrt(fmax(0, (sum2 - reps * mean * mean) / (reps - 1))) : 0;
-        printf("| %-8s | %8.2f ± %6.2f |\n", label, mean, sd);
+        rates_print(label, &rates);
     } else {
         fprintf(stderr, "ebb bench: %s failed\n", label);
     }
