@@ -182,6 +182,16 @@ static void test_flag_override(void) {
     CHECK(config_apply_flag(&c, "--model-dir", "x", err, sizeof err) == 1);
     CHECK_MSG(strstr(err, "--model-dir"), "%s", err);
     CHECK(config_apply_flag(&c, "--", "x", err, sizeof err) == 1);
+    /* device: its own form, checked when given; a refused one leaves the old */
+    CHECK(!strcmp(c.device, "cpu"));
+    CHECK_MSG(config_apply_flag(&c, "--device", "cuda:3", err, sizeof err) == 0 && !strcmp(c.device, "cuda:3"), "%s", err);
+    CHECK(config_apply_flag(&c, "--device", "cuda", err, sizeof err) == 0 && !strcmp(c.device, "cuda"));
+    static const char *const bad[] = {"gpu", "cuda:", "cuda:x", "cuda:-1", "cuda:1024", "cuda0", "CPU", ""};
+    for (size_t i = 0; i < sizeof bad / sizeof *bad; i++) {
+        CHECK_MSG(config_apply_flag(&c, "--device", bad[i], err, sizeof err) == -1, "'%s' accepted", bad[i]);
+        CHECK_MSG(strstr(err, "--device") && (!*bad[i] || strstr(err, "a device is cpu, cuda or cuda:N")), "%s", err);
+        CHECK(!strcmp(c.device, "cuda"));
+    }
 }
 
 /* The layers in their order: file < env < flag. */
