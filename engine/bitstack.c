@@ -79,8 +79,7 @@ void bitstack_free(struct bitstack *s) {
 
 /* The matrix a kind fills, with its shape (rows = outputs). */
 struct matrix *bitstack_kind_matrix(struct layer_weights *w, enum bitstack_kind k) {
-    struct matrix *const all[BITSTACK_KINDS] = {&w->wq, &w->wk, &w->wv, &w->wo, &w->w_gate, &w->w_up, &w->w_down};
-    return all[k];
+    return layer_matrix_at(w, (int)k);
 }
 
 void bitstack_kind_shape(const struct model_config *c, enum bitstack_kind k, int *rows, int *cols) {

@@ -50,8 +50,8 @@ struct model_run {
     float *gate, *up;/* [B][n_ff] */
     float *scores;   /* [n_workers][kv_attend_scratch(scores_ctx)]: kv_attend_block's scratch */
     float *rope_cos, *rope_sin; /* [B][rope_dim/2] */
-    float *rope_host;           /* [2][B][rope_dim/2]: the angles' cos and sin, made on the host */
-    int32_t *ids;               /* [B] the batch's token ids, in the backend's memory (get_rows) */
+    float *rope_host;           /* a device's: [2][B][rope_dim/2], the angles made on the host */
+    int32_t *ids;               /* a device's: [B] the batch's token ids in its memory (get_rows) */
     float *host_row;            /* [n_embd] a row brought back (embeddings) */
     int scores_ctx;             /* the longest context that scratch covers */
     struct kv_cache **tok_kv;  /* [B] the sequence each batch token belongs to */
@@ -112,8 +112,10 @@ struct model_run *model_run_new(const struct model *m, int n_threads) {
     r->up = ebb_alloc(be, B * c->n_ff * sizeof(float));
     r->rope_cos = ebb_alloc(be, B * half * sizeof(float));
     r->rope_sin = ebb_alloc(be, B * half * sizeof(float));
-    r->ids = ebb_alloc(be, B * sizeof *r->ids);
-    r->rope_host = malloc(2 * B * half * sizeof(float));
+    if (be->memory) {   /* what the host makes goes up from here; on the CPU it is made in place */
+        r->ids = ebb_alloc(be, B * sizeof *r->ids);
+        r->rope_host = malloc(2 * B * half * sizeof(float));
+    }
     r->host_row = malloc((size_t)c->n_embd * sizeof(float));
     r->tok_kv = malloc(B * sizeof *r->tok_kv);
     r->tok_pos = malloc(B * sizeof *r->tok_pos);
@@ -132,7 +134,7 @@ struct model_run *model_run_new(const struct model *m, int n_threads) {
         forms_ok &= forms[f]->q && forms[f]->d && forms[f]->sums;
     }
     if (!forms_ok || !r->pool || !r->xp || !r->aq || !r->as || !r->x || !r->xb || !r->xb2 || !r->q || !r->k || !r->v ||
-        !r->att || !r->gate || !r->up || !r->rope_cos || !r->rope_sin || !r->ids || !r->rope_host || !r->host_row ||
+        !r->att || !r->gate || !r->up || !r->rope_cos || !r->rope_sin || (be->memory && (!r->ids || !r->rope_host)) || !r->host_row ||
         !r->tok_kv || !r->tok_pos || !r->tok_id || !r->blocks) {
         model_run_free(r);
         return NULL;
@@ -170,18 +172,20 @@ static int run_reserve(struct model_run *r, int max_ctx, int head_rows) {
 }
 
 /* cos/sin of every token's own position (tokens of different sequences sit at
- * different positions), made on the host and sent to the backend with the
- * batch's token ids. */
+ * different positions), made on the host; a device gets them and the
+ * batch's token ids sent. */
 static int send_batch(struct model_run *r, int n_tok) {
     const struct model *m = r->m;
     const int half = m->cfg.rope_dim / 2;
-    float *cos_h = r->rope_host, *sin_h = r->rope_host + (size_t)n_tok * half;
+    float *cos_h = m->be->memory ? r->rope_host : r->rope_cos;
+    float *sin_h = m->be->memory ? r->rope_host + (size_t)n_tok * half : r->rope_sin;
     for (int t = 0; t < n_tok; t++)
         for (int i = 0; i < half; i++) {
             float theta = (float)r->tok_pos[t] * m->rope_inv_freq[i];
             cos_h[t * half + i] = cosf(theta);
             sin_h[t * half + i] = sinf(theta);
         }
+    if (!m->be->memory) return 0;
     const size_t angles = (size_t)n_tok * half * sizeof(float);
     return ebb_upload(m->be, r->rope_cos, cos_h, angles) || ebb_upload(m->be, r->rope_sin, sin_h, angles) ||
            ebb_upload(m->be, r->ids, r->tok_id, (size_t)n_tok * sizeof *r->ids);
@@ -419,7 +423,7 @@ static void forward_layers(struct model_run *r, int n_tok) {
     const struct ebb_backend *be = m->be;
     const int E = c->n_embd, F = c->n_ff, QD = c->n_head * c->head_dim, KD = c->n_head_kv * c->head_dim;
 
-    be->get_rows(r->x, m->embd.data, m->embd.type, r->ids, n_tok, E);   /* the embeddings */
+    be->get_rows(r->x, m->embd.data, m->embd.type, be->memory ? r->ids : r->tok_id, n_tok, E);   /* the embeddings */
     const int n_blocks = attention_blocks(r, n_tok);
 
     for (int l = 0; l < c->n_layer; l++) {
@@ -566,6 +570,11 @@ int model_forward_batch(struct model_run *r, struct batch_seq *seqs, int n_seqs)
     if (rows && forward_head(r, seqs, n_seqs, rows)) return -1;
     if (m->be->memory && m->be->memory->sync()) return -1;
     return 0;
+}
+
+const char *model_run_failure(const struct model_run *r) {
+    const struct ebb_backend_memory *mem = r->m->be->memory;
+    return mem ? mem->error() : "out of memory";
 }
 
 int model_forward(struct model_run *r, struct kv_cache *kv, const int32_t *tokens, int n_tok, float *logits,

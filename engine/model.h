@@ -76,6 +76,15 @@ struct layer_weights {
     int n_hi[ACT_POINTS];             /* leading 8-bit activation groups */
 };
 
+/* A layer's seven matrices by index, in one order -- q, k, v, o, gate, up,
+ * down -- for code that treats them alike (placement, freeing; BitStack's
+ * kinds follow the same order). */
+#define LAYER_MATRICES 7
+static inline struct matrix *layer_matrix_at(struct layer_weights *w, int i) {
+    struct matrix *const all[LAYER_MATRICES] = {&w->wq, &w->wk, &w->wv, &w->wo, &w->w_gate, &w->w_up, &w->w_down};
+    return all[i];
+}
+
 /* How a plain GGUF's matrices are held: in the file's own types, used in
  * place (the default: resident weights are the file's bytes), or
  * dequantized to f32 copies (the reference the native path is measured
@@ -112,6 +121,10 @@ struct model {
  * "PATH: problem" in err. */
 int model_load(struct model *m, const char *path, enum model_weights weights, char *err, size_t errlen);
 void model_free(struct model *m);
+/* Keeps only the first n layers of a loaded model that is not placed (the
+ * rest are freed): the same model, shorter, for tests whose reference path
+ * is slow. */
+void model_keep_layers(struct model *m, int n);
 /* Moves a loaded model onto a device backend (one with its own memory,
  * kernels/backend.h): every tensor a pass reads is uploaded, the host
  * copies are freed and the file's pages handed back, and from then on
@@ -166,6 +179,9 @@ struct batch_seq {
  * Returns 0, or -1 (bad token id, cache full, out of memory) with no cache
  * changed. A row's result does not depend on what else is in the batch. */
 int model_forward_batch(struct model_run *r, struct batch_seq *seqs, int n_seqs);
+/* Why a pass that returned -1 for want of resources failed, in words: the
+ * device's reason on a device, else out of memory. */
+const char *model_run_failure(const struct model_run *r);
 
 /* One sequence of any length (split into batches): the common case for the
  * command line and perplexity. */

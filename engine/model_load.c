@@ -425,8 +425,7 @@ static void visit_tensors(struct model *m, tensor_fn fn, void *ctx) {
         visit_vector(&w->bq, QD, fn, ctx);
         visit_vector(&w->bk, KD, fn, ctx);
         visit_vector(&w->bv, KD, fn, ctx);
-        struct matrix *mats[] = {&w->wq, &w->wk, &w->wv, &w->wo, &w->w_gate, &w->w_up, &w->w_down};
-        for (size_t i = 0; i < sizeof mats / sizeof *mats; i++) visit_matrix(mats[i], fn, ctx);
+        for (int i = 0; i < LAYER_MATRICES; i++) visit_matrix(layer_matrix_at(w, i), fn, ctx);
         for (int p = 0; p < ACT_POINTS; p++)
             visit_vector(&w->perm[p], (size_t)act_point_width(c, (enum act_point)p) * sizeof(int32_t), fn, ctx);
     }
@@ -438,12 +437,9 @@ static const char *place_problem(const struct model *m, const struct ebb_backend
     if (m->placed) return "the model is already placed on a device";
     if (m->stack) return "a BitStack file runs on the CPU only (its blocks are not placed on devices)";
     if (!be->matmul[m->output.type]) return "the backend has no product for the output head's type";
-    for (int l = 0; l < m->cfg.n_layer; l++) {
-        const struct layer_weights *w = &m->layers[l];
-        const struct matrix *mats[] = {&w->wq, &w->wk, &w->wv, &w->wo, &w->w_gate, &w->w_up, &w->w_down};
-        for (size_t i = 0; i < sizeof mats / sizeof *mats; i++)
-            if (!be->matmul[mats[i]->type]) return "the backend has no product for a matrix's type";
-    }
+    for (int l = 0; l < m->cfg.n_layer; l++)
+        for (int i = 0; i < LAYER_MATRICES; i++)
+            if (!be->matmul[layer_matrix_at(&m->layers[l], i)->type]) return "the backend has no product for a matrix's type";
     return NULL;
 }
 
@@ -533,6 +529,19 @@ static void matrix_free(struct matrix *w) {
     memset(w, 0, sizeof *w);
 }
 
+static void layer_free(struct layer_weights *w) {
+    free(w->attn_norm); free(w->bq); free(w->bk); free(w->bv); free(w->ffn_norm);
+    for (int i = 0; i < LAYER_MATRICES; i++) matrix_free(layer_matrix_at(w, i));
+    for (int p = 0; p < ACT_POINTS; p++) free(w->perm[p]);
+    memset(w, 0, sizeof *w);
+}
+
+void model_keep_layers(struct model *m, int n) {
+    if (m->placed || m->stack || n < 1) return;
+    for (int l = n; l < m->cfg.n_layer; l++) layer_free(&m->layers[l]);
+    if (n < m->cfg.n_layer) m->cfg.n_layer = n;
+}
+
 void model_release_pages(const struct model *m) {
     if (m->file.map && m->file.size) madvise((void *)m->file.map, m->file.size, MADV_DONTNEED);
 }
@@ -547,13 +556,7 @@ void model_free(struct model *m) {
         if (tied) m->output.data = NULL;
     }
     if (m->layers) {
-        for (int l = 0; l < m->cfg.n_layer; l++) {
-            struct layer_weights *w = &m->layers[l];
-            free(w->attn_norm); free(w->bq); free(w->bk); free(w->bv); free(w->ffn_norm);
-            matrix_free(&w->wq); matrix_free(&w->wk); matrix_free(&w->wv); matrix_free(&w->wo);
-            matrix_free(&w->w_gate); matrix_free(&w->w_up); matrix_free(&w->w_down);
-            for (int p = 0; p < ACT_POINTS; p++) free(w->perm[p]);
-        }
+        for (int l = 0; l < m->cfg.n_layer; l++) layer_free(&m->layers[l]);
         free(m->layers);
     }
     matrix_free(&m->output);

@@ -23,7 +23,6 @@
 #include "engine/governor.h"
 #include "engine/kv.h"
 #include "engine/model.h"
-#include "kernels/backend.h"
 
 /* Why a request must stop at the engine's next look: the client went away
  * (or the server is stopping), or its forward pass failed. */
@@ -657,9 +656,6 @@ static void step(struct sched *s) {
     const double t0 = ebb_now_seconds();
     int rc = model_forward_batch(compute_run(s), s->batch, n);
     if (rc == 0) draft_costs_record(&s->costs, tokens, ebb_now_seconds() - t0);
-    /* A device that failed (a kernel, its memory) says why; on the host a
-     * pass fails only for memory. */
-    const struct ebb_backend_memory *mem = model_run_model(compute_run(s))->be->memory;
     pthread_mutex_lock(&s->lock);
     s->steps++;
     s->batch_tokens += (uint64_t)tokens;
@@ -668,7 +664,7 @@ static void step(struct sched *s) {
         struct sreq *r = s->batch_req[b];
         if (rc) {
             snprintf(r->timing.error, sizeof r->timing.error, "the forward pass failed: %s",
-                     mem ? mem->error() : "out of memory");
+                     model_run_failure(compute_run(s)));
             atomic_store(&r->stop, SREQ_FAILED);
             continue;
         }

@@ -10,7 +10,6 @@
 #include "engine/generate.h"
 #include "engine/model.h"
 #include "engine/tokenizer.h"
-#include "kernels/backend.h"
 #include "server/cli.h"
 
 #define MAX_STOPS 16
@@ -260,8 +259,7 @@ int cmd_logits(int argc, char **argv) {
         fprintf(stderr, "ebb logits: out of memory\n");
     } else {
         if (model_forward(run, &kv, ids, n, logits, all)) {
-            fprintf(stderr, "ebb logits: the forward pass failed (%s)\n",
-                    m.be->memory ? m.be->memory->error() : "out of memory");
+            fprintf(stderr, "ebb logits: the forward pass failed (%s)\n", model_run_failure(run));
         } else {
             FILE *f = fopen(out_path, "wb");
             int ok = f && fwrite(logits, sizeof(float) * (size_t)m.cfg.n_vocab, rows, f) == rows;

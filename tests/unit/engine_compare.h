@@ -19,22 +19,6 @@
 #include "engine/kv.h"
 #include "engine/model.h"
 
-/* The model cut to its first n layers (before it is placed): the layers
- * past them are freed and forgotten. Every op of a pass runs in each layer
- * alike, so the comparisons lose nothing but time -- which matters when
- * the reference is the scalar path, the more so under the sanitizers. */
-static inline void ec_keep_layers(struct model *m, int n) {
-    for (int l = n; l < m->cfg.n_layer; l++) {
-        struct layer_weights *w = &m->layers[l];
-        free(w->attn_norm), free(w->ffn_norm), free(w->bq), free(w->bk), free(w->bv);
-        struct matrix *mats[] = {&w->wq, &w->wk, &w->wv, &w->wo, &w->w_gate, &w->w_up, &w->w_down};
-        for (size_t i = 0; i < sizeof mats / sizeof *mats; i++) free(mats[i]->owned);
-        for (int p = 0; p < ACT_POINTS; p++) free(w->perm[p]);
-        memset(w, 0, sizeof *w);
-    }
-    if (n < m->cfg.n_layer) m->cfg.n_layer = n;
-}
-
 /* What the comparisons saw, over every logits row they compared. */
 struct ec_stats {
     long rows, rows_differing;     /* rows compared; rows not bit-identical */

@@ -14,7 +14,6 @@
 
 #include "check.h"
 #include "emulated_device.h"
-#include "engine_compare.h"
 #include "engine/generate.h"
 #include "engine/model.h"
 #include "engine/scheduler.h"
@@ -491,7 +490,7 @@ int main(void) {
     const struct ebb_backend *emu = emulated_device();
     char why[256] = "";
     if (emu && model_load(&m, path, MODEL_WEIGHTS_NATIVE, err, sizeof err) == 0) {
-        ec_keep_layers(&m, 4);   /* the scalar ops are slow; every layer runs alike */
+        model_keep_layers(&m, 4);   /* the scalar ops are slow; every layer runs alike */
         CHECK_MSG(model_place(&m, emu, why, sizeof why) == 0, "%s", why);
         if (m.placed) test_batched_equals_alone(&m, 4, DRAFT_NGRAM, 0);
         if (m.placed) test_device_lost(&m);
