@@ -1059,10 +1059,15 @@ def test_requests_past_the_budget_are_preempted_and_finish_as_if_alone(srv):
     when the budget runs out: its pages go back and it is recomputed later.
     Nobody fails, a stream only pauses, and every text equals the same
     request run alone without a budget."""
-    prompts = ["Once upon a time, in a village by the sea,", "The history of the bicycle begins",
+    prompts = ["Once upon a time, in a village by the sea,", "In the year 1850, the city of London",
                "Here is a long list of fruits and their colours:"]
     body = dict(max_tokens=250, temperature=0)
-    alone = [complete(srv, prompt=p, **body)["choices"][0]["text"] for p in prompts]
+    docs = [complete(srv, prompt=p, **body) for p in prompts]
+    # The premise: every request runs to max_tokens (5 pages). One that
+    # stopped early could leave the other two inside the budget, and whether
+    # anyone is preempted would then hang on arrival times.
+    assert all(d["choices"][0]["finish_reason"] == "length" for d in docs), [d["usage"] for d in docs]
+    alone = [d["choices"][0]["text"] for d in docs]
     weights = memory(srv)["weight_bytes"]
     page = 64 * F32_KV_BYTES_PER_POSITION
     before = sample(metrics(srv)[0], "ebb_preemptions_total", model=srv.model)
