@@ -519,7 +519,7 @@ int model_place(struct model *m, const struct ebb_backend *be, char *why, size_t
 }
 
 int model_use_device(struct model *m, const char *device, char *why, size_t why_len) {
-    if (!device || !strcmp(device, "cpu")) return 0;
+    if (ebb_device_is_host(device)) return 0;
     const struct ebb_backend *be = ebb_backend_for_device(device, why, why_len);
     return be ? model_place(m, be, why, why_len) : -1;
 }

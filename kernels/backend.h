@@ -341,6 +341,8 @@ int ebb_cuda_devices(struct ebb_device_info *out, int max, char *why, size_t why
  * the form alone (configuration): NULL, or what a name must look like. */
 const struct ebb_backend *ebb_backend_for_device(const char *device, char *why, size_t why_len);
 const char *ebb_device_name_problem(const char *device);
+/* 1 when a device name means the host's own CPU (NULL, "" and "cpu"). */
+int ebb_device_is_host(const char *device);
 /* What a GPU named like that has (its free memory now): 0, or -1 with the
  * reason (not a GPU's name, no such device, no CUDA). */
 int ebb_device_memory(const char *device, struct ebb_device_info *info, char *why, size_t why_len);

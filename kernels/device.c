@@ -31,6 +31,11 @@ const char *ebb_device_name_problem(const char *device)
     return "a device is cpu, cuda or cuda:N (N the device's index, from `ebb devices`)";
 }
 
+int ebb_device_is_host(const char *device)
+{
+    return !device || !*device || !strcmp(device, "cpu");
+}
+
 int ebb_device_memory(const char *device, struct ebb_device_info *info, char *why, size_t why_len)
 {
     int index;
@@ -52,7 +57,7 @@ int ebb_device_memory(const char *device, struct ebb_device_info *info, char *wh
 const struct ebb_backend *ebb_backend_for_device(const char *device, char *why, size_t why_len)
 {
     int index;
-    if (!strcmp(device, "cpu")) return ebb_backend_cpu();
+    if (ebb_device_is_host(device)) return ebb_backend_cpu();
     if (cuda_index(device, &index) == 0) return ebb_backend_cuda(index, why, why_len);
     snprintf(why, why_len, "'%s': %s", device, ebb_device_name_problem(device));
     return NULL;

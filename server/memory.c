@@ -79,7 +79,7 @@ static int auto_budget(struct daemon *d, uint64_t *budget, int *clamped, char *e
     const char *source = "cuda";
     /* Models on a GPU hold their weights and KV there: its free memory is
      * what an automatic budget follows. */
-    if (strcmp(d->cfg.device, "cpu")) {
+    if (!ebb_device_is_host(d->cfg.device)) {
         struct ebb_device_info info;
         char why[256];
         if (ebb_device_memory(d->cfg.device, &info, why, sizeof why)) {

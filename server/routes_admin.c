@@ -138,7 +138,7 @@ static json_t *weights_state(const struct served_model *sm, const struct sched_s
 /* The device models compute on (config `device`), with what ebb holds there
  * and what the device has free; NULL on the CPU. */
 static json_t *device_state(struct daemon *d, size_t weights, size_t kv) {
-    if (!strcmp(d->cfg.device, "cpu")) return NULL;
+    if (ebb_device_is_host(d->cfg.device)) return NULL;
     struct ebb_device_info info;
     char why[256] = "";
     json_t *dev = json_pack("{s:s, s:I, s:I}", "device", d->cfg.device, "weight_bytes", (json_int_t)weights,

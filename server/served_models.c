@@ -578,7 +578,7 @@ void served_refresh_metrics(struct daemon *d) {
     metric_set(d->m_minimum, NULL, (double)served_memory_minimum(d));
     struct ebb_device_info info;
     char why[256];
-    if (strcmp(d->cfg.device, "cpu") && ebb_device_memory(d->cfg.device, &info, why, sizeof why) == 0) {
+    if (!ebb_device_is_host(d->cfg.device) && ebb_device_memory(d->cfg.device, &info, why, sizeof why) == 0) {
         const char *dw[] = {"weights"}, *dk[] = {"kv"}, *df[] = {"free"}, *dt[] = {"total"};
         metric_set(d->m_device, dw, (double)device_weights);
         metric_set(d->m_device, dk, (double)device_kv);
