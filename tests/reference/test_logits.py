@@ -173,23 +173,28 @@ def test_chat_prompt(model, tok, ebb, tmp_path):
     compare("chat", ebb_logits(ebb, tmp_path, ids, model.n_vocab), reference.logits(model, ids))
 
 
-def test_long_prose(model, tok, ebb, tmp_path):
+@pytest.fixture(scope="module")
+def long_prose(model, tok):
+    """The long text's ids and the reference's logits at every position, computed once:
+    two tests compare against them, and the reference takes most of a minute."""
     text = Path(LONG_TEXT_FILE).read_text()
     ids = tok.encode(text).ids[:LONG_TOKENS]
     assert len(ids) == LONG_TOKENS
-    got = ebb_logits(ebb, tmp_path, ids, model.n_vocab)
-    compare("long", got, reference.logits(model, ids))
+    return ids, reference.logits(model, ids)
 
 
-def test_native_weights_track_the_reference(model, tok, ebb, tmp_path):
+def test_long_prose(model, ebb, tmp_path, long_prose):
+    ids, want = long_prose
+    compare("long", ebb_logits(ebb, tmp_path, ids, model.n_vocab), want)
+
+
+def test_native_weights_track_the_reference(model, ebb, tmp_path, long_prose):
     """The default path uses the Q4_1 blocks in place and quantizes activations to 8 bits per
     block of 32, so its logits differ from the f32 reference by that rounding: a few percent
     of the logits' range, and the best token almost always the same. A misread block layout
     or scale is off by the whole range (checked: a wrong nibble order gives noise)."""
-    text = Path(LONG_TEXT_FILE).read_text()
-    ids = tok.encode(text).ids[:LONG_TOKENS]
+    ids, want = long_prose
     got = ebb_logits(ebb, tmp_path, ids, model.n_vocab, weights="native")
-    want = reference.logits(model, ids)
     assert np.all(np.isfinite(got))
     rel = np.abs(got - want).max(axis=1) / np.abs(want).max(axis=1)
     top1 = float(np.mean(got.argmax(axis=1) == want.argmax(axis=1)))
