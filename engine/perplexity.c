@@ -20,18 +20,22 @@ static void fill_result(struct ppl_result *r, double nll, double nll2, long coun
     r->scored = count;
 }
 
-/* One window into logits: in one go, or (compressing) its first half, the
- * compression, then the rest. */
+/* One window's scored rows, positions first .. n_ctx - 1, into logits
+ * (row 0 is position first): the context through the first scored
+ * position, (compressing) the compression, then the rest. The context's
+ * other rows take no output head (a tenth of a window's work on this
+ * 135M model, and half the logits' memory); two passes give the bits of
+ * one (the cache is batch-invariant, tests/unit/test_kv.c). */
 static int window_logits(struct model_run *run, struct kv_cache *kv, const int32_t *win, int n_ctx, int first,
                          const struct compress_params *compress, float *logits, struct ppl_result *r) {
     const struct model *m = model_run_model(run);
-    if (!compress || compress->mode == COMPRESS_OFF) return model_forward(run, kv, win, n_ctx, logits, 1);
     const size_t V = (size_t)m->cfg.n_vocab;
-    struct compress_report rep;
-    if (compress_prepare(kv, &m->cfg, compress, first + 1) ||
-        model_forward(run, kv, win, first + 1, logits + (size_t)first * V, 0) ||
-        compress_apply(kv, &m->cfg, m->be, model_run_pool(run), compress, &rep) ||
-        model_forward(run, kv, win + first + 1, n_ctx - first - 1, logits + (size_t)(first + 1) * V, 1))
+    const int compressing = compress && compress->mode != COMPRESS_OFF;
+    struct compress_report rep = {0};
+    if ((compressing && compress_prepare(kv, &m->cfg, compress, first + 1)) ||
+        model_forward(run, kv, win, first + 1, logits, 0) ||
+        (compressing && compress_apply(kv, &m->cfg, m->be, model_run_pool(run), compress, &rep)) ||
+        model_forward(run, kv, win + first + 1, n_ctx - first - 1, logits + V, 1))
         return -1;
     r->compressed += rep.applied;
     r->kv_full_bytes += rep.bytes_before;
@@ -63,14 +67,14 @@ int perplexity_windows(struct model_run *run, const int32_t *tokens, int n_windo
     }
     kv_policy.be = m->be;          /* the caches live where the model computes */
     int rc = -1;
+    const int first = n_score ? n_ctx - 1 - n_score : n_ctx / 2;
     struct kv_cache kv = {0};
-    float *logits = malloc((size_t)n_ctx * m->cfg.n_vocab * sizeof(float));
+    float *logits = malloc((size_t)(n_ctx - first) * m->cfg.n_vocab * sizeof(float));
     int32_t *win = malloc((size_t)n_ctx * sizeof *win);
     if (!logits || !win || kv_cache_init(&kv, &m->cfg, n_ctx, &kv_policy)) {
         snprintf(err, errlen, "out of memory");
         goto out;
     }
-    const int first = n_score ? n_ctx - 1 - n_score : n_ctx / 2;
     double nll = 0, nll2 = 0;
     long count = 0;
     const double t0 = ebb_now_seconds();
@@ -84,7 +88,7 @@ int perplexity_windows(struct model_run *run, const int32_t *tokens, int n_windo
             goto out;
         }
         for (int j = first; j < n_ctx - 1; j++) {
-            const float *row = logits + (size_t)j * m->cfg.n_vocab;
+            const float *row = logits + (size_t)(j - first) * m->cfg.n_vocab;
             const double v = -log_softmax_at(row, m->cfg.n_vocab, win[j + 1]);
             if (top1) {
                 int best = 0;

@@ -21,6 +21,7 @@
 #include "engine/generate.h"
 #include "engine/kv.h"
 #include "engine/model.h"
+#include "engine/perplexity.h"
 #include "engine/tokenizer.h"
 #include "kernels/backend.h"
 #include "kernels/formats.h"
@@ -1285,44 +1286,15 @@ static void test_model_rollback(struct model_run *r) {
     check_rollback(r, 4);
 }
 
-/* Perplexity scored like `ebb ppl --ctx 512 --chunks K`: windows of 512
- * tokens from an empty cache, the second half scored (only its logits are
- * computed: the output head is most of the cost). */
+/* Perplexity scored as `ebb ppl --ctx 512 --chunks K` scores it (engine/perplexity.c). */
 static double perplexity(struct model_run *r, const int32_t *tokens, int n_chunks, int kv_bits) {
-    const struct model *m = model_run_model(r);
-    const int ctx = 512, V = m->cfg.n_vocab;
-    struct kv_account acc;
-    kv_account_init(&acc, &m->cfg, kv_bits, 0);
-    struct kv_cache kv;
-    float *logits = malloc((size_t)(ctx / 2) * V * sizeof(float));
-    double nll = 0;
-    long count = 0;
-    if (!logits || kv_cache_init(&kv, &m->cfg, ctx, &acc)) {
-        free(logits);
-        kv_account_destroy(&acc);
-        return -1;
+    struct ppl_result res = {0};
+    char err[256];
+    if (perplexity_windows(r, tokens, n_chunks, 512, 0, -1, kv_bits, NULL, NULL, NULL, NULL, &res, err, sizeof err)) {
+        CHECK_MSG(0, "perplexity: %s", err);
+        return NAN;
     }
-    for (int ch = 0; ch < n_chunks; ch++) {
-        kv_cache_clear(&kv);
-        const int32_t *win = tokens + (size_t)ch * ctx;
-        if (model_forward(r, &kv, win, ctx / 2, logits, 0) ||
-            model_forward(r, &kv, win + ctx / 2, ctx / 2, logits, 1)) {
-            nll = NAN;
-            break;
-        }
-        for (int j = ctx / 2; j < ctx - 1; j++) {
-            const float *row = logits + (size_t)(j - ctx / 2) * V;
-            double max = row[0], sum = 0;
-            for (int i = 1; i < V; i++) max = fmax(max, row[i]);
-            for (int i = 0; i < V; i++) sum += exp(row[i] - max);
-            nll += log(sum) - (row[win[j + 1]] - max);
-            count++;
-        }
-    }
-    kv_cache_free(&kv);
-    kv_account_destroy(&acc);
-    free(logits);
-    return exp(nll / (double)count);
+    return res.ppl;
 }
 
 static char *read_text(const char *path, size_t *len) {
