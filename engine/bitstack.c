@@ -10,6 +10,7 @@
 #include <unistd.h>
 
 #include "engine/model.h"
+#include "engine/utf8.h"
 #include "kernels/backend.h"
 #include "kernels/formats.h"
 #include "storage/error.h"
@@ -159,11 +160,14 @@ static int load_order(struct model *m, struct bitstack *s, char *err, size_t err
 
 /* The optional perplexity checkpoints: both keys or neither, of one length,
  * bytes increasing and within the stack, every perplexity finite and at
- * least 1 (exp of a mean of non-negative losses). */
+ * least 1 (exp of a mean of non-negative losses); and what they scored, a
+ * UTF-8 line (files packed before it was recorded scored calibration
+ * windows). */
 static int load_checkpoints(struct model *m, struct bitstack *s, char *err, size_t errlen) {
-    static const char kb[] = "ebb.bitstack.checkpoint_bytes", kp[] = "ebb.bitstack.checkpoint_ppl";
-    const struct gguf_kv *b = gguf_find(&m->file, kb), *p = gguf_find(&m->file, kp);
-    if (!b && !p) return 0;
+    static const char kb[] = "ebb.bitstack.checkpoint_bytes", kp[] = "ebb.bitstack.checkpoint_ppl",
+                      kt[] = "ebb.bitstack.checkpoint_text";
+    const struct gguf_kv *b = gguf_find(&m->file, kb), *p = gguf_find(&m->file, kp), *t = gguf_find(&m->file, kt);
+    if (!b && !p && !t) return 0;
     if (!b || b->type != GGUF_ARRAY || b->arr_type != GGUF_UINT64 || b->arr_n < 1 || b->arr_n > 4096)
         return load_error(err, errlen, m->file.path, "%s must be 1 to 4096 u64 byte counts", kb);
     if (!p || p->type != GGUF_ARRAY || p->arr_type != GGUF_FLOAT32 || p->arr_n != b->arr_n)
@@ -185,6 +189,13 @@ static int load_checkpoints(struct model *m, struct bitstack *s, char *err, size
             return load_error(err, errlen, m->file.path, "%s[%d] = %g is not a perplexity", kp, i,
                               (double)s->checkpoint_ppl[i]);
     }
+    struct gguf_str text = {"calibration windows", 19};
+    if (t && (gguf_get_str(&m->file, kt, &text) || text.len == 0 || text.len >= sizeof s->checkpoint_text ||
+              !utf8_valid(text.ptr, (size_t)text.len) || memchr(text.ptr, 0, (size_t)text.len)))
+        return load_error(err, errlen, m->file.path, "%s must be a line of UTF-8 text, 1 to %zu bytes", kt,
+                          sizeof s->checkpoint_text - 1);
+    memcpy(s->checkpoint_text, text.ptr, (size_t)text.len);
+    s->checkpoint_text[text.len] = 0;
     s->n_checkpoints = n;
     return 0;
 }

@@ -17,7 +17,8 @@
  * so quality follows the budget megabyte by megabyte.
  *
  * The packer may also record the perplexity it measured at a few prefix
- * sizes (checkpoints, on calibration windows), so that the runtime can say
+ * sizes (checkpoints, on the held-out text it names, or on calibration
+ * windows when it had none), so that the runtime can say
  * what quality a budget buys without measuring: bitstack_ppl_at
  * interpolates them.
  *
@@ -98,6 +99,7 @@ struct bitstack {
     int n_checkpoints;               /* 0 when the file has none */
     uint64_t *checkpoint_bytes;      /* [n_checkpoints]: prefix bytes (as cum_bytes counts), increasing */
     float *checkpoint_ppl;           /* [n_checkpoints]: perplexity the packer measured with that prefix */
+    char checkpoint_text[256];       /* what they scored ("heldout.txt, 4 windows of 512"); "" without them */
 };
 
 /* Reads the stack of a "bitstack" file (docs/formats.md) into m->stack,

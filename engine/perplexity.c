@@ -113,6 +113,29 @@ out:
     return rc;
 }
 
+int perplexity_tokens(const struct model *m, const char *text, size_t len, int n_ctx, int max_windows,
+                      int32_t **tokens, int *n_tokens, int *n_windows, char *err, size_t errlen) {
+    *tokens = NULL;
+    *n_tokens = *n_windows = 0;
+    /* With BOS the stream is [BOS, body...], like llama.cpp's tokenization. */
+    const int n = tokenizer_encode_with_bos(m->tok, text, len, 0, 1, tokens);
+    if (n < 0) {
+        snprintf(err, errlen, "the text is not valid UTF-8");
+        return -1;
+    }
+    *n_tokens = n;
+    int w = n_ctx > 0 ? n / n_ctx : 0;
+    if (max_windows > 0 && w > max_windows) w = max_windows;
+    *n_windows = w;
+    if (n_ctx >= 8 && n_ctx <= m->cfg.n_ctx_train && w == 0) {
+        snprintf(err, errlen, "the text has %d tokens, fewer than one window of %d", n, n_ctx);
+        free(*tokens);
+        *tokens = NULL;
+        return -1;
+    }
+    return 0;
+}
+
 int perplexity_measure(struct model_run *run, const char *text, size_t len, int n_ctx, int n_score, int max_windows,
                        int kv_bits,
                        const struct compress_params *compress, int32_t *top1, ppl_progress_fn progress, void *ud,
@@ -120,21 +143,11 @@ int perplexity_measure(struct model_run *run, const char *text, size_t len, int 
     const struct model *m = model_run_model(run);
     memset(r, 0, sizeof *r);
     int32_t *tokens = NULL;
-    /* With BOS the stream is [BOS, body...], like llama.cpp's tokenization. */
-    const int n_tokens = tokenizer_encode_with_bos(m->tok, text, len, 0, 1, &tokens);
-    if (n_tokens < 0) {
-        snprintf(err, errlen, "the text is not valid UTF-8");
-        return -1;
-    }
+    int n_tokens, n_windows;
+    if (perplexity_tokens(m, text, len, n_ctx, max_windows, &tokens, &n_tokens, &n_windows, err, errlen)) return -1;
     r->n_tokens = n_tokens;
-    int n_windows = n_ctx > 0 ? n_tokens / n_ctx : 0;
-    if (max_windows > 0 && n_windows > max_windows) n_windows = max_windows;
-    int rc = -1;
-    if (n_ctx >= 8 && n_ctx <= m->cfg.n_ctx_train && n_windows == 0)
-        snprintf(err, errlen, "the text has %d tokens, fewer than one window of %d", n_tokens, n_ctx);
-    else
-        rc = perplexity_windows(run, tokens, n_windows, n_ctx, n_score, tokenizer_bos_to_add(m->tok), kv_bits, compress, top1,
-                                progress, ud, r, err, errlen);
+    const int rc = perplexity_windows(run, tokens, n_windows, n_ctx, n_score, tokenizer_bos_to_add(m->tok), kv_bits,
+                                      compress, top1, progress, ud, r, err, errlen);
     r->n_tokens = n_tokens;
     free(tokens);
     return rc;

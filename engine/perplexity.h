@@ -29,6 +29,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+struct model;
 struct model_run;
 struct compress_params;
 
@@ -54,6 +55,14 @@ int perplexity_measure(struct model_run *run, const char *text, size_t len, int 
                        int kv_bits,
                        const struct compress_params *compress, int32_t *top1, ppl_progress_fn progress, void *ud,
                        struct ppl_result *r, char *err, size_t errlen);
+/* The text cut as perplexity_measure cuts it: its tokens (BOS first when
+ * the model asks for one) into *tokens (malloc'd, the caller frees),
+ * *n_tokens of them, and the whole windows of n_ctx they hold (at most
+ * max_windows; 0: all) in *n_windows, for perplexity_windows with the
+ * model's tokenizer_bos_to_add as bos. 0, or -1 with err (not UTF-8, not
+ * one window). */
+int perplexity_tokens(const struct model *m, const char *text, size_t len, int n_ctx, int max_windows,
+                      int32_t **tokens, int *n_tokens, int *n_windows, char *err, size_t errlen);
 /* The same scoring over n_windows windows of n_ctx tokens already cut:
  * tokens holds them one after another, and the first token of each is
  * replaced by bos when bos >= 0 (the caller's tokens are not changed). What

@@ -50,7 +50,9 @@ static void pack_usage(FILE *out) {
         "                        shuffle drawn from --seed) or uniform (matrix index order)\n"
         "  --checkpoints N       bitstack: perplexity measured at N prefix sizes from one level to all\n"
         "                        and stored in the file (default 8; 0: none)\n"
-        "  --checkpoint-windows N  bitstack: calibration windows each checkpoint scores (default 2)\n"
+        "  --checkpoint-windows N  bitstack: windows of 512 tokens each checkpoint scores (default 4):\n"
+        "                        the first of the evaluation text (held out, as the variants'\n"
+        "                        perplexities are), or of the calibration text with --no-eval\n"
         "  --act-bits 4|8        w4a4 and source: 4 = outlier groups 8-bit, the rest 4-bit;\n"
         "                        8 = every group 8-bit (W4A8); default 4\n"
         "  --weight-quant Q      gptq (default) or rtn (round to nearest, the baseline)\n"
@@ -159,9 +161,10 @@ static void print_summary(const struct pack_options *o, const struct pack_result
     printf("format %s, weights %s, calibration %ld tokens\n", variant_kind(o),
            source ? "the source's blocks, permuted" : o->format == PACK_BITSTACK ? "residual blocks"
            : o->weight_quant == PACK_GPTQ ? "gptq" : "rtn", r->calib_tokens);
+    if (r->n_checkpoints) printf("checkpoints on %s:\n", r->checkpoint_text);
     for (int i = 0; i < r->n_checkpoints; i++)
-        printf("%s %.1f MB of stack: perplexity %.3f on calibration windows\n", i ? "          " : "checkpoint",
-               (double)r->checkpoint_bytes[i] / 1e6, (double)r->checkpoint_ppl[i]);
+        printf("  %.1f MB of stack: perplexity %.3f\n", (double)r->checkpoint_bytes[i] / 1e6,
+               (double)r->checkpoint_ppl[i]);
     if (o->format == PACK_W4A16 || o->format == PACK_BITSTACK || o->act_bits != 4) return;
     printf("8-bit activation groups per layer (%s / %s / %s / %s):\n", act_point_name(ACT_ATTN_IN), act_point_name(ACT_ATTN_OUT), act_point_name(ACT_FFN_IN),
            act_point_name(ACT_FFN_DOWN_IN));
@@ -416,9 +419,20 @@ int cmd_pack(int argc, char **argv) {
         fprintf(stderr, "ebb pack: cannot read the evaluation text %s: %s\n", e.path, strerror(errno));
         return 2;
     }
+    /* A stack's checkpoints score the evaluation text too: held out, and
+     * the text the variants' perplexities are measured on. */
+    char *checkpoint_text = NULL;
+    if (o.format == PACK_BITSTACK && o.bitstack_checkpoints > 0 && e.path) {
+        if (!(checkpoint_text = cli_read_file("pack", e.path, &o.checkpoint_text_len))) return 1;
+        const char *base = strrchr(e.path, '/');
+        o.checkpoint_text = checkpoint_text;
+        o.checkpoint_text_name = base ? base + 1 : e.path;
+    }
     struct pack_result r;
     char err[1024];
-    if (pack_run(&o, &r, err, sizeof err)) {
+    const int packed = pack_run(&o, &r, err, sizeof err);
+    free(checkpoint_text);
+    if (packed) {
         fprintf(stderr, "ebb pack: %s\n", err);
         return 1;
     }

@@ -106,8 +106,8 @@ int cmd_ppl(int argc, char **argv) {
     if (m.stack) {
         const float expect = bitstack_ppl_at(m.stack, m.stack->resident_bytes);
         if (expect == expect)   /* the file's checkpoints cover this prefix */
-            printf("stack: the packer's checkpoints give perplexity %.4f on its calibration windows here\n",
-                   (double)expect);
+            printf("stack: the packer's checkpoints give perplexity %.4f here (on %s)\n", (double)expect,
+                   m.stack->checkpoint_text);
     }
     int32_t *top1 = NULL;
     if (top1_path && !(top1 = malloc((size_t)(max_chunks ? max_chunks : (int)(len / (size_t)n_ctx + 1)) *

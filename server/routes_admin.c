@@ -124,13 +124,14 @@ static json_t *weights_state(const struct served_model *sm, const struct sched_s
     if (s) {   /* only the immutable parts of the stack are read here */
         const size_t blocks = bitstack_prefix_blocks(s, st->stack_bytes), n = (size_t)s->n_matrices * s->levels;
         const float ppl = bitstack_ppl_at(s, st->stack_bytes);
-        json_object_set_new(w, "stack", json_pack("{s:i, s:I, s:I, s:I, s:I, s:I, s:f, s:f, s:o}",
+        json_object_set_new(w, "stack", json_pack("{s:i, s:I, s:I, s:I, s:I, s:I, s:f, s:f, s:o, s:o}",
             "levels", s->levels, "blocks_resident", (json_int_t)blocks, "blocks_total", (json_int_t)n,
             "resident_bytes", (json_int_t)st->stack_bytes, "min_bytes", (json_int_t)bitstack_min_bytes(s),
             "full_bytes", (json_int_t)bitstack_full_bytes(s), "depth", (double)blocks / (double)s->n_matrices,
             "bits_per_weight", (double)st->stack_bytes * 8.0 / (double)layer_params,
-            /* What the packer measured at this prefix (on its calibration text), when the file says. */
-            "perplexity", isfinite(ppl) ? json_real(ppl) : json_null()));
+            /* What the packer measured at this prefix, when the file says, and on what. */
+            "perplexity", isfinite(ppl) ? json_real(ppl) : json_null(),
+            "perplexity_text", s->n_checkpoints ? json_string(s->checkpoint_text) : json_null()));
     }
     return w;
 }

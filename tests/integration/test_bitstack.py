@@ -52,9 +52,14 @@ def cut_model(src, dst, n_layers):
     w.close()
 
 
+# The module's stack: its checkpoints and its perplexity on the first two windows of the
+# held-out text.
+EVAL = ("--eval", str(HELDOUT), "--eval-chunks", "2", "--checkpoint-windows", "2")
+
+
 def pack(ebb_bin, src, out, *args):
     p = run_ebb(ebb_bin, "pack", "-m", str(src), "--format", "bitstack", "--levels", str(LEVELS),
-                "--calib-seqs", "4", "--calib-len", "128", "--no-register", "--no-eval", "-o", str(out), *args,
+                "--calib-seqs", "4", "--calib-len", "128", "--no-register", "-o", str(out), *args,
                 timeout=600)
     assert p.returncode == 0, p.stderr.decode()
     return p
@@ -67,11 +72,12 @@ def stack(ebb_bin, model_path, tmp_path_factory):
     d = tmp_path_factory.mktemp("bitstack")
     src, out = d / "cut2.gguf", d / "cut2.bitstack.gguf"
     cut_model(model_path, src, 2)
-    p = pack(ebb_bin, src, out)
+    p = pack(ebb_bin, src, out, *EVAL)
     err = p.stderr.decode()
     assert "decomposing" in err and "14/14 matrices" in err, err   # progress, every matrix
     assert "checkpoints  [8/8]" in err, err
     assert "format bitstack" in p.stdout.decode()
+    (d / "pack.stdout").write_bytes(p.stdout)
     return src, out
 
 
@@ -181,6 +187,18 @@ def test_checkpoints_span_the_stack_and_quality_follows(ebb_bin, stack):
     assert all(b > a for a, b in zip(at, at[1:]))
     assert all(np.isfinite(ppl)) and min(ppl) >= 1
     assert ppl[-1] < ppl[0], ppl   # the whole stack beats one level
+    # They scored the held-out text, as the file says: the last, the whole stack, is the
+    # perplexity `ebb pack` then measured for the variant (the same two windows, f32 KV)
+    # and `ebb ppl` measures.
+    assert bytes(f["ebb.bitstack.checkpoint_text"].parts[-1]).decode() == "heldout.txt, 2 windows of 512"
+    printed = (out.parent / "pack.stdout").read_text()
+    assert "checkpoints on heldout.txt, 2 windows of 512:" in printed, printed
+    variant = float(re.search(r"^perplexity ([0-9.]+) \+/- [0-9.]+ on heldout\.txt, 2 windows", printed,
+                              re.M).group(1))
+    assert ppl[-1] == pytest.approx(variant, rel=1e-4), (ppl, printed)
+    whole = run_ebb(ebb_bin, "ppl", "-m", str(out), "-f", str(HELDOUT), "--chunks", "2", timeout=600)
+    assert ppl[-1] == pytest.approx(float(re.search(r"PPL = ([0-9.]+)", whole.stdout.decode()).group(1)), rel=1e-4)
+    assert "(on heldout.txt, 2 windows of 512)" in whole.stdout.decode(), whole.stdout.decode()
     # `ebb ppl` quotes them, interpolated in bytes between the two around its prefix.
     mid = (at[2] + at[3]) // 2
     _, (resident, _), quoted = ppl_run(ebb_bin, out, "--stack-bytes", str(mid))
@@ -204,14 +222,14 @@ def ppl_run(ebb_bin, model, *args):
 def test_packing_again_writes_the_same_bytes(ebb_bin, stack, tmp_path):
     src, out = stack
     again = tmp_path / "again.gguf"
-    pack(ebb_bin, src, again)
+    pack(ebb_bin, src, again, *EVAL)
     assert again.read_bytes() == out.read_bytes()
 
 
 def test_random_order_is_the_seeded_shuffle_of_the_reorder_tool(ebb_bin, stack, tmp_path):
     src, out = stack
     shuffled = tmp_path / "random.gguf"
-    pack(ebb_bin, src, shuffled, "--bitstack-order", "random", "--seed", "7", "--checkpoints", "0")
+    pack(ebb_bin, src, shuffled, "--bitstack-order", "random", "--seed", "7", "--checkpoints", "0", "--no-eval")
     f = gguf.GGUFReader(str(shuffled)).fields
     assert "ebb.bitstack.checkpoint_bytes" not in f
     order = array(f, "ebb.bitstack.order")
@@ -284,6 +302,19 @@ def test_malformed_checkpoints_are_refused(ebb_bin, stack, tmp_path):
         i = data.index(kb)
         data[i:i + len(kb)] = b"ebb.bitstack.checkpoint_bytez"
     assert "ebb.bitstack.checkpoint_bytes must be" in refused(ebb_bin, patched(out, tmp_path, only_ppl))
+
+    def text_not_utf8(data):
+        assert data.count(b"heldout.txt, 2 windows of 512") == 1
+        i = data.index(b"heldout.txt, 2 windows of 512")
+        data[i + 7] = 0xff
+    assert "ebb.bitstack.checkpoint_text must be a line of UTF-8" in refused(ebb_bin, patched(out, tmp_path,
+                                                                                             text_not_utf8))
+
+    def text_alone(data):   # both arrays renamed away: what they scored, without them
+        for key in (kb, kp):
+            i = data.index(key)
+            data[i + len(key) - 1:i + len(key)] = b"z"
+    assert "ebb.bitstack.checkpoint_bytes must be" in refused(ebb_bin, patched(out, tmp_path, text_alone))
 
     short = rewritten(out, tmp_path / "short.gguf", at, ppl[:-1])
     assert "ebb.bitstack.checkpoint_ppl must be 8 f32" in refused(ebb_bin, short)

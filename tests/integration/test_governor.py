@@ -164,6 +164,8 @@ def test_the_stack_follows_the_budget_while_streams_run(srv, ebb_bin, source_fil
     assert st["resident_bytes"] == st["full_bytes"] and st["blocks_resident"] == st["blocks_total"]
     # The packer's checkpoints: the perplexity it measured at this prefix (the whole stack).
     assert st["perplexity"] is not None and st["perplexity"] > 1, st
+    # packed with --no-eval: its checkpoints scored calibration windows, and say so
+    assert st["perplexity_text"] == "calibration (in-sample), 4 windows of 128", st
     fixed = m["weight_bytes"] - st["resident_bytes"]
     assert idle["minimum_bytes"] > fixed + st["min_bytes"]   # and the smallest request's KV
     full = fixed + st["full_bytes"]

@@ -28,6 +28,7 @@
 #include <unistd.h>
 
 #include "engine/generate.h"
+#include "engine/perplexity.h"
 #include "engine/tokenizer.h"
 #include "storage/gguf_write.h"
 #include "storage/sha256.h"
@@ -50,7 +51,7 @@ void pack_options_default(struct pack_options *o) {
     o->bitstack_rank_bits = 0.125;
     o->bitstack_order = PACK_ORDER_IMPORTANCE;
     o->bitstack_checkpoints = 8;
-    o->bitstack_checkpoint_windows = 2;
+    o->bitstack_checkpoint_windows = 4;
 }
 
 void pack_result_free(struct pack_result *r) {
@@ -465,19 +466,43 @@ static int pack_requantize(struct gguf_writer *gw, const struct model *m, struct
     return 0;
 }
 
-/* A stack's perplexity checkpoints, measured on the file just written (the
- * first calibration windows), then the file written again with them: the
- * metadata precedes the tensors, and the writer still holds both. The
- * measurement is deterministic, so the same inputs give the same bytes. */
+/* A stack's perplexity checkpoints, measured on the file just written --
+ * on the evaluation text when the caller gives one (held out, so the
+ * numbers compare with the packed variants' perplexities), else on the
+ * first calibration windows -- then the file written again with them and
+ * the name of what they scored: the metadata precedes the tensors, and the
+ * writer still holds both. The measurement is deterministic, so the same
+ * inputs give the same bytes. */
 static int add_checkpoints(struct gguf_writer *gw, const struct model *m, const struct pack_options *o,
                            const int32_t *windows, int n_seqs, struct pack_result *r, char *err, size_t errlen) {
-    const int n_win = o->bitstack_checkpoint_windows < n_seqs ? o->bitstack_checkpoint_windows : n_seqs;
-    if (pack_bitstack_checkpoints(o->out_path, windows, n_win, o->calib_len, tokenizer_bos_to_add(m->tok),
-                                  o->bitstack_checkpoints, o->n_threads, o->progress, &r->checkpoint_bytes,
-                                  &r->checkpoint_ppl, &r->n_checkpoints, err, errlen))
+    char label[256];
+    int rc;
+    if (o->checkpoint_text) {
+        int32_t *tokens = NULL;
+        int n_tokens, n_win;
+        if (perplexity_tokens(m, o->checkpoint_text, o->checkpoint_text_len, 512, o->bitstack_checkpoint_windows,
+                              &tokens, &n_tokens, &n_win, err, errlen))
+            return -1;
+        snprintf(label, sizeof label, "%s, %d windows of 512", o->checkpoint_text_name, n_win);
+        rc = pack_bitstack_checkpoints(o->out_path, tokens, n_win, 512, tokenizer_bos_to_add(m->tok),
+                                       o->bitstack_checkpoints, o->n_threads, o->progress, &r->checkpoint_bytes,
+                                       &r->checkpoint_ppl, &r->n_checkpoints, err, errlen);
+        free(tokens);
+    } else {
+        const int n_win = o->bitstack_checkpoint_windows < n_seqs ? o->bitstack_checkpoint_windows : n_seqs;
+        snprintf(label, sizeof label, "calibration (in-sample), %d windows of %d", n_win, o->calib_len);
+        rc = pack_bitstack_checkpoints(o->out_path, windows, n_win, o->calib_len, tokenizer_bos_to_add(m->tok),
+                                       o->bitstack_checkpoints, o->n_threads, o->progress, &r->checkpoint_bytes,
+                                       &r->checkpoint_ppl, &r->n_checkpoints, err, errlen);
+    }
+    if (rc) return -1;
+    snprintf(r->checkpoint_text, sizeof r->checkpoint_text, "%s", label);
+    if (gguf_writer_set_arr_u64(gw, "ebb.bitstack.checkpoint_bytes", r->checkpoint_bytes, (size_t)r->n_checkpoints) ||
+        gguf_writer_set_arr_f32(gw, "ebb.bitstack.checkpoint_ppl", r->checkpoint_ppl, (size_t)r->n_checkpoints) ||
+        gguf_writer_set_str(gw, "ebb.bitstack.checkpoint_text", label)) {
+        snprintf(err, errlen, "out of memory");
         return -1;
-    gguf_writer_set_arr_u64(gw, "ebb.bitstack.checkpoint_bytes", r->checkpoint_bytes, (size_t)r->n_checkpoints);
-    gguf_writer_set_arr_f32(gw, "ebb.bitstack.checkpoint_ppl", r->checkpoint_ppl, (size_t)r->n_checkpoints);
+    }
     return gguf_writer_write(gw, o->out_path, err, errlen);
 }
 

@@ -213,7 +213,13 @@ struct pack_options {
     double bitstack_rank_bits;    /* bitstack: bits per weight the low-rank factors may cost */
     enum pack_bitstack_order bitstack_order;
     int bitstack_checkpoints;     /* bitstack: perplexity checkpoints measured into the file (0: none) */
-    int bitstack_checkpoint_windows;   /* calibration windows each checkpoint scores */
+    int bitstack_checkpoint_windows;   /* windows of 512 tokens each checkpoint scores */
+    /* bitstack: the text the checkpoints score (UTF-8, not owned), its
+     * length and its name in the file's ebb.bitstack.checkpoint_text; NULL:
+     * the first calibration windows, so in-sample */
+    const char *checkpoint_text;
+    size_t checkpoint_text_len;
+    const char *checkpoint_text_name;
 };
 
 /* A vector of n floats (F32) and a [rows][cols] matrix quantized to Q8_0,
@@ -240,6 +246,7 @@ struct pack_result {
     int n_checkpoints;            /* bitstack: the checkpoints written (0: none) */
     uint64_t *checkpoint_bytes;
     float *checkpoint_ppl;
+    char checkpoint_text[256];    /* what they scored (ebb.bitstack.checkpoint_text) */
     double seconds;
 };
 void pack_result_free(struct pack_result *r);
