@@ -15,6 +15,7 @@ What is checked, and against what:
   - `--bitstack-order random` draws the order tools/bitstack_reorder.py draws for the
     same seed (the ablation's files are what the packer would write).
 """
+import os
 import pathlib
 import re
 
@@ -217,6 +218,19 @@ def ppl_run(ebb_bin, model, *args):
     q = re.search(r"checkpoints give perplexity ([0-9.]+)", out)
     return float(re.search(r"PPL = ([0-9.]+)", out).group(1)), tuple(int(x) for x in m.groups()), \
         float(q.group(1)) if q else None
+
+
+def test_an_evaluation_text_with_an_odd_name_is_named_in_utf8(ebb_bin, stack, tmp_path):
+    """File names are bytes; the name the file records for its checkpoints' text must be
+    UTF-8 or the loader would refuse the stack it just packed. Multi-byte characters stay."""
+    src, _ = stack
+    text = tmp_path / os.fsdecode(b"held\xffout \xc3\xa9t\xc3\xa9.txt")
+    text.write_bytes(HELDOUT.read_bytes()[:200_000])
+    out = tmp_path / "odd.gguf"
+    pack(ebb_bin, src, out, "--eval", str(text), "--eval-chunks", "1", "--checkpoints", "1", "--checkpoint-windows", "1")
+    named = bytes(gguf.GGUFReader(str(out)).fields["ebb.bitstack.checkpoint_text"].parts[-1]).decode()
+    assert named == "held?out \u00e9t\u00e9.txt, 1 windows of 512", named
+    assert ppl_run(ebb_bin, out)[2] is not None   # it loads, and quotes its one checkpoint
 
 
 def test_packing_again_writes_the_same_bytes(ebb_bin, stack, tmp_path):

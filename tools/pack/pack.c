@@ -30,6 +30,7 @@
 #include "engine/generate.h"
 #include "engine/perplexity.h"
 #include "engine/tokenizer.h"
+#include "engine/utf8.h"
 #include "storage/gguf_write.h"
 #include "storage/sha256.h"
 #include "tools/pack/pack.h"
@@ -473,6 +474,26 @@ static int pack_requantize(struct gguf_writer *gw, const struct model *m, struct
  * the name of what they scored: the metadata precedes the tensors, and the
  * writer still holds both. The measurement is deterministic, so the same
  * inputs give the same bytes. */
+/* A file name as the label's UTF-8 line: at most 128 bytes, and any byte
+ * that does not start a well-formed character (Linux names are bytes)
+ * written as '?', so the loader never refuses the file for its name. */
+static void label_name(char *dst, size_t cap, const char *name) {
+    const size_t n = strlen(name);
+    size_t o = 0;
+    for (size_t i = 0; i < n && o + 4 < cap;) {
+        const size_t len = utf8_seq_len(name + i, n - i);
+        if (len == 0 || (unsigned char)name[i] < 0x20) {
+            dst[o++] = '?';
+            i++;
+        } else {
+            memcpy(dst + o, name + i, len);
+            o += len;
+            i += len;
+        }
+    }
+    dst[o] = 0;
+}
+
 static int add_checkpoints(struct gguf_writer *gw, const struct model *m, const struct pack_options *o,
                            const int32_t *windows, int n_seqs, struct pack_result *r, char *err, size_t errlen) {
     char label[256];
@@ -483,7 +504,9 @@ static int add_checkpoints(struct gguf_writer *gw, const struct model *m, const 
         if (perplexity_tokens(m, o->checkpoint_text, o->checkpoint_text_len, 512, o->bitstack_checkpoint_windows,
                               &tokens, &n_tokens, &n_win, err, errlen))
             return -1;
-        snprintf(label, sizeof label, "%s, %d windows of 512", o->checkpoint_text_name, n_win);
+        char name[129];
+        label_name(name, sizeof name, o->checkpoint_text_name);
+        snprintf(label, sizeof label, "%s, %d windows of 512", name, n_win);
         rc = pack_bitstack_checkpoints(o->out_path, tokens, n_win, 512, tokenizer_bos_to_add(m->tok),
                                        o->bitstack_checkpoints, o->n_threads, o->progress, &r->checkpoint_bytes,
                                        &r->checkpoint_ppl, &r->n_checkpoints, err, errlen);
