@@ -496,30 +496,29 @@ static void label_name(char *dst, size_t cap, const char *name) {
 
 static int add_checkpoints(struct gguf_writer *gw, const struct model *m, const struct pack_options *o,
                            const int32_t *windows, int n_seqs, struct pack_result *r, char *err, size_t errlen) {
-    char label[256];
-    int rc;
+    /* What to score: the text's first windows of 512, or the calibration's. */
+    int32_t *tokens = NULL;
+    const int32_t *scored = windows;
+    int n_win = o->bitstack_checkpoint_windows < n_seqs ? o->bitstack_checkpoint_windows : n_seqs, len = o->calib_len;
+    char *label = r->checkpoint_text;
     if (o->checkpoint_text) {
-        int32_t *tokens = NULL;
-        int n_tokens, n_win;
+        int n_tokens;
         if (perplexity_tokens(m, o->checkpoint_text, o->checkpoint_text_len, 512, o->bitstack_checkpoint_windows,
                               &tokens, &n_tokens, &n_win, err, errlen))
             return -1;
         char name[129];
         label_name(name, sizeof name, o->checkpoint_text_name);
-        snprintf(label, sizeof label, "%s, %d windows of 512", name, n_win);
-        rc = pack_bitstack_checkpoints(o->out_path, tokens, n_win, 512, tokenizer_bos_to_add(m->tok),
-                                       o->bitstack_checkpoints, o->n_threads, o->progress, &r->checkpoint_bytes,
-                                       &r->checkpoint_ppl, &r->n_checkpoints, err, errlen);
-        free(tokens);
+        scored = tokens;
+        len = 512;
+        snprintf(label, sizeof r->checkpoint_text, "%s, %d windows of 512", name, n_win);
     } else {
-        const int n_win = o->bitstack_checkpoint_windows < n_seqs ? o->bitstack_checkpoint_windows : n_seqs;
-        snprintf(label, sizeof label, "calibration (in-sample), %d windows of %d", n_win, o->calib_len);
-        rc = pack_bitstack_checkpoints(o->out_path, windows, n_win, o->calib_len, tokenizer_bos_to_add(m->tok),
-                                       o->bitstack_checkpoints, o->n_threads, o->progress, &r->checkpoint_bytes,
-                                       &r->checkpoint_ppl, &r->n_checkpoints, err, errlen);
+        snprintf(label, sizeof r->checkpoint_text, "calibration (in-sample), %d windows of %d", n_win, len);
     }
+    const int rc = pack_bitstack_checkpoints(o->out_path, scored, n_win, len, tokenizer_bos_to_add(m->tok),
+                                             o->bitstack_checkpoints, o->n_threads, o->progress, &r->checkpoint_bytes,
+                                             &r->checkpoint_ppl, &r->n_checkpoints, err, errlen);
+    free(tokens);
     if (rc) return -1;
-    snprintf(r->checkpoint_text, sizeof r->checkpoint_text, "%s", label);
     if (gguf_writer_set_arr_u64(gw, "ebb.bitstack.checkpoint_bytes", r->checkpoint_bytes, (size_t)r->n_checkpoints) ||
         gguf_writer_set_arr_f32(gw, "ebb.bitstack.checkpoint_ppl", r->checkpoint_ppl, (size_t)r->n_checkpoints) ||
         gguf_writer_set_str(gw, "ebb.bitstack.checkpoint_text", label)) {
