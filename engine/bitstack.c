@@ -36,6 +36,8 @@ size_t bitstack_block_bytes(int rows, int cols, int rank) {
     return ((size_t)rows * (size_t)cols + 7) / 8 + (size_t)rank * ((size_t)rows + (size_t)cols) * sizeof(uint16_t);
 }
 
+int bitstack_shape_ok(int rows, int cols) { return rows > 0 && cols > 0 && cols % 8 == 0 && (size_t)rows * cols % 16 == 0; }
+
 static int negative(const struct bitstack_block *b, size_t at) { return (b->signs[at >> 3] >> (at & 7)) & 1; }
 
 void bitstack_block_add_dense(const struct bitstack_block *b, float *w) {
@@ -103,32 +105,36 @@ static const struct gguf_tensor *want_tensor(struct model *m, const char *name, 
     return t;
 }
 
-/* The blocks of one matrix: its three tensors, `levels` blocks each. */
+/* The blocks of one matrix: its tensor of `levels` whole blocks, the rank
+ * being what the block's bytes leave for the factors after the signs. */
 static int load_matrix_blocks(struct model *m, struct bitstack *s, int layer, enum bitstack_kind k, char *err,
                               size_t errlen) {
     int rows, cols;
     bitstack_kind_shape(&m->cfg, k, &rows, &cols);
-    if (cols % 8) return load_error(err, errlen, m->file.path, "stack matrices need inputs in multiples of 8");
+    if (!bitstack_shape_ok(rows, cols))
+        return load_error(err, errlen, m->file.path, "stack matrices need inputs in multiples of 8 and rows x inputs "
+                          "in multiples of 16 (%s is %d x %d)", bitstack_kind_name(k), rows, cols);
     char name[96];
-    snprintf(name, sizeof name, "blk.%d.%s.bs_u", layer, bitstack_kind_name(k));
-    const struct gguf_tensor *u = gguf_find_tensor(&m->file, name);
-    const uint64_t rank = u ? u->ne[0] : 0;
-    if (rank < 1 || rank > (uint64_t)(rows < cols ? rows : cols))
-        return load_error(err, errlen, m->file.path, "stack tensor '%s' is missing or has a bad rank", name);
-    if (!want_tensor(m, name, EBB_TYPE_F16, rank, (uint64_t)rows, (uint64_t)s->levels, err, errlen)) return -1;
-    snprintf(name, sizeof name, "blk.%d.%s.bs_v", layer, bitstack_kind_name(k));
-    const struct gguf_tensor *v = want_tensor(m, name, EBB_TYPE_F16, rank, (uint64_t)cols, (uint64_t)s->levels, err,
-                                              errlen);
     snprintf(name, sizeof name, "blk.%d.%s.bs_signs", layer, bitstack_kind_name(k));
-    const struct gguf_tensor *sg = v ? want_tensor(m, name, EBB_TYPE_I8, (uint64_t)cols / 8, (uint64_t)rows,
-                                                   (uint64_t)s->levels, err, errlen)
-                                     : NULL;
-    if (!sg) return -1;
+    if (gguf_find_tensor(&m->file, name))
+        return load_error(err, errlen, m->file.path, "the stack was packed by an older ebb (signs and factors in "
+                          "separate tensors); pack it again with ebb pack --format bitstack");
+    snprintf(name, sizeof name, "blk.%d.%s.bs_blocks", layer, bitstack_kind_name(k));
+    const struct gguf_tensor *t = gguf_find_tensor(&m->file, name);
+    const size_t sign_bytes = (size_t)rows * cols / 8, per_rank = sizeof(uint16_t) * ((size_t)rows + cols);
+    const uint64_t block = t ? t->ne[0] : 0;
+    const uint64_t rank = block > sign_bytes ? (block - sign_bytes) / per_rank : 0;
+    if (rank < 1 || rank > (uint64_t)(rows < cols ? rows : cols) || block != sign_bytes + rank * per_rank)
+        return load_error(err, errlen, m->file.path, "stack tensor '%s' is %s", name,
+                          t ? "not whole blocks of signs and factors of one rank" : "missing");
+    if (!want_tensor(m, name, EBB_TYPE_I8, block, (uint64_t)s->levels, 1, err, errlen)) return -1;
     const int mi = layer * BITSTACK_KINDS + k;
-    for (int l = 0; l < s->levels; l++)
+    for (int l = 0; l < s->levels; l++) {
+        const uint8_t *at = (const uint8_t *)t->data + (size_t)l * block;
         s->blocks[(size_t)mi * s->levels + l] = (struct bitstack_block){
-            rows, cols, (int)rank, (const uint8_t *)sg->data + (size_t)l * rows * (cols / 8),
-            (const uint16_t *)u->data + (size_t)l * rows * rank, (const uint16_t *)v->data + (size_t)l * cols * rank};
+            rows, cols, (int)rank, at, (const uint16_t *)(at + sign_bytes),
+            (const uint16_t *)(at + sign_bytes + (size_t)rows * rank * sizeof(uint16_t))};
+    }
     return 0;
 }
 
@@ -282,16 +288,12 @@ static void random_range(const void *p, size_t n) {
     if (hi > lo) madvise((void *)lo, hi - lo, MADV_RANDOM);
 }
 
-/* Levels [from, to) of a matrix: in each of its three tensors they are one
- * contiguous run. */
+/* Levels [from, to) of a matrix: one run of its tensor. */
 static void levels_advise(const struct bitstack_matrix *bm, int from, int to,
                           void (*advise)(const void *p, size_t n)) {
     if (to <= from) return;
     const struct bitstack_block *b = &bm->levels[from];
-    const size_t k = (size_t)(to - from);
-    advise(b->signs, k * (size_t)b->rows * b->cols / 8);
-    advise(b->u, k * (size_t)b->rows * b->rank * sizeof *b->u);
-    advise(b->v, k * (size_t)b->cols * b->rank * sizeof *b->v);
+    advise(b->signs, (size_t)(to - from) * bitstack_block_bytes(b->rows, b->cols, b->rank));
 }
 
 size_t bitstack_min_bytes(const struct bitstack *s) { return s->cum_bytes[s->n_matrices]; }

@@ -69,8 +69,17 @@ struct matrix;
 struct matrix *bitstack_kind_matrix(struct layer_weights *w, enum bitstack_kind k);
 void bitstack_kind_shape(const struct model_config *c, enum bitstack_kind k, int *rows, int *cols);
 
-/* Bytes of one block in the file: the packed signs and both factors. */
+/* Bytes of one block in the file: the packed signs and both factors. A
+ * matrix's blocks lie one after another, each whole (signs, then u, then v),
+ * so that the levels a shrink gives up are one run of bytes and go back to
+ * the kernel with their factors: with each kind in its own tensor, a level's
+ * factors (1-13 KiB here) shared pages with the levels kept, and a tenth of
+ * the stack stayed resident whatever the budget. */
 size_t bitstack_block_bytes(int rows, int cols, int rank);
+/* Whether a matrix shape can be stacked: whole bytes of signs per row (inputs
+ * in multiples of 8) and an even number of them per block, so that the f16
+ * factors after them are aligned. */
+int bitstack_shape_ok(int rows, int cols);
 /* w[rows][cols] += the block (the dense reference). */
 void bitstack_block_add_dense(const struct bitstack_block *b, float *w);
 /* y[rows] += block x[cols] without a dense copy: per rank, a sign-masked sum

@@ -17,6 +17,8 @@ than its last.
 """
 import argparse
 import csv
+import os
+import sys
 
 import gguf
 import matplotlib
@@ -24,14 +26,15 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bitstack_gguf  # noqa: E402
+
 BASELINE_BPW = {"source": 5.0, "rtn2": 2.5, "rtn3": 3.5, "rtn4": 4.5}
 
 
 def stack_weights(path):
-    """Weights of the stack's matrices: each level's sign tensor holds one bit of each."""
-    r = gguf.GGUFReader(path)
-    levels = int(r.fields["ebb.bitstack.levels"].parts[-1][0])
-    return sum(int(t.n_bytes) * 8 for t in r.tensors if t.name.endswith(".bs_signs")) // levels
+    """Weights of the stack's matrices."""
+    return bitstack_gguf.stack_weights(gguf.GGUFReader(path))
 
 
 def main():

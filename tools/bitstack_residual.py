@@ -30,6 +30,7 @@ from gguf import quants
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from rtn_gguf import MATRICES, rtn  # noqa: E402
 from synthetic_gguf import copy_fields  # noqa: E402
+import bitstack_gguf  # noqa: E402
 
 POINT = {"attn_q": "attn_in", "attn_k": "attn_in", "attn_v": "attn_in", "attn_output": "attn_out",
          "ffn_gate": "ffn_in", "ffn_up": "ffn_in", "ffn_down": "ffn_down_in"}
@@ -69,7 +70,7 @@ def main():
         if m:
             layer = t.name.split(".")[1]
             s = np.asarray(st[f"blk.{layer}.{POINT[m.group(1)]}.bs_scale"].data, dtype=np.float32)
-            rank = int(st[f"blk.{layer}.{m.group(1)}.bs_u"].shape[0])
+            rank = bitstack_gguf.rank_of(int(st[f"blk.{layer}.{m.group(1)}.bs_blocks"].shape[0]), *x.shape)
             base = rtn(x, a.bits)
             res = (x - base) * s
             x = base + peel(res, rank, a.levels) / s

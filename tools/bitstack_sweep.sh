@@ -56,13 +56,7 @@ measure() {
 
 # Bytes of one level of a stack: the total its `ebb ppl` line reports over its levels.
 level_bytes() {
-    "$PY" - "$1" <<'EOF'
-import sys, gguf
-r = gguf.GGUFReader(sys.argv[1])
-levels = int(r.fields["ebb.bitstack.levels"].parts[-1][0])
-total = sum(int(t.n_bytes) for t in r.tensors if t.name.split(".")[-1] in ("bs_signs", "bs_u", "bs_v"))
-print(total // levels, levels)
-EOF
+    "$PY" "$ROOT/tools/bitstack_gguf.py" "$1"
 }
 
 # levels x bytes of one level, rounded down.

@@ -47,10 +47,10 @@ def logits(ebb, model, ids, tmp, *extra):
 
 def level_bytes(stack):
     import gguf
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import bitstack_gguf
     r = gguf.GGUFReader(stack)
-    levels = int(r.fields["ebb.bitstack.levels"].parts[-1][0])
-    total = sum(int(t.n_bytes) for t in r.tensors if t.name.split(".")[-1] in ("bs_signs", "bs_u", "bs_v"))
-    return total // levels
+    return bitstack_gguf.stack_bytes(r) // bitstack_gguf.levels(r)
 
 
 def best_speedup(a, cost, c):

@@ -25,6 +25,7 @@ import pytest
 from conftest import run_ebb
 from synthetic_gguf import copy_fields  # noqa: E402  (tools/, on the path through conftest)
 from bitstack_reorder import stack_order  # noqa: E402
+import bitstack_gguf  # noqa: E402
 
 gguf = pytest.importorskip("gguf")
 from gguf import quants  # noqa: E402
@@ -111,11 +112,29 @@ def test_the_directory_is_every_block_once_level_by_level(stack):
     assert sorted(order) == list(range(n_matrices * LEVELS))
     assert [b % LEVELS for b in order] == [i // n_matrices for i in range(len(order))]
     t = {x.name: x for x in r.tensors}
-    signs, u, v = t["blk.1.ffn_up.bs_signs"], t["blk.1.ffn_up.bs_u"], t["blk.1.ffn_up.bs_v"]
-    assert list(signs.shape) == [576 // 8, 1536, LEVELS]
-    assert list(u.shape) == [3, 1536, LEVELS] and list(v.shape) == [3, 576, LEVELS]   # rank 3 at 1/8 bit
+    # One tensor a matrix, whole blocks level after level: signs, then u and v at rank 3 (1/8 bit).
+    assert list(t["blk.1.ffn_up.bs_blocks"].shape) == [1536 * 576 // 8 + 3 * (1536 + 576) * 2, LEVELS]
+    assert not [x.name for x in r.tensors if x.name.split(".")[-1] in ("bs_signs", "bs_u", "bs_v")]
     assert list(t["blk.0.ffn_down_in.bs_scale"].shape) == [1536]
     assert t["token_embd.weight"].tensor_type == gguf.GGMLQuantizationType.Q8_0
+
+
+def test_the_blocks_rebuild_the_scaled_source_matrix(stack):
+    # Read with numpy from the file alone, as docs/formats.md lays a block out: the sum of the
+    # first k blocks approaches W diag(s) of the f32 source, closer with every level.
+    src, out = stack
+    r = gguf.GGUFReader(str(out))
+    t = {x.name: x for x in r.tensors}
+    w = np.asarray({x.name: x for x in gguf.GGUFReader(str(src)).tensors}["blk.1.ffn_up.weight"].data)
+    target = w * np.asarray(t["blk.1.ffn_in.bs_scale"].data)
+    assert bitstack_gguf.matrix_shape(r, "ffn_up") == target.shape == (1536, 576)
+    rebuilt, errors = np.zeros_like(target), []
+    for signs, u, v in bitstack_gguf.split_blocks(t["blk.1.ffn_up.bs_blocks"], 1536, 576):
+        negative = np.unpackbits(signs, axis=1, bitorder="little").astype(bool)
+        magnitude = u.astype(np.float32) @ v.astype(np.float32).T
+        rebuilt += np.where(negative, -magnitude, magnitude)
+        errors.append(np.linalg.norm(target - rebuilt) / np.linalg.norm(target))
+    assert len(errors) == LEVELS and all(b < a for a, b in zip(errors, errors[1:])) and errors[-1] < 0.5, errors
 
 
 def test_a_budget_keeps_the_longest_prefix_and_quality_follows_it(ebb_bin, stack):
@@ -172,8 +191,7 @@ def test_a_damaged_directory_is_refused(ebb_bin, stack, tmp_path):
 
 
 def stack_bytes(path):
-    r = gguf.GGUFReader(str(path))
-    return sum(int(t.n_bytes) for t in r.tensors if t.name.split(".")[-1] in ("bs_signs", "bs_u", "bs_v"))
+    return bitstack_gguf.stack_bytes(gguf.GGUFReader(str(path)))
 
 
 def test_checkpoints_span_the_stack_and_quality_follows(ebb_bin, stack):

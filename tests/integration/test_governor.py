@@ -17,6 +17,7 @@ real weights, packed in seconds). What is checked, and against what:
 """
 import concurrent.futures
 import json
+import os
 import re
 import sqlite3
 import time
@@ -235,6 +236,64 @@ def test_a_shrink_grow_cycle_gives_the_same_answers_back(srv):
     assert put(srv, {"budget": 0}).status_code == 200
     assert greedy(srv, prompts) == before
     assert small != before   # one level of four is another model
+
+
+def mapped_pages(pid, path):
+    """The pages of a file mapped in a process, as (file offset of each present page, page
+    size): the kernel's page tables (/proc/PID/pagemap, bit 63), not the process's account."""
+    page = os.sysconf("SC_PAGE_SIZE")
+    present = set()
+    with open(f"/proc/{pid}/maps") as maps, open(f"/proc/{pid}/pagemap", "rb") as pagemap:
+        for line in maps:
+            fields = line.split()
+            if len(fields) < 6 or os.path.realpath(fields[5]) != os.path.realpath(path):
+                continue
+            lo, hi = (int(x, 16) for x in fields[0].split("-"))
+            offset = int(fields[2], 16)
+            pagemap.seek(lo // page * 8)
+            entries = pagemap.read((hi - lo) // page * 8)
+            for i in range(0, len(entries), 8):
+                if int.from_bytes(entries[i:i + 8], "little") >> 63:
+                    present.add(offset + i // 8 * page)
+    return present, page
+
+
+def test_a_shrink_hands_the_blocks_it_gives_up_back_to_the_kernel(srv, stack_file):
+    # After a shrink from the whole stack to one level, no page that lies wholly in a block
+    # given up is mapped in the daemon any more: each matrix's blocks are one run of the file
+    # (docs/formats.md), and the run past the prefix is handed back whole, factors included.
+    import gguf
+    import bitstack_gguf
+    r = gguf.GGUFReader(str(stack_file))
+    levels = bitstack_gguf.levels(r)
+    order = [int(r.fields["ebb.bitstack.order"].parts[i][0]) for i in r.fields["ebb.bitstack.order"].data]
+    tensors = {t.name: t for t in bitstack_gguf.block_tensors(r)}
+    matrices = [tensors[f"blk.{layer}.{kind}.bs_blocks"] for layer in range(2) for kind in bitstack_gguf.KINDS]
+    assert put(srv, {"budget": 0}).status_code == 200
+    greedy(srv, PROMPTS[:2])   # every block in use
+    assert put(srv, {"budget": memory(srv)["minimum_bytes"]}).status_code == 200
+    greedy(srv, PROMPTS[:2])
+    kept = model_of(memory(srv))["weights"]["stack"]["resident_bytes"]
+    depth, total = [0] * len(matrices), 0
+    for block in order:
+        size = int(matrices[block // levels].shape[0])
+        if total + size > kept:
+            break
+        total += size
+        depth[block // levels] += 1
+    assert total == kept and 1 <= min(depth) and max(depth) < levels, (total, kept, depth)
+    present, page = mapped_pages(srv.proc.pid, stack_file)
+    assert present, "the stack file is not mapped"
+    stray, released = [], 0
+    for t, d in zip(matrices, depth):
+        lo = int(t.data_offset) + d * int(t.shape[0])
+        hi = int(t.data_offset) + levels * int(t.shape[0])
+        for at in range((lo + page - 1) // page * page, hi // page * page, page):
+            released += 1
+            if at in present:
+                stray.append((t.name, at))
+    assert released > 100 and not stray, (released, stray[:10])
+    assert put(srv, {"budget": 0}).status_code == 200
 
 
 def test_bad_budgets_change_nothing(srv):

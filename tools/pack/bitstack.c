@@ -157,36 +157,29 @@ static int point_scale(const struct pack_calib *cal, int layer, int point, float
     return 0;
 }
 
-/* One matrix's levels as its three tensors: signs [levels][rows][cols/8],
- * u [levels][rows][rank], v [levels][cols][rank]. */
-static int add_matrix_tensors(struct gguf_writer *gw, int layer, enum bitstack_kind k,
-                              const struct bitstack_level *lv, int levels) {
+/* One matrix's levels as one tensor, a level after another, each block
+ * whole: its signs [rows][cols/8], then u [rows][rank], then v [cols][rank]
+ * (engine/bitstack.h says why a block is kept in one piece). */
+static int add_matrix_blocks(struct gguf_writer *gw, int layer, enum bitstack_kind k,
+                             const struct bitstack_level *lv, int levels) {
     const struct bitstack_block *b0 = &lv[0].b;
     const size_t sign_bytes = (size_t)b0->rows * b0->cols / 8;
-    const size_t u_n = (size_t)b0->rows * b0->rank, v_n = (size_t)b0->cols * b0->rank;
-    uint8_t *signs = malloc(sign_bytes * levels);
-    uint16_t *u = malloc(u_n * levels * sizeof *u), *v = malloc(v_n * levels * sizeof *v);
-    int rc = -1;
-    if (signs && u && v) {
-        for (int l = 0; l < levels; l++) {
-            memcpy(signs + l * sign_bytes, lv[l].b.signs, sign_bytes);
-            memcpy(u + l * u_n, lv[l].b.u, u_n * sizeof *u);
-            memcpy(v + l * v_n, lv[l].b.v, v_n * sizeof *v);
-        }
-        char name[96];
-        const uint64_t ne_s[3] = {(uint64_t)b0->cols / 8, (uint64_t)b0->rows, (uint64_t)levels};
-        const uint64_t ne_u[3] = {(uint64_t)b0->rank, (uint64_t)b0->rows, (uint64_t)levels};
-        const uint64_t ne_v[3] = {(uint64_t)b0->rank, (uint64_t)b0->cols, (uint64_t)levels};
-        snprintf(name, sizeof name, "blk.%d.%s.bs_signs", layer, bitstack_kind_name(k));
-        rc = gguf_writer_add_tensor(gw, name, EBB_TYPE_I8, 3, ne_s, signs, sign_bytes * levels);
-        snprintf(name, sizeof name, "blk.%d.%s.bs_u", layer, bitstack_kind_name(k));
-        rc |= gguf_writer_add_tensor(gw, name, EBB_TYPE_F16, 3, ne_u, u, u_n * levels * sizeof *u);
-        snprintf(name, sizeof name, "blk.%d.%s.bs_v", layer, bitstack_kind_name(k));
-        rc |= gguf_writer_add_tensor(gw, name, EBB_TYPE_F16, 3, ne_v, v, v_n * levels * sizeof *v);
+    const size_t u_bytes = (size_t)b0->rows * b0->rank * sizeof *b0->u;
+    const size_t v_bytes = (size_t)b0->cols * b0->rank * sizeof *b0->v;
+    const size_t block = bitstack_block_bytes(b0->rows, b0->cols, b0->rank);
+    uint8_t *data = malloc(block * levels);
+    if (!data) return -1;
+    for (int l = 0; l < levels; l++) {
+        uint8_t *at = data + (size_t)l * block;
+        memcpy(at, lv[l].b.signs, sign_bytes);
+        memcpy(at + sign_bytes, lv[l].b.u, u_bytes);
+        memcpy(at + sign_bytes + u_bytes, lv[l].b.v, v_bytes);
     }
-    free(signs);
-    free(u);
-    free(v);
+    char name[96];
+    const uint64_t ne[2] = {(uint64_t)block, (uint64_t)levels};
+    snprintf(name, sizeof name, "blk.%d.%s.bs_blocks", layer, bitstack_kind_name(k));
+    const int rc = gguf_writer_add_tensor(gw, name, EBB_TYPE_I8, 2, ne, data, block * levels);
+    free(data);
     return rc;
 }
 
@@ -291,6 +284,11 @@ int pack_write_bitstack(struct gguf_writer *gw, const struct model *m, const str
                 snprintf(err, errlen, "layer %d %s is not an f32 matrix", l, bitstack_kind_name((enum bitstack_kind)k));
                 goto out;
             }
+            if (!bitstack_shape_ok(rows, cols)) {
+                snprintf(err, errlen, "layer %d %s is %d x %d; the bitstack format needs inputs in multiples of 8 and "
+                         "rows x inputs in multiples of 16", l, bitstack_kind_name((enum bitstack_kind)k), rows, cols);
+                goto out;
+            }
             double start = 0;
             for (int ro = 0; ro < rows; ro++)
                 for (int i = 0; i < cols; i++) {
@@ -307,7 +305,7 @@ int pack_write_bitstack(struct gguf_writer *gw, const struct model *m, const str
             }
             stack_bytes += (size_t)levels * bitstack_block_bytes(rows, cols, rank);
             stack_elems += (size_t)rows * cols;
-            const int wrote = add_matrix_tensors(gw, l, (enum bitstack_kind)k, lv, levels);
+            const int wrote = add_matrix_blocks(gw, l, (enum bitstack_kind)k, lv, levels);
             for (int lev = 0; lev < levels; lev++) bitstack_level_free(&lv[lev]);
             if (wrote) {
                 snprintf(err, errlen, "out of memory writing layer %d", l);
