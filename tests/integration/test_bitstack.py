@@ -287,8 +287,9 @@ def first_element(data, key):
     return data.index(key) + len(key) + 4 + 4 + 8   # value type, element type, count
 
 
-def rewritten(out, dst, at, ppl):
-    """out with the checkpoint arrays replaced (a length mismatch cannot be patched in place)."""
+def rewritten(out, dst, at, ppl, text=None):
+    """out with the checkpoint arrays replaced (a length mismatch cannot be patched in place), and
+    with text (a (value, gguf type) pair) as what they scored, or without one."""
     r = gguf.GGUFReader(str(out))
     w = gguf.GGUFWriter(str(dst), bytes(r.fields["general.architecture"].parts[-1]).decode())
     copy_fields(r, w, lambda name: not name.startswith("ebb.bitstack.") and name != "general.architecture")
@@ -298,6 +299,8 @@ def rewritten(out, dst, at, ppl):
                     gguf.GGUFValueType.UINT32)
     w.add_key_value("ebb.bitstack.checkpoint_bytes", at, gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.UINT64)
     w.add_key_value("ebb.bitstack.checkpoint_ppl", ppl, gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.FLOAT32)
+    if text is not None:
+        w.add_key_value("ebb.bitstack.checkpoint_text", *text)
     for t in r.tensors:
         w.add_tensor(t.name, t.data, raw_dtype=t.tensor_type)
     w.write_header_to_file()
@@ -355,3 +358,22 @@ def test_malformed_checkpoints_are_refused(ebb_bin, stack, tmp_path):
     # The same rewrite with the file's own values loads and quotes them.
     same = rewritten(out, tmp_path / "same.gguf", at, ppl)
     assert ppl_run(ebb_bin, same, "--stack-bytes", str(at[-1]))[2] == pytest.approx(ppl[-1], rel=1e-4)
+
+
+def test_what_the_checkpoints_scored_is_a_short_line_of_text(ebb_bin, stack, tmp_path):
+    _, out = stack
+    at, ppl = checkpoints(out)
+    string = gguf.GGUFValueType.STRING
+    for name, text in [("empty", ("", string)), ("long", ("x" * 256, string)), ("nul", ("held\0out", string)),
+                       ("number", (512, gguf.GGUFValueType.UINT32))]:
+        bad = rewritten(out, tmp_path / f"{name}.gguf", at, ppl, text)
+        err = refused(ebb_bin, bad)
+        assert "ebb.bitstack.checkpoint_text must be a line of UTF-8 text, 1 to 255 bytes" in err, (name, err)
+    longest = "é" * 127 + "x"   # 255 bytes: the most a file may say
+    p = run_ebb(ebb_bin, "ppl", "-m", str(rewritten(out, tmp_path / "longest.gguf", at, ppl, (longest, string))),
+                "-f", str(HELDOUT), "--chunks", "1", "--ctx", "64", "--stack-bytes", str(at[-1]))
+    assert p.returncode == 0 and f"(on {longest})" in p.stdout.decode("utf-8"), p.stderr.decode()
+    # Without the key, a file from before it was written: its checkpoints scored calibration windows.
+    p = run_ebb(ebb_bin, "ppl", "-m", str(rewritten(out, tmp_path / "old.gguf", at, ppl)), "-f", str(HELDOUT),
+                "--chunks", "1", "--ctx", "64", "--stack-bytes", str(at[-1]))
+    assert p.returncode == 0 and "(on calibration windows)" in p.stdout.decode(), p.stderr.decode()
