@@ -40,8 +40,10 @@ static int add_stack_json(struct catalog *cat, const struct catalog_variant *v, 
         if (b[i].has_perplexity)
             json_array_append_new(points, json_pack("{s:I, s:f}", "bytes", (json_int_t)b[i].cumulative_bytes,
                                                     "perplexity", b[i].perplexity));
-    json_object_set_new(o, "stack", json_pack("{s:I, s:I, s:o}", "blocks", (json_int_t)n, "bytes",
-                                              (json_int_t)(n ? b[n - 1].cumulative_bytes : 0), "checkpoints", points));
+    json_object_set_new(o, "stack", json_pack("{s:I, s:I, s:o, s:o}", "blocks", (json_int_t)n, "bytes",
+                                              (json_int_t)(n ? b[n - 1].cumulative_bytes : 0), "checkpoints", points,
+                                              "checkpoint_text", v->checkpoint_text ? json_string(v->checkpoint_text)
+                                                                                    : json_null()));
     catalog_blocks_free(b, n);
     return 0;
 }

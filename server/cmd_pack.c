@@ -187,9 +187,11 @@ static void print_summary(const struct pack_options *o, const struct pack_result
 /* A BitStack file's block directory as the catalog keeps it (docs/formats.md
  * "bitstack"), read back from the written file: each block of the stack's
  * order with its place in the file and the prefix bytes through it, and the
- * packer's checkpoint perplexities on the prefixes they measured. 0, or -1
- * with a message printed. */
-static int stack_directory(const char *path, struct catalog_block **out, size_t *n_out) {
+ * packer's checkpoint perplexities on the prefixes they measured, and what
+ * those scored (text, "" without checkpoints). 0, or -1 with a message
+ * printed. */
+static int stack_directory(const char *path, struct catalog_block **out, size_t *n_out, char *text,
+                           size_t text_len) {
     struct model m;
     char err[512];
     *out = NULL;
@@ -200,6 +202,7 @@ static int stack_directory(const char *path, struct catalog_block **out, size_t 
     }
     const struct bitstack *s = m.stack;
     const size_t n = s ? (size_t)s->n_matrices * s->levels : 0;
+    snprintf(text, text_len, "%s", s && s->n_checkpoints ? s->checkpoint_text : "");
     struct catalog_block *b = calloc(n ? n : 1, sizeof *b);
     int rc = b ? 0 : -1;
     for (size_t i = 0; i < n && !rc; i++) {
@@ -251,6 +254,7 @@ static int register_variant(const struct pack_options *o, const struct pack_resu
     struct catalog_model *ms;
     size_t n, n_dir = 0;
     struct catalog_block *dir = NULL;
+    char checkpoint_text[sizeof ((struct bitstack *)0)->checkpoint_text] = "";
     int rc = -1;
     if (catalog_model_list(cat, &ms, &n, err, sizeof err) != CATALOG_OK) {
         fprintf(stderr, "ebb pack: %s\n", err);
@@ -265,13 +269,15 @@ static int register_variant(const struct pack_options *o, const struct pack_resu
         rc = 0;
     } else if (sha256_file(out, hex)) {
         fprintf(stderr, "ebb pack: cannot read back %s for its checksum\n", out);
-    } else if (o->format == PACK_BITSTACK && stack_directory(out, &dir, &n_dir)) {
+    } else if (o->format == PACK_BITSTACK &&
+               stack_directory(out, &dir, &n_dir, checkpoint_text, sizeof checkpoint_text)) {
         /* printed */
     } else {
         struct catalog_variant v = {.model_id = found->id, .kind = (char *)variant_kind(o), .path = out,
                                     .bytes = (int64_t)r->file_bytes, .bits_per_weight = r->bits_per_weight,
                                     .checksum = hex, .has_perplexity = ppl != NULL,
-                                    .perplexity = ppl ? *ppl : 0, .ppl_text = ppl ? (char *)ppl_text : NULL};
+                                    .perplexity = ppl ? *ppl : 0, .ppl_text = ppl ? (char *)ppl_text : NULL,
+                                    .checkpoint_text = *checkpoint_text ? checkpoint_text : NULL};
         enum catalog_status st = catalog_variant_add_stack(cat, &v, dir, n_dir, NULL, err, sizeof err);
         if (st == CATALOG_OK) {
             printf("registered as a '%s' variant of %s in %s", v.kind, found->name, path);

@@ -248,6 +248,11 @@ static const char *const migrations[] = {
     /* 2: a block's level in its matrix (the directory names order, layer,
      * tensor, level, offset, bytes). */
     "ALTER TABLE bitstack_blocks ADD COLUMN level INTEGER NOT NULL DEFAULT 0 CHECK (level >= 0);\n",
+    /* 3: what a stack's checkpoints scored (its file's
+     * ebb.bitstack.checkpoint_text): without it the directory's perplexities
+     * could be read as the variant's own, measured on other text. */
+    "ALTER TABLE variants ADD COLUMN checkpoint_text TEXT "
+    "CHECK (checkpoint_text IS NULL OR length(CAST(checkpoint_text AS BLOB)) BETWEEN 1 AND 255);\n",
 };
 #define N_MIGRATIONS ((int)(sizeof migrations / sizeof migrations[0]))
 _Static_assert(N_MIGRATIONS == CATALOG_SCHEMA_VERSION, "one migration per schema version");
@@ -795,7 +800,7 @@ out:
 /* ---- variants ---------------------------------------------------------- */
 
 #define VARIANT_COLUMNS \
-    "id, model_id, kind, path, bytes, bits_per_weight, perplexity, ppl_text, checksum, created_at"
+    "id, model_id, kind, path, bytes, bits_per_weight, perplexity, ppl_text, checksum, created_at, checkpoint_text"
 
 static int variant_from_row(sqlite3_stmt *st, struct catalog_variant *v) {
     memset(v, 0, sizeof *v);
@@ -807,11 +812,12 @@ static int variant_from_row(sqlite3_stmt *st, struct catalog_variant *v) {
     v->perplexity = v->has_perplexity ? sqlite3_column_double(st, 6) : 0;
     v->created_at = sqlite3_column_int64(st, 9);
     if (column_dup(st, 2, &v->kind) || column_dup(st, 3, &v->path) || column_dup(st, 7, &v->ppl_text) ||
-        column_dup(st, 8, &v->checksum)) {
+        column_dup(st, 8, &v->checksum) || column_dup(st, 10, &v->checkpoint_text)) {
         free(v->kind);
         free(v->path);
         free(v->ppl_text);
         free(v->checksum);
+        free(v->checkpoint_text);
         return -1;
     }
     return 0;
@@ -882,6 +888,7 @@ void catalog_variant_list_free(struct catalog_variant *variants, size_t n) {
         free(variants[i].path);
         free(variants[i].ppl_text);
         free(variants[i].checksum);
+        free(variants[i].checkpoint_text);
     }
     free(variants);
 }
@@ -899,6 +906,10 @@ static int variant_check(const struct catalog_variant *v, char *err, size_t errl
     }
     if (v->has_perplexity && (!isfinite(v->perplexity) || v->perplexity <= 0)) {
         errf(err, errlen, "variant perplexity must be a finite positive number");
+        return -1;
+    }
+    if (v->checkpoint_text && (!*v->checkpoint_text || strlen(v->checkpoint_text) > 255)) {
+        errf(err, errlen, "variant checkpoint_text must be 1 to 255 bytes");
         return -1;
     }
     return 0;
@@ -960,7 +971,8 @@ enum catalog_status catalog_variant_add_stack(struct catalog *cat, const struct 
         goto out;
     }
     if (prepare(cat, "INSERT INTO variants (model_id, kind, path, bytes, bits_per_weight, perplexity, ppl_text, "
-                     "checksum, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", &st, err, errlen)) {
+                     "checksum, created_at, checkpoint_text) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", &st, err,
+                errlen)) {
         status = CATALOG_ERROR;
     } else if (sqlite3_bind_int64(st, 1, v->model_id) != SQLITE_OK || bind_text(st, 2, v->kind) != SQLITE_OK ||
                bind_text(st, 3, v->path) != SQLITE_OK || sqlite3_bind_int64(st, 4, v->bytes) != SQLITE_OK ||
@@ -968,7 +980,8 @@ enum catalog_status catalog_variant_add_stack(struct catalog *cat, const struct 
                (v->has_perplexity ? sqlite3_bind_double(st, 6, v->perplexity) : sqlite3_bind_null(st, 6)) != SQLITE_OK ||
                bind_text(st, 7, v->has_perplexity ? v->ppl_text : NULL) != SQLITE_OK ||
                bind_text(st, 8, v->checksum) != SQLITE_OK ||
-               sqlite3_bind_int64(st, 9, (int64_t)time(NULL)) != SQLITE_OK) {
+               sqlite3_bind_int64(st, 9, (int64_t)time(NULL)) != SQLITE_OK ||
+               bind_text(st, 10, v->checkpoint_text) != SQLITE_OK) {
         status = db_fail(cat, "binding a variant", err, errlen);
     } else {
         int rc = sqlite3_step(st);

@@ -33,7 +33,7 @@
 #include <stdint.h>
 
 /* The schema version this build writes and understands. */
-#define CATALOG_SCHEMA_VERSION 2
+#define CATALOG_SCHEMA_VERSION 3
 /* Longest model name; names are [A-Za-z0-9._:+-] and start with a letter or digit. */
 #define CATALOG_NAME_MAX 128
 /* How long a connection waits for another process's write lock. */
@@ -73,6 +73,8 @@ struct catalog_variant {
     char *ppl_text;           /* which text the perplexity was measured on, or NULL */
     char *checksum;           /* or NULL */
     int64_t created_at;
+    char *checkpoint_text;    /* a stack's: what its directory's checkpoint perplexities scored
+                               * (1-255 bytes, docs/formats.md), or NULL */
 };
 
 /* Opens (creating if needed) the catalog at path, creating missing parent

@@ -18,7 +18,7 @@ import pytest
 
 from conftest import run_ebb
 
-SCHEMA_VERSION = 2   # storage/catalog.h CATALOG_SCHEMA_VERSION
+SCHEMA_VERSION = 3   # storage/catalog.h CATALOG_SCHEMA_VERSION
 
 
 @pytest.fixture(scope="module")
@@ -131,8 +131,8 @@ def test_variants_show_in_json_and_go_with_rm(ebb_bin, catalog, model_path):
     db.execute("PRAGMA foreign_keys = ON")
     (mid,) = db.execute("SELECT id FROM models WHERE name = 'm'").fetchone()
     db.execute("INSERT INTO variants (model_id, kind, path, bytes, bits_per_weight, perplexity, ppl_text, "
-               "checksum, created_at) VALUES (?, 'bitstack', '/x/m.bs', 1234, 3.5, 21.25, 'wiki', NULL, 0)",
-               (mid,))
+               "checksum, created_at, checkpoint_text) VALUES (?, 'bitstack', '/x/m.bs', 1234, 3.5, 21.25, 'wiki', "
+               "NULL, 0, 'wiki, 4 windows of 512')", (mid,))
     (vid,) = db.execute("SELECT id FROM variants").fetchone()
     for ord_, ppl in ((0, None), (1, 9.5)):   # a checkpoint after the second block
         db.execute("INSERT INTO bitstack_blocks (variant_id, ord, layer, tensor, level, offset, bytes, "
@@ -143,7 +143,8 @@ def test_variants_show_in_json_and_go_with_rm(ebb_bin, catalog, model_path):
     (m,) = json.loads(ok(models(ebb_bin, catalog, "list", "--json")))
     assert m["variants"] == [{"kind": "bitstack", "path": "/x/m.bs", "bytes": 1234, "bits_per_weight": 3.5,
                               "perplexity": 21.25, "ppl_text": "wiki", "checksum": None, "created_at": 0,
-                              "stack": {"blocks": 2, "bytes": 20, "checkpoints": [{"bytes": 20, "perplexity": 9.5}]}}]
+                              "stack": {"blocks": 2, "bytes": 20, "checkpoints": [{"bytes": 20, "perplexity": 9.5}],
+                                        "checkpoint_text": "wiki, 4 windows of 512"}}]
     ok(models(ebb_bin, catalog, "rm", "m"))
     db = sqlite3.connect(catalog)
     assert db.execute("SELECT count(*) FROM variants").fetchone() == (0,)

@@ -156,17 +156,24 @@ static void test_fresh_catalog_schema(void) {
     if (cat) CHECK(catalog_schema_version(cat) == CATALOG_SCHEMA_VERSION);
     catalog_close(cat);
 
-    /* A version 1 catalog (no bitstack_blocks.level) is migrated in place. */
-    db = raw_open(path);
-    raw_exec(db, "ALTER TABLE bitstack_blocks DROP COLUMN level");
-    raw_exec(db, "PRAGMA user_version = 1");
-    sqlite3_close(db);
-    CHECK_MSG(catalog_open(path, &cat, err, sizeof err) == CATALOG_OK, "%s", err);
-    if (cat) CHECK(catalog_schema_version(cat) == 2);
-    catalog_close(cat);
-    db = raw_open(path);
-    CHECK(raw_int(db, "SELECT count(*) FROM pragma_table_info('bitstack_blocks') WHERE name = 'level'") == 1);
-    sqlite3_close(db);
+    /* A version 2 catalog (no variants.checkpoint_text), then a version 1
+     * one (nor bitstack_blocks.level), are migrated in place. */
+    for (int version = 2; version >= 1; version--) {
+        db = raw_open(path);
+        raw_exec(db, "ALTER TABLE variants DROP COLUMN checkpoint_text");
+        if (version == 1) raw_exec(db, "ALTER TABLE bitstack_blocks DROP COLUMN level");
+        char sql[64];
+        snprintf(sql, sizeof sql, "PRAGMA user_version = %d", version);
+        raw_exec(db, sql);
+        sqlite3_close(db);
+        CHECK_MSG(catalog_open(path, &cat, err, sizeof err) == CATALOG_OK, "%s", err);
+        if (cat) CHECK(catalog_schema_version(cat) == 3);
+        catalog_close(cat);
+        db = raw_open(path);
+        CHECK(raw_int(db, "SELECT count(*) FROM pragma_table_info('bitstack_blocks') WHERE name = 'level'") == 1);
+        CHECK(raw_int(db, "SELECT count(*) FROM pragma_table_info('variants') WHERE name = 'checkpoint_text'") == 1);
+        sqlite3_close(db);
+    }
 }
 
 static void test_models(void) {
@@ -295,7 +302,8 @@ static void test_variants_and_cascade(void) {
     CHECK_MSG(catalog_variant_add(cat, &v, &v1, err, sizeof err) == CATALOG_OK, "%s", err);
     struct catalog_variant w = {.model_id = a.id, .kind = "bitstack", .path = "/x/a.bs.gguf", .bytes = 400,
                                 .bits_per_weight = 3.25, .has_perplexity = 1, .perplexity = 17.5,
-                                .ppl_text = "wiki.test", .checksum = "abc123"};
+                                .ppl_text = "wiki.test", .checksum = "abc123",
+                                .checkpoint_text = "heldout.txt, 4 windows of 512"};
     CHECK_MSG(catalog_variant_add(cat, &w, &v2, err, sizeof err) == CATALOG_OK, "%s", err);
     struct catalog_variant x = {.model_id = b.id, .kind = "w4a4", .path = "/x/b.gguf", .bytes = 10,
                                 .bits_per_weight = 4.5};
@@ -317,6 +325,16 @@ static void test_variants_and_cascade(void) {
     neg = v;
     neg.kind = "";
     CHECK(catalog_variant_add(cat, &neg, NULL, err, sizeof err) == CATALOG_INVALID);
+    char long_text[257];
+    memset(long_text, 'x', 256);
+    long_text[256] = 0;
+    const char *bad_texts[] = {"", long_text};
+    for (int i = 0; i < 2; i++) {
+        neg = v;
+        neg.checkpoint_text = (char *)bad_texts[i];
+        CHECK(catalog_variant_add(cat, &neg, NULL, err, sizeof err) == CATALOG_INVALID);
+        CHECK_MSG(strstr(err, "checkpoint_text must be 1 to 255 bytes"), "%s", err);
+    }
 
     struct catalog_variant *vs;
     size_t n;
@@ -327,7 +345,9 @@ static void test_variants_and_cascade(void) {
               !vs[0].checksum && vs[0].bytes == 1000 && vs[0].bits_per_weight == 32);
         CHECK(vs[1].id == v2 && !strcmp(vs[1].kind, "bitstack") && vs[1].has_perplexity &&
               vs[1].perplexity == 17.5 && !strcmp(vs[1].ppl_text, "wiki.test") &&
-              !strcmp(vs[1].checksum, "abc123") && vs[1].bits_per_weight == 3.25);
+              !strcmp(vs[1].checksum, "abc123") && vs[1].bits_per_weight == 3.25 &&
+              !strcmp(vs[1].checkpoint_text, "heldout.txt, 4 windows of 512"));
+        CHECK(!vs[0].checkpoint_text);
     }
     catalog_variant_list_free(vs, n);
 
