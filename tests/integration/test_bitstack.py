@@ -287,9 +287,10 @@ def first_element(data, key):
     return data.index(key) + len(key) + 4 + 4 + 8   # value type, element type, count
 
 
-def rewritten(out, dst, at, ppl, text=None):
+def rewritten(out, dst, at, ppl, text=None, blocks=None):
     """out with the checkpoint arrays replaced (a length mismatch cannot be patched in place), and
-    with text (a (value, gguf type) pair) as what they scored, or without one."""
+    with text (a (value, gguf type) pair) as what they scored, or without one; blocks, when
+    given, turns each block tensor into a list of (name, array, gguf type)."""
     r = gguf.GGUFReader(str(out))
     w = gguf.GGUFWriter(str(dst), bytes(r.fields["general.architecture"].parts[-1]).decode())
     copy_fields(r, w, lambda name: not name.startswith("ebb.bitstack.") and name != "general.architecture")
@@ -302,7 +303,11 @@ def rewritten(out, dst, at, ppl, text=None):
     if text is not None:
         w.add_key_value("ebb.bitstack.checkpoint_text", *text)
     for t in r.tensors:
-        w.add_tensor(t.name, t.data, raw_dtype=t.tensor_type)
+        if blocks and t.name.endswith(".bs_blocks"):
+            for name, data, kind in blocks(t):
+                w.add_tensor(name, data, raw_dtype=kind)
+        else:
+            w.add_tensor(t.name, t.data, raw_dtype=t.tensor_type)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -358,6 +363,28 @@ def test_malformed_checkpoints_are_refused(ebb_bin, stack, tmp_path):
     # The same rewrite with the file's own values loads and quotes them.
     same = rewritten(out, tmp_path / "same.gguf", at, ppl)
     assert ppl_run(ebb_bin, same, "--stack-bytes", str(at[-1]))[2] == pytest.approx(ppl[-1], rel=1e-4)
+
+
+def test_blocks_not_in_the_layout_are_refused_naming_the_fix(ebb_bin, stack, tmp_path):
+    _, out = stack
+    at, ppl = checkpoints(out)
+    r = gguf.GGUFReader(str(out))
+    i8, f16 = gguf.GGMLQuantizationType.I8, gguf.GGMLQuantizationType.F16
+
+    def before_2026_12_06(t):   # the layout stacks were packed in before: three tensors a matrix
+        stem = t.name[:-len(".bs_blocks")]
+        rows, cols = bitstack_gguf.matrix_shape(r, stem.split(".")[2])
+        levels = bitstack_gguf.split_blocks(t, rows, cols)
+        return [(stem + ".bs_signs", np.stack([b[0] for b in levels]).view(np.int8), i8),
+                (stem + ".bs_u", np.stack([b[1] for b in levels]), f16),
+                (stem + ".bs_v", np.stack([b[2] for b in levels]), f16)]
+    err = refused(ebb_bin, rewritten(out, tmp_path / "old.gguf", at, ppl, blocks=before_2026_12_06))
+    assert "packed by an older ebb" in err and "pack it again with ebb pack --format bitstack" in err, err
+
+    def two_bytes_short(t):
+        return [(t.name, np.ascontiguousarray(np.asarray(t.data).reshape(LEVELS, -1)[:, :-2]), i8)]
+    err = refused(ebb_bin, rewritten(out, tmp_path / "short.gguf", at, ppl, blocks=two_bytes_short))
+    assert "stack tensor 'blk.0.attn_q.bs_blocks' is not whole blocks of signs and factors of one rank" in err, err
 
 
 def test_what_the_checkpoints_scored_is_a_short_line_of_text(ebb_bin, stack, tmp_path):
