@@ -133,8 +133,8 @@ static int measure_variant(const struct pack_options *o, const struct eval_optio
         return -1;
     }
     const char *base = strrchr(e->path, '/');
-    snprintf(ppl_text, text_len, "%s, %d windows of 512 (%ld tokens scored), kv_bits %d", base ? base + 1 : e->path,
-             r.windows, r.scored, e->kv_bits);
+    snprintf(ppl_text, text_len, "%s, %d window%s of 512 (%ld tokens scored), kv_bits %d",
+             base ? base + 1 : e->path, r.windows, r.windows == 1 ? "" : "s", r.scored, e->kv_bits);
     printf("perplexity %.4f +/- %.4f on %s\n", r.ppl, r.err, ppl_text);
     *ppl = r.ppl;
     return 0;

@@ -247,7 +247,7 @@ def test_an_evaluation_text_with_an_odd_name_is_named_in_utf8(ebb_bin, stack, tm
     out = tmp_path / "odd.gguf"
     pack(ebb_bin, src, out, "--eval", str(text), "--eval-chunks", "1", "--checkpoints", "1", "--checkpoint-windows", "1")
     named = bytes(gguf.GGUFReader(str(out)).fields["ebb.bitstack.checkpoint_text"].parts[-1]).decode()
-    assert named == "held?out \u00e9t\u00e9.txt, 1 windows of 512", named
+    assert named == "held?out \u00e9t\u00e9.txt, 1 window of 512", named
     assert ppl_run(ebb_bin, out)[2] is not None   # it loads, and quotes its one checkpoint
 
 

@@ -414,7 +414,7 @@ def ladder(binary, ebb_bin, source_file, model_path, tmp_path_factory):
     (entry,) = [v for v in listed[0]["variants"] if v["kind"] == "bitstack"]
     st = entry["stack"]
     assert st["blocks"] == blocks and 0 < st["bytes"] < entry["bytes"], st
-    assert st["checkpoint_text"] == "calibration (in-sample), 1 windows of 128", st   # --no-eval, --calib-len 128
+    assert st["checkpoint_text"] == "calibration (in-sample), 1 window of 128", st   # --no-eval, --calib-len 128
     got = [(round(c["bytes"] / 1e6, 1), c["perplexity"]) for c in st["checkpoints"]]
     assert len(got) == len(printed) == 3 and st["checkpoints"][-1]["bytes"] == st["bytes"], (got, printed)
     for (mb, ppl), (want_mb, want_ppl) in zip(got, printed):

@@ -510,9 +510,10 @@ static int add_checkpoints(struct gguf_writer *gw, const struct model *m, const 
         label_name(name, sizeof name, o->checkpoint_text_name);
         scored = tokens;
         len = 512;
-        snprintf(label, sizeof r->checkpoint_text, "%s, %d windows of 512", name, n_win);
+        snprintf(label, sizeof r->checkpoint_text, "%s, %d window%s of 512", name, n_win, n_win == 1 ? "" : "s");
     } else {
-        snprintf(label, sizeof r->checkpoint_text, "calibration (in-sample), %d windows of %d", n_win, len);
+        snprintf(label, sizeof r->checkpoint_text, "calibration (in-sample), %d window%s of %d", n_win,
+                 n_win == 1 ? "" : "s", len);
     }
     const int rc = pack_bitstack_checkpoints(o->out_path, scored, n_win, len, tokenizer_bos_to_add(m->tok),
                                              o->bitstack_checkpoints, o->n_threads, o->progress, &r->checkpoint_bytes,
