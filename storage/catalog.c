@@ -251,8 +251,8 @@ static const char *const migrations[] = {
     /* 3: what a stack's checkpoints scored (its file's
      * ebb.bitstack.checkpoint_text): without it the directory's perplexities
      * could be read as the variant's own, measured on other text. */
-    "ALTER TABLE variants ADD COLUMN checkpoint_text TEXT "
-    "CHECK (checkpoint_text IS NULL OR length(CAST(checkpoint_text AS BLOB)) BETWEEN 1 AND 255);\n",
+    ("ALTER TABLE variants ADD COLUMN checkpoint_text TEXT "
+     "CHECK (checkpoint_text IS NULL OR length(CAST(checkpoint_text AS BLOB)) BETWEEN 1 AND 255);\n"),
 };
 #define N_MIGRATIONS ((int)(sizeof migrations / sizeof migrations[0]))
 _Static_assert(N_MIGRATIONS == CATALOG_SCHEMA_VERSION, "one migration per schema version");
