@@ -33,7 +33,9 @@ done
 command -v clang >/dev/null || { echo "fuzz.sh: clang is needed (apt-get install clang)" >&2; exit 2; }
 
 if [ ! -f "$build/CMakeCache.txt" ]; then
-    CC=clang cmake -S "$root" -B "$build" -DCMAKE_BUILD_TYPE=RelWithDebInfo -DEBB_FUZZ=ON >/dev/null
+    # No CUDA: nvcc compiles .cu files with gcc, which has no libFuzzer flags, and
+    # the targets read files, not device memory.
+    CC=clang cmake -S "$root" -B "$build" -DCMAKE_BUILD_TYPE=RelWithDebInfo -DEBB_FUZZ=ON -DEBB_CUDA=OFF >/dev/null
 fi
 nice cmake --build "$build" -j2 --target $(for t in $targets; do printf 'fuzz_%s ' "$t"; done) >/dev/null
 
