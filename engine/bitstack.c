@@ -359,11 +359,11 @@ int bitstack_fit(struct model *m, size_t stack_bytes, char *err, size_t errlen) 
              * (was == 0: nothing touched yet) releases every level past the
              * prefix, whatever the mapping holds. */
             *w = (struct matrix){EBB_TYPE_F32, NULL, first->cols, first->rows, NULL, bm};
-            if (!s->fitted) {
-                levels_advise(bm, 0, s->levels, random_range);
-                levels_advise(bm, bm->depth, s->levels, release_range);
-            }
-            else if (bm->depth < was) levels_advise(bm, bm->depth, was, release_range);
+            if (!s->fitted) levels_advise(bm, 0, s->levels, random_range);
+            /* A shrink releases everything past the prefix, not just the
+             * levels it drops: the page holding the old boundary was kept
+             * then (part of it was in use) and is wholly outside now. */
+            if (!s->fitted || bm->depth < was) levels_advise(bm, bm->depth, s->levels, release_range);
             else levels_advise(bm, was, bm->depth, prefetch_range);
             continue;
         }
