@@ -735,9 +735,11 @@ static void finish_list(struct sched *s, struct sreq *list, enum finish_reason w
 
 /* Hands freed memory back to the system when the engine goes idle. KV pages
  * are large blocks freed by the hundred at the end of a busy period, and
- * glibc keeps them (its mmap threshold rises after the first large free, so
- * later pages come from arenas it trims only at the top): without this a
- * daemon's RSS stays at its busiest long after the load is gone. */
+ * glibc keeps them if its mmap threshold has risen (after the first large
+ * free, later pages come from arenas it trims only at the top): the daemon
+ * fixes the threshold (server/memory.c), and this returns what the arenas
+ * still hold, so RSS does not stay at its busiest after the load is gone,
+ * in the daemon or in any other user of the scheduler. */
 static void return_freed_memory(void) {
 #ifdef __GLIBC__
     malloc_trim(0);

@@ -176,6 +176,7 @@ static int start_failed(struct daemon *d) {
 
 int daemon_run(struct daemon *d) {
     signal(SIGPIPE, SIG_IGN);   /* a vanished client must be an error code, not a signal */
+    memory_allocator_setup();
 
     char path[4096], err[512];
     if (auth_load(&d->api_keys, &d->cfg, err, sizeof err) ||

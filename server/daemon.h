@@ -140,6 +140,9 @@ int memory_apply(struct daemon *d, const struct memory_policy *p, char *err, siz
 int memory_policy_parse(const char *text, struct memory_policy *p);
 /* The process's resident set (/proc/self/statm; 0 when unreadable). */
 uint64_t memory_process_rss(void);
+/* Has the allocator give large blocks back to the system when they are
+ * freed; called once, before any thread starts. */
+void memory_allocator_setup(void);
 void memory_policy_format(const struct memory_policy *p, char *buf, size_t cap);
 
 /* ---- daemon_metrics.c ---- */
