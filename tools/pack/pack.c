@@ -467,13 +467,6 @@ static int pack_requantize(struct gguf_writer *gw, const struct model *m, struct
     return 0;
 }
 
-/* A stack's perplexity checkpoints, measured on the file just written --
- * on the evaluation text when the caller gives one (held out, so the
- * numbers compare with the packed variants' perplexities), else on the
- * first calibration windows -- then the file written again with them and
- * the name of what they scored: the metadata precedes the tensors, and the
- * writer still holds both. The measurement is deterministic, so the same
- * inputs give the same bytes. */
 /* A file name as the label's UTF-8 line: at most 128 bytes, and any byte
  * that does not start a well-formed character (Linux names are bytes)
  * written as '?', so the loader never refuses the file for its name. */
@@ -494,6 +487,13 @@ static void label_name(char *dst, size_t cap, const char *name) {
     dst[o] = 0;
 }
 
+/* A stack's perplexity checkpoints, measured on the file just written --
+ * on the evaluation text when the caller gives one (held out, so the
+ * numbers compare with the packed variants' perplexities), else on the
+ * first calibration windows -- then the file written again with them and
+ * the name of what they scored: the metadata precedes the tensors, and the
+ * writer still holds both. The measurement is deterministic, so the same
+ * inputs give the same bytes. */
 static int add_checkpoints(struct gguf_writer *gw, const struct model *m, const struct pack_options *o,
                            const int32_t *windows, int n_seqs, struct pack_result *r, char *err, size_t errlen) {
     /* What to score: the text's first windows of 512, or the calibration's. */
