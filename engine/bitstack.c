@@ -36,7 +36,11 @@ size_t bitstack_block_bytes(int rows, int cols, int rank) {
     return ((size_t)rows * (size_t)cols + 7) / 8 + (size_t)rank * ((size_t)rows + (size_t)cols) * sizeof(uint16_t);
 }
 
-int bitstack_shape_ok(int rows, int cols) { return rows > 0 && cols > 0 && cols % 8 == 0 && (size_t)rows * cols % 16 == 0; }
+/* Whether a matrix shape can be stacked: whole bytes of signs per row (inputs
+ * in multiples of 8) and an even number of them per block, so that the f16
+ * factors after them are aligned. The packer's models always are (their
+ * dimensions are multiples of 64); files from elsewhere are checked. */
+static int shape_ok(int rows, int cols) { return rows > 0 && cols > 0 && cols % 8 == 0 && (size_t)rows * cols % 16 == 0; }
 
 static int negative(const struct bitstack_block *b, size_t at) { return (b->signs[at >> 3] >> (at & 7)) & 1; }
 
@@ -111,7 +115,7 @@ static int load_matrix_blocks(struct model *m, struct bitstack *s, int layer, en
                               size_t errlen) {
     int rows, cols;
     bitstack_kind_shape(&m->cfg, k, &rows, &cols);
-    if (!bitstack_shape_ok(rows, cols))
+    if (!shape_ok(rows, cols))
         return load_error(err, errlen, m->file.path, "stack matrices need inputs in multiples of 8 and rows x inputs "
                           "in multiples of 16 (%s is %d x %d)", bitstack_kind_name(k), rows, cols);
     char name[96];

@@ -46,6 +46,8 @@ struct model;
 
 /* Blocks per matrix a file may have. */
 #define BITSTACK_MAX_LEVELS 64
+/* Longest ebb.bitstack.checkpoint_text, in bytes (docs/formats.md). */
+#define BITSTACK_CHECKPOINT_TEXT_MAX 255
 
 /* One block as the file holds it (views into the mapping, or the packer's
  * buffers). */
@@ -76,10 +78,6 @@ void bitstack_kind_shape(const struct model_config *c, enum bitstack_kind k, int
  * factors (1-13 KiB here) shared pages with the levels kept, and a tenth of
  * the stack stayed resident whatever the budget. */
 size_t bitstack_block_bytes(int rows, int cols, int rank);
-/* Whether a matrix shape can be stacked: whole bytes of signs per row (inputs
- * in multiples of 8) and an even number of them per block, so that the f16
- * factors after them are aligned. */
-int bitstack_shape_ok(int rows, int cols);
 /* w[rows][cols] += the block (the dense reference). */
 void bitstack_block_add_dense(const struct bitstack_block *b, float *w);
 /* y[rows] += block x[cols] without a dense copy: per rank, a sign-masked sum
@@ -108,7 +106,7 @@ struct bitstack {
     int n_checkpoints;               /* 0 when the file has none */
     uint64_t *checkpoint_bytes;      /* [n_checkpoints]: prefix bytes (as cum_bytes counts), increasing */
     float *checkpoint_ppl;           /* [n_checkpoints]: perplexity the packer measured with that prefix */
-    char checkpoint_text[256];       /* what they scored ("heldout.txt, 4 windows of 512"); "" without them */
+    char checkpoint_text[BITSTACK_CHECKPOINT_TEXT_MAX + 1];   /* what they scored ("heldout.txt, 4 windows of 512"); "" without them */
 };
 
 /* Reads the stack of a "bitstack" file (docs/formats.md) into m->stack,

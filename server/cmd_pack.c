@@ -254,7 +254,7 @@ static int register_variant(const struct pack_options *o, const struct pack_resu
     struct catalog_model *ms;
     size_t n, n_dir = 0;
     struct catalog_block *dir = NULL;
-    char checkpoint_text[sizeof ((struct bitstack *)0)->checkpoint_text] = "";
+    char checkpoint_text[BITSTACK_CHECKPOINT_TEXT_MAX + 1] = "";
     int rc = -1;
     if (catalog_model_list(cat, &ms, &n, err, sizeof err) != CATALOG_OK) {
         fprintf(stderr, "ebb pack: %s\n", err);

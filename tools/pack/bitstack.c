@@ -284,11 +284,6 @@ int pack_write_bitstack(struct gguf_writer *gw, const struct model *m, const str
                 snprintf(err, errlen, "layer %d %s is not an f32 matrix", l, bitstack_kind_name((enum bitstack_kind)k));
                 goto out;
             }
-            if (!bitstack_shape_ok(rows, cols)) {
-                snprintf(err, errlen, "layer %d %s is %d x %d; the bitstack format needs inputs in multiples of 8 and "
-                         "rows x inputs in multiples of 16", l, bitstack_kind_name((enum bitstack_kind)k), rows, cols);
-                goto out;
-            }
             double start = 0;
             for (int ro = 0; ro < rows; ro++)
                 for (int i = 0; i < cols; i++) {

@@ -246,7 +246,7 @@ struct pack_result {
     int n_checkpoints;            /* bitstack: the checkpoints written (0: none) */
     uint64_t *checkpoint_bytes;
     float *checkpoint_ppl;
-    char checkpoint_text[256];    /* what they scored (ebb.bitstack.checkpoint_text) */
+    char checkpoint_text[BITSTACK_CHECKPOINT_TEXT_MAX + 1];   /* what they scored (ebb.bitstack.checkpoint_text) */
     double seconds;
 };
 void pack_result_free(struct pack_result *r);
