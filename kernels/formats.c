@@ -34,9 +34,11 @@
  *   W4G64 34 B (ebb's own, 64 values): d f16 | 32 B nibbles. Value j (j < 32)
  *         is the low nibble of byte j, value j+32 its high nibble;
  *         x = d * (q - 8).
+ *   W2G64 20 B (ebb's own, 64 values): d f16 | m f16 | 16 B of 2-bit codes.
+ *         Value j (j < 64) is bits 2 * (j / 16) of byte j % 16; x = d * q + m.
  *
  * Quantizers (the other direction) exist only for the formats ebb writes:
- * W4G64 by round-to-nearest and Q8_0 (used by the packer and tests), and the
+ * W4G64 by round-to-nearest, W2G64 and Q8_0 (used by the packer and tests), and the
  * KV cache's KV8/KV4 rows (described in formats.h).
  */
 #include "kernels/formats.h"
@@ -256,6 +258,80 @@ void ebb_quantize_w4g64_rtn(const float *src, void *dst, size_t n)
             }
             b[2 + j] = (uint8_t)((lo + 8) | ((hi + 8) << 4));
         }
+    }
+}
+
+/* ------------------------------------------------------------------ W2G64 */
+
+#define W2G64 EBB_W2G64_GROUP
+#define W2G64_CODE_BYTES (W2G64 / 4)
+
+static int w2_code(const uint8_t *qs, int j) { return (qs[j % W2G64_CODE_BYTES] >> (2 * (j / W2G64_CODE_BYTES))) & 3; }
+
+static void w2g64_to_f32(const void *src, float *dst, size_t n)
+{
+    const uint8_t *b = src;
+    for (size_t blk = 0; blk < n / W2G64; blk++, b += EBB_W2G64_BLOCK_BYTES, dst += W2G64) {
+        const float d = rd_f16(b), m = rd_f16(b + 2);
+        for (int j = 0; j < W2G64; j++) dst[j] = d * (float)w2_code(b + 4, j) + m;
+    }
+}
+
+/* Codes of x against (d, m): nearest level, clamped to [0, 3]. */
+static void w2_codes(const float *x, float d, float m, int *q)
+{
+    for (int j = 0; j < W2G64; j++) {
+        const int c = d > 0 ? (int)roundf((x[j] - m) / d) : 0;
+        q[j] = c < 0 ? 0 : c > 3 ? 3 : c;
+    }
+}
+
+/* The least-squares (d, m) for fixed codes, and the squared error it leaves.
+ * All codes equal: d = 0, m the mean. */
+static double w2_fit(const float *x, const int *q, double *d, double *m)
+{
+    double sq = 0, sx = 0, sqq = 0, sqx = 0;
+    for (int j = 0; j < W2G64; j++) {
+        sq += q[j], sx += x[j], sqq += (double)q[j] * q[j], sqx += (double)q[j] * x[j];
+    }
+    const double det = W2G64 * sqq - sq * sq;
+    if (det > 0) {
+        *d = (W2G64 * sqx - sq * sx) / det;
+        *m = (sx - *d * sq) / W2G64;
+    } else {
+        *d = 0, *m = sx / W2G64;
+    }
+    double err = 0;
+    for (int j = 0; j < W2G64; j++) {
+        const double e = x[j] - (*d * q[j] + *m);
+        err += e * e;
+    }
+    return err;
+}
+
+void ebb_quantize_w2g64(const float *src, void *dst, size_t n)
+{
+    uint8_t *b = dst;
+    for (size_t blk = 0; blk < n / W2G64; blk++, src += W2G64, b += EBB_W2G64_BLOCK_BYTES) {
+        float lo = src[0], hi = src[0];
+        for (int j = 1; j < W2G64; j++) lo = src[j] < lo ? src[j] : lo, hi = src[j] > hi ? src[j] : hi;
+        int q[W2G64];
+        double best = INFINITY, best_d = 0, best_m = lo;
+        for (int a = 0; a <= 5 && hi > lo; a++)
+            for (int z = 0; z <= 5; z++) {
+                const float l = lo + (hi - lo) * 0.05f * (float)a, h = hi - (hi - lo) * 0.05f * (float)z;
+                double d, m;
+                w2_codes(src, (h - l) / 3, l, q);
+                const double err = w2_fit(src, q, &d, &m);
+                /* a negative step would turn the levels around: keep only real fits */
+                if (d >= 0 && err < best) best = err, best_d = d, best_m = m;
+            }
+        const uint16_t hd = ebb_f32_to_f16((float)best_d), hm = ebb_f32_to_f16((float)best_m);
+        wr_f16(b, hd);
+        wr_f16(b + 2, hm);
+        w2_codes(src, ebb_f16_to_f32(hd), ebb_f16_to_f32(hm), q);
+        memset(b + 4, 0, W2G64_CODE_BYTES);
+        for (int j = 0; j < W2G64; j++) b[4 + j % W2G64_CODE_BYTES] |= (uint8_t)(q[j] << (2 * (j / W2G64_CODE_BYTES)));
     }
 }
 
@@ -551,6 +627,7 @@ static const struct ebb_type_info type_table[EBB_TYPE_COUNT_] = {
     [EBB_TYPE_F64]  = { "F64",  1, 8, NULL, EBB_ACT_NONE },
     [EBB_TYPE_BF16] = { "BF16", 1, 2, bf16_to_f32, EBB_ACT_NONE },
     [EBB_TYPE_W4G64] = { "W4G64", W4G64, EBB_W4G64_BLOCK_BYTES, w4g64_to_f32, EBB_ACT_Q8G64 },
+    [EBB_TYPE_W2G64] = { "W2G64", W2G64, EBB_W2G64_BLOCK_BYTES, w2g64_to_f32, EBB_ACT_Q8B32 },
 };
 
 const struct ebb_type_info *ebb_type_info(uint32_t type)

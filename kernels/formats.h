@@ -41,6 +41,7 @@ enum ebb_type {
     /* ebb's own types, numbered from 64 so they never collide with ggml's
      * (ordinary GGUF tools list these tensors but cannot decode them). */
     EBB_TYPE_W4G64 = 64,      /* see "W4G64" below */
+    EBB_TYPE_W2G64 = 65,      /* see "W2G64" below */
     EBB_TYPE_COUNT_ = 72      /* upper bound for table sizes, not a type */
 };
 
@@ -62,6 +63,25 @@ struct ebb_block_w4g64 {
 };
 EBB_STATIC_ASSERT(sizeof(struct ebb_block_w4g64) == EBB_W4G64_BLOCK_BYTES, "W4G64 block: f16 + 32 bytes");
 
+/* W2G64: 2-bit asymmetric weights in groups of 64 along the input dimension
+ * (the base a BitStack stack may sit on, engine/bitstack.h). One block per
+ * group, 20 bytes, 2.5 bits per weight:
+ *     f16  d        step
+ *     f16  m        value of code 0
+ *     u8   qs[16]   byte j holds values j, 16 + j, 32 + j, 48 + j, from its
+ *                   low bits up (the KV2 rows' packing rule, below)
+ * w = d * q + m with q in [0, 3]. Asymmetric because four levels placed
+ * symmetrically around zero waste one on a sign the group rarely needs.
+ * Its product reads EBB_ACT_Q8B32 activations: a block meets two activation
+ * blocks of 32, each with its own scale and code sum (Q4_1's steps, twice). */
+#define EBB_W2G64_GROUP 64
+#define EBB_W2G64_BLOCK_BYTES 20
+struct ebb_block_w2g64 {
+    uint16_t d, m;
+    uint8_t qs[EBB_W2G64_GROUP / 4];
+};
+EBB_STATIC_ASSERT(sizeof(struct ebb_block_w2g64) == EBB_W2G64_BLOCK_BYTES, "W2G64 block: 2 f16 + 16 bytes");
+
 /* Q8_0 (ggml's): blocks of 32 values, f16 d then 32 int8 codes; w = d * q.
  * Also 34 bytes, so the integer kernels walk W4G64 and Q8_0 rows alike. */
 #define EBB_Q8_0_GROUP 32
@@ -80,6 +100,17 @@ EBB_STATIC_ASSERT(sizeof(struct ebb_block_q8_0) == EBB_Q8_0_BLOCK_BYTES, "Q8_0 b
  * codes round(x / d) with ties away from zero, clamped to [-8, 7]. An all-zero
  * group gets d = 0. Inputs must be finite. */
 void ebb_quantize_w4g64_rtn(const float *src, void *dst, size_t n);
+
+/* W2G64 by rounding to nearest within a searched range: n values (n a
+ * multiple of 64) to n/64 blocks at dst. Per group, ranges [lo, hi] shrunk
+ * from [min, max] in steps of a twentieth at either end (up to a quarter)
+ * give codes round((x - lo) / step) clamped to [0, 3]; for each, d and m are
+ * the least-squares fit of x to d * q + m, and the pair with the least
+ * squared error is kept, rounded to f16, and the codes are chosen again
+ * against the rounded pair. At 2 bits clipping the extremes often pays (the
+ * plain min-max grid spends two of four levels on the tails). A constant
+ * group gets d = 0 and m its value. Inputs must be finite and within f16. */
+void ebb_quantize_w2g64(const float *src, void *dst, size_t n);
 
 /* ggml's Q8_0 quantizer, rule for rule (so ebb's Q8_0 tensors are the bytes
  * llama.cpp would write): blocks of 32, d = absmax / 127 stored as f16,
@@ -118,13 +149,14 @@ enum ebb_act_form {
 
 /* The weight types ebb multiplies, each as X(name, TYPE), name the lower-
  * case spelling op-table entries use (matmul_q4_0, ...): the GGUF types a
- * product reads as the file stores them (kernels/cpu/native.h), ebb's W4G64
- * (both read integer activations), and f32. A table with an entry per
+ * product reads as the file stores them (kernels/cpu/native.h) with ebb's
+ * W2G64, which reads the same activation form; ebb's W4G64 (all of these
+ * read integer activations); and f32. A table with an entry per
  * product type expands the list instead of writing it out again. */
 #define EBB_NATIVE_PRODUCT_TYPES(X) \
     X(q4_0, EBB_TYPE_Q4_0) X(q4_1, EBB_TYPE_Q4_1) X(q5_0, EBB_TYPE_Q5_0) X(q5_1, EBB_TYPE_Q5_1) \
     X(q8_0, EBB_TYPE_Q8_0) X(q2_k, EBB_TYPE_Q2_K) X(q3_k, EBB_TYPE_Q3_K) X(q4_k, EBB_TYPE_Q4_K) \
-    X(q5_k, EBB_TYPE_Q5_K) X(q6_k, EBB_TYPE_Q6_K)
+    X(q5_k, EBB_TYPE_Q5_K) X(q6_k, EBB_TYPE_Q6_K) X(w2g64, EBB_TYPE_W2G64)
 #define EBB_INT_PRODUCT_TYPES(X) X(w4g64, EBB_TYPE_W4G64) EBB_NATIVE_PRODUCT_TYPES(X)
 #define EBB_PRODUCT_TYPES(X) X(f32, EBB_TYPE_F32) EBB_INT_PRODUCT_TYPES(X)
 

@@ -1,4 +1,5 @@
-/* Private to kernels/cpu: the native GGUF types' products (issue 10).
+/* Private to kernels/cpu: the native GGUF types' products (issue 10), and
+ * ebb's W2G64, which pairs with the same activations.
  *
  * A GGUF matrix in Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 or a K-quant is multiplied
  * as the file stores it, against activations quantized per token to 8 bits
@@ -18,6 +19,8 @@
  *                      isum = sum (code - offset) * a_code (offset 8, 16, 0)
  *   Q4_1, Q5_1         acc = fmaf(isum, d_w * d_a, acc); acc = fmaf(asum, m_w * d_a, acc)
  *                      isum = sum code * a_code, asum the block's activation code sum
+ *   W2G64 (ebb's)      the same two steps for each activation block of 32,
+ *                      two per 64-value weight block, its (d_w, m_w) in both
  *   Q4_K, Q5_K, Q2_K   acc = fmaf(sumi, d_w * d_a, acc); acc = fmaf(-summ, dmin_w * d_a, acc)
  *                      sumi = sum over sub-blocks j of scale_j * isum_j,
  *                      summ = sum over sub-blocks of min_j * (their activation code sums)
@@ -94,4 +97,5 @@ float ebb_native_dot_q3_k_scalar(const uint8_t *w, const struct ebb_native_act *
 float ebb_native_dot_q4_k_scalar(const uint8_t *w, const struct ebb_native_act *a, int n);
 float ebb_native_dot_q5_k_scalar(const uint8_t *w, const struct ebb_native_act *a, int n);
 float ebb_native_dot_q6_k_scalar(const uint8_t *w, const struct ebb_native_act *a, int n);
+float ebb_native_dot_w2g64_scalar(const uint8_t *w, const struct ebb_native_act *a, int n);
 #endif

@@ -131,6 +131,28 @@ float ebb_native_dot_q4_1_scalar(const uint8_t *w, const struct ebb_native_act *
     return acc;
 }
 
+/* W2G64: each 64-value block meets two activation blocks, each in Q4_1's
+ * steps with the block's one (d, m). */
+float ebb_native_dot_w2g64_scalar(const uint8_t *w, const struct ebb_native_act *a, int n)
+{
+    float acc = 0;
+    for (int g = 0; g < n / 64; g++, w += 20) {
+        const float d = f16(w), m = f16(w + 2);
+        for (int h = 0; h < 2; h++) {
+            const int b = 2 * g + h;
+            const int8_t *q = a->q + 32 * b;
+            int32_t isum = 0;
+            for (int j = 0; j < 16; j++) {
+                isum += ((w[4 + j] >> (4 * h)) & 3) * q[j];
+                isum += ((w[4 + j] >> (4 * h + 2)) & 3) * q[16 + j];
+            }
+            acc = fmaf((float)isum, d * a->d[b], acc);
+            acc = fmaf((float)a->sums[b], m * a->d[b], acc);
+        }
+    }
+    return acc;
+}
+
 float ebb_native_dot_q5_1_scalar(const uint8_t *w, const struct ebb_native_act *a, int n)
 {
     float acc = 0;
@@ -297,3 +319,4 @@ NATIVE_BLOCK(q3_k, 1)
 NATIVE_BLOCK(q4_k, 1)
 NATIVE_BLOCK(q5_k, 1)
 NATIVE_BLOCK(q6_k, 1)
+NATIVE_BLOCK(w2g64, 0)

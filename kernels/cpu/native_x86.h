@@ -1,5 +1,5 @@
-/* The native GGUF products (native.h) for x86 SIMD, written once for AVX2 and
- * AVX-512 VNNI.
+/* The native GGUF products (native.h), and W2G64's, for x86 SIMD, written
+ * once for AVX2 and AVX-512 VNNI.
  *
  * Included by native_avx2.c and native_avx512.c (each compiled with its own
  * ISA flags), which first define NX_ISA (the name suffix) and the two integer
@@ -72,15 +72,29 @@
  * 9 took 4.1 on the tiles, 3.7 wide). */
 #define WIDE_MIN_TOKENS 9
 
-enum { NT_Q4_0, NT_Q4_1, NT_Q5_0, NT_Q5_1, NT_Q8_0, NT_Q2_K, NT_Q3_K, NT_Q4_K, NT_Q5_K, NT_Q6_K };
+/* The legacy types (blocks of 32) and ebb's W2G64 (blocks of 64, walked
+ * as two halves of 32 against the two activation blocks), then the
+ * K-quants. */
+enum { NT_Q4_0, NT_Q4_1, NT_Q5_0, NT_Q5_1, NT_Q8_0, NT_W2G64, NT_Q2_K, NT_Q3_K, NT_Q4_K, NT_Q5_K, NT_Q6_K };
 
 ALWAYS_INLINE int is_k(const int T) { return T >= NT_Q2_K; }
 
+/* Bytes per block of 32 (per 256 for the K-quants; W2G64: half its 20). */
 ALWAYS_INLINE size_t block_bytes(const int T)
 {
-    static const unsigned short bytes[] = { 18, 20, 22, 24, 34, 84, 110, 144, 176, 210 };
+    static const unsigned short bytes[] = { 18, 20, 22, 24, 34, 10, 84, 110, 144, 176, 210 };
     return bytes[T];
 }
+
+/* Where activation block b's weights start in a row: W2G64's two halves
+ * share their block's (d, m). */
+ALWAYS_INLINE size_t block_at(const int T, int b)
+{
+    return T == NT_W2G64 ? (size_t)(b >> 1) * 20 : (size_t)b * block_bytes(T);
+}
+
+/* Types whose blocks have a minimum (x = d * q + m). */
+ALWAYS_INLINE int has_min(const int T) { return T == NT_Q4_1 || T == NT_Q5_1 || T == NT_W2G64; }
 
 ALWAYS_INLINE uint32_t ld32(const uint8_t *p)
 {
@@ -263,10 +277,20 @@ ALWAYS_INLINE __m256i fifth_bits32(uint32_t qh)
     return _mm256_and_si256(_mm256_cmpeq_epi8(v, bit), _mm256_set1_epi8(0x10));
 }
 
-/* A block's 32 codes: unsigned for the 4- and 5-bit types, Q8_0's signed. */
-ALWAYS_INLINE __m256i legacy_codes(const int T, const uint8_t *blk)
+/* Half h of W2G64's 16 code bytes as 32 unsigned bytes: values 32h + j and
+ * 32h + 16 + j sit at bits 4h and 4h + 2 of byte j. */
+ALWAYS_INLINE __m256i pairs32(const uint8_t *p, int h)
+{
+    __m128i x = _mm_srl_epi16(_mm_loadu_si128((const __m128i *)p), _mm_cvtsi32_si128(4 * h));
+    return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(x, 2), x), _mm256_set1_epi8(3));
+}
+
+/* Activation block b's 32 codes (blk: where block_at puts it): unsigned for
+ * the 2-, 4- and 5-bit types, Q8_0's signed. */
+ALWAYS_INLINE __m256i legacy_codes(const int T, const uint8_t *blk, int b)
 {
     switch (T) {
+    case NT_W2G64: return pairs32(blk + 4, b & 1);
     case NT_Q4_0: return nibbles32(blk + 2);
     case NT_Q4_1: return nibbles32(blk + 4);
     case NT_Q5_0: return _mm256_or_si256(nibbles32(blk + 6), fifth_bits32(ld32(blk + 2)));
@@ -283,7 +307,7 @@ ALWAYS_INLINE __m256 legacy_step(const int T, const int M, const int N, const st
     __m256i v[8];
 #pragma GCC unroll 8
     for (int r = 0; r < N; r++) {
-        const __m256i w = legacy_codes(T, p.w[r] + off);
+        const __m256i w = legacy_codes(T, p.w[r] + off, b);
         const __m256i u = T == NT_Q8_0 ? _mm256_abs_epi8(w) : w;
 #pragma GCC unroll 4
         for (int m = 0; m < M; m++) {
@@ -297,7 +321,7 @@ ALWAYS_INLINE __m256 legacy_step(const int T, const int M, const int N, const st
         isum = _mm256_sub_epi32(isum, _mm256_slli_epi32(tok_epi32(M, p.s, b), T == NT_Q4_0 ? 3 : 4));
     const __m256 da = tok_ps(M, p.d, b);
     acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_mul_ps(row_f16(N, M, p.w, off), da), acc);
-    if (T == NT_Q4_1 || T == NT_Q5_1)
+    if (has_min(T))
         acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(tok_epi32(M, p.s, b)),
                               _mm256_mul_ps(row_f16(N, M, p.w, off + 2), da), acc);
     return acc;
@@ -434,7 +458,7 @@ ALWAYS_INLINE void tile(const int T, const int M, const int N, const struct ebb_
     __m256 acc = _mm256_setzero_ps();
     for (int b = 0; b < nb; b++) {
         if (M <= 2 || a->n_tok < WIDE_MIN_TOKENS) prefetch_next(N, BB, a, &p, b);
-        acc = is_k(T) ? k_step(T, M, N, &p, b, (size_t)b * BB, acc) : legacy_step(T, M, N, &p, b, (size_t)b * BB, acc);
+        acc = is_k(T) ? k_step(T, M, N, &p, b, (size_t)b * BB, acc) : legacy_step(T, M, N, &p, b, block_at(T, b), acc);
     }
     store_tile(M, a, acc, t, mv, o, nv);
 }
@@ -460,13 +484,12 @@ ALWAYS_INLINE void tile(const int T, const int M, const int N, const struct ebb_
 struct wide_block {              /* one block of 32 inputs of 16 rows */
     __m512i codes[8];            /* [k][row]: codes 4k .. 4k + 3 of each row, signed */
     __m512i code_sum;            /* 128 * each row's code sum (the activation's +128) */
-    __m512 d, m;                 /* each row's scale, and minimum (Q4_1, Q5_1) */
+    __m512 d, m;                 /* each row's scale, and minimum (Q4_1, Q5_1, W2G64) */
 };
 
 ALWAYS_INLINE void wide_pack(const int T, const struct ebb_native_matmul_args *a, int o, int b0, int b1,
                              struct wide_block *wb)
 {
-    const size_t BB = block_bytes(T);
     const __m256i offset = _mm256_set1_epi8((char)(T == NT_Q4_0 ? 8 : T == NT_Q5_0 ? 16 : 0));
     /* word k of row r at lane r of codes[k]: a transpose of 16 rows x 8 words */
     const __m512i column = _mm512_setr_epi32(0, 8, 16, 24, 32, 40, 48, 56, 64, 72, 80, 88, 96, 104, 112, 120);
@@ -474,11 +497,11 @@ ALWAYS_INLINE void wide_pack(const int T, const struct ebb_native_matmul_args *a
         int32_t words[WIDE_ROWS][8];
         uint16_t d[WIDE_ROWS], m[WIDE_ROWS];
         for (int r = 0; r < WIDE_ROWS; r++) {
-            const uint8_t *blk = a->w + (size_t)(o + r) * a->row_bytes + (size_t)b * BB;
+            const uint8_t *blk = a->w + (size_t)(o + r) * a->row_bytes + block_at(T, b);
             /* Q8_0's codes are signed already (offset 0) */
-            _mm256_storeu_si256((__m256i *)words[r], _mm256_sub_epi8(legacy_codes(T, blk), offset));
+            _mm256_storeu_si256((__m256i *)words[r], _mm256_sub_epi8(legacy_codes(T, blk, b), offset));
             d[r] = (uint16_t)ld16(blk);
-            m[r] = T == NT_Q4_1 || T == NT_Q5_1 ? (uint16_t)ld16(blk + 2) : 0;
+            m[r] = has_min(T) ? (uint16_t)ld16(blk + 2) : 0;
         }
         __m512i sum = _mm512_setzero_si512();
         for (int k = 0; k < 8; k++) {
@@ -514,7 +537,7 @@ ALWAYS_INLINE void wide_tokens(const int T, const struct ebb_native_matmul_args 
             isum = _mm512_sub_epi32(isum, wb[b].code_sum);
             const __m512 vda = _mm512_set1_ps(da[b]);
             acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_mul_ps(wb[b].d, vda), acc);
-            if (T == NT_Q4_1 || T == NT_Q5_1)
+            if (has_min(T))
                 acc = _mm512_fmadd_ps(_mm512_set1_ps((float)asum[b]), _mm512_mul_ps(wb[b].m, vda), acc);
         }
         _mm512_storeu_ps(out, acc);
@@ -718,3 +741,4 @@ NX_TYPE(q3_k, NT_Q3_K)
 NX_TYPE(q4_k, NT_Q4_K)
 NX_TYPE(q5_k, NT_Q5_K)
 NX_TYPE(q6_k, NT_Q6_K)
+NX_TYPE(w2g64, NT_W2G64)

@@ -180,7 +180,7 @@ EBB_HD int ebb_hd_type_has_product(int type)
     switch (type) {
     case EBB_TYPE_W4G64: case EBB_TYPE_Q4_0: case EBB_TYPE_Q4_1: case EBB_TYPE_Q5_0: case EBB_TYPE_Q5_1:
     case EBB_TYPE_Q8_0: case EBB_TYPE_Q2_K: case EBB_TYPE_Q3_K: case EBB_TYPE_Q4_K: case EBB_TYPE_Q5_K:
-    case EBB_TYPE_Q6_K:
+    case EBB_TYPE_Q6_K: case EBB_TYPE_W2G64:
         return 1;
     default:
         return 0;
@@ -191,7 +191,7 @@ EBB_HD int ebb_hd_block_elems(int type)
 {
     switch (type) {
     case EBB_TYPE_F32: case EBB_TYPE_F16: case EBB_TYPE_BF16: return 1;
-    case EBB_TYPE_W4G64: return 64;
+    case EBB_TYPE_W4G64: case EBB_TYPE_W2G64: return 64;
     case EBB_TYPE_Q2_K: case EBB_TYPE_Q3_K: case EBB_TYPE_Q4_K: case EBB_TYPE_Q5_K: case EBB_TYPE_Q6_K: return 256;
     default: return 32;
     }
@@ -203,6 +203,7 @@ EBB_HD int ebb_hd_block_bytes(int type)
     case EBB_TYPE_F32: return 4;
     case EBB_TYPE_F16: case EBB_TYPE_BF16: return 2;
     case EBB_TYPE_W4G64: return 34;
+    case EBB_TYPE_W2G64: return 20;
     case EBB_TYPE_Q4_0: return 18;
     case EBB_TYPE_Q4_1: return 20;
     case EBB_TYPE_Q5_0: return 22;
@@ -225,6 +226,10 @@ EBB_HD int ebb_hd_sum_elems(int type)
     return ebb_hd_block_elems(type) == 256 ? 16 : 32;
 }
 
+/* Activations per scale in the type's form: its block, except W2G64's
+ * blocks of 64, which read Q8B32 (a scale per 32). */
+EBB_HD int ebb_hd_scale_elems(int type) { return type == EBB_TYPE_W2G64 ? 32 : ebb_hd_block_elems(type); }
+
 /* Token t's activations of an n-channel matmul of this type, from the
  * n_tok-row arrays backend.h's struct ebb_act holds. */
 EBB_HD struct ebb_hd_act ebb_hd_act_of(int type, const int8_t *q, const float *d, const int16_t *sums, int n, int t)
@@ -232,7 +237,7 @@ EBB_HD struct ebb_hd_act ebb_hd_act_of(int type, const int8_t *q, const float *d
     struct ebb_hd_act a;
     const int per_sum = ebb_hd_sum_elems(type);
     a.q = q + (size_t)t * n;
-    a.d = d + (size_t)t * (size_t)(n / ebb_hd_block_elems(type));
+    a.d = d + (size_t)t * (size_t)(n / ebb_hd_scale_elems(type));
     a.sums = per_sum ? sums + (size_t)t * (size_t)(n / per_sum) : sums;
     return a;
 }
@@ -405,6 +410,12 @@ EBB_HD struct ebb_hd_ints ebb_hd_block_ints(int type, const uint8_t *w_row, cons
         break;
     }
     case EBB_TYPE_Q6_K: r.a = ebb_hd_sumi_q6_k(w, q); break;
+    case EBB_TYPE_W2G64:   /* a: the first activation block's sum, b: the second's */
+        for (int j = 0; j < 16; j++) {
+            r.a += (w[4 + j] & 3) * q[j] + ((w[4 + j] >> 2) & 3) * q[16 + j];
+            r.b += ((w[4 + j] >> 4) & 3) * q[32 + j] + (w[4 + j] >> 6) * q[48 + j];
+        }
+        break;
     default: break;
     }
     return r;
@@ -430,6 +441,13 @@ EBB_HD float ebb_hd_block_step(int type, float acc, const uint8_t *w_row, const 
         acc = fmaf((float)r.a, ebb_hd_f16_at(w) * da, acc);
         return fmaf(-(float)r.b, ebb_hd_f16_at(w + 2) * da, acc);
     case EBB_TYPE_Q6_K: return fmaf((float)r.a, ebb_hd_f16_at(w + 208) * da, acc);
+    case EBB_TYPE_W2G64: {   /* two activation blocks, 2b and 2b + 1 */
+        const float d = ebb_hd_f16_at(w), m = ebb_hd_f16_at(w + 2), d0 = x->d[2 * b], d1 = x->d[2 * b + 1];
+        acc = fmaf((float)r.a, d * d0, acc);
+        acc = fmaf((float)x->sums[2 * b], m * d0, acc);
+        acc = fmaf((float)r.b, d * d1, acc);
+        return fmaf((float)x->sums[2 * b + 1], m * d1, acc);
+    }
     default: return acc;
     }
 }
@@ -486,6 +504,8 @@ EBB_HD float ebb_hd_dequant(int type, const uint8_t *b, int i)
         return one ? ebb_hd_f16_at(b) * (float)q + ebb_hd_f16_at(b + 2) : ebb_hd_f16_at(b) * (float)(q - 16);
     }
     case EBB_TYPE_Q8_0: return ebb_hd_f16_at(b) * (float)(int8_t)b[2 + i];
+    case EBB_TYPE_W2G64:
+        return ebb_hd_f16_at(b) * (float)((b[4 + i % 16] >> (2 * (i / 16))) & 3) + ebb_hd_f16_at(b + 2);
     case EBB_TYPE_Q2_K: {
         const int half = i / 128, r = i % 128, run = r / 32, sub = (r % 32) / 16, l = r % 16;
         const int group = 8 * half + 2 * run + sub;

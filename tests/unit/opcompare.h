@@ -191,10 +191,10 @@ static void oc_products(const struct ebb_backend *ref)
 {
     static const uint32_t types[] = {EBB_TYPE_F32, EBB_TYPE_W4G64, EBB_TYPE_Q4_0, EBB_TYPE_Q4_1, EBB_TYPE_Q5_0,
                                      EBB_TYPE_Q5_1, EBB_TYPE_Q8_0, EBB_TYPE_Q2_K, EBB_TYPE_Q3_K, EBB_TYPE_Q4_K,
-                                     EBB_TYPE_Q5_K, EBB_TYPE_Q6_K};
+                                     EBB_TYPE_Q5_K, EBB_TYPE_Q6_K, EBB_TYPE_W2G64};
     /* one token (decode), a few, the most the decode kernels take (8), more
      * than a warp's worth; one row, odd rows;
-     * inputs of one block (W4G64), odd block counts (legacy types) up to
+     * inputs of one block (W4G64, W2G64), odd block counts (legacy types) up to
      * the default model's 576 and 1536 */
     static const int toks[] = {1, 3, 8, 37}, outs[] = {1, 7, 70};
     static const int ins_w4[] = {64, 576, 1536}, ins_k[] = {256, 768, 1536};

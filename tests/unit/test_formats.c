@@ -327,6 +327,58 @@ static void test_hand_blocks(void)
     CHECK(out[0] == 1.0f && out[1] == -2.0f && out[2] == ldexpf(1, -24));
 }
 
+/* W2G64 (ebb's 2-bit base): a block decoded by hand, and the quantizer
+ * against the plain min-max grid it searches beyond: per group its squared
+ * error is never larger, over gaussian groups with and without an outlier;
+ * a constant group comes back exactly. */
+static double sq_err(const float *a, const float *b, int n)
+{
+    double e = 0;
+    for (int i = 0; i < n; i++) e += ((double)a[i] - b[i]) * ((double)a[i] - b[i]);
+    return e;
+}
+
+static void test_w2g64(void)
+{
+    CHECK(ebb_row_bytes(EBB_TYPE_W2G64, 576) == 9 * 20 && ebb_row_bytes(EBB_TYPE_W2G64, 32) == 0);
+    const struct ebb_type_info *ti = ebb_type_info(EBB_TYPE_W2G64);
+    CHECK(ti && strcmp(ti->name, "W2G64") == 0 && ti->block_elems == 64 && ti->block_bytes == 20 &&
+          ti->act == EBB_ACT_Q8B32);
+    if (!ti) return;
+    /* d = 0.5 (0x3800), m = -1 (0xbc00); every byte 0xe4: codes 0, 1, 2, 3
+     * from its low bits up, i.e. values j, 16 + j, 32 + j, 48 + j */
+    uint8_t blk[20] = {0x00, 0x38, 0x00, 0xbc};
+    memset(blk + 4, 0xe4, 16);
+    float out[64];
+    ti->to_f32(blk, out, 64);
+    int bad = 0;
+    for (int j = 0; j < 64; j++) bad += out[j] != -1.0f + 0.5f * (float)(j / 16);
+    CHECK_MSG(bad == 0, "W2G64 hand block: %d wrong", bad);
+
+    float x[64], back[64], grid[64];
+    int worse = 0;
+    srand(7);
+    for (int rep = 0; rep < 400; rep++) {
+        for (int j = 0; j < 64; j++) {
+            const double u1 = (rand() + 1.0) / (RAND_MAX + 2.0), u2 = (rand() + 1.0) / (RAND_MAX + 2.0);
+            x[j] = (float)(sqrt(-2 * log(u1)) * cos(6.283185307179586 * u2) * 0.02);
+        }
+        if (rep % 2) x[rep % 64] *= 8;   /* an outlier */
+        ebb_quantize_w2g64(x, blk, 64);
+        ti->to_f32(blk, back, 64);
+        float lo = x[0], hi = x[0];
+        for (int j = 1; j < 64; j++) lo = fminf(lo, x[j]), hi = fmaxf(hi, x[j]);
+        const float step = (hi - lo) / 3;
+        for (int j = 0; j < 64; j++) grid[j] = lo + step * roundf((x[j] - lo) / step);
+        worse += sq_err(x, back, 64) > sq_err(x, grid, 64) * 1.001 + 1e-12;
+    }
+    CHECK_MSG(worse == 0, "W2G64: %d of 400 groups worse than the min-max grid", worse);
+    for (int j = 0; j < 64; j++) x[j] = 0.375f;
+    ebb_quantize_w2g64(x, blk, 64);
+    ti->to_f32(blk, back, 64);
+    CHECK_MSG(sq_err(x, back, 64) == 0, "W2G64: a constant group is not exact");
+}
+
 int main(void)
 {
     test_f16_decode_all();
@@ -337,5 +389,6 @@ int main(void)
     test_type_table();
     test_row_bytes();
     test_hand_blocks();
+    test_w2g64();
     return check_report("test_formats");
 }

@@ -99,6 +99,7 @@ static void test_products(void) {
         {EBB_TYPE_Q8_0, ebb_native_dot_q8_0_scalar}, {EBB_TYPE_Q2_K, ebb_native_dot_q2_k_scalar},
         {EBB_TYPE_Q3_K, ebb_native_dot_q3_k_scalar}, {EBB_TYPE_Q4_K, ebb_native_dot_q4_k_scalar},
         {EBB_TYPE_Q5_K, ebb_native_dot_q5_k_scalar}, {EBB_TYPE_Q6_K, ebb_native_dot_q6_k_scalar},
+        {EBB_TYPE_W2G64, ebb_native_dot_w2g64_scalar},
     };
     static uint8_t w[4096 * 2];
     static float wf[4096], x[4096];
@@ -112,6 +113,7 @@ static void test_products(void) {
         for (int wi = 0; wi < n_widths; wi++)
             for (int rep = 0; rep < 20; rep++) {
                 const int n = widths[wi];
+                if (n % (int)ebb_type_info(type)->block_elems) continue;   /* W2G64: 64 */
                 random_row(type, w, n);
                 ebb_type_info(type)->to_f32(w, wf, (size_t)n);
                 for (int i = 0; i < n; i++) x[i] = gauss() * (i % 29 == 3 ? 20.0f : 1.0f);
@@ -138,22 +140,24 @@ static void test_products(void) {
 
 /* ------------------------------------------------------------ SIMD paths */
 
+#define N_NATIVE 11   /* the native GGUF types and W2G64 */
 struct isa {
     const char *name;
     int can_run;
     void (*q8b32)(const float *x, int n, int n_hi, int8_t *q, float *d, int16_t *sums);
     void (*q8k)(const float *x, int n, int8_t *q, float *d, int16_t *sums);
-    ebb_native_block_fn blocks[10];   /* in the order of native_types */
+    ebb_native_block_fn blocks[N_NATIVE];   /* in the order of native_types */
 };
 
 #define ISA_BLOCKS(isa) \
     { ebb_native_block_q4_0_##isa, ebb_native_block_q4_1_##isa, ebb_native_block_q5_0_##isa, \
       ebb_native_block_q5_1_##isa, ebb_native_block_q8_0_##isa, ebb_native_block_q2_k_##isa, \
       ebb_native_block_q3_k_##isa, ebb_native_block_q4_k_##isa, ebb_native_block_q5_k_##isa, \
-      ebb_native_block_q6_k_##isa }
+      ebb_native_block_q6_k_##isa, ebb_native_block_w2g64_##isa }
 
-static const uint32_t native_types[10] = {EBB_TYPE_Q4_0, EBB_TYPE_Q4_1, EBB_TYPE_Q5_0, EBB_TYPE_Q5_1, EBB_TYPE_Q8_0,
-                                          EBB_TYPE_Q2_K, EBB_TYPE_Q3_K, EBB_TYPE_Q4_K, EBB_TYPE_Q5_K, EBB_TYPE_Q6_K};
+static const uint32_t native_types[N_NATIVE] = {EBB_TYPE_Q4_0, EBB_TYPE_Q4_1, EBB_TYPE_Q5_0, EBB_TYPE_Q5_1,
+                                                EBB_TYPE_Q8_0, EBB_TYPE_Q2_K, EBB_TYPE_Q3_K, EBB_TYPE_Q4_K,
+                                                EBB_TYPE_Q5_K, EBB_TYPE_Q6_K, EBB_TYPE_W2G64};
 
 /* The paths, scalar first; can_run as backend_cpu.c decides it. */
 static struct isa isas[3] = {
@@ -258,12 +262,12 @@ static void run_block(ebb_native_block_fn f, const struct problem *p, float *out
 static void test_simd_blocks(void) {
     static const int counts[] = {1, 2, 3, 5, 7, 17};
     const int nc = (int)(sizeof counts / sizeof *counts);
-    for (int ty = 0; ty < 10; ty++) {
+    for (int ty = 0; ty < N_NATIVE; ty++) {
         const uint32_t type = native_types[ty];
         const int blocks[] = {1, 3, 5, 18};   /* 18 blocks of 32: 576 */
         int same[3] = {1, 1, 1}, alone[3] = {1, 1, 1}, outside[3] = {1, 1, 1};
         for (int bi = 0; bi < 4; bi++) {
-            const int n_in = blocks[bi] * (is_k(type) ? 256 : 32);
+            const int n_in = blocks[bi] * (is_k(type) ? 256 : type == EBB_TYPE_W2G64 ? 64 : 32);
             for (int ti = 0; ti < nc; ti++)
                 for (int oi = 0; oi < nc; oi++) {
                     const int n_tok = counts[ti], n_out = counts[oi];
@@ -321,7 +325,7 @@ static void test_op_table(void) {
         if (!isas[i].can_run) continue;
         CHECK_MSG(be != NULL, "no %s backend", isas[i].name);
         if (!be) continue;
-        for (int ty = 0; ty < 10; ty++) {
+        for (int ty = 0; ty < N_NATIVE; ty++) {
             const uint32_t type = native_types[ty];
             const char *name = ebb_type_info(type)->name;
             CHECK_MSG(ebb_type_info(type)->act == (is_k(type) ? EBB_ACT_Q8K : EBB_ACT_Q8B32),
@@ -331,7 +335,8 @@ static void test_op_table(void) {
             /* widths past one 32-block chunk of the AVX-512 prefill (65 blocks: 32 + 32 + 1) */
             for (int wi = 0; wi < 2; wi++) {
             struct problem p;
-            problem_make(&p, type, 37, is_k(type) ? 512 * (1 + 3 * wi) : wi ? 2080 : 576, 45, 1);
+            problem_make(&p, type, 37, is_k(type) ? 512 * (1 + 3 * wi) : wi ? (type == EBB_TYPE_W2G64 ? 2112 : 2080) : 576,
+                         45, 1);
             const size_t n_res = (size_t)p.n_tok * p.n_out;
             float *want = malloc(n_res * sizeof(float)), *got = malloc(n_res * sizeof(float));
             if (!want || !got) abort();
@@ -387,7 +392,7 @@ static void bench(void) {
     };
     printf("single thread; decode in GB/s of weights, prefill in GMAC/s\n");
     for (size_t s = 0; s < sizeof shapes / sizeof *shapes; s++)
-        for (int ty = 0; ty < 10; ty++) {
+        for (int ty = 0; ty < N_NATIVE; ty++) {
             const uint32_t type = native_types[ty];
             int n_in = shapes[s].n_in;
             if (is_k(type) && n_in % 256) n_in = 512;   /* 576 is no multiple of 256: the nearest */

@@ -34,7 +34,8 @@ static void random_row(uint32_t type, uint8_t *w, int n) {
     int f16_at[2] = {-1, -1};
     switch (type) {
     case EBB_TYPE_Q4_0: case EBB_TYPE_Q5_0: case EBB_TYPE_Q8_0: case EBB_TYPE_W4G64: f16_at[0] = 0; break;
-    case EBB_TYPE_Q4_1: case EBB_TYPE_Q5_1: case EBB_TYPE_Q4_K: case EBB_TYPE_Q5_K: f16_at[0] = 0; f16_at[1] = 2; break;
+    case EBB_TYPE_Q4_1: case EBB_TYPE_Q5_1: case EBB_TYPE_Q4_K: case EBB_TYPE_Q5_K: case EBB_TYPE_W2G64:
+        f16_at[0] = 0; f16_at[1] = 2; break;
     case EBB_TYPE_Q2_K: f16_at[0] = 80; f16_at[1] = 82; break;
     case EBB_TYPE_Q3_K: f16_at[0] = 108; break;
     case EBB_TYPE_Q6_K: f16_at[0] = 208; break;
