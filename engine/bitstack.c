@@ -142,6 +142,32 @@ static int load_matrix_blocks(struct model *m, struct bitstack *s, int layer, en
     return 0;
 }
 
+/* The optional base: ebb.bitstack.base names its type ("W2G64", the one
+ * there is) and every matrix has it, blk.N.M.bs_base [cols, rows]. */
+static int load_base(struct model *m, struct bitstack *s, char *err, size_t errlen) {
+    static const char key[] = "ebb.bitstack.base";
+    if (!gguf_find(&m->file, key)) return 0;
+    struct gguf_str type;
+    if (gguf_get_str(&m->file, key, &type) || type.len != 5 || memcmp(type.ptr, "W2G64", 5))
+        return load_error(err, errlen, m->file.path, "%s must be \"W2G64\" (the only base type)", key);
+    for (int mi = 0; mi < s->n_matrices; mi++) {
+        const enum bitstack_kind k = (enum bitstack_kind)(mi % BITSTACK_KINDS);
+        int rows, cols;
+        bitstack_kind_shape(&m->cfg, k, &rows, &cols);
+        if (cols % EBB_W2G64_GROUP)
+            return load_error(err, errlen, m->file.path, "a W2G64 base needs inputs in multiples of %d (%s has %d)",
+                              EBB_W2G64_GROUP, bitstack_kind_name(k), cols);
+        char name[96];
+        snprintf(name, sizeof name, "blk.%d.%s.bs_base", mi / BITSTACK_KINDS, bitstack_kind_name(k));
+        const struct gguf_tensor *t = want_tensor(m, name, EBB_TYPE_W2G64, (uint64_t)cols, (uint64_t)rows, 1, err,
+                                                  errlen);
+        if (!t) return -1;
+        s->matrices[mi].base = t->data;
+        s->base_bytes += ebb_row_bytes(EBB_TYPE_W2G64, (uint64_t)cols) * (size_t)rows;
+    }
+    return 0;
+}
+
 /* ebb.bitstack.order: every block once, and level by level. */
 static int load_order(struct model *m, struct bitstack *s, char *err, size_t errlen) {
     const struct gguf_kv *kv = gguf_find(&m->file, "ebb.bitstack.order");
@@ -261,8 +287,9 @@ int bitstack_load(struct model *m, char *err, size_t errlen) {
     for (int mi = 0; mi < s->n_matrices; mi++)
         s->matrices[mi] = (struct bitstack_matrix){&s->blocks[(size_t)mi * s->levels], 0,
                                                    s->scale[(mi / BITSTACK_KINDS) * ACT_POINTS +
-                                                            bitstack_kind_point((enum bitstack_kind)(mi % BITSTACK_KINDS))]};
-    if (load_order(m, s, err, errlen)) return -1;
+                                                            bitstack_kind_point((enum bitstack_kind)(mi % BITSTACK_KINDS))],
+                                                   NULL};
+    if (load_base(m, s, err, errlen) || load_order(m, s, err, errlen)) return -1;
     return load_checkpoints(m, s, err, errlen);
 }
 
@@ -323,7 +350,8 @@ static void levels_advise(const struct bitstack_matrix *bm, int from, int to,
 size_t bitstack_min_bytes(const struct bitstack *s) { return s->cum_bytes[s->n_matrices]; }
 
 size_t bitstack_least_weight_bytes(const struct model *m) {
-    return m->stack ? m->stack->base_weight_bytes + bitstack_min_bytes(m->stack) : m->weight_bytes;
+    const struct bitstack *s = m->stack;
+    return s ? s->outer_weight_bytes + s->base_bytes + bitstack_min_bytes(s) : m->weight_bytes;
 }
 
 size_t bitstack_full_bytes(const struct bitstack *s) { return s->cum_bytes[(size_t)s->n_matrices * s->levels]; }
@@ -340,6 +368,23 @@ size_t bitstack_prefix_blocks(const struct bitstack *s, size_t bytes) {
 
 size_t bitstack_prefix_bytes(const struct bitstack *s, size_t bytes) { return s->cum_bytes[bitstack_prefix_blocks(s, bytes)]; }
 
+/* w[rows][cols] += the W2G64 base, dequantized (the dense reference), a
+ * chunk of a row at a time. */
+#define BASE_CHUNK 1024   /* a multiple of the group */
+static void add_base_dense(const void *base, int rows, int cols, float *w) {
+    const struct ebb_type_info *ti = ebb_type_info(EBB_TYPE_W2G64);
+    const size_t row_bytes = ebb_row_bytes(EBB_TYPE_W2G64, (uint64_t)cols);
+    float row[BASE_CHUNK];
+    for (int o = 0; o < rows; o++) {
+        for (int i0 = 0; i0 < cols; i0 += BASE_CHUNK) {
+            const int n = cols - i0 < BASE_CHUNK ? cols - i0 : BASE_CHUNK;
+            ti->to_f32((const uint8_t *)base + (size_t)o * row_bytes + (size_t)i0 / EBB_W2G64_GROUP * EBB_W2G64_BLOCK_BYTES,
+                       row, (size_t)n);
+            for (int i = 0; i < n; i++) w[(size_t)o * cols + i0 + i] += row[i];
+        }
+    }
+}
+
 int bitstack_fit(struct model *m, size_t stack_bytes, char *err, size_t errlen) {
     struct bitstack *s = m->stack;
     const int dense = m->weights == MODEL_WEIGHTS_F32;
@@ -347,7 +392,7 @@ int bitstack_fit(struct model *m, size_t stack_bytes, char *err, size_t errlen) 
     memset(s->depth, 0, (size_t)s->n_matrices * sizeof *s->depth);
     for (size_t i = 0; i < k; i++) s->depth[s->order[i] / (uint32_t)s->levels]++;
     s->resident_bytes = s->cum_bytes[k];
-    if (!s->base_weight_bytes) s->base_weight_bytes = m->weight_bytes;
+    if (!s->outer_weight_bytes) s->outer_weight_bytes = m->weight_bytes;
     size_t dense_bytes = 0;
     for (int mi = 0; mi < s->n_matrices; mi++) {
         const int layer = mi / BITSTACK_KINDS;
@@ -362,7 +407,8 @@ int bitstack_fit(struct model *m, size_t stack_bytes, char *err, size_t errlen) 
              * leave memory; levels joining it are read ahead. The first fit
              * (was == 0: nothing touched yet) releases every level past the
              * prefix, whatever the mapping holds. */
-            *w = (struct matrix){EBB_TYPE_F32, NULL, first->cols, first->rows, NULL, bm};
+            *w = (struct matrix){bm->base ? EBB_TYPE_W2G64 : EBB_TYPE_F32, bm->base, first->cols, first->rows, NULL,
+                                 bm};
             if (!s->fitted) levels_advise(bm, 0, s->levels, random_range);
             /* A shrink releases everything past the prefix, not just the
              * levels it drops: the page holding the old boundary was kept
@@ -384,8 +430,9 @@ int bitstack_fit(struct model *m, size_t stack_bytes, char *err, size_t errlen) 
         for (int l = 0; l < bm->depth; l++) bitstack_block_add_dense(&first[l], w->owned);
         for (int o = 0; o < first->rows; o++)
             for (int i = 0; i < first->cols; i++) w->owned[(size_t)o * first->cols + i] /= bm->scale[i];
+        if (bm->base) add_base_dense(bm->base, first->rows, first->cols, w->owned);
     }
-    m->weight_bytes = s->base_weight_bytes + (dense ? dense_bytes : s->resident_bytes);
+    m->weight_bytes = s->outer_weight_bytes + (dense ? dense_bytes : s->base_bytes + s->resident_bytes);
     s->fitted = 1;
     return 0;
 }
@@ -497,7 +544,6 @@ int bitstack_linear(const struct ebb_backend *be, struct ebb_pool *pool, struct 
                     const struct bitstack_matrix *bm, const float *x, int n_tok, float *out) {
     const struct bitstack_block *b0 = bm->levels;
     const int rows = b0->rows, cols = b0->cols;
-    memset(out, 0, (size_t)n_tok * rows * sizeof *out);
     if (!bm->depth) return 0;
     if (!*scratch && !(*scratch = calloc(1, sizeof **scratch))) return -1;
     struct bitstack_scratch *sc = *scratch;

@@ -10,7 +10,18 @@
  *     W = (W_1 + ... + W_d) diag(1 / s)
  *
  * where s is the activation-aware scale of its input channels (the packer
- * decomposed W diag(s); tools/pack/bitstack.c says why). The file orders
+ * decomposed W diag(s); tools/pack/bitstack.c says why).
+ *
+ * A stack may sit on a base: every matrix also has a W2G64 copy Q (2-bit,
+ * kernels/formats.h), always resident, and the blocks were peeled off the
+ * scaled residual (W - Q) diag(s), so that the model computes with
+ *
+ *     W = Q + (W_1 + ... + W_d) diag(1 / s).
+ *
+ * Measured on the default model (docs/benchmarks.md), a level on a 2-bit
+ * base takes away far more error than a level of a plain stack: the base
+ * costs 2.5 bits a weight and the stack's first levels, which on this model's
+ * narrow matrices (ranks 2-3) buy little, are not needed. The file orders
  * every block of every matrix in one stack, level by level (no matrix gets
  * its k+1-th block before every matrix has its k-th), the more important
  * first within a level; a memory budget keeps the longest prefix that fits,
@@ -89,12 +100,15 @@ struct bitstack_matrix {
     const struct bitstack_block *levels;   /* [levels] */
     int depth;
     const float *scale;                    /* its input channels' s */
+    const void *base;                      /* its W2G64 base rows (in the mapping), or NULL */
 };
 
 /* A model's stack (model->stack; NULL for other files). */
 struct bitstack {
     struct bitstack_matrix *matrices;      /* [n_matrices] */
-    size_t base_weight_bytes;              /* the model's weights outside the stack */
+    size_t outer_weight_bytes;             /* the model's weights outside the stack and the base
+                                              (embedding, head, norms, scales) */
+    size_t base_bytes;                     /* every matrix's W2G64 base; 0 without one */
     int levels, n_matrices;
     struct bitstack_block *blocks;   /* [n_matrices][levels] */
     uint32_t *order;                 /* [n_matrices * levels]: block index (matrix * levels + level), stack order */
@@ -131,7 +145,7 @@ size_t bitstack_min_bytes(const struct bitstack *s);
 size_t bitstack_full_bytes(const struct bitstack *s);
 size_t bitstack_prefix_bytes(const struct bitstack *s, size_t bytes);
 /* The weights a model holds at its least: a stack file's weights outside
- * the stack and one level of every matrix; any other file's all. */
+ * the stack, its base and one level of every matrix; any other file's all. */
 size_t bitstack_least_weight_bytes(const struct model *m);
 /* The number of blocks in that prefix. */
 size_t bitstack_prefix_blocks(const struct bitstack *s, size_t bytes);
@@ -141,9 +155,10 @@ struct bitstack_scratch;
 void bitstack_scratch_free(struct bitstack_scratch *s);
 struct ebb_backend;
 struct ebb_pool;
-/* out[t][rows] = W x[t][cols] for n_tok tokens with the matrix's resident
- * levels, each token on its own (batch invariant), rows split over pool.
- * 0, or -1 when out of memory. */
+/* out[t][rows] += the resident levels' share of W x[t][cols] for n_tok
+ * tokens, (W_1 + ... + W_d) diag(1 / s) x (the base's product is the
+ * caller's: an ordinary W2G64 matmul), each token on its own (batch
+ * invariant), rows split over pool. 0, or -1 when out of memory. */
 int bitstack_linear(const struct ebb_backend *be, struct ebb_pool *pool, struct bitstack_scratch **scratch,
                     const struct bitstack_matrix *bm, const float *x, int n_tok, float *out);
 #endif

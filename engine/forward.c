@@ -397,14 +397,10 @@ static void native_form(struct model_run *r, enum ebb_act_form form, int n_tok, 
     r->forms_ready |= 1u << form;
 }
 
-/* out = the prepared activation times w: the op table's product for w's
- * storage type, reading the activation form that type names
+/* out = the prepared activation times w's stored rows: the op table's
+ * product for their type, reading the activation form that type names
  * (kernels/formats.h). */
-static void linear(struct model_run *r, float *out, const struct matrix *w, int n_tok) {
-    if (w->stack) {   /* BitStack blocks in place: f32 activations (engine/bitstack.h) */
-        if (bitstack_linear(r->m->be, r->pool, &r->stack_scratch, w->stack, r->ax, n_tok, out)) r->failed = 1;
-        return;
-    }
+static void product(struct model_run *r, float *out, const struct matrix *w, int n_tok) {
     const enum ebb_act_form form = ebb_type_info(w->type)->act;
     struct ebb_act x = {.f = r->ax, .q = r->aq, .s = r->as};
     if (form == EBB_ACT_Q8B32 || form == EBB_ACT_Q8K) {
@@ -413,6 +409,15 @@ static void linear(struct model_run *r, float *out, const struct matrix *w, int 
         x = (struct ebb_act){.q = f->q, .s = f->d, .sums = f->sums};
     }
     r->m->be->matmul[w->type](r->pool, out, &x, w->data, n_tok, w->n_in, w->n_out);
+}
+
+/* out = the prepared activation times w. A BitStack matrix used in place
+ * adds its resident blocks' share (f32 activations, engine/bitstack.h) to
+ * its base's product, or to zero when it has no base (data NULL). */
+static void linear(struct model_run *r, float *out, const struct matrix *w, int n_tok) {
+    if (w->data) product(r, out, w, n_tok);
+    else memset(out, 0, (size_t)n_tok * w->n_out * sizeof *out);
+    if (w->stack && bitstack_linear(r->m->be, r->pool, &r->stack_scratch, w->stack, r->ax, n_tok, out)) r->failed = 1;
 }
 
 /* The transformer over the n_tok tokens laid out in r->tok_*; leaves the

@@ -43,6 +43,9 @@ static void pack_usage(FILE *out) {
         "                        quantized, in blocks of 32) or bitstack (every layer matrix as a\n"
         "                        stack of residual blocks, sign times low rank, that a memory budget\n"
         "                        keeps a prefix of; f32 activations); default w4a4\n"
+        "  --base-bits 0|2       bitstack: 2 = the stack sits on a 2-bit copy of each matrix (W2G64,\n"
+        "                        2.5 bits a weight, always resident) and peels what it leaves; 0 = a\n"
+        "                        plain stack, which reaches lower budgets (default 2)\n"
         "  --levels L            bitstack: blocks per matrix (default: enough to pass the source's size)\n"
         "  --rank-bits B         bitstack: bits per weight the low-rank factors cost (default 0.125)\n"
         "  --bitstack-order O    bitstack: order of the blocks within a level: importance (the largest\n"
@@ -55,7 +58,8 @@ static void pack_usage(FILE *out) {
         "                        perplexities are), or of the calibration text with --no-eval\n"
         "  --act-bits 4|8        w4a4 and source: 4 = outlier groups 8-bit, the rest 4-bit;\n"
         "                        8 = every group 8-bit (W4A8); default 4\n"
-        "  --weight-quant Q      gptq (default) or rtn (round to nearest, the baseline)\n"
+        "  --weight-quant Q      gptq (default) or rtn (round to nearest, the baseline); for a bitstack\n"
+        "                        base rtn is the default (the stack on a GPTQ base measured worse)\n"
         "  --head-bits 8|4       output head: 8 = Q8_0 per row, tied to the embedding when the source\n"
         "                        ties them (default); 4 = its own W4G64 copy (half the bytes a\n"
         "                        decoded token reads for the head; costs some perplexity)\n"
@@ -158,9 +162,12 @@ static void print_summary(const struct pack_options *o, const struct pack_result
            o->out_path, (unsigned long long)r->file_bytes, r->bits_per_weight,
            source ? "layer" : o->format == PACK_BITSTACK ? "stack" : "W4G64",
            r->linear_bpw, r->seconds);
-    printf("format %s, weights %s, calibration %ld tokens\n", variant_kind(o),
-           source ? "the source's blocks, permuted" : o->format == PACK_BITSTACK ? "residual blocks"
-           : o->weight_quant == PACK_GPTQ ? "gptq" : "rtn", r->calib_tokens);
+    const char *weights = source ? "the source's blocks, permuted"
+                          : o->format != PACK_BITSTACK ? (o->weight_quant == PACK_GPTQ ? "gptq" : "rtn")
+                          : !o->bitstack_base_bits ? "residual blocks"
+                          : o->weight_quant == PACK_GPTQ ? "residual blocks on a W2G64 base (gptq)"
+                                                         : "residual blocks on a W2G64 base (rtn)";
+    printf("format %s, weights %s, calibration %ld tokens\n", variant_kind(o), weights, r->calib_tokens);
     if (r->n_checkpoints) printf("checkpoints on %s:\n", r->checkpoint_text);
     for (int i = 0; i < r->n_checkpoints; i++)
         printf("  %.1f MB of stack: perplexity %.3f\n", (double)r->checkpoint_bytes[i] / 1e6,
@@ -302,7 +309,7 @@ int cmd_pack(int argc, char **argv) {
     pack_options_default(&o);
     char calib[4096], heldout[4096];
     const char *catalog_flag = NULL, *config_path = NULL;
-    int no_register = 0, no_eval = 0, act8_choice_given = 0, bitstack_flag = 0;
+    int no_register = 0, no_eval = 0, act8_choice_given = 0, bitstack_flag = 0, weight_quant_given = 0;
     struct eval_options e = {NULL, 16, 0};
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v;
@@ -329,6 +336,13 @@ int cmd_pack(int argc, char **argv) {
                 fprintf(stderr, "ebb pack: --format must be w4a4, w4a16, source or bitstack, not '%s'\n", v);
                 return 2;
             }
+        } else if (!strcmp(a, "--base-bits")) {
+            bad = cli_int("pack", a, v, 0, 2, &o.bitstack_base_bits);
+            if (!bad && o.bitstack_base_bits == 1) {
+                fprintf(stderr, "ebb pack: --base-bits must be 0 or 2\n");
+                return 2;
+            }
+            bitstack_flag = 1;
         } else if (!strcmp(a, "--levels")) {
             bad = cli_int("pack", a, v, 1, BITSTACK_MAX_LEVELS, &o.bitstack_levels);
         } else if (!strcmp(a, "--rank-bits")) {
@@ -359,6 +373,7 @@ int cmd_pack(int argc, char **argv) {
             if (!strcmp(v, "gptq")) o.weight_quant = PACK_GPTQ;
             else if (!strcmp(v, "rtn")) o.weight_quant = PACK_RTN;
             else { fprintf(stderr, "ebb pack: --weight-quant must be gptq or rtn, not '%s'\n", v); return 2; }
+            weight_quant_given = 1;
         } else if (!strcmp(a, "--act-bits")) {
             bad = cli_int("pack", a, v, 4, 8, &o.act_bits);
             if (!bad && o.act_bits != 4 && o.act_bits != 8) {
@@ -390,8 +405,13 @@ int cmd_pack(int argc, char **argv) {
         return 2;
     }
     if (bitstack_flag && o.format != PACK_BITSTACK) {
-        fprintf(stderr, "ebb pack: --bitstack-order, --checkpoints and --checkpoint-windows apply to --format "
-                        "bitstack only\n");
+        fprintf(stderr, "ebb pack: --base-bits, --bitstack-order, --checkpoints and --checkpoint-windows apply to "
+                        "--format bitstack only\n");
+        return 2;
+    }
+    if (o.format == PACK_BITSTACK && !weight_quant_given) o.weight_quant = PACK_RTN;   /* the base's default */
+    if (o.format == PACK_BITSTACK && weight_quant_given && !o.bitstack_base_bits) {
+        fprintf(stderr, "ebb pack: --weight-quant applies to a bitstack's base; --base-bits 0 has none\n");
         return 2;
     }
     if (act8_choice_given && (o.format != PACK_SOURCE || o.act_bits != 4)) {

@@ -124,11 +124,15 @@ static json_t *weights_state(const struct served_model *sm, const struct sched_s
     if (s) {   /* only the immutable parts of the stack are read here */
         const size_t blocks = bitstack_prefix_blocks(s, st->stack_bytes), n = (size_t)s->n_matrices * s->levels;
         const float ppl = bitstack_ppl_at(s, st->stack_bytes);
-        json_object_set_new(w, "stack", json_pack("{s:i, s:I, s:I, s:I, s:I, s:I, s:f, s:f, s:o, s:o}",
+        json_object_set_new(w, "stack", json_pack("{s:i, s:I, s:I, s:I, s:I, s:I, s:o, s:f, s:f, s:o, s:o}",
             "levels", s->levels, "blocks_resident", (json_int_t)blocks, "blocks_total", (json_int_t)n,
             "resident_bytes", (json_int_t)st->stack_bytes, "min_bytes", (json_int_t)bitstack_min_bytes(s),
-            "full_bytes", (json_int_t)bitstack_full_bytes(s), "depth", (double)blocks / (double)s->n_matrices,
-            "bits_per_weight", (double)st->stack_bytes * 8.0 / (double)layer_params,
+            "full_bytes", (json_int_t)bitstack_full_bytes(s),
+            /* the W2G64 base the blocks sit on, always resident (null: a plain stack) */
+            "base_bytes", s->base_bytes ? json_integer((json_int_t)s->base_bytes) : json_null(),
+            "depth", (double)blocks / (double)s->n_matrices,
+            /* the layer matrices as computed: the base and the blocks kept */
+            "bits_per_weight", (double)(s->base_bytes + st->stack_bytes) * 8.0 / (double)layer_params,
             /* What the packer measured at this prefix, when the file says, and on what. */
             "perplexity", isfinite(ppl) ? json_real(ppl) : json_null(),
             "perplexity_text", s->n_checkpoints ? json_string(s->checkpoint_text) : json_null()));

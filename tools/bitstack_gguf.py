@@ -6,7 +6,9 @@ after level, each block whole -- its signs [rows][cols/8], then u [rows][rank] a
 [cols][rank] in f16. The rank is not stored: it is what the block's bytes leave after the
 signs, as engine/bitstack.c's loader derives it.
 
-Run as a script, it prints the bytes of one level of the stack and the number of levels.
+Run as a script, it prints the bytes of one level of the stack and the number of levels (of
+any stack, a stack on a base included; the functions above need the `gguf` package, which
+opens plain stacks only).
 """
 import sys
 
@@ -77,9 +79,15 @@ def stack_weights(reader):
 
 
 def main():
-    import gguf
-    r = gguf.GGUFReader(sys.argv[1])
-    print(stack_bytes(r) // levels(r), levels(r))
+    # From the header alone (tools/gguf_header.py), so that a stack on a W2G64 base, which the
+    # `gguf` package cannot open, is read too.
+    import os
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import gguf_header
+    kv, tensors, _ = gguf_header.read(sys.argv[1])
+    n = kv["ebb.bitstack.levels"]
+    total = sum(dims[0] * dims[1] for name, (_, dims, _) in tensors.items() if name.endswith(".bs_blocks"))
+    print(total // n, n)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,9 @@
 #   tools/bitstack_sweep.sh budgets STACK OUT.csv    the file's order at every whole level,
 #                                                    one to all (the ablation's importance
 #                                                    rows give the half levels between)
+#   tools/bitstack_sweep.sh halves STACK OUT.csv     the file's order at every half level, from
+#                                                    none (a stack on a base: the base alone)
+#                                                    to all
 #   tools/bitstack_sweep.sh baselines SOURCE OUT.csv the source as it is (native), in f32,
 #                                                    and round-to-nearest copies at 2, 3 and 4
 #                                                    bits in groups of 64 (tools/rtn_gguf.py)
@@ -34,7 +37,7 @@ WORK=${WORK:-/tmp/bitstack_sweep}
 THREAD_ARGS=()
 [ -n "${THREADS:-}" ] && THREAD_ARGS=(-t "$THREADS")
 
-usage() { sed -n '2,23p' "$0" >&2; exit 2; }
+usage() { sed -n '2,27p' "$0" >&2; exit 2; }
 [ $# -eq 3 ] || usage
 phase=$1 input=$2 csv=$3
 mkdir -p "$WORK"
@@ -75,6 +78,12 @@ ablation)
 budgets)
     read -r per levels < <(level_bytes "$input")
     for l in $(seq 1 "$levels"); do measure importance "$input" "$l" "$(bytes_at "$l" "$per")"; done ;;
+halves)
+    read -r per levels < <(level_bytes "$input")
+    for h in $(seq 0 $((2 * levels))); do
+        l=$(awk -v h="$h" 'BEGIN { print h / 2 }')
+        measure importance "$input" "$l" "$(bytes_at "$l" "$per")"
+    done ;;
 baselines)
     measure source "$input" "" "" --weights native
     measure f32 "$input" "" "" --weights f32

@@ -60,7 +60,7 @@ EVAL = ("--eval", str(HELDOUT), "--eval-chunks", "2", "--checkpoint-windows", "2
 
 
 def pack(ebb_bin, src, out, *args):
-    p = run_ebb(ebb_bin, "pack", "-m", str(src), "--format", "bitstack", "--levels", str(LEVELS),
+    p = run_ebb(ebb_bin, "pack", "-m", str(src), "--format", "bitstack", "--base-bits", "0", "--levels", str(LEVELS),
                 "--calib-seqs", "4", "--calib-len", "128", "--no-register", "-o", str(out), *args,
                 timeout=600)
     assert p.returncode == 0, p.stderr.decode()

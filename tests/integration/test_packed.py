@@ -21,6 +21,7 @@ import pytest
 import requests
 
 from conftest import run_ebb
+import gguf_header  # noqa: E402  (tools/, on the path through conftest)
 from test_api import AUTH, IO_TIMEOUT, Server
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -55,50 +56,10 @@ def packed(ebb_bin, model_path, tmp_path_factory):
 
 
 def read_gguf_header(path):
-    """Metadata and tensor table of a GGUF v3 file, read here from the GGUF specification
-    (the `gguf` package refuses ebb's own tensor types, so it cannot open a packed file).
-    Returns ({key: value}, {tensor name: (type, dims)})."""
-    import struct
-
-    with open(path, "rb") as f:
-        data = f.read(32 << 20)   # the header (vocabulary and merges included) fits easily
-    pos = 0
-
-    def take(fmt):
-        nonlocal pos
-        vals = struct.unpack_from("<" + fmt, data, pos)
-        pos += struct.calcsize("<" + fmt)
-        return vals[0] if len(vals) == 1 else vals
-
-    def string():
-        nonlocal pos
-        n = take("Q")
-        pos += n
-        return data[pos - n:pos].decode("utf-8", "surrogateescape")
-
-    scalar = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
-
-    def value(t):
-        if t == 8:
-            return string()
-        if t == 9:
-            et, n = take("I"), take("Q")
-            return [value(et) for _ in range(n)]
-        return take(scalar[t])
-
-    assert take("4s") == b"GGUF" and take("I") == 3
-    n_tensors, n_kv = take("Q"), take("Q")
-    kv = {}
-    for _ in range(n_kv):
-        key = string()
-        kv[key] = value(take("I"))
-    tensors = {}
-    for _ in range(n_tensors):
-        name = string()
-        dims = [take("Q") for _ in range(take("I"))]
-        tensors[name] = (take("I"), dims)
-        take("Q")   # offset
-    return kv, tensors
+    """Metadata and tensor table of a packed file ({key: value}, {tensor name: (type, dims)}),
+    by tools/gguf_header.py (the `gguf` package refuses ebb's own tensor types)."""
+    kv, tensors, _ = gguf_header.read(path)
+    return kv, {name: (t, dims) for name, (t, dims, _) in tensors.items()}
 
 
 def test_pack_reports_progress_and_writes_a_gguf(packed, model_path):

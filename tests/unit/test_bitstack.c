@@ -243,7 +243,8 @@ static void test_codes_and_scaling_paths(void) {
 
 /* bitstack_linear (int8 products through the sign kernel, rows split over a
  * pool) against the dense prefix in double precision: within the int8
- * rounding of v .* x, and the same bits alone as inside a batch. */
+ * rounding of v .* x, and the same bits alone as inside a batch. It adds to
+ * what out holds (a base's product), and with no level resident leaves it. */
 static void test_linear_matches_dense(void) {
     const int rows = 80, cols = 192, levels = 3, rank = 2;
     float *w = weight_like(rows, cols);
@@ -254,11 +255,11 @@ static void test_linear_matches_dense(void) {
     char err[256];
     CHECK(bitstack_decompose(w, rows, cols, scale, levels, rank, lv, NULL, err, sizeof err) == 0);
     for (int l = 0; l < levels; l++) blocks[l] = lv[l].b;
-    struct bitstack_matrix bm = {blocks, levels, scale};
+    struct bitstack_matrix bm = {blocks, levels, scale, NULL};
     float *dense = calloc((size_t)rows * cols, sizeof *dense);
     for (int l = 0; l < levels; l++) bitstack_block_add_dense(&blocks[l], dense);
     enum { T = 11 };   /* past one block of tokens */
-    float x[T * 192], y[T * 80], y1[80];
+    float x[T * 192], y[T * 80] = {0}, y1[80];
     for (int i = 0; i < T * cols; i++) x[i] = gaussian();
     struct bitstack_scratch *sc = NULL;
     const struct ebb_backend *be = ebb_backend_cpu();
@@ -273,24 +274,35 @@ static void test_linear_matches_dense(void) {
         }
     CHECK_MSG(sqrt(diff / ref) < 0.02, "sign product off the dense prefix by %.4f", sqrt(diff / ref));
     for (int t = 0; t < T; t += 9) {
+        memset(y1, 0, sizeof y1);
         CHECK(bitstack_linear(be, NULL, &sc, &bm, x + (size_t)t * cols, 1, y1) == 0);
         CHECK_MSG(!memcmp(y1, y + (size_t)t * rows, sizeof y1),
                   "token %d alone and inside a batch must give the same bits", t);
     }
-    /* Every path, alone and split over workers: the same bits. */
+    /* Every path, alone and split over workers: the same bits, also when
+     * added to what out held (each level adds in turn, so the reference
+     * starts from the same values). */
+    float y_on[T * 80];
+    for (int i = 0; i < T * rows; i++) y_on[i] = 1.5f;
+    CHECK(bitstack_linear(be, NULL, &sc, &bm, x, T, y_on) == 0);
+    int near = 1;
+    for (int i = 0; i < T * rows; i++) near &= fabsf(y_on[i] - (1.5f + y[i])) <= 1e-5f * (1.5f + fabsf(y[i]));
+    CHECK_MSG(near, "added to 1.5, the product is not 1.5 more");
     struct ebb_pool *pool = ebb_pool_create(2);
     const char *paths[] = {"scalar", "avx2", "avx512"};
     for (int p = 0; p < 3; p++) {
         const struct ebb_backend *pb = ebb_backend_cpu_named(paths[p]);
         if (!pb) continue;
         float yp[T * 80];
+        for (int i = 0; i < T * rows; i++) yp[i] = 1.5f;
         CHECK(bitstack_linear(pb, pool, &sc, &bm, x, T, yp) == 0);
-        CHECK_MSG(!memcmp(yp, y, sizeof yp), "%s over a pool differs", paths[p]);
+        CHECK_MSG(!memcmp(yp, y_on, sizeof yp), "%s over a pool differs", paths[p]);
     }
     ebb_pool_destroy(pool);
     bm.depth = 0;
+    y1[0] = 2.0f, y1[rows - 1] = -3.0f;
     CHECK(bitstack_linear(be, NULL, &sc, &bm, x, 1, y1) == 0);
-    CHECK(y1[0] == 0 && y1[rows - 1] == 0);
+    CHECK(y1[0] == 2.0f && y1[rows - 1] == -3.0f);
     bitstack_scratch_free(sc);
     for (int l = 0; l < levels; l++) bitstack_level_free(&lv[l]);
     free(w);

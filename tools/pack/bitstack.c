@@ -35,6 +35,14 @@
  * pack.c then writes the file again with them (the writer still holds
  * everything), so the runtime can quote quality at any budget.
  *
+ * On a base (--base-bits 2): each matrix is first quantized to W2G64 (GPTQ
+ * with its input's calibration Hessian, gptq.c, unless --weight-quant rtn
+ * asks for kernels/formats.c's range-searching rounding), written as its own tensor,
+ * and the stack peels (W - Q) diag(s) instead of W diag(s); the base is
+ * always resident and the order, checkpoints and budgets count the stack
+ * above it. Rounding the unscaled W keeps the base an ordinary W2G64 matrix
+ * the runtime multiplies with its own product.
+ *
  * SVD: LAPACK's sgesvdx computes only the r leading triplets; single
  * precision is enough for factors that end in f16.
  *
@@ -183,6 +191,28 @@ static int add_matrix_blocks(struct gguf_writer *gw, int layer, enum bitstack_ki
     return rc;
 }
 
+/* A matrix's W2G64 base as its tensor blk.N.M.bs_base [cols, rows], and
+ * what it leaves, W - Q, in residual_of: GPTQ when u (its input's prepared
+ * Hessian, pack_gptq_prepare) is given, else round to nearest. base:
+ * scratch for its blocks. */
+static int add_matrix_base(struct gguf_writer *gw, int layer, enum bitstack_kind k, const float *w, int rows,
+                           int cols, const float *u, const uint8_t *dead, struct ebb_pool *pool, uint8_t *base,
+                           float *residual_of) {
+    const size_t n = (size_t)rows * cols, bytes = n / EBB_W2G64_GROUP * EBB_W2G64_BLOCK_BYTES;
+    if (u) {   /* the sweep updates the weights it is given: a copy */
+        memcpy(residual_of, w, n * sizeof *w);
+        pack_gptq_quantize_w2g64(residual_of, rows, cols, u, dead, pool, base);
+    } else {
+        ebb_quantize_w2g64(w, base, n);   /* rows are whole groups, back to back */
+    }
+    ebb_type_info(EBB_TYPE_W2G64)->to_f32(base, residual_of, n);
+    for (size_t i = 0; i < n; i++) residual_of[i] = w[i] - residual_of[i];
+    char name[96];
+    const uint64_t ne[2] = {(uint64_t)cols, (uint64_t)rows};
+    snprintf(name, sizeof name, "blk.%d.%s.bs_base", layer, bitstack_kind_name(k));
+    return gguf_writer_add_tensor(gw, name, EBB_TYPE_W2G64, 2, ne, base, bytes);
+}
+
 /* Importance order: level by level; within a level the blocks that take the
  * most activation-weighted error away first (ties: lower block first). */
 struct ranked { uint32_t block; int level; double gain; };
@@ -234,11 +264,22 @@ static void progress_matrices(int done, int total, double elapsed) {
 }
 
 int pack_write_bitstack(struct gguf_writer *gw, const struct model *m, const struct pack_calib *cal,
-                        const struct pack_options *o, struct pack_result *r, char *err, size_t errlen) {
+                        struct ebb_pool *pool, const struct pack_options *o, struct pack_result *r, char *err,
+                        size_t errlen) {
     const struct model_config *c = &m->cfg;
     const int levels = o->bitstack_levels, n_matrices = c->n_layer * BITSTACK_KINDS;
     const size_t n_blocks = (size_t)n_matrices * levels;
     int widest = c->n_ff > c->n_embd ? c->n_ff : c->n_embd;
+    const size_t biggest = (size_t)widest * (size_t)widest;   /* no matrix has more weights */
+    const int on_base = o->bitstack_base_bits == 2;
+    float *residual_of = on_base ? malloc(biggest * sizeof *residual_of) : NULL;
+    uint8_t *base = on_base ? malloc(biggest / EBB_W2G64_GROUP * EBB_W2G64_BLOCK_BYTES) : NULL;
+    /* GPTQ for the base: each activation point's U (shared by the matrices
+     * reading it) and dead channels, made when its first matrix comes. */
+    const int gptq = on_base && o->weight_quant == PACK_GPTQ;
+    float *u = gptq ? malloc((size_t)widest * widest * sizeof *u) : NULL;
+    uint8_t *dead = gptq ? malloc((size_t)widest) : NULL;
+    int u_point = -1;
     double *gain = calloc(n_blocks, sizeof *gain);
     uint32_t *order = malloc(n_blocks * sizeof *order);
     struct bitstack_level *lv = calloc((size_t)levels, sizeof *lv);
@@ -246,7 +287,8 @@ int pack_write_bitstack(struct gguf_writer *gw, const struct model *m, const str
     float *scale = malloc((size_t)widest * sizeof *scale);
     size_t stack_bytes = 0, stack_elems = 0;
     int rc = -1;
-    if (!gain || !order || !lv || !residual || !scale) {
+    if (!gain || !order || !lv || !residual || !scale || (on_base && (!residual_of || !base)) ||
+        (gptq && (!u || !dead))) {
         snprintf(err, errlen, "out of memory");
         goto out;
     }
@@ -284,6 +326,29 @@ int pack_write_bitstack(struct gguf_writer *gw, const struct model *m, const str
                 snprintf(err, errlen, "layer %d %s is not an f32 matrix", l, bitstack_kind_name((enum bitstack_kind)k));
                 goto out;
             }
+            if (on_base) {
+                if (cols % EBB_W2G64_GROUP) {
+                    snprintf(err, errlen, "a W2G64 base needs inputs in multiples of %d (layer %d %s has %d)",
+                             EBB_W2G64_GROUP, l, bitstack_kind_name((enum bitstack_kind)k), cols);
+                    goto out;
+                }
+                const struct pack_act_stats *st = gptq ? &cal->pt[l * ACT_POINTS + point] : NULL;
+                if (st && !st->hess) {
+                    snprintf(err, errlen, "no calibration Hessian for layer %d (GPTQ base)", l);
+                    goto out;
+                }
+                if (st && u_point != l * ACT_POINTS + point) {
+                    if (pack_gptq_prepare(st->hess, cols, o->damp, u, dead, err, errlen)) goto out;
+                    u_point = l * ACT_POINTS + point;
+                }
+                if (add_matrix_base(gw, l, (enum bitstack_kind)k, wm, rows, cols, st ? u : NULL, dead, pool, base,
+                                    residual_of)) {
+                    snprintf(err, errlen, "out of memory writing layer %d", l);
+                    goto out;
+                }
+                stack_bytes += ebb_row_bytes(EBB_TYPE_W2G64, (uint64_t)cols) * (size_t)rows;
+                wm = residual_of;   /* the stack peels what the base leaves */
+            }
             double start = 0;
             for (int ro = 0; ro < rows; ro++)
                 for (int i = 0; i < cols; i++) {
@@ -314,11 +379,19 @@ int pack_write_bitstack(struct gguf_writer *gw, const struct model *m, const str
         goto out;
     }
     gguf_writer_set_str(gw, "ebb.format", "bitstack");
+    if (on_base) {
+        gguf_writer_set_str(gw, "ebb.bitstack.base", "W2G64");
+        gguf_writer_set_str(gw, "ebb.weight_quant", gptq ? "gptq" : "rtn");   /* how the base was rounded */
+    }
     gguf_writer_set_u32(gw, "ebb.bitstack.levels", (uint32_t)levels);
     gguf_writer_set_arr_u32(gw, "ebb.bitstack.order", order, n_blocks);
     r->linear_bpw = stack_elems ? 8.0 * (double)stack_bytes / (double)stack_elems : 0;
     rc = 0;
 out:
+    free(residual_of);
+    free(base);
+    free(u);
+    free(dead);
     free(gain);
     free(order);
     free(lv);

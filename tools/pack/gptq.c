@@ -1,4 +1,5 @@
-/* 4-bit weights: GPTQ (Frantar et al., 2022) and round-to-nearest.
+/* 4-bit weights, and a stack's 2-bit base: GPTQ (Frantar et al., 2022) and
+ * round-to-nearest.
  *
  * GPTQ quantizes a weight matrix column by column (columns = inputs) and,
  * after rounding column i, moves the rounding error onto the columns not yet
@@ -28,6 +29,9 @@
  * Round-to-nearest is kernels/formats.c's ebb_quantize_w4g64_rtn (the
  * format's own rule, d = absmax / 7), the plain baseline GPTQ is measured
  * against.
+ * The same sweep writes W2G64 (a BitStack base, tools/pack/bitstack.c): each
+ * group's step and minimum from formats.c's range search on the group's
+ * values when the sweep reaches it, codes 0..3 above the minimum.
  */
 #include <cblas.h>
 #include <lapacke.h>
@@ -48,6 +52,13 @@ void pack_w4g64_block(struct ebb_block_w4g64 *b, uint16_t d_f16, const int8_t *c
     b->d = d_f16;
     for (int i = 0; i < G / 2; i++)
         b->qs[i] = (uint8_t)((codes[i] + 8) | ((codes[i + G / 2] + 8) << 4));
+}
+
+/* W2G64's codes (0..3) of one group into its block's 16 code bytes: the
+ * other place outside formats.c that writes a layout, for the same reason. */
+void pack_w2g64_codes(uint8_t *block, const int8_t *codes) {
+    memset(block + 4, 0, G / 4);
+    for (int i = 0; i < G; i++) block[4 + i % (G / 4)] |= (uint8_t)(codes[i] << (2 * (i / (G / 4))));
 }
 
 static int round_code(float v, float inv_d, int lo, int hi) {
@@ -136,13 +147,52 @@ static uint16_t choose_scale(const float *x) {
     return best;
 }
 
+/* One group's grid as the sweep uses it: W4G64's symmetric codes -8..7 of
+ * step d, or W2G64's codes 0..3 of step d above m (the f16 bits kept as the
+ * block stores them). */
+struct grid {
+    uint16_t d16, m16;
+    float d, m, inv;
+};
+
+/* The grid for a group's current values (x: its G values). */
+static struct grid group_grid(enum ebb_type type, const float *x) {
+    struct grid g = {0, 0, 0, 0, 0};
+    if (type == EBB_TYPE_W2G64) {
+        /* formats.c's range search, on the values as the sweep has left them */
+        uint8_t blk[EBB_W2G64_BLOCK_BYTES];
+        ebb_quantize_w2g64(x, blk, G);
+        g.d16 = (uint16_t)(blk[0] | blk[1] << 8);
+        g.m16 = (uint16_t)(blk[2] | blk[3] << 8);
+        g.m = ebb_f16_to_f32(g.m16);
+    } else {
+        g.d16 = choose_scale(x);
+    }
+    g.d = ebb_f16_to_f32(g.d16);
+    g.inv = g.d > 0 ? 1.0f / g.d : 0.0f;
+    return g;
+}
+
+/* A value's code on the grid and the value the code stands for. */
+static int grid_code(enum ebb_type type, const struct grid *g, float x, float *value) {
+    if (type == EBB_TYPE_W2G64) {
+        const int q = round_code(x - g->m, g->inv, 0, 3);
+        *value = g->d * (float)q + g->m;
+        return q;
+    }
+    const int q = round_code(x, g->inv, -8, 7);
+    *value = (float)q * g->d;
+    return q;
+}
+
 struct gptq_job {
+    enum ebb_type type;  /* W4G64 or W2G64 */
     float *w;
     int cols, i1, i2;
     const float *u;
     float *err;          /* [rows][BATCH] scaled errors of the batch */
     int8_t *codes;       /* [rows][cols] */
-    uint16_t *scales;    /* [rows][cols/G] */
+    struct grid *grids;  /* [rows][cols/G] */
     int rows;
 };
 
@@ -155,18 +205,13 @@ static void gptq_batch_task(void *arg, int part, int n_parts) {
     for (int r = r0; r < r1; r++) {
         float *row = j->w + (size_t)r * cols;
         float *e = j->err + (size_t)r * BATCH;
-        float d = 0, inv = 0;
+        struct grid *grid = j->grids + (size_t)r * (cols / G);
         for (int i = j->i1; i < j->i2; i++) {
-            if (i % G == 0) {
-                uint16_t d16 = choose_scale(row + i);
-                j->scales[(size_t)r * (cols / G) + i / G] = d16;
-                d = ebb_f16_to_f32(d16);
-                inv = d > 0 ? 1.0f / d : 0.0f;
-            }
+            if (i % G == 0) grid[i / G] = group_grid(j->type, row + i);
             const float x = row[i];
-            const int q = round_code(x, inv, -8, 7);
-            j->codes[(size_t)r * cols + i] = (int8_t)q;
-            const float ei = (x - (float)q * d) / j->u[(size_t)i * cols + i];
+            float value;
+            j->codes[(size_t)r * cols + i] = (int8_t)grid_code(j->type, &grid[i / G], x, &value);
+            const float ei = (x - value) / j->u[(size_t)i * cols + i];
             e[i - j->i1] = ei;
             const float *ui = j->u + (size_t)i * cols;
             for (int k = i + 1; k < j->i2; k++) row[k] -= ei * ui[k];
@@ -174,20 +219,22 @@ static void gptq_batch_task(void *arg, int part, int n_parts) {
     }
 }
 
-void pack_gptq_quantize(float *w, int rows, int cols, const float *u, const uint8_t *dead,
-                        struct ebb_pool *pool, struct ebb_block_w4g64 *out) {
+/* The sweep for either type; out: rows * cols / G blocks of it. */
+static void gptq_sweep(enum ebb_type type, float *w, int rows, int cols, const float *u, const uint8_t *dead,
+                       struct ebb_pool *pool, uint8_t *out) {
     float *err = malloc((size_t)rows * BATCH * sizeof(float));
     int8_t *codes = malloc((size_t)rows * cols);
-    uint16_t *scales = malloc((size_t)rows * (cols / G) * sizeof(uint16_t));
-    if (!err || !codes || !scales) {
+    struct grid *grids = malloc((size_t)rows * (cols / G) * sizeof *grids);
+    if (!err || !codes || !grids) {
         /* Out of memory for the sweep: fall back to round-to-nearest rather
          * than fail a long run at its end. */
         free(err);
         free(codes);
-        free(scales);
+        free(grids);
         fprintf(stderr, "ebb pack: out of memory for GPTQ on a %dx%d matrix; using round-to-nearest\n", rows,
                 cols);
-        pack_rtn_quantize(w, rows, cols, out);
+        if (type == EBB_TYPE_W2G64) ebb_quantize_w2g64(w, out, (size_t)rows * cols);
+        else pack_rtn_quantize(w, rows, cols, (struct ebb_block_w4g64 *)(void *)out);
         return;
     }
     if (dead)
@@ -196,18 +243,35 @@ void pack_gptq_quantize(float *w, int rows, int cols, const float *u, const uint
                 for (int r = 0; r < rows; r++) w[(size_t)r * cols + i] = 0;
     for (int i1 = 0; i1 < cols; i1 += BATCH) {
         const int i2 = i1 + BATCH < cols ? i1 + BATCH : cols;
-        struct gptq_job job = {w, cols, i1, i2, u, err, codes, scales, rows};
+        struct gptq_job job = {type, w, cols, i1, i2, u, err, codes, grids, rows};
         if (pool) ebb_pool_run(pool, gptq_batch_task, &job, ebb_pool_threads(pool));
         else gptq_batch_task(&job, 0, 1);
         if (i2 < cols)   /* W[:, i2:] -= Err[:, 0:nb] U[i1:i2, i2:] */
             cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, rows, cols - i2, i2 - i1, -1.0f, err, BATCH,
                         u + (size_t)i1 * cols + i2, cols, 1.0f, w + i2, cols);
     }
-    for (int r = 0; r < rows; r++)
-        for (int g = 0; g < cols / G; g++)
-            pack_w4g64_block(out + (size_t)r * (cols / G) + g, scales[(size_t)r * (cols / G) + g],
-                             codes + (size_t)r * cols + (size_t)g * G);
+    for (size_t k = 0; k < (size_t)rows * (cols / G); k++) {
+        const int8_t *c = codes + k * G;
+        if (type == EBB_TYPE_W2G64) {
+            uint8_t *b = out + k * EBB_W2G64_BLOCK_BYTES;
+            b[0] = (uint8_t)grids[k].d16, b[1] = (uint8_t)(grids[k].d16 >> 8);
+            b[2] = (uint8_t)grids[k].m16, b[3] = (uint8_t)(grids[k].m16 >> 8);
+            pack_w2g64_codes(b, c);
+        } else {
+            pack_w4g64_block((struct ebb_block_w4g64 *)(void *)(out + k * EBB_W4G64_BLOCK_BYTES), grids[k].d16, c);
+        }
+    }
     free(err);
     free(codes);
-    free(scales);
+    free(grids);
+}
+
+void pack_gptq_quantize(float *w, int rows, int cols, const float *u, const uint8_t *dead,
+                        struct ebb_pool *pool, struct ebb_block_w4g64 *out) {
+    gptq_sweep(EBB_TYPE_W4G64, w, rows, cols, u, dead, pool, (uint8_t *)out);
+}
+
+void pack_gptq_quantize_w2g64(float *w, int rows, int cols, const float *u, const uint8_t *dead,
+                              struct ebb_pool *pool, uint8_t *out) {
+    gptq_sweep(EBB_TYPE_W2G64, w, rows, cols, u, dead, pool, out);
 }

@@ -50,6 +50,7 @@ void pack_options_default(struct pack_options *o) {
     o->head_bits = 8;
     o->act8_per_token = 1;
     o->bitstack_rank_bits = 0.125;
+    o->bitstack_base_bits = 2;
     o->bitstack_order = PACK_ORDER_IMPORTANCE;
     o->bitstack_checkpoints = 8;
     o->bitstack_checkpoint_windows = 4;
@@ -536,9 +537,9 @@ int pack_run(const struct pack_options *o, struct pack_result *r, char *err, siz
     const int source = o->format == PACK_SOURCE, bitstack = o->format == PACK_BITSTACK;
     if (bitstack && (o->bitstack_levels < 0 || o->bitstack_levels > 64 || !(o->bitstack_rank_bits > 0) ||
                      o->bitstack_rank_bits > 4 || o->bitstack_checkpoints < 0 || o->bitstack_checkpoints > 4096 ||
-                     o->bitstack_checkpoint_windows < 1)) {
+                     o->bitstack_checkpoint_windows < 1 || (o->bitstack_base_bits != 0 && o->bitstack_base_bits != 2))) {
         snprintf(err, errlen, "bitstack levels must be 1 to 64, rank bits in (0, 4], checkpoints 0 to 4096 over at "
-                              "least one window");
+                              "least one window, base bits 0 or 2");
         return -1;
     }
     if (o->format != PACK_W4A16 && o->act_bits != 4 && o->act_bits != 8) {
@@ -593,11 +594,14 @@ int pack_run(const struct pack_options *o, struct pack_result *r, char *err, siz
                 if (t->n_dims == 2 && !strncmp(t->name.ptr, "blk.", 4)) { bytes += t->nbytes; elems += t->n_elems; }
             }
             const double src_bpw = elems ? 8.0 * (double)bytes / (double)elems : 4.5;
-            bo.bitstack_levels = (int)(src_bpw / (1.0 + bo.bitstack_rank_bits)) + 1;
+            const double base_bpw = bo.bitstack_base_bits ? 8.0 * EBB_W2G64_BLOCK_BYTES / EBB_W2G64_GROUP : 0;
+            const double above = src_bpw > base_bpw ? src_bpw - base_bpw : 0;
+            bo.bitstack_levels = (int)(above / (1.0 + bo.bitstack_rank_bits)) + 1;
         }
         o = &bo;
     }
-    const int need_hessian = !source && !bitstack && o->weight_quant == PACK_GPTQ;
+    /* GPTQ's Hessians: for the matrices of w4a4 and w4a16, and for a stack's base */
+    const int need_hessian = !source && (!bitstack || o->bitstack_base_bits) && o->weight_quant == PACK_GPTQ;
     const int need_absmax = bitstack || (o->format != PACK_W4A16 && o->act_bits == 4);
     const int calibrate = need_hessian || need_absmax;
     if (calibrate) {
@@ -648,7 +652,7 @@ int pack_run(const struct pack_options *o, struct pack_result *r, char *err, siz
     gw = gguf_writer_new();
     if (!gw) { snprintf(err, errlen, "out of memory"); goto out; }
     if (bitstack) {
-        if (pack_write_bitstack(gw, &m, &cal, o, r, err, errlen)) goto out;
+        if (pack_write_bitstack(gw, &m, &cal, model_run_pool(run), o, r, err, errlen)) goto out;
     } else if (source) {
         if (pack_write_source(gw, &m, calibrate ? &cal : NULL, o, r, err, errlen)) goto out;
     } else if (pack_requantize(gw, &m, run, calibrate ? &cal : NULL, o, &lw, r, err, errlen)) {

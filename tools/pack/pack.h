@@ -159,6 +159,14 @@ int pack_gptq_prepare(const double *hess, int n, double damp, float *u, uint8_t 
 void pack_gptq_quantize(float *w, int rows, int cols, const float *u, const uint8_t *dead,
                         struct ebb_pool *pool, struct ebb_block_w4g64 *out);
 
+/* The same sweep into W2G64 blocks (20 bytes per 64 values at out): each
+ * group's step and minimum from ebb_quantize_w2g64's range search on its
+ * values when the group starts, codes 0..3. */
+void pack_gptq_quantize_w2g64(float *w, int rows, int cols, const float *u, const uint8_t *dead,
+                              struct ebb_pool *pool, uint8_t *out);
+/* A W2G64 block's code bytes from 64 codes in [0, 3] (its d and m untouched). */
+void pack_w2g64_codes(uint8_t *block, const int8_t *codes);
+
 /* Round to nearest, the format's own rule (ebb_quantize_w4g64_rtn). */
 void pack_rtn_quantize(const float *w, int rows, int cols, struct ebb_block_w4g64 *out);
 
@@ -209,6 +217,8 @@ struct pack_options {
     int head_bits;                /* output head: 8 (Q8_0, tied when the source is) or 4 (W4G64) */
     int act8_per_token;           /* source at 4 bits: each token's loudest blocks are 8-bit (the
                                    * default), else the blocks ranked first by calibration */
+    int bitstack_base_bits;       /* bitstack: 2, the stack sits on a W2G64 copy of each matrix
+                                   * and peels its residual; 0: a plain stack */
     int bitstack_levels;          /* bitstack: levels per matrix; 0: enough to pass the source's size */
     double bitstack_rank_bits;    /* bitstack: bits per weight the low-rank factors may cost */
     enum pack_bitstack_order bitstack_order;
@@ -276,11 +286,6 @@ int bitstack_rank_for(int rows, int cols, double rank_bits);
 int bitstack_decompose(const float *w, int rows, int cols, const float *scale, int levels, int rank,
                        struct bitstack_level *blocks, double *residual, char *err, size_t errlen);
 void bitstack_level_free(struct bitstack_level *l);
-/* The stack of every layer matrix of m (an f32 model) into gw: activation
- * scales from cal (abssum), o->bitstack_levels levels of each matrix, the
- * blocks ordered level by level and by importance within a level (see
- * bitstack.c), the Q8_0 embedding and head and the f32 norms; fills r's
- * linear_bpw (of the whole stack). 0, or -1 with err. */
 /* The stack order (enum pack_bitstack_order) of n_matrices * levels blocks
  * into order: gain[block] is what each block takes away (importance only;
  * block = matrix * levels + level), seed draws the random order. Always
@@ -297,7 +302,16 @@ int pack_bitstack_order(enum pack_bitstack_order kind, int n_matrices, int level
 int pack_bitstack_checkpoints(const char *path, const int32_t *windows, int n_windows, int len, int32_t bos,
                               int n_checkpoints, int n_threads, int progress, uint64_t **bytes_out, float **ppl_out,
                               int *n_out, char *err, size_t errlen);
+/* The stack of every layer matrix of m (an f32 model) into gw: activation
+ * scales from cal (abssum), o->bitstack_levels levels of each matrix, the
+ * blocks ordered level by level and by importance within a level (see
+ * bitstack.c), the Q8_0 embedding and head and the f32 norms; with
+ * o->bitstack_base_bits, each matrix's W2G64 base first (GPTQ with cal's
+ * Hessians on pool when o->weight_quant says so, else round to nearest) and
+ * the stack on what it leaves. Fills r's linear_bpw (of the base and the
+ * whole stack). 0, or -1 with err. */
 int pack_write_bitstack(struct gguf_writer *gw, const struct model *m, const struct pack_calib *cal,
-                        const struct pack_options *o, struct pack_result *r, char *err, size_t errlen);
+                        struct ebb_pool *pool, const struct pack_options *o, struct pack_result *r, char *err,
+                        size_t errlen);
 
 #endif
