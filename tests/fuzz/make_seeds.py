@@ -337,15 +337,17 @@ def gguf_seeds(ebb):
                 f.write("The cat sat on the mat. In the beginning there was text, and it was tokenized. " * 20)
             src = p("a.gguf")
             for fmt, extra_args in (("w4a4", []), ("source", ["--act-bits", "4"]), ("w4a16", []),
-                                    ("bitstack", ["--levels", "2", "--checkpoints", "0"])):
+                                    ("bitstack", ["--base-bits", "0", "--levels", "2", "--checkpoints", "0"]),
+                                    ("bitstack-base", ["--levels", "2", "--checkpoints", "0"])):
                 out = p(f"packed-{fmt}.gguf")
-                subprocess.run([ebb, "pack", "-m", src, "--format", fmt, "-o", out, "--calib", calib,
+                subprocess.run([ebb, "pack", "-m", src, "--format", fmt.split("-")[0], "-o", out, "--calib", calib,
                                 "--calib-seqs", "2", "--calib-len", "16", "--no-register", "--no-eval", "-q",
                                 "-t", "1"] + extra_args, check=True)
                 with open(out, "rb") as f:
                     files[f"tiny-packed-{fmt}"] = f.read()
     files.update(damaged("every-type", files["every-type"]))
-    for name in ("tiny-q4_0", "tiny-packed-w4a4", "tiny-packed-source", "tiny-packed-bitstack"):   # big: cut only
+    for name in ("tiny-q4_0", "tiny-packed-w4a4", "tiny-packed-source", "tiny-packed-bitstack",
+                 "tiny-packed-bitstack-base"):   # big: cut only
         if name in files:
             files[f"{name}-cut-half"] = files[name][:len(files[name]) // 2]
             files[f"{name}-cut-last"] = files[name][:-1]
