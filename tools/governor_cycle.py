@@ -116,7 +116,8 @@ def sweep(s, points):
                      "depth": mm["weights"]["stack"]["depth"], "bpw": mm["weights"]["stack"]["bits_per_weight"],
                      "weights": mm["weight_bytes"], "rss": rss(s.proc.pid), "mapped": mapped_rss(s.proc.pid),
                      "prefill": n_prompt / ttft, "decode": (n_gen - 1) / rest if n_gen > 1 else 0})
-    print("| budget (MB) | stack resident (MB) | depth | stack bits/weight | weights (MB) | file pages resident (MB) "
+    # bits a weight of the layer matrices as computed: a base's too, when the stack has one
+    print("| budget (MB) | stack resident (MB) | depth | bits/weight (base + stack) | weights (MB) | file pages resident (MB) "
           "| RSS (MB) | prefill tok/s | decode tok/s |")
     print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
