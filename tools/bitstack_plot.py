@@ -5,7 +5,8 @@ docs/benchmarks.md.
 
 The x axis is the layer matrices' bytes over their weights, so a stack prefix and a
 quantized copy sit where they cost the same: a prefix's resident bytes times 8 over the
-weights of the stack's matrices (counted from its sign tensors: one bit a weight a level);
+weights of the stack's matrices (counted from its sign tensors: one bit a weight a level),
+plus a base's bytes when the stack sits on one (drawn as its own line);
 round-to-nearest at b bits in groups of 64 costs b + 0.5 (two f16 a group), a Q4_1 source
 5 (20 bytes a block of 32). f32 is drawn as a line: 32 bits a weight is off the scale.
 Perplexity is on a log axis: the stack's one-level prefix is orders of magnitude worse
@@ -14,13 +15,14 @@ than its last.
     tools/bitstack_plot.py ablation.csv budgets.csv baselines.csv -o docs/bitstack_sweep.png
     tools/bitstack_plot.py docs/data/bitstack_{budgets,halves,baselines}_32.csv \
         --windows 32 -o docs/bitstack_sweep_32.png
+    tools/bitstack_plot.py docs/data/bitstack_{budgets,halves,baselines,base_halves}_32.csv \
+        --windows 32 --model models/SmolLM2-135M-Instruct.Q4_1.gguf -o docs/bitstack_base_32.png
 """
 import argparse
 import csv
 import os
 import sys
 
-import gguf
 import matplotlib
 
 matplotlib.use("Agg")
@@ -28,13 +30,26 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bitstack_gguf  # noqa: E402
+import gguf_header  # noqa: E402
 
 BASELINE_BPW = {"source": 5.0, "rtn2": 2.5, "rtn3": 3.5, "rtn4": 4.5}
 
 
-def stack_weights(path):
-    """Weights of the stack's matrices."""
-    return bitstack_gguf.stack_weights(gguf.GGUFReader(path))
+def stack_weights(path, model=None):
+    """Weights of the stack's matrices and the bytes of its base (0 without one), from the
+    header alone (the `gguf` package cannot open a stack on a base). A stack file that is
+    gone is taken for a plain stack of `model`'s shapes, when given."""
+    if not os.path.exists(path) and model:
+        path = model
+    kv, tensors, _ = gguf_header.read(path)
+    arch = kv["general.architecture"]
+    n_embd, n_ff = kv[f"{arch}.embedding_length"], kv[f"{arch}.feed_forward_length"]
+    n_head, n_head_kv = kv[f"{arch}.attention.head_count"], kv[f"{arch}.attention.head_count_kv"]
+    head_dim = kv.get(f"{arch}.attention.key_length", n_embd // n_head)
+    q, kv_dim = n_head * head_dim, n_head_kv * head_dim
+    per_layer = 2 * q * n_embd + 2 * kv_dim * n_embd + 3 * n_ff * n_embd
+    base = sum(dims[0] * dims[1] // 64 * 20 for name, (_, dims, _) in tensors.items() if name.endswith(".bs_base"))
+    return kv[f"{arch}.block_count"] * per_layer, base
 
 
 def main():
@@ -42,6 +57,7 @@ def main():
     ap.add_argument("csv", nargs="+")
     ap.add_argument("-o", "--output", required=True)
     ap.add_argument("--windows", type=int, help="windows the CSVs' runs scored, named in the title")
+    ap.add_argument("--model", help="a GGUF of the same model: its shapes stand for a plain stack file that is gone")
     a = ap.parse_args()
     rows = []
     for path in a.csv:
@@ -50,17 +66,21 @@ def main():
     weights = {}
     series = {}
     for r in rows:
+        base = 0
         if r["resident_bytes"]:
             if r["file"] not in weights:
-                weights[r["file"]] = stack_weights(r["file"])
-            bpw = 8 * int(r["resident_bytes"]) / weights[r["file"]]
+                weights[r["file"]] = stack_weights(r["file"], a.model)
+            n, base = weights[r["file"]]
+            bpw = 8 * (int(r["resident_bytes"]) + base) / n
         else:
             bpw = BASELINE_BPW.get(r["kind"])
-        key = r["kind"] if r["resident_bytes"] else ("rtn" if r["kind"].startswith("rtn") else r["kind"])
+        key = (r["kind"] + ("+base" if base else "")) if r["resident_bytes"] else \
+            ("rtn" if r["kind"].startswith("rtn") else r["kind"])
         series.setdefault(key, {})[bpw] = float(r["ppl"])   # a repeated point: the last run counts
     fig, ax = plt.subplots(figsize=(7, 4.5))
     styles = {"importance": ("o-", "stack, importance order"), "random": ("s--", "stack, random order"),
-              "uniform": ("^:", "stack, matrix order (uniform)"), "rtn": ("D-", "round to nearest, g64"),
+              "uniform": ("^:", "stack, matrix order (uniform)"),
+              "importance+base": ("v-", "stack on a 2-bit base (W2G64)"), "rtn": ("D-", "round to nearest, g64"),
               "source": ("*", "Q4_1 source")}
     for key, (style, label) in styles.items():
         if key in series:
