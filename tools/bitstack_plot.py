@@ -29,7 +29,6 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import bitstack_gguf  # noqa: E402
 import gguf_header  # noqa: E402
 
 BASELINE_BPW = {"source": 5.0, "rtn2": 2.5, "rtn3": 3.5, "rtn4": 4.5}
