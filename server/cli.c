@@ -210,7 +210,9 @@ int cli_fit_stack(const char *cmd, struct model *m, uint64_t stack_bytes) {
         lo = s->depth[i] < lo ? s->depth[i] : lo;
         hi = s->depth[i] > hi ? s->depth[i] : hi;
     }
-    printf("stack: %zu of %zu bytes resident, %d to %d of %d levels per matrix\n", s->resident_bytes,
+    printf("stack: %zu of %zu bytes resident, %d to %d of %d levels per matrix", s->resident_bytes,
            s->cum_bytes[(size_t)s->n_matrices * s->levels], lo, hi, s->levels);
+    if (s->base_bytes) printf(", on a W2G64 base of %zu bytes", s->base_bytes);
+    printf("\n");
     return 0;
 }

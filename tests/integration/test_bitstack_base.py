@@ -116,6 +116,10 @@ def ppl(ebb_bin, model, *args):
 
 def test_in_place_computes_what_the_file_says_and_levels_help(ebb_bin, based):
     src, out = based
+    p = run_ebb(ebb_bin, "ppl", "-m", str(out), "-f", str(HELDOUT), "--chunks", "1", timeout=600)
+    _, tensors, _ = gguf_header.read(out)
+    base = sum(dims[0] * dims[1] // 64 * 20 for name, (_, dims, _) in tensors.items() if name.endswith(".bs_base"))
+    assert f", on a W2G64 base of {base} bytes" in p.stdout.decode(), p.stdout.decode()
     in_place, (resident, total) = ppl(ebb_bin, out)
     dense, _ = ppl(ebb_bin, out, "--weights", "f32")
     assert resident == total and abs(in_place - dense) <= 0.03 * dense, (in_place, dense)
