@@ -10,7 +10,8 @@ What is checked, and against what:
   - ebb computes what the file says: perplexity in place (the base's 2-bit product on int8
     activations, the blocks' sign products) is the dense f32 rebuild's within their rounding,
     and falls with every level;
-  - a base of another type, or a matrix without its base, is refused naming the file.
+  - a base of another type, or a matrix without its base, is refused naming the file;
+  - packing again writes the same bytes.
 The daemon serving a based stack as the bottom rung of a ladder, through budget changes
 while requests stream, is test_governor.py's ladder test.
 """
@@ -40,11 +41,16 @@ def based(ebb_bin, model_path, tmp_path_factory):
     d = tmp_path_factory.mktemp("bitstack-base")
     src, out = d / "cut2.gguf", d / "cut2.based.gguf"
     cut_model(model_path, src, 2)
+    pack(ebb_bin, src, out)
+    return src, out
+
+
+def pack(ebb_bin, src, out):
+    """ebb pack's default stack (on a base) of src, small and quick."""
     p = run_ebb(ebb_bin, "pack", "-m", str(src), "--format", "bitstack", "--levels", str(LEVELS),
                 "--calib-seqs", "4", "--calib-len", "128", "--checkpoints", "0", "--no-eval", "--no-register",
                 "-o", str(out), timeout=600)
     assert p.returncode == 0, p.stderr.decode()
-    return src, out
 
 
 def tensor_bytes(path, header, name, count):
@@ -147,3 +153,12 @@ def test_a_bad_base_is_refused_naming_the_file(ebb_bin, based, tmp_path, old, ne
     p = run_ebb(ebb_bin, "ppl", "-m", str(bad), "-f", str(HELDOUT), "--chunks", "1")
     err = p.stderr.decode()
     assert p.returncode != 0 and str(bad) in err and why in err, err
+
+
+def test_packing_again_writes_the_same_bytes(ebb_bin, based, tmp_path):
+    # The base's rounding and the stack above it are deterministic: the same source, options
+    # and seed give the same file.
+    src, out = based
+    again = tmp_path / "again.gguf"
+    pack(ebb_bin, src, again)
+    assert again.read_bytes() == out.read_bytes()
