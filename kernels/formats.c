@@ -286,33 +286,36 @@ static void w2_codes(const float *x, float d, float m, int *q)
     }
 }
 
-/* The least-squares (d, m) for fixed codes, and the squared error it leaves.
- * All codes equal: d = 0, m the mean. */
-static double w2_fit(const float *x, const int *q, double *d, double *m)
+/* The least-squares (d, m) for fixed codes, each value's square error
+ * weighted by wt (NULL: all 1), and the weighted squared error it leaves.
+ * All codes equal: d = 0, m the weighted mean. */
+static double w2_fit(const float *x, const float *wt, const int *q, double *d, double *m)
 {
-    double sq = 0, sx = 0, sqq = 0, sqx = 0;
+    double sw = 0, sq = 0, sx = 0, sqq = 0, sqx = 0;
     for (int j = 0; j < W2G64; j++) {
-        sq += q[j], sx += x[j], sqq += (double)q[j] * q[j], sqx += (double)q[j] * x[j];
+        const double w = wt ? wt[j] : 1.0;
+        sw += w, sq += w * q[j], sx += w * x[j], sqq += w * q[j] * q[j], sqx += w * q[j] * x[j];
     }
-    const double det = W2G64 * sqq - sq * sq;
-    if (det > 0) {
-        *d = (W2G64 * sqx - sq * sx) / det;
-        *m = (sx - *d * sq) / W2G64;
+    const double det = sw * sqq - sq * sq;
+    if (det > 1e-12 * sw * sqq) {
+        *d = (sw * sqx - sq * sx) / det;
+        *m = (sx - *d * sq) / sw;
     } else {
-        *d = 0, *m = sx / W2G64;
+        *d = 0, *m = sw > 0 ? sx / sw : 0;
     }
     double err = 0;
     for (int j = 0; j < W2G64; j++) {
         const double e = x[j] - (*d * q[j] + *m);
-        err += e * e;
+        err += (wt ? wt[j] : 1.0) * e * e;
     }
     return err;
 }
 
-void ebb_quantize_w2g64(const float *src, void *dst, size_t n)
+void ebb_quantize_w2g64_weighted(const float *src, const float *weight, void *dst, size_t n)
 {
     uint8_t *b = dst;
     for (size_t blk = 0; blk < n / W2G64; blk++, src += W2G64, b += EBB_W2G64_BLOCK_BYTES) {
+        const float *wt = weight ? weight + blk * W2G64 : NULL;
         float lo = src[0], hi = src[0];
         for (int j = 1; j < W2G64; j++) lo = src[j] < lo ? src[j] : lo, hi = src[j] > hi ? src[j] : hi;
         int q[W2G64];
@@ -322,7 +325,7 @@ void ebb_quantize_w2g64(const float *src, void *dst, size_t n)
                 const float l = lo + (hi - lo) * 0.05f * (float)a, h = hi - (hi - lo) * 0.05f * (float)z;
                 double d, m;
                 w2_codes(src, (h - l) / 3, l, q);
-                const double err = w2_fit(src, q, &d, &m);
+                const double err = w2_fit(src, wt, q, &d, &m);
                 /* a negative step would turn the levels around: keep only real fits */
                 if (d >= 0 && err < best) best = err, best_d = d, best_m = m;
             }
@@ -334,6 +337,8 @@ void ebb_quantize_w2g64(const float *src, void *dst, size_t n)
         for (int j = 0; j < W2G64; j++) b[4 + j % W2G64_CODE_BYTES] |= (uint8_t)(q[j] << (2 * (j / W2G64_CODE_BYTES)));
     }
 }
+
+void ebb_quantize_w2g64(const float *src, void *dst, size_t n) { ebb_quantize_w2g64_weighted(src, NULL, dst, n); }
 
 void ebb_quantize_q8_0(const float *src, void *dst, size_t n)
 {

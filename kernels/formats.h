@@ -111,6 +111,10 @@ void ebb_quantize_w4g64_rtn(const float *src, void *dst, size_t n);
  * plain min-max grid spends two of four levels on the tails). A constant
  * group gets d = 0 and m its value. Inputs must be finite and within f16. */
 void ebb_quantize_w2g64(const float *src, void *dst, size_t n);
+/* The same with each value's squared error weighted by weight[i] (n
+ * weights, non-negative; NULL: all 1) in the fit and the choice of range:
+ * a packer that knows which inputs are loud rounds their columns closer. */
+void ebb_quantize_w2g64_weighted(const float *src, const float *weight, void *dst, size_t n);
 
 /* ggml's Q8_0 quantizer, rule for rule (so ebb's Q8_0 tensors are the bytes
  * llama.cpp would write): blocks of 32, d = absmax / 127 stored as f16,
