@@ -347,7 +347,9 @@ static void levels_advise(const struct bitstack_matrix *bm, int from, int to,
     advise(b->signs, (size_t)(to - from) * bitstack_block_bytes(b->rows, b->cols, b->rank));
 }
 
-size_t bitstack_min_bytes(const struct bitstack *s) { return s->cum_bytes[s->n_matrices]; }
+/* A plain stack computes nothing useful below one level of every matrix (the
+ * order is level-major); a stack on a base computes with the base alone. */
+size_t bitstack_min_bytes(const struct bitstack *s) { return s->base_bytes ? 0 : s->cum_bytes[s->n_matrices]; }
 
 size_t bitstack_least_weight_bytes(const struct model *m) {
     const struct bitstack *s = m->stack;

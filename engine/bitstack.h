@@ -138,14 +138,15 @@ float bitstack_ppl_at(const struct bitstack *s, size_t stack_bytes);
  * -1 with err (out of memory: the matrices are then unusable). */
 int bitstack_fit(struct model *m, size_t stack_bytes, char *err, size_t errlen);
 
-/* Stack bytes: the least servable prefix (one level of every matrix: the
- * order is level-major), the whole stack, and the longest prefix that fits
- * in bytes (0 when not even one block does). */
+/* Stack bytes: the least servable prefix (one level of every matrix, the
+ * order being level-major; none on a base, which computes alone), the whole
+ * stack, and the longest prefix that fits in bytes (0 when not even one
+ * block does). */
 size_t bitstack_min_bytes(const struct bitstack *s);
 size_t bitstack_full_bytes(const struct bitstack *s);
 size_t bitstack_prefix_bytes(const struct bitstack *s, size_t bytes);
 /* The weights a model holds at its least: a stack file's weights outside
- * the stack, its base and one level of every matrix; any other file's all. */
+ * the stack, its base and its least prefix; any other file's all. */
 size_t bitstack_least_weight_bytes(const struct model *m);
 /* The number of blocks in that prefix. */
 size_t bitstack_prefix_blocks(const struct bitstack *s, size_t bytes);

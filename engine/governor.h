@@ -50,7 +50,7 @@ struct governor_model {
     size_t rung_bytes[GOVERNOR_MAX_RUNGS];   /* the rungs' weights, largest first */
     int n_rungs;               /* 0: the bottom configuration only */
     size_t fixed_bytes;        /* the bottom's weights that do not change with the budget */
-    size_t stack_min_bytes;    /* one level of every stack matrix (0: no stack) */
+    size_t stack_min_bytes;    /* the stack's least prefix: one level of every matrix (0: no stack, or one on a base) */
     size_t stack_full_bytes;   /* the whole stack (0: no stack) */
     size_t kv_min_bytes;       /* the KV of its smallest request */
     size_t kv_held_bytes;      /* the KV its admitted requests reserve now */

@@ -466,7 +466,8 @@ static int budget_problem(const struct governor_model *gm, int n, uint64_t bytes
     }
     const uint64_t kv = least - fixed - stack;
     snprintf(err, errlen, "a budget of %llu bytes is below the least the served models need: %llu bytes of weights "
-             "that cannot shrink, %llu bytes for one level of every BitStack matrix, and %llu bytes of KV cache (what "
+             "that cannot shrink, %llu bytes for the least BitStack prefix (one level of every matrix; none on a base), "
+             "and %llu bytes of KV cache (what "
              "running requests hold, or at least the smallest request: one prompt token and one generated); give at "
              "least %llu bytes", (unsigned long long)bytes, (unsigned long long)fixed, (unsigned long long)stack,
              (unsigned long long)kv, (unsigned long long)least);
