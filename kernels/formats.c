@@ -277,19 +277,28 @@ static void w2g64_to_f32(const void *src, float *dst, size_t n)
     }
 }
 
+void ebb_w2g64_block(void *block, uint16_t d_f16, uint16_t m_f16, const int8_t *codes)
+{
+    uint8_t *b = block;
+    wr_f16(b, d_f16);
+    wr_f16(b + 2, m_f16);
+    memset(b + 4, 0, W2G64_CODE_BYTES);
+    for (int j = 0; j < W2G64; j++) b[4 + j % W2G64_CODE_BYTES] |= (uint8_t)(codes[j] << (2 * (j / W2G64_CODE_BYTES)));
+}
+
 /* Codes of x against (d, m): nearest level, clamped to [0, 3]. */
-static void w2_codes(const float *x, float d, float m, int *q)
+static void w2_codes(const float *x, float d, float m, int8_t *q)
 {
     for (int j = 0; j < W2G64; j++) {
         const int c = d > 0 ? (int)roundf((x[j] - m) / d) : 0;
-        q[j] = c < 0 ? 0 : c > 3 ? 3 : c;
+        q[j] = (int8_t)(c < 0 ? 0 : c > 3 ? 3 : c);
     }
 }
 
 /* The least-squares (d, m) for fixed codes, each value's square error
  * weighted by wt (NULL: all 1), and the weighted squared error it leaves.
  * All codes equal: d = 0, m the weighted mean. */
-static double w2_fit(const float *x, const float *wt, const int *q, double *d, double *m)
+static double w2_fit(const float *x, const float *wt, const int8_t *q, double *d, double *m)
 {
     double sw = 0, sq = 0, sx = 0, sqq = 0, sqx = 0;
     for (int j = 0; j < W2G64; j++) {
@@ -318,7 +327,7 @@ void ebb_quantize_w2g64_weighted(const float *src, const float *weight, void *ds
         const float *wt = weight ? weight + blk * W2G64 : NULL;
         float lo = src[0], hi = src[0];
         for (int j = 1; j < W2G64; j++) lo = src[j] < lo ? src[j] : lo, hi = src[j] > hi ? src[j] : hi;
-        int q[W2G64];
+        int8_t q[W2G64];
         double best = INFINITY, best_d = 0, best_m = lo;
         for (int a = 0; a <= 5 && hi > lo; a++)
             for (int z = 0; z <= 5; z++) {
@@ -330,11 +339,8 @@ void ebb_quantize_w2g64_weighted(const float *src, const float *weight, void *ds
                 if (d >= 0 && err < best) best = err, best_d = d, best_m = m;
             }
         const uint16_t hd = ebb_f32_to_f16((float)best_d), hm = ebb_f32_to_f16((float)best_m);
-        wr_f16(b, hd);
-        wr_f16(b + 2, hm);
         w2_codes(src, ebb_f16_to_f32(hd), ebb_f16_to_f32(hm), q);
-        memset(b + 4, 0, W2G64_CODE_BYTES);
-        for (int j = 0; j < W2G64; j++) b[4 + j % W2G64_CODE_BYTES] |= (uint8_t)(q[j] << (2 * (j / W2G64_CODE_BYTES)));
+        ebb_w2g64_block(b, hd, hm, q);
     }
 }
 

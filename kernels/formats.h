@@ -115,6 +115,9 @@ void ebb_quantize_w2g64(const float *src, void *dst, size_t n);
  * weights, non-negative; NULL: all 1) in the fit and the choice of range:
  * a packer that knows which inputs are loud rounds their columns closer. */
 void ebb_quantize_w2g64_weighted(const float *src, const float *weight, void *dst, size_t n);
+/* One W2G64 block from its f16 step and minimum (bit patterns) and 64 codes
+ * in [0, 3]: for a quantizer that chooses codes itself (GPTQ's sweep). */
+void ebb_w2g64_block(void *block, uint16_t d_f16, uint16_t m_f16, const int8_t *codes);
 
 /* ggml's Q8_0 quantizer, rule for rule (so ebb's Q8_0 tensors are the bytes
  * llama.cpp would write): blocks of 32, d = absmax / 127 stored as f16,

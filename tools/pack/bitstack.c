@@ -336,12 +336,7 @@ int pack_write_bitstack(struct gguf_writer *gw, const struct model *m, const str
                 snprintf(err, errlen, "layer %d %s is not an f32 matrix", l, bitstack_kind_name((enum bitstack_kind)k));
                 goto out;
             }
-            if (on_base) {
-                if (cols % EBB_W2G64_GROUP) {
-                    snprintf(err, errlen, "a W2G64 base needs inputs in multiples of %d (layer %d %s has %d)",
-                             EBB_W2G64_GROUP, l, bitstack_kind_name((enum bitstack_kind)k), cols);
-                    goto out;
-                }
+            if (on_base) {   /* inputs are whole groups: pack_check_shapes wants multiples of 64 */
                 const struct pack_act_stats *st = gptq ? &cal->pt[l * ACT_POINTS + point] : NULL;
                 if (st && !st->hess) {
                     snprintf(err, errlen, "no calibration Hessian for layer %d (GPTQ base)", l);

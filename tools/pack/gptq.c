@@ -54,13 +54,6 @@ void pack_w4g64_block(struct ebb_block_w4g64 *b, uint16_t d_f16, const int8_t *c
         b->qs[i] = (uint8_t)((codes[i] + 8) | ((codes[i + G / 2] + 8) << 4));
 }
 
-/* W2G64's codes (0..3) of one group into its block's 16 code bytes: the
- * other place outside formats.c that writes a layout, for the same reason. */
-void pack_w2g64_codes(uint8_t *block, const int8_t *codes) {
-    memset(block + 4, 0, G / 4);
-    for (int i = 0; i < G; i++) block[4 + i % (G / 4)] |= (uint8_t)(codes[i] << (2 * (i / (G / 4))));
-}
-
 static int round_code(float v, float inv_d, int lo, int hi) {
     int q = (int)lrintf(v * inv_d);
     return q < lo ? lo : q > hi ? hi : q;
@@ -253,10 +246,7 @@ static void gptq_sweep(enum ebb_type type, float *w, int rows, int cols, const f
     for (size_t k = 0; k < (size_t)rows * (cols / G); k++) {
         const int8_t *c = codes + k * G;
         if (type == EBB_TYPE_W2G64) {
-            uint8_t *b = out + k * EBB_W2G64_BLOCK_BYTES;
-            b[0] = (uint8_t)grids[k].d16, b[1] = (uint8_t)(grids[k].d16 >> 8);
-            b[2] = (uint8_t)grids[k].m16, b[3] = (uint8_t)(grids[k].m16 >> 8);
-            pack_w2g64_codes(b, c);
+            ebb_w2g64_block(out + k * EBB_W2G64_BLOCK_BYTES, grids[k].d16, grids[k].m16, c);
         } else {
             pack_w4g64_block((struct ebb_block_w4g64 *)(void *)(out + k * EBB_W4G64_BLOCK_BYTES), grids[k].d16, c);
         }

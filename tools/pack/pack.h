@@ -164,8 +164,6 @@ void pack_gptq_quantize(float *w, int rows, int cols, const float *u, const uint
  * values when the group starts, codes 0..3. */
 void pack_gptq_quantize_w2g64(float *w, int rows, int cols, const float *u, const uint8_t *dead,
                               struct ebb_pool *pool, uint8_t *out);
-/* A W2G64 block's code bytes from 64 codes in [0, 3] (its d and m untouched). */
-void pack_w2g64_codes(uint8_t *block, const int8_t *codes);
 
 /* Round to nearest, the format's own rule (ebb_quantize_w4g64_rtn). */
 void pack_rtn_quantize(const float *w, int rows, int cols, struct ebb_block_w4g64 *out);
