@@ -30,22 +30,26 @@ def stack_bytes(reader):
     return sum(int(t.n_bytes) for t in block_tensors(reader))
 
 
-def _field(reader, key):
-    return int(reader.fields[key].parts[-1][0])
+def matrix_shapes(kv):
+    """{kind: (rows, cols)} of a layer's matrices, outputs by inputs, from the model's dimensions
+    in kv ({key: value}, as tools/gguf_header.py reads them)."""
+    arch = kv["general.architecture"]
+    n_embd, n_ff = kv[f"{arch}.embedding_length"], kv[f"{arch}.feed_forward_length"]
+    n_head, n_head_kv = kv[f"{arch}.attention.head_count"], kv[f"{arch}.attention.head_count_kv"]
+    head_dim = kv.get(f"{arch}.attention.key_length", n_embd // n_head)
+    q, kv_dim = n_head * head_dim, n_head_kv * head_dim
+    return {"attn_q": (q, n_embd), "attn_k": (kv_dim, n_embd), "attn_v": (kv_dim, n_embd),
+            "attn_output": (n_embd, q), "ffn_gate": (n_ff, n_embd), "ffn_up": (n_ff, n_embd),
+            "ffn_down": (n_embd, n_ff)}
 
 
 def matrix_shape(reader, kind):
-    """(rows, cols) of a kind's matrices: outputs by inputs, from the model's dimensions."""
+    """(rows, cols) of a kind's matrices, from a `gguf` reader's fields."""
     arch = bytes(reader.fields["general.architecture"].parts[-1]).decode()
-    n_embd = _field(reader, f"{arch}.embedding_length")
-    n_ff = _field(reader, f"{arch}.feed_forward_length")
-    n_head = _field(reader, f"{arch}.attention.head_count")
-    n_head_kv = _field(reader, f"{arch}.attention.head_count_kv")
-    key = f"{arch}.attention.key_length"
-    head_dim = _field(reader, key) if key in reader.fields else n_embd // n_head
-    q, kv = n_head * head_dim, n_head_kv * head_dim
-    return {"attn_q": (q, n_embd), "attn_k": (kv, n_embd), "attn_v": (kv, n_embd), "attn_output": (n_embd, q),
-            "ffn_gate": (n_ff, n_embd), "ffn_up": (n_ff, n_embd), "ffn_down": (n_embd, n_ff)}[kind]
+    keys = ("embedding_length", "feed_forward_length", "attention.head_count", "attention.head_count_kv",
+            "attention.key_length")
+    kv = {f"{arch}.{k}": int(reader.fields[f"{arch}.{k}"].parts[-1][0]) for k in keys if f"{arch}.{k}" in reader.fields}
+    return matrix_shapes({"general.architecture": arch, **kv})[kind]
 
 
 def rank_of(block_bytes, rows, cols):

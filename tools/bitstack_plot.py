@@ -29,6 +29,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bitstack_gguf  # noqa: E402
 import gguf_header  # noqa: E402
 
 BASELINE_BPW = {"source": 5.0, "rtn2": 2.5, "rtn3": 3.5, "rtn4": 4.5}
@@ -41,14 +42,9 @@ def stack_weights(path, model=None):
     if not os.path.exists(path) and model:
         path = model
     kv, tensors, _ = gguf_header.read(path)
-    arch = kv["general.architecture"]
-    n_embd, n_ff = kv[f"{arch}.embedding_length"], kv[f"{arch}.feed_forward_length"]
-    n_head, n_head_kv = kv[f"{arch}.attention.head_count"], kv[f"{arch}.attention.head_count_kv"]
-    head_dim = kv.get(f"{arch}.attention.key_length", n_embd // n_head)
-    q, kv_dim = n_head * head_dim, n_head_kv * head_dim
-    per_layer = 2 * q * n_embd + 2 * kv_dim * n_embd + 3 * n_ff * n_embd
+    per_layer = sum(rows * cols for rows, cols in bitstack_gguf.matrix_shapes(kv).values())
     base = sum(dims[0] * dims[1] // 64 * 20 for name, (_, dims, _) in tensors.items() if name.endswith(".bs_base"))
-    return kv[f"{arch}.block_count"] * per_layer, base
+    return kv[f"{kv['general.architecture']}.block_count"] * per_layer, base
 
 
 def main():
