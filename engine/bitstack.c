@@ -150,13 +150,17 @@ static int load_base(struct model *m, struct bitstack *s, char *err, size_t errl
     struct gguf_str type;
     if (gguf_get_str(&m->file, key, &type) || type.len != 5 || memcmp(type.ptr, "W2G64", 5))
         return load_error(err, errlen, m->file.path, "%s must be \"W2G64\" (the only base type)", key);
+    for (int k = 0; k < BITSTACK_KINDS; k++) {   /* the model's shapes first: the rule, not a tensor, is wrong */
+        int rows, cols;
+        bitstack_kind_shape(&m->cfg, (enum bitstack_kind)k, &rows, &cols);
+        if (cols % EBB_W2G64_GROUP)
+            return load_error(err, errlen, m->file.path, "a W2G64 base needs inputs in multiples of %d (%s has %d)",
+                              EBB_W2G64_GROUP, bitstack_kind_name((enum bitstack_kind)k), cols);
+    }
     for (int mi = 0; mi < s->n_matrices; mi++) {
         const enum bitstack_kind k = (enum bitstack_kind)(mi % BITSTACK_KINDS);
         int rows, cols;
         bitstack_kind_shape(&m->cfg, k, &rows, &cols);
-        if (cols % EBB_W2G64_GROUP)
-            return load_error(err, errlen, m->file.path, "a W2G64 base needs inputs in multiples of %d (%s has %d)",
-                              EBB_W2G64_GROUP, bitstack_kind_name(k), cols);
         char name[96];
         snprintf(name, sizeof name, "blk.%d.%s.bs_base", mi / BITSTACK_KINDS, bitstack_kind_name(k));
         const struct gguf_tensor *t = want_tensor(m, name, EBB_TYPE_W2G64, (uint64_t)cols, (uint64_t)rows, 1, err,

@@ -365,23 +365,23 @@ def test_malformed_checkpoints_are_refused(ebb_bin, stack, tmp_path):
     assert ppl_run(ebb_bin, same, "--stack-bytes", str(at[-1]))[2] == pytest.approx(ppl[-1], rel=1e-4)
 
 
-def test_a_matrix_whose_signs_are_not_whole_bytes_is_refused_at_load(ebb_bin, tmp_path):
-    # A block's signs are whole bytes a row (inputs a multiple of 8), or its factors would be
-    # misaligned. The packer never writes such a file (it needs dimensions in multiples of
-    # 64), so one is made from the tiny fuzz seed's stack with an FFN of 36 and blocks of the
-    # sizes that width gives: refused naming the matrix and the rule.
+def stack_with_ffn(path, n_ff, extra_kv=()):
+    """The tiny fuzz seed's plain stack with an FFN of n_ff and blocks of the sizes that
+    width gives (rank 1, zeros), written to path, with extra (key, value, type) metadata: a
+    stack of a shape the packer never writes (it needs dimensions in multiples of 64)."""
     seed = ROOT / "tests" / "fuzz" / "gguf" / "seed-tiny-packed-bitstack"
     r = gguf.GGUFReader(str(seed))
     arch = bytes(r.fields["general.architecture"].parts[-1]).decode()
-    n_embd, n_ff, levels = 64, 36, bitstack_gguf.levels(r)
-    odd = tmp_path / "ffn36.gguf"
-    w = gguf.GGUFWriter(str(odd), arch)
+    n_embd, levels = 64, bitstack_gguf.levels(r)
+    w = gguf.GGUFWriter(str(path), arch)
     copy_fields(r, w, lambda name: name not in {"general.architecture", f"{arch}.feed_forward_length"}
                 and not name.startswith("ebb.bitstack."))
     w.add_feed_forward_length(n_ff)
     w.add_key_value("ebb.bitstack.levels", levels, gguf.GGUFValueType.UINT32)
     w.add_key_value("ebb.bitstack.order", array(r.fields, "ebb.bitstack.order"), gguf.GGUFValueType.ARRAY,
                     gguf.GGUFValueType.UINT32)
+    for key, value, vtype in extra_kv:
+        w.add_key_value(key, value, vtype)
     for t in r.tensors:
         x, kind = np.asarray(t.data), t.name.split(".")[2] if t.name.startswith("blk.") else ""
         if kind in ("ffn_gate", "ffn_up", "ffn_down"):
@@ -394,6 +394,14 @@ def test_a_matrix_whose_signs_are_not_whole_bytes_is_refused_at_load(ebb_bin, tm
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+    return path
+
+
+def test_a_matrix_whose_signs_are_not_whole_bytes_is_refused_at_load(ebb_bin, tmp_path):
+    # A block's signs are whole bytes a row (inputs a multiple of 8), or its factors would be
+    # misaligned. The packer never writes such a file, so one is made with an FFN of 36:
+    # refused naming the matrix and the rule.
+    odd = stack_with_ffn(tmp_path / "ffn36.gguf", 36)
     assert "stack matrices need inputs in multiples of 8 and rows x inputs in multiples of 16 (ffn_down is " \
         "64 x 36)" in refused(ebb_bin, odd)
 

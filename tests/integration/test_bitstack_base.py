@@ -10,7 +10,9 @@ What is checked, and against what:
   - ebb computes what the file says: perplexity in place (the base's 2-bit product on int8
     activations, the blocks' sign products) is the dense f32 rebuild's within their rounding,
     and falls with every level;
-  - a base of another type, or a matrix without its base, is refused naming the file;
+  - a bad base is refused naming the file: a base type other than W2G64, a matrix without its
+    base, a base tensor of another type, a base on inputs not in groups of 64;
+  - the packer's base options refuse what they cannot do, before any work;
   - packing again writes the same bytes.
 The daemon serving a based stack as the bottom rung of a ladder, through budget changes
 while requests stream, is test_governor.py's ladder test.
@@ -23,7 +25,7 @@ import numpy as np
 import pytest
 
 from conftest import run_ebb
-from test_bitstack import cut_model
+from test_bitstack import cut_model, refused, stack_with_ffn
 import bitstack_gguf  # noqa: E402  (tools/, on the path through conftest)
 import gguf_header  # noqa: E402
 
@@ -164,3 +166,36 @@ def test_packing_again_writes_the_same_bytes(ebb_bin, based, tmp_path):
     again = tmp_path / "again.gguf"
     pack(ebb_bin, src, again)
     assert again.read_bytes() == out.read_bytes()
+
+
+def test_a_base_tensor_of_another_type_is_refused(ebb_bin, based, tmp_path):
+    # The tensor table's type field of one base (after its name, its dimension count and two
+    # dimensions) changed from W2G64 to Q4_0.
+    data = bytearray(based[1].read_bytes())
+    name = b"blk.0.attn_k.bs_base"
+    at = data.index(name) + len(name) + 4 + 16
+    assert int.from_bytes(data[at:at + 4], "little") == W2G64
+    data[at:at + 4] = (2).to_bytes(4, "little")
+    bad = tmp_path / "q4_0-base.gguf"
+    bad.write_bytes(bytes(data))
+    assert "stack tensor 'blk.0.attn_k.bs_base' is of another type or shape; expected W2G64 [576, 192, 1]" \
+        in refused(ebb_bin, bad)
+
+
+def test_a_base_on_inputs_not_in_groups_of_64_is_refused(ebb_bin, tmp_path):
+    odd = stack_with_ffn(tmp_path / "ffn40.gguf", 40, [("ebb.bitstack.base", "W2G64", gguf.GGUFValueType.STRING)])
+    assert "a W2G64 base needs inputs in multiples of 64 (ffn_down has 40)" in refused(ebb_bin, odd)
+
+
+@pytest.mark.parametrize("args,why", [
+    (("--base-bits", "1"), "--base-bits must be 0 or 2"),
+    (("--base-bits", "3"), "--base-bits"),
+    (("--base-bits", "0", "--weight-quant", "gptq"), "--weight-quant applies to a bitstack's base; --base-bits 0 has none"),
+    (("--format", "w4a4", "--base-bits", "2"), "apply to --format bitstack only"),
+])
+def test_base_options_that_cannot_apply_are_refused(ebb_bin, model_path, tmp_path, args, why):
+    fmt = () if "--format" in args else ("--format", "bitstack")
+    out = tmp_path / "never.gguf"
+    p = run_ebb(ebb_bin, "pack", "-m", model_path, *fmt, *args, "--no-register", "-o", str(out), timeout=60)
+    err = p.stderr.decode()
+    assert p.returncode == 2 and why in err and not out.exists(), err
