@@ -48,12 +48,11 @@ struct sreq {
     float *logits;                  /* [n_vocab] */
     int32_t next_token;             /* sampled, to be fed at the next step */
     /* Speculative decoding: the step's pass (next_token, then the drafts),
-     * the logits of each of its rows (allocated at the first draft) and the
-     * request's acceptance so far. */
+     * where the logits of its rows go and the request's acceptance so far. */
     int32_t pass[DRAFT_MAX + 1];
     int n_drafted;                  /* drafts in this step's pass */
     int32_t unverified;             /* a draft's first token looked up but not verified, or -1 */
-    float *pass_logits;             /* [DRAFT_MAX + 1][n_vocab] */
+    float *pass_logits;             /* [1 + n_drafted][n_vocab] in the scheduler's verify_rows: this step's */
     struct draft_stats draft;
     atomic_int stop;                /* enum sreq_stop: set by any thread, read by the engine */
     struct sched_timing timing;
@@ -112,6 +111,13 @@ struct sched {
     double swaps[SWAP_RING];
     int n_swaps;
     struct draft_costs costs;       /* engine thread's: step times by token count */
+    /* The logits of every row a step verifies, shared by the requests that
+     * draft in it: grown to the most rows a step has verified (at most its
+     * tokens), so that memory follows the step, not the number of requests
+     * speculating (a buffer of DRAFT_MAX + 1 rows each was 1.8 MB a request
+     * on a 49K vocabulary). Like the run's scratch, outside the budget. */
+    float *verify_rows;
+    size_t verify_rows_cap;         /* rows */
     uint64_t drafts, draft_tokens, accepted_tokens, accepted_at[DRAFT_MAX];   /* under lock */
     struct sched_compress_stats compress[3];   /* under lock */
 };
@@ -139,7 +145,6 @@ static void sreq_free(struct sreq *r) {
     free(r->bias);
     free(r->prompt);
     free(r->logits);
-    free(r->pass_logits);
     free(r->prompt_rows);
     free(r);
 }
@@ -495,12 +500,14 @@ static void reserve_for_decode(struct sched *s) {
  * preempting anyone (a draft is never worth another request's pause).
  * `decoding` sequences decode this step; at most max_tokens in all. */
 static void plan_drafts(struct sched *s, int decoding, int max_tokens) {
-    const size_t pass_logits = (size_t)(DRAFT_MAX + 1) * (size_t)s->m->cfg.n_vocab * sizeof(float);
+    const size_t V = (size_t)s->m->cfg.n_vocab;
     int tokens = decoding;
+    size_t rows = 0;
     for (int i = 0; i < s->n_running; i++) {
         struct sreq *r = s->running[i];
         r->n_drafted = 0;
         r->unverified = -1;
+        r->pass_logits = NULL;
         if (!r->params.speculative || r->n_prefilled < r->n_replay || r->gen.finish != FINISH_NONE) continue;
         /* The context and max_tokens after this step's certain token. */
         int room = r->kv.n_ctx - r->kv.n_past - 1;
@@ -511,12 +518,31 @@ static void plan_drafts(struct sched *s, int decoding, int max_tokens) {
         /* The history ends with next_token: the draft is what follows it. */
         const int found = draft_ngram(r->gen.history, r->gen.n_history, room, r->pass + 1);
         int k = found && !s->cfg.draft_always ? draft_choose(&s->costs, &r->draft, tokens - 1, found, room) : found;
-        if (k && !r->pass_logits && !(r->pass_logits = malloc(pass_logits))) k = 0;
         if (k && kv_cache_reserve(&r->kv, r->kv.n_past + 1 + k) != KV_OK) k = 0;
         if (found && !k) r->unverified = r->pass[1];   /* found, not verified: see what comes */
         r->pass[0] = r->next_token;
         r->n_drafted = k;
         tokens += k;
+        if (k) rows += (size_t)(1 + k);
+    }
+    if (rows > s->verify_rows_cap) {   /* out of memory: this step verifies nothing */
+        float *grown = realloc(s->verify_rows, rows * V * sizeof(float));
+        if (grown) {
+            s->verify_rows = grown;
+            s->verify_rows_cap = rows;
+        }
+    }
+    size_t row = 0;
+    for (int i = 0; i < s->n_running; i++) {
+        struct sreq *r = s->running[i];
+        if (!r->n_drafted) continue;
+        if (rows > s->verify_rows_cap) {
+            r->unverified = r->pass[1];
+            r->n_drafted = 0;
+            continue;
+        }
+        r->pass_logits = s->verify_rows + row * V;
+        row += (size_t)(1 + r->n_drafted);
     }
 }
 
@@ -857,5 +883,6 @@ void sched_destroy(struct sched *s, int drain) {
     free(s->running);
     free(s->batch);
     free(s->batch_req);
+    free(s->verify_rows);
     free(s);
 }
