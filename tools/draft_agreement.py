@@ -10,7 +10,10 @@ teacher-forced on held-out text, for:
     --stack-bytes` on the stack file), against the served file;
   - a draft head over the N most frequent tokens of the calibration text (the served
     model's own logits, argmax restricted to those rows), N = 2048 .. 16384;
-and, given what a draft token costs relative to one of the served model (--costs, from
+When the served model is the stack itself (--served STACK: a stack on a 2-bit base serves
+well whole), level 0 is its base alone.
+
+And, given what a draft token costs relative to one of the served model (--costs, from
 `ebb bench` tg numbers: a stack level's decode against the file's; a draft head runs every
 layer and N / n_vocab of the head) and the verification curve c(k) (--verify, from `ebb
 bench --verify 8`), the best speedup over plain decoding such a draft could give:
@@ -18,6 +21,8 @@ max over k of (1 + a + ... + a^k) / (k * cost + c(k)), a the agreement.
 
     tools/draft_agreement.py --model models/SmolLM2-135M-Instruct.Q4_1.gguf \\
         --stack /tmp/bsm/smol.ckpt.gguf --windows 4
+    tools/draft_agreement.py --stack smol.wbase.gguf --served smol.wbase.gguf --levels 0,1,2 \\
+        --stack-costs 0.32,0.57,0.76 --heads "" --verify 1,1.37,1.90,2.11,2.68,3.13,3.66,3.88,4.60
 """
 import argparse
 import collections
@@ -46,11 +51,13 @@ def logits(ebb, model, ids, tmp, *extra):
 
 
 def level_bytes(stack):
-    import gguf
+    """Bytes of one level of the stack, from the header (the `gguf` package cannot open a stack
+    on a W2G64 base)."""
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    import bitstack_gguf
-    r = gguf.GGUFReader(stack)
-    return bitstack_gguf.stack_bytes(r) // bitstack_gguf.levels(r)
+    import gguf_header
+    kv, tensors, _ = gguf_header.read(stack)
+    blocks = sum(dims[0] * dims[1] for name, (_, dims, _) in tensors.items() if name.endswith(".bs_blocks"))
+    return blocks // kv["ebb.bitstack.levels"]
 
 
 def best_speedup(a, cost, c):
@@ -68,6 +75,7 @@ def main():
     ap.add_argument("--ebb", default="build/ebb")
     ap.add_argument("--model", default="models/SmolLM2-135M-Instruct.Q4_1.gguf")
     ap.add_argument("--stack", required=True, help="the model's BitStack file")
+    ap.add_argument("--served", help="the file whose greedy tokens are the reference (default: --model)")
     ap.add_argument("--text", default=os.path.expanduser("~/.cache/ebb/heldout.txt"))
     ap.add_argument("--calibration", default=os.path.expanduser("~/.cache/ebb/calibration.txt"))
     ap.add_argument("--windows", type=int, default=4)
@@ -81,29 +89,32 @@ def main():
     ap.add_argument("--verify", default="1,1.23,1.97,1.96,2.48,2.80,3.40,3.18,3.73", help="c(0..8)")
     args = ap.parse_args()
     c = [float(x) for x in args.verify.split(",")]
-    ids = tokenize(args.ebb, args.model, args.text)
+    served = args.served or args.model
+    ids = tokenize(args.ebb, served, args.text)
     windows = [ids[i * args.ctx:(i + 1) * args.ctx] for i in range(args.windows)]
     per_level = level_bytes(args.stack)
     levels = [int(x) for x in args.levels.split(",")]
     stack_costs = dict(zip(levels, (float(x) for x in args.stack_costs.split(","))))
-    counts = collections.Counter(tokenize(args.ebb, args.model, args.calibration))
+    heads = [int(x) for x in args.heads.split(",") if x]
+    counts = collections.Counter(tokenize(args.ebb, served, args.calibration)) if heads else None
     with tempfile.TemporaryDirectory() as tmp:
-        target = [logits(args.ebb, args.model, w, tmp).argmax(1) for w in windows]
+        full = [logits(args.ebb, served, w, tmp) for w in windows]
+        target = [f.argmax(1) for f in full]
         n = sum(len(t) for t in target)
         rows = []
         for lv in levels:
             agree = sum(int((logits(args.ebb, args.stack, w, tmp, "--stack-bytes", str(lv * per_level)).argmax(1)
                              == t).sum()) for w, t in zip(windows, target))
-            rows.append((f"stack, {lv} level{'s' if lv > 1 else ''}", agree / n, stack_costs[lv]))
-        full = [logits(args.ebb, args.model, w, tmp) for w in windows]
+            name = f"stack, {lv} level{'s' if lv > 1 else ''}" if lv else "the stack's base alone"
+            rows.append((name, agree / n, stack_costs[lv]))
         vocab = full[0].shape[1]
-        for h in (int(x) for x in args.heads.split(",")):
+        for h in heads:
             keep = np.array(sorted(t for t, _ in counts.most_common(h)))
             agree = sum(int((keep[f[:, keep].argmax(1)] == t).sum()) for f, t in zip(full, target))
             rows.append((f"draft head, {h} most frequent tokens", agree / n,
                          1 - args.head_share * (1 - h / vocab)))
-    print(f"{n} positions ({args.windows} windows of {args.ctx}) of {args.text}; the served model's greedy "
-          f"token as the reference\n")
+    print(f"{n} positions ({args.windows} windows of {args.ctx}) of {args.text}; the greedy token of "
+          f"{served} as the reference\n")
     print("| draft | agrees with the served model | a draft token costs | best speedup (k) |")
     print("| --- | ---: | ---: | ---: |")
     for name, a, cost in rows:
