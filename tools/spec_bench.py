@@ -138,7 +138,9 @@ def main():
     ap.add_argument("--llama-bin")
     ap.add_argument("--llama-model")
     ap.add_argument("--csv")
+    ap.add_argument("--sets", help="comma-separated prompt sets to run (default: all): " + ", ".join(SETS))
     args = ap.parse_args()
+    sets = SETS if not args.sets else {k: SETS[k] for k in args.sets.split(",")}
 
     tmp = tempfile.TemporaryDirectory()
     common = ["--threads", str(args.threads), "--kv-bits", str(args.kv_bits), "--max-running", "4"]
@@ -158,7 +160,7 @@ def main():
                       ("llama.cpp Q4_0, llama-lookup", lambda p: llama_run(args, "llama-lookup",
                                                                           rendered_prompt(adaptive, p)))]
         for rep in range(args.reps):
-            for set_name, prompts in SETS.items():
+            for set_name, prompts in sets.items():
                 for i, prompt in enumerate(prompts):
                     ref = None
                     for mode, run in modes:
@@ -179,9 +181,9 @@ def main():
             w = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
             w.writeheader()
             w.writerows(rows)
-    for set_name in SETS:
+    for set_name in sets:
         base = statistics.mean(r["tok_s"] for r in rows if r["set"] == set_name and r["mode"] == "ebb, no drafts")
-        print(f"\n{set_name} ({len(SETS[set_name])} prompts x {args.reps}, {args.max_tokens} tokens, greedy)\n")
+        print(f"\n{set_name} ({len(sets[set_name])} prompts x {args.reps}, {args.max_tokens} tokens, greedy)\n")
         print("| decoder | decode tok/s | vs ebb without drafts | drafts kept | kept per token |")
         print("| --- | ---: | ---: | ---: | ---: |")
         for mode in dict.fromkeys(r["mode"] for r in rows):
