@@ -208,11 +208,14 @@ static int add_matrix_base(struct gguf_writer *gw, int layer, enum bitstack_kind
     } else {
         /* Each weight's error counts as much as its input is loud: s_i^2, the
          * squared mean magnitude of input i (what the error costs the output
-         * on average). Rows are whole groups, back to back. */
-        float *wt = malloc(n * sizeof *wt);
+         * on average). Rows are whole groups, so one row's weights serve
+         * every row. */
+        float *wt = malloc((size_t)cols * sizeof *wt);
         if (!wt) return -1;
-        for (size_t i = 0; i < n; i++) wt[i] = scale[i % (size_t)cols] * scale[i % (size_t)cols];
-        ebb_quantize_w2g64_weighted(w, wt, base, n);
+        for (int c = 0; c < cols; c++) wt[c] = scale[c] * scale[c];
+        const size_t row_bytes = (size_t)cols / EBB_W2G64_GROUP * EBB_W2G64_BLOCK_BYTES;
+        for (int r = 0; r < rows; r++)
+            ebb_quantize_w2g64_weighted(w + (size_t)r * cols, wt, base + (size_t)r * row_bytes, (size_t)cols);
         free(wt);
     }
     ebb_type_info(EBB_TYPE_W2G64)->to_f32(base, residual_of, n);
