@@ -11,6 +11,9 @@
  *                        tokens: one warp per output row for all of them, a
  *                        block's code bytes read side by side by its lanes
  *                        and its integer sum reduced across them.
+ *   prefill products     W4G64 and the legacy types at more than 8 tokens: int8
+ *                        tensor cores (mma.m16n8k32), exact integer sums per
+ *                        block folded in block order, as below.
  *   quantized products   one warp per (token, output row): lanes compute the
  *                        exact integer sums of 32 blocks at once, then every
  *                        lane folds them in block order (the same steps on
@@ -27,12 +30,13 @@
  *   BitStack             one thread per (row, vector) sign sum and per
  *                        (row, token) scaled output; one block per code vector.
  *
- * These are the reference kernels of the GPU path, built for being right
- * first: the warp product reads its blocks byte by byte and makes no use of
- * tensor cores. The tuned kernels the issue names (int8 MMA prefill, dp4a
- * split-K decode, cuBLASLt f16 for dequantized tiles) are to be measured
- * against these on a GPU and must give the same bits (the quantized ones) or
- * stay within the f32 tolerance.
+ * The warp-per-output product is the reference (EBB_CUDA_KERNELS=reference
+ * sends every product there); the decode and tensor-core kernels give its
+ * bits. The K-quants (Q2_K .. Q6_K) and W2G64 prefill on the reference
+ * kernel. cuBLASLt over f16 dequantized tiles, which the issue names for the
+ * GGUF types' prefill, would give up those bits and batch invariance (a
+ * token's output would depend on the batch it came in): the integer tiles
+ * keep both.
  *
  * Errors: every failure leaves its reason, in words, for memory->error().
  * Running out of device memory is an answer (alloc returns NULL) and the
@@ -251,12 +255,12 @@ __global__ void k_matmul_f32(float *out, const float *x, const float *w, int n_t
     if (lane == 0) out[(size_t)t * n_out + o] = sum;
 }
 
-/* Prefill of W4G64 (W4A8 and the W4A4 files, whose 4-bit groups are
- * exact at 8): int8 tensor cores. A warp computes 16 tokens x 32 rows --
- * four m16n8k32 tiles per half group, its A registers shared by the four --
- * and folds each group's exact sums into its outputs in group order
- * (hostdev.h's loads and fold, which test_cuda_math runs through an
- * emulated MMA); four warps to a block. */
+/* Prefill on int8 tensor cores: W4G64 (W4A8 and the W4A4 files, whose 4-bit
+ * groups are exact at 8) and the legacy GGUF types. A warp computes 16
+ * tokens x 32 rows -- four m16n8k32 tiles per 32 inputs, its A registers
+ * shared by the four -- and folds each block's exact sums into its outputs
+ * in block order (hostdev.h's loads and fold, which test_cuda_math runs
+ * through an emulated MMA); four warps to a block. */
 #define MMA_TOKENS 16
 #define MMA_ROWS_PER_WARP 32
 #define MMA_WARPS 4
@@ -271,28 +275,29 @@ __device__ __forceinline__ void mma_s8(int32_t c[4], const uint32_t a[4], const 
 #endif
 }
 
-__global__ void k_w4a8_mma(float *out, const int8_t *q, const float *s, const uint8_t *w, size_t row_bytes, int n_tok,
-                           int n_in, int n_out)
+template <int type>
+__global__ void k_mma(float *out, const int8_t *q, const float *d, const int16_t *sums, const uint8_t *w,
+                      size_t row_bytes, int n_tok, int n_in, int n_out)
 {
+    constexpr int halves = type == EBB_TYPE_W4G64 ? 2 : 1;   /* MMAs of 32 inputs per block */
     const int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP;
     const int t0 = blockIdx.y * MMA_TOKENS, o_base = (blockIdx.x * MMA_WARPS + warp) * MMA_ROWS_PER_WARP;
     if (o_base >= n_out) return;   /* a whole warp: the MMAs need every lane */
     float acc[MMA_ROWS_PER_WARP / 8][4];
     for (int nt = 0; nt < MMA_ROWS_PER_WARP / 8; nt++)
         for (int e = 0; e < 4; e++) acc[nt][e] = 0;
-    for (int g = 0; g < n_in / EBB_W4G64_GROUP; g++) {
-        uint32_t a[2][4];
-        ebb_hd_mma_load_a(a[0], q, n_in, n_tok, t0, EBB_W4G64_GROUP * g, lane);
-        ebb_hd_mma_load_a(a[1], q, n_in, n_tok, t0, EBB_W4G64_GROUP * g + 32, lane);
+    for (int blk = 0; blk < n_in / (32 * halves); blk++) {
+        uint32_t a[halves][4];
+        for (int kh = 0; kh < halves; kh++) ebb_hd_mma_load_a(a[kh], q, n_in, n_tok, t0, 32 * (halves * blk + kh), lane);
         for (int nt = 0; nt < MMA_ROWS_PER_WARP / 8; nt++) {
             const int o0 = o_base + 8 * nt;
             int32_t c[4] = {0, 0, 0, 0};
-            for (int kh = 0; kh < 2; kh++) {
+            for (int kh = 0; kh < halves; kh++) {
                 uint32_t b[2];
-                ebb_hd_mma_load_b(b, w, row_bytes, n_out, o0, g, kh, lane);
+                ebb_hd_mma_load_b(type, b, w, row_bytes, n_out, o0, blk, kh, lane);
                 mma_s8(c, a[kh], b);
             }
-            ebb_hd_mma_fold(acc[nt], c, w, row_bytes, q, s, n_tok, n_in, n_out, t0, o0, g, lane);
+            ebb_hd_mma_fold(type, acc[nt], c, w, row_bytes, q, d, sums, n_tok, n_in, n_out, t0, o0, blk, lane);
         }
     }
     for (int nt = 0; nt < MMA_ROWS_PER_WARP / 8; nt++)
@@ -321,12 +326,25 @@ static void launch_matmul(int type, float *out, const struct ebb_act *x, const v
         return;
     }
     const size_t row_bytes = ebb_row_bytes((uint32_t)type, (uint64_t)n_in);
-    if (type == EBB_TYPE_W4G64 && n_tok > GEMV_MAX_TOK && !reference_kernels) {
+    if (n_tok > GEMV_MAX_TOK && !reference_kernels && ebb_hd_mma_type(type)) {
         const dim3 grid(blocks_for((size_t)n_out, MMA_WARPS * MMA_ROWS_PER_WARP), blocks_for((size_t)n_tok, MMA_TOKENS));
         bind_thread();
-        k_w4a8_mma<<<grid, MMA_WARPS * WARP, 0, stream>>>(out, x->q, x->s, (const uint8_t *)w, row_bytes, n_tok, n_in,
-                                                          n_out);
-        launched("matmul W4G64 (tensor cores)");
+#define MMA_CASE(t) \
+    case t: \
+        k_mma<t><<<grid, MMA_WARPS * WARP, 0, stream>>>(out, x->q, x->s, x->sums, (const uint8_t *)w, row_bytes, \
+                                                        n_tok, n_in, n_out); \
+        break;
+        switch (type) {
+        MMA_CASE(EBB_TYPE_W4G64)
+        MMA_CASE(EBB_TYPE_Q4_0)
+        MMA_CASE(EBB_TYPE_Q4_1)
+        MMA_CASE(EBB_TYPE_Q5_0)
+        MMA_CASE(EBB_TYPE_Q5_1)
+        MMA_CASE(EBB_TYPE_Q8_0)
+        default: break;
+        }
+#undef MMA_CASE
+        launched("matmul (tensor cores)");
         return;
     }
     if (n_tok <= GEMV_MAX_TOK && !reference_kernels && ebb_hd_gemv_type(type)) {

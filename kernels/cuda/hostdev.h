@@ -685,12 +685,19 @@ EBB_HD void ebb_hd_kv_store_group(uint8_t *row, const float *x, int n, int bits,
 
 /* ------------------------------------------------- int8 tensor-core tiles
  *
- * W4G64 x Q8G64 at prefill on tensor cores (sm_80 and later): per 64-input
- * group, two m16n8k32 int8 MMAs give a 16-token x 8-row tile of the exact
- * integer sums, which ebb_hd_block_step then folds into each output in
- * group order, as every path does. The MMA's operand layout is the PTX
- * ISA's (mma.m16n8k32 with .s8 operands); lane l has group g = l >> 2 and
- * t = l & 3:
+ * Prefill on tensor cores (sm_80 and later) for the types whose integer
+ * sums are one per block of 32 or 64 inputs: W4G64 against Q8G64 codes and
+ * the legacy GGUF types (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0) against Q8B32 codes.
+ * Per 32 inputs, one m16n8k32 int8 MMA adds a 16-token x 8-row tile of
+ * integer products (a W4G64 group takes two); each block's exact sum is
+ * then folded into its outputs by ebb_hd_block_step, in block order, as
+ * every path does -- so the tiles give the scalar path's bits, and an
+ * output still depends on its own token and row only. A block's weights
+ * enter the MMA as the integers the CPU multiplies the codes by (code - 8
+ * for Q4_0 and W4G64, code - 16 for Q5_0, the bare code for Q4_1 and Q5_1,
+ * whose minimum the fold adds from the activation sums; Q8_0's bytes). The
+ * MMA's operand layout is the PTX ISA's (mma.m16n8k32 with .s8 operands);
+ * lane l has group g = l >> 2 and t = l & 3:
  *   A (16 tokens x 32 inputs): register r holds the 4 inputs from 4t + 16 *
  *     (r >> 1) of token g + 8 * (r & 1);
  *   B (32 inputs x 8 rows): register r holds the 4 inputs from 4t + 16r of
@@ -705,6 +712,13 @@ EBB_HD int ebb_hd_mma_b_in(int lane, int r) { return 4 * (lane & 3) + 16 * r; }
 EBB_HD int ebb_hd_mma_c_tok(int lane, int e) { return (lane >> 2) + 8 * (e >> 1); }
 EBB_HD int ebb_hd_mma_c_row(int lane, int e) { return 2 * (lane & 3) + (e & 1); }
 
+/* The types the tiles compute. */
+EBB_HD int ebb_hd_mma_type(int type)
+{
+    return type == EBB_TYPE_W4G64 || type == EBB_TYPE_Q4_0 || type == EBB_TYPE_Q4_1 || type == EBB_TYPE_Q5_0 ||
+           type == EBB_TYPE_Q5_1 || type == EBB_TYPE_Q8_0;
+}
+
 EBB_HD uint32_t ebb_hd_pack4(int v0, int v1, int v2, int v3)
 {
     return (uint32_t)(uint8_t)v0 | (uint32_t)(uint8_t)v1 << 8 | (uint32_t)(uint8_t)v2 << 16 | (uint32_t)(uint8_t)v3 << 24;
@@ -713,15 +727,23 @@ EBB_HD uint32_t ebb_hd_pack4(int v0, int v1, int v2, int v3)
 /* Four activation codes from input i (a multiple of 4) of a token's row. */
 EBB_HD uint32_t ebb_hd_codes4(const int8_t *row, int i) { return ebb_hd_pack4(row[i], row[i + 1], row[i + 2], row[i + 3]); }
 
-/* Four weights (codes - 8) from input k (a multiple of 4, < 64) of a
- * W4G64 block: k < 32 the low nibbles of qs[k..], else the high ones of
- * qs[k - 32 ..]. */
-EBB_HD uint32_t ebb_hd_w4g64_weights4(const uint8_t *block, int k)
+/* Weight k of a block (k < its elems) as the integer the CPU's sum
+ * multiplies activation code k by. */
+EBB_HD int ebb_hd_mma_weight(int type, const uint8_t *block, int k)
 {
-    const uint8_t *qs = block + 2 + (k & 31);
-    const int shift = k < 32 ? 0 : 4;
-    return ebb_hd_pack4(((qs[0] >> shift) & 15) - 8, ((qs[1] >> shift) & 15) - 8, ((qs[2] >> shift) & 15) - 8,
-                        ((qs[3] >> shift) & 15) - 8);
+    if (type == EBB_TYPE_W4G64) return ((k < 32 ? block[2 + k] & 15 : block[2 + k - 32] >> 4)) - 8;
+    if (type == EBB_TYPE_Q8_0) return (int8_t)block[2 + k];
+    const struct ebb_hd_nibbles n = ebb_hd_nibbles_of(type, block);
+    int v = k < 16 ? n.qs[k] & 0x0f : n.qs[k - 16] >> 4;
+    if (n.five) v |= (int)((n.qh >> k) & 1u) << 4;
+    return v - n.offset;
+}
+
+/* Four weights from input k (a multiple of 4) of a block. */
+EBB_HD uint32_t ebb_hd_mma_weights4(int type, const uint8_t *block, int k)
+{
+    return ebb_hd_pack4(ebb_hd_mma_weight(type, block, k), ebb_hd_mma_weight(type, block, k + 1),
+                        ebb_hd_mma_weight(type, block, k + 2), ebb_hd_mma_weight(type, block, k + 3));
 }
 
 /* D = A * B + C of one warp-wide m16n8k32 int8 MMA, on the CPU, from the
@@ -746,10 +768,12 @@ EBB_HD void ebb_hd_mma_emulate(const uint32_t a[32][4], const uint32_t b[32][2],
 }
 
 /* A warp's work on a tile of 16 tokens (from t0) x 8 rows (from o0), per
- * lane: its A registers for inputs [k0, k0 + 32) of the Q8G64 codes (zero
- * past the last token), its B registers for half kh of group g's W4G64
- * blocks (zero past the last row), and the fold of its four sums of group g
- * into its four outputs (backend.h's W4G64 step). */
+ * lane: its A registers for inputs [k0, k0 + 32) of the activation codes
+ * (zero past the last token), its B registers for inputs [32 kh, 32 kh +
+ * 32) of block blk of each row (zero past the last row), and the fold of
+ * its four sums of that block into its four outputs (the block's step of
+ * backend.h's contract: d and sums are the activations' scales and code
+ * sums in the type's form). */
 EBB_HD void ebb_hd_mma_load_a(uint32_t a[4], const int8_t *q, int n_in, int n_tok, int t0, int k0, int lane)
 {
     for (int r = 0; r < 4; r++) {
@@ -758,26 +782,26 @@ EBB_HD void ebb_hd_mma_load_a(uint32_t a[4], const int8_t *q, int n_in, int n_to
     }
 }
 
-EBB_HD void ebb_hd_mma_load_b(uint32_t b[2], const uint8_t *w, size_t row_bytes, int n_out, int o0, int g, int kh,
-                              int lane)
+EBB_HD void ebb_hd_mma_load_b(int type, uint32_t b[2], const uint8_t *w, size_t row_bytes, int n_out, int o0, int blk,
+                              int kh, int lane)
 {
     const int o = o0 + ebb_hd_mma_b_row(lane);
-    for (int r = 0; r < 2; r++)
-        b[r] = o < n_out ? ebb_hd_w4g64_weights4(w + (size_t)o * row_bytes + (size_t)g * 34, 32 * kh +
-                                                 ebb_hd_mma_b_in(lane, r)) : 0;
+    const uint8_t *block = w + (size_t)o * row_bytes + (size_t)blk * (size_t)ebb_hd_block_bytes(type);
+    for (int r = 0; r < 2; r++) b[r] = o < n_out ? ebb_hd_mma_weights4(type, block, 32 * kh + ebb_hd_mma_b_in(lane, r)) : 0;
 }
 
-EBB_HD void ebb_hd_mma_fold(float acc[4], const int32_t c[4], const uint8_t *w, size_t row_bytes, const int8_t *q,
-                            const float *s, int n_tok, int n_in, int n_out, int t0, int o0, int g, int lane)
+EBB_HD void ebb_hd_mma_fold(int type, float acc[4], const int32_t c[4], const uint8_t *w, size_t row_bytes,
+                            const int8_t *q, const float *d, const int16_t *sums, int n_tok, int n_in, int n_out, int t0,
+                            int o0, int blk, int lane)
 {
     for (int e = 0; e < 4; e++) {
         const int t = t0 + ebb_hd_mma_c_tok(lane, e), o = o0 + ebb_hd_mma_c_row(lane, e);
         if (t >= n_tok || o >= n_out) continue;
-        const struct ebb_hd_act x = ebb_hd_act_of(EBB_TYPE_W4G64, q, s, 0, n_in, t);
+        const struct ebb_hd_act x = ebb_hd_act_of(type, q, d, sums, n_in, t);
         struct ebb_hd_ints r;
         r.a = c[e];
         r.b = 0;
-        acc[e] = ebb_hd_block_step(EBB_TYPE_W4G64, acc[e], w + (size_t)o * row_bytes, &x, g, r);
+        acc[e] = ebb_hd_block_step(type, acc[e], w + (size_t)o * row_bytes, &x, blk, r);
     }
 }
 

@@ -141,8 +141,8 @@ static void report(const struct shape *s, const char *kernel, const char *type, 
 
 static void bench_shape(const struct ebb_backend *b, cublasHandle_t h, const struct shape *s, const int *ms, int n_ms)
 {
-    static const uint32_t types[] = {EBB_TYPE_W4G64, EBB_TYPE_Q4_0, EBB_TYPE_Q8_0, EBB_TYPE_Q4_K, EBB_TYPE_Q6_K,
-                                     EBB_TYPE_F32};
+    static const uint32_t types[] = {EBB_TYPE_W4G64, EBB_TYPE_Q4_0, EBB_TYPE_Q4_1, EBB_TYPE_Q8_0,
+                                     EBB_TYPE_Q4_K, EBB_TYPE_Q6_K, EBB_TYPE_F32};
     for (int mi = 0; mi < n_ms; mi++) {
         const int m = ms[mi];
         float *out = dev_alloc(b, (size_t)m * s->n * sizeof(float));

@@ -370,57 +370,72 @@ static void test_emulated_device(void)
     CHECK_MSG(!(WIFEXITED(status) && WEXITSTATUS(status) == 0), "a host write to a device pointer did not fault");
 }
 
-/* The tensor-core W4G64 kernel's warp program on the CPU: every lane's
- * loads, an MMA emulated from hostdev.h's operand layout, every lane's
- * fold -- held against the scalar product bit for bit, on shapes with
- * partial token and row tiles. (Whether the layout is the hardware's, the
- * GPU suite says.) */
+/* The tensor-core kernel's warp program on the CPU, for every type it
+ * takes (W4G64 against Q8G64 codes, the legacy GGUF types against Q8B32
+ * codes, half their tokens with 4-bit blocks as a source-exact file's):
+ * every lane's loads, an MMA emulated from hostdev.h's operand layout,
+ * every lane's fold -- held against the scalar product bit for bit, on
+ * shapes with partial token and row tiles. (Whether the layout is the
+ * hardware's, the GPU suite says.) */
 static void test_mma_tiles(void)
 {
     const struct ebb_backend *ref = ebb_backend_cpu_named("scalar");
+    static const uint32_t types[] = {EBB_TYPE_W4G64, EBB_TYPE_Q4_0, EBB_TYPE_Q4_1, EBB_TYPE_Q5_0, EBB_TYPE_Q5_1,
+                                     EBB_TYPE_Q8_0};
     static const int shapes[][3] = {{16, 64, 8}, {37, 576, 192}, {9, 128, 100}, {33, 1536, 40}};
-    for (size_t k = 0; k < sizeof shapes / sizeof *shapes; k++) {
-        const int n_tok = shapes[k][0], n_in = shapes[k][1], n_out = shapes[k][2], groups = n_in / 64;
-        const size_t row_bytes = ebb_row_bytes(EBB_TYPE_W4G64, (uint64_t)n_in);
-        uint8_t *w = malloc(row_bytes * n_out);
-        for (int o = 0; o < n_out; o++) random_row(EBB_TYPE_W4G64, w + o * row_bytes, n_in);
-        float *x = malloc((size_t)n_tok * n_in * sizeof(float)), *sc = malloc((size_t)n_tok * groups * sizeof(float));
-        int8_t *q = malloc((size_t)n_tok * n_in);
-        for (int i = 0; i < n_tok * n_in; i++) x[i] = gauss() * (i % 97 == 0 ? 30.0f : 1.0f);
-        ref->quantize_act(x, n_tok, n_in, groups / 2, q, sc);
-        float *want = malloc((size_t)n_tok * n_out * sizeof(float)), *got = calloc((size_t)n_tok * n_out, sizeof(float));
-        const struct ebb_act act = {.q = q, .s = sc};
-        ref->matmul[EBB_TYPE_W4G64](NULL, want, &act, w, n_tok, n_in, n_out);
-        for (int t0 = 0; t0 < n_tok; t0 += 16)
-            for (int o_base = 0; o_base < n_out; o_base += 32)
-                for (int nt = 0; nt < 4; nt++) {
-                    const int o0 = o_base + 8 * nt;
-                    float acc[32][4] = {{0}};
-                    for (int g = 0; g < groups; g++) {
-                        uint32_t a[2][32][4], b[32][2];
-                        int32_t c[32][4] = {{0}};
-                        for (int lane = 0; lane < 32; lane++) {
-                            ebb_hd_mma_load_a(a[0][lane], q, n_in, n_tok, t0, 64 * g, lane);
-                            ebb_hd_mma_load_a(a[1][lane], q, n_in, n_tok, t0, 64 * g + 32, lane);
-                        }
-                        for (int kh = 0; kh < 2; kh++) {
+    for (size_t ty = 0; ty < sizeof types / sizeof *types; ty++)
+        for (size_t k = 0; k < sizeof shapes / sizeof *shapes; k++) {
+            const uint32_t type = types[ty];
+            const int n_tok = shapes[k][0], n_in = shapes[k][1], n_out = shapes[k][2];
+            const int w4 = type == EBB_TYPE_W4G64, halves = w4 ? 2 : 1, blocks = n_in / (32 * halves);
+            CHECK(ebb_hd_mma_type((int)type));
+            const size_t row_bytes = ebb_row_bytes(type, (uint64_t)n_in);
+            uint8_t *w = malloc(row_bytes * n_out);
+            for (int o = 0; o < n_out; o++) random_row(type, w + o * row_bytes, n_in);
+            float *x = malloc((size_t)n_tok * n_in * sizeof(float)), *d = malloc((size_t)n_tok * (n_in / 32) * sizeof(float));
+            int8_t *q = malloc((size_t)n_tok * n_in);
+            int16_t *sums = malloc((size_t)n_tok * (n_in / 32) * sizeof(int16_t));
+            for (int i = 0; i < n_tok * n_in; i++) x[i] = gauss() * (i % 97 == 0 ? 30.0f : 1.0f);
+            if (w4) {
+                ref->quantize_act(x, n_tok, n_in, blocks / 2, q, d);
+            } else {
+                for (int t = 0; t < n_tok; t++)
+                    ref->quantize_q8b32(x + (size_t)t * n_in, n_in, t % 2 ? blocks / 2 : blocks, q + (size_t)t * n_in,
+                                        d + (size_t)t * blocks, sums + (size_t)t * blocks);
+            }
+            float *want = malloc((size_t)n_tok * n_out * sizeof(float)), *got = calloc((size_t)n_tok * n_out, sizeof(float));
+            const struct ebb_act act = {.q = q, .s = d, .sums = w4 ? NULL : sums};
+            ref->matmul[type](NULL, want, &act, w, n_tok, n_in, n_out);
+            for (int t0 = 0; t0 < n_tok; t0 += 16)
+                for (int o_base = 0; o_base < n_out; o_base += 32)
+                    for (int nt = 0; nt < 4; nt++) {
+                        const int o0 = o_base + 8 * nt;
+                        float acc[32][4] = {{0}};
+                        for (int blk = 0; blk < blocks; blk++) {
+                            uint32_t a[2][32][4], b[32][2];
+                            int32_t c[32][4] = {{0}};
+                            for (int kh = 0; kh < halves; kh++) {
+                                for (int lane = 0; lane < 32; lane++) {
+                                    ebb_hd_mma_load_a(a[kh][lane], q, n_in, n_tok, t0, 32 * (halves * blk + kh), lane);
+                                    ebb_hd_mma_load_b((int)type, b[lane], w, row_bytes, n_out, o0, blk, kh, lane);
+                                }
+                                ebb_hd_mma_emulate((const uint32_t(*)[4])a[kh], (const uint32_t(*)[2])b, c);
+                            }
                             for (int lane = 0; lane < 32; lane++)
-                                ebb_hd_mma_load_b(b[lane], w, row_bytes, n_out, o0, g, kh, lane);
-                            ebb_hd_mma_emulate((const uint32_t(*)[4])a[kh], (const uint32_t(*)[2])b, c);
+                                ebb_hd_mma_fold((int)type, acc[lane], c[lane], w, row_bytes, q, d, w4 ? NULL : sums,
+                                                n_tok, n_in, n_out, t0, o0, blk, lane);
                         }
                         for (int lane = 0; lane < 32; lane++)
-                            ebb_hd_mma_fold(acc[lane], c[lane], w, row_bytes, q, sc, n_tok, n_in, n_out, t0, o0, g, lane);
+                            for (int e = 0; e < 4; e++) {
+                                const int t = t0 + ebb_hd_mma_c_tok(lane, e), o = o0 + ebb_hd_mma_c_row(lane, e);
+                                if (t < n_tok && o < n_out) got[(size_t)t * n_out + o] = acc[lane][e];
+                            }
                     }
-                    for (int lane = 0; lane < 32; lane++)
-                        for (int e = 0; e < 4; e++) {
-                            const int t = t0 + ebb_hd_mma_c_tok(lane, e), o = o0 + ebb_hd_mma_c_row(lane, e);
-                            if (t < n_tok && o < n_out) got[(size_t)t * n_out + o] = acc[lane][e];
-                        }
-                }
-        CHECK_MSG(memcmp(want, got, (size_t)n_tok * n_out * sizeof(float)) == 0, "MMA tiles, %d x %d x %d", n_tok,
-                  n_in, n_out);
-        free(w), free(x), free(sc), free(q), free(want), free(got);
-    }
+            CHECK_MSG(memcmp(want, got, (size_t)n_tok * n_out * sizeof(float)) == 0, "MMA tiles, %s %d x %d x %d",
+                      ebb_type_info(type)->name, n_tok, n_in, n_out);
+            free(w), free(x), free(d), free(q), free(sums), free(want), free(got);
+        }
+    CHECK(!ebb_hd_mma_type(EBB_TYPE_Q4_K) && !ebb_hd_mma_type(EBB_TYPE_W2G64) && !ebb_hd_mma_type(EBB_TYPE_F32));
     /* every (token, input) and (input, row) of a tile has exactly one lane and register */
     int a_seen[16][32] = {{0}}, b_seen[32][8] = {{0}}, c_seen[16][8] = {{0}};
     for (int lane = 0; lane < 32; lane++) {
