@@ -104,8 +104,17 @@ run() {
             timeout "${EBB_GPU_BENCH_TIMEOUT:-300}" "$dir/ebb" bench -m "$dir/first4.gguf" --device "$device" \
                 --kv-bits "$kv" -p 512 -n 128 -b 16 -r 3 2>&1
         done
+        # a pass of 1 and 2 tokens at a context of 4,000: the attention split over the
+        # sequence (from position 1024) against the reference kernels' one block per query
+        if [ "$device" = cuda ]; then
+            for kernels in tuned reference; do
+                echo "--- --device cuda --kv-bits 4, context 4000, $kernels kernels"
+                EBB_CUDA_KERNELS=$kernels timeout "${EBB_GPU_BENCH_TIMEOUT:-300}" "$dir/ebb" bench -m "$dir/first4.gguf" \
+                    --device cuda --kv-bits 4 -p 0 -n 0 --verify 1 --depth 4000 -r 3 2>&1
+            done
+        fi
     done > "$out/e2e.txt"
-    grep -- "---\|^| pp\|^| tg\|backend\|ebb bench" "$out/e2e.txt" >> "$out/summary.txt"
+    grep -- "---\|^| pp\|^| tg\|^| [01] |\|backend\|ebb bench" "$out/e2e.txt" >> "$out/summary.txt"
     cat "$out/summary.txt"
     [ "$suite" -eq 0 ] && [ "$engine" -eq 0 ]
 }

@@ -25,7 +25,9 @@
  *   quantizers           one thread per activation group or block.
  *   rmsnorm, softmax     one thread block over the vector (its own summation
  *                        order and expf: within float error of the CPU).
- *   attention, KV rows   one thread per score, channel or element.
+ *   attention, KV rows   one thread per score, channel or element; from
+ *                        position 1024 on a query is split over blocks of
+ *                        256 positions and merged (flash-decoding).
  *   rows, permute, RoPE  one thread per value (a RoPE pair).
  *   BitStack             one thread per (row, vector) sign sum and per
  *                        (row, token) scaled output; one block per code vector.
@@ -60,8 +62,9 @@
 static cudaStream_t stream;
 static int chosen_device = -1;
 /* EBB_CUDA_KERNELS=reference: every product through the one-warp-per-output
- * reference kernel, so tools/gpu-check.sh can check and time the tuned
- * kernels against it in one run. */
+ * reference kernel and every query's attention in one block, so
+ * tools/gpu-check.sh can check and time the tuned kernels against them in
+ * one run. */
 static int reference_kernels;
 static char last_failure[256];     /* the latest failure's reason */
 static int broken;                 /* a launch or a kernel failed: the device is lost */
@@ -699,25 +702,21 @@ static void attn_values(float *y, const float *p, const float *v, size_t v_strid
     launched("attn_values");
 }
 
-/* The fused attention: one block of VEC_THREADS per query. The query,
- * its rotation and the rotated sinks in shared memory; scores one thread
- * per position into the caller's scratch; softmax as k_softmax (the
- * block's order: within float error of the CPU's); then one thread per
- * channel running both value chains in position order, as kv.c does. */
-__global__ void k_attend(struct ebb_kv_pages v, int layer, int kvh, const float *q, float *out, size_t stride,
-                         int n_head, int pos0, float scale, float *scratch, int S)
+/* The fused attention. A block's query j: scaled (qs) and rotated (qr) into shared memory, with
+ * the sinks' rotated rows when the body is read rotated; returns the
+ * query's position. */
+__device__ int attend_prepare(const struct ebb_kv_pages &v, int layer, int kvh, const float *q, size_t stride,
+                              int n_head, int pos0, float scale, int j, float *qs, float *qr, float *sink_k,
+                              float *sink_v, int *body_rotated)
 {
-    extern __shared__ float sh[];
-    const int j = blockIdx.x, hd = v.head_dim, pos = pos0 + j / n_head, blocks64 = hd / 64;
+    const int hd = v.head_dim, pos = pos0 + j / n_head, blocks64 = hd / 64;
     const size_t at = (size_t)(j / n_head) * stride + (size_t)(j % n_head) * hd;
-    float *qs = sh, *qr = qs + hd, *sink_k = qr + hd, *sink_v = sink_k + EBB_KV_SINK_TOKENS * hd;
-    float *rot = sink_v + EBB_KV_SINK_TOKENS * hd;
-    const int body_rotated = v.rotate && ebb_hd_kv_reads_body(v.bits, 0, pos);
+    *body_rotated = v.rotate && ebb_hd_kv_reads_body(v.bits, 0, pos);
     for (int i = threadIdx.x; i < hd; i += blockDim.x) qr[i] = qs[i] = q[at + i] * scale;
     __syncthreads();
     if (v.rotate) {
         for (int b = threadIdx.x; b < blocks64; b += blockDim.x) ebb_hd_hadamard64(qr + 64 * b);
-        for (int t = threadIdx.x; body_rotated && t < 2 * EBB_KV_SINK_TOKENS * blocks64; t += blockDim.x) {
+        for (int t = threadIdx.x; *body_rotated && t < 2 * EBB_KV_SINK_TOKENS * blocks64; t += blockDim.x) {
             const int kind = t / (EBB_KV_SINK_TOKENS * blocks64), p = t / blocks64 % EBB_KV_SINK_TOKENS;
             const int b = t % blocks64;
             const float *src = v.sink + (((size_t)layer * 2 + kind) * EBB_KV_SINK_TOKENS + p) * v.kv_dim +
@@ -728,6 +727,24 @@ __global__ void k_attend(struct ebb_kv_pages v, int layer, int kvh, const float 
         }
     }
     __syncthreads();
+    return pos;
+}
+
+/* One block of VEC_THREADS per query (backend.h's attend): scores one
+ * thread per position into the caller's scratch; softmax as k_softmax (the block's
+ * order: within float error of the CPU's); then one thread per channel
+ * running both value chains in position order, as kv.c does. */
+__global__ void k_attend(struct ebb_kv_pages v, int layer, int kvh, const float *q, float *out, size_t stride,
+                         int n_head, int pos0, float scale, float *scratch, int S)
+{
+    extern __shared__ float sh[];
+    const int j = blockIdx.x, hd = v.head_dim;
+    const size_t at = (size_t)(j / n_head) * stride + (size_t)(j % n_head) * hd;
+    float *qs = sh, *qr = qs + hd, *sink_k = qr + hd, *sink_v = sink_k + EBB_KV_SINK_TOKENS * hd;
+    float *rot = sink_v + EBB_KV_SINK_TOKENS * hd;
+    int body_rotated;
+    const int pos = attend_prepare(v, layer, kvh, q, stride, n_head, pos0, scale, j, qs, qr, sink_k, sink_v,
+                                   &body_rotated);
     float *s = scratch + (size_t)j * S;
     float m = -INFINITY;
     for (int p = threadIdx.x; p <= pos; p += blockDim.x) {
@@ -756,9 +773,97 @@ __global__ void k_attend(struct ebb_kv_pages v, int layer, int kvh, const float 
     }
     if (!body_rotated) return;   /* the same for the whole block */
     __syncthreads();
-    for (int b = threadIdx.x; b < blocks64; b += blockDim.x) ebb_hd_hadamard64(rot + 64 * b);
+    for (int b = threadIdx.x; b < hd / 64; b += blockDim.x) ebb_hd_hadamard64(rot + 64 * b);
     __syncthreads();
     for (int i = threadIdx.x; i < hd; i += blockDim.x) out[at + i] = out[at + i] + rot[i];
+}
+
+/* Long contexts, split over the sequence (flash-decoding): a query whose
+ * position is ATTEND_SPLIT_FROM or more is computed by one thread block per
+ * ATTEND_CHUNK positions -- the chunk's scores, their own maximum m and
+ * sum l of exp(s - m), and both value chains of exp(s - m) v in position
+ * order, written to `parts` -- and one block per query then merges the
+ * chunks in order, each scaled by exp(m_c - M) / L. One block per query
+ * reads a long cache one position at a time per channel; the split puts
+ * every multiprocessor on it. The chunks' bounds are absolute positions
+ * and the choice depends on the query's own position only, so a query gives
+ * the same bits in any batch (prefill or decode). Within float error of
+ * the CPU's one softmax, as the unsplit kernel is. */
+#define ATTEND_SPLIT_FROM EBB_HD_ATTEND_SPLIT_FROM
+#define ATTEND_CHUNK EBB_HD_ATTEND_CHUNK
+
+__global__ void k_attend_part(struct ebb_kv_pages v, int layer, int kvh, const float *q, size_t stride, int n_head,
+                              int pos0, float scale, float *scratch, int S, int j0, float *parts, int n_chunks)
+{
+    extern __shared__ float sh[];
+    const int j = j0 + blockIdx.x, c = blockIdx.y, hd = v.head_dim;
+    float *qs = sh, *qr = qs + hd, *sink_k = qr + hd, *sink_v = sink_k + EBB_KV_SINK_TOKENS * hd;
+    float *part = parts + ((size_t)blockIdx.x * n_chunks + c) * EBB_HD_ATTEND_PART(hd);
+    const int pos = pos0 + j / n_head, lo = c * ATTEND_CHUNK;
+    const int hi = lo + ATTEND_CHUNK - 1 < pos ? lo + ATTEND_CHUNK - 1 : pos;
+    if (lo > pos) {   /* past this query's position: an empty chunk */
+        for (int i = threadIdx.x; i < 2 * hd + 2; i += blockDim.x) part[i] = i == 0 ? -INFINITY : 0.0f;
+        return;
+    }
+    int body_rotated;
+    attend_prepare(v, layer, kvh, q, stride, n_head, pos0, scale, j, qs, qr, sink_k, sink_v, &body_rotated);
+    float *s = scratch + (size_t)j * S;
+    float m = -INFINITY;
+    for (int p = lo + threadIdx.x; p <= hi; p += blockDim.x) {
+        s[p] = ebb_hd_attend_score(&v, layer, kvh, qs, qr, p, pos, sink_k);
+        m = fmaxf(m, s[p]);
+    }
+    m = block_reduce(m, 1);
+    float sum = 0;
+    for (int p = lo + threadIdx.x; p <= hi; p += blockDim.x) {
+        s[p] = expf(s[p] - m);
+        sum += s[p];
+    }
+    sum = block_reduce(sum, 0);
+    __syncthreads();
+    for (int i = threadIdx.x; i < hd; i += blockDim.x)
+        ebb_hd_attend_chains(&v, layer, kvh, s, sink_v, pos, lo, hi, i, &part[2 + i], &part[2 + hd + i]);
+    if (threadIdx.x == 0) part[0] = m, part[1] = sum;
+}
+
+__global__ void k_attend_merge(struct ebb_kv_pages v, float *out, size_t stride, int n_head, int pos0, int j0,
+                               const float *parts, int n_chunks)
+{
+    extern __shared__ float sh[];
+    const int j = j0 + blockIdx.x, hd = v.head_dim, pos = pos0 + j / n_head;
+    const size_t at = (size_t)(j / n_head) * stride + (size_t)(j % n_head) * hd;
+    const float *mine = parts + (size_t)blockIdx.x * n_chunks * EBB_HD_ATTEND_PART(hd);
+    float big, inv, *rot = sh;
+    ebb_hd_attend_merge_scale(mine, n_chunks, hd, &big, &inv);
+    for (int i = threadIdx.x; i < hd; i += blockDim.x) ebb_hd_attend_merge_elem(mine, n_chunks, hd, i, big, inv,
+                                                                              &out[at + i], &rot[i]);
+    if (!(v.rotate && ebb_hd_kv_reads_body(v.bits, 0, pos))) return;
+    __syncthreads();
+    for (int b = threadIdx.x; b < hd / 64; b += blockDim.x) ebb_hd_hadamard64(rot + 64 * b);
+    __syncthreads();
+    for (int i = threadIdx.x; i < hd; i += blockDim.x) out[at + i] = out[at + i] + rot[i];
+}
+
+/* The split's partial results, grown on demand (the stream orders its
+ * users); NULL when the device has no room, and the split is skipped. */
+static float *attend_parts;
+static size_t attend_parts_cap;
+
+static float *parts_for(size_t floats)
+{
+    if (floats <= attend_parts_cap) return attend_parts;
+    float *grown = NULL;
+    if (cudaMalloc((void **)&grown, floats * sizeof(float)) != cudaSuccess) {
+        cudaGetLastError();   /* an answer, not a fault: the unsplit kernel serves */
+        return NULL;
+    }
+    if (attend_parts) {
+        cudaStreamSynchronize(stream);
+        cudaFree(attend_parts);
+    }
+    attend_parts = grown;
+    attend_parts_cap = floats;
+    return grown;
 }
 
 static void attend(const struct ebb_kv_pages *kv, int layer, int kvh, const float *q, float *out, size_t stride,
@@ -767,10 +872,30 @@ static void attend(const struct ebb_kv_pages *kv, int layer, int kvh, const floa
     const int nq = n_tok * n_head;
     if (nq <= 0) return;
     const size_t shared = (size_t)(3 + 2 * EBB_KV_SINK_TOKENS) * kv->head_dim * sizeof(float);
+    const int S = pos0 + n_tok;
+    /* Queries before the first token at ATTEND_SPLIT_FROM or later take one block each. */
+    int first_split = ATTEND_SPLIT_FROM - pos0;
+    if (first_split < 0) first_split = 0;
+    const int n_whole = (first_split < n_tok ? first_split : n_tok) * n_head;
+    const int n_chunks = (S + ATTEND_CHUNK - 1) / ATTEND_CHUNK;
     bind_thread();
-    k_attend<<<nq, VEC_THREADS, shared, stream>>>(*kv, layer, kvh, q, out, stride, n_head, pos0, scale, scratch,
-                                                   pos0 + n_tok);
-    launched("attend");
+    float *parts = nq > n_whole && !reference_kernels
+                       ? parts_for((size_t)(nq - n_whole) * n_chunks * EBB_HD_ATTEND_PART(kv->head_dim))
+                       : NULL;
+    const int whole = parts ? n_whole : nq;
+    if (whole > 0) {
+        k_attend<<<whole, VEC_THREADS, shared, stream>>>(*kv, layer, kvh, q, out, stride, n_head, pos0, scale, scratch,
+                                                         S);
+        launched("attend");
+    }
+    if (!parts) return;
+    const int n_split = nq - whole;
+    k_attend_part<<<dim3(n_split, n_chunks), VEC_THREADS, shared, stream>>>(*kv, layer, kvh, q, stride, n_head, pos0,
+                                                                            scale, scratch, S, whole, parts, n_chunks);
+    launched("attend (split)");
+    k_attend_merge<<<n_split, VEC_THREADS, kv->head_dim * sizeof(float), stream>>>(*kv, out, stride, n_head, pos0,
+                                                                                    whole, parts, n_chunks);
+    launched("attend (merge)");
 }
 
 __global__ void k_kv_rows_f16(float *out, const uint8_t *rows, size_t stride, int n_rows, int n)

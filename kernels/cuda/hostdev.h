@@ -927,6 +927,102 @@ EBB_HD void ebb_hd_attend_query(const struct ebb_kv_pages *v, int layer, int kvh
     for (int i = 0; i < hd; i++) out[i] = body_rotated ? acc[i] + accr[i] : acc[i];
 }
 
+/* Long contexts, split over the sequence (flash-decoding; the CUDA kernel's
+ * choice, which depends on the query's own position only): a query at
+ * position EBB_HD_ATTEND_SPLIT_FROM or later is computed in chunks of
+ * EBB_HD_ATTEND_CHUNK positions, [c * CHUNK, (c + 1) * CHUNK) up to pos,
+ * each giving its part -- part[0] its largest score m, part[1] the sum of
+ * exp(s - m), then the two value chains of exp(s_p - m) v_p (rows in place,
+ * then rows read rotated), head_dim each -- and the parts merged in chunk
+ * order, each weighted exp(m_c - M) / L. Within float error of the one
+ * softmax, not its bits. */
+#define EBB_HD_ATTEND_SPLIT_FROM 1024
+#define EBB_HD_ATTEND_CHUNK 256
+#define EBB_HD_ATTEND_PART(hd) (2 * (size_t)(hd) + 2)
+
+/* Channel i's two chains over positions [lo, hi] of a query at pos, from
+ * weights e[p] (exp(s_p - m) or the softmax). */
+EBB_HD void ebb_hd_attend_chains(const struct ebb_kv_pages *v, int layer, int kvh, const float *e,
+                                 const float *sink_rot_v, int pos, int lo, int hi, int i, float *acc, float *accr)
+{
+    float a = 0, ar = 0;
+    for (int p = lo; p <= hi; p++) {
+        const float x = ebb_hd_kv_elem(v, layer, 1, kvh, p, pos, i, sink_rot_v);
+        if (v->rotate && ebb_hd_kv_reads_body(v->bits, p / EBB_KV_PAGE_TOKENS, pos)) ar = fmaf(e[p], x, ar);
+        else a = fmaf(e[p], x, a);
+    }
+    *acc = a;
+    *accr = ar;
+}
+
+/* M, the largest of the parts' maxima, and 1 / L, L the sum of their sums
+ * each scaled by exp(m_c - M) (empty parts, sum 0, count nothing). */
+EBB_HD void ebb_hd_attend_merge_scale(const float *parts, int n_chunks, int hd, float *big, float *inv)
+{
+    float m = -INFINITY, total = 0;
+    for (int c = 0; c < n_chunks; c++) m = fmaxf(m, parts[c * EBB_HD_ATTEND_PART(hd)]);
+    for (int c = 0; c < n_chunks; c++) {
+        const float *pc = parts + c * EBB_HD_ATTEND_PART(hd);
+        if (pc[1] > 0) total = fmaf(pc[1], expf(pc[0] - m), total);
+    }
+    *big = m;
+    *inv = 1.0f / total;
+}
+
+/* Channel i of the merged chains. */
+EBB_HD void ebb_hd_attend_merge_elem(const float *parts, int n_chunks, int hd, int i, float big, float inv,
+                                     float *acc, float *accr)
+{
+    float a = 0, ar = 0;
+    for (int c = 0; c < n_chunks; c++) {
+        const float *pc = parts + c * EBB_HD_ATTEND_PART(hd);
+        if (!(pc[1] > 0)) continue;
+        const float w = expf(pc[0] - big) * inv;
+        a = fmaf(w, pc[2 + i], a);
+        ar = fmaf(w, pc[2 + hd + i], ar);
+    }
+    *acc = a;
+    *accr = ar;
+}
+
+/* One query of `attend` split as above, serially (the kernels spread each
+ * chunk's scores and sums over a thread block): the same arguments as
+ * ebb_hd_attend_query, and parts of (pos / CHUNK + 1) * PART(head_dim). */
+EBB_HD void ebb_hd_attend_query_split(const struct ebb_kv_pages *v, int layer, int kvh, const float *q, float *out,
+                                      int pos, float scale, float *s, float *work, float *parts)
+{
+    const int hd = v->head_dim, n_chunks = pos / EBB_HD_ATTEND_CHUNK + 1;
+    float *qs = work, *qr = qs + hd, *acc = qr + hd, *accr = acc + hd;
+    float *sink_k = accr + hd, *sink_v = sink_k + (size_t)EBB_KV_SINK_TOKENS * hd;
+    for (int i = 0; i < hd; i++) qr[i] = qs[i] = q[i] * scale;
+    const int body_rotated = v->rotate && ebb_hd_kv_reads_body(v->bits, 0, pos);
+    if (v->rotate) {
+        for (int b = 0; b < hd / 64; b++) ebb_hd_hadamard64(qr + 64 * b);
+        if (body_rotated) {
+            ebb_hd_attend_sinks(v, layer, 0, kvh, sink_k);
+            ebb_hd_attend_sinks(v, layer, 1, kvh, sink_v);
+        }
+    }
+    for (int c = 0; c < n_chunks; c++) {
+        float *part = parts + c * EBB_HD_ATTEND_PART(hd);
+        const int lo = c * EBB_HD_ATTEND_CHUNK;
+        const int hi = lo + EBB_HD_ATTEND_CHUNK - 1 < pos ? lo + EBB_HD_ATTEND_CHUNK - 1 : pos;
+        float m = -INFINITY, sum = 0;
+        for (int p = lo; p <= hi; p++) m = fmaxf(m, s[p] = ebb_hd_attend_score(v, layer, kvh, qs, qr, p, pos, sink_k));
+        for (int p = lo; p <= hi; p++) sum += s[p] = expf(s[p] - m);
+        part[0] = m;
+        part[1] = sum;
+        for (int i = 0; i < hd; i++) ebb_hd_attend_chains(v, layer, kvh, s, sink_v, pos, lo, hi, i, &part[2 + i],
+                                                          &part[2 + hd + i]);
+    }
+    float big, inv;
+    ebb_hd_attend_merge_scale(parts, n_chunks, hd, &big, &inv);
+    for (int i = 0; i < hd; i++) ebb_hd_attend_merge_elem(parts, n_chunks, hd, i, big, inv, &acc[i], &accr[i]);
+    if (body_rotated)
+        for (int b = 0; b < hd / 64; b++) ebb_hd_hadamard64(accr + 64 * b);
+    for (int i = 0; i < hd; i++) out[i] = body_rotated ? acc[i] + accr[i] : acc[i];
+}
+
 /* ------------------------------------------------------------- BitStack */
 
 /* One sign row of n (bit i of byte i/8 set: negative) against n codes. */

@@ -1,7 +1,9 @@
 /* The GPU suite (ctest label `gpu`): the CUDA backend's every op against the
  * scalar CPU path, on the device, with tests/unit/opcompare.h's cases --
- * quantized products, quantizers, Hadamard, attention, KV rows and BitStack
- * bit for bit; the f32 product and vector ops within float tolerance.
+ * quantized products, quantizers, Hadamard, KV rows and BitStack bit for
+ * bit; the f32 product, vector ops and attention within float tolerance
+ * (over a long cache, which the kernel splits over the sequence, of the
+ * largest output).
  * Then its failures: memory the device cannot give is an answer (NULL, the
  * reason in words) after which the device still works, and a request for a
  * device that does not exist is refused with the count.
@@ -15,6 +17,7 @@
 
 #include "check.h"
 #include "kernels/backend.h"
+#include "kernels/cuda/hostdev.h"
 #include "opcompare.h"
 
 static void test_failures(const struct ebb_backend *cuda, int count)
@@ -56,6 +59,7 @@ int main(void)
     const struct ebb_backend *cuda = ebb_backend_cuda(0, why, sizeof why);
     CHECK_MSG(cuda != NULL, "a device is listed but the backend refuses it: %s", why);
     if (!cuda) return check_report("test_cuda_ops");
+    oc_attend_split_from = EBB_HD_ATTEND_SPLIT_FROM;   /* the kernel's split over long caches */
     const int uncompared = opcompare_all(ebb_backend_cpu_named("scalar"), cuda);
     CHECK_MSG(uncompared == 0, "%d entries of the CUDA table are missing", uncompared);
     test_failures(cuda, count);

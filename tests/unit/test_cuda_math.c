@@ -232,11 +232,17 @@ static void hd_attend(const struct ebb_kv_pages *kv, int layer, int kvh, const f
 {
     const int hd = kv->head_dim, S = pos0 + n_tok;
     float *work = malloc((4 + 2 * EBB_KV_SINK_TOKENS) * (size_t)hd * sizeof(float));
+    float *parts = malloc(((size_t)S / EBB_HD_ATTEND_CHUNK + 1) * EBB_HD_ATTEND_PART(hd) * sizeof(float));
     for (int j = n_tok * n_head - 1; j >= 0; j--) {     /* one thread block per query: any order */
         const size_t at = (size_t)(j / n_head) * stride + (size_t)(j % n_head) * hd;
-        ebb_hd_attend_query(kv, layer, kvh, q + at, out + at, pos0 + j / n_head, scale, scratch + (size_t)j * S, work);
+        const int pos = pos0 + j / n_head;
+        if (pos >= EBB_HD_ATTEND_SPLIT_FROM)   /* the kernels' split over the sequence */
+            ebb_hd_attend_query_split(kv, layer, kvh, q + at, out + at, pos, scale, scratch + (size_t)j * S, work, parts);
+        else
+            ebb_hd_attend_query(kv, layer, kvh, q + at, out + at, pos, scale, scratch + (size_t)j * S, work);
     }
     free(work);
+    free(parts);
 }
 
 static const struct ebb_backend hd_table = {
@@ -459,6 +465,7 @@ int main(void)
     test_refusal();
     test_halves();
     test_geometry();
+    oc_attend_split_from = EBB_HD_ATTEND_SPLIT_FROM;   /* from there on, the split's float order */
     const int skipped = opcompare_all(ebb_backend_cpu_named("scalar"), &hd_table);
     /* f32 products and the f32 vector ops are the kernels' own (reductions
      * in the GPU's order, its expf): the GPU suite compares those. */
