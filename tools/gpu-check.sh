@@ -10,7 +10,8 @@
 #                                       whole file is over the 64 MiB a run
 #                                       carries; tools/gguf_first_layers.py)
 #                                       and `ebb` with the Debian libraries
-#                                       it and the tokenizer link
+#                                       it and the tokenizer link, and the
+#                                       maker of a Llama-3-8B-shaped model
 #   tools/gpu-check.sh run DIR OUT      there: the device, the GPU suite
 #                                       (every op against the scalar CPU path,
 #                                       with the tuned kernels and again with
@@ -18,12 +19,13 @@
 #                                       model on the device against the CPU)
 #                                       and the benchmarks (the products with
 #                                       both kernels' rows; `ebb bench` of that
-#                                       model on the device and on the CPU),
+#                                       model on the device and on the CPU, and
+#                                       of the 8B-shaped one on the device),
 #                                       each under its own time limit, into OUT
 #
 # `run` exits 0 only when the suite ran and passed: a skip (no device) is a
 # failure here, since this script exists to run on one. OUT gets
-# nvidia-smi.txt, suite.txt, engine.txt, bench.csv, e2e.txt and summary.txt; the end of the
+# nvidia-smi.txt, suite.txt, engine.txt, bench.csv, e2e.txt, e2e-8b.txt and summary.txt; the end of the
 # output is the summary. Environment: EBB_GPU_SUITE_TIMEOUT (120 s),
 # EBB_GPU_BENCH_TIMEOUT (300 s), EBB_GPU_BENCH_ARGS (e.g. --quick).
 set -uo pipefail
@@ -40,8 +42,18 @@ bundle() {
     for lib in libpcre2-8 libsqlite3 libuv libjansson; do
         cp -L "$(ldd "$here/build/ebb" | awk -v l="$lib" 'index($1, l) == 1 { print $3 }')" "$dir/lib/"
     done
-    "${EBB_PYTHON:-$HOME/.cache/ebb/venv/bin/python}" "$here/tools/gguf_first_layers.py" \
+    local py=${EBB_PYTHON:-$HOME/.cache/ebb/venv/bin/python}
+    "$py" "$here/tools/gguf_first_layers.py" \
         "$here/models/SmolLM2-135M-Instruct.Q4_1.gguf" --layers 4 -o "$dir/first4.gguf"
+    # the Llama-3-8B-shaped model is 4.6 GB, over what a run carries: its maker
+    # goes instead, with the pure-Python packages it imports (numpy it finds there)
+    local site
+    site=$("$py" -c 'import gguf, os; print(os.path.dirname(os.path.dirname(gguf.__file__)))')
+    mkdir -p "$dir/py"
+    cp -r "$site/gguf" "$site/yaml" "$site/tqdm" "$dir/py/"
+    rm -f "$dir"/py/yaml/_yaml*   # a compiled module for this Python only; PyYAML falls back without it
+    find "$dir/py" -name __pycache__ -prune -exec rm -rf {} +
+    cp "$here/tools/synthetic_gguf.py" "$dir/"
     git -C "$here" rev-parse HEAD > "$dir/revision"
     git -C "$here" diff --quiet HEAD || echo "(with uncommitted changes)" >> "$dir/revision"
     du -sh "$dir"
@@ -115,6 +127,27 @@ run() {
         fi
     done > "$out/e2e.txt"
     grep -- "---\|^| pp\|^| tg\|^| [01] |\|backend\|ebb bench" "$out/e2e.txt" >> "$out/summary.txt"
+
+    # the Llama-3-8B-shaped model (random Q4_0 blocks: speed does not depend on the
+    # values), made here when a Python with numpy is, then `ebb bench` of it on the device
+    local py="" p
+    for p in /opt/torch/.venv/bin/python python3; do
+        if command -v "$p" > /dev/null && "$p" -c "import numpy" 2> /dev/null; then py=$p; break; fi
+    done
+    if [ -z "$py" ]; then
+        echo "8B-shaped model: not made (no Python with numpy here)" >> "$out/summary.txt"
+    elif PYTHONPATH=$dir/py timeout "${EBB_GPU_BENCH_TIMEOUT:-300}" "$py" "$dir/synthetic_gguf.py" --type Q4_0 \
+            --shape llama3-8b --tokenizer-from "$dir/first4.gguf" -o "$dir/llama3-8b.Q4_0.gguf" > "$out/e2e-8b.txt" 2>&1; then
+        for kv in 32 4; do
+            echo "--- llama3-8b-shaped Q4_0 --device cuda --kv-bits $kv"
+            timeout "${EBB_GPU_BENCH_TIMEOUT:-300}" "$dir/ebb" bench -m "$dir/llama3-8b.Q4_0.gguf" --device cuda \
+                --kv-bits "$kv" -p 512 -n 128 -b 16 -r 2 2>&1
+        done >> "$out/e2e-8b.txt"
+        grep -- "---\|^| pp\|^| tg" "$out/e2e-8b.txt" >> "$out/summary.txt"
+        rm -f "$dir/llama3-8b.Q4_0.gguf"
+    else
+        echo "8B-shaped model: not made: $(tail -c 300 "$out/e2e-8b.txt")" >> "$out/summary.txt"
+    fi
     cat "$out/summary.txt"
     [ "$suite" -eq 0 ] && [ "$engine" -eq 0 ]
 }
