@@ -894,6 +894,34 @@ EBB_HD void ebb_hd_softmax_serial(float *x, int n)
     for (int i = 0; i < n; i++) x[i] *= inv;
 }
 
+/* A serial query's work: qs, qr, acc, accr (head_dim each), then the sinks'
+ * rotated keys and values (EBB_KV_SINK_TOKENS rows each). Fills qs, qr and,
+ * when the body is read rotated, the sinks; returns whether it is. */
+EBB_HD int ebb_hd_attend_prepare(const struct ebb_kv_pages *v, int layer, int kvh, const float *q, int pos, float scale,
+                                 float *work)
+{
+    const int hd = v->head_dim;
+    float *qs = work, *qr = qs + hd, *sink_k = qr + 3 * hd, *sink_v = sink_k + (size_t)EBB_KV_SINK_TOKENS * hd;
+    for (int i = 0; i < hd; i++) qr[i] = qs[i] = q[i] * scale;
+    const int body_rotated = v->rotate && ebb_hd_kv_reads_body(v->bits, 0, pos);
+    if (v->rotate) {
+        for (int b = 0; b < hd / 64; b++) ebb_hd_hadamard64(qr + 64 * b);
+        if (body_rotated) {
+            ebb_hd_attend_sinks(v, layer, 0, kvh, sink_k);
+            ebb_hd_attend_sinks(v, layer, 1, kvh, sink_v);
+        }
+    }
+    return body_rotated;
+}
+
+/* out = acc, or acc + H64(accr) when the body was read rotated. */
+EBB_HD void ebb_hd_attend_finish(int hd, int body_rotated, const float *acc, float *accr, float *out)
+{
+    if (body_rotated)
+        for (int b = 0; b < hd / 64; b++) ebb_hd_hadamard64(accr + 64 * b);
+    for (int i = 0; i < hd; i++) out[i] = body_rotated ? acc[i] + accr[i] : acc[i];
+}
+
 /* One query of `attend`, serially (the CPU's and the emulated device's):
  * q and out its head's head_dim values, s its pos + 1 scores, work 4 *
  * head_dim + 2 * EBB_KV_SINK_TOKENS * head_dim floats. */
@@ -903,28 +931,15 @@ EBB_HD void ebb_hd_attend_query(const struct ebb_kv_pages *v, int layer, int kvh
     const int hd = v->head_dim;
     float *qs = work, *qr = qs + hd, *acc = qr + hd, *accr = acc + hd;
     float *sink_k = accr + hd, *sink_v = sink_k + (size_t)EBB_KV_SINK_TOKENS * hd;
-    for (int i = 0; i < hd; i++) {
-        qs[i] = q[i] * scale;
-        qr[i] = qs[i];
-        acc[i] = accr[i] = 0;
-    }
-    const int body_rotated = v->rotate && ebb_hd_kv_reads_body(v->bits, 0, pos);
-    if (v->rotate) {
-        for (int b = 0; b < hd / 64; b++) ebb_hd_hadamard64(qr + 64 * b);
-        if (body_rotated) {
-            ebb_hd_attend_sinks(v, layer, 0, kvh, sink_k);
-            ebb_hd_attend_sinks(v, layer, 1, kvh, sink_v);
-        }
-    }
+    const int body_rotated = ebb_hd_attend_prepare(v, layer, kvh, q, pos, scale, work);
+    for (int i = 0; i < hd; i++) acc[i] = accr[i] = 0;
     for (int p = 0; p <= pos; p++) s[p] = ebb_hd_attend_score(v, layer, kvh, qs, qr, p, pos, sink_k);
     ebb_hd_softmax_serial(s, pos + 1);
     for (int p = 0; p <= pos; p++) {
         float *to = v->rotate && ebb_hd_kv_reads_body(v->bits, p / EBB_KV_PAGE_TOKENS, pos) ? accr : acc;
         for (int i = 0; i < hd; i++) to[i] = fmaf(s[p], ebb_hd_kv_elem(v, layer, 1, kvh, p, pos, i, sink_v), to[i]);
     }
-    if (body_rotated)
-        for (int b = 0; b < hd / 64; b++) ebb_hd_hadamard64(accr + 64 * b);
-    for (int i = 0; i < hd; i++) out[i] = body_rotated ? acc[i] + accr[i] : acc[i];
+    ebb_hd_attend_finish(hd, body_rotated, acc, accr, out);
 }
 
 /* Long contexts, split over the sequence (flash-decoding; the CUDA kernel's
@@ -994,15 +1009,7 @@ EBB_HD void ebb_hd_attend_query_split(const struct ebb_kv_pages *v, int layer, i
     const int hd = v->head_dim, n_chunks = pos / EBB_HD_ATTEND_CHUNK + 1;
     float *qs = work, *qr = qs + hd, *acc = qr + hd, *accr = acc + hd;
     float *sink_k = accr + hd, *sink_v = sink_k + (size_t)EBB_KV_SINK_TOKENS * hd;
-    for (int i = 0; i < hd; i++) qr[i] = qs[i] = q[i] * scale;
-    const int body_rotated = v->rotate && ebb_hd_kv_reads_body(v->bits, 0, pos);
-    if (v->rotate) {
-        for (int b = 0; b < hd / 64; b++) ebb_hd_hadamard64(qr + 64 * b);
-        if (body_rotated) {
-            ebb_hd_attend_sinks(v, layer, 0, kvh, sink_k);
-            ebb_hd_attend_sinks(v, layer, 1, kvh, sink_v);
-        }
-    }
+    const int body_rotated = ebb_hd_attend_prepare(v, layer, kvh, q, pos, scale, work);
     for (int c = 0; c < n_chunks; c++) {
         float *part = parts + c * EBB_HD_ATTEND_PART(hd);
         const int lo = c * EBB_HD_ATTEND_CHUNK;
@@ -1018,9 +1025,7 @@ EBB_HD void ebb_hd_attend_query_split(const struct ebb_kv_pages *v, int layer, i
     float big, inv;
     ebb_hd_attend_merge_scale(parts, n_chunks, hd, &big, &inv);
     for (int i = 0; i < hd; i++) ebb_hd_attend_merge_elem(parts, n_chunks, hd, i, big, inv, &acc[i], &accr[i]);
-    if (body_rotated)
-        for (int b = 0; b < hd / 64; b++) ebb_hd_hadamard64(accr + 64 * b);
-    for (int i = 0; i < hd; i++) out[i] = body_rotated ? acc[i] + accr[i] : acc[i];
+    ebb_hd_attend_finish(hd, body_rotated, acc, accr, out);
 }
 
 /* ------------------------------------------------------------- BitStack */
