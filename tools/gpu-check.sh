@@ -143,7 +143,7 @@ run() {
             timeout "${EBB_GPU_BENCH_TIMEOUT:-300}" "$dir/ebb" bench -m "$dir/llama3-8b.Q4_0.gguf" --device cuda \
                 --kv-bits "$kv" -p 512 -n 128 -b 16 -r 2 2>&1
         done >> "$out/e2e-8b.txt"
-        grep -- "---\|^| pp\|^| tg" "$out/e2e-8b.txt" >> "$out/summary.txt"
+        grep -- "---\|^| pp\|^| tg\|ebb bench" "$out/e2e-8b.txt" >> "$out/summary.txt"
         rm -f "$dir/llama3-8b.Q4_0.gguf"
     else
         echo "8B-shaped model: not made: $(tail -c 300 "$out/e2e-8b.txt")" >> "$out/summary.txt"
