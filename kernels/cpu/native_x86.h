@@ -477,6 +477,14 @@ ALWAYS_INLINE void tile(const int T, const int M, const int N, const struct ebb_
  * The float steps are native.h's per (row, token), in its order, so the
  * results are the 4x2 tiles' bits. */
 #define WIDE_ROWS 16
+/* Packing reads 16 rows side by side, 16 streams a row_bytes apart, which
+ * the hardware prefetchers follow badly once a matrix streams from memory:
+ * each row's bytes two cache lines ahead are fetched as its block is read.
+ * On an AMD EPYC (Zen 4) the default model's Q8_0 head (49,152 x 576) at 16
+ * tokens took 14.6 ms wide against 10.6 ms on the tiles, 9.9 ms with this
+ * (4 or 5 lines ahead was worse); 12 decoding sequences ran 388 -> 512
+ * tokens/s. */
+#define WIDE_PREFETCH 128
 #define WIDE_CHUNK 32   /* blocks packed at a time: 22 KiB, in L1 with the tokens' bytes */
 #define WIDE_K_CHUNK 4  /* super-blocks packed at a time: 25 KiB */
 #define WIDE_SCRATCH (32 * 1024)
@@ -498,6 +506,7 @@ ALWAYS_INLINE void wide_pack(const int T, const struct ebb_native_matmul_args *a
         uint16_t d[WIDE_ROWS], m[WIDE_ROWS];
         for (int r = 0; r < WIDE_ROWS; r++) {
             const uint8_t *blk = a->w + (size_t)(o + r) * a->row_bytes + block_at(T, b);
+            _mm_prefetch((const char *)blk + WIDE_PREFETCH, _MM_HINT_T0);
             /* Q8_0's codes are signed already (offset 0) */
             _mm256_storeu_si256((__m256i *)words[r], _mm256_sub_epi8(legacy_codes(T, blk, b), offset));
             d[r] = (uint16_t)ld16(blk);
