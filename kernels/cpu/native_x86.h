@@ -587,6 +587,9 @@ ALWAYS_INLINE void wide_k_pack(const int T, const struct ebb_native_matmul_args 
         uint16_t d[WIDE_ROWS], dmin[WIDE_ROWS];
         for (int r = 0; r < WIDE_ROWS; r++) {
             const uint8_t *blk = a->w + (size_t)(o + r) * a->row_bytes + (size_t)b * BB;
+            /* the row's next super-block, as wide_pack does (WIDE_PREFETCH): Q4_K and Q6_K at
+             * 16 tokens x 14336 x 4096 went 43 -> 51 and 35 -> 46 GMAC/s, one thread */
+            for (size_t ahead = 0; ahead < BB; ahead += 64) _mm_prefetch((const char *)blk + BB + ahead, _MM_HINT_T0);
             __m256i sc, mins = _mm256_setzero_si256();
             k_scales(T, blk, &sc, &mins);
             _mm256_storeu_si256((__m256i *)sc_words[r], sc);

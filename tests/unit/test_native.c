@@ -389,6 +389,9 @@ static void bench(void) {
     } shapes[] = {
         {"decode 1x1536x576", 1, 576, 1536}, {"decode 1x4096x4096", 1, 4096, 4096}, {"prefill 64x1536x576", 64, 576, 1536},
         {"prefill 64x4096x4096", 64, 4096, 4096},
+        /* a few tokens against matrices that stream from memory (a verification pass,
+         * a dozen sequences decoding): an 8B model's FFN and this model's head */
+        {"verify 16x14336x4096", 16, 4096, 14336}, {"verify 12x49152x576", 12, 576, 49152},
     };
     printf("single thread; decode in GB/s of weights, prefill in GMAC/s\n");
     for (size_t s = 0; s < sizeof shapes / sizeof *shapes; s++)
