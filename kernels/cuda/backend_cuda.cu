@@ -329,7 +329,7 @@ static void launch_matmul(int type, float *out, const struct ebb_act *x, const v
         return;
     }
     const size_t row_bytes = ebb_row_bytes((uint32_t)type, (uint64_t)n_in);
-    if (n_tok > GEMV_MAX_TOK && !reference_kernels && ebb_hd_mma_type(type)) {
+    if (n_tok > GEMV_MAX_TOK && !reference_kernels && ebb_hd_tiled_type(type)) {
         const dim3 grid(blocks_for((size_t)n_out, MMA_WARPS * MMA_ROWS_PER_WARP), blocks_for((size_t)n_tok, MMA_TOKENS));
         bind_thread();
 #define MMA_CASE(t) \
@@ -338,19 +338,14 @@ static void launch_matmul(int type, float *out, const struct ebb_act *x, const v
                                                         n_tok, n_in, n_out); \
         break;
         switch (type) {
-        MMA_CASE(EBB_TYPE_W4G64)
-        MMA_CASE(EBB_TYPE_Q4_0)
-        MMA_CASE(EBB_TYPE_Q4_1)
-        MMA_CASE(EBB_TYPE_Q5_0)
-        MMA_CASE(EBB_TYPE_Q5_1)
-        MMA_CASE(EBB_TYPE_Q8_0)
+        EBB_HD_TILED_TYPES(MMA_CASE)
         default: break;
         }
 #undef MMA_CASE
         launched("matmul (tensor cores)");
         return;
     }
-    if (n_tok <= GEMV_MAX_TOK && !reference_kernels && ebb_hd_gemv_type(type)) {
+    if (n_tok <= GEMV_MAX_TOK && !reference_kernels && ebb_hd_tiled_type(type)) {
         const unsigned rows_grid = blocks_for((size_t)n_out * WARP, per_block);
         bind_thread();
 #define GEMV_CASE(t) \
@@ -359,12 +354,7 @@ static void launch_matmul(int type, float *out, const struct ebb_act *x, const v
                                                        n_tok, n_in, n_out); \
         break;
         switch (type) {
-        GEMV_CASE(EBB_TYPE_W4G64)
-        GEMV_CASE(EBB_TYPE_Q4_0)
-        GEMV_CASE(EBB_TYPE_Q4_1)
-        GEMV_CASE(EBB_TYPE_Q5_0)
-        GEMV_CASE(EBB_TYPE_Q5_1)
-        GEMV_CASE(EBB_TYPE_Q8_0)
+        EBB_HD_TILED_TYPES(GEMV_CASE)
         default: break;
         }
 #undef GEMV_CASE
@@ -730,6 +720,16 @@ __device__ int attend_prepare(const struct ebb_kv_pages &v, int layer, int kvh, 
     return pos;
 }
 
+/* out += H64(rot), the chain of rows read rotated brought back (the whole
+ * block calls it, or none of it). */
+__device__ void attend_add_rotated(int hd, float *rot, float *out)
+{
+    __syncthreads();
+    for (int b = threadIdx.x; b < hd / 64; b += blockDim.x) ebb_hd_hadamard64(rot + 64 * b);
+    __syncthreads();
+    for (int i = threadIdx.x; i < hd; i += blockDim.x) out[i] = out[i] + rot[i];
+}
+
 /* One block of VEC_THREADS per query (backend.h's attend): scores one
  * thread per position into the caller's scratch; softmax as k_softmax (the block's
  * order: within float error of the CPU's); then one thread per channel
@@ -761,26 +761,14 @@ __global__ void k_attend(struct ebb_kv_pages v, int layer, int kvh, const float 
     const float inv = 1.0f / sum;
     for (int p = threadIdx.x; p <= pos; p += blockDim.x) s[p] *= inv;
     __syncthreads();
-    for (int i = threadIdx.x; i < hd; i += blockDim.x) {
-        float acc = 0, accr = 0;
-        for (int p = 0; p <= pos; p++) {
-            const float e = ebb_hd_kv_elem(&v, layer, 1, kvh, p, pos, i, sink_v);
-            if (v.rotate && ebb_hd_kv_reads_body(v.bits, p / EBB_KV_PAGE_TOKENS, pos)) accr = fmaf(s[p], e, accr);
-            else acc = fmaf(s[p], e, acc);
-        }
-        out[at + i] = acc;
-        rot[i] = accr;
-    }
-    if (!body_rotated) return;   /* the same for the whole block */
-    __syncthreads();
-    for (int b = threadIdx.x; b < hd / 64; b += blockDim.x) ebb_hd_hadamard64(rot + 64 * b);
-    __syncthreads();
-    for (int i = threadIdx.x; i < hd; i += blockDim.x) out[at + i] = out[at + i] + rot[i];
+    for (int i = threadIdx.x; i < hd; i += blockDim.x)
+        ebb_hd_attend_chains(&v, layer, kvh, s, sink_v, pos, 0, pos, i, &out[at + i], &rot[i]);
+    if (body_rotated) attend_add_rotated(hd, rot, out + at);
 }
 
 /* Long contexts, split over the sequence (flash-decoding): a query whose
- * position is ATTEND_SPLIT_FROM or more is computed by one thread block per
- * ATTEND_CHUNK positions -- the chunk's scores, their own maximum m and
+ * position is EBB_HD_ATTEND_SPLIT_FROM or more is computed by one thread
+ * block per EBB_HD_ATTEND_CHUNK positions -- the chunk's scores, their own maximum m and
  * sum l of exp(s - m), and both value chains of exp(s - m) v in position
  * order, written to `parts` -- and one block per query then merges the
  * chunks in order, each scaled by exp(m_c - M) / L. One block per query
@@ -789,9 +777,6 @@ __global__ void k_attend(struct ebb_kv_pages v, int layer, int kvh, const float 
  * and the choice depends on the query's own position only, so a query gives
  * the same bits in any batch (prefill or decode). Within float error of
  * the CPU's one softmax, as the unsplit kernel is. */
-#define ATTEND_SPLIT_FROM EBB_HD_ATTEND_SPLIT_FROM
-#define ATTEND_CHUNK EBB_HD_ATTEND_CHUNK
-
 __global__ void k_attend_part(struct ebb_kv_pages v, int layer, int kvh, const float *q, size_t stride, int n_head,
                               int pos0, float scale, float *scratch, int S, int j0, float *parts, int n_chunks)
 {
@@ -799,10 +784,9 @@ __global__ void k_attend_part(struct ebb_kv_pages v, int layer, int kvh, const f
     const int j = j0 + blockIdx.x, c = blockIdx.y, hd = v.head_dim;
     float *qs = sh, *qr = qs + hd, *sink_k = qr + hd, *sink_v = sink_k + EBB_KV_SINK_TOKENS * hd;
     float *part = parts + ((size_t)blockIdx.x * n_chunks + c) * EBB_HD_ATTEND_PART(hd);
-    const int pos = pos0 + j / n_head, lo = c * ATTEND_CHUNK;
-    const int hi = lo + ATTEND_CHUNK - 1 < pos ? lo + ATTEND_CHUNK - 1 : pos;
+    const int pos = pos0 + j / n_head, lo = c * EBB_HD_ATTEND_CHUNK, hi = ebb_hd_attend_chunk_last(c, pos);
     if (lo > pos) {   /* past this query's position: an empty chunk */
-        for (int i = threadIdx.x; i < 2 * hd + 2; i += blockDim.x) part[i] = i == 0 ? -INFINITY : 0.0f;
+        for (int i = threadIdx.x; i < (int)EBB_HD_ATTEND_PART(hd); i += blockDim.x) part[i] = i == 0 ? -INFINITY : 0.0f;
         return;
     }
     int body_rotated;
@@ -837,11 +821,7 @@ __global__ void k_attend_merge(struct ebb_kv_pages v, float *out, size_t stride,
     ebb_hd_attend_merge_scale(mine, n_chunks, hd, &big, &inv);
     for (int i = threadIdx.x; i < hd; i += blockDim.x) ebb_hd_attend_merge_elem(mine, n_chunks, hd, i, big, inv,
                                                                               &out[at + i], &rot[i]);
-    if (!(v.rotate && ebb_hd_kv_reads_body(v.bits, 0, pos))) return;
-    __syncthreads();
-    for (int b = threadIdx.x; b < hd / 64; b += blockDim.x) ebb_hd_hadamard64(rot + 64 * b);
-    __syncthreads();
-    for (int i = threadIdx.x; i < hd; i += blockDim.x) out[at + i] = out[at + i] + rot[i];
+    if (v.rotate && ebb_hd_kv_reads_body(v.bits, 0, pos)) attend_add_rotated(hd, rot, out + at);
 }
 
 /* The split's partial results, grown on demand (the stream orders its
@@ -873,11 +853,11 @@ static void attend(const struct ebb_kv_pages *kv, int layer, int kvh, const floa
     if (nq <= 0) return;
     const size_t shared = (size_t)(3 + 2 * EBB_KV_SINK_TOKENS) * kv->head_dim * sizeof(float);
     const int S = pos0 + n_tok;
-    /* Queries before the first token at ATTEND_SPLIT_FROM or later take one block each. */
-    int first_split = ATTEND_SPLIT_FROM - pos0;
+    /* Queries before the first token at EBB_HD_ATTEND_SPLIT_FROM or later take one block each. */
+    int first_split = EBB_HD_ATTEND_SPLIT_FROM - pos0;
     if (first_split < 0) first_split = 0;
     const int n_whole = (first_split < n_tok ? first_split : n_tok) * n_head;
-    const int n_chunks = (S + ATTEND_CHUNK - 1) / ATTEND_CHUNK;
+    const int n_chunks = (S + EBB_HD_ATTEND_CHUNK - 1) / EBB_HD_ATTEND_CHUNK;
     bind_thread();
     float *parts = nq > n_whole && !reference_kernels
                        ? parts_for((size_t)(nq - n_whole) * n_chunks * EBB_HD_ATTEND_PART(kv->head_dim))

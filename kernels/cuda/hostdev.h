@@ -457,10 +457,16 @@ EBB_HD float ebb_hd_block_step(int type, float acc, const uint8_t *w_row, const 
  * block a step; the 4/5-bit legacy types: 16, two blocks a step). Lane
  * `lane` of the step starting at block `base` computes its part of its
  * block's integer sum: the parts of a block's lanes add up to its ints.a. */
-EBB_HD int ebb_hd_gemv_type(int type)
+/* The types whose exact sums come a block of 32 or 64 inputs at a time:
+ * the ones the decode warps below and the tensor-core tiles take. */
+#define EBB_HD_TILED_TYPES(X) \
+    X(EBB_TYPE_W4G64) X(EBB_TYPE_Q4_0) X(EBB_TYPE_Q4_1) X(EBB_TYPE_Q5_0) X(EBB_TYPE_Q5_1) X(EBB_TYPE_Q8_0)
+
+EBB_HD int ebb_hd_tiled_type(int type)
 {
-    return type == EBB_TYPE_W4G64 || type == EBB_TYPE_Q8_0 || type == EBB_TYPE_Q4_0 || type == EBB_TYPE_Q4_1 ||
-           type == EBB_TYPE_Q5_0 || type == EBB_TYPE_Q5_1;
+#define EBB_HD_IS_TYPE(t) type == t ||
+    return EBB_HD_TILED_TYPES(EBB_HD_IS_TYPE) 0;
+#undef EBB_HD_IS_TYPE
 }
 
 EBB_HD int ebb_hd_gemv_lanes(int type) { return type == EBB_TYPE_W4G64 || type == EBB_TYPE_Q8_0 ? 32 : 16; }
@@ -712,13 +718,6 @@ EBB_HD int ebb_hd_mma_b_in(int lane, int r) { return 4 * (lane & 3) + 16 * r; }
 EBB_HD int ebb_hd_mma_c_tok(int lane, int e) { return (lane >> 2) + 8 * (e >> 1); }
 EBB_HD int ebb_hd_mma_c_row(int lane, int e) { return 2 * (lane & 3) + (e & 1); }
 
-/* The types the tiles compute. */
-EBB_HD int ebb_hd_mma_type(int type)
-{
-    return type == EBB_TYPE_W4G64 || type == EBB_TYPE_Q4_0 || type == EBB_TYPE_Q4_1 || type == EBB_TYPE_Q5_0 ||
-           type == EBB_TYPE_Q5_1 || type == EBB_TYPE_Q8_0;
-}
-
 EBB_HD uint32_t ebb_hd_pack4(int v0, int v1, int v2, int v3)
 {
     return (uint32_t)(uint8_t)v0 | (uint32_t)(uint8_t)v1 << 8 | (uint32_t)(uint8_t)v2 << 16 | (uint32_t)(uint8_t)v3 << 24;
@@ -894,6 +893,21 @@ EBB_HD void ebb_hd_softmax_serial(float *x, int n)
     for (int i = 0; i < n; i++) x[i] *= inv;
 }
 
+/* Channel i's two chains over positions [lo, hi] of a query at pos, from
+ * weights e[p] (exp(s_p - m) or the softmax). */
+EBB_HD void ebb_hd_attend_chains(const struct ebb_kv_pages *v, int layer, int kvh, const float *e,
+                                 const float *sink_rot_v, int pos, int lo, int hi, int i, float *acc, float *accr)
+{
+    float a = 0, ar = 0;
+    for (int p = lo; p <= hi; p++) {
+        const float x = ebb_hd_kv_elem(v, layer, 1, kvh, p, pos, i, sink_rot_v);
+        if (v->rotate && ebb_hd_kv_reads_body(v->bits, p / EBB_KV_PAGE_TOKENS, pos)) ar = fmaf(e[p], x, ar);
+        else a = fmaf(e[p], x, a);
+    }
+    *acc = a;
+    *accr = ar;
+}
+
 /* A serial query's work: qs, qr, acc, accr (head_dim each), then the sinks'
  * rotated keys and values (EBB_KV_SINK_TOKENS rows each). Fills qs, qr and,
  * when the body is read rotated, the sinks; returns whether it is. */
@@ -932,13 +946,9 @@ EBB_HD void ebb_hd_attend_query(const struct ebb_kv_pages *v, int layer, int kvh
     float *qs = work, *qr = qs + hd, *acc = qr + hd, *accr = acc + hd;
     float *sink_k = accr + hd, *sink_v = sink_k + (size_t)EBB_KV_SINK_TOKENS * hd;
     const int body_rotated = ebb_hd_attend_prepare(v, layer, kvh, q, pos, scale, work);
-    for (int i = 0; i < hd; i++) acc[i] = accr[i] = 0;
     for (int p = 0; p <= pos; p++) s[p] = ebb_hd_attend_score(v, layer, kvh, qs, qr, p, pos, sink_k);
     ebb_hd_softmax_serial(s, pos + 1);
-    for (int p = 0; p <= pos; p++) {
-        float *to = v->rotate && ebb_hd_kv_reads_body(v->bits, p / EBB_KV_PAGE_TOKENS, pos) ? accr : acc;
-        for (int i = 0; i < hd; i++) to[i] = fmaf(s[p], ebb_hd_kv_elem(v, layer, 1, kvh, p, pos, i, sink_v), to[i]);
-    }
+    for (int i = 0; i < hd; i++) ebb_hd_attend_chains(v, layer, kvh, s, sink_v, pos, 0, pos, i, &acc[i], &accr[i]);
     ebb_hd_attend_finish(hd, body_rotated, acc, accr, out);
 }
 
@@ -955,19 +965,11 @@ EBB_HD void ebb_hd_attend_query(const struct ebb_kv_pages *v, int layer, int kvh
 #define EBB_HD_ATTEND_CHUNK 256
 #define EBB_HD_ATTEND_PART(hd) (2 * (size_t)(hd) + 2)
 
-/* Channel i's two chains over positions [lo, hi] of a query at pos, from
- * weights e[p] (exp(s_p - m) or the softmax). */
-EBB_HD void ebb_hd_attend_chains(const struct ebb_kv_pages *v, int layer, int kvh, const float *e,
-                                 const float *sink_rot_v, int pos, int lo, int hi, int i, float *acc, float *accr)
+/* The last position of chunk c for a query at pos. */
+EBB_HD int ebb_hd_attend_chunk_last(int c, int pos)
 {
-    float a = 0, ar = 0;
-    for (int p = lo; p <= hi; p++) {
-        const float x = ebb_hd_kv_elem(v, layer, 1, kvh, p, pos, i, sink_rot_v);
-        if (v->rotate && ebb_hd_kv_reads_body(v->bits, p / EBB_KV_PAGE_TOKENS, pos)) ar = fmaf(e[p], x, ar);
-        else a = fmaf(e[p], x, a);
-    }
-    *acc = a;
-    *accr = ar;
+    const int last = (c + 1) * EBB_HD_ATTEND_CHUNK - 1;
+    return last < pos ? last : pos;
 }
 
 /* M, the largest of the parts' maxima, and 1 / L, L the sum of their sums
@@ -1012,8 +1014,7 @@ EBB_HD void ebb_hd_attend_query_split(const struct ebb_kv_pages *v, int layer, i
     const int body_rotated = ebb_hd_attend_prepare(v, layer, kvh, q, pos, scale, work);
     for (int c = 0; c < n_chunks; c++) {
         float *part = parts + c * EBB_HD_ATTEND_PART(hd);
-        const int lo = c * EBB_HD_ATTEND_CHUNK;
-        const int hi = lo + EBB_HD_ATTEND_CHUNK - 1 < pos ? lo + EBB_HD_ATTEND_CHUNK - 1 : pos;
+        const int lo = c * EBB_HD_ATTEND_CHUNK, hi = ebb_hd_attend_chunk_last(c, pos);
         float m = -INFINITY, sum = 0;
         for (int p = lo; p <= hi; p++) m = fmaxf(m, s[p] = ebb_hd_attend_score(v, layer, kvh, qs, qr, p, pos, sink_k));
         for (int p = lo; p <= hi; p++) sum += s[p] = expf(s[p] - m);

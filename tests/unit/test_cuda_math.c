@@ -58,7 +58,7 @@ static void hd_matmul(int type, float *out, const struct ebb_act *x, const void 
     const int blocks = n_in / ebb_hd_block_elems(type);
     struct ebb_hd_ints *ints = malloc((size_t)blocks * sizeof *ints);
     if (!ints) abort();
-    if (n_tok <= 8 && ebb_hd_gemv_type(type)) {
+    if (n_tok <= 8 && ebb_hd_tiled_type(type)) {
         for (int t = 0; t < n_tok; t++) {
             const struct ebb_hd_act a = ebb_hd_act_of(type, x->q, x->s, x->sums, n_in, t);
             for (int o = 0; o < n_out; o++)
@@ -394,7 +394,7 @@ static void test_mma_tiles(void)
             const uint32_t type = types[ty];
             const int n_tok = shapes[k][0], n_in = shapes[k][1], n_out = shapes[k][2];
             const int w4 = type == EBB_TYPE_W4G64, halves = w4 ? 2 : 1, blocks = n_in / (32 * halves);
-            CHECK(ebb_hd_mma_type((int)type));
+            CHECK(ebb_hd_tiled_type((int)type));
             const size_t row_bytes = ebb_row_bytes(type, (uint64_t)n_in);
             uint8_t *w = malloc(row_bytes * n_out);
             for (int o = 0; o < n_out; o++) random_row(type, w + o * row_bytes, n_in);
@@ -441,7 +441,7 @@ static void test_mma_tiles(void)
                       ebb_type_info(type)->name, n_tok, n_in, n_out);
             free(w), free(x), free(d), free(q), free(sums), free(want), free(got);
         }
-    CHECK(!ebb_hd_mma_type(EBB_TYPE_Q4_K) && !ebb_hd_mma_type(EBB_TYPE_W2G64) && !ebb_hd_mma_type(EBB_TYPE_F32));
+    CHECK(!ebb_hd_tiled_type(EBB_TYPE_Q4_K) && !ebb_hd_tiled_type(EBB_TYPE_W2G64) && !ebb_hd_tiled_type(EBB_TYPE_F32));
     /* every (token, input) and (input, row) of a tile has exactly one lane and register */
     int a_seen[16][32] = {{0}}, b_seen[32][8] = {{0}}, c_seen[16][8] = {{0}};
     for (int lane = 0; lane < 32; lane++) {
