@@ -82,16 +82,21 @@ def stack_weights(reader):
     return total
 
 
-def main():
-    # From the header alone (tools/gguf_header.py), so that a stack on a W2G64 base, which the
-    # `gguf` package cannot open, is read too.
+def level_bytes(path):
+    """(bytes of one level, levels) of the stack in the file at path, from the header alone
+    (tools/gguf_header.py), so that a stack on a W2G64 base, which the `gguf` package cannot
+    open, is read too."""
     import os
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import gguf_header
-    kv, tensors, _ = gguf_header.read(sys.argv[1])
+    kv, tensors, _ = gguf_header.read(path)
     n = kv["ebb.bitstack.levels"]
     total = sum(dims[0] * dims[1] for name, (_, dims, _) in tensors.items() if name.endswith(".bs_blocks"))
-    print(total // n, n)
+    return total // n, n
+
+
+def main():
+    print(*level_bytes(sys.argv[1]))
 
 
 if __name__ == "__main__":

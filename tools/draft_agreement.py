@@ -51,13 +51,9 @@ def logits(ebb, model, ids, tmp, *extra):
 
 
 def level_bytes(stack):
-    """Bytes of one level of the stack, from the header (the `gguf` package cannot open a stack
-    on a W2G64 base)."""
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    import gguf_header
-    kv, tensors, _ = gguf_header.read(stack)
-    blocks = sum(dims[0] * dims[1] for name, (_, dims, _) in tensors.items() if name.endswith(".bs_blocks"))
-    return blocks // kv["ebb.bitstack.levels"]
+    import bitstack_gguf
+    return bitstack_gguf.level_bytes(stack)[0]
 
 
 def best_speedup(a, cost, c):
