@@ -525,18 +525,19 @@ static void plan_drafts(struct sched *s, int decoding, int max_tokens) {
         tokens += k;
         if (k) rows += (size_t)(1 + k);
     }
-    if (rows > s->verify_rows_cap) {   /* out of memory: this step verifies nothing */
+    if (rows > s->verify_rows_cap) {
         float *grown = realloc(s->verify_rows, rows * V * sizeof(float));
         if (grown) {
             s->verify_rows = grown;
             s->verify_rows_cap = rows;
         }
     }
+    const int fits = rows <= s->verify_rows_cap;   /* out of memory: this step verifies nothing */
     size_t row = 0;
     for (int i = 0; i < s->n_running; i++) {
         struct sreq *r = s->running[i];
         if (!r->n_drafted) continue;
-        if (rows > s->verify_rows_cap) {
+        if (!fits) {
             r->unverified = r->pass[1];
             r->n_drafted = 0;
             continue;
