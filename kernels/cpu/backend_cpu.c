@@ -26,6 +26,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 #define PIECES_PER_THREAD 4
 #define MIN_ROWS_PER_PIECE 16
@@ -124,9 +126,11 @@ void ebb_cpu_matmul_drive(struct ebb_pool *pool, enum ebb_type type, matmul_bloc
 #define CPU_MATMUL_scalar(name, TYPE) [TYPE] = ebb_cpu_matmul_##name##_scalar,
 #define CPU_MATMUL_avx2(name, TYPE) [TYPE] = ebb_cpu_matmul_##name##_avx2,
 #define CPU_MATMUL_avx512(name, TYPE) [TYPE] = ebb_cpu_matmul_##name##_avx512,
-#define CPU_PATH(own, shared) { \
-    .name = #own, \
-    .matmul = { EBB_PRODUCT_TYPES(CPU_MATMUL_##own) }, \
+#define CPU_MATMUL_amx(name, TYPE) [TYPE] = ebb_cpu_matmul_##name##_amx,
+#define CPU_PATH(path, native, own, shared) { \
+    .name = #path, \
+    .matmul = { CPU_MATMUL_##own(f32, EBB_TYPE_F32) CPU_MATMUL_##own(w4g64, EBB_TYPE_W4G64) \
+                EBB_NATIVE_PRODUCT_TYPES(CPU_MATMUL_##native) }, \
     .quantize_q8b32 = ebb_native_quantize_q8b32_##own, \
     .quantize_q8k = ebb_native_quantize_q8k_##own, \
     .rmsnorm_f32 = ebb_cpu_rmsnorm_##own, \
@@ -151,13 +155,55 @@ void ebb_cpu_matmul_drive(struct ebb_pool *pool, enum ebb_type type, matmul_bloc
     .kv_store_row = ebb_cpu_kv_store_row, \
 }
 
-static const struct ebb_backend cpu_scalar = CPU_PATH(scalar, scalar);
+static const struct ebb_backend cpu_scalar = CPU_PATH(scalar, scalar, scalar, scalar);
 #if defined(__x86_64__) || defined(__i386__)
-static const struct ebb_backend cpu_avx2 = CPU_PATH(avx2, avx2);
-static const struct ebb_backend cpu_avx512 = CPU_PATH(avx512, avx2);
+static const struct ebb_backend cpu_avx2 = CPU_PATH(avx2, avx2, avx2, avx2);
+static const struct ebb_backend cpu_avx512 = CPU_PATH(avx512, avx512, avx512, avx2);
+static const struct ebb_backend cpu_amx = CPU_PATH(amx, amx, avx512, avx2);
 #endif
 
 /* ----------------------------------------------------------------- choice */
+
+#if defined(__x86_64__) || defined(__i386__)
+static int avx512_usable(void)
+{
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+           __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("fma");
+}
+
+/* AMX's tile data is too large for the signal frame a process gets by
+ * default, so Linux (5.16 on) hands it out only on request: arch_prctl
+ * ARCH_REQ_XCOMP_PERM for XTILEDATA, once, for every thread of the process.
+ * The CPU's report alone is not enough: a kernel that refuses (or predates
+ * the request) kills the first tile instruction with SIGILL. gcc 12's
+ * __builtin_cpu_supports knows "amx-int8"; cpuid leaf 7's EDX bits 24 (tile)
+ * and 25 (int8) are read directly so older compilers build this too. */
+#define ARCH_REQ_XCOMP_PERM 0x1023
+#define XFEATURE_XTILEDATA 18
+static int amx_granted;
+static pthread_once_t amx_once = PTHREAD_ONCE_INIT;
+
+static void amx_ask(void)
+{
+    unsigned int eax, ebx, ecx, edx;
+    __asm__("cpuid" : "=a"(eax), "=b"(ebx), "=c"(ecx), "=d"(edx) : "a"(7), "c"(0));
+    const unsigned int tile_int8 = (1u << 24) | (1u << 25);
+    if ((edx & tile_int8) != tile_int8 || !avx512_usable()) return;
+    amx_granted = syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
+}
+#endif
+
+int ebb_cpu_amx_usable(void)
+{
+#if defined(__x86_64__) || defined(__i386__)
+    pthread_once(&amx_once, amx_ask);
+    return amx_granted;
+#else
+    return 0;
+#endif
+}
 
 static int can_run(const char *name)
 {
@@ -166,10 +212,8 @@ static int can_run(const char *name)
     __builtin_cpu_init();
     if (strcmp(name, "avx2") == 0)
         return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-    if (strcmp(name, "avx512") == 0)
-        return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-               __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
-               __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("fma");
+    if (strcmp(name, "avx512") == 0) return avx512_usable();
+    if (strcmp(name, "amx") == 0) return ebb_cpu_amx_usable();
 #endif
     return 0;
 }
@@ -180,6 +224,7 @@ static const struct ebb_backend *path_by_name(const char *name)
 #if defined(__x86_64__) || defined(__i386__)
     if (strcmp(name, "avx2") == 0) return &cpu_avx2;
     if (strcmp(name, "avx512") == 0) return &cpu_avx512;
+    if (strcmp(name, "amx") == 0) return &cpu_amx;
 #endif
     return NULL;
 }
@@ -202,7 +247,7 @@ static void choose(void)
         fprintf(stderr, "ebb: EBB_CPU_PATH=%s is not available on this CPU; choosing automatically\n",
                 forced);
     }
-    static const char *const best_first[] = { "avx512", "avx2", "scalar" };
+    static const char *const best_first[] = { "amx", "avx512", "avx2", "scalar" };
     for (size_t i = 0; i < sizeof best_first / sizeof *best_first; i++)
         if ((chosen = ebb_backend_cpu_named(best_first[i])) != NULL) return;
 }

@@ -66,16 +66,23 @@ struct ebb_native_matmul_args {
 typedef void (*ebb_native_block_fn)(const struct ebb_native_matmul_args *a, int t0, int t1, int o0, int o1);
 
 /* The rectangle of each type (rows times tokens of the dots below), per path:
- * scalar (native_scalar.c), avx2 and avx512 (native_x86.h), all bit-identical. */
+ * scalar (native_scalar.c), avx2, avx512 and amx (native_x86.h), all
+ * bit-identical. */
 #define EBB_NATIVE_BLOCK(type, isa) \
     void ebb_native_block_##type##_##isa(const struct ebb_native_matmul_args *a, int t0, int t1, int o0, int o1);
 #define EBB_NATIVE_BLOCK_scalar(type, TYPE) EBB_NATIVE_BLOCK(type, scalar)
 #define EBB_NATIVE_BLOCK_avx2(type, TYPE) EBB_NATIVE_BLOCK(type, avx2)
 #define EBB_NATIVE_BLOCK_avx512(type, TYPE) EBB_NATIVE_BLOCK(type, avx512)
+#define EBB_NATIVE_BLOCK_amx(type, TYPE) EBB_NATIVE_BLOCK(type, amx)
 #define EBB_NATIVE_BLOCKS(isa) EBB_NATIVE_PRODUCT_TYPES(EBB_NATIVE_BLOCK_##isa)
 EBB_NATIVE_BLOCKS(scalar)
 EBB_NATIVE_BLOCKS(avx2)
 EBB_NATIVE_BLOCKS(avx512)
+EBB_NATIVE_BLOCKS(amx)
+
+/* Whether this processor and its kernel let the AMX rectangles run (AMX-INT8
+ * and AVX-512 reported, the tile state granted to the process); asks once. */
+int ebb_cpu_amx_usable(void);
 
 /* n values (a multiple of the block) to codes, block scales and code sums;
  * Q8B32's blocks [0, n_hi) with qmax 127, the rest with qmax 7. */

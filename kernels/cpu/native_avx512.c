@@ -9,7 +9,9 @@
  */
 #include <immintrin.h>
 
+#ifndef NX_ISA   /* native_amx.c includes this file with its own name */
 #define NX_ISA avx512
+#endif
 
 static inline __attribute__((always_inline)) __m256i nx_dot(__m256i acc, __m256i u, __m256i s)
 {

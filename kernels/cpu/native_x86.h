@@ -79,6 +79,8 @@ enum { NT_Q4_0, NT_Q4_1, NT_Q5_0, NT_Q5_1, NT_Q8_0, NT_W2G64, NT_Q2_K, NT_Q3_K, 
 
 ALWAYS_INLINE int is_k(const int T) { return T >= NT_Q2_K; }
 
+ALWAYS_INLINE int min_int(int x, int y) { return x < y ? x : y; }
+
 /* Bytes per block of 32 (per 256 for the K-quants; W2G64: half its 20). */
 ALWAYS_INLINE size_t block_bytes(const int T)
 {
@@ -144,6 +146,7 @@ ALWAYS_INLINE void codes32(const float *x, __m256 vinv, int8_t *q, __m256i c[4])
     _mm256_storeu_si256((__m256i *)q, _mm256_permutevar8x32_epi32(b8, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
 }
 
+#ifndef NX_AMX   /* the AMX path quantizes with the AVX-512 path's functions */
 void NX_FN(ebb_native_quantize_q8b32)(const float *x, int n, int n_hi, int8_t *q, float *d, int16_t *s)
 {
     for (int b = 0; b < n / EBB_NATIVE_QK; b++, x += EBB_NATIVE_QK, q += EBB_NATIVE_QK) {
@@ -181,6 +184,7 @@ void NX_FN(ebb_native_quantize_q8k)(const float *x, int n, int8_t *q, float *d, 
         }
     }
 }
+#endif
 
 /* ------------------------------------------------------ tiles' shared parts */
 
@@ -553,6 +557,173 @@ ALWAYS_INLINE void wide_tokens(const int T, const struct ebb_native_matmul_args 
     }
 }
 
+#ifdef NX_AMX
+/* The same prefill on AMX (Intel's tile unit), from 2 tokens on. One
+ * TDPBSSD multiplies a tile of up to 16 tokens' activation block (16 x 32
+ * signed bytes, read in place: rows n_in apart) by the 16 rows' packed
+ * block (8 x 64 bytes: exactly wide_block's codes, lane r of codes[k] being
+ * row r's codes 4k .. 4k + 3) into 16 x 16 exact int32 sums, the work of
+ * 128 vpdpbusd. Both operands are signed, so neither the +128 of the
+ * activations nor the code sums are needed. What is left per (token, block)
+ * is the float fold, 16 rows wide, in native.h's order: the scalar path's
+ * bits again, and every output still depends only on its own row and token.
+ *
+ * The fold, not the products, now sets the pace, so packing matters: Q4_0,
+ * Q4_1 and Q8_0 (the default model's types) are packed by shuffles rather
+ * than wide_pack's gathers: 16 rows' 16 bytes transpose to 4 vectors of
+ * dwords, and a Q4 block's low nibbles are codes 0-15, its high ones codes
+ * 16-31, so the 4 dwords' low and high nibbles are codes[0..3] and
+ * codes[4..7] as they stand. The other types take wide_pack's codes. */
+#define AMX_TOKENS 16      /* a tile's rows */
+#define AMX_MIN_TOKENS 2
+
+/* ldtilecfg's 64 bytes (palette 1). */
+struct amx_config {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+};
+
+/* Tiles 0 to 3: sums (tokens x 16 int32); 4 and 5: activations (tokens x
+ * 32 bytes); 6 and 7: packed weights (8 x 64 bytes). Each thread's
+ * configuration is its own and holds until the next one. */
+static _Thread_local int amx_rows_configured;
+
+ALWAYS_INLINE void amx_configure(int rows)
+{
+    if (rows == amx_rows_configured) return;
+    struct amx_config c;
+    memset(&c, 0, sizeof c);
+    c.palette = 1;
+    for (int i = 0; i < 4; i++) c.rows[i] = (uint8_t)rows, c.colsb[i] = 64;
+    for (int i = 4; i < 6; i++) c.rows[i] = (uint8_t)rows, c.colsb[i] = EBB_NATIVE_QK;
+    for (int i = 6; i < 8; i++) c.rows[i] = 8, c.colsb[i] = 64;
+    _tile_loadconfig(&c);
+    amx_rows_configured = rows;
+}
+
+/* 16 bytes of each of 16 rows (row r at p + r * stride) as 4 vectors, lane
+ * r of v[k] row r's dword k: 4 rows per vector's 128-bit lanes, then a 4 x
+ * 4 transpose inside the lanes. */
+ALWAYS_INLINE void rows_dwords(const uint8_t *p, size_t stride, __m512i v[4])
+{
+    __m512i z[4];
+#pragma GCC unroll 4
+    for (int g = 0; g < 4; g++) {
+        const uint8_t *r = p + (size_t)g * stride;
+        __m512i x = _mm512_castsi128_si512(_mm_loadu_si128((const __m128i *)r));
+        x = _mm512_inserti32x4(x, _mm_loadu_si128((const __m128i *)(r + 4 * stride)), 1);
+        x = _mm512_inserti32x4(x, _mm_loadu_si128((const __m128i *)(r + 8 * stride)), 2);
+        z[g] = _mm512_inserti32x4(x, _mm_loadu_si128((const __m128i *)(r + 12 * stride)), 3);
+    }
+    const __m512i t0 = _mm512_unpacklo_epi32(z[0], z[1]), t1 = _mm512_unpackhi_epi32(z[0], z[1]);
+    const __m512i t2 = _mm512_unpacklo_epi32(z[2], z[3]), t3 = _mm512_unpackhi_epi32(z[2], z[3]);
+    v[0] = _mm512_unpacklo_epi64(t0, t2);
+    v[1] = _mm512_unpackhi_epi64(t0, t2);
+    v[2] = _mm512_unpacklo_epi64(t1, t3);
+    v[3] = _mm512_unpackhi_epi64(t1, t3);
+}
+
+ALWAYS_INLINE void amx_pack(const int T, const struct ebb_native_matmul_args *a, int o, int b0, int b1,
+                            struct wide_block *wb)
+{
+    if (T != NT_Q4_0 && T != NT_Q4_1 && T != NT_Q8_0) {
+        wide_pack(T, a, o, b0, b1, wb);
+        return;
+    }
+    const size_t stride = a->row_bytes;
+    const uint8_t *rows = a->w + (size_t)o * stride;
+    const __m512i row_at = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                              _mm512_set1_epi32((int)stride));
+    const __m512i low = _mm512_set1_epi8(0x0f), offset = _mm512_set1_epi8(T == NT_Q4_0 ? 8 : 0);
+    for (int b = b0; b < b1; b++, wb++) {
+        const uint8_t *blk = rows + block_at(T, b);
+        /* a row's block is 18 to 34 bytes: every other block's prefetch reaches every line */
+        if (!(b & 1))
+            for (int r = 0; r < WIDE_ROWS; r++) _mm_prefetch((const char *)blk + r * stride + WIDE_PREFETCH, _MM_HINT_T0);
+        /* each row's first dword: d, then (Q4_1) m, as f16 */
+        const __m512i head = _mm512_i32gather_epi32(row_at, blk, 1);
+        __m512i v[4];
+        if (T == NT_Q8_0) {
+            rows_dwords(blk + 2, stride, v);
+#pragma GCC unroll 4
+            for (int k = 0; k < 4; k++) wb->codes[k] = v[k];
+            rows_dwords(blk + 18, stride, v);
+#pragma GCC unroll 4
+            for (int k = 0; k < 4; k++) wb->codes[4 + k] = v[k];
+        } else {
+            rows_dwords(blk + (T == NT_Q4_0 ? 2 : 4), stride, v);
+#pragma GCC unroll 4
+            for (int k = 0; k < 4; k++) {
+                wb->codes[k] = _mm512_sub_epi8(_mm512_and_si512(v[k], low), offset);
+                wb->codes[4 + k] = _mm512_sub_epi8(_mm512_and_si512(_mm512_srli_epi16(v[k], 4), low), offset);
+            }
+        }
+        wb->d = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(head));
+        if (has_min(T)) wb->m = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(head, 16)));
+    }
+}
+
+/* Block b's sums for the M tokens at q into tile C (through tiles A and
+ * B), stored as M rows of 16 int32 at sums. A macro: tile numbers are
+ * immediates of the instructions. */
+#define AMX_SUMS(C, A, B, q, ldq, codes, sums) \
+    do { \
+        _tile_loadd(A, q, ldq); \
+        _tile_loadd(B, codes, 64); \
+        _tile_zero(C); \
+        _tile_dpbssd(C, A, B); \
+        _tile_stored(C, sums, 64); \
+    } while (0)
+
+/* Token m's fold of block b: acc = fma(isum, d * da, acc), then the
+ * minimum's term. */
+ALWAYS_INLINE __m512 amx_fold(const int T, const struct wide_block *wb, const int32_t *sums, float da, int asum,
+                              __m512 acc)
+{
+    const __m512 vda = _mm512_set1_ps(da);
+    acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_load_si512(sums)), _mm512_mul_ps(wb->d, vda), acc);
+    if (has_min(T)) acc = _mm512_fmadd_ps(_mm512_set1_ps((float)asum), _mm512_mul_ps(wb->m, vda), acc);
+    return acc;
+}
+
+/* wide_tokens on tiles, for tokens in groups of up to 16: first every
+ * block's products, four blocks in flight on four sum tiles (a product's
+ * result is ready tens of cycles after it starts, and tiles are not
+ * renamed, so one tile reused would wait for each), then the fold, token
+ * by token with its accumulator in a register. */
+static _Thread_local _Alignas(64) int32_t amx_sums[WIDE_CHUNK][AMX_TOKENS][16];
+
+ALWAYS_INLINE void amx_tokens(const int T, const struct ebb_native_matmul_args *a, const struct wide_block *wb0,
+                              int t0, int t1, int o, int b0, int b1)
+{
+    const int nb = a->n_in / EBB_NATIVE_QK, n = b1 - b0;
+    for (int tg = t0; tg < t1; tg += AMX_TOKENS) {
+        const int M = min_int(AMX_TOKENS, t1 - tg);
+        amx_configure(M);
+        const int8_t *q = a->q + (size_t)tg * a->n_in + (size_t)EBB_NATIVE_QK * b0;
+        const size_t ldq = (size_t)a->n_in;
+        int i = 0;
+        for (; i + 4 <= n; i += 4) {
+            AMX_SUMS(0, 4, 6, q + EBB_NATIVE_QK * i, ldq, wb0[i].codes, amx_sums[i]);
+            AMX_SUMS(1, 5, 7, q + EBB_NATIVE_QK * (i + 1), ldq, wb0[i + 1].codes, amx_sums[i + 1]);
+            AMX_SUMS(2, 4, 6, q + EBB_NATIVE_QK * (i + 2), ldq, wb0[i + 2].codes, amx_sums[i + 2]);
+            AMX_SUMS(3, 5, 7, q + EBB_NATIVE_QK * (i + 3), ldq, wb0[i + 3].codes, amx_sums[i + 3]);
+        }
+        for (; i < n; i++) AMX_SUMS(0, 4, 6, q + EBB_NATIVE_QK * i, ldq, wb0[i].codes, amx_sums[i]);
+
+        for (int m = 0; m < M; m++) {
+            const float *da = a->d + (size_t)(tg + m) * nb + b0;
+            const int16_t *asum = a->sums + (size_t)(tg + m) * nb + b0;
+            float *out = a->out + (size_t)(tg + m) * a->n_out + o;
+            __m512 acc = b0 ? _mm512_loadu_ps(out) : _mm512_setzero_ps();
+            for (int k = 0; k < n; k++) acc = amx_fold(T, &wb0[k], amx_sums[k][m], da[k], asum[k], acc);
+            _mm512_storeu_ps(out, acc);
+        }
+    }
+}
+#endif
+
 /* The K-quants the same way, 16 rows per super-block of 256: the codes
  * (unsigned, as k_codes gives them) interleaved four at a time, and per row
  * its 16 sub-block scales, both as int32 lanes (to scale each sub-block's
@@ -660,18 +831,23 @@ ALWAYS_INLINE void wide_k_tokens(const int T, const struct ebb_native_matmul_arg
 
 typedef void (*tile_fn)(const struct ebb_native_matmul_args *a, int t, int mv, int o, int nv);
 
-ALWAYS_INLINE int min_int(int x, int y) { return x < y ? x : y; }
-
 /* tiles: 1 x 8, 2 x 4 and 4 x 2 (tokens x rows). */
 typedef void (*wide_fn)(const struct ebb_native_matmul_args *a, void *scratch, int t0, int t1, int o);
 
-static void rectangle(const tile_fn tiles[3], wide_fn wide, const struct ebb_native_matmul_args *a, int t0, int t1,
-                      int o0, int o1)
+/* Where a type's products go wide (tokens at least), per path. */
+#ifdef NX_AMX
+#define LEGACY_WIDE_MIN_TOKENS AMX_MIN_TOKENS
+#else
+#define LEGACY_WIDE_MIN_TOKENS WIDE_MIN_TOKENS
+#endif
+
+static void rectangle(const tile_fn tiles[3], wide_fn wide, int wide_min_tokens,
+                      const struct ebb_native_matmul_args *a, int t0, int t1, int o0, int o1)
 {
 #ifdef NX_WIDE_PREFILL
-    /* Legacy types with 4 tokens or more: whole 16-row tiles go wide, the
-     * rows left over take the tiles below. */
-    if (wide && t1 - t0 >= WIDE_MIN_TOKENS && o1 - o0 >= WIDE_ROWS) {
+    /* Enough tokens: whole 16-row tiles go wide, the rows left over take
+     * the tiles below. */
+    if (wide && t1 - t0 >= wide_min_tokens && o1 - o0 >= WIDE_ROWS) {
         /* Each worker's own packed chunk: no allocation per product. */
         static _Thread_local _Alignas(64) unsigned char scratch[WIDE_SCRATCH];
         const int rows_end = o0 + (o1 - o0) / WIDE_ROWS * WIDE_ROWS;
@@ -701,6 +877,13 @@ static void rectangle(const tile_fn tiles[3], wide_fn wide, const struct ebb_nat
 }
 
 #ifdef NX_WIDE_PREFILL
+#ifdef NX_AMX
+#define WIDE_LEGACY(T, a, scratch, t0, t1, o, b0, b1) \
+    (amx_pack(T, a, o, b0, b1, scratch), amx_tokens(T, a, scratch, t0, t1, o, b0, b1))
+#else
+#define WIDE_LEGACY(T, a, scratch, t0, t1, o, b0, b1) \
+    (wide_pack(T, a, o, b0, b1, scratch), wide_tokens(T, a, scratch, t0, t1, o, b0, b1))
+#endif
 #define NX_WIDE(name, T) \
     static void name##_wide(const struct ebb_native_matmul_args *a, void *scratch, int t0, int t1, int o) \
     { \
@@ -712,8 +895,7 @@ static void rectangle(const tile_fn tiles[3], wide_fn wide, const struct ebb_nat
                 wide_k_pack(T, a, o, b0, b1, scratch); \
                 wide_k_tokens(T, a, scratch, t0, t1, o, b0, b1); \
             } else { \
-                wide_pack(T, a, o, b0, b1, scratch); \
-                wide_tokens(T, a, scratch, t0, t1, o, b0, b1); \
+                WIDE_LEGACY(T, a, scratch, t0, t1, o, b0, b1); \
             } \
         } \
     }
@@ -740,7 +922,8 @@ static void rectangle(const tile_fn tiles[3], wide_fn wide, const struct ebb_nat
     void NX_FN(ebb_native_block_##name)(const struct ebb_native_matmul_args *a, int t0, int t1, int o0, int o1) \
     { \
         static const tile_fn tiles[3] = { name##_1x8, name##_2x4, name##_4x2 }; \
-        rectangle(tiles, NX_WIDE_FN(name, T), a, t0, t1, o0, o1); \
+        rectangle(tiles, NX_WIDE_FN(name, T), is_k(T) ? WIDE_MIN_TOKENS : LEGACY_WIDE_MIN_TOKENS, a, t0, t1, o0, \
+                  o1); \
     }
 
 NX_TYPE(q4_0, NT_Q4_0)

@@ -115,10 +115,12 @@ EBB_CPU_OWN_OPS(avx512)
 #define EBB_CPU_NATIVE_OP_scalar(name, TYPE) EBB_CPU_NATIVE_OP(name, scalar)
 #define EBB_CPU_NATIVE_OP_avx2(name, TYPE) EBB_CPU_NATIVE_OP(name, avx2)
 #define EBB_CPU_NATIVE_OP_avx512(name, TYPE) EBB_CPU_NATIVE_OP(name, avx512)
+#define EBB_CPU_NATIVE_OP_amx(name, TYPE) EBB_CPU_NATIVE_OP(name, amx)
 #define EBB_CPU_NATIVE_OPS(isa) EBB_NATIVE_PRODUCT_TYPES(EBB_CPU_NATIVE_OP_##isa)
 EBB_CPU_NATIVE_OPS(scalar)
 EBB_CPU_NATIVE_OPS(avx2)
 EBB_CPU_NATIVE_OPS(avx512)
+EBB_CPU_NATIVE_OPS(amx)
 
 /* The ops AVX-512 takes from AVX2 (backend_cpu.c says why): activation
  * quantization and the Hadamard (quant_<isa>.c), attention and KV rows

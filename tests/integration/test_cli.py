@@ -52,7 +52,7 @@ def test_devices(any_bin):
     proc = run_ebb(any_bin, "devices", "--json")
     assert proc.returncode == 0, proc.stderr
     got = json.loads(proc.stdout)
-    assert got["cpu"]["path"] in ("scalar", "avx2", "avx512") and got["cpu"]["cores"] >= 1
+    assert got["cpu"]["path"] in ("scalar", "avx2", "avx512", "amx") and got["cpu"]["cores"] >= 1
     assert lines[0] == f"cpu: {got['cpu']['path']} path, {got['cpu']['cores']} cores"
     cuda = got["cuda"]
     if cuda["devices"]:

@@ -66,8 +66,8 @@ static int canaries_ok(const float *v, size_t n)
     return 1;
 }
 
-static const char *const PATHS[] = { "scalar", "avx2", "avx512" };
-#define N_PATHS 3
+static const char *const PATHS[] = { "scalar", "avx2", "avx512", "amx" };
+#define N_PATHS 4
 
 /* ------------------------------------------------------------------ matmul */
 
@@ -408,7 +408,9 @@ int main(void)
     const struct ebb_backend *best = ebb_backend_cpu();
     CHECK(best != NULL);
     if (best) {
-        const struct ebb_backend *want = paths[2] ? paths[2] : paths[1] ? paths[1] : paths[0];
+        const struct ebb_backend *want = paths[0];
+        for (int p = 1; p < N_PATHS; p++)
+            if (paths[p]) want = paths[p];      /* the last one this CPU runs: PATHS is best last */
         if (!getenv("EBB_CPU_PATH")) CHECK_MSG(best == want, "chose %s", best->name);
         printf("test_kernels: default CPU path is %s\n", best->name);
     }

@@ -160,10 +160,13 @@ static const uint32_t native_types[N_NATIVE] = {EBB_TYPE_Q4_0, EBB_TYPE_Q4_1, EB
                                                 EBB_TYPE_Q5_K, EBB_TYPE_Q6_K, EBB_TYPE_W2G64};
 
 /* The paths, scalar first; can_run as backend_cpu.c decides it. */
-static struct isa isas[3] = {
+#define N_ISAS 4
+static struct isa isas[N_ISAS] = {
     {"scalar", 1, ebb_native_quantize_q8b32_scalar, ebb_native_quantize_q8k_scalar, ISA_BLOCKS(scalar)},
     {"avx2", 0, ebb_native_quantize_q8b32_avx2, ebb_native_quantize_q8k_avx2, ISA_BLOCKS(avx2)},
     {"avx512", 0, ebb_native_quantize_q8b32_avx512, ebb_native_quantize_q8k_avx512, ISA_BLOCKS(avx512)},
+    /* AMX's quantizers are AVX-512's */
+    {"amx", 0, ebb_native_quantize_q8b32_avx512, ebb_native_quantize_q8k_avx512, ISA_BLOCKS(amx)},
 };
 
 static void find_isas(void) {
@@ -174,7 +177,8 @@ static void find_isas(void) {
                       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
                       __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("fma");
 #endif
-    for (int i = 1; i < 3; i++)
+    isas[3].can_run = ebb_cpu_amx_usable();
+    for (int i = 1; i < N_ISAS; i++)
         if (!isas[i].can_run) printf("test_native: %s path not run (this CPU lacks it)\n", isas[i].name);
 }
 
@@ -184,7 +188,7 @@ static void test_simd_quantizers(void) {
     static int8_t q[2][N];
     static float d[2][N / 32];
     static int16_t s[2][N / 16];
-    for (int i = 1; i < 3; i++) {
+    for (int i = 1; i < N_ISAS; i++) {
         if (!isas[i].can_run) continue;
         int same = 1;
         for (int rep = 0; rep < 200; rep++) {
@@ -260,12 +264,12 @@ static void run_block(ebb_native_block_fn f, const struct problem *p, float *out
 /* Every SIMD rectangle equals the scalar one bit for bit, untouched outside
  * itself, and each token alone equals itself inside the rectangle. */
 static void test_simd_blocks(void) {
-    static const int counts[] = {1, 2, 3, 5, 7, 17};
+    static const int counts[] = {1, 2, 3, 5, 7, 17, 18};   /* 18 from 2: a 16-row tile off the origin */
     const int nc = (int)(sizeof counts / sizeof *counts);
     for (int ty = 0; ty < N_NATIVE; ty++) {
         const uint32_t type = native_types[ty];
         const int blocks[] = {1, 3, 5, 18};   /* 18 blocks of 32: 576 */
-        int same[3] = {1, 1, 1}, alone[3] = {1, 1, 1}, outside[3] = {1, 1, 1};
+        int same[N_ISAS] = {1, 1, 1, 1}, alone[N_ISAS] = {1, 1, 1, 1}, outside[N_ISAS] = {1, 1, 1, 1};
         for (int bi = 0; bi < 4; bi++) {
             const int n_in = blocks[bi] * (is_k(type) ? 256 : type == EBB_TYPE_W2G64 ? 64 : 32);
             for (int ti = 0; ti < nc; ti++)
@@ -280,7 +284,7 @@ static void test_simd_blocks(void) {
                     run_block(isas[0].blocks[ty], &p, want, 0, n_tok, 0, n_out);
                     /* a rectangle off the origin when there is room */
                     const int t0 = n_tok > 2 ? 1 : 0, o0 = n_out > 2 ? 2 : 0;
-                    for (int i = 1; i < 3; i++) {
+                    for (int i = 1; i < N_ISAS; i++) {
                         if (!isas[i].can_run) continue;
                         memset(got, 0xff, n_res * sizeof(float));   /* NaN: not written */
                         run_block(isas[i].blocks[ty], &p, got, 0, n_tok, 0, n_out);
@@ -302,7 +306,7 @@ static void test_simd_blocks(void) {
                     problem_free(&p);
                 }
         }
-        for (int i = 1; i < 3; i++) {
+        for (int i = 1; i < N_ISAS; i++) {
             if (!isas[i].can_run) continue;
             CHECK_MSG(same[i], "%s %s: a rectangle differs from the scalar path", isas[i].name,
                       ebb_type_info(type)->name);
@@ -320,7 +324,7 @@ static void test_simd_blocks(void) {
 static void test_op_table(void) {
     struct ebb_pool *pools[2] = {ebb_pool_create(2), ebb_pool_create(3)};
     CHECK(pools[0] && pools[1]);
-    for (int i = 0; i < 3; i++) {
+    for (int i = 0; i < N_ISAS; i++) {
         const struct ebb_backend *be = ebb_backend_cpu_named(isas[i].name);
         if (!isas[i].can_run) continue;
         CHECK_MSG(be != NULL, "no %s backend", isas[i].name);
@@ -404,7 +408,7 @@ static void bench(void) {
             float *out = malloc((size_t)p.n_tok * p.n_out * sizeof(float));
             if (!out) abort();
             printf("%-22s %-5s n_in %4d", shapes[s].what, ebb_type_info(type)->name, n_in);
-            for (int i = 0; i < 3; i++) {
+            for (int i = 0; i < N_ISAS; i++) {
                 if (!isas[i].can_run) continue;
                 const double sec = time_block(isas[i].blocks[ty], &p, out);
                 if (p.n_tok == 1) printf("  %s %6.2f GB/s", isas[i].name, p.row_bytes * p.n_out / sec * 1e-9);

@@ -37,8 +37,8 @@
 #define CANARY_F 12345.678f
 #define CANARY_B 0x5a
 
-static const char *const PATHS[] = { "scalar", "avx2", "avx512" };
-#define N_PATHS 3
+static const char *const PATHS[] = { "scalar", "avx2", "avx512", "amx" };
+#define N_PATHS 4
 
 /* ------------------------------------------------------------------ helpers */
 

@@ -1,0 +1,10 @@
+/* Native GGUF products on AMX: the AVX-512 VNNI path (native_avx512.c,
+ * included here under its own name) with the legacy types' prefill on
+ * Intel's tile unit (native_x86.h, "on AMX"). Everything else -- decode's
+ * tiles, the K-quants, the quantizers -- is the AVX-512 code, compiled again
+ * with the tile instructions allowed. Only processors that report AMX-INT8
+ * and whose kernel grants the tile state (backend_cpu.c) take this path.
+ */
+#define NX_ISA amx
+#define NX_AMX
+#include "kernels/cpu/native_avx512.c"
