@@ -499,31 +499,38 @@ struct wide_block {              /* one block of 32 inputs of 16 rows */
     __m512 d, m;                 /* each row's scale, and minimum (Q4_1, Q5_1, W2G64) */
 };
 
-ALWAYS_INLINE void wide_pack(const int T, const struct ebb_native_matmul_args *a, int o, int b0, int b1,
-                             struct wide_block *wb)
+/* Block b of the 16 rows at o as wide_block's codes (signed, the offset of
+ * Q4_0 and Q5_0 taken out), and the rows' scales and minimums. */
+ALWAYS_INLINE void wide_pack_block(const int T, const struct ebb_native_matmul_args *a, int o, int b,
+                                   __m512i codes[8], __m512 *d_out, __m512 *m_out)
 {
     const __m256i offset = _mm256_set1_epi8((char)(T == NT_Q4_0 ? 8 : T == NT_Q5_0 ? 16 : 0));
     /* word k of row r at lane r of codes[k]: a transpose of 16 rows x 8 words */
     const __m512i column = _mm512_setr_epi32(0, 8, 16, 24, 32, 40, 48, 56, 64, 72, 80, 88, 96, 104, 112, 120);
+    int32_t words[WIDE_ROWS][8];
+    uint16_t d[WIDE_ROWS], m[WIDE_ROWS];
+    for (int r = 0; r < WIDE_ROWS; r++) {
+        const uint8_t *blk = a->w + (size_t)(o + r) * a->row_bytes + block_at(T, b);
+        _mm_prefetch((const char *)blk + WIDE_PREFETCH, _MM_HINT_T0);
+        /* Q8_0's codes are signed already (offset 0) */
+        _mm256_storeu_si256((__m256i *)words[r], _mm256_sub_epi8(legacy_codes(T, blk, b), offset));
+        d[r] = (uint16_t)ld16(blk);
+        m[r] = has_min(T) ? (uint16_t)ld16(blk + 2) : 0;
+    }
+    for (int k = 0; k < 8; k++)
+        codes[k] = _mm512_i32gather_epi32(_mm512_add_epi32(column, _mm512_set1_epi32(k)), words, 4);
+    *d_out = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)d));
+    *m_out = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)m));
+}
+
+ALWAYS_INLINE void wide_pack(const int T, const struct ebb_native_matmul_args *a, int o, int b0, int b1,
+                             struct wide_block *wb)
+{
     for (int b = b0; b < b1; b++, wb++) {
-        int32_t words[WIDE_ROWS][8];
-        uint16_t d[WIDE_ROWS], m[WIDE_ROWS];
-        for (int r = 0; r < WIDE_ROWS; r++) {
-            const uint8_t *blk = a->w + (size_t)(o + r) * a->row_bytes + block_at(T, b);
-            _mm_prefetch((const char *)blk + WIDE_PREFETCH, _MM_HINT_T0);
-            /* Q8_0's codes are signed already (offset 0) */
-            _mm256_storeu_si256((__m256i *)words[r], _mm256_sub_epi8(legacy_codes(T, blk, b), offset));
-            d[r] = (uint16_t)ld16(blk);
-            m[r] = has_min(T) ? (uint16_t)ld16(blk + 2) : 0;
-        }
+        wide_pack_block(T, a, o, b, wb->codes, &wb->d, &wb->m);
         __m512i sum = _mm512_setzero_si512();
-        for (int k = 0; k < 8; k++) {
-            wb->codes[k] = _mm512_i32gather_epi32(_mm512_add_epi32(column, _mm512_set1_epi32(k)), words, 4);
-            sum = _mm512_dpbusd_epi32(sum, _mm512_set1_epi8(1), wb->codes[k]);
-        }
+        for (int k = 0; k < 8; k++) sum = _mm512_dpbusd_epi32(sum, _mm512_set1_epi8(1), wb->codes[k]);
         wb->code_sum = _mm512_slli_epi32(sum, 7);
-        wb->d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)d));
-        wb->m = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)m));
     }
 }
 
@@ -558,24 +565,43 @@ ALWAYS_INLINE void wide_tokens(const int T, const struct ebb_native_matmul_args 
 }
 
 #ifdef NX_AMX
-/* The same prefill on AMX (Intel's tile unit), from 2 tokens on. One
- * TDPBSSD multiplies a tile of up to 16 tokens' activation block (16 x 32
- * signed bytes, read in place: rows n_in apart) by the 16 rows' packed
- * block (8 x 64 bytes: exactly wide_block's codes, lane r of codes[k] being
- * row r's codes 4k .. 4k + 3) into 16 x 16 exact int32 sums, the work of
- * 128 vpdpbusd. Both operands are signed, so neither the +128 of the
- * activations nor the code sums are needed. What is left per (token, block)
- * is the float fold, 16 rows wide, in native.h's order: the scalar path's
- * bits again, and every output still depends only on its own row and token.
+/* The same prefill on AMX (Intel's tile unit), from 2 tokens on (3 for
+ * Q8_0), which covers speculative decoding's verification passes and a few
+ * sequences decoding together. One TDPBSSD multiplies the tokens' activation
+ * bytes (read in place, rows n_in apart, or copied, below) by the 16 rows' packed
+ * codes (lane r of codes[k] being row r's codes 4k .. 4k + 3: exactly the
+ * tile's layout) into 16 x 16 exact int32 sums. Both operands are signed,
+ * so neither the +128 of the activations nor the code sums are needed.
+ * What is left per (token, block) is the float fold, 16 rows wide, in
+ * native.h's order: the scalar path's bits again, and every output depends
+ * only on its own row and token.
  *
- * The fold, not the products, now sets the pace, so packing matters: Q4_0,
- * Q4_1 and Q8_0 (the default model's types) are packed by shuffles rather
- * than wide_pack's gathers: 16 rows' 16 bytes transpose to 4 vectors of
- * dwords, and a Q4 block's low nibbles are codes 0-15, its high ones codes
- * 16-31, so the 4 dwords' low and high nibbles are codes[0..3] and
- * codes[4..7] as they stand. The other types take wide_pack's codes. */
+ * Costs on a Xeon with AMX (single thread; `ebb bench --verify`): a tile
+ * store takes about 22 cycles however few its rows, a product 9 (32 bytes
+ * deep) or 16 (64), so with few tokens the stores set the pace. Up to 8
+ * tokens, two blocks share one product and one store: the tile is 64
+ * bytes deep, rows [0, M) hold block 2p's activations then zeros, rows [M,
+ * 2M) zeros then block 2p + 1's, against both blocks' codes, 16 deep rows,
+ * which lie one after the other in the chunk. And the packing must be
+ * cheap: Q4_0, Q4_1 and Q8_0 (the default model's types) transpose 16
+ * rows' bytes in registers (a Q4 block's low nibbles are codes 0-15, its
+ * high ones 16-31, so the nibbles of the transposed dwords are codes[0..3]
+ * and codes[4..7] as they stand); the other types take wide_pack's. */
 #define AMX_TOKENS 16      /* a tile's rows */
-#define AMX_MIN_TOKENS 2
+/* Pairs pay up to 4 tokens (a 1,536 x 576 Q4_1 product of 2 tokens: 0.39
+ * -> 0.34 ms) and cost from 6 (a 64-deep product of 12 or 16 rows, and the
+ * copies, outweigh the store saved). */
+#define AMX_PAIRED_TOKENS 4
+/* Q8_0's packing is twice a Q4's and its 2 x 4 tiles are quick: at 2 tokens
+ * the head (49,152 x 576, one thread) took 1.29 ms on the tiles, 1.69 on
+ * AMX; at 3, 2.61 and 1.83; the whole model's c(1) 1.24 -> 1.31 with it. */
+#define AMX_MIN_TOKENS(T) ((T) == NT_Q8_0 ? 3 : 2)
+
+struct amx_chunk {                         /* WIDE_CHUNK blocks of 16 rows */
+    __m512i codes[WIDE_CHUNK][8];
+    __m512 d[WIDE_CHUNK], m[WIDE_CHUNK];   /* the rows' scales, minimums */
+};
+_Static_assert(sizeof(struct amx_chunk) <= WIDE_SCRATCH, "AMX chunk fits the scratch");
 
 /* ldtilecfg's 64 bytes (palette 1). */
 struct amx_config {
@@ -584,22 +610,22 @@ struct amx_config {
     uint8_t rows[16];
 };
 
-/* Tiles 0 to 3: sums (tokens x 16 int32); 4 and 5: activations (tokens x
- * 32 bytes); 6 and 7: packed weights (8 x 64 bytes). Each thread's
- * configuration is its own and holds until the next one. */
-static _Thread_local int amx_rows_configured;
+/* Tiles 0 to 3: sums (rows x 16 int32); 4 and 5: activations (rows x depth
+ * bytes); 6 and 7: packed codes (depth / 4 x 64 bytes). Each thread's
+ * configuration is its own and holds until the next. */
+static _Thread_local int amx_configured_rows, amx_configured_depth;
 
-ALWAYS_INLINE void amx_configure(int rows)
+ALWAYS_INLINE void amx_configure(int rows, int depth)
 {
-    if (rows == amx_rows_configured) return;
+    if (rows == amx_configured_rows && depth == amx_configured_depth) return;
     struct amx_config c;
     memset(&c, 0, sizeof c);
     c.palette = 1;
     for (int i = 0; i < 4; i++) c.rows[i] = (uint8_t)rows, c.colsb[i] = 64;
-    for (int i = 4; i < 6; i++) c.rows[i] = (uint8_t)rows, c.colsb[i] = EBB_NATIVE_QK;
-    for (int i = 6; i < 8; i++) c.rows[i] = 8, c.colsb[i] = 64;
+    for (int i = 4; i < 6; i++) c.rows[i] = (uint8_t)rows, c.colsb[i] = (uint16_t)depth;
+    for (int i = 6; i < 8; i++) c.rows[i] = (uint8_t)(depth / 4), c.colsb[i] = 64;
     _tile_loadconfig(&c);
-    amx_rows_configured = rows;
+    amx_configured_rows = rows, amx_configured_depth = depth;
 }
 
 /* 16 bytes of each of 16 rows (row r at p + r * stride) as 4 vectors, lane
@@ -624,11 +650,27 @@ ALWAYS_INLINE void rows_dwords(const uint8_t *p, size_t stride, __m512i v[4])
     v[3] = _mm512_unpackhi_epi64(t1, t3);
 }
 
+/* The 16 rows after the 16 at o, contiguous with them, a block's share at
+ * a time (as decode's tiles fetch their successors): one stream, which the
+ * hardware follows well, where 16 rows read side by side are not. On this
+ * Xeon, wide_pack's prefetch of each row ahead left 2 tokens on AMX slower
+ * than on the 2 x 4 tiles once the model streamed from memory (12 s of
+ * samples against 10 decoding 2 sequences); with this, `ebb bench --verify
+ * 8` gave c(1) 1.48 -> 1.25, c(8) 2.78 -> 2.38. (The VNNI wide path keeps
+ * its own: tuned on an AMD EPYC, neutral here.) (uintptr_t: the address may
+ * lie past the matrix; prefetches never fault.) */
+ALWAYS_INLINE void wide_prefetch_next(const int T, const struct ebb_native_matmul_args *a, int o, int b)
+{
+    const size_t share = WIDE_ROWS * block_bytes(T);   /* the legacy types' blocks of 32 */
+    const uintptr_t next = (uintptr_t)a->w + (uintptr_t)(o + WIDE_ROWS) * a->row_bytes + (uintptr_t)b * share;
+    for (size_t l = 0; l < share; l += 64) _mm_prefetch((const char *)(next + l), _MM_HINT_T0);
+}
+
 ALWAYS_INLINE void amx_pack(const int T, const struct ebb_native_matmul_args *a, int o, int b0, int b1,
-                            struct wide_block *wb)
+                            struct amx_chunk *ch)
 {
     if (T != NT_Q4_0 && T != NT_Q4_1 && T != NT_Q8_0) {
-        wide_pack(T, a, o, b0, b1, wb);
+        for (int b = b0; b < b1; b++) wide_pack_block(T, a, o, b, ch->codes[b - b0], &ch->d[b - b0], &ch->m[b - b0]);
         return;
     }
     const size_t stride = a->row_bytes;
@@ -636,88 +678,115 @@ ALWAYS_INLINE void amx_pack(const int T, const struct ebb_native_matmul_args *a,
     const __m512i row_at = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
                                               _mm512_set1_epi32((int)stride));
     const __m512i low = _mm512_set1_epi8(0x0f), offset = _mm512_set1_epi8(T == NT_Q4_0 ? 8 : 0);
-    for (int b = b0; b < b1; b++, wb++) {
+    for (int b = b0; b < b1; b++) {
         const uint8_t *blk = rows + block_at(T, b);
-        /* a row's block is 18 to 34 bytes: every other block's prefetch reaches every line */
-        if (!(b & 1))
-            for (int r = 0; r < WIDE_ROWS; r++) _mm_prefetch((const char *)blk + r * stride + WIDE_PREFETCH, _MM_HINT_T0);
+        __m512i *codes = ch->codes[b - b0];
+        wide_prefetch_next(T, a, o, b);
         /* each row's first dword: d, then (Q4_1) m, as f16 */
         const __m512i head = _mm512_i32gather_epi32(row_at, blk, 1);
         __m512i v[4];
         if (T == NT_Q8_0) {
             rows_dwords(blk + 2, stride, v);
 #pragma GCC unroll 4
-            for (int k = 0; k < 4; k++) wb->codes[k] = v[k];
+            for (int k = 0; k < 4; k++) codes[k] = v[k];
             rows_dwords(blk + 18, stride, v);
 #pragma GCC unroll 4
-            for (int k = 0; k < 4; k++) wb->codes[4 + k] = v[k];
+            for (int k = 0; k < 4; k++) codes[4 + k] = v[k];
         } else {
             rows_dwords(blk + (T == NT_Q4_0 ? 2 : 4), stride, v);
 #pragma GCC unroll 4
             for (int k = 0; k < 4; k++) {
-                wb->codes[k] = _mm512_sub_epi8(_mm512_and_si512(v[k], low), offset);
-                wb->codes[4 + k] = _mm512_sub_epi8(_mm512_and_si512(_mm512_srli_epi16(v[k], 4), low), offset);
+                codes[k] = _mm512_sub_epi8(_mm512_and_si512(v[k], low), offset);
+                codes[4 + k] = _mm512_sub_epi8(_mm512_and_si512(_mm512_srli_epi16(v[k], 4), low), offset);
             }
         }
-        wb->d = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(head));
-        if (has_min(T)) wb->m = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(head, 16)));
+        ch->d[b - b0] = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(head));
+        if (has_min(T)) ch->m[b - b0] = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(head, 16)));
     }
 }
 
-/* Block b's sums for the M tokens at q into tile C (through tiles A and
- * B), stored as M rows of 16 int32 at sums. A macro: tile numbers are
- * immediates of the instructions. */
-#define AMX_SUMS(C, A, B, q, ldq, codes, sums) \
+/* One product into tile C (through tiles A and B), stored as rows of 16
+ * int32 at sums. A macro: tile numbers are immediates of the instructions. */
+#define AMX_SUMS(C, A, B, act, ld_act, codes, sums) \
     do { \
-        _tile_loadd(A, q, ldq); \
+        _tile_loadd(A, act, ld_act); \
         _tile_loadd(B, codes, 64); \
         _tile_zero(C); \
         _tile_dpbssd(C, A, B); \
         _tile_stored(C, sums, 64); \
     } while (0)
 
-/* Token m's fold of block b: acc = fma(isum, d * da, acc), then the
+/* Products 0 .. n - 1, the i-th from act + i * act_step (rows ld_act apart)
+ * and codes + i * codes_step, four in flight on four sum tiles (tiles are
+ * not renamed: one reused would wait for each store), to sums + i * 16
+ * rows. */
+ALWAYS_INLINE void amx_products(int n, const int8_t *act, size_t act_step, size_t ld_act, const __m512i *codes,
+                                int codes_step, int32_t (*sums)[16])
+{
+    int i = 0;
+    for (; i + 4 <= n; i += 4) {
+        AMX_SUMS(0, 4, 6, act + i * act_step, ld_act, codes + i * codes_step, sums[16 * i]);
+        AMX_SUMS(1, 5, 7, act + (i + 1) * act_step, ld_act, codes + (i + 1) * codes_step, sums[16 * (i + 1)]);
+        AMX_SUMS(2, 4, 6, act + (i + 2) * act_step, ld_act, codes + (i + 2) * codes_step, sums[16 * (i + 2)]);
+        AMX_SUMS(3, 5, 7, act + (i + 3) * act_step, ld_act, codes + (i + 3) * codes_step, sums[16 * (i + 3)]);
+    }
+    for (; i < n; i++) AMX_SUMS(0, 4, 6, act + i * act_step, ld_act, codes + i * codes_step, sums[16 * i]);
+}
+
+/* Token m's fold of a block: acc = fma(isum, d * da, acc), then the
  * minimum's term. */
-ALWAYS_INLINE __m512 amx_fold(const int T, const struct wide_block *wb, const int32_t *sums, float da, int asum,
-                              __m512 acc)
+ALWAYS_INLINE __m512 amx_fold(const int T, __m512 d, __m512 m, const int32_t *sums, float da, int asum, __m512 acc)
 {
     const __m512 vda = _mm512_set1_ps(da);
-    acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_load_si512(sums)), _mm512_mul_ps(wb->d, vda), acc);
-    if (has_min(T)) acc = _mm512_fmadd_ps(_mm512_set1_ps((float)asum), _mm512_mul_ps(wb->m, vda), acc);
+    acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_load_si512(sums)), _mm512_mul_ps(d, vda), acc);
+    if (has_min(T)) acc = _mm512_fmadd_ps(_mm512_set1_ps((float)asum), _mm512_mul_ps(m, vda), acc);
     return acc;
 }
 
-/* wide_tokens on tiles, for tokens in groups of up to 16: first every
- * block's products, four blocks in flight on four sum tiles (a product's
- * result is ready tens of cycles after it starts, and tiles are not
- * renamed, so one tile reused would wait for each), then the fold, token
- * by token with its accumulator in a register. */
-static _Thread_local _Alignas(64) int32_t amx_sums[WIDE_CHUNK][AMX_TOKENS][16];
+/* Each thread's sums of one chunk (row s of product i at [16 i + s]) and, for
+ * the paired products, their activation tiles. */
+static _Thread_local _Alignas(64) int32_t amx_sums[WIDE_CHUNK * AMX_TOKENS][16];
+static _Thread_local _Alignas(64) int8_t amx_pairs[WIDE_CHUNK / 2][2 * AMX_PAIRED_TOKENS][64];
 
-ALWAYS_INLINE void amx_tokens(const int T, const struct ebb_native_matmul_args *a, const struct wide_block *wb0,
+/* Blocks [b0, b1) of the chunk ch (the 16 rows at o) against tokens [t0,
+ * t1), in groups of 16 (8 paired): every product first, then the fold,
+ * token by token with its accumulator in a register. */
+ALWAYS_INLINE void amx_tokens(const int T, const struct ebb_native_matmul_args *a, const struct amx_chunk *ch,
                               int t0, int t1, int o, int b0, int b1)
 {
     const int nb = a->n_in / EBB_NATIVE_QK, n = b1 - b0;
-    for (int tg = t0; tg < t1; tg += AMX_TOKENS) {
-        const int M = min_int(AMX_TOKENS, t1 - tg);
-        amx_configure(M);
+    const int group = t1 - t0 <= AMX_PAIRED_TOKENS ? AMX_PAIRED_TOKENS : AMX_TOKENS;
+    for (int tg = t0; tg < t1; tg += group) {
+        const int M = min_int(group, t1 - tg), paired = M <= AMX_PAIRED_TOKENS;
         const int8_t *q = a->q + (size_t)tg * a->n_in + (size_t)EBB_NATIVE_QK * b0;
-        const size_t ldq = (size_t)a->n_in;
-        int i = 0;
-        for (; i + 4 <= n; i += 4) {
-            AMX_SUMS(0, 4, 6, q + EBB_NATIVE_QK * i, ldq, wb0[i].codes, amx_sums[i]);
-            AMX_SUMS(1, 5, 7, q + EBB_NATIVE_QK * (i + 1), ldq, wb0[i + 1].codes, amx_sums[i + 1]);
-            AMX_SUMS(2, 4, 6, q + EBB_NATIVE_QK * (i + 2), ldq, wb0[i + 2].codes, amx_sums[i + 2]);
-            AMX_SUMS(3, 5, 7, q + EBB_NATIVE_QK * (i + 3), ldq, wb0[i + 3].codes, amx_sums[i + 3]);
+        if (paired) {
+            /* pair p: rows [0, M) block 2p's activations then zeros, rows
+             * [M, 2M) zeros then block 2p + 1's (zeros past the last block) */
+            const __m256i zero = _mm256_setzero_si256();
+            for (int p = 0; p < (n + 1) / 2; p++)
+                for (int m = 0; m < M; m++) {
+                    const int8_t *x = q + (size_t)m * a->n_in + 2 * EBB_NATIVE_QK * p;
+                    _mm256_store_si256((__m256i *)amx_pairs[p][m], ld256(x));
+                    _mm256_store_si256((__m256i *)(amx_pairs[p][m] + 32), zero);
+                    _mm256_store_si256((__m256i *)amx_pairs[p][M + m], zero);
+                    _mm256_store_si256((__m256i *)(amx_pairs[p][M + m] + 32),
+                                       2 * p + 1 < n ? ld256(x + EBB_NATIVE_QK) : zero);
+                }
+            amx_configure(2 * M, 2 * EBB_NATIVE_QK);
+            amx_products((n + 1) / 2, amx_pairs[0][0], sizeof amx_pairs[0], 64, ch->codes[0], 16, amx_sums);
+        } else {
+            amx_configure(M, EBB_NATIVE_QK);
+            amx_products(n, q, EBB_NATIVE_QK, (size_t)a->n_in, ch->codes[0], 8, amx_sums);
         }
-        for (; i < n; i++) AMX_SUMS(0, 4, 6, q + EBB_NATIVE_QK * i, ldq, wb0[i].codes, amx_sums[i]);
-
         for (int m = 0; m < M; m++) {
             const float *da = a->d + (size_t)(tg + m) * nb + b0;
             const int16_t *asum = a->sums + (size_t)(tg + m) * nb + b0;
             float *out = a->out + (size_t)(tg + m) * a->n_out + o;
             __m512 acc = b0 ? _mm512_loadu_ps(out) : _mm512_setzero_ps();
-            for (int k = 0; k < n; k++) acc = amx_fold(T, &wb0[k], amx_sums[k][m], da[k], asum[k], acc);
+            for (int k = 0; k < n; k++) {
+                const int32_t *sum = paired ? amx_sums[16 * (k >> 1) + (k & 1) * M + m] : amx_sums[16 * k + m];
+                acc = amx_fold(T, ch->d[k], ch->m[k], sum, da[k], asum[k], acc);
+            }
             _mm512_storeu_ps(out, acc);
         }
     }
@@ -836,9 +905,9 @@ typedef void (*wide_fn)(const struct ebb_native_matmul_args *a, void *scratch, i
 
 /* Where a type's products go wide (tokens at least), per path. */
 #ifdef NX_AMX
-#define LEGACY_WIDE_MIN_TOKENS AMX_MIN_TOKENS
+#define LEGACY_WIDE_MIN_TOKENS(T) AMX_MIN_TOKENS(T)
 #else
-#define LEGACY_WIDE_MIN_TOKENS WIDE_MIN_TOKENS
+#define LEGACY_WIDE_MIN_TOKENS(T) WIDE_MIN_TOKENS
 #endif
 
 static void rectangle(const tile_fn tiles[3], wide_fn wide, int wide_min_tokens,
@@ -922,7 +991,7 @@ static void rectangle(const tile_fn tiles[3], wide_fn wide, int wide_min_tokens,
     void NX_FN(ebb_native_block_##name)(const struct ebb_native_matmul_args *a, int t0, int t1, int o0, int o1) \
     { \
         static const tile_fn tiles[3] = { name##_1x8, name##_2x4, name##_4x2 }; \
-        rectangle(tiles, NX_WIDE_FN(name, T), is_k(T) ? WIDE_MIN_TOKENS : LEGACY_WIDE_MIN_TOKENS, a, t0, t1, o0, \
+        rectangle(tiles, NX_WIDE_FN(name, T), is_k(T) ? WIDE_MIN_TOKENS : LEGACY_WIDE_MIN_TOKENS(T), a, t0, t1, o0, \
                   o1); \
     }
 
