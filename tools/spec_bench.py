@@ -139,15 +139,18 @@ def main():
     ap.add_argument("--llama-model")
     ap.add_argument("--csv")
     ap.add_argument("--sets", help="comma-separated prompt sets to run (default: all): " + ", ".join(SETS))
+    ap.add_argument("--cpu-path", help="the daemons' CPU kernels (EBB_CPU_PATH: amx, avx512, avx2, scalar; "
+                    "default: the best this CPU runs)")
     args = ap.parse_args()
     sets = SETS if not args.sets else {k: SETS[k] for k in args.sets.split(",")}
 
     tmp = tempfile.TemporaryDirectory()
     common = ["--threads", str(args.threads), "--kv-bits", str(args.kv_bits), "--max-running", "4"]
+    env = {"EBB_CPU_PATH": args.cpu_path} if args.cpu_path else None
     adaptive = Server(args.ebb, *common, catalog=os.path.join(tmp.name, "a.db"), model_path=args.model,
-                      start_timeout=120)
+                      start_timeout=120, env=env)
     always = Server(args.ebb, *common, "--draft-policy", "always", catalog=os.path.join(tmp.name, "b.db"),
-                    model_path=args.model, start_timeout=120)
+                    model_path=args.model, start_timeout=120, env=env)
     rows = []
     try:
         adaptive.wait_ready()

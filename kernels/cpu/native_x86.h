@@ -565,9 +565,9 @@ ALWAYS_INLINE void wide_tokens(const int T, const struct ebb_native_matmul_args 
 }
 
 #ifdef NX_AMX
-/* The same prefill on AMX (Intel's tile unit), from 2 tokens on (3 for
- * Q8_0), which covers speculative decoding's verification passes and a few
- * sequences decoding together. One TDPBSSD multiplies the tokens' activation
+/* The same prefill on AMX (Intel's tile unit), from 3 tokens on, which
+ * covers speculative decoding's verification passes and a few sequences
+ * decoding together. One TDPBSSD multiplies the tokens' activation
  * bytes (read in place, rows n_in apart, or copied, below) by the 16 rows' packed
  * codes (lane r of codes[k] being row r's codes 4k .. 4k + 3: exactly the
  * tile's layout) into 16 x 16 exact int32 sums. Both operands are signed,
@@ -578,7 +578,7 @@ ALWAYS_INLINE void wide_tokens(const int T, const struct ebb_native_matmul_args 
  *
  * Costs on a Xeon with AMX (single thread; `ebb bench --verify`): a tile
  * store takes about 22 cycles however few its rows, a product 9 (32 bytes
- * deep) or 16 (64), so with few tokens the stores set the pace. Up to 8
+ * deep) or 16 (64), so with few tokens the stores set the pace. Up to 4
  * tokens, two blocks share one product and one store: the tile is 64
  * bytes deep, rows [0, M) hold block 2p's activations then zeros, rows [M,
  * 2M) zeros then block 2p + 1's, against both blocks' codes, 16 deep rows,
@@ -588,14 +588,16 @@ ALWAYS_INLINE void wide_tokens(const int T, const struct ebb_native_matmul_args 
  * high ones 16-31, so the nibbles of the transposed dwords are codes[0..3]
  * and codes[4..7] as they stand); the other types take wide_pack's. */
 #define AMX_TOKENS 16      /* a tile's rows */
-/* Pairs pay up to 4 tokens (a 1,536 x 576 Q4_1 product of 2 tokens: 0.39
- * -> 0.34 ms) and cost from 6 (a 64-deep product of 12 or 16 rows, and the
- * copies, outweigh the store saved). */
+/* Pairs pay up to 4 tokens (a 1,536 x 576 Q4_1 product of 3 tokens, one
+ * thread: 0.41 -> 0.39 ms; of 2, 0.39 -> 0.34) and cost from 6 (a 64-deep
+ * product of 12 or 16 rows, and the copies, outweigh the store saved). */
 #define AMX_PAIRED_TOKENS 4
-/* Q8_0's packing is twice a Q4's and its 2 x 4 tiles are quick: at 2 tokens
- * the head (49,152 x 576, one thread) took 1.29 ms on the tiles, 1.69 on
- * AMX; at 3, 2.61 and 1.83; the whole model's c(1) 1.24 -> 1.31 with it. */
-#define AMX_MIN_TOKENS(T) ((T) == NT_Q8_0 ? 3 : 2)
+/* Two tokens stay on the 2 x 4 tiles, which unpack each row's block once
+ * for both and stream the rows well: on AMX the packing is not repaid. One
+ * thread, a 5,632 x 2,048 Q4_0 product of 2 tokens from memory: 0.85 ms on
+ * the tiles, 1.05 on AMX (3 tokens: 1.24 and 1.16); the default model's
+ * Q8_0 head (49,152 x 576): 1.29 and 1.69 ms (3 tokens: 2.61 and 1.83). */
+#define AMX_MIN_TOKENS 3
 
 struct amx_chunk {                         /* WIDE_CHUNK blocks of 16 rows */
     __m512i codes[WIDE_CHUNK][8];
@@ -905,7 +907,7 @@ typedef void (*wide_fn)(const struct ebb_native_matmul_args *a, void *scratch, i
 
 /* Where a type's products go wide (tokens at least), per path. */
 #ifdef NX_AMX
-#define LEGACY_WIDE_MIN_TOKENS(T) AMX_MIN_TOKENS(T)
+#define LEGACY_WIDE_MIN_TOKENS(T) AMX_MIN_TOKENS
 #else
 #define LEGACY_WIDE_MIN_TOKENS(T) WIDE_MIN_TOKENS
 #endif
