@@ -745,10 +745,45 @@ ALWAYS_INLINE __m512 amx_fold(const int T, __m512 d, __m512 m, const int32_t *su
     return acc;
 }
 
+
 /* Each thread's sums of one chunk (row s of product i at [16 i + s]) and, for
  * the paired products, their activation tiles. */
 static _Thread_local _Alignas(64) int32_t amx_sums[WIDE_CHUNK * AMX_TOKENS][16];
 static _Thread_local _Alignas(64) int8_t amx_pairs[WIDE_CHUNK / 2][2 * AMX_PAIRED_TOKENS][64];
+
+/* The fold of tokens t .. t + G - 1 (rows m .. m + G - 1 of the products)
+ * over the chunk's n blocks, each token's accumulator one chain in block
+ * order (the scalar bits); G chains side by side, since one alone waits on
+ * its two dependent FMAs per block. */
+ALWAYS_INLINE void amx_fold_tokens(const int T, const int G, const int paired, const struct ebb_native_matmul_args *a,
+                                   const struct amx_chunk *ch, int t, int m, int M, int o, int b0, int n)
+{
+    const int nb = a->n_in / EBB_NATIVE_QK;
+    __m512 acc[4];
+#pragma GCC unroll 4
+    for (int g = 0; g < G; g++)
+        acc[g] = b0 ? _mm512_loadu_ps(a->out + (size_t)(t + g) * a->n_out + o) : _mm512_setzero_ps();
+    const float *da = a->d + (size_t)t * nb + b0;
+    const int16_t *asum = a->sums + (size_t)t * nb + b0;
+    for (int k = 0; k < n; k++) {
+        const int32_t (*sums)[16] = paired ? &amx_sums[16 * (k >> 1) + (k & 1) * M + m] : &amx_sums[16 * k + m];
+#pragma GCC unroll 4
+        for (int g = 0; g < G; g++)
+            acc[g] = amx_fold(T, ch->d[k], ch->m[k], sums[g], da[(size_t)g * nb + k], asum[(size_t)g * nb + k], acc[g]);
+    }
+#pragma GCC unroll 4
+    for (int g = 0; g < G; g++) _mm512_storeu_ps(a->out + (size_t)(t + g) * a->n_out + o, acc[g]);
+}
+
+/* The fold of a group's M tokens (from t), four, two or one at a time. */
+ALWAYS_INLINE void amx_fold_group(const int T, const int paired, const struct ebb_native_matmul_args *a,
+                                  const struct amx_chunk *ch, int t, int M, int o, int b0, int n)
+{
+    int m = 0;
+    for (; m + 4 <= M; m += 4) amx_fold_tokens(T, 4, paired, a, ch, t + m, m, M, o, b0, n);
+    for (; m + 2 <= M; m += 2) amx_fold_tokens(T, 2, paired, a, ch, t + m, m, M, o, b0, n);
+    for (; m < M; m++) amx_fold_tokens(T, 1, paired, a, ch, t + m, m, M, o, b0, n);
+}
 
 /* Blocks [b0, b1) of the chunk ch (the 16 rows at o) against tokens [t0,
  * t1), in groups of 16 (8 paired): every product first, then the fold,
@@ -756,7 +791,7 @@ static _Thread_local _Alignas(64) int8_t amx_pairs[WIDE_CHUNK / 2][2 * AMX_PAIRE
 ALWAYS_INLINE void amx_tokens(const int T, const struct ebb_native_matmul_args *a, const struct amx_chunk *ch,
                               int t0, int t1, int o, int b0, int b1)
 {
-    const int nb = a->n_in / EBB_NATIVE_QK, n = b1 - b0;
+    const int n = b1 - b0;
     const int group = t1 - t0 <= AMX_PAIRED_TOKENS ? AMX_PAIRED_TOKENS : AMX_TOKENS;
     for (int tg = t0; tg < t1; tg += group) {
         const int M = min_int(group, t1 - tg), paired = M <= AMX_PAIRED_TOKENS;
@@ -780,17 +815,8 @@ ALWAYS_INLINE void amx_tokens(const int T, const struct ebb_native_matmul_args *
             amx_configure(M, EBB_NATIVE_QK);
             amx_products(n, q, EBB_NATIVE_QK, (size_t)a->n_in, ch->codes[0], 8, amx_sums);
         }
-        for (int m = 0; m < M; m++) {
-            const float *da = a->d + (size_t)(tg + m) * nb + b0;
-            const int16_t *asum = a->sums + (size_t)(tg + m) * nb + b0;
-            float *out = a->out + (size_t)(tg + m) * a->n_out + o;
-            __m512 acc = b0 ? _mm512_loadu_ps(out) : _mm512_setzero_ps();
-            for (int k = 0; k < n; k++) {
-                const int32_t *sum = paired ? amx_sums[16 * (k >> 1) + (k & 1) * M + m] : amx_sums[16 * k + m];
-                acc = amx_fold(T, ch->d[k], ch->m[k], sum, da[k], asum[k], acc);
-            }
-            _mm512_storeu_ps(out, acc);
-        }
+        if (paired) amx_fold_group(T, 1, a, ch, tg, M, o, b0, n);
+        else amx_fold_group(T, 0, a, ch, tg, M, o, b0, n);
     }
 }
 #endif
