@@ -751,6 +751,23 @@ ALWAYS_INLINE __m512 amx_fold(const int T, __m512 d, __m512 m, const int32_t *su
 static _Thread_local _Alignas(64) int32_t amx_sums[WIDE_CHUNK * AMX_TOKENS][16];
 static _Thread_local _Alignas(64) int8_t amx_pairs[WIDE_CHUNK / 2][2 * AMX_PAIRED_TOKENS][64];
 
+/* The paired products' activation tiles for M tokens (M <= 4) and n blocks
+ * of 32 (token m's block i at q + m * ld + 32 i): pair p's rows [0, M)
+ * block 2p then zeros, rows [M, 2M) zeros then block 2p + 1 (zeros past
+ * the last block). */
+static inline void amx_fill_pairs(const int8_t *q, size_t ld, int M, int n)
+{
+    const __m256i zero = _mm256_setzero_si256();
+    for (int p = 0; p < (n + 1) / 2; p++)
+        for (int m = 0; m < M; m++) {
+            const int8_t *x = q + (size_t)m * ld + 2 * EBB_NATIVE_QK * p;
+            _mm256_store_si256((__m256i *)amx_pairs[p][m], ld256(x));
+            _mm256_store_si256((__m256i *)(amx_pairs[p][m] + 32), zero);
+            _mm256_store_si256((__m256i *)amx_pairs[p][M + m], zero);
+            _mm256_store_si256((__m256i *)(amx_pairs[p][M + m] + 32), 2 * p + 1 < n ? ld256(x + EBB_NATIVE_QK) : zero);
+        }
+}
+
 /* The fold of tokens t .. t + G - 1 (rows m .. m + G - 1 of the products)
  * over the chunk's n blocks, each token's accumulator one chain in block
  * order (the scalar bits); G chains side by side, since one alone waits on
@@ -797,18 +814,7 @@ ALWAYS_INLINE void amx_tokens(const int T, const struct ebb_native_matmul_args *
         const int M = min_int(group, t1 - tg), paired = M <= AMX_PAIRED_TOKENS;
         const int8_t *q = a->q + (size_t)tg * a->n_in + (size_t)EBB_NATIVE_QK * b0;
         if (paired) {
-            /* pair p: rows [0, M) block 2p's activations then zeros, rows
-             * [M, 2M) zeros then block 2p + 1's (zeros past the last block) */
-            const __m256i zero = _mm256_setzero_si256();
-            for (int p = 0; p < (n + 1) / 2; p++)
-                for (int m = 0; m < M; m++) {
-                    const int8_t *x = q + (size_t)m * a->n_in + 2 * EBB_NATIVE_QK * p;
-                    _mm256_store_si256((__m256i *)amx_pairs[p][m], ld256(x));
-                    _mm256_store_si256((__m256i *)(amx_pairs[p][m] + 32), zero);
-                    _mm256_store_si256((__m256i *)amx_pairs[p][M + m], zero);
-                    _mm256_store_si256((__m256i *)(amx_pairs[p][M + m] + 32),
-                                       2 * p + 1 < n ? ld256(x + EBB_NATIVE_QK) : zero);
-                }
+            amx_fill_pairs(q, (size_t)a->n_in, M, n);
             amx_configure(2 * M, 2 * EBB_NATIVE_QK);
             amx_products((n + 1) / 2, amx_pairs[0][0], sizeof amx_pairs[0], 64, ch->codes[0], 16, amx_sums);
         } else {
@@ -880,12 +886,36 @@ ALWAYS_INLINE void wide_k_pack(const int T, const struct ebb_native_matmul_args 
     }
 }
 
+/* A super-block's float steps for one token, from its scaled code sums
+ * sumi (each row's sum over sub-blocks of scale x isum, codes unsigned):
+ * the offset of Q3_K and Q6_K and the minimums' term through the token's
+ * 16 code sums bs (int16 pairs against each row's scale or minimum pairs),
+ * then native.h's two FMAs. */
+ALWAYS_INLINE __m512 wide_k_fold(const int T, const struct wide_kblock *wb, __m512i sumi, const uint8_t *bs, float da,
+                                 __m512 acc)
+{
+    const int has_min = T == NT_Q2_K || T == NT_Q4_K || T == NT_Q5_K;
+    const int offset_shift = T == NT_Q6_K ? 5 : T == NT_Q3_K ? 2 : 0;   /* offset 32 or 4 */
+    __m512i summ = _mm512_setzero_si512(), corr = _mm512_setzero_si512();
+#pragma GCC unroll 8
+    for (int i = 0; i < 8; i++) {
+        const __m512i pair = _mm512_set1_epi32((int)ld32(bs + 4 * i));
+        if (has_min) summ = _mm512_dpwssd_epi32(summ, wb->min_pairs[i], pair);
+        if (offset_shift) corr = _mm512_dpwssd_epi32(corr, wb->scale_pairs[i], pair);
+    }
+    if (offset_shift) sumi = _mm512_sub_epi32(sumi, _mm512_slli_epi32(corr, offset_shift));
+    const __m512 vda = _mm512_set1_ps(da);
+    acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sumi), _mm512_mul_ps(wb->d, vda), acc);
+    if (has_min)
+        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_setzero_si512(), summ)),
+                              _mm512_mul_ps(wb->dmin, vda), acc);
+    return acc;
+}
+
 ALWAYS_INLINE void wide_k_tokens(const int T, const struct ebb_native_matmul_args *a, const struct wide_kblock *wb0,
                                  int t0, int t1, int o, int b0, int b1)
 {
     const int nb = a->n_in / EBB_NATIVE_QK_K;
-    const int has_min = T == NT_Q2_K || T == NT_Q4_K || T == NT_Q5_K;
-    const int offset_shift = T == NT_Q6_K ? 5 : T == NT_Q3_K ? 2 : 0;   /* offset 32 or 4 */
     const struct wide_kblock *wb = wb0 - b0;
     for (int t = t0; t < t1; t++) {
         const uint8_t *q = (const uint8_t *)(a->q + (size_t)t * a->n_in);
@@ -905,23 +935,115 @@ ALWAYS_INLINE void wide_k_tokens(const int T, const struct ebb_native_matmul_arg
                                                _mm512_set1_epi32((int)ld32(qb + 16 * j + 4 * w)));
                 sumi = _mm512_add_epi32(sumi, _mm512_mullo_epi32(isum, wb[b].scale[j]));
             }
-            __m512i summ = _mm512_setzero_si512(), corr = _mm512_setzero_si512();
-#pragma GCC unroll 8
-            for (int i = 0; i < 8; i++) {
-                const __m512i pair = _mm512_set1_epi32((int)ld32(bs + 4 * i));
-                if (has_min) summ = _mm512_dpwssd_epi32(summ, wb[b].min_pairs[i], pair);
-                if (offset_shift) corr = _mm512_dpwssd_epi32(corr, wb[b].scale_pairs[i], pair);
-            }
-            if (offset_shift) sumi = _mm512_sub_epi32(sumi, _mm512_slli_epi32(corr, offset_shift));
-            const __m512 vda = _mm512_set1_ps(da[b]);
-            acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sumi), _mm512_mul_ps(wb[b].d, vda), acc);
-            if (has_min)
-                acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_setzero_si512(), summ)),
-                                      _mm512_mul_ps(wb[b].dmin, vda), acc);
+            acc = wide_k_fold(T, &wb[b], sumi, bs, da[b], acc);
         }
         _mm512_storeu_ps(out, acc);
     }
 }
+
+#ifdef NX_AMX
+/* Q4_K and Q5_K on AMX, from 9 tokens as on the VNNI path (below that the
+ * tiles are quick for them: a 1.1B Q4_K's c(2) 1.23 on the tiles, 1.79-1.85
+ * from AMX at 3 tokens). Their scales are per 32 values; the K-quants with
+ * scales per 16 would need a tile store per 16 values and measured slower
+ * than the VNNI wide path (Q6_K prefill of 64 tokens 100 -> 82-90 GMAC/s,
+ * one thread), so they keep it. The super-block is packed as wide_kblock
+ * (amx_k_pack), one product per 32 values (the tail of a few tokens in
+ * pairs, as the legacy types'), then per token the products' sums times
+ * their scales and wide_k_fold, the VNNI path's own float steps. */
+
+/* Q4_K and Q5_K super-blocks of the 16 rows at o into wide_kblock's codes,
+ * its scales of each 32 (scale[2j]), minimum pairs, d and dmin, by
+ * in-register transposes rather than wide_k_pack's gathers: the block's first
+ * 16 bytes give d | dmin and the three scale words (formats.c's
+ * ebb_k4_scale_min, 16 rows at once), each 32 bytes of codes two
+ * transposes whose nibbles are two chunks' codes as they stand, and Q5_K's
+ * 32 bytes of fifth bits two more (bit c of byte l: value 32c + l). */
+ALWAYS_INLINE void amx_k_pack(const int T, const struct ebb_native_matmul_args *a, int o, int b0, int b1,
+                              struct wide_kblock *wb)
+{
+    const size_t stride = a->row_bytes, BB = block_bytes(T);
+    const uint8_t *rows = a->w + (size_t)o * stride;
+    const __m512i low4 = _mm512_set1_epi8(0x0f), low6 = _mm512_set1_epi8(0x3f), top2 = _mm512_set1_epi8(0x30);
+    const __m512i byte = _mm512_set1_epi32(0xff), bit4 = _mm512_set1_epi8(0x10);
+    for (int b = b0; b < b1; b++, wb++) {
+        const uint8_t *blk = rows + (size_t)b * BB;
+        wide_prefetch_next(T, a, o, b);
+        __m512i h[4];
+        rows_dwords(blk, stride, h);   /* d | dmin, scale words s0, s1, s2 */
+        const __m512i sc_lo = _mm512_and_si512(h[1], low6), mn_lo = _mm512_and_si512(h[2], low6);
+        const __m512i sc_hi = _mm512_or_si512(_mm512_and_si512(h[3], low4),
+                                              _mm512_and_si512(_mm512_srli_epi32(h[1], 2), top2));
+        const __m512i mn_hi = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi32(h[3], 4), low4),
+                                              _mm512_and_si512(_mm512_srli_epi32(h[2], 2), top2));
+#pragma GCC unroll 8
+        for (int j = 0; j < 8; j++) {
+            const __m512i sc = _mm512_and_si512(_mm512_srli_epi32(j < 4 ? sc_lo : sc_hi, 8 * (j & 3)), byte);
+            const __m512i mn = _mm512_and_si512(_mm512_srli_epi32(j < 4 ? mn_lo : mn_hi, 8 * (j & 3)), byte);
+            wb->scale[2 * j] = wb->scale[2 * j + 1] = sc;
+            wb->min_pairs[j] = _mm512_or_si512(mn, _mm512_slli_epi32(mn, 16));
+        }
+        wb->d = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(h[0]));
+        wb->dmin = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(h[0], 16)));
+        __m512i qh[8];
+        if (T == NT_Q5_K) {
+            rows_dwords(blk + 16, stride, qh);
+            rows_dwords(blk + 32, stride, qh + 4);
+        }
+        const uint8_t *qs = blk + (T == NT_Q4_K ? 16 : 48);
+        for (int pair = 0; pair < 4; pair++) {   /* chunks 2 pair (low nibbles) and 2 pair + 1 (high) */
+            __m512i v[8];
+            rows_dwords(qs + 32 * pair, stride, v);
+            rows_dwords(qs + 32 * pair + 16, stride, v + 4);
+#pragma GCC unroll 8
+            for (int k = 0; k < 8; k++) {
+                __m512i lo = _mm512_and_si512(v[k], low4), hi = _mm512_and_si512(_mm512_srli_epi16(v[k], 4), low4);
+                if (T == NT_Q5_K) {
+                    lo = _mm512_or_si512(lo, _mm512_and_si512(_mm512_slli_epi16(_mm512_srli_epi16(qh[k], 2 * pair), 4), bit4));
+                    hi = _mm512_or_si512(hi, _mm512_and_si512(_mm512_slli_epi16(_mm512_srli_epi16(qh[k], 2 * pair + 1), 4), bit4));
+                }
+                wb->codes[2 * pair][k] = lo;
+                wb->codes[2 * pair + 1][k] = hi;
+            }
+        }
+    }
+}
+
+ALWAYS_INLINE void amx_k_tokens(const int T, const struct ebb_native_matmul_args *a, const struct wide_kblock *wb0,
+                                int t0, int t1, int o, int b0, int b1)
+{
+    const int J = EBB_NATIVE_QK_K / EBB_NATIVE_QK;   /* sub-blocks of 32 */
+    const int nb = a->n_in / EBB_NATIVE_QK_K;
+    const int group = t1 - t0 <= AMX_PAIRED_TOKENS ? AMX_PAIRED_TOKENS : AMX_TOKENS;
+    for (int tg = t0; tg < t1; tg += group) {
+        const int M = min_int(group, t1 - tg), paired = M <= AMX_PAIRED_TOKENS;
+        for (int b = b0; b < b1; b++) {
+            const struct wide_kblock *wb = &wb0[b - b0];
+            const int8_t *q = a->q + (size_t)tg * a->n_in + (size_t)EBB_NATIVE_QK_K * b;
+            if (paired) {
+                amx_fill_pairs(q, (size_t)a->n_in, M, J);
+                amx_configure(2 * M, 2 * EBB_NATIVE_QK);
+                amx_products(J / 2, amx_pairs[0][0], sizeof amx_pairs[0], 64, wb->codes[0], 16, amx_sums);
+            } else {
+                amx_configure(M, EBB_NATIVE_QK);
+                amx_products(J, q, EBB_NATIVE_QK, (size_t)a->n_in, wb->codes[0], 8, amx_sums);
+            }
+            for (int m = 0; m < M; m++) {
+                const size_t t = (size_t)(tg + m);
+                float *out = a->out + t * a->n_out + o;
+                const uint8_t *bs = (const uint8_t *)(a->sums + t * (a->n_in / 16)) + 32 * (size_t)b;
+                __m512i sumi = _mm512_setzero_si512();
+                for (int j = 0; j < J; j++) {
+                    const int32_t *isum = paired ? amx_sums[16 * (j >> 1) + (j & 1) * M + m] : amx_sums[16 * j + m];
+                    sumi = _mm512_add_epi32(sumi, _mm512_mullo_epi32(_mm512_load_si512(isum), wb->scale[2 * j]));
+                }
+                const __m512 acc = b ? _mm512_loadu_ps(out) : _mm512_setzero_ps();
+                _mm512_storeu_ps(out, wide_k_fold(T, wb, sumi, bs, a->d[t * nb + b], acc));
+            }
+        }
+    }
+}
+#endif
 #endif
 
 /* ------------------------------------------------------------ rectangles */
@@ -977,7 +1099,13 @@ static void rectangle(const tile_fn tiles[3], wide_fn wide, int wide_min_tokens,
 #ifdef NX_AMX
 #define WIDE_LEGACY(T, a, scratch, t0, t1, o, b0, b1) \
     (amx_pack(T, a, o, b0, b1, scratch), amx_tokens(T, a, scratch, t0, t1, o, b0, b1))
+#define WIDE_K(T, a, scratch, t0, t1, o, b0, b1) \
+    ((T) == NT_Q4_K || (T) == NT_Q5_K \
+         ? (amx_k_pack(T, a, o, b0, b1, scratch), amx_k_tokens(T, a, scratch, t0, t1, o, b0, b1)) \
+         : (wide_k_pack(T, a, o, b0, b1, scratch), wide_k_tokens(T, a, scratch, t0, t1, o, b0, b1)))
 #else
+#define WIDE_K(T, a, scratch, t0, t1, o, b0, b1) \
+    (wide_k_pack(T, a, o, b0, b1, scratch), wide_k_tokens(T, a, scratch, t0, t1, o, b0, b1))
 #define WIDE_LEGACY(T, a, scratch, t0, t1, o, b0, b1) \
     (wide_pack(T, a, o, b0, b1, scratch), wide_tokens(T, a, scratch, t0, t1, o, b0, b1))
 #endif
@@ -989,8 +1117,7 @@ static void rectangle(const tile_fn tiles[3], wide_fn wide, int wide_min_tokens,
         for (int b0 = 0; b0 < nb; b0 += chunk) { \
             const int b1 = b0 + chunk < nb ? b0 + chunk : nb; \
             if (k) { \
-                wide_k_pack(T, a, o, b0, b1, scratch); \
-                wide_k_tokens(T, a, scratch, t0, t1, o, b0, b1); \
+                WIDE_K(T, a, scratch, t0, t1, o, b0, b1); \
             } else { \
                 WIDE_LEGACY(T, a, scratch, t0, t1, o, b0, b1); \
             } \
