@@ -28,6 +28,9 @@
 #include <string.h>
 #include <sys/syscall.h>
 #include <unistd.h>
+#if defined(__x86_64__) || defined(__i386__)
+#include <cpuid.h>
+#endif
 
 #define PIECES_PER_THREAD 4
 #define MIN_ROWS_PER_PIECE 16
@@ -117,9 +120,10 @@ void ebb_cpu_matmul_drive(struct ebb_pool *pool, enum ebb_type type, matmul_bloc
 /* ----------------------------------------------------------------- tables */
 
 /* One complete table per path, each op named ebb_cpu_<op>_<isa> (ops.h).
- * `own` names the path's products and vector ops, `shared` the path whose
- * quantize_act, hadamard64, attention and KV-row ops it uses. AVX-512 takes
- * those from AVX2: they are bound by per-group horizontal work and memory,
+ * `native` names the path whose GGUF products it takes (AMX is AVX-512's
+ * table with its own), `own` its f32 and W4G64 products and vector ops,
+ * `shared` the path whose quantize_act, hadamard64, attention and KV-row ops
+ * it uses. AVX-512 takes those from AVX2: they are bound by per-group horizontal work and memory,
  * not by vector width, and the AVX2 code (which every AVX-512 processor
  * runs) gives the same bits; its products are its own (VNNI) and so are
  * its f32 ops (512-bit vectors, masked tails). */
@@ -177,9 +181,9 @@ static int avx512_usable(void)
  * default, so Linux (5.16 on) hands it out only on request: arch_prctl
  * ARCH_REQ_XCOMP_PERM for XTILEDATA, once, for every thread of the process.
  * The CPU's report alone is not enough: a kernel that refuses (or predates
- * the request) kills the first tile instruction with SIGILL. gcc 12's
- * __builtin_cpu_supports knows "amx-int8"; cpuid leaf 7's EDX bits 24 (tile)
- * and 25 (int8) are read directly so older compilers build this too. */
+ * the request) kills the first tile instruction with SIGILL. cpuid leaf 7's
+ * EDX bits 24 (tile) and 25 (int8) are read directly: not every compiler's
+ * __builtin_cpu_supports knows "amx-int8". */
 #define ARCH_REQ_XCOMP_PERM 0x1023
 #define XFEATURE_XTILEDATA 18
 static int amx_granted;
@@ -188,9 +192,9 @@ static pthread_once_t amx_once = PTHREAD_ONCE_INIT;
 static void amx_ask(void)
 {
     unsigned int eax, ebx, ecx, edx;
-    __asm__("cpuid" : "=a"(eax), "=b"(ebx), "=c"(ecx), "=d"(edx) : "a"(7), "c"(0));
     const unsigned int tile_int8 = (1u << 24) | (1u << 25);
-    if ((edx & tile_int8) != tile_int8 || !avx512_usable()) return;
+    if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx) || (edx & tile_int8) != tile_int8 || !avx512_usable())
+        return;
     amx_granted = syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
 }
 #endif

@@ -42,6 +42,9 @@
  * On the AVX-512 path (NX_WIDE_PREFILL) prefill of 9 tokens or more takes
  * whole tiles of 16 rows another way: their blocks are rewritten into
  * interleaved codes so each lane is one row's sum (see "wide prefill").
+ * native_amx.c compiles this file a third time with NX_AMX: the same
+ * interleaved codes are the tile unit's operand, and the legacy types from
+ * 3 tokens, Q4_K and Q5_K from 9, multiply on it (see "on AMX").
  * Edges reuse the same three shapes: a missing row or token repeats the
  * tile's first one and its lanes are not stored. Lanes never mix, so every
  * output depends only on its own row and token: any rectangle, split over
