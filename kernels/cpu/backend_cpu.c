@@ -120,8 +120,8 @@ void ebb_cpu_matmul_drive(struct ebb_pool *pool, enum ebb_type type, matmul_bloc
 /* ----------------------------------------------------------------- tables */
 
 /* One complete table per path, each op named ebb_cpu_<op>_<isa> (ops.h).
- * `native` names the path whose GGUF products it takes (AMX is AVX-512's
- * table with its own), `own` its f32 and W4G64 products and vector ops,
+ * `native` names the path whose integer products it takes (W4G64 and the GGUF
+ * types; AMX is AVX-512's table with its own), `own` its f32 product and vector ops,
  * `shared` the path whose quantize_act, hadamard64, attention and KV-row ops
  * it uses. AVX-512 takes those from AVX2: they are bound by per-group horizontal work and memory,
  * not by vector width, and the AVX2 code (which every AVX-512 processor
@@ -133,8 +133,7 @@ void ebb_cpu_matmul_drive(struct ebb_pool *pool, enum ebb_type type, matmul_bloc
 #define CPU_MATMUL_amx(name, TYPE) [TYPE] = ebb_cpu_matmul_##name##_amx,
 #define CPU_PATH(path, native, own, shared) { \
     .name = #path, \
-    .matmul = { CPU_MATMUL_##own(f32, EBB_TYPE_F32) CPU_MATMUL_##own(w4g64, EBB_TYPE_W4G64) \
-                EBB_NATIVE_PRODUCT_TYPES(CPU_MATMUL_##native) }, \
+    .matmul = { CPU_MATMUL_##own(f32, EBB_TYPE_F32) EBB_INT_PRODUCT_TYPES(CPU_MATMUL_##native) }, \
     .quantize_q8b32 = ebb_native_quantize_q8b32_##own, \
     .quantize_q8k = ebb_native_quantize_q8k_##own, \
     .rmsnorm_f32 = ebb_cpu_rmsnorm_##own, \

@@ -78,16 +78,17 @@
 /* The legacy types (blocks of 32) and ebb's W2G64 (blocks of 64, walked
  * as two halves of 32 against the two activation blocks), then the
  * K-quants. */
-enum { NT_Q4_0, NT_Q4_1, NT_Q5_0, NT_Q5_1, NT_Q8_0, NT_W2G64, NT_Q2_K, NT_Q3_K, NT_Q4_K, NT_Q5_K, NT_Q6_K };
+enum { NT_Q4_0, NT_Q4_1, NT_Q5_0, NT_Q5_1, NT_Q8_0, NT_W2G64, NT_Q2_K, NT_Q3_K, NT_Q4_K, NT_Q5_K, NT_Q6_K,
+       NT_W4G64 /* ebb's W4G64 (quant_x86.h's product), here only for AMX */ };
 
-ALWAYS_INLINE int is_k(const int T) { return T >= NT_Q2_K; }
+ALWAYS_INLINE int is_k(const int T) { return T >= NT_Q2_K && T <= NT_Q6_K; }
 
 ALWAYS_INLINE int min_int(int x, int y) { return x < y ? x : y; }
 
 /* Bytes per block of 32 (per 256 for the K-quants; W2G64: half its 20). */
 ALWAYS_INLINE size_t block_bytes(const int T)
 {
-    static const unsigned short bytes[] = { 18, 20, 22, 24, 34, 10, 84, 110, 144, 176, 210 };
+    static const unsigned short bytes[] = { 18, 20, 22, 24, 34, 10, 84, 110, 144, 176, 210, 34 };
     return bytes[T];
 }
 
@@ -608,6 +609,10 @@ struct amx_chunk {                         /* WIDE_CHUNK blocks of 16 rows */
 };
 _Static_assert(sizeof(struct amx_chunk) <= WIDE_SCRATCH, "AMX chunk fits the scratch");
 
+/* Inputs per block and product: W4G64's 64 (its codes fill two of the
+ * chunk's blocks of 32, 16 tile rows), the legacy types' 32. */
+ALWAYS_INLINE int amx_block(const int T) { return T == NT_W4G64 ? 64 : EBB_NATIVE_QK; }
+
 /* ldtilecfg's 64 bytes (palette 1). */
 struct amx_config {
     uint8_t palette, start_row, reserved[14];
@@ -666,7 +671,7 @@ ALWAYS_INLINE void rows_dwords(const uint8_t *p, size_t stride, __m512i v[4])
  * lie past the matrix; prefetches never fault.) */
 ALWAYS_INLINE void wide_prefetch_next(const int T, const struct ebb_native_matmul_args *a, int o, int b)
 {
-    const size_t share = WIDE_ROWS * block_bytes(T);   /* the legacy types' blocks of 32 */
+    const size_t share = WIDE_ROWS * block_bytes(T);   /* per block b: of 32, W4G64's 64, a K-quant's 256 */
     const uintptr_t next = (uintptr_t)a->w + (uintptr_t)(o + WIDE_ROWS) * a->row_bytes + (uintptr_t)b * share;
     for (size_t l = 0; l < share; l += 64) _mm_prefetch((const char *)(next + l), _MM_HINT_T0);
 }
@@ -674,7 +679,7 @@ ALWAYS_INLINE void wide_prefetch_next(const int T, const struct ebb_native_matmu
 ALWAYS_INLINE void amx_pack(const int T, const struct ebb_native_matmul_args *a, int o, int b0, int b1,
                             struct amx_chunk *ch)
 {
-    if (T != NT_Q4_0 && T != NT_Q4_1 && T != NT_Q8_0) {
+    if (T != NT_Q4_0 && T != NT_Q4_1 && T != NT_Q8_0 && T != NT_W4G64) {
         for (int b = b0; b < b1; b++) wide_pack_block(T, a, o, b, ch->codes[b - b0], &ch->d[b - b0], &ch->m[b - b0]);
         return;
     }
@@ -682,10 +687,10 @@ ALWAYS_INLINE void amx_pack(const int T, const struct ebb_native_matmul_args *a,
     const uint8_t *rows = a->w + (size_t)o * stride;
     const __m512i row_at = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
                                               _mm512_set1_epi32((int)stride));
-    const __m512i low = _mm512_set1_epi8(0x0f), offset = _mm512_set1_epi8(T == NT_Q4_0 ? 8 : 0);
+    const __m512i low = _mm512_set1_epi8(0x0f), offset = _mm512_set1_epi8(T == NT_Q4_0 || T == NT_W4G64 ? 8 : 0);
     for (int b = b0; b < b1; b++) {
         const uint8_t *blk = rows + block_at(T, b);
-        __m512i *codes = ch->codes[b - b0];
+        __m512i *codes = ch->codes[(b - b0) * amx_block(T) / EBB_NATIVE_QK];
         wide_prefetch_next(T, a, o, b);
         /* each row's first dword: d, then (Q4_1) m, as f16 */
         const __m512i head = _mm512_i32gather_epi32(row_at, blk, 1);
@@ -697,6 +702,17 @@ ALWAYS_INLINE void amx_pack(const int T, const struct ebb_native_matmul_args *a,
             rows_dwords(blk + 18, stride, v);
 #pragma GCC unroll 4
             for (int k = 0; k < 4; k++) codes[4 + k] = v[k];
+        } else if (T == NT_W4G64) {
+            /* 32 bytes: values 0-31 the low nibbles, 32-63 the high ones */
+            for (int half = 0; half < 2; half++) {
+                rows_dwords(blk + 2 + 16 * half, stride, v);
+#pragma GCC unroll 4
+                for (int k = 0; k < 4; k++) {
+                    codes[4 * half + k] = _mm512_sub_epi8(_mm512_and_si512(v[k], low), offset);
+                    codes[8 + 4 * half + k] =
+                        _mm512_sub_epi8(_mm512_and_si512(_mm512_srli_epi16(v[k], 4), low), offset);
+                }
+            }
         } else {
             rows_dwords(blk + (T == NT_Q4_0 ? 2 : 4), stride, v);
 #pragma GCC unroll 4
@@ -705,7 +721,7 @@ ALWAYS_INLINE void amx_pack(const int T, const struct ebb_native_matmul_args *a,
                 codes[4 + k] = _mm512_sub_epi8(_mm512_and_si512(_mm512_srli_epi16(v[k], 4), low), offset);
             }
         }
-        ch->d[b - b0] = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(head));
+        ch->d[b - b0] = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(head));   /* W4G64: one per 64 */
         if (has_min(T)) ch->m[b - b0] = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(head, 16)));
     }
 }
@@ -778,18 +794,19 @@ static inline void amx_fill_pairs(const int8_t *q, size_t ld, int M, int n)
 ALWAYS_INLINE void amx_fold_tokens(const int T, const int G, const int paired, const struct ebb_native_matmul_args *a,
                                    const struct amx_chunk *ch, int t, int m, int M, int o, int b0, int n)
 {
-    const int nb = a->n_in / EBB_NATIVE_QK;
+    const int nb = a->n_in / amx_block(T);
     __m512 acc[4];
 #pragma GCC unroll 4
     for (int g = 0; g < G; g++)
         acc[g] = b0 ? _mm512_loadu_ps(a->out + (size_t)(t + g) * a->n_out + o) : _mm512_setzero_ps();
     const float *da = a->d + (size_t)t * nb + b0;
-    const int16_t *asum = a->sums + (size_t)t * nb + b0;
+    const int16_t *asum = has_min(T) ? a->sums + (size_t)t * nb + b0 : NULL;
     for (int k = 0; k < n; k++) {
         const int32_t (*sums)[16] = paired ? &amx_sums[16 * (k >> 1) + (k & 1) * M + m] : &amx_sums[16 * k + m];
 #pragma GCC unroll 4
         for (int g = 0; g < G; g++)
-            acc[g] = amx_fold(T, ch->d[k], ch->m[k], sums[g], da[(size_t)g * nb + k], asum[(size_t)g * nb + k], acc[g]);
+            acc[g] = amx_fold(T, ch->d[k], ch->m[k], sums[g], da[(size_t)g * nb + k],
+                              has_min(T) ? asum[(size_t)g * nb + k] : 0, acc[g]);
     }
 #pragma GCC unroll 4
     for (int g = 0; g < G; g++) _mm512_storeu_ps(a->out + (size_t)(t + g) * a->n_out + o, acc[g]);
@@ -811,18 +828,18 @@ ALWAYS_INLINE void amx_fold_group(const int T, const int paired, const struct eb
 ALWAYS_INLINE void amx_tokens(const int T, const struct ebb_native_matmul_args *a, const struct amx_chunk *ch,
                               int t0, int t1, int o, int b0, int b1)
 {
-    const int n = b1 - b0;
-    const int group = t1 - t0 <= AMX_PAIRED_TOKENS ? AMX_PAIRED_TOKENS : AMX_TOKENS;
+    const int n = b1 - b0, QK = amx_block(T);
+    const int group = QK == EBB_NATIVE_QK && t1 - t0 <= AMX_PAIRED_TOKENS ? AMX_PAIRED_TOKENS : AMX_TOKENS;
     for (int tg = t0; tg < t1; tg += group) {
-        const int M = min_int(group, t1 - tg), paired = M <= AMX_PAIRED_TOKENS;
-        const int8_t *q = a->q + (size_t)tg * a->n_in + (size_t)EBB_NATIVE_QK * b0;
+        const int M = min_int(group, t1 - tg), paired = QK == EBB_NATIVE_QK && M <= AMX_PAIRED_TOKENS;
+        const int8_t *q = a->q + (size_t)tg * a->n_in + (size_t)QK * b0;
         if (paired) {
             amx_fill_pairs(q, (size_t)a->n_in, M, n);
             amx_configure(2 * M, 2 * EBB_NATIVE_QK);
             amx_products((n + 1) / 2, amx_pairs[0][0], sizeof amx_pairs[0], 64, ch->codes[0], 16, amx_sums);
         } else {
-            amx_configure(M, EBB_NATIVE_QK);
-            amx_products(n, q, EBB_NATIVE_QK, (size_t)a->n_in, ch->codes[0], 8, amx_sums);
+            amx_configure(M, QK);
+            amx_products(n, q, (size_t)QK, (size_t)a->n_in, ch->codes[0], QK / 4, amx_sums);
         }
         if (paired) amx_fold_group(T, 1, a, ch, tg, M, o, b0, n);
         else amx_fold_group(T, 0, a, ch, tg, M, o, b0, n);
@@ -1063,6 +1080,11 @@ typedef void (*wide_fn)(const struct ebb_native_matmul_args *a, void *scratch, i
 #define LEGACY_WIDE_MIN_TOKENS(T) WIDE_MIN_TOKENS
 #endif
 
+#ifdef NX_WIDE_PREFILL
+/* Each worker's own packed chunk: no allocation per product. */
+static _Thread_local _Alignas(64) unsigned char wide_scratch[WIDE_SCRATCH];
+#endif
+
 static void rectangle(const tile_fn tiles[3], wide_fn wide, int wide_min_tokens,
                       const struct ebb_native_matmul_args *a, int t0, int t1, int o0, int o1)
 {
@@ -1070,8 +1092,7 @@ static void rectangle(const tile_fn tiles[3], wide_fn wide, int wide_min_tokens,
     /* Enough tokens: whole 16-row tiles go wide, the rows left over take
      * the tiles below. */
     if (wide && t1 - t0 >= wide_min_tokens && o1 - o0 >= WIDE_ROWS) {
-        /* Each worker's own packed chunk: no allocation per product. */
-        static _Thread_local _Alignas(64) unsigned char scratch[WIDE_SCRATCH];
+        unsigned char *scratch = wide_scratch;
         const int rows_end = o0 + (o1 - o0) / WIDE_ROWS * WIDE_ROWS;
         for (int o = o0; o < rows_end; o += WIDE_ROWS) wide(a, scratch, t0, t1, o);
         o0 = rows_end;
@@ -1164,3 +1185,33 @@ NX_TYPE(q4_k, NT_Q4_K)
 NX_TYPE(q5_k, NT_Q5_K)
 NX_TYPE(q6_k, NT_Q6_K)
 NX_TYPE(w2g64, NT_W2G64)
+
+#ifdef NX_AMX
+/* W4G64, ebb's own 4-bit type (quant_x86.h has its product), on AMX from 2
+ * tokens: one 64-deep product per block (no pairs: the tile is full), its
+ * rows packed as Q4_0's are; the AVX-512 rectangle takes one token and the
+ * rows left over. From 2, not 3 as the GGUF types: W4G64's tiles have no
+ * quick 2-token shape (`ebb pack --format w4a4` of the default model, `ebb
+ * bench --verify 8`: c(1) 1.48-1.56 on its tiles, 1.21-1.31 here; decoding
+ * 2 sequences 270-276 -> 393-422 tok/s). */
+#define AMX_W4G64_MIN_TOKENS 2
+static void amx_block_w4g64(const struct matmul_args *m, int t0, int t1, int o0, int o1)
+{
+    int rows_end = o0;
+    if (t1 - t0 >= AMX_W4G64_MIN_TOKENS && o1 - o0 >= WIDE_ROWS) {
+        const struct ebb_native_matmul_args a = {m->out, m->x.q, m->x.s, NULL, m->w, m->row_bytes,
+                                                 m->n_tok, m->n_in, m->n_out};
+        const int nb = m->n_in / EBB_W4G64_GROUP, chunk = WIDE_CHUNK * EBB_NATIVE_QK / EBB_W4G64_GROUP;
+        rows_end = o0 + (o1 - o0) / WIDE_ROWS * WIDE_ROWS;
+        for (int o = o0; o < rows_end; o += WIDE_ROWS)
+            for (int b0 = 0; b0 < nb; b0 += chunk) {
+                const int b1 = min_int(b0 + chunk, nb);
+                amx_pack(NT_W4G64, &a, o, b0, b1, (struct amx_chunk *)(void *)wide_scratch);
+                amx_tokens(NT_W4G64, &a, (const struct amx_chunk *)(void *)wide_scratch, t0, t1, o, b0, b1);
+            }
+    }
+    if (rows_end < o1) ebb_cpu_block_w4g64_avx512(m, t0, t1, rows_end, o1);
+}
+
+EBB_CPU_MATMUL(ebb_cpu_matmul_w4g64_amx, EBB_TYPE_W4G64, amx_block_w4g64, 16, 4)
+#endif

@@ -107,6 +107,11 @@ static inline __attribute__((always_inline)) void act_each_group(const float *x,
 EBB_CPU_OWN_OPS(scalar)
 EBB_CPU_OWN_OPS(avx2)
 EBB_CPU_OWN_OPS(avx512)
+/* W4G64's rectangle on x86 (quant_x86.h), which the AMX path's (native_x86.h)
+ * hands what it leaves; and that path's product. */
+void ebb_cpu_block_w4g64_avx2(const struct matmul_args *a, int t0, int t1, int o0, int o1);
+void ebb_cpu_block_w4g64_avx512(const struct matmul_args *a, int t0, int t1, int o0, int o1);
+void ebb_cpu_matmul_w4g64_amx(struct ebb_pool *, float *, const struct ebb_act *, const void *, int, int, int);
 
 /* The native GGUF types' table entries of each path (native_table.c, over
  * the rectangles of native_<isa>.c). */

@@ -253,7 +253,7 @@ static void tile_rows(const tile_fn row_tiles[9], int M, const struct qctx *c, i
     if (o < o1) row_tiles[o1 - o](c, t, o);
 }
 
-static void block_w4(const struct matmul_args *a, int t0, int t1, int o0, int o1)
+void QX_FN(ebb_cpu_block_w4g64)(const struct matmul_args *a, int t0, int t1, int o0, int o1)
 {
     struct qctx c;
     c.a = a;
@@ -279,4 +279,4 @@ static void block_w4(const struct matmul_args *a, int t0, int t1, int o0, int o1
     }
 }
 
-EBB_CPU_MATMUL(QX_FN(ebb_cpu_matmul_w4g64), EBB_TYPE_W4G64, block_w4, 8, 4)
+EBB_CPU_MATMUL(QX_FN(ebb_cpu_matmul_w4g64), EBB_TYPE_W4G64, QX_FN(ebb_cpu_block_w4g64), 8, 4)
