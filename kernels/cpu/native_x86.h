@@ -590,7 +590,8 @@ ALWAYS_INLINE void wide_tokens(const int T, const struct ebb_native_matmul_args 
  * cheap: Q4_0, Q4_1 and Q8_0 (the default model's types) transpose 16
  * rows' bytes in registers (a Q4 block's low nibbles are codes 0-15, its
  * high ones 16-31, so the nibbles of the transposed dwords are codes[0..3]
- * and codes[4..7] as they stand); the other types take wide_pack's. */
+ * and codes[4..7] as they stand; W4G64, at the end of the file, is packed
+ * the same way); Q5_0, Q5_1 and W2G64 take wide_pack's. */
 #define AMX_TOKENS 16      /* a tile's rows */
 /* Pairs pay up to 4 tokens (a 1,536 x 576 Q4_1 product of 3 tokens, one
  * thread: 0.41 -> 0.39 ms; of 2, 0.39 -> 0.34) and cost from 6 (a 64-deep
@@ -666,7 +667,7 @@ ALWAYS_INLINE void rows_dwords(const uint8_t *p, size_t stride, __m512i v[4])
  * Xeon, wide_pack's prefetch of each row ahead left 2 tokens on AMX slower
  * than on the 2 x 4 tiles once the model streamed from memory (12 s of
  * samples against 10 decoding 2 sequences); with this, `ebb bench --verify
- * 8` gave c(1) 1.48 -> 1.25, c(8) 2.78 -> 2.38. (The VNNI wide path keeps
+ * 8` gave c(1) 1.47 -> 1.24, c(8) 2.53 -> 2.39. (The VNNI wide path keeps
  * its own: tuned on an AMD EPYC, neutral here.) (uintptr_t: the address may
  * lie past the matrix; prefetches never fault.) */
 ALWAYS_INLINE void wide_prefetch_next(const int T, const struct ebb_native_matmul_args *a, int o, int b)
@@ -676,6 +677,8 @@ ALWAYS_INLINE void wide_prefetch_next(const int T, const struct ebb_native_matmu
     for (size_t l = 0; l < share; l += 64) _mm_prefetch((const char *)(next + l), _MM_HINT_T0);
 }
 
+/* Blocks [b0, b1) of the 16 rows at o into the chunk: codes, d and (Q4_1)
+ * m; each row's first dword (d, then m) by one gather. */
 ALWAYS_INLINE void amx_pack(const int T, const struct ebb_native_matmul_args *a, int o, int b0, int b1,
                             struct amx_chunk *ch)
 {
