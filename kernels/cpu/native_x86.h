@@ -661,6 +661,27 @@ ALWAYS_INLINE void rows_dwords(const uint8_t *p, size_t stride, __m512i v[4])
     v[3] = _mm512_unpackhi_epi64(t1, t3);
 }
 
+/* runs x 16 bytes of nibbles of 16 rows (from p, rows stride apart) as
+ * signed codes, less offset: lo[4h + k] the low nibbles of run h's dword k,
+ * hi[4h + k] the high ones. Q4_0/Q4_1 (one run: codes 0-15 then 16-31),
+ * W4G64 (two: 0-31 then 32-63) and two Q4_K/Q5_K chunks (two runs: chunk 2j
+ * then 2j + 1) are all this. */
+ALWAYS_INLINE void rows_nibbles(const uint8_t *p, size_t stride, const int runs, __m512i offset, __m512i *lo,
+                                __m512i *hi)
+{
+    const __m512i low = _mm512_set1_epi8(0x0f);
+#pragma GCC unroll 2
+    for (int h = 0; h < runs; h++) {
+        __m512i v[4];
+        rows_dwords(p + 16 * h, stride, v);
+#pragma GCC unroll 4
+        for (int k = 0; k < 4; k++) {
+            lo[4 * h + k] = _mm512_sub_epi8(_mm512_and_si512(v[k], low), offset);
+            hi[4 * h + k] = _mm512_sub_epi8(_mm512_and_si512(_mm512_srli_epi16(v[k], 4), low), offset);
+        }
+    }
+}
+
 /* The 16 rows after the 16 at o, contiguous with them, a block's share at
  * a time (as decode's tiles fetch their successors): one stream, which the
  * hardware follows well, where 16 rows read side by side are not. On this
@@ -690,39 +711,19 @@ ALWAYS_INLINE void amx_pack(const int T, const struct ebb_native_matmul_args *a,
     const uint8_t *rows = a->w + (size_t)o * stride;
     const __m512i row_at = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
                                               _mm512_set1_epi32((int)stride));
-    const __m512i low = _mm512_set1_epi8(0x0f), offset = _mm512_set1_epi8(T == NT_Q4_0 || T == NT_W4G64 ? 8 : 0);
+    const __m512i offset = _mm512_set1_epi8(T == NT_Q4_0 || T == NT_W4G64 ? 8 : 0);
     for (int b = b0; b < b1; b++) {
         const uint8_t *blk = rows + block_at(T, b);
         __m512i *codes = ch->codes[(b - b0) * amx_block(T) / EBB_NATIVE_QK];
         wide_prefetch_next(T, a, o, b);
         /* each row's first dword: d, then (Q4_1) m, as f16 */
         const __m512i head = _mm512_i32gather_epi32(row_at, blk, 1);
-        __m512i v[4];
-        if (T == NT_Q8_0) {
-            rows_dwords(blk + 2, stride, v);
-#pragma GCC unroll 4
-            for (int k = 0; k < 4; k++) codes[k] = v[k];
-            rows_dwords(blk + 18, stride, v);
-#pragma GCC unroll 4
-            for (int k = 0; k < 4; k++) codes[4 + k] = v[k];
-        } else if (T == NT_W4G64) {
-            /* 32 bytes: values 0-31 the low nibbles, 32-63 the high ones */
-            for (int half = 0; half < 2; half++) {
-                rows_dwords(blk + 2 + 16 * half, stride, v);
-#pragma GCC unroll 4
-                for (int k = 0; k < 4; k++) {
-                    codes[4 * half + k] = _mm512_sub_epi8(_mm512_and_si512(v[k], low), offset);
-                    codes[8 + 4 * half + k] =
-                        _mm512_sub_epi8(_mm512_and_si512(_mm512_srli_epi16(v[k], 4), low), offset);
-                }
-            }
-        } else {
-            rows_dwords(blk + (T == NT_Q4_0 ? 2 : 4), stride, v);
-#pragma GCC unroll 4
-            for (int k = 0; k < 4; k++) {
-                codes[k] = _mm512_sub_epi8(_mm512_and_si512(v[k], low), offset);
-                codes[4 + k] = _mm512_sub_epi8(_mm512_and_si512(_mm512_srli_epi16(v[k], 4), low), offset);
-            }
+        if (T == NT_Q8_0) {   /* signed bytes already */
+            rows_dwords(blk + 2, stride, codes);
+            rows_dwords(blk + 18, stride, codes + 4);
+        } else {   /* low nibbles first: Q4's codes 0-15 (16-31 high), W4G64's 0-31 (32-63 high) */
+            const int runs = amx_block(T) / EBB_NATIVE_QK;
+            rows_nibbles(blk + (T == NT_Q4_1 ? 4 : 2), stride, runs, offset, codes, codes + 4 * runs);
         }
         ch->d[b - b0] = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(head));   /* W4G64: one per 64 */
         if (has_min(T)) ch->m[b - b0] = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(head, 16)));
@@ -831,10 +832,10 @@ ALWAYS_INLINE void amx_fold_group(const int T, const int paired, const struct eb
 ALWAYS_INLINE void amx_tokens(const int T, const struct ebb_native_matmul_args *a, const struct amx_chunk *ch,
                               int t0, int t1, int o, int b0, int b1)
 {
-    const int n = b1 - b0, QK = amx_block(T);
-    const int group = QK == EBB_NATIVE_QK && t1 - t0 <= AMX_PAIRED_TOKENS ? AMX_PAIRED_TOKENS : AMX_TOKENS;
+    const int n = b1 - b0, QK = amx_block(T), can_pair = QK == EBB_NATIVE_QK;   /* a 64-deep block fills the tile */
+    const int group = can_pair && t1 - t0 <= AMX_PAIRED_TOKENS ? AMX_PAIRED_TOKENS : AMX_TOKENS;
     for (int tg = t0; tg < t1; tg += group) {
-        const int M = min_int(group, t1 - tg), paired = QK == EBB_NATIVE_QK && M <= AMX_PAIRED_TOKENS;
+        const int M = min_int(group, t1 - tg), paired = can_pair && M <= AMX_PAIRED_TOKENS;
         const int8_t *q = a->q + (size_t)tg * a->n_in + (size_t)QK * b0;
         if (paired) {
             amx_fill_pairs(q, (size_t)a->n_in, M, n);
@@ -1015,19 +1016,14 @@ ALWAYS_INLINE void amx_k_pack(const int T, const struct ebb_native_matmul_args *
         }
         const uint8_t *qs = blk + (T == NT_Q4_K ? 16 : 48);
         for (int pair = 0; pair < 4; pair++) {   /* chunks 2 pair (low nibbles) and 2 pair + 1 (high) */
-            __m512i v[8];
-            rows_dwords(qs + 32 * pair, stride, v);
-            rows_dwords(qs + 32 * pair + 16, stride, v + 4);
+            __m512i *lo = wb->codes[2 * pair], *hi = wb->codes[2 * pair + 1];
+            rows_nibbles(qs + 32 * pair, stride, 2, _mm512_setzero_si512(), lo, hi);
+            if (T == NT_Q5_K)
 #pragma GCC unroll 8
-            for (int k = 0; k < 8; k++) {
-                __m512i lo = _mm512_and_si512(v[k], low4), hi = _mm512_and_si512(_mm512_srli_epi16(v[k], 4), low4);
-                if (T == NT_Q5_K) {
-                    lo = _mm512_or_si512(lo, _mm512_and_si512(_mm512_slli_epi16(_mm512_srli_epi16(qh[k], 2 * pair), 4), bit4));
-                    hi = _mm512_or_si512(hi, _mm512_and_si512(_mm512_slli_epi16(_mm512_srli_epi16(qh[k], 2 * pair + 1), 4), bit4));
+                for (int k = 0; k < 8; k++) {
+                    lo[k] = _mm512_or_si512(lo[k], _mm512_and_si512(_mm512_slli_epi16(_mm512_srli_epi16(qh[k], 2 * pair), 4), bit4));
+                    hi[k] = _mm512_or_si512(hi[k], _mm512_and_si512(_mm512_slli_epi16(_mm512_srli_epi16(qh[k], 2 * pair + 1), 4), bit4));
                 }
-                wb->codes[2 * pair][k] = lo;
-                wb->codes[2 * pair + 1][k] = hi;
-            }
         }
     }
 }
