@@ -39,12 +39,15 @@
  *   its successor's rows (contiguous with its own) as it goes;
  *   2 x 4 and prefill 4 x 2: each row's unpacked block serves every token;
  *   a pair of rows (in L1) meets all tokens of a block of TB (in L2).
- * On the AVX-512 path (NX_WIDE_PREFILL) prefill of 9 tokens or more takes
- * whole tiles of 16 rows another way: their blocks are rewritten into
- * interleaved codes so each lane is one row's sum (see "wide prefill").
+ * On the AVX-512 path (NX_WIDE_PREFILL) whole tiles of 16 rows go
+ * another way: their blocks are rewritten into interleaved codes so each
+ * lane is one row's sum -- packed into a chunk for prefill of 9 tokens or
+ * more (see "wide prefill"), or, for Q4_0, Q4_1 and Q8_0 at any count,
+ * transposed into registers where each token's sums stay (row16_rows).
  * native_amx.c compiles this file a third time with NX_AMX: the same
  * interleaved codes are the tile unit's operand, and the legacy types from
- * 3 tokens, Q4_K and Q5_K from 9, multiply on it (see "on AMX").
+ * 3 tokens (Q4_0, Q4_1 and Q8_0 from 25), Q4_K and Q5_K from 9, multiply
+ * on it (see "on AMX").
  * Edges reuse the same three shapes: a missing row or token repeats the
  * tile's first one and its lanes are not stored. Lanes never mix, so every
  * output depends only on its own row and token: any rectangle, split over
@@ -58,6 +61,7 @@
 #include "kernels/cpu/ops.h"
 
 #include <immintrin.h>
+#include <limits.h>
 #include <string.h>
 
 #define NX_CAT2(a, b) a##_##b
@@ -72,7 +76,8 @@
  * prefill: packing a row tile costs more than it saves below about 9 tokens
  * (a verification pass of speculative decoding has 2 to 9; `ebb bench
  * --verify 16`: 4 tokens took 1.9 one-token passes on the tiles, 2.7 wide;
- * 9 took 4.1 on the tiles, 3.7 wide). */
+ * 9 took 4.1 on the tiles, 3.7 wide). Q4_0, Q4_1 and Q8_0 take neither:
+ * row16_rows is quicker at every count. */
 #define WIDE_MIN_TOKENS 9
 
 /* The legacy types (blocks of 32) and ebb's W2G64 (blocks of 64, walked
@@ -568,77 +573,6 @@ ALWAYS_INLINE void wide_tokens(const int T, const struct ebb_native_matmul_args 
     }
 }
 
-#ifdef NX_AMX
-/* The same prefill on AMX (Intel's tile unit), from 3 tokens on, which
- * covers speculative decoding's verification passes and a few sequences
- * decoding together. One TDPBSSD multiplies the tokens' activation
- * bytes (read in place, rows n_in apart, or copied, below) by the 16 rows' packed
- * codes (lane r of codes[k] being row r's codes 4k .. 4k + 3: exactly the
- * tile's layout) into 16 x 16 exact int32 sums. Both operands are signed,
- * so neither the +128 of the activations nor the code sums are needed.
- * What is left per (token, block) is the float fold, 16 rows wide, in
- * native.h's order: the scalar path's bits again, and every output depends
- * only on its own row and token.
- *
- * Costs on a Xeon with AMX (single thread; `ebb bench --verify`): a tile
- * store takes about 22 cycles however few its rows, a product 9 (32 bytes
- * deep) or 16 (64), so with few tokens the stores set the pace. Up to 4
- * tokens, two blocks share one product and one store: the tile is 64
- * bytes deep, rows [0, M) hold block 2p's activations then zeros, rows [M,
- * 2M) zeros then block 2p + 1's, against both blocks' codes, 16 deep rows,
- * which lie one after the other in the chunk. And the packing must be
- * cheap: Q4_0, Q4_1 and Q8_0 (the default model's types) transpose 16
- * rows' bytes in registers (a Q4 block's low nibbles are codes 0-15, its
- * high ones 16-31, so the nibbles of the transposed dwords are codes[0..3]
- * and codes[4..7] as they stand; W4G64, at the end of the file, is packed
- * the same way); Q5_0, Q5_1 and W2G64 take wide_pack's. */
-#define AMX_TOKENS 16      /* a tile's rows */
-/* Pairs pay up to 4 tokens (a 1,536 x 576 Q4_1 product of 3 tokens, one
- * thread: 0.41 -> 0.39 ms; of 2, 0.39 -> 0.34) and cost from 6 (a 64-deep
- * product of 12 or 16 rows, and the copies, outweigh the store saved). */
-#define AMX_PAIRED_TOKENS 4
-/* Two tokens stay on the 2 x 4 tiles, which unpack each row's block once
- * for both and stream the rows well: on AMX the packing is not repaid. One
- * thread, a 5,632 x 2,048 Q4_0 product of 2 tokens from memory: 0.85 ms on
- * the tiles, 1.05 on AMX (3 tokens: 1.24 and 1.16); the default model's
- * Q8_0 head (49,152 x 576): 1.29 and 1.69 ms (3 tokens: 2.61 and 1.83). */
-#define AMX_MIN_TOKENS 3
-
-struct amx_chunk {                         /* WIDE_CHUNK blocks of 16 rows */
-    __m512i codes[WIDE_CHUNK][8];
-    __m512 d[WIDE_CHUNK], m[WIDE_CHUNK];   /* the rows' scales, minimums */
-};
-_Static_assert(sizeof(struct amx_chunk) <= WIDE_SCRATCH, "AMX chunk fits the scratch");
-
-/* Inputs per block and product: W4G64's 64 (its codes fill two of the
- * chunk's blocks of 32, 16 tile rows), the legacy types' 32. */
-ALWAYS_INLINE int amx_block(const int T) { return T == NT_W4G64 ? 64 : EBB_NATIVE_QK; }
-
-/* ldtilecfg's 64 bytes (palette 1). */
-struct amx_config {
-    uint8_t palette, start_row, reserved[14];
-    uint16_t colsb[16];
-    uint8_t rows[16];
-};
-
-/* Tiles 0 to 3: sums (rows x 16 int32); 4 and 5: activations (rows x depth
- * bytes); 6 and 7: packed codes (depth / 4 x 64 bytes). Each thread's
- * configuration is its own and holds until the next. */
-static _Thread_local int amx_configured_rows, amx_configured_depth;
-
-ALWAYS_INLINE void amx_configure(int rows, int depth)
-{
-    if (rows == amx_configured_rows && depth == amx_configured_depth) return;
-    struct amx_config c;
-    memset(&c, 0, sizeof c);
-    c.palette = 1;
-    for (int i = 0; i < 4; i++) c.rows[i] = (uint8_t)rows, c.colsb[i] = 64;
-    for (int i = 4; i < 6; i++) c.rows[i] = (uint8_t)rows, c.colsb[i] = (uint16_t)depth;
-    for (int i = 6; i < 8; i++) c.rows[i] = (uint8_t)(depth / 4), c.colsb[i] = 64;
-    _tile_loadconfig(&c);
-    amx_configured_rows = rows, amx_configured_depth = depth;
-}
-
 /* 16 bytes of each of 16 rows (row r at p + r * stride) as 4 vectors, lane
  * r of v[k] row r's dword k: 4 rows per vector's 128-bit lanes, then a 4 x
  * 4 transpose inside the lanes. */
@@ -696,6 +630,170 @@ ALWAYS_INLINE void wide_prefetch_next(const int T, const struct ebb_native_matmu
     const size_t share = WIDE_ROWS * block_bytes(T);   /* per block b: of 32, W4G64's 64, a K-quant's 256 */
     const uintptr_t next = (uintptr_t)a->w + (uintptr_t)(o + WIDE_ROWS) * a->row_bytes + (uintptr_t)b * share;
     for (size_t l = 0; l < share; l += 64) _mm_prefetch((const char *)(next + l), _MM_HINT_T0);
+}
+
+/* A few tokens -- a verification pass of speculative decoding, a few
+ * sequences decoding together -- against 16 rows at a time, with nothing
+ * packed: each block's codes are transposed into registers (as AMX packs
+ * them) and meet every token's block there, and the tokens' sums stay in
+ * registers along the whole row, so the transpose is shared by the tokens
+ * and no lane ever needs a horizontal sum. The 4x2 tiles pay a horizontal
+ * sum per (row, token, block); wide_pack pays a store and a gather per
+ * block that only many tokens repay. Q4_0/Q4_1's codes are vpdpbusd's
+ * unsigned operand as they stand (Q4_0's 8 comes back through the
+ * activation sums, as the tiles do); Q8_0's signed codes meet the
+ * activations + 128, and 128 times the codes' sum comes back out, as in
+ * wide_tokens. The float fold is native.h's, so the bits are the tiles'. */
+#define ROW16_GROUP 8
+ALWAYS_INLINE int takes_row16(const int T) { return T == NT_Q4_0 || T == NT_Q4_1 || T == NT_Q8_0; }
+
+ALWAYS_INLINE void row16_tokens(const int T, const int M, const struct ebb_native_matmul_args *a, int t0, int o)
+{
+    const int nb = a->n_in / EBB_NATIVE_QK;
+    const size_t stride = a->row_bytes;
+    const uint8_t *rows = a->w + (size_t)o * stride;
+    const __m512i row_at = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                              _mm512_set1_epi32((int)stride));
+    const uint8_t *q[ROW16_GROUP];
+    const float *da[ROW16_GROUP];
+    const int16_t *asum[ROW16_GROUP];
+    __m512 acc[ROW16_GROUP];
+#pragma GCC unroll 8
+    for (int m = 0; m < M; m++) {
+        q[m] = (const uint8_t *)(a->q + (size_t)(t0 + m) * a->n_in);
+        da[m] = a->d + (size_t)(t0 + m) * nb;
+        asum[m] = a->sums + (size_t)(t0 + m) * nb;
+        acc[m] = _mm512_setzero_ps();
+    }
+    for (int b = 0; b < nb; b++) {
+        const uint8_t *blk = rows + (size_t)b * block_bytes(T);
+        wide_prefetch_next(T, a, o, b);
+        const __m512i head = _mm512_i32gather_epi32(row_at, blk, 1);   /* d, then (Q4_1) m */
+        __m512i codes[8], code_sum = _mm512_setzero_si512();
+        if (T == NT_Q8_0) {
+            rows_dwords(blk + 2, stride, codes);
+            rows_dwords(blk + 18, stride, codes + 4);
+#pragma GCC unroll 8
+            for (int k = 0; k < 8; k++) code_sum = _mm512_dpbusd_epi32(code_sum, _mm512_set1_epi8(1), codes[k]);
+            code_sum = _mm512_slli_epi32(code_sum, 7);
+        } else {
+            rows_nibbles(blk + (T == NT_Q4_1 ? 4 : 2), stride, 1, _mm512_setzero_si512(), codes, codes + 4);
+        }
+        const __m512 d = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(head));
+        const __m512 mn = has_min(T) ? _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(head, 16)))
+                                     : _mm512_setzero_ps();
+#pragma GCC unroll 8
+        for (int m = 0; m < M; m++) {
+            const uint8_t *x = q[m] + (size_t)EBB_NATIVE_QK * b;
+            __m512i isum = _mm512_setzero_si512();
+#pragma GCC unroll 8
+            for (int k = 0; k < 8; k++)
+                isum = T == NT_Q8_0
+                           ? _mm512_dpbusd_epi32(isum, _mm512_set1_epi32((int)(ld32(x + 4 * k) ^ 0x80808080u)), codes[k])
+                           : _mm512_dpbusd_epi32(isum, codes[k], _mm512_set1_epi32((int)ld32(x + 4 * k)));
+            if (T == NT_Q8_0) isum = _mm512_sub_epi32(isum, code_sum);
+            if (T == NT_Q4_0) isum = _mm512_sub_epi32(isum, _mm512_set1_epi32((int)asum[m][b] * 8));
+            const __m512 vda = _mm512_set1_ps(da[m][b]);
+            acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_mul_ps(d, vda), acc[m]);
+            if (has_min(T)) acc[m] = _mm512_fmadd_ps(_mm512_set1_ps((float)asum[m][b]), _mm512_mul_ps(mn, vda), acc[m]);
+        }
+    }
+#pragma GCC unroll 8
+    for (int m = 0; m < M; m++) _mm512_storeu_ps(a->out + (size_t)(t0 + m) * a->n_out + o, acc[m]);
+}
+
+/* Tokens [t0, t1), ROW16_GROUP at most at a time, each count its own
+ * code (the sums stay in registers). */
+ALWAYS_INLINE void row16_rows(const int T, const struct ebb_native_matmul_args *a, int t0, int t1, int o)
+{
+    for (int t = t0; t < t1; t += ROW16_GROUP) {
+        switch (min_int(t1 - t, ROW16_GROUP)) {
+        case 1: row16_tokens(T, 1, a, t, o); break;
+        case 2: row16_tokens(T, 2, a, t, o); break;
+        case 3: row16_tokens(T, 3, a, t, o); break;
+        case 4: row16_tokens(T, 4, a, t, o); break;
+        case 5: row16_tokens(T, 5, a, t, o); break;
+        case 6: row16_tokens(T, 6, a, t, o); break;
+        case 7: row16_tokens(T, 7, a, t, o); break;
+        default: row16_tokens(T, 8, a, t, o); break;
+        }
+    }
+}
+
+#ifdef NX_AMX
+/* The same prefill on AMX (Intel's tile unit), from 3 tokens on, which
+ * covers speculative decoding's verification passes and a few sequences
+ * decoding together. One TDPBSSD multiplies the tokens' activation
+ * bytes (read in place, rows n_in apart, or copied, below) by the 16 rows' packed
+ * codes (lane r of codes[k] being row r's codes 4k .. 4k + 3: exactly the
+ * tile's layout) into 16 x 16 exact int32 sums. Both operands are signed,
+ * so neither the +128 of the activations nor the code sums are needed.
+ * What is left per (token, block) is the float fold, 16 rows wide, in
+ * native.h's order: the scalar path's bits again, and every output depends
+ * only on its own row and token.
+ *
+ * Costs on a Xeon with AMX (single thread; `ebb bench --verify`): a tile
+ * store takes about 22 cycles however few its rows, a product 9 (32 bytes
+ * deep) or 16 (64), so with few tokens the stores set the pace. Up to 4
+ * tokens, two blocks share one product and one store: the tile is 64
+ * bytes deep, rows [0, M) hold block 2p's activations then zeros, rows [M,
+ * 2M) zeros then block 2p + 1's, against both blocks' codes, 16 deep rows,
+ * which lie one after the other in the chunk. And the packing must be
+ * cheap: Q4_0, Q4_1 and Q8_0 (the default model's types) transpose 16
+ * rows' bytes in registers (a Q4 block's low nibbles are codes 0-15, its
+ * high ones 16-31, so the nibbles of the transposed dwords are codes[0..3]
+ * and codes[4..7] as they stand; W4G64, at the end of the file, is packed
+ * the same way); Q5_0, Q5_1 and W2G64 take wide_pack's. */
+#define AMX_TOKENS 16      /* a tile's rows */
+/* Pairs pay up to 4 tokens (a 1,536 x 576 Q4_1 product of 3 tokens, one
+ * thread: 0.41 -> 0.39 ms; of 2, 0.39 -> 0.34) and cost from 6 (a 64-deep
+ * product of 12 or 16 rows, and the copies, outweigh the store saved). */
+#define AMX_PAIRED_TOKENS 4
+/* Two tokens stay off the tile unit: on AMX the packing is not repaid. One
+ * thread, a 5,632 x 2,048 Q4_0 product of 2 tokens from memory: 0.85 ms on
+ * the 2 x 4 tiles, 1.05 on AMX (3 tokens: 1.24 and 1.16); the default
+ * model's Q8_0 head (49,152 x 576): 1.29 and 1.69 ms (3 tokens: 2.61 and
+ * 1.83). Q4_0, Q4_1 and Q8_0 stay on row16_rows up to AMX_ROW16_MAX_TOKENS,
+ * which beats the tile unit there: the default model's pass of k + 1
+ * tokens over one token's (`ebb bench --verify 40`), k = 7: 2.01-2.08 on
+ * AMX, 1.44-1.57 on row16_rows; k = 15: 2.75-3.02 and 2.51-2.66; from about
+ * 25 tokens AMX's is quicker (k = 31: 4.98-5.17 and 4.29-4.38). */
+#define AMX_MIN_TOKENS 3
+#define AMX_ROW16_MAX_TOKENS 24
+
+struct amx_chunk {                         /* WIDE_CHUNK blocks of 16 rows */
+    __m512i codes[WIDE_CHUNK][8];
+    __m512 d[WIDE_CHUNK], m[WIDE_CHUNK];   /* the rows' scales, minimums */
+};
+_Static_assert(sizeof(struct amx_chunk) <= WIDE_SCRATCH, "AMX chunk fits the scratch");
+
+/* Inputs per block and product: W4G64's 64 (its codes fill two of the
+ * chunk's blocks of 32, 16 tile rows), the legacy types' 32. */
+ALWAYS_INLINE int amx_block(const int T) { return T == NT_W4G64 ? 64 : EBB_NATIVE_QK; }
+
+/* ldtilecfg's 64 bytes (palette 1). */
+struct amx_config {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+};
+
+/* Tiles 0 to 3: sums (rows x 16 int32); 4 and 5: activations (rows x depth
+ * bytes); 6 and 7: packed codes (depth / 4 x 64 bytes). Each thread's
+ * configuration is its own and holds until the next. */
+static _Thread_local int amx_configured_rows, amx_configured_depth;
+
+ALWAYS_INLINE void amx_configure(int rows, int depth)
+{
+    if (rows == amx_configured_rows && depth == amx_configured_depth) return;
+    struct amx_config c;
+    memset(&c, 0, sizeof c);
+    c.palette = 1;
+    for (int i = 0; i < 4; i++) c.rows[i] = (uint8_t)rows, c.colsb[i] = 64;
+    for (int i = 4; i < 6; i++) c.rows[i] = (uint8_t)rows, c.colsb[i] = (uint16_t)depth;
+    for (int i = 6; i < 8; i++) c.rows[i] = (uint8_t)(depth / 4), c.colsb[i] = 64;
+    _tile_loadconfig(&c);
+    amx_configured_rows = rows, amx_configured_depth = depth;
 }
 
 /* Blocks [b0, b1) of the 16 rows at o into the chunk: codes, d and (Q4_1)
@@ -1071,12 +1169,16 @@ typedef void (*tile_fn)(const struct ebb_native_matmul_args *a, int t, int mv, i
 
 /* tiles: 1 x 8, 2 x 4 and 4 x 2 (tokens x rows). */
 typedef void (*wide_fn)(const struct ebb_native_matmul_args *a, void *scratch, int t0, int t1, int o);
+typedef void (*row16_fn)(const struct ebb_native_matmul_args *a, int t0, int t1, int o);
 
-/* Where a type's products go wide (tokens at least), per path. */
+/* Where a type's products go wide (tokens at least), and up to how many
+ * tokens row16_rows takes them first (Q4_0, Q4_1, Q8_0), per path. */
 #ifdef NX_AMX
 #define LEGACY_WIDE_MIN_TOKENS(T) AMX_MIN_TOKENS
+#define ROW16_TOKENS_AT_MOST AMX_ROW16_MAX_TOKENS
 #else
 #define LEGACY_WIDE_MIN_TOKENS(T) WIDE_MIN_TOKENS
+#define ROW16_TOKENS_AT_MOST INT_MAX
 #endif
 
 #ifdef NX_WIDE_PREFILL
@@ -1084,10 +1186,18 @@ typedef void (*wide_fn)(const struct ebb_native_matmul_args *a, void *scratch, i
 static _Thread_local _Alignas(64) unsigned char wide_scratch[WIDE_SCRATCH];
 #endif
 
-static void rectangle(const tile_fn tiles[3], wide_fn wide, int wide_min_tokens,
+static void rectangle(const tile_fn tiles[3], wide_fn wide, int wide_min_tokens, row16_fn row16,
                       const struct ebb_native_matmul_args *a, int t0, int t1, int o0, int o1)
 {
 #ifdef NX_WIDE_PREFILL
+    /* Whole 16-row tiles of the types row16_rows takes; the rows left over
+     * take the tiles below. */
+    if (row16 && t1 - t0 <= ROW16_TOKENS_AT_MOST && o1 - o0 >= WIDE_ROWS) {
+        const int rows_end = o0 + (o1 - o0) / WIDE_ROWS * WIDE_ROWS;
+        for (int o = o0; o < rows_end; o += WIDE_ROWS) row16(a, t0, t1, o);
+        o0 = rows_end;
+        if (o0 == o1) return;
+    }
     /* Enough tokens: whole 16-row tiles go wide, the rows left over take
      * the tiles below. */
     if (wide && t1 - t0 >= wide_min_tokens && o1 - o0 >= WIDE_ROWS) {
@@ -1152,6 +1262,18 @@ static void rectangle(const tile_fn tiles[3], wide_fn wide, int wide_min_tokens,
 #define NX_WIDE_FN(name, T) NULL
 #endif
 
+#ifdef NX_WIDE_PREFILL
+#define NX_ROW16(name, T) \
+    static void name##_row16(const struct ebb_native_matmul_args *a, int t0, int t1, int o) \
+    { \
+        if (takes_row16(T)) row16_rows(T, a, t0, t1, o); \
+    }
+#define NX_ROW16_FN(name, T) (takes_row16(T) ? name##_row16 : NULL)
+#else
+#define NX_ROW16(name, T)
+#define NX_ROW16_FN(name, T) NULL
+#endif
+
 #define NX_TYPE(name, T) \
     static void name##_1x8(const struct ebb_native_matmul_args *a, int t, int mv, int o, int nv) \
     { \
@@ -1166,11 +1288,12 @@ static void rectangle(const tile_fn tiles[3], wide_fn wide, int wide_min_tokens,
         tile(T, 4, 2, a, t, mv, o, nv); \
     } \
     NX_WIDE(name, T) \
+    NX_ROW16(name, T) \
     void NX_FN(ebb_native_block_##name)(const struct ebb_native_matmul_args *a, int t0, int t1, int o0, int o1) \
     { \
         static const tile_fn tiles[3] = { name##_1x8, name##_2x4, name##_4x2 }; \
-        rectangle(tiles, NX_WIDE_FN(name, T), is_k(T) ? WIDE_MIN_TOKENS : LEGACY_WIDE_MIN_TOKENS(T), a, t0, t1, o0, \
-                  o1); \
+        rectangle(tiles, NX_WIDE_FN(name, T), is_k(T) ? WIDE_MIN_TOKENS : LEGACY_WIDE_MIN_TOKENS(T), \
+                  NX_ROW16_FN(name, T), a, t0, t1, o0, o1); \
     }
 
 NX_TYPE(q4_0, NT_Q4_0)

@@ -264,7 +264,10 @@ static void run_block(ebb_native_block_fn f, const struct problem *p, float *out
 /* Every SIMD rectangle equals the scalar one bit for bit, untouched outside
  * itself, and each token alone equals itself inside the rectangle. */
 static void test_simd_blocks(void) {
-    static const int counts[] = {1, 2, 3, 4, 5, 7, 17, 18};   /* 18 from 2: a 16-row tile off the origin */
+    /* 18 from 2: a 16-row tile off the origin; 8 tokens fill a group of
+     * row16_rows, 17 and 18 start a second; 26 (and 25 from 1) reach AMX past
+     * row16_rows */
+    static const int counts[] = {1, 2, 3, 4, 5, 7, 8, 17, 18, 26};
     const int nc = (int)(sizeof counts / sizeof *counts);
     for (int ty = 0; ty < N_NATIVE; ty++) {
         const uint32_t type = native_types[ty];
