@@ -649,7 +649,8 @@ ALWAYS_INLINE int takes_row16(const int T) { return T == NT_Q4_0 || T == NT_Q4_1
 
 ALWAYS_INLINE void row16_tokens(const int T, const int M, const struct ebb_native_matmul_args *a, int t0, int o)
 {
-    const int nb = a->n_in / EBB_NATIVE_QK;
+    const int w4 = T == NT_W4G64, K = w4 ? 16 : 8;   /* dwords of codes per row and block */
+    const int nb = a->n_in / (w4 ? EBB_W4G64_GROUP : EBB_NATIVE_QK);
     const size_t stride = a->row_bytes;
     const uint8_t *rows = a->w + (size_t)o * stride;
     const __m512i row_at = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
@@ -662,37 +663,43 @@ ALWAYS_INLINE void row16_tokens(const int T, const int M, const struct ebb_nativ
     for (int m = 0; m < M; m++) {
         q[m] = (const uint8_t *)(a->q + (size_t)(t0 + m) * a->n_in);
         da[m] = a->d + (size_t)(t0 + m) * nb;
-        asum[m] = a->sums + (size_t)(t0 + m) * nb;
+        asum[m] = w4 ? NULL : a->sums + (size_t)(t0 + m) * nb;
         acc[m] = _mm512_setzero_ps();
     }
     for (int b = 0; b < nb; b++) {
         const uint8_t *blk = rows + (size_t)b * block_bytes(T);
         wide_prefetch_next(T, a, o, b);
         const __m512i head = _mm512_i32gather_epi32(row_at, blk, 1);   /* d, then (Q4_1) m */
-        __m512i codes[8], code_sum = _mm512_setzero_si512();
-        if (T == NT_Q8_0) {
+        /* every code unsigned: vpdpbusd's first operand, so each token's
+         * activation bytes are its broadcast memory operand as they stand */
+        __m512i codes[16];
+        if (T == NT_Q8_0) {   /* w + 128 */
             rows_dwords(blk + 2, stride, codes);
             rows_dwords(blk + 18, stride, codes + 4);
 #pragma GCC unroll 8
-            for (int k = 0; k < 8; k++) code_sum = _mm512_dpbusd_epi32(code_sum, _mm512_set1_epi8(1), codes[k]);
-            code_sum = _mm512_slli_epi32(code_sum, 7);
-        } else {
-            rows_nibbles(blk + (T == NT_Q4_1 ? 4 : 2), stride, 1, _mm512_setzero_si512(), codes, codes + 4);
+            for (int k = 0; k < 8; k++) codes[k] = _mm512_xor_si512(codes[k], _mm512_set1_epi8((char)0x80));
+        } else {   /* W4G64: values 0-31 in the low nibbles, 32-63 in the high ones */
+            rows_nibbles(blk + (T == NT_Q4_1 ? 4 : 2), stride, w4 ? 2 : 1, _mm512_setzero_si512(), codes,
+                         codes + K / 2);
         }
         const __m512 d = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(head));
         const __m512 mn = has_min(T) ? _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(head, 16)))
                                      : _mm512_setzero_ps();
 #pragma GCC unroll 8
         for (int m = 0; m < M; m++) {
-            const uint8_t *x = q[m] + (size_t)EBB_NATIVE_QK * b;
+            const uint8_t *x = q[m] + (size_t)(K * 4) * b;
             __m512i isum = _mm512_setzero_si512();
-#pragma GCC unroll 8
-            for (int k = 0; k < 8; k++)
-                isum = T == NT_Q8_0
-                           ? _mm512_dpbusd_epi32(isum, _mm512_set1_epi32((int)(ld32(x + 4 * k) ^ 0x80808080u)), codes[k])
-                           : _mm512_dpbusd_epi32(isum, codes[k], _mm512_set1_epi32((int)ld32(x + 4 * k)));
-            if (T == NT_Q8_0) isum = _mm512_sub_epi32(isum, code_sum);
-            if (T == NT_Q4_0) isum = _mm512_sub_epi32(isum, _mm512_set1_epi32((int)asum[m][b] * 8));
+#pragma GCC unroll 16
+            for (int k = 0; k < K; k++) isum = _mm512_dpbusd_epi32(isum, codes[k], _mm512_set1_epi32((int)ld32(x + 4 * k)));
+            /* the codes' offsets times the activation sums: Q4_0 8, Q8_0
+             * 128 (the stored sums of 32), W4G64 8 (summed here, per 64) */
+            int offset_sum = 0;
+            if (T == NT_Q4_0) offset_sum = (int)asum[m][b] * 8;
+            if (T == NT_Q8_0) offset_sum = (int)asum[m][b] * 128;
+            if (w4)
+                offset_sum = _mm512_reduce_add_epi32(_mm512_dpbusd_epi32(
+                                 _mm512_setzero_si512(), _mm512_set1_epi8(1), _mm512_loadu_si512(x))) * 8;
+            if (T != NT_Q4_1) isum = _mm512_sub_epi32(isum, _mm512_set1_epi32(offset_sum));
             const __m512 vda = _mm512_set1_ps(da[m][b]);
             acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_mul_ps(d, vda), acc[m]);
             if (has_min(T)) acc[m] = _mm512_fmadd_ps(_mm512_set1_ps((float)asum[m][b]), _mm512_mul_ps(mn, vda), acc[m]);
@@ -1308,32 +1315,41 @@ NX_TYPE(q5_k, NT_Q5_K)
 NX_TYPE(q6_k, NT_Q6_K)
 NX_TYPE(w2g64, NT_W2G64)
 
-#ifdef NX_AMX
-/* W4G64, ebb's own 4-bit type (quant_x86.h has its product), on AMX from 2
- * tokens: one 64-deep product per block (no pairs: the tile is full), its
- * rows packed as Q4_0's are; the AVX-512 rectangle takes one token and the
- * rows left over. From 2, not 3 as the GGUF types: W4G64's tiles have no
+#ifdef NX_WIDE_PREFILL
+/* W4G64, ebb's own 4-bit type (quant_x86.h has its tiles): from 2 tokens,
+ * whole 16-row tiles on row16_rows, or on AMX on the tile unit (one 64-deep
+ * product per block, no pairs since the tile is full, its rows packed as
+ * Q4_0's are); one token and the rows left over on quant_x86.h's
+ * rectangle. From 2, not 3 as the GGUF types on AMX: W4G64's tiles have no
  * quick 2-token shape (`ebb pack --format w4a4` of the default model, `ebb
- * bench --verify 8`: c(1) 1.48-1.56 on its tiles, 1.21-1.31 here; decoding
- * 2 sequences 270-276 -> 393-422 tok/s). */
-#define AMX_W4G64_MIN_TOKENS 2
-static void amx_block_w4g64(const struct matmul_args *m, int t0, int t1, int o0, int o1)
+ * bench --verify 8`: c(1) 1.48-1.56 on its tiles, 1.21-1.31 on AMX;
+ * decoding 2 sequences 270-276 -> 393-422 tok/s). One token decodes as
+ * fast on row16_rows as on the tiles (302-323 against 312-325 tok/s), and
+ * on AMX row16_rows gains nothing at 2 to 8 tokens and loses from 9
+ * (decoding 12 sequences: 799-853 against 922-1036 tok/s). */
+#define W4G64_WIDE_MIN_TOKENS 2
+static void wide_block_w4g64(const struct matmul_args *m, int t0, int t1, int o0, int o1)
 {
     int rows_end = o0;
-    if (t1 - t0 >= AMX_W4G64_MIN_TOKENS && o1 - o0 >= WIDE_ROWS) {
+    if (t1 - t0 >= W4G64_WIDE_MIN_TOKENS && o1 - o0 >= WIDE_ROWS) {
         const struct ebb_native_matmul_args a = {m->out, m->x.q, m->x.s, NULL, m->w, m->row_bytes,
                                                  m->n_tok, m->n_in, m->n_out};
-        const int nb = m->n_in / EBB_W4G64_GROUP, chunk = WIDE_CHUNK * EBB_NATIVE_QK / EBB_W4G64_GROUP;
         rows_end = o0 + (o1 - o0) / WIDE_ROWS * WIDE_ROWS;
-        for (int o = o0; o < rows_end; o += WIDE_ROWS)
+        for (int o = o0; o < rows_end; o += WIDE_ROWS) {
+#ifdef NX_AMX
+            const int nb = m->n_in / EBB_W4G64_GROUP, chunk = WIDE_CHUNK * EBB_NATIVE_QK / EBB_W4G64_GROUP;
             for (int b0 = 0; b0 < nb; b0 += chunk) {
                 const int b1 = min_int(b0 + chunk, nb);
                 amx_pack(NT_W4G64, &a, o, b0, b1, (struct amx_chunk *)(void *)wide_scratch);
                 amx_tokens(NT_W4G64, &a, (const struct amx_chunk *)(void *)wide_scratch, t0, t1, o, b0, b1);
             }
+#else
+            row16_rows(NT_W4G64, &a, t0, t1, o);
+#endif
+        }
     }
     if (rows_end < o1) ebb_cpu_block_w4g64_avx512(m, t0, t1, rows_end, o1);
 }
 
-EBB_CPU_MATMUL(ebb_cpu_matmul_w4g64_amx, EBB_TYPE_W4G64, amx_block_w4g64, 16, 4)
+EBB_CPU_MATMUL(NX_FN(ebb_cpu_matmul_w4g64), EBB_TYPE_W4G64, wide_block_w4g64, 16, 4)
 #endif

@@ -20,4 +20,7 @@ static inline __attribute__((always_inline)) __m256i qx_dot_w4(__m256i lo, __m25
     return _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(_mm256_setzero_si256(), lo, a_lo), hi, a_hi);
 }
 
+/* The product is native_avx512.c's: 16-row tiles there, the rows left over
+ * in this rectangle. */
+#define QX_RECTANGLE_ONLY
 #include "kernels/cpu/quant_x86.h"

@@ -279,4 +279,6 @@ void QX_FN(ebb_cpu_block_w4g64)(const struct matmul_args *a, int t0, int t1, int
     }
 }
 
+#ifndef QX_RECTANGLE_ONLY
 EBB_CPU_MATMUL(QX_FN(ebb_cpu_matmul_w4g64), EBB_TYPE_W4G64, QX_FN(ebb_cpu_block_w4g64), 8, 4)
+#endif
