@@ -12,10 +12,12 @@ verifies every draft found. Every request is greedy, streamed, and timed from it
 to its last: decode speed, without the prompt's prefill. The modes take turns prompt by
 prompt, so a noisy machine slows them alike; --reps repeats the whole round.
 
-llama.cpp (optional, --llama-bin DIR with llama-cli and llama-lookup built, --llama-model a
-GGUF, e.g. the Q4_0 conversion), same threads and the same rendered prompt: llama-cli decodes
-greedily (speed from its eval time), llama-lookup with its own n-gram lookup (--draft-max 8;
-speed from its "decoded N tokens in S seconds" line, acceptance from n_drafted / n_accept).
+llama.cpp (optional, --llama-bin DIR with llama-cli (or, in builds from late 2025 on, where
+llama-cli only chats, llama-completion) and llama-lookup built, --llama-model a GGUF, e.g.
+the Q4_0 conversion), same threads and the same rendered prompt: plain decoding greedily
+(speed from its eval time), llama-lookup with its own n-gram lookup (at most 8 drafted
+tokens: --draft-max 8, or --spec-draft-n-max 8 in the builds with llama-completion; speed
+from its "decoded N tokens in S seconds" line, acceptance from n_drafted / n_accept).
 
     tools/spec_bench.py --ebb build/ebb --model models/SmolLM2-135M-Instruct.Q4_1.gguf \\
         --llama-bin /work/ext/llama.cpp/build-avx2/bin \\
@@ -104,20 +106,27 @@ def rendered_prompt(srv, prompt):
 
 
 DECODED = re.compile(r"decoded\s+(\d+) tokens in\s+([\d.]+) seconds")
-EVAL = re.compile(r"llama_perf_context_print:\s+eval time =\s+([\d.]+) ms /\s+(\d+) runs")
+EVAL = re.compile(r"(?:llama_perf_context_print|common_perf_print):\s+eval time =\s+([\d.]+) ms /\s+(\d+) runs")
 
 
 def llama_run(args, exe, prompt):
-    """llama-cli (plain decoding: its eval time over its runs) or llama-lookup (its decode line)."""
+    """Plain decoding (exe "plain": llama-completion where the build has it, else llama-cli; its
+    eval time over its runs) or llama-lookup (its decode line)."""
+    completion = os.path.exists(os.path.join(args.llama_bin, "llama-completion"))
+    if exe == "plain":
+        exe = "llama-completion" if completion else "llama-cli"
     cmd = [os.path.join(args.llama_bin, exe), "-m", args.llama_model, "-n", str(args.max_tokens), "-p", prompt,
            "--temp", "0", "-t", str(args.threads), "-c", "4096"]
-    cmd += ["-no-cnv", "--no-warmup"] if exe == "llama-cli" else ["--draft-max", "8"]
+    if exe == "llama-lookup":
+        cmd += ["--spec-draft-n-max" if completion else "--draft-max", "8"]
+    else:
+        cmd += ["-no-cnv", "--no-warmup"]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
     out = p.stdout + p.stderr
-    m = (EVAL if exe == "llama-cli" else DECODED).search(out)
+    m = (DECODED if exe == "llama-lookup" else EVAL).search(out)
     if p.returncode or not m:
         raise RuntimeError(f"{' '.join(cmd[:3])}... failed:\n{out[-2000:]}")
-    if exe == "llama-cli":
+    if exe != "llama-lookup":
         n, s = int(m.group(2)), float(m.group(1)) / 1000
     else:
         n, s = int(m.group(1)), float(m.group(2))
@@ -159,7 +168,7 @@ def main():
                  ("ebb, n-gram adaptive (default)", lambda p: stream_chat(adaptive, p, args.max_tokens, "ngram")),
                  ("ebb, n-gram every draft", lambda p: stream_chat(always, p, args.max_tokens, "ngram"))]
         if args.llama_bin and args.llama_model:
-            modes += [("llama.cpp Q4_0, no drafts", lambda p: llama_run(args, "llama-cli", rendered_prompt(adaptive, p))),
+            modes += [("llama.cpp Q4_0, no drafts", lambda p: llama_run(args, "plain", rendered_prompt(adaptive, p))),
                       ("llama.cpp Q4_0, llama-lookup", lambda p: llama_run(args, "llama-lookup",
                                                                           rendered_prompt(adaptive, p)))]
         for rep in range(args.reps):

@@ -632,18 +632,21 @@ ALWAYS_INLINE void wide_prefetch_next(const int T, const struct ebb_native_matmu
     for (size_t l = 0; l < share; l += 64) _mm_prefetch((const char *)(next + l), _MM_HINT_T0);
 }
 
-/* A few tokens -- a verification pass of speculative decoding, a few
- * sequences decoding together -- against 16 rows at a time, with nothing
- * packed: each block's codes are transposed into registers (as AMX packs
- * them) and meet every token's block there, and the tokens' sums stay in
- * registers along the whole row, so the transpose is shared by the tokens
- * and no lane ever needs a horizontal sum. The 4x2 tiles pay a horizontal
- * sum per (row, token, block); wide_pack pays a store and a gather per
- * block that only many tokens repay. Q4_0/Q4_1's codes are vpdpbusd's
- * unsigned operand as they stand (Q4_0's 8 comes back through the
- * activation sums, as the tiles do); Q8_0's signed codes meet the
- * activations + 128, and 128 times the codes' sum comes back out, as in
- * wide_tokens. The float fold is native.h's, so the bits are the tiles'. */
+/* 16 rows at a time, with nothing packed: each block's codes are
+ * transposed into registers (as AMX packs them) and meet every token's
+ * block there, up to ROW16_GROUP tokens whose 16 sums stay in registers
+ * along the whole row, so the transpose is shared by the tokens and no
+ * lane ever needs a horizontal sum. The 4x2 tiles pay a horizontal sum per
+ * (row, token, block), wide_pack a store and a gather per block that only
+ * many tokens repay, so this is quicker for one token (decode) as for a
+ * verification pass or a prefill. Every code is vpdpbusd's unsigned
+ * operand (Q4's nibbles as they stand, Q8_0's w + 128, W4G64's q), so each
+ * token's activation bytes are its broadcast memory operand as they stand,
+ * and the offsets come back through the activation sums: Q4_0 8 and Q8_0
+ * 128 times the stored sums of 32, W4G64 8 times a sum of 64 taken here.
+ * The float fold is native.h's (W4G64's is ops.h's: the same steps without
+ * a minimum), so the bits are the scalar path's. ROW16_GROUP 12 measured no
+ * quicker than 8. */
 #define ROW16_GROUP 8
 ALWAYS_INLINE int takes_row16(const int T) { return T == NT_Q4_0 || T == NT_Q4_1 || T == NT_Q8_0; }
 
@@ -678,7 +681,7 @@ ALWAYS_INLINE void row16_tokens(const int T, const int M, const struct ebb_nativ
             rows_dwords(blk + 18, stride, codes + 4);
 #pragma GCC unroll 8
             for (int k = 0; k < 8; k++) codes[k] = _mm512_xor_si512(codes[k], _mm512_set1_epi8((char)0x80));
-        } else {   /* W4G64: values 0-31 in the low nibbles, 32-63 in the high ones */
+        } else {   /* Q4: codes 0-15 low nibbles, 16-31 high; W4G64: 0-31 and 32-63 */
             rows_nibbles(blk + (T == NT_Q4_1 ? 4 : 2), stride, w4 ? 2 : 1, _mm512_setzero_si512(), codes,
                          codes + K / 2);
         }
@@ -690,9 +693,8 @@ ALWAYS_INLINE void row16_tokens(const int T, const int M, const struct ebb_nativ
             const uint8_t *x = q[m] + (size_t)(K * 4) * b;
             __m512i isum = _mm512_setzero_si512();
 #pragma GCC unroll 16
-            for (int k = 0; k < K; k++) isum = _mm512_dpbusd_epi32(isum, codes[k], _mm512_set1_epi32((int)ld32(x + 4 * k)));
-            /* the codes' offsets times the activation sums: Q4_0 8, Q8_0
-             * 128 (the stored sums of 32), W4G64 8 (summed here, per 64) */
+            for (int k = 0; k < K; k++)
+                isum = _mm512_dpbusd_epi32(isum, codes[k], _mm512_set1_epi32((int)ld32(x + 4 * k)));
             int offset_sum = 0;
             if (T == NT_Q4_0) offset_sum = (int)asum[m][b] * 8;
             if (T == NT_Q8_0) offset_sum = (int)asum[m][b] * 128;
@@ -702,7 +704,8 @@ ALWAYS_INLINE void row16_tokens(const int T, const int M, const struct ebb_nativ
             if (T != NT_Q4_1) isum = _mm512_sub_epi32(isum, _mm512_set1_epi32(offset_sum));
             const __m512 vda = _mm512_set1_ps(da[m][b]);
             acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_mul_ps(d, vda), acc[m]);
-            if (has_min(T)) acc[m] = _mm512_fmadd_ps(_mm512_set1_ps((float)asum[m][b]), _mm512_mul_ps(mn, vda), acc[m]);
+            if (has_min(T))
+                acc[m] = _mm512_fmadd_ps(_mm512_set1_ps((float)asum[m][b]), _mm512_mul_ps(mn, vda), acc[m]);
         }
     }
 #pragma GCC unroll 8
