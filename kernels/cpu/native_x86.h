@@ -1073,25 +1073,18 @@ ALWAYS_INLINE void wide_k_tokens(const int T, const struct ebb_native_matmul_arg
     }
 }
 
-#ifdef NX_AMX
-/* Q4_K and Q5_K on AMX, from 9 tokens as on the VNNI path (below that the
- * tiles are quick for them: a 1.1B Q4_K's c(2) 1.23 on the tiles, 1.79-1.85
- * from AMX at 3 tokens). Their scales are per 32 values; the K-quants with
- * scales per 16 would need a tile store per 16 values and measured slower
- * than the VNNI wide path (Q6_K prefill of 64 tokens 100 -> 82-90 GMAC/s,
- * one thread), so they keep it. The super-block is packed as wide_kblock
- * (amx_k_pack), one product per 32 values (the tail of a few tokens in
- * pairs, as the legacy types'), then per token the products' sums times
- * their scales and wide_k_fold, the VNNI path's own float steps. */
-
 /* Q4_K and Q5_K super-blocks of the 16 rows at o into wide_kblock's codes,
- * its scales of each 32 (scale[2j]), minimum pairs, d and dmin, by
- * in-register transposes rather than wide_k_pack's gathers: the block's first
+ * its scales of each 32 (scale[2j] = scale[2j + 1]), minimum pairs, d and
+ * dmin (not scale_pairs: only the offsets of Q3_K and Q6_K read them), by
+ * in-register transposes rather than wide_k_pack's gathers, for the VNNI
+ * wide path and AMX alike (a 1.1B Q4_K decoding 12 sequences on the VNNI
+ * path: 90-91 -> 108-112 tok/s; its 9-token threshold stays, the tiles
+ * being quicker below it either way): the block's first
  * 16 bytes give d | dmin and the three scale words (formats.c's
  * ebb_k4_scale_min, 16 rows at once), each 32 bytes of codes two
  * transposes whose nibbles are two chunks' codes as they stand, and Q5_K's
  * 32 bytes of fifth bits two more (bit c of byte l: value 32c + l). */
-ALWAYS_INLINE void amx_k_pack(const int T, const struct ebb_native_matmul_args *a, int o, int b0, int b1,
+ALWAYS_INLINE void k_pack_transposed(const int T, const struct ebb_native_matmul_args *a, int o, int b0, int b1,
                               struct wide_kblock *wb)
 {
     const size_t stride = a->row_bytes, BB = block_bytes(T);
@@ -1135,6 +1128,17 @@ ALWAYS_INLINE void amx_k_pack(const int T, const struct ebb_native_matmul_args *
         }
     }
 }
+
+#ifdef NX_AMX
+/* Q4_K and Q5_K on AMX, from 9 tokens as on the VNNI path (below that the
+ * tiles are quick for them: a 1.1B Q4_K's c(2) 1.23 on the tiles, 1.79-1.85
+ * from AMX at 3 tokens). Their scales are per 32 values; the K-quants with
+ * scales per 16 would need a tile store per 16 values and measured slower
+ * than the VNNI wide path (Q6_K prefill of 64 tokens 100 -> 82-90 GMAC/s,
+ * one thread), so they keep it. The super-block is packed as wide_kblock
+ * (k_pack_transposed), one product per 32 values (the tail of a few tokens in
+ * pairs, as the legacy types'), then per token the products' sums times
+ * their scales and wide_k_fold, the VNNI path's own float steps. */
 
 ALWAYS_INLINE void amx_k_tokens(const int T, const struct ebb_native_matmul_args *a, const struct wide_kblock *wb0,
                                 int t0, int t1, int o, int b0, int b1)
@@ -1244,11 +1248,13 @@ static void rectangle(const tile_fn tiles[3], wide_fn wide, int wide_min_tokens,
     (amx_pack(T, a, o, b0, b1, scratch), amx_tokens(T, a, scratch, t0, t1, o, b0, b1))
 #define WIDE_K(T, a, scratch, t0, t1, o, b0, b1) \
     ((T) == NT_Q4_K || (T) == NT_Q5_K \
-         ? (amx_k_pack(T, a, o, b0, b1, scratch), amx_k_tokens(T, a, scratch, t0, t1, o, b0, b1)) \
+         ? (k_pack_transposed(T, a, o, b0, b1, scratch), amx_k_tokens(T, a, scratch, t0, t1, o, b0, b1)) \
          : (wide_k_pack(T, a, o, b0, b1, scratch), wide_k_tokens(T, a, scratch, t0, t1, o, b0, b1)))
 #else
 #define WIDE_K(T, a, scratch, t0, t1, o, b0, b1) \
-    (wide_k_pack(T, a, o, b0, b1, scratch), wide_k_tokens(T, a, scratch, t0, t1, o, b0, b1))
+    ((T) == NT_Q4_K || (T) == NT_Q5_K ? k_pack_transposed(T, a, o, b0, b1, scratch) \
+                                      : wide_k_pack(T, a, o, b0, b1, scratch), \
+     wide_k_tokens(T, a, scratch, t0, t1, o, b0, b1))
 #define WIDE_LEGACY(T, a, scratch, t0, t1, o, b0, b1) \
     (wide_pack(T, a, o, b0, b1, scratch), wide_tokens(T, a, scratch, t0, t1, o, b0, b1))
 #endif
