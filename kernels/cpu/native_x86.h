@@ -476,6 +476,123 @@ ALWAYS_INLINE void tile(const int T, const int M, const int N, const struct ebb_
     store_tile(M, a, acc, t, mv, o, nv);
 }
 
+/* ---------------------------------------------- 8 rows in registers (AVX2) */
+
+#ifndef NX_WIDE_PREFILL
+/* row16_tokens' shape (below, "wide prefill") for AVX2, which has neither
+ * 512-bit registers nor vpdpbusd: 8 rows' Q4_0/Q4_1 block transposed into
+ * 8 registers (lane r: row r), and per token 8 vpmaddubsw against its
+ * activation bytes broadcast, summed as int16 (8 steps of at most 2 x 15 x
+ * 127 stay within int16), then one vpmaddwd into each row's int32 sum,
+ * and native.h's fold. From 3 tokens: below, the 1 x 8 and 2 x 4 tiles are
+ * quicker (the default model on this path, `ebb bench --verify 8`, ms per
+ * pass of 1, 2, 3 .. 9 tokens: tiles 4.65 6.69 11.09 11.52 15.00 17.49
+ * 22.60 22.33 27.26, here from 1 token 6.75 8.02 9.32 10.16 12.72 13.92
+ * 15.72 16.93 19.87), and at every count above (pp512 457-483 -> 828-838
+ * tok/s, 12 sequences decoding 366-384 -> 501-513). Q8_0's codes would
+ * saturate vpmaddubsw's int16 pairs, so it keeps the tiles. */
+#define ROW8_GROUP 8
+#define ROW8_MIN_TOKENS 3
+ALWAYS_INLINE int takes_row8(const int T) { return T == NT_Q4_0 || T == NT_Q4_1; }
+
+/* 16 bytes of each of 8 rows (row r at p + r * stride) as 4 vectors, lane
+ * r of v[k] row r's dword k. */
+ALWAYS_INLINE void rows8_dwords(const uint8_t *p, size_t stride, __m256i v[4])
+{
+    __m256i z[4];
+#pragma GCC unroll 4
+    for (int g = 0; g < 4; g++)
+        z[g] = _mm256_set_m128i(_mm_loadu_si128((const __m128i *)(p + (size_t)(g + 4) * stride)),
+                                _mm_loadu_si128((const __m128i *)(p + (size_t)g * stride)));
+    const __m256i t0 = _mm256_unpacklo_epi32(z[0], z[1]), t1 = _mm256_unpackhi_epi32(z[0], z[1]);
+    const __m256i t2 = _mm256_unpacklo_epi32(z[2], z[3]), t3 = _mm256_unpackhi_epi32(z[2], z[3]);
+    v[0] = _mm256_unpacklo_epi64(t0, t2);
+    v[1] = _mm256_unpackhi_epi64(t0, t2);
+    v[2] = _mm256_unpacklo_epi64(t1, t3);
+    v[3] = _mm256_unpackhi_epi64(t1, t3);
+}
+
+/* The 8 f16 halves (lo: each lane's low 16 bits, else its high ones) of 8
+ * int32 lanes as floats. */
+ALWAYS_INLINE __m256 halves8_ps(__m256i x, int hi)
+{
+    const __m256i pick = hi ? _mm256_setr_epi8(2, 3, 6, 7, 10, 11, 14, 15, -1, -1, -1, -1, -1, -1, -1, -1, 2, 3, 6,
+                                               7, 10, 11, 14, 15, -1, -1, -1, -1, -1, -1, -1, -1)
+                            : _mm256_setr_epi8(0, 1, 4, 5, 8, 9, 12, 13, -1, -1, -1, -1, -1, -1, -1, -1, 0, 1, 4,
+                                               5, 8, 9, 12, 13, -1, -1, -1, -1, -1, -1, -1, -1);
+    const __m256i h = _mm256_permute4x64_epi64(_mm256_shuffle_epi8(x, pick), 0x08);
+    return _mm256_cvtph_ps(_mm256_castsi256_si128(h));
+}
+
+ALWAYS_INLINE void row8_tokens(const int T, const int M, const struct ebb_native_matmul_args *a, int t0, int o)
+{
+    const int nb = a->n_in / EBB_NATIVE_QK;
+    const size_t stride = a->row_bytes, BB = block_bytes(T);
+    const uint8_t *rows = a->w + (size_t)o * stride;
+    const __m256i row_at = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32((int)stride));
+    const __m256i low = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);
+    const uint8_t *q[ROW8_GROUP];
+    const float *da[ROW8_GROUP];
+    const int16_t *asum[ROW8_GROUP];
+    __m256 acc[ROW8_GROUP];
+#pragma GCC unroll 8
+    for (int m = 0; m < M; m++) {
+        q[m] = (const uint8_t *)(a->q + (size_t)(t0 + m) * a->n_in);
+        da[m] = a->d + (size_t)(t0 + m) * nb;
+        asum[m] = a->sums + (size_t)(t0 + m) * nb;
+        acc[m] = _mm256_setzero_ps();
+    }
+    for (int b = 0; b < nb; b++) {
+        const uint8_t *blk = rows + (size_t)b * BB;
+        /* the next 8 rows' share of this block, one contiguous stream */
+        const uintptr_t next = (uintptr_t)blk + (uintptr_t)8 * stride;
+        for (size_t l = 0; l < 8 * BB; l += 64) _mm_prefetch((const char *)(next + l), _MM_HINT_T0);
+        const __m256i head = _mm256_i32gather_epi32((const int *)(const void *)blk, row_at, 1);
+        __m256i v[4], codes[8];
+        rows8_dwords(blk + (T == NT_Q4_1 ? 4 : 2), stride, v);
+#pragma GCC unroll 4
+        for (int k = 0; k < 4; k++) {
+            codes[k] = _mm256_and_si256(v[k], low);
+            codes[4 + k] = _mm256_and_si256(_mm256_srli_epi16(v[k], 4), low);
+        }
+        const __m256 d = halves8_ps(head, 0);
+        const __m256 mn = T == NT_Q4_1 ? halves8_ps(head, 1) : _mm256_setzero_ps();
+#pragma GCC unroll 8
+        for (int m = 0; m < M; m++) {
+            const uint8_t *x = q[m] + (size_t)EBB_NATIVE_QK * b;
+            __m256i s16 = _mm256_setzero_si256();
+#pragma GCC unroll 8
+            for (int k = 0; k < 8; k++)
+                s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(codes[k], _mm256_set1_epi32((int)ld32(x + 4 * k))));
+            __m256i isum = _mm256_madd_epi16(s16, ones);
+            if (T == NT_Q4_0) isum = _mm256_sub_epi32(isum, _mm256_set1_epi32((int)asum[m][b] * 8));
+            const __m256 vda = _mm256_set1_ps(da[m][b]);
+            acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_mul_ps(d, vda), acc[m]);
+            if (T == NT_Q4_1)
+                acc[m] = _mm256_fmadd_ps(_mm256_set1_ps((float)asum[m][b]), _mm256_mul_ps(mn, vda), acc[m]);
+        }
+    }
+#pragma GCC unroll 8
+    for (int m = 0; m < M; m++) _mm256_storeu_ps(a->out + (size_t)(t0 + m) * a->n_out + o, acc[m]);
+}
+
+ALWAYS_INLINE void row8_rows(const int T, const struct ebb_native_matmul_args *a, int t0, int t1, int o)
+{
+    for (int t = t0; t < t1; t += ROW8_GROUP) {
+        switch (min_int(t1 - t, ROW8_GROUP)) {
+        case 1: row8_tokens(T, 1, a, t, o); break;
+        case 2: row8_tokens(T, 2, a, t, o); break;
+        case 3: row8_tokens(T, 3, a, t, o); break;
+        case 4: row8_tokens(T, 4, a, t, o); break;
+        case 5: row8_tokens(T, 5, a, t, o); break;
+        case 6: row8_tokens(T, 6, a, t, o); break;
+        case 7: row8_tokens(T, 7, a, t, o); break;
+        default: row8_tokens(T, 8, a, t, o); break;
+        }
+    }
+}
+#endif
+
 /* ------------------------------------------- wide prefill (AVX-512 VNNI) */
 
 #ifdef NX_WIDE_PREFILL
@@ -1183,16 +1300,25 @@ typedef void (*tile_fn)(const struct ebb_native_matmul_args *a, int t, int mv, i
 
 /* tiles: 1 x 8, 2 x 4 and 4 x 2 (tokens x rows). */
 typedef void (*wide_fn)(const struct ebb_native_matmul_args *a, void *scratch, int t0, int t1, int o);
-typedef void (*row16_fn)(const struct ebb_native_matmul_args *a, int t0, int t1, int o);
+/* rows_fn: tokens [t0, t1) against the REG_ROWS rows at o, in registers. */
+typedef void (*rows_fn)(const struct ebb_native_matmul_args *a, int t0, int t1, int o);
 
-/* Where a type's products go wide (tokens at least), and up to how many
- * tokens row16_rows takes them first (Q4_0, Q4_1, Q8_0), per path. */
+/* Where a type's products go wide (tokens at least), per path; and the
+ * token counts row16_rows (AVX-512, AMX) or row8_rows (AVX2) take first,
+ * REG_ROWS rows at a time. */
 #ifdef NX_AMX
 #define LEGACY_WIDE_MIN_TOKENS(T) AMX_MIN_TOKENS
-#define ROW16_TOKENS_AT_MOST AMX_ROW16_MAX_TOKENS
+#define REG_TOKENS_AT_MOST AMX_ROW16_MAX_TOKENS
 #else
 #define LEGACY_WIDE_MIN_TOKENS(T) WIDE_MIN_TOKENS
-#define ROW16_TOKENS_AT_MOST INT_MAX
+#define REG_TOKENS_AT_MOST INT_MAX
+#endif
+#ifdef NX_WIDE_PREFILL
+#define REG_ROWS WIDE_ROWS
+#define REG_MIN_TOKENS 1
+#else
+#define REG_ROWS 8
+#define REG_MIN_TOKENS ROW8_MIN_TOKENS
 #endif
 
 #ifdef NX_WIDE_PREFILL
@@ -1200,18 +1326,18 @@ typedef void (*row16_fn)(const struct ebb_native_matmul_args *a, int t0, int t1,
 static _Thread_local _Alignas(64) unsigned char wide_scratch[WIDE_SCRATCH];
 #endif
 
-static void rectangle(const tile_fn tiles[3], wide_fn wide, int wide_min_tokens, row16_fn row16,
+static void rectangle(const tile_fn tiles[3], wide_fn wide, int wide_min_tokens, rows_fn in_registers,
                       const struct ebb_native_matmul_args *a, int t0, int t1, int o0, int o1)
 {
-#ifdef NX_WIDE_PREFILL
-    /* Whole 16-row tiles of the types row16_rows takes; the rows left over
-     * take the tiles below. */
-    if (row16 && t1 - t0 <= ROW16_TOKENS_AT_MOST && o1 - o0 >= WIDE_ROWS) {
-        const int rows_end = o0 + (o1 - o0) / WIDE_ROWS * WIDE_ROWS;
-        for (int o = o0; o < rows_end; o += WIDE_ROWS) row16(a, t0, t1, o);
+    /* Whole tiles of REG_ROWS rows of the types in_registers takes; the
+     * rows left over take the tiles below. */
+    if (in_registers && t1 - t0 >= REG_MIN_TOKENS && t1 - t0 <= REG_TOKENS_AT_MOST && o1 - o0 >= REG_ROWS) {
+        const int rows_end = o0 + (o1 - o0) / REG_ROWS * REG_ROWS;
+        for (int o = o0; o < rows_end; o += REG_ROWS) in_registers(a, t0, t1, o);
         o0 = rows_end;
         if (o0 == o1) return;
     }
+#ifdef NX_WIDE_PREFILL
     /* Enough tokens: whole 16-row tiles go wide, the rows left over take
      * the tiles below. */
     if (wide && t1 - t0 >= wide_min_tokens && o1 - o0 >= WIDE_ROWS) {
@@ -1279,15 +1405,19 @@ static void rectangle(const tile_fn tiles[3], wide_fn wide, int wide_min_tokens,
 #endif
 
 #ifdef NX_WIDE_PREFILL
-#define NX_ROW16(name, T) \
-    static void name##_row16(const struct ebb_native_matmul_args *a, int t0, int t1, int o) \
+#define NX_REGS(name, T) \
+    static void name##_regs(const struct ebb_native_matmul_args *a, int t0, int t1, int o) \
     { \
         if (takes_row16(T)) row16_rows(T, a, t0, t1, o); \
     }
-#define NX_ROW16_FN(name, T) (takes_row16(T) ? name##_row16 : NULL)
+#define NX_REGS_FN(name, T) (takes_row16(T) ? name##_regs : NULL)
 #else
-#define NX_ROW16(name, T)
-#define NX_ROW16_FN(name, T) NULL
+#define NX_REGS(name, T) \
+    static void name##_regs(const struct ebb_native_matmul_args *a, int t0, int t1, int o) \
+    { \
+        if (takes_row8(T)) row8_rows(T, a, t0, t1, o); \
+    }
+#define NX_REGS_FN(name, T) (takes_row8(T) ? name##_regs : NULL)
 #endif
 
 #define NX_TYPE(name, T) \
@@ -1304,12 +1434,12 @@ static void rectangle(const tile_fn tiles[3], wide_fn wide, int wide_min_tokens,
         tile(T, 4, 2, a, t, mv, o, nv); \
     } \
     NX_WIDE(name, T) \
-    NX_ROW16(name, T) \
+    NX_REGS(name, T) \
     void NX_FN(ebb_native_block_##name)(const struct ebb_native_matmul_args *a, int t0, int t1, int o0, int o1) \
     { \
         static const tile_fn tiles[3] = { name##_1x8, name##_2x4, name##_4x2 }; \
         rectangle(tiles, NX_WIDE_FN(name, T), is_k(T) ? WIDE_MIN_TOKENS : LEGACY_WIDE_MIN_TOKENS(T), \
-                  NX_ROW16_FN(name, T), a, t0, t1, o0, o1); \
+                  NX_REGS_FN(name, T), a, t0, t1, o0, o1); \
     }
 
 NX_TYPE(q4_0, NT_Q4_0)
