@@ -478,6 +478,24 @@ ALWAYS_INLINE void tile(const int T, const int M, const int N, const struct ebb_
 
 /* ---------------------------------------------- 8 rows in registers (AVX2) */
 
+/* Tokens in registers (row8_rows, row16_rows): at most REG_GROUP at a time,
+ * each count its own code so that its sums stay in registers; groups of 12
+ * measured no quicker than 8 on AVX-512, and 8 quicker than 4 on AVX2. */
+#define REG_GROUP 8
+#define BY_TOKEN_GROUPS(tokens, T, a, t0, t1, o) \
+    for (int t_ = (t0); t_ < (t1); t_ += REG_GROUP) { \
+        switch (min_int((t1) - t_, REG_GROUP)) { \
+        case 1: tokens(T, 1, a, t_, o); break; \
+        case 2: tokens(T, 2, a, t_, o); break; \
+        case 3: tokens(T, 3, a, t_, o); break; \
+        case 4: tokens(T, 4, a, t_, o); break; \
+        case 5: tokens(T, 5, a, t_, o); break; \
+        case 6: tokens(T, 6, a, t_, o); break; \
+        case 7: tokens(T, 7, a, t_, o); break; \
+        default: tokens(T, 8, a, t_, o); break; \
+        } \
+    }
+
 #ifndef NX_WIDE_PREFILL
 /* row16_tokens' shape (below, "wide prefill") for AVX2, which has neither
  * 512-bit registers nor vpdpbusd: 8 rows' Q4_0/Q4_1 block transposed into
@@ -491,7 +509,6 @@ ALWAYS_INLINE void tile(const int T, const int M, const int N, const struct ebb_
  * 15.72 16.93 19.87), and at every count above (pp512 457-483 -> 828-838
  * tok/s, 12 sequences decoding 366-384 -> 501-513). Q8_0's codes would
  * saturate vpmaddubsw's int16 pairs, so it keeps the tiles. */
-#define ROW8_GROUP 8
 #define ROW8_MIN_TOKENS 3
 ALWAYS_INLINE int takes_row8(const int T) { return T == NT_Q4_0 || T == NT_Q4_1; }
 
@@ -531,10 +548,10 @@ ALWAYS_INLINE void row8_tokens(const int T, const int M, const struct ebb_native
     const uint8_t *rows = a->w + (size_t)o * stride;
     const __m256i row_at = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32((int)stride));
     const __m256i low = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);
-    const uint8_t *q[ROW8_GROUP];
-    const float *da[ROW8_GROUP];
-    const int16_t *asum[ROW8_GROUP];
-    __m256 acc[ROW8_GROUP];
+    const uint8_t *q[REG_GROUP];
+    const float *da[REG_GROUP];
+    const int16_t *asum[REG_GROUP];
+    __m256 acc[REG_GROUP];
 #pragma GCC unroll 8
     for (int m = 0; m < M; m++) {
         q[m] = (const uint8_t *)(a->q + (size_t)(t0 + m) * a->n_in);
@@ -578,18 +595,7 @@ ALWAYS_INLINE void row8_tokens(const int T, const int M, const struct ebb_native
 
 ALWAYS_INLINE void row8_rows(const int T, const struct ebb_native_matmul_args *a, int t0, int t1, int o)
 {
-    for (int t = t0; t < t1; t += ROW8_GROUP) {
-        switch (min_int(t1 - t, ROW8_GROUP)) {
-        case 1: row8_tokens(T, 1, a, t, o); break;
-        case 2: row8_tokens(T, 2, a, t, o); break;
-        case 3: row8_tokens(T, 3, a, t, o); break;
-        case 4: row8_tokens(T, 4, a, t, o); break;
-        case 5: row8_tokens(T, 5, a, t, o); break;
-        case 6: row8_tokens(T, 6, a, t, o); break;
-        case 7: row8_tokens(T, 7, a, t, o); break;
-        default: row8_tokens(T, 8, a, t, o); break;
-        }
-    }
+    BY_TOKEN_GROUPS(row8_tokens, T, a, t0, t1, o);
 }
 #endif
 
@@ -751,7 +757,7 @@ ALWAYS_INLINE void wide_prefetch_next(const int T, const struct ebb_native_matmu
 
 /* 16 rows at a time, with nothing packed: each block's codes are
  * transposed into registers (as AMX packs them) and meet every token's
- * block there, up to ROW16_GROUP tokens whose 16 sums stay in registers
+ * block there, up to REG_GROUP tokens whose 16 sums stay in registers
  * along the whole row, so the transpose is shared by the tokens and no
  * lane ever needs a horizontal sum. The 4x2 tiles pay a horizontal sum per
  * (row, token, block), wide_pack a store and a gather per block that only
@@ -762,9 +768,7 @@ ALWAYS_INLINE void wide_prefetch_next(const int T, const struct ebb_native_matmu
  * and the offsets come back through the activation sums: Q4_0 8 and Q8_0
  * 128 times the stored sums of 32, W4G64 8 times a sum of 64 taken here.
  * The float fold is native.h's (W4G64's is ops.h's: the same steps without
- * a minimum), so the bits are the scalar path's. ROW16_GROUP 12 measured no
- * quicker than 8. */
-#define ROW16_GROUP 8
+ * a minimum), so the bits are the scalar path's. */
 ALWAYS_INLINE int takes_row16(const int T) { return T == NT_Q4_0 || T == NT_Q4_1 || T == NT_Q8_0; }
 
 ALWAYS_INLINE void row16_tokens(const int T, const int M, const struct ebb_native_matmul_args *a, int t0, int o)
@@ -775,10 +779,10 @@ ALWAYS_INLINE void row16_tokens(const int T, const int M, const struct ebb_nativ
     const uint8_t *rows = a->w + (size_t)o * stride;
     const __m512i row_at = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
                                               _mm512_set1_epi32((int)stride));
-    const uint8_t *q[ROW16_GROUP];
-    const float *da[ROW16_GROUP];
-    const int16_t *asum[ROW16_GROUP];
-    __m512 acc[ROW16_GROUP];
+    const uint8_t *q[REG_GROUP];
+    const float *da[REG_GROUP];
+    const int16_t *asum[REG_GROUP];
+    __m512 acc[REG_GROUP];
 #pragma GCC unroll 8
     for (int m = 0; m < M; m++) {
         q[m] = (const uint8_t *)(a->q + (size_t)(t0 + m) * a->n_in);
@@ -829,22 +833,9 @@ ALWAYS_INLINE void row16_tokens(const int T, const int M, const struct ebb_nativ
     for (int m = 0; m < M; m++) _mm512_storeu_ps(a->out + (size_t)(t0 + m) * a->n_out + o, acc[m]);
 }
 
-/* Tokens [t0, t1), ROW16_GROUP at most at a time, each count its own
- * code (the sums stay in registers). */
 ALWAYS_INLINE void row16_rows(const int T, const struct ebb_native_matmul_args *a, int t0, int t1, int o)
 {
-    for (int t = t0; t < t1; t += ROW16_GROUP) {
-        switch (min_int(t1 - t, ROW16_GROUP)) {
-        case 1: row16_tokens(T, 1, a, t, o); break;
-        case 2: row16_tokens(T, 2, a, t, o); break;
-        case 3: row16_tokens(T, 3, a, t, o); break;
-        case 4: row16_tokens(T, 4, a, t, o); break;
-        case 5: row16_tokens(T, 5, a, t, o); break;
-        case 6: row16_tokens(T, 6, a, t, o); break;
-        case 7: row16_tokens(T, 7, a, t, o); break;
-        default: row16_tokens(T, 8, a, t, o); break;
-        }
-    }
+    BY_TOKEN_GROUPS(row16_tokens, T, a, t0, t1, o);
 }
 
 #ifdef NX_AMX
