@@ -95,11 +95,10 @@ static inline __attribute__((always_inline)) void act_each_group(const float *x,
         }
 }
 
-/* The ops every path has in its own version: products and vector ops
- * (ops_<isa>.c, matmul_x86.h, quant_<isa>.c). */
+/* The ops every path has in its own version: the f32 product and vector ops
+ * (ops_<isa>.c, matmul_x86.h). */
 #define EBB_CPU_OWN_OPS(isa) \
     void ebb_cpu_matmul_f32_##isa(struct ebb_pool *, float *, const struct ebb_act *, const void *, int, int, int); \
-    void ebb_cpu_matmul_w4g64_##isa(struct ebb_pool *, float *, const struct ebb_act *, const void *, int, int, int); \
     void ebb_cpu_rmsnorm_##isa(float *out, const float *x, const float *g, int n, float eps); \
     void ebb_cpu_softmax_##isa(float *x, int n); \
     void ebb_cpu_swiglu_##isa(float *gate, const float *up, int n); \
@@ -107,11 +106,17 @@ static inline __attribute__((always_inline)) void act_each_group(const float *x,
 EBB_CPU_OWN_OPS(scalar)
 EBB_CPU_OWN_OPS(avx2)
 EBB_CPU_OWN_OPS(avx512)
-/* W4G64's rectangle on x86 (quant_x86.h), which the AMX path's (native_x86.h)
- * hands what it leaves; and that path's product. */
+/* W4G64's product per path: scalar and AVX2 in quant_<isa>.c; AVX-512 and
+ * AMX in native_x86.h, whose 16-row tiles hand the rows left over (and, on
+ * AVX-512, one token) to quant_x86.h's rectangle, exported for it. */
+#define EBB_CPU_W4G64_PRODUCT(isa) \
+    void ebb_cpu_matmul_w4g64_##isa(struct ebb_pool *, float *, const struct ebb_act *, const void *, int, int, int);
+EBB_CPU_W4G64_PRODUCT(scalar)
+EBB_CPU_W4G64_PRODUCT(avx2)
+EBB_CPU_W4G64_PRODUCT(avx512)
+EBB_CPU_W4G64_PRODUCT(amx)
 void ebb_cpu_block_w4g64_avx2(const struct matmul_args *a, int t0, int t1, int o0, int o1);
 void ebb_cpu_block_w4g64_avx512(const struct matmul_args *a, int t0, int t1, int o0, int o1);
-void ebb_cpu_matmul_w4g64_amx(struct ebb_pool *, float *, const struct ebb_act *, const void *, int, int, int);
 
 /* The native GGUF types' table entries of each path (native_table.c, over
  * the rectangles of native_<isa>.c). */
