@@ -43,13 +43,18 @@ int compress_wanted(const struct compress_params *p, int n_prompt) {
     return p->mode != COMPRESS_OFF && n_prompt >= p->min_prompt && n_prompt >= 2 * KV_PAGE_TOKENS + COMPRESS_WINDOW;
 }
 
-int compress_prepare(struct kv_cache *kv, const struct model_config *cfg, const struct compress_params *p,
-                     int n_prompt) {
+size_t compress_observation_bytes(const struct model_config *cfg, const struct compress_params *p, int n_prompt) {
+    if (!compress_wanted(p, n_prompt)) return 0;
+    return kv_observation_bytes(cfg->n_layer, COMPRESS_WINDOW, cfg->n_head * cfg->head_dim);
+}
+
+enum kv_status compress_prepare(struct kv_cache *kv, const struct model_config *cfg, const struct compress_params *p,
+                                int n_prompt) {
     /* A cache in a device's memory is not compressed (the scoring and the
      * compact store are host code): the request runs with its whole cache. */
     if (!compress_wanted(p, n_prompt) || kv->be->memory) {
         kv_cache_forget_observation(kv);
-        return 0;
+        return KV_OK;
     }
     return kv_cache_observe(kv, n_prompt - COMPRESS_WINDOW, COMPRESS_WINDOW, cfg->n_head * cfg->head_dim);
 }

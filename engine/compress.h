@@ -100,11 +100,17 @@ struct compress_report {
 int compress_point(const struct compress_params *p, int n_prompt);
 /* Whether a prompt of n_prompt tokens would be compressed under p. */
 int compress_wanted(const struct compress_params *p, int n_prompt);
+/* What compress_prepare's recording of a prompt of n_prompt tokens costs
+ * (0 when it would not be compressed): the scheduler admits a request
+ * only if its budget takes the cache and this. */
+size_t compress_observation_bytes(const struct model_config *cfg, const struct compress_params *p, int n_prompt);
 /* Before the prefill of a prompt whose first n_prompt tokens are to be
  * compressed (compress_point): records the observation window's queries
- * if compress_wanted. 0, or -1 when out of memory. */
-int compress_prepare(struct kv_cache *kv, const struct model_config *cfg, const struct compress_params *p,
-                     int n_prompt);
+ * if compress_wanted, charged to the cache's account (kv_cache_observe:
+ * KV_OVER_BUDGET when its budget cannot take them now, KV_FAILED when out
+ * of memory). */
+enum kv_status compress_prepare(struct kv_cache *kv, const struct model_config *cfg, const struct compress_params *p,
+                                int n_prompt);
 /* After the prefill of those tokens (kv->n_past is their count): scores,
  * selects and compacts; the scoring (one item per layer and KV head) is
  * split over pool (NULL: the calling thread), with the same result. 0

@@ -153,6 +153,15 @@ static void charge(struct kv_cache *kv, long long bytes) {
     if (kv->account) account_add(kv->account, &kv->account->allocated_bytes, bytes);
 }
 
+/* Adds `more` to what the account has reserved if its budget takes it. */
+static int account_reserve(struct kv_account *a, size_t more) {
+    pthread_mutex_lock(&a->lock);
+    const int ok = !a->budget_bytes || a->reserved_bytes + more <= a->budget_bytes;
+    if (ok) a->reserved_bytes += more;
+    pthread_mutex_unlock(&a->lock);
+    return ok;
+}
+
 /* ---------------------------------------------------------- cache pages */
 
 /* Grows the reservation to cover positions [0, n): the bytes a cache of n
@@ -164,12 +173,7 @@ enum kv_status kv_cache_reserve(struct kv_cache *kv, int n) {
         /* A compact cache holds its store instead of the pages it replaced. */
         const size_t want = bytes_held_at_most(&kv->layout, n, kv->window_max) - kv->compact_saved;
         const size_t more = want > kv->reserved_bytes ? want - kv->reserved_bytes : 0;
-        struct kv_account *a = kv->account;
-        pthread_mutex_lock(&a->lock);
-        const int ok = !a->budget_bytes || a->reserved_bytes + more <= a->budget_bytes;
-        if (ok) a->reserved_bytes += more;
-        pthread_mutex_unlock(&a->lock);
-        if (!ok) return KV_OVER_BUDGET;
+        if (!account_reserve(kv->account, more)) return KV_OVER_BUDGET;
         kv->reserved_bytes += more;
     }
     kv->n_reserved = n;
@@ -645,21 +649,30 @@ struct kv_compact_info kv_cache_compact_info(const struct kv_cache *kv) {
 
 /* ------------------------------------------------------- observation */
 
-int kv_cache_observe(struct kv_cache *kv, int from, int n, int q_dim) {
+size_t kv_observation_bytes(int n_layer, int n, int q_dim) {
+    return (size_t)n_layer * (size_t)n * (size_t)q_dim * sizeof(float);
+}
+
+enum kv_status kv_cache_observe(struct kv_cache *kv, int from, int n, int q_dim) {
     kv_cache_forget_observation(kv);
-    if (kv->be->memory || from < 0 || n <= 0 || q_dim <= 0) return -1;
+    if (kv->be->memory || from < 0 || n <= 0 || q_dim <= 0) return KV_FAILED;
+    const size_t bytes = kv_observation_bytes(kv->layout.n_layer, n, q_dim);
+    if (kv->account && !account_reserve(kv->account, bytes)) return KV_OVER_BUDGET;
     struct kv_observation *o = calloc(1, sizeof *o);
-    if (!o) return -1;
-    o->q = calloc((size_t)kv->layout.n_layer * (size_t)n * (size_t)q_dim, sizeof(float));
-    if (!o->q) {
+    if (o) o->q = malloc(bytes);
+    if (!o || !o->q) {
         free(o);
-        return -1;
+        if (kv->account) account_add(kv->account, &kv->account->reserved_bytes, -(long long)bytes);
+        return KV_FAILED;
     }
+    memset(o->q, 0, bytes);
+    charge(kv, (long long)bytes);
     o->from = from;
     o->n = n;
     o->q_dim = q_dim;
+    o->bytes = bytes;
     kv->obs = o;
-    return 0;
+    return KV_OK;
 }
 
 void kv_observe_query(struct kv_cache *kv, int layer, int pos, const float *q) {
@@ -670,6 +683,10 @@ void kv_observe_query(struct kv_cache *kv, int layer, int pos, const float *q) {
 
 void kv_cache_forget_observation(struct kv_cache *kv) {
     if (!kv->obs) return;
+    if (kv->account) {
+        charge(kv, -(long long)kv->obs->bytes);
+        account_add(kv->account, &kv->account->reserved_bytes, -(long long)kv->obs->bytes);
+    }
     free(kv->obs->q);
     free(kv->obs);
     kv->obs = NULL;

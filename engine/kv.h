@@ -272,15 +272,19 @@ enum kv_tier { KV_TIER_DROP = 0, KV_TIER_LOW = 1, KV_TIER_KEEP = 2 };
  * forward pass computes them (after RoPE): q[(layer * n + i) * q_dim]. */
 struct kv_observation {
     int from, n, q_dim;
+    size_t bytes;              /* of q, charged to the cache's account */
     float *q;
 };
 
 /* Starts recording the queries of positions [from, from + n) (q_dim floats
- * each); replaces a previous recording. -1 when out of memory, or when the
- * cache lives in a device's memory (compression runs on host caches only). The
- * recording is not charged to the account: it lives from prefill to
- * compression and costs n * q_dim * n_layer floats. */
-int kv_cache_observe(struct kv_cache *kv, int from, int n, int q_dim);
+ * each); replaces a previous recording. It lives from prefill to compression
+ * and costs n * q_dim * n_layer floats (2.2 MB on the default model), which
+ * the cache's account reserves within its budget and counts as held until
+ * the recording is forgotten: KV_OVER_BUDGET when the budget cannot take
+ * them now, KV_FAILED when out of memory or when the cache lives in a
+ * device's memory (compression runs on host caches only). */
+size_t kv_observation_bytes(int n_layer, int n, int q_dim);
+enum kv_status kv_cache_observe(struct kv_cache *kv, int from, int n, int q_dim);
 /* The forward pass's hook: keeps position pos's query if it is recorded. */
 void kv_observe_query(struct kv_cache *kv, int layer, int pos, const float *q);
 void kv_cache_forget_observation(struct kv_cache *kv);

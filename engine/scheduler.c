@@ -205,7 +205,9 @@ fail:
 
 enum sched_error sched_submit(struct sched *s, const struct sched_request_desc *d, uint64_t *id) {
     if (d->n_prompt <= 0 || context_for(d->n_prompt, &d->params) > s->cfg.max_ctx) return SCHED_TOO_LONG;
-    size_t need = kv_account_bytes_for(&s->account, context_for(d->n_prompt, &d->params));
+    const int at = compress_point(&d->params.compress, d->n_prompt);
+    size_t need = kv_account_bytes_for(&s->account, context_for(d->n_prompt, &d->params)) +
+                  compress_observation_bytes(&s->m->cfg, &d->params.compress, at);
     size_t budget = kv_account_usage(&s->account).budget_bytes;
     if (budget && need > budget) return SCHED_NEVER_FITS;
     struct sreq *r = sreq_create(d, s->m->cfg.n_vocab);
@@ -410,10 +412,17 @@ static void admit(struct sched *s, struct sreq **evicted, struct sreq **failed) 
         /* Its longest pass is a chunk of what it computes first, or a
          * verification pass of drafts. */
         const int max_pass = r->params.speculative && r->n_replay < DRAFT_MAX + 1 ? DRAFT_MAX + 1 : r->n_replay;
+        const int at = compress_point(&r->params.compress, r->n_prompt);
         enum kv_status rc = kv_cache_init_reserving(&r->kv, &s->m->cfg, context_for(r->n_prompt, &r->params),
                                                     first_reservation(r), max_pass, &s->account);
+        /* Compression follows the prompt's prefill, on a first admission
+         * and again when a preempted request computes its prompt anew; its
+         * recording of queries is reserved with the cache. */
+        if (rc == KV_OK && (rc = compress_prepare(&r->kv, &s->m->cfg, &r->params.compress, at)) != KV_OK)
+            kv_cache_free(&r->kv);
         if (rc == KV_OVER_BUDGET) {
-            size_t need = kv_account_bytes_for_pass(&s->account, first_reservation(r), max_pass);
+            size_t need = kv_account_bytes_for_pass(&s->account, first_reservation(r), max_pass) +
+                          compress_observation_bytes(&s->m->cfg, &r->params.compress, at);
             const struct kv_usage u = kv_account_usage(&s->account);
             int never = u.budget_bytes && need > u.budget_bytes;
             int idle = u.reserved_bytes == 0;
@@ -429,15 +438,6 @@ static void admit(struct sched *s, struct sreq **evicted, struct sreq **failed) 
             continue;
         }
         if (rc != KV_OK || (!r->gen.history && gen_seq_init(&r->gen, s->m, r->prompt, r->n_prompt, &r->params))) {
-            r->next = *failed;
-            *failed = r;
-            continue;
-        }
-        /* Compression follows the prompt's prefill, on a first admission
-         * and again when a preempted request computes its prompt anew. */
-        if (compress_prepare(&r->kv, &s->m->cfg, &r->params.compress,
-                             compress_point(&r->params.compress, r->n_prompt))) {
-            kv_cache_free(&r->kv);
             r->next = *failed;
             *failed = r;
             continue;

@@ -1070,6 +1070,37 @@ static void test_compact_account(void) {
     }
 }
 
+/* The queries recorded for compression's scoring are memory the account
+ * holds: reserved within the budget with the cache, counted as allocated,
+ * and given back when forgotten, replaced, cleared or freed. */
+static void test_observation_account(void) {
+    struct attend_fixture f;
+    fixture_init(&f, 3, 2, 64, 4, 300);
+    const int q_dim = 4 * 64;
+    const size_t bytes = kv_observation_bytes(3, 32, q_dim);
+    CHECK(bytes == (size_t)3 * 32 * q_dim * sizeof(float));
+    const size_t alloc0 = f.acc.allocated_bytes, res0 = f.acc.reserved_bytes;
+    CHECK(kv_cache_observe(&f.kv, 100, 32, q_dim) == KV_OK);
+    CHECK_MSG(f.acc.allocated_bytes == alloc0 + bytes && f.acc.reserved_bytes == res0 + bytes,
+              "allocated %zu, reserved %zu: the recording's %zu bytes not charged", f.acc.allocated_bytes,
+              f.acc.reserved_bytes, bytes);
+    CHECK(kv_cache_observe(&f.kv, 100, 32, q_dim) == KV_OK);   /* replaced: charged once */
+    CHECK(f.acc.allocated_bytes == alloc0 + bytes && f.acc.reserved_bytes == res0 + bytes);
+    kv_cache_forget_observation(&f.kv);
+    CHECK(f.acc.allocated_bytes == alloc0 && f.acc.reserved_bytes == res0);
+    /* A budget that takes the cache but not the recording refuses it and
+     * changes nothing; one byte more than both takes it. */
+    kv_account_set_budget(&f.acc, res0 + bytes - 1);
+    CHECK(kv_cache_observe(&f.kv, 100, 32, q_dim) == KV_OVER_BUDGET);
+    CHECK(!f.kv.obs && f.acc.allocated_bytes == alloc0 && f.acc.reserved_bytes == res0);
+    kv_account_set_budget(&f.acc, res0 + bytes);
+    CHECK(kv_cache_observe(&f.kv, 100, 32, q_dim) == KV_OK);
+    kv_cache_clear(&f.kv);
+    CHECK(!f.kv.obs && f.acc.reserved_bytes == res0);
+    CHECK(kv_cache_observe(&f.kv, 100, 32, q_dim) == KV_OK);
+    fixture_free(&f);   /* checks that freeing gives everything back */
+}
+
 /* Compression scores a prompt after its last pass, with the queries of its
  * last 32 positions; when that pass was short, the window pages those
  * queries read have been given back, and the weights come from the body:
@@ -1424,6 +1455,7 @@ int main(void) {
     test_compact_lossless();
     test_compact_semantics();
     test_compact_account();
+    test_observation_account();
     test_compress_selection();
     test_limit_pass();
     test_weights_after_short_pass();

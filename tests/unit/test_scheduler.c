@@ -414,6 +414,33 @@ static void test_compressed_admission(struct model *m) {
             pthread_mutex_destroy(&out[i].lock);
         }
         sched_destroy(s, 1);
+        if (!compress) continue;
+        /* The queries recorded for the scoring count against the budget: a
+         * budget that holds the cache but not them refuses the request, one
+         * that holds both runs it. */
+        const size_t obs = compress_observation_bytes(&m->cfg, &p.compress, n_ids[0]);
+        CHECK(obs == (size_t)m->cfg.n_layer * COMPRESS_WINDOW * m->cfg.n_head * m->cfg.head_dim * sizeof(float));
+        for (int fits = 0; fits < 2; fits++) {
+            struct sched_config tight = {.max_running = 1, .max_waiting = 1, .kv_budget_bytes = one + obs - !fits,
+                                         .kv_bits = 32, .draft_always = compress == 2};
+            s = sched_create(m, &tight);
+            CHECK(s != NULL);
+            if (!s) break;
+            uint64_t id;
+            struct collected c;
+            memset(&c, 0, sizeof c);
+            pthread_mutex_init(&c.lock, NULL);
+            struct sched_request_desc d = {ids[0], n_ids[0], p, {on_token, on_done}, &c};
+            const enum sched_error e = sched_submit(s, &d, &id);
+            CHECK_MSG(e == (fits ? SCHED_OK : SCHED_NEVER_FITS), "budget %s the recording: submit gave %d",
+                      fits ? "with" : "one byte short of", (int)e);
+            if (e == SCHED_OK) {
+                wait_done(&c);
+                CHECK((c.finish == FINISH_STOP || c.finish == FINISH_LENGTH) && c.n_generated > 0);
+            }
+            sched_destroy(s, 1);
+            pthread_mutex_destroy(&c.lock);
+        }
     }
     free(ids[0]);
 }
