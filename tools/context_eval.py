@@ -34,6 +34,13 @@ What it measures
            question-agnostic and aware (docs/data/context_ruler.csv).
   plot     docs/context_compression.png: passkey accuracy vs budget per mode, PPL change vs KV
            bytes ratio, passkey accuracy vs bits per value (ablation methods included).
+  promptside  The issue's optional prompt-side stage, measured outside the engine: every context
+           token scored by its surprisal under the served model (`ebb logits --all`), a share of
+           the context kept (the most surprising tokens; whole sentences by mean surprisal; or the
+           sinks and the most recent tokens), and only those prefilled (`generate --ids-file`),
+           then the question: passkey question-agnostic on the passkey grid's 1k and 2k prompts,
+           and perplexity of each --ctx window's last SCORE tokens after its compressed context
+           (docs/data/context_promptside.csv; the prompt's KV then costs the kept share).
 
 Bytes: ebb reports the cache's body bytes before and after compression (whole 64-position pages
 before, the compact store plus the pages from the boundary on after). bits/value =
@@ -48,6 +55,7 @@ rows already there, so an interrupted run resumes):
     $PY tools/context_eval.py ablate             # docs/data/context_ablate*.csv, context_calib.csv
     $PY tools/context_eval.py ruler              # docs/data/context_ruler.csv, a table on stdout
     $PY tools/context_eval.py plot               # docs/context_compression.png + tables on stdout
+    $PY tools/context_eval.py promptside --ctx 8192:2:2048   # docs/data/context_promptside.csv + tables
     options: --ebb BIN (default $EBB or /work/main/build-dev/ebb), --model GGUF, --out DIR,
              --dry-run (list the runs and an estimate of their time, run nothing)
 
@@ -68,6 +76,7 @@ Protocol notes
 
 import argparse
 import csv
+import math
 import os
 import random
 import re
@@ -925,10 +934,198 @@ def cmd_ruler(args, ebb):
 
 # ------------------------------------------------------------------ main
 
+# ------------------------------------------------------------------ prompt side (issue 14's optional stage)
+
+PS_FIELDS = ["binary", "task", "haystack", "length", "depth", "seed", "window", "unit", "budget", "key", "n_context",
+             "n_kept", "correct", "output", "ppl", "full_ppl", "delta_pct", "top1_agree", "wall_s"]
+PS_KEY = ["binary", "task", "haystack", "length", "depth", "seed", "window", "unit", "budget"]
+PS_SINKS, PS_RECENT = 4, 64   # kept whatever their score, as the KV stage keeps its sinks and window
+
+
+class PromptSide:
+    """Prompt-side compression measured outside the engine: score every context token by its
+    surprisal under the served model (one pass, `ebb logits --all`), keep a share of the context,
+    and prefill only that (token ids, `ebb generate --ids-file`), then the question. Units: `token`
+    (the most surprising tokens, as LLMLingua's token stage), `sentence` (whole sentences by mean
+    surprisal, its coarse stage) and `recent` (the sinks and the last tokens: the baseline)."""
+
+    def __init__(self, ebb, work):
+        import numpy as np
+        import gguf
+        self.np, self.ebb, self.work = np, ebb, work
+        os.makedirs(work, exist_ok=True)
+        f = gguf.GGUFReader(ebb.model).fields["tokenizer.ggml.tokens"]
+        self.vocab = [bytes(f.parts[i]).decode("utf-8", "replace") for i in f.data]
+
+    def ids(self, text):
+        out = subprocess.run([self.ebb.bin, "tokenize", "-m", self.ebb.model, "--", text], capture_output=True,
+                             text=True, check=True).stdout
+        return [int(x) for x in out.split()]
+
+    def _ids_file(self, ids):
+        path = os.path.join(self.work, "ids.txt")
+        with open(path, "w") as f:
+            f.write(" ".join(map(str, ids)))
+        return path
+
+    def logits(self, ids):
+        out = os.path.join(self.work, "logits.f32")
+        subprocess.run([self.ebb.bin, "logits", "-m", self.ebb.model, "--ids-file", self._ids_file(ids), "-o", out,
+                        "--all", "-t", "1"], check=True, capture_output=True)
+        lg = self.np.fromfile(out, dtype=self.np.float32).reshape(len(ids), -1)
+        os.unlink(out)
+        return lg
+
+    def nll(self, lg, rows, targets):
+        """Negative log-likelihood of targets at logits rows, and each row's argmax."""
+        np = self.np
+        x = lg[rows]
+        mx = x.max(1, keepdims=True)
+        lse = mx[:, 0] + np.log(np.exp(x - mx).sum(1))
+        return lse - x[np.arange(len(rows)), targets], x.argmax(1)
+
+    def surprisal(self, ids, lg=None):
+        np = self.np
+        lg = self.logits(ids) if lg is None else lg
+        s = np.full(len(ids), np.inf)   # nothing predicts the first token: always kept
+        s[1:], _ = self.nll(lg, np.arange(len(ids) - 1), np.array(ids[1:]))
+        return s
+
+    def sentences(self, ids):
+        """Token spans ending at a token that ends a sentence or a line."""
+        spans, start = [], 0
+        for i, t in enumerate(ids):
+            piece = self.vocab[t]
+            if piece.endswith((".", "!", "?", ":", ";")) or "\u010a" in piece:   # U+010A: a newline byte
+                spans.append((start, i + 1))
+                start = i + 1
+        if start < len(ids):
+            spans.append((start, len(ids)))
+        return spans
+
+    def keep(self, ids, s, unit, budget):
+        np, n = self.np, len(ids)
+        k = max(int(round(budget * n)), PS_SINKS + PS_RECENT)
+        fixed = set(range(PS_SINKS)) | set(range(n - PS_RECENT, n))
+        if unit == "recent":
+            return sorted(set(range(PS_SINKS)) | set(range(n - (k - PS_SINKS), n)))
+        if unit == "token":
+            score = np.where(np.isfinite(s), s, 1e30)
+            score[list(fixed)] = 1e30
+            return sorted(np.argsort(-score, kind="stable")[:k].tolist())
+        kept = set(fixed)
+        spans = self.sentences(ids)
+        def mean(a, b):
+            v = s[a:b][np.isfinite(s[a:b])]
+            return float(v.mean()) if len(v) else 0.0
+        for a, b in sorted(spans, key=lambda ab: -mean(*ab)):   # whole sentences while they fit
+            add = set(range(a, b)) - kept
+            if len(kept) + len(add) <= k:
+                kept |= add
+        return sorted(kept)
+
+    def generate(self, ids):
+        p = subprocess.run([self.ebb.bin, "generate", "-m", self.ebb.model, "--ids-file", self._ids_file(ids), "-n",
+                            "8", "--temp", "0", "--kv-bits", "4", "-t", "1"], capture_output=True, text=True,
+                           errors="replace")
+        return p.stdout.strip()
+
+
+PS_UNITS = ("recent", "token", "sentence")
+
+
+def cmd_promptside(args, ebb):
+    """Passkey (question-agnostic: the question is never scored) and perplexity (each window's
+    context compressed on the prompt side, its last SCORE predictions scored) with prompt-side
+    compression; docs/data/context_promptside.csv."""
+    ps = PromptSide(ebb, args.work)
+    np = ps.np
+    prompts = Prompts(ebb, args.heldout)
+    table = Table(os.path.join(args.out, "context_promptside.csv"), PS_FIELDS, PS_KEY)
+    items = [it for it in grid_prompts(PASSKEY_GRID) if it[4] and it[0] in (args.lengths or (1000, 2000))]
+    for length, hay, depth, seed, _ in items:
+        base = {"binary": ebb.binary, "task": "passkey", "haystack": hay, "length": length, "depth": depth,
+                "seed": seed, "window": ""}
+        todo = [(u, b) for u in ("full",) + PS_UNITS for b in ((1.0,) if u == "full" else BUDGETS)
+                if not table.has({**base, "unit": u, "budget": b})]
+        if not todo:
+            continue
+        context, question, key, _, _ = prompts.build(hay, length, depth, seed)
+        cids, qids = ps.ids(context), ps.ids(question)
+        s = ps.surprisal(cids)
+        for unit, budget in todo:
+            t0 = time.time()
+            kept = list(range(len(cids))) if unit == "full" else ps.keep(cids, s, unit, budget)
+            out = ps.generate([cids[i] for i in kept] + qids)
+            row = {**base, "unit": unit, "budget": budget, "key": key, "n_context": len(cids), "n_kept": len(kept),
+                   "correct": int(str(key) in out), "output": out.replace("\n", "\\n")[:60],
+                   "wall_s": round(time.time() - t0, 2)}
+            table.add(row)
+            log(f"{hay} L={length} d={depth} s={seed} {unit} {budget}: {'ok ' if row['correct'] else 'MISS'} "
+                f"{row['output']!r} kept {len(kept)}/{len(cids)}")
+    with open(args.heldout, encoding="utf-8") as f:
+        text = f.read()
+    for n_ctx, chunks, n_score in (c + (2048,) if len(c) == 2 else c for c in args.ctx):
+        toks = ps.ids(text[:int(n_ctx * chunks * 4.5)])   # under the argument limit; ebb ppl's windows
+        for w in range(chunks):
+            base = {"binary": ebb.binary, "task": "ppl", "haystack": "heldout", "length": n_ctx, "depth": n_score,
+                    "seed": "", "window": w}
+            todo = [(u, b) for u in PS_UNITS for b in BUDGETS if not table.has({**base, "unit": u, "budget": b})]
+            if not todo:
+                continue
+            win = toks[w * n_ctx:(w + 1) * n_ctx]
+            ctx, scored = win[:n_ctx - n_score], np.array(win[n_ctx - n_score:])
+            lg = ps.logits(win)
+            full_nll, full_top = ps.nll(lg, np.arange(len(ctx) - 1, n_ctx - 1), scored)
+            s = ps.surprisal(ctx, lg[:len(ctx)])
+            del lg
+            for unit, budget in todo:
+                t0 = time.time()
+                kept = ps.keep(ctx, s, unit, budget)
+                lg = ps.logits([ctx[i] for i in kept] + scored.tolist())
+                nll, top = ps.nll(lg, np.arange(len(kept) - 1, len(kept) - 1 + n_score), scored)
+                del lg
+                p, pf = float(np.exp(nll.mean())), float(np.exp(full_nll.mean()))
+                row = {**base, "unit": unit, "budget": budget, "n_context": len(ctx), "n_kept": len(kept),
+                       "ppl": round(p, 4), "full_ppl": round(pf, 4), "delta_pct": round(100 * (p / pf - 1), 3),
+                       "top1_agree": round(float((top == full_top).mean()), 4), "wall_s": round(time.time() - t0, 2),
+                       "output": f"nll_sum={float(nll.sum()):.4f} full_nll_sum={float(full_nll.sum()):.4f}"}
+                table.add(row)
+                log(f"ppl window {w} {unit} {budget}: {p:.3f} against {pf:.3f} ({row['delta_pct']:+.2f}%)")
+    # The tables: passkey on the prompts the whole context answered; perplexity over all windows.
+    rows = table.get(binary=ebb.binary, task="passkey")
+    good = {(r["haystack"], r["length"], r["depth"], r["seed"]) for r in rows
+            if r["unit"] == "full" and r["correct"] == "1"}
+    print("| haystack, length | whole context | " + " | ".join(f"{u} {b}" for u in PS_UNITS for b in BUDGETS) + " |")
+    for hay, length in sorted({(r["haystack"], r["length"]) for r in rows}, key=lambda x: (int(x[1]), x[0])):
+        sel = [r for r in rows if r["haystack"] == hay and r["length"] == length]
+        full = [r for r in sel if r["unit"] == "full"]
+        cells = [f"{sum(r['correct'] == '1' for r in full)}/{len(full)}"]
+        for u in PS_UNITS:
+            for b in BUDGETS:
+                got = [r for r in sel if r["unit"] == u and float(r["budget"]) == b
+                       and (r["haystack"], r["length"], r["depth"], r["seed"]) in good]
+                cells.append(f"{sum(r['correct'] == '1' for r in got)}/{len(got)}")
+        print(f"| {hay} {length} | " + " | ".join(cells) + " |")
+    prow = table.get(binary=ebb.binary, task="ppl")
+    for u in PS_UNITS:
+        for b in BUDGETS:
+            sel = [r for r in prow if r["unit"] == u and float(r["budget"]) == b]
+            if not sel:
+                continue
+            nll = sum(float(r["output"].split()[0].split("=")[1]) for r in sel)
+            fnll = sum(float(r["output"].split()[1].split("=")[1]) for r in sel)
+            n = sum(int(r["depth"]) for r in sel)
+            p, pf = math.exp(nll / n), math.exp(fnll / n)
+            top = sum(float(r["top1_agree"]) for r in sel) / len(sel)
+            print(f"| ppl {sel[0]['length']}:{len(sel)}:{sel[0]['depth']} | {u} {b} | {p:.3f} | {100 * (p / pf - 1):+.2f}% "
+                  f"| {top:.3f} | whole context {pf:.3f} |")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("command", choices=["passkey", "ppl", "ablate", "ruler", "plot"])
+    ap.add_argument("command", choices=["passkey", "ppl", "ablate", "ruler", "plot", "promptside"])
     ap.add_argument("--ebb", default=DEFAULT_EBB)
     ap.add_argument("--model", default=DEFAULT_MODEL)
     ap.add_argument("--heldout", default=DEFAULT_HELDOUT)
@@ -949,7 +1146,7 @@ def main():
     args = ap.parse_args()
     ebb = Ebb(args)
     {"passkey": cmd_passkey, "ppl": cmd_ppl, "ablate": cmd_ablate, "ruler": cmd_ruler,
-     "plot": cmd_plot}[args.command](args, ebb)
+     "plot": cmd_plot, "promptside": cmd_promptside}[args.command](args, ebb)
 
 
 if __name__ == "__main__":
