@@ -720,6 +720,13 @@ ALWAYS_INLINE void rows_dwords(const uint8_t *p, size_t stride, __m512i v[4])
     v[3] = _mm512_unpackhi_epi64(t1, t3);
 }
 
+/* Byte offsets of 16 rows stride apart: a gather of one dword of each. */
+ALWAYS_INLINE __m512i rows16_at(size_t stride)
+{
+    return _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                              _mm512_set1_epi32((int)stride));
+}
+
 /* runs x 16 bytes of nibbles of 16 rows (from p, rows stride apart) as
  * signed codes, less offset: lo[4h + k] the low nibbles of run h's dword k,
  * hi[4h + k] the high ones. Q4_0/Q4_1 (one run: codes 0-15 then 16-31),
@@ -779,8 +786,7 @@ ALWAYS_INLINE void row16_tokens(const int T, const int M, const struct ebb_nativ
     const int nb = a->n_in / (w4 ? EBB_W4G64_GROUP : EBB_NATIVE_QK);
     const size_t stride = a->row_bytes;
     const uint8_t *rows = a->w + (size_t)o * stride;
-    const __m512i row_at = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                              _mm512_set1_epi32((int)stride));
+    const __m512i row_at = rows16_at(stride);
     const uint8_t *q[REG_GROUP];
     const float *da[REG_GROUP];
     const int16_t *asum[REG_GROUP];
@@ -927,8 +933,7 @@ ALWAYS_INLINE void amx_pack(const int T, const struct ebb_native_matmul_args *a,
     }
     const size_t stride = a->row_bytes;
     const uint8_t *rows = a->w + (size_t)o * stride;
-    const __m512i row_at = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                              _mm512_set1_epi32((int)stride));
+    const __m512i row_at = rows16_at(stride);
     const __m512i offset = _mm512_set1_epi8(T == NT_Q4_0 || T == NT_W4G64 ? 8 : 0);
     for (int b = b0; b < b1; b++) {
         const uint8_t *blk = rows + block_at(T, b);
@@ -1239,6 +1244,65 @@ ALWAYS_INLINE void k_pack_transposed(const int T, const struct ebb_native_matmul
     }
 }
 
+/* Q6_K the same way: its codes unsigned (0-63, the offset 32 coming back
+ * through scale_pairs in wide_k_fold, as from wide_k_pack), each half of
+ * the super-block (128 values) its 64 bytes of low nibbles as two
+ * rows_nibbles (bytes l and 32 + l: chunks 4n, 4n + 1 from the low nibbles,
+ * 4n + 2, 4n + 3 from the high) and its 32 bytes of high pairs as two
+ * transposes (bits 2m, 2m + 1 of byte l: chunk 4n + m), the 16 signed
+ * scales one more, d a gather (it ends the block: 16 bytes from it would
+ * read past the last row). */
+ALWAYS_INLINE void k6_pack_transposed(const struct ebb_native_matmul_args *a, int o, int b0, int b1,
+                                      struct wide_kblock *wb)
+{
+    const size_t stride = a->row_bytes, BB = block_bytes(NT_Q6_K);
+    const uint8_t *rows = a->w + (size_t)o * stride;
+    const __m512i pair_bits = _mm512_set1_epi8(0x30), low16 = _mm512_set1_epi32(0xffff);
+    const __m512i row_at = rows16_at(stride);
+    for (int b = b0; b < b1; b++, wb++) {
+        const uint8_t *blk = rows + (size_t)b * BB;
+        wide_prefetch_next(NT_Q6_K, a, o, b);
+        __m512i s[4];
+        rows_dwords(blk + 192, stride, s);   /* s[k]: scales 4k .. 4k + 3 */
+#pragma GCC unroll 16
+        for (int j = 0; j < 16; j++) wb->scale[j] = _mm512_srai_epi32(_mm512_slli_epi32(s[j / 4], 24 - 8 * (j % 4)), 24);
+#pragma GCC unroll 8
+        for (int i = 0; i < 8; i++) {
+            const __m512i x = _mm512_srli_epi32(s[i / 2], 16 * (i % 2));          /* scales 2i, 2i + 1 first */
+            const __m512i first = _mm512_srai_epi16(_mm512_slli_epi16(x, 8), 8);   /* low word: scale 2i */
+            const __m512i second = _mm512_srai_epi16(x, 8);                        /* low word: scale 2i + 1 */
+            wb->scale_pairs[i] = _mm512_or_si512(_mm512_and_si512(first, low16), _mm512_slli_epi32(second, 16));
+        }
+        const __m512i d = _mm512_i32gather_epi32(row_at, (const void *)(blk + 206), 1);   /* d: the high half */
+        wb->d = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(d, 16)));
+        wb->dmin = _mm512_setzero_ps();
+        for (int n = 0; n < 2; n++) {
+            __m512i qh[8];
+            rows_dwords(blk + 128 + 32 * n, stride, qh);
+            rows_dwords(blk + 128 + 32 * n + 16, stride, qh + 4);
+            __m512i(*codes)[8] = wb->codes + 4 * n;
+            rows_nibbles(blk + 64 * n, stride, 2, _mm512_setzero_si512(), codes[0], codes[2]);
+            rows_nibbles(blk + 64 * n + 32, stride, 2, _mm512_setzero_si512(), codes[1], codes[3]);
+#pragma GCC unroll 4
+            for (int m = 0; m < 4; m++)
+#pragma GCC unroll 8
+                for (int k = 0; k < 8; k++)
+                    codes[m][k] = _mm512_or_si512(
+                        codes[m][k], _mm512_and_si512(_mm512_slli_epi16(_mm512_srli_epi16(qh[k], 2 * m), 4), pair_bits));
+        }
+    }
+}
+
+/* A K-quant super-block range of the 16 rows at o, packed by transposes
+ * where the type has them, else by wide_k_pack's gathers (Q2_K, Q3_K). */
+ALWAYS_INLINE void k_pack(const int T, const struct ebb_native_matmul_args *a, int o, int b0, int b1,
+                          struct wide_kblock *wb)
+{
+    if (T == NT_Q4_K || T == NT_Q5_K) k_pack_transposed(T, a, o, b0, b1, wb);
+    else if (T == NT_Q6_K) k6_pack_transposed(a, o, b0, b1, wb);
+    else wide_k_pack(T, a, o, b0, b1, wb);
+}
+
 #ifdef NX_AMX
 /* Q4_K and Q5_K on AMX, from 9 tokens as on the VNNI path (below that the
  * tiles are quick for them: a 1.1B Q4_K's c(2) 1.23 on the tiles, 1.79-1.85
@@ -1366,14 +1430,12 @@ static void rectangle(const tile_fn tiles[3], wide_fn wide, int wide_min_tokens,
 #define WIDE_LEGACY(T, a, scratch, t0, t1, o, b0, b1) \
     (amx_pack(T, a, o, b0, b1, scratch), amx_tokens(T, a, scratch, t0, t1, o, b0, b1))
 #define WIDE_K(T, a, scratch, t0, t1, o, b0, b1) \
-    ((T) == NT_Q4_K || (T) == NT_Q5_K \
-         ? (k_pack_transposed(T, a, o, b0, b1, scratch), amx_k_tokens(T, a, scratch, t0, t1, o, b0, b1)) \
-         : (wide_k_pack(T, a, o, b0, b1, scratch), wide_k_tokens(T, a, scratch, t0, t1, o, b0, b1)))
+    (k_pack(T, a, o, b0, b1, scratch), (T) == NT_Q4_K || (T) == NT_Q5_K \
+                                           ? amx_k_tokens(T, a, scratch, t0, t1, o, b0, b1) \
+                                           : wide_k_tokens(T, a, scratch, t0, t1, o, b0, b1))
 #else
 #define WIDE_K(T, a, scratch, t0, t1, o, b0, b1) \
-    ((T) == NT_Q4_K || (T) == NT_Q5_K ? k_pack_transposed(T, a, o, b0, b1, scratch) \
-                                      : wide_k_pack(T, a, o, b0, b1, scratch), \
-     wide_k_tokens(T, a, scratch, t0, t1, o, b0, b1))
+    (k_pack(T, a, o, b0, b1, scratch), wide_k_tokens(T, a, scratch, t0, t1, o, b0, b1))
 #define WIDE_LEGACY(T, a, scratch, t0, t1, o, b0, b1) \
     (wide_pack(T, a, o, b0, b1, scratch), wide_tokens(T, a, scratch, t0, t1, o, b0, b1))
 #endif
