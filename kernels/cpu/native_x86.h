@@ -511,8 +511,10 @@ ALWAYS_INLINE void tile(const int T, const int M, const int N, const struct ebb_
  * 15.72 16.93 19.87), and at every count above (pp512 457-483 -> 828-838
  * tok/s, 12 sequences decoding 366-384 -> 501-513). Q8_0's codes would
  * saturate vpmaddubsw's int16 pairs, so it keeps the tiles. */
-#define ROW8_MIN_TOKENS 3
-ALWAYS_INLINE int takes_row8(const int T) { return T == NT_Q4_0 || T == NT_Q4_1; }
+ALWAYS_INLINE int takes_row8(const int T) { return T == NT_Q4_0 || T == NT_Q4_1 || T == NT_Q4_K; }
+/* Q4_K from 5 (row8_k4_tokens below): the 1.1B Q4_K's pass of 3 tokens
+ * took the same on either, 4 tokens 50-52 ms on the 4 x 2 tiles and 55 here. */
+#define ROW8_MIN_TOKENS(T) ((T) == NT_Q4_K ? 5 : 3)
 
 /* 16 bytes of each of 8 rows (row r at p + r * stride) as 4 vectors, lane
  * r of v[k] row r's dword k. */
@@ -595,9 +597,99 @@ ALWAYS_INLINE void row8_tokens(const int T, const int M, const struct ebb_native
     for (int m = 0; m < M; m++) _mm256_storeu_ps(a->out + (size_t)(t0 + m) * a->n_out + o, acc[m]);
 }
 
+/* Q4_K the same way, a super-block of 256 at a time: its header's d |
+ * dmin and three scale words of the 8 rows in one transpose (decoded as
+ * formats.c's ebb_k4_scale_min does, 8 rows at once), each 32 bytes of
+ * codes two more, whose nibbles are two sub-blocks' codes as they stand.
+ * A sub-block's int16 sums go to int32 by vpmaddwd against its scale (each
+ * row's, twice), so the scale costs nothing more; the minimums meet the
+ * token's sums of 16 the same way, and the fold is native.h's. */
+ALWAYS_INLINE void row8_k4_tokens(const int T, const int M, const struct ebb_native_matmul_args *a, int t0, int o)
+{
+    (void)T;
+    const int nb = a->n_in / EBB_NATIVE_QK_K;
+    const size_t stride = a->row_bytes, BB = block_bytes(NT_Q4_K);
+    const uint8_t *rows = a->w + (size_t)o * stride;
+    const __m256i low4 = _mm256_set1_epi8(0x0f), low6 = _mm256_set1_epi8(0x3f), top2 = _mm256_set1_epi8(0x30);
+    const __m256i byte = _mm256_set1_epi32(0xff);
+    const uint8_t *q[REG_GROUP], *bs[REG_GROUP];
+    const float *da[REG_GROUP];
+    __m256 acc[REG_GROUP];
+#pragma GCC unroll 8
+    for (int m = 0; m < M; m++) {
+        q[m] = (const uint8_t *)(a->q + (size_t)(t0 + m) * a->n_in);
+        da[m] = a->d + (size_t)(t0 + m) * nb;
+        bs[m] = (const uint8_t *)(a->sums + (size_t)(t0 + m) * (a->n_in / 16));
+        acc[m] = _mm256_setzero_ps();
+    }
+    for (int b = 0; b < nb; b++) {
+        const uint8_t *blk = rows + (size_t)b * BB;
+        const uintptr_t next = (uintptr_t)blk + (uintptr_t)8 * stride;
+        for (size_t l = 0; l < 8 * BB; l += 64) _mm_prefetch((const char *)(next + l), _MM_HINT_T0);
+        __m256i h[4];
+        rows8_dwords(blk, stride, h);   /* d | dmin, scale words s0, s1, s2 */
+        const __m256i sc_lo = _mm256_and_si256(h[1], low6), mn_lo = _mm256_and_si256(h[2], low6);
+        const __m256i sc_hi = _mm256_or_si256(_mm256_and_si256(h[3], low4),
+                                              _mm256_and_si256(_mm256_srli_epi32(h[1], 2), top2));
+        const __m256i mn_hi = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi32(h[3], 4), low4),
+                                              _mm256_and_si256(_mm256_srli_epi32(h[2], 2), top2));
+        __m256i scale[8], min[8];   /* sub-block j's, each row's twice as int16 */
+#pragma GCC unroll 8
+        for (int j = 0; j < 8; j++) {
+            const __m256i sc = _mm256_and_si256(_mm256_srli_epi32(j < 4 ? sc_lo : sc_hi, 8 * (j & 3)), byte);
+            const __m256i mn = _mm256_and_si256(_mm256_srli_epi32(j < 4 ? mn_lo : mn_hi, 8 * (j & 3)), byte);
+            scale[j] = _mm256_or_si256(sc, _mm256_slli_epi32(sc, 16));
+            min[j] = _mm256_or_si256(mn, _mm256_slli_epi32(mn, 16));
+        }
+        __m256i sumi[REG_GROUP];
+#pragma GCC unroll 8
+        for (int m = 0; m < M; m++) sumi[m] = _mm256_setzero_si256();
+        for (int pair = 0; pair < 4; pair++) {   /* sub-blocks 2 pair (low nibbles) and 2 pair + 1 (high) */
+            __m256i v[8];
+            rows8_dwords(blk + 16 + 32 * pair, stride, v);
+            rows8_dwords(blk + 32 + 32 * pair, stride, v + 4);
+#pragma GCC unroll 2
+            for (int half = 0; half < 2; half++) {
+                __m256i codes[8];
+#pragma GCC unroll 8
+                for (int k = 0; k < 8; k++)
+                    codes[k] = _mm256_and_si256(half ? _mm256_srli_epi16(v[k], 4) : v[k], low4);
+                const int j = 2 * pair + half;
+#pragma GCC unroll 8
+                for (int m = 0; m < M; m++) {
+                    const uint8_t *x = q[m] + (size_t)EBB_NATIVE_QK_K * b + 32 * j;
+                    __m256i s16 = _mm256_setzero_si256();
+#pragma GCC unroll 8
+                    for (int k = 0; k < 8; k++)
+                        s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(codes[k], _mm256_set1_epi32((int)ld32(x + 4 * k))));
+                    sumi[m] = _mm256_add_epi32(sumi[m], _mm256_madd_epi16(s16, scale[j]));
+                }
+            }
+        }
+        const __m256 d = halves8_ps(h[0], 0), dmin = halves8_ps(h[0], 1);
+#pragma GCC unroll 8
+        for (int m = 0; m < M; m++) {
+            const uint8_t *s = bs[m] + 32 * (size_t)b;   /* the token's 16 sums of 16, two per sub-block */
+            __m256i summ = _mm256_setzero_si256();
+#pragma GCC unroll 8
+            for (int j = 0; j < 8; j++) summ = _mm256_add_epi32(summ, _mm256_madd_epi16(min[j], _mm256_set1_epi32((int)ld32(s + 4 * j))));
+            const __m256 vda = _mm256_set1_ps(da[m][b]);
+            acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sumi[m]), _mm256_mul_ps(d, vda), acc[m]);
+            acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_setzero_si256(), summ)),
+                                     _mm256_mul_ps(dmin, vda), acc[m]);
+        }
+    }
+#pragma GCC unroll 8
+    for (int m = 0; m < M; m++) _mm256_storeu_ps(a->out + (size_t)(t0 + m) * a->n_out + o, acc[m]);
+}
+
 ALWAYS_INLINE void row8_rows(const int T, const struct ebb_native_matmul_args *a, int t0, int t1, int o)
 {
-    BY_TOKEN_GROUPS(row8_tokens, T, a, t0, t1, o);
+    if (T == NT_Q4_K) {
+        BY_TOKEN_GROUPS(row8_k4_tokens, T, a, t0, t1, o);
+    } else {
+        BY_TOKEN_GROUPS(row8_tokens, T, a, t0, t1, o);
+    }
 }
 #endif
 
@@ -1372,10 +1464,10 @@ typedef void (*rows_fn)(const struct ebb_native_matmul_args *a, int t0, int t1, 
 #endif
 #ifdef NX_WIDE_PREFILL
 #define REG_ROWS WIDE_ROWS
-#define REG_MIN_TOKENS 1
+#define REG_MIN_TOKENS(T) 1
 #else
 #define REG_ROWS 8
-#define REG_MIN_TOKENS ROW8_MIN_TOKENS
+#define REG_MIN_TOKENS(T) ROW8_MIN_TOKENS(T)
 #endif
 
 #ifdef NX_WIDE_PREFILL
@@ -1384,11 +1476,11 @@ static _Thread_local _Alignas(64) unsigned char wide_scratch[WIDE_SCRATCH];
 #endif
 
 static void rectangle(const tile_fn tiles[3], wide_fn wide, int wide_min_tokens, rows_fn in_registers,
-                      const struct ebb_native_matmul_args *a, int t0, int t1, int o0, int o1)
+                      int reg_min_tokens, const struct ebb_native_matmul_args *a, int t0, int t1, int o0, int o1)
 {
     /* Whole tiles of REG_ROWS rows of the types in_registers takes; the
      * rows left over take the tiles below. */
-    if (in_registers && t1 - t0 >= REG_MIN_TOKENS && t1 - t0 <= REG_TOKENS_AT_MOST && o1 - o0 >= REG_ROWS) {
+    if (in_registers && t1 - t0 >= reg_min_tokens && t1 - t0 <= REG_TOKENS_AT_MOST && o1 - o0 >= REG_ROWS) {
         const int rows_end = o0 + (o1 - o0) / REG_ROWS * REG_ROWS;
         for (int o = o0; o < rows_end; o += REG_ROWS) in_registers(a, t0, t1, o);
         o0 = rows_end;
@@ -1494,7 +1586,7 @@ static void rectangle(const tile_fn tiles[3], wide_fn wide, int wide_min_tokens,
     { \
         static const tile_fn tiles[3] = { name##_1x8, name##_2x4, name##_4x2 }; \
         rectangle(tiles, NX_WIDE_FN(name, T), is_k(T) ? WIDE_MIN_TOKENS : LEGACY_WIDE_MIN_TOKENS(T), \
-                  NX_REGS_FN(name, T), a, t0, t1, o0, o1); \
+                  NX_REGS_FN(name, T), REG_MIN_TOKENS(T), a, t0, t1, o0, o1); \
     }
 
 NX_TYPE(q4_0, NT_Q4_0)
