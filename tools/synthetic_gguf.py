@@ -10,6 +10,7 @@ llama.cpp alike; the text it generates is noise.
 
     tools/synthetic_gguf.py --type Q4_0 -o ~/.cache/ebb/synthetic-1.1B.Q4_0.gguf
     tools/synthetic_gguf.py --type Q4_K -o ~/.cache/ebb/synthetic-1.1B.Q4_K.gguf
+    tools/synthetic_gguf.py --type Q4_K_M -o ~/.cache/ebb/synthetic-1.1B.Q4_K_M.gguf
 
 The default shape is TinyLlama-1.1B's (22 layers, hidden 2048, 32 query heads over 4 KV
 heads, FFN 5632) with the source tokenizer's vocabulary: about 1.1 billion parameters.
@@ -74,8 +75,10 @@ def copy_fields(reader, writer, wanted):
 def main():
     here = os.path.dirname(os.path.abspath(__file__))
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--type", choices=["Q4_0", "Q4_K"], required=True,
-                    help="storage type of every matrix (Q4_K: the output head in Q6_K, as llama.cpp does)")
+    ap.add_argument("--type", choices=["Q4_0", "Q4_K", "Q4_K_M"], required=True,
+                    help="storage type of every matrix (Q4_K: the output head in Q6_K, as llama.cpp does; "
+                         "Q4_K_M: also attn_v and ffn_down in Q6_K in the layers llama.cpp's Q4_K_M gives "
+                         "more bits, the first and last eighth and every third between)")
     ap.add_argument("-o", "--output", required=True)
     ap.add_argument("--tokenizer-from", default=os.path.join(here, "..", "models",
                                                              "SmolLM2-135M-Instruct.Q4_1.gguf"))
@@ -92,7 +95,8 @@ def main():
         if getattr(a, key) is None:
             setattr(a, key, value)
 
-    block = BLOCKS[a.type][1]
+    base = "Q4_K" if a.type == "Q4_K_M" else a.type
+    block = BLOCKS[base][1]
     if a.embd % block or a.ff % block:
         sys.exit(f"synthetic_gguf: hidden {a.embd} and FFN {a.ff} must be multiples of {block} for {a.type}")
     reader = gguf.GGUFReader(a.tokenizer_from)
@@ -117,7 +121,7 @@ def main():
 
     params = 0
 
-    def matrix(name, n_out, n_in, kind=a.type):
+    def matrix(name, n_out, n_in, kind=base):
         nonlocal params
         # weights of about 1/sqrt(n_in): a 4-bit code times d spans roughly +-8 d
         scale = 1.0 / (8.0 * np.sqrt(n_in))
@@ -133,18 +137,21 @@ def main():
     matrix("token_embd.weight", n_vocab, a.embd)
     for layer in range(a.layers):
         p = f"blk.{layer}."
+        eighth = a.layers // 8
+        more_bits = layer < eighth or layer >= 7 * a.layers // 8 or (layer - eighth) % 3 == 2
+        wide = "Q6_K" if a.type == "Q4_K_M" and more_bits else base
         vector(p + "attn_norm.weight", a.embd)
         matrix(p + "attn_q.weight", a.embd, a.embd)
         matrix(p + "attn_k.weight", kv_dim, a.embd)
-        matrix(p + "attn_v.weight", kv_dim, a.embd)
+        matrix(p + "attn_v.weight", kv_dim, a.embd, wide)
         matrix(p + "attn_output.weight", a.embd, a.embd)
         vector(p + "ffn_norm.weight", a.embd)
         matrix(p + "ffn_gate.weight", a.ff, a.embd)
         matrix(p + "ffn_up.weight", a.ff, a.embd)
-        matrix(p + "ffn_down.weight", a.embd, a.ff)
+        matrix(p + "ffn_down.weight", a.embd, a.ff, wide)
         print(f"\rsynthetic_gguf: layer {layer + 1}/{a.layers}", end="", file=sys.stderr, flush=True)
     vector("output_norm.weight", a.embd)
-    matrix("output.weight", n_vocab, a.embd, "Q6_K" if a.type == "Q4_K" else a.type)
+    matrix("output.weight", n_vocab, a.embd, "Q6_K" if base == "Q4_K" else base)
     print(file=sys.stderr)
 
     w.write_header_to_file()
