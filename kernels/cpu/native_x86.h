@@ -45,7 +45,7 @@
  * more (see "wide prefill"), or, for Q4_0, Q4_1 and Q8_0 at any count,
  * transposed into registers where each token's sums stay (row16_rows).
  * The AVX2 path does the latter over 8 rows for Q4_0 and Q4_1 from 3
- * tokens (row8_rows).
+ * tokens and Q4_K from 5 (row8_rows).
  * native_amx.c compiles this file a third time with NX_AMX: the same
  * interleaved codes are the tile unit's operand, and the legacy types from
  * 3 tokens (Q4_0, Q4_1 and Q8_0 from 25), Q4_K and Q5_K from 9, multiply
