@@ -38,6 +38,7 @@ BLOCKS = {
     "Q4_0": (gguf.GGMLQuantizationType.Q4_0, 32, 18, [0]),
     "Q8_0": (gguf.GGMLQuantizationType.Q8_0, 32, 34, [0]),
     "Q4_K": (gguf.GGMLQuantizationType.Q4_K, 256, 144, [0, 2]),
+    "Q5_K": (gguf.GGMLQuantizationType.Q5_K, 256, 176, [0, 2]),
     "Q6_K": (gguf.GGMLQuantizationType.Q6_K, 256, 210, [208]),
 }
 
@@ -75,10 +76,10 @@ def copy_fields(reader, writer, wanted):
 def main():
     here = os.path.dirname(os.path.abspath(__file__))
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--type", choices=["Q4_0", "Q4_K", "Q4_K_M"], required=True,
-                    help="storage type of every matrix (Q4_K: the output head in Q6_K, as llama.cpp does; "
-                         "Q4_K_M: also attn_v and ffn_down in Q6_K in the layers llama.cpp's Q4_K_M gives "
-                         "more bits, the first and last eighth and every third between)")
+    ap.add_argument("--type", choices=["Q4_0", "Q4_K", "Q4_K_M", "Q5_K", "Q5_K_M"], required=True,
+                    help="storage type of every matrix (Q4_K, Q5_K: the output head in Q6_K, as llama.cpp does; "
+                         "Q4_K_M, Q5_K_M: also attn_v and ffn_down in Q6_K in the layers llama.cpp's _M mixes "
+                         "give more bits, the first and last eighth and every third between)")
     ap.add_argument("-o", "--output", required=True)
     ap.add_argument("--tokenizer-from", default=os.path.join(here, "..", "models",
                                                              "SmolLM2-135M-Instruct.Q4_1.gguf"))
@@ -95,7 +96,7 @@ def main():
         if getattr(a, key) is None:
             setattr(a, key, value)
 
-    base = "Q4_K" if a.type == "Q4_K_M" else a.type
+    base = a.type[:-2] if a.type.endswith("_M") else a.type
     block = BLOCKS[base][1]
     if a.embd % block or a.ff % block:
         sys.exit(f"synthetic_gguf: hidden {a.embd} and FFN {a.ff} must be multiples of {block} for {a.type}")
@@ -139,7 +140,7 @@ def main():
         p = f"blk.{layer}."
         eighth = a.layers // 8
         more_bits = layer < eighth or layer >= 7 * a.layers // 8 or (layer - eighth) % 3 == 2
-        wide = "Q6_K" if a.type == "Q4_K_M" and more_bits else base
+        wide = "Q6_K" if a.type.endswith("_M") and more_bits else base
         vector(p + "attn_norm.weight", a.embd)
         matrix(p + "attn_q.weight", a.embd, a.embd)
         matrix(p + "attn_k.weight", kv_dim, a.embd)
@@ -151,7 +152,7 @@ def main():
         matrix(p + "ffn_down.weight", a.embd, a.ff, wide)
         print(f"\rsynthetic_gguf: layer {layer + 1}/{a.layers}", end="", file=sys.stderr, flush=True)
     vector("output_norm.weight", a.embd)
-    matrix("output.weight", n_vocab, a.embd, "Q6_K" if base == "Q4_K" else base)
+    matrix("output.weight", n_vocab, a.embd, "Q6_K" if base in ("Q4_K", "Q5_K") else base)
     print(file=sys.stderr)
 
     w.write_header_to_file()

@@ -45,7 +45,7 @@
  * more (see "wide prefill"), or, for Q4_0, Q4_1 and Q8_0 at any count,
  * transposed into registers where each token's sums stay (row16_rows).
  * The AVX2 path does the latter over 8 rows for Q4_0 and Q4_1 from 3
- * tokens and Q4_K from 5 (row8_rows).
+ * tokens and Q4_K and Q5_K from 5 (row8_rows).
  * native_amx.c compiles this file a third time with NX_AMX: the same
  * interleaved codes are the tile unit's operand, and the legacy types from
  * 3 tokens (Q4_0, Q4_1 and Q8_0 from 25), Q4_K and Q5_K from 9, multiply
@@ -511,10 +511,11 @@ ALWAYS_INLINE void tile(const int T, const int M, const int N, const struct ebb_
  * 15.72 16.93 19.87), and at every count above (pp512 457-483 -> 828-838
  * tok/s, 12 sequences decoding 366-384 -> 501-513). Q8_0's codes would
  * saturate vpmaddubsw's int16 pairs, so it keeps the tiles. */
-ALWAYS_INLINE int takes_row8(const int T) { return T == NT_Q4_0 || T == NT_Q4_1 || T == NT_Q4_K; }
-/* Q4_K from 5 (row8_k4_tokens below): the 1.1B Q4_K's pass of 3 tokens
- * took the same on either, 4 tokens 50-52 ms on the 4 x 2 tiles and 55 here. */
-#define ROW8_MIN_TOKENS(T) ((T) == NT_Q4_K ? 5 : 3)
+ALWAYS_INLINE int takes_row8(const int T) { return T == NT_Q4_0 || T == NT_Q4_1 || T == NT_Q4_K || T == NT_Q5_K; }
+/* Q4_K and Q5_K from 5 (row8_k4_tokens below): the 1.1B Q4_K's pass of 3
+ * tokens took the same on either, 4 tokens 50-52 ms on the 4 x 2 tiles and
+ * 55 here. */
+#define ROW8_MIN_TOKENS(T) ((T) == NT_Q4_K || (T) == NT_Q5_K ? 5 : 3)
 
 /* 16 bytes of each of 8 rows (row r at p + r * stride) as 4 vectors, lane
  * r of v[k] row r's dword k. */
@@ -597,21 +598,24 @@ ALWAYS_INLINE void row8_tokens(const int T, const int M, const struct ebb_native
     for (int m = 0; m < M; m++) _mm256_storeu_ps(a->out + (size_t)(t0 + m) * a->n_out + o, acc[m]);
 }
 
-/* Q4_K the same way, a super-block of 256 at a time: its header's d |
- * dmin and three scale words of the 8 rows in one transpose (decoded as
- * formats.c's ebb_k4_scale_min does, 8 rows at once), each 32 bytes of
- * codes two more, whose nibbles are two sub-blocks' codes as they stand.
+/* Q4_K and Q5_K the same way, a super-block of 256 at a time: its
+ * header's d | dmin and three scale words of the 8 rows in one transpose
+ * (decoded as formats.c's ebb_k4_scale_min does, 8 rows at once), each 32
+ * bytes of codes two more, whose nibbles are two sub-blocks' codes as they
+ * stand (Q5_K's fifth bits from two more: bit c of byte l, value 32c + l).
  * A sub-block's int16 sums go to int32 by vpmaddwd against its scale (each
- * row's, twice), so the scale costs nothing more; the minimums meet the
- * token's sums of 16 the same way, and the fold is native.h's. */
+ * row's, twice), so the scale costs nothing more: one for Q4_K's 8
+ * vpmaddubsw steps, two for Q5_K's (4 steps of 5-bit codes fill an int16);
+ * the minimums meet the token's sums of 16 the same way, and the fold is
+ * native.h's. */
 ALWAYS_INLINE void row8_k4_tokens(const int T, const int M, const struct ebb_native_matmul_args *a, int t0, int o)
 {
-    (void)T;
-    const int nb = a->n_in / EBB_NATIVE_QK_K;
-    const size_t stride = a->row_bytes, BB = block_bytes(NT_Q4_K);
+    const int nb = a->n_in / EBB_NATIVE_QK_K, steps = T == NT_Q5_K ? 4 : 8;   /* per int16 sum */
+    const size_t stride = a->row_bytes, BB = block_bytes(T);
     const uint8_t *rows = a->w + (size_t)o * stride;
+    const int qs_at = T == NT_Q5_K ? 48 : 16;   /* the codes, after Q5_K's 32 bytes of fifth bits */
     const __m256i low4 = _mm256_set1_epi8(0x0f), low6 = _mm256_set1_epi8(0x3f), top2 = _mm256_set1_epi8(0x30);
-    const __m256i byte = _mm256_set1_epi32(0xff);
+    const __m256i byte = _mm256_set1_epi32(0xff), bit4 = _mm256_set1_epi8(0x10);
     const uint8_t *q[REG_GROUP], *bs[REG_GROUP];
     const float *da[REG_GROUP];
     __m256 acc[REG_GROUP];
@@ -641,28 +645,39 @@ ALWAYS_INLINE void row8_k4_tokens(const int T, const int M, const struct ebb_nat
             scale[j] = _mm256_or_si256(sc, _mm256_slli_epi32(sc, 16));
             min[j] = _mm256_or_si256(mn, _mm256_slli_epi32(mn, 16));
         }
-        __m256i sumi[REG_GROUP];
+        __m256i sumi[REG_GROUP], qh[8];
 #pragma GCC unroll 8
         for (int m = 0; m < M; m++) sumi[m] = _mm256_setzero_si256();
+        if (T == NT_Q5_K) {
+            rows8_dwords(blk + 16, stride, qh);
+            rows8_dwords(blk + 32, stride, qh + 4);
+        }
         for (int pair = 0; pair < 4; pair++) {   /* sub-blocks 2 pair (low nibbles) and 2 pair + 1 (high) */
             __m256i v[8];
-            rows8_dwords(blk + 16 + 32 * pair, stride, v);
-            rows8_dwords(blk + 32 + 32 * pair, stride, v + 4);
+            rows8_dwords(blk + qs_at + 32 * pair, stride, v);
+            rows8_dwords(blk + qs_at + 32 * pair + 16, stride, v + 4);
 #pragma GCC unroll 2
             for (int half = 0; half < 2; half++) {
+                const int j = 2 * pair + half;
                 __m256i codes[8];
 #pragma GCC unroll 8
-                for (int k = 0; k < 8; k++)
+                for (int k = 0; k < 8; k++) {
                     codes[k] = _mm256_and_si256(half ? _mm256_srli_epi16(v[k], 4) : v[k], low4);
-                const int j = 2 * pair + half;
+                    if (T == NT_Q5_K)
+                        codes[k] = _mm256_or_si256(
+                            codes[k], _mm256_and_si256(_mm256_slli_epi16(_mm256_srli_epi16(qh[k], j), 4), bit4));
+                }
 #pragma GCC unroll 8
                 for (int m = 0; m < M; m++) {
                     const uint8_t *x = q[m] + (size_t)EBB_NATIVE_QK_K * b + 32 * j;
-                    __m256i s16 = _mm256_setzero_si256();
+#pragma GCC unroll 2
+                    for (int k0 = 0; k0 < 8; k0 += steps) {
+                        __m256i s16 = _mm256_setzero_si256();
 #pragma GCC unroll 8
-                    for (int k = 0; k < 8; k++)
-                        s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(codes[k], _mm256_set1_epi32((int)ld32(x + 4 * k))));
-                    sumi[m] = _mm256_add_epi32(sumi[m], _mm256_madd_epi16(s16, scale[j]));
+                        for (int k = k0; k < k0 + steps; k++)
+                            s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(codes[k], _mm256_set1_epi32((int)ld32(x + 4 * k))));
+                        sumi[m] = _mm256_add_epi32(sumi[m], _mm256_madd_epi16(s16, scale[j]));
+                    }
                 }
             }
         }
@@ -685,7 +700,7 @@ ALWAYS_INLINE void row8_k4_tokens(const int T, const int M, const struct ebb_nat
 
 ALWAYS_INLINE void row8_rows(const int T, const struct ebb_native_matmul_args *a, int t0, int t1, int o)
 {
-    if (T == NT_Q4_K) {
+    if (T == NT_Q4_K || T == NT_Q5_K) {
         BY_TOKEN_GROUPS(row8_k4_tokens, T, a, t0, t1, o);
     } else {
         BY_TOKEN_GROUPS(row8_tokens, T, a, t0, t1, o);

@@ -320,6 +320,57 @@ static void test_simd_blocks(void) {
     }
 }
 
+/* The largest integer sums a product can meet, where a path's int16 steps
+ * would saturate if it summed too many: every byte but the f16 fields
+ * 0xff (each type's largest unsigned codes and scales; Q8_0's 0x80, the
+ * largest magnitude) against activations all +127 and all -127, 8 and 9
+ * tokens (a full group in registers and one past), 16 and 24 rows. Random
+ * data never comes near (row8's Q5_K summing 8 steps of 5-bit codes into
+ * an int16 passed the rectangles above). */
+static void test_extreme_sums(void) {
+    for (int ty = 0; ty < N_NATIVE; ty++) {
+        const uint32_t type = native_types[ty];
+        const int n_in = 2 * (is_k(type) ? 256 : type == EBB_TYPE_W2G64 ? 64 : 32);
+        int same[N_ISAS] = {1, 1, 1, 1};
+        for (int sign = -1; sign <= 1; sign += 2)
+            for (int n_tok = 8; n_tok <= 9; n_tok++)
+                for (int n_out = 16; n_out <= 24; n_out += 8) {
+                    struct problem p;
+                    problem_make(&p, type, n_tok, n_in, n_out, 0);
+                    for (int o = 0; o < n_out; o++)
+                        filled_row(type, p.w + (size_t)o * p.row_bytes, n_in, type == EBB_TYPE_Q8_0 ? 0x80 : 0xff);
+                    float *x = malloc((size_t)n_in * sizeof(float));
+                    if (!x) abort();
+                    for (int i = 0; i < n_in; i++) x[i] = (float)sign;
+                    const int k = is_k(type);
+                    for (int t = 0; t < n_tok; t++) {   /* every code +-127 */
+                        int8_t *q = p.q + (size_t)t * n_in;
+                        float *d = p.d + (size_t)t * (n_in / (k ? 256 : 32));
+                        int16_t *sums = p.sums + (size_t)t * (n_in / (k ? 16 : 32));
+                        if (k) ebb_native_quantize_q8k_scalar(x, n_in, q, d, sums);
+                        else ebb_native_quantize_q8b32_scalar(x, n_in, n_in / 32, q, d, sums);
+                        CHECK(q[0] == 127 * sign && q[n_in - 1] == 127 * sign);
+                    }
+                    free(x);
+                    const size_t n_res = (size_t)n_tok * n_out;
+                    float *want = malloc(n_res * sizeof(float)), *got = malloc(n_res * sizeof(float));
+                    if (!want || !got) abort();
+                    run_block(isas[0].blocks[ty], &p, want, 0, n_tok, 0, n_out);
+                    for (int i = 1; i < N_ISAS; i++) {
+                        if (!isas[i].can_run) continue;
+                        run_block(isas[i].blocks[ty], &p, got, 0, n_tok, 0, n_out);
+                        same[i] &= memcmp(want, got, n_res * sizeof(float)) == 0;
+                    }
+                    free(want), free(got);
+                    problem_free(&p);
+                }
+        for (int i = 1; i < N_ISAS; i++)
+            if (isas[i].can_run)
+                CHECK_MSG(same[i], "%s %s: the largest sums differ from the scalar path (an int16 step saturated?)",
+                          isas[i].name, ebb_type_info(type)->name);
+    }
+}
+
 /* The op table: each path's matmul[type] for every native type names the
  * activation form the type pairs with, and through the driver (threads
  * splitting rows and tokens) gives the scalar rectangle's bits, at a width
@@ -429,6 +480,7 @@ int main(void) {
     test_products();
     test_simd_quantizers();
     test_simd_blocks();
+    test_extreme_sums();
     test_op_table();
     if (getenv("EBB_NATIVE_BENCH")) bench();
     return check_report("test_native");

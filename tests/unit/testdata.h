@@ -24,12 +24,13 @@ static float gauss(void) {
     return (float)(sqrt(-2 * log(u)) * cos(6.283185307179586 * v));
 }
 
-/* Random bytes for n values of a type, with every f16 field (scales and
- * minimums) set to a finite half of moderate size so products stay finite. */
-static void random_row(uint32_t type, uint8_t *w, int n) {
+/* n values of a type whose bytes are fill's (random where fill < 0), with
+ * every f16 field (scales and minimums) set to a finite half of moderate
+ * size so products stay finite. */
+static void filled_row(uint32_t type, uint8_t *w, int n, int fill) {
     const struct ebb_type_info *ti = ebb_type_info(type);
     const size_t bytes = ebb_row_bytes(type, (uint64_t)n);
-    for (size_t i = 0; i < bytes; i++) w[i] = (uint8_t)next_u32();
+    for (size_t i = 0; i < bytes; i++) w[i] = (uint8_t)(fill < 0 ? (int)next_u32() : fill);
     /* offsets of the f16 fields inside one block */
     int f16_at[2] = {-1, -1};
     switch (type) {
@@ -50,6 +51,8 @@ static void random_row(uint32_t type, uint8_t *w, int n) {
             w[b * ti->block_bytes + (size_t)f16_at[k] + 1] = (uint8_t)(h >> 8);
         }
 }
+
+static void random_row(uint32_t type, uint8_t *w, int n) { filled_row(type, w, n, -1); }
 
 /* n_tok tokens of n inputs: gaussian with outlier channels and, with edges,
  * some all-zero blocks of 32 (and so of 256 now and then), tokens of tiny
