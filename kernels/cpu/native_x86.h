@@ -42,8 +42,9 @@
  * On the AVX-512 path (NX_WIDE_PREFILL) whole tiles of 16 rows go
  * another way: their blocks are rewritten into interleaved codes so each
  * lane is one row's sum -- packed into a chunk for prefill of 9 tokens or
- * more (see "wide prefill"), or, for Q4_0, Q4_1 and Q8_0 at any count,
- * transposed into registers where each token's sums stay (row16_rows).
+ * more (see "wide prefill"), or, for Q4_0, Q4_1 and Q8_0 at any count and
+ * Q4_K and Q5_K at 5-16, transposed into registers where each token's sums
+ * stay (row16_rows).
  * The AVX2 path does the latter over 8 rows for Q4_0 and Q4_1 from 3
  * tokens and Q4_K and Q5_K from 5 (row8_rows).
  * native_amx.c compiles this file a third time with NX_AMX: the same
@@ -81,6 +82,16 @@
  * 9 took 4.1 on the tiles, 3.7 wide). Q4_0, Q4_1 and Q8_0 take neither:
  * row16_rows is quicker at every count. */
 #define WIDE_MIN_TOKENS 9
+/* Q4_K and Q5_K in registers (row16_k4_tokens) from 5 tokens: the 1 x 8,
+ * 2 x 4 and 4 x 2 tiles are as quick at 2-4 (a Q4_K_M-shaped 1.1B's pass of
+ * 2 / 4 tokens 38.8 / 43.6 ms on the tiles, 40.6 / 46.4 here; 5 / 8 tokens
+ * 60.6 / 77.2 against 54.2 / 64.3). Up to 16 on the VNNI path (its wide
+ * path took 5-13% longer at 9-32 tokens for Q4_K, but a Q5_K prefill of 256
+ * 13% less: the fifth bits are merged again for every 8 tokens here, once
+ * for all in its pack), up to 12 on AMX (the tile unit is as quick from 14). */
+#define K_ROW16_MIN_TOKENS 5
+#define K_ROW16_MAX_TOKENS 16
+#define K_ROW16_MAX_TOKENS_AMX 12
 
 /* The legacy types (blocks of 32) and ebb's W2G64 (blocks of 64, walked
  * as two halves of 32 against the two activation blocks), then the
@@ -885,7 +896,10 @@ ALWAYS_INLINE void wide_prefetch_next(const int T, const struct ebb_native_matmu
  * 128 times the stored sums of 32, W4G64 8 times a sum of 64 taken here.
  * The float fold is native.h's (W4G64's is ops.h's: the same steps without
  * a minimum), so the bits are the scalar path's. */
-ALWAYS_INLINE int takes_row16(const int T) { return T == NT_Q4_0 || T == NT_Q4_1 || T == NT_Q8_0; }
+ALWAYS_INLINE int takes_row16(const int T)
+{
+    return T == NT_Q4_0 || T == NT_Q4_1 || T == NT_Q8_0 || T == NT_Q4_K || T == NT_Q5_K;
+}
 
 ALWAYS_INLINE void row16_tokens(const int T, const int M, const struct ebb_native_matmul_args *a, int t0, int o)
 {
@@ -948,9 +962,100 @@ ALWAYS_INLINE void row16_tokens(const int T, const int M, const struct ebb_nativ
     for (int m = 0; m < M; m++) _mm512_storeu_ps(a->out + (size_t)(t0 + m) * a->n_out + o, acc[m]);
 }
 
+/* Q4_K and Q5_K the same way below the wide path's 9 tokens, as
+ * row8_k4_tokens on AVX2: the 16 rows' header decoded in one transpose,
+ * each pair of sub-blocks' codes from two more (Q5_K's fifth bits two
+ * more per super-block), a sub-block's 8 vpdpbusd per token scaled once
+ * (vpmulld) into the row's sum, the minimums against the token's sums of
+ * 16 by vpdpwssd, native.h's fold. */
+ALWAYS_INLINE void row16_k4_tokens(const int T, const int M, const struct ebb_native_matmul_args *a, int t0, int o)
+{
+    const int nb = a->n_in / EBB_NATIVE_QK_K, qs_at = T == NT_Q5_K ? 48 : 16;
+    const size_t stride = a->row_bytes, BB = block_bytes(T);
+    const uint8_t *rows = a->w + (size_t)o * stride;
+    const __m512i low4 = _mm512_set1_epi8(0x0f), low6 = _mm512_set1_epi8(0x3f), top2 = _mm512_set1_epi8(0x30);
+    const __m512i byte = _mm512_set1_epi32(0xff), bit4 = _mm512_set1_epi8(0x10);
+    const uint8_t *q[REG_GROUP], *bs[REG_GROUP];
+    const float *da[REG_GROUP];
+    __m512 acc[REG_GROUP];
+#pragma GCC unroll 8
+    for (int m = 0; m < M; m++) {
+        q[m] = (const uint8_t *)(a->q + (size_t)(t0 + m) * a->n_in);
+        da[m] = a->d + (size_t)(t0 + m) * nb;
+        bs[m] = (const uint8_t *)(a->sums + (size_t)(t0 + m) * (a->n_in / 16));
+        acc[m] = _mm512_setzero_ps();
+    }
+    for (int b = 0; b < nb; b++) {
+        const uint8_t *blk = rows + (size_t)b * BB;
+        wide_prefetch_next(T, a, o, b);
+        __m512i h[4];
+        rows_dwords(blk, stride, h);   /* d | dmin, scale words s0, s1, s2 */
+        const __m512i sc_lo = _mm512_and_si512(h[1], low6), mn_lo = _mm512_and_si512(h[2], low6);
+        const __m512i sc_hi = _mm512_or_si512(_mm512_and_si512(h[3], low4),
+                                              _mm512_and_si512(_mm512_srli_epi32(h[1], 2), top2));
+        const __m512i mn_hi = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi32(h[3], 4), low4),
+                                              _mm512_and_si512(_mm512_srli_epi32(h[2], 2), top2));
+        __m512i scale[8], min[8];   /* sub-block j's: the scale as int32, the minimum twice as int16 */
+#pragma GCC unroll 8
+        for (int j = 0; j < 8; j++) {
+            scale[j] = _mm512_and_si512(_mm512_srli_epi32(j < 4 ? sc_lo : sc_hi, 8 * (j & 3)), byte);
+            const __m512i mn = _mm512_and_si512(_mm512_srli_epi32(j < 4 ? mn_lo : mn_hi, 8 * (j & 3)), byte);
+            min[j] = _mm512_or_si512(mn, _mm512_slli_epi32(mn, 16));
+        }
+        __m512i sumi[REG_GROUP], qh[8];
+#pragma GCC unroll 8
+        for (int m = 0; m < M; m++) sumi[m] = _mm512_setzero_si512();
+        if (T == NT_Q5_K) {
+            rows_dwords(blk + 16, stride, qh);
+            rows_dwords(blk + 32, stride, qh + 4);
+        }
+        for (int pair = 0; pair < 4; pair++) {   /* sub-blocks 2 pair (low nibbles) and 2 pair + 1 (high) */
+            __m512i codes[2][8];
+            rows_nibbles(blk + qs_at + 32 * pair, stride, 2, _mm512_setzero_si512(), codes[0], codes[1]);
+#pragma GCC unroll 2
+            for (int half = 0; half < 2; half++) {
+                const int j = 2 * pair + half;
+                if (T == NT_Q5_K)
+#pragma GCC unroll 8
+                    for (int k = 0; k < 8; k++)
+                        codes[half][k] = _mm512_or_si512(
+                            codes[half][k], _mm512_and_si512(_mm512_slli_epi16(_mm512_srli_epi16(qh[k], j), 4), bit4));
+#pragma GCC unroll 8
+                for (int m = 0; m < M; m++) {
+                    const uint8_t *x = q[m] + (size_t)EBB_NATIVE_QK_K * b + 32 * j;
+                    __m512i isum = _mm512_setzero_si512();
+#pragma GCC unroll 8
+                    for (int k = 0; k < 8; k++)
+                        isum = _mm512_dpbusd_epi32(isum, codes[half][k], _mm512_set1_epi32((int)ld32(x + 4 * k)));
+                    sumi[m] = _mm512_add_epi32(sumi[m], _mm512_mullo_epi32(isum, scale[j]));
+                }
+            }
+        }
+        const __m512 d = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(h[0]));
+        const __m512 dmin = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(h[0], 16)));
+#pragma GCC unroll 8
+        for (int m = 0; m < M; m++) {
+            const uint8_t *s = bs[m] + 32 * (size_t)b;   /* the token's 16 sums of 16, two per sub-block */
+            __m512i summ = _mm512_setzero_si512();
+#pragma GCC unroll 8
+            for (int j = 0; j < 8; j++) summ = _mm512_dpwssd_epi32(summ, min[j], _mm512_set1_epi32((int)ld32(s + 4 * j)));
+            const __m512 vda = _mm512_set1_ps(da[m][b]);
+            acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sumi[m]), _mm512_mul_ps(d, vda), acc[m]);
+            acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_setzero_si512(), summ)),
+                                     _mm512_mul_ps(dmin, vda), acc[m]);
+        }
+    }
+#pragma GCC unroll 8
+    for (int m = 0; m < M; m++) _mm512_storeu_ps(a->out + (size_t)(t0 + m) * a->n_out + o, acc[m]);
+}
+
 ALWAYS_INLINE void row16_rows(const int T, const struct ebb_native_matmul_args *a, int t0, int t1, int o)
 {
-    BY_TOKEN_GROUPS(row16_tokens, T, a, t0, t1, o);
+    if (T == NT_Q4_K || T == NT_Q5_K) {
+        BY_TOKEN_GROUPS(row16_k4_tokens, T, a, t0, t1, o);
+    } else {
+        BY_TOKEN_GROUPS(row16_tokens, T, a, t0, t1, o);
+    }
 }
 
 #ifdef NX_AMX
@@ -1472,17 +1577,21 @@ typedef void (*rows_fn)(const struct ebb_native_matmul_args *a, int t0, int t1, 
  * REG_ROWS rows at a time. */
 #ifdef NX_AMX
 #define LEGACY_WIDE_MIN_TOKENS(T) AMX_MIN_TOKENS
-#define REG_TOKENS_AT_MOST AMX_ROW16_MAX_TOKENS
+#define LEGACY_REG_TOKENS_AT_MOST AMX_ROW16_MAX_TOKENS
+#define K_REG_TOKENS_AT_MOST K_ROW16_MAX_TOKENS_AMX
 #else
 #define LEGACY_WIDE_MIN_TOKENS(T) WIDE_MIN_TOKENS
-#define REG_TOKENS_AT_MOST INT_MAX
+#define LEGACY_REG_TOKENS_AT_MOST INT_MAX
+#define K_REG_TOKENS_AT_MOST K_ROW16_MAX_TOKENS
 #endif
 #ifdef NX_WIDE_PREFILL
 #define REG_ROWS WIDE_ROWS
-#define REG_MIN_TOKENS(T) 1
+#define REG_MIN_TOKENS(T) (is_k(T) ? K_ROW16_MIN_TOKENS : 1)
+#define REG_TOKENS_AT_MOST(T) (is_k(T) ? K_REG_TOKENS_AT_MOST : LEGACY_REG_TOKENS_AT_MOST)
 #else
 #define REG_ROWS 8
 #define REG_MIN_TOKENS(T) ROW8_MIN_TOKENS(T)
+#define REG_TOKENS_AT_MOST(T) INT_MAX   /* no wide path on AVX2 */
 #endif
 
 #ifdef NX_WIDE_PREFILL
@@ -1491,11 +1600,12 @@ static _Thread_local _Alignas(64) unsigned char wide_scratch[WIDE_SCRATCH];
 #endif
 
 static void rectangle(const tile_fn tiles[3], wide_fn wide, int wide_min_tokens, rows_fn in_registers,
-                      int reg_min_tokens, const struct ebb_native_matmul_args *a, int t0, int t1, int o0, int o1)
+                      int reg_min_tokens, int reg_max_tokens, const struct ebb_native_matmul_args *a, int t0, int t1,
+                      int o0, int o1)
 {
     /* Whole tiles of REG_ROWS rows of the types in_registers takes; the
      * rows left over take the tiles below. */
-    if (in_registers && t1 - t0 >= reg_min_tokens && t1 - t0 <= REG_TOKENS_AT_MOST && o1 - o0 >= REG_ROWS) {
+    if (in_registers && t1 - t0 >= reg_min_tokens && t1 - t0 <= reg_max_tokens && o1 - o0 >= REG_ROWS) {
         const int rows_end = o0 + (o1 - o0) / REG_ROWS * REG_ROWS;
         for (int o = o0; o < rows_end; o += REG_ROWS) in_registers(a, t0, t1, o);
         o0 = rows_end;
@@ -1601,7 +1711,7 @@ static void rectangle(const tile_fn tiles[3], wide_fn wide, int wide_min_tokens,
     { \
         static const tile_fn tiles[3] = { name##_1x8, name##_2x4, name##_4x2 }; \
         rectangle(tiles, NX_WIDE_FN(name, T), is_k(T) ? WIDE_MIN_TOKENS : LEGACY_WIDE_MIN_TOKENS(T), \
-                  NX_REGS_FN(name, T), REG_MIN_TOKENS(T), a, t0, t1, o0, o1); \
+                  NX_REGS_FN(name, T), REG_MIN_TOKENS(T), REG_TOKENS_AT_MOST(T), a, t0, t1, o0, o1); \
     }
 
 NX_TYPE(q4_0, NT_Q4_0)
