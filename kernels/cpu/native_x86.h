@@ -962,6 +962,26 @@ ALWAYS_INLINE void row16_tokens(const int T, const int M, const struct ebb_nativ
     for (int m = 0; m < M; m++) _mm512_storeu_ps(a->out + (size_t)(t0 + m) * a->n_out + o, acc[m]);
 }
 
+/* Q4_K and Q5_K's 6-bit scale and minimum of each sub-block j of 32 as
+ * int32 lanes (lane r: row r), from the header's scale words s0, s1, s2 of
+ * 16 rows (h[1..3] of rows_dwords): formats.c's ebb_k4_scale_min, 16 rows
+ * at once. */
+ALWAYS_INLINE void k4_scales_mins(const __m512i h[4], __m512i scale[8], __m512i min[8])
+{
+    const __m512i low4 = _mm512_set1_epi8(0x0f), low6 = _mm512_set1_epi8(0x3f), top2 = _mm512_set1_epi8(0x30);
+    const __m512i byte = _mm512_set1_epi32(0xff);
+    const __m512i sc_lo = _mm512_and_si512(h[1], low6), mn_lo = _mm512_and_si512(h[2], low6);
+    const __m512i sc_hi = _mm512_or_si512(_mm512_and_si512(h[3], low4),
+                                          _mm512_and_si512(_mm512_srli_epi32(h[1], 2), top2));
+    const __m512i mn_hi = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi32(h[3], 4), low4),
+                                          _mm512_and_si512(_mm512_srli_epi32(h[2], 2), top2));
+#pragma GCC unroll 8
+    for (int j = 0; j < 8; j++) {
+        scale[j] = _mm512_and_si512(_mm512_srli_epi32(j < 4 ? sc_lo : sc_hi, 8 * (j & 3)), byte);
+        min[j] = _mm512_and_si512(_mm512_srli_epi32(j < 4 ? mn_lo : mn_hi, 8 * (j & 3)), byte);
+    }
+}
+
 /* Q4_K and Q5_K the same way below the wide path's 9 tokens, as
  * row8_k4_tokens on AVX2: the 16 rows' header decoded in one transpose,
  * each pair of sub-blocks' codes from two more (Q5_K's fifth bits two
@@ -973,8 +993,7 @@ ALWAYS_INLINE void row16_k4_tokens(const int T, const int M, const struct ebb_na
     const int nb = a->n_in / EBB_NATIVE_QK_K, qs_at = T == NT_Q5_K ? 48 : 16;
     const size_t stride = a->row_bytes, BB = block_bytes(T);
     const uint8_t *rows = a->w + (size_t)o * stride;
-    const __m512i low4 = _mm512_set1_epi8(0x0f), low6 = _mm512_set1_epi8(0x3f), top2 = _mm512_set1_epi8(0x30);
-    const __m512i byte = _mm512_set1_epi32(0xff), bit4 = _mm512_set1_epi8(0x10);
+    const __m512i bit4 = _mm512_set1_epi8(0x10);
     const uint8_t *q[REG_GROUP], *bs[REG_GROUP];
     const float *da[REG_GROUP];
     __m512 acc[REG_GROUP];
@@ -990,18 +1009,10 @@ ALWAYS_INLINE void row16_k4_tokens(const int T, const int M, const struct ebb_na
         wide_prefetch_next(T, a, o, b);
         __m512i h[4];
         rows_dwords(blk, stride, h);   /* d | dmin, scale words s0, s1, s2 */
-        const __m512i sc_lo = _mm512_and_si512(h[1], low6), mn_lo = _mm512_and_si512(h[2], low6);
-        const __m512i sc_hi = _mm512_or_si512(_mm512_and_si512(h[3], low4),
-                                              _mm512_and_si512(_mm512_srli_epi32(h[1], 2), top2));
-        const __m512i mn_hi = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi32(h[3], 4), low4),
-                                              _mm512_and_si512(_mm512_srli_epi32(h[2], 2), top2));
         __m512i scale[8], min[8];   /* sub-block j's: the scale as int32, the minimum twice as int16 */
+        k4_scales_mins(h, scale, min);
 #pragma GCC unroll 8
-        for (int j = 0; j < 8; j++) {
-            scale[j] = _mm512_and_si512(_mm512_srli_epi32(j < 4 ? sc_lo : sc_hi, 8 * (j & 3)), byte);
-            const __m512i mn = _mm512_and_si512(_mm512_srli_epi32(j < 4 ? mn_lo : mn_hi, 8 * (j & 3)), byte);
-            min[j] = _mm512_or_si512(mn, _mm512_slli_epi32(mn, 16));
-        }
+        for (int j = 0; j < 8; j++) min[j] = _mm512_or_si512(min[j], _mm512_slli_epi32(min[j], 16));
         __m512i sumi[REG_GROUP], qh[8];
 #pragma GCC unroll 8
         for (int m = 0; m < M; m++) sumi[m] = _mm512_setzero_si512();
@@ -1416,24 +1427,17 @@ ALWAYS_INLINE void k_pack_transposed(const int T, const struct ebb_native_matmul
 {
     const size_t stride = a->row_bytes, BB = block_bytes(T);
     const uint8_t *rows = a->w + (size_t)o * stride;
-    const __m512i low4 = _mm512_set1_epi8(0x0f), low6 = _mm512_set1_epi8(0x3f), top2 = _mm512_set1_epi8(0x30);
-    const __m512i byte = _mm512_set1_epi32(0xff), bit4 = _mm512_set1_epi8(0x10);
+    const __m512i bit4 = _mm512_set1_epi8(0x10);
     for (int b = b0; b < b1; b++, wb++) {
         const uint8_t *blk = rows + (size_t)b * BB;
         wide_prefetch_next(T, a, o, b);
-        __m512i h[4];
+        __m512i h[4], scale[8], min[8];
         rows_dwords(blk, stride, h);   /* d | dmin, scale words s0, s1, s2 */
-        const __m512i sc_lo = _mm512_and_si512(h[1], low6), mn_lo = _mm512_and_si512(h[2], low6);
-        const __m512i sc_hi = _mm512_or_si512(_mm512_and_si512(h[3], low4),
-                                              _mm512_and_si512(_mm512_srli_epi32(h[1], 2), top2));
-        const __m512i mn_hi = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi32(h[3], 4), low4),
-                                              _mm512_and_si512(_mm512_srli_epi32(h[2], 2), top2));
+        k4_scales_mins(h, scale, min);
 #pragma GCC unroll 8
         for (int j = 0; j < 8; j++) {
-            const __m512i sc = _mm512_and_si512(_mm512_srli_epi32(j < 4 ? sc_lo : sc_hi, 8 * (j & 3)), byte);
-            const __m512i mn = _mm512_and_si512(_mm512_srli_epi32(j < 4 ? mn_lo : mn_hi, 8 * (j & 3)), byte);
-            wb->scale[2 * j] = wb->scale[2 * j + 1] = sc;
-            wb->min_pairs[j] = _mm512_or_si512(mn, _mm512_slli_epi32(mn, 16));
+            wb->scale[2 * j] = wb->scale[2 * j + 1] = scale[j];
+            wb->min_pairs[j] = _mm512_or_si512(min[j], _mm512_slli_epi32(min[j], 16));
         }
         wb->d = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(h[0]));
         wb->dmin = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(h[0], 16)));
