@@ -659,13 +659,12 @@ enum kv_status kv_cache_observe(struct kv_cache *kv, int from, int n, int q_dim)
     const size_t bytes = kv_observation_bytes(kv->layout.n_layer, n, q_dim);
     if (kv->account && !account_reserve(kv->account, bytes)) return KV_OVER_BUDGET;
     struct kv_observation *o = calloc(1, sizeof *o);
-    if (o) o->q = malloc(bytes);
+    if (o) o->q = calloc(1, bytes);
     if (!o || !o->q) {
         free(o);
         if (kv->account) account_add(kv->account, &kv->account->reserved_bytes, -(long long)bytes);
         return KV_FAILED;
     }
-    memset(o->q, 0, bytes);
     charge(kv, (long long)bytes);
     o->from = from;
     o->n = n;

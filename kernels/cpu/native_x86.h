@@ -509,6 +509,23 @@ ALWAYS_INLINE void tile(const int T, const int M, const int N, const struct ebb_
         } \
     }
 
+/* The n rows after the n at o (row8_rows: 8, row16_rows and the wide
+ * packs: 16), contiguous with them, block b's share at a time (as decode's
+ * tiles fetch their successors): one stream, which the hardware follows
+ * well, where n rows read side by side are not. On this Xeon, wide_pack's
+ * prefetch of each row ahead left 2 tokens on AMX slower than on the 2 x 4
+ * tiles once the model streamed from memory (12 s of samples against 10
+ * decoding 2 sequences); with this, `ebb bench --verify 8` gave c(1) 1.47 ->
+ * 1.24, c(8) 2.53 -> 2.39. (The VNNI wide path keeps its own: tuned on an
+ * AMD EPYC, neutral here.) (uintptr_t: the address may lie past the
+ * matrix; prefetches never fault.) */
+ALWAYS_INLINE void next_rows_prefetch(const int T, const struct ebb_native_matmul_args *a, int o, int n, int b)
+{
+    const size_t share = (size_t)n * block_bytes(T);   /* per block b: of 32, W4G64's 64, a K-quant's 256 */
+    const uintptr_t next = (uintptr_t)a->w + (uintptr_t)(o + n) * a->row_bytes + (uintptr_t)b * share;
+    for (size_t l = 0; l < share; l += 64) _mm_prefetch((const char *)(next + l), _MM_HINT_T0);
+}
+
 #ifndef NX_WIDE_PREFILL
 /* row16_tokens' shape (below, "wide prefill") for AVX2, which has neither
  * 512-bit registers nor vpdpbusd: 8 rows' Q4_0/Q4_1 block transposed into
@@ -577,9 +594,7 @@ ALWAYS_INLINE void row8_tokens(const int T, const int M, const struct ebb_native
     }
     for (int b = 0; b < nb; b++) {
         const uint8_t *blk = rows + (size_t)b * BB;
-        /* the next 8 rows' share of this block, one contiguous stream */
-        const uintptr_t next = (uintptr_t)blk + (uintptr_t)8 * stride;
-        for (size_t l = 0; l < 8 * BB; l += 64) _mm_prefetch((const char *)(next + l), _MM_HINT_T0);
+        next_rows_prefetch(T, a, o, 8, b);
         const __m256i head = _mm256_i32gather_epi32((const int *)(const void *)blk, row_at, 1);
         __m256i v[4], codes[8];
         rows8_dwords(blk + (T == NT_Q4_1 ? 4 : 2), stride, v);
@@ -639,8 +654,7 @@ ALWAYS_INLINE void row8_k4_tokens(const int T, const int M, const struct ebb_nat
     }
     for (int b = 0; b < nb; b++) {
         const uint8_t *blk = rows + (size_t)b * BB;
-        const uintptr_t next = (uintptr_t)blk + (uintptr_t)8 * stride;
-        for (size_t l = 0; l < 8 * BB; l += 64) _mm_prefetch((const char *)(next + l), _MM_HINT_T0);
+        next_rows_prefetch(T, a, o, 8, b);
         __m256i h[4];
         rows8_dwords(blk, stride, h);   /* d | dmin, scale words s0, s1, s2 */
         const __m256i sc_lo = _mm256_and_si256(h[1], low6), mn_lo = _mm256_and_si256(h[2], low6);
@@ -866,22 +880,6 @@ ALWAYS_INLINE void rows_nibbles(const uint8_t *p, size_t stride, const int runs,
     }
 }
 
-/* The 16 rows after the 16 at o, contiguous with them, a block's share at
- * a time (as decode's tiles fetch their successors): one stream, which the
- * hardware follows well, where 16 rows read side by side are not. On this
- * Xeon, wide_pack's prefetch of each row ahead left 2 tokens on AMX slower
- * than on the 2 x 4 tiles once the model streamed from memory (12 s of
- * samples against 10 decoding 2 sequences); with this, `ebb bench --verify
- * 8` gave c(1) 1.47 -> 1.24, c(8) 2.53 -> 2.39. (The VNNI wide path keeps
- * its own: tuned on an AMD EPYC, neutral here.) (uintptr_t: the address may
- * lie past the matrix; prefetches never fault.) */
-ALWAYS_INLINE void wide_prefetch_next(const int T, const struct ebb_native_matmul_args *a, int o, int b)
-{
-    const size_t share = WIDE_ROWS * block_bytes(T);   /* per block b: of 32, W4G64's 64, a K-quant's 256 */
-    const uintptr_t next = (uintptr_t)a->w + (uintptr_t)(o + WIDE_ROWS) * a->row_bytes + (uintptr_t)b * share;
-    for (size_t l = 0; l < share; l += 64) _mm_prefetch((const char *)(next + l), _MM_HINT_T0);
-}
-
 /* 16 rows at a time, with nothing packed: each block's codes are
  * transposed into registers (as AMX packs them) and meet every token's
  * block there, up to REG_GROUP tokens whose 16 sums stay in registers
@@ -921,7 +919,7 @@ ALWAYS_INLINE void row16_tokens(const int T, const int M, const struct ebb_nativ
     }
     for (int b = 0; b < nb; b++) {
         const uint8_t *blk = rows + (size_t)b * block_bytes(T);
-        wide_prefetch_next(T, a, o, b);
+        next_rows_prefetch(T, a, o, WIDE_ROWS, b);
         const __m512i head = _mm512_i32gather_epi32(row_at, blk, 1);   /* d, then (Q4_1) m */
         /* every code unsigned: vpdpbusd's first operand, so each token's
          * activation bytes are its broadcast memory operand as they stand */
@@ -1006,7 +1004,7 @@ ALWAYS_INLINE void row16_k4_tokens(const int T, const int M, const struct ebb_na
     }
     for (int b = 0; b < nb; b++) {
         const uint8_t *blk = rows + (size_t)b * BB;
-        wide_prefetch_next(T, a, o, b);
+        next_rows_prefetch(T, a, o, WIDE_ROWS, b);
         __m512i h[4];
         rows_dwords(blk, stride, h);   /* d | dmin, scale words s0, s1, s2 */
         __m512i scale[8], min[8];   /* sub-block j's: the scale as int32, the minimum twice as int16 */
@@ -1161,7 +1159,7 @@ ALWAYS_INLINE void amx_pack(const int T, const struct ebb_native_matmul_args *a,
     for (int b = b0; b < b1; b++) {
         const uint8_t *blk = rows + block_at(T, b);
         __m512i *codes = ch->codes[(b - b0) * amx_block(T) / EBB_NATIVE_QK];
-        wide_prefetch_next(T, a, o, b);
+        next_rows_prefetch(T, a, o, WIDE_ROWS, b);
         /* each row's first dword: d, then (Q4_1) m, as f16 */
         const __m512i head = _mm512_i32gather_epi32(row_at, blk, 1);
         if (T == NT_Q8_0) {   /* signed bytes already */
@@ -1430,7 +1428,7 @@ ALWAYS_INLINE void k_pack_transposed(const int T, const struct ebb_native_matmul
     const __m512i bit4 = _mm512_set1_epi8(0x10);
     for (int b = b0; b < b1; b++, wb++) {
         const uint8_t *blk = rows + (size_t)b * BB;
-        wide_prefetch_next(T, a, o, b);
+        next_rows_prefetch(T, a, o, WIDE_ROWS, b);
         __m512i h[4], scale[8], min[8];
         rows_dwords(blk, stride, h);   /* d | dmin, scale words s0, s1, s2 */
         k4_scales_mins(h, scale, min);
@@ -1477,7 +1475,7 @@ ALWAYS_INLINE void k6_pack_transposed(const struct ebb_native_matmul_args *a, in
     const __m512i row_at = rows16_at(stride);
     for (int b = b0; b < b1; b++, wb++) {
         const uint8_t *blk = rows + (size_t)b * BB;
-        wide_prefetch_next(NT_Q6_K, a, o, b);
+        next_rows_prefetch(NT_Q6_K, a, o, WIDE_ROWS, b);
         __m512i s[4];
         rows_dwords(blk + 192, stride, s);   /* s[k]: scales 4k .. 4k + 3 */
 #pragma GCC unroll 16
@@ -1581,17 +1579,16 @@ typedef void (*rows_fn)(const struct ebb_native_matmul_args *a, int t0, int t1, 
  * REG_ROWS rows at a time. */
 #ifdef NX_AMX
 #define LEGACY_WIDE_MIN_TOKENS(T) AMX_MIN_TOKENS
-#define LEGACY_REG_TOKENS_AT_MOST AMX_ROW16_MAX_TOKENS
-#define K_REG_TOKENS_AT_MOST K_ROW16_MAX_TOKENS_AMX
+#define REG_TOKENS_AT_MOST(T) (is_k(T) ? K_ROW16_MAX_TOKENS_AMX : AMX_ROW16_MAX_TOKENS)
 #else
 #define LEGACY_WIDE_MIN_TOKENS(T) WIDE_MIN_TOKENS
-#define LEGACY_REG_TOKENS_AT_MOST INT_MAX
-#define K_REG_TOKENS_AT_MOST K_ROW16_MAX_TOKENS
+#ifdef NX_WIDE_PREFILL
+#define REG_TOKENS_AT_MOST(T) (is_k(T) ? K_ROW16_MAX_TOKENS : INT_MAX)
+#endif
 #endif
 #ifdef NX_WIDE_PREFILL
 #define REG_ROWS WIDE_ROWS
 #define REG_MIN_TOKENS(T) (is_k(T) ? K_ROW16_MIN_TOKENS : 1)
-#define REG_TOKENS_AT_MOST(T) (is_k(T) ? K_REG_TOKENS_AT_MOST : LEGACY_REG_TOKENS_AT_MOST)
 #else
 #define REG_ROWS 8
 #define REG_MIN_TOKENS(T) ROW8_MIN_TOKENS(T)
