@@ -49,7 +49,7 @@
  * tokens and Q4_K and Q5_K from 5 (row8_rows).
  * native_amx.c compiles this file a third time with NX_AMX: the same
  * interleaved codes are the tile unit's operand, and the legacy types from
- * 3 tokens (Q4_0, Q4_1 and Q8_0 from 25), Q4_K and Q5_K from 9, multiply
+ * 3 tokens (Q4_0, Q4_1 and Q8_0 from 25), Q4_K and Q5_K from 13, multiply
  * on it (see "on AMX").
  * Edges reuse the same three shapes: a missing row or token repeats the
  * tile's first one and its lanes are not stored. Lanes never mix, so every
@@ -1518,8 +1518,8 @@ ALWAYS_INLINE void k_pack(const int T, const struct ebb_native_matmul_args *a, i
 }
 
 #ifdef NX_AMX
-/* Q4_K and Q5_K on AMX, from 9 tokens as on the VNNI path (below that the
- * tiles are quick for them: a 1.1B Q4_K's c(2) 1.23 on the tiles, 1.79-1.85
+/* Q4_K and Q5_K on AMX, from 13 tokens (below, row16_k4_tokens from 5 and
+ * the tiles below that: a 1.1B Q4_K's c(2) 1.23 on the tiles, 1.79-1.85
  * from AMX at 3 tokens). Their scales are per 32 values; the K-quants with
  * scales per 16 would need a tile store per 16 values and measured slower
  * than the VNNI wide path (Q6_K prefill of 64 tokens 100 -> 82-90 GMAC/s,
