@@ -49,6 +49,9 @@ struct gen_params {
     int n_stop_ids;                 /*   text is not released); copied by the scheduler */
     int speculative;                /* enum draft_source (engine/draft.h): the scheduler's drafts; 0 none */
     struct compress_params compress;/* context compression after the prefill (mode 0: off) */
+    int cache_prompt;               /* the scheduler's prompt cache (sched_config.prompt_cache_bytes):
+                                       start from a finished request's cache that holds the prompt's
+                                       first tokens, and leave this one's for the next */
     /* An embedding request (the scheduler's): no token is generated; once
      * the prompt is in, the mean of its tokens' final hidden states,
      * L2-normalized, is written here [n_embd] and the request ends with

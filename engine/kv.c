@@ -257,14 +257,72 @@ void kv_cache_clear(struct kv_cache *kv) {
     kv->n_past = 0;
 }
 
+int kv_cache_truncate_floor(const struct kv_cache *kv) {
+    int floor = 0;
+    /* Queries from position n on read window pages from n's page before:
+     * n's page must be past the first window page held. */
+    if (kv->window && kv->window_lo > 0) floor = (kv->window_lo + 1) * KV_PAGE_TOKENS;
+    if (kv->compact && floor < kv->compact_boundary + KV_PAGE_TOKENS) floor = kv->compact_boundary + KV_PAGE_TOKENS;
+    return floor < kv->n_past ? floor : kv->n_past;
+}
+
 int kv_cache_truncate(struct kv_cache *kv, int n) {
-    if (n < 0 || n > kv->n_past) return -1;
-    /* Queries from position n on read window pages from n's page before. */
-    const int lo = n / KV_PAGE_TOKENS > 0 ? n / KV_PAGE_TOKENS - 1 : 0;
-    if (kv->window && n < kv->n_past && lo < kv->window_lo) return -1;
-    if (kv->compact && n < kv->compact_boundary + KV_PAGE_TOKENS) return -1;
+    if (n < kv_cache_truncate_floor(kv) || n > kv->n_past) return -1;
     kv->n_past = n;
     return 0;
+}
+
+/* Page arrays of another length: the first `keep` entries copied, the rest
+ * NULL. */
+static void **page_array(void *const *from, int keep, int n) {
+    void **a = calloc((size_t)n, sizeof *a);
+    if (a && from && keep) memcpy(a, from, (size_t)keep * sizeof *a);
+    return a;
+}
+
+enum kv_status kv_cache_resume(struct kv_cache *kv, int n_ctx, int n_reserve, int max_pass) {
+    const struct kv_layout *l = &kv->layout;
+    if (kv->obs || n_ctx <= 0 || n_ctx < kv->n_past || n_reserve < kv->n_past || n_reserve > n_ctx || max_pass < 1) return KV_FAILED;
+    /* Never fewer window pages than are held now. */
+    int window_max = window_pages_for(l, n_ctx, max_pass);
+    if (window_max < kv->window_max) window_max = kv->window_max;
+    const size_t want = kv->account ? bytes_held_at_most(l, n_reserve, window_max) - kv->compact_saved : 0;
+    if (want > kv->reserved_bytes && !account_reserve(kv->account, want - kv->reserved_bytes)) return KV_OVER_BUDGET;
+    const int was = pages_for(kv->n_ctx), now = pages_for(n_ctx), keep = was < now ? was : now;
+    uint8_t **pages = (uint8_t **)page_array((void *const *)kv->pages, keep, now);
+    float **window = kv->window ? (float **)page_array((void *const *)kv->window, keep, now) : NULL;
+    void **table = NULL;
+    if (kv->table && (table = ebb_alloc(kv->be, 2 * (size_t)now * sizeof *table)))
+        ebb_zero(kv->be, table, 2 * (size_t)now * sizeof *table);
+    if (!pages || (kv->window && !window) || (kv->table && !table)) {
+        if (want > kv->reserved_bytes) account_add(kv->account, &kv->account->reserved_bytes, -(long long)(want - kv->reserved_bytes));
+        free(pages);
+        free(window);
+        if (table) ebb_release(kv->be, table);
+        return KV_FAILED;
+    }
+    /* Body pages kept for reuse beyond the new length go back (none holds a
+     * position: n_past <= n_ctx); window pages never lie past n_past's. */
+    for (int p = now; p < kv->n_pages; p++)
+        if (kv->pages[p]) {
+            ebb_release(kv->be, kv->pages[p]);
+            charge(kv, -(long long)l->page_bytes);
+        }
+    if (kv->n_pages > now) kv->n_pages = now;
+    if (kv->account && want < kv->reserved_bytes)
+        account_add(kv->account, &kv->account->reserved_bytes, -(long long)(kv->reserved_bytes - want));
+    if (kv->account) kv->reserved_bytes = want;
+    free(kv->pages);
+    free(kv->window);
+    if (kv->table) ebb_release(kv->be, (void *)kv->table);
+    kv->pages = pages;
+    kv->window = window;
+    kv->table = table;
+    kv->table_stale = 1;
+    kv->n_ctx = n_ctx;
+    kv->n_reserved = n_reserve;
+    kv->window_max = window_max;
+    return KV_OK;
 }
 
 /* Holds exactly the window pages that queries at positions from .. n-1 can

@@ -195,6 +195,22 @@ void kv_cache_limit_pass(struct kv_cache *kv, int max_pass);
  * (nothing changed) when n is negative, beyond n_past, or before the window
  * still held. Pages and the reservation are kept for the positions to come. */
 int kv_cache_truncate(struct kv_cache *kv, int n);
+/* The smallest n kv_cache_truncate takes now: 0 for f32 and f16 caches
+ * (every row is kept as computed); at 8 and 4 bits the start of the page
+ * the last pass began in, whose f32 window pages -- that page's and the
+ * one before -- are the only ones still held (a decoding sequence can go
+ * back at most to the start of its last page), and never inside a compact
+ * store or its next page; n_past when nothing earlier is possible. */
+int kv_cache_truncate_floor(const struct kv_cache *kv);
+/* A cache whose sequence ended goes on for a new one that starts with the
+ * same n_past tokens (the scheduler's prompt cache): the new sequence's
+ * n_ctx positions (n_past at least), reserving room for the first
+ * n_reserve of them, with passes of up to max_pass positions, as
+ * kv_cache_init_reserving would set them. The reservation is set to what
+ * that needs, shrinking or growing. KV_OVER_BUDGET or KV_FAILED (bad
+ * arguments, a recording of queries still held, out of memory) leave the
+ * cache as it was. */
+enum kv_status kv_cache_resume(struct kv_cache *kv, int n_ctx, int n_reserve, int max_pass);
 /* Makes sure positions [0, n) have pages, and that positions n_past .. n-1
  * can be stored and attended to, growing the reservation if it must; -1 if
  * n > n_ctx, the budget refuses the growth, out of memory, or (8 and 4 bits)

@@ -44,6 +44,7 @@ struct sreq {
     struct sched_callbacks cb;
     void *ud;
     struct kv_cache kv;
+    uint64_t kv_weights;            /* the weights (sched.weights_changes) its cache was begun with */
     struct gen_seq gen;
     float *logits;                  /* [n_vocab] */
     int32_t next_token;             /* sampled, to be fed at the next step */
@@ -120,6 +121,22 @@ struct sched {
     size_t verify_rows_cap;         /* rows */
     uint64_t drafts, draft_tokens, accepted_tokens, accepted_at[DRAFT_MAX];   /* under lock */
     struct sched_compress_stats compress[3];   /* under lock */
+    /* The prompt cache (sched_config.prompt_cache_bytes): the engine
+     * thread's list, most recently kept or used first; the counts below it
+     * are atomic for stats (admission changes them with the lock held, the
+     * rest of the step without). */
+    struct cached_prompt *cached;
+    uint64_t weights_changes;       /* engine thread's: a cache computed across one is not kept */
+    atomic_int n_cached;
+    _Atomic size_t cached_bytes;
+    _Atomic uint64_t cache_hits, cache_tokens, cache_evictions;
+};
+
+/* A finished request's KV cache, kept with the tokens it holds. */
+struct cached_prompt {
+    struct cached_prompt *next;
+    struct kv_cache kv;
+    int32_t *tokens;                /* [kv.n_past] */
 };
 
 const char *sched_error_message(enum sched_error e) {
@@ -276,6 +293,11 @@ void sched_get_stats(struct sched *s, struct sched_stats *st) {
     st->accepted_tokens = s->accepted_tokens;
     memcpy(st->accepted_at, s->accepted_at, sizeof st->accepted_at);
     memcpy(st->compress, s->compress, sizeof st->compress);
+    st->prompt_cache_hits = s->cache_hits;
+    st->prompt_cache_tokens = s->cache_tokens;
+    st->prompt_cache_evictions = s->cache_evictions;
+    st->prompt_cache_entries = s->n_cached;
+    st->prompt_cache_bytes = s->cached_bytes;
     pthread_mutex_unlock(&s->lock);
     const struct kv_usage u = kv_account_usage(&s->account);
     st->kv_budget_bytes = u.budget_bytes;
@@ -290,6 +312,7 @@ int sched_context_capacity(struct sched *s) { return kv_account_capacity(&s->acc
 void sched_set_kv_budget(struct sched *s, size_t bytes) {
     kv_account_set_budget(&s->account, bytes);
     pthread_mutex_lock(&s->lock);
+    s->refit = 1;                    /* a smaller one lets kept prompts go (fit_weights) */
     pthread_cond_signal(&s->wake);   /* a larger budget may admit waiting work */
     pthread_mutex_unlock(&s->lock);
 }
@@ -305,7 +328,10 @@ void sched_set_memory(struct sched *s, uint64_t share) {
 
 void sched_governor_model(struct sched *s, struct governor_model *gm) {
     *gm = s->gm;
-    gm->kv_held_bytes = kv_account_usage(&s->account).reserved_bytes;
+    /* Kept prompts are not held: they give way to whatever needs the memory. */
+    const size_t cached = s->cached_bytes;
+    const size_t reserved = kv_account_usage(&s->account).reserved_bytes;
+    gm->kv_held_bytes = reserved > cached ? reserved - cached : 0;
 }
 
 int sched_take_swap_times(struct sched *s, double *out, int cap) {
@@ -331,6 +357,18 @@ static struct model_run *compute_run(const struct sched *s) { return s->config_r
 
 static int on_stack(const struct sched *s) { return s->elastic && s->config == s->n_configs - 1; }
 
+/* The configuration that fits beside kv_held, and the bytes of its stack
+ * prefix (0 unless it is the elastic bottom). */
+static int fit_target(const struct sched *s, uint64_t share, size_t kv_held, size_t *want) {
+    const int bottom = s->n_configs - 1, to = governor_rung(&s->gm, share, kv_held, s->config);
+    *want = to == bottom && s->elastic
+                ? bitstack_prefix_bytes(s->config_m[bottom]->stack, governor_stack_target(&s->gm, share, kv_held))
+                : 0;
+    return to;
+}
+
+static int cache_evict_oldest(struct sched *s);
+
 /* Keeps the weights that fit beside the KV reserved now (engine thread,
  * between passes: no pass reads the matrices): the largest whole file
  * that fits (the model, then its packed variants), else the bottom
@@ -344,15 +382,27 @@ static void fit_weights(struct sched *s) {
     const uint64_t share = s->memory_share;
     s->refit = 0;   /* for every model: the idle wait loops on it */
     pthread_mutex_unlock(&s->lock);
+    /* A budget lowered under what is reserved takes kept prompts first. */
+    for (struct kv_usage u = kv_account_usage(&s->account); u.budget_bytes && u.reserved_bytes > u.budget_bytes &&
+                                                            cache_evict_oldest(s);
+         u = kv_account_usage(&s->account)) {}
     if (s->n_configs < 2 && !s->elastic) return;
-    const int bottom = s->n_configs - 1;
-    const size_t kv_held = kv_account_usage(&s->account).reserved_bytes;
-    const int to = governor_rung(&s->gm, share, kv_held, s->config);
-    struct model *bm = s->config_m[bottom];
-    const size_t want = to == bottom && s->elastic
-                            ? bitstack_prefix_bytes(bm->stack, governor_stack_target(&s->gm, share, kv_held))
-                            : 0;
+    size_t kv_held = kv_account_usage(&s->account).reserved_bytes, want;
+    int to = fit_target(s, share, kv_held, &want);
+    /* Kept prompts are worth less than weights: they go while the weights
+     * that would fit without them are better than those that fit now. */
+    for (size_t want_without; s->cached; to = fit_target(s, share, kv_held, &want)) {
+        if (fit_target(s, share, kv_held - s->cached_bytes, &want_without) == to && want_without == want) break;
+        cache_evict_oldest(s);
+        kv_held = kv_account_usage(&s->account).reserved_bytes;
+    }
+    struct model *bm = s->config_m[s->n_configs - 1];
     if (to == s->config && (!s->elastic || want == bm->stack->resident_bytes)) return;
+    /* Kept prompts were computed by the weights leaving now, and so were
+     * the running requests' caches so far: another request's text would not
+     * be what these weights give it. */
+    while (cache_evict_oldest(s)) {}
+    s->weights_changes++;
     const double t0 = ebb_now_seconds();
     const size_t was = s->weight_bytes;
     if (s->elastic) fit_in_place(bm, want);
@@ -401,6 +451,127 @@ static int first_reservation(const struct sreq *r) {
     return r->n_replay + 1 < cap ? r->n_replay + 1 : cap;
 }
 
+/* Its longest pass when `left` positions are still to compute: a chunk of
+ * them, or a verification pass of drafts. */
+static int longest_pass(const struct sreq *r, int left) {
+    return r->params.speculative && left < DRAFT_MAX + 1 ? DRAFT_MAX + 1 : left;
+}
+
+/* ------------------------------------------------------- prompt cache */
+
+static void cache_free(struct cached_prompt *c) {
+    kv_cache_free(&c->kv);
+    free(c->tokens);
+    free(c);
+}
+
+/* Unlinks *link (engine thread). */
+static struct cached_prompt *cache_unlink(struct sched *s, struct cached_prompt **link) {
+    struct cached_prompt *c = *link;
+    *link = c->next;
+    c->next = NULL;
+    s->n_cached--;
+    s->cached_bytes -= c->kv.reserved_bytes;
+    return c;
+}
+
+/* Frees the least recently used kept cache: 0 when none was kept. */
+static int cache_evict_oldest(struct sched *s) {
+    if (!s->cached) return 0;
+    struct cached_prompt **link = &s->cached;
+    while ((*link)->next) link = &(*link)->next;
+    cache_free(cache_unlink(s, link));
+    s->cache_evictions++;
+    return 1;
+}
+
+/* Keeps a finished request's cache for the next request that starts with
+ * its tokens, if it asked and the cache's size allows; the request's own
+ * kv is left empty either way for finish_request. */
+static void cache_keep(struct sched *s, struct sreq *r) {
+    struct kv_cache *kv = &r->kv;
+    if (!s->cfg.prompt_cache_bytes || !r->params.cache_prompt || r->params.embedding || !r->gen.history ||
+        r->kv_weights != s->weights_changes ||
+        kv->n_past <= 0 || kv->n_past > r->gen.n_history || kv->compact || kv->reserved_bytes > s->cfg.prompt_cache_bytes)
+        return;
+    struct cached_prompt *c = calloc(1, sizeof *c);
+    if (c) c->tokens = malloc((size_t)kv->n_past * sizeof *c->tokens);
+    if (!c || !c->tokens) {
+        free(c);
+        return;
+    }
+    kv_cache_forget_observation(kv);
+    memcpy(c->tokens, r->gen.history, (size_t)kv->n_past * sizeof *c->tokens);
+    c->kv = *kv;
+    memset(kv, 0, sizeof *kv);
+    c->next = s->cached;
+    s->cached = c;
+    s->n_cached++;
+    s->cached_bytes += c->kv.reserved_bytes;
+    while (s->cached_bytes > s->cfg.prompt_cache_bytes && cache_evict_oldest(s)) {}
+}
+
+/* The kept cache that spares r the most of the n tokens it must compute
+ * first, unlinked, truncated to the tokens it shares with them (*reuse of
+ * them); NULL when none shares a usable prefix. One token is always left
+ * to compute: its logits start the generation. */
+static struct cached_prompt *cache_take(struct sched *s, const int32_t *tokens, int n, int *reuse) {
+    struct cached_prompt **best = NULL;
+    int best_n = 0;
+    for (struct cached_prompt **link = &s->cached; *link; link = &(*link)->next) {
+        const struct cached_prompt *c = *link;
+        const int most = c->kv.n_past < n - 1 ? c->kv.n_past : n - 1;
+        int common = 0;
+        while (common < most && c->tokens[common] == tokens[common]) common++;
+        if (common > best_n && common >= kv_cache_truncate_floor(&c->kv)) {
+            best = link;
+            best_n = common;
+        }
+    }
+    if (!best) return NULL;
+    struct cached_prompt *c = cache_unlink(s, best);
+    const int rc = kv_cache_truncate(&c->kv, best_n);   /* at or past its floor: cannot fail */
+    assert(rc == 0);
+    (void)rc;
+    *reuse = best_n;
+    return c;
+}
+
+/* Gives r its KV cache on admission: a kept one holding the start of what
+ * it computes first when one fits, else a new one. Kept caches give way
+ * when the budget cannot take the reservation. */
+static enum kv_status start_cache(struct sched *s, struct sreq *r) {
+    const int n_ctx = context_for(r->n_prompt, &r->params), first = first_reservation(r);
+    const int compressing = compress_wanted(&r->params.compress, compress_point(&r->params.compress, r->n_prompt));
+    int reuse = 0;
+    r->kv_weights = s->weights_changes;
+    struct cached_prompt *c = NULL;
+    /* A request that reads every prompt row (its log-probabilities, an
+     * embedding's mean) or compresses what it computes needs them all. */
+    if (r->params.cache_prompt && !r->params.prompt_logprobs && !r->params.embedding && !compressing)
+        c = cache_take(s, r->gen.history ? r->gen.history : r->prompt, r->n_replay, &reuse);
+    if (c) {
+        enum kv_status rc;
+        while ((rc = kv_cache_resume(&c->kv, n_ctx, first, longest_pass(r, r->n_replay - reuse))) == KV_OVER_BUDGET &&
+               cache_evict_oldest(s)) {}
+        if (rc == KV_OK) {
+            r->kv = c->kv;
+            memset(&c->kv, 0, sizeof c->kv);
+            cache_free(c);
+            r->n_prefilled = reuse;
+            if (!r->timing.started) r->timing.cached = reuse;
+            s->cache_hits++;
+            s->cache_tokens += (uint64_t)reuse;
+            return KV_OK;
+        }
+        cache_free(c);   /* what it holds is what a new cache would need */
+    }
+    enum kv_status rc;
+    while ((rc = kv_cache_init_reserving(&r->kv, &s->m->cfg, n_ctx, first, longest_pass(r, r->n_replay),
+                                         &s->account)) == KV_OVER_BUDGET && cache_evict_oldest(s)) {}
+    return rc;
+}
+
 /* Admits from the head of the queue while a slot is free and the budget
  * takes the first reservation (lock held). Requests that can no longer fit
  * at all (the budget shrank) go to *evicted, those that cannot start (out
@@ -409,19 +580,18 @@ static int first_reservation(const struct sreq *r) {
 static void admit(struct sched *s, struct sreq **evicted, struct sreq **failed) {
     while (s->wait_head && s->n_running < s->cfg.max_running) {
         struct sreq *r = s->wait_head;
-        /* Its longest pass is a chunk of what it computes first, or a
-         * verification pass of drafts. */
-        const int max_pass = r->params.speculative && r->n_replay < DRAFT_MAX + 1 ? DRAFT_MAX + 1 : r->n_replay;
         const int at = compress_point(&r->params.compress, r->n_prompt);
-        enum kv_status rc = kv_cache_init_reserving(&r->kv, &s->m->cfg, context_for(r->n_prompt, &r->params),
-                                                    first_reservation(r), max_pass, &s->account);
+        enum kv_status rc = start_cache(s, r);
         /* Compression follows the prompt's prefill, on a first admission
          * and again when a preempted request computes its prompt anew; its
          * recording of queries is reserved with the cache. */
-        if (rc == KV_OK && (rc = compress_prepare(&r->kv, &s->m->cfg, &r->params.compress, at)) != KV_OK)
-            kv_cache_free(&r->kv);
+        if (rc == KV_OK) {
+            while ((rc = compress_prepare(&r->kv, &s->m->cfg, &r->params.compress, at)) == KV_OVER_BUDGET &&
+                   cache_evict_oldest(s)) {}
+            if (rc != KV_OK) kv_cache_free(&r->kv);
+        }
         if (rc == KV_OVER_BUDGET) {
-            size_t need = kv_account_bytes_for_pass(&s->account, first_reservation(r), max_pass) +
+            size_t need = kv_account_bytes_for_pass(&s->account, first_reservation(r), longest_pass(r, r->n_replay)) +
                           compress_observation_bytes(&s->m->cfg, &r->params.compress, at);
             const struct kv_usage u = kv_account_usage(&s->account);
             int never = u.budget_bytes && need > u.budget_bytes;
@@ -487,6 +657,7 @@ static void reserve_for_decode(struct sched *s) {
         if (r->n_prefilled < r->n_replay) continue;   /* its chunks are inside the first reservation */
         const int n = r->kv.n_past + 1 < r->kv.n_ctx ? r->kv.n_past + 1 : r->kv.n_ctx;
         while (kv_cache_reserve(&r->kv, n) == KV_OVER_BUDGET) {
+            if (cache_evict_oldest(s)) continue;   /* kept prompts before anyone's pause */
             const int newest = s->n_running - 1;
             preempt(s, newest);
             if (newest == i) break;
@@ -625,13 +796,22 @@ static void finish_embedding(struct sched *s, struct sreq *r) {
     r->gen.finish = FINISH_STOP;
 }
 
+/* Finishes a running request that ended well or was cancelled (its cache
+ * holds what its passes computed), keeping its cache for the prompt cache. */
+static void finish_kept(struct sched *s, struct sreq *r, enum finish_reason why) {
+    cache_keep(s, r);
+    finish_request(r, why);
+}
+
 /* One batched forward pass and the sampling after it. */
 static void compress_prompt(struct sched *s, struct sreq *r);
 
 static void step(struct sched *s) {
     /* Cancelled running sequences stop here, before spending compute. */
     for (int i = 0; i < s->n_running;) {
-        if (atomic_load(&s->running[i]->stop) != SREQ_GOING) finish_request(remove_running(s, i), FINISH_CANCELLED);
+        const enum sreq_stop stop = atomic_load(&s->running[i]->stop);
+        if (stop == SREQ_CANCELLED) finish_kept(s, remove_running(s, i), FINISH_CANCELLED);
+        else if (stop != SREQ_GOING) finish_request(remove_running(s, i), FINISH_CANCELLED);
         else i++;
     }
     reserve_for_decode(s);
@@ -728,7 +908,7 @@ static void step(struct sched *s) {
     for (int i = 0; i < s->n_running;) {
         struct sreq *r = s->running[i];
         if (atomic_load(&r->stop) == SREQ_FAILED) finish_request(remove_running(s, i), FINISH_ERROR);
-        else if (r->gen.finish != FINISH_NONE) finish_request(remove_running(s, i), r->gen.finish);
+        else if (r->gen.finish != FINISH_NONE) finish_kept(s, remove_running(s, i), r->gen.finish);
         else i++;
     }
 }
@@ -877,6 +1057,7 @@ void sched_destroy(struct sched *s, int drain) {
     pthread_cond_signal(&s->wake);
     pthread_mutex_unlock(&s->lock);
     pthread_join(s->thread, NULL);
+    while (s->cached) cache_free(cache_unlink(s, &s->cached));
     pthread_cond_destroy(&s->wake);
     pthread_mutex_destroy(&s->lock);
     kv_account_destroy(&s->account);

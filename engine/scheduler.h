@@ -5,7 +5,9 @@
  *   1. drops sequences that were cancelled (the flag is read here, once a step),
  *   2. admits waiting requests in arrival order while a batch slot is free and
  *      the KV account accepts their first reservation (the prompt and one
- *      more position), then grows each decoding sequence's reservation to
+ *      more position), each starting from a finished request's kept cache
+ *      when its prompt begins with that cache's tokens (the prompt cache,
+ *      sched_config.prompt_cache_bytes), then grows each decoding sequence's reservation to
  *      its next position; when the budget is spent the newest running
  *      sequence is preempted: its pages go back, it returns to the head of
  *      the queue and is recomputed when memory frees (its client sees a
@@ -53,12 +55,29 @@ struct sched_config {
      * whether or not the measured costs say it pays: for tests and for
      * measuring a draft source's acceptance. */
     int draft_always;
+    /* The prompt cache: KV caches of finished requests (cache_prompt set)
+     * kept, up to this many bytes of the KV account, for a later request
+     * whose prompt starts with the same tokens -- the next turn of a
+     * conversation sends the whole conversation again. It computes only
+     * what follows, and its output is the same bit for bit (a position's
+     * values depend on the tokens before it alone). At 32 and 16 bits any
+     * common prefix is taken; at 8 and 4 bits the prompt must share the
+     * kept tokens up to the start of their last page of 64 (only its f32
+     * window is still held: kv_cache_truncate_floor), as a conversation's
+     * next turn does.
+     * Kept caches give way first: to admission, to a decoding sequence's
+     * growth (before anyone is preempted), to a lowered budget and to the
+     * weights the memory share would keep without them; when the weights
+     * change (another rung of the ladder, another stack prefix) every kept
+     * cache goes, and a cache computed across the change is not kept. 0: off. */
+    size_t prompt_cache_bytes;
 };
 
 struct sched_timing {
     double queued, started, first_token, finished;   /* ebb_now_seconds() stamps */
     int drafted, accepted;          /* speculative decoding: tokens drafted, and kept */
     struct compress_report compress;/* context compression (applied 0: none) */
+    int cached;                     /* prompt tokens taken from the prompt cache, not computed */
     double grammar_s;               /* constrained decoding: time spent masking the vocabulary */
     char error[192];                /* finished in error: why, when the engine knows (else empty) */
 };
@@ -113,6 +132,13 @@ struct sched_stats {
     struct sched_compress_stats {
         uint64_t requests, kept, demoted, dropped, bytes_saved;
     } compress[3];
+    /* The prompt cache (sched_config.prompt_cache_bytes): requests that
+     * started from a kept cache and the prompt tokens it spared them; caches
+     * kept now and their bytes (reserved in the KV account); caches let go
+     * for memory or for the cache's own size. */
+    uint64_t prompt_cache_hits, prompt_cache_tokens, prompt_cache_evictions;
+    int prompt_cache_entries;
+    size_t prompt_cache_bytes;
 };
 
 /* Starts the engine thread with its own run of the model (engine/model.h).

@@ -60,6 +60,7 @@ struct choice_slot {
     int n_tokens;                 /* token events received */
     double last_token_t;
     int drafted, accepted;        /* speculative decoding, from the engine's done event */
+    int cached;                   /* prompt tokens the prompt cache spared it, likewise */
     struct compress_report compress;  /* context compression, likewise */
     double prefill_s, decode_s;   /* admission to the first token, and to the last */
     double grammar_s;             /* constrained decoding's masking */
@@ -154,8 +155,14 @@ static void stream_send(struct completion *c, char *events, size_t len) {
 static void finish_response(struct completion *c) {
     struct oai_usage usage = {.prompt_tokens = c->prompt_tokens};
     bool error = false, evicted = false;
-    for (int i = 0; i < c->n_choices; i++) {
+    const int per_prompt = c->r.kind == OAI_CHAT ? c->n_choices : c->r.n;
+    for (int i = 0, most = 0; i < c->n_choices; i++) {
         const struct choice_slot *s = &c->slots[i];
+        if (s->cached > most) most = s->cached;
+        if ((i + 1) % per_prompt == 0 || i + 1 == c->n_choices) {   /* a prompt's last choice */
+            usage.cached_tokens += most;
+            most = 0;
+        }
         usage.completion_tokens += s->n_tokens;
         usage.draft_tokens += s->drafted;
         usage.accepted_draft_tokens += s->accepted;
@@ -321,6 +328,7 @@ static void deliver_done(struct choice_slot *slot, struct bridge_event *ev) {
     metric_series_inc(sm->m_prompt_tokens, ev->n_prompt);
     const struct sched_timing *t = &ev->timing;
     slot->drafted = t->drafted;
+    slot->cached = t->cached;
     slot->accepted = t->accepted;
     slot->compress = t->compress;
     slot->grammar_s = t->grammar_s;
@@ -376,6 +384,7 @@ void completion_gen_params(const struct oai_request *r, int choice, uint64_t see
     out->stop_ids = r->stop_ids;
     out->n_stop_ids = r->n_stop_ids;
     out->speculative = r->speculative >= 0 ? r->speculative : speculative_if_unset;
+    out->cache_prompt = r->cache_prompt;
 }
 
 void completion_compress_params(const struct oai_request *r, const struct ebb_config *cfg,

@@ -131,6 +131,9 @@ static const struct field fields[] = {
      "share of a compressed prompt kept at the KV cache's precision"},
     {"compression_min_prompt", FIELD_INT, AT(compression_min_prompt), 0, 1 << 24, {0}, NULL, "1024", "N",
      "prompts shorter than this are not compressed"},
+    {"prompt_cache_bytes", FIELD_U64, AT(prompt_cache_bytes), 0, INT64_MAX, {0}, NULL, "1073741824", "BYTES",
+     "KV caches of finished requests kept per model, within its KV budget, for requests that start with the "
+     "same tokens (a conversation's next turn); kept caches give way whenever memory is wanted; 0: off"},
 };
 #define N_FIELDS ((int)(sizeof fields / sizeof fields[0]))
 _Static_assert(sizeof fields / sizeof fields[0] == CONFIG_N_FIELDS, "CONFIG_N_FIELDS matches the table");

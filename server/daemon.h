@@ -74,6 +74,7 @@ struct served_model {
     struct metric_series *m_drafts, *m_draft_tokens, *m_accepted, *m_accepted_at[DRAFT_MAX], *m_accepted_mean;
     /* context compression by mode (enum compress_mode: demote and drop) and tier (kept, demoted, dropped) */
     struct metric_series *m_cmp_requests[3], *m_cmp_tokens[3][3], *m_cmp_saved[3], *m_cmp_seconds[3];
+    struct metric_series *m_pc_hits, *m_pc_tokens, *m_pc_evictions, *m_pc_entries, *m_pc_bytes;   /* prompt cache */
 };
 
 struct daemon {
@@ -115,8 +116,9 @@ struct daemon {
         *m_bytes_freed, *m_swap;
     struct metric *m_drafts, *m_draft_tokens, *m_accepted, *m_accepted_at, *m_accepted_mean;
     struct metric *m_cmp_requests, *m_cmp_tokens, *m_cmp_saved, *m_cmp_seconds;
+    struct metric *m_pc_hits, *m_pc_tokens, *m_pc_evictions, *m_pc_entries, *m_pc_bytes;
 };
-#define DAEMON_N_METRICS 38
+#define DAEMON_N_METRICS 43
 
 /* ---- daemon.c ---- */
 /* Runs the daemon with d->cfg loaded (d zeroed otherwise, and static: libuv

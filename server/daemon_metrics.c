@@ -124,6 +124,18 @@ static const struct family families[] = {
      model_mode, NULL, 0, AT(m_cmp_saved)},
     {METRIC_HISTOGRAM, "ebb_context_compression_seconds", "Time of the compression stage (scoring and compaction).",
      2, model_mode, SWAP_BUCKETS, AT(m_cmp_seconds)},
+    /* The prompt cache (engine/scheduler.h). */
+    {METRIC_COUNTER, "ebb_prompt_cache_hits_total", "Requests that started from a kept KV cache of their prompt's start.",
+     1, model, NULL, 0, AT(m_pc_hits)},
+    {METRIC_COUNTER, "ebb_prompt_cache_tokens_total", "Prompt tokens taken from kept KV caches instead of computed.",
+     1, model, NULL, 0, AT(m_pc_tokens)},
+    {METRIC_COUNTER, "ebb_prompt_cache_evictions_total",
+     "Kept KV caches let go for memory or for the prompt cache's size (prompt_cache_bytes).", 1, model, NULL, 0,
+     AT(m_pc_evictions)},
+    {METRIC_GAUGE, "ebb_prompt_cache_entries", "KV caches of finished requests kept now.", 1, model, NULL, 0,
+     AT(m_pc_entries)},
+    {METRIC_GAUGE, "ebb_prompt_cache_bytes", "KV cache bytes the kept caches reserve (part of the KV budget).", 1,
+     model, NULL, 0, AT(m_pc_bytes)},
 };
 #define N_FAMILIES ((int)(sizeof families / sizeof families[0]))
 _Static_assert(sizeof families / sizeof families[0] == DAEMON_N_METRICS, "DAEMON_N_METRICS matches the table");

@@ -737,6 +737,10 @@ static int f_penalty(struct pctx *p, const char *key, json_t *v) {
     return want_number(p, key, v, -2, false, 2, "a number between -2 and 2", x);
 }
 
+static int f_cache_prompt(struct pctx *p, const char *key, json_t *v) {
+    return want_bool(p, key, v, &p->r->cache_prompt);
+}
+
 static int f_ignore_eos(struct pctx *p, const char *key, json_t *v) {
     return want_bool(p, key, v, &p->r->ignore_eos);
 }
@@ -1087,6 +1091,7 @@ static const struct field fields[] = {
     {"top_logprobs", K_CHAT, f_top_logprobs},
     {"echo", K_CMPL, f_echo},
     {"ignore_eos", K_GEN, f_ignore_eos},
+    {"cache_prompt", K_GEN, f_cache_prompt},
     {"min_tokens", K_GEN, f_min_tokens},
     {"stop_token_ids", K_GEN, f_stop_token_ids},
     {"best_of", K_CMPL, f_best_of},
@@ -1144,6 +1149,7 @@ static void request_defaults(struct oai_request *r, enum oai_kind kind) {
     r->top_p = 1.0f;
     r->repetition_penalty = 1.0f;
     r->speculative = -1;
+    r->cache_prompt = true;
     r->compress_mode = r->compress_select = r->compress_tokens = r->compress_min_prompt = r->compress_key_bits = -1;
     r->compress_budget = r->compress_low = -1;
     r->n = 1;
@@ -1645,6 +1651,9 @@ static json_t *usage_object(const struct oai_usage *u, bool *ok) {
     put(o, "prompt_tokens", json_integer(u->prompt_tokens), ok);
     put(o, "completion_tokens", json_integer(u->completion_tokens), ok);
     put(o, "total_tokens", json_integer((json_int_t)u->prompt_tokens + u->completion_tokens), ok);
+    json_t *details = json_object();   /* OpenAI's field for prompt caching */
+    put(details, "cached_tokens", json_integer(u->cached_tokens), ok);
+    put(o, "prompt_tokens_details", details, ok);
     if (u->draft_tokens) {
         put(o, "draft_tokens", json_integer(u->draft_tokens), ok);
         put(o, "accepted_draft_tokens", json_integer(u->accepted_draft_tokens), ok);
@@ -1665,9 +1674,11 @@ static json_t *usage_object(const struct oai_usage *u, bool *ok) {
 /* llama.cpp's "timings": what benchmark clients of llama-server read. */
 static json_t *timings_object(const struct oai_usage *u, bool *ok) {
     json_t *o = json_object();
-    put(o, "prompt_n", json_integer(u->prompt_tokens), ok);
+    put(o, "cache_n", json_integer(u->cached_tokens), ok);
+    put(o, "prompt_n", json_integer(u->prompt_tokens - u->cached_tokens), ok);
     put(o, "prompt_ms", json_real(u->prompt_ms), ok);
-    put(o, "prompt_per_second", json_real(u->prompt_ms > 0 ? u->prompt_tokens * 1000.0 / u->prompt_ms : 0), ok);
+    put(o, "prompt_per_second",
+        json_real(u->prompt_ms > 0 ? (u->prompt_tokens - u->cached_tokens) * 1000.0 / u->prompt_ms : 0), ok);
     put(o, "predicted_n", json_integer(u->completion_tokens), ok);
     put(o, "predicted_ms", json_real(u->predicted_ms), ok);
     put(o, "predicted_per_second",

@@ -124,6 +124,8 @@ struct oai_request {
     struct logit_bias *logit_bias;               /* ids not yet range-checked: oai_check_token_ids */
     int n_logit_bias;
     bool echo;                   /* completions: the prompt's text comes before the output */
+    bool cache_prompt;           /* extension (llama.cpp's name): start from a kept cache of the prompt's
+                                    first tokens and keep this one's (engine/scheduler.h); default true */
     bool ignore_eos;             /* extensions: never end on the end-of-turn token, */
     int min_tokens;              /*   nor before this many tokens */
     int32_t *stop_ids;           /* extension stop_token_ids: ids that end the output */
@@ -259,6 +261,8 @@ struct oai_meta {
 
 struct oai_usage {
     int prompt_tokens;           /* counted once per prompt, not per choice */
+    int cached_tokens;           /* of those, taken from the prompt cache (per prompt, the most any of
+                                    its choices took); timings' prompt_n counts the rest */
     int completion_tokens;       /* over every choice */
     /* ebb's extension, in usage only when drafts were verified: tokens
      * drafted for speculative decoding and the ones kept (engine/draft.h). */

@@ -157,7 +157,7 @@ static json_t *device_state(struct daemon *d, size_t weights, size_t kv) {
 }
 
 static json_t *memory_state(struct daemon *d) {
-    size_t reserved = 0, allocated = 0, weights = 0, device_weights = 0, device_kv = 0;
+    size_t reserved = 0, allocated = 0, weights = 0, device_weights = 0, device_kv = 0, kept = 0;
     json_t *models = json_array();
     for (struct served_model *sm = d->models; sm; sm = sm->next) {
         if (sm->state != SERVED_READY) continue;
@@ -165,6 +165,7 @@ static json_t *memory_state(struct daemon *d) {
         sched_get_stats(sm->sched, &st);
         reserved += st.kv_reserved_bytes;
         allocated += st.kv_allocated_bytes;
+        kept += st.prompt_cache_bytes;
         weights += st.weight_bytes;
         if (sm->model.placed) {
             device_weights += st.weight_bytes;
@@ -173,23 +174,24 @@ static json_t *memory_state(struct daemon *d) {
         /* d->cfg does not change after start, so this is the precision
          * load_work gave the model's scheduler. */
         int kv_bits = config_kv_bits_for(&d->cfg, sm->name);
-        json_array_append_new(models, json_pack("{s:s, s:s, s:i, s:I, s:I, s:I, s:I, s:I, s:o}", "model", sm->name,
+        json_array_append_new(models, json_pack("{s:s, s:s, s:i, s:I, s:I, s:I, s:I, s:I, s:I, s:o}", "model", sm->name,
                                                 "device", sm->model.placed ? d->cfg.device : "cpu",
                                                 "kv_bits", kv_bits, "weight_bytes", (json_int_t)st.weight_bytes,
                                                 "share_bytes", (json_int_t)st.memory_share, "kv_budget_bytes",
                                                 (json_int_t)st.kv_budget_bytes, "kv_reserved_bytes",
                                                 (json_int_t)st.kv_reserved_bytes, "kv_allocated_bytes",
-                                                (json_int_t)st.kv_allocated_bytes, "weights", weights_state(sm, &st)));
+                                                (json_int_t)st.kv_allocated_bytes, "prompt_cache_bytes",
+                                                (json_int_t)st.prompt_cache_bytes, "weights", weights_state(sm, &st)));
     }
     /* The host's share of what is governed: device memory is not in the RSS. */
     const uint64_t rss = memory_process_rss();
     const uint64_t governed = (uint64_t)(weights - device_weights) + (allocated - device_kv);
-    json_t *state = json_pack("{s:I, s:s, s:I, s:I, s:I, s:I, s:{s:I, s:I, s:I}, s:o}", "memory_budget_bytes",
+    json_t *state = json_pack("{s:I, s:s, s:I, s:I, s:I, s:I, s:I, s:{s:I, s:I, s:I}, s:o}", "memory_budget_bytes",
                               (json_int_t)d->memory_budget, "mode",
                               d->memory.automatic ? "auto" : d->memory_budget ? "fixed" : "none", "minimum_bytes",
                               (json_int_t)served_memory_minimum(d), "weight_bytes", (json_int_t)weights,
                               "kv_reserved_bytes", (json_int_t)reserved, "kv_allocated_bytes", (json_int_t)allocated,
-                              "resident", "weights", (json_int_t)(weights - device_weights), "kv",
+                              "prompt_cache_bytes", (json_int_t)kept, "resident", "weights", (json_int_t)(weights - device_weights), "kv",
                               (json_int_t)(allocated - device_kv),
                               "scratch_and_other", (json_int_t)(rss > governed ? rss - governed : 0), "models", models);
     json_t *device = device_state(d, device_weights, device_kv);

@@ -185,6 +185,7 @@ static void load_work(uv_work_t *w) {
         .kv_bits = config_kv_bits_for(&d->cfg, sm->name),  /* model_kv_bits, else kv_bits */
         .threads = d->cfg.threads,
         .draft_always = d->cfg.draft_policy == CONFIG_DRAFT_ALWAYS,
+        .prompt_cache_bytes = d->cfg.prompt_cache_bytes,
     };
     const char *kv_problem = kv_bits_problem(&sm->model.cfg, sc.kv_bits);
     if (kv_problem) {
@@ -276,6 +277,11 @@ static void series_for(struct daemon *d, struct served_model *sm) {
     sm->m_bytes_loaded = metric_series(d->m_bytes_loaded, m);
     sm->m_bytes_freed = metric_series(d->m_bytes_freed, m);
     sm->m_swap = metric_series(d->m_swap, m);
+    sm->m_pc_hits = metric_series(d->m_pc_hits, m);
+    sm->m_pc_tokens = metric_series(d->m_pc_tokens, m);
+    sm->m_pc_evictions = metric_series(d->m_pc_evictions, m);
+    sm->m_pc_entries = metric_series(d->m_pc_entries, m);
+    sm->m_pc_bytes = metric_series(d->m_pc_bytes, m);
     static const char *const tiers[3] = {"kept", "demoted", "dropped"};
     for (int mode = COMPRESS_DEMOTE; mode <= COMPRESS_DROP; mode++) {
         const char *mm[] = {sm->name, compress_mode_name((enum compress_mode)mode)};
@@ -557,6 +563,11 @@ void served_refresh_metrics(struct daemon *d) {
         metric_series_set(sm->m_kv_use, st.kv_budget_bytes ? (double)st.kv_reserved_bytes / (double)st.kv_budget_bytes : 0);
         metric_series_set(sm->m_weights, (double)st.weight_bytes);
         advance(sm->m_preemptions, st.preemptions);
+        advance(sm->m_pc_hits, st.prompt_cache_hits);
+        advance(sm->m_pc_tokens, st.prompt_cache_tokens);
+        advance(sm->m_pc_evictions, st.prompt_cache_evictions);
+        metric_series_set(sm->m_pc_entries, st.prompt_cache_entries);
+        metric_series_set(sm->m_pc_bytes, (double)st.prompt_cache_bytes);
         advance(sm->m_drafts, st.drafts);
         advance(sm->m_draft_tokens, st.draft_tokens);
         advance(sm->m_accepted, st.accepted_tokens);

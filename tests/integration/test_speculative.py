@@ -145,7 +145,7 @@ def test_timings_as_llama_cpp_returns_them(srv):
                 speculative="ngram")
     doc = requests.post(srv.url("/v1/chat/completions"), json=body, timeout=IO).json()
     u, t = doc["usage"], doc["timings"]
-    assert t["prompt_n"] == u["prompt_tokens"] and t["predicted_n"] == u["completion_tokens"]
+    assert t["prompt_n"] + t["cache_n"] == u["prompt_tokens"] and t["predicted_n"] == u["completion_tokens"]
     assert t["draft_n"] == u["draft_tokens"] > 0 and t["draft_n_accepted"] == u["accepted_draft_tokens"]
     assert t["prompt_ms"] > 0 and t["predicted_ms"] > 0 and t["predicted_per_second"] > 0
     doc = requests.post(srv.url("/v1/chat/completions"), json=dict(body, speculative=False), timeout=IO).json()

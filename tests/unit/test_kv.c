@@ -1172,6 +1172,65 @@ static void test_limit_pass(void) {
     fixture_free(&f);
 }
 
+/* The prompt cache's two steps: how far back a cache can be cut
+ * (kv_cache_truncate_floor: anywhere at f32, within the f32 window at 4
+ * bits), then kv_cache_resume for a longer sequence with long passes again:
+ * a new n_ctx, window pages and reservation, refused without change when
+ * the budget cannot take it. After it, going on gives the same attention,
+ * bit for bit, as a cache that computed the whole sequence in one go. */
+static void test_resume(void) {
+    const struct ebb_backend *be = ebb_backend_cpu();
+    for (int bits = 32; bits >= 4; bits -= 28) {
+        struct attend_fixture f, whole;
+        fixture_init(&f, 2, 2, 64, bits, 700);
+        fixture_init(&whole, 2, 2, 64, bits, 700);
+        kv_cache_free(&f.kv);   /* a short sequence that decoded: n_ctx 300, passes of one */
+        CHECK(kv_cache_init_reserving(&f.kv, &f.c, 300, 129, 128, &f.acc) == KV_OK);
+        CHECK(fill_cache(&f.kv, be, &f.d, 128, 128) == 0);
+        kv_cache_limit_pass(&f.kv, 1);
+        for (int n = 129; n <= 280; n++) CHECK(kv_cache_reserve(&f.kv, n) == KV_OK && fill_cache(&f.kv, be, &f.d, n, 1) == 0);
+        /* The last pass wrote position 279 and holds window pages 3 and 4:
+         * queries from 256 on (page 4) find theirs. */
+        CHECK_MSG(kv_cache_truncate_floor(&f.kv) == (bits == 32 ? 0 : 256), "bits %d: floor %d", bits,
+                  kv_cache_truncate_floor(&f.kv));
+        if (bits == 4) CHECK(kv_cache_truncate(&f.kv, 255) == -1 && f.kv.n_past == 280);
+        CHECK(kv_cache_truncate(&f.kv, 260) == 0);
+        /* A budget one byte short of the resumed reservation: refused, nothing changed. */
+        const size_t want = kv_account_bytes_for_pass(&f.acc, 401, 200);
+        const size_t res0 = f.acc.reserved_bytes, alloc0 = f.acc.allocated_bytes;
+        kv_account_set_budget(&f.acc, res0 - f.kv.reserved_bytes + want - 1);
+        CHECK(kv_cache_resume(&f.kv, 700, 401, 200) == KV_OVER_BUDGET);
+        CHECK(f.kv.n_ctx == 300 && f.kv.reserved_bytes == res0 && f.acc.reserved_bytes == res0 &&
+              f.acc.allocated_bytes == alloc0 && f.kv.n_past == 260);
+        kv_account_set_budget(&f.acc, res0 - f.kv.reserved_bytes + want);
+        CHECK(kv_cache_resume(&f.kv, 700, 401, 200) == KV_OK);
+        CHECK_MSG(f.kv.n_ctx == 700 && f.kv.reserved_bytes == want && f.acc.reserved_bytes == want,
+                  "bits %d: reserved %zu, account %zu, want %zu", bits, f.kv.reserved_bytes, f.acc.reserved_bytes, want);
+        CHECK(bits == 32 || f.kv.window_max == 6);   /* passes of 200 again: up to 6 window pages */
+        kv_account_set_budget(&f.acc, 0);
+        /* Going on in passes of 200, then decoding, against the whole cache. */
+        CHECK(fill_cache(&f.kv, be, &f.d, 400, 200) == 0 && fill_cache(&whole.kv, be, &f.d, 400, 200) == 0);
+        kv_cache_limit_pass(&f.kv, 1);
+        float q[64], a[64], b[64];
+        int same = 1;
+        for (int n = 401; n <= 460; n++) {
+            CHECK(kv_cache_reserve(&f.kv, n) == KV_OK);
+            CHECK(fill_cache(&f.kv, be, &f.d, n, 1) == 0 && fill_cache(&whole.kv, be, &f.d, n, 1) == 0);
+            for (int i = 0; i < 64; i++) q[i] = gauss();
+            kv_attend(&f.kv, be, 1, 1, q, n, 0.125f, f.scratch, a);
+            kv_attend(&whole.kv, be, 1, 1, q, n, 0.125f, f.scratch, b);
+            same &= !memcmp(a, b, sizeof a);
+        }
+        CHECK_MSG(same, "bits %d: attention after resuming differs from the cache computed whole", bits);
+        /* Shorter again (its pages past the new length go back). */
+        CHECK(kv_cache_truncate(&f.kv, 450) == 0);
+        CHECK(kv_cache_resume(&f.kv, 455, 451, 1) == KV_OK && f.kv.n_ctx == 455 && f.kv.n_pages <= 8);
+        CHECK(kv_cache_resume(&f.kv, 449, 449, 1) == KV_FAILED);   /* fewer positions than it holds */
+        fixture_free(&f);   /* checks that everything went back */
+        fixture_free(&whole);
+    }
+}
+
 /* The selection: sinks always kept; SnapKV keeps the best scores and
  * demotes the next best; "recent" keeps the last positions; "random" is
  * the seed's; every head gets the counts asked for. */
@@ -1458,6 +1517,7 @@ int main(void) {
     test_observation_account();
     test_compress_selection();
     test_limit_pass();
+    test_resume();
     test_weights_after_short_pass();
 
     char path[1024], err[512];

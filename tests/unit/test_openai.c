@@ -372,6 +372,7 @@ static void test_completion_fields(void) {
     ERR(C, "{\"prompt\": \"a\", \"stop_token_ids\": 5}", "stop_token_ids", "must be an array");
     ERR(C, "{\"prompt\": \"a\", \"min_tokens\": -1}", "min_tokens", "an integer >= 0");
     ERR(C, "{\"prompt\": \"a\", \"ignore_eos\": 1}", "ignore_eos", "must be a boolean");
+    ERR(C, "{\"prompt\": \"a\", \"cache_prompt\": \"no\"}", "cache_prompt", "must be a boolean");
     ERR(C, "{\"prompt\": \"a\", \"logit_bias\": {\"x1\": 1}}", "logit_bias.x1", "decimal strings");
     ERR(C, "{\"prompt\": \"a\", \"logit_bias\": {\"-3\": 1}}", "logit_bias.-3", "decimal strings");
     ERR(C, "{\"prompt\": \"a\", \"logit_bias\": {\"3\": 101}}", "logit_bias.3", "between -100 and 100");
@@ -382,6 +383,7 @@ static void test_completion_fields(void) {
                    " \"frequency_penalty\": -1, \"logit_bias\": {\"50256\": -100, \"7\": 2.5},"
                    " \"stop_token_ids\": [2, 9], \"min_tokens\": 4, \"ignore_eos\": true}", &r)) {
             CHECK(r.logprobs && r.top_logprobs == 3 && !r.echo && r.ignore_eos && r.min_tokens == 4);
+            CHECK(r.cache_prompt);   /* the default */
             CHECK(r.presence_penalty == 0.5f && r.frequency_penalty == -1.0f);
             CHECK(r.n_logit_bias == 2 && r.logit_bias[0].id == 50256 && r.logit_bias[0].bias == -100.0f &&
                   r.logit_bias[1].id == 7 && r.logit_bias[1].bias == 2.5f);
@@ -885,8 +887,8 @@ static void test_chat_stream(void) {
     struct oai_usage u = {.prompt_tokens = 12, .completion_tokens = 1};
     s = oai_stream_usage(&m, &u, &len);
     SSE(s, len,
-        HEAD "\"choices\":[],\"usage\":{\"prompt_tokens\":12,\"completion_tokens\":1,\"total_tokens\":13},"
-             "\"timings\":{\"prompt_n\":12,\"prompt_ms\":0.0,\"prompt_per_second\":0.0,\"predicted_n\":1,"
+        HEAD "\"choices\":[],\"usage\":{\"prompt_tokens\":12,\"completion_tokens\":1,\"total_tokens\":13,"
+             "\"prompt_tokens_details\":{\"cached_tokens\":0}},\"timings\":{\"cache_n\":0,\"prompt_n\":12,\"prompt_ms\":0.0,\"prompt_per_second\":0.0,\"predicted_n\":1,"
              "\"predicted_ms\":0.0,\"predicted_per_second\":0.0,\"draft_n\":0,\"draft_n_accepted\":0}}\n\n");
     oai_choice_free(&c);
 #undef HEAD
@@ -929,11 +931,13 @@ static void test_completion_stream(void) {
     SSE(s, len, HEAD "\"choices\":[{\"index\":0,\"text\":\"\",\"logprobs\":null,\"finish_reason\":\"length\"}]}\n\n");
     oai_choice_free(&c);
     /* With drafts and times: usage's extension and llama.cpp's timings. */
-    struct oai_usage u = {.prompt_tokens = 1, .completion_tokens = 3, .draft_tokens = 4, .accepted_draft_tokens = 1,
-                          .prompt_ms = 250, .predicted_ms = 50};
+    /* and a prompt mostly from the prompt cache: timings count what was computed */
+    struct oai_usage u = {.prompt_tokens = 5, .cached_tokens = 4, .completion_tokens = 3, .draft_tokens = 4,
+                          .accepted_draft_tokens = 1, .prompt_ms = 250, .predicted_ms = 50};
     s = oai_stream_usage(&m, &u, &len);
-    SSE(s, len, HEAD "\"choices\":[],\"usage\":{\"prompt_tokens\":1,\"completion_tokens\":3,\"total_tokens\":4,"
-                     "\"draft_tokens\":4,\"accepted_draft_tokens\":1},\"timings\":{\"prompt_n\":1,\"prompt_ms\":250.0,"
+    SSE(s, len, HEAD "\"choices\":[],\"usage\":{\"prompt_tokens\":5,\"completion_tokens\":3,\"total_tokens\":8,"
+                     "\"prompt_tokens_details\":{\"cached_tokens\":4},\"draft_tokens\":4,\"accepted_draft_tokens\":1},"
+                     "\"timings\":{\"cache_n\":4,\"prompt_n\":1,\"prompt_ms\":250.0,"
                      "\"prompt_per_second\":4.0,\"predicted_n\":3,\"predicted_ms\":50.0,\"predicted_per_second\":40.0,"
                      "\"draft_n\":4,\"draft_n_accepted\":1}}\n\n");
 #undef HEAD

@@ -493,6 +493,117 @@ static void test_device_lost(struct model *m) {
 /* The sanitizers check memory, not numbers, and every layer runs the same
  * code: there the scheduler drives the model's first 8 layers, about half
  * the time (the output head's cost stays; the plain build runs all 30). */
+/* One request through the scheduler, waited for; its tokens in *out. */
+static void run_one(struct sched *s, const int32_t *ids, int n, const struct gen_params *p, struct collected *out) {
+    memset(out, 0, sizeof *out);
+    pthread_mutex_init(&out->lock, NULL);
+    struct sched_request_desc d = {ids, n, *p, {on_token, on_done}, out};
+    uint64_t id;
+    CHECK(sched_submit(s, &d, &id) == SCHED_OK);
+    wait_done(out);
+    pthread_mutex_destroy(&out->lock);
+}
+
+/* ids[0, n) then `more`'s tokens (the next turn of a conversation). */
+static int extend(struct model *m, const int32_t *ids, int n, const char *more, int32_t **out) {
+    int32_t *tail;
+    const int n_tail = tokenizer_encode(m->tok, more, strlen(more), 0, &tail);
+    *out = malloc((size_t)(n + n_tail) * sizeof **out);
+    memcpy(*out, ids, (size_t)n * sizeof **out);
+    memcpy(*out + n, tail, (size_t)n_tail * sizeof **out);
+    free(tail);
+    return n + n_tail;
+}
+
+/* The prompt cache: a conversation's next turn starts from the cache the
+ * last turn left and computes only what follows, with the tokens generate()
+ * gives the whole prompt alone; a prompt that parts from the kept tokens
+ * takes what they share (KV32), or, at 4 bits, only what lies within the
+ * kept sequence's f32 window, else nothing (and is still right); kept caches
+ * give way to a request the budget cannot otherwise take, without a
+ * preemption; cache_prompt 0 neither takes nor leaves one. */
+static void test_prompt_cache(struct model *m, int kv_bits) {
+    const int gen = 150;   /* the first turn runs past two pages: the f32 window moves on at 4 bits */
+    struct gen_params p = greedy(gen);
+    p.kv_bits = kv_bits;
+    p.ignore_eos = 1;      /* a known length: every generated token but the last is in the cache */
+    p.cache_prompt = 1;
+    int32_t *a;
+    const int n_a = encode_chat(m, "Tell me about the moon.", &a);
+    struct kv_account probe;
+    CHECK(kv_account_init(&probe, &m->cfg, kv_bits, 0) == 0);
+    const size_t one = kv_account_bytes_for(&probe, n_a + 2 * gen + 40);
+    kv_account_destroy(&probe);
+    /* A budget for one request: a second one needs the kept cache's room. */
+    struct sched_config cfg = {.max_running = 4, .max_waiting = 8, .kv_budget_bytes = one, .kv_bits = kv_bits,
+                               .prompt_cache_bytes = one};
+    struct sched *s = sched_create(m, &cfg);
+    CHECK(s != NULL);
+    if (!s) { free(a); return; }
+    struct collected first, next, apart, off;
+    run_one(s, a, n_a, &p, &first);
+    CHECK(first.finish == FINISH_LENGTH && first.n_ids == gen && first.timing.cached == 0);
+    struct sched_stats st;
+    sched_get_stats(s, &st);
+    CHECK_MSG(st.prompt_cache_entries == 1 && st.prompt_cache_bytes > 0 && st.prompt_cache_bytes == st.kv_reserved_bytes,
+              "kv_bits %d: %d caches kept, %zu bytes, %zu reserved", kv_bits, st.prompt_cache_entries,
+              st.prompt_cache_bytes, st.kv_reserved_bytes);
+    /* The next turn: the whole conversation again, then more. */
+    int32_t *conv, *b;
+    const int n_conv = n_a + first.n_ids;
+    conv = malloc((size_t)n_conv * sizeof *conv);
+    memcpy(conv, a, (size_t)n_a * sizeof *conv);
+    memcpy(conv + n_a, first.ids, (size_t)first.n_ids * sizeof *conv);
+    const int n_b = extend(m, conv, n_conv, "<|im_end|>\n<|im_start|>user\nAnd the sun?<|im_end|>\n<|im_start|>assistant\n", &b);
+    struct gen_params p2 = p;
+    p2.max_tokens = 30;
+    struct alone alone;
+    run_alone(m, &b, &n_b, 1, &p2, &alone);
+    run_one(s, b, n_b, &p2, &next);
+    CHECK_MSG(next.timing.cached == n_conv - 1, "kv_bits %d: the next turn took %d tokens from the cache, not %d",
+              kv_bits, next.timing.cached, n_conv - 1);
+    CHECK_MSG(next.n_ids == alone.n && !memcmp(next.ids, alone.ids, (size_t)alone.n * sizeof(int32_t)),
+              "kv_bits %d: the next turn's tokens differ from the prompt computed whole", kv_bits);
+    /* A prompt that parts from the kept tokens 20 tokens into the first
+     * answer: far before the window at 4 bits. */
+    int32_t *c;
+    const int n_c = extend(m, conv, n_a + 20, " Actually, tell me about Mars instead.", &c);
+    run_alone(m, &c, &n_c, 1, &p2, &alone);
+    run_one(s, c, n_c, &p2, &apart);
+    const int want = kv_bits == 32 ? n_a + 20 : 0;
+    CHECK_MSG(apart.timing.cached == want, "kv_bits %d: a prompt parting at %d took %d tokens from the cache, not %d",
+              kv_bits, n_a + 20, apart.timing.cached, want);
+    CHECK_MSG(apart.n_ids == alone.n && !memcmp(apart.ids, alone.ids, (size_t)alone.n * sizeof(int32_t)),
+              "kv_bits %d: a prompt parting from the cache gives other tokens than computed whole", kv_bits);
+    /* Not asked: nothing taken, nothing left (the kept cache stays). */
+    struct gen_params p3 = p2;
+    p3.cache_prompt = 0;
+    run_one(s, c, n_c, &p3, &off);
+    CHECK(off.timing.cached == 0 && off.n_ids == alone.n && !memcmp(off.ids, alone.ids, (size_t)alone.n * sizeof(int32_t)));
+    sched_get_stats(s, &st);
+    CHECK_MSG(st.prompt_cache_entries == 1 && st.prompt_cache_hits == 1 + (kv_bits == 32),
+              "kv_bits %d: %d kept, %llu hits", kv_bits, st.prompt_cache_entries,
+              (unsigned long long)st.prompt_cache_hits);
+    /* A budget that takes a new request or the kept cache, not both: the
+     * kept cache makes room, nobody waits or is preempted. */
+    CHECK(kv_account_init(&probe, &m->cfg, kv_bits, 0) == 0);
+    const size_t need = kv_account_bytes_for_pass(&probe, n_a + 1, n_a);
+    kv_account_destroy(&probe);
+    sched_set_kv_budget(s, need + st.prompt_cache_bytes - 1);
+    struct gen_params small = p3;
+    small.max_tokens = 8;
+    struct collected fresh;
+    run_one(s, a, n_a, &small, &fresh);
+    sched_get_stats(s, &st);
+    CHECK_MSG(fresh.finish == FINISH_LENGTH && st.preemptions == 0 && st.prompt_cache_evictions >= 1 &&
+                  st.prompt_cache_entries == 0 && st.kv_reserved_bytes == 0 && st.prompt_cache_bytes == 0,
+              "kv_bits %d: %s, %llu preemptions, %llu evictions, %d kept, %zu reserved", kv_bits,
+              finish_reason_name(fresh.finish), (unsigned long long)st.preemptions,
+              (unsigned long long)st.prompt_cache_evictions, st.prompt_cache_entries, st.kv_reserved_bytes);
+    sched_destroy(s, 1);
+    free(a); free(b); free(c); free(conv);
+}
+
 static void shorten_when_sanitized(struct model *m) {
 #if defined(__SANITIZE_ADDRESS__)
     model_keep_layers(m, 8);
@@ -504,8 +615,8 @@ static void shorten_when_sanitized(struct model *m) {
 /* Three parts, so that `ctest -j` runs them side by side (CMakeLists.txt
  * registers each; no argument runs all three): "batching" (every stream as
  * alone, drafts or not, cancellation), "memory" (budgets, preemption,
- * compressed admission) and "device" (the scheduler over the emulated
- * device). */
+ * compressed admission, the prompt cache) and "device" (the scheduler
+ * over the emulated device). */
 int main(int argc, char **argv) {
     const char *part = argc > 1 ? argv[1] : "all";
     const int all = !strcmp(part, "all");
@@ -530,6 +641,8 @@ int main(int argc, char **argv) {
             test_budget(&m);
             test_preemption(&m, 32);
             test_preemption(&m, 4);
+            test_prompt_cache(&m, 32);
+            test_prompt_cache(&m, 4);
             test_context_capacity(&m);
         }
         if (all || !strcmp(part, "batching")) {
@@ -553,6 +666,7 @@ int main(int argc, char **argv) {
         model_keep_layers(&m, 4);   /* the scalar ops are slow; every layer runs alike */
         CHECK_MSG(model_place(&m, emu, why, sizeof why) == 0, "%s", why);
         if (m.placed) test_batched_equals_alone(&m, 4, DRAFT_NGRAM, 0);
+        if (m.placed) test_prompt_cache(&m, 4);   /* a kept cache's page tables move with it */
         if (m.placed) test_device_lost(&m);
         model_free(&m);
     }
