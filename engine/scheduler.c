@@ -137,6 +137,7 @@ struct cached_prompt {
     struct cached_prompt *next;
     struct kv_cache kv;
     int32_t *tokens;                /* [kv.n_past] */
+    struct compress_params compress;/* a compact cache: how it was compressed, and where (at) */
 };
 
 const char *sched_error_message(enum sched_error e) {
@@ -492,7 +493,7 @@ static void cache_keep(struct sched *s, struct sreq *r) {
     struct kv_cache *kv = &r->kv;
     if (!s->cfg.prompt_cache_bytes || !r->params.cache_prompt || r->params.embedding || !r->gen.history ||
         r->kv_weights != s->weights_changes ||
-        kv->n_past <= 0 || kv->n_past > r->gen.n_history || kv->compact || kv->reserved_bytes > s->cfg.prompt_cache_bytes)
+        kv->n_past <= 0 || kv->n_past > r->gen.n_history || kv->reserved_bytes > s->cfg.prompt_cache_bytes)
         return;
     struct cached_prompt *c = calloc(1, sizeof *c);
     if (c) c->tokens = malloc((size_t)kv->n_past * sizeof *c->tokens);
@@ -502,6 +503,10 @@ static void cache_keep(struct sched *s, struct sreq *r) {
     }
     kv_cache_forget_observation(kv);
     memcpy(c->tokens, r->gen.history, (size_t)kv->n_past * sizeof *c->tokens);
+    if (kv->compact) {
+        c->compress = r->params.compress;
+        c->compress.at = compress_point(&r->params.compress, r->n_prompt);
+    }
     c->kv = *kv;
     memset(kv, 0, sizeof *kv);
     c->next = s->cached;
@@ -511,16 +516,38 @@ static void cache_keep(struct sched *s, struct sreq *r) {
     while (s->cached_bytes > s->cfg.prompt_cache_bytes && cache_evict_oldest(s)) {}
 }
 
+/* Whether two requests compress alike, wherever they compress. */
+static int same_compression(const struct compress_params *a, const struct compress_params *b) {
+    return a->mode == b->mode && a->select == b->select && a->budget == b->budget &&
+           a->budget_tokens == b->budget_tokens && a->low_budget == b->low_budget && a->min_prompt == b->min_prompt &&
+           a->low_key_bits == b->low_key_bits && a->seed == b->seed;
+}
+
+/* The most of a kept cache r may take. One token is always left to
+ * compute (its logits start the generation). A compressed cache goes on
+ * only for a request that compresses alike: its next turn, compressed as
+ * if it had been compressed where the kept one was (compress.at), and not
+ * again. A request that compresses its prompt computes at least the
+ * observation window's queries (the scoring needs them) from a whole cache. */
+static int cache_limit(const struct sreq *r, const struct cached_prompt *c, int n) {
+    const struct compress_params *p = &r->params.compress;
+    const int at = compress_point(p, r->n_prompt), compressing = compress_wanted(p, at);
+    int most = c->kv.n_past < n - 1 ? c->kv.n_past : n - 1;
+    if (c->kv.compact) return compressing && same_compression(p, &c->compress) ? most : 0;
+    if (compressing && most > at - COMPRESS_WINDOW) most = at - COMPRESS_WINDOW;
+    return most;
+}
+
 /* The kept cache that spares r the most of the n tokens it must compute
  * first, unlinked, truncated to the tokens it shares with them (*reuse of
- * them); NULL when none shares a usable prefix. One token is always left
- * to compute: its logits start the generation. */
-static struct cached_prompt *cache_take(struct sched *s, const int32_t *tokens, int n, int *reuse) {
+ * them); NULL when none shares a usable prefix. */
+static struct cached_prompt *cache_take(struct sched *s, const struct sreq *r, const int32_t *tokens, int n,
+                                        int *reuse) {
     struct cached_prompt **best = NULL;
     int best_n = 0;
     for (struct cached_prompt **link = &s->cached; *link; link = &(*link)->next) {
         const struct cached_prompt *c = *link;
-        const int most = c->kv.n_past < n - 1 ? c->kv.n_past : n - 1;
+        const int most = cache_limit(r, c, n);
         int common = 0;
         while (common < most && c->tokens[common] == tokens[common]) common++;
         if (common > best_n && common >= kv_cache_truncate_floor(&c->kv)) {
@@ -542,19 +569,21 @@ static struct cached_prompt *cache_take(struct sched *s, const int32_t *tokens, 
  * when the budget cannot take the reservation. */
 static enum kv_status start_cache(struct sched *s, struct sreq *r) {
     const int n_ctx = context_for(r->n_prompt, &r->params), first = first_reservation(r);
-    const int compressing = compress_wanted(&r->params.compress, compress_point(&r->params.compress, r->n_prompt));
     int reuse = 0;
     r->kv_weights = s->weights_changes;
     struct cached_prompt *c = NULL;
     /* A request that reads every prompt row (its log-probabilities, an
-     * embedding's mean) or compresses what it computes needs them all. */
-    if (r->params.cache_prompt && !r->params.prompt_logprobs && !r->params.embedding && !compressing)
-        c = cache_take(s, r->gen.history ? r->gen.history : r->prompt, r->n_replay, &reuse);
+     * embedding's mean) needs them all computed. */
+    if (r->params.cache_prompt && !r->params.prompt_logprobs && !r->params.embedding)
+        c = cache_take(s, r, r->gen.history ? r->gen.history : r->prompt, r->n_replay, &reuse);
     if (c) {
         enum kv_status rc;
         while ((rc = kv_cache_resume(&c->kv, n_ctx, first, longest_pass(r, r->n_replay - reuse))) == KV_OVER_BUDGET &&
                cache_evict_oldest(s)) {}
         if (rc == KV_OK) {
+            /* A compressed turn's successor is compressed where it was (the
+             * same cache, were it computed again after a preemption). */
+            if (c->kv.compact) r->params.compress.at = c->compress.at;
             r->kv = c->kv;
             memset(&c->kv, 0, sizeof c->kv);
             cache_free(c);
@@ -580,12 +609,12 @@ static enum kv_status start_cache(struct sched *s, struct sreq *r) {
 static void admit(struct sched *s, struct sreq **evicted, struct sreq **failed) {
     while (s->wait_head && s->n_running < s->cfg.max_running) {
         struct sreq *r = s->wait_head;
-        const int at = compress_point(&r->params.compress, r->n_prompt);
         enum kv_status rc = start_cache(s, r);
+        const int at = compress_point(&r->params.compress, r->n_prompt);   /* after start_cache: it may set compress.at */
         /* Compression follows the prompt's prefill, on a first admission
          * and again when a preempted request computes its prompt anew; its
          * recording of queries is reserved with the cache. */
-        if (rc == KV_OK) {
+        if (rc == KV_OK && !r->kv.compact) {   /* a compressed cache taken from the prompt cache is done */
             while ((rc = compress_prepare(&r->kv, &s->m->cfg, &r->params.compress, at)) == KV_OVER_BUDGET &&
                    cache_evict_oldest(s)) {}
             if (rc != KV_OK) kv_cache_free(&r->kv);

@@ -11,6 +11,9 @@ whose prompt begins with a kept cache's tokens from that cache. What is checked:
   - the ebb_prompt_cache_* metrics count the hits and the tokens;
   - kept caches are part of the KV reserved (GET /admin/memory's prompt_cache_bytes) and
     a budget lowered under them lets them go at once, with the engine idle;
+  - a compressed conversation (context_compression) goes on from its compressed cache:
+    the next turn takes it and is not compressed again (test_scheduler holds its text to
+    a request compressed where the first turn was);
   - an operator's `--prompt-cache-bytes 0` turns it off; a bad `cache_prompt` is a 400.
 """
 import re
@@ -63,6 +66,26 @@ def test_turns_reuse_the_conversation(binary, model_path, kv_bits):
         assert metric(server, "ebb_prompt_cache_tokens_total") == total
         assert metric(server, "ebb_prompt_cache_entries") == 1
         assert metric(server, "ebb_prompt_cache_bytes") > 0
+    finally:
+        server.stop_clean()
+
+
+def test_a_compressed_conversation_goes_on_from_its_compressed_cache(binary, model_path):
+    server = start_ready(binary, model_path=model_path)
+    compress = {"mode": "demote", "budget": 0.25, "min_prompt": 200}
+    try:
+        notes = " ".join(["The river runs to the sea and the hills stand over the town."] * 24)
+        messages = [{"role": "user", "content": notes + " " + TURNS[0]}]
+        first = chat(server, messages, context_compression=compress)
+        assert first["usage"]["context_compression"]["demoted_tokens"] > 0, first["usage"]
+        messages += [{"role": "assistant", "content": first["choices"][0]["message"]["content"]},
+                     {"role": "user", "content": TURNS[1]}]
+        usage = chat(server, messages, context_compression=compress)["usage"]
+        want = first["usage"]["prompt_tokens"] + first["usage"]["completion_tokens"] - 1
+        assert usage["prompt_tokens_details"]["cached_tokens"] == want and "context_compression" not in usage, usage
+        # Other settings take nothing from it.
+        usage = chat(server, messages, context_compression=dict(compress, budget=0.5))["usage"]
+        assert usage["prompt_tokens_details"]["cached_tokens"] == 0 and "context_compression" in usage, usage
     finally:
         server.stop_clean()
 

@@ -604,6 +604,82 @@ static void test_prompt_cache(struct model *m, int kv_bits) {
     free(a); free(b); free(c); free(conv);
 }
 
+/* The prompt cache with context compression (issue 14's multi-turn): a
+ * compressed turn's cache goes on for the next turn that compresses alike,
+ * which is then exactly a request compressed where the first turn was
+ * (compress.at) with the rest fed after -- generate() of the whole second
+ * prompt with that `at` is the reference -- and is not compressed again;
+ * other settings, or none, take nothing from it. A short first turn (not
+ * compressed) goes on for a long second one that is compressed at its own
+ * end, exactly as computed whole. */
+static void test_prompt_cache_compressed(struct model *m) {
+    char text[8192];
+    int len = snprintf(text, sizeof text, "Read the notes.\n");
+    for (int i = 0; i < 24; i++)
+        len += snprintf(text + len, sizeof text - (size_t)len, i == 12 ? "The number is 4711. " :
+                        "The river runs to the sea and the hills stand over the town. ");
+    snprintf(text + len, sizeof text - (size_t)len, "\nWhat is the number?");
+    int32_t *a;
+    const int n_a = encode_chat(m, text, &a);
+    struct gen_params p = greedy(20);
+    p.kv_bits = 32;
+    p.ignore_eos = 1;
+    p.cache_prompt = 1;
+    p.compress = compress_defaults();
+    p.compress.mode = COMPRESS_DEMOTE;
+    p.compress.min_prompt = 200;
+    struct sched_config cfg = {.max_running = 4, .max_waiting = 8, .kv_bits = 32, .prompt_cache_bytes = 1 << 30};
+    struct sched *s = sched_create(m, &cfg);
+    CHECK(s != NULL);
+    if (!s) { free(a); return; }
+    struct collected first, next, other;
+    run_one(s, a, n_a, &p, &first);
+    CHECK(first.timing.compress.applied && first.n_ids == 20);
+    int32_t *conv, *b;
+    conv = malloc((size_t)(n_a + 20) * sizeof *conv);
+    memcpy(conv, a, (size_t)n_a * sizeof *conv);
+    memcpy(conv + n_a, first.ids, 20 * sizeof *conv);
+    const int n_b = extend(m, conv, n_a + 20, "<|im_end|>\n<|im_start|>user\nAnd the river?<|im_end|>\n<|im_start|>assistant\n", &b);
+    struct gen_params ref = p;
+    ref.compress.at = n_a;   /* compressed after the first turn's prompt, the rest fed after */
+    struct alone alone;
+    run_alone(m, &b, &n_b, 1, &ref, &alone);
+    run_one(s, b, n_b, &p, &next);
+    CHECK_MSG(next.timing.cached == n_a + 19 && !next.timing.compress.applied,
+              "the compressed turn's successor took %d tokens (not %d), compressed again: %d", next.timing.cached,
+              n_a + 19, next.timing.compress.applied);
+    CHECK_MSG(next.n_ids == alone.n && !memcmp(next.ids, alone.ids, (size_t)alone.n * sizeof(int32_t)),
+              "the next turn on a compressed cache differs from compressing where the first turn did");
+    /* Other settings: nothing taken, compressed at its own end as alone. */
+    struct gen_params half = p;
+    half.compress.budget = 0.5f;
+    run_alone(m, &b, &n_b, 1, &half, &alone);
+    run_one(s, b, n_b, &half, &other);
+    CHECK(other.timing.cached == 0 && other.timing.compress.applied);
+    CHECK(other.n_ids == alone.n && !memcmp(other.ids, alone.ids, (size_t)alone.n * sizeof(int32_t)));
+    /* A short turn (under min_prompt), then a long one that compresses. */
+    int32_t *hi;
+    const int n_hi = encode_chat(m, "Read the notes.", &hi);
+    struct collected shorter, longer;
+    run_one(s, hi, n_hi, &p, &shorter);
+    CHECK(!shorter.timing.compress.applied);
+    int32_t *c;
+    int32_t *turn = malloc((size_t)(n_hi + 20) * sizeof *turn);
+    memcpy(turn, hi, (size_t)n_hi * sizeof *turn);
+    memcpy(turn + n_hi, shorter.ids, 20 * sizeof *turn);
+    char more[8300];
+    snprintf(more, sizeof more, "<|im_end|>\n<|im_start|>user\n%s<|im_end|>\n<|im_start|>assistant\n", text);
+    const int n_c = extend(m, turn, n_hi + 20, more, &c);
+    run_alone(m, &c, &n_c, 1, &p, &alone);
+    run_one(s, c, n_c, &p, &longer);
+    CHECK_MSG(longer.timing.cached == n_hi + 19 && longer.timing.compress.applied,
+              "a long turn after a short one took %d tokens (not %d), compressed: %d", longer.timing.cached,
+              n_hi + 19, longer.timing.compress.applied);
+    CHECK(longer.n_ids == alone.n && !memcmp(longer.ids, alone.ids, (size_t)alone.n * sizeof(int32_t)));
+    sched_destroy(s, 1);
+    free(a); free(b); free(c); free(conv); free(hi); free(turn);
+}
+
 static void shorten_when_sanitized(struct model *m) {
 #if defined(__SANITIZE_ADDRESS__)
     model_keep_layers(m, 8);
@@ -637,6 +713,7 @@ int main(int argc, char **argv) {
              * prompt's filler and never has a draft rejected, and the
              * rollback in a compact cache is what this must reach. */
             test_compressed_admission(&m);
+            test_prompt_cache_compressed(&m);
             shorten_when_sanitized(&m);
             test_budget(&m);
             test_preemption(&m, 32);
