@@ -350,6 +350,16 @@ static void test_preemption(struct model *m, int kv_bits) {
     sched_destroy(s, 1);
 }
 
+/* A prompt of 24 sentences of notes, a number hidden in the 13th, and a
+ * question (about 340 tokens). */
+static void write_notes(char *text, size_t size) {
+    int at = snprintf(text, size, "Read the notes and remember the number.\n");
+    for (int i = 0; i < 24; i++)
+        at += snprintf(text + at, size - (size_t)at, i == 12 ? "The number is 4711. " :
+                       "The river runs to the sea and the hills stand over the town. ");
+    snprintf(text + at, size - (size_t)at, "\nWhat is the number?");
+}
+
 /* Compression gives memory back at once: under a budget that holds one
  * whole prompt, a second request waits for the first to finish -- unless
  * the first compresses its prompt, and then the second starts while the
@@ -358,11 +368,7 @@ static void test_preemption(struct model *m, int kv_bits) {
  * the request alone, not on its batch). */
 static void test_compressed_admission(struct model *m) {
     char text[8192];
-    int at = snprintf(text, sizeof text, "Read the notes and remember the number.\n");
-    for (int i = 0; i < 24; i++)
-        at += snprintf(text + at, sizeof text - (size_t)at, i == 12 ? "The number is 4711. " :
-                       "The river runs to the sea and the hills stand over the town. ");
-    snprintf(text + at, sizeof text - (size_t)at, "\nWhat is the number?");
+    write_notes(text, sizeof text);
     int32_t *ids[2];
     int n_ids[2];
     n_ids[0] = n_ids[1] = encode_chat(m, text, &ids[0]);
@@ -614,11 +620,7 @@ static void test_prompt_cache(struct model *m, int kv_bits) {
  * end, exactly as computed whole. */
 static void test_prompt_cache_compressed(struct model *m) {
     char text[8192];
-    int len = snprintf(text, sizeof text, "Read the notes.\n");
-    for (int i = 0; i < 24; i++)
-        len += snprintf(text + len, sizeof text - (size_t)len, i == 12 ? "The number is 4711. " :
-                        "The river runs to the sea and the hills stand over the town. ");
-    snprintf(text + len, sizeof text - (size_t)len, "\nWhat is the number?");
+    write_notes(text, sizeof text);
     int32_t *a;
     const int n_a = encode_chat(m, text, &a);
     struct gen_params p = greedy(20);
