@@ -325,6 +325,16 @@ enum kv_status kv_cache_resume(struct kv_cache *kv, int n_ctx, int n_reserve, in
     return KV_OK;
 }
 
+int kv_cache_copy_prefix(struct kv_cache *kv, const struct kv_cache *src, int n) {
+    const struct kv_layout *l = &kv->layout;
+    if (kv->n_past || kv->compact || src->compact || kv->window || src->window || kv->be != src->be ||
+        l->bits != src->layout.bits || n <= 0 || n > src->n_past || kv_cache_ensure(kv, n))
+        return -1;
+    for (int p = 0; p < pages_for(n); p++) ebb_copy(kv->be, kv->pages[p], src->pages[p], l->page_bytes);
+    kv->n_past = n;
+    return 0;
+}
+
 /* Holds exactly the window pages that queries at positions from .. n-1 can
  * read: from the page before from's page through n-1's. Pages no longer
  * needed are reused for new ones before anything is allocated or freed, so

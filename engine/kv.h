@@ -211,6 +211,13 @@ int kv_cache_truncate_floor(const struct kv_cache *kv);
  * arguments, a recording of queries still held, out of memory) leave the
  * cache as it was. */
 enum kv_status kv_cache_resume(struct kv_cache *kv, int n_ctx, int n_reserve, int max_pass);
+/* Copies the first n positions of src into kv, an empty cache of the same
+ * precision in the same memory whose reservation covers them (the prompt
+ * cache shares a kept sequence's start without giving the sequence up).
+ * f32 and f16 caches only, uncompressed: at 8 and 4 bits the positions
+ * before a cut need the f32 window the source no longer holds. 0, or -1
+ * (nothing copied) when that does not hold or out of memory. */
+int kv_cache_copy_prefix(struct kv_cache *kv, const struct kv_cache *src, int n);
 /* Makes sure positions [0, n) have pages, and that positions n_past .. n-1
  * can be stored and attended to, growing the reservation if it must; -1 if
  * n > n_ctx, the budget refuses the growth, out of memory, or (8 and 4 bits)

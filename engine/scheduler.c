@@ -476,6 +476,14 @@ static struct cached_prompt *cache_unlink(struct sched *s, struct cached_prompt 
     return c;
 }
 
+/* Puts c first: the most recently used. */
+static void cache_insert(struct sched *s, struct cached_prompt *c) {
+    c->next = s->cached;
+    s->cached = c;
+    s->n_cached++;
+    s->cached_bytes += c->kv.reserved_bytes;
+}
+
 /* Frees the least recently used kept cache: 0 when none was kept. */
 static int cache_evict_oldest(struct sched *s) {
     if (!s->cached) return 0;
@@ -509,10 +517,7 @@ static void cache_keep(struct sched *s, struct sreq *r) {
     }
     c->kv = *kv;
     memset(kv, 0, sizeof *kv);
-    c->next = s->cached;
-    s->cached = c;
-    s->n_cached++;
-    s->cached_bytes += c->kv.reserved_bytes;
+    cache_insert(s, c);
     while (s->cached_bytes > s->cfg.prompt_cache_bytes && cache_evict_oldest(s)) {}
 }
 
@@ -538,9 +543,16 @@ static int cache_limit(const struct sreq *r, const struct cached_prompt *c, int 
     return most;
 }
 
+/* Whether a kept cache's start can be copied out (kv_cache_copy_prefix),
+ * leaving the cache kept. */
+static int cache_copyable(const struct cached_prompt *c) { return !c->kv.window && !c->kv.compact; }
+
 /* The kept cache that spares r the most of the n tokens it must compute
- * first, unlinked, truncated to the tokens it shares with them (*reuse of
- * them); NULL when none shares a usable prefix. */
+ * first, unlinked (*reuse: the tokens it shares with them); NULL when none
+ * shares a usable start. A sequence that cannot be copied from is given up
+ * only to a request that goes on with at least half of it: another
+ * conversation that shares its system prompt must not take a conversation's
+ * cache away from its next turn. */
 static struct cached_prompt *cache_take(struct sched *s, const struct sreq *r, const int32_t *tokens, int n,
                                         int *reuse) {
     struct cached_prompt **best = NULL;
@@ -550,23 +562,30 @@ static struct cached_prompt *cache_take(struct sched *s, const struct sreq *r, c
         const int most = cache_limit(r, c, n);
         int common = 0;
         while (common < most && c->tokens[common] == tokens[common]) common++;
-        if (common > best_n && common >= kv_cache_truncate_floor(&c->kv)) {
+        if (common > best_n && common >= kv_cache_truncate_floor(&c->kv) &&
+            (cache_copyable(c) || 2 * common >= c->kv.n_past)) {
             best = link;
             best_n = common;
         }
     }
     if (!best) return NULL;
-    struct cached_prompt *c = cache_unlink(s, best);
-    const int rc = kv_cache_truncate(&c->kv, best_n);   /* at or past its floor: cannot fail */
-    assert(rc == 0);
-    (void)rc;
     *reuse = best_n;
-    return c;
+    return cache_unlink(s, best);
+}
+
+/* r starts with `reuse` positions computed. */
+static void started_from_cache(struct sched *s, struct sreq *r, int reuse) {
+    r->n_prefilled = reuse;
+    if (!r->timing.started) r->timing.cached = reuse;
+    s->cache_hits++;
+    s->cache_tokens += (uint64_t)reuse;
 }
 
 /* Gives r its KV cache on admission: a kept one holding the start of what
- * it computes first when one fits, else a new one. Kept caches give way
- * when the budget cannot take the reservation. */
+ * it computes first when one fits -- a copy of that start when most of the
+ * kept sequence lies beyond it and it can be copied, else the kept cache
+ * itself -- or a new one. Kept caches give way when the budget cannot take
+ * the reservation. */
 static enum kv_status start_cache(struct sched *s, struct sreq *r) {
     const int n_ctx = context_for(r->n_prompt, &r->params), first = first_reservation(r);
     int reuse = 0;
@@ -576,8 +595,21 @@ static enum kv_status start_cache(struct sched *s, struct sreq *r) {
      * embedding's mean) needs them all computed. */
     if (r->params.cache_prompt && !r->params.prompt_logprobs && !r->params.embedding)
         c = cache_take(s, r, r->gen.history ? r->gen.history : r->prompt, r->n_replay, &reuse);
+    enum kv_status rc;
+    if (c && cache_copyable(c) && reuse < c->kv.n_past - KV_PAGE_TOKENS) {
+        /* c is out of the list: the evictions below cannot take it. */
+        while ((rc = kv_cache_init_reserving(&r->kv, &s->m->cfg, n_ctx, first, longest_pass(r, r->n_replay - reuse),
+                                             &s->account)) == KV_OVER_BUDGET && cache_evict_oldest(s)) {}
+        if (rc == KV_OK) {
+            if (kv_cache_copy_prefix(&r->kv, &c->kv, reuse) == 0) started_from_cache(s, r, reuse);
+            cache_insert(s, c);
+            return KV_OK;
+        }
+        /* No room for both: r takes it. */
+    }
     if (c) {
-        enum kv_status rc;
+        rc = kv_cache_truncate(&c->kv, reuse) ? KV_FAILED : KV_OK;   /* at or past its floor: cannot fail */
+        assert(rc == KV_OK);
         while ((rc = kv_cache_resume(&c->kv, n_ctx, first, longest_pass(r, r->n_replay - reuse))) == KV_OVER_BUDGET &&
                cache_evict_oldest(s)) {}
         if (rc == KV_OK) {
@@ -587,15 +619,11 @@ static enum kv_status start_cache(struct sched *s, struct sreq *r) {
             r->kv = c->kv;
             memset(&c->kv, 0, sizeof c->kv);
             cache_free(c);
-            r->n_prefilled = reuse;
-            if (!r->timing.started) r->timing.cached = reuse;
-            s->cache_hits++;
-            s->cache_tokens += (uint64_t)reuse;
+            started_from_cache(s, r, reuse);
             return KV_OK;
         }
         cache_free(c);   /* what it holds is what a new cache would need */
     }
-    enum kv_status rc;
     while ((rc = kv_cache_init_reserving(&r->kv, &s->m->cfg, n_ctx, first, longest_pass(r, r->n_replay),
                                          &s->account)) == KV_OVER_BUDGET && cache_evict_oldest(s)) {}
     return rc;
