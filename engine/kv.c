@@ -282,7 +282,8 @@ static void **page_array(void *const *from, int keep, int n) {
 
 enum kv_status kv_cache_resume(struct kv_cache *kv, int n_ctx, int n_reserve, int max_pass) {
     const struct kv_layout *l = &kv->layout;
-    if (kv->obs || n_ctx <= 0 || n_ctx < kv->n_past || n_reserve < kv->n_past || n_reserve > n_ctx || max_pass < 1) return KV_FAILED;
+    if (kv->obs || n_ctx <= 0 || n_ctx < kv->n_past || n_reserve < kv->n_past || n_reserve > n_ctx || max_pass < 1)
+        return KV_FAILED;
     /* Never fewer window pages than are held now. */
     int window_max = window_pages_for(l, n_ctx, max_pass);
     if (window_max < kv->window_max) window_max = kv->window_max;
@@ -295,7 +296,8 @@ enum kv_status kv_cache_resume(struct kv_cache *kv, int n_ctx, int n_reserve, in
     if (kv->table && (table = ebb_alloc(kv->be, 2 * (size_t)now * sizeof *table)))
         ebb_zero(kv->be, table, 2 * (size_t)now * sizeof *table);
     if (!pages || (kv->window && !window) || (kv->table && !table)) {
-        if (want > kv->reserved_bytes) account_add(kv->account, &kv->account->reserved_bytes, -(long long)(want - kv->reserved_bytes));
+        if (want > kv->reserved_bytes)
+            account_add(kv->account, &kv->account->reserved_bytes, -(long long)(want - kv->reserved_bytes));
         free(pages);
         free(window);
         if (table) ebb_release(kv->be, table);

@@ -638,7 +638,8 @@ static void admit(struct sched *s, struct sreq **evicted, struct sreq **failed) 
     while (s->wait_head && s->n_running < s->cfg.max_running) {
         struct sreq *r = s->wait_head;
         enum kv_status rc = start_cache(s, r);
-        const int at = compress_point(&r->params.compress, r->n_prompt);   /* after start_cache: it may set compress.at */
+        /* After start_cache, which may set compress.at. */
+        const int at = compress_point(&r->params.compress, r->n_prompt);
         /* Compression follows the prompt's prefill, on a first admission
          * and again when a preempted request computes its prompt anew; its
          * recording of queries is reserved with the cache. */

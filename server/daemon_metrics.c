@@ -125,8 +125,8 @@ static const struct family families[] = {
     {METRIC_HISTOGRAM, "ebb_context_compression_seconds", "Time of the compression stage (scoring and compaction).",
      2, model_mode, SWAP_BUCKETS, AT(m_cmp_seconds)},
     /* The prompt cache (engine/scheduler.h). */
-    {METRIC_COUNTER, "ebb_prompt_cache_hits_total", "Requests that started from a kept KV cache of their prompt's start.",
-     1, model, NULL, 0, AT(m_pc_hits)},
+    {METRIC_COUNTER, "ebb_prompt_cache_hits_total",
+     "Requests that started from a kept KV cache of their prompt's start.", 1, model, NULL, 0, AT(m_pc_hits)},
     {METRIC_COUNTER, "ebb_prompt_cache_tokens_total", "Prompt tokens taken from kept KV caches instead of computed.",
      1, model, NULL, 0, AT(m_pc_tokens)},
     {METRIC_COUNTER, "ebb_prompt_cache_evictions_total",

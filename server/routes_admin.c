@@ -191,8 +191,8 @@ static json_t *memory_state(struct daemon *d) {
                               d->memory.automatic ? "auto" : d->memory_budget ? "fixed" : "none", "minimum_bytes",
                               (json_int_t)served_memory_minimum(d), "weight_bytes", (json_int_t)weights,
                               "kv_reserved_bytes", (json_int_t)reserved, "kv_allocated_bytes", (json_int_t)allocated,
-                              "prompt_cache_bytes", (json_int_t)kept, "resident", "weights", (json_int_t)(weights - device_weights), "kv",
-                              (json_int_t)(allocated - device_kv),
+                              "prompt_cache_bytes", (json_int_t)kept, "resident", "weights",
+                              (json_int_t)(weights - device_weights), "kv", (json_int_t)(allocated - device_kv),
                               "scratch_and_other", (json_int_t)(rss > governed ? rss - governed : 0), "models", models);
     json_t *device = device_state(d, device_weights, device_kv);
     if (device) json_object_set_new(state, "device", device);

@@ -1188,7 +1188,8 @@ static void test_resume(void) {
         CHECK(kv_cache_init_reserving(&f.kv, &f.c, 300, 129, 128, &f.acc) == KV_OK);
         CHECK(fill_cache(&f.kv, be, &f.d, 128, 128) == 0);
         kv_cache_limit_pass(&f.kv, 1);
-        for (int n = 129; n <= 280; n++) CHECK(kv_cache_reserve(&f.kv, n) == KV_OK && fill_cache(&f.kv, be, &f.d, n, 1) == 0);
+        for (int n = 129; n <= 280; n++)
+            CHECK(kv_cache_reserve(&f.kv, n) == KV_OK && fill_cache(&f.kv, be, &f.d, n, 1) == 0);
         /* The last pass wrote position 279 and holds window pages 3 and 4:
          * queries from 256 on (page 4) find theirs. */
         CHECK_MSG(kv_cache_truncate_floor(&f.kv) == (bits == 32 ? 0 : 256), "bits %d: floor %d", bits,
@@ -1205,7 +1206,8 @@ static void test_resume(void) {
         kv_account_set_budget(&f.acc, res0 - f.kv.reserved_bytes + want);
         CHECK(kv_cache_resume(&f.kv, 700, 401, 200) == KV_OK);
         CHECK_MSG(f.kv.n_ctx == 700 && f.kv.reserved_bytes == want && f.acc.reserved_bytes == want,
-                  "bits %d: reserved %zu, account %zu, want %zu", bits, f.kv.reserved_bytes, f.acc.reserved_bytes, want);
+                  "bits %d: reserved %zu, account %zu, want %zu", bits, f.kv.reserved_bytes, f.acc.reserved_bytes,
+                  want);
         CHECK(bits == 32 || f.kv.window_max == 6);   /* passes of 200 again: up to 6 window pages */
         kv_account_set_budget(&f.acc, 0);
         /* Going on in passes of 200, then decoding, against the whole cache. */

@@ -888,7 +888,8 @@ static void test_chat_stream(void) {
     s = oai_stream_usage(&m, &u, &len);
     SSE(s, len,
         HEAD "\"choices\":[],\"usage\":{\"prompt_tokens\":12,\"completion_tokens\":1,\"total_tokens\":13,"
-             "\"prompt_tokens_details\":{\"cached_tokens\":0}},\"timings\":{\"cache_n\":0,\"prompt_n\":12,\"prompt_ms\":0.0,\"prompt_per_second\":0.0,\"predicted_n\":1,"
+             "\"prompt_tokens_details\":{\"cached_tokens\":0}},\"timings\":{\"cache_n\":0,\"prompt_n\":12,"
+             "\"prompt_ms\":0.0,\"prompt_per_second\":0.0,\"predicted_n\":1,"
              "\"predicted_ms\":0.0,\"predicted_per_second\":0.0,\"draft_n\":0,\"draft_n_accepted\":0}}\n\n");
     oai_choice_free(&c);
 #undef HEAD

@@ -521,6 +521,19 @@ static int extend(struct model *m, const int32_t *ids, int n, const char *more, 
     return n + n_tail;
 }
 
+/* A conversation's next turn: ids[0, n) (the last answer's tokens at its
+ * end), the end of that turn, the question and the assistant's start. */
+static int next_turn(struct model *m, const int32_t *ids, int n, const char *question, int32_t **out) {
+    char more[8400];
+    snprintf(more, sizeof more, "<|im_end|>\n<|im_start|>user\n%s<|im_end|>\n<|im_start|>assistant\n", question);
+    return extend(m, ids, n, more, out);
+}
+
+/* Whether a request gave the tokens generate() gave alone. */
+static int same_as_alone(const struct collected *c, const struct alone *a) {
+    return c->n_ids == a->n && !memcmp(c->ids, a->ids, (size_t)a->n * sizeof(int32_t));
+}
+
 /* The prompt cache: a conversation's next turn starts from the cache the
  * last turn left and computes only what follows, with the tokens generate()
  * gives the whole prompt alone; a prompt that parts from the kept tokens
@@ -552,7 +565,8 @@ static void test_prompt_cache(struct model *m, int kv_bits) {
     CHECK(first.finish == FINISH_LENGTH && first.n_ids == gen && first.timing.cached == 0);
     struct sched_stats st;
     sched_get_stats(s, &st);
-    CHECK_MSG(st.prompt_cache_entries == 1 && st.prompt_cache_bytes > 0 && st.prompt_cache_bytes == st.kv_reserved_bytes,
+    CHECK_MSG(st.prompt_cache_entries == 1 && st.prompt_cache_bytes > 0 &&
+                  st.prompt_cache_bytes == st.kv_reserved_bytes,
               "kv_bits %d: %d caches kept, %zu bytes, %zu reserved", kv_bits, st.prompt_cache_entries,
               st.prompt_cache_bytes, st.kv_reserved_bytes);
     /* The next turn: the whole conversation again, then more. */
@@ -561,7 +575,7 @@ static void test_prompt_cache(struct model *m, int kv_bits) {
     conv = malloc((size_t)n_conv * sizeof *conv);
     memcpy(conv, a, (size_t)n_a * sizeof *conv);
     memcpy(conv + n_a, first.ids, (size_t)first.n_ids * sizeof *conv);
-    const int n_b = extend(m, conv, n_conv, "<|im_end|>\n<|im_start|>user\nAnd the sun?<|im_end|>\n<|im_start|>assistant\n", &b);
+    const int n_b = next_turn(m, conv, n_conv, "And the sun?", &b);
     struct gen_params p2 = p;
     p2.max_tokens = 30;
     struct alone alone;
@@ -569,7 +583,7 @@ static void test_prompt_cache(struct model *m, int kv_bits) {
     run_one(s, b, n_b, &p2, &next);
     CHECK_MSG(next.timing.cached == n_conv - 1, "kv_bits %d: the next turn took %d tokens from the cache, not %d",
               kv_bits, next.timing.cached, n_conv - 1);
-    CHECK_MSG(next.n_ids == alone.n && !memcmp(next.ids, alone.ids, (size_t)alone.n * sizeof(int32_t)),
+    CHECK_MSG(same_as_alone(&next, &alone),
               "kv_bits %d: the next turn's tokens differ from the prompt computed whole", kv_bits);
     /* A prompt that parts from the kept tokens 20 tokens into the first
      * answer: far before the window at 4 bits. */
@@ -580,13 +594,13 @@ static void test_prompt_cache(struct model *m, int kv_bits) {
     const int want = kv_bits == 32 ? n_a + 20 : 0;
     CHECK_MSG(apart.timing.cached == want, "kv_bits %d: a prompt parting at %d took %d tokens from the cache, not %d",
               kv_bits, n_a + 20, apart.timing.cached, want);
-    CHECK_MSG(apart.n_ids == alone.n && !memcmp(apart.ids, alone.ids, (size_t)alone.n * sizeof(int32_t)),
+    CHECK_MSG(same_as_alone(&apart, &alone),
               "kv_bits %d: a prompt parting from the cache gives other tokens than computed whole", kv_bits);
     /* Not asked: nothing taken, nothing left. */
     struct gen_params p3 = p2;
     p3.cache_prompt = 0;
     run_one(s, c, n_c, &p3, &off);
-    CHECK(off.timing.cached == 0 && off.n_ids == alone.n && !memcmp(off.ids, alone.ids, (size_t)alone.n * sizeof(int32_t)));
+    CHECK(off.timing.cached == 0 && same_as_alone(&off, &alone));
     /* The parting prompt took a copy of the shared start (KV32): the
      * conversation's third turn still finds the whole second one. */
     int32_t *conv2, *d;
@@ -594,13 +608,13 @@ static void test_prompt_cache(struct model *m, int kv_bits) {
     conv2 = malloc((size_t)n_conv2 * sizeof *conv2);
     memcpy(conv2, b, (size_t)n_b * sizeof *conv2);
     memcpy(conv2 + n_b, next.ids, (size_t)next.n_ids * sizeof *conv2);
-    const int n_d = extend(m, conv2, n_conv2, "<|im_end|>\n<|im_start|>user\nThanks.<|im_end|>\n<|im_start|>assistant\n", &d);
+    const int n_d = next_turn(m, conv2, n_conv2, "Thanks.", &d);
     struct collected third;
     run_alone(m, &d, &n_d, 1, &p2, &alone);
     run_one(s, d, n_d, &p2, &third);
     CHECK_MSG(third.timing.cached == n_conv2 - 1, "kv_bits %d: the third turn took %d tokens from the cache, not %d",
               kv_bits, third.timing.cached, n_conv2 - 1);
-    CHECK(third.n_ids == alone.n && !memcmp(third.ids, alone.ids, (size_t)alone.n * sizeof(int32_t)));
+    CHECK(same_as_alone(&third, &alone));
     sched_get_stats(s, &st);
     CHECK_MSG(st.prompt_cache_entries == 2 && st.prompt_cache_hits == 2 + (kv_bits == 32),
               "kv_bits %d: %d kept, %llu hits", kv_bits, st.prompt_cache_entries,
@@ -656,7 +670,7 @@ static void test_prompt_cache_compressed(struct model *m) {
     conv = malloc((size_t)(n_a + 20) * sizeof *conv);
     memcpy(conv, a, (size_t)n_a * sizeof *conv);
     memcpy(conv + n_a, first.ids, 20 * sizeof *conv);
-    const int n_b = extend(m, conv, n_a + 20, "<|im_end|>\n<|im_start|>user\nAnd the river?<|im_end|>\n<|im_start|>assistant\n", &b);
+    const int n_b = next_turn(m, conv, n_a + 20, "And the river?", &b);
     struct gen_params ref = p;
     ref.compress.at = n_a;   /* compressed after the first turn's prompt, the rest fed after */
     struct alone alone;
@@ -665,7 +679,7 @@ static void test_prompt_cache_compressed(struct model *m) {
     CHECK_MSG(next.timing.cached == n_a + 19 && !next.timing.compress.applied,
               "the compressed turn's successor took %d tokens (not %d), compressed again: %d", next.timing.cached,
               n_a + 19, next.timing.compress.applied);
-    CHECK_MSG(next.n_ids == alone.n && !memcmp(next.ids, alone.ids, (size_t)alone.n * sizeof(int32_t)),
+    CHECK_MSG(same_as_alone(&next, &alone),
               "the next turn on a compressed cache differs from compressing where the first turn did");
     /* Other settings: nothing taken, compressed at its own end as alone. */
     struct gen_params half = p;
@@ -673,7 +687,7 @@ static void test_prompt_cache_compressed(struct model *m) {
     run_alone(m, &b, &n_b, 1, &half, &alone);
     run_one(s, b, n_b, &half, &other);
     CHECK(other.timing.cached == 0 && other.timing.compress.applied);
-    CHECK(other.n_ids == alone.n && !memcmp(other.ids, alone.ids, (size_t)alone.n * sizeof(int32_t)));
+    CHECK(same_as_alone(&other, &alone));
     /* A short turn (under min_prompt), then a long one that compresses. */
     int32_t *hi;
     const int n_hi = encode_chat(m, "Read the notes.", &hi);
@@ -684,15 +698,13 @@ static void test_prompt_cache_compressed(struct model *m) {
     int32_t *turn = malloc((size_t)(n_hi + 20) * sizeof *turn);
     memcpy(turn, hi, (size_t)n_hi * sizeof *turn);
     memcpy(turn + n_hi, shorter.ids, 20 * sizeof *turn);
-    char more[8300];
-    snprintf(more, sizeof more, "<|im_end|>\n<|im_start|>user\n%s<|im_end|>\n<|im_start|>assistant\n", text);
-    const int n_c = extend(m, turn, n_hi + 20, more, &c);
+    const int n_c = next_turn(m, turn, n_hi + 20, text, &c);
     run_alone(m, &c, &n_c, 1, &p, &alone);
     run_one(s, c, n_c, &p, &longer);
     CHECK_MSG(longer.timing.cached == n_hi + 19 && longer.timing.compress.applied,
               "a long turn after a short one took %d tokens (not %d), compressed: %d", longer.timing.cached,
               n_hi + 19, longer.timing.compress.applied);
-    CHECK(longer.n_ids == alone.n && !memcmp(longer.ids, alone.ids, (size_t)alone.n * sizeof(int32_t)));
+    CHECK(same_as_alone(&longer, &alone));
     sched_destroy(s, 1);
     free(a); free(b); free(c); free(conv); free(hi); free(turn);
 }
