@@ -521,6 +521,14 @@ static int extend(struct model *m, const int32_t *ids, int n, const char *more, 
     return n + n_tail;
 }
 
+/* a[0, n_a) then b[0, n_b), in a new array. */
+static int32_t *joined(const int32_t *a, int n_a, const int32_t *b, int n_b) {
+    int32_t *out = malloc((size_t)(n_a + n_b) * sizeof *out);
+    memcpy(out, a, (size_t)n_a * sizeof *out);
+    memcpy(out + n_a, b, (size_t)n_b * sizeof *out);
+    return out;
+}
+
 /* A conversation's next turn: ids[0, n) (the last answer's tokens at its
  * end), the end of that turn, the question and the assistant's start. */
 static int next_turn(struct model *m, const int32_t *ids, int n, const char *question, int32_t **out) {
@@ -572,9 +580,7 @@ static void test_prompt_cache(struct model *m, int kv_bits) {
     /* The next turn: the whole conversation again, then more. */
     int32_t *conv, *b;
     const int n_conv = n_a + first.n_ids;
-    conv = malloc((size_t)n_conv * sizeof *conv);
-    memcpy(conv, a, (size_t)n_a * sizeof *conv);
-    memcpy(conv + n_a, first.ids, (size_t)first.n_ids * sizeof *conv);
+    conv = joined(a, n_a, first.ids, first.n_ids);
     const int n_b = next_turn(m, conv, n_conv, "And the sun?", &b);
     struct gen_params p2 = p;
     p2.max_tokens = 30;
@@ -605,9 +611,7 @@ static void test_prompt_cache(struct model *m, int kv_bits) {
      * conversation's third turn still finds the whole second one. */
     int32_t *conv2, *d;
     const int n_conv2 = n_b + next.n_ids;
-    conv2 = malloc((size_t)n_conv2 * sizeof *conv2);
-    memcpy(conv2, b, (size_t)n_b * sizeof *conv2);
-    memcpy(conv2 + n_b, next.ids, (size_t)next.n_ids * sizeof *conv2);
+    conv2 = joined(b, n_b, next.ids, next.n_ids);
     const int n_d = next_turn(m, conv2, n_conv2, "Thanks.", &d);
     struct collected third;
     run_alone(m, &d, &n_d, 1, &p2, &alone);
@@ -667,9 +671,7 @@ static void test_prompt_cache_compressed(struct model *m) {
     run_one(s, a, n_a, &p, &first);
     CHECK(first.timing.compress.applied && first.n_ids == 20);
     int32_t *conv, *b;
-    conv = malloc((size_t)(n_a + 20) * sizeof *conv);
-    memcpy(conv, a, (size_t)n_a * sizeof *conv);
-    memcpy(conv + n_a, first.ids, 20 * sizeof *conv);
+    conv = joined(a, n_a, first.ids, 20);
     const int n_b = next_turn(m, conv, n_a + 20, "And the river?", &b);
     struct gen_params ref = p;
     ref.compress.at = n_a;   /* compressed after the first turn's prompt, the rest fed after */
@@ -695,9 +697,7 @@ static void test_prompt_cache_compressed(struct model *m) {
     run_one(s, hi, n_hi, &p, &shorter);
     CHECK(!shorter.timing.compress.applied);
     int32_t *c;
-    int32_t *turn = malloc((size_t)(n_hi + 20) * sizeof *turn);
-    memcpy(turn, hi, (size_t)n_hi * sizeof *turn);
-    memcpy(turn + n_hi, shorter.ids, 20 * sizeof *turn);
+    int32_t *turn = joined(hi, n_hi, shorter.ids, 20);
     const int n_c = next_turn(m, turn, n_hi + 20, text, &c);
     run_alone(m, &c, &n_c, 1, &p, &alone);
     run_one(s, c, n_c, &p, &longer);
