@@ -1177,7 +1177,8 @@ static void test_limit_pass(void) {
  * bits), then kv_cache_resume for a longer sequence with long passes again:
  * a new n_ctx, window pages and reservation, refused without change when
  * the budget cannot take it. After it, going on gives the same attention,
- * bit for bit, as a cache that computed the whole sequence in one go. */
+ * bit for bit, as a cache that computed the whole sequence in one go; so
+ * does a copy of a prefix (kv_cache_copy_prefix, f32 only). */
 static void test_resume(void) {
     const struct ebb_backend *be = ebb_backend_cpu();
     for (int bits = 32; bits >= 4; bits -= 28) {
@@ -1228,6 +1229,27 @@ static void test_resume(void) {
         CHECK(kv_cache_truncate(&f.kv, 450) == 0);
         CHECK(kv_cache_resume(&f.kv, 455, 451, 1) == KV_OK && f.kv.n_ctx == 455 && f.kv.n_pages <= 8);
         CHECK(kv_cache_resume(&f.kv, 449, 449, 1) == KV_FAILED);   /* fewer positions than it holds */
+        /* A copy of the first 300 positions goes on as the original does;
+         * at 4 bits copies are refused (the window rows are gone). */
+        struct kv_cache copy;
+        CHECK(kv_cache_init_reserving(&copy, &f.c, 700, 301, 1, &f.acc) == KV_OK);
+        const int copied = kv_cache_copy_prefix(&copy, &whole.kv, 300);
+        CHECK_MSG(copied == (bits == 32 ? 0 : -1) && copy.n_past == (bits == 32 ? 300 : 0), "bits %d: copy gave %d",
+                  bits, copied);
+        if (bits == 32) {
+            CHECK(kv_cache_truncate(&whole.kv, 300) == 0);
+            same = 1;
+            for (int n = 301; n <= 330; n++) {
+                CHECK(kv_cache_reserve(&copy, n) == KV_OK);
+                CHECK(fill_cache(&copy, be, &f.d, n, 1) == 0 && fill_cache(&whole.kv, be, &f.d, n, 1) == 0);
+                for (int i = 0; i < 64; i++) q[i] = gauss();
+                kv_attend(&copy, be, 0, 0, q, n, 0.125f, f.scratch, a);
+                kv_attend(&whole.kv, be, 0, 0, q, n, 0.125f, f.scratch, b);
+                same &= !memcmp(a, b, sizeof a);
+            }
+            CHECK_MSG(same, "attention over a copied prefix differs from the original's");
+        }
+        kv_cache_free(&copy);
         fixture_free(&f);   /* checks that everything went back */
         fixture_free(&whole);
     }
