@@ -532,8 +532,9 @@ static int same_compression(const struct compress_params *a, const struct compre
  * compute (its logits start the generation). A compressed cache goes on
  * only for a request that compresses alike: its next turn, compressed as
  * if it had been compressed where the kept one was (compress.at), and not
- * again. A request that compresses its prompt computes at least the
- * observation window's queries (the scoring needs them) from a whole cache. */
+ * again (cache_least). A request that compresses its prompt computes at
+ * least the observation window's queries (the scoring needs them) from a
+ * whole cache. */
 static int cache_limit(const struct sreq *r, const struct cached_prompt *c, int n) {
     const struct compress_params *p = &r->params.compress;
     const int at = compress_point(p, r->n_prompt), compressing = compress_wanted(p, at);
@@ -541,6 +542,17 @@ static int cache_limit(const struct sreq *r, const struct cached_prompt *c, int 
     if (c->kv.compact) return compressing && same_compression(p, &c->compress) ? most : 0;
     if (compressing && most > at - COMPRESS_WINDOW) most = at - COMPRESS_WINDOW;
     return most;
+}
+
+/* The least of a kept cache a request may take: past its floor
+ * (kv_cache_truncate_floor) and, compressed, past where it was compressed:
+ * the positions before that point were computed from the whole cache, and
+ * a request that takes fewer would compute the rest from the compressed
+ * one, which compressing there does not do (the same prompt sent again
+ * recomputes its last token: it is compressed afresh instead). */
+static int cache_least(const struct cached_prompt *c) {
+    const int floor = kv_cache_truncate_floor(&c->kv);
+    return c->kv.compact && c->compress.at > floor ? c->compress.at : floor;
 }
 
 /* Whether a kept cache's start can be copied out (kv_cache_copy_prefix),
@@ -562,7 +574,7 @@ static struct cached_prompt *cache_take(struct sched *s, const struct sreq *r, c
         const int most = cache_limit(r, c, n);
         int common = 0;
         while (common < most && c->tokens[common] == tokens[common]) common++;
-        if (common > best_n && common >= kv_cache_truncate_floor(&c->kv) &&
+        if (common > best_n && common >= cache_least(c) &&
             (cache_copyable(c) || 2 * common >= c->kv.n_past)) {
             best = link;
             best_n = common;

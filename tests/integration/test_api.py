@@ -609,7 +609,7 @@ def cancel_by_id(srv, path, body, stream):
     t = threading.Thread(target=run)
     t.start()
     deadline = time.monotonic() + 30
-    while memory(srv)["kv_allocated_bytes"] == 0:   # running
+    while held(memory(srv)) == 0:   # running (kept caches are not)
         assert time.monotonic() < deadline
         time.sleep(0.05)
     now = request_id(srv)

@@ -648,6 +648,8 @@ static void test_prompt_cache(struct model *m, int kv_bits) {
  * which is then exactly a request compressed where the first turn was
  * (compress.at) with the rest fed after -- generate() of the whole second
  * prompt with that `at` is the reference -- and is not compressed again;
+ * the same prompt sent again takes nothing (it would recompute its last
+ * token from the compressed cache);
  * other settings, or none, take nothing from it. A short first turn (not
  * compressed) goes on for a long second one that is compressed at its own
  * end, exactly as computed whole. */
@@ -670,6 +672,14 @@ static void test_prompt_cache_compressed(struct model *m) {
     struct collected first, next, other;
     run_one(s, a, n_a, &p, &first);
     CHECK(first.timing.compress.applied && first.n_ids == 20);
+    /* The same prompt again is compressed afresh: its last token was
+     * computed from the whole cache, not the compressed one. */
+    struct collected again;
+    run_one(s, a, n_a, &p, &again);
+    CHECK_MSG(again.timing.cached == 0 && again.timing.compress.applied && again.n_ids == 20 &&
+                  !memcmp(again.ids, first.ids, sizeof first.ids[0] * 20),
+              "the same compressed prompt again took %d tokens, compressed: %d", again.timing.cached,
+              again.timing.compress.applied);
     int32_t *conv, *b;
     conv = joined(a, n_a, first.ids, 20);
     const int n_b = next_turn(m, conv, n_a + 20, "And the river?", &b);
