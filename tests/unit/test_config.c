@@ -65,6 +65,7 @@ static void check_defaults(const struct ebb_config *c) {
     CHECK(c->memory_budget_bytes == 0);
     CHECK(c->memory_budget_mode == 0 && c->memory_reserve_bytes == 512ull << 20);
     CHECK(c->max_body_bytes == 8388608);
+    CHECK(c->prompt_cache_bytes == 1ull << 30);
     CHECK(c->max_header_bytes == 16384);
     CHECK(c->max_connections == 1024);
     CHECK(c->header_timeout_ms == 10000);
@@ -285,6 +286,8 @@ static void test_bad_files(void) {
                    "expected one of \"off\", \"demote\", \"drop\"");
     expect_refused("{\"compression_budget_percent\": 101}", "'compression_budget_percent'", "[0, 100]");
     expect_refused("{\"compression_min_prompt\": -5}", "'compression_min_prompt'", NULL);
+    expect_refused("{\"prompt_cache_bytes\": -1}", "'prompt_cache_bytes'", NULL);
+    expect_refused("{\"prompt_cache_bytes\": \"lots\"}", "'prompt_cache_bytes'", NULL);
     /* Out of range. */
     expect_refused("{\"port\": 65536}", "'port'", "[0, 65535]");
     expect_refused("{\"port\": -1}", "'port'", NULL);
