@@ -593,6 +593,16 @@ static void started_from_cache(struct sched *s, struct sreq *r, int reuse) {
     s->cache_tokens += (uint64_t)reuse;
 }
 
+/* A new cache for r, for passes of up to max_pass positions; kept caches
+ * give way when the budget cannot take its reservation. */
+static enum kv_status new_cache(struct sched *s, struct sreq *r, int max_pass) {
+    enum kv_status rc;
+    while ((rc = kv_cache_init_reserving(&r->kv, &s->m->cfg, context_for(r->n_prompt, &r->params),
+                                         first_reservation(r), max_pass, &s->account)) == KV_OVER_BUDGET &&
+           cache_evict_oldest(s)) {}
+    return rc;
+}
+
 /* Gives r its KV cache on admission: a kept one holding the start of what
  * it computes first when one fits -- a copy of that start when most of the
  * kept sequence lies beyond it and it can be copied, else the kept cache
@@ -609,10 +619,8 @@ static enum kv_status start_cache(struct sched *s, struct sreq *r) {
         c = cache_take(s, r, r->gen.history ? r->gen.history : r->prompt, r->n_replay, &reuse);
     enum kv_status rc;
     if (c && cache_copyable(c) && reuse < c->kv.n_past - KV_PAGE_TOKENS) {
-        /* c is out of the list: the evictions below cannot take it. */
-        while ((rc = kv_cache_init_reserving(&r->kv, &s->m->cfg, n_ctx, first, longest_pass(r, r->n_replay - reuse),
-                                             &s->account)) == KV_OVER_BUDGET && cache_evict_oldest(s)) {}
-        if (rc == KV_OK) {
+        /* c is out of the list: new_cache's evictions cannot take it. */
+        if ((rc = new_cache(s, r, longest_pass(r, r->n_replay - reuse))) == KV_OK) {
             if (kv_cache_copy_prefix(&r->kv, &c->kv, reuse) == 0) started_from_cache(s, r, reuse);
             cache_insert(s, c);
             return KV_OK;
@@ -636,9 +644,7 @@ static enum kv_status start_cache(struct sched *s, struct sreq *r) {
         }
         cache_free(c);   /* what it holds is what a new cache would need */
     }
-    while ((rc = kv_cache_init_reserving(&r->kv, &s->m->cfg, n_ctx, first, longest_pass(r, r->n_replay),
-                                         &s->account)) == KV_OVER_BUDGET && cache_evict_oldest(s)) {}
-    return rc;
+    return new_cache(s, r, longest_pass(r, r->n_replay));
 }
 
 /* Admits from the head of the queue while a slot is free and the budget
