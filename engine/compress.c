@@ -39,6 +39,13 @@ int compress_point(const struct compress_params *p, int n_prompt) {
     return p->at > 0 && p->at < n_prompt ? p->at : n_prompt;
 }
 
+int compress_next_point(const struct compress_params *p, int n_prompt, int from) {
+    for (int i = 0; i < p->n_earlier; i++)
+        if (p->earlier[i] - COMPRESS_WINDOW >= from) return p->earlier[i];
+    const int last = compress_point(p, n_prompt);
+    return last - COMPRESS_WINDOW >= from ? last : 0;
+}
+
 int compress_wanted(const struct compress_params *p, int n_prompt) {
     return p->mode != COMPRESS_OFF && n_prompt >= p->min_prompt && n_prompt >= 2 * KV_PAGE_TOKENS + COMPRESS_WINDOW;
 }
@@ -59,20 +66,22 @@ enum kv_status compress_prepare(struct kv_cache *kv, const struct model_config *
     return kv_cache_observe(kv, n_prompt - COMPRESS_WINDOW, COMPRESS_WINDOW, cfg->n_head * cfg->head_dim);
 }
 
-/* Positions [0, boundary) kept per head: the budget less what the recent
+/* Rows kept per head, of the `keepable` rows before the boundary that may
+ * be (all but a store's demoted ones): the budget less what the recent
  * window already keeps, never fewer than the sinks. */
-static int keep_count(const struct compress_params *p, int n_prompt, int boundary) {
+static int keep_count(const struct compress_params *p, int n_prompt, int boundary, int keepable) {
     const long want = p->budget_tokens > 0 ? p->budget_tokens : lroundf(p->budget * (float)n_prompt);
     long keep = want - (n_prompt - boundary);
     if (keep < KV_SINK_TOKENS) keep = KV_SINK_TOKENS;
-    return keep > boundary ? boundary : (int)keep;
+    return keep > keepable ? keepable : (int)keep;
 }
 
-/* Positions of [0, boundary) demoted per head: none when dropping, all
- * that are not kept by default, else the low budget's share. */
-static int low_count(const struct compress_params *p, int n_prompt, int boundary, int n_keep) {
+/* Rows of the `rows` before the boundary demoted per head: none when
+ * dropping, all that are not kept by default, else the low budget's
+ * share. */
+static int low_count(const struct compress_params *p, int n_prompt, int rows, int n_keep) {
     if (p->mode == COMPRESS_DROP) return 0;
-    const int rest = boundary - n_keep;
+    const int rest = rows - n_keep;
     if (p->low_budget < 0) return rest;
     const long n = lroundf(p->low_budget * (float)n_prompt);
     return n < rest ? (int)n : rest;
@@ -80,16 +89,12 @@ static int low_count(const struct compress_params *p, int n_prompt, int boundary
 
 /* ------------------------------------------------------------ scoring */
 
-/* scores[h * boundary + p]: the window's attention to position p, summed
- * over its queries, averaged over the query heads of KV head h, then
- * max-pooled; per_layer: summed over the layer's KV heads. -1 when out of
- * memory. */
 /* Every head of a layer gets the layer's summed scores. */
-static void share_layer(float *scores, int n_kvh, int boundary) {
-    for (int p = 0; p < boundary; p++) {
+static void share_layer(float *scores, int n_kvh, int rows) {
+    for (int p = 0; p < rows; p++) {
         float total = 0;
-        for (int h = 0; h < n_kvh; h++) total += scores[(size_t)h * boundary + p];
-        for (int h = 0; h < n_kvh; h++) scores[(size_t)h * boundary + p] = total;
+        for (int h = 0; h < n_kvh; h++) total += scores[(size_t)h * rows + p];
+        for (int h = 0; h < n_kvh; h++) scores[(size_t)h * rows + p] = total;
     }
 }
 
@@ -101,7 +106,8 @@ struct score_job {
     const struct kv_cache *kv;
     const struct model_config *cfg;
     const struct ebb_backend *be;
-    int boundary, n_items;
+    int rows, n_items;
+    int seg_keep, seg_low;     /* a compact store's kept and demoted rows: pooled apart */
     float *scores;
     float *buffers;            /* per worker: scratch, weights, sums */
     size_t per_worker;
@@ -113,23 +119,27 @@ static void score_item(const struct score_job *j, int item, float *scratch, floa
     const struct kv_observation *o = kv->obs;
     const struct model_config *cfg = j->cfg;
     const int hd = cfg->head_dim, group = cfg->n_head / cfg->n_head_kv, n_kvh = cfg->n_head_kv;
-    const int block = kv_block_tokens(cfg), n_ctx = kv->n_past, boundary = j->boundary;
+    const int block = kv_block_tokens(cfg), n_ctx = kv->n_past, rows = j->rows;
     const int layer = item / n_kvh, h = item % n_kvh;
     const float scale = 1.0f / sqrtf((float)hd);
-    memset(sum, 0, (size_t)boundary * sizeof(float));
+    memset(sum, 0, (size_t)rows * sizeof(float));
     for (int t0 = 0; t0 < o->n; t0 += block) {
         const int n = o->n - t0 < block ? o->n - t0 : block;
         const float *q = o->q + ((size_t)layer * o->n + (size_t)t0) * o->q_dim + (size_t)h * group * hd;
         kv_attend_weights(kv, j->be, layer, h, q, (size_t)o->q_dim, n, group, o->from + t0, scale, scratch, w,
                           (size_t)n_ctx);
         for (int k = 0; k < n * group; k++)
-            for (int p = 0; p < boundary; p++) sum[p] += w[(size_t)k * n_ctx + p];
+            for (int p = 0; p < rows; p++) sum[p] += w[(size_t)k * n_ctx + p];
     }
-    float *out = j->scores + (size_t)item * boundary;
-    for (int p = 0; p < boundary; p++) {
+    /* Neighbours are pooled within a segment: a store's kept rows, its
+     * demoted rows, the positions after it (each in order of position). */
+    float *out = j->scores + (size_t)item * rows;
+    for (int p = 0; p < rows; p++) {
+        const int lo = p < j->seg_keep ? 0 : p < j->seg_low ? j->seg_keep : j->seg_low;
+        const int hi = p < j->seg_keep ? j->seg_keep : p < j->seg_low ? j->seg_low : rows;
         float m = 0;
         for (int d = -COMPRESS_POOL / 2; d <= COMPRESS_POOL / 2; d++)
-            if (p + d >= 0 && p + d < boundary && sum[p + d] > m) m = sum[p + d];
+            if (p + d >= lo && p + d < hi && sum[p + d] > m) m = sum[p + d];
         out[p] = m / (float)group;
     }
 }
@@ -144,24 +154,27 @@ static void score_task(void *arg, int part, int n_parts) {
     for (int item; (item = atomic_fetch_add(&j->next, 1)) < j->n_items;) score_item(j, item, scratch, w, sum);
 }
 
-/* scores[(layer * n_head_kv + h) * boundary + p]: the window's attention to
- * position p, summed over its queries, averaged over the query heads of KV
- * head h, then max-pooled; per_layer: summed over the layer's KV heads.
- * Split over pool (NULL: the calling thread). -1 when out of memory. */
+/* scores[(layer * n_head_kv + h) * rows + r]: the window's attention to
+ * row r of those a compaction at boundary decides (kv_cache_compact_rows),
+ * summed over its queries, averaged over the query heads of KV head h,
+ * then max-pooled; per_layer: summed over the layer's KV heads. Split
+ * over pool (NULL: the calling thread). -1 when out of memory. */
 static int snapkv_scores(const struct kv_cache *kv, const struct model_config *cfg, const struct ebb_backend *be,
                          struct ebb_pool *pool, int boundary, int per_layer, float *scores) {
     const int group = cfg->n_head / cfg->n_head_kv, n_kvh = cfg->n_head_kv, n_ctx = kv->n_past;
-    const int workers = pool ? ebb_pool_threads(pool) : 1;
-    struct score_job job = {kv, cfg, be, boundary, cfg->n_layer * n_kvh, scores, NULL, 0, 0};
+    const int workers = pool ? ebb_pool_threads(pool) : 1, rows = kv_cache_compact_rows(kv, boundary);
+    const struct kv_compact_info ci = kv_cache_compact_info(kv);
+    struct score_job job = {kv, cfg, be, rows, cfg->n_layer * n_kvh, ci.n_keep, ci.n_keep + ci.n_low,
+                            scores, NULL, 0, 0};
     job.per_worker = kv_attend_scratch(cfg, n_ctx) + (size_t)kv_block_tokens(cfg) * group * (size_t)n_ctx +
-                     (size_t)boundary;
+                     (size_t)rows;
     if (!(job.buffers = malloc((size_t)workers * job.per_worker * sizeof(float)))) return -1;
     if (pool) ebb_pool_run(pool, score_task, &job, workers);
     else score_task(&job, 0, 1);
     free(job.buffers);
     if (per_layer)
         for (int layer = 0; layer < cfg->n_layer; layer++)
-            share_layer(scores + (size_t)layer * n_kvh * boundary, n_kvh, boundary);
+            share_layer(scores + (size_t)layer * n_kvh * rows, n_kvh, rows);
     return 0;
 }
 
@@ -187,25 +200,23 @@ static int by_score(const void *a, const void *b) {
     return x->pos - y->pos;
 }
 
-void compress_select_tiers(const struct compress_params *p, const float *scores, int n_heads, int boundary,
-                           int n_keep, int n_low, uint8_t *tiers) {
-    struct candidate *order = malloc((size_t)boundary * sizeof *order);
+int compress_select_tiers(const struct compress_params *p, const float *scores, int n_heads, int rows, int n_keep,
+                          int n_low, int low_from, int low_to, uint8_t *tiers) {
+    const int n_cand = rows - KV_SINK_TOKENS;
+    struct candidate *order = malloc((size_t)(n_cand > 0 ? n_cand : 1) * sizeof *order);
+    if (!order) return -1;
     uint64_t rng = p->seed;
-    const int n_cand = boundary - KV_SINK_TOKENS;
     int free_slots = n_keep - KV_SINK_TOKENS;
     if (free_slots < 0) free_slots = 0;
     if (n_low > n_cand - free_slots) n_low = n_cand - free_slots;
     for (int h = 0; h < n_heads; h++) {
-        uint8_t *t = tiers + (size_t)h * boundary;
-        for (int i = 0; i < boundary; i++) t[i] = i < KV_SINK_TOKENS ? KV_TIER_KEEP : KV_TIER_DROP;
-        /* Candidates in order of preference; out of memory, the recent ones. */
+        uint8_t *t = tiers + (size_t)h * rows;
+        for (int i = 0; i < rows; i++) t[i] = i < KV_SINK_TOKENS ? KV_TIER_KEEP : KV_TIER_DROP;
+        /* Candidates in order of preference. */
         for (int i = 0; i < n_cand; i++) {
-            const int pos = p->select == COMPRESS_RECENT || !order ? boundary - 1 - i : KV_SINK_TOKENS + i;
-            const float score = scores ? scores[(size_t)h * boundary + pos] : 0;
-            if (order) order[i] = (struct candidate){score, pos};
-            else t[pos] = i < free_slots ? KV_TIER_KEEP : i < free_slots + n_low ? KV_TIER_LOW : KV_TIER_DROP;
+            const int pos = p->select == COMPRESS_RECENT ? rows - 1 - i : KV_SINK_TOKENS + i;
+            order[i] = (struct candidate){scores ? scores[(size_t)h * rows + pos] : 0, pos};
         }
-        if (!order) continue;
         if (p->select == COMPRESS_RANDOM) {
             for (int i = 0; i < n_cand - 1; i++) {   /* Fisher-Yates */
                 const int j = i + (int)(next_random(&rng) % (uint64_t)(n_cand - i));
@@ -216,9 +227,20 @@ void compress_select_tiers(const struct compress_params *p, const float *scores,
         } else if (p->select == COMPRESS_SNAPKV || p->select == COMPRESS_SNAPKV_HEAD) {
             qsort(order, (size_t)n_cand, sizeof *order, by_score);
         }
-        for (int i = 0; i < free_slots + n_low; i++) t[order[i].pos] = i < free_slots ? KV_TIER_KEEP : KV_TIER_LOW;
+        /* The best that may be kept are; of the rest, the best demoted. */
+        for (int i = 0, kept = 0; i < n_cand && kept < free_slots; i++)
+            if (order[i].pos < low_from || order[i].pos >= low_to) {
+                t[order[i].pos] = KV_TIER_KEEP;
+                kept++;
+            }
+        for (int i = 0, low = 0; i < n_cand && low < n_low; i++)
+            if (t[order[i].pos] == KV_TIER_DROP) {
+                t[order[i].pos] = KV_TIER_LOW;
+                low++;
+            }
     }
     free(order);
+    return 0;
 }
 
 /* ------------------------------------------------------------- stage */
@@ -233,27 +255,29 @@ int compress_apply(struct kv_cache *kv, const struct model_config *cfg, const st
                    struct ebb_pool *pool, const struct compress_params *p, struct compress_report *report) {
     const double t0 = now_ms();
     memset(report, 0, sizeof *report);
+    const struct kv_compact_info was = kv_cache_compact_info(kv);
     const int n_prompt = kv->n_past, boundary = kv_cache_compact_limit(kv);
+    const int rows = boundary >= was.boundary ? kv_cache_compact_rows(kv, boundary) : 0;
+    const int keepable = rows - was.n_low;   /* a demoted row is never kept again */
     report->n_prompt = n_prompt;
-    report->kept = n_prompt;
+    report->kept = n_prompt - (was.boundary - was.n_keep);
     report->bytes_before = report->bytes_after = kv_cache_body_bytes(kv);
-    const int n_keep = boundary > 0 ? keep_count(p, n_prompt, boundary) : 0;
-    if (!compress_wanted(p, n_prompt) || kv->compact || boundary <= 0 || n_keep >= boundary ||
-        ((p->select == COMPRESS_SNAPKV || p->select == COMPRESS_SNAPKV_HEAD) &&
-         (!kv->obs || kv->obs->from + kv->obs->n != n_prompt))) {
+    const int n_keep = boundary > 0 && rows > 0 ? keep_count(p, n_prompt, boundary, keepable) : 0;
+    const int scored = p->select == COMPRESS_SNAPKV || p->select == COMPRESS_SNAPKV_HEAD;
+    if (!compress_wanted(p, n_prompt) || boundary <= 0 || rows <= 0 || n_keep >= keepable ||
+        (scored && (!kv->obs || kv->obs->from + kv->obs->n != n_prompt))) {
         kv_cache_forget_observation(kv);
         return 0;
     }
     const int n_heads = cfg->n_layer * cfg->n_head_kv;
-    const int scored = p->select == COMPRESS_SNAPKV || p->select == COMPRESS_SNAPKV_HEAD;
-    float *scores = scored ? malloc((size_t)n_heads * boundary * sizeof(float)) : NULL;
-    uint8_t *tiers = malloc((size_t)n_heads * boundary);
+    float *scores = scored ? malloc((size_t)n_heads * rows * sizeof(float)) : NULL;
+    uint8_t *tiers = malloc((size_t)n_heads * rows);
     int rc = -1;
     if (tiers &&
-        (!scored || (scores && snapkv_scores(kv, cfg, be, pool, boundary, p->select == COMPRESS_SNAPKV, scores) == 0))) {
-        compress_select_tiers(p, scores, n_heads, boundary, n_keep, low_count(p, n_prompt, boundary, n_keep), tiers);
+        (!scored || (scores && snapkv_scores(kv, cfg, be, pool, boundary, p->select == COMPRESS_SNAPKV, scores) == 0)) &&
+        compress_select_tiers(p, scores, n_heads, rows, n_keep, low_count(p, n_prompt, rows, n_keep), was.n_keep,
+                              was.n_keep + was.n_low, tiers) == 0)
         rc = kv_cache_compact(kv, be, boundary, tiers, p->low_key_bits == KV_LOW_BITS ? KV_LOW_BITS : 4);
-    }
     free(scores);
     free(tiers);
     if (rc) return -1;

@@ -58,6 +58,7 @@ struct ebb_pool;
 #define COMPRESS_WINDOW 32          /* observation window: the prompt's last positions */
 #define COMPRESS_POOL 7             /* max-pooling width over neighbouring positions */
 #define COMPRESS_MIN_PROMPT 1024    /* shorter prompts are left alone unless told */
+#define COMPRESS_MAX_POINTS 32      /* a conversation is compressed again for at most this many turns */
 
 enum compress_mode { COMPRESS_OFF = 0, COMPRESS_DEMOTE, COMPRESS_DROP };
 enum compress_select { COMPRESS_SNAPKV = 0, COMPRESS_SNAPKV_HEAD, COMPRESS_RANDOM, COMPRESS_RECENT };
@@ -74,6 +75,13 @@ struct compress_params {
     int at;                /* compress after this many prompt tokens, the rest fed after (the
                             * question-agnostic evaluation); 0: after the whole prompt */
     uint64_t seed;         /* COMPRESS_RANDOM */
+    /* Where the cache was compressed before `at`, ascending: a conversation's
+     * earlier turns (the scheduler's prompt cache). The prefill stops and
+     * compresses at each, then at `at`, each time over what the cache holds
+     * (compress_apply on a compact cache); a preempted turn computes the
+     * same cache again that way. */
+    int n_earlier;
+    int earlier[COMPRESS_MAX_POINTS];
 };
 
 /* Defaults: off, SnapKV, budget 0.25, low_budget -1, min_prompt
@@ -98,6 +106,9 @@ struct compress_report {
 
 /* Where compression comes in a prompt of n_prompt tokens: p->at, or its end. */
 int compress_point(const struct compress_params *p, int n_prompt);
+/* The first compression point (p->earlier's, then compress_point) whose
+ * observation window a prefill from position `from` computes, 0 when none. */
+int compress_next_point(const struct compress_params *p, int n_prompt, int from);
 /* Whether a prompt of n_prompt tokens would be compressed under p. */
 int compress_wanted(const struct compress_params *p, int n_prompt);
 /* What compress_prepare's recording of a prompt of n_prompt tokens costs
@@ -113,18 +124,23 @@ enum kv_status compress_prepare(struct kv_cache *kv, const struct model_config *
                                 int n_prompt);
 /* After the prefill of those tokens (kv->n_past is their count): scores,
  * selects and compacts; the scoring (one item per layer and KV head) is
- * split over pool (NULL: the calling thread), with the same result. 0
+ * split over pool (NULL: the calling thread), with the same result. On a
+ * cache compressed before (a conversation's next turn) the window scores
+ * the store's rows with the positions since, and the budget, a share of
+ * the whole prompt now, is met again: kept rows may be demoted or dropped,
+ * demoted ones dropped (drop mode, or a low budget), none promoted. 0
  * (report filled; applied 0 when there was nothing to do), or -1 when out
- * of memory (the cache is unchanged and still usable). */
+ * of memory or the budget refuses a new store (the cache is unchanged and
+ * still usable). */
 int compress_apply(struct kv_cache *kv, const struct model_config *cfg, const struct ebb_backend *be,
                    struct ebb_pool *pool, const struct compress_params *p, struct compress_report *report);
 
 /* The selection alone, for tests and tools: fills tiers[(layer * n_head_kv
- * + head) * boundary + pos] from scores[same index] (ignored by "random"
- * and "recent"): per head the sinks and the n_keep - KV_SINK_TOKENS best
- * other positions of [0, boundary) kept, the next n_low demoted, the rest
- * dropped. */
-void compress_select_tiers(const struct compress_params *p, const float *scores, int n_heads, int boundary,
-                           int n_keep, int n_low, uint8_t *tiers);
+ * + head) * rows + row] from scores[same index] (ignored by "random" and
+ * "recent"): per head the sinks and the n_keep - KV_SINK_TOKENS best other
+ * rows kept -- never one of rows [low_from, low_to), a store's demoted
+ * ones -- the next n_low demoted, the rest dropped. -1 when out of memory. */
+int compress_select_tiers(const struct compress_params *p, const float *scores, int n_heads, int rows, int n_keep,
+                          int n_low, int low_from, int low_to, uint8_t *tiers);
 
 #endif

@@ -252,11 +252,13 @@ int generate(struct model_run *r, const int32_t *prompt, int n_prompt, const str
     }
     double t0 = ebb_now_seconds();
     int rc = 0;
-    if (g.finish == FINISH_NONE) {   /* the prompt up to the compression point, compression, the rest */
-        const int at = compress_point(&p->compress, n_prompt);
-        rc = compress_prepare(&kv, &m->cfg, &p->compress, at) || model_forward(r, &kv, prompt, at, logits, 0) ||
-             compress_apply(&kv, &m->cfg, m->be, model_run_pool(r), &p->compress, &res->compress) ||
-             (at < n_prompt && model_forward(r, &kv, prompt + at, n_prompt - at, logits, 0));
+    if (g.finish == FINISH_NONE) {   /* the prompt up to each compression point, compression, the rest */
+        int done = 0;
+        for (int at; rc == 0 && (at = compress_next_point(&p->compress, n_prompt, done)) > 0; done = at)
+            rc = compress_prepare(&kv, &m->cfg, &p->compress, at) ||
+                 model_forward(r, &kv, prompt + done, at - done, logits, 0) ||
+                 compress_apply(&kv, &m->cfg, m->be, model_run_pool(r), &p->compress, &res->compress);
+        if (rc == 0 && done < n_prompt) rc = model_forward(r, &kv, prompt + done, n_prompt - done, logits, 0);
     }
     double t1 = ebb_now_seconds();
     res->prefill_s = t1 - t0;

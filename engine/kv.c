@@ -565,48 +565,100 @@ static void copy_head_row(const struct kv_cache *kv, int layer, int kind, int kv
     memcpy(dst + codes, row_dm(l, row) + (size_t)kvh * pairs * 2, pairs * 2 * sizeof(uint16_t));
 }
 
-/* Head kvh of a body row as f32, in the 2-bit tier's basis. */
-static void head_row_f32(const struct kv_cache *kv, const struct ebb_backend *be, const struct kv_compact *c,
-                         int layer, int kind, int kvh, int pos, float *out) {
-    const struct kv_layout *l = &kv->layout;
-    uint8_t *row = body_row(kv, layer, kind, pos);
+/* A kept row (copy_head_row's layout) as f32, in the 2-bit tier's basis. */
+static void kept_row_f32(const struct kv_layout *l, const struct ebb_backend *be, const struct kv_compact *c,
+                         const uint8_t *row, float *out) {
     const int hd = l->head_dim;
     if (l->bits == 32) {
-        memcpy(out, (const float *)(const void *)row + (size_t)kvh * hd, (size_t)hd * sizeof(float));
+        memcpy(out, row, (size_t)hd * sizeof(float));
     } else if (l->bits == 16) {
-        const uint16_t *h = (const uint16_t *)(const void *)row + (size_t)kvh * hd;
+        const uint16_t *h = (const uint16_t *)(const void *)row;
         for (int i = 0; i < hd; i++) out[i] = ebb_f16_to_f32(h[i]);
     } else {
-        ebb_kvq_dequantize_row(l->bits, row + (size_t)kvh * hd * l->bits / 8,
-                               row_dm(l, row) + (size_t)kvh * (hd / l->group) * 2, hd, l->group, out);
+        ebb_kvq_dequantize_row(l->bits, row, (const uint16_t *)(const void *)(row + (size_t)hd * l->bits / 8), hd,
+                               l->group, out);
     }
     if (c->low_rotate && !l->rotate) rotate64(be, out, hd);
 }
 
-/* One chunk of the 2-bit tier from the f32 rows x[n][head_dim] of keys and
- * of values. */
-static void store_low_chunk(const struct kv_compact *c, int hd, uint8_t *chunk, const float *k, const float *v,
-                            int n) {
+/* The rows of one (layer, KV head) of the 2-bit tier as a compaction
+ * writes them, a chunk at a time: rows demoted now come as f32 (their
+ * bytes quantized when the chunk is written), rows already demoted as
+ * their bytes (copied, so a row demoted once is never quantized again;
+ * keys per channel are the exception: a chunk's channels share one scale,
+ * so those keys are read back to f32 and quantized with their new chunk). */
+struct low_writer {
+    const struct kv_compact *c;
+    const struct ebb_backend *be;
+    int hd, n, chunk, layer, kvh;
+    float *k, *v;                             /* [KV_PAGE_TOKENS][hd] f32 rows */
+    const uint8_t *k_row[KV_PAGE_TOKENS];     /* a demoted row's bytes, or NULL */
+    const uint8_t *v_row[KV_PAGE_TOKENS];
+};
+
+static void low_flush(struct low_writer *w) {
+    const struct kv_compact *c = w->c;
+    const int hd = w->hd, n = w->n;
+    if (!n) return;
+    uint8_t *chunk = low_chunk(c, w->layer, w->kvh, w->chunk++);
     if (c->low_key_bits == KV_LOW_BITS) {
-        ebb_kvq_quantize_channels(KV_LOW_BITS, k, n, hd, c->low_group, chunk, c->low_codes, low_key_dm(c, chunk));
+        ebb_kvq_quantize_channels(KV_LOW_BITS, w->k, n, hd, c->low_group, chunk, c->low_codes, low_key_dm(c, chunk));
     } else {
         uint8_t *krow = chunk;
-        for (int r = 0; r < n; r++, krow += c->low_k_row)
-            ebb_kvq_quantize_row(4, k + (size_t)r * hd, hd, c->low_group, krow, (uint16_t *)(void *)(krow + hd / 2));
+        for (int r = 0; r < n; r++, krow += c->low_k_row) {
+            if (w->k_row[r]) memcpy(krow, w->k_row[r], c->low_k_row);
+            else ebb_kvq_quantize_row(4, w->k + (size_t)r * hd, hd, c->low_group, krow,
+                                      (uint16_t *)(void *)(krow + hd / 2));
+        }
     }
     uint8_t *vrow = low_values(c, chunk);
-    for (int r = 0; r < n; r++, vrow += c->low_v_row)
-        ebb_kvq_quantize_row(KV_LOW_BITS, v + (size_t)r * hd, hd, c->low_group, vrow,
-                             (uint16_t *)(void *)(vrow + c->low_codes));
+    for (int r = 0; r < n; r++, vrow += c->low_v_row) {
+        if (w->v_row[r]) memcpy(vrow, w->v_row[r], c->low_v_row);
+        else ebb_kvq_quantize_row(KV_LOW_BITS, w->v + (size_t)r * hd, hd, c->low_group, vrow,
+                                  (uint16_t *)(void *)(vrow + c->low_codes));
+    }
+    w->n = 0;
+}
+
+/* The next row's slot: its f32 key and value to fill (or, for a row
+ * already demoted, its key to fill when keys are per channel). */
+static int low_next(struct low_writer *w) {
+    if (w->n == KV_PAGE_TOKENS) low_flush(w);
+    w->k_row[w->n] = w->v_row[w->n] = NULL;
+    return w->n++;
+}
+
+/* Row i of an old store's 2-bit tier, demoted already. */
+static void low_push_demoted(struct low_writer *w, const struct kv_compact *old, int i, float *chunk_view,
+                             int *view_chunk) {
+    const int r = low_next(w), hd = w->hd;
+    uint8_t *at = low_chunk(old, w->layer, w->kvh, i / KV_PAGE_TOKENS);
+    if (old->low_key_bits == KV_LOW_BITS) {
+        if (*view_chunk != i / KV_PAGE_TOKENS) {   /* the chunk's keys, once */
+            const int rows = old->n_low - (i / KV_PAGE_TOKENS) * KV_PAGE_TOKENS;
+            w->be->kv_rows_qc(chunk_view, at, old->low_codes, low_key_dm(old, at),
+                              rows < KV_PAGE_TOKENS ? rows : KV_PAGE_TOKENS, hd, KV_LOW_BITS, old->low_group);
+            *view_chunk = i / KV_PAGE_TOKENS;
+        }
+        memcpy(w->k + (size_t)r * hd, chunk_view + (size_t)(i % KV_PAGE_TOKENS) * hd, (size_t)hd * sizeof(float));
+    } else {
+        w->k_row[r] = at + (size_t)(i % KV_PAGE_TOKENS) * old->low_k_row;
+    }
+    w->v_row[r] = low_values(old, at) + (size_t)(i % KV_PAGE_TOKENS) * old->low_v_row;
+}
+
+static void store_free(struct kv_compact *c) {
+    if (!c) return;
+    free(c->keep);
+    free(c->low);
+    free(c);
 }
 
 static void compact_free(struct kv_cache *kv) {
     struct kv_compact *c = kv->compact;
     if (!c) return;
     charge(kv, -(long long)c->bytes);
-    free(c->keep);
-    free(c->low);
-    free(c);
+    store_free(c);
     kv->compact = NULL;
     kv->compact_boundary = 0;
     kv->compact_saved = 0;
@@ -618,16 +670,26 @@ int kv_cache_compact_limit(const struct kv_cache *kv) {
     return pages > 0 ? pages * KV_PAGE_TOKENS : 0;
 }
 
-/* The tiers' counts, the same for every (layer, head), or -1. */
-static int tier_counts(const struct kv_layout *l, int boundary, const uint8_t *tiers, int *n_keep, int *n_low) {
+int kv_cache_compact_rows(const struct kv_cache *kv, int boundary) {
+    const struct kv_compact *c = kv->compact;
+    return (c ? c->n_keep + c->n_low : 0) + boundary - kv->compact_boundary;
+}
+
+/* The tiers' counts, the same for every (layer, head), or -1: the sinks
+ * kept, and the rows from `low_from` to `low_to` (a store's demoted rows)
+ * not kept. */
+static int tier_counts(const struct kv_layout *l, int rows, const uint8_t *tiers, int low_from, int low_to,
+                       int *n_keep, int *n_low) {
     const int heads = l->n_layer * (l->kv_dim / l->head_dim);
     for (int h = 0; h < heads; h++) {
-        const uint8_t *t = tiers + (size_t)h * boundary;
+        const uint8_t *t = tiers + (size_t)h * rows;
         int keep = 0, low = 0;
-        for (int p = 0; p < boundary; p++) {
-            if (t[p] > KV_TIER_KEEP || (p < KV_SINK_TOKENS && t[p] != KV_TIER_KEEP)) return -1;
-            keep += t[p] == KV_TIER_KEEP;
-            low += t[p] == KV_TIER_LOW;
+        for (int r = 0; r < rows; r++) {
+            if (t[r] > KV_TIER_KEEP || (r < KV_SINK_TOKENS && t[r] != KV_TIER_KEEP) ||
+                (r >= low_from && r < low_to && t[r] == KV_TIER_KEEP))
+                return -1;
+            keep += t[r] == KV_TIER_KEEP;
+            low += t[r] == KV_TIER_LOW;
         }
         if (h == 0) {
             *n_keep = keep;
@@ -639,68 +701,122 @@ static int tier_counts(const struct kv_layout *l, int boundary, const uint8_t *t
     return 0;
 }
 
+/* Fills the new store c of one (layer, KV head) from the rows tiers t
+ * says stay: the old store's (kept rows, then demoted ones) and the
+ * positions [from, boundary) in pages. kbuf holds a kept row; view a chunk
+ * of f32 keys. */
+static void compact_head(const struct kv_cache *kv, const struct ebb_backend *be, struct kv_compact *c,
+                         const struct kv_compact *old, int layer, int kvh, int from, int boundary, const uint8_t *t,
+                         struct low_writer *w, uint8_t *kbuf, float *view) {
+    const struct kv_layout *l = &kv->layout;
+    const int hd = l->head_dim, old_keep = old ? old->n_keep : 0, old_low = old ? old->n_low : 0;
+    const int rows = old_keep + old_low + boundary - from;
+    uint8_t *kept_k = keep_rows(c, layer, 0, kvh), *kept_v = keep_rows(c, layer, 1, kvh);
+    int view_chunk = -1;
+    w->layer = layer;
+    w->kvh = kvh;
+    w->chunk = 0;
+    w->n = 0;
+    for (int r = 0; r < rows; r++) {
+        if (t[r] == KV_TIER_DROP) continue;
+        if (r >= old_keep && r < old_keep + old_low) {   /* demoted already: stays so */
+            low_push_demoted(w, old, r - old_keep, view, &view_chunk);
+            continue;
+        }
+        /* A kept row of the old store, or a position's row in its page. */
+        const uint8_t *src_k = r < old_keep ? keep_rows(old, layer, 0, kvh) + (size_t)r * c->keep_row : NULL;
+        const uint8_t *src_v = r < old_keep ? keep_rows(old, layer, 1, kvh) + (size_t)r * c->keep_row : NULL;
+        const int pos = from + r - old_keep - old_low;
+        if (t[r] == KV_TIER_KEEP) {
+            if (src_k) {
+                memcpy(kept_k, src_k, c->keep_row);
+                memcpy(kept_v, src_v, c->keep_row);
+            } else {
+                copy_head_row(kv, layer, 0, kvh, pos, kept_k);
+                copy_head_row(kv, layer, 1, kvh, pos, kept_v);
+            }
+            kept_k += c->keep_row;
+            kept_v += c->keep_row;
+            continue;
+        }
+        const int slot = low_next(w);
+        if (!src_k) {
+            copy_head_row(kv, layer, 0, kvh, pos, kbuf);
+            kept_row_f32(l, be, c, kbuf, w->k + (size_t)slot * hd);
+            copy_head_row(kv, layer, 1, kvh, pos, kbuf);
+            kept_row_f32(l, be, c, kbuf, w->v + (size_t)slot * hd);
+        } else {
+            kept_row_f32(l, be, c, src_k, w->k + (size_t)slot * hd);
+            kept_row_f32(l, be, c, src_v, w->v + (size_t)slot * hd);
+        }
+    }
+    low_flush(w);
+}
+
 int kv_cache_compact(struct kv_cache *kv, const struct ebb_backend *be, int boundary, const uint8_t *tiers,
                      int low_key_bits) {
     const struct kv_layout *l = &kv->layout;
+    struct kv_compact *old = kv->compact;
+    const int from = kv->compact_boundary, rows = kv_cache_compact_rows(kv, boundary);
+    const int old_keep = old ? old->n_keep : 0, old_low = old ? old->n_low : 0;
     int n_keep = 0, n_low = 0;
-    if (kv->be->memory || kv->compact || boundary <= 0 || boundary % KV_PAGE_TOKENS || boundary > kv_cache_compact_limit(kv) ||
-        (low_key_bits != KV_LOW_BITS && low_key_bits != 4) ||
-        tier_counts(l, boundary, tiers, &n_keep, &n_low))
+    if (kv->be->memory || boundary < from || (!old && boundary <= 0) || boundary % KV_PAGE_TOKENS ||
+        boundary > kv_cache_compact_limit(kv) || (low_key_bits != KV_LOW_BITS && low_key_bits != 4) ||
+        (old && old->low_key_bits != low_key_bits) ||
+        tier_counts(l, rows, tiers, old_keep, old_keep + old_low, &n_keep, &n_low))
         return -1;
     struct kv_compact *c = calloc(1, sizeof *c);
     if (!c) return -1;
     compact_shape(c, l, n_keep, n_low, low_key_bits);
+    /* The store replaces every page before the boundary; what it saves of
+     * them leaves the reservation (a store that saves less than the one
+     * it replaces -- a new chunk of the 2-bit tier begun for a few rows --
+     * reserves the difference first, or nothing changes). */
+    const size_t whole = (size_t)(boundary / KV_PAGE_TOKENS) * l->page_bytes;
+    const size_t saved = whole > c->bytes ? whole - c->bytes : 0;
+    const size_t more = saved < kv->compact_saved ? kv->compact_saved - saved : 0;
     const int hd = l->head_dim;
     const size_t heads = (size_t)l->n_layer * (size_t)c->n_head_kv;
+    struct low_writer w = {.c = c, .be = be, .hd = hd};
     c->keep = malloc(heads * 2 * (size_t)n_keep * c->keep_row + 1);
     c->low = malloc(heads * (size_t)pages_for(n_low) * c->low_chunk + 1);
-    float *k = malloc(2 * KV_PAGE_TOKENS * (size_t)hd * sizeof(float)), *v = k ? k + KV_PAGE_TOKENS * hd : NULL;
-    if (!c->keep || !c->low || !k) {
-        free(c->keep);
-        free(c->low);
-        free(c);
-        free(k);
+    w.k = malloc(3 * KV_PAGE_TOKENS * (size_t)hd * sizeof(float));
+    uint8_t *kbuf = malloc(c->keep_row);
+    if (!c->keep || !c->low || !w.k || !kbuf || (more && kv->account && !account_reserve(kv->account, more))) {
+        store_free(c);
+        free(w.k);
+        free(kbuf);
         return -1;
     }
+    w.v = w.k + KV_PAGE_TOKENS * hd;
     for (int layer = 0; layer < l->n_layer; layer++)
-        for (int kvh = 0; kvh < c->n_head_kv; kvh++) {
-            const uint8_t *t = tiers + ((size_t)layer * c->n_head_kv + (size_t)kvh) * boundary;
-            uint8_t *kept_k = keep_rows(c, layer, 0, kvh), *kept_v = keep_rows(c, layer, 1, kvh);
-            int n = 0, chunk = 0;
-            for (int p = 0; p < boundary; p++) {
-                if (t[p] == KV_TIER_KEEP) {
-                    copy_head_row(kv, layer, 0, kvh, p, kept_k);
-                    copy_head_row(kv, layer, 1, kvh, p, kept_v);
-                    kept_k += c->keep_row;
-                    kept_v += c->keep_row;
-                } else if (t[p] == KV_TIER_LOW) {
-                    head_row_f32(kv, be, c, layer, 0, kvh, p, k + (size_t)n * hd);
-                    head_row_f32(kv, be, c, layer, 1, kvh, p, v + (size_t)n * hd);
-                    if (++n == KV_PAGE_TOKENS) {
-                        store_low_chunk(c, hd, low_chunk(c, layer, kvh, chunk++), k, v, n);
-                        n = 0;
-                    }
-                }
-            }
-            if (n) store_low_chunk(c, hd, low_chunk(c, layer, kvh, chunk), k, v, n);
-        }
-    free(k);
-    /* The pages go; the store and the saving are charged in their place. */
-    const int pages = boundary / KV_PAGE_TOKENS;
-    for (int p = 0; p < pages; p++) {
+        for (int kvh = 0; kvh < c->n_head_kv; kvh++)
+            compact_head(kv, be, c, old, layer, kvh, from, boundary,
+                         tiers + ((size_t)layer * c->n_head_kv + (size_t)kvh) * rows, &w, kbuf,
+                         w.v + KV_PAGE_TOKENS * hd);
+    free(w.k);
+    free(kbuf);
+    /* The pages go, and the old store; the new one is charged in their place. */
+    for (int p = from / KV_PAGE_TOKENS; p < boundary / KV_PAGE_TOKENS; p++) {
         ebb_release(kv->be, kv->pages[p]);
         kv->pages[p] = NULL;
     }
-    const size_t freed = (size_t)pages * l->page_bytes;
+    const size_t freed = (size_t)(boundary - from) / KV_PAGE_TOKENS * l->page_bytes + (old ? old->bytes : 0);
     charge(kv, (long long)c->bytes - (long long)freed);
+    store_free(old);
+    if (kv->account) {
+        if (more) {
+            kv->reserved_bytes += more;
+        } else {
+            const size_t less = saved - kv->compact_saved;
+            const size_t give = less < kv->reserved_bytes ? less : kv->reserved_bytes;
+            kv->reserved_bytes -= give;
+            account_add(kv->account, &kv->account->reserved_bytes, -(long long)give);
+        }
+    }
     kv->compact = c;
     kv->compact_boundary = boundary;
-    kv->compact_saved = freed > c->bytes ? freed - c->bytes : 0;
-    if (kv->account) {
-        const size_t give = kv->compact_saved < kv->reserved_bytes ? kv->compact_saved : kv->reserved_bytes;
-        kv->reserved_bytes -= give;
-        account_add(kv->account, &kv->account->reserved_bytes, -(long long)give);
-    }
+    kv->compact_saved = saved;
     kv_cache_forget_observation(kv);
     return 0;
 }
@@ -1037,11 +1153,11 @@ void kv_attend_block(const struct kv_cache *kv, const struct ebb_backend *be, in
 void kv_attend_weights(const struct kv_cache *kv, const struct ebb_backend *be, int layer, int kvh, const float *q,
                        size_t stride, int n_tok, int n_head, int pos0, float scale, float *scratch, float *w,
                        size_t w_stride) {
-    assert(!kv->compact && !kv->be->memory);   /* compression's: host caches only */
+    assert(!kv->be->memory);   /* compression's: host caches only */
     struct block b;
     block_scores(&b, kv, be, layer, kvh, q, stride, n_tok, n_head, pos0, scale, scratch);
     for (int j = 0; j < b.nq; j++)
-        memcpy(w + (size_t)j * w_stride, b.s + (size_t)j * b.S, (size_t)(pos0 + j / n_head + 1) * sizeof(float));
+        memcpy(w + (size_t)j * w_stride, b.s + (size_t)j * b.S, (size_t)(pos0 + j / n_head + 1 - b.off) * sizeof(float));
 }
 
 void kv_attend(const struct kv_cache *kv, const struct ebb_backend *be, int layer, int kvh, const float *q,

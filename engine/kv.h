@@ -316,14 +316,26 @@ void kv_cache_forget_observation(struct kv_cache *kv);
  * KV_PAGE_TOKENS at least a page before n_past's page (so no query to come
  * reads those positions from the window), 0 when none. */
 int kv_cache_compact_limit(const struct kv_cache *kv);
+/* The rows of each (layer, KV head) a compaction at boundary decides
+ * (>= the store's boundary): the store's, kept then demoted, and the
+ * positions from its boundary to this one (boundary itself when none). */
+int kv_cache_compact_rows(const struct kv_cache *kv, int boundary);
 /* Moves positions [0, boundary) into the compact store as tiers says:
- * tiers[(layer * n_head_kv + head) * boundary + pos], demoted keys at
- * low_key_bits: KV_LOW_BITS (per-channel packs), or 4 (KV4 rows, for
- * models whose keys 2 bits hurt; values are 2 bits either way). 0, or -1 (nothing
- * changed) when the cache is already compact, boundary is not a positive
- * multiple of KV_PAGE_TOKENS within kv_cache_compact_limit, a sink is not
- * kept, the heads' counts differ, the cache is in a device's memory, or out
- * of memory. */
+ * tiers[(layer * n_head_kv + head) * rows + row] over
+ * kv_cache_compact_rows(kv, boundary) rows, demoted keys at low_key_bits:
+ * KV_LOW_BITS (per-channel packs), or 4 (KV4 rows, for models whose keys 2
+ * bits hurt; values are 2 bits either way). On a cache compressed before
+ * (a conversation's next turn), the store is made again: its kept rows may
+ * stay, be demoted or dropped, its demoted ones stay or are dropped (never
+ * kept: a demoted row's lost bits do not come back), and the positions
+ * since its boundary join it. A row demoted before keeps its bytes (keys
+ * per channel excepted: they are quantized again with their new chunk).
+ * 0, or -1 (nothing changed) when boundary is not a multiple of
+ * KV_PAGE_TOKENS from the store's boundary (or a positive one) to
+ * kv_cache_compact_limit, a sink is not kept, a demoted row would be kept,
+ * the heads' counts differ, low_key_bits differs from the store's, the
+ * cache is in a device's memory, the budget cannot take a store that
+ * saves less than the one it replaces, or out of memory. */
 int kv_cache_compact(struct kv_cache *kv, const struct ebb_backend *be, int boundary, const uint8_t *tiers,
                      int low_key_bits);
 /* The compact store's boundary, its rows per (layer, KV head) at each tier,
@@ -341,12 +353,13 @@ size_t kv_cache_body_bytes(const struct kv_cache *kv);
  * hold), so a policy can size its tiers to a byte budget. */
 size_t kv_compact_bytes(const struct kv_layout *l, int n_keep, int n_low, int low_key_bits);
 
-/* The softmax weights kv_attend_block computes for a block of queries (an
- * uncompressed cache): w[j * w_stride + p] for query j (token j / n_head,
- * head j % n_head, as kv_attend_block numbers them) and positions p <= its
- * own. Context compression scores positions with them, after the pass that
- * computed the queries: a window page given back since is read from the
- * body instead. */
+/* The softmax weights kv_attend_block computes for a block of queries:
+ * w[j * w_stride + slot] for query j (token j / n_head, head j % n_head,
+ * as kv_attend_block numbers them) and the slots it reads: a compact
+ * store's rows (kept, then demoted, as kv_cache_compact numbers them),
+ * then the positions from its boundary to the query's own. Context
+ * compression scores rows with them, after the pass that computed the
+ * queries: a window page given back since is read from the body instead. */
 void kv_attend_weights(const struct kv_cache *kv, const struct ebb_backend *be, int layer, int kvh, const float *q,
                        size_t stride, int n_tok, int n_head, int pos0, float scale, float *scratch, float *w,
                        size_t w_stride);

@@ -530,18 +530,37 @@ static int same_compression(const struct compress_params *a, const struct compre
 
 /* The most of a kept cache r may take. One token is always left to
  * compute (its logits start the generation). A compressed cache goes on
- * only for a request that compresses alike: its next turn, compressed as
- * if it had been compressed where the kept one was (compress.at), and not
- * again (cache_least). A request that compresses its prompt computes at
- * least the observation window's queries (the scoring needs them) from a
- * whole cache. */
+ * only for a request that compresses alike and has not been compressed
+ * (a preempted turn computes its own points again): its next turn
+ * (continue_compressed). A request that compresses its prompt computes at
+ * least the first observation window's queries (the scoring needs them)
+ * from a whole cache. */
 static int cache_limit(const struct sreq *r, const struct cached_prompt *c, int n) {
     const struct compress_params *p = &r->params.compress;
-    const int at = compress_point(p, r->n_prompt), compressing = compress_wanted(p, at);
+    const int first = compress_next_point(p, r->n_prompt, 0), compressing = first && compress_wanted(p, first);
     int most = c->kv.n_past < n - 1 ? c->kv.n_past : n - 1;
-    if (c->kv.compact) return compressing && same_compression(p, &c->compress) ? most : 0;
-    if (compressing && most > at - COMPRESS_WINDOW) most = at - COMPRESS_WINDOW;
+    if (c->kv.compact) return compressing && !p->n_earlier && same_compression(p, &c->compress) ? most : 0;
+    if (compressing && most > first - COMPRESS_WINDOW) most = first - COMPRESS_WINDOW;
     return most;
+}
+
+/* A compressed conversation's next turn, going on from its kept cache
+ * after `reuse` tokens: compressed where that cache was, then again at its
+ * own prompt's end over what it took and what it adds (compress_apply:
+ * re-scored by the new turn's window; what was demoted stays demoted,
+ * what was kept may be demoted or dropped) -- when its prompt adds a
+ * window's worth of tokens and the points have room; else not again, as
+ * if compressed where the kept cache was. The points go with the request,
+ * so that a preempted turn computes the same cache anew. */
+static void continue_compressed(struct sreq *r, const struct cached_prompt *c, int reuse) {
+    struct compress_params *p = &r->params.compress;
+    const int own = compress_point(p, r->n_prompt);
+    p->n_earlier = c->compress.n_earlier;
+    memcpy(p->earlier, c->compress.earlier, sizeof p->earlier);
+    if (own - COMPRESS_WINDOW >= reuse && p->n_earlier < COMPRESS_MAX_POINTS && compress_wanted(p, own))
+        p->earlier[p->n_earlier++] = c->compress.at;
+    else
+        p->at = c->compress.at;
 }
 
 /* The least of a kept cache a request may take: past its floor
@@ -633,9 +652,7 @@ static enum kv_status start_cache(struct sched *s, struct sreq *r) {
         while ((rc = kv_cache_resume(&c->kv, n_ctx, first, longest_pass(r, r->n_replay - reuse))) == KV_OVER_BUDGET &&
                cache_evict_oldest(s)) {}
         if (rc == KV_OK) {
-            /* A compressed turn's successor is compressed where it was (the
-             * same cache, were it computed again after a preemption). */
-            if (c->kv.compact) r->params.compress.at = c->compress.at;
+            if (c->kv.compact) continue_compressed(r, c, reuse);
             r->kv = c->kv;
             memset(&c->kv, 0, sizeof c->kv);
             cache_free(c);
@@ -656,12 +673,13 @@ static void admit(struct sched *s, struct sreq **evicted, struct sreq **failed) 
     while (s->wait_head && s->n_running < s->cfg.max_running) {
         struct sreq *r = s->wait_head;
         enum kv_status rc = start_cache(s, r);
-        /* After start_cache, which may set compress.at. */
-        const int at = compress_point(&r->params.compress, r->n_prompt);
-        /* Compression follows the prompt's prefill, on a first admission
-         * and again when a preempted request computes its prompt anew; its
-         * recording of queries is reserved with the cache. */
-        if (rc == KV_OK && !r->kv.compact) {   /* a compressed cache taken from the prompt cache is done */
+        /* After start_cache, which may set the compression points: the first
+         * still to come. Compression follows the prompt's prefill to each
+         * point, on a first admission and again when a preempted request
+         * computes its prompt anew; its recording of queries is reserved
+         * with the cache. */
+        const int at = compress_next_point(&r->params.compress, r->n_prompt, r->n_prefilled);
+        if (rc == KV_OK && at) {
             while ((rc = compress_prepare(&r->kv, &s->m->cfg, &r->params.compress, at)) == KV_OVER_BUDGET &&
                    cache_evict_oldest(s)) {}
             if (rc != KV_OK) kv_cache_free(&r->kv);
@@ -910,8 +928,9 @@ static void step(struct sched *s) {
         int left = r->n_replay - r->n_prefilled;
         if (left <= 0) continue;
         int chunk = left < max_tokens - tokens ? left : max_tokens - tokens;
-        /* A prompt to compress stops where compression comes. */
-        const int at = compress_point(&r->params.compress, r->n_prompt);
+        /* A prompt to compress stops where compression comes: the end of
+         * the window recorded. */
+        const int at = r->kv.obs ? r->kv.obs->from + r->kv.obs->n : 0;
         if (r->kv.obs && r->n_prefilled < at && r->n_prefilled + chunk > at) chunk = at - r->n_prefilled;
         /* Prompt log-probabilities need every row: a chunk at a time. */
         const int want_rows = r->params.prompt_logprobs && r->prompt_reported < r->n_prompt;
@@ -964,7 +983,7 @@ static void step(struct sched *s) {
                 }
             }
             r->n_prefilled += s->batch[b].n_tok;
-            if (r->kv.obs && r->n_prefilled == compress_point(&r->params.compress, r->n_prompt)) compress_prompt(s, r);
+            if (r->kv.obs && r->n_prefilled == r->kv.obs->from + r->kv.obs->n) compress_prompt(s, r);
             /* Decoding passes are short: the prompt chunks' window pages go. */
             if (r->n_prefilled == r->n_replay) kv_cache_limit_pass(&r->kv, r->params.speculative ? DRAFT_MAX + 1 : 1);
             if (r->n_prefilled < r->n_replay || r->gen.n_generated > 0) continue;
@@ -989,14 +1008,19 @@ static void step(struct sched *s) {
     }
 }
 
-/* Compresses a request's cache at the end of its prompt (engine thread).
- * Out of memory leaves the cache whole: the request goes on uncompressed. */
+/* Compresses a request's cache at a compression point of its prompt
+ * (engine thread), then records the next point's window if there is one.
+ * Out of memory (or no room in the budget for the next recording) leaves
+ * the cache as it is: the request goes on without that compression. */
 static void compress_prompt(struct sched *s, struct sreq *r) {
     struct compress_report rep;
-    if (compress_apply(&r->kv, &s->m->cfg, s->m->be, model_run_pool(compute_run(s)), &r->params.compress, &rep) || !rep.applied) {
+    const int ok = compress_apply(&r->kv, &s->m->cfg, s->m->be, model_run_pool(compute_run(s)), &r->params.compress,
+                                  &rep) == 0 && rep.applied;
+    kv_cache_forget_observation(&r->kv);
+    const int next = compress_next_point(&r->params.compress, r->n_prompt, r->n_prefilled);
+    if (next && compress_prepare(&r->kv, &s->m->cfg, &r->params.compress, next) != KV_OK)
         kv_cache_forget_observation(&r->kv);
-        return;
-    }
+    if (!ok) return;
     r->timing.compress = rep;
     pthread_mutex_lock(&s->lock);
     struct sched_compress_stats *c = &s->compress[r->params.compress.mode];

@@ -1010,6 +1010,183 @@ static void test_compact_semantics(void) {
     check_compact_semantics(40, 70, 60, 4);
 }
 
+/* Tiers for compacting a compact cache again (kv_cache_compact_rows rows):
+ * per head the sinks and n_keep - 4 random others kept, never one of the
+ * store's demoted rows [low_from, low_to); n_low random others demoted. */
+static uint8_t *make_tiers_again(const struct model_config *c, int rows, int low_from, int low_to, int n_keep,
+                                 int n_low) {
+    const int heads = c->n_layer * c->n_head_kv;
+    uint8_t *t = malloc((size_t)heads * rows);
+    int *order = malloc((size_t)rows * sizeof(int));
+    for (int h = 0; h < heads; h++) {
+        uint8_t *th = t + (size_t)h * rows;
+        for (int i = 0; i < rows - 4; i++) order[i] = 4 + i;
+        for (int i = rows - 5; i > 0; i--) {
+            const int j = (int)(uniform() * (i + 1)) % (i + 1), x = order[i];
+            order[i] = order[j];
+            order[j] = x;
+        }
+        for (int i = 0; i < rows; i++) th[i] = i < 4 ? KV_TIER_KEEP : KV_TIER_DROP;
+        for (int i = 0, kept = 4; i < rows - 4 && kept < n_keep; i++)
+            if (order[i] < low_from || order[i] >= low_to) {
+                th[order[i]] = KV_TIER_KEEP;
+                kept++;
+            }
+        for (int i = 0, low = 0; i < rows - 4 && low < n_low; i++)
+            if (th[order[i]] == KV_TIER_DROP) {
+                th[order[i]] = KV_TIER_LOW;
+                low++;
+            }
+    }
+    free(order);
+    return t;
+}
+
+/* A compact f32 cache compressed again (a conversation's next turn): 330
+ * positions compacted at 256 (60 kept, 80 demoted), 130 more stored, then
+ * compacted at 384 over the store's rows and the positions since, against
+ * attention in double over what the second tiers say remains: a kept row
+ * exact, a demoted one -- demoted now or before -- as the formats give
+ * its original row back (demoted keys at 4 bits: every demoted row is
+ * quantized once, from what the cache computed), the rest exact. Also
+ * blocks against single queries, a demoted row never kept again, and the
+ * account: the store replaced, the two new pages gone, the reservation
+ * shrunk by what the new store saves more. */
+static void check_compact_again(int hd) {
+    const struct ebb_backend *be = ebb_backend_cpu();
+    const int n1 = 330, n = 460, keep1 = 60, low1 = 80;
+    struct attend_fixture f;
+    fixture_init(&f, 2, 2, hd, 32, n);
+    CHECK(fill_cache(&f.kv, be, &f.d, n1, 64) == 0);
+    const int b1 = kv_cache_compact_limit(&f.kv);
+    uint8_t *t1 = make_tiers(&f.c, b1, keep1, low1);
+    CHECK(kv_cache_compact(&f.kv, be, b1, t1, 4) == 0);
+    CHECK(fill_cache(&f.kv, be, &f.d, n, 64) == 0);
+    const int b2 = kv_cache_compact_limit(&f.kv), rows = kv_cache_compact_rows(&f.kv, b2);
+    CHECK(b1 == 256 && b2 == 384 && rows == keep1 + low1 + 128);
+    uint8_t *t2 = make_tiers_again(&f.c, rows, keep1, keep1 + low1, 50, 110);
+    /* Refused, nothing changed: a demoted row kept, another key format, a
+     * boundary before the store's. */
+    const size_t alloc0 = f.acc.allocated_bytes, res0 = f.acc.reserved_bytes, store0 = kv_cache_compact_info(&f.kv).bytes;
+    uint8_t *bad = malloc((size_t)4 * rows);
+    memcpy(bad, t2, (size_t)4 * rows);
+    for (int h = 0; h < 4; h++) {   /* swap a kept row with a demoted-before one, in every head */
+        uint8_t *th = bad + (size_t)h * rows;
+        int k = 4;
+        while (th[k] != KV_TIER_KEEP) k++;
+        int d = keep1;
+        while (th[d] == KV_TIER_KEEP) d++;
+        th[k] = th[d];
+        th[d] = KV_TIER_KEEP;
+    }
+    CHECK(kv_cache_compact(&f.kv, be, b2, bad, 4) == -1);
+    CHECK(kv_cache_compact(&f.kv, be, b2, t2, 2) == -1);
+    CHECK(kv_cache_compact(&f.kv, be, 192, t2, 4) == -1);
+    CHECK(f.acc.allocated_bytes == alloc0 && f.acc.reserved_bytes == res0 && kv_cache_compact_info(&f.kv).boundary == b1);
+    free(bad);
+    CHECK(kv_cache_compact(&f.kv, be, b2, t2, 4) == 0);
+    const struct kv_compact_info ci = kv_cache_compact_info(&f.kv);
+    CHECK(ci.boundary == b2 && ci.n_keep == 50 && ci.n_low == 110);
+    const size_t page = f.acc.layout.page_bytes;
+    CHECK_MSG(f.acc.allocated_bytes == alloc0 - 2 * page - store0 + ci.bytes, "allocated %zu, expected %zu",
+              f.acc.allocated_bytes, alloc0 - 2 * page - store0 + ci.bytes);
+    CHECK(f.acc.reserved_bytes == res0 - (6 * page - ci.bytes - (4 * page - store0)));
+    float *k = malloc((size_t)n * hd * sizeof(float)), *v = malloc((size_t)n * hd * sizeof(float));
+    double worst = 0;
+    int invariant = 1;
+    for (int l = 0; l < 2; l++)
+        for (int h = 0; h < 2; h++) {
+            const uint8_t *first = t1 + ((size_t)l * 2 + h) * b1, *second = t2 + ((size_t)l * 2 + h) * rows;
+            int row_pos[512], nk = 0, nl = 0;
+            for (int p = 0; p < b1; p++) if (first[p] == KV_TIER_KEEP) row_pos[nk++] = p;
+            for (int p = 0; p < b1; p++) if (first[p] == KV_TIER_LOW) row_pos[nk + nl++] = p;
+            for (int p = b1; p < b2; p++) row_pos[nk + nl + p - b1] = p;
+            int m = 0;
+            for (int r = 0; r < rows + (n - b2); r++) {
+                const int pos = r < rows ? row_pos[r] : b2 + r - rows;
+                if (r < rows && second[r] == KV_TIER_DROP) continue;
+                memcpy(k + (size_t)m * hd, data_k(&f.d, pos, l) + h * hd, (size_t)hd * sizeof(float));
+                memcpy(v + (size_t)m * hd, data_v(&f.d, pos, l) + h * hd, (size_t)hd * sizeof(float));
+                if (r < rows && second[r] == KV_TIER_LOW) demote_reference(be, k + (size_t)m * hd, v + (size_t)m * hd, 1, hd, 4);
+                m++;
+            }
+            float q[4 * 2 * 64], block[4 * 2 * 64], one[64];
+            for (int i = 0; i < 4 * 2 * hd; i++) q[i] = gauss();
+            kv_attend_block(&f.kv, be, l, h, q, block, (size_t)2 * hd, 4, 2, n - 4, 0.125f, f.scratch);
+            for (int j = 0; j < 8; j++) {
+                const int pos = n - 4 + j / 2, n_rows = m - (n - 1 - pos);
+                kv_attend_block(&f.kv, be, l, h, q + (size_t)j * hd, one, 0, 1, 1, pos, 0.125f, f.scratch);
+                invariant &= !memcmp(one, block + (size_t)j * hd, (size_t)hd * sizeof(float));
+                double sc[512], mx = -INFINITY, sum = 0;
+                for (int r = 0; r < n_rows; r++) {
+                    double dot = 0;
+                    for (int i = 0; i < hd; i++) dot += (double)q[j * hd + i] * k[(size_t)r * hd + i];
+                    sc[r] = dot * 0.125;
+                    if (sc[r] > mx) mx = sc[r];
+                }
+                for (int r = 0; r < n_rows; r++) sum += (sc[r] = exp(sc[r] - mx));
+                for (int i = 0; i < hd; i++) {
+                    double o = 0;
+                    for (int r = 0; r < n_rows; r++) o += sc[r] / sum * v[(size_t)r * hd + i];
+                    if (fabs(o - block[(size_t)j * hd + i]) > worst) worst = fabs(o - block[(size_t)j * hd + i]);
+                }
+            }
+        }
+    CHECK_MSG(worst < 2e-5, "head_dim %d: attention after compacting again differs from the reference by %g", hd, worst);
+    CHECK_MSG(invariant, "head_dim %d: attention after compacting again depends on the block", hd);
+    free(k);
+    free(v);
+    free(t1);
+    free(t2);
+    fixture_free(&f);
+}
+
+/* Compacting again with every row where it was and the new positions kept
+ * is lossless at every precision: attention moves by float rounding alone
+ * (the new positions' rows are summed before the demoted ones now). Demoted
+ * rows keep their bytes; with keys per channel they are quantized again
+ * with the same chunk, which must give them back too. */
+static void check_compact_again_lossless(int bits, int key_bits) {
+    const struct ebb_backend *be = ebb_backend_cpu();
+    const int n = 460;
+    struct attend_fixture f;
+    fixture_init(&f, 2, 2, 64, bits, n);
+    CHECK(fill_cache(&f.kv, be, &f.d, 330, 64) == 0);
+    uint8_t *t1 = make_tiers(&f.c, 256, 60, 80);
+    CHECK(kv_cache_compact(&f.kv, be, 256, t1, key_bits) == 0);
+    CHECK(fill_cache(&f.kv, be, &f.d, n, 64) == 0);
+    const int rows = kv_cache_compact_rows(&f.kv, 384);
+    uint8_t *t2 = malloc((size_t)4 * rows);
+    for (int h = 0; h < 4; h++)
+        for (int r = 0; r < rows; r++) t2[(size_t)h * rows + r] = r >= 60 && r < 140 ? KV_TIER_LOW : KV_TIER_KEEP;
+    const size_t per = (size_t)4 * 2 * 64, total = per * 4;
+    float *q = malloc(per * sizeof(float)), *before = malloc(total * sizeof(float)), *after = malloc(total * sizeof(float));
+    for (size_t i = 0; i < per; i++) q[i] = gauss();
+    attend_tail(&f.kv, &f.c, q, f.scratch, before);
+    CHECK(kv_cache_compact(&f.kv, be, 384, t2, key_bits) == 0);
+    attend_tail(&f.kv, &f.c, q, f.scratch, after);
+    double worst = 0;
+    for (size_t i = 0; i < total; i++) worst = fmax(worst, fabs((double)before[i] - after[i]));
+    CHECK_MSG(worst < 2e-6,
+              "bits %d keys %d: compacting again with nothing changed moved attention by %g", bits, key_bits, worst);
+    free(q);
+    free(before);
+    free(after);
+    free(t1);
+    free(t2);
+    fixture_free(&f);
+}
+
+static void test_compact_again(void) {
+    check_compact_again(64);
+    check_compact_again(40);
+    static const int bits_list[] = {32, 16, 8, 4};
+    for (int b = 0; b < 4; b++) {
+        check_compact_again_lossless(bits_list[b], 4);
+        check_compact_again_lossless(bits_list[b], 2);
+    }
+}
+
 /* The account follows compaction: the pages before the boundary go, the
  * store's bytes (kv_compact_bytes) come, the reservation shrinks by the
  * difference; rollback cannot reach into the store; a cleared cache gets
@@ -1265,7 +1442,7 @@ static void test_compress_selection(void) {
     for (int i = 0; i < H * B; i++) scores[i] = (float)uniform();
     struct compress_params p = compress_defaults();
     p.mode = COMPRESS_DEMOTE;
-    compress_select_tiers(&p, scores, H, B, 20, 30, tiers);
+    CHECK(compress_select_tiers(&p, scores, H, B, 20, 30, 0, 0, tiers) == 0);
     int ok = 1;
     for (int h = 0; h < H; h++) {
         const float *s = scores + h * B;
@@ -1281,16 +1458,33 @@ static void test_compress_selection(void) {
         ok &= keep == 16 && low == 30 && worst_kept >= best_low && worst_low >= best_dropped;
     }
     CHECK_MSG(ok, "SnapKV selection: sinks, counts and score order");
+    /* Rows a store demoted before are never kept: the best of the others
+     * are, and the capped rows compete for the demoted tier only. */
+    for (int i = 0; i < H * B; i++) scores[i] = i % B >= 100 && i % B < 160 ? 10.0f + (float)uniform() : (float)uniform();
+    CHECK(compress_select_tiers(&p, scores, H, B, 20, 30, 100, 160, tiers) == 0);
+    ok = 1;
+    for (int h = 0; h < H; h++) {
+        int keep = 0, low = 0, capped_low = 0;
+        for (int i = 4; i < B; i++) {
+            const uint8_t t = tiers[h * B + i];
+            ok &= !(i >= 100 && i < 160 && t == KV_TIER_KEEP);
+            keep += t == KV_TIER_KEEP;
+            low += t == KV_TIER_LOW;
+            capped_low += t == KV_TIER_LOW && i >= 100 && i < 160;
+        }
+        ok &= keep == 16 && low == 30 && capped_low == 30;
+    }
+    CHECK_MSG(ok, "a store's demoted rows: never kept, first for the demoted tier when they score best");
     p.select = COMPRESS_RECENT;
-    compress_select_tiers(&p, scores, H, B, 20, 0, tiers);
+    CHECK(compress_select_tiers(&p, scores, H, B, 20, 0, 0, 0, tiers) == 0);
     ok = 1;
     for (int i = 0; i < B; i++) ok &= tiers[i] == (i < 4 || i >= B - 16 ? KV_TIER_KEEP : KV_TIER_DROP);
     CHECK_MSG(ok, "recent: the sinks and the last 16");
     p.select = COMPRESS_RANDOM;
     p.seed = 7;
     uint8_t again[H * B];
-    compress_select_tiers(&p, NULL, H, B, 20, 30, tiers);
-    compress_select_tiers(&p, NULL, H, B, 20, 30, again);
+    CHECK(compress_select_tiers(&p, NULL, H, B, 20, 30, 0, 0, tiers) == 0);
+    CHECK(compress_select_tiers(&p, NULL, H, B, 20, 30, 0, 0, again) == 0);
     int kept = 0;
     for (int i = 0; i < B; i++) kept += tiers[i] == KV_TIER_KEEP;
     CHECK(!memcmp(tiers, again, sizeof tiers) && kept == 20 && memcmp(tiers, tiers + B, B) != 0);
@@ -1537,6 +1731,7 @@ int main(void) {
     test_growing_reservations();
     test_compact_lossless();
     test_compact_semantics();
+    test_compact_again();
     test_compact_account();
     test_observation_account();
     test_compress_selection();

@@ -7,6 +7,7 @@
  * generate(). Also: cancellation frees the KV cache, the queue bound and the
  * memory budget refuse or defer work, and shutdown finishes every request.
  */
+#include <math.h>
 #include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
@@ -645,9 +646,12 @@ static void test_prompt_cache(struct model *m, int kv_bits) {
 
 /* The prompt cache with context compression (issue 14's multi-turn): a
  * compressed turn's cache goes on for the next turn that compresses alike,
- * which is then exactly a request compressed where the first turn was
- * (compress.at) with the rest fed after -- generate() of the whole second
- * prompt with that `at` is the reference -- and is not compressed again;
+ * which is compressed again at its own end over the store and what it
+ * added -- exactly generate() of the whole prompt compressed at the first
+ * turn's end and again at its own (compress.earlier), the budget a share
+ * of the whole conversation -- and so on for a third turn; a turn that
+ * adds less than an observation window is not compressed again (the
+ * reference: compressed where the previous turn was, the rest fed after);
  * the same prompt sent again takes nothing (it would recompute its last
  * token from the compressed cache);
  * other settings, or none, take nothing from it. A short first turn (not
@@ -684,15 +688,49 @@ static void test_prompt_cache_compressed(struct model *m) {
     conv = joined(a, n_a, first.ids, 20);
     const int n_b = next_turn(m, conv, n_a + 20, "And the river?", &b);
     struct gen_params ref = p;
-    ref.compress.at = n_a;   /* compressed after the first turn's prompt, the rest fed after */
+    ref.compress.n_earlier = 1;   /* compressed after the first turn's prompt, then at the end */
+    ref.compress.earlier[0] = n_a;
     struct alone alone;
     run_alone(m, &b, &n_b, 1, &ref, &alone);
     run_one(s, b, n_b, &p, &next);
-    CHECK_MSG(next.timing.cached == n_a + 19 && !next.timing.compress.applied,
+    CHECK_MSG(next.timing.cached == n_a + 19 && next.timing.compress.applied,
               "the compressed turn's successor took %d tokens (not %d), compressed again: %d", next.timing.cached,
               n_a + 19, next.timing.compress.applied);
+    const int recent = KV_SINK_TOKENS + n_b - next.timing.compress.boundary;
+    const int budget = (int)lroundf(0.25f * (float)n_b) > recent ? (int)lroundf(0.25f * (float)n_b) : recent;
+    CHECK_MSG(next.timing.compress.kept == budget && next.timing.compress.dropped == 0 &&
+                  next.timing.compress.demoted > first.timing.compress.demoted,
+              "the second turn's compression kept %d of %d, demoted %d (first turn %d), dropped %d",
+              next.timing.compress.kept, n_b, next.timing.compress.demoted, first.timing.compress.demoted,
+              next.timing.compress.dropped);
     CHECK_MSG(same_as_alone(&next, &alone),
-              "the next turn on a compressed cache differs from compressing where the first turn did");
+              "the next turn on a compressed cache differs from compressing at both turns' ends");
+    /* A third turn: compressed at each turn's end. */
+    int32_t *conv3, *b3;
+    conv3 = joined(b, n_b, next.ids, 20);
+    const int n_b3 = next_turn(m, conv3, n_b + 20, "And the bridges over it, which are the oldest?", &b3);
+    ref.compress.n_earlier = 2;
+    ref.compress.earlier[1] = n_b;
+    struct collected third, fourth;
+    run_alone(m, &b3, &n_b3, 1, &ref, &alone);
+    run_one(s, b3, n_b3, &p, &third);
+    CHECK_MSG(third.timing.cached == n_b + 19 && third.timing.compress.applied && same_as_alone(&third, &alone),
+              "the third turn took %d tokens (not %d), compressed: %d, as alone: %d", third.timing.cached, n_b + 19,
+              third.timing.compress.applied, same_as_alone(&third, &alone));
+    /* A request that adds fewer tokens than the window (the answer taken
+     * on): not compressed again. */
+    int32_t *conv4, *b4;
+    conv4 = joined(b3, n_b3, third.ids, 20);
+    const int n_b4 = extend(m, conv4, n_b3 + 20, " Yes, and", &b4);
+    CHECK(n_b4 - (n_b3 + 19) < COMPRESS_WINDOW);
+    ref.compress.n_earlier = 2;
+    ref.compress.at = n_b3;
+    run_alone(m, &b4, &n_b4, 1, &ref, &alone);
+    run_one(s, b4, n_b4, &p, &fourth);
+    CHECK_MSG(fourth.timing.cached == n_b3 + 19 && !fourth.timing.compress.applied && same_as_alone(&fourth, &alone),
+              "a short fourth turn took %d tokens (not %d), compressed: %d, as alone: %d", fourth.timing.cached,
+              n_b3 + 19, fourth.timing.compress.applied, same_as_alone(&fourth, &alone));
+    free(conv3); free(b3); free(conv4); free(b4);
     /* Other settings: nothing taken, compressed at its own end as alone. */
     struct gen_params half = p;
     half.compress.budget = 0.5f;
