@@ -115,7 +115,7 @@ static const struct family families[] = {
      "Drafted tokens accepted per verification pass with drafts, since start.", 2, model_source, NULL, 0,
      AT(m_accepted_mean)},
     /* Context compression (engine/compress.h), by mode. */
-    {METRIC_COUNTER, "ebb_context_compression_requests_total", "Prompts whose KV cache was compressed.", 2,
+    {METRIC_COUNTER, "ebb_context_compression_requests_total", "Compressions of a prompt's KV cache (a conversation compressed again at a new turn counts again).", 2,
      model_mode, NULL, 0, AT(m_cmp_requests)},
     {METRIC_COUNTER, "ebb_context_compression_tokens_total",
      "Compressed prompts' tokens by tier: kept at the cache's precision, demoted to 2 bits, dropped.", 3,

@@ -11,9 +11,10 @@ from admission to the first token (llama.cpp's timings.prompt_ms) both ways, wit
 ratio; the answers must match (the cache never changes the text).
 
 With --compress MODE every request asks for context compression (`{"mode": MODE, "budget":
-0.25, "min_prompt": 1024}`): the cached turns go on from the first turn's compressed cache and
-are not compressed again, the whole ones are compressed at their own end, so their answers may
-differ (reported, not an error); the kept cache's bytes come from GET /admin/memory.
+0.25, "min_prompt": 1024}`): the cached turns go on from the last turn's compressed cache and
+are compressed again at their own end (re-scored over the whole conversation), the whole ones
+are compressed once, at their own end, so their answers may differ (reported, not an error);
+the kept cache's bytes come from GET /admin/memory.
 
   tools/prompt_cache_bench.py --ebb build/ebb --kv-bits 4 --context 1500 --turns 6 [--compress drop]
 """

@@ -12,8 +12,9 @@ whose prompt begins with a kept cache's tokens from that cache. What is checked:
   - kept caches are part of the KV reserved (GET /admin/memory's prompt_cache_bytes) and
     a budget lowered under them lets them go at once, with the engine idle;
   - a compressed conversation (context_compression) goes on from its compressed cache:
-    the next turn takes it and is not compressed again (test_scheduler holds its text to
-    a request compressed where the first turn was);
+    the next turn takes it and, adding more than the 32-token observation window, is
+    compressed again over the whole conversation (more demoted); a turn that adds less is
+    not (test_scheduler holds their text to generate() compressed at the same points);
   - an operator's `--prompt-cache-bytes 0` turns it off; a bad `cache_prompt` is a 400.
 """
 import re
@@ -78,10 +79,20 @@ def test_a_compressed_conversation_goes_on_from_its_compressed_cache(binary, mod
         messages = [{"role": "user", "content": notes + " " + TURNS[0]}]
         first = chat(server, messages, context_compression=compress)
         assert first["usage"]["context_compression"]["demoted_tokens"] > 0, first["usage"]
+        longer = TURNS[1] + " Say it plainly, in a few sentences, for a child who has never looked up at it."
         messages += [{"role": "assistant", "content": first["choices"][0]["message"]["content"]},
-                     {"role": "user", "content": TURNS[1]}]
-        usage = chat(server, messages, context_compression=compress)["usage"]
+                     {"role": "user", "content": longer}]
+        second = chat(server, messages, context_compression=compress)
+        usage = second["usage"]
         want = first["usage"]["prompt_tokens"] + first["usage"]["completion_tokens"] - 1
+        assert usage["prompt_tokens_details"]["cached_tokens"] == want, usage
+        assert (usage["context_compression"]["demoted_tokens"] >
+                first["usage"]["context_compression"]["demoted_tokens"]), (first["usage"], usage)
+        # A short turn (fewer new tokens than the window) goes on, not compressed again.
+        messages += [{"role": "assistant", "content": second["choices"][0]["message"]["content"]},
+                     {"role": "user", "content": "Why?"}]
+        usage = chat(server, messages, context_compression=compress)["usage"]
+        want = second["usage"]["prompt_tokens"] + second["usage"]["completion_tokens"] - 1
         assert usage["prompt_tokens_details"]["cached_tokens"] == want and "context_compression" not in usage, usage
         # Other settings take nothing from it.
         usage = chat(server, messages, context_compression=dict(compress, budget=0.5))["usage"]
