@@ -39,11 +39,17 @@ int compress_point(const struct compress_params *p, int n_prompt) {
     return p->at > 0 && p->at < n_prompt ? p->at : n_prompt;
 }
 
+int compress_window(const struct compress_params *p, int at) {
+    for (int i = 0; i < p->n_earlier; i++)
+        if (p->earlier[i].at == at) return p->earlier[i].window > 0 ? p->earlier[i].window : COMPRESS_WINDOW;
+    return p->window > 0 && p->window < COMPRESS_WINDOW ? p->window : COMPRESS_WINDOW;
+}
+
 int compress_next_point(const struct compress_params *p, int n_prompt, int from) {
     for (int i = 0; i < p->n_earlier; i++)
-        if (p->earlier[i] - COMPRESS_WINDOW >= from) return p->earlier[i];
+        if (p->earlier[i].at - compress_window(p, p->earlier[i].at) >= from) return p->earlier[i].at;
     const int last = compress_point(p, n_prompt);
-    return last - COMPRESS_WINDOW >= from ? last : 0;
+    return last - compress_window(p, last) >= from ? last : 0;
 }
 
 int compress_wanted(const struct compress_params *p, int n_prompt) {
@@ -63,7 +69,8 @@ enum kv_status compress_prepare(struct kv_cache *kv, const struct model_config *
         kv_cache_forget_observation(kv);
         return KV_OK;
     }
-    return kv_cache_observe(kv, n_prompt - COMPRESS_WINDOW, COMPRESS_WINDOW, cfg->n_head * cfg->head_dim);
+    const int window = compress_window(p, n_prompt);
+    return kv_cache_observe(kv, n_prompt - window, window, cfg->n_head * cfg->head_dim);
 }
 
 /* Rows kept per head, of the `keepable` rows before the boundary that may

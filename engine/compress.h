@@ -56,6 +56,7 @@
 struct ebb_pool;
 
 #define COMPRESS_WINDOW 32          /* observation window: the prompt's last positions */
+#define COMPRESS_MIN_WINDOW 8       /* the fewest a conversation's next turn compresses again with */
 #define COMPRESS_POOL 7             /* max-pooling width over neighbouring positions */
 #define COMPRESS_MIN_PROMPT 1024    /* shorter prompts are left alone unless told */
 #define COMPRESS_MAX_POINTS 32      /* a conversation is compressed again for at most this many turns */
@@ -75,13 +76,17 @@ struct compress_params {
     int at;                /* compress after this many prompt tokens, the rest fed after (the
                             * question-agnostic evaluation); 0: after the whole prompt */
     uint64_t seed;         /* COMPRESS_RANDOM */
-    /* Where the cache was compressed before `at`, ascending: a conversation's
-     * earlier turns (the scheduler's prompt cache). The prefill stops and
-     * compresses at each, then at `at`, each time over what the cache holds
-     * (compress_apply on a compact cache); a preempted turn computes the
-     * same cache again that way. */
+    int window;            /* the observation window at `at`, <= COMPRESS_WINDOW; 0: COMPRESS_WINDOW
+                            * (a conversation's next turn may compute fewer of its last tokens) */
+    /* Where the cache was compressed before `at`, ascending, and with what
+     * window: a conversation's earlier turns (the scheduler's prompt
+     * cache). The prefill stops and compresses at each, then at `at`, each
+     * time over what the cache holds (compress_apply on a compact cache);
+     * a preempted turn computes the same cache again that way. */
     int n_earlier;
-    int earlier[COMPRESS_MAX_POINTS];
+    struct compress_mark {
+        int at, window;
+    } earlier[COMPRESS_MAX_POINTS];
 };
 
 /* Defaults: off, SnapKV, budget 0.25, low_budget -1, min_prompt
@@ -109,6 +114,9 @@ int compress_point(const struct compress_params *p, int n_prompt);
 /* The first compression point (p->earlier's, then compress_point) whose
  * observation window a prefill from position `from` computes, 0 when none. */
 int compress_next_point(const struct compress_params *p, int n_prompt, int from);
+/* The observation window of compression point `at` (p->earlier's window,
+ * or p->window at the last, COMPRESS_WINDOW by default). */
+int compress_window(const struct compress_params *p, int at);
 /* Whether a prompt of n_prompt tokens would be compressed under p. */
 int compress_wanted(const struct compress_params *p, int n_prompt);
 /* What compress_prepare's recording of a prompt of n_prompt tokens costs
@@ -116,7 +124,7 @@ int compress_wanted(const struct compress_params *p, int n_prompt);
  * only if its budget takes the cache and this. */
 size_t compress_observation_bytes(const struct model_config *cfg, const struct compress_params *p, int n_prompt);
 /* Before the prefill of a prompt whose first n_prompt tokens are to be
- * compressed (compress_point): records the observation window's queries
+ * compressed (a compression point): records the observation window's queries
  * if compress_wanted, charged to the cache's account (kv_cache_observe:
  * KV_OVER_BUDGET when its budget cannot take them now, KV_FAILED when out
  * of memory). */

@@ -22,7 +22,8 @@ static void fill_result(struct ppl_result *r, double nll, double nll2, long coun
 
 /* One window's scored rows, positions first .. n_ctx - 1, into logits
  * (row 0 is position first): the context through the first scored
- * position, (compressing) the compression, then the rest. The context's
+ * position -- compressing, up to each of compress->earlier's points and
+ * compressed there, then compressed at its end -- then the rest. The context's
  * other rows take no output head (a tenth of a window's work on this
  * 135M model, and half the logits' memory); two passes give the bits of
  * one (the cache is batch-invariant, tests/unit/test_kv.c). */
@@ -32,13 +33,20 @@ static int window_logits(struct model_run *run, struct kv_cache *kv, const int32
     const size_t V = (size_t)m->cfg.n_vocab;
     const int compressing = compress && compress->mode != COMPRESS_OFF;
     struct compress_report rep = {0};
-    if ((compressing && compress_prepare(kv, &m->cfg, compress, first + 1)) ||
-        model_forward(run, kv, win, first + 1, logits, 0) ||
-        (compressing && compress_apply(kv, &m->cfg, m->be, model_run_pool(run), compress, &rep)) ||
+    int done = 0;   /* the context up to each compression point (compress->earlier's, then its end) */
+    for (int at; compressing && (at = compress_next_point(compress, first + 1, done)) > 0; done = at) {
+        if (compress_prepare(kv, &m->cfg, compress, at) || model_forward(run, kv, win + done, at - done, logits, 0) ||
+            compress_apply(kv, &m->cfg, m->be, model_run_pool(run), compress, &rep))
+            return -1;
+    }
+    if ((done < first + 1 && model_forward(run, kv, win + done, first + 1 - done, logits, 0)) ||
         model_forward(run, kv, win + first + 1, n_ctx - first - 1, logits + V, 1))
         return -1;
     r->compressed += rep.applied;
-    r->kv_full_bytes += rep.bytes_before;
+    /* The context's pages uncompressed (what the first compression found,
+     * had there been one point only). */
+    if (compressing)
+        r->kv_full_bytes += (size_t)((first + 1 + KV_PAGE_TOKENS - 1) / KV_PAGE_TOKENS) * kv->layout.page_bytes;
     r->kv_compressed_bytes += rep.bytes_after;
     return 0;
 }

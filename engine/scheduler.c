@@ -544,25 +544,6 @@ static int cache_limit(const struct sreq *r, const struct cached_prompt *c, int 
     return most;
 }
 
-/* A compressed conversation's next turn, going on from its kept cache
- * after `reuse` tokens: compressed where that cache was, then again at its
- * own prompt's end over what it took and what it adds (compress_apply:
- * re-scored by the new turn's window; what was demoted stays demoted,
- * what was kept may be demoted or dropped) -- when its prompt adds a
- * window's worth of tokens and the points have room; else not again, as
- * if compressed where the kept cache was. The points go with the request,
- * so that a preempted turn computes the same cache anew. */
-static void continue_compressed(struct sreq *r, const struct cached_prompt *c, int reuse) {
-    struct compress_params *p = &r->params.compress;
-    const int own = compress_point(p, r->n_prompt);
-    p->n_earlier = c->compress.n_earlier;
-    memcpy(p->earlier, c->compress.earlier, sizeof p->earlier);
-    if (own - COMPRESS_WINDOW >= reuse && p->n_earlier < COMPRESS_MAX_POINTS && compress_wanted(p, own))
-        p->earlier[p->n_earlier++] = c->compress.at;
-    else
-        p->at = c->compress.at;
-}
-
 /* The least of a kept cache a request may take: past its floor
  * (kv_cache_truncate_floor) and, compressed, past where it was compressed:
  * the positions before that point were computed from the whole cache, and
@@ -572,6 +553,38 @@ static void continue_compressed(struct sreq *r, const struct cached_prompt *c, i
 static int cache_least(const struct cached_prompt *c) {
     const int floor = kv_cache_truncate_floor(&c->kv);
     return c->kv.compact && c->compress.at > floor ? c->compress.at : floor;
+}
+
+/* A compressed conversation's next turn r, going on from its kept cache c,
+ * which shares `reuse` tokens with it: compressed where c was, then again
+ * at its own prompt's end over what it took and what it adds
+ * (compress_apply: re-scored by the new turn's last tokens; what was
+ * demoted stays demoted, what was kept may be demoted or dropped) -- when
+ * that moves the store's boundary on by a page at least (else there is
+ * little to gain for the scoring's cost) and the points have room; else
+ * not again. Its window is the prompt's last COMPRESS_WINDOW tokens, which
+ * it computes again if the cache holds some (a chat's next turn adds
+ * fewer: the last answer is in the cache), as far as c can be cut back;
+ * no fewer than COMPRESS_MIN_WINDOW. The points go with the request, so
+ * that a preempted turn computes the same cache anew. Returns how much of
+ * c to take. */
+static int continue_compressed(struct sreq *r, const struct cached_prompt *c, int reuse) {
+    struct compress_params *p = &r->params.compress;
+    const int own = compress_point(p, r->n_prompt);
+    int from = own - COMPRESS_WINDOW < reuse ? own - COMPRESS_WINDOW : reuse;
+    if (from < cache_least(c)) from = cache_least(c);
+    p->n_earlier = c->compress.n_earlier;
+    memcpy(p->earlier, c->compress.earlier, sizeof p->earlier);
+    const int boundary = (own / KV_PAGE_TOKENS - 1) * KV_PAGE_TOKENS;
+    if (own - from >= COMPRESS_MIN_WINDOW && boundary > c->kv.compact_boundary && p->n_earlier < COMPRESS_MAX_POINTS &&
+        compress_wanted(p, own)) {
+        p->earlier[p->n_earlier++] = (struct compress_mark){c->compress.at, c->compress.window};
+        p->window = own - from < COMPRESS_WINDOW ? own - from : COMPRESS_WINDOW;
+        return from;
+    }
+    p->at = c->compress.at;
+    p->window = c->compress.window;
+    return reuse;
 }
 
 /* Whether a kept cache's start can be copied out (kv_cache_copy_prefix),
@@ -647,12 +660,13 @@ static enum kv_status start_cache(struct sched *s, struct sreq *r) {
         /* No room for both: r takes it. */
     }
     if (c) {
+        /* Its compression points are r's even if r computes all anew. */
+        if (c->kv.compact) reuse = continue_compressed(r, c, reuse);
         rc = kv_cache_truncate(&c->kv, reuse) ? KV_FAILED : KV_OK;   /* at or past its floor: cannot fail */
         assert(rc == KV_OK);
         while ((rc = kv_cache_resume(&c->kv, n_ctx, first, longest_pass(r, r->n_replay - reuse))) == KV_OVER_BUDGET &&
                cache_evict_oldest(s)) {}
         if (rc == KV_OK) {
-            if (c->kv.compact) continue_compressed(r, c, reuse);
             r->kv = c->kv;
             memset(&c->kv, 0, sizeof c->kv);
             cache_free(c);

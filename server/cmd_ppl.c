@@ -26,6 +26,8 @@ static void ppl_usage(FILE *out) {
         "  --top1-out F write the most likely token at each scored position to F (int32,\n"
         "               little-endian): top-1 agreement between two runs\n"
         "context compression of each window's context before the rest is scored:\n"
+        "  --compress-every N  also compress every N tokens of the context as it is read, as\n"
+        "               a conversation is at each turn's end (at most 32 times)\n"
         COMPRESS_FLAGS_USAGE);
 }
 
@@ -63,6 +65,7 @@ int cmd_ppl(int argc, char **argv) {
     uint64_t stack_bytes = UINT64_MAX;
     struct compress_params compress = compress_defaults();
     compress.min_prompt = 0;   /* the windows are what the flags are given for */
+    int every = 0;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v;
         if (!strcmp(a, "--help") || !strcmp(a, "-h")) { ppl_usage(stdout); return 0; }
@@ -81,6 +84,7 @@ int cmd_ppl(int argc, char **argv) {
         else if (!strcmp(a, "--kv-bits")) { if (cli_int("ppl", a, v, 4, 32, &kv_bits)) return 2; }
         else if (!strcmp(a, "--top1-out")) top1_path = v;
         else if (!strcmp(a, "--stack-bytes")) { if (cli_u64("ppl", a, v, &stack_bytes)) return 2; }
+        else if (!strcmp(a, "--compress-every")) { if (cli_int("ppl", a, v, 2 * KV_PAGE_TOKENS, 1 << 20, &every)) return 2; }
         else { fprintf(stderr, "ebb ppl: unknown option '%s'\n", a); ppl_usage(stderr); return 2; }
     }
     if (!file) { fprintf(stderr, "ebb ppl: -f FILE is required\n"); return 2; }
@@ -89,6 +93,11 @@ int cmd_ppl(int argc, char **argv) {
                 n_ctx - 2);
         return 2;
     }
+    /* The earlier compression points, window-relative: before the context's
+     * end (the first scored position, where it is compressed last). */
+    const int context = (n_score ? n_ctx - 1 - n_score : n_ctx / 2) + 1;
+    for (int at = every; every && at + COMPRESS_WINDOW < context && compress.n_earlier < COMPRESS_MAX_POINTS; at += every)
+        compress.earlier[compress.n_earlier++] = (struct compress_mark){at, 0};
     size_t len;
     char *text = cli_read_file("ppl", file, &len);
     if (!text) return 1;

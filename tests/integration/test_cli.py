@@ -107,6 +107,7 @@ def test_unknown_command(ebb_bin):
     (["ppl", "-m", "x.gguf", "-f", "t", "--ctx", "64", "--score", "63"], "--score 63 leaves no context"),
     (["ppl", "-m", "x.gguf", "-f", "t", "--compress", "half"], "--compress must be off, demote or drop"),
     (["ppl", "-m", "x.gguf", "-f", "t", "--compress-keys", "8"], "--compress-keys"),
+    (["ppl", "-m", "x.gguf", "-f", "t", "--compress-every", "100"], "--compress-every expects"),
 ])
 def test_bad_arguments(ebb_bin, args, needle):
     assert_clean_error(run_ebb(ebb_bin, *args), needle)
@@ -289,6 +290,29 @@ def test_ppl_scores_the_last_n_predictions(ebb_bin, model_path, tmp_path):
     assert scored == windows * score
     assert abs(got - want) <= 1e-4 * want + 1e-4, (got, want)
     assert ppl() == ppl("--score", str(n_ctx - 1 - n_ctx // 2))
+
+
+def test_ppl_compresses_as_a_conversation_would(ebb_bin, model_path):
+    """--compress-every N compresses each window's context every N tokens as it is read (a
+    conversation compressed at each turn's end), then at its end: the same bytes at the end
+    as compressing once (the budget is a share of the whole context), another perplexity (the
+    rows were chosen by other windows), and N past the context is compressing once."""
+    import pathlib
+    import re
+    heldout = pathlib.Path.home() / ".cache" / "ebb" / "heldout.txt"
+
+    def ppl(*extra):
+        p = run_ebb(ebb_bin, "ppl", "-m", model_path, "-f", str(heldout), "--ctx", "1024", "--chunks", "1",
+                    "--kv-bits", "4", "--compress", "drop", "--compress-budget", "0.25", *extra, timeout=600)
+        assert p.returncode == 0, p.stderr.decode()
+        out = p.stdout.decode()
+        return (float(re.search(r"PPL = ([0-9.]+)", out).group(1)),
+                re.search(r"KV (\d+) -> (\d+) bytes", out).groups())
+
+    once, every, past = ppl(), ppl("--compress-every", "128"), ppl("--compress-every", "4096")
+    assert every[1] == once[1], (every, once)
+    assert every[0] != once[0], (every, once)
+    assert past == once, (past, once)
 
 
 def test_bench_decodes_a_batch(ebb_bin, model_path):

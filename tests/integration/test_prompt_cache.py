@@ -12,9 +12,9 @@ whose prompt begins with a kept cache's tokens from that cache. What is checked:
   - kept caches are part of the KV reserved (GET /admin/memory's prompt_cache_bytes) and
     a budget lowered under them lets them go at once, with the engine idle;
   - a compressed conversation (context_compression) goes on from its compressed cache:
-    the next turn takes it and, adding more than the 32-token observation window, is
-    compressed again over the whole conversation (more demoted); a turn that adds less is
-    not (test_scheduler holds their text to generate() compressed at the same points);
+    the next turn takes it and, adding more than a page, is compressed again over the whole
+    conversation (more demoted); the turn after goes on from that cache too
+    (test_scheduler holds their text to generate() compressed at the same points);
   - an operator's `--prompt-cache-bytes 0` turns it off; a bad `cache_prompt` is a 400.
 """
 import re
@@ -79,7 +79,8 @@ def test_a_compressed_conversation_goes_on_from_its_compressed_cache(binary, mod
         messages = [{"role": "user", "content": notes + " " + TURNS[0]}]
         first = chat(server, messages, context_compression=compress)
         assert first["usage"]["context_compression"]["demoted_tokens"] > 0, first["usage"]
-        longer = TURNS[1] + " Say it plainly, in a few sentences, for a child who has never looked up at it."
+        longer = (TURNS[1] + " Say it plainly, in a few short sentences, for a child who has never looked up at"
+                  " it, and then say how far away it is, how hot it is, and how long its light takes to reach us.")
         messages += [{"role": "assistant", "content": first["choices"][0]["message"]["content"]},
                      {"role": "user", "content": longer}]
         second = chat(server, messages, context_compression=compress)
@@ -88,12 +89,16 @@ def test_a_compressed_conversation_goes_on_from_its_compressed_cache(binary, mod
         assert usage["prompt_tokens_details"]["cached_tokens"] == want, usage
         assert (usage["context_compression"]["demoted_tokens"] >
                 first["usage"]["context_compression"]["demoted_tokens"]), (first["usage"], usage)
-        # A short turn (fewer new tokens than the window) goes on, not compressed again.
+        # A short turn goes on from that cache: past where it was compressed, at most up to its
+        # own last 32 tokens (the window it scores with if it compresses again).
         messages += [{"role": "assistant", "content": second["choices"][0]["message"]["content"]},
                      {"role": "user", "content": "Why?"}]
         usage = chat(server, messages, context_compression=compress)["usage"]
-        want = second["usage"]["prompt_tokens"] + second["usage"]["completion_tokens"] - 1
-        assert usage["prompt_tokens_details"]["cached_tokens"] == want and "context_compression" not in usage, usage
+        cached = usage["prompt_tokens_details"]["cached_tokens"]
+        assert second["usage"]["prompt_tokens"] <= cached < usage["prompt_tokens"], (second["usage"], usage)
+        if "context_compression" in usage:
+            assert (usage["context_compression"]["demoted_tokens"] >=
+                    second["usage"]["context_compression"]["demoted_tokens"]), usage
         # Other settings take nothing from it.
         usage = chat(server, messages, context_compression=dict(compress, budget=0.5))["usage"]
         assert usage["prompt_tokens_details"]["cached_tokens"] == 0 and "context_compression" in usage, usage

@@ -686,13 +686,20 @@ static void test_prompt_cache_compressed(struct model *m) {
               again.timing.compress.applied);
     int32_t *conv, *b;
     conv = joined(a, n_a, first.ids, 20);
-    const int n_b = next_turn(m, conv, n_a + 20, "And the river?", &b);
-    struct gen_params ref = p;
+    /* A second turn that adds more than a page: compressed again at its end,
+     * from the whole kept cache (it computes a whole window of its own). */
+    const int n_b = next_turn(m, conv, n_a + 20,
+                              "And the river? Tell me where it rises, which towns it passes on its way, "
+                              "and where it meets the sea, and say which of its bridges is the oldest.", &b);
+    CHECK(n_b - (n_a + 19) >= KV_PAGE_TOKENS);
+    struct gen_params ref = p, p70 = p;
+    p70.max_tokens = 70;
+    ref.max_tokens = 70;
     ref.compress.n_earlier = 1;   /* compressed after the first turn's prompt, then at the end */
-    ref.compress.earlier[0] = n_a;
+    ref.compress.earlier[0] = (struct compress_mark){n_a, 0};
     struct alone alone;
     run_alone(m, &b, &n_b, 1, &ref, &alone);
-    run_one(s, b, n_b, &p, &next);
+    run_one(s, b, n_b, &p70, &next);
     CHECK_MSG(next.timing.cached == n_a + 19 && next.timing.compress.applied,
               "the compressed turn's successor took %d tokens (not %d), compressed again: %d", next.timing.cached,
               n_a + 19, next.timing.compress.applied);
@@ -705,31 +712,37 @@ static void test_prompt_cache_compressed(struct model *m) {
               next.timing.compress.dropped);
     CHECK_MSG(same_as_alone(&next, &alone),
               "the next turn on a compressed cache differs from compressing at both turns' ends");
-    /* A third turn: compressed at each turn's end. */
+    /* A third request that adds less than a window after a long answer (a
+     * chat's usual next turn): it takes the kept cache up to its last 32
+     * tokens and computes them again, for the window, then compresses. */
     int32_t *conv3, *b3;
-    conv3 = joined(b, n_b, next.ids, 20);
-    const int n_b3 = next_turn(m, conv3, n_b + 20, "And the bridges over it, which are the oldest?", &b3);
+    conv3 = joined(b, n_b, next.ids, 70);
+    const int n_b3 = extend(m, conv3, n_b + 70, " Why?", &b3);
+    CHECK(n_b3 - (n_b + 69) < COMPRESS_WINDOW);
+    ref = p;
     ref.compress.n_earlier = 2;
-    ref.compress.earlier[1] = n_b;
+    ref.compress.earlier[0] = (struct compress_mark){n_a, 0};
+    ref.compress.earlier[1] = (struct compress_mark){n_b, 0};
     struct collected third, fourth;
     run_alone(m, &b3, &n_b3, 1, &ref, &alone);
     run_one(s, b3, n_b3, &p, &third);
-    CHECK_MSG(third.timing.cached == n_b + 19 && third.timing.compress.applied && same_as_alone(&third, &alone),
-              "the third turn took %d tokens (not %d), compressed: %d, as alone: %d", third.timing.cached, n_b + 19,
-              third.timing.compress.applied, same_as_alone(&third, &alone));
-    /* A request that adds fewer tokens than the window (the answer taken
-     * on): not compressed again. */
+    CHECK_MSG(third.timing.cached == n_b3 - COMPRESS_WINDOW && third.timing.compress.applied &&
+                  same_as_alone(&third, &alone),
+              "the third turn took %d tokens (not %d), compressed: %d, as alone: %d", third.timing.cached,
+              n_b3 - COMPRESS_WINDOW, third.timing.compress.applied, same_as_alone(&third, &alone));
+    /* A request that goes on from a few tokens into the last answer: too
+     * few of its own for a window, not compressed again. */
     int32_t *conv4, *b4;
-    conv4 = joined(b3, n_b3, third.ids, 20);
-    const int n_b4 = extend(m, conv4, n_b3 + 20, " Yes, and", &b4);
-    CHECK(n_b4 - (n_b3 + 19) < COMPRESS_WINDOW);
+    conv4 = joined(b3, n_b3, third.ids, 3);
+    const int n_b4 = extend(m, conv4, n_b3 + 3, " Yes", &b4);
+    CHECK(n_b4 - n_b3 < COMPRESS_MIN_WINDOW);
     ref.compress.n_earlier = 2;
     ref.compress.at = n_b3;
     run_alone(m, &b4, &n_b4, 1, &ref, &alone);
     run_one(s, b4, n_b4, &p, &fourth);
-    CHECK_MSG(fourth.timing.cached == n_b3 + 19 && !fourth.timing.compress.applied && same_as_alone(&fourth, &alone),
-              "a short fourth turn took %d tokens (not %d), compressed: %d, as alone: %d", fourth.timing.cached,
-              n_b3 + 19, fourth.timing.compress.applied, same_as_alone(&fourth, &alone));
+    CHECK_MSG(fourth.timing.cached >= n_b3 + 3 && !fourth.timing.compress.applied && same_as_alone(&fourth, &alone),
+              "a short fourth request took %d tokens (not %d), compressed: %d, as alone: %d", fourth.timing.cached,
+              n_b3 + 3, fourth.timing.compress.applied, same_as_alone(&fourth, &alone));
     free(conv3); free(b3); free(conv4); free(b4);
     /* Other settings: nothing taken, compressed at its own end as alone. */
     struct gen_params half = p;
