@@ -926,6 +926,38 @@ static void demote_reference(const struct ebb_backend *be, float *k, float *v, i
     }
 }
 
+/* Attention of a block of 4 tokens x 2 query heads at the end of f's
+ * n-position cache (layer l, KV head h) against softmax in double over
+ * k, v[m][head_dim]: what the cache should hold, in order, the block's own
+ * rows last. Each query alone must give the block's bits. Raises *worst,
+ * clears *invariant. */
+static void check_tail_attention(struct attend_fixture *f, int l, int h, int n, const float *k, const float *v, int m,
+                                 double *worst, int *invariant) {
+    const struct ebb_backend *be = ebb_backend_cpu();
+    const int hd = f->c.head_dim;
+    float q[4 * 2 * 64], block[4 * 2 * 64], one[64];
+    for (int i = 0; i < 4 * 2 * hd; i++) q[i] = gauss();
+    kv_attend_block(&f->kv, be, l, h, q, block, (size_t)2 * hd, 4, 2, n - 4, 0.125f, f->scratch);
+    for (int j = 0; j < 8; j++) {
+        const int pos = n - 4 + j / 2, rows = m - (n - 1 - pos);
+        kv_attend_block(&f->kv, be, l, h, q + (size_t)j * hd, one, 0, 1, 1, pos, 0.125f, f->scratch);
+        *invariant &= !memcmp(one, block + (size_t)j * hd, (size_t)hd * sizeof(float));
+        double s[512], mx = -INFINITY, sum = 0;
+        for (int r = 0; r < rows; r++) {
+            double dot = 0;
+            for (int i = 0; i < hd; i++) dot += (double)q[j * hd + i] * k[(size_t)r * hd + i];
+            s[r] = dot * 0.125;
+            if (s[r] > mx) mx = s[r];
+        }
+        for (int r = 0; r < rows; r++) sum += (s[r] = exp(s[r] - mx));
+        for (int i = 0; i < hd; i++) {
+            double o = 0;
+            for (int r = 0; r < rows; r++) o += s[r] / sum * v[(size_t)r * hd + i];
+            if (fabs(o - block[(size_t)j * hd + i]) > *worst) *worst = fabs(o - block[(size_t)j * hd + i]);
+        }
+    }
+}
+
 /* A compacted f32 cache against attention in double over what the tiers
  * say remains: kept positions exact, dropped ones absent, demoted ones as
  * the 2-bit formats return them (demote_reference), the positions from the
@@ -968,27 +1000,7 @@ static void check_compact_semantics(int hd, int n_keep, int n_low, int key_bits)
                 memcpy(v + (size_t)m * hd, src_v, (size_t)hd * sizeof(float));
                 m++;
             }
-            float q[4 * 2 * 64], block[4 * 2 * 64], one[64];
-            for (int i = 0; i < 4 * 2 * hd; i++) q[i] = gauss();
-            kv_attend_block(&f.kv, be, l, h, q, block, (size_t)2 * hd, 4, 2, n - 4, 0.125f, f.scratch);
-            for (int j = 0; j < 8; j++) {
-                const int tok = j / 2, pos = n - 4 + tok, rows = m - (n - 1 - pos);
-                kv_attend_block(&f.kv, be, l, h, q + (size_t)j * hd, one, 0, 1, 1, pos, 0.125f, f.scratch);
-                invariant &= !memcmp(one, block + (size_t)j * hd, (size_t)hd * sizeof(float));
-                double s[512], mx = -INFINITY, sum = 0;
-                for (int r = 0; r < rows; r++) {
-                    double dot = 0;
-                    for (int i = 0; i < hd; i++) dot += (double)q[j * hd + i] * k[(size_t)r * hd + i];
-                    s[r] = dot * 0.125;
-                    if (s[r] > mx) mx = s[r];
-                }
-                for (int r = 0; r < rows; r++) sum += (s[r] = exp(s[r] - mx));
-                for (int i = 0; i < hd; i++) {
-                    double o = 0;
-                    for (int r = 0; r < rows; r++) o += s[r] / sum * v[(size_t)r * hd + i];
-                    if (fabs(o - block[(size_t)j * hd + i]) > worst) worst = fabs(o - block[(size_t)j * hd + i]);
-                }
-            }
+            check_tail_attention(&f, l, h, n, k, v, m, &worst, &invariant);
         }
     CHECK_MSG(worst < 2e-5, "head_dim %d keep %d low %d keys %d: compact attention differs from the reference by %g",
               hd, n_keep, n_low, key_bits, worst);
@@ -1110,27 +1122,7 @@ static void check_compact_again(int hd) {
                 if (r < rows && second[r] == KV_TIER_LOW) demote_reference(be, k + (size_t)m * hd, v + (size_t)m * hd, 1, hd, 4);
                 m++;
             }
-            float q[4 * 2 * 64], block[4 * 2 * 64], one[64];
-            for (int i = 0; i < 4 * 2 * hd; i++) q[i] = gauss();
-            kv_attend_block(&f.kv, be, l, h, q, block, (size_t)2 * hd, 4, 2, n - 4, 0.125f, f.scratch);
-            for (int j = 0; j < 8; j++) {
-                const int pos = n - 4 + j / 2, n_rows = m - (n - 1 - pos);
-                kv_attend_block(&f.kv, be, l, h, q + (size_t)j * hd, one, 0, 1, 1, pos, 0.125f, f.scratch);
-                invariant &= !memcmp(one, block + (size_t)j * hd, (size_t)hd * sizeof(float));
-                double sc[512], mx = -INFINITY, sum = 0;
-                for (int r = 0; r < n_rows; r++) {
-                    double dot = 0;
-                    for (int i = 0; i < hd; i++) dot += (double)q[j * hd + i] * k[(size_t)r * hd + i];
-                    sc[r] = dot * 0.125;
-                    if (sc[r] > mx) mx = sc[r];
-                }
-                for (int r = 0; r < n_rows; r++) sum += (sc[r] = exp(sc[r] - mx));
-                for (int i = 0; i < hd; i++) {
-                    double o = 0;
-                    for (int r = 0; r < n_rows; r++) o += sc[r] / sum * v[(size_t)r * hd + i];
-                    if (fabs(o - block[(size_t)j * hd + i]) > worst) worst = fabs(o - block[(size_t)j * hd + i]);
-                }
-            }
+            check_tail_attention(&f, l, h, n, k, v, m, &worst, &invariant);
         }
     CHECK_MSG(worst < 2e-5, "head_dim %d: attention after compacting again differs from the reference by %g", hd, worst);
     CHECK_MSG(invariant, "head_dim %d: attention after compacting again depends on the block", hd);

@@ -743,6 +743,18 @@ static void test_prompt_cache_compressed(struct model *m) {
     CHECK_MSG(fourth.timing.cached >= n_b3 + 3 && !fourth.timing.compress.applied && same_as_alone(&fourth, &alone),
               "a short fourth request took %d tokens (not %d), compressed: %d, as alone: %d", fourth.timing.cached,
               n_b3 + 3, fourth.timing.compress.applied, same_as_alone(&fourth, &alone));
+    /* What a preempted turn does: the whole prompt computed anew, stopping
+     * and compressing at each of its points (here the third turn's, given
+     * to a request that takes no kept cache) -- the same tokens as the
+     * turn that went on from the cache, and as generate(). */
+    struct gen_params again3 = ref;
+    again3.compress.at = 0;
+    again3.cache_prompt = 0;
+    struct collected anew;
+    run_one(s, b3, n_b3, &again3, &anew);
+    CHECK_MSG(anew.timing.cached == 0 && anew.timing.compress.applied && anew.n_ids == third.n_ids &&
+                  !memcmp(anew.ids, third.ids, sizeof third.ids[0] * (size_t)third.n_ids),
+              "the third turn computed anew at its points differs from the turn that took the cache");
     free(conv3); free(b3); free(conv4); free(b4);
     /* Other settings: nothing taken, compressed at its own end as alone. */
     struct gen_params half = p;
