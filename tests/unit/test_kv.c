@@ -827,27 +827,43 @@ static void test_growing_reservations(void) {
 struct text_out { char buf[8192]; size_t len; };
 /* ------------------------------------------------- context compression */
 
-/* Every (layer, head) of a cache of c's shape with the same tier rule:
- * positions < 4 kept, then keep/low/drop from a per-head shuffle with
- * n_keep kept and n_low demoted. */
-static uint8_t *make_tiers(const struct model_config *c, int boundary, int n_keep, int n_low) {
+/* Tiers for compacting a compact cache again (kv_cache_compact_rows rows):
+ * per head the sinks and n_keep - 4 random others kept, never one of the
+ * store's demoted rows [low_from, low_to); n_low random others demoted. */
+static uint8_t *make_tiers_again(const struct model_config *c, int rows, int low_from, int low_to, int n_keep,
+                                 int n_low) {
     const int heads = c->n_layer * c->n_head_kv;
-    uint8_t *t = malloc((size_t)heads * boundary);
-    int *order = malloc((size_t)boundary * sizeof(int));
+    uint8_t *t = malloc((size_t)heads * rows);
+    int *order = malloc((size_t)rows * sizeof(int));
     for (int h = 0; h < heads; h++) {
-        uint8_t *th = t + (size_t)h * boundary;
-        for (int i = 0; i < boundary - 4; i++) order[i] = 4 + i;
-        for (int i = boundary - 5; i > 0; i--) {
+        uint8_t *th = t + (size_t)h * rows;
+        for (int i = 0; i < rows - 4; i++) order[i] = 4 + i;
+        for (int i = rows - 5; i > 0; i--) {
             const int j = (int)(uniform() * (i + 1)) % (i + 1), x = order[i];
             order[i] = order[j];
             order[j] = x;
         }
-        for (int i = 0; i < boundary; i++) th[i] = i < 4 ? KV_TIER_KEEP : KV_TIER_DROP;
-        for (int i = 0; i < boundary - 4; i++)
-            th[order[i]] = i < n_keep - 4 ? KV_TIER_KEEP : i < n_keep - 4 + n_low ? KV_TIER_LOW : KV_TIER_DROP;
+        for (int i = 0; i < rows; i++) th[i] = i < 4 ? KV_TIER_KEEP : KV_TIER_DROP;
+        for (int i = 0, kept = 4; i < rows - 4 && kept < n_keep; i++)
+            if (order[i] < low_from || order[i] >= low_to) {
+                th[order[i]] = KV_TIER_KEEP;
+                kept++;
+            }
+        for (int i = 0, low = 0; i < rows - 4 && low < n_low; i++)
+            if (th[order[i]] == KV_TIER_DROP) {
+                th[order[i]] = KV_TIER_LOW;
+                low++;
+            }
     }
     free(order);
     return t;
+}
+
+/* Every (layer, head) of a cache of c's shape with the same tier rule:
+ * positions < 4 kept, then keep/low/drop from a per-head shuffle with
+ * n_keep kept and n_low demoted. */
+static uint8_t *make_tiers(const struct model_config *c, int boundary, int n_keep, int n_low) {
+    return make_tiers_again(c, boundary, 0, 0, n_keep, n_low);
 }
 
 /* Attention of a block of 4 tokens x 2 heads at the end of the cache for
@@ -1022,37 +1038,6 @@ static void test_compact_semantics(void) {
     check_compact_semantics(40, 70, 60, 4);
 }
 
-/* Tiers for compacting a compact cache again (kv_cache_compact_rows rows):
- * per head the sinks and n_keep - 4 random others kept, never one of the
- * store's demoted rows [low_from, low_to); n_low random others demoted. */
-static uint8_t *make_tiers_again(const struct model_config *c, int rows, int low_from, int low_to, int n_keep,
-                                 int n_low) {
-    const int heads = c->n_layer * c->n_head_kv;
-    uint8_t *t = malloc((size_t)heads * rows);
-    int *order = malloc((size_t)rows * sizeof(int));
-    for (int h = 0; h < heads; h++) {
-        uint8_t *th = t + (size_t)h * rows;
-        for (int i = 0; i < rows - 4; i++) order[i] = 4 + i;
-        for (int i = rows - 5; i > 0; i--) {
-            const int j = (int)(uniform() * (i + 1)) % (i + 1), x = order[i];
-            order[i] = order[j];
-            order[j] = x;
-        }
-        for (int i = 0; i < rows; i++) th[i] = i < 4 ? KV_TIER_KEEP : KV_TIER_DROP;
-        for (int i = 0, kept = 4; i < rows - 4 && kept < n_keep; i++)
-            if (order[i] < low_from || order[i] >= low_to) {
-                th[order[i]] = KV_TIER_KEEP;
-                kept++;
-            }
-        for (int i = 0, low = 0; i < rows - 4 && low < n_low; i++)
-            if (th[order[i]] == KV_TIER_DROP) {
-                th[order[i]] = KV_TIER_LOW;
-                low++;
-            }
-    }
-    free(order);
-    return t;
-}
 
 /* A compact f32 cache compressed again (a conversation's next turn): 330
  * positions compacted at 256 (60 kept, 80 demoted), 130 more stored, then
