@@ -117,7 +117,7 @@ void kv_account_set_budget(struct kv_account *a, size_t budget_bytes) {
 
 struct kv_usage kv_account_usage(struct kv_account *a) {
     pthread_mutex_lock(&a->lock);
-    struct kv_usage u = {a->budget_bytes, a->reserved_bytes, a->allocated_bytes};
+    struct kv_usage u = {a->budget_bytes, a->reserved_bytes, a->allocated_bytes, a->kept_bytes};
     pthread_mutex_unlock(&a->lock);
     return u;
 }
@@ -238,14 +238,29 @@ void kv_cache_free(struct kv_cache *kv) {
             ebb_release(kv->be, kv->window[p]);
             held += (long long)l->window_page_bytes;
         }
-    if (kv->account) {
-        account_add(kv->account, &kv->account->allocated_bytes, -held);
-        account_add(kv->account, &kv->account->reserved_bytes, -(long long)kv->reserved_bytes);
+    if (kv->account) {   /* one change, so that reserved less kept is never seen half done */
+        struct kv_account *a = kv->account;
+        pthread_mutex_lock(&a->lock);
+        a->allocated_bytes = (size_t)((long long)a->allocated_bytes - held);
+        a->reserved_bytes -= kv->reserved_bytes;
+        if (kv->kept) a->kept_bytes -= kv->reserved_bytes;
+        pthread_mutex_unlock(&a->lock);
     }
     free(kv->pages);
     free(kv->window);
     if (kv->table) ebb_release(kv->be, (void *)kv->table);
     memset(kv, 0, sizeof *kv);
+}
+
+void kv_cache_set_kept(struct kv_cache *kv, int kept) {
+    kept = kept != 0;
+    if (kv->kept == kept) return;
+    kv->kept = kept;
+    if (!kv->account) return;
+    pthread_mutex_lock(&kv->account->lock);
+    if (kept) kv->account->kept_bytes += kv->reserved_bytes;
+    else kv->account->kept_bytes -= kv->reserved_bytes;
+    pthread_mutex_unlock(&kv->account->lock);
 }
 
 /* A compact cache forgets its store too: the pages it replaced come back

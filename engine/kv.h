@@ -106,6 +106,7 @@ struct kv_account {
     pthread_mutex_t lock;
     size_t budget_bytes;      /* 0: unlimited */
     size_t reserved_bytes;    /* promised to admitted sequences */
+    size_t kept_bytes;        /* of reserved_bytes: caches kept for a later request (kv_cache_set_kept) */
     size_t allocated_bytes;   /* pages actually held */
     struct kv_layout layout;  /* the precision every cache of this account uses */
     /* Whose memory its caches' pages live in: the model's backend, set by
@@ -120,7 +121,7 @@ void kv_account_set_budget(struct kv_account *a, size_t budget_bytes);
 
 /* The account's numbers at one instant (one lock, so they agree). */
 struct kv_usage {
-    size_t budget_bytes, reserved_bytes, allocated_bytes;
+    size_t budget_bytes, reserved_bytes, allocated_bytes, kept_bytes;
 };
 struct kv_usage kv_account_usage(struct kv_account *a);
 /* Bytes a sequence of n_ctx positions reserves (with passes of any length),
@@ -153,6 +154,7 @@ struct kv_cache {
     void **table;             /* a backend with a fused attention: the page tables in its memory,
                                  [2][ceil(n_ctx / KV_PAGE_TOKENS)] (body, window), else NULL */
     int table_stale;          /* pages changed since the tables were sent */
+    int kept;                 /* its reservation counts as the account's kept_bytes */
 };
 
 enum kv_status {
@@ -178,6 +180,13 @@ enum kv_status kv_cache_init(struct kv_cache *kv, const struct model_config *cfg
  * n > n_ctx. Never shrinks; kv_cache_free returns all of it. */
 enum kv_status kv_cache_reserve(struct kv_cache *kv, int n);
 void kv_cache_free(struct kv_cache *kv);
+/* Marks a cache whose sequence ended as kept for a later request (the
+ * scheduler's prompt cache), or takes the mark off: its reservation moves
+ * into or out of the account's kept_bytes, and kv_cache_free of a kept
+ * cache releases both at once, so that one kv_account_usage always sees
+ * what is held by running work as reserved less kept. A kept cache's
+ * reservation must not change (take the mark off first). */
+void kv_cache_set_kept(struct kv_cache *kv, int kept);
 /* Drops every position (keeps pages for reuse). */
 void kv_cache_clear(struct kv_cache *kv);
 /* From now on no pass appends more than max_pass positions (a sequence

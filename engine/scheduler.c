@@ -298,9 +298,9 @@ void sched_get_stats(struct sched *s, struct sched_stats *st) {
     st->prompt_cache_tokens = s->cache_tokens;
     st->prompt_cache_evictions = s->cache_evictions;
     st->prompt_cache_entries = s->n_cached;
-    st->prompt_cache_bytes = s->cached_bytes;
     pthread_mutex_unlock(&s->lock);
     const struct kv_usage u = kv_account_usage(&s->account);
+    st->prompt_cache_bytes = u.kept_bytes;   /* read with the reservation: one instant */
     st->kv_budget_bytes = u.budget_bytes;
     st->kv_reserved_bytes = u.reserved_bytes;
     st->kv_allocated_bytes = u.allocated_bytes;
@@ -329,10 +329,10 @@ void sched_set_memory(struct sched *s, uint64_t share) {
 
 void sched_governor_model(struct sched *s, struct governor_model *gm) {
     *gm = s->gm;
-    /* Kept prompts are not held: they give way to whatever needs the memory. */
-    const size_t cached = s->cached_bytes;
-    const size_t reserved = kv_account_usage(&s->account).reserved_bytes;
-    gm->kv_held_bytes = reserved > cached ? reserved - cached : 0;
+    /* Kept prompts are not held: they give way to whatever needs the memory.
+     * One reading of the account: an eviction under way is never half seen. */
+    const struct kv_usage u = kv_account_usage(&s->account);
+    gm->kv_held_bytes = u.reserved_bytes > u.kept_bytes ? u.reserved_bytes - u.kept_bytes : 0;
 }
 
 int sched_take_swap_times(struct sched *s, double *out, int cap) {
@@ -388,14 +388,15 @@ static void fit_weights(struct sched *s) {
                                                             cache_evict_oldest(s);
          u = kv_account_usage(&s->account)) {}
     if (s->n_configs < 2 && !s->elastic) return;
-    size_t kv_held = kv_account_usage(&s->account).reserved_bytes, want;
-    int to = fit_target(s, share, kv_held, &want);
+    struct kv_usage u = kv_account_usage(&s->account);
+    size_t want;
+    int to = fit_target(s, share, u.reserved_bytes, &want);
     /* Kept prompts are worth less than weights: they go while the weights
      * that would fit without them are better than those that fit now. */
-    for (size_t want_without; s->cached; to = fit_target(s, share, kv_held, &want)) {
-        if (fit_target(s, share, kv_held - s->cached_bytes, &want_without) == to && want_without == want) break;
+    for (size_t want_without; s->cached; to = fit_target(s, share, u.reserved_bytes, &want)) {
+        if (fit_target(s, share, u.reserved_bytes - u.kept_bytes, &want_without) == to && want_without == want) break;
         cache_evict_oldest(s);
-        kv_held = kv_account_usage(&s->account).reserved_bytes;
+        u = kv_account_usage(&s->account);
     }
     struct model *bm = s->config_m[s->n_configs - 1];
     if (to == s->config && (!s->elastic || want == bm->stack->resident_bytes)) return;
@@ -466,7 +467,8 @@ static void cache_free(struct cached_prompt *c) {
     free(c);
 }
 
-/* Unlinks *link (engine thread). */
+/* Unlinks *link (engine thread); it stays kept in the account until
+ * freed or taken (kv_cache_set_kept). */
 static struct cached_prompt *cache_unlink(struct sched *s, struct cached_prompt **link) {
     struct cached_prompt *c = *link;
     *link = c->next;
@@ -478,6 +480,7 @@ static struct cached_prompt *cache_unlink(struct sched *s, struct cached_prompt 
 
 /* Puts c first: the most recently used. */
 static void cache_insert(struct sched *s, struct cached_prompt *c) {
+    kv_cache_set_kept(&c->kv, 1);
     c->next = s->cached;
     s->cached = c;
     s->n_cached++;
@@ -660,6 +663,7 @@ static enum kv_status start_cache(struct sched *s, struct sreq *r) {
         /* No room for both: r takes it. */
     }
     if (c) {
+        kv_cache_set_kept(&c->kv, 0);   /* r's now (or freed) */
         /* Its compression points are r's even if r computes all anew. */
         if (c->kv.compact) reuse = continue_compressed(r, c, reuse);
         rc = kv_cache_truncate(&c->kv, reuse) ? KV_FAILED : KV_OK;   /* at or past its floor: cannot fail */

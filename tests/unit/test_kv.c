@@ -1326,6 +1326,27 @@ static void test_limit_pass(void) {
     fixture_free(&f);
 }
 
+/* A kept cache's reservation is the account's kept_bytes: the mark moves
+ * it in and out, and freeing a kept cache gives back both at once. */
+static void test_kept(void) {
+    struct attend_fixture f;
+    fixture_init(&f, 2, 2, 64, 4, 200);
+    CHECK(fill_cache(&f.kv, ebb_backend_cpu(), &f.d, 150, 64) == 0);
+    const struct kv_usage before = kv_account_usage(&f.acc);
+    CHECK(before.kept_bytes == 0 && before.reserved_bytes > 0);
+    kv_cache_set_kept(&f.kv, 1);
+    kv_cache_set_kept(&f.kv, 1);   /* twice is once */
+    struct kv_usage u = kv_account_usage(&f.acc);
+    CHECK(u.kept_bytes == f.kv.reserved_bytes && u.reserved_bytes == before.reserved_bytes);
+    kv_cache_set_kept(&f.kv, 0);
+    CHECK(kv_account_usage(&f.acc).kept_bytes == 0);
+    kv_cache_set_kept(&f.kv, 1);
+    kv_cache_free(&f.kv);
+    u = kv_account_usage(&f.acc);
+    CHECK(u.kept_bytes == 0 && u.reserved_bytes == 0 && u.allocated_bytes == 0);
+    fixture_free(&f);
+}
+
 /* The prompt cache's two steps: how far back a cache can be cut
  * (kv_cache_truncate_floor: anywhere at f32, within the f32 window at 4
  * bits), then kv_cache_resume for a longer sequence with long passes again:
@@ -1714,6 +1735,7 @@ int main(void) {
     test_compress_selection();
     test_limit_pass();
     test_resume();
+    test_kept();
     test_weights_after_short_pass();
 
     char path[1024], err[512];
