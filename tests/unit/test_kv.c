@@ -1154,7 +1154,72 @@ static void check_compact_again_lossless(int bits, int key_bits) {
     fixture_free(&f);
 }
 
+/* A conversation of five turns: a cache of n positions grows by 100 and
+ * is compacted again each time with random tiers (a demoted row never
+ * kept), and after each, attention against the reference built from the
+ * rows' original positions: the store keeps its kept rows in order, then
+ * the new positions kept; its demoted rows are the kept ones demoted now,
+ * those demoted before, then the new positions demoted -- each quantized
+ * once from what the cache computed (keys at 4 bits). */
+static void test_compact_turns(void) {
+    enum { HEADS = 4, MAXN = 760 };
+    struct attend_fixture f;
+    fixture_init(&f, 2, 2, 64, 32, MAXN);
+    int keep_pos[HEADS][MAXN], low_pos[HEADS][MAXN], n_keep = 0, n_low = 0, ok = 1;
+    float *k = malloc((size_t)MAXN * 64 * sizeof(float)), *v = malloc((size_t)MAXN * 64 * sizeof(float));
+    for (int n = 330; n <= MAXN; n += 100) {
+        CHECK(fill_cache(&f.kv, ebb_backend_cpu(), &f.d, n, 64) == 0);
+        const int from = f.kv.compact_boundary, boundary = kv_cache_compact_limit(&f.kv);
+        const int rows = kv_cache_compact_rows(&f.kv, boundary), keepable = rows - n_low;
+        const int keep = 4 + (int)(uniform() * (keepable - 4) * 0.5), low = (int)(uniform() * (rows - keep));
+        uint8_t *t = make_tiers_again(&f.c, rows, n_keep, n_keep + n_low, keep, low);
+        ok &= kv_cache_compact(&f.kv, ebb_backend_cpu(), boundary, t, 4) == 0;
+        int next_keep = 0, next_low = 0;
+        for (int h = 0; h < HEADS; h++) {
+            int nk = 0, nl = 0, new_keep[MAXN], new_low[MAXN];
+            const uint8_t *th = t + (size_t)h * rows;
+            for (int pass = 0; pass < 3; pass++)   /* the order compaction writes them in */
+                for (int r = 0; r < rows; r++) {
+                    const int seg = r < n_keep ? 0 : r < n_keep + n_low ? 1 : 2;
+                    const int pos = seg == 0 ? keep_pos[h][r] : seg == 1 ? low_pos[h][r - n_keep] : from + r - n_keep - n_low;
+                    if (pass == 0 && th[r] == KV_TIER_KEEP) new_keep[nk++] = pos;
+                    if (pass == seg && th[r] == KV_TIER_LOW && seg != 2) new_low[nl++] = pos;
+                    if (pass == 2 && seg == 2 && th[r] == KV_TIER_LOW) new_low[nl++] = pos;
+                }
+            memcpy(keep_pos[h], new_keep, (size_t)nk * sizeof(int));
+            memcpy(low_pos[h], new_low, (size_t)nl * sizeof(int));
+            next_keep = nk;
+            next_low = nl;
+        }
+        n_keep = next_keep;
+        n_low = next_low;
+        free(t);
+        double worst = 0;
+        int invariant = 1;
+        for (int l = 0; l < 2; l++)
+            for (int h = 0; h < 2; h++) {
+                const int hh = l * 2 + h;
+                int m = 0;
+                for (int i = 0; i < n_keep + n_low + n - boundary; i++, m++) {
+                    const int pos = i < n_keep ? keep_pos[hh][i] : i < n_keep + n_low ? low_pos[hh][i - n_keep]
+                                                                                      : boundary + i - n_keep - n_low;
+                    memcpy(k + (size_t)m * 64, data_k(&f.d, pos, l) + h * 64, 64 * sizeof(float));
+                    memcpy(v + (size_t)m * 64, data_v(&f.d, pos, l) + h * 64, 64 * sizeof(float));
+                    if (i >= n_keep && i < n_keep + n_low) demote_reference(ebb_backend_cpu(), k + (size_t)m * 64,
+                                                                            v + (size_t)m * 64, 1, 64, 4);
+                }
+                check_tail_attention(&f, l, h, n, k, v, m, &worst, &invariant);
+            }
+        CHECK_MSG(ok && worst < 2e-5 && invariant, "turn at %d positions: compacted %d, attention off by %g, blocks %d",
+                  n, ok, worst, invariant);
+    }
+    free(k);
+    free(v);
+    fixture_free(&f);
+}
+
 static void test_compact_again(void) {
+    test_compact_turns();
     check_compact_again(64);
     check_compact_again(40);
     static const int bits_list[] = {32, 16, 8, 4};
