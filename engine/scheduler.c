@@ -221,11 +221,17 @@ fail:
     return NULL;
 }
 
+/* What recording a prompt's queries for compression costs: nothing for a
+ * model on a device, whose caches are not compressed (compress_prepare). */
+static size_t observation_bytes(const struct sched *s, const struct compress_params *p, int at) {
+    return s->m->placed ? 0 : compress_observation_bytes(&s->m->cfg, p, at);
+}
+
 enum sched_error sched_submit(struct sched *s, const struct sched_request_desc *d, uint64_t *id) {
     if (d->n_prompt <= 0 || context_for(d->n_prompt, &d->params) > s->cfg.max_ctx) return SCHED_TOO_LONG;
     const int at = compress_point(&d->params.compress, d->n_prompt);
     size_t need = kv_account_bytes_for(&s->account, context_for(d->n_prompt, &d->params)) +
-                  compress_observation_bytes(&s->m->cfg, &d->params.compress, at);
+                  observation_bytes(s, &d->params.compress, at);
     size_t budget = kv_account_usage(&s->account).budget_bytes;
     if (budget && need > budget) return SCHED_NEVER_FITS;
     struct sreq *r = sreq_create(d, s->m->cfg.n_vocab);
@@ -704,7 +710,7 @@ static void admit(struct sched *s, struct sreq **evicted, struct sreq **failed) 
         }
         if (rc == KV_OVER_BUDGET) {
             size_t need = kv_account_bytes_for_pass(&s->account, first_reservation(r), longest_pass(r, r->n_replay)) +
-                          compress_observation_bytes(&s->m->cfg, &r->params.compress, at);
+                          observation_bytes(s, &r->params.compress, at);
             const struct kv_usage u = kv_account_usage(&s->account);
             int never = u.budget_bytes && need > u.budget_bytes;
             int idle = u.reserved_bytes == 0;

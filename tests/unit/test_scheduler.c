@@ -782,6 +782,39 @@ static void test_prompt_cache_compressed(struct model *m) {
     free(a); free(b); free(c); free(conv); free(hi); free(turn);
 }
 
+/* On a device, whose caches are not compressed, a request that asks for
+ * compression needs no room for the recording of its queries (2.2 MB on
+ * the whole default model): a budget that holds its cache and half that
+ * recording takes it, and it
+ * runs uncompressed, as generate() does on the device. */
+static void test_device_compression_needs_no_recording(struct model *m) {
+    char text[8192];
+    write_notes(text, sizeof text);
+    int32_t *a;
+    const int n_a = encode_chat(m, text, &a);
+    struct gen_params p = greedy(4);
+    p.kv_bits = 4;
+    p.compress = compress_defaults();
+    p.compress.mode = COMPRESS_DEMOTE;
+    p.compress.min_prompt = 200;
+    struct sched_config cfg = {.max_running = 2, .max_waiting = 4, .kv_bits = 4};
+    struct sched *s = sched_create(m, &cfg);
+    CHECK(s != NULL);
+    if (!s) { free(a); return; }
+    const size_t recording = compress_observation_bytes(&m->cfg, &p.compress, n_a);
+    CHECK(recording > 0);
+    sched_set_kv_budget(s, sched_kv_bytes_for(s, n_a + 4) + recording / 2);
+    struct alone alone;
+    run_alone(m, &a, &n_a, 1, &p, &alone);
+    struct collected out;
+    run_one(s, a, n_a, &p, &out);
+    CHECK_MSG(!out.timing.compress.applied && same_as_alone(&out, &alone),
+              "a compressing request on the device: compressed %d, as alone %d", out.timing.compress.applied,
+              same_as_alone(&out, &alone));
+    sched_destroy(s, 1);
+    free(a);
+}
+
 static void shorten_when_sanitized(struct model *m) {
 #if defined(__SANITIZE_ADDRESS__)
     model_keep_layers(m, 8);
@@ -847,6 +880,7 @@ int main(int argc, char **argv) {
         if (m.placed) test_batched_equals_alone(&m, 4, DRAFT_NGRAM, 0);
         if (m.placed) test_prompt_cache(&m, 4);   /* a kept cache's page tables move with it */
         if (m.placed) test_device_lost(&m);
+        if (m.placed) test_device_compression_needs_no_recording(&m);
         model_free(&m);
     }
     return check_report("test_scheduler");
