@@ -361,6 +361,13 @@ static void write_notes(char *text, size_t size) {
     snprintf(text + at, size - (size_t)at, "\nWhat is the number?");
 }
 
+/* write_notes' text as a user's chat prompt. */
+static int encode_notes(struct model *m, int32_t **ids) {
+    char text[8192];
+    write_notes(text, sizeof text);
+    return encode_chat(m, text, ids);
+}
+
 /* Compression gives memory back at once: under a budget that holds one
  * whole prompt, a second request waits for the first to finish -- unless
  * the first compresses its prompt, and then the second starts while the
@@ -368,11 +375,9 @@ static void write_notes(char *text, size_t size) {
  * generate() gives alone with the same compression (the stage depends on
  * the request alone, not on its batch). */
 static void test_compressed_admission(struct model *m) {
-    char text[8192];
-    write_notes(text, sizeof text);
     int32_t *ids[2];
     int n_ids[2];
-    n_ids[0] = n_ids[1] = encode_chat(m, text, &ids[0]);
+    n_ids[0] = n_ids[1] = encode_notes(m, &ids[0]);
     ids[1] = ids[0];
     CHECK(n_ids[0] > 300);
     /* 0: whole prompts; 1: compressed; 2: compressed and speculating on
@@ -644,6 +649,17 @@ static void test_prompt_cache(struct model *m, int kv_bits) {
     free(a); free(b); free(c); free(d); free(conv); free(conv2);
 }
 
+/* Greedy decoding of max_tokens at kv_bits, compressing (demote, the
+ * default budget) every prompt of 200 tokens or more: write_notes' prompt. */
+static struct gen_params demoting(int max_tokens, int kv_bits) {
+    struct gen_params p = greedy(max_tokens);
+    p.kv_bits = kv_bits;
+    p.compress = compress_defaults();
+    p.compress.mode = COMPRESS_DEMOTE;
+    p.compress.min_prompt = 200;
+    return p;
+}
+
 /* The prompt cache with context compression (issue 14's multi-turn): a
  * compressed turn's cache goes on for the next turn that compresses alike,
  * which is compressed again at its own end over the store and what it
@@ -662,13 +678,9 @@ static void test_prompt_cache_compressed(struct model *m) {
     write_notes(text, sizeof text);
     int32_t *a;
     const int n_a = encode_chat(m, text, &a);
-    struct gen_params p = greedy(20);
-    p.kv_bits = 32;
+    struct gen_params p = demoting(20, 32);
     p.ignore_eos = 1;
     p.cache_prompt = 1;
-    p.compress = compress_defaults();
-    p.compress.mode = COMPRESS_DEMOTE;
-    p.compress.min_prompt = 200;
     struct sched_config cfg = {.max_running = 4, .max_waiting = 8, .kv_bits = 32, .prompt_cache_bytes = 1 << 30};
     struct sched *s = sched_create(m, &cfg);
     CHECK(s != NULL);
@@ -785,18 +797,12 @@ static void test_prompt_cache_compressed(struct model *m) {
 /* On a device, whose caches are not compressed, a request that asks for
  * compression needs no room for the recording of its queries (2.2 MB on
  * the whole default model): a budget that holds its cache and half that
- * recording takes it, and it
- * runs uncompressed, as generate() does on the device. */
+ * recording takes it, and it runs uncompressed, as generate() does on the
+ * device. */
 static void test_device_compression_needs_no_recording(struct model *m) {
-    char text[8192];
-    write_notes(text, sizeof text);
     int32_t *a;
-    const int n_a = encode_chat(m, text, &a);
-    struct gen_params p = greedy(4);
-    p.kv_bits = 4;
-    p.compress = compress_defaults();
-    p.compress.mode = COMPRESS_DEMOTE;
-    p.compress.min_prompt = 200;
+    const int n_a = encode_notes(m, &a);
+    struct gen_params p = demoting(4, 4);
     struct sched_config cfg = {.max_running = 2, .max_waiting = 4, .kv_bits = 4};
     struct sched *s = sched_create(m, &cfg);
     CHECK(s != NULL);
