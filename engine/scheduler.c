@@ -122,13 +122,13 @@ struct sched {
     uint64_t drafts, draft_tokens, accepted_tokens, accepted_at[DRAFT_MAX];   /* under lock */
     struct sched_compress_stats compress[3];   /* under lock */
     /* The prompt cache (sched_config.prompt_cache_bytes): the engine
-     * thread's list, most recently kept or used first; the counts below it
-     * are atomic for stats (admission changes them with the lock held, the
-     * rest of the step without). */
+     * thread's list, most recently kept or used first; its bytes are the KV
+     * account's kept_bytes (kv_cache_set_kept); the counts below it are
+     * atomic for stats (admission changes them with the lock held, the rest
+     * of the step without). */
     struct cached_prompt *cached;
     uint64_t weights_changes;       /* engine thread's: a cache computed across one is not kept */
     atomic_int n_cached;
-    _Atomic size_t cached_bytes;
     _Atomic uint64_t cache_hits, cache_tokens, cache_evictions;
 };
 
@@ -480,7 +480,6 @@ static struct cached_prompt *cache_unlink(struct sched *s, struct cached_prompt 
     *link = c->next;
     c->next = NULL;
     s->n_cached--;
-    s->cached_bytes -= c->kv.reserved_bytes;
     return c;
 }
 
@@ -490,7 +489,6 @@ static void cache_insert(struct sched *s, struct cached_prompt *c) {
     c->next = s->cached;
     s->cached = c;
     s->n_cached++;
-    s->cached_bytes += c->kv.reserved_bytes;
 }
 
 /* Frees the least recently used kept cache: 0 when none was kept. */
@@ -527,7 +525,7 @@ static void cache_keep(struct sched *s, struct sreq *r) {
     c->kv = *kv;
     memset(kv, 0, sizeof *kv);
     cache_insert(s, c);
-    while (s->cached_bytes > s->cfg.prompt_cache_bytes && cache_evict_oldest(s)) {}
+    while (kv_account_usage(&s->account).kept_bytes > s->cfg.prompt_cache_bytes && cache_evict_oldest(s)) {}
 }
 
 /* Whether two requests compress alike, wherever they compress. */
