@@ -51,6 +51,8 @@ static int window_logits(struct model_run *run, struct kv_cache *kv, const int32
     return 0;
 }
 
+int perplexity_context(int n_ctx, int n_score) { return (n_score ? n_ctx - 1 - n_score : n_ctx / 2) + 1; }
+
 int perplexity_windows(struct model_run *run, const int32_t *tokens, int n_windows, int n_ctx, int n_score, int32_t bos,
                        int kv_bits, const struct compress_params *compress, int32_t *top1, ppl_progress_fn progress,
                        void *ud, struct ppl_result *r, char *err, size_t errlen) {
@@ -75,7 +77,7 @@ int perplexity_windows(struct model_run *run, const int32_t *tokens, int n_windo
     }
     kv_policy.be = m->be;          /* the caches live where the model computes */
     int rc = -1;
-    const int first = n_score ? n_ctx - 1 - n_score : n_ctx / 2;
+    const int first = perplexity_context(n_ctx, n_score) - 1;
     struct kv_cache kv = {0};
     float *logits = malloc((size_t)(n_ctx - first) * m->cfg.n_vocab * sizeof(float));
     int32_t *win = malloc((size_t)n_ctx * sizeof *win);

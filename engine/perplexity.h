@@ -16,7 +16,9 @@
  * context -- positions 0 .. first, first being the first scored position --
  * is prefilled and compressed before the rest is fed, so every scored
  * token sees the compressed context (the kvpress protocol: compress, then
- * continue). Without it the bits are the same as one pass over the window.
+ * continue); compress->earlier's points (window-relative) are compressed at
+ * first, as a conversation is at each turn. Without it the bits are the
+ * same as one pass over the window.
  *
  * top1, when not NULL, receives the model's most likely token at every
  * scored position, in order (room for max_windows * the predictions scored):
@@ -42,6 +44,10 @@ struct ppl_result {
     int compressed;       /* windows whose context was compressed */
     size_t kv_full_bytes, kv_compressed_bytes;   /* their caches before and after, summed */
 };
+
+/* The context of a window of n_ctx scoring n_score predictions (0: the
+ * second half): positions 0 .. first, the first scored one; its length. */
+int perplexity_context(int n_ctx, int n_score);
 
 /* Called before the first window (done = 0) and after each one. */
 typedef void (*ppl_progress_fn)(void *ud, int done, int total, const struct ppl_result *so_far, double seconds);

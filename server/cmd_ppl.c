@@ -39,7 +39,7 @@ static void print_progress(void *ud, int done, int total, const struct ppl_resul
     const struct ppl_progress_state *st = ud;
     if (done == 0) {
         fprintf(stderr, "ebb ppl: %d tokens, %d windows of %d, scoring %d tokens each\n", r->n_tokens, total,
-                st->n_ctx, st->n_score ? st->n_score : st->n_ctx - st->n_ctx / 2 - 1);
+                st->n_ctx, st->n_ctx - perplexity_context(st->n_ctx, st->n_score));
         return;
     }
     fprintf(stderr, "\r[%d/%d] ppl %.4f  (%.1f s, %.0f tok/s)", done, total, r->ppl, seconds,
@@ -95,7 +95,7 @@ int cmd_ppl(int argc, char **argv) {
     }
     /* The earlier compression points, window-relative: before the context's
      * end (the first scored position, where it is compressed last). */
-    const int context = (n_score ? n_ctx - 1 - n_score : n_ctx / 2) + 1;
+    const int context = perplexity_context(n_ctx, n_score);
     for (int at = every; every && at + COMPRESS_WINDOW < context && compress.n_earlier < COMPRESS_MAX_POINTS; at += every)
         compress.earlier[compress.n_earlier++] = (struct compress_mark){at, 0};
     size_t len;
