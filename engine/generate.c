@@ -218,6 +218,18 @@ static int fail(struct gen_result *res, const char *msg) {
     return -1;
 }
 
+int generate_prefill(struct model_run *r, struct kv_cache *kv, const int32_t *tokens, int n,
+                     const struct compress_params *p, float *logits, struct compress_report *report) {
+    const struct model *m = model_run_model(r);
+    memset(report, 0, sizeof *report);
+    int done = 0;
+    for (int at; p && p->mode != COMPRESS_OFF && (at = compress_next_point(p, n, done)) > 0; done = at)
+        if (compress_prepare(kv, &m->cfg, p, at) || model_forward(r, kv, tokens + done, at - done, logits, 0) ||
+            compress_apply(kv, &m->cfg, m->be, model_run_pool(r), p, report))
+            return -1;
+    return done < n ? model_forward(r, kv, tokens + done, n - done, logits, 0) : 0;
+}
+
 int generate(struct model_run *r, const int32_t *prompt, int n_prompt, const struct gen_params *p,
              gen_text_fn on_text, void *ud, struct gen_result *res) {
     const struct model *m = model_run_model(r);
@@ -252,14 +264,7 @@ int generate(struct model_run *r, const int32_t *prompt, int n_prompt, const str
     }
     double t0 = ebb_now_seconds();
     int rc = 0;
-    if (g.finish == FINISH_NONE) {   /* the prompt up to each compression point, compression, the rest */
-        int done = 0;
-        for (int at; rc == 0 && (at = compress_next_point(&p->compress, n_prompt, done)) > 0; done = at)
-            rc = compress_prepare(&kv, &m->cfg, &p->compress, at) ||
-                 model_forward(r, &kv, prompt + done, at - done, logits, 0) ||
-                 compress_apply(&kv, &m->cfg, m->be, model_run_pool(r), &p->compress, &res->compress);
-        if (rc == 0 && done < n_prompt) rc = model_forward(r, &kv, prompt + done, n_prompt - done, logits, 0);
-    }
+    if (g.finish == FINISH_NONE) rc = generate_prefill(r, &kv, prompt, n_prompt, &p->compress, logits, &res->compress);
     double t1 = ebb_now_seconds();
     res->prefill_s = t1 - t0;
     while (rc == 0 && g.finish == FINISH_NONE) {

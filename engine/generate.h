@@ -143,6 +143,15 @@ struct gen_result {
 int generate(struct model_run *r, const int32_t *prompt, int n_prompt, const struct gen_params *p,
              gen_text_fn on_text, void *ud, struct gen_result *res);
 
+/* Prefills tokens[0, n) into kv (the last row's logits into logits),
+ * stopping to compress at each of p's compression points
+ * (compress_next_point) when p asks for compression (NULL: none); what
+ * the last compression did in *report. 0, or -1 when a pass or the
+ * compression fails. generate() and ebb ppl prefill so. */
+struct kv_cache;
+int generate_prefill(struct model_run *r, struct kv_cache *kv, const int32_t *tokens, int n,
+                     const struct compress_params *p, float *logits, struct compress_report *report);
+
 /* Token ids that end a turn for this model (EOS and end-of-turn control
  * tokens such as <|im_end|>). */
 int generate_is_end_token(const struct model *m, int32_t id);

@@ -32,14 +32,8 @@ static int window_logits(struct model_run *run, struct kv_cache *kv, const int32
     const struct model *m = model_run_model(run);
     const size_t V = (size_t)m->cfg.n_vocab;
     const int compressing = compress && compress->mode != COMPRESS_OFF;
-    struct compress_report rep = {0};
-    int done = 0;   /* the context up to each compression point (compress->earlier's, then its end) */
-    for (int at; compressing && (at = compress_next_point(compress, first + 1, done)) > 0; done = at) {
-        if (compress_prepare(kv, &m->cfg, compress, at) || model_forward(run, kv, win + done, at - done, logits, 0) ||
-            compress_apply(kv, &m->cfg, m->be, model_run_pool(run), compress, &rep))
-            return -1;
-    }
-    if ((done < first + 1 && model_forward(run, kv, win + done, first + 1 - done, logits, 0)) ||
+    struct compress_report rep;
+    if (generate_prefill(run, kv, win, first + 1, compress, logits, &rep) ||
         model_forward(run, kv, win + first + 1, n_ctx - first - 1, logits + V, 1))
         return -1;
     r->compressed += rep.applied;
