@@ -2,6 +2,7 @@
  * cache's compaction; see compress.h for the design. */
 #include "engine/compress.h"
 
+#include <assert.h>
 #include <math.h>
 #include <stdatomic.h>
 #include <stdlib.h>
@@ -13,7 +14,7 @@
 struct compress_params compress_defaults(void) {
     return (struct compress_params){
         .mode = COMPRESS_OFF, .select = COMPRESS_SNAPKV, .budget = 0.25f, .low_budget = -1,
-        .min_prompt = COMPRESS_MIN_PROMPT, .low_key_bits = 4};
+        .min_prompt = COMPRESS_MIN_PROMPT, .low_key_bits = 4, .lookahead = COMPRESS_LOOKAHEAD};
 }
 
 static const char *const mode_names[] = {"off", "demote", "drop"};
@@ -56,9 +57,25 @@ int compress_wanted(const struct compress_params *p, int n_prompt) {
     return p->mode != COMPRESS_OFF && n_prompt >= p->min_prompt && n_prompt >= 2 * KV_PAGE_TOKENS + COMPRESS_WINDOW;
 }
 
+/* The lookahead's length at point `at`: as asked, no further than the
+ * context, and no longer than one pass the cache's window can take (the
+ * lookahead's passes keep the point's window pages, kv_cache_hold_window). */
+int compress_lookahead_tokens(const struct compress_params *p) {
+    if (p->select != COMPRESS_SNAPKV && p->select != COMPRESS_SNAPKV_HEAD) return 0;   /* nothing scores */
+    return p->lookahead <= 0 ? 0 : p->lookahead < COMPRESS_MAX_LOOKAHEAD ? p->lookahead : COMPRESS_MAX_LOOKAHEAD;
+}
+
+static int lookahead_at(const struct compress_params *p, const struct kv_cache *kv, int at) {
+    int n = compress_lookahead_tokens(p);
+    if (n > kv->n_ctx - at) n = kv->n_ctx - at;
+    if (kv->window && n > (kv->window_max - 2) * KV_PAGE_TOKENS + 1) n = (kv->window_max - 2) * KV_PAGE_TOKENS + 1;
+    return n > 0 ? n : 0;
+}
+
 size_t compress_observation_bytes(const struct model_config *cfg, const struct compress_params *p, int n_prompt) {
     if (!compress_wanted(p, n_prompt)) return 0;
-    return kv_observation_bytes(cfg->n_layer, COMPRESS_WINDOW, cfg->n_head * cfg->head_dim);
+    return kv_observation_bytes(cfg->n_layer, COMPRESS_WINDOW + compress_lookahead_tokens(p),
+                                cfg->n_head * cfg->head_dim);
 }
 
 enum kv_status compress_prepare(struct kv_cache *kv, const struct model_config *cfg, const struct compress_params *p,
@@ -69,8 +86,10 @@ enum kv_status compress_prepare(struct kv_cache *kv, const struct model_config *
         kv_cache_forget_observation(kv);
         return KV_OK;
     }
-    const int window = compress_window(p, n_prompt);
-    return kv_cache_observe(kv, n_prompt - window, window, cfg->n_head * cfg->head_dim);
+    const int window = compress_window(p, n_prompt), ahead = lookahead_at(p, kv, n_prompt);
+    const enum kv_status rc = kv_cache_observe(kv, n_prompt - window, window + ahead, cfg->n_head * cfg->head_dim);
+    if (rc == KV_OK) kv->obs->ahead = ahead;
+    return rc;
 }
 
 /* Rows kept per head, of the `keepable` rows before the boundary that may
@@ -258,36 +277,52 @@ static double now_ms(void) {
     return (double)ts.tv_sec * 1e3 + (double)ts.tv_nsec / 1e6;
 }
 
+/* A lookahead's rows (compress_look_ahead) go once they have been scored:
+ * the cache is at its point again, as if they had never been written. */
+static void forget_lookahead(struct kv_cache *kv, int n_prompt) {
+    if (kv->n_past == n_prompt) return;
+    const int back = kv_cache_truncate(kv, n_prompt);
+    assert(back == 0);   /* the window was held at n_prompt (compress_look_ahead) */
+    (void)back;
+    kv_cache_hold_window(kv, -1);
+}
+
 int compress_apply(struct kv_cache *kv, const struct model_config *cfg, const struct ebb_backend *be,
                    struct ebb_pool *pool, const struct compress_params *p, struct compress_report *report) {
     const double t0 = now_ms();
     memset(report, 0, sizeof *report);
+    const struct kv_observation *o = kv->obs;
+    const int looked = o && o->ahead > 0 && o->from + o->n == kv->n_past;
     const struct kv_compact_info was = kv_cache_compact_info(kv);
-    const int n_prompt = kv->n_past, boundary = kv_cache_compact_limit(kv);
+    const int n_prompt = kv->n_past - (looked ? o->ahead : 0), boundary = kv_cache_compact_limit_at(kv, n_prompt);
     const int rows = boundary >= was.boundary ? kv_cache_compact_rows(kv, boundary) : 0;
     const int keepable = rows - was.n_low;   /* a demoted row is never kept again */
+    const int n_keep = boundary > 0 && rows > 0 ? keep_count(p, n_prompt, boundary, keepable) : 0;
+    const int scored = p->select == COMPRESS_SNAPKV || p->select == COMPRESS_SNAPKV_HEAD;
+    const int n_heads = cfg->n_layer * cfg->n_head_kv;
+    float *scores = NULL;
+    int rc = 0;
+    if (!compress_wanted(p, n_prompt) || boundary <= 0 || rows <= 0 || n_keep >= keepable ||
+        (scored && (!o || o->from + o->n != kv->n_past))) {
+        kv_cache_forget_observation(kv);
+        rc = 1;   /* nothing to do */
+    } else if (scored && (!(scores = malloc((size_t)n_heads * rows * sizeof(float))) ||
+                          snapkv_scores(kv, cfg, be, pool, boundary, p->select == COMPRESS_SNAPKV, scores))) {
+        rc = -1;
+    }
+    forget_lookahead(kv, n_prompt);
     report->n_prompt = n_prompt;
     report->kept = n_prompt - (was.boundary - was.n_keep);
     report->bytes_before = report->bytes_after = kv_cache_body_bytes(kv);
-    const int n_keep = boundary > 0 && rows > 0 ? keep_count(p, n_prompt, boundary, keepable) : 0;
-    const int scored = p->select == COMPRESS_SNAPKV || p->select == COMPRESS_SNAPKV_HEAD;
-    if (!compress_wanted(p, n_prompt) || boundary <= 0 || rows <= 0 || n_keep >= keepable ||
-        (scored && (!kv->obs || kv->obs->from + kv->obs->n != n_prompt))) {
-        kv_cache_forget_observation(kv);
-        return 0;
-    }
-    const int n_heads = cfg->n_layer * cfg->n_head_kv;
-    float *scores = scored ? malloc((size_t)n_heads * rows * sizeof(float)) : NULL;
-    uint8_t *tiers = malloc((size_t)n_heads * rows);
-    int rc = -1;
-    if (tiers &&
-        (!scored || (scores && snapkv_scores(kv, cfg, be, pool, boundary, p->select == COMPRESS_SNAPKV, scores) == 0)) &&
-        compress_select_tiers(p, scores, n_heads, rows, n_keep, low_count(p, n_prompt, rows, n_keep), was.n_keep,
-                              was.n_keep + was.n_low, tiers) == 0)
-        rc = kv_cache_compact(kv, be, boundary, tiers, p->low_key_bits == KV_LOW_BITS ? KV_LOW_BITS : 4);
+    uint8_t *tiers = rc == 0 ? malloc((size_t)n_heads * rows) : NULL;
+    if (rc == 0)
+        rc = tiers && compress_select_tiers(p, scores, n_heads, rows, n_keep, low_count(p, n_prompt, rows, n_keep),
+                                            was.n_keep, was.n_keep + was.n_low, tiers) == 0
+                 ? kv_cache_compact(kv, be, boundary, tiers, p->low_key_bits == KV_LOW_BITS ? KV_LOW_BITS : 4)
+                 : -1;
     free(scores);
     free(tiers);
-    if (rc) return -1;
+    if (rc) return rc > 0 ? 0 : -1;
     const struct kv_compact_info ci = kv_cache_compact_info(kv);
     report->applied = 1;
     report->mode = p->mode;

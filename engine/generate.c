@@ -9,6 +9,7 @@
 
 #include "engine/grammar.h"
 #include "engine/model.h"
+#include "engine/sampler.h"
 
 const char *finish_reason_name(enum finish_reason r) {
     switch (r) {
@@ -218,6 +219,27 @@ static int fail(struct gen_result *res, const char *msg) {
     return -1;
 }
 
+int compress_look_ahead(struct model_run *r, struct kv_cache *kv, const float *logits) {
+    const struct kv_observation *o = kv->obs;
+    if (!o || o->ahead <= 0) return 0;
+    const int V = model_run_model(r)->cfg.n_vocab, at = kv->n_past;
+    float *row = malloc((size_t)V * sizeof(float));
+    if (!row) return -1;
+    memcpy(row, logits, (size_t)V * sizeof(float));
+    kv_cache_hold_window(kv, at);
+    int rc = 0;
+    for (int i = 0; i < o->ahead && rc == 0; i++) {
+        int32_t id = sampler_argmax(row, V);
+        rc = model_forward(r, kv, &id, 1, row, 0);
+    }
+    free(row);
+    if (rc) {   /* the hold keeps what a query at `at` reads: going back works */
+        kv_cache_truncate(kv, at);
+        kv_cache_hold_window(kv, -1);
+    }
+    return rc;
+}
+
 int generate_prefill(struct model_run *r, struct kv_cache *kv, const int32_t *tokens, int n,
                      const struct compress_params *p, float *logits, struct compress_report *report) {
     const struct model *m = model_run_model(r);
@@ -225,7 +247,7 @@ int generate_prefill(struct model_run *r, struct kv_cache *kv, const int32_t *to
     int done = 0;
     for (int at; p && p->mode != COMPRESS_OFF && (at = compress_next_point(p, n, done)) > 0; done = at)
         if (compress_prepare(kv, &m->cfg, p, at) || model_forward(r, kv, tokens + done, at - done, logits, 0) ||
-            compress_apply(kv, &m->cfg, m->be, model_run_pool(r), p, report))
+            compress_look_ahead(r, kv, logits) || compress_apply(kv, &m->cfg, m->be, model_run_pool(r), p, report))
             return -1;
     return done < n ? model_forward(r, kv, tokens + done, n - done, logits, 0) : 0;
 }

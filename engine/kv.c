@@ -287,6 +287,8 @@ int kv_cache_truncate(struct kv_cache *kv, int n) {
     return 0;
 }
 
+void kv_cache_hold_window(struct kv_cache *kv, int pos) { kv->window_hold = pos >= 0 ? pos + 1 : 0; }
+
 /* Page arrays of another length: the first `keep` entries copied, the rest
  * NULL. */
 static void **page_array(void *const *from, int keep, int n) {
@@ -359,6 +361,8 @@ int kv_cache_copy_prefix(struct kv_cache *kv, const struct kv_cache *src, int n)
 static int window_ensure(struct kv_cache *kv, int from, int n) {
     const struct kv_layout *l = &kv->layout;
     int lo = from / KV_PAGE_TOKENS - 1, hi = (n - 1) / KV_PAGE_TOKENS;
+    if (kv->window_hold > 0 && (kv->window_hold - 1) / KV_PAGE_TOKENS - 1 < lo)
+        lo = (kv->window_hold - 1) / KV_PAGE_TOKENS - 1;
     if (lo < 0) lo = 0;
     if (hi - lo + 1 > kv->window_max) return -1;   /* a pass longer than the reservation allows */
     float *spare[WINDOW_PAGES_MAX];
@@ -680,8 +684,10 @@ static void compact_free(struct kv_cache *kv) {
     kv->n_reserved = 0;   /* the next kv_cache_reserve counts the pages again */
 }
 
-int kv_cache_compact_limit(const struct kv_cache *kv) {
-    const int pages = kv->n_past / KV_PAGE_TOKENS - 1;
+int kv_cache_compact_limit(const struct kv_cache *kv) { return kv_cache_compact_limit_at(kv, kv->n_past); }
+
+int kv_cache_compact_limit_at(const struct kv_cache *kv, int n) {
+    const int pages = (n < kv->n_past ? n : kv->n_past) / KV_PAGE_TOKENS - 1;
     return pages > 0 ? pages * KV_PAGE_TOKENS : 0;
 }
 

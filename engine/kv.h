@@ -141,6 +141,7 @@ struct kv_cache {
     float **window;           /* f32 window pages by page index, NULL when not held (8 and 4 bits) */
     int window_lo, window_hi; /* every held window page lies in [lo, hi] */
     int window_max;           /* most window pages held at once (what was reserved) */
+    int window_hold;          /* 1 + the position whose window pages stay held (kv_cache_hold_window), 0 none */
     float *sink;              /* f32 keys and values of the first KV_SINK_TOKENS positions (8 and 4 bits) */
     struct kv_account *account; /* may be NULL: unaccounted (CLI tools) */
     int n_reserved;           /* positions the reservation covers (<= n_ctx) */
@@ -204,6 +205,14 @@ void kv_cache_limit_pass(struct kv_cache *kv, int max_pass);
  * (nothing changed) when n is negative, beyond n_past, or before the window
  * still held. Pages and the reservation are kept for the positions to come. */
 int kv_cache_truncate(struct kv_cache *kv, int n);
+/* Keeps the window pages a query at position pos reads (pos's page and the
+ * one before) through the passes that follow, so that kv_cache_truncate
+ * can go back to pos after several of them -- context compression's
+ * lookahead decodes a few tokens past its point, then forgets them; pos <
+ * 0 lets them go at the next pass. The passes after pos must fit the
+ * window the cache reserved as one pass would (a lookahead of n tokens: a
+ * max_pass >= n). */
+void kv_cache_hold_window(struct kv_cache *kv, int pos);
 /* The smallest n kv_cache_truncate takes now: 0 for f32 and f16 caches
  * (every row is kept as computed); at 8 and 4 bits the start of the page
  * the last pass began in, whose f32 window pages -- that page's and the
@@ -304,6 +313,7 @@ enum kv_tier { KV_TIER_DROP = 0, KV_TIER_LOW = 1, KV_TIER_KEEP = 2 };
  * forward pass computes them (after RoPE): q[(layer * n + i) * q_dim]. */
 struct kv_observation {
     int from, n, q_dim;
+    int ahead;                 /* of the n, the last ones past the compression point: a lookahead's */
     size_t bytes;              /* of q, charged to the cache's account */
     float *q;
 };
@@ -325,6 +335,9 @@ void kv_cache_forget_observation(struct kv_cache *kv);
  * KV_PAGE_TOKENS at least a page before n_past's page (so no query to come
  * reads those positions from the window), 0 when none. */
 int kv_cache_compact_limit(const struct kv_cache *kv);
+/* The same for a cache at position n <= n_past (one that holds a few rows
+ * past its compression point, a lookahead's, until they are scored). */
+int kv_cache_compact_limit_at(const struct kv_cache *kv, int n);
 /* The rows of each (layer, KV head) a compaction at boundary decides
  * (>= the store's boundary): the store's, kept then demoted, and the
  * positions from its boundary to this one (boundary itself when none). */

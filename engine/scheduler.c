@@ -456,7 +456,14 @@ static void take_cancelled_waiting(struct sched *s, struct sreq **out) {
  * positions are reserved as it reaches them (reserve_for_decode). */
 static int first_reservation(const struct sreq *r) {
     const int cap = context_for(r->n_prompt, &r->params);
-    return r->n_replay + 1 < cap ? r->n_replay + 1 : cap;
+    int want = r->n_replay + 1;
+    /* Compression's lookahead writes past its last point, then forgets
+     * (compress_look_ahead): reserved from the start, so that a request
+     * computed again under another load looks as far. */
+    const struct compress_params *p = &r->params.compress;
+    const int last = compress_point(p, r->n_prompt), ahead = compress_lookahead_tokens(p);
+    if (ahead > 0 && compress_wanted(p, last) && last + ahead > want) want = last + ahead;
+    return want < cap ? want : cap;
 }
 
 /* Its longest pass when `left` positions are still to compute: a chunk of
@@ -532,7 +539,7 @@ static void cache_keep(struct sched *s, struct sreq *r) {
 static int same_compression(const struct compress_params *a, const struct compress_params *b) {
     return a->mode == b->mode && a->select == b->select && a->budget == b->budget &&
            a->budget_tokens == b->budget_tokens && a->low_budget == b->low_budget && a->min_prompt == b->min_prompt &&
-           a->low_key_bits == b->low_key_bits && a->seed == b->seed;
+           a->low_key_bits == b->low_key_bits && a->seed == b->seed && a->lookahead == b->lookahead;
 }
 
 /* The most of a kept cache r may take. One token is always left to
@@ -922,6 +929,13 @@ static void finish_kept(struct sched *s, struct sreq *r, enum finish_reason why)
 /* One batched forward pass and the sampling after it. */
 static void compress_prompt(struct sched *s, struct sreq *r);
 
+/* Where the request's prompt is compressed next (its recording's point:
+ * the window's end, before any lookahead), 0 when it is not. */
+static int compression_point(const struct sreq *r) {
+    const struct kv_observation *o = r->kv.obs;
+    return o ? o->from + o->n - o->ahead : 0;
+}
+
 static void step(struct sched *s) {
     /* Cancelled running sequences stop here, before spending compute. */
     for (int i = 0; i < s->n_running;) {
@@ -952,8 +966,8 @@ static void step(struct sched *s) {
         int chunk = left < max_tokens - tokens ? left : max_tokens - tokens;
         /* A prompt to compress stops where compression comes: the end of
          * the window recorded. */
-        const int at = r->kv.obs ? r->kv.obs->from + r->kv.obs->n : 0;
-        if (r->kv.obs && r->n_prefilled < at && r->n_prefilled + chunk > at) chunk = at - r->n_prefilled;
+        const int at = compression_point(r);
+        if (at && r->n_prefilled < at && r->n_prefilled + chunk > at) chunk = at - r->n_prefilled;
         /* Prompt log-probabilities need every row: a chunk at a time. */
         const int want_rows = r->params.prompt_logprobs && r->prompt_reported < r->n_prompt;
         if (want_rows && chunk > PROMPT_LOGPROB_CHUNK) chunk = PROMPT_LOGPROB_CHUNK;
@@ -967,8 +981,10 @@ static void step(struct sched *s) {
         /* An embedding sums from the first chunk (again after a preemption). */
         if (r->params.embedding && r->n_prefilled == 0)
             memset(r->params.embedding, 0, (size_t)s->m->cfg.n_embd * sizeof(float));
-        s->batch[n] = (struct batch_seq){&r->kv, r->gen.history + r->n_prefilled, chunk, sample ? r->logits : NULL, 0,
-                                         r->params.embedding};
+        /* A lookahead starts from the point's logits. */
+        const int look = at && r->kv.obs->ahead > 0 && r->n_prefilled + chunk == at;
+        s->batch[n] = (struct batch_seq){&r->kv, r->gen.history + r->n_prefilled, chunk,
+                                         sample || look ? r->logits : NULL, 0, r->params.embedding};
         if (want_rows) {
             s->batch[n].logits = r->prompt_rows;
             s->batch[n].all_logits = 1;
@@ -1005,7 +1021,7 @@ static void step(struct sched *s) {
                 }
             }
             r->n_prefilled += s->batch[b].n_tok;
-            if (r->kv.obs && r->n_prefilled == r->kv.obs->from + r->kv.obs->n) compress_prompt(s, r);
+            if (r->n_prefilled == compression_point(r)) compress_prompt(s, r);
             /* Decoding passes are short: the prompt chunks' window pages go. */
             if (r->n_prefilled == r->n_replay) kv_cache_limit_pass(&r->kv, r->params.speculative ? DRAFT_MAX + 1 : 1);
             if (r->n_prefilled < r->n_replay || r->gen.n_generated > 0) continue;
@@ -1036,7 +1052,8 @@ static void step(struct sched *s) {
  * the cache as it is: the request goes on without that compression. */
 static void compress_prompt(struct sched *s, struct sreq *r) {
     struct compress_report rep;
-    const int ok = compress_apply(&r->kv, &s->m->cfg, s->m->be, model_run_pool(compute_run(s)), &r->params.compress,
+    const int ok = compress_look_ahead(compute_run(s), &r->kv, r->logits) == 0 &&
+                   compress_apply(&r->kv, &s->m->cfg, s->m->be, model_run_pool(compute_run(s)), &r->params.compress,
                                   &rep) == 0 && rep.applied;
     kv_cache_forget_observation(&r->kv);
     const int next = compress_next_point(&r->params.compress, r->n_prompt, r->n_prefilled);

@@ -141,6 +141,8 @@ int cli_compress_flag(const char *cmd, const char *a, const char *v, struct comp
             fprintf(stderr, "ebb %s: --compress-keys must be 2 or 4\n", cmd);
             return 2;
         }
+    } else if (!strcmp(a, "--compress-lookahead")) {
+        if (cli_int(cmd, a, v, 0, COMPRESS_MAX_LOOKAHEAD, &p->lookahead)) return 2;
     } else if (!strcmp(a, "--compress-min")) {
         if (cli_int(cmd, a, v, 0, 1 << 30, &p->min_prompt)) return 2;
     } else {

@@ -63,7 +63,9 @@ int cli_compress_flag(const char *cmd, const char *a, const char *v, struct comp
     "  --compress-select S snapkv (default: per layer), snapkv_head (per KV head), random or\n" \
     "                      recent (ablations)\n" \
     "  --compress-min N    prompts shorter than N tokens are not compressed (default 1024)\n" \
-    "  --compress-keys B   demoted keys at 4 bits per token (default) or 2 bits per channel\n"
+    "  --compress-keys B   demoted keys at 4 bits per token (default) or 2 bits per channel\n" \
+    "  --compress-lookahead N  score also with the queries of N tokens decoded greedily past\n" \
+    "                      the point, then forgotten (0-64, default 32)\n"
 
 /* --weights native|f32 (engine/model.h); 0, or 2 after printing why not. */
 int cli_weights(const char *cmd, const char *value, enum model_weights *out);

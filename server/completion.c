@@ -397,6 +397,7 @@ void completion_compress_params(const struct oai_request *r, const struct ebb_co
     out->min_prompt = r->compress_min_prompt >= 0 ? r->compress_min_prompt : cfg->compression_min_prompt;
     if (r->compress_select >= 0) out->select = (enum compress_select)r->compress_select;
     if (r->compress_key_bits > 0) out->low_key_bits = r->compress_key_bits;
+    out->lookahead = r->compress_lookahead >= 0 ? r->compress_lookahead : cfg->compression_lookahead;
 }
 
 static uint64_t fresh_seed(struct daemon *d) {

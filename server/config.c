@@ -131,6 +131,8 @@ static const struct field fields[] = {
      "share of a compressed prompt kept at the KV cache's precision"},
     {"compression_min_prompt", FIELD_INT, AT(compression_min_prompt), 0, 1 << 24, {0}, NULL, "1024", "N",
      "prompts shorter than this are not compressed"},
+    {"compression_lookahead", FIELD_INT, AT(compression_lookahead), 0, COMPRESS_MAX_LOOKAHEAD, {0}, NULL, "32",
+     "TOKENS", "tokens decoded greedily past a compressed prompt whose queries also score its tokens, then forgotten"},
     {"prompt_cache_bytes", FIELD_U64, AT(prompt_cache_bytes), 0, INT64_MAX, {0}, NULL, "1073741824", "BYTES",
      "KV caches of finished requests kept per model, within its KV budget, for requests that start with the "
      "same tokens (a conversation's next turn); kept caches give way whenever memory is wanted; 0: off"},

@@ -595,7 +595,8 @@ static int f_speculative(struct pctx *p, const char *key, json_t *v) {
 /* ebb's extension: false (off), true (demote, the server's budget) or
  * {"mode": "demote"|"drop"|"off", "budget": share in [0, 1] or a token
  * count > 1, "low_budget": share demoted (the rest dropped), "select":
- * "snapkv"|"snapkv_head"|"random"|"recent", "key_bits": 2|4 (demoted keys), "min_prompt": N}. */
+ * "snapkv"|"snapkv_head"|"random"|"recent", "key_bits": 2|4 (demoted keys), "min_prompt": N,
+ * "lookahead": tokens 0-64}. */
 static int f_context_compression(struct pctx *p, const char *key, json_t *v) {
     char got[48], param[64];
     struct oai_request *r = p->r;
@@ -642,8 +643,13 @@ static int f_context_compression(struct pctx *p, const char *key, json_t *v) {
             int64_t n;
             if (want_int(p, param, e, 0, INT_MAX, "an integer >= 0", &n)) return -1;
             r->compress_min_prompt = (int)n;
+        } else if (!strcmp(k, "lookahead")) {
+            int64_t n;
+            if (want_int(p, param, e, 0, COMPRESS_MAX_LOOKAHEAD, "an integer between 0 and 64", &n)) return -1;
+            r->compress_lookahead = (int)n;
         } else {
-            return BAD(p, param, "unknown field '%s' (mode, budget, low_budget, select, key_bits and min_prompt are)",
+            return BAD(p, param,
+                       "unknown field '%s' (mode, budget, low_budget, select, key_bits, min_prompt and lookahead are)",
                        param);
         }
     }
@@ -1150,7 +1156,8 @@ static void request_defaults(struct oai_request *r, enum oai_kind kind) {
     r->repetition_penalty = 1.0f;
     r->speculative = -1;
     r->cache_prompt = true;
-    r->compress_mode = r->compress_select = r->compress_tokens = r->compress_min_prompt = r->compress_key_bits = -1;
+    r->compress_mode = r->compress_select = r->compress_tokens = r->compress_min_prompt = r->compress_key_bits =
+        r->compress_lookahead = -1;
     r->compress_budget = r->compress_low = -1;
     r->n = 1;
     r->add_generation_prompt = true;

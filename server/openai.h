@@ -145,7 +145,7 @@ struct oai_request {
      * compress_mode and compress_select, the kept budget as a share or a
      * token count, the shortest prompt compressed; each < 0 when the
      * request leaves it to the server. */
-    int compress_mode, compress_select, compress_tokens, compress_min_prompt, compress_key_bits;
+    int compress_mode, compress_select, compress_tokens, compress_min_prompt, compress_key_bits, compress_lookahead;
     float compress_budget, compress_low;
 
     /* embeddings ("input" is parsed into prompts) */

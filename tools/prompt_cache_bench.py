@@ -53,6 +53,7 @@ def main():
     ap.add_argument("--turns", type=int, default=6)
     ap.add_argument("--answer", type=int, default=48, help="tokens per answer")
     ap.add_argument("--compress", choices=["demote", "drop"], help="context compression on every request")
+    ap.add_argument("--lookahead", type=int, help="context_compression.lookahead (tokens; the daemon's default if unset)")
     args = ap.parse_args()
     words = pathlib.Path(args.text).read_text(encoding="utf-8", errors="replace").split()
     system = "Answer questions about this text.\n\n" + " ".join(words[:args.context])
@@ -60,6 +61,8 @@ def main():
     server = start_ready(args.ebb, "--kv-bits", args.kv_bits, "--threads", args.threads, "--speculative", "none",
                          model_path=args.model, token=token)
     extra = {"context_compression": {"mode": args.compress, "budget": 0.25, "min_prompt": 1024}} if args.compress else {}
+    if args.compress and args.lookahead is not None:
+        extra["context_compression"]["lookahead"] = args.lookahead
     try:
         messages = [{"role": "system", "content": system}]
         print("turn | prompt tokens | from the cache | prompt_ms cached | prompt_ms whole | ratio | kept cache MB")

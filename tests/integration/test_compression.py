@@ -17,6 +17,8 @@ compressed and short ones are not. What is checked, and against what:
     (compression changes only its own cache);
   - a stream's final usage chunk carries the same report;
   - the Prometheus counters and the stage-time histogram count the requests;
+  - a lookahead (tokens decoded past the prompt for the scoring, then
+    forgotten) keeps the budget's share and gives the same text twice;
   - bad values are 400s naming the field.
 """
 import concurrent.futures
@@ -68,6 +70,20 @@ def test_passkey_survives_demotion(srv):
     keys2 = complete(srv, PASSKEY, context_compression={"mode": "demote", "budget": 0.25, "key_bits": 2})
     c2 = keys2["usage"]["context_compression"]
     assert c2["kv_bytes_compressed"] < c["kv_bytes_compressed"] * 0.85, (c2, c)
+
+
+def test_lookahead(srv):
+    """A lookahead decodes past the prompt and forgets it: the request keeps
+    the same share and answers the same way twice (the lookahead is greedy),
+    whatever its own sampling."""
+    ask = dict(context_compression={"mode": "drop", "budget": 0.25, "lookahead": 32})
+    doc = complete(srv, PASSKEY, **ask)
+    c, n = doc["usage"]["context_compression"], doc["usage"]["prompt_tokens"]
+    assert abs(c["kept_tokens"] - n // 4) <= 1 and c["kept_tokens"] + c["dropped_tokens"] == n, c
+    assert doc["usage"]["completion_tokens"] == 8, doc
+    again = complete(srv, PASSKEY, **ask)
+    assert again["choices"][0]["text"] == doc["choices"][0]["text"], (again, doc)
+    assert again["usage"]["context_compression"]["kept_tokens"] == c["kept_tokens"]
 
 
 def test_drop_and_token_budget(srv):
@@ -144,6 +160,9 @@ def test_metrics_count_compressions(srv):
     ({"key_bits": 8}, "context_compression.key_bits"),
     ({"min_prompt": -3}, "context_compression.min_prompt"),
     ({"window": 32}, "context_compression.window"),
+    ({"lookahead": 65}, "context_compression.lookahead"),
+    ({"lookahead": -1}, "context_compression.lookahead"),
+    ({"lookahead": "32"}, "context_compression.lookahead"),
 ])
 def test_bad_values(srv, value, needle):
     r = requests.post(srv.url("/v1/completions"), json=dict(prompt="hi", max_tokens=2, context_compression=value),

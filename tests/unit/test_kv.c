@@ -1657,6 +1657,66 @@ static void test_model_rollback(struct model_run *r) {
     check_rollback(r, 4);
 }
 
+/* Context compression's lookahead (compress_look_ahead): the tokens decoded
+ * past the point are forgotten exactly -- at 4 bits too, where the
+ * lookahead crosses pages whose f32 window copies a decoding sequence would
+ * have given back -- so a cache that looked ahead and was left whole reads
+ * as one that never did; and their queries take part in the scoring (the
+ * same budget keeps other rows). */
+static void check_lookahead(struct model_run *r, int bits) {
+    const struct model *m = model_run_model(r);
+    const int V = m->cfg.n_vocab, n = 701;   /* the lookahead crosses two page boundaries */
+    struct kv_account acc;
+    CHECK(kv_account_init(&acc, &m->cfg, bits, 0) == 0);
+    int32_t ids[702];
+    for (int i = 0; i < n + 1; i++) ids[i] = (int32_t)((i * 7919 + 13) % V);
+    float *logits = malloc((size_t)V * sizeof(float)), *want = malloc((size_t)V * sizeof(float));
+    float *got = malloc((size_t)V * sizeof(float));
+    struct compress_params p = compress_defaults();
+    p.mode = COMPRESS_DROP;
+    p.min_prompt = 0;
+    p.lookahead = COMPRESS_MAX_LOOKAHEAD;
+    struct kv_cache plain, ahead, drop[2];
+    CHECK(kv_cache_init(&plain, &m->cfg, 1024, &acc) == KV_OK && kv_cache_init(&ahead, &m->cfg, 1024, &acc) == KV_OK);
+    CHECK(model_forward(r, &plain, ids, n + 1, want, 0) == 0);
+    /* Looked ahead, then left whole (a budget that keeps every row). */
+    p.budget = 1;
+    struct compress_report rep;
+    CHECK(compress_prepare(&ahead, &m->cfg, &p, n) == KV_OK && ahead.obs && ahead.obs->ahead == COMPRESS_MAX_LOOKAHEAD);
+    CHECK(model_forward(r, &ahead, ids, n, logits, 0) == 0);
+    CHECK(compress_look_ahead(r, &ahead, logits) == 0 && ahead.n_past == n + COMPRESS_MAX_LOOKAHEAD);
+    CHECK(compress_apply(&ahead, &m->cfg, m->be, NULL, &p, &rep) == 0 && !rep.applied && ahead.n_past == n);
+    CHECK(model_forward(r, &ahead, ids + n, 1, got, 0) == 0);
+    CHECK_MSG(memcmp(got, want, (size_t)V * sizeof(float)) == 0,
+              "kv_bits %d: after a lookahead, the next token's logits differ from a cache that never looked", bits);
+    /* Dropping 75% (the recent window keeps 125 of the 175): with and
+     * without the lookahead's queries. */
+    p.budget = 0.25f;
+    for (int look = 0; look < 2; look++) {
+        p.lookahead = look ? 16 : 0;
+        CHECK(kv_cache_init(&drop[look], &m->cfg, 1024, &acc) == KV_OK);
+        CHECK(compress_prepare(&drop[look], &m->cfg, &p, n) == KV_OK);
+        CHECK(model_forward(r, &drop[look], ids, n, logits, 0) == 0 && compress_look_ahead(r, &drop[look], logits) == 0);
+        CHECK(compress_apply(&drop[look], &m->cfg, m->be, NULL, &p, &rep) == 0 && rep.applied && rep.n_prompt == n);
+        CHECK(drop[look].n_past == n && model_forward(r, &drop[look], ids + n, 1, look ? got : want, 0) == 0);
+        kv_cache_forget_observation(&drop[look]);
+    }
+    CHECK_MSG(memcmp(got, want, (size_t)V * sizeof(float)) != 0,
+              "kv_bits %d: the lookahead's queries changed nothing the scoring kept", bits);
+    for (int i = 0; i < 2; i++) kv_cache_free(&drop[i]);
+    kv_cache_free(&plain);
+    kv_cache_free(&ahead);
+    kv_account_destroy(&acc);
+    free(logits);
+    free(want);
+    free(got);
+}
+
+static void test_model_lookahead(struct model_run *r) {
+    check_lookahead(r, 32);
+    check_lookahead(r, 4);
+}
+
 /* Perplexity scored as `ebb ppl --ctx 512 --chunks K` scores it (engine/perplexity.c). */
 static double perplexity(struct model_run *r, const int32_t *tokens, int n_chunks, int kv_bits) {
     struct ppl_result res = {0};
@@ -1822,6 +1882,7 @@ int main(void) {
         if (run && run32) {
             test_model_generation(run);
             test_model_rollback(run);
+            test_model_lookahead(run);
             test_model_passkey(run);
             test_model_perplexity(run, run32);
         }

@@ -382,8 +382,10 @@ static void test_compressed_admission(struct model *m) {
     CHECK(n_ids[0] > 300);
     /* 0: whole prompts; 1: compressed; 2: compressed and speculating on
      * every draft found, so rejected drafts are rolled back in a compact
-     * cache (the same tokens still). */
-    for (int compress = 0; compress < 3; compress++) {
+     * cache (the same tokens still); 3: compressed with a lookahead, whose
+     * tokens the scheduler decodes past the point and forgets, as
+     * generate() does. */
+    for (int compress = 0; compress < 4; compress++) {
         struct gen_params p = greedy(48);
         p.speculative = compress == 2 ? DRAFT_NGRAM : DRAFT_NONE;
         p.kv_bits = 32;   /* at 4 bits a prompt this short is mostly its f32 window pages' reservation */
@@ -393,14 +395,25 @@ static void test_compressed_admission(struct model *m) {
             p.compress.budget = 0.1f;
             p.compress.min_prompt = 0;
         }
+        p.compress.lookahead = compress == 3 ? 24 : 0;
         struct alone alone[1];
         run_alone(m, ids, n_ids, 1, &p, alone);
         struct kv_account probe;
         kv_account_init(&probe, &m->cfg, 32, 0);
         const size_t one = kv_account_bytes_for(&probe, n_ids[0] + 48);
+        /* A lookahead's queries are recorded too, and its positions reserved
+         * from the start (in both requests): room for them. */
+        struct compress_params without = p.compress;
+        without.lookahead = 0;
+        const size_t looking = compress_observation_bytes(&m->cfg, &p.compress, n_ids[0]) -
+                               compress_observation_bytes(&m->cfg, &without, n_ids[0]) +
+                               (p.compress.lookahead > 1
+                                    ? 2 * (kv_account_bytes_for(&probe, n_ids[0] + p.compress.lookahead) -
+                                           kv_account_bytes_for(&probe, n_ids[0] + 1))
+                                    : 0);
         kv_account_destroy(&probe);
-        struct sched_config cfg = {.max_running = 4, .max_waiting = 4, .kv_budget_bytes = one + one / 3, .kv_bits = 32,
-                                   .draft_always = compress == 2};
+        struct sched_config cfg = {.max_running = 4, .max_waiting = 4, .kv_budget_bytes = one + one / 3 + looking,
+                                   .kv_bits = 32, .draft_always = compress == 2};
         struct sched *s = sched_create(m, &cfg);
         CHECK(s != NULL);
         if (!s) break;
@@ -431,7 +444,8 @@ static void test_compressed_admission(struct model *m) {
          * budget that holds the cache but not them refuses the request, one
          * that holds both runs it. */
         const size_t obs = compress_observation_bytes(&m->cfg, &p.compress, n_ids[0]);
-        CHECK(obs == (size_t)m->cfg.n_layer * COMPRESS_WINDOW * m->cfg.n_head * m->cfg.head_dim * sizeof(float));
+        CHECK(obs == (size_t)m->cfg.n_layer * (COMPRESS_WINDOW + p.compress.lookahead) * m->cfg.n_head *
+                         m->cfg.head_dim * sizeof(float));
         for (int fits = 0; fits < 2; fits++) {
             struct sched_config tight = {.max_running = 1, .max_waiting = 1, .kv_budget_bytes = one + obs - !fits,
                                          .kv_bits = 32, .draft_always = compress == 2};
