@@ -72,6 +72,18 @@ static int lookahead_at(const struct compress_params *p, const struct kv_cache *
     return n > 0 ? n : 0;
 }
 
+int compress_lookahead_reach(const struct compress_params *p, int n_prompt) {
+    const int first = p->n_earlier > 0 ? p->earlier[0].at : compress_point(p, n_prompt);
+    const int ahead = compress_lookahead_tokens(p);
+    return ahead > 0 && compress_wanted(p, compress_point(p, n_prompt)) ? first + ahead : 0;
+}
+
+int compress_context(const struct compress_params *p, int n_prompt, int n_ctx, int n_max) {
+    int reach = compress_lookahead_reach(p, n_prompt);
+    if (reach > n_max) reach = n_max;
+    return reach > n_ctx ? reach : n_ctx;
+}
+
 size_t compress_observation_bytes(const struct model_config *cfg, const struct compress_params *p, int n_prompt) {
     if (!compress_wanted(p, n_prompt)) return 0;
     return kv_observation_bytes(cfg->n_layer, COMPRESS_WINDOW + compress_lookahead_tokens(p),
@@ -86,7 +98,8 @@ enum kv_status compress_prepare(struct kv_cache *kv, const struct model_config *
         kv_cache_forget_observation(kv);
         return KV_OK;
     }
-    const int window = compress_window(p, n_prompt), ahead = lookahead_at(p, kv, n_prompt);
+    /* Only a cache not compressed yet looks ahead (see compress.h). */
+    const int window = compress_window(p, n_prompt), ahead = kv->compact ? 0 : lookahead_at(p, kv, n_prompt);
     const enum kv_status rc = kv_cache_observe(kv, n_prompt - window, window + ahead, cfg->n_head * cfg->head_dim);
     if (rc == KV_OK) kv->obs->ahead = ahead;
     return rc;

@@ -51,8 +51,13 @@
  * window alone, +5.3% with 32 tokens of lookahead, +4.9% with 64 (at 50%:
  * +6.1% and +4.0%); an oracle that scores with the 2k scored tokens' own
  * queries (per KV head) loses nothing (-0.3%): the choice is bound by how
- * well the queries to come are guessed (docs/benchmarks.md). It costs one decoding
- * pass per token and their recorded queries; 32 by default.
+ * well the queries to come are guessed (docs/benchmarks.md). It costs one
+ * decoding pass per token and their recorded queries (1 s on a 7k prompt
+ * whose prefill took 24 s); 32 by default. Only a cache not compressed yet
+ * looks ahead: a conversation's next turn, compressed again after 20-70
+ * new tokens, would wait 5x longer for its first token (300 ms against 60
+ * on a 2.7k conversation), and compressing again as one reads (ppl
+ * --compress-every) looks ahead at its first point only.
  *
  * The scores read keys at the cache's precision, as attention does, and
  * cost the window's queries against the whole prompt once per layer: a few
@@ -147,6 +152,15 @@ int compress_window(const struct compress_params *p, int at);
 /* How many tokens a compression point's lookahead decodes at most: p's,
  * within COMPRESS_MAX_LOOKAHEAD, 0 when the selection does not score. */
 int compress_lookahead_tokens(const struct compress_params *p);
+/* How far a prompt of n_prompt tokens compressed under p writes at most
+ * for a lookahead: its first point (only a cache not compressed yet looks
+ * ahead) plus the lookahead; 0 when there is none. */
+int compress_lookahead_reach(const struct compress_params *p, int n_prompt);
+/* The positions a cache needs for a prompt of n_prompt tokens and a
+ * context of n_ctx (prompt and answer) compressed under p: n_ctx, or as far
+ * as the lookahead reaches if that is further (a short answer still looks
+ * ahead as far as asked), never beyond n_max. */
+int compress_context(const struct compress_params *p, int n_prompt, int n_ctx, int n_max);
 /* Whether a prompt of n_prompt tokens would be compressed under p. */
 int compress_wanted(const struct compress_params *p, int n_prompt);
 /* What compress_prepare's recording of a prompt of n_prompt tokens costs

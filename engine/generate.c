@@ -219,9 +219,11 @@ static int fail(struct gen_result *res, const char *msg) {
     return -1;
 }
 
-int compress_look_ahead(struct model_run *r, struct kv_cache *kv, const float *logits) {
+int compress_look_ahead(struct model_run *r, struct kv_cache *kv, const float *logits, double *ms) {
     const struct kv_observation *o = kv->obs;
+    *ms = 0;
     if (!o || o->ahead <= 0) return 0;
+    const double t0 = ebb_now_seconds();
     const int V = model_run_model(r)->cfg.n_vocab, at = kv->n_past;
     float *row = malloc((size_t)V * sizeof(float));
     if (!row) return -1;
@@ -233,6 +235,7 @@ int compress_look_ahead(struct model_run *r, struct kv_cache *kv, const float *l
         rc = model_forward(r, kv, &id, 1, row, 0);
     }
     free(row);
+    *ms = (ebb_now_seconds() - t0) * 1e3;
     if (rc) {   /* the hold keeps what a query at `at` reads: going back works */
         kv_cache_truncate(kv, at);
         kv_cache_hold_window(kv, -1);
@@ -245,10 +248,14 @@ int generate_prefill(struct model_run *r, struct kv_cache *kv, const int32_t *to
     const struct model *m = model_run_model(r);
     memset(report, 0, sizeof *report);
     int done = 0;
-    for (int at; p && p->mode != COMPRESS_OFF && (at = compress_next_point(p, n, done)) > 0; done = at)
+    double ahead_ms;
+    for (int at; p && p->mode != COMPRESS_OFF && (at = compress_next_point(p, n, done)) > 0; done = at) {
         if (compress_prepare(kv, &m->cfg, p, at) || model_forward(r, kv, tokens + done, at - done, logits, 0) ||
-            compress_look_ahead(r, kv, logits) || compress_apply(kv, &m->cfg, m->be, model_run_pool(r), p, report))
+            compress_look_ahead(r, kv, logits, &ahead_ms) ||
+            compress_apply(kv, &m->cfg, m->be, model_run_pool(r), p, report))
             return -1;
+        report->ms += ahead_ms;
+    }
     return done < n ? model_forward(r, kv, tokens + done, n - done, logits, 0) : 0;
 }
 
@@ -273,7 +280,9 @@ int generate(struct model_run *r, const int32_t *prompt, int n_prompt, const str
     struct kv_cache kv;
     struct gen_seq g;
     float *logits = malloc((size_t)m->cfg.n_vocab * sizeof(float));
-    if (!logits || kv_cache_init(&kv, &m->cfg, n_ctx, &kv_policy)) {
+    /* Compression's lookahead may reach past a short answer's context. */
+    const int n_cache = compress_context(&p->compress, n_prompt, n_ctx, m->cfg.n_ctx_train);
+    if (!logits || kv_cache_init(&kv, &m->cfg, n_cache, &kv_policy)) {
         free(logits);
         kv_account_destroy(&kv_policy);
         return fail(res, "out of memory for the context");

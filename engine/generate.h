@@ -157,9 +157,10 @@ struct kv_cache;
  * read than the prompt's own last tokens: dropping 75% of 6k tokens of
  * held-out text, the next 2k scored +7.4% in perplexity with the window
  * alone and +5.0% with 32 tokens of lookahead (docs/benchmarks.md). Greedy,
- * so a request computed again does the same. 0, or -1 when a pass fails
- * (the cache is as it was at the point; compress_apply then does nothing). */
-int compress_look_ahead(struct model_run *r, struct kv_cache *kv, const float *logits);
+ * so a request computed again does the same. Its time goes to *ms (the
+ * stage's, with compress_apply's). 0, or -1 when a pass fails (the cache is
+ * as it was at the point; compress_apply then does nothing). */
+int compress_look_ahead(struct model_run *r, struct kv_cache *kv, const float *logits, double *ms);
 int generate_prefill(struct model_run *r, struct kv_cache *kv, const int32_t *tokens, int n,
                      const struct compress_params *p, float *logits, struct compress_report *report);
 

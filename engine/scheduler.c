@@ -172,6 +172,14 @@ static int context_for(int n_prompt, const struct gen_params *p) {
     return n_prompt + (p->max_tokens > 0 ? p->max_tokens : 0);
 }
 
+/* The positions its cache holds: its context, or as far as compression's
+ * lookahead reaches past the prompt (compress_context; a device's caches
+ * are not compressed). */
+static int cache_context(const struct sched *s, int n_prompt, const struct gen_params *p) {
+    const int n = context_for(n_prompt, p);
+    return s->m->placed ? n : compress_context(&p->compress, n_prompt, n, s->cfg.max_ctx);
+}
+
 /* Reports the end of a request and frees it. Called without the lock. */
 static void finish_request(struct sreq *r, enum finish_reason why) {
     r->timing.finished = ebb_now_seconds();
@@ -230,7 +238,7 @@ static size_t observation_bytes(const struct sched *s, const struct compress_par
 enum sched_error sched_submit(struct sched *s, const struct sched_request_desc *d, uint64_t *id) {
     if (d->n_prompt <= 0 || context_for(d->n_prompt, &d->params) > s->cfg.max_ctx) return SCHED_TOO_LONG;
     const int at = compress_point(&d->params.compress, d->n_prompt);
-    size_t need = kv_account_bytes_for(&s->account, context_for(d->n_prompt, &d->params)) +
+    size_t need = kv_account_bytes_for(&s->account, cache_context(s, d->n_prompt, &d->params)) +
                   observation_bytes(s, &d->params.compress, at);
     size_t budget = kv_account_usage(&s->account).budget_bytes;
     if (budget && need > budget) return SCHED_NEVER_FITS;
@@ -454,15 +462,14 @@ static void take_cancelled_waiting(struct sched *s, struct sreq **out) {
 /* Positions a request reserves when admitted: what it must compute before
  * it decodes, and the position its first decoded token takes. Later
  * positions are reserved as it reaches them (reserve_for_decode). */
-static int first_reservation(const struct sreq *r) {
-    const int cap = context_for(r->n_prompt, &r->params);
+static int first_reservation(const struct sched *s, const struct sreq *r) {
+    const int cap = cache_context(s, r->n_prompt, &r->params);
     int want = r->n_replay + 1;
-    /* Compression's lookahead writes past its last point, then forgets
+    /* Compression's lookahead writes past its first point, then forgets
      * (compress_look_ahead): reserved from the start, so that a request
      * computed again under another load looks as far. */
-    const struct compress_params *p = &r->params.compress;
-    const int last = compress_point(p, r->n_prompt), ahead = compress_lookahead_tokens(p);
-    if (ahead > 0 && compress_wanted(p, last) && last + ahead > want) want = last + ahead;
+    const int reach = s->m->placed ? 0 : compress_lookahead_reach(&r->params.compress, r->n_prompt);
+    if (reach > want) want = reach;
     return want < cap ? want : cap;
 }
 
@@ -643,8 +650,8 @@ static void started_from_cache(struct sched *s, struct sreq *r, int reuse) {
  * give way when the budget cannot take its reservation. */
 static enum kv_status new_cache(struct sched *s, struct sreq *r, int max_pass) {
     enum kv_status rc;
-    while ((rc = kv_cache_init_reserving(&r->kv, &s->m->cfg, context_for(r->n_prompt, &r->params),
-                                         first_reservation(r), max_pass, &s->account)) == KV_OVER_BUDGET &&
+    while ((rc = kv_cache_init_reserving(&r->kv, &s->m->cfg, cache_context(s, r->n_prompt, &r->params),
+                                         first_reservation(s, r), max_pass, &s->account)) == KV_OVER_BUDGET &&
            cache_evict_oldest(s)) {}
     return rc;
 }
@@ -655,7 +662,7 @@ static enum kv_status new_cache(struct sched *s, struct sreq *r, int max_pass) {
  * itself -- or a new one. Kept caches give way when the budget cannot take
  * the reservation. */
 static enum kv_status start_cache(struct sched *s, struct sreq *r) {
-    const int n_ctx = context_for(r->n_prompt, &r->params), first = first_reservation(r);
+    const int n_ctx = cache_context(s, r->n_prompt, &r->params), first = first_reservation(s, r);
     int reuse = 0;
     r->kv_weights = s->weights_changes;
     struct cached_prompt *c = NULL;
@@ -714,7 +721,7 @@ static void admit(struct sched *s, struct sreq **evicted, struct sreq **failed) 
             if (rc != KV_OK) kv_cache_free(&r->kv);
         }
         if (rc == KV_OVER_BUDGET) {
-            size_t need = kv_account_bytes_for_pass(&s->account, first_reservation(r), longest_pass(r, r->n_replay)) +
+            size_t need = kv_account_bytes_for_pass(&s->account, first_reservation(s, r), longest_pass(r, r->n_replay)) +
                           observation_bytes(s, &r->params.compress, at);
             const struct kv_usage u = kv_account_usage(&s->account);
             int never = u.budget_bytes && need > u.budget_bytes;
@@ -1052,9 +1059,11 @@ static void step(struct sched *s) {
  * the cache as it is: the request goes on without that compression. */
 static void compress_prompt(struct sched *s, struct sreq *r) {
     struct compress_report rep;
-    const int ok = compress_look_ahead(compute_run(s), &r->kv, r->logits) == 0 &&
+    double ahead_ms;
+    const int ok = compress_look_ahead(compute_run(s), &r->kv, r->logits, &ahead_ms) == 0 &&
                    compress_apply(&r->kv, &s->m->cfg, s->m->be, model_run_pool(compute_run(s)), &r->params.compress,
                                   &rep) == 0 && rep.applied;
+    if (ok) rep.ms += ahead_ms;
     kv_cache_forget_observation(&r->kv);
     const int next = compress_next_point(&r->params.compress, r->n_prompt, r->n_prefilled);
     if (next && compress_prepare(&r->kv, &s->m->cfg, &r->params.compress, next) != KV_OK)

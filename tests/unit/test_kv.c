@@ -1684,7 +1684,8 @@ static void check_lookahead(struct model_run *r, int bits) {
     struct compress_report rep;
     CHECK(compress_prepare(&ahead, &m->cfg, &p, n) == KV_OK && ahead.obs && ahead.obs->ahead == COMPRESS_MAX_LOOKAHEAD);
     CHECK(model_forward(r, &ahead, ids, n, logits, 0) == 0);
-    CHECK(compress_look_ahead(r, &ahead, logits) == 0 && ahead.n_past == n + COMPRESS_MAX_LOOKAHEAD);
+    double ms;
+    CHECK(compress_look_ahead(r, &ahead, logits, &ms) == 0 && ahead.n_past == n + COMPRESS_MAX_LOOKAHEAD && ms > 0);
     CHECK(compress_apply(&ahead, &m->cfg, m->be, NULL, &p, &rep) == 0 && !rep.applied && ahead.n_past == n);
     CHECK(model_forward(r, &ahead, ids + n, 1, got, 0) == 0);
     CHECK_MSG(memcmp(got, want, (size_t)V * sizeof(float)) == 0,
@@ -1696,7 +1697,7 @@ static void check_lookahead(struct model_run *r, int bits) {
         p.lookahead = look ? 16 : 0;
         CHECK(kv_cache_init(&drop[look], &m->cfg, 1024, &acc) == KV_OK);
         CHECK(compress_prepare(&drop[look], &m->cfg, &p, n) == KV_OK);
-        CHECK(model_forward(r, &drop[look], ids, n, logits, 0) == 0 && compress_look_ahead(r, &drop[look], logits) == 0);
+        CHECK(model_forward(r, &drop[look], ids, n, logits, 0) == 0 && compress_look_ahead(r, &drop[look], logits, &ms) == 0);
         CHECK(compress_apply(&drop[look], &m->cfg, m->be, NULL, &p, &rep) == 0 && rep.applied && rep.n_prompt == n);
         CHECK(drop[look].n_past == n && model_forward(r, &drop[look], ids + n, 1, look ? got : want, 0) == 0);
         kv_cache_forget_observation(&drop[look]);
