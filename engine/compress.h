@@ -106,8 +106,9 @@ struct compress_params {
     int at;                /* compress after this many prompt tokens, the rest fed after (the
                             * question-agnostic evaluation); 0: after the whole prompt */
     uint64_t seed;         /* COMPRESS_RANDOM */
-    int lookahead;         /* tokens decoded greedily past each point, whose queries score with the
-                            * window's (compress_look_ahead), <= COMPRESS_MAX_LOOKAHEAD; 0: none */
+    int lookahead;         /* tokens decoded greedily past the point of a cache not compressed yet,
+                            * whose queries score with the window's (compress_look_ahead), <=
+                            * COMPRESS_MAX_LOOKAHEAD; 0: none */
     int window;            /* the observation window at `at`, <= COMPRESS_WINDOW; 0: COMPRESS_WINDOW
                             * (a conversation's next turn may compute fewer of its last tokens) */
     /* Where the cache was compressed before `at`, ascending, and with what
