@@ -72,6 +72,9 @@ Protocol notes
     default since b99cc28 (--compress-keys 4, column `keys`); ablate's uniform-2bit uses
     --compress-keys 2 (2-bit keys per channel).
   * `off` is run once per prompt (question appended); agnostic and aware share it.
+  * Binaries from e37510b on score with a lookahead of 32 tokens by default (the engine's
+    compress_params.lookahead; docs/benchmarks.md, "Scoring with a lookahead"); earlier ones
+    with the window alone. The `binary` column tells which.
 """
 
 import argparse
