@@ -101,6 +101,8 @@ def test_unknown_command(ebb_bin):
     (["generate", "-m", "x.gguf", "-p", "a", "--compress-select", "best"], "--compress-select must be snapkv"),
     (["generate", "-m", "x.gguf", "-p", "a", "--compress-keys", "3"], "--compress-keys must be 2 or 4"),
     (["generate", "-m", "x.gguf", "-p", "a", "--compress-min", "-1"], "--compress-min expects"),
+    (["generate", "-m", "x.gguf", "-p", "a", "--compress-lookahead", "65"], "--compress-lookahead expects"),
+    (["ppl", "-m", "x.gguf", "-f", "t", "--compress-lookahead", "-1"], "--compress-lookahead expects"),
     (["generate", "-m", "x.gguf", "-p", "a", "--compress-bogus", "1"], "unknown option"),
     (["generate", "-m", "x.gguf", "-p", "a", "--then"], "needs a value"),
     (["ppl", "-m", "x.gguf", "-f", "t", "--score", "0"], "--score expects"),
