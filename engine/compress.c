@@ -68,7 +68,7 @@ int compress_lookahead_tokens(const struct compress_params *p) {
 static int lookahead_at(const struct compress_params *p, const struct kv_cache *kv, int at) {
     int n = compress_lookahead_tokens(p);
     if (n > kv->n_ctx - at) n = kv->n_ctx - at;
-    if (kv->window && n > (kv->window_max - 2) * KV_PAGE_TOKENS + 1) n = (kv->window_max - 2) * KV_PAGE_TOKENS + 1;
+    if (n > kv_cache_max_pass(kv)) n = kv_cache_max_pass(kv);
     return n > 0 ? n : 0;
 }
 

@@ -287,6 +287,10 @@ int kv_cache_truncate(struct kv_cache *kv, int n) {
     return 0;
 }
 
+int kv_cache_max_pass(const struct kv_cache *kv) {
+    return kv->window ? (kv->window_max - 2) * KV_PAGE_TOKENS + 1 : kv->n_ctx;
+}
+
 void kv_cache_hold_window(struct kv_cache *kv, int pos) { kv->window_hold = pos >= 0 ? pos + 1 : 0; }
 
 /* Page arrays of another length: the first `keep` entries copied, the rest

@@ -205,6 +205,10 @@ void kv_cache_limit_pass(struct kv_cache *kv, int max_pass);
  * (nothing changed) when n is negative, beyond n_past, or before the window
  * still held. Pages and the reservation are kept for the positions to come. */
 int kv_cache_truncate(struct kv_cache *kv, int n);
+/* The longest pass the window this cache reserved takes (window_max: a
+ * pass of n positions holds WINDOW_PAGES_FOR(n) pages); n_ctx without a
+ * window (f32 and f16). */
+int kv_cache_max_pass(const struct kv_cache *kv);
 /* Keeps the window pages a query at position pos reads (pos's page and the
  * one before) through the passes that follow, so that kv_cache_truncate
  * can go back to pos after several of them -- context compression's

@@ -971,8 +971,8 @@ static void step(struct sched *s) {
         int left = r->n_replay - r->n_prefilled;
         if (left <= 0) continue;
         int chunk = left < max_tokens - tokens ? left : max_tokens - tokens;
-        /* A prompt to compress stops where compression comes: the end of
-         * the window recorded. */
+        /* A prompt to compress stops where compression comes
+         * (compression_point). */
         const int at = compression_point(r);
         if (at && r->n_prefilled < at && r->n_prefilled + chunk > at) chunk = at - r->n_prefilled;
         /* Prompt log-probabilities need every row: a chunk at a time. */
