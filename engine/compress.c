@@ -18,7 +18,7 @@ struct compress_params compress_defaults(void) {
 }
 
 static const char *const mode_names[] = {"off", "demote", "drop"};
-static const char *const select_names[] = {"snapkv", "snapkv_head", "random", "recent"};
+static const char *const select_names[] = {"snapkv", "snapkv_head", "random", "recent", "reconstruct"};
 
 int compress_mode_parse(const char *s) {
     for (int i = 0; s && i < 3; i++)
@@ -27,7 +27,7 @@ int compress_mode_parse(const char *s) {
 }
 
 int compress_select_parse(const char *s) {
-    for (int i = 0; s && i < 4; i++)
+    for (int i = 0; s && i < (int)(sizeof select_names / sizeof select_names[0]); i++)
         if (strcmp(s, select_names[i]) == 0) return i;
     return -1;
 }
@@ -53,6 +53,11 @@ int compress_next_point(const struct compress_params *p, int n_prompt, int from)
     return last - compress_window(p, last) >= from ? last : 0;
 }
 
+/* Whether a selection ranks rows by scores (the others ignore them). */
+static int scoring(enum compress_select s) {
+    return s == COMPRESS_SNAPKV || s == COMPRESS_SNAPKV_HEAD || s == COMPRESS_RECONSTRUCT;
+}
+
 int compress_wanted(const struct compress_params *p, int n_prompt) {
     return p->mode != COMPRESS_OFF && n_prompt >= p->min_prompt && n_prompt >= 2 * KV_PAGE_TOKENS + COMPRESS_WINDOW;
 }
@@ -74,7 +79,7 @@ static int lookahead_at(const struct compress_params *p, const struct kv_cache *
 
 int compress_lookahead_reach(const struct compress_params *p, int n_prompt) {
     const int first = p->n_earlier > 0 ? p->earlier[0].at : compress_point(p, n_prompt);
-    const int ahead = compress_lookahead_tokens(p);
+    const int ahead = p->select == COMPRESS_RECONSTRUCT ? COMPRESS_RECONSTRUCT_PASS : compress_lookahead_tokens(p);
     return ahead > 0 && compress_wanted(p, compress_point(p, n_prompt)) ? first + ahead : 0;
 }
 
@@ -86,8 +91,21 @@ int compress_context(const struct compress_params *p, int n_prompt, int n_ctx, i
 
 size_t compress_observation_bytes(const struct model_config *cfg, const struct compress_params *p, int n_prompt) {
     if (!compress_wanted(p, n_prompt)) return 0;
-    return kv_observation_bytes(cfg->n_layer, COMPRESS_WINDOW + compress_lookahead_tokens(p),
-                                cfg->n_head * cfg->head_dim);
+    const int q_dim = cfg->n_head * cfg->head_dim;
+    if (p->select == COMPRESS_RECONSTRUCT)   /* more than a later turn's window costs */
+        return kv_observation_bytes(cfg->n_layer, COMPRESS_RECONSTRUCT_PASS, q_dim,
+                                    (size_t)cfg->n_layer * cfg->n_head_kv * (size_t)n_prompt);
+    return kv_observation_bytes(cfg->n_layer, COMPRESS_WINDOW + compress_lookahead_tokens(p), q_dim, 0);
+}
+
+/* The longest reconstruction pass a cache can take past point `at`: what
+ * one pass may append with the point's window held, and what the context
+ * has room for; 0 when that is too short to be worth a cue. */
+static int reconstruct_pass_at(const struct kv_cache *kv, int at) {
+    int n = COMPRESS_RECONSTRUCT_PASS;
+    if (n > kv_cache_max_pass(kv)) n = kv_cache_max_pass(kv);
+    if (n > kv->n_ctx - at) n = kv->n_ctx - at;
+    return n >= 4 * COMPRESS_RECONSTRUCT_TAIL ? n : 0;
 }
 
 enum kv_status compress_prepare(struct kv_cache *kv, const struct model_config *cfg, const struct compress_params *p,
@@ -98,9 +116,16 @@ enum kv_status compress_prepare(struct kv_cache *kv, const struct model_config *
         kv_cache_forget_observation(kv);
         return KV_OK;
     }
+    const int q_dim = cfg->n_head * cfg->head_dim, pass = kv->compact ? 0 : reconstruct_pass_at(kv, n_prompt);
+    if (p->select == COMPRESS_RECONSTRUCT && pass > 0) {   /* recorded past the point, pass after pass */
+        const enum kv_status rc =
+            kv_cache_observe(kv, n_prompt, pass, q_dim, (size_t)cfg->n_layer * cfg->n_head_kv * (size_t)n_prompt);
+        if (rc == KV_OK) kv->obs->ahead = pass;
+        return rc;
+    }
     /* Only a cache not compressed yet looks ahead (see compress.h). */
     const int window = compress_window(p, n_prompt), ahead = kv->compact ? 0 : lookahead_at(p, kv, n_prompt);
-    const enum kv_status rc = kv_cache_observe(kv, n_prompt - window, window + ahead, cfg->n_head * cfg->head_dim);
+    const enum kv_status rc = kv_cache_observe(kv, n_prompt - window, window + ahead, q_dim, 0);
     if (rc == KV_OK) kv->obs->ahead = ahead;
     return rc;
 }
@@ -137,6 +162,15 @@ static void share_layer(float *scores, int n_kvh, int rows) {
     }
 }
 
+/* The largest of s[p - COMPRESS_POOL / 2 .. p + COMPRESS_POOL / 2] within
+ * [lo, hi): a kept token keeps its neighbours. */
+static float pooled(const float *s, int p, int lo, int hi) {
+    float m = 0;
+    for (int d = -COMPRESS_POOL / 2; d <= COMPRESS_POOL / 2; d++)
+        if (p + d >= lo && p + d < hi && s[p + d] > m) m = s[p + d];
+    return m;
+}
+
 /* The scoring's work items, one per (layer, KV head), claimed by the
  * pool's workers; each worker has its own attention scratch, weights and
  * sums, and each item's scores are computed the same way whoever runs it,
@@ -147,6 +181,7 @@ struct score_job {
     const struct ebb_backend *be;
     int rows, n_items;
     int seg_keep, seg_low;     /* a compact store's kept and demoted rows: pooled apart */
+    int from, to;              /* a reconstruction's chunk; to == 0: the window scores */
     float *scores;
     float *buffers;            /* per worker: scratch, weights, sums */
     size_t per_worker;
@@ -176,10 +211,40 @@ static void score_item(const struct score_job *j, int item, float *scratch, floa
     for (int p = 0; p < rows; p++) {
         const int lo = p < j->seg_keep ? 0 : p < j->seg_low ? j->seg_keep : j->seg_low;
         const int hi = p < j->seg_keep ? j->seg_keep : p < j->seg_low ? j->seg_low : rows;
-        float m = 0;
-        for (int d = -COMPRESS_POOL / 2; d <= COMPRESS_POOL / 2; d++)
-            if (p + d >= lo && p + d < hi && sum[p + d] > m) m = sum[p + d];
-        out[p] = m / (float)group;
+        out[p] = pooled(sum, p, lo, hi) / (float)group;
+    }
+}
+
+/* A reconstruction pass's queries (the recording's, from its start to
+ * n_past) against the chunk [from, to) they wrote again: each query's
+ * weights renormalised over the sinks, the chunk and the pass's own
+ * positions up to the query's, the most kept per position in the
+ * recording's scores[item * point + position]. */
+static void reconstruct_item(const struct score_job *j, int item, float *scratch, float *w) {
+    const struct kv_cache *kv = j->kv;
+    const struct kv_observation *o = kv->obs;
+    const struct model_config *cfg = j->cfg;
+    const int hd = cfg->head_dim, group = cfg->n_head / cfg->n_head_kv, n_kvh = cfg->n_head_kv;
+    const int block = kv_block_tokens(cfg), n_ctx = kv->n_past, at = o->from, n_q = n_ctx - at;
+    const int layer = item / n_kvh, h = item % n_kvh, sinks = j->from < KV_SINK_TOKENS ? j->from : KV_SINK_TOKENS;
+    const float scale = 1.0f / sqrtf((float)hd);
+    float *best = o->scores + (size_t)item * at;
+    for (int t0 = 0; t0 < n_q; t0 += block) {
+        const int n = n_q - t0 < block ? n_q - t0 : block;
+        const float *q = o->q + ((size_t)layer * o->n + (size_t)t0) * o->q_dim + (size_t)h * group * hd;
+        kv_attend_weights(kv, j->be, layer, h, q, (size_t)o->q_dim, n, group, at + t0, scale, scratch, w,
+                          (size_t)n_ctx);
+        for (int k = 0; k < n * group; k++) {
+            const float *wk = w + (size_t)k * n_ctx;
+            const int own = at + t0 + k / group;
+            float among = 0;
+            for (int p = 0; p < sinks; p++) among += wk[p];
+            for (int p = j->from; p < j->to; p++) among += wk[p];
+            for (int p = at; p <= own; p++) among += wk[p];
+            if (!(among > 0)) continue;
+            for (int p = j->from; p < j->to; p++)
+                if (wk[p] / among > best[p]) best[p] = wk[p] / among;
+        }
     }
 }
 
@@ -190,7 +255,44 @@ static void score_task(void *arg, int part, int n_parts) {
     float *scratch = j->buffers + (size_t)part * j->per_worker;
     float *w = scratch + kv_attend_scratch(cfg, j->kv->n_past);
     float *sum = w + (size_t)kv_block_tokens(cfg) * (cfg->n_head / cfg->n_head_kv) * (size_t)j->kv->n_past;
-    for (int item; (item = atomic_fetch_add(&j->next, 1)) < j->n_items;) score_item(j, item, scratch, w, sum);
+    for (int item; (item = atomic_fetch_add(&j->next, 1)) < j->n_items;) {
+        if (j->to > 0) reconstruct_item(j, item, scratch, w);
+        else score_item(j, item, scratch, w, sum);
+    }
+}
+
+/* The job's per-worker buffers, then the items over pool. -1 when out of
+ * memory. */
+static int run_score_job(struct score_job *job, struct ebb_pool *pool) {
+    const struct model_config *cfg = job->cfg;
+    const int workers = pool ? ebb_pool_threads(pool) : 1, n_ctx = job->kv->n_past;
+    job->per_worker = kv_attend_scratch(cfg, n_ctx) +
+                      (size_t)kv_block_tokens(cfg) * (cfg->n_head / cfg->n_head_kv) * (size_t)n_ctx +
+                      (size_t)(job->rows > 0 ? job->rows : 1);
+    if (!(job->buffers = malloc((size_t)workers * job->per_worker * sizeof(float)))) return -1;
+    if (pool) ebb_pool_run(pool, score_task, job, workers);
+    else score_task(job, 0, 1);
+    free(job->buffers);
+    job->buffers = NULL;
+    return 0;
+}
+
+int compress_reconstruction(const struct kv_cache *kv, int *end, int *max_pass) {
+    const struct kv_observation *o = kv->obs;
+    if (!o || !o->scores || o->from != kv->n_past || kv->compact) return 0;
+    *end = kv_cache_compact_limit_at(kv, kv->n_past);
+    *max_pass = o->n;
+    return *end > 0;
+}
+
+int compress_score_reconstruction(struct kv_cache *kv, const struct model_config *cfg, const struct ebb_backend *be,
+                                  struct ebb_pool *pool, int from, int to) {
+    const struct kv_observation *o = kv->obs;
+    if (!o || !o->scores || from < 0 || to <= from || to > o->from || kv->n_past <= o->from ||
+        kv->n_past > o->from + o->n)
+        return -1;
+    struct score_job job = {kv, cfg, be, 0, cfg->n_layer * cfg->n_head_kv, 0, 0, from, to, NULL, NULL, 0, 0};
+    return run_score_job(&job, pool);
 }
 
 /* scores[(layer * n_head_kv + h) * rows + r]: the window's attention to
@@ -200,21 +302,32 @@ static void score_task(void *arg, int part, int n_parts) {
  * over pool (NULL: the calling thread). -1 when out of memory. */
 static int snapkv_scores(const struct kv_cache *kv, const struct model_config *cfg, const struct ebb_backend *be,
                          struct ebb_pool *pool, int boundary, int per_layer, float *scores) {
-    const int group = cfg->n_head / cfg->n_head_kv, n_kvh = cfg->n_head_kv, n_ctx = kv->n_past;
-    const int workers = pool ? ebb_pool_threads(pool) : 1, rows = kv_cache_compact_rows(kv, boundary);
+    const int n_kvh = cfg->n_head_kv, rows = kv_cache_compact_rows(kv, boundary);
     const struct kv_compact_info ci = kv_cache_compact_info(kv);
-    struct score_job job = {kv, cfg, be, rows, cfg->n_layer * n_kvh, ci.n_keep, ci.n_keep + ci.n_low,
+    struct score_job job = {kv, cfg, be, rows, cfg->n_layer * n_kvh, ci.n_keep, ci.n_keep + ci.n_low, 0, 0,
                             scores, NULL, 0, 0};
-    job.per_worker = kv_attend_scratch(cfg, n_ctx) + (size_t)kv_block_tokens(cfg) * group * (size_t)n_ctx +
-                     (size_t)rows;
-    if (!(job.buffers = malloc((size_t)workers * job.per_worker * sizeof(float)))) return -1;
-    if (pool) ebb_pool_run(pool, score_task, &job, workers);
-    else score_task(&job, 0, 1);
-    free(job.buffers);
+    if (run_score_job(&job, pool)) return -1;
     if (per_layer)
         for (int layer = 0; layer < cfg->n_layer; layer++)
             share_layer(scores + (size_t)layer * n_kvh * rows, n_kvh, rows);
     return 0;
+}
+
+/* The reconstruction's scores (the recording's, per point position) for
+ * the rows before boundary, max-pooled as the window's; per_layer as
+ * snapkv_scores. */
+static void reconstruction_scores(const struct kv_cache *kv, const struct model_config *cfg, int boundary,
+                                  int per_layer, float *scores) {
+    const struct kv_observation *o = kv->obs;
+    const int n_kvh = cfg->n_head_kv, n_items = cfg->n_layer * n_kvh;
+    for (int item = 0; item < n_items; item++) {
+        const float *best = o->scores + (size_t)item * o->from;
+        float *out = scores + (size_t)item * boundary;
+        for (int p = 0; p < boundary; p++) out[p] = pooled(best, p, 0, boundary);
+    }
+    if (per_layer)
+        for (int layer = 0; layer < cfg->n_layer; layer++)
+            share_layer(scores + (size_t)layer * n_kvh * boundary, n_kvh, boundary);
 }
 
 /* ---------------------------------------------------------- selection */
@@ -263,7 +376,7 @@ int compress_select_tiers(const struct compress_params *p, const float *scores, 
                 order[i] = order[j];
                 order[j] = x;
             }
-        } else if (p->select == COMPRESS_SNAPKV || p->select == COMPRESS_SNAPKV_HEAD) {
+        } else if (scoring(p->select)) {
             qsort(order, (size_t)n_cand, sizeof *order, by_score);
         }
         /* The best that may be kept are; of the rest, the best demoted. */
@@ -305,22 +418,29 @@ int compress_apply(struct kv_cache *kv, const struct model_config *cfg, const st
     const double t0 = now_ms();
     memset(report, 0, sizeof *report);
     const struct kv_observation *o = kv->obs;
-    const int looked = o && o->ahead > 0 && o->from + o->n == kv->n_past;
+    const int looked = o && o->ahead > 0 && !o->scores && o->from + o->n == kv->n_past;
     const struct kv_compact_info was = kv_cache_compact_info(kv);
     const int n_prompt = kv->n_past - (looked ? o->ahead : 0), boundary = kv_cache_compact_limit_at(kv, n_prompt);
     const int rows = boundary >= was.boundary ? kv_cache_compact_rows(kv, boundary) : 0;
     const int keepable = rows - was.n_low;   /* a demoted row is never kept again */
     const int n_keep = boundary > 0 && rows > 0 ? keep_count(p, n_prompt, boundary, keepable) : 0;
-    const int scored = p->select == COMPRESS_SNAPKV || p->select == COMPRESS_SNAPKV_HEAD;
+    const int scored = scoring(p->select);
+    /* A reconstruction scored what the window would have: a cache
+     * compressed before (a conversation's next turn) has the window's. */
+    const int rebuilt = o && o->scores && o->from == kv->n_past && !kv->compact;
+    const int per_layer = p->select != COMPRESS_SNAPKV_HEAD;
     const int n_heads = cfg->n_layer * cfg->n_head_kv;
     float *scores = NULL;
     int rc = 0;
     if (!compress_wanted(p, n_prompt) || boundary <= 0 || rows <= 0 || n_keep >= keepable ||
-        (scored && (!o || o->from + o->n != kv->n_past))) {
+        (scored && !rebuilt && (!o || o->scores || o->from + o->n != kv->n_past))) {
         kv_cache_forget_observation(kv);
         rc = 1;   /* nothing to do */
-    } else if (scored && (!(scores = malloc((size_t)n_heads * rows * sizeof(float))) ||
-                          snapkv_scores(kv, cfg, be, pool, boundary, p->select == COMPRESS_SNAPKV, scores))) {
+    } else if (scored && !(scores = malloc((size_t)n_heads * rows * sizeof(float)))) {
+        rc = -1;
+    } else if (rebuilt) {
+        reconstruction_scores(kv, cfg, boundary, per_layer, scores);
+    } else if (scored && snapkv_scores(kv, cfg, be, pool, boundary, per_layer, scores)) {
         rc = -1;
     }
     forget_lookahead(kv, n_prompt);

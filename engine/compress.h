@@ -90,9 +90,11 @@ struct ebb_pool;
 #define COMPRESS_MAX_POINTS 32      /* a conversation is compressed again for at most this many turns */
 #define COMPRESS_LOOKAHEAD 32       /* tokens decoded past a point for their queries, by default */
 #define COMPRESS_MAX_LOOKAHEAD 64   /* and at most */
+#define COMPRESS_RECONSTRUCT_PASS 256   /* a reconstruction pass's positions (cue and chunk) at most */
+#define COMPRESS_RECONSTRUCT_TAIL 8     /* a later chunk's cue quotes the previous chunk's last tokens */
 
 enum compress_mode { COMPRESS_OFF = 0, COMPRESS_DEMOTE, COMPRESS_DROP };
-enum compress_select { COMPRESS_SNAPKV = 0, COMPRESS_SNAPKV_HEAD, COMPRESS_RANDOM, COMPRESS_RECENT };
+enum compress_select { COMPRESS_SNAPKV = 0, COMPRESS_SNAPKV_HEAD, COMPRESS_RANDOM, COMPRESS_RECENT, COMPRESS_RECONSTRUCT };
 
 struct compress_params {
     enum compress_mode mode;
@@ -126,7 +128,7 @@ struct compress_params {
  * COMPRESS_MIN_PROMPT, lookahead COMPRESS_LOOKAHEAD. */
 struct compress_params compress_defaults(void);
 /* Names for config, the API and flags: "demote" "drop" "off"; "snapkv"
- * "snapkv_head" "random" "recent". -1 / NULL when unknown. */
+ * "snapkv_head" "random" "recent" "reconstruct". -1 / NULL when unknown. */
 int compress_mode_parse(const char *s);
 int compress_select_parse(const char *s);
 const char *compress_mode_name(enum compress_mode m);
@@ -187,6 +189,22 @@ enum kv_status compress_prepare(struct kv_cache *kv, const struct model_config *
  * still usable). */
 int compress_apply(struct kv_cache *kv, const struct model_config *cfg, const struct ebb_backend *be,
                    struct ebb_pool *pool, const struct compress_params *p, struct compress_report *report);
+
+/* Whether the cache's recording asks for a reconstruction before
+ * compress_apply (selection "reconstruct" on a cache not compressed yet):
+ * the positions [0, *end) to reconstruct and the longest pass (cue and
+ * chunk) it may write past the point; 0 when none. */
+int compress_reconstruction(const struct kv_cache *kv, int *end, int *max_pass);
+/* After a reconstruction pass that wrote a cue and then positions [from,
+ * to) of the prompt again past the point (kv->obs->from): the softmax
+ * weight each of the pass's queries gives each of those positions, among
+ * the sinks, the chunk's original positions and the pass's own (KVzip's
+ * normalisation: a position competes with its neighbours, not with the
+ * whole prompt), the most over the queries and the query heads of each KV
+ * head, kept in the recording's scores. Split over pool as compress_apply.
+ * -1 when out of memory. */
+int compress_score_reconstruction(struct kv_cache *kv, const struct model_config *cfg, const struct ebb_backend *be,
+                                  struct ebb_pool *pool, int from, int to);
 
 /* The selection alone, for tests and tools: fills tiers[(layer * n_head_kv
  * + head) * rows + row] from scores[same index] (ignored by "random" and

@@ -222,7 +222,7 @@ static int fail(struct gen_result *res, const char *msg) {
 int compress_look_ahead(struct model_run *r, struct kv_cache *kv, const float *logits, double *ms) {
     const struct kv_observation *o = kv->obs;
     *ms = 0;
-    if (!o || o->ahead <= 0) return 0;
+    if (!o || o->ahead <= 0 || o->scores) return 0;   /* none, or a reconstruction's room */
     const double t0 = ebb_now_seconds();
     const int V = model_run_model(r)->cfg.n_vocab, at = kv->n_past;
     float *row = malloc((size_t)V * sizeof(float));
@@ -243,18 +243,71 @@ int compress_look_ahead(struct model_run *r, struct kv_cache *kv, const float *l
     return rc;
 }
 
+/* The cues before a reconstruction's chunks (KVzip's): the first asks for
+ * the context, a later one for the part that starts with the previous
+ * chunk's last tokens, which it quotes. */
+static const char RECONSTRUCT_FIRST[] = "\n\nRepeat the previous context exactly.";
+static const char RECONSTRUCT_LATER[] = "\n\nRepeat the part of the previous context exactly, starting with";
+static const char RECONSTRUCT_START[] = "\n";
+
+static int encode_cue(const struct model *m, const char *text, int32_t **ids) {
+    return tokenizer_encode(m->tok, text, strlen(text), 0, ids);
+}
+
+int compress_reconstruct(struct model_run *r, struct kv_cache *kv, const int32_t *tokens, double *ms) {
+    const struct model *m = model_run_model(r);
+    int end, max_pass;
+    *ms = 0;
+    if (!compress_reconstruction(kv, &end, &max_pass)) return 0;
+    const double t0 = ebb_now_seconds();
+    const int at = kv->n_past;
+    int32_t *first = NULL, *later = NULL, *start = NULL, *pass = malloc((size_t)max_pass * sizeof(int32_t));
+    const int n_first = encode_cue(m, RECONSTRUCT_FIRST, &first), n_later = encode_cue(m, RECONSTRUCT_LATER, &later);
+    const int n_start = encode_cue(m, RECONSTRUCT_START, &start);
+    const int chunk = max_pass - n_later - COMPRESS_RECONSTRUCT_TAIL - n_start;
+    int rc = !pass || n_first < 0 || n_later < 0 || n_start < 0 || chunk < COMPRESS_RECONSTRUCT_TAIL ? -1 : 0;
+    kv_cache_hold_window(kv, at);
+    for (int from = 0; rc == 0 && from < end; from += chunk) {
+        const int to = end - from < chunk ? end : from + chunk;
+        int n = 0;
+        if (from == 0) {
+            memcpy(pass, first, (size_t)n_first * sizeof(int32_t));
+            n = n_first;
+        } else {
+            memcpy(pass, later, (size_t)n_later * sizeof(int32_t));
+            memcpy(pass + n_later, tokens + from - COMPRESS_RECONSTRUCT_TAIL, COMPRESS_RECONSTRUCT_TAIL * sizeof(int32_t));
+            n = n_later + COMPRESS_RECONSTRUCT_TAIL;
+        }
+        memcpy(pass + n, start, (size_t)n_start * sizeof(int32_t));
+        n += n_start;
+        memcpy(pass + n, tokens + from, (size_t)(to - from) * sizeof(int32_t));
+        n += to - from;
+        rc = model_forward(r, kv, pass, n, NULL, 0) ||
+             compress_score_reconstruction(kv, &m->cfg, m->be, model_run_pool(r), from, to);
+        kv_cache_truncate(kv, at);   /* the hold keeps what a query at `at` reads */
+    }
+    kv_cache_hold_window(kv, -1);
+    free(first);
+    free(later);
+    free(start);
+    free(pass);
+    *ms = (ebb_now_seconds() - t0) * 1e3;
+    return rc ? -1 : 0;
+}
+
 int generate_prefill(struct model_run *r, struct kv_cache *kv, const int32_t *tokens, int n,
                      const struct compress_params *p, float *logits, struct compress_report *report) {
     const struct model *m = model_run_model(r);
     memset(report, 0, sizeof *report);
     int done = 0;
-    double ahead_ms;
+    double ahead_ms, rebuild_ms;
     for (int at; p && p->mode != COMPRESS_OFF && (at = compress_next_point(p, n, done)) > 0; done = at) {
         if (compress_prepare(kv, &m->cfg, p, at) || model_forward(r, kv, tokens + done, at - done, logits, 0) ||
             compress_look_ahead(r, kv, logits, &ahead_ms) ||
+            compress_reconstruct(r, kv, tokens, &rebuild_ms) ||
             compress_apply(kv, &m->cfg, m->be, model_run_pool(r), p, report))
             return -1;
-        report->ms += ahead_ms;
+        report->ms += ahead_ms + rebuild_ms;
     }
     return done < n ? model_forward(r, kv, tokens + done, n - done, logits, 0) : 0;
 }

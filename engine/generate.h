@@ -143,11 +143,6 @@ struct gen_result {
 int generate(struct model_run *r, const int32_t *prompt, int n_prompt, const struct gen_params *p,
              gen_text_fn on_text, void *ud, struct gen_result *res);
 
-/* Prefills tokens[0, n) into kv (the last row's logits into logits),
- * stopping to compress at each of p's compression points
- * (compress_next_point) when p asks for compression (NULL: none); what
- * the last compression did in *report. 0, or -1 when a pass or the
- * compression fails. generate() and ebb ppl prefill so. */
 struct kv_cache;
 /* Context compression's lookahead (compress_params.lookahead): from a cache
  * at its compression point, whose last row's logits are given, decodes the
@@ -161,6 +156,23 @@ struct kv_cache;
  * stage's, with compress_apply's). 0, or -1 when a pass fails (the cache is
  * as it was at the point; compress_apply then does nothing). */
 int compress_look_ahead(struct model_run *r, struct kv_cache *kv, const float *logits, double *ms);
+/* Context compression's reconstruction (selection "reconstruct", KVzip):
+ * from a cache at its compression point whose recording asks for one
+ * (compress_reconstruction), the prompt tokens[0, end) are written again
+ * past the point, a chunk per pass after a cue that asks the model to
+ * repeat the context, each pass's queries scored against the chunk's
+ * original positions (compress_score_reconstruction) and its rows
+ * forgotten. A position that helps the model say the context again
+ * matters whatever the question will be: the scores do not depend on
+ * what follows the point. It costs about one more prefill of the prompt.
+ * Time to *ms. 0, or -1 when a pass fails or memory runs out (the cache
+ * is as it was at the point; compress_apply then does nothing). */
+int compress_reconstruct(struct model_run *r, struct kv_cache *kv, const int32_t *tokens, double *ms);
+/* Prefills tokens[0, n) into kv (the last row's logits into logits),
+ * stopping to compress at each of p's compression points
+ * (compress_next_point) when p asks for compression (NULL: none); what
+ * the last compression did in *report. 0, or -1 when a pass or the
+ * compression fails. generate() and ebb ppl prefill so. */
 int generate_prefill(struct model_run *r, struct kv_cache *kv, const int32_t *tokens, int n,
                      const struct compress_params *p, float *logits, struct compress_report *report);
 

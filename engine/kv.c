@@ -860,14 +860,14 @@ struct kv_compact_info kv_cache_compact_info(const struct kv_cache *kv) {
 
 /* ------------------------------------------------------- observation */
 
-size_t kv_observation_bytes(int n_layer, int n, int q_dim) {
-    return (size_t)n_layer * (size_t)n * (size_t)q_dim * sizeof(float);
+size_t kv_observation_bytes(int n_layer, int n, int q_dim, size_t n_scores) {
+    return ((size_t)n_layer * (size_t)n * (size_t)q_dim + n_scores) * sizeof(float);
 }
 
-enum kv_status kv_cache_observe(struct kv_cache *kv, int from, int n, int q_dim) {
+enum kv_status kv_cache_observe(struct kv_cache *kv, int from, int n, int q_dim, size_t n_scores) {
     kv_cache_forget_observation(kv);
     if (kv->be->memory || from < 0 || n <= 0 || q_dim <= 0) return KV_FAILED;
-    const size_t bytes = kv_observation_bytes(kv->layout.n_layer, n, q_dim);
+    const size_t bytes = kv_observation_bytes(kv->layout.n_layer, n, q_dim, n_scores);
     if (kv->account && !account_reserve(kv->account, bytes)) return KV_OVER_BUDGET;
     struct kv_observation *o = calloc(1, sizeof *o);
     if (o) o->q = calloc(1, bytes);
@@ -881,6 +881,8 @@ enum kv_status kv_cache_observe(struct kv_cache *kv, int from, int n, int q_dim)
     o->n = n;
     o->q_dim = q_dim;
     o->bytes = bytes;
+    o->scores = n_scores ? o->q + (size_t)kv->layout.n_layer * n * q_dim : NULL;   /* one allocation */
+    o->n_scores = n_scores;
     kv->obs = o;
     return KV_OK;
 }

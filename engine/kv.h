@@ -314,23 +314,30 @@ enum kv_tier { KV_TIER_DROP = 0, KV_TIER_LOW = 1, KV_TIER_KEEP = 2 };
 #define KV_LOW_BITS 2
 
 /* Queries of positions [from, from + n) of every layer, recorded as the
- * forward pass computes them (after RoPE): q[(layer * n + i) * q_dim]. */
+ * forward pass computes them (after RoPE): q[(layer * n + i) * q_dim];
+ * and, when asked for, room for scores gathered from passes whose rows are
+ * gone by the time the cache is compressed (a reconstruction's,
+ * engine/compress.h). */
 struct kv_observation {
     int from, n, q_dim;
-    int ahead;                 /* of the n, the last ones past the compression point: a lookahead's */
-    size_t bytes;              /* of q, charged to the cache's account */
+    int ahead;                 /* of the n, the last ones past the compression point: a lookahead's,
+                                  or (with scores) a reconstruction's passes' */
+    size_t bytes;              /* of q and scores, charged to the cache's account */
     float *q;
+    float *scores;             /* n_scores floats, zeroed; NULL when none were asked for */
+    size_t n_scores;
 };
 
 /* Starts recording the queries of positions [from, from + n) (q_dim floats
- * each); replaces a previous recording. It lives from prefill to compression
- * and costs n * q_dim * n_layer floats (2.2 MB on the default model), which
+ * each), with room for n_scores scores; replaces a previous recording. It
+ * lives from prefill to compression and costs n * q_dim * n_layer +
+ * n_scores floats (2.2 MB on the default model for SnapKV's window), which
  * the cache's account reserves within its budget and counts as held until
  * the recording is forgotten: KV_OVER_BUDGET when the budget cannot take
  * them now, KV_FAILED when out of memory or when the cache lives in a
  * device's memory (compression runs on host caches only). */
-size_t kv_observation_bytes(int n_layer, int n, int q_dim);
-enum kv_status kv_cache_observe(struct kv_cache *kv, int from, int n, int q_dim);
+size_t kv_observation_bytes(int n_layer, int n, int q_dim, size_t n_scores);
+enum kv_status kv_cache_observe(struct kv_cache *kv, int from, int n, int q_dim, size_t n_scores);
 /* The forward pass's hook: keeps position pos's query if it is recorded. */
 void kv_observe_query(struct kv_cache *kv, int layer, int pos, const float *q);
 void kv_cache_forget_observation(struct kv_cache *kv);

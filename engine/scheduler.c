@@ -937,7 +937,8 @@ static void finish_kept(struct sched *s, struct sreq *r, enum finish_reason why)
 static void compress_prompt(struct sched *s, struct sreq *r);
 
 /* Where the request's prompt is compressed next (its recording's point:
- * the window's end, before any lookahead), 0 when it is not. */
+ * the window's end, before any lookahead or reconstruction), 0 when it is
+ * not. */
 static int compression_point(const struct sreq *r) {
     const struct kv_observation *o = r->kv.obs;
     return o ? o->from + o->n - o->ahead : 0;
@@ -989,7 +990,7 @@ static void step(struct sched *s) {
         if (r->params.embedding && r->n_prefilled == 0)
             memset(r->params.embedding, 0, (size_t)s->m->cfg.n_embd * sizeof(float));
         /* A lookahead starts from the point's logits. */
-        const int look = at && r->kv.obs->ahead > 0 && r->n_prefilled + chunk == at;
+        const int look = at && r->kv.obs->ahead > 0 && !r->kv.obs->scores && r->n_prefilled + chunk == at;
         s->batch[n] = (struct batch_seq){&r->kv, r->gen.history + r->n_prefilled, chunk,
                                          sample || look ? r->logits : NULL, 0, r->params.embedding};
         if (want_rows) {
@@ -1059,11 +1060,12 @@ static void step(struct sched *s) {
  * the cache as it is: the request goes on without that compression. */
 static void compress_prompt(struct sched *s, struct sreq *r) {
     struct compress_report rep;
-    double ahead_ms;
+    double ahead_ms, rebuild_ms;
     const int ok = compress_look_ahead(compute_run(s), &r->kv, r->logits, &ahead_ms) == 0 &&
+                   compress_reconstruct(compute_run(s), &r->kv, r->prompt, &rebuild_ms) == 0 &&
                    compress_apply(&r->kv, &s->m->cfg, s->m->be, model_run_pool(compute_run(s)), &r->params.compress,
                                   &rep) == 0 && rep.applied;
-    if (ok) rep.ms += ahead_ms;
+    if (ok) rep.ms += ahead_ms + rebuild_ms;
     kv_cache_forget_observation(&r->kv);
     const int next = compress_next_point(&r->params.compress, r->n_prompt, r->n_prefilled);
     if (next && compress_prepare(&r->kv, &s->m->cfg, &r->params.compress, next) != KV_OK)

@@ -125,7 +125,7 @@ int cli_compress_flag(const char *cmd, const char *a, const char *v, struct comp
         p->mode = (enum compress_mode)n;
     } else if (!strcmp(a, "--compress-select")) {
         if ((n = compress_select_parse(v)) < 0) {
-            fprintf(stderr, "ebb %s: --compress-select must be snapkv, snapkv_head, random or recent, not '%s'\n", cmd, v);
+            fprintf(stderr, "ebb %s: --compress-select must be snapkv, snapkv_head, reconstruct, random or recent, not '%s'\n", cmd, v);
             return 2;
         }
         p->select = (enum compress_select)n;

@@ -595,7 +595,7 @@ static int f_speculative(struct pctx *p, const char *key, json_t *v) {
 /* ebb's extension: false (off), true (demote, the server's budget) or
  * {"mode": "demote"|"drop"|"off", "budget": share in [0, 1] or a token
  * count > 1, "low_budget": share demoted (the rest dropped), "select":
- * "snapkv"|"snapkv_head"|"random"|"recent", "key_bits": 2|4 (demoted keys), "min_prompt": N,
+ * "snapkv"|"snapkv_head"|"reconstruct"|"random"|"recent", "key_bits": 2|4 (demoted keys), "min_prompt": N,
  * "lookahead": tokens 0-64}. */
 static int f_context_compression(struct pctx *p, const char *key, json_t *v) {
     char got[48], param[64];
@@ -619,7 +619,7 @@ static int f_context_compression(struct pctx *p, const char *key, json_t *v) {
                                              : compress_select_parse(json_string_value(e));
             if (x < 0)
                 return BAD(p, param, "'%s' must be %s, got %s", param,
-                           mode ? "\"demote\", \"drop\" or \"off\"" : "\"snapkv\", \"snapkv_head\", \"random\" or \"recent\"",
+                           mode ? "\"demote\", \"drop\" or \"off\"" : "\"snapkv\", \"snapkv_head\", \"reconstruct\", \"random\" or \"recent\"",
                            describe(e, got, sizeof got));
             if (mode) r->compress_mode = x;
             else r->compress_select = x;

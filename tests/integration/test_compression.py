@@ -19,6 +19,7 @@ compressed and short ones are not. What is checked, and against what:
   - the Prometheus counters and the stage-time histogram count the requests;
   - a lookahead (tokens decoded past the prompt for the scoring, then
     forgotten) keeps the budget's share and gives the same text twice;
+    so does a reconstruction's scoring, which finds the key too;
   - bad values are 400s naming the field.
 """
 import concurrent.futures
@@ -84,6 +85,19 @@ def test_lookahead(srv):
     again = complete(srv, PASSKEY, **ask)
     assert again["choices"][0]["text"] == doc["choices"][0]["text"], (again, doc)
     assert again["usage"]["context_compression"]["kept_tokens"] == c["kept_tokens"]
+
+
+def test_reconstruct(srv):
+    """Scored by a reconstruction (the prompt written again past its end, a
+    chunk per pass, then forgotten): the budget's share is kept, the key
+    found, and the same text comes twice."""
+    ask = dict(context_compression={"mode": "drop", "budget": 0.25, "select": "reconstruct"})
+    doc = complete(srv, PASSKEY, **ask)
+    c, n = doc["usage"]["context_compression"], doc["usage"]["prompt_tokens"]
+    assert abs(c["kept_tokens"] - n // 4) <= 1 and c["kept_tokens"] + c["dropped_tokens"] == n, c
+    assert KEY in doc["choices"][0]["text"], doc
+    again = complete(srv, PASSKEY, **ask)
+    assert again["choices"][0]["text"] == doc["choices"][0]["text"], (again, doc)
 
 
 def test_drop_and_token_budget(srv):

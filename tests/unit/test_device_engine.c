@@ -35,7 +35,7 @@ static void test_refusals(struct model *dev, const char *path, const int32_t *pr
     float *logits = malloc((size_t)dev->cfg.n_vocab * sizeof(float));
     CHECK(model_forward(run, &hk, prompt, 4, logits, 0) == -1 && hk.n_past == 0);
     CHECK(model_forward(run, &dk, prompt, 4, logits, 0) == 0 && dk.n_past == 4);
-    CHECK(kv_cache_observe(&dk, 0, 4, dev->cfg.n_head * dev->cfg.head_dim) == -1);
+    CHECK(kv_cache_observe(&dk, 0, 4, dev->cfg.n_head * dev->cfg.head_dim, 0) == -1);
     free(logits);
     kv_cache_free(&hk);
     kv_cache_free(&dk);

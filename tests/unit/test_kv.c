@@ -1296,27 +1296,27 @@ static void test_observation_account(void) {
     struct attend_fixture f;
     fixture_init(&f, 3, 2, 64, 4, 300);
     const int q_dim = 4 * 64;
-    const size_t bytes = kv_observation_bytes(3, 32, q_dim);
+    const size_t bytes = kv_observation_bytes(3, 32, q_dim, 0);
     CHECK(bytes == (size_t)3 * 32 * q_dim * sizeof(float));
     const size_t alloc0 = f.acc.allocated_bytes, res0 = f.acc.reserved_bytes;
-    CHECK(kv_cache_observe(&f.kv, 100, 32, q_dim) == KV_OK);
+    CHECK(kv_cache_observe(&f.kv, 100, 32, q_dim, 0) == KV_OK);
     CHECK_MSG(f.acc.allocated_bytes == alloc0 + bytes && f.acc.reserved_bytes == res0 + bytes,
               "allocated %zu, reserved %zu: the recording's %zu bytes not charged", f.acc.allocated_bytes,
               f.acc.reserved_bytes, bytes);
-    CHECK(kv_cache_observe(&f.kv, 100, 32, q_dim) == KV_OK);   /* replaced: charged once */
+    CHECK(kv_cache_observe(&f.kv, 100, 32, q_dim, 0) == KV_OK);   /* replaced: charged once */
     CHECK(f.acc.allocated_bytes == alloc0 + bytes && f.acc.reserved_bytes == res0 + bytes);
     kv_cache_forget_observation(&f.kv);
     CHECK(f.acc.allocated_bytes == alloc0 && f.acc.reserved_bytes == res0);
     /* A budget that takes the cache but not the recording refuses it and
      * changes nothing; one byte more than both takes it. */
     kv_account_set_budget(&f.acc, res0 + bytes - 1);
-    CHECK(kv_cache_observe(&f.kv, 100, 32, q_dim) == KV_OVER_BUDGET);
+    CHECK(kv_cache_observe(&f.kv, 100, 32, q_dim, 0) == KV_OVER_BUDGET);
     CHECK(!f.kv.obs && f.acc.allocated_bytes == alloc0 && f.acc.reserved_bytes == res0);
     kv_account_set_budget(&f.acc, res0 + bytes);
-    CHECK(kv_cache_observe(&f.kv, 100, 32, q_dim) == KV_OK);
+    CHECK(kv_cache_observe(&f.kv, 100, 32, q_dim, 0) == KV_OK);
     kv_cache_clear(&f.kv);
     CHECK(!f.kv.obs && f.acc.reserved_bytes == res0);
-    CHECK(kv_cache_observe(&f.kv, 100, 32, q_dim) == KV_OK);
+    CHECK(kv_cache_observe(&f.kv, 100, 32, q_dim, 0) == KV_OK);
     fixture_free(&f);   /* checks that freeing gives everything back */
 }
 
@@ -1713,9 +1713,68 @@ static void check_lookahead(struct model_run *r, int bits) {
     free(got);
 }
 
+/* A reconstruction (compress_reconstruct) writes the prompt again past its
+ * point, a chunk per pass, and forgets it: a cache that reconstructed and
+ * was left whole gives the next token's logits bit for bit as one that
+ * never did, at 32 and 4 bits (the f32 window held through the passes);
+ * its scores choose other rows than the window's. */
+static void check_reconstruction(struct model_run *r, int bits) {
+    const struct model *m = model_run_model(r);
+    const int V = m->cfg.n_vocab, n = 701;   /* three passes, the last one short */
+    struct kv_account acc;
+    CHECK(kv_account_init(&acc, &m->cfg, bits, 0) == 0);
+    int32_t ids[702];
+    for (int i = 0; i < n + 1; i++) ids[i] = (int32_t)((i * 7919 + 13) % V);
+    float *want = malloc((size_t)V * sizeof(float)), *got = malloc((size_t)V * sizeof(float));
+    struct compress_params p = compress_defaults();
+    p.mode = COMPRESS_DROP;
+    p.min_prompt = 0;
+    p.select = COMPRESS_RECONSTRUCT;
+    p.budget = 1;
+    struct kv_cache plain, rebuilt, drop[2];
+    CHECK(kv_cache_init(&plain, &m->cfg, 1024, &acc) == KV_OK && kv_cache_init(&rebuilt, &m->cfg, 1024, &acc) == KV_OK);
+    CHECK(model_forward(r, &plain, ids, n + 1, want, 0) == 0);
+    struct compress_report rep;
+    double ms;
+    int end = 0, pass = 0;
+    CHECK(compress_prepare(&rebuilt, &m->cfg, &p, n) == KV_OK && model_forward(r, &rebuilt, ids, n, NULL, 0) == 0);
+    CHECK(compress_reconstruction(&rebuilt, &end, &pass));
+    CHECK_MSG(end == kv_cache_compact_limit(&rebuilt) && end == 576 && pass == COMPRESS_RECONSTRUCT_PASS,
+              "reconstruct [0, %d) in passes of %d", end, pass);
+    CHECK(compress_reconstruct(r, &rebuilt, ids, &ms) == 0 && rebuilt.n_past == n && ms > 0);
+    float best = 0;
+    for (size_t i = 0; i < rebuilt.obs->n_scores; i++) best = rebuilt.obs->scores[i] > best ? rebuilt.obs->scores[i] : best;
+    CHECK_MSG(best > 0 && best <= 1, "kv_bits %d: the reconstruction's scores reach %g", bits, best);
+    CHECK(compress_apply(&rebuilt, &m->cfg, m->be, NULL, &p, &rep) == 0 && !rep.applied && rebuilt.n_past == n);
+    CHECK(model_forward(r, &rebuilt, ids + n, 1, got, 0) == 0);
+    CHECK_MSG(memcmp(got, want, (size_t)V * sizeof(float)) == 0,
+              "kv_bits %d: after a reconstruction, the next token's logits differ from a cache that never did", bits);
+    /* Dropping 75%, scored by the reconstruction and by the window. */
+    p.budget = 0.25f;
+    p.lookahead = 0;
+    for (int k = 0; k < 2; k++) {
+        p.select = k ? COMPRESS_RECONSTRUCT : COMPRESS_SNAPKV;
+        CHECK(kv_cache_init(&drop[k], &m->cfg, 1024, &acc) == KV_OK);
+        CHECK(compress_prepare(&drop[k], &m->cfg, &p, n) == KV_OK && model_forward(r, &drop[k], ids, n, NULL, 0) == 0);
+        CHECK(compress_reconstruct(r, &drop[k], ids, &ms) == 0 && (k ? ms > 0 : ms == 0));
+        CHECK(compress_apply(&drop[k], &m->cfg, m->be, NULL, &p, &rep) == 0 && rep.applied && rep.n_prompt == n);
+        CHECK(drop[k].n_past == n && model_forward(r, &drop[k], ids + n, 1, k ? got : want, 0) == 0);
+    }
+    CHECK_MSG(memcmp(got, want, (size_t)V * sizeof(float)) != 0,
+              "kv_bits %d: the reconstruction kept what the window keeps", bits);
+    for (int i = 0; i < 2; i++) kv_cache_free(&drop[i]);
+    kv_cache_free(&plain);
+    kv_cache_free(&rebuilt);
+    kv_account_destroy(&acc);
+    free(want);
+    free(got);
+}
+
 static void test_model_lookahead(struct model_run *r) {
     check_lookahead(r, 32);
     check_lookahead(r, 4);
+    check_reconstruction(r, 32);
+    check_reconstruction(r, 4);
 }
 
 /* Perplexity scored as `ebb ppl --ctx 512 --chunks K` scores it (engine/perplexity.c). */
@@ -1806,6 +1865,16 @@ static void test_model_passkey(struct model_run *r) {
               "compression on one thread: '%s' (kept %d) vs '%s' (kept %d)", alone.buf, res1.compress.kept,
               demoted.buf, c->kept);
     model_run_free(one);
+    /* Dropping 75% instead, scored by a reconstruction of the context:
+     * the key is still found though the question was not read. */
+    struct text_out dropped = {{0}, 0};
+    p.compress.mode = COMPRESS_DROP;
+    p.compress.select = COMPRESS_RECONSTRUCT;
+    CHECK(generate(r, all, n + nq, &p, collect, &dropped, &res) == 0);
+    printf("passkey, 75%% dropped by reconstruction: '%s' (kept %d, dropped %d; %.0f ms)\n", dropped.buf, c->kept,
+           c->dropped, c->ms);
+    CHECK_MSG(strstr(dropped.buf, "68231"), "the reconstruction's cache does not find the key: %s", dropped.buf);
+    CHECK(c->applied && c->demoted == 0 && abs(c->kept - n / 4) <= 1);
     free(all);
     free(ids);
     free(q);

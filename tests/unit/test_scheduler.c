@@ -384,8 +384,9 @@ static void test_compressed_admission(struct model *m) {
      * every draft found, so rejected drafts are rolled back in a compact
      * cache (the same tokens still); 3: compressed with a lookahead, whose
      * tokens the scheduler decodes past the point and forgets, as
-     * generate() does. */
-    for (int compress = 0; compress < 4; compress++) {
+     * generate() does; 4: scored by a reconstruction, the prompt written
+     * again past the point a pass at a time and forgotten. */
+    for (int compress = 0; compress < 5; compress++) {
         struct gen_params p = greedy(48);
         p.speculative = compress == 2 ? DRAFT_NGRAM : DRAFT_NONE;
         p.kv_bits = 32;   /* at 4 bits a prompt this short is mostly its f32 window pages' reservation */
@@ -396,21 +397,26 @@ static void test_compressed_admission(struct model *m) {
             p.compress.min_prompt = 0;
         }
         p.compress.lookahead = compress == 3 ? 24 : 0;
+        if (compress == 4) p.compress.select = COMPRESS_RECONSTRUCT;
         struct alone alone[1];
         run_alone(m, ids, n_ids, 1, &p, alone);
         struct kv_account probe;
         kv_account_init(&probe, &m->cfg, 32, 0);
         const size_t one = kv_account_bytes_for(&probe, n_ids[0] + 48);
-        /* A lookahead's queries are recorded too, and its positions reserved
-         * from the start (in both requests): room for them. */
+        /* A lookahead's or a reconstruction's queries are recorded too, and
+         * the positions they write past the point reserved from the start
+         * (in both requests): room for them. */
         struct compress_params without = p.compress;
         without.lookahead = 0;
+        without.select = COMPRESS_SNAPKV;
+        const int reach = compress_lookahead_reach(&p.compress, n_ids[0]);
         const size_t looking = compress_observation_bytes(&m->cfg, &p.compress, n_ids[0]) -
                                compress_observation_bytes(&m->cfg, &without, n_ids[0]) +
-                               (p.compress.lookahead > 1
-                                    ? 2 * (kv_account_bytes_for(&probe, n_ids[0] + p.compress.lookahead) -
-                                           kv_account_bytes_for(&probe, n_ids[0] + 1))
-                                    : 0);
+                               (reach > n_ids[0] + 1 ? 2 * (kv_account_bytes_for(&probe, reach) -
+                                                            kv_account_bytes_for(&probe, n_ids[0] + 1))
+                                                     : 0);
+        /* A reconstruction reaches past this short answer: the cache is that long. */
+        const size_t cache = reach > n_ids[0] + 48 ? kv_account_bytes_for(&probe, reach) : one;
         kv_account_destroy(&probe);
         struct sched_config cfg = {.max_running = 4, .max_waiting = 4, .kv_budget_bytes = one + one / 3 + looking,
                                    .kv_bits = 32, .draft_always = compress == 2};
@@ -444,10 +450,14 @@ static void test_compressed_admission(struct model *m) {
          * budget that holds the cache but not them refuses the request, one
          * that holds both runs it. */
         const size_t obs = compress_observation_bytes(&m->cfg, &p.compress, n_ids[0]);
-        CHECK(obs == (size_t)m->cfg.n_layer * (COMPRESS_WINDOW + p.compress.lookahead) * m->cfg.n_head *
-                         m->cfg.head_dim * sizeof(float));
+        const size_t q_row = (size_t)m->cfg.n_head * m->cfg.head_dim * sizeof(float);
+        if (compress == 4)   /* a pass's queries, and the scores of every (layer, KV head) and position */
+            CHECK(obs == (size_t)m->cfg.n_layer * (COMPRESS_RECONSTRUCT_PASS * q_row +
+                                                   (size_t)m->cfg.n_head_kv * n_ids[0] * sizeof(float)));
+        else
+            CHECK(obs == (size_t)m->cfg.n_layer * (COMPRESS_WINDOW + p.compress.lookahead) * q_row);
         for (int fits = 0; fits < 2; fits++) {
-            struct sched_config tight = {.max_running = 1, .max_waiting = 1, .kv_budget_bytes = one + obs - !fits,
+            struct sched_config tight = {.max_running = 1, .max_waiting = 1, .kv_budget_bytes = cache + obs - !fits,
                                          .kv_bits = 32, .draft_always = compress == 2};
             s = sched_create(m, &tight);
             CHECK(s != NULL);
