@@ -53,22 +53,25 @@ int compress_next_point(const struct compress_params *p, int n_prompt, int from)
     return last - compress_window(p, last) >= from ? last : 0;
 }
 
+int compress_wanted(const struct compress_params *p, int n_prompt) {
+    return p->mode != COMPRESS_OFF && n_prompt >= p->min_prompt && n_prompt >= 2 * KV_PAGE_TOKENS + COMPRESS_WINDOW;
+}
+
 /* Whether a selection ranks rows by scores (the others ignore them). */
 static int scoring(enum compress_select s) {
     return s == COMPRESS_SNAPKV || s == COMPRESS_SNAPKV_HEAD || s == COMPRESS_RECONSTRUCT;
-}
-
-int compress_wanted(const struct compress_params *p, int n_prompt) {
-    return p->mode != COMPRESS_OFF && n_prompt >= p->min_prompt && n_prompt >= 2 * KV_PAGE_TOKENS + COMPRESS_WINDOW;
 }
 
 /* The lookahead's length at point `at`: as asked, no further than the
  * context, and no longer than one pass the cache's window can take (the
  * lookahead's passes keep the point's window pages, kv_cache_hold_window). */
 int compress_lookahead_tokens(const struct compress_params *p) {
-    if (p->select != COMPRESS_SNAPKV && p->select != COMPRESS_SNAPKV_HEAD) return 0;   /* nothing scores */
+    if (!scoring(p->select)) return 0;   /* nothing scores */
     return p->lookahead <= 0 ? 0 : p->lookahead < COMPRESS_MAX_LOOKAHEAD ? p->lookahead : COMPRESS_MAX_LOOKAHEAD;
 }
+
+/* Where a recording's compression point is: its window's end. */
+static int recording_point(const struct kv_observation *o) { return o->from + o->n - o->past; }
 
 static int lookahead_at(const struct compress_params *p, const struct kv_cache *kv, int at) {
     int n = compress_lookahead_tokens(p);
@@ -92,8 +95,8 @@ int compress_context(const struct compress_params *p, int n_prompt, int n_ctx, i
 size_t compress_observation_bytes(const struct model_config *cfg, const struct compress_params *p, int n_prompt) {
     if (!compress_wanted(p, n_prompt)) return 0;
     const int q_dim = cfg->n_head * cfg->head_dim;
-    if (p->select == COMPRESS_RECONSTRUCT)   /* more than a later turn's window costs */
-        return kv_observation_bytes(cfg->n_layer, COMPRESS_RECONSTRUCT_PASS, q_dim,
+    if (p->select == COMPRESS_RECONSTRUCT)   /* a pass is longer than a lookahead */
+        return kv_observation_bytes(cfg->n_layer, COMPRESS_WINDOW + COMPRESS_RECONSTRUCT_PASS, q_dim,
                                     (size_t)cfg->n_layer * cfg->n_head_kv * (size_t)n_prompt);
     return kv_observation_bytes(cfg->n_layer, COMPRESS_WINDOW + compress_lookahead_tokens(p), q_dim, 0);
 }
@@ -117,16 +120,17 @@ enum kv_status compress_prepare(struct kv_cache *kv, const struct model_config *
         return KV_OK;
     }
     const int q_dim = cfg->n_head * cfg->head_dim, pass = kv->compact ? 0 : reconstruct_pass_at(kv, n_prompt);
-    if (p->select == COMPRESS_RECONSTRUCT && pass > 0) {   /* recorded past the point, pass after pass */
-        const enum kv_status rc =
-            kv_cache_observe(kv, n_prompt, pass, q_dim, (size_t)cfg->n_layer * cfg->n_head_kv * (size_t)n_prompt);
-        if (rc == KV_OK) kv->obs->ahead = pass;
-        return rc;
-    }
-    /* Only a cache not compressed yet looks ahead (see compress.h). */
+    /* Only a cache not compressed yet looks ahead or reconstructs (see
+     * compress.h); a reconstruction's passes write where the lookahead's
+     * tokens go, before them, and leave scores. */
     const int window = compress_window(p, n_prompt), ahead = kv->compact ? 0 : lookahead_at(p, kv, n_prompt);
-    const enum kv_status rc = kv_cache_observe(kv, n_prompt - window, window + ahead, q_dim, 0);
-    if (rc == KV_OK) kv->obs->ahead = ahead;
+    const int rebuild = p->select == COMPRESS_RECONSTRUCT && pass > 0, past = rebuild && pass > ahead ? pass : ahead;
+    const size_t n_scores = rebuild ? (size_t)cfg->n_layer * cfg->n_head_kv * (size_t)n_prompt : 0;
+    const enum kv_status rc = kv_cache_observe(kv, n_prompt - window, window + past, q_dim, n_scores);
+    if (rc == KV_OK) {
+        kv->obs->past = past;
+        kv->obs->ahead = ahead;
+    }
     return rc;
 }
 
@@ -196,9 +200,10 @@ static void score_item(const struct score_job *j, int item, float *scratch, floa
     const int block = kv_block_tokens(cfg), n_ctx = kv->n_past, rows = j->rows;
     const int layer = item / n_kvh, h = item % n_kvh;
     const float scale = 1.0f / sqrtf((float)hd);
+    const int n_q = n_ctx - o->from;   /* the window's, and a lookahead's if it ran */
     memset(sum, 0, (size_t)rows * sizeof(float));
-    for (int t0 = 0; t0 < o->n; t0 += block) {
-        const int n = o->n - t0 < block ? o->n - t0 : block;
+    for (int t0 = 0; t0 < n_q; t0 += block) {
+        const int n = n_q - t0 < block ? n_q - t0 : block;
         const float *q = o->q + ((size_t)layer * o->n + (size_t)t0) * o->q_dim + (size_t)h * group * hd;
         kv_attend_weights(kv, j->be, layer, h, q, (size_t)o->q_dim, n, group, o->from + t0, scale, scratch, w,
                           (size_t)n_ctx);
@@ -225,13 +230,13 @@ static void reconstruct_item(const struct score_job *j, int item, float *scratch
     const struct kv_observation *o = kv->obs;
     const struct model_config *cfg = j->cfg;
     const int hd = cfg->head_dim, group = cfg->n_head / cfg->n_head_kv, n_kvh = cfg->n_head_kv;
-    const int block = kv_block_tokens(cfg), n_ctx = kv->n_past, at = o->from, n_q = n_ctx - at;
+    const int block = kv_block_tokens(cfg), n_ctx = kv->n_past, at = recording_point(o), n_q = n_ctx - at;
     const int layer = item / n_kvh, h = item % n_kvh, sinks = j->from < KV_SINK_TOKENS ? j->from : KV_SINK_TOKENS;
     const float scale = 1.0f / sqrtf((float)hd);
-    float *best = o->scores + (size_t)item * at;
+    float *best = o->scores + (size_t)item * at;   /* n_scores: every item's point positions */
     for (int t0 = 0; t0 < n_q; t0 += block) {
         const int n = n_q - t0 < block ? n_q - t0 : block;
-        const float *q = o->q + ((size_t)layer * o->n + (size_t)t0) * o->q_dim + (size_t)h * group * hd;
+        const float *q = o->q + ((size_t)layer * o->n + (size_t)(at - o->from + t0)) * o->q_dim + (size_t)h * group * hd;
         kv_attend_weights(kv, j->be, layer, h, q, (size_t)o->q_dim, n, group, at + t0, scale, scratch, w,
                           (size_t)n_ctx);
         for (int k = 0; k < n * group; k++) {
@@ -279,16 +284,16 @@ static int run_score_job(struct score_job *job, struct ebb_pool *pool) {
 
 int compress_reconstruction(const struct kv_cache *kv, int *end, int *max_pass) {
     const struct kv_observation *o = kv->obs;
-    if (!o || !o->scores || o->from != kv->n_past || kv->compact) return 0;
+    if (!o || !o->scores || recording_point(o) != kv->n_past || kv->compact) return 0;
     *end = kv_cache_compact_limit_at(kv, kv->n_past);
-    *max_pass = o->n;
+    *max_pass = o->past;
     return *end > 0;
 }
 
 int compress_score_reconstruction(struct kv_cache *kv, const struct model_config *cfg, const struct ebb_backend *be,
                                   struct ebb_pool *pool, int from, int to) {
     const struct kv_observation *o = kv->obs;
-    if (!o || !o->scores || from < 0 || to <= from || to > o->from || kv->n_past <= o->from ||
+    if (!o || !o->scores || from < 0 || to <= from || to > recording_point(o) || kv->n_past <= recording_point(o) ||
         kv->n_past > o->from + o->n)
         return -1;
     struct score_job job = {kv, cfg, be, 0, cfg->n_layer * cfg->n_head_kv, 0, 0, from, to, NULL, NULL, 0, 0};
@@ -313,32 +318,6 @@ static int snapkv_scores(const struct kv_cache *kv, const struct model_config *c
     return 0;
 }
 
-/* The reconstruction's scores (the recording's, per point position) for
- * the rows before boundary, max-pooled as the window's; per_layer as
- * snapkv_scores. */
-static void reconstruction_scores(const struct kv_cache *kv, const struct model_config *cfg, int boundary,
-                                  int per_layer, float *scores) {
-    const struct kv_observation *o = kv->obs;
-    const int n_kvh = cfg->n_head_kv, n_items = cfg->n_layer * n_kvh;
-    for (int item = 0; item < n_items; item++) {
-        const float *best = o->scores + (size_t)item * o->from;
-        float *out = scores + (size_t)item * boundary;
-        for (int p = 0; p < boundary; p++) out[p] = pooled(best, p, 0, boundary);
-    }
-    if (per_layer)
-        for (int layer = 0; layer < cfg->n_layer; layer++)
-            share_layer(scores + (size_t)layer * n_kvh * boundary, n_kvh, boundary);
-}
-
-/* ---------------------------------------------------------- selection */
-
-static uint64_t next_random(uint64_t *s) {   /* splitmix64 */
-    uint64_t z = (*s += 0x9e3779b97f4a7c15ull);
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-    return z ^ (z >> 31);
-}
-
 /* A candidate position and its score; sorted highest first, ties to the
  * earlier position. */
 struct candidate {
@@ -351,6 +330,65 @@ static int by_score(const void *a, const void *b) {
     if (x->score != y->score) return x->score < y->score ? 1 : -1;
     return x->pos - y->pos;
 }
+
+/* The reconstruction's scores (the recording's, per point position) for
+ * the rows before boundary, max-pooled as the window's; per_layer as
+ * snapkv_scores. */
+static void reconstruction_scores(const struct kv_cache *kv, const struct model_config *cfg, int boundary,
+                                  int per_layer, float *scores) {
+    const struct kv_observation *o = kv->obs;
+    const int n_kvh = cfg->n_head_kv, n_items = cfg->n_layer * n_kvh;
+    for (int item = 0; item < n_items; item++) {
+        const float *best = o->scores + (size_t)item * recording_point(o);
+        float *out = scores + (size_t)item * boundary;
+        for (int p = 0; p < boundary; p++) out[p] = pooled(best, p, 0, boundary);
+    }
+    if (per_layer)
+        for (int layer = 0; layer < cfg->n_layer; layer++)
+            share_layer(scores + (size_t)layer * n_kvh * boundary, n_kvh, boundary);
+}
+
+/* Each row's rank among the item's, as a share: 1 the best, near 0 the
+ * worst. */
+static int rank_share(float *s, int rows) {
+    struct candidate *order = malloc((size_t)rows * sizeof *order);
+    if (!order) return -1;
+    for (int p = 0; p < rows; p++) order[p] = (struct candidate){s[p], p};
+    qsort(order, (size_t)rows, sizeof *order, by_score);
+    for (int r = 0; r < rows; r++) s[order[r].pos] = 1.0f - (float)r / (float)rows;
+    free(order);
+    return 0;
+}
+
+/* The window's scores (the lookahead's with them) joined with the
+ * reconstruction's: a row ranks as high as the better of its two ranks,
+ * so the budget goes to what either would keep first (see compress.h for
+ * why a union of ranks and not a sum of scores). -1 when out of memory. */
+static int with_reconstruction(const struct kv_cache *kv, const struct model_config *cfg, int boundary,
+                               int per_layer, float *scores) {
+    const int n_items = cfg->n_layer * cfg->n_head_kv;
+    float *rebuilt = malloc((size_t)n_items * boundary * sizeof(float));
+    if (!rebuilt) return -1;
+    reconstruction_scores(kv, cfg, boundary, per_layer, rebuilt);
+    int rc = 0;
+    for (int item = 0; item < n_items && rc == 0; item++) {
+        float *w = scores + (size_t)item * boundary, *r = rebuilt + (size_t)item * boundary;
+        rc = rank_share(w, boundary) || rank_share(r, boundary) ? -1 : 0;
+        for (int p = 0; rc == 0 && p < boundary; p++) w[p] = w[p] > r[p] ? w[p] : r[p];
+    }
+    free(rebuilt);
+    return rc;
+}
+
+/* ---------------------------------------------------------- selection */
+
+static uint64_t next_random(uint64_t *s) {   /* splitmix64 */
+    uint64_t z = (*s += 0x9e3779b97f4a7c15ull);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+}
+
 
 int compress_select_tiers(const struct compress_params *p, const float *scores, int n_heads, int rows, int n_keep,
                           int n_low, int low_from, int low_to, uint8_t *tiers) {
@@ -418,29 +456,27 @@ int compress_apply(struct kv_cache *kv, const struct model_config *cfg, const st
     const double t0 = now_ms();
     memset(report, 0, sizeof *report);
     const struct kv_observation *o = kv->obs;
-    const int looked = o && o->ahead > 0 && !o->scores && o->from + o->n == kv->n_past;
+    const int point = o ? recording_point(o) : kv->n_past, looked = o && o->ahead > 0 && kv->n_past == point + o->ahead;
     const struct kv_compact_info was = kv_cache_compact_info(kv);
-    const int n_prompt = kv->n_past - (looked ? o->ahead : 0), boundary = kv_cache_compact_limit_at(kv, n_prompt);
+    const int n_prompt = looked ? point : kv->n_past, boundary = kv_cache_compact_limit_at(kv, n_prompt);
     const int rows = boundary >= was.boundary ? kv_cache_compact_rows(kv, boundary) : 0;
     const int keepable = rows - was.n_low;   /* a demoted row is never kept again */
     const int n_keep = boundary > 0 && rows > 0 ? keep_count(p, n_prompt, boundary, keepable) : 0;
     const int scored = scoring(p->select);
-    /* A reconstruction scored what the window would have: a cache
-     * compressed before (a conversation's next turn) has the window's. */
-    const int rebuilt = o && o->scores && o->from == kv->n_past && !kv->compact;
+    /* A cache compressed before (a conversation's next turn) was not
+     * reconstructed: the window alone scores it. */
+    const int rebuilt = o && o->scores && !kv->compact;
     const int per_layer = p->select != COMPRESS_SNAPKV_HEAD;
     const int n_heads = cfg->n_layer * cfg->n_head_kv;
     float *scores = NULL;
     int rc = 0;
     if (!compress_wanted(p, n_prompt) || boundary <= 0 || rows <= 0 || n_keep >= keepable ||
-        (scored && !rebuilt && (!o || o->scores || o->from + o->n != kv->n_past))) {
+        (scored && (!o || point != n_prompt))) {
         kv_cache_forget_observation(kv);
         rc = 1;   /* nothing to do */
-    } else if (scored && !(scores = malloc((size_t)n_heads * rows * sizeof(float)))) {
-        rc = -1;
-    } else if (rebuilt) {
-        reconstruction_scores(kv, cfg, boundary, per_layer, scores);
-    } else if (scored && snapkv_scores(kv, cfg, be, pool, boundary, per_layer, scores)) {
+    } else if (scored && (!(scores = malloc((size_t)n_heads * rows * sizeof(float))) ||
+                          snapkv_scores(kv, cfg, be, pool, boundary, per_layer, scores) ||
+                          (rebuilt && with_reconstruction(kv, cfg, boundary, per_layer, scores)))) {
         rc = -1;
     }
     forget_lookahead(kv, n_prompt);

@@ -59,6 +59,29 @@
  * on a 2.7k conversation), and compressing again as one reads (ppl
  * --compress-every) looks ahead at its first point only.
  *
+ * Both guess at what comes next from what the prompt says last: a context
+ * compressed before its question is known (kvpress's question-agnostic
+ * protocol, a document asked about later) keeps the end of its filler and
+ * loses its pass key (1 of 22 prompts at 25% kept). Selection
+ * "reconstruct" adds KVzip's answer: a row matters if the model needs it
+ * to say the context again. After the prefill the prompt is written again
+ * past the point, a chunk of up to 256 positions per pass after a cue
+ * ("Repeat the previous context exactly.", a later chunk's quoting the
+ * previous chunk's last 8 tokens), each pass's queries score the chunk's
+ * original rows -- a query's weights renormalised over the sinks, the
+ * chunk and the pass itself, so that a row competes with its neighbours,
+ * not with the whole prompt, and the most any query gives it kept -- and
+ * the pass's rows are forgotten as the lookahead's are. A row then ranks
+ * by the better of its two ranks, the window's (with the lookahead) and
+ * the reconstruction's: either's best are kept first. Dropping 75%:
+ * question-agnostic passkey 1 -> 12 of 22 (every filler haystack; natural
+ * text still 0 of 9: every token of it is new, and the reconstruction
+ * needs them all alike), question-aware 22 -> 21, perplexity at 4k + 4k
+ * +3.3% -> +3.2%; the reconstruction alone gave 12, 12 and +4.3%, and a
+ * sum of scores (each over its mean) 13, 21 and +3.6%. It costs about one
+ * more prefill of the prompt (docs/benchmarks.md), so it is asked for,
+ * not the default.
+ *
  * The scores read keys at the cache's precision, as attention does, and
  * cost the window's queries against the whole prompt once per layer: a few
  * percent of the prefill they follow.
@@ -190,13 +213,14 @@ enum kv_status compress_prepare(struct kv_cache *kv, const struct model_config *
 int compress_apply(struct kv_cache *kv, const struct model_config *cfg, const struct ebb_backend *be,
                    struct ebb_pool *pool, const struct compress_params *p, struct compress_report *report);
 
-/* Whether the cache's recording asks for a reconstruction before
- * compress_apply (selection "reconstruct" on a cache not compressed yet):
- * the positions [0, *end) to reconstruct and the longest pass (cue and
- * chunk) it may write past the point; 0 when none. */
+/* Whether the cache, at its compression point, has a recording that asks
+ * for a reconstruction before the lookahead and compress_apply (selection
+ * "reconstruct" on a cache not compressed yet): the positions [0, *end)
+ * to reconstruct and the longest pass (cue and chunk) it may write past
+ * the point; 0 when none. */
 int compress_reconstruction(const struct kv_cache *kv, int *end, int *max_pass);
 /* After a reconstruction pass that wrote a cue and then positions [from,
- * to) of the prompt again past the point (kv->obs->from): the softmax
+ * to) of the prompt again past the recording's point: the softmax
  * weight each of the pass's queries gives each of those positions, among
  * the sinks, the chunk's original positions and the pass's own (KVzip's
  * normalisation: a position competes with its neighbours, not with the

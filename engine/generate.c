@@ -222,7 +222,7 @@ static int fail(struct gen_result *res, const char *msg) {
 int compress_look_ahead(struct model_run *r, struct kv_cache *kv, const float *logits, double *ms) {
     const struct kv_observation *o = kv->obs;
     *ms = 0;
-    if (!o || o->ahead <= 0 || o->scores) return 0;   /* none, or a reconstruction's room */
+    if (!o || o->ahead <= 0) return 0;
     const double t0 = ebb_now_seconds();
     const int V = model_run_model(r)->cfg.n_vocab, at = kv->n_past;
     float *row = malloc((size_t)V * sizeof(float));
@@ -303,8 +303,7 @@ int generate_prefill(struct model_run *r, struct kv_cache *kv, const int32_t *to
     double ahead_ms, rebuild_ms;
     for (int at; p && p->mode != COMPRESS_OFF && (at = compress_next_point(p, n, done)) > 0; done = at) {
         if (compress_prepare(kv, &m->cfg, p, at) || model_forward(r, kv, tokens + done, at - done, logits, 0) ||
-            compress_look_ahead(r, kv, logits, &ahead_ms) ||
-            compress_reconstruct(r, kv, tokens, &rebuild_ms) ||
+            compress_reconstruct(r, kv, tokens, &rebuild_ms) || compress_look_ahead(r, kv, logits, &ahead_ms) ||
             compress_apply(kv, &m->cfg, m->be, model_run_pool(r), p, report))
             return -1;
         report->ms += ahead_ms + rebuild_ms;

@@ -165,8 +165,9 @@ int compress_look_ahead(struct model_run *r, struct kv_cache *kv, const float *l
  * forgotten. A position that helps the model say the context again
  * matters whatever the question will be: the scores do not depend on
  * what follows the point. It costs about one more prefill of the prompt.
- * Time to *ms. 0, or -1 when a pass fails or memory runs out (the cache
- * is as it was at the point; compress_apply then does nothing). */
+ * It comes before the lookahead, which writes where its passes did. Time
+ * to *ms. 0, or -1 when a pass fails or memory runs out (the cache is as
+ * it was at the point). */
 int compress_reconstruct(struct model_run *r, struct kv_cache *kv, const int32_t *tokens, double *ms);
 /* Prefills tokens[0, n) into kv (the last row's logits into logits),
  * stopping to compress at each of p's compression points

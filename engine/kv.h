@@ -320,8 +320,9 @@ enum kv_tier { KV_TIER_DROP = 0, KV_TIER_LOW = 1, KV_TIER_KEEP = 2 };
  * engine/compress.h). */
 struct kv_observation {
     int from, n, q_dim;
-    int ahead;                 /* of the n, the last ones past the compression point: a lookahead's,
-                                  or (with scores) a reconstruction's passes' */
+    int past;                  /* of the n, the last ones past the compression point */
+    int ahead;                 /* of those, how many a lookahead decodes (a reconstruction's
+                                  passes, with scores, may write them all) */
     size_t bytes;              /* of q and scores, charged to the cache's account */
     float *q;
     float *scores;             /* n_scores floats, zeroed; NULL when none were asked for */

@@ -941,7 +941,7 @@ static void compress_prompt(struct sched *s, struct sreq *r);
  * not. */
 static int compression_point(const struct sreq *r) {
     const struct kv_observation *o = r->kv.obs;
-    return o ? o->from + o->n - o->ahead : 0;
+    return o ? o->from + o->n - o->past : 0;
 }
 
 static void step(struct sched *s) {
@@ -990,7 +990,7 @@ static void step(struct sched *s) {
         if (r->params.embedding && r->n_prefilled == 0)
             memset(r->params.embedding, 0, (size_t)s->m->cfg.n_embd * sizeof(float));
         /* A lookahead starts from the point's logits. */
-        const int look = at && r->kv.obs->ahead > 0 && !r->kv.obs->scores && r->n_prefilled + chunk == at;
+        const int look = at && r->kv.obs->ahead > 0 && r->n_prefilled + chunk == at;
         s->batch[n] = (struct batch_seq){&r->kv, r->gen.history + r->n_prefilled, chunk,
                                          sample || look ? r->logits : NULL, 0, r->params.embedding};
         if (want_rows) {
@@ -1061,8 +1061,8 @@ static void step(struct sched *s) {
 static void compress_prompt(struct sched *s, struct sreq *r) {
     struct compress_report rep;
     double ahead_ms, rebuild_ms;
-    const int ok = compress_look_ahead(compute_run(s), &r->kv, r->logits, &ahead_ms) == 0 &&
-                   compress_reconstruct(compute_run(s), &r->kv, r->prompt, &rebuild_ms) == 0 &&
+    const int ok = compress_reconstruct(compute_run(s), &r->kv, r->prompt, &rebuild_ms) == 0 &&
+                   compress_look_ahead(compute_run(s), &r->kv, r->logits, &ahead_ms) == 0 &&
                    compress_apply(&r->kv, &s->m->cfg, s->m->be, model_run_pool(compute_run(s)), &r->params.compress,
                                   &rep) == 0 && rep.applied;
     if (ok) rep.ms += ahead_ms + rebuild_ms;

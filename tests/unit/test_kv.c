@@ -1716,8 +1716,9 @@ static void check_lookahead(struct model_run *r, int bits) {
 /* A reconstruction (compress_reconstruct) writes the prompt again past its
  * point, a chunk per pass, and forgets it: a cache that reconstructed and
  * was left whole gives the next token's logits bit for bit as one that
- * never did, at 32 and 4 bits (the f32 window held through the passes);
- * its scores choose other rows than the window's. */
+ * never did, at 32 and 4 bits (the f32 window held through the passes),
+ * with the lookahead after it; its scores choose other rows than the
+ * window's alone. */
 static void check_reconstruction(struct model_run *r, int bits) {
     const struct model *m = model_run_model(r);
     const int V = m->cfg.n_vocab, n = 701;   /* three passes, the last one short */
@@ -1726,6 +1727,7 @@ static void check_reconstruction(struct model_run *r, int bits) {
     int32_t ids[702];
     for (int i = 0; i < n + 1; i++) ids[i] = (int32_t)((i * 7919 + 13) % V);
     float *want = malloc((size_t)V * sizeof(float)), *got = malloc((size_t)V * sizeof(float));
+    float *logits = malloc((size_t)V * sizeof(float));
     struct compress_params p = compress_defaults();
     p.mode = COMPRESS_DROP;
     p.min_prompt = 0;
@@ -1737,7 +1739,7 @@ static void check_reconstruction(struct model_run *r, int bits) {
     struct compress_report rep;
     double ms;
     int end = 0, pass = 0;
-    CHECK(compress_prepare(&rebuilt, &m->cfg, &p, n) == KV_OK && model_forward(r, &rebuilt, ids, n, NULL, 0) == 0);
+    CHECK(compress_prepare(&rebuilt, &m->cfg, &p, n) == KV_OK && model_forward(r, &rebuilt, ids, n, logits, 0) == 0);
     CHECK(compress_reconstruction(&rebuilt, &end, &pass));
     CHECK_MSG(end == kv_cache_compact_limit(&rebuilt) && end == 576 && pass == COMPRESS_RECONSTRUCT_PASS,
               "reconstruct [0, %d) in passes of %d", end, pass);
@@ -1745,6 +1747,7 @@ static void check_reconstruction(struct model_run *r, int bits) {
     float best = 0;
     for (size_t i = 0; i < rebuilt.obs->n_scores; i++) best = rebuilt.obs->scores[i] > best ? rebuilt.obs->scores[i] : best;
     CHECK_MSG(best > 0 && best <= 1, "kv_bits %d: the reconstruction's scores reach %g", bits, best);
+    CHECK(compress_look_ahead(r, &rebuilt, logits, &ms) == 0 && rebuilt.n_past == n + COMPRESS_LOOKAHEAD);
     CHECK(compress_apply(&rebuilt, &m->cfg, m->be, NULL, &p, &rep) == 0 && !rep.applied && rebuilt.n_past == n);
     CHECK(model_forward(r, &rebuilt, ids + n, 1, got, 0) == 0);
     CHECK_MSG(memcmp(got, want, (size_t)V * sizeof(float)) == 0,
@@ -1768,6 +1771,7 @@ static void check_reconstruction(struct model_run *r, int bits) {
     kv_account_destroy(&acc);
     free(want);
     free(got);
+    free(logits);
 }
 
 static void test_model_lookahead(struct model_run *r) {

@@ -384,8 +384,9 @@ static void test_compressed_admission(struct model *m) {
      * every draft found, so rejected drafts are rolled back in a compact
      * cache (the same tokens still); 3: compressed with a lookahead, whose
      * tokens the scheduler decodes past the point and forgets, as
-     * generate() does; 4: scored by a reconstruction, the prompt written
-     * again past the point a pass at a time and forgotten. */
+     * generate() does; 4: scored by a reconstruction too, the prompt
+     * written again past the point a pass at a time and forgotten before
+     * the lookahead. */
     for (int compress = 0; compress < 5; compress++) {
         struct gen_params p = greedy(48);
         p.speculative = compress == 2 ? DRAFT_NGRAM : DRAFT_NONE;
@@ -396,7 +397,7 @@ static void test_compressed_admission(struct model *m) {
             p.compress.budget = 0.1f;
             p.compress.min_prompt = 0;
         }
-        p.compress.lookahead = compress == 3 ? 24 : 0;
+        p.compress.lookahead = compress >= 3 ? 24 : 0;
         if (compress == 4) p.compress.select = COMPRESS_RECONSTRUCT;
         struct alone alone[1];
         run_alone(m, ids, n_ids, 1, &p, alone);
@@ -451,8 +452,8 @@ static void test_compressed_admission(struct model *m) {
          * that holds both runs it. */
         const size_t obs = compress_observation_bytes(&m->cfg, &p.compress, n_ids[0]);
         const size_t q_row = (size_t)m->cfg.n_head * m->cfg.head_dim * sizeof(float);
-        if (compress == 4)   /* a pass's queries, and the scores of every (layer, KV head) and position */
-            CHECK(obs == (size_t)m->cfg.n_layer * (COMPRESS_RECONSTRUCT_PASS * q_row +
+        if (compress == 4)   /* the window's and a pass's queries, the scores of every (layer, KV head) and position */
+            CHECK(obs == (size_t)m->cfg.n_layer * ((COMPRESS_WINDOW + COMPRESS_RECONSTRUCT_PASS) * q_row +
                                                    (size_t)m->cfg.n_head_kv * n_ids[0] * sizeof(float)));
         else
             CHECK(obs == (size_t)m->cfg.n_layer * (COMPRESS_WINDOW + p.compress.lookahead) * q_row);
