@@ -205,7 +205,7 @@ static void score_item(const struct score_job *j, int item, float *scratch, floa
     for (int t0 = 0; t0 < n_q; t0 += block) {
         const int n = n_q - t0 < block ? n_q - t0 : block;
         const float *q = o->q + ((size_t)layer * o->n + (size_t)t0) * o->q_dim + (size_t)h * group * hd;
-        kv_attend_weights(kv, j->be, layer, h, q, (size_t)o->q_dim, n, group, o->from + t0, scale, scratch, w,
+        kv_attend_weights(kv, j->be, layer, h, q, (size_t)o->q_dim, n, group, o->from + t0, scale, NULL, scratch, w,
                           (size_t)n_ctx);
         for (int k = 0; k < n * group; k++)
             for (int p = 0; p < rows; p++) sum[p] += w[(size_t)k * n_ctx + p];
@@ -233,11 +233,12 @@ static void reconstruct_item(const struct score_job *j, int item, float *scratch
     const int block = kv_block_tokens(cfg), n_ctx = kv->n_past, at = recording_point(o), n_q = n_ctx - at;
     const int layer = item / n_kvh, h = item % n_kvh, sinks = j->from < KV_SINK_TOKENS ? j->from : KV_SINK_TOKENS;
     const float scale = 1.0f / sqrtf((float)hd);
+    const struct kv_reading among_rows = {j->from, j->to, at};   /* all the weights below are read */
     float *best = o->scores + (size_t)item * at;   /* n_scores: every item's point positions */
     for (int t0 = 0; t0 < n_q; t0 += block) {
         const int n = n_q - t0 < block ? n_q - t0 : block;
         const float *q = o->q + ((size_t)layer * o->n + (size_t)(at - o->from + t0)) * o->q_dim + (size_t)h * group * hd;
-        kv_attend_weights(kv, j->be, layer, h, q, (size_t)o->q_dim, n, group, at + t0, scale, scratch, w,
+        kv_attend_weights(kv, j->be, layer, h, q, (size_t)o->q_dim, n, group, at + t0, scale, &among_rows, scratch, w,
                           (size_t)n_ctx);
         for (int k = 0; k < n * group; k++) {
             const float *wk = w + (size_t)k * n_ctx;

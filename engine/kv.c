@@ -1053,10 +1053,18 @@ struct block {
     float *qs, *qr, *acc, *accr, *kview, *vview, *s;
 };
 
-/* The scores of a block's queries, softmaxed: the part of attention that
- * kv_attend_weights shares. */
+/* Whether the page from position r0 holds a position `only` reads. */
+static int page_read(const struct kv_reading *only, int r0) {
+    const int r1 = r0 + KV_PAGE_TOKENS;
+    return r0 < KV_SINK_TOKENS || (r0 < only->to && r1 > only->from) || r1 > only->tail;
+}
+
+/* The scores of a block's queries, softmaxed (over the pages `only`
+ * reads, all when NULL): the part of attention that kv_attend_weights
+ * shares. */
 static void block_scores(struct block *b, const struct kv_cache *kv, const struct ebb_backend *be, int layer, int kvh,
-                         const float *q, size_t stride, int n_tok, int n_head, int pos0, float scale, float *scratch) {
+                         const float *q, size_t stride, int n_tok, int n_head, int pos0, float scale,
+                         const struct kv_reading *only, float *scratch) {
     const struct kv_layout *l = &kv->layout;
     const struct kv_compact *c = kv->compact;
     const int hd = l->head_dim, nq = n_tok * n_head, last = pos0 + n_tok - 1;
@@ -1097,6 +1105,11 @@ static void block_scores(struct block *b, const struct kv_cache *kv, const struc
     const int last_page = last / KV_PAGE_TOKENS;
     for (int page = b->first_page; page <= last_page; page++) {
         const int r0 = page * KV_PAGE_TOKENS, rows = last + 1 - r0 < KV_PAGE_TOKENS ? last + 1 - r0 : KV_PAGE_TOKENS;
+        if (only && !page_read(only, r0)) {   /* weight 0: not read */
+            for (int j = 0; j < nq; j++)
+                for (int i = 0; i < rows; i++) b->s[(size_t)j * S + (size_t)(r0 - b->off + i)] = -INFINITY;
+            continue;
+        }
         int split = first_body_query(l, page, pos0, n_head, nq);
         /* Scoring reads earlier queries than the last pass: a window page
          * already given back is read from the body (attention never lacks
@@ -1133,7 +1146,7 @@ void kv_attend_block(const struct kv_cache *kv, const struct ebb_backend *be, in
     }
     const struct kv_compact *c = kv->compact;
     struct block b;
-    block_scores(&b, kv, be, layer, kvh, q, stride, n_tok, n_head, pos0, scale, scratch);
+    block_scores(&b, kv, be, layer, kvh, q, stride, n_tok, n_head, pos0, scale, NULL, scratch);
     const int hd = b.hd, nq = b.nq, last = b.last;
     const size_t S = b.S;
 #define POS(j) (pos0 + (j) / n_head)
@@ -1178,11 +1191,11 @@ void kv_attend_block(const struct kv_cache *kv, const struct ebb_backend *be, in
 }
 
 void kv_attend_weights(const struct kv_cache *kv, const struct ebb_backend *be, int layer, int kvh, const float *q,
-                       size_t stride, int n_tok, int n_head, int pos0, float scale, float *scratch, float *w,
-                       size_t w_stride) {
+                       size_t stride, int n_tok, int n_head, int pos0, float scale, const struct kv_reading *only,
+                       float *scratch, float *w, size_t w_stride) {
     assert(!kv->be->memory);   /* compression's: host caches only */
     struct block b;
-    block_scores(&b, kv, be, layer, kvh, q, stride, n_tok, n_head, pos0, scale, scratch);
+    block_scores(&b, kv, be, layer, kvh, q, stride, n_tok, n_head, pos0, scale, only, scratch);
     for (int j = 0; j < b.nq; j++)
         memcpy(w + (size_t)j * w_stride, b.s + (size_t)j * b.S, (size_t)(pos0 + j / n_head + 1 - b.off) * sizeof(float));
 }

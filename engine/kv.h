@@ -393,9 +393,16 @@ size_t kv_compact_bytes(const struct kv_layout *l, int n_keep, int n_low, int lo
  * store's rows (kept, then demoted, as kv_cache_compact numbers them),
  * then the positions from its boundary to the query's own. Context
  * compression scores rows with them, after the pass that computed the
- * queries: a window page given back since is read from the body instead. */
+ * queries: a window page given back since is read from the body instead.
+ * With `only` (a cache not compacted), just the pages that hold the sinks,
+ * positions [from, to) or positions from `tail` on are read, the others'
+ * weights 0: a scoring that renormalises over some positions needs no
+ * more, and reads a fraction of a long cache. */
+struct kv_reading {
+    int from, to, tail;
+};
 void kv_attend_weights(const struct kv_cache *kv, const struct ebb_backend *be, int layer, int kvh, const float *q,
-                       size_t stride, int n_tok, int n_head, int pos0, float scale, float *scratch, float *w,
-                       size_t w_stride);
+                       size_t stride, int n_tok, int n_head, int pos0, float scale, const struct kv_reading *only,
+                       float *scratch, float *w, size_t w_stride);
 
 #endif

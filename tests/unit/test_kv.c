@@ -1335,8 +1335,8 @@ static void test_weights_after_short_pass(void) {
     enum { T = 8, POS0 = 513 - 32 };
     float q[T * 2 * 64], *w = malloc((size_t)T * 2 * 513 * sizeof(float)), *w32 = malloc((size_t)T * 2 * 513 * sizeof(float));
     for (int i = 0; i < T * 2 * 64; i++) q[i] = gauss();
-    kv_attend_weights(&f.kv, be, 0, 1, q, 128, T, 2, POS0, 0.125f, f.scratch, w, 513);
-    kv_attend_weights(&f32.kv, be, 0, 1, q, 128, T, 2, POS0, 0.125f, f32.scratch, w32, 513);
+    kv_attend_weights(&f.kv, be, 0, 1, q, 128, T, 2, POS0, 0.125f, NULL, f.scratch, w, 513);
+    kv_attend_weights(&f32.kv, be, 0, 1, q, 128, T, 2, POS0, 0.125f, NULL, f32.scratch, w32, 513);
     double worst_sum = 0, worst = 0;
     for (int j = 0; j < T * 2; j++) {
         double sum = 0;
@@ -1348,6 +1348,29 @@ static void test_weights_after_short_pass(void) {
     }
     CHECK_MSG(worst_sum < 1e-5 && worst < 0.1, "weights after a short pass: sum off by %g, %g from f32", worst_sum,
               worst);
+    /* Reading only some pages (a reconstruction's scoring): the sinks'
+     * page, [130, 200)'s (pages 2 and 3) and from 448 on (7 and 8); the
+     * others weigh 0, and renormalised over what was read the weights are
+     * the whole cache's renormalised the same way. */
+    const struct kv_reading only = {130, 200, 448};
+    float *wo = malloc((size_t)T * 2 * 513 * sizeof(float));
+    kv_attend_weights(&f.kv, be, 0, 1, q, 128, T, 2, POS0, 0.125f, &only, f.scratch, wo, 513);
+    double worst_read = 0, unread = 0;
+    for (int j = 0; j < T * 2; j++) {
+        const float *a = w + (size_t)j * 513, *o = wo + (size_t)j * 513;
+        double sa = 0, so = 0;
+        for (int p = 0; p <= POS0 + j / 2; p++) {
+            const int page = p / 64, read = page == 0 || page == 2 || page == 3 || page >= 7;
+            if (read) sa += a[p], so += o[p];
+            else unread = fmax(unread, fabs(o[p]));
+        }
+        for (int p = 0; p <= POS0 + j / 2; p++)
+            if (p / 64 == 0 || p / 64 == 2 || p / 64 == 3 || p / 64 >= 7)
+                worst_read = fmax(worst_read, fabs(a[p] / sa - o[p] / so));
+    }
+    CHECK_MSG(unread == 0 && worst_read < 1e-5, "weights over some pages: %g on a page not read, %g off", unread,
+              worst_read);
+    free(wo);
     free(w);
     free(w32);
     fixture_free(&f);
