@@ -50,7 +50,8 @@ KV heads * head_dim = 30 * 2 * 3 * 64 = 11520 for SmolLM2-135M (--values-per-pos
 How to run (one ebb process at a time, always -t 1; every step appends to CSVs under --out and skips
 rows already there, so an interrupted run resumes):
     PY=~/.cache/ebb/venv/bin/python
-    $PY tools/context_eval.py passkey            # docs/data/context_passkey.csv
+    $PY tools/context_eval.py passkey            # docs/data/context_passkey.csv (--select reconstruct:
+                                                 # the question-agnostic scoring's rows beside)
     $PY tools/context_eval.py ppl                # docs/data/context_ppl.csv
     $PY tools/context_eval.py ablate             # docs/data/context_ablate*.csv, context_calib.csv
     $PY tools/context_eval.py ruler              # docs/data/context_ruler.csv, a table on stdout
@@ -375,7 +376,8 @@ def cmd_passkey(args, ebb):
         """Runs (item, question, mode, budget) not yet in the table, logging each."""
         nonlocal todo_s, n
         for j, ((length, hay, depth, seed, _), q, mode, budget) in enumerate(runs):
-            r = passkey_run(ebb, prompts, table, hay, length, depth, seed, q, mode, budget)
+            r = passkey_run(ebb, prompts, table, hay, length, depth, seed, q, mode, budget,
+                            select=args.select if mode != "off" else "snapkv")
             if r is None:
                 continue
             n += 1
@@ -1140,6 +1142,8 @@ def main():
                     default=[(4096, 2)], help="ppl windows CTX:CHUNKS[:SCORE],... (default 4096:2; SCORE: the last "
                     "SCORE predictions of each window are scored, the rest is the context compressed)")
     ap.add_argument("--min-full", type=float, default=0.9)
+    ap.add_argument("--select", default="snapkv", choices=["snapkv", "snapkv_head", "reconstruct"],
+                    help="passkey: the compressed runs' scoring (reconstruct: question-agnostic, ~2x a prefill)")
     ap.add_argument("--target", type=float, default=0.25, help="ablate: KV bytes ratio")
     ap.add_argument("--values-per-pos", type=int, default=30 * 2 * 3 * 64)
     ap.add_argument("--dry-run", action="store_true")
