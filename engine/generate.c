@@ -265,7 +265,12 @@ int compress_reconstruct(struct model_run *r, struct kv_cache *kv, const int32_t
     const int n_first = encode_cue(m, RECONSTRUCT_FIRST, &first), n_later = encode_cue(m, RECONSTRUCT_LATER, &later);
     const int n_start = encode_cue(m, RECONSTRUCT_START, &start);
     const int chunk = max_pass - n_later - COMPRESS_RECONSTRUCT_TAIL - n_start;
-    int rc = !pass || n_first < 0 || n_later < 0 || n_start < 0 || chunk < COMPRESS_RECONSTRUCT_TAIL ? -1 : 0;
+    int rc = !pass || n_first < 0 || n_later < 0 || n_start < 0 ? -1 : 0;
+    if (rc == 0 && (chunk < COMPRESS_RECONSTRUCT_TAIL || n_first + n_start > max_pass - 1)) {
+        kv->obs->scores = NULL;   /* a pass too short for this vocabulary's cues: the window scores alone */
+        kv->obs->n_scores = 0;
+        end = 0;
+    }
     kv_cache_hold_window(kv, at);
     for (int from = 0; rc == 0 && from < end; from += chunk) {
         const int to = end - from < chunk ? end : from + chunk;
