@@ -78,8 +78,9 @@
  * text still 0 of 9: every token of it is new, and the reconstruction
  * needs them all alike), question-aware 22 -> 21, perplexity at 4k + 4k
  * +3.3% -> +3.2%; the reconstruction alone gave 12, 12 and +4.3%, and a
- * sum of scores (each over its mean) 13, 21 and +3.6%. It costs about one
- * more prefill of the prompt (docs/benchmarks.md), so it is asked for,
+ * sum of scores (each over its mean) 13, 21 and +3.6%. It costs about two
+ * prefills of the prompt (its passes read the whole cache: 44 s after a
+ * 24 s prefill of 7.8k tokens, docs/benchmarks.md), so it is asked for,
  * not the default.
  *
  * The scores read keys at the cache's precision, as attention does, and

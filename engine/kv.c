@@ -1059,9 +1059,9 @@ static int page_read(const struct kv_reading *only, int r0) {
     return r0 < KV_SINK_TOKENS || (r0 < only->to && r1 > only->from) || r1 > only->tail;
 }
 
-/* The scores of a block's queries, softmaxed (over the pages `only`
- * reads, all when NULL): the part of attention that kv_attend_weights
- * shares. */
+/* The scores of a block's queries, softmaxed (with `only`, the pages it
+ * reads scored and nothing softmaxed: kv_attend_weights does that over
+ * them): the part of attention that kv_attend_weights shares. */
 static void block_scores(struct block *b, const struct kv_cache *kv, const struct ebb_backend *be, int layer, int kvh,
                          const float *q, size_t stride, int n_tok, int n_head, int pos0, float scale,
                          const struct kv_reading *only, float *scratch) {
@@ -1105,11 +1105,7 @@ static void block_scores(struct block *b, const struct kv_cache *kv, const struc
     const int last_page = last / KV_PAGE_TOKENS;
     for (int page = b->first_page; page <= last_page; page++) {
         const int r0 = page * KV_PAGE_TOKENS, rows = last + 1 - r0 < KV_PAGE_TOKENS ? last + 1 - r0 : KV_PAGE_TOKENS;
-        if (only && !page_read(only, r0)) {   /* weight 0: not read */
-            for (int j = 0; j < nq; j++)
-                for (int i = 0; i < rows; i++) b->s[(size_t)j * S + (size_t)(r0 - b->off + i)] = -INFINITY;
-            continue;
-        }
+        if (only && !page_read(only, r0)) continue;   /* not read, not written */
         int split = first_body_query(l, page, pos0, n_head, nq);
         /* Scoring reads earlier queries than the last pass: a window page
          * already given back is read from the body (attention never lacks
@@ -1127,7 +1123,8 @@ static void block_scores(struct block *b, const struct kv_cache *kv, const struc
                             nq - split, k, (size_t)hd, rows, hd);
         }
     }
-    for (int j = 0; j < nq; j++) be->softmax_f32(b->s + (size_t)j * S, POS(j) + 1 - b->off);
+    if (!only)   /* kv_attend_weights softmaxes what `only` read */
+        for (int j = 0; j < nq; j++) be->softmax_f32(b->s + (size_t)j * S, POS(j) + 1 - b->off);
 #undef POS
 }
 
@@ -1194,10 +1191,36 @@ void kv_attend_weights(const struct kv_cache *kv, const struct ebb_backend *be, 
                        size_t stride, int n_tok, int n_head, int pos0, float scale, const struct kv_reading *only,
                        float *scratch, float *w, size_t w_stride) {
     assert(!kv->be->memory);   /* compression's: host caches only */
+    assert(!only || !kv->compact);
     struct block b;
     block_scores(&b, kv, be, layer, kvh, q, stride, n_tok, n_head, pos0, scale, only, scratch);
-    for (int j = 0; j < b.nq; j++)
-        memcpy(w + (size_t)j * w_stride, b.s + (size_t)j * b.S, (size_t)(pos0 + j / n_head + 1 - b.off) * sizeof(float));
+    if (!only) {
+        for (int j = 0; j < b.nq; j++)
+            memcpy(w + (size_t)j * w_stride, b.s + (size_t)j * b.S,
+                   (size_t)(pos0 + j / n_head + 1 - b.off) * sizeof(float));
+        return;
+    }
+    /* Each row's read pages gathered to its start (never ahead of where
+     * they are), softmaxed there, then put in place in w. */
+    for (int j = 0; j < b.nq; j++) {
+        const int last = pos0 + j / n_head;
+        float *s = b.s + (size_t)j * b.S, *row = w + (size_t)j * w_stride;
+        int n = 0;
+        for (int r0 = 0; r0 <= last; r0 += KV_PAGE_TOKENS)
+            if (page_read(only, r0)) {
+                const int rows = last + 1 - r0 < KV_PAGE_TOKENS ? last + 1 - r0 : KV_PAGE_TOKENS;
+                memmove(s + n, s + r0, (size_t)rows * sizeof(float));
+                n += rows;
+            }
+        be->softmax_f32(s, n);
+        n = 0;
+        for (int r0 = 0; r0 <= last; r0 += KV_PAGE_TOKENS)
+            if (page_read(only, r0)) {
+                const int rows = last + 1 - r0 < KV_PAGE_TOKENS ? last + 1 - r0 : KV_PAGE_TOKENS;
+                memcpy(row + r0, s + n, (size_t)rows * sizeof(float));
+                n += rows;
+            }
+    }
 }
 
 void kv_attend(const struct kv_cache *kv, const struct ebb_backend *be, int layer, int kvh, const float *q,

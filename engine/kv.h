@@ -395,9 +395,10 @@ size_t kv_compact_bytes(const struct kv_layout *l, int n_keep, int n_low, int lo
  * compression scores rows with them, after the pass that computed the
  * queries: a window page given back since is read from the body instead.
  * With `only` (a cache not compacted), just the pages that hold the sinks,
- * positions [from, to) or positions from `tail` on are read, the others'
- * weights 0: a scoring that renormalises over some positions needs no
- * more, and reads a fraction of a long cache. */
+ * positions [from, to) or positions from `tail` on are read, and the
+ * weights are the softmax over those alone, written at their slots (the
+ * others' are not written): a scoring that renormalises over some
+ * positions needs no more, and reads a fraction of a long cache. */
 struct kv_reading {
     int from, to, tail;
 };
