@@ -75,7 +75,7 @@
  * by the better of its two ranks, the window's (with the lookahead) and
  * the reconstruction's: either's best are kept first. Dropping 75%:
  * question-agnostic passkey 1 -> 12 of 22 (every filler haystack; natural
- * text still 0 of 9: every token of it is new, and the reconstruction
+ * text still 0 of 8: every token of it is new, and the reconstruction
  * needs them all alike), question-aware 22 -> 21, perplexity at 4k + 4k
  * +3.3% -> +3.2%; the reconstruction alone gave 12, 12 and +4.3%, and a
  * sum of scores (each over its mean) 13, 21 and +3.6%. It costs about two
