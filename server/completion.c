@@ -395,7 +395,7 @@ void completion_compress_params(const struct oai_request *r, const struct ebb_co
     if (r->compress_tokens > 0) out->budget_tokens = r->compress_tokens;
     if (r->compress_low >= 0) out->low_budget = r->compress_low;
     out->min_prompt = r->compress_min_prompt >= 0 ? r->compress_min_prompt : cfg->compression_min_prompt;
-    if (r->compress_select >= 0) out->select = (enum compress_select)r->compress_select;
+    out->select = (enum compress_select)(r->compress_select >= 0 ? r->compress_select : cfg->compression_select);
     if (r->compress_key_bits > 0) out->low_key_bits = r->compress_key_bits;
     out->lookahead = r->compress_lookahead >= 0 ? r->compress_lookahead : cfg->compression_lookahead;
 }

@@ -58,6 +58,9 @@ static const char *const budget_mode_names[] = {"fixed", "auto", NULL};
 static const char *const bool_names[] = {"false", "true", NULL};
 static const char *const compress_names[] = {[COMPRESS_OFF] = "off", [COMPRESS_DEMOTE] = "demote",
                                              [COMPRESS_DROP] = "drop", NULL};
+static const char *const select_names[] = {[COMPRESS_SNAPKV] = "snapkv", [COMPRESS_SNAPKV_HEAD] = "snapkv_head",
+                                           [COMPRESS_RANDOM] = "random", [COMPRESS_RECENT] = "recent",
+                                           [COMPRESS_RECONSTRUCT] = "reconstruct", NULL};
 static const char *const draft_names[] = {[DRAFT_NONE] = "none", [DRAFT_NGRAM] = "ngram", NULL};
 static const char *const draft_policy_names[] = {[CONFIG_DRAFT_ADAPTIVE] = "adaptive",
                                                   [CONFIG_DRAFT_ALWAYS] = "always", NULL};
@@ -133,6 +136,10 @@ static const struct field fields[] = {
      "prompts shorter than this are not compressed"},
     {"compression_lookahead", FIELD_INT, AT(compression_lookahead), 0, COMPRESS_MAX_LOOKAHEAD, {0}, NULL, "32",
      "TOKENS", "tokens decoded greedily past a compressed prompt whose queries also score its tokens, then forgotten"},
+    {"compression_select", FIELD_NAME, AT(compression_select), 0, 0, {0}, select_names, "snapkv", "SCORING",
+     "how a compressed prompt's tokens are ranked for requests that do not say: snapkv (the attention of its last "
+     "tokens and the lookahead's), reconstruct (also while the model repeats the prompt: for contexts compressed "
+     "before their question is known; about two more prefills), snapkv_head, random or recent"},
     {"prompt_cache_bytes", FIELD_U64, AT(prompt_cache_bytes), 0, INT64_MAX, {0}, NULL, "1073741824", "BYTES",
      "KV caches of finished requests kept per model, within its KV budget, for requests that start with the "
      "same tokens (a conversation's next turn); kept caches give way whenever memory is wanted; 0: off"},

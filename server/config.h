@@ -38,7 +38,7 @@ enum config_draft_policy { CONFIG_DRAFT_ADAPTIVE, CONFIG_DRAFT_ALWAYS };
 /* Where a setting's current value came from. */
 enum config_source { CONFIG_FROM_DEFAULT, CONFIG_FROM_FILE, CONFIG_FROM_ENV, CONFIG_FROM_FLAG };
 
-#define CONFIG_N_FIELDS 37
+#define CONFIG_N_FIELDS 38
 
 struct ebb_config {
     char host[256];                /* listen address (IPv4 or IPv6 literal, or a host name) */
@@ -77,6 +77,7 @@ struct ebb_config {
     int compression_budget_percent;/* share of a compressed prompt kept at the cache's precision */
     int compression_min_prompt;    /* shorter prompts are not compressed */
     int compression_lookahead;     /* compress_params.lookahead for requests that do not say */
+    int compression_select;        /* enum compress_select for requests that do not say */
     uint64_t prompt_cache_bytes;   /* the scheduler's prompt cache per model (0: off) */
     unsigned char source[CONFIG_N_FIELDS]; /* enum config_source per field, table order */
 };

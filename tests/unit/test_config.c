@@ -287,6 +287,8 @@ static void test_bad_files(void) {
     expect_refused("{\"compression_budget_percent\": 101}", "'compression_budget_percent'", "[0, 100]");
     expect_refused("{\"compression_min_prompt\": -5}", "'compression_min_prompt'", NULL);
     expect_refused("{\"compression_lookahead\": 65}", "'compression_lookahead'", "[0, 64]");
+    expect_refused("{\"compression_select\": \"best\"}", "'compression_select'",
+                   "expected one of \"snapkv\", \"snapkv_head\", \"random\", \"recent\", \"reconstruct\"");
     expect_refused("{\"prompt_cache_bytes\": -1}", "'prompt_cache_bytes'", NULL);
     expect_refused("{\"prompt_cache_bytes\": \"lots\"}", "'prompt_cache_bytes'", NULL);
     /* Out of range. */
