@@ -283,11 +283,16 @@ static int run_score_job(struct score_job *job, struct ebb_pool *pool) {
     return 0;
 }
 
-int compress_reconstruction(const struct kv_cache *kv, int *end, int *max_pass) {
-    const struct kv_observation *o = kv->obs;
+int compress_reconstruction(struct kv_cache *kv, int cue, int *end, int *chunk) {
+    struct kv_observation *o = kv->obs;
     if (!o || !o->scores || recording_point(o) != kv->n_past || kv->compact) return 0;
     *end = kv_cache_compact_limit_at(kv, kv->n_past);
-    *max_pass = o->past;
+    *chunk = o->past - cue;
+    if (*chunk < COMPRESS_RECONSTRUCT_TAIL) {   /* a vocabulary whose cues fill the pass */
+        o->scores = NULL;
+        o->n_scores = 0;
+        return 0;
+    }
     return *end > 0;
 }
 

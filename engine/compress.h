@@ -180,8 +180,9 @@ int compress_window(const struct compress_params *p, int at);
  * within COMPRESS_MAX_LOOKAHEAD, 0 when the selection does not score. */
 int compress_lookahead_tokens(const struct compress_params *p);
 /* How far a prompt of n_prompt tokens compressed under p writes at most
- * for a lookahead: its first point (only a cache not compressed yet looks
- * ahead) plus the lookahead; 0 when there is none. */
+ * past its first point (only a cache not compressed yet looks ahead or
+ * reconstructs): the point plus the lookahead, or plus a reconstruction's
+ * longest pass; 0 when there is neither. */
 int compress_lookahead_reach(const struct compress_params *p, int n_prompt);
 /* The positions a cache needs for a prompt of n_prompt tokens and a
  * context of n_ctx (prompt and answer) compressed under p: n_ctx, or as far
@@ -216,10 +217,13 @@ int compress_apply(struct kv_cache *kv, const struct model_config *cfg, const st
 
 /* Whether the cache, at its compression point, has a recording that asks
  * for a reconstruction before the lookahead and compress_apply (selection
- * "reconstruct" on a cache not compressed yet): the positions [0, *end)
- * to reconstruct and the longest pass (cue and chunk) it may write past
- * the point; 0 when none. */
-int compress_reconstruction(const struct kv_cache *kv, int *end, int *max_pass);
+ * "reconstruct" on a cache not compressed yet), each pass a cue of at most
+ * `cue` tokens and then a chunk of the prompt: the positions [0, *end) to
+ * reconstruct and the chunk's length. 0 when none -- also when the
+ * recording's room past the point is too short for the cue and a useful
+ * chunk, and then the reconstruction is given up (the window scores
+ * alone). */
+int compress_reconstruction(struct kv_cache *kv, int cue, int *end, int *chunk);
 /* After a reconstruction pass that wrote a cue and then positions [from,
  * to) of the prompt again past the recording's point: the softmax
  * weight each of the pass's queries gives each of those positions, among

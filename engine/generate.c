@@ -256,21 +256,19 @@ static int encode_cue(const struct model *m, const char *text, int32_t **ids) {
 
 int compress_reconstruct(struct model_run *r, struct kv_cache *kv, const int32_t *tokens, double *ms) {
     const struct model *m = model_run_model(r);
-    int end, max_pass;
     *ms = 0;
-    if (!compress_reconstruction(kv, &end, &max_pass)) return 0;
+    if (!kv->obs || !kv->obs->scores) return 0;   /* not asked for: no cues to encode */
     const double t0 = ebb_now_seconds();
     const int at = kv->n_past;
-    int32_t *first = NULL, *later = NULL, *start = NULL, *pass = malloc((size_t)max_pass * sizeof(int32_t));
+    int32_t *first = NULL, *later = NULL, *start = NULL;
     const int n_first = encode_cue(m, RECONSTRUCT_FIRST, &first), n_later = encode_cue(m, RECONSTRUCT_LATER, &later);
     const int n_start = encode_cue(m, RECONSTRUCT_START, &start);
-    const int chunk = max_pass - n_later - COMPRESS_RECONSTRUCT_TAIL - n_start;
-    int rc = !pass || n_first < 0 || n_later < 0 || n_start < 0 ? -1 : 0;
-    if (rc == 0 && (chunk < COMPRESS_RECONSTRUCT_TAIL || n_first + n_start > max_pass - 1)) {
-        kv->obs->scores = NULL;   /* a pass too short for this vocabulary's cues: the window scores alone */
-        kv->obs->n_scores = 0;
-        end = 0;
-    }
+    const int longest = n_later + COMPRESS_RECONSTRUCT_TAIL, cue = (n_first > longest ? n_first : longest) + n_start;
+    const int encoded = n_first >= 0 && n_later >= 0 && n_start >= 0;
+    int end = 0, chunk = 0;
+    if (!encoded || !compress_reconstruction(kv, cue, &end, &chunk)) end = 0;
+    int32_t *pass = end > 0 ? malloc((size_t)(cue + chunk) * sizeof(int32_t)) : NULL;
+    int rc = !encoded || (end > 0 && !pass) ? -1 : 0;
     kv_cache_hold_window(kv, at);
     for (int from = 0; rc == 0 && from < end; from += chunk) {
         const int to = end - from < chunk ? end : from + chunk;

@@ -1765,11 +1765,11 @@ static void check_reconstruction(struct model_run *r, int bits) {
     CHECK(model_forward(r, &plain, ids, n + 1, want, 0) == 0);
     struct compress_report rep;
     double ms;
-    int end = 0, pass = 0;
+    int end = 0, chunk = 0;
     CHECK(compress_prepare(&rebuilt, &m->cfg, &p, n) == KV_OK && model_forward(r, &rebuilt, ids, n, logits, 0) == 0);
-    CHECK(compress_reconstruction(&rebuilt, &end, &pass));
-    CHECK_MSG(end == kv_cache_compact_limit(&rebuilt) && end == 576 && pass == COMPRESS_RECONSTRUCT_PASS,
-              "reconstruct [0, %d) in passes of %d", end, pass);
+    CHECK(compress_reconstruction(&rebuilt, 20, &end, &chunk));
+    CHECK_MSG(end == kv_cache_compact_limit(&rebuilt) && end == 576 && chunk == COMPRESS_RECONSTRUCT_PASS - 20,
+              "reconstruct [0, %d) in chunks of %d", end, chunk);
     CHECK(compress_reconstruct(r, &rebuilt, ids, &ms) == 0 && rebuilt.n_past == n && ms > 0);
     float best = 0;
     for (size_t i = 0; i < rebuilt.obs->n_scores; i++) best = rebuilt.obs->scores[i] > best ? rebuilt.obs->scores[i] : best;
@@ -1792,7 +1792,18 @@ static void check_reconstruction(struct model_run *r, int bits) {
     }
     CHECK_MSG(memcmp(got, want, (size_t)V * sizeof(float)) != 0,
               "kv_bits %d: the reconstruction kept what the window keeps", bits);
+    /* Cues that leave no room for a chunk: the reconstruction is given up,
+     * and the window scores alone, as it would without one. */
     for (int i = 0; i < 2; i++) kv_cache_free(&drop[i]);
+    CHECK(kv_cache_init(&drop[0], &m->cfg, 1024, &acc) == KV_OK);
+    CHECK(compress_prepare(&drop[0], &m->cfg, &p, n) == KV_OK && model_forward(r, &drop[0], ids, n, NULL, 0) == 0);
+    CHECK(!compress_reconstruction(&drop[0], COMPRESS_RECONSTRUCT_PASS - 1, &end, &chunk) && !drop[0].obs->scores);
+    CHECK(compress_reconstruct(r, &drop[0], ids, &ms) == 0 && drop[0].n_past == n);
+    CHECK(compress_apply(&drop[0], &m->cfg, m->be, NULL, &p, &rep) == 0 && rep.applied);
+    CHECK(model_forward(r, &drop[0], ids + n, 1, got, 0) == 0);
+    CHECK_MSG(memcmp(got, want, (size_t)V * sizeof(float)) == 0,
+              "kv_bits %d: a reconstruction given up still changed what the window keeps", bits);
+    kv_cache_free(&drop[0]);
     kv_cache_free(&plain);
     kv_cache_free(&rebuilt);
     kv_account_destroy(&acc);
