@@ -78,10 +78,14 @@
  * text still 0 of 8: every token of it is new, and the reconstruction
  * needs them all alike), question-aware 22 -> 21, perplexity at 4k + 4k
  * +3.3% -> +3.2%; the reconstruction alone gave 12, 12 and +4.3%, and a
- * sum of scores (each over its mean) 13, 21 and +3.6%. It costs about two
- * prefills of the prompt (its passes read the whole cache: 44 s after a
- * 24 s prefill of 7.8k tokens, docs/benchmarks.md), so it is asked for,
- * not the default.
+ * sum of scores (each over its mean) 13, 21 and +3.6%. Each pass attends
+ * only to what its scoring renormalises over (the sinks' page, the chunk's
+ * pages and its own: kv->reading), not to the whole prompt: passes that
+ * read everything cost about two prefills (56 s after a 28 s prefill of 8k
+ * tokens), these 11 s, with the same keys found (question-aware 22 of 22)
+ * and perplexity within 0.1% (docs/benchmarks.md). It is still a third of
+ * a prefill more before the first token and keeps no more perplexity at
+ * 6k + 2k, so it is asked for, not the default.
  *
  * The scores read keys at the cache's precision, as attention does, and
  * cost the window's queries against the whole prompt once per layer: a few

@@ -164,7 +164,9 @@ int compress_look_ahead(struct model_run *r, struct kv_cache *kv, const float *l
  * original positions (compress_score_reconstruction) and its rows
  * forgotten. A position that helps the model say the context again
  * matters whatever the question will be: the scores do not depend on
- * what follows the point. It costs about two prefills of the prompt.
+ * what follows the point. Each pass attends only to the sinks, the chunk
+ * and itself (kv->reading), as its scoring does: about a third of a
+ * prefill of the prompt in all.
  * It comes before the lookahead, which writes where its passes did. Time
  * to *ms. 0, or -1 when a pass fails or memory runs out (the cache is as
  * it was at the point). */

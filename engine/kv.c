@@ -1059,6 +1059,28 @@ static int page_read(const struct kv_reading *only, int r0) {
     return r0 < KV_SINK_TOKENS || (r0 < only->to && r1 > only->from) || r1 > only->tail;
 }
 
+/* One query's scores, s[position], of which those on the pages `only`
+ * reads (up to the query's own position, last) are softmaxed among
+ * themselves in place: gathered to the row's start (never ahead of where
+ * they are), softmaxed, put back from the last page down (each goes no
+ * lower than where it was gathered, over nothing still to move). */
+static void softmax_read_pages(const struct ebb_backend *be, float *s, int last, const struct kv_reading *only) {
+    int n = 0;
+    for (int r0 = 0; r0 <= last; r0 += KV_PAGE_TOKENS)
+        if (page_read(only, r0)) {
+            const int rows = last + 1 - r0 < KV_PAGE_TOKENS ? last + 1 - r0 : KV_PAGE_TOKENS;
+            memmove(s + n, s + r0, (size_t)rows * sizeof(float));
+            n += rows;
+        }
+    be->softmax_f32(s, n);
+    for (int r0 = last / KV_PAGE_TOKENS * KV_PAGE_TOKENS; r0 >= 0; r0 -= KV_PAGE_TOKENS)
+        if (page_read(only, r0)) {
+            const int rows = last + 1 - r0 < KV_PAGE_TOKENS ? last + 1 - r0 : KV_PAGE_TOKENS;
+            n -= rows;
+            memmove(s + r0, s + n, (size_t)rows * sizeof(float));
+        }
+}
+
 /* The scores of a block's queries, softmaxed (with `only`, the pages it
  * reads scored and nothing softmaxed: kv_attend_weights does that over
  * them): the part of attention that kv_attend_weights shares. */
@@ -1131,7 +1153,9 @@ static void block_scores(struct block *b, const struct kv_cache *kv, const struc
 void kv_attend_block(const struct kv_cache *kv, const struct ebb_backend *be, int layer, int kvh, const float *q,
                      float *out, size_t stride, int n_tok, int n_head, int pos0, float scale, float *scratch) {
     const struct kv_layout *l = &kv->layout;
-    if (be->attend && kv->table && !kv->compact) {   /* the same arithmetic in one call (backend.h) */
+    const struct kv_reading *only = kv->reading;
+    assert(!only || !kv->compact);
+    if (be->attend && kv->table && !kv->compact && !only) {   /* the same arithmetic in one call (backend.h) */
         const int n = pages_for(kv->n_ctx);
         const struct ebb_kv_pages view = {
             .bits = l->bits, .group = l->group, .rotate = l->rotate, .kv_dim = l->kv_dim, .head_dim = l->head_dim,
@@ -1143,10 +1167,12 @@ void kv_attend_block(const struct kv_cache *kv, const struct ebb_backend *be, in
     }
     const struct kv_compact *c = kv->compact;
     struct block b;
-    block_scores(&b, kv, be, layer, kvh, q, stride, n_tok, n_head, pos0, scale, NULL, scratch);
+    block_scores(&b, kv, be, layer, kvh, q, stride, n_tok, n_head, pos0, scale, only, scratch);
     const int hd = b.hd, nq = b.nq, last = b.last;
     const size_t S = b.S;
 #define POS(j) (pos0 + (j) / n_head)
+    if (only)
+        for (int j = 0; j < nq; j++) softmax_read_pages(be, b.s + (size_t)j * S, POS(j), only);
     ebb_zero(be, b.acc, (size_t)nq * hd * sizeof(float));
     ebb_zero(be, b.accr, (size_t)nq * hd * sizeof(float));
     int compact_rotated = 0;
@@ -1160,6 +1186,7 @@ void kv_attend_block(const struct kv_cache *kv, const struct ebb_backend *be, in
     const int last_page = last / KV_PAGE_TOKENS;
     for (int page = b.first_page; page <= last_page; page++) {
         const int r0 = page * KV_PAGE_TOKENS, rows = last + 1 - r0 < KV_PAGE_TOKENS ? last + 1 - r0 : KV_PAGE_TOKENS;
+        if (only && !page_read(only, r0)) continue;   /* weighed nothing */
         const int split = first_body_query(l, page, pos0, n_head, nq);
         size_t vs = 0;
         const float *direct = split > 0 ? page_in_place(kv, layer, 1, kvh, page, &vs) : NULL;
@@ -1200,25 +1227,14 @@ void kv_attend_weights(const struct kv_cache *kv, const struct ebb_backend *be, 
                    (size_t)(pos0 + j / n_head + 1 - b.off) * sizeof(float));
         return;
     }
-    /* Each row's read pages gathered to its start (never ahead of where
-     * they are), softmaxed there, then put in place in w. */
     for (int j = 0; j < b.nq; j++) {
         const int last = pos0 + j / n_head;
         float *s = b.s + (size_t)j * b.S, *row = w + (size_t)j * w_stride;
-        int n = 0;
+        softmax_read_pages(be, s, last, only);
         for (int r0 = 0; r0 <= last; r0 += KV_PAGE_TOKENS)
             if (page_read(only, r0)) {
                 const int rows = last + 1 - r0 < KV_PAGE_TOKENS ? last + 1 - r0 : KV_PAGE_TOKENS;
-                memmove(s + n, s + r0, (size_t)rows * sizeof(float));
-                n += rows;
-            }
-        be->softmax_f32(s, n);
-        n = 0;
-        for (int r0 = 0; r0 <= last; r0 += KV_PAGE_TOKENS)
-            if (page_read(only, r0)) {
-                const int rows = last + 1 - r0 < KV_PAGE_TOKENS ? last + 1 - r0 : KV_PAGE_TOKENS;
-                memcpy(row + r0, s + n, (size_t)rows * sizeof(float));
-                n += rows;
+                memcpy(row + r0, s + r0, (size_t)rows * sizeof(float));
             }
     }
 }

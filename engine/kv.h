@@ -132,6 +132,8 @@ size_t kv_account_bytes_for_pass(const struct kv_account *a, int n, int max_pass
  * the budget as it is now (n_max when unlimited; 0 when not even one). */
 int kv_account_capacity(struct kv_account *a, int n_max);
 
+struct kv_reading;
+
 struct kv_cache {
     int n_ctx;                /* positions reserved */
     int n_past;               /* positions filled */
@@ -156,6 +158,8 @@ struct kv_cache {
                                  [2][ceil(n_ctx / KV_PAGE_TOKENS)] (body, window), else NULL */
     int table_stale;          /* pages changed since the tables were sent */
     int kept;                 /* its reservation counts as the account's kept_bytes */
+    const struct kv_reading *reading; /* not NULL: attention reads only these pages (a
+                                         reconstruction's passes, engine/compress.h) */
 };
 
 enum kv_status {
@@ -398,7 +402,9 @@ size_t kv_compact_bytes(const struct kv_layout *l, int n_keep, int n_low, int lo
  * positions [from, to) or positions from `tail` on are read, and the
  * weights are the softmax over those alone, written at their slots (the
  * others' are not written): a scoring that renormalises over some
- * positions needs no more, and reads a fraction of a long cache. */
+ * positions needs no more, and reads a fraction of a long cache. The
+ * same reading as kv->reading makes a forward pass's attention
+ * (kv_attend_block) read and softmax over just those pages too. */
 struct kv_reading {
     int from, to, tail;
 };

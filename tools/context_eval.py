@@ -1143,7 +1143,7 @@ def main():
                     "SCORE predictions of each window are scored, the rest is the context compressed)")
     ap.add_argument("--min-full", type=float, default=0.9)
     ap.add_argument("--select", default="snapkv", choices=["snapkv", "snapkv_head", "reconstruct"],
-                    help="passkey: the compressed runs' scoring (reconstruct: question-agnostic, ~2x a prefill)")
+                    help="passkey: the compressed runs' scoring (reconstruct: question-agnostic, ~0.4x a prefill more)")
     ap.add_argument("--target", type=float, default=0.25, help="ablate: KV bytes ratio")
     ap.add_argument("--values-per-pos", type=int, default=30 * 2 * 3 * 64)
     ap.add_argument("--dry-run", action="store_true")

@@ -398,8 +398,26 @@ static int fill_cache(struct kv_cache *kv, const struct ebb_backend *be, const s
  * positions < 4 and >= 64 * ((n_pos - 1) / 64 - 1) exactly, the rest as
  * quantized (rotated by H64 when head_dim % 64 == 0, dequantized, rotated
  * back). bits 32: every position exact; 16: every position rounded to f16. */
+static void reference_attend_reading(const struct kv_data *d, const struct model_config *c,
+                                     const struct ebb_backend *be, int bits, int layer, int kvh, const float *q,
+                                     int n_pos, float scale, const struct kv_reading *only, double *out);
+
 static void reference_attend(const struct kv_data *d, const struct model_config *c, const struct ebb_backend *be,
                              int bits, int layer, int kvh, const float *q, int n_pos, float scale, double *out) {
+    reference_attend_reading(d, c, be, bits, layer, kvh, q, n_pos, scale, NULL, out);
+}
+
+/* Whether a reading (kv.h) reads position p: the pages (64 positions) of
+ * the sinks, of [from, to) and from tail on. */
+static int reading_reads(const struct kv_reading *only, int p) {
+    const int r0 = p / 64 * 64, r1 = r0 + 64;
+    return !only || r0 < 4 || (r0 < only->to && r1 > only->from) || r1 > only->tail;
+}
+
+/* The same over the positions a reading reads (all when NULL). */
+static void reference_attend_reading(const struct kv_data *d, const struct model_config *c,
+                                     const struct ebb_backend *be, int bits, int layer, int kvh, const float *q,
+                                     int n_pos, float scale, const struct kv_reading *only, double *out) {
     const int hd = c->head_dim;
     int group = 64;
     while (hd % group) group /= 2;
@@ -434,7 +452,7 @@ static void reference_attend(const struct kv_data *d, const struct model_config 
     for (int i = 0; i < n_pos; i++) {
         double dot = 0;
         for (int j = 0; j < hd; j++) dot += (double)q[j] * kq[(size_t)i * hd + j];
-        s[i] = dot * scale;
+        s[i] = reading_reads(only, i) ? dot * scale : -INFINITY;
         if (s[i] > max) max = s[i];
     }
     for (int i = 0; i < n_pos; i++) sum += (s[i] = exp(s[i] - max));
@@ -1374,6 +1392,26 @@ static void test_weights_after_short_pass(void) {
     CHECK_MSG(unread_written == 0 && worst_read < 1e-5 && worst_sum_read < 1e-5,
               "weights over some pages: %d written where not read, %g off, sums off by %g", unread_written,
               worst_read, worst_sum_read);
+    /* A pass that reads only those pages (kv->reading: a reconstruction's)
+     * attends over them alone, as the documented semantics restricted to
+     * them; the whole cache's attention is another. */
+    float qa[64], out[64];
+    double ref[64], ref_all[64], worst_only = 0, apart = 0;
+    for (int h = 0; h < 2; h++) {
+        const float *kt = data_k(&f.d, 150 + h, 0) + h * 64;   /* a key on a page read */
+        for (int j = 0; j < 64; j++) qa[j] = 0.5f * kt[j] + gauss();
+        f.kv.reading = &only;
+        kv_attend(&f.kv, be, 0, h, qa, 513, 0.125f, f.scratch, out);
+        f.kv.reading = NULL;
+        reference_attend_reading(&f.d, &f.c, be, 4, 0, h, qa, 513, 0.125f, &only, ref);
+        reference_attend(&f.d, &f.c, be, 4, 0, h, qa, 513, 0.125f, ref_all);
+        for (int j = 0; j < 64; j++) {
+            worst_only = fmax(worst_only, fabs(out[j] - ref[j]));
+            apart = fmax(apart, fabs(ref[j] - ref_all[j]));
+        }
+    }
+    CHECK_MSG(worst_only < 1e-4 && apart > 1e-3, "attention over some pages: %g from its semantics (%g from the whole's)",
+              worst_only, apart);
     free(wo);
     free(w);
     free(w32);
