@@ -286,7 +286,7 @@ int compress_reconstruct(struct model_run *r, struct kv_cache *kv, const int32_t
         memcpy(pass + n, tokens + from, (size_t)(to - from) * sizeof(int32_t));
         n += to - from;
         /* The pass attends to what its scoring renormalises over: the
-         * sinks, the chunk and itself (a fifth of the stage's time on a
+         * sinks, the chunk and itself (a fifth of the stage's time on an
          * 8k prompt, with the same keys found and perplexity). */
         const struct kv_reading among = {from, to, at};
         kv->reading = &among;

@@ -1082,8 +1082,9 @@ static void softmax_read_pages(const struct ebb_backend *be, float *s, int last,
 }
 
 /* The scores of a block's queries, softmaxed (with `only`, the pages it
- * reads scored and nothing softmaxed: kv_attend_weights does that over
- * them): the part of attention that kv_attend_weights shares. */
+ * reads scored and nothing softmaxed: the caller does that over them,
+ * softmax_read_pages): the part of attention that kv_attend_weights
+ * shares. */
 static void block_scores(struct block *b, const struct kv_cache *kv, const struct ebb_backend *be, int layer, int kvh,
                          const float *q, size_t stride, int n_tok, int n_head, int pos0, float scale,
                          const struct kv_reading *only, float *scratch) {
