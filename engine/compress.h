@@ -83,7 +83,7 @@
  * pages and its own: kv->reading), not to the whole prompt: passes that
  * read everything cost about two prefills (56 s after a 28 s prefill of 8k
  * tokens), these 11 s, with the same keys found (question-aware 22 of 22)
- * and perplexity within 0.1% (docs/benchmarks.md). It is still a third of
+ * and perplexity within 0.1% (docs/benchmarks.md). It is still 0.4 of
  * a prefill more before the first token and keeps no more perplexity at
  * 6k + 2k, so it is asked for, not the default.
  *

@@ -165,7 +165,7 @@ int compress_look_ahead(struct model_run *r, struct kv_cache *kv, const float *l
  * forgotten. A position that helps the model say the context again
  * matters whatever the question will be: the scores do not depend on
  * what follows the point. Each pass attends only to the sinks, the chunk
- * and itself (kv->reading), as its scoring does: about a third of a
+ * and itself (kv->reading), as its scoring does: about 0.4 of a
  * prefill of the prompt in all.
  * It comes before the lookahead, which writes where its passes did. Time
  * to *ms. 0, or -1 when a pass fails or memory runs out (the cache is as

@@ -61,8 +61,8 @@ int cli_compress_flag(const char *cmd, const char *a, const char *v, struct comp
     "  --compress-tokens N that many tokens instead of a share\n" \
     "  --compress-low F    demote only this share (the next best), drop the rest\n" \
     "  --compress-select S snapkv (default: per layer), snapkv_head (per KV head), reconstruct\n" \
-    "                      (scored while the model repeats the prompt: question-agnostic, about a\n" \
-    "                      third of a prefill more), random or recent (ablations)\n" \
+    "                      (scored while the model repeats the prompt: question-agnostic, about 0.4\n" \
+    "                      of a prefill more), random or recent (ablations)\n" \
     "  --compress-min N    prompts shorter than N tokens are not compressed (default 1024)\n" \
     "  --compress-keys B   demoted keys at 4 bits per token (default) or 2 bits per channel\n" \
     "  --compress-lookahead N  score also with the queries of N tokens decoded greedily past\n" \

@@ -139,7 +139,7 @@ static const struct field fields[] = {
     {"compression_select", FIELD_NAME, AT(compression_select), 0, 0, {0}, select_names, "snapkv", "SCORING",
      "how a compressed prompt's tokens are ranked for requests that do not say: snapkv (the attention of its last "
      "tokens and the lookahead's), reconstruct (also while the model repeats the prompt: for contexts compressed "
-     "before their question is known; about a third of a prefill more), snapkv_head, random or recent"},
+     "before their question is known; about 0.4 of a prefill more), snapkv_head, random or recent"},
     {"prompt_cache_bytes", FIELD_U64, AT(prompt_cache_bytes), 0, INT64_MAX, {0}, NULL, "1073741824", "BYTES",
      "KV caches of finished requests kept per model, within its KV budget, for requests that start with the "
      "same tokens (a conversation's next turn); kept caches give way whenever memory is wanted; 0: off"},
