@@ -17,23 +17,24 @@ struct compress_params compress_defaults(void) {
         .min_prompt = COMPRESS_MIN_PROMPT, .low_key_bits = 4, .lookahead = COMPRESS_LOOKAHEAD};
 }
 
-static const char *const mode_names[] = {"off", "demote", "drop"};
-static const char *const select_names[] = {"snapkv", "snapkv_head", "random", "recent", "reconstruct"};
+const char *const compress_mode_names[] = {[COMPRESS_OFF] = "off", [COMPRESS_DEMOTE] = "demote",
+                                           [COMPRESS_DROP] = "drop", NULL};
+const char *const compress_select_names[] = {[COMPRESS_SNAPKV] = "snapkv", [COMPRESS_SNAPKV_HEAD] = "snapkv_head",
+                                             [COMPRESS_RANDOM] = "random", [COMPRESS_RECENT] = "recent",
+                                             [COMPRESS_RECONSTRUCT] = "reconstruct", NULL};
 
-int compress_mode_parse(const char *s) {
-    for (int i = 0; s && i < 3; i++)
-        if (strcmp(s, mode_names[i]) == 0) return i;
+static int name_index(const char *const *names, const char *s) {
+    for (int i = 0; s && names[i]; i++)
+        if (strcmp(s, names[i]) == 0) return i;
     return -1;
 }
 
-int compress_select_parse(const char *s) {
-    for (int i = 0; s && i < (int)(sizeof select_names / sizeof select_names[0]); i++)
-        if (strcmp(s, select_names[i]) == 0) return i;
-    return -1;
-}
+int compress_mode_parse(const char *s) { return name_index(compress_mode_names, s); }
+
+int compress_select_parse(const char *s) { return name_index(compress_select_names, s); }
 
 const char *compress_mode_name(enum compress_mode m) {
-    return (unsigned)m < 3 ? mode_names[m] : "?";
+    return (unsigned)m <= COMPRESS_DROP ? compress_mode_names[m] : "?";
 }
 
 int compress_point(const struct compress_params *p, int n_prompt) {

@@ -155,8 +155,11 @@ struct compress_params {
 /* Defaults: off, SnapKV, budget 0.25, low_budget -1, min_prompt
  * COMPRESS_MIN_PROMPT, lookahead COMPRESS_LOOKAHEAD. */
 struct compress_params compress_defaults(void);
-/* Names for config, the API and flags: "demote" "drop" "off"; "snapkv"
- * "snapkv_head" "random" "recent" "reconstruct". -1 / NULL when unknown. */
+/* Names for config, the API and flags, indexed by the enum and ended by
+ * NULL: "off" "demote" "drop"; "snapkv" "snapkv_head" "random" "recent"
+ * "reconstruct". The parsers give -1, the name "?", when unknown. */
+extern const char *const compress_mode_names[];
+extern const char *const compress_select_names[];
 int compress_mode_parse(const char *s);
 int compress_select_parse(const char *s);
 const char *compress_mode_name(enum compress_mode m);

@@ -1059,6 +1059,11 @@ static int page_read(const struct kv_reading *only, int r0) {
     return r0 < KV_SINK_TOKENS || (r0 < only->to && r1 > only->from) || r1 > only->tail;
 }
 
+/* Positions of the page from r0 that a query at `last` sees. */
+static int page_rows_upto(int r0, int last) {
+    return last + 1 - r0 < KV_PAGE_TOKENS ? last + 1 - r0 : KV_PAGE_TOKENS;
+}
+
 /* One query's scores, s[position], of which those on the pages `only`
  * reads (up to the query's own position, last) are softmaxed among
  * themselves in place: gathered to the row's start (never ahead of where
@@ -1068,14 +1073,14 @@ static void softmax_read_pages(const struct ebb_backend *be, float *s, int last,
     int n = 0;
     for (int r0 = 0; r0 <= last; r0 += KV_PAGE_TOKENS)
         if (page_read(only, r0)) {
-            const int rows = last + 1 - r0 < KV_PAGE_TOKENS ? last + 1 - r0 : KV_PAGE_TOKENS;
+            const int rows = page_rows_upto(r0, last);
             memmove(s + n, s + r0, (size_t)rows * sizeof(float));
             n += rows;
         }
     be->softmax_f32(s, n);
     for (int r0 = last / KV_PAGE_TOKENS * KV_PAGE_TOKENS; r0 >= 0; r0 -= KV_PAGE_TOKENS)
         if (page_read(only, r0)) {
-            const int rows = last + 1 - r0 < KV_PAGE_TOKENS ? last + 1 - r0 : KV_PAGE_TOKENS;
+            const int rows = page_rows_upto(r0, last);
             n -= rows;
             memmove(s + r0, s + n, (size_t)rows * sizeof(float));
         }
@@ -1127,7 +1132,7 @@ static void block_scores(struct block *b, const struct kv_cache *kv, const struc
      * [split, nq) from its converted body. */
     const int last_page = last / KV_PAGE_TOKENS;
     for (int page = b->first_page; page <= last_page; page++) {
-        const int r0 = page * KV_PAGE_TOKENS, rows = last + 1 - r0 < KV_PAGE_TOKENS ? last + 1 - r0 : KV_PAGE_TOKENS;
+        const int r0 = page * KV_PAGE_TOKENS, rows = page_rows_upto(r0, last);
         if (only && !page_read(only, r0)) continue;   /* not read, not written */
         int split = first_body_query(l, page, pos0, n_head, nq);
         /* Scoring reads earlier queries than the last pass: a window page
@@ -1186,7 +1191,7 @@ void kv_attend_block(const struct kv_cache *kv, const struct ebb_backend *be, in
     }
     const int last_page = last / KV_PAGE_TOKENS;
     for (int page = b.first_page; page <= last_page; page++) {
-        const int r0 = page * KV_PAGE_TOKENS, rows = last + 1 - r0 < KV_PAGE_TOKENS ? last + 1 - r0 : KV_PAGE_TOKENS;
+        const int r0 = page * KV_PAGE_TOKENS, rows = page_rows_upto(r0, last);
         if (only && !page_read(only, r0)) continue;   /* weighed nothing */
         const int split = first_body_query(l, page, pos0, n_head, nq);
         size_t vs = 0;
@@ -1234,7 +1239,7 @@ void kv_attend_weights(const struct kv_cache *kv, const struct ebb_backend *be, 
         softmax_read_pages(be, s, last, only);
         for (int r0 = 0; r0 <= last; r0 += KV_PAGE_TOKENS)
             if (page_read(only, r0)) {
-                const int rows = last + 1 - r0 < KV_PAGE_TOKENS ? last + 1 - r0 : KV_PAGE_TOKENS;
+                const int rows = page_rows_upto(r0, last);
                 memcpy(row + r0, s + r0, (size_t)rows * sizeof(float));
             }
     }

@@ -56,11 +56,6 @@ static const char *const weights_names[] = {[MODEL_WEIGHTS_NATIVE] = "native", [
 static const char *const budget_mode_names[] = {"fixed", "auto", NULL};
 /* A boolean setting: JSON true/false, or these words in the environment and flags. */
 static const char *const bool_names[] = {"false", "true", NULL};
-static const char *const compress_names[] = {[COMPRESS_OFF] = "off", [COMPRESS_DEMOTE] = "demote",
-                                             [COMPRESS_DROP] = "drop", NULL};
-static const char *const select_names[] = {[COMPRESS_SNAPKV] = "snapkv", [COMPRESS_SNAPKV_HEAD] = "snapkv_head",
-                                           [COMPRESS_RANDOM] = "random", [COMPRESS_RECENT] = "recent",
-                                           [COMPRESS_RECONSTRUCT] = "reconstruct", NULL};
 static const char *const draft_names[] = {[DRAFT_NONE] = "none", [DRAFT_NGRAM] = "ngram", NULL};
 static const char *const draft_policy_names[] = {[CONFIG_DRAFT_ADAPTIVE] = "adaptive",
                                                   [CONFIG_DRAFT_ALWAYS] = "always", NULL};
@@ -127,7 +122,7 @@ static const struct field fields[] = {
      "speculative decoding for requests that do not say: ngram (drafts where they measure to pay) or none"},
     {"draft_policy", FIELD_NAME, AT(draft_policy), 0, 0, {0}, draft_policy_names, "adaptive", "POLICY",
      "adaptive (verify drafts while step times and acceptance say they pay) or always (every draft found)"},
-    {"context_compression", FIELD_NAME, AT(context_compression), 0, 0, {0}, compress_names, "off", "MODE",
+    {"context_compression", FIELD_NAME, AT(context_compression), 0, 0, {0}, compress_mode_names, "off", "MODE",
      "after a long prompt's prefill, keep its most attended tokens and demote the rest to 2 bits (demote), "
      "evict them (drop), or neither (off), for requests that do not say"},
     {"compression_budget_percent", FIELD_INT, AT(compression_budget_percent), 0, 100, {0}, NULL, "25", "PCT",
@@ -136,7 +131,7 @@ static const struct field fields[] = {
      "prompts shorter than this are not compressed"},
     {"compression_lookahead", FIELD_INT, AT(compression_lookahead), 0, COMPRESS_MAX_LOOKAHEAD, {0}, NULL, "32",
      "TOKENS", "tokens decoded greedily past a compressed prompt whose queries also score its tokens, then forgotten"},
-    {"compression_select", FIELD_NAME, AT(compression_select), 0, 0, {0}, select_names, "snapkv", "SCORING",
+    {"compression_select", FIELD_NAME, AT(compression_select), 0, 0, {0}, compress_select_names, "snapkv", "SCORING",
      "how a compressed prompt's tokens are ranked for requests that do not say: snapkv (the attention of its last "
      "tokens and the lookahead's), reconstruct (also while the model repeats the prompt: for contexts compressed "
      "before their question is known; about 0.4 of a prefill more), snapkv_head, random or recent"},
